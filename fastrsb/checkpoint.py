@@ -1,0 +1,63 @@
+"""Checkpoints: written atomically, read without running any code from the file."""
+from __future__ import annotations
+
+import os
+import pickle
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from fastrsb.errors import UserError
+
+
+def save_checkpoint(state: dict, path: str | Path) -> None:
+    """Write to a temporary file in the same folder, then rename: a crash or a preemption in
+    the middle never leaves a half-written checkpoint behind."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def load_checkpoint(path: str | Path) -> dict:
+    """weights_only=True: only tensors and plain data are unpickled, so a checkpoint from
+    elsewhere cannot execute anything."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"no checkpoint at {path}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UserError(f"{path} is not a loadable fastrsb checkpoint: {first}") from None
+    if not isinstance(state, dict) or "model" not in state or "recipe" not in state:
+        raise UserError(f"{path} is not a fastrsb checkpoint (no 'model'/'recipe' entries)")
+    return state
+
+
+def load_weights(model: nn.Module, weights: dict, source: str) -> None:
+    """load_state_dict that says what differs instead of a wall of key names."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in weights]
+    unexpected = [k for k in weights if k not in own]
+    wrong = [f"{k} {tuple(weights[k].shape)} vs model {tuple(own[k].shape)}"
+             for k in own if k in weights and weights[k].shape != own[k].shape]
+    if missing or unexpected or wrong:
+        parts = []
+        if wrong:
+            parts.append(f"{len(wrong)} shape mismatch(es), e.g. {wrong[0]}")
+        if missing:
+            parts.append(f"{len(missing)} missing key(s), e.g. {missing[0]}")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected key(s), e.g. {unexpected[0]}")
+        raise UserError(f"{source} does not fit the model: {'; '.join(parts)}")
+    model.load_state_dict(weights)

@@ -1,0 +1,130 @@
+"""`fastrsb` command line: recipe, train, eval, data."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from fastrsb.errors import UserError
+
+DEMO_DATA = Path("data/demo")
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a recipe value (repeatable), e.g. --set epochs=10")
+
+
+def cmd_recipe(args) -> None:
+    from fastrsb.recipe import describe, load_recipe
+    if args.keys:
+        print(describe())
+        return
+    recipe = load_recipe(args.recipe, args.overrides)
+    if args.json:
+        print(json.dumps(recipe))
+    else:
+        width = max(map(len, recipe))
+        for key, value in recipe.items():
+            print(f"{key:<{width}}  {'none' if value is None else value}")
+
+
+def cmd_train(args) -> None:
+    from fastrsb.recipe import load_recipe
+    recipe = load_recipe(args.recipe, args.overrides)
+    data = Path(args.data) if args.data else None
+    if data is None:
+        if recipe["name"] != "demo":
+            raise UserError("--data DIR is required (an ImageNet-style folder with train/ and val/)")
+        data = DEMO_DATA
+        if not data.exists():
+            from fastrsb.demo_data import write_demo
+            print(f"generating the demo data set in {data} ...", flush=True)
+            write_demo(data)
+    out = Path(args.out) if args.out else Path("runs") / f"{recipe['name']}-{time.strftime('%Y%m%d-%H%M%S')}"
+    if (out / "metrics.jsonl").exists():
+        raise UserError(f"{out} already holds a run (metrics.jsonl): choose another --out")
+    from fastrsb.train import train
+    metrics = train(recipe, data, out, device=args.device, num_threads=args.threads, log_every=args.log_every)
+    print(f"done: top1 {metrics['top1']:.2f} top5 {metrics['top5']:.2f}; run folder {out}")
+
+
+def cmd_eval(args) -> None:
+    from fastrsb.train import evaluate_checkpoint
+    result = evaluate_checkpoint(args.checkpoint, args.data, args.img_size, args.crop_pct, args.device,
+                                 args.batch_size, args.threads)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(f"top1 {result['top1']:.2f} top5 {result['top5']:.2f} over {result['val_images']} images "
+              f"at {result['img_size']} px, crop {result['crop_pct']}")
+
+
+def cmd_data_demo(args) -> None:
+    from fastrsb.demo_data import write_demo
+    write_demo(args.dir, args.train_per_class, args.val_per_class, args.seed, args.classes)
+    print(f"wrote {args.dir}/train and {args.dir}/val")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fastrsb", description="ResNet-strikes-back training with DALI loaders")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("recipe", help="print a resolved recipe")
+    p.add_argument("recipe", nargs="?", default="a3", help="a1, a2, a3, demo, tiny or a path to a .toml file")
+    p.add_argument("--json", action="store_true", help="one JSON object")
+    p.add_argument("--keys", action="store_true", help="list every recipe key with its type and meaning")
+    _add_common(p)
+    p.set_defaults(func=cmd_recipe)
+
+    p = sub.add_parser("train", help="train a recipe")
+    p.add_argument("recipe", help="a1, a2, a3, demo, tiny or a path to a .toml file")
+    p.add_argument("--data", help="ImageNet-style folder with train/<class>/ and val/<class>/ (demo: generated)")
+    p.add_argument("--out", help="run folder (default runs/<recipe>-<time>)")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="default: cuda if present")
+    p.add_argument("--threads", type=int, default=None, help="DALI CPU threads (default: cores, at most 8)")
+    p.add_argument("--log-every", type=int, default=50, help="steps between progress updates (host syncs)")
+    _add_common(p)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("eval", help="top-1/top-5 of a checkpoint")
+    p.add_argument("checkpoint")
+    p.add_argument("--data", required=True, help="folder with val/<class>/ (or a class folder tree itself)")
+    p.add_argument("--img-size", type=int, default=None, help="default: the recipe's test_img_size")
+    p.add_argument("--crop-pct", type=float, default=None, help="default: the recipe's crop_pct")
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("data", help="data tools")
+    data_sub = p.add_subparsers(dest="data_command", required=True)
+    d = data_sub.add_parser("demo", help="write the generated demo data set")
+    d.add_argument("dir")
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--train-per-class", type=int, default=120)
+    d.add_argument("--val-per-class", type=int, default=30)
+    d.add_argument("--classes", type=int, default=8)
+    d.set_defaults(func=cmd_data_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from fastrsb.pipelines import DatasetError
+    try:
+        args.func(args)
+    except (UserError, DatasetError) as err:
+        print(f"fastrsb: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("fastrsb: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

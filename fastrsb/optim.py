@@ -1,0 +1,126 @@
+"""LAMB as timm defines it, in multi-tensor (foreach) form, plus the per-step LR schedule.
+
+Everything stays on the device: the global gradient norm, the clip factor and the per-tensor
+trust ratios are tensors, so a step never waits on the GPU.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """timm's create_optimizer_v2 groups: no decay on biases and parameters with ndim <= 1."""
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        (no_decay if param.ndim <= 1 or name.endswith(".bias") else decay).append(param)
+    if not weight_decay:
+        return [{"params": no_decay + decay, "weight_decay": 0.0}]
+    return [{"params": no_decay, "weight_decay": 0.0}, {"params": decay, "weight_decay": weight_decay}]
+
+
+class Lamb(torch.optim.Optimizer):
+    """LAMB (You et al. 2019) with timm's defaults and semantics (timm.optim.Lamb):
+    a global gradient-norm clip at `max_grad_norm` (always on by default), Adam moments with bias
+    correction, L2 weight decay added to the update, and a trust ratio ||p|| / ||update|| applied
+    only where weight decay is on (or everywhere with always_adapt)."""
+
+    def __init__(self, params, lr: float = 1e-3, bias_correction: bool = True,
+                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-6, weight_decay: float = 0.01,
+                 grad_averaging: bool = True, max_grad_norm: float | None = 1.0,
+                 trust_clip: bool = False, always_adapt: bool = False):
+        defaults = dict(lr=lr, bias_correction=bias_correction, betas=tuple(betas), eps=eps,
+                        weight_decay=weight_decay, grad_averaging=grad_averaging,
+                        max_grad_norm=max_grad_norm, trust_clip=trust_clip, always_adapt=always_adapt)
+        super().__init__(params, defaults)
+
+    @torch.no_grad()
+    def _clip_divisor(self) -> torch.Tensor | None:
+        """max(||all grads|| / max_grad_norm, 1), as a 0-d device tensor."""
+        max_norm = self.defaults["max_grad_norm"]
+        grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
+        if max_norm is None or not grads:
+            return None
+        norms = torch._foreach_norm(grads)
+        return (torch.linalg.vector_norm(torch.stack(norms)) / max_norm).clamp_(min=1.0)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        divisor = self._clip_divisor()
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            # A Python int step (one per group, as in timm): no device tensor to read back.
+            group["step"] = group.get("step", 0) + 1
+            if not params:
+                continue
+            self._update(group, params, divisor)
+        return loss
+
+    def _update(self, group: dict, params: list[torch.Tensor], divisor: torch.Tensor | None) -> None:
+        beta1, beta2 = group["betas"]
+        step = group["step"]
+        for p in params:
+            if not self.state[p]:
+                self.state[p]["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                self.state[p]["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        exp_avgs = [self.state[p]["exp_avg"] for p in params]
+        exp_avg_sqs = [self.state[p]["exp_avg_sq"] for p in params]
+        grads = [p.grad for p in params]
+        if divisor is not None:
+            grads = torch._foreach_div(grads, divisor)  # p.grad itself stays unclipped, as in timm
+        if group["grad_averaging"]:
+            torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)
+        else:
+            torch._foreach_mul_(exp_avgs, beta1)
+            torch._foreach_add_(exp_avgs, grads)
+        torch._foreach_mul_(exp_avg_sqs, beta2)
+        torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1 - beta2)
+
+        bc1 = 1 - beta1**step if group["bias_correction"] else 1.0
+        bc2 = 1 - beta2**step if group["bias_correction"] else 1.0
+        # update = (m / bc1) / (sqrt(v) / sqrt(bc2) + eps)
+        denom = torch._foreach_sqrt(exp_avg_sqs)
+        torch._foreach_div_(denom, math.sqrt(bc2))
+        torch._foreach_add_(denom, group["eps"])
+        updates = torch._foreach_div(exp_avgs, denom)
+        torch._foreach_div_(updates, bc1)
+
+        wd = group["weight_decay"]
+        if wd:
+            torch._foreach_add_(updates, params, alpha=wd)
+        if wd or group["always_adapt"]:
+            w_norm = torch.stack(torch._foreach_norm(params))
+            u_norm = torch.stack(torch._foreach_norm(updates))
+            ratio = torch.where((w_norm > 0) & (u_norm > 0), w_norm / u_norm, torch.ones_like(w_norm))
+            if group["trust_clip"]:
+                ratio = ratio.clamp(max=1.0)
+            # One fused pass: p += (-lr * ratio_i) * update_i with per-tensor device scalars.
+            torch._foreach_addcmul_(params, updates, list((ratio * -group["lr"]).unbind(0)))
+        else:
+            torch._foreach_add_(params, updates, alpha=-group["lr"])
+
+
+def lr_at(step: int, steps_per_epoch: int, epochs: int, lr: float, warmup_epochs: int,
+          warmup_lr: float, min_lr: float) -> float:
+    """Per-iteration schedule: linear warmup from warmup_lr to lr over warmup_epochs, then a
+    cosine from lr down to min_lr at the last step. (timm steps per epoch by default; per
+    iteration is smoother and reaches the peak exactly.)"""
+    warmup_steps = warmup_epochs * steps_per_epoch
+    total = epochs * steps_per_epoch
+    if step < warmup_steps:
+        return warmup_lr + (lr - warmup_lr) * step / warmup_steps
+    progress = (step - warmup_steps) / max(1, total - warmup_steps)
+    return min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def make_optimizer(model: nn.Module, recipe: dict) -> Lamb:
+    return Lamb(param_groups(model, recipe["weight_decay"]), lr=recipe["warmup_lr"],
+                betas=tuple(recipe["opt_betas"]), eps=recipe["opt_eps"], weight_decay=recipe["weight_decay"])

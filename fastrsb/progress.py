@@ -1,0 +1,41 @@
+"""A one-line progress bar (images/s, loss, LR, ETA) on a terminal, a plain line per ~10% of
+the epoch elsewhere (logs, CI). It only prints what the trainer already read back at log steps."""
+from __future__ import annotations
+
+import sys
+import time
+
+
+def _clock(seconds: float) -> str:
+    seconds = int(max(0, seconds))
+    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+
+
+class Progress:
+    def __init__(self, title: str, total: int, stream=sys.stderr):
+        self.title = title
+        self.total = total
+        self.stream = stream
+        self.tty = stream.isatty()
+        self.start = time.perf_counter()
+        self._next_plain = 0
+
+    def update(self, done: int, images_per_sec: float, **fields: float) -> None:
+        elapsed = time.perf_counter() - self.start
+        eta = elapsed / max(done, 1) * (self.total - done)
+        text = " ".join(f"{k} {v:.4g}" for k, v in fields.items())
+        if self.tty:
+            width = 24
+            fill = int(width * done / max(self.total, 1))
+            bar = "#" * fill + "." * (width - fill)
+            self.stream.write(f"\r{self.title} [{bar}] {done}/{self.total} {images_per_sec:,.0f} img/s {text} eta {_clock(eta)}\033[K")
+            self.stream.flush()
+        elif done >= self._next_plain or done == self.total:
+            self.stream.write(f"{self.title} {done}/{self.total} {images_per_sec:,.0f} img/s {text} eta {_clock(eta)}\n")
+            self.stream.flush()
+            self._next_plain = done + max(1, self.total // 10)
+
+    def close(self) -> None:
+        if self.tty:
+            self.stream.write("\n")
+            self.stream.flush()

@@ -1,0 +1,165 @@
+"""Recipes: plain TOML files with a fixed schema, named after timm's train.py flags.
+
+A recipe is complete (every key of RECIPE_SCHEMA present) and closed (no other key), so a typo in
+a file or in `--set` is an error instead of a silently ignored setting.
+"""
+from __future__ import annotations
+
+import difflib
+import importlib.resources
+import math
+import tomllib
+from pathlib import Path
+from typing import Any
+
+from fastrsb.errors import UserError
+
+_OPTIONAL = "optional"  # marks keys whose value may be "none" (None)
+
+# key -> (type, optional?, what it means). Names follow timm's train.py where a flag exists.
+RECIPE_SCHEMA: dict[str, tuple[type, bool, str]] = {
+    "model": (str, False, "timm model name"),
+    "epochs": (int, False, "training epochs"),
+    "batch_size": (int, False, "global batch size, split across all GPUs"),
+    "img_size": (int, False, "training resolution (random-resized-crop output)"),
+    "test_img_size": (int, False, "evaluation resolution"),
+    "crop_pct": (float, False, "evaluation centre-crop ratio: resize shorter side to floor(test_img_size / crop_pct)"),
+    "opt": (str, False, "optimizer (lamb)"),
+    "opt_eps": (float, False, "optimizer epsilon"),
+    "opt_betas": (list, False, "optimizer betas [b1, b2]"),
+    "lr": (float, False, "peak learning rate"),
+    "weight_decay": (float, False, "weight decay (not applied to biases and 1-D parameters)"),
+    "sched": (str, False, "LR schedule (cosine, stepped per iteration)"),
+    "warmup_epochs": (int, False, "epochs of linear warmup from warmup_lr to lr"),
+    "warmup_lr": (float, False, "LR at the start of warmup"),
+    "min_lr": (float, False, "LR at the end of the cosine"),
+    "smoothing": (float, False, "label smoothing"),
+    "drop_path": (float, False, "stochastic depth rate"),
+    "aug_repeats": (int, False, "repeated augmentation count (0 = off)"),
+    "aa": (str, True, "RandAugment as timm's string, e.g. rand-m6-mstd0.5-inc1, or none"),
+    "mixup": (float, False, "mixup alpha (0 = off)"),
+    "cutmix": (float, False, "cutmix alpha (0 = off)"),
+    "mixup_prob": (float, False, "probability of mixing a batch"),
+    "mixup_switch_prob": (float, False, "probability of cutmix instead of mixup when both are on"),
+    "mixup_mode": (str, False, "batch (one lam per batch, as the RSB recipes)"),
+    "bce_loss": (bool, False, "binary cross-entropy instead of softmax cross-entropy"),
+    "bce_target_thresh": (float, True, "binarize mixed targets above this value, or none"),
+    "amp": (bool, False, "mixed precision on the GPU (bf16, or fp16 with a GradScaler where bf16 is missing)"),
+    "compile": (bool, False, "torch.compile the model on the GPU"),
+    "seed": (int, False, "random seed"),
+}
+
+CHOICES = {"opt": {"lamb"}, "sched": {"cosine"}, "mixup_mode": {"batch"}}
+BUILTIN = ("a1", "a2", "a3", "demo", "tiny")
+
+
+def builtin_path(name: str) -> Path:
+    return Path(str(importlib.resources.files("fastrsb.configs").joinpath(f"{name}.toml")))
+
+
+def load_recipe(name_or_path: str, overrides: list[str] | tuple[str, ...] = ()) -> dict[str, Any]:
+    """Read a built-in recipe by name (a1, a2, a3, demo, tiny) or a TOML file by path, apply
+    `key=value` overrides, and return the validated recipe as a plain dict."""
+    path = Path(name_or_path)
+    if name_or_path in BUILTIN:
+        path = builtin_path(name_or_path)
+    elif not path.is_file():
+        raise UserError(f"no recipe '{name_or_path}': give one of {', '.join(BUILTIN)} or a path to a .toml file")
+    try:
+        raw = tomllib.loads(path.read_text())
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
+        raise UserError(f"recipe {path} does not parse: {err}") from None
+    _check_keys(raw, str(path))
+    recipe = {key: _coerce(key, raw[key], str(path)) for key in RECIPE_SCHEMA}
+    for item in overrides:
+        key, value = parse_override(item)
+        recipe[key] = value
+    _check_values(recipe)
+    recipe["name"] = path.stem
+    return recipe
+
+
+def _check_keys(raw: dict, where: str) -> None:
+    unknown = [k for k in raw if k not in RECIPE_SCHEMA]
+    if unknown:
+        raise UserError(f"recipe {where}: unknown key '{unknown[0]}'{_suggest(unknown[0])}")
+    missing = [k for k in RECIPE_SCHEMA if k not in raw]
+    if missing:
+        raise UserError(f"recipe {where}: missing key(s) {', '.join(missing)}")
+
+
+def _suggest(key: str) -> str:
+    close = difflib.get_close_matches(key, RECIPE_SCHEMA, n=1)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def _coerce(key: str, value: Any, where: str) -> Any:
+    kind, optional, _ = RECIPE_SCHEMA[key]
+    if optional and value == "none":
+        return None
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if kind is list:
+        if isinstance(value, list) and len(value) == 2 and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
+            return [float(v) for v in value]
+        raise UserError(f"{where}: '{key}' must be two numbers, e.g. [0.9, 0.999], not {value!r}")
+    if type(value) is not kind:
+        hint = ' or "none"' if optional else ""
+        raise UserError(f"{where}: '{key}' must be {kind.__name__}{hint}, not {value!r}")
+    return value
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    """Parse one `--set key=value`, typed by the schema."""
+    if "=" not in item:
+        raise UserError(f"--set '{item}': expected key=value")
+    key, text = (s.strip() for s in item.split("=", 1))
+    if key not in RECIPE_SCHEMA:
+        raise UserError(f"--set: unknown key '{key}'{_suggest(key)}")
+    kind, optional, _ = RECIPE_SCHEMA[key]
+    where = f"--set {key}"
+    if optional and text.lower() in ("none", "null"):
+        return key, None
+    try:
+        if kind is bool:
+            lowered = text.lower()
+            if lowered not in ("true", "false", "1", "0", "yes", "no", "on", "off"):
+                raise ValueError
+            return key, lowered in ("true", "1", "yes", "on")
+        if kind is int:
+            return key, int(text)
+        if kind is float:
+            return key, float(text)
+        if kind is list:
+            parts = [float(p) for p in text.strip("[]()").split(",")]
+            return key, _coerce(key, parts, where)
+    except ValueError:
+        raise UserError(f"{where}: '{text}' is not a valid {kind.__name__}") from None
+    return key, text
+
+
+def _check_values(r: dict[str, Any]) -> None:
+    for key, allowed in CHOICES.items():
+        if r[key] not in allowed:
+            raise UserError(f"recipe: '{key}' must be one of {', '.join(sorted(allowed))}, not {r[key]!r}")
+    for key in ("epochs", "batch_size", "img_size", "test_img_size"):
+        if r[key] <= 0:
+            raise UserError(f"recipe: '{key}' must be positive, not {r[key]}")
+    for key in ("lr", "warmup_lr", "min_lr", "weight_decay", "mixup", "cutmix", "smoothing",
+                "drop_path", "warmup_epochs", "aug_repeats", "opt_eps"):
+        if r[key] < 0 or (isinstance(r[key], float) and not math.isfinite(r[key])):
+            raise UserError(f"recipe: '{key}' must be a finite number >= 0, not {r[key]}")
+    for key in ("crop_pct", "mixup_prob", "mixup_switch_prob"):
+        if not 0 < r[key] <= 1 and not (key != "crop_pct" and r[key] == 0):
+            raise UserError(f"recipe: '{key}' must lie in (0, 1], not {r[key]}")
+    if r["warmup_epochs"] >= r["epochs"] and r["warmup_epochs"] > 0:
+        raise UserError(f"recipe: warmup_epochs ({r['warmup_epochs']}) must be fewer than epochs ({r['epochs']})")
+    if r["aa"] is not None and not r["aa"].startswith("rand-"):
+        raise UserError(f"recipe: 'aa' must be a timm RandAugment string such as rand-m6-mstd0.5-inc1, or none; not {r['aa']!r}")
+    if (r["mixup"] > 0 or r["cutmix"] > 0) and r["batch_size"] % 2:
+        raise UserError(f"recipe: mixup/cutmix pair each image with its mirror in the batch, so batch_size must be even, not {r['batch_size']}")
+
+
+def describe() -> str:
+    """One line per key, for `fastrsb recipe --keys`."""
+    return "\n".join(f"{k:<18} {t.__name__}{' or none' if o else ''}: {d}" for k, (t, o, d) in RECIPE_SCHEMA.items())

@@ -1,0 +1,82 @@
+"""Finding the images: an ImageFolder-style tree or a file list, checked before DALI sees it.
+
+Classes are indexed in sorted order, exactly as torchvision's ImageFolder does, so labels agree
+with every other ImageNet tool.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+# What the DALI image decoders read (case-insensitive), as torchvision's IMG_EXTENSIONS minus
+# the formats DALI cannot decode.
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".pnm", ".ppm", ".pgm", ".pbm")
+
+
+class DatasetError(ValueError):
+    """The data folder or file list cannot be used as it is; the message says why."""
+
+
+@dataclass(frozen=True)
+class ImageList:
+    """Absolute file paths, their int labels, and the class names indexed by label."""
+
+    files: list[str]
+    labels: list[int]
+    classes: list[str]
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+
+def list_images(root: str | os.PathLike) -> ImageList:
+    """List an ImageFolder tree (`root/<class>/<image>`) or a file list (a text file with lines
+    `relative/path label`, paths relative to the list's folder)."""
+    root = Path(root)
+    if root.is_file():
+        return _read_file_list(root)
+    if not root.is_dir():
+        raise DatasetError(f"data folder {root} does not exist")
+    classes = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
+    if not classes:
+        raise DatasetError(f"{root} has no class folders (expected {root}/<class>/<image>.JPEG)")
+    files, labels = [], []
+    for label, name in enumerate(classes):
+        found = sorted(_walk_images(root / name))
+        if not found:
+            raise DatasetError(f"class folder {root / name} holds no images ({', '.join(IMAGE_EXTENSIONS[:3])}, ...)")
+        files += found
+        labels += [label] * len(found)
+    return ImageList(files, labels, classes)
+
+
+def _walk_images(folder: Path) -> list[str]:
+    out = []
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        out += [os.path.join(dirpath, f) for f in filenames
+                if not f.startswith(".") and f.lower().endswith(IMAGE_EXTENSIONS)]
+    return out
+
+
+def _read_file_list(path: Path) -> ImageList:
+    files, labels = [], []
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        parts = line.rsplit(maxsplit=1)
+        if len(parts) != 2 or not parts[1].lstrip("-").isdigit() or int(parts[1]) < 0:
+            raise DatasetError(f"{path}:{number}: expected 'relative/path label', got {line!r}")
+        file = path.parent / parts[0]
+        if not file.is_file():
+            raise DatasetError(f"{path}:{number}: no file {file}")
+        files.append(str(file))
+        labels.append(int(parts[1]))
+    if not files:
+        raise DatasetError(f"file list {path} names no images")
+    count = max(labels) + 1
+    missing = sorted(set(range(count)) - set(labels))
+    if missing:
+        raise DatasetError(f"file list {path}: label(s) {missing[:5]} have no images (labels must run 0..{count - 1})")
+    return ImageList(files, labels, [str(i) for i in range(count)])

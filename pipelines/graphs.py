@@ -1,0 +1,82 @@
+"""The DALI graphs: what happens to each image between the file and the batch.
+
+Both graphs run the same operators on the GPU ("mixed" nvJPEG/hardware-JPEG decoding, GPU
+resize) or on the CPU (`device="cpu"`, built with `device_id=None`), and both emit HWC images,
+which torch sees as an NCHW view that is already channels-last: no copy per batch.
+"""
+from __future__ import annotations
+
+import math
+
+from nvidia.dali import fn, pipeline_def, types
+
+# ImageNet mean/std on the 0-255 scale the decoders produce.
+IMAGENET_MEAN = (0.485 * 255, 0.456 * 255, 0.406 * 255)
+IMAGENET_STD = (0.229 * 255, 0.224 * 255, 0.225 * 255)
+READER_NAME = "Reader"
+
+_DTYPES = {"float16": types.FLOAT16, "float32": types.FLOAT}
+
+
+def _decoder_device(device: str) -> str:
+    return "mixed" if device == "cuda" else "cpu"
+
+
+def _read(files, labels, device, shard_id, num_shards, train, shuffle_seed):
+    # Training: shuffle_after_epoch reshuffles the whole list every epoch with the same seed on
+    # every rank, so shards stay disjoint and complete (random_shuffle only shuffles inside a
+    # 1024-image buffer: epochs would come in nearly the same order).
+    # Validation: no shuffle, and the last batch padded so that the iterator can drop the padding.
+    order = {"shuffle_after_epoch": True, "shuffle_after_epoch_seed": shuffle_seed} if train else {}
+    jpegs, labels = fn.readers.file(
+        files=files, labels=labels, name=READER_NAME, shard_id=shard_id, num_shards=num_shards,
+        pad_last_batch=not train, stick_to_shard=not train, **order)
+    labels = fn.cast(labels, dtype=types.INT64)
+    if device == "cuda":
+        labels = labels.gpu()
+    return jpegs, fn.reshape(labels, shape=[])  # (N, 1) int32 -> (N,) int64: no conversion in torch
+
+
+def _mixed_decoder_args(device: str, hw_decoder_load: float) -> dict:
+    if device != "cuda":
+        return {}
+    # hw_decoder_load: the share of each batch sent to the hardware JPEG engines (A100/H100);
+    # the rest goes to nvJPEG's CUDA path, whose Huffman stage runs on CPU threads.
+    return {"hw_decoder_load": hw_decoder_load, "device_memory_padding": 211025920,
+            "host_memory_padding": 140544512}
+
+
+@pipeline_def
+def train_pipeline(files, labels, img_size, device, shard_id, num_shards, shuffle_seed,
+                   hw_decoder_load, dtype):
+    """Random-resized-crop (decoding only the crop), horizontal flip, normalize."""
+    jpegs, labels = _read(files, labels, device, shard_id, num_shards, True, shuffle_seed)
+    images = fn.decoders.image_random_crop(
+        jpegs, device=_decoder_device(device), output_type=types.RGB,
+        random_area=[0.08, 1.0], random_aspect_ratio=[3 / 4, 4 / 3], num_attempts=10,
+        **_mixed_decoder_args(device, hw_decoder_load))
+    images = fn.resize(images, size=[img_size, img_size], interp_type=types.INTERP_LINEAR, antialias=True)
+    images = fn.crop_mirror_normalize(
+        images, dtype=_DTYPES[dtype], output_layout="HWC", mean=IMAGENET_MEAN, std=IMAGENET_STD,
+        mirror=fn.random.coin_flip(probability=0.5))
+    return images, labels
+
+
+def val_resize_size(img_size: int, crop_pct: float) -> int:
+    """timm's eval transform: resize the shorter side to floor(img_size / crop_pct)."""
+    return math.floor(img_size / crop_pct)
+
+
+@pipeline_def
+def val_pipeline(files, labels, img_size, crop_pct, device, shard_id, num_shards,
+                 hw_decoder_load, dtype):
+    """Bicubic antialiased resize of the shorter side, centre crop, normalize (timm's eval)."""
+    jpegs, labels = _read(files, labels, device, shard_id, num_shards, False, None)
+    images = fn.decoders.image(jpegs, device=_decoder_device(device), output_type=types.RGB,
+                               **_mixed_decoder_args(device, hw_decoder_load))
+    images = fn.resize(images, resize_shorter=val_resize_size(img_size, crop_pct),
+                       interp_type=types.INTERP_CUBIC, antialias=True)
+    images = fn.crop_mirror_normalize(
+        images, dtype=_DTYPES[dtype], output_layout="HWC", crop=(img_size, img_size),
+        crop_pos_x=0.5, crop_pos_y=0.5, mean=IMAGENET_MEAN, std=IMAGENET_STD)
+    return images, labels
