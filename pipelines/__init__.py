@@ -3,10 +3,20 @@
     from fastrsb.pipelines import train_loader, val_loader
     for images, labels in train_loader("imagenet/train", batch_size=256, img_size=160):
         ...  # images: (256, 3, 160, 160) float16 channels-last on the GPU; labels: int64
-"""
-from .folder import DatasetError, ImageList, list_images
-from .graphs import IMAGENET_MEAN, IMAGENET_STD, val_resize_size
-from .loader import DaliLoader, train_loader, val_loader
 
-__all__ = ["DatasetError", "ImageList", "list_images", "DaliLoader", "train_loader", "val_loader",
-           "IMAGENET_MEAN", "IMAGENET_STD", "val_resize_size"]
+DALI and torch are imported on first use of a loader, so listing folders and catching
+DatasetError stay cheap (the command line's `recipe` starts in a fraction of a second).
+"""
+from .folder import IMAGE_EXTENSIONS, DatasetError, ImageList, list_images
+
+_LAZY = {"DaliLoader": ".loader", "train_loader": ".loader", "val_loader": ".loader",
+         "IMAGENET_MEAN": ".graphs", "IMAGENET_STD": ".graphs", "val_resize_size": ".graphs"}
+
+__all__ = ["DatasetError", "ImageList", "list_images", "IMAGE_EXTENSIONS", *_LAZY]
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+        return getattr(importlib.import_module(_LAZY[name], __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 
 from nvidia.dali import fn, pipeline_def, types
+from nvidia.dali import math as dmath
 
 # ImageNet mean/std on the 0-255 scale the decoders produce.
 IMAGENET_MEAN = (0.485 * 255, 0.456 * 255, 0.406 * 255)
@@ -67,16 +68,38 @@ def val_resize_size(img_size: int, crop_pct: float) -> int:
     return math.floor(img_size / crop_pct)
 
 
+def _half_even(x):
+    """Python's round() of x / 2 for an integer-valued x (a DataNode): torchvision's CenterCrop
+    places the crop at round((in - crop) / 2), with ties to even."""
+    half = dmath.floor(x / 2)
+    odd = x - 2 * half
+    return half + odd * (half - 2 * dmath.floor(half / 2))
+
+
+def _timm_eval_resize_and_crop(jpegs, images, img_size, crop_pct):
+    """Exactly timm's eval geometry: shorter side to floor(img_size / crop_pct), the longer side
+    to floor(resize * long / short) (torchvision truncates where DALI's resize_shorter rounds),
+    then a centre crop at torchvision's anchor."""
+    resize = val_resize_size(img_size, crop_pct)
+    shape = fn.peek_image_shape(jpegs)  # (H, W, C) after EXIF orientation, read from the header
+    height = fn.cast(shape[0], dtype=types.FLOAT)
+    width = fn.cast(shape[1], dtype=types.FLOAT)
+    short = dmath.min(height, width)
+    out_h, out_w = dmath.floor(resize * height / short), dmath.floor(resize * width / short)
+    images = fn.resize(images, size=fn.stack(out_h, out_w), interp_type=types.INTERP_CUBIC, antialias=True)
+    start = fn.cast(fn.stack(_half_even(out_h - img_size), _half_even(out_w - img_size)), dtype=types.INT32)
+    return fn.slice(images, start=start, shape=[img_size, img_size], axes=[0, 1])
+
+
 @pipeline_def
 def val_pipeline(files, labels, img_size, crop_pct, device, shard_id, num_shards,
                  hw_decoder_load, dtype):
-    """Bicubic antialiased resize of the shorter side, centre crop, normalize (timm's eval)."""
+    """timm's eval transform: bicubic antialiased resize of the shorter side to
+    floor(img_size / crop_pct), centre crop img_size, normalize."""
     jpegs, labels = _read(files, labels, device, shard_id, num_shards, False, None)
     images = fn.decoders.image(jpegs, device=_decoder_device(device), output_type=types.RGB,
                                **_mixed_decoder_args(device, hw_decoder_load))
-    images = fn.resize(images, resize_shorter=val_resize_size(img_size, crop_pct),
-                       interp_type=types.INTERP_CUBIC, antialias=True)
-    images = fn.crop_mirror_normalize(
-        images, dtype=_DTYPES[dtype], output_layout="HWC", crop=(img_size, img_size),
-        crop_pos_x=0.5, crop_pos_y=0.5, mean=IMAGENET_MEAN, std=IMAGENET_STD)
+    images = _timm_eval_resize_and_crop(jpegs, images, img_size, crop_pct)
+    images = fn.crop_mirror_normalize(images, dtype=_DTYPES[dtype], output_layout="HWC",
+                                      mean=IMAGENET_MEAN, std=IMAGENET_STD)
     return images, labels
