@@ -36,7 +36,10 @@ def load_checkpoint(path: str | Path) -> dict:
         raise UserError(f"no checkpoint at {path}")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as err:
+    except pickle.UnpicklingError:
+        raise UserError(f"{path} is not a loadable fastrsb checkpoint: it holds objects other than tensors and "
+                        "plain data, and fastrsb never runs code from a checkpoint (weights_only=True)") from None
+    except (RuntimeError, EOFError, ValueError, OSError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise UserError(f"{path} is not a loadable fastrsb checkpoint: {first}") from None
     if not isinstance(state, dict) or "model" not in state or "recipe" not in state:

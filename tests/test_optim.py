@@ -1,0 +1,70 @@
+import math
+
+import pytest
+import timm
+import torch
+from timm.optim import Lamb as TimmLamb
+from timm.optim import create_optimizer_v2
+
+from fastrsb.optim import Lamb, lr_at, param_groups
+
+
+def test_weight_decay_groups_match_timm():
+    model = timm.create_model("resnet50", num_classes=1000)
+    ours = param_groups(model, 0.02)
+    theirs = create_optimizer_v2(model, "lamb", lr=1e-3, weight_decay=0.02).param_groups
+    as_ids = lambda groups: sorted((g["weight_decay"], sorted(map(id, g["params"]))) for g in groups)  # noqa: E731
+    assert as_ids(ours) == as_ids(theirs)
+    no_decay = next(g for g in ours if g["weight_decay"] == 0)
+    assert len(no_decay["params"]) == 107 and sum(p.numel() for p in no_decay["params"]) == 54_120
+
+
+@pytest.mark.parametrize("kwargs", [{}, {"always_adapt": True}, {"trust_clip": True, "max_grad_norm": None},
+                                    {"grad_averaging": False, "bias_correction": False}])
+def test_lamb_equals_timm_over_steps(kwargs):
+    """The same gradients fed to both optimizers for several steps (fed, not recomputed, so
+    float noise in the forward pass cannot hide or fake a difference in the update rule)."""
+    torch.manual_seed(0)
+    model = timm.create_model("resnet10t", num_classes=7)
+    twin = timm.create_model("resnet10t", num_classes=7)
+    twin.load_state_dict(model.state_dict())
+    ours = Lamb(param_groups(model, 0.02), lr=5e-3, weight_decay=0.02, **kwargs)
+    theirs = TimmLamb(param_groups(twin, 0.02), lr=5e-3, weight_decay=0.02, foreach=False, **kwargs)
+    for step in range(6):
+        # Scaled so the global gradient norm is well above 1: the clip is exercised.
+        grads = [torch.randn_like(p) * (0.5 + step) for p in model.parameters()]
+        if step == 2:
+            grads[0].zero_()  # a zero update norm: trust ratio falls back to 1
+        for net, opt in ((model, ours), (twin, theirs)):
+            for p, g in zip(net.parameters(), grads):
+                p.grad = g.clone()
+            opt.step()
+    for (name, a), b in zip(model.named_parameters(), twin.parameters()):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-7), name
+
+
+def test_lamb_trains_a_toy_problem():
+    torch.manual_seed(0)
+    x = torch.randn(256, 10)
+    y = x @ torch.randn(10, 1)
+    layer = torch.nn.Linear(10, 1)
+    opt = Lamb(layer.parameters(), lr=0.05, weight_decay=0.0)
+    first = None
+    for _ in range(200):
+        loss = torch.nn.functional.mse_loss(layer(x), y)
+        first = first or loss.item()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss.item() < first * 0.01
+
+
+def test_schedule_shape():
+    kw = dict(steps_per_epoch=10, epochs=100, lr=8e-3, warmup_epochs=5, warmup_lr=1e-4, min_lr=1e-6)
+    assert lr_at(0, **kw) == 1e-4
+    assert math.isclose(lr_at(25, **kw), 1e-4 + (8e-3 - 1e-4) / 2)
+    assert math.isclose(lr_at(50, **kw), 8e-3)  # the peak is reached exactly
+    assert math.isclose(lr_at(1000, **kw), 1e-6)
+    after = [lr_at(s, **kw) for s in range(50, 1000)]
+    assert all(a >= b for a, b in zip(after, after[1:]))
+    assert math.isclose(lr_at(525, **kw), 1e-6 + 0.5 * (8e-3 - 1e-6))  # half way down the cosine

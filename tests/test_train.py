@@ -1,0 +1,84 @@
+"""A real, short training run through the command line, then its checkpoints."""
+import json
+import pytest
+import torch
+
+from conftest import assert_user_error, run_cli
+from fastrsb.checkpoint import load_checkpoint
+
+
+@pytest.fixture(scope="module")
+def run(tiny_data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("run")
+    proc = run_cli("train", "tiny", "--data", tiny_data, "--out", out, "--device", "cpu", "--log-every", "2")
+    return out, proc
+
+
+def test_writes_metrics_and_checkpoints(run):
+    out, proc = run
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [m["epoch"] for m in lines] == [1, 2]
+    for m in lines:
+        assert {"epoch", "train_loss", "lr", "top1", "top5", "images_per_sec"} <= set(m)
+        assert 0 <= m["top1"] <= m["top5"] <= 100 and m["images_per_sec"] > 0 and m["train_loss"] > 0
+        assert m["val_images"] == 20  # every validation image, exactly once
+    assert json.loads((out / "recipe.json").read_text())["name"] == "tiny"
+    assert (out / "last.pt").is_file() and (out / "best.pt").is_file()
+    assert not list(out.glob(".*.tmp"))  # atomic writes leave nothing behind
+    assert "img/s" in proc.stderr and "eta" in proc.stderr  # progress was shown
+    assert "done: top1" in proc.stdout
+
+
+def test_checkpoint_contents(run):
+    out, _ = run
+    state = load_checkpoint(out / "last.pt")
+    assert state["epoch"] == 2 and state["recipe"]["model"] == "resnet10t" and len(state["classes"]) == 4
+    assert {"model", "optimizer", "scaler", "mixer", "step", "metrics"} <= set(state)
+
+
+def test_eval_reproduces_the_runs_accuracy(run, tiny_data):
+    out, _ = run
+    last = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
+    result = json.loads(run_cli("eval", out / "last.pt", "--data", tiny_data, "--json", "--batch-size", "8").stdout)
+    assert result["val_images"] == 20 and result["img_size"] == 40
+    assert result["top1"] == pytest.approx(last["top1"]) and result["top5"] == pytest.approx(last["top5"])
+    other = json.loads(run_cli("eval", out / "last.pt", "--data", tiny_data / "val", "--json", "--img-size", "32",
+                               "--crop-pct", "0.875").stdout)
+    assert other["img_size"] == 32 and other["crop_pct"] == 0.875 and other["val_images"] == 20
+    assert "top1" in run_cli("eval", out / "best.pt", "--data", tiny_data).stdout
+
+
+class Payload:
+    def __reduce__(self):
+        return (print, ("code ran from a checkpoint",))
+
+
+def test_checkpoint_cannot_run_code(run, tiny_data, tmp_path):
+    out, _ = run
+    state = torch.load(out / "last.pt", weights_only=True)
+    state["evil"] = Payload()
+    torch.save(state, tmp_path / "evil.pt")
+    proc = run_cli("eval", tmp_path / "evil.pt", "--data", tiny_data, check=False)
+    assert_user_error(proc, "not a loadable fastrsb checkpoint")
+    assert "code ran" not in proc.stdout + proc.stderr
+
+
+def test_checkpoint_that_does_not_fit(run, tiny_data, tmp_path):
+    out, _ = run
+    state = torch.load(out / "last.pt", weights_only=True)
+    state["model"]["fc.weight"] = torch.zeros(9, state["model"]["fc.weight"].shape[1])
+    torch.save(state, tmp_path / "wrong.pt")
+    assert_user_error(run_cli("eval", tmp_path / "wrong.pt", "--data", tiny_data, check=False),
+                      "does not fit the model", "fc.weight")
+    (tmp_path / "junk.pt").write_bytes(b"\x80\x04not a checkpoint")
+    assert_user_error(run_cli("eval", tmp_path / "junk.pt", "--data", tiny_data, check=False), "junk.pt")
+    torch.save({"weights": 1}, tmp_path / "plain.pt")
+    assert_user_error(run_cli("eval", tmp_path / "plain.pt", "--data", tiny_data, check=False), "not a fastrsb checkpoint")
+
+
+def test_run_folder_is_not_overwritten(run, tiny_data):
+    out, _ = run
+    before = (out / "metrics.jsonl").read_text()
+    assert_user_error(run_cli("train", "tiny", "--data", tiny_data, "--out", out, "--device", "cpu", check=False),
+                      "already holds a run")
+    assert (out / "metrics.jsonl").read_text() == before
