@@ -1,0 +1,39 @@
+"""Smoke test of benchmarks/throughput.py: a few real batches per loader on tiny generated JPEGs."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from PIL import Image
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def test_synthetic_jpegs_look_like_imagenet(tmp_path):
+    sys.path.insert(0, str(BENCH))
+    from synthetic import synthetic_jpegs
+    root = synthetic_jpegs(tmp_path, 20, classes=4, workers=2)
+    files = sorted(root.rglob("*.JPEG"))
+    assert len(files) == 20 and len({f.parent.name for f in files}) == 4
+    sizes = [Image.open(f).size for f in files]
+    assert all(150 <= min(s) and max(s) <= 700 for s in sizes)
+    assert 20_000 < sum(f.stat().st_size for f in files) / len(files) < 250_000  # photo-like weight
+    before = [f.stat().st_mtime_ns for f in files]
+    synthetic_jpegs(tmp_path, 20, classes=4)  # cached: nothing rewritten
+    assert [f.stat().st_mtime_ns for f in files] == before
+
+
+def test_loader_mode_reports_every_loader(tmp_path):
+    out = tmp_path / "results.jsonl"
+    proc = subprocess.run([sys.executable, str(BENCH / "throughput.py"), "--mode", "loader", "--synthetic-jpegs", "24",
+                           "--cache", str(tmp_path), "--img-size", "32", "--batch-size", "4", "--steps", "3",
+                           "--warmup", "1", "--workers", "1", "--loaders", "dali-cpu,torchvision,timm",
+                           "--json-out", str(out)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    lines = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["loader"] for r in lines] == ["dali-cpu", "torchvision", "timm"]
+    for r in lines:
+        assert r["mode"] == "loader" and r["img_size"] == 32 and r["batch_size"] == 4 and r["device"] == "cpu"
+        assert r["images_per_sec"] > 0 and r["peak_rss_gib"] > 0.05
+        assert r["torch"] and r["dali"] and r["timm"] and r["device_name"]
+    assert "ratio" in proc.stdout and "1.00" in proc.stdout
