@@ -49,7 +49,7 @@ def make_loader(name: str, root: Path, batch: int, size: int, device: str, threa
         dataset = create_dataset("", root=str(root), split="train", is_training=True)
         return create_loader(dataset, input_size=(3, size, size), batch_size=batch, is_training=True,
                              num_workers=threads, use_prefetcher=device == "cuda", device=torch.device(device),
-                             interpolation="bilinear", persistent_workers=True)
+                             interpolation="bilinear", color_jitter=0.0, persistent_workers=True)
     raise ValueError(f"unknown loader {name}")
 
 
