@@ -78,8 +78,8 @@ def evaluate(model: torch.nn.Module, loader, device: str, dtype: torch.dtype | N
     except RuntimeError as err:
         raise explain_pipeline_error(err, loader.images) from None
     # One host sync for the whole evaluation.
-    return {"top1": 100.0 * correct1.item() / count, "top5": 100.0 * correct5.item() / count,
-            "val_loss": loss_sum.item() / count, "val_images": count}
+    top1, top5, loss = torch.stack([correct1.double(), correct5.double(), loss_sum]).tolist()
+    return {"top1": 100.0 * top1 / count, "top5": 100.0 * top5 / count, "val_loss": loss / count, "val_images": count}
 
 
 def train(recipe: dict, data: str | Path, out: str | Path, device: str | None = None,
