@@ -47,20 +47,37 @@ def _mixed_decoder_args(device: str, hw_decoder_load: float) -> dict:
             "host_memory_padding": 140544512}
 
 
+def _normalize(images, dtype, mirror=None):
+    extra = {"mirror": mirror} if mirror is not None else {}
+    return fn.crop_mirror_normalize(images, dtype=_DTYPES[dtype], output_layout="HWC",
+                                    mean=IMAGENET_MEAN, std=IMAGENET_STD, **extra)
+
+
+_CROP = dict(random_area=[0.08, 1.0], random_aspect_ratio=[3 / 4, 4 / 3], num_attempts=10)
+
+
 @pipeline_def
 def train_pipeline(files, labels, img_size, device, shard_id, num_shards, shuffle_seed,
-                   hw_decoder_load, dtype):
-    """Random-resized-crop (decoding only the crop), horizontal flip, normalize."""
+                   hw_decoder_load, dtype, repeats=1):
+    """Random-resized-crop, horizontal flip, normalize.
+
+    repeats == 1: decode only the random crop (ROI decoding). repeats = R > 1 (repeated
+    augmentation): decode each image once and cut R independent crops/flips from it; the R views
+    are stacked per sample, (R, H, W, C), so torch sees R * batch images by a reshape (a view)."""
     jpegs, labels = _read(files, labels, device, shard_id, num_shards, True, shuffle_seed)
-    images = fn.decoders.image_random_crop(
-        jpegs, device=_decoder_device(device), output_type=types.RGB,
-        random_area=[0.08, 1.0], random_aspect_ratio=[3 / 4, 4 / 3], num_attempts=10,
-        **_mixed_decoder_args(device, hw_decoder_load))
-    images = fn.resize(images, size=[img_size, img_size], interp_type=types.INTERP_LINEAR, antialias=True)
-    images = fn.crop_mirror_normalize(
-        images, dtype=_DTYPES[dtype], output_layout="HWC", mean=IMAGENET_MEAN, std=IMAGENET_STD,
-        mirror=fn.random.coin_flip(probability=0.5))
-    return images, labels
+    if repeats == 1:
+        images = fn.decoders.image_random_crop(jpegs, device=_decoder_device(device), output_type=types.RGB,
+                                               **_CROP, **_mixed_decoder_args(device, hw_decoder_load))
+        images = fn.resize(images, size=[img_size, img_size], interp_type=types.INTERP_LINEAR, antialias=True)
+        return _normalize(images, dtype, fn.random.coin_flip(probability=0.5)), labels
+    decoded = fn.decoders.image(jpegs, device=_decoder_device(device), output_type=types.RGB,
+                                **_mixed_decoder_args(device, hw_decoder_load))
+    views = []
+    for _ in range(repeats):
+        view = fn.random_resized_crop(decoded, size=[img_size, img_size], interp_type=types.INTERP_LINEAR,
+                                      antialias=True, **_CROP)
+        views.append(_normalize(view, dtype, fn.random.coin_flip(probability=0.5)))
+    return fn.stack(*views), fn.stack(*([labels] * repeats))
 
 
 def val_resize_size(img_size: int, crop_pct: float) -> int:
@@ -100,6 +117,4 @@ def val_pipeline(files, labels, img_size, crop_pct, device, shard_id, num_shards
     images = fn.decoders.image(jpegs, device=_decoder_device(device), output_type=types.RGB,
                                **_mixed_decoder_args(device, hw_decoder_load))
     images = _timm_eval_resize_and_crop(jpegs, images, img_size, crop_pct)
-    images = fn.crop_mirror_normalize(images, dtype=_DTYPES[dtype], output_layout="HWC",
-                                      mean=IMAGENET_MEAN, std=IMAGENET_STD)
-    return images, labels
+    return _normalize(images, dtype), labels

@@ -18,27 +18,70 @@ from .graphs import READER_NAME, train_pipeline, val_pipeline
 class DaliLoader:
     """Wraps one DALI pipeline. Train loaders drop the last partial batch (fixed shapes: no
     torch.compile recompiles, the same number of steps on every rank); validation loaders return
-    every image of the shard exactly once, the last batch short."""
+    every image of the shard exactly once, the last batch short.
 
-    def __init__(self, pipe, images: ImageList, batch_size: int, train: bool):
+    A train loader is a continuous stream cut into epochs of `len(loader)` batches: breaking out
+    of an epoch and iterating again continues where it stopped, and `state_dict()` /
+    `train_loader(..., state=...)` save and restore that position exactly (DALI checkpointing:
+    reader position and the random state of every augmentation)."""
+
+    def __init__(self, pipe, images: ImageList, batch_size: int, train: bool, repeats: int = 1,
+                 fingerprint: dict | None = None, done: int = 0):
         self.images = images
         self.batch_size = batch_size
         self.train = train
+        self.repeats = repeats
+        self._fingerprint = fingerprint or {}
         policy = LastBatchPolicy.DROP if train else LastBatchPolicy.PARTIAL
         self._iterator = DALIGenericIterator(pipe, ["images", "labels"], reader_name=READER_NAME,
                                              last_batch_policy=policy, auto_reset=True)
+        # With repeated augmentation a DALI epoch reads every image once and yields `repeats` views
+        # of each, so it spans `repeats` loader epochs: like timm's RepeatAugSampler, an epoch is
+        # len(data set) samples, of which 1/repeats are distinct images.
+        self._steps = len(self._iterator) // repeats
+        self._done = done  # batches of the current epoch already yielded
 
     @property
     def classes(self) -> list[str]:
         return self.images.classes
 
     def __len__(self) -> int:
-        return len(self._iterator)
+        return self._steps
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        for (batch,) in self._iterator:
-            # HWC -> NCHW as a view: the memory is already channels-last.
-            yield batch["images"].permute(0, 3, 1, 2), batch["labels"]
+        if not self.train:
+            for (batch,) in self._iterator:
+                yield _to_nchw(batch["images"]), batch["labels"]
+            return
+        if self._done >= self._steps:
+            self._done = 0
+        while self._done < self._steps:
+            try:
+                (batch,) = next(self._iterator)
+            except StopIteration:  # the end of a DALI epoch; auto_reset has started the next one
+                continue
+            self._done += 1
+            yield _to_nchw(batch["images"].flatten(0, 1) if self.repeats > 1 else batch["images"]), \
+                batch["labels"].flatten()
+        self._done = 0
+
+    def state_dict(self) -> dict:
+        """The loader's position: restore it with train_loader(..., state=this)."""
+        if not self.train:
+            raise ValueError("only train loaders have a position to save")
+        return {"dali": self._iterator.checkpoints()[0], "done": self._done, "fingerprint": self._fingerprint}
+
+
+def _to_nchw(images: torch.Tensor) -> torch.Tensor:
+    # (N, H, W, C) -> (N, C, H, W) as a view: the memory is already channels-last.
+    return images.permute(0, 3, 1, 2)
+
+
+def _check_state(state: dict, fingerprint: dict) -> None:
+    saved = state.get("fingerprint", {})
+    differ = [f"{key} {saved.get(key)} -> {value}" for key, value in fingerprint.items() if saved.get(key) != value]
+    if differ:
+        raise DatasetError(f"the saved loader position does not fit this loader ({'; '.join(differ)})")
 
 
 def _check_device(device: str) -> int | None:
@@ -57,23 +100,34 @@ def _default_threads() -> int:
 
 def train_loader(root: str | os.PathLike | ImageList, batch_size: int, img_size: int, *,
                  device: str = "cuda", shard_id: int = 0, num_shards: int = 1, seed: int = 0,
-                 num_threads: int | None = None, dtype: str = "float16",
-                 hw_decoder_load: float = 0.9, prefetch_queue_depth: int = 2) -> DaliLoader:
+                 num_threads: int | None = None, dtype: str = "float16", repeats: int = 1,
+                 hw_decoder_load: float = 0.9, prefetch_queue_depth: int = 2,
+                 state: dict | None = None) -> DaliLoader:
     """Random-resized-crop + flip training loader over an ImageFolder tree or a file list.
 
     batch_size is per shard (per GPU). Every epoch is a full reshuffle, the same on every shard
     (shuffle seed = `seed`), so the shards stay disjoint; the augmentation seed differs per shard.
+    repeats > 1 is repeated augmentation: each image decoded once and augmented `repeats` times
+    (batch_size must divide by it). state: a `loader.state_dict()` to continue from.
     """
     images = root if isinstance(root, ImageList) else list_images(root)
+    if repeats < 1 or batch_size % repeats:
+        raise DatasetError(f"batch size {batch_size} per shard does not divide into {repeats} repeated augmentations")
     if len(images) // num_shards < batch_size:
         raise DatasetError(f"{len(images)} images over {num_shards} shard(s) do not fill one batch of {batch_size}")
+    fingerprint = dict(images=len(images), batch_size=batch_size, img_size=img_size, shard_id=shard_id,
+                       num_shards=num_shards, seed=seed, repeats=repeats)
+    if state is not None:
+        _check_state(state, fingerprint)
     pipe = train_pipeline(
         files=images.files, labels=images.labels, img_size=img_size, device=device,
         shard_id=shard_id, num_shards=num_shards, shuffle_seed=seed, hw_decoder_load=hw_decoder_load,
-        dtype=dtype, batch_size=batch_size, num_threads=num_threads or _default_threads(),
-        device_id=_check_device(device), seed=seed * 1000 + shard_id,
-        prefetch_queue_depth=prefetch_queue_depth)
-    return DaliLoader(pipe, images, batch_size, train=True)
+        dtype=dtype, repeats=repeats, batch_size=batch_size // repeats,
+        num_threads=num_threads or _default_threads(), device_id=_check_device(device),
+        seed=seed * 1000 + shard_id, prefetch_queue_depth=prefetch_queue_depth,
+        enable_checkpointing=True, checkpoint=state["dali"] if state else None)
+    return DaliLoader(pipe, images, batch_size, train=True, repeats=repeats, fingerprint=fingerprint,
+                      done=state["done"] if state else 0)
 
 
 def val_loader(root: str | os.PathLike | ImageList, batch_size: int, img_size: int, crop_pct: float, *,

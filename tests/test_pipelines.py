@@ -145,3 +145,54 @@ def test_gpu_loaders(tiny_data):
     assert images.is_contiguous(memory_format=torch.channels_last)
     seen = sum(labels.numel() for _, labels in val_loader(tiny_data / "val", 8, 40, 0.95, device="cuda"))
     assert seen == 20
+
+
+def _take(loader, count, into):
+    """Append batches to `into` until it holds `count`, across epochs, breaking mid-epoch."""
+    while len(into) < count:
+        for images, labels in loader:
+            into.append((images.clone(), labels.clone()))
+            if len(into) == count:
+                break
+    return into
+
+
+@pytest.mark.parametrize("repeats", [1, 3])
+def test_position_restores_exactly_mid_epoch(tiny_data, repeats):
+    def make(state=None):
+        return train_loader(tiny_data / "train", batch_size=6, img_size=32, device="cpu", seed=5,
+                            repeats=repeats, state=state)
+    steps = len(make())
+    reference = _take(make(), 3 * steps, [])
+    stopped = make()
+    resumed_from = _take(stopped, steps + 2, [])  # two batches into the second epoch
+    state = stopped.state_dict()
+    assert state["done"] == 2
+    batches = _take(make(state), 3 * steps, resumed_from)
+    for (want_x, want_y), (got_x, got_y) in zip(reference, batches):
+        assert torch.equal(want_y, got_y) and torch.equal(want_x, got_x)
+
+
+def test_position_of_another_loader_is_refused(tiny_data):
+    loader = train_loader(tiny_data / "train", batch_size=6, img_size=32, device="cpu", seed=5)
+    with pytest.raises(DatasetError, match="batch_size 6 -> 8"):
+        train_loader(tiny_data / "train", batch_size=8, img_size=32, device="cpu", seed=5, state=loader.state_dict())
+
+
+def test_repeated_augmentation(tiny_data):
+    loader = train_loader(tiny_data / "train", batch_size=6, img_size=32, device="cpu", seed=5, repeats=3)
+    assert len(loader) == 48 // 6  # an epoch is still len(data) samples, as timm's RepeatAugSampler
+    labels, views = [], []
+    for _ in range(3):  # three loader epochs = one pass over the images, each seen three times
+        for images, batch_labels in loader:
+            assert images.shape == (6, 3, 32, 32) and images.is_contiguous(memory_format=torch.channels_last)
+            labels.append(batch_labels)
+            views.append(images)
+    labels = torch.cat(labels).view(-1, 3)
+    assert (labels == labels[:, :1]).all()  # the three views of one image sit side by side
+    assert Counter(labels[:, 0].tolist()) == {0: 12, 1: 12, 2: 12, 3: 12}  # every image once per pass
+    images = torch.cat(views).view(-1, 3, 3, 32, 32).float()
+    # The views of one image are different augmentations, not copies.
+    assert (images[:, 0] - images[:, 1]).abs().mean(dim=(1, 2, 3)).min() > 0.01
+    with pytest.raises(DatasetError, match="does not divide"):
+        train_loader(tiny_data / "train", batch_size=8, img_size=32, device="cpu", repeats=3)
