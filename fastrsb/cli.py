@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -31,7 +32,7 @@ def cmd_recipe(args) -> None:
             print(f"{key:<{width}}  {'none' if value is None else value}")
 
 
-def cmd_train(args) -> None:
+def cmd_train(args) -> int:
     from fastrsb.recipe import load_recipe
     recipe = load_recipe(args.recipe, args.overrides)
     data = Path(args.data) if args.data else None
@@ -43,18 +44,30 @@ def cmd_train(args) -> None:
             from fastrsb.demo_data import write_demo
             print(f"generating the demo data set in {data} ...", flush=True)
             write_demo(data)
+    if args.resume and not args.out and args.resume == "auto":
+        raise UserError("--resume auto needs --out RUN_DIR (the run to continue)")
     out = Path(args.out) if args.out else Path("runs") / f"{recipe['name']}-{time.strftime('%Y%m%d-%H%M%S')}"
-    if (out / "metrics.jsonl").exists():
-        raise UserError(f"{out} already holds a run (metrics.jsonl): choose another --out")
+    if not args.resume and (out / "metrics.jsonl").exists():
+        raise UserError(f"{out} already holds a run (metrics.jsonl): continue it with --resume auto, or choose another --out")
+    from fastrsb.stopping import StopRequest
     from fastrsb.train import train
-    metrics = train(recipe, data, out, device=args.device, num_threads=args.threads, log_every=args.log_every)
-    print(f"done: top1 {metrics['top1']:.2f} top5 {metrics['top5']:.2f}; run folder {out}")
+    stop = StopRequest()
+    metrics = train(recipe, data, out, device=args.device, num_threads=args.threads, log_every=args.log_every,
+                    resume=args.resume, grad_accum_steps=args.grad_accum_steps, stop=stop,
+                    stop_after_steps=args.stop_after_steps)
+    if metrics.get("stopped"):
+        # A stop by signal exits with 128 + the signal's number (the shell's convention), so a job
+        # script does not mistake it for a finished run; the checkpoint is complete either way.
+        return 128 + stop.signum if stop.signum else 0
+    if "top1" in metrics and os.environ.get("RANK", "0") == "0":
+        print(f"done: top1 {metrics['top1']:.2f} top5 {metrics['top5']:.2f}; run folder {out}")
+    return 0
 
 
 def cmd_eval(args) -> None:
     from fastrsb.train import evaluate_checkpoint
     result = evaluate_checkpoint(args.checkpoint, args.data, args.img_size, args.crop_pct, args.device,
-                                 args.batch_size, args.threads)
+                                 args.batch_size, args.threads, ema=args.ema)
     if args.json:
         print(json.dumps(result))
     else:
@@ -86,6 +99,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="default: cuda if present")
     p.add_argument("--threads", type=int, default=None, help="DALI CPU threads (default: cores, at most 8)")
     p.add_argument("--log-every", type=int, default=50, help="steps between progress updates (host syncs)")
+    p.add_argument("--resume", metavar="auto|CKPT", default=None,
+                   help="continue exactly: 'auto' takes --out's last.pt (starts fresh if there is none)")
+    p.add_argument("--grad-accum-steps", type=int, default=1,
+                   help="split each process's share of the batch into this many micro-batches (when it does not fit)")
+    p.add_argument("--stop-after-steps", type=int, default=None, metavar="N",
+                   help="save a resumable checkpoint and stop once N optimizer steps are done in total")
     _add_common(p)
     p.set_defaults(func=cmd_train)
 
@@ -97,6 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--ema", action="store_true", help="evaluate the checkpoint's EMA weights")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_eval)
 
@@ -116,14 +136,13 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from fastrsb.pipelines import DatasetError
     try:
-        args.func(args)
+        return args.func(args) or 0
     except (UserError, DatasetError) as err:
         print(f"fastrsb: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("fastrsb: interrupted", file=sys.stderr)
         return 130
-    return 0
 
 
 if __name__ == "__main__":

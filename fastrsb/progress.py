@@ -12,7 +12,8 @@ def _clock(seconds: float) -> str:
 
 
 class Progress:
-    def __init__(self, title: str, total: int, stream=sys.stderr):
+    def __init__(self, title: str, total: int, stream=sys.stderr, enabled: bool = True):
+        self.enabled = enabled  # only rank 0 of a distributed run prints
         self.title = title
         self.total = total
         self.stream = stream
@@ -20,10 +21,15 @@ class Progress:
         self.start = time.perf_counter()
         self._next_plain = 0
 
-    def update(self, done: int, images_per_sec: float, **fields: float) -> None:
+    def update(self, done: int, images_per_sec: float, data: float | None = None, **fields: float) -> None:
+        """images_per_sec per GPU; data: the share of the time spent waiting for the loader."""
+        if not self.enabled:
+            return
         elapsed = time.perf_counter() - self.start
         eta = elapsed / max(done, 1) * (self.total - done)
         text = " ".join(f"{k} {v:.4g}" for k, v in fields.items())
+        if data is not None:
+            text += f" data {data:.0%}"
         if self.tty:
             width = 24
             fill = int(width * done / max(self.total, 1))
@@ -36,6 +42,6 @@ class Progress:
             self._next_plain = done + max(1, self.total // 10)
 
     def close(self) -> None:
-        if self.tty:
+        if self.enabled and self.tty:
             self.stream.write("\n")
             self.stream.flush()

@@ -44,6 +44,8 @@ RECIPE_SCHEMA: dict[str, tuple[type, bool, str]] = {
     "mixup_mode": (str, False, "batch (one lam per batch, as the RSB recipes)"),
     "bce_loss": (bool, False, "binary cross-entropy instead of softmax cross-entropy"),
     "bce_target_thresh": (float, True, "binarize mixed targets above this value, or none"),
+    "model_ema": (bool, False, "keep an EMA of the weights (evaluated and checkpointed alongside)"),
+    "model_ema_decay": (float, False, "EMA decay per optimizer step (timm's default 0.9998)"),
     "amp": (bool, False, "mixed precision on the GPU (bf16, or fp16 with a GradScaler where bf16 is missing)"),
     "compile": (bool, False, "torch.compile the model on the GPU"),
     "seed": (int, False, "random seed"),
@@ -152,6 +154,8 @@ def _check_values(r: dict[str, Any]) -> None:
     for key in ("crop_pct", "mixup_prob", "mixup_switch_prob"):
         if not 0 < r[key] <= 1 and not (key != "crop_pct" and r[key] == 0):
             raise UserError(f"recipe: '{key}' must lie in (0, 1], not {r[key]}")
+    if not 0 <= r["model_ema_decay"] < 1:
+        raise UserError(f"recipe: 'model_ema_decay' must lie in [0, 1), not {r['model_ema_decay']}")
     if r["warmup_epochs"] >= r["epochs"] and r["warmup_epochs"] > 0:
         raise UserError(f"recipe: warmup_epochs ({r['warmup_epochs']}) must be fewer than epochs ({r['epochs']})")
     if r["aa"] is not None and not r["aa"].startswith("rand-"):

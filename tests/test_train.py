@@ -16,16 +16,21 @@ def run(tiny_data, tmp_path_factory):
 
 def test_writes_metrics_and_checkpoints(run):
     out, proc = run
-    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [m["epoch"] for m in lines] == [1, 2]
-    for m in lines:
-        assert {"epoch", "train_loss", "lr", "top1", "top5", "images_per_sec"} <= set(m)
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    epochs = [m for m in rows if m["kind"] == "epoch"]
+    assert [m["epoch"] for m in epochs] == [1, 2]
+    for m in epochs:
+        assert {"epoch", "step", "train_loss", "lr", "top1", "top5", "images_per_sec", "data_wait"} <= set(m)
         assert 0 <= m["top1"] <= m["top5"] <= 100 and m["images_per_sec"] > 0 and m["train_loss"] > 0
+        assert 0 <= m["data_wait"] < 1
         assert m["val_images"] == 20  # every validation image, exactly once
+    logs = [m for m in rows if m["kind"] == "log"]  # every --log-every 2 steps: 6 steps per epoch
+    assert [m["step"] for m in logs] == [2, 4, 6, 8, 10, 12]
+    assert all(m["loss"] > 0 and m["images_per_sec"] > 0 and 0 <= m["data_wait"] < 1 for m in logs)
     assert json.loads((out / "recipe.json").read_text())["name"] == "tiny"
     assert (out / "last.pt").is_file() and (out / "best.pt").is_file()
     assert not list(out.glob(".*.tmp"))  # atomic writes leave nothing behind
-    assert "img/s" in proc.stderr and "eta" in proc.stderr  # progress was shown
+    assert "img/s" in proc.stderr and "eta" in proc.stderr and "data " in proc.stderr  # progress was shown
     assert "done: top1" in proc.stdout
 
 
@@ -33,12 +38,16 @@ def test_checkpoint_contents(run):
     out, _ = run
     state = load_checkpoint(out / "last.pt")
     assert state["epoch"] == 2 and state["recipe"]["model"] == "resnet10t" and len(state["classes"]) == 4
-    assert {"model", "optimizer", "scaler", "mixer", "step", "metrics"} <= set(state)
+    assert {"model", "optimizer", "scaler", "step", "metrics", "ranks", "best_top1"} <= set(state)
+    assert state["step"] == 12 and state["partial"] is None and "ema" not in state
+    (rank,) = state["ranks"]  # per process: loader position and random streams
+    assert {"loader", "mixer", "torch_rng"} <= set(rank) and isinstance(rank["loader"]["dali"], bytes)
 
 
 def test_eval_reproduces_the_runs_accuracy(run, tiny_data):
     out, _ = run
     last = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
+    assert last["kind"] == "epoch"
     result = json.loads(run_cli("eval", out / "last.pt", "--data", tiny_data, "--json", "--batch-size", "8").stdout)
     assert result["val_images"] == 20 and result["img_size"] == 40
     assert result["top1"] == pytest.approx(last["top1"]) and result["top5"] == pytest.approx(last["top5"])

@@ -1,0 +1,119 @@
+"""torch.distributed for the trainer: one process per GPU (or CPU process), started by torchrun.
+
+torchrun sets RANK, WORLD_SIZE and LOCAL_RANK and the rendezvous; without them the run is a
+single process and every helper here is a no-op."""
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from fastrsb.errors import UserError
+
+
+@dataclass(frozen=True)
+class Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def on(self) -> bool:
+        return self.world > 1
+
+
+def init_distributed(device: str) -> Dist:
+    """Join the process group torchrun describes: NCCL on GPUs, gloo on the CPU."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return Dist()
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    if device == "cuda":
+        if local_rank >= torch.cuda.device_count():
+            raise UserError(f"LOCAL_RANK {local_rank} but only {torch.cuda.device_count()} GPU(s) visible: "
+                            "--nproc_per_node must not exceed the GPUs per node")
+        torch.cuda.set_device(local_rank)  # before DALI or NCCL touch a GPU (else all pile onto GPU 0)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device == "cuda" else "gloo", timeout=datetime.timedelta(minutes=30),
+                                **({"device_id": torch.device("cuda", local_rank)} if device == "cuda" else {}))
+    return Dist(rank, world, local_rank)
+
+
+def shutdown(d: Dist) -> None:
+    if d.on and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def all_reduce_sum(tensor: torch.Tensor, d: Dist) -> torch.Tensor:
+    """In place; no host sync of its own (NCCL queues it on the stream)."""
+    if d.on:
+        dist.all_reduce(tensor)
+    return tensor
+
+
+def gather_to_main(obj, d: Dist) -> list | None:
+    """Every rank's `obj` on rank 0 (None elsewhere). Checkpoint time only: it pickles."""
+    if not d.on:
+        return [obj]
+    objects = [None] * d.world if d.main else None
+    dist.gather_object(obj, objects, dst=0)
+    return objects
+
+
+def scatter_from_main(objects: list | None, d: Dist):
+    """Rank r receives objects[r] from rank 0."""
+    if not d.on:
+        return objects[0]
+    received = [None]
+    dist.scatter_object_list(received, objects if d.main else None, src=0)
+    return received[0]
+
+
+def agree(flags: list[bool], d: Dist) -> list[bool]:
+    """Each flag True on every rank if it is True on any rank (a stop request that reached one
+    process, a non-finite loss on one shard), so that all ranks take the same branch."""
+    if not d.on:
+        return flags
+    device = "cuda" if dist.get_backend() == "nccl" else "cpu"
+    values = torch.tensor([int(f) for f in flags], device=device)
+    dist.all_reduce(values, op=dist.ReduceOp.MAX)
+    return [bool(v) for v in values.tolist()]
+
+
+@torch.no_grad()
+def average_bn_stats(model: nn.Module, d: Dist) -> None:
+    """Average BatchNorm running statistics across ranks (timm's --dist-bn reduce), so every rank
+    evaluates and checkpoints the same model."""
+    if not d.on:
+        return
+    stats = [b for name, b in model.named_buffers() if name.endswith(("running_mean", "running_var"))]
+    if stats:
+        flat = torch.cat([s.flatten() for s in stats])
+        dist.all_reduce(flat)
+        flat /= d.world
+        for s, new in zip(stats, torch._utils._unflatten_dense_tensors(flat, stats)):
+            s.copy_(new)
+
+
+@torch.no_grad()
+def check_in_step(model: nn.Module, d: Dist) -> None:
+    """Every rank must hold the same weights after an epoch (DDP keeps them equal; a divergence
+    means a bug or a broken rank): compare a fingerprint of all parameters and buffers."""
+    if not d.on:
+        return
+    tensors = [t for t in model.state_dict().values() if t.is_floating_point()]
+    fingerprint = torch.stack([torch.stack([t.double().sum(), t.double().square().sum()]) for t in tensors]).sum(0)
+    low, high = fingerprint.clone(), fingerprint.clone()
+    dist.all_reduce(low, op=dist.ReduceOp.MIN)
+    dist.all_reduce(high, op=dist.ReduceOp.MAX)
+    if not torch.equal(low, high):
+        raise RuntimeError(f"rank {d.rank}: the processes' weights differ after an epoch (fingerprints "
+                           f"{low.tolist()} vs {high.tolist()}): the ranks are out of step")

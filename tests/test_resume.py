@@ -1,0 +1,178 @@
+"""Exact resume, graceful stop, EMA, gradient accumulation: the trainer's promises on the CPU."""
+import json
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import run_cli
+from fastrsb.checkpoint import load_checkpoint
+from fastrsb.recipe import load_recipe
+from fastrsb.train import train
+
+# Every stateful part on: stochastic depth (torch RNG), EMA, repeated augmentation, mixup/cutmix.
+PARTS = ["drop_path=0.1", "model_ema=true", "model_ema_decay=0.9", "aug_repeats=2"]
+
+
+def _train(data, out, **kwargs):
+    return train(load_recipe("tiny", PARTS), data, out, device="cpu", num_threads=1, log_every=2, **kwargs)
+
+
+def _epoch_rows(out):
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in r.items() if k not in ("images_per_sec", "epoch_seconds", "data_wait")}
+            for r in rows if r["kind"] == "epoch"]
+
+
+def _assert_same_run(a, b):
+    left, right = load_checkpoint(a / "last.pt"), load_checkpoint(b / "last.pt")
+    assert left["step"] == right["step"] == 12
+    for part in ("model", "ema"):
+        for key, value in left[part].items():
+            assert torch.equal(value, right[part][key]), f"{part}.{key} differs"
+    for (_, x), (_, y) in zip(left["optimizer"]["state"].items(), right["optimizer"]["state"].items()):
+        assert all(torch.equal(x[k], y[k]) for k in x)
+    assert _epoch_rows(a) == _epoch_rows(b)  # losses, accuracies, LR: identical
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tiny_data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("whole")
+    metrics = _train(tiny_data, out)
+    assert not metrics.get("stopped") and metrics["epoch"] == 2 and "ema_top1" in metrics
+    return out
+
+
+@pytest.mark.parametrize("stop_at", [6, 8])  # the end of epoch 1; two steps into epoch 2
+def test_stopped_and_resumed_equals_uninterrupted(tiny_data, tmp_path, uninterrupted, stop_at):
+    stopped = _train(tiny_data, tmp_path, stop_after_steps=stop_at)
+    assert stopped["stopped"]
+    state = load_checkpoint(tmp_path / "last.pt")
+    assert state["step"] == stop_at and (state["partial"] is None) == (stop_at == 6)
+    resumed = _train(tiny_data, tmp_path, resume="auto")
+    assert not resumed.get("stopped") and resumed["epoch"] == 2
+    _assert_same_run(uninterrupted, tmp_path)
+
+
+def test_sigterm_saves_and_resume_finishes_the_same_run(tiny_data, tmp_path, uninterrupted):
+    args = [sys.executable, "-m", "fastrsb", "train", "tiny", "--data", tiny_data, "--out", tmp_path,
+            "--device", "cpu", "--threads", "1", "--log-every", "1"] + [a for p in PARTS for a in ("--set", p)]
+    proc = subprocess.Popen(list(map(str, args)), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for line in proc.stderr:  # wait for the first training step, then preempt
+        if line.startswith("epoch 1/2 1/6"):
+            proc.send_signal(signal.SIGTERM)
+            break
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, stderr
+    assert "SIGTERM received" in stderr and "Traceback" not in stderr
+    assert "--resume auto" in stdout
+    state = load_checkpoint(tmp_path / "last.pt")
+    assert 1 <= state["step"] < 12
+    run_cli("train", "tiny", "--data", tiny_data, "--out", tmp_path, "--device", "cpu", "--threads", "1",
+            "--resume", "auto", *[a for p in PARTS for a in ("--set", p)])
+    _assert_same_run(uninterrupted, tmp_path)
+
+
+def test_second_signal_exits_at_once():
+    script = ("import os, signal, time\n"
+              "from fastrsb.stopping import StopRequest\n"
+              "with StopRequest() as stop:\n"
+              "    os.kill(os.getpid(), signal.SIGTERM); time.sleep(0.2)\n"
+              "    assert stop.requested and stop.signum == signal.SIGTERM\n"
+              "    print('first signal noted', flush=True)\n"
+              "    os.kill(os.getpid(), signal.SIGTERM); time.sleep(5)\n"
+              "    print('still running')\n")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert "first signal noted" in proc.stdout and "still running" not in proc.stdout
+    assert proc.returncode == -signal.SIGTERM
+
+
+def test_resume_refuses_another_recipe(tiny_data, uninterrupted, tmp_path):
+    import shutil
+    shutil.copy(uninterrupted / "last.pt", tmp_path / "last.pt")
+    proc = run_cli("train", "tiny", "--data", tiny_data, "--out", tmp_path, "--device", "cpu", "--resume", "auto",
+                   "--set", "lr=0.001", check=False)
+    assert proc.returncode == 2 and "another recipe" in proc.stderr and "lr" in proc.stderr
+
+
+def test_finished_run_resumes_to_nothing(tiny_data, uninterrupted):
+    before = (uninterrupted / "metrics.jsonl").read_text()
+    metrics = _train(tiny_data, uninterrupted, resume="auto")
+    assert metrics["epoch"] == 2 and (uninterrupted / "metrics.jsonl").read_text() == before
+
+
+def test_existing_run_needs_resume(tiny_data, uninterrupted):
+    proc = run_cli("train", "tiny", "--data", tiny_data, "--out", uninterrupted, "--device", "cpu", check=False)
+    assert proc.returncode == 2 and "--resume auto" in proc.stderr
+
+
+def test_ema_equals_timms_model_ema_v3():
+    from timm.utils import ModelEmaV3
+    from fastrsb.ema import ModelEma
+    from fastrsb.model import make_model
+    torch.manual_seed(0)
+    model = make_model("resnet10t", 5)
+    ours, theirs = ModelEma(model, 0.9), ModelEmaV3(model, decay=0.9)
+    for step in range(1, 5):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p) * 0.1)
+        model.train()(torch.randn(4, 3, 32, 32))  # moves the BN statistics and num_batches_tracked
+        ours.update(model, step)
+        theirs.update(model, step=step)
+        for (key, mine), other in zip(ours.state_dict().items(), theirs.module.state_dict().values()):
+            assert torch.equal(mine, other), key
+    assert not torch.equal(ours.state_dict()["fc.weight"], model.state_dict()["fc.weight"])
+
+
+def test_gradient_accumulation(tiny_data, tmp_path):
+    proc = run_cli("train", "tiny", "--data", tiny_data, "--out", tmp_path, "--device", "cpu", "--set", "epochs=1",
+                   "--set", "warmup_epochs=0", "--grad-accum-steps", "2")
+    assert "batch 8 = 1 x 2 x 4" in proc.stdout
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["kind"] == "epoch" and rows[-1]["step"] == 6  # 12 micro-batches of 4, one step per two
+    proc = run_cli("train", "tiny", "--data", tiny_data, "--out", tmp_path / "x", "--device", "cpu",
+                   "--grad-accum-steps", "3", check=False)
+    assert proc.returncode == 2 and "does not split" in proc.stderr
+
+
+def _torchrun(*args, check=True):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           "-m", "fastrsb", "train", "tiny", "--device", "cpu", "--threads", "1", *map(str, args)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    if check and proc.returncode:
+        raise AssertionError(f"torchrun failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+@pytest.fixture(scope="module")
+def distributed_run(tiny_data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("ddp")
+    return out, _torchrun("--data", tiny_data, "--out", out, "--log-every", "2")
+
+
+def test_two_processes_train_in_step_and_count_every_image_once(distributed_run):
+    # The trainer compares a fingerprint of every rank's weights after each epoch and fails if
+    # they differ: the run finishing is the "in step" check.
+    out, proc = distributed_run
+    assert "batch 8 = 2 x 1 x 4" in proc.stdout and proc.stdout.count("done: top1") == 1  # rank 0 speaks
+    epochs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    epochs = [m for m in epochs if m["kind"] == "epoch"]
+    assert [m["epoch"] for m in epochs] == [1, 2] and all(m["val_images"] == 20 for m in epochs)
+    state = load_checkpoint(out / "last.pt")
+    assert [r["loader"]["fingerprint"]["shard_id"] for r in state["ranks"]] == [0, 1]
+    assert state["step"] == 12  # 48 images / (2 ranks x 4) per step, 2 epochs
+
+
+def test_two_processes_resume_exactly(distributed_run, tiny_data, tmp_path):
+    whole, _ = distributed_run
+    stopped = _torchrun("--data", tiny_data, "--out", tmp_path, "--stop-after-steps", "8")
+    assert "stopped at step 8" in stopped.stdout
+    _torchrun("--data", tiny_data, "--out", tmp_path, "--resume", "auto")
+    left, right = load_checkpoint(whole / "last.pt"), load_checkpoint(tmp_path / "last.pt")
+    assert all(torch.equal(v, right["model"][k]) for k, v in left["model"].items())
+    single = run_cli("train", "tiny", "--data", tiny_data, "--out", tmp_path, "--device", "cpu", "--resume", "auto",
+                     check=False)
+    assert single.returncode == 2 and "2 process(es)" in single.stderr
