@@ -1,13 +1,19 @@
-"""Images/s and peak memory of training data loaders, side by side, on the same images.
+"""Images/s and peak memory: the loaders side by side, the training step, and the trainer end to end.
 
     python benchmarks/throughput.py --mode loader --synthetic-jpegs 2000 --img-size 160 --batch-size 128
+    python benchmarks/throughput.py --mode step --recipe a3 --img-size 160 --batch-size 256
+    python benchmarks/throughput.py --mode train --recipe a3 --synthetic-jpegs 20000 --batch-size 256
+    torchrun --nproc_per_node=8 benchmarks/throughput.py --mode train ...   # per GPU and total
 
-Loaders: fastrsb's DALI pipeline on the GPU (dali-gpu) and on the CPU (dali-cpu), a torchvision
-ImageFolder + DataLoader with PIL transforms (workers = cores), and timm's own loader
-(timm.data.create_loader). All do the same work: decode, random-resized-crop to --img-size, flip,
-normalize, deliver to the device. Warm-up batches are excluded; the device is synchronized only
-at the boundaries. One JSON line per measurement, then a table with ratios against the first.
-Only --mode loader exists so far (step and train modes: issue #5).
+--mode loader: the train pipeline alone. Loaders: fastrsb's DALI pipeline on the GPU (dali-gpu)
+and on the CPU (dali-cpu), a torchvision ImageFolder + DataLoader with PIL transforms (workers =
+cores), and timm's own loader (timm.data.create_loader). All do the same work: decode,
+random-resized-crop to --img-size, flip, normalize, deliver to the device. One process per loader.
+--mode step: forward, loss, backward and LAMB on a device-resident synthetic batch, channels-last,
+AMP and compiled as the recipe says: fastrsb.step.TrainStep, the trainer's own step.
+--mode train: the trainer's path end to end: DALI loader, mixup/cutmix, TrainStep.
+--batch-size is per process (GPU). Warm-up steps are excluded; the device is synchronized only at
+the boundaries. One JSON line per measurement, then a table (ratios against the first loader).
 """
 from __future__ import annotations
 
@@ -21,6 +27,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -53,44 +60,146 @@ def make_loader(name: str, root: Path, batch: int, size: int, device: str, threa
     raise ValueError(f"unknown loader {name}")
 
 
-def measure(name: str, args, root: Path) -> dict:
+def measure_loader(name: str, args, root: Path) -> dict:
     device = "cuda" if name == "dali-gpu" or (torch.cuda.is_available() and name != "dali-cpu") else "cpu"
     threads = args.workers or _cores()
     loader = make_loader(name, root, args.batch_size, args.img_size, device, threads)
+    batches = _forever(loader)
+    sampler = MemorySampler()
+
+    def one_batch():
+        images, labels = next(batches)
+        if device == "cuda" and not images.is_cuda:  # the CPU loaders hand batches to the GPU too
+            images.cuda(non_blocking=True), labels.cuda(non_blocking=True)
+
+    seconds = _timed(one_batch, args.warmup, args.steps, device, sampler)
+    return {"mode": "loader", "loader": name, "device": device, "img_size": args.img_size,
+            "batch_size": args.batch_size, "workers": threads, "steps": args.steps,
+            "images_per_sec": args.steps * args.batch_size / seconds, **_memory(device, sampler)}
+
+
+def _forever(loader):
+    while True:
+        yield from loader
+
+
+def _timed(one_step, warmup: int, steps: int, device: str, sampler: MemorySampler) -> float:
+    """Seconds for `steps` calls after `warmup` untimed ones; device syncs at the two boundaries only."""
+    for _ in range(warmup):
+        one_step()
     if device == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    seen, start, timed = 0, None, 0
-    while timed < args.steps:
-        for images, labels in loader:
-            if device == "cuda" and not images.is_cuda:  # the CPU loaders hand batches to the GPU too
-                images, labels = images.cuda(non_blocking=True), labels.cuda(non_blocking=True)
-            seen += 1
-            if seen == args.warmup:
-                if device == "cuda":
-                    torch.cuda.synchronize()
-                start = time.perf_counter()
-            elif seen > args.warmup:
-                timed += 1
-                if timed == args.steps:
-                    break
+        torch.cuda.synchronize()
+    sampler.sample()
+    start = time.perf_counter()
+    for _ in range(steps):
+        one_step()
     if device == "cuda":
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start
-    gpu_memory = _memory(device)
-    del loader  # joins DataLoader workers, so that their peak RSS is counted below
-    import gc
-    gc.collect()
-    result = {"mode": "loader", "loader": name, "device": device, "img_size": args.img_size,
-              "batch_size": args.batch_size, "workers": threads, "steps": args.steps,
-              "images_per_sec": args.steps * args.batch_size / seconds, **gpu_memory, **_memory("cpu")}
-    return result
+    sampler.sample()
+    return seconds
 
 
-def _memory(device: str) -> dict:
-    # ru_maxrss is in KiB on Linux; children: the DataLoader worker processes.
-    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-    kids = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20
-    out = {"peak_rss_gib": round(own, 3), "peak_rss_children_gib": round(kids, 3)}
+def _training_parts(args, num_classes: int, d, device: str):
+    """Model, optimizer, GradScaler and loss exactly as fastrsb.train builds them."""
+    from fastrsb.device import amp_dtype
+    from fastrsb.loss import make_loss
+    from fastrsb.model import make_model
+    from fastrsb.optim import make_optimizer
+    from fastrsb.recipe import load_recipe
+    from fastrsb.step import wrap_model
+    recipe = load_recipe(args.recipe, [f"img_size={args.img_size}", *args.overrides])
+    model = make_model(recipe["model"], num_classes, recipe["drop_path"]).to(device)
+    optimizer = make_optimizer(model, recipe)
+    dtype = amp_dtype(device, recipe["amp"])
+    scaler = torch.amp.GradScaler(device, enabled=dtype == torch.float16)
+    return recipe, wrap_model(model, d, device, recipe["compile"]), optimizer, scaler, make_loss(recipe), dtype
+
+
+def measure_training(mode: str, args, root: Path | None, d) -> dict:
+    """--mode step (synthetic device-resident batch) or --mode train (DALI loader + mixing + step)."""
+    from fastrsb.mix import BatchMixer, soft_targets
+    from fastrsb.step import TrainStep
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    pixels = torch.float16 if device == "cuda" else torch.float32  # what the DALI pipelines emit
+    recipe, step_model, optimizer, scaler, loss_fn, dtype = _training_parts(args, args.num_classes, d, device)
+    if device == "cuda":
+        torch.backends.cudnn.benchmark = True
+    batch, size, lr = args.batch_size, args.img_size, recipe["lr"]
+    if mode == "step":
+        images = torch.randn(batch, 3, size, size, device=device, dtype=pixels).contiguous(memory_format=torch.channels_last)
+        targets = soft_targets(torch.randint(0, args.num_classes, (batch,), device=device), args.num_classes, 1.0)
+        stepper = TrainStep(step_model, optimizer, scaler, loss_fn, None, device, dtype)
+        next_batch = lambda: (images, targets)  # noqa: E731
+        threads = None
+    else:
+        from fastrsb.pipelines import train_loader
+        threads = args.workers or max(1, _cores() // d.world)
+        loader = train_loader(root, batch, size, device=device, shard_id=d.rank, num_shards=d.world,
+                              num_threads=threads, dtype=str(pixels).removeprefix("torch."))
+        if len(loader.classes) > args.num_classes:
+            sys.exit(f"{root} has {len(loader.classes)} classes, more than --num-classes {args.num_classes}")
+        mixer = BatchMixer(args.num_classes, recipe["mixup"], recipe["cutmix"], recipe["mixup_prob"],
+                           recipe["mixup_switch_prob"], recipe["smoothing"], np.random.RandomState(d.rank))
+        stepper = TrainStep(step_model, optimizer, scaler, loss_fn, mixer, device, dtype)
+        next_batch = _forever(loader).__next__
+    sampler = MemorySampler()
+
+    def one_step():
+        stepper.accumulate(*next_batch(), group=1, last=True)
+        stepper.apply(lr)
+
+    seconds = _timed(one_step, args.warmup, args.steps, device, sampler)
+    return {"mode": mode, "loader": "synthetic batch" if mode == "step" else ("dali-gpu" if device == "cuda" else "dali-cpu"),
+            "device": device, "model": recipe["model"], "recipe": recipe["name"], "img_size": size, "batch_size": batch,
+            "amp": str(dtype).removeprefix("torch.") if dtype else "float32",
+            "compiled": device == "cuda" and recipe["compile"], "workers": threads, "steps": args.steps,
+            "images_per_sec": args.steps * batch / seconds, **_memory(device, sampler)}
+
+
+def combine_ranks(results: list[dict]) -> dict:
+    """One line for a torchrun run: images/s per GPU (mean) and in total, the highest memory."""
+    first = dict(results[0])
+    total = sum(r["images_per_sec"] for r in results)
+    first.update(world_size=len(results), images_per_sec=total / len(results), images_per_sec_total=total)
+    for key, value in first.items():
+        if key.endswith("_gib") and isinstance(value, (int, float)):
+            first[key] = max(r[key] for r in results if isinstance(r.get(key), (int, float)))
+    return first
+
+
+def _tree_pss_gib() -> float:
+    """Proportional set size of this process and all its descendants (DataLoader workers), from
+    /proc: shared pages are split between the processes instead of counted once per worker, as
+    ru_maxrss of forked children would (a fork starts with its parent's whole RSS)."""
+    total, todo = 0, [os.getpid()]
+    while todo:
+        pid = todo.pop()
+        try:
+            for line in open(f"/proc/{pid}/smaps_rollup"):
+                if line.startswith("Pss:"):
+                    total += int(line.split()[1])
+            for task in os.listdir(f"/proc/{pid}/task"):
+                todo += [int(c) for c in open(f"/proc/{pid}/task/{task}/children").read().split()]
+        except OSError:  # the process ended meanwhile, or no /proc (not Linux)
+            continue
+    return total / 2**20
+
+
+class MemorySampler:
+    """Peak of the process tree's PSS, sampled at the timing boundaries (a read of /proc per
+    sample, not per batch)."""
+    def __init__(self):
+        self.peak = 0.0
+
+    def sample(self) -> None:
+        self.peak = max(self.peak, _tree_pss_gib())
+
+
+def _memory(device: str, sampler: MemorySampler | None = None) -> dict:
+    out = {"peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3)}  # KiB on Linux
+    if sampler is not None:
+        out["peak_pss_with_workers_gib"] = round(sampler.peak, 3)
     if device == "cuda":
         out["torch_peak_allocated_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
         out["torch_peak_reserved_gib"] = round(torch.cuda.max_memory_reserved() / 2**30, 3)
@@ -118,30 +227,21 @@ def context() -> dict:
             else f"CPU ({platform.processor() or platform.machine()}, {_cores()} cores)"}
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--mode", choices=["loader"], default="loader")
-    p.add_argument("--data", type=Path, help="a class-folder tree of JPEGs (e.g. imagenet/train)")
-    p.add_argument("--synthetic-jpegs", type=int, help="generate (and cache) this many ImageNet-like JPEGs")
-    p.add_argument("--cache", type=Path, default=Path("data/bench"), help="where synthetic JPEGs are kept")
-    p.add_argument("--loaders", default=None, help="comma list (default: dali-gpu if a GPU, dali-cpu, torchvision, timm)")
-    p.add_argument("--img-size", type=int, default=160)
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--steps", type=int, default=30, help="timed batches")
-    p.add_argument("--warmup", type=int, default=5, help="batches before timing starts")
-    p.add_argument("--workers", type=int, default=None, help="DALI threads / DataLoader workers (default: cores)")
-    p.add_argument("--json-out", type=Path, help="also append the JSON lines to this file")
-    args = p.parse_args()
-    if not args.data and not args.synthetic_jpegs:
-        p.error("give --data DIR or --synthetic-jpegs N")
-    root = args.data or synthetic_jpegs(args.cache / f"synthetic-{args.synthetic_jpegs}", args.synthetic_jpegs)
+def _emit(result: dict, json_out: Path | None) -> None:
+    line = json.dumps(result)
+    print(line, flush=True)
+    if json_out:
+        with open(json_out, "a") as f:
+            f.write(line + "\n")
+
+
+def run_loaders(args, root: Path, info: dict) -> None:
     names = args.loaders.split(",") if args.loaders else \
         (["dali-gpu"] if torch.cuda.is_available() else []) + ["dali-cpu", "torchvision", "timm"]
-    info = context()
     results = []
     for name in names:
         if len(names) == 1:
-            result = {**info, **measure(name, args, root)}
+            result = {**info, **measure_loader(name, args, root)}
         else:  # one process per loader, so that peak memory (RSS, GPU) is that loader's own
             argv = [a for a in sys.argv[1:] if not a.startswith("--json-out") and a != str(args.json_out)]
             argv = [a for i, a in enumerate(argv) if not (i and argv[i - 1] == "--loaders") and a != "--loaders"]
@@ -149,17 +249,72 @@ def main() -> None:
                                    capture_output=True, text=True)
             if child.returncode:
                 sys.exit(f"{name} failed:\n{child.stderr[-2000:]}")
-            result = json.loads(next(l for l in child.stdout.splitlines() if l.startswith("{")))
+            result = json.loads(next(line for line in child.stdout.splitlines() if line.startswith("{")))
         results.append(result)
-        line = json.dumps(result)
-        print(line, flush=True)
-        if args.json_out:
-            with open(args.json_out, "a") as f:
-                f.write(line + "\n")
+        _emit(result, args.json_out)
     base = results[0]["images_per_sec"]
     print(f"\n{'loader':<12} {'device':<6} {'img/s':>9} {'ratio':>6}  on {info['device_name']}, {args.img_size} px, batch {args.batch_size}")
     for r in results:
         print(f"{r['loader']:<12} {r['device']:<6} {r['images_per_sec']:>9,.0f} {r['images_per_sec'] / base:>6.2f}")
+
+
+def run_training(args, info: dict) -> None:
+    import torch.distributed as dist
+    from fastrsb.distributed import init_distributed, shutdown
+    d = init_distributed("cuda" if torch.cuda.is_available() else "cpu")
+    root = None
+    if args.mode == "train":
+        if d.main or args.data:
+            root = _data_root(args)
+        if d.on:
+            dist.barrier()  # rank 0 generates the synthetic JPEGs once
+            root = _data_root(args)
+    result = measure_training(args.mode, args, root, d)
+    results = [result]
+    if d.on:
+        results = [None] * d.world
+        dist.all_gather_object(results, result)
+    shutdown(d)
+    if not d.main:
+        return
+    result = {**info, **combine_ranks(results)}
+    _emit(result, args.json_out)
+    total = f", {result['images_per_sec_total']:,.0f} total over {result['world_size']}" if len(results) > 1 else ""
+    memory = result.get("nvml_process_gib") or result.get("peak_rss_gib")
+    print(f"\n{args.mode}: {result['model']} {result['img_size']} px, batch {result['batch_size']} per process, "
+          f"{result['amp']}{' compiled' if result['compiled'] else ''} on {info['device_name']}: "
+          f"{result['images_per_sec']:,.0f} img/s per process{total}; peak memory {memory} GiB")
+
+
+def _data_root(args) -> Path:
+    return args.data or synthetic_jpegs(args.cache / f"synthetic-{args.synthetic_jpegs}", args.synthetic_jpegs)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--mode", choices=["loader", "step", "train"], default="loader")
+    p.add_argument("--data", type=Path, help="a class-folder tree of JPEGs (e.g. imagenet/train)")
+    p.add_argument("--synthetic-jpegs", type=int, help="generate (and cache) this many ImageNet-like JPEGs")
+    p.add_argument("--cache", type=Path, default=Path("data/bench"), help="where synthetic JPEGs are kept")
+    p.add_argument("--loaders", default=None, help="loader mode: comma list (default: dali-gpu if a GPU, dali-cpu, torchvision, timm)")
+    p.add_argument("--recipe", default="a3", help="step/train modes: the recipe whose model, loss, optimizer and AMP run")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="step/train modes: override a recipe value, e.g. --set model=resnet18 --set compile=false")
+    p.add_argument("--num-classes", type=int, default=1000, help="step/train modes: classifier width")
+    p.add_argument("--img-size", type=int, default=160)
+    p.add_argument("--batch-size", type=int, default=128, help="per process (GPU)")
+    p.add_argument("--steps", type=int, default=30, help="timed batches")
+    p.add_argument("--warmup", type=int, default=5, help="batches before timing starts (compilation included)")
+    p.add_argument("--workers", type=int, default=None, help="DALI threads / DataLoader workers (default: cores)")
+    p.add_argument("--json-out", type=Path, help="also append the JSON lines to this file")
+    args = p.parse_args()
+    if args.mode != "step" and not args.data and not args.synthetic_jpegs:
+        p.error(f"--mode {args.mode} needs --data DIR or --synthetic-jpegs N")
+    info = context()
+    if args.mode == "loader":
+        run_loaders(args, _data_root(args), info)
+    else:
+        run_training(args, info)
 
 
 if __name__ == "__main__":

@@ -75,6 +75,11 @@ def cmd_eval(args) -> None:
               f"at {result['img_size']} px, crop {result['crop_pct']}")
 
 
+def cmd_plot(args) -> None:
+    from fastrsb.plot import plot_run
+    print(f"wrote {plot_run(args.run_dir, args.output)}")
+
+
 def cmd_data_demo(args) -> None:
     from fastrsb.demo_data import write_demo
     write_demo(args.dir, args.train_per_class, args.val_per_class, args.seed, args.classes)
@@ -119,6 +124,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ema", action="store_true", help="evaluate the checkpoint's EMA weights")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("plot", help="loss, accuracy, LR, throughput and data-wait curves of a run, as a PNG")
+    p.add_argument("run_dir")
+    p.add_argument("-o", "--output", default=None, help="default: RUN_DIR/curves.png")
+    p.set_defaults(func=cmd_plot)
 
     p = sub.add_parser("data", help="data tools")
     data_sub = p.add_subparsers(dest="data_command", required=True)

@@ -5,7 +5,6 @@ One process per GPU under torchrun (DDP), or a single process. A run stops clean
 SIGINT with a checkpoint of everything it needs to continue exactly (`--resume auto`)."""
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import time
@@ -14,7 +13,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.nn.parallel import DistributedDataParallel
 
 from fastrsb import __version__
 from fastrsb.checkpoint import load_checkpoint, load_weights, save_checkpoint
@@ -25,6 +23,7 @@ from fastrsb.distributed import (Dist, agree, all_reduce_sum, average_bn_stats, 
 from fastrsb.ema import ModelEma
 from fastrsb.errors import UserError
 from fastrsb.loss import make_loss
+from fastrsb.step import TrainStep, wrap_model
 from fastrsb.mix import BatchMixer
 from fastrsb.model import make_model
 from fastrsb.optim import lr_at, make_optimizer
@@ -191,14 +190,8 @@ def _train(recipe, data, out, device, d, num_threads, log_every, resume, grad_ac
             ema.load_state_dict(state["ema"])
     if rank_state:  # after the model's random init, which draws from the torch RNG
         _restore_rank_state(rank_state, mixer, device)
-    loss_fn = make_loss(recipe)
-    # DDP averages gradients across ranks; torch.compile wraps the DDP module (DDPOptimizer splits
-    # the graph at bucket boundaries so communication overlaps the backward pass). Mixing stays
-    # outside the compiled region: its random box sizes would otherwise recompile.
-    step_model = DistributedDataParallel(model, device_ids=[d.local_rank] if device == "cuda" else None) if d.on else model
-    if device == "cuda" and recipe["compile"]:
-        torch._logging.set_logs(recompiles=True)  # a recompile in steady state costs seconds: show it
-        step_model = torch.compile(step_model)
+    stepper = TrainStep(wrap_model(model, d, device, recipe["compile"]), optimizer, scaler, make_loss(recipe),
+                        mixer, device, dtype)
 
     micro_per_epoch = len(train_data)
     steps_per_epoch = math.ceil(micro_per_epoch / grad_accum_steps)  # as timm: a short last group
@@ -253,8 +246,6 @@ def _train(recipe, data, out, device, d, num_threads, log_every, resume, grad_ac
             # One optimizer step over a group of micro-batches (grad_accum_steps, or fewer at the end).
             group = min(grad_accum_steps, micro_per_epoch - micro_done)
             lr = lr_at(step, **schedule)
-            for param_group in optimizer.param_groups:
-                param_group["lr"] = lr
             for k in range(group):
                 waited = time.perf_counter()
                 try:
@@ -262,17 +253,9 @@ def _train(recipe, data, out, device, d, num_threads, log_every, resume, grad_ac
                 except RuntimeError as err:
                     raise explain_pipeline_error(err, train_images) from None
                 interval_wait += time.perf_counter() - waited
-                images, targets = mixer(images, labels)
-                sync = k == group - 1 or not d.on  # DDP all-reduces gradients on the group's last backward only
-                with (step_model.no_sync() if not sync and hasattr(step_model, "no_sync") else contextlib.nullcontext()):
-                    with autocast(device, dtype):
-                        logits = step_model(images)
-                    loss = loss_fn(logits, targets)
-                    scaler.scale(loss / group).backward()
-                loss_sum += loss.detach()
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
+                loss = stepper.accumulate(images, labels, group, last=k == group - 1)
+                loss_sum += loss
+            stepper.apply(lr)
             step += 1
             micro_done += group
             if ema:

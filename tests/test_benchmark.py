@@ -4,6 +4,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from PIL import Image
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
@@ -34,6 +35,38 @@ def test_loader_mode_reports_every_loader(tmp_path):
     assert [r["loader"] for r in lines] == ["dali-cpu", "torchvision", "timm"]
     for r in lines:
         assert r["mode"] == "loader" and r["img_size"] == 32 and r["batch_size"] == 4 and r["device"] == "cpu"
-        assert r["images_per_sec"] > 0 and r["peak_rss_gib"] > 0.05
+        assert r["images_per_sec"] > 0 and r["peak_rss_gib"] > 0.05 and r["peak_pss_with_workers_gib"] > 0.05
         assert r["torch"] and r["dali"] and r["timm"] and r["device_name"]
     assert "ratio" in proc.stdout and "1.00" in proc.stdout
+
+
+def _bench(*args, torchrun=False):
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"] if torchrun \
+        else [sys.executable]
+    proc = subprocess.run([*launcher, str(BENCH / "throughput.py"), *map(str, args)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    return [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")], proc.stdout
+
+
+TRAINING = ["--recipe", "tiny", "--img-size", "32", "--batch-size", "4", "--steps", "2", "--warmup", "1",
+            "--num-classes", "10"]
+
+
+def test_step_mode_times_the_trainers_step(tmp_path):
+    (r,), table = _bench("--mode", "step", *TRAINING, "--set", "model=resnet18")
+    assert r["mode"] == "step" and r["model"] == "resnet18" and r["loader"] == "synthetic batch"
+    assert r["images_per_sec"] > 0 and r["peak_rss_gib"] > 0.1 and r["amp"] == "float32" and r["world_size"] == 1
+    assert r["device_name"] and r["commit"] is not None and "img/s per process" in table
+
+
+def test_train_mode_runs_loader_mixing_and_step(tmp_path):
+    (r,), _ = _bench("--mode", "train", *TRAINING, "--synthetic-jpegs", "16", "--cache", tmp_path, "--workers", "1")
+    assert r["mode"] == "train" and r["loader"] == "dali-cpu" and r["model"] == "resnet10t"
+    assert r["images_per_sec"] > 0 and r["batch_size"] == 4 and r["img_size"] == 32
+
+
+def test_train_mode_under_torchrun_reports_per_process_and_total(tmp_path):
+    (r,), table = _bench("--mode", "train", *TRAINING, "--synthetic-jpegs", "16", "--cache", tmp_path,
+                         "--workers", "1", torchrun=True)
+    assert r["world_size"] == 2 and r["images_per_sec_total"] == pytest.approx(2 * r["images_per_sec"])
+    assert "total over 2" in table

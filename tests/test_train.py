@@ -91,3 +91,15 @@ def test_run_folder_is_not_overwritten(run, tiny_data):
     assert_user_error(run_cli("train", "tiny", "--data", tiny_data, "--out", out, "--device", "cpu", check=False),
                       "already holds a run")
     assert (out / "metrics.jsonl").read_text() == before
+
+
+def test_plot_writes_the_curves(run, tmp_path):
+    from PIL import Image
+    out, _ = run
+    proc = run_cli("plot", out, "-o", tmp_path / "curves.png")
+    assert "curves.png" in proc.stdout
+    image = Image.open(tmp_path / "curves.png").convert("RGB")
+    assert image.size == (1680, 600)
+    colours = {c for _, c in image.getcolors(maxcolors=1 << 20)}
+    assert (31, 119, 180) in colours and (214, 39, 40) in colours  # curves were drawn, not just axes
+    assert_user_error(run_cli("plot", tmp_path, check=False), "no metrics.jsonl")

@@ -1,0 +1,99 @@
+"""`fastrsb plot RUN_DIR`: loss, accuracy, learning rate and throughput curves from
+metrics.jsonl in one PNG. Drawn with Pillow (already installed with torchvision), so plotting
+needs no extra package."""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+from PIL import Image, ImageDraw, ImageFont
+
+from fastrsb.errors import UserError
+
+COLOURS = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd"]
+PANEL_W, PANEL_H, MARGIN = 560, 300, 56
+
+
+def read_metrics(run_dir: Path) -> tuple[list[dict], list[dict]]:
+    """(log rows, epoch rows) of a run folder."""
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        raise UserError(f"{run_dir} holds no metrics.jsonl (is it a fastrsb run folder?)")
+    rows = []
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            raise UserError(f"{path}:{number} is not a JSON line") from None
+    logs = [r for r in rows if r.get("kind") == "log"]
+    epochs = [r for r in rows if r.get("kind") == "epoch"]
+    if not logs and not epochs:
+        raise UserError(f"{path} has no rows yet: the run has not reached its first log step")
+    return logs, epochs
+
+
+def _ticks(low: float, high: float, count: int = 4) -> list[float]:
+    return [low + (high - low) * i / count for i in range(count + 1)]
+
+
+def _panel(draw: ImageDraw.ImageDraw, left: int, top: int, title: str,
+           series: list[tuple[str, list[float], list[float]]], font, log_y: bool = False) -> None:
+    x0, y0, x1, y1 = left + MARGIN, top + 28, left + PANEL_W - 12, top + PANEL_H - 30
+    draw.text((left + MARGIN, top + 6), title, fill="black", font=font)
+    draw.rectangle((x0, y0, x1, y1), outline="#888888")
+    points = [(x, y) for _, xs, ys in series for x, y in zip(xs, ys) if y is not None and math.isfinite(y)
+              and (y > 0 or not log_y)]
+    if not points:
+        draw.text((x0 + 10, y0 + 10), "no data", fill="#888888", font=font)
+        return
+    scale = (lambda v: math.log10(v)) if log_y else (lambda v: v)
+    xmin, xmax = min(p[0] for p in points), max(p[0] for p in points)
+    ymin, ymax = min(scale(p[1]) for p in points), max(scale(p[1]) for p in points)
+    xmax, ymax = (xmax if xmax > xmin else xmin + 1), (ymax if ymax > ymin else ymin + abs(ymin) * 0.1 + 1e-9)
+
+    def to_pixel(x, y):
+        return (x0 + (x - xmin) / (xmax - xmin) * (x1 - x0), y1 - (scale(y) - ymin) / (ymax - ymin) * (y1 - y0))
+
+    for value in _ticks(ymin, ymax):
+        y = y1 - (value - ymin) / (ymax - ymin) * (y1 - y0)
+        draw.line((x0, y, x1, y), fill="#eeeeee")
+        shown = 10 ** value if log_y else value
+        draw.text((left + 2, y - 6), f"{shown:.3g}", fill="black", font=font)
+    for value in _ticks(xmin, xmax):
+        x = x0 + (value - xmin) / (xmax - xmin) * (x1 - x0)
+        draw.text((x - 8, y1 + 4), f"{value:.3g}", fill="black", font=font)
+    draw.text((x1 - 34, y1 + 16), "epoch", fill="#555555", font=font)
+    for index, (name, xs, ys) in enumerate(series):
+        colour = COLOURS[index % len(COLOURS)]
+        line = [to_pixel(x, y) for x, y in zip(xs, ys) if y is not None and math.isfinite(y) and (y > 0 or not log_y)]
+        if len(line) > 1:
+            draw.line(line, fill=colour, width=2)
+        for x, y in line if len(line) < 40 else []:
+            draw.ellipse((x - 2, y - 2, x + 2, y + 2), fill=colour)
+        draw.text((x0 + 8 + 110 * index, y0 + 4), name, fill=colour, font=font)
+
+
+def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
+    """Write RUN_DIR/curves.png (or `out`); returns its path."""
+    run_dir = Path(run_dir)
+    logs, epochs = read_metrics(run_dir)
+    out = Path(out) if out else run_dir / "curves.png"
+    image = Image.new("RGB", (3 * PANEL_W, 2 * PANEL_H), "white")
+    draw = ImageDraw.Draw(image)
+    font = ImageFont.load_default()
+    lx = [r["epoch"] for r in logs]
+    ex = [r["epoch"] for r in epochs]
+    _panel(draw, 0, 0, "loss", [("train (log steps)", lx, [r["loss"] for r in logs]),
+                                ("train (epoch mean)", ex, [r["train_loss"] for r in epochs]),
+                                ("val (cross-entropy)", ex, [r["val_loss"] for r in epochs])], font, log_y=True)
+    accuracy = [("top-1", ex, [r["top1"] for r in epochs]), ("top-5", ex, [r["top5"] for r in epochs])]
+    if any("ema_top1" in r for r in epochs):
+        accuracy.append(("EMA top-1", ex, [r.get("ema_top1") for r in epochs]))
+    _panel(draw, PANEL_W, 0, "validation accuracy (%)", accuracy, font)
+    _panel(draw, 2 * PANEL_W, 0, "learning rate", [("lr", lx, [r["lr"] for r in logs])], font)
+    _panel(draw, 0, PANEL_H, "images/s per process", [("images/s", lx, [r["images_per_sec"] for r in logs])], font)
+    _panel(draw, PANEL_W, PANEL_H, "share of step time waiting for data (%)",
+           [("data wait", lx, [100 * r["data_wait"] for r in logs])], font)
+    image.save(out)
+    return out
