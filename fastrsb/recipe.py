@@ -158,8 +158,12 @@ def _check_values(r: dict[str, Any]) -> None:
         raise UserError(f"recipe: 'model_ema_decay' must lie in [0, 1), not {r['model_ema_decay']}")
     if r["warmup_epochs"] >= r["epochs"] and r["warmup_epochs"] > 0:
         raise UserError(f"recipe: warmup_epochs ({r['warmup_epochs']}) must be fewer than epochs ({r['epochs']})")
-    if r["aa"] is not None and not r["aa"].startswith("rand-"):
-        raise UserError(f"recipe: 'aa' must be a timm RandAugment string such as rand-m6-mstd0.5-inc1, or none; not {r['aa']!r}")
+    if r["aa"] is not None:
+        from fastrsb.pipelines.augment_spec import parse_rand_augment
+        try:
+            parse_rand_augment(r["aa"])
+        except ValueError as err:
+            raise UserError(f"recipe: 'aa': {err}") from None
     if (r["mixup"] > 0 or r["cutmix"] > 0) and r["batch_size"] % 2:
         raise UserError(f"recipe: mixup/cutmix pair each image with its mirror in the batch, so batch_size must be even, not {r['batch_size']}")
 

@@ -32,13 +32,6 @@ from fastrsb.progress import Progress
 from fastrsb.stopping import StopRequest
 
 
-def _check_supported(recipe: dict) -> None:
-    # Refuse rather than silently train without a part of the recipe.
-    if recipe["aa"] is not None:
-        raise UserError(f"aa={recipe['aa']} needs RandAugment in the DALI pipelines, not built yet (issue #3): "
-                        "run with --set aa=none")
-
-
 def _open_loader(make, images: ImageList, *args, **kwargs):
     try:
         return make(images, *args, **kwargs)
@@ -133,7 +126,6 @@ def train(recipe: dict, data: str | Path, out: str | Path, device: str | None = 
     (rank 0 only). resume: "auto" (RUN_DIR/last.pt if present) or a checkpoint path.
     stop / stop_after_steps: end early at a step boundary with a resumable checkpoint.
     Returns the last epoch's metrics, with "stopped": True when it ended early."""
-    _check_supported(recipe)
     device = resolve_device(device)
     d = init_distributed(device)
     try:
@@ -172,7 +164,7 @@ def _train(recipe, data, out, device, d, num_threads, log_every, resume, grad_ac
     pixels = "float16" if device == "cuda" else "float32"
     train_data = _open_loader(train_loader, train_images, micro, recipe["img_size"], device=device,
                               shard_id=d.rank, num_shards=d.world, seed=recipe["seed"], num_threads=num_threads,
-                              dtype=pixels, repeats=max(1, recipe["aug_repeats"]),
+                              dtype=pixels, repeats=max(1, recipe["aug_repeats"]), aa=recipe["aa"],
                               state=rank_state["loader"] if rank_state else None)
     val_data = _open_loader(val_loader, val_images, micro, recipe["test_img_size"], recipe["crop_pct"],
                             device=device, shard_id=d.rank, num_shards=d.world, num_threads=num_threads, dtype=pixels)

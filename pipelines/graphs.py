@@ -11,6 +11,8 @@ import math
 from nvidia.dali import fn, pipeline_def, types
 from nvidia.dali import math as dmath
 
+from .randaugment import parse_rand_augment, rand_augment
+
 # ImageNet mean/std on the 0-255 scale the decoders produce.
 IMAGENET_MEAN = (0.485 * 255, 0.456 * 255, 0.406 * 255)
 IMAGENET_STD = (0.229 * 255, 0.224 * 255, 0.225 * 255)
@@ -56,27 +58,33 @@ def _normalize(images, dtype, mirror=None):
 _CROP = dict(random_area=[0.08, 1.0], random_aspect_ratio=[3 / 4, 4 / 3], num_attempts=10)
 
 
-@pipeline_def
+@pipeline_def(enable_conditionals=True)  # RandAugment picks an op per sample with DALI conditionals
 def train_pipeline(files, labels, img_size, device, shard_id, num_shards, shuffle_seed,
-                   hw_decoder_load, dtype, repeats=1):
+                   hw_decoder_load, dtype, repeats=1, aa=None):
     """Random-resized-crop, horizontal flip, normalize.
 
     repeats == 1: decode only the random crop (ROI decoding). repeats = R > 1 (repeated
     augmentation): decode each image once and cut R independent crops/flips from it; the R views
-    are stacked per sample, (R, H, W, C), so torch sees R * batch images by a reshape (a view)."""
+    are stacked per sample, (R, H, W, C), so torch sees R * batch images by a reshape (a view).
+    aa: timm's RandAugment string (e.g. rand-m6-mstd0.5-inc1), applied to each view at img_size."""
+    policy = parse_rand_augment(aa) if aa else None
+
+    def augment(images):
+        return rand_augment(images, policy, img_size) if policy else images
+
     jpegs, labels = _read(files, labels, device, shard_id, num_shards, True, shuffle_seed)
     if repeats == 1:
         images = fn.decoders.image_random_crop(jpegs, device=_decoder_device(device), output_type=types.RGB,
                                                **_CROP, **_mixed_decoder_args(device, hw_decoder_load))
         images = fn.resize(images, size=[img_size, img_size], interp_type=types.INTERP_LINEAR, antialias=True)
-        return _normalize(images, dtype, fn.random.coin_flip(probability=0.5)), labels
+        return _normalize(augment(images), dtype, fn.random.coin_flip(probability=0.5)), labels
     decoded = fn.decoders.image(jpegs, device=_decoder_device(device), output_type=types.RGB,
                                 **_mixed_decoder_args(device, hw_decoder_load))
     views = []
     for _ in range(repeats):
         view = fn.random_resized_crop(decoded, size=[img_size, img_size], interp_type=types.INTERP_LINEAR,
                                       antialias=True, **_CROP)
-        views.append(_normalize(view, dtype, fn.random.coin_flip(probability=0.5)))
+        views.append(_normalize(augment(view), dtype, fn.random.coin_flip(probability=0.5)))
     return fn.stack(*views), fn.stack(*([labels] * repeats))
 
 

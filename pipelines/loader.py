@@ -13,6 +13,7 @@ from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
 from .folder import DatasetError, ImageList, list_images
 from .graphs import READER_NAME, train_pipeline, val_pipeline
+from .randaugment import parse_rand_augment
 
 
 class DaliLoader:
@@ -100,7 +101,7 @@ def _default_threads() -> int:
 
 def train_loader(root: str | os.PathLike | ImageList, batch_size: int, img_size: int, *,
                  device: str = "cuda", shard_id: int = 0, num_shards: int = 1, seed: int = 0,
-                 num_threads: int | None = None, dtype: str = "float16", repeats: int = 1,
+                 num_threads: int | None = None, dtype: str = "float16", repeats: int = 1, aa: str | None = None,
                  hw_decoder_load: float = 0.9, prefetch_queue_depth: int = 2,
                  state: dict | None = None) -> DaliLoader:
     """Random-resized-crop + flip training loader over an ImageFolder tree or a file list.
@@ -108,21 +109,27 @@ def train_loader(root: str | os.PathLike | ImageList, batch_size: int, img_size:
     batch_size is per shard (per GPU). Every epoch is a full reshuffle, the same on every shard
     (shuffle seed = `seed`), so the shards stay disjoint; the augmentation seed differs per shard.
     repeats > 1 is repeated augmentation: each image decoded once and augmented `repeats` times
-    (batch_size must divide by it). state: a `loader.state_dict()` to continue from.
+    (batch_size must divide by it). aa: timm's RandAugment string, e.g. "rand-m6-mstd0.5-inc1".
+    state: a `loader.state_dict()` to continue from.
     """
     images = root if isinstance(root, ImageList) else list_images(root)
     if repeats < 1 or batch_size % repeats:
         raise DatasetError(f"batch size {batch_size} per shard does not divide into {repeats} repeated augmentations")
+    if aa:
+        try:
+            parse_rand_augment(aa)
+        except ValueError as err:
+            raise DatasetError(str(err)) from None
     if len(images) // num_shards < batch_size:
         raise DatasetError(f"{len(images)} images over {num_shards} shard(s) do not fill one batch of {batch_size}")
     fingerprint = dict(images=len(images), batch_size=batch_size, img_size=img_size, shard_id=shard_id,
-                       num_shards=num_shards, seed=seed, repeats=repeats)
+                       num_shards=num_shards, seed=seed, repeats=repeats, aa=aa)
     if state is not None:
         _check_state(state, fingerprint)
     pipe = train_pipeline(
         files=images.files, labels=images.labels, img_size=img_size, device=device,
         shard_id=shard_id, num_shards=num_shards, shuffle_seed=seed, hw_decoder_load=hw_decoder_load,
-        dtype=dtype, repeats=repeats, batch_size=batch_size // repeats,
+        dtype=dtype, repeats=repeats, aa=aa, batch_size=batch_size // repeats,
         num_threads=num_threads or _default_threads(), device_id=_check_device(device),
         seed=seed * 1000 + shard_id, prefetch_queue_depth=prefetch_queue_depth,
         enable_checkpointing=True, checkpoint=state["dali"] if state else None)

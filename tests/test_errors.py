@@ -64,9 +64,11 @@ def test_recipe_that_does_not_parse(tmp_path, tiny_data):
     assert_user_error(run_cli("train", tmp_path / "r.toml", "--data", tiny_data, check=False), "does not parse")
 
 
-def test_recipe_part_not_built_yet_is_refused(tiny_data):
-    proc = run_cli("train", "tiny", "--data", tiny_data, "--set", "aa=rand-m6-mstd0.5-inc1", check=False)
-    assert_user_error(proc, "RandAugment", "--set aa=none")
+def test_randaugment_string_timm_would_not_take(tiny_data):
+    proc = run_cli("train", "tiny", "--data", tiny_data, "--set", "aa=rand-m6-x3", check=False)
+    assert_user_error(proc, "'aa'", "unsupported section 'x3'")
+    proc = run_cli("train", "tiny", "--data", tiny_data, "--set", "aa=augmix-m5", check=False)
+    assert_user_error(proc, "not a RandAugment string")
 
 
 def test_unknown_model(tiny_data, tmp_path):

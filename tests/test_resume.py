@@ -12,8 +12,9 @@ from fastrsb.checkpoint import load_checkpoint
 from fastrsb.recipe import load_recipe
 from fastrsb.train import train
 
-# Every stateful part on: stochastic depth (torch RNG), EMA, repeated augmentation, mixup/cutmix.
-PARTS = ["drop_path=0.1", "model_ema=true", "model_ema_decay=0.9", "aug_repeats=2"]
+# Every stateful part on: stochastic depth (torch RNG), EMA, repeated augmentation, RandAugment
+# (DALI conditionals in the checkpointed pipeline), mixup/cutmix.
+PARTS = ["drop_path=0.1", "model_ema=true", "model_ema_decay=0.9", "aug_repeats=2", "aa=rand-m9-mstd0.5-inc1"]
 
 
 def _train(data, out, **kwargs):

@@ -1,0 +1,243 @@
+"""timm's RandAugment (`rand-m6-mstd0.5-inc1` and the rest of its strings) as DALI operators,
+running in the GPU pipeline on the GPU and in the CPU pipeline on the CPU.
+
+DALI's stock `auto_aug.rand_augment` is a different policy (no Invert/SolarizeAdd, an identity
+op, no magnitude noise, no per-op probability, weaker posterize, one grey fill). This module
+follows timm 1.0.31's `timm/data/auto_augment.py` instead, per sample:
+- `num_layers` (n, default 2) ops drawn uniformly, with replacement, from the 15 of the chosen set
+  ("increasing" with inc1), each applied with probability `prob` (p, default 0.5);
+- each op's magnitude drawn from gauss(m, mstd), clipped to [0, mmax] (10), then mapped to the
+  op's argument exactly as timm's level functions do (random sign where timm negates);
+- geometric ops fill with the ImageNet mean colour (124, 116, 104) and work at the training size.
+Differences, measured or inherent: DALI's warp_affine has no bicubic mode, so the geometric ops
+always interpolate bilinearly (timm picks bilinear or bicubic at random); Equalize follows OpenCV's
+lookup table (DALI's equalize), which maps the cumulative histogram differently from PIL's (mean
+difference 3.7 of 255 levels on photos, up to ~10 on narrow-histogram textures: tests/test_randaugment.py); the flip runs after RandAugment instead of before (the same distribution: every geometric
+op's sign is symmetric).
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from nvidia.dali import fn, types
+from nvidia.dali import math as dmath
+
+from .augment_spec import MAX_LEVEL, RandAugmentSpec, parse_rand_augment  # noqa: F401 (re-exported)
+
+FILL = (124, 116, 104)  # timm: round(255 * ImageNet mean)
+LUMA = (0.299, 0.587, 0.114)  # PIL's RGB -> L weights (ImageEnhance's grey image)
+
+
+# --- helpers: uint8 HWC images in, uint8 HWC images out -------------------------------------------
+
+def _float(images):
+    return fn.cast(images, dtype=types.FLOAT)
+
+
+def _to_uint8(values):
+    """PIL's uint8 results truncate after clipping (ImagingBlend, point LUTs)."""
+    return fn.cast(dmath.floor(dmath.clamp(values, 0.0, 255.0)), dtype=types.UINT8)
+
+
+def _on(node, images):
+    """Per-sample parameters live on the CPU; arithmetic with GPU images needs them on the GPU."""
+    return node.gpu() if images.device == "gpu" else node
+
+
+def _constant(values, shape):
+    return types.Constant(np.asarray(values, dtype=np.float32).reshape(shape))
+
+
+def _luma(images_f):
+    """PIL's convert('L'), rounded: L = 0.299 R + 0.587 G + 0.114 B."""
+    return dmath.floor(fn.reductions.sum(images_f * _constant(LUMA, (1, 1, 3)), axis_names="C", keep_dims=True) + 0.5)
+
+
+def _blend(degenerate, images_f, factor, images):
+    """PIL's Image.blend(degenerate, image, factor) = degenerate + factor * (image - degenerate)."""
+    return _to_uint8(degenerate + _on(factor, images) * (images_f - degenerate))
+
+
+def _warp(images, a, b, c, d, e, f):
+    """Output pixel (x, y) takes the input at (a x + b y + c, d x + e y + f), as PIL's AFFINE
+    transform; outside the image, the mean colour. warp_affine fills with one scalar, so the mean
+    is subtracted before and added after (interpolation is linear, so inside nothing changes)."""
+    matrix = fn.reshape(fn.stack(*[fn.cast(v, dtype=types.FLOAT) for v in (a, b, c, d, e, f)]), shape=[2, 3])
+    fill = _constant(FILL, (1, 1, 3))
+    shifted = _float(images) - fill
+    warped = fn.warp_affine(shifted, matrix=matrix, fill_value=0.0, inverse_map=True, interp_type=types.INTERP_LINEAR)
+    return _to_uint8(warped + fill + 0.5)  # round, as PIL's bilinear resampling does
+
+
+# --- the 15 ops: (images, level in [0, mmax], sign in {-1, 1}, spec, size) -> images ------------------
+
+def auto_contrast(images, level, sign, size):
+    images_f = _float(images)
+    low = fn.reductions.min(images_f, axis_names="HW", keep_dims=True)
+    high = fn.reductions.max(images_f, axis_names="HW", keep_dims=True)
+    spread = high - low
+    stretch = spread > 0.0  # a flat channel stays as it is
+    scale = 255.0 / (spread + (spread <= 0.0))
+    return _to_uint8(stretch * ((images_f - low) * scale) + (spread <= 0.0) * images_f)
+
+
+def equalize(images, level, sign, size):
+    return fn.equalize(images)
+
+
+def invert(images, level, sign, size):
+    return types.Constant(255, dtype=types.UINT8) - images
+
+
+def rotate(images, level, sign, size):
+    # PIL's Image.rotate(degrees) about the centre, counter-clockwise, as an inverse affine map.
+    theta = -(level / MAX_LEVEL * 30.0 * sign) * (math.pi / 180.0)
+    cos, sin = dmath.cos(theta), dmath.sin(theta)
+    centre = size / 2.0
+    c = cos * -centre + sin * -centre + centre
+    f = -sin * -centre + cos * -centre + centre
+    return _warp(images, cos, sin, c, -sin, cos, f)
+
+
+def shear_x(images, level, sign, size):
+    return _warp(images, 1.0, level / MAX_LEVEL * 0.3 * sign, 0.0, 0.0, 1.0, 0.0)
+
+
+def shear_y(images, level, sign, size):
+    return _warp(images, 1.0, 0.0, 0.0, level / MAX_LEVEL * 0.3 * sign, 1.0, 0.0)
+
+
+def translate_x_rel(images, level, sign, size):
+    return _warp(images, 1.0, 0.0, level / MAX_LEVEL * 0.45 * sign * size, 0.0, 1.0, 0.0)
+
+
+def translate_y_rel(images, level, sign, size):
+    return _warp(images, 1.0, 0.0, 0.0, 0.0, 1.0, level / MAX_LEVEL * 0.45 * sign * size)
+
+
+def _posterize(images, bits):
+    # ImageOps.posterize: keep the top `bits` bits (0 bits: black).
+    mask = fn.cast(256.0 - dmath.pow(2.0, 8.0 - bits), dtype=types.UINT8)
+    return images & _on(mask, images)
+
+
+def posterize(images, level, sign, size):
+    return _posterize(images, dmath.floor(level / MAX_LEVEL * 4.0))
+
+
+def posterize_increasing(images, level, sign, size):
+    return _posterize(images, 4.0 - dmath.floor(level / MAX_LEVEL * 4.0))
+
+
+def _solarize(images, threshold):
+    # ImageOps.solarize: invert every value >= threshold.
+    images_f = _float(images)
+    inverted = images_f >= _on(threshold, images)
+    return _to_uint8(images_f + inverted * (255.0 - 2.0 * images_f))
+
+
+def solarize(images, level, sign, size):
+    return _solarize(images, dmath.min(256.0, dmath.floor(level / MAX_LEVEL * 256.0)))
+
+
+def solarize_increasing(images, level, sign, size):
+    return _solarize(images, 256.0 - dmath.min(256.0, dmath.floor(level / MAX_LEVEL * 256.0)))
+
+
+def solarize_add(images, level, sign, size):
+    add = dmath.min(128.0, dmath.floor(level / MAX_LEVEL * 110.0))
+    images_f = _float(images)
+    return _to_uint8(images_f + (images_f < 128.0) * _on(add, images))
+
+
+def _enhance_factor(level, sign):
+    return level / MAX_LEVEL * 1.8 + 0.1
+
+
+def _enhance_increasing_factor(level, sign):
+    return dmath.max(0.1, 1.0 + level / MAX_LEVEL * 0.9 * sign)
+
+
+def _color(images, factor):
+    images_f = _float(images)
+    return _blend(_luma(images_f), images_f, factor, images)
+
+
+def _contrast(images, factor):
+    images_f = _float(images)
+    mean = dmath.floor(fn.reductions.mean(_luma(images_f), axis_names="HWC", keep_dims=True) + 0.5)
+    return _blend(mean, images_f, factor, images)
+
+
+def _brightness(images, factor):
+    images_f = _float(images)
+    return _blend(images_f * 0.0, images_f, factor, images)
+
+
+def _sharpness(images, factor, size):
+    # ImageEnhance.Sharpness: blend with PIL's SMOOTH filter, whose 1-pixel border is the image itself.
+    images_f = _float(images)
+    kernel = np.array([[1, 1, 1], [1, 5, 1], [1, 1, 1]], dtype=np.float32) / 13.0
+    smooth = dmath.floor(fn.filter(images_f, types.Constant(kernel, device=images.device)) + 0.5)
+    inner = np.zeros((size, size, 1), dtype=np.float32)
+    inner[1:-1, 1:-1] = 1.0
+    inner = types.Constant(inner)
+    degenerate = inner * smooth + (1.0 - inner) * images_f
+    return _blend(degenerate, images_f, factor, images)
+
+
+def _enhancers(factor_of):
+    return {
+        "Color": lambda images, level, sign, size: _color(images, factor_of(level, sign)),
+        "Contrast": lambda images, level, sign, size: _contrast(images, factor_of(level, sign)),
+        "Brightness": lambda images, level, sign, size: _brightness(images, factor_of(level, sign)),
+        "Sharpness": lambda images, level, sign, size: _sharpness(images, factor_of(level, sign), size),
+    }
+
+
+OPS = {"AutoContrast": auto_contrast, "Equalize": equalize, "Invert": invert, "Rotate": rotate,
+       "Posterize": posterize, "PosterizeIncreasing": posterize_increasing, "Solarize": solarize,
+       "SolarizeIncreasing": solarize_increasing, "SolarizeAdd": solarize_add, "ShearX": shear_x,
+       "ShearY": shear_y, "TranslateXRel": translate_x_rel, "TranslateYRel": translate_y_rel,
+       **_enhancers(_enhance_factor),
+       **{f"{name}Increasing": op for name, op in _enhancers(_enhance_increasing_factor).items()}}
+
+
+def _select(ops, low: int, high: int, index, images, level, sign, size):
+    """ops[index](...) per sample: a binary tree of DALI conditionals splits the batch."""
+    if low == high:
+        return OPS[ops[low]](images, level, sign, size)
+    middle = (low + high) // 2
+    if index <= middle:
+        out = _select(ops, low, middle, index, images, level, sign, size)
+    else:
+        out = _select(ops, middle + 1, high, index, images, level, sign, size)
+    return out
+
+
+def _magnitude(spec: RandAugmentSpec):
+    if spec.magnitude_std == math.inf:
+        level = fn.random.uniform(range=[0.0, spec.magnitude])
+    elif spec.magnitude_std > 0:
+        level = fn.random.normal(mean=spec.magnitude, stddev=spec.magnitude_std)
+    else:
+        level = fn.random.normal(mean=spec.magnitude, stddev=0.0)  # a per-sample node, like the others
+    return dmath.clamp(level, 0.0, spec.magnitude_max)
+
+
+def rand_augment(images, spec: RandAugmentSpec, size: int):
+    """Apply the policy to a batch of uint8 HWC images of size x size (CPU or GPU). Needs a
+    pipeline built with enable_conditionals=True."""
+    ops = spec.ops
+    for _ in range(spec.num_layers):
+        index = fn.random.uniform(values=list(range(len(ops))), dtype=types.INT32)
+        applied = fn.random.coin_flip(probability=spec.prob, dtype=types.BOOL)
+        level = _magnitude(spec)
+        sign = fn.cast(fn.random.coin_flip(probability=0.5, dtype=types.INT32), dtype=types.FLOAT) * 2.0 - 1.0
+        if applied:
+            augmented = _select(ops, 0, len(ops) - 1, index, images, level, sign, size)
+        else:
+            augmented = images
+        images = augmented
+    return images

@@ -1,0 +1,137 @@
+"""RandAugment in DALI against timm's own (timm/data/auto_augment.py): each op on the same images
+with the same magnitude and sign, then the policy's statistics."""
+import glob
+import math
+
+import numpy as np
+import pytest
+import timm.data.auto_augment as timm_aa
+import torch
+from nvidia.dali import fn, pipeline_def
+from PIL import Image
+
+from fastrsb.pipelines import DatasetError, RandAugmentSpec, parse_rand_augment, train_loader
+from fastrsb.pipelines.randaugment import FILL, OPS, _magnitude, rand_augment
+
+SIZE = 48
+
+
+@pytest.fixture(scope="module")
+def photos(tiny_data):
+    files = sorted(glob.glob(str(tiny_data / "train" / "*" / "*.JPEG")))[::5][:8]
+    return [np.asarray(Image.open(f).convert("RGB").resize((SIZE, SIZE), Image.BILINEAR)) for f in files]
+
+
+def test_parses_timms_strings():
+    assert parse_rand_augment("rand-m6-mstd0.5-inc1") == RandAugmentSpec(6.0, 2, 0.5, 0.5, 10.0, True)
+    assert parse_rand_augment("rand-m9-n3-p0.7-mstd101-mmax12") == RandAugmentSpec(9.0, 3, 0.7, math.inf, 12.0, False)
+    assert len(parse_rand_augment("rand-m7-mstd0.5-inc1").ops) == 15
+    with pytest.raises(ValueError, match="tweights"):
+        parse_rand_augment("rand-m9-tweights")
+
+
+def _dali_op(name, images, levels, signs):
+    @pipeline_def(batch_size=len(images), num_threads=1, device_id=None, enable_conditionals=True)
+    def one_op():
+        x = fn.external_source(source=[images], layout="HWC")
+        level = fn.external_source(source=[[np.float32(v) for v in levels]])
+        sign = fn.external_source(source=[[np.float32(v) for v in signs]])
+        return OPS[name](x, level, sign, SIZE)
+    (out,) = one_op().run()
+    return [np.asarray(o) for o in out]
+
+
+def _timm_op(name, image, level, sign, monkeypatch):
+    monkeypatch.setattr(timm_aa, "_randomly_negate", (lambda v: v) if sign > 0 else (lambda v: -v))
+    level_fn = timm_aa.LEVEL_TO_ARG[name]
+    args = level_fn(level, {"translate_pct": 0.45}) if level_fn else ()
+    out = timm_aa.NAME_TO_OP[name](Image.fromarray(image), *args, fillcolor=FILL, resample=Image.BILINEAR)
+    return np.asarray(out)
+
+
+# Mean absolute difference from timm, in 0-255 levels, that each op stays under. Measured: the
+# pixel ops agree to rounding (< 0.05); the geometric ops differ only along the border, where PIL
+# and DALI treat a sample straddling the edge differently (~0.5-1.1); Equalize uses OpenCV's lookup
+# table instead of PIL's: 3.7 mean (7.2 worst) on photos, up to ~10.3 on these narrow-histogram textures.
+GEOMETRIC = {"Rotate", "ShearX", "ShearY", "TranslateXRel", "TranslateYRel"}
+
+
+def _bound(name):
+    return 12.0 if name == "Equalize" else 1.6 if name in GEOMETRIC else 0.05
+
+
+@pytest.mark.parametrize("name", sorted(OPS))
+def test_op_matches_timm(name, photos, monkeypatch):
+    compared = 0
+    for level in (0.0, 3.3, 6.0, 9.5, 10.0):
+        for sign in (1.0, -1.0):
+            ours = _dali_op(name, photos, [level] * len(photos), [sign] * len(photos))
+            for image, mine in zip(photos, ours):
+                try:
+                    theirs = _timm_op(name, image, level, sign, monkeypatch)
+                except ValueError:  # Pillow >= 12 refuses posterize to 0 bits; ours gives black, as Pillow did
+                    assert name.startswith("Posterize") and mine.max() == 0
+                    continue
+                assert mine.shape == theirs.shape and mine.dtype == np.uint8
+                assert np.abs(mine.astype(int) - theirs.astype(int)).mean() <= _bound(name), (level, sign)
+                compared += 1
+    assert compared >= 8 * 8
+
+
+def _policy_pipeline(spec_string, images):
+    spec = parse_rand_augment(spec_string)
+
+    @pipeline_def(batch_size=len(images), num_threads=1, device_id=None, enable_conditionals=True, seed=7)
+    def policy():
+        x = fn.external_source(source=lambda: images, batch=True, layout="HWC")
+        return x, rand_augment(x, spec, SIZE)
+    return policy()
+
+
+def test_share_of_untouched_images(photos):
+    # Two layers, each applied with probability 0.5: a quarter of the images stay as they are.
+    # Colour photos squeezed to levels 40-200, so that at magnitude 9 every op of the set changes
+    # every image (AutoContrast leaves an image that spans 0-255 as it is, Color a grey one).
+    colour = [p for p in photos if np.ptp(p.astype(int), axis=2).max() > 10]
+    images = [(colour[i % len(colour)] * 0.625 + 40).astype(np.uint8) for i in range(200)]
+    pipe = _policy_pipeline("rand-m9-mstd0.5-inc1", images)
+    same = []
+    for _ in range(4):
+        inputs, outputs = pipe.run()
+        same += [np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(inputs, outputs)]
+    assert abs(np.mean(same) - 0.25) < 0.06  # 800 draws: 4 standard deviations
+    pipe = _policy_pipeline("rand-m9-n1-p1.0-mstd0.5-inc1", images)
+    inputs, outputs = pipe.run()
+    assert not any(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(inputs, outputs))
+
+
+@pytest.mark.parametrize("config,expected_mean,expected_std", [
+    ("rand-m9-mstd0.5", None, None),   # gauss(9, 0.5) clipped to [0, 10]
+    ("rand-m6-mstd200", 3.0, 6 / math.sqrt(12)),  # mstd > 100: uniform in [0, 6]
+    ("rand-m7", 7.0, 0.0),             # no noise
+])
+def test_magnitude_distribution(config, expected_mean, expected_std):
+    spec = parse_rand_augment(config)
+
+    @pipeline_def(batch_size=4000, num_threads=1, device_id=None, seed=3)
+    def magnitudes():
+        return _magnitude(spec)
+    values = np.array([float(np.asarray(v)) for v in magnitudes().run()[0]])
+    if expected_mean is None:  # timm: max(0, min(gauss(m, std), 10))
+        reference = np.clip(np.random.default_rng(0).normal(spec.magnitude, spec.magnitude_std, 200_000), 0, 10)
+        expected_mean, expected_std = reference.mean(), reference.std()
+        assert abs((values == 10.0).mean() - (reference == 10.0).mean()) < 0.01  # ~2.3% clipped at the top
+    assert values.min() >= 0 and values.max() <= spec.magnitude_max
+    assert abs(values.mean() - expected_mean) < 0.05 and abs(values.std() - expected_std) < 0.05
+
+
+def test_train_loader_applies_it(tiny_data):
+    def first_batch(aa, seed=5):
+        loader = train_loader(tiny_data / "train", batch_size=8, img_size=32, device="cpu", seed=seed, aa=aa)
+        return next(iter(loader))[0]
+    plain, augmented = first_batch(None), first_batch("rand-m9-mstd0.5-inc1")
+    assert augmented.shape == plain.shape and augmented.is_contiguous(memory_format=torch.channels_last)
+    assert not torch.equal(plain, augmented)
+    assert torch.equal(augmented, first_batch("rand-m9-mstd0.5-inc1"))  # deterministic for a seed
+    with pytest.raises(DatasetError, match="unsupported section"):
+        first_batch("rand-m9-q2")
