@@ -38,15 +38,20 @@ def _cores() -> int:
     return len(os.sched_getaffinity(0))
 
 
-def make_loader(name: str, root: Path, batch: int, size: int, device: str, threads: int):
+def make_loader(name: str, root: Path, batch: int, size: int, device: str, threads: int, aa: str | None):
     if name.startswith("dali"):
         from fastrsb.pipelines import train_loader
         return train_loader(root, batch, size, device="cuda" if name == "dali-gpu" else "cpu",
-                            num_threads=threads, dtype="float16")
+                            num_threads=threads, dtype="float16", aa=aa)
     if name == "torchvision":
         import torchvision.transforms as T
         from torchvision.datasets import ImageFolder
-        transform = T.Compose([T.RandomResizedCrop(size), T.RandomHorizontalFlip(), T.ToTensor(),
+        # The same RandAugment as timm's loader (timm's PIL implementation), so all loaders do equal work.
+        augment = []
+        if aa:
+            from timm.data.auto_augment import rand_augment_transform
+            augment = [rand_augment_transform(aa, {"translate_const": int(size * 0.45), "img_mean": (124, 116, 104)})]
+        transform = T.Compose([T.RandomResizedCrop(size), T.RandomHorizontalFlip(), *augment, T.ToTensor(),
                                T.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))])
         return torch.utils.data.DataLoader(ImageFolder(root, transform), batch_size=batch, shuffle=True,
                                            num_workers=threads, drop_last=True, persistent_workers=True,
@@ -56,14 +61,15 @@ def make_loader(name: str, root: Path, batch: int, size: int, device: str, threa
         dataset = create_dataset("", root=str(root), split="train", is_training=True)
         return create_loader(dataset, input_size=(3, size, size), batch_size=batch, is_training=True,
                              num_workers=threads, use_prefetcher=device == "cuda", device=torch.device(device),
-                             interpolation="bilinear", color_jitter=0.0, persistent_workers=True)
+                             interpolation="bilinear", color_jitter=0.0, auto_augment=aa, persistent_workers=True)
     raise ValueError(f"unknown loader {name}")
 
 
 def measure_loader(name: str, args, root: Path) -> dict:
     device = "cuda" if name == "dali-gpu" or (torch.cuda.is_available() and name != "dali-cpu") else "cpu"
     threads = args.workers or _cores()
-    loader = make_loader(name, root, args.batch_size, args.img_size, device, threads)
+    aa = None if args.aa == "none" else args.aa
+    loader = make_loader(name, root, args.batch_size, args.img_size, device, threads, aa)
     batches = _forever(loader)
     sampler = MemorySampler()
 
@@ -73,7 +79,7 @@ def measure_loader(name: str, args, root: Path) -> dict:
             images.cuda(non_blocking=True), labels.cuda(non_blocking=True)
 
     seconds = _timed(one_batch, args.warmup, args.steps, device, sampler)
-    return {"mode": "loader", "loader": name, "device": device, "img_size": args.img_size,
+    return {"mode": "loader", "loader": name, "device": device, "img_size": args.img_size, "aa": aa,
             "batch_size": args.batch_size, "workers": threads, "steps": args.steps,
             "images_per_sec": args.steps * args.batch_size / seconds, **_memory(device, sampler)}
 
@@ -253,7 +259,8 @@ def run_loaders(args, root: Path, info: dict) -> None:
         results.append(result)
         _emit(result, args.json_out)
     base = results[0]["images_per_sec"]
-    print(f"\n{'loader':<12} {'device':<6} {'img/s':>9} {'ratio':>6}  on {info['device_name']}, {args.img_size} px, batch {args.batch_size}")
+    print(f"\n{'loader':<12} {'device':<6} {'img/s':>9} {'ratio':>6}  on {info['device_name']}, {args.img_size} px, "
+          f"batch {args.batch_size}, RandAugment {args.aa}")
     for r in results:
         print(f"{r['loader']:<12} {r['device']:<6} {r['images_per_sec']:>9,.0f} {r['images_per_sec'] / base:>6.2f}")
 
@@ -297,6 +304,8 @@ def main() -> None:
     p.add_argument("--synthetic-jpegs", type=int, help="generate (and cache) this many ImageNet-like JPEGs")
     p.add_argument("--cache", type=Path, default=Path("data/bench"), help="where synthetic JPEGs are kept")
     p.add_argument("--loaders", default=None, help="loader mode: comma list (default: dali-gpu if a GPU, dali-cpu, torchvision, timm)")
+    p.add_argument("--aa", default="rand-m6-mstd0.5-inc1",
+                   help="loader mode: RandAugment for every loader (A3's by default), or none")
     p.add_argument("--recipe", default="a3", help="step/train modes: the recipe whose model, loss, optimizer and AMP run")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="step/train modes: override a recipe value, e.g. --set model=resnet18 --set compile=false")

@@ -86,6 +86,30 @@ def cmd_data_demo(args) -> None:
     print(f"wrote {args.dir}/train and {args.dir}/val")
 
 
+def cmd_data_check(args) -> None:
+    from fastrsb.datatools import check
+    problems = check(args.dir, args.workers, decode=not args.no_decode)
+    for problem in problems:
+        print(f"  {problem}")
+    if problems:
+        raise UserError(f"{len(problems)} problem(s) in {args.dir} (listed above)")
+    print("ok: ready to train")
+
+
+def cmd_data_prepare_val(args) -> None:
+    from fastrsb.datatools import prepare_val
+    result = prepare_val(args.val_dir, args.labels, args.synsets, args.copy)
+    if result["missing"]:
+        raise UserError(f"{result['missing']:,} labelled image(s) are not in {args.val_dir}")
+
+
+def cmd_data_shrink(args) -> None:
+    from fastrsb.datatools import shrink
+    result = shrink(args.source, args.target, args.max_side, args.quality, args.workers)
+    if result["failed"]:
+        raise UserError(f"{result['failed']} image(s) could not be read (listed above); the rest are in {args.target}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fastrsb", description="ResNet-strikes-back training with DALI loaders")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -139,6 +163,25 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--val-per-class", type=int, default=30)
     d.add_argument("--classes", type=int, default=8)
     d.set_defaults(func=cmd_data_demo)
+    d = data_sub.add_parser("check", help="list every problem of DIR/train and DIR/val: empty or differing "
+                                          "classes, files that do not decode, files the loaders skip")
+    d.add_argument("dir")
+    d.add_argument("--workers", type=int, default=None, help="decoding processes (default: cores)")
+    d.add_argument("--no-decode", action="store_true", help="only the folder structure (fast)")
+    d.set_defaults(func=cmd_data_check)
+    d = data_sub.add_parser("prepare-val", help="sort ILSVRC2012's flat validation folder into class folders")
+    d.add_argument("val_dir")
+    d.add_argument("labels", help="LOC_val_solution.csv, or the devkit's ILSVRC2012_validation_ground_truth.txt")
+    d.add_argument("--synsets", help="with the devkit's ground truth: wnids in ILSVRC2012_ID order, one per line")
+    d.add_argument("--copy", action="store_true", help="copy instead of moving")
+    d.set_defaults(func=cmd_data_prepare_val)
+    d = data_sub.add_parser("shrink", help="a compact copy: every image re-encoded as RGB JPEG, longer side <= N")
+    d.add_argument("source")
+    d.add_argument("target")
+    d.add_argument("--max-side", type=int, default=500, help="longer side in pixels (default 500)")
+    d.add_argument("--quality", type=int, default=90, help="JPEG quality (default 90)")
+    d.add_argument("--workers", type=int, default=None, help="processes (default: cores)")
+    d.set_defaults(func=cmd_data_shrink)
     return parser
 
 

@@ -35,6 +35,7 @@ def test_loader_mode_reports_every_loader(tmp_path):
     assert [r["loader"] for r in lines] == ["dali-cpu", "torchvision", "timm"]
     for r in lines:
         assert r["mode"] == "loader" and r["img_size"] == 32 and r["batch_size"] == 4 and r["device"] == "cpu"
+        assert r["aa"] == "rand-m6-mstd0.5-inc1"  # A3's RandAugment in every loader by default
         assert r["images_per_sec"] > 0 and r["peak_rss_gib"] > 0.05 and r["peak_pss_with_workers_gib"] > 0.05
         assert r["torch"] and r["dali"] and r["timm"] and r["device_name"]
     assert "ratio" in proc.stdout and "1.00" in proc.stdout

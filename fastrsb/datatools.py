@@ -1,0 +1,228 @@
+"""`fastrsb data check | prepare-val | shrink`: get an ImageNet folder right before a long run.
+
+check: every problem at once (empty or differing classes, files that do not decode, stray files),
+so that a 15-hour run does not find them one at a time. prepare-val: ILSVRC2012's flat validation
+folder into class folders. shrink: a compact re-encoded copy (decode cost grows with pixels)."""
+from __future__ import annotations
+
+import csv
+import os
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+from PIL import Image
+
+from fastrsb.data import _decode_error
+from fastrsb.errors import UserError
+from fastrsb.pipelines import IMAGE_EXTENSIONS
+
+
+def _workers(workers: int | None) -> int:
+    return workers or max(1, len(os.sched_getaffinity(0)))
+
+
+class _Counter:
+    """A progress line for long file passes: on a terminal in place, elsewhere every ~10%."""
+
+    def __init__(self, title: str, total: int, stream=sys.stderr):
+        self.title, self.total, self.stream = title, total, stream
+        self.start, self.next_line, self.tty = time.perf_counter(), 0, stream.isatty()
+
+    def update(self, done: int) -> None:
+        if self.tty or done >= self.next_line or done == self.total:
+            rate = done / max(time.perf_counter() - self.start, 1e-9)
+            end = "\r" if self.tty and done < self.total else "\n"
+            self.stream.write(f"{self.title}: {done:,}/{self.total:,} files ({rate:,.0f}/s){end}")
+            self.stream.flush()
+            self.next_line = done + max(1, self.total // 10)
+
+
+def _class_folders(split: Path) -> dict[str, tuple[list[Path], list[Path]]]:
+    """class -> (image files, other files), by the same extension rule the loaders use."""
+    classes = {}
+    for folder in sorted(p for p in split.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        images, others = [], []
+        for dirpath, _, names in os.walk(folder):
+            for name in names:
+                if name.startswith("."):
+                    continue
+                (images if name.lower().endswith(IMAGE_EXTENSIONS) else others).append(Path(dirpath) / name)
+        classes[folder.name] = (sorted(images), sorted(others))
+    return classes
+
+
+def check(root: str | Path, workers: int | None = None, decode: bool = True) -> list[str]:
+    """Every problem of DIR/train and DIR/val that would stop or skew a run; [] when there is none.
+    Prints a summary."""
+    root = Path(root)
+    if not root.is_dir():
+        raise UserError(f"data folder {root} does not exist")
+    problems, splits, files = [], {}, []
+    for split in ("train", "val"):
+        if not (root / split).is_dir():
+            problems.append(f"no {split}/ folder (expected {root}/{split}/<class>/<image>.JPEG)")
+            continue
+        splits[split] = _class_folders(root / split)
+        if not splits[split]:
+            problems.append(f"{split}/ holds no class folders")
+        for name, (images, others) in splits[split].items():
+            if not images:
+                problems.append(f"{split}/{name}: empty class (no {'/'.join(IMAGE_EXTENSIONS[:2])} ... files)")
+            if others:
+                problems.append(f"{split}/{name}: {len(others)} file(s) the loaders skip (not an image extension), "
+                                f"e.g. {others[0].name}")
+            files += images
+    if len(splits) == 2 and splits["train"].keys() != splits["val"].keys():
+        only_train = sorted(set(splits["train"]) - set(splits["val"]))
+        only_val = sorted(set(splits["val"]) - set(splits["train"]))
+        problems.append(f"train and val classes differ: {len(only_train)} only in train {only_train[:5]}, "
+                        f"{len(only_val)} only in val {only_val[:5]}")
+    if decode and files:
+        counter = _Counter("decoding", len(files))
+        with ProcessPoolExecutor(_workers(workers)) as pool:
+            for done, (path, reason) in enumerate(zip(files, pool.map(_decode_error, map(str, files), chunksize=256)), 1):
+                if reason:
+                    problems.append(f"cannot decode {path} ({reason})")
+                if done % 1000 == 0 or done == len(files):
+                    counter.update(done)
+    counts = ", ".join(f"{sum(len(i) for i, _ in c.values()):,} {s} images in {len(c):,} classes"
+                       for s, c in splits.items())
+    print(f"{root}: {counts or 'no images'}; {len(problems)} problem(s)")
+    return problems
+
+
+# --- prepare-val ------------------------------------------------------------------------------------
+
+def _read_solution_csv(path: Path) -> dict[str, str]:
+    """LOC_val_solution.csv: ImageId,PredictionString ('n01751748 x y x y ...') -> {image id: wnid}."""
+    with open(path, newline="") as f:
+        rows = list(csv.reader(f))
+    if not rows or [c.strip() for c in rows[0][:2]] != ["ImageId", "PredictionString"]:
+        raise UserError(f"{path}: expected the header 'ImageId,PredictionString' of LOC_val_solution.csv")
+    labels = {}
+    for number, row in enumerate(rows[1:], 2):
+        if len(row) < 2 or not row[1].split():
+            raise UserError(f"{path}:{number}: expected 'ImageId,wnid ...', got {','.join(row)!r}")
+        labels[row[0].strip()] = row[1].split()[0]
+    return labels
+
+
+def _read_ground_truth(path: Path, synsets: Path | None) -> dict[str, str]:
+    """The devkit's ILSVRC2012_validation_ground_truth.txt (one ILSVRC2012_ID per line, image 1
+    first) with the synsets in ILSVRC2012_ID order (a text file, one 'wnid ...' per line)."""
+    if synsets is None:
+        raise UserError(f"{path} holds class numbers: give --synsets FILE with the wnids in ILSVRC2012_ID order "
+                        "(one per line, from the devkit's meta.mat), or use LOC_val_solution.csv instead")
+    wnids = [line.split()[0] for line in synsets.read_text().splitlines() if line.strip()]
+    labels = {}
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            index = int(line)
+            if not 1 <= index <= len(wnids):
+                raise ValueError
+        except ValueError:
+            raise UserError(f"{path}:{number}: {line!r} is not a class number 1..{len(wnids)} of {synsets}") from None
+        labels[f"ILSVRC2012_val_{number:08d}"] = wnids[index - 1]
+    return labels
+
+
+def prepare_val(val_dir: str | Path, labels_file: str | Path, synsets: str | Path | None = None,
+                copy: bool = False) -> dict:
+    """Move (or copy) VAL_DIR/<image id>.JPEG into VAL_DIR/<wnid>/. Resumable: images already in
+    their class folder are left alone, so a second run finishes an interrupted one."""
+    val_dir, labels_file = Path(val_dir), Path(labels_file)
+    if not val_dir.is_dir():
+        raise UserError(f"validation folder {val_dir} does not exist")
+    if not labels_file.is_file():
+        raise UserError(f"no label file {labels_file}")
+    labels = _read_solution_csv(labels_file) if labels_file.suffix.lower() == ".csv" else \
+        _read_ground_truth(labels_file, Path(synsets) if synsets else None)
+    flat = {p.stem: p for p in val_dir.iterdir() if p.is_file() and p.name.lower().endswith(IMAGE_EXTENSIONS)}
+    unknown = sorted(set(flat) - set(labels))
+    if unknown:
+        raise UserError(f"{len(unknown)} image(s) in {val_dir} have no label in {labels_file}, e.g. {unknown[0]}: "
+                        "is it the label file of this folder?")
+    moved = 0
+    for stem, path in sorted(flat.items()):
+        target = val_dir / labels[stem] / path.name
+        target.parent.mkdir(exist_ok=True)
+        if copy and target.exists():
+            continue
+        if copy:
+            tmp = target.with_name(f".{target.name}.tmp")
+            tmp.write_bytes(path.read_bytes())
+            os.replace(tmp, target)
+        else:
+            os.replace(path, target)
+        moved += 1
+    in_folders = {(p.parent.name, p.stem) for p in val_dir.glob("*/*") if p.is_file() and not p.name.startswith(".")}
+    placed = sum(1 for stem, wnid in labels.items() if (wnid, stem) in in_folders)
+    missing = len(labels) - placed
+    print(f"{'copied' if copy else 'moved'} {moved:,} image(s) into {len({labels[s] for s in flat}) if flat else 0} "
+          f"class folder(s); {placed:,} of {len(labels):,} labelled images are in place"
+          f"{f', {missing:,} missing' if missing else ''}")
+    return {"moved": moved, "placed": placed, "missing": missing}
+
+
+# --- shrink -----------------------------------------------------------------------------------------
+
+def _shrink_one(job: tuple[str, str, int, int]) -> str:
+    """Re-encode one image to DST (RGB JPEG, longer side <= max_side); 'skipped' if DST exists."""
+    source, target, max_side, quality = job
+    target = Path(target)
+    if target.exists():
+        return "skipped"
+    try:
+        with Image.open(source) as image:
+            image.draft("RGB", (max_side, max_side))  # DCT-scaled decode when it shrinks a lot
+            image = image.convert("RGB")  # CMYK, grey, palette, PNG-in-disguise: all become RGB JPEGs
+            if max(image.size) > max_side:
+                scale = max_side / max(image.size)
+                image = image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))),
+                                     Image.BICUBIC, reducing_gap=3.0)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            tmp = target.with_name(f".{target.name}.tmp")
+            image.save(tmp, "JPEG", quality=quality)
+        os.replace(tmp, target)  # never a half-written image under its real name
+        return "written"
+    except Exception as err:  # noqa: BLE001 - report the file, go on with the rest
+        return f"failed: {type(err).__name__}: {err}"
+
+
+def shrink(source: str | Path, target: str | Path, max_side: int = 500, quality: int = 90,
+           workers: int | None = None) -> dict:
+    """A copy of SOURCE's image tree under TARGET with every image re-encoded as an RGB JPEG whose
+    longer side is at most `max_side` (names and folders kept, so it is still an ImageFolder).
+    Resumable: images already in TARGET are skipped."""
+    source, target = Path(source).resolve(), Path(target).resolve()
+    if not source.is_dir():
+        raise UserError(f"source folder {source} does not exist")
+    if target == source or source in target.parents:
+        raise UserError(f"the target {target} must lie outside the source {source}")
+    if not 16 <= max_side <= 100_000 or not 1 <= quality <= 100:
+        raise UserError(f"--max-side must be >= 16 and --quality 1..100 (got {max_side}, {quality})")
+    jobs = []
+    for dirpath, _, names in os.walk(source):
+        for name in sorted(names):
+            if name.lower().endswith(IMAGE_EXTENSIONS) and not name.startswith("."):
+                path = Path(dirpath) / name
+                jobs.append((str(path), str(target / path.relative_to(source)), max_side, quality))
+    counts = {"written": 0, "skipped": 0, "failed": 0}
+    failures = []
+    counter = _Counter("shrinking", len(jobs))
+    with ProcessPoolExecutor(_workers(workers)) as pool:
+        for done, (job, result) in enumerate(zip(jobs, pool.map(_shrink_one, jobs, chunksize=64)), 1):
+            kind = result.split(":")[0]
+            counts[kind] += 1
+            if kind == "failed":
+                failures.append(f"{job[0]} ({result.removeprefix('failed: ')})")
+            if done % 500 == 0 or done == len(jobs):
+                counter.update(done)
+    print(f"{target}: {counts['written']:,} written, {counts['skipped']:,} already there, {counts['failed']:,} failed")
+    for failure in failures[:20]:
+        print(f"  cannot read {failure}")
+    return {**counts, "failures": failures}

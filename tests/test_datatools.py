@@ -1,0 +1,101 @@
+"""fastrsb data check / prepare-val / shrink, through the command line."""
+import shutil
+
+import numpy as np
+from PIL import Image
+
+from conftest import assert_user_error, run_cli
+from fastrsb.pipelines import list_images
+
+
+def test_check_passes_a_good_folder(tiny_data):
+    proc = run_cli("data", "check", tiny_data, "--workers", "2")
+    assert "48 train images in 4 classes, 20 val images in 4 classes; 0 problem(s)" in proc.stdout
+    assert "ok: ready to train" in proc.stdout
+
+
+def test_check_lists_every_problem_at_once(tiny_data, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(tiny_data, data)
+    classes = sorted(p.name for p in (data / "train").iterdir())
+    victim = sorted((data / "train" / classes[0]).iterdir())[0]
+    victim.write_bytes(victim.read_bytes()[:300])  # truncated JPEG
+    (data / "val" / classes[1] / "garbage.JPEG").write_bytes(b"not an image at all")
+    (data / "train" / classes[2] / "notes.txt").write_text("stray")
+    (data / "train" / "empty_class").mkdir()
+    proc = run_cli("data", "check", data, check=False)
+    assert_user_error(proc, "5 problem(s)")
+    out = proc.stdout
+    assert f"cannot decode {victim}" in out and "garbage.JPEG" in out
+    assert "train/empty_class: empty class" in out
+    assert "train and val classes differ: 1 only in train ['empty_class']" in out
+    assert "train/" + classes[2] + ": 1 file(s) the loaders skip" in out and "notes.txt" in out
+    assert_user_error(run_cli("data", "check", tmp_path / "nothing", check=False), "does not exist")
+
+
+def _flat_val(tmp_path, tiny_data):
+    """ILSVRC2012's layout: every validation image in one folder, named by its id."""
+    flat = tmp_path / "val"
+    flat.mkdir()
+    truth = {}
+    for number, path in enumerate(sorted((tiny_data / "val").glob("*/*")), 1):
+        image_id = f"ILSVRC2012_val_{number:08d}"
+        shutil.copy(path, flat / f"{image_id}.JPEG")
+        truth[image_id] = path.parent.name
+    return flat, truth
+
+
+def _assert_sorted(flat, truth, moved=True):
+    listing = list_images(flat)
+    assert len(listing) == len(truth) and bool(list(flat.glob("*.JPEG"))) != moved
+    for path, label in zip(listing.files, listing.labels):
+        image_id = path.rsplit("/", 1)[1].removesuffix(".JPEG")
+        assert listing.classes[label] == truth[image_id]
+
+
+def test_prepare_val_from_loc_val_solution(tiny_data, tmp_path):
+    flat, truth = _flat_val(tmp_path, tiny_data)
+    csv = tmp_path / "LOC_val_solution.csv"
+    csv.write_text("ImageId,PredictionString\n" + "".join(f"{k},{v} 1 2 30 40 {v} 5 6 70 80\n" for k, v in truth.items()))
+    # An interrupted run: move half by hand, as if the first run stopped half-way.
+    first = sorted(truth)[0]
+    (flat / truth[first]).mkdir()
+    (flat / f"{first}.JPEG").rename(flat / truth[first] / f"{first}.JPEG")
+    proc = run_cli("data", "prepare-val", flat, csv)
+    assert f"moved {len(truth) - 1} image(s)" in proc.stdout and f"{len(truth)} of {len(truth)}" in proc.stdout
+    _assert_sorted(flat, truth)
+    assert f"moved 0 image(s)" in run_cli("data", "prepare-val", flat, csv).stdout  # resumable: nothing left
+
+
+def test_prepare_val_from_devkit_ground_truth(tiny_data, tmp_path):
+    flat, truth = _flat_val(tmp_path, tiny_data)
+    wnids = sorted(set(truth.values()), reverse=True)  # ILSVRC2012_ID order is not sorted order
+    (tmp_path / "synsets.txt").write_text("".join(f"{w} some words\n" for w in wnids))
+    (tmp_path / "gt.txt").write_text("".join(f"{wnids.index(truth[k]) + 1}\n" for k in sorted(truth)))
+    assert_user_error(run_cli("data", "prepare-val", flat, tmp_path / "gt.txt", check=False), "--synsets")
+    args = ("data", "prepare-val", flat, tmp_path / "gt.txt", "--synsets", tmp_path / "synsets.txt", "--copy")
+    assert f"copied {len(truth)} image(s)" in run_cli(*args).stdout
+    _assert_sorted(flat, truth, moved=False)
+    assert "copied 0 image(s)" in run_cli(*args).stdout  # resumable
+    (tmp_path / "bad.csv").write_text("id,label\n")
+    assert_user_error(run_cli("data", "prepare-val", flat, tmp_path / "bad.csv", check=False), "ImageId,PredictionString")
+
+
+def test_shrink_makes_a_compact_rgb_copy_and_resumes(tiny_data, tmp_path):
+    out = tmp_path / "small"
+    proc = run_cli("data", "shrink", tiny_data, out, "--max-side", "40", "--quality", "80", "--workers", "2")
+    assert "68 written, 0 already there, 0 failed" in proc.stdout
+    before, after = sorted(tiny_data.rglob("*.JPEG")), sorted(out.rglob("*.JPEG"))
+    assert [p.relative_to(tiny_data) for p in before] == [p.relative_to(out) for p in after]
+    for original, small in zip(before, after):
+        with Image.open(original) as a, Image.open(small) as b:
+            assert b.format == "JPEG" and b.mode == "RGB" and max(b.size) <= 40  # CMYK, grey, PNG: all RGB JPEG now
+            assert abs(a.width / a.height - b.width / b.height) < 0.1
+    assert sum(p.stat().st_size for p in after) < sum(p.stat().st_size for p in before) / 2
+    after[0].unlink()
+    (after[1].parent / f".{after[1].name}.tmp").write_bytes(b"half")  # a run killed mid-write
+    proc = run_cli("data", "shrink", tiny_data, out, "--max-side", "40")
+    assert "1 written, 67 already there" in proc.stdout
+    assert_user_error(run_cli("data", "shrink", tiny_data, tiny_data / "inside", check=False), "outside the source")
+    run_cli("train", "tiny", "--data", out, "--out", tmp_path / "run", "--device", "cpu", "--set", "epochs=1",
+            "--set", "warmup_epochs=0")  # the copy trains
