@@ -59,25 +59,31 @@ def _blend(degenerate, images_f, factor, images):
     return _to_uint8(degenerate + _on(factor, images) * (images_f - degenerate))
 
 
-def _warp(images, a, b, c, d, e, f):
+def _warp(images, a, b, c, d, e, f, size):
     """Output pixel (x, y) takes the input at (a x + b y + c, d x + e y + f), as PIL's AFFINE
-    transform; outside the image, the mean colour. warp_affine fills with one scalar, so the mean
-    is subtracted before and added after (interpolation is linear, so inside nothing changes)."""
-    matrix = fn.reshape(fn.stack(*[fn.cast(v, dtype=types.FLOAT) for v in (a, b, c, d, e, f)]), shape=[2, 3])
-    fill = _constant(FILL, (1, 1, 3))
-    shifted = _float(images) - fill
-    warped = fn.warp_affine(shifted, matrix=matrix, fill_value=0.0, inverse_map=True, interp_type=types.INTERP_LINEAR)
-    return _to_uint8(warped + fill + 0.5)  # round, as PIL's bilinear resampling does
+    transform; outside the image, the mean colour. warp_affine fills with one scalar only, so the
+    image is first framed by a margin of the mean colour (a uint8 slice with per-channel padding)
+    wide enough for every op's largest displacement (translate: 0.45 x size), and warped from there."""
+    margin = size // 2 + 2
+    framed = fn.slice(images, start=[-margin, -margin], shape=[size + 2 * margin, size + 2 * margin], axes=[0, 1],
+                      out_of_bounds_policy="pad", fill_values=list(FILL))
+    matrix = fn.reshape(fn.stack(*[fn.cast(v, dtype=types.FLOAT) for v in (a, b, c + margin, d, e, f + margin)]),
+                        shape=[2, 3])
+    return fn.warp_affine(framed, matrix=matrix, size=[size, size], inverse_map=True, fill_value=float(FILL[1]),
+                          interp_type=types.INTERP_LINEAR)
 
 
 # --- the 15 ops: (images, level in [0, mmax], sign in {-1, 1}, spec, size) -> images ------------------
 
 def auto_contrast(images, level, sign, size):
+    # ImageOps.autocontrast: stretch each channel's [min, max] to [0, 255]; a flat channel stays.
+    low = fn.cast(fn.reductions.min(images, axis_names="HW", keep_dims=True), dtype=types.FLOAT)
+    spread = fn.cast(fn.reductions.max(images, axis_names="HW", keep_dims=True), dtype=types.FLOAT) - low
+    stretch = spread > 0.0
+    if images.device == "cpu":  # one fused pass; its per-channel arguments must live on the CPU
+        return fn.normalize(images, mean=low * stretch, stddev=spread * stretch + 255.0 * (spread <= 0.0),
+                            scale=255.0, axis_names="HW", dtype=types.UINT8)
     images_f = _float(images)
-    low = fn.reductions.min(images_f, axis_names="HW", keep_dims=True)
-    high = fn.reductions.max(images_f, axis_names="HW", keep_dims=True)
-    spread = high - low
-    stretch = spread > 0.0  # a flat channel stays as it is
     scale = 255.0 / (spread + (spread <= 0.0))
     return _to_uint8(stretch * ((images_f - low) * scale) + (spread <= 0.0) * images_f)
 
@@ -97,23 +103,23 @@ def rotate(images, level, sign, size):
     centre = size / 2.0
     c = cos * -centre + sin * -centre + centre
     f = -sin * -centre + cos * -centre + centre
-    return _warp(images, cos, sin, c, -sin, cos, f)
+    return _warp(images, cos, sin, c, -sin, cos, f, size)
 
 
 def shear_x(images, level, sign, size):
-    return _warp(images, 1.0, level / MAX_LEVEL * 0.3 * sign, 0.0, 0.0, 1.0, 0.0)
+    return _warp(images, 1.0, level / MAX_LEVEL * 0.3 * sign, 0.0, 0.0, 1.0, 0.0, size)
 
 
 def shear_y(images, level, sign, size):
-    return _warp(images, 1.0, 0.0, 0.0, level / MAX_LEVEL * 0.3 * sign, 1.0, 0.0)
+    return _warp(images, 1.0, 0.0, 0.0, level / MAX_LEVEL * 0.3 * sign, 1.0, 0.0, size)
 
 
 def translate_x_rel(images, level, sign, size):
-    return _warp(images, 1.0, 0.0, level / MAX_LEVEL * 0.45 * sign * size, 0.0, 1.0, 0.0)
+    return _warp(images, 1.0, 0.0, level / MAX_LEVEL * 0.45 * sign * size, 0.0, 1.0, 0.0, size)
 
 
 def translate_y_rel(images, level, sign, size):
-    return _warp(images, 1.0, 0.0, 0.0, 0.0, 1.0, level / MAX_LEVEL * 0.45 * sign * size)
+    return _warp(images, 1.0, 0.0, 0.0, 0.0, 1.0, level / MAX_LEVEL * 0.45 * sign * size, size)
 
 
 def _posterize(images, bits):
@@ -131,10 +137,9 @@ def posterize_increasing(images, level, sign, size):
 
 
 def _solarize(images, threshold):
-    # ImageOps.solarize: invert every value >= threshold.
-    images_f = _float(images)
-    inverted = images_f >= _on(threshold, images)
-    return _to_uint8(images_f + inverted * (255.0 - 2.0 * images_f))
+    # ImageOps.solarize: invert every value >= threshold; for uint8, 255 - x == x XOR 255.
+    inverted = fn.cast(images >= _on(threshold, images), dtype=types.UINT8) * types.Constant(255, dtype=types.UINT8)
+    return images ^ inverted
 
 
 def solarize(images, level, sign, size):
@@ -146,9 +151,9 @@ def solarize_increasing(images, level, sign, size):
 
 
 def solarize_add(images, level, sign, size):
-    add = dmath.min(128.0, dmath.floor(level / MAX_LEVEL * 110.0))
-    images_f = _float(images)
-    return _to_uint8(images_f + (images_f < 128.0) * _on(add, images))
+    # timm's solarize_add: x + add below 128 (add <= 110, so uint8 cannot overflow: 127 + 110 < 256).
+    add = fn.cast(dmath.min(128.0, dmath.floor(level / MAX_LEVEL * 110.0)), dtype=types.UINT8)
+    return images + fn.cast(images < types.Constant(128, dtype=types.UINT8), dtype=types.UINT8) * _on(add, images)
 
 
 def _enhance_factor(level, sign):
@@ -159,32 +164,35 @@ def _enhance_increasing_factor(level, sign):
     return dmath.max(0.1, 1.0 + level / MAX_LEVEL * 0.9 * sign)
 
 
+# The enhancers use DALI's fused single-pass operators where they compute PIL's formula (their
+# uint8 results round where PIL truncates: at most one level apart).
+
 def _color(images, factor):
-    images_f = _float(images)
-    return _blend(_luma(images_f), images_f, factor, images)
+    # DALI's saturation scales I and Q in YIQ, keeping Y = PIL's luma: grey + factor * (x - grey).
+    return fn.saturation(images, saturation=factor)
 
 
 def _contrast(images, factor):
-    images_f = _float(images)
-    mean = dmath.floor(fn.reductions.mean(_luma(images_f), axis_names="HWC", keep_dims=True) + 0.5)
-    return _blend(mean, images_f, factor, images)
+    # ImageEnhance.Contrast: blend with the image's mean luma, rounded to an integer.
+    means = fn.reductions.mean(images, axis_names="HW", dtype=types.FLOAT)
+    centre = dmath.floor(fn.reductions.sum(means * _constant(LUMA, (3,)), axes=[0]) + 0.5)
+    if images.device == "cpu":  # contrast_center is a CPU argument: fused on the CPU only
+        return fn.contrast(images, contrast=factor, contrast_center=centre)
+    return _blend(centre, _float(images), factor, images)
 
 
 def _brightness(images, factor):
-    images_f = _float(images)
-    return _blend(images_f * 0.0, images_f, factor, images)
+    return fn.brightness(images, brightness=factor)
 
 
 def _sharpness(images, factor, size):
-    # ImageEnhance.Sharpness: blend with PIL's SMOOTH filter, whose 1-pixel border is the image itself.
-    images_f = _float(images)
-    kernel = np.array([[1, 1, 1], [1, 5, 1], [1, 1, 1]], dtype=np.float32) / 13.0
-    smooth = dmath.floor(fn.filter(images_f, types.Constant(kernel, device=images.device)) + 0.5)
-    inner = np.zeros((size, size, 1), dtype=np.float32)
-    inner[1:-1, 1:-1] = 1.0
-    inner = types.Constant(inner)
-    degenerate = inner * smooth + (1.0 - inner) * images_f
-    return _blend(degenerate, images_f, factor, images)
+    # ImageEnhance.Sharpness: factor * image + (1 - factor) * SMOOTH(image), one 3x3 filter. PIL
+    # leaves the 1-pixel border as it is; here it is filtered too (reflected edges).
+    blur = np.array([[1, 1, 1], [1, 5, 1], [1, 1, 1]], dtype=np.float32) / 13.0
+    identity = np.zeros((3, 3), dtype=np.float32)
+    identity[1, 1] = 1.0
+    kernel = types.Constant(blur) * (1.0 - factor) + types.Constant(identity) * factor
+    return fn.filter(images, _on(kernel, images))
 
 
 def _enhancers(factor_of):
@@ -201,7 +209,8 @@ OPS = {"AutoContrast": auto_contrast, "Equalize": equalize, "Invert": invert, "R
        "SolarizeIncreasing": solarize_increasing, "SolarizeAdd": solarize_add, "ShearX": shear_x,
        "ShearY": shear_y, "TranslateXRel": translate_x_rel, "TranslateYRel": translate_y_rel,
        **_enhancers(_enhance_factor),
-       **{f"{name}Increasing": op for name, op in _enhancers(_enhance_increasing_factor).items()}}
+       **{f"{name}Increasing": op for name, op in _enhancers(_enhance_increasing_factor).items()},
+       "Identity": lambda images, level, sign, size: images}
 
 
 def _select(ops, low: int, high: int, index, images, level, sign, size):
@@ -230,14 +239,14 @@ def rand_augment(images, spec: RandAugmentSpec, size: int):
     """Apply the policy to a batch of uint8 HWC images of size x size (CPU or GPU). Needs a
     pipeline built with enable_conditionals=True."""
     ops = spec.ops
+    # One draw per layer picks an op with probability prob / len(ops) each, or none (1 - prob):
+    # the same law as timm's uniform choice followed by a prob coin, with one split of the batch
+    # fewer per layer.
+    weights = [spec.prob / len(ops)] * len(ops) + [1.0 - spec.prob]
+    choices = (*ops, "Identity")
     for _ in range(spec.num_layers):
-        index = fn.random.uniform(values=list(range(len(ops))), dtype=types.INT32)
-        applied = fn.random.coin_flip(probability=spec.prob, dtype=types.BOOL)
+        index = fn.random.choice(len(choices), p=weights)
         level = _magnitude(spec)
         sign = fn.cast(fn.random.coin_flip(probability=0.5, dtype=types.INT32), dtype=types.FLOAT) * 2.0 - 1.0
-        if applied:
-            augmented = _select(ops, 0, len(ops) - 1, index, images, level, sign, size)
-        else:
-            augmented = images
-        images = augmented
+        images = _select(choices, 0, len(choices) - 1, index, images, level, sign, size)
     return images

@@ -50,17 +50,27 @@ def _timm_op(name, image, level, sign, monkeypatch):
 
 
 # Mean absolute difference from timm, in 0-255 levels, that each op stays under. Measured: the
-# pixel ops agree to rounding (< 0.05); the geometric ops differ only along the border, where PIL
-# and DALI treat a sample straddling the edge differently (~0.5-1.1); Equalize uses OpenCV's lookup
-# table instead of PIL's: 3.7 mean (7.2 worst) on photos, up to ~10.3 on these narrow-histogram textures.
+# table ops (Invert, Posterize, Solarize, SolarizeAdd) agree exactly; the fused single-pass ops
+# (AutoContrast, Color, Contrast, Brightness) round where PIL truncates (<= 0.6); Sharpness also
+# filters the 1-pixel border PIL leaves alone (<= 1.6); the geometric ops differ only along the
+# border, where PIL and DALI treat a sample straddling the edge differently (<= 1.1); Equalize
+# uses OpenCV's lookup table instead of PIL's: 3.7 mean (7.2 worst) on photos, up to ~10.3 on these
+# narrow-histogram textures.
 GEOMETRIC = {"Rotate", "ShearX", "ShearY", "TranslateXRel", "TranslateYRel"}
+EXACT = {"Invert", "Posterize", "PosterizeIncreasing", "Solarize", "SolarizeIncreasing", "SolarizeAdd"}
 
 
 def _bound(name):
-    return 12.0 if name == "Equalize" else 1.6 if name in GEOMETRIC else 0.05
+    if name in EXACT:
+        return 0.0
+    if name == "Equalize":
+        return 12.0
+    if name in GEOMETRIC or name.startswith("Sharpness"):
+        return 1.8
+    return 0.7
 
 
-@pytest.mark.parametrize("name", sorted(OPS))
+@pytest.mark.parametrize("name", sorted(set(OPS) - {"Identity"}))
 def test_op_matches_timm(name, photos, monkeypatch):
     compared = 0
     for level in (0.0, 3.3, 6.0, 9.5, 10.0):
