@@ -103,3 +103,17 @@ def test_plot_writes_the_curves(run, tmp_path):
     colours = {c for _, c in image.getcolors(maxcolors=1 << 20)}
     assert (31, 119, 180) in colours and (214, 39, 40) in colours  # curves were drawn, not just axes
     assert_user_error(run_cli("plot", tmp_path, check=False), "no metrics.jsonl")
+
+
+@pytest.mark.parametrize("recipe", ["a1", "a2"])
+def test_a1_a2_run_end_to_end(recipe, tiny_data, tmp_path):
+    """Every part of A1/A2 (label smoothing, stochastic depth, 3 repeated augmentations,
+    RandAugment m7, mixup/cutmix, BCE, LAMB) together, shrunk to seconds: only the model, sizes,
+    batch and epochs are changed."""
+    proc = run_cli("train", recipe, "--data", tiny_data, "--out", tmp_path, "--device", "cpu",
+                   "--set", "model=resnet10t", "--set", "epochs=1", "--set", "warmup_epochs=0",
+                   "--set", "batch_size=6", "--set", "img_size=32", "--set", "test_img_size=40")
+    state = load_checkpoint(tmp_path / "last.pt")
+    r = state["recipe"]
+    assert r["aug_repeats"] == 3 and r["aa"] == "rand-m7-mstd0.5-inc1" and r["drop_path"] == 0.05
+    assert state["step"] == 48 // 6 and "done: top1" in proc.stdout

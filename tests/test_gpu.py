@@ -1,0 +1,61 @@
+"""The GPU paths: run wherever an NVIDIA GPU is at hand (skipped without one)."""
+import json
+
+import numpy as np
+import pytest
+import torch
+from nvidia.dali import fn, pipeline_def
+
+from conftest import run_cli
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU")]
+
+
+def test_gpu_train_loader_with_randaugment_and_repeats(tiny_data):
+    from fastrsb.pipelines import train_loader
+    loader = train_loader(tiny_data / "train", batch_size=6, img_size=32, device="cuda", seed=1,
+                          aa="rand-m9-mstd0.5-inc1", repeats=3)
+    state = None
+    for step, (images, labels) in enumerate(loader):
+        assert images.is_cuda and labels.is_cuda and images.dtype == torch.float16
+        assert images.shape == (6, 3, 32, 32) and images.is_contiguous(memory_format=torch.channels_last)
+        if step == 1:
+            state = loader.state_dict()
+            break
+    resumed = train_loader(tiny_data / "train", batch_size=6, img_size=32, device="cuda", seed=1,
+                           aa="rand-m9-mstd0.5-inc1", repeats=3, state=state)
+    assert next(iter(resumed))[0].shape == (6, 3, 32, 32)
+
+
+@pytest.mark.parametrize("name", ["AutoContrast", "ContrastIncreasing", "SolarizeAdd", "Rotate", "SharpnessIncreasing"])
+def test_gpu_ops_match_the_cpu_ops(name, tiny_data):
+    """The GPU variants (arithmetic where the CPU uses fused operators) against the CPU ones."""
+    from PIL import Image
+    from fastrsb.pipelines.randaugment import OPS
+    files = sorted((tiny_data / "train").glob("*/*.JPEG"))[:8]
+    images = [np.asarray(Image.open(f).convert("RGB").resize((48, 48))) for f in files]
+
+    def run(device):
+        @pipeline_def(batch_size=len(images), num_threads=2, device_id=0 if device == "gpu" else None,
+                      enable_conditionals=True)
+        def one():
+            x = fn.external_source(source=[images], layout="HWC")
+            level = fn.external_source(source=[[np.float32(7.0)] * len(images)])
+            sign = fn.external_source(source=[[np.float32(1.0)] * len(images)])
+            return OPS[name](x.gpu() if device == "gpu" else x, level, sign, 48)
+        (out,) = one().run()
+        out = out.as_cpu() if device == "gpu" else out
+        return np.stack([np.asarray(o) for o in out]).astype(int)
+
+    assert np.abs(run("gpu") - run("cpu")).mean() < 1.0
+
+
+def test_short_compiled_gpu_run(tiny_data, tmp_path):
+    proc = run_cli("train", "tiny", "--data", tiny_data, "--out", tmp_path, "--device", "cuda",
+                   "--set", "aa=rand-m6-mstd0.5-inc1", "--set", "epochs=3", "--log-every", "2")
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    epochs = [r for r in rows if r["kind"] == "epoch"]
+    assert len(epochs) == 3 and all(r["val_images"] == 20 for r in epochs)
+    assert "compiled" in proc.stdout and "float16" in proc.stdout  # bf16 (fp16 on GPUs without bf16)
+    # Steady state: the fixed-shape train step compiles once (eval runs eager).
+    assert proc.stderr.count("Recompiling") == 0, proc.stderr
