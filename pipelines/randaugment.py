@@ -96,30 +96,48 @@ def invert(images, level, sign, size):
     return types.Constant(255, dtype=types.UINT8) - images
 
 
-def rotate(images, level, sign, size):
-    # PIL's Image.rotate(degrees) about the centre, counter-clockwise, as an inverse affine map.
+# Each geometric op is an inverse affine map (a, b, c, d, e, f), as timm's PIL calls build it.
+
+def _rotate_matrix(level, sign, size):
+    # PIL's Image.rotate(degrees) about the centre, counter-clockwise.
     theta = -(level / MAX_LEVEL * 30.0 * sign) * (math.pi / 180.0)
     cos, sin = dmath.cos(theta), dmath.sin(theta)
     centre = size / 2.0
-    c = cos * -centre + sin * -centre + centre
-    f = -sin * -centre + cos * -centre + centre
-    return _warp(images, cos, sin, c, -sin, cos, f, size)
+    return (cos, sin, cos * -centre + sin * -centre + centre, -sin, cos, -sin * -centre + cos * -centre + centre)
 
 
-def shear_x(images, level, sign, size):
-    return _warp(images, 1.0, level / MAX_LEVEL * 0.3 * sign, 0.0, 0.0, 1.0, 0.0, size)
+def _shear_x_matrix(level, sign, size):
+    return (1.0, level / MAX_LEVEL * 0.3 * sign, 0.0, 0.0, 1.0, 0.0)
 
 
-def shear_y(images, level, sign, size):
-    return _warp(images, 1.0, 0.0, 0.0, level / MAX_LEVEL * 0.3 * sign, 1.0, 0.0, size)
+def _shear_y_matrix(level, sign, size):
+    return (1.0, 0.0, 0.0, level / MAX_LEVEL * 0.3 * sign, 1.0, 0.0)
 
 
-def translate_x_rel(images, level, sign, size):
-    return _warp(images, 1.0, 0.0, level / MAX_LEVEL * 0.45 * sign * size, 0.0, 1.0, 0.0, size)
+def _translate_x_matrix(level, sign, size):
+    return (1.0, 0.0, level / MAX_LEVEL * 0.45 * sign * size, 0.0, 1.0, 0.0)
 
 
-def translate_y_rel(images, level, sign, size):
-    return _warp(images, 1.0, 0.0, 0.0, 0.0, 1.0, level / MAX_LEVEL * 0.45 * sign * size, size)
+def _translate_y_matrix(level, sign, size):
+    return (1.0, 0.0, 0.0, 0.0, 1.0, level / MAX_LEVEL * 0.45 * sign * size)
+
+
+GEOMETRIC = {"Rotate": _rotate_matrix, "ShearX": _shear_x_matrix, "ShearY": _shear_y_matrix,
+             "TranslateXRel": _translate_x_matrix, "TranslateYRel": _translate_y_matrix}
+
+
+def _geometric_op(name):
+    return lambda images, level, sign, size: _warp(images, *GEOMETRIC[name](level, sign, size), size)
+
+
+def geometric(images, level, sign, size, kind):
+    """All five geometric ops as one warp: `kind` (per sample, 0-4, in GEOMETRIC's order) picks
+    the matrix by arithmetic on per-sample scalars, so the batch is split once for all of them
+    (the CPU warp is the costliest op; one call over the combined sub-batch amortizes it)."""
+    matrices = [build(level, sign, size) for build in GEOMETRIC.values()]
+    chosen = [fn.cast(kind == k, dtype=types.FLOAT) for k in range(len(matrices))]
+    entries = [sum(pick * matrix[i] for pick, matrix in zip(chosen, matrices)) for i in range(6)]
+    return _warp(images, *entries, size)
 
 
 def _posterize(images, bits):
@@ -204,24 +222,26 @@ def _enhancers(factor_of):
     }
 
 
-OPS = {"AutoContrast": auto_contrast, "Equalize": equalize, "Invert": invert, "Rotate": rotate,
+OPS = {"AutoContrast": auto_contrast, "Equalize": equalize, "Invert": invert,
+       **{name: _geometric_op(name) for name in GEOMETRIC},
        "Posterize": posterize, "PosterizeIncreasing": posterize_increasing, "Solarize": solarize,
-       "SolarizeIncreasing": solarize_increasing, "SolarizeAdd": solarize_add, "ShearX": shear_x,
-       "ShearY": shear_y, "TranslateXRel": translate_x_rel, "TranslateYRel": translate_y_rel,
+       "SolarizeIncreasing": solarize_increasing, "SolarizeAdd": solarize_add,
        **_enhancers(_enhance_factor),
        **{f"{name}Increasing": op for name, op in _enhancers(_enhance_increasing_factor).items()},
        "Identity": lambda images, level, sign, size: images}
 
 
-def _select(ops, low: int, high: int, index, images, level, sign, size):
+def _select(ops, low: int, high: int, index, images, level, sign, size, kind):
     """ops[index](...) per sample: a binary tree of DALI conditionals splits the batch."""
     if low == high:
+        if ops[low] == "Geometric":
+            return geometric(images, level, sign, size, kind)
         return OPS[ops[low]](images, level, sign, size)
     middle = (low + high) // 2
     if index <= middle:
-        out = _select(ops, low, middle, index, images, level, sign, size)
+        out = _select(ops, low, middle, index, images, level, sign, size, kind)
     else:
-        out = _select(ops, middle + 1, high, index, images, level, sign, size)
+        out = _select(ops, middle + 1, high, index, images, level, sign, size, kind)
     return out
 
 
@@ -238,15 +258,17 @@ def _magnitude(spec: RandAugmentSpec):
 def rand_augment(images, spec: RandAugmentSpec, size: int):
     """Apply the policy to a batch of uint8 HWC images of size x size (CPU or GPU). Needs a
     pipeline built with enable_conditionals=True."""
-    ops = spec.ops
-    # One draw per layer picks an op with probability prob / len(ops) each, or none (1 - prob):
-    # the same law as timm's uniform choice followed by a prob coin, with one split of the batch
-    # fewer per layer.
-    weights = [spec.prob / len(ops)] * len(ops) + [1.0 - spec.prob]
-    choices = (*ops, "Identity")
+    # One draw per layer picks each op with probability prob / len(ops), or none (1 - prob): the
+    # same law as timm's uniform choice followed by a prob coin. The geometric ops share one leaf
+    # (probability prob * 5 / len(ops)) and a second uniform draw says which of them.
+    others = [name for name in spec.ops if name not in GEOMETRIC]
+    share = spec.prob / len(spec.ops)
+    choices = (*others, "Geometric", "Identity")
+    weights = [share] * len(others) + [share * len(GEOMETRIC), 1.0 - spec.prob]
     for _ in range(spec.num_layers):
         index = fn.random.choice(len(choices), p=weights)
+        kind = fn.random.uniform(values=list(range(len(GEOMETRIC))), dtype=types.INT32)
         level = _magnitude(spec)
         sign = fn.cast(fn.random.coin_flip(probability=0.5, dtype=types.INT32), dtype=types.FLOAT) * 2.0 - 1.0
-        images = _select(choices, 0, len(choices) - 1, index, images, level, sign, size)
+        images = _select(choices, 0, len(choices) - 1, index, images, level, sign, size, kind)
     return images

@@ -145,3 +145,19 @@ def test_train_loader_applies_it(tiny_data):
     assert torch.equal(augmented, first_batch("rand-m9-mstd0.5-inc1"))  # deterministic for a seed
     with pytest.raises(DatasetError, match="unsupported section"):
         first_batch("rand-m9-q2")
+
+
+def test_combined_geometric_leaf_equals_each_op(photos):
+    """rand_augment warps all five geometric ops in one leaf; with `kind` fixed it must give
+    exactly the op that test_op_matches_timm compared with timm."""
+    from fastrsb.pipelines.randaugment import GEOMETRIC, geometric
+    for kind, name in enumerate(GEOMETRIC):
+        @pipeline_def(batch_size=len(photos), num_threads=1, device_id=None)
+        def both():
+            x = fn.external_source(source=[photos], layout="HWC")
+            level = fn.external_source(source=[[np.float32(7.5)] * len(photos)])
+            sign = fn.external_source(source=[[np.float32(-1.0)] * len(photos)])
+            which = fn.external_source(source=[[np.int32(kind)] * len(photos)])
+            return OPS[name](x, level, sign, SIZE), geometric(x, level, sign, SIZE, which)
+        single, combined = both().run()
+        assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(single, combined)), name
