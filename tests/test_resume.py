@@ -177,3 +177,15 @@ def test_two_processes_resume_exactly(distributed_run, tiny_data, tmp_path):
     single = run_cli("train", "tiny", "--data", tiny_data, "--out", tmp_path, "--device", "cpu", "--resume", "auto",
                      check=False)
     assert single.returncode == 2 and "2 process(es)" in single.stderr
+
+
+def test_eval_of_the_ema_weights(tiny_data, uninterrupted, tmp_path):
+    last = _epoch_rows(uninterrupted)[-1]
+    result = json.loads(run_cli("eval", uninterrupted / "last.pt", "--data", tiny_data, "--ema", "--json",
+                                "--batch-size", "8").stdout)
+    assert result["ema"] and result["top1"] == pytest.approx(last["ema_top1"])
+    state = load_checkpoint(uninterrupted / "last.pt")
+    del state["ema"]
+    torch.save(state, tmp_path / "plain.pt")
+    proc = run_cli("eval", tmp_path / "plain.pt", "--data", tiny_data, "--ema", check=False)
+    assert proc.returncode == 2 and "no EMA weights" in proc.stderr
