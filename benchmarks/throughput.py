@@ -164,10 +164,12 @@ def measure_training(mode: str, args, root: Path | None, d) -> dict:
 
 
 def combine_ranks(results: list[dict]) -> dict:
-    """One line for a torchrun run: images/s per GPU (mean) and in total, the highest memory."""
+    """One line for a torchrun run: images/s per GPU (mean), each rank's, the total, the highest memory."""
     first = dict(results[0])
-    total = sum(r["images_per_sec"] for r in results)
-    first.update(world_size=len(results), images_per_sec=total / len(results), images_per_sec_total=total)
+    per_rank = [r["images_per_sec"] for r in results]
+    total = sum(per_rank)
+    first.update(world_size=len(results), images_per_sec=total / len(results), images_per_sec_total=total,
+                 images_per_sec_per_rank=per_rank)
     for key, value in first.items():
         if key.endswith("_gib") and isinstance(value, (int, float)):
             first[key] = max(r[key] for r in results if isinstance(r.get(key), (int, float)))

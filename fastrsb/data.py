@@ -3,12 +3,14 @@ search for the file DALI could not decode when a run fails on one."""
 from __future__ import annotations
 
 import os
+import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 from PIL import Image
 
 from fastrsb.errors import UserError
+from fastrsb.progress import Progress
 from fastrsb.pipelines import DatasetError, ImageList, list_images
 
 
@@ -45,16 +47,19 @@ def _decode_error(path: str) -> str | None:
         return f"{type(err).__name__}: {err}"
 
 
-def find_undecodable(files: list[str], workers: int | None = None, limit: int = 10) -> list[tuple[str, str]]:
-    """(path, reason) for up to `limit` files that do not decode, in file order."""
+def find_undecodable(files: list[str], workers: int | None = None, limit: int | None = 10,
+                     progress: Progress | None = None) -> list[tuple[str, str]]:
+    """(path, reason) for the files that do not decode (the first `limit`, or all), in file order."""
     workers = workers or max(1, min(16, len(os.sched_getaffinity(0))))
     bad = []
     with ProcessPoolExecutor(workers) as pool:
-        for path, reason in zip(files, pool.map(_decode_error, files, chunksize=64)):
+        for done, (path, reason) in enumerate(zip(files, pool.map(_decode_error, files, chunksize=64)), 1):
             if reason:
                 bad.append((path, reason))
-                if len(bad) >= limit:
+                if limit is not None and len(bad) >= limit:
                     break
+            if progress is not None and (done % 1000 == 0 or done == len(files)):
+                progress.update(done, done / (time.perf_counter() - progress.start))
     return bad
 
 

@@ -7,36 +7,20 @@ from __future__ import annotations
 
 import csv
 import os
-import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 from PIL import Image
 
-from fastrsb.data import _decode_error
+from fastrsb.data import find_undecodable
 from fastrsb.errors import UserError
+from fastrsb.progress import Progress
 from fastrsb.pipelines import IMAGE_EXTENSIONS
 
 
 def _workers(workers: int | None) -> int:
     return workers or max(1, len(os.sched_getaffinity(0)))
-
-
-class _Counter:
-    """A progress line for long file passes: on a terminal in place, elsewhere every ~10%."""
-
-    def __init__(self, title: str, total: int, stream=sys.stderr):
-        self.title, self.total, self.stream = title, total, stream
-        self.start, self.next_line, self.tty = time.perf_counter(), 0, stream.isatty()
-
-    def update(self, done: int) -> None:
-        if self.tty or done >= self.next_line or done == self.total:
-            rate = done / max(time.perf_counter() - self.start, 1e-9)
-            end = "\r" if self.tty and done < self.total else "\n"
-            self.stream.write(f"{self.title}: {done:,}/{self.total:,} files ({rate:,.0f}/s){end}")
-            self.stream.flush()
-            self.next_line = done + max(1, self.total // 10)
 
 
 def _class_folders(split: Path) -> dict[str, tuple[list[Path], list[Path]]]:
@@ -80,13 +64,10 @@ def check(root: str | Path, workers: int | None = None, decode: bool = True) -> 
         problems.append(f"train and val classes differ: {len(only_train)} only in train {only_train[:5]}, "
                         f"{len(only_val)} only in val {only_val[:5]}")
     if decode and files:
-        counter = _Counter("decoding", len(files))
-        with ProcessPoolExecutor(_workers(workers)) as pool:
-            for done, (path, reason) in enumerate(zip(files, pool.map(_decode_error, map(str, files), chunksize=256)), 1):
-                if reason:
-                    problems.append(f"cannot decode {path} ({reason})")
-                if done % 1000 == 0 or done == len(files):
-                    counter.update(done)
+        progress = Progress("decoding", len(files), unit="files")
+        for path, reason in find_undecodable([str(f) for f in files], workers, limit=None, progress=progress):
+            problems.append(f"cannot decode {path} ({reason})")
+        progress.close()
     counts = ", ".join(f"{sum(len(i) for i, _ in c.values()):,} {s} images in {len(c):,} classes"
                        for s, c in splits.items())
     print(f"{root}: {counts or 'no images'}; {len(problems)} problem(s)")
@@ -213,7 +194,7 @@ def shrink(source: str | Path, target: str | Path, max_side: int = 500, quality:
                 jobs.append((str(path), str(target / path.relative_to(source)), max_side, quality))
     counts = {"written": 0, "skipped": 0, "failed": 0}
     failures = []
-    counter = _Counter("shrinking", len(jobs))
+    progress = Progress("shrinking", len(jobs), unit="files")
     with ProcessPoolExecutor(_workers(workers)) as pool:
         for done, (job, result) in enumerate(zip(jobs, pool.map(_shrink_one, jobs, chunksize=64)), 1):
             kind = result.split(":")[0]
@@ -221,7 +202,8 @@ def shrink(source: str | Path, target: str | Path, max_side: int = 500, quality:
             if kind == "failed":
                 failures.append(f"{job[0]} ({result.removeprefix('failed: ')})")
             if done % 500 == 0 or done == len(jobs):
-                counter.update(done)
+                progress.update(done, done / (time.perf_counter() - progress.start))
+    progress.close()
     print(f"{target}: {counts['written']:,} written, {counts['skipped']:,} already there, {counts['failed']:,} failed")
     for failure in failures[:20]:
         print(f"  cannot read {failure}")

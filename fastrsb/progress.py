@@ -12,8 +12,9 @@ def _clock(seconds: float) -> str:
 
 
 class Progress:
-    def __init__(self, title: str, total: int, stream=sys.stderr, enabled: bool = True):
+    def __init__(self, title: str, total: int, stream=sys.stderr, enabled: bool = True, unit: str = "img"):
         self.enabled = enabled  # only rank 0 of a distributed run prints
+        self.unit = unit  # what is counted: images for training, files for the data tools
         self.title = title
         self.total = total
         self.stream = stream
@@ -21,8 +22,9 @@ class Progress:
         self.start = time.perf_counter()
         self._next_plain = 0
 
-    def update(self, done: int, images_per_sec: float, data: float | None = None, **fields: float) -> None:
-        """images_per_sec per GPU; data: the share of the time spent waiting for the loader."""
+    def update(self, done: int, per_sec: float, data: float | None = None, **fields: float) -> None:
+        """per_sec: units per second (images/s per GPU in training); data: the share of the time
+        spent waiting for the loader."""
         if not self.enabled:
             return
         elapsed = time.perf_counter() - self.start
@@ -34,10 +36,10 @@ class Progress:
             width = 24
             fill = int(width * done / max(self.total, 1))
             bar = "#" * fill + "." * (width - fill)
-            self.stream.write(f"\r{self.title} [{bar}] {done}/{self.total} {images_per_sec:,.0f} img/s {text} eta {_clock(eta)}\033[K")
+            self.stream.write(f"\r{self.title} [{bar}] {done}/{self.total} {per_sec:,.0f} {self.unit}/s {text} eta {_clock(eta)}\033[K")
             self.stream.flush()
         elif done >= self._next_plain or done == self.total:
-            self.stream.write(f"{self.title} {done}/{self.total} {images_per_sec:,.0f} img/s {text} eta {_clock(eta)}\n")
+            self.stream.write(f"{self.title} {done}/{self.total} {per_sec:,.0f} {self.unit}/s {text} eta {_clock(eta)}\n")
             self.stream.flush()
             self._next_plain = done + max(1, self.total // 10)
 

@@ -58,7 +58,8 @@ def evaluate(model: torch.nn.Module, loader, device: str, dtype: torch.dtype | N
     """Top-1/top-5 and cross-entropy over every image of the loader exactly once, summed over all
     ranks. Runs the eager model: the test size and the short last batch would otherwise recompile."""
     model.eval()
-    sums = torch.zeros(4, dtype=torch.float64, device=device)  # top-1 hits, top-5 hits, loss, images
+    sums = torch.zeros(3, dtype=torch.float64, device=device)  # top-1 hits, top-5 hits, summed loss
+    count = 0  # counted on the host: the batch sizes are known there, no copy to the device per batch
     try:
         for images, labels in loader:
             with autocast(device, dtype):
@@ -66,11 +67,12 @@ def evaluate(model: torch.nn.Module, loader, device: str, dtype: torch.dtype | N
             top = logits.topk(min(5, logits.shape[1]), dim=1).indices
             hits = top.eq(labels.view(-1, 1))
             sums += torch.stack([hits[:, 0].sum(), hits.any(dim=1).sum(),
-                                 F.cross_entropy(logits, labels, reduction="sum"),
-                                 torch.tensor(labels.shape[0], device=device)]).double()
+                                 F.cross_entropy(logits, labels, reduction="sum")]).double()
+            count += labels.shape[0]
     except RuntimeError as err:
         raise explain_pipeline_error(err, loader.images) from None
-    top1, top5, loss, count = all_reduce_sum(sums, d).tolist()  # one host sync for the evaluation
+    totals = torch.cat([sums, sums.new_tensor([count])])  # one copy, one all-reduce, one host sync
+    top1, top5, loss, count = all_reduce_sum(totals, d).tolist()
     return {"top1": 100.0 * top1 / count, "top5": 100.0 * top5 / count, "val_loss": loss / count,
             "val_images": int(count)}
 
@@ -98,10 +100,11 @@ def _check_resumable(state: dict, recipe: dict, classes: list[str], d: Dist, pat
                         "resume needs each process's loader position; resume with the same number of processes")
 
 
-def _rank_state(train_data, mixer: BatchMixer, device: str) -> dict:
-    """What differs per process: loader position and random streams."""
+def _rank_state(train_data, mixer: BatchMixer, device: str, epoch_loss_sum: float) -> dict:
+    """What differs per process: loader position, random streams, and the sum of this epoch's
+    losses so far (each rank's own shard: an epoch stopped half-way reports the same mean)."""
     return {"loader": train_data.state_dict(), "mixer": mixer.state_dict(), "torch_rng": torch.get_rng_state(),
-            **({"cuda_rng": torch.cuda.get_rng_state()} if device == "cuda" else {})}
+            "epoch_loss_sum": epoch_loss_sum, **({"cuda_rng": torch.cuda.get_rng_state()} if device == "cuda" else {})}
 
 
 def _restore_rank_state(rank_state: dict, mixer: BatchMixer, device: str) -> None:
@@ -204,8 +207,9 @@ def _train(recipe, data, out, device, d, num_threads, log_every, resume, grad_ac
     if state and d.main:
         print(f"resumed from {resume_path}: epoch {start_epoch + 1}, step {step}")
 
-    def checkpoint(epoch: int, partial: dict | None, best: bool = False) -> None:
-        ranks = gather_to_main(_rank_state(train_data, mixer, device), d)  # collective: every rank calls it
+    def checkpoint(epoch: int, partial: dict | None, best: bool = False, epoch_loss_sum: float = 0.0) -> None:
+        # Collective (every rank calls it); at checkpoints only, so the host syncs here do not matter.
+        ranks = gather_to_main(_rank_state(train_data, mixer, device, epoch_loss_sum), d)
         if not d.main:
             return
         snapshot = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
@@ -227,7 +231,7 @@ def _train(recipe, data, out, device, d, num_threads, log_every, resume, grad_ac
         progress = Progress(f"epoch {epoch + 1}/{recipe['epochs']}", steps_per_epoch, enabled=d.main)
         loss_sum = torch.zeros((), device=device)
         if partial:
-            loss_sum += partial["loss_sum"]
+            loss_sum += rank_state["epoch_loss_sum"]
         seconds_before = partial["seconds"] if partial else 0.0
         partial = None
         start = interval_start = time.perf_counter()
@@ -274,8 +278,8 @@ def _train(recipe, data, out, device, d, num_threads, log_every, resume, grad_ac
                 interval_start, interval_wait = now, 0.0
                 if stopping and micro_done < micro_per_epoch:
                     progress.close()
-                    checkpoint(epoch, {"micro_done": micro_done, "loss_sum": loss_sum.item(),
-                                       "seconds": seconds_before + now - start})
+                    checkpoint(epoch, {"micro_done": micro_done, "seconds": seconds_before + now - start},
+                               epoch_loss_sum=loss_sum.item())
                     if d.main:
                         print(f"stopped at step {step} (epoch {epoch + 1}, {done}/{steps_per_epoch}); "
                               f"continue with: --resume auto --out {out}")

@@ -174,6 +174,7 @@ def test_two_processes_resume_exactly(distributed_run, tiny_data, tmp_path):
     _torchrun("--data", tiny_data, "--out", tmp_path, "--resume", "auto")
     left, right = load_checkpoint(whole / "last.pt"), load_checkpoint(tmp_path / "last.pt")
     assert all(torch.equal(v, right["model"][k]) for k, v in left["model"].items())
+    assert _epoch_rows(whole) == _epoch_rows(tmp_path)  # the half-stopped epoch's train loss included
     single = run_cli("train", "tiny", "--data", tiny_data, "--out", tmp_path, "--device", "cpu", "--resume", "auto",
                      check=False)
     assert single.returncode == 2 and "2 process(es)" in single.stderr
