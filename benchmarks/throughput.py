@@ -8,7 +8,8 @@
 --mode loader: the train pipeline alone. Loaders: fastrsb's DALI pipeline on the GPU (dali-gpu)
 and on the CPU (dali-cpu), a torchvision ImageFolder + DataLoader with PIL transforms (workers =
 cores), and timm's own loader (timm.data.create_loader). All do the same work: decode,
-random-resized-crop to --img-size, flip, normalize, deliver to the device. One process per loader.
+random-resized-crop to --img-size, flip, normalize, deliver to the device. One process per loader;
+--rounds N measures each loader N times, round-robin, and reports its median (shared machines vary).
 --mode step: forward, loss, backward and LAMB on a device-resident synthetic batch, channels-last,
 AMP and compiled as the recipe says: fastrsb.step.TrainStep, the trainer's own step.
 --mode train: the trainer's path end to end: DALI loader, mixup/cutmix, TrainStep.
@@ -243,28 +244,50 @@ def _emit(result: dict, json_out: Path | None) -> None:
             f.write(line + "\n")
 
 
+def _loader_in_child(name: str, args, root: Path) -> dict:
+    """One loader measured in a process of its own, so that peak memory (RSS, GPU) is its own."""
+    argv = [a for a in sys.argv[1:] if not a.startswith("--json-out") and a != str(args.json_out)]
+    for option in ("--loaders", "--rounds"):
+        argv = [a for i, a in enumerate(argv) if not (i and argv[i - 1] == option) and a != option]
+    child = subprocess.run([sys.executable, __file__, *argv, "--loaders", name, "--data", str(root)],
+                           capture_output=True, text=True)
+    if child.returncode:
+        sys.exit(f"{name} failed:\n{child.stderr[-2000:]}")
+    return json.loads(next(line for line in child.stdout.splitlines() if line.startswith("{")))
+
+
+def _median_round(rounds: list[dict]) -> dict:
+    """The round with the median images/s, with every round's images/s alongside."""
+    ranked = sorted(rounds, key=lambda r: r["images_per_sec"])
+    result = dict(ranked[(len(ranked) - 1) // 2])
+    if len(rounds) > 1:
+        result["images_per_sec_rounds"] = [round(r["images_per_sec"], 1) for r in rounds]
+    return result
+
+
 def run_loaders(args, root: Path, info: dict) -> None:
     names = args.loaders.split(",") if args.loaders else \
         (["dali-gpu"] if torch.cuda.is_available() else []) + ["dali-cpu", "torchvision", "timm"]
-    results = []
-    for name in names:
-        if len(names) == 1:
-            result = {**info, **measure_loader(name, args, root)}
-        else:  # one process per loader, so that peak memory (RSS, GPU) is that loader's own
-            argv = [a for a in sys.argv[1:] if not a.startswith("--json-out") and a != str(args.json_out)]
-            argv = [a for i, a in enumerate(argv) if not (i and argv[i - 1] == "--loaders") and a != "--loaders"]
-            child = subprocess.run([sys.executable, __file__, *argv, "--loaders", name, "--data", str(root)],
-                                   capture_output=True, text=True)
-            if child.returncode:
-                sys.exit(f"{name} failed:\n{child.stderr[-2000:]}")
-            result = json.loads(next(line for line in child.stdout.splitlines() if line.startswith("{")))
-        results.append(result)
+    if len(names) == 1 and args.rounds == 1:
+        rounds = {names[0]: [{**info, **measure_loader(names[0], args, root)}]}
+    else:
+        # Rounds go round-robin over the loaders, so that a slow spell of a shared machine falls on
+        # all of them alike; each loader reports its median round.
+        rounds = {name: [] for name in names}
+        for _ in range(args.rounds):
+            for name in names:
+                rounds[name].append(_loader_in_child(name, args, root))
+    results = [_median_round(rounds[name]) for name in names]
+    for result in results:
         _emit(result, args.json_out)
     base = results[0]["images_per_sec"]
-    print(f"\n{'loader':<12} {'device':<6} {'img/s':>9} {'ratio':>6}  on {info['device_name']}, {args.img_size} px, "
-          f"batch {args.batch_size}, RandAugment {args.aa}")
+    spread = args.rounds > 1
+    print(f"\n{'loader':<12} {'device':<6} {'img/s':>9} {'ratio':>6}{'  rounds (img/s)' if spread else ''}  "
+          f"on {info['device_name']}, {args.img_size} px, batch {args.batch_size}, RandAugment {args.aa}"
+          f"{f', median of {args.rounds} rounds' if spread else ''}")
     for r in results:
-        print(f"{r['loader']:<12} {r['device']:<6} {r['images_per_sec']:>9,.0f} {r['images_per_sec'] / base:>6.2f}")
+        extra = "  " + " ".join(f"{v:,.0f}" for v in r["images_per_sec_rounds"]) if spread else ""
+        print(f"{r['loader']:<12} {r['device']:<6} {r['images_per_sec']:>9,.0f} {r['images_per_sec'] / base:>6.2f}{extra}")
 
 
 def run_training(args, info: dict) -> None:
@@ -316,9 +339,13 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=128, help="per process (GPU)")
     p.add_argument("--steps", type=int, default=30, help="timed batches")
     p.add_argument("--warmup", type=int, default=5, help="batches before timing starts (compilation included)")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="loader mode: measure every loader this many times, round-robin, and report the median")
     p.add_argument("--workers", type=int, default=None, help="DALI threads / DataLoader workers (default: cores)")
     p.add_argument("--json-out", type=Path, help="also append the JSON lines to this file")
     args = p.parse_args()
+    if args.rounds < 1:
+        p.error("--rounds must be at least 1")
     if args.mode != "step" and not args.data and not args.synthetic_jpegs:
         p.error(f"--mode {args.mode} needs --data DIR or --synthetic-jpegs N")
     info = context()

@@ -41,6 +41,20 @@ def test_loader_mode_reports_every_loader(tmp_path):
     assert "ratio" in proc.stdout and "1.00" in proc.stdout
 
 
+def test_loader_rounds_report_each_loaders_median(tmp_path):
+    """--rounds 3: every loader measured three times, round-robin; the reported images/s is the
+    median round, and each round's figure is kept."""
+    lines, stdout = _bench("--mode", "loader", "--synthetic-jpegs", "24", "--cache", tmp_path, "--img-size", "32",
+                           "--batch-size", "4", "--steps", "2", "--warmup", "1", "--workers", "1",
+                           "--loaders", "dali-cpu,torchvision", "--aa", "none", "--rounds", "3")
+    assert [r["loader"] for r in lines] == ["dali-cpu", "torchvision"]
+    for r in lines:
+        rounds = r["images_per_sec_rounds"]
+        assert len(rounds) == 3 and all(v > 0 for v in rounds)
+        assert round(r["images_per_sec"], 1) == sorted(rounds)[1]
+    assert "median of 3 rounds" in stdout
+
+
 def _bench(*args, torchrun=False):
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"] if torchrun \
         else [sys.executable]

@@ -40,9 +40,8 @@ def test_gpu_ops_match_the_cpu_ops(name, tiny_data):
                       enable_conditionals=True)
         def one():
             x = fn.external_source(source=[images], layout="HWC")
-            level = fn.external_source(source=[[np.float32(7.0)] * len(images)])
-            sign = fn.external_source(source=[[np.float32(1.0)] * len(images)])
-            return OPS[name](x.gpu() if device == "gpu" else x, level, sign, 48)
+            signed = fn.external_source(source=[[np.float32(7.0)] * len(images)])
+            return OPS[name](x.gpu() if device == "gpu" else x, signed, 48)
         (out,) = one().run()
         out = out.as_cpu() if device == "gpu" else out
         return np.stack([np.asarray(o) for o in out]).astype(int)

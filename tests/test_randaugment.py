@@ -34,9 +34,8 @@ def _dali_op(name, images, levels, signs):
     @pipeline_def(batch_size=len(images), num_threads=1, device_id=None, enable_conditionals=True)
     def one_op():
         x = fn.external_source(source=[images], layout="HWC")
-        level = fn.external_source(source=[[np.float32(v) for v in levels]])
-        sign = fn.external_source(source=[[np.float32(v) for v in signs]])
-        return OPS[name](x, level, sign, SIZE)
+        signed = fn.external_source(source=[[np.float32(v * s) for v, s in zip(levels, signs)]])
+        return OPS[name](x, signed, SIZE)
     (out,) = one_op().run()
     return [np.asarray(o) for o in out]
 
@@ -155,9 +154,8 @@ def test_combined_geometric_leaf_equals_each_op(photos):
         @pipeline_def(batch_size=len(photos), num_threads=1, device_id=None)
         def both():
             x = fn.external_source(source=[photos], layout="HWC")
-            level = fn.external_source(source=[[np.float32(7.5)] * len(photos)])
-            sign = fn.external_source(source=[[np.float32(-1.0)] * len(photos)])
+            signed = fn.external_source(source=[[np.float32(-7.5)] * len(photos)])
             which = fn.external_source(source=[[np.int32(kind)] * len(photos)])
-            return OPS[name](x, level, sign, SIZE), geometric(x, level, sign, SIZE, which)
+            return OPS[name](x, signed, SIZE), geometric(x, signed, SIZE, which)
         single, combined = both().run()
         assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(single, combined)), name
