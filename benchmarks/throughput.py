@@ -247,9 +247,8 @@ def _emit(result: dict, json_out: Path | None) -> None:
 def _loader_in_child(name: str, args, root: Path) -> dict:
     """One loader measured in a process of its own, so that peak memory (RSS, GPU) is its own."""
     argv = [a for a in sys.argv[1:] if not a.startswith("--json-out") and a != str(args.json_out)]
-    for option in ("--loaders", "--rounds"):
-        argv = [a for i, a in enumerate(argv) if not (i and argv[i - 1] == option) and a != option]
-    child = subprocess.run([sys.executable, __file__, *argv, "--loaders", name, "--data", str(root)],
+    # argparse keeps an option's last value: these override the parent's (--rounds=3 included).
+    child = subprocess.run([sys.executable, __file__, *argv, "--loaders", name, "--rounds", "1", "--data", str(root)],
                            capture_output=True, text=True)
     if child.returncode:
         sys.exit(f"{name} failed:\n{child.stderr[-2000:]}")

@@ -45,7 +45,7 @@ def _on(node, images):
     return node.gpu() if images.device == "gpu" else node
 
 
-def _constant(values, shape):
+def _constant(values, shape):  # float32 constants of a given shape
     return types.Constant(np.asarray(values, dtype=np.float32).reshape(shape))
 
 
@@ -125,10 +125,9 @@ def geometric(images, signed, size, kind, names=GEOMETRIC):
     """The geometric ops names[kind] (kind: per-sample int32), all in one warp call: the matrix
     is picked per sample by arithmetic, so the batch is split once for all of them."""
     terms = np.stack([_geometric_terms(name, size) for name in names])  # (K, 4, 3, 3)
+    a, b, c, d = (types.Constant(np.ascontiguousarray(terms[:, i])) for i in range(4))  # each (K, 3, 3)
     theta = signed * (-ROTATE_DEGREES_PER_LEVEL * math.pi / 180.0)
-    candidates = (_constant(terms[:, 0], terms[:, 0].shape) + signed * _constant(terms[:, 1], terms[:, 1].shape)
-                  + dmath.cos(theta) * _constant(terms[:, 2], terms[:, 2].shape)
-                  + dmath.sin(theta) * _constant(terms[:, 3], terms[:, 3].shape))  # (K, 3, 3)
+    candidates = a + signed * b + dmath.cos(theta) * c + dmath.sin(theta) * d  # (K, 3, 3)
     if len(names) == 1:
         return _warp(images, fn.reshape(candidates, shape=[3, 3]), size)
     chosen = kind == types.Constant(np.arange(len(names), dtype=np.int32).reshape(-1, 1, 1))
@@ -272,12 +271,11 @@ def _magnitude(spec: RandAugmentSpec):
     return dmath.clamp(level, 0.0, spec.magnitude_max)
 
 
-def rand_augment(images, spec: RandAugmentSpec, size: int):
-    """Apply the policy to a batch of uint8 HWC images of size x size (CPU or GPU). Needs a
-    pipeline built with enable_conditionals=True."""
-    # One draw per layer picks op i with probability prob / len(ops), or none (1 - prob): the
-    # same law as timm's uniform choice followed by a prob coin. The draw is an index into
-    # `ordered` (the geometric ops last, so that one leaf takes them all); "none" is the last index.
+def _policy(spec: RandAugmentSpec):
+    """The conditionals tree of one layer: (op names by drawn index, leaves, leaf probabilities,
+    the draw's probabilities). One draw per layer picks op i with probability prob / len(ops), or
+    none (1 - prob, the last index): the same law as timm's uniform choice followed by a prob
+    coin. The geometric ops come last, so that one leaf takes them all."""
     others = tuple(name for name in spec.ops if name not in GEOMETRIC)
     shapes = tuple(name for name in spec.ops if name in GEOMETRIC)
     ordered = others + shapes
@@ -286,8 +284,21 @@ def rand_augment(images, spec: RandAugmentSpec, size: int):
     leaf_weights = [share * len(names) for _, names in leaves]
     leaves.append((len(ordered), ()))  # no op
     leaf_weights.append(1.0 - spec.prob)
+    return ordered, leaves, leaf_weights, [share] * len(ordered) + [1.0 - spec.prob]
+
+
+def _apply_drawn(images, spec: RandAugmentSpec, index, signed, size: int):
+    """ordered[index] (from _policy) applied to each sample, with its signed magnitude."""
+    _, leaves, leaf_weights, _ = _policy(spec)
+    return _select(leaves, leaf_weights, 0, len(leaves) - 1, index, images, signed, size)
+
+
+def rand_augment(images, spec: RandAugmentSpec, size: int):
+    """Apply the policy to a batch of uint8 HWC images of size x size (CPU or GPU). Needs a
+    pipeline built with enable_conditionals=True."""
+    ordered, _, _, draw = _policy(spec)
     for _ in range(spec.num_layers):
-        index = fn.random.choice(len(ordered) + 1, p=[share] * len(ordered) + [1.0 - spec.prob])
+        index = fn.random.choice(len(ordered) + 1, p=draw)
         signed = _magnitude(spec) * fn.random.uniform(values=[-1.0, 1.0])
-        images = _select(leaves, leaf_weights, 0, len(leaves) - 1, index, images, signed, size)
+        images = _apply_drawn(images, spec, index, signed, size)
     return images

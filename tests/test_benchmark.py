@@ -46,7 +46,7 @@ def test_loader_rounds_report_each_loaders_median(tmp_path):
     median round, and each round's figure is kept."""
     lines, stdout = _bench("--mode", "loader", "--synthetic-jpegs", "24", "--cache", tmp_path, "--img-size", "32",
                            "--batch-size", "4", "--steps", "2", "--warmup", "1", "--workers", "1",
-                           "--loaders", "dali-cpu,torchvision", "--aa", "none", "--rounds", "3")
+                           "--loaders", "dali-cpu,torchvision", "--aa", "none", "--rounds=3")
     assert [r["loader"] for r in lines] == ["dali-cpu", "torchvision"]
     for r in lines:
         rounds = r["images_per_sec_rounds"]

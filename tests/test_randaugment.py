@@ -11,7 +11,7 @@ from nvidia.dali import fn, pipeline_def
 from PIL import Image
 
 from fastrsb.pipelines import DatasetError, RandAugmentSpec, parse_rand_augment, train_loader
-from fastrsb.pipelines.randaugment import FILL, OPS, _magnitude, rand_augment
+from fastrsb.pipelines.randaugment import FILL, OPS, _apply_drawn, _magnitude, _policy, rand_augment
 
 SIZE = 48
 
@@ -95,6 +95,28 @@ def _policy_pipeline(spec_string, images):
         x = fn.external_source(source=lambda: images, batch=True, layout="HWC")
         return x, rand_augment(x, spec, SIZE)
     return policy()
+
+
+@pytest.mark.parametrize("config", ["rand-m6-mstd0.5-inc1", "rand-m9-mstd0.5"])
+def test_each_drawn_index_applies_its_op(photos, config):
+    """The conditionals tree routes every sample to the op its draw named (and the last index,
+    no op, to none): sample j of one batch draws index j, and must come out exactly as that op
+    alone makes it."""
+    spec = parse_rand_augment(config)
+    ordered = _policy(spec)[0]
+    names = [*ordered, "Identity"]
+    images = [photos[j % len(photos)] for j in range(len(names))]
+    signs = [(-1.0) ** j for j in range(len(names))]
+
+    @pipeline_def(batch_size=len(names), num_threads=1, device_id=None, enable_conditionals=True)
+    def routed():
+        x = fn.external_source(source=[images], layout="HWC")
+        index = fn.external_source(source=[[np.int64(j) for j in range(len(names))]])
+        signed = fn.external_source(source=[[np.float32(7.5 * sign) for sign in signs]])
+        return (_apply_drawn(x, spec, index, signed, SIZE), *(OPS[name](x, signed, SIZE) for name in names))
+    tree, *alone = routed().run()
+    for j, name in enumerate(names):
+        assert np.array_equal(np.asarray(tree[j]), np.asarray(alone[j][j])), name
 
 
 def test_share_of_untouched_images(photos):
