@@ -12,7 +12,8 @@ random-resized-crop to --img-size, flip, normalize, deliver to the device. One p
 --rounds N measures each loader N times, round-robin, and reports its median (shared machines vary).
 --mode step: forward, loss, backward and LAMB on a device-resident synthetic batch, channels-last,
 AMP and compiled as the recipe says: fastrsb.step.TrainStep, the trainer's own step.
---mode train: the trainer's path end to end: DALI loader, mixup/cutmix, TrainStep.
+--mode train: the trainer's path end to end: DALI loader (the recipe's RandAugment and repeated
+augmentation), mixup/cutmix, TrainStep.
 --batch-size is per process (GPU). Warm-up steps are excluded; the device is synchronized only at
 the boundaries. One JSON line per measurement, then a table (ratios against the first loader).
 """
@@ -39,11 +40,12 @@ def _cores() -> int:
     return len(os.sched_getaffinity(0))
 
 
-def make_loader(name: str, root: Path, batch: int, size: int, device: str, threads: int, aa: str | None):
+def make_loader(name: str, root: Path, batch: int, size: int, device: str, threads: int, aa: str | None,
+                hw_decoder_load: float = 0.9):
     if name.startswith("dali"):
         from fastrsb.pipelines import train_loader
         return train_loader(root, batch, size, device="cuda" if name == "dali-gpu" else "cpu",
-                            num_threads=threads, dtype="float16", aa=aa)
+                            num_threads=threads, dtype="float16", aa=aa, hw_decoder_load=hw_decoder_load)
     if name == "torchvision":
         import torchvision.transforms as T
         from torchvision.datasets import ImageFolder
@@ -70,7 +72,7 @@ def measure_loader(name: str, args, root: Path) -> dict:
     device = "cuda" if name == "dali-gpu" or (torch.cuda.is_available() and name != "dali-cpu") else "cpu"
     threads = args.workers or _cores()
     aa = None if args.aa == "none" else args.aa
-    loader = make_loader(name, root, args.batch_size, args.img_size, device, threads, aa)
+    loader = make_loader(name, root, args.batch_size, args.img_size, device, threads, aa, args.hw_decoder_load)
     batches = _forever(loader)
     sampler = MemorySampler()
 
@@ -82,6 +84,7 @@ def measure_loader(name: str, args, root: Path) -> dict:
     seconds = _timed(one_batch, args.warmup, args.steps, device, sampler)
     return {"mode": "loader", "loader": name, "device": device, "img_size": args.img_size, "aa": aa,
             "batch_size": args.batch_size, "workers": threads, "steps": args.steps,
+            **({"hw_decoder_load": args.hw_decoder_load} if name == "dali-gpu" else {}),
             "images_per_sec": args.steps * args.batch_size / seconds, **_memory(device, sampler)}
 
 
@@ -138,12 +141,16 @@ def measure_training(mode: str, args, root: Path | None, d) -> dict:
         targets = soft_targets(torch.randint(0, args.num_classes, (batch,), device=device), args.num_classes, 1.0)
         stepper = TrainStep(step_model, optimizer, scaler, loss_fn, None, device, dtype)
         next_batch = lambda: (images, targets)  # noqa: E731
-        threads = None
+        threads, augmentation = None, {}
     else:
         from fastrsb.pipelines import train_loader
         threads = args.workers or max(1, _cores() // d.world)
+        # The trainer's loader: the recipe's RandAugment and repeated augmentation included.
         loader = train_loader(root, batch, size, device=device, shard_id=d.rank, num_shards=d.world,
-                              num_threads=threads, dtype=str(pixels).removeprefix("torch."))
+                              seed=recipe["seed"], num_threads=threads, dtype=str(pixels).removeprefix("torch."),
+                              repeats=max(1, recipe["aug_repeats"]), aa=recipe["aa"],
+                              hw_decoder_load=args.hw_decoder_load)
+        augmentation = {key: loader.settings[key] for key in ("aa", "repeats")}
         if len(loader.classes) > args.num_classes:
             sys.exit(f"{root} has {len(loader.classes)} classes, more than --num-classes {args.num_classes}")
         mixer = BatchMixer(args.num_classes, recipe["mixup"], recipe["cutmix"], recipe["mixup_prob"],
@@ -160,8 +167,8 @@ def measure_training(mode: str, args, root: Path | None, d) -> dict:
     return {"mode": mode, "loader": "synthetic batch" if mode == "step" else ("dali-gpu" if device == "cuda" else "dali-cpu"),
             "device": device, "model": recipe["model"], "recipe": recipe["name"], "img_size": size, "batch_size": batch,
             "amp": str(dtype).removeprefix("torch.") if dtype else "float32",
-            "compiled": device == "cuda" and recipe["compile"], "workers": threads, "steps": args.steps,
-            "images_per_sec": args.steps * batch / seconds, **_memory(device, sampler)}
+            "compiled": device == "cuda" and recipe["compile"], "workers": threads, **augmentation,
+            "steps": args.steps, "images_per_sec": args.steps * batch / seconds, **_memory(device, sampler)}
 
 
 def combine_ranks(results: list[dict]) -> dict:
@@ -341,10 +348,14 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=1,
                    help="loader mode: measure every loader this many times, round-robin, and report the median")
     p.add_argument("--workers", type=int, default=None, help="DALI threads / DataLoader workers (default: cores)")
+    p.add_argument("--hw-decoder-load", type=float, default=0.9,
+                   help="dali-gpu: the share of JPEGs sent to the hardware decoders (A100/H100), 0-1")
     p.add_argument("--json-out", type=Path, help="also append the JSON lines to this file")
     args = p.parse_args()
     if args.rounds < 1:
         p.error("--rounds must be at least 1")
+    if not 0.0 <= args.hw_decoder_load <= 1.0:
+        p.error("--hw-decoder-load must lie in [0, 1]")
     if args.mode != "step" and not args.data and not args.synthetic_jpegs:
         p.error(f"--mode {args.mode} needs --data DIR or --synthetic-jpegs N")
     info = context()

@@ -38,13 +38,20 @@ class DaliLoader:
                                              last_batch_policy=policy, auto_reset=True)
         # With repeated augmentation a DALI epoch reads every image once and yields `repeats` views
         # of each, so it spans `repeats` loader epochs: like timm's RepeatAugSampler, an epoch is
-        # len(data set) samples, of which 1/repeats are distinct images.
-        self._steps = len(self._iterator) // repeats
+        # len(data set) samples, of which 1/repeats are distinct images. (A DALI batch holds
+        # ceil(batch_size / repeats) images.)
+        self._steps = max(1, len(self._iterator) * -(-batch_size // repeats) // batch_size)
+        self._settings = {key: value for key, value in (fingerprint or {}).items() if key != "images"}
         self._done = done  # batches of the current epoch already yielded
 
     @property
     def classes(self) -> list[str]:
         return self.images.classes
+
+    @property
+    def settings(self) -> dict:
+        """What the train loader was built with (batch_size, img_size, shards, seed, repeats, aa)."""
+        return dict(self._settings)
 
     def __len__(self) -> int:
         return self._steps
@@ -62,8 +69,11 @@ class DaliLoader:
             except StopIteration:  # the end of a DALI epoch; auto_reset has started the next one
                 continue
             self._done += 1
-            yield _to_nchw(batch["images"].flatten(0, 1) if self.repeats > 1 else batch["images"]), \
-                batch["labels"].flatten()
+            if self.repeats == 1:
+                yield _to_nchw(batch["images"]), batch["labels"]
+            else:  # ceil(batch / repeats) images x repeats views; a surplus of < repeats views is cut
+                yield (_to_nchw(batch["images"].flatten(0, 1)[:self.batch_size]),
+                       batch["labels"].flatten()[:self.batch_size])
         self._done = 0
 
     def state_dict(self) -> dict:
@@ -108,13 +118,17 @@ def train_loader(root: str | os.PathLike | ImageList, batch_size: int, img_size:
 
     batch_size is per shard (per GPU). Every epoch is a full reshuffle, the same on every shard
     (shuffle seed = `seed`), so the shards stay disjoint; the augmentation seed differs per shard.
-    repeats > 1 is repeated augmentation: each image decoded once and augmented `repeats` times
-    (batch_size must divide by it). aa: timm's RandAugment string, e.g. "rand-m6-mstd0.5-inc1".
+    repeats > 1 is repeated augmentation: each image decoded once and augmented `repeats` times,
+    its views side by side in the batch; a batch holds ceil(batch_size / repeats) images, and where
+    batch_size does not divide by repeats (A1/A2: 2048 and 3) the last image keeps fewer views.
+    aa: timm's RandAugment string, e.g. "rand-m6-mstd0.5-inc1".
     state: a `loader.state_dict()` to continue from.
     """
     images = root if isinstance(root, ImageList) else list_images(root)
-    if repeats < 1 or batch_size % repeats:
-        raise DatasetError(f"batch size {batch_size} per shard does not divide into {repeats} repeated augmentations")
+    if repeats < 1 or batch_size < repeats:
+        raise DatasetError(f"repeated augmentation needs 1 <= repeats <= batch size, not {repeats} "
+                           f"for a batch of {batch_size}")
+    images_per_batch = -(-batch_size // repeats)
     if aa:
         try:
             parse_rand_augment(aa)
@@ -129,7 +143,7 @@ def train_loader(root: str | os.PathLike | ImageList, batch_size: int, img_size:
     pipe = train_pipeline(
         files=images.files, labels=images.labels, img_size=img_size, device=device,
         shard_id=shard_id, num_shards=num_shards, shuffle_seed=seed, hw_decoder_load=hw_decoder_load,
-        dtype=dtype, repeats=repeats, aa=aa, batch_size=batch_size // repeats,
+        dtype=dtype, repeats=repeats, aa=aa, batch_size=images_per_batch,
         num_threads=num_threads or _default_threads(), device_id=_check_device(device),
         seed=seed * 1000 + shard_id, prefetch_queue_depth=prefetch_queue_depth,
         enable_checkpointing=True, checkpoint=state["dali"] if state else None)

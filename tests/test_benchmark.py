@@ -75,9 +75,12 @@ def test_step_mode_times_the_trainers_step(tmp_path):
 
 
 def test_train_mode_runs_loader_mixing_and_step(tmp_path):
-    (r,), _ = _bench("--mode", "train", *TRAINING, "--synthetic-jpegs", "16", "--cache", tmp_path, "--workers", "1")
+    (r,), _ = _bench("--mode", "train", *TRAINING, "--synthetic-jpegs", "16", "--cache", tmp_path, "--workers", "1",
+                     "--set", "aa=rand-m9-mstd0.5-inc1", "--set", "aug_repeats=3")
     assert r["mode"] == "train" and r["loader"] == "dali-cpu" and r["model"] == "resnet10t"
     assert r["images_per_sec"] > 0 and r["batch_size"] == 4 and r["img_size"] == 32
+    # The trainer's loader, as the loader itself reports it: the recipe's RandAugment and repeats.
+    assert (r["aa"], r["repeats"]) == ("rand-m9-mstd0.5-inc1", 3)
 
 
 def test_train_mode_under_torchrun_reports_per_process_and_total(tmp_path):

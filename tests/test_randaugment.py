@@ -22,6 +22,18 @@ def photos(tiny_data):
     return [np.asarray(Image.open(f).convert("RGB").resize((SIZE, SIZE), Image.BILINEAR)) for f in files]
 
 
+@pytest.mark.parametrize("config", ["rand-m6-mstd0.5-inc1", "rand-m9-n3-p0.7-mstd101-mmax12", "rand-m7",
+                                    "rand-m10-n1-p1.0-mstd0", "rand-m5-mmax20-inc0"])
+def test_policy_is_timms(config):
+    """The op set, layers, probability and magnitude law that timm builds from the same string."""
+    spec, theirs = parse_rand_augment(config), timm_aa.rand_augment_transform(config, {"translate_pct": 0.45})
+    assert spec.ops == tuple(op.name for op in theirs.ops)
+    assert spec.num_layers == theirs.num_layers and theirs.choice_weights is None  # uniform choice
+    for op in theirs.ops:
+        assert (op.prob, op.magnitude, op.magnitude_std) == (spec.prob, spec.magnitude, spec.magnitude_std)
+        assert (op.magnitude_max or timm_aa._LEVEL_DENOM) == spec.magnitude_max  # timm: None means 10
+
+
 def test_parses_timms_strings():
     assert parse_rand_augment("rand-m6-mstd0.5-inc1") == RandAugmentSpec(6.0, 2, 0.5, 0.5, 10.0, True)
     assert parse_rand_augment("rand-m9-n3-p0.7-mstd101-mmax12") == RandAugmentSpec(9.0, 3, 0.7, math.inf, 12.0, False)
