@@ -13,18 +13,19 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 
 def test_gpu_train_loader_with_randaugment_and_repeats(tiny_data):
     from fastrsb.pipelines import train_loader
-    loader = train_loader(tiny_data / "train", batch_size=6, img_size=32, device="cuda", seed=1,
+    # batch 8 with 3 repeats: ceil(8 / 3) images a batch, the surplus view cut on the GPU too
+    loader = train_loader(tiny_data / "train", batch_size=8, img_size=32, device="cuda", seed=1,
                           aa="rand-m9-mstd0.5-inc1", repeats=3)
     state = None
     for step, (images, labels) in enumerate(loader):
         assert images.is_cuda and labels.is_cuda and images.dtype == torch.float16
-        assert images.shape == (6, 3, 32, 32) and images.is_contiguous(memory_format=torch.channels_last)
+        assert images.shape == (8, 3, 32, 32) and images.is_contiguous(memory_format=torch.channels_last)
         if step == 1:
             state = loader.state_dict()
             break
-    resumed = train_loader(tiny_data / "train", batch_size=6, img_size=32, device="cuda", seed=1,
+    resumed = train_loader(tiny_data / "train", batch_size=8, img_size=32, device="cuda", seed=1,
                            aa="rand-m9-mstd0.5-inc1", repeats=3, state=state)
-    assert next(iter(resumed))[0].shape == (6, 3, 32, 32)
+    assert next(iter(resumed))[0].shape == (8, 3, 32, 32)
 
 
 @pytest.mark.parametrize("name", ["AutoContrast", "ContrastIncreasing", "SolarizeAdd", "Rotate", "SharpnessIncreasing"])
