@@ -3,14 +3,16 @@
 # and timm are installed; run it from the project root. Results land in OUT (JSON lines in
 # OUT/gpu.jsonl, logs beside them) to be committed under benchmarks/results/.
 #
-#   benchmarks/gpu_checks.sh OUT [tests|loader|train|all]   (default: all; each part < 10 minutes)
+#   benchmarks/gpu_checks.sh OUT [tests|loader|loader-aa|train|all]   (default: all)
 #
-# tests:  nvidia-smi, the hardware JPEG engines DALI finds, the GPU-marked tests.
-# loader: the GPU train loader alone at 160 px over hw_decoder_load x DALI threads (no
-#         RandAugment, then A3's), and timm's loader on the same JPEGs for comparison.
-# train:  A3's training step at 160 and 224 px, and the trainer's path end to end at 160 px.
+# Each part stays under a device call's 10 minutes:
+# tests:     nvidia-smi, the hardware JPEG engines DALI finds, the GPU-marked tests.
+# loader:    the GPU train loader alone at 160 px, no RandAugment, over hw_decoder_load x DALI
+#            threads (9 runs), and timm's loader on the same JPEGs for comparison.
+# loader-aa: the same sweep with A3's RandAugment on the GPU.
+# train:     A3's training step at 160 and 224 px, and the trainer's path end to end at 160 px.
 set -uo pipefail
-out=${1:?usage: benchmarks/gpu_checks.sh OUT [tests|loader|train|all]}
+out=${1:?usage: benchmarks/gpu_checks.sh OUT [tests|loader|loader-aa|train|all]}
 part=${2:-all}
 py=${PYTHON:-python3}
 jpegs=${JPEGS:-20000}
@@ -29,18 +31,24 @@ next(iter(train_loader('$tiny/train', 8, 160, device='cuda')))" >"$out/hw-engine
     tail -3 "$out/pytest-gpu.txt"
 fi
 
-if [[ $part == loader || $part == all ]]; then
-    for aa in none rand-m6-mstd0.5-inc1; do
-        for load in 0.75 0.9 1.0; do
-            for threads in 6 8 12; do
-                echo "== dali-gpu aa=$aa hw_decoder_load=$load threads=$threads"
-                bench --mode loader --loaders dali-gpu --synthetic-jpegs "$jpegs" --img-size 160 --batch-size 256 \
-                    --steps 60 --aa "$aa" --hw-decoder-load "$load" --workers "$threads"
-            done
+sweep() {  # $1: the RandAugment string, or none
+    for load in 0.75 0.9 1.0; do
+        for threads in 6 8 12; do
+            echo "== dali-gpu aa=$1 hw_decoder_load=$load threads=$threads"
+            bench --mode loader --loaders dali-gpu --synthetic-jpegs "$jpegs" --img-size 160 --batch-size 256 \
+                --steps 60 --aa "$1" --hw-decoder-load "$load" --workers "$threads"
         done
     done
-    echo "== timm (PIL, all cores) on the same JPEGs"
+}
+
+if [[ $part == loader || $part == all ]]; then
+    sweep none
+    echo "== timm (PIL, all cores) on the same JPEGs, A3's RandAugment"
     bench --mode loader --loaders timm --synthetic-jpegs "$jpegs" --img-size 160 --batch-size 256 --steps 20
+fi
+
+if [[ $part == loader-aa || $part == all ]]; then
+    sweep rand-m6-mstd0.5-inc1
 fi
 
 if [[ $part == train || $part == all ]]; then

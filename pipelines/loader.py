@@ -38,9 +38,8 @@ class DaliLoader:
                                              last_batch_policy=policy, auto_reset=True)
         # With repeated augmentation a DALI epoch reads every image once and yields `repeats` views
         # of each, so it spans `repeats` loader epochs: like timm's RepeatAugSampler, an epoch is
-        # len(data set) samples, of which 1/repeats are distinct images. (A DALI batch holds
-        # ceil(batch_size / repeats) images.)
-        self._steps = max(1, len(self._iterator) * -(-batch_size // repeats) // batch_size)
+        # len(data set) samples, of which 1/repeats are distinct images.
+        self._steps = max(1, len(self._iterator) * images_per_batch(batch_size, repeats) // batch_size)
         self._settings = {key: value for key, value in (fingerprint or {}).items() if key != "images"}
         self._done = done  # batches of the current epoch already yielded
 
@@ -81,6 +80,11 @@ class DaliLoader:
         if not self.train:
             raise ValueError("only train loaders have a position to save")
         return {"dali": self._iterator.checkpoints()[0], "done": self._done, "fingerprint": self._fingerprint}
+
+
+def images_per_batch(batch_size: int, repeats: int) -> int:
+    """Images one DALI batch decodes: ceil(batch_size / repeats), each giving `repeats` views."""
+    return -(-batch_size // repeats)
 
 
 def _to_nchw(images: torch.Tensor) -> torch.Tensor:
@@ -128,7 +132,6 @@ def train_loader(root: str | os.PathLike | ImageList, batch_size: int, img_size:
     if repeats < 1 or batch_size < repeats:
         raise DatasetError(f"repeated augmentation needs 1 <= repeats <= batch size, not {repeats} "
                            f"for a batch of {batch_size}")
-    images_per_batch = -(-batch_size // repeats)
     if aa:
         try:
             parse_rand_augment(aa)
@@ -143,7 +146,7 @@ def train_loader(root: str | os.PathLike | ImageList, batch_size: int, img_size:
     pipe = train_pipeline(
         files=images.files, labels=images.labels, img_size=img_size, device=device,
         shard_id=shard_id, num_shards=num_shards, shuffle_seed=seed, hw_decoder_load=hw_decoder_load,
-        dtype=dtype, repeats=repeats, aa=aa, batch_size=images_per_batch,
+        dtype=dtype, repeats=repeats, aa=aa, batch_size=images_per_batch(batch_size, repeats),
         num_threads=num_threads or _default_threads(), device_id=_check_device(device),
         seed=seed * 1000 + shard_id, prefetch_queue_depth=prefetch_queue_depth,
         enable_checkpointing=True, checkpoint=state["dali"] if state else None)
