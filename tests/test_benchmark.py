@@ -33,6 +33,8 @@ def test_loader_mode_reports_every_loader(tmp_path):
     assert proc.returncode == 0, proc.stderr
     lines = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["loader"] for r in lines] == ["dali-cpu", "torchvision", "timm"]
+    assert lines[0]["pipelines"] == 1  # one thread: one DALI pipeline
+    assert {r["pixels"] for r in lines} == {"float32"}  # on the CPU every loader hands over float32, as the trainer uses
     for r in lines:
         assert r["mode"] == "loader" and r["img_size"] == 32 and r["batch_size"] == 4 and r["device"] == "cpu"
         assert r["aa"] == "rand-m6-mstd0.5-inc1"  # A3's RandAugment in every loader by default
@@ -80,7 +82,7 @@ def test_train_mode_runs_loader_mixing_and_step(tmp_path):
     assert r["mode"] == "train" and r["loader"] == "dali-cpu" and r["model"] == "resnet10t"
     assert r["images_per_sec"] > 0 and r["batch_size"] == 4 and r["img_size"] == 32
     # The trainer's loader, as the loader itself reports it: the recipe's RandAugment and repeats.
-    assert (r["aa"], r["repeats"]) == ("rand-m9-mstd0.5-inc1", 3)
+    assert (r["aa"], r["repeats"], r["pipelines"]) == ("rand-m9-mstd0.5-inc1", 3, 1)
 
 
 def test_train_mode_under_torchrun_reports_per_process_and_total(tmp_path):

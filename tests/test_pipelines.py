@@ -32,8 +32,10 @@ def test_train_labels_follow_sorted_folders(tiny_data):
     assert all(f"/{listing.classes[label]}/" in path for path, label in zip(listing.files, listing.labels))
 
 
-def test_every_epoch_is_a_new_order(tiny_data):
-    loader = train_loader(tiny_data / "train", batch_size=8, img_size=32, device="cpu", seed=3)
+@pytest.mark.parametrize("pipelines", [1, 2])
+def test_every_epoch_is_a_new_order(tiny_data, pipelines):
+    loader = train_loader(tiny_data / "train", batch_size=8, img_size=32, device="cpu", seed=3, pipelines=pipelines)
+    assert len(loader) == 6
     orders = [torch.cat([labels for _, labels in loader]).tolist() for _ in range(3)]
     assert orders[0] != orders[1] != orders[2]
     for order in orders:  # drop-last: 48 images, 6 full batches, each class 12 times
@@ -157,17 +159,17 @@ def _take(loader, count, into):
     return into
 
 
-@pytest.mark.parametrize("repeats,batch_size", [(1, 6), (3, 8)])
-def test_position_restores_exactly_mid_epoch(tiny_data, repeats, batch_size):
+@pytest.mark.parametrize("repeats,batch_size,pipelines", [(1, 6, 1), (3, 8, 1), (1, 6, 2), (3, 8, 2)])
+def test_position_restores_exactly_mid_epoch(tiny_data, repeats, batch_size, pipelines):
     def make(state=None):
         return train_loader(tiny_data / "train", batch_size=batch_size, img_size=32, device="cpu", seed=5,
-                            repeats=repeats, state=state)
+                            repeats=repeats, pipelines=pipelines if state is None else None, state=state)
     steps = len(make())
     reference = _take(make(), 3 * steps, [])
     stopped = make()
-    resumed_from = _take(stopped, steps + 2, [])  # two batches into the second epoch
+    resumed_from = _take(stopped, steps + 3, [])  # three batches into the second epoch
     state = stopped.state_dict()
-    assert state["done"] == 2
+    assert state["done"] == 3 and state["turn"] == (steps + 3) % pipelines
     batches = _take(make(state), 3 * steps, resumed_from)
     for (want_x, want_y), (got_x, got_y) in zip(reference, batches):
         assert torch.equal(want_y, got_y) and torch.equal(want_x, got_x)
@@ -179,9 +181,10 @@ def test_position_of_another_loader_is_refused(tiny_data):
         train_loader(tiny_data / "train", batch_size=8, img_size=32, device="cpu", seed=5, state=loader.state_dict())
 
 
-@pytest.mark.parametrize("batch_size", [6, 8])  # 8: like A1/A2's 2048, not a multiple of 3
-def test_repeated_augmentation(tiny_data, batch_size):
-    loader = train_loader(tiny_data / "train", batch_size=batch_size, img_size=32, device="cpu", seed=5, repeats=3)
+@pytest.mark.parametrize("batch_size,pipelines", [(6, 1), (8, 1), (8, 2)])  # 8: like A1/A2's 2048, not a multiple of 3
+def test_repeated_augmentation(tiny_data, batch_size, pipelines):
+    loader = train_loader(tiny_data / "train", batch_size=batch_size, img_size=32, device="cpu", seed=5, repeats=3,
+                          pipelines=pipelines)
     assert len(loader) == 48 // batch_size  # an epoch is still len(data) samples, as timm's RepeatAugSampler
     groups = [3, 3] if batch_size == 6 else [3, 3, 2]  # ceil(8 / 3) images a batch, the last keeps 2 views
     first_views = []
@@ -195,3 +198,56 @@ def test_repeated_augmentation(tiny_data, batch_size):
     assert Counter(first_views) == {0: 12, 1: 12, 2: 12, 3: 12}  # every image once per pass
     with pytest.raises(DatasetError, match="repeats <= batch size"):
         train_loader(tiny_data / "train", batch_size=2, img_size=32, device="cpu", repeats=3)
+
+
+def test_pipelines_take_turns_over_disjoint_parts_of_the_shard(tiny_data):
+    """Two pipelines: each reads its half of the shard (shard k of 2 x shards), batches alternate
+    between them, and together they cover the shard once per epoch, as one pipeline does."""
+    def loader(pipelines, shard_id=0, num_shards=1, num_threads=None):
+        return train_loader(tiny_data / "train", batch_size=4, img_size=32, device="cpu", seed=5,
+                            shard_id=shard_id, num_shards=num_shards, pipelines=pipelines, num_threads=num_threads)
+    two = loader(2)
+    assert len(two) == 12 and two.settings["pipelines"] == 2
+    batches = _take(two, 12, [])
+    # Part k is shard k of 2 with its seed: batches 0, 2, 4... are exactly shard 0's, 1, 3, 5... shard 1's.
+    for part in range(2):
+        half = _take(loader(1, shard_id=part, num_shards=2), 6, [])
+        assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(batches[part::2], half))
+    assert Counter(torch.cat([y for _, y in batches]).tolist()) == {0: 12, 1: 12, 2: 12, 3: 12}
+    # The same stream whatever the threads; a fixed seed repeats it.
+    again = _take(loader(2, num_threads=1), 12, [])
+    assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(batches, again))
+    # Rank 1 of 2 splits its own shard: parts 2 and 3 of 4.
+    rank1 = _take(loader(2, shard_id=1, num_shards=2), 6, [])
+    part3 = _take(loader(1, shard_id=3, num_shards=4), 3, [])
+    assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(rank1[1::2], part3))
+
+
+def test_pipelines_kept_on_resume_and_checked(tiny_data):
+    def make(**kwargs):
+        return train_loader(tiny_data / "train", batch_size=4, img_size=32, device="cpu", seed=5, **kwargs)
+    stopped = make(pipelines=3)
+    _take(stopped, 5, [])
+    state = stopped.state_dict()
+    assert make(state=state, num_threads=1).settings["pipelines"] == 3  # a machine with fewer cores
+    with pytest.raises(DatasetError, match="pipelines 3 -> 2"):
+        make(state=state, pipelines=2)
+    with pytest.raises(DatasetError, match="need at least 4 images each"):
+        make(pipelines=13)  # 48 images: 12 parts of 4 at most
+    with pytest.raises(DatasetError, match="need at least"):
+        make(pipelines=0)
+
+
+def test_position_saved_by_a_one_pipeline_loader_of_before(tiny_data):
+    """States written before loaders had several pipelines (one DALI checkpoint) still resume."""
+    def make(state=None):
+        return train_loader(tiny_data / "train", batch_size=6, img_size=32, device="cpu", seed=5,
+                            pipelines=1 if state is None else None, state=state)
+    reference = _take(make(), 5, [])
+    stopped = make()
+    _take(stopped, 2, [])
+    state = stopped.state_dict()
+    old = {"dali": state["dali"][0], "done": state["done"],
+           "fingerprint": {k: v for k, v in state["fingerprint"].items() if k != "pipelines"}}
+    resumed = _take(make(old), 3, [])
+    assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(reference[2:], resumed))
