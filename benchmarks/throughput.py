@@ -245,8 +245,10 @@ def context() -> dict:
         here = Path(__file__).parent
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                                 cwd=here).stdout.strip() or None
-        # Numbers from uncommitted code say so: "+changes" when tracked files differ from HEAD.
-        if commit and subprocess.run(["git", "diff", "--quiet", "HEAD"], cwd=here).returncode == 1:
+        # Numbers from uncommitted code say so: "+changes" when tracked files other than results
+        # and docs (which a run itself appends to) differ from HEAD.
+        code = ["git", "diff", "--quiet", "HEAD", "--", ":/", ":(top,exclude,glob)**/*.jsonl", ":(top,exclude,glob)**/*.md"]
+        if commit and subprocess.run(code, cwd=here).returncode == 1:
             commit += "+changes"
     except OSError:
         commit = None
