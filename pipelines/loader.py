@@ -1,7 +1,8 @@
 """Loaders that any PyTorch trainer can iterate: `for images, labels in train_loader(...)`.
 
-images: (B, 3, H, W) float16 (or float32), ImageNet-normalized, channels-last, on the device the
-pipeline ran on. labels: (B,) int64 on the same device.
+images: (B, 3, H, W) ImageNet-normalized, channels-last, on the device the pipeline ran on:
+float16 on the GPU, float32 on the CPU, unless `dtype` says otherwise. labels: (B,) int64 on the
+same device.
 """
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from typing import Iterator
 import torch
 from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
-from .folder import DatasetError, ImageList, list_images
+from .image_list import DatasetError, ImageList, list_images
 from .graphs import READER_NAME, train_pipeline, val_pipeline
 from .randaugment import parse_rand_augment
 
@@ -129,20 +130,33 @@ def _default_threads() -> int:
     return max(1, min(8, len(os.sched_getaffinity(0))))
 
 
-def _pipelines(device: str, threads: int, shard_images: int, batch_images: int) -> int:
-    """CPU: one single-threaded pipeline per thread. One pipeline with 2 threads left ~20% of 2
-    cores idle in its serial parts (the reader, every operator's per-batch start, RandAugment's many
-    small nodes), while two of one thread each ran at twice one's speed: A3's train pipeline at
-    batch 64 on this 2-core machine, 733 -> 916 img/s. As many as the shard can fill with one batch
-    each. The GPU pipeline is one per GPU: its threads feed one decoder and one CUDA stream."""
+# CPU train loaders run this many single-threaded-or-more pipelines by default, whatever the core
+# count, so that the augmentation stream is the same on every machine (it depends on the number
+# of pipelines, not on their threads). Why several: one pipeline with 2 threads left ~20% of 2
+# cores idle in its serial parts (the reader, every operator's per-batch start, RandAugment's many
+# small nodes), while two of one thread each ran at twice one's speed: A3's train pipeline at
+# batch 64 on a 2-core machine, 733 -> 916 img/s.
+CPU_PIPELINES = 2
+
+
+def _default_pipelines(device: str, shard_images: int, batch_images: int) -> int:
+    """CPU: CPU_PIPELINES, or fewer where the shard cannot fill one batch for each. The GPU
+    pipeline is one per GPU: its threads feed one decoder and one CUDA stream."""
     if device != "cpu":
         return 1
-    return max(1, min(threads, shard_images // batch_images))
+    return max(1, min(CPU_PIPELINES, shard_images // batch_images))
+
+
+def default_pixel_dtype(device: str) -> str:
+    """The pixels a loader hands over unless told otherwise: float16 on the GPU (autocast takes it
+    from there, half the bytes of float32), float32 on the CPU, where torch trains in float32 and
+    DALI's CPU float16 conversion is scalar code (~135 us more per image at 160 px)."""
+    return "float16" if device == "cuda" else "float32"
 
 
 def train_loader(root: str | os.PathLike | ImageList, batch_size: int, img_size: int, *,
                  device: str = "cuda", shard_id: int = 0, num_shards: int = 1, seed: int = 0,
-                 num_threads: int | None = None, dtype: str = "float16", repeats: int = 1, aa: str | None = None,
+                 num_threads: int | None = None, dtype: str | None = None, repeats: int = 1, aa: str | None = None,
                  hw_decoder_load: float = 0.9, prefetch_queue_depth: int = 2, pipelines: int | None = None,
                  state: dict | None = None) -> DaliLoader:
     """Random-resized-crop + flip training loader over an ImageFolder tree or a file list.
@@ -153,11 +167,11 @@ def train_loader(root: str | os.PathLike | ImageList, batch_size: int, img_size:
     its views side by side in the batch; a batch holds ceil(batch_size / repeats) images, and where
     batch_size does not divide by repeats (A1/A2: 2048 and 3) the last image keeps fewer views.
     aa: timm's RandAugment string, e.g. "rand-m6-mstd0.5-inc1".
+    dtype: "float16" or "float32" pixels (default: float16 on the GPU, float32 on the CPU).
     num_threads: DALI's threads for this shard, all pipelines together (default: cores, at most 8).
     pipelines: DALI pipelines for this shard, each on its own part of it, taking turns batch by
-    batch (default: one on the GPU; on the CPU one per thread, as many as the shard fills). Like a
-    DataLoader's workers, their number shapes the stream: pass it to get the same batches on
-    machines with other core counts.
+    batch (default: one on the GPU, CPU_PIPELINES = 2 on the CPU). Like a DataLoader's workers,
+    their number shapes the augmentation stream; the number of threads does not.
     state: a `loader.state_dict()` to continue from (its number of pipelines is kept).
     """
     images = root if isinstance(root, ImageList) else list_images(root)
@@ -177,7 +191,7 @@ def train_loader(root: str | os.PathLike | ImageList, batch_size: int, img_size:
         state = _upgrade_state(state)
     if pipelines is None:
         pipelines = (state.get("fingerprint", {}).get("pipelines", 1) if state
-                     else _pipelines(device, threads, shard_images, batch_images))
+                     else _default_pipelines(device, shard_images, batch_images))
     if pipelines < 1 or shard_images // pipelines < batch_images:
         raise DatasetError(f"{pipelines} pipeline(s) need at least {batch_images} images each, and the shard "
                            f"has {shard_images}")
@@ -191,7 +205,7 @@ def train_loader(root: str | os.PathLike | ImageList, batch_size: int, img_size:
     pipes = [train_pipeline(
         files=images.files, labels=images.labels, img_size=img_size, device=device,
         shard_id=shard_id * pipelines + part, num_shards=num_shards * pipelines, shuffle_seed=seed,
-        hw_decoder_load=hw_decoder_load, dtype=dtype, repeats=repeats, aa=aa, batch_size=batch_images,
+        hw_decoder_load=hw_decoder_load, dtype=dtype or default_pixel_dtype(device), repeats=repeats, aa=aa, batch_size=batch_images,
         num_threads=max(1, threads // pipelines), device_id=device_id,
         seed=seed * 1000 + shard_id * pipelines + part, prefetch_queue_depth=prefetch_queue_depth,
         enable_checkpointing=True, checkpoint=state["dali"][part] if state else None)
@@ -209,13 +223,14 @@ def _upgrade_state(state: dict) -> dict:
 
 def val_loader(root: str | os.PathLike | ImageList, batch_size: int, img_size: int, crop_pct: float, *,
                device: str = "cuda", shard_id: int = 0, num_shards: int = 1,
-               num_threads: int | None = None, dtype: str = "float16",
+               num_threads: int | None = None, dtype: str | None = None,
                hw_decoder_load: float = 0.9) -> DaliLoader:
-    """Centre-crop evaluation loader: each image of the shard exactly once per epoch."""
+    """Centre-crop evaluation loader: each image of the shard exactly once per epoch.
+    dtype: "float16" or "float32" pixels (default: float16 on the GPU, float32 on the CPU)."""
     images = root if isinstance(root, ImageList) else list_images(root)
     pipe = val_pipeline(
         files=images.files, labels=images.labels, img_size=img_size, crop_pct=crop_pct,
         device=device, shard_id=shard_id, num_shards=num_shards, hw_decoder_load=hw_decoder_load,
-        dtype=dtype, batch_size=batch_size, num_threads=num_threads or _default_threads(),
+        dtype=dtype or default_pixel_dtype(device), batch_size=batch_size, num_threads=num_threads or _default_threads(),
         device_id=_check_device(device), seed=0)
     return DaliLoader([pipe], images, batch_size, train=False)

@@ -18,12 +18,25 @@ def test_train_batches(tiny_data):
         batches = list(loader)
         assert len(batches) == len(loader)
     images, labels = batches[0]
-    assert images.shape == (8, 3, 32, 32) and images.dtype == torch.float16
+    # float32 on the CPU by default (torch trains in float32 there); float16 when asked for.
+    assert images.shape == (8, 3, 32, 32) and images.dtype == torch.float32
     assert images.is_contiguous(memory_format=torch.channels_last) and not images.is_contiguous()
     assert labels.dtype == torch.int64 and labels.shape == (8,) and 0 <= labels.min() and labels.max() < 4
     # Normalized: roughly zero-mean, unit-scale values, not raw 0-255 pixels.
     values = torch.cat([b[0].float().flatten() for b in batches])
     assert -1.5 < values.mean() < 1.5 and 0.3 < values.std() < 2.0 and values.abs().max() < 3.0
+    half = next(iter(train_loader(tiny_data / "train", batch_size=8, img_size=32, device="cpu", dtype="float16")))
+    assert half[0].dtype == torch.float16
+
+
+def test_default_stream_does_not_depend_on_the_core_count(tiny_data):
+    """The default number of CPU pipelines is fixed (not one per thread), so a quoted run gives the
+    same batches on a 2-core laptop and a 64-core server; threads only change the speed."""
+    def batches(threads):
+        loader = train_loader(tiny_data / "train", batch_size=8, img_size=32, device="cpu", seed=3, num_threads=threads)
+        assert loader.settings["pipelines"] == 2
+        return _take(loader, 6, [])
+    assert_same_batches(batches(1), batches(5))
 
 
 def test_train_labels_follow_sorted_folders(tiny_data):
@@ -37,7 +50,7 @@ def test_every_epoch_is_a_new_order(tiny_data, pipelines):
     loader = train_loader(tiny_data / "train", batch_size=8, img_size=32, device="cpu", seed=3, pipelines=pipelines)
     assert len(loader) == 6
     orders = [torch.cat([labels for _, labels in loader]).tolist() for _ in range(3)]
-    assert orders[0] != orders[1] != orders[2]
+    assert orders[0] != orders[1] and orders[1] != orders[2] and orders[0] != orders[2]
     for order in orders:  # drop-last: 48 images, 6 full batches, each class 12 times
         assert Counter(order) == {0: 12, 1: 12, 2: 12, 3: 12}
 
@@ -202,6 +215,29 @@ def test_repeated_augmentation(tiny_data, batch_size, pipelines):
     assert Counter(first_views) == {0: 12, 1: 12, 2: 12, 3: 12}  # every image once per pass
     with pytest.raises(DatasetError, match="repeats <= batch size"):
         train_loader(tiny_data / "train", batch_size=2, img_size=32, device="cpu", repeats=3)
+
+
+def test_repeated_augmentation_layout_across_three_ranks(tiny_data, tmp_path):
+    """Where the views of an image go with 3 processes (A1/A2 on 3+ GPUs). fastrsb decodes an image
+    once and keeps its 3 views in one process's batch; timm's RepeatAugSampler sends them to 3
+    different ranks (decoding it 3 times). So a rank's batch holds batch/3 distinct images here,
+    ~batch in timm: the documented difference (README), tested so that it cannot change silently.
+    Across the ranks, the images of an epoch are disjoint and cover the data once."""
+    files = list_images(tiny_data / "train").files
+    listing = tmp_path / "list.txt"  # label = the image's index, so a label names its image
+    listing.write_text("".join(f"{path} {index}\n" for index, path in enumerate(files)))
+    per_rank = []
+    for rank in range(3):
+        loader = train_loader(listing, batch_size=6, img_size=32, device="cpu", seed=5, repeats=3,
+                              shard_id=rank, num_shards=3, pipelines=1)
+        names = []
+        for images, labels in _take(loader, 8, []):  # 16 images a rank, 2 a batch, 3 views each
+            for views, group in zip(images.float().split(3), labels.split(3)):
+                assert (group == group[0]).all() and (views[0] - views[1]).abs().mean() > 0.01
+                names.append(int(group[0]))
+        per_rank.append(set(names))
+        assert len(names) == len(set(names)) == 16  # each of its images once per pass
+    assert set.union(*per_rank) == set(range(48)) and sum(map(len, per_rank)) == 48  # disjoint, complete
 
 
 def test_pipelines_take_turns_over_disjoint_parts_of_the_shard(tiny_data):

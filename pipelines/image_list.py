@@ -1,4 +1,6 @@
-"""Finding the images: an ImageFolder-style tree or a file list, checked before DALI sees it.
+"""Which images a loader reads: an ImageFolder-style tree or a file list, listed and checked
+before DALI sees it. The one owner of the folder-walking rule (`walk_class`), which `fastrsb data
+check` uses too, so that the checker inspects exactly the files the loaders read.
 
 Classes are indexed in sorted order, exactly as torchvision's ImageFolder does, so labels agree
 with every other ImageNet tool.
@@ -38,12 +40,12 @@ def list_images(root: str | os.PathLike) -> ImageList:
         return _read_file_list(root)
     if not root.is_dir():
         raise DatasetError(f"data folder {root} does not exist")
-    classes = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
+    classes = class_folders(root)
     if not classes:
         raise DatasetError(f"{root} has no class folders (expected {root}/<class>/<image>.JPEG)")
     files, labels = [], []
     for label, name in enumerate(classes):
-        found = sorted(_walk_images(root / name))
+        found, _ = walk_class(root / name)
         if not found:
             raise DatasetError(f"class folder {root / name} holds no images ({', '.join(IMAGE_EXTENSIONS[:3])}, ...)")
         files += found
@@ -51,13 +53,23 @@ def list_images(root: str | os.PathLike) -> ImageList:
     return ImageList(files, labels, classes)
 
 
-def _walk_images(folder: Path) -> list[str]:
-    out = []
+def class_folders(root: Path) -> list[str]:
+    """The class names under `root`, sorted: its sub-folders (symlinks to folders too), dot-folders
+    skipped."""
+    return sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
+
+
+def walk_class(folder: Path) -> tuple[list[str], list[str]]:
+    """(images, other files) of one class folder, each sorted: every file below it, symlinked
+    sub-folders followed, dot-files and dot-folders skipped. Images by extension
+    (IMAGE_EXTENSIONS, case-insensitive); the other files are what the loaders skip."""
+    images, others = [], []
     for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
         dirnames[:] = [d for d in dirnames if not d.startswith(".")]
-        out += [os.path.join(dirpath, f) for f in filenames
-                if not f.startswith(".") and f.lower().endswith(IMAGE_EXTENSIONS)]
-    return out
+        for name in filenames:
+            if not name.startswith("."):
+                (images if name.lower().endswith(IMAGE_EXTENSIONS) else others).append(os.path.join(dirpath, name))
+    return sorted(images), sorted(others)
 
 
 def _read_file_list(path: Path) -> ImageList:
