@@ -1,17 +1,23 @@
-"""The data folder a run reads (DIR/train, DIR/val), checked before any work starts, and the
-search for the file DALI could not decode when a run fails on one."""
+"""The data folder a run reads (DIR/train/<class>/..., DIR/val/<class>/...): opened and checked
+before any work starts, reported in full by `fastrsb data check`, and searched for the file that
+broke the loader when a run fails on one.
+
+The files are listed by fastrsb.pipelines.image_list (the loaders' own rule), so the checks here
+look at exactly the files a run reads.
+"""
 from __future__ import annotations
 
 import os
+import re
 import time
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from pathlib import Path
-
-from PIL import Image
 
 from fastrsb.errors import UserError
 from fastrsb.progress import Progress
-from fastrsb.pipelines import DatasetError, ImageList, list_images
+from fastrsb.pipelines import IMAGE_EXTENSIONS, DatasetError, ImageList, class_folders, list_images, walk_class
+
+LAYOUT = "DIR/train/<class>/<image>.JPEG and DIR/val/<class>/<image>.JPEG"
 
 
 def open_split(root: Path, split: str) -> ImageList:
@@ -24,20 +30,80 @@ def open_split(root: Path, split: str) -> ImageList:
         raise UserError(str(err)) from None
 
 
-def open_dataset(root: str | Path) -> tuple[ImageList, ImageList]:
-    """(train, val) image lists of an ImageNet-style folder, with the same classes in both."""
-    root = Path(root)
+def check_layout(root: Path) -> None:
+    """The folder and its train/ and val/ exist: checked in microseconds, before torch is imported."""
     if not root.is_dir():
-        raise UserError(f"data folder {root} does not exist (make a demo one with: fastrsb data demo {root})")
+        raise UserError(f"data folder {root} does not exist (expected {LAYOUT.replace('DIR', str(root))})")
+    for split in ("train", "val"):
+        if not (root / split).is_dir():
+            raise UserError(f"{root} has no '{split}' folder (expected {root}/{split}/<class>/<image>.JPEG)")
+
+
+def open_dataset(root: str | Path) -> tuple[ImageList, ImageList]:
+    """(train, val) image lists of an ImageNet-style folder, with the same classes (two or more)
+    in both."""
+    root = Path(root)
+    check_layout(root)
     train, val = open_split(root, "train"), open_split(root, "val")
     if train.classes != val.classes:
         only_train = sorted(set(train.classes) - set(val.classes))
         only_val = sorted(set(val.classes) - set(train.classes))
         raise UserError(f"{root}: train and val classes differ (only in train: {only_train[:5]}, only in val: {only_val[:5]})")
+    if len(train.classes) < 2:
+        raise UserError(f"{root} holds one class ({train.classes[0]}): a classifier needs two or more "
+                        "(its top-1 would be 100% whatever it learns)")
     return train, val
 
 
+# --- cheap checks at start-up -------------------------------------------------------------------
+
+# The first bytes of every format the decoders read (by content: ImageNet holds PNGs named .JPEG).
+_SIGNATURES = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"BM", b"II*\x00", b"MM\x00*", b"RIFF",
+               *(b"P%d" % k for k in range(1, 7)))
+
+
+def _header_problem(path: str) -> str | None:
+    """Why `path` cannot be an image, judged from its size and first bytes; None if it may be."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(12)
+    except OSError as err:
+        return f"unreadable: {err.strerror or type(err).__name__}"
+    if not head:
+        return "empty file (0 bytes)"
+    if not head.startswith(_SIGNATURES) or (head.startswith(b"RIFF") and head[8:12] != b"WEBP"):
+        return f"not an image: it starts with {head[:8]!r}"
+    return None
+
+
+def scan_headers(files: list[str], threads: int = 32) -> list[tuple[str, str]]:
+    """(path, reason) for every file that is empty, unreadable, or not an image by its first bytes.
+    One open and a 12-byte read per file, in threads (the work is file-system latency): this
+    catches at start-up what would otherwise stop a run hours in, without decoding anything."""
+    with ThreadPoolExecutor(threads) as pool:
+        return [(path, reason) for path, reason in zip(files, pool.map(_header_problem, files, chunksize=256))
+                if reason]
+
+
+def check_headers(train: ImageList, val: ImageList) -> float:
+    """Raise a UserError naming the broken files (up to 3) of train and val; returns the seconds taken."""
+    start = time.perf_counter()
+    bad = scan_headers(train.files + val.files)
+    if bad:
+        raise UserError(f"{_name_files(bad)}: remove or replace the file(s) before training "
+                        "(fastrsb data check lists every problem)")
+    return time.perf_counter() - start
+
+
+def _name_files(bad: list[tuple[str, str]]) -> str:
+    listed = "; ".join(f"{path} ({reason})" for path, reason in bad[:3])
+    return f"{len(bad)} bad file(s): {listed}{f' and {len(bad) - 3} more' if len(bad) > 3 else ''}"
+
+
+# --- full decode ----------------------------------------------------------------------------------
+
 def _decode_error(path: str) -> str | None:
+    from PIL import Image
     try:
         with Image.open(path) as image:
             image.draft("RGB", (64, 64))  # DCT-scaled JPEG decode: reads every byte, 8x faster
@@ -63,17 +129,99 @@ def find_undecodable(files: list[str], workers: int | None = None, limit: int | 
     return bad
 
 
-def explain_pipeline_error(err: RuntimeError, images: ImageList) -> UserError:
-    """Turn DALI's 'Critical error in pipeline ... nvImageCodec failure' into a message that
-    names the file, by decoding the listed files once more on the CPU."""
+_PATH = re.compile(r"(/[^\s:'\"]+)")
+
+
+def explain_loader_error(err: RuntimeError, images: ImageList) -> UserError:
+    """A DALI loader failed: name the file. DALI 2.4's message names it ('File mapping failed:
+    PATH' from the reader, 'Failed to decode sample #3 : PATH' from a decoder) under a last line
+    that does not ('Current pipeline object is no longer valid'); where no listed file is named,
+    a decoder error has the files decoded once more on the CPU to find it. Only for errors raised
+    by a loader: a model's error is not a data error."""
     text = str(err)
-    if "decoders" not in text and "nvImageCodec" not in text and "decode" not in text.lower():
-        lines = [line for line in text.splitlines() if line.strip()]
+    listed = set(images.files)
+    named = [path for path in _PATH.findall(text) if path in listed]
+    if named:
+        line = next(line for line in text.splitlines() if named[0] in line)
+        reason = line.replace(named[0], "").strip(" :")
+        verb = "cannot decode" if "decod" in reason.lower() else "cannot read"
+        return UserError(f"{verb} {named[0]} (DALI: {reason}): remove or replace it "
+                         "(fastrsb data check lists every problem)")
+    if "decod" not in text.lower() and "nvImageCodec" not in text:
+        lines = [line for line in text.splitlines() if line.strip() and "no longer valid" not in line]
         return UserError(f"data pipeline failed: {lines[-1] if lines else type(err).__name__}")
     bad = find_undecodable(images.files)
     if not bad:
         return UserError("the data pipeline could not decode an image, and a CPU re-check of every file found none "
                          f"broken; DALI said: {' '.join(text.split())[:300]}")
-    listed = "; ".join(f"{path} ({reason})" for path, reason in bad[:3])
+    listed_bad = "; ".join(f"{path} ({reason})" for path, reason in bad[:3])
     more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
-    return UserError(f"cannot decode {listed}{more}: remove or replace the file(s) (fastrsb data check lists them all)")
+    return UserError(f"cannot decode {listed_bad}{more}: remove or replace the file(s) (fastrsb data check lists them all)")
+
+
+def loader_batches(loader, images: ImageList):
+    """Iterate a loader; an error raised by the loader itself becomes a UserError naming the file.
+    Only `next()` is guarded: whatever the caller does with a batch (the model's forward, a CUDA
+    out-of-memory error) propagates as it is."""
+    batches = iter(loader)
+    while True:
+        try:
+            batch = next(batches)
+        except StopIteration:
+            return
+        except RuntimeError as err:
+            raise explain_loader_error(err, images) from None
+        yield batch
+
+
+# --- fastrsb data check ---------------------------------------------------------------------------
+
+def _split_listing(split: Path) -> dict[str, tuple[list[str], list[str]]]:
+    """class -> (images, other files), by the loaders' own rule."""
+    return {name: walk_class(split / name) for name in class_folders(split)}
+
+
+def check(root: str | Path, workers: int | None = None, decode: bool = True) -> tuple[list[str], list[str]]:
+    """Every problem of DIR/train and DIR/val that would stop or skew a run, and notes on what the
+    loaders skip (files without an image extension, images outside class folders). Prints a summary."""
+    root = Path(root)
+    if not root.is_dir():
+        raise UserError(f"data folder {root} does not exist")
+    problems, notes, splits, files = [], [], {}, []
+    for split in ("train", "val"):
+        if not (root / split).is_dir():
+            problems.append(f"no {split}/ folder (expected {root}/{split}/<class>/<image>.JPEG)")
+            continue
+        splits[split] = _split_listing(root / split)
+        loose = sorted(p.name for p in (root / split).iterdir() if p.is_file() and not p.name.startswith(".")
+                       and p.name.lower().endswith(IMAGE_EXTENSIONS))
+        if loose:
+            problems.append(f"{split}/: {len(loose)} image(s) outside any class folder, e.g. {loose[0]} (the loaders "
+                            "skip them: sort them into class folders, e.g. with fastrsb data prepare-val)")
+        if not splits[split]:
+            problems.append(f"{split}/ holds no class folders")
+        for name, (images, others) in splits[split].items():
+            if not images:
+                problems.append(f"{split}/{name}: empty class (no {'/'.join(IMAGE_EXTENSIONS[:2])} ... files)")
+            if others:
+                notes.append(f"{split}/{name}: {len(others)} file(s) without an image extension, skipped by the "
+                             f"loaders, e.g. {Path(others[0]).name}")
+            files += images
+    if len(splits) == 2 and splits["train"].keys() != splits["val"].keys():
+        only_train = sorted(set(splits["train"]) - set(splits["val"]))
+        only_val = sorted(set(splits["val"]) - set(splits["train"]))
+        problems.append(f"train and val classes differ: {len(only_train)} only in train {only_train[:5]}, "
+                        f"{len(only_val)} only in val {only_val[:5]}")
+    if len(splits.get("train", {})) == 1:
+        problems.append("train/ holds one class: a classifier needs two or more")
+    if decode and files:
+        progress = Progress("decoding", len(files), unit="files")
+        for path, reason in find_undecodable(files, workers, limit=None, progress=progress):
+            problems.append(f"cannot decode {path} ({reason})")
+        progress.close()
+    elif files:
+        problems += [f"{path}: {reason}" for path, reason in scan_headers(files)]
+    counts = ", ".join(f"{sum(len(i) for i, _ in c.values()):,} {s} images in {len(c):,} classes"
+                       for s, c in splits.items())
+    print(f"{root}: {counts or 'no images'}; {len(problems)} problem(s)")
+    return problems, notes

@@ -1,11 +1,10 @@
-"""`fastrsb data check | prepare-val | shrink`: get an ImageNet folder right before a long run.
-
-check: every problem at once (empty or differing classes, files that do not decode, stray files),
-so that a 15-hour run does not find them one at a time. prepare-val: ILSVRC2012's flat validation
-folder into class folders. shrink: a compact re-encoded copy (decode cost grows with pixels)."""
+"""`fastrsb data prepare-val | shrink`: turn what the ImageNet download gives into the folder a run
+reads. prepare-val: ILSVRC2012's flat validation folder into class folders. shrink: a compact
+re-encoded copy (decode cost grows with pixels). Checking a folder: fastrsb.data_folder."""
 from __future__ import annotations
 
 import csv
+import json
 import os
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -13,7 +12,6 @@ from pathlib import Path
 
 from PIL import Image
 
-from fastrsb.data import find_undecodable
 from fastrsb.errors import UserError
 from fastrsb.progress import Progress
 from fastrsb.pipelines import IMAGE_EXTENSIONS
@@ -21,57 +19,6 @@ from fastrsb.pipelines import IMAGE_EXTENSIONS
 
 def _workers(workers: int | None) -> int:
     return workers or max(1, len(os.sched_getaffinity(0)))
-
-
-def _class_folders(split: Path) -> dict[str, tuple[list[Path], list[Path]]]:
-    """class -> (image files, other files), by the same extension rule the loaders use."""
-    classes = {}
-    for folder in sorted(p for p in split.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        images, others = [], []
-        for dirpath, _, names in os.walk(folder):
-            for name in names:
-                if name.startswith("."):
-                    continue
-                (images if name.lower().endswith(IMAGE_EXTENSIONS) else others).append(Path(dirpath) / name)
-        classes[folder.name] = (sorted(images), sorted(others))
-    return classes
-
-
-def check(root: str | Path, workers: int | None = None, decode: bool = True) -> list[str]:
-    """Every problem of DIR/train and DIR/val that would stop or skew a run; [] when there is none.
-    Prints a summary."""
-    root = Path(root)
-    if not root.is_dir():
-        raise UserError(f"data folder {root} does not exist")
-    problems, splits, files = [], {}, []
-    for split in ("train", "val"):
-        if not (root / split).is_dir():
-            problems.append(f"no {split}/ folder (expected {root}/{split}/<class>/<image>.JPEG)")
-            continue
-        splits[split] = _class_folders(root / split)
-        if not splits[split]:
-            problems.append(f"{split}/ holds no class folders")
-        for name, (images, others) in splits[split].items():
-            if not images:
-                problems.append(f"{split}/{name}: empty class (no {'/'.join(IMAGE_EXTENSIONS[:2])} ... files)")
-            if others:
-                problems.append(f"{split}/{name}: {len(others)} file(s) the loaders skip (not an image extension), "
-                                f"e.g. {others[0].name}")
-            files += images
-    if len(splits) == 2 and splits["train"].keys() != splits["val"].keys():
-        only_train = sorted(set(splits["train"]) - set(splits["val"]))
-        only_val = sorted(set(splits["val"]) - set(splits["train"]))
-        problems.append(f"train and val classes differ: {len(only_train)} only in train {only_train[:5]}, "
-                        f"{len(only_val)} only in val {only_val[:5]}")
-    if decode and files:
-        progress = Progress("decoding", len(files), unit="files")
-        for path, reason in find_undecodable([str(f) for f in files], workers, limit=None, progress=progress):
-            problems.append(f"cannot decode {path} ({reason})")
-        progress.close()
-    counts = ", ".join(f"{sum(len(i) for i, _ in c.values()):,} {s} images in {len(c):,} classes"
-                       for s, c in splits.items())
-    print(f"{root}: {counts or 'no images'}; {len(problems)} problem(s)")
-    return problems
 
 
 # --- prepare-val ------------------------------------------------------------------------------------
@@ -112,14 +59,20 @@ def _read_ground_truth(path: Path, synsets: Path | None) -> dict[str, str]:
 
 
 def prepare_val(val_dir: str | Path, labels_file: str | Path, synsets: str | Path | None = None,
-                copy: bool = False) -> dict:
-    """Move (or copy) VAL_DIR/<image id>.JPEG into VAL_DIR/<wnid>/. Resumable: images already in
-    their class folder are left alone, so a second run finishes an interrupted one."""
+                copy_to: str | Path | None = None) -> dict:
+    """Move VAL_DIR/<image id>.JPEG into VAL_DIR/<wnid>/, or copy it into COPY_TO/<wnid>/ and leave
+    VAL_DIR as it was (class folders next to the flat originals would leave images outside any
+    class folder, which the loaders skip). Resumable: images already in their class folder are left
+    alone, so a second run finishes an interrupted one."""
     val_dir, labels_file = Path(val_dir), Path(labels_file)
     if not val_dir.is_dir():
         raise UserError(f"validation folder {val_dir} does not exist")
     if not labels_file.is_file():
         raise UserError(f"no label file {labels_file}")
+    target_dir = Path(copy_to) if copy_to else val_dir
+    if copy_to and target_dir.resolve() == val_dir.resolve():
+        raise UserError(f"--copy-to {copy_to} is the validation folder itself: copy into another folder, or move "
+                        "(leave out --copy-to)")
     labels = _read_solution_csv(labels_file) if labels_file.suffix.lower() == ".csv" else \
         _read_ground_truth(labels_file, Path(synsets) if synsets else None)
     flat = {p.stem: p for p in val_dir.iterdir() if p.is_file() and p.name.lower().endswith(IMAGE_EXTENSIONS)}
@@ -129,22 +82,22 @@ def prepare_val(val_dir: str | Path, labels_file: str | Path, synsets: str | Pat
                         "is it the label file of this folder?")
     moved = 0
     for stem, path in sorted(flat.items()):
-        target = val_dir / labels[stem] / path.name
-        target.parent.mkdir(exist_ok=True)
-        if copy and target.exists():
+        target = target_dir / labels[stem] / path.name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if copy_to and target.exists():
             continue
-        if copy:
+        if copy_to:
             tmp = target.with_name(f".{target.name}.tmp")
             tmp.write_bytes(path.read_bytes())
             os.replace(tmp, target)
         else:
             os.replace(path, target)
         moved += 1
-    in_folders = {(p.parent.name, p.stem) for p in val_dir.glob("*/*") if p.is_file() and not p.name.startswith(".")}
+    in_folders = {(p.parent.name, p.stem) for p in target_dir.glob("*/*") if p.is_file() and not p.name.startswith(".")}
     placed = sum(1 for stem, wnid in labels.items() if (wnid, stem) in in_folders)
     missing = len(labels) - placed
-    print(f"{'copied' if copy else 'moved'} {moved:,} image(s) into {len({labels[s] for s in flat}) if flat else 0} "
-          f"class folder(s); {placed:,} of {len(labels):,} labelled images are in place"
+    print(f"{'copied' if copy_to else 'moved'} {moved:,} image(s) into {len({labels[s] for s in flat}) if flat else 0} "
+          f"class folder(s) of {target_dir}; {placed:,} of {len(labels):,} labelled images are in place"
           f"{f', {missing:,} missing' if missing else ''}")
     return {"moved": moved, "placed": placed, "missing": missing}
 
@@ -174,6 +127,23 @@ def _shrink_one(job: tuple[str, str, int, int]) -> str:
         return f"failed: {type(err).__name__}: {err}"
 
 
+_SETTINGS_FILE = ".fastrsb-shrink.json"  # a dot-file: the loaders and data check skip it
+
+
+def _claim_target(target: Path, settings: dict) -> None:
+    """Record the settings a target is written with. A rerun with others would skip the files
+    already there and mix two sizes in one data set without a word, so it is refused."""
+    marker = target / _SETTINGS_FILE
+    if marker.is_file():
+        saved = json.loads(marker.read_text())
+        if saved != settings:
+            raise UserError(f"{target} was written with --max-side {saved['max_side']} --quality {saved['quality']}: "
+                            "rerun with those to finish it, or write the new size to another target")
+        return
+    target.mkdir(parents=True, exist_ok=True)
+    marker.write_text(json.dumps(settings) + "\n")
+
+
 def shrink(source: str | Path, target: str | Path, max_side: int = 500, quality: int = 90,
            workers: int | None = None) -> dict:
     """A copy of SOURCE's image tree under TARGET with every image re-encoded as an RGB JPEG whose
@@ -186,6 +156,7 @@ def shrink(source: str | Path, target: str | Path, max_side: int = 500, quality:
         raise UserError(f"the target {target} must lie outside the source {source}")
     if not 16 <= max_side <= 100_000 or not 1 <= quality <= 100:
         raise UserError(f"--max-side must be >= 16 and --quality 1..100 (got {max_side}, {quality})")
+    _claim_target(target, {"max_side": max_side, "quality": quality})
     jobs = []
     for dirpath, _, names in os.walk(source):
         for name in sorted(names):

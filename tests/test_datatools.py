@@ -23,14 +23,41 @@ def test_check_lists_every_problem_at_once(tiny_data, tmp_path):
     (data / "val" / classes[1] / "garbage.JPEG").write_bytes(b"not an image at all")
     (data / "train" / classes[2] / "notes.txt").write_text("stray")
     (data / "train" / "empty_class").mkdir()
+    # A broken JPEG in a symlinked sub-folder of a class: the loaders follow the link, so must check.
+    linked = tmp_path / "elsewhere"
+    linked.mkdir()
+    hidden = linked / "broken.JPEG"
+    hidden.write_bytes(b"\xff\xd8\xff" + b"\x00" * 50)
+    (data / "train" / classes[3] / "more").symlink_to(linked, target_is_directory=True)
+    shutil.copy(victim.with_name(sorted(p.name for p in victim.parent.iterdir())[1]), data / "val" / "loose.JPEG")
     proc = run_cli("data", "check", data, check=False)
-    assert_user_error(proc, "5 problem(s)")
+    assert_user_error(proc, "6 problem(s)")
     out = proc.stdout
     assert f"cannot decode {victim}" in out and "garbage.JPEG" in out
+    assert f"cannot decode {data / 'train' / classes[3] / 'more' / 'broken.JPEG'}" in out
     assert "train/empty_class: empty class" in out
     assert "train and val classes differ: 1 only in train ['empty_class']" in out
-    assert "train/" + classes[2] + ": 1 file(s) the loaders skip" in out and "notes.txt" in out
+    assert "val/: 1 image(s) outside any class folder, e.g. loose.JPEG" in out
+    # A file training skips is a note, not a problem: check and training agree.
+    assert f"note: train/{classes[2]}: 1 file(s) without an image extension, skipped by the loaders" in out
+    assert "notes.txt" in out
     assert_user_error(run_cli("data", "check", tmp_path / "nothing", check=False), "does not exist")
+
+
+def test_check_agrees_with_the_loaders(tiny_data, tmp_path):
+    """Every file the loaders read is checked, and no other: the same listing (symlinks followed,
+    dot-files skipped), so a clean check means a clean run."""
+    from fastrsb.data_folder import _split_listing
+    data = tmp_path / "data"
+    shutil.copytree(tiny_data, data)
+    extra = tmp_path / "extra"
+    extra.mkdir()
+    shutil.copy(next((data / "train" / "n00_hstripes").iterdir()), extra / "x.JPEG")
+    (data / "train" / "n01_vstripes" / "link").symlink_to(extra, target_is_directory=True)
+    (data / "train" / "n02_checks" / ".hidden.JPEG").write_bytes(b"junk")
+    checked = sorted(f for images, _ in _split_listing(data / "train").values() for f in images)
+    assert checked == sorted(list_images(data / "train").files)
+    assert str(data / "train" / "n01_vstripes" / "link" / "x.JPEG") in checked
 
 
 def _flat_val(tmp_path, tiny_data):
@@ -73,10 +100,13 @@ def test_prepare_val_from_devkit_ground_truth(tiny_data, tmp_path):
     (tmp_path / "synsets.txt").write_text("".join(f"{w} some words\n" for w in wnids))
     (tmp_path / "gt.txt").write_text("".join(f"{wnids.index(truth[k]) + 1}\n" for k in sorted(truth)))
     assert_user_error(run_cli("data", "prepare-val", flat, tmp_path / "gt.txt", check=False), "--synsets")
-    args = ("data", "prepare-val", flat, tmp_path / "gt.txt", "--synsets", tmp_path / "synsets.txt", "--copy")
+    sorted_val = tmp_path / "sorted" / "val"
+    args = ("data", "prepare-val", flat, tmp_path / "gt.txt", "--synsets", tmp_path / "synsets.txt", "--copy-to", sorted_val)
     assert f"copied {len(truth)} image(s)" in run_cli(*args).stdout
-    _assert_sorted(flat, truth, moved=False)
+    _assert_sorted(sorted_val, truth)
+    assert len(list(flat.glob("*.JPEG"))) == len(truth)  # the originals stay where they were, untouched
     assert "copied 0 image(s)" in run_cli(*args).stdout  # resumable
+    assert_user_error(run_cli(*args[:-1], flat, check=False), "the validation folder itself")
     (tmp_path / "bad.csv").write_text("id,label\n")
     assert_user_error(run_cli("data", "prepare-val", flat, tmp_path / "bad.csv", check=False), "ImageId,PredictionString")
 
@@ -94,8 +124,11 @@ def test_shrink_makes_a_compact_rgb_copy_and_resumes(tiny_data, tmp_path):
     assert sum(p.stat().st_size for p in after) < sum(p.stat().st_size for p in before) / 2
     after[0].unlink()
     (after[1].parent / f".{after[1].name}.tmp").write_bytes(b"half")  # a run killed mid-write
-    proc = run_cli("data", "shrink", tiny_data, out, "--max-side", "40")
+    proc = run_cli("data", "shrink", tiny_data, out, "--max-side", "40", "--quality", "80")
     assert "1 written, 67 already there" in proc.stdout
+    # Another size into the same target would mix two sizes silently: refused.
+    assert_user_error(run_cli("data", "shrink", tiny_data, out, "--max-side", "64", check=False),
+                      "--max-side 40 --quality 80")
     assert_user_error(run_cli("data", "shrink", tiny_data, tiny_data / "inside", check=False), "outside the source")
     run_cli("train", "tiny", "--data", out, "--out", tmp_path / "run", "--device", "cpu", "--set", "epochs=1",
             "--set", "warmup_epochs=0")  # the copy trains
