@@ -10,8 +10,8 @@ and on the CPU (dali-cpu), a torchvision ImageFolder + DataLoader with PIL trans
 cores), and timm's own loader (timm.data.create_loader). All do the same work: decode,
 random-resized-crop to --img-size, flip, normalize, deliver to the device. One process per loader;
 --rounds N measures each loader N times, round-robin, and reports its median (shared machines vary).
---mode step: forward, loss, backward and LAMB on a device-resident synthetic batch, channels-last,
-AMP and compiled as the recipe says: fastrsb.step.TrainStep, the trainer's own step.
+--mode step: mixup/cutmix, forward, loss, backward and LAMB on a device-resident synthetic batch,
+channels-last, AMP and compiled as the recipe says: the trainer's own step (fastrsb.parts).
 --mode train: the trainer's path end to end: DALI loader (the recipe's RandAugment and repeated
 augmentation), mixup/cutmix, TrainStep.
 --batch-size is per process (GPU). Warm-up steps are excluded; the device is synchronized only at
@@ -29,7 +29,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -44,12 +43,10 @@ def make_loader(name: str, root: Path, batch: int, size: int, device: str, threa
                 hw_decoder_load: float = 0.9):
     if name.startswith("dali"):
         from fastrsb.pipelines import train_loader
-        # The pixels the trainer asks for: float16 for the GPU (autocast), float32 on the CPU, which
-        # is also what the PIL loaders' ToTensor + Normalize give (float16 cost the CPU pipeline
-        # ~135 us more per image at 160 px: DALI's CPU float16 conversion is scalar).
-        gpu = name == "dali-gpu"
-        return train_loader(root, batch, size, device="cuda" if gpu else "cpu", num_threads=threads,
-                            dtype="float16" if gpu else "float32", aa=aa, hw_decoder_load=hw_decoder_load)
+        # The loader's default pixels, as the trainer takes them: float16 on the GPU, float32 on the
+        # CPU (what the PIL loaders' ToTensor + Normalize give too).
+        return train_loader(root, batch, size, device="cuda" if name == "dali-gpu" else "cpu", num_threads=threads,
+                            aa=aa, hw_decoder_load=hw_decoder_load)
     if name == "torchvision":
         import torchvision.transforms as T
         from torchvision.datasets import ImageFolder
@@ -118,63 +115,40 @@ def _timed(one_step, warmup: int, steps: int, device: str, sampler: MemorySample
     return seconds
 
 
-def _training_parts(args, num_classes: int, d, device: str):
-    """Model, optimizer, GradScaler and loss exactly as fastrsb.train builds them."""
-    from fastrsb.device import amp_dtype
-    from fastrsb.loss import make_loss
-    from fastrsb.model import make_model
-    from fastrsb.optim import make_optimizer
-    from fastrsb.recipe import load_recipe
-    from fastrsb.step import wrap_model
-    recipe = load_recipe(args.recipe, [f"img_size={args.img_size}", *args.overrides])
-    model = make_model(recipe["model"], num_classes, recipe["drop_path"]).to(device)
-    optimizer = make_optimizer(model, recipe)
-    dtype = amp_dtype(device, recipe["amp"])
-    scaler = torch.amp.GradScaler(device, enabled=dtype == torch.float16)
-    return recipe, wrap_model(model, d, device, recipe["compile"]), optimizer, scaler, make_loss(recipe), dtype
-
-
 def measure_training(mode: str, args, root: Path | None, d) -> dict:
-    """--mode step (synthetic device-resident batch) or --mode train (DALI loader + mixing + step)."""
-    from fastrsb.mix import BatchMixer, soft_targets
-    from fastrsb.step import TrainStep
+    """--mode step (synthetic device-resident batch) or --mode train (DALI loader + mixing + step),
+    with the parts `fastrsb train` builds (fastrsb.parts): the same model, step, seeds and loader."""
+    from fastrsb.parts import build_training, open_train_loader
+    from fastrsb.pipelines import default_pixel_dtype, list_images
+    from fastrsb.recipe import load_recipe
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    pixels = torch.float16 if device == "cuda" else torch.float32  # what the DALI pipelines emit
-    recipe, step_model, optimizer, scaler, loss_fn, dtype = _training_parts(args, args.num_classes, d, device)
-    if device == "cuda":
-        torch.backends.cudnn.benchmark = True
+    recipe = load_recipe(args.recipe, [f"img_size={args.img_size}", *args.overrides])
+    training = build_training(recipe, args.num_classes, device, d)
     batch, size, lr = args.batch_size, args.img_size, recipe["lr"]
     if mode == "step":
+        pixels = getattr(torch, default_pixel_dtype(device))  # what the loaders hand over
         images = torch.randn(batch, 3, size, size, device=device, dtype=pixels).contiguous(memory_format=torch.channels_last)
-        targets = soft_targets(torch.randint(0, args.num_classes, (batch,), device=device), args.num_classes, 1.0)
-        stepper = TrainStep(step_model, optimizer, scaler, loss_fn, None, device, dtype)
-        next_batch = lambda: (images, targets)  # noqa: E731
+        labels = torch.randint(0, args.num_classes, (batch,), device=device)
+        next_batch = lambda: (images, labels)  # noqa: E731  (mixed by the step, as in training)
         threads, augmentation = None, {}
     else:
-        from fastrsb.pipelines import train_loader
+        images = list_images(root)
+        if len(images.classes) > args.num_classes:
+            sys.exit(f"{root} has {len(images.classes)} classes, more than --num-classes {args.num_classes}")
         threads = args.workers or max(1, _cores() // d.world)
-        # The trainer's loader: the recipe's RandAugment and repeated augmentation included.
-        loader = train_loader(root, batch, size, device=device, shard_id=d.rank, num_shards=d.world,
-                              seed=recipe["seed"], num_threads=threads, dtype=str(pixels).removeprefix("torch."),
-                              repeats=max(1, recipe["aug_repeats"]), aa=recipe["aa"],
-                              hw_decoder_load=args.hw_decoder_load)
+        loader = open_train_loader(recipe, images, batch, device, d, threads, hw_decoder_load=args.hw_decoder_load)
         augmentation = {key: loader.settings[key] for key in ("aa", "repeats", "pipelines")}
-        if len(loader.classes) > args.num_classes:
-            sys.exit(f"{root} has {len(loader.classes)} classes, more than --num-classes {args.num_classes}")
-        mixer = BatchMixer(args.num_classes, recipe["mixup"], recipe["cutmix"], recipe["mixup_prob"],
-                           recipe["mixup_switch_prob"], recipe["smoothing"], np.random.RandomState(d.rank))
-        stepper = TrainStep(step_model, optimizer, scaler, loss_fn, mixer, device, dtype)
         next_batch = _forever(loader).__next__
     sampler = MemorySampler()
 
     def one_step():
-        stepper.accumulate(*next_batch(), group=1, last=True)
-        stepper.apply(lr)
+        training.step.accumulate(*next_batch(), group=1, last=True)
+        training.step.apply(lr)
 
     seconds = _timed(one_step, args.warmup, args.steps, device, sampler)
     return {"mode": mode, "loader": "synthetic batch" if mode == "step" else ("dali-gpu" if device == "cuda" else "dali-cpu"),
             "device": device, "model": recipe["model"], "recipe": recipe["name"], "img_size": size, "batch_size": batch,
-            "amp": str(dtype).removeprefix("torch.") if dtype else "float32",
+            "amp": str(training.dtype).removeprefix("torch.") if training.dtype else "float32",
             "compiled": device == "cuda" and recipe["compile"], "workers": threads, **augmentation,
             "steps": args.steps, "images_per_sec": args.steps * batch / seconds, **_memory(device, sampler)}
 
@@ -342,7 +316,7 @@ def _data_root(args) -> Path:
     return args.data or synthetic_jpegs(args.cache / f"synthetic-{args.synthetic_jpegs}", args.synthetic_jpegs)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--mode", choices=["loader", "step", "train"], default="loader")
     p.add_argument("--data", type=Path, help="a class-folder tree of JPEGs (e.g. imagenet/train)")
@@ -365,7 +339,7 @@ def main() -> None:
     p.add_argument("--hw-decoder-load", type=float, default=0.9,
                    help="dali-gpu: the share of JPEGs sent to the hardware decoders (A100/H100), 0-1")
     p.add_argument("--json-out", type=Path, help="also append the JSON lines to this file")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     if args.rounds < 1:
         p.error("--rounds must be at least 1")
     if not 0.0 <= args.hw_decoder_load <= 1.0:

@@ -4,10 +4,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import sys
 import time
 from pathlib import Path
 
+from fastrsb import __version__
 from fastrsb.errors import UserError
 
 DEMO_DATA = Path("data/demo")
@@ -44,6 +46,8 @@ def cmd_train(args) -> int:
             from fastrsb.demo_data import write_demo
             print(f"generating the demo data set in {data} ...", flush=True)
             write_demo(data)
+    from fastrsb.data_folder import check_layout
+    check_layout(data)  # before importing torch (seconds): a wrong path is told at once
     if args.resume and not args.out and args.resume == "auto":
         raise UserError("--resume auto needs --out RUN_DIR (the run to continue)")
     out = Path(args.out) if args.out else Path("runs") / f"{recipe['name']}-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -55,13 +59,32 @@ def cmd_train(args) -> int:
     metrics = train(recipe, data, out, device=args.device, num_threads=args.threads, log_every=args.log_every,
                     resume=args.resume, grad_accum_steps=args.grad_accum_steps, stop=stop,
                     stop_after_steps=args.stop_after_steps)
+    main_rank = os.environ.get("RANK", "0") == "0"
     if metrics.get("stopped"):
+        if main_rank:
+            print(f"continue with: {resume_command(args, data, out)}")
         # A stop by signal exits with 128 + the signal's number (the shell's convention), so a job
         # script does not mistake it for a finished run; the checkpoint is complete either way.
         return 128 + stop.signum if stop.signum else 0
-    if "top1" in metrics and os.environ.get("RANK", "0") == "0":
+    if "top1" in metrics and main_rank:
         print(f"done: top1 {metrics['top1']:.2f} top5 {metrics['top5']:.2f}; run folder {out}")
     return 0
+
+
+def resume_command(args, data: Path, out: Path) -> str:
+    """The command that continues a stopped run: the same recipe, data, --set values and options."""
+    words = ["fastrsb", "train", args.recipe, "--data", str(data), "--out", str(out)]
+    for flag, value, default in (("--device", args.device, "auto"), ("--threads", args.threads, None),
+                                 ("--log-every", args.log_every, 50), ("--grad-accum-steps", args.grad_accum_steps, 1)):
+        if value != default:
+            words += [flag, str(value)]
+    for item in args.overrides:
+        words += ["--set", item]
+    words += ["--resume", "auto"]
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1:  # under torchrun: the same number of processes (each has its loader position)
+        words = ["torchrun", f"--nproc_per_node={os.environ.get('LOCAL_WORLD_SIZE', world)}", "-m", "fastrsb"] + words[1:]
+    return shlex.join(words)
 
 
 def cmd_eval(args) -> None:
@@ -81,14 +104,20 @@ def cmd_plot(args) -> None:
 
 
 def cmd_data_demo(args) -> None:
-    from fastrsb.demo_data import write_demo
+    from fastrsb.demo_data import CLASSES, write_demo
+    if not 2 <= args.classes <= len(CLASSES):
+        raise UserError(f"--classes {args.classes}: the demo data set has 2 to {len(CLASSES)} classes")
+    if args.train_per_class < 1 or args.val_per_class < 1:
+        raise UserError("--train-per-class and --val-per-class must be 1 or more")
     write_demo(args.dir, args.train_per_class, args.val_per_class, args.seed, args.classes)
     print(f"wrote {args.dir}/train and {args.dir}/val")
 
 
 def cmd_data_check(args) -> None:
-    from fastrsb.datatools import check
-    problems = check(args.dir, args.workers, decode=not args.no_decode)
+    from fastrsb.data_folder import check
+    problems, notes = check(args.dir, args.workers, decode=not args.no_decode)
+    for note in notes:
+        print(f"  note: {note}")
     for problem in problems:
         print(f"  {problem}")
     if problems:
@@ -97,14 +126,14 @@ def cmd_data_check(args) -> None:
 
 
 def cmd_data_prepare_val(args) -> None:
-    from fastrsb.datatools import prepare_val
-    result = prepare_val(args.val_dir, args.labels, args.synsets, args.copy)
+    from fastrsb.prepare import prepare_val
+    result = prepare_val(args.val_dir, args.labels, args.synsets, args.copy_to)
     if result["missing"]:
         raise UserError(f"{result['missing']:,} labelled image(s) are not in {args.val_dir}")
 
 
 def cmd_data_shrink(args) -> None:
-    from fastrsb.datatools import shrink
+    from fastrsb.prepare import shrink
     result = shrink(args.source, args.target, args.max_side, args.quality, args.workers)
     if result["failed"]:
         raise UserError(f"{result['failed']} image(s) could not be read (listed above); the rest are in {args.target}")
@@ -112,6 +141,7 @@ def cmd_data_shrink(args) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fastrsb", description="ResNet-strikes-back training with DALI loaders")
+    parser.add_argument("--version", action="version", version=f"fastrsb {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("recipe", help="print a resolved recipe")
@@ -173,7 +203,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("val_dir")
     d.add_argument("labels", help="LOC_val_solution.csv, or the devkit's ILSVRC2012_validation_ground_truth.txt")
     d.add_argument("--synsets", help="with the devkit's ground truth: wnids in ILSVRC2012_ID order, one per line")
-    d.add_argument("--copy", action="store_true", help="copy instead of moving")
+    d.add_argument("--copy-to", metavar="DIR", help="copy into DIR/<wnid>/ and leave VAL_DIR as it is (default: move "
+                                                    "the images into class folders inside VAL_DIR)")
     d.set_defaults(func=cmd_data_prepare_val)
     d = data_sub.add_parser("shrink", help="a compact copy: every image re-encoded as RGB JPEG, longer side <= N")
     d.add_argument("source")

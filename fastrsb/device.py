@@ -20,11 +20,12 @@ def resolve_device(requested: str | None) -> str:
 
 
 def amp_dtype(device: str, amp: bool) -> torch.dtype | None:
-    """bf16 on GPUs that have it (A100, H100), fp16 (with a GradScaler) on those that do not
-    (V100); the CPU trains in float32."""
+    """bf16 on GPUs whose hardware has it (A100, H100: compute capability 8.0 and up), fp16 with a
+    GradScaler on those that do not (V100, T4); the CPU trains in float32. The hardware answer:
+    torch.cuda.is_bf16_supported() alone says True on a V100 too, where bf16 runs emulated."""
     if device != "cuda" or not amp:
         return None
-    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
 
 
 def autocast(device: str, dtype: torch.dtype | None):

@@ -22,6 +22,18 @@ def soft_targets(labels: torch.Tensor, num_classes: int, lam: float, smoothing: 
     return torch.lerp(onehot.flip(0), onehot, lam)
 
 
+def mixing_enabled(mixup_alpha: float, cutmix_alpha: float) -> bool:
+    return mixup_alpha > 0 or cutmix_alpha > 0
+
+
+def check_pairable(batch: int) -> None:
+    """Batch mode pairs row i with row B-1-i, so a mixed batch must be even (as timm asserts).
+    The one owner of this rule: the trainer checks its micro-batch with it before the first step."""
+    if batch % 2:
+        raise ValueError(f"mixup/cutmix pair each image with its mirror in the batch, so a batch must be even, "
+                         f"not {batch}")
+
+
 class BatchMixer:
     """Draws and applies mixup/cutmix to a batch: `images, targets = mixer(images, labels)`."""
 
@@ -38,7 +50,7 @@ class BatchMixer:
 
     @property
     def enabled(self) -> bool:
-        return self.mixup_alpha > 0 or self.cutmix_alpha > 0
+        return mixing_enabled(self.mixup_alpha, self.cutmix_alpha)
 
     def draw(self) -> tuple[float, bool]:
         """(lam, use_cutmix) for one batch, in timm's order of draws."""
@@ -65,8 +77,7 @@ class BatchMixer:
     def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """images (B, C, H, W) any layout, labels (B,) int64 -> mixed images (new tensor, same
         layout; the input, which may be a DALI buffer, is never written), targets (B, K) float32."""
-        if images.shape[0] % 2:
-            raise ValueError(f"mixup/cutmix need an even batch, got {images.shape[0]}")
+        check_pairable(images.shape[0])
         lam, use_cutmix = self.draw()
         if lam == 1.0:
             return images, soft_targets(labels, self.num_classes, 1.0, self.smoothing)

@@ -12,13 +12,13 @@ def _clock(seconds: float) -> str:
 
 
 class Progress:
-    def __init__(self, title: str, total: int, stream=sys.stderr, enabled: bool = True, unit: str = "img"):
+    def __init__(self, title: str, total: int, stream=None, enabled: bool = True, unit: str = "img"):
         self.enabled = enabled  # only rank 0 of a distributed run prints
         self.unit = unit  # what is counted: images for training, files for the data tools
         self.title = title
         self.total = total
-        self.stream = stream
-        self.tty = stream.isatty()
+        self.stream = stream or sys.stderr  # looked up now: a redirected stderr is honoured
+        self.tty = self.stream.isatty()
         self.start = time.perf_counter()
         self._next_plain = 0
 

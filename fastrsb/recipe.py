@@ -66,7 +66,10 @@ def load_recipe(name_or_path: str, overrides: list[str] | tuple[str, ...] = ()) 
     if name_or_path in BUILTIN:
         path = builtin_path(name_or_path)
     elif not path.is_file():
-        raise UserError(f"no recipe '{name_or_path}': give one of {', '.join(BUILTIN)} or a path to a .toml file")
+        if path.suffix == ".toml" or path.parent != Path("."):  # meant as a path
+            raise UserError(f"recipe file {path} does not exist (built-in recipes: {', '.join(BUILTIN)})")
+        raise UserError(f"no recipe '{name_or_path}': give one of {', '.join(BUILTIN)} or a path to a .toml file"
+                        f"{_suggest_recipe(name_or_path)}")
     try:
         raw = tomllib.loads(path.read_text())
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
@@ -79,6 +82,11 @@ def load_recipe(name_or_path: str, overrides: list[str] | tuple[str, ...] = ()) 
     _check_values(recipe)
     recipe["name"] = path.stem
     return recipe
+
+
+def _suggest_recipe(name: str) -> str:
+    close = difflib.get_close_matches(name, BUILTIN, n=1)
+    return f" (did you mean '{close[0]}'?)" if close else ""
 
 
 def _check_keys(raw: dict, where: str) -> None:
@@ -164,8 +172,6 @@ def _check_values(r: dict[str, Any]) -> None:
             parse_rand_augment(r["aa"])
         except ValueError as err:
             raise UserError(f"recipe: 'aa': {err}") from None
-    if (r["mixup"] > 0 or r["cutmix"] > 0) and r["batch_size"] % 2:
-        raise UserError(f"recipe: mixup/cutmix pair each image with its mirror in the batch, so batch_size must be even, not {r['batch_size']}")
 
 
 def describe() -> str:

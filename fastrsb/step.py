@@ -1,9 +1,14 @@
 """One optimizer step, exactly as the trainer and `benchmarks/throughput.py` run it: mixup/cutmix
 (outside the compiled region), forward under autocast, loss, backward (DDP all-reduce on the last
-micro-batch of a group only), then LAMB through the GradScaler. Nothing here reads the device."""
+micro-batch of a group only), then LAMB through the GradScaler.
+
+Host syncs: none with bf16 or float32. On the fp16 path (GPUs without bf16, e.g. V100 and T4) the
+GradScaler's `step` reads its inf/NaN check back to the host once per optimizer step (inside
+torch: `found_inf.item()`), so the host waits for the backward pass there every step."""
 from __future__ import annotations
 
 import contextlib
+from typing import Callable
 
 import torch
 from torch import nn
@@ -11,30 +16,37 @@ from torch.nn.parallel import DistributedDataParallel
 
 from fastrsb.device import autocast
 from fastrsb.distributed import Dist
-from fastrsb.mix import BatchMixer
+
+# images (B, 3, H, W), labels (B,) int64 -> images, targets (B, K) float32
+Prepare = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 
 def wrap_model(model: nn.Module, d: Dist, device: str, compile_model: bool) -> nn.Module:
-    """DDP across ranks, then torch.compile on the GPU (DDPOptimizer splits the graph at bucket
+    """DDP across ranks, then torch.compile if asked (DDPOptimizer splits the graph at bucket
     boundaries so gradient communication overlaps the backward pass)."""
-    wrapped = DistributedDataParallel(model, device_ids=[d.local_rank] if device == "cuda" else None) if d.on else model
-    if device == "cuda" and compile_model:
+    if d.on:
+        # broadcast_buffers=True (DDP's default, stated because exact resume depends on it): every
+        # forward starts from rank 0's BatchNorm statistics, so the rank-0 statistics a mid-epoch
+        # checkpoint saves are the ones every rank continues from.
+        model = DistributedDataParallel(model, device_ids=[d.local_rank] if device == "cuda" else None,
+                                        broadcast_buffers=True)
+    if compile_model:
         torch._logging.set_logs(recompiles=True)  # a recompile in steady state costs seconds: show it
-        wrapped = torch.compile(wrapped)
-    return wrapped
+        model = torch.compile(model)
+    return model
 
 
 class TrainStep:
     def __init__(self, step_model: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
-                 loss_fn, mixer: BatchMixer | None, device: str, dtype: torch.dtype | None):
+                 loss_fn, prepare: Prepare | None, device: str, dtype: torch.dtype | None):
+        """prepare: labels -> targets (the mixer, or one-hot targets); None: batches come with targets."""
         self.step_model, self.optimizer, self.scaler = step_model, optimizer, scaler
-        self.loss_fn, self.mixer, self.device, self.dtype = loss_fn, mixer, device, dtype
+        self.loss_fn, self.prepare, self.device, self.dtype = loss_fn, prepare, device, dtype
 
-    def accumulate(self, images: torch.Tensor, targets: torch.Tensor, group: int, last: bool) -> torch.Tensor:
+    def accumulate(self, images: torch.Tensor, labels: torch.Tensor, group: int, last: bool) -> torch.Tensor:
         """Forward and backward of one micro-batch of a group of `group`; returns the (undivided)
-        loss as a device tensor. targets: class indices (mixed here) or ready soft targets."""
-        if self.mixer is not None:
-            images, targets = self.mixer(images, targets)
+        loss as a device tensor."""
+        images, targets = self.prepare(images, labels) if self.prepare is not None else (images, labels)
         no_sync = getattr(self.step_model, "no_sync", None)
         with no_sync() if no_sync is not None and not last else contextlib.nullcontext():
             with autocast(self.device, self.dtype):
@@ -46,6 +58,6 @@ class TrainStep:
     def apply(self, lr: float) -> None:
         for param_group in self.optimizer.param_groups:
             param_group["lr"] = lr
-        self.scaler.step(self.optimizer)
+        self.scaler.step(self.optimizer)  # fp16 only: one host sync (see the module's docstring)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)

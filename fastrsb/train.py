@@ -1,124 +1,30 @@
-"""The training loop and evaluation. Reads top to bottom: data, model, optimizer, then per step
-LR, mix, forward under autocast, loss, backward, step. Host syncs only at log steps and epoch ends.
+"""The training loop and evaluation. `train` reads top to bottom: open the data, build the run
+(fastrsb.parts), restore it if resuming (fastrsb.run_state), then per epoch: train, save, validate,
+save. `train_one_epoch` runs the steps; the host syncs with the device at log steps only.
 
 One process per GPU under torchrun (DDP), or a single process. A run stops cleanly on SIGTERM or
 SIGINT with a checkpoint of everything it needs to continue exactly (`--resume auto`)."""
 from __future__ import annotations
 
-import json
 import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
 from fastrsb import __version__
-from fastrsb.checkpoint import load_checkpoint, load_weights, save_checkpoint
-from fastrsb.data import explain_pipeline_error, open_dataset, open_split
+from fastrsb.checkpoint import load_checkpoint, load_weights
+from fastrsb.data_folder import check_headers, loader_batches, open_dataset, open_split
 from fastrsb.device import amp_dtype, autocast, resolve_device
-from fastrsb.distributed import (Dist, agree, all_reduce_sum, average_bn_stats, check_in_step, gather_to_main,
-                                 init_distributed, shutdown)
-from fastrsb.ema import ModelEma
+from fastrsb.distributed import Dist, agree, all_reduce_sum, average_bn_stats, check_in_step, init_distributed, shutdown
 from fastrsb.errors import UserError
-from fastrsb.loss import make_loss
-from fastrsb.step import TrainStep, wrap_model
-from fastrsb.mix import BatchMixer
 from fastrsb.model import make_model
-from fastrsb.optim import lr_at, make_optimizer
-from fastrsb.pipelines import DatasetError, ImageList, train_loader, val_loader
+from fastrsb.parts import Run, build_run, open_val_loader
 from fastrsb.progress import Progress
+from fastrsb.run_state import Position, RunFolder, find_resume, load_for_resume, restore_run, save_run
 from fastrsb.stopping import StopRequest
-
-
-def _open_loader(make, images: ImageList, *args, **kwargs):
-    try:
-        return make(images, *args, **kwargs)
-    except DatasetError as err:
-        raise UserError(str(err)) from None
-    except RuntimeError as err:  # DALI reads the first batches while building the iterator
-        raise explain_pipeline_error(err, images) from None
-
-
-def micro_batch_size(recipe: dict, world: int, grad_accum_steps: int) -> int:
-    """The recipe's batch is global: split across processes and accumulation steps."""
-    batch, parts = recipe["batch_size"], world * grad_accum_steps
-    if grad_accum_steps < 1 or batch % parts:
-        raise UserError(f"batch_size {batch} does not split into {world} process(es) x {grad_accum_steps} "
-                        f"accumulation step(s): choose --grad-accum-steps so that the product divides it")
-    micro = batch // parts
-    if (recipe["mixup"] > 0 or recipe["cutmix"] > 0) and micro % 2:
-        raise UserError(f"a batch of {micro} per process and step is odd: mixup/cutmix pair images within it")
-    return micro
-
-
-@torch.no_grad()
-def evaluate(model: torch.nn.Module, loader, device: str, dtype: torch.dtype | None, d: Dist = Dist()) -> dict:
-    """Top-1/top-5 and cross-entropy over every image of the loader exactly once, summed over all
-    ranks. Runs the eager model: the test size and the short last batch would otherwise recompile."""
-    model.eval()
-    sums = torch.zeros(3, dtype=torch.float64, device=device)  # top-1 hits, top-5 hits, summed loss
-    count = 0  # counted on the host: the batch sizes are known there, no copy to the device per batch
-    try:
-        for images, labels in loader:
-            with autocast(device, dtype):
-                logits = model(images).float()
-            top = logits.topk(min(5, logits.shape[1]), dim=1).indices
-            hits = top.eq(labels.view(-1, 1))
-            sums += torch.stack([hits[:, 0].sum(), hits.any(dim=1).sum(),
-                                 F.cross_entropy(logits, labels, reduction="sum")]).double()
-            count += labels.shape[0]
-    except RuntimeError as err:
-        raise explain_pipeline_error(err, loader.images) from None
-    totals = torch.cat([sums, sums.new_tensor([count])])  # one copy, one all-reduce, one host sync
-    top1, top5, loss, count = all_reduce_sum(totals, d).tolist()
-    return {"top1": 100.0 * top1 / count, "top5": 100.0 * top5 / count, "val_loss": loss / count,
-            "val_images": int(count)}
-
-
-def _find_resume(resume: str | None, out: Path) -> Path | None:
-    if resume is None:
-        return None
-    if resume == "auto":
-        return out / "last.pt" if (out / "last.pt").is_file() else None
-    return Path(resume)
-
-
-def _check_resumable(state: dict, recipe: dict, classes: list[str], d: Dist, path: Path) -> None:
-    differ = [f"{k} {state['recipe'].get(k)!r} -> {recipe[k]!r}" for k in recipe
-              if k != "name" and state["recipe"].get(k) != recipe[k]]
-    if differ:
-        raise UserError(f"{path} was trained with another recipe ({'; '.join(differ[:4])}): resume with the "
-                        "same recipe and --set values, or start a new --out")
-    if state["classes"] != classes:
-        raise UserError(f"{path} was trained on {len(state['classes'])} classes, the data has {len(classes)}")
-    if "ranks" not in state:
-        raise UserError(f"{path} holds weights only (no optimizer and loader state): it cannot be resumed")
-    if len(state["ranks"]) != d.world:
-        raise UserError(f"{path} was written by {len(state['ranks'])} process(es), this run has {d.world}: exact "
-                        "resume needs each process's loader position; resume with the same number of processes")
-
-
-def _rank_state(train_data, mixer: BatchMixer, device: str, epoch_loss_sum: float) -> dict:
-    """What differs per process: loader position, random streams, and the sum of this epoch's
-    losses so far (each rank's own shard: an epoch stopped half-way reports the same mean)."""
-    return {"loader": train_data.state_dict(), "mixer": mixer.state_dict(), "torch_rng": torch.get_rng_state(),
-            "epoch_loss_sum": epoch_loss_sum, **({"cuda_rng": torch.cuda.get_rng_state()} if device == "cuda" else {})}
-
-
-def _restore_rank_state(rank_state: dict, mixer: BatchMixer, device: str) -> None:
-    mixer.load_state_dict(rank_state["mixer"])
-    torch.set_rng_state(rank_state["torch_rng"])
-    if device == "cuda" and "cuda_rng" in rank_state:
-        torch.cuda.set_rng_state(rank_state["cuda_rng"])
-
-
-def _keep_metrics_up_to(path: Path, step: int) -> None:
-    """On resume, drop rows written after the checkpoint (they will be written again)."""
-    if path.is_file():
-        rows = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
-        path.write_text("".join(row + "\n" for row in rows))
 
 
 def train(recipe: dict, data: str | Path, out: str | Path, device: str | None = None,
@@ -129,191 +35,207 @@ def train(recipe: dict, data: str | Path, out: str | Path, device: str | None = 
     (rank 0 only). resume: "auto" (RUN_DIR/last.pt if present) or a checkpoint path.
     stop / stop_after_steps: end early at a step boundary with a resumable checkpoint.
     Returns the last epoch's metrics, with "stopped": True when it ended early."""
-    device = resolve_device(device)
+    device, out = resolve_device(device), Path(out)
     d = init_distributed(device)
     try:
         with (stop or StopRequest()) as stop:
-            return _train(recipe, Path(data), Path(out), device, d, num_threads, log_every, resume,
-                          grad_accum_steps, stop, stop_after_steps)
+            train_images, val_images = open_dataset(data)
+            resume_path = find_resume(resume, out)
+            state = load_for_resume(resume_path, recipe, train_images.classes, d) if resume_path else None
+            if resume == "auto" and state is None and d.main:
+                print(f"--resume auto: no checkpoint in {out}, starting from scratch")
+            _check_files(train_images, val_images, d)
+            run = build_run(recipe, train_images, val_images, device, d, num_threads, grad_accum_steps,
+                            loader_state=state["ranks"][d.rank]["loader"] if state else None)
+            pos = restore_run(run, state, resume_path) if state else Position()
+            folder = RunFolder(out, recipe, d, resumed=pos if state else None)
+            _announce(run, train_images, val_images, grad_accum_steps, resume_path if state else None, pos)
+            stops = Stops(stop, stop_after_steps, d)
+            return _epochs(run, pos, folder, stops, log_every)
     finally:
         shutdown(d)
 
 
-def _train(recipe, data, out, device, d, num_threads, log_every, resume, grad_accum_steps, stop, stop_after_steps):
-    micro = micro_batch_size(recipe, d.world, grad_accum_steps)
-    train_images, val_images = open_dataset(data)
-    num_classes = len(train_images.classes)
-    resume_path = _find_resume(resume, out)
-    state = load_checkpoint(resume_path) if resume_path else None
-    if state is not None:
-        _check_resumable(state, recipe, train_images.classes, d, resume_path)
-    elif resume == "auto" and d.main:
-        print(f"--resume auto: no checkpoint in {out}, starting from scratch")
+def _epochs(run: Run, pos: Position, folder: RunFolder, stops: "Stops", log_every: int) -> dict:
+    """The epoch loop, from wherever `pos` stands."""
+    epochs = run.recipe["epochs"]
+    if not pos.validated:  # stopped after training an epoch, before its validation finished
+        _validate_and_save(run, pos, folder)
+    elif pos.epoch >= epochs and pos.step and run.d.main:
+        print(f"this run already finished all {epochs} epochs")
+    while pos.epoch < epochs:
+        figures = train_one_epoch(run, pos, folder, stops, log_every)
+        if figures is None:  # a stop mid-epoch: `pos` says where
+            save_run(run, pos, folder.out)
+            _say(run, f"stopped at step {pos.step} (epoch {pos.epoch + 1}, "
+                      f"{run.schedule.steps_done(pos.micro_done)}/{run.schedule.steps_per_epoch})")
+            return {**pos.metrics, "stopped": True, "step": pos.step}
+        # Every rank evaluates and saves the same model: BN statistics averaged, weights compared.
+        average_bn_stats(run.training.model, run.d)
+        if run.training.ema:
+            average_bn_stats(run.training.ema.module, run.d)
+        check_in_step(run.training.model, run.d)
+        pos.epoch, pos.micro_done, pos.loss_sum, pos.seconds = pos.epoch + 1, 0, 0.0, 0.0
+        pos.validated, pos.metrics = False, figures
+        save_run(run, pos, folder.out)  # the trained epoch is safe before validation reads one image
+        _validate_and_save(run, pos, folder)
+        if (agree([stops.signal.requested], run.d)[0] or stops.due(pos.step)) and pos.epoch < epochs:
+            _say(run, f"stopped after epoch {pos.epoch}")
+            return {**pos.metrics, "stopped": True}
+    return pos.metrics
+
+
+def _validate_and_save(run: Run, pos: Position, folder: RunFolder) -> None:
+    t, started = run.training, time.perf_counter()
+    metrics = {**pos.metrics, **evaluate(t.model, run.val_data, run.device, t.dtype, run.d)}
+    if t.ema:
+        metrics.update({f"ema_{k}": v for k, v in evaluate(t.ema.module, run.val_data, run.device, t.dtype,
+                                                           run.d).items()})
+    metrics["val_seconds"] = time.perf_counter() - started
+    folder.log(metrics)
+    _say(run, f"epoch {pos.epoch}: train_loss {metrics['train_loss']:.4f} top1 {metrics['top1']:.2f} "
+              f"top5 {metrics['top5']:.2f}{' (ema %.2f)' % metrics['ema_top1'] if t.ema else ''} "
+              f"({metrics['images_per_sec']:,.0f} img/s train, {metrics['data_wait']:.0%} waiting for data, "
+              f"{metrics['train_seconds']:.1f}s + {metrics['val_seconds']:.1f}s validation)")
+    improved = metrics["top1"] > pos.best_top1
+    pos.best_top1, pos.metrics, pos.validated = max(pos.best_top1, metrics["top1"]), metrics, True
+    save_run(run, pos, folder.out, best=improved)
+
+
+@dataclass
+class Stops:
+    """When a run stops early. A signal is honoured at the next step in a single process; across
+    processes at the next log step, where the ranks agree on it without an extra sync."""
+    signal: StopRequest
+    after_steps: int | None
+    d: Dist
+
+    def due(self, step: int) -> bool:
+        """--stop-after-steps: the same on every rank, no agreement needed."""
+        return self.after_steps is not None and step >= self.after_steps
+
+    def check_now(self, step: int) -> bool:
+        """Whether this step must be a log step, where stops are decided."""
+        return self.due(step) or (self.signal.requested and not self.d.on)
+
+
+class Interval:
+    """Wall time, images and time spent waiting for the loader since the last log step. Both ends
+    of an interval follow a host sync (the loss read back at each log step), so the share of the
+    time waiting for data is a share of the device-paced time, not of the host's launch time."""
+
+    def __init__(self):
+        self.start, self.images, self.waited = time.perf_counter(), 0, 0.0
+
+    def close(self) -> tuple[float, float]:
+        """(images/s, share of the time waiting for data) of the interval; opens the next one."""
+        now = time.perf_counter()
+        seconds = max(now - self.start, 1e-9)
+        result = self.images / seconds, self.waited / seconds
+        self.start, self.images, self.waited = now, 0, 0.0
+        return result
+
+
+def train_one_epoch(run: Run, pos: Position, folder: RunFolder, stops: Stops, log_every: int) -> dict | None:
+    """Train from `pos` to the end of its epoch, advancing `pos` step by step. Returns the epoch's
+    training figures, or None when a stop was asked for (`pos` then says where it stopped)."""
+    t, schedule, micro = run.training, run.schedule, run.micro
+    t.model.train()
+    progress = Progress(f"epoch {pos.epoch + 1}/{run.recipe['epochs']}", schedule.steps_per_epoch, enabled=run.d.main)
+    loss_sum = torch.tensor(pos.loss_sum, device=run.device)  # summed on the device: no sync per step
+    start, first_micro, waited = time.perf_counter(), pos.micro_done, 0.0
+    interval = Interval()
+    batches = loader_batches(run.train_data, run.train_data.images)
+    while pos.micro_done < schedule.micro_per_epoch:
+        # One optimizer step over a group of micro-batches (grad_accum_steps, or fewer at the end).
+        group = min(schedule.grad_accum_steps, schedule.micro_per_epoch - pos.micro_done)
+        lr = schedule.lr(pos.step)
+        for k in range(group):
+            before = time.perf_counter()
+            images, labels = next(batches)
+            interval.waited += time.perf_counter() - before
+            loss = t.step.accumulate(images, labels, group, last=k == group - 1)
+            loss_sum += loss
+        t.step.apply(lr)
+        pos.step, pos.micro_done = pos.step + 1, pos.micro_done + group
+        interval.images += group * micro
+        if t.ema:
+            t.ema.update(t.model, pos.step)
+        done, last = schedule.steps_done(pos.micro_done), pos.micro_done == schedule.micro_per_epoch
+        if done % log_every == 0 or last or stops.check_now(pos.step):
+            current = loss.item()  # host sync: log steps only
+            stopping, non_finite = agree([stops.signal.requested, not math.isfinite(current)], run.d)
+            if non_finite:
+                raise UserError(f"loss is not finite at step {pos.step} (epoch {pos.epoch + 1}): stopping; "
+                                f"{folder.out / 'last.pt'} holds the last good epoch")
+            waited += interval.waited
+            rate, wait_share = interval.close()
+            progress.update(done, rate, loss=current, lr=lr, data=wait_share)
+            folder.log({"kind": "log", "epoch": pos.epoch + pos.micro_done / schedule.micro_per_epoch,
+                        "step": pos.step, "loss": current, "lr": lr, "images_per_sec": rate, "data_wait": wait_share})
+            if (stopping or stops.due(pos.step)) and not last:
+                progress.close()
+                pos.loss_sum, pos.seconds = loss_sum.item(), pos.seconds + time.perf_counter() - start
+                return None
+    progress.close()
+    trained = time.perf_counter() - start
+    train_loss = (all_reduce_sum(loss_sum, run.d) / (schedule.micro_per_epoch * run.d.world)).item()
+    return {"kind": "epoch", "epoch": pos.epoch + 1, "step": pos.step, "train_loss": train_loss, "lr": lr,
+            "images_per_sec": (schedule.micro_per_epoch - first_micro) * micro * run.d.world / trained,
+            "data_wait": waited / trained, "train_seconds": pos.seconds + trained}
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, loader, device: str, dtype: torch.dtype | None, d: Dist = Dist()) -> dict:
+    """Top-1/top-5 and cross-entropy over every image of the loader exactly once, summed over all
+    ranks. Runs the eager model: the test size and the short last batch would otherwise recompile."""
+    model.eval()
+    sums = torch.zeros(3, dtype=torch.float64, device=device)  # top-1 hits, top-5 hits, summed loss
+    count = 0  # counted on the host: the batch sizes are known there, no copy to the device per batch
+    for images, labels in loader_batches(loader, loader.images):
+        with autocast(device, dtype):
+            logits = model(images).float()
+        top = logits.topk(min(5, logits.shape[1]), dim=1).indices
+        hits = top.eq(labels.view(-1, 1))
+        sums += torch.stack([hits[:, 0].sum(), hits.any(dim=1).sum(),
+                             F.cross_entropy(logits, labels, reduction="sum")]).double()
+        count += labels.shape[0]
+    totals = torch.cat([sums, sums.new_tensor([count])])  # one copy, one all-reduce, one host sync
+    top1, top5, loss, count = all_reduce_sum(totals, d).tolist()
+    return {"top1": 100.0 * top1 / count, "top5": 100.0 * top5 / count, "val_loss": loss / count,
+            "val_images": int(count)}
+
+
+def _check_files(train_images, val_images, d: Dist) -> None:
+    """Empty, unreadable and non-image files stop the run before its first step, not hours into
+    it. Rank 0 looks; every rank learns the verdict, so none waits on a rank that has stopped."""
+    error = None
     if d.main:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "recipe.json").write_text(json.dumps(recipe, indent=2) + "\n")
-        if state is not None:
-            _keep_metrics_up_to(out / "metrics.jsonl", state["step"])
+        try:
+            seconds = check_headers(train_images, val_images)
+            print(f"checked the headers of {len(train_images) + len(val_images):,} files in {seconds:.1f}s")
+        except UserError as err:
+            error = err
+    if agree([error is not None], d)[0]:
+        raise error or UserError("rank 0 found broken files in the data folder (named in its output)")
 
-    # Per-process random streams (timm seeds seed + rank); the shuffle seed is shared so shards stay disjoint.
-    torch.manual_seed(recipe["seed"] + d.rank)
-    mixer = BatchMixer(num_classes, recipe["mixup"], recipe["cutmix"], recipe["mixup_prob"],
-                       recipe["mixup_switch_prob"], recipe["smoothing"], np.random.RandomState(recipe["seed"] + d.rank))
-    rank_state = state["ranks"][d.rank] if state else None
-    if device == "cuda":
-        torch.backends.cudnn.benchmark = True
-    # DALI emits float16 for the GPU (autocast takes it from there); the CPU trains in float32,
-    # so the CPU pipeline writes float32 directly instead of converting every batch in torch.
-    pixels = "float16" if device == "cuda" else "float32"
-    train_data = _open_loader(train_loader, train_images, micro, recipe["img_size"], device=device,
-                              shard_id=d.rank, num_shards=d.world, seed=recipe["seed"], num_threads=num_threads,
-                              dtype=pixels, repeats=max(1, recipe["aug_repeats"]), aa=recipe["aa"],
-                              state=rank_state["loader"] if rank_state else None)
-    val_data = _open_loader(val_loader, val_images, micro, recipe["test_img_size"], recipe["crop_pct"],
-                            device=device, shard_id=d.rank, num_shards=d.world, num_threads=num_threads, dtype=pixels)
 
-    model = make_model(recipe["model"], num_classes, recipe["drop_path"]).to(device)
-    optimizer = make_optimizer(model, recipe)
-    dtype = amp_dtype(device, recipe["amp"])
-    scaler = torch.amp.GradScaler(device, enabled=dtype == torch.float16)
-    ema = ModelEma(model, recipe["model_ema_decay"]) if recipe["model_ema"] else None
-    if state:
-        load_weights(model, state["model"], str(resume_path))
-        optimizer.load_state_dict(state["optimizer"])
-        scaler.load_state_dict(state["scaler"])
-        if ema:
-            ema.load_state_dict(state["ema"])
-    if rank_state:  # after the model's random init, which draws from the torch RNG
-        _restore_rank_state(rank_state, mixer, device)
-    stepper = TrainStep(wrap_model(model, d, device, recipe["compile"]), optimizer, scaler, make_loss(recipe),
-                        mixer, device, dtype)
+def _say(run: Run, text: str) -> None:
+    if run.d.main:
+        print(text, flush=True)
 
-    micro_per_epoch = len(train_data)
-    steps_per_epoch = math.ceil(micro_per_epoch / grad_accum_steps)  # as timm: a short last group
-    schedule = dict(steps_per_epoch=steps_per_epoch, epochs=recipe["epochs"], lr=recipe["lr"],
-                    warmup_epochs=recipe["warmup_epochs"], warmup_lr=recipe["warmup_lr"], min_lr=recipe["min_lr"])
-    if d.main:
-        print(f"fastrsb {__version__}: {recipe['name']} | {recipe['model']} | {len(train_images):,} train / "
-              f"{len(val_images):,} val images, {num_classes} classes | {d.world} x {device}"
-              f"{' ' + str(dtype).removeprefix('torch.') if dtype else ' float32'}"
-              f"{' compiled' if device == 'cuda' and recipe['compile'] else ''} | batch {recipe['batch_size']} = "
-              f"{d.world} x {grad_accum_steps} x {micro} | {steps_per_epoch} steps x {recipe['epochs']} epochs")
 
-    start_epoch = state["epoch"] if state else 0
-    step = state["step"] if state else 0
-    best_top1 = state.get("best_top1", -1.0) if state else -1.0
-    metrics = state["metrics"] if state else {}
-    partial = state.get("partial") if state else None  # an epoch stopped half-way
-    if state and d.main:
-        print(f"resumed from {resume_path}: epoch {start_epoch + 1}, step {step}")
-
-    def checkpoint(epoch: int, partial: dict | None, best: bool = False, epoch_loss_sum: float = 0.0) -> None:
-        # Collective (every rank calls it); at checkpoints only, so the host syncs here do not matter.
-        ranks = gather_to_main(_rank_state(train_data, mixer, device, epoch_loss_sum), d)
-        if not d.main:
-            return
-        snapshot = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-                    "epoch": epoch, "step": step, "partial": partial, "ranks": ranks, "best_top1": best_top1,
-                    "recipe": recipe, "classes": train_images.classes, "metrics": metrics, "version": __version__,
-                    **({"ema": ema.state_dict()} if ema else {})}
-        save_checkpoint(snapshot, out / "last.pt")
-        if best:
-            save_checkpoint(snapshot, out / "best.pt")
-
-    def log_row(row: dict) -> None:
-        if d.main:
-            with open(out / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(row) + "\n")
-
-    for epoch in range(start_epoch, recipe["epochs"]):
-        model.train()
-        micro_done = partial["micro_done"] if partial else 0
-        progress = Progress(f"epoch {epoch + 1}/{recipe['epochs']}", steps_per_epoch, enabled=d.main)
-        loss_sum = torch.zeros((), device=device)
-        if partial:
-            loss_sum += rank_state["epoch_loss_sum"]
-        seconds_before = partial["seconds"] if partial else 0.0
-        partial = None
-        start = interval_start = time.perf_counter()
-        micro_start, data_wait, interval_wait = micro_done, 0.0, 0.0
-        lr = lr_at(step, **schedule)
-        batches = iter(train_data)
-        while micro_done < micro_per_epoch:
-            # One optimizer step over a group of micro-batches (grad_accum_steps, or fewer at the end).
-            group = min(grad_accum_steps, micro_per_epoch - micro_done)
-            lr = lr_at(step, **schedule)
-            for k in range(group):
-                waited = time.perf_counter()
-                try:
-                    images, labels = next(batches)
-                except RuntimeError as err:
-                    raise explain_pipeline_error(err, train_images) from None
-                interval_wait += time.perf_counter() - waited
-                loss = stepper.accumulate(images, labels, group, last=k == group - 1)
-                loss_sum += loss
-            stepper.apply(lr)
-            step += 1
-            micro_done += group
-            if ema:
-                ema.update(model, step)
-            done = math.ceil(micro_done / grad_accum_steps)
-            # A signal is honoured at the next step in a single process; across processes at the
-            # next log step, where the ranks agree on it without an extra sync.
-            scheduled_stop = stop_after_steps is not None and step >= stop_after_steps  # the same on every rank
-            if (done % log_every == 0 or micro_done == micro_per_epoch or scheduled_stop
-                    or (stop.requested and not d.on)):
-                current = loss.item()  # host sync: log steps only
-                stopping, non_finite = agree([stop.requested, not math.isfinite(current)], d)
-                stopping = stopping or scheduled_stop
-                if non_finite:
-                    raise UserError(f"loss is not finite at step {step} (epoch {epoch + 1}): stopping; "
-                                    f"{out / 'last.pt'} holds the last good epoch")
-                now = time.perf_counter()
-                rate = (micro_done - micro_start) * micro / max(now - start, 1e-9)  # per process (GPU)
-                wait_share = interval_wait / max(now - interval_start, 1e-9)
-                data_wait += interval_wait
-                progress.update(done, rate, loss=current, lr=lr, data=wait_share)
-                log_row({"kind": "log", "epoch": epoch + micro_done / micro_per_epoch, "step": step,
-                         "loss": current, "lr": lr, "images_per_sec": rate, "data_wait": wait_share})
-                interval_start, interval_wait = now, 0.0
-                if stopping and micro_done < micro_per_epoch:
-                    progress.close()
-                    checkpoint(epoch, {"micro_done": micro_done, "seconds": seconds_before + now - start},
-                               epoch_loss_sum=loss_sum.item())
-                    if d.main:
-                        print(f"stopped at step {step} (epoch {epoch + 1}, {done}/{steps_per_epoch}); "
-                              f"continue with: --resume auto --out {out}")
-                    return {**metrics, "stopped": True, "step": step}
-        progress.close()
-        trained = time.perf_counter() - start
-        train_seconds = seconds_before + trained
-        train_loss = (all_reduce_sum(loss_sum, d) / (micro_per_epoch * d.world)).item()
-        average_bn_stats(model, d)
-        check_in_step(model, d)
-        metrics = {"kind": "epoch", "epoch": epoch + 1, "step": step, "train_loss": train_loss, "lr": lr,
-                   "images_per_sec": (micro_per_epoch - micro_start) * micro * d.world / trained,
-                   "data_wait": data_wait / trained, **evaluate(model, val_data, device, dtype, d)}
-        if ema:
-            average_bn_stats(ema.module, d)
-            metrics.update({f"ema_{k}": v for k, v in evaluate(ema.module, val_data, device, dtype, d).items()})
-        metrics["epoch_seconds"] = seconds_before + time.perf_counter() - start
-        log_row(metrics)
-        if d.main:
-            print(f"epoch {epoch + 1}: train_loss {train_loss:.4f} top1 {metrics['top1']:.2f} top5 {metrics['top5']:.2f}"
-                  f"{' (ema %.2f)' % metrics['ema_top1'] if ema else ''} "
-                  f"({metrics['images_per_sec']:,.0f} img/s train, {metrics['data_wait']:.0%} waiting for data, "
-                  f"{metrics['epoch_seconds']:.1f}s)")
-        improved = metrics["top1"] > best_top1
-        best_top1 = max(best_top1, metrics["top1"])
-        checkpoint(epoch + 1, None, best=improved)
-        scheduled_stop = stop_after_steps is not None and step >= stop_after_steps
-        if (agree([stop.requested], d)[0] or scheduled_stop) and epoch + 1 < recipe["epochs"]:
-            if d.main:
-                print(f"stopped after epoch {epoch + 1}; continue with: --resume auto --out {out}")
-            return {**metrics, "stopped": True}
-    if state and start_epoch >= recipe["epochs"] and d.main:
-        print(f"{resume_path} already finished all {recipe['epochs']} epochs")
-    return metrics
+def _announce(run: Run, train_images, val_images, grad_accum_steps: int, resumed_from: Path | None,
+              pos: Position) -> None:
+    r, t = run.recipe, run.training
+    amp = str(t.dtype).removeprefix("torch.") if t.dtype else "float32"
+    _say(run, f"fastrsb {__version__}: {r['name']} | {r['model']} | {len(train_images):,} train / "
+              f"{len(val_images):,} val images, {len(run.classes)} classes | {run.d.world} x {run.device} {amp}"
+              f"{' compiled' if run.device == 'cuda' and r['compile'] else ''} | batch {r['batch_size']} = "
+              f"{run.d.world} x {grad_accum_steps} x {run.micro} | {run.schedule.steps_per_epoch} steps x "
+              f"{r['epochs']} epochs")
+    if resumed_from:
+        _say(run, f"resumed from {resumed_from}: epoch {pos.epoch + 1}, step {pos.step}")
 
 
 def evaluate_checkpoint(checkpoint: str | Path, data: str | Path, img_size: int | None = None,
@@ -331,14 +253,14 @@ def evaluate_checkpoint(checkpoint: str | Path, data: str | Path, img_size: int 
         raise UserError(f"data folder {data} does not exist")
     images = open_split(data, "val") if (data / "val").is_dir() else open_split(data.parent, data.name)
     if images.classes != classes:
+        first = next((a, b) for a, b in zip(images.classes + [None] * len(classes),
+                                            classes + [None] * len(images.classes)) if a != b)
         raise UserError(f"{data}: its {len(images.classes)} classes differ from the checkpoint's {len(classes)} "
-                        f"(first difference: {next((a, b) for a, b in zip(images.classes + [None] * len(classes), classes + [None] * len(images.classes)) if a != b)})")
+                        f"(first difference: {first})")
     model = make_model(recipe["model"], len(classes)).to(device)
     load_weights(model, state["ema" if ema else "model"], str(checkpoint))
-    img_size = img_size or recipe["test_img_size"]
-    crop_pct = crop_pct or recipe["crop_pct"]
-    loader = _open_loader(val_loader, images, batch_size, img_size, crop_pct, device=device,
-                          num_threads=num_threads, dtype="float16" if device == "cuda" else "float32")
+    loader = open_val_loader(recipe, images, batch_size, device, num_threads=num_threads, img_size=img_size,
+                             crop_pct=crop_pct)
     result = evaluate(model, loader, device, amp_dtype(device, recipe["amp"]))
-    return {"checkpoint": str(checkpoint), "epoch": state.get("epoch"), "img_size": img_size,
-            "crop_pct": crop_pct, "ema": ema, **result}
+    return {"checkpoint": str(checkpoint), "epoch": state.get("epoch"), "img_size": img_size or recipe["test_img_size"],
+            "crop_pct": crop_pct or recipe["crop_pct"], "ema": ema, **result}

@@ -1,8 +1,12 @@
+import contextlib
+import io
 import os
 import subprocess
 import sys
 
 import pytest
+
+from fastrsb.cli import main
 
 from fastrsb.demo_data import write_demo
 
@@ -17,7 +21,25 @@ def tiny_data(tmp_path_factory):
 
 
 def run_cli(*args, check=True):
-    """Run `python -m fastrsb ARGS` as a user would; returns the CompletedProcess."""
+    """`fastrsb ARGS` in this process (fastrsb.cli.main, as the console script calls it): exit code,
+    stdout and stderr as a CompletedProcess. An exception the CLI does not turn into a message
+    propagates, so the test fails with its traceback."""
+    argv = list(map(str, args))
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = main(argv)
+        except SystemExit as exit_:  # argparse: --help, --version, a usage error
+            code = exit_.code if isinstance(exit_.code, int) else 2
+    proc = subprocess.CompletedProcess(["fastrsb", *argv], code, out.getvalue(), err.getvalue())
+    if check and code != 0:
+        raise AssertionError(f"fastrsb {' '.join(argv)} failed ({code}):\n{proc.stderr}")
+    return proc
+
+
+def run_cli_process(*args, check=True):
+    """Run `python -m fastrsb ARGS` in a process of its own, as a user would: for what needs one
+    (signals, the console entry point)."""
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     proc = subprocess.run([sys.executable, "-m", "fastrsb", *map(str, args)], capture_output=True, text=True, env=env)
     if check and proc.returncode != 0:

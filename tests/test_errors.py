@@ -1,4 +1,5 @@
 """Bad input: each gives one clear line naming the problem, exit code 2, no traceback, no hang."""
+import json
 import shutil
 
 import pytest
@@ -19,14 +20,17 @@ def copy_of(tiny_data, tmp_path):
 
 
 def test_missing_data_folder(tmp_path):
-    assert_user_error(train(tmp_path / "nowhere"), "does not exist")
+    proc = train(tmp_path / "nowhere")
+    assert_user_error(proc, "does not exist", "nowhere/train/<class>")
+    assert "data demo" not in proc.stderr  # a wrong path is not a request for demo data
 
 
 def test_folder_without_splits(tmp_path):
-    (tmp_path / "train").mkdir()
-    assert_user_error(train(tmp_path), "no class folders")
-    shutil.rmtree(tmp_path / "train")
     assert_user_error(train(tmp_path), "has no 'train' folder")
+    (tmp_path / "train").mkdir()
+    assert_user_error(train(tmp_path), "has no 'val' folder")
+    (tmp_path / "val").mkdir()
+    assert_user_error(train(tmp_path), "no class folders")
 
 
 def test_missing_val(copy_of):
@@ -45,12 +49,63 @@ def test_classes_differ(copy_of):
     assert_user_error(train(copy_of), "train and val classes differ", "n03_dots")
 
 
-@pytest.mark.parametrize("damage", ["truncated", "garbage"])
-def test_undecodable_file_is_named(copy_of, damage):
+def test_one_class_is_refused(copy_of):
+    for split in ("train", "val"):
+        for folder in list((copy_of / split).iterdir())[1:]:
+            shutil.rmtree(folder)
+    assert_user_error(train(copy_of), "holds one class", "two or more")
+
+
+@pytest.mark.parametrize("split", ["train", "val"])
+@pytest.mark.parametrize("damage", ["empty", "garbage"])
+def test_broken_file_stops_the_run_before_its_first_step(copy_of, tmp_path, split, damage):
+    """Caught by the header scan at start-up, for train and val alike: nothing trains first."""
+    victim = sorted((copy_of / split / "n02_checks").glob("*.JPEG"))[3]
+    victim.write_bytes(b"" if damage == "empty" else b"this is not an image" * 20)
+    proc = train(copy_of, "--out", tmp_path / "run")
+    assert_user_error(proc, victim.name, "0 bytes" if damage == "empty" else "not an image")
+    assert not (tmp_path / "run" / "last.pt").exists() and "epoch 1" not in proc.stdout
+
+
+def test_truncated_train_jpeg_is_named(copy_of):
+    """A truncated JPEG passes the header scan: DALI fails on it, and the CPU re-check names it."""
     victim = sorted((copy_of / "train" / "n02_checks").glob("*.JPEG"))[6]
     data = victim.read_bytes()
-    victim.write_bytes(data[: len(data) // 3] if damage == "truncated" else b"this is not an image" * 20)
+    victim.write_bytes(data[: len(data) // 3])
     assert_user_error(train(copy_of), "cannot decode", victim.name)
+
+
+def test_bad_val_image_keeps_the_trained_epoch(copy_of, tmp_path):
+    """Validation fails on a truncated image after a whole epoch of training: the epoch was saved
+    before validation began, so fixing the file and resuming validates it and goes on."""
+    # In the last val batch: DALI decodes the first batches when the loader is built (start-up).
+    victim = sorted((copy_of / "val" / "n03_dots").glob("*.JPEG"))[2]
+    good = victim.read_bytes()
+    victim.write_bytes(good[: len(good) // 3])
+    out = tmp_path / "run"
+    assert_user_error(train(copy_of, "--out", out, "--set", "epochs=2"), "cannot decode", victim.name)
+    state = torch.load(out / "last.pt", weights_only=True)
+    assert state["epoch"] == 1 and state["step"] == 6 and not state["validated"]
+    victim.write_bytes(good)
+    proc = train(copy_of, "--out", out, "--set", "epochs=2", "--resume", "auto")
+    assert proc.returncode == 0, proc.stderr
+    assert "epoch 1: train_loss" in proc.stdout and "epoch 2: train_loss" in proc.stdout
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows if r["kind"] == "epoch"] == [1, 2]
+
+
+def test_unreadable_file_named_by_the_loader(tiny_data):
+    """A file that vanishes (or turns unreadable) after the start-up scan: DALI's reader names it,
+    and so does the message (it said "Current pipeline object is no longer valid")."""
+    from fastrsb.data_folder import loader_batches
+    from fastrsb.errors import UserError
+    from fastrsb.pipelines import list_images, train_loader
+    images = list_images(tiny_data / "train")
+    missing = images.files[5] + ".gone"
+    broken = type(images)([*images.files[:5], missing, *images.files[6:]], images.labels, images.classes)
+    with pytest.raises(UserError, match=f"cannot read {missing}"):
+        for _ in loader_batches(train_loader(broken, 8, 32, device="cpu"), broken):
+            pass
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is present")
@@ -74,3 +129,18 @@ def test_randaugment_string_timm_would_not_take(tiny_data):
 def test_unknown_model(tiny_data, tmp_path):
     proc = run_cli("train", "tiny", "--data", tiny_data, "--out", tmp_path / "o", "--set", "model=resnet5000", check=False)
     assert_user_error(proc, "unknown timm model 'resnet5000'")
+
+
+def test_odd_batch_without_mixing_trains(tiny_data, tmp_path):
+    """No mixing needs no even batch (the mixer was built, and refused 7, even with mixing off)."""
+    proc = train(tiny_data, "--out", tmp_path / "run", "--set", "mixup=0", "--set", "cutmix=0", "--set", "batch_size=7",
+                 "--set", "epochs=1", "--set", "warmup_epochs=0")
+    assert proc.returncode == 0, proc.stderr
+    assert_user_error(train(tiny_data, "--out", tmp_path / "mixed", "--set", "batch_size=7"),
+                      "batch_size 7", "must be even")
+
+
+def test_version_and_demo_data_arguments(tmp_path):
+    proc = run_cli("--version")
+    assert proc.returncode == 0 and proc.stdout.startswith("fastrsb 0.")
+    assert_user_error(run_cli("data", "demo", tmp_path / "d", "--classes", "1", check=False), "--classes 1")

@@ -6,7 +6,7 @@ import pytest
 import torch
 from nvidia.dali import fn, pipeline_def
 
-from conftest import run_cli
+from conftest import run_cli_process
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU")]
 
@@ -16,16 +16,20 @@ def test_gpu_train_loader_with_randaugment_and_repeats(tiny_data):
     # batch 8 with 3 repeats: ceil(8 / 3) images a batch, the surplus view cut on the GPU too
     loader = train_loader(tiny_data / "train", batch_size=8, img_size=32, device="cuda", seed=1,
                           aa="rand-m9-mstd0.5-inc1", repeats=3)
-    state = None
+    batches = []
     for step, (images, labels) in enumerate(loader):
         assert images.is_cuda and labels.is_cuda and images.dtype == torch.float16
         assert images.shape == (8, 3, 32, 32) and images.is_contiguous(memory_format=torch.channels_last)
+        batches.append((images.clone(), labels.clone()))
         if step == 1:
             state = loader.state_dict()
+        if step == 3:
             break
+    # Resumed from the position after batch 1: batches 2 and 3 again, pixel for pixel.
     resumed = train_loader(tiny_data / "train", batch_size=8, img_size=32, device="cuda", seed=1,
                            aa="rand-m9-mstd0.5-inc1", repeats=3, state=state)
-    assert next(iter(resumed))[0].shape == (8, 3, 32, 32)
+    for (want_images, want_labels), (images, labels) in zip(batches[2:], resumed):
+        assert torch.equal(labels, want_labels) and torch.equal(images, want_images)
 
 
 @pytest.mark.parametrize("name", ["AutoContrast", "ContrastIncreasing", "SolarizeAdd", "Rotate", "SharpnessIncreasing"])
@@ -51,11 +55,13 @@ def test_gpu_ops_match_the_cpu_ops(name, tiny_data):
 
 
 def test_short_compiled_gpu_run(tiny_data, tmp_path):
-    proc = run_cli("train", "tiny", "--data", tiny_data, "--out", tmp_path, "--device", "cuda",
+    from fastrsb.device import amp_dtype
+    proc = run_cli_process("train", "tiny", "--data", tiny_data, "--out", tmp_path, "--device", "cuda",
                    "--set", "aa=rand-m6-mstd0.5-inc1", "--set", "epochs=3", "--log-every", "2")
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     epochs = [r for r in rows if r["kind"] == "epoch"]
     assert len(epochs) == 3 and all(r["val_images"] == 20 for r in epochs)
-    assert "compiled" in proc.stdout and "float16" in proc.stdout  # bf16 (fp16 on GPUs without bf16)
+    amp = str(amp_dtype("cuda", True)).removeprefix("torch.")  # bfloat16, or float16 on GPUs without bf16
+    assert f"1 x cuda {amp} compiled" in proc.stdout
     # Steady state: the fixed-shape train step compiles once (eval runs eager).
     assert proc.stderr.count("Recompiling") == 0, proc.stderr

@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 
-from conftest import run_cli
+from conftest import run_cli, run_cli_process
 from fastrsb.checkpoint import load_checkpoint
 from fastrsb.recipe import load_recipe
 from fastrsb.train import train
@@ -23,7 +23,7 @@ def _train(data, out, **kwargs):
 
 def _epoch_rows(out):
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    return [{k: v for k, v in r.items() if k not in ("images_per_sec", "epoch_seconds", "data_wait")}
+    return [{k: v for k, v in r.items() if k not in ("images_per_sec", "train_seconds", "val_seconds", "data_wait")}
             for r in rows if r["kind"] == "epoch"]
 
 
@@ -71,8 +71,12 @@ def test_sigterm_saves_and_resume_finishes_the_same_run(tiny_data, tmp_path, uni
     assert "--resume auto" in stdout
     state = load_checkpoint(tmp_path / "last.pt")
     assert 1 <= state["step"] < 12
-    run_cli("train", "tiny", "--data", tiny_data, "--out", tmp_path, "--device", "cpu", "--threads", "1",
-            "--resume", "auto", *[a for p in PARTS for a in ("--set", p)])
+    # The hint names the whole command: recipe, data, options and every --set value.
+    hint = next(line for line in stdout.splitlines() if line.startswith("continue with: "))
+    words = hint.removeprefix("continue with: ").split()
+    assert words[:3] == ["fastrsb", "train", "tiny"] and words[-2:] == ["--resume", "auto"]
+    assert all(f"--set {p}" in hint for p in PARTS) and "--threads 1" in hint
+    assert run_cli(*words[1:]).returncode == 0
     _assert_same_run(uninterrupted, tmp_path)
 
 

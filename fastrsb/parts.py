@@ -1,0 +1,157 @@
+"""The parts of a run, built in one place from a recipe: the model and its optimizer step, the
+loaders, the schedule. `fastrsb train`, `benchmarks/throughput.py` and the tests all build them
+here, so what is measured is what is trained."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from fastrsb.data_folder import explain_loader_error
+from fastrsb.device import amp_dtype
+from fastrsb.distributed import Dist
+from fastrsb.ema import ModelEma
+from fastrsb.errors import UserError
+from fastrsb.loss import make_loss
+from fastrsb.mix import BatchMixer, check_pairable, mixing_enabled, soft_targets
+from fastrsb.model import make_model
+from fastrsb.optim import Lamb, lr_at, make_optimizer
+from fastrsb.pipelines import DatasetError, ImageList, train_loader, val_loader
+from fastrsb.step import TrainStep, wrap_model
+
+
+def micro_batch_size(recipe: dict, world: int, grad_accum_steps: int) -> int:
+    """The recipe's batch is global: split across processes and accumulation steps."""
+    batch, parts = recipe["batch_size"], world * grad_accum_steps
+    if grad_accum_steps < 1 or batch % parts:
+        raise UserError(f"batch_size {batch} does not split into {world} process(es) x {grad_accum_steps} "
+                        f"accumulation step(s): choose --grad-accum-steps so that the product divides it")
+    micro = batch // parts
+    if mixing_enabled(recipe["mixup"], recipe["cutmix"]):
+        try:
+            check_pairable(micro)
+        except ValueError as err:
+            raise UserError(f"batch_size {batch} = {world} process(es) x {grad_accum_steps} accumulation step(s) "
+                            f"x {micro}: {err}") from None
+    return micro
+
+
+class PlainTargets:
+    """Labels -> one-hot (smoothed) targets for the loss when mixup and cutmix are off."""
+
+    def __init__(self, num_classes: int, smoothing: float):
+        self.num_classes, self.smoothing = num_classes, smoothing
+
+    def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return images, soft_targets(labels, self.num_classes, 1.0, self.smoothing)
+
+
+@dataclass
+class Training:
+    """What an optimizer step needs. `model` is the plain module (its state_dict is what checkpoints
+    hold); `step` runs it wrapped (DDP, compiled) with mixing, loss, backward and LAMB."""
+    model: nn.Module
+    step: TrainStep
+    optimizer: Lamb
+    scaler: torch.amp.GradScaler
+    ema: ModelEma | None
+    mixer: BatchMixer | None  # None when mixup and cutmix are off
+    dtype: torch.dtype | None  # autocast dtype; None: float32
+
+
+def build_training(recipe: dict, num_classes: int, device: str, d: Dist = Dist()) -> Training:
+    # Per-process random streams, as timm seeds them (seed + rank): the model's initial weights
+    # (rank 0's reach every rank, below), stochastic depth, mixup/cutmix.
+    torch.manual_seed(recipe["seed"] + d.rank)
+    model = make_model(recipe["model"], num_classes, recipe["drop_path"]).to(device)
+    # The recipe's `compile` applies on the GPU: on a few CPU cores inductor takes minutes over a
+    # ResNet-50 (and the CPU path serves tests and machines without a GPU).
+    compiled = recipe["compile"] and device == "cuda"
+    optimizer = make_optimizer(model, recipe, compiled=compiled)
+    dtype = amp_dtype(device, recipe["amp"])
+    scaler = torch.amp.GradScaler(device, enabled=dtype == torch.float16)
+    mixer = None
+    if mixing_enabled(recipe["mixup"], recipe["cutmix"]):
+        mixer = BatchMixer(num_classes, recipe["mixup"], recipe["cutmix"], recipe["mixup_prob"],
+                           recipe["mixup_switch_prob"], recipe["smoothing"], np.random.RandomState(recipe["seed"] + d.rank))
+    if device == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed shapes (train loaders drop the last batch)
+    # DDP's constructor broadcasts rank 0's weights and buffers to every rank ...
+    step_model = wrap_model(model, d, device, compiled)
+    # ... so the EMA, a copy of the model, is taken after it: every rank's EMA starts from rank 0's weights.
+    ema = ModelEma(model, recipe["model_ema_decay"]) if recipe["model_ema"] else None
+    prepare = mixer or PlainTargets(num_classes, recipe["smoothing"])
+    step = TrainStep(step_model, optimizer, scaler, make_loss(recipe), prepare, device, dtype)
+    return Training(model, step, optimizer, scaler, ema, mixer, dtype)
+
+
+def _open_loader(make, images: ImageList, *args, **kwargs):
+    try:
+        return make(images, *args, **kwargs)
+    except DatasetError as err:
+        raise UserError(str(err)) from None
+    except RuntimeError as err:  # DALI reads the first batches while building the iterator
+        raise explain_loader_error(err, images) from None
+
+
+def open_train_loader(recipe: dict, images: ImageList, micro: int, device: str, d: Dist = Dist(),
+                      num_threads: int | None = None, state: dict | None = None, hw_decoder_load: float = 0.9):
+    """The recipe's train loader for this rank's shard: its RandAugment and repeated augmentation,
+    the shuffle seeded alike on every rank (disjoint shards), pixels in the loader's default dtype."""
+    return _open_loader(train_loader, images, micro, recipe["img_size"], device=device, shard_id=d.rank,
+                        num_shards=d.world, seed=recipe["seed"], num_threads=num_threads,
+                        repeats=max(1, recipe["aug_repeats"]), aa=recipe["aa"], hw_decoder_load=hw_decoder_load,
+                        state=state)
+
+
+def open_val_loader(recipe: dict, images: ImageList, batch: int, device: str, d: Dist = Dist(),
+                    num_threads: int | None = None, img_size: int | None = None, crop_pct: float | None = None):
+    return _open_loader(val_loader, images, batch, img_size or recipe["test_img_size"], crop_pct or recipe["crop_pct"],
+                        device=device, shard_id=d.rank, num_shards=d.world, num_threads=num_threads)
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """Steps per epoch and the LR at each step."""
+    micro_per_epoch: int  # micro-batches per epoch (len of the train loader)
+    grad_accum_steps: int
+    recipe: dict
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return math.ceil(self.micro_per_epoch / self.grad_accum_steps)  # as timm: a short last group
+
+    def steps_done(self, micro_done: int) -> int:
+        return math.ceil(micro_done / self.grad_accum_steps)
+
+    def lr(self, step: int) -> float:
+        r = self.recipe
+        return lr_at(step, self.steps_per_epoch, r["epochs"], r["lr"], r["warmup_epochs"], r["warmup_lr"], r["min_lr"])
+
+
+@dataclass
+class Run:
+    """Everything `fastrsb train` builds before its first step."""
+    recipe: dict
+    device: str
+    d: Dist
+    training: Training
+    train_data: object  # fastrsb.pipelines.DaliLoader
+    val_data: object
+    schedule: Schedule
+    classes: list[str]
+    micro: int  # images per process and micro-batch
+
+
+def build_run(recipe: dict, train_images: ImageList, val_images: ImageList, device: str, d: Dist,
+              num_threads: int | None = None, grad_accum_steps: int = 1, loader_state: dict | None = None) -> Run:
+    """The parts of a run; loader_state: this rank's saved loader position when resuming."""
+    micro = micro_batch_size(recipe, d.world, grad_accum_steps)
+    training = build_training(recipe, len(train_images.classes), device, d)
+    train_data = open_train_loader(recipe, train_images, micro, device, d, num_threads, loader_state)
+    val_data = open_val_loader(recipe, val_images, micro, device, d, num_threads)
+    return Run(recipe, device, d, training, train_data, val_data, Schedule(len(train_data), grad_accum_steps, recipe),
+               train_images.classes, micro)

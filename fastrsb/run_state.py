@@ -1,0 +1,131 @@
+"""A run's state and its folder: what a checkpoint holds, saved and restored side by side, and
+the metrics rows. RUN_DIR holds recipe.json, metrics.jsonl, last.pt and best.pt (rank 0 writes).
+
+A checkpoint is enough to continue bit for bit: weights, optimizer, GradScaler, EMA, and for
+every process its loader position, its random streams and its loss sum so far in the epoch."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from fastrsb import __version__
+from fastrsb.checkpoint import load_checkpoint, load_weights, save_checkpoint
+from fastrsb.distributed import Dist, gather_to_main
+from fastrsb.errors import UserError
+from fastrsb.parts import Run
+
+
+@dataclass
+class Position:
+    """Where a run is. The loop advances it; a checkpoint saves it."""
+    epoch: int = 0  # epochs trained
+    step: int = 0  # optimizer steps taken
+    micro_done: int = 0  # micro-batches of the epoch under way already trained (a stop mid-epoch)
+    loss_sum: float = 0.0  # this rank's summed loss over those micro-batches
+    seconds: float = 0.0  # training seconds of the epoch under way before the stop
+    validated: bool = True  # False: epoch `epoch` is trained and saved but not yet validated
+    best_top1: float = -1.0
+    metrics: dict = field(default_factory=dict)  # the last epoch's row (training figures only if not validated)
+
+
+def find_resume(resume: str | None, out: Path) -> Path | None:
+    """--resume auto: RUN_DIR/last.pt if there is one; --resume PATH: that file."""
+    if resume is None:
+        return None
+    if resume == "auto":
+        return out / "last.pt" if (out / "last.pt").is_file() else None
+    return Path(resume)
+
+
+def load_for_resume(path: Path, recipe: dict, classes: list[str], d: Dist) -> dict:
+    """The checkpoint at `path`, refused with a clear message if this run cannot continue it."""
+    state = load_checkpoint(path)
+    differ = [f"{k} {state['recipe'].get(k)!r} -> {recipe[k]!r}" for k in recipe
+              if k != "name" and state["recipe"].get(k) != recipe[k]]
+    if differ:
+        raise UserError(f"{path} was trained with another recipe ({'; '.join(differ[:4])}): resume with the "
+                        "same recipe and --set values, or start a new --out")
+    if state["classes"] != classes:
+        raise UserError(f"{path} was trained on {len(state['classes'])} classes, the data has {len(classes)}")
+    if "ranks" not in state:
+        raise UserError(f"{path} holds weights only (no optimizer and loader state): it cannot be resumed")
+    if len(state["ranks"]) != d.world:
+        raise UserError(f"{path} was written by {len(state['ranks'])} process(es), this run has {d.world}: exact "
+                        "resume needs each process's loader position; resume with the same number of processes")
+    return state
+
+
+def _rank_state(run: Run, pos: Position) -> dict:
+    """What differs per process."""
+    t = run.training
+    return {"loader": run.train_data.state_dict(), "mixer": t.mixer.state_dict() if t.mixer else None,
+            "torch_rng": torch.get_rng_state(), "epoch_loss_sum": pos.loss_sum,
+            **({"cuda_rng": torch.cuda.get_rng_state()} if run.device == "cuda" else {})}
+
+
+def save_run(run: Run, pos: Position, out: Path, best: bool = False) -> None:
+    """Write RUN_DIR/last.pt (and best.pt). Collective: every rank calls it (each sends its own
+    part to rank 0). Checkpoints only, so its host syncs do not matter."""
+    ranks = gather_to_main(_rank_state(run, pos), run.d)
+    if not run.d.main:
+        return
+    t = run.training
+    partial = {"micro_done": pos.micro_done, "seconds": pos.seconds} if pos.micro_done else None
+    snapshot = {"model": t.model.state_dict(), "optimizer": t.optimizer.state_dict(), "scaler": t.scaler.state_dict(),
+                "epoch": pos.epoch, "step": pos.step, "partial": partial, "validated": pos.validated,
+                "ranks": ranks, "best_top1": pos.best_top1, "recipe": run.recipe, "classes": run.classes,
+                "metrics": pos.metrics, "version": __version__, **({"ema": t.ema.state_dict()} if t.ema else {})}
+    save_checkpoint(snapshot, out / "last.pt")
+    if best:
+        save_checkpoint(snapshot, out / "best.pt")
+
+
+def restore_run(run: Run, state: dict, path: Path) -> Position:
+    """Load a checkpoint into the run's parts (the loader got its position when it was built) and
+    return the position to continue from."""
+    t = run.training
+    load_weights(t.model, state["model"], str(path))
+    t.optimizer.load_state_dict(state["optimizer"])
+    t.scaler.load_state_dict(state["scaler"])
+    if t.ema:
+        t.ema.load_state_dict(state["ema"])
+    rank = state["ranks"][run.d.rank]
+    if t.mixer:
+        t.mixer.load_state_dict(rank["mixer"])
+    # After the model's random initialisation, which drew from the torch RNG.
+    torch.set_rng_state(rank["torch_rng"])
+    if run.device == "cuda" and "cuda_rng" in rank:
+        torch.cuda.set_rng_state(rank["cuda_rng"])
+    partial = state.get("partial") or {}
+    return Position(epoch=state["epoch"], step=state["step"], micro_done=partial.get("micro_done", 0),
+                    loss_sum=rank["epoch_loss_sum"] if partial else 0.0, seconds=partial.get("seconds", 0.0),
+                    validated=state.get("validated", True), best_top1=state.get("best_top1", -1.0),
+                    metrics=state.get("metrics", {}))
+
+
+class RunFolder:
+    """RUN_DIR's recipe.json and metrics.jsonl (rank 0 writes; the others' calls do nothing)."""
+
+    def __init__(self, out: Path, recipe: dict, d: Dist, resumed: Position | None = None):
+        self.out, self.main = out, d.main
+        if not self.main:
+            return
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "recipe.json").write_text(json.dumps(recipe, indent=2) + "\n")
+        metrics = out / "metrics.jsonl"
+        if resumed is not None and metrics.is_file():
+            # Rows written after the checkpoint are written again, and so is the epoch row of an
+            # epoch the checkpoint had not validated yet.
+            def kept(row: dict) -> bool:
+                return row["step"] < resumed.step or (row["step"] == resumed.step and
+                                                       (resumed.validated or row["kind"] != "epoch"))
+            rows = [line for line in metrics.read_text().splitlines() if line and kept(json.loads(line))]
+            metrics.write_text("".join(row + "\n" for row in rows))
+
+    def log(self, row: dict) -> None:
+        if self.main:
+            with open(self.out / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(row) + "\n")

@@ -1,0 +1,57 @@
+"""The training step as the trainer builds it: compiled without graph breaks or recompiles, the
+AMP choice per GPU, targets without mixing."""
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from torch._dynamo.utils import counters
+
+from fastrsb.device import amp_dtype
+from fastrsb.distributed import Dist
+from fastrsb.loss import make_loss
+from fastrsb.mix import BatchMixer
+from fastrsb.optim import make_optimizer
+from fastrsb.parts import PlainTargets
+from fastrsb.recipe import load_recipe
+from fastrsb.step import TrainStep, wrap_model
+
+
+def test_compiled_step_has_one_graph_and_no_recompile():
+    """The step the GPU runs, compiled with inductor on the CPU (a small model; a ResNet takes
+    minutes to compile on 2 cores): mixup/cutmix outside the graph, the model in one graph, and
+    steps with other mixing draws (mixup, cutmix, none) reuse it."""
+    recipe = load_recipe("tiny")
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                          nn.Flatten(), nn.Linear(8, 4)).to(memory_format=torch.channels_last)
+    optimizer = make_optimizer(model, recipe)
+    mixer = BatchMixer(4, recipe["mixup"], recipe["cutmix"], rng=np.random.RandomState(0))
+    step = TrainStep(wrap_model(model, Dist(), "cpu", compile_model=True), optimizer,
+                     torch.amp.GradScaler("cpu", enabled=False), make_loss(recipe), mixer, "cpu", None)
+    torch._dynamo.reset()
+    counters.clear()
+    before = model[0].weight.detach().clone()
+    for _ in range(4):
+        images = torch.randn(8, 3, 16, 16).contiguous(memory_format=torch.channels_last)
+        loss = step.accumulate(images, torch.randint(0, 4, (8,)), group=1, last=True)
+        step.apply(0.01)
+    assert torch.isfinite(loss) and not torch.equal(before, model[0].weight)
+    assert counters["stats"]["unique_graphs"] == 1 and not counters["graph_break"], dict(counters)
+
+
+@pytest.mark.parametrize("major,expected", [(7, torch.float16), (8, torch.bfloat16), (9, torch.bfloat16)])
+def test_amp_dtype_asks_the_hardware(monkeypatch, major, expected):
+    """A V100 (7.0) or T4 (7.5) trains in fp16 with a GradScaler: torch.cuda.is_bf16_supported()
+    alone answers True there (emulation); the answer without emulation is what counts."""
+    def is_bf16_supported(including_emulation=True):
+        return True if including_emulation else major >= 8
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", is_bf16_supported)
+    assert amp_dtype("cuda", amp=True) == expected
+    assert amp_dtype("cuda", amp=False) is None and amp_dtype("cpu", amp=True) is None
+
+
+def test_plain_targets_without_mixing():
+    images, labels = torch.randn(3, 3, 8, 8), torch.tensor([0, 2, 1])
+    same, targets = PlainTargets(num_classes=4, smoothing=0.1)(images, labels)
+    assert same is images and targets.shape == (3, 4)
+    assert torch.allclose(targets.sum(1), torch.ones(3)) and targets.argmax(1).tolist() == [0, 2, 1]
+    assert targets[0, 0] == pytest.approx(0.9 + 0.1 / 4)
