@@ -118,3 +118,35 @@ def test_a1_a2_run_end_to_end(recipe, tiny_data, tmp_path):
     assert r["aug_repeats"] == 3 and r["aa"] == "rand-m7-mstd0.5-inc1" and r["drop_path"] == 0.05
     # A batch of 8 does not divide into 3 views (nor does the recipe's 2048): ceil(8/3) images a batch.
     assert state["step"] == 48 // 8 and "done: top1" in proc.stdout
+
+
+def test_a_model_error_in_evaluation_is_not_called_a_data_error(tiny_data, monkeypatch):
+    """Only the loader's errors are explained as data errors: a model's own RuntimeError (say, CUDA
+    out of memory, here with "decode" in it) propagates as it is, and nothing is re-decoded."""
+    import fastrsb.data_folder
+    from fastrsb.parts import open_val_loader
+    from fastrsb.pipelines import list_images
+    from fastrsb.recipe import load_recipe
+    from fastrsb.train import evaluate
+
+    def broken_model(images):
+        raise RuntimeError("CUDA out of memory while the decoder ran")
+    monkeypatch.setattr(fastrsb.data_folder, "find_undecodable", lambda *a, **k: pytest.fail("re-decoded the data"))
+    loader = open_val_loader(load_recipe("tiny"), list_images(tiny_data / "val"), 8, "cpu")
+    model = torch.nn.Module()
+    model.forward = broken_model
+    with pytest.raises(RuntimeError, match="CUDA out of memory"):
+        evaluate(model, loader, "cpu", None)
+
+
+def test_progress_rate_and_data_share_cover_the_same_interval(monkeypatch):
+    """Both figures of a log step are over the interval since the last log step (images/s was
+    since the epoch began, compile time included, while the data share was the last interval)."""
+    import fastrsb.train
+    clock = iter([100.0, 110.0, 112.0])
+    monkeypatch.setattr(fastrsb.train.time, "perf_counter", lambda: next(clock))
+    interval = fastrsb.train.Interval()  # opens at t=100
+    interval.images, interval.waited = 500, 2.5
+    assert interval.close() == (50.0, 0.25)  # closes at t=110: 500 images / 10 s, 2.5 s of 10 waiting
+    interval.images, interval.waited = 64, 0.5
+    assert interval.close() == (32.0, 0.25)  # the next interval alone: 64 images / 2 s
