@@ -7,7 +7,7 @@ same device.
 from __future__ import annotations
 
 import os
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
@@ -20,25 +20,38 @@ from .randaugment import parse_rand_augment
 class DaliLoader:
     """Wraps the DALI pipelines of one shard. Train loaders drop the last partial batch (fixed
     shapes: no torch.compile recompiles, the same number of steps on every rank); validation
-    loaders return every image of the shard exactly once, the last batch short.
+    loaders return every image of the shard exactly once, the last batch short, and every `iter()`
+    starts a pass at the first image (a pass left early, such as a sanity check of 2 batches,
+    does not carry over into the next).
 
     A train loader is a continuous stream cut into epochs of `len(loader)` batches: breaking out
     of an epoch and iterating again continues where it stopped, and `state_dict()` /
-    `train_loader(..., state=...)` save and restore that position exactly (DALI checkpointing:
-    reader position and the random state of every augmentation).
+    `load_state_dict()` (or `train_loader(..., state=...)`) save and restore that position exactly
+    (DALI checkpointing: reader position and the random state of every augmentation).
 
-    A train loader may run several pipelines, each on its own part of the shard (CPU loaders: one
-    pipeline per thread, see train_loader); it takes their batches in turn. They run concurrently
-    in DALI's own threads, whichever batch Python asks for."""
+    A train loader may run several pipelines, each on its own part of the shard (CPU loaders: 2,
+    see train_loader); it takes their batches in turn. They run concurrently in DALI's own threads,
+    whichever batch Python asks for.
 
-    def __init__(self, pipes: list, images: ImageList, batch_size: int, train: bool, repeats: int = 1,
-                 fingerprint: dict | None = None, done: int = 0, turn: int = 0):
+    Batches are not overwritten by later ones: a batch kept while the next ones are fetched (a
+    prefetching trainer) holds its own memory."""
+
+    def __init__(self, build: Callable[[list | None], list], images: ImageList, batch_size: int, train: bool,
+                 repeats: int = 1, fingerprint: dict | None = None, state: dict | None = None):
+        """build(checkpoints or None) -> the DALI pipelines, started from those DALI checkpoints."""
         self.images = images
         self.batch_size = batch_size
         self.train = train
         self.repeats = repeats
+        self._build = build
         self._fingerprint = fingerprint or {}
-        policy = LastBatchPolicy.DROP if train else LastBatchPolicy.PARTIAL
+        self._settings = {key: value for key, value in self._fingerprint.items() if key != "images"}
+        self._val_pass_open = False  # a validation pass was started and not finished
+        self._start(state)
+
+    def _start(self, state: dict | None) -> None:
+        policy = LastBatchPolicy.DROP if self.train else LastBatchPolicy.PARTIAL
+        pipes = self._build(state["dali"] if state else None)
         self._iterators = [DALIGenericIterator(pipe, ["images", "labels"], reader_name=READER_NAME,
                                                last_batch_policy=policy, auto_reset=True) for pipe in pipes]
         # Every pipeline's DALI epoch has the same number of batches (DROP floors every part of the
@@ -46,10 +59,9 @@ class DaliLoader:
         # yields `repeats` views of each, so it spans `repeats` loader epochs: like timm's
         # RepeatAugSampler, an epoch is len(data set) samples, of which 1/repeats are distinct images.
         dali_batches = sum(len(iterator) for iterator in self._iterators)
-        self._steps = max(1, dali_batches * images_per_batch(batch_size, repeats) // batch_size)
-        self._settings = {key: value for key, value in (fingerprint or {}).items() if key != "images"}
-        self._done = done  # batches of the current epoch already yielded
-        self._turn = turn  # the pipeline whose batch comes next
+        self._steps = max(1, dali_batches * images_per_batch(self.batch_size, self.repeats) // self.batch_size)
+        self._done = state["done"] if state else 0  # batches of the current epoch already yielded
+        self._turn = state.get("turn", 0) if state else 0  # the pipeline whose batch comes next
 
     @property
     def classes(self) -> list[str]:
@@ -64,10 +76,20 @@ class DaliLoader:
         return self._steps
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        if not self.train:
-            for (batch,) in self._iterators[0]:
-                yield _to_nchw(batch["images"]), batch["labels"]
-            return
+        return self._train_batches() if self.train else self._val_batches()
+
+    def _val_batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        if self._val_pass_open:
+            # A DALI iterator cannot rewind mid-epoch (it warns and carries on where it stopped), so
+            # the pipeline is built anew: a few hundred ms, not a pass over the rest of the images.
+            self._iterators = []
+            self._start(None)
+        self._val_pass_open = True
+        for (batch,) in self._iterators[0]:
+            yield _to_nchw(batch["images"]), batch["labels"]
+        self._val_pass_open = False
+
+    def _train_batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         if self._done >= self._steps:
             self._done = 0
         while self._done < self._steps:
@@ -92,11 +114,22 @@ class DaliLoader:
         return batch
 
     def state_dict(self) -> dict:
-        """The loader's position: restore it with train_loader(..., state=this)."""
+        """A train loader's position: restore it with load_state_dict() or train_loader(..., state=this).
+        A validation loader has none to keep (every pass starts at its first image): {}."""
         if not self.train:
-            raise ValueError("only train loaders have a position to save")
+            return {}
         return {"dali": [iterator.checkpoints()[0] for iterator in self._iterators], "done": self._done,
                 "turn": self._turn, "fingerprint": self._fingerprint}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue from a saved position (the pipelines are built anew from its DALI checkpoints).
+        A position saved by a loader with other settings is refused (DatasetError)."""
+        if not self.train:
+            return
+        state = _upgrade_state(state)
+        _check_state(state, self._fingerprint)
+        self._iterators = []  # the old pipelines go before the new ones take their memory
+        self._start(state)
 
 
 def images_per_batch(batch_size: int, repeats: int) -> int:
@@ -175,6 +208,7 @@ def train_loader(root: str | os.PathLike | ImageList, batch_size: int, img_size:
     state: a `loader.state_dict()` to continue from (its number of pipelines is kept).
     """
     images = root if isinstance(root, ImageList) else list_images(root)
+    _check_shard(shard_id, num_shards)
     if repeats < 1 or batch_size < repeats:
         raise DatasetError(f"repeated augmentation needs 1 <= repeats <= batch size, not {repeats} "
                            f"for a batch of {batch_size}")
@@ -200,18 +234,19 @@ def train_loader(root: str | os.PathLike | ImageList, batch_size: int, img_size:
     if state is not None:
         _check_state(state, fingerprint)
     device_id = _check_device(device)
-    # Pipeline k reads part k of this shard: shard shard_id * pipelines + k of num_shards * pipelines
-    # (DALI's shard bounds are floor(size * id / count), so the parts tile the shard exactly).
-    pipes = [train_pipeline(
-        files=images.files, labels=images.labels, img_size=img_size, device=device,
-        shard_id=shard_id * pipelines + part, num_shards=num_shards * pipelines, shuffle_seed=seed,
-        hw_decoder_load=hw_decoder_load, dtype=dtype or default_pixel_dtype(device), repeats=repeats, aa=aa, batch_size=batch_images,
-        num_threads=max(1, threads // pipelines), device_id=device_id,
-        seed=seed * 1000 + shard_id * pipelines + part, prefetch_queue_depth=prefetch_queue_depth,
-        enable_checkpointing=True, checkpoint=state["dali"][part] if state else None)
-        for part in range(pipelines)]
-    return DaliLoader(pipes, images, batch_size, train=True, repeats=repeats, fingerprint=fingerprint,
-                      done=state["done"] if state else 0, turn=state.get("turn", 0) if state else 0)
+
+    def build(checkpoints: list | None) -> list:
+        # Pipeline k reads part k of this shard: shard shard_id * pipelines + k of num_shards * pipelines
+        # (DALI's shard bounds are floor(size * id / count), so the parts tile the shard exactly).
+        return [train_pipeline(
+            files=images.files, labels=images.labels, img_size=img_size, device=device,
+            shard_id=shard_id * pipelines + part, num_shards=num_shards * pipelines, shuffle_seed=seed,
+            hw_decoder_load=hw_decoder_load, dtype=dtype or default_pixel_dtype(device), repeats=repeats, aa=aa,
+            batch_size=batch_images, num_threads=max(1, threads // pipelines), device_id=device_id,
+            seed=seed * 1000 + shard_id * pipelines + part, prefetch_queue_depth=prefetch_queue_depth,
+            enable_checkpointing=True, checkpoint=checkpoints[part] if checkpoints else None)
+            for part in range(pipelines)]
+    return DaliLoader(build, images, batch_size, train=True, repeats=repeats, fingerprint=fingerprint, state=state)
 
 
 def _upgrade_state(state: dict) -> dict:
@@ -228,9 +263,21 @@ def val_loader(root: str | os.PathLike | ImageList, batch_size: int, img_size: i
     """Centre-crop evaluation loader: each image of the shard exactly once per epoch.
     dtype: "float16" or "float32" pixels (default: float16 on the GPU, float32 on the CPU)."""
     images = root if isinstance(root, ImageList) else list_images(root)
-    pipe = val_pipeline(
-        files=images.files, labels=images.labels, img_size=img_size, crop_pct=crop_pct,
-        device=device, shard_id=shard_id, num_shards=num_shards, hw_decoder_load=hw_decoder_load,
-        dtype=dtype or default_pixel_dtype(device), batch_size=batch_size, num_threads=num_threads or _default_threads(),
-        device_id=_check_device(device), seed=0)
-    return DaliLoader([pipe], images, batch_size, train=False)
+    _check_shard(shard_id, num_shards)
+    device_id = _check_device(device)
+
+    def build(checkpoints: None) -> list:
+        return [val_pipeline(
+            files=images.files, labels=images.labels, img_size=img_size, crop_pct=crop_pct,
+            device=device, shard_id=shard_id, num_shards=num_shards, hw_decoder_load=hw_decoder_load,
+            dtype=dtype or default_pixel_dtype(device), batch_size=batch_size,
+            num_threads=num_threads or _default_threads(), device_id=device_id, seed=0)]
+    return DaliLoader(build, images, batch_size, train=False,
+                      fingerprint=dict(images=len(images), batch_size=batch_size, img_size=img_size,
+                                       shard_id=shard_id, num_shards=num_shards))
+
+
+def _check_shard(shard_id: int, num_shards: int) -> None:
+    if num_shards < 1 or not 0 <= shard_id < num_shards:
+        raise DatasetError(f"shard {shard_id} of {num_shards} does not exist: shard_id runs from 0 to num_shards - 1 "
+                           "(rank and world size under torch.distributed)")

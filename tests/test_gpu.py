@@ -65,3 +65,14 @@ def test_short_compiled_gpu_run(tiny_data, tmp_path):
     assert f"1 x cuda {amp} compiled" in proc.stdout
     # Steady state: the fixed-shape train step compiles once (eval runs eager).
     assert proc.stderr.count("Recompiling") == 0, proc.stderr
+
+
+def test_gpu_batch_kept_across_later_ones_is_not_overwritten(tiny_data):
+    from fastrsb.pipelines import train_loader
+    batches = iter(train_loader(tiny_data / "train", batch_size=8, img_size=32, device="cuda", seed=2))
+    kept, _ = next(batches)
+    copy = kept.clone()
+    for _ in range(5):
+        next(batches)
+    torch.cuda.synchronize()
+    assert torch.equal(kept, copy)

@@ -290,3 +290,53 @@ def test_position_saved_by_a_one_pipeline_loader_of_before(tiny_data):
            "fingerprint": {k: v for k, v in state["fingerprint"].items() if k != "pipelines"}}
     resumed = _take(make(old), 3, [])
     assert_same_batches(reference[2:], resumed)
+
+
+def test_every_validation_pass_starts_at_the_first_image(tiny_data):
+    """A pass left early (Lightning's 2-batch sanity check) does not carry over: the next pass
+    counts every image from the first (it gave 112 of 240 under Lightning 2.6.6)."""
+    loader = val_loader(tiny_data / "val", batch_size=8, img_size=40, crop_pct=0.95, device="cpu")
+    full = [y for _, y in loader]
+    for _ in zip(range(1), loader):  # one batch, then left
+        pass
+    again = [y for _, y in loader]
+    assert [len(y) for y in again] == [8, 8, 4] and all(torch.equal(a, b) for a, b in zip(full, again))
+    assert loader.state_dict() == {}  # nothing to keep between passes
+
+
+def test_load_state_dict_continues_with_the_next_batch(tiny_data):
+    """What a trainer's checkpoint (Lightning's) calls on an existing loader: the same stream as
+    an uninterrupted loader from the saved position on."""
+    def make():
+        return train_loader(tiny_data / "train", batch_size=6, img_size=32, device="cpu", seed=5)
+    reference = _take(make(), 10, [])
+    stopped = make()
+    _take(stopped, 4, [])
+    state = stopped.state_dict()
+    fresh = make()
+    _take(fresh, 1, [])  # a loader that already ran is moved to the saved position, not continued
+    fresh.load_state_dict(state)
+    assert_same_batches(reference[4:], _take(fresh, 6, []))
+    other = train_loader(tiny_data / "train", batch_size=8, img_size=32, device="cpu", seed=5)
+    with pytest.raises(DatasetError, match="batch_size 6 -> 8"):
+        other.load_state_dict(state)
+
+
+def test_a_kept_batch_is_not_overwritten_by_later_ones(tiny_data):
+    """A trainer that keeps a batch while it fetches the next (Lightning's prefetch, a data
+    fetcher) sees it unchanged: DALI's buffers are not reused under a live batch."""
+    loader = train_loader(tiny_data / "train", batch_size=8, img_size=32, device="cpu", seed=2)
+    batches = iter(loader)
+    kept_images, kept_labels = next(batches)
+    copy = kept_images.clone(), kept_labels.clone()
+    for _ in range(5):  # past the prefetch queue depth, into the next epoch
+        next(batches)
+    assert torch.equal(kept_images, copy[0]) and torch.equal(kept_labels, copy[1])
+
+
+@pytest.mark.parametrize("shard_id,num_shards", [(2, 2), (-1, 2), (0, 0)])
+def test_a_shard_that_does_not_exist_is_refused(tiny_data, shard_id, num_shards):
+    for make in (lambda: train_loader(tiny_data / "train", 4, 32, device="cpu", shard_id=shard_id, num_shards=num_shards),
+                 lambda: val_loader(tiny_data / "val", 4, 40, 0.95, device="cpu", shard_id=shard_id, num_shards=num_shards)):
+        with pytest.raises(DatasetError, match=f"shard {shard_id} of {num_shards} does not exist"):
+            make()
