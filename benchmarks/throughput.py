@@ -40,13 +40,13 @@ def _cores() -> int:
 
 
 def make_loader(name: str, root: Path, batch: int, size: int, device: str, threads: int, aa: str | None,
-                hw_decoder_load: float = 0.9):
+                hw_decoder_load: float = 0.9, aa_impl: str = "tree"):
     if name.startswith("dali"):
         from fastrsb.pipelines import train_loader
         # The loader's default pixels, as the trainer takes them: float16 on the GPU, float32 on the
         # CPU (what the PIL loaders' ToTensor + Normalize give too).
         return train_loader(root, batch, size, device="cuda" if name == "dali-gpu" else "cpu", num_threads=threads,
-                            aa=aa, hw_decoder_load=hw_decoder_load)
+                            aa=aa, hw_decoder_load=hw_decoder_load, aa_impl=aa_impl)
     if name == "torchvision":
         import torchvision.transforms as T
         from torchvision.datasets import ImageFolder
@@ -69,11 +69,32 @@ def make_loader(name: str, root: Path, batch: int, size: int, device: str, threa
     raise ValueError(f"unknown loader {name}")
 
 
+def queued_batches(name: str, loader, workers: int) -> int:
+    """Batches a loader holds ready before the consumer asks: DALI's prefetch queues, or a
+    DataLoader's workers x prefetch_factor (2)."""
+    if name.startswith("dali"):
+        return loader.queued_batches
+    return workers * 2
+
+
+def check_warmup(warmup: int, steps: int, queued: int, name: str) -> None:
+    """Refuse a measurement that would time batches prefetched before it began: with 16 DALI CPU
+    pipelines, 25 timed batches after 5 of warm-up all came from full queues (415,764 img/s)."""
+    if warmup < 2 * queued or steps < queued:
+        sys.exit(f"{name}: {warmup} warm-up and {steps} timed batches, but the loader holds {queued} batches "
+                 f"ready in its queues: time only after they are consumed (--warmup {2 * queued} or more, "
+                 f"--steps {queued} or more; leave --warmup out to have it chosen)")
+
+
 def measure_loader(name: str, args, root: Path) -> dict:
     device = "cuda" if name == "dali-gpu" or (torch.cuda.is_available() and name != "dali-cpu") else "cpu"
     threads = args.workers or _cores()
     aa = None if args.aa == "none" else args.aa
-    loader = make_loader(name, root, args.batch_size, args.img_size, device, threads, aa, args.hw_decoder_load)
+    loader = make_loader(name, root, args.batch_size, args.img_size, device, threads, aa, args.hw_decoder_load,
+                         args.aa_impl)
+    queued = queued_batches(name, loader, threads)
+    warmup = args.warmup if args.warmup is not None else max(5, 2 * queued)
+    check_warmup(warmup, args.steps, queued, name)
     batches = _forever(loader)
     sampler = MemorySampler()
 
@@ -85,11 +106,13 @@ def measure_loader(name: str, args, root: Path) -> dict:
         if device == "cuda" and not images.is_cuda:  # the CPU loaders hand batches to the GPU too
             images.cuda(non_blocking=True), labels.cuda(non_blocking=True)
 
-    seconds = _timed(one_batch, args.warmup, args.steps, device, sampler)
+    seconds = _timed(one_batch, warmup, args.steps, device, sampler)
     return {"mode": "loader", "loader": name, "device": device, "img_size": args.img_size, "aa": aa,
-            "batch_size": args.batch_size, "workers": threads, "steps": args.steps, "pixels": pixels["dtype"],
+            "batch_size": args.batch_size, "workers": threads, "steps": args.steps, "warmup": warmup,
+            "queued_batches": queued, "pixels": pixels["dtype"],
             **({"hw_decoder_load": args.hw_decoder_load} if name == "dali-gpu" else {}),
-            **({"pipelines": loader.settings["pipelines"]} if name.startswith("dali") else {}),
+            **({"pipelines": loader.settings["pipelines"], "aa_impl": loader.settings["aa_impl"]}
+               if name.startswith("dali") else {}),
             "images_per_sec": args.steps * args.batch_size / seconds, **_memory(device, sampler)}
 
 
@@ -136,8 +159,9 @@ def measure_training(mode: str, args, root: Path | None, d) -> dict:
         if len(images.classes) > args.num_classes:
             sys.exit(f"{root} has {len(images.classes)} classes, more than --num-classes {args.num_classes}")
         threads = args.workers or max(1, _cores() // d.world)
-        loader = open_train_loader(recipe, images, batch, device, d, threads, hw_decoder_load=args.hw_decoder_load)
-        augmentation = {key: loader.settings[key] for key in ("aa", "repeats", "pipelines")}
+        loader = open_train_loader(recipe, images, batch, device, d, threads, hw_decoder_load=args.hw_decoder_load,
+                                   aa_impl=args.aa_impl)
+        augmentation = {key: loader.settings[key] for key in ("aa", "aa_impl", "repeats", "pipelines")}
         next_batch = _forever(loader).__next__
     sampler = MemorySampler()
 
@@ -145,12 +169,17 @@ def measure_training(mode: str, args, root: Path | None, d) -> dict:
         training.step.accumulate(*next_batch(), group=1, last=True)
         training.step.apply(lr)
 
-    seconds = _timed(one_step, args.warmup, args.steps, device, sampler)
+    warmup = args.warmup if args.warmup is not None else 5
+    if mode == "train":
+        queued = loader.queued_batches
+        warmup = args.warmup if args.warmup is not None else max(5, 2 * queued)
+        check_warmup(warmup, args.steps, queued, "train")
+    seconds = _timed(one_step, warmup, args.steps, device, sampler)
     return {"mode": mode, "loader": "synthetic batch" if mode == "step" else ("dali-gpu" if device == "cuda" else "dali-cpu"),
             "device": device, "model": recipe["model"], "recipe": recipe["name"], "img_size": size, "batch_size": batch,
             "amp": str(training.dtype).removeprefix("torch.") if training.dtype else "float32",
             "compiled": device == "cuda" and recipe["compile"], "workers": threads, **augmentation,
-            "steps": args.steps, "images_per_sec": args.steps * batch / seconds, **_memory(device, sampler)}
+            "steps": args.steps, "warmup": warmup, "images_per_sec": args.steps * batch / seconds, **_memory(device, sampler)}
 
 
 def combine_ranks(results: list[dict]) -> dict:
@@ -332,10 +361,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--img-size", type=int, default=160)
     p.add_argument("--batch-size", type=int, default=128, help="per process (GPU)")
     p.add_argument("--steps", type=int, default=30, help="timed batches")
-    p.add_argument("--warmup", type=int, default=5, help="batches before timing starts (compilation included)")
+    p.add_argument("--warmup", type=int, default=None,
+                   help="batches before timing starts (compilation included); default 5, and at least twice the "
+                        "batches the loader holds in its queues")
     p.add_argument("--rounds", type=int, default=1,
                    help="loader mode: measure every loader this many times, round-robin, and report the median")
     p.add_argument("--workers", type=int, default=None, help="DALI threads / DataLoader workers (default: cores)")
+    p.add_argument("--aa-impl", choices=["tree", "batch"], default="tree",
+                   help="DALI loaders: RandAugment as a conditionals tree or batch-wide (see pipelines/randaugment.py)")
     p.add_argument("--hw-decoder-load", type=float, default=0.9,
                    help="dali-gpu: the share of JPEGs sent to the hardware decoders (A100/H100), 0-1")
     p.add_argument("--json-out", type=Path, help="also append the JSON lines to this file")

@@ -11,7 +11,7 @@ import math
 from nvidia.dali import fn, pipeline_def, types
 from nvidia.dali import math as dmath
 
-from .randaugment import parse_rand_augment, rand_augment
+from .randaugment import parse_rand_augment, rand_augment, rand_augment_batched
 
 # ImageNet mean/std on the 0-255 scale the decoders produce.
 IMAGENET_MEAN = (0.485 * 255, 0.456 * 255, 0.406 * 255)
@@ -60,17 +60,20 @@ _CROP = dict(random_area=[0.08, 1.0], random_aspect_ratio=[3 / 4, 4 / 3], num_at
 
 @pipeline_def(enable_conditionals=True)  # RandAugment picks an op per sample with DALI conditionals
 def train_pipeline(files, labels, img_size, device, shard_id, num_shards, shuffle_seed,
-                   hw_decoder_load, dtype, repeats=1, aa=None):
+                   hw_decoder_load, dtype, repeats=1, aa=None, aa_impl="tree"):
     """Random-resized-crop, horizontal flip, normalize.
 
     repeats == 1: decode only the random crop (ROI decoding). repeats = R > 1 (repeated
     augmentation): decode each image once and cut R independent crops/flips from it; the R views
     are stacked per sample, (R, H, W, C), so torch sees R * batch images by a reshape (a view).
-    aa: timm's RandAugment string (e.g. rand-m6-mstd0.5-inc1), applied to each view at img_size."""
+    aa: timm's RandAugment string (e.g. rand-m6-mstd0.5-inc1), applied to each view at img_size.
+    aa_impl: "tree" (conditionals: each op on its own samples) or "batch" (every op batch-wide
+    with neutral parameters): the same policy, pixels within one level (randaugment.py)."""
     policy = parse_rand_augment(aa) if aa else None
+    apply = rand_augment_batched if aa_impl == "batch" else rand_augment
 
     def augment(images):
-        return rand_augment(images, policy, img_size) if policy else images
+        return apply(images, policy, img_size) if policy else images
 
     jpegs, labels = _read(files, labels, device, shard_id, num_shards, True, shuffle_seed)
     if repeats == 1:

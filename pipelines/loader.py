@@ -68,6 +68,13 @@ class DaliLoader:
         return self.images.classes
 
     @property
+    def queued_batches(self) -> int:
+        """How many batches the pipelines hold ready ahead of the consumer (prefetch queues), in
+        this loader's batches: a benchmark must consume them before its timing starts."""
+        depth = sum(_queue_depth(it._pipes[0]) for it in self._iterators)
+        return -(-depth * images_per_batch(self.batch_size, self.repeats) * self.repeats // self.batch_size)
+
+    @property
     def settings(self) -> dict:
         """What the train loader was built with (batch_size, img_size, shards, seed, repeats, aa, pipelines)."""
         return dict(self._settings)
@@ -132,6 +139,11 @@ class DaliLoader:
         self._start(state)
 
 
+def _queue_depth(pipe) -> int:
+    depth = pipe.prefetch_queue_depth  # an int, or {"cpu_size": ..., "gpu_size": ...} with separated queues
+    return depth if isinstance(depth, int) else sum(depth.values())
+
+
 def images_per_batch(batch_size: int, repeats: int) -> int:
     """Images one DALI batch decodes: ceil(batch_size / repeats), each giving `repeats` views."""
     return -(-batch_size // repeats)
@@ -191,7 +203,7 @@ def train_loader(root: str | os.PathLike | ImageList, batch_size: int, img_size:
                  device: str = "cuda", shard_id: int = 0, num_shards: int = 1, seed: int = 0,
                  num_threads: int | None = None, dtype: str | None = None, repeats: int = 1, aa: str | None = None,
                  hw_decoder_load: float = 0.9, prefetch_queue_depth: int = 2, pipelines: int | None = None,
-                 state: dict | None = None) -> DaliLoader:
+                 aa_impl: str = "tree", state: dict | None = None) -> DaliLoader:
     """Random-resized-crop + flip training loader over an ImageFolder tree or a file list.
 
     batch_size is per shard (per GPU). Every epoch is a full reshuffle, the same on every shard
@@ -200,6 +212,9 @@ def train_loader(root: str | os.PathLike | ImageList, batch_size: int, img_size:
     its views side by side in the batch; a batch holds ceil(batch_size / repeats) images, and where
     batch_size does not divide by repeats (A1/A2: 2048 and 3) the last image keeps fewer views.
     aa: timm's RandAugment string, e.g. "rand-m6-mstd0.5-inc1".
+    aa_impl: how DALI runs it: "tree" (DALI conditionals route each sample to its op; fastest on
+    the CPU) or "batch" (every op on the whole batch, neutral where a sample drew another: fewer,
+    larger operators, meant for the GPU). The same policy; pixels within one level of each other.
     dtype: "float16" or "float32" pixels (default: float16 on the GPU, float32 on the CPU).
     num_threads: DALI's threads for this shard, all pipelines together (default: cores, at most 8).
     pipelines: DALI pipelines for this shard, each on its own part of it, taking turns batch by
@@ -217,6 +232,8 @@ def train_loader(root: str | os.PathLike | ImageList, batch_size: int, img_size:
             parse_rand_augment(aa)
         except ValueError as err:
             raise DatasetError(str(err)) from None
+    if aa_impl not in ("tree", "batch"):
+        raise DatasetError(f"aa_impl must be 'tree' or 'batch', not {aa_impl!r}")
     shard_images, batch_images = len(images) // num_shards, images_per_batch(batch_size, repeats)
     if shard_images < batch_size:
         raise DatasetError(f"{len(images)} images over {num_shards} shard(s) do not fill one batch of {batch_size}")
@@ -230,7 +247,8 @@ def train_loader(root: str | os.PathLike | ImageList, batch_size: int, img_size:
         raise DatasetError(f"{pipelines} pipeline(s) need at least {batch_images} images each, and the shard "
                            f"has {shard_images}")
     fingerprint = dict(images=len(images), batch_size=batch_size, img_size=img_size, shard_id=shard_id,
-                       num_shards=num_shards, seed=seed, repeats=repeats, aa=aa, pipelines=pipelines)
+                       num_shards=num_shards, seed=seed, repeats=repeats, aa=aa, pipelines=pipelines,
+                       aa_impl=aa_impl if aa else None)
     if state is not None:
         _check_state(state, fingerprint)
     device_id = _check_device(device)
@@ -242,6 +260,7 @@ def train_loader(root: str | os.PathLike | ImageList, batch_size: int, img_size:
             files=images.files, labels=images.labels, img_size=img_size, device=device,
             shard_id=shard_id * pipelines + part, num_shards=num_shards * pipelines, shuffle_seed=seed,
             hw_decoder_load=hw_decoder_load, dtype=dtype or default_pixel_dtype(device), repeats=repeats, aa=aa,
+            aa_impl=aa_impl,
             batch_size=batch_images, num_threads=max(1, threads // pipelines), device_id=device_id,
             seed=seed * 1000 + shard_id * pipelines + part, prefetch_queue_depth=prefetch_queue_depth,
             enable_checkpointing=True, checkpoint=checkpoints[part] if checkpoints else None)
@@ -250,10 +269,14 @@ def train_loader(root: str | os.PathLike | ImageList, batch_size: int, img_size:
 
 
 def _upgrade_state(state: dict) -> dict:
-    """States saved before loaders had several pipelines: one DALI checkpoint, not a list."""
-    if isinstance(state.get("dali"), list):
-        return state
-    return {**state, "dali": [state.get("dali")], "fingerprint": {**state.get("fingerprint", {}), "pipelines": 1}}
+    """States saved by earlier versions: one DALI checkpoint, not a list (before loaders had several
+    pipelines); no aa_impl (before the batch-wide RandAugment: the tree, where there was one)."""
+    fingerprint = dict(state.get("fingerprint", {}))
+    if "aa_impl" not in fingerprint:
+        fingerprint["aa_impl"] = "tree" if fingerprint.get("aa") else None
+    if not isinstance(state.get("dali"), list):
+        state, fingerprint["pipelines"] = {**state, "dali": [state.get("dali")]}, 1
+    return {**state, "fingerprint": fingerprint}
 
 
 def val_loader(root: str | os.PathLike | ImageList, batch_size: int, img_size: int, crop_pct: float, *,

@@ -24,8 +24,8 @@ def test_synthetic_jpegs_look_like_imagenet(tmp_path):
     assert [f.stat().st_mtime_ns for f in files] == before
 
 
-LOADER = ["--mode", "loader", "--synthetic-jpegs", "24", "--img-size", "32", "--batch-size", "4", "--steps", "2",
-          "--warmup", "1", "--workers", "1"]
+LOADER = ["--mode", "loader", "--synthetic-jpegs", "24", "--img-size", "32", "--batch-size", "4", "--steps", "4",
+          "--workers", "1"]
 
 
 def test_loader_mode_reports_every_loader(tmp_path, capsys):
@@ -36,11 +36,22 @@ def test_loader_mode_reports_every_loader(tmp_path, capsys):
     assert [r["loader"] for r in lines] == ["dali-cpu", "torchvision", "timm"]
     assert lines[0]["pipelines"] == 2  # the CPU loader's default, whatever the threads
     assert {r["pixels"] for r in lines} == {"float32"}  # on the CPU every loader hands over float32, as the trainer uses
+    # Warm-up consumed every batch the queues held: 2 DALI pipelines x 2, 1 worker x 2 (prefetch_factor).
+    assert [(r["queued_batches"], r["warmup"]) for r in lines] == [(4, 8), (2, 5), (2, 5)]
     for r in lines:
         assert r["mode"] == "loader" and r["img_size"] == 32 and r["batch_size"] == 4 and r["device"] == "cpu"
         assert r["aa"] == "rand-m6-mstd0.5-inc1"  # A3's RandAugment in every loader by default
         assert r["images_per_sec"] > 0 and r["peak_rss_gib"] > 0.05 and r["peak_pss_with_workers_gib"] > 0.05
         assert r["torch"] and r["dali"] and r["timm"] and r["device_name"]
+
+
+def test_a_measurement_of_prefetched_batches_is_refused(tmp_path, capsys):
+    """16 DALI CPU pipelines once printed 415,764 img/s: their 25 timed batches had been queued
+    during a 5-batch warm-up. Timing that starts before the queues are consumed is refused."""
+    with pytest.raises(SystemExit, match="holds 4 batches ready in its queues.*--warmup 8 or more"):
+        _bench_here(capsys, *LOADER, "--cache", tmp_path, "--loaders", "dali-cpu", "--warmup", "3")
+    with pytest.raises(SystemExit, match="--steps 4 or more"):
+        _bench_here(capsys, *LOADER[:-4], "--steps", "2", "--workers", "1", "--cache", tmp_path, "--loaders", "dali-cpu")
 
 
 def test_loader_rounds_report_each_loaders_median(tmp_path):
@@ -72,19 +83,19 @@ def _bench(*args, torchrun=False):
     return [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")], proc.stdout
 
 
-TRAINING = ["--recipe", "tiny", "--img-size", "32", "--batch-size", "4", "--steps", "2", "--warmup", "1",
-            "--num-classes", "10"]
+TRAINING = ["--recipe", "tiny", "--img-size", "32", "--batch-size", "4", "--num-classes", "10"]
 
 
 def test_step_mode_times_the_trainers_step(tmp_path, capsys):
-    (r,), table = _bench_here(capsys, "--mode", "step", *TRAINING, "--set", "model=resnet18")
+    (r,), table = _bench_here(capsys, "--mode", "step", *TRAINING, "--steps", "2", "--warmup", "1",
+                               "--set", "model=resnet18")
     assert r["mode"] == "step" and r["model"] == "resnet18" and r["loader"] == "synthetic batch"
     assert r["images_per_sec"] > 0 and r["peak_rss_gib"] > 0.1 and r["amp"] == "float32" and r["world_size"] == 1
     assert r["device_name"] and r["commit"] is not None and "img/s per process" in table
 
 
 def test_train_mode_runs_loader_mixing_and_step(tmp_path, capsys):
-    (r,), _ = _bench_here(capsys, "--mode", "train", *TRAINING, "--synthetic-jpegs", "16", "--cache", tmp_path,
+    (r,), _ = _bench_here(capsys, "--mode", "train", *TRAINING, "--steps", "6", "--synthetic-jpegs", "16", "--cache", tmp_path,
                           "--workers", "1", "--set", "aa=rand-m9-mstd0.5-inc1", "--set", "aug_repeats=3")
     assert r["mode"] == "train" and r["loader"] == "dali-cpu" and r["model"] == "resnet10t"
     assert r["images_per_sec"] > 0 and r["batch_size"] == 4 and r["img_size"] == 32
@@ -93,7 +104,7 @@ def test_train_mode_runs_loader_mixing_and_step(tmp_path, capsys):
 
 
 def test_train_mode_under_torchrun_reports_per_process_and_total(tmp_path):
-    (r,), table = _bench("--mode", "train", *TRAINING, "--synthetic-jpegs", "16", "--cache", tmp_path,
+    (r,), table = _bench("--mode", "train", *TRAINING, "--steps", "4", "--synthetic-jpegs", "16", "--cache", tmp_path,
                          "--workers", "1", torchrun=True)
     # Both ranks measured (each its own shard), and the total is their sum, not one rank doubled.
     ranks = r["images_per_sec_per_rank"]

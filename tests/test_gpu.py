@@ -76,3 +76,30 @@ def test_gpu_batch_kept_across_later_ones_is_not_overwritten(tiny_data):
         next(batches)
     torch.cuda.synchronize()
     assert torch.equal(kept, copy)
+
+
+@pytest.mark.parametrize("config", ["rand-m6-mstd0.5-inc1", "rand-m9-mstd0.5"])
+def test_gpu_batch_wide_randaugment_matches_the_cpu(config, tiny_data):
+    """The batch-wide RandAugment on the GPU: every op on the whole batch (sample j draws op j),
+    against the same graph on the CPU (which tests/test_randaugment.py compares with timm)."""
+    from PIL import Image
+    from fastrsb.pipelines.randaugment import _apply_drawn_batched, _policy, parse_rand_augment
+    spec = parse_rand_augment(config)
+    count = len(_policy(spec)[0]) + 1
+    files = sorted((tiny_data / "train").glob("*/*.JPEG"))
+    images = [np.asarray(Image.open(files[j % len(files)]).convert("RGB").resize((48, 48))) for j in range(count)]
+
+    def run(device):
+        @pipeline_def(batch_size=count, num_threads=2, device_id=0 if device == "gpu" else None)
+        def wide():
+            x = fn.external_source(source=[images], layout="HWC")
+            index = fn.external_source(source=[[np.int64(j) for j in range(count)]])
+            signed = fn.external_source(source=[[np.float32(7.5 * (-1) ** j) for j in range(count)]])
+            return _apply_drawn_batched(x.gpu() if device == "gpu" else x, spec, index, signed, 48)
+        (out,) = wide().run()
+        out = out.as_cpu() if device == "gpu" else out
+        return [np.asarray(o).astype(int) for o in out]
+
+    for j, (gpu, cpu) in enumerate(zip(run("gpu"), run("cpu"))):
+        assert np.abs(gpu - cpu).mean() < 1.0, j
+    assert np.array_equal(run("gpu")[-1], images[-1].astype(int))  # no op: untouched on the GPU too

@@ -11,7 +11,8 @@ from nvidia.dali import fn, pipeline_def
 from PIL import Image
 
 from fastrsb.pipelines import DatasetError, RandAugmentSpec, parse_rand_augment, train_loader
-from fastrsb.pipelines.randaugment import FILL, OPS, _apply_drawn, _magnitude, _policy, rand_augment
+from fastrsb.pipelines.randaugment import (FILL, OPS, _apply_drawn, _apply_drawn_batched, _magnitude, _policy,
+                                          rand_augment, rand_augment_batched)
 
 SIZE = 48
 
@@ -99,13 +100,13 @@ def test_op_matches_timm(name, photos, monkeypatch):
     assert compared >= 8 * 8
 
 
-def _policy_pipeline(spec_string, images):
+def _policy_pipeline(spec_string, images, impl=rand_augment):
     spec = parse_rand_augment(spec_string)
 
     @pipeline_def(batch_size=len(images), num_threads=1, device_id=None, enable_conditionals=True, seed=7)
     def policy():
         x = fn.external_source(source=lambda: images, batch=True, layout="HWC")
-        return x, rand_augment(x, spec, SIZE)
+        return x, impl(x, spec, SIZE)
     return policy()
 
 
@@ -131,19 +132,20 @@ def test_each_drawn_index_applies_its_op(photos, config):
         assert np.array_equal(np.asarray(tree[j]), np.asarray(alone[j][j])), name
 
 
-def test_share_of_untouched_images(photos):
+@pytest.mark.parametrize("impl", [rand_augment, rand_augment_batched], ids=["tree", "batch"])
+def test_share_of_untouched_images(photos, impl):
     # Two layers, each applied with probability 0.5: a quarter of the images stay as they are.
     # Colour photos squeezed to levels 40-200, so that at magnitude 9 every op of the set changes
     # every image (AutoContrast leaves an image that spans 0-255 as it is, Color a grey one).
     colour = [p for p in photos if np.ptp(p.astype(int), axis=2).max() > 10]
     images = [(colour[i % len(colour)] * 0.625 + 40).astype(np.uint8) for i in range(200)]
-    pipe = _policy_pipeline("rand-m9-mstd0.5-inc1", images)
+    pipe = _policy_pipeline("rand-m9-mstd0.5-inc1", images, impl)
     same = []
     for _ in range(4):
         inputs, outputs = pipe.run()
         same += [np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(inputs, outputs)]
     assert abs(np.mean(same) - 0.25) < 0.06  # 800 draws: 4 standard deviations
-    pipe = _policy_pipeline("rand-m9-n1-p1.0-mstd0.5-inc1", images)
+    pipe = _policy_pipeline("rand-m9-n1-p1.0-mstd0.5-inc1", images, impl)
     inputs, outputs = pipe.run()
     assert not any(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(inputs, outputs))
 
@@ -178,6 +180,68 @@ def test_train_loader_applies_it(tiny_data):
     assert torch.equal(augmented, first_batch("rand-m9-mstd0.5-inc1"))  # deterministic for a seed
     with pytest.raises(DatasetError, match="unsupported section"):
         first_batch("rand-m9-q2")
+
+
+# Where the batch-wide form is exact, and where it rounds differently from the tree's fused CPU
+# operators (which round where PIL truncates; the batch-wide arithmetic truncates as PIL does).
+ROUNDING = {"AutoContrast", "Color", "Contrast", "Brightness", "ColorIncreasing", "ContrastIncreasing",
+            "BrightnessIncreasing"}
+
+
+@pytest.mark.parametrize("config", ["rand-m6-mstd0.5-inc1", "rand-m9-mstd0.5"])
+def test_batch_wide_form_applies_the_drawn_op(photos, config):
+    """Every op on the whole batch, neutral where the sample drew another: sample j draws index j
+    and must come out as that op alone makes it (bit for bit, or within one level where only the
+    rounding differs), and the last index (no op) leaves the image exactly as it was."""
+    spec = parse_rand_augment(config)
+    names = [*_policy(spec)[0], "Identity"]
+    images = [photos[j % len(photos)] for j in range(len(names))]
+    signs = [(-1.0) ** j for j in range(len(names))]
+
+    @pipeline_def(batch_size=len(names), num_threads=1, device_id=None)
+    def batched():
+        x = fn.external_source(source=[images], layout="HWC")
+        index = fn.external_source(source=[[np.int64(j) for j in range(len(names))]])
+        signed = fn.external_source(source=[[np.float32(7.5 * sign) for sign in signs]])
+        return (_apply_drawn_batched(x, spec, index, signed, SIZE), *(OPS[name](x, signed, SIZE) for name in names))
+    wide, *alone = batched().run()
+    for j, name in enumerate(names):
+        ours, reference = np.asarray(wide[j]).astype(int), np.asarray(alone[j][j]).astype(int)
+        if name in ROUNDING:
+            assert np.abs(ours - reference).max() <= 1 and np.abs(ours - reference).mean() < 0.6, name
+        else:
+            assert np.array_equal(ours, reference), name
+    assert np.array_equal(np.asarray(wide[len(names) - 1]), images[-1])  # no op: untouched
+
+
+@pytest.mark.parametrize("name", sorted(ROUNDING))
+def test_batch_wide_enhancers_match_timm(name, photos, monkeypatch):
+    """The ops whose batch-wide form differs from the tree's, compared with timm directly."""
+    spec = parse_rand_augment("rand-m9-mstd0.5-inc1" if name.endswith("Increasing") else "rand-m9-mstd0.5")
+    position = _policy(spec)[0].index(name)
+    for level in (3.3, 9.5):
+        for sign in (1.0, -1.0):
+            @pipeline_def(batch_size=len(photos), num_threads=1, device_id=None)
+            def one():
+                x = fn.external_source(source=[photos], layout="HWC")
+                index = fn.external_source(source=[[np.int64(position)] * len(photos)])
+                signed = fn.external_source(source=[[np.float32(level * sign)] * len(photos)])
+                return _apply_drawn_batched(x, spec, index, signed, SIZE)
+            (out,) = one().run()
+            for image, mine in zip(photos, out):
+                theirs = _timm_op(name, image, level, sign, monkeypatch)
+                assert np.abs(np.asarray(mine).astype(int) - theirs.astype(int)).mean() <= _bound(name), (level, sign)
+
+
+def test_loader_takes_either_form(tiny_data):
+    def first(impl):
+        loader = train_loader(tiny_data / "train", batch_size=8, img_size=32, device="cpu", seed=5,
+                              aa="rand-m9-mstd0.5-inc1", aa_impl=impl)
+        return loader.settings["aa_impl"], next(iter(loader))[0]
+    (tree_name, tree), (batch_name, batch) = first("tree"), first("batch")
+    assert (tree_name, batch_name) == ("tree", "batch") and tree.shape == batch.shape
+    with pytest.raises(DatasetError, match="aa_impl must be"):
+        first("fast")
 
 
 def test_combined_geometric_leaf_equals_each_op(photos):
