@@ -1,61 +1,76 @@
 #!/usr/bin/env bash
-# Every check that needs a GPU, in one go, for a machine with an NVIDIA GPU where fastrsb, DALI
-# and timm are installed; run it from the project root. Results land in OUT (JSON lines in
-# OUT/gpu.jsonl, logs beside them) to be committed under benchmarks/results/.
+# Every GPU check, as ONE device call of at most 8 minutes: the checks in priority order, each under
+# its own timeout, skipping what no longer fits the deadline; 4 files under $OUT (log.txt, steps.txt,
+# gpu.jsonl, dmon.txt). Commit gpu.jsonl under benchmarks/results/ with the GPU's name.
 #
-#   benchmarks/gpu_checks.sh OUT [tests|loader|loader-aa|train|all]   (default: all)
+#   bash benchmarks/gpu_checks.sh [BUDGET_SECONDS]      (default 470; run from the project root)
 #
-# Each part stays under a device call's 10 minutes:
-# tests:     nvidia-smi, the hardware JPEG engines DALI finds, the GPU-marked tests.
-# loader:    the GPU train loader alone at 160 px, no RandAugment, over hw_decoder_load x DALI
-#            threads (9 runs), and timm's loader on the same JPEGs for comparison.
-# loader-aa: the same sweep with A3's RandAugment on the GPU.
-# train:     A3's training step at 160 and 224 px, and the trainer's path end to end at 160 px.
+# On the lent machine (no DALI, no network): run ../shared/gpu/stage-dali here first, then make its
+# three device calls one right after another; the third is
+#   cp .stage/part-2 $HOME/stage/ && bash benchmarks/gpu_checks.sh 470
+# with timeout_s 520. This script unpacks the staged DALI itself (once per machine) and installs the
+# project in place. Elsewhere (DALI installed), it runs as it is; OUT defaults to gpu-checks/.
 set -uo pipefail
-out=${1:?usage: benchmarks/gpu_checks.sh OUT [tests|loader|loader-aa|train|all]}
-part=${2:-all}
-py=${PYTHON:-python3}
-jpegs=${JPEGS:-20000}
-mkdir -p "$out"
-bench() { "$py" benchmarks/throughput.py "$@" --json-out "$out/gpu.jsonl" 2>>"$out/bench-stderr.txt" | tail -4; }
-
-if [[ $part == tests || $part == all ]]; then
-    nvidia-smi >"$out/nvidia-smi.txt" 2>&1
-    tiny=$(mktemp -d)
-    "$py" -c "from fastrsb.demo_data import write_demo; write_demo('$tiny', 8, 1, num_classes=2)"
-    DALI_NVIMGCODEC_LOG_LEVEL=3 "$py" -c "
-from fastrsb.pipelines import train_loader
-next(iter(train_loader('$tiny/train', 8, 160, device='cuda')))" >"$out/hw-engines.txt" 2>&1
-    grep -i -m 5 "hardware\|hw decoder\|nvjpg" "$out/hw-engines.txt"
-    "$py" -m pytest -q -ra -m gpu tests >"$out/pytest-gpu.txt" 2>&1
-    tail -3 "$out/pytest-gpu.txt"
-fi
-
-sweep() {  # $1: the RandAugment string, or none
-    for load in 0.75 0.9 1.0; do
-        for threads in 6 8 12; do
-            echo "== dali-gpu aa=$1 hw_decoder_load=$load threads=$threads"
-            bench --mode loader --loaders dali-gpu --synthetic-jpegs "$jpegs" --img-size 160 --batch-size 256 \
-                --steps 60 --aa "$1" --hw-decoder-load "$load" --workers "$threads"
-        done
-    done
+budget=${1:-470}
+OUT=${OUT:-gpu-checks}
+mkdir -p "$OUT"
+t0=$(date +%s)
+left() { echo $(( budget - ($(date +%s) - t0) )); }
+say() { echo "[$(( $(date +%s) - t0 ))s] $*" | tee -a "$OUT/log.txt"; }
+step() {  # step NEED_S TIMEOUT_S NAME cmd...: skipped unless NEED_S are left; killed after TIMEOUT_S
+    local need=$1 limit=$2 name=$3; shift 3
+    if (( $(left) < need )); then say "SKIP $name ($(left)s left < ${need}s)"; return; fi
+    (( limit > $(left) - 5 )) && limit=$(( $(left) - 5 ))
+    say "START $name (timeout ${limit}s)"
+    echo "===== $name" >>"$OUT/steps.txt"
+    timeout -k 5 "$limit" "$@" >>"$OUT/steps.txt" 2>&1
+    say "END $name rc=$?"
+    tail -n 4 "$OUT/steps.txt" | tee -a "$OUT/log.txt"
 }
+export PYTHONUNBUFFERED=1 PYTHONWARNINGS=ignore
 
-if [[ $part == loader || $part == all ]]; then
-    sweep none
-    echo "== timm (PIL, all cores) on the same JPEGs, A3's RandAugment"
-    bench --mode loader --loaders timm --synthetic-jpegs "$jpegs" --img-size 160 --batch-size 256 --steps 20
+if [ -d "$HOME/stage" ] && ! python3 -c "import nvidia.dali" 2>/dev/null; then
+    if [ ! -f "$HOME/site/.done" ]; then
+        mkdir -p "$HOME/site" && cat "$HOME"/stage/part-* | xz -d -T0 | tar -x -C "$HOME/site" && touch "$HOME/site/.done"
+    fi
+    export PYTHONPATH=$HOME/site LD_LIBRARY_PATH=$HOME/site/nvidia/cu13/lib:${LD_LIBRARY_PATH:-}
+    python3 -m pip install -q --no-deps --no-build-isolation -e . >>"$OUT/steps.txt" 2>&1
 fi
+say "setup done"
+nvidia-smi dmon -s pu -d 1 >"$OUT/dmon.txt" 2>&1 &
+dmon=$!
+trap 'kill $dmon 2>/dev/null' EXIT
+python3 - <<'EOF' 2>&1 | tee -a "$OUT/log.txt"
+import os, subprocess, torch, nvidia.dali as dali, timm
+commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+print("commit", commit, "| torch", torch.__version__, "CUDA", torch.version.cuda, "|", torch.cuda.get_device_name(),
+      "| DALI", dali.__version__, "| timm", timm.__version__, "| cores", os.cpu_count())
+EOF
 
-if [[ $part == loader-aa || $part == all ]]; then
-    sweep rand-m6-mstd0.5-inc1
-fi
-
-if [[ $part == train || $part == all ]]; then
-    for size in 160 224; do
-        echo "== step a3 ${size} px"
-        bench --mode step --recipe a3 --img-size "$size" --batch-size 256 --steps 50 --warmup 10
-    done
-    echo "== train a3 160 px (DALI GPU loader with RandAugment, mixup/cutmix, compiled step)"
-    bench --mode train --recipe a3 --synthetic-jpegs "$jpegs" --img-size 160 --batch-size 256 --steps 60 --warmup 10
-fi
+J=12000
+BENCH="python3 benchmarks/throughput.py --json-out $OUT/gpu.jsonl --img-size 160 --batch-size 256"
+DATA="--synthetic-jpegs $J"
+tiny=$(mktemp -d)
+python3 -c "from fastrsb.demo_data import write_demo; write_demo('$tiny', 8, 1, num_classes=2)"
+# 1. The hardware JPEG engines DALI finds (nvImageCodec's log), and a first GPU batch.
+step 30 45 hw-engines env DALI_NVIMGCODEC_LOG_LEVEL=3 python3 -c "
+from fastrsb.pipelines import train_loader
+x, y = next(iter(train_loader('$tiny/train', 8, 160, device='cuda')))
+print('first batch', tuple(x.shape), x.dtype, x.device)"
+grep -i -m 6 "hardware\|hw decoder\|nvjpg" "$OUT/steps.txt" | tee -a "$OUT/log.txt"
+step 120 150 synthetic-jpegs python3 -c "
+import sys; sys.path.insert(0, 'benchmarks')
+from synthetic import synthetic_jpegs
+synthetic_jpegs('data/bench/synthetic-$J', $J)"
+# 2. RandAugment on the GPU, the two forms (issue 13: >= 20,000 img/s with A3's, batch 256).
+step 40 60 loader-aa-tree $BENCH $DATA --mode loader --loaders dali-gpu --steps 80 --aa-impl tree
+step 40 60 loader-aa-batch $BENCH $DATA --mode loader --loaders dali-gpu --steps 80 --aa-impl batch
+step 40 60 loader-noaa $BENCH $DATA --mode loader --loaders dali-gpu --steps 80 --aa none
+# 3. A3 end to end with the batch-wide form (compiled model and LAMB update; ~1 min compiling).
+step 150 200 train-a3-batch $BENCH $DATA --mode train --recipe a3 --steps 120 --aa-impl batch
+# 4. The GPU tests (the batch-wide form against the CPU's, a compiled trainer run, resume).
+step 100 180 pytest-gpu python3 -m pytest -q -ra -m gpu tests -p no:cacheprovider
+# 5. The step alone (the ceiling for step 3) and the tree form end to end, if time is left.
+step 100 150 step-a3 $BENCH --mode step --recipe a3 --steps 60 --warmup 10
+step 150 200 train-a3-tree $BENCH $DATA --mode train --recipe a3 --steps 120 --aa-impl tree
+say "done ($(left)s left)"

@@ -272,7 +272,8 @@ def _loader_in_child(name: str, args, root: Path) -> dict:
     """One loader measured in a process of its own, so that peak memory (RSS, GPU) is its own."""
     argv = [a for a in sys.argv[1:] if not a.startswith("--json-out") and a != str(args.json_out)]
     # argparse keeps an option's last value: these override the parent's (--rounds=3 included).
-    child = subprocess.run([sys.executable, __file__, *argv, "--loaders", name, "--rounds", "1", "--data", str(root)],
+    child = subprocess.run([sys.executable, __file__, *argv, "--loaders", name, "--rounds", "1", "--data", str(root),
+                            "--child"],
                            capture_output=True, text=True)
     if child.returncode:
         sys.exit(f"{name} failed:\n{child.stderr[-2000:]}")
@@ -299,10 +300,12 @@ def run_loaders(args, root: Path, info: dict) -> None:
         rounds = {name: [] for name in names}
         for _ in range(args.rounds):
             for name in names:
-                rounds[name].append(_loader_in_child(name, args, root))
+                rounds[name].append({**info, **_loader_in_child(name, args, root)})
     results = [_median_round(rounds[name]) for name in names]
     for result in results:
         _emit(result, args.json_out)
+    if args.child:  # the parent prints the table
+        return
     base = results[0]["images_per_sec"]
     spread = args.rounds > 1
     print(f"\n{'loader':<12} {'device':<6} {'img/s':>9} {'ratio':>6}{'  rounds (img/s)' if spread else ''}  "
@@ -372,6 +375,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--hw-decoder-load", type=float, default=0.9,
                    help="dali-gpu: the share of JPEGs sent to the hardware decoders (A100/H100), 0-1")
     p.add_argument("--json-out", type=Path, help="also append the JSON lines to this file")
+    p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)  # one loader for a parent's rounds
     args = p.parse_args(argv)
     if args.rounds < 1:
         p.error("--rounds must be at least 1")
@@ -379,7 +383,7 @@ def main(argv: list[str] | None = None) -> None:
         p.error("--hw-decoder-load must lie in [0, 1]")
     if args.mode != "step" and not args.data and not args.synthetic_jpegs:
         p.error(f"--mode {args.mode} needs --data DIR or --synthetic-jpegs N")
-    info = context()
+    info = {} if args.child else context()  # a child's parent adds it (versions, commit: the same)
     if args.mode == "loader":
         run_loaders(args, _data_root(args), info)
     else:

@@ -63,6 +63,7 @@ def test_loader_rounds_report_each_loaders_median(tmp_path):
     for r in lines:
         rounds = r["images_per_sec_rounds"]
         assert len(rounds) == 2 and all(v > 0 for v in rounds) and round(r["images_per_sec"], 1) == min(rounds)
+        assert r["device_name"] and r["torch"] and "commit" in r  # the parent's context, on every child's line
     assert "ratio" in stdout and "1.00" in stdout and "median of 2 rounds" in stdout
 
 
