@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Every GPU check, as ONE device call of at most 8 minutes: the checks in priority order, each under
-# its own timeout, skipping what no longer fits the deadline; 4 files under $OUT (log.txt, steps.txt,
-# gpu.jsonl, dmon.txt). Commit gpu.jsonl under benchmarks/results/ with the GPU's name.
+# its own timeout, skipping what no longer fits the deadline; 6 files under $OUT (log.txt, steps.txt,
+# gpu.jsonl, dmon.txt, profile/profile.txt and .json). Commit gpu.jsonl and the profile under
+# benchmarks/results/ with the GPU's name.
 #
 #   bash benchmarks/gpu_checks.sh [BUDGET_SECONDS]      (default 470; run from the project root)
 #
@@ -66,8 +67,9 @@ synthetic_jpegs('data/bench/synthetic-$J', $J)"
 step 40 60 loader-aa-tree $BENCH $DATA --mode loader --loaders dali-gpu --steps 80 --aa-impl tree
 step 40 60 loader-aa-batch $BENCH $DATA --mode loader --loaders dali-gpu --steps 80 --aa-impl batch
 step 40 60 loader-noaa $BENCH $DATA --mode loader --loaders dali-gpu --steps 80 --aa none
-# 3. A3 end to end with the batch-wide form (compiled model and LAMB update; ~1 min compiling).
-step 150 200 train-a3-batch $BENCH $DATA --mode train --recipe a3 --steps 120 --aa-impl batch
+# 3. A3 end to end with the batch-wide form (compiled model and LAMB update; ~1 min compiling), then
+#    20 steps under torch.profiler: $OUT/profile/profile.txt says where a step's time goes.
+step 150 200 train-a3-batch $BENCH $DATA --mode train --recipe a3 --steps 120 --aa-impl batch --profile "$OUT/profile"
 # 4. The GPU tests (the batch-wide form against the CPU's, a compiled trainer run, resume).
 step 100 180 pytest-gpu python3 -m pytest -q -ra -m gpu tests -p no:cacheprovider
 # 5. The step alone (the ceiling for step 3) and the tree form end to end, if time is left.

@@ -164,9 +164,13 @@ def measure_training(mode: str, args, root: Path | None, d) -> dict:
         augmentation = {key: loader.settings[key] for key in ("aa", "aa_impl", "repeats", "pipelines")}
         next_batch = _forever(loader).__next__
     sampler = MemorySampler()
+    waits = []  # seconds in next(loader) per step, as the trainer's data share counts them
 
     def one_step():
-        training.step.accumulate(*next_batch(), group=1, last=True)
+        before = time.perf_counter()
+        images, labels = next_batch()
+        waits.append(time.perf_counter() - before)
+        training.step.accumulate(images, labels, group=1, last=True)
         training.step.apply(lr)
 
     warmup = args.warmup if args.warmup is not None else 5
@@ -175,11 +179,41 @@ def measure_training(mode: str, args, root: Path | None, d) -> dict:
         warmup = args.warmup if args.warmup is not None else max(5, 2 * queued)
         check_warmup(warmup, args.steps, queued, "train")
     seconds = _timed(one_step, warmup, args.steps, device, sampler)
+    data_wait = sum(waits[-args.steps:]) / seconds
+    profiled = {}
+    if args.profile:  # after the timed steps, so that the profiler's overhead does not touch them
+        profiled = _profile(one_step, args.profile_steps, device, waits, Path(args.profile) if d.main else None)
     return {"mode": mode, "loader": "synthetic batch" if mode == "step" else ("dali-gpu" if device == "cuda" else "dali-cpu"),
             "device": device, "model": recipe["model"], "recipe": recipe["name"], "img_size": size, "batch_size": batch,
             "amp": str(training.dtype).removeprefix("torch.") if training.dtype else "float32",
             "compiled": device == "cuda" and recipe["compile"], "workers": threads, **augmentation,
-            "steps": args.steps, "warmup": warmup, "images_per_sec": args.steps * batch / seconds, **_memory(device, sampler)}
+            "steps": args.steps, "warmup": warmup, "images_per_sec": args.steps * batch / seconds,
+            "data_wait": data_wait, **profiled, **_memory(device, sampler)}
+
+
+def _profile(one_step, steps: int, device: str, waits: list, folder: Path | None) -> dict:
+    """Run `steps` more steps under torch.profiler and summarize them (profile_summary.py); write
+    FOLDER/profile.txt and profile.json (rank 0) and print the text. Returns the headline figures."""
+    from torch.profiler import ProfilerActivity, profile
+    from profile_summary import render, summarize, write
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    if device == "cuda":
+        torch.cuda.synchronize()
+    first, start, host = len(waits), time.perf_counter(), time.thread_time()
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            one_step()
+        if device == "cuda":
+            torch.cuda.synchronize()
+    summary = summarize(prof, steps=steps, wall_seconds=time.perf_counter() - start,
+                        host_seconds=time.thread_time() - host, data_wait_seconds=sum(waits[first:]), device=device)
+    if folder is None:
+        return {}
+    text, data = write(summary, folder)
+    print(render(summary), file=sys.stderr)
+    print(f"profile: {text}, {data}", file=sys.stderr)
+    return {"profile": {key: summary[key] for key in ("gpu_busy_share", "data_wait_share", "host_cpu_ms_per_step",
+                                                      "wall_ms_per_step", "gpu_ms_per_step")}}
 
 
 def combine_ranks(results: list[dict]) -> dict:
@@ -375,6 +409,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--hw-decoder-load", type=float, default=0.9,
                    help="dali-gpu: the share of JPEGs sent to the hardware decoders (A100/H100), 0-1")
     p.add_argument("--json-out", type=Path, help="also append the JSON lines to this file")
+    p.add_argument("--profile", nargs="?", const="profile", metavar="DIR",
+                   help="step/train modes: after the timed steps, profile --profile-steps more with torch.profiler "
+                        "and write DIR/profile.txt and profile.json (default DIR: profile)")
+    p.add_argument("--profile-steps", type=int, default=20)
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)  # one loader for a parent's rounds
     args = p.parse_args(argv)
     if args.rounds < 1:

@@ -30,3 +30,25 @@ def amp_dtype(device: str, amp: bool) -> torch.dtype | None:
 
 def autocast(device: str, dtype: torch.dtype | None):
     return torch.autocast(device, dtype=dtype) if dtype is not None else contextlib.nullcontext()
+
+
+def gpu_memory_line(model: torch.nn.Module, device: str) -> str | None:
+    """What the run holds on its GPU before its first step: the loader's (DALI allocates outside
+    torch: NVML's figure for this process minus torch's reserve) and the model's state (weights,
+    gradients and LAMB's two moments: 4 x the parameters). None on the CPU."""
+    if device != "cuda":
+        return None
+    state = 4 * sum(p.numel() * p.element_size() for p in model.parameters()) / 2**30
+    reserved = torch.cuda.memory_reserved() / 2**30
+    try:
+        import os
+        import pynvml
+        pynvml.nvmlInit()
+        handle = pynvml.nvmlDeviceGetHandleByIndex(torch.cuda.current_device())
+        used = [p.usedGpuMemory for p in pynvml.nvmlDeviceGetComputeRunningProcesses(handle) if p.pid == os.getpid()]
+        process = used[0] / 2**30 if used and used[0] else None
+    except Exception:  # noqa: BLE001 - NVML missing or not permitted (containers): say so, do not fail
+        process = None
+    loader = f"{max(process - reserved, 0.0):.2f} GiB" if process is not None else "unknown (no NVML)"
+    return (f"GPU memory before the first step: loader (DALI) {loader}, model state {state:.2f} GiB "
+            f"(weights, gradients, LAMB moments; activations come on top)")

@@ -33,13 +33,15 @@ class Lamb(torch.optim.Optimizer):
     def __init__(self, params, lr: float = 1e-3, bias_correction: bool = True,
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-6, weight_decay: float = 0.01,
                  grad_averaging: bool = True, max_grad_norm: float | None = 1.0,
-                 trust_clip: bool = False, always_adapt: bool = False, compiled: bool = False):
-        """compiled: run the update through torch.compile (fused kernels on the GPU)."""
+                 trust_clip: bool = False, always_adapt: bool = False, compiled: bool = False,
+                 cuda_graphs: bool = False):
+        """compiled: run the update through torch.compile (fused kernels on the GPU); cuda_graphs:
+        replay it as a CUDA graph."""
         defaults = dict(lr=lr, bias_correction=bias_correction, betas=tuple(betas), eps=eps,
                         weight_decay=weight_decay, grad_averaging=grad_averaging,
                         max_grad_norm=max_grad_norm, trust_clip=trust_clip, always_adapt=always_adapt)
         super().__init__(params, defaults)
-        self._update_fn = _compiled_step() if compiled else lamb_step
+        self._update_fn = _compiled_step(cuda_graphs) if compiled else lamb_step
         self._scalars: dict[int, torch.Tensor] = {}  # per group: lr, bias corrections (device tensors)
 
     @torch.no_grad()
@@ -135,14 +137,16 @@ def lamb_update(params: list[torch.Tensor], grads: list[torch.Tensor], exp_avgs:
     torch._foreach_sub_(params, updates)
 
 
-_compiled_lamb_step = None
+_compiled_lamb_steps: dict[bool, object] = {}
 
 
-def _compiled_step():
-    global _compiled_lamb_step
-    if _compiled_lamb_step is None:  # wrapped once per process; compiled on first use
-        _compiled_lamb_step = torch.compile(lamb_step, dynamic=False)
-    return _compiled_lamb_step
+def _compiled_step(cuda_graphs: bool = False):
+    """lamb_step through torch.compile, wrapped once per process (compiled on first use);
+    cuda_graphs: replayed as a CUDA graph ("reduce-overhead")."""
+    if cuda_graphs not in _compiled_lamb_steps:
+        _compiled_lamb_steps[cuda_graphs] = torch.compile(lamb_step, dynamic=False,
+                                                          mode="reduce-overhead" if cuda_graphs else None)
+    return _compiled_lamb_steps[cuda_graphs]
 
 
 def lr_at(step: int, steps_per_epoch: int, epochs: int, lr: float, warmup_epochs: int,
@@ -158,7 +162,7 @@ def lr_at(step: int, steps_per_epoch: int, epochs: int, lr: float, warmup_epochs
     return min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
-def make_optimizer(model: nn.Module, recipe: dict, compiled: bool = False) -> Lamb:
+def make_optimizer(model: nn.Module, recipe: dict, compiled: bool = False, cuda_graphs: bool = False) -> Lamb:
     return Lamb(param_groups(model, recipe["weight_decay"]), lr=recipe["warmup_lr"],
                 betas=tuple(recipe["opt_betas"]), eps=recipe["opt_eps"], weight_decay=recipe["weight_decay"],
-                compiled=compiled)
+                compiled=compiled, cuda_graphs=cuda_graphs)

@@ -70,7 +70,8 @@ def build_training(recipe: dict, num_classes: int, device: str, d: Dist = Dist()
     # The recipe's `compile` applies on the GPU: on a few CPU cores inductor takes minutes over a
     # ResNet-50 (and the CPU path serves tests and machines without a GPU).
     compiled = recipe["compile"] and device == "cuda"
-    optimizer = make_optimizer(model, recipe, compiled=compiled)
+    graphs = _cuda_graphs(recipe, device, d)
+    optimizer = make_optimizer(model, recipe, compiled=compiled, cuda_graphs=graphs)
     dtype = amp_dtype(device, recipe["amp"])
     scaler = torch.amp.GradScaler(device, enabled=dtype == torch.float16)
     mixer = None
@@ -80,12 +81,24 @@ def build_training(recipe: dict, num_classes: int, device: str, d: Dist = Dist()
     if device == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed shapes (train loaders drop the last batch)
     # DDP's constructor broadcasts rank 0's weights and buffers to every rank ...
-    step_model = wrap_model(model, d, device, compiled)
+    step_model = wrap_model(model, d, device, compiled, cuda_graphs=graphs)
     # ... so the EMA, a copy of the model, is taken after it: every rank's EMA starts from rank 0's weights.
     ema = ModelEma(model, recipe["model_ema_decay"]) if recipe["model_ema"] else None
     prepare = mixer or PlainTargets(num_classes, recipe["smoothing"])
     step = TrainStep(step_model, optimizer, scaler, make_loss(recipe), prepare, device, dtype)
     return Training(model, step, optimizer, scaler, ema, mixer, dtype)
+
+
+def _cuda_graphs(recipe: dict, device: str, d: Dist) -> bool:
+    """The recipe's cuda_graphs, refused where it cannot apply (rather than silently ignored)."""
+    if not recipe["cuda_graphs"]:
+        return False
+    if device != "cuda":
+        raise UserError("cuda_graphs = true needs a GPU (this run is on the CPU): --set cuda_graphs=false")
+    if d.on:
+        raise UserError("cuda_graphs = true runs in one process only for now (DDP's gradient all-reduce is not "
+                        "captured in the graphs): --set cuda_graphs=false under torchrun")
+    return True
 
 
 def _open_loader(make, images: ImageList, *args, **kwargs):

@@ -47,11 +47,15 @@ RECIPE_SCHEMA: dict[str, tuple[type, bool, str]] = {
     "model_ema": (bool, False, "keep an EMA of the weights (evaluated and checkpointed alongside)"),
     "model_ema_decay": (float, False, "EMA decay per optimizer step (timm's default 0.9998)"),
     "amp": (bool, False, "mixed precision on the GPU (bf16, or fp16 with a GradScaler where bf16 is missing)"),
-    "compile": (bool, False, "torch.compile the model on the GPU"),
+    "compile": (bool, False, "torch.compile the model and LAMB's update on the GPU"),
+    "cuda_graphs": (bool, False, "with compile: replay the compiled step and LAMB update as CUDA graphs (one GPU, one process)"),
     "seed": (int, False, "random seed"),
 }
 
 CHOICES = {"opt": {"lamb"}, "sched": {"cosine"}, "mixup_mode": {"batch"}}
+# Keys added after a checkpoint may have been written, with the value such a run had: resuming it
+# compares them as if they had been saved.
+ADDED_KEYS = {"cuda_graphs": False}
 BUILTIN = ("a1", "a2", "a3", "demo", "tiny")
 
 
@@ -166,6 +170,8 @@ def _check_values(r: dict[str, Any]) -> None:
         raise UserError(f"recipe: 'model_ema_decay' must lie in [0, 1), not {r['model_ema_decay']}")
     if r["warmup_epochs"] >= r["epochs"] and r["warmup_epochs"] > 0:
         raise UserError(f"recipe: warmup_epochs ({r['warmup_epochs']}) must be fewer than epochs ({r['epochs']})")
+    if r["cuda_graphs"] and not r["compile"]:
+        raise UserError("recipe: cuda_graphs = true needs compile = true (the graphs are torch.compile's)")
     if r["aa"] is not None:
         from fastrsb.pipelines.augment_spec import parse_rand_augment
         try:

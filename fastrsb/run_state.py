@@ -16,6 +16,7 @@ from fastrsb.checkpoint import load_checkpoint, load_weights, save_checkpoint
 from fastrsb.distributed import Dist, gather_to_main
 from fastrsb.errors import UserError
 from fastrsb.parts import Run
+from fastrsb.recipe import ADDED_KEYS
 
 
 @dataclass
@@ -43,8 +44,8 @@ def find_resume(resume: str | None, out: Path) -> Path | None:
 def load_for_resume(path: Path, recipe: dict, classes: list[str], d: Dist) -> dict:
     """The checkpoint at `path`, refused with a clear message if this run cannot continue it."""
     state = load_checkpoint(path)
-    differ = [f"{k} {state['recipe'].get(k)!r} -> {recipe[k]!r}" for k in recipe
-              if k != "name" and state["recipe"].get(k) != recipe[k]]
+    saved = {**ADDED_KEYS, **state["recipe"]}
+    differ = [f"{k} {saved.get(k)!r} -> {recipe[k]!r}" for k in recipe if k != "name" and saved.get(k) != recipe[k]]
     if differ:
         raise UserError(f"{path} was trained with another recipe ({'; '.join(differ[:4])}): resume with the "
                         "same recipe and --set values, or start a new --out")

@@ -112,3 +112,39 @@ def test_train_mode_under_torchrun_reports_per_process_and_total(tmp_path):
     assert r["world_size"] == 2 and len(ranks) == 2 and all(v > 0 for v in ranks)
     assert r["images_per_sec_total"] == pytest.approx(sum(ranks)) and ranks[0] != ranks[1]
     assert "total over 2" in table
+
+
+def test_train_mode_profile_explains_itself(tmp_path, capsys):
+    """--profile on the CPU: the summary files, the main thread's time per step, the data share, and
+    the top operators (no kernels without a GPU)."""
+    (r,), _ = _bench_here(capsys, "--mode", "train", *TRAINING, "--steps", "6", "--synthetic-jpegs", "16",
+                          "--cache", tmp_path, "--workers", "1", "--profile", tmp_path / "prof", "--profile-steps", "3")
+    summary = json.loads((tmp_path / "prof" / "profile.json").read_text())
+    assert summary["steps"] == 3 and summary["device"] == "cpu" and summary["gpu_busy_share"] is None
+    assert 0 < summary["host_cpu_ms_per_step"] and 0 < summary["wall_ms_per_step"]
+    assert 0 <= summary["data_wait_share"] < 1 and 0 <= r["data_wait"] < 1
+    assert any(op["name"].startswith("aten::conv") for op in summary["top_cpu_ops"])
+    assert r["profile"]["wall_ms_per_step"] == summary["wall_ms_per_step"]
+    assert "ms a step" in (tmp_path / "prof" / "profile.txt").read_text()
+
+
+def test_profile_summary_of_gpu_kernels():
+    """The GPU figures from a trace: busy share from the union of kernel intervals (overlapping
+    streams counted once), DALI's and nvJPEG's kernels apart from the model's, host syncs."""
+    from types import SimpleNamespace
+    sys.path.insert(0, str(BENCH))
+    from profile_summary import summarize
+
+    def event(name, start, end, gpu=True):
+        return SimpleNamespace(name=name, device_type="DeviceType.CUDA" if gpu else "DeviceType.CPU",
+                               time_range=SimpleNamespace(start=start, end=end))
+    trace = SimpleNamespace(events=lambda: [
+        event("sm90_xmma_gemm_bf16", 0, 10_000), event("void at::native::elementwise_kernel", 5_000, 15_000),
+        event("void dali::kernels::resize::ResizeKernel", 20_000, 30_000), event("nvjpeg::decode_huffman", 40_000, 45_000),
+        event("cudaStreamSynchronize", 45_000, 47_000, gpu=False), event("aten::_local_scalar_dense", 46_000, 47_000, gpu=False)])
+    s = summarize(trace, steps=2, wall_seconds=0.1, host_seconds=0.05, data_wait_seconds=0.01, device="cuda")
+    assert s["gpu_busy_share"] == pytest.approx(0.30)  # 15 + 10 + 5 ms of 100 ms
+    assert s["gpu_ms_per_step"] == pytest.approx({"loader": 7.5, "model": 10.0})
+    assert s["blocking_ms_per_step"] == pytest.approx({"aten::_local_scalar_dense": 0.5, "cudaStreamSynchronize": 1.0})
+    assert [k["part"] for k in s["top_kernels"]] == ["model", "model", "loader", "loader"]
+    assert s["data_wait_share"] == pytest.approx(0.1) and s["host_cpu_ms_per_step"] == pytest.approx(25.0)

@@ -144,3 +144,9 @@ def test_version_and_demo_data_arguments(tmp_path):
     proc = run_cli("--version")
     assert proc.returncode == 0 and proc.stdout.startswith("fastrsb 0.")
     assert_user_error(run_cli("data", "demo", tmp_path / "d", "--classes", "1", check=False), "--classes 1")
+
+
+def test_cuda_graphs_where_they_cannot_apply(tiny_data, tmp_path):
+    assert_user_error(train(tiny_data, "--out", tmp_path / "a", "--set", "cuda_graphs=true"), "cuda_graphs", "needs a GPU")
+    assert_user_error(train(tiny_data, "--out", tmp_path / "b", "--set", "cuda_graphs=true", "--set", "compile=false"),
+                      "cuda_graphs = true needs compile = true")

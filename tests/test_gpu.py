@@ -1,5 +1,6 @@
 """The GPU paths: run wherever an NVIDIA GPU is at hand (skipped without one)."""
 import json
+import math
 
 import numpy as np
 import pytest
@@ -103,3 +104,19 @@ def test_gpu_batch_wide_randaugment_matches_the_cpu(config, tiny_data):
     for j, (gpu, cpu) in enumerate(zip(run("gpu"), run("cpu"))):
         assert np.abs(gpu - cpu).mean() < 1.0, j
     assert np.array_equal(run("gpu")[-1], images[-1].astype(int))  # no op: untouched on the GPU too
+
+
+def test_short_run_with_cuda_graphs(tiny_data, tmp_path):
+    proc = run_cli_process("train", "tiny", "--data", tiny_data, "--out", tmp_path, "--device", "cuda",
+                           "--set", "cuda_graphs=true", "--set", "epochs=2", "--log-every", "2")
+    assert proc.returncode == 0, proc.stderr
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows if r["kind"] == "epoch"] == [1, 2]
+    assert all(math.isfinite(r["loss"]) for r in rows if r["kind"] == "log")
+
+
+def test_startup_states_gpu_memory(tiny_data, tmp_path):
+    proc = run_cli_process("train", "tiny", "--data", tiny_data, "--out", tmp_path, "--device", "cuda",
+                           "--set", "epochs=2", "--stop-after-steps", "1")
+    line = next(l for l in proc.stdout.splitlines() if l.startswith("GPU memory before the first step"))
+    assert "loader (DALI)" in line and "model state" in line

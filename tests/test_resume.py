@@ -194,3 +194,14 @@ def test_eval_of_the_ema_weights(tiny_data, uninterrupted, tmp_path):
     torch.save(state, tmp_path / "plain.pt")
     proc = run_cli("eval", tmp_path / "plain.pt", "--data", tiny_data, "--ema", check=False)
     assert proc.returncode == 2 and "no EMA weights" in proc.stderr
+
+
+def test_checkpoint_from_before_a_recipe_key_was_added_resumes(tiny_data, tmp_path):
+    """A checkpoint written before `cuda_graphs` existed holds a recipe without it: it resumes as
+    the value such a run had (false), instead of "trained with another recipe"."""
+    first = _train(tiny_data, tmp_path, stop_after_steps=2)
+    assert first["stopped"]
+    state = load_checkpoint(tmp_path / "last.pt")
+    del state["recipe"]["cuda_graphs"]
+    torch.save(state, tmp_path / "last.pt")
+    assert not _train(tiny_data, tmp_path, resume="auto").get("stopped")

@@ -55,3 +55,8 @@ def test_plain_targets_without_mixing():
     assert same is images and targets.shape == (3, 4)
     assert torch.allclose(targets.sum(1), torch.ones(3)) and targets.argmax(1).tolist() == [0, 2, 1]
     assert targets[0, 0] == pytest.approx(0.9 + 0.1 / 4)
+
+
+def test_gpu_memory_line_only_on_the_gpu():
+    from fastrsb.device import gpu_memory_line
+    assert gpu_memory_line(nn.Linear(4, 4), "cpu") is None

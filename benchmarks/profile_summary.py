@@ -1,0 +1,99 @@
+"""A profile of the training path that explains itself: where a step's time goes, from a
+torch.profiler trace of the timed steps (throughput.py --mode train --profile).
+
+It answers: how busy the GPU was (the union of its kernels' and copies' intervals over the
+wall time), which kernels took the GPU's time, the loader's (DALI, nvJPEG) apart from the
+model's, how much CPU time the main thread spent per step and where it blocked (device syncs,
+copies, waiting for the loader), and the share of the time the loop waited for data, as the
+trainer reports it. On the CPU there are no kernels: the top operators by the main thread's
+CPU time take their place.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+# Kernels and copies launched by the loader (DALI's own, nvJPEG's, nvImageCodec's), by name.
+LOADER_MARKERS = ("dali", "nvjpeg", "nvimgcodec", "jpeg", "npp")
+# Host calls that wait for the device, and the torch op that reads a value back.
+BLOCKING = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "cudaMemcpy",
+            "aten::_local_scalar_dense")
+
+
+def _is_device(event) -> bool:
+    return str(getattr(event, "device_type", "")).endswith("CUDA")
+
+
+def _union_seconds(intervals: list[tuple[float, float]]) -> float:
+    """Total length of the union of (start, end) intervals in microseconds, in seconds."""
+    total, end = 0.0, -float("inf")
+    for start, stop in sorted(intervals):
+        if stop <= end:
+            continue
+        total += stop - max(start, end)
+        end = stop
+    return total / 1e6
+
+
+def summarize(prof, *, steps: int, wall_seconds: float, host_seconds: float, data_wait_seconds: float,
+              device: str, top: int = 10) -> dict:
+    """The summary of a profiler run over `steps` steps that took `wall_seconds`; host_seconds: the
+    main thread's CPU time over them (time.thread_time); data_wait_seconds: time in next(loader)."""
+    events = list(prof.events())
+    kernels = [e for e in events if _is_device(e)]
+    by_kernel: dict[str, float] = {}
+    for k in kernels:
+        by_kernel[k.name] = by_kernel.get(k.name, 0.0) + (k.time_range.end - k.time_range.start) / 1e6
+    loader_seconds = sum(v for name, v in by_kernel.items() if any(m in name.lower() for m in LOADER_MARKERS))
+    blocking: dict[str, float] = {}
+    for e in events:
+        if not _is_device(e) and e.name in BLOCKING:
+            blocking[e.name] = blocking.get(e.name, 0.0) + (e.time_range.end - e.time_range.start) / 1e6
+    per_step = 1000.0 / steps  # seconds over the run -> ms per step
+    summary = {
+        "device": device, "steps": steps, "wall_ms_per_step": wall_seconds * per_step,
+        "host_cpu_ms_per_step": host_seconds * per_step,
+        "data_wait_share": data_wait_seconds / wall_seconds if wall_seconds else 0.0,
+        "gpu_busy_share": (_union_seconds([(k.time_range.start, k.time_range.end) for k in kernels]) / wall_seconds
+                           if kernels and wall_seconds else None),
+        "gpu_ms_per_step": {"loader": loader_seconds * per_step,
+                            "model": (sum(by_kernel.values()) - loader_seconds) * per_step} if kernels else None,
+        "blocking_ms_per_step": {name: seconds * per_step for name, seconds in sorted(blocking.items())},
+    }
+    if kernels:
+        ranked = sorted(by_kernel.items(), key=lambda item: -item[1])[:top]
+        summary["top_kernels"] = [
+            {"name": name[:120], "ms_per_step": seconds * per_step,
+             "part": "loader" if any(m in name.lower() for m in LOADER_MARKERS) else "model"}
+            for name, seconds in ranked]
+    else:
+        ops = sorted(prof.key_averages(), key=lambda a: -a.self_cpu_time_total)[:top]
+        summary["top_cpu_ops"] = [{"name": op.key, "ms_per_step": op.self_cpu_time_total / 1000.0 / steps,
+                                   "calls_per_step": op.count / steps} for op in ops]
+    return summary
+
+
+def render(summary: dict) -> str:
+    lines = [f"{summary['steps']} steps on {summary['device']}: {summary['wall_ms_per_step']:.2f} ms a step, "
+             f"the main thread busy {summary['host_cpu_ms_per_step']:.2f} ms of it, "
+             f"waiting for the loader {summary['data_wait_share']:.0%} of the time"]
+    if summary["gpu_busy_share"] is not None:
+        gpu = summary["gpu_ms_per_step"]
+        lines.append(f"GPU busy {summary['gpu_busy_share']:.0%} of the time; kernels {gpu['model']:.2f} ms a step "
+                     f"for the model, {gpu['loader']:.2f} ms for the loader")
+    if summary["blocking_ms_per_step"]:
+        lines.append("the host blocked in: " + ", ".join(f"{name} {ms:.2f} ms" for name, ms in
+                                                         summary["blocking_ms_per_step"].items()) + " a step")
+    for row in summary.get("top_kernels", []):
+        lines.append(f"  {row['ms_per_step']:8.3f} ms  {row['part']:<6}  {row['name']}")
+    for row in summary.get("top_cpu_ops", []):
+        lines.append(f"  {row['ms_per_step']:8.3f} ms  {row['calls_per_step']:6.1f} calls  {row['name']}")
+    return "\n".join(lines)
+
+
+def write(summary: dict, folder: Path) -> tuple[Path, Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    text, data = folder / "profile.txt", folder / "profile.json"
+    text.write_text(render(summary) + "\n")
+    data.write_text(json.dumps(summary, indent=1) + "\n")
+    return text, data
