@@ -13,8 +13,7 @@ rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1
 device = "cuda" if torch.cuda.is_available() else "cpu"
 if device == "cuda":
     torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))  # before DALI picks its GPU
-if world > 1:
-    dist.init_process_group("nccl" if device == "cuda" else "gloo")
+dist.init_process_group("nccl" if device == "cuda" else "gloo") if world > 1 else None
 shard = dict(device=device, shard_id=rank, num_shards=world)  # each process its own part of the data
 train = train_loader(f"{args.data}/train", args.batch_size, args.img_size, seed=0, **shard)
 val = val_loader(f"{args.data}/val", args.batch_size, args.img_size, crop_pct=0.875, **shard)
@@ -28,8 +27,7 @@ while step < args.max_steps:
         with torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda"):
             loss = F.cross_entropy(net(images), labels)
         opt.zero_grad(set_to_none=True), loss.backward(), opt.step()
-        step += 1
-        if step == args.max_steps:
+        if (step := step + 1) == args.max_steps:
             break
 model.eval()
 hits = torch.zeros(2, device=device)  # correct, seen: summed over the ranks, every image once

@@ -121,17 +121,23 @@ GEOMETRIC = ("Rotate", "ShearX", "ShearY", "TranslateXRel", "TranslateYRel")
 ROTATE_DEGREES_PER_LEVEL = 30.0 / MAX_LEVEL
 
 
-def geometric(images, signed, size, kind, names=GEOMETRIC):
-    """The geometric ops names[kind] (kind: per-sample int32), all in one warp call: the matrix
-    is picked per sample by arithmetic, so the batch is split once for all of them."""
+def _geometric_matrix(signed, size, kind, names=GEOMETRIC):
+    """The inverse-map matrix of the geometric op names[kind] (kind: per-sample int32; None when
+    there is one name), picked per sample by arithmetic; all zeros where kind names none of them."""
     terms = np.stack([_geometric_terms(name, size) for name in names])  # (K, 4, 3, 3)
     a, b, c, d = (types.Constant(np.ascontiguousarray(terms[:, i])) for i in range(4))  # each (K, 3, 3)
     theta = signed * (-ROTATE_DEGREES_PER_LEVEL * math.pi / 180.0)
     candidates = a + signed * b + dmath.cos(theta) * c + dmath.sin(theta) * d  # (K, 3, 3)
     if len(names) == 1:
-        return _warp(images, fn.reshape(candidates, shape=[3, 3]), size)
+        return fn.reshape(candidates, shape=[3, 3])
     chosen = kind == types.Constant(np.arange(len(names), dtype=np.int32).reshape(-1, 1, 1))
-    return _warp(images, fn.reductions.sum(chosen * candidates, axes=[0]), size)
+    return fn.reductions.sum(chosen * candidates, axes=[0])
+
+
+def geometric(images, signed, size, kind, names=GEOMETRIC):
+    """The geometric ops names[kind], all in one warp call: the matrix is picked per sample by
+    arithmetic, so the batch is split once for all of them."""
+    return _warp(images, _geometric_matrix(signed, size, kind, names), size)
 
 
 def _geometric_op(name):
@@ -293,14 +299,15 @@ def _apply_drawn(images, spec: RandAugmentSpec, index, signed, size: int):
     return _select(leaves, leaf_weights, 0, len(leaves) - 1, index, images, signed, size)
 
 
-def rand_augment(images, spec: RandAugmentSpec, size: int):
-    """Apply the policy to a batch of uint8 HWC images of size x size (CPU or GPU). Needs a
-    pipeline built with enable_conditionals=True."""
+def rand_augment(images, spec: RandAugmentSpec, size: int, batched: bool = False):
+    """Apply the policy to a batch of uint8 HWC images of size x size (CPU or GPU). The tree form
+    needs a pipeline built with enable_conditionals=True; batched: every op batch-wide (below)."""
     ordered, _, _, draw = _policy(spec)
+    apply = _apply_drawn_batched if batched else _apply_drawn
     for _ in range(spec.num_layers):
         index = fn.random.choice(len(ordered) + 1, p=draw)
         signed = _magnitude(spec) * fn.random.uniform(values=[-1.0, 1.0])
-        images = _apply_drawn(images, spec, index, signed, size)
+        images = apply(images, spec, index, signed, size)
     return images
 
 
@@ -332,16 +339,12 @@ def _apply_drawn_batched(images, spec: RandAugmentSpec, index, signed, size: int
     level = _level(signed)
     shapes = [name for name in ordered if name in GEOMETRIC]
     if shapes:  # one warp: the drawn geometric op's matrix, the identity for every other sample
-        first = ordered.index(shapes[0])
-        terms = np.stack([_geometric_terms(name, size) for name in shapes])
-        a, b, c, d = (types.Constant(np.ascontiguousarray(terms[:, i])) for i in range(4))
-        theta = signed * (-ROTATE_DEGREES_PER_LEVEL * math.pi / 180.0)
-        candidates = a + signed * b + dmath.cos(theta) * c + dmath.sin(theta) * d  # (K, 3, 3)
-        chosen = (index - first) == types.Constant(np.arange(len(shapes), dtype=np.int32).reshape(-1, 1, 1))
-        geometric_flag = is_op(*shapes)
-        matrix = fn.reductions.sum(chosen * candidates, axes=[0]) + (1.0 - geometric_flag) * types.Constant(
-            np.eye(3, dtype=np.float32))
-        images = _warp(images, matrix, size)
+        kind = index - ordered.index(shapes[0])
+        matrix = _geometric_matrix(signed, size, kind if len(shapes) > 1 else None, tuple(shapes))
+        if len(shapes) == 1:
+            matrix = matrix * is_op(*shapes)
+        identity = types.Constant(np.eye(3, dtype=np.float32))
+        images = _warp(images, matrix + (1.0 - is_op(*shapes)) * identity, size)
 
     # Equalize (DALI's, as the tree's): blended in by a 0/1 weight.
     x = _float(images)
@@ -387,9 +390,4 @@ def _apply_drawn_batched(images, spec: RandAugmentSpec, index, signed, size: int
 
 def rand_augment_batched(images, spec: RandAugmentSpec, size: int):
     """rand_augment with every op batch-wide (no conditionals): the same law and the same draws."""
-    ordered, _, _, draw = _policy(spec)
-    for _ in range(spec.num_layers):
-        index = fn.random.choice(len(ordered) + 1, p=draw)
-        signed = _magnitude(spec) * fn.random.uniform(values=[-1.0, 1.0])
-        images = _apply_drawn_batched(images, spec, index, signed, size)
-    return images
+    return rand_augment(images, spec, size, batched=True)
