@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 
-from conftest import run_cli, run_cli_process
+from conftest import run_cli
 from fastrsb.checkpoint import load_checkpoint
 from fastrsb.recipe import load_recipe
 from fastrsb.train import train
