@@ -24,6 +24,7 @@ from fastrsb.model import make_model
 from fastrsb.parts import Run, build_run, open_val_loader
 from fastrsb.progress import Progress
 from fastrsb.run_state import Position, RunFolder, find_resume, load_for_resume, restore_run, save_run
+from fastrsb.shards import check_shards
 from fastrsb.stopping import StopRequest
 
 
@@ -47,9 +48,10 @@ def train(recipe: dict, data: str | Path, out: str | Path, device: str | None = 
             _check_files(train_images, val_images, d)
             run = build_run(recipe, train_images, val_images, device, d, num_threads, grad_accum_steps,
                             loader_state=state["ranks"][d.rank]["loader"] if state else None)
+            shards = check_shards(train_images.files, train_images.labels, run.train_data, run.micro, d)
             pos = restore_run(run, state, resume_path) if state else Position()
             folder = RunFolder(out, recipe, d, resumed=pos if state else None)
-            _announce(run, train_images, val_images, grad_accum_steps, resume_path if state else None, pos)
+            _announce(run, train_images, val_images, grad_accum_steps, resume_path if state else None, pos, shards)
             stops = Stops(stop, stop_after_steps, d)
             return _epochs(run, pos, folder, stops, log_every)
     finally:
@@ -226,7 +228,7 @@ def _say(run: Run, text: str) -> None:
 
 
 def _announce(run: Run, train_images, val_images, grad_accum_steps: int, resumed_from: Path | None,
-              pos: Position) -> None:
+              pos: Position, shards: str | None) -> None:
     r, t = run.recipe, run.training
     amp = str(t.dtype).removeprefix("torch.") if t.dtype else "float32"
     _say(run, f"fastrsb {__version__}: {r['name']} | {r['model']} | {len(train_images):,} train / "
@@ -234,6 +236,8 @@ def _announce(run: Run, train_images, val_images, grad_accum_steps: int, resumed
               f"{' compiled' if run.device == 'cuda' and r['compile'] else ''} | batch {r['batch_size']} = "
               f"{run.d.world} x {grad_accum_steps} x {run.micro} | {run.schedule.steps_per_epoch} steps x "
               f"{r['epochs']} epochs")
+    if shards:
+        _say(run, shards)
     memory = gpu_memory_line(t.model, run.device)
     if memory:
         _say(run, memory)

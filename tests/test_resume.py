@@ -163,6 +163,8 @@ def test_two_processes_train_in_step_and_count_every_image_once(distributed_run)
     # they differ: the run finishing is the "in step" check.
     out, proc = distributed_run
     assert "batch 8 = 2 x 1 x 4" in proc.stdout and proc.stdout.count("done: top1") == 1  # rank 0 speaks
+    # Checked before the first step: 48 files in 2 shards of 24, each 6 batches of 4.
+    assert "2 shards x 24 files, disjoint, complete; 0 left out of each epoch" in proc.stdout
     epochs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     epochs = [m for m in epochs if m["kind"] == "epoch"]
     assert [m["epoch"] for m in epochs] == [1, 2] and all(m["val_images"] == 20 for m in epochs)
