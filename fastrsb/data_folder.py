@@ -55,6 +55,40 @@ def open_dataset(root: str | Path) -> tuple[ImageList, ImageList]:
     return train, val
 
 
+# --- ImageNet-1k's counts ------------------------------------------------------------------------
+
+IMAGENET_1K = {"train": 1_281_167, "val": 50_000, "classes": 1000}
+# ImageNet-1k's smallest train class has 732 images, and every val class 50.
+IMAGENET_MIN_PER_CLASS = {"train": 732, "val": 50}
+
+
+def _per_class(images: ImageList) -> dict[str, int]:
+    counts = dict.fromkeys(images.classes, 0)
+    for label in images.labels:
+        counts[images.classes[label]] += 1
+    return counts
+
+
+def describe_counts(train: ImageList, val: ImageList) -> str:
+    """One line: the data's counts against ImageNet-1k's. Other counts are allowed (a subset,
+    another data set) and stated; with 1,000 classes, the classes short of ImageNet's are named."""
+    counts = (len(train), len(val), len(train.classes))
+    ours = f"{counts[0]:,} train / {counts[1]:,} val images in {counts[2]:,} classes"
+    if counts == tuple(IMAGENET_1K.values()):
+        return f"{ours}: ImageNet-1k's counts"
+    line = (f"{ours}: not ImageNet-1k's ({IMAGENET_1K['train']:,} / {IMAGENET_1K['val']:,} / "
+            f"{IMAGENET_1K['classes']:,}), a subset or another data set")
+    if counts[2] == IMAGENET_1K["classes"]:
+        short = [f"{split}/{name} {n}" for split, images in (("train", train), ("val", val))
+                 for name, n in _per_class(images).items() if n < IMAGENET_MIN_PER_CLASS[split]]
+        if short:
+            line += f"; {len(short):,} class folder(s) short of ImageNet's: {', '.join(short[:5])}"
+    else:
+        smallest = sorted(_per_class(train).items(), key=lambda item: item[1])[:3]
+        line += "; smallest train classes: " + ", ".join(f"{name} {n}" for name, n in smallest)
+    return line
+
+
 # --- cheap checks at start-up -------------------------------------------------------------------
 
 # The first bytes of every format the decoders read (by content: ImageNet holds PNGs named .JPEG).

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from fastrsb import __version__
 from fastrsb.checkpoint import load_checkpoint, load_weights
-from fastrsb.data_folder import check_headers, loader_batches, open_dataset, open_split
+from fastrsb.data_folder import check_headers, describe_counts, loader_batches, open_dataset, open_split
 from fastrsb.device import amp_dtype, autocast, gpu_memory_line, resolve_device
 from fastrsb.distributed import Dist, agree, all_reduce_sum, average_bn_stats, check_in_step, init_distributed, shutdown
 from fastrsb.errors import UserError
@@ -236,6 +236,7 @@ def _announce(run: Run, train_images, val_images, grad_accum_steps: int, resumed
               f"{' compiled' if run.device == 'cuda' and r['compile'] else ''} | batch {r['batch_size']} = "
               f"{run.d.world} x {grad_accum_steps} x {run.micro} | {run.schedule.steps_per_epoch} steps x "
               f"{r['epochs']} epochs")
+    _say(run, f"data: {describe_counts(train_images, val_images)}")
     if shards:
         _say(run, shards)
     memory = gpu_memory_line(t.model, run.device)

@@ -150,3 +150,26 @@ def test_cuda_graphs_where_they_cannot_apply(tiny_data, tmp_path):
     assert_user_error(train(tiny_data, "--out", tmp_path / "a", "--set", "cuda_graphs=true"), "cuda_graphs", "needs a GPU")
     assert_user_error(train(tiny_data, "--out", tmp_path / "b", "--set", "cuda_graphs=true", "--set", "compile=false"),
                       "cuda_graphs = true needs compile = true")
+
+
+def test_counts_are_stated_against_imagenet(tiny_data, tmp_path):
+    proc = train(tiny_data, "--out", tmp_path / "run", "--stop-after-steps", "1")
+    assert ("data: 48 train / 20 val images in 4 classes: not ImageNet-1k's (1,281,167 / 50,000 / 1,000), "
+            "a subset or another data set; smallest train classes: n00_hstripes 12") in proc.stdout
+
+
+def test_imagenet_shaped_counts_name_the_short_classes():
+    from fastrsb.data_folder import describe_counts
+    from fastrsb.pipelines import ImageList
+    classes = [f"n{i:08d}" for i in range(1000)]
+
+    def listing(per_class, short=None):
+        labels = [c for c in range(1000) for _ in range(per_class - (c == short))]
+        return ImageList([f"{i}.JPEG" for i in range(len(labels))], labels, classes)
+    line = describe_counts(listing(1), listing(50, short=7))
+    assert "1,000 train / 49,999 val images in 1,000 classes: not ImageNet-1k's" in line
+    assert "1,001 class folder(s) short of ImageNet's: train/n00000000 1" in line  # 1,000 train + 1 val
+    assert describe_counts(listing(50), listing(50)).endswith("1,000 class folder(s) short of ImageNet's: "
+                                                              "train/n00000000 50, train/n00000001 50, "
+                                                              "train/n00000002 50, train/n00000003 50, "
+                                                              "train/n00000004 50")
