@@ -98,6 +98,17 @@ def cmd_eval(args) -> None:
               f"at {result['img_size']} px, crop {result['crop_pct']}")
 
 
+def cmd_doctor(args) -> None:
+    from fastrsb.doctor import report, run_doctor
+    from fastrsb.recipe import load_recipe
+    load_recipe(args.recipe)  # a wrong name is told before anything else runs
+    text, data = report(run_doctor(args.data, args.out, args.recipe))
+    print(json.dumps(data) if args.json else text)
+    if not data["ok"]:
+        raise UserError(f"{sum(not c['ok'] and c['fatal'] for c in data['checks'])} problem(s) (listed above): "
+                        "fix them before a long run")
+
+
 def cmd_plot(args) -> None:
     from fastrsb.plot import plot_run
     print(f"wrote {plot_run(args.run_dir, args.output)}")
@@ -178,6 +189,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ema", action="store_true", help="evaluate the checkpoint's EMA weights")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("doctor", help="every check a run depends on, at once: GPUs, driver and CUDA builds, DALI, "
+                                      "cores, disk, and the data folder")
+    p.add_argument("--data", help="also check this data folder (layout, counts, file headers, a decode probe)")
+    p.add_argument("--out", help="the run folder the checkpoints would go to (default: runs)")
+    p.add_argument("--recipe", default="a3", help="the recipe whose checkpoints the disk check sizes (default a3)")
+    p.add_argument("--json", action="store_true", help="one JSON object")
+    p.set_defaults(func=cmd_doctor)
 
     p = sub.add_parser("plot", help="loss, accuracy, LR, throughput and data-wait curves of a run, as a PNG")
     p.add_argument("run_dir")

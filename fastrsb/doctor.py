@@ -1,0 +1,189 @@
+"""`fastrsb doctor`: every check a long run depends on, at once, before it starts.
+
+The GPUs (name, memory, compute capability, the AMP type they get), the NVIDIA driver against the
+CUDA versions torch and DALI were built for, a DALI decode on the device a run would use, CPU
+cores against the loader threads, free disk in the run folder for a recipe's checkpoints, and for
+--data: the layout, the counts against ImageNet-1k's, and a decode probe. Exit 0 only when a run
+can start. Without a GPU it says so and checks the CPU path; nothing here can wait on a GPU that is
+not there (torch.cuda.is_available() and NVML answer at once).
+"""
+from __future__ import annotations
+
+import importlib.metadata
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from fastrsb.errors import UserError
+
+
+@dataclass
+class Check:
+    name: str
+    ok: bool
+    text: str
+    fatal: bool = True  # a failed fatal check means a run cannot start; others are warnings
+
+
+def _dali_cuda() -> str | None:
+    """The CUDA major.minor of the installed DALI build, from its package name (nvidia-dali-cuda130)."""
+    for dist in importlib.metadata.distributions():
+        name = (dist.metadata["Name"] or "").lower()
+        if name.startswith("nvidia-dali-cuda"):
+            digits = name.removeprefix("nvidia-dali-cuda")
+            return f"{digits[:-1]}.{digits[-1]}" if digits.isdigit() and len(digits) >= 2 else digits
+    return None
+
+
+def _driver_cuda() -> tuple[str | None, str | None]:
+    """(driver version, the newest CUDA it runs) from NVML, or (None, None) without a driver."""
+    try:
+        import pynvml
+        pynvml.nvmlInit()
+        driver = pynvml.nvmlSystemGetDriverVersion()
+        cuda = pynvml.nvmlSystemGetCudaDriverVersion()  # e.g. 13000
+        return (driver.decode() if isinstance(driver, bytes) else driver), f"{cuda // 1000}.{cuda % 1000 // 10}"
+    except Exception:  # noqa: BLE001 - no driver, no NVML library: the GPU checks say so
+        return None, None
+
+
+def _version_key(version: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in version.split(".") if part.isdigit())
+
+
+def builds_too_new(driver_cuda: str | None, built: dict[str, str | None]) -> list[str]:
+    """The builds whose CUDA major version the driver cannot run (a driver runs its own CUDA major
+    and older ones, and newer minors of its major through minor-version compatibility)."""
+    return [f"{name} (CUDA {version})" for name, version in built.items()
+            if driver_cuda and version and _version_key(version)[:1] > _version_key(driver_cuda)[:1]]
+
+
+def gpu_checks() -> list[Check]:
+    import torch
+    from fastrsb.device import amp_dtype
+    checks = []
+    if not torch.cuda.is_available():
+        return [Check("gpu", True, "no CUDA GPU visible: runs train on the CPU (--device cpu); the checks below "
+                                   "are the CPU path's", fatal=False)]
+    for index in range(torch.cuda.device_count()):
+        props = torch.cuda.get_device_properties(index)
+        with torch.cuda.device(index):
+            amp = str(amp_dtype("cuda", True)).removeprefix("torch.")
+        checks.append(Check(f"gpu{index}", True, f"GPU {index}: {props.name}, {props.total_memory / 2**30:.0f} GiB, "
+                                                 f"compute capability {props.major}.{props.minor}, AMP {amp}"))
+    driver, driver_cuda = _driver_cuda()
+    built = {"torch": torch.version.cuda, "DALI": _dali_cuda()}
+    text = f"driver {driver or 'unknown'} (CUDA {driver_cuda or '?'}); torch built for CUDA {built['torch']}, " \
+           f"DALI for CUDA {built['DALI'] or '?'}"
+    newer = builds_too_new(driver_cuda, built)
+    if newer:
+        checks.append(Check("cuda", False, f"{text}: {', '.join(newer)} needs a newer driver than CUDA {driver_cuda}: "
+                                           "upgrade the driver, or install the builds for your CUDA (README)"))
+    else:
+        checks.append(Check("cuda", True, text))
+    return checks
+
+
+def dali_check(device: str) -> Check:
+    """A real decode through fastrsb's loader on `device` (generated JPEGs), timed."""
+    import tempfile
+    from fastrsb.demo_data import write_demo
+    from fastrsb.pipelines import train_loader
+    with tempfile.TemporaryDirectory() as folder:
+        root = write_demo(Path(folder) / "probe", train_per_class=16, val_per_class=1, num_classes=2)
+        try:
+            start = time.perf_counter()
+            images, _ = next(iter(train_loader(root / "train", 16, 64, device=device)))
+            seconds = time.perf_counter() - start
+        except Exception as err:  # noqa: BLE001 - any failure here is the finding
+            return Check("dali", False, f"DALI could not decode on the {device}: {type(err).__name__}: {err}")
+    import nvidia.dali
+    where = "the GPU (nvJPEG and the hardware JPEG decoders where the GPU has them)" if device == "cuda" else "the CPU"
+    return Check("dali", True, f"DALI {nvidia.dali.__version__} decodes on {where}: a first batch "
+                               f"{tuple(images.shape)} {str(images.dtype).removeprefix('torch.')} in {seconds:.1f}s")
+
+
+def cpu_check(gpus: int) -> Check:
+    cores = len(os.sched_getaffinity(0))
+    per_process = cores // max(1, gpus)
+    threads = max(1, min(8, per_process))
+    text = f"{cores} CPU cores; the loader takes {threads} thread(s) per process ({max(1, gpus)} process(es))"
+    if gpus and per_process < 4:
+        return Check("cpu", False, f"{text}: under 4 cores per GPU the loader's CPU stages may starve the GPUs",
+                     fatal=False)
+    return Check("cpu", True, text)
+
+
+def disk_check(out: Path, recipe_name: str) -> Check:
+    """Free space in the run folder against what the recipe's checkpoints take: last.pt and best.pt,
+    each the weights, LAMB's two moments and the EMA if any (4 bytes a value)."""
+    import timm
+    from fastrsb.recipe import load_recipe
+    recipe = load_recipe(recipe_name)
+    with __import__("torch").device("meta"):
+        params = sum(p.numel() for p in timm.create_model(recipe["model"]).parameters())
+    copies = 3 + (1 if recipe["model_ema"] else 0)
+    need = 2 * copies * params * 4 / 2**30
+    folder = out if out.exists() else next((p for p in out.parents if p.exists()), Path("."))
+    free = shutil.disk_usage(folder).free / 2**30
+    text = f"{free:,.1f} GiB free in {folder}; recipe {recipe_name}'s last.pt + best.pt need {need:.2f} GiB"
+    return Check("disk", free > 2 * need, text + ("" if free > 2 * need else ": free some space or choose another --out"))
+
+
+def data_checks(root: Path, device: str) -> list[Check]:
+    from fastrsb.data_folder import describe_counts, open_dataset, scan_headers
+    try:
+        train, val = open_dataset(root)
+    except UserError as err:
+        return [Check("data", False, str(err))]
+    checks = [Check("data", True, f"{root}: {describe_counts(train, val)}")]
+    bad = scan_headers(train.files + val.files)
+    if bad:
+        listed = "; ".join(f"{path} ({reason})" for path, reason in bad[:3])
+        checks.append(Check("files", False, f"{len(bad):,} broken file(s): {listed} (fastrsb data check lists all)"))
+    else:
+        checks.append(Check("files", True, f"every file of train/ and val/ starts as an image should "
+                                           f"({len(train) + len(val):,} headers read)"))
+    checks.append(_decode_probe(train, device))
+    return checks
+
+
+def _decode_probe(train, device: str, count: int = 320, batch: int = 64) -> Check:
+    """The train loader over `count` files spread over the classes, timed after its first batch."""
+    from fastrsb.pipelines import ImageList, train_loader
+    step = max(1, len(train) // count)
+    sample = ImageList(train.files[::step][:count], train.labels[::step][:count], train.classes)
+    if len(sample) < 2 * batch:
+        return Check("probe", True, f"decode probe skipped: {len(sample)} files (fewer than {2 * batch})", fatal=False)
+    try:
+        batches = iter(train_loader(sample, batch, 160, device=device, pipelines=1))
+        next(batches)
+        start, seen = time.perf_counter(), 0
+        for images, _ in batches:
+            seen += images.shape[0]
+        rate = seen / (time.perf_counter() - start)
+    except Exception as err:  # noqa: BLE001 - a file DALI cannot read, a decoder failure: the finding
+        return Check("probe", False, f"decode probe failed: {type(err).__name__}: {str(err).splitlines()[-1]}")
+    return Check("probe", True, f"decode probe: {rate:,.0f} img/s (the train loader at 160 px on the {device}, "
+                                f"{len(sample)} files, one pipeline)", fatal=False)
+
+
+def run_doctor(data: str | None, out: str | None, recipe: str = "a3") -> list[Check]:
+    import torch
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    checks = gpu_checks()
+    checks.append(dali_check(device))
+    checks.append(cpu_check(torch.cuda.device_count() if device == "cuda" else 0))
+    checks.append(disk_check(Path(out or "runs"), recipe))
+    if data:
+        checks += data_checks(Path(data), device)
+    return checks
+
+
+def report(checks: list[Check]) -> tuple[str, dict]:
+    lines = [f"{'ok  ' if c.ok else ('FAIL' if c.fatal else 'warn')}  {c.text}" for c in checks]
+    failed = [c for c in checks if not c.ok and c.fatal]
+    lines.append(f"{len(failed)} problem(s): " + ("a run can start" if not failed else "a run cannot start"))
+    return "\n".join(lines), {"ok": not failed, "checks": [asdict(c) for c in checks]}
