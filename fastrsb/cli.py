@@ -58,7 +58,7 @@ def cmd_train(args) -> int:
     stop = StopRequest()
     metrics = train(recipe, data, out, device=args.device, num_threads=args.threads, log_every=args.log_every,
                     resume=args.resume, grad_accum_steps=args.grad_accum_steps, stop=stop,
-                    stop_after_steps=args.stop_after_steps)
+                    stop_after_steps=args.stop_after_steps, micro_batch=args.micro_batch)
     main_rank = os.environ.get("RANK", "0") == "0"
     if metrics.get("stopped"):
         if main_rank:
@@ -75,7 +75,8 @@ def resume_command(args, data: Path, out: Path) -> str:
     """The command that continues a stopped run: the same recipe, data, --set values and options."""
     words = ["fastrsb", "train", args.recipe, "--data", str(data), "--out", str(out)]
     for flag, value, default in (("--device", args.device, "auto"), ("--threads", args.threads, None),
-                                 ("--log-every", args.log_every, 50), ("--grad-accum-steps", args.grad_accum_steps, 1)):
+                                 ("--log-every", args.log_every, 50), ("--grad-accum-steps", args.grad_accum_steps, "auto"),
+                                 ("--micro-batch", args.micro_batch, None)):
         if value != default:
             words += [flag, str(value)]
     for item in args.overrides:
@@ -150,6 +151,15 @@ def cmd_data_shrink(args) -> None:
         raise UserError(f"{result['failed']} image(s) could not be read (listed above); the rest are in {args.target}")
 
 
+def _accumulation(text: str) -> str | int:
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected auto or a number, not {text!r}") from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fastrsb", description="ResNet-strikes-back training with DALI loaders")
     parser.add_argument("--version", action="version", version=f"fastrsb {__version__}")
@@ -171,8 +181,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--log-every", type=int, default=50, help="steps between progress updates (host syncs)")
     p.add_argument("--resume", metavar="auto|CKPT", default=None,
                    help="continue exactly: 'auto' takes --out's last.pt (starts fresh if there is none)")
-    p.add_argument("--grad-accum-steps", type=int, default=1,
-                   help="split each process's share of the batch into this many micro-batches (when it does not fit)")
+    p.add_argument("--grad-accum-steps", type=_accumulation, default="auto", metavar="auto|K",
+                   help="micro-batches per optimizer step and process; auto (default): from --micro-batch, or on a "
+                        "GPU the largest micro-batch that fits, so the recipe's global batch holds on any GPU count")
+    p.add_argument("--micro-batch", type=int, default=None, metavar="N",
+                   help="images per process and micro-batch (with --grad-accum-steps auto)")
     p.add_argument("--stop-after-steps", type=int, default=None, metavar="N",
                    help="save a resumable checkpoint and stop once N optimizer steps are done in total")
     _add_common(p)

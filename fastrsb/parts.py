@@ -10,6 +10,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from fastrsb.accumulation import gpu_fits, plan
 from fastrsb.data_folder import explain_loader_error
 from fastrsb.device import amp_dtype
 from fastrsb.distributed import Dist
@@ -23,20 +24,14 @@ from fastrsb.pipelines import DatasetError, ImageList, train_loader, val_loader
 from fastrsb.step import TrainStep, wrap_model
 
 
-def micro_batch_size(recipe: dict, world: int, grad_accum_steps: int) -> int:
-    """The recipe's batch is global: split across processes and accumulation steps."""
-    batch, parts = recipe["batch_size"], world * grad_accum_steps
-    if grad_accum_steps < 1 or batch % parts:
-        raise UserError(f"batch_size {batch} does not split into {world} process(es) x {grad_accum_steps} "
-                        f"accumulation step(s): choose --grad-accum-steps so that the product divides it")
-    micro = batch // parts
+def check_micro_batch(recipe: dict, world: int, steps: int, micro: int) -> None:
+    """Mixup/cutmix pair images within a micro-batch: it must be even when they are on."""
     if mixing_enabled(recipe["mixup"], recipe["cutmix"]):
         try:
             check_pairable(micro)
         except ValueError as err:
-            raise UserError(f"batch_size {batch} = {world} process(es) x {grad_accum_steps} accumulation step(s) "
+            raise UserError(f"batch_size {recipe['batch_size']} = {world} process(es) x {steps} accumulation step(s) "
                             f"x {micro}: {err}") from None
-    return micro
 
 
 class PlainTargets:
@@ -161,11 +156,18 @@ class Run:
 
 
 def build_run(recipe: dict, train_images: ImageList, val_images: ImageList, device: str, d: Dist,
-              num_threads: int | None = None, grad_accum_steps: int = 1, loader_state: dict | None = None) -> Run:
-    """The parts of a run; loader_state: this rank's saved loader position when resuming."""
-    micro = micro_batch_size(recipe, d.world, grad_accum_steps)
+              num_threads: int | None = None, grad_accum: str | int = "auto", micro_batch: int | None = None,
+              loader_state: dict | None = None) -> Run:
+    """The parts of a run. grad_accum / micro_batch: how the global batch splits (fastrsb.accumulation;
+    "auto" probes the GPU for the largest micro-batch that fits); loader_state: this rank's saved
+    loader position when resuming."""
     training = build_training(recipe, len(train_images.classes), device, d)
+    fits = None
+    if device == "cuda" and grad_accum == "auto" and micro_batch is None:
+        fits = gpu_fits(training.model, recipe["img_size"], training.dtype, len(train_images.classes))
+    steps, micro = plan(recipe, d.world, grad_accum, micro_batch, fits)
+    check_micro_batch(recipe, d.world, steps, micro)
     train_data = open_train_loader(recipe, train_images, micro, device, d, num_threads, loader_state)
     val_data = open_val_loader(recipe, val_images, micro, device, d, num_threads)
-    return Run(recipe, device, d, training, train_data, val_data, Schedule(len(train_data), grad_accum_steps, recipe),
+    return Run(recipe, device, d, training, train_data, val_data, Schedule(len(train_data), steps, recipe),
                train_images.classes, micro)

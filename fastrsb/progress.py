@@ -6,7 +6,8 @@ import sys
 import time
 
 
-def _clock(seconds: float) -> str:
+def clock(seconds: float) -> str:
+    """h:mm:ss"""
     seconds = int(max(0, seconds))
     return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
 
@@ -36,10 +37,10 @@ class Progress:
             width = 24
             fill = int(width * done / max(self.total, 1))
             bar = "#" * fill + "." * (width - fill)
-            self.stream.write(f"\r{self.title} [{bar}] {done}/{self.total} {per_sec:,.0f} {self.unit}/s {text} eta {_clock(eta)}\033[K")
+            self.stream.write(f"\r{self.title} [{bar}] {done}/{self.total} {per_sec:,.0f} {self.unit}/s {text} eta {clock(eta)}\033[K")
             self.stream.flush()
         elif done >= self._next_plain or done == self.total:
-            self.stream.write(f"{self.title} {done}/{self.total} {per_sec:,.0f} {self.unit}/s {text} eta {_clock(eta)}\n")
+            self.stream.write(f"{self.title} {done}/{self.total} {per_sec:,.0f} {self.unit}/s {text} eta {clock(eta)}\n")
             self.stream.flush()
             self._next_plain = done + max(1, self.total // 10)
 

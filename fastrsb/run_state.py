@@ -77,6 +77,7 @@ def save_run(run: Run, pos: Position, out: Path, best: bool = False) -> None:
     partial = {"micro_done": pos.micro_done, "seconds": pos.seconds} if pos.micro_done else None
     snapshot = {"model": t.model.state_dict(), "optimizer": t.optimizer.state_dict(), "scaler": t.scaler.state_dict(),
                 "epoch": pos.epoch, "step": pos.step, "partial": partial, "validated": pos.validated,
+                "grad_accum_steps": run.schedule.grad_accum_steps, "micro_batch": run.micro,
                 "ranks": ranks, "best_top1": pos.best_top1, "recipe": run.recipe, "classes": run.classes,
                 "metrics": pos.metrics, "version": __version__, **({"ema": t.ema.state_dict()} if t.ema else {})}
     save_checkpoint(snapshot, out / "last.pt")

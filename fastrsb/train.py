@@ -22,7 +22,8 @@ from fastrsb.distributed import Dist, agree, all_reduce_sum, average_bn_stats, c
 from fastrsb.errors import UserError
 from fastrsb.model import make_model
 from fastrsb.parts import Run, build_run, open_val_loader
-from fastrsb.progress import Progress
+from fastrsb.progress import Progress, clock as _clock
+from fastrsb.recipe import BUILTIN, load_recipe
 from fastrsb.run_state import Position, RunFolder, find_resume, load_for_resume, restore_run, save_run
 from fastrsb.shards import check_shards
 from fastrsb.stopping import StopRequest
@@ -30,10 +31,12 @@ from fastrsb.stopping import StopRequest
 
 def train(recipe: dict, data: str | Path, out: str | Path, device: str | None = None,
           num_threads: int | None = None, log_every: int = 50, resume: str | None = None,
-          grad_accum_steps: int = 1, stop: StopRequest | None = None,
-          stop_after_steps: int | None = None) -> dict:
+          grad_accum_steps: str | int = "auto", stop: StopRequest | None = None,
+          stop_after_steps: int | None = None, micro_batch: int | None = None) -> dict:
     """Train as the recipe says; write RUN_DIR/{recipe.json, metrics.jsonl, last.pt, best.pt}
     (rank 0 only). resume: "auto" (RUN_DIR/last.pt if present) or a checkpoint path.
+    grad_accum_steps ("auto" or a number) and micro_batch: how the recipe's global batch splits per
+    process (fastrsb.accumulation); a resumed run keeps the split it was saved with.
     stop / stop_after_steps: end early at a step boundary with a resumable checkpoint.
     Returns the last epoch's metrics, with "stopped": True when it ended early."""
     device, out = resolve_device(device), Path(out)
@@ -46,12 +49,14 @@ def train(recipe: dict, data: str | Path, out: str | Path, device: str | None = 
             if resume == "auto" and state is None and d.main:
                 print(f"--resume auto: no checkpoint in {out}, starting from scratch")
             _check_files(train_images, val_images, d)
-            run = build_run(recipe, train_images, val_images, device, d, num_threads, grad_accum_steps,
+            if state and "micro_batch" in state and grad_accum_steps == "auto" and micro_batch is None:
+                micro_batch = state["micro_batch"]  # the loader position is for this micro-batch
+            run = build_run(recipe, train_images, val_images, device, d, num_threads, grad_accum_steps, micro_batch,
                             loader_state=state["ranks"][d.rank]["loader"] if state else None)
             shards = check_shards(train_images.files, train_images.labels, run.train_data, run.micro, d)
             pos = restore_run(run, state, resume_path) if state else Position()
             folder = RunFolder(out, recipe, d, resumed=pos if state else None)
-            _announce(run, train_images, val_images, grad_accum_steps, resume_path if state else None, pos, shards)
+            _announce(run, train_images, val_images, resume_path if state else None, pos, shards)
             stops = Stops(stop, stop_after_steps, d)
             return _epochs(run, pos, folder, stops, log_every)
     finally:
@@ -95,10 +100,12 @@ def _validate_and_save(run: Run, pos: Position, folder: RunFolder) -> None:
                                                            run.d).items()})
     metrics["val_seconds"] = time.perf_counter() - started
     folder.log(metrics)
+    left = run.recipe["epochs"] - pos.epoch
+    eta = f"; {left} epoch(s) left, ~{_clock(left * (metrics['train_seconds'] + metrics['val_seconds']))}" if left else ""
     _say(run, f"epoch {pos.epoch}: train_loss {metrics['train_loss']:.4f} top1 {metrics['top1']:.2f} "
               f"top5 {metrics['top5']:.2f}{' (ema %.2f)' % metrics['ema_top1'] if t.ema else ''} "
               f"({metrics['images_per_sec']:,.0f} img/s train, {metrics['data_wait']:.0%} waiting for data, "
-              f"{metrics['train_seconds']:.1f}s + {metrics['val_seconds']:.1f}s validation)")
+              f"{metrics['train_seconds']:.1f}s + {metrics['val_seconds']:.1f}s validation{eta})")
     improved = metrics["top1"] > pos.best_top1
     pos.best_top1, pos.metrics, pos.validated = max(pos.best_top1, metrics["top1"]), metrics, True
     save_run(run, pos, folder.out, best=improved)
@@ -227,16 +234,18 @@ def _say(run: Run, text: str) -> None:
         print(text, flush=True)
 
 
-def _announce(run: Run, train_images, val_images, grad_accum_steps: int, resumed_from: Path | None,
-              pos: Position, shards: str | None) -> None:
+def _announce(run: Run, train_images, val_images, resumed_from: Path | None, pos: Position,
+              shards: str | None) -> None:
     r, t = run.recipe, run.training
     amp = str(t.dtype).removeprefix("torch.") if t.dtype else "float32"
     _say(run, f"fastrsb {__version__}: {r['name']} | {r['model']} | {len(train_images):,} train / "
               f"{len(val_images):,} val images, {len(run.classes)} classes | {run.d.world} x {run.device} {amp}"
               f"{' compiled' if run.device == 'cuda' and r['compile'] else ''} | batch {r['batch_size']} = "
-              f"{run.d.world} x {grad_accum_steps} x {run.micro} | {run.schedule.steps_per_epoch} steps x "
+              f"{run.d.world} x {run.schedule.grad_accum_steps} x {run.micro} | {run.schedule.steps_per_epoch} steps x "
               f"{r['epochs']} epochs")
     _say(run, f"data: {describe_counts(train_images, val_images)}")
+    for line in run_card(run, pos):
+        _say(run, line)
     if shards:
         _say(run, shards)
     memory = gpu_memory_line(t.model, run.device)
@@ -244,6 +253,31 @@ def _announce(run: Run, train_images, val_images, grad_accum_steps: int, resumed
         _say(run, memory)
     if resumed_from:
         _say(run, f"resumed from {resumed_from}: epoch {pos.epoch + 1}, step {pos.step}")
+
+
+def run_card(run: Run, pos: Position) -> list[str]:
+    """The run next to the recipe as its file states it: the global batch and how it splits, the
+    LR and whether it was rescaled (it never is: a changed batch is named), epochs, sizes, AMP."""
+    r, t = run.recipe, run.training
+    try:
+        paper = load_recipe(r["name"]) if r["name"] in BUILTIN else None
+    except UserError:
+        paper = None
+    steps = run.schedule.grad_accum_steps
+    card = [f"run card: global batch {r['batch_size']} = {run.d.world} process(es) x {steps} micro-batch(es) x "
+            f"{run.micro} images, {run.schedule.steps_per_epoch} optimizer steps an epoch"]
+    lr = f"LR {r['lr']:g} peak after {r['warmup_epochs']} warmup epoch(s) from {r['warmup_lr']:g}, cosine to {r['min_lr']:g}"
+    if paper and paper["batch_size"] != r["batch_size"]:
+        lr += (f": not rescaled for batch {r['batch_size']} (recipe {r['name']}: batch {paper['batch_size']}, "
+               f"LR {paper['lr']:g}; a linear rule would give {paper['lr'] * r['batch_size'] / paper['batch_size']:g}: "
+               "--set lr= to choose)")
+    elif paper:
+        lr += f" (recipe {r['name']}'s, for its batch {paper['batch_size']})"
+    card.append(f"          {lr}")
+    amp = str(t.dtype).removeprefix("torch.") if t.dtype else "float32"
+    card.append(f"          {r['epochs']} epochs at {r['img_size']} px, tested at {r['test_img_size']} px "
+                f"(crop {r['crop_pct']}), {amp}; the time left is estimated after each epoch")
+    return card
 
 
 def evaluate_checkpoint(checkpoint: str | Path, data: str | Path, img_size: int | None = None,

@@ -120,3 +120,16 @@ def test_startup_states_gpu_memory(tiny_data, tmp_path):
                            "--set", "epochs=2", "--stop-after-steps", "1")
     line = next(l for l in proc.stdout.splitlines() if l.startswith("GPU memory before the first step"))
     assert "loader (DALI)" in line and "model state" in line
+
+
+def test_gpu_probe_picks_a_micro_batch_and_leaves_the_model_as_it_was():
+    import timm
+    from fastrsb.accumulation import gpu_fits, plan
+    model = timm.create_model("resnet10t", num_classes=10).cuda().to(memory_format=torch.channels_last)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    rng = torch.cuda.get_rng_state()
+    steps, micro = plan({"batch_size": 512, "mixup": 0.1, "cutmix": 1.0}, 1, "auto", None,
+                        gpu_fits(model, 64, torch.bfloat16, 10))
+    assert steps * micro == 512 and micro % 2 == 0
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    assert torch.equal(rng, torch.cuda.get_rng_state())

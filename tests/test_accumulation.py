@@ -1,0 +1,59 @@
+"""The recipe's global batch on any number of processes: --grad-accum-steps auto, --micro-batch,
+the GPU probe's search, and the run card."""
+import pytest
+
+from conftest import assert_user_error, run_cli
+from fastrsb.accumulation import candidates, choose_micro, plan
+from fastrsb.errors import UserError
+
+A3 = {"batch_size": 2048, "mixup": 0.1, "cutmix": 1.0}
+
+
+def test_auto_keeps_the_global_batch():
+    assert plan(A3, 8, "auto", None, fits=None) == (1, 256)  # no probe (CPU): the whole share at once
+    assert plan(A3, 1, "auto", 256, fits=None) == (8, 256)   # the paper's 2048 on one GPU
+    assert plan(A3, 4, "auto", None, fits=lambda m: m <= 200) == (4, 128)  # largest divisor of 512 that fits
+    assert plan(A3, 2, 4, None, fits=None) == (4, 256)
+
+
+def test_the_probe_search_takes_the_largest_that_fits_in_few_tries():
+    tried = []
+
+    def fits(micro):
+        tried.append(micro)
+        return micro <= 96
+    assert choose_micro(2048, even=True, fits=fits) == 64  # the even divisors of 2048: ..., 128, 64, ...
+    assert len(tried) <= 6
+    assert candidates(12, even=True) == [12, 6, 4, 2] and candidates(12, even=False)[-1] == 1
+    with pytest.raises(UserError, match="not even a micro-batch of 2 images fits"):
+        choose_micro(8, even=True, fits=lambda m: False)
+
+
+@pytest.mark.parametrize("accum,micro,fragment", [
+    ("auto", 0, "--micro-batch 0"), ("auto", 3, "--micro-batch 3 does not divide the 2048 images per process"),
+    (4, 128, "disagree"), (3, None, "does not split into 1 process(es) x 3"),
+])
+def test_bad_splits_are_refused(accum, micro, fragment):
+    with pytest.raises(UserError, match=fragment.replace("(", r"\(").replace(")", r"\)")):
+        plan(A3, 1, accum, micro, fits=None)
+
+
+def test_micro_batch_on_the_command_line_and_resume_keeps_it(tiny_data, tmp_path):
+    common = ["train", "tiny", "--data", tiny_data, "--out", tmp_path, "--device", "cpu"]
+    proc = run_cli(*common, "--micro-batch", "4", "--stop-after-steps", "2")
+    assert "batch 8 = 1 x 2 x 4" in proc.stdout and "run card: global batch 8 = 1 process(es) x 2 micro-batch(es)" \
+        in proc.stdout
+    assert "--micro-batch 4" in proc.stdout  # in the command that continues the run
+    resumed = run_cli(*common, "--resume", "auto")  # no --micro-batch: the checkpoint's split
+    assert "batch 8 = 1 x 2 x 4" in resumed.stdout and "done: top1" in resumed.stdout
+    assert_user_error(run_cli(*common[:-4], "--out", tmp_path / "x", "--device", "cpu", "--micro-batch", "0",
+                              check=False), "--micro-batch 0")
+
+
+def test_run_card_names_the_lr_rule(tiny_data, tmp_path):
+    proc = run_cli("train", "tiny", "--data", tiny_data, "--out", tmp_path, "--device", "cpu", "--set", "batch_size=16",
+                   "--stop-after-steps", "1")
+    assert "not rescaled for batch 16 (recipe tiny: batch 8, LR 0.008; a linear rule would give 0.016" in proc.stdout
+    same = run_cli("train", "tiny", "--data", tiny_data, "--out", tmp_path / "b", "--device", "cpu",
+                   "--stop-after-steps", "1")
+    assert "(recipe tiny's, for its batch 8)" in same.stdout
