@@ -108,11 +108,17 @@ def restore_run(run: Run, state: dict, path: Path) -> Position:
                     metrics=state.get("metrics", {}))
 
 
+# timm's summary.csv columns (timm.utils.update_summary: epoch, train_*, eval_*, lr).
+SUMMARY_COLUMNS = ("epoch", "train_loss", "eval_loss", "eval_top1", "eval_top5", "lr")
+
+
 class RunFolder:
-    """RUN_DIR's recipe.json and metrics.jsonl (rank 0 writes; the others' calls do nothing)."""
+    """RUN_DIR's recipe.json, metrics.jsonl (every row), summary.csv (an epoch a row, timm's
+    columns) and, where the `tensorboard` package is installed, TensorBoard event files under
+    RUN_DIR/tensorboard. Rank 0 writes; the other ranks' calls do nothing."""
 
     def __init__(self, out: Path, recipe: dict, d: Dist, resumed: Position | None = None):
-        self.out, self.main = out, d.main
+        self.out, self.main, self.board = out, d.main, None
         if not self.main:
             return
         out.mkdir(parents=True, exist_ok=True)
@@ -126,8 +132,36 @@ class RunFolder:
                                                        (resumed.validated or row["kind"] != "epoch"))
             rows = [line for line in metrics.read_text().splitlines() if line and kept(json.loads(line))]
             metrics.write_text("".join(row + "\n" for row in rows))
+        self._write_summary()
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:  # tensorboard not installed (pip install "fastrsb[tensorboard]")
+            return
+        # purge_step: on resume, events written after the checkpoint's step are dropped, as metrics rows are.
+        self.board = SummaryWriter(str(out / "tensorboard"), purge_step=resumed.step + 1 if resumed else None)
 
     def log(self, row: dict) -> None:
-        if self.main:
-            with open(self.out / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(row) + "\n")
+        if not self.main:
+            return
+        with open(self.out / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(row) + "\n")
+        if row["kind"] == "epoch":
+            self._write_summary()
+        if self.board is not None:
+            prefix = "train" if row["kind"] == "log" else "epoch"
+            for key, value in row.items():
+                if key not in ("kind", "step", "epoch") and isinstance(value, (int, float)):
+                    self.board.add_scalar(f"{prefix}/{key}", value, row["step"])
+            self.board.flush()
+
+    def _write_summary(self) -> None:
+        """summary.csv from the epoch rows of metrics.jsonl: rewritten whole, so it matches the
+        metrics after a resume too."""
+        metrics = self.out / "metrics.jsonl"
+        rows = [json.loads(line) for line in metrics.read_text().splitlines() if line] if metrics.is_file() else []
+        lines = [",".join(SUMMARY_COLUMNS)]
+        for r in rows:
+            if r["kind"] == "epoch":
+                values = (r["epoch"], r["train_loss"], r["val_loss"], r["top1"], r["top5"], r["lr"])
+                lines.append(",".join(str(v) for v in values))
+        (self.out / "summary.csv").write_text("\n".join(lines) + "\n")

@@ -201,7 +201,8 @@ def evaluate(model: torch.nn.Module, loader, device: str, dtype: torch.dtype | N
     model.eval()
     sums = torch.zeros(3, dtype=torch.float64, device=device)  # top-1 hits, top-5 hits, summed loss
     count = 0  # counted on the host: the batch sizes are known there, no copy to the device per batch
-    for images, labels in loader_batches(loader, loader.images):
+    progress, start = Progress("validation", len(loader), enabled=d.main), time.perf_counter()
+    for done, (images, labels) in enumerate(loader_batches(loader, loader.images), 1):
         with autocast(device, dtype):
             logits = model(images).float()
         top = logits.topk(min(5, logits.shape[1]), dim=1).indices
@@ -209,6 +210,8 @@ def evaluate(model: torch.nn.Module, loader, device: str, dtype: torch.dtype | N
         sums += torch.stack([hits[:, 0].sum(), hits.any(dim=1).sum(),
                              F.cross_entropy(logits, labels, reduction="sum")]).double()
         count += labels.shape[0]
+        progress.update(done, count / max(time.perf_counter() - start, 1e-9))  # host counts only, no sync
+    progress.close()
     totals = torch.cat([sums, sums.new_tensor([count])])  # one copy, one all-reduce, one host sync
     top1, top5, loss, count = all_reduce_sum(totals, d).tolist()
     return {"top1": 100.0 * top1 / count, "top5": 100.0 * top5 / count, "val_loss": loss / count,

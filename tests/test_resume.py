@@ -36,6 +36,14 @@ def _assert_same_run(a, b):
     for (_, x), (_, y) in zip(left["optimizer"]["state"].items(), right["optimizer"]["state"].items()):
         assert all(torch.equal(x[k], y[k]) for k in x)
     assert _epoch_rows(a) == _epoch_rows(b)  # losses, accuracies, LR: identical
+    assert (a / "summary.csv").read_text() == (b / "summary.csv").read_text()  # rebuilt after the resume
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    boards = [EventAccumulator(str(run / "tensorboard")) for run in (a, b)]
+    for board in boards:
+        board.Reload()
+    # The resumed run's events after its checkpoint were purged and written again: the same curves, once.
+    for tag in ("epoch/train_loss", "epoch/top1"):
+        assert [(e.step, e.value) for e in boards[0].Scalars(tag)] == [(e.step, e.value) for e in boards[1].Scalars(tag)]
 
 
 @pytest.fixture(scope="module")

@@ -34,6 +34,22 @@ def test_writes_metrics_and_checkpoints(run):
     assert "done: top1" in proc.stdout
 
 
+def test_summary_csv_and_tensorboard(run):
+    """timm's summary.csv (an epoch a row) and TensorBoard events (the test extra installs it)."""
+    out, proc = run
+    lines = (out / "summary.csv").read_text().splitlines()
+    assert lines[0] == "epoch,train_loss,eval_loss,eval_top1,eval_top5,lr" and len(lines) == 3
+    epochs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    last = [m for m in epochs if m["kind"] == "epoch"][-1]
+    assert lines[2].split(",")[:4] == [str(last["epoch"]), str(last["train_loss"]), str(last["val_loss"]), str(last["top1"])]
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    events = EventAccumulator(str(out / "tensorboard"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("epoch/top1")] == [6, 12]
+    assert [e.step for e in events.Scalars("train/loss")] == [2, 4, 6, 8, 10, 12]
+    assert "validation 3/3" in proc.stderr  # validation shows its progress
+
+
 def test_checkpoint_contents(run):
     out, _ = run
     state = load_checkpoint(out / "last.pt")
