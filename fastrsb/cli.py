@@ -58,7 +58,8 @@ def cmd_train(args) -> int:
     stop = StopRequest()
     metrics = train(recipe, data, out, device=args.device, num_threads=args.threads, log_every=args.log_every,
                     resume=args.resume, grad_accum_steps=args.grad_accum_steps, stop=stop,
-                    stop_after_steps=args.stop_after_steps, micro_batch=args.micro_batch)
+                    stop_after_steps=args.stop_after_steps, micro_batch=args.micro_batch,
+                    deterministic=args.deterministic)
     main_rank = os.environ.get("RANK", "0") == "0"
     if metrics.get("stopped"):
         if main_rank:
@@ -74,6 +75,8 @@ def cmd_train(args) -> int:
 def resume_command(args, data: Path, out: Path) -> str:
     """The command that continues a stopped run: the same recipe, data, --set values and options."""
     words = ["fastrsb", "train", args.recipe, "--data", str(data), "--out", str(out)]
+    if args.deterministic:
+        words.append("--deterministic")
     for flag, value, default in (("--device", args.device, "auto"), ("--threads", args.threads, None),
                                  ("--log-every", args.log_every, 50), ("--grad-accum-steps", args.grad_accum_steps, "auto"),
                                  ("--micro-batch", args.micro_batch, None)):
@@ -108,6 +111,13 @@ def cmd_doctor(args) -> None:
     if not data["ok"]:
         raise UserError(f"{sum(not c['ok'] and c['fatal'] for c in data['checks'])} problem(s) (listed above): "
                         "fix them before a long run")
+
+
+def cmd_compare(args) -> int:
+    from fastrsb.determinism import compare
+    agree, line = compare(args.run_a, args.run_b)
+    print(line)
+    return 0 if agree else 1
 
 
 def cmd_plot(args) -> None:
@@ -186,6 +196,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "GPU the largest micro-batch that fits, so the recipe's global batch holds on any GPU count")
     p.add_argument("--micro-batch", type=int, default=None, metavar="N",
                    help="images per process and micro-batch (with --grad-accum-steps auto)")
+    p.add_argument("--deterministic", action="store_true",
+                   help="torch's deterministic algorithms, and a hash of each logged batch (fastrsb compare)")
     p.add_argument("--stop-after-steps", type=int, default=None, metavar="N",
                    help="save a resumable checkpoint and stop once N optimizer steps are done in total")
     _add_common(p)
@@ -210,6 +222,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--recipe", default="a3", help="the recipe whose checkpoints the disk check sizes (default a3)")
     p.add_argument("--json", action="store_true", help="one JSON object")
     p.set_defaults(func=cmd_doctor)
+
+    p = sub.add_parser("compare", help="the first logged step where two runs' batches or losses differ "
+                                       "(exit 1), or that they agree (exit 0)")
+    p.add_argument("run_a")
+    p.add_argument("run_b")
+    p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("plot", help="loss, accuracy, LR, throughput and data-wait curves of a run, as a PNG")
     p.add_argument("run_dir")

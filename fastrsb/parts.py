@@ -73,7 +73,7 @@ def build_training(recipe: dict, num_classes: int, device: str, d: Dist = Dist()
     if mixing_enabled(recipe["mixup"], recipe["cutmix"]):
         mixer = BatchMixer(num_classes, recipe["mixup"], recipe["cutmix"], recipe["mixup_prob"],
                            recipe["mixup_switch_prob"], recipe["smoothing"], np.random.RandomState(recipe["seed"] + d.rank))
-    if device == "cuda":
+    if device == "cuda" and not torch.are_deterministic_algorithms_enabled():
         torch.backends.cudnn.benchmark = True  # fixed shapes (train loaders drop the last batch)
     # DDP's constructor broadcasts rank 0's weights and buffers to every rank ...
     step_model = wrap_model(model, d, device, compiled, cuda_graphs=graphs)

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from fastrsb import __version__
 from fastrsb.checkpoint import load_checkpoint, load_weights
 from fastrsb.data_folder import check_headers, describe_counts, loader_batches, open_dataset, open_split
+from fastrsb.determinism import batch_hash, deterministic_mode
 from fastrsb.device import amp_dtype, autocast, gpu_memory_line, resolve_device
 from fastrsb.distributed import Dist, agree, all_reduce_sum, average_bn_stats, check_in_step, init_distributed, shutdown
 from fastrsb.errors import UserError
@@ -32,17 +33,18 @@ from fastrsb.stopping import StopRequest
 def train(recipe: dict, data: str | Path, out: str | Path, device: str | None = None,
           num_threads: int | None = None, log_every: int = 50, resume: str | None = None,
           grad_accum_steps: str | int = "auto", stop: StopRequest | None = None,
-          stop_after_steps: int | None = None, micro_batch: int | None = None) -> dict:
+          stop_after_steps: int | None = None, micro_batch: int | None = None, deterministic: bool = False) -> dict:
     """Train as the recipe says; write RUN_DIR/{recipe.json, metrics.jsonl, last.pt, best.pt}
     (rank 0 only). resume: "auto" (RUN_DIR/last.pt if present) or a checkpoint path.
     grad_accum_steps ("auto" or a number) and micro_batch: how the recipe's global batch splits per
     process (fastrsb.accumulation); a resumed run keeps the split it was saved with.
+    deterministic: torch's deterministic algorithms and a hash of every logged batch (fastrsb.determinism).
     stop / stop_after_steps: end early at a step boundary with a resumable checkpoint.
     Returns the last epoch's metrics, with "stopped": True when it ended early."""
     device, out = resolve_device(device), Path(out)
     d = init_distributed(device)
     try:
-        with (stop or StopRequest()) as stop:
+        with (stop or StopRequest()) as stop, deterministic_mode(deterministic):
             train_images, val_images = open_dataset(data)
             resume_path = find_resume(resume, out)
             state = load_for_resume(resume_path, recipe, train_images.classes, d) if resume_path else None
@@ -58,12 +60,12 @@ def train(recipe: dict, data: str | Path, out: str | Path, device: str | None = 
             folder = RunFolder(out, recipe, d, resumed=pos if state else None)
             _announce(run, train_images, val_images, resume_path if state else None, pos, shards)
             stops = Stops(stop, stop_after_steps, d)
-            return _epochs(run, pos, folder, stops, log_every)
+            return _epochs(run, pos, folder, stops, log_every, deterministic)
     finally:
         shutdown(d)
 
 
-def _epochs(run: Run, pos: Position, folder: RunFolder, stops: "Stops", log_every: int) -> dict:
+def _epochs(run: Run, pos: Position, folder: RunFolder, stops: "Stops", log_every: int, hashed: bool = False) -> dict:
     """The epoch loop, from wherever `pos` stands."""
     epochs = run.recipe["epochs"]
     if not pos.validated:  # stopped after training an epoch, before its validation finished
@@ -71,7 +73,7 @@ def _epochs(run: Run, pos: Position, folder: RunFolder, stops: "Stops", log_ever
     elif pos.epoch >= epochs and pos.step and run.d.main:
         print(f"this run already finished all {epochs} epochs")
     while pos.epoch < epochs:
-        figures = train_one_epoch(run, pos, folder, stops, log_every)
+        figures = train_one_epoch(run, pos, folder, stops, log_every, hashed)
         if figures is None:  # a stop mid-epoch: `pos` says where
             save_run(run, pos, folder.out)
             _say(run, f"stopped at step {pos.step} (epoch {pos.epoch + 1}, "
@@ -145,9 +147,11 @@ class Interval:
         return result
 
 
-def train_one_epoch(run: Run, pos: Position, folder: RunFolder, stops: Stops, log_every: int) -> dict | None:
+def train_one_epoch(run: Run, pos: Position, folder: RunFolder, stops: Stops, log_every: int,
+                    hashed: bool = False) -> dict | None:
     """Train from `pos` to the end of its epoch, advancing `pos` step by step. Returns the epoch's
-    training figures, or None when a stop was asked for (`pos` then says where it stopped)."""
+    training figures, or None when a stop was asked for (`pos` then says where it stopped).
+    hashed: each log row gets the hash of the step's last micro-batch (--deterministic)."""
     t, schedule, micro = run.training, run.schedule, run.micro
     t.model.train()
     progress = Progress(f"epoch {pos.epoch + 1}/{run.recipe['epochs']}", schedule.steps_per_epoch, enabled=run.d.main)
@@ -181,7 +185,8 @@ def train_one_epoch(run: Run, pos: Position, folder: RunFolder, stops: Stops, lo
             rate, wait_share = interval.close()
             progress.update(done, rate, loss=current, lr=lr, data=wait_share)
             folder.log({"kind": "log", "epoch": pos.epoch + pos.micro_done / schedule.micro_per_epoch,
-                        "step": pos.step, "loss": current, "lr": lr, "images_per_sec": rate, "data_wait": wait_share})
+                        "step": pos.step, "loss": current, "lr": lr, "images_per_sec": rate, "data_wait": wait_share,
+                        **({"batch_hash": batch_hash(images, labels)} if hashed else {})})
             if (stopping or stops.due(pos.step)) and not last:
                 progress.close()
                 pos.loss_sum, pos.seconds = loss_sum.item(), pos.seconds + time.perf_counter() - start
