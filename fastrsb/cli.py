@@ -154,6 +154,16 @@ def cmd_data_prepare_val(args) -> None:
         raise UserError(f"{result['missing']:,} labelled image(s) are not in {args.val_dir}")
 
 
+def cmd_data_prepare(args) -> None:
+    from fastrsb.raw_imagenet import prepare
+    problems = prepare(args.raw, args.out, args.synsets, args.workers)
+    for problem in problems:
+        print(f"  {problem}")
+    if problems:
+        raise UserError(f"{len(problems)} problem(s) in {args.out} (listed above)")
+    print(f"ok: {args.out} is ready to train (fastrsb data check {args.out} decodes every image)")
+
+
 def cmd_data_shrink(args) -> None:
     from fastrsb.prepare import shrink
     result = shrink(args.source, args.target, args.max_side, args.quality, args.workers)
@@ -249,6 +259,13 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--workers", type=int, default=None, help="decoding processes (default: cores)")
     d.add_argument("--no-decode", action="store_true", help="only the folder structure (fast)")
     d.set_defaults(func=cmd_data_check)
+    d = data_sub.add_parser("prepare", help="ImageNet as downloaded (ILSVRC2012 tars, per-class tars, Kaggle's "
+                                            "layout) -> OUT/train/<wnid>/ and OUT/val/<wnid>/; resumable; RAW is only read")
+    d.add_argument("raw", help="the folder the download is in")
+    d.add_argument("out")
+    d.add_argument("--synsets", help="with the devkit's ground truth: wnids in ILSVRC2012_ID order, one per line")
+    d.add_argument("--workers", type=int, default=None, help="processes (default: cores, at most 16)")
+    d.set_defaults(func=cmd_data_prepare)
     d = data_sub.add_parser("prepare-val", help="sort ILSVRC2012's flat validation folder into class folders")
     d.add_argument("val_dir")
     d.add_argument("labels", help="LOC_val_solution.csv, or the devkit's ILSVRC2012_validation_ground_truth.txt")

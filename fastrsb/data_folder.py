@@ -15,6 +15,7 @@ from pathlib import Path
 
 from fastrsb.errors import UserError
 from fastrsb.progress import Progress
+from fastrsb.raw_imagenet import hint
 from fastrsb.pipelines import IMAGE_EXTENSIONS, DatasetError, ImageList, class_folders, list_images, walk_class
 
 LAYOUT = "DIR/train/<class>/<image>.JPEG and DIR/val/<class>/<image>.JPEG"
@@ -27,7 +28,7 @@ def open_split(root: Path, split: str) -> ImageList:
     try:
         return list_images(folder)
     except DatasetError as err:
-        raise UserError(str(err)) from None
+        raise UserError(f"{err}{hint(root)}") from None
 
 
 def check_layout(root: Path) -> None:
@@ -36,7 +37,7 @@ def check_layout(root: Path) -> None:
         raise UserError(f"data folder {root} does not exist (expected {LAYOUT.replace('DIR', str(root))})")
     for split in ("train", "val"):
         if not (root / split).is_dir():
-            raise UserError(f"{root} has no '{split}' folder (expected {root}/{split}/<class>/<image>.JPEG)")
+            raise UserError(f"{root} has no '{split}' folder (expected {root}/{split}/<class>/<image>.JPEG){hint(root)}")
 
 
 def open_dataset(root: str | Path) -> tuple[ImageList, ImageList]:
@@ -234,7 +235,7 @@ def check(root: str | Path, workers: int | None = None, decode: bool = True) -> 
     problems, notes, splits, files = [], [], {}, []
     for split in ("train", "val"):
         if not (root / split).is_dir():
-            problems.append(f"no {split}/ folder (expected {root}/{split}/<class>/<image>.JPEG)")
+            problems.append(f"no {split}/ folder (expected {root}/{split}/<class>/<image>.JPEG){hint(root)}")
             continue
         splits[split] = _split_listing(root / split)
         loose = sorted(p.name for p in (root / split).iterdir() if p.is_file() and not p.name.startswith(".")
@@ -243,7 +244,7 @@ def check(root: str | Path, workers: int | None = None, decode: bool = True) -> 
             problems.append(f"{split}/: {len(loose)} image(s) outside any class folder, e.g. {loose[0]} (the loaders "
                             "skip them: sort them into class folders, e.g. with fastrsb data prepare-val)")
         if not splits[split]:
-            problems.append(f"{split}/ holds no class folders")
+            problems.append(f"{split}/ holds no class folders{hint(root)}")
         for name, (images, others) in splits[split].items():
             if not images:
                 problems.append(f"{split}/{name}: empty class (no {'/'.join(IMAGE_EXTENSIONS[:2])} ... files)")

@@ -1,0 +1,200 @@
+"""ImageNet as users have it, turned into the folder a run reads: `fastrsb data prepare RAW OUT`.
+
+Recognised layouts (RAW is the folder the download landed in):
+- ILSVRC2012 as downloaded: RAW/ILSVRC2012_img_train.tar (a tar of 1,000 per-class tars) or a folder
+  of per-class tars (RAW/train/nXXXXXXXX.tar, or RAW/nXXXXXXXX.tar), with the validation images in
+  RAW/ILSVRC2012_img_val.tar or a flat RAW/val/, labelled by RAW/LOC_val_solution.csv or the
+  devkit's ILSVRC2012_validation_ground_truth.txt (with --synsets, the wnids in ILSVRC2012_ID order);
+- Kaggle's: RAW/ILSVRC/Data/CLS-LOC/{train/<wnid>/, val/} with RAW/LOC_val_solution.csv.
+OUT gets OUT/train/<wnid>/*.JPEG and OUT/val/<wnid>/*.JPEG. The input is only read. Each class is
+written to a hidden folder and renamed when complete, so an interrupted run is finished by
+running it again (what is done is skipped); classes are extracted in parallel processes.
+"""
+from __future__ import annotations
+
+import io
+import os
+import shutil
+import tarfile
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from fastrsb.errors import UserError
+from fastrsb.progress import Progress
+
+LABEL_FILES = ("LOC_val_solution.csv", "ILSVRC2012_validation_ground_truth.txt")
+
+
+@dataclass
+class RawLayout:
+    kind: str  # "ILSVRC2012 tars" or "Kaggle"
+    train_tar: Path | None = None  # the tar of per-class tars
+    class_tars: list[Path] = field(default_factory=list)  # per-class tars in a folder
+    class_dirs: Path | None = None  # Kaggle: train/<wnid>/
+    val_tar: Path | None = None
+    val_flat: Path | None = None
+    labels: Path | None = None
+
+    def describe(self) -> str:
+        train = self.train_tar or (f"{len(self.class_tars)} class tars" if self.class_tars else self.class_dirs)
+        val = self.val_tar or self.val_flat or "no validation images"
+        return f"{self.kind}: train from {train}, val from {val}, labels from {self.labels or 'no label file'}"
+
+
+def recognise(raw: Path) -> RawLayout | None:
+    """The download layout of RAW, or None if it is none of those fastrsb knows."""
+    if not raw.is_dir():
+        return None
+    labels = next((raw / name for name in LABEL_FILES if (raw / name).is_file()), None)
+    kaggle = raw / "ILSVRC" / "Data" / "CLS-LOC"
+    if (kaggle / "train").is_dir():
+        return RawLayout("Kaggle", class_dirs=kaggle / "train", val_flat=kaggle / "val" if (kaggle / "val").is_dir()
+                         else None, labels=labels)
+    train_tar = raw / "ILSVRC2012_img_train.tar"
+    class_tars = sorted((raw / "train").glob("n*.tar")) if (raw / "train").is_dir() else sorted(raw.glob("n*.tar"))
+    if not train_tar.is_file() and not class_tars:
+        return None
+    val_tar = raw / "ILSVRC2012_img_val.tar"
+    flat = raw / "val" if (raw / "val").is_dir() and any(p.is_file() for p in (raw / "val").iterdir()) else None
+    return RawLayout("ILSVRC2012 tars", train_tar=train_tar if train_tar.is_file() else None, class_tars=class_tars,
+                     val_tar=val_tar if val_tar.is_file() else None, val_flat=flat, labels=labels)
+
+
+def hint(root: Path) -> str:
+    """' (... run: fastrsb data prepare ...)' for a folder that is a raw download, else ''."""
+    layout = recognise(root)
+    if layout is None:
+        return ""
+    return (f"; it looks like ImageNet as downloaded ({layout.kind}): make the folder a run reads with "
+            f"fastrsb data prepare {root} {root.parent / (root.name + '-prepared')}")
+
+
+# --- train: one job per class -------------------------------------------------------------------
+
+def _write_class(job: tuple) -> str:
+    """Extract (or link) one class into OUT/train/<wnid>/ through a hidden folder renamed at the
+    end. job: (kind, source, offset, size, target). Returns 'done', 'skipped' or 'failed: why'."""
+    kind, source, offset, size, target = job
+    target = Path(target)
+    if target.is_dir():
+        return "skipped"
+    partial = target.with_name(f".{target.name}.partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    try:
+        if kind == "dir":  # Kaggle: hard links where OUT is on the same file system, else copies
+            for image in sorted(Path(source).iterdir()):
+                try:
+                    os.link(image, partial / image.name)
+                except OSError:
+                    shutil.copyfile(image, partial / image.name)
+        else:  # a per-class tar: a whole file, or a member of the outer tar at `offset`
+            with open(source, "rb") as f:
+                f.seek(offset)
+                data = f.read(size) if size is not None else f.read()
+            with tarfile.open(fileobj=io.BytesIO(data)) as inner:
+                for member in inner.getmembers():
+                    if member.isfile():
+                        with inner.extractfile(member) as image:
+                            (partial / Path(member.name).name).write_bytes(image.read())
+        os.replace(partial, target)
+        return "done"
+    except (tarfile.TarError, EOFError, OSError) as err:
+        shutil.rmtree(partial, ignore_errors=True)
+        return f"failed: {source}{f' (member at byte {offset})' if offset else ''}: {type(err).__name__}: {err}"
+
+
+def _train_jobs(layout: RawLayout, out: Path) -> list[tuple]:
+    train = out / "train"
+    if layout.class_dirs:
+        return [("dir", str(d), 0, None, str(train / d.name)) for d in sorted(layout.class_dirs.iterdir()) if d.is_dir()]
+    if layout.class_tars:
+        return [("tar", str(t), 0, None, str(train / t.stem)) for t in layout.class_tars]
+    try:
+        with tarfile.open(layout.train_tar) as outer:
+            members = [m for m in outer.getmembers() if m.isfile() and m.name.endswith(".tar")]
+    except (tarfile.TarError, EOFError, OSError) as err:
+        raise UserError(f"{layout.train_tar} cannot be read as a tar ({type(err).__name__}: {err}): is it truncated? "
+                        "Download it again (its size is 147,897,477,120 bytes)") from None
+    return [("tar", str(layout.train_tar), m.offset_data, m.size, str(train / Path(m.name).stem)) for m in members]
+
+
+# --- val ----------------------------------------------------------------------------------------
+
+def _val(layout: RawLayout, out: Path, synsets: Path | None) -> None:
+    from fastrsb.prepare import prepare_val
+    if layout.val_tar is None and layout.val_flat is None:
+        print("no validation images in the download: OUT/val/ is left to you")
+        return
+    if layout.labels is None:
+        raise UserError(f"the validation images need their labels: put {' or '.join(LABEL_FILES)} beside them")
+    flat = layout.val_flat
+    if layout.val_tar is not None:  # unpacked once into a hidden folder of OUT (the tar is flat)
+        flat = out / ".val-flat"
+        if not (flat / ".complete").is_file():
+            shutil.rmtree(flat, ignore_errors=True)
+            flat.mkdir(parents=True)
+            try:
+                with tarfile.open(layout.val_tar) as tar:
+                    for member in tar.getmembers():
+                        if member.isfile():
+                            with tar.extractfile(member) as image:
+                                (flat / Path(member.name).name).write_bytes(image.read())
+            except (tarfile.TarError, EOFError, OSError) as err:
+                raise UserError(f"{layout.val_tar} cannot be read as a tar ({type(err).__name__}: {err}): is it "
+                                "truncated? Download it again") from None
+            (flat / ".complete").write_text("")
+    result = prepare_val(flat, layout.labels, synsets, copy_to=out / "val")
+    if result["missing"]:
+        raise UserError(f"{result['missing']:,} image(s) named in {layout.labels} are not among the validation images "
+                        f"of {layout.val_tar or layout.val_flat}: is it the label file of this download?")
+    if layout.val_tar is not None:
+        shutil.rmtree(flat)  # our own unpacked copy, not the user's input
+
+
+def _check_disk(layout: RawLayout, out: Path) -> None:
+    sources = [layout.train_tar, layout.val_tar, *layout.class_tars]
+    need = sum(p.stat().st_size for p in sources if p is not None)
+    if layout.class_dirs:  # hard links cost nothing on one file system; copies cost the images
+        same = os.stat(layout.class_dirs).st_dev == os.stat(out if out.exists() else out.parent).st_dev
+        need += 0 if same else sum(f.stat().st_size for f in layout.class_dirs.rglob("*") if f.is_file())
+    folder = out if out.exists() else next(p for p in out.parents if p.exists())
+    free = shutil.disk_usage(folder).free
+    if free < need * 1.05:
+        raise UserError(f"{folder} has {free / 2**30:,.1f} GiB free and the prepared data set needs about "
+                        f"{need / 2**30:,.1f} GiB: free some space or choose another OUT")
+
+
+def prepare(raw: str | Path, out: str | Path, synsets: str | Path | None = None, workers: int | None = None) -> list[str]:
+    """RAW (a download) -> OUT/train/<wnid>/, OUT/val/<wnid>/; returns `data check`'s problems of OUT."""
+    from fastrsb.data_folder import check
+    raw, out = Path(raw), Path(out)
+    layout = recognise(raw)
+    if layout is None:
+        raise UserError(f"{raw} is not an ImageNet download fastrsb knows (ILSVRC2012_img_train.tar, a folder of "
+                        "per-class nXXXXXXXX.tar, or Kaggle's ILSVRC/Data/CLS-LOC/): see fastrsb data prepare --help")
+    if out.resolve() == raw.resolve() or raw.resolve() in out.resolve().parents:
+        raise UserError(f"OUT {out} must lie outside the download {raw} (which is only read)")
+    print(f"{raw}: {layout.describe()}")
+    out.mkdir(parents=True, exist_ok=True)
+    _check_disk(layout, out)
+    jobs = _train_jobs(layout, out)
+    progress, counts, failures = Progress("train classes", len(jobs), unit="classes"), {"done": 0, "skipped": 0}, []
+    with ProcessPoolExecutor(workers or max(1, min(16, len(os.sched_getaffinity(0))))) as pool:
+        for done, result in enumerate(pool.map(_write_class, jobs), 1):
+            if result.startswith("failed"):
+                failures.append(result.removeprefix("failed: "))
+            else:
+                counts[result] += 1
+            progress.update(done, done / max(time.perf_counter() - progress.start, 1e-9))
+    progress.close()
+    print(f"train: {counts['done']:,} class(es) written, {counts['skipped']:,} already there")
+    if failures:
+        raise UserError(f"{len(failures)} class(es) could not be read: {failures[0]}"
+                        f"{f' and {len(failures) - 1} more' if len(failures) > 1 else ''} (is the tar truncated? "
+                        "Download it again; the classes written so far stay)")
+    _val(layout, out, Path(synsets) if synsets else None)
+    problems, _ = check(out, decode=False)
+    return problems

@@ -1,0 +1,126 @@
+"""fastrsb data prepare: miniature ImageNet downloads, packed as ImageNet packs them, into the
+folder a run reads; resumable, the input left as it was, bad input named."""
+import io
+import shutil
+import tarfile
+
+import pytest
+
+from conftest import assert_user_error, run_cli
+from fastrsb.pipelines import list_images
+
+
+def _tar(path, files):
+    """A tar of (name, bytes) pairs."""
+    with tarfile.open(path, "w") as tar:
+        for name, data in files:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+
+
+def _val_files(tiny_data):
+    """ILSVRC2012's val: flat ILSVRC2012_val_<n>.JPEG names, and their wnids."""
+    images = sorted((tiny_data / "val").glob("*/*.JPEG"))
+    return [(f"ILSVRC2012_val_{n:08d}.JPEG", p.read_bytes(), p.parent.name) for n, p in enumerate(images, 1)]
+
+
+def _loc_csv(path, val):
+    path.write_text("ImageId,PredictionString\n" + "".join(f"{name[:-5]},{wnid} 1 2 3 4\n" for name, _, wnid in val))
+
+
+@pytest.fixture
+def ilsvrc(tiny_data, tmp_path):
+    """ILSVRC2012_img_train.tar (a tar of per-class tars), ILSVRC2012_img_val.tar, LOC_val_solution.csv."""
+    raw = tmp_path / "download"
+    raw.mkdir()
+    inner = []
+    for folder in sorted((tiny_data / "train").iterdir()):
+        buffer = io.BytesIO()
+        with tarfile.open(fileobj=buffer, mode="w") as tar:
+            for image in sorted(folder.iterdir()):
+                info = tarfile.TarInfo(f"{folder.name}_{image.name}")
+                info.size = image.stat().st_size
+                tar.addfile(info, io.BytesIO(image.read_bytes()))
+        inner.append((f"{folder.name}.tar", buffer.getvalue()))
+    _tar(raw / "ILSVRC2012_img_train.tar", inner)
+    val = _val_files(tiny_data)
+    _tar(raw / "ILSVRC2012_img_val.tar", [(name, data) for name, data, _ in val])
+    _loc_csv(raw / "LOC_val_solution.csv", val)
+    return raw
+
+
+def _assert_prepared(out, tiny_data):
+    train, val = list_images(out / "train"), list_images(out / "val")
+    reference = list_images(tiny_data / "train")
+    assert train.classes == reference.classes and len(train) == len(reference) == 48
+    assert sorted(train.labels) == sorted(reference.labels) and len(val) == 20
+    assert val.classes == reference.classes
+
+
+def test_ilsvrc_tars_prepare_resume_and_train(ilsvrc, tiny_data, tmp_path):
+    before = {p: p.stat().st_mtime_ns for p in ilsvrc.iterdir()}
+    out = tmp_path / "imagenet"
+    # A raw download given to train or check names the command that prepares it.
+    assert_user_error(run_cli("train", "tiny", "--data", ilsvrc, "--device", "cpu", check=False),
+                      "looks like ImageNet as downloaded (ILSVRC2012 tars)", f"fastrsb data prepare {ilsvrc}")
+    proc = run_cli("data", "prepare", ilsvrc, out, "--workers", "2")
+    assert "train: 4 class(es) written, 0 already there" in proc.stdout and "ready to train" in proc.stdout
+    _assert_prepared(out, tiny_data)
+    assert {p: p.stat().st_mtime_ns for p in ilsvrc.iterdir()} == before  # the download is only read
+    shutil.rmtree(out / "train" / "n02_checks")  # as if interrupted: the rest is kept, the class redone
+    proc = run_cli("data", "prepare", ilsvrc, out)
+    assert "train: 1 class(es) written, 3 already there" in proc.stdout
+    _assert_prepared(out, tiny_data)
+    run_cli("train", "tiny", "--data", out, "--out", tmp_path / "run", "--device", "cpu", "--stop-after-steps", "1")
+
+
+def test_a_folder_of_class_tars_and_a_flat_val(tiny_data, tmp_path):
+    raw = tmp_path / "download"
+    (raw / "train").mkdir(parents=True)
+    for folder in sorted((tiny_data / "train").iterdir()):
+        _tar(raw / "train" / f"{folder.name}.tar", [(p.name, p.read_bytes()) for p in sorted(folder.iterdir())])
+    (raw / "val").mkdir()
+    val = _val_files(tiny_data)
+    for name, data, _ in val:
+        (raw / "val" / name).write_bytes(data)
+    _loc_csv(raw / "LOC_val_solution.csv", val)
+    run_cli("data", "prepare", raw, tmp_path / "out")
+    _assert_prepared(tmp_path / "out", tiny_data)
+    assert len(list((raw / "val").iterdir())) == 20  # the flat originals stay
+
+
+def test_kaggle_layout(tiny_data, tmp_path):
+    raw = tmp_path / "kaggle"
+    cls_loc = raw / "ILSVRC" / "Data" / "CLS-LOC"
+    shutil.copytree(tiny_data / "train", cls_loc / "train")
+    (cls_loc / "val").mkdir(parents=True)
+    val = _val_files(tiny_data)
+    for name, data, _ in val:
+        (cls_loc / "val" / name).write_bytes(data)
+    _loc_csv(raw / "LOC_val_solution.csv", val)
+    checked = run_cli("data", "check", raw, check=False)  # no train/, no val/: both name the command
+    assert_user_error(checked, "2 problem(s)")
+    assert checked.stdout.count(f"looks like ImageNet as downloaded (Kaggle): make the folder a run reads with "
+                                f"fastrsb data prepare {raw}") == 2
+    proc = run_cli("data", "prepare", raw, tmp_path / "out")
+    assert "Kaggle" in proc.stdout
+    _assert_prepared(tmp_path / "out", tiny_data)
+
+
+def test_bad_downloads_are_named(ilsvrc, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    data = (ilsvrc / "ILSVRC2012_img_train.tar").read_bytes()
+    (ilsvrc / "ILSVRC2012_img_train.tar").write_bytes(data[: len(data) // 2])  # truncated mid-download
+    assert_user_error(run_cli("data", "prepare", ilsvrc, out, check=False), "ILSVRC2012_img_train.tar",
+                      "Download it again")
+    (ilsvrc / "ILSVRC2012_img_train.tar").write_bytes(data)
+    val = (ilsvrc / "LOC_val_solution.csv").read_text()
+    (ilsvrc / "LOC_val_solution.csv").write_text(val + "ILSVRC2012_val_00099999,n00_hstripes 1 2 3 4\n")
+    assert_user_error(run_cli("data", "prepare", ilsvrc, out, check=False), "1 image(s) named in",
+                      "are not among the validation images")
+    import fastrsb.raw_imagenet
+    monkeypatch.setattr(fastrsb.raw_imagenet.shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10, 9, 1))
+    assert_user_error(run_cli("data", "prepare", ilsvrc, tmp_path / "other", check=False), "GiB free")
+    assert_user_error(run_cli("data", "prepare", tmp_path / "nothing-here", out, check=False),
+                      "is not an ImageNet download fastrsb knows")
