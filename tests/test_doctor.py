@@ -15,8 +15,8 @@ def test_doctor_passes_on_a_good_folder(tmp_path):
     assert "CPU cores" in out and "last.pt + best.pt need" in out
     assert "140 train / 4 val images in 2 classes: not ImageNet-1k's" in out
     assert "decode probe:" in out and "img/s" in out and out.rstrip().endswith("0 problem(s): a run can start")
-    report = json.loads(run_cli("doctor", "--data", data, "--json").stdout)
-    assert report["ok"] and {c["name"] for c in report["checks"]} >= {"gpu", "dali", "cpu", "disk", "data", "files", "probe"}
+    report = json.loads(run_cli("doctor", "--json").stdout)  # without --data: the machine's checks only
+    assert report["ok"] and [c["name"] for c in report["checks"]] == ["gpu", "dali", "cpu", "disk"]
 
 
 def test_doctor_names_every_problem_and_exits_2(tiny_data, tmp_path):

@@ -19,9 +19,11 @@ def _run(cmd, cwd):
     return [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")], proc.stdout
 
 
-def test_plain_loop(tiny_data, tmp_path):
-    _, stdout = _run([sys.executable, EXAMPLES / "plain_loop.py", "--data", tiny_data, "--max-steps", 3,
-                      "--batch-size", 8], tmp_path)
+def test_plain_loop(tiny_data, monkeypatch, capsys):
+    import runpy
+    monkeypatch.setattr(sys, "argv", ["plain_loop.py", "--data", str(tiny_data), "--max-steps", "3", "--batch-size", "8"])
+    runpy.run_path(str(EXAMPLES / "plain_loop.py"), run_name="__main__")  # as `python examples/plain_loop.py`
+    stdout = capsys.readouterr().out
     assert "3 steps" in stdout and "of 20 val images" in stdout
 
 
