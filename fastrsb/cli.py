@@ -263,13 +263,15 @@ def build_parser() -> argparse.ArgumentParser:
                                             "layout) -> OUT/train/<wnid>/ and OUT/val/<wnid>/; resumable; RAW is only read")
     d.add_argument("raw", help="the folder the download is in")
     d.add_argument("out")
-    d.add_argument("--synsets", help="with the devkit's ground truth: wnids in ILSVRC2012_ID order, one per line")
+    d.add_argument("--synsets", help="with the devkit's ground truth: its meta.mat, or the wnids in ILSVRC2012_ID "
+                                     "order, one per line (default: the meta.mat of the devkit tar in RAW)")
     d.add_argument("--workers", type=int, default=None, help="processes (default: cores, at most 16)")
     d.set_defaults(func=cmd_data_prepare)
     d = data_sub.add_parser("prepare-val", help="sort ILSVRC2012's flat validation folder into class folders")
     d.add_argument("val_dir")
     d.add_argument("labels", help="LOC_val_solution.csv, or the devkit's ILSVRC2012_validation_ground_truth.txt")
-    d.add_argument("--synsets", help="with the devkit's ground truth: wnids in ILSVRC2012_ID order, one per line")
+    d.add_argument("--synsets", help="with the devkit's ground truth: its meta.mat, or the wnids in ILSVRC2012_ID "
+                                     "order, one per line")
     d.add_argument("--copy-to", metavar="DIR", help="copy into DIR/<wnid>/ and leave VAL_DIR as it is (default: move "
                                                     "the images into class folders inside VAL_DIR)")
     d.set_defaults(func=cmd_data_prepare_val)

@@ -37,13 +37,34 @@ def _read_solution_csv(path: Path) -> dict[str, str]:
     return labels
 
 
+def read_meta_synsets(meta: Path) -> list[str]:
+    """The wnids of the devkit's meta.mat in ILSVRC2012_ID order: its leaf synsets (no children),
+    IDs 1..1000. The ID order is not the sorted order of the wnids: a sorted list mislabels."""
+    try:
+        from scipy.io import loadmat
+    except ImportError:
+        raise UserError(f"reading {meta} needs scipy (pip install scipy), or give --synsets a text file of the wnids "
+                        "in ILSVRC2012_ID order") from None
+    try:
+        synsets = loadmat(str(meta), squeeze_me=True)["synsets"]
+        leaves = sorted((int(s["ILSVRC2012_ID"]), str(s["WNID"])) for s in synsets if int(s["num_children"]) == 0)
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise UserError(f"{meta} is not the devkit's meta.mat ({type(err).__name__}: {err})") from None
+    if [i for i, _ in leaves] != list(range(1, len(leaves) + 1)):
+        raise UserError(f"{meta}: the leaf synsets' ILSVRC2012_IDs do not run 1..{len(leaves)}")
+    return [wnid for _, wnid in leaves]
+
+
 def _read_ground_truth(path: Path, synsets: Path | None) -> dict[str, str]:
     """The devkit's ILSVRC2012_validation_ground_truth.txt (one ILSVRC2012_ID per line, image 1
     first) with the synsets in ILSVRC2012_ID order (a text file, one 'wnid ...' per line)."""
     if synsets is None:
-        raise UserError(f"{path} holds class numbers: give --synsets FILE with the wnids in ILSVRC2012_ID order "
-                        "(one per line, from the devkit's meta.mat), or use LOC_val_solution.csv instead")
-    wnids = [line.split()[0] for line in synsets.read_text().splitlines() if line.strip()]
+        raise UserError(f"{path} holds class numbers: give --synsets with the devkit's meta.mat (or a text file of "
+                        "the wnids in ILSVRC2012_ID order, one per line), or use LOC_val_solution.csv instead")
+    if synsets.suffix == ".mat":
+        wnids = read_meta_synsets(synsets)
+    else:
+        wnids = [line.split()[0] for line in synsets.read_text().splitlines() if line.strip()]
     labels = {}
     for number, line in enumerate(path.read_text().splitlines(), 1):
         if not line.strip():

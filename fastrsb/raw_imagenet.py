@@ -3,8 +3,9 @@
 Recognised layouts (RAW is the folder the download landed in):
 - ILSVRC2012 as downloaded: RAW/ILSVRC2012_img_train.tar (a tar of 1,000 per-class tars) or a folder
   of per-class tars (RAW/train/nXXXXXXXX.tar, or RAW/nXXXXXXXX.tar), with the validation images in
-  RAW/ILSVRC2012_img_val.tar or a flat RAW/val/, labelled by RAW/LOC_val_solution.csv or the
-  devkit's ILSVRC2012_validation_ground_truth.txt (with --synsets, the wnids in ILSVRC2012_ID order);
+  RAW/ILSVRC2012_img_val.tar or a flat RAW/val/, labelled by RAW/LOC_val_solution.csv, by
+  RAW/ILSVRC2012_devkit_t12.tar.gz (its ground truth, with the class order of its meta.mat: scipy),
+  or by the devkit's ILSVRC2012_validation_ground_truth.txt with --synsets;
 - Kaggle's: RAW/ILSVRC/Data/CLS-LOC/{train/<wnid>/, val/} with RAW/LOC_val_solution.csv.
 OUT gets OUT/train/<wnid>/*.JPEG and OUT/val/<wnid>/*.JPEG. The input is only read. Each class is
 written to a hidden folder and renamed when complete, so an interrupted run is finished by
@@ -25,6 +26,7 @@ from fastrsb.errors import UserError
 from fastrsb.progress import Progress
 
 LABEL_FILES = ("LOC_val_solution.csv", "ILSVRC2012_validation_ground_truth.txt")
+DEVKIT = "ILSVRC2012_devkit_t12.tar.gz"  # holds data/ILSVRC2012_validation_ground_truth.txt and data/meta.mat
 
 
 @dataclass
@@ -36,11 +38,12 @@ class RawLayout:
     val_tar: Path | None = None
     val_flat: Path | None = None
     labels: Path | None = None
+    devkit: Path | None = None  # the devkit tar: the val labels and the synsets' ID order
 
     def describe(self) -> str:
         train = self.train_tar or (f"{len(self.class_tars)} class tars" if self.class_tars else self.class_dirs)
         val = self.val_tar or self.val_flat or "no validation images"
-        return f"{self.kind}: train from {train}, val from {val}, labels from {self.labels or 'no label file'}"
+        return f"{self.kind}: train from {train}, val from {val}, labels from {self.labels or self.devkit or 'no label file'}"
 
 
 def recognise(raw: Path) -> RawLayout | None:
@@ -59,7 +62,8 @@ def recognise(raw: Path) -> RawLayout | None:
     val_tar = raw / "ILSVRC2012_img_val.tar"
     flat = raw / "val" if (raw / "val").is_dir() and any(p.is_file() for p in (raw / "val").iterdir()) else None
     return RawLayout("ILSVRC2012 tars", train_tar=train_tar if train_tar.is_file() else None, class_tars=class_tars,
-                     val_tar=val_tar if val_tar.is_file() else None, val_flat=flat, labels=labels)
+                     val_tar=val_tar if val_tar.is_file() else None, val_flat=flat, labels=labels,
+                     devkit=raw / DEVKIT if (raw / DEVKIT).is_file() else None)
 
 
 def hint(root: Path) -> str:
@@ -128,8 +132,11 @@ def _val(layout: RawLayout, out: Path, synsets: Path | None) -> None:
     if layout.val_tar is None and layout.val_flat is None:
         print("no validation images in the download: OUT/val/ is left to you")
         return
+    if layout.labels is None and layout.devkit is not None:
+        layout.labels, synsets = _from_devkit(layout.devkit, out / ".devkit", synsets)
     if layout.labels is None:
-        raise UserError(f"the validation images need their labels: put {' or '.join(LABEL_FILES)} beside them")
+        raise UserError(f"the validation images need their labels: put {' or '.join(LABEL_FILES)} or {DEVKIT} "
+                        "beside them")
     flat = layout.val_flat
     if layout.val_tar is not None:  # unpacked once into a hidden folder of OUT (the tar is flat)
         flat = out / ".val-flat"
@@ -152,6 +159,26 @@ def _val(layout: RawLayout, out: Path, synsets: Path | None) -> None:
                         f"of {layout.val_tar or layout.val_flat}: is it the label file of this download?")
     if layout.val_tar is not None:
         shutil.rmtree(flat)  # our own unpacked copy, not the user's input
+    shutil.rmtree(out / ".devkit", ignore_errors=True)
+
+
+def _from_devkit(devkit: Path, folder: Path, synsets: Path | None) -> tuple[Path, Path]:
+    """The devkit's ground truth and meta.mat (the synsets' ID order, unless --synsets gives it),
+    copied out of its tar into a hidden folder of OUT."""
+    folder.mkdir(parents=True, exist_ok=True)
+    wanted = {"ILSVRC2012_validation_ground_truth.txt", "meta.mat"}
+    try:
+        with tarfile.open(devkit) as tar:
+            for member in tar.getmembers():
+                if member.isfile() and Path(member.name).name in wanted:
+                    with tar.extractfile(member) as f:
+                        (folder / Path(member.name).name).write_bytes(f.read())
+    except (tarfile.TarError, EOFError, OSError) as err:
+        raise UserError(f"{devkit} cannot be read ({type(err).__name__}: {err}): download it again") from None
+    missing = sorted(name for name in wanted if not (folder / name).is_file())
+    if missing:
+        raise UserError(f"{devkit} holds no {' and no '.join(missing)}: is it ILSVRC2012's devkit (t12)?")
+    return folder / "ILSVRC2012_validation_ground_truth.txt", synsets or folder / "meta.mat"
 
 
 def _check_disk(layout: RawLayout, out: Path) -> None:

@@ -124,3 +124,29 @@ def test_bad_downloads_are_named(ilsvrc, tmp_path, monkeypatch):
     assert_user_error(run_cli("data", "prepare", ilsvrc, tmp_path / "other", check=False), "GiB free")
     assert_user_error(run_cli("data", "prepare", tmp_path / "nothing-here", out, check=False),
                       "is not an ImageNet download fastrsb knows")
+
+
+def test_devkit_labels_in_its_own_class_order(ilsvrc, tiny_data, tmp_path):
+    """Labelled by the devkit (image-net.org's download): the ground truth holds class numbers in
+    meta.mat's ILSVRC2012_ID order, which is not the sorted order of the wnids."""
+    import numpy as np
+    import scipy.io
+    (ilsvrc / "LOC_val_solution.csv").unlink()
+    wnids = sorted(p.name for p in (tiny_data / "train").iterdir())[::-1]  # ID 1 is the last wnid in sorted order
+    synsets = np.zeros((len(wnids) + 1, 1), dtype=[("ILSVRC2012_ID", "O"), ("WNID", "O"), ("num_children", "O")])
+    for i, wnid in enumerate(wnids):
+        synsets[i, 0] = (i + 1, wnid, 0)
+    synsets[len(wnids), 0] = (len(wnids) + 1, "n99_parent", 2)  # a non-leaf synset: not a class
+    scipy.io.savemat(tmp_path / "meta.mat", {"synsets": synsets})
+    truth = "".join(f"{wnids.index(wnid) + 1}\n" for _, _, wnid in _val_files(tiny_data))
+    with tarfile.open(ilsvrc / "ILSVRC2012_devkit_t12.tar.gz", "w:gz") as tar:
+        tar.add(tmp_path / "meta.mat", "ILSVRC2012_devkit_t12/data/meta.mat")
+        (tmp_path / "gt.txt").write_text(truth)
+        tar.add(tmp_path / "gt.txt", "ILSVRC2012_devkit_t12/data/ILSVRC2012_validation_ground_truth.txt")
+    out = tmp_path / "out"
+    run_cli("data", "prepare", ilsvrc, out)
+    _assert_prepared(out, tiny_data)
+    for wnid in wnids:  # each val image in its own class, as the original tree had it
+        assert sorted(p.read_bytes() for p in (out / "val" / wnid).iterdir()) == \
+            sorted(p.read_bytes() for p in (tiny_data / "val" / wnid).iterdir())
+    assert not (out / ".devkit").exists()
