@@ -53,6 +53,23 @@ def _version_key(version: str) -> tuple[int, ...]:
     return tuple(int(part) for part in version.split(".") if part.isdigit())
 
 
+def jpeg_engines(index: int) -> int | None:
+    """The GPU's hardware JPEG decoders, as NVML reports them for its whole-GPU instance profile
+    (MIG-capable GPUs: A100, H100, H200 report 5-7 there); None where NVML does not say."""
+    try:
+        import pynvml
+        pynvml.nvmlInit()
+        handle = pynvml.nvmlDeviceGetHandleByIndex(index)
+        for profile in (pynvml.NVML_GPU_INSTANCE_PROFILE_8_SLICE, pynvml.NVML_GPU_INSTANCE_PROFILE_7_SLICE):
+            try:
+                return int(pynvml.nvmlDeviceGetGpuInstanceProfileInfo(handle, profile).jpegCount)
+            except pynvml.NVMLError:
+                continue
+    except Exception:  # noqa: BLE001 - no NVML, or a GPU without MIG profiles: unknown, not an error
+        return None
+    return None
+
+
 def builds_too_new(driver_cuda: str | None, built: dict[str, str | None]) -> list[str]:
     """The builds whose CUDA major version the driver cannot run (a driver runs its own CUDA major
     and older ones, and newer minors of its major through minor-version compatibility)."""
@@ -71,8 +88,11 @@ def gpu_checks() -> list[Check]:
         props = torch.cuda.get_device_properties(index)
         with torch.cuda.device(index):
             amp = str(amp_dtype("cuda", True)).removeprefix("torch.")
+        engines = jpeg_engines(index)
+        jpeg = (f"{engines} hardware JPEG decoder(s)" if engines else "no hardware JPEG decoder reported by NVML "
+                "(nvJPEG's CUDA decoding)")
         checks.append(Check(f"gpu{index}", True, f"GPU {index}: {props.name}, {props.total_memory / 2**30:.0f} GiB, "
-                                                 f"compute capability {props.major}.{props.minor}, AMP {amp}"))
+                                                 f"compute capability {props.major}.{props.minor}, AMP {amp}, {jpeg}"))
     driver, driver_cuda = _driver_cuda()
     built = {"torch": torch.version.cuda, "DALI": _dali_cuda()}
     text = f"driver {driver or 'unknown'} (CUDA {driver_cuda or '?'}); torch built for CUDA {built['torch']}, " \

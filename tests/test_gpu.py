@@ -133,3 +133,9 @@ def test_gpu_probe_picks_a_micro_batch_and_leaves_the_model_as_it_was():
     assert steps * micro == 512 and micro % 2 == 0
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
     assert torch.equal(rng, torch.cuda.get_rng_state())
+
+
+def test_doctor_on_a_gpu(tiny_data):
+    proc = run_cli_process("doctor", "--data", tiny_data)
+    assert "GPU 0:" in proc.stdout and "compute capability" in proc.stdout and "decodes on the GPU" in proc.stdout
+    assert "hardware JPEG decoder" in proc.stdout  # a count on A100/H100/H200, "none reported" elsewhere
