@@ -244,6 +244,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", default=None, help="default: RUN_DIR/curves.png")
     p.set_defaults(func=cmd_plot)
 
+    _add_data_commands(sub)
+    return parser
+
+
+def _add_data_commands(sub) -> None:
+    """`fastrsb data demo | check | prepare | prepare-val | shrink`."""
     p = sub.add_parser("data", help="data tools")
     data_sub = p.add_subparsers(dest="data_command", required=True)
     d = data_sub.add_parser("demo", help="write the generated demo data set")
@@ -282,7 +288,6 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--quality", type=int, default=90, help="JPEG quality (default 90)")
     d.add_argument("--workers", type=int, default=None, help="processes (default: cores)")
     d.set_defaults(func=cmd_data_shrink)
-    return parser
 
 
 def main(argv: list[str] | None = None) -> int:
