@@ -122,7 +122,7 @@ def cmd_compare(args) -> int:
 
 def cmd_plot(args) -> None:
     from fastrsb.plot import plot_run
-    print(f"wrote {plot_run(args.run_dir, args.output)}")
+    print(f"wrote {plot_run(args.run_dir, args.output, args.backend)}")
 
 
 def cmd_data_demo(args) -> None:
@@ -242,6 +242,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("plot", help="loss, accuracy, LR, throughput and data-wait curves of a run, as a PNG")
     p.add_argument("run_dir")
     p.add_argument("-o", "--output", default=None, help="default: RUN_DIR/curves.png")
+    p.add_argument("--backend", choices=["auto", "matplotlib", "pillow"], default="auto",
+                   help="auto: matplotlib where installed (pip install \"fastrsb[plot]\"), else Pillow")
     p.set_defaults(func=cmd_plot)
 
     _add_data_commands(sub)

@@ -1,8 +1,10 @@
 """`fastrsb plot RUN_DIR`: loss, accuracy, learning rate and throughput curves from
-metrics.jsonl in one PNG. Drawn with Pillow (already installed with torchvision), so plotting
-needs no extra package."""
+metrics.jsonl in one PNG. Drawn with matplotlib where it is installed (pip install
+"fastrsb[plot]": real axes, ticks and legends), else with a small Pillow fallback (Pillow comes
+with torchvision), so plotting never needs an extra package."""
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 from pathlib import Path
@@ -74,26 +76,63 @@ def _panel(draw: ImageDraw.ImageDraw, left: int, top: int, title: str,
         draw.text((x0 + 8 + 110 * index, y0 + 4), name, fill=colour, font=font)
 
 
-def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
-    """Write RUN_DIR/curves.png (or `out`); returns its path."""
-    run_dir = Path(run_dir)
-    logs, epochs = read_metrics(run_dir)
-    out = Path(out) if out else run_dir / "curves.png"
-    image = Image.new("RGB", (3 * PANEL_W, 2 * PANEL_H), "white")
-    draw = ImageDraw.Draw(image)
-    font = ImageFont.load_default()
+Series = list[tuple[str, list[float], list[float]]]
+
+
+def panels(logs: list[dict], epochs: list[dict]) -> list[tuple[str, Series, bool]]:
+    """What is drawn, whatever draws it: (title, [(name, x, y)], log scale)."""
     lx = [r["epoch"] for r in logs]
     ex = [r["epoch"] for r in epochs]
-    _panel(draw, 0, 0, "loss", [("train (log steps)", lx, [r["loss"] for r in logs]),
-                                ("train (epoch mean)", ex, [r["train_loss"] for r in epochs]),
-                                ("val (cross-entropy)", ex, [r["val_loss"] for r in epochs])], font, log_y=True)
     accuracy = [("top-1", ex, [r["top1"] for r in epochs]), ("top-5", ex, [r["top5"] for r in epochs])]
     if any("ema_top1" in r for r in epochs):
         accuracy.append(("EMA top-1", ex, [r.get("ema_top1") for r in epochs]))
-    _panel(draw, PANEL_W, 0, "validation accuracy (%)", accuracy, font)
-    _panel(draw, 2 * PANEL_W, 0, "learning rate", [("lr", lx, [r["lr"] for r in logs])], font)
-    _panel(draw, 0, PANEL_H, "images/s per process", [("images/s", lx, [r["images_per_sec"] for r in logs])], font)
-    _panel(draw, PANEL_W, PANEL_H, "share of step time waiting for data (%)",
-           [("data wait", lx, [100 * r["data_wait"] for r in logs])], font)
+    return [("loss", [("train (log steps)", lx, [r["loss"] for r in logs]),
+                      ("train (epoch mean)", ex, [r["train_loss"] for r in epochs]),
+                      ("val (cross-entropy)", ex, [r["val_loss"] for r in epochs])], True),
+            ("validation accuracy (%)", accuracy, False),
+            ("learning rate", [("lr", lx, [r["lr"] for r in logs])], False),
+            ("images/s per process", [("images/s", lx, [r["images_per_sec"] for r in logs])], False),
+            ("share of step time waiting for data (%)", [("data wait", lx, [100 * r["data_wait"] for r in logs])], False)]
+
+
+def _draw_pillow(specs, out: Path) -> None:
+    image = Image.new("RGB", (3 * PANEL_W, 2 * PANEL_H), "white")
+    draw, font = ImageDraw.Draw(image), ImageFont.load_default()
+    for index, (title, series, log_y) in enumerate(specs):
+        _panel(draw, PANEL_W * (index % 3), PANEL_H * (index // 3), title, series, font, log_y=log_y)
     image.save(out)
+
+
+def _draw_matplotlib(specs, out: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")  # files only: no display needed
+    import matplotlib.pyplot as plt
+    figure, axes = plt.subplots(2, 3, figsize=(16.8, 6.0), dpi=100)
+    for axis, (title, series, log_y) in zip(axes.flat, specs):
+        for index, (name, xs, ys) in enumerate(series):
+            points = [(x, y) for x, y in zip(xs, ys) if y is not None and math.isfinite(y) and (y > 0 or not log_y)]
+            if points:
+                axis.plot(*zip(*points), label=name, color=COLOURS[index % len(COLOURS)],
+                          marker="o" if len(points) < 40 else None, markersize=3)
+        axis.set_title(title, fontsize=10)
+        axis.set_xlabel("epoch")
+        axis.set_yscale("log" if log_y else "linear")
+        axis.grid(alpha=0.3)
+        if any(len(xs) for _, xs, _ in series):
+            axis.legend(fontsize=8)
+    axes.flat[-1].axis("off")
+    figure.tight_layout()
+    figure.savefig(out)
+    plt.close(figure)
+
+
+def plot_run(run_dir: str | Path, out: str | Path | None = None, backend: str = "auto") -> Path:
+    """Write RUN_DIR/curves.png (or `out`); returns its path. backend: matplotlib, pillow, or auto
+    (matplotlib where it is installed)."""
+    run_dir = Path(run_dir)
+    logs, epochs = read_metrics(run_dir)
+    out = Path(out) if out else run_dir / "curves.png"
+    if backend == "auto":
+        backend = "matplotlib" if importlib.util.find_spec("matplotlib") else "pillow"
+    (_draw_matplotlib if backend == "matplotlib" else _draw_pillow)(panels(logs, epochs), out)
     return out

@@ -109,10 +109,11 @@ def test_run_folder_is_not_overwritten(run, tiny_data):
     assert (out / "metrics.jsonl").read_text() == before
 
 
-def test_plot_writes_the_curves(run, tmp_path):
+@pytest.mark.parametrize("backend", ["auto", "pillow"])  # auto: matplotlib (the test extra installs it)
+def test_plot_writes_the_curves(run, tmp_path, backend):
     from PIL import Image
     out, _ = run
-    proc = run_cli("plot", out, "-o", tmp_path / "curves.png")
+    proc = run_cli("plot", out, "-o", tmp_path / "curves.png", "--backend", backend)
     assert "curves.png" in proc.stdout
     image = Image.open(tmp_path / "curves.png").convert("RGB")
     assert image.size == (1680, 600)
