@@ -88,6 +88,16 @@ def agree(flags: list[bool], d: Dist) -> list[bool]:
     return [bool(v) for v in values.tolist()]
 
 
+def smallest(value: int, d: Dist) -> int:
+    """The smallest of every rank's value (a choice each rank made alone, which all must share)."""
+    if not d.on:
+        return value
+    device = "cuda" if dist.get_backend() == "nccl" else "cpu"
+    values = torch.tensor([value], device=device)
+    dist.all_reduce(values, op=dist.ReduceOp.MIN)
+    return int(values.item())
+
+
 @torch.no_grad()
 def average_bn_stats(model: nn.Module, d: Dist) -> None:
     """Average BatchNorm running statistics across ranks (timm's --dist-bn reduce), so every rank

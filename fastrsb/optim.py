@@ -62,19 +62,19 @@ class Lamb(torch.optim.Optimizer):
                 loss = closure()
         divisor = self._clip_divisor()
         work = []
-        for group in self.param_groups:
+        for index, group in enumerate(self.param_groups):
             params = [p for p in group["params"] if p.grad is not None]
             # A Python int step (one per group, as in timm): no device tensor to read back.
             group["step"] = group.get("step", 0) + 1
             if params:
-                work.append(self._group_work(group, params))
+                work.append(self._group_work(index, group, params))
         if work:
             if divisor is None:
                 divisor = torch.ones((), dtype=work[0]["params"][0].dtype, device=work[0]["params"][0].device)
             self._update_fn(work, divisor)  # every group in one call: one compiled graph
         return loss
 
-    def _group_work(self, group: dict, params: list[torch.Tensor]) -> dict:
+    def _group_work(self, index: int, group: dict, params: list[torch.Tensor]) -> dict:
         for p in params:
             if not self.state[p]:
                 self.state[p]["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
@@ -85,7 +85,8 @@ class Lamb(torch.optim.Optimizer):
         bc2 = 1 - beta2**step if group["bias_correction"] else 1.0
         # What changes from step to step goes in as 0-d device tensors, filled in place (a kernel
         # argument, no copy, no sync), so the compiled update never recompiles for a new LR.
-        scalars = self._scalars.setdefault(id(group), torch.zeros(3, dtype=params[0].dtype, device=params[0].device))
+        # Keyed by the group's position: load_state_dict replaces the group dicts, not their order.
+        scalars = self._scalars.setdefault(index, torch.zeros(3, dtype=params[0].dtype, device=params[0].device))
         for i, value in enumerate((group["lr"], bc1, math.sqrt(bc2))):
             scalars[i].fill_(value)
         return dict(params=params, grads=[p.grad for p in params], exp_avgs=[self.state[p]["exp_avg"] for p in params],

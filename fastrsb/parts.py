@@ -13,7 +13,7 @@ from torch import nn
 from fastrsb.accumulation import gpu_fits, plan
 from fastrsb.data_folder import explain_loader_error
 from fastrsb.device import amp_dtype
-from fastrsb.distributed import Dist
+from fastrsb.distributed import Dist, smallest
 from fastrsb.ema import ModelEma
 from fastrsb.errors import UserError
 from fastrsb.loss import make_loss
@@ -166,6 +166,9 @@ def build_run(recipe: dict, train_images: ImageList, val_images: ImageList, devi
     if device == "cuda" and grad_accum == "auto" and micro_batch is None:
         fits = gpu_fits(training.model, recipe["img_size"], training.dtype, len(train_images.classes))
     steps, micro = plan(recipe, d.world, grad_accum, micro_batch, fits)
+    if fits is not None:  # each rank probed its own GPU: all take the smallest, or their collectives part ways
+        micro = smallest(micro, d)  # a divisor of the per-process batch too (every candidate is)
+        steps = recipe["batch_size"] // d.world // micro
     check_micro_batch(recipe, d.world, steps, micro)
     train_data = open_train_loader(recipe, train_images, micro, device, d, num_threads, loader_state)
     val_data = open_val_loader(recipe, val_images, micro, device, d, num_threads)

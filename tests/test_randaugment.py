@@ -110,24 +110,30 @@ def _policy_pipeline(spec_string, images, impl=rand_augment):
     return policy()
 
 
+def _each_index_drawn(photos, config, apply):
+    """Sample j of one batch draws index j (the last: no op), magnitude 7.5 with alternating signs:
+    (op names, input images, apply's output, each op alone on the whole batch)."""
+    spec = parse_rand_augment(config)
+    names = [*_policy(spec)[0], "Identity"]
+    images = [photos[j % len(photos)] for j in range(len(names))]
+    signs = [(-1.0) ** j for j in range(len(names))]
+
+    @pipeline_def(batch_size=len(names), num_threads=1, device_id=None, enable_conditionals=True)
+    def drawn():
+        x = fn.external_source(source=[images], layout="HWC")
+        index = fn.external_source(source=[[np.int64(j) for j in range(len(names))]])
+        signed = fn.external_source(source=[[np.float32(7.5 * sign) for sign in signs]])
+        return (apply(x, spec, index, signed, SIZE), *(OPS[name](x, signed, SIZE) for name in names))
+    out, *alone = drawn().run()
+    return names, images, out, alone
+
+
 @pytest.mark.parametrize("config", ["rand-m6-mstd0.5-inc1", "rand-m9-mstd0.5"])
 def test_each_drawn_index_applies_its_op(photos, config):
     """The conditionals tree routes every sample to the op its draw named (and the last index,
     no op, to none): sample j of one batch draws index j, and must come out exactly as that op
     alone makes it."""
-    spec = parse_rand_augment(config)
-    ordered = _policy(spec)[0]
-    names = [*ordered, "Identity"]
-    images = [photos[j % len(photos)] for j in range(len(names))]
-    signs = [(-1.0) ** j for j in range(len(names))]
-
-    @pipeline_def(batch_size=len(names), num_threads=1, device_id=None, enable_conditionals=True)
-    def routed():
-        x = fn.external_source(source=[images], layout="HWC")
-        index = fn.external_source(source=[[np.int64(j) for j in range(len(names))]])
-        signed = fn.external_source(source=[[np.float32(7.5 * sign) for sign in signs]])
-        return (_apply_drawn(x, spec, index, signed, SIZE), *(OPS[name](x, signed, SIZE) for name in names))
-    tree, *alone = routed().run()
+    names, images, tree, alone = _each_index_drawn(photos, config, _apply_drawn)
     for j, name in enumerate(names):
         assert np.array_equal(np.asarray(tree[j]), np.asarray(alone[j][j])), name
 
@@ -193,18 +199,7 @@ def test_batch_wide_form_applies_the_drawn_op(photos, config):
     """Every op on the whole batch, neutral where the sample drew another: sample j draws index j
     and must come out as that op alone makes it (bit for bit, or within one level where only the
     rounding differs), and the last index (no op) leaves the image exactly as it was."""
-    spec = parse_rand_augment(config)
-    names = [*_policy(spec)[0], "Identity"]
-    images = [photos[j % len(photos)] for j in range(len(names))]
-    signs = [(-1.0) ** j for j in range(len(names))]
-
-    @pipeline_def(batch_size=len(names), num_threads=1, device_id=None)
-    def batched():
-        x = fn.external_source(source=[images], layout="HWC")
-        index = fn.external_source(source=[[np.int64(j) for j in range(len(names))]])
-        signed = fn.external_source(source=[[np.float32(7.5 * sign) for sign in signs]])
-        return (_apply_drawn_batched(x, spec, index, signed, SIZE), *(OPS[name](x, signed, SIZE) for name in names))
-    wide, *alone = batched().run()
+    names, images, wide, alone = _each_index_drawn(photos, config, _apply_drawn_batched)
     for j, name in enumerate(names):
         ours, reference = np.asarray(wide[j]).astype(int), np.asarray(alone[j][j]).astype(int)
         if name in ROUNDING:

@@ -43,15 +43,17 @@ def test_a_wrong_shard_stops_the_run_naming_the_rank(change, fragment):
 
 def test_two_processes_stop_together_on_a_wrong_shard(tmp_path):
     """Under torchrun, rank 1 lists one file fewer (a node whose copy of the data differs): both
-    ranks stop with a message (rank 0 names rank 1), neither waits for the other forever."""
+    ranks stop with a message (rank 0 names rank 1), neither waits for the other forever. Also the
+    agreement on a per-rank choice (the GPU probe's micro-batch): the smallest, on every rank."""
     import subprocess
     import sys
     script = tmp_path / "shards.py"
     script.write_text(
-        "from fastrsb.distributed import init_distributed, shutdown\n"
+        "from fastrsb.distributed import init_distributed, shutdown, smallest\n"
         "from fastrsb.errors import UserError\n"
         "from fastrsb.shards import check_shards\n"
         "d = init_distributed('cpu')\n"
+        "print(f'rank {d.rank}: micro-batch {smallest(64 - 32 * d.rank, d)}')  # each rank probed its own GPU\n"
         f"files = {FILES!r}[: 50 - d.rank]\n"
         "class Loader:\n"
         "    settings = {'shard_id': d.rank, 'num_shards': 2, 'seed': 0, 'repeats': 1}\n"
@@ -67,3 +69,5 @@ def test_two_processes_stop_together_on_a_wrong_shard(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "rank 0: stopped: rank 1 lists other files" in proc.stdout
     assert "rank 1: stopped: rank 0 found the data shards inconsistent" in proc.stdout
+    # The micro-batch each rank's probe chose alone: every rank takes the smallest.
+    assert "rank 0: micro-batch 32" in proc.stdout and "rank 1: micro-batch 32" in proc.stdout
