@@ -63,16 +63,23 @@ step 120 150 synthetic-jpegs python3 -c "
 import sys; sys.path.insert(0, 'benchmarks')
 from synthetic import synthetic_jpegs
 synthetic_jpegs('data/bench/synthetic-$J', $J)"
-# 2. RandAugment on the GPU, the two forms (issue 13: >= 20,000 img/s with A3's, batch 256).
-step 40 60 loader-aa-tree $BENCH $DATA --mode loader --loaders dali-gpu --steps 80 --aa-impl tree
+# 2. The loader alone, each in a process of its own (its own NVML memory; issue 13: >= 20,000 img/s
+#    with A3's RandAugment at batch 256, <= 1.5 GiB). Defaults: hw_decoder_load by GPU (1.0 on
+#    Hopper), DALI's own decoder buffer padding. The last: the CUDA decoding path's memory at 0.9.
 step 40 60 loader-aa-batch $BENCH $DATA --mode loader --loaders dali-gpu --steps 80 --aa-impl batch
+step 40 60 loader-aa-tree $BENCH $DATA --mode loader --loaders dali-gpu --steps 80 --aa-impl tree
 step 40 60 loader-noaa $BENCH $DATA --mode loader --loaders dali-gpu --steps 80 --aa none
-# 3. A3 end to end with the batch-wide form (compiled model and LAMB update; ~1 min compiling), then
-#    20 steps under torch.profiler: $OUT/profile/profile.txt says where a step's time goes.
-step 150 200 train-a3-batch $BENCH $DATA --mode train --recipe a3 --steps 120 --aa-impl batch --profile "$OUT/profile"
-# 4. The GPU tests (the batch-wide form against the CPU's, a compiled trainer run, resume).
+step 40 60 loader-noaa-hw0.9 $BENCH $DATA --mode loader --loaders dali-gpu --steps 80 --aa none --hw-decoder-load 0.9
+# 3. A3 end to end, the model compiled once (~1 min) for all variants: the step alone (the ceiling;
+#    issue 13: >= 10,000 img/s and >= 0.9x the step), then each loader setting in turn.
+step 150 240 train-a3-variants $BENCH $DATA --mode train --recipe a3 --steps 100 --variants step \
+    aa_impl=batch aa_impl=tree aa_impl=batch,high_priority_stream=true aa_impl=batch,hw_decoder_load=0.9 \
+    aa_impl=batch,workers=8 aa_impl=batch,prefetch=4
+# 4. The GPU tests (the batch-wide form against the CPU's, compiled runs with each speed key, resume).
 step 100 180 pytest-gpu python3 -m pytest -q -ra -m gpu tests -p no:cacheprovider
-# 5. The step alone (the ceiling for step 3) and the tree form end to end, if time is left.
-step 100 150 step-a3 $BENCH --mode step --recipe a3 --steps 60 --warmup 10
-step 150 200 train-a3-tree $BENCH $DATA --mode train --recipe a3 --steps 120 --aa-impl tree
+# 5. Where a step's time goes (20 steps under torch.profiler; inductor's cache makes this compile
+#    shorter), then CUDA graphs against the plain compiled step, if time is left.
+step 90 150 train-a3-profile $BENCH $DATA --mode train --recipe a3 --steps 60 --aa-impl batch --profile "$OUT/profile"
+step 120 200 train-a3-cuda-graphs $BENCH $DATA --mode train --recipe a3 --steps 100 --set cuda_graphs=true \
+    --variants step aa_impl=batch aa_impl=batch,high_priority_stream=true
 say "done ($(left)s left)"

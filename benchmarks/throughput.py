@@ -20,6 +20,7 @@ the boundaries. One JSON line per measurement, then a table (ratios against the 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import platform
@@ -40,7 +41,7 @@ def _cores() -> int:
 
 
 def make_loader(name: str, root: Path, batch: int, size: int, device: str, threads: int, aa: str | None,
-                hw_decoder_load: float = 0.9, aa_impl: str = "tree"):
+                hw_decoder_load: float | None = None, aa_impl: str = "tree"):
     if name.startswith("dali"):
         from fastrsb.pipelines import train_loader
         # The loader's default pixels, as the trainer takes them: float16 on the GPU, float32 on the
@@ -110,10 +111,13 @@ def measure_loader(name: str, args, root: Path) -> dict:
     return {"mode": "loader", "loader": name, "device": device, "img_size": args.img_size, "aa": aa,
             "batch_size": args.batch_size, "workers": threads, "steps": args.steps, "warmup": warmup,
             "queued_batches": queued, "pixels": pixels["dtype"],
-            **({"hw_decoder_load": args.hw_decoder_load} if name == "dali-gpu" else {}),
-            **({"pipelines": loader.settings["pipelines"], "aa_impl": loader.settings["aa_impl"]}
-               if name.startswith("dali") else {}),
+            **(_dali_settings(loader) if name.startswith("dali") else {}),
             "images_per_sec": args.steps * args.batch_size / seconds, **_memory(device, sampler)}
+
+
+def _dali_settings(loader) -> dict:
+    keys = ("pipelines", "aa_impl", "hw_decoder_load", "num_threads", "prefetch_queue_depth")
+    return {key: loader.settings[key] for key in keys if key in loader.settings}
 
 
 def _forever(loader):
@@ -138,31 +142,88 @@ def _timed(one_step, warmup: int, steps: int, device: str, sampler: MemorySample
     return seconds
 
 
-def measure_training(mode: str, args, root: Path | None, d) -> dict:
+# --variants: what may differ between the measurements of one process (one compile for them all).
+VARIANT_KEYS = {"aa_impl": str, "hw_decoder_load": float, "workers": int, "prefetch": int, "high_priority_stream": bool}
+
+
+def parse_variant(spec: str) -> dict:
+    """'step' (the step alone, on a synthetic device batch), 'default' (the command line's settings)
+    or 'key=value,...' over VARIANT_KEYS, e.g. 'aa_impl=batch,hw_decoder_load=1.0'."""
+    if spec in ("step", "default"):
+        return {"step": spec == "step"}
+    variant = {"step": False}
+    for item in spec.split(","):
+        key, _, text = item.partition("=")
+        if key not in VARIANT_KEYS or not text:
+            raise ValueError(f"variant {spec!r}: {item!r} is not KEY=VALUE with KEY one of {', '.join(VARIANT_KEYS)}")
+        kind = VARIANT_KEYS[key]
+        try:
+            if kind is bool and text.lower() not in ("true", "false"):
+                raise ValueError
+            variant[key] = text.lower() == "true" if kind is bool else kind(text)
+        except ValueError:
+            raise ValueError(f"variant {spec!r}: {key} takes a {kind.__name__}, not {text!r}") from None
+    if variant.get("aa_impl", "tree") not in ("tree", "batch"):
+        raise ValueError(f"variant {spec!r}: aa_impl is tree or batch")
+    return variant
+
+
+def measure_training(mode: str, args, root: Path | None, d) -> list[dict]:
     """--mode step (synthetic device-resident batch) or --mode train (DALI loader + mixing + step),
-    with the parts `fastrsb train` builds (fastrsb.parts): the same model, step, seeds and loader."""
-    from fastrsb.parts import build_training, open_train_loader
-    from fastrsb.pipelines import default_pixel_dtype, list_images
+    with the parts `fastrsb train` builds (fastrsb.parts): the same model, step, seeds and loader.
+    One result per --variants entry, all on the model and step built (and compiled) once."""
+    from fastrsb.parts import build_training
     from fastrsb.recipe import load_recipe
     device = "cuda" if torch.cuda.is_available() else "cpu"
     recipe = load_recipe(args.recipe, [f"img_size={args.img_size}", *args.overrides])
     training = build_training(recipe, args.num_classes, device, d)
+    specs = args.variants or ["step" if mode == "step" else "default"]
+    results = []
+    for spec in specs:
+        result = _measure_variant(parse_variant(spec), recipe, training, args, root, device, d,
+                                  _profile_folder(args, spec, len(specs), d))
+        results.append({**({"variant": spec} if args.variants else {}), **result})
+        gc.collect()  # the variant's loader (and its DALI pipelines) go before the next one's come
+    steps = [r for r in results if r["mode"] == "step"]
+    for r in results:  # the share of the step alone that the trainer's path keeps
+        if steps and r["mode"] == "train":
+            r["vs_step"] = round(r["images_per_sec"] / steps[0]["images_per_sec"], 3)
+    return results
+
+
+def _profile_folder(args, spec: str, count: int, d) -> Path | None:
+    if not args.profile or not d.main:
+        return None
+    return Path(args.profile) / spec.replace("=", "-").replace(",", "_") if count > 1 else Path(args.profile)
+
+
+def _measure_variant(variant: dict, recipe: dict, training, args, root: Path | None, device: str, d,
+                     profile_folder: Path | None) -> dict:
+    from fastrsb.device import step_stream
+    from fastrsb.parts import open_train_loader
+    from fastrsb.pipelines import default_pixel_dtype, list_images
     batch, size, lr = args.batch_size, args.img_size, recipe["lr"]
-    if mode == "step":
+    high_priority = variant.get("high_priority_stream", recipe["high_priority_stream"])
+    if high_priority and device != "cuda":
+        sys.exit("high_priority_stream needs a GPU")
+    if variant["step"]:
         pixels = getattr(torch, default_pixel_dtype(device))  # what the loaders hand over
         images = torch.randn(batch, 3, size, size, device=device, dtype=pixels).contiguous(memory_format=torch.channels_last)
         labels = torch.randint(0, args.num_classes, (batch,), device=device)
         next_batch = lambda: (images, labels)  # noqa: E731  (mixed by the step, as in training)
-        threads, augmentation = None, {}
+        threads, loader_settings, queued = None, {}, 0
     else:
         images = list_images(root)
         if len(images.classes) > args.num_classes:
             sys.exit(f"{root} has {len(images.classes)} classes, more than --num-classes {args.num_classes}")
-        threads = args.workers or max(1, _cores() // d.world)
-        loader = open_train_loader(recipe, images, batch, device, d, threads, hw_decoder_load=args.hw_decoder_load,
-                                   aa_impl=args.aa_impl)
-        augmentation = {key: loader.settings[key] for key in ("aa", "aa_impl", "repeats", "pipelines")}
-        next_batch = _forever(loader).__next__
+        threads = variant.get("workers", args.workers) or max(1, _cores() // d.world)
+        loader = open_train_loader(recipe, images, batch, device, d, threads,
+                                   hw_decoder_load=variant.get("hw_decoder_load", args.hw_decoder_load),
+                                   aa_impl=variant.get("aa_impl", args.aa_impl),
+                                   prefetch_queue_depth=variant.get("prefetch", 2))
+        loader_settings = {key: loader.settings[key] for key in ("aa", "repeats")}
+        loader_settings.update(_dali_settings(loader))
+        next_batch, queued = _forever(loader).__next__, loader.queued_batches
     sampler = MemorySampler()
     waits = []  # seconds in next(loader) per step, as the trainer's data share counts them
 
@@ -173,22 +234,24 @@ def measure_training(mode: str, args, root: Path | None, d) -> dict:
         training.step.accumulate(images, labels, group=1, last=True)
         training.step.apply(lr)
 
-    warmup = args.warmup if args.warmup is not None else 5
-    if mode == "train":
-        queued = loader.queued_batches
-        warmup = args.warmup if args.warmup is not None else max(5, 2 * queued)
+    warmup = args.warmup if args.warmup is not None else max(5, 2 * queued)
+    if queued:
         check_warmup(warmup, args.steps, queued, "train")
-    seconds = _timed(one_step, warmup, args.steps, device, sampler)
-    data_wait = sum(waits[-args.steps:]) / seconds
-    profiled = {}
-    if args.profile:  # after the timed steps, so that the profiler's overhead does not touch them
-        profiled = _profile(one_step, args.profile_steps, device, waits, Path(args.profile) if d.main else None)
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    with step_stream(device, high_priority):
+        seconds = _timed(one_step, warmup, args.steps, device, sampler)
+        profiled = {}
+        if args.profile:  # after the timed steps, so that the profiler's overhead does not touch them
+            profiled = _profile(one_step, args.profile_steps, device, waits, profile_folder)
+    mode = "step" if variant["step"] else "train"
     return {"mode": mode, "loader": "synthetic batch" if mode == "step" else ("dali-gpu" if device == "cuda" else "dali-cpu"),
             "device": device, "model": recipe["model"], "recipe": recipe["name"], "img_size": size, "batch_size": batch,
             "amp": str(training.dtype).removeprefix("torch.") if training.dtype else "float32",
-            "compiled": device == "cuda" and recipe["compile"], "workers": threads, **augmentation,
+            "compiled": device == "cuda" and recipe["compile"], "cuda_graphs": recipe["cuda_graphs"],
+            "high_priority_stream": high_priority, "workers": threads, **loader_settings,
             "steps": args.steps, "warmup": warmup, "images_per_sec": args.steps * batch / seconds,
-            "data_wait": data_wait, **profiled, **_memory(device, sampler)}
+            "data_wait": sum(waits[warmup:warmup + args.steps]) / seconds, **profiled, **_memory(device, sampler)}
 
 
 def _profile(one_step, steps: int, device: str, waits: list, folder: Path | None) -> dict:
@@ -361,21 +424,26 @@ def run_training(args, info: dict) -> None:
         if d.on:
             dist.barrier()  # rank 0 generates the synthetic JPEGs once
             root = _data_root(args)
-    result = measure_training(args.mode, args, root, d)
-    results = [result]
+    mine = measure_training(args.mode, args, root, d)
+    ranks = [mine]
     if d.on:
-        results = [None] * d.world
-        dist.all_gather_object(results, result)
+        ranks = [None] * d.world
+        dist.all_gather_object(ranks, mine)
     shutdown(d)
     if not d.main:
         return
-    result = {**info, **combine_ranks(results)}
-    _emit(result, args.json_out)
-    total = f", {result['images_per_sec_total']:,.0f} total over {result['world_size']}" if len(results) > 1 else ""
-    memory = result.get("nvml_process_gib") or result.get("peak_rss_gib")
-    print(f"\n{args.mode}: {result['model']} {result['img_size']} px, batch {result['batch_size']} per process, "
-          f"{result['amp']}{' compiled' if result['compiled'] else ''} on {info['device_name']}: "
-          f"{result['images_per_sec']:,.0f} img/s per process{total}; peak memory {memory} GiB")
+    results = [{**info, **combine_ranks([rank[i] for rank in ranks])} for i in range(len(mine))]
+    for result in results:
+        _emit(result, args.json_out)
+    first = results[0]
+    print(f"\n{first['model']} {first['img_size']} px, batch {first['batch_size']} per process, {first['amp']}"
+          f"{' compiled' if first['compiled'] else ''} on {info['device_name']}:")
+    for r in results:
+        total = f", {r['images_per_sec_total']:,.0f} total over {r['world_size']}" if len(ranks) > 1 else ""
+        memory = r.get("nvml_process_gib") or r.get("peak_rss_gib")
+        share = f" ({r['vs_step']:.2f}x the step)" if "vs_step" in r else ""
+        print(f"  {r.get('variant', r['mode']):<40} {r['images_per_sec']:>9,.0f} img/s per process{share}{total}; "
+              f"data wait {r['data_wait']:.0%}; peak memory {memory} GiB")
 
 
 def _data_root(args) -> Path:
@@ -406,9 +474,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--workers", type=int, default=None, help="DALI threads / DataLoader workers (default: cores)")
     p.add_argument("--aa-impl", choices=["tree", "batch"], default="tree",
                    help="DALI loaders: RandAugment as a conditionals tree or batch-wide (see pipelines/randaugment.py)")
-    p.add_argument("--hw-decoder-load", type=float, default=0.9,
-                   help="dali-gpu: the share of JPEGs sent to the hardware decoders (A100/H100), 0-1")
+    p.add_argument("--hw-decoder-load", type=float, default=None,
+                   help="dali-gpu: the share of JPEGs sent to the hardware decoders, 0-1 (default: the loader's, by GPU)")
     p.add_argument("--json-out", type=Path, help="also append the JSON lines to this file")
+    p.add_argument("--variants", nargs="+", metavar="SPEC",
+                   help="train mode: measure each in turn with the model built and compiled once: 'step' (the step "
+                        "alone), 'default', or KEY=VALUE[,KEY=VALUE] over " + ", ".join(VARIANT_KEYS) +
+                        " (workers: DALI threads; prefetch: DALI's queue depth), e.g. step aa_impl=tree "
+                        "aa_impl=batch,hw_decoder_load=1.0. NVML memory is the process's, cumulative")
     p.add_argument("--profile", nargs="?", const="profile", metavar="DIR",
                    help="step/train modes: after the timed steps, profile --profile-steps more with torch.profiler "
                         "and write DIR/profile.txt and profile.json (default DIR: profile)")
@@ -417,8 +490,16 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     if args.rounds < 1:
         p.error("--rounds must be at least 1")
-    if not 0.0 <= args.hw_decoder_load <= 1.0:
+    if args.hw_decoder_load is not None and not 0.0 <= args.hw_decoder_load <= 1.0:
         p.error("--hw-decoder-load must lie in [0, 1]")
+    if args.variants:
+        if args.mode != "train":
+            p.error("--variants is for --mode train ('step' among them measures the step alone)")
+        for spec in args.variants:
+            try:
+                parse_variant(spec)
+            except ValueError as err:
+                p.error(str(err))
     if args.mode != "step" and not args.data and not args.synthetic_jpegs:
         p.error(f"--mode {args.mode} needs --data DIR or --synthetic-jpegs N")
     info = {} if args.child else context()  # a child's parent adds it (versions, commit: the same)

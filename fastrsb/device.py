@@ -32,6 +32,26 @@ def autocast(device: str, dtype: torch.dtype | None):
     return torch.autocast(device, dtype=dtype) if dtype is not None else contextlib.nullcontext()
 
 
+@contextlib.contextmanager
+def step_stream(device: str, high_priority: bool):
+    """Run the block on a high-priority CUDA stream where asked (the recipe's high_priority_stream).
+    DALI's kernels run on its own streams at the default priority; when both have work waiting,
+    the GPU's block scheduler starts the step's first, so the loader takes the SMs the step leaves
+    idle instead of delaying it. DALI hands each batch to torch's current stream (the plugin makes
+    that stream wait for it), so nothing else changes. No-op on the CPU or when not asked."""
+    if device != "cuda" or not high_priority:
+        yield
+        return
+    outer = torch.cuda.current_stream()
+    inner = torch.cuda.Stream(priority=-100)  # out of range maps to the highest the GPU has
+    inner.wait_stream(outer)  # the weights and state the outer stream wrote
+    try:
+        with torch.cuda.stream(inner):
+            yield
+    finally:
+        outer.wait_stream(inner)
+
+
 def gpu_memory_line(model: torch.nn.Module, device: str) -> str | None:
     """What the run holds on its GPU before its first step: the loader's (DALI allocates outside
     torch: NVML's figure for this process minus torch's reserve) and the model's state (weights,

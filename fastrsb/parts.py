@@ -55,6 +55,7 @@ class Training:
     ema: ModelEma | None
     mixer: BatchMixer | None  # None when mixup and cutmix are off
     dtype: torch.dtype | None  # autocast dtype; None: float32
+    high_priority_stream: bool = False  # run the steps under fastrsb.device.step_stream
 
 
 def build_training(recipe: dict, num_classes: int, device: str, d: Dist = Dist()) -> Training:
@@ -66,6 +67,9 @@ def build_training(recipe: dict, num_classes: int, device: str, d: Dist = Dist()
     # ResNet-50 (and the CPU path serves tests and machines without a GPU).
     compiled = recipe["compile"] and device == "cuda"
     graphs = _cuda_graphs(recipe, device, d)
+    if recipe["high_priority_stream"] and device != "cuda":
+        raise UserError("high_priority_stream = true needs a GPU (this run is on the CPU): "
+                        "--set high_priority_stream=false")
     optimizer = make_optimizer(model, recipe, compiled=compiled, cuda_graphs=graphs)
     dtype = amp_dtype(device, recipe["amp"])
     scaler = torch.amp.GradScaler(device, enabled=dtype == torch.float16)
@@ -81,7 +85,7 @@ def build_training(recipe: dict, num_classes: int, device: str, d: Dist = Dist()
     ema = ModelEma(model, recipe["model_ema_decay"]) if recipe["model_ema"] else None
     prepare = mixer or PlainTargets(num_classes, recipe["smoothing"])
     step = TrainStep(step_model, optimizer, scaler, make_loss(recipe), prepare, device, dtype)
-    return Training(model, step, optimizer, scaler, ema, mixer, dtype)
+    return Training(model, step, optimizer, scaler, ema, mixer, dtype, recipe["high_priority_stream"])
 
 
 def _cuda_graphs(recipe: dict, device: str, d: Dist) -> bool:
@@ -106,14 +110,14 @@ def _open_loader(make, images: ImageList, *args, **kwargs):
 
 
 def open_train_loader(recipe: dict, images: ImageList, micro: int, device: str, d: Dist = Dist(),
-                      num_threads: int | None = None, state: dict | None = None, hw_decoder_load: float = 0.9,
-                      aa_impl: str = "tree"):
+                      num_threads: int | None = None, state: dict | None = None, hw_decoder_load: float | None = None,
+                      aa_impl: str = "tree", prefetch_queue_depth: int = 2):
     """The recipe's train loader for this rank's shard: its RandAugment and repeated augmentation,
     the shuffle seeded alike on every rank (disjoint shards), pixels in the loader's default dtype."""
     return _open_loader(train_loader, images, micro, recipe["img_size"], device=device, shard_id=d.rank,
                         num_shards=d.world, seed=recipe["seed"], num_threads=num_threads,
                         repeats=max(1, recipe["aug_repeats"]), aa=recipe["aa"], hw_decoder_load=hw_decoder_load,
-                        aa_impl=aa_impl, state=state)
+                        aa_impl=aa_impl, prefetch_queue_depth=prefetch_queue_depth, state=state)
 
 
 def open_val_loader(recipe: dict, images: ImageList, batch: int, device: str, d: Dist = Dist(),

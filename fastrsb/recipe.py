@@ -49,13 +49,17 @@ RECIPE_SCHEMA: dict[str, tuple[type, bool, str]] = {
     "amp": (bool, False, "mixed precision on the GPU (bf16, or fp16 with a GradScaler where bf16 is missing)"),
     "compile": (bool, False, "torch.compile the model and LAMB's update on the GPU"),
     "cuda_graphs": (bool, False, "with compile: replay the compiled step and LAMB update as CUDA graphs (one GPU, one process)"),
+    "high_priority_stream": (bool, False, "on the GPU: the training step on a high-priority CUDA stream, ahead of the "
+                                          "loader's kernels"),
     "seed": (int, False, "random seed"),
 }
 
 CHOICES = {"opt": {"lamb"}, "sched": {"cosine"}, "mixup_mode": {"batch"}}
 # Keys added after a checkpoint may have been written, with the value such a run had: resuming it
 # compares them as if they had been saved.
-ADDED_KEYS = {"cuda_graphs": False}
+ADDED_KEYS = {"cuda_graphs": False, "high_priority_stream": False}
+# Keys that change how fast a run computes, not what it computes: a resumed run may change them.
+SPEED_ONLY = {"cuda_graphs", "high_priority_stream"}
 BUILTIN = ("a1", "a2", "a3", "demo", "tiny")
 
 

@@ -16,7 +16,7 @@ from fastrsb.checkpoint import load_checkpoint, load_weights, save_checkpoint
 from fastrsb.distributed import Dist, gather_to_main
 from fastrsb.errors import UserError
 from fastrsb.parts import Run
-from fastrsb.recipe import ADDED_KEYS
+from fastrsb.recipe import ADDED_KEYS, SPEED_ONLY
 
 
 @dataclass
@@ -45,7 +45,8 @@ def load_for_resume(path: Path, recipe: dict, classes: list[str], d: Dist) -> di
     """The checkpoint at `path`, refused with a clear message if this run cannot continue it."""
     state = load_checkpoint(path)
     saved = {**ADDED_KEYS, **state["recipe"]}
-    differ = [f"{k} {saved.get(k)!r} -> {recipe[k]!r}" for k in recipe if k != "name" and saved.get(k) != recipe[k]]
+    differ = [f"{k} {saved.get(k)!r} -> {recipe[k]!r}" for k in recipe
+              if k != "name" and k not in SPEED_ONLY and saved.get(k) != recipe[k]]
     if differ:
         raise UserError(f"{path} was trained with another recipe ({'; '.join(differ[:4])}): resume with the "
                         "same recipe and --set values, or start a new --out")

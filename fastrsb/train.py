@@ -18,7 +18,7 @@ from fastrsb import __version__
 from fastrsb.checkpoint import load_checkpoint, load_weights
 from fastrsb.data_folder import check_headers, describe_counts, loader_batches, open_dataset, open_split
 from fastrsb.determinism import batch_hash, deterministic_mode
-from fastrsb.device import amp_dtype, autocast, gpu_memory_line, resolve_device
+from fastrsb.device import amp_dtype, autocast, gpu_memory_line, resolve_device, step_stream
 from fastrsb.distributed import Dist, agree, all_reduce_sum, average_bn_stats, check_in_step, init_distributed, shutdown
 from fastrsb.errors import UserError
 from fastrsb.model import make_model
@@ -60,7 +60,8 @@ def train(recipe: dict, data: str | Path, out: str | Path, device: str | None = 
             folder = RunFolder(out, recipe, d, resumed=pos if state else None)
             _announce(run, train_images, val_images, resume_path if state else None, pos, shards)
             stops = Stops(stop, stop_after_steps, d)
-            return _epochs(run, pos, folder, stops, log_every, deterministic)
+            with step_stream(device, run.training.high_priority_stream):
+                return _epochs(run, pos, folder, stops, log_every, deterministic)
     finally:
         shutdown(d)
 

@@ -150,6 +150,8 @@ def test_cuda_graphs_where_they_cannot_apply(tiny_data, tmp_path):
     assert_user_error(train(tiny_data, "--out", tmp_path / "a", "--set", "cuda_graphs=true"), "cuda_graphs", "needs a GPU")
     assert_user_error(train(tiny_data, "--out", tmp_path / "b", "--set", "cuda_graphs=true", "--set", "compile=false"),
                       "cuda_graphs = true needs compile = true")
+    assert_user_error(train(tiny_data, "--out", tmp_path / "c", "--set", "high_priority_stream=true"),
+                      "high_priority_stream = true needs a GPU")
 
 
 def test_counts_are_stated_against_imagenet(tiny_data, tmp_path):

@@ -106,13 +106,29 @@ def test_gpu_batch_wide_randaugment_matches_the_cpu(config, tiny_data):
     assert np.array_equal(run("gpu")[-1], images[-1].astype(int))  # no op: untouched on the GPU too
 
 
-def test_short_run_with_cuda_graphs(tiny_data, tmp_path):
+@pytest.mark.parametrize("speed_key", ["cuda_graphs", "high_priority_stream"])
+def test_short_run_with_a_speed_key(tiny_data, tmp_path, speed_key):
     proc = run_cli_process("train", "tiny", "--data", tiny_data, "--out", tmp_path, "--device", "cuda",
-                           "--set", "cuda_graphs=true", "--set", "epochs=2", "--log-every", "2")
+                           "--set", f"{speed_key}=true", "--set", "epochs=2", "--log-every", "2")
     assert proc.returncode == 0, proc.stderr
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows if r["kind"] == "epoch"] == [1, 2]
     assert all(math.isfinite(r["loss"]) for r in rows if r["kind"] == "log")
+
+
+def test_step_stream_hands_dali_batches_over_in_order(tiny_data):
+    """Inside step_stream the current stream is a high-priority one, DALI's batches arrive on it
+    intact (the same pixels as on the default stream), and the outer stream waits for its work."""
+    from fastrsb.device import step_stream
+    from fastrsb.pipelines import val_loader
+    want = [x.clone() for x, _ in val_loader(tiny_data / "val", 8, 40, 0.95, device="cuda")]
+    outer = torch.cuda.current_stream()
+    with step_stream("cuda", True):
+        inner = torch.cuda.current_stream()
+        assert inner != outer and inner.priority < outer.priority  # lower is higher
+        got = [(x.float() * 2).half() for x, _ in val_loader(tiny_data / "val", 8, 40, 0.95, device="cuda")]
+    assert torch.cuda.current_stream() == outer
+    assert all(torch.equal((w.float() * 2).half(), g) for w, g in zip(want, got)) and len(got) == len(want)
 
 
 def test_startup_states_gpu_memory(tiny_data, tmp_path):

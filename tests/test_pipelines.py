@@ -160,6 +160,26 @@ def test_gpu_loaders(tiny_data):
     assert images.is_contiguous(memory_format=torch.channels_last)
     seen = sum(labels.numel() for _, labels in val_loader(tiny_data / "val", 8, 40, 0.95, device="cuda"))
     assert seen == 20
+    from fastrsb.pipelines.loader import default_hw_decoder_load
+    share = train_loader(tiny_data / "train", 8, 32, device="cuda").settings["hw_decoder_load"]
+    assert share == default_hw_decoder_load(torch.cuda.current_device())
+
+
+@pytest.mark.parametrize("capability,share", [((8, 0), 0.75), ((9, 0), 1.0), ((10, 0), 1.0), ((7, 0), 1.0)])
+def test_hardware_decoder_share_by_gpu(monkeypatch, capability, share):
+    """One engine (A100, A30): NVIDIA's measured split with the CUDA path; seven (Hopper on): all
+    to the engines; GPUs without engines ignore the share."""
+    from fastrsb.pipelines.loader import default_hw_decoder_load
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    assert default_hw_decoder_load(0) == share
+
+
+def test_hardware_decoder_share_outside_0_1_is_refused(tiny_data):
+    for make in (lambda: train_loader(tiny_data / "train", 4, 32, device="cpu", hw_decoder_load=1.5),
+                 lambda: val_loader(tiny_data / "val", 4, 40, 0.95, device="cpu", hw_decoder_load=-0.1)):
+        with pytest.raises(DatasetError, match="hw_decoder_load is a share of the images, from 0 to 1"):
+            make()
+    assert "hw_decoder_load" not in train_loader(tiny_data / "train", 4, 32, device="cpu").settings
 
 
 def _take(loader, count, into):

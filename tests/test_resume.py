@@ -9,6 +9,7 @@ import torch
 
 from conftest import run_cli
 from fastrsb.checkpoint import load_checkpoint
+from fastrsb.errors import UserError
 from fastrsb.recipe import load_recipe
 from fastrsb.train import train
 
@@ -207,11 +208,26 @@ def test_eval_of_the_ema_weights(tiny_data, uninterrupted, tmp_path):
 
 
 def test_checkpoint_from_before_a_recipe_key_was_added_resumes(tiny_data, tmp_path):
-    """A checkpoint written before `cuda_graphs` existed holds a recipe without it: it resumes as
-    the value such a run had (false), instead of "trained with another recipe"."""
+    """A checkpoint written before `cuda_graphs` and `high_priority_stream` existed holds a recipe
+    without them: it resumes as the value such a run had (false), instead of "trained with another
+    recipe"."""
     first = _train(tiny_data, tmp_path, stop_after_steps=2)
     assert first["stopped"]
     state = load_checkpoint(tmp_path / "last.pt")
-    del state["recipe"]["cuda_graphs"]
+    del state["recipe"]["cuda_graphs"], state["recipe"]["high_priority_stream"]
     torch.save(state, tmp_path / "last.pt")
+    assert not _train(tiny_data, tmp_path, resume="auto").get("stopped")
+
+
+def test_a_speed_only_key_may_change_on_resume(tiny_data, tmp_path):
+    """cuda_graphs and high_priority_stream change how fast a run computes, not what: a run saved
+    with them on (a GPU) continues with them off (here, the CPU); any other key is refused."""
+    _train(tiny_data, tmp_path, stop_after_steps=2)
+    state = load_checkpoint(tmp_path / "last.pt")
+    state["recipe"].update(cuda_graphs=True, high_priority_stream=True)
+    torch.save(state, tmp_path / "last.pt")
+    state["recipe"]["smoothing"] = 0.3
+    torch.save(state, tmp_path / "other.pt")
+    with pytest.raises(UserError, match="another recipe \\(smoothing 0.3 -> "):
+        _train(tiny_data, tmp_path, resume=str(tmp_path / "other.pt"))
     assert not _train(tiny_data, tmp_path, resume="auto").get("stopped")
