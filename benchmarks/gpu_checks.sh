@@ -74,7 +74,7 @@ step 40 60 loader-noaa-hw0.9 $BENCH $DATA --mode loader --loaders dali-gpu --ste
 #    issue 13: >= 10,000 img/s and >= 0.9x the step), then each loader setting in turn.
 step 150 240 train-a3-variants $BENCH $DATA --mode train --recipe a3 --steps 100 --variants step \
     aa_impl=batch aa_impl=tree aa_impl=batch,high_priority_stream=true aa_impl=batch,hw_decoder_load=0.9 \
-    aa_impl=batch,workers=8 aa_impl=batch,prefetch=4
+    aa_impl=batch,workers=16 aa_impl=batch,prefetch=4
 # 4. The GPU tests (the batch-wide form against the CPU's, compiled runs with each speed key, resume).
 step 100 180 pytest-gpu python3 -m pytest -q -ra -m gpu tests -p no:cacheprovider
 # 5. Where a step's time goes (20 steps under torch.profiler; inductor's cache makes this compile

@@ -216,14 +216,15 @@ def _measure_variant(variant: dict, recipe: dict, training, args, root: Path | N
         images = list_images(root)
         if len(images.classes) > args.num_classes:
             sys.exit(f"{root} has {len(images.classes)} classes, more than --num-classes {args.num_classes}")
-        threads = variant.get("workers", args.workers) or max(1, _cores() // d.world)
-        loader = open_train_loader(recipe, images, batch, device, d, threads,
+        # Threads: the trainer's default (the loader's: this process's share of the cores, at most 8)
+        # unless told otherwise, so that what is measured is what `fastrsb train` runs.
+        loader = open_train_loader(recipe, images, batch, device, d, variant.get("workers", args.workers),
                                    hw_decoder_load=variant.get("hw_decoder_load", args.hw_decoder_load),
                                    aa_impl=variant.get("aa_impl", args.aa_impl),
                                    prefetch_queue_depth=variant.get("prefetch", 2))
         loader_settings = {key: loader.settings[key] for key in ("aa", "repeats")}
         loader_settings.update(_dali_settings(loader))
-        next_batch, queued = _forever(loader).__next__, loader.queued_batches
+        next_batch, queued, threads = _forever(loader).__next__, loader.queued_batches, loader.settings["num_threads"]
     sampler = MemorySampler()
     waits = []  # seconds in next(loader) per step, as the trainer's data share counts them
 
@@ -471,7 +472,8 @@ def main(argv: list[str] | None = None) -> None:
                         "batches the loader holds in its queues")
     p.add_argument("--rounds", type=int, default=1,
                    help="loader mode: measure every loader this many times, round-robin, and report the median")
-    p.add_argument("--workers", type=int, default=None, help="DALI threads / DataLoader workers (default: cores)")
+    p.add_argument("--workers", type=int, default=None,
+                   help="DALI threads / DataLoader workers (default: loader mode, cores; train mode, the trainer's)")
     p.add_argument("--aa-impl", choices=["tree", "batch"], default="tree",
                    help="DALI loaders: RandAugment as a conditionals tree or batch-wide (see pipelines/randaugment.py)")
     p.add_argument("--hw-decoder-load", type=float, default=None,

@@ -197,7 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", help="ImageNet-style folder with train/<class>/ and val/<class>/ (demo: generated)")
     p.add_argument("--out", help="run folder (default runs/<recipe>-<time>)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="default: cuda if present")
-    p.add_argument("--threads", type=int, default=None, help="DALI CPU threads (default: cores, at most 8)")
+    p.add_argument("--threads", type=int, default=None, help="DALI CPU threads per process (default: its share of the cores, at most 8)")
     p.add_argument("--log-every", type=int, default=50, help="steps between progress updates (host syncs)")
     p.add_argument("--resume", metavar="auto|CKPT", default=None,
                    help="continue exactly: 'auto' takes --out's last.pt (starts fresh if there is none)")

@@ -39,6 +39,17 @@ def test_default_stream_does_not_depend_on_the_core_count(tiny_data):
     assert_same_batches(batches(1), batches(5))
 
 
+@pytest.mark.parametrize("cores,local_processes,threads", [(16, None, 8), (16, "8", 2), (2, "4", 1), (64, "4", 8)])
+def test_default_threads_share_the_cores_between_local_processes(tiny_data, monkeypatch, cores, local_processes, threads):
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(cores)))
+    if local_processes:
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", local_processes)
+    else:
+        monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    assert train_loader(tiny_data / "train", 8, 32, device="cpu").settings["num_threads"] == threads
+    assert val_loader(tiny_data / "val", 8, 40, 0.95, device="cpu").settings["num_threads"] == threads
+
+
 def test_train_labels_follow_sorted_folders(tiny_data):
     listing = list_images(tiny_data / "train")
     assert listing.classes == sorted(listing.classes)
