@@ -317,26 +317,38 @@ def rand_augment(images, spec: RandAugmentSpec, size: int, batched: bool = False
 # merges, which is what a GPU pays for (launches: A3's RandAugment took the H200 loader from 26.5k
 # to 9.1k img/s). Here every op runs once on the whole batch, with parameters that leave a sample
 # exactly as it is (tested bit for bit) unless its draw named that op: one warp (identity matrix),
-# one equalize blended in by a 0/1 weight, one arithmetic pass for AutoContrast, Color, Contrast and
-# Brightness (x + w (degenerate - x), w = 0), one integer pass for Invert, Solarize, SolarizeAdd and
-# Posterize (x & 255, x ^ 0, + 0), one 3x3 filter (identity kernel). No conditionals.
+# one float pass for every op that is an affine map of the image, its grey or its equalized copy
+# (AutoContrast, Invert, Brightness, Contrast, Color, Equalize), one integer pass for Solarize,
+# SolarizeAdd and Posterize (x ^ 0, + 0, x & 255), one 3x3 filter (identity kernel). No conditionals.
+# Each DALI arithmetic operator is a node of its own with a buffer of its own (DALI does not fuse
+# expressions), so the per-sample parameters are combined first, on a number per sample, and the
+# image is touched by as few nodes as possible, in uint8 where it can be: 20 image-sized nodes a
+# layer, three of them float32 (the first version: 32, seventeen float32).
+
+# v - 0.5 + 2**-10, rounded to the nearest integer by the cast to uint8, is floor(v) -- PIL's
+# truncation -- for every v whose fraction is below 1 - 2**-10 (exactly so for integer v, the
+# untouched samples), in one node fewer than floor then cast, and whatever way the device breaks ties.
+_FLOOR_BY_ROUNDING = -0.5 + 2.0 ** -10
+
 
 def _where(flag, value, neutral):
-    """Per sample: `value` where flag (0/1) is 1, else `neutral`."""
+    """Per sample: `value` where flag (0/1) is 1, else `neutral` (exactly either: 1 * v + 0 * n)."""
     return flag * value + (1.0 - flag) * neutral
+
+
+def _uint8(node):
+    return fn.cast(node, dtype=types.UINT8)
 
 
 def _apply_drawn_batched(images, spec: RandAugmentSpec, index, signed, size: int):
     """What _apply_drawn computes (ordered[index] on each sample), batch-wide."""
     ordered = _policy(spec)[0]
-    enhance = _enhance_increasing_factor if spec.increasing else _enhance_factor
     flag = {name: fn.cast(index == ordered.index(name), dtype=types.FLOAT) for name in ordered}
 
     def is_op(*names):  # 1.0 where the sample drew one of `names` (0.0 if none is in the set)
         present = [flag[n] for n in names if n in flag]
         return sum(present[1:], present[0]) if present else types.Constant(0.0)
 
-    level = _level(signed)
     shapes = [name for name in ordered if name in GEOMETRIC]
     if shapes:  # one warp: the drawn geometric op's matrix, the identity for every other sample
         kind = index - ordered.index(shapes[0])
@@ -345,47 +357,69 @@ def _apply_drawn_batched(images, spec: RandAugmentSpec, index, signed, size: int
             matrix = matrix * is_op(*shapes)
         identity = types.Constant(np.eye(3, dtype=np.float32))
         images = _warp(images, matrix + (1.0 - is_op(*shapes)) * identity, size)
+    images = _affine_pass(images, spec, flag, is_op, signed)
+    images = _integer_pass(images, spec, is_op, signed)
+    return _sharpen(images, spec, is_op, signed)
 
-    # Equalize (DALI's, as the tree's): blended in by a 0/1 weight.
-    x = _float(images)
-    if "Equalize" in flag:
-        x = x + _on(flag["Equalize"], images) * (_float(fn.equalize(images)) - x)
-    # AutoContrast: each channel's [min, max] to [0, 255] where the sample drew it and the channel is not flat.
-    if "AutoContrast" in flag:
-        low = fn.cast(fn.reductions.min(images, axis_names="HW", keep_dims=True), dtype=types.FLOAT)
-        spread = fn.cast(fn.reductions.max(images, axis_names="HW", keep_dims=True), dtype=types.FLOAT) - low
-        stretch = _on(flag["AutoContrast"], images) * (spread > 0.0)
-        x = x + stretch * (dmath.floor((x - low) * (255.0 / (spread + (spread <= 0.0)))) - x)
-    # Color, Contrast, Brightness: PIL's blend(degenerate, image, f) = x + (1 - f) (degenerate - x).
+
+def _affine_pass(images, spec: RandAugmentSpec, flag: dict, is_op, signed):
+    """v = A (s - L) + b grey + c, one cast to uint8. s: the image, or its equalized copy where
+    the sample drew Equalize (picked in uint8: x ^ (x ^ eq) = eq). Per sample: AutoContrast,
+    A = 255 / (max - min) and L = min per channel (a flat channel: A = 1, L = 0); Brightness,
+    Contrast, Color with factor f: A = f, and b = 1 - f (Color's grey, PIL's L) or c = (1 - f)
+    x the mean grey, rounded (Contrast's); Invert: A = -1, c = 255; otherwise A = 1, b = c = 0."""
+    enhance = _enhance_increasing_factor if spec.increasing else _enhance_factor
     color, contrast, bright = (is_op(f"{op}Increasing" if spec.increasing else op)
                                for op in ("Color", "Contrast", "Brightness"))
-    weight = (color + contrast + bright) * (1.0 - enhance(signed))  # 0 for every other sample
-    grey = fn.reductions.sum(x * _constant(LUMA, (1, 1, 3)), axes=[2], keep_dims=True)  # per pixel
-    means = fn.reductions.mean(x, axis_names="HW", keep_dims=True)
-    centre = dmath.floor(fn.reductions.sum(means * _constant(LUMA, (1, 1, 3)), axes=[2], keep_dims=True) + 0.5)
-    degenerate = _on(color, images) * grey + _on(contrast, images) * centre  # Brightness: black (0)
-    x = _to_uint8(x + _on(weight, images) * (degenerate - x))
-    # Invert and Solarize: x ^ 255 from a threshold on; SolarizeAdd: + add below 128; Posterize: x & mask.
+    factor, invert = enhance(signed), is_op("Invert")
+    enhancer = color + contrast + bright
+    slope = _where(enhancer, factor, 1.0 - 2.0 * invert)  # one number per sample, on the CPU
+    offset = invert * 255.0 + _FLOOR_BY_ROUNDING
+    source = images
+    if "Equalize" in flag:
+        source = images ^ (_on(_uint8(flag["Equalize"]), images) * (images ^ fn.equalize(images)))
+    if "AutoContrast" in flag:  # min and max per channel, (1, 1, 3) per sample
+        low = fn.reductions.min(images, axis_names="HW", keep_dims=True)
+        spread = fn.cast(fn.reductions.max(images, axis_names="HW", keep_dims=True) - low, dtype=types.FLOAT)
+        stretch = flag["AutoContrast"] * (spread > 0.0)
+        slope = _where(stretch, 255.0 / (spread + (spread <= 0.0)), slope)
+        source = source - _uint8(stretch * low)  # >= 0: the stretched channels' samples hold their own min
+    value = slope * source
+    if any(name in flag for name in ("Color", "Contrast", "ColorIncreasing", "ContrastIncreasing")):
+        grey = fn.color_space_conversion(images, image_type=types.RGB, output_type=types.GRAY)  # PIL's L, +-1
+        centre = dmath.floor(fn.reductions.mean(grey, axis_names="HW", keep_dims=True, dtype=types.FLOAT) + 0.5)
+        value = value + color * (1.0 - factor) * grey
+        offset = offset + contrast * (1.0 - factor) * centre
+    return _uint8(value + offset)
+
+
+def _integer_pass(images, spec: RandAugmentSpec, is_op, signed):
+    """Solarize (x ^ 255 from a threshold on; 256: none), SolarizeAdd (+ add below 128) and
+    Posterize (x & mask), neutral for every other sample; all in uint8."""
+    level = _level(signed)
     solar = is_op("SolarizeIncreasing" if spec.increasing else "Solarize")
     solar_threshold = dmath.min(256.0, dmath.floor(level * (256.0 / MAX_LEVEL)))
     if spec.increasing:
         solar_threshold = 256.0 - solar_threshold
-    threshold = _where(is_op("Invert"), 0.0, _where(solar, solar_threshold, 256.0))
+    threshold = _where(solar, solar_threshold, 256.0)
     add = is_op("SolarizeAdd") * dmath.min(128.0, dmath.floor(level * (110.0 / MAX_LEVEL)))
     poster = is_op("PosterizeIncreasing" if spec.increasing else "Posterize")
     bits = 4.0 - _bits(signed) if spec.increasing else _bits(signed)
     mask = _where(poster, 256.0 - dmath.pow(2.0, 8.0 - bits), 255.0)
-    x = x & _on(fn.cast(mask, dtype=types.UINT8), images)
-    x = x ^ ((fn.cast(x, dtype=types.FLOAT) >= _on(threshold, images)) * types.Constant(255, dtype=types.UINT8))
-    x = x + (x < types.Constant(128, dtype=types.UINT8)) * _on(fn.cast(add, dtype=types.UINT8), images)
-    # Sharpness: one 3x3 filter, the identity kernel where the sample drew another op.
-    sharp = is_op("SharpnessIncreasing" if spec.increasing else "Sharpness")
-    factor = _where(sharp, enhance(signed), 1.0)
+    x = images & _on(_uint8(mask), images)
+    x = x ^ ((x >= _on(threshold, images)) * types.Constant(255, dtype=types.UINT8))  # uint8 >= float: exact
+    return x + (x < types.Constant(128, dtype=types.UINT8)) * _on(_uint8(add), images)
+
+
+def _sharpen(images, spec: RandAugmentSpec, is_op, signed):
+    """Sharpness: one 3x3 filter, the identity kernel where the sample drew another op."""
+    enhance = _enhance_increasing_factor if spec.increasing else _enhance_factor
+    factor = _where(is_op("SharpnessIncreasing" if spec.increasing else "Sharpness"), enhance(signed), 1.0)
     blur = np.array([[1, 1, 1], [1, 5, 1], [1, 1, 1]], dtype=np.float32) / 13.0
     identity = np.zeros((3, 3), dtype=np.float32)
     identity[1, 1] = 1.0
     kernel = types.Constant(blur) * (1.0 - factor) + types.Constant(identity) * factor
-    return fn.filter(x, _on(kernel, images))
+    return fn.filter(images, _on(kernel, images))
 
 
 def rand_augment_batched(images, spec: RandAugmentSpec, size: int):

@@ -189,7 +189,8 @@ def test_train_loader_applies_it(tiny_data):
 
 
 # Where the batch-wide form is exact, and where it rounds differently from the tree's fused CPU
-# operators (which round where PIL truncates; the batch-wide arithmetic truncates as PIL does).
+# operators (which round where PIL truncates; the batch-wide arithmetic truncates as PIL does, and
+# its Color and Contrast take PIL's integer grey, so that it agrees with timm almost everywhere).
 ROUNDING = {"AutoContrast", "Color", "Contrast", "Brightness", "ColorIncreasing", "ContrastIncreasing",
             "BrightnessIncreasing"}
 
@@ -211,7 +212,9 @@ def test_batch_wide_form_applies_the_drawn_op(photos, config):
 
 @pytest.mark.parametrize("name", sorted(ROUNDING))
 def test_batch_wide_enhancers_match_timm(name, photos, monkeypatch):
-    """The ops whose batch-wide form differs from the tree's, compared with timm directly."""
+    """The ops whose batch-wide form differs from the tree's, compared with timm directly: at most
+    one level apart, on under 1% of the values (measured: under 0.2% for Color, none for Contrast and
+    Brightness; a grey value DALI and PIL round differently, a stretched value at a whole number)."""
     spec = parse_rand_augment("rand-m9-mstd0.5-inc1" if name.endswith("Increasing") else "rand-m9-mstd0.5")
     position = _policy(spec)[0].index(name)
     for level in (3.3, 9.5):
@@ -224,8 +227,8 @@ def test_batch_wide_enhancers_match_timm(name, photos, monkeypatch):
                 return _apply_drawn_batched(x, spec, index, signed, SIZE)
             (out,) = one().run()
             for image, mine in zip(photos, out):
-                theirs = _timm_op(name, image, level, sign, monkeypatch)
-                assert np.abs(np.asarray(mine).astype(int) - theirs.astype(int)).mean() <= _bound(name), (level, sign)
+                difference = np.abs(np.asarray(mine).astype(int) - _timm_op(name, image, level, sign, monkeypatch))
+                assert difference.max() <= 1 and (difference > 0).mean() < 0.01, (level, sign)
 
 
 def test_loader_takes_either_form(tiny_data):
