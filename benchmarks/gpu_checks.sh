@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
 # Every GPU check, as ONE device call of at most 8 minutes: the checks in priority order, each under
 # its own timeout, skipping what no longer fits the deadline; 6 files under $OUT (log.txt, steps.txt,
-# gpu.jsonl, dmon.txt, profile/profile.txt and .json). Commit gpu.jsonl and the profile under
-# benchmarks/results/ with the GPU's name.
+# gpu.jsonl, dmon.txt, profile/profile.txt and .json). Planned: ~25 s setup, ~35 s engines and
+# JPEGs, ~60 s for the four loader processes, ~160 s for A3 with seven variants (one compile),
+# ~50 s profile, then the GPU tests (~2-3 min) and CUDA graphs with what is left. The benchmark
+# prints each JSON line as it is measured, so a check cut by its timeout keeps what it finished.
+# Commit gpu.jsonl and the profile under benchmarks/results/ with the GPU's name.
 #
 #   bash benchmarks/gpu_checks.sh [BUDGET_SECONDS]      (default 470; run from the project root)
 #
@@ -75,11 +78,13 @@ step 40 60 loader-noaa-hw0.9 $BENCH $DATA --mode loader --loaders dali-gpu --ste
 step 150 240 train-a3-variants $BENCH $DATA --mode train --recipe a3 --steps 100 --variants step \
     aa_impl=batch aa_impl=tree aa_impl=batch,high_priority_stream=true aa_impl=batch,hw_decoder_load=0.9 \
     aa_impl=batch,workers=16 aa_impl=batch,prefetch=4
-# 4. The GPU tests (the batch-wide form against the CPU's, compiled runs with each speed key, resume).
-step 100 180 pytest-gpu python3 -m pytest -q -ra -m gpu tests -p no:cacheprovider
-# 5. Where a step's time goes (20 steps under torch.profiler; inductor's cache makes this compile
-#    shorter), then CUDA graphs against the plain compiled step, if time is left.
-step 90 150 train-a3-profile $BENCH $DATA --mode train --recipe a3 --steps 60 --aa-impl batch --profile "$OUT/profile"
+# 4. Where a step's time goes: 15 steps under torch.profiler (inductor's cache from step 3 makes
+#    this compile short).
+step 60 100 train-a3-profile $BENCH $DATA --mode train --recipe a3 --steps 30 --aa-impl batch \
+    --profile "$OUT/profile" --profile-steps 15
+# 5. The GPU tests (the batch-wide form against the CPU's, compiled runs with each speed key, resume).
+step 100 200 pytest-gpu python3 -m pytest -q -ra -m gpu tests -p no:cacheprovider
+# 6. CUDA graphs against the plain compiled step, if time is left.
 step 120 200 train-a3-cuda-graphs $BENCH $DATA --mode train --recipe a3 --steps 100 --set cuda_graphs=true \
     --variants step aa_impl=batch aa_impl=batch,high_priority_stream=true
 say "done ($(left)s left)"

@@ -168,27 +168,22 @@ def parse_variant(spec: str) -> dict:
     return variant
 
 
-def measure_training(mode: str, args, root: Path | None, d) -> list[dict]:
+def measure_training(mode: str, args, root: Path | None, d):
     """--mode step (synthetic device-resident batch) or --mode train (DALI loader + mixing + step),
     with the parts `fastrsb train` builds (fastrsb.parts): the same model, step, seeds and loader.
-    One result per --variants entry, all on the model and step built (and compiled) once."""
+    Yields one result per --variants entry as it is measured, all on the model and step built (and
+    compiled) once."""
     from fastrsb.parts import build_training
     from fastrsb.recipe import load_recipe
     device = "cuda" if torch.cuda.is_available() else "cpu"
     recipe = load_recipe(args.recipe, [f"img_size={args.img_size}", *args.overrides])
     training = build_training(recipe, args.num_classes, device, d)
     specs = args.variants or ["step" if mode == "step" else "default"]
-    results = []
     for spec in specs:
         result = _measure_variant(parse_variant(spec), recipe, training, args, root, device, d,
                                   _profile_folder(args, spec, len(specs), d))
-        results.append({**({"variant": spec} if args.variants else {}), **result})
         gc.collect()  # the variant's loader (and its DALI pipelines) go before the next one's come
-    steps = [r for r in results if r["mode"] == "step"]
-    for r in results:  # the share of the step alone that the trainer's path keeps
-        if steps and r["mode"] == "train":
-            r["vs_step"] = round(r["images_per_sec"] / steps[0]["images_per_sec"], 3)
-    return results
+        yield {**({"variant": spec} if args.variants else {}), **result}
 
 
 def _profile_folder(args, spec: str, count: int, d) -> Path | None:
@@ -425,22 +420,27 @@ def run_training(args, info: dict) -> None:
         if d.on:
             dist.barrier()  # rank 0 generates the synthetic JPEGs once
             root = _data_root(args)
-    mine = measure_training(args.mode, args, root, d)
-    ranks = [mine]
-    if d.on:
-        ranks = [None] * d.world
-        dist.all_gather_object(ranks, mine)
+    results = []
+    for mine in measure_training(args.mode, args, root, d):
+        ranks = [mine]
+        if d.on:
+            ranks = [None] * d.world
+            dist.all_gather_object(ranks, mine)
+        if d.main:  # each line as soon as it is measured: a run cut short keeps what it measured
+            result = {**info, **combine_ranks(ranks)}
+            step = next((r for r in results if r["mode"] == "step"), None)
+            if step and result["mode"] == "train":  # the share of the step alone the trainer's path keeps
+                result["vs_step"] = round(result["images_per_sec"] / step["images_per_sec"], 3)
+            results.append(result)
+            _emit(result, args.json_out)
     shutdown(d)
     if not d.main:
         return
-    results = [{**info, **combine_ranks([rank[i] for rank in ranks])} for i in range(len(mine))]
-    for result in results:
-        _emit(result, args.json_out)
     first = results[0]
     print(f"\n{first['model']} {first['img_size']} px, batch {first['batch_size']} per process, {first['amp']}"
           f"{' compiled' if first['compiled'] else ''} on {info['device_name']}:")
     for r in results:
-        total = f", {r['images_per_sec_total']:,.0f} total over {r['world_size']}" if len(ranks) > 1 else ""
+        total = f", {r['images_per_sec_total']:,.0f} total over {r['world_size']}" if r["world_size"] > 1 else ""
         memory = r.get("nvml_process_gib") or r.get("peak_rss_gib")
         share = f" ({r['vs_step']:.2f}x the step)" if "vs_step" in r else ""
         print(f"  {r.get('variant', r['mode']):<40} {r['images_per_sec']:>9,.0f} img/s per process{share}{total}; "
@@ -483,7 +483,8 @@ def main(argv: list[str] | None = None) -> None:
                    help="train mode: measure each in turn with the model built and compiled once: 'step' (the step "
                         "alone), 'default', or KEY=VALUE[,KEY=VALUE] over " + ", ".join(VARIANT_KEYS) +
                         " (workers: DALI threads; prefetch: DALI's queue depth), e.g. step aa_impl=tree "
-                        "aa_impl=batch,hw_decoder_load=1.0. NVML memory is the process's, cumulative")
+                        "aa_impl=batch,hw_decoder_load=1.0; loader rows after 'step' get their share of it. "
+                        "Each line is printed as it is measured. NVML memory is the process's, cumulative")
     p.add_argument("--profile", nargs="?", const="profile", metavar="DIR",
                    help="step/train modes: after the timed steps, profile --profile-steps more with torch.profiler "
                         "and write DIR/profile.txt and profile.json (default DIR: profile)")
