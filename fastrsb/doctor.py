@@ -70,6 +70,11 @@ def jpeg_engines(index: int) -> int | None:
     return None
 
 
+def _hardware_share(index: int) -> float:
+    from fastrsb.pipelines.loader import default_hw_decoder_load  # imports DALI: only once a GPU is there
+    return default_hw_decoder_load(index)
+
+
 def builds_too_new(driver_cuda: str | None, built: dict[str, str | None]) -> list[str]:
     """The builds whose CUDA major version the driver cannot run (a driver runs its own CUDA major
     and older ones, and newer minors of its major through minor-version compatibility)."""
@@ -89,8 +94,8 @@ def gpu_checks() -> list[Check]:
         with torch.cuda.device(index):
             amp = str(amp_dtype("cuda", True)).removeprefix("torch.")
         engines = jpeg_engines(index)
-        jpeg = (f"{engines} hardware JPEG decoder(s)" if engines else "no hardware JPEG decoder reported by NVML "
-                "(nvJPEG's CUDA decoding)")
+        jpeg = (f"{engines} hardware JPEG decoder(s), sent {_hardware_share(index):.0%} of the JPEGs by default"
+                if engines else "no hardware JPEG decoder reported by NVML (nvJPEG's CUDA decoding)")
         checks.append(Check(f"gpu{index}", True, f"GPU {index}: {props.name}, {props.total_memory / 2**30:.0f} GiB, "
                                                  f"compute capability {props.major}.{props.minor}, AMP {amp}, {jpeg}"))
     driver, driver_cuda = _driver_cuda()

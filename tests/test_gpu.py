@@ -155,3 +155,6 @@ def test_doctor_on_a_gpu(tiny_data):
     proc = run_cli_process("doctor", "--data", tiny_data)
     assert "GPU 0:" in proc.stdout and "compute capability" in proc.stdout and "decodes on the GPU" in proc.stdout
     assert "hardware JPEG decoder" in proc.stdout  # a count on A100/H100/H200, "none reported" elsewhere
+    if "sent " in proc.stdout:  # where there are engines, the share the loaders give them
+        from fastrsb.pipelines.loader import default_hw_decoder_load
+        assert f"sent {default_hw_decoder_load(0):.0%} of the JPEGs" in proc.stdout
