@@ -2,7 +2,7 @@
 # Every GPU check, as ONE device call of at most 8 minutes: the checks in priority order, each under
 # its own timeout, skipping what no longer fits the deadline; 6 files under $OUT (log.txt, steps.txt,
 # gpu.jsonl, dmon.txt, profile/profile.txt and .json). Planned: ~25 s setup, ~35 s engines and
-# JPEGs, ~60 s for the four loader processes, ~160 s for A3 with seven variants (one compile),
+# JPEGs, ~60 s for the four loader processes, ~180 s for A3 with nine variants (one compile),
 # ~50 s profile, then the GPU tests (~2-3 min) and CUDA graphs with what is left. The benchmark
 # prints each JSON line as it is measured, so a check cut by its timeout keeps what it finished.
 # Commit gpu.jsonl and the profile under benchmarks/results/ with the GPU's name.
@@ -75,9 +75,10 @@ step 40 60 loader-noaa $BENCH $DATA --mode loader --loaders dali-gpu --steps 80 
 step 40 60 loader-noaa-hw0.9 $BENCH $DATA --mode loader --loaders dali-gpu --steps 80 --aa none --hw-decoder-load 0.9
 # 3. A3 end to end, the model compiled once (~1 min) for all variants: the step alone (the ceiling;
 #    issue 13: >= 10,000 img/s and >= 0.9x the step), then each loader setting in turn.
-step 150 240 train-a3-variants $BENCH $DATA --mode train --recipe a3 --steps 100 --variants step \
+step 170 260 train-a3-variants $BENCH $DATA --mode train --recipe a3 --steps 100 --variants step \
     aa_impl=batch aa_impl=tree aa_impl=batch,high_priority_stream=true aa_impl=batch,hw_decoder_load=0.9 \
-    aa_impl=batch,workers=16 aa_impl=batch,prefetch=4
+    aa_impl=batch,workers=16 aa_impl=batch,prefetch=4 aa_impl=batch,concurrency=full \
+    aa_impl=batch,stream_policy=per_operator
 # 4. Where a step's time goes: 15 steps under torch.profiler (inductor's cache from step 3 makes
 #    this compile short).
 step 60 100 train-a3-profile $BENCH $DATA --mode train --recipe a3 --steps 30 --aa-impl batch \

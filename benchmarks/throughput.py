@@ -116,7 +116,8 @@ def measure_loader(name: str, args, root: Path) -> dict:
 
 
 def _dali_settings(loader) -> dict:
-    keys = ("pipelines", "aa_impl", "hw_decoder_load", "num_threads", "prefetch_queue_depth")
+    keys = ("pipelines", "aa_impl", "hw_decoder_load", "num_threads", "prefetch_queue_depth", "stream_policy",
+            "concurrency")
     return {key: loader.settings[key] for key in keys if key in loader.settings}
 
 
@@ -143,7 +144,8 @@ def _timed(one_step, warmup: int, steps: int, device: str, sampler: MemorySample
 
 
 # --variants: what may differ between the measurements of one process (one compile for them all).
-VARIANT_KEYS = {"aa_impl": str, "hw_decoder_load": float, "workers": int, "prefetch": int, "high_priority_stream": bool}
+VARIANT_KEYS = {"aa_impl": str, "hw_decoder_load": float, "workers": int, "prefetch": int, "high_priority_stream": bool,
+                "stream_policy": str, "concurrency": str}
 
 
 def parse_variant(spec: str) -> dict:
@@ -216,7 +218,8 @@ def _measure_variant(variant: dict, recipe: dict, training, args, root: Path | N
         loader = open_train_loader(recipe, images, batch, device, d, variant.get("workers", args.workers),
                                    hw_decoder_load=variant.get("hw_decoder_load", args.hw_decoder_load),
                                    aa_impl=variant.get("aa_impl", args.aa_impl),
-                                   prefetch_queue_depth=variant.get("prefetch", 2))
+                                   prefetch_queue_depth=variant.get("prefetch", 2),
+                                   stream_policy=variant.get("stream_policy"), concurrency=variant.get("concurrency"))
         loader_settings = {key: loader.settings[key] for key in ("aa", "repeats")}
         loader_settings.update(_dali_settings(loader))
         next_batch, queued, threads = _forever(loader).__next__, loader.queued_batches, loader.settings["num_threads"]
@@ -482,7 +485,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--variants", nargs="+", metavar="SPEC",
                    help="train mode: measure each in turn with the model built and compiled once: 'step' (the step "
                         "alone), 'default', or KEY=VALUE[,KEY=VALUE] over " + ", ".join(VARIANT_KEYS) +
-                        " (workers: DALI threads; prefetch: DALI's queue depth), e.g. step aa_impl=tree "
+                        " (workers: DALI threads; prefetch: DALI's queue depth; stream_policy, concurrency: DALI's "
+                        "executor options), e.g. step aa_impl=tree "
                         "aa_impl=batch,hw_decoder_load=1.0; loader rows after 'step' get their share of it. "
                         "Each line is printed as it is measured. NVML memory is the process's, cumulative")
     p.add_argument("--profile", nargs="?", const="profile", metavar="DIR",

@@ -110,14 +110,14 @@ def _open_loader(make, images: ImageList, *args, **kwargs):
 
 
 def open_train_loader(recipe: dict, images: ImageList, micro: int, device: str, d: Dist = Dist(),
-                      num_threads: int | None = None, state: dict | None = None, hw_decoder_load: float | None = None,
-                      aa_impl: str = "tree", prefetch_queue_depth: int = 2):
+                      num_threads: int | None = None, state: dict | None = None, **speed):
     """The recipe's train loader for this rank's shard: its RandAugment and repeated augmentation,
-    the shuffle seeded alike on every rank (disjoint shards), pixels in the loader's default dtype."""
+    the shuffle seeded alike on every rank (disjoint shards), pixels in the loader's default dtype.
+    speed: train_loader's options that change its speed only (aa_impl, hw_decoder_load,
+    prefetch_queue_depth, stream_policy, concurrency)."""
     return _open_loader(train_loader, images, micro, recipe["img_size"], device=device, shard_id=d.rank,
                         num_shards=d.world, seed=recipe["seed"], num_threads=num_threads,
-                        repeats=max(1, recipe["aug_repeats"]), aa=recipe["aa"], hw_decoder_load=hw_decoder_load,
-                        aa_impl=aa_impl, prefetch_queue_depth=prefetch_queue_depth, state=state)
+                        repeats=max(1, recipe["aug_repeats"]), aa=recipe["aa"], state=state, **speed)
 
 
 def open_val_loader(recipe: dict, images: ImageList, batch: int, device: str, d: Dist = Dist(),

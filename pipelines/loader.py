@@ -212,7 +212,8 @@ def train_loader(root: str | os.PathLike | ImageList, batch_size: int, img_size:
                  device: str = "cuda", shard_id: int = 0, num_shards: int = 1, seed: int = 0,
                  num_threads: int | None = None, dtype: str | None = None, repeats: int = 1, aa: str | None = None,
                  hw_decoder_load: float | None = None, prefetch_queue_depth: int = 2, pipelines: int | None = None,
-                 aa_impl: str = "tree", state: dict | None = None) -> DaliLoader:
+                 aa_impl: str = "tree", stream_policy: str | None = None, concurrency: str | None = None,
+                 state: dict | None = None) -> DaliLoader:
     """Random-resized-crop + flip training loader over an ImageFolder tree or a file list.
 
     batch_size is per shard (per GPU). Every epoch is a full reshuffle, the same on every shard
@@ -232,6 +233,8 @@ def train_loader(root: str | os.PathLike | ImageList, batch_size: int, img_size:
     pipelines: DALI pipelines for this shard, each on its own part of it, taking turns batch by
     batch (default: one on the GPU, CPU_PIPELINES = 2 on the CPU). Like a DataLoader's workers,
     their number shapes the augmentation stream; the number of threads does not.
+    stream_policy, concurrency: DALI's executor options by name (SINGLE / PER_BACKEND / PER_OPERATOR;
+    NONE / BACKEND / FULL); None keeps DALI's defaults (PER_BACKEND, BACKEND). Speed only.
     state: a `loader.state_dict()` to continue from (its number of pipelines is kept).
     """
     images = root if isinstance(root, ImageList) else list_images(root)
@@ -265,6 +268,7 @@ def train_loader(root: str | os.PathLike | ImageList, batch_size: int, img_size:
         _check_state(state, fingerprint)
     device_id = _check_device(device)
     hw_decoder_load = _hw_decoder_load(hw_decoder_load, device_id)
+    executor = _executor_options(stream_policy, concurrency)
 
     def build(checkpoints: list | None) -> list:
         # Pipeline k reads part k of this shard: shard shard_id * pipelines + k of num_shards * pipelines
@@ -276,10 +280,11 @@ def train_loader(root: str | os.PathLike | ImageList, batch_size: int, img_size:
             aa_impl=aa_impl,
             batch_size=batch_images, num_threads=max(1, threads // pipelines), device_id=device_id,
             seed=seed * 1000 + shard_id * pipelines + part, prefetch_queue_depth=prefetch_queue_depth,
-            enable_checkpointing=True, checkpoint=checkpoints[part] if checkpoints else None)
+            enable_checkpointing=True, checkpoint=checkpoints[part] if checkpoints else None, **executor)
             for part in range(pipelines)]
     return DaliLoader(build, images, batch_size, train=True, repeats=repeats, fingerprint=fingerprint, state=state,
-                      settings=_decoder_settings(device_id, hw_decoder_load, threads, prefetch_queue_depth))
+                      settings={**_decoder_settings(device_id, hw_decoder_load, threads, prefetch_queue_depth),
+                                "stream_policy": stream_policy, "concurrency": concurrency})
 
 
 def _upgrade_state(state: dict) -> dict:
@@ -350,3 +355,17 @@ def _decoder_settings(device_id: int | None, hw_decoder_load: float, threads: in
     """What a loader reports of its decoding beyond the fingerprint (a saved position fits any of them)."""
     gpu = {"hw_decoder_load": hw_decoder_load} if device_id is not None else {}
     return {**gpu, "num_threads": threads, "prefetch_queue_depth": prefetch}
+
+
+def _executor_options(stream_policy: str | None, concurrency: str | None) -> dict:
+    """DALI's dynamic-executor options from their names (Pipeline's stream_policy, concurrency)."""
+    from nvidia.dali import OperatorConcurrency, StreamPolicy
+    options = {}
+    for key, value, kind in (("stream_policy", stream_policy, StreamPolicy), ("concurrency", concurrency, OperatorConcurrency)):
+        if value is None:
+            continue
+        names = [name for name in kind.__members__ if name != "UNSPECIFIED"]
+        if value.upper() not in names:
+            raise DatasetError(f"{key} must be one of {', '.join(names)}, not {value!r}")
+        options[key] = kind[value.upper()]
+    return options

@@ -109,20 +109,22 @@ def test_train_mode_variants_share_one_model(tmp_path, capsys):
     each row says what it ran, and the loader rows their share of the step alone."""
     rows, table = _bench_here(capsys, "--mode", "train", *TRAINING, "--steps", "6", "--synthetic-jpegs", "16",
                               "--cache", tmp_path, "--workers", "1", "--set", "aa=rand-m9-mstd0.5-inc1",
-                              "--variants", "step", "default", "aa_impl=batch,workers=2,prefetch=3",
+                              "--variants", "step", "default", "aa_impl=batch,workers=2,prefetch=3,concurrency=full",
                               "--profile", tmp_path / "prof", "--profile-steps", "2")
     assert [(r["variant"], r["mode"]) for r in rows] == [("step", "step"), ("default", "train"),
-                                                          ("aa_impl=batch,workers=2,prefetch=3", "train")]
+                                                          ("aa_impl=batch,workers=2,prefetch=3,concurrency=full", "train")]
     step, default, batch = rows
     assert (default["aa_impl"], default["num_threads"], default["prefetch_queue_depth"]) == ("tree", 1, 2)
-    assert (batch["aa_impl"], batch["num_threads"], batch["prefetch_queue_depth"]) == ("batch", 2, 3)
+    assert (batch["aa_impl"], batch["num_threads"], batch["prefetch_queue_depth"], batch["concurrency"]) == (
+        "batch", 2, 3, "full")
+    assert default["concurrency"] is None and default["stream_policy"] is None  # DALI's own defaults
     assert batch["warmup"] == 2 * 2 * 3  # two pipelines x a queue of 3, twice: the guard follows the variant
     for r in (default, batch):
         assert r["vs_step"] == pytest.approx(r["images_per_sec"] / step["images_per_sec"], abs=1e-3)
-    assert "x the step" in table and "aa_impl=batch,workers=2,prefetch=3" in table
+    assert "x the step" in table and "aa_impl=batch,workers=2,prefetch=3,concurrency=full" in table
     # A profile per variant, in a folder named after it.
     assert sorted(p.parent.name for p in (tmp_path / "prof").glob("*/profile.json")) == [
-        "aa_impl-batch_workers-2_prefetch-3", "default", "step"]
+        "aa_impl-batch_workers-2_prefetch-3_concurrency-full", "default", "step"]
     for bad, says in [("aa_impl=fast", "aa_impl is tree or batch"), ("threads=4", "is not KEY=VALUE"),
                       ("workers=many", "workers takes a int"), ("high_priority_stream=yes", "takes a bool")]:
         with pytest.raises(SystemExit):

@@ -39,6 +39,20 @@ def test_default_stream_does_not_depend_on_the_core_count(tiny_data):
     assert_same_batches(batches(1), batches(5))
 
 
+def test_dali_executor_options_by_name(tiny_data):
+    """stream_policy and concurrency reach DALI's executor (speed only: the same batches), and a
+    name DALI does not have is refused with the ones it has."""
+    def first(**options):
+        loader = train_loader(tiny_data / "train", 8, 32, device="cpu", seed=2, **options)
+        return loader, next(iter(loader))
+    plain, (want_x, want_y) = first()
+    tuned, (got_x, got_y) = first(stream_policy="single", concurrency="FULL")
+    assert (tuned.settings["stream_policy"], tuned.settings["concurrency"]) == ("single", "FULL")
+    assert torch.equal(want_x, got_x) and torch.equal(want_y, got_y)
+    with pytest.raises(DatasetError, match="concurrency must be one of NONE, BACKEND, FULL, not 'all'"):
+        first(concurrency="all")
+
+
 @pytest.mark.parametrize("cores,local_processes,threads", [(16, None, 8), (16, "8", 2), (2, "4", 1), (64, "4", 8)])
 def test_default_threads_share_the_cores_between_local_processes(tiny_data, monkeypatch, cores, local_processes, threads):
     monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(cores)))
