@@ -1,21 +1,22 @@
 #!/usr/bin/env bash
-# Every GPU check, as ONE device call of at most 8 minutes: the checks in priority order, each under
+# Every GPU check, as ONE device call of at most 9 minutes: the checks in priority order, each under
 # its own timeout, skipping what no longer fits the deadline; 6 files under $OUT (log.txt, steps.txt,
 # gpu.jsonl, dmon.txt, profile/profile.txt and .json). Planned: ~25 s setup, ~35 s engines and
-# JPEGs, ~60 s for the four loader processes, ~180 s for A3 with nine variants (one compile),
-# ~50 s profile, then the GPU tests (~2-3 min) and CUDA graphs with what is left. The benchmark
-# prints each JSON line as it is measured, so a check cut by its timeout keeps what it finished.
-# Commit gpu.jsonl and the profile under benchmarks/results/ with the GPU's name.
+# JPEGs, ~75 s for five loader processes, ~190 s for A3 with ten variants (one compile), ~2 min of
+# GPU tests, then the profile (~50 s), the CUDA path's memory and CUDA graphs with what is left.
+# The benchmark prints each JSON line as it is measured: a check cut by its timeout keeps what it
+# finished. Commit gpu.jsonl and the profile under benchmarks/results/ with the GPU's name.
 #
-#   bash benchmarks/gpu_checks.sh [BUDGET_SECONDS]      (default 470; run from the project root)
+#   bash benchmarks/gpu_checks.sh [BUDGET_SECONDS]      (default 510; run from the project root)
 #
 # On the lent machine (no DALI, no network): run ../shared/gpu/stage-dali here first, then make its
 # three device calls one right after another; the third is
-#   cp .stage/part-2 $HOME/stage/ && bash benchmarks/gpu_checks.sh 470
-# with timeout_s 520. This script unpacks the staged DALI itself (once per machine) and installs the
-# project in place. Elsewhere (DALI installed), it runs as it is; OUT defaults to gpu-checks/.
+#   cp .stage/part-2 $HOME/stage/ && bash benchmarks/gpu_checks.sh 510
+# with timeout_s 560: with the machine's start and the two transfers, ~10 of the 15 minutes. This
+# script unpacks the staged DALI itself (once per machine) and installs the project in place.
+# Elsewhere (DALI installed), it runs as it is; OUT defaults to gpu-checks/.
 set -uo pipefail
-budget=${1:-470}
+budget=${1:-510}
 OUT=${OUT:-gpu-checks}
 mkdir -p "$OUT"
 t0=$(date +%s)
@@ -67,25 +68,27 @@ import sys; sys.path.insert(0, 'benchmarks')
 from synthetic import synthetic_jpegs
 synthetic_jpegs('data/bench/synthetic-$J', $J)"
 # 2. The loader alone, each in a process of its own (its own NVML memory; issue 13: >= 20,000 img/s
-#    with A3's RandAugment at batch 256, <= 1.5 GiB). Defaults: hw_decoder_load by GPU (1.0 on
-#    Hopper), DALI's own decoder buffer padding. The last: the CUDA decoding path's memory at 0.9.
+#    with A3's RandAugment at batch 256, <= 1.5 GiB), RandAugment in its three forms. Defaults: hw_decoder_load by GPU (1.0 on
+#    Hopper), DALI's own decoder buffer padding.
 step 40 60 loader-aa-batch $BENCH $DATA --mode loader --loaders dali-gpu --steps 80 --aa-impl batch
+step 40 60 loader-aa-torch $BENCH $DATA --mode loader --loaders dali-gpu --steps 80 --aa-impl torch
 step 40 60 loader-aa-tree $BENCH $DATA --mode loader --loaders dali-gpu --steps 80 --aa-impl tree
 step 40 60 loader-noaa $BENCH $DATA --mode loader --loaders dali-gpu --steps 80 --aa none
-step 40 60 loader-noaa-hw0.9 $BENCH $DATA --mode loader --loaders dali-gpu --steps 80 --aa none --hw-decoder-load 0.9
 # 3. A3 end to end, the model compiled once (~1 min) for all variants: the step alone (the ceiling;
 #    issue 13: >= 10,000 img/s and >= 0.9x the step), then each loader setting in turn.
-step 170 260 train-a3-variants $BENCH $DATA --mode train --recipe a3 --steps 100 --variants step \
-    aa_impl=batch aa_impl=tree aa_impl=batch,high_priority_stream=true aa_impl=batch,hw_decoder_load=0.9 \
+step 180 270 train-a3-variants $BENCH $DATA --mode train --recipe a3 --steps 100 --variants step \
+    aa_impl=batch aa_impl=torch aa_impl=tree aa_impl=batch,high_priority_stream=true aa_impl=batch,hw_decoder_load=0.9 \
     aa_impl=batch,workers=16 aa_impl=batch,prefetch=4 aa_impl=batch,concurrency=full \
     aa_impl=batch,stream_policy=per_operator
-# 4. Where a step's time goes: 15 steps under torch.profiler (inductor's cache from step 3 makes
+# 4. The GPU tests (each RandAugment form against the CPU's, compiled runs with each speed key,
+#    resume, the torch form without a host sync).
+step 100 200 pytest-gpu python3 -m pytest -q -ra -m gpu tests -p no:cacheprovider
+# 5. Where a step's time goes: 15 steps under torch.profiler (inductor's cache from step 3 makes
 #    this compile short).
 step 60 100 train-a3-profile $BENCH $DATA --mode train --recipe a3 --steps 30 --aa-impl batch \
     --profile "$OUT/profile" --profile-steps 15
-# 5. The GPU tests (the batch-wide form against the CPU's, compiled runs with each speed key, resume).
-step 100 200 pytest-gpu python3 -m pytest -q -ra -m gpu tests -p no:cacheprovider
-# 6. CUDA graphs against the plain compiled step, if time is left.
+# 6. If time is left: the memory of nvJPEG's CUDA path (hw_decoder_load 0.9), then CUDA graphs.
+step 30 60 loader-noaa-hw0.9 $BENCH $DATA --mode loader --loaders dali-gpu --steps 80 --aa none --hw-decoder-load 0.9
 step 120 200 train-a3-cuda-graphs $BENCH $DATA --mode train --recipe a3 --steps 100 --set cuda_graphs=true \
     --variants step aa_impl=batch aa_impl=batch,high_priority_stream=true
 say "done ($(left)s left)"

@@ -165,8 +165,8 @@ def parse_variant(spec: str) -> dict:
             variant[key] = text.lower() == "true" if kind is bool else kind(text)
         except ValueError:
             raise ValueError(f"variant {spec!r}: {key} takes a {kind.__name__}, not {text!r}") from None
-    if variant.get("aa_impl", "tree") not in ("tree", "batch"):
-        raise ValueError(f"variant {spec!r}: aa_impl is tree or batch")
+    if variant.get("aa_impl", "tree") not in ("tree", "batch", "torch"):
+        raise ValueError(f"variant {spec!r}: aa_impl is tree, batch or torch")
     return variant
 
 
@@ -477,8 +477,9 @@ def main(argv: list[str] | None = None) -> None:
                    help="loader mode: measure every loader this many times, round-robin, and report the median")
     p.add_argument("--workers", type=int, default=None,
                    help="DALI threads / DataLoader workers (default: loader mode, cores; train mode, the trainer's)")
-    p.add_argument("--aa-impl", choices=["tree", "batch"], default="tree",
-                   help="DALI loaders: RandAugment as a conditionals tree or batch-wide (see pipelines/randaugment.py)")
+    p.add_argument("--aa-impl", choices=["tree", "batch", "torch"], default="tree",
+                   help="DALI loaders: RandAugment as a DALI conditionals tree, DALI batch-wide, or drawn by DALI and "
+                        "applied in torch after the hand-over (pipelines/randaugment.py, torch_augment.py)")
     p.add_argument("--hw-decoder-load", type=float, default=None,
                    help="dali-gpu: the share of JPEGs sent to the hardware decoders, 0-1 (default: the loader's, by GPU)")
     p.add_argument("--json-out", type=Path, help="also append the JSON lines to this file")

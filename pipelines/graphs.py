@@ -11,7 +11,7 @@ import math
 from nvidia.dali import fn, pipeline_def, types
 from nvidia.dali import math as dmath
 
-from .randaugment import parse_rand_augment, rand_augment, rand_augment_batched
+from .randaugment import parse_rand_augment, rand_augment, rand_augment_batched, rand_augment_draws
 
 # ImageNet mean/std on the 0-255 scale the decoders produce.
 IMAGENET_MEAN = (0.485 * 255, 0.456 * 255, 0.406 * 255)
@@ -71,27 +71,33 @@ def train_pipeline(files, labels, img_size, device, shard_id, num_shards, shuffl
     are stacked per sample, (R, H, W, C), so torch sees R * batch images by a reshape (a view).
     aa: timm's RandAugment string (e.g. rand-m6-mstd0.5-inc1), applied to each view at img_size.
     aa_impl: "tree" (conditionals: each op on its own samples) or "batch" (every op batch-wide
-    with neutral parameters): the same policy, pixels within one level (randaugment.py)."""
+    with neutral parameters): the same policy, pixels within one level (randaugment.py); "torch":
+    the pipeline only draws (each view's flip, ops and magnitudes, a third output "draws") and
+    hands over uint8 HWC views, for pipelines/torch_augment.py to apply where the batch is."""
     policy = parse_rand_augment(aa) if aa else None
     apply = rand_augment_batched if aa_impl == "batch" else rand_augment
+    in_torch = policy is not None and aa_impl == "torch"
 
-    def augment(images):
-        return apply(images, policy, img_size) if policy else images
+    def finish(view):  # one view: (images, draws or None)
+        if in_torch:
+            draws = rand_augment_draws(policy)
+            return view, draws.gpu() if device == "cuda" else draws
+        augmented = apply(view, policy, img_size) if policy else view
+        return _normalize(augmented, dtype, fn.random.coin_flip(probability=0.5)), None
 
     jpegs, labels = _read(files, labels, device, shard_id, num_shards, True, shuffle_seed)
     if repeats == 1:
         images = fn.decoders.image_random_crop(jpegs, device=_decoder_device(device), output_type=types.RGB,
                                                **_CROP, **_mixed_decoder_args(device, hw_decoder_load))
         images = fn.resize(images, size=[img_size, img_size], interp_type=types.INTERP_LINEAR, antialias=True)
-        return _normalize(augment(images), dtype, fn.random.coin_flip(probability=0.5)), labels
+        images, draws = finish(images)
+        return (images, labels, draws) if in_torch else (images, labels)
     decoded = fn.decoders.image(jpegs, device=_decoder_device(device), output_type=types.RGB,
                                 **_mixed_decoder_args(device, hw_decoder_load))
-    views = []
-    for _ in range(repeats):
-        view = fn.random_resized_crop(decoded, size=[img_size, img_size], interp_type=types.INTERP_LINEAR,
-                                      antialias=True, **_CROP)
-        views.append(_normalize(augment(view), dtype, fn.random.coin_flip(probability=0.5)))
-    return fn.stack(*views), fn.stack(*([labels] * repeats))
+    views = [finish(fn.random_resized_crop(decoded, size=[img_size, img_size], interp_type=types.INTERP_LINEAR,
+                                           antialias=True, **_CROP)) for _ in range(repeats)]
+    stacked = fn.stack(*[images for images, _ in views]), fn.stack(*([labels] * repeats))
+    return (*stacked, fn.stack(*[draws for _, draws in views])) if in_torch else stacked
 
 
 def val_resize_size(img_size: int, crop_pct: float) -> int:

@@ -38,9 +38,11 @@ class DaliLoader:
 
     def __init__(self, build: Callable[[list | None], list], images: ImageList, batch_size: int, train: bool,
                  repeats: int = 1, fingerprint: dict | None = None, state: dict | None = None,
-                 settings: dict | None = None):
+                 settings: dict | None = None, augment: Callable | None = None):
         """build(checkpoints or None) -> the DALI pipelines, started from those DALI checkpoints.
-        fingerprint: what a saved position must match; settings: more to report, not to match."""
+        fingerprint: what a saved position must match; settings: more to report, not to match.
+        augment: (uint8 NHWC images, draws) -> the batch's images, for pipelines that hand over
+        their views unaugmented with a third output, "draws" (torch_augment.TorchRandAugment)."""
         self.images = images
         self.batch_size = batch_size
         self.train = train
@@ -50,12 +52,14 @@ class DaliLoader:
         self._settings = {**{key: value for key, value in self._fingerprint.items() if key != "images"},
                           **(settings or {})}
         self._val_pass_open = False  # a validation pass was started and not finished
+        self._augment = augment
         self._start(state)
 
     def _start(self, state: dict | None) -> None:
         policy = LastBatchPolicy.DROP if self.train else LastBatchPolicy.PARTIAL
         pipes = self._build(state["dali"] if state else None)
-        self._iterators = [DALIGenericIterator(pipe, ["images", "labels"], reader_name=READER_NAME,
+        outputs = ["images", "labels"] + (["draws"] if self._augment else [])
+        self._iterators = [DALIGenericIterator(pipe, outputs, reader_name=READER_NAME,
                                                last_batch_policy=policy, auto_reset=True) for pipe in pipes]
         # Every pipeline's DALI epoch has the same number of batches (DROP floors every part of the
         # shard to the smallest). With repeated augmentation a DALI epoch reads every image once and
@@ -106,11 +110,12 @@ class DaliLoader:
         while self._done < self._steps:
             batch = self._next_batch()
             self._done += 1
-            if self.repeats == 1:
+            if self.repeats > 1:  # ceil(batch / repeats) images x repeats views; a surplus of < repeats views is cut
+                batch = {key: value.flatten(0, 1)[:self.batch_size] for key, value in batch.items()}
+            if self._augment:
+                yield self._augment(batch["images"], batch["draws"]), batch["labels"]
+            else:
                 yield _to_nchw(batch["images"]), batch["labels"]
-            else:  # ceil(batch / repeats) images x repeats views; a surplus of < repeats views is cut
-                yield (_to_nchw(batch["images"].flatten(0, 1)[:self.batch_size]),
-                       batch["labels"].flatten()[:self.batch_size])
         self._done = 0
 
     def _next_batch(self) -> dict:
@@ -184,6 +189,8 @@ def _default_threads() -> int:
     return max(1, min(8, len(os.sched_getaffinity(0)) // local_processes))
 
 
+AA_IMPLS = ("tree", "batch", "torch")
+
 # CPU train loaders run this many single-threaded-or-more pipelines by default, whatever the core
 # count, so that the augmentation stream is the same on every machine (it depends on the number
 # of pipelines, not on their threads). Why several: one pipeline with 2 threads left ~20% of 2
@@ -222,9 +229,11 @@ def train_loader(root: str | os.PathLike | ImageList, batch_size: int, img_size:
     its views side by side in the batch; a batch holds ceil(batch_size / repeats) images, and where
     batch_size does not divide by repeats (A1/A2: 2048 and 3) the last image keeps fewer views.
     aa: timm's RandAugment string, e.g. "rand-m6-mstd0.5-inc1".
-    aa_impl: how DALI runs it: "tree" (DALI conditionals route each sample to its op; fastest on
-    the CPU) or "batch" (every op on the whole batch, neutral where a sample drew another: fewer,
-    larger operators, meant for the GPU). The same policy; pixels within one level of each other.
+    aa_impl: how it runs: "tree" (DALI conditionals route each sample to its op; fastest on the
+    CPU), "batch" (DALI, every op on the whole batch, neutral where a sample drew another: fewer,
+    larger operators, meant for the GPU) or "torch" (DALI draws, torch applies the ops on the
+    batch's device after the hand-over, as PIL computes them: torch_augment.py). The same policy
+    and law; pixels within one level of each other.
     dtype: "float16" or "float32" pixels (default: float16 on the GPU, float32 on the CPU).
     hw_decoder_load: the share of JPEGs sent to the GPU's hardware decoders (default: by GPU, see
     default_hw_decoder_load).
@@ -247,8 +256,8 @@ def train_loader(root: str | os.PathLike | ImageList, batch_size: int, img_size:
             parse_rand_augment(aa)
         except ValueError as err:
             raise DatasetError(str(err)) from None
-    if aa_impl not in ("tree", "batch"):
-        raise DatasetError(f"aa_impl must be 'tree' or 'batch', not {aa_impl!r}")
+    if aa_impl not in AA_IMPLS:
+        raise DatasetError(f"aa_impl must be one of {', '.join(AA_IMPLS)}, not {aa_impl!r}")
     shard_images, batch_images = len(images) // num_shards, images_per_batch(batch_size, repeats)
     if shard_images < batch_size:
         raise DatasetError(f"{len(images)} images over {num_shards} shard(s) do not fill one batch of {batch_size}")
@@ -282,9 +291,13 @@ def train_loader(root: str | os.PathLike | ImageList, batch_size: int, img_size:
             seed=seed * 1000 + shard_id * pipelines + part, prefetch_queue_depth=prefetch_queue_depth,
             enable_checkpointing=True, checkpoint=checkpoints[part] if checkpoints else None, **executor)
             for part in range(pipelines)]
+    augment = None
+    if aa and aa_impl == "torch":
+        from .torch_augment import TorchRandAugment
+        augment = TorchRandAugment(parse_rand_augment(aa), img_size, getattr(torch, dtype or default_pixel_dtype(device)))
     return DaliLoader(build, images, batch_size, train=True, repeats=repeats, fingerprint=fingerprint, state=state,
                       settings={**_decoder_settings(device_id, hw_decoder_load, threads, prefetch_queue_depth),
-                                "stream_policy": stream_policy, "concurrency": concurrency})
+                                "stream_policy": stream_policy, "concurrency": concurrency}, augment=augment)
 
 
 def _upgrade_state(state: dict) -> dict:

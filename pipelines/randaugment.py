@@ -311,6 +311,18 @@ def rand_augment(images, spec: RandAugmentSpec, size: int, batched: bool = False
     return images
 
 
+def rand_augment_draws(spec: RandAugmentSpec):
+    """For the torch form (pipelines/torch_augment.py): per sample, float32 (1 + 2 x layers,):
+    the flip (0/1), then each layer's op index (into _policy's order; the last: none) and signed
+    magnitude, drawn by the same law as rand_augment's."""
+    draw = _policy(spec)[3]
+    parts = [fn.cast(fn.random.coin_flip(probability=0.5), dtype=types.FLOAT)]
+    for _ in range(spec.num_layers):
+        parts.append(fn.cast(fn.random.choice(len(draw), p=draw), dtype=types.FLOAT))
+        parts.append(_magnitude(spec) * fn.random.uniform(values=[-1.0, 1.0]))
+    return fn.stack(*parts)
+
+
 # --- the batch-wide form (for the GPU) ------------------------------------------------------------
 # The tree above splits the batch so that each op runs on its own samples: cheap per pixel, which
 # is what the CPU pays for, but ~15 operators each on a sliver of the batch, plus the splits and

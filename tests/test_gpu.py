@@ -116,6 +116,36 @@ def test_short_run_with_a_speed_key(tiny_data, tmp_path, speed_key):
     assert all(math.isfinite(r["loss"]) for r in rows if r["kind"] == "log")
 
 
+def test_torch_rand_augment_on_the_gpu_is_the_cpus_and_never_syncs(tiny_data):
+    """The torch form on the GPU: the pixels of the CPU (which are timm's), and not one host sync
+    while it runs (torch's sync debug mode turns a sync into an error)."""
+    from fastrsb.pipelines import parse_rand_augment
+    from fastrsb.pipelines.randaugment import _policy
+    from fastrsb.pipelines.torch_augment import TorchRandAugment
+    spec = parse_rand_augment("rand-m9-mstd0.5-inc1")
+    count = 64
+    images = torch.randint(40, 200, (count, 48, 48, 3), dtype=torch.uint8)
+    generator = torch.Generator().manual_seed(0)
+    index = torch.randint(0, len(_policy(spec)[0]) + 1, (count, 2), generator=generator).float()
+    signed = torch.rand(count, 2, generator=generator) * 20 - 10
+    draws = torch.stack([torch.rand(count, generator=generator).round(), index[:, 0], signed[:, 0],
+                         index[:, 1], signed[:, 1]], 1)
+    augment = TorchRandAugment(spec, 48, torch.float16)
+    want = augment(images, draws)
+    gpu_images, gpu_draws = images.cuda(), draws.cuda()
+    augment(gpu_images, gpu_draws)  # constants made on the device once
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        got = augment(gpu_images, gpu_draws)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    # One level apart at most, and almost never (a sin or cos an ulp off on the GPU can tip a
+    # rotated sample's truncation): normalized, one level is 1 / (0.229 x 255) < 0.018.
+    difference = (got.cpu().float() - want.float()).abs()
+    assert difference.max() < 0.018 and (difference > 0).float().mean() < 1e-3
+
+
 def test_step_stream_hands_dali_batches_over_in_order(tiny_data):
     """Inside step_stream the current stream is a high-priority one, DALI's batches arrive on it
     intact (the same pixels as on the default stream), and the outer stream waits for its work."""

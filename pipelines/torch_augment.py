@@ -1,0 +1,290 @@
+"""timm's RandAugment in torch, batch-wide, on the uint8 batch a DALI pipeline hands over
+(`aa_impl="torch"`), then the flip and ImageNet normalization.
+
+The pipeline decodes, crops and resizes, and draws every sample's ops, magnitudes and flip (so the
+draws are DALI's: saved and restored with its checkpoints, seeded per shard); this module applies
+them where the batch is, with the same kernels whatever was drawn: per layer one warp (the
+geometric ops; the identity matrix elsewhere), one lookup in a per-sample, per-channel table of
+256 values for every op that is a function of the value alone (AutoContrast, Equalize, Invert,
+Posterize, Solarize, SolarizeAdd, Brightness, Contrast), one blend with the grey image (Color) and
+one with the smoothed image (Sharpness), each leaving the samples that drew another op as they
+are. No host sync and no shape that depends on the draws, so the GPU never waits for the host.
+
+Each op computes what PIL computes when timm calls it: the tables and the blends in PIL's integer
+and float32 arithmetic (the same values, tested), Equalize with PIL's own table (DALI's follows
+OpenCV), Color on PIL's integer grey, Sharpness with PIL's rounded 3x3 smoothing and untouched
+border; the warp samples bilinearly as PIL does (fill where the sample point leaves the image, edge
+pixels repeated inside it), in float32 where PIL uses double: one level apart on a few pixels. As in the DALI forms, the geometric ops always interpolate bilinearly (timm draws
+bilinear or bicubic) and the flip comes after RandAugment.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .augment_spec import MAX_LEVEL, RandAugmentSpec
+from .randaugment import FILL, GEOMETRIC, _policy
+
+IMAGENET_MEAN_255 = (0.485 * 255, 0.456 * 255, 0.406 * 255)
+IMAGENET_STD_255 = (0.229 * 255, 0.224 * 255, 0.225 * 255)
+
+
+class TorchRandAugment:
+    """finish(images, draws) -> the batch as the DALI forms hand it over: images (N, H, W, 3) uint8
+    from the pipeline, draws (N, 1 + 2 * layers) float32 (flip, then each layer's op index and
+    signed magnitude) -> (N, 3, H, W) normalized, channels-last, in `dtype`."""
+
+    def __init__(self, spec: RandAugmentSpec | None, size: int, dtype: torch.dtype):
+        self.spec, self.size, self.dtype = spec, size, dtype
+        self.ordered = _policy(spec)[0] if spec else ()
+        self._constants: dict = {}
+
+    def __call__(self, images: torch.Tensor, draws: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = images.permute(0, 3, 1, 2)  # NCHW view of channels-last memory
+        for layer in range(self.spec.num_layers if self.spec else 0):
+            x = self.layer(x, draws[:, 1 + 2 * layer].round().long(), draws[:, 2 + 2 * layer])
+        mean = self._constant("mean", lambda: np.array(IMAGENET_MEAN_255).reshape(1, 3, 1, 1), x.device)
+        std = self._constant("std", lambda: np.array(IMAGENET_STD_255).reshape(1, 3, 1, 1), x.device)
+        return normalize(x, draws[:, 0] > 0.5, mean, std, self.dtype)
+
+    def layer(self, x: torch.Tensor, index: torch.Tensor, signed: torch.Tensor) -> torch.Tensor:
+        """One layer: sample n gets self.ordered[index[n]] (no op where index is past the end)."""
+        x = self._warp(x, index, signed)
+        x = _lookup(x, self._tables(x, index, signed))
+        x = self._blend_grey(x, index, signed)
+        return self._sharpen(x, index, signed)
+
+    def _is(self, index: torch.Tensor, *names: str) -> torch.Tensor:
+        """(N,) bool: the sample drew one of `names` (False everywhere if none is in the op set)."""
+        chosen = torch.zeros_like(index, dtype=torch.bool)
+        for name in names:
+            if name in self.ordered:
+                chosen |= index == self.ordered.index(name)
+        return chosen
+
+    def _name(self, plain: str) -> str:
+        return f"{plain}Increasing" if self.spec.increasing and plain != "SolarizeAdd" else plain
+
+    def _factor(self, signed: torch.Tensor) -> torch.Tensor:
+        """The enhancers' factor as timm's level functions compute it (in double, operation for
+        operation), then float32, as PIL's blend takes it."""
+        level = signed.double().abs()
+        if self.spec.increasing:
+            return torch.clamp(1.0 + signed.double().sign() * (_divide(level, MAX_LEVEL) * 0.9), min=0.1).float()
+        return (_divide(level, MAX_LEVEL) * 1.8 + 0.1).float()
+
+    # --- the warp ------------------------------------------------------------------------------
+
+    def _warp(self, x: torch.Tensor, index: torch.Tensor, signed: torch.Tensor) -> torch.Tensor:
+        shapes = [name for name in self.ordered if name in GEOMETRIC]
+        if not shapes:
+            return x
+        n, _, height, width = x.shape
+        drawn = torch.zeros_like(index, dtype=torch.bool)
+        matrix = torch.eye(3, dtype=torch.float64, device=x.device)[:2].expand(n, 2, 3)
+        for name in shapes:
+            chosen = self._is(index, name)
+            drawn |= chosen
+            matrix = torch.where(chosen.view(n, 1, 1), _pil_affine(name, signed, width, height), matrix)
+        # PIL's affine transform: output pixel (x, y) samples the input at matrix @ (x + 0.5, y + 0.5, 1).
+        ys = torch.arange(height, dtype=torch.float64, device=x.device) + 0.5
+        xs = torch.arange(width, dtype=torch.float64, device=x.device) + 0.5
+        source = (matrix[:, None, None, :, 0] * xs.view(1, 1, -1, 1) + matrix[:, None, None, :, 1] * ys.view(1, -1, 1, 1)
+                  + matrix[:, None, None, :, 2])  # (N, H, W, 2)
+        fill = self._constant("fill", lambda: np.array(FILL, dtype=np.float32), x.device)
+        warped = _bilinear(x, source, fill).permute(0, 3, 1, 2)
+        return torch.where(drawn.view(n, 1, 1, 1), warped, x)
+
+    # --- the tables ------------------------------------------------------------------------------
+
+    def _tables(self, x: torch.Tensor, index: torch.Tensor, signed: torch.Tensor) -> torch.Tensor:
+        """(N, 3, 256) int64: each sample's table, the identity unless it drew a table op."""
+        n = x.shape[0]
+        values = torch.arange(256, device=x.device)
+        table = values.expand(n, 3, 256)
+        level = signed.double().abs()  # timm's level functions, in double as Python computes them
+
+        def use(name: str, make) -> None:
+            nonlocal table
+            if name in self.ordered:
+                table = torch.where(self._is(index, name).view(n, 1, 1), make(), table)
+
+        use("Invert", lambda: 255 - values.expand(n, 3, 256))
+        bits = (_divide(level, MAX_LEVEL) * 4).floor().long()  # timm: int((level / 10) * 4)
+        use(self._name("Posterize"), lambda: values & _posterize_mask(4 - bits if self.spec.increasing else bits))
+        threshold = torch.clamp((_divide(level, MAX_LEVEL) * 256).floor(), max=256.0).long()
+        if self.spec.increasing:
+            threshold = 256 - threshold
+        use(self._name("Solarize"), lambda: torch.where(values < threshold.view(n, 1, 1), values, 255 - values))
+        add = torch.clamp((_divide(level, MAX_LEVEL) * 110).floor(), max=128.0).long()
+        use("SolarizeAdd", lambda: torch.where(values < 128, torch.clamp(values + add.view(n, 1, 1), max=255), values))
+        factor = self._factor(signed).view(n, 1, 1)
+        use(self._name("Brightness"), lambda: _blend_values(torch.zeros_like(factor), values, factor).long())
+        use(self._name("Contrast"), lambda: _blend_values(_mean_grey(x).view(n, 1, 1), values, factor).long())
+        use("AutoContrast", lambda: _auto_contrast_tables(x))
+        use("Equalize", lambda: _equalize_tables(x))
+        return table
+
+    # --- the blends ------------------------------------------------------------------------------
+
+    def _blend_grey(self, x: torch.Tensor, index: torch.Tensor, signed: torch.Tensor) -> torch.Tensor:
+        """ImageEnhance.Color: blend(grey, image, factor), grey = PIL's integer L."""
+        name = self._name("Color")
+        if name not in self.ordered:
+            return x
+        n = x.shape[0]
+        blended = _blend_values(_grey(x), x, self._factor(signed).view(n, 1, 1, 1))
+        return torch.where(self._is(index, name).view(n, 1, 1, 1), blended.to(torch.uint8), x)
+
+    def _sharpen(self, x: torch.Tensor, index: torch.Tensor, signed: torch.Tensor) -> torch.Tensor:
+        """ImageEnhance.Sharpness: blend(SMOOTH(image), image, factor); SMOOTH rounds its 3x3
+        weighted mean (1 1 1 / 1 5 1 / 1 1 1, over 13) and leaves the 1-pixel border as it is."""
+        name = self._name("Sharpness")
+        if name not in self.ordered:
+            return x
+        n = x.shape[0]
+        kernel = self._constant("smooth", lambda: np.broadcast_to(
+            np.array([[1, 1, 1], [1, 5, 1], [1, 1, 1]], dtype=np.float32) / 13.0, (3, 1, 3, 3)).copy(), x.device)
+        smooth = x.float()
+        inner = (F.conv2d(smooth, kernel, groups=3) + 0.5).floor()
+        smooth = smooth.clone()
+        smooth[:, :, 1:-1, 1:-1] = inner
+        blended = _blend_values(smooth, x, self._factor(signed).view(n, 1, 1, 1))
+        return torch.where(self._is(index, name).view(n, 1, 1, 1), blended.to(torch.uint8), x)
+
+    def _constant(self, key: str, make, device: torch.device, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        if (key, device) not in self._constants:
+            self._constants[(key, device)] = torch.as_tensor(make(), dtype=dtype, device=device)
+        return self._constants[(key, device)]
+
+
+def _divide(a, b) -> torch.Tensor:
+    """a / b rounded as Python rounds it. torch divides by a number (and a number by a tensor)
+    through its reciprocal, an ulp away at times: enough to turn AutoContrast's 255.0 into
+    254.99999999999994, truncated to 254. The number becomes a tensor filled where the other
+    one lives (a fill, not a copy from the host: no sync)."""
+    if not isinstance(a, torch.Tensor):
+        a = torch.full_like(b, a)
+    if not isinstance(b, torch.Tensor):
+        b = torch.full_like(a, b)
+    return a / b
+
+
+def _pil_affine(name: str, signed: torch.Tensor, width: int, height: int) -> torch.Tensor:
+    """(N, 2, 3) double: the inverse map timm's call hands PIL for each sample's signed level,
+    computed as timm and PIL compute it (their operations, in their order, in double)."""
+    level, sign = signed.double().abs(), signed.double().sign()
+    one, zero = torch.ones_like(level), torch.zeros_like(level)
+    if name == "Rotate":  # Image.rotate(degrees) about the centre: PIL's own matrix
+        angle = -(torch.remainder(sign * (_divide(level, MAX_LEVEL) * 30.0), 360.0) * (math.pi / 180.0))
+        cos, sin = torch.round(angle.cos(), decimals=15), torch.round(angle.sin(), decimals=15)
+        cx, cy = width / 2.0, height / 2.0
+        rows = [cos, sin, (cos * -cx + sin * -cy) + 0.0 + cx, -sin, cos, (-sin * -cx + cos * -cy) + 0.0 + cy]
+    elif name in ("ShearX", "ShearY"):
+        factor = sign * (_divide(level, MAX_LEVEL) * 0.3)
+        rows = [one, factor, zero, zero, one, zero] if name == "ShearX" else [one, zero, zero, factor, one, zero]
+    else:  # TranslateXRel / TranslateYRel: a share of the width or height, in pixels
+        pixels = sign * (_divide(level, MAX_LEVEL) * 0.45) * (width if name == "TranslateXRel" else height)
+        rows = [one, zero, pixels, zero, one, zero] if name == "TranslateXRel" else [one, zero, zero, zero, one, pixels]
+    return torch.stack(rows, -1).view(-1, 2, 3)
+
+
+def _bilinear(x: torch.Tensor, source: torch.Tensor, fill: torch.Tensor) -> torch.Tensor:
+    """PIL's bilinear filter: each output pixel takes the input at `source` (N, H, W, 2), x then y,
+    in pixel units with centres at +0.5, in double: the fill colour where that point lies outside
+    the image, else a + (b - a) dx across and then down, edge pixels repeated, truncated. The
+    fractions come from the double coordinates as PIL's do (exactly 0 where PIL's are), the
+    blends in float32 (PIL's in double: a value can land one level lower where it sits within
+    ~1e-5 of a whole number). (N, H, W, 3) uint8."""
+    n, c, height, width = x.shape
+    pixels = x.permute(0, 2, 3, 1).reshape(n * height * width, c).double()
+    across_image, down_image = source.unbind(-1)
+    inside = ((across_image >= 0) & (across_image < width) & (down_image >= 0) & (down_image < height)).unsqueeze(-1)
+    corner = (source - 0.5).floor()
+    across, down = (source - 0.5 - corner).unbind(-1)
+    left, top = corner.long().unbind(-1)
+    first = (torch.arange(n, device=x.device) * (height * width)).view(n, 1, 1)
+
+    def at(row, column):
+        return pixels[first + row.clamp(0, height - 1) * width + column.clamp(0, width - 1)]
+
+    def row_at(row):
+        a = at(row, left)
+        return a + (at(row, left + 1) - a) * across.unsqueeze(-1)
+
+    upper, lower = row_at(top), row_at(top + 1)
+    value = upper + (lower - upper) * down.unsqueeze(-1)
+    return torch.where(inside, value.trunc(), fill).to(torch.uint8)
+
+
+def _blend_values(degenerate: torch.Tensor, values: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    """PIL's ImagingBlend on uint8: degenerate + factor * (value - degenerate) in float32,
+    truncated and clipped to 0..255 (its two branches, factor in [0, 1] or not, agree)."""
+    degenerate = degenerate.float()
+    return (degenerate + factor * (values.float() - degenerate)).trunc().clamp(0, 255)
+
+
+def _posterize_mask(bits: torch.Tensor) -> torch.Tensor:
+    """ImageOps.posterize keeps the top `bits` bits; timm leaves the image as it is from 8 bits on."""
+    mask = (~((1 << (8 - bits.clamp(0, 8))) - 1)) & 255
+    return mask.view(-1, 1, 1)
+
+
+def _grey(x: torch.Tensor) -> torch.Tensor:
+    """PIL's RGB -> L: (R 19595 + G 38470 + B 7471 + 32768) >> 16, (N, 1, H, W) int32."""
+    r, g, b = x.int().unbind(1)
+    return ((r * 19595 + g * 38470 + b * 7471 + 0x8000) >> 16).unsqueeze(1)
+
+
+def _mean_grey(x: torch.Tensor) -> torch.Tensor:
+    """ImageEnhance.Contrast's centre: int(mean of L + 0.5), per sample, float32."""
+    grey = _grey(x)
+    return (_divide(grey.sum(dim=(1, 2, 3), dtype=torch.float64), grey[0].numel()) + 0.5).floor().float()
+
+
+def _auto_contrast_tables(x: torch.Tensor) -> torch.Tensor:
+    """ImageOps.autocontrast (no cutoff): each channel's [lo, hi] to [0, 255], int(i * scale + offset)
+    in double precision, clipped; a channel with hi <= lo keeps its values."""
+    low = x.amin(dim=(2, 3)).double().unsqueeze(-1)  # (N, 3, 1)
+    high = x.amax(dim=(2, 3)).double().unsqueeze(-1)
+    values = torch.arange(256, device=x.device, dtype=torch.float64)
+    scale = _divide(255.0, (high - low).clamp(min=1.0))
+    stretched = (values * scale - low * scale).trunc().clamp(0, 255).long()
+    return torch.where(high > low, stretched, values.long().expand_as(stretched))
+
+
+def _equalize_tables(x: torch.Tensor) -> torch.Tensor:
+    """ImageOps.equalize: per channel, step = (pixels - count of the last used value) // 255 and
+    table[i] = (step // 2 + pixels below i) // step, clipped; the identity where step is 0 or the
+    channel holds one value."""
+    n, c, h, w = x.shape
+    counts = torch.zeros(n * c, 256, dtype=torch.int64, device=x.device)
+    counts.scatter_add_(1, x.reshape(n * c, h * w).long(), torch.ones(1, 1, dtype=torch.int64, device=x.device)
+                        .expand(n * c, h * w))
+    used = counts > 0
+    last = 255 - used.flip(1).int().argmax(1, keepdim=True)  # the highest value present
+    step = (h * w - counts.gather(1, last)) // 255
+    below = counts.cumsum(1) - counts
+    table = ((step // 2 + below) // step.clamp(min=1)).clamp(0, 255)
+    keep = (step == 0) | (used.sum(1, keepdim=True) <= 1)
+    table = torch.where(keep, torch.arange(256, device=x.device).expand(n * c, 256), table)
+    return table.view(n, c, 256)
+
+
+def _lookup(x: torch.Tensor, tables: torch.Tensor) -> torch.Tensor:
+    """x (N, 3, H, W) uint8 through each sample's and channel's table (N, 3, 256)."""
+    n, c, h, w = x.shape
+    flat = tables.to(torch.uint8).reshape(n * c * 256)
+    base = (torch.arange(n * c, device=x.device) * 256).view(n, c, 1, 1)
+    return flat[base + x.long()]
+
+
+def normalize(x: torch.Tensor, flip: torch.Tensor, mean: torch.Tensor, std: torch.Tensor,
+              dtype: torch.dtype) -> torch.Tensor:
+    """Flip where drawn, (x - mean) / std (on the 0-255 scale), in `dtype`, channels-last."""
+    n = x.shape[0]
+    x = torch.where(flip.view(n, 1, 1, 1), x.flip(3), x)
+    return ((x.float() - mean) / std).to(dtype).contiguous(memory_format=torch.channels_last)

@@ -1,0 +1,136 @@
+"""The torch form of RandAugment (aa_impl="torch"): DALI draws, torch applies, exactly as timm's
+PIL ops compute."""
+import glob
+
+import numpy as np
+import pytest
+import timm.data.auto_augment as timm_aa
+import torch
+from nvidia.dali import fn, pipeline_def
+from PIL import Image
+
+from fastrsb.pipelines import DatasetError, parse_rand_augment, train_loader
+from fastrsb.pipelines.graphs import _normalize
+from fastrsb.pipelines.randaugment import FILL, _policy, rand_augment_draws
+from fastrsb.pipelines.torch_augment import TorchRandAugment
+
+SIZE = 48
+
+
+@pytest.fixture(scope="module")
+def photos(tiny_data):
+    files = sorted(glob.glob(str(tiny_data / "train" / "*" / "*.JPEG")))[::5][:8]
+    return np.stack([np.asarray(Image.open(f).convert("RGB").resize((SIZE, SIZE), Image.BILINEAR)) for f in files])
+
+
+def _timm(name, image, level, sign, monkeypatch):
+    monkeypatch.setattr(timm_aa, "_randomly_negate", (lambda v: v) if sign > 0 else (lambda v: -v))
+    level_fn = timm_aa.LEVEL_TO_ARG[name]
+    args = level_fn(level, {"translate_pct": 0.45}) if level_fn else ()
+    return np.asarray(timm_aa.NAME_TO_OP[name](Image.fromarray(image), *args, fillcolor=FILL, resample=Image.BILINEAR))
+
+
+@pytest.mark.parametrize("config", ["rand-m9-mstd0.5", "rand-m9-mstd0.5-inc1"])
+def test_every_op_is_timms_to_the_pixel(photos, config, monkeypatch):
+    """Each of the 15 ops on the whole batch, at three levels and both signs, against timm's PIL
+    call on each image with the same (float32, as DALI draws it) level: every pixel equal."""
+    spec = parse_rand_augment(config)
+    augment = TorchRandAugment(spec, SIZE, torch.float32)
+    batch = torch.from_numpy(photos).permute(0, 3, 1, 2)
+    for position, name in enumerate(_policy(spec)[0]):
+        for level in (3.3, 7.5, 9.5):
+            for sign in (1.0, -1.0):
+                signed = torch.full((len(photos),), level * sign, dtype=torch.float32)
+                ours = augment.layer(batch, torch.full((len(photos),), position), signed).permute(0, 2, 3, 1).numpy()
+                for image, mine in zip(photos, ours):
+                    theirs = _timm(name, image, float(signed[0].abs()), sign, monkeypatch)
+                    assert np.array_equal(mine, theirs), (name, level, sign)
+
+
+def test_samples_keep_their_own_op_and_the_rest_stay(photos):
+    """One batch, sample j drawing op j (the last: none): each comes out as that op alone on the
+    whole batch makes it, and the no-op sample is untouched."""
+    spec = parse_rand_augment("rand-m9-mstd0.5-inc1")
+    augment = TorchRandAugment(spec, SIZE, torch.float32)
+    count = len(_policy(spec)[0]) + 1
+    batch = torch.from_numpy(photos[np.arange(count) % len(photos)]).permute(0, 3, 1, 2)
+    signed = torch.tensor([7.5 * (-1) ** j for j in range(count)], dtype=torch.float32)
+    mixed = augment.layer(batch, torch.arange(count), signed)
+    for j in range(count - 1):
+        alone = augment.layer(batch, torch.full((count,), j), signed)
+        assert torch.equal(mixed[j], alone[j]), j
+    assert torch.equal(mixed[-1], batch[-1])
+
+
+def _draws(config, count, seed=3):
+    spec = parse_rand_augment(config)
+
+    @pipeline_def(batch_size=count, num_threads=1, device_id=None, seed=seed)
+    def draws():
+        return rand_augment_draws(spec)
+    return torch.from_numpy(np.stack([np.asarray(d) for d in draws().run()[0]])), spec
+
+
+def test_draws_follow_timms_law():
+    """Per sample: a fair flip, then per layer an op uniform over the set with probability p
+    (the last index: none, 1 - p) and a signed magnitude of either sign."""
+    draws, spec = _draws("rand-m9-n3-p0.7-mstd0.5-inc1", 6000)
+    assert draws.shape == (6000, 1 + 2 * 3)
+    assert abs(draws[:, 0].mean().item() - 0.5) < 0.03
+    ops = len(_policy(spec)[0])
+    for layer in range(3):
+        index, signed = draws[:, 1 + 2 * layer], draws[:, 2 + 2 * layer]
+        assert abs((index == ops).float().mean().item() - 0.3) < 0.03
+        counts = torch.bincount(index.long(), minlength=ops + 1)[:ops].float() / len(index)
+        assert (counts - 0.7 / ops).abs().max() < 0.02
+        assert abs((signed > 0).float().mean().item() - 0.5) < 0.03 and signed.abs().max() <= 10
+
+
+def test_a_quarter_of_the_images_stay_as_they_are(photos):
+    """Two layers at p 0.5: a quarter untouched (colour photos squeezed to levels 40-200, so
+    that at magnitude 9 every op changes every image)."""
+    colour = [p for p in photos if np.ptp(p.astype(int), axis=2).max() > 10]
+    images = torch.from_numpy(np.stack([(colour[i % len(colour)] * 0.625 + 40).astype(np.uint8) for i in range(800)]))
+    draws, spec = _draws("rand-m9-mstd0.5-inc1", 800)
+    augment = TorchRandAugment(spec, SIZE, torch.float32)
+    x = images.permute(0, 3, 1, 2)
+    for layer in range(2):
+        x = augment.layer(x, draws[:, 1 + 2 * layer].long(), draws[:, 2 + 2 * layer])
+    same = (x == images.permute(0, 3, 1, 2)).flatten(1).all(1).float().mean().item()
+    assert abs(same - 0.25) < 0.06
+
+
+def test_flip_and_normalization_are_the_dali_pipelines(photos):
+    """Without ops, the torch form's flip and ImageNet normalization give what DALI's
+    crop_mirror_normalize gives the same images (float32, within rounding)."""
+    flips = [j % 2 for j in range(len(photos))]
+
+    @pipeline_def(batch_size=len(photos), num_threads=1, device_id=None)
+    def dali():
+        x = fn.external_source(source=[list(photos)], layout="HWC")
+        mirror = fn.external_source(source=[[np.int32(f) for f in flips]])
+        return _normalize(x, "float32", mirror)
+    want = torch.from_numpy(np.stack([np.asarray(v) for v in dali().run()[0]])).permute(0, 3, 1, 2)
+    spec = parse_rand_augment("rand-m9-n1-p0.0")  # one layer that never applies
+    draws = torch.tensor([[float(f), len(_policy(spec)[0]), 0.0] for f in flips])
+    got = TorchRandAugment(spec, SIZE, torch.float32)(torch.from_numpy(photos), draws)
+    assert got.is_contiguous(memory_format=torch.channels_last) and got.dtype == torch.float32
+    assert torch.allclose(got, want, atol=1e-5)
+
+
+def test_loader_with_the_torch_form(tiny_data):
+    """The loader hands over what the other forms do (shape, dtype, channels-last), repeated
+    views included, continues exactly from a saved position, and refuses an unknown form."""
+    for repeats in (1, 3):
+        loader = train_loader(tiny_data / "train", 8, 32, device="cpu", seed=5, aa="rand-m9-mstd0.5-inc1",
+                              aa_impl="torch", repeats=repeats)
+        images, labels = next(iter(loader))
+        assert images.shape == (8, 3, 32, 32) and images.dtype == torch.float32 and labels.shape == (8,)
+        assert images.is_contiguous(memory_format=torch.channels_last) and loader.settings["aa_impl"] == "torch"
+        state = loader.state_dict()
+        after = next(iter(loader))
+        loader.load_state_dict(state)
+        again = next(iter(loader))
+        assert torch.equal(after[0], again[0]) and torch.equal(after[1], again[1])
+    with pytest.raises(DatasetError, match="aa_impl must be one of tree, batch, torch"):
+        train_loader(tiny_data / "train", 8, 32, device="cpu", aa="rand-m9", aa_impl="pil")
