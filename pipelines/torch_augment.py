@@ -33,18 +33,19 @@ IMAGENET_STD_255 = (0.229 * 255, 0.224 * 255, 0.225 * 255)
 
 
 class TorchRandAugment:
-    """finish(images, draws) -> the batch as the DALI forms hand it over: images (N, H, W, 3) uint8
-    from the pipeline, draws (N, 1 + 2 * layers) float32 (flip, then each layer's op index and
-    signed magnitude) -> (N, 3, H, W) normalized, channels-last, in `dtype`."""
+    """augment(images, draws) -> the batch as the DALI forms hand it over: images (N, H, W, 3)
+    uint8 from the pipeline, draws (N, 1 + 2 * layers) float32 (flip, then each layer's op index
+    and signed magnitude, from randaugment.rand_augment_draws) -> (N, 3, H, W) normalized,
+    channels-last, in `dtype`."""
 
-    def __init__(self, spec: RandAugmentSpec | None, size: int, dtype: torch.dtype):
+    def __init__(self, spec: RandAugmentSpec, size: int, dtype: torch.dtype):
         self.spec, self.size, self.dtype = spec, size, dtype
-        self.ordered = _policy(spec)[0] if spec else ()
+        self.ordered = _policy(spec)[0]
         self._constants: dict = {}
 
-    def __call__(self, images: torch.Tensor, draws: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def __call__(self, images: torch.Tensor, draws: torch.Tensor) -> torch.Tensor:
         x = images.permute(0, 3, 1, 2)  # NCHW view of channels-last memory
-        for layer in range(self.spec.num_layers if self.spec else 0):
+        for layer in range(self.spec.num_layers):
             x = self.layer(x, draws[:, 1 + 2 * layer].round().long(), draws[:, 2 + 2 * layer])
         mean = self._constant("mean", lambda: np.array(IMAGENET_MEAN_255).reshape(1, 3, 1, 1), x.device)
         std = self._constant("std", lambda: np.array(IMAGENET_STD_255).reshape(1, 3, 1, 1), x.device)
@@ -66,7 +67,8 @@ class TorchRandAugment:
         return chosen
 
     def _name(self, plain: str) -> str:
-        return f"{plain}Increasing" if self.spec.increasing and plain != "SolarizeAdd" else plain
+        """The op's name in this set: the "increasing" set has its own enhancers, Posterize, Solarize."""
+        return f"{plain}Increasing" if self.spec.increasing else plain
 
     def _factor(self, signed: torch.Tensor) -> torch.Tensor:
         """The enhancers' factor as timm's level functions compute it (in double, operation for
@@ -148,10 +150,8 @@ class TorchRandAugment:
         n = x.shape[0]
         kernel = self._constant("smooth", lambda: np.broadcast_to(
             np.array([[1, 1, 1], [1, 5, 1], [1, 1, 1]], dtype=np.float32) / 13.0, (3, 1, 3, 3)).copy(), x.device)
-        smooth = x.float()
-        inner = (F.conv2d(smooth, kernel, groups=3) + 0.5).floor()
-        smooth = smooth.clone()
-        smooth[:, :, 1:-1, 1:-1] = inner
+        smooth = x.float()  # a copy: the border stays x's
+        smooth[:, :, 1:-1, 1:-1] = (F.conv2d(smooth, kernel, groups=3) + 0.5).floor()
         blended = _blend_values(smooth, x, self._factor(signed).view(n, 1, 1, 1))
         return torch.where(self._is(index, name).view(n, 1, 1, 1), blended.to(torch.uint8), x)
 
