@@ -6,6 +6,7 @@ same device.
 """
 from __future__ import annotations
 
+import collections
 import os
 from typing import Callable, Iterator
 
@@ -53,6 +54,7 @@ class DaliLoader:
                           **(settings or {})}
         self._val_pass_open = False  # a validation pass was started and not finished
         self._augment = augment
+        self._in_use = _UntilRun()
         self._start(state)
 
     def _start(self, state: dict | None) -> None:
@@ -101,7 +103,9 @@ class DaliLoader:
             self._start(None)
         self._val_pass_open = True
         for (batch,) in self._iterators[0]:
+            self._in_use.hand_over(batch)
             yield _to_nchw(batch["images"]), batch["labels"]
+        self._in_use.hand_over(None)
         self._val_pass_open = False
 
     def _train_batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -109,6 +113,7 @@ class DaliLoader:
             self._done = 0
         while self._done < self._steps:
             batch = self._next_batch()
+            self._in_use.hand_over(batch)
             self._done += 1
             if self.repeats > 1:  # ceil(batch / repeats) images x repeats views; a surplus of < repeats views is cut
                 batch = {key: value.flatten(0, 1)[:self.batch_size] for key, value in batch.items()}
@@ -116,6 +121,7 @@ class DaliLoader:
                 yield self._augment(batch["images"], batch["draws"]), batch["labels"]
             else:
                 yield _to_nchw(batch["images"]), batch["labels"]
+        self._in_use.hand_over(None)
         self._done = 0
 
     def _next_batch(self) -> dict:
@@ -146,6 +152,30 @@ class DaliLoader:
         _check_state(state, self._fingerprint)
         self._iterators = []  # the old pipelines go before the new ones take their memory
         self._start(state)
+
+
+class _UntilRun:
+    """Keeps DALI's GPU batches alive until the GPU has run the work queued on them. DALI hands
+    its output buffers to torch without a copy (DLPack), and DLPack has no stream-ordered release:
+    a buffer freed as soon as Python drops its tensor could go back to DALI while kernels queued
+    on it have yet to run. When the next batch is handed over, the consumer has queued its work on
+    the previous one, so an event recorded then on its (current) stream marks the end of that
+    work; the previous batch is let go once its event has completed. Events are polled, never
+    waited on: no host sync. CPU batches need none of this."""
+
+    def __init__(self):
+        self._held: collections.deque = collections.deque()  # (event, batch), oldest first
+        self._last: dict | None = None
+
+    def hand_over(self, batch: dict | None) -> None:
+        """`batch` goes to the consumer now (None: none, the pass ended)."""
+        if self._last is not None and self._last["labels"].is_cuda:
+            event = torch.cuda.Event()
+            event.record(torch.cuda.current_stream(self._last["labels"].device))
+            self._held.append((event, self._last))
+        while self._held and self._held[0][0].query():
+            self._held.popleft()
+        self._last = batch
 
 
 def _queue_depth(pipe) -> int:

@@ -146,6 +146,21 @@ def test_torch_rand_augment_on_the_gpu_is_the_cpus_and_never_syncs(tiny_data):
     assert difference.max() < 0.018 and (difference > 0).float().mean() < 1e-3
 
 
+def test_gpu_batches_are_let_go_once_their_work_has_run(tiny_data):
+    """A GPU loader keeps each handed-over batch until an event recorded at the next hand-over
+    has completed (DALI's zero-copy buffers must not return to DALI under queued kernels), and
+    then lets it go: after a sync, at most the batch whose event was just recorded is held."""
+    from fastrsb.pipelines import train_loader
+    loader = train_loader(tiny_data / "train", 8, 32, device="cuda", aa="rand-m9-mstd0.5-inc1", aa_impl="torch")
+    batches = iter(loader)
+    for _ in range(4):
+        images, _ = next(batches)
+        (images.float() * 2).sum()  # work queued on the batch
+    torch.cuda.synchronize()
+    next(batches)
+    assert len(loader._in_use._held) <= 1 and loader._in_use._last is not None
+
+
 def test_step_stream_hands_dali_batches_over_in_order(tiny_data):
     """Inside step_stream the current stream is a high-priority one, DALI's batches arrive on it
     intact (the same pixels as on the default stream), and the outer stream waits for its work."""
