@@ -41,7 +41,7 @@ def _cores() -> int:
 
 
 def make_loader(name: str, root: Path, batch: int, size: int, device: str, threads: int, aa: str | None,
-                hw_decoder_load: float | None = None, aa_impl: str = "tree"):
+                hw_decoder_load: float | None = None, aa_impl: str = "auto"):
     if name.startswith("dali"):
         from fastrsb.pipelines import train_loader
         # The loader's default pixels, as the trainer takes them: float16 on the GPU, float32 on the
@@ -92,7 +92,7 @@ def measure_loader(name: str, args, root: Path) -> dict:
     threads = args.workers or _cores()
     aa = None if args.aa == "none" else args.aa
     loader = make_loader(name, root, args.batch_size, args.img_size, device, threads, aa, args.hw_decoder_load,
-                         args.aa_impl)
+                         args.aa_impl or "auto")
     queued = queued_batches(name, loader, threads)
     warmup = args.warmup if args.warmup is not None else max(5, 2 * queued)
     check_warmup(warmup, args.steps, queued, name)
@@ -165,8 +165,8 @@ def parse_variant(spec: str) -> dict:
             variant[key] = text.lower() == "true" if kind is bool else kind(text)
         except ValueError:
             raise ValueError(f"variant {spec!r}: {key} takes a {kind.__name__}, not {text!r}") from None
-    if variant.get("aa_impl", "tree") not in ("tree", "batch", "torch"):
-        raise ValueError(f"variant {spec!r}: aa_impl is tree, batch or torch")
+    if variant.get("aa_impl", "tree") not in ("auto", "tree", "batch", "torch"):
+        raise ValueError(f"variant {spec!r}: aa_impl is auto, tree, batch or torch")
     return variant
 
 
@@ -217,7 +217,7 @@ def _measure_variant(variant: dict, recipe: dict, training, args, root: Path | N
         # unless told otherwise, so that what is measured is what `fastrsb train` runs.
         loader = open_train_loader(recipe, images, batch, device, d, variant.get("workers", args.workers),
                                    hw_decoder_load=variant.get("hw_decoder_load", args.hw_decoder_load),
-                                   aa_impl=variant.get("aa_impl", args.aa_impl),
+                                   aa_impl=variant.get("aa_impl", args.aa_impl or recipe["aa_impl"]),
                                    prefetch_queue_depth=variant.get("prefetch", 2),
                                    stream_policy=variant.get("stream_policy"), concurrency=variant.get("concurrency"))
         loader_settings = {key: loader.settings[key] for key in ("aa", "repeats")}
@@ -477,9 +477,10 @@ def main(argv: list[str] | None = None) -> None:
                    help="loader mode: measure every loader this many times, round-robin, and report the median")
     p.add_argument("--workers", type=int, default=None,
                    help="DALI threads / DataLoader workers (default: loader mode, cores; train mode, the trainer's)")
-    p.add_argument("--aa-impl", choices=["tree", "batch", "torch"], default="tree",
+    p.add_argument("--aa-impl", choices=["auto", "tree", "batch", "torch"], default=None,
                    help="DALI loaders: RandAugment as a DALI conditionals tree, DALI batch-wide, or drawn by DALI and "
-                        "applied in torch after the hand-over (pipelines/randaugment.py, torch_augment.py)")
+                        "applied in torch after the hand-over (pipelines/randaugment.py, torch_augment.py); default: "
+                        "the recipe's aa_impl (train mode), the loader's default (loader mode)")
     p.add_argument("--hw-decoder-load", type=float, default=None,
                    help="dali-gpu: the share of JPEGs sent to the hardware decoders, 0-1 (default: the loader's, by GPU)")
     p.add_argument("--json-out", type=Path, help="also append the JSON lines to this file")

@@ -37,6 +37,8 @@ RECIPE_SCHEMA: dict[str, tuple[type, bool, str]] = {
     "drop_path": (float, False, "stochastic depth rate"),
     "aug_repeats": (int, False, "repeated augmentation count (0 = off)"),
     "aa": (str, True, "RandAugment as timm's string, e.g. rand-m6-mstd0.5-inc1, or none"),
+    "aa_impl": (str, False, "how RandAugment runs: auto, tree, batch (DALI) or torch (drawn by DALI, applied in torch); "
+                            "the same law (pipelines/loader.py)"),
     "mixup": (float, False, "mixup alpha (0 = off)"),
     "cutmix": (float, False, "cutmix alpha (0 = off)"),
     "mixup_prob": (float, False, "probability of mixing a batch"),
@@ -54,10 +56,10 @@ RECIPE_SCHEMA: dict[str, tuple[type, bool, str]] = {
     "seed": (int, False, "random seed"),
 }
 
-CHOICES = {"opt": {"lamb"}, "sched": {"cosine"}, "mixup_mode": {"batch"}}
+CHOICES = {"opt": {"lamb"}, "sched": {"cosine"}, "mixup_mode": {"batch"}, "aa_impl": {"auto", "tree", "batch", "torch"}}
 # Keys added after a checkpoint may have been written, with the value such a run had: resuming it
 # compares them as if they had been saved.
-ADDED_KEYS = {"cuda_graphs": False, "high_priority_stream": False}
+ADDED_KEYS = {"cuda_graphs": False, "high_priority_stream": False, "aa_impl": "auto"}
 # Keys that change how fast a run computes, not what it computes: a resumed run may change them.
 SPEED_ONLY = {"cuda_graphs", "high_priority_stream"}
 BUILTIN = ("a1", "a2", "a3", "demo", "tiny")

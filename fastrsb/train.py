@@ -286,7 +286,19 @@ def run_card(run: Run, pos: Position) -> list[str]:
     amp = str(t.dtype).removeprefix("torch.") if t.dtype else "float32"
     card.append(f"          {r['epochs']} epochs at {r['img_size']} px, tested at {r['test_img_size']} px "
                 f"(crop {r['crop_pct']}), {amp}; the time left is estimated after each epoch")
+    card.append(f"          {_augmentation(r, run.train_data.settings)}")
     return card
+
+
+def _augmentation(recipe: dict, loader: dict) -> str:
+    """What the loader and the step do to each image: RandAugment and its form, repeats, mixing."""
+    chosen = ", from aa_impl auto" if recipe["aa_impl"] == "auto" else ""
+    parts = [f"RandAugment {recipe['aa']} ({loader['aa_impl']} form{chosen})" if recipe["aa"] else "no RandAugment"]
+    if loader["repeats"] > 1:
+        parts.append(f"{loader['repeats']} views of each image")
+    mixing = [f"{name} {recipe[name]:g}" for name in ("mixup", "cutmix") if recipe[name] > 0]
+    parts.append(f"{' / '.join(mixing)} with probability {recipe['mixup_prob']:g}" if mixing else "no mixup or cutmix")
+    return "augmentation: " + ", ".join(parts)
 
 
 def evaluate_checkpoint(checkpoint: str | Path, data: str | Path, img_size: int | None = None,

@@ -221,6 +221,13 @@ def _default_threads() -> int:
 
 AA_IMPLS = ("tree", "batch", "torch")
 
+
+def default_aa_impl(device: str) -> str:
+    """RandAugment's form unless told otherwise: the DALI tree, on the CPU because it is the
+    fastest there (batch 256 on 2 cores: tree ~1,060 img/s, batch-wide 643, torch 61), on the GPU
+    until a GPU run has measured the three forms (issue 13: benchmarks/gpu_checks.sh)."""
+    return "tree"
+
 # CPU train loaders run this many single-threaded-or-more pipelines by default, whatever the core
 # count, so that the augmentation stream is the same on every machine (it depends on the number
 # of pipelines, not on their threads). Why several: one pipeline with 2 threads left ~20% of 2
@@ -249,7 +256,7 @@ def train_loader(root: str | os.PathLike | ImageList, batch_size: int, img_size:
                  device: str = "cuda", shard_id: int = 0, num_shards: int = 1, seed: int = 0,
                  num_threads: int | None = None, dtype: str | None = None, repeats: int = 1, aa: str | None = None,
                  hw_decoder_load: float | None = None, prefetch_queue_depth: int = 2, pipelines: int | None = None,
-                 aa_impl: str = "tree", stream_policy: str | None = None, concurrency: str | None = None,
+                 aa_impl: str = "auto", stream_policy: str | None = None, concurrency: str | None = None,
                  state: dict | None = None) -> DaliLoader:
     """Random-resized-crop + flip training loader over an ImageFolder tree or a file list.
 
@@ -263,7 +270,8 @@ def train_loader(root: str | os.PathLike | ImageList, batch_size: int, img_size:
     CPU), "batch" (DALI, every op on the whole batch, neutral where a sample drew another: fewer,
     larger operators, meant for the GPU) or "torch" (DALI draws, torch applies the ops on the
     batch's device after the hand-over, as PIL computes them: torch_augment.py). The same policy
-    and law; pixels within one level of each other.
+    and law; pixels within one level of each other. "auto": the form a saved `state` was made
+    with, else default_aa_impl(device).
     dtype: "float16" or "float32" pixels (default: float16 on the GPU, float32 on the CPU).
     hw_decoder_load: the share of JPEGs sent to the GPU's hardware decoders (default: by GPU, see
     default_hw_decoder_load).
@@ -286,8 +294,11 @@ def train_loader(root: str | os.PathLike | ImageList, batch_size: int, img_size:
             parse_rand_augment(aa)
         except ValueError as err:
             raise DatasetError(str(err)) from None
+    if aa_impl == "auto":
+        saved = state.get("fingerprint", {}).get("aa_impl") if state else None
+        aa_impl = saved or default_aa_impl(device)
     if aa_impl not in AA_IMPLS:
-        raise DatasetError(f"aa_impl must be one of {', '.join(AA_IMPLS)}, not {aa_impl!r}")
+        raise DatasetError(f"aa_impl must be auto or one of {', '.join(AA_IMPLS)}, not {aa_impl!r}")
     shard_images, batch_images = len(images) // num_shards, images_per_batch(batch_size, repeats)
     if shard_images < batch_size:
         raise DatasetError(f"{len(images)} images over {num_shards} shard(s) do not fill one batch of {batch_size}")

@@ -125,7 +125,7 @@ def test_train_mode_variants_share_one_model(tmp_path, capsys):
     # A profile per variant, in a folder named after it.
     assert sorted(p.parent.name for p in (tmp_path / "prof").glob("*/profile.json")) == [
         "aa_impl-batch_workers-2_prefetch-3_concurrency-full", "default", "step"]
-    for bad, says in [("aa_impl=fast", "aa_impl is tree, batch or torch"), ("threads=4", "is not KEY=VALUE"),
+    for bad, says in [("aa_impl=fast", "aa_impl is auto, tree, batch or torch"), ("threads=4", "is not KEY=VALUE"),
                       ("workers=many", "workers takes a int"), ("high_priority_stream=yes", "takes a bool")]:
         with pytest.raises(SystemExit):
             _bench_here(capsys, "--mode", "train", *TRAINING, "--synthetic-jpegs", "16", "--variants", bad)

@@ -51,6 +51,7 @@ def test_overrides_are_typed():
     ("compile=maybe", "not a valid bool"),
     ("epochs", "expected key=value"),
     ("opt=sgd", "'opt' must be one of lamb"),
+    ("aa_impl=pil", "'aa_impl' must be one of auto, batch, torch, tree"),
 ])
 def test_bad_overrides(override, fragment):
     with pytest.raises(UserError) as err:

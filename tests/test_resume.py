@@ -231,3 +231,23 @@ def test_a_speed_only_key_may_change_on_resume(tiny_data, tmp_path):
     with pytest.raises(UserError, match="another recipe \\(smoothing 0.3 -> "):
         _train(tiny_data, tmp_path, resume=str(tmp_path / "other.pt"))
     assert not _train(tiny_data, tmp_path, resume="auto").get("stopped")
+
+
+def test_randaugment_form_auto_resumes_with_the_form_it_was_saved_with(tiny_data, tmp_path, monkeypatch):
+    """aa_impl "auto" resolves when a run starts: resumed after the default changed (a newer
+    version, another device), the run continues with the form its loader position was saved with;
+    a fresh run takes the new default, and an explicit form is used as given."""
+    import fastrsb.pipelines.loader as loader_module
+
+    def saved_form(out):
+        return load_checkpoint(out / "last.pt")["ranks"][0]["loader"]["fingerprint"]["aa_impl"]
+    _train(tiny_data, tmp_path / "a", stop_after_steps=2)
+    assert saved_form(tmp_path / "a") == "tree"
+    monkeypatch.setattr(loader_module, "default_aa_impl", lambda device: "batch")
+    _train(tiny_data, tmp_path / "a", resume="auto", stop_after_steps=4)
+    assert saved_form(tmp_path / "a") == "tree"
+    _train(tiny_data, tmp_path / "b", stop_after_steps=2)
+    assert saved_form(tmp_path / "b") == "batch"
+    train(load_recipe("tiny", [*PARTS, "aa_impl=torch"]), tiny_data, tmp_path / "c", device="cpu", num_threads=1,
+          stop_after_steps=2)
+    assert saved_form(tmp_path / "c") == "torch"

@@ -132,5 +132,5 @@ def test_loader_with_the_torch_form(tiny_data):
         loader.load_state_dict(state)
         again = next(iter(loader))
         assert torch.equal(after[0], again[0]) and torch.equal(after[1], again[1])
-    with pytest.raises(DatasetError, match="aa_impl must be one of tree, batch, torch"):
+    with pytest.raises(DatasetError, match="aa_impl must be auto or one of tree, batch, torch"):
         train_loader(tiny_data / "train", 8, 32, device="cpu", aa="rand-m9", aa_impl="pil")
