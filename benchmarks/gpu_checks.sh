@@ -68,8 +68,8 @@ import sys; sys.path.insert(0, 'benchmarks')
 from synthetic import synthetic_jpegs
 synthetic_jpegs('data/bench/synthetic-$J', $J)"
 # 2. The loader alone, each in a process of its own (its own NVML memory; issue 13: >= 20,000 img/s
-#    with A3's RandAugment at batch 256, <= 1.5 GiB), RandAugment in its three forms. Defaults: hw_decoder_load by GPU (1.0 on
-#    Hopper), DALI's own decoder buffer padding.
+#    with A3's RandAugment at batch 256, <= 1.5 GiB), RandAugment in its three forms. Decoding
+#    defaults: hw_decoder_load by GPU (1.0 on Hopper), DALI's own buffer padding.
 step 40 60 loader-aa-batch $BENCH $DATA --mode loader --loaders dali-gpu --steps 80 --aa-impl batch
 step 40 60 loader-aa-torch $BENCH $DATA --mode loader --loaders dali-gpu --steps 80 --aa-impl torch
 step 40 60 loader-aa-tree $BENCH $DATA --mode loader --loaders dali-gpu --steps 80 --aa-impl tree
