@@ -200,7 +200,7 @@ def _bilinear(x: torch.Tensor, source: torch.Tensor, fill: torch.Tensor) -> torc
     blends in float32 (PIL's in double: a value can land one level lower where it sits within
     ~1e-5 of a whole number). (N, H, W, 3) uint8."""
     n, c, height, width = x.shape
-    pixels = x.permute(0, 2, 3, 1).reshape(n * height * width, c).double()
+    pixels = x.permute(0, 2, 3, 1).reshape(n * height * width, c)  # gathered as uint8, blended in double
     across_image, down_image = source.unbind(-1)
     inside = ((across_image >= 0) & (across_image < width) & (down_image >= 0) & (down_image < height)).unsqueeze(-1)
     corner = (source - 0.5).floor()
@@ -212,8 +212,8 @@ def _bilinear(x: torch.Tensor, source: torch.Tensor, fill: torch.Tensor) -> torc
         return pixels[first + row.clamp(0, height - 1) * width + column.clamp(0, width - 1)]
 
     def row_at(row):
-        a = at(row, left)
-        return a + (at(row, left + 1) - a) * across.unsqueeze(-1)
+        a = at(row, left).double()
+        return a + (at(row, left + 1).double() - a) * across.unsqueeze(-1)
 
     upper, lower = row_at(top), row_at(top + 1)
     value = upper + (lower - upper) * down.unsqueeze(-1)
