@@ -228,6 +228,7 @@ def default_aa_impl(device: str) -> str:
     until a GPU run has measured the three forms (issue 13: benchmarks/gpu_checks.sh)."""
     return "tree"
 
+
 # CPU train loaders run this many single-threaded-or-more pipelines by default, whatever the core
 # count, so that the augmentation stream is the same on every machine (it depends on the number
 # of pipelines, not on their threads). Why several: one pipeline with 2 threads left ~20% of 2

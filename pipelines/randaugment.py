@@ -302,24 +302,29 @@ def _apply_drawn(images, spec: RandAugmentSpec, index, signed, size: int):
 def rand_augment(images, spec: RandAugmentSpec, size: int, batched: bool = False):
     """Apply the policy to a batch of uint8 HWC images of size x size (CPU or GPU). The tree form
     needs a pipeline built with enable_conditionals=True; batched: every op batch-wide (below)."""
-    ordered, _, _, draw = _policy(spec)
     apply = _apply_drawn_batched if batched else _apply_drawn
     for _ in range(spec.num_layers):
-        index = fn.random.choice(len(ordered) + 1, p=draw)
-        signed = _magnitude(spec) * fn.random.uniform(values=[-1.0, 1.0])
+        index, signed = _draw_layer(spec)
         images = apply(images, spec, index, signed, size)
     return images
+
+
+def _draw_layer(spec: RandAugmentSpec):
+    """One layer's draws, per sample: the op index into _policy's order (the last: none) and the
+    signed magnitude."""
+    draw = _policy(spec)[3]
+    index = fn.random.choice(len(draw), p=draw)
+    return index, _magnitude(spec) * fn.random.uniform(values=[-1.0, 1.0])
 
 
 def rand_augment_draws(spec: RandAugmentSpec):
     """For the torch form (pipelines/torch_augment.py): per sample, float32 (1 + 2 x layers,):
     the flip (0/1), then each layer's op index (into _policy's order; the last: none) and signed
     magnitude, drawn by the same law as rand_augment's."""
-    draw = _policy(spec)[3]
     parts = [fn.cast(fn.random.coin_flip(probability=0.5), dtype=types.FLOAT)]
     for _ in range(spec.num_layers):
-        parts.append(fn.cast(fn.random.choice(len(draw), p=draw), dtype=types.FLOAT))
-        parts.append(_magnitude(spec) * fn.random.uniform(values=[-1.0, 1.0]))
+        index, signed = _draw_layer(spec)
+        parts += [fn.cast(index, dtype=types.FLOAT), signed]
     return fn.stack(*parts)
 
 

@@ -26,10 +26,8 @@ import torch
 import torch.nn.functional as F
 
 from .augment_spec import MAX_LEVEL, RandAugmentSpec
+from .graphs import IMAGENET_MEAN, IMAGENET_STD
 from .randaugment import FILL, GEOMETRIC, _policy
-
-IMAGENET_MEAN_255 = (0.485 * 255, 0.456 * 255, 0.406 * 255)
-IMAGENET_STD_255 = (0.229 * 255, 0.224 * 255, 0.225 * 255)
 
 
 class TorchRandAugment:
@@ -47,8 +45,8 @@ class TorchRandAugment:
         x = images.permute(0, 3, 1, 2)  # NCHW view of channels-last memory
         for layer in range(self.spec.num_layers):
             x = self.layer(x, draws[:, 1 + 2 * layer].round().long(), draws[:, 2 + 2 * layer])
-        mean = self._constant("mean", lambda: np.array(IMAGENET_MEAN_255).reshape(1, 3, 1, 1), x.device)
-        std = self._constant("std", lambda: np.array(IMAGENET_STD_255).reshape(1, 3, 1, 1), x.device)
+        mean = self._constant("mean", lambda: np.array(IMAGENET_MEAN).reshape(1, 3, 1, 1), x.device)
+        std = self._constant("std", lambda: np.array(IMAGENET_STD).reshape(1, 3, 1, 1), x.device)
         return normalize(x, draws[:, 0] > 0.5, mean, std, self.dtype)
 
     def layer(self, x: torch.Tensor, index: torch.Tensor, signed: torch.Tensor) -> torch.Tensor:

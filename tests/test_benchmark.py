@@ -5,6 +5,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from PIL import Image
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
@@ -126,7 +127,9 @@ def test_train_mode_variants_share_one_model(tmp_path, capsys):
     assert sorted(p.parent.name for p in (tmp_path / "prof").glob("*/profile.json")) == [
         "aa_impl-batch_workers-2_prefetch-3_concurrency-full", "default", "step"]
     for bad, says in [("aa_impl=fast", "aa_impl is auto, tree, batch or torch"), ("threads=4", "is not KEY=VALUE"),
-                      ("workers=many", "workers takes a int"), ("high_priority_stream=yes", "takes a bool")]:
+                      ("workers=many", "workers takes a int"), ("high_priority_stream=yes", "takes a bool"),
+                      *([("aa_impl=batch,high_priority_stream=true", "high_priority_stream needs a GPU")]
+                        if not torch.cuda.is_available() else [])]:
         with pytest.raises(SystemExit):
             _bench_here(capsys, "--mode", "train", *TRAINING, "--synthetic-jpegs", "16", "--variants", bad)
         assert says in capsys.readouterr().err

@@ -153,9 +153,12 @@ def test_gpu_batches_are_let_go_once_their_work_has_run(tiny_data):
     from fastrsb.pipelines import train_loader
     loader = train_loader(tiny_data / "train", 8, 32, device="cuda", aa="rand-m9-mstd0.5-inc1", aa_impl="torch")
     batches = iter(loader)
-    for _ in range(4):
-        images, _ = next(batches)
-        (images.float() * 2).sum()  # work queued on the batch
+    images, _ = next(batches)
+    square = torch.randn(4096, 4096, device="cuda")
+    for _ in range(50):  # ~0.1 s of GPU work queued behind the batch
+        square = (square @ square).tanh()
+    next(batches)  # the first batch's event waits behind that work: the batch is held
+    assert len(loader._in_use._held) >= 1
     torch.cuda.synchronize()
     next(batches)
     assert len(loader._in_use._held) <= 1 and loader._in_use._last is not None

@@ -47,6 +47,9 @@ def test_dali_executor_options_by_name(tiny_data):
         return loader, next(iter(loader))
     plain, (want_x, want_y) = first()
     tuned, (got_x, got_y) = first(stream_policy="single", concurrency="FULL")
+    from nvidia.dali import OperatorConcurrency, StreamPolicy
+    for pipe in (iterator._pipes[0] for iterator in tuned._iterators):  # what DALI's executor was given
+        assert (pipe._stream_policy, pipe._concurrency) == (StreamPolicy.SINGLE, OperatorConcurrency.FULL)
     assert (tuned.settings["stream_policy"], tuned.settings["concurrency"]) == ("single", "FULL")
     assert torch.equal(want_x, got_x) and torch.equal(want_y, got_y)
     with pytest.raises(DatasetError, match="concurrency must be one of NONE, BACKEND, FULL, not 'all'"):
