@@ -11,6 +11,7 @@ import math
 from nvidia.dali import fn, pipeline_def, types
 from nvidia.dali import math as dmath
 
+from .cpu_resize import resize_square
 from .randaugment import parse_rand_augment, rand_augment, rand_augment_batched, rand_augment_draws
 
 # ImageNet mean/std on the 0-255 scale the decoders produce.
@@ -61,6 +62,23 @@ def _normalize(images, dtype, mirror=None):
 _CROP = dict(random_area=[0.08, 1.0], random_aspect_ratio=[3 / 4, 4 / 3], num_attempts=10)
 
 
+def _resize(images, img_size, device):
+    """The random crop to img_size x img_size, bilinear, antialiased: DALI's resize on the GPU,
+    torch's uint8 kernel on the CPU (cpu_resize.py: 7x faster there, and closer to PIL's)."""
+    if device == "cpu":
+        return resize_square(images, img_size)
+    return fn.resize(images, size=[img_size, img_size], interp_type=types.INTERP_LINEAR, antialias=True)
+
+
+def _random_resized_crop(decoded, img_size, device):
+    """One random-resized-crop view of decoded images (repeated augmentation cuts several)."""
+    if device == "cpu":
+        anchor, shape = fn.random_crop_generator(decoded.shape(), **_CROP)
+        return _resize(fn.slice(decoded, start=anchor, shape=shape, axes=[0, 1]), img_size, device)
+    return fn.random_resized_crop(decoded, size=[img_size, img_size], interp_type=types.INTERP_LINEAR,
+                                  antialias=True, **_CROP)
+
+
 @pipeline_def(enable_conditionals=True)  # RandAugment picks an op per sample with DALI conditionals
 def train_pipeline(files, labels, img_size, device, shard_id, num_shards, shuffle_seed,
                    hw_decoder_load, dtype, repeats=1, aa=None, aa_impl="tree"):
@@ -89,13 +107,11 @@ def train_pipeline(files, labels, img_size, device, shard_id, num_shards, shuffl
     if repeats == 1:
         images = fn.decoders.image_random_crop(jpegs, device=_decoder_device(device), output_type=types.RGB,
                                                **_CROP, **_mixed_decoder_args(device, hw_decoder_load))
-        images = fn.resize(images, size=[img_size, img_size], interp_type=types.INTERP_LINEAR, antialias=True)
-        images, draws = finish(images)
+        images, draws = finish(_resize(images, img_size, device))
         return (images, labels, draws) if in_torch else (images, labels)
     decoded = fn.decoders.image(jpegs, device=_decoder_device(device), output_type=types.RGB,
                                 **_mixed_decoder_args(device, hw_decoder_load))
-    views = [finish(fn.random_resized_crop(decoded, size=[img_size, img_size], interp_type=types.INTERP_LINEAR,
-                                           antialias=True, **_CROP)) for _ in range(repeats)]
+    views = [finish(_random_resized_crop(decoded, img_size, device)) for _ in range(repeats)]
     stacked = fn.stack(*[images for images, _ in views]), fn.stack(*([labels] * repeats))
     return (*stacked, fn.stack(*[draws for _, draws in views])) if in_torch else stacked
 
