@@ -10,7 +10,7 @@ from nvidia.dali import fn, pipeline_def
 from PIL import Image
 
 from fastrsb.pipelines import DatasetError, list_images, train_loader, val_loader
-from fastrsb.pipelines.cpu_resize import resize_square
+from fastrsb.pipelines.cpu_resize import resize_batch, resize_square
 from fastrsb.pipelines.graphs import IMAGENET_MEAN, IMAGENET_STD
 
 
@@ -422,3 +422,19 @@ def test_a_shard_that_does_not_exist_is_refused(tiny_data, shard_id, num_shards)
                  lambda: val_loader(tiny_data / "val", 4, 40, 0.95, device="cpu", shard_id=shard_id, num_shards=num_shards)):
         with pytest.raises(DatasetError, match=f"shard {shard_id} of {num_shards} does not exist"):
             make()
+
+
+def test_cpu_resize_splits_a_batch_between_threads():
+    """A pipeline with several threads resizes its batch on as many: the same images, in order."""
+    rng = np.random.default_rng(2)
+    crops = [rng.integers(0, 256, (int(rng.integers(5, 90)), int(rng.integers(5, 90)), 3), dtype=np.uint8)
+             for _ in range(11)]
+    one = resize_batch(crops, 24, threads=1)
+    for threads in (2, 3, 16):
+        assert all(np.array_equal(a, b) for a, b in zip(one, resize_batch(crops, 24, threads=threads), strict=True))
+
+    @pipeline_def(batch_size=len(crops), num_threads=3, device_id=None)
+    def resized():
+        return resize_square(fn.external_source(source=[crops], layout="HWC"), 24)
+    (out,) = resized().run()
+    assert all(np.array_equal(a, np.asarray(b)) for a, b in zip(one, out, strict=True))
