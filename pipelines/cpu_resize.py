@@ -1,5 +1,6 @@
-"""The CPU train graph's random-resized-crop resize: torch's antialiased bilinear kernel for uint8
-images, called from the DALI graph (`fn.python_function`, one call per batch).
+"""The CPU graphs' resizes: torch's antialiased kernels for uint8 images, called from the DALI
+graph (`fn.python_function`, one call per batch): the train graph's random-resized-crop resize
+(bilinear) and the validation graph's timm eval resize and centre crop (bicubic).
 
 Why not DALI's `fn.resize` on the CPU: its resampling is scalar code, ~490 us an image to 160 px
 on one core of the 2-core machine, a third of the CPU loader's time; torch's uint8 kernel
@@ -8,8 +9,9 @@ and is closer to PIL's BILINEAR resize, which timm's RandomResizedCrop calls (on
 mean 0.03 levels from PIL, at most 2; DALI's: 0.17, at most 4). The A3 CPU loader at batch 64:
 ~1,350 -> ~1,670 img/s in an A/B (README). The kernel releases the GIL and is single-threaded for
 one image: a pipeline with several threads splits its batch between as many threads (2 threads:
-1.7x on 2 cores), so the call does not leave the pipeline's other threads idle. The GPU graph keeps
-DALI's GPU resize.
+1.7x on 2 cores), so the call does not leave the pipeline's other threads idle. DALI's bicubic
+CPU resize is slower still (the validation graph's; ~800 us an image). The GPU graphs keep DALI's
+GPU resize.
 """
 from __future__ import annotations
 
@@ -31,29 +33,58 @@ _pool_lock = threading.Lock()
 def resize_square(images, size: int):
     """CPU DataNode of HWC uint8 images of any sizes -> size x size, bilinear, antialiased, on as
     many threads as the pipeline being defined has."""
-    threads = Pipeline.current().num_threads
-    return fn.python_function(images, function=functools.partial(resize_batch, size=size, threads=threads),
-                              batch_processing=True, output_layouts="HWC")
+    return _in_graph(images, functools.partial(_resize_square, size=size))
+
+
+def eval_resize_and_crop(images, img_size: int, resize: int):
+    """timm's eval transform on uint8 HWC images: the shorter side to `resize` and the longer to
+    int(resize * long / short) (torchvision's Resize), bicubic, antialiased; then the centre
+    img_size x img_size at torchvision's CenterCrop anchor, round((side - img_size) / 2)."""
+    return _in_graph(images, functools.partial(_eval_resize_and_crop, img_size=img_size, resize=resize))
 
 
 def resize_batch(images: list[np.ndarray], size: int, threads: int = 1) -> list[np.ndarray]:
-    """What the graph calls: HWC uint8 arrays -> size x size HWC uint8 arrays."""
+    """What the train graph calls: HWC uint8 arrays -> size x size HWC uint8 arrays."""
+    return map_batch(functools.partial(_resize_square, size=size), images, threads)
+
+
+def map_batch(one, images: list[np.ndarray], threads: int = 1) -> list[np.ndarray]:
+    """one(image) for every image, in order, split between `threads` threads."""
     if threads <= 1 or len(images) < 2:
-        return [_resize(image, size) for image in images]
+        return [one(image) for image in images]
     parts = min(threads, len(images))
     chunks = [images[k::parts] for k in range(parts)]  # every parts-th image: sizes spread evenly
-    done = list(_shared_pool().map(lambda chunk: [_resize(image, size) for image in chunk], chunks))
-    resized = [None] * len(images)
+    done = list(_shared_pool().map(lambda chunk: [one(image) for image in chunk], chunks))
+    results = [None] * len(images)
     for k, chunk in enumerate(done):
-        resized[k::parts] = chunk
-    return resized
+        results[k::parts] = chunk
+    return results
 
 
-def _resize(image: np.ndarray, size: int) -> np.ndarray:
-    # (H, W, C) -> (1, C, H, W) as a view: channels-last memory, the layout of torch's fast path
+def _in_graph(images, one):
+    threads = Pipeline.current().num_threads
+    return fn.python_function(images, function=functools.partial(map_batch, one, threads=threads),
+                              batch_processing=True, output_layouts="HWC")
+
+
+def _interpolate(image: np.ndarray, size: tuple[int, int], mode: str) -> torch.Tensor:
+    # (H, W, C) -> (1, C, H, W) as a view: channels-last memory, the layout of torch's fast path;
+    # the result is channels-last too, so [0].permute(1, 2, 0) is HWC without a copy.
     nchw = torch.from_numpy(image).permute(2, 0, 1).unsqueeze(0)
-    out = F.interpolate(nchw, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
-    return out[0].permute(1, 2, 0).numpy()  # channels-last result: HWC without a copy
+    return F.interpolate(nchw, size=size, mode=mode, antialias=True, align_corners=False)[0].permute(1, 2, 0)
+
+
+def _resize_square(image: np.ndarray, size: int) -> np.ndarray:
+    return _interpolate(image, (size, size), "bilinear").numpy()
+
+
+def _eval_resize_and_crop(image: np.ndarray, img_size: int, resize: int) -> np.ndarray:
+    height, width = image.shape[:2]
+    longer = int(resize * max(height, width) / min(height, width))
+    out_h, out_w = (resize, longer) if height <= width else (longer, resize)
+    top, left = int(round((out_h - img_size) / 2.0)), int(round((out_w - img_size) / 2.0))
+    resized = _interpolate(image, (out_h, out_w), "bicubic")
+    return np.ascontiguousarray(resized[top:top + img_size, left:left + img_size].numpy())
 
 
 def _shared_pool() -> ThreadPoolExecutor:
