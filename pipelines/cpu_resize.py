@@ -44,7 +44,7 @@ def eval_resize_and_crop(images, img_size: int, resize: int):
 
 
 def resize_batch(images: list[np.ndarray], size: int, threads: int = 1) -> list[np.ndarray]:
-    """What the train graph calls: HWC uint8 arrays -> size x size HWC uint8 arrays."""
+    """HWC uint8 arrays -> size x size HWC uint8 arrays, as the train graph resizes them."""
     return map_batch(functools.partial(_resize_square, size=size), images, threads)
 
 

@@ -224,8 +224,8 @@ AA_IMPLS = ("tree", "batch", "torch")
 
 def default_aa_impl(device: str) -> str:
     """RandAugment's form unless told otherwise: the DALI tree, on the CPU because it is the
-    fastest there (batch 256 on 2 cores, at 5faea1b: tree ~1,060 img/s, batch-wide 643, torch 61), on the GPU
-    until a GPU run has measured the three forms (issue 13: benchmarks/gpu_checks.sh)."""
+    fastest there (batch 256 on 2 cores, at 5faea1b: tree ~1,060 img/s, batch-wide 643, torch 61),
+    on the GPU until a GPU run has measured the three forms (issue 13: benchmarks/gpu_checks.sh)."""
     return "tree"
 
 

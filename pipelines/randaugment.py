@@ -199,7 +199,7 @@ def _color(images, factor):
     # On the CPU every DALI conversion of floats to integers costs ~3 ns a value (saturation: ~500 us
     # an image at 160 px), integer arithmetic ~0.5 ns, so the blend runs in 16.16 fixed point:
     # grey + floor((x - grey) * round(factor * 2^16) / 2^16), clamped by the cast, which is PIL's
-    # truncated float blend wherever (x - grey) * factor is not within 2^-9 of an integer (~290 us).
+    # truncated float blend wherever (x - grey) * factor is not within 2^-9 of an integer: ~290 us.
     grey = _int32(fn.color_space_conversion(
         fn.color_space_conversion(images, image_type=types.RGB, output_type=types.GRAY),
         image_type=types.GRAY, output_type=types.RGB))  # PIL's L, +-1, in 3 channels: no broadcast
