@@ -33,9 +33,11 @@ def test_gpu_train_loader_with_randaugment_and_repeats(tiny_data):
         assert torch.equal(labels, want_labels) and torch.equal(images, want_images)
 
 
-@pytest.mark.parametrize("name", ["AutoContrast", "ContrastIncreasing", "SolarizeAdd", "Rotate", "SharpnessIncreasing"])
+@pytest.mark.parametrize("name", ["AutoContrast", "ContrastIncreasing", "ColorIncreasing", "SolarizeAdd", "Rotate",
+                                  "SharpnessIncreasing"])
 def test_gpu_ops_match_the_cpu_ops(name, tiny_data):
-    """The GPU variants (arithmetic where the CPU uses fused operators) against the CPU ones."""
+    """The GPU variants (arithmetic where the CPU uses fused operators; Color: DALI's saturation on
+    the GPU, a fixed-point blend on the CPU) against the CPU ones."""
     from PIL import Image
     from fastrsb.pipelines.randaugment import OPS
     files = sorted((tiny_data / "train").glob("*/*.JPEG"))[:8]
