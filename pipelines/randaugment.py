@@ -447,11 +447,7 @@ def _sharpen(images, spec: RandAugmentSpec, is_op, signed):
     """Sharpness: one 3x3 filter, the identity kernel where the sample drew another op."""
     enhance = _enhance_increasing_factor if spec.increasing else _enhance_factor
     factor = _where(is_op("SharpnessIncreasing" if spec.increasing else "Sharpness"), enhance(signed), 1.0)
-    blur = np.array([[1, 1, 1], [1, 5, 1], [1, 1, 1]], dtype=np.float32) / 13.0
-    identity = np.zeros((3, 3), dtype=np.float32)
-    identity[1, 1] = 1.0
-    kernel = types.Constant(blur) * (1.0 - factor) + types.Constant(identity) * factor
-    return fn.filter(images, _on(kernel, images))
+    return _sharpness(images, factor, None)  # factor 1: the identity kernel
 
 
 def rand_augment_batched(images, spec: RandAugmentSpec, size: int):
