@@ -8,6 +8,7 @@
 # finished. Commit gpu.jsonl and the profile under benchmarks/results/ with the GPU's name.
 #
 #   bash benchmarks/gpu_checks.sh [BUDGET_SECONDS]      (default 510; run from the project root)
+#   ONLY="synthetic-jpegs train-a3-cuda-graphs" bash benchmarks/gpu_checks.sh 200   (those checks alone)
 #
 # On the lent machine (no DALI, no network): run ../shared/gpu/stage-dali here first, then make its
 # three device calls one right after another; the third is
@@ -24,6 +25,7 @@ left() { echo $(( budget - ($(date +%s) - t0) )); }
 say() { echo "[$(( $(date +%s) - t0 ))s] $*" | tee -a "$OUT/log.txt"; }
 step() {  # step NEED_S TIMEOUT_S NAME cmd...: skipped unless NEED_S are left; killed after TIMEOUT_S
     local need=$1 limit=$2 name=$3; shift 3
+    if [ -n "${ONLY:-}" ] && [[ " $ONLY " != *" $name "* ]]; then return; fi
     if (( $(left) < need )); then say "SKIP $name ($(left)s left < ${need}s)"; return; fi
     (( limit > $(left) - 5 )) && limit=$(( $(left) - 5 ))
     say "START $name (timeout ${limit}s)"
@@ -62,7 +64,7 @@ step 30 45 hw-engines env DALI_NVIMGCODEC_LOG_LEVEL=3 python3 -c "
 from fastrsb.pipelines import train_loader
 x, y = next(iter(train_loader('$tiny/train', 8, 160, device='cuda')))
 print('first batch', tuple(x.shape), x.dtype, x.device)"
-grep -i -m 6 "hardware\|hw decoder\|nvjpg" "$OUT/steps.txt" | tee -a "$OUT/log.txt"
+grep -i -m 6 "hardware\|hw decoder\|nvjpg" "$OUT/steps.txt" 2>/dev/null | tee -a "$OUT/log.txt"
 step 120 150 synthetic-jpegs python3 -c "
 import sys; sys.path.insert(0, 'benchmarks')
 from synthetic import synthetic_jpegs
@@ -87,8 +89,13 @@ step 100 200 pytest-gpu python3 -m pytest -q -ra -m gpu tests -p no:cacheprovide
 #    this compile short).
 step 60 100 train-a3-profile $BENCH $DATA --mode train --recipe a3 --steps 30 --aa-impl batch \
     --profile "$OUT/profile" --profile-steps 15
-# 6. If time is left: the memory of nvJPEG's CUDA path (hw_decoder_load 0.9), then CUDA graphs.
+# 6. The whole step as one CUDA graph (fastrsb.step.GraphedStep): the step alone and A3 end to end
+#    with the two fastest RandAugment forms at a70b3c8 (tree in training, torch in the loader alone),
+#    then the tests of the graphs (the graphed step against the eager one, a short run with the
+#    key, the captured torch RandAugment against the eager one).
+step 120 150 train-a3-cuda-graphs $BENCH $DATA --mode train --recipe a3 --steps 100 --set cuda_graphs=true \
+    --variants step aa_impl=tree aa_impl=torch
+step 60 120 pytest-graphs python3 -m pytest -q -ra -m gpu tests -p no:cacheprovider -k "graphed or captured or cuda_graphs"
+# 7. If time is left: the memory of nvJPEG's CUDA path (hw_decoder_load 0.9).
 step 30 60 loader-noaa-hw0.9 $BENCH $DATA --mode loader --loaders dali-gpu --steps 80 --aa none --hw-decoder-load 0.9
-step 120 200 train-a3-cuda-graphs $BENCH $DATA --mode train --recipe a3 --steps 100 --set cuda_graphs=true \
-    --variants step aa_impl=batch aa_impl=batch,high_priority_stream=true
 say "done ($(left)s left)"

@@ -229,8 +229,7 @@ def _measure_variant(variant: dict, recipe: dict, training, args, root: Path | N
         before = time.perf_counter()
         images, labels = next_batch()
         waits.append(time.perf_counter() - before)
-        training.step.accumulate(images, labels, group=1, last=True)
-        training.step.apply(lr)
+        training.step.single(images, labels, lr)
 
     warmup = args.warmup if args.warmup is not None else max(5, 2 * queued)
     if queued:

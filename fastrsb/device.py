@@ -28,8 +28,10 @@ def amp_dtype(device: str, amp: bool) -> torch.dtype | None:
     return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
 
 
-def autocast(device: str, dtype: torch.dtype | None):
-    return torch.autocast(device, dtype=dtype) if dtype is not None else contextlib.nullcontext()
+def autocast(device: str, dtype: torch.dtype | None, cache: bool = True):
+    """cache=False where a CUDA graph is captured: autocast's cache of cast weights must not
+    outlive the capture (PyTorch's CUDA-graph rules)."""
+    return torch.autocast(device, dtype=dtype, cache_enabled=cache) if dtype is not None else contextlib.nullcontext()
 
 
 @contextlib.contextmanager

@@ -33,15 +33,13 @@ class Lamb(torch.optim.Optimizer):
     def __init__(self, params, lr: float = 1e-3, bias_correction: bool = True,
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-6, weight_decay: float = 0.01,
                  grad_averaging: bool = True, max_grad_norm: float | None = 1.0,
-                 trust_clip: bool = False, always_adapt: bool = False, compiled: bool = False,
-                 cuda_graphs: bool = False):
-        """compiled: run the update through torch.compile (fused kernels on the GPU); cuda_graphs:
-        replay it as a CUDA graph."""
+                 trust_clip: bool = False, always_adapt: bool = False, compiled: bool = False):
+        """compiled: run the update through torch.compile (fused kernels on the GPU)."""
         defaults = dict(lr=lr, bias_correction=bias_correction, betas=tuple(betas), eps=eps,
                         weight_decay=weight_decay, grad_averaging=grad_averaging,
                         max_grad_norm=max_grad_norm, trust_clip=trust_clip, always_adapt=always_adapt)
         super().__init__(params, defaults)
-        self._update_fn = _compiled_step(cuda_graphs) if compiled else lamb_step
+        self._update_fn = _compiled_step() if compiled else lamb_step
         self._scalars: dict[int, torch.Tensor] = {}  # per group: lr, bias corrections (device tensors)
 
     @torch.no_grad()
@@ -60,25 +58,41 @@ class Lamb(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        divisor = self._clip_divisor()
-        work = []
-        for index, group in enumerate(self.param_groups):
-            params = [p for p in group["params"] if p.grad is not None]
-            # A Python int step (one per group, as in timm): no device tensor to read back.
-            group["step"] = group.get("step", 0) + 1
-            if params:
-                work.append(self._group_work(index, group, params))
-        if work:
-            if divisor is None:
-                divisor = torch.ones((), dtype=work[0]["params"][0].dtype, device=work[0]["params"][0].device)
-            self._update_fn(work, divisor)  # every group in one call: one compiled graph
+        self.update(self.prepare())
         return loss
 
-    def _group_work(self, index: int, group: dict, params: list[torch.Tensor]) -> dict:
-        for p in params:
-            if not self.state[p]:
-                self.state[p]["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                self.state[p]["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+    def prepare(self) -> list[dict]:
+        """The host's part of a step (`advance`), then what the update works on (`work`)."""
+        self.advance()
+        return self.work()
+
+    def advance(self) -> None:
+        """Count a step and write its LR and bias corrections into the device scalars the update
+        reads. Kept apart from `update` so that a CUDA graph can capture the update alone: a graph
+        replays what its kernels read from memory, never a host value baked in at capture
+        (fastrsb.step.GraphedStep)."""
+        for index, group in enumerate(self.param_groups):
+            # A Python int step (one per group, as in timm): no device tensor to read back.
+            group["step"] = group.get("step", 0) + 1
+            if group["params"]:
+                self._write_scalars(index, group)
+
+    def work(self) -> list[dict]:
+        """Per group with gradients: its tensors, device scalars and settings, for `update`."""
+        return [self._group_work(index, group, params) for index, group in enumerate(self.param_groups)
+                if (params := [p for p in group["params"] if p.grad is not None])]
+
+    @torch.no_grad()
+    def update(self, work: list[dict]) -> None:
+        """The device's part: the global-norm clip and every group's update, no host value read."""
+        if not work:
+            return
+        divisor = self._clip_divisor()
+        if divisor is None:
+            divisor = torch.ones((), dtype=work[0]["params"][0].dtype, device=work[0]["params"][0].device)
+        self._update_fn(work, divisor)  # every group in one call: one compiled graph
+
+    def _write_scalars(self, index: int, group: dict) -> None:
         beta1, beta2 = group["betas"]
         step = group["step"]
         bc1 = 1 - beta1**step if group["bias_correction"] else 1.0
@@ -86,9 +100,23 @@ class Lamb(torch.optim.Optimizer):
         # What changes from step to step goes in as 0-d device tensors, filled in place (a kernel
         # argument, no copy, no sync), so the compiled update never recompiles for a new LR.
         # Keyed by the group's position: load_state_dict replaces the group dicts, not their order.
-        scalars = self._scalars.setdefault(index, torch.zeros(3, dtype=params[0].dtype, device=params[0].device))
+        scalars = self._scalars_of(index, group)
         for i, value in enumerate((group["lr"], bc1, math.sqrt(bc2))):
             scalars[i].fill_(value)
+
+    def _scalars_of(self, index: int, group: dict) -> torch.Tensor:
+        if index not in self._scalars:
+            first = group["params"][0]
+            self._scalars[index] = torch.zeros(3, dtype=first.dtype, device=first.device)
+        return self._scalars[index]
+
+    def _group_work(self, index: int, group: dict, params: list[torch.Tensor]) -> dict:
+        for p in params:
+            if not self.state[p]:
+                self.state[p]["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                self.state[p]["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        beta1, beta2 = group["betas"]
+        scalars = self._scalars_of(index, group)
         return dict(params=params, grads=[p.grad for p in params], exp_avgs=[self.state[p]["exp_avg"] for p in params],
                     exp_avg_sqs=[self.state[p]["exp_avg_sq"] for p in params], lr=scalars[0], bc1=scalars[1],
                     bc2_sqrt=scalars[2], beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"],
@@ -138,16 +166,18 @@ def lamb_update(params: list[torch.Tensor], grads: list[torch.Tensor], exp_avgs:
     torch._foreach_sub_(params, updates)
 
 
-_compiled_lamb_steps: dict[bool, object] = {}
+_compiled_lamb_step = None
 
 
-def _compiled_step(cuda_graphs: bool = False):
-    """lamb_step through torch.compile, wrapped once per process (compiled on first use);
-    cuda_graphs: replayed as a CUDA graph ("reduce-overhead")."""
-    if cuda_graphs not in _compiled_lamb_steps:
-        _compiled_lamb_steps[cuda_graphs] = torch.compile(lamb_step, dynamic=False,
-                                                          mode="reduce-overhead" if cuda_graphs else None)
-    return _compiled_lamb_steps[cuda_graphs]
+def _compiled_step():
+    """lamb_step through torch.compile, wrapped once per process (compiled on first use). Never
+    in inductor's "reduce-overhead" mode: it skips graphs for a function that mutates its inputs
+    (every LAMB update does), and at a70b3c8 the run with it died of a segfault on the H200. The
+    recipe's cuda_graphs captures the whole step instead (fastrsb.step.GraphedStep)."""
+    global _compiled_lamb_step
+    if _compiled_lamb_step is None:
+        _compiled_lamb_step = torch.compile(lamb_step, dynamic=False)
+    return _compiled_lamb_step
 
 
 def lr_at(step: int, steps_per_epoch: int, epochs: int, lr: float, warmup_epochs: int,
@@ -163,7 +193,7 @@ def lr_at(step: int, steps_per_epoch: int, epochs: int, lr: float, warmup_epochs
     return min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
-def make_optimizer(model: nn.Module, recipe: dict, compiled: bool = False, cuda_graphs: bool = False) -> Lamb:
+def make_optimizer(model: nn.Module, recipe: dict, compiled: bool = False) -> Lamb:
     return Lamb(param_groups(model, recipe["weight_decay"]), lr=recipe["warmup_lr"],
                 betas=tuple(recipe["opt_betas"]), eps=recipe["opt_eps"], weight_decay=recipe["weight_decay"],
-                compiled=compiled, cuda_graphs=cuda_graphs)
+                compiled=compiled)

@@ -70,8 +70,11 @@ def build_training(recipe: dict, num_classes: int, device: str, d: Dist = Dist()
     if recipe["high_priority_stream"] and device != "cuda":
         raise UserError("high_priority_stream = true needs a GPU (this run is on the CPU): "
                         "--set high_priority_stream=false")
-    optimizer = make_optimizer(model, recipe, compiled=compiled, cuda_graphs=graphs)
+    optimizer = make_optimizer(model, recipe, compiled=compiled)
     dtype = amp_dtype(device, recipe["amp"])
+    if graphs and dtype == torch.float16:
+        raise UserError("cuda_graphs = true needs bf16 or float32: this GPU trains in fp16, whose GradScaler "
+                        "reads its inf/NaN check back to the host every step (--set cuda_graphs=false)")
     scaler = torch.amp.GradScaler(device, enabled=dtype == torch.float16)
     mixer = None
     if mixing_enabled(recipe["mixup"], recipe["cutmix"]):
@@ -80,11 +83,11 @@ def build_training(recipe: dict, num_classes: int, device: str, d: Dist = Dist()
     if device == "cuda" and not torch.are_deterministic_algorithms_enabled():
         torch.backends.cudnn.benchmark = True  # fixed shapes (train loaders drop the last batch)
     # DDP's constructor broadcasts rank 0's weights and buffers to every rank ...
-    step_model = wrap_model(model, d, device, compiled, cuda_graphs=graphs)
+    step_model = wrap_model(model, d, device, compiled)
     # ... so the EMA, a copy of the model, is taken after it: every rank's EMA starts from rank 0's weights.
     ema = ModelEma(model, recipe["model_ema_decay"]) if recipe["model_ema"] else None
     prepare = mixer or PlainTargets(num_classes, recipe["smoothing"])
-    step = TrainStep(step_model, optimizer, scaler, make_loss(recipe), prepare, device, dtype)
+    step = TrainStep(step_model, optimizer, scaler, make_loss(recipe), prepare, device, dtype, cuda_graphs=graphs)
     return Training(model, step, optimizer, scaler, ema, mixer, dtype, recipe["high_priority_stream"])
 
 
@@ -175,6 +178,10 @@ def build_run(recipe: dict, train_images: ImageList, val_images: ImageList, devi
         micro = smallest(micro, d)  # a divisor of the per-process batch too (every candidate is)
         steps = recipe["batch_size"] // d.world // micro
     check_micro_batch(recipe, d.world, steps, micro)
+    if recipe["cuda_graphs"] and steps > 1:
+        raise UserError(f"cuda_graphs = true captures a step of one micro-batch; this run splits each step into "
+                        f"{steps} micro-batches of {micro} (gradient accumulation): --set cuda_graphs=false, or "
+                        f"--grad-accum-steps 1 where the whole batch fits the GPU")
     train_data = open_train_loader(recipe, train_images, micro, device, d, num_threads, loader_state)
     val_data = open_val_loader(recipe, val_images, micro, device, d, num_threads)
     return Run(recipe, device, d, training, train_data, val_data, Schedule(len(train_data), steps, recipe),

@@ -168,9 +168,13 @@ def train_one_epoch(run: Run, pos: Position, folder: RunFolder, stops: Stops, lo
             before = time.perf_counter()
             images, labels = next(batches)
             interval.waited += time.perf_counter() - before
-            loss = t.step.accumulate(images, labels, group, last=k == group - 1)
+            if group == 1:  # the whole step at once (a CUDA graph's replay with cuda_graphs)
+                loss = t.step.single(images, labels, lr)
+            else:
+                loss = t.step.accumulate(images, labels, group, last=k == group - 1)
             loss_sum += loss
-        t.step.apply(lr)
+        if group > 1:
+            t.step.apply(lr)
         pos.step, pos.micro_done = pos.step + 1, pos.micro_done + group
         interval.images += group * micro
         if t.ema:

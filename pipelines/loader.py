@@ -13,6 +13,7 @@ from typing import Callable, Iterator
 import torch
 from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
+from .cuda_graphs import CapturedCall
 from .image_list import DatasetError, ImageList, list_images
 from .graphs import READER_NAME, train_pipeline, val_pipeline
 from .randaugment import parse_rand_augment
@@ -337,6 +338,8 @@ def train_loader(root: str | os.PathLike | ImageList, batch_size: int, img_size:
     if aa and aa_impl == "torch":
         from .torch_augment import TorchRandAugment
         augment = TorchRandAugment(parse_rand_augment(aa), img_size, getattr(torch, dtype or default_pixel_dtype(device)))
+        if device == "cuda":  # ~200 small kernels a batch, launched from the consumer's thread: one graph instead
+            augment = CapturedCall(augment, "RandAugment (torch form)")
     return DaliLoader(build, images, batch_size, train=True, repeats=repeats, fingerprint=fingerprint, state=state,
                       settings={**_decoder_settings(device_id, hw_decoder_load, threads, prefetch_queue_depth),
                                 "stream_policy": stream_policy, "concurrency": concurrency}, augment=augment)

@@ -166,16 +166,18 @@ def test_profile_summary_of_gpu_kernels():
     sys.path.insert(0, str(BENCH))
     from profile_summary import summarize
 
-    def event(name, start, end, gpu=True):
+    def event(name, start, end, gpu=True, annotation=False):
         return SimpleNamespace(name=name, device_type="DeviceType.CUDA" if gpu else "DeviceType.CPU",
-                               time_range=SimpleNamespace(start=start, end=end))
+                               time_range=SimpleNamespace(start=start, end=end), is_user_annotation=annotation)
     trace = SimpleNamespace(events=lambda: [
+        event("Optimizer.step#Lamb.step", 0, 50_000, annotation=True),  # a range, not a kernel: not counted
+        event("Memcpy HtoD (Pinned -> Device)", 32_000, 34_000),
         event("sm90_xmma_gemm_bf16", 0, 10_000), event("void at::native::elementwise_kernel", 5_000, 15_000),
         event("void dali::kernels::resize::ResizeKernel", 20_000, 30_000), event("nvjpeg::decode_huffman", 40_000, 45_000),
         event("cudaStreamSynchronize", 45_000, 47_000, gpu=False), event("aten::_local_scalar_dense", 46_000, 47_000, gpu=False)])
     s = summarize(trace, steps=2, wall_seconds=0.1, host_seconds=0.05, data_wait_seconds=0.01, device="cuda")
-    assert s["gpu_busy_share"] == pytest.approx(0.30)  # 15 + 10 + 5 ms of 100 ms
-    assert s["gpu_ms_per_step"] == pytest.approx({"loader": 7.5, "model": 10.0})
+    assert s["gpu_busy_share"] == pytest.approx(0.32)  # 15 + 10 + 2 + 5 ms of 100 ms
+    assert s["gpu_ms_per_step"] == pytest.approx({"loader": 7.5, "model": 10.0, "copies": 1.0})
     assert s["blocking_ms_per_step"] == pytest.approx({"aten::_local_scalar_dense": 0.5, "cudaStreamSynchronize": 1.0})
-    assert [k["part"] for k in s["top_kernels"]] == ["model", "model", "loader", "loader"]
+    assert [k["part"] for k in s["top_kernels"]] == ["model", "model", "loader", "loader", "copies"]
     assert s["data_wait_share"] == pytest.approx(0.1) and s["host_cpu_ms_per_step"] == pytest.approx(25.0)

@@ -118,6 +118,60 @@ def test_short_run_with_a_speed_key(tiny_data, tmp_path, speed_key):
     assert all(math.isfinite(r["loss"]) for r in rows if r["kind"] == "log")
 
 
+@pytest.mark.parametrize("compiled", [False, True])
+def test_graphed_step_trains_as_the_eager_step(compiled):
+    """cuda_graphs: the captured step (forward, loss, backward, clip, LAMB) moves the weights as
+    the eager step does, step for step, with a new LR every step (the LR is read from device
+    memory at each replay, not baked into the graph at capture), mixup/cutmix drawn on the host."""
+    from fastrsb.parts import build_training
+    from fastrsb.recipe import load_recipe
+    torch.backends.cudnn.deterministic = True
+    overrides = ["amp=false", f"compile={str(compiled).lower()}"]
+    eager = build_training(load_recipe("tiny", overrides), 4, "cuda")
+    graphed = build_training(load_recipe("tiny", overrides + ["cuda_graphs=true"]), 4, "cuda")
+    graphed.model.load_state_dict(eager.model.state_dict())
+    start = [p.detach().clone() for p in eager.model.parameters()]
+    generator = torch.Generator(device="cuda").manual_seed(0)
+    for k in range(8):
+        images = torch.randn(8, 3, 32, 32, device="cuda", generator=generator).contiguous(memory_format=torch.channels_last)
+        labels = torch.randint(0, 4, (8,), device="cuda", generator=generator)
+        lr = 1e-3 * (k + 1)
+        losses = [t.step.single(images, labels, lr) for t in (eager, graphed)]
+        torch.testing.assert_close(losses[1], losses[0], rtol=1e-3, atol=1e-4)
+    assert graphed.step.graphed.graph is not None and not graphed.step.graphed.failed
+    for before, a, b in zip(start, eager.model.parameters(), graphed.model.parameters()):
+        torch.testing.assert_close(b, a, rtol=1e-3, atol=1e-4)
+    assert any(not torch.equal(before, a) for before, a in zip(start, eager.model.parameters()))
+    torch.backends.cudnn.deterministic = False
+
+
+def test_captured_torch_rand_augment_is_the_eager_one():
+    """The torch form replayed as a CUDA graph (the GPU loader's): the eager form's pixels for
+    every op, batch after batch, with each batch's own draws (read from memory at each replay,
+    not baked into the graph), and each batch in memory of its own."""
+    from fastrsb.pipelines import parse_rand_augment
+    from fastrsb.pipelines.cuda_graphs import CapturedCall
+    from fastrsb.pipelines.randaugment import _policy
+    from fastrsb.pipelines.torch_augment import TorchRandAugment
+    spec = parse_rand_augment("rand-m9-mstd0.5-inc1")
+    augment = TorchRandAugment(spec, 48, torch.float16)
+    captured = CapturedCall(augment, "test", warmup=1)
+    choices, count = len(_policy(spec)[0]) + 1, 48  # every op and "none", in both layers
+    generator = torch.Generator(device="cuda").manual_seed(0)
+    outputs = []
+    for k in range(4):
+        images = torch.randint(0, 256, (count, 48, 48, 3), dtype=torch.uint8, device="cuda", generator=generator)
+        index = (torch.arange(count, device="cuda") + k) % choices
+        signed = (torch.rand(count, device="cuda", generator=generator) - 0.5) * 20
+        flip = (torch.arange(count, device="cuda") + k) % 2
+        draws = torch.stack([flip, index, signed, index.flip(0), -signed], 1).float()
+        outputs.append((captured(images, draws), augment(images, draws)))
+    assert captured.graph is not None and not captured.failed
+    for got, expected in outputs:
+        assert torch.equal(got, expected)
+    assert outputs[-1][0].data_ptr() != outputs[-2][0].data_ptr()
+
+
 def test_torch_rand_augment_on_the_gpu_is_the_cpus_and_never_syncs(tiny_data):
     """The torch form on the GPU: the pixels of the CPU (which are timm's), and not one host sync
     while it runs (torch's sync debug mode turns a sync into an error)."""
