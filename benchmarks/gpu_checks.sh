@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # Every GPU check, as ONE device call of at most 9 minutes: the checks in priority order, each under
 # its own timeout, skipping what no longer fits the deadline; 6 files under $OUT (log.txt, steps.txt,
-# gpu.jsonl, dmon.txt, profile/profile.txt and .json). Planned: ~25 s setup, ~35 s engines and
-# JPEGs, ~75 s for five loader processes, ~190 s for A3 with ten variants (one compile), ~2 min of
-# GPU tests, then the profile (~50 s), the CUDA path's memory and CUDA graphs with what is left.
+# gpu.jsonl, dmon.txt, profile/profile.txt and .json). First what no GPU run has measured yet (at
+# b94f19b: the CUDA graphs of the step and of the torch RandAugment, and their tests), then the
+# figures of a70b3c8 again at this commit. Seen on the H200 at a70b3c8: ~20 s setup and versions,
+# ~15 s engines and JPEGs, ~15-20 s a loader process, ~60-80 s to compile A3 and ~12 s a train
+# variant after it, 171 s for the 20 GPU tests, ~40 s the profile.
 # The benchmark prints each JSON line as it is measured: a check cut by its timeout keeps what it
 # finished. Commit gpu.jsonl and the profile under benchmarks/results/ with the GPU's name.
 #
@@ -69,33 +71,25 @@ step 120 150 synthetic-jpegs python3 -c "
 import sys; sys.path.insert(0, 'benchmarks')
 from synthetic import synthetic_jpegs
 synthetic_jpegs('data/bench/synthetic-$J', $J)"
-# 2. The loader alone, each in a process of its own (its own NVML memory; issue 13: >= 20,000 img/s
-#    with A3's RandAugment at batch 256, <= 1.5 GiB), RandAugment in its three forms. Decoding
-#    defaults: hw_decoder_load by GPU (1.0 on Hopper), DALI's own buffer padding.
-step 40 60 loader-aa-batch $BENCH $DATA --mode loader --loaders dali-gpu --steps 80 --aa-impl batch
+# 2. New at b94f19b: the torch RandAugment form replayed as a CUDA graph, in the loader alone (at
+#    a70b3c8 without: 13,685 img/s, the fastest form; issue 13: >= 20,000 at batch 256, <= 1.5 GiB),
+#    then A3 with the whole step as one CUDA graph (at a70b3c8 without: the step alone 10,106 img/s,
+#    the tree form end to end 6,320, the torch form 5,560), then every GPU test (the graphed step and
+#    the captured RandAugment against their eager forms among them).
+step 40 60 loader-aa-torch-graphs $BENCH $DATA --mode loader --loaders dali-gpu --steps 80 --aa-impl torch --cuda-graphs
+step 120 180 train-a3-cuda-graphs $BENCH $DATA --mode train --recipe a3 --steps 100 --set cuda_graphs=true \
+    --variants step aa_impl=tree aa_impl=torch aa_impl=torch,high_priority_stream=true
+step 100 200 pytest-gpu python3 -m pytest -q -ra -m gpu tests -p no:cacheprovider
+# 3. Where a step's time goes with the graphs: 15 steps under torch.profiler (inductor's cache from
+#    check 2 makes this compile short).
+step 60 100 train-a3-profile $BENCH $DATA --mode train --recipe a3 --steps 30 --set cuda_graphs=true \
+    --aa-impl torch --profile "$OUT/profile" --profile-steps 15
+# 4. The figures of a70b3c8 at this commit, without graphs: the step alone and each form end to end
+#    (one compile), then each loader alone in a process of its own (its own NVML memory).
+step 150 200 train-a3-variants $BENCH $DATA --mode train --recipe a3 --steps 100 --variants step \
+    aa_impl=tree aa_impl=torch aa_impl=batch
 step 40 60 loader-aa-torch $BENCH $DATA --mode loader --loaders dali-gpu --steps 80 --aa-impl torch
 step 40 60 loader-aa-tree $BENCH $DATA --mode loader --loaders dali-gpu --steps 80 --aa-impl tree
 step 40 60 loader-noaa $BENCH $DATA --mode loader --loaders dali-gpu --steps 80 --aa none
-# 3. A3 end to end, the model compiled once (~1 min) for all variants: the step alone (the ceiling;
-#    issue 13: >= 10,000 img/s and >= 0.9x the step), then each loader setting in turn.
-step 180 270 train-a3-variants $BENCH $DATA --mode train --recipe a3 --steps 100 --variants step \
-    aa_impl=batch aa_impl=torch aa_impl=tree aa_impl=batch,high_priority_stream=true aa_impl=batch,hw_decoder_load=0.9 \
-    aa_impl=batch,workers=16 aa_impl=batch,prefetch=4 aa_impl=batch,concurrency=full \
-    aa_impl=batch,stream_policy=per_operator
-# 4. The GPU tests (each RandAugment form against the CPU's, compiled runs with each speed key,
-#    resume, the torch form without a host sync).
-step 100 200 pytest-gpu python3 -m pytest -q -ra -m gpu tests -p no:cacheprovider
-# 5. Where a step's time goes: 15 steps under torch.profiler (inductor's cache from step 3 makes
-#    this compile short).
-step 60 100 train-a3-profile $BENCH $DATA --mode train --recipe a3 --steps 30 --aa-impl batch \
-    --profile "$OUT/profile" --profile-steps 15
-# 6. The whole step as one CUDA graph (fastrsb.step.GraphedStep): the step alone and A3 end to end
-#    with the two fastest RandAugment forms at a70b3c8 (tree in training, torch in the loader alone),
-#    then the tests of the graphs (the graphed step against the eager one, a short run with the
-#    key, the captured torch RandAugment against the eager one).
-step 120 150 train-a3-cuda-graphs $BENCH $DATA --mode train --recipe a3 --steps 100 --set cuda_graphs=true \
-    --variants step aa_impl=tree aa_impl=torch
-step 60 120 pytest-graphs python3 -m pytest -q -ra -m gpu tests -p no:cacheprovider -k "graphed or captured or cuda_graphs"
-# 7. If time is left: the memory of nvJPEG's CUDA path (hw_decoder_load 0.9).
-step 30 60 loader-noaa-hw0.9 $BENCH $DATA --mode loader --loaders dali-gpu --steps 80 --aa none --hw-decoder-load 0.9
+step 40 60 loader-aa-batch $BENCH $DATA --mode loader --loaders dali-gpu --steps 80 --aa-impl batch
 say "done ($(left)s left)"

@@ -41,13 +41,13 @@ def _cores() -> int:
 
 
 def make_loader(name: str, root: Path, batch: int, size: int, device: str, threads: int, aa: str | None,
-                hw_decoder_load: float | None = None, aa_impl: str = "auto"):
+                hw_decoder_load: float | None = None, aa_impl: str = "auto", cuda_graphs: bool = False):
     if name.startswith("dali"):
         from fastrsb.pipelines import train_loader
         # The loader's default pixels, as the trainer takes them: float16 on the GPU, float32 on the
         # CPU (what the PIL loaders' ToTensor + Normalize give too).
         return train_loader(root, batch, size, device="cuda" if name == "dali-gpu" else "cpu", num_threads=threads,
-                            aa=aa, hw_decoder_load=hw_decoder_load, aa_impl=aa_impl)
+                            aa=aa, hw_decoder_load=hw_decoder_load, aa_impl=aa_impl, cuda_graphs=cuda_graphs)
     if name == "torchvision":
         import torchvision.transforms as T
         from torchvision.datasets import ImageFolder
@@ -92,7 +92,7 @@ def measure_loader(name: str, args, root: Path) -> dict:
     threads = args.workers or _cores()
     aa = None if args.aa == "none" else args.aa
     loader = make_loader(name, root, args.batch_size, args.img_size, device, threads, aa, args.hw_decoder_load,
-                         args.aa_impl or "auto")
+                         args.aa_impl or "auto", cuda_graphs=args.cuda_graphs and name == "dali-gpu")
     queued = queued_batches(name, loader, threads)
     warmup = args.warmup if args.warmup is not None else max(5, 2 * queued)
     check_warmup(warmup, args.steps, queued, name)
@@ -117,7 +117,7 @@ def measure_loader(name: str, args, root: Path) -> dict:
 
 def _dali_settings(loader) -> dict:
     keys = ("pipelines", "aa_impl", "hw_decoder_load", "num_threads", "prefetch_queue_depth", "stream_policy",
-            "concurrency")
+            "concurrency", "cuda_graphs")
     return {key: loader.settings[key] for key in keys if key in loader.settings}
 
 
@@ -481,6 +481,9 @@ def main(argv: list[str] | None = None) -> None:
                         "the recipe's aa_impl (train mode), the loader's default (loader mode)")
     p.add_argument("--hw-decoder-load", type=float, default=None,
                    help="dali-gpu: the share of JPEGs sent to the hardware decoders, 0-1 (default: the loader's, by GPU)")
+    p.add_argument("--cuda-graphs", action="store_true",
+                   help="loader mode, dali-gpu: the torch RandAugment form replayed as a CUDA graph (train mode: "
+                        "--set cuda_graphs=true, which captures the whole step too)")
     p.add_argument("--json-out", type=Path, help="also append the JSON lines to this file")
     p.add_argument("--variants", nargs="+", metavar="SPEC",
                    help="train mode: measure each in turn with the model built and compiled once: 'step' (the step "
@@ -499,6 +502,8 @@ def main(argv: list[str] | None = None) -> None:
         p.error("--rounds must be at least 1")
     if args.hw_decoder_load is not None and not 0.0 <= args.hw_decoder_load <= 1.0:
         p.error("--hw-decoder-load must lie in [0, 1]")
+    if args.cuda_graphs and not torch.cuda.is_available():
+        p.error("--cuda-graphs replays GPU work as CUDA graphs: it needs a GPU (none is visible here)")
     if args.variants:
         if args.mode != "train":
             p.error("--variants is for --mode train ('step' among them measures the step alone)")

@@ -86,7 +86,7 @@ class TrainStep:
 
 class GraphedStep:
     """Forward, loss, backward, gradient clip and LAMB update of one micro-batch as one CUDA graph:
-    the host launches one graph a step instead of ~1,000 kernels (ResNet-50's forward and
+    the host launches one graph a step instead of hundreds of kernels (ResNet-50's forward and
     backward, inductor's and cuDNN's, and LAMB's), so the main thread is free for the loader's
     hand-over and the mixing, and the GPU does not wait between kernels for the host.
 

@@ -253,7 +253,8 @@ def _announce(run: Run, train_images, val_images, resumed_from: Path | None, pos
     amp = str(t.dtype).removeprefix("torch.") if t.dtype else "float32"
     _say(run, f"fastrsb {__version__}: {r['name']} | {r['model']} | {len(train_images):,} train / "
               f"{len(val_images):,} val images, {len(run.classes)} classes | {run.d.world} x {run.device} {amp}"
-              f"{' compiled' if run.device == 'cuda' and r['compile'] else ''} | batch {r['batch_size']} = "
+              f"{' compiled' if run.device == 'cuda' and r['compile'] else ''}"
+              f"{' + CUDA graphs' if r['cuda_graphs'] else ''} | batch {r['batch_size']} = "
               f"{run.d.world} x {run.schedule.grad_accum_steps} x {run.micro} | {run.schedule.steps_per_epoch} steps x "
               f"{r['epochs']} epochs")
     _say(run, f"data: {describe_counts(train_images, val_images)}")

@@ -224,9 +224,13 @@ AA_IMPLS = ("tree", "batch", "torch")
 
 
 def default_aa_impl(device: str) -> str:
-    """RandAugment's form unless told otherwise: the DALI tree, on the CPU because it is the
-    fastest there (batch 256 on 2 cores, at 5faea1b: tree ~1,060 img/s, batch-wide 643, torch 61),
-    on the GPU until a GPU run has measured the three forms (issue 13: benchmarks/gpu_checks.sh)."""
+    """RandAugment's form unless told otherwise: the DALI tree, on both devices, by measurement.
+    CPU (batch 256, 2 cores, at 5faea1b): tree ~1,060 img/s, batch-wide 643, torch 61. H200 (A3 at
+    160 px, batch 256, at a70b3c8): in training, where it counts, tree 6,320 img/s, torch 5,560,
+    batch-wide 4,296; the loader alone, torch 13,685, tree 8,870, batch-wide 3,529. The torch form
+    feeds the loader alone fastest but launches its kernels from the trainer's thread, which the
+    step needs (benchmarks/results/gpu-h200-a70b3c8*); with cuda_graphs it replays as one graph,
+    which no GPU run has measured yet (benchmarks/gpu_checks.sh)."""
     return "tree"
 
 
@@ -259,7 +263,7 @@ def train_loader(root: str | os.PathLike | ImageList, batch_size: int, img_size:
                  num_threads: int | None = None, dtype: str | None = None, repeats: int = 1, aa: str | None = None,
                  hw_decoder_load: float | None = None, prefetch_queue_depth: int = 2, pipelines: int | None = None,
                  aa_impl: str = "auto", stream_policy: str | None = None, concurrency: str | None = None,
-                 state: dict | None = None) -> DaliLoader:
+                 cuda_graphs: bool = False, state: dict | None = None) -> DaliLoader:
     """Random-resized-crop + flip training loader over an ImageFolder tree or a file list.
 
     batch_size is per shard (per GPU). Every epoch is a full reshuffle, the same on every shard
@@ -268,9 +272,9 @@ def train_loader(root: str | os.PathLike | ImageList, batch_size: int, img_size:
     its views side by side in the batch; a batch holds ceil(batch_size / repeats) images, and where
     batch_size does not divide by repeats (A1/A2: 2048 and 3) the last image keeps fewer views.
     aa: timm's RandAugment string, e.g. "rand-m6-mstd0.5-inc1".
-    aa_impl: how it runs: "tree" (DALI conditionals route each sample to its op; fastest on the
-    CPU), "batch" (DALI, every op on the whole batch, neutral where a sample drew another: fewer,
-    larger operators, meant for the GPU) or "torch" (DALI draws, torch applies the ops on the
+    aa_impl: how it runs: "tree" (DALI conditionals route each sample to its op; the fastest in
+    training on the CPU and on the H200), "batch" (DALI, every op on the whole batch, neutral where
+    a sample drew another: fewer, larger operators, yet the slowest on the H200) or "torch" (DALI draws, torch applies the ops on the
     batch's device after the hand-over, as PIL computes them: torch_augment.py). The same policy
     and law; pixels within one level of each other. "auto": the form a saved `state` was made
     with, else default_aa_impl(device).
@@ -284,6 +288,10 @@ def train_loader(root: str | os.PathLike | ImageList, batch_size: int, img_size:
     their number shapes the augmentation stream; the number of threads does not.
     stream_policy, concurrency: DALI's executor options by name (SINGLE / PER_BACKEND / PER_OPERATOR;
     NONE / BACKEND / FULL); None keeps DALI's defaults (PER_BACKEND, BACKEND). Speed only.
+    cuda_graphs: on the GPU, the torch form of RandAugment replays as one CUDA graph a batch
+    instead of launching ~200 kernels from the consumer's thread (cuda_graphs.CapturedCall; the
+    same pixels). Nothing to capture in the DALI forms. Off by default until a GPU run has
+    measured it (benchmarks/gpu_checks.sh). Speed only.
     state: a `loader.state_dict()` to continue from (its number of pipelines is kept).
     """
     images = root if isinstance(root, ImageList) else list_images(root)
@@ -319,6 +327,8 @@ def train_loader(root: str | os.PathLike | ImageList, batch_size: int, img_size:
     if state is not None:
         _check_state(state, fingerprint)
     device_id = _check_device(device)
+    if cuda_graphs and device_id is None:
+        raise DatasetError("cuda_graphs=True replays GPU work as CUDA graphs: it needs device='cuda'")
     hw_decoder_load = _hw_decoder_load(hw_decoder_load, device_id)
     executor = _executor_options(stream_policy, concurrency)
 
@@ -338,11 +348,12 @@ def train_loader(root: str | os.PathLike | ImageList, batch_size: int, img_size:
     if aa and aa_impl == "torch":
         from .torch_augment import TorchRandAugment
         augment = TorchRandAugment(parse_rand_augment(aa), img_size, getattr(torch, dtype or default_pixel_dtype(device)))
-        if device == "cuda":  # ~200 small kernels a batch, launched from the consumer's thread: one graph instead
+        if cuda_graphs:  # ~200 small kernels a batch, launched from the consumer's thread: one graph instead
             augment = CapturedCall(augment, "RandAugment (torch form)")
     return DaliLoader(build, images, batch_size, train=True, repeats=repeats, fingerprint=fingerprint, state=state,
                       settings={**_decoder_settings(device_id, hw_decoder_load, threads, prefetch_queue_depth),
-                                "stream_policy": stream_policy, "concurrency": concurrency}, augment=augment)
+                                "stream_policy": stream_policy, "concurrency": concurrency,
+                                "cuda_graphs": cuda_graphs}, augment=augment)
 
 
 def _upgrade_state(state: dict) -> dict:

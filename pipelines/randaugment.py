@@ -343,7 +343,7 @@ def rand_augment_draws(spec: RandAugmentSpec):
     return fn.stack(*parts)
 
 
-# --- the batch-wide form (for the GPU) ------------------------------------------------------------
+# --- the batch-wide form (meant for the GPU) --------------------------------------------------------
 # The tree above splits the batch so that each op runs on its own samples: cheap per pixel, which
 # is what the CPU pays for, but ~15 operators each on a sliver of the batch, plus the splits and
 # merges, which is what a GPU pays for (launches: A3's RandAugment took the H200 loader from 26.5k
@@ -356,6 +356,11 @@ def rand_augment_draws(spec: RandAugmentSpec):
 # expressions), so the per-sample parameters are combined first, on a number per sample, and the
 # image is touched by as few nodes as possible, in uint8 where it can be: 20 image-sized nodes a
 # layer, three of them float32 (the first version: 32, seventeen float32).
+# Measured on the H200 at a70b3c8 it is the slowest form (the loader alone with A3's RandAugment at
+# batch 256: 3,529 img/s, the tree 8,870, torch 13,685), though its GPU kernels took only ~7 ms a
+# batch in the profile: the likely cost (not yet profiled on the host) is the CPU nodes that compute
+# the per-sample parameters, each ~50 us plus ~1.4 us a sample (~0.4 ms at batch 256) on the CPU
+# here. Kept as an option, tested against the tree; not the default anywhere.
 
 # v - 0.5 + 2**-10, rounded to the nearest integer by the cast to uint8, is floor(v) -- PIL's
 # truncation -- for every v whose fraction is below 1 - 2**-10 (exactly so for integer v, the

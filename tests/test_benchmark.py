@@ -133,6 +133,10 @@ def test_train_mode_variants_share_one_model(tmp_path, capsys):
         with pytest.raises(SystemExit):
             _bench_here(capsys, "--mode", "train", *TRAINING, "--synthetic-jpegs", "16", "--variants", bad)
         assert says in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit):
+            _bench_here(capsys, "--mode", "loader", "--synthetic-jpegs", "16", "--cuda-graphs")
+        assert "--cuda-graphs replays GPU work as CUDA graphs: it needs a GPU" in capsys.readouterr().err
 
 
 def test_train_mode_under_torchrun_reports_per_process_and_total(tmp_path):

@@ -148,8 +148,9 @@ def test_version_and_demo_data_arguments(tmp_path):
 
 def test_cuda_graphs_where_they_cannot_apply(tiny_data, tmp_path):
     assert_user_error(train(tiny_data, "--out", tmp_path / "a", "--set", "cuda_graphs=true"), "cuda_graphs", "needs a GPU")
+    # The graphs are captured by fastrsb, not inductor: compile=false does not change the answer.
     assert_user_error(train(tiny_data, "--out", tmp_path / "b", "--set", "cuda_graphs=true", "--set", "compile=false"),
-                      "cuda_graphs = true needs compile = true")
+                      "cuda_graphs", "needs a GPU")
     assert_user_error(train(tiny_data, "--out", tmp_path / "c", "--set", "high_priority_stream=true"),
                       "high_priority_stream = true needs a GPU")
 

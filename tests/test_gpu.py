@@ -116,6 +116,8 @@ def test_short_run_with_a_speed_key(tiny_data, tmp_path, speed_key):
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows if r["kind"] == "epoch"] == [1, 2]
     assert all(math.isfinite(r["loss"]) for r in rows if r["kind"] == "log")
+    if speed_key == "cuda_graphs":  # captured, not fallen back to the eager step
+        assert "+ CUDA graphs" in proc.stdout and "could not be captured" not in proc.stdout, proc.stdout
 
 
 @pytest.mark.parametrize("compiled", [False, True])

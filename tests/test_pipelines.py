@@ -58,6 +58,8 @@ def test_dali_executor_options_by_name(tiny_data):
     assert torch.equal(want_x, got_x) and torch.equal(want_y, got_y)
     with pytest.raises(DatasetError, match="concurrency must be one of NONE, BACKEND, FULL, not 'all'"):
         first(concurrency="all")
+    with pytest.raises(DatasetError, match="cuda_graphs=True .* needs device='cuda'"):
+        first(cuda_graphs=True)
 
 
 @pytest.mark.parametrize("cores,local_processes,threads", [(16, None, 8), (16, "8", 2), (2, "4", 1), (64, "4", 8)])
