@@ -173,7 +173,9 @@ def test_profile_summary_of_gpu_kernels():
     def event(name, start, end, gpu=True, annotation=False):
         return SimpleNamespace(name=name, device_type="DeviceType.CUDA" if gpu else "DeviceType.CPU",
                                time_range=SimpleNamespace(start=start, end=end), is_user_annotation=annotation)
-    trace = SimpleNamespace(events=lambda: [
+    host_ops = [SimpleNamespace(key="aten::convolution", self_cpu_time_total=3_000, count=2),
+                SimpleNamespace(key="cudaLaunchKernel", self_cpu_time_total=5_000, count=400)]
+    trace = SimpleNamespace(key_averages=lambda: host_ops, events=lambda: [
         event("Optimizer.step#Lamb.step", 0, 50_000, annotation=True),  # a range, not a kernel: not counted
         event("Memcpy HtoD (Pinned -> Device)", 32_000, 34_000),
         event("sm90_xmma_gemm_bf16", 0, 10_000), event("void at::native::elementwise_kernel", 5_000, 15_000),
@@ -185,3 +187,5 @@ def test_profile_summary_of_gpu_kernels():
     assert s["blocking_ms_per_step"] == pytest.approx({"aten::_local_scalar_dense": 0.5, "cudaStreamSynchronize": 1.0})
     assert [k["part"] for k in s["top_kernels"]] == ["model", "model", "loader", "loader", "copies"]
     assert s["data_wait_share"] == pytest.approx(0.1) and s["host_cpu_ms_per_step"] == pytest.approx(25.0)
+    assert s["top_cpu_ops"] == [{"name": "cudaLaunchKernel", "ms_per_step": 2.5, "calls_per_step": 200.0},
+                                {"name": "aten::convolution", "ms_per_step": 1.5, "calls_per_step": 1.0}]
