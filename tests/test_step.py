@@ -13,7 +13,7 @@ from fastrsb.mix import BatchMixer
 from fastrsb.optim import make_optimizer
 from fastrsb.parts import PlainTargets
 from fastrsb.recipe import load_recipe
-from fastrsb.step import TrainStep, wrap_model
+from fastrsb.step import GraphedStep, TrainStep, wrap_model
 
 
 def test_compiled_step_has_one_graph_and_no_recompile():
@@ -60,3 +60,32 @@ def test_plain_targets_without_mixing():
 def test_gpu_memory_line_only_on_the_gpu():
     from fastrsb.device import gpu_memory_line
     assert gpu_memory_line(nn.Linear(4, 4), "cpu") is None
+
+
+def test_graphed_steps_eager_path_is_the_plain_step():
+    """GraphedStep's eager path (its warm-up steps, and every step after a capture that failed):
+    the same weights, LAMB state and step count as the plain step, with a new LR every step and
+    the mixer's draws. The captured path itself needs a GPU (tests/test_gpu.py)."""
+    recipe = load_recipe("tiny")
+
+    def build():
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                              nn.Flatten(), nn.Linear(8, 4))
+        mixer = BatchMixer(4, recipe["mixup"], recipe["cutmix"], rng=np.random.RandomState(0))
+        return model, TrainStep(model, make_optimizer(model, recipe), torch.amp.GradScaler("cpu", enabled=False),
+                                make_loss(recipe), mixer, "cpu", None)
+    plain_model, plain = build()
+    graphed_model, step = build()
+    graphed = GraphedStep(step)
+    graphed.failed = True  # on the CPU there is nothing to capture: the eager path throughout
+    generator = torch.Generator().manual_seed(0)
+    for k in range(5):
+        images, labels = torch.randn(8, 3, 16, 16, generator=generator), torch.randint(0, 4, (8,), generator=generator)
+        lr = 1e-3 * (k + 1)
+        torch.testing.assert_close(graphed(images, labels, lr), plain.single(images, labels, lr), rtol=0, atol=0)
+    for a, b in zip(plain_model.parameters(), graphed_model.parameters()):
+        torch.testing.assert_close(b, a, rtol=0, atol=0)
+        torch.testing.assert_close(step.optimizer.state[b]["exp_avg_sq"], plain.optimizer.state[a]["exp_avg_sq"],
+                                   rtol=0, atol=0)
+    assert [g["step"] for g in step.optimizer.param_groups] == [g["step"] for g in plain.optimizer.param_groups] == [5, 5]
