@@ -80,11 +80,14 @@ step 40 60 loader-aa-torch-graphs $BENCH $DATA --mode loader --loaders dali-gpu 
 step 120 180 train-a3-cuda-graphs $BENCH $DATA --mode train --recipe a3 --steps 100 --set cuda_graphs=true \
     --variants step aa_impl=tree aa_impl=torch aa_impl=torch,high_priority_stream=true
 step 100 200 pytest-gpu python3 -m pytest -q -ra -m gpu tests -p no:cacheprovider
-# 3. Where a step's time goes with the graphs: 15 steps under torch.profiler (inductor's cache from
+# 3. The LAMB update alone on ResNet-50's parameters, eager and compiled, each also as a CUDA graph:
+#    is the compiled update why the step alone fell from 11,812 (915cdf8) to 10,106 img/s (a70b3c8)?
+step 30 60 lamb-update python3 benchmarks/lamb_update.py --model resnet50 --steps 50 --json-out "$OUT/gpu.jsonl"
+# 4. Where a step's time goes with the graphs: 15 steps under torch.profiler (inductor's cache from
 #    check 2 makes this compile short).
 step 60 100 train-a3-profile $BENCH $DATA --mode train --recipe a3 --steps 30 --set cuda_graphs=true \
     --aa-impl torch --profile "$OUT/profile" --profile-steps 15
-# 4. The figures of a70b3c8 at this commit, without graphs: the step alone and each form end to end
+# 5. The figures of a70b3c8 at this commit, without graphs: the step alone and each form end to end
 #    (one compile), then each loader alone in a process of its own (its own NVML memory).
 step 150 200 train-a3-variants $BENCH $DATA --mode train --recipe a3 --steps 100 --variants step \
     aa_impl=tree aa_impl=torch aa_impl=batch

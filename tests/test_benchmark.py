@@ -189,3 +189,16 @@ def test_profile_summary_of_gpu_kernels():
     assert s["data_wait_share"] == pytest.approx(0.1) and s["host_cpu_ms_per_step"] == pytest.approx(25.0)
     assert s["top_cpu_ops"] == [{"name": "cudaLaunchKernel", "ms_per_step": 2.5, "calls_per_step": 200.0},
                                 {"name": "aten::convolution", "ms_per_step": 1.5, "calls_per_step": 1.0}]
+
+
+def test_lamb_update_benchmark(tmp_path):
+    """benchmarks/lamb_update.py on the CPU: the eager and the compiled update timed on a small
+    model's parameters (the GPU adds both as CUDA graphs), one JSON line each, also to --json-out."""
+    sys.path.insert(0, str(BENCH))
+    import lamb_update
+    out = tmp_path / "lamb.jsonl"
+    results = lamb_update.main(["--model", "resnet10t", "--steps", "2", "--json-out", str(out)])
+    assert [r["variant"] for r in results] == ["eager", "compiled"] + (["eager+graph", "compiled+graph"]
+                                                                     if torch.cuda.is_available() else [])
+    assert all(r["ms_per_update"] > 0 and 0 < r["host_ms_per_update"] <= r["ms_per_update"] for r in results)
+    assert [json.loads(line) for line in out.read_text().splitlines()] == results
