@@ -274,8 +274,9 @@ def train_loader(root: str | os.PathLike | ImageList, batch_size: int, img_size:
     aa: timm's RandAugment string, e.g. "rand-m6-mstd0.5-inc1".
     aa_impl: how it runs: "tree" (DALI conditionals route each sample to its op; the fastest in
     training on the CPU and on the H200), "batch" (DALI, every op on the whole batch, neutral where
-    a sample drew another: fewer, larger operators, yet the slowest on the H200) or "torch" (DALI draws, torch applies the ops on the
-    batch's device after the hand-over, as PIL computes them: torch_augment.py). The same policy
+    a sample drew another: fewer, larger operators, yet the slowest on the H200) or "torch" (DALI
+    draws, torch applies the ops on the batch's device after the hand-over, as PIL computes them:
+    torch_augment.py). The same policy
     and law; pixels within one level of each other. "auto": the form a saved `state` was made
     with, else default_aa_impl(device).
     dtype: "float16" or "float32" pixels (default: float16 on the GPU, float32 on the CPU).
@@ -289,8 +290,8 @@ def train_loader(root: str | os.PathLike | ImageList, batch_size: int, img_size:
     stream_policy, concurrency: DALI's executor options by name (SINGLE / PER_BACKEND / PER_OPERATOR;
     NONE / BACKEND / FULL); None keeps DALI's defaults (PER_BACKEND, BACKEND). Speed only.
     cuda_graphs: on the GPU, the torch form of RandAugment replays as one CUDA graph a batch
-    instead of launching ~200 kernels from the consumer's thread (cuda_graphs.CapturedCall; the
-    same pixels). Nothing to capture in the DALI forms. Off by default until a GPU run has
+    instead of ~900 torch calls from the consumer's thread (counted for A3's policy: most launch
+    a kernel on the GPU; cuda_graphs.CapturedCall; the same pixels). Nothing to capture in the DALI forms. Off by default until a GPU run has
     measured it (benchmarks/gpu_checks.sh). Speed only.
     state: a `loader.state_dict()` to continue from (its number of pipelines is kept).
     """
@@ -348,7 +349,7 @@ def train_loader(root: str | os.PathLike | ImageList, batch_size: int, img_size:
     if aa and aa_impl == "torch":
         from .torch_augment import TorchRandAugment
         augment = TorchRandAugment(parse_rand_augment(aa), img_size, getattr(torch, dtype or default_pixel_dtype(device)))
-        if cuda_graphs:  # ~200 small kernels a batch, launched from the consumer's thread: one graph instead
+        if cuda_graphs:  # ~900 torch calls a batch from the consumer's thread: one graph launch instead
             augment = CapturedCall(augment, "RandAugment (torch form)")
     return DaliLoader(build, images, batch_size, train=True, repeats=repeats, fingerprint=fingerprint, state=state,
                       settings={**_decoder_settings(device_id, hw_decoder_load, threads, prefetch_queue_depth),
