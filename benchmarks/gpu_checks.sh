@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Every GPU check, as ONE device call of at most 9 minutes: the checks in priority order, each under
 # its own timeout, skipping what no longer fits the deadline; 6 files under $OUT (log.txt, steps.txt,
-# gpu.jsonl, dmon.txt, profile/profile.txt and .json). First what no GPU run has measured yet (at
-# b94f19b: the CUDA graphs of the step and of the torch RandAugment, and their tests), then the
-# figures of a70b3c8 again at this commit. Seen on the H200 at a70b3c8: ~20 s setup and versions,
+# gpu.jsonl, dmon.txt, profile/profile.txt and .json). First what no GPU run has measured yet (the
+# torch RandAugment form compiled, and replayed as a CUDA graph; the whole step as one CUDA graph;
+# their tests), then the figures of a70b3c8 again at this commit. Seen on the H200 at a70b3c8: ~20 s setup and versions,
 # ~15 s engines and JPEGs, ~15-20 s a loader process, ~60-80 s to compile A3 and ~12 s a train
 # variant after it, 171 s for the 20 GPU tests, ~40 s the profile.
 # The benchmark prints each JSON line as it is measured: a check cut by its timeout keeps what it
@@ -71,15 +71,19 @@ step 120 150 synthetic-jpegs python3 -c "
 import sys; sys.path.insert(0, 'benchmarks')
 from synthetic import synthetic_jpegs
 synthetic_jpegs('data/bench/synthetic-$J', $J)"
-# 2. New at b94f19b: the torch RandAugment form replayed as a CUDA graph, in the loader alone (at
-#    a70b3c8 without: 13,685 img/s, the fastest form; issue 13: >= 20,000 at batch 256, <= 1.5 GiB),
-#    then A3 with the whole step as one CUDA graph (at a70b3c8 without: the step alone 10,106 img/s,
-#    the tree form end to end 6,320, the torch form 5,560), then every GPU test (the graphed step and
-#    the captured RandAugment against their eager forms among them).
-step 40 60 loader-aa-torch-graphs $BENCH $DATA --mode loader --loaders dali-gpu --steps 80 --aa-impl torch --cuda-graphs
-step 120 180 train-a3-cuda-graphs $BENCH $DATA --mode train --recipe a3 --steps 100 --set cuda_graphs=true \
-    --variants step aa_impl=tree aa_impl=torch aa_impl=torch,high_priority_stream=true
-step 100 200 pytest-gpu python3 -m pytest -q -ra -m gpu tests -p no:cacheprovider
+# 2. New since a70b3c8: the torch RandAugment form compiled (its ~900 calls a batch fused), alone
+#    and replayed as a CUDA graph, in the loader alone (at a70b3c8, eager and uncaptured: 13,685
+#    img/s, the fastest form; issue 13: >= 20,000 at batch 256, <= 1.5 GiB); then A3 with the whole
+#    step as one CUDA graph (the recipe's compile compiles the torch form too; at a70b3c8 without
+#    graphs: the step alone 10,106 img/s, the tree form end to end 6,320, the torch form 5,560),
+#    then every GPU test (the graphed step, the compiled and the captured RandAugment among them).
+step 60 120 loader-aa-torch-compiled $BENCH $DATA --mode loader --loaders dali-gpu --steps 80 --aa-impl torch \
+    --compile-augment
+step 60 120 loader-aa-torch-compiled-graphs $BENCH $DATA --mode loader --loaders dali-gpu --steps 80 \
+    --aa-impl torch --compile-augment --cuda-graphs
+step 120 200 train-a3-cuda-graphs $BENCH $DATA --mode train --recipe a3 --steps 100 --set cuda_graphs=true \
+    --variants step aa_impl=torch aa_impl=tree aa_impl=torch,high_priority_stream=true
+step 100 240 pytest-gpu python3 -m pytest -q -ra -m gpu tests -p no:cacheprovider
 # 3. The LAMB update alone on ResNet-50's parameters, eager and compiled, each also as a CUDA graph:
 #    is the compiled update why the step alone fell from 11,812 (915cdf8) to 10,106 img/s (a70b3c8)?
 step 30 60 lamb-update python3 benchmarks/lamb_update.py --model resnet50 --steps 50 --json-out "$OUT/gpu.jsonl"
@@ -88,9 +92,11 @@ step 30 60 lamb-update python3 benchmarks/lamb_update.py --model resnet50 --step
 step 60 100 train-a3-profile $BENCH $DATA --mode train --recipe a3 --steps 30 --set cuda_graphs=true \
     --aa-impl torch --profile "$OUT/profile" --profile-steps 15
 # 5. The figures of a70b3c8 at this commit, without graphs: the step alone and each form end to end
-#    (one compile), then each loader alone in a process of its own (its own NVML memory).
+#    (one compile; the torch form compiled and not), then each loader alone in a process of its own
+#    (its own NVML memory).
 step 150 200 train-a3-variants $BENCH $DATA --mode train --recipe a3 --steps 100 --variants step \
-    aa_impl=tree aa_impl=torch aa_impl=batch
+    aa_impl=tree aa_impl=torch aa_impl=torch,compile_augment=false aa_impl=batch
+step 40 60 loader-aa-torch-graphs $BENCH $DATA --mode loader --loaders dali-gpu --steps 80 --aa-impl torch --cuda-graphs
 step 40 60 loader-aa-torch $BENCH $DATA --mode loader --loaders dali-gpu --steps 80 --aa-impl torch
 step 40 60 loader-aa-tree $BENCH $DATA --mode loader --loaders dali-gpu --steps 80 --aa-impl tree
 step 40 60 loader-noaa $BENCH $DATA --mode loader --loaders dali-gpu --steps 80 --aa none

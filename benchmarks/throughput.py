@@ -41,13 +41,15 @@ def _cores() -> int:
 
 
 def make_loader(name: str, root: Path, batch: int, size: int, device: str, threads: int, aa: str | None,
-                hw_decoder_load: float | None = None, aa_impl: str = "auto", cuda_graphs: bool = False):
+                hw_decoder_load: float | None = None, aa_impl: str = "auto", cuda_graphs: bool = False,
+                compile_augment: bool = False):
     if name.startswith("dali"):
         from fastrsb.pipelines import train_loader
         # The loader's default pixels, as the trainer takes them: float16 on the GPU, float32 on the
         # CPU (what the PIL loaders' ToTensor + Normalize give too).
         return train_loader(root, batch, size, device="cuda" if name == "dali-gpu" else "cpu", num_threads=threads,
-                            aa=aa, hw_decoder_load=hw_decoder_load, aa_impl=aa_impl, cuda_graphs=cuda_graphs)
+                            aa=aa, hw_decoder_load=hw_decoder_load, aa_impl=aa_impl, cuda_graphs=cuda_graphs,
+                            compile_augment=compile_augment)
     if name == "torchvision":
         import torchvision.transforms as T
         from torchvision.datasets import ImageFolder
@@ -92,7 +94,8 @@ def measure_loader(name: str, args, root: Path) -> dict:
     threads = args.workers or _cores()
     aa = None if args.aa == "none" else args.aa
     loader = make_loader(name, root, args.batch_size, args.img_size, device, threads, aa, args.hw_decoder_load,
-                         args.aa_impl or "auto", cuda_graphs=args.cuda_graphs and name == "dali-gpu")
+                         args.aa_impl or "auto", cuda_graphs=args.cuda_graphs and name == "dali-gpu",
+                         compile_augment=args.compile_augment and name.startswith("dali"))
     queued = queued_batches(name, loader, threads)
     warmup = args.warmup if args.warmup is not None else max(5, 2 * queued)
     check_warmup(warmup, args.steps, queued, name)
@@ -117,7 +120,7 @@ def measure_loader(name: str, args, root: Path) -> dict:
 
 def _dali_settings(loader) -> dict:
     keys = ("pipelines", "aa_impl", "hw_decoder_load", "num_threads", "prefetch_queue_depth", "stream_policy",
-            "concurrency", "cuda_graphs")
+            "concurrency", "cuda_graphs", "compile_augment")
     return {key: loader.settings[key] for key in keys if key in loader.settings}
 
 
@@ -145,7 +148,7 @@ def _timed(one_step, warmup: int, steps: int, device: str, sampler: MemorySample
 
 # --variants: what may differ between the measurements of one process (one compile for them all).
 VARIANT_KEYS = {"aa_impl": str, "hw_decoder_load": float, "workers": int, "prefetch": int, "high_priority_stream": bool,
-                "stream_policy": str, "concurrency": str}
+                "stream_policy": str, "concurrency": str, "compile_augment": bool}
 
 
 def parse_variant(spec: str) -> dict:
@@ -218,7 +221,8 @@ def _measure_variant(variant: dict, recipe: dict, training, args, root: Path | N
                                    hw_decoder_load=variant.get("hw_decoder_load", args.hw_decoder_load),
                                    aa_impl=variant.get("aa_impl", args.aa_impl or recipe["aa_impl"]),
                                    prefetch_queue_depth=variant.get("prefetch", 2),
-                                   stream_policy=variant.get("stream_policy"), concurrency=variant.get("concurrency"))
+                                   stream_policy=variant.get("stream_policy"), concurrency=variant.get("concurrency"),
+                                   **{key: variant[key] for key in ("compile_augment",) if key in variant})
         loader_settings = {key: loader.settings[key] for key in ("aa", "repeats")}
         loader_settings.update(_dali_settings(loader))
         next_batch, queued, threads = _forever(loader).__next__, loader.queued_batches, loader.settings["num_threads"]
@@ -484,6 +488,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--cuda-graphs", action="store_true",
                    help="loader mode, dali-gpu: the torch RandAugment form replayed as a CUDA graph (train mode: "
                         "--set cuda_graphs=true, which captures the whole step too)")
+    p.add_argument("--compile-augment", action="store_true",
+                   help="loader mode, DALI loaders: the torch RandAugment form through torch.compile (train mode: "
+                        "the recipe's compile, on the GPU; variant compile_augment=false to compare)")
     p.add_argument("--json-out", type=Path, help="also append the JSON lines to this file")
     p.add_argument("--variants", nargs="+", metavar="SPEC",
                    help="train mode: measure each in turn with the model built and compiled once: 'step' (the step "

@@ -298,7 +298,8 @@ def run_card(run: Run, pos: Position) -> list[str]:
 def _augmentation(recipe: dict, loader: dict) -> str:
     """What the loader and the step do to each image: RandAugment and its form, repeats, mixing."""
     chosen = ", from aa_impl auto" if recipe["aa_impl"] == "auto" else ""
-    parts = [f"RandAugment {recipe['aa']} ({loader['aa_impl']} form{chosen})" if recipe["aa"] else "no RandAugment"]
+    compiled = ", compiled" if loader.get("compile_augment") else ""
+    parts = [f"RandAugment {recipe['aa']} ({loader['aa_impl']} form{compiled}{chosen})" if recipe["aa"] else "no RandAugment"]
     if loader["repeats"] > 1:
         parts.append(f"{loader['repeats']} views of each image")
     mixing = [f"{name} {recipe[name]:g}" for name in ("mixup", "cutmix") if recipe[name] > 0]

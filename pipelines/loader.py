@@ -263,7 +263,7 @@ def train_loader(root: str | os.PathLike | ImageList, batch_size: int, img_size:
                  num_threads: int | None = None, dtype: str | None = None, repeats: int = 1, aa: str | None = None,
                  hw_decoder_load: float | None = None, prefetch_queue_depth: int = 2, pipelines: int | None = None,
                  aa_impl: str = "auto", stream_policy: str | None = None, concurrency: str | None = None,
-                 cuda_graphs: bool = False, state: dict | None = None) -> DaliLoader:
+                 cuda_graphs: bool = False, compile_augment: bool = False, state: dict | None = None) -> DaliLoader:
     """Random-resized-crop + flip training loader over an ImageFolder tree or a file list.
 
     batch_size is per shard (per GPU). Every epoch is a full reshuffle, the same on every shard
@@ -293,6 +293,9 @@ def train_loader(root: str | os.PathLike | ImageList, batch_size: int, img_size:
     instead of ~900 torch calls from the consumer's thread (counted for A3's policy: most launch
     a kernel on the GPU; cuda_graphs.CapturedCall; the same pixels). Nothing to capture in the DALI forms. Off by default until a GPU run has
     measured it (benchmarks/gpu_checks.sh). Speed only.
+    compile_augment: the torch form of RandAugment through torch.compile: its ~900 calls a batch
+    fused into a few dozen kernels (the first batch waits for the compile: ~10 s on 2 CPU cores).
+    The same pixels on the CPU; with cuda_graphs, the compiled form is what is captured. Speed only.
     state: a `loader.state_dict()` to continue from (its number of pipelines is kept).
     """
     images = root if isinstance(root, ImageList) else list_images(root)
@@ -348,13 +351,15 @@ def train_loader(root: str | os.PathLike | ImageList, batch_size: int, img_size:
     augment = None
     if aa and aa_impl == "torch":
         from .torch_augment import TorchRandAugment
-        augment = TorchRandAugment(parse_rand_augment(aa), img_size, getattr(torch, dtype or default_pixel_dtype(device)))
+        augment = TorchRandAugment(parse_rand_augment(aa), img_size, getattr(torch, dtype or default_pixel_dtype(device)),
+                                   compiled=compile_augment)
         if cuda_graphs:  # ~900 torch calls a batch from the consumer's thread: one graph launch instead
             augment = CapturedCall(augment, "RandAugment (torch form)")
     return DaliLoader(build, images, batch_size, train=True, repeats=repeats, fingerprint=fingerprint, state=state,
                       settings={**_decoder_settings(device_id, hw_decoder_load, threads, prefetch_queue_depth),
                                 "stream_policy": stream_policy, "concurrency": concurrency,
-                                "cuda_graphs": cuda_graphs}, augment=augment)
+                                "cuda_graphs": cuda_graphs,
+                                "compile_augment": compile_augment and augment is not None}, augment=augment)
 
 
 def _upgrade_state(state: dict) -> dict:

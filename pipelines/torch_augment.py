@@ -23,6 +23,7 @@ import math
 
 import numpy as np
 import torch
+import torch._inductor.config
 import torch.nn.functional as F
 
 from .augment_spec import MAX_LEVEL, RandAugmentSpec
@@ -36,17 +37,32 @@ class TorchRandAugment:
     and signed magnitude, from randaugment.rand_augment_draws) -> (N, 3, H, W) normalized,
     channels-last, in `dtype`."""
 
-    def __init__(self, spec: RandAugmentSpec, size: int, dtype: torch.dtype):
+    def __init__(self, spec: RandAugmentSpec, size: int, dtype: torch.dtype, compiled: bool = False):
+        """compiled: run through torch.compile (inductor): the ~900 torch calls of A3's policy a batch
+        fuse into a few dozen kernels that read and write each image a few times instead of
+        hundreds, and launch from the consumer's thread in a few dozen calls. The same pixels on
+        the CPU (tested); on the GPU within one level, rarely (a fused sin or cos, as eager's)."""
         self.spec, self.size, self.dtype = spec, size, dtype
         self.ordered = _policy(spec)[0]
+        self.compiled = compiled
         self._constants: dict = {}
+        # fullgraph: nothing may fall back to Python between kernels (a host sync would hide there);
+        # dynamic=False: a train loader's batches all have one shape. The precision casts as eager
+        # makes them (no fused multiply-add in Triton), so that a blend truncates as PIL's does.
+        self._apply = torch.compile(self._augment, fullgraph=True, dynamic=False,
+                                    options=_EAGER_NUMERICS) if compiled else self._augment
 
     def __call__(self, images: torch.Tensor, draws: torch.Tensor) -> torch.Tensor:
+        for key in _CONSTANTS:  # made once per device, outside the compiled region (no recompile)
+            self._constant(key, images.device)
+        return self._apply(images, draws)
+
+    def _augment(self, images: torch.Tensor, draws: torch.Tensor) -> torch.Tensor:
         x = images.permute(0, 3, 1, 2)  # NCHW view of channels-last memory
         for layer in range(self.spec.num_layers):
             x = self.layer(x, draws[:, 1 + 2 * layer].round().long(), draws[:, 2 + 2 * layer])
-        mean = self._constant("mean", lambda: np.array(IMAGENET_MEAN).reshape(1, 3, 1, 1), x.device)
-        std = self._constant("std", lambda: np.array(IMAGENET_STD).reshape(1, 3, 1, 1), x.device)
+        mean = self._constant("mean", x.device)
+        std = self._constant("std", x.device)
         return normalize(x, draws[:, 0] > 0.5, mean, std, self.dtype)
 
     def layer(self, x: torch.Tensor, index: torch.Tensor, signed: torch.Tensor) -> torch.Tensor:
@@ -94,7 +110,7 @@ class TorchRandAugment:
         xs = torch.arange(width, dtype=torch.float64, device=x.device) + 0.5
         source = (matrix[:, None, None, :, 0] * xs.view(1, 1, -1, 1) + matrix[:, None, None, :, 1] * ys.view(1, -1, 1, 1)
                   + matrix[:, None, None, :, 2])  # (N, H, W, 2)
-        fill = self._constant("fill", lambda: np.array(FILL, dtype=np.float32), x.device)
+        fill = self._constant("fill", x.device)
         warped = _bilinear(x, source, fill).permute(0, 3, 1, 2)
         return torch.where(drawn.view(n, 1, 1, 1), warped, x)
 
@@ -146,17 +162,30 @@ class TorchRandAugment:
         if name not in self.ordered:
             return x
         n = x.shape[0]
-        kernel = self._constant("smooth", lambda: np.broadcast_to(
-            np.array([[1, 1, 1], [1, 5, 1], [1, 1, 1]], dtype=np.float32) / 13.0, (3, 1, 3, 3)).copy(), x.device)
+        kernel = self._constant("smooth", x.device)
         smooth = x.float()  # a copy: the border stays x's
         smooth[:, :, 1:-1, 1:-1] = (F.conv2d(smooth, kernel, groups=3) + 0.5).floor()
         blended = _blend_values(smooth, x, self._factor(signed).view(n, 1, 1, 1))
         return torch.where(self._is(index, name).view(n, 1, 1, 1), blended.to(torch.uint8), x)
 
-    def _constant(self, key: str, make, device: torch.device, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    def _constant(self, key: str, device: torch.device) -> torch.Tensor:
         if (key, device) not in self._constants:
-            self._constants[(key, device)] = torch.as_tensor(make(), dtype=dtype, device=device)
+            self._constants[(key, device)] = torch.as_tensor(_CONSTANTS[key](), dtype=torch.float32, device=device)
         return self._constants[(key, device)]
+
+
+# The float32 constants of the augment, made on the batch's device once: ImageNet's mean and std
+# (0-255 scale), the warp's fill colour, and ImageEnhance.Sharpness's SMOOTH kernel.
+_CONSTANTS = {
+    "mean": lambda: np.array(IMAGENET_MEAN).reshape(1, 3, 1, 1),
+    "std": lambda: np.array(IMAGENET_STD).reshape(1, 3, 1, 1),
+    "fill": lambda: np.array(FILL, dtype=np.float32),
+    "smooth": lambda: np.broadcast_to(np.array([[1, 1, 1], [1, 5, 1], [1, 1, 1]], dtype=np.float32) / 13.0,
+                                      (3, 1, 3, 3)).copy(),
+}
+# Inductor's option to cast as eager does (and, in Triton, to keep a * b + c two roundings), where
+# this torch has it.
+_EAGER_NUMERICS = {"emulate_precision_casts": True} if hasattr(torch._inductor.config, "emulate_precision_casts") else {}
 
 
 def _divide(a, b) -> torch.Tensor:

@@ -111,10 +111,12 @@ def test_train_mode_variants_share_one_model(tmp_path, capsys):
     rows, table = _bench_here(capsys, "--mode", "train", *TRAINING, "--steps", "6", "--synthetic-jpegs", "16",
                               "--cache", tmp_path, "--workers", "1", "--set", "aa=rand-m9-mstd0.5-inc1",
                               "--variants", "step", "default", "aa_impl=batch,workers=2,prefetch=3,concurrency=full",
-                              "--profile", tmp_path / "prof", "--profile-steps", "2")
+                              "aa_impl=torch,compile_augment=true", "--profile", tmp_path / "prof", "--profile-steps", "2")
     assert [(r["variant"], r["mode"]) for r in rows] == [("step", "step"), ("default", "train"),
-                                                          ("aa_impl=batch,workers=2,prefetch=3,concurrency=full", "train")]
-    step, default, batch = rows
+                                                          ("aa_impl=batch,workers=2,prefetch=3,concurrency=full", "train"),
+                                                          ("aa_impl=torch,compile_augment=true", "train")]
+    step, default, batch, compiled = rows
+    assert (compiled["aa_impl"], compiled["compile_augment"], default["compile_augment"]) == ("torch", True, False)
     assert (default["aa_impl"], default["num_threads"], default["prefetch_queue_depth"]) == ("tree", 1, 2)
     assert (batch["aa_impl"], batch["num_threads"], batch["prefetch_queue_depth"], batch["concurrency"]) == (
         "batch", 2, 3, "full")
@@ -125,9 +127,10 @@ def test_train_mode_variants_share_one_model(tmp_path, capsys):
     assert "x the step" in table and "aa_impl=batch,workers=2,prefetch=3,concurrency=full" in table
     # A profile per variant, in a folder named after it.
     assert sorted(p.parent.name for p in (tmp_path / "prof").glob("*/profile.json")) == [
-        "aa_impl-batch_workers-2_prefetch-3_concurrency-full", "default", "step"]
+        "aa_impl-batch_workers-2_prefetch-3_concurrency-full", "aa_impl-torch_compile_augment-true", "default", "step"]
     for bad, says in [("aa_impl=fast", "aa_impl is auto, tree, batch or torch"), ("threads=4", "is not KEY=VALUE"),
                       ("workers=many", "workers takes a int"), ("high_priority_stream=yes", "takes a bool"),
+                      ("compile_augment=1", "compile_augment takes a bool"),
                       *([("aa_impl=batch,high_priority_stream=true", "high_priority_stream needs a GPU")]
                         if not torch.cuda.is_available() else [])]:
         with pytest.raises(SystemExit):

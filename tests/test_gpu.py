@@ -58,15 +58,18 @@ def test_gpu_ops_match_the_cpu_ops(name, tiny_data):
 
 
 def test_short_compiled_gpu_run(tiny_data, tmp_path):
+    """The recipe's compile on the GPU: the model, LAMB and the torch RandAugment form, each
+    compiled once for the run."""
     from fastrsb.device import amp_dtype
     proc = run_cli_process("train", "tiny", "--data", tiny_data, "--out", tmp_path, "--device", "cuda",
-                   "--set", "aa=rand-m6-mstd0.5-inc1", "--set", "epochs=3", "--log-every", "2")
+                   "--set", "aa=rand-m6-mstd0.5-inc1", "--set", "aa_impl=torch", "--set", "epochs=3",
+                   "--log-every", "2")
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     epochs = [r for r in rows if r["kind"] == "epoch"]
     assert len(epochs) == 3 and all(r["val_images"] == 20 for r in epochs)
     amp = str(amp_dtype("cuda", True)).removeprefix("torch.")  # bfloat16, or float16 on GPUs without bf16
-    assert f"1 x cuda {amp} compiled" in proc.stdout
-    # Steady state: the fixed-shape train step compiles once (eval runs eager).
+    assert f"1 x cuda {amp} compiled" in proc.stdout and "(torch form, compiled)" in proc.stdout
+    # Steady state: the fixed-shape train step and augment compile once (eval runs eager).
     assert proc.stderr.count("Recompiling") == 0, proc.stderr
 
 
@@ -147,16 +150,17 @@ def test_graphed_step_trains_as_the_eager_step(compiled):
     torch.backends.cudnn.deterministic = False
 
 
-def test_captured_torch_rand_augment_is_the_eager_one():
-    """The torch form replayed as a CUDA graph (the GPU loader's): the eager form's pixels for
-    every op, batch after batch, with each batch's own draws (read from memory at each replay,
-    not baked into the graph), and each batch in memory of its own."""
+@pytest.mark.parametrize("compiled", [False, True])
+def test_captured_torch_rand_augment_is_the_eager_one(compiled):
+    """The torch form replayed as a CUDA graph (the GPU loader's), compiled or not: the
+    uncaptured form's pixels for every op, batch after batch, with each batch's own draws (read
+    from memory at each replay, not baked into the graph), and each batch in memory of its own."""
     from fastrsb.pipelines import parse_rand_augment
     from fastrsb.pipelines.cuda_graphs import CapturedCall
     from fastrsb.pipelines.randaugment import _policy
     from fastrsb.pipelines.torch_augment import TorchRandAugment
     spec = parse_rand_augment("rand-m9-mstd0.5-inc1")
-    augment = TorchRandAugment(spec, 48, torch.float16)
+    augment = TorchRandAugment(spec, 48, torch.float16, compiled=compiled)
     captured = CapturedCall(augment, "test", warmup=1)
     choices, count = len(_policy(spec)[0]) + 1, 48  # every op and "none", in both layers
     generator = torch.Generator(device="cuda").manual_seed(0)
@@ -174,9 +178,11 @@ def test_captured_torch_rand_augment_is_the_eager_one():
     assert outputs[-1][0].data_ptr() != outputs[-2][0].data_ptr()
 
 
-def test_torch_rand_augment_on_the_gpu_is_the_cpus_and_never_syncs(tiny_data):
-    """The torch form on the GPU: the pixels of the CPU (which are timm's), and not one host sync
-    while it runs (torch's sync debug mode turns a sync into an error)."""
+@pytest.mark.parametrize("compiled", [False, True])
+def test_torch_rand_augment_on_the_gpu_is_the_cpus_and_never_syncs(tiny_data, compiled):
+    """The torch form on the GPU, compiled or not: the pixels of the CPU's eager form (which are
+    timm's), and not one host sync while it runs (torch's sync debug mode turns a sync into an
+    error)."""
     from fastrsb.pipelines import parse_rand_augment
     from fastrsb.pipelines.randaugment import _policy
     from fastrsb.pipelines.torch_augment import TorchRandAugment
@@ -188,10 +194,10 @@ def test_torch_rand_augment_on_the_gpu_is_the_cpus_and_never_syncs(tiny_data):
     signed = torch.rand(count, 2, generator=generator) * 20 - 10
     draws = torch.stack([torch.rand(count, generator=generator).round(), index[:, 0], signed[:, 0],
                          index[:, 1], signed[:, 1]], 1)
-    augment = TorchRandAugment(spec, 48, torch.float16)
-    want = augment(images, draws)
+    want = TorchRandAugment(spec, 48, torch.float16)(images, draws)
+    augment = TorchRandAugment(spec, 48, torch.float16, compiled=compiled)
     gpu_images, gpu_draws = images.cuda(), draws.cuda()
-    augment(gpu_images, gpu_draws)  # constants made on the device once
+    augment(gpu_images, gpu_draws)  # constants made on the device once (and the compile)
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:

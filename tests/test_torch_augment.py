@@ -134,3 +134,36 @@ def test_loader_with_the_torch_form(tiny_data):
         assert torch.equal(after[0], again[0]) and torch.equal(after[1], again[1])
     with pytest.raises(DatasetError, match="aa_impl must be auto or one of tree, batch, torch"):
         train_loader(tiny_data / "train", 8, 32, device="cpu", aa="rand-m9", aa_impl="pil")
+
+
+def test_compiled_form_is_the_eager_one_and_compiles_once(photos):
+    """compiled=True (torch.compile, one graph): the eager form's pixels with every op and "none"
+    drawn in both layers, flips and normalization included, and a batch with other draws runs
+    the code compiled for the first (a recompile would cost seconds a batch)."""
+    spec = parse_rand_augment("rand-m9-mstd0.5-inc1")
+    eager = TorchRandAugment(spec, SIZE, torch.float32)
+    compiled = TorchRandAugment(spec, SIZE, torch.float32, compiled=True)
+    choices = len(_policy(spec)[0]) + 1
+    batch = torch.from_numpy(photos[np.arange(choices) % len(photos)])
+    generator = torch.Generator().manual_seed(0)
+    for k in range(3):
+        index = ((torch.arange(choices) + k) % choices).float()
+        signed = torch.rand(choices, generator=generator) * 20 - 10
+        draws = torch.stack([(torch.arange(choices) + k) % 2, index, signed, index.flip(0), -signed], 1).float()
+        with torch._dynamo.config.patch(error_on_recompile=k > 0):
+            got = compiled(batch, draws)
+        assert torch.equal(got, eager(batch, draws)), k
+
+
+def test_loader_with_the_compiled_torch_form(tiny_data):
+    """compile_augment=True: the loader's batches are the eager form's, and it says so."""
+    def loader(compiled):
+        return train_loader(tiny_data / "train", 8, 32, device="cpu", seed=5, aa="rand-m9-mstd0.5-inc1",
+                            aa_impl="torch", compile_augment=compiled)
+    compiled, eager = loader(True), loader(False)
+    assert compiled.settings["compile_augment"] and not eager.settings["compile_augment"]
+    for (images, labels), (want_images, want_labels), _ in zip(compiled, eager, range(2)):
+        assert torch.equal(images, want_images) and torch.equal(labels, want_labels)
+    tree = train_loader(tiny_data / "train", 8, 32, device="cpu", aa="rand-m9-mstd0.5-inc1", aa_impl="tree",
+                        compile_augment=True)
+    assert not tree.settings["compile_augment"]  # nothing in torch to compile
