@@ -2,20 +2,24 @@
 # Every GPU check, as ONE device call of at most 9 minutes: the checks in priority order, each under
 # its own timeout, skipping what no longer fits the deadline; 6 files under $OUT (log.txt, steps.txt,
 # gpu.jsonl, dmon.txt, profile/profile.txt and .json). First what no GPU run has measured yet (the
-# torch RandAugment form compiled, and replayed as a CUDA graph; the whole step as one CUDA graph;
-# their tests), then the figures of a70b3c8 again at this commit. Seen on the H200 at a70b3c8: ~20 s setup and versions,
-# ~15 s engines and JPEGs, ~15-20 s a loader process, ~60-80 s to compile A3 and ~12 s a train
-# variant after it, 171 s for the 20 GPU tests, ~40 s the profile.
+# torch RandAugment form compiled and replayed as a CUDA graph; the whole step as one CUDA graph;
+# their tests), then the figures of a70b3c8 again at this commit. Seen on the H200 at a70b3c8: ~20 s
+# setup and versions, ~15 s engines and JPEGs, ~15-20 s a loader process, ~60-80 s to compile A3 and
+# ~12 s a train variant after it, 171 s for the 20 GPU tests, ~40 s the profile.
 # The benchmark prints each JSON line as it is measured: a check cut by its timeout keeps what it
 # finished. Commit gpu.jsonl and the profile under benchmarks/results/ with the GPU's name.
 #
 #   bash benchmarks/gpu_checks.sh [BUDGET_SECONDS]      (default 510; run from the project root)
 #   ONLY="synthetic-jpegs train-a3-cuda-graphs" bash benchmarks/gpu_checks.sh 200   (those checks alone)
+#   CONTINUE=1 bash benchmarks/gpu_checks.sh 230        (on the same machine: what earlier calls at
+#                                                        this commit did not reach)
 #
 # On the lent machine (no DALI, no network): run ../shared/gpu/stage-dali here first, then make its
 # three device calls one right after another; the third is
-#   cp .stage/part-2 $HOME/stage/ && bash benchmarks/gpu_checks.sh 510
-# with timeout_s 560: with the machine's start and the two transfers, ~10 of the 15 minutes. This
+#   cp .stage/part-2 $HOME/stage/ && bash benchmarks/gpu_checks.sh 560
+# with timeout_s 600, and at once (a machine idle for 30 s is given back) a fourth,
+#   CONTINUE=1 bash benchmarks/gpu_checks.sh 220
+# with timeout_s 240: with the machine's start and the two transfers, ~14 of the 15 minutes. This
 # script unpacks the staged DALI itself (once per machine) and installs the project in place.
 # Elsewhere (DALI installed), it runs as it is; OUT defaults to gpu-checks/.
 set -uo pipefail
@@ -25,15 +29,21 @@ mkdir -p "$OUT"
 t0=$(date +%s)
 left() { echo $(( budget - ($(date +%s) - t0) )); }
 say() { echo "[$(( $(date +%s) - t0 ))s] $*" | tee -a "$OUT/log.txt"; }
+# The checks a call has run (whatever their end) at this commit, kept in $HOME between the calls of
+# one machine: CONTINUE=1 skips them.
+done_file="$HOME/.cache/fastrsb-gpu-checks/$(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
+mkdir -p "$(dirname "$done_file")" && touch "$done_file"
 step() {  # step NEED_S TIMEOUT_S NAME cmd...: skipped unless NEED_S are left; killed after TIMEOUT_S
     local need=$1 limit=$2 name=$3; shift 3
     if [ -n "${ONLY:-}" ] && [[ " $ONLY " != *" $name "* ]]; then return; fi
+    if [ -n "${CONTINUE:-}" ] && grep -qx "$name" "$done_file"; then return; fi
     if (( $(left) < need )); then say "SKIP $name ($(left)s left < ${need}s)"; return; fi
     (( limit > $(left) - 5 )) && limit=$(( $(left) - 5 ))
     say "START $name (timeout ${limit}s)"
     echo "===== $name" >>"$OUT/steps.txt"
     timeout -k 5 "$limit" "$@" >>"$OUT/steps.txt" 2>&1
     say "END $name rc=$?"
+    echo "$name" >>"$done_file"
     tail -n 4 "$OUT/steps.txt" | tee -a "$OUT/log.txt"
 }
 export PYTHONUNBUFFERED=1 PYTHONWARNINGS=ignore
@@ -71,14 +81,12 @@ step 120 150 synthetic-jpegs python3 -c "
 import sys; sys.path.insert(0, 'benchmarks')
 from synthetic import synthetic_jpegs
 synthetic_jpegs('data/bench/synthetic-$J', $J)"
-# 2. New since a70b3c8: the torch RandAugment form compiled (its ~900 calls a batch fused), alone
-#    and replayed as a CUDA graph, in the loader alone (at a70b3c8, eager and uncaptured: 13,685
+# 2. New since a70b3c8: the torch RandAugment form compiled (its ~900 calls a batch fused) and
+#    replayed as a CUDA graph, in the loader alone (at a70b3c8, eager and uncaptured: 13,685
 #    img/s, the fastest form; issue 13: >= 20,000 at batch 256, <= 1.5 GiB); then A3 with the whole
 #    step as one CUDA graph (the recipe's compile compiles the torch form too; at a70b3c8 without
 #    graphs: the step alone 10,106 img/s, the tree form end to end 6,320, the torch form 5,560),
 #    then every GPU test (the graphed step, the compiled and the captured RandAugment among them).
-step 60 120 loader-aa-torch-compiled $BENCH $DATA --mode loader --loaders dali-gpu --steps 80 --aa-impl torch \
-    --compile-augment
 step 60 120 loader-aa-torch-compiled-graphs $BENCH $DATA --mode loader --loaders dali-gpu --steps 80 \
     --aa-impl torch --compile-augment --cuda-graphs
 step 120 200 train-a3-cuda-graphs $BENCH $DATA --mode train --recipe a3 --steps 100 --set cuda_graphs=true \
@@ -96,6 +104,8 @@ step 60 100 train-a3-profile $BENCH $DATA --mode train --recipe a3 --steps 30 --
 #    (its own NVML memory).
 step 150 200 train-a3-variants $BENCH $DATA --mode train --recipe a3 --steps 100 --variants step \
     aa_impl=tree aa_impl=torch aa_impl=torch,compile_augment=false aa_impl=batch
+step 60 120 loader-aa-torch-compiled $BENCH $DATA --mode loader --loaders dali-gpu --steps 80 --aa-impl torch \
+    --compile-augment
 step 40 60 loader-aa-torch-graphs $BENCH $DATA --mode loader --loaders dali-gpu --steps 80 --aa-impl torch --cuda-graphs
 step 40 60 loader-aa-torch $BENCH $DATA --mode loader --loaders dali-gpu --steps 80 --aa-impl torch
 step 40 60 loader-aa-tree $BENCH $DATA --mode loader --loaders dali-gpu --steps 80 --aa-impl tree
