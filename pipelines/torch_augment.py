@@ -23,7 +23,6 @@ import math
 
 import numpy as np
 import torch
-import torch._inductor.config
 import torch.nn.functional as F
 
 from .augment_spec import MAX_LEVEL, RandAugmentSpec
@@ -50,7 +49,7 @@ class TorchRandAugment:
         # dynamic=False: a train loader's batches all have one shape. The precision casts as eager
         # makes them (no fused multiply-add in Triton), so that a blend truncates as PIL's does.
         self._apply = torch.compile(self._augment, fullgraph=True, dynamic=False,
-                                    options=_EAGER_NUMERICS) if compiled else self._augment
+                                    options=_eager_numerics()) if compiled else self._augment
 
     def __call__(self, images: torch.Tensor, draws: torch.Tensor) -> torch.Tensor:
         for key in _CONSTANTS:  # made once per device, outside the compiled region (no recompile)
@@ -183,9 +182,13 @@ _CONSTANTS = {
     "smooth": lambda: np.broadcast_to(np.array([[1, 1, 1], [1, 5, 1], [1, 1, 1]], dtype=np.float32) / 13.0,
                                       (3, 1, 3, 3)).copy(),
 }
-# Inductor's option to cast as eager does (and, in Triton, to keep a * b + c two roundings), where
-# this torch has it.
-_EAGER_NUMERICS = {"emulate_precision_casts": True} if hasattr(torch._inductor.config, "emulate_precision_casts") else {}
+
+
+def _eager_numerics() -> dict:
+    """Inductor's option to cast as eager does (and, in Triton, to keep a * b + c two roundings),
+    where this torch has it. (Imported here: inductor takes ~0.8 s to import.)"""
+    import torch._inductor.config as inductor
+    return {"emulate_precision_casts": True} if hasattr(inductor, "emulate_precision_casts") else {}
 
 
 def _divide(a, b) -> torch.Tensor:
