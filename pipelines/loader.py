@@ -348,18 +348,22 @@ def train_loader(root: str | os.PathLike | ImageList, batch_size: int, img_size:
             seed=seed * 1000 + shard_id * pipelines + part, prefetch_queue_depth=prefetch_queue_depth,
             enable_checkpointing=True, checkpoint=checkpoints[part] if checkpoints else None, **executor)
             for part in range(pipelines)]
-    augment = None
-    if aa and aa_impl == "torch":
-        from .torch_augment import TorchRandAugment
-        augment = TorchRandAugment(parse_rand_augment(aa), img_size, getattr(torch, dtype or default_pixel_dtype(device)),
-                                   compiled=compile_augment)
-        if cuda_graphs:  # ~900 torch calls a batch from the consumer's thread: one graph launch instead
-            augment = CapturedCall(augment, "RandAugment (torch form)")
+    augment = (_torch_augment(aa, img_size, dtype or default_pixel_dtype(device), compile_augment, cuda_graphs)
+               if aa and aa_impl == "torch" else None)
     return DaliLoader(build, images, batch_size, train=True, repeats=repeats, fingerprint=fingerprint, state=state,
                       settings={**_decoder_settings(device_id, hw_decoder_load, threads, prefetch_queue_depth),
                                 "stream_policy": stream_policy, "concurrency": concurrency,
                                 "cuda_graphs": cuda_graphs,
                                 "compile_augment": compile_augment and augment is not None}, augment=augment)
+
+
+def _torch_augment(aa: str, img_size: int, dtype: str, compiled: bool, cuda_graphs: bool) -> Callable:
+    """The torch form of RandAugment as the loader applies it after the hand-over."""
+    from .torch_augment import TorchRandAugment
+    augment = TorchRandAugment(parse_rand_augment(aa), img_size, getattr(torch, dtype), compiled=compiled)
+    if cuda_graphs:  # ~900 torch calls a batch from the consumer's thread (eager): one graph launch instead
+        return CapturedCall(augment, "RandAugment (torch form)")
+    return augment
 
 
 def _upgrade_state(state: dict) -> dict:
