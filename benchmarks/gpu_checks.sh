@@ -93,7 +93,8 @@ step 120 200 train-a3-cuda-graphs $BENCH $DATA --mode train --recipe a3 --steps 
     --variants step aa_impl=torch aa_impl=tree aa_impl=torch,high_priority_stream=true
 step 100 240 pytest-gpu python3 -m pytest -q -ra -m gpu tests -p no:cacheprovider
 # 3. The LAMB update alone on ResNet-50's parameters, eager and compiled, each also as a CUDA graph:
-#    is the compiled update why the step alone fell from 11,812 (915cdf8) to 10,106 img/s (a70b3c8)?
+#    is the compiled update why the step alone fell from 11,812 (915cdf8: eager LAMB, no mixing) to
+#    10,106 img/s (a70b3c8)? (Check 5's `step,mixing=false` is 915cdf8's step, update compiled.)
 step 30 60 lamb-update python3 benchmarks/lamb_update.py --model resnet50 --steps 50 --json-out "$OUT/gpu.jsonl"
 # 4. Where a step's time goes with the graphs: 15 steps under torch.profiler (inductor's cache from
 #    check 2 makes this compile short).
@@ -102,7 +103,7 @@ step 60 100 train-a3-profile $BENCH $DATA --mode train --recipe a3 --steps 30 --
 # 5. The figures of a70b3c8 at this commit, without graphs: the step alone and each form end to end
 #    (one compile; the torch form compiled and not), then each loader alone in a process of its own
 #    (its own NVML memory).
-step 150 200 train-a3-variants $BENCH $DATA --mode train --recipe a3 --steps 100 --variants step \
+step 150 200 train-a3-variants $BENCH $DATA --mode train --recipe a3 --steps 100 --variants step step,mixing=false \
     aa_impl=tree aa_impl=torch aa_impl=torch,compile_augment=false aa_impl=batch
 step 60 120 loader-aa-torch-compiled $BENCH $DATA --mode loader --loaders dali-gpu --steps 80 --aa-impl torch \
     --compile-augment

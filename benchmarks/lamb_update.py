@@ -3,9 +3,10 @@
 
     python benchmarks/lamb_update.py --model resnet50 --steps 50 [--json-out F]
 
-Why: on the H200 the A3 step alone ran at 10,106 img/s at a70b3c8 against 11,812 at 915cdf8, and
-the compiled LAMB update is the one change on the step's path in between. This separates the
-update's own time from the step's. Per variant: the wall time of an update with the device
+Why: on the H200 the A3 step alone ran at 10,106 img/s at a70b3c8 against 11,812 at 915cdf8; in
+between, the update became compiled (with device-scalar LRs) and the step alone began to mix each
+batch as training does (`throughput.py --variants step,mixing=false` measures it without). This
+separates the update's own time from the step's. Per variant: the wall time of an update with the device
 synchronized (the GPU's pace or the host's launches, whichever is slower) and the host's time to
 issue one (the launches alone). Gradients are random, fixed; weights change as they would.
 """

@@ -20,6 +20,7 @@ the boundaries. One JSON line per measurement, then a table (ratios against the 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import os
@@ -148,16 +149,20 @@ def _timed(one_step, warmup: int, steps: int, device: str, sampler: MemorySample
 
 # --variants: what may differ between the measurements of one process (one compile for them all).
 VARIANT_KEYS = {"aa_impl": str, "hw_decoder_load": float, "workers": int, "prefetch": int, "high_priority_stream": bool,
-                "stream_policy": str, "concurrency": str, "compile_augment": bool}
+                "stream_policy": str, "concurrency": str, "compile_augment": bool, "mixing": bool}
+# Of those, what the step alone can vary (it has no loader).
+STEP_VARIANT_KEYS = {"high_priority_stream", "mixing"}
 
 
 def parse_variant(spec: str) -> dict:
     """'step' (the step alone, on a synthetic device batch), 'default' (the command line's settings)
-    or 'key=value,...' over VARIANT_KEYS, e.g. 'aa_impl=batch,hw_decoder_load=1.0'."""
-    if spec in ("step", "default"):
-        return {"step": spec == "step"}
-    variant = {"step": False}
-    for item in spec.split(","):
+    or 'key=value,...' over VARIANT_KEYS, e.g. 'aa_impl=batch,hw_decoder_load=1.0'; 'step,key=value'
+    over STEP_VARIANT_KEYS, e.g. 'step,mixing=false' (the step alone without mixup/cutmix)."""
+    if spec == "default":
+        return {"step": False}
+    items = spec.split(",")
+    variant = {"step": items[0] == "step"}
+    for item in items[1:] if variant["step"] else items:
         key, _, text = item.partition("=")
         if key not in VARIANT_KEYS or not text:
             raise ValueError(f"variant {spec!r}: {item!r} is not KEY=VALUE with KEY one of {', '.join(VARIANT_KEYS)}")
@@ -170,6 +175,10 @@ def parse_variant(spec: str) -> dict:
             raise ValueError(f"variant {spec!r}: {key} takes a {kind.__name__}, not {text!r}") from None
     if variant.get("aa_impl", "tree") not in ("auto", "tree", "batch", "torch"):
         raise ValueError(f"variant {spec!r}: aa_impl is auto, tree, batch or torch")
+    loader_keys = sorted(set(variant) - STEP_VARIANT_KEYS - {"step"})
+    if variant["step"] and loader_keys:
+        raise ValueError(f"variant {spec!r}: the step alone has no loader ({', '.join(loader_keys)}); it takes "
+                         f"{', '.join(sorted(STEP_VARIANT_KEYS))}")
     return variant
 
 
@@ -178,6 +187,7 @@ def measure_training(mode: str, args, root: Path | None, d):
     with the parts `fastrsb train` builds (fastrsb.parts): the same model, step, seeds and loader.
     Yields one result per --variants entry as it is measured, all on the model and step built (and
     compiled) once."""
+    from fastrsb.mix import BatchMixer
     from fastrsb.parts import build_training
     from fastrsb.recipe import load_recipe
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -185,10 +195,26 @@ def measure_training(mode: str, args, root: Path | None, d):
     training = build_training(recipe, args.num_classes, device, d)
     specs = args.variants or ["step" if mode == "step" else "default"]
     for spec in specs:
-        result = _measure_variant(parse_variant(spec), recipe, training, args, root, device, d,
-                                  _profile_folder(args, spec, len(specs), d))
+        variant = parse_variant(spec)
+        with _mixing(training, variant.get("mixing", True), recipe, args.num_classes):
+            result = _measure_variant(variant, recipe, training, args, root, device, d,
+                                      _profile_folder(args, spec, len(specs), d))
+            result["mixing"] = isinstance(training.step.prepare, BatchMixer)  # what the step ran with
         gc.collect()  # the variant's loader (and its DALI pipelines) go before the next one's come
         yield {**({"variant": spec} if args.variants else {}), **result}
+
+
+@contextlib.contextmanager
+def _mixing(training, on: bool, recipe: dict, num_classes: int):
+    """The step with the recipe's mixup/cutmix (on), or with plain one-hot targets (off) meanwhile."""
+    from fastrsb.parts import PlainTargets
+    prepare = training.step.prepare
+    if not on:
+        training.step.prepare = PlainTargets(num_classes, recipe["smoothing"])
+    try:
+        yield
+    finally:
+        training.step.prepare = prepare
 
 
 def _profile_folder(args, spec: str, count: int, d) -> Path | None:
@@ -496,7 +522,8 @@ def main(argv: list[str] | None = None) -> None:
                    help="train mode: measure each in turn with the model built and compiled once: 'step' (the step "
                         "alone), 'default', or KEY=VALUE[,KEY=VALUE] over " + ", ".join(VARIANT_KEYS) +
                         " (workers: DALI threads; prefetch: DALI's queue depth; stream_policy, concurrency: DALI's "
-                        "executor options), e.g. step aa_impl=tree "
+                        "executor options; mixing=false: one-hot targets, no mixup/cutmix), or 'step,KEY=VALUE' over "
+                        + ", ".join(sorted(STEP_VARIANT_KEYS)) + ", e.g. step step,mixing=false aa_impl=tree "
                         "aa_impl=batch,hw_decoder_load=1.0; loader rows after 'step' get their share of it. "
                         "Each line is printed as it is measured. NVML memory is the process's, cumulative")
     p.add_argument("--profile", nargs="?", const="profile", metavar="DIR",
