@@ -294,7 +294,7 @@ def train_loader(root: str | os.PathLike | ImageList, batch_size: int, img_size:
     a kernel on the GPU; cuda_graphs.CapturedCall; the same pixels). Nothing to capture in the DALI forms. Off by default until a GPU run has
     measured it (benchmarks/gpu_checks.sh). Speed only.
     compile_augment: the torch form of RandAugment through torch.compile: its ~900 calls a batch
-    fused into a few dozen kernels (the first batch waits for the compile: ~10 s on 2 CPU cores).
+    fused into a handful of loops (the first batch waits for the compile: ~10 s on 2 CPU cores).
     The same pixels on the CPU; with cuda_graphs, the compiled form is what is captured. Speed only.
     state: a `loader.state_dict()` to continue from (its number of pipelines is kept).
     """
