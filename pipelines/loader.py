@@ -295,7 +295,8 @@ def train_loader(root: str | os.PathLike | ImageList, batch_size: int, img_size:
     measured it (benchmarks/gpu_checks.sh). Speed only.
     compile_augment: the torch form of RandAugment through torch.compile: its ~900 calls a batch
     fused into a handful of loops (the first batch waits for the compile: ~10 s on 2 CPU cores).
-    The same pixels on the CPU; with cuda_graphs, the compiled form is what is captured. Speed only.
+    The same pixels on the CPU; with cuda_graphs, the compiled form is what is captured; a compile
+    that fails is said once and the form runs eagerly. Speed only.
     state: a `loader.state_dict()` to continue from (its number of pipelines is kept).
     """
     images = root if isinstance(root, ImageList) else list_images(root)

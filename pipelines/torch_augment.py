@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from .augment_spec import MAX_LEVEL, RandAugmentSpec
+from .cuda_graphs import first_line
 from .graphs import IMAGENET_MEAN, IMAGENET_STD
 from .randaugment import FILL, GEOMETRIC, _policy
 
@@ -45,6 +46,7 @@ class TorchRandAugment:
         self.spec, self.size, self.dtype = spec, size, dtype
         self.ordered = _policy(spec)[0]
         self.compiled = compiled
+        self._compiled_ran = False
         self._constants: dict = {}
         # fullgraph: nothing may fall back to Python between kernels (a host sync would hide there);
         # dynamic=False: a train loader's batches all have one shape. The precision casts as eager
@@ -55,6 +57,16 @@ class TorchRandAugment:
     def __call__(self, images: torch.Tensor, draws: torch.Tensor) -> torch.Tensor:
         for key in _CONSTANTS:  # made once per device, outside the compiled region (no recompile)
             self._constant(key, images.device)
+        if self.compiled and not self._compiled_ran:  # the first call compiles
+            try:
+                out = self._apply(images, draws)
+            except Exception as err:  # noqa: BLE001 - whatever the compiler met: said once, then eager
+                print(f"RandAugment (torch form): could not be compiled ({first_line(err)}); running on "
+                      "without compiling", flush=True)
+                self.compiled, self._apply = False, self._augment
+                return self._augment(images, draws)  # an error of the form itself is raised here
+            self._compiled_ran = True
+            return out
         return self._apply(images, draws)
 
     def _augment(self, images: torch.Tensor, draws: torch.Tensor) -> torch.Tensor:

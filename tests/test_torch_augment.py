@@ -167,3 +167,22 @@ def test_loader_with_the_compiled_torch_form(tiny_data):
     tree = train_loader(tiny_data / "train", 8, 32, device="cpu", aa="rand-m9-mstd0.5-inc1", aa_impl="tree",
                         compile_augment=True)
     assert not tree.settings["compile_augment"]  # nothing in torch to compile
+
+
+def test_a_form_that_does_not_compile_runs_eagerly_and_says_so(photos, capsys):
+    """A compiler failure (an op this torch's inductor cannot lower, say) costs speed, not the run:
+    said once, then the eager form's pixels."""
+    spec = parse_rand_augment("rand-m9-mstd0.5-inc1")
+    augment = TorchRandAugment(spec, SIZE, torch.float32, compiled=True)
+
+    def fails(images, draws):
+        raise RuntimeError("BackendCompilerFailed: no lowering for this op\nmore detail")
+    augment._apply = fails
+    images = torch.from_numpy(photos)
+    draws = torch.tensor([[1.0, 3.0, 7.5, 12.0, -4.0]] * len(photos))
+    assert torch.equal(augment(images, draws), TorchRandAugment(spec, SIZE, torch.float32)(images, draws))
+    assert not augment.compiled
+    assert ("could not be compiled (BackendCompilerFailed: no lowering for this op); running on without compiling"
+            in capsys.readouterr().out)
+    augment(images, draws)
+    assert "could not be compiled" not in capsys.readouterr().out
