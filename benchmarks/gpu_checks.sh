@@ -86,12 +86,14 @@ synthetic_jpegs('data/bench/synthetic-$J', $J)"
 #    img/s, the fastest form; issue 13: >= 20,000 at batch 256, <= 1.5 GiB); then A3 with the whole
 #    step as one CUDA graph (the recipe's compile compiles the torch form too; at a70b3c8 without
 #    graphs: the step alone 10,106 img/s, the tree form end to end 6,320, the torch form 5,560),
-#    then every GPU test (the graphed step, the compiled and the captured RandAugment among them).
+#    then the GPU tests of what is new (the graphed step, the compiled and the captured RandAugment,
+#    the short runs with cuda_graphs and with the compiled torch form; the rest come in check 6).
 step 60 120 loader-aa-torch-compiled-graphs $BENCH $DATA --mode loader --loaders dali-gpu --steps 80 \
     --aa-impl torch --compile-augment --cuda-graphs
 step 120 200 train-a3-cuda-graphs $BENCH $DATA --mode train --recipe a3 --steps 100 --set cuda_graphs=true \
     --variants step aa_impl=torch aa_impl=tree aa_impl=torch,high_priority_stream=true
-step 100 240 pytest-gpu python3 -m pytest -q -ra -m gpu tests -p no:cacheprovider
+NEW_TESTS="graphed_step or captured_torch or rand_augment_on_the_gpu or (speed_key and cuda_graphs) or short_compiled"
+step 100 200 pytest-gpu-new python3 -m pytest -q -ra -m gpu tests -p no:cacheprovider -k "$NEW_TESTS"
 # 3. The LAMB update alone on ResNet-50's parameters, eager and compiled, each also as a CUDA graph:
 #    is the compiled update why the step alone fell from 11,812 (915cdf8: eager LAMB, no mixing) to
 #    10,106 img/s (a70b3c8)? (Check 5's `step,mixing=false` is 915cdf8's step, update compiled.)
@@ -112,4 +114,6 @@ step 40 60 loader-aa-torch $BENCH $DATA --mode loader --loaders dali-gpu --steps
 step 40 60 loader-aa-tree $BENCH $DATA --mode loader --loaders dali-gpu --steps 80 --aa-impl tree
 step 40 60 loader-noaa $BENCH $DATA --mode loader --loaders dali-gpu --steps 80 --aa none
 step 40 60 loader-aa-batch $BENCH $DATA --mode loader --loaders dali-gpu --steps 80 --aa-impl batch
+# 6. The GPU tests of what had passed at a70b3c8 (20 in all then, 171 s).
+step 60 150 pytest-gpu-rest python3 -m pytest -q -ra -m gpu tests -p no:cacheprovider -k "not ($NEW_TESTS)"
 say "done ($(left)s left)"
