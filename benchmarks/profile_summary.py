@@ -2,8 +2,8 @@
 torch.profiler trace of the timed steps (throughput.py --mode train --profile).
 
 It answers: how busy the GPU was (the union of its kernels' and copies' intervals over the
-wall time), which kernels took the GPU's time, the loader's (DALI, nvJPEG) apart from the
-model's and the copies, how much CPU time the main thread spent per step, in which operators,
+wall time), which kernels took the GPU's time, the loader's (DALI, nvJPEG, and torch's for the
+torch RandAugment form) apart from the model's and the copies, how much CPU time the main thread spent per step, in which operators,
 and where it blocked (device syncs, copies, waiting for the loader), and the share of the time
 the loop waited for data, as the trainer reports it. On the CPU there are no kernels: the top
 operators are the whole story.
@@ -13,7 +13,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-# Kernels and copies launched by the loader (DALI's own, nvJPEG's, nvImageCodec's), by name.
+from fastrsb.pipelines.loader import AUGMENT_RANGE as LOADER_RANGE
+
+# Kernels and copies launched by the loader (DALI's own, nvJPEG's, nvImageCodec's), by name; and
+# the profiler range the loader's torch work runs in, in the trainer's thread (the torch
+# RandAugment form, whose kernels are torch's or inductor's: by name they would pass for the model's).
 LOADER_MARKERS = ("dali", "nvjpeg", "nvimgcodec", "jpeg", "npp")
 # Host calls that wait for the device, and the torch op that reads a value back.
 BLOCKING = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "cudaMemcpy",
@@ -32,13 +36,24 @@ def _is_kernel(event) -> bool:
     return _is_device(event) and not getattr(event, "is_user_annotation", False)
 
 
-def _part(name: str) -> str:
-    """Whose a kernel is: the loader's (by name), a copy or fill (either side's: the trace does not
-    say whose stream), or the model's."""
+def _part(name: str, in_loader_range: bool = False) -> str:
+    """Whose a kernel is: the loader's (by name, or launched inside LOADER_RANGE), a copy or fill
+    (either side's: the trace does not say whose stream), or the model's."""
     lowered = name.lower()
-    if any(m in lowered for m in LOADER_MARKERS):
+    if in_loader_range or any(m in lowered for m in LOADER_MARKERS):
         return "loader"
     return "copies" if lowered.startswith(("memcpy", "memset")) else "model"
+
+
+def _launched_in(kernel, launchers: dict, range_name: str) -> bool:
+    """Whether the host op that launched `kernel` (the trace links them by correlation id) ran
+    inside a profiler range named `range_name`."""
+    event = launchers.get(getattr(kernel, "linked_correlation_id", 0))
+    while event is not None:
+        if event.name == range_name:
+            return True
+        event = getattr(event, "cpu_parent", None)
+    return False
 
 
 def _union_seconds(intervals: list[tuple[float, float]]) -> float:
@@ -58,12 +73,18 @@ def summarize(prof, *, steps: int, wall_seconds: float, host_seconds: float, dat
     main thread's CPU time over them (time.thread_time); data_wait_seconds: time in next(loader)."""
     events = list(prof.events())
     kernels = [e for e in events if _is_kernel(e)]
-    by_kernel: dict[str, float] = {}
+    # torch's own host events (ops, ranges) by id; a kernel's linked_correlation_id is the id of the
+    # op that launched it. (Runtime calls such as cudaLaunchKernel carry CUPTI's ids, another
+    # numbering, and a link of their own: left out.)
+    launchers = {e.id: e for e in events
+                 if not _is_device(e) and getattr(e, "id", 0) and not getattr(e, "linked_correlation_id", 0)}
+    by_kernel: dict[tuple[str, str], float] = {}  # (name, part): one eager kernel may serve both sides
     for k in kernels:
-        by_kernel[k.name] = by_kernel.get(k.name, 0.0) + (k.time_range.end - k.time_range.start) / 1e6
+        key = (k.name, _part(k.name, _launched_in(k, launchers, LOADER_RANGE)))
+        by_kernel[key] = by_kernel.get(key, 0.0) + (k.time_range.end - k.time_range.start) / 1e6
     by_part = {"loader": 0.0, "model": 0.0, "copies": 0.0}
-    for name, seconds in by_kernel.items():
-        by_part[_part(name)] += seconds
+    for (_, part), seconds in by_kernel.items():
+        by_part[part] += seconds
     blocking: dict[str, float] = {}
     for e in events:
         if not _is_device(e) and e.name in BLOCKING:
@@ -81,8 +102,8 @@ def summarize(prof, *, steps: int, wall_seconds: float, host_seconds: float, dat
     if kernels:
         ranked = sorted(by_kernel.items(), key=lambda item: -item[1])[:top]
         summary["top_kernels"] = [
-            {"name": name[:120], "ms_per_step": seconds * per_step, "part": _part(name)}
-            for name, seconds in ranked]
+            {"name": name[:120], "ms_per_step": seconds * per_step, "part": part}
+            for (name, part), seconds in ranked]
     # What the host spends its time in, on the GPU too: there the main thread launches every kernel
     # (a70b3c8 on the H200: 63 ms of CPU a step against 30 ms of kernels), so its top operators say
     # what a CUDA graph or a leaner step would save.

@@ -19,6 +19,11 @@ from .graphs import READER_NAME, train_pipeline, val_pipeline
 from .randaugment import parse_rand_augment
 
 
+# The profiler range around the loader's work in the consumer's thread (the torch RandAugment
+# form): benchmarks/profile_summary.py counts the kernels launched inside it as the loader's.
+AUGMENT_RANGE = "fastrsb.loader: RandAugment (torch form)"
+
+
 class DaliLoader:
     """Wraps the DALI pipelines of one shard. Train loaders drop the last partial batch (fixed
     shapes: no torch.compile recompiles, the same number of steps on every rank); validation
@@ -119,7 +124,9 @@ class DaliLoader:
             if self.repeats > 1:  # ceil(batch / repeats) images x repeats views; a surplus of < repeats views is cut
                 batch = {key: value.flatten(0, 1)[:self.batch_size] for key, value in batch.items()}
             if self._augment:
-                yield self._augment(batch["images"], batch["draws"]), batch["labels"]
+                with torch.profiler.record_function(AUGMENT_RANGE):  # its kernels are the loader's in a profile
+                    images = self._augment(batch["images"], batch["draws"])
+                yield images, batch["labels"]
             else:
                 yield _to_nchw(batch["images"]), batch["labels"]
         self._in_use.hand_over(None)

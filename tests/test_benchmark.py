@@ -173,14 +173,20 @@ def test_train_mode_profile_explains_itself(tmp_path, capsys):
 
 def test_profile_summary_of_gpu_kernels():
     """The GPU figures from a trace: busy share from the union of kernel intervals (overlapping
-    streams counted once), DALI's and nvJPEG's kernels apart from the model's, host syncs."""
+    streams counted once), DALI's and nvJPEG's kernels apart from the model's, and so the kernels
+    launched by the torch RandAugment form (by ops inside the loader's profiler range), host syncs."""
     from types import SimpleNamespace
     sys.path.insert(0, str(BENCH))
     from profile_summary import summarize
+    from fastrsb.pipelines.loader import AUGMENT_RANGE
 
-    def event(name, start, end, gpu=True, annotation=False):
+    def event(name, start, end, gpu=True, annotation=False, id=0, linked=0, parent=None):
         return SimpleNamespace(name=name, device_type="DeviceType.CUDA" if gpu else "DeviceType.CPU",
-                               time_range=SimpleNamespace(start=start, end=end), is_user_annotation=annotation)
+                               time_range=SimpleNamespace(start=start, end=end), is_user_annotation=annotation,
+                               id=id, linked_correlation_id=linked, cpu_parent=parent)
+    augment_range = event(AUGMENT_RANGE, 50_000, 52_000, gpu=False, id=7)
+    augment_op = event("aten::where", 50_500, 50_600, gpu=False, id=8, parent=augment_range)
+    model_op = event("aten::add", 60_000, 60_100, gpu=False, id=9)
     host_ops = [SimpleNamespace(key="aten::convolution", self_cpu_time_total=3_000, count=2),
                 SimpleNamespace(key="cudaLaunchKernel", self_cpu_time_total=5_000, count=400)]
     trace = SimpleNamespace(key_averages=lambda: host_ops, events=lambda: [
@@ -188,12 +194,19 @@ def test_profile_summary_of_gpu_kernels():
         event("Memcpy HtoD (Pinned -> Device)", 32_000, 34_000),
         event("sm90_xmma_gemm_bf16", 0, 10_000), event("void at::native::elementwise_kernel", 5_000, 15_000),
         event("void dali::kernels::resize::ResizeKernel", 20_000, 30_000), event("nvjpeg::decode_huffman", 40_000, 45_000),
-        event("cudaStreamSynchronize", 45_000, 47_000, gpu=False), event("aten::_local_scalar_dense", 46_000, 47_000, gpu=False)])
+        event("cudaStreamSynchronize", 45_000, 47_000, gpu=False), event("aten::_local_scalar_dense", 46_000, 47_000, gpu=False),
+        augment_range, augment_op, model_op,  # the same eager kernel, launched once in the range, once outside it
+        event("void at::native::where_kernel", 53_000, 57_000, linked=8),
+        event("void at::native::where_kernel", 60_000, 61_000, linked=9)])
     s = summarize(trace, steps=2, wall_seconds=0.1, host_seconds=0.05, data_wait_seconds=0.01, device="cuda")
-    assert s["gpu_busy_share"] == pytest.approx(0.32)  # 15 + 10 + 2 + 5 ms of 100 ms
-    assert s["gpu_ms_per_step"] == pytest.approx({"loader": 7.5, "model": 10.0, "copies": 1.0})
+    assert s["gpu_busy_share"] == pytest.approx(0.37)  # 15 + 10 + 2 + 5 + 4 + 1 ms of 100 ms
+    assert s["gpu_ms_per_step"] == pytest.approx({"loader": 9.5, "model": 10.5, "copies": 1.0})
     assert s["blocking_ms_per_step"] == pytest.approx({"aten::_local_scalar_dense": 0.5, "cudaStreamSynchronize": 1.0})
-    assert [k["part"] for k in s["top_kernels"]] == ["model", "model", "loader", "loader", "copies"]
+    assert [(k["part"], k["name"]) for k in s["top_kernels"]] == [
+        ("model", "sm90_xmma_gemm_bf16"), ("model", "void at::native::elementwise_kernel"),
+        ("loader", "void dali::kernels::resize::ResizeKernel"), ("loader", "nvjpeg::decode_huffman"),
+        ("loader", "void at::native::where_kernel"), ("copies", "Memcpy HtoD (Pinned -> Device)"),
+        ("model", "void at::native::where_kernel")]
     assert s["data_wait_share"] == pytest.approx(0.1) and s["host_cpu_ms_per_step"] == pytest.approx(25.0)
     assert s["top_cpu_ops"] == [{"name": "cudaLaunchKernel", "ms_per_step": 2.5, "calls_per_step": 200.0},
                                 {"name": "aten::convolution", "ms_per_step": 1.5, "calls_per_step": 1.0}]

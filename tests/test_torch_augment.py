@@ -186,3 +186,17 @@ def test_a_form_that_does_not_compile_runs_eagerly_and_says_so(photos, capsys):
             in capsys.readouterr().out)
     augment(images, draws)
     assert "could not be compiled" not in capsys.readouterr().out
+
+
+def test_the_loader_marks_its_torch_work_for_the_profiler(tiny_data):
+    """The torch form's ops run inside the loader's profiler range (AUGMENT_RANGE), so that a
+    profile counts their kernels as the loader's, not the model's (benchmarks/profile_summary.py)."""
+    from torch.profiler import ProfilerActivity, profile
+    from fastrsb.pipelines.loader import AUGMENT_RANGE
+    batches = iter(train_loader(tiny_data / "train", 8, 32, device="cpu", aa="rand-m9-mstd0.5-inc1", aa_impl="torch"))
+    next(batches)
+    with profile(activities=[ProfilerActivity.CPU]) as trace:
+        next(batches)
+    (marked,) = [e for e in trace.events() if e.name == AUGMENT_RANGE]
+    inside = {e.name for e in trace.events() if e.cpu_parent is marked}
+    assert {"aten::where", "aten::index"} <= inside
