@@ -236,7 +236,7 @@ def _measure_variant(variant: dict, recipe: dict, training, args, root: Path | N
         images = torch.randn(batch, 3, size, size, device=device, dtype=pixels).contiguous(memory_format=torch.channels_last)
         labels = torch.randint(0, args.num_classes, (batch,), device=device)
         next_batch = lambda: (images, labels)  # noqa: E731  (mixed by the step, as in training)
-        threads, loader_settings, queued = None, {}, 0
+        threads, loader, queued = None, None, 0
     else:
         images = list_images(root)
         if len(images.classes) > args.num_classes:
@@ -249,8 +249,6 @@ def _measure_variant(variant: dict, recipe: dict, training, args, root: Path | N
                                    prefetch_queue_depth=variant.get("prefetch", 2),
                                    stream_policy=variant.get("stream_policy"), concurrency=variant.get("concurrency"),
                                    **{key: variant[key] for key in ("compile_augment",) if key in variant})
-        loader_settings = {key: loader.settings[key] for key in ("aa", "repeats")}
-        loader_settings.update(_dali_settings(loader))
         next_batch, queued, threads = _forever(loader).__next__, loader.queued_batches, loader.settings["num_threads"]
     sampler = MemorySampler()
     waits = []  # seconds in next(loader) per step, as the trainer's data share counts them
@@ -276,7 +274,9 @@ def _measure_variant(variant: dict, recipe: dict, training, args, root: Path | N
             "device": device, "model": recipe["model"], "recipe": recipe["name"], "img_size": size, "batch_size": batch,
             "amp": str(training.dtype).removeprefix("torch.") if training.dtype else "float32",
             "compiled": device == "cuda" and recipe["compile"], "cuda_graphs": recipe["cuda_graphs"],
-            "high_priority_stream": high_priority, "workers": threads, **loader_settings,
+            "high_priority_stream": high_priority, "workers": threads,
+            # read after the steps: what ran (a torch form whose compile failed ran eagerly)
+            **({key: loader.settings[key] for key in ("aa", "repeats")} | _dali_settings(loader) if loader is not None else {}),
             "steps": args.steps, "warmup": warmup, "images_per_sec": args.steps * batch / seconds,
             "data_wait": sum(waits[warmup:warmup + args.steps]) / seconds, **profiled, **_memory(device, sampler)}
 

@@ -92,8 +92,12 @@ class DaliLoader:
     @property
     def settings(self) -> dict:
         """What the loader was built with (batch_size, img_size, shards, seed, repeats, aa, pipelines,
-        hw_decoder_load, ...)."""
-        return dict(self._settings)
+        hw_decoder_load, ...); compile_augment as it runs (False once a compile has failed)."""
+        settings = dict(self._settings)
+        if settings.get("compile_augment"):
+            form = getattr(self._augment, "fn", self._augment)  # a CapturedCall holds the form as fn
+            settings["compile_augment"] = form.compiled
+        return settings
 
     def __len__(self) -> int:
         return self._steps

@@ -155,8 +155,13 @@ def test_compiled_form_is_the_eager_one_and_compiles_once(photos):
         assert torch.equal(got, eager(batch, draws)), k
 
 
-def test_loader_with_the_compiled_torch_form(tiny_data):
-    """compile_augment=True: the loader's batches are the eager form's, and it says so."""
+def _compiler_gives_up(images, draws):
+    raise RuntimeError("BackendCompilerFailed: no lowering for this op\nmore detail")
+
+
+def test_loader_with_the_compiled_torch_form(tiny_data, capsys):
+    """compile_augment=True: the loader's batches are the eager form's, and it says so; and says
+    so no more once the compile has failed (the form then runs eagerly)."""
     def loader(compiled):
         return train_loader(tiny_data / "train", 8, 32, device="cpu", seed=5, aa="rand-m9-mstd0.5-inc1",
                             aa_impl="torch", compile_augment=compiled)
@@ -167,6 +172,10 @@ def test_loader_with_the_compiled_torch_form(tiny_data):
     tree = train_loader(tiny_data / "train", 8, 32, device="cpu", aa="rand-m9-mstd0.5-inc1", aa_impl="tree",
                         compile_augment=True)
     assert not tree.settings["compile_augment"]  # nothing in torch to compile
+    failing = loader(True)
+    failing._augment._apply = _compiler_gives_up  # at the first batch
+    next(iter(failing))
+    assert not failing.settings["compile_augment"] and "could not be compiled" in capsys.readouterr().out
 
 
 def test_a_form_that_does_not_compile_runs_eagerly_and_says_so(photos, capsys):
@@ -174,10 +183,7 @@ def test_a_form_that_does_not_compile_runs_eagerly_and_says_so(photos, capsys):
     said once, then the eager form's pixels."""
     spec = parse_rand_augment("rand-m9-mstd0.5-inc1")
     augment = TorchRandAugment(spec, SIZE, torch.float32, compiled=True)
-
-    def fails(images, draws):
-        raise RuntimeError("BackendCompilerFailed: no lowering for this op\nmore detail")
-    augment._apply = fails
+    augment._apply = _compiler_gives_up
     images = torch.from_numpy(photos)
     draws = torch.tensor([[1.0, 3.0, 7.5, 12.0, -4.0]] * len(photos))
     assert torch.equal(augment(images, draws), TorchRandAugment(spec, SIZE, torch.float32)(images, draws))
