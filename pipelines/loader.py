@@ -315,16 +315,7 @@ def train_loader(root: str | os.PathLike | ImageList, batch_size: int, img_size:
     if repeats < 1 or batch_size < repeats:
         raise DatasetError(f"repeated augmentation needs 1 <= repeats <= batch size, not {repeats} "
                            f"for a batch of {batch_size}")
-    if aa:
-        try:
-            parse_rand_augment(aa)
-        except ValueError as err:
-            raise DatasetError(str(err)) from None
-    if aa_impl == "auto":
-        saved = state.get("fingerprint", {}).get("aa_impl") if state else None
-        aa_impl = saved or default_aa_impl(device)
-    if aa_impl not in AA_IMPLS:
-        raise DatasetError(f"aa_impl must be auto or one of {', '.join(AA_IMPLS)}, not {aa_impl!r}")
+    aa_impl = _resolve_aa(aa, aa_impl, state, device)
     shard_images, batch_images = len(images) // num_shards, images_per_batch(batch_size, repeats)
     if shard_images < batch_size:
         raise DatasetError(f"{len(images)} images over {num_shards} shard(s) do not fill one batch of {batch_size}")
@@ -367,6 +358,22 @@ def train_loader(root: str | os.PathLike | ImageList, batch_size: int, img_size:
                                 "stream_policy": stream_policy, "concurrency": concurrency,
                                 "cuda_graphs": cuda_graphs,
                                 "compile_augment": compile_augment and augment is not None}, augment=augment)
+
+
+def _resolve_aa(aa: str | None, aa_impl: str, state: dict | None, device: str) -> str:
+    """Checks timm's RandAugment string; returns the form: "auto" is the one a saved state was
+    made with, else the device's default."""
+    if aa:
+        try:
+            parse_rand_augment(aa)
+        except ValueError as err:
+            raise DatasetError(str(err)) from None
+    if aa_impl == "auto":
+        saved = state.get("fingerprint", {}).get("aa_impl") if state else None
+        aa_impl = saved or default_aa_impl(device)
+    if aa_impl not in AA_IMPLS:
+        raise DatasetError(f"aa_impl must be auto or one of {', '.join(AA_IMPLS)}, not {aa_impl!r}")
+    return aa_impl
 
 
 def _torch_augment(aa: str, img_size: int, dtype: str, compiled: bool, cuda_graphs: bool) -> Callable:
