@@ -121,7 +121,7 @@ def measure_loader(name: str, args, root: Path) -> dict:
 
 def _dali_settings(loader) -> dict:
     keys = ("pipelines", "aa_impl", "hw_decoder_load", "num_threads", "prefetch_queue_depth", "stream_policy",
-            "concurrency", "cuda_graphs", "compile_augment")
+            "concurrency", "cuda_graphs", "augment_captured", "compile_augment")
     return {key: loader.settings[key] for key in keys if key in loader.settings}
 
 
@@ -274,8 +274,9 @@ def _measure_variant(variant: dict, recipe: dict, training, args, root: Path | N
             "device": device, "model": recipe["model"], "recipe": recipe["name"], "img_size": size, "batch_size": batch,
             "amp": str(training.dtype).removeprefix("torch.") if training.dtype else "float32",
             "compiled": device == "cuda" and recipe["compile"], "cuda_graphs": recipe["cuda_graphs"],
+            "step_captured": training.step.captured,  # read after the steps, as what follows: what ran
             "high_priority_stream": high_priority, "workers": threads,
-            # read after the steps: what ran (a torch form whose compile failed ran eagerly)
+            # (a torch form whose compile failed ran eagerly; a capture that failed ran uncaptured)
             **({key: loader.settings[key] for key in ("aa", "repeats")} | _dali_settings(loader) if loader is not None else {}),
             "steps": args.steps, "warmup": warmup, "images_per_sec": args.steps * batch / seconds,
             "data_wait": sum(waits[warmup:warmup + args.steps]) / seconds, **profiled, **_memory(device, sampler)}
@@ -459,8 +460,9 @@ def run_training(args, info: dict) -> None:
             dist.all_gather_object(ranks, mine)
         if d.main:  # each line as soon as it is measured: a run cut short keeps what it measured
             result = {**info, **combine_ranks(ranks)}
-            step = next((r for r in results if r["mode"] == "step"), None)
-            if step and result["mode"] == "train":  # the share of the step alone the trainer's path keeps
+            # The share of the step alone the trainer's path keeps, against the step that mixed as it did.
+            step = next((r for r in results if r["mode"] == "step" and r["mixing"] == result["mixing"]), None)
+            if step and result["mode"] == "train":
                 result["vs_step"] = round(result["images_per_sec"] / step["images_per_sec"], 3)
             results.append(result)
             _emit(result, args.json_out)

@@ -51,6 +51,12 @@ class TrainStep:
         self.loss_fn, self.prepare, self.device, self.dtype = loss_fn, prepare, device, dtype
         self.graphed = GraphedStep(self) if cuda_graphs else None
 
+    @property
+    def captured(self) -> bool | None:
+        """With cuda_graphs: whether steps replay the graph (False during the warm-up steps and
+        after a capture that failed); None without."""
+        return None if self.graphed is None else self.graphed.graph is not None and not self.graphed.failed
+
     def single(self, images: torch.Tensor, labels: torch.Tensor, lr: float) -> torch.Tensor:
         """A whole optimizer step on one micro-batch; returns its loss as a device tensor."""
         if self.graphed is not None:

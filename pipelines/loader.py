@@ -92,11 +92,15 @@ class DaliLoader:
     @property
     def settings(self) -> dict:
         """What the loader was built with (batch_size, img_size, shards, seed, repeats, aa, pipelines,
-        hw_decoder_load, ...); compile_augment as it runs (False once a compile has failed)."""
+        hw_decoder_load, ...); compile_augment as it runs (False once a compile has failed), and with
+        cuda_graphs on a torch form, augment_captured: whether its graph replays (False during the
+        warm-up batches and after a capture that failed)."""
         settings = dict(self._settings)
         if settings.get("compile_augment"):
             form = getattr(self._augment, "fn", self._augment)  # a CapturedCall holds the form as fn
             settings["compile_augment"] = form.compiled
+        if isinstance(self._augment, CapturedCall):
+            settings["augment_captured"] = self._augment.graph is not None and not self._augment.failed
         return settings
 
     def __len__(self) -> int:

@@ -111,14 +111,17 @@ def test_train_mode_variants_share_one_model(tmp_path, capsys):
     rows, table = _bench_here(capsys, "--mode", "train", *TRAINING, "--steps", "6", "--synthetic-jpegs", "16",
                               "--cache", tmp_path, "--workers", "1", "--set", "aa=rand-m9-mstd0.5-inc1",
                               "--variants", "step", "default", "aa_impl=batch,workers=2,prefetch=3,concurrency=full",
-                              "aa_impl=torch,compile_augment=true", "step,mixing=false",
+                              "aa_impl=torch,compile_augment=true", "step,mixing=false", "mixing=false",
                               "--profile", tmp_path / "prof", "--profile-steps", "2")
     assert [(r["variant"], r["mode"]) for r in rows] == [("step", "step"), ("default", "train"),
                                                           ("aa_impl=batch,workers=2,prefetch=3,concurrency=full", "train"),
                                                           ("aa_impl=torch,compile_augment=true", "train"),
-                                                          ("step,mixing=false", "step")]
-    step, default, batch, compiled, unmixed = rows
-    assert step["mixing"] and default["mixing"] and not unmixed["mixing"]
+                                                          ("step,mixing=false", "step"), ("mixing=false", "train")]
+    step, default, batch, compiled, unmixed, unmixed_train = rows
+    assert step["mixing"] and default["mixing"] and not unmixed["mixing"] and not unmixed_train["mixing"]
+    # each train row against the step alone that mixed as it did
+    assert unmixed_train["vs_step"] == pytest.approx(unmixed_train["images_per_sec"] / unmixed["images_per_sec"], abs=1e-3)
+    assert all(r["step_captured"] is None for r in rows)  # no cuda_graphs (and no GPU) here
     assert (compiled["aa_impl"], compiled["compile_augment"], default["compile_augment"]) == ("torch", True, False)
     assert (default["aa_impl"], default["num_threads"], default["prefetch_queue_depth"]) == ("tree", 1, 2)
     assert (batch["aa_impl"], batch["num_threads"], batch["prefetch_queue_depth"], batch["concurrency"]) == (
@@ -130,8 +133,8 @@ def test_train_mode_variants_share_one_model(tmp_path, capsys):
     assert "x the step" in table and "aa_impl=batch,workers=2,prefetch=3,concurrency=full" in table
     # A profile per variant, in a folder named after it.
     assert sorted(p.parent.name for p in (tmp_path / "prof").glob("*/profile.json")) == [
-        "aa_impl-batch_workers-2_prefetch-3_concurrency-full", "aa_impl-torch_compile_augment-true", "default", "step",
-        "step_mixing-false"]
+        "aa_impl-batch_workers-2_prefetch-3_concurrency-full", "aa_impl-torch_compile_augment-true", "default",
+        "mixing-false", "step", "step_mixing-false"]
     for bad, says in [("aa_impl=fast", "aa_impl is auto, tree, batch or torch"), ("threads=4", "is not KEY=VALUE"),
                       ("workers=many", "workers takes a int"), ("high_priority_stream=yes", "takes a bool"),
                       ("compile_augment=1", "compile_augment takes a bool"),
