@@ -14,8 +14,8 @@ Each op computes what PIL computes when timm calls it: the tables and the blends
 and float32 arithmetic (the same values, tested), Equalize with PIL's own table (DALI's follows
 OpenCV), Color on PIL's integer grey, Sharpness with PIL's rounded 3x3 smoothing and untouched
 border; the warp samples bilinearly as PIL does (fill where the sample point leaves the image, edge
-pixels repeated inside it), in float32 where PIL uses double: one level apart on a few pixels. As in the DALI forms, the geometric ops always interpolate bilinearly (timm draws
-bilinear or bicubic) and the flip comes after RandAugment.
+pixels repeated inside it, in double as PIL computes). As in the DALI forms, the geometric ops
+always interpolate bilinearly (timm draws bilinear or bicubic) and the flip comes after RandAugment.
 """
 from __future__ import annotations
 
@@ -239,17 +239,18 @@ def _bilinear(x: torch.Tensor, source: torch.Tensor, fill: torch.Tensor) -> torc
     """PIL's bilinear filter: each output pixel takes the input at `source` (N, H, W, 2), x then y,
     in pixel units with centres at +0.5, in double: the fill colour where that point lies outside
     the image, else a + (b - a) dx across and then down, edge pixels repeated, truncated. The
-    fractions come from the double coordinates as PIL's do (exactly 0 where PIL's are), the
-    blends in float32 (PIL's in double: a value can land one level lower where it sits within
-    ~1e-5 of a whole number). (N, H, W, 3) uint8."""
+    fractions come from the double coordinates as PIL's do (exactly 0 where PIL's are), and the
+    blends are PIL's, in double, in its order: the same pixels. (N, H, W, 3) uint8. Compiled,
+    inductor keeps the two blended rows as float64 buffers (each is read twice): 2 x 157 MB at
+    A3's 256 x 160 x 160, the largest the form holds."""
     n, c, height, width = x.shape
     pixels = x.permute(0, 2, 3, 1).reshape(n * height * width, c)  # gathered as uint8, blended in double
     across_image, down_image = source.unbind(-1)
     inside = ((across_image >= 0) & (across_image < width) & (down_image >= 0) & (down_image < height)).unsqueeze(-1)
     corner = (source - 0.5).floor()
     across, down = (source - 0.5 - corner).unbind(-1)
-    left, top = corner.long().unbind(-1)
-    first = (torch.arange(n, device=x.device) * (height * width)).view(n, 1, 1)
+    left, top = corner.int().unbind(-1)
+    first = (torch.arange(n, device=x.device, dtype=torch.int32) * (height * width)).view(n, 1, 1)
 
     def at(row, column):
         return pixels[first + row.clamp(0, height - 1) * width + column.clamp(0, width - 1)]
@@ -304,8 +305,12 @@ def _equalize_tables(x: torch.Tensor) -> torch.Tensor:
     table[i] = (step // 2 + pixels below i) // step, clipped; the identity where step is 0 or the
     channel holds one value."""
     n, c, h, w = x.shape
-    counts = torch.zeros(n * c, 256, dtype=torch.int64, device=x.device)
-    counts.scatter_add_(1, x.reshape(n * c, h * w).long(), torch.ones(1, 1, dtype=torch.int64, device=x.device)
+    # int32 counts (an image of up to 2**31 pixels): compiled for the GPU, inductor then scatters
+    # with atomic adds and computes each pixel's bin as it goes. With int64 counts it falls back
+    # to aten's scatter, which needs the bins as a tensor of their own: an int64 copy of the batch
+    # (157 MB at A3's 256 x 160 x 160) a layer. (On the CPU it falls back either way.)
+    counts = torch.zeros(n * c, 256, dtype=torch.int32, device=x.device)
+    counts.scatter_add_(1, x.reshape(n * c, h * w).long(), torch.ones(1, 1, dtype=torch.int32, device=x.device)
                         .expand(n * c, h * w))
     used = counts > 0
     last = 255 - used.flip(1).int().argmax(1, keepdim=True)  # the highest value present
@@ -321,8 +326,8 @@ def _lookup(x: torch.Tensor, tables: torch.Tensor) -> torch.Tensor:
     """x (N, 3, H, W) uint8 through each sample's and channel's table (N, 3, 256)."""
     n, c, h, w = x.shape
     flat = tables.to(torch.uint8).reshape(n * c * 256)
-    base = (torch.arange(n * c, device=x.device) * 256).view(n, c, 1, 1)
-    return flat[base + x.long()]
+    base = (torch.arange(n * c, device=x.device, dtype=torch.int32) * 256).view(n, c, 1, 1)
+    return flat[base + x.int()]
 
 
 def normalize(x: torch.Tensor, flip: torch.Tensor, mean: torch.Tensor, std: torch.Tensor,

@@ -226,3 +226,25 @@ def test_lamb_update_benchmark(tmp_path):
                                                                      if torch.cuda.is_available() else [])
     assert all(r["ms_per_update"] > 0 and 0 < r["host_ms_per_update"] <= r["ms_per_update"] for r in results)
     assert [json.loads(line) for line in out.read_text().splitlines()] == results
+
+
+def test_augment_memory_counts_what_a_call_holds_at_once():
+    """benchmarks/augment_memory.py: the peak is what was held together (two 4 MB tensors alive at
+    once, then freed: 8 MB), and the torch form's peak holds at least its output."""
+    sys.path.insert(0, str(BENCH))
+    import augment_memory
+    from fastrsb.pipelines import parse_rand_augment
+    from fastrsb.pipelines.torch_augment import TorchRandAugment
+
+    def two_at_once():
+        a = torch.ones(1000, 1000)
+        b = a * 2
+        del a, b
+        torch.ones(1000, 1000)
+
+    assert augment_memory.peak_mb(two_at_once, "cpu") == pytest.approx(8.0, rel=0.01)
+    spec = parse_rand_augment("rand-m9-mstd0.5")
+    images, draws = augment_memory.batch(4, 32, 15, spec.num_layers, "cpu")
+    assert images.shape == (4, 32, 32, 3) and draws.shape == (4, 5) and draws[:, 1::2].max() <= 15
+    result = augment_memory.measure(TorchRandAugment(spec, 32, torch.float32), images, draws, repeats=1)
+    assert result["peak_mb"] >= 4 * 3 * 32 * 32 * 4 / 1e6 and result["compiled"] is False

@@ -1,0 +1,106 @@
+"""The torch RandAugment form alone (`aa_impl="torch"`), eager and compiled: the most memory torch
+holds at once during one call (its output included, its input not), and its time, on A3's batch.
+
+    python benchmarks/augment_memory.py [--batch-size 256 --img-size 160 --aa rand-m6-mstd0.5-inc1]
+
+Why: issue 13 bounds the GPU loader at 1.5 GiB (NVML, loader alone); at a70b3c8 the eager torch
+form held 1.147 GiB of torch's memory on the H200, on top of ~1 GiB of DALI's and the CUDA
+context's. On the CPU this counts torch's allocations through the profiler's memory events (the
+same figure as CUDA's peak allocated: 1,232 MB on both for the eager form at A3's size); on the
+GPU it reads torch.cuda.max_memory_allocated. Each sample draws one of the policy's ops (or none)
+per layer and a magnitude as the loader's draws do; the pixels are random.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from fastrsb.pipelines import parse_rand_augment  # noqa: E402
+from fastrsb.pipelines.randaugment import _policy  # noqa: E402
+from fastrsb.pipelines.torch_augment import TorchRandAugment  # noqa: E402
+from throughput import _emit, context  # noqa: E402  (benchmarks/ is this script's folder)
+
+
+def batch(batch_size: int, size: int, ops: int, layers: int, device: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, H, W, 3) uint8 pixels and (N, 1 + 2 * layers) draws: flip, then each layer's op index
+    (one past the last: no op) and signed magnitude around 6."""
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (batch_size, size, size, 3), dtype=torch.uint8, generator=generator)
+    columns = [torch.rand(batch_size, generator=generator)]
+    for _ in range(layers):
+        columns += [torch.randint(0, ops + 1, (batch_size,), generator=generator).float(),
+                    torch.randn(batch_size, generator=generator) * 3 + 6]
+    return images.to(device), torch.stack(columns, 1).to(device)
+
+
+def peak_mb(call, device: str) -> float:
+    """The most torch held at once during `call()`, above what it held before (MB)."""
+    if device == "cuda":
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        call()
+        torch.cuda.synchronize()
+        return (torch.cuda.max_memory_allocated() - before) / 1e6
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        call()
+    # The trace's memory events: one per allocation and free, with the bytes (signed) and what the
+    # allocator held right after it.
+    with tempfile.TemporaryDirectory() as folder:
+        prof.export_chrome_trace(f"{folder}/trace.json")
+        events = json.loads(Path(folder, "trace.json").read_text())["traceEvents"]
+    memory = sorted((e for e in events if e.get("name") == "[memory]"), key=lambda e: e["ts"])
+    if not memory:
+        return 0.0
+    before = memory[0]["args"]["Total Allocated"] - memory[0]["args"]["Bytes"]
+    peak = max(e["args"]["Total Allocated"] for e in memory) - before
+    return peak / 1e6
+
+
+def measure(augment: TorchRandAugment, images: torch.Tensor, draws: torch.Tensor, repeats: int) -> dict:
+    device = images.device.type
+    augment(images, draws)  # compiles, where compiled
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        augment(images, draws)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - start)
+    return {"peak_mb": round(peak_mb(lambda: augment(images, draws), device), 1),
+            "ms_per_batch": round(1000 * best, 2), "compiled": augment.compiled}
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--img-size", type=int, default=160)
+    p.add_argument("--aa", default="rand-m6-mstd0.5-inc1", help="timm's RandAugment string")
+    p.add_argument("--repeats", type=int, default=3, help="timed calls; the best is kept")
+    p.add_argument("--json-out", type=Path, help="also append the JSON lines to this file")
+    args = p.parse_args(argv)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    spec = parse_rand_augment(args.aa)
+    images, draws = batch(args.batch_size, args.img_size, len(_policy(spec)[0]), spec.num_layers, device)
+    dtype = torch.float16 if device == "cuda" else torch.float32
+    results = []
+    for compiled in (False, True):
+        augment = TorchRandAugment(spec, args.img_size, dtype, compiled=compiled)
+        result = {**context(), "mode": "augment_memory", "device": device, "aa": args.aa,
+                  "batch_size": args.batch_size, "img_size": args.img_size,
+                  "variant": "compiled" if compiled else "eager", **measure(augment, images, draws, args.repeats)}
+        results.append(result)
+        _emit(result, args.json_out)
+    return results
+
+
+if __name__ == "__main__":
+    main()
