@@ -88,13 +88,15 @@ synthetic_jpegs('data/bench/synthetic-$J', $J)"
 #    img/s, the fastest form; issue 13: >= 20,000 at batch 256, <= 1.5 GiB); then A3 with the whole
 #    step as one CUDA graph (the recipe's compile compiles the torch form too; at a70b3c8 without
 #    graphs: the step alone 10,106 img/s, the tree form end to end 6,320, the torch form 5,560),
-#    then the GPU tests of what is new (the graphed step, the compiled and the captured RandAugment,
-#    the short runs with cuda_graphs and with the compiled torch form; the rest come in check 6).
+#    and the torch form on a stream of the loader's own (augment_stream: its kernels beside the last
+#    step's instead of after them), then the GPU tests of what is new (the graphed step, the
+#    compiled and the captured RandAugment, the short runs with cuda_graphs and with the compiled
+#    torch form, the loader's own stream; the rest come in check 6).
 step 60 120 loader-aa-torch-compiled-graphs $BENCH $DATA --mode loader --loaders dali-gpu --steps 80 \
     --aa-impl torch --compile-augment --cuda-graphs
 step 120 200 train-a3-cuda-graphs $BENCH $DATA --mode train --recipe a3 --steps 100 --set cuda_graphs=true \
-    --variants step aa_impl=torch aa_impl=tree aa_impl=torch,high_priority_stream=true
-NEW_TESTS="graphed_step or captured_torch or rand_augment_on_the_gpu or (speed_key and cuda_graphs) or short_compiled"
+    --variants step aa_impl=torch aa_impl=tree aa_impl=torch,augment_stream=true aa_impl=torch,high_priority_stream=true
+NEW_TESTS="graphed_step or captured_torch or rand_augment_on_the_gpu or (speed_key and cuda_graphs) or short_compiled or stream_of_its_own"
 step 100 200 pytest-gpu-new python3 -m pytest -q -ra -m gpu tests -p no:cacheprovider -k "$NEW_TESTS"
 # 3. The LAMB update alone on ResNet-50's parameters, eager and compiled, each also as a CUDA graph:
 #    is the compiled update why the step alone fell from 11,812 (915cdf8: eager LAMB, no mixing) to

@@ -121,7 +121,7 @@ def measure_loader(name: str, args, root: Path) -> dict:
 
 def _dali_settings(loader) -> dict:
     keys = ("pipelines", "aa_impl", "hw_decoder_load", "num_threads", "prefetch_queue_depth", "stream_policy",
-            "concurrency", "cuda_graphs", "augment_captured", "compile_augment")
+            "concurrency", "cuda_graphs", "augment_captured", "compile_augment", "augment_stream")
     return {key: loader.settings[key] for key in keys if key in loader.settings}
 
 
@@ -149,7 +149,8 @@ def _timed(one_step, warmup: int, steps: int, device: str, sampler: MemorySample
 
 # --variants: what may differ between the measurements of one process (one compile for them all).
 VARIANT_KEYS = {"aa_impl": str, "hw_decoder_load": float, "workers": int, "prefetch": int, "high_priority_stream": bool,
-                "stream_policy": str, "concurrency": str, "compile_augment": bool, "mixing": bool}
+                "stream_policy": str, "concurrency": str, "compile_augment": bool, "augment_stream": bool,
+                "mixing": bool}
 # Of those, what the step alone can vary (it has no loader).
 STEP_VARIANT_KEYS = {"high_priority_stream", "mixing"}
 
@@ -248,7 +249,8 @@ def _measure_variant(variant: dict, recipe: dict, training, args, root: Path | N
                                    aa_impl=variant.get("aa_impl", args.aa_impl or recipe["aa_impl"]),
                                    prefetch_queue_depth=variant.get("prefetch", 2),
                                    stream_policy=variant.get("stream_policy"), concurrency=variant.get("concurrency"),
-                                   **{key: variant[key] for key in ("compile_augment",) if key in variant})
+                                   **{key: variant[key] for key in ("compile_augment", "augment_stream")
+                                      if key in variant})
         next_batch, queued, threads = _forever(loader).__next__, loader.queued_batches, loader.settings["num_threads"]
     sampler = MemorySampler()
     waits = []  # seconds in next(loader) per step, as the trainer's data share counts them
@@ -524,7 +526,8 @@ def main(argv: list[str] | None = None) -> None:
                    help="train mode: measure each in turn with the model built and compiled once: 'step' (the step "
                         "alone), 'default', or KEY=VALUE[,KEY=VALUE] over " + ", ".join(VARIANT_KEYS) +
                         " (workers: DALI threads; prefetch: DALI's queue depth; stream_policy, concurrency: DALI's "
-                        "executor options; mixing=false: one-hot targets, no mixup/cutmix), or 'step,KEY=VALUE' over "
+                        "executor options; augment_stream: the torch RandAugment form on a stream of its own; "
+                        "mixing=false: one-hot targets, no mixup/cutmix), or 'step,KEY=VALUE' over "
                         + ", ".join(sorted(STEP_VARIANT_KEYS)) + ", e.g. step step,mixing=false aa_impl=tree "
                         "aa_impl=batch,hw_decoder_load=1.0; loader rows after 'step' get their share of it. "
                         "Each line is printed as it is measured. NVML memory is the process's, cumulative")
@@ -548,8 +551,9 @@ def main(argv: list[str] | None = None) -> None:
                 variant = parse_variant(spec)
             except ValueError as err:
                 p.error(str(err))
-            if variant.get("high_priority_stream") and not torch.cuda.is_available():
-                p.error(f"variant {spec!r}: high_priority_stream needs a GPU")
+            for key in ("high_priority_stream", "augment_stream"):
+                if variant.get(key) and not torch.cuda.is_available():
+                    p.error(f"variant {spec!r}: {key} needs a GPU")
     if args.mode != "step" and not args.data and not args.synthetic_jpegs:
         p.error(f"--mode {args.mode} needs --data DIR or --synthetic-jpegs N")
     info = {} if args.child else context()  # a child's parent adds it (versions, commit: the same)

@@ -45,11 +45,13 @@ class DaliLoader:
 
     def __init__(self, build: Callable[[list | None], list], images: ImageList, batch_size: int, train: bool,
                  repeats: int = 1, fingerprint: dict | None = None, state: dict | None = None,
-                 settings: dict | None = None, augment: Callable | None = None):
+                 settings: dict | None = None, augment: Callable | None = None, augment_stream: bool = False):
         """build(checkpoints or None) -> the DALI pipelines, started from those DALI checkpoints.
         fingerprint: what a saved position must match; settings: more to report, not to match.
         augment: (uint8 NHWC images, draws) -> the batch's images, for pipelines that hand over
-        their views unaugmented with a third output, "draws" (torch_augment.TorchRandAugment)."""
+        their views unaugmented with a third output, "draws" (torch_augment.TorchRandAugment).
+        augment_stream: take each batch over and augment it on a CUDA stream of the loader's own
+        (_OwnStream)."""
         self.images = images
         self.batch_size = batch_size
         self.train = train
@@ -60,6 +62,7 @@ class DaliLoader:
                           **(settings or {})}
         self._val_pass_open = False  # a validation pass was started and not finished
         self._augment = augment
+        self._own_stream = _OwnStream() if augment_stream else None
         self._in_use = _UntilRun()
         self._start(state)
 
@@ -126,19 +129,26 @@ class DaliLoader:
         if self._done >= self._steps:
             self._done = 0
         while self._done < self._steps:
-            batch = self._next_batch()
-            self._in_use.hand_over(batch)
-            self._done += 1
-            if self.repeats > 1:  # ceil(batch / repeats) images x repeats views; a surplus of < repeats views is cut
-                batch = {key: value.flatten(0, 1)[:self.batch_size] for key, value in batch.items()}
-            if self._augment:
-                with torch.profiler.record_function(AUGMENT_RANGE):  # its kernels are the loader's in a profile
-                    images = self._augment(batch["images"], batch["draws"])
-                yield images, batch["labels"]
+            if self._own_stream is not None:
+                batch, images, labels = self._own_stream.run(self._take_batch)
             else:
-                yield _to_nchw(batch["images"]), batch["labels"]
+                batch, images, labels = self._take_batch()
+            self._in_use.hand_over(batch)  # on the consumer's stream: its work on the last batch is queued
+            self._done += 1
+            yield images, labels
         self._in_use.hand_over(None)
         self._done = 0
+
+    def _take_batch(self) -> tuple[dict, torch.Tensor, torch.Tensor]:
+        """The next batch from the pipelines (DALI's tensors), and its images and labels as the
+        consumer gets them (augmented by the torch form where there is one)."""
+        batch = taken = self._next_batch()
+        if self.repeats > 1:  # ceil(batch / repeats) images x repeats views; a surplus of < repeats views is cut
+            taken = {key: value.flatten(0, 1)[:self.batch_size] for key, value in batch.items()}
+        if not self._augment:
+            return batch, _to_nchw(taken["images"]), taken["labels"]
+        with torch.profiler.record_function(AUGMENT_RANGE):  # its kernels are the loader's in a profile
+            return batch, self._augment(taken["images"], taken["draws"]), taken["labels"]
 
     def _next_batch(self) -> dict:
         iterator = self._iterators[self._turn]
@@ -192,6 +202,32 @@ class _UntilRun:
         while self._held and self._held[0][0].query():
             self._held.popleft()
         self._last = batch
+
+
+class _OwnStream:
+    """The torch RandAugment form on a CUDA stream of the loader's own (augment_stream=True).
+    A trainer's host thread runs ahead of its GPU: when it asks for batch i, the kernels of step
+    i - 1 are still queued on its stream, and work queued behind them waits for them. Here DALI
+    hands the batch over to the loader's stream instead (the plugin makes the stream current at
+    the hand-over wait for DALI's "batch ready" event) and the form runs there, so the GPU can
+    augment batch i beside step i - 1 (memory-bound kernels beside compute-bound ones). The
+    consumer's stream then waits for the augmented batch: an event, no host sync. The images,
+    made on this stream and used on the consumer's, are recorded there for torch's allocator.
+    One stream, on the current device (the loader's: one process per GPU)."""
+
+    def __init__(self):
+        self._stream: torch.cuda.Stream | None = None
+
+    def run(self, take: Callable[[], tuple]) -> tuple:
+        """take() -> (batch, images, labels), run on this stream."""
+        consumer = torch.cuda.current_stream()
+        if self._stream is None:
+            self._stream = torch.cuda.Stream()
+        with torch.cuda.stream(self._stream):
+            batch, images, labels = take()
+        consumer.wait_stream(self._stream)
+        images.record_stream(consumer)
+        return batch, images, labels
 
 
 def _queue_depth(pipe) -> int:
@@ -278,7 +314,8 @@ def train_loader(root: str | os.PathLike | ImageList, batch_size: int, img_size:
                  num_threads: int | None = None, dtype: str | None = None, repeats: int = 1, aa: str | None = None,
                  hw_decoder_load: float | None = None, prefetch_queue_depth: int = 2, pipelines: int | None = None,
                  aa_impl: str = "auto", stream_policy: str | None = None, concurrency: str | None = None,
-                 cuda_graphs: bool = False, compile_augment: bool = False, state: dict | None = None) -> DaliLoader:
+                 cuda_graphs: bool = False, compile_augment: bool = False, augment_stream: bool = False,
+                 state: dict | None = None) -> DaliLoader:
     """Random-resized-crop + flip training loader over an ImageFolder tree or a file list.
 
     batch_size is per shard (per GPU). Every epoch is a full reshuffle, the same on every shard
@@ -312,6 +349,10 @@ def train_loader(root: str | os.PathLike | ImageList, batch_size: int, img_size:
     fused into a handful of loops (the first batch waits for the compile: ~10 s on 2 CPU cores).
     The same pixels on the CPU; with cuda_graphs, the compiled form is what is captured; a compile
     that fails is said once and the form runs eagerly. Speed only.
+    augment_stream: on the GPU, the torch form takes each batch over and runs on a CUDA stream of
+    the loader's own, so that its kernels can run beside those a trainer still has queued (the
+    last step's) rather than after them; the trainer's stream waits for the batch without a host
+    sync (_OwnStream). The same pixels. Off until a GPU run has measured it. Speed only.
     state: a `loader.state_dict()` to continue from (its number of pipelines is kept).
     """
     images = root if isinstance(root, ImageList) else list_images(root)
@@ -340,6 +381,9 @@ def train_loader(root: str | os.PathLike | ImageList, batch_size: int, img_size:
     device_id = _check_device(device)
     if cuda_graphs and device_id is None:
         raise DatasetError("cuda_graphs=True replays GPU work as CUDA graphs: it needs device='cuda'")
+    if augment_stream and (device_id is None or not aa or aa_impl != "torch"):
+        raise DatasetError("augment_stream=True runs the torch RandAugment form on a CUDA stream of its own: it "
+                           f"needs device='cuda', an aa and aa_impl='torch' (here {device!r}, {aa!r}, {aa_impl!r})")
     hw_decoder_load = _hw_decoder_load(hw_decoder_load, device_id)
     executor = _executor_options(stream_policy, concurrency)
 
@@ -360,8 +404,9 @@ def train_loader(root: str | os.PathLike | ImageList, batch_size: int, img_size:
     return DaliLoader(build, images, batch_size, train=True, repeats=repeats, fingerprint=fingerprint, state=state,
                       settings={**_decoder_settings(device_id, hw_decoder_load, threads, prefetch_queue_depth),
                                 "stream_policy": stream_policy, "concurrency": concurrency,
-                                "cuda_graphs": cuda_graphs,
-                                "compile_augment": compile_augment and augment is not None}, augment=augment)
+                                "cuda_graphs": cuda_graphs, "augment_stream": augment_stream,
+                                "compile_augment": compile_augment and augment is not None},
+                      augment=augment, augment_stream=augment_stream)
 
 
 def _resolve_aa(aa: str | None, aa_impl: str, state: dict | None, device: str) -> str:

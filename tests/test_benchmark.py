@@ -139,7 +139,8 @@ def test_train_mode_variants_share_one_model(tmp_path, capsys):
                       ("workers=many", "workers takes a int"), ("high_priority_stream=yes", "takes a bool"),
                       ("compile_augment=1", "compile_augment takes a bool"),
                       ("step,aa_impl=tree", "the step alone has no loader (aa_impl)"),
-                      *([("aa_impl=batch,high_priority_stream=true", "high_priority_stream needs a GPU")]
+                      *([("aa_impl=batch,high_priority_stream=true", "high_priority_stream needs a GPU"),
+                         ("aa_impl=torch,augment_stream=true", "augment_stream needs a GPU")]
                         if not torch.cuda.is_available() else [])]:
         with pytest.raises(SystemExit):
             _bench_here(capsys, "--mode", "train", *TRAINING, "--synthetic-jpegs", "16", "--variants", bad)

@@ -272,6 +272,33 @@ def test_doctor_on_a_gpu(tiny_data):
         assert f"sent {default_hw_decoder_load(0):.0%} of the JPEGs" in proc.stdout
 
 
+def test_gpu_loader_on_a_stream_of_its_own_hands_over_the_same_batches(tiny_data):
+    """augment_stream (the torch form on the loader's own CUDA stream, repeated views included):
+    the batches of the loader without it, while the consumer keeps its own stream busy before
+    asking for each batch (as a trainer's queued step does) and keeps every batch uncloned to the
+    end: nothing read before DALI and the form wrote it, nothing overwritten after."""
+    from fastrsb.pipelines import train_loader
+
+    def batches(**speed):
+        loader = train_loader(tiny_data / "train", 8, 32, device="cuda", seed=4, aa="rand-m9-mstd0.5-inc1",
+                              aa_impl="torch", repeats=2, **speed)
+        busy = torch.randn(2048, 2048, device="cuda")
+        kept = []
+        for _ in range(2):  # two epochs
+            for images, labels in loader:
+                kept.append((images, labels, images.float().mean()))  # read on the consumer's stream at once
+                for _ in range(20):  # a few ms of work queued ahead of the next batch
+                    busy = busy @ busy / 2048 ** 0.5
+        torch.cuda.synchronize()
+        return kept, loader.settings
+    plain, _ = batches()
+    own, settings = batches(augment_stream=True)
+    assert settings["augment_stream"]
+    for (want_images, want_labels, want_mean), (images, labels, mean) in zip(plain, own, strict=True):
+        assert torch.equal(images, want_images) and torch.equal(labels, want_labels)
+        assert torch.equal(mean, want_mean)
+
+
 def test_gpu_loader_with_the_captured_torch_form_is_the_uncaptured_one(tiny_data):
     """cuda_graphs on the loader (the torch form compiled, then replayed as a CUDA graph): the
     batches of the same loader without either, and its settings say the graph replays."""

@@ -178,6 +178,18 @@ def test_loader_with_the_compiled_torch_form(tiny_data, capsys):
     assert not failing.settings["compile_augment"] and "could not be compiled" in capsys.readouterr().out
 
 
+def test_augment_stream_where_it_cannot_apply(tiny_data):
+    """augment_stream (the torch form on a CUDA stream of its own) is refused, not ignored, where
+    there is no GPU stream or no torch form to put on it."""
+    for settings in (dict(device="cpu", aa="rand-m9-mstd0.5-inc1", aa_impl="torch"),
+                     dict(device="cpu", aa="rand-m9-mstd0.5-inc1", aa_impl="tree"), dict(device="cpu", aa=None)):
+        with pytest.raises(DatasetError, match="augment_stream=True runs the torch RandAugment form on a CUDA "
+                                               "stream of its own: it needs device='cuda', an aa and aa_impl='torch'"):
+            train_loader(tiny_data / "train", 8, 32, augment_stream=True, **settings)
+    assert not train_loader(tiny_data / "train", 8, 32, device="cpu", aa="rand-m9-mstd0.5-inc1",
+                            aa_impl="torch").settings["augment_stream"]
+
+
 def test_a_form_that_does_not_compile_runs_eagerly_and_says_so(photos, capsys):
     """A compiler failure (an op this torch's inductor cannot lower, say) costs speed, not the run:
     said once, then the eager form's pixels."""
