@@ -249,8 +249,10 @@ def _bilinear(x: torch.Tensor, source: torch.Tensor, fill: torch.Tensor) -> torc
     inside = ((across_image >= 0) & (across_image < width) & (down_image >= 0) & (down_image < height)).unsqueeze(-1)
     corner = (source - 0.5).floor()
     across, down = (source - 0.5 - corner).unbind(-1)
-    left, top = corner.int().unbind(-1)
-    first = (torch.arange(n, device=x.device, dtype=torch.int32) * (height * width)).view(n, 1, 1)
+    # int32 indices where every pixel's fits (half the bytes of int64 wherever inductor keeps them)
+    index = torch.int32 if n * height * width < 2**31 else torch.int64
+    left, top = corner.to(index).unbind(-1)
+    first = (torch.arange(n, device=x.device, dtype=index) * (height * width)).view(n, 1, 1)
 
     def at(row, column):
         return pixels[first + row.clamp(0, height - 1) * width + column.clamp(0, width - 1)]
