@@ -379,11 +379,7 @@ def train_loader(root: str | os.PathLike | ImageList, batch_size: int, img_size:
     if state is not None:
         _check_state(state, fingerprint)
     device_id = _check_device(device)
-    if cuda_graphs and device_id is None:
-        raise DatasetError("cuda_graphs=True replays GPU work as CUDA graphs: it needs device='cuda'")
-    if augment_stream and (device_id is None or not aa or aa_impl != "torch"):
-        raise DatasetError("augment_stream=True runs the torch RandAugment form on a CUDA stream of its own: it "
-                           f"needs device='cuda', an aa and aa_impl='torch' (here {device!r}, {aa!r}, {aa_impl!r})")
+    _check_gpu_options(device, device_id, aa, aa_impl, cuda_graphs, augment_stream)
     hw_decoder_load = _hw_decoder_load(hw_decoder_load, device_id)
     executor = _executor_options(stream_policy, concurrency)
 
@@ -407,6 +403,16 @@ def train_loader(root: str | os.PathLike | ImageList, batch_size: int, img_size:
                                 "cuda_graphs": cuda_graphs, "augment_stream": augment_stream,
                                 "compile_augment": compile_augment and augment is not None},
                       augment=augment, augment_stream=augment_stream)
+
+
+def _check_gpu_options(device: str, device_id: int | None, aa: str | None, aa_impl: str, cuda_graphs: bool,
+                       augment_stream: bool) -> None:
+    """GPU-only speed options are refused where they cannot apply, rather than silently ignored."""
+    if cuda_graphs and device_id is None:
+        raise DatasetError("cuda_graphs=True replays GPU work as CUDA graphs: it needs device='cuda'")
+    if augment_stream and (device_id is None or not aa or aa_impl != "torch"):
+        raise DatasetError("augment_stream=True runs the torch RandAugment form on a CUDA stream of its own: it "
+                           f"needs device='cuda', an aa and aa_impl='torch' (here {device!r}, {aa!r}, {aa_impl!r})")
 
 
 def _resolve_aa(aa: str | None, aa_impl: str, state: dict | None, device: str) -> str:
