@@ -178,9 +178,12 @@ def test_loader_with_the_compiled_torch_form(tiny_data, capsys):
     assert not failing.settings["compile_augment"] and "could not be compiled" in capsys.readouterr().out
 
 
-def test_augment_stream_where_it_cannot_apply(tiny_data):
-    """augment_stream (the torch form on a CUDA stream of its own) is refused, not ignored, where
-    there is no GPU stream or no torch form to put on it."""
+def test_gpu_options_where_they_cannot_apply(tiny_data):
+    """cuda_graphs and augment_stream (the torch form on a CUDA stream of its own) are refused, not
+    ignored, where there is no GPU, or no torch form to put on the stream."""
+    with pytest.raises(DatasetError, match="cuda_graphs=True replays GPU work as CUDA graphs: it needs device='cuda'"):
+        train_loader(tiny_data / "train", 8, 32, device="cpu", aa="rand-m9-mstd0.5-inc1", aa_impl="torch",
+                     cuda_graphs=True)
     for settings in (dict(device="cpu", aa="rand-m9-mstd0.5-inc1", aa_impl="torch"),
                      dict(device="cpu", aa="rand-m9-mstd0.5-inc1", aa_impl="tree"), dict(device="cpu", aa=None)):
         with pytest.raises(DatasetError, match="augment_stream=True runs the torch RandAugment form on a CUDA "
