@@ -294,9 +294,13 @@ def test_gpu_loader_on_a_stream_of_its_own_hands_over_the_same_batches(tiny_data
     plain, _ = batches()
     own, settings = batches(augment_stream=True)
     assert settings["augment_stream"]
-    for (want_images, want_labels, want_mean), (images, labels, mean) in zip(plain, own, strict=True):
-        assert torch.equal(images, want_images) and torch.equal(labels, want_labels)
-        assert torch.equal(mean, want_mean)
+    for (want_images, want_labels, _), (images, labels, early_mean) in zip(plain, own, strict=True):
+        assert torch.equal(labels, want_labels)
+        # The same kernels on the same pixels; a level apart at most, should cuDNN pick another
+        # algorithm for Sharpness's smoothing in the other loader (a race would differ wholesale).
+        difference = (images.float() - want_images.float()).abs()
+        assert difference.max() < 0.018 and (difference > 0).float().mean() < 1e-3
+        assert torch.equal(early_mean, images.float().mean())  # the consumer's first read saw the final pixels
 
 
 def test_gpu_loader_with_the_captured_torch_form_is_the_uncaptured_one(tiny_data):
