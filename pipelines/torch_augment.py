@@ -240,9 +240,9 @@ def _bilinear(x: torch.Tensor, source: torch.Tensor, fill: torch.Tensor) -> torc
     in pixel units with centres at +0.5, in double: the fill colour where that point lies outside
     the image, else a + (b - a) dx across and then down, edge pixels repeated, truncated. The
     fractions come from the double coordinates as PIL's do (exactly 0 where PIL's are), and the
-    blends are PIL's, in double, in its order: the same pixels. (N, H, W, 3) uint8. Compiled,
-    inductor keeps the two blended rows as float64 buffers (each is read twice): 2 x 157 MB at
-    A3's 256 x 160 x 160, the largest the form holds."""
+    blends are PIL's, in double, in its order: the same pixels. (N, H, W, 3) uint8. Compiled (as
+    seen on the CPU), inductor keeps the two blended rows as float64 buffers (each is read twice):
+    2 x 157 MB at A3's 256 x 160 x 160, the largest the form holds."""
     n, c, height, width = x.shape
     pixels = x.permute(0, 2, 3, 1).reshape(n * height * width, c)  # gathered as uint8, blended in double
     across_image, down_image = source.unbind(-1)
