@@ -213,7 +213,9 @@ class _OwnStream:
     augment batch i beside step i - 1 (memory-bound kernels beside compute-bound ones). The
     consumer's stream then waits for the augmented batch: an event, no host sync. The images,
     made on this stream and used on the consumer's, are recorded there for torch's allocator.
-    One stream, on the current device (the loader's: one process per GPU)."""
+    One stream, on the current device (the loader's: one process per GPU). Unlike
+    cuda_graphs.on_side_stream, it does not first wait for the consumer's queued work: not
+    waiting for it is the point."""
 
     def __init__(self):
         self._stream: torch.cuda.Stream | None = None
@@ -280,8 +282,9 @@ def default_aa_impl(device: str) -> str:
     160 px, batch 256, at a70b3c8): in training, where it counts, tree 6,320 img/s, torch 5,560,
     batch-wide 4,296; the loader alone, torch 13,685, tree 8,870, batch-wide 3,529. The torch form
     feeds the loader alone fastest but launches its kernels from the trainer's thread, which the
-    step needs (benchmarks/results/gpu-h200-a70b3c8*); with cuda_graphs it replays as one graph,
-    which no GPU run has measured yet (benchmarks/gpu_checks.sh)."""
+    step needs (benchmarks/results/gpu-h200-a70b3c8*). Since then it can run compiled, replayed as
+    one graph (cuda_graphs) and on a stream of its own (augment_stream), which no GPU run has
+    measured yet (benchmarks/gpu_checks.sh): the default follows that run."""
     return "tree"
 
 
@@ -343,8 +346,9 @@ def train_loader(root: str | os.PathLike | ImageList, batch_size: int, img_size:
     NONE / BACKEND / FULL); None keeps DALI's defaults (PER_BACKEND, BACKEND). Speed only.
     cuda_graphs: on the GPU, the torch form of RandAugment replays as one CUDA graph a batch
     instead of ~900 torch calls from the consumer's thread (counted for A3's policy: most launch
-    a kernel on the GPU; cuda_graphs.CapturedCall; the same pixels). Nothing to capture in the DALI forms. Off by default until a GPU run has
-    measured it (benchmarks/gpu_checks.sh). Speed only.
+    a kernel on the GPU; cuda_graphs.CapturedCall; the same pixels). Nothing to capture in the
+    DALI forms. Off by default until a GPU run has measured it (benchmarks/gpu_checks.sh). Speed
+    only.
     compile_augment: the torch form of RandAugment through torch.compile: its ~900 calls a batch
     fused into a handful of loops (the first batch waits for the compile: ~10 s on 2 CPU cores).
     The same pixels on the CPU; with cuda_graphs, the compiled form is what is captured; a compile

@@ -10,10 +10,11 @@ follows timm 1.0.31's `timm/data/auto_augment.py` instead, per sample:
   op's argument exactly as timm's level functions do (random sign where timm negates);
 - geometric ops fill with the ImageNet mean colour (124, 116, 104) and work at the training size.
 Differences, measured or inherent: the geometric ops always interpolate bilinearly (timm picks
-bilinear or bicubic at random per image; a DALI warp takes one interpolation per call); Equalize follows OpenCV's
-lookup table (DALI's equalize), which maps the cumulative histogram differently from PIL's (mean
-difference 3.7 of 255 levels on photos, up to ~10 on narrow-histogram textures: tests/test_randaugment.py); the flip runs after RandAugment instead of before (the same distribution: every geometric
-op's sign is symmetric).
+bilinear or bicubic at random per image; a DALI warp takes one interpolation per call);
+Equalize follows OpenCV's lookup table (DALI's equalize), which maps the cumulative histogram
+differently from PIL's (mean difference 3.7 of 255 levels on photos, up to ~10 on
+narrow-histogram textures: tests/test_randaugment.py); the flip runs after RandAugment instead
+of before (the same distribution: every geometric op's sign is symmetric).
 """
 from __future__ import annotations
 
