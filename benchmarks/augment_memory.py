@@ -79,14 +79,18 @@ def measure(augment: TorchRandAugment, images: torch.Tensor, draws: torch.Tensor
             "ms_per_batch": round(1000 * best, 2), "compiled": augment.compiled}
 
 
-def main(argv: list[str] | None = None) -> list[dict]:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--img-size", type=int, default=160)
     p.add_argument("--aa", default="rand-m6-mstd0.5-inc1", help="timm's RandAugment string")
     p.add_argument("--repeats", type=int, default=3, help="timed calls; the best is kept")
     p.add_argument("--json-out", type=Path, help="also append the JSON lines to this file")
-    args = p.parse_args(argv)
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    args = parse_args(argv)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     spec = parse_rand_augment(args.aa)
     images, draws = batch(args.batch_size, args.img_size, len(_policy(spec)[0]), spec.num_layers, device)

@@ -24,8 +24,12 @@
 # with timeout_s 240: with the machine's start and the two transfers, ~14 of the 15 minutes. This
 # script unpacks the staged DALI itself (once per machine) and installs the project in place.
 # Elsewhere (DALI installed), it runs as it is; OUT defaults to gpu-checks/.
+#   DRY_RUN=FILE bash benchmarks/gpu_checks.sh          (no GPU needed: runs nothing, writes each
+#       check's name and command to FILE, NUL-separated: name, argument count, arguments; the CPU
+#       tests check every command against the scripts it calls: tests/test_benchmark.py)
 set -uo pipefail
 budget=${1:-510}
+DRY_RUN=${DRY_RUN:-}
 OUT=${OUT:-gpu-checks}
 mkdir -p "$OUT"
 t0=$(date +%s)
@@ -39,6 +43,7 @@ step() {  # step NEED_S TIMEOUT_S NAME cmd...: skipped unless NEED_S are left; k
     local need=$1 limit=$2 name=$3; shift 3
     if [ -n "${ONLY:-}" ] && [[ " $ONLY " != *" $name "* ]]; then return; fi
     if [ -n "${CONTINUE:-}" ] && grep -qx "$name" "$done_file"; then return; fi
+    if [ -n "$DRY_RUN" ]; then printf '%s\0' "$name" "$#" "$@" >>"$DRY_RUN"; return; fi
     if (( $(left) < need )); then say "SKIP $name ($(left)s left < ${need}s)"; return; fi
     (( limit > $(left) - 5 )) && limit=$(( $(left) - 5 ))
     say "START $name (timeout ${limit}s)"
@@ -50,7 +55,7 @@ step() {  # step NEED_S TIMEOUT_S NAME cmd...: skipped unless NEED_S are left; k
 }
 export PYTHONUNBUFFERED=1 PYTHONWARNINGS=ignore
 
-if [ -d "$HOME/stage" ] && ! python3 -c "import nvidia.dali" 2>/dev/null; then
+if [ -z "$DRY_RUN" ] && [ -d "$HOME/stage" ] && ! python3 -c "import nvidia.dali" 2>/dev/null; then
     if [ ! -f "$HOME/site/.done" ]; then
         mkdir -p "$HOME/site" && cat "$HOME"/stage/part-* | xz -d -T0 | tar -x -C "$HOME/site" && touch "$HOME/site/.done"
     fi
@@ -58,21 +63,26 @@ if [ -d "$HOME/stage" ] && ! python3 -c "import nvidia.dali" 2>/dev/null; then
     python3 -m pip install -q --no-deps --no-build-isolation -e . >>"$OUT/steps.txt" 2>&1
 fi
 say "setup done"
-nvidia-smi dmon -s pu -d 1 >"$OUT/dmon.txt" 2>&1 &
-dmon=$!
-trap 'kill $dmon 2>/dev/null' EXIT
-python3 - <<'EOF' 2>&1 | tee -a "$OUT/log.txt"
+if [ -z "$DRY_RUN" ]; then
+    nvidia-smi dmon -s pu -d 1 >"$OUT/dmon.txt" 2>&1 &
+    dmon=$!
+    trap 'kill $dmon 2>/dev/null' EXIT
+    python3 - <<'EOF' 2>&1 | tee -a "$OUT/log.txt"
 import os, subprocess, torch, nvidia.dali as dali, timm
 commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
 print("commit", commit, "| torch", torch.__version__, "CUDA", torch.version.cuda, "|", torch.cuda.get_device_name(),
       "| DALI", dali.__version__, "| timm", timm.__version__, "| cores", os.cpu_count())
 EOF
+fi
 
 J=12000
 BENCH="python3 benchmarks/throughput.py --json-out $OUT/gpu.jsonl --img-size 160 --batch-size 256"
 DATA="--synthetic-jpegs $J"
-tiny=$(mktemp -d)
-python3 -c "from fastrsb.demo_data import write_demo; write_demo('$tiny', 8, 1, num_classes=2)"
+tiny=tiny-data  # a dry run's stand-in
+if [ -z "$DRY_RUN" ]; then
+    tiny=$(mktemp -d)
+    python3 -c "from fastrsb.demo_data import write_demo; write_demo('$tiny', 8, 1, num_classes=2)"
+fi
 # 1. The hardware JPEG engines DALI finds (nvImageCodec's log), and a first GPU batch.
 step 30 45 hw-engines env DALI_NVIMGCODEC_LOG_LEVEL=3 python3 -c "
 from fastrsb.pipelines import train_loader

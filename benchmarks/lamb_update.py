@@ -68,12 +68,16 @@ def measure(optimizer: Lamb, graphed: bool, steps: int, device: str) -> dict:
     return {"ms_per_update": 1000 * wall / steps, "host_ms_per_update": 1000 * host / steps}
 
 
-def main(argv: list[str] | None = None) -> list[dict]:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="resnet50", help="a timm model name: its parameter shapes are timed")
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--json-out", type=Path, help="also append the JSON lines to this file")
-    args = p.parse_args(argv)
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    args = parse_args(argv)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     variants = [("eager", False, False), ("compiled", True, False)]
     if device == "cuda":

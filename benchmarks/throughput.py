@@ -37,6 +37,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from synthetic import synthetic_jpegs  # noqa: E402
 
 
+LOADERS = ("dali-gpu", "dali-cpu", "torchvision", "timm")
+
+
 def _cores() -> int:
     return len(os.sched_getaffinity(0))
 
@@ -418,7 +421,7 @@ def _median_round(rounds: list[dict]) -> dict:
 
 def run_loaders(args, root: Path, info: dict) -> None:
     names = args.loaders.split(",") if args.loaders else \
-        (["dali-gpu"] if torch.cuda.is_available() else []) + ["dali-cpu", "torchvision", "timm"]
+        [name for name in LOADERS if name != "dali-gpu" or torch.cuda.is_available()]
     if len(names) == 1 and args.rounds == 1:
         rounds = {names[0]: [{**info, **measure_loader(names[0], args, root)}]}
     else:
@@ -486,7 +489,11 @@ def _data_root(args) -> Path:
     return args.data or synthetic_jpegs(args.cache / f"synthetic-{args.synthetic_jpegs}", args.synthetic_jpegs)
 
 
-def main(argv: list[str] | None = None) -> None:
+def parse_args(argv: list[str] | None = None, gpu: bool | None = None) -> argparse.Namespace:
+    """The command line, checked before anything is measured or generated: what needs a GPU (gpu:
+    whether one is there; by default, whether torch sees one), the variants and, in the step and
+    train modes, the recipe with its --set overrides. A mistake exits with a message (argparse's)."""
+    gpu = torch.cuda.is_available() if gpu is None else gpu
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--mode", choices=["loader", "step", "train"], default="loader")
     p.add_argument("--data", type=Path, help="a class-folder tree of JPEGs (e.g. imagenet/train)")
@@ -541,7 +548,7 @@ def main(argv: list[str] | None = None) -> None:
         p.error("--rounds must be at least 1")
     if args.hw_decoder_load is not None and not 0.0 <= args.hw_decoder_load <= 1.0:
         p.error("--hw-decoder-load must lie in [0, 1]")
-    if args.cuda_graphs and not torch.cuda.is_available():
+    if args.cuda_graphs and not gpu:
         p.error("--cuda-graphs replays GPU work as CUDA graphs: it needs a GPU (none is visible here)")
     if args.variants:
         if args.mode != "train":
@@ -552,10 +559,28 @@ def main(argv: list[str] | None = None) -> None:
             except ValueError as err:
                 p.error(str(err))
             for key in ("high_priority_stream", "augment_stream"):
-                if variant.get(key) and not torch.cuda.is_available():
+                if variant.get(key) and not gpu:
                     p.error(f"variant {spec!r}: {key} needs a GPU")
+    if args.loaders:
+        unknown = [name for name in args.loaders.split(",") if name not in LOADERS]
+        if unknown:
+            p.error(f"--loaders: {', '.join(unknown)} unknown (loaders: {', '.join(LOADERS)})")
+        if "dali-gpu" in args.loaders.split(",") and not gpu:
+            p.error("--loaders dali-gpu needs a GPU (none is visible here)")
     if args.mode != "step" and not args.data and not args.synthetic_jpegs:
         p.error(f"--mode {args.mode} needs --data DIR or --synthetic-jpegs N")
+    if args.mode != "loader":  # a wrong key or value stops here, not after the JPEGs are generated
+        from fastrsb.errors import UserError
+        from fastrsb.recipe import load_recipe
+        try:
+            load_recipe(args.recipe, [f"img_size={args.img_size}", *args.overrides])
+        except UserError as err:
+            p.error(str(err))
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
     info = {} if args.child else context()  # a child's parent adds it (versions, commit: the same)
     if args.mode == "loader":
         run_loaders(args, _data_root(args), info)

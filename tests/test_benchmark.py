@@ -1,5 +1,7 @@
 """Smoke test of benchmarks/throughput.py: a few real batches per loader on tiny generated JPEGs."""
 import json
+import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -249,3 +251,88 @@ def test_augment_memory_counts_what_a_call_holds_at_once():
     assert images.shape == (4, 32, 32, 3) and draws.shape == (4, 5) and draws[:, 1::2].max() <= 15
     result = augment_memory.measure(TorchRandAugment(spec, 32, torch.float32), images, draws, repeats=1)
     assert result["peak_mb"] >= 4 * 3 * 32 * 32 * 4 / 1e6 and result["compiled"] is False
+
+
+def _gpu_checks_dry_run(tmp_path) -> list[tuple[str, list[str]]]:
+    """benchmarks/gpu_checks.sh's checks as (name, command), each command as bash expanded it."""
+    record = tmp_path / "checks"
+    env = {**os.environ, "DRY_RUN": str(record), "OUT": str(tmp_path / "out"), "HOME": str(tmp_path)}
+    subprocess.run(["bash", str(BENCH / "gpu_checks.sh"), "100000"], cwd=BENCH.parent, env=env, check=True,
+                   capture_output=True)
+    fields, checks = record.read_bytes().split(b"\0")[:-1], []  # name, argument count, arguments; ...
+    while fields:
+        name, count = fields[0].decode(), int(fields[1])
+        checks.append((name, [field.decode() for field in fields[2:2 + count]]))
+        fields = fields[2 + count:]
+    return checks
+
+
+def _or_terms(expression: str) -> list[str]:
+    """The top-level alternatives of a pytest -k expression: 'a or (b and c)' -> ['a', '(b and c)']."""
+    terms, depth, start = [], 0, 0
+    for i, char in enumerate(expression):
+        depth += {"(": 1, ")": -1}.get(char, 0)
+        if depth == 0 and expression.startswith(" or ", i):
+            terms.append(expression[start:i].strip())
+            start = i + 4
+    return terms + [expression[start:].strip()]
+
+
+def test_every_gpu_check_asks_for_what_exists(tmp_path):
+    """A GPU is lent rarely and for minutes: a mistake in gpu_checks.sh (an option, a variant, a recipe
+    key, a test name) would cost its check there. Its dry run hands over every command as bash
+    expands it, and each is checked here by the parser of the script it calls, as with a GPU."""
+    sys.path.insert(0, str(BENCH))
+    import augment_memory
+    import lamb_update
+    import throughput
+    checks = _gpu_checks_dry_run(tmp_path)
+    names = [name for name, _ in checks]
+    assert len(set(names)) == len(names) >= 15  # CONTINUE=1 skips checks by name
+    parse = {"benchmarks/throughput.py": lambda argv: throughput.parse_args(argv, gpu=True),
+             "benchmarks/lamb_update.py": lamb_update.parse_args, "benchmarks/augment_memory.py": augment_memory.parse_args}
+    selections = []
+    for name, argv in checks:
+        while argv[0] == "env" or "=" in argv[0]:  # env VAR=value ... python3
+            argv = argv[1:]
+        assert argv[0] == "python3", name
+        if argv[1] == "-c":
+            compile(argv[2], name, "exec")
+        elif argv[1:3] == ["-m", "pytest"]:
+            selections.append(argv[3:])
+        else:
+            try:
+                parse[argv[1]](argv[2:])  # a KeyError: a script this test does not know yet
+            except SystemExit:
+                pytest.fail(f"check {name}: its command is refused (argparse's message: captured stderr)")
+    # The GPU tests in two calls, what is new first: "X" then "not (X)", all of them between the two.
+    first, rest = (argv[argv.index("-k") + 1] for argv in selections)
+    assert rest == f"not ({first})"
+    listing = [arg for arg in selections[0] if arg != "-q"] + ["--collect-only", "-q"]  # -q: one test a line
+    collected = subprocess.run([sys.executable, "-m", "pytest", *listing],
+                               cwd=BENCH.parent, capture_output=True, text=True)
+    assert collected.returncode == 0, collected.stdout  # 5: nothing selected
+    selected = [line.lower() for line in collected.stdout.splitlines() if "::" in line]
+    for term in _or_terms(first):  # each alternative names at least one test (pytest -k: substrings)
+        words = [w for w in re.findall(r"\w+", term) if w not in ("and", "or", "not")]
+        assert "not" not in term.split() and any(all(w.lower() in test for w in words) for test in selected), term
+
+
+def test_the_benchmark_refuses_a_mistake_before_it_measures(tmp_path, capsys):
+    """What the dry run of the GPU checks relies on: parse_args stops at a mistake, before any JPEG
+    is generated (a wrong recipe key, a loader or a variant), and at what needs a GPU without one."""
+    sys.path.insert(0, str(BENCH))
+    import throughput
+    train = ["--mode", "train", "--synthetic-jpegs", "8", "--cache", str(tmp_path)]
+    for argv, message in ((train + ["--set", "cuda_graph=true"], "cuda_graph"),
+                          (train + ["--variants", "aa_impl=tree,augment_stream=yes"], "augment_stream takes a bool"),
+                          (["--mode", "loader", "--synthetic-jpegs", "8", "--loaders", "dali-gpu,pil"], "pil unknown")):
+        with pytest.raises(SystemExit):
+            throughput.parse_args(argv, gpu=True)
+        assert message in capsys.readouterr().err
+    for argv in (train + ["--variants", "aa_impl=torch,augment_stream=true"], ["--mode", "loader", "--loaders", "dali-gpu"]):
+        with pytest.raises(SystemExit):
+            throughput.parse_args(argv, gpu=False)
+        assert "needs a GPU" in capsys.readouterr().err
+    assert throughput.parse_args(train + ["--set", "cuda_graphs=true"], gpu=True).overrides == ["cuda_graphs=true"]
+    assert not list(tmp_path.iterdir())  # nothing generated
