@@ -54,23 +54,40 @@ def step_stream(device: str, high_priority: bool):
         outer.wait_stream(inner)
 
 
-def gpu_memory_line(model: torch.nn.Module, device: str) -> str | None:
-    """What the run holds on its GPU before its first step: the loader's (DALI allocates outside
-    torch: NVML's figure for this process minus torch's reserve) and the model's state (weights,
-    gradients and LAMB's two moments: 4 x the parameters). None on the CPU."""
+def gib_outside_torch(device: str) -> float | None:
+    """GiB this process holds on its GPU outside torch's caching allocator: NVML's figure for the
+    process minus torch's reserve, i.e. the CUDA context, the libraries' loaded kernels and handles,
+    and DALI's buffers (DALI allocates through its own pools). None on the CPU, or where NVML is
+    missing or not permitted (some containers)."""
     if device != "cuda":
         return None
-    state = 4 * sum(p.numel() * p.element_size() for p in model.parameters()) / 2**30
-    reserved = torch.cuda.memory_reserved() / 2**30
     try:
         import os
         import pynvml
         pynvml.nvmlInit()
         handle = pynvml.nvmlDeviceGetHandleByIndex(torch.cuda.current_device())
         used = [p.usedGpuMemory for p in pynvml.nvmlDeviceGetComputeRunningProcesses(handle) if p.pid == os.getpid()]
-        process = used[0] / 2**30 if used and used[0] else None
-    except Exception:  # noqa: BLE001 - NVML missing or not permitted (containers): say so, do not fail
-        process = None
-    loader = f"{max(process - reserved, 0.0):.2f} GiB" if process is not None else "unknown (no NVML)"
-    return (f"GPU memory before the first step: loader (DALI) {loader}, model state {state:.2f} GiB "
+    except Exception:  # noqa: BLE001 - NVML missing or not permitted: the caller says so, nothing fails
+        return None
+    if not used or not used[0]:
+        return None
+    return max(used[0] - torch.cuda.memory_reserved(), 0) / 2**30
+
+
+def gpu_memory_line(model: torch.nn.Module, device: str, outside_before_loaders: float | None) -> str | None:
+    """What the run holds on its GPU before its first step: the loaders' (DALI), the CUDA context's
+    and libraries' (what was outside torch before the loaders were built: `outside_before_loaders`,
+    gib_outside_torch's figure then), and the model's state (weights, gradients and LAMB's two
+    moments: 4 x the parameters). None on the CPU. Until 2026-12-01 the line gave the loader all
+    that was outside torch, the CUDA context and libraries included."""
+    if device != "cuda":
+        return None
+    state = 4 * sum(p.numel() * p.element_size() for p in model.parameters()) / 2**30
+    outside_now = gib_outside_torch(device)
+    if outside_now is None or outside_before_loaders is None:
+        memory = "loaders (DALI) unknown (no NVML)"
+    else:
+        memory = (f"loaders (DALI) {max(outside_now - outside_before_loaders, 0.0):.2f} GiB, "
+                  f"CUDA context and libraries {outside_before_loaders:.2f} GiB")
+    return (f"GPU memory before the first step: {memory}, model state {state:.2f} GiB "
             f"(weights, gradients, LAMB moments; activations come on top)")

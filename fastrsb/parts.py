@@ -12,7 +12,7 @@ from torch import nn
 
 from fastrsb.accumulation import gpu_fits, plan
 from fastrsb.data_folder import explain_loader_error
-from fastrsb.device import amp_dtype
+from fastrsb.device import amp_dtype, gib_outside_torch
 from fastrsb.distributed import Dist, smallest
 from fastrsb.ema import ModelEma
 from fastrsb.errors import UserError
@@ -166,6 +166,7 @@ class Run:
     schedule: Schedule
     classes: list[str]
     micro: int  # images per process and micro-batch
+    gib_outside_torch_before_loaders: float | None = None  # GPU: the CUDA context's and libraries' (device.py)
 
 
 def build_run(recipe: dict, train_images: ImageList, val_images: ImageList, device: str, d: Dist,
@@ -187,7 +188,8 @@ def build_run(recipe: dict, train_images: ImageList, val_images: ImageList, devi
         raise UserError(f"cuda_graphs = true captures a step of one micro-batch; this run splits each step into "
                         f"{steps} micro-batches of {micro} (gradient accumulation): --set cuda_graphs=false, or "
                         f"--grad-accum-steps 1 where the whole batch fits the GPU")
+    before_loaders = gib_outside_torch(device)  # so that the start-up line tells the loaders' memory apart
     train_data = open_train_loader(recipe, train_images, micro, device, d, num_threads, loader_state)
     val_data = open_val_loader(recipe, val_images, micro, device, d, num_threads)
     return Run(recipe, device, d, training, train_data, val_data, Schedule(len(train_data), steps, recipe),
-               train_images.classes, micro)
+               train_images.classes, micro, before_loaders)

@@ -262,7 +262,7 @@ def _announce(run: Run, train_images, val_images, resumed_from: Path | None, pos
         _say(run, line)
     if shards:
         _say(run, shards)
-    memory = gpu_memory_line(t.model, run.device)
+    memory = gpu_memory_line(t.model, run.device, run.gib_outside_torch_before_loaders)
     if memory:
         _say(run, memory)
     if resumed_from:

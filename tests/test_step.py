@@ -58,8 +58,19 @@ def test_plain_targets_without_mixing():
 
 
 def test_gpu_memory_line_only_on_the_gpu():
-    from fastrsb.device import gpu_memory_line
-    assert gpu_memory_line(nn.Linear(4, 4), "cpu") is None
+    from fastrsb.device import gib_outside_torch, gpu_memory_line
+    assert gpu_memory_line(nn.Linear(4, 4), "cpu", None) is None and gib_outside_torch("cpu") is None
+
+
+def test_gpu_memory_line_tells_the_loaders_from_the_cuda_context(monkeypatch):
+    """The loaders' share is what came outside torch after the loaders were built; NVML's figures
+    stand in here (no GPU): 0.55 GiB before the loaders, 0.90 after."""
+    import fastrsb.device as device
+    monkeypatch.setattr(device, "gib_outside_torch", lambda _: 0.90)
+    line = device.gpu_memory_line(nn.Linear(1024, 1024, bias=False), "cuda", 0.55)
+    assert "loaders (DALI) 0.35 GiB, CUDA context and libraries 0.55 GiB, model state 0.02 GiB" in line
+    monkeypatch.setattr(device, "gib_outside_torch", lambda _: None)
+    assert "loaders (DALI) unknown (no NVML)" in device.gpu_memory_line(nn.Linear(4, 4), "cuda", 0.55)
 
 
 def test_graphed_steps_eager_path_is_the_plain_step():
