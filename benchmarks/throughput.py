@@ -97,6 +97,12 @@ def measure_loader(name: str, args, root: Path) -> dict:
     device = "cuda" if name == "dali-gpu" or (torch.cuda.is_available() and name != "dali-cpu") else "cpu"
     threads = args.workers or _cores()
     aa = None if args.aa == "none" else args.aa
+    before = {}
+    if device == "cuda":  # the process's GPU memory before the loader: the CUDA context (NVML counts it too)
+        from fastrsb.device import gib_outside_torch
+        torch.zeros(1, device="cuda")  # the context, as the loader would make it
+        gib = gib_outside_torch(device)
+        before["nvml_before_loader_gib"] = round(gib, 3) if gib is not None else None
     loader = make_loader(name, root, args.batch_size, args.img_size, device, threads, aa, args.hw_decoder_load,
                          args.aa_impl or "auto", cuda_graphs=args.cuda_graphs and name == "dali-gpu",
                          compile_augment=args.compile_augment and name.startswith("dali"))
@@ -119,7 +125,7 @@ def measure_loader(name: str, args, root: Path) -> dict:
             "batch_size": args.batch_size, "workers": threads, "steps": args.steps, "warmup": warmup,
             "queued_batches": queued, "pixels": pixels["dtype"],
             **(_dali_settings(loader) if name.startswith("dali") else {}),
-            "images_per_sec": args.steps * args.batch_size / seconds, **_memory(device, sampler)}
+            "images_per_sec": args.steps * args.batch_size / seconds, **_memory(device, sampler), **before}
 
 
 def _dali_settings(loader) -> dict:
