@@ -366,14 +366,9 @@ def _memory(device: str, sampler: MemorySampler | None = None) -> dict:
     if device == "cuda":
         out["torch_peak_allocated_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
         out["torch_peak_reserved_gib"] = round(torch.cuda.max_memory_reserved() / 2**30, 3)
-        try:  # NVML sees what DALI allocates outside torch
-            import pynvml
-            pynvml.nvmlInit()
-            handle = pynvml.nvmlDeviceGetHandleByIndex(torch.cuda.current_device())
-            used = [p.usedGpuMemory for p in pynvml.nvmlDeviceGetComputeRunningProcesses(handle) if p.pid == os.getpid()]
-            out["nvml_process_gib"] = round(used[0] / 2**30, 3) if used and used[0] else None
-        except Exception as err:  # noqa: BLE001 - report, do not fail the benchmark
-            out["nvml_process_gib"] = f"unavailable: {err}"
+        from fastrsb.device import process_gpu_bytes
+        used = process_gpu_bytes()  # NVML sees what DALI allocates outside torch; None without NVML
+        out["nvml_process_gib"] = round(used / 2**30, 3) if used is not None else None
     return out
 
 

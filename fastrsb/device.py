@@ -54,24 +54,42 @@ def step_stream(device: str, high_priority: bool):
         outer.wait_stream(inner)
 
 
-def gib_outside_torch(device: str) -> float | None:
-    """GiB this process holds on its GPU outside torch's caching allocator: NVML's figure for the
-    process minus torch's reserve, i.e. the CUDA context, the libraries' loaded kernels and handles,
-    and DALI's buffers (DALI allocates through its own pools). None on the CPU, or where NVML is
-    missing or not permitted (some containers)."""
-    if device != "cuda":
-        return None
+def nvml_handle(index: int):
+    """NVML's handle of torch's CUDA device `index`. The two number the GPUs differently wherever
+    CUDA_VISIBLE_DEVICES hides some (a job given GPUs 2 and 3 sees them as 0 and 1, NVML as 2 and
+    3) or CUDA orders them fastest first (CUDA_DEVICE_ORDER's default) where NVML goes by PCI bus:
+    matched by the UUID both report, by index only where NVML knows no such UUID."""
+    import pynvml
+    pynvml.nvmlInit()
+    uuid = str(torch.cuda.get_device_properties(index).uuid)
+    for name in (uuid, f"GPU-{uuid}"):  # NVML's form has the prefix; torch's has had it or not
+        try:
+            return pynvml.nvmlDeviceGetHandleByUUID(name)
+        except pynvml.NVMLError:
+            continue
+    return pynvml.nvmlDeviceGetHandleByIndex(index)
+
+
+def process_gpu_bytes() -> int | None:
+    """What NVML counts for this process on its current CUDA device (torch's allocator, DALI's
+    pools, the CUDA context and libraries), in bytes; None where NVML is missing, not permitted
+    (some containers) or does not list the process."""
     try:
         import os
         import pynvml
-        pynvml.nvmlInit()
-        handle = pynvml.nvmlDeviceGetHandleByIndex(torch.cuda.current_device())
+        handle = nvml_handle(torch.cuda.current_device())
         used = [p.usedGpuMemory for p in pynvml.nvmlDeviceGetComputeRunningProcesses(handle) if p.pid == os.getpid()]
-    except Exception:  # noqa: BLE001 - NVML missing or not permitted: the caller says so, nothing fails
+    except Exception:  # noqa: BLE001 - no NVML: the callers say "unknown", nothing fails
         return None
-    if not used or not used[0]:
-        return None
-    return max(used[0] - torch.cuda.memory_reserved(), 0) / 2**30
+    return used[0] if used and used[0] else None
+
+
+def gib_outside_torch(device: str) -> float | None:
+    """GiB this process holds on its GPU outside torch's caching allocator: NVML's figure for the
+    process minus torch's reserve, i.e. the CUDA context, the libraries' loaded kernels and handles,
+    and DALI's buffers (DALI allocates through its own pools). None on the CPU or without NVML."""
+    used = process_gpu_bytes() if device == "cuda" else None
+    return None if used is None else max(used - torch.cuda.memory_reserved(), 0) / 2**30
 
 
 def gpu_memory_line(model: torch.nn.Module, device: str, outside_before_loaders: float | None) -> str | None:

@@ -58,8 +58,8 @@ def jpeg_engines(index: int) -> int | None:
     (MIG-capable GPUs: A100, H100, H200 report 5-7 there); None where NVML does not say."""
     try:
         import pynvml
-        pynvml.nvmlInit()
-        handle = pynvml.nvmlDeviceGetHandleByIndex(index)
+        from fastrsb.device import nvml_handle  # torch's index, NVML's numbering
+        handle = nvml_handle(index)
         for profile in (pynvml.NVML_GPU_INSTANCE_PROFILE_8_SLICE, pynvml.NVML_GPU_INSTANCE_PROFILE_7_SLICE):
             try:
                 return int(pynvml.nvmlDeviceGetGpuInstanceProfileInfo(handle, profile).jpegCount)

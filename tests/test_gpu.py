@@ -255,6 +255,18 @@ def test_startup_states_gpu_memory(tiny_data, tmp_path):
     assert 0 < loaders < 1.5 and 0 < context and "model state" in line
 
 
+def test_nvml_handle_is_torchs_device():
+    """NVML's handle for torch's device index is the same GPU (by UUID), whatever the numberings,
+    and NVML counts this process there: more than torch's reserve (the CUDA context)."""
+    import pynvml
+    from fastrsb.device import nvml_handle, process_gpu_bytes
+    for index in range(torch.cuda.device_count()):
+        uuid = pynvml.nvmlDeviceGetUUID(nvml_handle(index))
+        assert str(torch.cuda.get_device_properties(index).uuid).removeprefix("GPU-") in str(uuid)
+    torch.zeros(1, device="cuda")
+    assert process_gpu_bytes() > torch.cuda.memory_reserved()
+
+
 def test_gpu_probe_picks_a_micro_batch_and_leaves_the_model_as_it_was():
     import timm
     from fastrsb.accumulation import gpu_fits, plan
