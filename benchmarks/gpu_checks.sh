@@ -128,6 +128,11 @@ step 150 200 train-a3-variants $BENCH $DATA --mode train --recipe a3 --steps 100
     aa_impl=tree aa_impl=torch aa_impl=torch,compile_augment=false aa_impl=batch
 step 60 120 loader-aa-torch-compiled $BENCH $DATA --mode loader --loaders dali-gpu --steps 80 --aa-impl torch \
     --compile-augment
+#    A3 as `fastrsb train a3` likely runs it on one H200: the recipe's whole batch of 2,048 in one
+#    micro-batch, if the probe finds it fits (estimated from torch's 5.65 GiB peak at 256 at
+#    a70b3c8: ~45 GiB), so each launch serves 8x the images of the batch of 256.
+step 100 180 train-a3-b2048 $BENCH $DATA --mode train --recipe a3 --batch-size 2048 --steps 15 \
+    --variants step aa_impl=tree aa_impl=torch
 step 40 60 loader-aa-torch-graphs $BENCH $DATA --mode loader --loaders dali-gpu --steps 80 --aa-impl torch --cuda-graphs
 step 40 60 loader-aa-torch $BENCH $DATA --mode loader --loaders dali-gpu --steps 80 --aa-impl torch
 step 40 60 loader-aa-tree $BENCH $DATA --mode loader --loaders dali-gpu --steps 80 --aa-impl tree
