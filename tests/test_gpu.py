@@ -252,7 +252,7 @@ def test_startup_states_gpu_memory(tiny_data, tmp_path):
     # Each figure apart: the loaders' (DALI's, outside torch) and the context's, which NVML gives here.
     loaders, context = (float(re.search(rf"{what} ([0-9.]+) GiB", line).group(1))
                         for what in (r"loaders \(DALI\)", "CUDA context and libraries"))
-    assert 0 < loaders < 1.5 and 0 < context and "model state" in line
+    assert 0 <= loaders < 1.5 and 0 < context and "model state" in line  # a tiny loader may round to 0.00
 
 
 def test_nvml_handle_is_torchs_device():
