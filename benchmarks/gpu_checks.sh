@@ -9,7 +9,8 @@
 # ~12 s a train variant after it, 171 s for the 20 GPU tests, ~40 s the profile (compiling the torch
 # RandAugment form: ~10 s on 2 CPU cores here, not yet timed on the GPU).
 # The benchmark prints each JSON line as it is measured: a check cut by its timeout keeps what it
-# finished. Commit gpu.jsonl and the profile under benchmarks/results/ with the GPU's name.
+# finished. Commit gpu.jsonl and the profile under benchmarks/results/ with the GPU's name;
+# `python benchmarks/gpu_report.py gpu.jsonl` prints them as the README's table and against issue 13.
 #
 #   bash benchmarks/gpu_checks.sh [BUDGET_SECONDS]      (default 510; run from the project root)
 #   ONLY="synthetic-jpegs train-a3-cuda-graphs" bash benchmarks/gpu_checks.sh 200   (those checks alone)

@@ -336,3 +336,29 @@ def test_the_benchmark_refuses_a_mistake_before_it_measures(tmp_path, capsys):
         assert "needs a GPU" in capsys.readouterr().err
     assert throughput.parse_args(train + ["--set", "cuda_graphs=true"], gpu=True).overrides == ["cuda_graphs=true"]
     assert not list(tmp_path.iterdir())  # nothing generated
+
+
+def test_gpu_report_reads_a_run_as_the_readme_shows_it():
+    """benchmarks/gpu_report.py on the H200 run of a70b3c8 (committed): the README's rows, and
+    issue 13's targets read off them as that run left them (loader memory met by the DALI forms,
+    neither speed target met); the torch form's memory (the CPU's file) and a LAMB row as lines."""
+    sys.path.insert(0, str(BENCH))
+    import gpu_report
+    results = BENCH / "results"
+    text = gpu_report.main([str(results / "gpu-h200-a70b3c8.jsonl")])
+    assert text.startswith("NVIDIA H200 at commit a70b3c8")
+    assert "| `--mode loader` dali-gpu, RandAugment torch form, batch 256 | 13,685 | 2.38 GiB |" in text
+    assert ("| `--mode train` a3, RandAugment tree form, batch 256 | 6,320 (0.62x the step; data wait 4%) | 8.02 GiB |"
+            in text)
+    assert "RandAugment batch form, `high_priority_stream=true`, batch 256 | 4,160" in text
+    assert "no RandAugment, hw_decoder_load 0.9, batch 256 | 24,728" in text
+    assert "loader with RandAugment >= 20,000 img/s: NOT met (best 13,685: `--mode loader` dali-gpu, RandAugment torch" in text
+    assert "loader memory <= 1.5 GiB: met (0.85 GiB: `--mode loader` dali-gpu, RandAugment tree form" in text
+    assert "loader memory <= 1.5 GiB: NOT met (2.38 GiB: `--mode loader` dali-gpu, RandAugment torch form" in text
+    assert "A3 end to end >= 10,000 img/s and >= 0.9x the step: NOT met (best 6,320, 0.62x" in text
+    rows = [json.loads(line) for line in (results / "augment-memory-cpu-2core.jsonl").read_text().splitlines()]
+    lamb = {"mode": "lamb_update", "model": "resnet50", "variant": "compiled+graph", "ms_per_update": 1.25,
+            "host_ms_per_update": 0.05}
+    lines = gpu_report.extras(rows + [lamb])
+    assert lines[-1] == "LAMB update (resnet50, compiled+graph): 1.250 ms, the host 0.050 ms"
+    assert any(line.startswith("torch RandAugment form alone (compiled, batch 256): peak 648 MB") for line in lines)

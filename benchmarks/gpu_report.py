@@ -1,0 +1,132 @@
+"""One GPU run's figures (the gpu.jsonl that benchmarks/gpu_checks.sh writes) as the README's table
+and against issue 13's targets, so that a run's numbers reach the README as they were measured,
+not retyped, and the next decisions (RandAugment's default form, cuda_graphs) read off one screen.
+
+    python benchmarks/gpu_report.py benchmarks/results/gpu-h200-<commit>.jsonl
+
+Rows: every loader and training measurement, in the order measured, labelled by what ran (mode,
+RandAugment's form, compiled, captured as a CUDA graph, the variant's settings, batch), with
+images/s, the share of the step alone (training rows) and memory (NVML's figure for the process;
+the loaders also the CUDA context's share where the run recorded it). Then the LAMB update and
+the torch form's memory, where the run has them.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+LOADER_MEMORY_GIB = 1.5  # issue 13: the loader alone at batch 256 (NVML)
+LOADER_AA_IMAGES = 20_000  # issue 13: the GPU loader with A3's RandAugment at 160 px, batch 256
+TRAIN_IMAGES, TRAIN_VS_STEP = 10_000, 0.9  # issue 13: A3 end to end, batch 256, and its share of the step
+
+
+def label(row: dict) -> str:
+    """What a row measured, in words: e.g. `--mode loader` dali-gpu, RandAugment torch form, compiled."""
+    if row["mode"] == "step":
+        what = f"`--mode step` {row.get('recipe', '')}"
+    else:
+        what = f"`--mode {row['mode']}` {row['loader'] if row['mode'] == 'loader' else row.get('recipe', '')}"
+    parts = [what.strip()]
+    if row["mode"] != "step":
+        parts.append(f"RandAugment {row['aa_impl']} form" if row.get("aa") else "no RandAugment")
+    if row.get("compile_augment"):
+        parts.append("compiled")
+    if row.get("augment_captured") or row.get("step_captured"):
+        parts.append("CUDA graphs (" + " and ".join(
+            name for key, name in (("step_captured", "step"), ("augment_captured", "RandAugment")) if row.get(key)) + ")")
+    elif row.get("cuda_graphs"):
+        parts.append("cuda_graphs on, not captured")
+    if row["mode"] == "loader" and row.get("hw_decoder_load", 1.0) != 1.0:
+        parts.append(f"hw_decoder_load {row['hw_decoder_load']}")
+    # The variant's other settings (its form is named above already).
+    settings = [item for item in (row.get("variant") or "").split(",")
+                if item and item not in ("step", "default") and not item.startswith("aa_impl=")]
+    if settings:
+        parts.append(", ".join(f"`{item}`" for item in settings))
+    parts.append(f"batch {row['batch_size']}")
+    return ", ".join(parts)
+
+
+def _memory(row: dict) -> str:
+    process = row.get("nvml_process_gib")
+    if not isinstance(process, (int, float)):
+        return "—"
+    context = row.get("nvml_before_loader_gib")
+    return f"{process:.2f} GiB" + (f" ({context:.2f} before the loader)" if isinstance(context, (int, float)) else "")
+
+
+def table(rows: list[dict]) -> list[str]:
+    """The README's table: what | img/s | memory."""
+    lines = ["| what | img/s | memory (NVML, the process) |", "|---|---:|---:|"]
+    for row in rows:
+        if row.get("mode") not in ("loader", "step", "train"):
+            continue
+        rate = f"{row['images_per_sec']:,.0f}"
+        if "vs_step" in row:
+            rate += f" ({row['vs_step']:.2f}x the step; data wait {row.get('data_wait', 0):.0%})"
+        lines.append(f"| {label(row)} | {rate} | {_memory(row)} |")
+    return lines
+
+
+def extras(rows: list[dict]) -> list[str]:
+    """The LAMB update and the torch form's memory, one line each."""
+    lines = []
+    for row in rows:
+        if row.get("mode") == "lamb_update":
+            lines.append(f"LAMB update ({row['model']}, {row['variant']}): {row['ms_per_update']:.3f} ms, "
+                         f"the host {row['host_ms_per_update']:.3f} ms")
+        elif row.get("mode") == "augment_memory":
+            lines.append(f"torch RandAugment form alone ({row['variant']}, batch {row['batch_size']}): "
+                         f"peak {row['peak_mb']:,.0f} MB, {row['ms_per_batch']:.1f} ms a batch")
+    return lines
+
+
+def targets(rows: list[dict]) -> list[str]:
+    """Issue 13's targets, each with the best row that bears on it: met or not."""
+    def verdict(ok: bool) -> str:
+        return "met" if ok else "NOT met"
+
+    at_256 = [r for r in rows if r.get("batch_size") == 256]
+    lines = []
+    loaders = [r for r in at_256 if r.get("mode") == "loader" and r.get("loader") == "dali-gpu"]
+    with_aa = [r for r in loaders if r.get("aa")]
+    if with_aa:
+        best = max(with_aa, key=lambda r: r["images_per_sec"])
+        lines.append(f"loader with RandAugment >= {LOADER_AA_IMAGES:,} img/s: {verdict(best['images_per_sec'] >= LOADER_AA_IMAGES)}"
+                     f" (best {best['images_per_sec']:,.0f}: {label(best)})")
+    for row in loaders:
+        process = row.get("nvml_process_gib")
+        if isinstance(process, (int, float)):
+            lines.append(f"loader memory <= {LOADER_MEMORY_GIB} GiB: {verdict(process <= LOADER_MEMORY_GIB)} "
+                         f"({process:.2f} GiB: {label(row)})")
+    trains = [r for r in at_256 if r.get("mode") == "train" and "vs_step" in r]
+    if trains:
+        best = max(trains, key=lambda r: r["images_per_sec"])
+        ok = best["images_per_sec"] >= TRAIN_IMAGES and best["vs_step"] >= TRAIN_VS_STEP
+        lines.append(f"A3 end to end >= {TRAIN_IMAGES:,} img/s and >= {TRAIN_VS_STEP}x the step: {verdict(ok)} "
+                     f"(best {best['images_per_sec']:,.0f}, {best['vs_step']:.2f}x: {label(best)})")
+    return lines
+
+
+def report(rows: list[dict]) -> str:
+    head = rows[0] if rows else {}
+    title = (f"{head.get('device_name', '?')} at commit {head.get('commit', '?')} (torch {head.get('torch', '?')}, "
+             f"DALI {head.get('dali', '?')}, timm {head.get('timm', '?')})")
+    note = ("(The training rows of one `--variants` run share a process: their memory is the process's so far, "
+            "cumulative; each loader row ran alone.)")
+    return "\n".join([title, "", *table(rows), "", note, "", *extras(rows), "", *targets(rows)]) + "\n"
+
+
+def main(argv: list[str] | None = None) -> str:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("jsonl", type=Path, help="a gpu.jsonl from benchmarks/gpu_checks.sh")
+    args = p.parse_args(argv)
+    rows = [json.loads(line) for line in args.jsonl.read_text().splitlines() if line.strip()]
+    text = report(rows)
+    print(text, end="")
+    return text
+
+
+if __name__ == "__main__":
+    main()
