@@ -545,6 +545,12 @@ def parse_args(argv: list[str] | None = None, gpu: bool | None = None) -> argpar
     p.add_argument("--profile-steps", type=int, default=20)
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)  # one loader for a parent's rounds
     args = p.parse_args(argv)
+    _refuse_mistakes(p, args, gpu)
+    return args
+
+
+def _refuse_mistakes(p: argparse.ArgumentParser, args: argparse.Namespace, gpu: bool) -> None:
+    """p.error (exit 2, with the message) at the first thing that cannot run as asked."""
     if args.rounds < 1:
         p.error("--rounds must be at least 1")
     if args.hw_decoder_load is not None and not 0.0 <= args.hw_decoder_load <= 1.0:
@@ -577,7 +583,6 @@ def parse_args(argv: list[str] | None = None, gpu: bool | None = None) -> argpar
             load_recipe(args.recipe, [f"img_size={args.img_size}", *args.overrides])
         except UserError as err:
             p.error(str(err))
-    return args
 
 
 def main(argv: list[str] | None = None) -> None:
