@@ -70,8 +70,9 @@ def _warp(images, matrix, size):
 # `signed` is the op's magnitude (in [0, mmax]) times a random sign: the geometric ops and the
 # "Increasing" enhancers use the sign as timm's _randomly_negate does; the other ops take the
 # magnitude alone (|signed|), as timm draws no sign for them. Every DALI node costs a fixed
-# ~50 us plus ~1.4 us per sample on the CPU whatever it computes, so the per-sample parameters
-# are built with as few nodes as possible.
+# ~50 us plus ~0.4-1.4 us per sample on the CPU whatever it computes (2026-12-01, 2 cores, one
+# thread: an arithmetic node on one number per sample, ~50 us at batch 16, ~150 at 256; a
+# subscript ~20 at 256), so the per-sample parameters are built with as few nodes as possible.
 
 def _level(signed):
     return dmath.abs(signed)
@@ -354,14 +355,17 @@ def rand_augment_draws(spec: RandAugmentSpec):
 # (AutoContrast, Invert, Brightness, Contrast, Color, Equalize), one integer pass for Solarize,
 # SolarizeAdd and Posterize (x ^ 0, + 0, x & 255), one 3x3 filter (identity kernel). No conditionals.
 # Each DALI arithmetic operator is a node of its own with a buffer of its own (DALI does not fuse
-# expressions), so the per-sample parameters are combined first, on a number per sample, and the
+# expressions, and its arithmetic operator refuses a nested one given directly: "Complex
+# expression trees are not yet supported", DALI 2.4), so the per-sample parameters are combined first, on a number per sample, and the
 # image is touched by as few nodes as possible, in uint8 where it can be: 20 image-sized nodes a
 # layer, three of them float32 (the first version: 32, seventeen float32).
 # Measured on the H200 at a70b3c8 it is the slowest form (the loader alone with A3's RandAugment at
 # batch 256: 3,529 img/s, the tree 8,870, torch 13,685), though its GPU kernels took only ~7 ms a
 # batch in the profile: the likely cost (not yet profiled on the host) is the CPU nodes that compute
-# the per-sample parameters, each ~50 us plus ~1.4 us a sample (~0.4 ms at batch 256) on the CPU
-# here. Kept as an option, tested against the tree; not the default anywhere.
+# the per-sample parameters, ~150 us each at batch 256 on the CPU here: its graph for A3 has 176
+# CPU arithmetic nodes and 37 casts (the tree's, 114 and 5, mostly on subsets of the batch), and
+# on 8 x 8 images, where pixels cost nothing, it takes ~52 ms a batch of 256 on one thread here,
+# the tree ~26. Kept as an option, tested against the tree; not the default anywhere.
 
 # v - 0.5 + 2**-10, rounded to the nearest integer by the cast to uint8, is floor(v) -- PIL's
 # truncation -- for every v whose fraction is below 1 - 2**-10 (exactly so for integer v, the
