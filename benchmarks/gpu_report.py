@@ -37,6 +37,8 @@ def label(row: dict) -> str:
             name for key, name in (("step_captured", "step"), ("augment_captured", "RandAugment")) if row.get(key)) + ")")
     elif row.get("cuda_graphs"):
         parts.append("cuda_graphs on, not captured")
+    if row.get("interpolation") not in (None, "random"):  # rows of before 2026-12-01: bilinear, unsaid
+        parts.append(f"{row['interpolation']} crops")
     if row["mode"] == "loader" and row.get("hw_decoder_load", 1.0) != 1.0:
         parts.append(f"hw_decoder_load {row['hw_decoder_load']}")
     # The variant's other settings (its form is named above already).

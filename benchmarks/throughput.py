@@ -46,14 +46,14 @@ def _cores() -> int:
 
 def make_loader(name: str, root: Path, batch: int, size: int, device: str, threads: int, aa: str | None,
                 hw_decoder_load: float | None = None, aa_impl: str = "auto", cuda_graphs: bool = False,
-                compile_augment: bool = False):
+                compile_augment: bool = False, interpolation: str = "random"):
     if name.startswith("dali"):
         from fastrsb.pipelines import train_loader
         # The loader's default pixels, as the trainer takes them: float16 on the GPU, float32 on the
         # CPU (what the PIL loaders' ToTensor + Normalize give too).
         return train_loader(root, batch, size, device="cuda" if name == "dali-gpu" else "cpu", num_threads=threads,
                             aa=aa, hw_decoder_load=hw_decoder_load, aa_impl=aa_impl, cuda_graphs=cuda_graphs,
-                            compile_augment=compile_augment)
+                            compile_augment=compile_augment, interpolation=interpolation)
     if name == "torchvision":
         import torchvision.transforms as T
         from torchvision.datasets import ImageFolder
@@ -62,7 +62,10 @@ def make_loader(name: str, root: Path, batch: int, size: int, device: str, threa
         if aa:
             from timm.data.auto_augment import rand_augment_transform
             augment = [rand_augment_transform(aa, {"translate_const": int(size * 0.45), "img_mean": (124, 116, 104)})]
-        transform = T.Compose([T.RandomResizedCrop(size), T.RandomHorizontalFlip(), *augment, T.ToTensor(),
+        modes = {"bilinear": [T.InterpolationMode.BILINEAR], "bicubic": [T.InterpolationMode.BICUBIC]}.get(
+            interpolation, [T.InterpolationMode.BILINEAR, T.InterpolationMode.BICUBIC])  # random: one drawn per image
+        crop = T.RandomChoice([T.RandomResizedCrop(size, interpolation=mode) for mode in modes])
+        transform = T.Compose([crop, T.RandomHorizontalFlip(), *augment, T.ToTensor(),
                                T.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))])
         return torch.utils.data.DataLoader(ImageFolder(root, transform), batch_size=batch, shuffle=True,
                                            num_workers=threads, drop_last=True, persistent_workers=True,
@@ -72,7 +75,7 @@ def make_loader(name: str, root: Path, batch: int, size: int, device: str, threa
         dataset = create_dataset("", root=str(root), split="train", is_training=True)
         return create_loader(dataset, input_size=(3, size, size), batch_size=batch, is_training=True,
                              num_workers=threads, use_prefetcher=device == "cuda", device=torch.device(device),
-                             interpolation="bilinear", color_jitter=0.0, auto_augment=aa, persistent_workers=True)
+                             interpolation=interpolation, color_jitter=0.0, auto_augment=aa, persistent_workers=True)
     raise ValueError(f"unknown loader {name}")
 
 
@@ -105,7 +108,8 @@ def measure_loader(name: str, args, root: Path) -> dict:
         before["nvml_before_loader_gib"] = round(gib, 3) if gib is not None else None
     loader = make_loader(name, root, args.batch_size, args.img_size, device, threads, aa, args.hw_decoder_load,
                          args.aa_impl or "auto", cuda_graphs=args.cuda_graphs and name == "dali-gpu",
-                         compile_augment=args.compile_augment and name.startswith("dali"))
+                         compile_augment=args.compile_augment and name.startswith("dali"),
+                         interpolation=args.interpolation)
     queued = queued_batches(name, loader, threads)
     warmup = args.warmup if args.warmup is not None else max(5, 2 * queued)
     check_warmup(warmup, args.steps, queued, name)
@@ -123,13 +127,13 @@ def measure_loader(name: str, args, root: Path) -> dict:
     seconds = _timed(one_batch, warmup, args.steps, device, sampler)
     return {"mode": "loader", "loader": name, "device": device, "img_size": args.img_size, "aa": aa,
             "batch_size": args.batch_size, "workers": threads, "steps": args.steps, "warmup": warmup,
-            "queued_batches": queued, "pixels": pixels["dtype"],
+            "queued_batches": queued, "pixels": pixels["dtype"], "interpolation": args.interpolation,
             **(_dali_settings(loader) if name.startswith("dali") else {}),
             "images_per_sec": args.steps * args.batch_size / seconds, **_memory(device, sampler), **before}
 
 
 def _dali_settings(loader) -> dict:
-    keys = ("pipelines", "aa_impl", "hw_decoder_load", "num_threads", "prefetch_queue_depth", "stream_policy",
+    keys = ("pipelines", "aa_impl", "interpolation", "hw_decoder_load", "num_threads", "prefetch_queue_depth", "stream_policy",
             "concurrency", "cuda_graphs", "augment_captured", "compile_augment", "augment_stream")
     return {key: loader.settings[key] for key in keys if key in loader.settings}
 
@@ -521,6 +525,10 @@ def parse_args(argv: list[str] | None = None, gpu: bool | None = None) -> argpar
                    help="DALI loaders: RandAugment as a DALI conditionals tree, DALI batch-wide, or drawn by DALI and "
                         "applied in torch after the hand-over (pipelines/randaugment.py, torch_augment.py); default: "
                         "the recipe's aa_impl (train mode), the loader's default (loader mode)")
+    p.add_argument("--interpolation", choices=["random", "bilinear", "bicubic"], default="random",
+                   help="loader mode: how every loader resamples its random crops (default random: bilinear or "
+                        "bicubic per image, timm's default and the recipes'); train mode follows the recipe "
+                        "(--set train_interpolation=...)")
     p.add_argument("--hw-decoder-load", type=float, default=None,
                    help="dali-gpu: the share of JPEGs sent to the hardware decoders, 0-1 (default: the loader's, by GPU)")
     p.add_argument("--cuda-graphs", action="store_true",

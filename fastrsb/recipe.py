@@ -35,6 +35,8 @@ RECIPE_SCHEMA: dict[str, tuple[type, bool, str]] = {
     "min_lr": (float, False, "LR at the end of the cosine"),
     "smoothing": (float, False, "label smoothing"),
     "drop_path": (float, False, "stochastic depth rate"),
+    "train_interpolation": (str, False, "how each random crop is resampled: random (bilinear or bicubic per image, "
+                                        "timm's default), bilinear or bicubic"),
     "aug_repeats": (int, False, "repeated augmentation count (0 = off)"),
     "aa": (str, True, "RandAugment as timm's string, e.g. rand-m6-mstd0.5-inc1, or none"),
     "aa_impl": (str, False, "how RandAugment runs: auto, tree, batch (DALI) or torch (drawn by DALI, applied in torch); "
@@ -57,10 +59,11 @@ RECIPE_SCHEMA: dict[str, tuple[type, bool, str]] = {
     "seed": (int, False, "random seed"),
 }
 
-CHOICES = {"opt": {"lamb"}, "sched": {"cosine"}, "mixup_mode": {"batch"}, "aa_impl": {"auto", "tree", "batch", "torch"}}
+CHOICES = {"opt": {"lamb"}, "sched": {"cosine"}, "mixup_mode": {"batch"}, "aa_impl": {"auto", "tree", "batch", "torch"},
+           "train_interpolation": {"random", "bilinear", "bicubic"}}
 # Keys added after a checkpoint may have been written, with the value such a run had: resuming it
 # compares them as if they had been saved.
-ADDED_KEYS = {"cuda_graphs": False, "high_priority_stream": False, "aa_impl": "auto"}
+ADDED_KEYS = {"cuda_graphs": False, "high_priority_stream": False, "aa_impl": "auto", "train_interpolation": "bilinear"}
 # Keys that change how fast a run computes, not what it computes: a resumed run may change them.
 SPEED_ONLY = {"cuda_graphs", "high_priority_stream"}
 BUILTIN = ("a1", "a2", "a3", "demo", "tiny")

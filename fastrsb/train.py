@@ -299,7 +299,9 @@ def _augmentation(recipe: dict, loader: dict) -> str:
     """What the loader and the step do to each image: RandAugment and its form, repeats, mixing."""
     chosen = ", from aa_impl auto" if recipe["aa_impl"] == "auto" else ""
     compiled = ", compiled" if loader.get("compile_augment") else ""
-    parts = [f"RandAugment {recipe['aa']} ({loader['aa_impl']} form{compiled}{chosen})" if recipe["aa"] else "no RandAugment"]
+    interpolation = recipe["train_interpolation"]
+    parts = ["crops resampled " + ("bilinear or bicubic at random" if interpolation == "random" else interpolation),
+             f"RandAugment {recipe['aa']} ({loader['aa_impl']} form{compiled}{chosen})" if recipe["aa"] else "no RandAugment"]
     if loader["repeats"] > 1:
         parts.append(f"{loader['repeats']} views of each image")
     mixing = [f"{name} {recipe[name]:g}" for name in ("mixup", "cutmix") if recipe[name] > 0]

@@ -1,6 +1,7 @@
 """The CPU graphs' resizes: torch's antialiased kernels for uint8 images, called from the DALI
 graph (`fn.python_function`, one call per batch): the train graph's random-resized-crop resize
-(bilinear) and the validation graph's timm eval resize and centre crop (bicubic).
+(bilinear or bicubic, per image where drawn) and the validation graph's timm eval resize and
+centre crop (bicubic).
 
 Why not DALI's `fn.resize` on the CPU: its resampling is scalar code, ~490 us an image to 160 px
 on one core of the 2-core machine, a third of the CPU loader's time; torch's uint8 kernel
@@ -23,17 +24,25 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 import torch.nn.functional as F
-from nvidia.dali import fn
+from nvidia.dali import fn, types
 from nvidia.dali.pipeline import Pipeline
+
+# DALI's interpolation types as torch's modes (the crop's resampling: timm's bilinear or bicubic).
+_MODES = {types.INTERP_LINEAR: "bilinear", types.INTERP_CUBIC: "bicubic"}
 
 _pool: ThreadPoolExecutor | None = None
 _pool_lock = threading.Lock()
 
 
-def resize_square(images, size: int):
-    """CPU DataNode of HWC uint8 images of any sizes -> size x size, bilinear, antialiased, on as
-    many threads as the pipeline being defined has."""
-    return _in_graph(images, functools.partial(_resize_square, size=size))
+def resize_square(images, size: int, interp=types.INTERP_LINEAR):
+    """CPU DataNode of HWC uint8 images of any sizes -> size x size, antialiased, on as many
+    threads as the pipeline being defined has. interp: DALI's INTERP_LINEAR or INTERP_CUBIC
+    (bilinear or bicubic), or a DataNode of those values (int32), one per image."""
+    if isinstance(interp, types.DALIInterpType):
+        return _in_graph(images, functools.partial(_resize_square, size=size, mode=_MODES[interp]))
+    threads = Pipeline.current().num_threads
+    return fn.python_function(images, interp, batch_processing=True, output_layouts="HWC",
+                              function=functools.partial(_resize_each, size=size, threads=threads))
 
 
 def eval_resize_and_crop(images, img_size: int, resize: int):
@@ -43,13 +52,14 @@ def eval_resize_and_crop(images, img_size: int, resize: int):
     return _in_graph(images, functools.partial(_eval_resize_and_crop, img_size=img_size, resize=resize))
 
 
-def resize_batch(images: list[np.ndarray], size: int, threads: int = 1) -> list[np.ndarray]:
+def resize_batch(images: list[np.ndarray], size: int, threads: int = 1, mode: str = "bilinear") -> list[np.ndarray]:
     """HWC uint8 arrays -> size x size HWC uint8 arrays, as the train graph resizes them."""
-    return map_batch(functools.partial(_resize_square, size=size), images, threads)
+    return map_batch(functools.partial(_resize_square, size=size, mode=mode), images, threads)
 
 
-def map_batch(one, images: list[np.ndarray], threads: int = 1) -> list[np.ndarray]:
-    """one(image) for every image, in order, split between `threads` threads."""
+def map_batch(one, images: list, threads: int = 1) -> list[np.ndarray]:
+    """one(image) for every image (or whatever one takes: a tuple), in order, split between
+    `threads` threads."""
     if threads <= 1 or len(images) < 2:
         return [one(image) for image in images]
     parts = min(threads, len(images))
@@ -59,6 +69,12 @@ def map_batch(one, images: list[np.ndarray], threads: int = 1) -> list[np.ndarra
     for k, chunk in enumerate(done):
         results[k::parts] = chunk
     return results
+
+
+def _resize_each(images: list[np.ndarray], interps: list[np.ndarray], size: int, threads: int) -> list[np.ndarray]:
+    """Each image resized to size x size with its own drawn interpolation (a DALI interp value)."""
+    return map_batch(lambda pair: _resize_square(pair[0], size, _MODES[types.DALIInterpType(int(pair[1]))]),
+                     list(zip(images, interps)), threads)
 
 
 def _in_graph(images, one):
@@ -78,8 +94,8 @@ def _interpolate(image: np.ndarray, size: tuple[int, int], mode: str) -> np.ndar
     return resized[0].permute(1, 2, 0).numpy()
 
 
-def _resize_square(image: np.ndarray, size: int) -> np.ndarray:
-    return np.ascontiguousarray(_interpolate(image, (size, size), "bilinear"))
+def _resize_square(image: np.ndarray, size: int, mode: str = "bilinear") -> np.ndarray:
+    return np.ascontiguousarray(_interpolate(image, (size, size), mode))
 
 
 def _eval_resize_and_crop(image: np.ndarray, img_size: int, resize: int) -> np.ndarray:

@@ -62,31 +62,53 @@ def _normalize(images, dtype, mirror=None):
 _CROP = dict(random_area=[0.08, 1.0], random_aspect_ratio=[3 / 4, 4 / 3], num_attempts=10)
 
 
-def _resize(images, img_size, device):
-    """The random crop to img_size x img_size, bilinear, antialiased: DALI's resize on the GPU,
-    torch's uint8 kernel on the CPU (cpu_resize.py: 7x faster there, and closer to PIL's)."""
+INTERPOLATIONS = ("random", "bilinear", "bicubic")
+_INTERP = {"bilinear": types.INTERP_LINEAR, "bicubic": types.INTERP_CUBIC}
+
+
+def _interpolation(interpolation: str):
+    """The crop's resampling as DALI's interp_type values: a constant, or for "random" a
+    per-sample draw (int32) of bilinear or bicubic with equal odds, as timm's
+    RandomResizedCropAndInterpolation draws for each image under its default, "random"."""
+    if interpolation != "random":
+        return _INTERP[interpolation]
+    return fn.random.choice([int(types.INTERP_LINEAR), int(types.INTERP_CUBIC)])
+
+
+def _interp_type(interp):
+    """For DALI's resampling operators: a drawn value cast to their type, a constant as it is."""
+    return interp if isinstance(interp, types.DALIInterpType) else fn.cast(interp, dtype=types.INTERP_TYPE)
+
+
+def _resize(images, img_size, device, interpolation):
+    """The random crop to img_size x img_size, antialiased, resampled as `interpolation` says:
+    DALI's resize on the GPU, torch's uint8 kernels on the CPU (cpu_resize.py: 7x faster there,
+    and closer to PIL's)."""
+    interp = _interpolation(interpolation)
     if device == "cpu":
-        return resize_square(images, img_size)
-    return fn.resize(images, size=[img_size, img_size], interp_type=types.INTERP_LINEAR, antialias=True)
+        return resize_square(images, img_size, interp)
+    return fn.resize(images, size=[img_size, img_size], interp_type=_interp_type(interp), antialias=True)
 
 
-def _random_resized_crop(decoded, img_size, device):
+def _random_resized_crop(decoded, img_size, device, interpolation):
     """One random-resized-crop view of decoded images (repeated augmentation cuts several)."""
     if device == "cpu":
         anchor, shape = fn.random_crop_generator(decoded.shape(), **_CROP)
-        return _resize(fn.slice(decoded, start=anchor, shape=shape, axes=[0, 1]), img_size, device)
-    return fn.random_resized_crop(decoded, size=[img_size, img_size], interp_type=types.INTERP_LINEAR,
-                                  antialias=True, **_CROP)
+        return _resize(fn.slice(decoded, start=anchor, shape=shape, axes=[0, 1]), img_size, device, interpolation)
+    return fn.random_resized_crop(decoded, size=[img_size, img_size],
+                                  interp_type=_interp_type(_interpolation(interpolation)), antialias=True, **_CROP)
 
 
 @pipeline_def(enable_conditionals=True)  # RandAugment picks an op per sample with DALI conditionals
 def train_pipeline(files, labels, img_size, device, shard_id, num_shards, shuffle_seed,
-                   hw_decoder_load, dtype, repeats=1, aa=None, aa_impl="tree"):
+                   hw_decoder_load, dtype, repeats=1, aa=None, aa_impl="tree", interpolation="random"):
     """Random-resized-crop, horizontal flip, normalize.
 
     repeats == 1: decode only the random crop (ROI decoding). repeats = R > 1 (repeated
     augmentation): decode each image once and cut R independent crops/flips from it; the R views
     are stacked per sample, (R, H, W, C), so torch sees R * batch images by a reshape (a view).
+    interpolation: how each crop is resampled: "random" (bilinear or bicubic, drawn per view, as
+    timm's default train interpolation), "bilinear" or "bicubic".
     aa: timm's RandAugment string (e.g. rand-m6-mstd0.5-inc1), applied to each view at img_size.
     aa_impl: "tree" (conditionals: each op on its own samples) or "batch" (every op batch-wide
     with neutral parameters): the same policy, pixels within one level (randaugment.py); "torch":
@@ -107,11 +129,11 @@ def train_pipeline(files, labels, img_size, device, shard_id, num_shards, shuffl
     if repeats == 1:
         images = fn.decoders.image_random_crop(jpegs, device=_decoder_device(device), output_type=types.RGB,
                                                **_CROP, **_mixed_decoder_args(device, hw_decoder_load))
-        images, draws = finish(_resize(images, img_size, device))
+        images, draws = finish(_resize(images, img_size, device, interpolation))
         return (images, labels, draws) if in_torch else (images, labels)
     decoded = fn.decoders.image(jpegs, device=_decoder_device(device), output_type=types.RGB,
                                 **_mixed_decoder_args(device, hw_decoder_load))
-    views = [finish(_random_resized_crop(decoded, img_size, device)) for _ in range(repeats)]
+    views = [finish(_random_resized_crop(decoded, img_size, device, interpolation)) for _ in range(repeats)]
     stacked = fn.stack(*[images for images, _ in views]), fn.stack(*([labels] * repeats))
     return (*stacked, fn.stack(*[draws for _, draws in views])) if in_torch else stacked
 

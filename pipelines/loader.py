@@ -15,7 +15,7 @@ from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
 from .cuda_graphs import CapturedCall
 from .image_list import DatasetError, ImageList, list_images
-from .graphs import READER_NAME, train_pipeline, val_pipeline
+from .graphs import INTERPOLATIONS, READER_NAME, train_pipeline, val_pipeline
 from .randaugment import parse_rand_augment
 
 
@@ -318,7 +318,7 @@ def train_loader(root: str | os.PathLike | ImageList, batch_size: int, img_size:
                  hw_decoder_load: float | None = None, prefetch_queue_depth: int = 2, pipelines: int | None = None,
                  aa_impl: str = "auto", stream_policy: str | None = None, concurrency: str | None = None,
                  cuda_graphs: bool = False, compile_augment: bool = False, augment_stream: bool = False,
-                 state: dict | None = None) -> DaliLoader:
+                 interpolation: str = "random", state: dict | None = None) -> DaliLoader:
     """Random-resized-crop + flip training loader over an ImageFolder tree or a file list.
 
     batch_size is per shard (per GPU). Every epoch is a full reshuffle, the same on every shard
@@ -326,6 +326,9 @@ def train_loader(root: str | os.PathLike | ImageList, batch_size: int, img_size:
     repeats > 1 is repeated augmentation: each image decoded once and augmented `repeats` times,
     its views side by side in the batch; a batch holds ceil(batch_size / repeats) images, and where
     batch_size does not divide by repeats (A1/A2: 2048 and 3) the last image keeps fewer views.
+    interpolation: how each random crop is resampled to img_size: "random" (bilinear or bicubic,
+    drawn per image with equal odds: timm's default train interpolation, as in the RSB recipes),
+    "bilinear" or "bicubic"; antialiased, as PIL resizes.
     aa: timm's RandAugment string, e.g. "rand-m6-mstd0.5-inc1".
     aa_impl: how it runs: "tree" (DALI conditionals route each sample to its op; the fastest in
     training on the CPU and on the H200), "batch" (DALI, every op on the whole batch, neutral where
@@ -365,6 +368,8 @@ def train_loader(root: str | os.PathLike | ImageList, batch_size: int, img_size:
         raise DatasetError(f"repeated augmentation needs 1 <= repeats <= batch size, not {repeats} "
                            f"for a batch of {batch_size}")
     aa_impl = _resolve_aa(aa, aa_impl, state, device)
+    if interpolation not in INTERPOLATIONS:
+        raise DatasetError(f"interpolation must be one of {', '.join(INTERPOLATIONS)}, not {interpolation!r}")
     shard_images, batch_images = len(images) // num_shards, images_per_batch(batch_size, repeats)
     if shard_images < batch_size:
         raise DatasetError(f"{len(images)} images over {num_shards} shard(s) do not fill one batch of {batch_size}")
@@ -379,7 +384,7 @@ def train_loader(root: str | os.PathLike | ImageList, batch_size: int, img_size:
                            f"has {shard_images}")
     fingerprint = dict(images=len(images), batch_size=batch_size, img_size=img_size, shard_id=shard_id,
                        num_shards=num_shards, seed=seed, repeats=repeats, aa=aa, pipelines=pipelines,
-                       aa_impl=aa_impl if aa else None)
+                       aa_impl=aa_impl if aa else None, interpolation=interpolation)
     if state is not None:
         _check_state(state, fingerprint)
     device_id = _check_device(device)
@@ -394,7 +399,7 @@ def train_loader(root: str | os.PathLike | ImageList, batch_size: int, img_size:
             files=images.files, labels=images.labels, img_size=img_size, device=device,
             shard_id=shard_id * pipelines + part, num_shards=num_shards * pipelines, shuffle_seed=seed,
             hw_decoder_load=hw_decoder_load, dtype=dtype or default_pixel_dtype(device), repeats=repeats, aa=aa,
-            aa_impl=aa_impl,
+            aa_impl=aa_impl, interpolation=interpolation,
             batch_size=batch_images, num_threads=max(1, threads // pipelines), device_id=device_id,
             seed=seed * 1000 + shard_id * pipelines + part, prefetch_queue_depth=prefetch_queue_depth,
             enable_checkpointing=True, checkpoint=checkpoints[part] if checkpoints else None, **executor)
@@ -446,10 +451,12 @@ def _torch_augment(aa: str, img_size: int, dtype: str, compiled: bool, cuda_grap
 
 def _upgrade_state(state: dict) -> dict:
     """States saved by earlier versions: one DALI checkpoint, not a list (before loaders had several
-    pipelines); no aa_impl (before the batch-wide RandAugment: the tree, where there was one)."""
+    pipelines); no aa_impl (before the batch-wide RandAugment: the tree, where there was one); no
+    interpolation (before the random one: bilinear)."""
     fingerprint = dict(state.get("fingerprint", {}))
     if "aa_impl" not in fingerprint:
         fingerprint["aa_impl"] = "tree" if fingerprint.get("aa") else None
+    fingerprint.setdefault("interpolation", "bilinear")
     if not isinstance(state.get("dali"), list):
         state, fingerprint["pipelines"] = {**state, "dali": [state.get("dali")]}, 1
     return {**state, "fingerprint": fingerprint}

@@ -57,9 +57,11 @@ def test_run_card_names_the_lr_rule(tiny_data, tmp_path):
     same = run_cli("train", "tiny", "--data", tiny_data, "--out", tmp_path / "b", "--device", "cpu",
                    "--stop-after-steps", "1")
     assert "(recipe tiny's, for its batch 8)" in same.stdout
-    assert "augmentation: no RandAugment, mixup 0.1 / cutmix 1 with probability 1" in same.stdout
+    assert ("augmentation: crops resampled bilinear or bicubic at random, no RandAugment, mixup 0.1 / cutmix 1 "
+            "with probability 1") in same.stdout
     torch_form = run_cli("train", "tiny", "--data", tiny_data, "--out", tmp_path / "c", "--device", "cpu",
                          "--set", "aa=rand-m6-mstd0.5-inc1", "--set", "aa_impl=torch", "--set", "aug_repeats=2",
-                         "--set", "mixup=0", "--set", "cutmix=0", "--stop-after-steps", "1")
-    assert ("augmentation: RandAugment rand-m6-mstd0.5-inc1 (torch form), 2 views of each image, no mixup or cutmix"
-            in torch_form.stdout)
+                         "--set", "mixup=0", "--set", "cutmix=0", "--set", "train_interpolation=bicubic",
+                         "--stop-after-steps", "1")
+    assert ("augmentation: crops resampled bicubic, RandAugment rand-m6-mstd0.5-inc1 (torch form), 2 views of each "
+            "image, no mixup or cutmix") in torch_form.stdout

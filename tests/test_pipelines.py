@@ -387,16 +387,17 @@ def test_pipelines_kept_on_resume_and_checked(tiny_data):
 
 
 def test_position_saved_by_a_one_pipeline_loader_of_before(tiny_data):
-    """States written before loaders had several pipelines (one DALI checkpoint) still resume."""
+    """States written before loaders had several pipelines (one DALI checkpoint) and before the
+    random interpolation (their crops were bilinear) still resume, with a bilinear loader."""
     def make(state=None):
         return train_loader(tiny_data / "train", batch_size=6, img_size=32, device="cpu", seed=5,
-                            pipelines=1 if state is None else None, state=state)
+                            pipelines=1 if state is None else None, interpolation="bilinear", state=state)
     reference = _take(make(), 5, [])
     stopped = make()
     _take(stopped, 2, [])
     state = stopped.state_dict()
     old = {"dali": state["dali"][0], "done": state["done"],
-           "fingerprint": {k: v for k, v in state["fingerprint"].items() if k != "pipelines"}}
+           "fingerprint": {k: v for k, v in state["fingerprint"].items() if k not in ("pipelines", "interpolation")}}
     resumed = _take(make(old), 3, [])
     assert_same_batches(reference[2:], resumed)
 
@@ -465,3 +466,50 @@ def test_cpu_resize_splits_a_batch_between_threads():
         return resize_square(fn.external_source(source=[crops], layout="HWC"), 24)
     (out,) = resized().run()
     assert all(np.array_equal(a, np.asarray(b)) for a, b in zip(one, out, strict=True))
+
+
+def test_cpu_resize_takes_each_images_drawn_interpolation():
+    """resize_square with a drawn interpolation per image (the train graph's "random"): each image
+    resized as its value says, bilinear (DALI's INTERP_LINEAR) or bicubic (INTERP_CUBIC), on any
+    number of threads."""
+    rng = np.random.default_rng(3)
+    crops = [rng.integers(0, 256, (int(rng.integers(30, 90)), int(rng.integers(30, 90)), 3), dtype=np.uint8)
+             for _ in range(9)]
+    drawn = [types.INTERP_CUBIC if k % 3 else types.INTERP_LINEAR for k in range(len(crops))]
+    expected = [resize_batch([crop], 24, mode="bicubic" if interp == types.INTERP_CUBIC else "bilinear")[0]
+                for crop, interp in zip(crops, drawn)]
+    assert not np.array_equal(resize_batch(crops[:1], 24, mode="bicubic")[0], resize_batch(crops[:1], 24)[0])
+
+    @pipeline_def(batch_size=len(crops), num_threads=2, device_id=None)
+    def resized():
+        images = fn.external_source(source=[crops], layout="HWC")
+        interps = fn.external_source(source=[[np.int32(int(i)) for i in drawn]])
+        return resize_square(images, 24, interps)
+    (out,) = resized().run()
+    assert all(np.array_equal(a, np.asarray(b)) for a, b in zip(expected, out, strict=True))
+
+
+def test_random_interpolation_resamples_each_crop_bilinear_or_bicubic(tiny_data):
+    """interpolation="random" (timm's default, the recipes'): each image of a batch is its crop
+    resampled bilinear or bicubic, drawn per image; the loaders that always take one of the two
+    cut the same crops (the crop is drawn before the interpolation; the flip after it, so it
+    may differ), and over a batch both kinds occur. A saved position keeps its interpolation."""
+    def first(interpolation):
+        loader = train_loader(tiny_data / "train", 32, 32, device="cpu", seed=4, pipelines=1, interpolation=interpolation)
+        return next(iter(loader))[0], loader
+
+    mixed, loader = first("random")
+    (bilinear, _), (bicubic, _) = first("bilinear"), first("bicubic")
+    kinds = []
+    for i in range(len(mixed)):
+        same = [name for name, ref in (("bilinear", bilinear[i]), ("bicubic", bicubic[i]))
+                if torch.equal(mixed[i], ref) or torch.equal(mixed[i], ref.flip(-1))]
+        assert len(same) == 1, i  # one of the two, never neither (and the two differ)
+        kinds += same
+    assert {"bilinear", "bicubic"} == set(kinds)
+    assert loader.state_dict()["fingerprint"]["interpolation"] == "random"
+    with pytest.raises(DatasetError, match="interpolation random -> bilinear"):
+        train_loader(tiny_data / "train", 32, 32, device="cpu", seed=4, pipelines=1, interpolation="bilinear",
+                     state=loader.state_dict())
+    with pytest.raises(DatasetError, match="interpolation must be one of random, bilinear, bicubic"):
+        train_loader(tiny_data / "train", 32, 32, device="cpu", interpolation="nearest")

@@ -52,6 +52,7 @@ def test_overrides_are_typed():
     ("epochs", "expected key=value"),
     ("opt=sgd", "'opt' must be one of lamb"),
     ("aa_impl=pil", "'aa_impl' must be one of auto, batch, torch, tree"),
+    ("train_interpolation=nearest", "'train_interpolation' must be one of bicubic, bilinear, random"),
 ])
 def test_bad_overrides(override, fragment):
     with pytest.raises(UserError) as err:

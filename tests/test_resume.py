@@ -251,3 +251,19 @@ def test_randaugment_form_auto_resumes_with_the_form_it_was_saved_with(tiny_data
     train(load_recipe("tiny", [*PARTS, "aa_impl=torch"]), tiny_data, tmp_path / "c", device="cpu", num_threads=1,
           stop_after_steps=2)
     assert saved_form(tmp_path / "c") == "torch"
+
+
+def test_a_run_saved_before_the_random_interpolation_resumes_bilinear(tiny_data, tmp_path):
+    """A checkpoint of before train_interpolation (its recipe lacks the key; its crops were
+    bilinear): resuming with the recipe's "random" is refused with the key named, and with
+    --set train_interpolation=bilinear it continues where it stopped."""
+    recipe = load_recipe("tiny", [*PARTS, "train_interpolation=bilinear"])
+    train(recipe, tiny_data, tmp_path, device="cpu", num_threads=1, stop_after_steps=2)
+    state = load_checkpoint(tmp_path / "last.pt")
+    del state["recipe"]["train_interpolation"]
+    for rank in state["ranks"]:
+        del rank["loader"]["fingerprint"]["interpolation"]
+    torch.save(state, tmp_path / "last.pt")
+    with pytest.raises(UserError, match="another recipe \\(train_interpolation 'bilinear' -> 'random'\\)"):
+        _train(tiny_data, tmp_path, resume="auto")
+    assert not train(recipe, tiny_data, tmp_path, device="cpu", num_threads=1, resume="auto").get("stopped")
