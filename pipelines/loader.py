@@ -364,12 +364,8 @@ def train_loader(root: str | os.PathLike | ImageList, batch_size: int, img_size:
     """
     images = root if isinstance(root, ImageList) else list_images(root)
     _check_shard(shard_id, num_shards)
-    if repeats < 1 or batch_size < repeats:
-        raise DatasetError(f"repeated augmentation needs 1 <= repeats <= batch size, not {repeats} "
-                           f"for a batch of {batch_size}")
+    _check_crops(repeats, batch_size, interpolation)
     aa_impl = _resolve_aa(aa, aa_impl, state, device)
-    if interpolation not in INTERPOLATIONS:
-        raise DatasetError(f"interpolation must be one of {', '.join(INTERPOLATIONS)}, not {interpolation!r}")
     shard_images, batch_images = len(images) // num_shards, images_per_batch(batch_size, repeats)
     if shard_images < batch_size:
         raise DatasetError(f"{len(images)} images over {num_shards} shard(s) do not fill one batch of {batch_size}")
@@ -412,6 +408,14 @@ def train_loader(root: str | os.PathLike | ImageList, batch_size: int, img_size:
                                 "cuda_graphs": cuda_graphs, "augment_stream": augment_stream,
                                 "compile_augment": compile_augment and augment is not None},
                       augment=augment, augment_stream=augment_stream)
+
+
+def _check_crops(repeats: int, batch_size: int, interpolation: str) -> None:
+    if repeats < 1 or batch_size < repeats:
+        raise DatasetError(f"repeated augmentation needs 1 <= repeats <= batch size, not {repeats} "
+                           f"for a batch of {batch_size}")
+    if interpolation not in INTERPOLATIONS:
+        raise DatasetError(f"interpolation must be one of {', '.join(INTERPOLATIONS)}, not {interpolation!r}")
 
 
 def _check_gpu_options(device: str, device_id: int | None, aa: str | None, aa_impl: str, cuda_graphs: bool,
