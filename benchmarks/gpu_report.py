@@ -33,8 +33,9 @@ def label(row: dict) -> str:
     if row.get("compile_augment"):
         parts.append("compiled")
     if row.get("augment_captured") or row.get("step_captured"):
-        parts.append("CUDA graphs (" + " and ".join(
-            name for key, name in (("step_captured", "step"), ("augment_captured", "RandAugment")) if row.get(key)) + ")")
+        captured = [name for key, name in (("step_captured", "step"), ("augment_captured", "RandAugment"))
+                    if row.get(key)]
+        parts.append(f"CUDA graphs ({' and '.join(captured)})")
     elif row.get("cuda_graphs"):
         parts.append("cuda_graphs on, not captured")
     if row.get("interpolation") not in (None, "random"):  # rows of before 2026-12-01: bilinear, unsaid
@@ -95,8 +96,9 @@ def targets(rows: list[dict]) -> list[str]:
     with_aa = [r for r in loaders if r.get("aa")]
     if with_aa:
         best = max(with_aa, key=lambda r: r["images_per_sec"])
-        lines.append(f"loader with RandAugment >= {LOADER_AA_IMAGES:,} img/s: {verdict(best['images_per_sec'] >= LOADER_AA_IMAGES)}"
-                     f" (best {best['images_per_sec']:,.0f}: {label(best)})")
+        met = verdict(best["images_per_sec"] >= LOADER_AA_IMAGES)
+        lines.append(f"loader with RandAugment >= {LOADER_AA_IMAGES:,} img/s: {met} "
+                     f"(best {best['images_per_sec']:,.0f}: {label(best)})")
     for row in loaders:
         process = row.get("nvml_process_gib")
         if isinstance(process, (int, float)):

@@ -525,10 +525,10 @@ def parse_args(argv: list[str] | None = None, gpu: bool | None = None) -> argpar
                    help="DALI loaders: RandAugment as a DALI conditionals tree, DALI batch-wide, or drawn by DALI and "
                         "applied in torch after the hand-over (pipelines/randaugment.py, torch_augment.py); default: "
                         "the recipe's aa_impl (train mode), the loader's default (loader mode)")
-    p.add_argument("--interpolation", choices=["random", "bilinear", "bicubic"], default="random",
+    p.add_argument("--interpolation", choices=["random", "bilinear", "bicubic"], default=None,
                    help="loader mode: how every loader resamples its random crops (default random: bilinear or "
-                        "bicubic per image, timm's default and the recipes'); train mode follows the recipe "
-                        "(--set train_interpolation=...)")
+                        "bicubic per image, timm's default and the recipes'; train mode: --set "
+                        "train_interpolation=...)")
     p.add_argument("--hw-decoder-load", type=float, default=None,
                    help="dali-gpu: the share of JPEGs sent to the hardware decoders, 0-1 (default: the loader's, by GPU)")
     p.add_argument("--cuda-graphs", action="store_true",
@@ -563,6 +563,7 @@ def _refuse_mistakes(p: argparse.ArgumentParser, args: argparse.Namespace, gpu: 
         p.error("--rounds must be at least 1")
     if args.hw_decoder_load is not None and not 0.0 <= args.hw_decoder_load <= 1.0:
         p.error("--hw-decoder-load must lie in [0, 1]")
+    _refuse_options_of_another_mode(p, args)
     if args.cuda_graphs and not gpu:
         p.error("--cuda-graphs replays GPU work as CUDA graphs: it needs a GPU (none is visible here)")
     if args.variants:
@@ -591,6 +592,23 @@ def _refuse_mistakes(p: argparse.ArgumentParser, args: argparse.Namespace, gpu: 
             load_recipe(args.recipe, [f"img_size={args.img_size}", *args.overrides])
         except UserError as err:
             p.error(str(err))
+
+
+def _refuse_options_of_another_mode(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """An option the chosen mode would not read is an error, not a setting silently ignored; the
+    training modes take the loader's settings from the recipe (--set)."""
+    loader_only = {"--loaders": args.loaders is not None, "--rounds": args.rounds != 1,
+                   "--interpolation": args.interpolation is not None, "--cuda-graphs": args.cuda_graphs,
+                   "--compile-augment": args.compile_augment}
+    training_only = {"--set": bool(args.overrides), "--profile": args.profile is not None}
+    stray = [flag for flag, given in (training_only if args.mode == "loader" else loader_only).items() if given]
+    if stray:
+        instead = {"--interpolation": "--set train_interpolation=...", "--cuda-graphs": "--set cuda_graphs=true",
+                   "--compile-augment": "the recipe's compile, on the GPU"}
+        hints = [f"{flag}: {instead[flag]}" for flag in stray if flag in instead]
+        p.error(f"{', '.join(stray)}: not read in --mode {args.mode}" + (f" (there, {'; '.join(hints)})" if hints else ""))
+    if args.mode == "loader" and args.interpolation is None:
+        args.interpolation = "random"
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -61,8 +61,8 @@ def nvml_handle(index: int):
     matched by the UUID both report, by index only where NVML knows no such UUID."""
     import pynvml
     pynvml.nvmlInit()
-    uuid = str(torch.cuda.get_device_properties(index).uuid)
-    for name in (uuid, f"GPU-{uuid}"):  # NVML's form has the prefix; torch's has had it or not
+    uuid = str(getattr(torch.cuda.get_device_properties(index), "uuid", ""))  # a torch without it: by index
+    for name in (uuid, f"GPU-{uuid}") if uuid else ():  # NVML's form has the prefix; torch's has had it or not
         try:
             return pynvml.nvmlDeviceGetHandleByUUID(name)
         except pynvml.NVMLError:

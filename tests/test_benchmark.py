@@ -326,7 +326,12 @@ def test_the_benchmark_refuses_a_mistake_before_it_measures(tmp_path, capsys):
     train = ["--mode", "train", "--synthetic-jpegs", "8", "--cache", str(tmp_path)]
     for argv, message in ((train + ["--set", "cuda_graph=true"], "cuda_graph"),
                           (train + ["--variants", "aa_impl=tree,augment_stream=yes"], "augment_stream takes a bool"),
-                          (["--mode", "loader", "--synthetic-jpegs", "8", "--loaders", "dali-gpu,pil"], "pil unknown")):
+                          (["--mode", "loader", "--synthetic-jpegs", "8", "--loaders", "dali-gpu,pil"], "pil unknown"),
+                          # an option the mode would not read: refused, not silently ignored
+                          (train + ["--interpolation", "bicubic", "--rounds", "3"],
+                           "--rounds, --interpolation: not read in --mode train (there, --interpolation: "
+                           "--set train_interpolation=...)"),
+                          (["--mode", "loader", "--synthetic-jpegs", "8", "--set", "lr=1"], "--set: not read in --mode loader")):
         with pytest.raises(SystemExit):
             throughput.parse_args(argv, gpu=True)
         assert message in capsys.readouterr().err
@@ -335,6 +340,7 @@ def test_the_benchmark_refuses_a_mistake_before_it_measures(tmp_path, capsys):
             throughput.parse_args(argv, gpu=False)
         assert "needs a GPU" in capsys.readouterr().err
     assert throughput.parse_args(train + ["--set", "cuda_graphs=true"], gpu=True).overrides == ["cuda_graphs=true"]
+    assert throughput.parse_args(["--mode", "loader", "--synthetic-jpegs", "8"], gpu=False).interpolation == "random"
     assert not list(tmp_path.iterdir())  # nothing generated
 
 
