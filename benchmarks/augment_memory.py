@@ -1,7 +1,9 @@
-"""The torch RandAugment form alone (`aa_impl="torch"`), eager and compiled: the most memory torch
-holds at once during one call (its output included, its input not), and its time, on A3's batch.
+"""The torch RandAugment form alone (`aa_impl="torch"`), eager and compiled, in chunks (its default)
+and on the whole batch at once: the most memory torch holds at once during one call (its output
+included, its input not), and its time, on A3's batch.
 
     python benchmarks/augment_memory.py [--batch-size 256 --img-size 160 --aa rand-m6-mstd0.5-inc1]
+                                        [--chunk-pixels 1638400 0]
 
 Why: issue 13 bounds the GPU loader at 1.5 GiB (NVML, loader alone); at a70b3c8 the eager torch
 form held 1.147 GiB of torch's memory on the H200, on top of ~1 GiB of DALI's and the CUDA
@@ -25,7 +27,7 @@ from torch.profiler import ProfilerActivity, profile
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from fastrsb.pipelines import parse_rand_augment  # noqa: E402
 from fastrsb.pipelines.randaugment import _policy  # noqa: E402
-from fastrsb.pipelines.torch_augment import TorchRandAugment  # noqa: E402
+from fastrsb.pipelines.torch_augment import CHUNK_PIXELS, TorchRandAugment  # noqa: E402
 from throughput import _emit, context  # noqa: E402  (benchmarks/ is this script's folder)
 
 
@@ -85,8 +87,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--img-size", type=int, default=160)
     p.add_argument("--aa", default="rand-m6-mstd0.5-inc1", help="timm's RandAugment string")
     p.add_argument("--repeats", type=int, default=3, help="timed calls; the best is kept")
+    p.add_argument("--chunk-pixels", type=int, nargs="+", default=[CHUNK_PIXELS, 0],
+                   help="augment in chunks of at most this many pixels; 0: the whole batch at once "
+                        f"(default: {CHUNK_PIXELS:,}, the form's default, then 0)")
     p.add_argument("--json-out", type=Path, help="also append the JSON lines to this file")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if min(args.chunk_pixels) < 0:
+        p.error("--chunk-pixels: a number of pixels, or 0 for the whole batch")
+    return args
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -96,13 +104,15 @@ def main(argv: list[str] | None = None) -> list[dict]:
     images, draws = batch(args.batch_size, args.img_size, len(_policy(spec)[0]), spec.num_layers, device)
     dtype = torch.float16 if device == "cuda" else torch.float32
     results = []
-    for compiled in (False, True):
-        augment = TorchRandAugment(spec, args.img_size, dtype, compiled=compiled)
-        result = {**context(), "mode": "augment_memory", "device": device, "aa": args.aa,
-                  "batch_size": args.batch_size, "img_size": args.img_size,
-                  "variant": "compiled" if compiled else "eager", **measure(augment, images, draws, args.repeats)}
-        results.append(result)
-        _emit(result, args.json_out)
+    for chunk_pixels in args.chunk_pixels:
+        for compiled in (False, True):
+            augment = TorchRandAugment(spec, args.img_size, dtype, compiled=compiled, chunk_pixels=chunk_pixels or None)
+            result = {**context(), "mode": "augment_memory", "device": device, "aa": args.aa,
+                      "batch_size": args.batch_size, "img_size": args.img_size,
+                      "variant": "compiled" if compiled else "eager", "chunk_pixels": chunk_pixels or None,
+                      "chunk_images": augment.chunk_images, **measure(augment, images, draws, args.repeats)}
+            results.append(result)
+            _emit(result, args.json_out)
     return results
 
 

@@ -31,19 +31,33 @@ from .graphs import IMAGENET_MEAN, IMAGENET_STD
 from .randaugment import FILL, GEOMETRIC, _policy
 
 
+# The batch is augmented in chunks of at most this many pixels (64 images at 160 px, 32 at 224):
+# every intermediate -- above all the warp's two float64 rows, 48 bytes a pixel -- then takes a
+# chunk's memory, not the batch's, whatever the batch size (unchunked, A3's batch of 2,048 on one
+# GPU would hold 2.5 GB of rows alone). Measured with benchmarks/augment_memory.py on 2 CPU cores,
+# A3 at batch 256, torch's peak in one call (its float32 output included) and its time: eager
+# 1,180 -> 354 MB, compiled 648 -> 177 MB, 1,871 -> 1,741 ms a batch (32 images: 118 MB, 1,563 ms,
+# but twice the kernel launches on a GPU).
+CHUNK_PIXELS = 64 * 160 * 160
+
+
 class TorchRandAugment:
     """augment(images, draws) -> the batch as the DALI forms hand it over: images (N, H, W, 3)
     uint8 from the pipeline, draws (N, 1 + 2 * layers) float32 (flip, then each layer's op index
     and signed magnitude, from randaugment.rand_augment_draws) -> (N, 3, H, W) normalized,
     channels-last, in `dtype`."""
 
-    def __init__(self, spec: RandAugmentSpec, size: int, dtype: torch.dtype, compiled: bool = False):
+    def __init__(self, spec: RandAugmentSpec, size: int, dtype: torch.dtype, compiled: bool = False,
+                 chunk_pixels: int | None = CHUNK_PIXELS):
         """compiled: run through torch.compile (inductor): the ~900 torch calls of A3's policy a batch
         fuse into a handful of loops (13 calls a batch on the CPU; Triton splits loops further on
         the GPU) that read and write the batch a few times in all instead of once per call. The
         eager form's pixels on the CPU (tested); on the GPU held to the CPU's as the eager form
-        is (within one level, on under 0.1% of values: tests/test_gpu.py)."""
+        is (within one level, on under 0.1% of values: tests/test_gpu.py).
+        chunk_pixels: augment the batch in chunks of this many pixels or fewer (whole images, at
+        least one); None: the whole batch at once. The same pixels either way."""
         self.spec, self.size, self.dtype = spec, size, dtype
+        self.chunk_images = max(1, chunk_pixels // (size * size)) if chunk_pixels else None
         self.ordered = _policy(spec)[0]
         self.compiled = compiled
         self._compiled_ran = False
@@ -70,6 +84,12 @@ class TorchRandAugment:
         return self._apply(images, draws)
 
     def _augment(self, images: torch.Tensor, draws: torch.Tensor) -> torch.Tensor:
+        """The batch, chunk by chunk (CHUNK_PIXELS: every sample's work is its own)."""
+        step = self.chunk_images or images.shape[0]
+        chunks = [self._augment_chunk(images[i:i + step], draws[i:i + step]) for i in range(0, images.shape[0], step)]
+        return chunks[0] if len(chunks) == 1 else torch.cat(chunks).contiguous(memory_format=torch.channels_last)
+
+    def _augment_chunk(self, images: torch.Tensor, draws: torch.Tensor) -> torch.Tensor:
         x = images.permute(0, 3, 1, 2)  # NCHW view of channels-last memory
         for layer in range(self.spec.num_layers):
             x = self.layer(x, draws[:, 1 + 2 * layer].round().long(), draws[:, 2 + 2 * layer])
@@ -242,7 +262,8 @@ def _bilinear(x: torch.Tensor, source: torch.Tensor, fill: torch.Tensor) -> torc
     fractions come from the double coordinates as PIL's do (exactly 0 where PIL's are), and the
     blends are PIL's, in double, in its order: the same pixels. (N, H, W, 3) uint8. Compiled (as
     seen on the CPU), inductor keeps the two blended rows as float64 buffers (each is read twice):
-    2 x 157 MB at A3's 256 x 160 x 160, the largest the form holds."""
+    2 x 157 MB for A3's batch of 256 at 160 px, the largest the form holds; hence CHUNK_PIXELS
+    (2 x 39 MB a chunk)."""
     n, c, height, width = x.shape
     pixels = x.permute(0, 2, 3, 1).reshape(n * height * width, c)  # gathered as uint8, blended in double
     across_image, down_image = source.unbind(-1)

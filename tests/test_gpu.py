@@ -156,13 +156,14 @@ def test_graphed_step_trains_as_the_eager_step(compiled, monkeypatch):
 def test_captured_torch_rand_augment_is_the_eager_one(compiled):
     """The torch form replayed as a CUDA graph (the GPU loader's), compiled or not: the
     uncaptured form's pixels for every op, batch after batch, with each batch's own draws (read
-    from memory at each replay, not baked into the graph), and each batch in memory of its own."""
+    from memory at each replay, not baked into the graph), and each batch in memory of its own.
+    In chunks of 20 images (the last of 8), as the default chunks a full-size batch."""
     from fastrsb.pipelines import parse_rand_augment
     from fastrsb.pipelines.cuda_graphs import CapturedCall
     from fastrsb.pipelines.randaugment import _policy
     from fastrsb.pipelines.torch_augment import TorchRandAugment
     spec = parse_rand_augment("rand-m9-mstd0.5-inc1")
-    augment = TorchRandAugment(spec, 48, torch.float16, compiled=compiled)
+    augment = TorchRandAugment(spec, 48, torch.float16, compiled=compiled, chunk_pixels=20 * 48 * 48)
     captured = CapturedCall(augment, "test", warmup=1)
     choices, count = len(_policy(spec)[0]) + 1, 48  # every op and "none", in both layers
     generator = torch.Generator(device="cuda").manual_seed(0)
@@ -184,7 +185,7 @@ def test_captured_torch_rand_augment_is_the_eager_one(compiled):
 def test_torch_rand_augment_on_the_gpu_is_the_cpus_and_never_syncs(tiny_data, compiled):
     """The torch form on the GPU, compiled or not: the pixels of the CPU's eager form (which are
     timm's), and not one host sync while it runs (torch's sync debug mode turns a sync into an
-    error)."""
+    error). The GPU form works in chunks of 24 images (the last of 16), the CPU's on the whole batch."""
     from fastrsb.pipelines import parse_rand_augment
     from fastrsb.pipelines.randaugment import _policy
     from fastrsb.pipelines.torch_augment import TorchRandAugment
@@ -196,8 +197,8 @@ def test_torch_rand_augment_on_the_gpu_is_the_cpus_and_never_syncs(tiny_data, co
     signed = torch.rand(count, 2, generator=generator) * 20 - 10
     draws = torch.stack([torch.rand(count, generator=generator).round(), index[:, 0], signed[:, 0],
                          index[:, 1], signed[:, 1]], 1)
-    want = TorchRandAugment(spec, 48, torch.float16)(images, draws)
-    augment = TorchRandAugment(spec, 48, torch.float16, compiled=compiled)
+    want = TorchRandAugment(spec, 48, torch.float16, chunk_pixels=None)(images, draws)
+    augment = TorchRandAugment(spec, 48, torch.float16, compiled=compiled, chunk_pixels=24 * 48 * 48)
     gpu_images, gpu_draws = images.cuda(), draws.cuda()
     augment(gpu_images, gpu_draws)  # constants made on the device once (and the compile)
     torch.cuda.synchronize()

@@ -1,6 +1,8 @@
 """The torch form of RandAugment (aa_impl="torch"): DALI draws, torch applies, exactly as timm's
 PIL ops compute."""
 import glob
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -139,10 +141,11 @@ def test_loader_with_the_torch_form(tiny_data):
 def test_compiled_form_is_the_eager_one_and_compiles_once(photos):
     """compiled=True (torch.compile, one graph): the eager form's pixels with every op and "none"
     drawn in both layers, flips and normalization included, and a batch with other draws runs
-    the code compiled for the first (a recompile would cost seconds a batch)."""
+    the code compiled for the first (a recompile would cost seconds a batch). Compiled in chunks
+    of 6 images (the last of 4), against the eager form on the whole batch."""
     spec = parse_rand_augment("rand-m9-mstd0.5-inc1")
-    eager = TorchRandAugment(spec, SIZE, torch.float32)
-    compiled = TorchRandAugment(spec, SIZE, torch.float32, compiled=True)
+    eager = TorchRandAugment(spec, SIZE, torch.float32, chunk_pixels=None)
+    compiled = TorchRandAugment(spec, SIZE, torch.float32, compiled=True, chunk_pixels=6 * SIZE * SIZE)
     choices = len(_policy(spec)[0]) + 1
     batch = torch.from_numpy(photos[np.arange(choices) % len(photos)])
     generator = torch.Generator().manual_seed(0)
@@ -153,6 +156,32 @@ def test_compiled_form_is_the_eager_one_and_compiles_once(photos):
         with torch._dynamo.config.patch(error_on_recompile=k > 0):
             got = compiled(batch, draws)
         assert torch.equal(got, eager(batch, draws)), k
+
+
+def test_chunks_change_no_pixel_and_bound_the_memory(photos):
+    """The batch augmented a chunk at a time (the default: CHUNK_PIXELS) gives the whole batch's
+    pixels, channels-last, a partial last chunk included; torch's peak memory in a call then
+    follows the chunk, not the batch (the warp's float64 rows above all)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import augment_memory  # its peak_mb: torch's allocations through the profiler's memory events
+    spec = parse_rand_augment("rand-m9-mstd0.5-inc1")
+    images = torch.from_numpy(photos[np.arange(40) % len(photos)])
+    generator = torch.Generator().manual_seed(1)
+    index = torch.randint(0, len(_policy(spec)[0]) + 1, (40, 2), generator=generator).float()
+    signed = torch.rand(40, 2, generator=generator) * 20 - 10
+    draws = torch.stack([torch.rand(40, generator=generator).round(), index[:, 0], signed[:, 0],
+                         index[:, 1], signed[:, 1]], 1)
+    whole = TorchRandAugment(spec, SIZE, torch.float32, chunk_pixels=None)
+    chunked = TorchRandAugment(spec, SIZE, torch.float32, chunk_pixels=8 * SIZE * SIZE + 100)
+    assert (whole.chunk_images, chunked.chunk_images) == (None, 8)
+    assert TorchRandAugment(spec, 160, torch.float32).chunk_images == 64  # the default, at A3's size
+    assert TorchRandAugment(spec, 224, torch.float32).chunk_images == 32
+    got, want = chunked(images[:36], draws[:36]), whole(images[:36], draws[:36])  # chunks of 8, the last of 4
+    assert torch.equal(got, want) and got.is_contiguous(memory_format=torch.channels_last)
+    peaks = [augment_memory.peak_mb(lambda: form(images, draws), "cpu") for form in (whole, chunked)]
+    output = images.numel() * 4 / 1e6  # float32
+    # Beyond the output, the chunked call holds about a fifth of what the whole batch's does.
+    assert peaks[1] - output < 0.3 * (peaks[0] - output), peaks
 
 
 def _compiler_gives_up(images, draws):
