@@ -36,6 +36,8 @@ def label(row: dict) -> str:
         captured = [name for key, name in (("step_captured", "step"), ("augment_captured", "RandAugment"))
                     if row.get(key)]
         parts.append(f"CUDA graphs ({' and '.join(captured)})")
+    elif row.get("cuda_graphs") and row["mode"] == "loader" and not (row.get("aa") and row.get("aa_impl") == "torch"):
+        parts.append("cuda_graphs on (a DALI form: nothing to capture)")  # only the torch form replays in a loader
     elif row.get("cuda_graphs"):
         parts.append("cuda_graphs on, not captured")
     if row.get("interpolation") not in (None, "random"):  # rows of before 2026-12-01: bilinear, unsaid
