@@ -37,6 +37,9 @@ def cmd_recipe(args) -> None:
 def cmd_train(args) -> int:
     from fastrsb.recipe import load_recipe
     recipe = load_recipe(args.recipe, args.overrides)
+    if args.device == "cuda":  # asked for by name: refused before the demo data is generated or read
+        from fastrsb.device import resolve_device
+        resolve_device("cuda")
     data = Path(args.data) if args.data else None
     if data is None:
         if recipe["name"] != "demo":

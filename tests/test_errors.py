@@ -114,6 +114,13 @@ def test_cuda_without_gpu(tiny_data):
     assert_user_error(proc, "--device cuda", "no CUDA GPU")
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is present")
+def test_cuda_without_gpu_is_said_before_the_demo_data_is_made(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert_user_error(run_cli("train", "demo", "--device", "cuda", check=False), "--device cuda", "no CUDA GPU")
+    assert not (tmp_path / "data").exists()
+
+
 def test_recipe_that_does_not_parse(tmp_path, tiny_data):
     (tmp_path / "r.toml").write_text("model = \n")
     assert_user_error(run_cli("train", tmp_path / "r.toml", "--data", tiny_data, check=False), "does not parse")
