@@ -116,8 +116,8 @@ step 100 200 pytest-gpu-new python3 -m pytest -q -ra -m gpu tests -p no:cachepro
 #    10,106 img/s (a70b3c8)? (Check 5's `step,mixing=false` is 915cdf8's step, update compiled.)
 step 30 60 lamb-update python3 benchmarks/lamb_update.py --model resnet50 --steps 50 --json-out "$OUT/gpu.jsonl"
 #    The torch RandAugment form alone, eager and compiled, in chunks of 64 images (its default
-#    since 56066d2) and on the whole batch: torch's peak memory in one call and its time (on 2 CPU
-#    cores, chunked: eager 354 MB, compiled 177; whole: 1,180 and 648, or 490 with Equalize's
+#    since adbe658) and on the whole batch: torch's peak memory in one call and its time (on 2 CPU
+#    cores, chunked: eager 354 MB, compiled 221; whole: 1,180 and 648, or 490 with Equalize's
 #    scatter inlined as inductor inlines it on the GPU; the loader's 1.5 GiB bound leaves ~0.5 GiB
 #    beside DALI's ~1). And does chunking cost the GPU time (4x the launches where uncaptured)?
 step 45 100 augment-memory python3 benchmarks/augment_memory.py --json-out "$OUT/gpu.jsonl"

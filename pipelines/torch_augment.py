@@ -35,9 +35,9 @@ from .randaugment import FILL, GEOMETRIC, _policy
 # every intermediate -- above all the warp's two float64 rows, 48 bytes a pixel -- then takes a
 # chunk's memory, not the batch's, whatever the batch size (unchunked, A3's batch of 2,048 on one
 # GPU would hold 2.5 GB of rows alone). Measured with benchmarks/augment_memory.py on 2 CPU cores,
-# A3 at batch 256, torch's peak in one call (its float32 output included) and its time: eager
-# 1,180 -> 354 MB, compiled 648 -> 177 MB, 1,903 -> 1,714 ms a batch (32 images: 118 MB, 1,563 ms,
-# but twice the kernel launches on a GPU).
+# A3 at batch 256, torch's peak in one call (its float32 output included) and its time, at b3bcc77:
+# eager 1,180 -> 354 MB, compiled 648 -> 221 MB, 1,796 -> 1,700 ms a batch (chunks of 32 images:
+# less memory and time on the CPU, but twice the kernel launches on a GPU).
 CHUNK_PIXELS = 64 * 160 * 160
 
 
