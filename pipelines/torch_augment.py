@@ -31,7 +31,8 @@ from .graphs import IMAGENET_MEAN, IMAGENET_STD
 from .randaugment import FILL, GEOMETRIC, _policy
 
 
-# The batch is augmented in chunks of at most this many pixels (64 images at 160 px, 32 at 224):
+# The batch is augmented in chunks of at most this many pixels (64 images at 160 px, 32 at 224),
+# compiled or on the CPU (TorchRandAugment.chunk_size):
 # every intermediate -- above all the warp's two float64 rows, 48 bytes a pixel -- then takes a
 # chunk's memory, not the batch's, whatever the batch size (unchunked, A3's batch of 2,048 on one
 # GPU would hold 2.5 GB of rows alone). Measured with benchmarks/augment_memory.py on 2 CPU cores,
@@ -55,7 +56,8 @@ class TorchRandAugment:
         eager form's pixels on the CPU (tested); on the GPU held to the CPU's as the eager form
         is (within one level, on under 0.1% of values: tests/test_gpu.py).
         chunk_pixels: augment the batch in chunks of this many pixels or fewer (whole images, at
-        least one); None: the whole batch at once. The same pixels either way."""
+        least one) where chunks are cheap (chunk_size); None: the whole batch at once. The same
+        pixels either way."""
         self.spec, self.size, self.dtype = spec, size, dtype
         self.chunk_images = max(1, chunk_pixels // (size * size)) if chunk_pixels else None
         self.ordered = _policy(spec)[0]
@@ -86,9 +88,20 @@ class TorchRandAugment:
             return out
         return self._augment(images, draws)
 
+    def chunk_size(self, images: torch.Tensor) -> int:
+        """How many images of this batch go through at a time: chunk_images where a chunk costs
+        little beyond its pixels -- compiled (a few dozen kernels a chunk), or on the CPU (no
+        launches; smaller chunks stay in cache) -- else the whole batch: eager on a GPU, each op is
+        a launch, ~900 a chunk, and the host's launches are what that form's speed is (a70b3c8 on
+        the H200: 13,685 img/s in the loader, ~20 us a call), so chunks would multiply its time."""
+        n = images.shape[0]
+        if self.chunk_images is None or (images.device.type != "cpu" and not self.compiled):
+            return n
+        return min(n, self.chunk_images)
+
     def _augment(self, images: torch.Tensor, draws: torch.Tensor) -> torch.Tensor:
         """The batch, chunk by chunk (CHUNK_PIXELS: every sample's work is its own)."""
-        step = self.chunk_images or images.shape[0]
+        step = self.chunk_size(images)
         chunks = [self._apply(images[i:i + step], draws[i:i + step]) for i in range(0, images.shape[0], step)]
         return chunks[0] if len(chunks) == 1 else torch.cat(chunks).contiguous(memory_format=torch.channels_last)
 

@@ -157,7 +157,7 @@ def test_captured_torch_rand_augment_is_the_eager_one(compiled):
     """The torch form replayed as a CUDA graph (the GPU loader's), compiled or not: the
     uncaptured form's pixels for every op, batch after batch, with each batch's own draws (read
     from memory at each replay, not baked into the graph), and each batch in memory of its own.
-    In chunks of 20 images (the last of 8), as the default chunks a full-size batch."""
+    Compiled, in chunks of 20 images (the last of 8), as the default chunks a full-size batch."""
     from fastrsb.pipelines import parse_rand_augment
     from fastrsb.pipelines.cuda_graphs import CapturedCall
     from fastrsb.pipelines.randaugment import _policy
@@ -185,7 +185,8 @@ def test_captured_torch_rand_augment_is_the_eager_one(compiled):
 def test_torch_rand_augment_on_the_gpu_is_the_cpus_and_never_syncs(tiny_data, compiled):
     """The torch form on the GPU, compiled or not: the pixels of the CPU's eager form (which are
     timm's), and not one host sync while it runs (torch's sync debug mode turns a sync into an
-    error). The GPU form works in chunks of 24 images (the last of 16), the CPU's on the whole batch."""
+    error). Compiled, the GPU form works in chunks of 24 images (the last of 16); eager, and on the
+    CPU here, on the whole batch."""
     from fastrsb.pipelines import parse_rand_augment
     from fastrsb.pipelines.randaugment import _policy
     from fastrsb.pipelines.torch_augment import TorchRandAugment

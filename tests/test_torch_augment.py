@@ -159,7 +159,7 @@ def test_compiled_form_is_the_eager_one_and_compiles_once(photos):
 
 
 def test_chunks_change_no_pixel_and_bound_the_memory(photos):
-    """The batch augmented a chunk at a time (the default: CHUNK_PIXELS) gives the whole batch's
+    """The batch augmented a chunk at a time (CHUNK_PIXELS by default) gives the whole batch's
     pixels, channels-last, a partial last chunk included; torch's peak memory in a call then
     follows the chunk, not the batch (the warp's float64 rows above all)."""
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
@@ -174,6 +174,12 @@ def test_chunks_change_no_pixel_and_bound_the_memory(photos):
     whole = TorchRandAugment(spec, SIZE, torch.float32, chunk_pixels=None)
     chunked = TorchRandAugment(spec, SIZE, torch.float32, chunk_pixels=8 * SIZE * SIZE + 100)
     assert (whole.chunk_images, chunked.chunk_images) == (None, 8)
+    assert chunked.chunk_size(images) == 8 and chunked.chunk_size(images[:5]) == 5 and whole.chunk_size(images) == 40
+    # Off the CPU ("meta" stands in for a GPU) only the compiled form chunks: eager, each op is a
+    # kernel launch, and chunks would multiply them.
+    on_a_gpu = torch.empty((40, SIZE, SIZE, 3), dtype=torch.uint8, device="meta")
+    compiled = TorchRandAugment(spec, SIZE, torch.float32, compiled=True, chunk_pixels=8 * SIZE * SIZE)
+    assert (chunked.chunk_size(on_a_gpu), compiled.chunk_size(on_a_gpu)) == (40, 8)
     assert TorchRandAugment(spec, 160, torch.float32).chunk_images == 64  # the default, at A3's size
     assert TorchRandAugment(spec, 224, torch.float32).chunk_images == 32
     got, want = chunked(images[:36], draws[:36]), whole(images[:36], draws[:36])  # chunks of 8, the last of 4
