@@ -119,7 +119,7 @@ step 30 60 lamb-update python3 benchmarks/lamb_update.py --model resnet50 --step
 #    since adbe658) and on the whole batch: torch's peak memory in one call and its time (on 2 CPU
 #    cores, chunked: eager 354 MB, compiled 221; whole: 1,180 and 648, or 490 with Equalize's
 #    scatter inlined as inductor inlines it on the GPU; the loader's 1.5 GiB bound leaves ~0.5 GiB
-#    beside DALI's ~1). And does chunking cost the GPU time (4x the launches where uncaptured)?
+#    beside DALI's ~1). Compiled, does chunking cost the GPU time (4 calls a batch, uncaptured)?
 step 45 100 augment-memory python3 benchmarks/augment_memory.py --json-out "$OUT/gpu.jsonl"
 # 4. Where a step's time goes with the graphs: 15 steps under torch.profiler (inductor's cache from
 #    check 2 makes this compile short).
