@@ -115,8 +115,8 @@ step 100 200 pytest-gpu-new python3 -m pytest -q -ra -m gpu tests -p no:cachepro
 #    is the compiled update why the step alone fell from 11,812 (915cdf8: eager LAMB, no mixing) to
 #    10,106 img/s (a70b3c8)? (Check 5's `step,mixing=false` is 915cdf8's step, update compiled.)
 step 30 60 lamb-update python3 benchmarks/lamb_update.py --model resnet50 --steps 50 --json-out "$OUT/gpu.jsonl"
-#    The torch RandAugment form alone, eager and compiled, in chunks of 64 images (its default
-#    since adbe658) and on the whole batch: torch's peak memory in one call and its time (on 2 CPU
+#    The torch RandAugment form alone, compiled in chunks of 64 images (its default since adbe658)
+#    and on the whole batch, and eager (on a GPU always the whole batch): torch's peak memory in one call and its time (on 2 CPU
 #    cores, chunked: eager 354 MB, compiled 221; whole: 1,180 and 648, or 490 with Equalize's
 #    scatter inlined as inductor inlines it on the GPU; the loader's 1.5 GiB bound leaves ~0.5 GiB
 #    beside DALI's ~1). Compiled, does chunking cost the GPU time (4 calls a batch, uncaptured)?
