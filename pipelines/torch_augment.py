@@ -31,11 +31,10 @@ from .graphs import IMAGENET_MEAN, IMAGENET_STD
 from .randaugment import FILL, GEOMETRIC, _policy
 
 
-# The batch is augmented in chunks of at most this many pixels (64 images at 160 px, 32 at 224),
-# compiled or on the CPU (TorchRandAugment.chunk_size):
-# every intermediate -- above all the warp's two float64 rows, 48 bytes a pixel -- then takes a
-# chunk's memory, not the batch's, whatever the batch size (unchunked, A3's batch of 2,048 on one
-# GPU would hold 2.5 GB of rows alone). Measured with benchmarks/augment_memory.py on 2 CPU cores,
+# Compiled or on the CPU (TorchRandAugment.chunk_size), the batch is augmented in chunks of at most
+# this many pixels (64 images at 160 px, 32 at 224): every intermediate -- above all the warp's two
+# float64 rows, 48 bytes a pixel -- then takes a chunk's memory, not the batch's, whatever the
+# batch size (unchunked, A3's batch of 2,048 on one GPU would hold 2.5 GB of rows alone). Measured with benchmarks/augment_memory.py on 2 CPU cores,
 # A3 at batch 256, torch's peak in one call (its float32 output included) and its time, at b3bcc77:
 # eager 1,180 -> 354 MB, compiled 648 -> 221 MB, 1,796 -> 1,700 ms a batch (chunks of 32 images:
 # less memory and time on the CPU, but twice the kernel launches on a GPU).
