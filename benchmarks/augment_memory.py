@@ -104,14 +104,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
     images, draws = batch(args.batch_size, args.img_size, len(_policy(spec)[0]), spec.num_layers, device)
     dtype = torch.float16 if device == "cuda" else torch.float32
     results = []
-    measured = set()
     for chunk_pixels in args.chunk_pixels:
         for compiled in (False, True):
             augment = TorchRandAugment(spec, args.img_size, dtype, compiled=compiled, chunk_pixels=chunk_pixels or None)
-            chunk = augment.chunk_size(images)  # the eager form on a GPU takes the whole batch at once
-            if (compiled, chunk) in measured:
-                continue
-            measured.add((compiled, chunk))
+            chunk = augment.chunk_size(images)  # eager on a GPU: the whole batch, its warp in chunks
             result = {**context(), "mode": "augment_memory", "device": device, "aa": args.aa,
                       "batch_size": args.batch_size, "img_size": args.img_size,
                       "variant": "compiled" if compiled else "eager", "chunk_pixels": chunk_pixels or None,

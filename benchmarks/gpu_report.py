@@ -82,7 +82,8 @@ def extras(rows: list[dict]) -> list[str]:
             lines.append(f"LAMB update ({row['model']}, {row['variant']}): {row['ms_per_update']:.3f} ms, "
                          f"the host {row['host_ms_per_update']:.3f} ms")
         elif row.get("mode") == "augment_memory":
-            chunks = f"chunks of {row['chunk_images']} images" if row.get("chunk_images") else "whole batch"
+            chunks = (f"chunks of {row['chunk_images']} images" if row.get("chunk_images")
+                      else "whole batch, its warp in chunks" if row.get("chunk_pixels") else "whole batch")
             lines.append(f"torch RandAugment form alone ({row['variant']}, {chunks}, batch {row['batch_size']}): "
                          f"peak {row['peak_mb']:,.0f} MB, {row['ms_per_batch']:.1f} ms a batch")
     return lines

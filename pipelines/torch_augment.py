@@ -152,13 +152,14 @@ class TorchRandAugment:
             chosen = self._is(index, name)
             drawn |= chosen
             matrix = torch.where(chosen.view(n, 1, 1), _pil_affine(name, signed, width, height), matrix)
-        # PIL's affine transform: output pixel (x, y) samples the input at matrix @ (x + 0.5, y + 0.5, 1).
-        ys = torch.arange(height, dtype=torch.float64, device=x.device) + 0.5
-        xs = torch.arange(width, dtype=torch.float64, device=x.device) + 0.5
-        source = (matrix[:, None, None, :, 0] * xs.view(1, 1, -1, 1) + matrix[:, None, None, :, 1] * ys.view(1, -1, 1, 1)
-                  + matrix[:, None, None, :, 2])  # (N, H, W, 2)
         fill = self._constant("fill", x.device)
-        warped = _bilinear(x, source, fill).permute(0, 3, 1, 2)
+        # A chunk at a time even where the rest takes the whole batch (eager on a GPU: chunk_size):
+        # the warp's float64 temporaries, ~100 bytes a pixel, are most of what the form holds, and
+        # its ~30 calls a chunk little of its launches.
+        step = min(n, self.chunk_images or n)
+        pieces = [_bilinear(x[i:i + step], _sample_points(matrix[i:i + step], height, width), fill)
+                  for i in range(0, n, step)]
+        warped = (pieces[0] if len(pieces) == 1 else torch.cat(pieces)).permute(0, 3, 1, 2)
         return torch.where(drawn.view(n, 1, 1, 1), warped, x)
 
     # --- the tables ------------------------------------------------------------------------------
@@ -268,6 +269,15 @@ def _pil_affine(name: str, signed: torch.Tensor, width: int, height: int) -> tor
         pixels = sign * (_divide(level, MAX_LEVEL) * 0.45) * (width if name == "TranslateXRel" else height)
         rows = [one, zero, pixels, zero, one, zero] if name == "TranslateXRel" else [one, zero, zero, zero, one, pixels]
     return torch.stack(rows, -1).view(-1, 2, 3)
+
+
+def _sample_points(matrix: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """(N, H, W, 2) double: where each output pixel samples the input under PIL's affine transform,
+    matrix (N, 2, 3) @ (x + 0.5, y + 0.5, 1)."""
+    ys = torch.arange(height, dtype=torch.float64, device=matrix.device) + 0.5
+    xs = torch.arange(width, dtype=torch.float64, device=matrix.device) + 0.5
+    return (matrix[:, None, None, :, 0] * xs.view(1, 1, -1, 1) + matrix[:, None, None, :, 1] * ys.view(1, -1, 1, 1)
+            + matrix[:, None, None, :, 2])
 
 
 def _bilinear(x: torch.Tensor, source: torch.Tensor, fill: torch.Tensor) -> torch.Tensor:
