@@ -34,10 +34,11 @@ from .randaugment import FILL, GEOMETRIC, _policy
 # Compiled or on the CPU (TorchRandAugment.chunk_size), the batch is augmented in chunks of at most
 # this many pixels (64 images at 160 px, 32 at 224): every intermediate -- above all the warp's two
 # float64 rows, 48 bytes a pixel -- then takes a chunk's memory, not the batch's, whatever the
-# batch size (unchunked, A3's batch of 2,048 on one GPU would hold 2.5 GB of rows alone). Measured with benchmarks/augment_memory.py on 2 CPU cores,
-# A3 at batch 256, torch's peak in one call (its float32 output included) and its time, at b3bcc77:
-# eager 1,180 -> 354 MB, compiled 648 -> 221 MB, 1,796 -> 1,700 ms a batch (chunks of 32 images:
-# less memory and time on the CPU, but twice the kernel launches on a GPU).
+# batch size. Measured with benchmarks/augment_memory.py on 2 CPU cores at 459a77c, A3's policy,
+# torch's peak in one call (its float32 output included), whole batch -> chunks: at batch 256,
+# eager 1,180 -> 374 MB, compiled 648 -> 241 MB (1.75 -> 1.58 s a batch); at A3's batch of 2,048
+# (one GPU's share in `fastrsb train a3` on one GPU), eager 9,437 -> 924 MB, compiled 5,181 -> 791
+# MB. (Chunks of 32 images: less memory and time on the CPU, but twice the calls on a GPU.)
 CHUNK_PIXELS = 64 * 160 * 160
 
 
