@@ -362,7 +362,8 @@ def test_gpu_report_reads_a_run_as_the_readme_shows_it():
     assert "loader memory <= 1.5 GiB: met (0.85 GiB: `--mode loader` dali-gpu, RandAugment tree form" in text
     assert "loader memory <= 1.5 GiB: NOT met (2.38 GiB: `--mode loader` dali-gpu, RandAugment torch form" in text
     assert "A3 end to end >= 10,000 img/s and >= 0.9x the step: NOT met (best 6,320, 0.62x" in text
-    loader = {"mode": "loader", "loader": "dali-gpu", "aa": "rand-m6-mstd0.5-inc1", "batch_size": 256, "cuda_graphs": True}
+    loader = {"mode": "loader", "loader": "dali-gpu", "aa": "rand-m6-mstd0.5-inc1", "batch_size": 256,
+              "cuda_graphs": True}
     assert gpu_report.label({**loader, "aa_impl": "tree"}).endswith("tree form, cuda_graphs on (a DALI form: nothing "
                                                                      "to capture), batch 256")
     assert "torch form, cuda_graphs on, not captured," in gpu_report.label({**loader, "aa_impl": "torch"})
