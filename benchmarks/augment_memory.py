@@ -1,6 +1,7 @@
-"""The torch RandAugment form alone (`aa_impl="torch"`), eager and compiled, in chunks (its default)
-and on the whole batch at once: the most memory torch holds at once during one call (its output
-included, its input not), and its time, on A3's batch.
+"""The torch RandAugment form alone (`aa_impl="torch"`), eager and compiled, in chunks (its default;
+eager on a GPU only its warp is chunked: TorchRandAugment.chunk_size) and on the whole batch at
+once: the most memory torch holds at once during one call (its output included, its input not),
+and its time, on A3's batch.
 
     python benchmarks/augment_memory.py [--batch-size 256 --img-size 160 --aa rand-m6-mstd0.5-inc1]
                                         [--chunk-pixels 1638400 0]

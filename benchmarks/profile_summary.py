@@ -5,8 +5,8 @@ It answers: how busy the GPU was (the union of its kernels' and copies' interval
 wall time), which kernels took the GPU's time, the loader's (DALI, nvJPEG, and torch's for the
 torch RandAugment form) apart from the model's and the copies, how much CPU time the main
 thread spent per step, in which operators, and where it blocked (device syncs, copies, waiting
-for the loader), and the share of the time the loop waited for data, as the trainer reports it. On the CPU there are no kernels: the top
-operators are the whole story.
+for the loader), and the share of the time the loop waited for data, as the trainer reports it.
+On the CPU there are no kernels: the top operators are the whole story.
 """
 from __future__ import annotations
 

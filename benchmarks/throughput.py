@@ -554,6 +554,8 @@ def parse_args(argv: list[str] | None = None, gpu: bool | None = None) -> argpar
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)  # one loader for a parent's rounds
     args = p.parse_args(argv)
     _refuse_mistakes(p, args, gpu)
+    if args.mode == "loader" and args.interpolation is None:  # None until here: given or not, in train mode
+        args.interpolation = "random"
     return args
 
 
@@ -607,8 +609,6 @@ def _refuse_options_of_another_mode(p: argparse.ArgumentParser, args: argparse.N
                    "--compile-augment": "the recipe's compile, on the GPU"}
         hints = [f"{flag}: {instead[flag]}" for flag in stray if flag in instead]
         p.error(f"{', '.join(stray)}: not read in --mode {args.mode}" + (f" (there, {'; '.join(hints)})" if hints else ""))
-    if args.mode == "loader" and args.interpolation is None:
-        args.interpolation = "random"
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -356,9 +356,10 @@ def rand_augment_draws(spec: RandAugmentSpec):
 # SolarizeAdd and Posterize (x ^ 0, + 0, x & 255), one 3x3 filter (identity kernel). No conditionals.
 # Each DALI arithmetic operator is a node of its own with a buffer of its own (DALI does not fuse
 # expressions, and its arithmetic operator refuses a nested one given directly: "Complex
-# expression trees are not yet supported", DALI 2.4), so the per-sample parameters are combined first, on a number per sample, and the
-# image is touched by as few nodes as possible, in uint8 where it can be: 20 image-sized nodes a
-# layer, three of them float32 (the first version: 32, seventeen float32).
+# expression trees are not yet supported", DALI 2.4), so the per-sample parameters are combined
+# first, on a number per sample, and the image is touched by as few nodes as possible, in uint8
+# where it can be: 20 image-sized nodes a layer, three of them float32 (the first version: 32,
+# seventeen float32).
 # Measured on the H200 at a70b3c8 it is the slowest form (the loader alone with A3's RandAugment at
 # batch 256: 3,529 img/s, the tree 8,870, torch 13,685), though its GPU kernels took only ~7 ms a
 # batch in the profile: the likely cost (not yet profiled on the host) is the CPU nodes that compute

@@ -370,6 +370,10 @@ def test_gpu_report_reads_a_run_as_the_readme_shows_it():
     assert "torch form, CUDA graphs (RandAugment)," in gpu_report.label({**loader, "aa_impl": "torch",
                                                                          "augment_captured": True})
     rows = [json.loads(line) for line in (results / "augment-memory-cpu-2core.jsonl").read_text().splitlines()]
+    eager_on_a_gpu = {"mode": "augment_memory", "variant": "eager", "batch_size": 256, "chunk_pixels": 1638400,
+                      "chunk_images": None, "peak_mb": 300.0, "ms_per_batch": 20.0}  # the batch whole, its warp chunked
+    assert gpu_report.extras([eager_on_a_gpu]) == ["torch RandAugment form alone (eager, whole batch, its warp in "
+                                                   "chunks, batch 256): peak 300 MB, 20.0 ms a batch"]
     lamb = {"mode": "lamb_update", "model": "resnet50", "variant": "compiled+graph", "ms_per_update": 1.25,
             "host_ms_per_update": 0.05}
     lines = gpu_report.extras(rows + [lamb])
