@@ -105,6 +105,20 @@ def cmd_eval(args) -> None:
               f"at {result['img_size']} px, crop {result['crop_pct']}")
 
 
+def cmd_export(args) -> None:
+    from fastrsb.export import export_checkpoint
+    result = export_checkpoint(args.checkpoint, args.out, ema=args.ema, force=args.force)
+    if args.json:
+        print(json.dumps(result))
+        return
+    top1 = f", top-1 {result['top1']:.2f}" if result["top1"] is not None else ""
+    print(f"{result['checkpoint']} (epoch {result['epoch']}{top1}, the {'EMA' if args.ema else 'model'}'s weights) -> "
+          f"{result['out']}: model.safetensors ({result['weights_bytes'] / 1e6:.1f} MB), config.json "
+          f"({result['architecture']}, {result['num_classes']} classes, tested at {result['img_size']} px, "
+          f"crop {result['crop_pct']})")
+    print(f"in timm: timm.create_model(\"local-dir:{result['out']}\", pretrained=True)")
+
+
 def cmd_doctor(args) -> None:
     from fastrsb.doctor import report, run_doctor
     from fastrsb.recipe import load_recipe
@@ -227,6 +241,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ema", action="store_true", help="evaluate the checkpoint's EMA weights")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("export", help="a checkpoint's weights as a timm model folder (model.safetensors, config.json)")
+    p.add_argument("checkpoint")
+    p.add_argument("out", help="the folder to write (refused if it holds files, unless --force)")
+    p.add_argument("--ema", action="store_true", help="export the checkpoint's EMA weights")
+    p.add_argument("--force", action="store_true", help="replace what OUT holds")
+    p.add_argument("--json", action="store_true", help="one JSON object")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("doctor", help="every check a run depends on, at once: GPUs, driver and CUDA builds, DALI, "
                                       "cores, disk, and the data folder")

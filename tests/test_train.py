@@ -1,5 +1,7 @@
 """A real, short training run through the command line, then its checkpoints."""
 import json
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -99,6 +101,89 @@ def test_checkpoint_that_does_not_fit(run, tiny_data, tmp_path):
     assert_user_error(run_cli("eval", tmp_path / "junk.pt", "--data", tiny_data, check=False), "junk.pt")
     torch.save({"weights": 1}, tmp_path / "plain.pt")
     assert_user_error(run_cli("eval", tmp_path / "plain.pt", "--data", tiny_data, check=False), "not a fastrsb checkpoint")
+
+
+def _weights_equal(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_export_is_a_timm_model_folder(run, tiny_data, tmp_path):
+    """`fastrsb export`: timm alone rebuilds the trained network from the folder (the weights, the
+    classes by name, the run's eval transform), and timm's own eval transform over the val images
+    reaches the top-1 `fastrsb eval` reports."""
+    import timm
+    from PIL import Image
+    from fastrsb.model import make_model
+    out, _ = run
+    state = load_checkpoint(out / "last.pt")
+    folder = tmp_path / "exported"
+    proc = run_cli("export", out / "last.pt", folder)
+    assert "resnet10t, 4 classes, tested at 40 px, crop 0.95" in proc.stdout and "local-dir:" in proc.stdout
+    assert sorted(p.name for p in folder.iterdir()) == ["config.json", "model.safetensors"]
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging folder left
+
+    model = timm.create_model(f"local-dir:{folder}", pretrained=True).eval()
+    assert _weights_equal(model.state_dict(), state["model"])
+    assert model.pretrained_cfg["label_names"] == state["classes"]
+    config = timm.data.resolve_data_config(model=model)
+    assert tuple(config["input_size"]) == (3, 40, 40) and config["crop_pct"] == 0.95 and config["interpolation"] == "bicubic"
+    saved = json.loads((folder / "config.json").read_text())["fastrsb"]
+    assert saved["weights"] == "model" and saved["epoch"] == 2 and saved["recipe"] == state["recipe"]
+    assert saved["top1"] == state["metrics"]["top1"]
+    # Any timm loads the weights file into a model it builds itself.
+    plain = timm.create_model("resnet10t", num_classes=4, checkpoint_path=str(folder / "model.safetensors"))
+    assert _weights_equal(plain.state_dict(), state["model"])
+
+    transform = timm.data.create_transform(**config)
+    images = sorted((tiny_data / "val").glob("*/*"))
+    batch = torch.stack([transform(Image.open(path).convert("RGB")) for path in images])
+    labels = torch.tensor([state["classes"].index(path.parent.name) for path in images])
+    ours = make_model("resnet10t", 4).eval()
+    ours.load_state_dict(state["model"])
+    with torch.no_grad():
+        logits = model(batch)
+        assert torch.allclose(logits, ours(batch), atol=1e-5)  # the same network, in timm's memory format
+    correct = int((logits.argmax(1) == labels).sum())
+    reported = json.loads(run_cli("eval", out / "last.pt", "--data", tiny_data, "--json").stdout)["top1"]
+    # DALI's eval resize and PIL's agree to 0.0007 on average (test_pipelines): one image may tip.
+    assert abs(correct - reported * len(images) / 100) <= 1
+
+
+def test_export_replaces_nothing_unasked_and_takes_the_ema(run, tmp_path, monkeypatch):
+    out, _ = run
+    folder = tmp_path / "kept"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("mine")
+    assert_user_error(run_cli("export", out / "last.pt", folder, check=False), "already holds files", "--force")
+    assert_user_error(run_cli("export", out / "last.pt", out / "last.pt", check=False), "is a file")
+    assert_user_error(run_cli("export", out / "last.pt", tmp_path / "e", "--ema", check=False), "no EMA weights")
+    assert_user_error(run_cli("export", tmp_path / "none.pt", tmp_path / "e", check=False), "no checkpoint")
+
+    import timm.models._hub
+    def broken(model, config_path, **kwargs):  # an export that fails halfway: the weights written
+        Path(config_path).write_text("{")
+        raise OSError("disk full")
+    monkeypatch.setattr(timm.models._hub, "save_config_for_hf", broken)
+    assert_user_error(run_cli("export", out / "last.pt", folder, "--force", check=False), "could not write", "disk full")
+    monkeypatch.undo()
+    assert [p.name for p in folder.iterdir()] == ["notes.txt"]  # as it was
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["kept"]  # and nothing half-written beside it
+
+    state = torch.load(out / "last.pt", weights_only=True)
+    state["ema"] = {k: v + 1 if v.is_floating_point() else v for k, v in state["model"].items()}
+    torch.save(state, tmp_path / "with_ema.pt")
+    result = json.loads(run_cli("export", tmp_path / "with_ema.pt", folder, "--ema", "--force", "--json").stdout)
+    assert result["weights"] == "ema" and sorted(p.name for p in folder.iterdir()) == ["config.json", "model.safetensors"]
+    from safetensors.torch import load_file
+    assert _weights_equal(load_file(folder / "model.safetensors"), state["ema"])
+    assert "label_descriptions" not in json.loads((folder / "config.json").read_text())  # not ImageNet's classes
+
+
+def test_export_names_imagenet_classes_in_words():
+    from fastrsb.export import _imagenet_descriptions
+    assert _imagenet_descriptions(["n01440764", "n01443537"]) == {"n01440764": "tench, Tinca tinca",
+                                                                  "n01443537": "goldfish, Carassius auratus"}
+    assert _imagenet_descriptions(["n01440764", "n00_hstripes"]) is None
 
 
 def test_run_folder_is_not_overwritten(run, tiny_data):

@@ -1,0 +1,151 @@
+"""`fastrsb export`: a run's trained weights as a timm model folder, for use outside fastrsb.
+
+The folder is timm's own layout for a model (what timm's `save_for_hf` writes and the Hugging
+Face hub serves, its config written by timm's `save_config_for_hf`): `model.safetensors`, the
+weights alone (no optimizer moments, nothing pickled), and `config.json`: the architecture, the
+classes by name, and as its pretrained config the transform the run validated with (the
+recipe's test size and crop, bicubic, ImageNet's mean and
+std). So, with no fastrsb installed:
+
+    model = timm.create_model("local-dir:FOLDER", pretrained=True)
+    transform = timm.data.create_transform(**timm.data.resolve_data_config(model=model))
+
+builds the trained network and the transform to feed it, and the folder can be pushed to the hub
+as it is. Code that builds its own model loads the weights file alone:
+`timm.create_model(ARCH, num_classes=N, checkpoint_path="FOLDER/model.safetensors")`.
+
+config.json also keeps, under "fastrsb", where the weights came from: the checkpoint, its epoch
+and validated top-1, the weights taken (the model's or its EMA) and the whole recipe.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from fastrsb import __version__
+from fastrsb.checkpoint import load_checkpoint, load_weights
+from fastrsb.errors import UserError
+from fastrsb.model import make_model
+
+WEIGHTS = "model.safetensors"  # timm's (and the hub's) file names
+CONFIG = "config.json"
+
+
+def export_checkpoint(checkpoint: str | Path, out: str | Path, ema: bool = False, force: bool = False) -> dict:
+    """Write CHECKPOINT's weights (ema: its EMA weights) and config to the folder OUT. An OUT that
+    holds anything is refused unless `force`; the folder is written beside OUT and renamed into
+    place, so an export that fails leaves OUT as it was. Returns what was written."""
+    from safetensors.torch import save_file
+    from timm.models._hub import save_config_for_hf  # not re-exported by timm.models in every release
+
+    state = load_checkpoint(checkpoint)
+    recipe, classes = state["recipe"], state["classes"]
+    if ema and "ema" not in state:
+        raise UserError(f"{checkpoint} holds no EMA weights (the run had model_ema = false)")
+    out = Path(out)
+    _check_target(out, force)
+    model = make_model(recipe["model"], len(classes))
+    load_weights(model, state["ema" if ema else "model"], str(checkpoint))
+    # safetensors stores dense row-major tensors: the channels-last convolution weights are
+    # written as their contiguous copies (the same values; any model loads them).
+    model = model.to(memory_format=torch.contiguous_format)
+    architecture = model.pretrained_cfg["architecture"]
+    model.pretrained_cfg = _pretrained_cfg(model, recipe, len(classes))
+    provenance = {"version": __version__, "checkpoint": str(checkpoint), "epoch": state.get("epoch"),
+                  "top1": _validated_top1(state, ema), "weights": "ema" if ema else "model", "recipe": recipe}
+    model_config = {"label_names": list(classes), "fastrsb": provenance}
+    descriptions = _imagenet_descriptions(classes)
+    if descriptions:
+        model_config["label_descriptions"] = descriptions
+
+    staging = None
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
+        # What timm's save_for_hf writes, without its check for huggingface_hub (which some
+        # timm releases fail to import beside a newer hub, though writing needs none of it).
+        save_file(model.state_dict(), str(staging / WEIGHTS))
+        save_config_for_hf(model, staging / CONFIG, model_config=model_config)
+        _readable_as_umask_allows(staging)
+        _move_into_place(staging, out)
+    except BaseException as err:
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
+        if isinstance(err, OSError):  # a folder we may not write, a full disk: said in one line
+            raise UserError(f"could not write {out}: {err.strerror or err}") from None
+        raise
+    return {"checkpoint": str(checkpoint), "out": str(out), "architecture": architecture,
+            "num_classes": len(classes), "epoch": state.get("epoch"), "top1": provenance["top1"],
+            "weights": provenance["weights"], "img_size": recipe["test_img_size"], "crop_pct": recipe["crop_pct"],
+            "weights_bytes": (out / WEIGHTS).stat().st_size}
+
+
+def _validated_top1(state: dict, ema: bool) -> float | None:
+    """The top-1 these weights reached in the run's validation of the checkpoint's epoch (None
+    where that epoch was saved before its validation ran)."""
+    if not state.get("validated", True):
+        return None
+    return state.get("metrics", {}).get("ema_top1" if ema else "top1")
+
+
+def _check_target(out: Path, force: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{out} is a file: export writes a folder (model.safetensors and config.json)")
+    if out.is_dir() and any(out.iterdir()) and not force:
+        raise UserError(f"{out} already holds files: choose another folder, or --force to replace it")
+
+
+def _pretrained_cfg(model, recipe: dict, num_classes: int) -> dict:
+    """timm's pretrained config for these weights: the transform the run validated with (timm's
+    eval transform: shorter side to size / crop_pct, bicubic, centre crop), not the defaults of
+    the architecture's published weights (their tag, URL, test size and license are not ours)."""
+    from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+    own = model.pretrained_cfg
+    size = recipe["test_img_size"]
+    return {"architecture": own["architecture"], "tag": f"fastrsb_{recipe['name']}", "custom_load": False,
+            "input_size": (3, size, size), "fixed_input_size": own.get("fixed_input_size", False),
+            "interpolation": "bicubic", "crop_pct": recipe["crop_pct"], "crop_mode": "center",
+            "mean": IMAGENET_DEFAULT_MEAN, "std": IMAGENET_DEFAULT_STD, "num_classes": num_classes,
+            "pool_size": None, "first_conv": own.get("first_conv"), "classifier": own.get("classifier")}
+
+
+def _imagenet_descriptions(classes: list[str]) -> dict | None:
+    """ImageNet's words for its synsets (n01440764 -> "tench, Tinca tinca"), from timm's own
+    tables, where every class is one of ImageNet-1k's wnids."""
+    from timm.data import ImageNetInfo
+    info = ImageNetInfo()
+    known = set(info.label_names())
+    if not classes or not all(name in known for name in classes):
+        return None
+    return {name: info.label_name_to_description(name) for name in classes}
+
+
+def _readable_as_umask_allows(folder: Path) -> None:
+    """mkdtemp's folder is private (0700): give the folder and its files the modes a plain mkdir
+    and open would have."""
+    umask = os.umask(0)
+    os.umask(umask)
+    folder.chmod(0o777 & ~umask)
+    for path in folder.iterdir():
+        path.chmod(0o666 & ~umask)
+
+
+def _move_into_place(staging: Path, out: Path) -> None:
+    """staging -> out; an existing out (force) is set aside first and removed only once the new
+    folder is in place."""
+    if not out.exists():
+        staging.rename(out)
+        return
+    old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".old"))
+    old.rmdir()
+    out.rename(old)
+    try:
+        staging.rename(out)
+    except BaseException:
+        old.rename(out)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
