@@ -89,9 +89,14 @@ def resume_command(args, data: Path, out: Path) -> str:
         words += ["--set", item]
     words += ["--resume", "auto"]
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1:  # under torchrun: the same number of processes (each has its loader position)
-        words = ["torchrun", f"--nproc_per_node={os.environ.get('LOCAL_WORLD_SIZE', world)}", "-m", "fastrsb"] + words[1:]
-    return shlex.join(words)
+    if world == 1:
+        return shlex.join(words)
+    # Under torchrun: the same number of processes (each has its loader position).
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    if local == world:
+        return shlex.join(["torchrun", f"--nproc_per_node={world}", "-m", "fastrsb"] + words[1:])
+    launch = ["torchrun", f"--nnodes={world // local}", f"--nproc_per_node={local}", "-m", "fastrsb"] + words[1:]
+    return f"{shlex.join(launch)}  (on each of the {world // local} machines, with the launch's rendezvous options)"
 
 
 def cmd_eval(args) -> None:

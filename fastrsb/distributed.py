@@ -68,13 +68,13 @@ def gather_to_main(obj, d: Dist) -> list | None:
     return objects
 
 
-def scatter_from_main(objects: list | None, d: Dist):
-    """Rank r receives objects[r] from rank 0."""
+def broadcast_from_main(obj, d: Dist):
+    """Rank 0's `obj` on every rank (what the others pass is ignored). Start-up only: it pickles."""
     if not d.on:
-        return objects[0]
-    received = [None]
-    dist.scatter_object_list(received, objects if d.main else None, src=0)
-    return received[0]
+        return obj
+    box = [obj if d.main else None]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def agree(flags: list[bool], d: Dist) -> list[bool]:

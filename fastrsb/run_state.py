@@ -13,7 +13,7 @@ import torch
 
 from fastrsb import __version__
 from fastrsb.checkpoint import load_checkpoint, load_weights, save_checkpoint
-from fastrsb.distributed import Dist, gather_to_main
+from fastrsb.distributed import Dist, broadcast_from_main, gather_to_main
 from fastrsb.errors import UserError
 from fastrsb.parts import Run
 from fastrsb.recipe import ADDED_KEYS, SPEED_ONLY
@@ -58,6 +58,28 @@ def load_for_resume(path: Path, recipe: dict, classes: list[str], d: Dist) -> di
         raise UserError(f"{path} was written by {len(state['ranks'])} process(es), this run has {d.world}: exact "
                         "resume needs each process's loader position; resume with the same number of processes")
     return state
+
+
+def resume_state(resume: str | None, out: Path, recipe: dict, classes: list[str], d: Dist
+                 ) -> tuple[Path | None, dict | None]:
+    """(path, state) of the checkpoint this run continues from, or (None, None). Rank 0 alone
+    finds and reads it and sends it to every rank: only rank 0 writes the run folder, so that is
+    where the checkpoint is. A multi-node run whose --out is a folder on rank 0's machine alone
+    resumes as one on a shared file system (before, the other machines' ranks found no
+    checkpoint there and started from scratch, out of step with rank 0), and N processes do not
+    read one file N times. A checkpoint that rank 0 refuses stops every rank."""
+    found, error = (None, None), None
+    if d.main:
+        try:
+            path = find_resume(resume, out)
+            found = (path, load_for_resume(path, recipe, classes, d) if path else None)
+        except UserError as err:
+            error = err
+    if d.on:
+        refused, *found = broadcast_from_main((error is not None, *found), d)
+    if error is not None or (d.on and refused):
+        raise error or UserError("rank 0 cannot resume from the checkpoint (its message says why)")
+    return tuple(found)
 
 
 def _rank_state(run: Run, pos: Position) -> dict:

@@ -25,7 +25,7 @@ from fastrsb.model import make_model
 from fastrsb.parts import Run, build_run, open_val_loader
 from fastrsb.progress import Progress, clock as _clock
 from fastrsb.recipe import BUILTIN, load_recipe
-from fastrsb.run_state import Position, RunFolder, find_resume, load_for_resume, restore_run, save_run
+from fastrsb.run_state import Position, RunFolder, restore_run, resume_state, save_run
 from fastrsb.shards import check_shards
 from fastrsb.stopping import StopRequest
 
@@ -46,8 +46,7 @@ def train(recipe: dict, data: str | Path, out: str | Path, device: str | None = 
     try:
         with (stop or StopRequest()) as stop, deterministic_mode(deterministic):
             train_images, val_images = open_dataset(data)
-            resume_path = find_resume(resume, out)
-            state = load_for_resume(resume_path, recipe, train_images.classes, d) if resume_path else None
+            resume_path, state = resume_state(resume, out, recipe, train_images.classes, d)
             if resume == "auto" and state is None and d.main:
                 print(f"--resume auto: no checkpoint in {out}, starting from scratch")
             _check_files(train_images, val_images, d)

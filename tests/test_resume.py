@@ -193,6 +193,55 @@ def test_two_processes_resume_exactly(distributed_run, tiny_data, tmp_path):
     single = run_cli("train", "tiny", "--data", tiny_data, "--out", tmp_path, "--device", "cpu", "--resume", "auto",
                      check=False)
     assert single.returncode == 2 and "2 process(es)" in single.stderr
+    # A checkpoint rank 0 refuses stops both processes (rank 1 is not left waiting for the state).
+    other = _torchrun("--data", tiny_data, "--out", tmp_path, "--set", "lr=0.1", "--resume", "auto", check=False)
+    assert other.returncode != 0 and "another recipe" in other.stderr and "rank 0 cannot resume" in other.stderr
+
+
+def _two_machines(tmp_path, *args):
+    """torchrun as on two machines of one process each (node ranks 0 and 1, a static rendezvous on
+    this host), each in a working folder of its own: a relative --out is then a folder each
+    machine holds alone, as a run folder on a machine's local disk is."""
+    import socket
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    procs = []
+    for node in (0, 1):
+        (tmp_path / f"machine{node}").mkdir(parents=True, exist_ok=True)
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1",
+               f"--node_rank={node}", "--master_addr=127.0.0.1", f"--master_port={port}",
+               "-m", "fastrsb", "train", "tiny", "--device", "cpu", "--threads", "1", "--out", "run", *map(str, args)]
+        procs.append(subprocess.Popen(cmd, cwd=tmp_path / f"machine{node}", stdout=subprocess.PIPE,
+                                      stderr=subprocess.STDOUT, text=True))
+    outputs = []
+    for proc in procs:
+        try:
+            outputs.append(proc.communicate(timeout=180)[0])
+        except subprocess.TimeoutExpired:
+            for p in procs:
+                p.kill()
+            raise AssertionError("the two machines' run did not finish (out of step?)")
+    assert all(p.returncode == 0 for p in procs), "\n".join(outputs)
+    return outputs
+
+
+def test_two_machines_resume_from_rank_0s_own_run_folder(tiny_data, tmp_path):
+    """Only rank 0 writes the run folder, so a multi-node run whose --out is on rank 0's machine
+    alone resumes from there: rank 0 reads the checkpoint and sends it to every rank (tested as two
+    machines whose run folders are different folders). The result is the uninterrupted run's.
+    (Compared with a two-machine run, not the one-machine run above: gloo reduces across machines
+    in another order, and the losses differ in the last bits.)"""
+    _two_machines(tmp_path / "whole", "--data", tiny_data)
+    first = _two_machines(tmp_path / "stopped", "--data", tiny_data, "--stop-after-steps", "8")
+    assert "stopped at step 8" in first[0] and "continue with: torchrun --nnodes=2 --nproc_per_node=1 -m" in first[0]
+    rank0, rank1 = tmp_path / "stopped/machine0/run", tmp_path / "stopped/machine1/run"
+    assert (rank0 / "last.pt").is_file() and not (rank1 / "last.pt").exists()
+    _two_machines(tmp_path / "stopped", "--data", tiny_data, "--resume", "auto")
+    whole = tmp_path / "whole/machine0/run"
+    left, right = load_checkpoint(whole / "last.pt"), load_checkpoint(rank0 / "last.pt")
+    assert right["step"] == 12 and all(torch.equal(v, right["model"][k]) for k, v in left["model"].items())
+    assert _epoch_rows(whole) == _epoch_rows(rank0)
 
 
 def test_eval_of_the_ema_weights(tiny_data, uninterrupted, tmp_path):
