@@ -13,6 +13,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from fastrsb.staging import staged_folder
+
 CLASSES = ("n00_hstripes", "n01_vstripes", "n02_checks", "n03_dots", "n04_rings", "n05_blobs",
            "n06_crosshatch", "n07_spokes")
 
@@ -59,10 +61,25 @@ def make_image(kind: int, rng: np.random.Generator) -> Image.Image:
 
 def write_demo(root: str | Path, train_per_class: int = 120, val_per_class: int = 30,
                seed: int = 0, num_classes: int = len(CLASSES)) -> Path:
-    """Write root/train/<class>/*.JPEG and root/val/<class>/*.JPEG. Returns root."""
+    """Write root/train/<class>/*.JPEG and root/val/<class>/*.JPEG. Returns root.
+
+    A new (or empty) root is written whole or not at all (fastrsb.staging): an interrupted
+    generation, such as Ctrl-C during the first `fastrsb train demo`, leaves no partial data set
+    that a later run would take for the whole one, and processes that race to write it (each
+    rank of a torchrun) end with one complete copy. Into a root that holds files already, the
+    files are written in place."""
     root = Path(root)
     if not 2 <= num_classes <= len(CLASSES):
         raise ValueError(f"num_classes must lie in 2..{len(CLASSES)}")
+    if root.is_dir() and any(root.iterdir()):
+        _write_into(root, train_per_class, val_per_class, seed, num_classes)
+        return root
+    with staged_folder(root, existing="keep") as staging:  # "keep": a racer's copy is the same set
+        _write_into(staging, train_per_class, val_per_class, seed, num_classes)
+    return root
+
+
+def _write_into(root: Path, train_per_class: int, val_per_class: int, seed: int, num_classes: int) -> None:
     for split, count, offset in (("train", train_per_class, 0), ("val", val_per_class, 1)):
         for kind, name in enumerate(CLASSES[:num_classes]):
             folder = root / split / name
@@ -70,7 +87,6 @@ def write_demo(root: str | Path, train_per_class: int = 120, val_per_class: int 
             for i in range(count):
                 rng = np.random.default_rng([seed, offset, kind, i])
                 _save(make_image(kind, rng), folder / f"{name}_{split}_{i:05d}.JPEG", i)
-    return root
 
 
 def _save(image: Image.Image, path: Path, index: int) -> None:

@@ -19,9 +19,6 @@ and validated top-1, the weights taken (the model's or its EMA) and the whole re
 """
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -30,6 +27,7 @@ from fastrsb import __version__
 from fastrsb.checkpoint import load_checkpoint, load_weights
 from fastrsb.errors import UserError
 from fastrsb.model import make_model
+from fastrsb.staging import staged_folder
 
 WEIGHTS = "model.safetensors"  # timm's (and the hub's) file names
 CONFIG = "config.json"
@@ -62,22 +60,14 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, ema: bool = False
     if descriptions:
         model_config["label_descriptions"] = descriptions
 
-    staging = None
     try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
-        # What timm's save_for_hf writes, without its check for huggingface_hub (which some
-        # timm releases fail to import beside a newer hub, though writing needs none of it).
-        save_file(model.state_dict(), str(staging / WEIGHTS))
-        save_config_for_hf(model, staging / CONFIG, model_config=model_config)
-        _readable_as_umask_allows(staging)
-        _move_into_place(staging, out)
-    except BaseException as err:
-        if staging is not None:
-            shutil.rmtree(staging, ignore_errors=True)
-        if isinstance(err, OSError):  # a folder we may not write, a full disk: said in one line
-            raise UserError(f"could not write {out}: {err.strerror or err}") from None
-        raise
+        with staged_folder(out, existing="replace") as staging:
+            # What timm's save_for_hf writes, without its check for huggingface_hub (which some
+            # timm releases fail to import beside a newer hub, though writing needs none of it).
+            save_file(model.state_dict(), str(staging / WEIGHTS))
+            save_config_for_hf(model, staging / CONFIG, model_config=model_config)
+    except OSError as err:  # a folder we may not write, a full disk: said in one line
+        raise UserError(f"could not write {out}: {err.strerror or err}") from None
     return {"checkpoint": str(checkpoint), "out": str(out), "architecture": architecture,
             "num_classes": len(classes), "epoch": state.get("epoch"), "top1": provenance["top1"],
             "weights": provenance["weights"], "img_size": recipe["test_img_size"], "crop_pct": recipe["crop_pct"],
@@ -122,30 +112,3 @@ def _imagenet_descriptions(classes: list[str]) -> dict | None:
     if not classes or not all(name in known for name in classes):
         return None
     return {name: info.label_name_to_description(name) for name in classes}
-
-
-def _readable_as_umask_allows(folder: Path) -> None:
-    """mkdtemp's folder is private (0700): give the folder and its files the modes a plain mkdir
-    and open would have."""
-    umask = os.umask(0)
-    os.umask(umask)
-    folder.chmod(0o777 & ~umask)
-    for path in folder.iterdir():
-        path.chmod(0o666 & ~umask)
-
-
-def _move_into_place(staging: Path, out: Path) -> None:
-    """staging -> out; an existing out (force) is set aside first and removed only once the new
-    folder is in place."""
-    if not out.exists():
-        staging.rename(out)
-        return
-    old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".old"))
-    old.rmdir()
-    out.rename(old)
-    try:
-        staging.rename(out)
-    except BaseException:
-        old.rename(out)
-        raise
-    shutil.rmtree(old, ignore_errors=True)

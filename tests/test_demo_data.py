@@ -1,4 +1,5 @@
 import hashlib
+import os
 
 from PIL import Image
 
@@ -33,3 +34,47 @@ def test_deterministic_from_seed(tmp_path):
     b = write_demo(tmp_path / "b", 3, 1, seed=5, num_classes=2)
     c = write_demo(tmp_path / "c", 3, 1, seed=6, num_classes=2)
     assert digest(a) == digest(b) != digest(c)
+
+
+def test_an_interrupted_generation_leaves_no_partial_data_set(tmp_path, monkeypatch):
+    """Ctrl-C while `fastrsb train demo` generates data/demo: no data/demo a later run would take
+    for the whole set (it is written beside and renamed into place), nothing left beside it; the
+    next generation writes it whole."""
+    import pytest
+    import fastrsb.demo_data as demo_data
+    save, saved = demo_data._save, []
+
+    def interrupted(image, path, index):
+        if len(saved) == 5:
+            raise KeyboardInterrupt
+        saved.append(path)
+        save(image, path, index)
+    monkeypatch.setattr(demo_data, "_save", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        write_demo(tmp_path / "demo", 3, 1, num_classes=2)
+    assert saved and list(tmp_path.iterdir()) == []
+    monkeypatch.undo()
+    (tmp_path / "demo").mkdir()  # an empty folder (made by hand, say) is filled the same way
+    write_demo(tmp_path / "demo", 3, 1, num_classes=2)
+    assert [p.name for p in tmp_path.iterdir()] == ["demo"] and len(list((tmp_path / "demo").rglob("*.JPEG"))) == 8
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (tmp_path / "demo").stat().st_mode & 0o777 == 0o777 & ~umask  # a plain mkdir's, not mkdtemp's 0700
+
+
+def test_a_racing_writer_keeps_one_complete_copy(tmp_path, monkeypatch):
+    """Two processes generating the demo set at once (each rank of a torchrun): the first renamed
+    into place stays, the other's copy is dropped, and neither fails."""
+    import fastrsb.demo_data as demo_data
+    first = write_demo(tmp_path / "first", 3, 1, num_classes=2)
+    expected = digest(first)
+    (first / "written_by_the_racer").touch()
+    write_into = demo_data._write_into
+
+    def racer_done_first(root, *args):
+        write_into(root, *args)
+        first.rename(tmp_path / "demo")  # the other process's rename comes first
+    monkeypatch.setattr(demo_data, "_write_into", racer_done_first)
+    assert write_demo(tmp_path / "demo", 3, 1, num_classes=2) == tmp_path / "demo"
+    assert [p.name for p in tmp_path.iterdir()] == ["demo"]  # our copy dropped, nothing left beside
+    assert (tmp_path / "demo/written_by_the_racer").exists() and digest(tmp_path / "demo") == expected

@@ -1,5 +1,6 @@
 """A real, short training run through the command line, then its checkpoints."""
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -121,6 +122,9 @@ def test_export_is_a_timm_model_folder(run, tiny_data, tmp_path):
     assert "resnet10t, 4 classes, tested at 40 px, crop 0.95" in proc.stdout and "local-dir:" in proc.stdout
     assert sorted(p.name for p in folder.iterdir()) == ["config.json", "model.safetensors"]
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging folder left
+    umask = os.umask(0)
+    os.umask(umask)  # readable as any file the user writes (safetensors alone makes its file 0600)
+    assert [(folder / name).stat().st_mode & 0o777 for name in ("config.json", "model.safetensors")] == [0o666 & ~umask] * 2
 
     model = timm.create_model(f"local-dir:{folder}", pretrained=True).eval()
     assert _weights_equal(model.state_dict(), state["model"])
