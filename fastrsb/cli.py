@@ -49,13 +49,18 @@ def cmd_train(args) -> int:
             from fastrsb.demo_data import write_demo
             print(f"generating the demo data set in {data} ...", flush=True)
             write_demo(data)
-    from fastrsb.data_folder import check_layout
-    check_layout(data)  # before importing torch (seconds): a wrong path is told at once
     if args.resume and not args.out and args.resume == "auto":
         raise UserError("--resume auto needs --out RUN_DIR (the run to continue)")
     out = Path(args.out) if args.out else Path("runs") / f"{recipe['name']}-{time.strftime('%Y%m%d-%H%M%S')}"
-    if not args.resume and (out / "metrics.jsonl").exists():
-        raise UserError(f"{out} already holds a run (metrics.jsonl): continue it with --resume auto, or choose another --out")
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        # Before importing torch (seconds), a wrong path is told at once. Under torchrun, train()
+        # checks after the processes have met, so that all stop together: a process that stopped
+        # here would leave the other machines' waiting for it.
+        from fastrsb.data_folder import check_layout
+        check_layout(data)
+        if not args.resume and (out / "metrics.jsonl").exists():
+            raise UserError(f"{out} already holds a run (metrics.jsonl): continue it with --resume auto, "
+                            "or choose another --out")
     from fastrsb.stopping import StopRequest
     from fastrsb.train import train
     stop = StopRequest()

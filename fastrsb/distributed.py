@@ -77,6 +77,26 @@ def broadcast_from_main(obj, d: Dist):
     return box[0]
 
 
+def stop_together(error: Exception | None, d: Dist, what: str) -> None:
+    """After a check each rank made on its own (its copy of the data folder, say): if it failed on
+    any rank, every rank stops, the failed ones with their own error, the others naming them, so
+    no rank is left waiting in a collective for one that has gone (across machines, torchrun
+    does not stop the others: they would wait for the process group's 30-minute timeout)."""
+    if not d.on:
+        if error is not None:
+            raise error
+        return
+    device = "cuda" if dist.get_backend() == "nccl" else "cpu"
+    failed = torch.zeros(d.world, dtype=torch.int32, device=device)
+    failed[d.rank] = int(error is not None)
+    dist.all_reduce(failed)
+    ranks = [rank for rank, flag in enumerate(failed.tolist()) if flag]
+    if error is not None:
+        raise error
+    if ranks:
+        raise UserError(f"{what} failed on rank(s) {', '.join(map(str, ranks))} (their messages say why)")
+
+
 def agree(flags: list[bool], d: Dist) -> list[bool]:
     """Each flag True on every rank if it is True on any rank (a stop request that reached one
     process, a non-finite loss on one shard), so that all ranks take the same branch."""

@@ -19,10 +19,12 @@ from fastrsb.checkpoint import load_checkpoint, load_weights
 from fastrsb.data_folder import check_headers, describe_counts, loader_batches, open_dataset, open_split
 from fastrsb.determinism import batch_hash, deterministic_mode
 from fastrsb.device import amp_dtype, autocast, gpu_memory_line, resolve_device, step_stream
-from fastrsb.distributed import Dist, agree, all_reduce_sum, average_bn_stats, check_in_step, init_distributed, shutdown
+from fastrsb.distributed import (Dist, agree, all_reduce_sum, average_bn_stats, check_in_step, init_distributed, shutdown,
+                                 stop_together)
 from fastrsb.errors import UserError
 from fastrsb.model import make_model
 from fastrsb.parts import Run, build_run, open_val_loader
+from fastrsb.pipelines import DatasetError
 from fastrsb.progress import Progress, clock as _clock
 from fastrsb.recipe import BUILTIN, load_recipe
 from fastrsb.run_state import Position, RunFolder, restore_run, resume_state, save_run
@@ -45,7 +47,7 @@ def train(recipe: dict, data: str | Path, out: str | Path, device: str | None = 
     d = init_distributed(device)
     try:
         with (stop or StopRequest()) as stop, deterministic_mode(deterministic):
-            train_images, val_images = open_dataset(data)
+            train_images, val_images = _open_together(data, out, resume, d)
             resume_path, state = resume_state(resume, out, recipe, train_images.classes, d)
             if resume == "auto" and state is None and d.main:
                 print(f"--resume auto: no checkpoint in {out}, starting from scratch")
@@ -225,6 +227,21 @@ def evaluate(model: torch.nn.Module, loader, device: str, dtype: torch.dtype | N
     top1, top5, loss, count = all_reduce_sum(totals, d).tolist()
     return {"top1": 100.0 * top1 / count, "top5": 100.0 * top5 / count, "val_loss": loss / count,
             "val_images": int(count)}
+
+
+def _open_together(data: Path, out: Path, resume: str | None, d: Dist):
+    """(train, val) image lists, the start-up checks made on every rank's own view (its copy of
+    the data) and on rank 0's (the run folder, which it alone writes), all stopping together."""
+    error, found = None, (None, None)
+    try:
+        if d.main and not resume and (out / "metrics.jsonl").exists():
+            raise UserError(f"{out} already holds a run (metrics.jsonl): continue it with --resume auto, "
+                            "or choose another --out")
+        found = open_dataset(data)
+    except (UserError, DatasetError) as err:
+        error = err
+    stop_together(error, d, "the start-up checks (data folder, run folder)")
+    return found
 
 
 def _check_files(train_images, val_images, d: Dist) -> None:

@@ -1,5 +1,6 @@
 """Exact resume, graceful stop, EMA, gradient accumulation: the trainer's promises on the CPU."""
 import json
+import shutil
 import signal
 import subprocess
 import sys
@@ -198,7 +199,7 @@ def test_two_processes_resume_exactly(distributed_run, tiny_data, tmp_path):
     assert other.returncode != 0 and "another recipe" in other.stderr and "rank 0 cannot resume" in other.stderr
 
 
-def _two_machines(tmp_path, *args):
+def _two_machines(tmp_path, *args, check=True):
     """torchrun as on two machines of one process each (node ranks 0 and 1, a static rendezvous on
     this host), each in a working folder of its own: a relative --out is then a folder each
     machine holds alone, as a run folder on a machine's local disk is."""
@@ -222,8 +223,9 @@ def _two_machines(tmp_path, *args):
             for p in procs:
                 p.kill()
             raise AssertionError("the two machines' run did not finish (out of step?)")
-    assert all(p.returncode == 0 for p in procs), "\n".join(outputs)
-    return outputs
+    if check:
+        assert all(p.returncode == 0 for p in procs), "\n".join(outputs)
+    return outputs if check else (outputs, [p.returncode for p in procs])
 
 
 def test_two_machines_resume_from_rank_0s_own_run_folder(tiny_data, tmp_path):
@@ -242,6 +244,24 @@ def test_two_machines_resume_from_rank_0s_own_run_folder(tiny_data, tmp_path):
     left, right = load_checkpoint(whole / "last.pt"), load_checkpoint(rank0 / "last.pt")
     assert right["step"] == 12 and all(torch.equal(v, right["model"][k]) for k, v in left["model"].items())
     assert _epoch_rows(whole) == _epoch_rows(rank0)
+
+
+def test_two_machines_stop_together_on_a_start_up_error(tiny_data, tmp_path):
+    """A start-up check that fails on one machine only (its copy of the data missing; a run folder
+    on rank 0's machine that holds a run) stops both at once, each saying why: torchrun does not
+    stop the other machines, which waited for the failed process for 30 minutes before."""
+    (tmp_path / "machine0").mkdir()
+    shutil.copytree(tiny_data, tmp_path / "machine0/data")  # machine 1 has no copy of the data
+    outputs, codes = _two_machines(tmp_path, "--data", "data", check=False)
+    assert all(codes), outputs
+    assert "the start-up checks (data folder, run folder) failed on rank(s) 1" in outputs[0], outputs[0]
+    assert "data folder data does not exist" in outputs[1], outputs[1]
+
+    shutil.copytree(tiny_data, tmp_path / "machine1/data")
+    (tmp_path / "machine0/run").mkdir()
+    (tmp_path / "machine0/run/metrics.jsonl").write_text("{}\n")
+    outputs, codes = _two_machines(tmp_path, "--data", "data", check=False)
+    assert all(codes) and "run already holds a run" in outputs[0] and "failed on rank(s) 0" in outputs[1], outputs
 
 
 def test_eval_of_the_ema_weights(tiny_data, uninterrupted, tmp_path):
