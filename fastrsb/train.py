@@ -50,7 +50,9 @@ def train(recipe: dict, data: str | Path, out: str | Path, device: str | None = 
             train_images, val_images = _open_together(data, out, resume, d)
             resume_path, state = resume_state(resume, out, recipe, train_images.classes, d)
             if resume == "auto" and state is None and d.main:
-                print(f"--resume auto: no checkpoint in {out}, starting from scratch")
+                print(f"--resume auto: no checkpoint in {out}, starting from scratch"
+                      + (" (the rows a run logged there before it stopped without a checkpoint are dropped)"
+                         if (out / "metrics.jsonl").is_file() else ""))
             _check_files(train_images, val_images, d)
             if state and "micro_batch" in state and grad_accum_steps == "auto" and micro_batch is None:
                 micro_batch = state["micro_batch"]  # the loader position is for this micro-batch
@@ -58,7 +60,9 @@ def train(recipe: dict, data: str | Path, out: str | Path, device: str | None = 
                             loader_state=state["ranks"][d.rank]["loader"] if state else None)
             shards = check_shards(train_images.files, train_images.labels, run.train_data, run.micro, d)
             pos = restore_run(run, state, resume_path) if state else Position()
-            folder = RunFolder(out, recipe, d, resumed=pos if state else None)
+            # --resume auto without a checkpoint restarts from step 0: rows logged there by a run that
+            # stopped before its first checkpoint (a crash) are dropped as rows after a checkpoint are.
+            folder = RunFolder(out, recipe, d, resumed=pos if state or resume else None)
             _announce(run, train_images, val_images, resume_path if state else None, pos, shards)
             stops = Stops(stop, stop_after_steps, d)
             with step_stream(device, run.training.high_priority_stream):

@@ -112,6 +112,24 @@ def test_resume_refuses_another_recipe(tiny_data, uninterrupted, tmp_path):
     assert proc.returncode == 2 and "another recipe" in proc.stderr and "lr" in proc.stderr
 
 
+def test_resume_auto_after_a_crash_before_any_checkpoint_starts_clean(tiny_data, uninterrupted, tmp_path, capsys):
+    """A run killed before its first checkpoint leaves logged rows and no last.pt: --resume auto
+    starts from scratch and drops those rows (they were appended to before, so every step it had
+    logged appeared twice in metrics.jsonl and TensorBoard). The run is then the uninterrupted one."""
+    _train(tiny_data, tmp_path, stop_after_steps=4)
+    (tmp_path / "last.pt").unlink()  # as if killed (SIGKILL, a node lost) before any checkpoint
+    _train(tiny_data, tmp_path, resume="auto")
+    assert "starting from scratch (the rows a run logged there" in capsys.readouterr().out
+    logs = [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()
+            if json.loads(line)["kind"] == "log"]
+    assert logs == [2, 4, 6, 8, 10, 12]
+    _assert_same_run(uninterrupted, tmp_path)
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("train/loss")] == [2, 4, 6, 8, 10, 12]
+
+
 def test_finished_run_resumes_to_nothing(tiny_data, uninterrupted):
     before = (uninterrupted / "metrics.jsonl").read_text()
     metrics = _train(tiny_data, uninterrupted, resume="auto")
