@@ -242,6 +242,11 @@ def _open_together(data: Path, out: Path, resume: str | None, d: Dist):
             raise UserError(f"{out} already holds a run (metrics.jsonl): continue it with --resume auto, "
                             "or choose another --out")
         found = open_dataset(data)
+        if d.main:  # now, not after the model and loaders are built (minutes on a GPU)
+            try:
+                out.mkdir(parents=True, exist_ok=True)
+            except OSError as err:
+                raise UserError(f"cannot make the run folder {out}: {err.strerror or err}") from None
     except (UserError, DatasetError) as err:
         error = err
     stop_together(error, d, "the start-up checks (data folder, run folder)")

@@ -25,6 +25,13 @@ def test_missing_data_folder(tmp_path):
     assert "data demo" not in proc.stderr  # a wrong path is not a request for demo data
 
 
+def test_run_folder_that_cannot_be_made(tiny_data, tmp_path):
+    (tmp_path / "taken").write_text("a file, not a folder")
+    assert_user_error(train(tiny_data, "--out", tmp_path / "taken"), "cannot make the run folder", "taken")
+    assert_user_error(train(tiny_data, "--out", tmp_path / "taken" / "run"), "cannot make the run folder")
+    assert (tmp_path / "taken").read_text() == "a file, not a folder"
+
+
 def test_folder_without_splits(tmp_path):
     assert_user_error(train(tmp_path), "has no 'train' folder")
     (tmp_path / "train").mkdir()
