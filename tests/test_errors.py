@@ -154,6 +154,26 @@ def test_odd_batch_without_mixing_trains(tiny_data, tmp_path):
                       "batch_size 7", "must be even")
 
 
+@pytest.mark.parametrize("argv, fragment", [
+    (["train", "tiny", "--threads", "0"], "argument --threads: must be 1 or more, not 0"),  # was: the default
+    (["train", "tiny", "--threads", "-1"], "argument --threads: must be 1 or more, not -1"),  # was: DALI's traceback
+    (["train", "tiny", "--log-every", "0"], "argument --log-every: must be 1 or more"),  # was: ZeroDivisionError
+    (["train", "tiny", "--stop-after-steps", "0"], "argument --stop-after-steps: must be 1 or more"),  # stopped at 1
+    (["train", "tiny", "--grad-accum-steps", "0"], "argument --grad-accum-steps: must be 1 or more"),
+    (["train", "tiny", "--micro-batch", "x"], "argument --micro-batch: expected a whole number, not 'x'"),
+    (["eval", "last.pt", "--data", "d", "--batch-size", "0"], "argument --batch-size: must be 1 or more"),
+    (["eval", "last.pt", "--data", "d", "--img-size", "0"], "argument --img-size: must be 1 or more"),
+    (["eval", "last.pt", "--data", "d", "--crop-pct", "2"], "argument --crop-pct: must lie in (0, 1]"),
+    (["eval", "last.pt", "--data", "d", "--crop-pct", "0"], "argument --crop-pct: must lie in (0, 1]"),
+    (["data", "check", "d", "--workers", "0"], "argument --workers: must be 1 or more"),
+])
+def test_numbers_out_of_range_are_refused_by_name(argv, fragment):
+    """Refused before anything runs, naming the option: a 0 was taken for the default (threads,
+    workers, eval's size and crop), or failed deep inside (a division, DALI, a pipeline assert)."""
+    proc = run_cli(*argv, check=False)
+    assert proc.returncode == 2 and fragment in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+
+
 def test_version_and_demo_data_arguments(tmp_path):
     proc = run_cli("--version")
     assert proc.returncode == 0 and proc.stdout.startswith("fastrsb 0.")

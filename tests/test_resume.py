@@ -276,7 +276,7 @@ def test_two_machines_stop_together_on_a_start_up_error(tiny_data, tmp_path):
     assert "data folder data does not exist" in outputs[1], outputs[1]
 
     shutil.copytree(tiny_data, tmp_path / "machine1/data")
-    (tmp_path / "machine0/run").mkdir()
+    (tmp_path / "machine0/run").mkdir(exist_ok=True)  # rank 0 made it before rank 1 failed
     (tmp_path / "machine0/run/metrics.jsonl").write_text("{}\n")
     outputs, codes = _two_machines(tmp_path, "--data", "data", check=False)
     assert all(codes) and "run already holds a run" in outputs[0] and "failed on rank(s) 0" in outputs[1], outputs
