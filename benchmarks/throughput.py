@@ -36,6 +36,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from synthetic import synthetic_jpegs  # noqa: E402
 
+from fastrsb.cli import count_option  # noqa: E402  (a whole number of 1 or more, as the CLI takes it)
+
 
 LOADERS = ("dali-gpu", "dali-cpu", "torchvision", "timm")
 
@@ -502,7 +504,7 @@ def parse_args(argv: list[str] | None = None, gpu: bool | None = None) -> argpar
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--mode", choices=["loader", "step", "train"], default="loader")
     p.add_argument("--data", type=Path, help="a class-folder tree of JPEGs (e.g. imagenet/train)")
-    p.add_argument("--synthetic-jpegs", type=int, help="generate (and cache) this many ImageNet-like JPEGs")
+    p.add_argument("--synthetic-jpegs", type=count_option, help="generate (and cache) this many ImageNet-like JPEGs")
     p.add_argument("--cache", type=Path, default=Path("data/bench"), help="where synthetic JPEGs are kept")
     p.add_argument("--loaders", default=None, help="loader mode: comma list (default: dali-gpu if a GPU, dali-cpu, torchvision, timm)")
     p.add_argument("--aa", default="rand-m6-mstd0.5-inc1",
@@ -511,15 +513,15 @@ def parse_args(argv: list[str] | None = None, gpu: bool | None = None) -> argpar
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="step/train modes: override a recipe value, e.g. --set model=resnet18 --set compile=false")
     p.add_argument("--num-classes", type=int, default=1000, help="step/train modes: classifier width")
-    p.add_argument("--img-size", type=int, default=160)
-    p.add_argument("--batch-size", type=int, default=128, help="per process (GPU)")
-    p.add_argument("--steps", type=int, default=30, help="timed batches")
+    p.add_argument("--img-size", type=count_option, default=160)
+    p.add_argument("--batch-size", type=count_option, default=128, help="per process (GPU)")
+    p.add_argument("--steps", type=count_option, default=30, help="timed batches")
     p.add_argument("--warmup", type=int, default=None,
                    help="batches before timing starts (compilation included); default 5, and at least twice the "
                         "batches the loader holds in its queues")
-    p.add_argument("--rounds", type=int, default=1,
+    p.add_argument("--rounds", type=count_option, default=1,
                    help="loader mode: measure every loader this many times, round-robin, and report the median")
-    p.add_argument("--workers", type=int, default=None,
+    p.add_argument("--workers", type=count_option, default=None,
                    help="DALI threads / DataLoader workers (default: loader mode, cores; train mode, the trainer's)")
     p.add_argument("--aa-impl", choices=["auto", "tree", "batch", "torch"], default=None,
                    help="DALI loaders: RandAugment as a DALI conditionals tree, DALI batch-wide, or drawn by DALI and "
@@ -550,7 +552,7 @@ def parse_args(argv: list[str] | None = None, gpu: bool | None = None) -> argpar
     p.add_argument("--profile", nargs="?", const="profile", metavar="DIR",
                    help="step/train modes: after the timed steps, profile --profile-steps more with torch.profiler "
                         "and write DIR/profile.txt and profile.json (default DIR: profile)")
-    p.add_argument("--profile-steps", type=int, default=20)
+    p.add_argument("--profile-steps", type=count_option, default=20)
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)  # one loader for a parent's rounds
     args = p.parse_args(argv)
     _refuse_mistakes(p, args, gpu)
@@ -561,8 +563,6 @@ def parse_args(argv: list[str] | None = None, gpu: bool | None = None) -> argpar
 
 def _refuse_mistakes(p: argparse.ArgumentParser, args: argparse.Namespace, gpu: bool) -> None:
     """p.error (exit 2, with the message) at the first thing that cannot run as asked."""
-    if args.rounds < 1:
-        p.error("--rounds must be at least 1")
     if args.hw_decoder_load is not None and not 0.0 <= args.hw_decoder_load <= 1.0:
         p.error("--hw-decoder-load must lie in [0, 1]")
     _refuse_options_of_another_mode(p, args)
@@ -612,12 +612,18 @@ def _refuse_options_of_another_mode(p: argparse.ArgumentParser, args: argparse.N
 
 
 def main(argv: list[str] | None = None) -> None:
+    from fastrsb.errors import UserError
+    from fastrsb.pipelines import DatasetError
     args = parse_args(argv)
     info = {} if args.child else context()  # a child's parent adds it (versions, commit: the same)
-    if args.mode == "loader":
-        run_loaders(args, _data_root(args), info)
-    else:
-        run_training(args, info)
+    try:
+        if args.mode == "loader":
+            run_loaders(args, _data_root(args), info)
+        else:
+            run_training(args, info)
+    except (UserError, DatasetError) as err:  # too few images for a batch, a data folder that will not do
+        print(f"throughput.py: error: {err}", file=sys.stderr)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -198,7 +198,7 @@ def cmd_data_shrink(args) -> None:
         raise UserError(f"{result['failed']} image(s) could not be read (listed above); the rest are in {args.target}")
 
 
-def _count(text: str) -> int:
+def count_option(text: str) -> int:
     """A whole number of 1 or more (threads, steps, images, processes): 0 is refused, not taken
     for "the default" as a falsy value would be."""
     try:
@@ -228,7 +228,7 @@ def _accumulation(text: str) -> str | int:
         int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected auto or a number, not {text!r}") from None
-    return _count(text)
+    return count_option(text)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -248,18 +248,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", help="ImageNet-style folder with train/<class>/ and val/<class>/ (demo: generated)")
     p.add_argument("--out", help="run folder (default runs/<recipe>-<time>)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="default: cuda if present")
-    p.add_argument("--threads", type=_count, default=None, help="DALI CPU threads per process (default: its share of the cores, at most 8)")
-    p.add_argument("--log-every", type=_count, default=50, help="steps between progress updates (host syncs)")
+    p.add_argument("--threads", type=count_option, default=None, help="DALI CPU threads per process (default: its share of the cores, at most 8)")
+    p.add_argument("--log-every", type=count_option, default=50, help="steps between progress updates (host syncs)")
     p.add_argument("--resume", metavar="auto|CKPT", default=None,
                    help="continue exactly: 'auto' takes --out's last.pt (starts fresh if there is none)")
     p.add_argument("--grad-accum-steps", type=_accumulation, default="auto", metavar="auto|K",
                    help="micro-batches per optimizer step and process; auto (default): from --micro-batch, or on a "
                         "GPU the largest micro-batch that fits, so the recipe's global batch holds on any GPU count")
-    p.add_argument("--micro-batch", type=_count, default=None, metavar="N",
+    p.add_argument("--micro-batch", type=count_option, default=None, metavar="N",
                    help="images per process and micro-batch (with --grad-accum-steps auto)")
     p.add_argument("--deterministic", action="store_true",
                    help="torch's deterministic algorithms, and a hash of each logged batch (fastrsb compare)")
-    p.add_argument("--stop-after-steps", type=_count, default=None, metavar="N",
+    p.add_argument("--stop-after-steps", type=count_option, default=None, metavar="N",
                    help="save a resumable checkpoint and stop once N optimizer steps are done in total")
     _add_common(p)
     p.set_defaults(func=cmd_train)
@@ -267,11 +267,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="top-1/top-5 of a checkpoint")
     p.add_argument("checkpoint")
     p.add_argument("--data", required=True, help="folder with val/<class>/ (or a class folder tree itself)")
-    p.add_argument("--img-size", type=_count, default=None, help="default: the recipe's test_img_size")
+    p.add_argument("--img-size", type=count_option, default=None, help="default: the recipe's test_img_size")
     p.add_argument("--crop-pct", type=_crop_fraction, default=None, help="default: the recipe's crop_pct")
-    p.add_argument("--batch-size", type=_count, default=128)
+    p.add_argument("--batch-size", type=count_option, default=128)
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    p.add_argument("--threads", type=_count, default=None)
+    p.add_argument("--threads", type=count_option, default=None)
     p.add_argument("--ema", action="store_true", help="evaluate the checkpoint's EMA weights")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_eval)
@@ -323,7 +323,7 @@ def _add_data_commands(sub) -> None:
     d = data_sub.add_parser("check", help="list every problem of DIR/train and DIR/val: empty or differing "
                                           "classes, files that do not decode, files the loaders skip")
     d.add_argument("dir")
-    d.add_argument("--workers", type=_count, default=None, help="decoding processes (default: cores)")
+    d.add_argument("--workers", type=count_option, default=None, help="decoding processes (default: cores)")
     d.add_argument("--no-decode", action="store_true", help="only the folder structure (fast)")
     d.set_defaults(func=cmd_data_check)
     d = data_sub.add_parser("prepare", help="ImageNet as downloaded (ILSVRC2012 tars, per-class tars, Kaggle's "
@@ -332,7 +332,7 @@ def _add_data_commands(sub) -> None:
     d.add_argument("out")
     d.add_argument("--synsets", help="with the devkit's ground truth: its meta.mat, or the wnids in ILSVRC2012_ID "
                                      "order, one per line (default: the meta.mat of the devkit tar in RAW)")
-    d.add_argument("--workers", type=_count, default=None, help="processes (default: cores, at most 16)")
+    d.add_argument("--workers", type=count_option, default=None, help="processes (default: cores, at most 16)")
     d.set_defaults(func=cmd_data_prepare)
     d = data_sub.add_parser("prepare-val", help="sort ILSVRC2012's flat validation folder into class folders")
     d.add_argument("val_dir")
@@ -347,7 +347,7 @@ def _add_data_commands(sub) -> None:
     d.add_argument("target")
     d.add_argument("--max-side", type=int, default=500, help="longer side in pixels (default 500)")
     d.add_argument("--quality", type=int, default=90, help="JPEG quality (default 90)")
-    d.add_argument("--workers", type=_count, default=None, help="processes (default: cores)")
+    d.add_argument("--workers", type=count_option, default=None, help="processes (default: cores)")
     d.set_defaults(func=cmd_data_shrink)
 
 

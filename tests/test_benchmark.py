@@ -331,7 +331,9 @@ def test_the_benchmark_refuses_a_mistake_before_it_measures(tmp_path, capsys):
                           (train + ["--interpolation", "bicubic", "--rounds", "3"],
                            "--rounds, --interpolation: not read in --mode train (there, --interpolation: "
                            "--set train_interpolation=...)"),
-                          (["--mode", "loader", "--synthetic-jpegs", "8", "--set", "lr=1"], "--set: not read in --mode loader")):
+                          (["--mode", "loader", "--synthetic-jpegs", "8", "--set", "lr=1"], "--set: not read in --mode loader"),
+                          (["--mode", "loader", "--synthetic-jpegs", "8", "--steps", "0"],
+                           "argument --steps: must be 1 or more, not 0")):
         with pytest.raises(SystemExit):
             throughput.parse_args(argv, gpu=True)
         assert message in capsys.readouterr().err
@@ -342,6 +344,16 @@ def test_the_benchmark_refuses_a_mistake_before_it_measures(tmp_path, capsys):
     assert throughput.parse_args(train + ["--set", "cuda_graphs=true"], gpu=True).overrides == ["cuda_graphs=true"]
     assert throughput.parse_args(["--mode", "loader", "--synthetic-jpegs", "8"], gpu=False).interpolation == "random"
     assert not list(tmp_path.iterdir())  # nothing generated
+
+
+def test_too_few_images_for_a_batch_is_one_line(tmp_path, capsys):
+    sys.path.insert(0, str(BENCH))
+    import throughput
+    with pytest.raises(SystemExit) as stop:
+        throughput.main(["--mode", "loader", "--synthetic-jpegs", "8", "--cache", str(tmp_path), "--loaders", "dali-cpu",
+                         "--batch-size", "16"])
+    assert stop.value.code == 2
+    assert "throughput.py: error: 8 images over 1 shard(s) do not fill one batch of 16" in capsys.readouterr().err
 
 
 def test_gpu_report_reads_a_run_as_the_readme_shows_it():
