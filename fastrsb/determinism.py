@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import os
 import warnings
 from pathlib import Path
@@ -17,6 +16,7 @@ from pathlib import Path
 import torch
 
 from fastrsb.errors import UserError
+from fastrsb.metrics_log import read_rows
 
 _NAMED: set[str] = set()
 
@@ -64,7 +64,7 @@ def _log_rows(run: Path) -> dict[int, dict]:
     path = Path(run) / "metrics.jsonl"
     if not path.is_file():
         raise UserError(f"{run} holds no metrics.jsonl: give two run folders")
-    return {row["step"]: row for row in map(json.loads, path.read_text().splitlines()) if row["kind"] == "log"}
+    return {row["step"]: row for row in read_rows(path) if row["kind"] == "log"}
 
 
 def compare(run_a: str | Path, run_b: str | Path) -> tuple[bool, str]:

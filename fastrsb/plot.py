@@ -5,13 +5,13 @@ with torchvision), so plotting never needs an extra package."""
 from __future__ import annotations
 
 import importlib.util
-import json
 import math
 from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
 
 from fastrsb.errors import UserError
+from fastrsb.metrics_log import read_rows
 
 COLOURS = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd"]
 PANEL_W, PANEL_H, MARGIN = 560, 300, 56
@@ -22,12 +22,7 @@ def read_metrics(run_dir: Path) -> tuple[list[dict], list[dict]]:
     path = run_dir / "metrics.jsonl"
     if not path.is_file():
         raise UserError(f"{run_dir} holds no metrics.jsonl (is it a fastrsb run folder?)")
-    rows = []
-    for number, line in enumerate(path.read_text().splitlines(), 1):
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            raise UserError(f"{path}:{number} is not a JSON line") from None
+    rows = read_rows(path)
     logs = [r for r in rows if r.get("kind") == "log"]
     epochs = [r for r in rows if r.get("kind") == "epoch"]
     if not logs and not epochs:

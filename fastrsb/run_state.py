@@ -15,6 +15,7 @@ from fastrsb import __version__
 from fastrsb.checkpoint import load_checkpoint, load_weights, save_checkpoint
 from fastrsb.distributed import Dist, broadcast_from_main, gather_to_main
 from fastrsb.errors import UserError
+from fastrsb.metrics_log import read_rows
 from fastrsb.parts import Run
 from fastrsb.recipe import ADDED_KEYS, SPEED_ONLY
 
@@ -153,8 +154,7 @@ class RunFolder:
             def kept(row: dict) -> bool:
                 return row["step"] < resumed.step or (row["step"] == resumed.step and
                                                        (resumed.validated or row["kind"] != "epoch"))
-            rows = [line for line in metrics.read_text().splitlines() if line and kept(json.loads(line))]
-            metrics.write_text("".join(row + "\n" for row in rows))
+            metrics.write_text("".join(json.dumps(row) + "\n" for row in read_rows(metrics) if kept(row)))
         self._write_summary()
         try:
             from torch.utils.tensorboard import SummaryWriter
@@ -181,7 +181,7 @@ class RunFolder:
         """summary.csv from the epoch rows of metrics.jsonl: rewritten whole, so it matches the
         metrics after a resume too."""
         metrics = self.out / "metrics.jsonl"
-        rows = [json.loads(line) for line in metrics.read_text().splitlines() if line] if metrics.is_file() else []
+        rows = read_rows(metrics) if metrics.is_file() else []
         lines = [",".join(SUMMARY_COLUMNS)]
         for r in rows:
             if r["kind"] == "epoch":

@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from conftest import run_cli
+from conftest import assert_user_error, run_cli
 from fastrsb.checkpoint import load_checkpoint
 from fastrsb.errors import UserError
 from fastrsb.recipe import load_recipe
@@ -128,6 +128,22 @@ def test_resume_auto_after_a_crash_before_any_checkpoint_starts_clean(tiny_data,
     events = EventAccumulator(str(tmp_path / "tensorboard"))
     events.Reload()
     assert [e.step for e in events.Scalars("train/loss")] == [2, 4, 6, 8, 10, 12]
+
+
+def test_a_row_cut_short_by_a_kill_does_not_stop_the_resume(tiny_data, uninterrupted, tmp_path):
+    """A run killed while it appended a metrics row leaves half a line: plot, compare and the
+    resume leave it out (the resume writes that row again; it was a JSONDecodeError traceback),
+    and the run ends as the uninterrupted one. A bad line elsewhere is named."""
+    _train(tiny_data, tmp_path, stop_after_steps=4)
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write('{"kind": "log", "step": 6, "lo')
+    assert "curves.png" in run_cli("plot", tmp_path, "--backend", "pillow").stdout
+    _train(tiny_data, tmp_path, resume="auto")
+    _assert_same_run(uninterrupted, tmp_path)
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    (tmp_path / "metrics.jsonl").write_text("\n".join(["{oops"] + lines[1:]) + "\n")
+    assert_user_error(run_cli("plot", tmp_path, check=False), "metrics.jsonl:1 is not a JSON line")
+    assert_user_error(run_cli("compare", tmp_path, uninterrupted, check=False), "metrics.jsonl:1 is not a JSON line")
 
 
 def test_finished_run_resumes_to_nothing(tiny_data, uninterrupted):
