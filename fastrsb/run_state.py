@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from fastrsb import __version__
-from fastrsb.checkpoint import load_checkpoint, load_weights, save_checkpoint
+from fastrsb.checkpoint import load_checkpoint, load_weights, remove_partial_saves, save_checkpoint
 from fastrsb.distributed import Dist, broadcast_from_main, gather_to_main
 from fastrsb.errors import UserError
 from fastrsb.metrics_log import read_rows
@@ -146,6 +146,10 @@ class RunFolder:
         if not self.main:
             return
         out.mkdir(parents=True, exist_ok=True)
+        files, size = remove_partial_saves(out)
+        if files:
+            print(f"removed {files} partial checkpoint file(s) ({size / 1e6:,.1f} MB) left in {out} by a save "
+                  "that was killed", flush=True)
         (out / "recipe.json").write_text(json.dumps(recipe, indent=2) + "\n")
         metrics = out / "metrics.jsonl"
         if resumed is not None and metrics.is_file():

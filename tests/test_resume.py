@@ -130,15 +130,20 @@ def test_resume_auto_after_a_crash_before_any_checkpoint_starts_clean(tiny_data,
     assert [e.step for e in events.Scalars("train/loss")] == [2, 4, 6, 8, 10, 12]
 
 
-def test_a_row_cut_short_by_a_kill_does_not_stop_the_resume(tiny_data, uninterrupted, tmp_path):
+def test_what_a_kill_leaves_does_not_stop_the_resume(tiny_data, uninterrupted, tmp_path, capsys):
     """A run killed while it appended a metrics row leaves half a line: plot, compare and the
     resume leave it out (the resume writes that row again; it was a JSONDecodeError traceback),
-    and the run ends as the uninterrupted one. A bad line elsewhere is named."""
+    and the run ends as the uninterrupted one. A bad line elsewhere is named. Killed in a save, it
+    leaves the save's temporary file (as large as a checkpoint): the resume removes it."""
     _train(tiny_data, tmp_path, stop_after_steps=4)
     with open(tmp_path / "metrics.jsonl", "a") as f:
         f.write('{"kind": "log", "step": 6, "lo')
+    (tmp_path / ".last.pt.k1ll3d.tmp").write_bytes(b"\0" * 1_000_000)  # the save it was killed in
+    (tmp_path / "notes.tmp").write_text("the user's")
     assert "curves.png" in run_cli("plot", tmp_path, "--backend", "pillow").stdout
     _train(tiny_data, tmp_path, resume="auto")
+    assert "removed 1 partial checkpoint file(s) (1.0 MB)" in capsys.readouterr().out
+    assert not list(tmp_path.glob(".*.tmp")) and (tmp_path / "notes.tmp").is_file()
     _assert_same_run(uninterrupted, tmp_path)
     lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
     (tmp_path / "metrics.jsonl").write_text("\n".join(["{oops"] + lines[1:]) + "\n")
