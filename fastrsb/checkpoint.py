@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -24,9 +25,18 @@ def save_checkpoint(state: dict, path: str | Path) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except (OSError, RuntimeError) as err:  # torch.save says a failed write as a RuntimeError
+        Path(tmp).unlink(missing_ok=True)
+        free = shutil.disk_usage(path.parent).free
+        raise UserError(f"could not write {path} ({_first_line(err)}; {free / 1e9:,.1f} GB free on its disk): "
+                        f"the checkpoint there before is kept; make room, then --resume auto") from None
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _first_line(err: BaseException) -> str:
+    return (str(err).strip().splitlines() or [type(err).__name__])[0]
 
 
 def remove_partial_saves(folder: Path, names: tuple[str, ...] = ("last.pt", "best.pt")) -> tuple[int, int]:
@@ -53,8 +63,7 @@ def load_checkpoint(path: str | Path) -> dict:
         raise UserError(f"{path} is not a loadable fastrsb checkpoint: it holds objects other than tensors and "
                         "plain data, and fastrsb never runs code from a checkpoint (weights_only=True)") from None
     except (RuntimeError, EOFError, ValueError, OSError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise UserError(f"{path} is not a loadable fastrsb checkpoint: {first}") from None
+        raise UserError(f"{path} is not a loadable fastrsb checkpoint: {_first_line(err)}") from None
     if not isinstance(state, dict) or "model" not in state or "recipe" not in state:
         raise UserError(f"{path} is not a fastrsb checkpoint (no 'model'/'recipe' entries)")
     return state

@@ -13,7 +13,7 @@ import torch
 
 from fastrsb import __version__
 from fastrsb.checkpoint import load_checkpoint, load_weights, remove_partial_saves, save_checkpoint
-from fastrsb.distributed import Dist, broadcast_from_main, gather_to_main
+from fastrsb.distributed import Dist, broadcast_from_main, gather_to_main, stop_together
 from fastrsb.errors import UserError
 from fastrsb.metrics_log import read_rows
 from fastrsb.parts import Run
@@ -93,10 +93,19 @@ def _rank_state(run: Run, pos: Position) -> dict:
 
 def save_run(run: Run, pos: Position, out: Path, best: bool = False) -> None:
     """Write RUN_DIR/last.pt (and best.pt). Collective: every rank calls it (each sends its own
-    part to rank 0). Checkpoints only, so its host syncs do not matter."""
+    part to rank 0), and a save that fails stops every rank. Checkpoints only, so its host syncs
+    do not matter."""
     ranks = gather_to_main(_rank_state(run, pos), run.d)
-    if not run.d.main:
-        return
+    error = None
+    if run.d.main:
+        try:
+            _write_snapshot(run, pos, out, ranks, best)
+        except UserError as err:
+            error = err
+    stop_together(error, run.d, "saving the checkpoint")
+
+
+def _write_snapshot(run: Run, pos: Position, out: Path, ranks: list, best: bool) -> None:
     t = run.training
     partial = {"micro_done": pos.micro_done, "seconds": pos.seconds} if pos.micro_done else None
     snapshot = {"model": t.model.state_dict(), "optimizer": t.optimizer.state_dict(), "scaler": t.scaler.state_dict(),

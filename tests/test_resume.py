@@ -151,6 +151,27 @@ def test_what_a_kill_leaves_does_not_stop_the_resume(tiny_data, uninterrupted, t
     assert_user_error(run_cli("compare", tmp_path, uninterrupted, check=False), "metrics.jsonl:1 is not a JSON line")
 
 
+def test_a_save_that_fails_keeps_the_checkpoint_before_and_says_why(tiny_data, tmp_path):
+    """A checkpoint write that fails (a full disk; here the process may not write past 1 MB, so
+    the write really fails) stops the run in one line, naming the file and the free space; the
+    last.pt before it is kept whole and no temporary file is left. It was torch's
+    "[enforce fail at inline_container.cc] unexpected pos" traceback."""
+    import resource
+    _train(tiny_data, tmp_path, stop_after_steps=4)
+    before = (tmp_path / "last.pt").read_bytes()
+    limit = resource.getrlimit(resource.RLIMIT_FSIZE)
+    handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails instead of killing
+    resource.setrlimit(resource.RLIMIT_FSIZE, (1_000_000, limit[1]))
+    try:
+        with pytest.raises(UserError, match=r"could not write .*last\.pt .*GB free on its disk\): the checkpoint "
+                                            r"there before is kept"):
+            _train(tiny_data, tmp_path, resume="auto")
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, limit)
+        signal.signal(signal.SIGXFSZ, handler)
+    assert (tmp_path / "last.pt").read_bytes() == before and not list(tmp_path.glob(".*.tmp"))
+
+
 def test_finished_run_resumes_to_nothing(tiny_data, uninterrupted):
     before = (uninterrupted / "metrics.jsonl").read_text()
     metrics = _train(tiny_data, uninterrupted, resume="auto")
