@@ -6,6 +6,7 @@ every process its loader position, its random streams and its loss sum so far in
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -59,6 +60,23 @@ def load_for_resume(path: Path, recipe: dict, classes: list[str], d: Dist) -> di
         raise UserError(f"{path} was written by {len(state['ranks'])} process(es), this run has {d.world}: exact "
                         "resume needs each process's loader position; resume with the same number of processes")
     return state
+
+
+def _append(path: Path, text: str) -> None:
+    """Append `text` whole or not at all: a write that fails partway is cut back off, so the file
+    never holds half a row for the next append to follow."""
+    data = memoryview(text.encode())
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+    try:
+        start = os.fstat(fd).st_size
+        try:
+            while data:
+                data = data[os.write(fd, data):]
+        except OSError:
+            os.ftruncate(fd, start)
+            raise
+    finally:
+        os.close(fd)
 
 
 def resume_state(resume: str | None, out: Path, recipe: dict, classes: list[str], d: Dist
@@ -152,6 +170,8 @@ class RunFolder:
 
     def __init__(self, out: Path, recipe: dict, d: Dist, resumed: Position | None = None):
         self.out, self.main, self.board = out, d.main, None
+        self._pending: list[dict] = []  # rows not yet written (the disk was full)
+        self._failing = False
         if not self.main:
             return
         out.mkdir(parents=True, exist_ok=True)
@@ -177,17 +197,31 @@ class RunFolder:
         self.board = SummaryWriter(str(out / "tensorboard"), purge_step=resumed.step + 1 if resumed else None)
 
     def log(self, row: dict) -> None:
+        """Append a row. A write that fails (a full disk) does not stop the run: the row is kept
+        and written with the next one that can be, and the failure is said once. (A full disk
+        stops the run at its next checkpoint, cleanly, on every rank: run_state.save_run.)"""
         if not self.main:
             return
-        with open(self.out / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(row) + "\n")
-        if row["kind"] == "epoch":
-            self._write_summary()
+        self._pending.append(row)
+        try:
+            _append(self.out / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in self._pending))
+            if row["kind"] == "epoch":
+                self._write_summary()
+        except OSError as err:
+            if not self._failing:
+                print(f"could not write to {self.out} ({err.strerror or err}): training goes on; the metrics rows "
+                      "are kept and written once it can be written to", flush=True)
+            self._failing = True
+            return
+        if self._failing:
+            print(f"{self.out} can be written to again: {len(self._pending)} kept metrics row(s) written", flush=True)
+        written, self._pending, self._failing = self._pending, [], False
         if self.board is not None:
-            prefix = "train" if row["kind"] == "log" else "epoch"
-            for key, value in row.items():
-                if key not in ("kind", "step", "epoch") and isinstance(value, (int, float)):
-                    self.board.add_scalar(f"{prefix}/{key}", value, row["step"])
+            for r in written:
+                prefix = "train" if r["kind"] == "log" else "epoch"
+                for key, value in r.items():
+                    if key not in ("kind", "step", "epoch") and isinstance(value, (int, float)):
+                        self.board.add_scalar(f"{prefix}/{key}", value, r["step"])
             self.board.flush()
 
     def _write_summary(self) -> None:

@@ -172,6 +172,34 @@ def test_a_save_that_fails_keeps_the_checkpoint_before_and_says_why(tiny_data, t
     assert (tmp_path / "last.pt").read_bytes() == before and not list(tmp_path.glob(".*.tmp"))
 
 
+def test_metrics_rows_outlive_a_full_disk(tmp_path, capsys):
+    """A metrics row that cannot be written (the disk full; here the process may write only 10
+    more bytes, so the append really fails partway) does not stop the run: no half row is left,
+    the failure is said once, and the kept rows are written, in order, with the next row that can
+    be. It was an OSError traceback at the next log step."""
+    import resource
+    from fastrsb.distributed import Dist
+    from fastrsb.metrics_log import read_rows
+    from fastrsb.run_state import RunFolder
+    folder = RunFolder(tmp_path, {"name": "tiny"}, Dist())
+    folder.log({"kind": "log", "step": 1, "loss": 1.0})
+    size = (tmp_path / "metrics.jsonl").stat().st_size
+    limit = resource.getrlimit(resource.RLIMIT_FSIZE)
+    handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (size + 10, limit[1]))
+    try:
+        folder.log({"kind": "log", "step": 2, "loss": 0.5})
+        folder.log({"kind": "log", "step": 3, "loss": 0.25})
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, limit)
+        signal.signal(signal.SIGXFSZ, handler)
+    assert (tmp_path / "metrics.jsonl").stat().st_size == size  # the partial write was cut back off
+    assert capsys.readouterr().out.count("could not write to") == 1
+    folder.log({"kind": "log", "step": 4, "loss": 0.125})
+    assert [row["step"] for row in read_rows(tmp_path / "metrics.jsonl")] == [1, 2, 3, 4]
+    assert "3 kept metrics row(s) written" in capsys.readouterr().out
+
+
 def test_finished_run_resumes_to_nothing(tiny_data, uninterrupted):
     before = (uninterrupted / "metrics.jsonl").read_text()
     metrics = _train(tiny_data, uninterrupted, resume="auto")
