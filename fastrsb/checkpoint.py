@@ -55,6 +55,8 @@ def load_checkpoint(path: str | Path) -> dict:
     """weights_only=True: only tensors and plain data are unpickled, so a checkpoint from
     elsewhere cannot execute anything."""
     path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{path} is a folder: give a checkpoint file ({path / 'last.pt'} or best.pt in a run folder)")
     if not path.is_file():
         raise UserError(f"no checkpoint at {path}")
     try:

@@ -102,6 +102,7 @@ def test_checkpoint_that_does_not_fit(run, tiny_data, tmp_path):
     assert_user_error(run_cli("eval", tmp_path / "junk.pt", "--data", tiny_data, check=False), "junk.pt")
     torch.save({"weights": 1}, tmp_path / "plain.pt")
     assert_user_error(run_cli("eval", tmp_path / "plain.pt", "--data", tiny_data, check=False), "not a fastrsb checkpoint")
+    assert_user_error(run_cli("eval", out, "--data", tiny_data, check=False), "is a folder", "last.pt")
 
 
 def _weights_equal(a: dict, b: dict) -> bool:
