@@ -48,7 +48,7 @@ def cmd_train(args) -> int:
         if not data.exists():
             from fastrsb.demo_data import write_demo
             print(f"generating the demo data set in {data} ...", flush=True)
-            write_demo(data)
+            write_demo(data, keep_existing=True)  # a torchrun rank may have written it meanwhile
     if args.resume and not args.out and args.resume == "auto":
         raise UserError("--resume auto needs --out RUN_DIR (the run to continue)")
     out = Path(args.out) if args.out else Path("runs") / f"{recipe['name']}-{time.strftime('%Y%m%d-%H%M%S')}"

@@ -60,19 +60,21 @@ def make_image(kind: int, rng: np.random.Generator) -> Image.Image:
 
 
 def write_demo(root: str | Path, train_per_class: int = 120, val_per_class: int = 30,
-               seed: int = 0, num_classes: int = len(CLASSES)) -> Path:
+               seed: int = 0, num_classes: int = len(CLASSES), keep_existing: bool = False) -> Path:
     """Write root/train/<class>/*.JPEG and root/val/<class>/*.JPEG. Returns root.
 
     A new (or empty) root is written whole or not at all (fastrsb.staging): an interrupted
     generation, such as Ctrl-C during the first `fastrsb train demo`, leaves no partial data set
     that a later run would take for the whole one, and processes that race to write it (each
     rank of a torchrun) end with one complete copy. Into a root that holds files already, the
-    files are written in place."""
+    files are written in place, unless keep_existing: then it is left as it is (another process
+    may be reading the copy it just finished)."""
     root = Path(root)
     if not 2 <= num_classes <= len(CLASSES):
         raise ValueError(f"num_classes must lie in 2..{len(CLASSES)}")
     if root.is_dir() and any(root.iterdir()):
-        _write_into(root, train_per_class, val_per_class, seed, num_classes)
+        if not keep_existing:
+            _write_into(root, train_per_class, val_per_class, seed, num_classes)
         return root
     with staged_folder(root, existing="keep") as staging:  # "keep": a racer's copy is the same set
         _write_into(staging, train_per_class, val_per_class, seed, num_classes)

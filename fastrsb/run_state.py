@@ -205,17 +205,17 @@ class RunFolder:
         self._pending.append(row)
         try:
             _append(self.out / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in self._pending))
-            if row["kind"] == "epoch":
-                self._write_summary()
         except OSError as err:
-            if not self._failing:
-                print(f"could not write to {self.out} ({err.strerror or err}): training goes on; the metrics rows "
-                      "are kept and written once it can be written to", flush=True)
-            self._failing = True
+            self._write_failed(err)
             return
         if self._failing:
             print(f"{self.out} can be written to again: {len(self._pending)} kept metrics row(s) written", flush=True)
         written, self._pending, self._failing = self._pending, [], False
+        if any(r["kind"] == "epoch" for r in written):
+            try:
+                self._write_summary()
+            except OSError as err:  # rewritten whole from metrics.jsonl with the next epoch row
+                self._write_failed(err)
         if self.board is not None:
             for r in written:
                 prefix = "train" if r["kind"] == "log" else "epoch"
@@ -223,6 +223,12 @@ class RunFolder:
                     if key not in ("kind", "step", "epoch") and isinstance(value, (int, float)):
                         self.board.add_scalar(f"{prefix}/{key}", value, r["step"])
             self.board.flush()
+
+    def _write_failed(self, err: OSError) -> None:
+        if not self._failing:
+            print(f"could not write to {self.out} ({err.strerror or err}): training goes on; the metrics rows "
+                  "are kept and written once it can be written to", flush=True)
+        self._failing = True
 
     def _write_summary(self) -> None:
         """summary.csv from the epoch rows of metrics.jsonl: rewritten whole, so it matches the

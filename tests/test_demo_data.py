@@ -78,3 +78,12 @@ def test_a_racing_writer_keeps_one_complete_copy(tmp_path, monkeypatch):
     assert write_demo(tmp_path / "demo", 3, 1, num_classes=2) == tmp_path / "demo"
     assert [p.name for p in tmp_path.iterdir()] == ["demo"]  # our copy dropped, nothing left beside
     assert (tmp_path / "demo/written_by_the_racer").exists() and digest(tmp_path / "demo") == expected
+
+
+def test_keep_existing_leaves_a_finished_copy_alone(tmp_path):
+    """`fastrsb train demo` under torchrun: a rank that finds data/demo written meanwhile by another
+    leaves it as it is (rewriting a file in place could be read half-written by the other's loader)."""
+    root = write_demo(tmp_path / "demo", 3, 1, num_classes=2)
+    before = {p: p.stat().st_mtime_ns for p in root.rglob("*.JPEG")}
+    write_demo(root, 3, 1, num_classes=2, keep_existing=True)
+    assert {p: p.stat().st_mtime_ns for p in root.rglob("*.JPEG")} == before

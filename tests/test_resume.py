@@ -198,6 +198,16 @@ def test_metrics_rows_outlive_a_full_disk(tmp_path, capsys):
     folder.log({"kind": "log", "step": 4, "loss": 0.125})
     assert [row["step"] for row in read_rows(tmp_path / "metrics.jsonl")] == [1, 2, 3, 4]
     assert "3 kept metrics row(s) written" in capsys.readouterr().out
+    # summary.csv that cannot be rewritten (here a folder stands in its place): the epoch row is
+    # in metrics.jsonl once, not kept to be appended again; the summary follows at the next epoch.
+    epoch = {"kind": "epoch", "epoch": 1, "train_loss": 1.0, "val_loss": 1.0, "top1": 50.0, "top5": 90.0, "lr": 0.1}
+    (tmp_path / "summary.csv").unlink()
+    (tmp_path / "summary.csv").mkdir()
+    folder.log({**epoch, "step": 5})
+    (tmp_path / "summary.csv").rmdir()
+    folder.log({**epoch, "epoch": 2, "step": 6})
+    assert [row["step"] for row in read_rows(tmp_path / "metrics.jsonl")] == [1, 2, 3, 4, 5, 6]
+    assert len((tmp_path / "summary.csv").read_text().splitlines()) == 3
 
 
 def test_finished_run_resumes_to_nothing(tiny_data, uninterrupted):
