@@ -57,10 +57,9 @@ def cmd_train(args) -> int:
         # checks after the processes have met, so that all stop together: a process that stopped
         # here would leave the other machines' waiting for it.
         from fastrsb.data_folder import check_layout
+        from fastrsb.metrics_log import refuse_a_second_run
         check_layout(data)
-        if not args.resume and (out / "metrics.jsonl").exists():
-            raise UserError(f"{out} already holds a run (metrics.jsonl): continue it with --resume auto, "
-                            "or choose another --out")
+        refuse_a_second_run(out, args.resume)
     from fastrsb.stopping import StopRequest
     from fastrsb.train import train
     stop = StopRequest()

@@ -1,7 +1,10 @@
-"""Reading a run's metrics.jsonl, one JSON object a line, appended to as the run goes."""
+"""A run's metrics.jsonl, one JSON object a line, appended to as the run goes: reading and
+writing it so that a kill or a full disk never leaves half a row or loses the rows before, and
+the refusal to start a second run over one (light: the CLI checks before it imports torch)."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 from fastrsb.errors import UserError
@@ -24,3 +27,37 @@ def read_rows(path: Path) -> list[dict]:
                 break
             raise UserError(f"{path}:{number} is not a JSON line") from None
     return rows
+
+
+def append_rows(path: Path, rows: list[dict]) -> None:
+    """Append the rows whole or not at all: a write that fails partway (a full disk) is cut back
+    off, so the file never holds half a row for the next append to follow."""
+    data = memoryview("".join(json.dumps(row) + "\n" for row in rows).encode())
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+    try:
+        start = os.fstat(fd).st_size
+        try:
+            while data:
+                data = data[os.write(fd, data):]
+        except OSError:
+            os.ftruncate(fd, start)
+            raise
+    finally:
+        os.close(fd)
+
+
+def rewrite_rows(path: Path, rows: list[dict]) -> None:
+    """Replace the file's rows (a resume drops those after its checkpoint): written beside it and
+    renamed over it, so a kill in the middle keeps the rows it had, not an emptied file."""
+    path = Path(path)
+    partial = path.with_name(f".{path.name}.tmp")
+    partial.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    os.replace(partial, path)
+
+
+def refuse_a_second_run(out: Path, resume: str | None) -> None:
+    """A run folder that holds a run (its metrics.jsonl) is continued with --resume, never started
+    over: a new run would write its rows among the old ones."""
+    if not resume and (Path(out) / "metrics.jsonl").exists():
+        raise UserError(f"{out} already holds a run (metrics.jsonl): continue it with --resume auto, "
+                        "or choose another --out")

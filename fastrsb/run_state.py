@@ -6,7 +6,6 @@ every process its loader position, its random streams and its loss sum so far in
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -16,7 +15,7 @@ from fastrsb import __version__
 from fastrsb.checkpoint import load_checkpoint, load_weights, remove_partial_saves, save_checkpoint
 from fastrsb.distributed import Dist, broadcast_from_main, gather_to_main, stop_together
 from fastrsb.errors import UserError
-from fastrsb.metrics_log import read_rows
+from fastrsb.metrics_log import append_rows, read_rows, rewrite_rows
 from fastrsb.parts import Run
 from fastrsb.recipe import ADDED_KEYS, SPEED_ONLY
 
@@ -60,23 +59,6 @@ def load_for_resume(path: Path, recipe: dict, classes: list[str], d: Dist) -> di
         raise UserError(f"{path} was written by {len(state['ranks'])} process(es), this run has {d.world}: exact "
                         "resume needs each process's loader position; resume with the same number of processes")
     return state
-
-
-def _append(path: Path, text: str) -> None:
-    """Append `text` whole or not at all: a write that fails partway is cut back off, so the file
-    never holds half a row for the next append to follow."""
-    data = memoryview(text.encode())
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
-    try:
-        start = os.fstat(fd).st_size
-        try:
-            while data:
-                data = data[os.write(fd, data):]
-        except OSError:
-            os.ftruncate(fd, start)
-            raise
-    finally:
-        os.close(fd)
 
 
 def resume_state(resume: str | None, out: Path, recipe: dict, classes: list[str], d: Dist
@@ -187,7 +169,7 @@ class RunFolder:
             def kept(row: dict) -> bool:
                 return row["step"] < resumed.step or (row["step"] == resumed.step and
                                                        (resumed.validated or row["kind"] != "epoch"))
-            metrics.write_text("".join(json.dumps(row) + "\n" for row in read_rows(metrics) if kept(row)))
+            rewrite_rows(metrics, [row for row in read_rows(metrics) if kept(row)])
         self._write_summary()
         try:
             from torch.utils.tensorboard import SummaryWriter
@@ -204,7 +186,7 @@ class RunFolder:
             return
         self._pending.append(row)
         try:
-            _append(self.out / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in self._pending))
+            append_rows(self.out / "metrics.jsonl", self._pending)
         except OSError as err:
             self._write_failed(err)
             return

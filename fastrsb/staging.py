@@ -28,11 +28,25 @@ def staged_folder(target: Path, existing: str) -> Iterator[Path]:
         shutil.rmtree(staging, ignore_errors=True)  # gone already once it was moved into place
 
 
+def current_umask() -> int:
+    """The process's umask, read where Linux shows it (/proc/self/status) rather than by setting
+    it: os.umask(0) and back would leave it 0 for a moment for every other thread that creates a
+    file (DALI's, a loader's)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    umask = os.umask(0o022)  # elsewhere (no /proc): the only way there is
+    os.umask(umask)
+    return umask
+
+
 def _modes_as_umask_allows(folder: Path) -> None:
     """mkdtemp's folder is private (0700), and some writers make private files (safetensors: 0600):
     give the folder and its files the modes a plain mkdir and open would have."""
-    umask = os.umask(0)
-    os.umask(umask)
+    umask = current_umask()
     folder.chmod(0o777 & ~umask)
     for path in folder.iterdir():
         if path.is_file():

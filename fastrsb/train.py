@@ -22,6 +22,7 @@ from fastrsb.device import amp_dtype, autocast, gpu_memory_line, resolve_device,
 from fastrsb.distributed import (Dist, agree, all_reduce_sum, average_bn_stats, check_in_step, init_distributed, shutdown,
                                  stop_together)
 from fastrsb.errors import UserError
+from fastrsb.metrics_log import refuse_a_second_run
 from fastrsb.model import make_model
 from fastrsb.parts import Run, build_run, open_val_loader
 from fastrsb.pipelines import DatasetError
@@ -238,9 +239,8 @@ def _open_together(data: Path, out: Path, resume: str | None, d: Dist):
     the data) and on rank 0's (the run folder, which it alone writes), all stopping together."""
     error, found = None, (None, None)
     try:
-        if d.main and not resume and (out / "metrics.jsonl").exists():
-            raise UserError(f"{out} already holds a run (metrics.jsonl): continue it with --resume auto, "
-                            "or choose another --out")
+        if d.main:
+            refuse_a_second_run(out, resume)
         found = open_dataset(data)
         if d.main:  # now, not after the model and loaders are built (minutes on a GPU)
             try:

@@ -84,6 +84,18 @@ def test_keep_existing_leaves_a_finished_copy_alone(tmp_path):
     """`fastrsb train demo` under torchrun: a rank that finds data/demo written meanwhile by another
     leaves it as it is (rewriting a file in place could be read half-written by the other's loader)."""
     root = write_demo(tmp_path / "demo", 3, 1, num_classes=2)
-    before = {p: p.stat().st_mtime_ns for p in root.rglob("*.JPEG")}
+    marked = sorted(root.rglob("*.JPEG"))[0]
+    marked.write_bytes(marked.read_bytes() + b"the other rank's copy")  # a rewrite would lose this
     write_demo(root, 3, 1, num_classes=2, keep_existing=True)
-    assert {p: p.stat().st_mtime_ns for p in root.rglob("*.JPEG")} == before
+    assert marked.read_bytes().endswith(b"the other rank's copy")
+
+
+def test_the_umask_is_read_without_being_changed():
+    """staging.current_umask reads /proc: setting the umask to read it would leave it 0 for a
+    moment for the process's other threads."""
+    from fastrsb.staging import current_umask
+    saved = os.umask(0o027)
+    try:
+        assert current_umask() == 0o027
+    finally:
+        os.umask(saved)

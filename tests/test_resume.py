@@ -210,6 +210,26 @@ def test_metrics_rows_outlive_a_full_disk(tmp_path, capsys):
     assert len((tmp_path / "summary.csv").read_text().splitlines()) == 3
 
 
+def test_a_kill_while_a_resume_drops_rows_keeps_the_rows(tmp_path, monkeypatch):
+    """A resume rewrites metrics.jsonl without the rows after its checkpoint: written beside and
+    renamed over it, so a kill before the rename (here the rename fails) leaves every row, where
+    writing in place first emptied the file."""
+    import fastrsb.metrics_log as metrics_log
+    path = tmp_path / "metrics.jsonl"
+    metrics_log.append_rows(path, [{"kind": "log", "step": step} for step in (2, 4, 6)])
+    before = path.read_text()
+
+    def killed(*args):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(metrics_log.os, "replace", killed)
+    with pytest.raises(KeyboardInterrupt):
+        metrics_log.rewrite_rows(path, [{"kind": "log", "step": 2}])
+    assert path.read_text() == before
+    monkeypatch.undo()
+    metrics_log.rewrite_rows(path, [{"kind": "log", "step": 2}])
+    assert [row["step"] for row in metrics_log.read_rows(path)] == [2]
+
+
 def test_finished_run_resumes_to_nothing(tiny_data, uninterrupted):
     before = (uninterrupted / "metrics.jsonl").read_text()
     metrics = _train(tiny_data, uninterrupted, resume="auto")
