@@ -27,20 +27,24 @@ from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from fastrsb.pipelines import parse_rand_augment  # noqa: E402
-from fastrsb.pipelines.randaugment import _policy  # noqa: E402
+from fastrsb.pipelines.randaugment import INTERPOLATIONS, _policy  # noqa: E402
 from fastrsb.pipelines.torch_augment import CHUNK_PIXELS, TorchRandAugment  # noqa: E402
 from throughput import _emit, context  # noqa: E402  (benchmarks/ is this script's folder)
 
 
-def batch(batch_size: int, size: int, ops: int, layers: int, device: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """(N, H, W, 3) uint8 pixels and (N, 1 + 2 * layers) draws: flip, then each layer's op index
-    (one past the last: no op) and signed magnitude around 6."""
+def batch(batch_size: int, size: int, ops: int, layers: int, device: str,
+          interpolation: str = "random") -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, H, W, 3) uint8 pixels and (N, 1 + layers x draws_per_layer(interpolation)) draws: flip,
+    then each layer's op index (one past the last: no op), signed magnitude around 6 and, for
+    "random", bicubic or not."""
     generator = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (batch_size, size, size, 3), dtype=torch.uint8, generator=generator)
     columns = [torch.rand(batch_size, generator=generator)]
     for _ in range(layers):
         columns += [torch.randint(0, ops + 1, (batch_size,), generator=generator).float(),
                     torch.randn(batch_size, generator=generator) * 3 + 6]
+        if interpolation == "random":
+            columns.append(torch.rand(batch_size, generator=generator).round())
     return images.to(device), torch.stack(columns, 1).to(device)
 
 
@@ -87,6 +91,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--img-size", type=int, default=160)
     p.add_argument("--aa", default="rand-m6-mstd0.5-inc1", help="timm's RandAugment string")
+    p.add_argument("--interpolation", choices=INTERPOLATIONS, default="random",
+                   help="how the geometric ops resample (default: random, the recipes': bilinear or bicubic per sample)")
     p.add_argument("--repeats", type=int, default=3, help="timed calls; the best is kept")
     p.add_argument("--chunk-pixels", type=int, nargs="+", default=[CHUNK_PIXELS, 0],
                    help="augment in chunks of at most this many pixels; 0: the whole batch at once "
@@ -102,14 +108,17 @@ def main(argv: list[str] | None = None) -> list[dict]:
     args = parse_args(argv)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     spec = parse_rand_augment(args.aa)
-    images, draws = batch(args.batch_size, args.img_size, len(_policy(spec)[0]), spec.num_layers, device)
+    images, draws = batch(args.batch_size, args.img_size, len(_policy(spec)[0]), spec.num_layers, device,
+                          args.interpolation)
     dtype = torch.float16 if device == "cuda" else torch.float32
     results = []
     for chunk_pixels in args.chunk_pixels:
         for compiled in (False, True):
-            augment = TorchRandAugment(spec, args.img_size, dtype, compiled=compiled, chunk_pixels=chunk_pixels or None)
+            augment = TorchRandAugment(spec, args.img_size, dtype, compiled=compiled, chunk_pixels=chunk_pixels or None,
+                                       interpolation=args.interpolation)
             chunk = augment.chunk_size(images)  # eager on a GPU: the whole batch, its warp in chunks
             result = {**context(), "mode": "augment_memory", "device": device, "aa": args.aa,
+                      "interpolation": args.interpolation,
                       "batch_size": args.batch_size, "img_size": args.img_size,
                       "variant": "compiled" if compiled else "eager", "chunk_pixels": chunk_pixels or None,
                       "chunk_images": chunk if chunk < args.batch_size else None,

@@ -324,9 +324,17 @@ def _augmentation(recipe: dict, loader: dict) -> str:
     """What the loader and the step do to each image: RandAugment and its form, repeats, mixing."""
     chosen = ", from aa_impl auto" if recipe["aa_impl"] == "auto" else ""
     compiled = ", compiled" if loader.get("compile_augment") else ""
-    interpolation = recipe["train_interpolation"]
-    parts = ["crops resampled " + ("bilinear or bicubic at random" if interpolation == "random" else interpolation),
-             f"RandAugment {recipe['aa']} ({loader['aa_impl']} form{compiled}{chosen})" if recipe["aa"] else "no RandAugment"]
+    def resampled(interpolation: str) -> str:
+        return "bilinear or bicubic at random" if interpolation == "random" else interpolation
+    crops, geometric = recipe["train_interpolation"], loader.get("aa_interpolation")
+    if not recipe["aa"]:
+        parts = [f"crops resampled {resampled(crops)}", "no RandAugment"]
+    elif geometric == crops:  # as timm: RandAugment's geometric ops follow the train interpolation
+        parts = [f"crops and RandAugment's geometric ops resampled {resampled(crops)}",
+                 f"RandAugment {recipe['aa']} ({loader['aa_impl']} form{compiled}{chosen})"]
+    else:  # a run begun before they did, resumed: bilinear, as it began
+        parts = [f"crops resampled {resampled(crops)}", f"RandAugment {recipe['aa']} ({loader['aa_impl']} form{compiled}"
+                 f"{chosen}; its geometric ops {resampled(geometric)}, as when the run began)"]
     if loader["repeats"] > 1:
         parts.append(f"{loader['repeats']} views of each image")
     mixing = [f"{name} {recipe[name]:g}" for name in ("mixup", "cutmix") if recipe[name] > 0]

@@ -62,7 +62,6 @@ def _normalize(images, dtype, mirror=None):
 _CROP = dict(random_area=[0.08, 1.0], random_aspect_ratio=[3 / 4, 4 / 3], num_attempts=10)
 
 
-INTERPOLATIONS = ("random", "bilinear", "bicubic")
 _INTERP = {"bilinear": types.INTERP_LINEAR, "bicubic": types.INTERP_CUBIC}
 
 
@@ -101,7 +100,8 @@ def _random_resized_crop(decoded, img_size, device, interpolation):
 
 @pipeline_def(enable_conditionals=True)  # RandAugment picks an op per sample with DALI conditionals
 def train_pipeline(files, labels, img_size, device, shard_id, num_shards, shuffle_seed,
-                   hw_decoder_load, dtype, repeats=1, aa=None, aa_impl="tree", interpolation="random"):
+                   hw_decoder_load, dtype, repeats=1, aa=None, aa_impl="tree", interpolation="random",
+                   aa_interpolation=None):
     """Random-resized-crop, horizontal flip, normalize.
 
     repeats == 1: decode only the random crop (ROI decoding). repeats = R > 1 (repeated
@@ -109,7 +109,8 @@ def train_pipeline(files, labels, img_size, device, shard_id, num_shards, shuffl
     are stacked per sample, (R, H, W, C), so torch sees R * batch images by a reshape (a view).
     interpolation: how each crop is resampled: "random" (bilinear or bicubic, drawn per view, as
     timm's default train interpolation), "bilinear" or "bicubic".
-    aa: timm's RandAugment string (e.g. rand-m6-mstd0.5-inc1), applied to each view at img_size.
+    aa: timm's RandAugment string (e.g. rand-m6-mstd0.5-inc1), applied to each view at img_size;
+    its geometric ops resample as aa_interpolation says (default: `interpolation`, as in timm).
     aa_impl: "tree" (conditionals: each op on its own samples) or "batch" (every op batch-wide
     with neutral parameters): the same policy, pixels within one level (randaugment.py); "torch":
     the pipeline only draws (each view's flip, ops and magnitudes, a third output "draws") and
@@ -117,12 +118,13 @@ def train_pipeline(files, labels, img_size, device, shard_id, num_shards, shuffl
     policy = parse_rand_augment(aa) if aa else None
     apply = rand_augment_batched if aa_impl == "batch" else rand_augment
     in_torch = policy is not None and aa_impl == "torch"
+    aa_interpolation = aa_interpolation or interpolation
 
     def finish(view):  # one view: (images, draws or None)
         if in_torch:
-            draws = rand_augment_draws(policy)
+            draws = rand_augment_draws(policy, aa_interpolation)
             return view, draws.gpu() if device == "cuda" else draws
-        augmented = apply(view, policy, img_size) if policy else view
+        augmented = apply(view, policy, img_size, interpolation=aa_interpolation) if policy else view
         return _normalize(augmented, dtype, fn.random.coin_flip(probability=0.5)), None
 
     jpegs, labels = _read(files, labels, device, shard_id, num_shards, True, shuffle_seed)

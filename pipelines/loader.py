@@ -15,8 +15,8 @@ from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
 from .cuda_graphs import CapturedCall
 from .image_list import DatasetError, ImageList, list_images
-from .graphs import INTERPOLATIONS, READER_NAME, train_pipeline, val_pipeline
-from .randaugment import parse_rand_augment
+from .graphs import READER_NAME, train_pipeline, val_pipeline
+from .randaugment import INTERPOLATIONS, parse_rand_augment
 
 
 # The profiler range around the loader's work in the consumer's thread (the torch RandAugment
@@ -328,7 +328,9 @@ def train_loader(root: str | os.PathLike | ImageList, batch_size: int, img_size:
     batch_size does not divide by repeats (A1/A2: 2048 and 3) the last image keeps fewer views.
     interpolation: how each random crop is resampled to img_size: "random" (bilinear or bicubic,
     drawn per image with equal odds: timm's default train interpolation, as in the RSB recipes),
-    "bilinear" or "bicubic"; antialiased, as PIL resizes.
+    "bilinear" or "bicubic"; antialiased, as PIL resizes. RandAugment's geometric ops resample
+    the same way, as timm's do ("random": drawn per op), except when continuing from a `state`
+    saved before they did (bilinear then).
     aa: timm's RandAugment string, e.g. "rand-m6-mstd0.5-inc1".
     aa_impl: how it runs: "tree" (DALI conditionals route each sample to its op; the fastest in
     training on the CPU and on the H200), "batch" (DALI, every op on the whole batch, neutral where
@@ -378,9 +380,11 @@ def train_loader(root: str | os.PathLike | ImageList, batch_size: int, img_size:
     if pipelines < 1 or shard_images // pipelines < batch_images:
         raise DatasetError(f"{pipelines} pipeline(s) need at least {batch_images} images each, and the shard "
                            f"has {shard_images}")
+    # RandAugment's geometric ops resample as the crops do (timm's hparams), or as a saved state's did
+    aa_interpolation = (state["fingerprint"]["aa_interpolation"] if state else interpolation) if aa else None
     fingerprint = dict(images=len(images), batch_size=batch_size, img_size=img_size, shard_id=shard_id,
                        num_shards=num_shards, seed=seed, repeats=repeats, aa=aa, pipelines=pipelines,
-                       aa_impl=aa_impl if aa else None, interpolation=interpolation)
+                       aa_impl=aa_impl if aa else None, interpolation=interpolation, aa_interpolation=aa_interpolation)
     if state is not None:
         _check_state(state, fingerprint)
     device_id = _check_device(device)
@@ -395,13 +399,13 @@ def train_loader(root: str | os.PathLike | ImageList, batch_size: int, img_size:
             files=images.files, labels=images.labels, img_size=img_size, device=device,
             shard_id=shard_id * pipelines + part, num_shards=num_shards * pipelines, shuffle_seed=seed,
             hw_decoder_load=hw_decoder_load, dtype=dtype or default_pixel_dtype(device), repeats=repeats, aa=aa,
-            aa_impl=aa_impl, interpolation=interpolation,
+            aa_impl=aa_impl, interpolation=interpolation, aa_interpolation=aa_interpolation,
             batch_size=batch_images, num_threads=max(1, threads // pipelines), device_id=device_id,
             seed=seed * 1000 + shard_id * pipelines + part, prefetch_queue_depth=prefetch_queue_depth,
             enable_checkpointing=True, checkpoint=checkpoints[part] if checkpoints else None, **executor)
             for part in range(pipelines)]
-    augment = (_torch_augment(aa, img_size, dtype or default_pixel_dtype(device), compile_augment, cuda_graphs)
-               if aa and aa_impl == "torch" else None)
+    augment = (_torch_augment(aa, img_size, dtype or default_pixel_dtype(device), compile_augment, cuda_graphs,
+                              aa_interpolation) if aa and aa_impl == "torch" else None)
     return DaliLoader(build, images, batch_size, train=True, repeats=repeats, fingerprint=fingerprint, state=state,
                       settings={**_decoder_settings(device_id, hw_decoder_load, threads, prefetch_queue_depth),
                                 "stream_policy": stream_policy, "concurrency": concurrency,
@@ -444,10 +448,12 @@ def _resolve_aa(aa: str | None, aa_impl: str, state: dict | None, device: str) -
     return aa_impl
 
 
-def _torch_augment(aa: str, img_size: int, dtype: str, compiled: bool, cuda_graphs: bool) -> Callable:
+def _torch_augment(aa: str, img_size: int, dtype: str, compiled: bool, cuda_graphs: bool,
+                   interpolation: str) -> Callable:
     """The torch form of RandAugment as the loader applies it after the hand-over."""
     from .torch_augment import TorchRandAugment
-    augment = TorchRandAugment(parse_rand_augment(aa), img_size, getattr(torch, dtype), compiled=compiled)
+    augment = TorchRandAugment(parse_rand_augment(aa), img_size, getattr(torch, dtype), compiled=compiled,
+                               interpolation=interpolation)
     if cuda_graphs:  # ~900 torch calls a batch from the consumer's thread (eager): one graph launch instead
         return CapturedCall(augment, "RandAugment (torch form)")
     return augment
@@ -456,11 +462,13 @@ def _torch_augment(aa: str, img_size: int, dtype: str, compiled: bool, cuda_grap
 def _upgrade_state(state: dict) -> dict:
     """States saved by earlier versions: one DALI checkpoint, not a list (before loaders had several
     pipelines); no aa_impl (before the batch-wide RandAugment: the tree, where there was one); no
-    interpolation (before the random one: bilinear)."""
+    interpolation (before the random one: bilinear); no aa_interpolation (before RandAugment's
+    geometric ops followed it: bilinear)."""
     fingerprint = dict(state.get("fingerprint", {}))
     if "aa_impl" not in fingerprint:
         fingerprint["aa_impl"] = "tree" if fingerprint.get("aa") else None
     fingerprint.setdefault("interpolation", "bilinear")
+    fingerprint.setdefault("aa_interpolation", "bilinear" if fingerprint.get("aa") else None)
     if not isinstance(state.get("dali"), list):
         state, fingerprint["pipelines"] = {**state, "dali": [state.get("dali")]}, 1
     return {**state, "fingerprint": fingerprint}

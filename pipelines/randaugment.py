@@ -8,11 +8,14 @@ follows timm 1.0.31's `timm/data/auto_augment.py` instead, per sample:
   ("increasing" with inc1), each applied with probability `prob` (p, default 0.5);
 - each op's magnitude drawn from gauss(m, mstd), clipped to [0, mmax] (10), then mapped to the
   op's argument exactly as timm's level functions do (random sign where timm negates);
-- geometric ops fill with the ImageNet mean colour (124, 116, 104) and work at the training size.
-Differences, measured or inherent: the geometric ops always interpolate bilinearly (timm picks
-bilinear or bicubic at random per image; a DALI warp takes one interpolation per call);
-Equalize follows OpenCV's lookup table (DALI's equalize), which maps the cumulative histogram
-differently from PIL's (mean difference 3.7 of 255 levels on photos, up to ~10 on
+- geometric ops fill with the ImageNet mean colour (124, 116, 104), work at the training size and
+  resample as timm's hparams say: under its default train interpolation ("random", the recipes')
+  bilinear or bicubic drawn per op call with equal odds, else the one interpolation named.
+Differences, measured or inherent: DALI's bicubic warp is OpenCV's cubic (a = -0.75) where PIL's
+affine transform takes a = -1 (0.7-1.7 levels from PIL's bicubic on average, against 1.1-3.6 for
+a bilinear warp: tests/test_randaugment.py), and it costs ~2.8x the bilinear warp on the CPU (~700
+against ~250 us an image at 160 px); Equalize follows OpenCV's lookup table (DALI's equalize),
+which maps the cumulative histogram differently from PIL's (mean difference 3.7 of 255 levels on photos, up to ~10 on
 narrow-histogram textures: tests/test_randaugment.py); the flip runs after RandAugment instead
 of before (the same distribution: every geometric op's sign is symmetric).
 """
@@ -55,14 +58,21 @@ def _blend(degenerate, images_f, factor, images):
     return _to_uint8(degenerate + _on(factor, images) * (images_f - degenerate))
 
 
-def _warp(images, matrix, size):
+# How the geometric ops resample: timm's train interpolation ("random": bilinear or bicubic drawn
+# per op call; its RandAugment takes the transform's interpolation unless that is "random").
+INTERPOLATIONS = ("random", "bilinear", "bicubic")
+_WARP_INTERP = {"bilinear": types.INTERP_LINEAR, "bicubic": types.INTERP_CUBIC}
+
+
+def _warp(images, matrix, size, interp=types.INTERP_LINEAR):
     """Output pixel (x, y) takes the input at matrix @ (x, y, 1) (matrix per sample, (3, 3), an
-    affine map), as PIL's AFFINE transform does, bilinear; outside the image, the mean colour.
+    affine map), as PIL's AFFINE transform does, bilinear or bicubic (interp: DALI's
+    INTERP_LINEAR or INTERP_CUBIC); outside the image, the mean colour.
     DALI's experimental warp_perspective fills per channel and, on the CPU, ran 3.1x faster than
     warp_affine on a mean-colour frame (4,526 vs 1,458 images/s at 160 px, the same pixels within
     one level)."""
     return fn.experimental.warp_perspective(images, matrix=matrix, size=[size, size], inverse_map=True,
-                                            interp_type=types.INTERP_LINEAR, border_mode="constant",
+                                            interp_type=interp, border_mode="constant",
                                             fill_value=[float(v) for v in FILL], pixel_origin="corner")
 
 
@@ -136,10 +146,23 @@ def _geometric_matrix(signed, size, kind, names=GEOMETRIC):
     return fn.reductions.sum(chosen * candidates, axes=[0])
 
 
-def geometric(images, signed, size, kind, names=GEOMETRIC):
+def geometric(images, signed, size, kind, names=GEOMETRIC, interp=types.INTERP_LINEAR):
     """The geometric ops names[kind], all in one warp call: the matrix is picked per sample by
     arithmetic, so the batch is split once for all of them."""
-    return _warp(images, _geometric_matrix(signed, size, kind, names), size)
+    return _warp(images, _geometric_matrix(signed, size, kind, names), size, interp)
+
+
+def _geometric_resampled(images, signed, size, kind, names, resample):
+    """geometric() resampled as `resample` says: one DALI interp_type for the whole batch, or a
+    per-sample bool DataNode, bicubic where True, that splits it in two (DALI conditionals: a
+    warp takes one interp_type a call)."""
+    if isinstance(resample, types.DALIInterpType):
+        return geometric(images, signed, size, kind, names, resample)
+    if resample:
+        out = geometric(images, signed, size, kind, names, types.INTERP_CUBIC)
+    else:
+        out = geometric(images, signed, size, kind, names, types.INTERP_LINEAR)
+    return out
 
 
 def _geometric_op(name):
@@ -265,22 +288,24 @@ def _split_point(weights, low: int, high: int) -> int:
     return best
 
 
-def _select(leaves, weights, low: int, high: int, index, images, signed, size):
+def _select(leaves, weights, low: int, high: int, index, images, signed, size, resample):
     """Apply leaves[i] to the samples whose op index falls in leaf i's range: a binary tree of
     DALI conditionals splits the batch, each split halving the probability mass, so the likely
     leaves (no op: 1 - prob; the geometric leaf: 5 ops) sit near the root and most samples pass
-    few splits. A leaf is (first index, op names); a leaf of several (geometric) ops applies them
-    in one call, the op picked by index - first; a leaf of no names leaves the images as they are."""
+    few splits. A leaf is (first index, op names); the geometric leaf applies its ops in one call,
+    the op picked by index - first, resampled as `resample` says (_geometric_resampled); a leaf of
+    no names leaves the images as they are."""
     if low == high:
         first, names = leaves[low]
-        if len(names) > 1:
-            return geometric(images, signed, size, index - first, names)
+        if names and names[0] in GEOMETRIC:
+            kind = index - first if len(names) > 1 else None
+            return _geometric_resampled(images, signed, size, kind, names, resample)
         return OPS[names[0]](images, signed, size) if names else images
     middle = _split_point(weights, low, high)
     if index < leaves[middle + 1][0]:
-        out = _select(leaves, weights, low, middle, index, images, signed, size)
+        out = _select(leaves, weights, low, middle, index, images, signed, size, resample)
     else:
-        out = _select(leaves, weights, middle + 1, high, index, images, signed, size)
+        out = _select(leaves, weights, middle + 1, high, index, images, signed, size, resample)
     return out
 
 
@@ -310,38 +335,54 @@ def _policy(spec: RandAugmentSpec):
     return ordered, leaves, leaf_weights, [share] * len(ordered) + [1.0 - spec.prob]
 
 
-def _apply_drawn(images, spec: RandAugmentSpec, index, signed, size: int):
-    """ordered[index] (from _policy) applied to each sample, with its signed magnitude."""
+def _apply_drawn(images, spec: RandAugmentSpec, index, signed, size: int, resample=types.INTERP_LINEAR):
+    """ordered[index] (from _policy) applied to each sample, with its signed magnitude; the
+    geometric ops resampled as `resample` says (an interp_type, or per sample bicubic: a bool)."""
     _, leaves, leaf_weights, _ = _policy(spec)
-    return _select(leaves, leaf_weights, 0, len(leaves) - 1, index, images, signed, size)
+    return _select(leaves, leaf_weights, 0, len(leaves) - 1, index, images, signed, size, resample)
 
 
-def rand_augment(images, spec: RandAugmentSpec, size: int, batched: bool = False):
+def rand_augment(images, spec: RandAugmentSpec, size: int, batched: bool = False, interpolation: str = "random"):
     """Apply the policy to a batch of uint8 HWC images of size x size (CPU or GPU). The tree form
-    needs a pipeline built with enable_conditionals=True; batched: every op batch-wide (below)."""
+    needs a pipeline built with enable_conditionals=True; batched: every op batch-wide (below).
+    interpolation: how the geometric ops resample (INTERPOLATIONS; timm's train interpolation)."""
     apply = _apply_drawn_batched if batched else _apply_drawn
     for _ in range(spec.num_layers):
-        index, signed = _draw_layer(spec)
-        images = apply(images, spec, index, signed, size)
+        index, signed, resample = _draw_layer(spec, interpolation)
+        images = apply(images, spec, index, signed, size, resample)
     return images
 
 
-def _draw_layer(spec: RandAugmentSpec):
-    """One layer's draws, per sample: the op index into _policy's order (the last: none) and the
-    signed magnitude."""
+def _draw_layer(spec: RandAugmentSpec, interpolation: str):
+    """One layer's draws, per sample: the op index into _policy's order (the last: none), the
+    signed magnitude, and the geometric ops' resampling: for "random", bicubic or not (a bool,
+    drawn whatever the op: the same law as timm's draw inside the op), else a fixed interp_type."""
+    if interpolation not in INTERPOLATIONS:
+        raise ValueError(f"interpolation must be one of {', '.join(INTERPOLATIONS)}, not {interpolation!r}")
     draw = _policy(spec)[3]
     index = fn.random.choice(len(draw), p=draw)
-    return index, _magnitude(spec) * fn.random.uniform(values=[-1.0, 1.0])
+    signed = _magnitude(spec) * fn.random.uniform(values=[-1.0, 1.0])
+    if interpolation != "random":
+        return index, signed, _WARP_INTERP[interpolation]
+    return index, signed, fn.random.coin_flip(probability=0.5, dtype=types.BOOL)
 
 
-def rand_augment_draws(spec: RandAugmentSpec):
-    """For the torch form (pipelines/torch_augment.py): per sample, float32 (1 + 2 x layers,):
-    the flip (0/1), then each layer's op index (into _policy's order; the last: none) and signed
-    magnitude, drawn by the same law as rand_augment's."""
+def draws_per_layer(interpolation: str) -> int:
+    """rand_augment_draws' columns for each layer: op index, signed magnitude and, where the
+    resampling is drawn ("random"), bicubic (0/1)."""
+    return 3 if interpolation == "random" else 2
+
+
+def rand_augment_draws(spec: RandAugmentSpec, interpolation: str = "random"):
+    """For the torch form (pipelines/torch_augment.py): per sample, float32 (1 + layers x
+    draws_per_layer,): the flip (0/1), then each layer's op index (into _policy's order; the
+    last: none), signed magnitude and, for "random", bicubic (0/1), drawn by rand_augment's law."""
     parts = [fn.cast(fn.random.coin_flip(probability=0.5), dtype=types.FLOAT)]
     for _ in range(spec.num_layers):
-        index, signed = _draw_layer(spec)
+        index, signed, resample = _draw_layer(spec, interpolation)
         parts += [fn.cast(index, dtype=types.FLOAT), signed]
+        if interpolation == "random":
+            parts.append(fn.cast(resample, dtype=types.FLOAT))
     return fn.stack(*parts)
 
 
@@ -383,7 +424,7 @@ def _uint8(node):
     return fn.cast(node, dtype=types.UINT8)
 
 
-def _apply_drawn_batched(images, spec: RandAugmentSpec, index, signed, size: int):
+def _apply_drawn_batched(images, spec: RandAugmentSpec, index, signed, size: int, resample=types.INTERP_LINEAR):
     """What _apply_drawn computes (ordered[index] on each sample), batch-wide."""
     ordered = _policy(spec)[0]
     flag = {name: fn.cast(index == ordered.index(name), dtype=types.FLOAT) for name in ordered}
@@ -399,10 +440,24 @@ def _apply_drawn_batched(images, spec: RandAugmentSpec, index, signed, size: int
         if len(shapes) == 1:
             matrix = matrix * is_op(*shapes)
         identity = types.Constant(np.eye(3, dtype=np.float32))
-        images = _warp(images, matrix + (1.0 - is_op(*shapes)) * identity, size)
+        drawn = is_op(*shapes)
+        images = _warp_batched(images, matrix + (1.0 - drawn) * identity, size, resample, drawn)
     images = _affine_pass(images, spec, flag, is_op, signed)
     images = _integer_pass(images, spec, is_op, signed)
     return _sharpen(images, spec, is_op, signed)
+
+
+def _warp_batched(images, matrix, size, resample, drawn):
+    """One warp of the batch as `resample` says; drawn per sample: both warps (a warp takes one
+    interp_type a call), the bicubic one picked in uint8 (x ^ (x ^ y) = y) where the sample drew
+    bicubic and a geometric op (`drawn`, 0/1): the others keep the bilinear identity warp, which
+    is exact."""
+    if isinstance(resample, types.DALIInterpType):
+        return _warp(images, matrix, size, resample)
+    linear = _warp(images, matrix, size, types.INTERP_LINEAR)
+    cubic = _warp(images, matrix, size, types.INTERP_CUBIC)
+    pick = _uint8(drawn * fn.cast(resample, dtype=types.FLOAT))
+    return linear ^ (_on(pick, images) * (linear ^ cubic))
 
 
 def _affine_pass(images, spec: RandAugmentSpec, flag: dict, is_op, signed):
@@ -461,6 +516,6 @@ def _sharpen(images, spec: RandAugmentSpec, is_op, signed):
     return _sharpness(images, factor, None)  # factor 1: the identity kernel
 
 
-def rand_augment_batched(images, spec: RandAugmentSpec, size: int):
+def rand_augment_batched(images, spec: RandAugmentSpec, size: int, interpolation: str = "random"):
     """rand_augment with every op batch-wide (no conditionals): the same law and the same draws."""
-    return rand_augment(images, spec, size, batched=True)
+    return rand_augment(images, spec, size, batched=True, interpolation=interpolation)

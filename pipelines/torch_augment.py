@@ -13,9 +13,9 @@ are. No host sync and no shape that depends on the draws, so the GPU never waits
 Each op computes what PIL computes when timm calls it: the tables and the blends in PIL's integer
 and float32 arithmetic (the same values, tested), Equalize with PIL's own table (DALI's follows
 OpenCV), Color on PIL's integer grey, Sharpness with PIL's rounded 3x3 smoothing and untouched
-border; the warp samples bilinearly as PIL does (fill where the sample point leaves the image, edge
-pixels repeated inside it, in double as PIL computes). As in the DALI forms, the geometric ops
-always interpolate bilinearly (timm draws bilinear or bicubic) and the flip comes after RandAugment.
+border; the warp samples with PIL's bilinear or bicubic filter, per sample as drawn (fill where the
+sample point leaves the image, edge pixels repeated inside it, in double as PIL computes). As in the
+DALI forms, the flip comes after RandAugment.
 """
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from .augment_spec import MAX_LEVEL, RandAugmentSpec
 from .cuda_graphs import first_line
 from .graphs import IMAGENET_MEAN, IMAGENET_STD
-from .randaugment import FILL, GEOMETRIC, _policy
+from .randaugment import FILL, GEOMETRIC, INTERPOLATIONS, _policy, draws_per_layer
 
 
 # Compiled or on the CPU (TorchRandAugment.chunk_size), the batch is augmented in chunks of at most
@@ -44,12 +44,13 @@ CHUNK_PIXELS = 64 * 160 * 160
 
 class TorchRandAugment:
     """augment(images, draws) -> the batch as the DALI forms hand it over: images (N, H, W, 3)
-    uint8 from the pipeline, draws (N, 1 + 2 * layers) float32 (flip, then each layer's op index
-    and signed magnitude, from randaugment.rand_augment_draws) -> (N, 3, H, W) normalized,
+    uint8 from the pipeline, draws (N, 1 + layers x draws_per_layer(interpolation)) float32 (flip,
+    then each layer's op index, signed magnitude and, for "random", bicubic: from
+    randaugment.rand_augment_draws with the same interpolation) -> (N, 3, H, W) normalized,
     channels-last, in `dtype`."""
 
     def __init__(self, spec: RandAugmentSpec, size: int, dtype: torch.dtype, compiled: bool = False,
-                 chunk_pixels: int | None = CHUNK_PIXELS):
+                 chunk_pixels: int | None = CHUNK_PIXELS, interpolation: str = "random"):
         """compiled: run through torch.compile (inductor): the ~900 torch calls of A3's policy a batch
         fuse into a handful of loops (13 calls a batch on the CPU; Triton splits loops further on
         the GPU) that read and write the batch a few times in all instead of once per call. The
@@ -57,8 +58,12 @@ class TorchRandAugment:
         is (within one level, on under 0.1% of values: tests/test_gpu.py).
         chunk_pixels: augment the batch in chunks of this many pixels or fewer (whole images, at
         least one) where chunks are cheap (chunk_size); None: the whole batch at once. The same
-        pixels either way."""
-        self.spec, self.size, self.dtype = spec, size, dtype
+        pixels either way.
+        interpolation: how the geometric ops resample: "random" (bilinear or bicubic as each
+        sample's draw says), "bilinear" or "bicubic"; as rand_augment_draws was told."""
+        if interpolation not in INTERPOLATIONS:
+            raise ValueError(f"interpolation must be one of {', '.join(INTERPOLATIONS)}, not {interpolation!r}")
+        self.spec, self.size, self.dtype, self.interpolation = spec, size, dtype, interpolation
         self.chunk_images = max(1, chunk_pixels // (size * size)) if chunk_pixels else None
         self.ordered = _policy(spec)[0]
         self.compiled = compiled
@@ -117,15 +122,20 @@ class TorchRandAugment:
 
     def _augment_chunk(self, images: torch.Tensor, draws: torch.Tensor) -> torch.Tensor:
         x = images.permute(0, 3, 1, 2)  # NCHW view of channels-last memory
+        stride = draws_per_layer(self.interpolation)
         for layer in range(self.spec.num_layers):
-            x = self.layer(x, draws[:, 1 + 2 * layer].round().long(), draws[:, 2 + 2 * layer])
+            first = 1 + stride * layer
+            cubic = draws[:, first + 2] > 0.5 if self.interpolation == "random" else self.interpolation == "bicubic"
+            x = self.layer(x, draws[:, first].round().long(), draws[:, first + 1], cubic)
         mean = self._constant("mean", x.device)
         std = self._constant("std", x.device)
         return normalize(x, draws[:, 0] > 0.5, mean, std, self.dtype)
 
-    def layer(self, x: torch.Tensor, index: torch.Tensor, signed: torch.Tensor) -> torch.Tensor:
-        """One layer: sample n gets self.ordered[index[n]] (no op where index is past the end)."""
-        x = self._warp(x, index, signed)
+    def layer(self, x: torch.Tensor, index: torch.Tensor, signed: torch.Tensor,
+              cubic: bool | torch.Tensor = False) -> torch.Tensor:
+        """One layer: sample n gets self.ordered[index[n]] (no op where index is past the end); the
+        geometric ops resample bicubic where `cubic` (one bool, or (N,) bool), else bilinear."""
+        x = self._warp(x, index, signed, cubic)
         x = _lookup(x, self._tables(x, index, signed))
         x = self._blend_grey(x, index, signed)
         return self._sharpen(x, index, signed)
@@ -152,7 +162,8 @@ class TorchRandAugment:
 
     # --- the warp ------------------------------------------------------------------------------
 
-    def _warp(self, x: torch.Tensor, index: torch.Tensor, signed: torch.Tensor) -> torch.Tensor:
+    def _warp(self, x: torch.Tensor, index: torch.Tensor, signed: torch.Tensor,
+              cubic: bool | torch.Tensor) -> torch.Tensor:
         shapes = [name for name in self.ordered if name in GEOMETRIC]
         if not shapes:
             return x
@@ -168,7 +179,8 @@ class TorchRandAugment:
         # the warp's float64 temporaries, ~100 bytes a pixel, are most of what the form holds, and
         # its ~30 calls a chunk little of its launches.
         step = min(n, self.chunk_images or n)
-        pieces = [_bilinear(x[i:i + step], _sample_points(matrix[i:i + step], height, width), fill)
+        pieces = [_resample(x[i:i + step], _sample_points(matrix[i:i + step], height, width), fill,
+                            cubic if isinstance(cubic, bool) else cubic[i:i + step])
                   for i in range(0, n, step)]
         warped = (pieces[0] if len(pieces) == 1 else torch.cat(pieces)).permute(0, 3, 1, 2)
         return torch.where(drawn.view(n, 1, 1, 1), warped, x)
@@ -291,36 +303,52 @@ def _sample_points(matrix: torch.Tensor, height: int, width: int) -> torch.Tenso
             + matrix[:, None, None, :, 2])
 
 
-def _bilinear(x: torch.Tensor, source: torch.Tensor, fill: torch.Tensor) -> torch.Tensor:
-    """PIL's bilinear filter: each output pixel takes the input at `source` (N, H, W, 2), x then y,
-    in pixel units with centres at +0.5, in double: the fill colour where that point lies outside
-    the image, else a + (b - a) dx across and then down, edge pixels repeated, truncated. The
-    fractions come from the double coordinates as PIL's do (exactly 0 where PIL's are), and the
-    blends are PIL's, in double, in its order: the same pixels. (N, H, W, 3) uint8. Compiled (as
-    seen on the CPU), inductor keeps the two blended rows as float64 buffers (each is read twice):
-    2 x 157 MB for A3's batch of 256 at 160 px, the largest the form holds; hence CHUNK_PIXELS
-    (2 x 39 MB a chunk)."""
+def _resample(x: torch.Tensor, source: torch.Tensor, fill: torch.Tensor, cubic: bool | torch.Tensor) -> torch.Tensor:
+    """PIL's transform filters: each output pixel takes the input at `source` (N, H, W, 2), x then
+    y, in pixel units with centres at +0.5, in double: the fill colour where that point lies
+    outside the image, else PIL's bilinear filter (a + (b - a) d across, then down) or, where
+    `cubic` (one bool or (N,) bool), its bicubic one (a = -1 cubic convolution over 4 x 4 pixels,
+    clipped to 0..255), edge pixels repeated, truncated. The fractions come from the double
+    coordinates as PIL's do (exactly 0 where PIL's are), and the arithmetic is PIL's, in double,
+    in its order: the same pixels. (N, H, W, 3) uint8. Per sample, both filters share their
+    gathers (bilinear's 2 x 2 pixels are bicubic's middle four). Compiled (as seen on the CPU),
+    inductor keeps the blended rows as float64 buffers (each is read more than once): for
+    bilinear, 2 x 157 MB for A3's batch of 256 at 160 px, the largest the form holds; hence
+    CHUNK_PIXELS."""
     n, c, height, width = x.shape
-    pixels = x.permute(0, 2, 3, 1).reshape(n * height * width, c)  # gathered as uint8, blended in double
+    pixels = x.permute(0, 2, 3, 1).reshape(n * height * width, c)  # gathered as uint8, filtered in double
     across_image, down_image = source.unbind(-1)
     inside = ((across_image >= 0) & (across_image < width) & (down_image >= 0) & (down_image < height)).unsqueeze(-1)
     corner = (source - 0.5).floor()
-    across, down = (source - 0.5 - corner).unbind(-1)
+    across, down = (fraction.unsqueeze(-1) for fraction in (source - 0.5 - corner).unbind(-1))
     # int32 indices where every pixel's fits (half the bytes of int64 wherever inductor keeps them)
     index = torch.int32 if n * height * width < 2**31 else torch.int64
     left, top = corner.to(index).unbind(-1)
     first = (torch.arange(n, device=x.device, dtype=index) * (height * width)).view(n, 1, 1)
 
-    def at(row, column):
-        return pixels[first + row.clamp(0, height - 1) * width + column.clamp(0, width - 1)]
+    def at(row, column):  # (N, H, W, C) double
+        return pixels[first + row.clamp(0, height - 1) * width + column.clamp(0, width - 1)].double()
 
-    def row_at(row):
-        a = at(row, left).double()
-        return a + (at(row, left + 1).double() - a) * across.unsqueeze(-1)
+    near = range(0, 2) if cubic is False else range(-1, 3)  # the rows and columns around the point
+    taps = {(i, j): at(top + i, left + j) for i in near for j in near}
+    if cubic is not True:
+        upper = taps[0, 0] + (taps[0, 1] - taps[0, 0]) * across
+        lower = taps[1, 0] + (taps[1, 1] - taps[1, 0]) * across
+        value = (upper + (lower - upper) * down).trunc()
+    if cubic is not False:
+        rows = [_cubic(*(taps[i, j] for j in near), across) for i in near]
+        bicubic = _cubic(*rows, down).clamp(0, 255).trunc()
+        value = bicubic if cubic is True else torch.where(cubic.view(n, 1, 1, 1), bicubic, value)
+    return torch.where(inside, value, fill).to(torch.uint8)
 
-    upper, lower = row_at(top), row_at(top + 1)
-    value = upper + (lower - upper) * down.unsqueeze(-1)
-    return torch.where(inside, value.trunc(), fill).to(torch.uint8)
+
+def _cubic(v1: torch.Tensor, v2: torch.Tensor, v3: torch.Tensor, v4: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+    """PIL's BICUBIC macro: the cubic through four neighbours at fraction d between v2 and v3,
+    its operations in its order."""
+    p2 = -v1 + v3
+    p3 = 2 * (v1 - v2) + v3 - v4
+    p4 = -v1 + v2 - v3 + v4
+    return v2 + d * (p2 + d * (p3 + d * p4))
 
 
 def _blend_values(degenerate: torch.Tensor, values: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:

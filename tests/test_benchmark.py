@@ -248,7 +248,8 @@ def test_augment_memory_counts_what_a_call_holds_at_once():
     assert augment_memory.peak_mb(two_at_once, "cpu") == pytest.approx(8.0, rel=0.01)
     spec = parse_rand_augment("rand-m9-mstd0.5")
     images, draws = augment_memory.batch(4, 32, 15, spec.num_layers, "cpu")
-    assert images.shape == (4, 32, 32, 3) and draws.shape == (4, 5) and draws[:, 1::2].max() <= 15
+    assert images.shape == (4, 32, 32, 3) and draws.shape == (4, 7) and draws[:, 1::3].max() <= 15
+    assert set(draws[:, 3::3].flatten().tolist()) <= {0.0, 1.0}
     result = augment_memory.measure(TorchRandAugment(spec, 32, torch.float32), images, draws, repeats=1)
     assert result["peak_mb"] >= 4 * 3 * 32 * 32 * 4 / 1e6 and result["compiled"] is False
 

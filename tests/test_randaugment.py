@@ -7,12 +7,12 @@ import numpy as np
 import pytest
 import timm.data.auto_augment as timm_aa
 import torch
-from nvidia.dali import fn, pipeline_def
+from nvidia.dali import fn, pipeline_def, types
 from PIL import Image
 
 from fastrsb.pipelines import DatasetError, RandAugmentSpec, parse_rand_augment, train_loader
-from fastrsb.pipelines.randaugment import (FILL, OPS, _apply_drawn, _apply_drawn_batched, _magnitude, _policy,
-                                          rand_augment, rand_augment_batched)
+from fastrsb.pipelines.randaugment import (FILL, GEOMETRIC, OPS, _apply_drawn, _apply_drawn_batched, _magnitude, _policy,
+                                          geometric, rand_augment, rand_augment_batched)
 
 SIZE = 48
 
@@ -53,11 +53,11 @@ def _dali_op(name, images, levels, signs):
     return [np.asarray(o) for o in out]
 
 
-def _timm_op(name, image, level, sign, monkeypatch):
+def _timm_op(name, image, level, sign, monkeypatch, resample=Image.BILINEAR):
     monkeypatch.setattr(timm_aa, "_randomly_negate", (lambda v: v) if sign > 0 else (lambda v: -v))
     level_fn = timm_aa.LEVEL_TO_ARG[name]
     args = level_fn(level, {"translate_pct": 0.45}) if level_fn else ()
-    out = timm_aa.NAME_TO_OP[name](Image.fromarray(image), *args, fillcolor=FILL, resample=Image.BILINEAR)
+    out = timm_aa.NAME_TO_OP[name](Image.fromarray(image), *args, fillcolor=FILL, resample=resample)
     return np.asarray(out)
 
 
@@ -70,7 +70,6 @@ def _timm_op(name, image, level, sign, monkeypatch):
 # border, where PIL and DALI treat a sample straddling the edge differently (<= 1.1); Equalize
 # uses OpenCV's lookup table instead of PIL's: 3.7 mean (7.2 worst) on photos, up to ~10.3 on these
 # narrow-histogram textures.
-GEOMETRIC = {"Rotate", "ShearX", "ShearY", "TranslateXRel", "TranslateYRel"}
 EXACT = {"Invert", "Posterize", "PosterizeIncreasing", "Solarize", "SolarizeIncreasing", "SolarizeAdd"}
 
 
@@ -102,6 +101,56 @@ def test_op_matches_timm(name, photos, monkeypatch):
                 assert np.abs(mine.astype(int) - theirs.astype(int)).mean() <= _bound(name), (level, sign)
                 compared += 1
     assert compared >= 8 * 8
+
+
+@pytest.mark.parametrize("name", sorted(GEOMETRIC))
+def test_geometric_op_resamples_bicubic_as_timm(name, photos, monkeypatch):
+    """With DALI's bicubic warp, each geometric op against timm's call with resample=BICUBIC:
+    within 2.2 levels on average (measured 0.7-1.7: DALI's cubic is OpenCV's, a = -0.75, PIL's
+    transform a = -1), and closer to it than the bilinear warp is."""
+    for level, sign in ((3.3, -1.0), (9.5, 1.0)):
+        @pipeline_def(batch_size=len(photos), num_threads=1, device_id=None)
+        def both():
+            x = fn.external_source(source=[photos], layout="HWC")
+            signed = fn.external_source(source=[[np.float32(level * sign)] * len(photos)])
+            return tuple(geometric(x, signed, SIZE, None, (name,), interp)
+                         for interp in (types.INTERP_CUBIC, types.INTERP_LINEAR))
+        cubic, linear = both().run()
+        theirs = [_timm_op(name, image, level, sign, monkeypatch, Image.BICUBIC).astype(int) for image in photos]
+        cubic_gap, linear_gap = (np.mean([np.abs(np.asarray(o).astype(int) - t).mean() for o, t in zip(out, theirs)])
+                                 for out in (cubic, linear))
+        assert cubic_gap <= 2.2 and cubic_gap < linear_gap, (level, sign, cubic_gap, linear_gap)
+
+
+@pytest.mark.parametrize("apply", [_apply_drawn, _apply_drawn_batched], ids=["tree", "batch"])
+def test_each_sample_resamples_as_it_drew(photos, apply):
+    """Under the "random" interpolation each sample's geometric op resamples bicubic or bilinear
+    as its own draw says: each of the five ops on four samples, two drawing bicubic, each exactly
+    as the op alone makes it with that interpolation; a sample of another op (or none) that drew
+    bicubic is not warped (the batch-wide form: its identity warp stays bilinear, exact)."""
+    spec = parse_rand_augment("rand-m9-mstd0.5-inc1")
+    ordered = _policy(spec)[0]
+    indices = [ordered.index(name) for name in GEOMETRIC for _ in range(4)] + [len(ordered)] * 2
+    cubic = [j % 2 == 0 for j in range(len(indices))]
+    images = [photos[j % len(photos)] for j in range(len(indices))]
+
+    @pipeline_def(batch_size=len(indices), num_threads=1, device_id=None, enable_conditionals=True)
+    def drawn():
+        x = fn.external_source(source=[images], layout="HWC")
+        index = fn.external_source(source=[[np.int64(i) for i in indices]])
+        signed = fn.external_source(source=[[np.float32(7.5 * (-1) ** (j // 2)) for j in range(len(indices))]])
+        resample = fn.external_source(source=[[np.bool_(c) for c in cubic]])
+        first = ordered.index(GEOMETRIC[0])
+        return (apply(x, spec, index, signed, SIZE, resample),
+                *(geometric(x, signed, SIZE, index - first, GEOMETRIC, interp)
+                  for interp in (types.INTERP_LINEAR, types.INTERP_CUBIC)))
+    out, linear, bicubic = drawn().run()
+    for j in range(len(indices) - 2):
+        want = bicubic if cubic[j] else linear
+        assert np.array_equal(np.asarray(out[j]), np.asarray(want[j])), j
+    assert not np.array_equal(np.asarray(linear[0]), np.asarray(bicubic[0]))  # the two filters differ
+    for j in (-2, -1):  # no op
+        assert np.array_equal(np.asarray(out[j]), images[j])
 
 
 def _policy_pipeline(spec_string, images, impl=rand_augment):
@@ -190,6 +239,31 @@ def test_train_loader_applies_it(tiny_data):
     assert torch.equal(augmented, first_batch("rand-m9-mstd0.5-inc1"))  # deterministic for a seed
     with pytest.raises(DatasetError, match="unsupported section"):
         first_batch("rand-m9-q2")
+
+
+def test_a_position_saved_before_the_geometric_ops_drew_their_resampling(tiny_data, monkeypatch):
+    """A loader position saved before RandAugment's geometric ops followed the interpolation (its
+    fingerprint lacks aa_interpolation; they were bilinear then, whatever the crops): the loader
+    continues it with bilinear geometric ops, batch for batch where the old one would have gone
+    on; a new loader resamples them as its crops ("random": drawn per op), and says so."""
+    from fastrsb.pipelines import graphs, loader as loader_module
+
+    def old_graph(**kwargs):  # the graph as it was
+        return graphs.train_pipeline(**{**kwargs, "aa_interpolation": "bilinear"})
+    settings = dict(batch_size=8, img_size=32, device="cpu", seed=5, aa="rand-m9-mstd0.5-inc1", pipelines=1)
+    monkeypatch.setattr(loader_module, "train_pipeline", old_graph)
+    old = train_loader(tiny_data / "train", **settings)
+    batches = iter(old)
+    next(batches)
+    saved = old.state_dict()
+    want = next(batches)
+    monkeypatch.undo()
+    state = {**saved, "fingerprint": {k: v for k, v in saved["fingerprint"].items() if k != "aa_interpolation"}}
+    resumed = train_loader(tiny_data / "train", state=state, **settings)
+    got = next(iter(resumed))
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    assert resumed.state_dict()["fingerprint"]["aa_interpolation"] == "bilinear"
+    assert train_loader(tiny_data / "train", **settings).state_dict()["fingerprint"]["aa_interpolation"] == "random"
 
 
 # Where the batch-wide form is exact, and where it rounds differently from the tree's CPU operators

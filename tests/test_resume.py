@@ -450,7 +450,30 @@ def test_a_run_saved_before_the_random_interpolation_resumes_bilinear(tiny_data,
     del state["recipe"]["train_interpolation"]
     for rank in state["ranks"]:
         del rank["loader"]["fingerprint"]["interpolation"]
+        del rank["loader"]["fingerprint"]["aa_interpolation"]
     torch.save(state, tmp_path / "last.pt")
     with pytest.raises(UserError, match="another recipe \\(train_interpolation 'bilinear' -> 'random'\\)"):
         _train(tiny_data, tmp_path, resume="auto")
     assert not train(recipe, tiny_data, tmp_path, device="cpu", num_threads=1, resume="auto").get("stopped")
+
+
+def test_a_run_saved_before_randaugment_followed_the_interpolation_resumes_as_it_began(tiny_data, tmp_path,
+                                                                                        monkeypatch, capsys):
+    """A checkpoint of a run with random crops whose RandAugment warped bilinearly (before its
+    geometric ops followed train_interpolation; its loader positions lack aa_interpolation):
+    resumed as it is, it goes on with bilinear geometric ops, and the run card says so."""
+    from fastrsb.pipelines import graphs, loader as loader_module
+
+    def old_graph(**kwargs):  # the graph as it was
+        return graphs.train_pipeline(**{**kwargs, "aa_interpolation": "bilinear"})
+    monkeypatch.setattr(loader_module, "train_pipeline", old_graph)
+    _train(tiny_data, tmp_path, stop_after_steps=2)
+    monkeypatch.undo()
+    state = load_checkpoint(tmp_path / "last.pt")
+    for rank in state["ranks"]:
+        del rank["loader"]["fingerprint"]["aa_interpolation"]
+    torch.save(state, tmp_path / "last.pt")
+    capsys.readouterr()
+    assert not _train(tiny_data, tmp_path, resume="auto").get("stopped")
+    assert ("crops resampled bilinear or bicubic at random, RandAugment rand-m9-mstd0.5-inc1 (tree form, from "
+            "aa_impl auto; its geometric ops bilinear, as when the run began)") in capsys.readouterr().out

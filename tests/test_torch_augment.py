@@ -13,7 +13,7 @@ from PIL import Image
 
 from fastrsb.pipelines import DatasetError, parse_rand_augment, train_loader
 from fastrsb.pipelines.graphs import _normalize
-from fastrsb.pipelines.randaugment import FILL, _policy, rand_augment_draws
+from fastrsb.pipelines.randaugment import FILL, GEOMETRIC, _policy, draws_per_layer, rand_augment_draws
 from fastrsb.pipelines.torch_augment import TorchRandAugment
 
 SIZE = 48
@@ -25,11 +25,11 @@ def photos(tiny_data):
     return np.stack([np.asarray(Image.open(f).convert("RGB").resize((SIZE, SIZE), Image.BILINEAR)) for f in files])
 
 
-def _timm(name, image, level, sign, monkeypatch):
+def _timm(name, image, level, sign, monkeypatch, resample=Image.BILINEAR):
     monkeypatch.setattr(timm_aa, "_randomly_negate", (lambda v: v) if sign > 0 else (lambda v: -v))
     level_fn = timm_aa.LEVEL_TO_ARG[name]
     args = level_fn(level, {"translate_pct": 0.45}) if level_fn else ()
-    return np.asarray(timm_aa.NAME_TO_OP[name](Image.fromarray(image), *args, fillcolor=FILL, resample=Image.BILINEAR))
+    return np.asarray(timm_aa.NAME_TO_OP[name](Image.fromarray(image), *args, fillcolor=FILL, resample=resample))
 
 
 @pytest.mark.parametrize("config", ["rand-m9-mstd0.5", "rand-m9-mstd0.5-inc1"])
@@ -49,6 +49,29 @@ def test_every_op_is_timms_to_the_pixel(photos, config, monkeypatch):
                     assert np.array_equal(mine, theirs), (name, level, sign)
 
 
+def test_geometric_ops_resample_as_each_sample_drew_to_the_pixel(photos, monkeypatch):
+    """The geometric ops with PIL's bicubic filter, for the whole batch (cubic=True) and per
+    sample (a (N,) bool: bicubic on the even samples, bilinear on the odd), against timm's PIL
+    call with resample=BICUBIC or BILINEAR: every pixel equal. (timm draws one of the two for
+    each op call under its default train interpolation.)"""
+    spec = parse_rand_augment("rand-m9-mstd0.5-inc1")
+    augment = TorchRandAugment(spec, SIZE, torch.float32)
+    batch = torch.from_numpy(photos).permute(0, 3, 1, 2)
+    alternate = torch.arange(len(photos)) % 2 == 0
+    for name in GEOMETRIC:
+        position = _policy(spec)[0].index(name)
+        for level, sign in ((3.3, 1.0), (9.5, -1.0)):
+            signed = torch.full((len(photos),), level * sign, dtype=torch.float32)
+            index = torch.full((len(photos),), position)
+            for cubic in (True, alternate):
+                ours = augment.layer(batch, index, signed, cubic).permute(0, 2, 3, 1).numpy()
+                for j, (image, mine) in enumerate(zip(photos, ours)):
+                    bicubic = cubic is True or bool(cubic[j])
+                    theirs = _timm(name, image, float(signed[0].abs()), sign, monkeypatch,
+                                   Image.BICUBIC if bicubic else Image.BILINEAR)
+                    assert np.array_equal(mine, theirs), (name, level, sign, j)
+
+
 def test_samples_keep_their_own_op_and_the_rest_stay(photos):
     """One batch, sample j drawing op j (the last: none): each comes out as that op alone on the
     whole batch makes it, and the no-op sample is untouched."""
@@ -64,40 +87,45 @@ def test_samples_keep_their_own_op_and_the_rest_stay(photos):
     assert torch.equal(mixed[-1], batch[-1])
 
 
-def _draws(config, count, seed=3):
+def _draws(config, count, seed=3, interpolation="random"):
     spec = parse_rand_augment(config)
 
     @pipeline_def(batch_size=count, num_threads=1, device_id=None, seed=seed)
     def draws():
-        return rand_augment_draws(spec)
+        return rand_augment_draws(spec, interpolation)
     return torch.from_numpy(np.stack([np.asarray(d) for d in draws().run()[0]])), spec
 
 
 def test_draws_follow_timms_law():
     """Per sample: a fair flip, then per layer an op uniform over the set with probability p
-    (the last index: none, 1 - p) and a signed magnitude of either sign."""
+    (the last index: none, 1 - p), a signed magnitude of either sign and, under the "random"
+    interpolation, a fair bicubic-or-bilinear draw; a fixed interpolation draws none."""
     draws, spec = _draws("rand-m9-n3-p0.7-mstd0.5-inc1", 6000)
-    assert draws.shape == (6000, 1 + 2 * 3)
+    assert draws.shape == (6000, 1 + 3 * 3) and draws_per_layer("random") == 3
     assert abs(draws[:, 0].mean().item() - 0.5) < 0.03
     ops = len(_policy(spec)[0])
     for layer in range(3):
-        index, signed = draws[:, 1 + 2 * layer], draws[:, 2 + 2 * layer]
+        index, signed, cubic = draws[:, 1 + 3 * layer], draws[:, 2 + 3 * layer], draws[:, 3 + 3 * layer]
         assert abs((index == ops).float().mean().item() - 0.3) < 0.03
         counts = torch.bincount(index.long(), minlength=ops + 1)[:ops].float() / len(index)
         assert (counts - 0.7 / ops).abs().max() < 0.02
         assert abs((signed > 0).float().mean().item() - 0.5) < 0.03 and signed.abs().max() <= 10
+        assert set(cubic.tolist()) == {0.0, 1.0} and abs(cubic.mean().item() - 0.5) < 0.03
+    for fixed in ("bilinear", "bicubic"):
+        assert _draws("rand-m9-n3", 8, interpolation=fixed)[0].shape == (8, 1 + 2 * 3)
 
 
 def test_a_quarter_of_the_images_stay_as_they_are(photos):
     """Two layers at p 0.5: a quarter untouched (colour photos squeezed to levels 40-200, so
-    that at magnitude 9 every op changes every image)."""
-    colour = [p for p in photos if np.ptp(p.astype(int), axis=2).max() > 10]
+    that at magnitude 9 every op changes every image; at half size, since the eager bicubic
+    filter is costly on the CPU)."""
+    colour = [p[::2, ::2] for p in photos if np.ptp(p.astype(int), axis=2).max() > 10]
     images = torch.from_numpy(np.stack([(colour[i % len(colour)] * 0.625 + 40).astype(np.uint8) for i in range(800)]))
     draws, spec = _draws("rand-m9-mstd0.5-inc1", 800)
-    augment = TorchRandAugment(spec, SIZE, torch.float32)
+    augment = TorchRandAugment(spec, SIZE // 2, torch.float32)
     x = images.permute(0, 3, 1, 2)
     for layer in range(2):
-        x = augment.layer(x, draws[:, 1 + 2 * layer].long(), draws[:, 2 + 2 * layer])
+        x = augment.layer(x, draws[:, 1 + 3 * layer].long(), draws[:, 2 + 3 * layer], draws[:, 3 + 3 * layer] > 0.5)
     same = (x == images.permute(0, 3, 1, 2)).flatten(1).all(1).float().mean().item()
     assert abs(same - 0.25) < 0.06
 
@@ -114,7 +142,7 @@ def test_flip_and_normalization_are_the_dali_pipelines(photos):
         return _normalize(x, "float32", mirror)
     want = torch.from_numpy(np.stack([np.asarray(v) for v in dali().run()[0]])).permute(0, 3, 1, 2)
     spec = parse_rand_augment("rand-m9-n1-p0.0")  # one layer that never applies
-    draws = torch.tensor([[float(f), len(_policy(spec)[0]), 0.0] for f in flips])
+    draws = torch.tensor([[float(f), len(_policy(spec)[0]), 0.0, 1.0] for f in flips])  # index: none
     got = TorchRandAugment(spec, SIZE, torch.float32)(torch.from_numpy(photos), draws)
     assert got.is_contiguous(memory_format=torch.channels_last) and got.dtype == torch.float32
     assert torch.allclose(got, want, atol=1e-5)
@@ -140,7 +168,7 @@ def test_loader_with_the_torch_form(tiny_data):
 
 def test_compiled_form_is_the_eager_one_and_compiles_once(photos):
     """compiled=True (torch.compile, one graph): the eager form's pixels with every op and "none"
-    drawn in both layers, flips and normalization included, and a batch with other draws runs
+    drawn in both layers, bilinear and bicubic, flips and normalization included, and a batch with other draws runs
     the code compiled for the first (a recompile would cost seconds a batch). Compiled in chunks
     of 6 images (the last of 4), against the eager form on the whole batch."""
     spec = parse_rand_augment("rand-m9-mstd0.5-inc1")
@@ -152,7 +180,9 @@ def test_compiled_form_is_the_eager_one_and_compiles_once(photos):
     for k in range(3):
         index = ((torch.arange(choices) + k) % choices).float()
         signed = torch.rand(choices, generator=generator) * 20 - 10
-        draws = torch.stack([(torch.arange(choices) + k) % 2, index, signed, index.flip(0), -signed], 1).float()
+        cubic = (torch.arange(choices) // 2 + k) % 2  # bicubic or bilinear in either layer
+        draws = torch.stack([(torch.arange(choices) + k) % 2, index, signed, cubic, index.flip(0), -signed, 1 - cubic],
+                            1).float()
         with torch._dynamo.config.patch(error_on_recompile=k > 0):
             got = compiled(batch, draws)
         assert torch.equal(got, eager(batch, draws)), k
@@ -170,8 +200,9 @@ def test_chunks_change_no_pixel_and_bound_the_memory(photos):
     generator = torch.Generator().manual_seed(1)
     index = torch.randint(0, len(_policy(spec)[0]) + 1, (40, 2), generator=generator).float()
     signed = torch.rand(40, 2, generator=generator) * 20 - 10
-    draws = torch.stack([torch.rand(40, generator=generator).round(), index[:, 0], signed[:, 0],
-                         index[:, 1], signed[:, 1]], 1)
+    cubic = torch.rand(40, 2, generator=generator).round()
+    draws = torch.stack([torch.rand(40, generator=generator).round(), index[:, 0], signed[:, 0], cubic[:, 0],
+                         index[:, 1], signed[:, 1], cubic[:, 1]], 1)
     assert TorchRandAugment(spec, 160, torch.float32).chunk_images == 64  # the default, at A3's size
     assert TorchRandAugment(spec, 224, torch.float32).chunk_images == 32
     whole = TorchRandAugment(spec, SIZE, torch.float32, chunk_pixels=None)
@@ -242,7 +273,7 @@ def test_a_form_that_does_not_compile_runs_eagerly_and_says_so(photos, capsys):
     augment = TorchRandAugment(spec, SIZE, torch.float32, compiled=True)
     augment._apply = _compiler_gives_up
     images = torch.from_numpy(photos)
-    draws = torch.tensor([[1.0, 3.0, 7.5, 12.0, -4.0]] * len(photos))
+    draws = torch.tensor([[1.0, 3.0, 7.5, 0.0, 12.0, -4.0, 1.0]] * len(photos))
     assert torch.equal(augment(images, draws), TorchRandAugment(spec, SIZE, torch.float32)(images, draws))
     assert not augment.compiled
     assert ("could not be compiled (BackendCompilerFailed: no lowering for this op); running on without compiling"
