@@ -310,11 +310,10 @@ def _resample(x: torch.Tensor, source: torch.Tensor, fill: torch.Tensor, cubic: 
     `cubic` (one bool or (N,) bool), its bicubic one (a = -1 cubic convolution over 4 x 4 pixels,
     clipped to 0..255), edge pixels repeated, truncated. The fractions come from the double
     coordinates as PIL's do (exactly 0 where PIL's are), and the arithmetic is PIL's, in double,
-    in its order: the same pixels. (N, H, W, 3) uint8. Per sample, both filters share their
-    gathers (bilinear's 2 x 2 pixels are bicubic's middle four). Compiled (as seen on the CPU),
-    inductor keeps the blended rows as float64 buffers (each is read more than once): for
-    bilinear, 2 x 157 MB for A3's batch of 256 at 160 px, the largest the form holds; hence
-    CHUNK_PIXELS."""
+    in its order: the same pixels. (N, H, W, 3) uint8. Per sample (a (N,) bool), both filters run
+    on the whole chunk and each sample takes its own. Compiled (as seen on the CPU), inductor keeps
+    the filtered rows as float64 buffers (each is read more than once): for bilinear, 2 x 157 MB
+    for A3's batch of 256 at 160 px; hence CHUNK_PIXELS."""
     n, c, height, width = x.shape
     pixels = x.permute(0, 2, 3, 1).reshape(n * height * width, c)  # gathered as uint8, filtered in double
     across_image, down_image = source.unbind(-1)
@@ -326,29 +325,54 @@ def _resample(x: torch.Tensor, source: torch.Tensor, fill: torch.Tensor, cubic: 
     left, top = corner.to(index).unbind(-1)
     first = (torch.arange(n, device=x.device, dtype=index) * (height * width)).view(n, 1, 1)
 
-    def at(row, column):  # (N, H, W, C) double
-        return pixels[first + row.clamp(0, height - 1) * width + column.clamp(0, width - 1)].double()
+    def at(row, column):  # (N, H, W, C) uint8
+        return pixels[first + row.clamp(0, height - 1) * width + column.clamp(0, width - 1)]
 
-    near = range(0, 2) if cubic is False else range(-1, 3)  # the rows and columns around the point
-    taps = {(i, j): at(top + i, left + j) for i in near for j in near}
-    if cubic is not True:
-        upper = taps[0, 0] + (taps[0, 1] - taps[0, 0]) * across
-        lower = taps[1, 0] + (taps[1, 1] - taps[1, 0]) * across
-        value = (upper + (lower - upper) * down).trunc()
+    # Each filter's result as uint8 (exact: truncated within 0..255), its float64 temporaries freed
+    # on return: eager, what the warp holds at once is about one filter's.
+    value = _bilinear_filter(at, top, left, across, down) if cubic is not True else None
     if cubic is not False:
-        rows = [_cubic(*(taps[i, j] for j in near), across) for i in near]
-        bicubic = _cubic(*rows, down).clamp(0, 255).trunc()
+        bicubic = _bicubic_filter(at, top, left, across, down)
         value = bicubic if cubic is True else torch.where(cubic.view(n, 1, 1, 1), bicubic, value)
-    return torch.where(inside, value, fill).to(torch.uint8)
+    return torch.where(inside, value, fill.to(torch.uint8))
+
+
+def _bilinear_filter(at, top: torch.Tensor, left: torch.Tensor, across: torch.Tensor,
+                     down: torch.Tensor) -> torch.Tensor:
+    """PIL's bilinear filter at (left + across, top + down), in double, truncated: uint8."""
+    def row(i):
+        a = at(top + i, left).double()
+        return a + (at(top + i, left + 1).double() - a) * across
+    upper, lower = row(0), row(1)
+    return (upper + (lower - upper) * down).to(torch.uint8)  # within 0..255: the cast truncates
+
+
+def _bicubic_filter(at, top: torch.Tensor, left: torch.Tensor, across: torch.Tensor,
+                    down: torch.Tensor) -> torch.Tensor:
+    """PIL's bicubic filter over the 4 x 4 pixels around (left + across, top + down), a row at a
+    time (its four pixels gathered, filtered across and let go), then down; clipped, truncated."""
+    rows = [_cubic_of_pixels(*(at(top + i, left + j) for j in range(-1, 3)), across) for i in range(-1, 3)]
+    return _cubic(*rows, down).clamp(0, 255).to(torch.uint8)
 
 
 def _cubic(v1: torch.Tensor, v2: torch.Tensor, v3: torch.Tensor, v4: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
     """PIL's BICUBIC macro: the cubic through four neighbours at fraction d between v2 and v3,
-    its operations in its order."""
+    in double, its operations in its order."""
     p2 = -v1 + v3
     p3 = 2 * (v1 - v2) + v3 - v4
     p4 = -v1 + v2 - v3 + v4
     return v2 + d * (p2 + d * (p3 + d * p4))
+
+
+def _cubic_of_pixels(v1: torch.Tensor, v2: torch.Tensor, v3: torch.Tensor, v4: torch.Tensor,
+                     d: torch.Tensor) -> torch.Tensor:
+    """_cubic across four uint8 pixels: its terms p2, p3, p4 are then integers (within +-765),
+    exact in int16 as in PIL's double, which leaves a quarter of the bytes until d comes in."""
+    v1, v2, v3, v4 = (v.to(torch.int16) for v in (v1, v2, v3, v4))
+    p2 = v3 - v1
+    p3 = 2 * (v1 - v2) + v3 - v4
+    p4 = v2 - v1 - v3 + v4
+    return v2.double() + d * (p2.double() + d * (p3.double() + d * p4))
 
 
 def _blend_values(degenerate: torch.Tensor, values: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:

@@ -112,6 +112,41 @@ def test_gpu_batch_wide_randaugment_matches_the_cpu(config, tiny_data):
     assert np.array_equal(run("gpu")[-1], images[-1].astype(int))  # no op: untouched on the GPU too
 
 
+@pytest.mark.parametrize("form", ["tree", "batch"])
+def test_geometric_resampling_on_the_gpu_is_the_cpus(form, tiny_data):
+    """The DALI forms' geometric ops on the GPU, bilinear or bicubic as each sample drew (the
+    tree: a conditional; batch-wide: both warps, picked per sample), against the same graph on
+    the CPU (which tests/test_randaugment.py compares with timm): every geometric op on four
+    samples, two of them bicubic, and two samples of no op, untouched."""
+    from PIL import Image
+    from fastrsb.pipelines.randaugment import GEOMETRIC, _apply_drawn, _apply_drawn_batched, _policy, parse_rand_augment
+    spec = parse_rand_augment("rand-m9-mstd0.5-inc1")
+    ordered = _policy(spec)[0]
+    indices = [ordered.index(name) for name in GEOMETRIC for _ in range(4)] + [len(ordered)] * 2
+    files = sorted((tiny_data / "train").glob("*/*.JPEG"))
+    images = [np.asarray(Image.open(files[j % len(files)]).convert("RGB").resize((48, 48))) for j in range(len(indices))]
+    apply = _apply_drawn if form == "tree" else _apply_drawn_batched
+
+    def run(device):
+        @pipeline_def(batch_size=len(indices), num_threads=2, device_id=0 if device == "gpu" else None,
+                      enable_conditionals=True)
+        def drawn():
+            x = fn.external_source(source=[images], layout="HWC")
+            index = fn.external_source(source=[[np.int64(i) for i in indices]])
+            signed = fn.external_source(source=[[np.float32(7.5 * (-1) ** (j // 2)) for j in range(len(indices))]])
+            resample = fn.external_source(source=[[np.bool_(j % 2 == 0) for j in range(len(indices))]])
+            return apply(x.gpu() if device == "gpu" else x, spec, index, signed, 48, resample)
+        (out,) = drawn().run()
+        out = out.as_cpu() if device == "gpu" else out
+        return [np.asarray(o).astype(int) for o in out]
+
+    gpu, cpu = run("gpu"), run("cpu")
+    for j in range(len(indices)):
+        assert np.abs(gpu[j] - cpu[j]).mean() < 1.0, j
+    for j in (-2, -1):
+        assert np.array_equal(gpu[j], images[j].astype(int))
+
+
 @pytest.mark.parametrize("speed_key", ["cuda_graphs", "high_priority_stream"])
 def test_short_run_with_a_speed_key(tiny_data, tmp_path, speed_key):
     proc = run_cli_process("train", "tiny", "--data", tiny_data, "--out", tmp_path, "--device", "cuda",
@@ -173,7 +208,8 @@ def test_captured_torch_rand_augment_is_the_eager_one(compiled):
         index = (torch.arange(count, device="cuda") + k) % choices
         signed = (torch.rand(count, device="cuda", generator=generator) - 0.5) * 20
         flip = (torch.arange(count, device="cuda") + k) % 2
-        draws = torch.stack([flip, index, signed, index.flip(0), -signed], 1).float()
+        cubic = (torch.arange(count, device="cuda") // 2 + k) % 2  # bilinear or bicubic geometric ops
+        draws = torch.stack([flip, index, signed, cubic, index.flip(0), -signed, 1 - cubic], 1).float()
         outputs.append((captured(images, draws), augment(images, draws)))
     assert captured.graph is not None and not captured.failed
     for got, expected in outputs:
@@ -196,8 +232,9 @@ def test_torch_rand_augment_on_the_gpu_is_the_cpus_and_never_syncs(tiny_data, co
     generator = torch.Generator().manual_seed(0)
     index = torch.randint(0, len(_policy(spec)[0]) + 1, (count, 2), generator=generator).float()
     signed = torch.rand(count, 2, generator=generator) * 20 - 10
-    draws = torch.stack([torch.rand(count, generator=generator).round(), index[:, 0], signed[:, 0],
-                         index[:, 1], signed[:, 1]], 1)
+    cubic = torch.rand(count, 2, generator=generator).round()  # bilinear or bicubic geometric ops
+    draws = torch.stack([torch.rand(count, generator=generator).round(), index[:, 0], signed[:, 0], cubic[:, 0],
+                         index[:, 1], signed[:, 1], cubic[:, 1]], 1)
     want = TorchRandAugment(spec, 48, torch.float16, chunk_pixels=None)(images, draws)
     augment = TorchRandAugment(spec, 48, torch.float16, compiled=compiled, chunk_pixels=24 * 48 * 48)
     gpu_images, gpu_draws = images.cuda(), draws.cuda()
