@@ -119,10 +119,10 @@ step 100 200 pytest-gpu-new python3 -m pytest -q -ra -m gpu tests -p no:cachepro
 step 30 60 lamb-update python3 benchmarks/lamb_update.py --model resnet50 --steps 50 --json-out "$OUT/gpu.jsonl"
 #    The torch RandAugment form alone, compiled in chunks of 64 images (its default since adbe658)
 #    and on the whole batch, and eager (on a GPU: the whole batch, its warp in chunks): torch's
-#    peak memory in one call and its time (on 2 CPU cores, chunked: eager 374 MB, compiled 241;
-#    whole: 1,180 and 648, or 490 with Equalize's scatter inlined as inductor inlines it on the
-#    GPU; the loader's 1.5 GiB bound leaves ~0.5 GiB beside DALI's ~1). Compiled, does chunking
-#    cost the GPU time (4 calls a batch, uncaptured)?
+#    peak memory in one call and its time (on 2 CPU cores at a524a95, with the bicubic filter
+#    where drawn, chunked: eager 585 MB, compiled 167; whole: 2,025 and 353; the loader's 1.5 GiB
+#    bound leaves ~0.5 GiB beside DALI's ~1). Compiled, does chunking cost the GPU time (4 calls a
+#    batch, uncaptured)?
 step 45 100 augment-memory python3 benchmarks/augment_memory.py --json-out "$OUT/gpu.jsonl"
 # 4. Where a step's time goes with the graphs: 15 steps under torch.profiler (inductor's cache from
 #    check 2 makes this compile short).
