@@ -1,6 +1,6 @@
 """A run's metrics.jsonl, one JSON object a line, appended to as the run goes: reading and
-writing it so that a kill or a full disk never leaves half a row or loses the rows before, and
-the refusal to start a second run over one (light: the CLI checks before it imports torch)."""
+writing it (and the run folder's other files, rewritten whole) so that a kill or a full disk never
+leaves half a row or loses the rows before, and the refusal to start a second run over one (light: the CLI checks before it imports torch)."""
 from __future__ import annotations
 
 import json
@@ -47,12 +47,21 @@ def append_rows(path: Path, rows: list[dict]) -> None:
 
 
 def rewrite_rows(path: Path, rows: list[dict]) -> None:
-    """Replace the file's rows (a resume drops those after its checkpoint): written beside it and
-    renamed over it, so a kill in the middle keeps the rows it had, not an emptied file."""
+    """Replace the file's rows (a resume drops those after its checkpoint), as replace_text does."""
+    replace_text(path, "".join(json.dumps(row) + "\n" for row in rows))
+
+
+def replace_text(path: Path, text: str) -> None:
+    """Write a run folder's file whole: beside it, then renamed over it, so that a kill in the
+    middle keeps the file as it was (writing in place first empties it)."""
     path = Path(path)
     partial = path.with_name(f".{path.name}.tmp")
-    partial.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    os.replace(partial, path)
+    try:
+        partial.write_text(text)
+        os.replace(partial, path)
+    except BaseException:  # a full disk, an interrupt: the copy beside goes, the file stays as it was
+        partial.unlink(missing_ok=True)
+        raise
 
 
 def refuse_a_second_run(out: Path, resume: str | None) -> None:

@@ -15,7 +15,7 @@ from fastrsb import __version__
 from fastrsb.checkpoint import load_checkpoint, load_weights, remove_partial_saves, save_checkpoint
 from fastrsb.distributed import Dist, broadcast_from_main, gather_to_main, stop_together
 from fastrsb.errors import UserError
-from fastrsb.metrics_log import append_rows, read_rows, rewrite_rows
+from fastrsb.metrics_log import append_rows, read_rows, replace_text, rewrite_rows
 from fastrsb.parts import Run
 from fastrsb.recipe import ADDED_KEYS, SPEED_ONLY
 
@@ -161,7 +161,7 @@ class RunFolder:
         if files:
             print(f"removed {files} partial checkpoint file(s) ({size / 1e6:,.1f} MB) left in {out} by a save "
                   "that was killed", flush=True)
-        (out / "recipe.json").write_text(json.dumps(recipe, indent=2) + "\n")
+        replace_text(out / "recipe.json", json.dumps(recipe, indent=2) + "\n")
         metrics = out / "metrics.jsonl"
         if resumed is not None and metrics.is_file():
             # Rows written after the checkpoint are written again, and so is the epoch row of an
@@ -213,8 +213,8 @@ class RunFolder:
         self._failing = True
 
     def _write_summary(self) -> None:
-        """summary.csv from the epoch rows of metrics.jsonl: rewritten whole, so it matches the
-        metrics after a resume too."""
+        """summary.csv from the epoch rows of metrics.jsonl: rewritten whole (replace_text: a kill
+        meanwhile leaves the last one), so it matches the metrics after a resume too."""
         metrics = self.out / "metrics.jsonl"
         rows = read_rows(metrics) if metrics.is_file() else []
         lines = [",".join(SUMMARY_COLUMNS)]
@@ -222,4 +222,4 @@ class RunFolder:
             if r["kind"] == "epoch":
                 values = (r["epoch"], r["train_loss"], r["val_loss"], r["top1"], r["top5"], r["lr"])
                 lines.append(",".join(str(v) for v in values))
-        (self.out / "summary.csv").write_text("\n".join(lines) + "\n")
+        replace_text(self.out / "summary.csv", "\n".join(lines) + "\n")

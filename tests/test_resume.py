@@ -230,6 +230,30 @@ def test_a_kill_while_a_resume_drops_rows_keeps_the_rows(tmp_path, monkeypatch):
     assert [row["step"] for row in metrics_log.read_rows(path)] == [2]
 
 
+def test_a_kill_while_summary_csv_is_rewritten_keeps_the_last_one(tmp_path, monkeypatch):
+    """summary.csv is rewritten whole at each epoch row (and recipe.json at each start), beside
+    and renamed over: a kill before the rename leaves the last complete summary."""
+    import fastrsb.metrics_log as metrics_log
+    from fastrsb.distributed import Dist
+    from fastrsb.run_state import RunFolder
+    folder = RunFolder(tmp_path, {"model": "resnet10t"}, Dist())
+    epoch = {"kind": "epoch", "train_loss": 0.5, "val_loss": 0.4, "top1": 50.0, "top5": 90.0, "lr": 0.1}
+    folder.log({**epoch, "epoch": 1, "step": 3})
+    before = (tmp_path / "summary.csv").read_text()
+    assert len(before.splitlines()) == 2
+
+    def killed(*args):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(metrics_log.os, "replace", killed)
+    with pytest.raises(KeyboardInterrupt):
+        folder.log({**epoch, "epoch": 2, "step": 6})
+    assert (tmp_path / "summary.csv").read_text() == before
+    with pytest.raises(KeyboardInterrupt):
+        RunFolder(tmp_path, {"model": "resnet50"}, Dist())
+    assert json.loads((tmp_path / "recipe.json").read_text()) == {"model": "resnet10t"}
+    assert not list(tmp_path.glob(".*.tmp"))  # nothing left beside
+
+
 def test_finished_run_resumes_to_nothing(tiny_data, uninterrupted):
     before = (uninterrupted / "metrics.jsonl").read_text()
     metrics = _train(tiny_data, uninterrupted, resume="auto")
