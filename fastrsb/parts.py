@@ -13,7 +13,7 @@ from torch import nn
 from fastrsb.accumulation import gpu_fits, plan
 from fastrsb.data_folder import explain_loader_error
 from fastrsb.device import amp_dtype, gib_outside_torch
-from fastrsb.distributed import Dist, smallest
+from fastrsb.distributed import Dist, smallest, stop_together
 from fastrsb.ema import ModelEma
 from fastrsb.errors import UserError
 from fastrsb.loss import make_loss
@@ -190,7 +190,14 @@ def build_run(recipe: dict, train_images: ImageList, val_images: ImageList, devi
                         f"{steps} micro-batches of {micro} (gradient accumulation): --set cuda_graphs=false, or "
                         f"--grad-accum-steps 1 where the whole batch fits the GPU")
     before_loaders = gib_outside_torch(device)  # so that the start-up line tells the loaders' memory apart
-    train_data = open_train_loader(recipe, train_images, micro, device, d, num_threads, loader_state)
-    val_data = open_val_loader(recipe, val_images, micro, device, d, num_threads)
+    # The loaders decode their first batches as they open: a file that fails there (a truncated
+    # JPEG passes the header scan) stops every rank, not only the one that read it.
+    error = train_data = val_data = None
+    try:
+        train_data = open_train_loader(recipe, train_images, micro, device, d, num_threads, loader_state)
+        val_data = open_val_loader(recipe, val_images, micro, device, d, num_threads)
+    except UserError as err:
+        error = err
+    stop_together(error, d, "opening the data loaders")
     return Run(recipe, device, d, training, train_data, val_data, Schedule(len(train_data), steps, recipe),
                train_images.classes, micro, before_loaders)

@@ -401,7 +401,8 @@ def test_two_machines_resume_from_rank_0s_own_run_folder(tiny_data, tmp_path):
 
 def test_two_machines_stop_together_on_a_start_up_error(tiny_data, tmp_path):
     """A start-up check that fails on one machine only (its copy of the data missing; a run folder
-    on rank 0's machine that holds a run) stops both at once, each saying why: torchrun does not
+    on rank 0's machine that holds a run; a file its loader cannot decode) stops both at once,
+    each saying why: torchrun does not
     stop the other machines, which waited for the failed process for 30 minutes before."""
     (tmp_path / "machine0").mkdir()
     shutil.copytree(tiny_data, tmp_path / "machine0/data")  # machine 1 has no copy of the data
@@ -415,6 +416,15 @@ def test_two_machines_stop_together_on_a_start_up_error(tiny_data, tmp_path):
     (tmp_path / "machine0/run/metrics.jsonl").write_text("{}\n")
     outputs, codes = _two_machines(tmp_path, "--data", "data", check=False)
     assert all(codes) and "run already holds a run" in outputs[0] and "failed on rank(s) 0" in outputs[1], outputs
+
+    # Truncated JPEGs (they pass the header scan) in machine 1's copy only: its loader fails as it
+    # decodes its first batches, and rank 0 says so instead of a traceback from the process group.
+    (tmp_path / "machine0/run/metrics.jsonl").unlink()
+    for victim in sorted((tmp_path / "machine1/data/train").glob("*/*.JPEG"))[::3]:
+        victim.write_bytes(victim.read_bytes()[:victim.stat().st_size // 3])
+    outputs, codes = _two_machines(tmp_path, "--data", "data", check=False)
+    assert all(codes) and "cannot decode" in outputs[1], outputs[1]
+    assert "opening the data loaders failed on rank(s) 1" in outputs[0] and "[rank0]: Traceback" not in outputs[0], outputs[0]
 
 
 def test_eval_of_the_ema_weights(tiny_data, uninterrupted, tmp_path):
