@@ -328,9 +328,8 @@ def train_loader(root: str | os.PathLike | ImageList, batch_size: int, img_size:
     batch_size does not divide by repeats (A1/A2: 2048 and 3) the last image keeps fewer views.
     interpolation: how each random crop is resampled to img_size: "random" (bilinear or bicubic,
     drawn per image with equal odds: timm's default train interpolation, as in the RSB recipes),
-    "bilinear" or "bicubic"; antialiased, as PIL resizes. RandAugment's geometric ops resample
-    the same way, as timm's do ("random": drawn per op), except when continuing from a `state`
-    saved before they did (bilinear then).
+    "bilinear" or "bicubic"; antialiased, as PIL resizes. RandAugment's geometric ops follow it as
+    timm's do ("random": drawn per op; bilinear when continuing a `state` saved before they did).
     aa: timm's RandAugment string, e.g. "rand-m6-mstd0.5-inc1".
     aa_impl: how it runs: "tree" (DALI conditionals route each sample to its op; the fastest in
     training on the CPU and on the H200), "batch" (DALI, every op on the whole batch, neutral where
@@ -380,8 +379,7 @@ def train_loader(root: str | os.PathLike | ImageList, batch_size: int, img_size:
     if pipelines < 1 or shard_images // pipelines < batch_images:
         raise DatasetError(f"{pipelines} pipeline(s) need at least {batch_images} images each, and the shard "
                            f"has {shard_images}")
-    # RandAugment's geometric ops resample as the crops do (timm's hparams), or as a saved state's did
-    aa_interpolation = (state["fingerprint"]["aa_interpolation"] if state else interpolation) if aa else None
+    aa_interpolation = _aa_interpolation(aa, interpolation, state)
     fingerprint = dict(images=len(images), batch_size=batch_size, img_size=img_size, shard_id=shard_id,
                        num_shards=num_shards, seed=seed, repeats=repeats, aa=aa, pipelines=pipelines,
                        aa_impl=aa_impl if aa else None, interpolation=interpolation, aa_interpolation=aa_interpolation)
@@ -412,6 +410,14 @@ def train_loader(root: str | os.PathLike | ImageList, batch_size: int, img_size:
                                 "cuda_graphs": cuda_graphs, "augment_stream": augment_stream,
                                 "compile_augment": compile_augment and augment is not None},
                       augment=augment, augment_stream=augment_stream)
+
+
+def _aa_interpolation(aa: str | None, interpolation: str, state: dict | None) -> str | None:
+    """How RandAugment's geometric ops resample: as the crops (timm's hparams), or as an (upgraded)
+    saved state's did."""
+    if not aa:
+        return None
+    return state["fingerprint"]["aa_interpolation"] if state else interpolation
 
 
 def _check_crops(repeats: int, batch_size: int, interpolation: str) -> None:
