@@ -1,6 +1,7 @@
 """A run's metrics.jsonl, one JSON object a line, appended to as the run goes: reading and
 writing it (and the run folder's other files, rewritten whole) so that a kill or a full disk never
-leaves half a row or loses the rows before, and the refusal to start a second run over one (light: the CLI checks before it imports torch)."""
+leaves half a row or loses the rows before, and the refusal to start a second run over one
+(light: the CLI checks before it imports torch)."""
 from __future__ import annotations
 
 import json

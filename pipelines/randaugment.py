@@ -15,9 +15,9 @@ Differences, measured or inherent: DALI's bicubic warp is OpenCV's cubic (a = -0
 affine transform takes a = -1 (0.7-1.7 levels from PIL's bicubic on average, against 1.1-3.6 for
 a bilinear warp: tests/test_randaugment.py), and it costs ~2.8x the bilinear warp on the CPU (~700
 against ~250 us an image at 160 px); Equalize follows OpenCV's lookup table (DALI's equalize),
-which maps the cumulative histogram differently from PIL's (mean difference 3.7 of 255 levels on photos, up to ~10 on
-narrow-histogram textures: tests/test_randaugment.py); the flip runs after RandAugment instead
-of before (the same distribution: every geometric op's sign is symmetric).
+which maps the cumulative histogram differently from PIL's (mean difference 3.7 of 255 levels on
+photos, up to ~10 on narrow-histogram textures: tests/test_randaugment.py); the flip runs after
+RandAugment instead of before (the same distribution: every geometric op's sign is symmetric).
 """
 from __future__ import annotations
 
@@ -451,7 +451,7 @@ def _warp_batched(images, matrix, size, resample, drawn):
     """One warp of the batch as `resample` says; drawn per sample: both warps (a warp takes one
     interp_type a call), the bicubic one picked in uint8 (x ^ (x ^ y) = y) where the sample drew
     bicubic and a geometric op (`drawn`, 0/1): the others keep the bilinear identity warp, which
-    is exact."""
+    is exact. (A warp and three image-sized uint8 nodes more than one interpolation takes.)"""
     if isinstance(resample, types.DALIInterpType):
         return _warp(images, matrix, size, resample)
     linear = _warp(images, matrix, size, types.INTERP_LINEAR)
