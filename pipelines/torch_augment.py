@@ -244,16 +244,18 @@ class TorchRandAugment:
 
     def _constant(self, key: str, device: torch.device) -> torch.Tensor:
         if (key, device) not in self._constants:
-            self._constants[(key, device)] = torch.as_tensor(_CONSTANTS[key](), dtype=torch.float32, device=device)
+            values = _CONSTANTS[key]()  # float32, but for the fill colour (uint8, as the warp's output)
+            dtype = torch.uint8 if values.dtype == np.uint8 else torch.float32
+            self._constants[(key, device)] = torch.as_tensor(values, dtype=dtype, device=device)
         return self._constants[(key, device)]
 
 
-# The float32 constants of the augment, made on the batch's device once: ImageNet's mean and std
-# (0-255 scale), the warp's fill colour, and ImageEnhance.Sharpness's SMOOTH kernel.
+# The constants of the augment, made on the batch's device once: ImageNet's mean and std (0-255
+# scale), the warp's fill colour (uint8), and ImageEnhance.Sharpness's SMOOTH kernel.
 _CONSTANTS = {
     "mean": lambda: np.array(IMAGENET_MEAN).reshape(1, 3, 1, 1),
     "std": lambda: np.array(IMAGENET_STD).reshape(1, 3, 1, 1),
-    "fill": lambda: np.array(FILL, dtype=np.float32),
+    "fill": lambda: np.array(FILL, dtype=np.uint8),
     "smooth": lambda: np.broadcast_to(np.array([[1, 1, 1], [1, 5, 1], [1, 1, 1]], dtype=np.float32) / 13.0,
                                       (3, 1, 3, 3)).copy(),
 }
@@ -308,7 +310,7 @@ def _sample_points(matrix: torch.Tensor, height: int, width: int) -> torch.Tenso
 
 def _resample(x: torch.Tensor, source: torch.Tensor, fill: torch.Tensor, cubic: bool | torch.Tensor) -> torch.Tensor:
     """PIL's transform filters: each output pixel takes the input at `source` (N, H, W, 2), x then
-    y, in pixel units with centres at +0.5, in double: the fill colour where that point lies
+    y, in pixel units with centres at +0.5, in double: `fill` ((3,) uint8) where that point lies
     outside the image, else PIL's bilinear filter (a + (b - a) d across, then down) or, where
     `cubic` (one bool or (N,) bool), its bicubic one (a = -1 cubic convolution over 4 x 4 pixels,
     clipped to 0..255), edge pixels repeated, truncated. The fractions come from the double
@@ -337,7 +339,7 @@ def _resample(x: torch.Tensor, source: torch.Tensor, fill: torch.Tensor, cubic: 
     if cubic is not False:
         bicubic = _bicubic_filter(at, top, left, across, down)
         value = bicubic if cubic is True else torch.where(cubic.view(n, 1, 1, 1), bicubic, value)
-    return torch.where(inside, value, fill.to(torch.uint8))
+    return torch.where(inside, value, fill)
 
 
 def _bilinear_filter(at, top: torch.Tensor, left: torch.Tensor, across: torch.Tensor,
@@ -361,21 +363,25 @@ def _bicubic_filter(at, top: torch.Tensor, left: torch.Tensor, across: torch.Ten
 def _cubic(v1: torch.Tensor, v2: torch.Tensor, v3: torch.Tensor, v4: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
     """PIL's BICUBIC macro: the cubic through four neighbours at fraction d between v2 and v3,
     in double, its operations in its order."""
-    p2 = -v1 + v3
-    p3 = 2 * (v1 - v2) + v3 - v4
-    p4 = -v1 + v2 - v3 + v4
-    return v2 + d * (p2 + d * (p3 + d * p4))
+    return v2 + d * _cubic_in_d(*_cubic_terms(v1, v2, v3, v4), d)
 
 
 def _cubic_of_pixels(v1: torch.Tensor, v2: torch.Tensor, v3: torch.Tensor, v4: torch.Tensor,
                      d: torch.Tensor) -> torch.Tensor:
-    """_cubic across four uint8 pixels: its terms p2, p3, p4 are then integers (within +-765),
-    exact in int16 as in PIL's double, which leaves a quarter of the bytes until d comes in."""
+    """_cubic across four uint8 pixels: its terms are then integers (within +-765), exact in int16
+    as in PIL's double, which leaves a quarter of the bytes until d comes in."""
     v1, v2, v3, v4 = (v.to(torch.int16) for v in (v1, v2, v3, v4))
-    p2 = v3 - v1
-    p3 = 2 * (v1 - v2) + v3 - v4
-    p4 = v2 - v1 - v3 + v4
-    return v2.double() + d * (p2.double() + d * (p3.double() + d * p4))
+    p2, p3, p4 = (p.double() for p in _cubic_terms(v1, v2, v3, v4))
+    return v2.double() + d * _cubic_in_d(p2, p3, p4, d)
+
+
+def _cubic_terms(v1, v2, v3, v4):
+    """The BICUBIC macro's p2, p3, p4, in its order of operations."""
+    return -v1 + v3, 2 * (v1 - v2) + v3 - v4, -v1 + v2 - v3 + v4
+
+
+def _cubic_in_d(p2, p3, p4, d):
+    return p2 + d * (p3 + d * p4)
 
 
 def _blend_values(degenerate: torch.Tensor, values: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
