@@ -12,6 +12,8 @@ from torch import nn
 
 from fastrsb.errors import UserError
 
+_ZIP_MAGIC = b"PK\x03\x04"  # the first bytes of what torch.save writes
+
 
 def save_checkpoint(state: dict, path: str | Path) -> None:
     """Write to a temporary file in the same folder, then rename: a crash or a preemption in
@@ -61,14 +63,32 @@ def load_checkpoint(path: str | Path) -> dict:
         raise UserError(f"no checkpoint at {path}")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        raise UserError(f"{path} is not a loadable fastrsb checkpoint: it holds objects other than tensors and "
-                        "plain data, and fastrsb never runs code from a checkpoint (weights_only=True)") from None
-    except (RuntimeError, EOFError, ValueError, OSError) as err:
-        raise UserError(f"{path} is not a loadable fastrsb checkpoint: {_first_line(err)}") from None
+    except Exception as err:  # noqa: BLE001 - unpickling arbitrary bytes fails in many ways (KeyError, IndexError...)
+        raise UserError(f"{path} is not a loadable fastrsb checkpoint: {_why_unloadable(path, err)}") from None
     if not isinstance(state, dict) or "model" not in state or "recipe" not in state:
-        raise UserError(f"{path} is not a fastrsb checkpoint (no 'model'/'recipe' entries)")
+        found = (f"its entries: {', '.join(map(str, list(state)[:6]))}" if isinstance(state, dict)
+                 else f"a {type(state).__name__}")
+        raise UserError(f"{path} is not a fastrsb checkpoint (no 'model'/'recipe' entries; {found})")
     return state
+
+
+def _why_unloadable(path: Path, err: Exception) -> str:
+    """What torch.load's failure means for the user. Its own messages speak of weights_only and
+    unpickler opcodes, or are a bare KeyError/IndexError for a text file."""
+    if isinstance(err, pickle.UnpicklingError) and "Unsupported global" in str(err):
+        return ("it holds objects other than tensors and plain data, and fastrsb never runs code from a "
+                "checkpoint (weights_only=True)")
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4)
+    except OSError as read_err:
+        return f"it cannot be read ({read_err.strerror or read_err})"
+    if not head:
+        return "the file is empty"
+    if head == _ZIP_MAGIC:  # torch.save writes a zip archive: this one is cut short, damaged or another's
+        detail = _first_line(err).split(". This is an internal miniz error")[0]
+        return f"the file is truncated or damaged ({detail})"
+    return "it was not written by torch.save (a checkpoint is a zip archive; this file is not)"
 
 
 def load_weights(model: nn.Module, weights: dict, source: str) -> None:
