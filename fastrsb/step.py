@@ -9,6 +9,7 @@ torch: `found_inf.item()`), so the host waits for the backward pass there every 
 from __future__ import annotations
 
 import contextlib
+import inspect
 from typing import Callable
 
 import torch
@@ -30,15 +31,23 @@ def wrap_model(model: nn.Module, d: Dist, device: str, compile_model: bool) -> n
     "reduce-overhead" cannot (it skips the LAMB update, which mutates its inputs; and at a70b3c8
     a run with it died of a segfault on the H200)."""
     if d.on:
-        # broadcast_buffers=True (DDP's default, stated because exact resume depends on it): every
-        # forward starts from rank 0's BatchNorm statistics, so the rank-0 statistics a mid-epoch
-        # checkpoint saves are the ones every rank continues from.
+        # Buffers broadcast before every forward (DDP's default, stated because exact resume depends
+        # on it): every forward starts from rank 0's BatchNorm statistics, so the rank-0 statistics a
+        # mid-epoch checkpoint saves are the ones every rank continues from.
         model = DistributedDataParallel(model, device_ids=[d.local_rank] if device == "cuda" else None,
-                                        broadcast_buffers=True)
+                                        **_sync_buffers_every_forward())
     if compile_model:
         torch._logging.set_logs(recompiles=True)  # a recompile in steady state costs seconds: show it
         model = torch.compile(model)
     return model
+
+
+def _sync_buffers_every_forward() -> dict:
+    """DDP's keyword for it: `forward_sync_buffers` where torch has it (2.14 deprecates
+    `broadcast_buffers` with a warning on every run), `broadcast_buffers` before (2.11)."""
+    if "forward_sync_buffers" in inspect.signature(DistributedDataParallel.__init__).parameters:
+        return {"forward_sync_buffers": True}
+    return {"broadcast_buffers": True}
 
 
 class TrainStep:
