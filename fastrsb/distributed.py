@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import datetime
 import os
+import socket
+import sys
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -95,6 +98,75 @@ def stop_together(error: Exception | None, d: Dist, what: str) -> None:
         raise error
     if ranks:
         raise UserError(f"{what} failed on rank(s) {', '.join(map(str, ranks))} (their messages say why)")
+
+
+class FailureNotice:
+    """Mid-run, a rank that stops on an error tells the others, and they stop at once naming it.
+    A rank that fails (a file its loader cannot decode, a full disk, a CUDA error) leaves the
+    others in their next collective: gloo notices the closed connection, NCCL waits for the
+    process group's timeout (30 minutes), and torchrun stops no other machine's processes.
+
+    `with FailureNotice(d):` around the training: an exception leaving it puts "rank R (host):
+    message" into the process group's store (the rendezvous's, which every rank reaches), and a
+    daemon thread on every rank looks for it there every POLL_SECONDS; one that finds it prints
+    it and ends its process (exit 2), however its main thread is blocked. A rank whose own error
+    came from a collective that another rank's failure broke (gloo's closed connection) raises
+    that rank's message instead. Start-up checks stop together their own way (stop_together).
+    Without torch.distributed, or where the store cannot be had, it does nothing."""
+
+    KEY = "fastrsb/failed"
+    POLL_SECONDS = 3.0
+
+    def __init__(self, d: Dist, store: dist.Store | None = None):
+        self.d = d
+        self._store = store if store is not None else _process_group_store(d)
+        self._quiet = threading.Event()  # set once this rank leaves the training, whichever way
+
+    def __enter__(self) -> "FailureNotice":
+        if self._store is not None:
+            threading.Thread(target=self._watch, name="fastrsb-failure-notice", daemon=True).start()
+        return self
+
+    def __exit__(self, kind, error, traceback) -> bool:
+        self._quiet.set()
+        if self._store is None or not isinstance(error, Exception):  # a clean end, Ctrl-C, exit
+            return False
+        other = self.failure()
+        if other is not None:
+            raise UserError(f"{other}; rank {self.d.rank} stops with it") from None
+        text = str(error) if isinstance(error, UserError) else f"{type(error).__name__}: {error}"
+        try:
+            self._store.set(self.KEY, f"rank {self.d.rank} ({socket.gethostname()}) stopped: "
+                                      f"{(text.strip().splitlines() or [''])[0]}")
+        except Exception:  # noqa: BLE001 - the store gone too: the others learn it from the process group
+            pass
+        return False
+
+    def failure(self) -> str | None:
+        """The message a failed rank left, if any."""
+        try:
+            return self._store.get(self.KEY).decode() if self._store.check([self.KEY]) else None
+        except Exception:  # noqa: BLE001 - a store that went with its host (rank 0's machine) tells nothing
+            return None
+
+    def _watch(self) -> None:
+        while not self._quiet.wait(self.POLL_SECONDS):
+            message = self.failure()
+            if message is not None and not self._quiet.is_set():
+                sys.stdout.flush()
+                print(f"fastrsb: error: {message}; rank {self.d.rank} stops with it", file=sys.stderr, flush=True)
+                os._exit(2)  # the main thread may be blocked in a collective for the timeout
+
+
+def _process_group_store(d: Dist) -> dist.Store | None:
+    """The default process group's store (its key space is this launch's, and under torchrun this
+    restart's), or None without one. torch has no public accessor for it."""
+    if not d.on or not dist.is_initialized():
+        return None
+    try:
+        return dist.distributed_c10d._get_default_store()
+    except (AttributeError, RuntimeError, ValueError):
+        return None
 
 
 def agree(flags: list[bool], d: Dist) -> list[bool]:

@@ -19,8 +19,8 @@ from fastrsb.checkpoint import load_checkpoint, load_weights
 from fastrsb.data_folder import check_headers, describe_counts, loader_batches, open_dataset, open_split
 from fastrsb.determinism import batch_hash, deterministic_mode
 from fastrsb.device import amp_dtype, autocast, gpu_memory_line, resolve_device, step_stream
-from fastrsb.distributed import (Dist, agree, all_reduce_sum, average_bn_stats, check_in_step, init_distributed, shutdown,
-                                 stop_together)
+from fastrsb.distributed import (Dist, FailureNotice, agree, all_reduce_sum, average_bn_stats, check_in_step,
+                                 init_distributed, shutdown, stop_together)
 from fastrsb.errors import UserError
 from fastrsb.metrics_log import refuse_a_second_run
 from fastrsb.model import make_model
@@ -66,7 +66,8 @@ def train(recipe: dict, data: str | Path, out: str | Path, device: str | None = 
             folder = RunFolder(out, recipe, d, resumed=pos if state or resume else None)
             _announce(run, train_images, val_images, resume_path if state else None, pos, shards)
             stops = Stops(stop, stop_after_steps, d)
-            with step_stream(device, run.training.high_priority_stream):
+            # From here a rank that fails stops the others at once, naming itself (FailureNotice).
+            with step_stream(device, run.training.high_priority_stream), FailureNotice(d):
                 return _epochs(run, pos, folder, stops, log_every, deterministic)
     finally:
         shutdown(d)

@@ -427,6 +427,24 @@ def test_two_machines_stop_together_on_a_start_up_error(tiny_data, tmp_path):
     assert "opening the data loaders failed on rank(s) 1" in outputs[0] and "[rank0]: Traceback" not in outputs[0], outputs[0]
 
 
+def test_two_machines_stop_together_on_a_mid_run_error(tiny_data, tmp_path):
+    """A file that fails to decode on one machine mid-run (a validation image of its last batch,
+    which no start-up decode reaches) stops that machine with its name, and the other names it
+    too (FailureNotice) instead of a traceback from the process group (gloo) or a wait for the
+    process group's timeout (NCCL)."""
+    for node in (0, 1):
+        shutil.copytree(tiny_data, tmp_path / f"machine{node}/data")
+    # 20 validation images in sorted order, 10 a rank in batches of 4, 4 and 2: rank 1's last image.
+    victim = sorted((tmp_path / "machine1/data/val").glob("*/*.JPEG"))[-1]
+    victim.write_bytes(victim.read_bytes()[:victim.stat().st_size // 3])
+    outputs, codes = _two_machines(tmp_path, "--data", "data", check=False)
+    assert all(codes), outputs
+    assert "epoch 1/2" in outputs[0] and f"cannot decode data/val/{victim.parent.name}/{victim.name}" in outputs[1]
+    said = [line for line in outputs[0].splitlines() if line.startswith("fastrsb: error:")]
+    assert said and said[0].startswith("fastrsb: error: rank 1 (") and "stopped: cannot decode" in said[0], outputs[0]
+    assert said[0].endswith("; rank 0 stops with it") and "[rank0]: Traceback" not in outputs[0], outputs[0]
+
+
 def test_eval_of_the_ema_weights(tiny_data, uninterrupted, tmp_path):
     last = _epoch_rows(uninterrupted)[-1]
     result = json.loads(run_cli("eval", uninterrupted / "last.pt", "--data", tiny_data, "--ema", "--json",
