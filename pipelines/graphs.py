@@ -19,7 +19,7 @@ IMAGENET_MEAN = (0.485 * 255, 0.456 * 255, 0.406 * 255)
 IMAGENET_STD = (0.229 * 255, 0.224 * 255, 0.225 * 255)
 READER_NAME = "Reader"
 
-_DTYPES = {"float16": types.FLOAT16, "float32": types.FLOAT}
+PIXEL_DTYPES = {"float16": types.FLOAT16, "float32": types.FLOAT}
 
 
 def _decoder_device(device: str) -> str:
@@ -55,7 +55,7 @@ def _mixed_decoder_args(device: str, hw_decoder_load: float) -> dict:
 
 def _normalize(images, dtype, mirror=None):
     extra = {"mirror": mirror} if mirror is not None else {}
-    return fn.crop_mirror_normalize(images, dtype=_DTYPES[dtype], output_layout="HWC",
+    return fn.crop_mirror_normalize(images, dtype=PIXEL_DTYPES[dtype], output_layout="HWC",
                                     mean=IMAGENET_MEAN, std=IMAGENET_STD, **extra)
 
 

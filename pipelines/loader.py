@@ -7,6 +7,7 @@ same device.
 from __future__ import annotations
 
 import collections
+import numbers
 import os
 from typing import Callable, Iterator
 
@@ -15,7 +16,7 @@ from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
 from .cuda_graphs import CapturedCall
 from .image_list import DatasetError, ImageList, list_images
-from .graphs import READER_NAME, train_pipeline, val_pipeline
+from .graphs import PIXEL_DTYPES, READER_NAME, train_pipeline, val_pipeline
 from .randaugment import INTERPOLATIONS, parse_rand_augment
 
 
@@ -363,6 +364,7 @@ def train_loader(root: str | os.PathLike | ImageList, batch_size: int, img_size:
     sync (_OwnStream). The same pixels. Off until a GPU run has measured it. Speed only.
     state: a `loader.state_dict()` to continue from (its number of pipelines is kept).
     """
+    _check_sizes(batch_size, img_size, dtype, num_threads, prefetch_queue_depth)
     images = root if isinstance(root, ImageList) else list_images(root)
     _check_shard(shard_id, num_shards)
     _check_crops(repeats, batch_size, interpolation)
@@ -486,6 +488,9 @@ def val_loader(root: str | os.PathLike | ImageList, batch_size: int, img_size: i
                hw_decoder_load: float | None = None) -> DaliLoader:
     """Centre-crop evaluation loader: each image of the shard exactly once per epoch.
     dtype: "float16" or "float32" pixels (default: float16 on the GPU, float32 on the CPU)."""
+    _check_sizes(batch_size, img_size, dtype, num_threads)
+    if not 0 < crop_pct <= 1:
+        raise DatasetError(f"crop_pct is the share of the resized image kept, in (0, 1], not {crop_pct}")
     images = root if isinstance(root, ImageList) else list_images(root)
     _check_shard(shard_id, num_shards)
     device_id = _check_device(device)
@@ -502,6 +507,19 @@ def val_loader(root: str | os.PathLike | ImageList, batch_size: int, img_size: i
                       fingerprint=dict(images=len(images), batch_size=batch_size, img_size=img_size,
                                        shard_id=shard_id, num_shards=num_shards),
                       settings=_decoder_settings(device_id, hw_decoder_load, threads, 2))
+
+
+def _check_sizes(batch_size: int, img_size: int, dtype: str | None, num_threads: int | None,
+                 prefetch_queue_depth: int = 1) -> None:
+    """What DALI would otherwise refuse deep in a pipeline's build or first run, in its own words."""
+    for name, value in (("batch_size", batch_size), ("img_size", img_size),
+                        ("num_threads", 1 if num_threads is None else num_threads),
+                        ("prefetch_queue_depth", prefetch_queue_depth)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+            raise DatasetError(f"{name} must be a positive whole number, not {value!r}")
+    if dtype is not None and dtype not in PIXEL_DTYPES:
+        raise DatasetError(f"dtype must be one of {', '.join(PIXEL_DTYPES)} (or None: the device's default), "
+                           f"not {dtype!r}")
 
 
 def _check_shard(shard_id: int, num_shards: int) -> None:

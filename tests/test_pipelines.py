@@ -452,6 +452,22 @@ def test_a_shard_that_does_not_exist_is_refused(tiny_data, shard_id, num_shards)
             make()
 
 
+@pytest.mark.parametrize("argument,value", [("batch_size", 0), ("batch_size", 8.0), ("img_size", 0), ("img_size", -5),
+                                            ("num_threads", 0), ("dtype", "int8"), ("crop_pct", 0), ("crop_pct", 3)])
+def test_an_argument_dali_would_choke_on_is_named(tiny_data, argument, value):
+    """Each of these failed deep inside DALI (a pipeline error, a KeyError, a ZeroDivisionError)
+    or, for crop_pct 3, gave 10 x 10 validation images for img_size 32."""
+    given = {"batch_size": 4, "img_size": 32, argument: value}
+    makers = [lambda: val_loader(tiny_data / "val", given["batch_size"], given["img_size"], given.get("crop_pct", 0.95),
+                                 device="cpu", **{k: v for k, v in given.items() if k in ("num_threads", "dtype")})]
+    if argument != "crop_pct":
+        makers.append(lambda: train_loader(tiny_data / "train", given["batch_size"], given["img_size"], device="cpu",
+                                           **{k: v for k, v in given.items() if k in ("num_threads", "dtype")}))
+    for make in makers:
+        with pytest.raises(DatasetError, match=f"^{argument} .*{value!r}" if argument != "crop_pct" else "^crop_pct"):
+            make()
+
+
 def test_cpu_resize_splits_a_batch_between_threads():
     """A pipeline with several threads resizes its batch on as many: the same images, in order."""
     rng = np.random.default_rng(2)
