@@ -4,7 +4,8 @@ not retyped, and the next decisions (RandAugment's default form, cuda_graphs) re
 
     python benchmarks/gpu_report.py benchmarks/results/gpu-h200-<commit>.jsonl
 
-Rows: every loader and training measurement, in the order measured, labelled by what ran (mode,
+First the README's opening table ("Where it stands"): the best of each kind at batch 256 and A3's
+training time at that pace. Then rows: every loader and training measurement, in the order measured, labelled by what ran (mode,
 RandAugment's form, compiled, captured as a CUDA graph, the variant's settings, batch), with
 images/s, the share of the step alone (training rows) and memory (NVML's figure for the process;
 the loaders also the CUDA context's share where the run recorded it). Then the LAMB update and
@@ -19,6 +20,7 @@ from pathlib import Path
 LOADER_MEMORY_GIB = 1.5  # issue 13: the loader alone at batch 256 (NVML)
 LOADER_AA_IMAGES = 20_000  # issue 13: the GPU loader with A3's RandAugment at 160 px, batch 256
 TRAIN_IMAGES, TRAIN_VS_STEP = 10_000, 0.9  # issue 13: A3 end to end, batch 256, and its share of the step
+A3_IMAGES = 100 * 1_281_167  # A3's 100 epochs of ImageNet-1k's train set
 
 
 def label(row: dict) -> str:
@@ -59,6 +61,30 @@ def _memory(row: dict) -> str:
         return "—"
     context = row.get("nvml_before_loader_gib")
     return f"{process:.2f} GiB" + (f" ({context:.2f} before the loader)" if isinstance(context, (int, float)) else "")
+
+
+def glance(rows: list[dict]) -> list[str]:
+    """The README's opening table: the best row of each kind at batch 256 (the step alone as the
+    trainer runs it: no variant of it), then A3's 100 epochs at the best end-to-end pace."""
+    at_256 = [r for r in rows if r.get("batch_size") == 256]
+    loaders = [r for r in at_256 if r.get("mode") == "loader" and r.get("loader") == "dali-gpu"]
+    kinds = [("A3 end to end", [r for r in at_256 if r.get("mode") == "train" and "vs_step" in r]),
+             ("the training step alone", [r for r in at_256 if r.get("mode") == "step"
+                                          and r.get("variant") in (None, "step")]),
+             ("the GPU loader alone, no RandAugment", [r for r in loaders if not r.get("aa")]),
+             ("the GPU loader alone, A3's RandAugment", [r for r in loaders if r.get("aa")])]
+    lines = ["| | img/s | the best row |", "|---|---:|---|"]
+    best_train = None
+    for name, candidates in kinds:
+        if candidates:
+            best = max(candidates, key=lambda r: r["images_per_sec"])
+            best_train = best_train or (best if best["mode"] == "train" else None)
+            lines.append(f"| {name} | {best['images_per_sec']:,.0f} | {label(best)} |")
+    if best_train is not None:
+        hours = A3_IMAGES / best_train["images_per_sec"] / 3600
+        lines += ["", f"At {best_train['images_per_sec']:,.0f} img/s, A3's 100 epochs are ~{hours:.1f} hours of "
+                      f"training on one {best_train.get('device_name', 'GPU')}."]
+    return lines
 
 
 def table(rows: list[dict]) -> list[str]:
@@ -123,7 +149,8 @@ def report(rows: list[dict]) -> str:
              f"DALI {head.get('dali', '?')}, timm {head.get('timm', '?')})")
     note = ("(The training rows of one `--variants` run share a process: their memory is the process's so far, "
             "cumulative; each loader row ran alone.)")
-    return "\n".join([title, "", *table(rows), "", note, "", *extras(rows), "", *targets(rows)]) + "\n"
+    return "\n".join([title, "", *glance(rows), "", *table(rows), "", note, "", *extras(rows), "",
+                      *targets(rows)]) + "\n"
 
 
 def main(argv: list[str] | None = None) -> str:

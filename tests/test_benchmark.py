@@ -366,6 +366,11 @@ def test_gpu_report_reads_a_run_as_the_readme_shows_it():
     results = BENCH / "results"
     text = gpu_report.main([str(results / "gpu-h200-a70b3c8.jsonl")])
     assert text.startswith("NVIDIA H200 at commit a70b3c8")
+    assert ("| A3 end to end | 6,320 | `--mode train` a3, RandAugment tree form, batch 256 |\n"
+            "| the training step alone | 10,106 | `--mode step` a3, batch 256 |\n"
+            "| the GPU loader alone, no RandAugment | 24,796 |") in text  # the README's opening table
+    assert "| the GPU loader alone, A3's RandAugment | 13,685 | `--mode loader` dali-gpu, RandAugment torch form" in text
+    assert "At 6,320 img/s, A3's 100 epochs are ~5.6 hours of training on one NVIDIA H200." in text
     assert "| `--mode loader` dali-gpu, RandAugment torch form, batch 256 | 13,685 | 2.38 GiB |" in text
     assert ("| `--mode train` a3, RandAugment tree form, batch 256 | 6,320 (0.62x the step; data wait 4%) | 8.02 GiB |"
             in text)
