@@ -75,7 +75,12 @@ def cmd_train(args) -> int:
         # script does not mistake it for a finished run; the checkpoint is complete either way.
         return 128 + stop.signum if stop.signum else 0
     if "top1" in metrics and main_rank:
-        print(f"done: top1 {metrics['top1']:.2f} top5 {metrics['top5']:.2f}; run folder {out}")
+        from fastrsb.metrics_log import read_rows
+        from fastrsb.train import time_spent
+        spent = time_spent(read_rows(out / "metrics.jsonl"))
+        ema = f" (EMA top1 {metrics['ema_top1']:.2f})" if "ema_top1" in metrics else ""
+        print(f"done: top1 {metrics['top1']:.2f} top5 {metrics['top5']:.2f}{ema}; {spent + '; ' if spent else ''}"
+              f"run folder {out}")
     return 0
 
 

@@ -343,6 +343,20 @@ def _augmentation(recipe: dict, loader: dict) -> str:
     return "augmentation: " + ", ".join(parts)
 
 
+def time_spent(rows: list[dict]) -> str:
+    """How long a run's epochs took, from its epoch rows (every epoch, across resumes; start-up
+    and compilation outside epochs not counted): 'N epoch(s) in h:mm:ss (training h:mm:ss at X
+    img/s, validation h:mm:ss)', or '' without a validated epoch."""
+    epochs = [row for row in rows if row.get("kind") == "epoch" and "val_seconds" in row]
+    if not epochs:
+        return ""
+    train = sum(row["train_seconds"] for row in epochs)
+    val = sum(row["val_seconds"] for row in epochs)
+    images = sum(row["images_per_sec"] * row["train_seconds"] for row in epochs)
+    return (f"{len(epochs)} epoch(s) in {_clock(train + val)} (training {_clock(train)} at "
+            f"{images / max(train, 1e-9):,.0f} img/s, validation {_clock(val)})")
+
+
 def evaluate_checkpoint(checkpoint: str | Path, data: str | Path, img_size: int | None = None,
                         crop_pct: float | None = None, device: str | None = None,
                         batch_size: int = 128, num_threads: int | None = None, ema: bool = False) -> dict:

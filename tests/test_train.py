@@ -1,6 +1,7 @@
 """A real, short training run through the command line, then its checkpoints."""
 import json
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -8,6 +9,7 @@ import torch
 
 from conftest import assert_user_error, run_cli
 from fastrsb.checkpoint import load_checkpoint
+from fastrsb.train import time_spent
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +36,15 @@ def test_writes_metrics_and_checkpoints(run):
     assert (out / "last.pt").is_file() and (out / "best.pt").is_file()
     assert not list(out.glob(".*.tmp"))  # atomic writes leave nothing behind
     assert "img/s" in proc.stderr and "eta" in proc.stderr and "data " in proc.stderr  # progress was shown
-    assert "done: top1" in proc.stdout
+    assert re.search(r"done: top1 [\d.]+ top5 [\d.]+; 2 epoch\(s\) in 0:00:\d\d \(training 0:00:\d\d at [\d,]+ img/s, "
+                     r"validation 0:00:\d\d\); run folder ", proc.stdout), proc.stdout
+
+
+def test_the_time_a_run_took_counts_every_epoch_row():
+    rows = [{"kind": "log", "step": 2}, {"kind": "epoch", "train_seconds": 100.0, "images_per_sec": 50.0, "val_seconds": 10.0},
+            {"kind": "epoch", "train_seconds": 200.0, "images_per_sec": 100.0, "val_seconds": 20.0}]
+    assert time_spent(rows) == "2 epoch(s) in 0:05:30 (training 0:05:00 at 83 img/s, validation 0:00:30)"
+    assert time_spent(rows[:1]) == ""
 
 
 def test_summary_csv_and_tensorboard(run):
