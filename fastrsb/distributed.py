@@ -131,10 +131,11 @@ class FailureNotice:
         self._quiet.set()
         if self._store is None or not isinstance(error, Exception):  # a clean end, Ctrl-C, exit
             return False
-        other = self.failure()
-        if other is not None:
+        explained = isinstance(error, UserError)  # its own stop (some, as a non-finite loss, all ranks agree on)
+        other = None if explained else self.failure()
+        if other is not None:  # this rank's error is the broken collective another rank's failure left
             raise UserError(f"{other}; rank {self.d.rank} stops with it") from None
-        text = str(error) if isinstance(error, UserError) else f"{type(error).__name__}: {error}"
+        text = str(error) if explained else f"{type(error).__name__}: {error}"
         try:
             self._store.set(self.KEY, f"rank {self.d.rank} ({socket.gethostname()}) stopped: "
                                       f"{(text.strip().splitlines() or [''])[0]}")

@@ -55,3 +55,8 @@ def test_a_failing_rank_leaves_its_message_and_a_clean_end_leaves_none():
         with FailureNotice(Dist(rank=0, world=2), store):
             raise RuntimeError("[gloo] Connection closed by peer")
     assert str(caught.value) == f"{message}; rank 0 stops with it"
+    # A stop of its own (a UserError: a file it cannot decode, a loss all ranks found not finite)
+    # is its own to say, whatever another rank said first.
+    with pytest.raises(UserError, match="^loss is not finite at step 8"):
+        with FailureNotice(Dist(rank=0, world=2), store):
+            raise UserError("loss is not finite at step 8")
