@@ -80,6 +80,9 @@ def _epochs(run: Run, pos: Position, folder: RunFolder, stops: "Stops", log_ever
         _validate_and_save(run, pos, folder)
     elif pos.epoch >= epochs and pos.step and run.d.main:
         print(f"this run already finished all {epochs} epochs")
+    if run.device == "cuda" and run.recipe["compile"] and pos.epoch < epochs:  # no word for a minute looks hung
+        _say(run, "compiling: the first steps wait for torch.compile (the model's forward and backward and LAMB's "
+                  "update; a minute or two for a ResNet-50), and their pace counts in the first progress line")
     while pos.epoch < epochs:
         figures = train_one_epoch(run, pos, folder, stops, log_every, hashed)
         if figures is None:  # a stop mid-epoch: `pos` says where

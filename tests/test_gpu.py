@@ -70,6 +70,7 @@ def test_short_compiled_gpu_run(tiny_data, tmp_path):
     assert len(epochs) == 3 and all(r["val_images"] == 20 for r in epochs)
     amp = str(amp_dtype("cuda", True)).removeprefix("torch.")  # bfloat16, or float16 on GPUs without bf16
     assert f"1 x cuda {amp} compiled" in proc.stdout and "(torch form, compiled)" in proc.stdout
+    assert "compiling: the first steps wait for torch.compile" in proc.stdout
     # Steady state: the fixed-shape train step and augment compile once (eval runs eager).
     assert proc.stderr.count("Recompiling") == 0, proc.stderr
 
