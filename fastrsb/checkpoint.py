@@ -5,6 +5,7 @@ import os
 import pickle
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 
 import torch
@@ -62,7 +63,9 @@ def load_checkpoint(path: str | Path) -> dict:
     if not path.is_file():
         raise UserError(f"no checkpoint at {path}")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # a file of other bytes is refused below; no warning of torch's ahead of it
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - unpickling arbitrary bytes fails in many ways (KeyError, IndexError...)
         raise UserError(f"{path} is not a loadable fastrsb checkpoint: {_why_unloadable(path, err)}") from None
     if not isinstance(state, dict) or "model" not in state or "recipe" not in state:
