@@ -71,6 +71,23 @@ def test_schedule_shape():
     assert math.isclose(lr_at(525, **kw), 1e-6 + 0.5 * (8e-3 - 1e-6))  # half way down the cosine
 
 
+@pytest.mark.parametrize("epochs,warmup,per_epoch", [(100, 5, 7), (12, 1, 15), (3, 0, 4)])
+def test_schedule_is_timms_cosine_stepped_per_update_after_a_warmup_prefix(epochs, warmup, per_epoch):
+    """The recipes' schedule, in timm's own terms: CosineLRScheduler stepped per update
+    (step_on_epochs=False, timm's --sched-on-updates) with the warmup as a prefix over the first
+    `warmup` of the `epochs` (timm's --warmup-prefix; num_epochs counts the cosine's alone)."""
+    from timm.scheduler import create_scheduler_v2
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=8e-3)
+    scheduler, total = create_scheduler_v2(optimizer, sched="cosine", num_epochs=epochs - warmup,
+                                           warmup_epochs=warmup, warmup_lr=1e-4, min_lr=1e-6, step_on_epochs=False,
+                                           updates_per_epoch=per_epoch, warmup_prefix=True)
+    assert total == epochs
+    for step in range(epochs * per_epoch):
+        scheduler.step_update(step)
+        ours = lr_at(step, per_epoch, epochs, 8e-3, warmup, 1e-4, 1e-6)
+        assert math.isclose(optimizer.param_groups[0]["lr"], ours, rel_tol=1e-12), step
+
+
 @pytest.mark.parametrize("compiled", [False, True])
 def test_lamb_equals_timm_in_float64(compiled):
     """In float64, with the clip active, over 10 steps: within 1e-10 of timm's Lamb, eager and
