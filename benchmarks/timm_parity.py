@@ -101,7 +101,8 @@ def evaluate(model: torch.nn.Module, val_data, device: str, amp: dict) -> dict:
     hits, count = torch.zeros(2), 0
     with torch.no_grad(), torch.autocast(**amp):
         for images, labels in val_data:
-            top = model(images.to(device, memory_format=torch.channels_last)).topk(5, dim=1).indices.cpu()
+            logits = model(images.to(device, memory_format=torch.channels_last))
+            top = logits.topk(min(5, logits.shape[1]), dim=1).indices.cpu()
             right = top.eq(labels.view(-1, 1))
             hits += torch.stack([right[:, 0].sum(), right.any(dim=1).sum()]).float()
             count += labels.shape[0]

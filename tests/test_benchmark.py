@@ -400,3 +400,20 @@ def test_gpu_report_reads_a_run_as_the_readme_shows_it():
                for line in lines)  # the rows from before the chunks
     assert any(line.startswith("torch RandAugment form alone (compiled, chunks of 64 images, batch 256): peak 241 MB")
                for line in lines)
+
+
+def test_timm_parity_trains_the_recipe_both_ways(tiny_data, tmp_path, capsys):
+    """benchmarks/timm_parity.py: the tiny recipe by fastrsb and by timm's parts, one seed, both
+    to the end (each validated on all 20 images: top-1 a multiple of 5%), a JSON line each."""
+    sys.path.insert(0, str(BENCH))
+    import timm_parity
+    out = tmp_path / "parity.jsonl"
+    results = timm_parity.main(["--recipe", "tiny", "--data", str(tiny_data), "--seeds", "3", "--workers", "1",
+                                "--device", "cpu", "--json-out", str(out)])
+    assert [r["trainer"] for r in results] == ["fastrsb", "timm"] and all(r["seed"] == 3 for r in results)
+    for r in results:
+        assert r["top1"] <= r["top5"] <= 100 and (r["top1"] / 5).is_integer() and r["seconds"] > 0
+    assert [json.loads(line)["trainer"] for line in out.read_text().splitlines()] == ["fastrsb", "timm"]
+    assert "| timm | " in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="does not cover aug_repeats = 3"):
+        timm_parity.main(["--recipe", "a1", "--data", str(tiny_data)])
