@@ -5,11 +5,11 @@ not retyped, and the next decisions (RandAugment's default form, cuda_graphs) re
     python benchmarks/gpu_report.py benchmarks/results/gpu-h200-<commit>.jsonl
 
 First the README's opening table ("Where it stands"): the best of each kind at batch 256 and A3's
-training time at that pace. Then rows: every loader and training measurement, in the order measured, labelled by what ran (mode,
-RandAugment's form, compiled, captured as a CUDA graph, the variant's settings, batch), with
-images/s, the share of the step alone (training rows) and memory (NVML's figure for the process;
-the loaders also the CUDA context's share where the run recorded it). Then the LAMB update and
-the torch form's memory, where the run has them.
+training time at that pace. Then rows: every loader and training measurement, in the order
+measured, labelled by what ran (mode, RandAugment's form, compiled, captured as a CUDA graph, the
+variant's settings, batch), with images/s, the share of the step alone (training rows) and memory
+(NVML's figure for the process; the loaders also the CUDA context's share where the run recorded
+it). Then the LAMB update and the torch form's memory, where the run has them.
 """
 from __future__ import annotations
 

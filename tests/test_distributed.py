@@ -49,7 +49,8 @@ def test_a_failing_rank_leaves_its_message_and_a_clean_end_leaves_none():
         with FailureNotice(Dist(rank=1, world=2), store):
             raise ValueError("CUDA error: an illegal memory access\nmore lines")
     message = store.get(FailureNotice.KEY).decode()
-    assert message.startswith("rank 1 (") and message.endswith("stopped: ValueError: CUDA error: an illegal memory access")
+    assert message.startswith("rank 1 (")
+    assert message.endswith("stopped: ValueError: CUDA error: an illegal memory access")  # its first line
     # The other rank's collective then fails (gloo: the connection closed): it says rank 1's message.
     with pytest.raises(UserError) as caught:
         with FailureNotice(Dist(rank=0, world=2), store):

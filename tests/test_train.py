@@ -41,7 +41,8 @@ def test_writes_metrics_and_checkpoints(run):
 
 
 def test_the_time_a_run_took_counts_every_epoch_row():
-    rows = [{"kind": "log", "step": 2}, {"kind": "epoch", "train_seconds": 100.0, "images_per_sec": 50.0, "val_seconds": 10.0},
+    rows = [{"kind": "log", "step": 2},
+            {"kind": "epoch", "train_seconds": 100.0, "images_per_sec": 50.0, "val_seconds": 10.0},
             {"kind": "epoch", "train_seconds": 200.0, "images_per_sec": 100.0, "val_seconds": 20.0}]
     assert time_spent(rows) == "2 epoch(s) in 0:05:30 (training 0:05:00 at 83 img/s, validation 0:00:30)"
     assert time_spent(rows[:1]) == ""
