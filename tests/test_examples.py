@@ -74,3 +74,6 @@ def test_datamodule_refuses_another_world_size(tiny_data):
     data.trainer = L.Trainer(accelerator="cpu", devices=1, logger=False)
     with pytest.raises(ValueError, match="world_size=2.*1 process"):
         data.setup("fit")
+    without_trainer = DaliDataModule(tiny_data, batch_size=8, img_size=32)
+    with pytest.raises(RuntimeError, match=r"trainer.fit\(model, datamodule=...\)"):
+        without_trainer.setup("fit")  # an AttributeError on None before

@@ -40,6 +40,9 @@ class DaliDataModule(L.LightningDataModule):
 
     def setup(self, stage: str) -> None:
         trainer = self.trainer
+        if trainer is None:  # setup() called by hand: the shard comes from the Trainer, which it lacks
+            raise RuntimeError("DaliDataModule shards the data by the Lightning Trainer's rank and world size: "
+                               "give it to trainer.fit(model, datamodule=...), which calls setup()")
         rank, world = trainer.global_rank, trainer.world_size
         if self.expected_world_size is not None and world != self.expected_world_size:
             raise ValueError(f"DaliDataModule(world_size={self.expected_world_size}) but the trainer runs {world} "
