@@ -101,12 +101,15 @@ def table(rows: list[dict]) -> list[str]:
 
 
 def extras(rows: list[dict]) -> list[str]:
-    """The LAMB update and the torch form's memory, one line each."""
+    """The LAMB update, the torch form's memory and the parity runs, one line each."""
     lines = []
     for row in rows:
         if row.get("mode") == "lamb_update":
             lines.append(f"LAMB update ({row['model']}, {row['variant']}): {row['ms_per_update']:.3f} ms, "
                          f"the host {row['host_ms_per_update']:.3f} ms")
+        elif row.get("mode") == "timm_parity":
+            lines.append(f"{row['recipe']} trained by {row['trainer']} (seed {row['seed']}, {row['device']}): "
+                         f"top-1 {row['top1']:.2f}, top-5 {row['top5']:.2f}, {row['seconds']:.0f} s")
         elif row.get("mode") == "augment_memory":
             chunks = (f"chunks of {row['chunk_images']} images" if row.get("chunk_images")
                       else "whole batch, its warp in chunks" if row.get("chunk_pixels") else "whole batch")

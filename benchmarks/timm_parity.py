@@ -30,6 +30,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from fastrsb.cli import count_option  # noqa: E402
+from fastrsb.errors import UserError  # noqa: E402
 from fastrsb.recipe import load_recipe  # noqa: E402
 from throughput import _emit, context  # noqa: E402  (benchmarks/ is this script's folder)
 
@@ -119,7 +120,9 @@ def check_recipe(recipe: dict) -> None:
         sys.exit(f"timm_parity.py: the timm loop does not cover {', '.join(refused)}")
 
 
-def main(argv: list[str] | None = None) -> list[dict]:
+def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, dict]:
+    """The options and the recipe they name (overrides applied); a mistake stops here, before any
+    training (benchmarks/gpu_checks.sh's dry run checks its command with this)."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--recipe", default="demo")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -131,11 +134,19 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--json-out", type=Path)
     args = p.parse_args(argv)
-    trainers = args.trainers.split(",")
-    if not set(trainers) <= set(TRAINERS):
+    if not set(args.trainers.split(",")) <= set(TRAINERS):
         p.error(f"--trainers: choose from {', '.join(TRAINERS)}")
-    base = load_recipe(args.recipe, args.overrides)
+    try:
+        base = load_recipe(args.recipe, args.overrides)
+    except UserError as err:
+        p.error(str(err))
     check_recipe(base)
+    return args, base
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    args, base = parse_args(argv)
+    trainers = args.trainers.split(",")
     data = args.data
     if data is None:
         from fastrsb.cli import DEMO_DATA

@@ -287,11 +287,13 @@ def test_every_gpu_check_asks_for_what_exists(tmp_path):
     import augment_memory
     import lamb_update
     import throughput
+    import timm_parity
     checks = _gpu_checks_dry_run(tmp_path)
     names = [name for name, _ in checks]
     assert len(set(names)) == len(names) >= 15  # CONTINUE=1 skips checks by name
     parse = {"benchmarks/throughput.py": lambda argv: throughput.parse_args(argv, gpu=True),
-             "benchmarks/lamb_update.py": lamb_update.parse_args, "benchmarks/augment_memory.py": augment_memory.parse_args}
+             "benchmarks/lamb_update.py": lamb_update.parse_args, "benchmarks/augment_memory.py": augment_memory.parse_args,
+             "benchmarks/timm_parity.py": timm_parity.parse_args}
     selections = []
     for name, argv in checks:
         while argv[0] == "env" or "=" in argv[0]:  # env VAR=value ... python3
@@ -417,3 +419,8 @@ def test_timm_parity_trains_the_recipe_both_ways(tiny_data, tmp_path, capsys):
     assert "| timm | " in capsys.readouterr().out
     with pytest.raises(SystemExit, match="does not cover aug_repeats = 3"):
         timm_parity.main(["--recipe", "a1", "--data", str(tiny_data)])
+    with pytest.raises(SystemExit):
+        timm_parity.parse_args(["--recipe", "demo", "--set", "epoch=3"])  # a key the recipes do not have
+    assert "unknown key 'epoch'" in capsys.readouterr().err
+    import gpu_report
+    assert gpu_report.extras(results)[-1].startswith("tiny trained by timm (seed 3, cpu): top-1 ")  # a GPU run's line
