@@ -348,8 +348,9 @@ def _augmentation(recipe: dict, loader: dict) -> str:
 
 def time_spent(rows: list[dict]) -> str:
     """How long a run's epochs took, from its epoch rows (every epoch, across resumes; start-up
-    and compilation outside epochs not counted): 'N epoch(s) in h:mm:ss (training h:mm:ss at X
-    img/s, validation h:mm:ss)', or '' without a validated epoch."""
+    outside epochs not counted): 'N epoch(s) in h:mm:ss (training h:mm:ss at X img/s, validation
+    h:mm:ss)', or '' without a validated epoch. An epoch resumed mid-way counts its images at the
+    pace after the resume (its row's images/s covers that part only)."""
     epochs = [row for row in rows if row.get("kind") == "epoch" and "val_seconds" in row]
     if not epochs:
         return ""
