@@ -109,14 +109,19 @@ def resume_command(args, data: Path, out: Path) -> str:
 
 
 def cmd_eval(args) -> None:
-    from fastrsb.train import evaluate_checkpoint
-    result = evaluate_checkpoint(args.checkpoint, args.data, args.img_size, args.crop_pct, args.device,
-                                 args.batch_size, args.threads, ema=args.ema)
-    if args.json:
-        print(json.dumps(result))
-    else:
-        print(f"top1 {result['top1']:.2f} top5 {result['top5']:.2f} over {result['val_images']} images "
-              f"at {result['img_size']} px, crop {result['crop_pct']}")
+    from fastrsb.checkpoint_eval import evaluate_checkpoint_at
+    results = []
+    for result in evaluate_checkpoint_at(args.checkpoint, args.data, args.img_size or [None], args.crop_pct or [None],
+                                         args.device, args.batch_size, args.threads, ema=args.ema):
+        results.append(result)  # said as soon as measured: a sweep over 50,000 images takes a while
+        if args.json:
+            print(json.dumps(result))
+        else:
+            print(f"top1 {result['top1']:.2f} top5 {result['top5']:.2f} over {result['val_images']} images "
+                  f"at {result['img_size']} px, crop {result['crop_pct']}")
+    if len(results) > 1 and not args.json:
+        best = max(results, key=lambda result: result["top1"])  # the first of equals: the order given
+        print(f"best: top1 {best['top1']:.2f} at {best['img_size']} px, crop {best['crop_pct']}")
 
 
 def cmd_export(args) -> None:
@@ -271,13 +276,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="top-1/top-5 of a checkpoint")
     p.add_argument("checkpoint")
     p.add_argument("--data", required=True, help="folder with val/<class>/ (or a class folder tree itself)")
-    p.add_argument("--img-size", type=count_option, default=None, help="default: the recipe's test_img_size")
-    p.add_argument("--crop-pct", type=_crop_fraction, default=None, help="default: the recipe's crop_pct")
+    p.add_argument("--img-size", type=count_option, nargs="+", default=None, metavar="N",
+                   help="test size(s) in px; several: each is evaluated (default: the recipe's test_img_size)")
+    p.add_argument("--crop-pct", type=_crop_fraction, nargs="+", default=None, metavar="F",
+                   help="the share(s) of the resized image kept; several: each with each size "
+                        "(default: the recipe's crop_pct)")
     p.add_argument("--batch-size", type=count_option, default=128)
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--threads", type=count_option, default=None)
     p.add_argument("--ema", action="store_true", help="evaluate the checkpoint's EMA weights")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="one JSON object a line, a line per size and crop")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("export", help="a checkpoint's weights as a timm model folder (model.safetensors, config.json)")

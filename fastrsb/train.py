@@ -15,16 +15,14 @@ import torch
 import torch.nn.functional as F
 
 from fastrsb import __version__
-from fastrsb.checkpoint import load_checkpoint, load_weights
-from fastrsb.data_folder import check_headers, describe_counts, loader_batches, open_dataset, open_split
+from fastrsb.data_folder import check_headers, describe_counts, loader_batches, open_dataset
 from fastrsb.determinism import batch_hash, deterministic_mode
-from fastrsb.device import amp_dtype, autocast, gpu_memory_line, resolve_device, step_stream
+from fastrsb.device import autocast, gpu_memory_line, resolve_device, step_stream
 from fastrsb.distributed import (Dist, FailureNotice, agree, all_reduce_sum, average_bn_stats, check_in_step,
                                  init_distributed, shutdown, stop_together)
 from fastrsb.errors import UserError
 from fastrsb.metrics_log import refuse_a_second_run
-from fastrsb.model import make_model
-from fastrsb.parts import Run, build_run, open_val_loader
+from fastrsb.parts import Run, build_run
 from fastrsb.pipelines import DatasetError
 from fastrsb.progress import Progress, clock as _clock
 from fastrsb.recipe import BUILTIN, load_recipe
@@ -359,31 +357,3 @@ def time_spent(rows: list[dict]) -> str:
     images = sum(row["images_per_sec"] * row["train_seconds"] for row in epochs)
     return (f"{len(epochs)} epoch(s) in {_clock(train + val)} (training {_clock(train)} at "
             f"{images / max(train, 1e-9):,.0f} img/s, validation {_clock(val)})")
-
-
-def evaluate_checkpoint(checkpoint: str | Path, data: str | Path, img_size: int | None = None,
-                        crop_pct: float | None = None, device: str | None = None,
-                        batch_size: int = 128, num_threads: int | None = None, ema: bool = False) -> dict:
-    """Top-1/top-5 of a checkpoint on DATA/val (or DATA itself if it is a class folder tree).
-    ema: evaluate the checkpoint's EMA weights instead of the model's."""
-    device = resolve_device(device)
-    state = load_checkpoint(checkpoint)
-    recipe, classes = state["recipe"], state["classes"]
-    if ema and "ema" not in state:
-        raise UserError(f"{checkpoint} holds no EMA weights (the run had model_ema = false)")
-    data = Path(data)
-    if not data.is_dir():
-        raise UserError(f"data folder {data} does not exist")
-    images = open_split(data, "val") if (data / "val").is_dir() else open_split(data.parent, data.name)
-    if images.classes != classes:
-        first = next((a, b) for a, b in zip(images.classes + [None] * len(classes),
-                                            classes + [None] * len(images.classes)) if a != b)
-        raise UserError(f"{data}: its {len(images.classes)} classes differ from the checkpoint's {len(classes)} "
-                        f"(first difference: {first})")
-    model = make_model(recipe["model"], len(classes)).to(device)
-    load_weights(model, state["ema" if ema else "model"], str(checkpoint))
-    loader = open_val_loader(recipe, images, batch_size, device, num_threads=num_threads, img_size=img_size,
-                             crop_pct=crop_pct)
-    result = evaluate(model, loader, device, amp_dtype(device, recipe["amp"]))
-    return {"checkpoint": str(checkpoint), "epoch": state.get("epoch"), "img_size": img_size or recipe["test_img_size"],
-            "crop_pct": crop_pct or recipe["crop_pct"], "ema": ema, **result}

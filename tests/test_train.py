@@ -85,6 +85,17 @@ def test_eval_reproduces_the_runs_accuracy(run, tiny_data):
                                "--crop-pct", "0.875").stdout)
     assert other["img_size"] == 32 and other["crop_pct"] == 0.875 and other["val_images"] == 20
     assert "top1" in run_cli("eval", out / "best.pt", "--data", tiny_data).stdout
+    # A sweep: every size with every crop, the model loaded once; each line as a single eval gives it.
+    sweep = [json.loads(line) for line in run_cli("eval", out / "last.pt", "--data", tiny_data, "--json",
+                                                  "--img-size", "32", "40", "32", "--crop-pct", "0.875", "0.95",
+                                                  "--batch-size", "8").stdout.splitlines()]
+    assert [(r["img_size"], r["crop_pct"]) for r in sweep] == [(32, 0.875), (32, 0.95), (40, 0.875), (40, 0.95)]
+    assert (sweep[0]["top1"], sweep[0]["val_loss"]) == pytest.approx((other["top1"], other["val_loss"]))
+    assert (sweep[3]["top1"], sweep[3]["val_loss"]) == pytest.approx((result["top1"], result["val_loss"]))
+    assert len({r["val_loss"] for r in sweep}) == 4  # four different views of the images, not one four times
+    text = run_cli("eval", out / "last.pt", "--data", tiny_data, "--img-size", "32", "40").stdout.splitlines()
+    best = max(sweep[1], sweep[3], key=lambda r: r["top1"])
+    assert len(text) == 3 and text[2] == f"best: top1 {best['top1']:.2f} at {best['img_size']} px, crop 0.95"
 
 
 class Payload:
