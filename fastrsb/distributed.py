@@ -9,6 +9,7 @@ import os
 import socket
 import sys
 import threading
+import time
 from dataclasses import dataclass
 
 import torch
@@ -101,7 +102,7 @@ def stop_together(error: Exception | None, d: Dist, what: str) -> None:
 
 
 class FailureNotice:
-    """Mid-run, a rank that stops on an error tells the others, and they stop at once naming it.
+    """Mid-run, a rank that stops tells the others, and they stop at once naming it.
     A rank that fails (a file its loader cannot decode, a full disk, a CUDA error) leaves the
     others in their next collective: gloo notices the closed connection, NCCL waits for the
     process group's timeout (30 minutes), and torchrun stops no other machine's processes.
@@ -112,51 +113,104 @@ class FailureNotice:
     it and ends its process (exit 2), however its main thread is blocked. A rank whose own error
     came from a collective that another rank's failure broke (gloo's closed connection) raises
     that rank's message instead. Start-up checks stop together their own way (stop_together).
-    Without torch.distributed, or where the store cannot be had, it does nothing."""
+
+    A rank that ends without a word (killed for memory, a segfault, a second Ctrl-C, its machine
+    gone) is found by its heartbeat: each rank's thread counts up a key of its own at every look,
+    and watches the next rank's (a ring: each rank reads one key, whatever the world size); a
+    count that has not moved for SILENT_SECONDS, of a rank that has not left the training, is
+    told to every rank as that rank's failure. The thread beats while its process lives,
+    whatever the main thread is doing (compiling, saving, blocked in a collective), so only a
+    process that is gone falls silent. (The store itself lives on the rendezvous's machine: if
+    that machine goes, the store goes with it, and the others are left to the process group's
+    timeout.) Without torch.distributed, or where the store cannot be had, it does nothing."""
 
     KEY = "fastrsb/failed"
     POLL_SECONDS = 3.0
+    SILENT_SECONDS = 120.0  # ~40 beats missed: far from a busy process, far below NCCL's 30 minutes
 
     def __init__(self, d: Dist, store: dist.Store | None = None):
         self.d = d
         self._store = store if store is not None else _process_group_store(d)
         self._quiet = threading.Event()  # set once this rank leaves the training, whichever way
+        self._watched = (d.rank + 1) % d.world if d.world > 1 else None  # the rank whose heartbeat it watches
+        self._count, self._since = None, 0.0  # its last count seen, and when (time.monotonic())
 
     def __enter__(self) -> "FailureNotice":
         if self._store is not None:
+            self._safely(lambda: self._store.set(f"fastrsb/host/{self.d.rank}", socket.gethostname()))
+            self.beat()
             threading.Thread(target=self._watch, name="fastrsb-failure-notice", daemon=True).start()
         return self
 
     def __exit__(self, kind, error, traceback) -> bool:
         self._quiet.set()
-        if self._store is None or not isinstance(error, Exception):  # a clean end, Ctrl-C, exit
+        if self._store is None:
+            return False
+        # Leaving on purpose (the end, a stop, an error said below): its heartbeat stops, not its process.
+        self._safely(lambda: self._store.set(f"fastrsb/left/{self.d.rank}", "1"))
+        if not isinstance(error, Exception):  # a clean end, Ctrl-C, exit
             return False
         explained = isinstance(error, UserError)  # its own stop (some, as a non-finite loss, all ranks agree on)
         other = None if explained else self.failure()
         if other is not None:  # this rank's error is the broken collective another rank's failure left
             raise UserError(f"{other}; rank {self.d.rank} stops with it") from None
         text = str(error) if explained else f"{type(error).__name__}: {error}"
-        try:
-            self._store.set(self.KEY, f"rank {self.d.rank} ({socket.gethostname()}) stopped: "
-                                      f"{(text.strip().splitlines() or [''])[0]}")
-        except Exception:  # noqa: BLE001 - the store gone too: the others learn it from the process group
-            pass
+        self._tell(f"rank {self.d.rank} ({socket.gethostname()}) stopped: {(text.strip().splitlines() or [''])[0]}")
         return False
 
     def failure(self) -> str | None:
         """The message a failed rank left, if any."""
-        try:
-            return self._store.get(self.KEY).decode() if self._store.check([self.KEY]) else None
-        except Exception:  # noqa: BLE001 - a store that went with its host (rank 0's machine) tells nothing
+        return self._safely(lambda: self._store.get(self.KEY).decode() if self._store.check([self.KEY]) else None)
+
+    def beat(self) -> None:
+        """This rank is alive: its heartbeat count goes up by one."""
+        self._safely(lambda: self._store.add(f"fastrsb/beat/{self.d.rank}", 1))
+
+    def silent(self, now: float) -> str | None:
+        """The watched rank's failure if its heartbeat has not moved for SILENT_SECONDS at `now`
+        (time.monotonic()), else None. Counted from the first look: a rank that never beat is silent
+        too. A rank that left on purpose is not watched any more."""
+        if self._watched is None:
             return None
+        count = self._safely(lambda: self._store.add(f"fastrsb/beat/{self._watched}", 0))  # add 0: a read
+        if count is None:  # the store did not answer: no news of the rank, which is not news of its death
+            return None
+        if count != self._count:
+            self._count, self._since = count, now
+            return None
+        if now - self._since < self.SILENT_SECONDS:
+            return None
+        rank, key = self._watched, f"fastrsb/host/{self._watched}"
+        if self._safely(lambda: self._store.check([f"fastrsb/left/{rank}"])):
+            self._watched = None
+            return None
+        host = self._safely(lambda: self._store.get(key).decode() if self._store.check([key]) else None)
+        return (f"rank {rank} ({host or 'host unknown'}) has not been heard from for {now - self._since:.0f} s: "
+                "its process ended without a word (killed for memory? a crash?) or its machine is gone")
 
     def _watch(self) -> None:
         while not self._quiet.wait(self.POLL_SECONDS):
+            self.beat()
             message = self.failure()
+            if message is None and (message := self.silent(time.monotonic())) is not None:
+                self._tell(message)
             if message is not None and not self._quiet.is_set():
                 sys.stdout.flush()
                 print(f"fastrsb: error: {message}; rank {self.d.rank} stops with it", file=sys.stderr, flush=True)
                 os._exit(2)  # the main thread may be blocked in a collective for the timeout
+
+    def _tell(self, message: str) -> None:
+        """Every rank's failure message, unless one is there already (the first cause stays)."""
+        self._safely(lambda: self._store.check([self.KEY]) or self._store.set(self.KEY, message))
+
+    @staticmethod
+    def _safely(operation):
+        """operation() on the store, or None where the store failed (gone with its host, say): the
+        notice is a help, never a cause of failure itself."""
+        try:
+            return operation()
+        except Exception:  # noqa: BLE001
+            return None
 
 
 def _process_group_store(d: Dist) -> dist.Store | None:

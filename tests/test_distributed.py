@@ -1,7 +1,11 @@
-"""FailureNotice: a rank that fails mid-run stops the others, however they are blocked."""
+"""FailureNotice: a rank that fails mid-run, or dies without a word, stops the others, however
+they are blocked."""
+import signal
+import socket
 import subprocess
 import sys
 import textwrap
+import time
 from datetime import timedelta
 
 import pytest
@@ -15,8 +19,9 @@ BLOCKED_RANK = textwrap.dedent("""
     from datetime import timedelta
     import torch.distributed as dist
     from fastrsb.distributed import Dist, FailureNotice
+    FailureNotice.POLL_SECONDS, FailureNotice.SILENT_SECONDS = float(sys.argv[3]), float(sys.argv[4])
     store = dist.TCPStore("127.0.0.1", int(sys.argv[1]), is_master=False, timeout=timedelta(seconds=30))
-    with FailureNotice(Dist(rank=0, world=2), store):
+    with FailureNotice(Dist(rank=int(sys.argv[2]), world=2), store):
         print("training", flush=True)
         time.sleep(120)  # as a main thread blocked in an NCCL collective, waiting for a rank that has gone
     print("woke up after two minutes", flush=True)
@@ -27,8 +32,7 @@ def test_a_blocked_rank_stops_when_another_rank_fails():
     """The store is a real TCPStore, as torchrun's; the rank is a process of its own whose main
     thread sleeps. Its notice thread finds rank 1's message and ends the process, exit 2."""
     store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False, timeout=timedelta(seconds=30))
-    rank0 = subprocess.Popen([sys.executable, "-c", BLOCKED_RANK, str(store.port)], stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True)
+    rank0 = _rank_process(store, 0, silent_seconds=120)
     try:
         assert rank0.stdout.readline().strip() == "training"
         store.set(FailureNotice.KEY, "rank 1 (node7) stopped: cannot decode val/x.JPEG")
@@ -61,3 +65,64 @@ def test_a_failing_rank_leaves_its_message_and_a_clean_end_leaves_none():
     with pytest.raises(UserError, match="^loss is not finite at step 8"):
         with FailureNotice(Dist(rank=0, world=2), store):
             raise UserError("loss is not finite at step 8")
+
+
+def _rank_process(store, rank: int, silent_seconds: float, poll_seconds: float = 0.2) -> subprocess.Popen:
+    """A rank in a process of its own, its main thread asleep inside FailureNotice: it prints
+    "training" once inside."""
+    return subprocess.Popen([sys.executable, "-c", BLOCKED_RANK, str(store.port), str(rank), str(poll_seconds),
+                             str(silent_seconds)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_a_blocked_rank_stops_when_another_rank_dies_without_a_word():
+    """Rank 1 is killed as the kernel's OOM killer kills (SIGKILL: no handler, no message). Rank 0,
+    blocked as in a collective, finds its heartbeat silent and stops, naming it and its machine,
+    instead of waiting for NCCL's timeout."""
+    store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False, timeout=timedelta(seconds=30))
+    rank0, rank1 = (_rank_process(store, rank, silent_seconds=2) for rank in (0, 1))
+    try:
+        assert rank1.stdout.readline().strip() == "training" and rank0.stdout.readline().strip() == "training"
+        time.sleep(3)  # both beating: longer than the silence that counts as death
+        assert rank0.poll() is None and rank1.poll() is None
+        rank1.send_signal(signal.SIGKILL)
+        out, err = rank0.communicate(timeout=60)
+    finally:
+        rank0.kill(), rank1.kill()
+    assert rank0.returncode == 2, err
+    said = [line for line in err.splitlines() if line.startswith("fastrsb: error:")]
+    assert len(said) == 1 and said[0].startswith(f"fastrsb: error: rank 1 ({socket.gethostname()}) has not been "
+                                                 "heard from for "), err
+    assert said[0].endswith("its machine is gone; rank 0 stops with it") and "woke up" not in out
+    assert store.get(FailureNotice.KEY).decode() in said[0]  # told to every rank through the store
+
+
+def test_heartbeat_silence_is_counted_from_the_last_beat_seen():
+    """The ring's arithmetic on an explicit clock: rank 0 watches rank 1 (and rank 1 rank 0)."""
+    store = dist.HashStore()
+    watcher, watched = FailureNotice(Dist(rank=0, world=2), store), FailureNotice(Dist(rank=1, world=2), store)
+    limit = FailureNotice.SILENT_SECONDS
+    assert watcher.silent(now=0.0) is None  # first look: the clock starts, beaten or not
+    assert watcher.silent(now=limit + 1) is not None  # a rank that never beat is silent too
+    assert "rank 1 (host unknown) has not been heard from for" in watcher.silent(now=limit + 1)
+    watched.beat()
+    assert watcher.silent(now=limit + 2) is None  # a beat: the clock starts again
+    assert watcher.silent(now=2 * limit + 1) is None
+    message = watcher.silent(now=2 * limit + 3)
+    assert message.startswith("rank 1 (host unknown) has not been heard from for 121 s: ")
+    store.set("fastrsb/left/1", "1")  # it left the training on purpose: no more watching
+    assert watcher.silent(now=10 * limit) is None and watcher.silent(now=20 * limit) is None
+    assert FailureNotice(Dist(rank=0, world=1), store).silent(now=10 * limit) is None  # nothing to watch alone
+
+
+def test_leaving_marks_the_rank_as_left_and_keeps_the_first_failure():
+    store = dist.HashStore()
+    with FailureNotice(Dist(rank=1, world=3), store):
+        assert store.get("fastrsb/host/1").decode() == socket.gethostname()
+        assert store.add("fastrsb/beat/1", 0) == 1  # its first beat, on entering
+        assert not store.check(["fastrsb/left/1"])
+    assert store.check(["fastrsb/left/1"])
+    store.set(FailureNotice.KEY, "rank 2 (node9) has not been heard from for 125 s: ...")
+    with pytest.raises(UserError):
+        with FailureNotice(Dist(rank=0, world=3), store):
+            raise UserError("cannot decode val/y.JPEG")
+    assert store.get(FailureNotice.KEY).decode().startswith("rank 2 (node9)")  # the first cause stays
