@@ -138,15 +138,23 @@ def cmd_export(args) -> None:
     print(f"in timm: timm.create_model(\"local-dir:{result['out']}\", pretrained=True)")
 
 
-def cmd_doctor(args) -> None:
+def cmd_doctor(args) -> int | None:
     from fastrsb.doctor import report, run_doctor
+    from fastrsb.doctor_cluster import report_cluster, run_cluster_doctor, under_torchrun
     from fastrsb.recipe import load_recipe
     load_recipe(args.recipe)  # a wrong name is told before anything else runs
-    text, data = report(run_doctor(args.data, args.out, args.recipe))
+    if under_torchrun():  # one report for the job: every machine's checks and the all-reduce, on rank 0
+        ok, machines, collective = run_cluster_doctor(args.data, args.out, args.recipe)
+        if machines is None:  # not rank 0: it says nothing, and ends as rank 0 does
+            return None if ok else 2
+        text, data = report_cluster(ok, machines, collective)
+    else:
+        text, data = report(run_doctor(args.data, args.out, args.recipe))
+        data["problems"] = sum(not c["ok"] and c["fatal"] for c in data["checks"])
     print(json.dumps(data) if args.json else text)
     if not data["ok"]:
-        raise UserError(f"{sum(not c['ok'] and c['fatal'] for c in data['checks'])} problem(s) (listed above): "
-                        "fix them before a long run")
+        raise UserError(f"{data['problems']} problem(s) (listed above): fix them before a long run")
+    return None
 
 
 def cmd_compare(args) -> int:

@@ -34,8 +34,10 @@ class Dist:
         return self.world > 1
 
 
-def init_distributed(device: str) -> Dist:
-    """Join the process group torchrun describes: NCCL on GPUs, gloo on the CPU."""
+def init_distributed(device: str, timeout: datetime.timedelta = datetime.timedelta(minutes=30)) -> Dist:
+    """Join the process group torchrun describes: NCCL on GPUs, gloo on the CPU. timeout: how long
+    a collective waits for a rank that does not come (a training run: 30 minutes, for a slow
+    checkpoint save or a first compile on one rank)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1:
         return Dist()
@@ -46,7 +48,7 @@ def init_distributed(device: str) -> Dist:
                             "--nproc_per_node must not exceed the GPUs per node")
         torch.cuda.set_device(local_rank)  # before DALI or NCCL touch a GPU (else all pile onto GPU 0)
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if device == "cuda" else "gloo", timeout=datetime.timedelta(minutes=30),
+        dist.init_process_group("nccl" if device == "cuda" else "gloo", timeout=timeout,
                                 **({"device_id": torch.device("cuda", local_rank)} if device == "cuda" else {}))
     return Dist(rank, world, local_rank)
 

@@ -141,14 +141,20 @@ def cpu_check(gpus: int) -> Check:
     return Check("cpu", True, text)
 
 
+def model_parameters(model: str) -> int:
+    """The number of values in a timm model's parameters (built on the meta device: no memory)."""
+    import timm
+    import torch
+    with torch.device("meta"):
+        return sum(p.numel() for p in timm.create_model(model).parameters())
+
+
 def disk_check(out: Path, recipe_name: str) -> Check:
     """Free space in the run folder against what the recipe's checkpoints take: last.pt and best.pt,
     each the weights, LAMB's two moments and the EMA if any (4 bytes a value)."""
-    import timm
     from fastrsb.recipe import load_recipe
     recipe = load_recipe(recipe_name)
-    with __import__("torch").device("meta"):
-        params = sum(p.numel() for p in timm.create_model(recipe["model"]).parameters())
+    params = model_parameters(recipe["model"])
     copies = 3 + (1 if recipe["model_ema"] else 0)
     need = 2 * copies * params * 4 / 2**30
     folder = out if out.exists() else next((p for p in out.parents if p.exists()), Path("."))

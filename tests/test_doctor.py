@@ -35,3 +35,60 @@ def test_cuda_builds_newer_than_the_driver_are_named():
     assert builds_too_new("12.4", {"torch": "13.0", "DALI": "13.0"}) == ["torch (CUDA 13.0)", "DALI (CUDA 13.0)"]
     assert builds_too_new("13.0", {"torch": "12.8", "DALI": "13.0"}) == []
     assert builds_too_new("12.2", {"torch": "12.8", "DALI": None}) == []  # minor-version compatibility
+
+
+def _doctor_as_two_machines(tmp_path, *args) -> tuple[list[str], list[int]]:
+    """`fastrsb doctor` under torchrun as on two machines of one process each (node ranks 0 and 1,
+    a static rendezvous on this host), each in a working folder of its own (its copy of the data)."""
+    import socket
+    import subprocess
+    import sys
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    procs = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1",
+                               f"--node_rank={node}", "--master_addr=127.0.0.1", f"--master_port={port}",
+                               "-m", "fastrsb", "doctor", *map(str, args)],
+                              cwd=tmp_path / f"machine{node}", stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True)
+             for node in (0, 1)]
+    try:
+        outputs = [proc.communicate(timeout=300) for proc in procs]
+    finally:
+        for proc in procs:
+            proc.kill()
+    return [out + err for out, err in outputs], [proc.returncode for proc in procs]
+
+
+def test_doctor_under_torchrun_reports_every_machine_and_the_all_reduce(tiny_data, tmp_path):
+    """Machine 1's copy of the data is missing: rank 0 prints both machines' checks, machine 1's
+    failure among them, and the all-reduce of the recipe's gradient size; both processes exit 2
+    (rank 1 silently)."""
+    for node in (0, 1):
+        (tmp_path / f"machine{node}").mkdir()
+    shutil.copytree(tiny_data, tmp_path / "machine0/data")
+    outputs, codes = _doctor_as_two_machines(tmp_path, "--data", "data", "--recipe", "tiny")
+    rank0, rank1 = outputs
+    assert codes == [1, 1] and all("exitcode  : 2" in out for out in outputs), outputs  # torchrun says 1 for 2
+    assert "machine 0 (" in rank0 and ", rank 0):" in rank0 and ", rank 1):" in rank0
+    machine0, machine1 = rank0.split("machine 1 (")
+    assert "48 train / 20 val images in 4 classes" in machine0
+    assert "FAIL  data folder data does not exist" in machine1, rank0
+    # tiny's resnet10t (5.4 M parameters at ImageNet's 1,000 classes), all-reduced by gloo, the sum
+    # checked on every process.
+    assert "ok    all-reduce across 2 processes (gloo): resnet10t's gradients (5.4 M float32 values" in rank0
+    assert "1 problem(s) on 2 machine(s): a run cannot start" in rank0
+    assert "fastrsb: error: 1 problem(s)" in rank0 and "fastrsb: error" not in rank1 and "machine 0" not in rank1
+
+
+def test_doctor_under_torchrun_on_one_machine_checks_it_once(tiny_data, tmp_path):
+    import subprocess
+    import sys
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           "-m", "fastrsb", "doctor", "--data", tiny_data, "--recipe", "tiny", "--json"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(proc.stdout)  # rank 0's one object; rank 1 prints nothing
+    (machine,) = report["machines"]
+    assert machine["ranks"] == [0, 1] and [c["name"] for c in machine["checks"]].count("dali") == 1
+    assert report["ok"] and report["problems"] == 0 and report["all_reduce"]["ok"]

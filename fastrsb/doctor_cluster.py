@@ -1,0 +1,120 @@
+"""`fastrsb doctor` under torchrun: one report for the whole job, before a multi-node run.
+
+Each machine's checks run once, on its first process (LOCAL_RANK 0): its GPUs, driver, DALI,
+cores, disk and its copy of the data. Every process joins the process group a run would (NCCL on
+GPUs, gloo on the CPU) and all-reduces a buffer the size of the recipe's gradients, as DDP does
+every step: the sum is checked (every process reached every other) and the time taken is the
+interconnect's figure a run will live with. Rank 0 prints every machine's checks and that line;
+every process exits with the same code."""
+from __future__ import annotations
+
+import datetime
+import os
+import socket
+import time
+from dataclasses import asdict
+
+import torch
+import torch.distributed as dist
+
+from fastrsb.distributed import Dist, broadcast_from_main, gather_to_main, init_distributed, shutdown
+from fastrsb.doctor import Check, model_parameters, run_doctor
+
+# A doctor should answer, not wait: a process that never reaches a collective (a machine whose
+# checks hang on a dead disk) fails the report after this, instead of a run's 30 minutes.
+TIMEOUT = datetime.timedelta(minutes=5)
+REPEATS = 5  # timed all-reduces, after two untimed ones (NCCL sets its channels up on the first)
+
+
+def under_torchrun() -> bool:
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def run_cluster_doctor(data: str | None, out: str | None, recipe: str) -> tuple[bool, list[dict] | None, Check]:
+    """(ok on every machine, each machine's checks on rank 0 (None elsewhere), the all-reduce's check).
+    The same `ok` on every rank."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    d = init_distributed(device, timeout=TIMEOUT)
+    try:
+        local = _machine_checks(data, out, recipe) if d.local_rank == 0 else None
+        collective = all_reduce_check(d, device, recipe)
+        node = int(os.environ.get("GROUP_RANK", "0"))  # torchrun's node rank
+        found = gather_to_main({"node": node, "host": socket.gethostname(), "rank": d.rank,
+                                "checks": [asdict(c) for c in local] if local is not None else None}, d)
+        machines = ok = None
+        if d.main:
+            machines = _by_machine(found)
+            ok = collective.ok and all(c["ok"] or not c["fatal"] for m in machines for c in m["checks"])
+        return broadcast_from_main(ok, d), machines, collective
+    finally:
+        shutdown(d)
+
+
+def _machine_checks(data: str | None, out: str | None, recipe: str) -> list[Check]:
+    try:
+        return run_doctor(data, out, recipe)
+    except Exception as err:  # noqa: BLE001 - said in the report; the other machines must not wait for this one
+        return [Check("doctor", False, f"the checks stopped: {type(err).__name__}: {err}")]
+
+
+def _by_machine(found: list[dict]) -> list[dict]:
+    """One entry a machine (node rank): its host, its ranks and the checks its first process made."""
+    machines: dict[int, dict] = {}
+    for entry in sorted(found, key=lambda e: e["rank"]):
+        machine = machines.setdefault(entry["node"], {"node": entry["node"], "host": entry["host"], "ranks": [],
+                                                      "checks": []})
+        machine["ranks"].append(entry["rank"])
+        machine["checks"] += entry["checks"] or []
+    return [machines[node] for node in sorted(machines)]
+
+
+def all_reduce_check(d: Dist, device: str, recipe: str) -> Check:
+    """All-reduce (sum) a float32 buffer of the recipe's model's parameter count across every
+    process: correct, and how long it takes (the slowest process's mean over REPEATS)."""
+    from fastrsb.recipe import load_recipe
+    model = load_recipe(recipe)["model"]
+    values = model_parameters(model)
+    buffer = torch.full((values,), float(d.rank + 1), dtype=torch.float32, device=device)
+    expected = d.world * (d.world + 1) / 2  # every rank's rank + 1, summed
+    dist.all_reduce(buffer)
+    correct = bool((buffer == expected).all())  # exact: small integers in float32
+    dist.all_reduce(buffer)
+    _sync(device)
+    start = time.perf_counter()
+    for _ in range(REPEATS):
+        dist.all_reduce(buffer)
+    _sync(device)
+    seconds = torch.tensor([(time.perf_counter() - start) / REPEATS], dtype=torch.float64, device=device)
+    dist.all_reduce(seconds, op=dist.ReduceOp.MAX)
+    everywhere = torch.tensor([int(correct)], device=device)
+    dist.all_reduce(everywhere, op=dist.ReduceOp.MIN)
+    correct = bool(everywhere.item())
+    mib, took = values * 4 / 2**20, float(seconds.item())
+    bus = values * 4 * 2 * (d.world - 1) / d.world / took / 1e9  # what each link carries (ring all-reduce)
+    text = (f"all-reduce across {d.world} processes ({dist.get_backend()}): {model}'s gradients "
+            f"({values / 1e6:.1f} M float32 values, {mib:.1f} MiB) in {took * 1e3:.1f} ms, a bus bandwidth of "
+            f"{bus:.1f} GB/s (DDP overlaps it with each step's backward pass: a backward pass shorter than "
+            "that waits for the network)")
+    if not correct:
+        return Check("all-reduce", False, f"{text}: the sum came out wrong on at least one process")
+    return Check("all-reduce", True, text)
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def report_cluster(ok: bool, machines: list[dict], collective: Check) -> tuple[str, dict]:
+    """Rank 0's report: each machine's checks under its name, then the all-reduce's line."""
+    lines = []
+    for m in machines:
+        ranks = m["ranks"]
+        span = f"rank {ranks[0]}" if len(ranks) == 1 else f"ranks {ranks[0]}-{ranks[-1]}"
+        lines.append(f"machine {m['node']} ({m['host']}, {span}):")
+        lines += [f"  {'ok  ' if c['ok'] else ('FAIL' if c['fatal'] else 'warn')}  {c['text']}" for c in m["checks"]]
+    lines.append(f"{'ok  ' if collective.ok else 'FAIL'}  {collective.text}")
+    problems = sum(not c["ok"] and c["fatal"] for m in machines for c in m["checks"]) + (not collective.ok)
+    lines.append(f"{problems} problem(s) on {len(machines)} machine(s): "
+                 + ("a run can start" if ok else "a run cannot start"))
+    return "\n".join(lines), {"ok": ok, "problems": problems, "machines": machines, "all_reduce": asdict(collective)}
