@@ -94,8 +94,11 @@ def table(rows: list[dict]) -> list[str]:
         if row.get("mode") not in ("loader", "step", "train"):
             continue
         rate = f"{row['images_per_sec']:,.0f}"
-        if "vs_step" in row:
-            rate += f" ({row['vs_step']:.2f}x the step; data wait {row.get('data_wait', 0):.0%})"
+        notes = [f"{row['vs_step']:.2f}x the step", f"data wait {row.get('data_wait', 0):.0%}"] if "vs_step" in row else []
+        if "host_busy" in row:  # since 2026-12-01: the host thread's and the GPU's busy shares, timed steps
+            notes.append(f"busy: host {row['host_busy']:.0%}" + (f", GPU {row['gpu_busy']:.0%}" if "gpu_busy" in row else ""))
+        if notes:
+            rate += f" ({'; '.join(notes)})"
         lines.append(f"| {label(row)} | {rate} | {_memory(row)} |")
     return lines
 

@@ -16,6 +16,9 @@ channels-last, AMP and compiled as the recipe says: the trainer's own step (fast
 augmentation), mixup/cutmix, TrainStep.
 --batch-size is per process (GPU). Warm-up steps are excluded; the device is synchronized only at
 the boundaries. One JSON line per measurement, then a table (ratios against the first loader).
+Every row also says how busy the main thread was over the timed steps (host_busy: its CPU time
+over the wall time) and, on a GPU, the GPU (gpu_busy: NVML's utilization, sampled every 50 ms):
+a busy host beside an idle GPU is a loop bound by its launches.
 """
 from __future__ import annotations
 
@@ -28,7 +31,9 @@ import platform
 import resource
 import subprocess
 import sys
+import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -126,12 +131,13 @@ def measure_loader(name: str, args, root: Path) -> dict:
         if device == "cuda" and not images.is_cuda:  # the CPU loaders hand batches to the GPU too
             images.cuda(non_blocking=True), labels.cuda(non_blocking=True)
 
-    seconds = _timed(one_batch, warmup, args.steps, device, sampler)
+    timing = _timed(one_batch, warmup, args.steps, device, sampler)
     return {"mode": "loader", "loader": name, "device": device, "img_size": args.img_size, "aa": aa,
             "batch_size": args.batch_size, "workers": threads, "steps": args.steps, "warmup": warmup,
             "queued_batches": queued, "pixels": pixels["dtype"], "interpolation": args.interpolation,
             **(_dali_settings(loader) if name.startswith("dali") else {}),
-            "images_per_sec": args.steps * args.batch_size / seconds, **_memory(device, sampler), **before}
+            "images_per_sec": args.steps * args.batch_size / timing.seconds, **timing.shares(),
+            **_memory(device, sampler), **before}
 
 
 def _dali_settings(loader) -> dict:
@@ -145,21 +151,76 @@ def _forever(loader):
         yield from loader
 
 
-def _timed(one_step, warmup: int, steps: int, device: str, sampler: MemorySampler) -> float:
-    """Seconds for `steps` calls after `warmup` untimed ones; device syncs at the two boundaries only."""
+@dataclass
+class Timing:
+    seconds: float  # wall time of the timed calls, the device's queued work included
+    host_busy: float  # the calling thread's CPU time over `seconds`
+    gpu_busy: float | None  # NVML's utilization (the share of time a kernel ran) over them; None on the CPU
+
+    def shares(self) -> dict:
+        """host_busy and gpu_busy as a result row holds them. Read together: a host near 100% beside
+        a GPU well below is a host-bound loop (the launches set the pace); both near 100%, a
+        GPU-bound one (the host then spins in CUDA's launch queue, which counts as busy)."""
+        return {"host_busy": round(self.host_busy, 3),
+                **({"gpu_busy": round(self.gpu_busy, 3)} if self.gpu_busy is not None else {})}
+
+
+def _timed(one_step, warmup: int, steps: int, device: str, sampler: MemorySampler) -> Timing:
+    """`steps` calls timed after `warmup` untimed ones; device syncs at the two boundaries only."""
     for _ in range(warmup):
         one_step()
     if device == "cuda":
         torch.cuda.synchronize()
     sampler.sample()
-    start = time.perf_counter()
-    for _ in range(steps):
-        one_step()
-    if device == "cuda":
-        torch.cuda.synchronize()
-    seconds = time.perf_counter() - start
+    with GpuBusy(device) as gpu:
+        start, host = time.perf_counter(), time.thread_time()
+        for _ in range(steps):
+            one_step()
+        host = time.thread_time() - host  # before the sync below: its wait is not the loop's work
+        if device == "cuda":
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - start
     sampler.sample()
-    return seconds
+    return Timing(seconds, host / seconds, gpu.share)
+
+
+class GpuBusy:
+    """The GPU's busy share while `with` lasts: NVML's utilization (the share of the last sample
+    period in which a kernel ran, any process's) read every INTERVAL seconds by a thread of its
+    own, averaged. `share` is None on the CPU, without NVML or with no sample taken."""
+    INTERVAL = 0.05
+
+    def __init__(self, device: str):
+        self.handle = None
+        if device == "cuda":
+            try:
+                from fastrsb.device import nvml_handle
+                self.handle = nvml_handle(torch.cuda.current_device())
+            except Exception:  # noqa: BLE001 - no NVML: no figure, the timing stands
+                self.handle = None
+        self.samples: list[int] = []
+        self._stop = threading.Event()
+        self.share: float | None = None
+
+    def __enter__(self) -> "GpuBusy":
+        if self.handle is not None:
+            self._thread = threading.Thread(target=self._sample, daemon=True)
+            self._thread.start()
+        return self
+
+    def _sample(self) -> None:
+        import pynvml
+        while not self._stop.wait(self.INTERVAL):
+            try:
+                self.samples.append(pynvml.nvmlDeviceGetUtilizationRates(self.handle).gpu)
+            except pynvml.NVMLError:
+                return
+
+    def __exit__(self, *exc) -> None:
+        if self.handle is not None:
+            self._stop.set()
+            self._thread.join()
+            self.share = sum(self.samples) / len(self.samples) / 100 if self.samples else None
 
 
 # --variants: what may differ between the measurements of one process (one compile for them all).
@@ -282,7 +343,7 @@ def _measure_variant(variant: dict, recipe: dict, training, args, root: Path | N
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     with step_stream(device, high_priority):
-        seconds = _timed(one_step, warmup, args.steps, device, sampler)
+        timing = _timed(one_step, warmup, args.steps, device, sampler)
         profiled = {}
         if args.profile:  # after the timed steps, so that the profiler's overhead does not touch them
             profiled = _profile(one_step, args.profile_steps, device, waits, profile_folder)
@@ -295,8 +356,9 @@ def _measure_variant(variant: dict, recipe: dict, training, args, root: Path | N
             "high_priority_stream": high_priority, "workers": threads,
             # (a torch form whose compile failed ran eagerly; a capture that failed ran uncaptured)
             **({key: loader.settings[key] for key in ("aa", "repeats")} | _dali_settings(loader) if loader is not None else {}),
-            "steps": args.steps, "warmup": warmup, "images_per_sec": args.steps * batch / seconds,
-            "data_wait": sum(waits[warmup:warmup + args.steps]) / seconds, **profiled, **_memory(device, sampler)}
+            "steps": args.steps, "warmup": warmup, "images_per_sec": args.steps * batch / timing.seconds,
+            "data_wait": sum(waits[warmup:warmup + args.steps]) / timing.seconds, **timing.shares(), **profiled,
+            **_memory(device, sampler)}
 
 
 def _profile(one_step, steps: int, device: str, waits: list, folder: Path | None) -> dict:
@@ -488,8 +550,9 @@ def run_training(args, info: dict) -> None:
         total = f", {r['images_per_sec_total']:,.0f} total over {r['world_size']}" if r["world_size"] > 1 else ""
         memory = r.get("nvml_process_gib") or r.get("peak_rss_gib")
         share = f" ({r['vs_step']:.2f}x the step)" if "vs_step" in r else ""
+        gpu = f", GPU {r['gpu_busy']:.0%}" if "gpu_busy" in r else ""
         print(f"  {r.get('variant', r['mode']):<40} {r['images_per_sec']:>9,.0f} img/s per process{share}{total}; "
-              f"data wait {r['data_wait']:.0%}; peak memory {memory} GiB")
+              f"data wait {r['data_wait']:.0%}; busy: host {r['host_busy']:.0%}{gpu}; peak memory {memory} GiB")
 
 
 def _data_root(args) -> Path:

@@ -46,6 +46,7 @@ def test_loader_mode_reports_every_loader(tmp_path, capsys):
         assert r["aa"] == "rand-m6-mstd0.5-inc1"  # A3's RandAugment in every loader by default
         assert r["images_per_sec"] > 0 and r["peak_rss_gib"] > 0.05 and r["peak_pss_with_workers_gib"] > 0.05
         assert r["torch"] and r["dali"] and r["timm"] and r["device_name"]
+        assert 0 < r["host_busy"] <= 1.05 and "gpu_busy" not in r  # the main thread's CPU share; no GPU here
 
 
 def test_a_measurement_of_prefetched_batches_is_refused(tmp_path, capsys):
@@ -95,6 +96,9 @@ def test_step_mode_times_the_trainers_step(tmp_path, capsys):
     assert r["mode"] == "step" and r["model"] == "resnet18" and r["loader"] == "synthetic batch"
     assert r["images_per_sec"] > 0 and r["peak_rss_gib"] > 0.1 and r["amp"] == "float32" and r["world_size"] == 1
     assert r["device_name"] and r["commit"] is not None and "img/s per process" in table
+    # The step alone on the CPU: the main thread drives it, its share of the wall time near all of it
+    # (torch's own threads do the arithmetic; the main thread waits for them inside each op).
+    assert 0 < r["host_busy"] <= 1.05 and f"busy: host {r['host_busy']:.0%}" in table
 
 
 def test_train_mode_runs_loader_mixing_and_step(tmp_path, capsys):
