@@ -194,7 +194,10 @@ def explain_loader_error(err: RuntimeError, images: ImageList) -> UserError:
                          "(fastrsb data check lists every problem)")
     if "decod" not in text.lower() and "nvImageCodec" not in text:
         lines = [line for line in text.splitlines() if line.strip() and "no longer valid" not in line]
-        return UserError(f"data pipeline failed: {lines[-1] if lines else type(err).__name__}")
+        # A DALI build for a CUDA the driver cannot run fails here, at the loader's first batch.
+        hint = ("; `fastrsb doctor` checks the driver against the CUDA that torch and DALI were built for"
+                if re.search(r"driver|insufficient|no cuda-capable|nvml", text, re.IGNORECASE) else "")
+        return UserError(f"data pipeline failed: {lines[-1] if lines else type(err).__name__}{hint}")
     bad = find_undecodable(images.files)
     if not bad:
         return UserError("the data pipeline could not decode an image, and a CPU re-check of every file found none "

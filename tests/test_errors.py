@@ -210,3 +210,19 @@ def test_imagenet_shaped_counts_name_the_short_classes():
                                                               "train/n00000000 50, train/n00000001 50, "
                                                               "train/n00000002 50, train/n00000003 50, "
                                                               "train/n00000004 50")
+
+
+def test_a_loader_failing_on_the_driver_points_to_doctor():
+    """DALI built for a CUDA the driver cannot run fails at the loader's first batch: the message
+    says so in one line and names the check that tells which build; other pipeline failures get
+    no such hint."""
+    from fastrsb.data_folder import explain_loader_error
+    from fastrsb.pipelines import ImageList
+    images = ImageList(["/data/train/a/1.JPEG"], [0], ["a"])
+    driver = RuntimeError("Critical error in pipeline:\nCUDA driver version is insufficient for CUDA runtime "
+                          "version\nCurrent pipeline object is no longer valid.")
+    said = str(explain_loader_error(driver, images))
+    assert said == ("data pipeline failed: CUDA driver version is insufficient for CUDA runtime version; "
+                    "`fastrsb doctor` checks the driver against the CUDA that torch and DALI were built for")
+    other = str(explain_loader_error(RuntimeError("Assert on \"x > 0\" failed: bad crop window"), images))
+    assert other == 'data pipeline failed: Assert on "x > 0" failed: bad crop window'
