@@ -26,7 +26,10 @@ def cmd_recipe(args) -> None:
         print(describe())
         return
     recipe = load_recipe(args.recipe, args.overrides)
-    if args.json:
+    if args.timm:
+        from fastrsb.timm_command import timm_commands
+        print(timm_commands(recipe, args.gpus))
+    elif args.json:
         print(json.dumps(recipe))
     else:
         width = max(map(len, recipe))
@@ -257,6 +260,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("recipe", nargs="?", default="a3", help="a1, a2, a3, demo, tiny or a path to a .toml file")
     p.add_argument("--json", action="store_true", help="one JSON object")
     p.add_argument("--keys", action="store_true", help="list every recipe key with its type and meaning")
+    p.add_argument("--timm", action="store_true",
+                   help="the same recipe as commands of timm's train.py and validate.py, and what still differs")
+    p.add_argument("--gpus", type=count_option, default=1, help="with --timm: the GPUs timm's run splits the batch over")
     _add_common(p)
     p.set_defaults(func=cmd_recipe)
 

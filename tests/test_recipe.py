@@ -97,3 +97,60 @@ def test_recipe_json_has_timm_keys():
     out = json.loads(run_cli("recipe", "a3", "--json", "--set", "epochs=50").stdout)
     assert set(TIMM_KEYS) <= set(out)
     assert out["epochs"] == 50 and out["batch_size"] == 2048 and out["bce_target_thresh"] == 0.2
+
+
+def _flag(args: list[str], name: str, count: int = 1):
+    """The value(s) after a flag in an argument list (None if absent)."""
+    if name not in args:
+        return None
+    at = args.index(name)
+    return args[at + 1] if count == 1 else args[at + 1:at + 1 + count]
+
+
+@pytest.mark.parametrize("name", ["a1", "a2", "a3", "demo"])
+def test_the_timm_command_runs_the_recipes_schedule(name):
+    """`fastrsb recipe NAME --timm`: the flags that make timm's train.py run this recipe. Its
+    schedule flags, given to timm's own scheduler factory as train.py gives them, produce the
+    recipe's LR at every step, and the run lasts the recipe's epochs."""
+    import math
+
+    import torch
+    from timm.scheduler import create_scheduler_v2
+
+    from fastrsb.optim import lr_at
+    from fastrsb.timm_command import timm_train_args
+    recipe = load_recipe(name)
+    args = timm_train_args(recipe, gpus=4)
+    assert "--warmup-prefix" in args and "--sched-on-updates" in args and _flag(args, "--cooldown-epochs") == "0"
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=float(_flag(args, "--lr")))
+    per_epoch = 3
+    scheduler, total = create_scheduler_v2(
+        optimizer, sched=_flag(args, "--sched"), num_epochs=int(_flag(args, "--epochs")),
+        warmup_epochs=int(_flag(args, "--warmup-epochs")), warmup_lr=float(_flag(args, "--warmup-lr")),
+        min_lr=float(_flag(args, "--min-lr")), cooldown_epochs=int(_flag(args, "--cooldown-epochs")),
+        warmup_prefix=True, step_on_epochs=False, updates_per_epoch=per_epoch)
+    assert total == recipe["epochs"]
+    for step in range(0, total * per_epoch, 5):
+        scheduler.step_update(step)
+        ours = lr_at(step, per_epoch, recipe["epochs"], recipe["lr"], recipe["warmup_epochs"], recipe["warmup_lr"],
+                     recipe["min_lr"])
+        assert math.isclose(optimizer.param_groups[0]["lr"], ours, rel_tol=1e-12), step
+    # What timm's defaults would change is set: smoothing (0.1), colour jitter without RandAugment (0.4).
+    assert float(_flag(args, "--smoothing")) == recipe["smoothing"] and _flag(args, "--color-jitter") == "0"
+    assert int(_flag(args, "-b")) * 4 == recipe["batch_size"]  # timm's batch is per GPU
+    assert _flag(args, "--aa") == recipe["aa"] and [float(b) for b in _flag(args, "--opt-betas", 2)] == recipe["opt_betas"]
+    assert ("--bce-loss" in args) == recipe["bce_loss"] and int(_flag(args, "--aug-repeats")) == recipe["aug_repeats"]
+
+
+def test_recipe_timm_prints_both_commands_and_the_differences():
+    out = run_cli("recipe", "a1", "--timm", "--gpus", "8").stdout
+    lines = out.splitlines()
+    assert lines[1].startswith("torchrun --nproc_per_node=8 train.py /data/imagenet --model resnet50 --img-size 224")
+    assert " -b 256 --epochs 595 --warmup-epochs 5 --warmup-prefix " in lines[1] and " --smoothing 0.1 " in lines[1]
+    assert lines[3].startswith("python validate.py /data/imagenet/val --model resnet50 --checkpoint ")
+    assert "--img-size 224 --crop-pct 0.95 --interpolation bicubic" in lines[3]
+    assert "RepeatAugSampler sends an image's 3 views to different ranks" in out
+    single = run_cli("recipe", "demo", "--timm").stdout.splitlines()[1]
+    assert single.startswith("python train.py /data/imagenet --model resnet10t") and "--aa" not in single
+    assert_user_error(run_cli("recipe", "a3", "--timm", "--gpus", "3", check=False),
+                      "global batch of 2048 does not split evenly over 3 GPU(s)")
