@@ -21,8 +21,9 @@ from fastrsb.distributed import Dist, broadcast_from_main, gather_to_main, init_
 from fastrsb.doctor import Check, model_parameters, run_doctor
 
 # A doctor should answer, not wait: a process that never reaches a collective (a machine whose
-# checks hang on a dead disk) fails the report after this, instead of a run's 30 minutes.
-TIMEOUT = datetime.timedelta(minutes=5)
+# checks hang on a dead disk) fails the report after this, instead of a run's 30 minutes. Room
+# enough for a slow machine's checks: the headers of 1.28 M files on a cold network disk.
+TIMEOUT = datetime.timedelta(minutes=15)
 REPEATS = 5  # timed all-reduces, after two untimed ones (NCCL sets its channels up on the first)
 
 
@@ -36,8 +37,8 @@ def run_cluster_doctor(data: str | None, out: str | None, recipe: str) -> tuple[
     device = "cuda" if torch.cuda.is_available() else "cpu"
     d = init_distributed(device, timeout=TIMEOUT)
     try:
+        collective = all_reduce_check(d, device, recipe)  # first: every process is there right after the start
         local = _machine_checks(data, out, recipe) if d.local_rank == 0 else None
-        collective = all_reduce_check(d, device, recipe)
         node = int(os.environ.get("GROUP_RANK", "0"))  # torchrun's node rank
         found = gather_to_main({"node": node, "host": socket.gethostname(), "rank": d.rank,
                                 "checks": [asdict(c) for c in local] if local is not None else None}, d)
