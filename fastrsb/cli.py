@@ -147,10 +147,10 @@ def cmd_doctor(args) -> int | None:
     from fastrsb.recipe import load_recipe
     load_recipe(args.recipe)  # a wrong name is told before anything else runs
     if under_torchrun():  # one report for the job: every machine's checks and the all-reduce, on rank 0
-        ok, machines, collective = run_cluster_doctor(args.data, args.out, args.recipe)
+        ok, machines, job = run_cluster_doctor(args.data, args.out, args.recipe)
         if machines is None:  # not rank 0: it says nothing, and ends as rank 0 does
             return None if ok else 2
-        text, data = report_cluster(ok, machines, collective)
+        text, data = report_cluster(ok, machines, job)
     else:
         text, data = report(run_doctor(args.data, args.out, args.recipe))
         data["problems"] = sum(not c["ok"] and c["fatal"] for c in data["checks"])

@@ -4,11 +4,13 @@ Each machine's checks run once, on its first process (LOCAL_RANK 0): its GPUs, d
 cores, disk and its copy of the data. Every process joins the process group a run would (NCCL on
 GPUs, gloo on the CPU) and all-reduces a buffer the size of the recipe's gradients, as DDP does
 every step: the sum is checked (every process reached every other) and the time taken is the
-interconnect's figure a run will live with. Rank 0 prints every machine's checks and that line;
-every process exits with the same code."""
+interconnect's figure a run will live with. With --data, rank 0 also compares what each machine's
+copy of the data lists (files and labels), as a run's start-up would. Rank 0 prints every
+machine's checks and the job's; every process exits with the same code."""
 from __future__ import annotations
 
 import datetime
+import hashlib
 import os
 import socket
 import time
@@ -18,7 +20,9 @@ import torch
 import torch.distributed as dist
 
 from fastrsb.distributed import Dist, broadcast_from_main, gather_to_main, init_distributed, shutdown
+from fastrsb.data_folder import open_dataset
 from fastrsb.doctor import Check, model_parameters, run_doctor
+from fastrsb.errors import UserError
 
 # A doctor should answer, not wait: a process that never reaches a collective (a machine whose
 # checks hang on a dead disk) fails the report after this, instead of a run's 30 minutes. Room
@@ -31,22 +35,27 @@ def under_torchrun() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
-def run_cluster_doctor(data: str | None, out: str | None, recipe: str) -> tuple[bool, list[dict] | None, Check]:
-    """(ok on every machine, each machine's checks on rank 0 (None elsewhere), the all-reduce's check).
-    The same `ok` on every rank."""
+def run_cluster_doctor(data: str | None, out: str | None, recipe: str) -> tuple[bool, list[dict] | None, list[Check]]:
+    """(ok on every machine, each machine's checks on rank 0 (None elsewhere), the job's checks:
+    with `data`, the data alike on every machine (rank 0 only), and the all-reduce). The same `ok`
+    on every rank."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
     d = init_distributed(device, timeout=TIMEOUT)
     try:
         collective = all_reduce_check(d, device, recipe)  # first: every process is there right after the start
         local = _machine_checks(data, out, recipe) if d.local_rank == 0 else None
+        listing = _listing(data) if data and d.local_rank == 0 else None
         node = int(os.environ.get("GROUP_RANK", "0"))  # torchrun's node rank
-        found = gather_to_main({"node": node, "host": socket.gethostname(), "rank": d.rank,
+        found = gather_to_main({"node": node, "host": socket.gethostname(), "rank": d.rank, "listing": listing,
                                 "checks": [asdict(c) for c in local] if local is not None else None}, d)
         machines = ok = None
+        job = [collective]
         if d.main:
             machines = _by_machine(found)
-            ok = collective.ok and all(c["ok"] or not c["fatal"] for m in machines for c in m["checks"])
-        return broadcast_from_main(ok, d), machines, collective
+            if data:
+                job.insert(0, same_data_check(machines))
+            ok = all(c.ok for c in job) and all(c["ok"] or not c["fatal"] for m in machines for c in m["checks"])
+        return broadcast_from_main(ok, d), machines, job
     finally:
         shutdown(d)
 
@@ -59,14 +68,49 @@ def _machine_checks(data: str | None, out: str | None, recipe: str) -> list[Chec
 
 
 def _by_machine(found: list[dict]) -> list[dict]:
-    """One entry a machine (node rank): its host, its ranks and the checks its first process made."""
+    """One entry a machine (node rank): its host, its ranks, the checks its first process made and
+    its data listing."""
     machines: dict[int, dict] = {}
     for entry in sorted(found, key=lambda e: e["rank"]):
         machine = machines.setdefault(entry["node"], {"node": entry["node"], "host": entry["host"], "ranks": [],
-                                                      "checks": []})
+                                                      "checks": [], "listing": None})
         machine["ranks"].append(entry["rank"])
         machine["checks"] += entry["checks"] or []
+        machine["listing"] = machine["listing"] or entry["listing"]
     return [machines[node] for node in sorted(machines)]
+
+
+def _listing(data: str) -> dict | None:
+    """What a run on this machine would read from `data`: counts and a fingerprint of every file
+    and label, in the loaders' order (None where the folder cannot be opened: its check says why)."""
+    try:
+        train, val = open_dataset(data)
+    except UserError:
+        return None
+    digest = hashlib.sha1()
+    for split in (train, val):
+        digest.update("\n".join(f"{f}\t{y}" for f, y in zip(split.files, split.labels)).encode() + b"\0")
+    return {"train": len(train), "val": len(val), "fingerprint": digest.hexdigest()[:16]}
+
+
+def same_data_check(machines: list[dict]) -> Check:
+    """Every machine's copy of the data lists the same files with the same labels (a copy cut short
+    by a failed rsync, a class missing on one node): a run would stop at start-up on it."""
+    listed = [m for m in machines if m["listing"] is not None]
+    if not listed:
+        return Check("same-data", False, "no machine could list the data folder (above)")
+    first = listed[0]
+    differ = [m for m in listed if m["listing"]["fingerprint"] != first["listing"]["fingerprint"]]
+    if differ:
+        names = ", ".join(f"machine {m['node']} ({m['listing']['train']:,} train / {m['listing']['val']:,} val)"
+                          for m in differ)
+        return Check("same-data", False, f"the machines' copies of the data differ: {names} against machine "
+                                         f"{first['node']}'s {first['listing']['train']:,} train / "
+                                         f"{first['listing']['val']:,} val files, or the same counts with other "
+                                         "files: copy the data again where they differ")
+    return Check("same-data", True, f"every machine lists the same {first['listing']['train']:,} train / "
+                                    f"{first['listing']['val']:,} val files with the same labels "
+                                    f"({len(listed)} of {len(machines)} machine(s) could list them)")
 
 
 def all_reduce_check(d: Dist, device: str, recipe: str) -> Check:
@@ -106,16 +150,18 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def report_cluster(ok: bool, machines: list[dict], collective: Check) -> tuple[str, dict]:
-    """Rank 0's report: each machine's checks under its name, then the all-reduce's line."""
+def report_cluster(ok: bool, machines: list[dict], job: list[Check]) -> tuple[str, dict]:
+    """Rank 0's report: each machine's checks under its name, then the job's own (the data alike on
+    every machine, the all-reduce)."""
     lines = []
     for m in machines:
         ranks = m["ranks"]
         span = f"rank {ranks[0]}" if len(ranks) == 1 else f"ranks {ranks[0]}-{ranks[-1]}"
         lines.append(f"machine {m['node']} ({m['host']}, {span}):")
         lines += [f"  {'ok  ' if c['ok'] else ('FAIL' if c['fatal'] else 'warn')}  {c['text']}" for c in m["checks"]]
-    lines.append(f"{'ok  ' if collective.ok else 'FAIL'}  {collective.text}")
-    problems = sum(not c["ok"] and c["fatal"] for m in machines for c in m["checks"]) + (not collective.ok)
+    lines += [f"{'ok  ' if c.ok else 'FAIL'}  {c.text}" for c in job]
+    problems = sum(not c["ok"] and c["fatal"] for m in machines for c in m["checks"]) + sum(not c.ok for c in job)
     lines.append(f"{problems} problem(s) on {len(machines)} machine(s): "
                  + ("a run can start" if ok else "a run cannot start"))
-    return "\n".join(lines), {"ok": ok, "problems": problems, "machines": machines, "all_reduce": asdict(collective)}
+    return "\n".join(lines), {"ok": ok, "problems": problems, "machines": machines,
+                              "job": [asdict(c) for c in job]}

@@ -70,19 +70,21 @@ def _doctor_as_two_machines_once(tmp_path, *args) -> tuple[list[str], list[int]]
 
 
 def test_doctor_under_torchrun_reports_every_machine_and_the_all_reduce(tiny_data, tmp_path):
-    """Machine 1's copy of the data is missing: rank 0 prints both machines' checks, machine 1's
-    failure among them, and the all-reduce of the recipe's gradient size; both processes exit 2
-    (rank 1 silently)."""
+    """Two machines whose copies of the data differ by one validation image (a copy cut short):
+    each machine's own checks pass, and rank 0's report says the copies differ, beside the
+    all-reduce of the recipe's gradient size; both processes exit 2 (rank 1 silently)."""
     for node in (0, 1):
         (tmp_path / f"machine{node}").mkdir()
-    shutil.copytree(tiny_data, tmp_path / "machine0/data")
+        shutil.copytree(tiny_data, tmp_path / f"machine{node}/data")
+    sorted((tmp_path / "machine1/data/val").glob("*/*.JPEG"))[-1].unlink()
     outputs, codes = _doctor_as_two_machines(tmp_path, "--data", "data", "--recipe", "tiny")
     rank0, rank1 = outputs
     assert codes == [1, 1] and all("exitcode  : 2" in out for out in outputs), outputs  # torchrun says 1 for 2
     assert "machine 0 (" in rank0 and ", rank 0):" in rank0 and ", rank 1):" in rank0
-    machine0, machine1 = rank0.split("machine 1 (")
-    assert "48 train / 20 val images in 4 classes" in machine0
-    assert "FAIL  data folder data does not exist" in machine1, rank0
+    machine0, machine1 = rank0.split("\nmachine 1 (", 1)
+    assert "48 train / 20 val images in 4 classes" in machine0 and "48 train / 19 val images" in machine1
+    assert "FAIL  the machines' copies of the data differ: machine 1 (48 train / 19 val) against machine 0's " \
+           "48 train / 20 val files" in rank0, rank0
     # tiny's resnet10t (5.4 M parameters at ImageNet's 1,000 classes), all-reduced by gloo, the sum
     # checked on every process.
     assert "ok    all-reduce across 2 processes (gloo): resnet10t's gradients (5.4 M float32 values" in rank0
@@ -100,4 +102,6 @@ def test_doctor_under_torchrun_on_one_machine_checks_it_once(tiny_data, tmp_path
     report = json.loads(proc.stdout)  # rank 0's one object; rank 1 prints nothing
     (machine,) = report["machines"]
     assert machine["ranks"] == [0, 1] and [c["name"] for c in machine["checks"]].count("dali") == 1
-    assert report["ok"] and report["problems"] == 0 and report["all_reduce"]["ok"]
+    same, collective = report["job"]
+    assert report["ok"] and report["problems"] == 0 and same["ok"] and collective["ok"]
+    assert same["text"].startswith("every machine lists the same 48 train / 20 val files with the same labels")
