@@ -10,7 +10,6 @@ machine's checks and the job's; every process exits with the same code."""
 from __future__ import annotations
 
 import datetime
-import hashlib
 import os
 import socket
 import time
@@ -23,6 +22,7 @@ from fastrsb.distributed import Dist, broadcast_from_main, gather_to_main, init_
 from fastrsb.data_folder import open_dataset
 from fastrsb.doctor import Check, model_parameters, run_doctor
 from fastrsb.errors import UserError
+from fastrsb.shards import listing_fingerprint
 
 # A doctor should answer, not wait: a process that never reaches a collective (a machine whose
 # checks hang on a dead disk) fails the report after this, instead of a run's 30 minutes. Room
@@ -87,10 +87,8 @@ def _listing(data: str) -> dict | None:
         train, val = open_dataset(data)
     except UserError:
         return None
-    digest = hashlib.sha1()
-    for split in (train, val):
-        digest.update("\n".join(f"{f}\t{y}" for f, y in zip(split.files, split.labels)).encode() + b"\0")
-    return {"train": len(train), "val": len(val), "fingerprint": digest.hexdigest()[:16]}
+    return {"train": len(train), "val": len(val),
+            "fingerprint": "/".join(listing_fingerprint(split.files, split.labels) for split in (train, val))}
 
 
 def same_data_check(machines: list[dict]) -> Check:

@@ -15,9 +15,15 @@ from fastrsb.distributed import Dist, agree, gather_to_main
 from fastrsb.errors import UserError
 
 
+def listing_fingerprint(files: list[str], labels: list[int]) -> str:
+    """A short hash of a file listing and its labels, in order: equal on two machines exactly when
+    their loaders would read the same files as the same classes."""
+    return hashlib.sha1("\n".join(f"{f}\t{y}" for f, y in zip(files, labels)).encode()).hexdigest()[:16]
+
+
 def shard_report(files: list[str], labels: list[int], settings: dict, batches: int, micro: int, d: Dist) -> dict:
     """What this rank reads: a fingerprint of the whole listing and its own slice of it."""
-    listing = hashlib.sha1("\n".join(f"{f}\t{y}" for f, y in zip(files, labels)).encode()).hexdigest()[:16]
+    listing = listing_fingerprint(files, labels)
     shard_id, num_shards = settings["shard_id"], settings["num_shards"]
     size = len(files) * (shard_id + 1) // num_shards - len(files) * shard_id // num_shards
     return {"rank": d.rank, "shard_id": shard_id, "num_shards": num_shards, "seed": settings["seed"],
