@@ -131,10 +131,13 @@ def dali_check(device: str) -> Check:
 
 
 def cpu_check(gpus: int) -> Check:
+    """Cores against the loader's threads, for a run of one process per GPU, or of as many
+    processes as torchrun starts here (LOCAL_WORLD_SIZE), as the loader counts them."""
     cores = len(os.sched_getaffinity(0))
-    per_process = cores // max(1, gpus)
+    processes = int(os.environ.get("LOCAL_WORLD_SIZE", "0")) or max(1, gpus)
+    per_process = cores // processes
     threads = max(1, min(8, per_process))
-    text = f"{cores} CPU cores; the loader takes {threads} thread(s) per process ({max(1, gpus)} process(es))"
+    text = f"{cores} CPU cores; the loader takes {threads} thread(s) per process ({processes} process(es))"
     if gpus and per_process < 4:
         return Check("cpu", False, f"{text}: under 4 cores per GPU the loader's CPU stages may starve the GPUs",
                      fatal=False)

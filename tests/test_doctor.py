@@ -102,6 +102,8 @@ def test_doctor_under_torchrun_on_one_machine_checks_it_once(tiny_data, tmp_path
     report = json.loads(proc.stdout)  # rank 0's one object; rank 1 prints nothing
     (machine,) = report["machines"]
     assert machine["ranks"] == [0, 1] and [c["name"] for c in machine["checks"]].count("dali") == 1
+    (cpu,) = [c["text"] for c in machine["checks"] if c["name"] == "cpu"]
+    assert cpu.endswith("per process (2 process(es))")  # torchrun's processes on this machine share its cores
     same, collective = report["job"]
     assert report["ok"] and report["problems"] == 0 and same["ok"] and collective["ok"]
     assert same["text"].startswith("every machine lists the same 48 train / 20 val files with the same labels")
