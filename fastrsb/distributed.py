@@ -122,9 +122,11 @@ class FailureNotice:
     count that has not moved for SILENT_SECONDS, of a rank that has not left the training, is
     told to every rank as that rank's failure. The thread beats while its process lives,
     whatever the main thread is doing (compiling, saving, blocked in a collective), so only a
-    process that is gone falls silent. (The store itself lives on the rendezvous's machine: if
-    that machine goes, the store goes with it, and the others are left to the process group's
-    timeout.) Without torch.distributed, or where the store cannot be had, it does nothing."""
+    process that is gone falls silent. The store itself lives on the first machine (torchrun's
+    agent there holds it): if that machine goes, the store goes with it, and a second thread,
+    which never touches the store, ends the process once the store has not answered a beat for
+    SILENT_SECONDS (its operations then fail, or hang until their own timeout).
+    Without torch.distributed, or where the store cannot be had, it does nothing."""
 
     KEY = "fastrsb/failed"
     POLL_SECONDS = 3.0
@@ -136,12 +138,14 @@ class FailureNotice:
         self._quiet = threading.Event()  # set once this rank leaves the training, whichever way
         self._watched = (d.rank + 1) % d.world if d.world > 1 else None  # the rank whose heartbeat it watches
         self._count, self._since = None, 0.0  # its last count seen, and when (time.monotonic())
+        self._answered = time.monotonic()  # when the store last took a beat
 
     def __enter__(self) -> "FailureNotice":
         if self._store is not None:
             self._safely(lambda: self._store.set(f"fastrsb/host/{self.d.rank}", socket.gethostname()))
             self.beat()
             threading.Thread(target=self._watch, name="fastrsb-failure-notice", daemon=True).start()
+            threading.Thread(target=self._watch_store, name="fastrsb-store-watch", daemon=True).start()
         return self
 
     def __exit__(self, kind, error, traceback) -> bool:
@@ -166,7 +170,16 @@ class FailureNotice:
 
     def beat(self) -> None:
         """This rank is alive: its heartbeat count goes up by one."""
-        self._safely(lambda: self._store.add(f"fastrsb/beat/{self.d.rank}", 1))
+        if self._safely(lambda: self._store.add(f"fastrsb/beat/{self.d.rank}", 1)) is not None:
+            self._answered = time.monotonic()
+
+    def store_gone(self, now: float) -> str | None:
+        """Why this rank must stop if the store has not taken a beat for SILENT_SECONDS at `now`."""
+        if now - self._answered < self.SILENT_SECONDS:
+            return None
+        where = os.environ.get("MASTER_ADDR")
+        return (f"the rendezvous store has not answered for {now - self._answered:.0f} s: the first machine"
+                f"{f' ({where})' if where else ''}, which holds it, or the network to it is gone")
 
     def silent(self, now: float) -> str | None:
         """The watched rank's failure if its heartbeat has not moved for SILENT_SECONDS at `now`
@@ -197,9 +210,19 @@ class FailureNotice:
             if message is None and (message := self.silent(time.monotonic())) is not None:
                 self._tell(message)
             if message is not None and not self._quiet.is_set():
-                sys.stdout.flush()
-                print(f"fastrsb: error: {message}; rank {self.d.rank} stops with it", file=sys.stderr, flush=True)
-                os._exit(2)  # the main thread may be blocked in a collective for the timeout
+                self._stop(message)
+
+    def _watch_store(self) -> None:
+        """Apart from _watch, which a store that hangs would hold: no store operation here."""
+        while not self._quiet.wait(self.POLL_SECONDS):
+            message = self.store_gone(time.monotonic())
+            if message is not None and not self._quiet.is_set():
+                self._stop(message)
+
+    def _stop(self, message: str) -> None:
+        sys.stdout.flush()
+        print(f"fastrsb: error: {message}; rank {self.d.rank} stops with it", file=sys.stderr, flush=True)
+        os._exit(2)  # the main thread may be blocked in a collective for the timeout
 
     def _tell(self, message: str) -> None:
         """Every rank's failure message, unless one is there already (the first cause stays)."""

@@ -126,3 +126,52 @@ def test_leaving_marks_the_rank_as_left_and_keeps_the_first_failure():
         with FailureNotice(Dist(rank=0, world=3), store):
             raise UserError("cannot decode val/y.JPEG")
     assert store.get(FailureNotice.KEY).decode().startswith("rank 2 (node9)")  # the first cause stays
+
+
+STORE_SERVER = textwrap.dedent("""
+    import sys, time
+    from datetime import timedelta
+    import torch.distributed as dist
+    store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False, timeout=timedelta(seconds=30))
+    print(store.port, flush=True)
+    time.sleep(300)
+""")
+
+
+def test_a_blocked_rank_stops_when_the_store_goes_with_its_machine():
+    """The store (torchrun's agent on the first machine holds it) is killed: the rank, blocked as
+    in a collective, finds that its beats go unanswered and stops, saying so, instead of waiting
+    for NCCL's timeout."""
+    server = subprocess.Popen([sys.executable, "-c", STORE_SERVER], stdout=subprocess.PIPE, text=True)
+    ranks = []
+    try:
+        port = int(server.stdout.readline())
+        store = dist.TCPStore("127.0.0.1", port, is_master=False, timeout=timedelta(seconds=30))
+        ranks = [_rank_process(store, rank, silent_seconds=2) for rank in (0, 1)]
+        assert all(rank.stdout.readline().strip() == "training" for rank in ranks)
+        time.sleep(3)  # both beating, answered: longer than the silence that counts
+        assert all(rank.poll() is None for rank in ranks)
+        server.kill()
+        errors = [rank.communicate(timeout=60)[1] for rank in ranks]
+    finally:
+        server.kill()
+        for rank in ranks:
+            rank.kill()
+    for number, (rank, err) in enumerate(zip(ranks, errors)):
+        assert rank.returncode == 2, err
+        said = [line for line in err.splitlines() if line.startswith("fastrsb: error:")]
+        assert len(said) == 1 and said[0].startswith("fastrsb: error: the rendezvous store has not answered for "), err
+        assert said[0].endswith(f"which holds it, or the network to it is gone; rank {number} stops with it")
+
+
+def test_the_store_is_gone_once_it_has_not_taken_a_beat_for_the_silence(monkeypatch):
+    store = dist.HashStore()
+    notice = FailureNotice(Dist(rank=2, world=4), store)
+    limit = FailureNotice.SILENT_SECONDS
+    start = notice._answered
+    assert notice.store_gone(now=start + limit - 1) is None
+    notice.beat()  # answered: the clock starts again
+    assert notice.store_gone(now=notice._answered + limit - 1) is None
+    monkeypatch.setenv("MASTER_ADDR", "node0")
+    assert notice.store_gone(now=notice._answered + limit + 1).startswith(
+        f"the rendezvous store has not answered for {limit + 1:.0f} s: the first machine (node0), which holds it")
