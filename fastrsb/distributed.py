@@ -132,13 +132,20 @@ class FailureNotice:
     POLL_SECONDS = 3.0
     SILENT_SECONDS = 120.0  # ~40 beats missed: far from a busy process, far below NCCL's 30 minutes
 
+    @classmethod
+    def _looks_needed(cls) -> int:
+        """Silence counts only over this many looks of the watcher's own, as well as SILENT_SECONDS
+        of the clock: a job suspended and resumed as a whole (SLURM's suspend, SIGSTOP and SIGCONT)
+        comes back to a clock that jumped while nobody beat, and must not take that for a death."""
+        return max(2, round(cls.SILENT_SECONDS / cls.POLL_SECONDS))
+
     def __init__(self, d: Dist, store: dist.Store | None = None):
         self.d = d
         self._store = store if store is not None else _process_group_store(d)
         self._quiet = threading.Event()  # set once this rank leaves the training, whichever way
         self._watched = (d.rank + 1) % d.world if d.world > 1 else None  # the rank whose heartbeat it watches
-        self._count, self._since = None, 0.0  # its last count seen, and when (time.monotonic())
-        self._answered = time.monotonic()  # when the store last took a beat
+        self._count, self._since, self._looks = None, 0.0, 0  # its last count seen, when, and looks since
+        self._answered, self._unanswered = time.monotonic(), 0  # the store's last answer to a beat, looks since
 
     def __enter__(self) -> "FailureNotice":
         if self._store is not None:
@@ -171,11 +178,13 @@ class FailureNotice:
     def beat(self) -> None:
         """This rank is alive: its heartbeat count goes up by one."""
         if self._safely(lambda: self._store.add(f"fastrsb/beat/{self.d.rank}", 1)) is not None:
-            self._answered = time.monotonic()
+            self._answered, self._unanswered = time.monotonic(), 0
 
     def store_gone(self, now: float) -> str | None:
-        """Why this rank must stop if the store has not taken a beat for SILENT_SECONDS at `now`."""
-        if now - self._answered < self.SILENT_SECONDS:
+        """Why this rank must stop if the store has not taken a beat for SILENT_SECONDS at `now`,
+        over as many looks (this call is one) as _looks_needed."""
+        self._unanswered += 1
+        if now - self._answered < self.SILENT_SECONDS or self._unanswered < self._looks_needed():
             return None
         where = os.environ.get("MASTER_ADDR")
         return (f"the rendezvous store has not answered for {now - self._answered:.0f} s: the first machine"
@@ -183,17 +192,19 @@ class FailureNotice:
 
     def silent(self, now: float) -> str | None:
         """The watched rank's failure if its heartbeat has not moved for SILENT_SECONDS at `now`
-        (time.monotonic()), else None. Counted from the first look: a rank that never beat is silent
-        too. A rank that left on purpose is not watched any more."""
+        (time.monotonic()) over _looks_needed looks (this call is one), else None. Counted from the
+        first look: a rank that never beat is silent too. A rank that left on purpose is not
+        watched any more."""
         if self._watched is None:
             return None
         count = self._safely(lambda: self._store.add(f"fastrsb/beat/{self._watched}", 0))  # add 0: a read
         if count is None:  # the store did not answer: no news of the rank, which is not news of its death
             return None
         if count != self._count:
-            self._count, self._since = count, now
+            self._count, self._since, self._looks = count, now, 0
             return None
-        if now - self._since < self.SILENT_SECONDS:
+        self._looks += 1
+        if now - self._since < self.SILENT_SECONDS or self._looks < self._looks_needed():
             return None
         rank, key = self._watched, f"fastrsb/host/{self._watched}"
         if self._safely(lambda: self._store.check([f"fastrsb/left/{rank}"])):

@@ -96,22 +96,43 @@ def test_a_blocked_rank_stops_when_another_rank_dies_without_a_word():
     assert store.get(FailureNotice.KEY).decode() in said[0]  # told to every rank through the store
 
 
+def _look(notice: FailureNotice, start: float, seconds: float) -> str | None:
+    """The watcher's looks every POLL_SECONDS from `start` for `seconds`: the last look's verdict."""
+    looks = int(seconds / FailureNotice.POLL_SECONDS)
+    verdicts = [notice.silent(now=start + k * FailureNotice.POLL_SECONDS) for k in range(1, looks + 1)]
+    assert not any(verdicts[:-1]), verdicts  # nothing before the last
+    return verdicts[-1]
+
+
 def test_heartbeat_silence_is_counted_from_the_last_beat_seen():
     """The ring's arithmetic on an explicit clock: rank 0 watches rank 1 (and rank 1 rank 0)."""
     store = dist.HashStore()
     watcher, watched = FailureNotice(Dist(rank=0, world=2), store), FailureNotice(Dist(rank=1, world=2), store)
-    limit = FailureNotice.SILENT_SECONDS
+    limit, poll = FailureNotice.SILENT_SECONDS, FailureNotice.POLL_SECONDS
     assert watcher.silent(now=0.0) is None  # first look: the clock starts, beaten or not
-    assert watcher.silent(now=limit + 1) is not None  # a rank that never beat is silent too
-    assert "rank 1 (host unknown) has not been heard from for" in watcher.silent(now=limit + 1)
+    assert _look(watcher, 0.0, limit - poll) is None
+    message = watcher.silent(now=limit)  # a rank that never beat is silent too
+    assert message.startswith("rank 1 (host unknown) has not been heard from for 120 s: ")
     watched.beat()
-    assert watcher.silent(now=limit + 2) is None  # a beat: the clock starts again
-    assert watcher.silent(now=2 * limit + 1) is None
-    message = watcher.silent(now=2 * limit + 3)
-    assert message.startswith("rank 1 (host unknown) has not been heard from for 121 s: ")
+    assert watcher.silent(now=limit + poll) is None  # a beat: the clock starts again
+    assert _look(watcher, limit + poll, limit - poll) is None
+    assert watcher.silent(now=2 * limit + poll).startswith("rank 1 (host unknown) has not been heard from for 120 s")
     store.set("fastrsb/left/1", "1")  # it left the training on purpose: no more watching
     assert watcher.silent(now=10 * limit) is None and watcher.silent(now=20 * limit) is None
     assert FailureNotice(Dist(rank=0, world=1), store).silent(now=10 * limit) is None  # nothing to watch alone
+
+
+def test_a_job_suspended_and_resumed_is_not_taken_for_dead():
+    """SLURM's suspend stops every process of the job; on resume the clock has jumped while no one
+    beat. One look after the jump is not silence: the watched rank beats again within a poll."""
+    store = dist.HashStore()
+    watcher, watched = FailureNotice(Dist(rank=0, world=2), store), FailureNotice(Dist(rank=1, world=2), store)
+    watched.beat()
+    assert watcher.silent(now=0.0) is None
+    assert watcher.silent(now=3600.0) is None  # an hour suspended: one look since
+    watched.beat()  # resumed: it beats
+    assert watcher.silent(now=3603.0) is None
+    assert watcher.store_gone(now=watcher._answered + 3600) is None  # the store's watch alike: one look
 
 
 def test_leaving_marks_the_rank_as_left_and_keeps_the_first_failure():
@@ -169,9 +190,10 @@ def test_the_store_is_gone_once_it_has_not_taken_a_beat_for_the_silence(monkeypa
     notice = FailureNotice(Dist(rank=2, world=4), store)
     limit = FailureNotice.SILENT_SECONDS
     start = notice._answered
-    assert notice.store_gone(now=start + limit - 1) is None
-    notice.beat()  # answered: the clock starts again
-    assert notice.store_gone(now=notice._answered + limit - 1) is None
+    looks = round(limit / FailureNotice.POLL_SECONDS)
+    assert not any(notice.store_gone(now=start + limit - 1) for _ in range(2 * looks))  # too soon, however often
+    notice.beat()  # answered: the clock and the looks start again
+    assert not any(notice.store_gone(now=notice._answered + limit + 1) for _ in range(looks - 1))
     monkeypatch.setenv("MASTER_ADDR", "node0")
     assert notice.store_gone(now=notice._answered + limit + 1).startswith(
         f"the rendezvous store has not answered for {limit + 1:.0f} s: the first machine (node0), which holds it")
