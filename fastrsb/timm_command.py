@@ -18,6 +18,10 @@ def timm_train_args(recipe: dict, gpus: int) -> list[str]:
     """train.py's arguments for `recipe` on `gpus` GPUs (its batch split evenly over them)."""
     if gpus < 1 or recipe["batch_size"] % gpus:
         raise UserError(f"the recipe's global batch of {recipe['batch_size']} does not split evenly over {gpus} GPU(s)")
+    if recipe["aug_repeats"] > 1 and gpus < 2:  # timm.data.create_loader asserts it
+        raise UserError(f"timm runs repeated augmentation (aug_repeats {recipe['aug_repeats']}) only across several "
+                        "processes (its RepeatAugSampler is a distributed sampler): --gpus 2 or more, or "
+                        "--set aug_repeats=0")
     r = recipe
     args = ["--model", r["model"], "--img-size", str(r["img_size"]), "--crop-pct", _num(r["crop_pct"]),
             "-b", str(r["batch_size"] // gpus),

@@ -154,3 +154,5 @@ def test_recipe_timm_prints_both_commands_and_the_differences():
     assert single.startswith("python train.py /data/imagenet --model resnet10t") and "--aa" not in single
     assert_user_error(run_cli("recipe", "a3", "--timm", "--gpus", "3", check=False),
                       "global batch of 2048 does not split evenly over 3 GPU(s)")
+    assert_user_error(run_cli("recipe", "a2", "--timm", check=False),  # timm's create_loader asserts it
+                      "timm runs repeated augmentation (aug_repeats 3) only across several processes")
