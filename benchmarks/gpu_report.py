@@ -94,9 +94,12 @@ def table(rows: list[dict]) -> list[str]:
         if row.get("mode") not in ("loader", "step", "train"):
             continue
         rate = f"{row['images_per_sec']:,.0f}"
-        notes = [f"{row['vs_step']:.2f}x the step", f"data wait {row.get('data_wait', 0):.0%}"] if "vs_step" in row else []
+        notes = []
+        if "vs_step" in row:
+            notes += [f"{row['vs_step']:.2f}x the step", f"data wait {row.get('data_wait', 0):.0%}"]
         if "host_busy" in row:  # since 2026-12-01: the host thread's and the GPU's busy shares, timed steps
-            notes.append(f"busy: host {row['host_busy']:.0%}" + (f", GPU {row['gpu_busy']:.0%}" if "gpu_busy" in row else ""))
+            gpu = f", GPU {row['gpu_busy']:.0%}" if "gpu_busy" in row else ""
+            notes.append(f"busy: host {row['host_busy']:.0%}{gpu}")
         if notes:
             rate += f" ({'; '.join(notes)})"
         lines.append(f"| {label(row)} | {rate} | {_memory(row)} |")
