@@ -226,3 +226,16 @@ def test_a_loader_failing_on_the_driver_points_to_doctor():
                     "`fastrsb doctor` checks the driver against the CUDA that torch and DALI were built for")
     other = str(explain_loader_error(RuntimeError("Assert on \"x > 0\" failed: bad crop window"), images))
     assert other == 'data pipeline failed: Assert on "x > 0" failed: bad crop window'
+
+
+def test_a_loader_error_names_a_file_whose_name_has_spaces_and_quotes(tmp_path):
+    """DALI's message names the file; a name with spaces or quotes is found in it as listed, not
+    by decoding every file again on the CPU (which would find none broken here)."""
+    from fastrsb.data_folder import explain_loader_error
+    from fastrsb.pipelines import ImageList
+    odd = "/data/my set/train/class é/a file, with 'quotes'.JPEG"
+    images = ImageList(["/data/my set/train/class é/other.JPEG", odd], [0, 0], ["class é"])
+    err = RuntimeError(f"Error in thread 0: Failed to decode sample #1 : {odd}\nCurrent pipeline object is no "
+                       "longer valid.")
+    said = str(explain_loader_error(err, images))
+    assert said.startswith(f"cannot decode {odd} (DALI: Error in thread 0: Failed to decode sample #1): remove")
