@@ -16,22 +16,15 @@ from fastrsb.parts import open_val_loader
 from fastrsb.train import evaluate
 
 
-def evaluate_checkpoint(checkpoint: str | Path, data: str | Path, img_size: int | None = None,
-                        crop_pct: float | None = None, device: str | None = None,
-                        batch_size: int = 128, num_threads: int | None = None, ema: bool = False) -> dict:
-    """Top-1/top-5 of a checkpoint on DATA/val (or DATA itself if it is a class folder tree), at
-    img_size and crop_pct (None: the recipe's test_img_size and crop_pct).
-    ema: evaluate the checkpoint's EMA weights instead of the model's."""
-    return next(evaluate_checkpoint_at(checkpoint, data, [img_size], [crop_pct], device, batch_size, num_threads, ema))
-
-
 def evaluate_checkpoint_at(checkpoint: str | Path, data: str | Path, img_sizes: Sequence[int | None],
                            crop_pcts: Sequence[float | None], device: str | None = None, batch_size: int = 128,
                            num_threads: int | None = None, ema: bool = False) -> Iterator[dict]:
-    """evaluate_checkpoint at every test size and crop fraction (each pair, sizes outermost; None:
-    the recipe's; a pair given twice is evaluated once), the checkpoint read and the model built
-    once. Yields each pair's result as soon as it is measured, in that order; the checks (the
-    checkpoint, the data, the classes) run at the first."""
+    """Top-1/top-5 of a checkpoint on DATA/val (or DATA itself if it is a class folder tree) at
+    every test size and crop fraction (each pair, sizes outermost; None: the recipe's test_img_size
+    or crop_pct; a pair given twice is evaluated once), the checkpoint read and the model built once.
+    ema: the checkpoint's EMA weights instead of the model's. Yields each pair's result as soon as
+    it is measured, in that order; the checks (the checkpoint, the data, the classes) run at the
+    first."""
     device = resolve_device(device)
     state = load_checkpoint(checkpoint)
     recipe = state["recipe"]

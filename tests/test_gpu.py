@@ -380,3 +380,27 @@ def test_gpu_loader_with_the_captured_torch_form_is_the_uncaptured_one(tiny_data
         # compiled on the GPU: within one level of the eager form, rarely (normalized: 1 level < 0.018)
         difference = (images.float() - want_images.float()).abs()
         assert difference.max() < 0.018 and (difference > 0).float().mean() < 1e-3
+
+
+def test_gpu_busy_share_from_nvml_follows_the_work():
+    """benchmarks/throughput.py's GpuBusy (every row's gpu_busy): NVML's utilization sampled while
+    the GPU multiplies large matrices without pause reads high, while it sleeps reads low."""
+    import sys
+    import time
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from throughput import GpuBusy
+    # NVML's figure covers its last sample period (up to a second): each side runs 3 s, the idle one
+    # after a second's pause, so that the edges weigh little.
+    a = torch.randn(8192, 8192, device="cuda")
+    with GpuBusy("cuda") as busy:
+        end = time.perf_counter() + 3
+        while time.perf_counter() < end:
+            a = (a @ a).clamp_(-1, 1)
+            torch.cuda.synchronize()
+    time.sleep(1)
+    with GpuBusy("cuda") as idle:
+        time.sleep(3)
+    assert len(busy.samples) >= 20 and busy.share > 0.6, busy.samples
+    assert idle.share < 0.3, idle.samples
+    assert GpuBusy("cpu").share is None
