@@ -63,6 +63,8 @@ def cmd_train(args) -> int:
         from fastrsb.metrics_log import refuse_a_second_run
         check_layout(data)
         refuse_a_second_run(out, args.resume)
+    if (launched := _launch_processes(args, data, out)) is not None:
+        return launched
     from fastrsb.stopping import StopRequest
     from fastrsb.train import train
     stop = StopRequest()
@@ -87,9 +89,31 @@ def cmd_train(args) -> int:
     return 0
 
 
-def resume_command(args, data: Path, out: Path) -> str:
-    """The command that continues a stopped run: the same recipe, data, --set values and options."""
-    words = ["fastrsb", "train", args.recipe, "--data", str(data), "--out", str(out)]
+def _launch_processes(args, data: Path, out: Path) -> int | None:
+    """--nproc N > 1: the run in N processes, and its exit code. None: this process trains."""
+    under_launcher = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if args.nproc == "1":
+        if not under_launcher:
+            from fastrsb.launch import unused_gpus_note
+            if note := unused_gpus_note(args.device):
+                print(note, flush=True)
+        return None
+    if under_launcher:
+        raise UserError("--nproc starts the processes itself: run it without torchrun (or torchrun without --nproc)")
+    from fastrsb.launch import launch, resolve_nproc
+    nproc = resolve_nproc(args.nproc, args.device)
+    if nproc == 1:
+        return None
+    # The processes check the data and the run folder again once they have met; the run folder's
+    # name is chosen here, once, so that all of them write the same one.
+    extra = (["--stop-after-steps", str(args.stop_after_steps)] if args.stop_after_steps else []) + \
+            (["--resume", args.resume] if args.resume else [])
+    return launch(nproc, train_words(args, data, out) + extra)
+
+
+def train_words(args, data: Path, out: Path) -> list[str]:
+    """`train RECIPE --data DATA --out OUT` with the run's options and --set values, as given."""
+    words = ["train", args.recipe, "--data", str(data), "--out", str(out)]
     if args.deterministic:
         words.append("--deterministic")
     for flag, value, default in (("--device", args.device, "auto"), ("--threads", args.threads, None),
@@ -99,11 +123,19 @@ def resume_command(args, data: Path, out: Path) -> str:
             words += [flag, str(value)]
     for item in args.overrides:
         words += ["--set", item]
-    words += ["--resume", "auto"]
+    return words
+
+
+def resume_command(args, data: Path, out: Path) -> str:
+    """The command that continues a stopped run: the same recipe, data, --set values and options."""
+    words = ["fastrsb", *train_words(args, data, out)]
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1:
-        return shlex.join(words)
+        return shlex.join(words + ["--resume", "auto"])
+    if os.environ.get("FASTRSB_LAUNCHED_NPROC"):  # started by --nproc: continued the same way
+        return shlex.join(words + ["--nproc", os.environ["FASTRSB_LAUNCHED_NPROC"], "--resume", "auto"])
     # Under torchrun: the same number of processes (each has its loader position).
+    words += ["--resume", "auto"]
     local = int(os.environ.get("LOCAL_WORLD_SIZE", world))
     if local == world:
         return shlex.join(["torchrun", f"--nproc_per_node={world}", "-m", "fastrsb"] + words[1:])
@@ -230,6 +262,10 @@ def count_option(text: str) -> int:
     return value
 
 
+def _process_count(text: str) -> str:
+    return text if text == "all" else str(count_option(text))
+
+
 def _crop_fraction(text: str) -> float:
     """crop_pct as the recipes take it: in (0, 1]."""
     try:
@@ -282,6 +318,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="images per process and micro-batch (with --grad-accum-steps auto)")
     p.add_argument("--deterministic", action="store_true",
                    help="torch's deterministic algorithms, and a hash of each logged batch (fastrsb compare)")
+    p.add_argument("--nproc", type=_process_count, default="1", metavar="N|all",
+                   help="processes on this machine, one per GPU (all: every visible GPU), started and stopped "
+                        "together; with --device cpu, N CPU processes (gloo). Several machines: torchrun")
     p.add_argument("--stop-after-steps", type=count_option, default=None, metavar="N",
                    help="save a resumable checkpoint and stop once N optimizer steps are done in total")
     _add_common(p)

@@ -1,18 +1,26 @@
 """Graceful stop: SIGTERM (a preempted cluster job) or SIGINT (Ctrl-C) asks the trainer to save a
-checkpoint at the next step boundary and exit; a second signal exits at once."""
+checkpoint at the next step boundary and exit; a second signal exits at once.
+
+One stop often reaches a process twice within milliseconds: Ctrl-C reaches every process of the
+terminal's group and a launcher forwards it too (fastrsb's --nproc); SLURM's scancel or preemption
+signals every process of the job step and torchrun forwards it to its workers as well. A signal
+repeated within REPEAT_SECONDS of the first is that same stop, not a second one."""
 from __future__ import annotations
 
 import os
 import signal
 import sys
 import threading
+import time
 
 
 class StopRequest:
     SIGNALS = (signal.SIGTERM, signal.SIGINT)
+    REPEAT_SECONDS = 1.0  # a forwarded copy arrives within milliseconds; a person presses again later
 
     def __init__(self):
         self.signum: int | None = None
+        self._first_at = 0.0
         self._previous = {}
 
     @property
@@ -23,13 +31,16 @@ class StopRequest:
         self.signum = signum
 
     def _handle(self, signum, frame):
-        if self.requested:  # the second signal: no more waiting
-            signal.signal(signum, signal.SIG_DFL)
+        if self.requested:
+            if time.monotonic() - self._first_at < self.REPEAT_SECONDS:
+                return  # the same stop, delivered twice (module docstring)
+            signal.signal(signum, signal.SIG_DFL)  # the second signal: no more waiting
             os.kill(os.getpid(), signum)
             return
-        self.signum = signum
-        print(f"\nfastrsb: {signal.Signals(signum).name} received: saving a checkpoint at the next step "
-              f"boundary, then exiting (send it again to exit at once)", file=sys.stderr, flush=True)
+        self.signum, self._first_at = signum, time.monotonic()
+        if os.environ.get("LOCAL_RANK", "0") == "0":  # one line per machine, not one per process
+            print(f"\nfastrsb: {signal.Signals(signum).name} received: saving a checkpoint at the next step "
+                  f"boundary, then exiting (send it again to exit at once)", file=sys.stderr, flush=True)
 
     def __enter__(self) -> "StopRequest":
         if threading.current_thread() is threading.main_thread():  # handlers only install there

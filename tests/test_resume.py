@@ -1,5 +1,6 @@
 """Exact resume, graceful stop, EMA, gradient accumulation: the trainer's promises on the CPU."""
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -90,18 +91,23 @@ def test_sigterm_saves_and_resume_finishes_the_same_run(tiny_data, tmp_path, uni
     _assert_same_run(uninterrupted, tmp_path)
 
 
-def test_second_signal_exits_at_once():
+def test_second_signal_exits_at_once_and_a_repeat_of_the_first_is_the_same_stop():
+    # The repeat: one Ctrl-C reaching a worker directly and forwarded by its launcher (or SLURM's
+    # signal and torchrun's copy of it) a few milliseconds apart.
     script = ("import os, signal, time\n"
               "from fastrsb.stopping import StopRequest\n"
               "with StopRequest() as stop:\n"
-              "    os.kill(os.getpid(), signal.SIGTERM); time.sleep(0.2)\n"
+              "    os.kill(os.getpid(), signal.SIGTERM); time.sleep(0.05)\n"
+              "    os.kill(os.getpid(), signal.SIGINT); time.sleep(0.05)\n"
               "    assert stop.requested and stop.signum == signal.SIGTERM\n"
-              "    print('first signal noted', flush=True)\n"
+              "    print('first signal noted, its repeat too', flush=True)\n"
+              "    time.sleep(StopRequest.REPEAT_SECONDS)\n"
               "    os.kill(os.getpid(), signal.SIGTERM); time.sleep(5)\n"
               "    print('still running')\n")
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
-    assert "first signal noted" in proc.stdout and "still running" not in proc.stdout
+    assert "first signal noted, its repeat too" in proc.stdout and "still running" not in proc.stdout
     assert proc.returncode == -signal.SIGTERM
+    assert proc.stderr.count("received: saving a checkpoint") == 1
 
 
 def test_resume_refuses_another_recipe(tiny_data, uninterrupted, tmp_path):
@@ -339,6 +345,37 @@ def test_two_processes_resume_exactly(distributed_run, tiny_data, tmp_path):
     # A checkpoint rank 0 refuses stops both processes (rank 1 is not left waiting for the state).
     other = _torchrun("--data", tiny_data, "--out", tmp_path, "--set", "lr=0.1", "--resume", "auto", check=False)
     assert other.returncode != 0 and "another recipe" in other.stderr and "rank 0 cannot resume" in other.stderr
+
+
+def test_nproc_runs_as_torchrun_and_ctrl_c_stops_it_resumably(distributed_run, tiny_data, tmp_path):
+    """`fastrsb train --nproc 2` starts the processes itself. Ctrl-C, as a terminal sends it, reaches
+    the launcher and both processes, and the launcher forwards it too: each process gets it twice,
+    takes it as one stop, and the run saves, says how to continue, and continues to the same end
+    as torchrun's uninterrupted run."""
+    whole, _ = distributed_run
+    args = [sys.executable, "-m", "fastrsb", "train", "tiny", "--data", tiny_data, "--out", tmp_path, "--device",
+            "cpu", "--threads", "1", "--log-every", "1", "--nproc", "2"]
+    proc = subprocess.Popen(list(map(str, args)), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)  # its own process group, as a terminal's job
+    for line in proc.stderr:
+        if line.startswith("epoch 1/2 1/6"):
+            os.killpg(proc.pid, signal.SIGINT)
+            break
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 128 + signal.SIGINT, stderr
+    assert stderr.count("SIGINT received") == 1 and "Traceback" not in stderr  # one line, from local rank 0
+    hint = next(line for line in stdout.splitlines() if line.startswith("continue with: "))
+    words = hint.removeprefix("continue with: ").split()
+    assert words[:3] == ["fastrsb", "train", "tiny"] and words[-4:] == ["--nproc", "2", "--resume", "auto"]
+    assert 1 <= load_checkpoint(tmp_path / "last.pt")["step"] < 12
+    assert run_cli(*words[1:]).returncode == 0
+    left, right = load_checkpoint(whole / "last.pt"), load_checkpoint(tmp_path / "last.pt")
+    assert right["step"] == 12 and all(torch.equal(v, right["model"][k]) for k, v in left["model"].items())
+    assert _epoch_rows(whole) == _epoch_rows(tmp_path)
+    # A run its processes refuse ends with their exit code (torchrun would say 1).
+    other = run_cli("train", "tiny", "--data", tiny_data, "--out", tmp_path, "--device", "cpu", "--threads", "1",
+                    "--set", "lr=0.1", "--nproc", "2", "--resume", "auto", check=False)
+    assert other.returncode == 2
 
 
 def _two_machines(tmp_path, *args, check=True):

@@ -1,0 +1,62 @@
+"""fastrsb.launch: the processes of `fastrsb train --nproc N`, watched and stopped together.
+(A whole run under --nproc, stopped with Ctrl-C and resumed: tests/test_resume.py.)"""
+import os
+import signal
+import sys
+import threading
+import time
+
+from conftest import run_cli
+from fastrsb.launch import run_together
+
+
+def _python(code: str) -> tuple[list[str], dict]:
+    return [sys.executable, "-c", code], dict(os.environ)
+
+
+def test_a_signal_to_the_launcher_reaches_every_process(tmp_path):
+    """`kill LAUNCHER` (a container's stop, a job system that signals the main process only): each
+    process gets it, and the launcher ends with their code."""
+    child = ("import pathlib, signal, sys, time\n"
+             "got = []\n"
+             "signal.signal(signal.SIGTERM, lambda *a: got.append(1))\n"
+             "pathlib.Path(sys.argv[1]).write_text('listening')\n"
+             "deadline = time.monotonic() + 30\n"
+             "while not got and time.monotonic() < deadline: time.sleep(0.01)\n"
+             "sys.exit(0 if got else 99)\n")
+    marks = [tmp_path / f"got{rank}" for rank in range(2)]
+    commands = [([sys.executable, "-c", child, str(mark)], dict(os.environ)) for mark in marks]
+
+    def signal_once_both_listen():
+        while not all(mark.exists() for mark in marks):
+            time.sleep(0.05)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=signal_once_both_listen, daemon=True).start()
+    assert run_together(commands) == 0  # each process was signalled (else 99)
+
+
+def test_a_failed_process_leaves_the_others_a_while_then_they_are_killed(capsys):
+    failing, hanging = _python("import sys; sys.exit(3)"), _python("import time; time.sleep(600)")
+    assert run_together([failing, hanging], straggler_seconds=1) == 3  # the cause, not the kill's 137
+    assert "1 other(s) had not stopped 1 s later: killed" in capsys.readouterr().err
+
+
+def test_a_stopped_process_starts_no_clock_for_the_others(capsys):
+    """A run stopped by a signal: rank 1 is done at once, rank 0 still saves its checkpoint."""
+    stopped, saving = _python("import sys; sys.exit(130)"), _python("import time; time.sleep(2)")
+    assert run_together([saving, stopped], straggler_seconds=0.5) == 130
+    assert "killed" not in capsys.readouterr().err
+
+
+def test_nproc_refusals(monkeypatch, tiny_data, tmp_path):
+    common = ["train", "tiny", "--data", tiny_data, "--out", tmp_path / "run", "--device", "cpu"]
+    proc = run_cli(*common, "--nproc", "all", check=False)
+    assert proc.returncode == 2 and "no GPU is visible" in proc.stderr
+    proc = run_cli(*common, "--nproc", "0", check=False)
+    assert proc.returncode == 2 and "must be 1 or more" in proc.stderr
+    monkeypatch.setenv("WORLD_SIZE", "2")  # already one of torchrun's processes
+    monkeypatch.setenv("RANK", "0")
+    proc = run_cli(*common, "--nproc", "2", check=False)
+    assert proc.returncode == 2 and "without torchrun" in proc.stderr
+    assert not (tmp_path / "run").exists()
