@@ -22,11 +22,12 @@ import sys
 import time
 
 from fastrsb.errors import UserError
+from fastrsb.stopping import StopRequest
 
 STRAGGLER_SECONDS = 60.0  # after a process failed; FailureNotice stops the others within seconds
 # Exit codes of a run that stopped as asked (fastrsb.stopping): the others are stopping too, and
 # rank 0 may still be saving its checkpoint, so no clock starts for them.
-STOPPED = {0, 128 + signal.SIGINT, 128 + signal.SIGTERM}
+STOPPED = {0} | {128 + sig for sig in StopRequest.SIGNALS}
 
 
 def resolve_nproc(value: str, device: str) -> int:
@@ -71,7 +72,7 @@ def launch(nproc: int, argv: list[str], host_threads: int | None = None) -> int:
 
 
 def run_together(commands: list[tuple[list[str], dict]], straggler_seconds: float = STRAGGLER_SECONDS) -> int:
-    """Start every (argv, env), forward SIGINT/SIGTERM to each, and wait for all. A process that
+    """Start every (argv, env), forward the stop signals (StopRequest's) to each, and wait for all. A process that
     fails (any exit but a stop's) gives the rest `straggler_seconds`, then they are killed. The
     exit code: the first process to end with one that is not 0, as the shell counts (128 + N for
     signal N)."""
@@ -82,7 +83,7 @@ def run_together(commands: list[tuple[list[str], dict]], straggler_seconds: floa
             if proc.poll() is None:
                 proc.send_signal(signum)
 
-    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM)}
+    previous = {sig: signal.signal(sig, forward) for sig in StopRequest.SIGNALS}
     ended: list[int] = []  # exit codes in the order the processes ended: the first failure is the cause
     try:
         procs.extend(subprocess.Popen(argv, env=env) for argv, env in commands)

@@ -1,5 +1,6 @@
-"""Graceful stop: SIGTERM (a preempted cluster job) or SIGINT (Ctrl-C) asks the trainer to save a
-checkpoint at the next step boundary and exit; a second signal exits at once.
+"""Graceful stop: SIGTERM (a preempted cluster job), SIGINT (Ctrl-C) or SIGUSR1 (SLURM's warning
+before the time limit, `sbatch --signal=USR1@120`) asks the trainer to save a checkpoint at the
+next step boundary and exit; a second signal exits at once.
 
 One stop often reaches a process twice within milliseconds: Ctrl-C reaches every process of the
 terminal's group and a launcher forwards it too (fastrsb's --nproc); SLURM's scancel or preemption
@@ -15,7 +16,7 @@ import time
 
 
 class StopRequest:
-    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+    SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
     REPEAT_SECONDS = 1.0  # a forwarded copy arrives within milliseconds; a person presses again later
 
     def __init__(self):

@@ -2,8 +2,8 @@
 (fastrsb.parts), restore it if resuming (fastrsb.run_state), then per epoch: train, save, validate,
 save. `train_one_epoch` runs the steps; the host syncs with the device at log steps only.
 
-One process per GPU under torchrun (DDP), or a single process. A run stops cleanly on SIGTERM or
-SIGINT with a checkpoint of everything it needs to continue exactly (`--resume auto`)."""
+One process per GPU under torchrun (DDP), or a single process. A run stops cleanly on SIGTERM,
+SIGINT or SIGUSR1 (fastrsb.stopping) with a checkpoint of everything it needs to continue exactly (`--resume auto`)."""
 from __future__ import annotations
 
 import math

@@ -110,6 +110,17 @@ def test_second_signal_exits_at_once_and_a_repeat_of_the_first_is_the_same_stop(
     assert proc.stderr.count("received: saving a checkpoint") == 1
 
 
+def test_slurms_time_limit_warning_stops_the_run_too():
+    """SIGUSR1, as `--signal=USR1@120` sends it, is a stop request (its default action would kill)."""
+    script = ("import os, signal, time\n"
+              "from fastrsb.stopping import StopRequest\n"
+              "with StopRequest() as stop:\n"
+              "    os.kill(os.getpid(), signal.SIGUSR1); time.sleep(0.1)\n"
+              "    print(stop.signum == signal.SIGUSR1)\n")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and proc.stdout.strip() == "True" and "SIGUSR1 received" in proc.stderr
+
+
 def test_resume_refuses_another_recipe(tiny_data, uninterrupted, tmp_path):
     import shutil
     shutil.copy(uninterrupted / "last.pt", tmp_path / "last.pt")
