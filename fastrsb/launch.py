@@ -6,8 +6,9 @@ does: the port is the store's own (no free-port guess that another program can t
 and the store outlives any one rank, so the others' FailureNotice names a rank that died.
 
 What torchrun does not do for a training run, this does:
-- every signal it receives goes to each process once, and a process that gets the same stop
-  twice (Ctrl-C reaches the terminal's whole group) takes it as one (fastrsb.stopping);
+- every stop signal it receives (SIGINT, SIGTERM, SIGUSR1) goes to each process, and a process
+  that gets the same stop twice (Ctrl-C reaches the terminal's whole group) takes it as one
+  (fastrsb.stopping);
 - it waits for a stopping run as long as the run needs to save its checkpoint (torchrun kills
   its workers 30 s after a signal);
 - it exits with the run's own code (2 for a refused run, 128 + N after signal N) where torchrun
@@ -72,10 +73,10 @@ def launch(nproc: int, argv: list[str], host_threads: int | None = None) -> int:
 
 
 def run_together(commands: list[tuple[list[str], dict]], straggler_seconds: float = STRAGGLER_SECONDS) -> int:
-    """Start every (argv, env), forward the stop signals (StopRequest's) to each, and wait for all. A process that
-    fails (any exit but a stop's) gives the rest `straggler_seconds`, then they are killed. The
-    exit code: the first process to end with one that is not 0, as the shell counts (128 + N for
-    signal N)."""
+    """Start every (argv, env), forward the stop signals (StopRequest's) to each, and wait for all.
+    A process that fails (any exit but a stop's) gives the rest `straggler_seconds`, then they are
+    killed. The exit code: the first process to end with one that is not 0, as the shell counts
+    (128 + N for signal N)."""
     procs: list[subprocess.Popen] = []
 
     def forward(signum, frame):
