@@ -4,14 +4,18 @@ it (A3: trained at 160, tested at 224; "FixRes", Touvron et al. 2019), and where
 lies depends on the run, so a sweep is the way to find it."""
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
+
+import torch
 
 from fastrsb.checkpoint import load_checkpoint, load_weights
 from fastrsb.data_folder import open_split
 from fastrsb.device import amp_dtype, resolve_device
 from fastrsb.errors import UserError
 from fastrsb.model import make_model
+from fastrsb.model_folder import is_model_folder, load_model_folder
 from fastrsb.parts import open_val_loader
 from fastrsb.train import evaluate
 
@@ -19,39 +23,66 @@ from fastrsb.train import evaluate
 def evaluate_checkpoint_at(checkpoint: str | Path, data: str | Path, img_sizes: Sequence[int | None],
                            crop_pcts: Sequence[float | None], device: str | None = None, batch_size: int = 128,
                            num_threads: int | None = None, ema: bool = False) -> Iterator[dict]:
-    """Top-1/top-5 of a checkpoint on DATA/val (or DATA itself if it is a class folder tree) at
+    """Top-1/top-5 of a checkpoint, or of a timm model folder (fastrsb export's, or a timm model's
+    from the hub: model_folder.py), on DATA/val (or DATA itself if it is a class folder tree) at
     every test size and crop fraction (each pair, sizes outermost; None: the recipe's test_img_size
-    or crop_pct; a pair given twice is evaluated once), the checkpoint read and the model built once.
-    ema: the checkpoint's EMA weights instead of the model's. Yields each pair's result as soon as
-    it is measured, in that order; the checks (the checkpoint, the data, the classes) run at the
-    first."""
+    or crop_pct, a folder's timm test size and crop; a pair given twice is evaluated once), the
+    weights read and the model built once. ema: the checkpoint's EMA weights instead of the
+    model's. Yields each pair's result as soon as it is measured, in that order; the checks (the
+    weights, the data, the classes) run at the first."""
     device = resolve_device(device)
-    state = load_checkpoint(checkpoint)
+    weights = _weights_to_evaluate(Path(checkpoint), ema)
+    images = _validation_images(Path(data), weights.classes)
+    model = weights.model.to(device)
+    pairs = dict.fromkeys((size or weights.img_size, crop or weights.crop_pct) for size in img_sizes for crop in crop_pcts)
+    for size, crop in pairs:
+        loader = open_val_loader({"test_img_size": size, "crop_pct": crop}, images, batch_size, device,
+                                 num_threads=num_threads)
+        figures = evaluate(model, loader, device, amp_dtype(device, weights.amp))
+        del loader  # its pipeline's memory goes before the next size's is taken
+        yield {"checkpoint": str(checkpoint), "epoch": weights.epoch, "img_size": size, "crop_pct": crop,
+               "ema": ema, **figures, **({"notes": weights.notes} if weights.notes else {})}
+
+
+@dataclass
+class _Weights:
+    model: torch.nn.Module
+    classes: list[str] | None  # None: the data folder's, in sorted order (a timm folder naming none)
+    img_size: int
+    crop_pct: float
+    amp: bool
+    epoch: int | None
+    notes: list[str]
+
+
+def _weights_to_evaluate(source: Path, ema: bool) -> _Weights:
+    if is_model_folder(source):
+        if ema:
+            raise UserError(f"{source} is a model folder: it holds one set of weights (export --ema writes the EMA's)")
+        folder = load_model_folder(source)
+        return _Weights(folder.model, folder.classes, folder.img_size, folder.crop_pct, True, folder.epoch,
+                        folder.notes)
+    state = load_checkpoint(source)
     recipe = state["recipe"]
     if ema and "ema" not in state:
-        raise UserError(f"{checkpoint} holds no EMA weights (the run had model_ema = false)")
-    images = _validation_images(Path(data), state["classes"])
-    model = make_model(recipe["model"], len(state["classes"])).to(device)
-    load_weights(model, state["ema" if ema else "model"], str(checkpoint))
-    pairs = dict.fromkeys((size or recipe["test_img_size"], crop or recipe["crop_pct"])
-                          for size in img_sizes for crop in crop_pcts)
-    for size, crop in pairs:
-        loader = open_val_loader(recipe, images, batch_size, device, num_threads=num_threads, img_size=size,
-                                 crop_pct=crop)
-        figures = evaluate(model, loader, device, amp_dtype(device, recipe["amp"]))
-        del loader  # its pipeline's memory goes before the next size's is taken
-        yield {"checkpoint": str(checkpoint), "epoch": state.get("epoch"), "img_size": size, "crop_pct": crop,
-               "ema": ema, **figures}
+        raise UserError(f"{source} holds no EMA weights (the run had model_ema = false)")
+    model = make_model(recipe["model"], len(state["classes"]))
+    load_weights(model, state["ema" if ema else "model"], str(source))
+    return _Weights(model, state["classes"], recipe["test_img_size"], recipe["crop_pct"], recipe["amp"],
+                    state.get("epoch"), [])
 
 
-def _validation_images(data: Path, classes: list[str]):
-    """DATA/val, or DATA itself where it is a class folder tree; its classes must be the checkpoint's."""
+def _validation_images(data: Path, classes: list[str] | None):
+    """DATA/val, or DATA itself where it is a class folder tree; its classes must be the weights'
+    (by name; by number where the weights name none)."""
     if not data.is_dir():
         raise UserError(f"data folder {data} does not exist")
     images = open_split(data, "val") if (data / "val").is_dir() else open_split(data.parent, data.name)
+    if classes is None:
+        return images
     if images.classes != classes:
         first = next((a, b) for a, b in zip(images.classes + [None] * len(classes),
                                             classes + [None] * len(images.classes)) if a != b)
-        raise UserError(f"{data}: its {len(images.classes)} classes differ from the checkpoint's {len(classes)} "
+        raise UserError(f"{data}: its {len(images.classes)} classes differ from the weights' {len(classes)} "
                         f"(first difference: {first})")
     return images

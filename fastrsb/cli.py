@@ -149,6 +149,9 @@ def cmd_eval(args) -> None:
     for result in evaluate_checkpoint_at(args.checkpoint, args.data, args.img_size or [None], args.crop_pct or [None],
                                          args.device, args.batch_size, args.threads, ema=args.ema):
         results.append(result)  # said as soon as measured: a sweep over 50,000 images takes a while
+        if len(results) == 1 and not args.json:
+            for note in result.get("notes", []):
+                print(f"note: {note}")
         if args.json:
             print(json.dumps(result))
         else:
@@ -326,8 +329,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(p)
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("eval", help="top-1/top-5 of a checkpoint")
-    p.add_argument("checkpoint")
+    p = sub.add_parser("eval", help="top-1/top-5 of a checkpoint, or of a timm model folder (fastrsb export's, "
+                                    "or a timm model's from the hub)")
+    p.add_argument("checkpoint", help="a run's checkpoint (last.pt, best.pt), or a folder with config.json and "
+                                      "model.safetensors or pytorch_model.bin")
     p.add_argument("--data", required=True, help="folder with val/<class>/ (or a class folder tree itself)")
     p.add_argument("--img-size", type=count_option, nargs="+", default=None, metavar="N",
                    help="test size(s) in px; several: each is evaluated (default: the recipe's test_img_size)")

@@ -206,6 +206,65 @@ def test_export_replaces_nothing_unasked_and_takes_the_ema(run, tmp_path, monkey
     assert "label_descriptions" not in json.loads((folder / "config.json").read_text())  # not ImageNet's classes
 
 
+def test_eval_of_a_model_folder_equals_the_checkpoints(run, tiny_data, tmp_path):
+    """`fastrsb eval FOLDER`: an exported folder gives the checkpoint's figures to the last digit,
+    at the size and crop its config says; so does a folder as timm's hub models come (no class
+    names, pytorch_model.bin), its classes taken as the data folder's in sorted order."""
+    out, _ = run
+    folder = tmp_path / "exported"
+    run_cli("export", out / "last.pt", folder)
+    checkpoint = json.loads(run_cli("eval", out / "last.pt", "--data", tiny_data, "--json").stdout)
+    exported = json.loads(run_cli("eval", folder, "--data", tiny_data, "--json").stdout)
+    keys = ("top1", "top5", "val_loss", "val_images", "img_size", "crop_pct", "epoch")
+    assert [exported[k] for k in keys] == [checkpoint[k] for k in keys] and "notes" not in exported
+
+    hub = tmp_path / "hub"
+    hub.mkdir()
+    config = json.loads((folder / "config.json").read_text())
+    del config["label_names"], config["fastrsb"]
+    config["pretrained_cfg"].update(test_input_size=[3, 32, 32], test_crop_pct=0.875, interpolation="bilinear")
+    (hub / "config.json").write_text(json.dumps(config))
+    from safetensors.torch import load_file
+    torch.save(load_file(folder / "model.safetensors"), hub / "pytorch_model.bin")
+    at_32 = json.loads(run_cli("eval", out / "last.pt", "--data", tiny_data, "--json", "--img-size", "32",
+                               "--crop-pct", "0.875").stdout)
+    proc = run_cli("eval", hub, "--data", tiny_data)
+    assert proc.stdout.splitlines()[:2] == [
+        "note: the folder's config resizes bilinear; fastrsb's validation resizes bicubic",
+        "note: config.json names no classes: they are taken as the data folder's class folders in sorted order "
+        "(ImageNet's wnids in that order are timm's class indices)"]
+    assert proc.stdout.splitlines()[2] == (f"top1 {at_32['top1']:.2f} top5 {at_32['top5']:.2f} over 20 images "
+                                           "at 32 px, crop 0.875")  # timm's test size and crop for the weights
+
+
+def test_eval_refuses_a_model_folder_it_cannot_evaluate_as_its_config_says(run, tiny_data, tmp_path):
+    out, _ = run
+    folder = tmp_path / "exported"
+    run_cli("export", out / "last.pt", folder)
+    config = json.loads((folder / "config.json").read_text())
+
+    def refused(*words, edit=None, says=()):
+        (folder / "config.json").write_text(json.dumps(edit(json.loads(json.dumps(config))) if edit else config))
+        assert_user_error(run_cli("eval", folder, "--data", tiny_data, *words, check=False), *says)
+
+    refused(edit=lambda c: {**c, "pretrained_cfg": {**c["pretrained_cfg"], "mean": [0.5, 0.5, 0.5]}},
+            says=("its eval transform is not fastrsb's", "mean (0.5, 0.5, 0.5)"))
+    refused(edit=lambda c: {**c, "pretrained_cfg": {**c["pretrained_cfg"], "crop_mode": "squash"}},
+            says=("crop mode 'squash'",))
+    refused(edit=lambda c: {**c, "label_names": c["label_names"][::-1]}, says=("classes differ",))
+    refused(edit=lambda c: {**c, "architecture": "resnet_nonexistent"}, says=("resnet_nonexistent",))
+    refused(edit=lambda c: {**c, "num_classes": 5, "label_names": c["label_names"] + ["x"]},
+            says=("does not fit the model", "fc.weight"))
+    refused("--ema", says=("one set of weights",))
+    (folder / "config.json").write_text("{")
+    assert_user_error(run_cli("eval", folder, "--data", tiny_data, check=False), "cannot read", "config.json")
+    (folder / "config.json").write_text(json.dumps(config))
+    (folder / "model.safetensors").write_bytes(b"not safetensors")
+    assert_user_error(run_cli("eval", folder, "--data", tiny_data, check=False), "cannot read the weights")
+    (folder / "model.safetensors").unlink()
+    assert_user_error(run_cli("eval", folder, "--data", tiny_data, check=False), "holds no weights")
+
+
 def test_export_names_imagenet_classes_in_words():
     from fastrsb.export import _imagenet_descriptions
     assert _imagenet_descriptions(["n01440764", "n01443537"]) == {"n01440764": "tench, Tinca tinca",
