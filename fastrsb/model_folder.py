@@ -42,7 +42,7 @@ def load_model_folder(folder: Path) -> FolderModel:
     against what fastrsb's validation pipeline computes."""
     import timm
     from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, resolve_data_config
-    config = _read_config(folder)
+    config = read_config(folder)
     architecture, num_classes = config.get("architecture"), config.get("num_classes")
     if not isinstance(architecture, str) or not isinstance(num_classes, int):
         raise UserError(f"{folder / CONFIG} names no architecture and num_classes: not a timm model folder")
@@ -73,12 +73,12 @@ def load_model_folder(folder: Path) -> FolderModel:
     # model_args: what timm records of the model's construction (newer timm writes num_classes there too)
     model = timm.create_model(architecture, pretrained=False, **{**(config.get("model_args") or {}),
                                                                  "num_classes": num_classes})
-    load_weights(model, _read_weights(folder), str(folder))
+    load_weights(model, read_weights(folder), str(folder))
     return FolderModel(model.to(memory_format=torch.channels_last), classes, int(height), float(data["crop_pct"]),
                        (config.get("fastrsb") or {}).get("epoch"), notes)
 
 
-def _read_config(folder: Path) -> dict:
+def read_config(folder: Path) -> dict:
     try:
         config = json.loads((folder / CONFIG).read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
@@ -88,7 +88,7 @@ def _read_config(folder: Path) -> dict:
     return config
 
 
-def _read_weights(folder: Path) -> dict:
+def read_weights(folder: Path) -> dict:
     path = next((folder / name for name in WEIGHT_FILES if (folder / name).is_file()), None)
     if path is None:
         raise UserError(f"{folder} holds no weights: neither {' nor '.join(WEIGHT_FILES)}")

@@ -56,13 +56,19 @@ class Training:
     mixer: BatchMixer | None  # None when mixup and cutmix are off
     dtype: torch.dtype | None  # autocast dtype; None: float32
     high_priority_stream: bool = False  # run the steps under fastrsb.device.step_stream
+    origin: str | None = None  # where the initial weights came from (initial_checkpoint), for the run card
 
 
-def build_training(recipe: dict, num_classes: int, device: str, d: Dist = Dist()) -> Training:
+def build_training(recipe: dict, num_classes: int, device: str, d: Dist = Dist(),
+                   classes: list[str] | None = None) -> Training:
+    """classes: the run's by name; with them, the recipe's initial_checkpoint is read (a new run's:
+    a resumed one passes none, its checkpoint has the weights)."""
     # Per-process random streams, as timm seeds them (seed + rank): the model's initial weights
     # (rank 0's reach every rank, below), stochastic depth, mixup/cutmix.
     torch.manual_seed(recipe["seed"] + d.rank)
-    model = make_model(recipe["model"], num_classes, recipe["drop_path"]).to(device)
+    model = make_model(recipe["model"], num_classes, recipe["drop_path"])
+    origin = _initial_weights(model, recipe, classes, d) if classes is not None else None
+    model = model.to(device)
     # The recipe's `compile` applies on the GPU: on a few CPU cores inductor takes minutes over a
     # ResNet-50 (and the CPU path serves tests and machines without a GPU).
     compiled = recipe["compile"] and device == "cuda"
@@ -88,7 +94,22 @@ def build_training(recipe: dict, num_classes: int, device: str, d: Dist = Dist()
     ema = ModelEma(model, recipe["model_ema_decay"]) if recipe["model_ema"] else None
     prepare = mixer or PlainTargets(num_classes, recipe["smoothing"])
     step = TrainStep(step_model, optimizer, scaler, make_loss(recipe), prepare, device, dtype, cuda_graphs=graphs)
-    return Training(model, step, optimizer, scaler, ema, mixer, dtype, recipe["high_priority_stream"])
+    return Training(model, step, optimizer, scaler, ema, mixer, dtype, recipe["high_priority_stream"], origin)
+
+
+def _initial_weights(model: nn.Module, recipe: dict, classes: list[str], d: Dist) -> str | None:
+    """The recipe's initial_checkpoint into the model, read on every rank (a rank that cannot read
+    it stops them all, rather than leaving them in DDP's first broadcast)."""
+    if not recipe["initial_checkpoint"]:
+        return None
+    from fastrsb.initial_weights import load_initial_weights
+    origin = error = None
+    try:
+        origin = load_initial_weights(model, recipe["initial_checkpoint"], recipe["model"], classes)
+    except UserError as err:
+        error = err
+    stop_together(error, d, "reading initial_checkpoint")
+    return origin
 
 
 def _cuda_graphs(recipe: dict, device: str, d: Dist) -> bool:
@@ -172,11 +193,12 @@ class Run:
 
 def build_run(recipe: dict, train_images: ImageList, val_images: ImageList, device: str, d: Dist,
               num_threads: int | None = None, grad_accum: str | int = "auto", micro_batch: int | None = None,
-              loader_state: dict | None = None) -> Run:
+              loader_state: dict | None = None, resumed: bool = False) -> Run:
     """The parts of a run. grad_accum / micro_batch: how the global batch splits (fastrsb.accumulation;
     "auto" probes the GPU for the largest micro-batch that fits); loader_state: this rank's saved
-    loader position when resuming."""
-    training = build_training(recipe, len(train_images.classes), device, d)
+    loader position when resuming; resumed: the weights come from a checkpoint, not initial_checkpoint."""
+    training = build_training(recipe, len(train_images.classes), device, d,
+                              classes=None if resumed else train_images.classes)
     fits = None
     if device == "cuda" and grad_accum == "auto" and micro_batch is None:
         fits = gpu_fits(training.model, recipe["img_size"], training.dtype, len(train_images.classes))

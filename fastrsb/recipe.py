@@ -57,13 +57,16 @@ RECIPE_SCHEMA: dict[str, tuple[type, bool, str]] = {
     "high_priority_stream": (bool, False, "on the GPU: the training step on a high-priority CUDA stream, ahead of the "
                                           "loader's kernels"),
     "seed": (int, False, "random seed"),
+    "initial_checkpoint": (str, True, "start from these weights instead of random ones: a fastrsb checkpoint or a timm "
+                                      "model folder (its classifier kept where its classes are the run's), or none"),
 }
 
 CHOICES = {"opt": {"lamb"}, "sched": {"cosine"}, "mixup_mode": {"batch"}, "aa_impl": {"auto", "tree", "batch", "torch"},
            "train_interpolation": {"random", "bilinear", "bicubic"}}
 # Keys added after a checkpoint may have been written, with the value such a run had: resuming it
 # compares them as if they had been saved.
-ADDED_KEYS = {"cuda_graphs": False, "high_priority_stream": False, "aa_impl": "auto", "train_interpolation": "bilinear"}
+ADDED_KEYS = {"cuda_graphs": False, "high_priority_stream": False, "aa_impl": "auto", "train_interpolation": "bilinear",
+              "initial_checkpoint": None}
 # Keys that change how fast a run computes, not what it computes: a resumed run may change them.
 SPEED_ONLY = {"cuda_graphs", "high_priority_stream"}
 BUILTIN = ("a1", "a2", "a3", "demo", "tiny")

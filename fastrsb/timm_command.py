@@ -46,6 +46,9 @@ def timm_train_args(recipe: dict, gpus: int) -> list[str]:
     if r["amp"]:
         args += ["--amp", "--amp-dtype", "bfloat16"]  # fastrsb's on GPUs with bf16; timm's default is float16
     args.append("--channels-last")
+    if r["initial_checkpoint"]:  # timm reads a weights file: a model folder's, or `fastrsb export`'s of a checkpoint
+        folder = r["initial_checkpoint"] if not r["initial_checkpoint"].endswith(".pt") else "EXPORTED_FOLDER"
+        args += ["--initial-checkpoint", f"{folder.rstrip('/')}/model.safetensors"]
     if r["compile"]:
         args.append("--torchcompile")
     return args + ["--seed", str(r["seed"])]
@@ -67,6 +70,11 @@ def timm_commands(recipe: dict, gpus: int, data: str = "/data/imagenet") -> str:
     if recipe["aug_repeats"] > 1:
         notes.append(f"timm's RepeatAugSampler sends an image's {recipe['aug_repeats']} views to different ranks; "
                      "fastrsb keeps them in one process's batch (decoded once)")
+    if recipe["initial_checkpoint"]:
+        notes.append("timm's --initial-checkpoint loads every weight, the classifier too (with other classes, "
+                     "its shape refuses it); fastrsb starts the classifier anew where the classes differ"
+                     + ("; a fastrsb checkpoint is read by timm once `fastrsb export`ed (EXPORTED_FOLDER)"
+                        if recipe["initial_checkpoint"].endswith(".pt") else ""))
     if recipe["aa"]:
         notes.append("timm's RandAugment runs in PIL; fastrsb's draws the same law (its torch form computes as "
                      "PIL does; its DALI forms' bicubic warp is OpenCV's)")

@@ -56,7 +56,7 @@ def train(recipe: dict, data: str | Path, out: str | Path, device: str | None = 
             if state and "micro_batch" in state and grad_accum_steps == "auto" and micro_batch is None:
                 micro_batch = state["micro_batch"]  # the loader position is for this micro-batch
             run = build_run(recipe, train_images, val_images, device, d, num_threads, grad_accum_steps, micro_batch,
-                            loader_state=state["ranks"][d.rank]["loader"] if state else None)
+                            loader_state=state["ranks"][d.rank]["loader"] if state else None, resumed=bool(state))
             shards = check_shards(train_images.files, train_images.labels, run.train_data, run.micro, d)
             pos = restore_run(run, state, resume_path) if state else Position()
             # --resume auto without a checkpoint restarts from step 0: rows logged there by a run that
@@ -287,6 +287,8 @@ def _announce(run: Run, train_images, val_images, resumed_from: Path | None, pos
     _say(run, f"data: {describe_counts(train_images, val_images)}")
     for line in run_card(run, pos):
         _say(run, line)
+    if t.origin:
+        _say(run, t.origin)
     if shards:
         _say(run, shards)
     memory = gpu_memory_line(t.model, run.device, run.gib_outside_torch_before_loaders)

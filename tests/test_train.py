@@ -265,6 +265,74 @@ def test_eval_refuses_a_model_folder_it_cannot_evaluate_as_its_config_says(run, 
     assert_user_error(run_cli("eval", folder, "--data", tiny_data, check=False), "holds no weights")
 
 
+ZERO_LR = ["--set", "lr=0", "--set", "warmup_lr=0", "--set", "min_lr=0", "--set", "warmup_epochs=0"]
+
+
+def _parameters(model_state: dict, names) -> dict:
+    return {k: v for k, v in model_state.items() if k in names}
+
+
+def test_initial_checkpoint_starts_a_run_from_trained_weights(run, tiny_data, tmp_path):
+    """A new run from a checkpoint's weights: with the LR at 0 (LAMB moves nothing; BatchNorm's
+    running statistics still follow the batches), its weights end as they began. Resumed, it reads
+    its own checkpoint, not the initial one, which may be gone."""
+    from fastrsb.model import make_model
+    out, _ = run
+    source = tmp_path / "source.pt"
+    source.write_bytes((out / "last.pt").read_bytes())
+    names = {name for name, _ in make_model("resnet10t", 4).named_parameters()}
+    proc = run_cli("train", "tiny", "--data", tiny_data, "--out", tmp_path / "ft", "--device", "cpu",
+                   "--set", f"initial_checkpoint={source}", *ZERO_LR, "--stop-after-steps", "3")
+    assert f"weights: from {source} (epoch 2), its classifier included" in proc.stdout
+    started = load_checkpoint(source)["model"]
+    assert _weights_equal(_parameters(load_checkpoint(tmp_path / "ft" / "last.pt")["model"], names),
+                          _parameters(started, names))
+    source.unlink()
+    proc = run_cli("train", "tiny", "--data", tiny_data, "--out", tmp_path / "ft", "--device", "cpu",
+                   "--set", f"initial_checkpoint={source}", *ZERO_LR, "--resume", "auto")
+    assert "resumed from" in proc.stdout and "weights: from" not in proc.stdout
+    assert _weights_equal(_parameters(load_checkpoint(tmp_path / "ft" / "last.pt")["model"], names),
+                          _parameters(started, names))
+
+
+def test_initial_checkpoint_from_a_model_folder_on_other_classes_starts_the_classifier_anew(run, tiny_data, tmp_path):
+    from fastrsb.demo_data import write_demo
+    from fastrsb.model import make_model
+    out, _ = run
+    folder = tmp_path / "exported"
+    run_cli("export", out / "last.pt", folder)
+    three = write_demo(tmp_path / "three", train_per_class=8, val_per_class=2, seed=3, num_classes=3)
+    proc = run_cli("train", "tiny", "--data", three, "--out", tmp_path / "ft", "--device", "cpu",
+                   "--set", f"initial_checkpoint={folder}", *ZERO_LR, "--set", "epochs=1")
+    assert f"weights: from model folder {folder}, with a new classifier (its 4 classes are not this run's 3)" in proc.stdout
+    names = {name for name, _ in make_model("resnet10t", 3).named_parameters()}
+    trained, started = load_checkpoint(tmp_path / "ft" / "last.pt")["model"], load_checkpoint(out / "last.pt")["model"]
+    body = names - {"fc.weight", "fc.bias"}
+    assert _weights_equal(_parameters(trained, body), _parameters(started, body))
+    assert trained["fc.weight"].shape == (3, 512)
+    # A folder naming no classes (as timm's hub models): kept where their number is the run's.
+    config = json.loads((folder / "config.json").read_text())
+    del config["label_names"]
+    (folder / "config.json").write_text(json.dumps(config))
+    for data, said in ((tiny_data, "its classifier included"),
+                       (three, "with a new classifier (its classes are not this run's 3)")):
+        proc = run_cli("train", "tiny", "--data", data, "--out", tmp_path / f"nameless-{data.name}", "--device", "cpu",
+                       "--set", f"initial_checkpoint={folder}", "--stop-after-steps", "1")
+        assert f"weights: from model folder {folder}, {said}" in proc.stdout
+
+
+def test_initial_checkpoint_that_cannot_start_the_run(run, tiny_data, tmp_path):
+    out, _ = run
+    common = ["train", "tiny", "--data", tiny_data, "--device", "cpu"]
+    assert_user_error(run_cli(*common, "--out", tmp_path / "a", "--set", f"initial_checkpoint={tmp_path / 'none.pt'}",
+                              check=False), "initial_checkpoint", "does not exist")
+    assert_user_error(run_cli(*common, "--out", tmp_path / "b", "--set", f"initial_checkpoint={out / 'last.pt'}",
+                              "--set", "model=resnet18", check=False),
+                      "holds resnet10t weights and the recipe trains resnet18", "--set model=resnet10t")
+    assert "--initial-checkpoint EXPORTED_FOLDER/model.safetensors" in run_cli(
+        "recipe", "tiny", "--timm", "--set", f"initial_checkpoint={out / 'last.pt'}").stdout
+
+
 def test_export_names_imagenet_classes_in_words():
     from fastrsb.export import _imagenet_descriptions
     assert _imagenet_descriptions(["n01440764", "n01443537"]) == {"n01440764": "tench, Tinca tinca",
