@@ -55,21 +55,17 @@ def unused_gpus_note(device: str) -> str | None:
     return None
 
 
-def launch(nproc: int, argv: list[str], host_threads: int | None = None) -> int:
+def launch(nproc: int, argv: list[str]) -> int:
     """`python -m fastrsb ARGV` in `nproc` processes of one process group; the run's exit code."""
     from torch.distributed import TCPStore
-    store = TCPStore("127.0.0.1", 0, world_size=nproc, is_master=True, wait_for_workers=False)
+    store = TCPStore("127.0.0.1", 0, world_size=nproc, is_master=True, wait_for_workers=False)  # lives until return
     env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(store.port), "WORLD_SIZE": str(nproc),
            "LOCAL_WORLD_SIZE": str(nproc), "GROUP_RANK": "0", "TORCHELASTIC_USE_AGENT_STORE": "True",
            "TORCHELASTIC_RESTART_COUNT": "0", "FASTRSB_LAUNCHED_NPROC": str(nproc)}
     # torch's intra-op threads: the machine's cores shared out, not every process taking them all.
-    env.setdefault("OMP_NUM_THREADS", str(host_threads or max(1, (os.cpu_count() or 1) // nproc)))
-    commands = [([sys.executable, "-m", "fastrsb", *argv], {**env, "RANK": str(rank), "LOCAL_RANK": str(rank)})
-                for rank in range(nproc)]
-    try:
-        return run_together(commands)
-    finally:
-        del store
+    env.setdefault("OMP_NUM_THREADS", str(max(1, len(os.sched_getaffinity(0)) // nproc)))
+    return run_together([([sys.executable, "-m", "fastrsb", *argv], {**env, "RANK": str(rank), "LOCAL_RANK": str(rank)})
+                         for rank in range(nproc)])
 
 
 def run_together(commands: list[tuple[list[str], dict]], straggler_seconds: float = STRAGGLER_SECONDS) -> int:

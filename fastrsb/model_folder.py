@@ -10,6 +10,7 @@ note saying so."""
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -49,12 +50,14 @@ def load_model_folder(folder: Path) -> FolderModel:
     if not timm.is_model(architecture):
         raise UserError(f"{folder / CONFIG}: architecture '{architecture}' is not a model this timm "
                         f"{timm.__version__} knows")
-    data = resolve_data_config(pretrained_cfg=config.get("pretrained_cfg") or {}, use_test_size=True)
+    # timm's defaults where the folder states nothing (its resolver wants a non-empty config)
+    data = resolve_data_config(pretrained_cfg=config.get("pretrained_cfg") or {"architecture": architecture},
+                               use_test_size=True)
     _, height, width = data["input_size"]
     problems = [f"{what} {tuple(ours)}, fastrsb's validation normalizes with ImageNet's {tuple(imagenet)}"
                 for what, ours, imagenet in (("mean", data["mean"], IMAGENET_DEFAULT_MEAN),
                                              ("std", data["std"], IMAGENET_DEFAULT_STD))
-                if not torch.allclose(torch.tensor(ours, dtype=torch.float64), torch.tensor(imagenet, dtype=torch.float64))]
+                if len(ours) != 3 or not all(math.isclose(a, b, abs_tol=1e-6) for a, b in zip(ours, imagenet))]
     if data["crop_mode"] != "center":
         problems.append(f"crop mode '{data['crop_mode']}', fastrsb's validation crops the centre")
     if height != width:
