@@ -181,6 +181,13 @@ def cmd_doctor(args) -> int | None:
     from fastrsb.doctor_cluster import report_cluster, run_cluster_doctor, under_torchrun
     from fastrsb.recipe import load_recipe
     load_recipe(args.recipe)  # a wrong name is told before anything else runs
+    if args.nproc != "1" and not under_torchrun():  # the job's checks across this machine's processes
+        from fastrsb.launch import launch, resolve_nproc
+        nproc = resolve_nproc(args.nproc, "auto")
+        if nproc > 1:
+            words = ["doctor", "--recipe", args.recipe] + (["--data", args.data] if args.data else []) + \
+                    (["--out", args.out] if args.out else []) + (["--json"] if args.json else [])
+            return launch(nproc, words)
     if under_torchrun():  # one report for the job: every machine's checks and the all-reduce, on rank 0
         ok, machines, job = run_cluster_doctor(args.data, args.out, args.recipe)
         if machines is None:  # not rank 0: it says nothing, and ends as rank 0 does
@@ -359,6 +366,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", help="also check this data folder (layout, counts, file headers, a decode probe)")
     p.add_argument("--out", help="the run folder the checkpoints would go to (default: runs)")
     p.add_argument("--recipe", default="a3", help="the recipe whose checkpoints the disk check sizes (default a3)")
+    p.add_argument("--nproc", type=_process_count, default="1", metavar="N|all",
+                   help="also as a run of N processes on this machine would: the gradient all-reduce between them "
+                        "(NCCL on GPUs) timed and checked; all: one per GPU")
     p.add_argument("--json", action="store_true", help="one JSON object")
     p.set_defaults(func=cmd_doctor)
 

@@ -92,18 +92,19 @@ def test_doctor_under_torchrun_reports_every_machine_and_the_all_reduce(tiny_dat
     assert "fastrsb: error: 1 problem(s)" in rank0 and "fastrsb: error" not in rank1 and "machine 0" not in rank1
 
 
-def test_doctor_under_torchrun_on_one_machine_checks_it_once(tiny_data, tmp_path):
+def test_doctor_with_two_processes_on_one_machine_checks_it_once(tiny_data, tmp_path):
+    """`fastrsb doctor --nproc 2`: the processes a run would start (fastrsb.launch, which torchrun's
+    are like), one machine checked once, and the all-reduce between them."""
     import subprocess
     import sys
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                           "-m", "fastrsb", "doctor", "--data", tiny_data, "--recipe", "tiny", "--json"],
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run([sys.executable, "-m", "fastrsb", "doctor", "--data", tiny_data, "--recipe", "tiny",
+                           "--json", "--nproc", "2"], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(proc.stdout)  # rank 0's one object; rank 1 prints nothing
     (machine,) = report["machines"]
     assert machine["ranks"] == [0, 1] and [c["name"] for c in machine["checks"]].count("dali") == 1
     (cpu,) = [c["text"] for c in machine["checks"] if c["name"] == "cpu"]
-    assert cpu.endswith("per process (2 process(es))")  # torchrun's processes on this machine share its cores
+    assert cpu.endswith("per process (2 process(es))")  # the processes on this machine share its cores
     same, collective = report["job"]
     assert report["ok"] and report["problems"] == 0 and same["ok"] and collective["ok"]
     assert same["text"].startswith("every machine lists the same 48 train / 20 val files with the same labels")
