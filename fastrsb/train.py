@@ -3,7 +3,8 @@
 save. `train_one_epoch` runs the steps; the host syncs with the device at log steps only.
 
 One process per GPU under torchrun (DDP), or a single process. A run stops cleanly on SIGTERM,
-SIGINT or SIGUSR1 (fastrsb.stopping) with a checkpoint of everything it needs to continue exactly (`--resume auto`)."""
+SIGINT or SIGUSR1 (fastrsb.stopping) with a checkpoint of everything it needs to continue exactly
+(`--resume auto`)."""
 from __future__ import annotations
 
 import math
