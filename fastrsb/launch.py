@@ -84,19 +84,21 @@ def run_together(commands: list[tuple[list[str], dict]], straggler_seconds: floa
     ended: list[int] = []  # exit codes in the order the processes ended: the first failure is the cause
     try:
         procs.extend(subprocess.Popen(argv, env=env) for argv, env in commands)
-        failed_at, running = None, set(procs)
+        failed_at, running, killed = None, set(procs), False
         while running:
             for proc in [proc for proc in running if proc.poll() is not None]:
                 running.discard(proc)
                 ended.append(_shell_code(proc.returncode))
+                if not killed and (why := _killed_by(proc.returncode)):
+                    print(f"fastrsb: rank {procs.index(proc)} ended by {why}", file=sys.stderr, flush=True)
             if failed_at is None and any(code not in STOPPED for code in ended):
                 failed_at = time.monotonic()
-            if running and failed_at is not None and time.monotonic() - failed_at > straggler_seconds:
+            if running and not killed and failed_at is not None and time.monotonic() - failed_at > straggler_seconds:
                 print(f"fastrsb: a process failed and {len(running)} other(s) had not stopped "
                       f"{straggler_seconds:.0f} s later: killed", file=sys.stderr, flush=True)
                 for proc in running:
                     proc.kill()
-                failed_at = float("inf")  # said once; the loop collects their exits
+                killed = True  # said once; the loop collects their exits
             time.sleep(0.2)
     finally:
         for sig, handler in previous.items():
@@ -106,6 +108,22 @@ def run_together(commands: list[tuple[list[str], dict]], straggler_seconds: floa
                 proc.kill()
                 proc.wait()
     return next((code for code in ended if code), 0)
+
+
+def _killed_by(returncode: int) -> str | None:
+    """What ended a process that could not say why itself: a signal other than a stop's."""
+    number = -returncode
+    if number <= 0 or number in StopRequest.SIGNALS:
+        return None
+    try:
+        name = signal.Signals(number).name
+    except ValueError:
+        name = f"signal {number}"
+    if number == signal.SIGKILL:
+        return f"{name}, without a word (the kernel's out-of-memory killer? `dmesg` says)"
+    if number in (signal.SIGSEGV, signal.SIGABRT, signal.SIGBUS):
+        return f"{name}, without a word (a crash)"
+    return name
 
 
 def _shell_code(returncode: int) -> int:

@@ -39,7 +39,18 @@ def test_a_signal_to_the_launcher_reaches_every_process(tmp_path):
 def test_a_failed_process_leaves_the_others_a_while_then_they_are_killed(capsys):
     failing, hanging = _python("import sys; sys.exit(3)"), _python("import time; time.sleep(600)")
     assert run_together([failing, hanging], straggler_seconds=1) == 3  # the cause, not the kill's 137
-    assert "1 other(s) had not stopped 1 s later: killed" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "1 other(s) had not stopped 1 s later: killed" in err and "ended by" not in err  # 3: its own words
+
+
+def test_a_process_killed_without_a_word_is_named(capsys):
+    """The OOM killer's SIGKILL leaves a process no time to say anything: the launcher says it."""
+    killed = _python("import os, signal; os.kill(os.getpid(), signal.SIGKILL)")
+    waiting = _python("import time; time.sleep(600)")
+    assert run_together([waiting, killed], straggler_seconds=1) == 128 + signal.SIGKILL
+    err = capsys.readouterr().err
+    assert "fastrsb: rank 1 ended by SIGKILL, without a word (the kernel's out-of-memory killer?" in err
+    assert err.count("ended by") == 1  # rank 0, killed by the launcher itself, is not reported
 
 
 def test_a_stopped_process_starts_no_clock_for_the_others(capsys):
