@@ -186,9 +186,11 @@ class FailureNotice:
         self._unanswered += 1
         if now - self._answered < self.SILENT_SECONDS or self._unanswered < self._looks_needed():
             return None
-        where = os.environ.get("MASTER_ADDR")
-        return (f"the rendezvous store has not answered for {now - self._answered:.0f} s: the first machine"
-                f"{f' ({where})' if where else ''}, which holds it, or the network to it is gone")
+        waited = f"the rendezvous store has not answered for {now - self._answered:.0f} s"
+        if os.environ.get("FASTRSB_LAUNCHED_NPROC"):  # fastrsb.launch holds it, on this machine
+            return f"{waited}: the `fastrsb train --nproc` process that holds it is gone (killed?)"
+        where = f" ({os.environ['MASTER_ADDR']})" if os.environ.get("MASTER_ADDR") else ""
+        return f"{waited}: the first machine{where}, which holds it, or the network to it is gone"
 
     def silent(self, now: float) -> str | None:
         """The watched rank's failure if its heartbeat has not moved for SILENT_SECONDS at `now`

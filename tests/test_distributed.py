@@ -197,3 +197,6 @@ def test_the_store_is_gone_once_it_has_not_taken_a_beat_for_the_silence(monkeypa
     monkeypatch.setenv("MASTER_ADDR", "node0")
     assert notice.store_gone(now=notice._answered + limit + 1).startswith(
         f"the rendezvous store has not answered for {limit + 1:.0f} s: the first machine (node0), which holds it")
+    monkeypatch.setenv("FASTRSB_LAUNCHED_NPROC", "4")  # started by `fastrsb train --nproc 4`: its store
+    assert notice.store_gone(now=notice._answered + limit + 2).endswith(
+        ": the `fastrsb train --nproc` process that holds it is gone (killed?)")
