@@ -147,8 +147,8 @@ def open_train_loader(recipe: dict, images: ImageList, micro: int, device: str, 
     speed.setdefault("compile_augment", recipe["compile"] and device == "cuda")
     return _open_loader(train_loader, images, micro, recipe["img_size"], device=device, shard_id=d.rank,
                         num_shards=d.world, seed=recipe["seed"], num_threads=num_threads,
-                        repeats=max(1, recipe["aug_repeats"]), aa=recipe["aa"],
-                        interpolation=recipe["train_interpolation"], state=state, **speed)
+                        repeats=max(1, recipe["aug_repeats"]), spread_views=recipe["aug_repeats_across_ranks"],
+                        aa=recipe["aa"], interpolation=recipe["train_interpolation"], state=state, **speed)
 
 
 def open_val_loader(recipe: dict, images: ImageList, batch: int, device: str, d: Dist = Dist(),

@@ -38,6 +38,9 @@ RECIPE_SCHEMA: dict[str, tuple[type, bool, str]] = {
     "train_interpolation": (str, False, "how each random crop is resampled: random (bilinear or bicubic per image, "
                                         "timm's default), bilinear or bicubic"),
     "aug_repeats": (int, False, "repeated augmentation count (0 = off)"),
+    "aug_repeats_across_ranks": (bool, False, "repeated augmentation: an image's views on different processes, as "
+                                              "timm's RepeatAugSampler places them (decoded once, then exchanged), not "
+                                              "side by side in one process's batch"),
     "aa": (str, True, "RandAugment as timm's string, e.g. rand-m6-mstd0.5-inc1, or none"),
     "aa_impl": (str, False, "how RandAugment runs: auto, tree, batch (DALI) or torch (drawn by DALI, applied in torch); "
                             "the same law (pipelines/loader.py)"),
@@ -66,7 +69,7 @@ CHOICES = {"opt": {"lamb"}, "sched": {"cosine"}, "mixup_mode": {"batch"}, "aa_im
 # Keys added after a checkpoint may have been written, with the value such a run had: resuming it
 # compares them as if they had been saved.
 ADDED_KEYS = {"cuda_graphs": False, "high_priority_stream": False, "aa_impl": "auto", "train_interpolation": "bilinear",
-              "initial_checkpoint": None}
+              "initial_checkpoint": None, "aug_repeats_across_ranks": False}
 # Keys that change how fast a run computes, not what it computes: a resumed run may change them.
 SPEED_ONLY = {"cuda_graphs", "high_priority_stream"}
 BUILTIN = ("a1", "a2", "a3", "demo", "tiny")

@@ -67,9 +67,13 @@ def timm_commands(recipe: dict, gpus: int, data: str = "/data/imagenet") -> str:
              f"({recipe['test_img_size']} px, crop {_num(recipe['crop_pct'])}), which validate.py measures afterwards",
              "the random streams differ (loader, RandAugment, mixing, initial weights): expect the same accuracy "
              "within the spread of seeds, not the same numbers"]
-    if recipe["aug_repeats"] > 1:
+    if recipe["aug_repeats"] > 1 and recipe["aug_repeats_across_ranks"]:
+        notes.append(f"both place an image's {recipe['aug_repeats']} views on different ranks; timm's "
+                     "RepeatAugSampler decodes the image on each, fastrsb once and exchanges the views (its images "
+                     "come in another order)")
+    elif recipe["aug_repeats"] > 1:
         notes.append(f"timm's RepeatAugSampler sends an image's {recipe['aug_repeats']} views to different ranks; "
-                     "fastrsb keeps them in one process's batch (decoded once)")
+                     "fastrsb keeps them in one process's batch (aug_repeats_across_ranks = false)")
     if recipe["initial_checkpoint"]:
         notes.append("timm's --initial-checkpoint loads every weight, the classifier too (with other classes, "
                      "its shape refuses it); fastrsb starts the classifier anew where the classes differ"

@@ -341,7 +341,8 @@ def _augmentation(recipe: dict, loader: dict) -> str:
         parts = [f"crops resampled {resampled(crops)}", f"RandAugment {recipe['aa']} ({loader['aa_impl']} form{compiled}"
                  f"{chosen}; its geometric ops {resampled(geometric)}, as when the run began)"]
     if loader["repeats"] > 1:
-        parts.append(f"{loader['repeats']} views of each image")
+        parts.append(f"{loader['repeats']} views of each image, " + ("each on another process (timm's layout)"
+                     if loader.get("spread_views") else "side by side in one process's batch"))
     mixing = [f"{name} {recipe[name]:g}" for name in ("mixup", "cutmix") if recipe[name] > 0]
     parts.append(f"{' / '.join(mixing)} with probability {recipe['mixup_prob']:g}" if mixing else "no mixup or cutmix")
     return "augmentation: " + ", ".join(parts)

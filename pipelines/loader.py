@@ -18,6 +18,7 @@ from .cuda_graphs import CapturedCall
 from .image_list import DatasetError, ImageList, list_images
 from .graphs import PIXEL_DTYPES, READER_NAME, train_pipeline, val_pipeline
 from .randaugment import INTERPOLATIONS, parse_rand_augment
+from .spread_views import spread, views_to_spread
 
 
 # The profiler range around the loader's work in the consumer's thread (the torch RandAugment
@@ -46,13 +47,14 @@ class DaliLoader:
 
     def __init__(self, build: Callable[[list | None], list], images: ImageList, batch_size: int, train: bool,
                  repeats: int = 1, fingerprint: dict | None = None, state: dict | None = None,
-                 settings: dict | None = None, augment: Callable | None = None, augment_stream: bool = False):
+                 settings: dict | None = None, augment: Callable | None = None, augment_stream: bool = False,
+                 spread: tuple[int, int] | None = None):
         """build(checkpoints or None) -> the DALI pipelines, started from those DALI checkpoints.
         fingerprint: what a saved position must match; settings: more to report, not to match.
         augment: (uint8 NHWC images, draws) -> the batch's images, for pipelines that hand over
         their views unaugmented with a third output, "draws" (torch_augment.TorchRandAugment).
         augment_stream: take each batch over and augment it on a CUDA stream of the loader's own
-        (_OwnStream)."""
+        (_OwnStream). spread: (rank, world) to exchange repeated views with (spread_views.py)."""
         self.images = images
         self.batch_size = batch_size
         self.train = train
@@ -64,6 +66,7 @@ class DaliLoader:
         self._val_pass_open = False  # a validation pass was started and not finished
         self._augment = augment
         self._own_stream = _OwnStream() if augment_stream else None
+        self._spread = spread
         self._in_use = _UntilRun()
         self._start(state)
 
@@ -145,7 +148,9 @@ class DaliLoader:
         consumer gets them (augmented by the torch form where there is one)."""
         batch = taken = self._next_batch()
         if self.repeats > 1:  # ceil(batch / repeats) images x repeats views; a surplus of < repeats views is cut
-            taken = {key: value.flatten(0, 1)[:self.batch_size] for key, value in batch.items()}
+            views = batch if not self._spread else {  # (R, n, ...): view k of another rank's images in block k
+                key: spread(value, *self._spread) for key, value in batch.items()}
+            taken = {key: value.flatten(0, 1)[:self.batch_size] for key, value in views.items()}
         if not self._augment:
             return batch, _to_nchw(taken["images"]), taken["labels"]
         with torch.profiler.record_function(AUGMENT_RANGE):  # its kernels are the loader's in a profile
@@ -319,7 +324,7 @@ def train_loader(root: str | os.PathLike | ImageList, batch_size: int, img_size:
                  hw_decoder_load: float | None = None, prefetch_queue_depth: int = 2, pipelines: int | None = None,
                  aa_impl: str = "auto", stream_policy: str | None = None, concurrency: str | None = None,
                  cuda_graphs: bool = False, compile_augment: bool = False, augment_stream: bool = False,
-                 interpolation: str = "random", state: dict | None = None) -> DaliLoader:
+                 interpolation: str = "random", spread_views: bool = False, state: dict | None = None) -> DaliLoader:
     """Random-resized-crop + flip training loader over an ImageFolder tree or a file list.
 
     batch_size is per shard (per GPU). Every epoch is a full reshuffle, the same on every shard
@@ -327,6 +332,9 @@ def train_loader(root: str | os.PathLike | ImageList, batch_size: int, img_size:
     repeats > 1 is repeated augmentation: each image decoded once and augmented `repeats` times,
     its views side by side in the batch; a batch holds ceil(batch_size / repeats) images, and where
     batch_size does not divide by repeats (A1/A2: 2048 and 3) the last image keeps fewer views.
+    spread_views: with repeats > 1 over several shards, view k of each image goes to shard
+    shard_id + k (mod num_shards) instead, as timm's RepeatAugSampler places views (decoded once
+    all the same; spread_views.py); the shards must be torch.distributed's ranks.
     interpolation: how each random crop is resampled to img_size: "random" (bilinear or bicubic,
     drawn per image with equal odds: timm's default train interpolation, as in the RSB recipes),
     "bilinear" or "bicubic"; antialiased, as PIL resizes. RandAugment's geometric ops follow it as
@@ -372,19 +380,14 @@ def train_loader(root: str | os.PathLike | ImageList, batch_size: int, img_size:
     shard_images, batch_images = len(images) // num_shards, images_per_batch(batch_size, repeats)
     if shard_images < batch_size:
         raise DatasetError(f"{len(images)} images over {num_shards} shard(s) do not fill one batch of {batch_size}")
-    threads = num_threads or _default_threads()
-    if state is not None:
-        state = _upgrade_state(state)
-    if pipelines is None:
-        pipelines = (state.get("fingerprint", {}).get("pipelines", 1) if state
-                     else _default_pipelines(device, shard_images, batch_images))
-    if pipelines < 1 or shard_images // pipelines < batch_images:
-        raise DatasetError(f"{pipelines} pipeline(s) need at least {batch_images} images each, and the shard "
-                           f"has {shard_images}")
+    threads, state = num_threads or _default_threads(), _upgrade_state(state) if state is not None else None
+    pipelines = _pipeline_count(pipelines, state, device, shard_images, batch_images)
     aa_interpolation = _aa_interpolation(aa, interpolation, state)
+    spread_views = views_to_spread(spread_views, repeats, shard_id, num_shards)
     fingerprint = dict(images=len(images), batch_size=batch_size, img_size=img_size, shard_id=shard_id,
                        num_shards=num_shards, seed=seed, repeats=repeats, aa=aa, pipelines=pipelines,
-                       aa_impl=aa_impl if aa else None, interpolation=interpolation, aa_interpolation=aa_interpolation)
+                       aa_impl=aa_impl if aa else None, interpolation=interpolation, aa_interpolation=aa_interpolation,
+                       spread_views=spread_views)
     if state is not None:
         _check_state(state, fingerprint)
     device_id = _check_device(device)
@@ -407,11 +410,24 @@ def train_loader(root: str | os.PathLike | ImageList, batch_size: int, img_size:
     augment = (_torch_augment(aa, img_size, dtype or default_pixel_dtype(device), compile_augment, cuda_graphs,
                               aa_interpolation) if aa and aa_impl == "torch" else None)
     return DaliLoader(build, images, batch_size, train=True, repeats=repeats, fingerprint=fingerprint, state=state,
+                      spread=(shard_id, num_shards) if spread_views else None,
                       settings={**_decoder_settings(device_id, hw_decoder_load, threads, prefetch_queue_depth),
                                 "stream_policy": stream_policy, "concurrency": concurrency,
                                 "cuda_graphs": cuda_graphs, "augment_stream": augment_stream,
                                 "compile_augment": compile_augment and augment is not None},
                       augment=augment, augment_stream=augment_stream)
+
+
+def _pipeline_count(pipelines: int | None, state: dict | None, device: str, shard_images: int,
+                    batch_images: int) -> int:
+    """The pipelines asked for, else a saved state's, else the device's default; checked."""
+    if pipelines is None:
+        pipelines = (state.get("fingerprint", {}).get("pipelines", 1) if state
+                     else _default_pipelines(device, shard_images, batch_images))
+    if pipelines < 1 or shard_images // pipelines < batch_images:
+        raise DatasetError(f"{pipelines} pipeline(s) need at least {batch_images} images each, and the shard "
+                           f"has {shard_images}")
+    return pipelines
 
 
 def _aa_interpolation(aa: str | None, interpolation: str, state: dict | None) -> str | None:
@@ -477,6 +493,7 @@ def _upgrade_state(state: dict) -> dict:
         fingerprint["aa_impl"] = "tree" if fingerprint.get("aa") else None
     fingerprint.setdefault("interpolation", "bilinear")
     fingerprint.setdefault("aa_interpolation", "bilinear" if fingerprint.get("aa") else None)
+    fingerprint.setdefault("spread_views", False)
     if not isinstance(state.get("dali"), list):
         state, fingerprint["pipelines"] = {**state, "dali": [state.get("dali")]}, 1
     return {**state, "fingerprint": fingerprint}

@@ -327,11 +327,11 @@ def test_repeated_augmentation(tiny_data, batch_size, pipelines):
 
 
 def test_repeated_augmentation_layout_across_three_ranks(tiny_data, tmp_path):
-    """Where the views of an image go with 3 processes (A1/A2 on 3+ GPUs). fastrsb decodes an image
-    once and keeps its 3 views in one process's batch; timm's RepeatAugSampler sends them to 3
-    different ranks (decoding it 3 times). So a rank's batch holds batch/3 distinct images here,
-    ~batch in timm: the documented difference (README), tested so that it cannot change silently.
-    Across the ranks, the images of an epoch are disjoint and cover the data once."""
+    """Where the views of an image go with 3 processes, without spread_views (the recipes'
+    aug_repeats_across_ranks = false): a loader decodes an image once and keeps its 3 views in one
+    process's batch, so a rank's batch holds batch/3 distinct images (timm's RepeatAugSampler sends
+    them to 3 ranks: spread_views=True does too, tests/test_spread_views.py). Across the ranks, the
+    images of an epoch are disjoint and cover the data once."""
     files = list_images(tiny_data / "train").files
     listing = tmp_path / "list.txt"  # label = the image's index, so a label names its image
     listing.write_text("".join(f"{path} {index}\n" for index, path in enumerate(files)))

@@ -149,7 +149,9 @@ def test_recipe_timm_prints_both_commands_and_the_differences():
     assert " -b 256 --epochs 595 --warmup-epochs 5 --warmup-prefix " in lines[1] and " --smoothing 0.1 " in lines[1]
     assert lines[3].startswith("python validate.py /data/imagenet/val --model resnet50 --checkpoint ")
     assert "--img-size 224 --crop-pct 0.95 --interpolation bicubic" in lines[3]
-    assert "RepeatAugSampler sends an image's 3 views to different ranks" in out
+    assert "both place an image's 3 views on different ranks; timm's RepeatAugSampler decodes the image on each" in out
+    kept = run_cli("recipe", "a1", "--timm", "--gpus", "8", "--set", "aug_repeats_across_ranks=false").stdout
+    assert "RepeatAugSampler sends an image's 3 views to different ranks; fastrsb keeps them in one" in kept
     single = run_cli("recipe", "demo", "--timm").stdout.splitlines()[1]
     assert single.startswith("python train.py /data/imagenet --model resnet10t") and "--aa" not in single
     assert_user_error(run_cli("recipe", "a3", "--timm", "--gpus", "3", check=False),

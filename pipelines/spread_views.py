@@ -1,0 +1,53 @@
+"""Repeated augmentation with timm's layout, each image decoded once.
+
+timm's RepeatAugSampler sends an image's R views to R different ranks, so that each rank's
+batch (and its BatchNorm statistics) holds as many distinct images as views; each rank decodes
+its own copy, R decodes per image. A fastrsb loader decodes an image once and cuts its R views
+there (pipelines/graphs.py). With `spread_views` the views are then exchanged between the ranks
+the step is about to run on: rank r keeps view 0 of its images and sends view k to rank r + k
+(mod world), receiving view k of rank r - k's images in turn. Each rank's batch then holds R
+blocks of distinct images, and each image's views sit on R different ranks in the same step, as
+timm's sampler places them (on R or more ranks; on fewer, views share a rank there too).
+
+The exchange is one batched point-to-point call per batch (NCCL on GPUs: no host sync, over
+NVLink within a machine; gloo on the CPU), (R - 1) / R of the batch each way."""
+from __future__ import annotations
+
+import torch
+
+from .image_list import DatasetError
+
+
+def views_to_spread(asked: bool, repeats: int, shard_id: int, num_shards: int) -> bool:
+    """Whether a loader exchanges its views: asked for, with views to exchange (repeats > 1) and
+    ranks to exchange them with (num_shards > 1), which must be torch.distributed's."""
+    if not (asked and repeats > 1 and num_shards > 1):
+        return False
+    import torch.distributed as dist
+    if not (dist.is_available() and dist.is_initialized()):
+        raise DatasetError("spread_views=True exchanges views between the shards' processes through torch.distributed: "
+                           "initialize its process group first (torchrun and init_process_group)")
+    if (dist.get_rank(), dist.get_world_size()) != (shard_id, num_shards):
+        raise DatasetError(f"spread_views=True needs shard_id = rank and num_shards = world size (here shard "
+                           f"{shard_id} of {num_shards}, rank {dist.get_rank()} of {dist.get_world_size()})")
+    return True
+
+
+def spread(views: torch.Tensor, rank: int, world: int) -> torch.Tensor:
+    """views: (n, R, ...) this rank's n images with R views each -> (R, n, ...), whose block k is
+    view k of the n images of rank (rank - k) % world. Every rank calls it at the same batch."""
+    import torch.distributed as dist
+    blocks = views.transpose(0, 1)  # (R, n, ...), block k: view k of each image (a view, not a copy)
+    out = torch.empty_like(blocks, memory_format=torch.contiguous_format)
+    out[0].copy_(blocks[0])
+    ops = []
+    for k in range(1, blocks.shape[0]):
+        to, since = (rank + k) % world, (rank - k) % world
+        if to == rank:  # fewer ranks than views: this view stays
+            out[k].copy_(blocks[k])
+            continue
+        ops += [dist.P2POp(dist.isend, blocks[k].contiguous(), to), dist.P2POp(dist.irecv, out[k], since)]
+    if ops:
+        for request in dist.batch_isend_irecv(ops):
+            request.wait()  # NCCL: the current stream waits, the host does not
+    return out

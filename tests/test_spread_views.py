@@ -1,0 +1,85 @@
+"""Repeated augmentation in timm's layout (pipelines/spread_views.py): three real processes, each
+with its DALI loader over its shard, exchanging views through gloo."""
+import json
+import subprocess
+import sys
+from collections import Counter
+
+import pytest
+from PIL import Image
+
+SCRIPT = r"""
+import json, sys
+import torch, torch.distributed as dist
+from fastrsb.pipelines import train_loader
+dist.init_process_group("gloo")
+rank, world = dist.get_rank(), dist.get_world_size()
+def loader(spread, state=None):
+    return train_loader(sys.argv[1], batch_size=6, img_size=16, device="cpu", shard_id=rank, num_shards=world,
+                        seed=3, repeats=3, num_threads=1, spread_views=spread, state=state)
+def take(loader, count):
+    return [(images.contiguous().flatten(1).tolist(), labels.tolist()) for (images, labels), _ in zip(loader, range(count))]
+result = {}
+for spread in (False, True):
+    first = loader(spread)
+    gathered = [None] * world
+    dist.all_gather_object(gathered, take(first, 2))
+    result[str(spread)] = gathered
+# A saved position continues exactly: every rank's next batches, exchanged, as if never stopped.
+state = first.state_dict()
+assert state["fingerprint"]["spread_views"] is True
+following = take(first, 3)
+resumed = take(loader(True, state), 3)
+agreed = [None] * world
+dist.all_gather_object(agreed, following == resumed)
+result["resumed exactly"] = agreed
+if rank == 0:
+    print(json.dumps(result))
+dist.destroy_process_group()
+"""
+
+
+@pytest.fixture(scope="module")
+def exchanged(tmp_path_factory):
+    """Each image its own label (a file list), so a label names the image a view was cut from."""
+    folder = tmp_path_factory.mktemp("unique")
+    lines = []
+    for index in range(36):
+        Image.new("RGB", (24 + index, 20), (7 * index, 255 - 7 * index, 3 * index)).save(folder / f"{index}.jpg")
+        lines.append(f"{index}.jpg {index}")
+    (folder / "list.txt").write_text("\n".join(lines) + "\n")
+    (folder / "run.py").write_text(SCRIPT)
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=3",
+                           str(folder / "run.py"), str(folder / "list.txt")], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_each_rank_holds_distinct_images_and_each_image_is_on_three_ranks(exchanged):
+    for step in range(2):
+        kept = [exchanged["False"][rank][step][1] for rank in range(3)]
+        spread = [exchanged["True"][rank][step][1] for rank in range(3)]
+        # Kept in one batch: 2 images x 3 views on each rank.
+        assert all(sorted(Counter(labels).values()) == [3, 3] for labels in kept)
+        # Spread: 6 distinct images on each rank, in blocks of 2: view 0 of its own, view 1 of the
+        # previous rank's, view 2 of the one before that.
+        for rank, labels in enumerate(spread):
+            assert len(set(labels)) == 6
+            own, previous, before = (kept[(rank - k) % 3] for k in range(3))
+            assert labels == [own[0], own[3], previous[1], previous[4], before[2], before[5]]
+        # Every image's 3 views on 3 different ranks, in the same step.
+        where = Counter(label for labels in spread for label in set(labels))
+        assert set(where.values()) == {3} and set(where) == {label for labels in kept for label in labels}
+
+
+def test_the_exchange_moves_views_and_changes_none(exchanged):
+    """The same views, pixel for pixel, as the loaders cut them: only their rank differs."""
+    for step in range(2):
+        def views(layout):
+            return sorted((label, tuple(pixels)) for rank in range(3)
+                          for pixels, label in zip(*exchanged[layout][rank][step]))
+        assert views("True") == views("False")
+
+
+def test_a_saved_position_continues_exactly_with_the_exchange(exchanged):
+    assert exchanged["resumed exactly"] == [True, True, True]
