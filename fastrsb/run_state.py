@@ -46,8 +46,11 @@ def load_for_resume(path: Path, recipe: dict, classes: list[str], d: Dist) -> di
     """The checkpoint at `path`, refused with a clear message if this run cannot continue it."""
     state = load_checkpoint(path)
     saved = {**ADDED_KEYS, **state["recipe"]}
+    # Where views are neither repeated nor on several processes, where they go changes nothing.
+    spread_inert = recipe["aug_repeats"] <= 1 or d.world == 1
     differ = [f"{k} {saved.get(k)!r} -> {recipe[k]!r}" for k in recipe
-              if k != "name" and k not in SPEED_ONLY and saved.get(k) != recipe[k]]
+              if k != "name" and k not in SPEED_ONLY and saved.get(k) != recipe[k]
+              and not (k == "aug_repeats_across_ranks" and spread_inert)]
     if differ:
         raise UserError(f"{path} was trained with another recipe ({'; '.join(differ[:4])}): resume with the "
                         "same recipe and --set values, or start a new --out")

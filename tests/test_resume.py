@@ -506,13 +506,16 @@ def test_eval_of_the_ema_weights(tiny_data, uninterrupted, tmp_path):
 
 
 def test_checkpoint_from_before_a_recipe_key_was_added_resumes(tiny_data, tmp_path):
-    """A checkpoint written before `cuda_graphs` and `high_priority_stream` existed holds a recipe
-    without them: it resumes as the value such a run had (false), instead of "trained with another
-    recipe"."""
+    """A checkpoint written before `cuda_graphs`, `high_priority_stream`, `initial_checkpoint` and
+    `aug_repeats_across_ranks` existed holds a recipe without them: it resumes as the value such a
+    run had (false, none, views in one batch: in one process, where they could go nowhere else,
+    whatever the recipe says now), instead of "trained with another recipe"."""
     first = _train(tiny_data, tmp_path, stop_after_steps=2)
     assert first["stopped"]
     state = load_checkpoint(tmp_path / "last.pt")
-    del state["recipe"]["cuda_graphs"], state["recipe"]["high_priority_stream"]
+    for key in ("cuda_graphs", "high_priority_stream", "initial_checkpoint", "aug_repeats_across_ranks"):
+        del state["recipe"][key]
+    del state["ranks"][0]["loader"]["fingerprint"]["spread_views"]
     torch.save(state, tmp_path / "last.pt")
     assert not _train(tiny_data, tmp_path, resume="auto").get("stopped")
 
