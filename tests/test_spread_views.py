@@ -1,24 +1,29 @@
 """Repeated augmentation in timm's layout (pipelines/spread_views.py): three real processes, each
-with its DALI loader over its shard, exchanging views through gloo."""
+with its DALI loader over its shard, exchanging views through gloo (and NCCL, given 3 GPUs)."""
 import json
 import subprocess
 import sys
 from collections import Counter
 
 import pytest
+import torch
 from PIL import Image
 
 SCRIPT = r"""
-import json, sys
+import json, os, sys
 import torch, torch.distributed as dist
 from fastrsb.pipelines import train_loader
-dist.init_process_group("gloo")
+device = sys.argv[2]
+if device == "cuda":
+    torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+dist.init_process_group("nccl" if device == "cuda" else "gloo")
 rank, world = dist.get_rank(), dist.get_world_size()
 def loader(spread, state=None):
-    return train_loader(sys.argv[1], batch_size=6, img_size=16, device="cpu", shard_id=rank, num_shards=world,
+    return train_loader(sys.argv[1], batch_size=6, img_size=16, device=device, shard_id=rank, num_shards=world,
                         seed=3, repeats=3, num_threads=1, spread_views=spread, state=state)
 def take(loader, count):
-    return [(images.contiguous().flatten(1).tolist(), labels.tolist()) for (images, labels), _ in zip(loader, range(count))]
+    return [(images.float().cpu().contiguous().flatten(1).tolist(), labels.tolist())
+            for (images, labels), _ in zip(loader, range(count))]
 result = {}
 for spread in (False, True):
     first = loader(spread)
@@ -39,10 +44,8 @@ dist.destroy_process_group()
 """
 
 
-@pytest.fixture(scope="module")
-def exchanged(tmp_path_factory):
+def _exchange(folder, device: str) -> dict:
     """Each image its own label (a file list), so a label names the image a view was cut from."""
-    folder = tmp_path_factory.mktemp("unique")
     lines = []
     for index in range(36):
         Image.new("RGB", (24 + index, 20), (7 * index, 255 - 7 * index, 3 * index)).save(folder / f"{index}.jpg")
@@ -50,12 +53,22 @@ def exchanged(tmp_path_factory):
     (folder / "list.txt").write_text("\n".join(lines) + "\n")
     (folder / "run.py").write_text(SCRIPT)
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=3",
-                           str(folder / "run.py"), str(folder / "list.txt")], capture_output=True, text=True, timeout=300)
+                           str(folder / "run.py"), str(folder / "list.txt"), device],
+                          capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+@pytest.fixture(scope="module")
+def exchanged(tmp_path_factory):
+    return _exchange(tmp_path_factory.mktemp("unique"), "cpu")
+
+
 def test_each_rank_holds_distinct_images_and_each_image_is_on_three_ranks(exchanged):
+    _check_layout(exchanged)
+
+
+def _check_layout(exchanged):
     for step in range(2):
         kept = [exchanged["False"][rank][step][1] for rank in range(3)]
         spread = [exchanged["True"][rank][step][1] for rank in range(3)]
@@ -74,6 +87,10 @@ def test_each_rank_holds_distinct_images_and_each_image_is_on_three_ranks(exchan
 
 def test_the_exchange_moves_views_and_changes_none(exchanged):
     """The same views, pixel for pixel, as the loaders cut them: only their rank differs."""
+    _check_pixels(exchanged)
+
+
+def _check_pixels(exchanged):
     for step in range(2):
         def views(layout):
             return sorted((label, tuple(pixels)) for rank in range(3)
@@ -82,4 +99,14 @@ def test_the_exchange_moves_views_and_changes_none(exchanged):
 
 
 def test_a_saved_position_continues_exactly_with_the_exchange(exchanged):
+    assert exchanged["resumed exactly"] == [True, True, True]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.device_count() < 3, reason="needs 3 NVIDIA GPUs")
+def test_gpu_views_exchanged_over_nccl(tmp_path):
+    """The same over NCCL between 3 GPUs, each loader decoding on its own GPU."""
+    exchanged = _exchange(tmp_path, "cuda")
+    _check_layout(exchanged)
+    _check_pixels(exchanged)
     assert exchanged["resumed exactly"] == [True, True, True]
