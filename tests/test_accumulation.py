@@ -64,4 +64,5 @@ def test_run_card_names_the_lr_rule(tiny_data, tmp_path):
                          "--set", "mixup=0", "--set", "cutmix=0", "--set", "train_interpolation=bicubic",
                          "--stop-after-steps", "1")
     assert ("augmentation: crops and RandAugment's geometric ops resampled bicubic, RandAugment rand-m6-mstd0.5-inc1 "
-            "(torch form), 2 views of each image, no mixup or cutmix") in torch_form.stdout
+            "(torch form), 2 views of each image, side by side in one process's batch, no mixup or cutmix"
+            ) in torch_form.stdout
