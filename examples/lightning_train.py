@@ -32,7 +32,8 @@ class Classifier(L.LightningModule):
             with open(self.batch_log, "a") as f:
                 shard = self.trainer.datamodule.train_data.settings
                 f.write(json.dumps({"rank": self.global_rank, "shard": [shard["shard_id"], shard["num_shards"]],
-                                    "step": self.global_step, "labels": labels.tolist(),
+                                    "spread_views": shard["spread_views"], "step": self.global_step,
+                                    "labels": labels.tolist(),
                                     "pixels": round(images.float().sum().item(), 2)}) + "\n")
         return loss
 
@@ -60,9 +61,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--resume", help="a checkpoint to continue from, exactly where it stopped")
     p.add_argument("--batch-log", help="append each step's batch fingerprint to this file (JSON lines)")
     p.add_argument("--val-every", type=int, default=None, help="validate every N steps (default: each epoch)")
+    p.add_argument("--repeats", type=int, default=1, help="repeated augmentation: views of each decoded image")
+    p.add_argument("--spread-views", action="store_true", help="each view on another process (timm's layout)")
     args = p.parse_args(argv)
     data = DaliDataModule(args.data, batch_size=args.batch_size, img_size=args.img_size,
-                          val_img_size=args.img_size, world_size=args.devices)
+                          val_img_size=args.img_size, world_size=args.devices, repeats=args.repeats,
+                          spread_views=args.spread_views)
     model = Classifier(args.model, data.num_classes, lr=1e-3, batch_log=args.batch_log)
     gpu = torch.cuda.is_available()
     callbacks = [ModelCheckpoint(args.out, "{step}", every_n_train_steps=args.ckpt_every, save_top_k=-1)] \

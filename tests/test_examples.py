@@ -59,12 +59,15 @@ def test_lightning_resumes_with_the_next_batch(tiny_data, tmp_path, capsys):
 
 
 def test_lightning_two_processes(tiny_data, tmp_path):
+    """With repeated views exchanged between the processes (Lightning's process group is up by the
+    time the DataModule builds its loaders)."""
     lines, _ = _run([sys.executable, EXAMPLES / "lightning_train.py", "--data", tiny_data, "--devices", 2,
-                     "--batch-size", 8, "--max-steps", 3, "--out", tmp_path / "run", "--batch-log", tmp_path / "b.log"],
-                    tmp_path)
+                     "--batch-size", 8, "--max-steps", 3, "--out", tmp_path / "run", "--batch-log", tmp_path / "b.log",
+                     "--repeats", 2, "--spread-views"], tmp_path)
     assert lines[-1]["world_size"] == 2 and lines[-1]["val_images"] == 20  # each val image once over 2 ranks
     rows = [json.loads(line) for line in (tmp_path / "b.log").read_text().splitlines()]
     assert sorted({(row["rank"], tuple(row["shard"])) for row in rows}) == [(0, (0, 2)), (1, (1, 2))]
+    assert all(row["spread_views"] for row in rows)
 
 
 def test_datamodule_refuses_another_world_size(tiny_data):

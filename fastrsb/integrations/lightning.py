@@ -27,15 +27,18 @@ from fastrsb.pipelines import train_loader, val_loader
 class DaliDataModule(L.LightningDataModule):
     def __init__(self, data: str | Path, batch_size: int, img_size: int = 160, val_img_size: int = 224,
                  crop_pct: float = 0.95, seed: int = 0, aa: str | None = None, repeats: int = 1,
-                 num_threads: int | None = None, world_size: int | None = None):
+                 num_threads: int | None = None, world_size: int | None = None, spread_views: bool = False):
         """data: a folder with train/<class>/ and val/<class>/. batch_size: per process (GPU).
         world_size: the number of processes the caller expects; if given, a trainer that reports
-        another is refused (a launcher that started fewer processes than planned)."""
+        another is refused (a launcher that started fewer processes than planned).
+        spread_views: with repeats > 1, each image's views on different processes, as timm's
+        RepeatAugSampler places them (fastrsb.pipelines.spread_views; Lightning's DDP has the
+        process group up before setup())."""
         super().__init__()
         self.data = Path(data)
         self.batch_size, self.img_size, self.val_img_size, self.crop_pct = batch_size, img_size, val_img_size, crop_pct
         self.seed, self.aa, self.repeats, self.num_threads = seed, aa, repeats, num_threads
-        self.expected_world_size = world_size
+        self.expected_world_size, self.spread_views = world_size, spread_views
         self.train_data = self.val_data = None
 
     def setup(self, stage: str) -> None:
@@ -51,7 +54,7 @@ class DaliDataModule(L.LightningDataModule):
         shard = dict(device=device, shard_id=rank, num_shards=world, num_threads=self.num_threads)
         if stage == "fit" and self.train_data is None:
             self.train_data = train_loader(self.data / "train", self.batch_size, self.img_size, seed=self.seed,
-                                           aa=self.aa, repeats=self.repeats, **shard)
+                                           aa=self.aa, repeats=self.repeats, spread_views=self.spread_views, **shard)
         if self.val_data is None:
             self.val_data = val_loader(self.data / "val", self.batch_size, self.val_img_size, self.crop_pct, **shard)
 
