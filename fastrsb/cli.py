@@ -312,29 +312,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(p)
     p.set_defaults(func=cmd_recipe)
 
-    p = sub.add_parser("train", help="train a recipe")
-    p.add_argument("recipe", help="a1, a2, a3, demo, tiny or a path to a .toml file")
-    p.add_argument("--data", help="ImageNet-style folder with train/<class>/ and val/<class>/ (demo: generated)")
-    p.add_argument("--out", help="run folder (default runs/<recipe>-<time>)")
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="default: cuda if present")
-    p.add_argument("--threads", type=count_option, default=None, help="DALI CPU threads per process (default: its share of the cores, at most 8)")
-    p.add_argument("--log-every", type=count_option, default=50, help="steps between progress updates (host syncs)")
-    p.add_argument("--resume", metavar="auto|CKPT", default=None,
-                   help="continue exactly: 'auto' takes --out's last.pt (starts fresh if there is none)")
-    p.add_argument("--grad-accum-steps", type=_accumulation, default="auto", metavar="auto|K",
-                   help="micro-batches per optimizer step and process; auto (default): from --micro-batch, or on a "
-                        "GPU the largest micro-batch that fits, so the recipe's global batch holds on any GPU count")
-    p.add_argument("--micro-batch", type=count_option, default=None, metavar="N",
-                   help="images per process and micro-batch (with --grad-accum-steps auto)")
-    p.add_argument("--deterministic", action="store_true",
-                   help="torch's deterministic algorithms, and a hash of each logged batch (fastrsb compare)")
-    p.add_argument("--nproc", type=_process_count, default="1", metavar="N|all",
-                   help="processes on this machine, one per GPU (all: every visible GPU), started and stopped "
-                        "together; with --device cpu, N CPU processes (gloo). Several machines: torchrun")
-    p.add_argument("--stop-after-steps", type=count_option, default=None, metavar="N",
-                   help="save a resumable checkpoint and stop once N optimizer steps are done in total")
-    _add_common(p)
-    p.set_defaults(func=cmd_train)
+    _add_train_command(sub)
 
     p = sub.add_parser("eval", help="top-1/top-5 of a checkpoint, or of a timm model folder (fastrsb export's, "
                                     "or a timm model's from the hub)")
@@ -387,6 +365,33 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_data_commands(sub)
     return parser
+
+
+def _add_train_command(sub) -> None:
+    """`fastrsb train RECIPE ...`."""
+    p = sub.add_parser("train", help="train a recipe")
+    p.add_argument("recipe", help="a1, a2, a3, demo, tiny or a path to a .toml file")
+    p.add_argument("--data", help="ImageNet-style folder with train/<class>/ and val/<class>/ (demo: generated)")
+    p.add_argument("--out", help="run folder (default runs/<recipe>-<time>)")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="default: cuda if present")
+    p.add_argument("--threads", type=count_option, default=None, help="DALI CPU threads per process (default: its share of the cores, at most 8)")
+    p.add_argument("--log-every", type=count_option, default=50, help="steps between progress updates (host syncs)")
+    p.add_argument("--resume", metavar="auto|CKPT", default=None,
+                   help="continue exactly: 'auto' takes --out's last.pt (starts fresh if there is none)")
+    p.add_argument("--grad-accum-steps", type=_accumulation, default="auto", metavar="auto|K",
+                   help="micro-batches per optimizer step and process; auto (default): from --micro-batch, or on a "
+                        "GPU the largest micro-batch that fits, so the recipe's global batch holds on any GPU count")
+    p.add_argument("--micro-batch", type=count_option, default=None, metavar="N",
+                   help="images per process and micro-batch (with --grad-accum-steps auto)")
+    p.add_argument("--deterministic", action="store_true",
+                   help="torch's deterministic algorithms, and a hash of each logged batch (fastrsb compare)")
+    p.add_argument("--nproc", type=_process_count, default="1", metavar="N|all",
+                   help="processes on this machine, one per GPU (all: every visible GPU), started and stopped "
+                        "together; with --device cpu, N CPU processes (gloo). Several machines: torchrun")
+    p.add_argument("--stop-after-steps", type=count_option, default=None, metavar="N",
+                   help="save a resumable checkpoint and stop once N optimizer steps are done in total")
+    _add_common(p)
+    p.set_defaults(func=cmd_train)
 
 
 def _add_data_commands(sub) -> None:
