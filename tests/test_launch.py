@@ -6,8 +6,12 @@ import sys
 import threading
 import time
 
+import pytest
+import torch
+
 from conftest import run_cli
-from fastrsb.launch import run_together
+from fastrsb.errors import UserError
+from fastrsb.launch import resolve_nproc, run_together
 
 
 def _python(code: str) -> tuple[list[str], dict]:
@@ -71,3 +75,14 @@ def test_nproc_refusals(monkeypatch, tiny_data, tmp_path):
     proc = run_cli(*common, "--nproc", "2", check=False)
     assert proc.returncode == 2 and "without torchrun" in proc.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_nproc_counts_the_visible_gpus(monkeypatch, tiny_data, tmp_path):
+    """On a machine with 4 GPUs (their count stood in for: the rest of the run is on the CPU)."""
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    assert resolve_nproc("all", "auto") == 4 and resolve_nproc("2", "cuda") == 2
+    with pytest.raises(UserError, match="--nproc 5, but 4 GPU"):
+        resolve_nproc("5", "auto")
+    assert resolve_nproc("5", "cpu") == 5  # CPU processes: as many as asked
+    proc = run_cli("train", "tiny", "--data", tiny_data, "--out", tmp_path / "run", "--stop-after-steps", "1")
+    assert "note: 4 GPUs are visible and this run uses one: --nproc all trains on every one" in proc.stdout
