@@ -11,7 +11,7 @@ import torch
 
 from conftest import run_cli
 from fastrsb.errors import UserError
-from fastrsb.launch import resolve_nproc, run_together
+from fastrsb.launch import resolve_nproc, run_together, unused_gpus_note
 
 
 def _python(code: str) -> tuple[list[str], dict]:
@@ -77,12 +77,14 @@ def test_nproc_refusals(monkeypatch, tiny_data, tmp_path):
     assert not (tmp_path / "run").exists()
 
 
-def test_nproc_counts_the_visible_gpus(monkeypatch, tiny_data, tmp_path):
-    """On a machine with 4 GPUs (their count stood in for: the rest of the run is on the CPU)."""
+def test_nproc_counts_the_visible_gpus(monkeypatch):
+    """On a machine with 4 GPUs (their count stood in for)."""
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
     assert resolve_nproc("all", "auto") == 4 and resolve_nproc("2", "cuda") == 2
     with pytest.raises(UserError, match="--nproc 5, but 4 GPU"):
         resolve_nproc("5", "auto")
     assert resolve_nproc("5", "cpu") == 5  # CPU processes: as many as asked
-    proc = run_cli("train", "tiny", "--data", tiny_data, "--out", tmp_path / "run", "--stop-after-steps", "1")
-    assert "note: 4 GPUs are visible and this run uses one: --nproc all trains on every one" in proc.stdout
+    assert unused_gpus_note("auto") == "note: 4 GPUs are visible and this run uses one: --nproc all trains on every one"
+    assert unused_gpus_note("cpu") is None
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert unused_gpus_note("cuda") is None
