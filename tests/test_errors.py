@@ -1,6 +1,8 @@
 """Bad input: each gives one clear line naming the problem, exit code 2, no traceback, no hang."""
 import json
 import shutil
+import tempfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -9,7 +11,9 @@ from conftest import assert_user_error, run_cli
 
 
 def train(data, *extra):
-    return run_cli("train", "tiny", "--data", data, "--device", "cpu", *extra, check=False)
+    # A run folder of its own unless the test names one: not runs/ in the directory pytest runs in.
+    out = [] if "--out" in map(str, extra) else ["--out", Path(tempfile.mkdtemp(prefix="fastrsb-errors-")) / "run"]
+    return run_cli("train", "tiny", "--data", data, "--device", "cpu", *out, *extra, check=False)
 
 
 @pytest.fixture
