@@ -31,10 +31,15 @@ STRAGGLER_SECONDS = 60.0  # after a process failed; FailureNotice stops the othe
 STOPPED = {0} | {128 + sig for sig in StopRequest.SIGNALS}
 
 
+def _visible_gpus(device: str) -> int:
+    """The GPUs a run on `device` would take processes to (none with --device cpu)."""
+    import torch
+    return torch.cuda.device_count() if device in ("auto", "cuda") else 0
+
+
 def resolve_nproc(value: str, device: str) -> int:
     """--nproc N or all (every visible GPU), checked against the GPUs there are."""
-    import torch
-    gpus = torch.cuda.device_count() if device in ("auto", "cuda") else 0
+    gpus = _visible_gpus(device)
     if value == "all":
         if gpus == 0:
             raise UserError("--nproc all starts one process per GPU, and no GPU is visible: "
@@ -48,8 +53,7 @@ def resolve_nproc(value: str, device: str) -> int:
 
 def unused_gpus_note(device: str) -> str | None:
     """A single-process run on a machine with several GPUs uses one: say how to use them all."""
-    import torch
-    gpus = torch.cuda.device_count() if device in ("auto", "cuda") else 0
+    gpus = _visible_gpus(device)
     if gpus > 1:
         return f"note: {gpus} GPUs are visible and this run uses one: --nproc all trains on every one"
     return None

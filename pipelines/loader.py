@@ -148,8 +148,7 @@ class DaliLoader:
         consumer gets them (augmented by the torch form where there is one)."""
         batch = taken = self._next_batch()
         if self.repeats > 1:  # ceil(batch / repeats) images x repeats views; a surplus of < repeats views is cut
-            views = batch if not self._spread else {  # (R, n, ...): view k of another rank's images in block k
-                key: spread(value, *self._spread) for key, value in batch.items()}
+            views = spread(batch, *self._spread) if self._spread else batch  # (R, n, ...): spread_views.py
             taken = {key: value.flatten(0, 1)[:self.batch_size] for key, value in views.items()}
         if not self._augment:
             return batch, _to_nchw(taken["images"]), taken["labels"]

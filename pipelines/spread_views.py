@@ -9,11 +9,14 @@ the step is about to run on: rank r keeps view 0 of its images and sends view k 
 blocks of distinct images, and each image's views sit on R different ranks in the same step, as
 timm's sampler places them (on R or more ranks; on fewer, views share a rank there too).
 
-The exchange is one batched point-to-point call per batch (NCCL on GPUs: no host sync, over
-NVLink within a machine; gloo on the CPU), (R - 1) / R of the batch each way."""
+The exchange is one batched point-to-point call per batch, its images, labels (and the torch
+form's draws) together (NCCL on GPUs: no host sync, over NVLink within a machine; gloo on the
+CPU), (R - 1) / R of the batch each way, and one copy of the batch on the device: the views a rank
+sends are strided in the decoded layout, and NCCL sends contiguous buffers."""
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 
 from .image_list import DatasetError
 
@@ -23,7 +26,6 @@ def views_to_spread(asked: bool, repeats: int, shard_id: int, num_shards: int) -
     ranks to exchange them with (num_shards > 1), which must be torch.distributed's."""
     if not (asked and repeats > 1 and num_shards > 1):
         return False
-    import torch.distributed as dist
     if not (dist.is_available() and dist.is_initialized()):
         raise DatasetError("spread_views=True exchanges views between the shards' processes through torch.distributed: "
                            "initialize its process group first (torchrun and init_process_group)")
@@ -33,20 +35,21 @@ def views_to_spread(asked: bool, repeats: int, shard_id: int, num_shards: int) -
     return True
 
 
-def spread(views: torch.Tensor, rank: int, world: int) -> torch.Tensor:
-    """views: (n, R, ...) this rank's n images with R views each -> (R, n, ...), whose block k is
-    view k of the n images of rank (rank - k) % world. Every rank calls it at the same batch."""
-    import torch.distributed as dist
-    blocks = views.transpose(0, 1)  # (R, n, ...), block k: view k of each image (a view, not a copy)
-    out = torch.empty_like(blocks, memory_format=torch.contiguous_format)
-    out[0].copy_(blocks[0])
-    ops = []
-    for k in range(1, blocks.shape[0]):
-        to, since = (rank + k) % world, (rank - k) % world
-        if to == rank:  # fewer ranks than views: this view stays
-            out[k].copy_(blocks[k])
-            continue
-        ops += [dist.P2POp(dist.isend, blocks[k].contiguous(), to), dist.P2POp(dist.irecv, out[k], since)]
+def spread(batch: dict[str, torch.Tensor], rank: int, world: int) -> dict[str, torch.Tensor]:
+    """Each tensor of `batch` (images, labels, draws): (n, R, ...), this rank's n images with R views
+    each -> (R, n, ...), whose block k is view k of the n images of rank (rank - k) % world. One
+    batched call for them all; every rank makes it at the same batch."""
+    ops, out = [], {}
+    for key, views in batch.items():
+        blocks = views.transpose(0, 1)  # (R, n, ...), block k: view k of each image (a view, not a copy)
+        out[key] = torch.empty_like(blocks, memory_format=torch.contiguous_format)
+        out[key][0].copy_(blocks[0])
+        for k in range(1, blocks.shape[0]):
+            to, since = (rank + k) % world, (rank - k) % world
+            if to == rank:  # fewer ranks than views: this view stays
+                out[key][k].copy_(blocks[k])
+                continue
+            ops += [dist.P2POp(dist.isend, blocks[k].contiguous(), to), dist.P2POp(dist.irecv, out[key][k], since)]
     if ops:
         for request in dist.batch_isend_irecv(ops):
             request.wait()  # NCCL: the current stream waits, the host does not

@@ -18,9 +18,9 @@ if device == "cuda":
     torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
 dist.init_process_group("nccl" if device == "cuda" else "gloo")
 rank, world = dist.get_rank(), dist.get_world_size()
-def loader(spread, state=None):
+def loader(spread, state=None, **augment):
     return train_loader(sys.argv[1], batch_size=6, img_size=16, device=device, shard_id=rank, num_shards=world,
-                        seed=3, repeats=3, num_threads=1, spread_views=spread, state=state)
+                        seed=3, repeats=3, num_threads=1, spread_views=spread, state=state, **augment)
 def take(loader, count):
     return [(images.float().cpu().contiguous().flatten(1).tolist(), labels.tolist())
             for (images, labels), _ in zip(loader, range(count))]
@@ -38,6 +38,12 @@ resumed = take(loader(True, state), 3)
 agreed = [None] * world
 dist.all_gather_object(agreed, following == resumed)
 result["resumed exactly"] = agreed
+# The torch RandAugment form augments after the hand-over, on the rank a view went to: its draws
+# travel with it (one exchange for images, labels and draws).
+for spread in (False, True):
+    gathered = [None] * world
+    dist.all_gather_object(gathered, take(loader(spread, aa="rand-m9-mstd0.5-inc1", aa_impl="torch"), 2))
+    result["torch " + str(spread)] = gathered
 if rank == 0:
     print(json.dumps(result))
 dist.destroy_process_group()
@@ -86,7 +92,9 @@ def _check_layout(exchanged):
 
 
 def test_the_exchange_moves_views_and_changes_none(exchanged):
-    """The same views, pixel for pixel, as the loaders cut them: only their rank differs."""
+    """The same views, pixel for pixel, as the loaders cut them (and as the torch RandAugment form
+    augments them, on the rank they went to, with the draws that went along): only their rank
+    differs."""
     _check_pixels(exchanged)
 
 
@@ -96,6 +104,7 @@ def _check_pixels(exchanged):
             return sorted((label, tuple(pixels)) for rank in range(3)
                           for pixels, label in zip(*exchanged[layout][rank][step]))
         assert views("True") == views("False")
+        assert views("torch True") == views("torch False") != views("False")  # augmented, as drawn
 
 
 def test_a_saved_position_continues_exactly_with_the_exchange(exchanged):
