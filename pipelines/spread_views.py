@@ -12,7 +12,11 @@ timm's sampler places them (on R or more ranks; on fewer, views share a rank the
 The exchange is one batched point-to-point call per batch, its images, labels (and the torch
 form's draws) together (NCCL on GPUs: no host sync, over NVLink within a machine; gloo on the
 CPU), (R - 1) / R of the batch each way, and one copy of the batch on the device: the views a rank
-sends are strided in the decoded layout, and NCCL sends contiguous buffers."""
+sends are strided in the decoded layout, and NCCL sends contiguous buffers. It opens no NCCL
+communicator of its own: torch's ProcessGroupNCCL runs a batch of point-to-point ops on the process
+group's communicator, the one the gradient all-reduce uses (only a lone send or recv gets a
+two-rank communicator per pair, made at its first call), and records the send buffers on its
+stream, so a buffer dropped here is not reused before NCCL has sent it."""
 from __future__ import annotations
 
 import torch
