@@ -41,16 +41,21 @@ def _read(files, labels, device, shard_id, num_shards, train, shuffle_seed):
     return jpegs, fn.reshape(labels, shape=[])  # (N, 1) int32 -> (N,) int64: no conversion in torch
 
 
-def _mixed_decoder_args(device: str, hw_decoder_load: float) -> dict:
-    if device != "cuda":
-        return {}
-    # hw_decoder_load: the share of each batch sent to the hardware JPEG engines (A100/H100);
-    # the rest goes to nvJPEG's CUDA path, whose Huffman stage runs on CPU threads.
-    # The CUDA path's buffers keep DALI's defaults (16 MiB device, 2 x 8 MiB pinned host per thread,
-    # grown when an image needs more): it preallocates the padding per thread, and the 201 MB /
-    # 134 MB of NVIDIA's older ImageNet examples cost 16 threads 3.2 GiB of GPU memory (the H200 at
-    # 915cdf8: 4.1 GiB at hw_decoder_load 0.9, 1.16 GiB at 1.0, where that path never runs).
-    return {"hw_decoder_load": hw_decoder_load}
+# Pixels as stored, whatever the file's EXIF orientation says: timm decodes with PIL, whose
+# Image.open ignores that tag, and DALI's decoders (and peek_image_shape) would otherwise rotate or
+# mirror such an image, a portrait photo stored sideways then training and testing upright.
+AS_STORED = {"adjust_orientation": False}
+
+
+def _decoder_args(device: str, hw_decoder_load: float) -> dict:
+    """Every decoder's arguments: pixels as stored, and on the GPU the hardware engines' share.
+    hw_decoder_load: the share of each batch sent to the hardware JPEG engines (A100/H100); the
+    rest goes to nvJPEG's CUDA path, whose Huffman stage runs on CPU threads. That path's buffers
+    keep DALI's defaults (16 MiB device, 2 x 8 MiB pinned host per thread, grown when an image
+    needs more): it preallocates the padding per thread, and the 201 MB / 134 MB of NVIDIA's older
+    ImageNet examples cost 16 threads 3.2 GiB of GPU memory (the H200 at 915cdf8: 4.1 GiB at
+    hw_decoder_load 0.9, 1.16 GiB at 1.0, where that path never runs)."""
+    return {**AS_STORED, **({"hw_decoder_load": hw_decoder_load} if device == "cuda" else {})}
 
 
 def _normalize(images, dtype, mirror=None):
@@ -130,11 +135,11 @@ def train_pipeline(files, labels, img_size, device, shard_id, num_shards, shuffl
     jpegs, labels = _read(files, labels, device, shard_id, num_shards, True, shuffle_seed)
     if repeats == 1:
         images = fn.decoders.image_random_crop(jpegs, device=_decoder_device(device), output_type=types.RGB,
-                                               **_CROP, **_mixed_decoder_args(device, hw_decoder_load))
+                                               **_CROP, **_decoder_args(device, hw_decoder_load))
         images, draws = finish(_resize(images, img_size, device, interpolation))
         return (images, labels, draws) if in_torch else (images, labels)
     decoded = fn.decoders.image(jpegs, device=_decoder_device(device), output_type=types.RGB,
-                                **_mixed_decoder_args(device, hw_decoder_load))
+                                **_decoder_args(device, hw_decoder_load))
     views = [finish(_random_resized_crop(decoded, img_size, device, interpolation)) for _ in range(repeats)]
     stacked = fn.stack(*[images for images, _ in views]), fn.stack(*([labels] * repeats))
     return (*stacked, fn.stack(*[draws for _, draws in views])) if in_torch else stacked
@@ -158,7 +163,7 @@ def _timm_eval_resize_and_crop(jpegs, images, img_size, crop_pct):
     to floor(resize * long / short) (torchvision truncates where DALI's resize_shorter rounds),
     then a centre crop at torchvision's anchor."""
     resize = val_resize_size(img_size, crop_pct)
-    shape = fn.peek_image_shape(jpegs)  # (H, W, C) after EXIF orientation, read from the header
+    shape = fn.peek_image_shape(jpegs, **AS_STORED)  # (H, W, C) as the decoder gives it, from the header
     height = fn.cast(shape[0], dtype=types.FLOAT)
     width = fn.cast(shape[1], dtype=types.FLOAT)
     short = dmath.min(height, width)
@@ -175,7 +180,7 @@ def val_pipeline(files, labels, img_size, crop_pct, device, shard_id, num_shards
     floor(img_size / crop_pct), centre crop img_size, normalize."""
     jpegs, labels = _read(files, labels, device, shard_id, num_shards, False, None)
     images = fn.decoders.image(jpegs, device=_decoder_device(device), output_type=types.RGB,
-                               **_mixed_decoder_args(device, hw_decoder_load))
+                               **_decoder_args(device, hw_decoder_load))
     if device == "cpu":  # torch's bicubic kernel (cpu_resize.py): DALI's CPU one is ~10x slower
         images = eval_resize_and_crop(images, img_size, val_resize_size(img_size, crop_pct))
     else:

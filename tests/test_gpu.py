@@ -404,3 +404,20 @@ def test_gpu_busy_share_from_nvml_follows_the_work():
     assert len(busy.samples) >= 20 and busy.share > 0.6, busy.samples
     assert idle.share < 0.3, idle.samples
     assert GpuBusy("cpu").share is None
+
+
+@pytest.mark.parametrize("hw_decoder_load", [0.0, 1.0])  # nvJPEG's CUDA path; the hardware engines where there are
+def test_gpu_decoders_ignore_exif_orientation_as_timm(tmp_path, hw_decoder_load):
+    """The "mixed" decoders as the CPU's (test_pipelines.py): JPEGs tagged "rotate 90 degrees"
+    give the batches of the same files untagged, in training (the crop decoder and the whole-image
+    one of repeated augmentation) and validation."""
+    from fastrsb.pipelines import train_loader, val_loader
+    from test_pipelines import _take, assert_same_batches, sideways_copies
+    tagged, plain = sideways_copies(tmp_path / "tagged", 6), sideways_copies(tmp_path / "plain", None)
+    for repeats in (1, 3):
+        batches = [_take(train_loader(root, 4, 32, device="cuda", repeats=repeats, seed=5,
+                                      hw_decoder_load=hw_decoder_load), 3, []) for root in (plain, tagged)]
+        assert_same_batches(*batches)
+    val = [[next(iter(val_loader(root, 4, 40, 0.95, device="cuda", hw_decoder_load=hw_decoder_load)))]
+           for root in (plain, tagged)]
+    assert_same_batches(*val)

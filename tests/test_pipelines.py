@@ -153,7 +153,7 @@ def test_gpu_graphs_eval_geometry_matches_timms(tmp_path):
     @pipeline_def(batch_size=len(listing.files), num_threads=1, device_id=None)
     def dali_eval():
         jpegs, _ = fn.readers.file(files=listing.files, labels=listing.labels)  # in order
-        images = fn.decoders.image(jpegs, device="cpu", output_type=types.RGB)
+        images = fn.decoders.image(jpegs, device="cpu", output_type=types.RGB, **graphs.AS_STORED)
         return graphs._normalize(graphs._timm_eval_resize_and_crop(jpegs, images, 40, 0.95), "float32")
     (out,) = dali_eval().run()
     ours = torch.stack([torch.from_numpy(np.asarray(image)).permute(2, 0, 1) for image in out])
@@ -163,6 +163,41 @@ def test_gpu_graphs_eval_geometry_matches_timms(tmp_path):
     # of 0.95 gives 0.12.
     assert diff.mean() < 0.005, diff.mean()
     assert torch.quantile(diff.flatten(), 0.99) < 0.03
+
+
+def sideways_copies(root, exif_orientation):
+    """root/c/0..3.JPEG: one smooth non-square photo, stored as it is (the same compressed data
+    whatever the tag), with an EXIF orientation tag (6: "rotate 90 degrees to display") or none."""
+    rng = np.random.default_rng(3)
+    coarse = Image.fromarray(rng.integers(0, 256, (4, 6, 3), dtype=np.uint8)).resize((96, 56), Image.BICUBIC)
+    exif = Image.Exif()
+    if exif_orientation:
+        exif[0x0112] = exif_orientation
+    (root / "c").mkdir(parents=True)
+    for i in range(4):
+        coarse.save(root / "c" / f"{i}.JPEG", quality=95, exif=exif.tobytes())
+    return root
+
+
+@pytest.mark.parametrize("repeats", [1, 3])
+def test_exif_orientation_is_ignored_as_timm_ignores_it(tmp_path, repeats):
+    """timm decodes with PIL, whose Image.open leaves a JPEG's pixels as stored whatever its EXIF
+    orientation tag says; DALI's decoders rotate such an image unless told not to (graphs.AS_STORED).
+    Every decoder of the graphs -- the train crop decoder (repeats 1), the whole-image one (repeats
+    3) and the validation's, with its header-read size -- gives the tagged files the batches of
+    the same files untagged, and the validation batch is timm's eval transform of the tagged files."""
+    from timm.data import create_transform
+    tagged, plain = sideways_copies(tmp_path / "tagged", 6), sideways_copies(tmp_path / "plain", None)
+    assert Image.open(tagged / "c" / "0.JPEG").getexif()[0x0112] == 6
+
+    def train_batches(root):
+        return _take(train_loader(root, 4, 32, device="cpu", repeats=repeats, seed=5), 3, [])
+    assert_same_batches(train_batches(plain), train_batches(tagged))
+    val = [next(iter(val_loader(root, 4, 40, 0.95, device="cpu", dtype="float32"))) for root in (plain, tagged)]
+    assert_same_batches([val[0]], [val[1]])
+    timm_eval = create_transform(40, is_training=False, crop_pct=0.95, interpolation="bicubic")
+    theirs = torch.stack([timm_eval(Image.open(f).convert("RGB")) for f in sorted((tagged / "c").iterdir())])
+    assert (val[1][0] - theirs).abs().mean() < 0.0015  # as test_validation_matches_timms_eval_transform
 
 
 def test_normalization_constants(tmp_path):
