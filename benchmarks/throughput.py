@@ -443,20 +443,10 @@ def _memory(device: str, sampler: MemorySampler | None = None) -> dict:
 def context() -> dict:
     import nvidia.dali
     import timm
-    try:
-        here = Path(__file__).parent
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                cwd=here).stdout.strip() or None
-        # Numbers from uncommitted code say so: "+changes" when tracked files other than results
-        # and docs (which a run itself appends to) differ from HEAD.
-        code = ["git", "diff", "--quiet", "HEAD", "--", ":/", ":(top,exclude,glob)**/*.jsonl", ":(top,exclude,glob)**/*.md"]
-        if commit and subprocess.run(code, cwd=here).returncode == 1:
-            commit += "+changes"
-    except OSError:
-        commit = None
-    return {"commit": commit, "torch": torch.__version__, "dali": nvidia.dali.__version__, "timm": timm.__version__,
-            "cuda": torch.version.cuda, "device_name": torch.cuda.get_device_name() if torch.cuda.is_available()
-            else f"CPU ({platform.processor() or platform.machine()}, {_cores()} cores)"}
+    from fastrsb.provenance import source_commit  # "+changes": numbers from uncommitted code say so
+    return {"commit": source_commit(), "torch": torch.__version__, "dali": nvidia.dali.__version__,
+            "timm": timm.__version__, "cuda": torch.version.cuda, "device_name": torch.cuda.get_device_name()
+            if torch.cuda.is_available() else f"CPU ({platform.processor() or platform.machine()}, {_cores()} cores)"}
 
 
 def _emit(result: dict, json_out: Path | None) -> None:

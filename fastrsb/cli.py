@@ -65,13 +65,14 @@ def cmd_train(args) -> int:
         refuse_a_second_run(out, args.resume)
     if (launched := _launch_processes(args, data, out)) is not None:
         return launched
+    from fastrsb.provenance import command_line
     from fastrsb.stopping import StopRequest
     from fastrsb.train import train
     stop = StopRequest()
     metrics = train(recipe, data, out, device=args.device, num_threads=args.threads, log_every=args.log_every,
                     resume=args.resume, grad_accum_steps=args.grad_accum_steps, stop=stop,
                     stop_after_steps=args.stop_after_steps, micro_batch=args.micro_batch,
-                    deterministic=args.deterministic)
+                    deterministic=args.deterministic, command=command_line(args.argv))
     main_rank = os.environ.get("RANK", "0") == "0"
     if metrics.get("stopped"):
         if main_rank:
@@ -204,8 +205,11 @@ def cmd_doctor(args) -> int | None:
 
 def cmd_compare(args) -> int:
     from fastrsb.determinism import compare
+    from fastrsb.provenance import differences
     agree, line = compare(args.run_a, args.run_b)
     print(line)
+    if found := differences(args.run_a, args.run_b):  # what to suspect first where they diverge
+        print(f"note: the runs' first starts differ in {'; '.join(found)}")
     return 0 if agree else 1
 
 
@@ -438,6 +442,7 @@ def _add_data_commands(sub) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.argv = list(argv) if argv is not None else sys.argv[1:]  # as given: RUN_DIR/starts.jsonl records it
     from fastrsb.pipelines import DatasetError
     try:
         return args.func(args) or 0

@@ -1,5 +1,5 @@
 """A run's state and its folder: what a checkpoint holds, saved and restored side by side, and
-the metrics rows. RUN_DIR holds recipe.json, metrics.jsonl, last.pt and best.pt (rank 0 writes).
+the metrics rows. RUN_DIR holds recipe.json, starts.jsonl, metrics.jsonl, last.pt and best.pt (rank 0 writes).
 
 A checkpoint is enough to continue bit for bit: weights, optimizer, GradScaler, EMA, and for
 every process its loader position, its random streams and its loss sum so far in the epoch."""
@@ -17,6 +17,7 @@ from fastrsb.distributed import Dist, broadcast_from_main, gather_to_main, stop_
 from fastrsb.errors import UserError
 from fastrsb.metrics_log import append_rows, read_rows, replace_text, rewrite_rows
 from fastrsb.parts import Run
+from fastrsb.provenance import STARTS
 from fastrsb.recipe import ADDED_KEYS, SPEED_ONLY
 
 
@@ -149,8 +150,8 @@ SUMMARY_COLUMNS = ("epoch", "train_loss", "eval_loss", "eval_top1", "eval_top5",
 
 
 class RunFolder:
-    """RUN_DIR's recipe.json, metrics.jsonl (every row), summary.csv (an epoch a row, timm's
-    columns) and, where the `tensorboard` package is installed, TensorBoard event files under
+    """RUN_DIR's recipe.json, starts.jsonl (a line per start: fastrsb.provenance), metrics.jsonl
+    (every row), summary.csv (an epoch a row, timm's columns) and, where the `tensorboard` package is installed, TensorBoard event files under
     RUN_DIR/tensorboard. Rank 0 writes; the other ranks' calls do nothing."""
 
     def __init__(self, out: Path, recipe: dict, d: Dist, resumed: Position | None = None):
@@ -180,6 +181,11 @@ class RunFolder:
             return
         # purge_step: on resume, events written after the checkpoint's step are dropped, as metrics rows are.
         self.board = SummaryWriter(str(out / "tensorboard"), purge_step=resumed.step + 1 if resumed else None)
+
+    def record_start(self, record: dict) -> None:
+        """Append this start's line to starts.jsonl (fastrsb.provenance)."""
+        if self.main:
+            append_rows(self.out / STARTS, [record])
 
     def log(self, row: dict) -> None:
         """Append a row. A write that fails (a full disk) does not stop the run: the row is kept

@@ -27,6 +27,7 @@ from fastrsb.parts import Run, build_run
 from fastrsb.pipelines import DatasetError
 from fastrsb.progress import Progress, clock as _clock
 from fastrsb.recipe import BUILTIN, load_recipe
+from fastrsb.provenance import start_record
 from fastrsb.run_state import Position, RunFolder, restore_run, resume_state, save_run
 from fastrsb.shards import check_shards
 from fastrsb.stopping import StopRequest
@@ -35,13 +36,15 @@ from fastrsb.stopping import StopRequest
 def train(recipe: dict, data: str | Path, out: str | Path, device: str | None = None,
           num_threads: int | None = None, log_every: int = 50, resume: str | None = None,
           grad_accum_steps: str | int = "auto", stop: StopRequest | None = None,
-          stop_after_steps: int | None = None, micro_batch: int | None = None, deterministic: bool = False) -> dict:
-    """Train as the recipe says; write RUN_DIR/{recipe.json, metrics.jsonl, last.pt, best.pt}
+          stop_after_steps: int | None = None, micro_batch: int | None = None, deterministic: bool = False,
+          command: str | None = None) -> dict:
+    """Train as the recipe says; write RUN_DIR/{recipe.json, starts.jsonl, metrics.jsonl, last.pt, best.pt}
     (rank 0 only). resume: "auto" (RUN_DIR/last.pt if present) or a checkpoint path.
     grad_accum_steps ("auto" or a number) and micro_batch: how the recipe's global batch splits per
     process (fastrsb.accumulation); a resumed run keeps the split it was saved with.
     deterministic: torch's deterministic algorithms and a hash of every logged batch (fastrsb.determinism).
     stop / stop_after_steps: end early at a step boundary with a resumable checkpoint.
+    command: the command line that started this, for RUN_DIR/starts.jsonl (fastrsb.provenance).
     Returns the last epoch's metrics, with "stopped": True when it ended early."""
     device, out = resolve_device(device), Path(out)
     d = init_distributed(device)
@@ -63,6 +66,9 @@ def train(recipe: dict, data: str | Path, out: str | Path, device: str | None = 
             # --resume auto without a checkpoint restarts from step 0: rows logged there by a run that
             # stopped before its first checkpoint (a crash) are dropped as rows after a checkpoint are.
             folder = RunFolder(out, recipe, d, resumed=pos if state or resume else None)
+            if d.main:
+                folder.record_start(start_record(command, device, d.world, pos.step if state else None, data,
+                                                 train_images, val_images))
             _announce(run, train_images, val_images, resume_path if state else None, pos, shards)
             stops = Stops(stop, stop_after_steps, d)
             # From here a rank that fails stops the others at once, naming itself (FailureNotice).

@@ -1,0 +1,82 @@
+"""RUN_DIR/starts.jsonl: what made each start of a run (fastrsb.provenance), and `fastrsb compare`
+naming what two runs' software and data differ in."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import nvidia.dali
+import pytest
+import timm
+import torch
+
+from conftest import run_cli
+from fastrsb.provenance import STARTS, read_starts, source_commit
+
+TINY_RUN = ("--device", "cpu", "--set", "epochs=2", "--log-every", "1")
+
+
+def test_every_start_is_recorded_with_its_command_software_and_data(tiny_data, tmp_path):
+    out = tmp_path / "run"
+    first = ("train", "tiny", "--data", tiny_data, "--out", out, *TINY_RUN, "--stop-after-steps", "2")
+    run_cli(*first)
+    run_cli("train", "tiny", "--data", tiny_data, "--out", out, *TINY_RUN, "--stop-after-steps", "4", "--resume", "auto")
+    starts = read_starts(out)
+    assert len(starts) == 2
+    assert starts[0]["command"] == "fastrsb " + " ".join(map(str, first))
+    assert starts[0]["resumed_at_step"] is None and starts[1]["resumed_at_step"] == 2
+    assert starts[1]["command"].endswith("--stop-after-steps 4 --resume auto")
+    for start in starts:
+        assert (start["torch"], start["nvidia-dali"], start["timm"]) == (torch.__version__, nvidia.dali.__version__,
+                                                                        timm.__version__)
+        assert start["device"] == "cpu" and start["gpus"] == [] and start["processes"] == 1
+        assert start["data"]["path"] == str(Path(tiny_data).resolve())
+        assert (start["data"]["train_images"], start["data"]["val_images"], start["data"]["classes"]) == (48, 20, 4)
+    assert starts[0]["data"]["listing"] == starts[1]["data"]["listing"]
+    assert starts[0]["data"]["listing"]["train"] != starts[0]["data"]["listing"]["val"]
+
+
+@pytest.mark.skipif(shutil.which("git") is None, reason="needs git")
+def test_the_commit_is_the_checkouts_and_none_elsewhere(tmp_path):
+    """From this checkout: its HEAD (with "+changes" while code differs from it). A copy of the
+    package lying untracked in another project's repository (a virtual environment inside it, say)
+    has no commit of ours: None, not that project's."""
+    package = Path(__file__).parent.parent / "fastrsb"
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=package, capture_output=True, text=True)
+    if head.returncode != 0:
+        pytest.skip("fastrsb is not run from its git checkout here")
+    assert source_commit().removesuffix("+changes") == head.stdout.strip()
+
+    other = tmp_path / "project"
+    shutil.copytree(package, other / "site" / "fastrsb", ignore=shutil.ignore_patterns("__pycache__"))
+    subprocess.run(["git", "init", "-q", str(other)], check=True)
+    (other / "README").write_text("another project\n")
+    subprocess.run(["git", "-C", str(other), "add", "README"], check=True)
+    subprocess.run(["git", "-C", str(other), "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "x"],
+                   check=True)
+    found = subprocess.run([sys.executable, "-c", "from fastrsb.provenance import source_commit as c; "
+                            "import fastrsb; print(fastrsb.__file__, c())"],
+                           cwd=other / "site", capture_output=True, text=True, env={**os.environ, "PYTHONPATH": ""})
+    path, commit = found.stdout.split()
+    assert path.startswith(str(other)) and commit == "None", found.stderr
+
+
+def test_compare_names_what_the_runs_software_differs_in(tiny_data, tmp_path):
+    """Two runs that diverge, one of them (as if) on another torch: compare says where they
+    diverge and that torch differs; runs that differ in nothing but their losses name nothing."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    run_cli("train", "tiny", "--data", tiny_data, "--out", a, *TINY_RUN, "--stop-after-steps", "3")
+    shutil.copytree(a, b)
+    rows = [json.loads(line) for line in (b / "metrics.jsonl").read_text().splitlines()]
+    rows[1]["loss"] += 0.5
+    (b / "metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    same = run_cli("compare", a, b, check=False)
+    assert same.returncode == 1 and "diverged at step 2" in same.stdout and "note:" not in same.stdout
+
+    start = json.loads((b / STARTS).read_text())
+    (b / STARTS).write_text(json.dumps({**start, "torch": "2.11.0+cu130"}) + "\n")
+    other = run_cli("compare", a, b, check=False)
+    assert "diverged at step 2" in other.stdout
+    assert f"note: the runs' first starts differ in torch {torch.__version__} / 2.11.0+cu130" in other.stdout
