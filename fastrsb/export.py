@@ -53,7 +53,9 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, ema: bool = False
     model = model.to(memory_format=torch.contiguous_format)
     architecture = model.pretrained_cfg["architecture"]
     model.pretrained_cfg = _pretrained_cfg(model, recipe, len(classes))
-    provenance = {"version": __version__, "checkpoint": str(checkpoint), "epoch": state.get("epoch"),
+    # version and commit: the fastrsb that trained the weights (an older checkpoint has no commit)
+    provenance = {"version": state.get("version", __version__), "commit": state.get("commit"),
+                  "checkpoint": str(checkpoint), "epoch": state.get("epoch"),
                   "top1": _validated_top1(state, ema), "weights": "ema" if ema else "model", "recipe": recipe}
     model_config = {"label_names": list(classes), "fastrsb": provenance}
     descriptions = _imagenet_descriptions(classes)

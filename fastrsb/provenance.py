@@ -9,6 +9,7 @@ suspect when two deterministic runs diverge); the benchmarks record the same com
 from __future__ import annotations
 
 import datetime
+import functools
 import json
 import os
 import platform
@@ -26,10 +27,12 @@ SOFTWARE_KEYS = ("fastrsb", "commit", "python", "torch", "torchvision", "nvidia-
                  "cudnn", "driver")
 
 
+@functools.lru_cache(maxsize=1)
 def source_commit() -> str | None:
     """The short commit of the fastrsb checkout this code runs from, with "+changes" when tracked
     files other than results and docs differ from it; None where fastrsb was installed from a
-    wheel, or sits untracked in another project's repository (its commit would not be ours)."""
+    wheel, or sits untracked in another project's repository (its commit would not be ours).
+    Asked once a process: the code a run has loaded, whatever the checkout becomes meanwhile."""
     package = Path(__file__).parent
 
     def git(*args: str) -> subprocess.CompletedProcess:

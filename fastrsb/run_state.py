@@ -17,7 +17,7 @@ from fastrsb.distributed import Dist, broadcast_from_main, gather_to_main, stop_
 from fastrsb.errors import UserError
 from fastrsb.metrics_log import append_rows, read_rows, replace_text, rewrite_rows
 from fastrsb.parts import Run
-from fastrsb.provenance import STARTS
+from fastrsb.provenance import STARTS, source_commit
 from fastrsb.recipe import ADDED_KEYS, SPEED_ONLY
 
 
@@ -116,7 +116,7 @@ def _write_snapshot(run: Run, pos: Position, out: Path, ranks: list, best: bool)
                 "epoch": pos.epoch, "step": pos.step, "partial": partial, "validated": pos.validated,
                 "grad_accum_steps": run.schedule.grad_accum_steps, "micro_batch": run.micro,
                 "ranks": ranks, "best_top1": pos.best_top1, "recipe": run.recipe, "classes": run.classes,
-                "metrics": pos.metrics, "version": __version__, **({"ema": t.ema.state_dict()} if t.ema else {})}
+                "metrics": pos.metrics, "version": __version__, "commit": source_commit(), **({"ema": t.ema.state_dict()} if t.ema else {})}
     save_checkpoint(snapshot, out / "last.pt")
     if best:
         save_checkpoint(snapshot, out / "best.pt")

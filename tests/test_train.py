@@ -8,7 +8,9 @@ import pytest
 import torch
 
 from conftest import assert_user_error, run_cli
+import fastrsb
 from fastrsb.checkpoint import load_checkpoint
+from fastrsb.provenance import source_commit
 from fastrsb.train import time_spent
 
 
@@ -157,6 +159,9 @@ def test_export_is_a_timm_model_folder(run, tiny_data, tmp_path):
     saved = json.loads((folder / "config.json").read_text())["fastrsb"]
     assert saved["weights"] == "model" and saved["epoch"] == 2 and saved["recipe"] == state["recipe"]
     assert saved["top1"] == state["metrics"]["top1"]
+    # The fastrsb that trained the weights: this one, from this checkout (None from a wheel).
+    assert (saved["version"], saved["commit"]) == (fastrsb.__version__, source_commit()) == \
+        (state["version"], state["commit"])
     # Any timm loads the weights file into a model it builds itself.
     plain = timm.create_model("resnet10t", num_classes=4, checkpoint_path=str(folder / "model.safetensors"))
     assert _weights_equal(plain.state_dict(), state["model"])
