@@ -109,13 +109,25 @@ def differences(run_a: str | Path, run_b: str | Path) -> list[str]:
     """What the software and data of two runs' first starts differ in ("torch 2.11.0 / 2.14.1");
     empty where they agree or a run folder has no starts.jsonl (a run from before it)."""
     a, b = read_starts(run_a), read_starts(run_b)
-    if not a or not b:
-        return []
-    first_a, first_b = a[0], b[0]
-    found = [f"{key} {first_a.get(key)} / {first_b.get(key)}" for key in SOFTWARE_KEYS
-             if first_a.get(key) != first_b.get(key)]
-    if first_a["data"]["listing"] != first_b["data"]["listing"]:
+    return start_differences(a[0], b[0]) if a and b else []
+
+
+def start_differences(a: dict, b: dict) -> list[str]:
+    """What two start lines differ in, beyond their time, command and host."""
+    found = [f"{key} {a.get(key)} / {b.get(key)}" for key in SOFTWARE_KEYS if a.get(key) != b.get(key)]
+    if a["data"]["listing"] != b["data"]["listing"]:
         found.append("the data's listing (other files or classes)")
-    if first_a["processes"] != first_b["processes"]:
-        found.append(f"processes {first_a['processes']} / {first_b['processes']}")
+    if a["processes"] != b["processes"]:
+        found.append(f"processes {a['processes']} / {b['processes']}")
     return found
+
+
+def record_start(out: Path, record: dict) -> None:
+    """Append `record` to OUT/starts.jsonl (rank 0); on a resume, say what this start runs with
+    that the last one did not (a resumed run continues bit for bit on the same software only)."""
+    from fastrsb.metrics_log import append_rows
+    earlier = read_starts(out) if record["resumed_at_step"] is not None else []
+    append_rows(out / STARTS, [record])
+    if earlier and (changed := start_differences(earlier[-1], record)):
+        print(f"note: resumed with another setup than its last start's ({'; '.join(changed)}): the run "
+              "continues, but not necessarily bit for bit as it would have", flush=True)

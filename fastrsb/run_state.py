@@ -17,7 +17,7 @@ from fastrsb.distributed import Dist, broadcast_from_main, gather_to_main, stop_
 from fastrsb.errors import UserError
 from fastrsb.metrics_log import append_rows, read_rows, replace_text, rewrite_rows
 from fastrsb.parts import Run
-from fastrsb.provenance import STARTS, source_commit
+from fastrsb.provenance import source_commit
 from fastrsb.recipe import ADDED_KEYS, SPEED_ONLY
 
 
@@ -181,11 +181,6 @@ class RunFolder:
             return
         # purge_step: on resume, events written after the checkpoint's step are dropped, as metrics rows are.
         self.board = SummaryWriter(str(out / "tensorboard"), purge_step=resumed.step + 1 if resumed else None)
-
-    def record_start(self, record: dict) -> None:
-        """Append this start's line to starts.jsonl (fastrsb.provenance)."""
-        if self.main:
-            append_rows(self.out / STARTS, [record])
 
     def log(self, row: dict) -> None:
         """Append a row. A write that fails (a full disk) does not stop the run: the row is kept

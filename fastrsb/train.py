@@ -27,7 +27,7 @@ from fastrsb.parts import Run, build_run
 from fastrsb.pipelines import DatasetError
 from fastrsb.progress import Progress, clock as _clock
 from fastrsb.recipe import BUILTIN, load_recipe
-from fastrsb.provenance import start_record
+from fastrsb.provenance import record_start, start_record
 from fastrsb.run_state import Position, RunFolder, restore_run, resume_state, save_run
 from fastrsb.shards import check_shards
 from fastrsb.stopping import StopRequest
@@ -66,10 +66,10 @@ def train(recipe: dict, data: str | Path, out: str | Path, device: str | None = 
             # --resume auto without a checkpoint restarts from step 0: rows logged there by a run that
             # stopped before its first checkpoint (a crash) are dropped as rows after a checkpoint are.
             folder = RunFolder(out, recipe, d, resumed=pos if state or resume else None)
-            if d.main:
-                folder.record_start(start_record(command, device, d.world, pos.step if state else None, data,
-                                                 train_images, val_images))
             _announce(run, train_images, val_images, resume_path if state else None, pos, shards)
+            if d.main:
+                record_start(out, start_record(command, device, d.world, pos.step if state else None, data,
+                                               train_images, val_images))
             stops = Stops(stop, stop_after_steps, d)
             # From here a rank that fails stops the others at once, naming itself (FailureNotice).
             with step_stream(device, run.training.high_priority_stream), FailureNotice(d):

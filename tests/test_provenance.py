@@ -19,12 +19,21 @@ TINY_RUN = ("--device", "cpu", "--set", "epochs=2", "--log-every", "1")
 
 
 def test_every_start_is_recorded_with_its_command_software_and_data(tiny_data, tmp_path):
+    """A run stopped and resumed: two lines, each with its command, the software it ran on, this
+    machine and the data; the resume names the software that changed since the last start."""
     out = tmp_path / "run"
     first = ("train", "tiny", "--data", tiny_data, "--out", out, *TINY_RUN, "--stop-after-steps", "2")
     run_cli(*first)
-    run_cli("train", "tiny", "--data", tiny_data, "--out", out, *TINY_RUN, "--stop-after-steps", "4", "--resume", "auto")
+    # As if the run had started under another torch: the resume says it goes on with another.
+    start = json.loads((out / STARTS).read_text())
+    (out / STARTS).write_text(json.dumps({**start, "torch": "2.11.0+cu130"}) + "\n")
+    resumed = run_cli("train", "tiny", "--data", tiny_data, "--out", out, *TINY_RUN, "--stop-after-steps", "4",
+                      "--resume", "auto")
+    assert (f"note: resumed with another setup than its last start's (torch 2.11.0+cu130 / {torch.__version__})"
+            in resumed.stdout)
     starts = read_starts(out)
-    assert len(starts) == 2
+    assert len(starts) == 2 and starts[0]["torch"] == "2.11.0+cu130"
+    starts[0]["torch"] = torch.__version__
     assert starts[0]["command"] == "fastrsb " + " ".join(map(str, first))
     assert starts[0]["resumed_at_step"] is None and starts[1]["resumed_at_step"] == 2
     assert starts[1]["command"].endswith("--stop-after-steps 4 --resume auto")
