@@ -259,7 +259,7 @@ def cmd_data_prepare(args) -> None:
 
 def cmd_data_shrink(args) -> None:
     from fastrsb.prepare import shrink
-    result = shrink(args.source, args.target, args.max_side, args.quality, args.workers)
+    result = shrink(args.source, args.target, args.max_side, args.quality, args.workers, upright=args.upright)
     if result["failed"]:
         raise UserError(f"{result['failed']} image(s) could not be read (listed above); the rest are in {args.target}")
 
@@ -437,6 +437,8 @@ def _add_data_commands(sub) -> None:
     d.add_argument("--max-side", type=int, default=500, help="longer side in pixels (default 500)")
     d.add_argument("--quality", type=int, default=90, help="JPEG quality (default 90)")
     d.add_argument("--workers", type=count_option, default=None, help="processes (default: cores)")
+    d.add_argument("--upright", action="store_true", help="turn images as their EXIF orientation says (default: "
+                                                          "the pixels as stored, as the loaders and timm read them)")
     d.set_defaults(func=cmd_data_shrink)
 
 

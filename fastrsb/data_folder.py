@@ -147,28 +147,37 @@ def _name_files(bad: list[tuple[str, str]]) -> str:
 
 # --- full decode ----------------------------------------------------------------------------------
 
-def _decode_error(path: str) -> str | None:
+# EXIF orientations other than 1 ("as stored"): the photo is meant to be shown rotated or mirrored.
+TURNED = frozenset(range(2, 9))
+
+
+def _decode(path: str) -> tuple[str | None, bool]:
+    """(why the file does not decode, or None; whether its EXIF orientation turns it)."""
     from PIL import Image
     try:
         with Image.open(path) as image:
+            turned = image.getexif().get(0x0112, 1) in TURNED
             image.draft("RGB", (64, 64))  # DCT-scaled JPEG decode: reads every byte, 8x faster
             image.load()
-        return None
+        return None, turned
     except Exception as err:  # noqa: BLE001 - any failure means "cannot decode"
-        return f"{type(err).__name__}: {err}"
+        return f"{type(err).__name__}: {err}", False
 
 
 def find_undecodable(files: list[str], workers: int | None = None, limit: int | None = 10,
-                     progress: Progress | None = None) -> list[tuple[str, str]]:
-    """(path, reason) for the files that do not decode (the first `limit`, or all), in file order."""
+                     progress: Progress | None = None, turned: list[str] | None = None) -> list[tuple[str, str]]:
+    """(path, reason) for the files that do not decode (the first `limit`, or all), in file order.
+    turned: a list to which the files whose EXIF orientation turns them are appended."""
     workers = workers or max(1, min(16, len(os.sched_getaffinity(0))))
     bad = []
     with ProcessPoolExecutor(workers) as pool:
-        for done, (path, reason) in enumerate(zip(files, pool.map(_decode_error, files, chunksize=64)), 1):
+        for done, (path, (reason, is_turned)) in enumerate(zip(files, pool.map(_decode, files, chunksize=64)), 1):
             if reason:
                 bad.append((path, reason))
                 if limit is not None and len(bad) >= limit:
                     break
+            if is_turned and turned is not None:
+                turned.append(path)
             if progress is not None and (done % 1000 == 0 or done == len(files)):
                 progress.update(done, done / (time.perf_counter() - progress.start))
     return bad
@@ -265,10 +274,14 @@ def check(root: str | Path, workers: int | None = None, decode: bool = True) -> 
     if len(splits.get("train", {})) == 1:
         problems.append("train/ holds one class: a classifier needs two or more")
     if decode and files:
-        progress = Progress("decoding", len(files), unit="files")
-        for path, reason in find_undecodable(files, workers, limit=None, progress=progress):
+        progress, turned = Progress("decoding", len(files), unit="files"), []
+        for path, reason in find_undecodable(files, workers, limit=None, progress=progress, turned=turned):
             problems.append(f"cannot decode {path} ({reason})")
         progress.close()
+        if turned:  # phone photos, mostly: as stored they lie on their side
+            notes.append(f"{len(turned):,} image(s) carry an EXIF orientation (meant to be shown rotated or "
+                         f"mirrored), e.g. {turned[0]}: the loaders read the pixels as stored, as timm does; "
+                         "`fastrsb data shrink DIR OUT --upright` writes a copy with them turned upright")
     elif files:
         problems += [f"{path}: {reason}" for path, reason in scan_headers(files)]
     counts = ", ".join(f"{sum(len(i) for i, _ in c.values()):,} {s} images in {len(c):,} classes"

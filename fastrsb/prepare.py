@@ -10,7 +10,7 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
-from PIL import Image
+from PIL import Image, ImageOps
 
 from fastrsb.errors import UserError
 from fastrsb.progress import Progress
@@ -125,15 +125,19 @@ def prepare_val(val_dir: str | Path, labels_file: str | Path, synsets: str | Pat
 
 # --- shrink -----------------------------------------------------------------------------------------
 
-def _shrink_one(job: tuple[str, str, int, int]) -> str:
-    """Re-encode one image to DST (RGB JPEG, longer side <= max_side); 'skipped' if DST exists."""
-    source, target, max_side, quality = job
+def _shrink_one(job: tuple[str, str, int, int, bool]) -> str:
+    """Re-encode one image to DST (RGB JPEG, longer side <= max_side; with `upright`, turned as
+    its EXIF orientation says); 'skipped' if DST exists. The copy carries no EXIF: its pixels are
+    what any reader shows."""
+    source, target, max_side, quality, upright = job
     target = Path(target)
     if target.exists():
         return "skipped"
     try:
         with Image.open(source) as image:
             image.draft("RGB", (max_side, max_side))  # DCT-scaled decode when it shrinks a lot
+            if upright:
+                image = ImageOps.exif_transpose(image)
             image = image.convert("RGB")  # CMYK, grey, palette, PNG-in-disguise: all become RGB JPEGs
             if max(image.size) > max_side:
                 scale = max_side / max(image.size)
@@ -158,18 +162,20 @@ def _claim_target(target: Path, settings: dict) -> None:
     if marker.is_file():
         saved = json.loads(marker.read_text())
         if saved != settings:
-            raise UserError(f"{target} was written with --max-side {saved['max_side']} --quality {saved['quality']}: "
-                            "rerun with those to finish it, or write the new size to another target")
+            upright = " --upright" if saved.get("upright") else ""
+            raise UserError(f"{target} was written with --max-side {saved['max_side']} --quality {saved['quality']}"
+                            f"{upright}: rerun with those to finish it, or write the new settings to another target")
         return
     target.mkdir(parents=True, exist_ok=True)
     marker.write_text(json.dumps(settings) + "\n")
 
 
 def shrink(source: str | Path, target: str | Path, max_side: int = 500, quality: int = 90,
-           workers: int | None = None) -> dict:
+           workers: int | None = None, upright: bool = False) -> dict:
     """A copy of SOURCE's image tree under TARGET with every image re-encoded as an RGB JPEG whose
     longer side is at most `max_side` (names and folders kept, so it is still an ImageFolder).
-    Resumable: images already in TARGET are skipped."""
+    upright: images turned as their EXIF orientation says (else their pixels as stored, as the
+    loaders and timm read them). Resumable: images already in TARGET are skipped."""
     source, target = Path(source).resolve(), Path(target).resolve()
     if not source.is_dir():
         raise UserError(f"source folder {source} does not exist")
@@ -177,13 +183,14 @@ def shrink(source: str | Path, target: str | Path, max_side: int = 500, quality:
         raise UserError(f"the target {target} must lie outside the source {source}")
     if not 16 <= max_side <= 100_000 or not 1 <= quality <= 100:
         raise UserError(f"--max-side must be >= 16 and --quality 1..100 (got {max_side}, {quality})")
-    _claim_target(target, {"max_side": max_side, "quality": quality})
+    # "upright" recorded only when set: a target written before the option existed still matches.
+    _claim_target(target, {"max_side": max_side, "quality": quality, **({"upright": True} if upright else {})})
     jobs = []
     for dirpath, _, names in os.walk(source):
         for name in sorted(names):
             if name.lower().endswith(IMAGE_EXTENSIONS) and not name.startswith("."):
                 path = Path(dirpath) / name
-                jobs.append((str(path), str(target / path.relative_to(source)), max_side, quality))
+                jobs.append((str(path), str(target / path.relative_to(source)), max_side, quality, upright))
     counts = {"written": 0, "skipped": 0, "failed": 0}
     failures = []
     progress = Progress("shrinking", len(jobs), unit="files")

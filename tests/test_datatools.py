@@ -131,3 +131,33 @@ def test_shrink_makes_a_compact_rgb_copy_and_resumes(tiny_data, tmp_path):
     assert_user_error(run_cli("data", "shrink", tiny_data, tiny_data / "inside", check=False), "outside the source")
     run_cli("train", "tiny", "--data", out, "--out", tmp_path / "run", "--device", "cpu", "--set", "epochs=1",
             "--set", "warmup_epochs=0")  # the copy trains
+
+
+def test_turned_photos_noted_by_check_and_turned_upright_by_shrink_when_asked(tiny_data, tmp_path):
+    """A photo whose EXIF orientation says "rotate 90 degrees" (6): `data check` notes it (the
+    loaders, as timm, read its pixels as stored); `data shrink` keeps its pixels as stored, and with
+    --upright writes it turned, without EXIF, so that every reader shows the same."""
+    data = tmp_path / "data"
+    shutil.copytree(tiny_data, data)
+    photo = data / "train" / "n00_hstripes" / "phone.JPEG"
+    stored = Image.effect_noise((60, 40), 30).convert("RGB")  # 60 wide, 40 high as stored
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    stored.save(photo, quality=95, exif=exif.tobytes())
+    proc = run_cli("data", "check", data, "--workers", "2")
+    assert f"note: 1 image(s) carry an EXIF orientation (meant to be shown rotated or mirrored), e.g. {photo}" \
+        in proc.stdout and "--upright" in proc.stdout
+    assert "EXIF orientation" not in run_cli("data", "check", tiny_data, "--workers", "2").stdout
+
+    as_stored, upright = tmp_path / "as-stored", tmp_path / "upright"
+    run_cli("data", "shrink", data, as_stored, "--max-side", "500", "--workers", "2")
+    run_cli("data", "shrink", data, upright, "--max-side", "500", "--workers", "2", "--upright")
+    relative = photo.relative_to(data)
+    with Image.open(as_stored / relative) as a, Image.open(upright / relative) as b:
+        assert a.size == (60, 40) and b.size == (40, 60)
+        assert 0x0112 not in a.getexif() and 0x0112 not in b.getexif()
+    other = next((data / "val" / "n01_vstripes").iterdir()).relative_to(data)
+    with Image.open(as_stored / other) as a, Image.open(upright / other) as b:
+        assert a.size == b.size  # untagged images are the same either way
+    assert_user_error(run_cli("data", "shrink", data, upright, "--max-side", "500", check=False),
+                      "--max-side 500 --quality 90 --upright")
