@@ -24,9 +24,10 @@ def test_every_start_is_recorded_with_its_command_software_and_data(tiny_data, t
     out = tmp_path / "run"
     first = ("train", "tiny", "--data", tiny_data, "--out", out, *TINY_RUN, "--stop-after-steps", "2")
     run_cli(*first)
-    # As if the run had started under another torch: the resume says it goes on with another.
+    # As if the run had started under another torch: the resume says it goes on with another. And
+    # as if a start had been killed while writing its line: the cut line is dropped.
     start = json.loads((out / STARTS).read_text())
-    (out / STARTS).write_text(json.dumps({**start, "torch": "2.11.0+cu130"}) + "\n")
+    (out / STARTS).write_text(json.dumps({**start, "torch": "2.11.0+cu130"}) + "\n" + '{"started": "2026')
     resumed = run_cli("train", "tiny", "--data", tiny_data, "--out", out, *TINY_RUN, "--stop-after-steps", "4",
                       "--resume", "auto")
     assert (f"note: resumed with another setup than its last start's (torch 2.11.0+cu130 / {torch.__version__})"
