@@ -111,6 +111,16 @@ def gpu_checks() -> list[Check]:
     return checks
 
 
+def software_check(device: str) -> Check:
+    """What runs here, in one line (what an issue report needs first)."""
+    from fastrsb.provenance import software
+    v = software(device)
+    commit = f" (commit {v['commit']})" if v["commit"] else ""
+    return Check("software", True, f"fastrsb {v['fastrsb']}{commit}, Python {v['python']}, torch {v['torch']}, "
+                                   f"torchvision {v['torchvision']}, DALI {v['nvidia-dali']}, timm {v['timm']}, "
+                                   f"numpy {v['numpy']}")
+
+
 def dali_check(device: str) -> Check:
     """A real decode through fastrsb's loader on `device` (generated JPEGs), timed."""
     import tempfile
@@ -207,8 +217,7 @@ def _decode_probe(train, device: str, count: int = 320, batch: int = 64) -> Chec
 def run_doctor(data: str | None, out: str | None, recipe: str = "a3") -> list[Check]:
     import torch
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    checks = gpu_checks()
-    checks.append(dali_check(device))
+    checks = [software_check(device), *gpu_checks(), dali_check(device)]
     checks.append(cpu_check(torch.cuda.device_count() if device == "cuda" else 0))
     checks.append(disk_check(Path(out or "runs"), recipe))
     if data:

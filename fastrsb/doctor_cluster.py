@@ -52,6 +52,7 @@ def run_cluster_doctor(data: str | None, out: str | None, recipe: str) -> tuple[
         job = [collective]
         if d.main:
             machines = _by_machine(found)
+            job.insert(0, same_software_check(machines))
             if data:
                 job.insert(0, same_data_check(machines))
             ok = all(c.ok for c in job) and all(c["ok"] or not c["fatal"] for m in machines for c in m["checks"])
@@ -109,6 +110,20 @@ def same_data_check(machines: list[dict]) -> Check:
     return Check("same-data", True, f"every machine lists the same {first['listing']['train']:,} train / "
                                     f"{first['listing']['val']:,} val files with the same labels "
                                     f"({len(listed)} of {len(machines)} machine(s) could list them)")
+
+
+def same_software_check(machines: list[dict]) -> Check:
+    """Every machine runs the same fastrsb commit, Python, torch, DALI, timm (its "software" line):
+    a job across versions may run, but not as one version would, and a torch mismatch can break
+    NCCL's collectives. A warning, naming the machines that differ from the first."""
+    lines = {m["node"]: next((c["text"] for c in m["checks"] if c["name"] == "software"), None) for m in machines}
+    first = machines[0]["node"]
+    differ = [node for node, line in lines.items() if line != lines[first]]
+    if differ:
+        listed = "; ".join(f"machine {node}: {lines[node]}" for node in differ)
+        return Check("same-software", False, f"the machines run different software: machine {first}: "
+                                             f"{lines[first]}; {listed}", fatal=False)
+    return Check("same-software", True, f"every machine runs the same software ({len(machines)} machine(s))")
 
 
 def all_reduce_check(d: Dist, device: str, recipe: str) -> Check:

@@ -2,6 +2,10 @@
 import json
 import shutil
 
+import torch
+
+import fastrsb
+
 from conftest import assert_user_error, run_cli
 from fastrsb.doctor import builds_too_new
 
@@ -16,7 +20,8 @@ def test_doctor_passes_on_a_good_folder(tmp_path):
     assert "140 train / 4 val images in 2 classes: not ImageNet-1k's" in out
     assert "decode probe:" in out and "img/s" in out and out.rstrip().endswith("0 problem(s): a run can start")
     report = json.loads(run_cli("doctor", "--json").stdout)  # without --data: the machine's checks only
-    assert report["ok"] and [c["name"] for c in report["checks"]] == ["gpu", "dali", "cpu", "disk"]
+    assert report["ok"] and [c["name"] for c in report["checks"]] == ["software", "gpu", "dali", "cpu", "disk"]
+    assert f"fastrsb {fastrsb.__version__}" in out and f"torch {torch.__version__}, torchvision" in out
 
 
 def test_doctor_names_every_problem_and_exits_2(tiny_data, tmp_path):
@@ -29,6 +34,20 @@ def test_doctor_names_every_problem_and_exits_2(tiny_data, tmp_path):
     assert f"FAIL  1 broken file(s): {victim} (empty file (0 bytes))" in proc.stdout
     assert_user_error(run_cli("doctor", "--data", tmp_path / "nowhere", check=False), "1 problem(s)")
     assert_user_error(run_cli("doctor", "--recipe", "a9", check=False), "no recipe 'a9'")
+
+
+def test_machines_on_other_software_are_named_as_a_warning():
+    """A job whose machines run other versions (one node's environment upgraded): a warning naming
+    the machine and its line, beside the first machine's."""
+    from fastrsb.doctor_cluster import same_software_check
+
+    def machine(node, line):
+        return {"node": node, "checks": [{"name": "software", "text": line}, {"name": "gpu", "text": "GPU 0"}]}
+    check = same_software_check([machine(0, "fastrsb 0.1.0, torch 2.11.0"), machine(1, "fastrsb 0.1.0, torch 2.11.0"),
+                                 machine(2, "fastrsb 0.1.0, torch 2.14.1")])
+    assert not check.ok and not check.fatal
+    assert check.text == ("the machines run different software: machine 0: fastrsb 0.1.0, torch 2.11.0; "
+                          "machine 2: fastrsb 0.1.0, torch 2.14.1")
 
 
 def test_cuda_builds_newer_than_the_driver_are_named():
@@ -88,6 +107,7 @@ def test_doctor_under_torchrun_reports_every_machine_and_the_all_reduce(tiny_dat
     # tiny's resnet10t (5.4 M parameters at ImageNet's 1,000 classes), all-reduced by gloo, the sum
     # checked on every process.
     assert "ok    all-reduce across 2 processes (gloo): resnet10t's gradients (5.4 M float32 values" in rank0
+    assert "ok    every machine runs the same software (2 machine(s))" in rank0
     assert "1 problem(s) on 2 machine(s): a run cannot start" in rank0
     assert "fastrsb: error: 1 problem(s)" in rank0 and "fastrsb: error" not in rank1 and "machine 0" not in rank1
 
@@ -105,6 +125,7 @@ def test_doctor_with_two_processes_on_one_machine_checks_it_once(tiny_data, tmp_
     assert machine["ranks"] == [0, 1] and [c["name"] for c in machine["checks"]].count("dali") == 1
     (cpu,) = [c["text"] for c in machine["checks"] if c["name"] == "cpu"]
     assert cpu.endswith("per process (2 process(es))")  # the processes on this machine share its cores
-    same, collective = report["job"]
-    assert report["ok"] and report["problems"] == 0 and same["ok"] and collective["ok"]
+    same, software, collective = report["job"]
+    assert report["ok"] and report["problems"] == 0 and same["ok"] and software["ok"] and collective["ok"]
+    assert software["text"] == "every machine runs the same software (1 machine(s))"
     assert same["text"].startswith("every machine lists the same 48 train / 20 val files with the same labels")
