@@ -134,19 +134,19 @@ def _open_loader(make, images: ImageList, *args, **kwargs):
 
 
 def open_train_loader(recipe: dict, images: ImageList, micro: int, device: str, d: Dist = Dist(),
-                      num_threads: int | None = None, state: dict | None = None, **speed):
+                      num_threads: int | None = None, state: dict | None = None, seed: int | None = None, **speed):
     """The recipe's train loader for this rank's shard: its RandAugment and repeated augmentation,
     the shuffle seeded alike on every rank (disjoint shards), pixels in the loader's default dtype.
     speed: train_loader's options that change its speed only (hw_decoder_load, prefetch_queue_depth,
     stream_policy, concurrency, augment_stream), and aa_impl / cuda_graphs / compile_augment to override
-    the recipe's.
+    the recipe's. seed: the loaders' (default: the recipe's).
     The recipe's `compile` compiles the torch RandAugment form too, on the GPU only (as the model:
     on a few CPU cores a compile costs more than it saves in a short run)."""
     speed.setdefault("aa_impl", recipe["aa_impl"])
     speed.setdefault("cuda_graphs", recipe["cuda_graphs"] and device == "cuda")
     speed.setdefault("compile_augment", recipe["compile"] and device == "cuda")
     return _open_loader(train_loader, images, micro, recipe["img_size"], device=device, shard_id=d.rank,
-                        num_shards=d.world, seed=recipe["seed"], num_threads=num_threads,
+                        num_shards=d.world, seed=recipe["seed"] if seed is None else seed, num_threads=num_threads,
                         repeats=max(1, recipe["aug_repeats"]), spread_views=recipe["aug_repeats_across_ranks"],
                         aa=recipe["aa"], interpolation=recipe["train_interpolation"], state=state, **speed)
 
@@ -189,14 +189,17 @@ class Run:
     classes: list[str]
     micro: int  # images per process and micro-batch
     gib_outside_torch_before_loaders: float | None = None  # GPU: the CUDA context's and libraries' (device.py)
+    loader_seed: int | None = None  # the train loaders' seed (run_state.loader_start), saved with checkpoints
 
 
 def build_run(recipe: dict, train_images: ImageList, val_images: ImageList, device: str, d: Dist,
               num_threads: int | None = None, grad_accum: str | int = "auto", micro_batch: int | None = None,
-              loader_state: dict | None = None, resumed: bool = False) -> Run:
+              loader_state: dict | None = None, resumed: bool = False, loader_seed: int | None = None) -> Run:
     """The parts of a run. grad_accum / micro_batch: how the global batch splits (fastrsb.accumulation;
     "auto" probes the GPU for the largest micro-batch that fits); loader_state: this rank's saved
-    loader position when resuming; resumed: the weights come from a checkpoint, not initial_checkpoint."""
+    loader position when resuming; resumed: the weights come from a checkpoint, not initial_checkpoint;
+    loader_seed: the train loaders' seed (default: the recipe's)."""
+    loader_seed = recipe["seed"] if loader_seed is None else loader_seed
     training = build_training(recipe, len(train_images.classes), device, d,
                               classes=None if resumed else train_images.classes)
     fits = None
@@ -216,10 +219,11 @@ def build_run(recipe: dict, train_images: ImageList, val_images: ImageList, devi
     # JPEG passes the header scan) stops every rank, not only the one that read it.
     error = train_data = val_data = None
     try:
-        train_data = open_train_loader(recipe, train_images, micro, device, d, num_threads, loader_state)
+        train_data = open_train_loader(recipe, train_images, micro, device, d, num_threads, loader_state,
+                                       seed=loader_seed)
         val_data = open_val_loader(recipe, val_images, micro, device, d, num_threads)
     except UserError as err:
         error = err
     stop_together(error, d, "opening the data loaders")
     return Run(recipe, device, d, training, train_data, val_data, Schedule(len(train_data), steps, recipe),
-               train_images.classes, micro, before_loaders)
+               train_images.classes, micro, before_loaders, loader_seed)

@@ -110,12 +110,13 @@ def differences(run_a: str | Path, run_b: str | Path) -> list[str]:
     return start_differences(a[0], b[0]) if a and b else []
 
 
-def start_differences(a: dict, b: dict) -> list[str]:
-    """What two start lines differ in, beyond their time, command and host."""
+def start_differences(a: dict, b: dict, processes: bool = True) -> list[str]:
+    """What two start lines differ in, beyond their time, command and host (and, with
+    processes=False, their number of processes, which a resume on another number says itself)."""
     found = [f"{key} {a.get(key)} / {b.get(key)}" for key in SOFTWARE_KEYS if a.get(key) != b.get(key)]
     if a["data"]["listing"] != b["data"]["listing"]:
         found.append("the data's listing (other files or classes)")
-    if a["processes"] != b["processes"]:
+    if processes and a["processes"] != b["processes"]:
         found.append(f"processes {a['processes']} / {b['processes']}")
     return found
 
@@ -128,6 +129,6 @@ def record_start(out: Path, record: dict) -> None:
     if path.is_file() and not path.read_bytes().endswith(b"\n"):  # a line cut short by a kill: dropped
         rewrite_rows(path, earlier)
     append_rows(path, [record])
-    if record["resumed_at_step"] is not None and earlier and (changed := start_differences(earlier[-1], record)):
+    if record["resumed_at_step"] is not None and earlier and (changed := start_differences(earlier[-1], record, processes=False)):
         print(f"note: resumed with another setup than its last start's ({'; '.join(changed)}): the run "
               "continues, but not necessarily bit for bit as it would have", flush=True)

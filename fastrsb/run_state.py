@@ -59,10 +59,25 @@ def load_for_resume(path: Path, recipe: dict, classes: list[str], d: Dist) -> di
         raise UserError(f"{path} was trained on {len(state['classes'])} classes, the data has {len(classes)}")
     if "ranks" not in state:
         raise UserError(f"{path} holds weights only (no optimizer and loader state): it cannot be resumed")
-    if len(state["ranks"]) != d.world:
-        raise UserError(f"{path} was written by {len(state['ranks'])} process(es), this run has {d.world}: exact "
-                        "resume needs each process's loader position; resume with the same number of processes")
     return state
+
+
+def resharded(state: dict, d: Dist) -> bool:
+    """Whether a checkpoint was written by another number of processes than this run has."""
+    return len(state["ranks"]) != d.world
+
+
+def loader_start(state: dict | None, recipe: dict, d: Dist) -> tuple[dict | None, int]:
+    """(this rank's loader position, the train loaders' seed) for a run starting from `state`
+    (None: a new run: no position, the recipe's seed). On the number of processes the checkpoint
+    was written by: its position and seed, to continue exactly. On another number, no position
+    fits the new shards: the loaders start anew, seeded by the checkpoint's step, so that the rest
+    of the run draws a fresh order and fresh augmentations rather than replaying its first epoch's."""
+    if state is None:
+        return None, recipe["seed"]
+    if not resharded(state, d):
+        return state["ranks"][d.rank]["loader"], state.get("loader_seed", recipe["seed"])
+    return None, recipe["seed"] + state["step"] + 1
 
 
 def resume_state(resume: str | None, out: Path, recipe: dict, classes: list[str], d: Dist
@@ -116,7 +131,8 @@ def _write_snapshot(run: Run, pos: Position, out: Path, ranks: list, best: bool)
                 "epoch": pos.epoch, "step": pos.step, "partial": partial, "validated": pos.validated,
                 "grad_accum_steps": run.schedule.grad_accum_steps, "micro_batch": run.micro,
                 "ranks": ranks, "best_top1": pos.best_top1, "recipe": run.recipe, "classes": run.classes,
-                "metrics": pos.metrics, "version": __version__, "commit": source_commit(), **({"ema": t.ema.state_dict()} if t.ema else {})}
+                "metrics": pos.metrics, "loader_seed": run.loader_seed, "version": __version__,
+                "commit": source_commit(), **({"ema": t.ema.state_dict()} if t.ema else {})}
     save_checkpoint(snapshot, out / "last.pt")
     if best:
         save_checkpoint(snapshot, out / "best.pt")
@@ -124,25 +140,53 @@ def _write_snapshot(run: Run, pos: Position, out: Path, ranks: list, best: bool)
 
 def restore_run(run: Run, state: dict, path: Path) -> Position:
     """Load a checkpoint into the run's parts (the loader got its position when it was built) and
-    return the position to continue from."""
+    return the position to continue from. A checkpoint of another number of processes continues
+    too (_resharded_position), not bit for bit (resharded_note says so)."""
     t = run.training
     load_weights(t.model, state["model"], str(path))
     t.optimizer.load_state_dict(state["optimizer"])
     t.scaler.load_state_dict(state["scaler"])
     if t.ema:
         t.ema.load_state_dict(state["ema"])
-    rank = state["ranks"][run.d.rank]
-    if t.mixer:
-        t.mixer.load_state_dict(rank["mixer"])
-    # After the model's random initialisation, which drew from the torch RNG.
-    torch.set_rng_state(rank["torch_rng"])
-    if run.device == "cuda" and "cuda_rng" in rank:
-        torch.cuda.set_rng_state(rank["cuda_rng"])
+    ranks = state["ranks"]
+    rank = ranks[run.d.rank] if run.d.rank < len(ranks) else None
+    if rank is not None:  # a rank the checkpoint has: its own random streams
+        if t.mixer:
+            t.mixer.load_state_dict(rank["mixer"])
+        # After the model's random initialisation, which drew from the torch RNG.
+        torch.set_rng_state(rank["torch_rng"])
+        if run.device == "cuda" and "cuda_rng" in rank:
+            torch.cuda.set_rng_state(rank["cuda_rng"])
     partial = state.get("partial") or {}
-    return Position(epoch=state["epoch"], step=state["step"], micro_done=partial.get("micro_done", 0),
-                    loss_sum=rank["epoch_loss_sum"] if partial else 0.0, seconds=partial.get("seconds", 0.0),
-                    validated=state.get("validated", True), best_top1=state.get("best_top1", -1.0),
-                    metrics=state.get("metrics", {}))
+    pos = Position(epoch=state["epoch"], step=state["step"], micro_done=partial.get("micro_done", 0),
+                   loss_sum=rank["epoch_loss_sum"] if partial and rank is not None else 0.0,
+                   seconds=partial.get("seconds", 0.0), validated=state.get("validated", True),
+                   best_top1=state.get("best_top1", -1.0), metrics=state.get("metrics", {}))
+    return _resharded_position(run, state, pos) if resharded(state, run.d) else pos
+
+
+def _resharded_position(run: Run, state: dict, pos: Position) -> Position:
+    """The position of a checkpoint of M processes, for this run of N: the same step, epoch and
+    steps into the epoch (in this run's micro-batches, at least one step left to take), the new
+    loaders told how far into their epoch they are, and the epoch's loss so far carried as its
+    mean (rank 0 holds it all). Weights, optimizer, EMA and schedule continue exactly; the data
+    order, the augmentations and the mixing draws do not (ranks the checkpoint lacks start theirs
+    anew)."""
+    saved, world, schedule = len(state["ranks"]), run.d.world, run.schedule  # M, N
+    if pos.micro_done:
+        steps_done = min(-(-pos.micro_done // state["grad_accum_steps"]), schedule.steps_per_epoch - 1)
+        mean = sum(r["epoch_loss_sum"] for r in state["ranks"]) / (pos.micro_done * saved)
+        pos.micro_done = steps_done * schedule.grad_accum_steps
+        pos.loss_sum = mean * pos.micro_done * world if run.d.main else 0.0
+        run.train_data.continue_epoch_at(pos.micro_done)
+    return pos
+
+
+def resharded_note(run: Run, state: dict) -> str:
+    saved = len(state["ranks"])
+    return (f"resumed on {run.d.world} process(es) from a checkpoint of {saved}: weights, optimizer, EMA and "
+            "schedule continue exactly; the data order, augmentations and mixing draws start anew from here "
+            f"(loader seed {run.loader_seed}), so the run does not go on bit for bit as on {saved}")
 
 
 # timm's summary.csv columns (timm.utils.update_summary: epoch, train_*, eval_*, lr).

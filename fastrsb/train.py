@@ -28,7 +28,8 @@ from fastrsb.pipelines import DatasetError
 from fastrsb.progress import Progress, clock as _clock
 from fastrsb.recipe import BUILTIN, load_recipe
 from fastrsb.provenance import record_start, start_record
-from fastrsb.run_state import Position, RunFolder, restore_run, resume_state, save_run
+from fastrsb.run_state import (Position, RunFolder, loader_start, resharded, resharded_note, restore_run,
+                               resume_state, save_run)
 from fastrsb.shards import check_shards
 from fastrsb.stopping import StopRequest
 
@@ -57,16 +58,19 @@ def train(recipe: dict, data: str | Path, out: str | Path, device: str | None = 
                       + (" (the rows a run logged there before it stopped without a checkpoint are dropped)"
                          if (out / "metrics.jsonl").is_file() else ""))
             _check_files(train_images, val_images, d)
-            if state and "micro_batch" in state and grad_accum_steps == "auto" and micro_batch is None:
+            loader_state, loader_seed = loader_start(state, recipe, d)
+            if loader_state and "micro_batch" in state and grad_accum_steps == "auto" and micro_batch is None:
                 micro_batch = state["micro_batch"]  # the loader position is for this micro-batch
             run = build_run(recipe, train_images, val_images, device, d, num_threads, grad_accum_steps, micro_batch,
-                            loader_state=state["ranks"][d.rank]["loader"] if state else None, resumed=bool(state))
+                            loader_state=loader_state, resumed=bool(state), loader_seed=loader_seed)
             shards = check_shards(train_images.files, train_images.labels, run.train_data, run.micro, d)
             pos = restore_run(run, state, resume_path) if state else Position()
             # --resume auto without a checkpoint restarts from step 0: rows logged there by a run that
             # stopped before its first checkpoint (a crash) are dropped as rows after a checkpoint are.
             folder = RunFolder(out, recipe, d, resumed=pos if state or resume else None)
             _announce(run, train_images, val_images, resume_path if state else None, pos, shards)
+            if state and resharded(state, d):
+                _say(run, resharded_note(run, state))
             if d.main:
                 record_start(out, start_record(command, device, d.world, pos.step if state else None, data,
                                                train_images, val_images))

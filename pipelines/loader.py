@@ -166,6 +166,14 @@ class DaliLoader:
         self._turn = (self._turn + 1) % len(self._iterators)
         return batch
 
+    def continue_epoch_at(self, done: int) -> None:
+        """Count `done` batches of this epoch as taken: the next len(self) - done end it. For a new
+        loader that takes over a run's epoch partway (a run resumed on another number of
+        processes), so that its epochs end where the run's do."""
+        if not self.train or not 0 <= done < self._steps:
+            raise ValueError(f"a train loader's epoch has {self._steps} batches: cannot continue it at {done}")
+        self._done = done
+
     def state_dict(self) -> dict:
         """A train loader's position: restore it with load_state_dict() or train_loader(..., state=this).
         A validation loader has none to keep (every pass starts at its first image): {}."""

@@ -350,12 +350,46 @@ def test_two_processes_resume_exactly(distributed_run, tiny_data, tmp_path):
     left, right = load_checkpoint(whole / "last.pt"), load_checkpoint(tmp_path / "last.pt")
     assert all(torch.equal(v, right["model"][k]) for k, v in left["model"].items())
     assert _epoch_rows(whole) == _epoch_rows(tmp_path)  # the half-stopped epoch's train loss included
-    single = run_cli("train", "tiny", "--data", tiny_data, "--out", tmp_path, "--device", "cpu", "--resume", "auto",
-                     check=False)
-    assert single.returncode == 2 and "2 process(es)" in single.stderr
+    single = run_cli("train", "tiny", "--data", tiny_data, "--out", tmp_path, "--device", "cpu", "--resume", "auto")
+    assert "this run already finished all 2 epochs" in single.stdout  # on 1 process too: nothing left to do
     # A checkpoint rank 0 refuses stops both processes (rank 1 is not left waiting for the state).
     other = _torchrun("--data", tiny_data, "--out", tmp_path, "--set", "lr=0.1", "--resume", "auto", check=False)
     assert other.returncode != 0 and "another recipe" in other.stderr and "rank 0 cannot resume" in other.stderr
+
+
+def test_resume_on_another_number_of_processes(tiny_data, tmp_path):
+    """A run stopped on 2 processes 2 steps into epoch 2 continues on 1, and one stopped on 1
+    continues on 2: the same step and epoch, the rest of the epoch's steps taken (a fresh order of
+    images), the note said. A run so resumed then resumes exactly on its new number (its loaders'
+    seed is in its checkpoints): stopped and resumed, it ends as it does uninterrupted."""
+    two = tmp_path / "two"
+    _torchrun("--data", tiny_data, "--out", two, "--stop-after-steps", "8")  # 6 steps an epoch
+    assert len(load_checkpoint(two / "last.pt")["ranks"]) == 2
+    on_one = ("train", "tiny", "--data", tiny_data, "--device", "cpu", "--threads", "1", "--resume", "auto")
+    proc = run_cli(*on_one, "--out", two, "--stop-after-steps", "10")
+    assert "resumed on 1 process(es) from a checkpoint of 2" in proc.stdout and "stopped at step 10" in proc.stdout
+    mid = load_checkpoint(two / "last.pt")
+    assert (len(mid["ranks"]), mid["step"], mid["epoch"], mid["partial"]["micro_done"]) == (1, 10, 1, 4)
+    assert mid["loader_seed"] == 9  # the recipe's seed 0 + the resumed checkpoint's step 8 + 1
+    again, whole = tmp_path / "again", tmp_path / "whole"
+    shutil.copytree(two, again)
+    shutil.copytree(two, whole)
+    assert "stopped at step 11" in run_cli(*on_one, "--out", again, "--stop-after-steps", "11").stdout
+    for out in (again, whole):
+        assert "process(es) from a checkpoint" not in run_cli(*on_one, "--out", out).stdout
+    left, right = load_checkpoint(whole / "last.pt"), load_checkpoint(again / "last.pt")
+    assert left["step"] == right["step"] == 12
+    assert all(torch.equal(v, right["model"][k]) for k, v in left["model"].items())
+    assert _epoch_rows(whole) == _epoch_rows(again) and [r["epoch"] for r in _epoch_rows(whole)] == [1, 2]
+
+    one = tmp_path / "one"
+    run_cli("train", "tiny", "--data", tiny_data, "--out", one, "--device", "cpu", "--stop-after-steps", "3")
+    proc = _torchrun("--data", tiny_data, "--out", one, "--resume", "auto")
+    assert "resumed on 2 process(es) from a checkpoint of 1" in proc.stdout
+    state = load_checkpoint(one / "last.pt")
+    assert len(state["ranks"]) == 2 and state["step"] == 12 and state["loader_seed"] == 4
+    rows = _epoch_rows(one)
+    assert [r["epoch"] for r in rows] == [1, 2] and all(0 < r["train_loss"] < 10 for r in rows)
 
 
 def test_nproc_runs_as_torchrun_and_ctrl_c_stops_it_resumably(distributed_run, tiny_data, tmp_path):
