@@ -214,8 +214,11 @@ def cmd_compare(args) -> int:
 
 
 def cmd_plot(args) -> None:
-    from fastrsb.plot import plot_run
-    print(f"wrote {plot_run(args.run_dir, args.output, args.backend)}")
+    from fastrsb.plot import plot_run, plot_runs
+    if len(args.run_dirs) == 1:
+        print(f"wrote {plot_run(args.run_dirs[0], args.output, args.backend)}")
+    else:
+        print(f"wrote {plot_runs(args.run_dirs, args.output, args.backend)}")
 
 
 def cmd_data_demo(args) -> None:
@@ -360,9 +363,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_b")
     p.set_defaults(func=cmd_compare)
 
-    p = sub.add_parser("plot", help="loss, accuracy, LR, throughput and data-wait curves of a run, as a PNG")
-    p.add_argument("run_dir")
-    p.add_argument("-o", "--output", default=None, help="default: RUN_DIR/curves.png")
+    p = sub.add_parser("plot", help="loss, accuracy, LR, throughput and data-wait curves of a run (or of several, "
+                                    "compared), as a PNG")
+    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
+    p.add_argument("-o", "--output", default=None, help="default: RUN_DIR/curves.png; for several runs, "
+                                                        "curves-A-B.png in the current folder")
     p.add_argument("--backend", choices=["auto", "matplotlib", "pillow"], default="auto",
                    help="auto: matplotlib where installed (pip install \"fastrsb[plot]\"), else Pillow")
     p.set_defaults(func=cmd_plot)

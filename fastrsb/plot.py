@@ -1,5 +1,6 @@
-"""`fastrsb plot RUN_DIR`: loss, accuracy, learning rate and throughput curves from
-metrics.jsonl in one PNG. Drawn with matplotlib where it is installed (pip install
+"""`fastrsb plot RUN_DIR [RUN_DIR ...]`: loss, accuracy, learning rate and throughput curves from
+metrics.jsonl in one PNG; given several runs, each run's curves in a colour of its own, panel by
+panel, to compare them. Drawn with matplotlib where it is installed (pip install
 "fastrsb[plot]": real axes, ticks and legends), else with a small Pillow fallback (Pillow comes
 with torchvision), so plotting never needs an extra package."""
 from __future__ import annotations
@@ -90,6 +91,23 @@ def panels(logs: list[dict], epochs: list[dict]) -> list[tuple[str, Series, bool
             ("share of step time waiting for data (%)", [("data wait", lx, [100 * r["data_wait"] for r in logs])], False)]
 
 
+def compared_panels(runs: list[tuple[str, list[dict], list[dict]]]) -> list[tuple[str, Series, bool]]:
+    """Several runs' panels: one quantity a panel, one series (one colour) a run, in run order."""
+    def each(kind: str, key: str, scale: float = 1.0) -> Series:
+        series = []
+        for name, logs, epochs in runs:
+            rows = logs if kind == "log" else epochs
+            series.append((name, [r["epoch"] for r in rows],
+                           [None if r.get(key) is None else scale * r[key] for r in rows]))
+        return series
+    return [("train loss (log steps)", each("log", "loss"), True),
+            ("validation loss (cross-entropy)", each("epoch", "val_loss"), True),
+            ("validation top-1 (%)", each("epoch", "top1"), False),
+            ("learning rate", each("log", "lr"), False),
+            ("images/s per process", each("log", "images_per_sec"), False),
+            ("share of step time waiting for data (%)", each("log", "data_wait", 100.0), False)]
+
+
 def _draw_pillow(specs, out: Path) -> None:
     image = Image.new("RGB", (3 * PANEL_W, 2 * PANEL_H), "white")
     draw, font = ImageDraw.Draw(image), ImageFont.load_default()
@@ -115,7 +133,8 @@ def _draw_matplotlib(specs, out: Path) -> None:
         axis.grid(alpha=0.3)
         if any(len(xs) for _, xs, _ in series):
             axis.legend(fontsize=8)
-    axes.flat[-1].axis("off")
+    for axis in axes.flat[len(specs):]:  # one run: five panels
+        axis.axis("off")
     figure.tight_layout()
     figure.savefig(out)
     plt.close(figure)
@@ -127,7 +146,24 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None, backend: str = 
     run_dir = Path(run_dir)
     logs, epochs = read_metrics(run_dir)
     out = Path(out) if out else run_dir / "curves.png"
+    _draw(panels(logs, epochs), out, backend)
+    return out
+
+
+def plot_runs(run_dirs: list[str | Path], out: str | Path | None = None, backend: str = "auto") -> Path:
+    """Several runs compared in one PNG, `out` or curves-A-B.png here (A, B: the folders' names);
+    each run is named by its folder (by its path where two folders share a name)."""
+    run_dirs = [Path(run_dir) for run_dir in run_dirs]
+    names = [run_dir.name for run_dir in run_dirs]
+    if len(set(names)) < len(names):
+        names = [str(run_dir) for run_dir in run_dirs]
+    runs = [(name, *read_metrics(run_dir)) for name, run_dir in zip(names, run_dirs)]
+    out = Path(out) if out else Path(f"curves-{'-'.join(run_dir.name for run_dir in run_dirs)}.png")
+    _draw(compared_panels(runs), out, backend)
+    return out
+
+
+def _draw(specs, out: Path, backend: str) -> None:
     if backend == "auto":
         backend = "matplotlib" if importlib.util.find_spec("matplotlib") else "pillow"
-    (_draw_matplotlib if backend == "matplotlib" else _draw_pillow)(panels(logs, epochs), out)
-    return out
+    (_draw_matplotlib if backend == "matplotlib" else _draw_pillow)(specs, out)

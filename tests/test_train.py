@@ -366,6 +366,33 @@ def test_plot_writes_the_curves(run, tmp_path, backend):
     assert_user_error(run_cli("plot", tmp_path, check=False), "no metrics.jsonl")
 
 
+@pytest.mark.parametrize("backend", ["auto", "pillow"])
+def test_plot_compares_runs_in_a_colour_each(run, tmp_path, backend, monkeypatch):
+    """Two runs in one figure: each run's curves in its own colour in every panel (six panels: the
+    train and validation losses apart), named by folder; the default file lands in the current
+    folder; a folder that is no run is named."""
+    from PIL import Image
+    out, _ = run
+    other = tmp_path / "other"
+    other.mkdir()
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    # Another run's figures: every curve moved, so that neither hides the other.
+    moved = [{**r, "loss": r.get("loss", 1) * 2, "val_loss": r.get("val_loss", 1) * 2, "top1": r.get("top1", 0) / 2,
+              "lr": r["lr"] / 2, "images_per_sec": r["images_per_sec"] / 2, "data_wait": r["data_wait"] + 0.1}
+             for r in rows]
+    (other / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in moved))
+    monkeypatch.chdir(tmp_path)
+    proc = run_cli("plot", out, other, "--backend", backend)
+    written = tmp_path / f"curves-{out.name}-other.png"
+    assert f"wrote curves-{out.name}-other.png" in proc.stdout and written.is_file()
+    image = Image.open(written).convert("RGB")
+    assert image.size == (1680, 600)
+    # The sixth panel (data wait) is drawn too: both runs' colours in the lower right third.
+    corner = {c for _, c in image.crop((1120, 300, 1680, 600)).getcolors(maxcolors=1 << 20)}
+    assert (31, 119, 180) in corner and (214, 39, 40) in corner
+    assert_user_error(run_cli("plot", out, tmp_path / "nothing", check=False), "no metrics.jsonl")
+
+
 @pytest.mark.parametrize("recipe", ["a1", "a2"])
 def test_a1_a2_run_end_to_end(recipe, tiny_data, tmp_path):
     """Every part of A1/A2 (label smoothing, stochastic depth, 3 repeated augmentations,
