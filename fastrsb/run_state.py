@@ -1,8 +1,11 @@
 """A run's state and its folder: what a checkpoint holds, saved and restored side by side, and
-the metrics rows. RUN_DIR holds recipe.json, starts.jsonl, metrics.jsonl, last.pt and best.pt (rank 0 writes).
+the metrics rows. RUN_DIR holds recipe.json, starts.jsonl, metrics.jsonl, last.pt and best.pt
+(rank 0 writes).
 
-A checkpoint is enough to continue bit for bit: weights, optimizer, GradScaler, EMA, and for
-every process its loader position, its random streams and its loss sum so far in the epoch."""
+A checkpoint is enough to continue bit for bit on the same number of processes: weights,
+optimizer, GradScaler, EMA, and for every process its loader position, its random streams and its
+loss sum so far in the epoch. On another number it continues all but the data order and the random
+streams (_resharded_position)."""
 from __future__ import annotations
 
 import json
@@ -194,9 +197,10 @@ SUMMARY_COLUMNS = ("epoch", "train_loss", "eval_loss", "eval_top1", "eval_top5",
 
 
 class RunFolder:
-    """RUN_DIR's recipe.json, starts.jsonl (a line per start: fastrsb.provenance), metrics.jsonl
-    (every row), summary.csv (an epoch a row, timm's columns) and, where the `tensorboard` package is installed, TensorBoard event files under
-    RUN_DIR/tensorboard. Rank 0 writes; the other ranks' calls do nothing."""
+    """RUN_DIR's recipe.json, metrics.jsonl (every row), summary.csv (an epoch a row, timm's
+    columns) and, where the `tensorboard` package is installed, TensorBoard event files under
+    RUN_DIR/tensorboard (starts.jsonl is fastrsb.provenance's). Rank 0 writes; the other ranks'
+    calls do nothing."""
 
     def __init__(self, out: Path, recipe: dict, d: Dist, resumed: Position | None = None):
         self.out, self.main, self.board = out, d.main, None

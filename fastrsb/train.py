@@ -39,10 +39,11 @@ def train(recipe: dict, data: str | Path, out: str | Path, device: str | None = 
           grad_accum_steps: str | int = "auto", stop: StopRequest | None = None,
           stop_after_steps: int | None = None, micro_batch: int | None = None, deterministic: bool = False,
           command: str | None = None) -> dict:
-    """Train as the recipe says; write RUN_DIR/{recipe.json, starts.jsonl, metrics.jsonl, last.pt, best.pt}
-    (rank 0 only). resume: "auto" (RUN_DIR/last.pt if present) or a checkpoint path.
+    """Train as the recipe says; write RUN_DIR/{recipe.json, starts.jsonl, metrics.jsonl, last.pt,
+    best.pt} (rank 0 only). resume: "auto" (RUN_DIR/last.pt if present) or a checkpoint path.
     grad_accum_steps ("auto" or a number) and micro_batch: how the recipe's global batch splits per
-    process (fastrsb.accumulation); a resumed run keeps the split it was saved with.
+    process (fastrsb.accumulation); a resumed run keeps the split it was saved with (on another
+    number of processes, it is split anew).
     deterministic: torch's deterministic algorithms and a hash of every logged batch (fastrsb.determinism).
     stop / stop_after_steps: end early at a step boundary with a resumable checkpoint.
     command: the command line that started this, for RUN_DIR/starts.jsonl (fastrsb.provenance).
