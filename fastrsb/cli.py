@@ -213,6 +213,18 @@ def cmd_compare(args) -> int:
     return 0 if agree else 1
 
 
+def cmd_runs(args) -> None:
+    from fastrsb.run_list import describe, run_folders, table
+    runs = [describe(folder) for folder in run_folders(Path(args.dir))]
+    if args.json:
+        for run in runs:
+            print(json.dumps(run))
+    elif runs:
+        print(table(runs))
+    else:
+        print(f"no run folders under {args.dir} (a run folder holds recipe.json)")
+
+
 def cmd_plot(args) -> None:
     from fastrsb.plot import plot_run, plot_runs
     if len(args.run_dirs) == 1:
@@ -362,6 +374,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_a")
     p.add_argument("run_b")
     p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser("runs", help="every run folder under DIR (default runs): recipe, progress, top-1, when, "
+                                    "on what")
+    p.add_argument("dir", nargs="?", default="runs")
+    p.add_argument("--json", action="store_true", help="one JSON object a run")
+    p.set_defaults(func=cmd_runs)
 
     p = sub.add_parser("plot", help="loss, accuracy, LR, throughput and data-wait curves of a run (or of several, "
                                     "compared), as a PNG")

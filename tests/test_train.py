@@ -393,6 +393,37 @@ def test_plot_compares_runs_in_a_colour_each(run, tmp_path, backend, monkeypatch
     assert_user_error(run_cli("plot", out, tmp_path / "nothing", check=False), "no metrics.jsonl")
 
 
+def test_runs_lists_every_run_folder_with_its_progress(run, tmp_path):
+    """`fastrsb runs DIR`: a finished run and one whose metrics stop after epoch 1 (from before
+    starts.jsonl), from their files, without opening a checkpoint; a folder that is no run is
+    passed over; no run folders at all, or no folder, are said."""
+    import shutil
+    from fastrsb.provenance import read_starts
+    out, _ = run
+    root = tmp_path / "runs"
+    shutil.copytree(out, root / "a")
+    shutil.copytree(out, root / "b")
+    (root / "b" / "starts.jsonl").unlink()
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    (root / "b" / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows if r["epoch"] <= 1))
+    (root / "notes").mkdir()
+    listed = [json.loads(line) for line in run_cli("runs", root, "--json").stdout.splitlines()]
+    assert [Path(r["run"]).name for r in listed] == ["a", "b"]
+    epochs = [r for r in rows if r["kind"] == "epoch"]
+    a, b = listed
+    assert (a["recipe"], a["model"], a["epochs"], a["epochs_done"]) == ("tiny", "resnet10t", 2, 2)
+    assert a["top1"] == epochs[-1]["top1"] and a["best_top1"] == max(r["top1"] for r in epochs)
+    start = read_starts(out)[0]
+    assert (a["started"], a["starts"], a["processes"], a["device"], a["commit"]) == (
+        start["started"], 1, 1, "cpu", start["commit"])
+    assert (b["epochs_done"], b["top1"], b["started"], b["processes"]) == (1, epochs[0]["top1"], None, None)
+    text = run_cli("runs", root).stdout.splitlines()
+    assert text[0].split()[:3] == ["run", "recipe", "epochs"] and len(text) == 3
+    assert f"tiny (resnet10t)  2/2     {epochs[-1]['top1']:.2f}" in text[1] and "1 x cpu" in text[1]
+    assert "no run folders under" in run_cli("runs", root / "notes").stdout
+    assert_user_error(run_cli("runs", tmp_path / "nowhere", check=False), "is not a folder")
+
+
 @pytest.mark.parametrize("recipe", ["a1", "a2"])
 def test_a1_a2_run_end_to_end(recipe, tiny_data, tmp_path):
     """Every part of A1/A2 (label smoothing, stochastic depth, 3 repeated augmentations,

@@ -1,0 +1,68 @@
+"""`fastrsb runs [DIR]`: every run folder under DIR in one table: its recipe and model, how far it
+got, its last and best top-1, when it started, on what (processes, device, fastrsb commit) and
+when it last wrote a row. Read from recipe.json, metrics.jsonl and starts.jsonl only (a checkpoint
+of ResNet-50 weighs ~300 MB: none is opened), so a folder of a hundred runs lists at once."""
+from __future__ import annotations
+
+import datetime
+import json
+from pathlib import Path
+
+from fastrsb.errors import UserError
+from fastrsb.metrics_log import read_rows
+from fastrsb.provenance import read_starts
+
+
+def run_folders(root: Path) -> list[Path]:
+    """The run folders at or under `root` (a folder with a recipe.json), sorted by path."""
+    if not root.is_dir():
+        raise UserError(f"{root} is not a folder")
+    found = [root] if (root / "recipe.json").is_file() else []
+    return found + sorted(p.parent for p in root.rglob("*/recipe.json") if not p.parent.name.startswith("."))
+
+
+def describe(folder: Path) -> dict:
+    """One run's row: what its files say (None where a file is missing or has no such row yet).
+    started: its first start; processes, device, commit: its last start's (what it runs on now)."""
+    recipe = json.loads((folder / "recipe.json").read_text())
+    metrics = folder / "metrics.jsonl"
+    rows = read_rows(metrics) if metrics.is_file() else []
+    validated = [r for r in rows if r.get("kind") == "epoch" and "top1" in r]
+    starts = read_starts(folder)
+    first, last = (starts[0], starts[-1]) if starts else ({}, {})
+    written = max((p.stat().st_mtime for p in (metrics, folder / "last.pt") if p.is_file()), default=None)
+    return {"run": str(folder), "recipe": recipe.get("name"), "model": recipe.get("model"),
+            "epochs": recipe.get("epochs"), "epochs_done": validated[-1]["epoch"] if validated else 0,
+            "top1": validated[-1]["top1"] if validated else None,
+            "best_top1": max(r["top1"] for r in validated) if validated else None,
+            "started": first.get("started"), "starts": len(starts), "processes": last.get("processes"),
+            "device": last.get("device"), "commit": last.get("commit"),
+            "last_written": datetime.datetime.fromtimestamp(written, datetime.timezone.utc).isoformat(
+                timespec="seconds") if written else None}
+
+
+def table(runs: list[dict], now: datetime.datetime | None = None) -> str:
+    """The runs as aligned text columns, a run a line."""
+    now = now or datetime.datetime.now(datetime.timezone.utc)
+    header = ("run", "recipe", "epochs", "top-1", "best", "started", "on", "commit", "last written")
+    lines = [header]
+    for r in runs:
+        top1 = f"{r['top1']:.2f}" if r["top1"] is not None else "-"
+        best = f"{r['best_top1']:.2f}" if r["best_top1"] is not None else "-"
+        on = f"{r['processes']} x {r['device']}" if r["processes"] else "-"
+        resumed = f" (+{r['starts'] - 1} resume(s))" if r["starts"] > 1 else ""
+        lines.append((r["run"], f"{r['recipe']} ({r['model']})", f"{r['epochs_done']}/{r['epochs']}", top1, best,
+                      (r["started"] or "-")[:16].replace("T", " ") + resumed, on, r["commit"] or "-",
+                      _ago(r["last_written"], now)))
+    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
+    return "\n".join("  ".join(cell.ljust(width) for cell, width in zip(line, widths)).rstrip() for line in lines)
+
+
+def _ago(stamp: str | None, now: datetime.datetime) -> str:
+    if stamp is None:
+        return "-"
+    seconds = max(0, int((now - datetime.datetime.fromisoformat(stamp)).total_seconds()))
+    for unit, size in (("d", 86400), ("h", 3600), ("min", 60)):
+        if seconds >= size:
+            return f"{seconds // size} {unit} ago"
+    return f"{seconds} s ago"
