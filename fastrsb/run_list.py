@@ -23,12 +23,16 @@ def run_folders(root: Path) -> list[Path]:
 
 def describe(folder: Path) -> dict:
     """One run's row: what its files say (None where a file is missing or has no such row yet).
-    started: its first start; processes, device, commit: its last start's (what it runs on now)."""
-    recipe = json.loads((folder / "recipe.json").read_text())
+    started: its first start; processes, device, commit: its last start's (what it runs on now).
+    A file that does not parse leaves the row empty but for its name and why."""
     metrics = folder / "metrics.jsonl"
-    rows = read_rows(metrics) if metrics.is_file() else []
+    try:
+        recipe = json.loads((folder / "recipe.json").read_text())
+        rows = read_rows(metrics) if metrics.is_file() else []
+        starts = read_starts(folder)
+    except (OSError, ValueError, UserError) as err:  # json's errors are ValueErrors
+        return {"run": str(folder), "unreadable": str(err).splitlines()[0]}
     validated = [r for r in rows if r.get("kind") == "epoch" and "top1" in r]
-    starts = read_starts(folder)
     first, last = (starts[0], starts[-1]) if starts else ({}, {})
     written = max((p.stat().st_mtime for p in (metrics, folder / "last.pt") if p.is_file()), default=None)
     return {"run": str(folder), "recipe": recipe.get("name"), "model": recipe.get("model"),
@@ -47,6 +51,9 @@ def table(runs: list[dict], now: datetime.datetime | None = None) -> str:
     header = ("run", "recipe", "epochs", "top-1", "best", "started", "on", "commit", "last written")
     lines = [header]
     for r in runs:
+        if "unreadable" in r:
+            lines.append((r["run"], f"unreadable: {r['unreadable']}", *["-"] * 7))
+            continue
         top1 = f"{r['top1']:.2f}" if r["top1"] is not None else "-"
         best = f"{r['best_top1']:.2f}" if r["best_top1"] is not None else "-"
         on = f"{r['processes']} x {r['device']}" if r["processes"] else "-"

@@ -420,6 +420,10 @@ def test_runs_lists_every_run_folder_with_its_progress(run, tmp_path):
     text = run_cli("runs", root).stdout.splitlines()
     assert text[0].split()[:3] == ["run", "recipe", "epochs"] and len(text) == 3
     assert f"tiny (resnet10t)  2/2     {epochs[-1]['top1']:.2f}" in text[1] and "1 x cpu" in text[1]
+    (root / "c").mkdir()
+    (root / "c" / "recipe.json").write_text("{not json")  # listed as such, the others still listed
+    text = run_cli("runs", root).stdout.splitlines()
+    assert len(text) == 4 and text[3].startswith(f"{root / 'c'}  unreadable: Expecting property name")
     assert "no run folders under" in run_cli("runs", root / "notes").stdout
     assert_user_error(run_cli("runs", tmp_path / "nowhere", check=False), "is not a folder")
 
