@@ -404,7 +404,8 @@ def _add_train_command(sub) -> None:
     p.add_argument("--threads", type=count_option, default=None, help="DALI CPU threads per process (default: its share of the cores, at most 8)")
     p.add_argument("--log-every", type=count_option, default=50, help="steps between progress updates (host syncs)")
     p.add_argument("--resume", metavar="auto|CKPT", default=None,
-                   help="continue exactly: 'auto' takes --out's last.pt (starts fresh if there is none)")
+                   help="continue: 'auto' takes --out's last.pt (starts fresh if there is none); exactly on the "
+                        "number of processes that wrote it, else with a fresh data order (said at start-up)")
     p.add_argument("--grad-accum-steps", type=_accumulation, default="auto", metavar="auto|K",
                    help="micro-batches per optimizer step and process; auto (default): from --micro-batch, or on a "
                         "GPU the largest micro-batch that fits, so the recipe's global batch holds on any GPU count")
