@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 from fastrsb import __version__
-from fastrsb.errors import UserError
+from fastrsb.errors import UserError, say_error
 
 DEMO_DATA = Path("data/demo")
 
@@ -473,7 +473,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args) or 0
     except (UserError, DatasetError) as err:
-        print(f"fastrsb: error: {err}", file=sys.stderr)
+        say_error(str(err))
         return 2
     except KeyboardInterrupt:
         print("fastrsb: interrupted", file=sys.stderr)

@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from fastrsb.errors import UserError
+from fastrsb.errors import UserError, say_error
 
 
 @dataclass(frozen=True)
@@ -234,7 +234,7 @@ class FailureNotice:
 
     def _stop(self, message: str) -> None:
         sys.stdout.flush()
-        print(f"fastrsb: error: {message}; rank {self.d.rank} stops with it", file=sys.stderr, flush=True)
+        say_error(f"{message}; rank {self.d.rank} stops with it")
         os._exit(2)  # the main thread may be blocked in a collective for the timeout
 
     def _tell(self, message: str) -> None:

@@ -1,5 +1,16 @@
-"""The one exception type the command line turns into a one-line message (no traceback)."""
+"""The one exception type the command line turns into a one-line message (no traceback), and how
+that message is written."""
+
+import sys
 
 
 class UserError(Exception):
     """Bad input from the user: a recipe, a data folder, a checkpoint, a device option."""
+
+
+def say_error(message: str) -> None:
+    """'fastrsb: error: MESSAGE' on stderr as one line written at once. print() writes the text and
+    its newline apart, and a warning that torch's C++ side writes to the same stream in between (a
+    store's "sendBytes failed", from another thread) would land on the error's line."""
+    sys.stderr.write(f"fastrsb: error: {message}\n")
+    sys.stderr.flush()

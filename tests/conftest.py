@@ -47,11 +47,19 @@ def run_cli_process(*args, check=True):
     return proc
 
 
+def said_errors(stderr: str) -> list[str]:
+    """The 'fastrsb: error: ...' lines of a process's stderr, each from that text to its line's end.
+    fastrsb writes each in one go, newline included, but another thread's C++ warning (torch's
+    store) may have started its own line just before without ending it yet."""
+    mark = "fastrsb: error:"
+    return [line[line.index(mark):] for line in stderr.splitlines() if mark in line]
+
+
 def assert_user_error(proc, *fragments):
     """A clear one-line error: exit 2, 'fastrsb: error: ...' naming what is wrong, no traceback."""
     assert proc.returncode == 2, proc.stderr
     assert "Traceback" not in proc.stderr, proc.stderr
-    errors = [line for line in proc.stderr.splitlines() if line.startswith("fastrsb: error:")]
+    errors = said_errors(proc.stderr)
     assert len(errors) == 1, proc.stderr
     for fragment in fragments:
         assert fragment in errors[0], errors[0]

@@ -11,6 +11,7 @@ from datetime import timedelta
 import pytest
 import torch.distributed as dist
 
+from conftest import said_errors
 from fastrsb.distributed import Dist, FailureNotice
 from fastrsb.errors import UserError
 
@@ -89,7 +90,7 @@ def test_a_blocked_rank_stops_when_another_rank_dies_without_a_word():
     finally:
         rank0.kill(), rank1.kill()
     assert rank0.returncode == 2, err
-    said = [line for line in err.splitlines() if line.startswith("fastrsb: error:")]
+    said = said_errors(err)
     assert len(said) == 1 and said[0].startswith(f"fastrsb: error: rank 1 ({socket.gethostname()}) has not been "
                                                  "heard from for "), err
     assert said[0].endswith("its machine is gone; rank 0 stops with it") and "woke up" not in out
@@ -180,7 +181,7 @@ def test_a_blocked_rank_stops_when_the_store_goes_with_its_machine():
             rank.kill()
     for number, (rank, err) in enumerate(zip(ranks, errors)):
         assert rank.returncode == 2, err
-        said = [line for line in err.splitlines() if line.startswith("fastrsb: error:")]
+        said = said_errors(err)
         assert len(said) == 1 and said[0].startswith("fastrsb: error: the rendezvous store has not answered for "), err
         assert said[0].endswith(f"which holds it, or the network to it is gone; rank {number} stops with it")
 

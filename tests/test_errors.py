@@ -243,3 +243,27 @@ def test_a_loader_error_names_a_file_whose_name_has_spaces_and_quotes(tmp_path):
                        "longer valid.")
     said = str(explain_loader_error(err, images))
     assert said.startswith(f"cannot decode {odd} (DALI: Error in thread 0: Failed to decode sample #1): remove")
+
+
+def test_an_error_line_is_written_at_once(monkeypatch):
+    """Text and newline in one write: a C++ warning that torch writes to stderr from another thread
+    (a lost store's "sendBytes failed") can then not land on the error's line."""
+    import io
+    import sys
+
+    from fastrsb.cli import main
+
+    class Writes(io.StringIO):
+        def __init__(self):
+            super().__init__()
+            self.calls = []
+
+        def write(self, text):
+            self.calls.append(text)
+            return super().write(text)
+
+    stderr = Writes()
+    monkeypatch.setattr(sys, "stderr", stderr)
+    assert main(["train", "no-such-recipe"]) == 2
+    assert len(stderr.calls) == 1 and stderr.calls[0].startswith("fastrsb: error: ") and stderr.calls[0].endswith("\n")
+    assert stderr.calls[0].count("\n") == 1

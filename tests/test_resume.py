@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from conftest import assert_user_error, run_cli
+from conftest import assert_user_error, run_cli, said_errors
 from fastrsb.checkpoint import load_checkpoint
 from fastrsb.errors import UserError
 from fastrsb.recipe import load_recipe
@@ -522,7 +522,7 @@ def test_two_machines_stop_together_on_a_mid_run_error(tiny_data, tmp_path):
     outputs, codes = _two_machines(tmp_path, "--data", "data", check=False)
     assert all(codes), outputs
     assert "epoch 1/2" in outputs[0] and f"cannot decode data/val/{victim.parent.name}/{victim.name}" in outputs[1]
-    said = [line for line in outputs[0].splitlines() if line.startswith("fastrsb: error:")]
+    said = said_errors(outputs[0])
     assert said and said[0].startswith("fastrsb: error: rank 1 (") and "stopped: cannot decode" in said[0], outputs[0]
     assert said[0].endswith("; rank 0 stops with it") and "[rank0]: Traceback" not in outputs[0], outputs[0]
 
