@@ -72,11 +72,10 @@ def _driver() -> str | None:
 
 
 def start_record(command: str | None, device: str, world: int, resumed_at_step: int | None, data: Path,
-                 train_images, val_images) -> dict:
-    """One line of starts.jsonl: this start (rank 0's view: its machine and GPUs). The listings'
-    fingerprints take about a second for ImageNet's 1.33 M files (0.9 s for 1.33 M paths on this
-    2-core machine), once a start."""
-    from fastrsb.shards import listing_fingerprint
+                 train_images, val_images, listings: dict[str, str]) -> dict:
+    """One line of starts.jsonl: this start (rank 0's view: its machine and GPUs). `listings`: the
+    splits' listing_fingerprint by name, as the shard check took them (about a second for
+    ImageNet's 1.33 M train files: computed once a start)."""
     machines = world // int(os.environ.get("LOCAL_WORLD_SIZE", world))
     launcher = ("fastrsb --nproc" if os.environ.get("FASTRSB_LAUNCHED_NPROC")
                 else "torchrun" if "TORCHELASTIC_RUN_ID" in os.environ else None)
@@ -87,8 +86,7 @@ def start_record(command: str | None, device: str, world: int, resumed_at_step: 
             "processes": world, "machines": machines, "launcher": launcher,
             "data": {"path": str(Path(data).resolve()), "train_images": len(train_images),
                      "val_images": len(val_images), "classes": len(train_images.classes),
-                     "listing": {split: listing_fingerprint(images.files, images.labels)
-                                 for split, images in (("train", train_images), ("val", val_images))}}}
+                     "listing": listings}}
 
 
 def command_line(argv: list[str] | None) -> str | None:

@@ -21,13 +21,13 @@ def listing_fingerprint(files: list[str], labels: list[int]) -> str:
     return hashlib.sha1("\n".join(f"{f}\t{y}" for f, y in zip(files, labels)).encode()).hexdigest()[:16]
 
 
-def shard_report(files: list[str], labels: list[int], settings: dict, batches: int, micro: int, d: Dist) -> dict:
-    """What this rank reads: a fingerprint of the whole listing and its own slice of it."""
-    listing = listing_fingerprint(files, labels)
+def shard_report(listing: str, files: int, settings: dict, batches: int, micro: int, d: Dist) -> dict:
+    """What this rank reads: the whole listing (its listing_fingerprint and its number of files)
+    and its own slice of it."""
     shard_id, num_shards = settings["shard_id"], settings["num_shards"]
-    size = len(files) * (shard_id + 1) // num_shards - len(files) * shard_id // num_shards
+    size = files * (shard_id + 1) // num_shards - files * shard_id // num_shards
     return {"rank": d.rank, "shard_id": shard_id, "num_shards": num_shards, "seed": settings["seed"],
-            "files": len(files), "listing": listing, "shard_files": size, "samples_per_epoch": batches * micro,
+            "files": files, "listing": listing, "shard_files": size, "samples_per_epoch": batches * micro,
             "repeats": settings["repeats"]}
 
 
@@ -55,12 +55,13 @@ def verify(reports: list[dict]) -> str:
     return line
 
 
-def check_shards(files: list[str], labels: list[int], loader, micro: int, d: Dist) -> str | None:
+def check_shards(listing: str, files: int, loader, micro: int, d: Dist) -> str | None:
     """Collective: every rank reports, rank 0 verifies, all ranks learn the verdict (none waits on
-    a rank that stopped). Returns rank 0's line (None elsewhere, and in a single process)."""
+    a rank that stopped). `listing` is the train listing's listing_fingerprint, `files` its length.
+    Returns rank 0's line (None elsewhere, and in a single process)."""
     if not d.on:
         return None
-    reports = gather_to_main(shard_report(files, labels, loader.settings, len(loader), micro, d), d)
+    reports = gather_to_main(shard_report(listing, files, loader.settings, len(loader), micro, d), d)
     error, line = None, None
     if d.main:
         try:

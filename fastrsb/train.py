@@ -30,7 +30,7 @@ from fastrsb.recipe import BUILTIN, load_recipe
 from fastrsb.provenance import record_start, start_record
 from fastrsb.run_state import (Position, RunFolder, loader_start, resharded, resharded_note, restore_run,
                                resume_state, save_run)
-from fastrsb.shards import check_shards
+from fastrsb.shards import check_shards, listing_fingerprint
 from fastrsb.stopping import StopRequest
 
 
@@ -64,7 +64,9 @@ def train(recipe: dict, data: str | Path, out: str | Path, device: str | None = 
                 micro_batch = state["micro_batch"]  # the loader position is for this micro-batch
             run = build_run(recipe, train_images, val_images, device, d, num_threads, grad_accum_steps, micro_batch,
                             loader_state=loader_state, resumed=bool(state), loader_seed=loader_seed)
-            shards = check_shards(train_images.files, train_images.labels, run.train_data, run.micro, d)
+            # The train listing's fingerprint (~1 s for ImageNet) serves the shard check and starts.jsonl.
+            train_listing = listing_fingerprint(train_images.files, train_images.labels)
+            shards = check_shards(train_listing, len(train_images), run.train_data, run.micro, d)
             pos = restore_run(run, state, resume_path) if state else Position()
             # --resume auto without a checkpoint restarts from step 0: rows logged there by a run that
             # stopped before its first checkpoint (a crash) are dropped as rows after a checkpoint are.
@@ -73,8 +75,9 @@ def train(recipe: dict, data: str | Path, out: str | Path, device: str | None = 
             if state and resharded(state, d):
                 _say(run, resharded_note(run, state))
             if d.main:
+                listings = {"train": train_listing, "val": listing_fingerprint(val_images.files, val_images.labels)}
                 record_start(out, start_record(command, device, d.world, pos.step if state else None, data,
-                                               train_images, val_images))
+                                               train_images, val_images, listings))
             stops = Stops(stop, stop_after_steps, d)
             # From here a rank that fails stops the others at once, naming itself (FailureNotice).
             with step_stream(device, run.training.high_priority_stream), FailureNotice(d):

@@ -3,7 +3,7 @@ import pytest
 
 from fastrsb.errors import UserError
 from fastrsb.distributed import Dist
-from fastrsb.shards import shard_report, verify
+from fastrsb.shards import listing_fingerprint, shard_report, verify
 
 FILES = [f"/data/train/c{i % 3}/{i}.JPEG" for i in range(50)]
 LABELS = [i % 3 for i in range(50)]
@@ -17,7 +17,8 @@ def _reports(world=2, batches=3, micro=8, **change):
         if rank == world - 1:  # the deliberately wrong rank
             settings.update({k: v for k, v in change.items() if k in settings})
             files = change.get("files", files)
-        reports.append(shard_report(files, labels, settings, batches, micro, Dist(rank, world, rank)))
+        listing = listing_fingerprint(files, labels)
+        reports.append(shard_report(listing, len(files), settings, batches, micro, Dist(rank, world, rank)))
     return reports
 
 
@@ -51,7 +52,7 @@ def test_two_processes_stop_together_on_a_wrong_shard(tmp_path):
     script.write_text(
         "from fastrsb.distributed import init_distributed, shutdown, smallest\n"
         "from fastrsb.errors import UserError\n"
-        "from fastrsb.shards import check_shards\n"
+        "from fastrsb.shards import check_shards, listing_fingerprint\n"
         "d = init_distributed('cpu')\n"
         "print(f'rank {d.rank}: micro-batch {smallest(64 - 32 * d.rank, d)}')  # each rank probed its own GPU\n"
         f"files = {FILES!r}[: 50 - d.rank]\n"
@@ -59,7 +60,7 @@ def test_two_processes_stop_together_on_a_wrong_shard(tmp_path):
         "    settings = {'shard_id': d.rank, 'num_shards': 2, 'seed': 0, 'repeats': 1}\n"
         "    def __len__(self): return 3\n"
         "try:\n"
-        "    check_shards(files, [0] * len(files), Loader(), 8, d)\n"
+        "    check_shards(listing_fingerprint(files, [0] * len(files)), len(files), Loader(), 8, d)\n"
         "    print(f'rank {d.rank}: passed')\n"
         "except UserError as err:\n"
         "    print(f'rank {d.rank}: stopped: {err}')\n"
