@@ -153,10 +153,10 @@ TURNED = frozenset(range(2, 9))
 
 def _decode(path: str) -> tuple[str | None, bool]:
     """(why the file does not decode, or None; whether its EXIF orientation turns it)."""
-    from PIL import Image
+    from PIL import ExifTags, Image
     try:
         with Image.open(path) as image:
-            turned = image.getexif().get(0x0112, 1) in TURNED
+            turned = image.getexif().get(ExifTags.Base.Orientation, 1) in TURNED
             image.draft("RGB", (64, 64))  # DCT-scaled JPEG decode: reads every byte, 8x faster
             image.load()
         return None, turned

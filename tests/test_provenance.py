@@ -13,7 +13,9 @@ import timm
 import torch
 
 from conftest import run_cli
+from fastrsb.data_folder import open_dataset
 from fastrsb.provenance import STARTS, read_starts, source_commit
+from fastrsb.shards import listing_fingerprint
 
 TINY_RUN = ("--device", "cpu", "--set", "epochs=2", "--log-every", "1")
 
@@ -44,8 +46,12 @@ def test_every_start_is_recorded_with_its_command_software_and_data(tiny_data, t
         assert start["device"] == "cpu" and start["gpus"] == [] and start["processes"] == 1
         assert start["data"]["path"] == str(Path(tiny_data).resolve())
         assert (start["data"]["train_images"], start["data"]["val_images"], start["data"]["classes"]) == (48, 20, 4)
-    assert starts[0]["data"]["listing"] == starts[1]["data"]["listing"]
-    assert starts[0]["data"]["listing"]["train"] != starts[0]["data"]["listing"]["val"]
+    # Each split's listing as the shard check fingerprints it (the start shares the train one).
+    train_images, val_images = open_dataset(tiny_data)
+    listings = {split: listing_fingerprint(images.files, images.labels)
+                for split, images in (("train", train_images), ("val", val_images))}
+    assert starts[0]["data"]["listing"] == starts[1]["data"]["listing"] == listings
+    assert listings["train"] != listings["val"]
 
 
 @pytest.mark.skipif(shutil.which("git") is None, reason="needs git")

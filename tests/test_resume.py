@@ -392,6 +392,29 @@ def test_resume_on_another_number_of_processes(tiny_data, tmp_path):
     assert [r["epoch"] for r in rows] == [1, 2] and all(0 < r["train_loss"] < 10 for r in rows)
 
 
+@pytest.mark.parametrize("rank,world,accumulate,micro_done", [(0, 1, 2, 6), (0, 1, 4, 8), (1, 2, 2, 6)])
+def test_a_resharded_epoch_carries_its_loss_so_far_as_its_mean(rank, world, accumulate, micro_done):
+    """The arithmetic behind the reshard above: a checkpoint of 2 processes, 3 steps of 2
+    micro-batches into its epoch with loss sums 3 and 5 (mean 8 / 12), continued by `world`
+    processes of `accumulate` micro-batches a step and 12 micro-batches an epoch. The steps taken
+    carry over (at least one left: 3 steps of 4 is the whole epoch, so 2), the new loader is told
+    how far in it is, and rank 0 holds the mean times the micro-batches that now count as done on
+    every process, so the epoch's train loss (all ranks' sums / (micro-batches x processes)) is
+    the mean so far weighted by what is done."""
+    from types import SimpleNamespace
+
+    from fastrsb.distributed import Dist
+    from fastrsb.parts import Schedule
+    from fastrsb.run_state import Position, _resharded_position
+    told = []
+    run = SimpleNamespace(d=Dist(rank=rank, world=world), schedule=Schedule(12, accumulate, {}),
+                          train_data=SimpleNamespace(continue_epoch_at=told.append))
+    state = {"ranks": [{"epoch_loss_sum": 3.0}, {"epoch_loss_sum": 5.0}], "grad_accum_steps": 2}
+    pos = _resharded_position(run, state, Position(epoch=1, step=9, micro_done=6, loss_sum=3.0))
+    assert (pos.epoch, pos.step, pos.micro_done, told) == (1, 9, micro_done, [micro_done])
+    assert pos.loss_sum == (pytest.approx(8 / 12 * micro_done * world) if rank == 0 else 0.0)
+
+
 def test_nproc_runs_as_torchrun_and_ctrl_c_stops_it_resumably(distributed_run, tiny_data, tmp_path):
     """`fastrsb train --nproc 2` starts the processes itself. Ctrl-C, as a terminal sends it, reaches
     the launcher and both processes, and the launcher forwards it too: each process gets it twice,
