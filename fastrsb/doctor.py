@@ -176,13 +176,30 @@ def disk_check(out: Path, recipe_name: str) -> Check:
     return Check("disk", free > 2 * need, text + ("" if free > 2 * need else ": free some space or choose another --out"))
 
 
-def data_checks(root: Path, device: str) -> list[Check]:
+def batch_check(train_images: int, recipe_name: str, processes: int) -> Check:
+    """The train set against one optimizer step of the recipe's batch over the run's processes:
+    where it does not fill one, `fastrsb train` refuses to start (fastrsb.parts.check_fills_a_step)."""
+    from fastrsb.accumulation import per_process_batch
+    from fastrsb.parts import check_fills_a_step
+    from fastrsb.recipe import load_recipe
+    batch = load_recipe(recipe_name)["batch_size"]
+    try:
+        per_process = per_process_batch(batch, processes)
+        check_fills_a_step({"batch_size": batch}, train_images, processes, per_process)
+    except UserError as err:
+        return Check("batch", False, f"recipe {recipe_name}: {err}")
+    return Check("batch", True, f"the train set fills recipe {recipe_name}'s batch_size {batch:,} "
+                                f"({per_process:,} images a process over {processes} process(es))")
+
+
+def data_checks(root: Path, device: str, recipe_name: str = "a3", processes: int = 1) -> list[Check]:
     from fastrsb.data_folder import describe_counts, open_dataset, scan_headers
     try:
         train, val = open_dataset(root)
     except UserError as err:
         return [Check("data", False, str(err))]
-    checks = [Check("data", True, f"{root}: {describe_counts(train, val)}")]
+    checks = [Check("data", True, f"{root}: {describe_counts(train, val)}"),
+              batch_check(len(train), recipe_name, processes)]
     bad = scan_headers(train.files + val.files)
     if bad:
         listed = "; ".join(f"{path} ({reason})" for path, reason in bad[:3])
@@ -218,10 +235,11 @@ def run_doctor(data: str | None, out: str | None, recipe: str = "a3") -> list[Ch
     import torch
     device = "cuda" if torch.cuda.is_available() else "cpu"
     checks = [software_check(device), *gpu_checks(), dali_check(device)]
-    checks.append(cpu_check(torch.cuda.device_count() if device == "cuda" else 0))
+    gpus = torch.cuda.device_count() if device == "cuda" else 0
+    checks.append(cpu_check(gpus))
     checks.append(disk_check(Path(out or "runs"), recipe))
-    if data:
-        checks += data_checks(Path(data), device)
+    if data:  # the run's processes: torchrun's, else one per GPU (as cpu_check counts them)
+        checks += data_checks(Path(data), device, recipe, int(os.environ.get("WORLD_SIZE", "0")) or max(1, gpus))
     return checks
 
 

@@ -34,6 +34,16 @@ def check_micro_batch(recipe: dict, world: int, steps: int, micro: int) -> None:
                             f"x {micro}: {err}") from None
 
 
+def check_fills_a_step(recipe: dict, images: int, world: int, per_process: int) -> None:
+    """An epoch holds one optimizer step at least. A train set smaller than the recipe's batch
+    would otherwise train on what there is (accumulated: a step of fewer images than the batch the
+    LR is for) or stop in the loader with a message about one process's micro-batch."""
+    if images // world < per_process:
+        raise UserError(f"the {images} train images ({images // world} a process over {world}) do not fill one "
+                        f"optimizer step of batch_size {recipe['batch_size']} ({per_process} images a process): "
+                        "a data set this small needs a smaller --set batch_size (and an --set lr for it)")
+
+
 class PlainTargets:
     """Labels -> one-hot (smoothed) targets for the loss when mixup and cutmix are off."""
 
@@ -219,6 +229,7 @@ def build_run(recipe: dict, train_images: ImageList, val_images: ImageList, devi
     # JPEG passes the header scan) stops every rank, not only the one that read it.
     error = train_data = val_data = None
     try:
+        check_fills_a_step(recipe, len(train_images), d.world, steps * micro)
         train_data = open_train_loader(recipe, train_images, micro, device, d, num_threads, loader_state,
                                        seed=loader_seed)
         val_data = open_val_loader(recipe, val_images, micro, device, d, num_threads)

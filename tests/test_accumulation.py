@@ -2,7 +2,7 @@
 the GPU probe's search, and the run card."""
 import pytest
 
-from conftest import run_cli
+from conftest import assert_user_error, run_cli
 from fastrsb.accumulation import candidates, choose_micro, plan
 from fastrsb.errors import UserError
 
@@ -66,3 +66,14 @@ def test_run_card_names_the_lr_rule(tiny_data, tmp_path):
     assert ("augmentation: crops and RandAugment's geometric ops resampled bicubic, RandAugment rand-m6-mstd0.5-inc1 "
             "(torch form), 2 views of each image, side by side in one process's batch, no mixup or cutmix"
             ) in torch_form.stdout
+
+
+@pytest.mark.parametrize("split", [[], ["--micro-batch", "8"]])
+def test_a_train_set_smaller_than_one_step_is_refused(tiny_data, tmp_path, split):
+    """48 images against a batch of 64: whether split into micro-batches or not, the same message,
+    before a step (accumulated, it would have trained on steps of 48 images at the LR of 64)."""
+    proc = run_cli("train", "tiny", "--data", tiny_data, "--out", tmp_path, "--device", "cpu",
+                   "--set", "batch_size=64", *split, check=False)
+    assert_user_error(proc, "the 48 train images (48 a process over 1) do not fill one optimizer step of "
+                            "batch_size 64 (64 images a process)", "--set batch_size")
+    assert not (tmp_path / "last.pt").exists()

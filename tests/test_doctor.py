@@ -13,11 +13,12 @@ from fastrsb.doctor import builds_too_new
 def test_doctor_passes_on_a_good_folder(tmp_path):
     data = tmp_path / "data"
     run_cli("data", "demo", data, "--classes", "2", "--train-per-class", "70", "--val-per-class", "2")
-    proc = run_cli("doctor", "--data", data, "--out", tmp_path / "run")
+    proc = run_cli("doctor", "--data", data, "--out", tmp_path / "run", "--recipe", "demo")
     out = proc.stdout
     assert "no CUDA GPU visible" in out and "DALI 2.4" in out and "decodes on the CPU" in out
     assert "CPU cores" in out and "last.pt + best.pt need" in out
     assert "140 train / 4 val images in 2 classes: not ImageNet-1k's" in out
+    assert "ok    the train set fills recipe demo's batch_size 64 (64 images a process over 1 process(es))" in out
     assert "decode probe:" in out and "img/s" in out and out.rstrip().endswith("0 problem(s): a run can start")
     report = json.loads(run_cli("doctor", "--json").stdout)  # without --data: the machine's checks only
     assert report["ok"] and [c["name"] for c in report["checks"]] == ["software", "gpu", "dali", "cpu", "disk"]
@@ -29,9 +30,11 @@ def test_doctor_names_every_problem_and_exits_2(tiny_data, tmp_path):
     shutil.copytree(tiny_data, data)
     victim = sorted((data / "val" / "n01_vstripes").glob("*.JPEG"))[0]
     victim.write_bytes(b"")
-    proc = run_cli("doctor", "--data", data, check=False)
-    assert_user_error(proc, "1 problem(s)")
+    proc = run_cli("doctor", "--data", data, check=False)  # recipe a3 by default: a batch of 2,048
+    assert_user_error(proc, "2 problem(s)")
     assert f"FAIL  1 broken file(s): {victim} (empty file (0 bytes))" in proc.stdout
+    assert ("FAIL  recipe a3: the 48 train images (48 a process over 1) do not fill one optimizer step of "
+            "batch_size 2048") in proc.stdout  # as `fastrsb train a3` would refuse to start
     assert_user_error(run_cli("doctor", "--data", tmp_path / "nowhere", check=False), "1 problem(s)")
     assert_user_error(run_cli("doctor", "--recipe", "a9", check=False), "no recipe 'a9'")
 
