@@ -1,4 +1,5 @@
 import copy
+import inspect
 import math
 
 import pytest
@@ -8,6 +9,10 @@ from timm.optim import Lamb as TimmLamb
 from timm.optim import create_optimizer_v2
 
 from fastrsb.optim import Lamb, lr_at, param_groups
+
+# timm's Lamb as its per-tensor loop: the reference form. timm 1.0.31 has a foreach form too, on by
+# default; 1.0.29 (the GPU machine's) has only the loop and no `foreach` argument.
+TIMM_LOOP = {"foreach": False} if "foreach" in inspect.signature(TimmLamb.__init__).parameters else {}
 
 
 def test_weight_decay_groups_match_timm():
@@ -30,7 +35,7 @@ def test_lamb_equals_timm_over_steps(kwargs):
     twin = timm.create_model("resnet10t", num_classes=7)
     twin.load_state_dict(model.state_dict())
     ours = Lamb(param_groups(model, 0.02), lr=5e-3, weight_decay=0.02, **kwargs)
-    theirs = TimmLamb(param_groups(twin, 0.02), lr=5e-3, weight_decay=0.02, foreach=False, **kwargs)
+    theirs = TimmLamb(param_groups(twin, 0.02), lr=5e-3, weight_decay=0.02, **TIMM_LOOP, **kwargs)
     for step in range(6):
         # Scaled so the global gradient norm is well above 1: the clip is exercised.
         grads = [torch.randn_like(p) * (0.5 + step) for p in model.parameters()]
@@ -99,7 +104,7 @@ def test_lamb_equals_timm_in_float64(compiled):
                                 torch.nn.Linear(8 * 6 * 6, 5)).double()
     twin = copy.deepcopy(model)
     ours = Lamb(param_groups(model, 0.02), lr=5e-3, weight_decay=0.02, compiled=compiled)
-    theirs = TimmLamb(param_groups(twin, 0.02), lr=5e-3, weight_decay=0.02, foreach=False)
+    theirs = TimmLamb(param_groups(twin, 0.02), lr=5e-3, weight_decay=0.02, **TIMM_LOOP)
     torch._dynamo.reset()
     counters.clear()
     for step in range(10):

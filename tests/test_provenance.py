@@ -17,6 +17,7 @@ from fastrsb.data_folder import open_dataset
 from fastrsb.provenance import STARTS, read_starts, source_commit
 from fastrsb.shards import listing_fingerprint
 
+OTHER_TORCH = "2.0.0+cu118"  # a torch fastrsb never runs on (it needs 2.4 or later): never this one
 TINY_RUN = ("--device", "cpu", "--set", "epochs=2", "--log-every", "1")
 
 
@@ -29,13 +30,13 @@ def test_every_start_is_recorded_with_its_command_software_and_data(tiny_data, t
     # As if the run had started under another torch: the resume says it goes on with another. And
     # as if a start had been killed while writing its line: the cut line is dropped.
     start = json.loads((out / STARTS).read_text())
-    (out / STARTS).write_text(json.dumps({**start, "torch": "2.11.0+cu130"}) + "\n" + '{"started": "2026')
+    (out / STARTS).write_text(json.dumps({**start, "torch": OTHER_TORCH}) + "\n" + '{"started": "2026')
     resumed = run_cli("train", "tiny", "--data", tiny_data, "--out", out, *TINY_RUN, "--stop-after-steps", "4",
                       "--resume", "auto")
-    assert (f"note: resumed with another setup than its last start's (torch 2.11.0+cu130 / {torch.__version__})"
+    assert (f"note: resumed with another setup than its last start's (torch {OTHER_TORCH} / {torch.__version__})"
             in resumed.stdout)
     starts = read_starts(out)
-    assert len(starts) == 2 and starts[0]["torch"] == "2.11.0+cu130"
+    assert len(starts) == 2 and starts[0]["torch"] == OTHER_TORCH
     starts[0]["torch"] = torch.__version__
     assert starts[0]["command"] == "fastrsb " + " ".join(map(str, first))
     assert starts[0]["resumed_at_step"] is None and starts[1]["resumed_at_step"] == 2
@@ -92,7 +93,7 @@ def test_compare_names_what_the_runs_software_differs_in(tiny_data, tmp_path):
     assert same.returncode == 1 and "diverged at step 2" in same.stdout and "note:" not in same.stdout
 
     start = json.loads((b / STARTS).read_text())
-    (b / STARTS).write_text(json.dumps({**start, "torch": "2.11.0+cu130"}) + "\n")
+    (b / STARTS).write_text(json.dumps({**start, "torch": OTHER_TORCH}) + "\n")
     other = run_cli("compare", a, b, check=False)
     assert "diverged at step 2" in other.stdout
-    assert f"note: the runs' first starts differ in torch {torch.__version__} / 2.11.0+cu130" in other.stdout
+    assert f"note: the runs' first starts differ in torch {torch.__version__} / {OTHER_TORCH}" in other.stdout
