@@ -5,6 +5,7 @@ single process and every helper here is a no-op."""
 from __future__ import annotations
 
 import datetime
+import gc
 import os
 import socket
 import sys
@@ -54,7 +55,15 @@ def init_distributed(device: str, timeout: datetime.timedelta = datetime.timedel
 
 
 def shutdown(d: Dist) -> None:
+    """Leave the process group, once the run's objects are gone (fastrsb.train's _train frame, and
+    here whatever of them sits in reference cycles). The order matters: DDP's reducer holds the
+    group from C++, and were it the last holder, its release (under the GIL) would run gloo's
+    destructor, which waits for gloo's worker threads while one of them waits for the GIL to free
+    the tensors of its last all-reduce: a finished run that never exits (py-spy on torch 2.11,
+    Python 3.12, the GPU machine's versions, in this suite under load). Released here instead, by
+    torch.distributed's own references, whose destructor lets go of the GIL first."""
     if d.on and dist.is_initialized():
+        gc.collect()
         dist.destroy_process_group()
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import time
+import traceback
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -51,39 +52,52 @@ def train(recipe: dict, data: str | Path, out: str | Path, device: str | None = 
     device, out = resolve_device(device), Path(out)
     d = init_distributed(device)
     try:
-        with (stop or StopRequest()) as stop, deterministic_mode(deterministic):
-            train_images, val_images = _open_together(data, out, resume, d)
-            resume_path, state = resume_state(resume, out, recipe, train_images.classes, d)
-            if resume == "auto" and state is None and d.main:
-                print(f"--resume auto: no checkpoint in {out}, starting from scratch"
-                      + (" (the rows a run logged there before it stopped without a checkpoint are dropped)"
-                         if (out / "metrics.jsonl").is_file() else ""))
-            _check_files(train_images, val_images, d)
-            loader_state, loader_seed = loader_start(state, recipe, d)
-            if loader_state and "micro_batch" in state and grad_accum_steps == "auto" and micro_batch is None:
-                micro_batch = state["micro_batch"]  # the loader position is for this micro-batch
-            run = build_run(recipe, train_images, val_images, device, d, num_threads, grad_accum_steps, micro_batch,
-                            loader_state=loader_state, resumed=bool(state), loader_seed=loader_seed)
-            # The train listing's fingerprint (~1 s for ImageNet) serves the shard check and starts.jsonl.
-            train_listing = listing_fingerprint(train_images.files, train_images.labels)
-            shards = check_shards(train_listing, len(train_images), run.train_data, run.micro, d)
-            pos = restore_run(run, state, resume_path) if state else Position()
-            # --resume auto without a checkpoint restarts from step 0: rows logged there by a run that
-            # stopped before its first checkpoint (a crash) are dropped as rows after a checkpoint are.
-            folder = RunFolder(out, recipe, d, resumed=pos if state or resume else None)
-            _announce(run, train_images, val_images, resume_path if state else None, pos, shards)
-            if state and resharded(state, d):
-                _say(run, resharded_note(run, state))
-            if d.main:
-                listings = {"train": train_listing, "val": listing_fingerprint(val_images.files, val_images.labels)}
-                record_start(out, start_record(command, device, d.world, pos.step if state else None, data,
-                                               train_images, val_images, listings))
-            stops = Stops(stop, stop_after_steps, d)
-            # From here a rank that fails stops the others at once, naming itself (FailureNotice).
-            with step_stream(device, run.training.high_priority_stream), FailureNotice(d):
-                return _epochs(run, pos, folder, stops, log_every, deterministic)
+        return _train(recipe, data, out, device, d, num_threads, log_every, resume, grad_accum_steps, stop,
+                      stop_after_steps, micro_batch, deterministic, command)
+    except BaseException as error:
+        # Its traceback holds _train's frame, and so the run (its DDP wrapper): let go of them now,
+        # while the process group still stands (distributed.shutdown says why). The lines stay.
+        traceback.clear_frames(error.__traceback__)
+        raise
     finally:
-        shutdown(d)
+        shutdown(d)  # after _train's objects: see distributed.shutdown
+
+
+def _train(recipe: dict, data: str | Path, out: Path, device: str, d: Dist, num_threads: int | None, log_every: int,
+           resume: str | None, grad_accum_steps: str | int, stop: StopRequest | None, stop_after_steps: int | None,
+           micro_batch: int | None, deterministic: bool, command: str | None) -> dict:
+    """train()'s work in a frame of its own, whose objects are gone when it returns."""
+    with (stop or StopRequest()) as stop, deterministic_mode(deterministic):
+        train_images, val_images = _open_together(data, out, resume, d)
+        resume_path, state = resume_state(resume, out, recipe, train_images.classes, d)
+        if resume == "auto" and state is None and d.main:
+            print(f"--resume auto: no checkpoint in {out}, starting from scratch"
+                  + (" (the rows a run logged there before it stopped without a checkpoint are dropped)"
+                     if (out / "metrics.jsonl").is_file() else ""))
+        _check_files(train_images, val_images, d)
+        loader_state, loader_seed = loader_start(state, recipe, d)
+        if loader_state and "micro_batch" in state and grad_accum_steps == "auto" and micro_batch is None:
+            micro_batch = state["micro_batch"]  # the loader position is for this micro-batch
+        run = build_run(recipe, train_images, val_images, device, d, num_threads, grad_accum_steps, micro_batch,
+                        loader_state=loader_state, resumed=bool(state), loader_seed=loader_seed)
+        # The train listing's fingerprint (~1 s for ImageNet) serves the shard check and starts.jsonl.
+        train_listing = listing_fingerprint(train_images.files, train_images.labels)
+        shards = check_shards(train_listing, len(train_images), run.train_data, run.micro, d)
+        pos = restore_run(run, state, resume_path) if state else Position()
+        # --resume auto without a checkpoint restarts from step 0: rows logged there by a run that
+        # stopped before its first checkpoint (a crash) are dropped as rows after a checkpoint are.
+        folder = RunFolder(out, recipe, d, resumed=pos if state or resume else None)
+        _announce(run, train_images, val_images, resume_path if state else None, pos, shards)
+        if state and resharded(state, d):
+            _say(run, resharded_note(run, state))
+        if d.main:
+            listings = {"train": train_listing, "val": listing_fingerprint(val_images.files, val_images.labels)}
+            record_start(out, start_record(command, device, d.world, pos.step if state else None, data,
+                                           train_images, val_images, listings))
+        stops = Stops(stop, stop_after_steps, d)
+        # From here a rank that fails stops the others at once, naming itself (FailureNotice).
+        with step_stream(device, run.training.high_priority_stream), FailureNotice(d):
+            return _epochs(run, pos, folder, stops, log_every, deterministic)
 
 
 def _epochs(run: Run, pos: Position, folder: RunFolder, stops: "Stops", log_every: int, hashed: bool = False) -> dict:
@@ -207,8 +221,10 @@ def train_one_epoch(run: Run, pos: Position, folder: RunFolder, stops: Stops, lo
             current = loss.item()  # host sync: log steps only
             stopping, non_finite = agree([stops.signal.requested, not math.isfinite(current)], run.d)
             if non_finite:
+                saved = folder.out / "last.pt"
                 raise UserError(f"loss is not finite at step {pos.step} (epoch {pos.epoch + 1}): stopping; "
-                                f"{folder.out / 'last.pt'} holds the last good epoch")
+                                + (f"{saved} holds the last good epoch" if saved.is_file() else
+                                   "no checkpoint was written before it (a lower --set lr, or a look at the data)"))
             waited += interval.waited
             rate, wait_share = interval.close()
             progress.update(done, rate, loss=current, lr=lr, data=wait_share)

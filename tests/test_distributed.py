@@ -201,3 +201,41 @@ def test_the_store_is_gone_once_it_has_not_taken_a_beat_for_the_silence(monkeypa
     monkeypatch.setenv("FASTRSB_LAUNCHED_NPROC", "4")  # started by `fastrsb train --nproc 4`: its store
     assert notice.store_gone(now=notice._answered + limit + 2).endswith(
         ": the `fastrsb train --nproc` process that holds it is gone (killed?)")
+
+
+# `python -m fastrsb` with torch.distributed's destroy_process_group watched: how many DDP wrappers
+# are still alive as the process group goes.
+WATCHED_END = textwrap.dedent("""
+    import gc, os, sys
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+    destroy = dist.destroy_process_group
+
+    def watched(*args, **kwargs):
+        alive = sum(isinstance(o, DistributedDataParallel) for o in gc.get_objects())
+        print(f"DDP wrappers alive as the process group goes: {alive}", flush=True)
+        return destroy(*args, **kwargs)
+    dist.destroy_process_group = watched
+    from fastrsb.cli import main
+    code = main(sys.argv[1:])
+    sys.stdout.flush()
+    os._exit(code)  # as fastrsb/__main__.py ends a process of several
+""")
+
+
+@pytest.mark.parametrize("ending,code", [(["--stop-after-steps", "2"], 0), (["--set", "lr=1e9"], 2)])
+def test_a_run_lets_go_of_ddp_before_its_process_group(tiny_data, tmp_path, ending, code):
+    """Stopped, or failed (a loss gone to inf: a UserError through train()): DDP's reducer holds
+    the process group from C++, and were it the group's last holder, a finished run could hang
+    in gloo's destructor (torch 2.11: fastrsb.distributed.shutdown). So no DDP wrapper is left
+    when the group goes, on either rank."""
+    script = tmp_path / "watched.py"
+    script.write_text(WATCHED_END)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script),
+           "train", "tiny", "--data", str(tiny_data), "--out", str(tmp_path / "run"), "--device", "cpu",
+           "--threads", "1", "--log-every", "1", *ending]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.stdout.count("DDP wrappers alive as the process group goes: 0") == 2, proc.stdout + proc.stderr
+    assert (proc.returncode != 0) == (code != 0), proc.stderr
+    if code:
+        assert "no checkpoint was written before it (a lower --set lr" in " ".join(said_errors(proc.stderr))
