@@ -179,17 +179,15 @@ def disk_check(out: Path, recipe_name: str) -> Check:
 def batch_check(train_images: int, recipe_name: str, processes: int) -> Check:
     """The train set against one optimizer step of the recipe's batch over the run's processes:
     where it does not fill one, `fastrsb train` refuses to start (fastrsb.parts.check_fills_a_step)."""
-    from fastrsb.accumulation import per_process_batch
     from fastrsb.parts import check_fills_a_step
     from fastrsb.recipe import load_recipe
     batch = load_recipe(recipe_name)["batch_size"]
     try:
-        per_process = per_process_batch(batch, processes)
-        check_fills_a_step({"batch_size": batch}, train_images, processes, per_process)
+        check_fills_a_step(batch, train_images, processes)
     except UserError as err:
         return Check("batch", False, f"recipe {recipe_name}: {err}")
     return Check("batch", True, f"the train set fills recipe {recipe_name}'s batch_size {batch:,} "
-                                f"({per_process:,} images a process over {processes} process(es))")
+                                f"({batch // processes:,} images a process over {processes} process(es))")
 
 
 def data_checks(root: Path, device: str, recipe_name: str = "a3", processes: int = 1) -> list[Check]:

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from fastrsb.accumulation import gpu_fits, plan
+from fastrsb.accumulation import gpu_fits, per_process_batch, plan
 from fastrsb.data_folder import explain_loader_error
 from fastrsb.device import amp_dtype, gib_outside_torch
 from fastrsb.distributed import Dist, smallest, stop_together
@@ -34,13 +34,14 @@ def check_micro_batch(recipe: dict, world: int, steps: int, micro: int) -> None:
                             f"x {micro}: {err}") from None
 
 
-def check_fills_a_step(recipe: dict, images: int, world: int, per_process: int) -> None:
+def check_fills_a_step(batch_size: int, images: int, world: int) -> None:
     """An epoch holds one optimizer step at least. A train set smaller than the recipe's batch
     would otherwise train on what there is (accumulated: a step of fewer images than the batch the
     LR is for) or stop in the loader with a message about one process's micro-batch."""
+    per_process = per_process_batch(batch_size, world)
     if images // world < per_process:
         raise UserError(f"the {images} train images ({images // world} a process over {world}) do not fill one "
-                        f"optimizer step of batch_size {recipe['batch_size']} ({per_process} images a process): "
+                        f"optimizer step of batch_size {batch_size} ({per_process} images a process): "
                         "a data set this small needs a smaller --set batch_size (and an --set lr for it)")
 
 
@@ -229,7 +230,7 @@ def build_run(recipe: dict, train_images: ImageList, val_images: ImageList, devi
     # JPEG passes the header scan) stops every rank, not only the one that read it.
     error = train_data = val_data = None
     try:
-        check_fills_a_step(recipe, len(train_images), d.world, steps * micro)
+        check_fills_a_step(recipe["batch_size"], len(train_images), d.world)
         train_data = open_train_loader(recipe, train_images, micro, device, d, num_threads, loader_state,
                                        seed=loader_seed)
         val_data = open_val_loader(recipe, val_images, micro, device, d, num_threads)
