@@ -172,9 +172,10 @@ def _resharded_position(run: Run, state: dict, pos: Position) -> Position:
     """The position of a checkpoint of M processes, for this run of N: the same step, epoch and
     steps into the epoch (in this run's micro-batches, at least one step left to take), the new
     loaders told how far into their epoch they are, and the epoch's loss so far carried as its
-    mean (rank 0 holds it all). Weights, optimizer, EMA and schedule continue exactly; the data
-    order, the augmentations and the mixing draws do not (ranks the checkpoint lacks start theirs
-    anew)."""
+    mean (rank 0 holds it all). Weights, optimizer and EMA continue exactly, the LR schedule from
+    the same point of the epoch (Schedule.lr: this run's steps an epoch may differ from the
+    checkpoint's); the data order, the augmentations and the mixing draws do not (ranks the
+    checkpoint lacks start theirs anew)."""
     saved, world, schedule = len(state["ranks"]), run.d.world, run.schedule  # M, N
     if pos.micro_done:
         steps_done = min(-(-pos.micro_done // state["grad_accum_steps"]), schedule.steps_per_epoch - 1)

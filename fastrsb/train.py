@@ -195,12 +195,12 @@ def train_one_epoch(run: Run, pos: Position, folder: RunFolder, stops: Stops, lo
     progress = Progress(f"epoch {pos.epoch + 1}/{run.recipe['epochs']}", schedule.steps_per_epoch, enabled=run.d.main)
     loss_sum = torch.tensor(pos.loss_sum, device=run.device)  # summed on the device: no sync per step
     start, first_micro, waited = time.perf_counter(), pos.micro_done, 0.0
-    interval, lr = Interval(), schedule.lr(pos.step)
+    interval, lr = Interval(), schedule.lr(pos.epoch, pos.micro_done)
     batches = loader_batches(run.train_data, run.train_data.images)
     while pos.micro_done < schedule.micro_per_epoch:
         # One optimizer step over a group of micro-batches (grad_accum_steps, or fewer at the end).
         group = min(schedule.grad_accum_steps, schedule.micro_per_epoch - pos.micro_done)
-        lr = schedule.lr(pos.step)
+        lr = schedule.lr(pos.epoch, pos.micro_done)
         for k in range(group):
             before = time.perf_counter()
             images, labels = next(batches)

@@ -11,7 +11,9 @@ import torch
 
 from conftest import assert_user_error, run_cli, said_errors
 from fastrsb.checkpoint import load_checkpoint
+from fastrsb.demo_data import write_demo
 from fastrsb.errors import UserError
+from fastrsb.optim import lr_at
 from fastrsb.recipe import load_recipe
 from fastrsb.train import train
 
@@ -360,7 +362,7 @@ def test_two_processes_resume_exactly(distributed_run, tiny_data, tmp_path):
 def test_resume_on_another_number_of_processes(tiny_data, tmp_path):
     """A run stopped on 2 processes 2 steps into epoch 2 continues on 1, and one stopped on 1
     continues on 2: the same step and epoch, the rest of the epoch's steps taken (a fresh order of
-    images), the note said. A run so resumed then resumes exactly on its new number (its loaders'
+    images), the note said, the LR schedule ending at the last step. A run so resumed then resumes exactly on its new number (its loaders'
     seed is in its checkpoints): stopped and resumed, it ends as it does uninterrupted."""
     two = tmp_path / "two"
     _torchrun("--data", tiny_data, "--out", two, "--stop-after-steps", "8")  # 6 steps an epoch
@@ -382,14 +384,19 @@ def test_resume_on_another_number_of_processes(tiny_data, tmp_path):
     assert all(torch.equal(v, right["model"][k]) for k, v in left["model"].items())
     assert _epoch_rows(whole) == _epoch_rows(again) and [r["epoch"] for r in _epoch_rows(whole)] == [1, 2]
 
-    one = tmp_path / "one"
-    run_cli("train", "tiny", "--data", tiny_data, "--out", one, "--device", "cpu", "--stop-after-steps", "3")
-    proc = _torchrun("--data", tiny_data, "--out", one, "--resume", "auto")
+    # 56 images in 3 views each: 6 steps an epoch on 1 process, 7 on 2 (the views round apart).
+    # Stopped 2 steps into epoch 2 on 1, the run takes epoch 2's 5 other steps on 2, and its LR
+    # follows the epoch, not the steps taken: it ends where the schedule of 7 steps an epoch ends.
+    data, one = write_demo(tmp_path / "data56", seed=1, train_per_class=14, val_per_class=2, num_classes=4), tmp_path / "one"
+    repeats = ("--set", "aug_repeats=3")
+    run_cli("train", "tiny", "--data", data, "--out", one, "--device", "cpu", "--stop-after-steps", "8", *repeats)
+    proc = _torchrun("--data", data, "--out", one, "--resume", "auto", *repeats)
     assert "resumed on 2 process(es) from a checkpoint of 1" in proc.stdout
     state = load_checkpoint(one / "last.pt")
-    assert len(state["ranks"]) == 2 and state["step"] == 12 and state["loader_seed"] == 4
-    rows = _epoch_rows(one)
-    assert [r["epoch"] for r in rows] == [1, 2] and all(0 < r["train_loss"] < 10 for r in rows)
+    assert len(state["ranks"]) == 2 and state["step"] == 8 + 5 and state["loader_seed"] == 9
+    rows, r = _epoch_rows(one), load_recipe("tiny")
+    assert [row["epoch"] for row in rows] == [1, 2] and all(0 < row["train_loss"] < 10 for row in rows)
+    assert rows[-1]["lr"] == lr_at(2 * 7 - 1, 7, 2, r["lr"], r["warmup_epochs"], r["warmup_lr"], r["min_lr"])
 
 
 @pytest.mark.parametrize("rank,world,accumulate,micro_done", [(0, 1, 2, 6), (0, 1, 4, 8), (1, 2, 2, 6)])
