@@ -205,6 +205,7 @@ class RunFolder:
 
     def __init__(self, out: Path, recipe: dict, d: Dist, resumed: Position | None = None):
         self.out, self.main, self.board = out, d.main, None
+        self.saved: tuple[Path, str] | None = None  # the run's newest checkpoint and where it stands (train.py)
         self._pending: list[dict] = []  # rows not yet written (the disk was full)
         self._failing = False
         if not self.main:

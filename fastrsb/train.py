@@ -87,6 +87,8 @@ def _train(recipe: dict, data: str | Path, out: Path, device: str, d: Dist, num_
         # --resume auto without a checkpoint restarts from step 0: rows logged there by a run that
         # stopped before its first checkpoint (a crash) are dropped as rows after a checkpoint are.
         folder = RunFolder(out, recipe, d, resumed=pos if state or resume else None)
+        if state:
+            folder.saved = (resume_path, _where(run, pos))
         _announce(run, train_images, val_images, resume_path if state else None, pos, shards)
         if state and resharded(state, d):
             _say(run, resharded_note(run, state))
@@ -113,9 +115,8 @@ def _epochs(run: Run, pos: Position, folder: RunFolder, stops: "Stops", log_ever
     while pos.epoch < epochs:
         figures = train_one_epoch(run, pos, folder, stops, log_every, hashed)
         if figures is None:  # a stop mid-epoch: `pos` says where
-            save_run(run, pos, folder.out)
-            _say(run, f"stopped at step {pos.step} (epoch {pos.epoch + 1}, "
-                      f"{run.schedule.steps_done(pos.micro_done)}/{run.schedule.steps_per_epoch})")
+            _save(run, pos, folder)
+            _say(run, f"stopped at {_where(run, pos)}")
             return {**pos.metrics, "stopped": True, "step": pos.step}
         # Every rank evaluates and saves the same model: BN statistics averaged, weights compared.
         average_bn_stats(run.training.model, run.d)
@@ -124,7 +125,7 @@ def _epochs(run: Run, pos: Position, folder: RunFolder, stops: "Stops", log_ever
         check_in_step(run.training.model, run.d)
         pos.epoch, pos.micro_done, pos.loss_sum, pos.seconds = pos.epoch + 1, 0, 0.0, 0.0
         pos.validated, pos.metrics = False, figures
-        save_run(run, pos, folder.out)  # the trained epoch is safe before validation reads one image
+        _save(run, pos, folder)  # the trained epoch is safe before validation reads one image
         _validate_and_save(run, pos, folder)
         if (agree([stops.signal.requested], run.d)[0] or stops.due(pos.step)) and pos.epoch < epochs:
             _say(run, f"stopped after epoch {pos.epoch}")
@@ -148,7 +149,29 @@ def _validate_and_save(run: Run, pos: Position, folder: RunFolder) -> None:
               f"{metrics['train_seconds']:.1f}s + {metrics['val_seconds']:.1f}s validation{eta})")
     improved = metrics["top1"] > pos.best_top1
     pos.best_top1, pos.metrics, pos.validated = max(pos.best_top1, metrics["top1"]), metrics, True
-    save_run(run, pos, folder.out, best=improved)
+    _save(run, pos, folder, best=improved)
+
+
+def _save(run: Run, pos: Position, folder: RunFolder, best: bool = False) -> None:
+    save_run(run, pos, folder.out, best)
+    folder.saved = (folder.out / "last.pt", _where(run, pos))
+
+
+def _where(run: Run, pos: Position) -> str:
+    if pos.micro_done:
+        return (f"step {pos.step} (epoch {pos.epoch + 1}, {run.schedule.steps_done(pos.micro_done)}/"
+                f"{run.schedule.steps_per_epoch})")
+    return f"step {pos.step} (epoch {pos.epoch} done)"
+
+
+def _before_non_finite(saved: tuple[Path, str] | None) -> str:
+    """What a run whose loss went to inf or NaN leaves, from what it saved (or resumed from), not
+    from what a file system shows: the same on every machine of a run."""
+    if saved is None:
+        return "no checkpoint was written before it (a lower --set lr, or a look at the data)"
+    path, where = saved
+    return (f"the last checkpoint before it is {path}, at {where}; a resume from it repeats the same recipe "
+            "(exactly, on the same setup): a lower --set lr in a new --out, or a look at the data")
 
 
 @dataclass
@@ -221,10 +244,8 @@ def train_one_epoch(run: Run, pos: Position, folder: RunFolder, stops: Stops, lo
             current = loss.item()  # host sync: log steps only
             stopping, non_finite = agree([stops.signal.requested, not math.isfinite(current)], run.d)
             if non_finite:
-                saved = folder.out / "last.pt"
                 raise UserError(f"loss is not finite at step {pos.step} (epoch {pos.epoch + 1}): stopping; "
-                                + (f"{saved} holds the last good epoch" if saved.is_file() else
-                                   "no checkpoint was written before it (a lower --set lr, or a look at the data)"))
+                                + _before_non_finite(folder.saved))
             waited += interval.waited
             rate, wait_share = interval.close()
             progress.update(done, rate, loss=current, lr=lr, data=wait_share)

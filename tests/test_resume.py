@@ -131,6 +131,22 @@ def test_resume_refuses_another_recipe(tiny_data, uninterrupted, tmp_path):
     assert proc.returncode == 2 and "another recipe" in proc.stderr and "lr" in proc.stderr
 
 
+def test_a_loss_gone_to_inf_names_the_last_checkpoint_and_where_it_stands(tiny_data, tmp_path):
+    """A run stopped after its first step and resumed, whose LR (1e38 after the warmup's first step)
+    sends the loss to inf two steps later: the stop names the checkpoint it resumed from and where
+    that stands, from what the run saved rather than what its file system shows (the same on every
+    machine). A run that blows up before any checkpoint says there is none."""
+    args = ("train", "tiny", "--data", tiny_data, "--device", "cpu", "--threads", "1", "--log-every", "1",
+            "--set", "lr=1e38")
+    run_cli(*args, "--out", tmp_path / "run", "--stop-after-steps", "1")
+    proc = run_cli(*args, "--out", tmp_path / "run", "--resume", "auto", check=False)
+    assert_user_error(proc, "loss is not finite at step 3 (epoch 1)",
+                      f"the last checkpoint before it is {tmp_path / 'run' / 'last.pt'}, at step 1 (epoch 1, 1/6)")
+    assert load_checkpoint(tmp_path / "run" / "last.pt")["step"] == 1  # kept: nothing was saved after it
+    assert_user_error(run_cli(*args, "--out", tmp_path / "new", check=False), "loss is not finite at step 3",
+                      "no checkpoint was written before it")
+
+
 def test_resume_auto_after_a_crash_before_any_checkpoint_starts_clean(tiny_data, uninterrupted, tmp_path, capsys):
     """A run killed before its first checkpoint leaves logged rows and no last.pt: --resume auto
     starts from scratch and drops those rows (they were appended to before, so every step it had
