@@ -378,8 +378,9 @@ def test_two_processes_resume_exactly(distributed_run, tiny_data, tmp_path):
 def test_resume_on_another_number_of_processes(tiny_data, tmp_path):
     """A run stopped on 2 processes 2 steps into epoch 2 continues on 1, and one stopped on 1
     continues on 2: the same step and epoch, the rest of the epoch's steps taken (a fresh order of
-    images), the note said, the LR schedule ending at the last step. A run so resumed then resumes exactly on its new number (its loaders'
-    seed is in its checkpoints): stopped and resumed, it ends as it does uninterrupted."""
+    images), the note said, the LR schedule ending at the last step. A run so resumed then resumes
+    exactly on its new number (its loaders' seed is in its checkpoints): stopped and resumed, it
+    ends as it does uninterrupted."""
     two = tmp_path / "two"
     _torchrun("--data", tiny_data, "--out", two, "--stop-after-steps", "8")  # 6 steps an epoch
     assert len(load_checkpoint(two / "last.pt")["ranks"]) == 2
@@ -403,7 +404,8 @@ def test_resume_on_another_number_of_processes(tiny_data, tmp_path):
     # 56 images in 3 views each: 6 steps an epoch on 1 process, 7 on 2 (the views round apart).
     # Stopped 2 steps into epoch 2 on 1, the run takes epoch 2's 5 other steps on 2, and its LR
     # follows the epoch, not the steps taken: it ends where the schedule of 7 steps an epoch ends.
-    data, one = write_demo(tmp_path / "data56", seed=1, train_per_class=14, val_per_class=2, num_classes=4), tmp_path / "one"
+    data = write_demo(tmp_path / "data56", seed=1, train_per_class=14, val_per_class=2, num_classes=4)
+    one = tmp_path / "one"
     repeats = ("--set", "aug_repeats=3")
     run_cli("train", "tiny", "--data", data, "--out", one, "--device", "cpu", "--stop-after-steps", "8", *repeats)
     proc = _torchrun("--data", data, "--out", one, "--resume", "auto", *repeats)
