@@ -2,8 +2,8 @@
 (its DALI loader, mixup/cutmix, BCE, LAMB and schedule) and by a plain loop of timm's parts
 (`timm.data.create_loader` with the recipe's transforms, `timm.data.Mixup`,
 `timm.loss.BinaryCrossEntropy`, `timm.optim` LAMB with its weight-decay groups, timm's cosine
-scheduler stepped per update after a warmup prefix: the recipes' schedule), over several seeds.
-Each side's top-1/top-5 at the recipe's test size and crop, and its wall time; the two random
+scheduler stepped per update after a warmup prefix: the recipes' schedule; with aug_repeats,
+timm's `RepeatAugSampler`), over several seeds, on one process. Each side's top-1/top-5 at the recipe's test size and crop, and its wall time; the two random
 streams differ (loader, mixing, initial weights), so what compares is the spread over seeds.
 
     python benchmarks/timm_parity.py --recipe demo --seeds 0 1 2 --json-out benchmarks/results/timm-parity-cpu-2core.jsonl
@@ -42,7 +42,7 @@ def run_fastrsb(recipe: dict, data: Path, device: str) -> dict:
     with tempfile.TemporaryDirectory() as out, contextlib.redirect_stdout(io.StringIO()), \
             contextlib.redirect_stderr(io.StringIO()):
         metrics = train(recipe, data, Path(out) / "run", device=device, log_every=10**6)
-    return {"top1": metrics["top1"], "top5": metrics["top5"]}
+    return {"top1": metrics["top1"], "top5": metrics["top5"], "steps": metrics["step"]}
 
 
 def run_timm(recipe: dict, data: Path, device: str, workers: int) -> dict:
@@ -68,6 +68,8 @@ def run_timm(recipe: dict, data: Path, device: str, workers: int) -> dict:
     val_data = create_loader(val_set, input_size=(3, r["test_img_size"], r["test_img_size"]),
                              batch_size=r["batch_size"], is_training=False, interpolation="bicubic",
                              crop_pct=r["crop_pct"], **loader_options)
+    if r["aug_repeats"] > 1:
+        train_data = repeated_views(train_set, r, workers, device)
     model = timm.create_model(r["model"], num_classes=classes, drop_path_rate=r["drop_path"] or None)
     model = model.to(device, memory_format=torch.channels_last)
     optimizer = create_optimizer_v2(model, "lamb", lr=r["lr"], weight_decay=r["weight_decay"], eps=r["opt_eps"],
@@ -81,7 +83,9 @@ def run_timm(recipe: dict, data: Path, device: str, workers: int) -> dict:
     loss_fn = BinaryCrossEntropy(target_threshold=r["bce_target_thresh"], smoothing=r["smoothing"])
     amp = dict(device_type="cuda", dtype=torch.bfloat16, enabled=device == "cuda" and r["amp"])
     updates = 0
-    for _ in range(r["epochs"]):
+    for epoch in range(r["epochs"]):
+        if hasattr(train_data.sampler, "set_epoch"):  # as timm's train.py: RepeatAugSampler's shuffle
+            train_data.sampler.set_epoch(epoch)
         model.train()
         for images, labels in train_data:
             images, labels = images.to(device, memory_format=torch.channels_last), labels.to(device)
@@ -94,7 +98,19 @@ def run_timm(recipe: dict, data: Path, device: str, workers: int) -> dict:
             updates += 1
             scheduler.step_update(updates)
         figures = evaluate(model, val_data, device, amp)  # every epoch, as timm's train.py and fastrsb do
-    return figures
+    return {**figures, "steps": updates}
+
+
+def repeated_views(train_set, r: dict, workers: int, device: str):
+    """The train loader of repeated augmentation on one process: timm's RepeatAugSampler (each image
+    `aug_repeats` times in a row, views side by side in a batch, as fastrsb places them on one
+    process) over the data set create_loader gave its transforms; timm's create_loader takes it
+    only under torch.distributed. selected_round=0: an epoch of len(data set) samples, as fastrsb's
+    (timm's default rounds down to a multiple of 256: a fifth of the demo's 960, 0.02% of ImageNet)."""
+    from timm.data.distributed_sampler import RepeatAugSampler
+    sampler = RepeatAugSampler(train_set, num_replicas=1, rank=0, num_repeats=r["aug_repeats"], selected_round=0)
+    return torch.utils.data.DataLoader(train_set, batch_size=r["batch_size"], sampler=sampler, num_workers=workers,
+                                       persistent_workers=workers > 0, pin_memory=device == "cuda", drop_last=True)
 
 
 def evaluate(model: torch.nn.Module, val_data, device: str, amp: dict) -> dict:
@@ -111,9 +127,9 @@ def evaluate(model: torch.nn.Module, val_data, device: str, amp: dict) -> dict:
 
 
 def check_recipe(recipe: dict) -> None:
-    """What the timm loop covers: the RSB recipes' parts, without repeated augmentation (timm's
-    RepeatAugSampler shards across processes) and EMA."""
-    refused = [f"{key} = {recipe[key]!r}" for key, ok in (("bce_loss", True), ("aug_repeats", 0), ("model_ema", False),
+    """What the timm loop covers: the RSB recipes' parts (repeated augmentation on one process:
+    repeated_views), without EMA."""
+    refused = [f"{key} = {recipe[key]!r}" for key, ok in (("bce_loss", True), ("model_ema", False),
                                                        ("mixup_mode", "batch"), ("sched", "cosine"), ("opt", "lamb"))
                if recipe[key] != ok]
     if refused:

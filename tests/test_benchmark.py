@@ -416,13 +416,24 @@ def test_timm_parity_trains_the_recipe_both_ways(tiny_data, tmp_path, capsys):
     out = tmp_path / "parity.jsonl"
     results = timm_parity.main(["--recipe", "tiny", "--data", str(tiny_data), "--seeds", "3", "--workers", "1",
                                 "--device", "cpu", "--json-out", str(out)])
-    assert [r["trainer"] for r in results] == ["fastrsb", "timm"] and all(r["seed"] == 3 for r in results)
+    assert [(r["trainer"], r["seed"], r["steps"]) for r in results] == [("fastrsb", 3, 12), ("timm", 3, 12)]
     for r in results:
         assert r["top1"] <= r["top5"] <= 100 and (r["top1"] / 5).is_integer() and r["seconds"] > 0
     assert [json.loads(line)["trainer"] for line in out.read_text().splitlines()] == ["fastrsb", "timm"]
     assert "| timm | " in capsys.readouterr().out
-    with pytest.raises(SystemExit, match="does not cover aug_repeats = 3"):
-        timm_parity.main(["--recipe", "a1", "--data", str(tiny_data)])
+    # Repeated augmentation (A1/A2) on one process: timm's RepeatAugSampler, an epoch of len(data)
+    # samples as fastrsb's: 48 images in 3 views a batch of 8, 6 steps an epoch on both sides.
+    repeated = timm_parity.main(["--recipe", "tiny", "--data", str(tiny_data), "--seeds", "3", "--workers", "1",
+                                 "--device", "cpu", "--set", "aug_repeats=3"])
+    assert [(r["trainer"], r["steps"]) for r in repeated] == [("fastrsb", 12), ("timm", 12)]
+    from timm.data import create_dataset
+    views = timm_parity.repeated_views(create_dataset("", root=str(tiny_data / "train"), split="train"),
+                                       {"aug_repeats": 3, "batch_size": 8}, 0, "cpu")
+    order = list(views.sampler)  # an epoch of 48 samples: 16 images, each 3 times in a row
+    assert len(order) == 48 and len(set(order)) == 16 and order[::3] == order[1::3] == order[2::3]
+    assert len(views) == 6
+    with pytest.raises(SystemExit, match="does not cover model_ema = True"):
+        timm_parity.main(["--recipe", "tiny", "--data", str(tiny_data), "--set", "model_ema=true"])
     with pytest.raises(SystemExit):
         timm_parity.parse_args(["--recipe", "demo", "--set", "epoch=3"])  # a key the recipes do not have
     assert "unknown key 'epoch'" in capsys.readouterr().err
