@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
+import itertools
 import random
 import statistics
 import sys
@@ -45,8 +46,9 @@ def run_fastrsb(recipe: dict, data: Path, device: str) -> dict:
     return {"top1": metrics["top1"], "top5": metrics["top5"], "steps": metrics["step"]}
 
 
-def run_timm(recipe: dict, data: Path, device: str, workers: int) -> dict:
-    """The recipe as a plain loop of timm's parts (timm's train.py does the same with more options)."""
+def run_timm(recipe: dict, data: Path, device: str, workers: int, steps_per_epoch: int | None = None) -> dict:
+    """The recipe as a plain loop of timm's parts (timm's train.py does the same with more options).
+    steps_per_epoch: fewer than the loader's, to match another trainer's epoch (the schedule too)."""
     import timm
     from timm.data import Mixup, create_dataset, create_loader
     from timm.loss import BinaryCrossEntropy
@@ -70,13 +72,14 @@ def run_timm(recipe: dict, data: Path, device: str, workers: int) -> dict:
                              crop_pct=r["crop_pct"], **loader_options)
     if r["aug_repeats"] > 1:
         train_data = repeated_views(train_set, r, workers, device)
+    steps_per_epoch = min(steps_per_epoch or len(train_data), len(train_data))
     model = timm.create_model(r["model"], num_classes=classes, drop_path_rate=r["drop_path"] or None)
     model = model.to(device, memory_format=torch.channels_last)
     optimizer = create_optimizer_v2(model, "lamb", lr=r["lr"], weight_decay=r["weight_decay"], eps=r["opt_eps"],
                                     betas=tuple(r["opt_betas"]))
     scheduler, _ = create_scheduler_v2(optimizer, sched="cosine", num_epochs=r["epochs"] - r["warmup_epochs"],
                                        warmup_epochs=r["warmup_epochs"], warmup_lr=r["warmup_lr"], min_lr=r["min_lr"],
-                                       step_on_epochs=False, updates_per_epoch=len(train_data), warmup_prefix=True)
+                                       step_on_epochs=False, updates_per_epoch=steps_per_epoch, warmup_prefix=True)
     mixup = Mixup(mixup_alpha=r["mixup"], cutmix_alpha=r["cutmix"], prob=r["mixup_prob"],
                   switch_prob=r["mixup_switch_prob"], mode=r["mixup_mode"], label_smoothing=r["smoothing"],
                   num_classes=classes) if r["mixup"] > 0 or r["cutmix"] > 0 else None
@@ -87,7 +90,7 @@ def run_timm(recipe: dict, data: Path, device: str, workers: int) -> dict:
         if hasattr(train_data.sampler, "set_epoch"):  # as timm's train.py: RepeatAugSampler's shuffle
             train_data.sampler.set_epoch(epoch)
         model.train()
-        for images, labels in train_data:
+        for images, labels in itertools.islice(train_data, steps_per_epoch):
             images, labels = images.to(device, memory_format=torch.channels_last), labels.to(device)
             images, targets = mixup(images, labels) if mixup else (images, labels)
             with torch.autocast(**amp):
@@ -147,6 +150,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, dict]
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--trainers", default=",".join(TRAINERS), help="comma list of fastrsb, timm")
     p.add_argument("--workers", type=count_option, default=2, help="timm's loader processes (default 2)")
+    p.add_argument("--timm-steps-per-epoch", type=count_option, metavar="N",
+                   help="end timm's epochs after N steps (its schedule too): to match fastrsb's where they differ")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--json-out", type=Path)
     args = p.parse_args(argv)
@@ -176,7 +181,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
             recipe = {**base, "seed": seed}
             started = time.perf_counter()
             figures = (run_fastrsb(recipe, data, args.device) if trainer == "fastrsb"
-                       else run_timm(recipe, data, args.device, args.workers))
+                       else run_timm(recipe, data, args.device, args.workers, args.timm_steps_per_epoch))
             result = {**context(), "mode": "timm_parity", "trainer": trainer, "recipe": base["name"],
                       "overrides": args.overrides, "data": str(data), "seed": seed, "device": args.device,
                       **figures, "seconds": time.perf_counter() - started}

@@ -426,6 +426,9 @@ def test_timm_parity_trains_the_recipe_both_ways(tiny_data, tmp_path, capsys):
     repeated = timm_parity.main(["--recipe", "tiny", "--data", str(tiny_data), "--seeds", "3", "--workers", "1",
                                  "--device", "cpu", "--set", "aug_repeats=3"])
     assert [(r["trainer"], r["steps"]) for r in repeated] == [("fastrsb", 12), ("timm", 12)]
+    shorter = timm_parity.main(["--recipe", "tiny", "--data", str(tiny_data), "--seeds", "3", "--workers", "1",
+                                "--device", "cpu", "--trainers", "timm", "--timm-steps-per-epoch", "4"])
+    assert [(r["trainer"], r["steps"]) for r in shorter] == [("timm", 8)]
     from timm.data import create_dataset
     views = timm_parity.repeated_views(create_dataset("", root=str(tiny_data / "train"), split="train"),
                                        {"aug_repeats": 3, "batch_size": 8}, 0, "cpu")
