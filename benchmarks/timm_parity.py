@@ -3,8 +3,10 @@
 (`timm.data.create_loader` with the recipe's transforms, `timm.data.Mixup`,
 `timm.loss.BinaryCrossEntropy`, `timm.optim` LAMB with its weight-decay groups, timm's cosine
 scheduler stepped per update after a warmup prefix: the recipes' schedule; with aug_repeats,
-timm's `RepeatAugSampler`), over several seeds, on one process. Each side's top-1/top-5 at the recipe's test size and crop, and its wall time; the two random
-streams differ (loader, mixing, initial weights), so what compares is the spread over seeds.
+timm's `RepeatAugSampler`), over several seeds, on one process. Each side's top-1/top-5 at the
+recipe's test size and crop, its optimizer steps and its wall time (timm's: its train sampler
+too); the two random streams differ (loader, mixing, initial weights), so what compares is the
+spread over seeds.
 
     python benchmarks/timm_parity.py --recipe demo --seeds 0 1 2 --json-out benchmarks/results/timm-parity-cpu-2core.jsonl
 
@@ -101,7 +103,7 @@ def run_timm(recipe: dict, data: Path, device: str, workers: int, steps_per_epoc
             updates += 1
             scheduler.step_update(updates)
         figures = evaluate(model, val_data, device, amp)  # every epoch, as timm's train.py and fastrsb do
-    return {**figures, "steps": updates}
+    return {**figures, "steps": updates, "sampler": type(train_data.sampler).__name__}
 
 
 def repeated_views(train_set, r: dict, workers: int, device: str):
@@ -184,7 +186,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
                        else run_timm(recipe, data, args.device, args.workers, args.timm_steps_per_epoch))
             result = {**context(), "mode": "timm_parity", "trainer": trainer, "recipe": base["name"],
                       "overrides": args.overrides, "data": str(data), "seed": seed, "device": args.device,
-                      **figures, "seconds": time.perf_counter() - started}
+                      **figures, "seconds": time.perf_counter() - started,
+                      **({"timm_steps_per_epoch": args.timm_steps_per_epoch}
+                         if trainer == "timm" and args.timm_steps_per_epoch else {})}
             _emit(result, args.json_out)
             results.append(result)
     print(f"\n{base['name']} on {data}, seeds {' '.join(map(str, args.seeds))}:")

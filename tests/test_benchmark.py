@@ -417,6 +417,7 @@ def test_timm_parity_trains_the_recipe_both_ways(tiny_data, tmp_path, capsys):
     results = timm_parity.main(["--recipe", "tiny", "--data", str(tiny_data), "--seeds", "3", "--workers", "1",
                                 "--device", "cpu", "--json-out", str(out)])
     assert [(r["trainer"], r["seed"], r["steps"]) for r in results] == [("fastrsb", 3, 12), ("timm", 3, 12)]
+    assert results[1]["sampler"] == "RandomSampler"  # create_loader's own
     for r in results:
         assert r["top1"] <= r["top5"] <= 100 and (r["top1"] / 5).is_integer() and r["seconds"] > 0
     assert [json.loads(line)["trainer"] for line in out.read_text().splitlines()] == ["fastrsb", "timm"]
@@ -426,9 +427,10 @@ def test_timm_parity_trains_the_recipe_both_ways(tiny_data, tmp_path, capsys):
     repeated = timm_parity.main(["--recipe", "tiny", "--data", str(tiny_data), "--seeds", "3", "--workers", "1",
                                  "--device", "cpu", "--set", "aug_repeats=3"])
     assert [(r["trainer"], r["steps"]) for r in repeated] == [("fastrsb", 12), ("timm", 12)]
+    assert repeated[1]["sampler"] == "RepeatAugSampler"  # the steps alone would not tell
     shorter = timm_parity.main(["--recipe", "tiny", "--data", str(tiny_data), "--seeds", "3", "--workers", "1",
                                 "--device", "cpu", "--trainers", "timm", "--timm-steps-per-epoch", "4"])
-    assert [(r["trainer"], r["steps"]) for r in shorter] == [("timm", 8)]
+    assert [(r["trainer"], r["steps"], r["timm_steps_per_epoch"]) for r in shorter] == [("timm", 8, 4)]
     from timm.data import create_dataset
     views = timm_parity.repeated_views(create_dataset("", root=str(tiny_data / "train"), split="train"),
                                        {"aug_repeats": 3, "batch_size": 8}, 0, "cpu")
