@@ -3,16 +3,21 @@
 (`timm.data.create_loader` with the recipe's transforms, `timm.data.Mixup`,
 `timm.loss.BinaryCrossEntropy`, `timm.optim` LAMB with its weight-decay groups, timm's cosine
 scheduler stepped per update after a warmup prefix: the recipes' schedule; with aug_repeats,
-timm's `RepeatAugSampler`), over several seeds, on one process. Each side's top-1/top-5 at the
-recipe's test size and crop, its optimizer steps and its wall time (timm's: its train sampler
-too); the two random streams differ (loader, mixing, initial weights), so what compares is the
-spread over seeds.
+timm's `RepeatAugSampler`), over several seeds, on one process or on N (`--nproc N`: fastrsb's
+`--nproc`, and timm's loop under torch.distributed as timm's train.py runs it: DDP, a sampler
+per rank, seeds by rank, BatchNorm statistics averaged after each epoch). Each side's
+top-1/top-5 at the recipe's test size and crop, its optimizer steps and its wall time (timm's:
+its train sampler too); the two random streams differ (loader, mixing, initial weights), so what
+compares is the spread over seeds.
 
     python benchmarks/timm_parity.py --recipe demo --seeds 0 1 2 --json-out benchmarks/results/timm-parity-cpu-2core.jsonl
+    python benchmarks/timm_parity.py --recipe demo --set aug_repeats=3 --nproc 4   (A1/A2's views on 4 processes)
 
 One JSON line per run, then a table. Default data: data/demo (generated if missing, as `fastrsb
 train demo` does). On the CPU both train in float32 uncompiled, as fastrsb's CPU path does; on a
 GPU, fastrsb as its recipe says and timm's loop in the recipe's AMP, channels-last, uncompiled.
+Several processes: gloo on the CPU (each with its share of the cores, as `fastrsb train --nproc`
+gives its own), NCCL on GPUs (one each).
 """
 from __future__ import annotations
 
@@ -20,8 +25,11 @@ import argparse
 import contextlib
 import io
 import itertools
+import json
+import os
 import random
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -40,7 +48,11 @@ from throughput import _emit, context  # noqa: E402  (benchmarks/ is this script
 TRAINERS = ("fastrsb", "timm")
 
 
-def run_fastrsb(recipe: dict, data: Path, device: str) -> dict:
+def run_fastrsb(recipe: dict, data: Path, device: str, nproc: int = 1, command: list[str] | None = None) -> dict:
+    """One process: fastrsb's train() in this one. Several: `fastrsb train RECIPE --nproc N` in a
+    child, `command` being the recipe and its --set words (the figures from its metrics.jsonl)."""
+    if nproc > 1:
+        return _fastrsb_processes(data, device, nproc, command)
     from fastrsb.train import train
     with tempfile.TemporaryDirectory() as out, contextlib.redirect_stdout(io.StringIO()), \
             contextlib.redirect_stderr(io.StringIO()):
@@ -48,37 +60,64 @@ def run_fastrsb(recipe: dict, data: Path, device: str) -> dict:
     return {"top1": metrics["top1"], "top5": metrics["top5"], "steps": metrics["step"]}
 
 
-def run_timm(recipe: dict, data: Path, device: str, workers: int, steps_per_epoch: int | None = None) -> dict:
+def _fastrsb_processes(data: Path, device: str, nproc: int, command: list[str]) -> dict:
+    with tempfile.TemporaryDirectory() as out:
+        run = Path(out) / "run"
+        done = subprocess.run([sys.executable, "-m", "fastrsb", "train", *command, "--data", str(data), "--out",
+                               str(run), "--device", device, "--nproc", str(nproc), "--log-every", str(10**6)],
+                              capture_output=True, text=True)
+        if done.returncode != 0:
+            sys.exit(f"timm_parity.py: fastrsb on {nproc} processes failed (exit {done.returncode}):\n"
+                     + "\n".join((done.stdout + done.stderr).splitlines()[-15:]))
+        last = [row for row in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
+                if row["kind"] == "epoch"][-1]
+    return {"top1": last["top1"], "top5": last["top5"], "steps": last["step"]}
+
+
+def run_timm(recipe: dict, data: Path, device: str, workers: int, steps_per_epoch: int | None = None,
+             rank: int = 0, world: int = 1) -> dict:
     """The recipe as a plain loop of timm's parts (timm's train.py does the same with more options).
-    steps_per_epoch: fewer than the loader's, to match another trainer's epoch (the schedule too)."""
+    steps_per_epoch: fewer than the loader's, to match another trainer's epoch (the schedule too).
+    world > 1: this process is `rank` of torch.distributed's group (run_timm_processes)."""
     import timm
     from timm.data import Mixup, create_dataset, create_loader
     from timm.loss import BinaryCrossEntropy
     from timm.optim import create_optimizer_v2
     from timm.scheduler import create_scheduler_v2
+    from timm.utils import distribute_bn
     r = recipe
-    random.seed(r["seed"])
-    np.random.seed(r["seed"])
-    torch.manual_seed(r["seed"])
+    seed = r["seed"] + rank  # as timm's train.py seeds each process (DDP then takes rank 0's weights)
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    batch = r["batch_size"] // world  # the recipes' batch is global, as timm's train.py --batch-size x GPUs
     train_set = create_dataset("", root=str(data / "train"), split="train", is_training=True)
     val_set = create_dataset("", root=str(data / "val"), split="validation")
     classes = len(train_set.reader.class_to_idx)
     loader_options = dict(use_prefetcher=False, num_workers=workers, persistent_workers=True,
-                          device=torch.device(device), pin_memory=device == "cuda")
+                          device=torch.device(device), pin_memory=device.startswith("cuda"))
     # color_jitter 0: timm adds its default 0.4 where there is no RandAugment; the recipes have none.
-    train_data = create_loader(train_set, input_size=(3, r["img_size"], r["img_size"]), batch_size=r["batch_size"],
+    # Several processes: timm's DistributedSampler, or RepeatAugSampler below.
+    train_data = create_loader(train_set, input_size=(3, r["img_size"], r["img_size"]), batch_size=batch,
                                is_training=True, interpolation=r["train_interpolation"], color_jitter=0.0,
-                               auto_augment=None if r["aa"] in (None, "none") else r["aa"], **loader_options)
+                               auto_augment=None if r["aa"] in (None, "none") else r["aa"],
+                               distributed=world > 1 and r["aug_repeats"] <= 1, **loader_options)
     val_data = create_loader(val_set, input_size=(3, r["test_img_size"], r["test_img_size"]),
-                             batch_size=r["batch_size"], is_training=False, interpolation="bicubic",
+                             batch_size=batch, is_training=False, interpolation="bicubic",
                              crop_pct=r["crop_pct"], **loader_options)
+    if world > 1:  # every val image once over the ranks (timm's OrderedDistributedSampler pads)
+        val_data = torch.utils.data.DataLoader(torch.utils.data.Subset(val_set, range(rank, len(val_set), world)),
+                                               batch_size=batch, num_workers=workers, persistent_workers=workers > 0)
     if r["aug_repeats"] > 1:
-        train_data = repeated_views(train_set, r, workers, device)
+        train_data = repeated_views(train_set, r, workers, device, rank, world)
     steps_per_epoch = min(steps_per_epoch or len(train_data), len(train_data))
     model = timm.create_model(r["model"], num_classes=classes, drop_path_rate=r["drop_path"] or None)
     model = model.to(device, memory_format=torch.channels_last)
     optimizer = create_optimizer_v2(model, "lamb", lr=r["lr"], weight_decay=r["weight_decay"], eps=r["opt_eps"],
                                     betas=tuple(r["opt_betas"]))
+    if world > 1:
+        model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[torch.cuda.current_device()] if device != "cpu" else None)
     scheduler, _ = create_scheduler_v2(optimizer, sched="cosine", num_epochs=r["epochs"] - r["warmup_epochs"],
                                        warmup_epochs=r["warmup_epochs"], warmup_lr=r["warmup_lr"], min_lr=r["min_lr"],
                                        step_on_epochs=False, updates_per_epoch=steps_per_epoch, warmup_prefix=True)
@@ -86,10 +125,10 @@ def run_timm(recipe: dict, data: Path, device: str, workers: int, steps_per_epoc
                   switch_prob=r["mixup_switch_prob"], mode=r["mixup_mode"], label_smoothing=r["smoothing"],
                   num_classes=classes) if r["mixup"] > 0 or r["cutmix"] > 0 else None
     loss_fn = BinaryCrossEntropy(target_threshold=r["bce_target_thresh"], smoothing=r["smoothing"])
-    amp = dict(device_type="cuda", dtype=torch.bfloat16, enabled=device == "cuda" and r["amp"])
+    amp = dict(device_type="cuda", dtype=torch.bfloat16, enabled=device != "cpu" and r["amp"])
     updates = 0
     for epoch in range(r["epochs"]):
-        if hasattr(train_data.sampler, "set_epoch"):  # as timm's train.py: RepeatAugSampler's shuffle
+        if hasattr(train_data.sampler, "set_epoch"):  # as timm's train.py: the samplers' shuffle
             train_data.sampler.set_epoch(epoch)
         model.train()
         for images, labels in itertools.islice(train_data, steps_per_epoch):
@@ -102,38 +141,92 @@ def run_timm(recipe: dict, data: Path, device: str, workers: int, steps_per_epoc
             optimizer.step()
             updates += 1
             scheduler.step_update(updates)
-        figures = evaluate(model, val_data, device, amp)  # every epoch, as timm's train.py and fastrsb do
+        if world > 1:
+            distribute_bn(model, world, reduce=True)  # timm's train.py default (--dist-bn reduce)
+        # every epoch, as timm's train.py and fastrsb do; unwrapped: DDP's forward would sync buffers
+        figures = evaluate(getattr(model, "module", model), val_data, device, amp)
     return {**figures, "steps": updates, "sampler": type(train_data.sampler).__name__}
 
 
-def repeated_views(train_set, r: dict, workers: int, device: str):
-    """The train loader of repeated augmentation on one process: timm's RepeatAugSampler (each image
-    `aug_repeats` times in a row, views side by side in a batch, as fastrsb places them on one
-    process) over the data set create_loader gave its transforms; timm's create_loader takes it
-    only under torch.distributed. selected_round=0: an epoch of len(data set) samples, as fastrsb's
-    (timm's default rounds down to a multiple of 256: a fifth of the demo's 960, 0.02% of ImageNet)."""
+def run_timm_processes(recipe: dict, data: Path, device: str, workers: int, steps_per_epoch: int | None,
+                       nproc: int) -> dict:
+    """run_timm in `nproc` processes of one torch.distributed group (gloo on the CPU, NCCL on GPUs);
+    rank 0's figures (the metrics are reduced over the ranks)."""
+    import torch.multiprocessing
+    with tempfile.TemporaryDirectory() as folder:
+        result = Path(folder) / "result.json"
+        torch.multiprocessing.spawn(_timm_process, nprocs=nproc, join=True,
+                                    args=(nproc, _free_port(), recipe, data, device, workers, steps_per_epoch, result))
+        return json.loads(result.read_text())
+
+
+def _free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _timm_process(rank: int, world: int, port: int, recipe: dict, data: Path, device: str, workers: int,
+                  steps_per_epoch: int | None, result: Path) -> None:
+    import multiprocessing
+    import torch.distributed as dist
+    # A process of torchrun's forks its loader workers; one spawned here would spawn them (each
+    # importing torch and timm anew: seconds of CPU a worker, every validation).
+    multiprocessing.set_start_method("fork", force=True)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    if device == "cuda":
+        torch.cuda.set_device(rank)
+        device = f"cuda:{rank}"
+    else:  # the cores shared out, as `fastrsb train --nproc` shares them (OMP_NUM_THREADS)
+        torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // world))
+    dist.init_process_group("nccl" if device != "cpu" else "gloo", rank=rank, world_size=world)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            figures = run_timm(recipe, data, device, workers, steps_per_epoch, rank, world)
+        if rank == 0:
+            result.write_text(json.dumps(figures))
+    finally:
+        dist.destroy_process_group()
+
+
+def repeated_views(train_set, r: dict, workers: int, device: str, rank: int = 0, world: int = 1):
+    """The train loader of repeated augmentation: timm's RepeatAugSampler over the data set
+    create_loader gave its transforms (timm's create_loader takes it only under
+    torch.distributed, and rounds the epoch as below). On one process each image comes
+    `aug_repeats` times in a row, the views side by side in a batch, as fastrsb places them there;
+    on several, an image's views go to as many ranks, as fastrsb's view exchange places them.
+    selected_round=0: an epoch of len(data set) samples, as fastrsb's (timm's default rounds down
+    to a multiple of 256: a fifth of the demo's 960, 0.02% of ImageNet)."""
     from timm.data.distributed_sampler import RepeatAugSampler
-    sampler = RepeatAugSampler(train_set, num_replicas=1, rank=0, num_repeats=r["aug_repeats"], selected_round=0)
-    return torch.utils.data.DataLoader(train_set, batch_size=r["batch_size"], sampler=sampler, num_workers=workers,
-                                       persistent_workers=workers > 0, pin_memory=device == "cuda", drop_last=True)
+    sampler = RepeatAugSampler(train_set, num_replicas=world, rank=rank, num_repeats=r["aug_repeats"],
+                               selected_round=0)
+    return torch.utils.data.DataLoader(train_set, batch_size=r["batch_size"] // world, sampler=sampler,
+                                       num_workers=workers, persistent_workers=workers > 0,
+                                       pin_memory=device.startswith("cuda"), drop_last=True)
 
 
 def evaluate(model: torch.nn.Module, val_data, device: str, amp: dict) -> dict:
+    """top-1/top-5 over val_data; under torch.distributed, over every rank's part of the images."""
     model.eval()
-    hits, count = torch.zeros(2), 0
+    hits = torch.zeros(3, dtype=torch.float64)  # top-1 hits, top-5 hits, images
     with torch.no_grad(), torch.autocast(**amp):
         for images, labels in val_data:
             logits = model(images.to(device, memory_format=torch.channels_last))
             top = logits.topk(min(5, logits.shape[1]), dim=1).indices.cpu()
             right = top.eq(labels.view(-1, 1))
-            hits += torch.stack([right[:, 0].sum(), right.any(dim=1).sum()]).float()
-            count += labels.shape[0]
-    return {"top1": 100.0 * hits[0].item() / count, "top5": 100.0 * hits[1].item() / count}
+            hits += torch.tensor([right[:, 0].sum().item(), right.any(dim=1).sum().item(), labels.shape[0]],
+                                 dtype=torch.float64)
+    if torch.distributed.is_initialized():
+        hits = hits.to(device)
+        torch.distributed.all_reduce(hits)
+        hits = hits.cpu()
+    return {"top1": 100.0 * hits[0].item() / hits[2].item(), "top5": 100.0 * hits[1].item() / hits[2].item()}
 
 
 def check_recipe(recipe: dict) -> None:
-    """What the timm loop covers: the RSB recipes' parts (repeated augmentation on one process:
-    repeated_views), without EMA."""
+    """What the timm loop covers: the RSB recipes' parts (repeated augmentation: repeated_views),
+    without EMA."""
     refused = [f"{key} = {recipe[key]!r}" for key, ok in (("bce_loss", True), ("model_ema", False),
                                                        ("mixup_mode", "batch"), ("sched", "cosine"), ("opt", "lamb"))
                if recipe[key] != ok]
@@ -154,6 +247,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, dict]
     p.add_argument("--workers", type=count_option, default=2, help="timm's loader processes (default 2)")
     p.add_argument("--timm-steps-per-epoch", type=count_option, metavar="N",
                    help="end timm's epochs after N steps (its schedule too): to match fastrsb's where they differ")
+    p.add_argument("--nproc", type=count_option, default=1,
+                   help="processes a run (default 1): on the CPU over gloo, on GPUs one each over NCCL")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--json-out", type=Path)
     args = p.parse_args(argv)
@@ -164,6 +259,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, dict]
     except UserError as err:
         p.error(str(err))
     check_recipe(base)
+    if base["batch_size"] % args.nproc:
+        p.error(f"--nproc {args.nproc}: the recipe's batch of {base['batch_size']} does not split evenly over "
+                "the processes (--set batch_size=...)")
     return args, base
 
 
@@ -182,10 +280,17 @@ def main(argv: list[str] | None = None) -> list[dict]:
         for trainer in trainers:  # alternated, so a drift in the machine's speed falls on both
             recipe = {**base, "seed": seed}
             started = time.perf_counter()
-            figures = (run_fastrsb(recipe, data, args.device) if trainer == "fastrsb"
-                       else run_timm(recipe, data, args.device, args.workers, args.timm_steps_per_epoch))
+            if trainer == "fastrsb":
+                command = [args.recipe, *(word for item in args.overrides + [f"seed={seed}"] for word in ("--set", item))]
+                figures = run_fastrsb(recipe, data, args.device, args.nproc, command)
+            elif args.nproc > 1:
+                figures = run_timm_processes(recipe, data, args.device, args.workers, args.timm_steps_per_epoch,
+                                             args.nproc)
+            else:
+                figures = run_timm(recipe, data, args.device, args.workers, args.timm_steps_per_epoch)
             result = {**context(), "mode": "timm_parity", "trainer": trainer, "recipe": base["name"],
                       "overrides": args.overrides, "data": str(data), "seed": seed, "device": args.device,
+                      "processes": args.nproc,
                       **figures, "seconds": time.perf_counter() - started,
                       **({"timm_steps_per_epoch": args.timm_steps_per_epoch}
                          if trainer == "timm" and args.timm_steps_per_epoch else {})}

@@ -444,3 +444,29 @@ def test_timm_parity_trains_the_recipe_both_ways(tiny_data, tmp_path, capsys):
     assert "unknown key 'epoch'" in capsys.readouterr().err
     import gpu_report
     assert gpu_report.extras(results)[-1].startswith("tiny trained by timm (seed 3, cpu): top-1 ")  # a GPU run's line
+
+
+def test_timm_parity_on_several_processes(tiny_data):
+    """timm_parity.py --nproc 2: fastrsb's `train --nproc 2` and timm's loop under torch.distributed
+    (gloo), with A1/A2's repeated views: each side's batch of 8 is 4 a rank, an epoch of 48 views
+    is 6 steps on both; timm's views come from its RepeatAugSampler, one rank each."""
+    sys.path.insert(0, str(BENCH))
+    import timm_parity
+    results = timm_parity.main(["--recipe", "tiny", "--data", str(tiny_data), "--seeds", "3", "--workers", "1",
+                                "--device", "cpu", "--nproc", "2", "--set", "aug_repeats=3"])
+    assert [(r["trainer"], r["processes"], r["steps"]) for r in results] == [("fastrsb", 2, 12), ("timm", 2, 12)]
+    assert results[1]["sampler"] == "RepeatAugSampler"
+    for r in results:  # every val image counted once over the 2 ranks: multiples of 5% of 20
+        assert r["top1"] <= r["top5"] <= 100 and (r["top1"] / 5).is_integer()
+    # A3's layout (no repeats): timm's DistributedSampler, 24 images a rank, 6 steps an epoch.
+    plain = timm_parity.main(["--recipe", "tiny", "--data", str(tiny_data), "--seeds", "3", "--workers", "1",
+                              "--device", "cpu", "--nproc", "2", "--trainers", "timm"])
+    assert [(r["processes"], r["steps"], r["sampler"]) for r in plain] == [(2, 12, "DistributedSampler")]
+    # On 3 ranks each rank takes one view of every image, in the same order: 16 distinct images each.
+    from timm.data import create_dataset
+    train_set = create_dataset("", root=str(tiny_data / "train"), split="train")
+    orders = [list(timm_parity.repeated_views(train_set, {"aug_repeats": 3, "batch_size": 12}, 0, "cpu", rank, 3).sampler)
+              for rank in range(3)]
+    assert orders[0] == orders[1] == orders[2] and len(orders[0]) == len(set(orders[0])) == 16
+    with pytest.raises(SystemExit):
+        timm_parity.parse_args(["--recipe", "tiny", "--nproc", "3"])  # 8 does not split over 3
