@@ -281,7 +281,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
             recipe = {**base, "seed": seed}
             started = time.perf_counter()
             if trainer == "fastrsb":
-                command = [args.recipe, *(word for item in args.overrides + [f"seed={seed}"] for word in ("--set", item))]
+                sets = args.overrides + [f"seed={seed}"]
+                command = [args.recipe, *(word for item in sets for word in ("--set", item))]
                 figures = run_fastrsb(recipe, data, args.device, args.nproc, command)
             elif args.nproc > 1:
                 figures = run_timm_processes(recipe, data, args.device, args.workers, args.timm_steps_per_epoch,

@@ -465,8 +465,8 @@ def test_timm_parity_on_several_processes(tiny_data):
     # On 3 ranks each rank takes one view of every image, in the same order: 16 distinct images each.
     from timm.data import create_dataset
     train_set = create_dataset("", root=str(tiny_data / "train"), split="train")
-    orders = [list(timm_parity.repeated_views(train_set, {"aug_repeats": 3, "batch_size": 12}, 0, "cpu", rank, 3).sampler)
-              for rank in range(3)]
+    recipe = {"aug_repeats": 3, "batch_size": 12}
+    orders = [list(timm_parity.repeated_views(train_set, recipe, 0, "cpu", rank, 3).sampler) for rank in range(3)]
     assert orders[0] == orders[1] == orders[2] and len(orders[0]) == len(set(orders[0])) == 16
     with pytest.raises(SystemExit):
         timm_parity.parse_args(["--recipe", "tiny", "--nproc", "3"])  # 8 does not split over 3
