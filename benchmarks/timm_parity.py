@@ -57,7 +57,8 @@ def run_fastrsb(recipe: dict, data: Path, device: str, nproc: int = 1, command: 
     with tempfile.TemporaryDirectory() as out, contextlib.redirect_stdout(io.StringIO()), \
             contextlib.redirect_stderr(io.StringIO()):
         metrics = train(recipe, data, Path(out) / "run", device=device, log_every=10**6)
-    return {"top1": metrics["top1"], "top5": metrics["top5"], "steps": metrics["step"]}
+    return {"top1": metrics["top1"], "top5": metrics["top5"], "val_images": metrics["val_images"],
+            "steps": metrics["step"], "processes": 1}
 
 
 def _fastrsb_processes(data: Path, device: str, nproc: int, command: list[str]) -> dict:
@@ -71,7 +72,9 @@ def _fastrsb_processes(data: Path, device: str, nproc: int, command: list[str]) 
                      + "\n".join((done.stdout + done.stderr).splitlines()[-15:]))
         last = [row for row in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
                 if row["kind"] == "epoch"][-1]
-    return {"top1": last["top1"], "top5": last["top5"], "steps": last["step"]}
+        started = json.loads((run / "starts.jsonl").read_text().splitlines()[0])  # what the run itself ran on
+    return {"top1": last["top1"], "top5": last["top5"], "val_images": last["val_images"], "steps": last["step"],
+            "processes": started["processes"]}
 
 
 def run_timm(recipe: dict, data: Path, device: str, workers: int, steps_per_epoch: int | None = None,
@@ -145,7 +148,8 @@ def run_timm(recipe: dict, data: Path, device: str, workers: int, steps_per_epoc
             distribute_bn(model, world, reduce=True)  # timm's train.py default (--dist-bn reduce)
         # every epoch, as timm's train.py and fastrsb do; unwrapped: DDP's forward would sync buffers
         figures = evaluate(getattr(model, "module", model), val_data, device, amp)
-    return {**figures, "steps": updates, "sampler": type(train_data.sampler).__name__}
+    processes = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+    return {**figures, "steps": updates, "processes": processes, "sampler": type(train_data.sampler).__name__}
 
 
 def run_timm_processes(recipe: dict, data: Path, device: str, workers: int, steps_per_epoch: int | None,
@@ -155,32 +159,27 @@ def run_timm_processes(recipe: dict, data: Path, device: str, workers: int, step
     import torch.multiprocessing
     with tempfile.TemporaryDirectory() as folder:
         result = Path(folder) / "result.json"
+        # The processes meet through a file of the folder: no port to pick, none another program can take.
         torch.multiprocessing.spawn(_timm_process, nprocs=nproc, join=True,
-                                    args=(nproc, _free_port(), recipe, data, device, workers, steps_per_epoch, result))
+                                    args=(nproc, f"file://{folder}/rendezvous", recipe, data, device, workers,
+                                          steps_per_epoch, result))
         return json.loads(result.read_text())
 
 
-def _free_port() -> int:
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _timm_process(rank: int, world: int, port: int, recipe: dict, data: Path, device: str, workers: int,
+def _timm_process(rank: int, world: int, rendezvous: str, recipe: dict, data: Path, device: str, workers: int,
                   steps_per_epoch: int | None, result: Path) -> None:
     import multiprocessing
     import torch.distributed as dist
     # A process of torchrun's forks its loader workers; one spawned here would spawn them (each
     # importing torch and timm anew: seconds of CPU a worker, every validation).
     multiprocessing.set_start_method("fork", force=True)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     if device == "cuda":
         torch.cuda.set_device(rank)
         device = f"cuda:{rank}"
     else:  # the cores shared out, as `fastrsb train --nproc` shares them (OMP_NUM_THREADS)
         torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // world))
-    dist.init_process_group("nccl" if device != "cpu" else "gloo", rank=rank, world_size=world)
+    dist.init_process_group("nccl" if device != "cpu" else "gloo", init_method=rendezvous, rank=rank,
+                            world_size=world)
     try:
         with contextlib.redirect_stdout(io.StringIO()):
             figures = run_timm(recipe, data, device, workers, steps_per_epoch, rank, world)
@@ -207,7 +206,8 @@ def repeated_views(train_set, r: dict, workers: int, device: str, rank: int = 0,
 
 
 def evaluate(model: torch.nn.Module, val_data, device: str, amp: dict) -> dict:
-    """top-1/top-5 over val_data; under torch.distributed, over every rank's part of the images."""
+    """top-1/top-5 and the images counted, over val_data; under torch.distributed, over every rank's
+    part of the images."""
     model.eval()
     hits = torch.zeros(3, dtype=torch.float64)  # top-1 hits, top-5 hits, images
     with torch.no_grad(), torch.autocast(**amp):
@@ -221,7 +221,8 @@ def evaluate(model: torch.nn.Module, val_data, device: str, amp: dict) -> dict:
         hits = hits.to(device)
         torch.distributed.all_reduce(hits)
         hits = hits.cpu()
-    return {"top1": 100.0 * hits[0].item() / hits[2].item(), "top5": 100.0 * hits[1].item() / hits[2].item()}
+    top1, top5, count = hits.tolist()
+    return {"top1": 100.0 * top1 / count, "top5": 100.0 * top5 / count, "val_images": int(count)}
 
 
 def check_recipe(recipe: dict) -> None:
@@ -291,7 +292,6 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 figures = run_timm(recipe, data, args.device, args.workers, args.timm_steps_per_epoch)
             result = {**context(), "mode": "timm_parity", "trainer": trainer, "recipe": base["name"],
                       "overrides": args.overrides, "data": str(data), "seed": seed, "device": args.device,
-                      "processes": args.nproc,
                       **figures, "seconds": time.perf_counter() - started,
                       **({"timm_steps_per_epoch": args.timm_steps_per_epoch}
                          if trainer == "timm" and args.timm_steps_per_epoch else {})}

@@ -418,8 +418,9 @@ def test_timm_parity_trains_the_recipe_both_ways(tiny_data, tmp_path, capsys):
                                 "--device", "cpu", "--json-out", str(out)])
     assert [(r["trainer"], r["seed"], r["steps"]) for r in results] == [("fastrsb", 3, 12), ("timm", 3, 12)]
     assert results[1]["sampler"] == "RandomSampler"  # create_loader's own
-    for r in results:
+    for r in results:  # every val image counted once: 20, and top-1 a multiple of 5%
         assert r["top1"] <= r["top5"] <= 100 and (r["top1"] / 5).is_integer() and r["seconds"] > 0
+        assert (r["val_images"], r["processes"]) == (20, 1)
     assert [json.loads(line)["trainer"] for line in out.read_text().splitlines()] == ["fastrsb", "timm"]
     assert "| timm | " in capsys.readouterr().out
     # Repeated augmentation (A1/A2) on one process: timm's RepeatAugSampler, an epoch of len(data)
@@ -449,15 +450,16 @@ def test_timm_parity_trains_the_recipe_both_ways(tiny_data, tmp_path, capsys):
 def test_timm_parity_on_several_processes(tiny_data):
     """timm_parity.py --nproc 2: fastrsb's `train --nproc 2` and timm's loop under torch.distributed
     (gloo), with A1/A2's repeated views: each side's batch of 8 is 4 a rank, an epoch of 48 views
-    is 6 steps on both; timm's views come from its RepeatAugSampler, one rank each."""
+    is 6 steps on both; timm's views come from its RepeatAugSampler, one rank each. The processes
+    are what each side ran on (fastrsb's starts.jsonl, timm's world size), not the option echoed."""
     sys.path.insert(0, str(BENCH))
     import timm_parity
     results = timm_parity.main(["--recipe", "tiny", "--data", str(tiny_data), "--seeds", "3", "--workers", "1",
                                 "--device", "cpu", "--nproc", "2", "--set", "aug_repeats=3"])
     assert [(r["trainer"], r["processes"], r["steps"]) for r in results] == [("fastrsb", 2, 12), ("timm", 2, 12)]
     assert results[1]["sampler"] == "RepeatAugSampler"
-    for r in results:  # every val image counted once over the 2 ranks: multiples of 5% of 20
-        assert r["top1"] <= r["top5"] <= 100 and (r["top1"] / 5).is_integer()
+    for r in results:  # every val image counted once over the 2 ranks (a rank's half alone: 10)
+        assert r["top1"] <= r["top5"] <= 100 and (r["top1"] / 5).is_integer() and r["val_images"] == 20
     # A3's layout (no repeats): timm's DistributedSampler, 24 images a rank, 6 steps an epoch.
     plain = timm_parity.main(["--recipe", "tiny", "--data", str(tiny_data), "--seeds", "3", "--workers", "1",
                               "--device", "cpu", "--nproc", "2", "--trainers", "timm"])
