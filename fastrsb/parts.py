@@ -184,10 +184,10 @@ class Schedule:
 
     def lr(self, epoch: int, micro_done: int) -> float:
         """The LR of the step after `micro_done` micro-batches of epoch `epoch` (from 0). Placed by
-        the epoch and this run's steps into it, not by the steps taken so far: a run resumed on
-        another number of processes may have taken another number of steps an epoch before (the
-        shards' last partial batches are dropped, and with repeated views they round apart), and
-        its schedule still ends at its last step. Otherwise the two are the same."""
+        the epoch and this run's steps into it, not by the steps taken so far: a run resumed from a
+        checkpoint of an earlier fastrsb, or of another micro-batch, may have taken another number
+        of steps an epoch before, and its schedule still ends at its last step. Otherwise the two
+        are the same."""
         r = self.recipe
         step = epoch * self.steps_per_epoch + self.steps_done(micro_done)
         return lr_at(step, self.steps_per_epoch, r["epochs"], r["lr"], r["warmup_epochs"], r["warmup_lr"], r["min_lr"])

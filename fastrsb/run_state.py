@@ -5,7 +5,7 @@ the metrics rows. RUN_DIR holds recipe.json, starts.jsonl, metrics.jsonl, last.p
 A checkpoint is enough to continue bit for bit on the same number of processes: weights,
 optimizer, GradScaler, EMA, and for every process its loader position, its random streams and its
 loss sum so far in the epoch. On another number it continues all but the data order and the random
-streams (_resharded_position)."""
+streams (_resharded_position), as it does from loader positions an earlier fastrsb wrote."""
 from __future__ import annotations
 
 import json
@@ -70,15 +70,24 @@ def resharded(state: dict, d: Dist) -> bool:
     return len(state["ranks"]) != d.world
 
 
+def loaders_start_anew(state: dict, d: Dist) -> bool:
+    """Whether this run's loaders cannot continue the checkpoint's positions: it was written by
+    another number of processes, or by an earlier fastrsb whose loaders cut their epochs
+    otherwise (pipelines.loader.POSITION_FORMAT)."""
+    from fastrsb.pipelines import continues_exactly
+    return resharded(state, d) or not all(continues_exactly(rank["loader"]) for rank in state["ranks"])
+
+
 def loader_start(state: dict | None, recipe: dict, d: Dist) -> tuple[dict | None, int]:
     """(this rank's loader position, the train loaders' seed) for a run starting from `state`
     (None: a new run: no position, the recipe's seed). On the number of processes the checkpoint
     was written by: its position and seed, to continue exactly. On another number, no position
-    fits the new shards: the loaders start anew, seeded by the checkpoint's step, so that the rest
-    of the run draws a fresh order and fresh augmentations rather than replaying its first epoch's."""
+    fits the new shards (nor does one an earlier fastrsb wrote): the loaders start anew, seeded
+    by the checkpoint's step, so that the rest of the run draws a fresh order and fresh
+    augmentations rather than replaying its first epoch's."""
     if state is None:
         return None, recipe["seed"]
-    if not resharded(state, d):
+    if not loaders_start_anew(state, d):
         return state["ranks"][d.rank]["loader"], state.get("loader_seed", recipe["seed"])
     return None, recipe["seed"] + state["step"] + 1
 
@@ -144,7 +153,8 @@ def _write_snapshot(run: Run, pos: Position, out: Path, ranks: list, best: bool)
 def restore_run(run: Run, state: dict, path: Path) -> Position:
     """Load a checkpoint into the run's parts (the loader got its position when it was built) and
     return the position to continue from. A checkpoint of another number of processes continues
-    too (_resharded_position), not bit for bit (resharded_note says so)."""
+    too (_resharded_position), not bit for bit (resharded_note says so), as does one whose loader
+    positions an earlier fastrsb wrote."""
     t = run.training
     load_weights(t.model, state["model"], str(path))
     t.optimizer.load_state_dict(state["optimizer"])
@@ -165,7 +175,7 @@ def restore_run(run: Run, state: dict, path: Path) -> Position:
                    loss_sum=rank["epoch_loss_sum"] if partial and rank is not None else 0.0,
                    seconds=partial.get("seconds", 0.0), validated=state.get("validated", True),
                    best_top1=state.get("best_top1", -1.0), metrics=state.get("metrics", {}))
-    return _resharded_position(run, state, pos) if resharded(state, run.d) else pos
+    return _resharded_position(run, state, pos) if loaders_start_anew(state, run.d) else pos
 
 
 def _resharded_position(run: Run, state: dict, pos: Position) -> Position:
@@ -187,10 +197,17 @@ def _resharded_position(run: Run, state: dict, pos: Position) -> Position:
 
 
 def resharded_note(run: Run, state: dict) -> str:
+    """What a run whose loaders start anew (loaders_start_anew) says, and why."""
     saved = len(state["ranks"])
-    return (f"resumed on {run.d.world} process(es) from a checkpoint of {saved}: weights, optimizer, EMA and "
-            "schedule continue exactly; the data order, augmentations and mixing draws start anew from here "
-            f"(loader seed {run.loader_seed}), so the run does not go on bit for bit as on {saved}")
+    if saved != run.d.world:
+        why, unlike = f"resumed on {run.d.world} process(es) from a checkpoint of {saved}", f"on {saved}"
+    else:
+        why = ("resumed from a checkpoint whose loader positions an earlier fastrsb wrote (its loaders cut their "
+               "epochs across the reshuffles)")
+        unlike = "it would have"
+    return (f"{why}: weights, optimizer, EMA and schedule continue exactly; the data order, augmentations and mixing "
+            f"draws start anew from here (loader seed {run.loader_seed}), so the run does not go on bit for bit as "
+            f"{unlike}")
 
 
 # timm's summary.csv columns (timm.utils.update_summary: epoch, train_*, eval_*, lr).

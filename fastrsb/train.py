@@ -29,7 +29,7 @@ from fastrsb.pipelines import DatasetError
 from fastrsb.progress import Progress, clock as _clock
 from fastrsb.recipe import BUILTIN, load_recipe
 from fastrsb.provenance import record_start, start_record
-from fastrsb.run_state import (Position, RunFolder, loader_start, resharded, resharded_note, restore_run,
+from fastrsb.run_state import (Position, RunFolder, loader_start, loaders_start_anew, resharded_note, restore_run,
                                resume_state, save_run)
 from fastrsb.shards import check_shards, listing_fingerprint
 from fastrsb.stopping import StopRequest
@@ -90,7 +90,7 @@ def _train(recipe: dict, data: str | Path, out: Path, device: str, d: Dist, num_
         if state:
             folder.saved = (resume_path, _where(run, pos))
         _announce(run, train_images, val_images, resume_path if state else None, pos, shards)
-        if state and resharded(state, d):
+        if state and loaders_start_anew(state, d):
             _say(run, resharded_note(run, state))
         if d.main:
             listings = {"train": train_listing, "val": listing_fingerprint(val_images.files, val_images.labels)}
@@ -382,15 +382,12 @@ def _augmentation(recipe: dict, loader: dict) -> str:
     compiled = ", compiled" if loader.get("compile_augment") else ""
     def resampled(interpolation: str) -> str:
         return "bilinear or bicubic at random" if interpolation == "random" else interpolation
-    crops, geometric = recipe["train_interpolation"], loader.get("aa_interpolation")
+    crops = recipe["train_interpolation"]
     if not recipe["aa"]:
         parts = [f"crops resampled {resampled(crops)}", "no RandAugment"]
-    elif geometric == crops:  # as timm: RandAugment's geometric ops follow the train interpolation
+    else:  # as timm: RandAugment's geometric ops follow the train interpolation
         parts = [f"crops and RandAugment's geometric ops resampled {resampled(crops)}",
                  f"RandAugment {recipe['aa']} ({loader['aa_impl']} form{compiled}{chosen})"]
-    else:  # a run begun before they did, resumed: bilinear, as it began
-        parts = [f"crops resampled {resampled(crops)}", f"RandAugment {recipe['aa']} ({loader['aa_impl']} form{compiled}"
-                 f"{chosen}; its geometric ops {resampled(geometric)}, as when the run began)"]
     if loader["repeats"] > 1:
         parts.append(f"{loader['repeats']} views of each image, " + ("each on another process (timm's layout)"
                      if loader.get("spread_views") else "side by side in one process's batch"))

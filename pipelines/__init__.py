@@ -11,6 +11,7 @@ from .augment_spec import RandAugmentSpec, parse_rand_augment
 from .image_list import IMAGE_EXTENSIONS, DatasetError, ImageList, class_folders, list_images, walk_class
 
 _LAZY = {"DaliLoader": ".loader", "train_loader": ".loader", "val_loader": ".loader", "default_pixel_dtype": ".loader", "default_aa_impl": ".loader",
+         "continues_exactly": ".loader",
          "IMAGENET_MEAN": ".graphs", "IMAGENET_STD": ".graphs", "val_resize_size": ".graphs"}
 
 __all__ = ["DatasetError", "ImageList", "list_images", "class_folders", "walk_class", "IMAGE_EXTENSIONS", "RandAugmentSpec", "parse_rand_augment", *_LAZY]

@@ -29,12 +29,14 @@ def _decoder_device(device: str) -> str:
 def _read(files, labels, device, shard_id, num_shards, train, shuffle_seed):
     # Training: shuffle_after_epoch reshuffles the whole list every epoch with the same seed on
     # every rank, so shards stay disjoint and complete (random_shuffle only shuffles inside a
-    # 1024-image buffer: epochs would come in nearly the same order).
-    # Validation: no shuffle, and the last batch padded so that the iterator can drop the padding.
+    # 1024-image buffer: epochs would come in nearly the same order); each pipeline keeps its shard.
+    # Both: the shard's last batch is padded (its last sample repeated) instead of filled from the
+    # next reshuffle, so that every epoch of the reader is one reshuffle of its shard; the loader
+    # leaves the padding out (validation) or skips that batch (training: loader.DaliLoader).
     order = {"shuffle_after_epoch": True, "shuffle_after_epoch_seed": shuffle_seed} if train else {}
     jpegs, labels = fn.readers.file(
         files=files, labels=labels, name=READER_NAME, shard_id=shard_id, num_shards=num_shards,
-        pad_last_batch=not train, stick_to_shard=not train, **order)
+        pad_last_batch=True, stick_to_shard=not train, **order)
     labels = fn.cast(labels, dtype=types.INT64)
     if device == "cuda":
         labels = labels.gpu()

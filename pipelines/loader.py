@@ -38,9 +38,17 @@ class DaliLoader:
     `load_state_dict()` (or `train_loader(..., state=...)`) save and restore that position exactly
     (DALI checkpointing: reader position and the random state of every augmentation).
 
+    The stream is made of the readers' epochs, each one reshuffle of the shard: the full batches
+    of it, as timm's drop-last makes them, equally many on every rank (floor(smallest part /
+    batch)); the part's last batch, short and padded by the reader, is read and skipped, so that
+    the next reshuffle starts a batch. An epoch is `epoch_images` samples (the shard's images:
+    len(data set) over the ranks, as timm's samplers count it), floor(epoch_images / batch_size)
+    batches: without repeated augmentation, exactly a readers' epoch; with R views of each
+    image, a readers' epoch spans about R loader epochs.
+
     A train loader may run several pipelines, each on its own part of the shard (CPU loaders: 2,
-    see train_loader); it takes their batches in turn. They run concurrently in DALI's own threads,
-    whichever batch Python asks for.
+    see train_loader), each making its share of every batch: a batch is one of each, joined.
+    They run concurrently in DALI's own threads, whichever batch Python asks for.
 
     Batches are not overwritten by later ones: a batch kept while the next ones are fetched (a
     prefetching trainer) holds its own memory."""
@@ -48,42 +56,56 @@ class DaliLoader:
     def __init__(self, build: Callable[[list | None], list], images: ImageList, batch_size: int, train: bool,
                  repeats: int = 1, fingerprint: dict | None = None, state: dict | None = None,
                  settings: dict | None = None, augment: Callable | None = None, augment_stream: bool = False,
-                 spread: tuple[int, int] | None = None):
+                 spread: tuple[int, int] | None = None, epoch_images: int | None = None):
         """build(checkpoints or None) -> the DALI pipelines, started from those DALI checkpoints.
         fingerprint: what a saved position must match; settings: more to report, not to match.
         augment: (uint8 NHWC images, draws) -> the batch's images, for pipelines that hand over
         their views unaugmented with a third output, "draws" (torch_augment.TorchRandAugment).
         augment_stream: take each batch over and augment it on a CUDA stream of the loader's own
-        (_OwnStream). spread: (rank, world) to exchange repeated views with (spread_views.py)."""
+        (_OwnStream). spread: (rank, world) to exchange repeated views with (spread_views.py).
+        epoch_images: a train loader's samples an epoch."""
         self.images = images
         self.batch_size = batch_size
         self.train = train
         self.repeats = repeats
         self._build = build
         self._fingerprint = fingerprint or {}
-        self._settings = {**{key: value for key, value in self._fingerprint.items() if key != "images"},
+        self._settings = {**{key: value for key, value in self._fingerprint.items() if key not in ("images", "format")},
                           **(settings or {})}
         self._val_pass_open = False  # a validation pass was started and not finished
         self._augment = augment
         self._own_stream = _OwnStream() if augment_stream else None
         self._spread = spread
+        self._epoch_images = epoch_images
         self._in_use = _UntilRun()
         self._start(state)
 
     def _start(self, state: dict | None) -> None:
-        policy = LastBatchPolicy.DROP if self.train else LastBatchPolicy.PARTIAL
+        # Training: FILL hands over every batch the readers make, each reshuffle's padded last one
+        # included, and _next_parts skips that one itself. (DROP would leave the skipping to DALI's
+        # iterator, which leaves the batch unread where a part is one image longer than the smallest
+        # and the smallest fills its batches exactly: the next epoch would then start with it.)
+        policy = LastBatchPolicy.FILL if self.train else LastBatchPolicy.PARTIAL
         pipes = self._build(state["dali"] if state else None)
         outputs = ["images", "labels"] + (["draws"] if self._augment else [])
         self._iterators = [DALIGenericIterator(pipe, outputs, reader_name=READER_NAME,
                                                last_batch_policy=policy, auto_reset=True) for pipe in pipes]
-        # Every pipeline's DALI epoch has the same number of batches (DROP floors every part of the
-        # shard to the smallest). With repeated augmentation a DALI epoch reads every image once and
-        # yields `repeats` views of each, so it spans `repeats` loader epochs: like timm's
-        # RepeatAugSampler, an epoch is len(data set) samples, of which 1/repeats are distinct images.
-        dali_batches = sum(len(iterator) for iterator in self._iterators)
-        self._steps = max(1, dali_batches * images_per_batch(self.batch_size, self.repeats) // self.batch_size)
+        if not self.train:
+            self._steps = len(self._iterators[0])
+            return
+        # The full batches of a reshuffle, the same number from every part of every shard: the
+        # smallest part's (DALI's parts differ by an image at most).
+        reader, batch = pipes[0].reader_meta(READER_NAME), pipes[0].max_batch_size
+        self._takes = reader["epoch_size"] // reader["number_of_shards"] // batch
+        # The batches a part's reshuffle makes, padded to the largest part's: the rest are skipped.
+        self._skips = -(-reader["epoch_size_padded"] // reader["number_of_shards"] // batch) - self._takes
+        # With repeated augmentation a readers' epoch reads every image once and yields `repeats`
+        # views of each, so it spans about `repeats` loader epochs: like timm's RepeatAugSampler,
+        # an epoch is len(data set) samples, of which 1/repeats are distinct images. (Without, the
+        # two are the same: floor(floor(shard / p) / (batch / p)) = floor(shard / batch).)
+        self._steps = max(1, self._epoch_images // self.batch_size)
         self._done = state["done"] if state else 0  # batches of the current epoch already yielded
-        self._turn = state.get("turn", 0) if state else 0  # the pipeline whose batch comes next
+        self._taken = state["taken"] if state else 0  # batches of the readers' current epoch already taken
 
     @property
     def classes(self) -> list[str]:
@@ -93,7 +115,7 @@ class DaliLoader:
     def queued_batches(self) -> int:
         """How many batches the pipelines hold ready ahead of the consumer (prefetch queues), in
         this loader's batches: a benchmark must consume them before its timing starts."""
-        depth = sum(_queue_depth(it._pipes[0]) for it in self._iterators)
+        depth = max(_queue_depth(it._pipes[0]) for it in self._iterators)  # a batch takes one of each
         return -(-depth * images_per_batch(self.batch_size, self.repeats) * self.repeats // self.batch_size)
 
     @property
@@ -124,7 +146,7 @@ class DaliLoader:
             self._start(None)
         self._val_pass_open = True
         for (batch,) in self._iterators[0]:
-            self._in_use.hand_over(batch)
+            self._in_use.hand_over([batch])
             yield _to_nchw(batch["images"]), batch["labels"]
         self._in_use.hand_over(None)
         self._val_pass_open = False
@@ -134,37 +156,42 @@ class DaliLoader:
             self._done = 0
         while self._done < self._steps:
             if self._own_stream is not None:
-                batch, images, labels = self._own_stream.run(self._take_batch)
+                parts, images, labels = self._own_stream.run(self._take_batch)
             else:
-                batch, images, labels = self._take_batch()
-            self._in_use.hand_over(batch)  # on the consumer's stream: its work on the last batch is queued
+                parts, images, labels = self._take_batch()
+            self._in_use.hand_over(parts)  # on the consumer's stream: its work on the last batch is queued
             self._done += 1
             yield images, labels
         self._in_use.hand_over(None)
         self._done = 0
 
-    def _take_batch(self) -> tuple[dict, torch.Tensor, torch.Tensor]:
-        """The next batch from the pipelines (DALI's tensors), and its images and labels as the
-        consumer gets them (augmented by the torch form where there is one)."""
-        batch = taken = self._next_batch()
-        if self.repeats > 1:  # ceil(batch / repeats) images x repeats views; a surplus of < repeats views is cut
+    def _take_batch(self) -> tuple[list[dict], torch.Tensor, torch.Tensor]:
+        """The next batch of each pipeline (DALI's tensors), and the batch's images and labels as
+        the consumer gets them (augmented by the torch form where there is one)."""
+        parts = self._next_parts()
+        batch = parts[0] if len(parts) == 1 else {  # one pipeline: as DALI made it, no copy
+            key: torch.cat([part[key] for part in parts]) for key in parts[0]}
+        if self.repeats > 1:  # ceil(batch / repeats) images x repeats views
             views = spread(batch, *self._spread) if self._spread else batch  # (R, n, ...): spread_views.py
-            taken = {key: value.flatten(0, 1)[:self.batch_size] for key, value in views.items()}
+            batch = {key: value.flatten(0, 1) for key, value in views.items()}
+        # A surplus of fewer than `repeats` views is cut (a view, no copy).
+        taken = {key: value[:self.batch_size] for key, value in batch.items()}
         if not self._augment:
-            return batch, _to_nchw(taken["images"]), taken["labels"]
+            return parts, _to_nchw(taken["images"]), taken["labels"]
         with torch.profiler.record_function(AUGMENT_RANGE):  # its kernels are the loader's in a profile
-            return batch, self._augment(taken["images"], taken["draws"]), taken["labels"]
+            return parts, self._augment(taken["images"], taken["draws"]), taken["labels"]
 
-    def _next_batch(self) -> dict:
-        iterator = self._iterators[self._turn]
-        while True:
-            try:
-                (batch,) = next(iterator)
-                break
-            except StopIteration:  # the end of a DALI epoch; auto_reset has started the next one
-                continue
-        self._turn = (self._turn + 1) % len(self._iterators)
-        return batch
+    def _next_parts(self) -> list[dict]:
+        """The next batch of every pipeline: a readers' epoch's full batches, then the next's.
+        Counted, not told by DALI's iterators: one restored at the end of its epoch goes on
+        into the next without the StopIteration it would otherwise raise first."""
+        if self._taken == self._takes:
+            for iterator in self._iterators:
+                for _ in range(self._skips):  # the reshuffle's padded rest
+                    _next_batch(iterator)
+            self._taken = 0
+        self._taken += 1
+        return [_next_batch(iterator) for iterator in self._iterators]
 
     def continue_epoch_at(self, done: int) -> None:
         """Count `done` batches of this epoch as taken: the next len(self) - done end it. For a new
@@ -180,14 +207,13 @@ class DaliLoader:
         if not self.train:
             return {}
         return {"dali": [iterator.checkpoints()[0] for iterator in self._iterators], "done": self._done,
-                "turn": self._turn, "fingerprint": self._fingerprint}
+                "taken": self._taken, "fingerprint": self._fingerprint}
 
     def load_state_dict(self, state: dict) -> None:
         """Continue from a saved position (the pipelines are built anew from its DALI checkpoints).
         A position saved by a loader with other settings is refused (DatasetError)."""
         if not self.train:
             return
-        state = _upgrade_state(state)
         _check_state(state, self._fingerprint)
         self._iterators = []  # the old pipelines go before the new ones take their memory
         self._start(state)
@@ -204,11 +230,12 @@ class _UntilRun:
 
     def __init__(self):
         self._held: collections.deque = collections.deque()  # (event, batch), oldest first
-        self._last: dict | None = None
+        self._last: list[dict] | None = None
 
-    def hand_over(self, batch: dict | None) -> None:
-        """`batch` goes to the consumer now (None: none, the pass ended)."""
-        if self._last is not None and self._last["labels"].is_cuda:
+    def hand_over(self, batch: list[dict] | None) -> None:
+        """`batch` (DALI's batches it is made of) goes to the consumer now (None: none, the pass
+        ended)."""
+        if self._last is not None and self._last[0]["labels"].is_cuda:
             event = torch.cuda.Event()
             event.record(torch.cuda.current_stream(self._last["labels"].device))
             self._held.append((event, self._last))
@@ -245,6 +272,16 @@ class _OwnStream:
         return batch, images, labels
 
 
+def _next_batch(iterator: DALIGenericIterator) -> dict:
+    """The iterator's next batch, across the end of its epoch (a StopIteration holds no batch;
+    auto_reset has started the next epoch)."""
+    while True:
+        try:
+            return next(iterator)[0]
+        except StopIteration:
+            continue
+
+
 def _queue_depth(pipe) -> int:
     depth = pipe.prefetch_queue_depth  # an int, or {"cpu_size": ..., "gpu_size": ...} with separated queues
     return depth if isinstance(depth, int) else sum(depth.values())
@@ -260,7 +297,28 @@ def _to_nchw(images: torch.Tensor) -> torch.Tensor:
     return images.permute(0, 3, 1, 2)
 
 
+# How a train loader cuts its batches from DALI's reads, kept in its positions: a position means
+# something only to a loader that cuts them the same way. 2 (fastrsb 0.1.0): each readers' epoch
+# one reshuffle, its padded last batch skipped, a batch joined from every pipeline's. Before (no
+# "format"), a shard's last batch read on into the next reshuffle and was dropped, and the
+# pipelines took turns.
+POSITION_FORMAT = 2
+
+
+def continues_exactly(state: dict) -> bool:
+    """Whether this fastrsb can continue a saved train-loader position (one of the same format)."""
+    return state.get("fingerprint", {}).get("format") == POSITION_FORMAT
+
+
+def _check_format(state: dict) -> None:
+    if not continues_exactly(state):
+        raise DatasetError("the saved loader position was written by an earlier fastrsb, whose loaders cut their "
+                           "epochs across the reshuffles: it cannot be continued; start the loader anew (`fastrsb "
+                           "train --resume` does, at the same step)")
+
+
 def _check_state(state: dict, fingerprint: dict) -> None:
+    _check_format(state)
     saved = state.get("fingerprint", {})
     differ = [f"{key} {saved.get(key)} -> {value}" for key, value in fingerprint.items() if saved.get(key) != value]
     if differ:
@@ -310,12 +368,13 @@ def default_aa_impl(device: str) -> str:
 CPU_PIPELINES = 2
 
 
-def _default_pipelines(device: str, shard_images: int, batch_images: int) -> int:
-    """CPU: CPU_PIPELINES, or fewer where the shard cannot fill one batch for each. The GPU
-    pipeline is one per GPU: its threads feed one decoder and one CUDA stream."""
+def _default_pipelines(device: str, batch_images: int) -> int:
+    """CPU: CPU_PIPELINES, or fewer where they would not share a batch equally (A1/A2's 683
+    images a batch: one). The GPU pipeline is one per GPU: its threads feed one decoder and one
+    CUDA stream."""
     if device != "cpu":
         return 1
-    return max(1, min(CPU_PIPELINES, shard_images // batch_images))
+    return max(count for count in range(1, CPU_PIPELINES + 1) if batch_images % count == 0)
 
 
 def default_pixel_dtype(device: str) -> str:
@@ -345,7 +404,7 @@ def train_loader(root: str | os.PathLike | ImageList, batch_size: int, img_size:
     interpolation: how each random crop is resampled to img_size: "random" (bilinear or bicubic,
     drawn per image with equal odds: timm's default train interpolation, as in the RSB recipes),
     "bilinear" or "bicubic"; antialiased, as PIL resizes. RandAugment's geometric ops follow it as
-    timm's do ("random": drawn per op; bilinear when continuing a `state` saved before they did).
+    timm's do ("random": drawn per op).
     aa: timm's RandAugment string, e.g. "rand-m6-mstd0.5-inc1".
     aa_impl: how it runs: "tree" (DALI conditionals route each sample to its op; the fastest in
     training on the CPU and on the H200), "batch" (DALI, every op on the whole batch, neutral where
@@ -359,8 +418,9 @@ def train_loader(root: str | os.PathLike | ImageList, batch_size: int, img_size:
     default_hw_decoder_load).
     num_threads: DALI's threads for this shard, all pipelines together (default: this process's
     share of the cores under torchrun, at most 8).
-    pipelines: DALI pipelines for this shard, each on its own part of it, taking turns batch by
-    batch (default: one on the GPU, CPU_PIPELINES = 2 on the CPU). Like a DataLoader's workers,
+    pipelines: DALI pipelines for this shard, each on its own part of it, each making an equal share
+    of every batch, so they must divide its ceil(batch_size / repeats) images (default: one on
+    the GPU, CPU_PIPELINES = 2 on the CPU where they divide it). Like a DataLoader's workers,
     their number shapes the augmentation stream; the number of threads does not.
     stream_policy, concurrency: DALI's executor options by name (SINGLE / PER_BACKEND / PER_OPERATOR;
     NONE / BACKEND / FULL); None keeps DALI's defaults (PER_BACKEND, BACKEND). Speed only.
@@ -377,21 +437,24 @@ def train_loader(root: str | os.PathLike | ImageList, batch_size: int, img_size:
     the loader's own, so that its kernels can run beside those a trainer still has queued (the
     last step's) rather than after them; the trainer's stream waits for the batch without a host
     sync (_OwnStream). The same pixels. Off until a GPU run has measured it. Speed only.
-    state: a `loader.state_dict()` to continue from (its number of pipelines is kept).
+    state: a `loader.state_dict()` to continue from (its number of pipelines is kept); one that
+    an earlier fastrsb wrote, whose loaders cut their epochs otherwise, is refused.
     """
     _check_sizes(batch_size, img_size, dtype, num_threads, prefetch_queue_depth)
     images = root if isinstance(root, ImageList) else list_images(root)
     _check_shard(shard_id, num_shards)
     _check_crops(repeats, batch_size, interpolation)
+    if state is not None:
+        _check_format(state)
     aa_impl = _resolve_aa(aa, aa_impl, state, device)
     shard_images, batch_images = len(images) // num_shards, images_per_batch(batch_size, repeats)
     if shard_images < batch_size:
         raise DatasetError(f"{len(images)} images over {num_shards} shard(s) do not fill one batch of {batch_size}")
-    threads, state = num_threads or _default_threads(), _upgrade_state(state) if state is not None else None
-    pipelines = _pipeline_count(pipelines, state, device, shard_images, batch_images)
-    aa_interpolation = _aa_interpolation(aa, interpolation, state)
+    threads = num_threads or _default_threads()
+    pipelines = _pipeline_count(pipelines, state, device, batch_images)
+    aa_interpolation = interpolation if aa else None  # RandAugment's geometric ops resample as the crops, as timm's
     spread_views = views_to_spread(spread_views, repeats, shard_id, num_shards)
-    fingerprint = dict(images=len(images), batch_size=batch_size, img_size=img_size, shard_id=shard_id,
+    fingerprint = dict(format=POSITION_FORMAT, images=len(images), batch_size=batch_size, img_size=img_size, shard_id=shard_id,
                        num_shards=num_shards, seed=seed, repeats=repeats, aa=aa, pipelines=pipelines,
                        aa_impl=aa_impl if aa else None, interpolation=interpolation, aa_interpolation=aa_interpolation,
                        spread_views=spread_views)
@@ -404,20 +467,21 @@ def train_loader(root: str | os.PathLike | ImageList, batch_size: int, img_size:
 
     def build(checkpoints: list | None) -> list:
         # Pipeline k reads part k of this shard: shard shard_id * pipelines + k of num_shards * pipelines
-        # (DALI's shard bounds are floor(size * id / count), so the parts tile the shard exactly).
+        # (DALI's shard bounds are floor(size * id / count), so the parts tile the shard exactly),
+        # and makes an equal share of every batch.
         return [train_pipeline(
             files=images.files, labels=images.labels, img_size=img_size, device=device,
             shard_id=shard_id * pipelines + part, num_shards=num_shards * pipelines, shuffle_seed=seed,
             hw_decoder_load=hw_decoder_load, dtype=dtype or default_pixel_dtype(device), repeats=repeats, aa=aa,
             aa_impl=aa_impl, interpolation=interpolation, aa_interpolation=aa_interpolation,
-            batch_size=batch_images, num_threads=max(1, threads // pipelines), device_id=device_id,
+            batch_size=batch_images // pipelines, num_threads=max(1, threads // pipelines), device_id=device_id,
             seed=seed * 1000 + shard_id * pipelines + part, prefetch_queue_depth=prefetch_queue_depth,
             enable_checkpointing=True, checkpoint=checkpoints[part] if checkpoints else None, **executor)
             for part in range(pipelines)]
     augment = (_torch_augment(aa, img_size, dtype or default_pixel_dtype(device), compile_augment, cuda_graphs,
                               aa_interpolation) if aa and aa_impl == "torch" else None)
     return DaliLoader(build, images, batch_size, train=True, repeats=repeats, fingerprint=fingerprint, state=state,
-                      spread=(shard_id, num_shards) if spread_views else None,
+                      spread=(shard_id, num_shards) if spread_views else None, epoch_images=shard_images,
                       settings={**_decoder_settings(device_id, hw_decoder_load, threads, prefetch_queue_depth),
                                 "stream_policy": stream_policy, "concurrency": concurrency,
                                 "cuda_graphs": cuda_graphs, "augment_stream": augment_stream,
@@ -425,24 +489,15 @@ def train_loader(root: str | os.PathLike | ImageList, batch_size: int, img_size:
                       augment=augment, augment_stream=augment_stream)
 
 
-def _pipeline_count(pipelines: int | None, state: dict | None, device: str, shard_images: int,
-                    batch_images: int) -> int:
+def _pipeline_count(pipelines: int | None, state: dict | None, device: str, batch_images: int) -> int:
     """The pipelines asked for, else a saved state's, else the device's default; checked."""
     if pipelines is None:
-        pipelines = (state.get("fingerprint", {}).get("pipelines", 1) if state
-                     else _default_pipelines(device, shard_images, batch_images))
-    if pipelines < 1 or shard_images // pipelines < batch_images:
-        raise DatasetError(f"{pipelines} pipeline(s) need at least {batch_images} images each, and the shard "
-                           f"has {shard_images}")
+        pipelines = state["fingerprint"]["pipelines"] if state else _default_pipelines(device, batch_images)
+    # (Their parts then fill their shares: the shard holds a batch, so each part a share of it.)
+    if pipelines < 1 or batch_images % pipelines:
+        raise DatasetError(f"each pipeline makes an equal share of every batch: pipelines must divide the "
+                           f"{batch_images} images a batch holds, not {pipelines}")
     return pipelines
-
-
-def _aa_interpolation(aa: str | None, interpolation: str, state: dict | None) -> str | None:
-    """How RandAugment's geometric ops resample: as the crops (timm's hparams), or as an (upgraded)
-    saved state's did."""
-    if not aa:
-        return None
-    return state["fingerprint"]["aa_interpolation"] if state else interpolation
 
 
 def _check_crops(repeats: int, batch_size: int, interpolation: str) -> None:
@@ -488,22 +543,6 @@ def _torch_augment(aa: str, img_size: int, dtype: str, compiled: bool, cuda_grap
     if cuda_graphs:  # ~900 torch calls a batch from the consumer's thread (eager): one graph launch instead
         return CapturedCall(augment, "RandAugment (torch form)")
     return augment
-
-
-def _upgrade_state(state: dict) -> dict:
-    """States saved by earlier versions: one DALI checkpoint, not a list (before loaders had several
-    pipelines); no aa_impl (before the batch-wide RandAugment: the tree, where there was one); no
-    interpolation (before the random one: bilinear); no aa_interpolation (before RandAugment's
-    geometric ops followed it: bilinear)."""
-    fingerprint = dict(state.get("fingerprint", {}))
-    if "aa_impl" not in fingerprint:
-        fingerprint["aa_impl"] = "tree" if fingerprint.get("aa") else None
-    fingerprint.setdefault("interpolation", "bilinear")
-    fingerprint.setdefault("aa_interpolation", "bilinear" if fingerprint.get("aa") else None)
-    fingerprint.setdefault("spread_views", False)
-    if not isinstance(state.get("dali"), list):
-        state, fingerprint["pipelines"] = {**state, "dali": [state.get("dali")]}, 1
-    return {**state, "fingerprint": fingerprint}
 
 
 def val_loader(root: str | os.PathLike | ImageList, batch_size: int, img_size: int, crop_pct: float, *,

@@ -9,7 +9,7 @@ import torch
 from nvidia.dali import fn, pipeline_def, types
 from PIL import Image
 
-from fastrsb.pipelines import DatasetError, list_images, train_loader, val_loader
+from fastrsb.pipelines import DatasetError, ImageList, list_images, train_loader, val_loader
 from fastrsb.pipelines.cpu_resize import resize_batch, resize_square
 from fastrsb.pipelines import graphs
 from fastrsb.pipelines.graphs import IMAGENET_MEAN, IMAGENET_STD
@@ -77,6 +77,38 @@ def test_train_labels_follow_sorted_folders(tiny_data):
     listing = list_images(tiny_data / "train")
     assert listing.classes == sorted(listing.classes)
     assert all(f"/{listing.classes[label]}/" in path for path, label in zip(listing.files, listing.labels))
+
+
+@pytest.mark.parametrize("images,batch_size,pipelines,shards", [
+    (48, 10, 1, 1),  # 40 of 48 an epoch: the reader's 5th batch, 8 images and 2 pads, is skipped
+    (48, 10, 2, 1),  # two parts of 24, 4 + 4 left
+    (48, 16, 2, 1),  # 3 steps, as timm's drop-last takes (two pipelines of whole batches took 2)
+    (33, 8, 2, 1),   # parts of 16 and 17: 4 batches of 4 from each, and the 17th image skipped
+    (67, 8, 2, 2),   # 2 ranks: parts of 16 and 17
+])
+def test_every_epoch_is_one_reshuffle_of_the_shard(tiny_data, images, batch_size, pipelines, shards):
+    """Each epoch reads each image of the shard at most once and all but the last partial batch
+    of each part (timm's drop-last, as many steps as timm takes on one pipeline:
+    floor(shard / batch)); across the ranks, disjoint. (Before, a part's last batch read on into
+    the next reshuffle and was dropped: the epochs after the first slid across two reshuffles,
+    some images twice, others not at all.) Labels here name the images (a file may be listed
+    twice)."""
+    files = list_images(tiny_data / "train").files
+    listing = ImageList([files[i % len(files)] for i in range(images)], list(range(images)),
+                        [str(i) for i in range(images)])
+    epochs = [Counter() for _ in range(6)]
+    for shard in range(shards):
+        loader = train_loader(listing, batch_size, 16, device="cpu", seed=3, pipelines=pipelines, shard_id=shard,
+                              num_shards=shards)
+        part = images // shards // pipelines  # the smallest
+        assert len(loader) == part // (batch_size // pipelines)
+        if pipelines == 1:
+            assert len(loader) == images // shards // batch_size
+        for seen in epochs:
+            seen.update(y for _, labels in loader for y in labels.tolist())
+    for seen in epochs:
+        assert sum(seen.values()) == shards * len(loader) * batch_size and max(seen.values()) == 1
+    assert len({tuple(seen) for seen in epochs}) == len(epochs)  # a new order (and choice) each time
 
 
 @pytest.mark.parametrize("pipelines", [1, 2])
@@ -322,18 +354,27 @@ def assert_same_batches(want, got):
         assert torch.equal(want_y, got_y) and torch.equal(want_x, got_x)
 
 
-@pytest.mark.parametrize("repeats,batch_size,pipelines", [(1, 6, 1), (3, 8, 1), (1, 6, 2), (3, 8, 2)])
-def test_position_restores_exactly_mid_epoch(tiny_data, repeats, batch_size, pipelines):
+# 48 images: batches of 5 (one pipeline) and of 10 (two, 5 each) leave a part's last batch short,
+# padded and skipped; so do 3 views of 5 images, and 2 views of 10 (two pipelines of 5).
+@pytest.mark.parametrize("repeats,batch_size,pipelines", [(1, 6, 1), (1, 5, 1), (1, 10, 2), (3, 8, 1), (3, 6, 2),
+                                                          (3, 14, 1), (2, 20, 2)])
+@pytest.mark.parametrize("into", ["mid-epoch", "at the skip"])
+def test_position_restores_exactly(tiny_data, repeats, batch_size, pipelines, into):
+    """Stopped 3 batches into the second epoch, or at the end of a readers' epoch whose padded
+    last batch is still to be skipped: the resumed loader goes on with exactly the batches of one
+    that never stopped."""
     def make(state=None):
         return train_loader(tiny_data / "train", batch_size=batch_size, img_size=32, device="cpu", seed=5,
                             repeats=repeats, pipelines=pipelines if state is None else None, state=state)
-    steps = len(make())
-    reference = _take(make(), 3 * steps, [])
+    loader = make()
+    steps, takes = len(loader), loader._takes
+    reference = _take(make(), 3 * steps + 2, [])
     stopped = make()
-    resumed_from = _take(stopped, steps + 3, [])  # three batches into the second epoch
+    stop_at = steps + 3 if into == "mid-epoch" else takes
+    resumed_from = _take(stopped, stop_at, [])
     state = stopped.state_dict()
-    assert state["done"] == 3 and state["turn"] == (steps + 3) % pipelines
-    assert_same_batches(reference, _take(make(state), 3 * steps, resumed_from))
+    assert state["done"] == (stop_at - 1) % steps + 1 and state["taken"] == (stop_at - 1) % takes + 1
+    assert_same_batches(reference, _take(make(state), 3 * steps + 2, resumed_from))
 
 
 def test_position_of_another_loader_is_refused(tiny_data):
@@ -342,7 +383,7 @@ def test_position_of_another_loader_is_refused(tiny_data):
         train_loader(tiny_data / "train", batch_size=8, img_size=32, device="cpu", seed=5, state=loader.state_dict())
 
 
-@pytest.mark.parametrize("batch_size,pipelines", [(6, 1), (8, 1), (8, 2)])  # 8: like A1/A2's 2048, not a multiple of 3
+@pytest.mark.parametrize("batch_size,pipelines", [(6, 1), (8, 1), (6, 2)])  # 8: like A1/A2's 2048, not a multiple of 3
 def test_repeated_augmentation(tiny_data, batch_size, pipelines):
     loader = train_loader(tiny_data / "train", batch_size=batch_size, img_size=32, device="cpu", seed=5, repeats=3,
                           pipelines=pipelines)
@@ -384,57 +425,60 @@ def test_repeated_augmentation_layout_across_three_ranks(tiny_data, tmp_path):
     assert set.union(*per_rank) == set(range(48)) and sum(map(len, per_rank)) == 48  # disjoint, complete
 
 
-def test_pipelines_take_turns_over_disjoint_parts_of_the_shard(tiny_data):
-    """Two pipelines: each reads its half of the shard (shard k of 2 x shards), batches alternate
-    between them, and together they cover the shard once per epoch, as one pipeline does."""
-    def loader(pipelines, shard_id=0, num_shards=1, num_threads=None):
-        return train_loader(tiny_data / "train", batch_size=4, img_size=32, device="cpu", seed=5,
+def test_pipelines_each_make_their_share_of_every_batch(tiny_data):
+    """Two pipelines: each reads its half of the shard (shard k of 2 x shards) and makes half of
+    every batch; together they cover the shard once per epoch, as one pipeline does."""
+    def loader(pipelines, shard_id=0, num_shards=1, num_threads=None, batch_size=4):
+        return train_loader(tiny_data / "train", batch_size=batch_size, img_size=32, device="cpu", seed=5,
                             shard_id=shard_id, num_shards=num_shards, pipelines=pipelines, num_threads=num_threads)
     two = loader(2)
     assert len(two) == 12 and two.settings["pipelines"] == 2
     batches = _take(two, 12, [])
-    # Part k is shard k of 2 with its seed: batches 0, 2, 4... are exactly shard 0's, 1, 3, 5... shard 1's.
+    # Part k is shard k of 2 with its seed: the first half of every batch is exactly shard 0's, the second shard 1's.
     for part in range(2):
-        half = _take(loader(1, shard_id=part, num_shards=2), 6, [])
-        assert_same_batches(batches[part::2], half)
+        half = _take(loader(1, shard_id=part, num_shards=2, batch_size=2), 12, [])
+        assert_same_batches([(x[2 * part:2 * part + 2], y[2 * part:2 * part + 2]) for x, y in batches], half)
     assert Counter(torch.cat([y for _, y in batches]).tolist()) == {0: 12, 1: 12, 2: 12, 3: 12}
     # The same stream whatever the threads (here 1 each, then 2 each); a fixed seed repeats it.
     assert_same_batches(batches, _take(loader(2, num_threads=4), 12, []))
     # Rank 1 of 2 splits its own shard: parts 2 and 3 of 4.
     rank1 = _take(loader(2, shard_id=1, num_shards=2), 6, [])
-    part3 = _take(loader(1, shard_id=3, num_shards=4), 3, [])
-    assert_same_batches(rank1[1::2], part3)
+    part3 = _take(loader(1, shard_id=3, num_shards=4, batch_size=2), 6, [])
+    assert_same_batches([(x[2:], y[2:]) for x, y in rank1], part3)
+    # An odd batch cannot be shared equally: one pipeline by default, two refused.
+    assert loader(None, batch_size=5).settings["pipelines"] == 1
+    with pytest.raises(DatasetError, match="pipelines must divide the 5 images a batch holds, not 2"):
+        loader(2, batch_size=5)
 
 
 def test_pipelines_kept_on_resume_and_checked(tiny_data):
     def make(**kwargs):
-        return train_loader(tiny_data / "train", batch_size=4, img_size=32, device="cpu", seed=5, **kwargs)
+        return train_loader(tiny_data / "train", batch_size=6, img_size=32, device="cpu", seed=5, **kwargs)
     stopped = make(pipelines=3)
     _take(stopped, 5, [])
     state = stopped.state_dict()
     assert make(state=state, num_threads=1).settings["pipelines"] == 3  # a machine with fewer cores
     with pytest.raises(DatasetError, match="pipelines 3 -> 2"):
         make(state=state, pipelines=2)
-    with pytest.raises(DatasetError, match="need at least 4 images each"):
-        make(pipelines=13)  # 48 images: 12 parts of 4 at most
-    with pytest.raises(DatasetError, match="need at least"):
+    with pytest.raises(DatasetError, match="pipelines must divide the 6 images a batch holds, not 4"):
+        make(pipelines=4)
+    with pytest.raises(DatasetError, match="pipelines must divide"):
         make(pipelines=0)
 
 
-def test_position_saved_by_a_one_pipeline_loader_of_before(tiny_data):
-    """States written before loaders had several pipelines (one DALI checkpoint) and before the
-    random interpolation (their crops were bilinear) still resume, with a bilinear loader."""
-    def make(state=None):
-        return train_loader(tiny_data / "train", batch_size=6, img_size=32, device="cpu", seed=5,
-                            pipelines=1 if state is None else None, interpolation="bilinear", state=state)
-    reference = _take(make(), 5, [])
-    stopped = make()
+def test_position_of_an_earlier_fastrsb_is_refused(tiny_data):
+    """Positions written before each readers' epoch was one reshuffle (no "format"; one DALI
+    checkpoint, or a pipeline's turn) cannot be continued: their readers stand partway into a
+    reshuffle. Refused with a message, not continued into a wrong stream."""
+    stopped = train_loader(tiny_data / "train", batch_size=6, img_size=32, device="cpu", seed=5)
     _take(stopped, 2, [])
     state = stopped.state_dict()
-    old = {"dali": state["dali"][0], "done": state["done"],
-           "fingerprint": {k: v for k, v in state["fingerprint"].items() if k not in ("pipelines", "interpolation")}}
-    resumed = _take(make(old), 3, [])
-    assert_same_batches(reference[2:], resumed)
+    old = {"dali": state["dali"], "done": 2, "turn": 0,
+           "fingerprint": {k: v for k, v in state["fingerprint"].items() if k != "format"}}
+    for restore in (lambda: train_loader(tiny_data / "train", batch_size=6, img_size=32, device="cpu", seed=5, state=old),
+                    lambda: stopped.load_state_dict(old)):
+        with pytest.raises(DatasetError, match="written by an earlier fastrsb, .* start the loader anew"):
+            restore()
 
 
 def test_every_validation_pass_starts_at_the_first_image(tiny_data):

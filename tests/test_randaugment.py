@@ -241,31 +241,6 @@ def test_train_loader_applies_it(tiny_data):
         first_batch("rand-m9-q2")
 
 
-def test_a_position_saved_before_the_geometric_ops_drew_their_resampling(tiny_data, monkeypatch):
-    """A loader position saved before RandAugment's geometric ops followed the interpolation (its
-    fingerprint lacks aa_interpolation; they were bilinear then, whatever the crops): the loader
-    continues it with bilinear geometric ops, batch for batch where the old one would have gone
-    on; a new loader resamples them as its crops ("random": drawn per op), and says so."""
-    from fastrsb.pipelines import graphs, loader as loader_module
-
-    def old_graph(**kwargs):  # the graph as it was
-        return graphs.train_pipeline(**{**kwargs, "aa_interpolation": "bilinear"})
-    settings = dict(batch_size=8, img_size=32, device="cpu", seed=5, aa="rand-m9-mstd0.5-inc1", pipelines=1)
-    monkeypatch.setattr(loader_module, "train_pipeline", old_graph)
-    old = train_loader(tiny_data / "train", **settings)
-    batches = iter(old)
-    next(batches)
-    saved = old.state_dict()
-    want = next(batches)
-    monkeypatch.undo()
-    state = {**saved, "fingerprint": {k: v for k, v in saved["fingerprint"].items() if k != "aa_interpolation"}}
-    resumed = train_loader(tiny_data / "train", state=state, **settings)
-    got = next(iter(resumed))
-    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
-    assert resumed.state_dict()["fingerprint"]["aa_interpolation"] == "bilinear"
-    assert train_loader(tiny_data / "train", **settings).state_dict()["fingerprint"]["aa_interpolation"] == "random"
-
-
 # Where the batch-wide form is exact, and where it rounds differently from the tree's CPU operators
 # (the fused ones round where PIL truncates, Color blends in fixed point; the batch-wide arithmetic
 # truncates as PIL does, and its Color and Contrast take PIL's integer grey, so that it agrees with

@@ -70,6 +70,27 @@ def test_stopped_and_resumed_equals_uninterrupted(tiny_data, tmp_path, uninterru
     _assert_same_run(uninterrupted, tmp_path)
 
 
+def test_loader_positions_of_an_earlier_fastrsb_continue_at_the_same_step(tiny_data, tmp_path, capsys):
+    """A checkpoint whose loader positions an earlier fastrsb wrote (no "format": its readers stood
+    partway into a reshuffle) cannot continue its loaders exactly: the run continues at the same
+    step with loaders started anew, says so, and finishes."""
+    from fastrsb.checkpoint import save_checkpoint
+    _train(tiny_data, tmp_path, stop_after_steps=8)
+    state = load_checkpoint(tmp_path / "last.pt")
+    for rank in state["ranks"]:
+        position = rank["loader"]
+        position["fingerprint"].pop("format")
+        position["turn"] = position.pop("taken") % 2
+    save_checkpoint(state, tmp_path / "last.pt")
+    capsys.readouterr()
+    resumed = _train(tiny_data, tmp_path, resume="auto")
+    assert "resumed from a checkpoint whose loader positions an earlier fastrsb wrote" in capsys.readouterr().out
+    assert not resumed.get("stopped") and resumed["epoch"] == 2
+    state = load_checkpoint(tmp_path / "last.pt")
+    assert state["step"] == 12 and state["loader_seed"] == 9  # the recipe's seed 0 + the step resumed at 8 + 1
+    assert [r["epoch"] for r in _epoch_rows(tmp_path)] == [1, 2]
+
+
 def test_sigterm_saves_and_resume_finishes_the_same_run(tiny_data, tmp_path, uninterrupted):
     args = [sys.executable, "-m", "fastrsb", "train", "tiny", "--data", tiny_data, "--out", tmp_path,
             "--device", "cpu", "--threads", "1", "--log-every", "1"] + [a for p in PARTS for a in ("--set", p)]
@@ -401,9 +422,10 @@ def test_resume_on_another_number_of_processes(tiny_data, tmp_path):
     assert all(torch.equal(v, right["model"][k]) for k, v in left["model"].items())
     assert _epoch_rows(whole) == _epoch_rows(again) and [r["epoch"] for r in _epoch_rows(whole)] == [1, 2]
 
-    # 56 images in 3 views each: 6 steps an epoch on 1 process, 7 on 2 (the views round apart).
-    # Stopped 2 steps into epoch 2 on 1, the run takes epoch 2's 5 other steps on 2, and its LR
-    # follows the epoch, not the steps taken: it ends where the schedule of 7 steps an epoch ends.
+    # 56 images in 3 views each: 7 steps an epoch on 1 process and on 2 (an epoch is the data set's
+    # images however many processes share it: floor(56 / 8) = floor(28 / 4)). Stopped 1 step into
+    # epoch 2 on 1, the run takes epoch 2's 6 other steps on 2, and its LR ends where the schedule
+    # of 7 steps an epoch ends.
     data = write_demo(tmp_path / "data56", seed=1, train_per_class=14, val_per_class=2, num_classes=4)
     one = tmp_path / "one"
     repeats = ("--set", "aug_repeats=3")
@@ -411,7 +433,7 @@ def test_resume_on_another_number_of_processes(tiny_data, tmp_path):
     proc = _torchrun("--data", data, "--out", one, "--resume", "auto", *repeats)
     assert "resumed on 2 process(es) from a checkpoint of 1" in proc.stdout
     state = load_checkpoint(one / "last.pt")
-    assert len(state["ranks"]) == 2 and state["step"] == 8 + 5 and state["loader_seed"] == 9
+    assert len(state["ranks"]) == 2 and state["step"] == 8 + 6 and state["loader_seed"] == 9
     rows, r = _epoch_rows(one), load_recipe("tiny")
     assert [row["epoch"] for row in rows] == [1, 2] and all(0 < row["train_loss"] < 10 for row in rows)
     assert rows[-1]["lr"] == lr_at(2 * 7 - 1, 7, 2, r["lr"], r["warmup_epochs"], r["warmup_lr"], r["min_lr"])
@@ -597,7 +619,8 @@ def test_checkpoint_from_before_a_recipe_key_was_added_resumes(tiny_data, tmp_pa
     state = load_checkpoint(tmp_path / "last.pt")
     for key in ("cuda_graphs", "high_priority_stream", "initial_checkpoint", "aug_repeats_across_ranks"):
         del state["recipe"][key]
-    del state["ranks"][0]["loader"]["fingerprint"]["spread_views"]
+    for key in ("spread_views", "format"):  # its loader positions were an earlier fastrsb's too
+        del state["ranks"][0]["loader"]["fingerprint"][key]
     torch.save(state, tmp_path / "last.pt")
     assert not _train(tiny_data, tmp_path, resume="auto").get("stopped")
 
@@ -645,31 +668,9 @@ def test_a_run_saved_before_the_random_interpolation_resumes_bilinear(tiny_data,
     state = load_checkpoint(tmp_path / "last.pt")
     del state["recipe"]["train_interpolation"]
     for rank in state["ranks"]:
-        del rank["loader"]["fingerprint"]["interpolation"]
-        del rank["loader"]["fingerprint"]["aa_interpolation"]
+        for key in ("interpolation", "aa_interpolation", "format"):
+            del rank["loader"]["fingerprint"][key]
     torch.save(state, tmp_path / "last.pt")
     with pytest.raises(UserError, match="another recipe \\(train_interpolation 'bilinear' -> 'random'\\)"):
         _train(tiny_data, tmp_path, resume="auto")
     assert not train(recipe, tiny_data, tmp_path, device="cpu", num_threads=1, resume="auto").get("stopped")
-
-
-def test_a_run_saved_before_randaugment_followed_the_interpolation_resumes_as_it_began(tiny_data, tmp_path,
-                                                                                        monkeypatch, capsys):
-    """A checkpoint of a run with random crops whose RandAugment warped bilinearly (before its
-    geometric ops followed train_interpolation; its loader positions lack aa_interpolation):
-    resumed as it is, it goes on with bilinear geometric ops, and the run card says so."""
-    from fastrsb.pipelines import graphs, loader as loader_module
-
-    def old_graph(**kwargs):  # the graph as it was
-        return graphs.train_pipeline(**{**kwargs, "aa_interpolation": "bilinear"})
-    monkeypatch.setattr(loader_module, "train_pipeline", old_graph)
-    _train(tiny_data, tmp_path, stop_after_steps=2)
-    monkeypatch.undo()
-    state = load_checkpoint(tmp_path / "last.pt")
-    for rank in state["ranks"]:
-        del rank["loader"]["fingerprint"]["aa_interpolation"]
-    torch.save(state, tmp_path / "last.pt")
-    capsys.readouterr()
-    assert not _train(tiny_data, tmp_path, resume="auto").get("stopped")
-    assert ("crops resampled bilinear or bicubic at random, RandAugment rand-m9-mstd0.5-inc1 (tree form, from "
-            "aa_impl auto; its geometric ops bilinear, as when the run began)") in capsys.readouterr().out
