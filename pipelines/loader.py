@@ -310,8 +310,8 @@ def continues_exactly(state: dict) -> bool:
     return state.get("fingerprint", {}).get("format") == POSITION_FORMAT
 
 
-def _check_format(state: dict) -> None:
-    if not continues_exactly(state):
+def _check_format(state: dict | None) -> None:
+    if state is not None and not continues_exactly(state):
         raise DatasetError("the saved loader position was written by an earlier fastrsb, whose loaders cut their "
                            "epochs across the reshuffles: it cannot be continued; start the loader anew (`fastrsb "
                            "train --resume` does, at the same step)")
@@ -410,9 +410,8 @@ def train_loader(root: str | os.PathLike | ImageList, batch_size: int, img_size:
     training on the CPU and on the H200), "batch" (DALI, every op on the whole batch, neutral where
     a sample drew another: fewer, larger operators, yet the slowest on the H200) or "torch" (DALI
     draws, torch applies the ops on the batch's device after the hand-over, as PIL computes them:
-    torch_augment.py). The same policy
-    and law; pixels within one level of each other. "auto": the form a saved `state` was made
-    with, else default_aa_impl(device).
+    torch_augment.py). The same policy and law; pixels within one level of each other. "auto":
+    the form a saved `state` was made with, else default_aa_impl(device).
     dtype: "float16" or "float32" pixels (default: float16 on the GPU, float32 on the CPU).
     hw_decoder_load: the share of JPEGs sent to the GPU's hardware decoders (default: by GPU, see
     default_hw_decoder_load).
@@ -437,25 +436,23 @@ def train_loader(root: str | os.PathLike | ImageList, batch_size: int, img_size:
     the loader's own, so that its kernels can run beside those a trainer still has queued (the
     last step's) rather than after them; the trainer's stream waits for the batch without a host
     sync (_OwnStream). The same pixels. Off until a GPU run has measured it. Speed only.
-    state: a `loader.state_dict()` to continue from (its number of pipelines is kept); one that
-    an earlier fastrsb wrote, whose loaders cut their epochs otherwise, is refused.
+    state: a `loader.state_dict()` to continue from (its pipelines kept; an earlier fastrsb's refused).
     """
     _check_sizes(batch_size, img_size, dtype, num_threads, prefetch_queue_depth)
     images = root if isinstance(root, ImageList) else list_images(root)
     _check_shard(shard_id, num_shards)
     _check_crops(repeats, batch_size, interpolation)
-    if state is not None:
-        _check_format(state)
+    _check_format(state)
     aa_impl = _resolve_aa(aa, aa_impl, state, device)
     shard_images, batch_images = len(images) // num_shards, images_per_batch(batch_size, repeats)
     if shard_images < batch_size:
         raise DatasetError(f"{len(images)} images over {num_shards} shard(s) do not fill one batch of {batch_size}")
     threads = num_threads or _default_threads()
     pipelines = _pipeline_count(pipelines, state, device, batch_images)
-    aa_interpolation = interpolation if aa else None  # RandAugment's geometric ops resample as the crops, as timm's
+    aa_interpolation = interpolation if aa else None  # RandAugment's geometric ops as the crops, as timm's
     spread_views = views_to_spread(spread_views, repeats, shard_id, num_shards)
-    fingerprint = dict(format=POSITION_FORMAT, images=len(images), batch_size=batch_size, img_size=img_size, shard_id=shard_id,
-                       num_shards=num_shards, seed=seed, repeats=repeats, aa=aa, pipelines=pipelines,
+    fingerprint = dict(format=POSITION_FORMAT, images=len(images), batch_size=batch_size, img_size=img_size,
+                       shard_id=shard_id, num_shards=num_shards, seed=seed, repeats=repeats, aa=aa, pipelines=pipelines,
                        aa_impl=aa_impl if aa else None, interpolation=interpolation, aa_interpolation=aa_interpolation,
                        spread_views=spread_views)
     if state is not None:
@@ -466,9 +463,8 @@ def train_loader(root: str | os.PathLike | ImageList, batch_size: int, img_size:
     executor = _executor_options(stream_policy, concurrency)
 
     def build(checkpoints: list | None) -> list:
-        # Pipeline k reads part k of this shard: shard shard_id * pipelines + k of num_shards * pipelines
-        # (DALI's shard bounds are floor(size * id / count), so the parts tile the shard exactly),
-        # and makes an equal share of every batch.
+        # Pipeline k reads part k of this shard, shard shard_id * pipelines + k of num_shards * pipelines (DALI's
+        # bounds are floor(size * id / count): the parts tile the shard), and makes a share of every batch.
         return [train_pipeline(
             files=images.files, labels=images.labels, img_size=img_size, device=device,
             shard_id=shard_id * pipelines + part, num_shards=num_shards * pipelines, shuffle_seed=seed,
