@@ -235,9 +235,10 @@ class _UntilRun:
     def hand_over(self, batch: list[dict] | None) -> None:
         """`batch` (DALI's batches it is made of) goes to the consumer now (None: none, the pass
         ended)."""
-        if self._last is not None and self._last[0]["labels"].is_cuda:
+        labels = self._last[0]["labels"] if self._last is not None else None  # of DALI's first batch
+        if labels is not None and labels.is_cuda:
             event = torch.cuda.Event()
-            event.record(torch.cuda.current_stream(self._last["labels"].device))
+            event.record(torch.cuda.current_stream(labels.device))
             self._held.append((event, self._last))
         while self._held and self._held[0][0].query():
             self._held.popleft()
