@@ -86,6 +86,27 @@ def test_gpu_batch_kept_across_later_ones_is_not_overwritten(tiny_data):
     assert torch.equal(kept, copy)
 
 
+def test_gpu_two_pipelines_make_a_half_of_every_batch_each(tiny_data):
+    """Two GPU pipelines: every batch is the halves of two one-pipeline loaders on the parts, joined
+    on the GPU, into a second epoch (past a reshuffle's end); a batch kept meanwhile keeps its
+    values (DALI's buffers of both halves held until the GPU has used them)."""
+    from fastrsb.pipelines import train_loader
+    def loader(pipelines, **shard):
+        return train_loader(tiny_data / "train", batch_size=8 // (1 + bool(shard)), img_size=32, device="cuda", seed=5,
+                            pipelines=pipelines, **shard)
+    joined, halves = iter(loader(2)), [iter(loader(1, shard_id=k, num_shards=2)) for k in range(2)]
+    kept = None
+    for step in range(8):  # 6 steps an epoch
+        images, labels = next(joined)
+        parts = [next(half) for half in halves]
+        assert torch.equal(labels, torch.cat([y for _, y in parts]))
+        assert torch.equal(images, torch.cat([x for x, _ in parts]))
+        if step == 0:
+            kept, copy = images, images.clone()
+    torch.cuda.synchronize()
+    assert torch.equal(kept, copy)
+
+
 @pytest.mark.parametrize("config", ["rand-m6-mstd0.5-inc1", "rand-m9-mstd0.5"])
 def test_gpu_batch_wide_randaugment_matches_the_cpu(config, tiny_data):
     """The batch-wide RandAugment on the GPU: every op on the whole batch (sample j draws op j),
