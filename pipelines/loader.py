@@ -41,8 +41,8 @@ class DaliLoader:
     The stream is made of the readers' epochs, each one reshuffle of the shard: the full batches
     of it, as timm's drop-last makes them, equally many on every rank (floor(smallest part /
     batch)); the part's last batch, short and padded by the reader, is read and skipped, so that
-    the next reshuffle starts a batch. An epoch is `epoch_images` samples (the shard's images:
-    len(data set) over the ranks, as timm's samplers count it), floor(epoch_images / batch_size)
+    the next reshuffle starts a batch. An epoch is as many samples as the shard has images
+    (len(data set) over the ranks, as timm's samplers count it), floor(shard / batch_size)
     batches: without repeated augmentation, exactly a readers' epoch; with R views of each
     image, a readers' epoch spans about R loader epochs.
 
@@ -56,14 +56,13 @@ class DaliLoader:
     def __init__(self, build: Callable[[list | None], list], images: ImageList, batch_size: int, train: bool,
                  repeats: int = 1, fingerprint: dict | None = None, state: dict | None = None,
                  settings: dict | None = None, augment: Callable | None = None, augment_stream: bool = False,
-                 spread: tuple[int, int] | None = None, epoch_images: int | None = None):
+                 spread: tuple[int, int] | None = None):
         """build(checkpoints or None) -> the DALI pipelines, started from those DALI checkpoints.
         fingerprint: what a saved position must match; settings: more to report, not to match.
         augment: (uint8 NHWC images, draws) -> the batch's images, for pipelines that hand over
         their views unaugmented with a third output, "draws" (torch_augment.TorchRandAugment).
         augment_stream: take each batch over and augment it on a CUDA stream of the loader's own
-        (_OwnStream). spread: (rank, world) to exchange repeated views with (spread_views.py).
-        epoch_images: a train loader's samples an epoch."""
+        (_OwnStream). spread: (rank, world) to exchange repeated views with (spread_views.py)."""
         self.images = images
         self.batch_size = batch_size
         self.train = train
@@ -76,7 +75,6 @@ class DaliLoader:
         self._augment = augment
         self._own_stream = _OwnStream() if augment_stream else None
         self._spread = spread
-        self._epoch_images = epoch_images
         self._in_use = _UntilRun()
         self._start(state)
 
@@ -103,7 +101,8 @@ class DaliLoader:
         # views of each, so it spans about `repeats` loader epochs: like timm's RepeatAugSampler,
         # an epoch is len(data set) samples, of which 1/repeats are distinct images. (Without, the
         # two are the same: floor(floor(shard / p) / (batch / p)) = floor(shard / batch).)
-        self._steps = max(1, self._epoch_images // self.batch_size)
+        shard = reader["epoch_size"] // (reader["number_of_shards"] // len(pipes))  # the pipelines' parts together
+        self._steps = max(1, shard // self.batch_size)
         self._done = state["done"] if state else 0  # batches of the current epoch already yielded
         self._taken = state["taken"] if state else 0  # batches of the readers' current epoch already taken
 
@@ -478,7 +477,7 @@ def train_loader(root: str | os.PathLike | ImageList, batch_size: int, img_size:
     augment = (_torch_augment(aa, img_size, dtype or default_pixel_dtype(device), compile_augment, cuda_graphs,
                               aa_interpolation) if aa and aa_impl == "torch" else None)
     return DaliLoader(build, images, batch_size, train=True, repeats=repeats, fingerprint=fingerprint, state=state,
-                      spread=(shard_id, num_shards) if spread_views else None, epoch_images=shard_images,
+                      spread=(shard_id, num_shards) if spread_views else None,
                       settings={**_decoder_settings(device_id, hw_decoder_load, threads, prefetch_queue_depth),
                                 "stream_policy": stream_policy, "concurrency": concurrency,
                                 "cuda_graphs": cuda_graphs, "augment_stream": augment_stream,
