@@ -72,7 +72,7 @@ def resharded(state: dict, d: Dist) -> bool:
 
 def loaders_start_anew(state: dict, d: Dist) -> bool:
     """Whether this run's loaders cannot continue the checkpoint's positions: it was written by
-    another number of processes, or by an earlier fastrsb whose loaders cut their epochs
+    another number of processes, or by an earlier fastrsb whose loaders cut their batches
     otherwise (pipelines.loader.POSITION_FORMAT)."""
     from fastrsb.pipelines import continues_exactly
     return resharded(state, d) or not all(continues_exactly(rank["loader"]) for rank in state["ranks"])
@@ -203,7 +203,7 @@ def resharded_note(run: Run, state: dict) -> str:
         why, unlike = f"resumed on {run.d.world} process(es) from a checkpoint of {saved}", f"on {saved}"
     else:
         why = ("resumed from a checkpoint whose loader positions an earlier fastrsb wrote (its loaders cut their "
-               "epochs across the reshuffles)")
+               "batches otherwise)")
         unlike = "it would have"
     return (f"{why}: weights, optimizer, EMA and schedule continue exactly; the data order, augmentations and mixing "
             f"draws start anew from here (loader seed {run.loader_seed}), so the run does not go on bit for bit as "

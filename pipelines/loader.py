@@ -39,16 +39,18 @@ class DaliLoader:
     (DALI checkpointing: reader position and the random state of every augmentation).
 
     The stream is made of the readers' epochs, each one reshuffle of the shard: the full batches
-    of it, as timm's drop-last makes them, equally many on every rank (floor(smallest part /
-    batch)); the part's last batch, short and padded by the reader, is read and skipped, so that
-    the next reshuffle starts a batch. An epoch is as many samples as the shard has images
-    (len(data set) over the ranks, as timm's samplers count it), floor(shard / batch_size)
-    batches: without repeated augmentation, exactly a readers' epoch; with R views of each
-    image, a readers' epoch spans about R loader epochs.
+    of it, as timm's drop-last makes them, equally many on every rank; the rest of the reshuffle,
+    short and padded by the readers, is read and skipped, so that the next reshuffle starts a
+    batch. An epoch is as many samples as the shard has images (len(data set) over the ranks, as
+    timm's samplers count it), floor(shard / batch_size) batches: without repeated augmentation,
+    exactly a readers' epoch; with R views of each image, a readers' epoch spans about R loader
+    epochs.
 
     A train loader may run several pipelines, each on its own part of the shard (CPU loaders: 2,
-    see train_loader), each making its share of every batch: a batch is one of each, joined.
-    They run concurrently in DALI's own threads, whichever batch Python asks for.
+    see train_loader), each making whole batches: they take turns, and the short rests of their
+    parts, joined, make the reshuffle's last batches (as many as one pipeline over the shard
+    would make: floor(pipelines x smallest part / batch)). They run concurrently in DALI's own
+    threads, whichever batch Python asks for.
 
     Batches are not overwritten by later ones: a batch kept while the next ones are fetched (a
     prefetching trainer) holds its own memory."""
@@ -91,18 +93,28 @@ class DaliLoader:
         if not self.train:
             self._steps = len(self._iterators[0])
             return
-        # The full batches of a reshuffle, the same number from every part of every shard: the
-        # smallest part's (DALI's parts differ by an image at most).
-        reader, batch = pipes[0].reader_meta(READER_NAME), pipes[0].max_batch_size
-        self._takes = reader["epoch_size"] // reader["number_of_shards"] // batch
-        # The batches a part's reshuffle makes, padded to the largest part's: the rest are skipped.
-        self._skips = -(-reader["epoch_size_padded"] // reader["number_of_shards"] // batch) - self._takes
+        # A reshuffle, the same on every part of every shard (DALI's parts differ by an image at
+        # most): each pipeline's `_fulls` whole batches of the smallest part, taken in turns, then
+        # the `_tail` images left of it at the start of each one's next batch, joined into
+        # `_tails` batches; the rest of its `_reads` batches a reshuffle (padded to the largest
+        # part's) is skipped.
+        reader, self._batch_images = pipes[0].reader_meta(READER_NAME), pipes[0].max_batch_size
+        part = reader["epoch_size"] // reader["number_of_shards"]
+        self._fulls, self._tail = divmod(part, self._batch_images)
+        self._tails = len(pipes) * self._tail // self._batch_images
+        self._reads = -(-reader["epoch_size_padded"] // reader["number_of_shards"] // self._batch_images)
+        self._takes = len(pipes) * self._fulls + self._tails  # floor(pipelines x part / batch): >= 1, see train_loader
+        # The tails read and joined: (DALI's batches, the joined images), while some are still to be
+        # taken; and the DALI checkpoints from before they were read, a position among them.
+        self._joined: tuple[list[dict], dict] | None = None
+        self._before_tails: list | None = None
         # With repeated augmentation a readers' epoch reads every image once and yields `repeats`
         # views of each, so it spans about `repeats` loader epochs: like timm's RepeatAugSampler,
-        # an epoch is len(data set) samples, of which 1/repeats are distinct images. (Without, the
-        # two are the same: floor(floor(shard / p) / (batch / p)) = floor(shard / batch).)
+        # an epoch is len(data set) samples, of which 1/repeats are distinct images.
+        # Without, an epoch is a readers' epoch: floor(shard / batch) batches, as timm's drop-last
+        # takes them, wherever several pipelines' rests join into as many (train_loader's default).
         shard = reader["epoch_size"] // (reader["number_of_shards"] // len(pipes))  # the pipelines' parts together
-        self._steps = max(1, shard // self.batch_size)
+        self._steps = max(1, shard // self.batch_size) if self.repeats > 1 else self._takes
         self._done = state["done"] if state else 0  # batches of the current epoch already yielded
         self._taken = state["taken"] if state else 0  # batches of the readers' current epoch already taken
 
@@ -114,8 +126,7 @@ class DaliLoader:
     def queued_batches(self) -> int:
         """How many batches the pipelines hold ready ahead of the consumer (prefetch queues), in
         this loader's batches: a benchmark must consume them before its timing starts."""
-        depth = max(_queue_depth(it._pipes[0]) for it in self._iterators)  # a batch takes one of each
-        return -(-depth * images_per_batch(self.batch_size, self.repeats) * self.repeats // self.batch_size)
+        return sum(_queue_depth(it._pipes[0]) for it in self._iterators)  # a DALI batch makes a loader batch
 
     @property
     def settings(self) -> dict:
@@ -165,11 +176,9 @@ class DaliLoader:
         self._done = 0
 
     def _take_batch(self) -> tuple[list[dict], torch.Tensor, torch.Tensor]:
-        """The next batch of each pipeline (DALI's tensors), and the batch's images and labels as
-        the consumer gets them (augmented by the torch form where there is one)."""
-        parts = self._next_parts()
-        batch = parts[0] if len(parts) == 1 else {  # one pipeline: as DALI made it, no copy
-            key: torch.cat([part[key] for part in parts]) for key in parts[0]}
+        """The DALI batches the next batch is made of, and its images and labels as the consumer
+        gets them (augmented by the torch form where there is one)."""
+        parts, batch = self._next_parts()
         if self.repeats > 1:  # ceil(batch / repeats) images x repeats views
             views = spread(batch, *self._spread) if self._spread else batch  # (R, n, ...): spread_views.py
             batch = {key: value.flatten(0, 1) for key, value in views.items()}
@@ -180,17 +189,32 @@ class DaliLoader:
         with torch.profiler.record_function(AUGMENT_RANGE):  # its kernels are the loader's in a profile
             return parts, self._augment(taken["images"], taken["draws"]), taken["labels"]
 
-    def _next_parts(self) -> list[dict]:
-        """The next batch of every pipeline: a readers' epoch's full batches, then the next's.
-        Counted, not told by DALI's iterators: one restored at the end of its epoch goes on
-        into the next without the StopIteration it would otherwise raise first."""
+    def _next_parts(self) -> tuple[list[dict], dict]:
+        """The next batch, (DALI's batches it is made of, its tensors: images first): a readers'
+        epoch's batches, then the next's. Counted, not told by DALI's iterators: one restored at
+        the end of its epoch goes on into the next without the StopIteration it would otherwise
+        raise first."""
+        pipes = len(self._iterators)
         if self._taken == self._takes:
-            for iterator in self._iterators:
-                for _ in range(self._skips):  # the reshuffle's padded rest
+            for iterator in self._iterators:  # the reshuffle's padded rest
+                for _ in range(self._reads - self._fulls - (1 if self._tails else 0)):
                     _next_batch(iterator)
             self._taken = 0
-        self._taken += 1
-        return [_next_batch(iterator) for iterator in self._iterators]
+        index, self._taken = self._taken, self._taken + 1
+        if index < pipes * self._fulls:  # whole batches, the pipelines in turn: as DALI made them, no copy
+            batch = _next_batch(self._iterators[index % pipes])
+            return [batch], batch
+        if self._joined is None:
+            if self._tails > 1:  # a position between the tail batches restarts from before their reads
+                self._before_tails = [iterator.checkpoints()[0] for iterator in self._iterators]
+            parts = [_next_batch(iterator) for iterator in self._iterators]
+            self._joined = parts, {key: torch.cat([part[key][:self._tail] for part in parts]) for key in parts[0]}
+        parts, joined = self._joined
+        tail = index - pipes * self._fulls
+        if tail == self._tails - 1:
+            self._joined = self._before_tails = None
+        return parts, {key: value[tail * self._batch_images:(tail + 1) * self._batch_images]
+                       for key, value in joined.items()}
 
     def continue_epoch_at(self, done: int) -> None:
         """Count `done` batches of this epoch as taken: the next len(self) - done end it. For a new
@@ -205,7 +229,8 @@ class DaliLoader:
         A validation loader has none to keep (every pass starts at its first image): {}."""
         if not self.train:
             return {}
-        return {"dali": [iterator.checkpoints()[0] for iterator in self._iterators], "done": self._done,
+        dali = self._before_tails or [iterator.checkpoints()[0] for iterator in self._iterators]
+        return {"dali": dali, "done": self._done,
                 "taken": self._taken, "fingerprint": self._fingerprint}
 
     def load_state_dict(self, state: dict) -> None:
@@ -298,29 +323,34 @@ def _to_nchw(images: torch.Tensor) -> torch.Tensor:
 
 
 # How a train loader cuts its batches from DALI's reads, kept in its positions: a position means
-# something only to a loader that cuts them the same way. 2 (fastrsb 0.1.0): each readers' epoch
-# one reshuffle, its padded last batch skipped, a batch joined from every pipeline's. Before (no
-# "format"), a shard's last batch read on into the next reshuffle and was dropped, and the
-# pipelines took turns.
-POSITION_FORMAT = 2
+# something only to a loader that cuts them the same way. 3: each readers' epoch one reshuffle,
+# its padded rest skipped; several pipelines take turns with whole batches, their rests joined
+# into the reshuffle's last ones. 2 (before 0.1.0's release): the same, but a batch was joined
+# from a share of every pipeline's, so one pipeline's positions (the GPU's) read alike. Before (no
+# "format"), a shard's last batch read on into the next reshuffle and was dropped.
+POSITION_FORMAT = 3
 
 
 def continues_exactly(state: dict) -> bool:
-    """Whether this fastrsb can continue a saved train-loader position (one of the same format)."""
-    return state.get("fingerprint", {}).get("format") == POSITION_FORMAT
+    """Whether this fastrsb can continue a saved train-loader position (one of the same format,
+    or of format 2 with one pipeline: its batches were cut as now)."""
+    fingerprint = state.get("fingerprint", {})
+    return (fingerprint.get("format") == POSITION_FORMAT
+            or (fingerprint.get("format") == 2 and fingerprint.get("pipelines") == 1))
 
 
 def _check_format(state: dict | None) -> None:
     if state is not None and not continues_exactly(state):
         raise DatasetError("the saved loader position was written by an earlier fastrsb, whose loaders cut their "
-                           "epochs across the reshuffles: it cannot be continued; start the loader anew (`fastrsb "
+                           "batches otherwise: it cannot be continued exactly; start the loader anew (`fastrsb "
                            "train --resume` does, at the same step)")
 
 
 def _check_state(state: dict, fingerprint: dict) -> None:
     _check_format(state)
     saved = state.get("fingerprint", {})
-    differ = [f"{key} {saved.get(key)} -> {value}" for key, value in fingerprint.items() if saved.get(key) != value]
+    differ = [f"{key} {saved.get(key)} -> {value}" for key, value in fingerprint.items()
+              if saved.get(key) != value and key != "format"]  # (the format: _check_format)
     if differ:
         raise DatasetError(f"the saved loader position does not fit this loader ({'; '.join(differ)})")
 
@@ -364,17 +394,22 @@ def default_aa_impl(device: str) -> str:
 # of pipelines, not on their threads). Why several: one pipeline with 2 threads left ~20% of 2
 # cores idle in its serial parts (the reader, every operator's per-batch start, RandAugment's many
 # small nodes), while two of one thread each ran at twice one's speed: A3's train pipeline at
-# batch 64 on a 2-core machine, 733 -> 916 img/s.
+# batch 64 on a 2-core machine, 733 -> 916 img/s. Each makes whole batches: two that each made
+# half of every batch paid every per-batch start twice (A3's RandAugment at batch 64, 2 cores:
+# 481 img/s against 561 for whole batches in turns, 428 for one pipeline).
 CPU_PIPELINES = 2
 
 
-def _default_pipelines(device: str, batch_images: int) -> int:
-    """CPU: CPU_PIPELINES, or fewer where they would not share a batch equally (A1/A2's 683
-    images a batch: one). The GPU pipeline is one per GPU: its threads feed one decoder and one
-    CUDA stream."""
+def _default_pipelines(device: str, shard_images: int, batch_images: int) -> int:
+    """CPU: CPU_PIPELINES, or fewer where their parts would make fewer batches a reshuffle than
+    one pipeline over the whole shard (a shard of 2k + 1 images, a batch that divides it: the
+    odd image lies in one part's rest). The GPU pipeline is one per GPU: its threads feed one
+    decoder and one CUDA stream."""
     if device != "cpu":
         return 1
-    return max(count for count in range(1, CPU_PIPELINES + 1) if batch_images % count == 0)
+    whole = shard_images // batch_images
+    return max(count for count in range(1, CPU_PIPELINES + 1)
+               if _reshuffle_batches(count, shard_images, batch_images) == whole)
 
 
 def default_pixel_dtype(device: str) -> str:
@@ -417,10 +452,10 @@ def train_loader(root: str | os.PathLike | ImageList, batch_size: int, img_size:
     default_hw_decoder_load).
     num_threads: DALI's threads for this shard, all pipelines together (default: this process's
     share of the cores under torchrun, at most 8).
-    pipelines: DALI pipelines for this shard, each on its own part of it, each making an equal share
-    of every batch, so they must divide its ceil(batch_size / repeats) images (default: one on
-    the GPU, CPU_PIPELINES = 2 on the CPU where they divide it). Like a DataLoader's workers,
-    their number shapes the augmentation stream; the number of threads does not.
+    pipelines: DALI pipelines for this shard, each on its own part of it, making whole batches in
+    turns (default: one on the GPU, CPU_PIPELINES = 2 on the CPU, or one where their parts would
+    make a batch fewer a reshuffle: _default_pipelines). Like a DataLoader's workers, their
+    number shapes the augmentation stream; the number of threads does not.
     stream_policy, concurrency: DALI's executor options by name (SINGLE / PER_BACKEND / PER_OPERATOR;
     NONE / BACKEND / FULL); None keeps DALI's defaults (PER_BACKEND, BACKEND). Speed only.
     cuda_graphs: on the GPU, the torch form of RandAugment replays as one CUDA graph a batch
@@ -448,7 +483,7 @@ def train_loader(root: str | os.PathLike | ImageList, batch_size: int, img_size:
     if shard_images < batch_size:
         raise DatasetError(f"{len(images)} images over {num_shards} shard(s) do not fill one batch of {batch_size}")
     threads = num_threads or _default_threads()
-    pipelines = _pipeline_count(pipelines, state, device, batch_images)
+    pipelines = _pipeline_count(pipelines, state, device, shard_images, batch_images)
     aa_interpolation = interpolation if aa else None  # RandAugment's geometric ops as the crops, as timm's
     spread_views = views_to_spread(spread_views, repeats, shard_id, num_shards)
     fingerprint = dict(format=POSITION_FORMAT, images=len(images), batch_size=batch_size, img_size=img_size,
@@ -464,13 +499,13 @@ def train_loader(root: str | os.PathLike | ImageList, batch_size: int, img_size:
 
     def build(checkpoints: list | None) -> list:
         # Pipeline k reads part k of this shard, shard shard_id * pipelines + k of num_shards * pipelines (DALI's
-        # bounds are floor(size * id / count): the parts tile the shard), and makes a share of every batch.
+        # bounds are floor(size * id / count): the parts tile the shard), and makes whole batches.
         return [train_pipeline(
             files=images.files, labels=images.labels, img_size=img_size, device=device,
             shard_id=shard_id * pipelines + part, num_shards=num_shards * pipelines, shuffle_seed=seed,
             hw_decoder_load=hw_decoder_load, dtype=dtype or default_pixel_dtype(device), repeats=repeats, aa=aa,
             aa_impl=aa_impl, interpolation=interpolation, aa_interpolation=aa_interpolation,
-            batch_size=batch_images // pipelines, num_threads=max(1, threads // pipelines), device_id=device_id,
+            batch_size=batch_images, num_threads=max(1, threads // pipelines), device_id=device_id,
             seed=seed * 1000 + shard_id * pipelines + part, prefetch_queue_depth=prefetch_queue_depth,
             enable_checkpointing=True, checkpoint=checkpoints[part] if checkpoints else None, **executor)
             for part in range(pipelines)]
@@ -485,15 +520,27 @@ def train_loader(root: str | os.PathLike | ImageList, batch_size: int, img_size:
                       augment=augment, augment_stream=augment_stream)
 
 
-def _pipeline_count(pipelines: int | None, state: dict | None, device: str, batch_images: int) -> int:
-    """The pipelines asked for, else a saved state's, else the device's default; checked."""
+def _pipeline_count(pipelines: int | None, state: dict | None, device: str, shard_images: int,
+                    batch_images: int) -> int:
+    """The pipelines asked for, else a saved state's, else the device's default; checked: their
+    parts of the shard together must fill a batch (a reshuffle makes floor(pipelines x smallest
+    part / batch) of them)."""
     if pipelines is None:
-        pipelines = state["fingerprint"]["pipelines"] if state else _default_pipelines(device, batch_images)
-    # (Their parts then fill their shares: the shard holds a batch, so each part a share of it.)
-    if pipelines < 1 or batch_images % pipelines:
-        raise DatasetError(f"each pipeline makes an equal share of every batch: pipelines must divide the "
-                           f"{batch_images} images a batch holds, not {pipelines}")
+        pipelines = state["fingerprint"]["pipelines"] if state else _default_pipelines(device, shard_images,
+                                                                                         batch_images)
+    if isinstance(pipelines, bool) or not isinstance(pipelines, numbers.Integral) or pipelines < 1:
+        raise DatasetError(f"pipelines must be a positive whole number, not {pipelines!r}")
+    if _reshuffle_batches(pipelines, shard_images, batch_images) < 1:
+        raise DatasetError(f"{shard_images} images a shard over {pipelines} pipelines make parts of "
+                           f"{shard_images // pipelines}, which together do not fill a batch of {batch_images} "
+                           "images: use fewer pipelines")
     return pipelines
+
+
+def _reshuffle_batches(pipelines: int, shard_images: int, batch_images: int) -> int:
+    """The batches a reshuffle of the shard makes (DaliLoader: each pipeline's whole batches of
+    the smallest part, and the rests joined)."""
+    return pipelines * (shard_images // pipelines) // batch_images
 
 
 def _check_crops(repeats: int, batch_size: int, interpolation: str) -> None:

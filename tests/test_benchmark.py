@@ -39,9 +39,9 @@ def test_loader_mode_reports_every_loader(tmp_path, capsys):
     assert [r["loader"] for r in lines] == ["dali-cpu", "torchvision", "timm"]
     assert lines[0]["pipelines"] == 2  # the CPU loader's default, whatever the threads
     assert {r["pixels"] for r in lines} == {"float32"}  # on the CPU every loader hands over float32, as the trainer uses
-    # Warm-up consumed every batch the queues held: 2 (each of the 2 DALI pipelines queues 2 halves of
-    # batches), 1 worker x 2 (prefetch_factor).
-    assert [(r["queued_batches"], r["warmup"]) for r in lines] == [(2, 5), (2, 5), (2, 5)]
+    # Warm-up consumed twice every batch the queues held: 4 (each of the 2 DALI pipelines queues 2
+    # whole batches), 1 worker x 2 (prefetch_factor).
+    assert [(r["queued_batches"], r["warmup"]) for r in lines] == [(4, 8), (2, 5), (2, 5)]
     for r in lines:
         assert r["mode"] == "loader" and r["img_size"] == 32 and r["batch_size"] == 4 and r["device"] == "cpu"
         assert r["aa"] == "rand-m6-mstd0.5-inc1"  # A3's RandAugment in every loader by default
@@ -53,10 +53,10 @@ def test_loader_mode_reports_every_loader(tmp_path, capsys):
 def test_a_measurement_of_prefetched_batches_is_refused(tmp_path, capsys):
     """16 DALI CPU pipelines once printed 415,764 img/s: their 25 timed batches had been queued
     during a 5-batch warm-up. Timing that starts before the queues are consumed is refused."""
-    with pytest.raises(SystemExit, match="holds 2 batches ready in its queues.*--warmup 4 or more"):
-        _bench_here(capsys, *LOADER, "--cache", tmp_path, "--loaders", "dali-cpu", "--warmup", "3")
-    with pytest.raises(SystemExit, match="--steps 2 or more"):
-        _bench_here(capsys, *LOADER[:-4], "--steps", "1", "--workers", "1", "--cache", tmp_path, "--loaders", "dali-cpu")
+    with pytest.raises(SystemExit, match="holds 4 batches ready in its queues.*--warmup 8 or more"):
+        _bench_here(capsys, *LOADER, "--cache", tmp_path, "--loaders", "dali-cpu", "--warmup", "7")
+    with pytest.raises(SystemExit, match="--steps 4 or more"):
+        _bench_here(capsys, *LOADER[:-4], "--steps", "3", "--workers", "1", "--cache", tmp_path, "--loaders", "dali-cpu")
 
 
 def test_loader_rounds_report_each_loaders_median(tmp_path):
@@ -134,7 +134,7 @@ def test_train_mode_variants_share_one_model(tmp_path, capsys):
     assert (batch["aa_impl"], batch["num_threads"], batch["prefetch_queue_depth"], batch["concurrency"]) == (
         "batch", 2, 3, "full")
     assert default["concurrency"] is None and default["stream_policy"] is None  # DALI's own defaults
-    assert batch["warmup"] == 2 * 3  # a queue of 3 (each pipeline's, of half batches), twice: the guard follows the variant
+    assert batch["warmup"] == 2 * 2 * 3  # 2 pipelines queue 3 each, twice: the guard follows the variant
     for r in (default, batch):
         assert r["vs_step"] == pytest.approx(r["images_per_sec"] / step["images_per_sec"], abs=1e-3)
     assert "x the step" in table and "aa_impl=batch,workers=2,prefetch=3,concurrency=full" in table

@@ -86,25 +86,36 @@ def test_gpu_batch_kept_across_later_ones_is_not_overwritten(tiny_data):
     assert torch.equal(kept, copy)
 
 
-def test_gpu_two_pipelines_make_a_half_of_every_batch_each(tiny_data):
-    """Two GPU pipelines: every batch is the halves of two one-pipeline loaders on the parts, joined
-    on the GPU, into a second epoch (past a reshuffle's end); a batch kept meanwhile keeps its
-    values (DALI's buffers of both halves held until the GPU has used them)."""
+def test_gpu_two_pipelines_take_turns_and_join_their_rests(tiny_data):
+    """Two GPU pipelines: their whole batches are those of one-pipeline loaders on the parts, as
+    DALI made them (no copy), in turns; their rests are joined on the GPU into each reshuffle's last
+    batch, into a second epoch; batches kept meanwhile keep their values (DALI's buffers held
+    until the GPU has used them)."""
     from fastrsb.pipelines import train_loader
-    def loader(pipelines, **shard):
-        return train_loader(tiny_data / "train", batch_size=8 // (1 + bool(shard)), img_size=32, device="cuda", seed=5,
+    def loader(pipelines, batch_size=16, **shard):
+        return train_loader(tiny_data / "train", batch_size=batch_size, img_size=32, device="cuda", seed=5,
                             pipelines=pipelines, **shard)
-    joined, halves = iter(loader(2)), [iter(loader(1, shard_id=k, num_shards=2)) for k in range(2)]
-    kept = None
-    for step in range(8):  # 6 steps an epoch
-        images, labels = next(joined)
-        parts = [next(half) for half in halves]
-        assert torch.equal(labels, torch.cat([y for _, y in parts]))
-        assert torch.equal(images, torch.cat([x for x, _ in parts]))
-        if step == 0:
-            kept, copy = images, images.clone()
+    two = loader(2)
+    assert len(two) == 3  # 48 images: a whole batch of 16 from each part of 24, their rests of 8 joined
+    def stream(loader):  # batch after batch, across epochs
+        while True:
+            yield from loader
+    turns = stream(two)
+    wholes = [stream(loader(1, shard_id=k, num_shards=2)) for k in range(2)]
+    eighths = [stream(loader(1, batch_size=8, shard_id=k, num_shards=2)) for k in range(2)]
+    kept = []
+    for step in range(6):
+        images, labels = next(turns)
+        rests = [next(part)[1] for part in eighths]
+        if step % 3 < 2:
+            x, y = next(wholes[step % 3])
+            assert torch.equal(labels, y) and torch.equal(images, x)
+        else:
+            assert images.is_cuda and labels.tolist() == torch.cat(rests).tolist()
+        if step in (0, 2):
+            kept.append((images, images.clone()))
     torch.cuda.synchronize()
-    assert torch.equal(kept, copy)
+    assert all(torch.equal(batch, copy) for batch, copy in kept)
 
 
 @pytest.mark.parametrize("config", ["rand-m6-mstd0.5-inc1", "rand-m9-mstd0.5"])

@@ -81,18 +81,18 @@ def test_train_labels_follow_sorted_folders(tiny_data):
 
 @pytest.mark.parametrize("images,batch_size,pipelines,shards", [
     (48, 10, 1, 1),  # 40 of 48 an epoch: the reader's 5th batch, 8 images and 2 pads, is skipped
-    (48, 10, 2, 1),  # two parts of 24, 4 + 4 left
-    (48, 16, 2, 1),  # 3 steps, as timm's drop-last takes (two pipelines of whole batches took 2)
-    (33, 8, 2, 1),   # parts of 16 and 17: 4 batches of 4 from each, and the 17th image skipped
+    (48, 10, 2, 1),  # two parts of 24: 2 whole batches each, their rests of 4 + 4 skipped
+    (48, 16, 2, 1),  # 1 whole batch each and their rests of 8 + 8 joined: 3 steps, as timm's drop-last takes
+    (33, 8, 2, 1),   # parts of 16 and 17: 2 whole batches each, and the 17th image skipped
     (67, 8, 2, 2),   # 2 ranks: parts of 16 and 17
+    (100, 7, 3, 1),  # parts of 33, 33 and 34: 4 whole batches each, rests of 5 x 3 joined into 2 batches
 ])
 def test_every_epoch_is_one_reshuffle_of_the_shard(tiny_data, images, batch_size, pipelines, shards):
     """Each epoch reads each image of the shard at most once and all but the last partial batch
-    of each part (timm's drop-last, as many steps as timm takes on one pipeline:
-    floor(shard / batch)); across the ranks, disjoint. (Before, a part's last batch read on into
-    the next reshuffle and was dropped: the epochs after the first slid across two reshuffles,
-    some images twice, others not at all.) Labels here name the images (a file may be listed
-    twice)."""
+    (timm's drop-last, as many steps as timm takes: floor(shard / batch)); across the ranks,
+    disjoint. (Before, a part's last batch read on into the next reshuffle and was dropped: the
+    epochs after the first slid across two reshuffles, some images twice, others not at all.)
+    Labels here name the images (a file may be listed twice)."""
     files = list_images(tiny_data / "train").files
     listing = ImageList([files[i % len(files)] for i in range(images)], list(range(images)),
                         [str(i) for i in range(images)])
@@ -100,10 +100,7 @@ def test_every_epoch_is_one_reshuffle_of_the_shard(tiny_data, images, batch_size
     for shard in range(shards):
         loader = train_loader(listing, batch_size, 16, device="cpu", seed=3, pipelines=pipelines, shard_id=shard,
                               num_shards=shards)
-        part = images // shards // pipelines  # the smallest
-        assert len(loader) == part // (batch_size // pipelines)
-        if pipelines == 1:
-            assert len(loader) == images // shards // batch_size
+        assert len(loader) == images // shards // batch_size
         for seen in epochs:
             seen.update(y for _, labels in loader for y in labels.tolist())
     for seen in epochs:
@@ -354,15 +351,18 @@ def assert_same_batches(want, got):
         assert torch.equal(want_y, got_y) and torch.equal(want_x, got_x)
 
 
-# 48 images: batches of 5 (one pipeline) and of 10 (two, 5 each) leave a part's last batch short,
-# padded and skipped; so do 3 views of 5 images, and 2 views of 10 (two pipelines of 5).
+# 48 images: batches of 5 (one pipeline) and of 10 (two pipelines, parts of 24) leave a part's
+# last batch short, padded and skipped; so do 3 views of 5 images, and 2 views of 10. Joined rests:
+# 16 (two parts: 1 whole batch each, 8 + 8), 3 views of 5 (two: 4 whole, 4 + 4 left, one joined),
+# 7 (four parts of 12: 1 whole each, 5 x 4 left, two joined).
 @pytest.mark.parametrize("repeats,batch_size,pipelines", [(1, 6, 1), (1, 5, 1), (1, 10, 2), (3, 8, 1), (3, 6, 2),
-                                                          (3, 14, 1), (2, 20, 2)])
-@pytest.mark.parametrize("into", ["mid-epoch", "at the skip"])
+                                                          (3, 14, 1), (2, 20, 2), (1, 16, 2), (3, 14, 2), (1, 7, 4)])
+@pytest.mark.parametrize("into", ["mid-epoch", "among the rests", "at the skip"])
 def test_position_restores_exactly(tiny_data, repeats, batch_size, pipelines, into):
-    """Stopped 3 batches into the second epoch, or at the end of a readers' epoch whose padded
-    last batch is still to be skipped: the resumed loader goes on with exactly the batches of one
-    that never stopped."""
+    """Stopped 3 batches into the second epoch, before a readers' epoch's last batch (between two
+    batches of joined rests where there are two), or at the end of a readers' epoch whose padded
+    rest is still to be skipped: the resumed loader goes on with exactly the batches of one that
+    never stopped."""
     def make(state=None):
         return train_loader(tiny_data / "train", batch_size=batch_size, img_size=32, device="cpu", seed=5,
                             repeats=repeats, pipelines=pipelines if state is None else None, state=state)
@@ -370,7 +370,7 @@ def test_position_restores_exactly(tiny_data, repeats, batch_size, pipelines, in
     steps, takes = len(loader), loader._takes
     reference = _take(make(), 3 * steps + 2, [])
     stopped = make()
-    stop_at = steps + 3 if into == "mid-epoch" else takes
+    stop_at = {"mid-epoch": steps + 3, "among the rests": takes - 1, "at the skip": takes}[into]
     resumed_from = _take(stopped, stop_at, [])
     state = stopped.state_dict()
     assert state["done"] == (stop_at - 1) % steps + 1 and state["taken"] == (stop_at - 1) % takes + 1
@@ -425,30 +425,43 @@ def test_repeated_augmentation_layout_across_three_ranks(tiny_data, tmp_path):
     assert set.union(*per_rank) == set(range(48)) and sum(map(len, per_rank)) == 48  # disjoint, complete
 
 
-def test_pipelines_each_make_their_share_of_every_batch(tiny_data):
-    """Two pipelines: each reads its half of the shard (shard k of 2 x shards) and makes half of
-    every batch; together they cover the shard once per epoch, as one pipeline does."""
-    def loader(pipelines, shard_id=0, num_shards=1, num_threads=None, batch_size=4):
-        return train_loader(tiny_data / "train", batch_size=batch_size, img_size=32, device="cpu", seed=5,
-                            shard_id=shard_id, num_shards=num_shards, pipelines=pipelines, num_threads=num_threads)
+def test_pipelines_take_turns_and_join_their_rests(tiny_data):
+    """Two pipelines: each reads its half of the shard (shard k of 2 x shards) and makes whole
+    batches, in turns; the rests of their halves, joined, make the reshuffle's last batch.
+    Together they cover the shard once per epoch, as one pipeline does. Labels name the images."""
+    files = list_images(tiny_data / "train").files
+    listing = ImageList(files, list(range(len(files))), [str(i) for i in range(len(files))])
+
+    def loader(pipelines, shard_id=0, num_shards=1, num_threads=None, batch_size=16):
+        return train_loader(listing, batch_size=batch_size, img_size=32, device="cpu", seed=5, shard_id=shard_id,
+                            num_shards=num_shards, pipelines=pipelines, num_threads=num_threads)
     two = loader(2)
-    assert len(two) == 12 and two.settings["pipelines"] == 2
-    batches = _take(two, 12, [])
-    # Part k is shard k of 2 with its seed: the first half of every batch is exactly shard 0's, the second shard 1's.
-    for part in range(2):
-        half = _take(loader(1, shard_id=part, num_shards=2, batch_size=2), 12, [])
-        assert_same_batches([(x[2 * part:2 * part + 2], y[2 * part:2 * part + 2]) for x, y in batches], half)
-    assert Counter(torch.cat([y for _, y in batches]).tolist()) == {0: 12, 1: 12, 2: 12, 3: 12}
+    assert len(two) == 3 and two.settings["pipelines"] == 2
+    batches = _take(two, 6, [])  # two epochs, two reshuffles
+    # Part k is shard k of 2 with its seed: its whole batches are exactly that shard's (a loader of
+    # one pipeline over it makes one a reshuffle of its 24 images); its rest, the shard's last 8.
+    wholes = [_take(loader(1, shard_id=part, num_shards=2), 2, []) for part in range(2)]
+    assert_same_batches([batches[0], batches[1], batches[3], batches[4]],
+                        [wholes[0][0], wholes[1][0], wholes[0][1], wholes[1][1]])
+    eighths = [_take(loader(1, shard_id=part, num_shards=2, batch_size=8), 6, []) for part in range(2)]
+    for joined, reshuffle in ((batches[2], 2), (batches[5], 5)):
+        assert joined[1].tolist() == eighths[0][reshuffle][1].tolist() + eighths[1][reshuffle][1].tolist()
+    for epoch in (batches[:3], batches[3:]):
+        assert sorted(torch.cat([y for _, y in epoch]).tolist()) == list(range(48))
     # The same stream whatever the threads (here 1 each, then 2 each); a fixed seed repeats it.
-    assert_same_batches(batches, _take(loader(2, num_threads=4), 12, []))
+    assert_same_batches(batches, _take(loader(2, num_threads=4), 6, []))
     # Rank 1 of 2 splits its own shard: parts 2 and 3 of 4.
-    rank1 = _take(loader(2, shard_id=1, num_shards=2), 6, [])
-    part3 = _take(loader(1, shard_id=3, num_shards=4, batch_size=2), 6, [])
-    assert_same_batches([(x[2:], y[2:]) for x, y in rank1], part3)
-    # An odd batch cannot be shared equally: one pipeline by default, two refused.
-    assert loader(None, batch_size=5).settings["pipelines"] == 1
-    with pytest.raises(DatasetError, match="pipelines must divide the 5 images a batch holds, not 2"):
-        loader(2, batch_size=5)
+    rank1 = _take(loader(2, shard_id=1, num_shards=2, batch_size=8), 6, [])
+    part3 = _take(loader(1, shard_id=3, num_shards=4, batch_size=8), 3, [])
+    assert_same_batches([rank1[1], rank1[4]], part3[:2])
+    # A batch need not divide among them (A1/A2's 683 images); where their parts would make a batch
+    # fewer than one pipeline (35 images, batch 5: rests of 2 + 2, where 35 holds 7), one by default.
+    assert loader(None, batch_size=5).settings["pipelines"] == 2
+    odd = ImageList(files[:35], list(range(35)), [str(i) for i in range(35)])
+    assert train_loader(odd, batch_size=5, img_size=32, device="cpu").settings["pipelines"] == 1
+    with pytest.raises(DatasetError, match="48 images a shard over 5 pipelines make parts of 9, which together do "
+                                           "not fill a batch of 48 images: use fewer pipelines"):
+        loader(5, batch_size=48)
 
 
 def test_pipelines_kept_on_resume_and_checked(tiny_data):
@@ -460,10 +473,9 @@ def test_pipelines_kept_on_resume_and_checked(tiny_data):
     assert make(state=state, num_threads=1).settings["pipelines"] == 3  # a machine with fewer cores
     with pytest.raises(DatasetError, match="pipelines 3 -> 2"):
         make(state=state, pipelines=2)
-    with pytest.raises(DatasetError, match="pipelines must divide the 6 images a batch holds, not 4"):
-        make(pipelines=4)
-    with pytest.raises(DatasetError, match="pipelines must divide"):
-        make(pipelines=0)
+    for wrong in (0, 1.5, True):
+        with pytest.raises(DatasetError, match=f"pipelines must be a positive whole number, not {wrong!r}"):
+            make(pipelines=wrong)
 
 
 def test_position_of_an_earlier_fastrsb_is_refused(tiny_data):
@@ -479,6 +491,25 @@ def test_position_of_an_earlier_fastrsb_is_refused(tiny_data):
                     lambda: stopped.load_state_dict(old)):
         with pytest.raises(DatasetError, match="written by an earlier fastrsb, .* start the loader anew"):
             restore()
+
+
+@pytest.mark.parametrize("pipelines", [1, 2])
+def test_positions_of_format_2_continue_where_one_pipeline_wrote_them(tiny_data, pipelines):
+    """Format 2 (each pipeline made a share of every batch) cut one pipeline's batches as now (the
+    GPU's): its positions continue exactly; those of several pipelines are refused."""
+    def make(state=None):
+        return train_loader(tiny_data / "train", batch_size=16, img_size=32, device="cpu", seed=5,
+                            pipelines=pipelines if state is None else None, state=state)
+    reference = _take(make(), 8, [])
+    stopped = make()
+    resumed_from = _take(stopped, 4, [])
+    state = stopped.state_dict()
+    state["fingerprint"]["format"] = 2
+    if pipelines == 1:
+        assert_same_batches(reference, _take(make(state), 8, resumed_from))
+    else:
+        with pytest.raises(DatasetError, match="written by an earlier fastrsb, whose loaders cut their batches"):
+            make(state)
 
 
 def test_every_validation_pass_starts_at_the_first_image(tiny_data):
