@@ -39,8 +39,8 @@ def test_loader_mode_reports_every_loader(tmp_path, capsys):
     assert [r["loader"] for r in lines] == ["dali-cpu", "torchvision", "timm"]
     assert lines[0]["pipelines"] == 2  # the CPU loader's default, whatever the threads
     assert {r["pixels"] for r in lines} == {"float32"}  # on the CPU every loader hands over float32, as the trainer uses
-    # Warm-up consumed twice every batch the queues held: 4 (each of the 2 DALI pipelines queues 2
-    # whole batches), 1 worker x 2 (prefetch_factor).
+    # Warm-up covered twice the batches the queues held, and at least 5: DALI's 4 (each of its 2
+    # pipelines queues 2 whole batches), 1 worker x 2 (prefetch_factor).
     assert [(r["queued_batches"], r["warmup"]) for r in lines] == [(4, 8), (2, 5), (2, 5)]
     for r in lines:
         assert r["mode"] == "loader" and r["img_size"] == 32 and r["batch_size"] == 4 and r["device"] == "cpu"
