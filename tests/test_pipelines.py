@@ -9,7 +9,7 @@ import torch
 from nvidia.dali import fn, pipeline_def, types
 from PIL import Image
 
-from fastrsb.pipelines import DatasetError, ImageList, list_images, train_loader, val_loader
+from fastrsb.pipelines import DaliLoader, DatasetError, ImageList, list_images, train_loader, val_loader
 from fastrsb.pipelines.cpu_resize import resize_batch, resize_square
 from fastrsb.pipelines import graphs
 from fastrsb.pipelines.graphs import IMAGENET_MEAN, IMAGENET_STD
@@ -462,6 +462,31 @@ def test_pipelines_take_turns_and_join_their_rests(tiny_data):
     with pytest.raises(DatasetError, match="48 images a shard over 5 pipelines make parts of 9, which together do "
                                            "not fill a batch of 48 images: use fewer pipelines"):
         loader(5, batch_size=48)
+
+
+def test_a_loader_built_by_hand_refuses_parts_that_cannot_fill_a_batch(tiny_data):
+    """DaliLoader's own guard, for a loader built without train_loader (which refuses first): 4
+    pipelines over parts of 6 images make 3 batches of 8 a reshuffle, all of them joined rests;
+    over parts of 1 image they make none, and the loader says so instead of handing over short
+    (then empty) batches."""
+    files = list_images(tiny_data / "train").files
+
+    def hand_built(images):
+        listing = ImageList(files[:images], list(range(images)), [str(i) for i in range(images)])
+
+        def build(checkpoints):
+            return [graphs.train_pipeline(
+                files=listing.files, labels=listing.labels, img_size=32, device="cpu", shard_id=part, num_shards=4,
+                shuffle_seed=0, hw_decoder_load=0.0, dtype="float32", batch_size=8, num_threads=1, device_id=None,
+                seed=part, enable_checkpointing=True) for part in range(4)]
+        return DaliLoader(build, listing, batch_size=8, train=True)
+    fills = hand_built(24)
+    epoch = [labels.tolist() for _, labels in fills]
+    assert len(fills) == len(epoch) == 3 and all(len(labels) == 8 for labels in epoch)
+    assert sorted(sum(epoch, [])) == list(range(24))
+    with pytest.raises(DatasetError, match="4 pipelines' parts of 1 images do not fill a batch of 8: use fewer "
+                                           "pipelines"):
+        hand_built(4)
 
 
 def test_pipelines_kept_on_resume_and_checked(tiny_data):
