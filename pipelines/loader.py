@@ -105,8 +105,8 @@ class DaliLoader:
         self._reads = -(-reader["epoch_size_padded"] // reader["number_of_shards"] // self._batch_images)
         self._takes = len(pipes) * self._fulls + self._tails  # floor(pipelines x part / batch)
         if self._takes < 1:  # (train_loader refuses such pipelines first, with the numbers)
-            raise DatasetError(f"{len(pipes)} pipelines' parts of {part} images do not fill a batch of "
-                               f"{self._batch_images}: use fewer pipelines")
+            raise DatasetError(f"{len(pipes)} pipelines' parts of {part} image(s) each do not fill a batch of "
+                               f"{self._batch_images} together: use fewer pipelines")
         # The tails read and joined: (DALI's batches, the joined images), while some are still to be
         # taken; and the DALI checkpoints from before they were read, a position among them.
         self._joined: tuple[list[dict], dict] | None = None

@@ -484,8 +484,8 @@ def test_a_loader_built_by_hand_refuses_parts_that_cannot_fill_a_batch(tiny_data
     epoch = [labels.tolist() for _, labels in fills]
     assert len(fills) == len(epoch) == 3 and all(len(labels) == 8 for labels in epoch)
     assert sorted(sum(epoch, [])) == list(range(24))
-    with pytest.raises(DatasetError, match="4 pipelines' parts of 1 images do not fill a batch of 8: use fewer "
-                                           "pipelines"):
+    with pytest.raises(DatasetError, match=r"4 pipelines' parts of 1 image\(s\) each do not fill a batch of 8 "
+                                           "together: use fewer pipelines"):
         hand_built(4)
 
 
