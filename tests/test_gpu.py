@@ -453,3 +453,26 @@ def test_gpu_decoders_ignore_exif_orientation_as_timm(tmp_path, hw_decoder_load)
     val = [[next(iter(val_loader(root, 4, 40, 0.95, device="cuda", hw_decoder_load=hw_decoder_load)))]
            for root in (plain, tagged)]
     assert_same_batches(*val)
+
+
+def test_gpu_decoders_read_other_formats_and_16_bit_pngs_as_the_cpu(tmp_path):
+    """The "mixed" decoders (nvImageCodec: its CPU codecs for what is not a JPEG) as the CPU's
+    (test_pipelines.py): BMP, TIFF and WebP under .JPEG names and palette, grey + alpha and RGBA
+    PNGs give timm's eval transform within DALI's resampling (as the GPU graph's eval geometry,
+    run on the CPU, in test_pipelines.py); a 16-bit grey PNG is scaled to 8 bits, not clipped."""
+    from PIL import Image
+    from timm.data import create_transform
+    from fastrsb.pipelines import val_loader
+    from fastrsb.pipelines.graphs import IMAGENET_MEAN, IMAGENET_STD
+    from test_pipelines import other_formats
+    files = other_formats(tmp_path / "formats")
+    timm_eval = create_transform(40, is_training=False, crop_pct=0.95, interpolation="bicubic")
+    theirs = torch.stack([timm_eval(Image.open(f).convert("RGB")) for f in files])
+    (ours, _), = list(val_loader(tmp_path / "formats", 8, 40, 0.95, device="cuda", dtype="float32"))
+    assert ours.shape[0] == 7 and (ours.cpu() - theirs).abs().mean() < 0.005
+    values = np.random.default_rng(1).integers(0, 65536, (32, 32), dtype=np.uint16)
+    (tmp_path / "deep" / "c").mkdir(parents=True)
+    Image.fromarray(values).save(tmp_path / "deep" / "c" / "x.png")
+    images, _ = next(iter(val_loader(tmp_path / "deep", 1, 32, 1.0, device="cuda", dtype="float32")))
+    levels = images[0].cpu() * torch.tensor(IMAGENET_STD).view(3, 1, 1) + torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
+    assert (levels - torch.from_numpy(np.round(values / 257))).abs().max() < 0.6

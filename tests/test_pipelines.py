@@ -229,6 +229,72 @@ def test_exif_orientation_is_ignored_as_timm_ignores_it(tmp_path, repeats):
     assert (val[1][0] - theirs).abs().mean() < 0.0015  # as test_validation_matches_timms_eval_transform
 
 
+def other_formats(folder):
+    """folder/c: one smooth 80 x 60 picture in the forms an image folder holds besides baseline
+    JPEGs: BMP, TIFF and WebP (lossless, lossy) under a .JPEG name, palette, grey + alpha and RGBA
+    PNGs (the alpha random: dropped, as PIL's convert("RGB") drops it, not blended)."""
+    rng = np.random.default_rng(7)
+    picture = Image.fromarray(rng.integers(0, 256, (5, 6, 3), dtype=np.uint8)).resize((80, 60), Image.BICUBIC)
+    (folder / "c").mkdir(parents=True)
+    picture.save(folder / "c" / "0.JPEG", format="BMP")
+    picture.save(folder / "c" / "1.JPEG", format="TIFF")
+    picture.save(folder / "c" / "2.JPEG", format="WEBP", lossless=True)
+    picture.save(folder / "c" / "3.JPEG", format="WEBP", quality=90)
+    picture.convert("P").save(folder / "c" / "4.png")
+    picture.convert("LA").save(folder / "c" / "5.png")
+    translucent = picture.copy()
+    translucent.putalpha(Image.fromarray(rng.integers(0, 256, (60, 80), dtype=np.uint8)))
+    translucent.save(folder / "c" / "6.png")
+    return sorted((folder / "c").iterdir())
+
+
+def test_other_formats_are_read_as_timm_reads_them(tmp_path):
+    """Whatever the format under the name, the validation batch is timm's eval transform (PIL)."""
+    from timm.data import create_transform
+    files = other_formats(tmp_path)
+    timm_eval = create_transform(40, is_training=False, crop_pct=0.95, interpolation="bicubic")
+    theirs = torch.stack([timm_eval(Image.open(f).convert("RGB")) for f in files])
+    (ours, labels), = list(val_loader(tmp_path, 8, 40, 0.95, device="cpu", dtype="float32"))
+    assert ours.shape[0] == len(files) == 7
+    diff = (ours - theirs).abs()
+    assert diff.mean() < 0.0015 and diff.max() < 0.02  # as test_validation_matches_timms_eval_transform
+
+
+def test_a_16_bit_png_is_scaled_to_8_bits_where_pil_clips_it(tmp_path):
+    """A 16-bit grey PNG (a scientific or medical image, say) is read as its values scaled to 8
+    bits, round(v / 257); PIL's convert("RGB"), and so timm, clips them at 255, which leaves such
+    an image nearly white. A difference kept on purpose (the README says so)."""
+    values = np.random.default_rng(1).integers(0, 65536, (32, 32), dtype=np.uint16)
+    (tmp_path / "c").mkdir()
+    Image.fromarray(values).save(tmp_path / "c" / "x.png")
+    assert np.asarray(Image.open(tmp_path / "c" / "x.png").convert("RGB")).mean() > 250  # PIL's: white
+    images, _ = next(iter(val_loader(tmp_path, 1, 32, 1.0, device="cpu", dtype="float32")))  # no resize
+    levels = images[0] * torch.tensor(IMAGENET_STD).view(3, 1, 1) + torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
+    assert (levels - torch.from_numpy(np.round(values / 257))).abs().max() < 0.01
+
+
+@pytest.mark.parametrize("aa_impl", ["tree", "batch", "torch"])
+def test_extreme_shapes_and_other_formats_train_in_every_randaugment_form(tmp_path, aa_impl):
+    """A 1 x 1 image, a 3000 x 1 strip and a 2 x 3000 column beside the other formats, each a class
+    of its own: every epoch of a train loader with A3's RandAugment holds each once, finite; the
+    validation loader counts each once."""
+    files = other_formats(tmp_path / "formats")
+    shapes = {"tiny": (1, 1), "strip": (1, 3000), "column": (3000, 2)}
+    for name, (height, width) in shapes.items():
+        (tmp_path / "data" / name).mkdir(parents=True)
+        Image.fromarray(np.full((height, width, 3), 90, np.uint8)).save(tmp_path / "data" / name / "x.JPEG")
+    for i, path in enumerate(files):
+        (tmp_path / "data" / f"format{i}").mkdir()
+        path.rename(tmp_path / "data" / f"format{i}" / path.name)
+    loader = train_loader(tmp_path / "data", 5, 32, device="cpu", aa="rand-m9-mstd0.5-inc1", aa_impl=aa_impl)
+    assert len(loader) == 2  # 10 images, batches of 5
+    for _ in range(2):
+        batches = list(loader)
+        assert sorted(torch.cat([labels for _, labels in batches]).tolist()) == list(range(10))
+        assert all(images.isfinite().all() for images, _ in batches)
+    assert sum(len(labels) for _, labels in val_loader(tmp_path / "data", 4, 32, 0.95, device="cpu")) == 10
+
+
 def test_normalization_constants(tmp_path):
     """A flat image of the ImageNet mean colour comes out as zeros; mean + std as ones."""
     for name, colour in (("a", IMAGENET_MEAN), ("b", tuple(m + s for m, s in zip(IMAGENET_MEAN, IMAGENET_STD)))):
