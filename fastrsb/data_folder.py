@@ -151,33 +151,57 @@ def _name_files(bad: list[tuple[str, str]]) -> str:
 TURNED = frozenset(range(2, 9))
 
 
-def _decode(path: str) -> tuple[str | None, bool]:
-    """(why the file does not decode, or None; whether its EXIF orientation turns it)."""
+def is_16_bit_grey(image) -> bool:
+    """A 16-bit grey image (PNG or TIFF; older Pillows open such a PNG as "I"). DALI's decoders
+    scale its values to 8 bits, round(v / 257); PIL's convert("RGB"), and so timm, clips them at
+    255, which leaves such an image nearly white."""
+    return image.mode.startswith("I;16") or (image.mode == "I" and image.format == "PNG")
+
+
+def as_the_loaders_read(image):
+    """A PIL image as RGB with the pixels the loaders decode from its file: PIL's convert("RGB"),
+    but a 16-bit grey image scaled to 8 bits as DALI's decoders scale it (is_16_bit_grey)."""
+    if is_16_bit_grey(image):
+        import numpy as np
+        from PIL import Image
+        scaled = np.clip(np.round(np.asarray(image, dtype=np.float64) / 257), 0, 255).astype(np.uint8)
+        image = Image.fromarray(scaled, "L")
+    return image.convert("RGB")
+
+
+def _decode(path: str) -> tuple[str | None, bool, bool]:
+    """(why the file does not decode, or None; whether its EXIF orientation turns it; whether it
+    is a 16-bit grey image)."""
     from PIL import ExifTags, Image
     try:
         with Image.open(path) as image:
             turned = image.getexif().get(ExifTags.Base.Orientation, 1) in TURNED
             image.draft("RGB", (64, 64))  # DCT-scaled JPEG decode: reads every byte, 8x faster
             image.load()
-        return None, turned
+            return None, turned, is_16_bit_grey(image)
     except Exception as err:  # noqa: BLE001 - any failure means "cannot decode"
-        return f"{type(err).__name__}: {err}", False
+        return f"{type(err).__name__}: {err}", False, False
 
 
 def find_undecodable(files: list[str], workers: int | None = None, limit: int | None = 10,
-                     progress: Progress | None = None, turned: list[str] | None = None) -> list[tuple[str, str]]:
+                     progress: Progress | None = None, turned: list[str] | None = None,
+                     deep: list[str] | None = None) -> list[tuple[str, str]]:
     """(path, reason) for the files that do not decode (the first `limit`, or all), in file order.
-    turned: a list to which the files whose EXIF orientation turns them are appended."""
+    turned, deep: lists to which the files whose EXIF orientation turns them, and the 16-bit grey
+    ones, are appended."""
     workers = workers or max(1, min(16, len(os.sched_getaffinity(0))))
     bad = []
     with ProcessPoolExecutor(workers) as pool:
-        for done, (path, (reason, is_turned)) in enumerate(zip(files, pool.map(_decode, files, chunksize=64)), 1):
+        for done, (path, (reason, is_turned, is_deep)) in enumerate(zip(files, pool.map(_decode, files,
+                                                                                        chunksize=64)), 1):
             if reason:
                 bad.append((path, reason))
                 if limit is not None and len(bad) >= limit:
                     break
             if is_turned and turned is not None:
                 turned.append(path)
+            if is_deep and deep is not None:
+                deep.append(path)
             if progress is not None and (done % 1000 == 0 or done == len(files)):
                 progress.update(done, done / (time.perf_counter() - progress.start))
     return bad
@@ -274,14 +298,18 @@ def check(root: str | Path, workers: int | None = None, decode: bool = True) -> 
     if len(splits.get("train", {})) == 1:
         problems.append("train/ holds one class: a classifier needs two or more")
     if decode and files:
-        progress, turned = Progress("decoding", len(files), unit="files"), []
-        for path, reason in find_undecodable(files, workers, limit=None, progress=progress, turned=turned):
+        progress, turned, deep = Progress("decoding", len(files), unit="files"), [], []
+        for path, reason in find_undecodable(files, workers, limit=None, progress=progress, turned=turned,
+                                             deep=deep):
             problems.append(f"cannot decode {path} ({reason})")
         progress.close()
         if turned:  # phone photos, mostly: as stored they lie on their side
             notes.append(f"{len(turned):,} image(s) carry an EXIF orientation (meant to be shown rotated or "
                          f"mirrored), e.g. {turned[0]}: the loaders read the pixels as stored, as timm does; "
                          "`fastrsb data shrink DIR OUT --upright` writes a copy with them turned upright")
+        if deep:  # scientific or medical images, say: timm would train on them white
+            notes.append(f"{len(deep):,} image(s) are 16-bit grey, e.g. {deep[0]}: the loaders (and `fastrsb data "
+                         "shrink`) scale them to 8 bits; timm's PIL clips them at 255, nearly white")
     elif files:
         problems += [f"{path}: {reason}" for path, reason in scan_headers(files)]
     counts = ", ".join(f"{sum(len(i) for i, _ in c.values()):,} {s} images in {len(c):,} classes"

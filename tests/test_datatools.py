@@ -1,6 +1,7 @@
 """fastrsb data check / prepare-val / shrink, through the command line."""
 import shutil
 
+import numpy as np
 from PIL import Image
 
 from conftest import assert_user_error, run_cli
@@ -161,3 +162,23 @@ def test_turned_photos_noted_by_check_and_turned_upright_by_shrink_when_asked(ti
         assert a.size == b.size  # untagged images are the same either way
     assert_user_error(run_cli("data", "shrink", data, upright, "--max-side", "500", check=False),
                       "--max-side 500 --quality 90 --upright")
+
+
+def test_16_bit_images_noted_by_check_and_shrunk_as_the_loaders_read_them(tiny_data, tmp_path):
+    """A 16-bit grey PNG: `data check` notes it (the loaders scale it to 8 bits, where timm's PIL
+    clips it: test_pipelines.py), and `data shrink` writes it scaled as the loaders read it, not
+    PIL's near-white convert("RGB")."""
+    data = tmp_path / "data"
+    shutil.copytree(tiny_data, data)
+    deep = data / "train" / "n00_hstripes" / "deep.png"
+    ramp = np.linspace(1000, 64000, 48 * 64).reshape(48, 64).astype(np.uint16)  # smooth: JPEG keeps it
+    Image.fromarray(ramp).save(deep)
+    assert np.asarray(Image.open(deep).convert("RGB")).mean() > 250  # what PIL's convert makes of it
+    proc = run_cli("data", "check", data, "--workers", "2")
+    assert f"note: 1 image(s) are 16-bit grey, e.g. {deep}: the loaders" in proc.stdout
+    assert "16-bit" not in run_cli("data", "check", tiny_data, "--workers", "2").stdout
+    run_cli("data", "shrink", data, tmp_path / "small", "--max-side", "500", "--workers", "2")
+    with Image.open(tmp_path / "small" / deep.relative_to(data)) as shrunk:
+        pixels = np.asarray(shrunk, dtype=np.float64)
+    assert shrunk.mode == "RGB" and shrunk.format == "JPEG" and pixels.shape == (48, 64, 3)
+    assert np.abs(pixels - np.round(ramp / 257)[..., None]).mean() < 1.5
