@@ -475,4 +475,5 @@ def test_gpu_decoders_read_other_formats_and_16_bit_pngs_as_the_cpu(tmp_path):
     Image.fromarray(values).save(tmp_path / "deep" / "c" / "x.png")
     images, _ = next(iter(val_loader(tmp_path / "deep", 1, 32, 1.0, device="cuda", dtype="float32")))
     levels = images[0].cpu() * torch.tensor(IMAGENET_STD).view(3, 1, 1) + torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
-    assert (levels - torch.from_numpy(np.round(values / 257))).abs().max() < 0.6
+    # Scaled, not clipped (clipped: up to 255 levels off); v >> 8 instead of round(v / 257): 1 level.
+    assert (levels - torch.from_numpy(np.round(values / 257))).abs().max() < 1.01
