@@ -457,9 +457,10 @@ def test_gpu_decoders_ignore_exif_orientation_as_timm(tmp_path, hw_decoder_load)
 
 def test_gpu_decoders_read_other_formats_and_16_bit_pngs_as_the_cpu(tmp_path):
     """The "mixed" decoders (nvImageCodec: its CPU codecs for what is not a JPEG) as the CPU's
-    (test_pipelines.py): BMP, TIFF and WebP under .JPEG names and palette, grey + alpha and RGBA
-    PNGs give timm's eval transform within DALI's resampling (as the GPU graph's eval geometry,
-    run on the CPU, in test_pipelines.py); a 16-bit grey PNG is scaled to 8 bits, not clipped."""
+    (test_pipelines.py): BMP, TIFF and WebP under .JPEG names, palette, grey + alpha and RGBA
+    PNGs, progressive and CMYK JPEGs give timm's eval transform within DALI's resampling (as the
+    GPU graph's eval geometry, run on the CPU, in test_pipelines.py); a 16-bit grey PNG is scaled
+    to 8 bits, not clipped."""
     from PIL import Image
     from timm.data import create_transform
     from fastrsb.pipelines import val_loader
@@ -468,8 +469,8 @@ def test_gpu_decoders_read_other_formats_and_16_bit_pngs_as_the_cpu(tmp_path):
     files = other_formats(tmp_path / "formats")
     timm_eval = create_transform(40, is_training=False, crop_pct=0.95, interpolation="bicubic")
     theirs = torch.stack([timm_eval(Image.open(f).convert("RGB")) for f in files])
-    (ours, _), = list(val_loader(tmp_path / "formats", 8, 40, 0.95, device="cuda", dtype="float32"))
-    assert ours.shape[0] == 7 and (ours.cpu() - theirs).abs().mean() < 0.005
+    (ours, _), = list(val_loader(tmp_path / "formats", 16, 40, 0.95, device="cuda", dtype="float32"))
+    assert ours.shape[0] == 9 and (ours.cpu() - theirs).abs().mean() < 0.005
     values = np.random.default_rng(1).integers(0, 65536, (32, 32), dtype=np.uint16)
     (tmp_path / "deep" / "c").mkdir(parents=True)
     Image.fromarray(values).save(tmp_path / "deep" / "c" / "x.png")

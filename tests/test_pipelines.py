@@ -230,9 +230,11 @@ def test_exif_orientation_is_ignored_as_timm_ignores_it(tmp_path, repeats):
 
 
 def other_formats(folder):
-    """folder/c: one smooth 80 x 60 picture in the forms an image folder holds besides baseline
+    """folder/c: one smooth 80 x 60 picture in the forms an image folder holds besides baseline RGB
     JPEGs: BMP, TIFF and WebP (lossless, lossy) under a .JPEG name, palette, grey + alpha and RGBA
-    PNGs (the alpha random: dropped, as PIL's convert("RGB") drops it, not blended)."""
+    PNGs (the alpha random: dropped, as PIL's convert("RGB") drops it, not blended), and JPEGs
+    progressive and CMYK (Adobe's inverted CMYK, as ImageNet's 22 are, with a black channel of its
+    own: PIL and DALI convert it to RGB within a level)."""
     rng = np.random.default_rng(7)
     picture = Image.fromarray(rng.integers(0, 256, (5, 6, 3), dtype=np.uint8)).resize((80, 60), Image.BICUBIC)
     (folder / "c").mkdir(parents=True)
@@ -245,6 +247,9 @@ def other_formats(folder):
     translucent = picture.copy()
     translucent.putalpha(Image.fromarray(rng.integers(0, 256, (60, 80), dtype=np.uint8)))
     translucent.save(folder / "c" / "6.png")
+    picture.save(folder / "c" / "7.JPEG", quality=90, progressive=True)
+    inks = rng.integers(0, 256, (5, 6, 4), dtype=np.uint8)
+    Image.fromarray(inks, "CMYK").resize((80, 60), Image.BICUBIC).save(folder / "c" / "8.JPEG", quality=95)
     return sorted((folder / "c").iterdir())
 
 
@@ -254,10 +259,11 @@ def test_other_formats_are_read_as_timm_reads_them(tmp_path):
     files = other_formats(tmp_path)
     timm_eval = create_transform(40, is_training=False, crop_pct=0.95, interpolation="bicubic")
     theirs = torch.stack([timm_eval(Image.open(f).convert("RGB")) for f in files])
-    (ours, labels), = list(val_loader(tmp_path, 8, 40, 0.95, device="cpu", dtype="float32"))
-    assert ours.shape[0] == len(files) == 7
+    (ours, labels), = list(val_loader(tmp_path, 16, 40, 0.95, device="cpu", dtype="float32"))
+    assert ours.shape[0] == len(files) == 9 and Image.open(files[8]).mode == "CMYK"
     diff = (ours - theirs).abs()
-    assert diff.mean() < 0.0015 and diff.max() < 0.02  # as test_validation_matches_timms_eval_transform
+    assert diff.mean() < 0.0015 and diff[:8].max() < 0.02  # as test_validation_matches_timms_eval_transform
+    assert diff[8].max() < 0.04  # CMYK: a level from PIL's conversion to RGB (measured here), one from the resize
 
 
 def test_a_16_bit_png_is_scaled_to_8_bits_where_pil_clips_it(tmp_path):
@@ -286,13 +292,13 @@ def test_extreme_shapes_and_other_formats_train_in_every_randaugment_form(tmp_pa
     for i, path in enumerate(files):
         (tmp_path / "data" / f"format{i}").mkdir()
         path.rename(tmp_path / "data" / f"format{i}" / path.name)
-    loader = train_loader(tmp_path / "data", 5, 32, device="cpu", aa="rand-m9-mstd0.5-inc1", aa_impl=aa_impl)
-    assert len(loader) == 2  # 10 images, batches of 5
+    loader = train_loader(tmp_path / "data", 6, 32, device="cpu", aa="rand-m9-mstd0.5-inc1", aa_impl=aa_impl)
+    assert len(loader) == 2  # 12 images, batches of 6
     for _ in range(2):
         batches = list(loader)
-        assert sorted(torch.cat([labels for _, labels in batches]).tolist()) == list(range(10))
+        assert sorted(torch.cat([labels for _, labels in batches]).tolist()) == list(range(12))
         assert all(images.isfinite().all() for images, _ in batches)
-    assert sum(len(labels) for _, labels in val_loader(tmp_path / "data", 4, 32, 0.95, device="cpu")) == 10
+    assert sum(len(labels) for _, labels in val_loader(tmp_path / "data", 4, 32, 0.95, device="cpu")) == 12
 
 
 def test_normalization_constants(tmp_path):
