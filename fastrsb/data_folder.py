@@ -92,9 +92,12 @@ def describe_counts(train: ImageList, val: ImageList) -> str:
 
 # --- cheap checks at start-up -------------------------------------------------------------------
 
-# The first bytes of every format the decoders read (by content: ImageNet holds PNGs named .JPEG).
+# The first bytes of every format the decoders read (by content: ImageNet holds PNGs named .JPEG):
+# JPEG, PNG, BMP, TIFF (both byte orders), WebP (in RIFF), JPEG 2000 (its JP2 box and its bare
+# codestream), PNM. What else PIL opens (GIF, ICO, TGA, ...) DALI does not decode: refused here, and
+# by `data check`, which applies this rule before decoding.
 _SIGNATURES = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"BM", b"II*\x00", b"MM\x00*", b"RIFF",
-               *(b"P%d" % k for k in range(1, 7)))
+               b"\x00\x00\x00\x0cjP  \r\n\x87\n", b"\xffO\xffQ", *(b"P%d" % k for k in range(1, 7)))
 
 
 def _header_problem(path: str) -> str | None:
@@ -298,6 +301,12 @@ def check(root: str | Path, workers: int | None = None, decode: bool = True) -> 
     if len(splits.get("train", {})) == 1:
         problems.append("train/ holds one class: a classifier needs two or more")
     if decode and files:
+        # First the start-up check's rule, so that a clean check means a run that starts: PIL (the
+        # decode below) opens formats that DALI does not read (GIF, ICO, TGA, ...).
+        refused = scan_headers(files, workers)
+        problems += [f"{path}: {reason}" for path, reason in refused]
+        named = {path for path, _ in refused}
+        files = [path for path in files if path not in named]
         progress, turned, deep = Progress("decoding", len(files), unit="files"), [], []
         for path, reason in find_undecodable(files, workers, limit=None, progress=progress, turned=turned,
                                              deep=deep):

@@ -2,9 +2,11 @@
 import shutil
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from conftest import assert_user_error, run_cli
+from fastrsb.errors import UserError
 from fastrsb.pipelines import list_images
 
 
@@ -182,3 +184,29 @@ def test_16_bit_images_noted_by_check_and_shrunk_as_the_loaders_read_them(tiny_d
         pixels = np.asarray(shrunk, dtype=np.float64)
     assert shrunk.mode == "RGB" and shrunk.format == "JPEG" and pixels.shape == (48, 64, 3)
     assert np.abs(pixels - np.round(ramp / 257)[..., None]).mean() < 1.5
+
+
+def test_check_refuses_what_training_refuses_and_passes_what_it_reads(tiny_data, tmp_path):
+    """PIL opens GIF, ICO and TGA; DALI does not decode them. Under .JPEG names, `data check` names
+    them as the start-up check does (it decoded them with PIL and passed them before), so a clean
+    check means a run that starts; JPEG 2000 under a .JPEG name (its JP2 box, its bare codestream),
+    which DALI reads (test_pipelines.py), passes both."""
+    from fastrsb.data_folder import check_headers
+    data = tmp_path / "data"
+    shutil.copytree(tiny_data, data)
+    folder = data / "train" / "n00_hstripes"
+    picture = Image.effect_noise((50, 40), 30).convert("RGB")
+    for kind in ("GIF", "ICO", "TGA"):
+        picture.save(folder / f"{kind.lower()}.JPEG", format=kind)
+    proc = run_cli("data", "check", data, "--workers", "2", check=False)
+    assert_user_error(proc, "3 problem(s)")
+    for kind in ("gif", "ico", "tga"):
+        assert f"{folder / kind}.JPEG: not an image: it starts with" in proc.stdout
+    with pytest.raises(UserError, match="3 bad file"):
+        check_headers(list_images(data / "train"), list_images(data / "val"))
+    for kind in ("gif", "ico", "tga"):
+        (folder / f"{kind}.JPEG").unlink()
+    picture.save(folder / "jp2.JPEG", format="JPEG2000")
+    picture.save(folder / "j2k.JPEG", format="JPEG2000", no_jp2=True)
+    assert "0 problem(s)" in run_cli("data", "check", data, "--workers", "2").stdout
+    check_headers(list_images(data / "train"), list_images(data / "val"))

@@ -456,11 +456,12 @@ def test_gpu_decoders_ignore_exif_orientation_as_timm(tmp_path, hw_decoder_load)
 
 
 def test_gpu_decoders_read_other_formats_and_16_bit_pngs_as_the_cpu(tmp_path):
-    """The "mixed" decoders (nvImageCodec: its CPU codecs for what is not a JPEG) as the CPU's
-    (test_pipelines.py): BMP, TIFF and WebP under .JPEG names, palette, grey + alpha and RGBA
-    PNGs, progressive and CMYK JPEGs give timm's eval transform within DALI's resampling (as the
-    GPU graph's eval geometry, run on the CPU, in test_pipelines.py), and train beside images of
-    1 x 1 pixel and 3,000-pixel strips; a 16-bit grey PNG is scaled to 8 bits, not clipped."""
+    """The "mixed" decoders (nvImageCodec: nvJPEG, nvJPEG2000, its CPU codecs for the rest) as
+    the CPU's (test_pipelines.py): BMP, TIFF, WebP and JPEG 2000 under .JPEG names, palette, grey +
+    alpha and RGBA PNGs, progressive and CMYK JPEGs give timm's eval transform within DALI's
+    resampling (as the GPU graph's eval geometry, run on the CPU, in test_pipelines.py), and train
+    beside images of 1 x 1 pixel and 3,000-pixel strips; a 16-bit grey PNG is scaled to 8 bits,
+    not clipped."""
     from PIL import Image
     from timm.data import create_transform
     from fastrsb.pipelines import train_loader, val_loader
@@ -470,13 +471,13 @@ def test_gpu_decoders_read_other_formats_and_16_bit_pngs_as_the_cpu(tmp_path):
     timm_eval = create_transform(40, is_training=False, crop_pct=0.95, interpolation="bicubic")
     theirs = torch.stack([timm_eval(Image.open(f).convert("RGB")) for f in files])
     (ours, _), = list(val_loader(tmp_path / "formats", 16, 40, 0.95, device="cuda", dtype="float32"))
-    assert ours.shape[0] == 9 and (ours.cpu() - theirs).abs().mean() < 0.005
+    assert ours.shape[0] == 11 and (ours.cpu() - theirs).abs().mean() < 0.005
     # Training: the crop decoder too, with a 1 x 1 image, a 3000 x 1 strip and a 2 x 3000 column.
     for name, (height, width) in {"tiny": (1, 1), "strip": (1, 3000), "column": (3000, 2)}.items():
         Image.fromarray(np.full((height, width, 3), 90, np.uint8)).save(tmp_path / "formats" / "c" / f"{name}.JPEG")
-    train = train_loader(tmp_path / "formats", 4, 32, device="cuda", aa="rand-m9-mstd0.5-inc1", hw_decoder_load=1.0)
+    train = train_loader(tmp_path / "formats", 7, 32, device="cuda", aa="rand-m9-mstd0.5-inc1", hw_decoder_load=1.0)
     images = torch.cat([batch for batch, _ in train])
-    assert images.shape[0] == 12 and images.isfinite().all()
+    assert images.shape[0] == 14 and images.isfinite().all()
     values = np.random.default_rng(1).integers(0, 65536, (32, 32), dtype=np.uint16)
     (tmp_path / "deep" / "c").mkdir(parents=True)
     Image.fromarray(values).save(tmp_path / "deep" / "c" / "x.png")

@@ -232,9 +232,10 @@ def test_exif_orientation_is_ignored_as_timm_ignores_it(tmp_path, repeats):
 def other_formats(folder):
     """folder/c: one smooth 80 x 60 picture in the forms an image folder holds besides baseline RGB
     JPEGs: BMP, TIFF and WebP (lossless, lossy) under a .JPEG name, palette, grey + alpha and RGBA
-    PNGs (the alpha random: dropped, as PIL's convert("RGB") drops it, not blended), and JPEGs
+    PNGs (the alpha random: dropped, as PIL's convert("RGB") drops it, not blended), JPEGs
     progressive and CMYK (Adobe's inverted CMYK, as ImageNet's 22 are, with a black channel of its
-    own: PIL and DALI convert it to RGB within a level)."""
+    own: PIL and DALI convert it to RGB within a level), and JPEG 2000 (its JP2 box, its bare
+    codestream) under .JPEG names. CMYK is the 9th file."""
     rng = np.random.default_rng(7)
     picture = Image.fromarray(rng.integers(0, 256, (5, 6, 3), dtype=np.uint8)).resize((80, 60), Image.BICUBIC)
     (folder / "c").mkdir(parents=True)
@@ -250,6 +251,8 @@ def other_formats(folder):
     picture.save(folder / "c" / "7.JPEG", quality=90, progressive=True)
     inks = rng.integers(0, 256, (5, 6, 4), dtype=np.uint8)
     Image.fromarray(inks, "CMYK").resize((80, 60), Image.BICUBIC).save(folder / "c" / "8.JPEG", quality=95)
+    picture.save(folder / "c" / "9a.JPEG", format="JPEG2000")
+    picture.save(folder / "c" / "9b.JPEG", format="JPEG2000", no_jp2=True)
     return sorted((folder / "c").iterdir())
 
 
@@ -260,9 +263,10 @@ def test_other_formats_are_read_as_timm_reads_them(tmp_path):
     timm_eval = create_transform(40, is_training=False, crop_pct=0.95, interpolation="bicubic")
     theirs = torch.stack([timm_eval(Image.open(f).convert("RGB")) for f in files])
     (ours, labels), = list(val_loader(tmp_path, 16, 40, 0.95, device="cpu", dtype="float32"))
-    assert ours.shape[0] == len(files) == 9 and Image.open(files[8]).mode == "CMYK"
+    assert ours.shape[0] == len(files) == 11 and Image.open(files[8]).mode == "CMYK"
     diff = (ours - theirs).abs()
-    assert diff.mean() < 0.0015 and diff[:8].max() < 0.02  # as test_validation_matches_timms_eval_transform
+    assert diff.mean() < 0.0015  # as test_validation_matches_timms_eval_transform
+    assert diff[[i for i in range(11) if i != 8]].max() < 0.02
     assert diff[8].max() < 0.04  # CMYK: a level from PIL's conversion to RGB (measured here), one from the resize
 
 
@@ -292,13 +296,13 @@ def test_extreme_shapes_and_other_formats_train_in_every_randaugment_form(tmp_pa
     for i, path in enumerate(files):
         (tmp_path / "data" / f"format{i}").mkdir()
         path.rename(tmp_path / "data" / f"format{i}" / path.name)
-    loader = train_loader(tmp_path / "data", 6, 32, device="cpu", aa="rand-m9-mstd0.5-inc1", aa_impl=aa_impl)
-    assert len(loader) == 2  # 12 images, batches of 6
+    loader = train_loader(tmp_path / "data", 7, 32, device="cpu", aa="rand-m9-mstd0.5-inc1", aa_impl=aa_impl)
+    assert len(loader) == 2  # 14 images, batches of 7
     for _ in range(2):
         batches = list(loader)
-        assert sorted(torch.cat([labels for _, labels in batches]).tolist()) == list(range(12))
+        assert sorted(torch.cat([labels for _, labels in batches]).tolist()) == list(range(14))
         assert all(images.isfinite().all() for images, _ in batches)
-    assert sum(len(labels) for _, labels in val_loader(tmp_path / "data", 4, 32, 0.95, device="cpu")) == 12
+    assert sum(len(labels) for _, labels in val_loader(tmp_path / "data", 4, 32, 0.95, device="cpu")) == 14
 
 
 def test_normalization_constants(tmp_path):
