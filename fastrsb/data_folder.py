@@ -155,10 +155,10 @@ TURNED = frozenset(range(2, 9))
 
 
 def is_16_bit_grey(image) -> bool:
-    """A 16-bit grey image (PNG or TIFF; older Pillows open such a PNG as "I"). DALI's decoders
-    scale its values to 8 bits, round(v / 257); PIL's convert("RGB"), and so timm, clips them at
-    255, which leaves such an image nearly white."""
-    return image.mode.startswith("I;16") or (image.mode == "I" and image.format == "PNG")
+    """A 16-bit grey image (PNG, TIFF or PGM; Pillow opens a PGM, and older Pillows a PNG, as "I").
+    DALI's decoders scale its values to 8 bits, round(v / 257); PIL's convert("RGB"), and so timm,
+    clips them at 255, which leaves such an image nearly white."""
+    return image.mode.startswith("I;16") or (image.mode == "I" and image.format in ("PNG", "PPM"))
 
 
 def as_the_loaders_read(image):

@@ -175,15 +175,17 @@ def test_16_bit_images_noted_by_check_and_shrunk_as_the_loaders_read_them(tiny_d
     deep = data / "train" / "n00_hstripes" / "deep.png"
     ramp = np.linspace(1000, 64000, 48 * 64).reshape(48, 64).astype(np.uint16)  # smooth: JPEG keeps it
     Image.fromarray(ramp).save(deep)
+    Image.fromarray(ramp).save(deep.with_name("deep.pgm"))  # Pillow opens it as "I", not "I;16"
     assert np.asarray(Image.open(deep).convert("RGB")).mean() > 250  # what PIL's convert makes of it
     proc = run_cli("data", "check", data, "--workers", "2")
-    assert f"note: 1 image(s) are 16-bit grey, e.g. {deep}: the loaders" in proc.stdout
+    assert f"note: 2 image(s) are 16-bit grey, e.g. {deep.with_name('deep.pgm')}: the loaders" in proc.stdout
     assert "16-bit" not in run_cli("data", "check", tiny_data, "--workers", "2").stdout
     run_cli("data", "shrink", data, tmp_path / "small", "--max-side", "500", "--workers", "2")
-    with Image.open(tmp_path / "small" / deep.relative_to(data)) as shrunk:
-        pixels = np.asarray(shrunk, dtype=np.float64)
-    assert shrunk.mode == "RGB" and shrunk.format == "JPEG" and pixels.shape == (48, 64, 3)
-    assert np.abs(pixels - np.round(ramp / 257)[..., None]).mean() < 1.5
+    for name in ("deep.png", "deep.pgm"):
+        with Image.open(tmp_path / "small" / deep.relative_to(data).with_name(name)) as shrunk:
+            pixels = np.asarray(shrunk, dtype=np.float64)
+        assert shrunk.mode == "RGB" and shrunk.format == "JPEG" and pixels.shape == (48, 64, 3)
+        assert np.abs(pixels - np.round(ramp / 257)[..., None]).mean() < 1.5
 
 
 def test_check_refuses_what_training_refuses_and_passes_what_it_reads(tiny_data, tmp_path):
