@@ -161,10 +161,12 @@ def is_16_bit_grey(image) -> bool:
     return image.mode.startswith("I;16") or (image.mode == "I" and image.format in ("PNG", "PPM"))
 
 
-def as_the_loaders_read(image):
+def as_the_loaders_read(image, deep: bool | None = None):
     """A PIL image as RGB with the pixels the loaders decode from its file: PIL's convert("RGB"),
-    but a 16-bit grey image scaled to 8 bits as DALI's decoders scale it (is_16_bit_grey)."""
-    if is_16_bit_grey(image):
+    but a 16-bit grey image scaled to 8 bits as DALI's decoders scale it. deep: whether it is one
+    (default: is_16_bit_grey(image), which needs the image as opened: a transposed copy of a PGM
+    has lost its format)."""
+    if is_16_bit_grey(image) if deep is None else deep:
         import numpy as np
         from PIL import Image
         scaled = np.clip(np.round(np.asarray(image, dtype=np.float64) / 257), 0, 255).astype(np.uint8)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from PIL import Image, ImageOps
 
-from fastrsb.data_folder import as_the_loaders_read
+from fastrsb.data_folder import as_the_loaders_read, is_16_bit_grey
 from fastrsb.errors import UserError
 from fastrsb.progress import Progress
 from fastrsb.pipelines import IMAGE_EXTENSIONS
@@ -137,9 +137,10 @@ def _shrink_one(job: tuple[str, str, int, int, bool]) -> str:
     try:
         with Image.open(source) as image:
             image.draft("RGB", (max_side, max_side))  # DCT-scaled decode when it shrinks a lot
+            deep = is_16_bit_grey(image)
             if upright:
                 image = ImageOps.exif_transpose(image)
-            image = as_the_loaders_read(image)  # CMYK, grey, palette, 16-bit, PNG-in-disguise: RGB JPEGs
+            image = as_the_loaders_read(image, deep)  # CMYK, grey, palette, 16-bit, PNG-in-disguise: RGB JPEGs
             if max(image.size) > max_side:
                 scale = max_side / max(image.size)
                 image = image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))),

@@ -180,12 +180,14 @@ def test_16_bit_images_noted_by_check_and_shrunk_as_the_loaders_read_them(tiny_d
     proc = run_cli("data", "check", data, "--workers", "2")
     assert f"note: 2 image(s) are 16-bit grey, e.g. {deep.with_name('deep.pgm')}: the loaders" in proc.stdout
     assert "16-bit" not in run_cli("data", "check", tiny_data, "--workers", "2").stdout
-    run_cli("data", "shrink", data, tmp_path / "small", "--max-side", "500", "--workers", "2")
-    for name in ("deep.png", "deep.pgm"):
-        with Image.open(tmp_path / "small" / deep.relative_to(data).with_name(name)) as shrunk:
-            pixels = np.asarray(shrunk, dtype=np.float64)
-        assert shrunk.mode == "RGB" and shrunk.format == "JPEG" and pixels.shape == (48, 64, 3)
-        assert np.abs(pixels - np.round(ramp / 257)[..., None]).mean() < 1.5
+    for upright in ([], ["--upright"]):  # turned, a PGM's copy is no longer a PGM to Pillow
+        small = tmp_path / f"small{len(upright)}"
+        run_cli("data", "shrink", data, small, "--max-side", "500", "--workers", "2", *upright)
+        for name in ("deep.png", "deep.pgm"):
+            with Image.open(small / deep.relative_to(data).with_name(name)) as shrunk:
+                pixels = np.asarray(shrunk, dtype=np.float64)
+            assert shrunk.mode == "RGB" and shrunk.format == "JPEG" and pixels.shape == (48, 64, 3)
+            assert np.abs(pixels - np.round(ramp / 257)[..., None]).mean() < 1.5
 
 
 def test_check_refuses_what_training_refuses_and_passes_what_it_reads(tiny_data, tmp_path):
