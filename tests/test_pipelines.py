@@ -262,7 +262,7 @@ def test_other_formats_are_read_as_timm_reads_them(tmp_path):
     files = other_formats(tmp_path)
     timm_eval = create_transform(40, is_training=False, crop_pct=0.95, interpolation="bicubic")
     theirs = torch.stack([timm_eval(Image.open(f).convert("RGB")) for f in files])
-    (ours, labels), = list(val_loader(tmp_path, 16, 40, 0.95, device="cpu", dtype="float32"))
+    (ours, _), = list(val_loader(tmp_path, 16, 40, 0.95, device="cpu", dtype="float32"))
     assert ours.shape[0] == len(files) == 11 and Image.open(files[8]).mode == "CMYK"
     diff = (ours - theirs).abs()
     assert diff.mean() < 0.0015  # as test_validation_matches_timms_eval_transform
@@ -286,8 +286,8 @@ def test_a_16_bit_png_is_scaled_to_8_bits_where_pil_clips_it(tmp_path):
 @pytest.mark.parametrize("aa_impl", ["tree", "batch", "torch"])
 def test_extreme_shapes_and_other_formats_train_in_every_randaugment_form(tmp_path, aa_impl):
     """A 1 x 1 image, a 3000 x 1 strip and a 2 x 3000 column beside the other formats, each a class
-    of its own: every epoch of a train loader with A3's RandAugment holds each once, finite; the
-    validation loader counts each once."""
+    of its own: every epoch of a train loader with RandAugment (A3's policy at magnitude 9) holds
+    each once, finite; the validation loader counts each once."""
     files = other_formats(tmp_path / "formats")
     shapes = {"tiny": (1, 1), "strip": (1, 3000), "column": (3000, 2)}
     for name, (height, width) in shapes.items():
