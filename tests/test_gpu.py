@@ -456,7 +456,7 @@ def test_gpu_decoders_ignore_exif_orientation_as_timm(tmp_path, hw_decoder_load)
 
 
 def test_gpu_decoders_read_other_formats_and_16_bit_pngs_as_the_cpu(tmp_path):
-    """The "mixed" decoders (nvImageCodec: nvJPEG, nvJPEG2000, its CPU codecs for the rest) as
+    """The "mixed" decoders (nvImageCodec, whichever of its GPU or CPU codecs takes each format) as
     the CPU's (test_pipelines.py): BMP, TIFF, WebP and JPEG 2000 under .JPEG names, palette, grey +
     alpha and RGBA PNGs, progressive and CMYK JPEGs give timm's eval transform within DALI's
     resampling (as the GPU graph's eval geometry, run on the CPU, in test_pipelines.py), and train
