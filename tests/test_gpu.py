@@ -455,6 +455,16 @@ def test_gpu_decoders_ignore_exif_orientation_as_timm(tmp_path, hw_decoder_load)
     assert_same_batches(*val)
 
 
+@pytest.mark.parametrize("hw_decoder_load,repeats", [(0.0, 1), (1.0, 1), (1.0, 3)])
+def test_gpu_random_crops_follow_timms_law(tmp_path, hw_decoder_load, repeats):
+    """The GPU's crops as the CPU's (test_pipelines.py): the crop decoder on nvJPEG's CUDA path and
+    on the hardware engines, and the crops cut from one decode for repeated views (DALI's
+    random_resized_crop), against timm's law of area, aspect and position."""
+    from test_pipelines import assert_crops_follow_timms_law, crop_windows
+    assert_crops_follow_timms_law(crop_windows(tmp_path, device="cuda", hw_decoder_load=hw_decoder_load,
+                                               repeats=repeats))
+
+
 def test_gpu_decoders_read_other_formats_and_16_bit_pngs_as_the_cpu(tmp_path):
     """The "mixed" decoders (nvImageCodec, whichever of its GPU or CPU codecs takes each format) as
     the CPU's (test_pipelines.py): BMP, TIFF, WebP and JPEG 2000 under .JPEG names, palette, grey +
