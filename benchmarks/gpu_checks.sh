@@ -15,7 +15,8 @@
 #   bash benchmarks/gpu_checks.sh [BUDGET_SECONDS]      (default 470; run from the project root)
 #   ONLY="synthetic-jpegs train-a3-cuda-graphs" bash benchmarks/gpu_checks.sh 200   (those checks alone)
 #   CONTINUE=1 bash benchmarks/gpu_checks.sh 230        (on the same machine: what earlier calls at
-#                                                        this commit did not reach)
+#                                                        this commit did not reach, and the GPU tests
+#                                                        a timeout cut short, from the first not run)
 #
 # On the lent machine (no DALI, no network): run ../shared/gpu/stage-dali here first, then make its
 # three device calls one right after another; the third is
@@ -51,9 +52,29 @@ step() {  # step NEED_S TIMEOUT_S NAME cmd...: skipped unless NEED_S are left; k
     say "START $name (timeout ${limit}s)"
     echo "===== $name" >>"$OUT/steps.txt"
     timeout -k 5 "$limit" "$@" >>"$OUT/steps.txt" 2>&1
-    say "END $name rc=$?"
-    echo "$name" >>"$done_file"
+    local rc=$?
+    say "END $name rc=$rc"
+    # Done whatever its end, but for GPU tests cut by their timeout: a later call takes them up
+    # again, less the tests that ran (gpu_tests).
+    [[ $name == pytest-* ]] && (( rc == 124 || rc == 137 )) || echo "$name" >>"$done_file"
     tail -n 4 "$OUT/steps.txt" | tee -a "$OUT/log.txt"
+}
+# The GPU tests that have run to an outcome at this commit on this machine, by node id: a later
+# call (CONTINUE=1) leaves them out, so a pytest check its timeout cut resumes where it stopped.
+tests_done="$done_file.tests"
+touch "$tests_done"
+gpu_tests() {  # gpu_tests NEED_S TIMEOUT_S NAME SELECTION: the GPU tests that `pytest -k SELECTION` picks
+    local need=$1 limit=$2 name=$3 selection=$4 ran=() id
+    if [ -n "${CONTINUE:-}" ]; then
+        while read -r id; do ran+=(--deselect "$id"); done <"$tests_done"
+    fi
+    # -v: a line a test as it ends, so the output of a run its timeout cut says which tests ran.
+    step "$need" "$limit" "$name" python3 -m pytest -v -ra -m gpu tests -p no:cacheprovider -k "$selection" \
+        ${ran[@]+"${ran[@]}"}
+    if [ -z "$DRY_RUN" ] && [ -f "$OUT/steps.txt" ]; then
+        grep -oE '^tests/[^ ]+::[^ ]+ (PASSED|FAILED|ERROR|SKIPPED|XFAIL|XPASS)' "$OUT/steps.txt" | cut -d' ' -f1 \
+            >>"$tests_done"
+    fi
 }
 export PYTHONUNBUFFERED=1 PYTHONWARNINGS=ignore
 
@@ -115,7 +136,7 @@ step 60 120 loader-aa-torch-compiled-graphs $BENCH $DATA --mode loader --loaders
 step 120 200 train-a3-cuda-graphs $BENCH $DATA --mode train --recipe a3 --steps 100 --set cuda_graphs=true \
     --variants step aa_impl=torch aa_impl=tree aa_impl=torch,augment_stream=true aa_impl=torch,high_priority_stream=true
 NEW_TESTS="gpu_two_pipelines or gpu_train_loader_with or batch_kept_across or graphed_step or captured_torch or rand_augment_on_the_gpu or resampling_on_the_gpu or (speed_key and cuda_graphs) or short_compiled or stream_of_its_own or nvml or startup_states or doctor_on_a_gpu or exif_orientation or other_formats or random_crops"
-step 100 200 pytest-gpu-new python3 -m pytest -q -ra -m gpu tests -p no:cacheprovider -k "$NEW_TESTS"
+gpu_tests 100 200 pytest-gpu-new "$NEW_TESTS"
 # 3. The LAMB update alone on ResNet-50's parameters, eager and compiled, each also as a CUDA graph:
 #    is the compiled update why the step alone fell from 11,812 (915cdf8: eager LAMB, no mixing) to
 #    10,106 img/s (a70b3c8)? (Check 5's `step,mixing=false` is 915cdf8's step, update compiled.)
@@ -149,7 +170,7 @@ step 40 60 loader-aa-tree $BENCH $DATA --mode loader --loaders dali-gpu --steps 
 step 40 60 loader-noaa $BENCH $DATA --mode loader --loaders dali-gpu --steps 80 --aa none
 step 40 60 loader-aa-batch $BENCH $DATA --mode loader --loaders dali-gpu --steps 80 --aa-impl batch
 # 6. The GPU tests of what had passed at a70b3c8 (20 in all then, 171 s).
-step 60 150 pytest-gpu-rest python3 -m pytest -q -ra -m gpu tests -p no:cacheprovider -k "not ($NEW_TESTS)"
+gpu_tests 60 150 pytest-gpu-rest "not ($NEW_TESTS)"
 # 7. The demo trained by fastrsb on the GPU (DALI's GPU loader, compiled, bf16) and by timm's parts,
 #    one seed: the GPU path's accuracy beside timm's (on 2 CPU cores, seed 0: 87.92 and 90.00; over
 #    5 seeds 90.42 +- 1.69 and 90.92 +- 1.99). No GPU run has trained to an accuracy yet.

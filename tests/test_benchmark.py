@@ -316,7 +316,7 @@ def test_every_gpu_check_asks_for_what_exists(tmp_path):
     # The GPU tests in two calls, what is new first: "X" then "not (X)", all of them between the two.
     first, rest = (argv[argv.index("-k") + 1] for argv in selections)
     assert rest == f"not ({first})"
-    listing = [arg for arg in selections[0] if arg != "-q"] + ["--collect-only", "-q"]  # -q: one test a line
+    listing = [arg for arg in selections[0] if arg not in ("-q", "-v")] + ["--collect-only", "-q"]  # a test a line
     collected = subprocess.run([sys.executable, "-m", "pytest", *listing],
                                cwd=BENCH.parent, capture_output=True, text=True)
     assert collected.returncode == 0, collected.stdout  # 5: nothing selected
@@ -324,6 +324,28 @@ def test_every_gpu_check_asks_for_what_exists(tmp_path):
     for term in _or_terms(first):  # each alternative names at least one test (pytest -k: substrings)
         words = [w for w in re.findall(r"\w+", term) if w not in ("and", "or", "not")]
         assert "not" not in term.split() and any(all(w.lower() in test for w in words) for test in selected), term
+
+
+def test_a_continued_gpu_check_call_resumes_the_gpu_tests_where_a_timeout_cut_them(tmp_path, monkeypatch):
+    """CONTINUE=1 (the second device call on a machine): checks an earlier call ran are left out,
+    and the GPU tests that ran to an outcome are deselected from a pytest check a timeout cut."""
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=BENCH.parent, capture_output=True,
+                            text=True).stdout.strip()
+    done = tmp_path / ".cache" / "fastrsb-gpu-checks" / commit
+    done.parent.mkdir(parents=True)
+    done.write_text("hw-engines\nsynthetic-jpegs\n")  # pytest-gpu-new is not there: its timeout cut it
+    ran = ["tests/test_gpu.py::test_short_compiled_gpu_run", "tests/test_gpu.py::test_graphed_step_trains_as_the_eager_step[True]"]
+    Path(f"{done}.tests").write_text("\n".join(ran) + "\n")
+    (tmp_path / "first").mkdir()
+    first = dict(_gpu_checks_dry_run(tmp_path / "first"))  # a first call on a fresh machine
+    monkeypatch.setenv("CONTINUE", "1")
+    then = dict(_gpu_checks_dry_run(tmp_path))
+    assert {"hw-engines", "synthetic-jpegs"} <= set(first) and not {"hw-engines", "synthetic-jpegs"} & set(then)
+    assert "--deselect" not in first["pytest-gpu-new"]
+    for name in ("pytest-gpu-new", "pytest-gpu-rest"):
+        argv = then[name]
+        assert [argv[i + 1] for i, arg in enumerate(argv) if arg == "--deselect"] == ran, name
+        assert argv[:argv.index("--deselect")] == first[name]
 
 
 def test_the_benchmark_refuses_a_mistake_before_it_measures(tmp_path, capsys):
