@@ -182,8 +182,21 @@ def _check_values(r: dict[str, Any]) -> None:
     for key in ("crop_pct", "mixup_prob", "mixup_switch_prob"):
         if not 0 < r[key] <= 1 and not (key != "crop_pct" and r[key] == 0):
             raise UserError(f"recipe: '{key}' must lie in (0, 1], not {r[key]}")
-    if not 0 <= r["model_ema_decay"] < 1:
-        raise UserError(f"recipe: 'model_ema_decay' must lie in [0, 1), not {r['model_ema_decay']}")
+    # Shares of 1 that reach it only where the run would learn nothing: a drop path of 1 drops every
+    # block, label smoothing of 1 leaves uniform targets, a BCE threshold of 1 none, a beta of 1 a
+    # bias correction of 0; and an EMA decay of 1 never moves.
+    for key, value in (("model_ema_decay", r["model_ema_decay"]), ("drop_path", r["drop_path"]),
+                       ("smoothing", r["smoothing"]), ("bce_target_thresh", r["bce_target_thresh"]),
+                       ("opt_betas", r["opt_betas"][0]), ("opt_betas", r["opt_betas"][1])):
+        if value is not None and not 0 <= value < 1:
+            shown = r[key] if key == "opt_betas" else value
+            raise UserError(f"recipe: '{key}' must lie in [0, 1), not {shown}")
+    if r["opt_eps"] <= 0:  # a parameter whose gradient stays 0 would divide 0 by 0
+        raise UserError(f"recipe: 'opt_eps' must be positive, not {r['opt_eps']}")
+    if r["min_lr"] > r["lr"]:
+        raise UserError(f"recipe: 'min_lr' ({r['min_lr']}) must not exceed 'lr' ({r['lr']}): the cosine would rise")
+    if not 0 <= r["seed"] < 2**31:  # numpy takes seed + rank, below 2**32
+        raise UserError(f"recipe: 'seed' must lie in [0, 2**31), not {r['seed']}")
     if r["warmup_epochs"] >= r["epochs"] and r["warmup_epochs"] > 0:
         raise UserError(f"recipe: warmup_epochs ({r['warmup_epochs']}) must be fewer than epochs ({r['epochs']})")
     if r["aa"] is not None:

@@ -740,6 +740,14 @@ def test_a_kept_batch_is_not_overwritten_by_later_ones(tiny_data):
     assert torch.equal(kept_images, copy[0]) and torch.equal(kept_labels, copy[1])
 
 
+@pytest.mark.parametrize("seed", [-1, -7, 1.5])
+def test_a_seed_that_would_not_repeat_is_refused(tiny_data, seed):
+    """DALI takes a negative seed as "draw one at random" (it warned, and the batches of two such
+    loaders differed)."""
+    with pytest.raises(DatasetError, match=f"^seed must be a whole number >= 0, not {seed}"):
+        train_loader(tiny_data / "train", 4, 32, device="cpu", seed=seed)
+
+
 @pytest.mark.parametrize("shard_id,num_shards", [(2, 2), (-1, 2), (0, 0)])
 def test_a_shard_that_does_not_exist_is_refused(tiny_data, shard_id, num_shards):
     for make in (lambda: train_loader(tiny_data / "train", 4, 32, device="cpu", shard_id=shard_id, num_shards=num_shards),

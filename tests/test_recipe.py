@@ -53,6 +53,15 @@ def test_overrides_are_typed():
     ("opt=sgd", "'opt' must be one of lamb"),
     ("aa_impl=pil", "'aa_impl' must be one of auto, batch, torch, tree"),
     ("train_interpolation=nearest", "'train_interpolation' must be one of bicubic, bilinear, random"),
+    # values a run would take and then fail on (drop_path, seed: a traceback) or learn nothing from
+    ("drop_path=1.5", "'drop_path' must lie in [0, 1), not 1.5"),
+    ("seed=-1", "'seed' must lie in [0, 2**31), not -1"),
+    ("seed=4294967295", "'seed' must lie in [0, 2**31)"),
+    ("smoothing=1", "'smoothing' must lie in [0, 1), not 1.0"),
+    ("bce_target_thresh=2", "'bce_target_thresh' must lie in [0, 1), not 2.0"),
+    ("opt_betas=0.9,1", "'opt_betas' must lie in [0, 1), not [0.9, 1.0]"),
+    ("opt_eps=0", "'opt_eps' must be positive, not 0.0"),
+    ("min_lr=1", "'min_lr' (1.0) must not exceed 'lr' (0.008): the cosine would rise"),
 ])
 def test_bad_overrides(override, fragment):
     with pytest.raises(UserError) as err:
