@@ -280,7 +280,11 @@ def check(root: str | Path, workers: int | None = None, decode: bool = True) -> 
         if not (root / split).is_dir():
             problems.append(f"no {split}/ folder (expected {root}/{split}/<class>/<image>.JPEG){hint(root)}")
             continue
-        splits[split] = _split_listing(root / split)
+        try:
+            splits[split] = _split_listing(root / split)
+        except DatasetError as err:  # a loop of symbolic links: no listing to check
+            problems.append(str(err))
+            continue
         loose = sorted(p.name for p in (root / split).iterdir() if p.is_file() and not p.name.startswith(".")
                        and p.name.lower().endswith(IMAGE_EXTENSIONS))
         if loose:

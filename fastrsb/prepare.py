@@ -15,7 +15,7 @@ from PIL import Image, ImageOps
 from fastrsb.data_folder import as_the_loaders_read, is_16_bit_grey
 from fastrsb.errors import UserError
 from fastrsb.progress import Progress
-from fastrsb.pipelines import IMAGE_EXTENSIONS
+from fastrsb.pipelines import IMAGE_EXTENSIONS, walk_files
 
 
 def _workers(workers: int | None) -> int:
@@ -188,9 +188,9 @@ def shrink(source: str | Path, target: str | Path, max_side: int = 500, quality:
     # "upright" recorded only when set: a target written before the option existed still matches.
     _claim_target(target, {"max_side": max_side, "quality": quality, **({"upright": True} if upright else {})})
     jobs = []
-    for dirpath, _, names in os.walk(source):
+    for dirpath, names in walk_files(source):  # what the loaders would read there: symlinked folders too
         for name in sorted(names):
-            if name.lower().endswith(IMAGE_EXTENSIONS) and not name.startswith("."):
+            if name.lower().endswith(IMAGE_EXTENSIONS):
                 path = Path(dirpath) / name
                 jobs.append((str(path), str(target / path.relative_to(source)), max_side, quality, upright))
     counts = {"written": 0, "skipped": 0, "failed": 0}

@@ -8,13 +8,14 @@ DALI and torch are imported on first use of a loader, so listing folders and cat
 DatasetError stay cheap (the command line's `recipe` starts in a fraction of a second).
 """
 from .augment_spec import RandAugmentSpec, parse_rand_augment
-from .image_list import IMAGE_EXTENSIONS, DatasetError, ImageList, class_folders, list_images, walk_class
+from .image_list import (IMAGE_EXTENSIONS, DatasetError, ImageList, class_folders, list_images, walk_class,
+                         walk_files)
 
 _LAZY = {"DaliLoader": ".loader", "train_loader": ".loader", "val_loader": ".loader", "default_pixel_dtype": ".loader", "default_aa_impl": ".loader",
          "continues_exactly": ".loader",
          "IMAGENET_MEAN": ".graphs", "IMAGENET_STD": ".graphs", "val_resize_size": ".graphs"}
 
-__all__ = ["DatasetError", "ImageList", "list_images", "class_folders", "walk_class", "IMAGE_EXTENSIONS", "RandAugmentSpec", "parse_rand_augment", *_LAZY]
+__all__ = ["DatasetError", "ImageList", "list_images", "class_folders", "walk_class", "walk_files", "IMAGE_EXTENSIONS", "RandAugmentSpec", "parse_rand_augment", *_LAZY]
 
 
 def __getattr__(name):

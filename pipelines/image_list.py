@@ -59,16 +59,35 @@ def class_folders(root: Path) -> list[str]:
     return sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
 
 
-def walk_class(folder: Path) -> tuple[list[str], list[str]]:
-    """(images, other files) of one class folder, each sorted: every file below it, symlinked
-    sub-folders followed, dot-files and dot-folders skipped. Images by extension
-    (IMAGE_EXTENSIONS, case-insensitive); the other files are what the loaders skip."""
-    images, others = [], []
+def walk_files(folder: str | os.PathLike):
+    """(folder, file names) of every folder below `folder`, as the loaders list them: symlinked
+    sub-folders followed, a loop of them refused, dot-files and dot-folders skipped."""
+    # The real paths of each folder's own and its parents': a link to one of them is a loop, which
+    # os.walk would follow ~40 links deep (until the kernel says ELOOP), listing every image below
+    # the loop again at each turn, images of other classes under this class's label included.
+    above: dict[str, set[str]] = {os.fspath(folder): set()}
     for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+        chain = above.pop(dirpath) | {os.path.realpath(dirpath)}
         dirnames[:] = [d for d in dirnames if not d.startswith(".")]
-        for name in filenames:
-            if not name.startswith("."):
-                (images if name.lower().endswith(IMAGE_EXTENSIONS) else others).append(os.path.join(dirpath, name))
+        for name in dirnames:
+            sub = os.path.join(dirpath, name)
+            if (target := os.path.realpath(sub)) in chain:
+                link = next((p for p in (Path(sub), *Path(sub).parents) if p.is_symlink()), Path(sub))
+                via = "" if link == Path(sub) else f" to {os.path.realpath(link)}, and so {sub}"
+                raise DatasetError(f"{link} links{via} back to {target}, which holds it: a loop of symbolic links "
+                                   "(its images would be listed again and again): remove the link")
+            above[sub] = chain
+        yield dirpath, [name for name in filenames if not name.startswith(".")]
+
+
+def walk_class(folder: Path) -> tuple[list[str], list[str]]:
+    """(images, other files) of one class folder, each sorted: every file below it (walk_files).
+    Images by extension (IMAGE_EXTENSIONS, case-insensitive); the other files are what the
+    loaders skip."""
+    images, others = [], []
+    for dirpath, names in walk_files(folder):
+        for name in names:
+            (images if name.lower().endswith(IMAGE_EXTENSIONS) else others).append(os.path.join(dirpath, name))
     return sorted(images), sorted(others)
 
 

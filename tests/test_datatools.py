@@ -1,5 +1,6 @@
 """fastrsb data check / prepare-val / shrink, through the command line."""
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -7,7 +8,7 @@ from PIL import Image
 
 from conftest import assert_user_error, run_cli
 from fastrsb.errors import UserError
-from fastrsb.pipelines import list_images
+from fastrsb.pipelines import DatasetError, list_images
 
 
 def test_check_passes_a_good_folder(tiny_data):
@@ -60,6 +61,31 @@ def test_check_agrees_with_the_loaders(tiny_data, tmp_path):
     checked = sorted(f for images, _ in _split_listing(data / "train").values() for f in images)
     assert checked == sorted(list_images(data / "train").files)
     assert str(data / "train" / "n01_vstripes" / "link" / "x.JPEG") in checked
+
+
+@pytest.mark.parametrize("loop", ["parent", "across classes"])
+def test_a_loop_of_symbolic_links_is_refused_naming_the_link(tiny_data, tmp_path, loop):
+    """A link to a folder above it (or two class folders linking into each other) made the listing
+    follow it ~40 links deep, until the kernel's ELOOP: every image below counted ~40 times, the
+    other classes' images under this class's label (a parent link in a folder of 24 train images: 984)."""
+    data = tmp_path / "data"
+    shutil.copytree(tiny_data, data)
+    train = data / "train"
+    if loop == "parent":
+        link = train / "n01_vstripes" / "up"
+        link.symlink_to("..", target_is_directory=True)
+    else:
+        (train / "n01_vstripes" / "b").symlink_to("../n02_checks", target_is_directory=True)
+        (train / "n02_checks" / "sub").mkdir()
+        link = train / "n02_checks" / "sub" / "a"
+        link.symlink_to("../../n01_vstripes", target_is_directory=True)
+    with pytest.raises(DatasetError, match="a loop of symbolic links"):
+        list_images(train)
+    proc = run_cli("data", "check", data, check=False)
+    assert_user_error(proc, "1 problem(s)")
+    assert "a loop of symbolic links" in proc.stdout and f"{link.name} links" in proc.stdout
+    assert_user_error(run_cli("train", "tiny", "--data", data, "--out", tmp_path / "run", check=False),
+                      "a loop of symbolic links")
 
 
 def _flat_val(tmp_path, tiny_data):
@@ -134,6 +160,29 @@ def test_shrink_makes_a_compact_rgb_copy_and_resumes(tiny_data, tmp_path):
     assert_user_error(run_cli("data", "shrink", tiny_data, tiny_data / "inside", check=False), "outside the source")
     run_cli("train", "tiny", "--data", out, "--out", tmp_path / "run", "--device", "cpu", "--set", "epochs=1",
             "--set", "warmup_epochs=0")  # the copy trains
+
+
+def test_shrink_copies_the_images_the_loaders_read(tiny_data, tmp_path):
+    """The shrunk copy lists as the original: images in a symlinked sub-folder copied (shrink walked
+    without following links, and the copy trained on fewer images), dot-folders left out; a loop
+    of links refused."""
+    data = tmp_path / "data"
+    shutil.copytree(tiny_data, data)
+    extra = tmp_path / "extra"
+    extra.mkdir()
+    shutil.copy(next((data / "train" / "n00_hstripes").iterdir()), extra / "x.JPEG")
+    (data / "train" / "n01_vstripes" / "link").symlink_to(extra, target_is_directory=True)
+    (data / "train" / "n02_checks" / ".cache").mkdir()
+    shutil.copy(extra / "x.JPEG", data / "train" / "n02_checks" / ".cache" / "y.JPEG")
+    run_cli("data", "shrink", data, tmp_path / "small", "--max-side", "40", "--workers", "2")
+    for split in ("train", "val"):
+        ours, theirs = list_images(data / split), list_images(tmp_path / "small" / split)
+        assert [Path(f).relative_to(data) for f in ours.files] == [Path(f).relative_to(tmp_path / "small")
+                                                                 for f in theirs.files]
+    assert (tmp_path / "small" / "train" / "n01_vstripes" / "link" / "x.JPEG").is_file()
+    (data / "train" / "n01_vstripes" / "up").symlink_to("..", target_is_directory=True)
+    assert_user_error(run_cli("data", "shrink", data, tmp_path / "small", "--max-side", "40", check=False),
+                      "up links", "a loop of symbolic links")
 
 
 def test_turned_photos_noted_by_check_and_turned_upright_by_shrink_when_asked(tiny_data, tmp_path):
