@@ -47,16 +47,23 @@ def test_check_lists_every_problem_at_once(tiny_data, tmp_path):
     assert_user_error(run_cli("data", "check", tmp_path / "nothing", check=False), "does not exist")
 
 
-def test_check_agrees_with_the_loaders(tiny_data, tmp_path):
-    """Every file the loaders read is checked, and no other: the same listing (symlinks followed,
-    dot-files skipped), so a clean check means a clean run."""
-    from fastrsb.data_folder import _split_listing
+def copy_with_a_linked_folder(tiny_data, tmp_path):
+    """A copy of the tiny data set whose class n01_vstripes holds a symlinked folder, `link`, of one
+    image (x.JPEG, in tmp_path/extra)."""
     data = tmp_path / "data"
     shutil.copytree(tiny_data, data)
     extra = tmp_path / "extra"
     extra.mkdir()
     shutil.copy(next((data / "train" / "n00_hstripes").iterdir()), extra / "x.JPEG")
     (data / "train" / "n01_vstripes" / "link").symlink_to(extra, target_is_directory=True)
+    return data
+
+
+def test_check_agrees_with_the_loaders(tiny_data, tmp_path):
+    """Every file the loaders read is checked, and no other: the same listing (symlinks followed,
+    dot-files skipped), so a clean check means a clean run."""
+    from fastrsb.data_folder import _split_listing
+    data = copy_with_a_linked_folder(tiny_data, tmp_path)
     (data / "train" / "n02_checks" / ".hidden.JPEG").write_bytes(b"junk")
     checked = sorted(f for images, _ in _split_listing(data / "train").values() for f in images)
     assert checked == sorted(list_images(data / "train").files)
@@ -166,14 +173,9 @@ def test_shrink_copies_the_images_the_loaders_read(tiny_data, tmp_path):
     """The shrunk copy lists as the original: images in a symlinked sub-folder copied (shrink walked
     without following links, and the copy trained on fewer images), dot-folders left out; a loop
     of links refused."""
-    data = tmp_path / "data"
-    shutil.copytree(tiny_data, data)
-    extra = tmp_path / "extra"
-    extra.mkdir()
-    shutil.copy(next((data / "train" / "n00_hstripes").iterdir()), extra / "x.JPEG")
-    (data / "train" / "n01_vstripes" / "link").symlink_to(extra, target_is_directory=True)
+    data = copy_with_a_linked_folder(tiny_data, tmp_path)
     (data / "train" / "n02_checks" / ".cache").mkdir()
-    shutil.copy(extra / "x.JPEG", data / "train" / "n02_checks" / ".cache" / "y.JPEG")
+    shutil.copy(tmp_path / "extra" / "x.JPEG", data / "train" / "n02_checks" / ".cache" / "y.JPEG")
     run_cli("data", "shrink", data, tmp_path / "small", "--max-side", "40", "--workers", "2")
     for split in ("train", "val"):
         ours, theirs = list_images(data / split), list_images(tmp_path / "small" / split)
