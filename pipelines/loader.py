@@ -477,9 +477,7 @@ def train_loader(root: str | os.PathLike | ImageList, batch_size: int, img_size:
     state: a `loader.state_dict()` to continue from (its pipelines kept; an earlier fastrsb's refused).
     """
     _check_sizes(batch_size, img_size, dtype, num_threads, prefetch_queue_depth)
-    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0:
-        # DALI takes a negative seed as "draw one": the batches could not be drawn again.
-        raise DatasetError(f"seed must be a whole number >= 0, not {seed!r}")
+    _check_seed(seed)
     images = root if isinstance(root, ImageList) else list_images(root)
     _check_shard(shard_id, num_shards)
     _check_crops(repeats, batch_size, interpolation)
@@ -632,6 +630,12 @@ def _check_sizes(batch_size: int, img_size: int, dtype: str | None, num_threads:
     if dtype is not None and dtype not in PIXEL_DTYPES:
         raise DatasetError(f"dtype must be one of {', '.join(PIXEL_DTYPES)} (or None: the device's default), "
                            f"not {dtype!r}")
+
+
+def _check_seed(seed: int) -> None:
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0:
+        # DALI takes a negative seed as "draw one": the batches could not be drawn again.
+        raise DatasetError(f"seed must be a whole number >= 0, not {seed!r}")
 
 
 def _check_shard(shard_id: int, num_shards: int) -> None:
