@@ -184,8 +184,27 @@ def _decode(path: str) -> tuple[str | None, bool, bool]:
             image.draft("RGB", (64, 64))  # DCT-scaled JPEG decode: reads every byte, 8x faster
             image.load()
             return None, turned, is_16_bit_grey(image)
+    except Image.DecompressionBombError:
+        return _over_pils_limit(path), False, False
     except Exception as err:  # noqa: BLE001 - any failure means "cannot decode"
         return f"{type(err).__name__}: {err}", False, False
+
+
+OVER_PILS_LIMIT = "over PIL's decompression-bomb limit"
+
+
+def _over_pils_limit(path: str) -> str:
+    """Why an image over PIL's decompression-bomb limit is a problem, from its header alone (not
+    decoded here: a real bomb would take the checker's memory)."""
+    from PIL import Image
+    limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
+    try:
+        with Image.open(path) as image:
+            width, height = image.size
+    finally:
+        Image.MAX_IMAGE_PIXELS = limit
+    return (f"{width:,} x {height:,} pixels, {OVER_PILS_LIMIT} of {2 * limit:,}: timm cannot read it, and the "
+            f"loaders would decode it into {3 * width * height / 2**30:.1f} GiB; fastrsb data shrink makes it small")
 
 
 def find_undecodable(files: list[str], workers: int | None = None, limit: int | None = 10,
@@ -316,7 +335,7 @@ def check(root: str | Path, workers: int | None = None, decode: bool = True) -> 
         progress, turned, deep = Progress("decoding", len(files), unit="files"), [], []
         for path, reason in find_undecodable(files, workers, limit=None, progress=progress, turned=turned,
                                              deep=deep):
-            problems.append(f"cannot decode {path} ({reason})")
+            problems.append(f"{path}: {reason}" if OVER_PILS_LIMIT in reason else f"cannot decode {path} ({reason})")
         progress.close()
         if turned:  # phone photos, mostly: as stored they lie on their side
             notes.append(f"{len(turned):,} image(s) carry an EXIF orientation (meant to be shown rotated or "

@@ -134,6 +134,9 @@ def _shrink_one(job: tuple[str, str, int, int, bool]) -> str:
     target = Path(target)
     if target.exists():
         return "skipped"
+    # Shrinking is the way `data check` gives for an image over PIL's decompression-bomb limit: read
+    # it (a JPEG DCT-scaled by draft, at 1/64 of its pixels).
+    limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
     try:
         with Image.open(source) as image:
             image.draft("RGB", (max_side, max_side))  # DCT-scaled decode when it shrinks a lot
@@ -152,6 +155,8 @@ def _shrink_one(job: tuple[str, str, int, int, bool]) -> str:
         return "written"
     except Exception as err:  # noqa: BLE001 - report the file, go on with the rest
         return f"failed: {type(err).__name__}: {err}"
+    finally:
+        Image.MAX_IMAGE_PIXELS = limit
 
 
 _SETTINGS_FILE = ".fastrsb-shrink.json"  # a dot-file: the loaders and data check skip it

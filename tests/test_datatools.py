@@ -187,6 +187,24 @@ def test_shrink_copies_the_images_the_loaders_read(tiny_data, tmp_path):
                       "up links", "a loop of symbolic links")
 
 
+def test_an_image_over_pils_limit_is_named_with_its_size_and_shrink_makes_it_small(tiny_data, tmp_path):
+    """A 13,400 x 13,400 JPEG (180 M pixels, 2 MB on disk): PIL refuses to open it (a decompression
+    bomb, so timm cannot read it), the loaders would decode it. data check said "cannot decode"
+    and shrink failed on it; now check names its size and what it costs, read from its header
+    alone, and shrink reads it (DCT-scaled), so its copy checks clean."""
+    data = tmp_path / "data"
+    shutil.copytree(tiny_data, data)
+    Image.new("L", (13_400, 13_400), 90).save(data / "train" / "n00_hstripes" / "huge.JPEG", quality=10)
+    proc = run_cli("data", "check", data, check=False)
+    assert_user_error(proc, "1 problem(s)")
+    assert (f"{data / 'train' / 'n00_hstripes' / 'huge.JPEG'}: 13,400 x 13,400 pixels, over PIL's decompression-bomb "
+            "limit of 178,956,970: timm cannot read it, and the loaders would decode it into 0.5 GiB") in proc.stdout
+    proc = run_cli("data", "shrink", data, tmp_path / "small", "--max-side", "40", "--workers", "2")
+    assert "0 failed" in proc.stdout
+    assert Image.open(tmp_path / "small" / "train" / "n00_hstripes" / "huge.JPEG").size == (40, 40)
+    assert "ok: ready to train" in run_cli("data", "check", tmp_path / "small").stdout
+
+
 def test_turned_photos_noted_by_check_and_turned_upright_by_shrink_when_asked(tiny_data, tmp_path):
     """A photo whose EXIF orientation says "rotate 90 degrees" (6): `data check` notes it (the
     loaders, as timm, read its pixels as stored); `data shrink` keeps its pixels as stored, and with
