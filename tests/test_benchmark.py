@@ -330,7 +330,7 @@ def test_a_continued_gpu_check_call_resumes_the_gpu_tests_where_a_timeout_cut_th
     """CONTINUE=1 (the second device call on a machine): checks an earlier call ran are left out,
     and the GPU tests that ran to an outcome are deselected from a pytest check a timeout cut."""
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=BENCH.parent, capture_output=True,
-                            text=True).stdout.strip()
+                            text=True).stdout.strip() or "unknown"  # as the script names it outside a clone
     done = tmp_path / ".cache" / "fastrsb-gpu-checks" / commit
     done.parent.mkdir(parents=True)
     done.write_text("hw-engines\nsynthetic-jpegs\n")  # pytest-gpu-new is not there: its timeout cut it
