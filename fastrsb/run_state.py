@@ -70,24 +70,31 @@ def resharded(state: dict, d: Dist) -> bool:
     return len(state["ranks"]) != d.world
 
 
-def loaders_start_anew(state: dict, d: Dist) -> bool:
-    """Whether this run's loaders cannot continue the checkpoint's positions: it was written by
-    another number of processes, or by an earlier fastrsb whose loaders cut their batches
-    otherwise (pipelines.loader.POSITION_FORMAT)."""
+def listed_before(state: dict) -> int | None:
+    """The number of train images the checkpoint's loaders listed (None where it did not say)."""
+    return state["ranks"][0]["loader"].get("fingerprint", {}).get("images")
+
+
+def loaders_start_anew(state: dict, d: Dist, images: int) -> bool:
+    """Whether this run's loaders, over `images` train images, cannot continue the checkpoint's
+    positions: it was written by another number of processes, by loaders over another number of
+    images (files added or removed since: a broken one taken out, say), or by an earlier fastrsb
+    whose loaders cut their batches otherwise (pipelines.loader.POSITION_FORMAT)."""
     from fastrsb.pipelines import continues_exactly
-    return resharded(state, d) or not all(continues_exactly(rank["loader"]) for rank in state["ranks"])
+    return (resharded(state, d) or listed_before(state) not in (None, images)
+            or not all(continues_exactly(rank["loader"]) for rank in state["ranks"]))
 
 
-def loader_start(state: dict | None, recipe: dict, d: Dist) -> tuple[dict | None, int]:
-    """(this rank's loader position, the train loaders' seed) for a run starting from `state`
-    (None: a new run: no position, the recipe's seed). On the number of processes the checkpoint
-    was written by: its position and seed, to continue exactly. On another number, no position
-    fits the new shards (nor does one an earlier fastrsb wrote): the loaders start anew, seeded
-    by the checkpoint's step, so that the rest of the run draws a fresh order and fresh
-    augmentations rather than replaying its first epoch's."""
+def loader_start(state: dict | None, recipe: dict, d: Dist, images: int) -> tuple[dict | None, int]:
+    """(this rank's loader position, the train loaders' seed) for a run over `images` train images
+    starting from `state` (None: a new run: no position, the recipe's seed). On the number of
+    processes and images the checkpoint was written with: its position and seed, to continue
+    exactly. On another number, no position fits the new shards (nor does one an earlier fastrsb
+    wrote): the loaders start anew, seeded by the checkpoint's step, so that the rest of the run
+    draws a fresh order and fresh augmentations rather than replaying its first epoch's."""
     if state is None:
         return None, recipe["seed"]
-    if not loaders_start_anew(state, d):
+    if not loaders_start_anew(state, d, images):
         return state["ranks"][d.rank]["loader"], state.get("loader_seed", recipe["seed"])
     return None, recipe["seed"] + state["step"] + 1
 
@@ -175,7 +182,8 @@ def restore_run(run: Run, state: dict, path: Path) -> Position:
                    loss_sum=rank["epoch_loss_sum"] if partial and rank is not None else 0.0,
                    seconds=partial.get("seconds", 0.0), validated=state.get("validated", True),
                    best_top1=state.get("best_top1", -1.0), metrics=state.get("metrics", {}))
-    return _resharded_position(run, state, pos) if loaders_start_anew(state, run.d) else pos
+    anew = loaders_start_anew(state, run.d, len(run.train_data.images))
+    return _resharded_position(run, state, pos) if anew else pos
 
 
 def _resharded_position(run: Run, state: dict, pos: Position) -> Position:
@@ -198,9 +206,13 @@ def _resharded_position(run: Run, state: dict, pos: Position) -> Position:
 
 def resharded_note(run: Run, state: dict) -> str:
     """What a run whose loaders start anew (loaders_start_anew) says, and why."""
-    saved = len(state["ranks"])
+    saved, images, before = len(state["ranks"]), len(run.train_data.images), listed_before(state)
     if saved != run.d.world:
         why, unlike = f"resumed on {run.d.world} process(es) from a checkpoint of {saved}", f"on {saved}"
+    elif before not in (None, images):
+        why = (f"resumed over {images:,} train images where the checkpoint's loaders listed {before:,} (files added "
+               "or removed since)")
+        unlike = "over the images it had"
     else:
         why = ("resumed from a checkpoint whose loader positions an earlier fastrsb wrote (its loaders cut their "
                "batches otherwise)")

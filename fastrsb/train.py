@@ -75,7 +75,7 @@ def _train(recipe: dict, data: str | Path, out: Path, device: str, d: Dist, num_
                   + (" (the rows a run logged there before it stopped without a checkpoint are dropped)"
                      if (out / "metrics.jsonl").is_file() else ""))
         _check_files(train_images, val_images, d)
-        loader_state, loader_seed = loader_start(state, recipe, d)
+        loader_state, loader_seed = loader_start(state, recipe, d, len(train_images))
         if loader_state and "micro_batch" in state and grad_accum_steps == "auto" and micro_batch is None:
             micro_batch = state["micro_batch"]  # the loader position is for this micro-batch
         run = build_run(recipe, train_images, val_images, device, d, num_threads, grad_accum_steps, micro_batch,
@@ -90,7 +90,7 @@ def _train(recipe: dict, data: str | Path, out: Path, device: str, d: Dist, num_
         if state:
             folder.saved = (resume_path, _where(run, pos))
         _announce(run, train_images, val_images, resume_path if state else None, pos, shards)
-        if state and loaders_start_anew(state, d):
+        if state and loaders_start_anew(state, d, len(train_images)):
             _say(run, resharded_note(run, state))
         if d.main:
             listings = {"train": train_listing, "val": listing_fingerprint(val_images.files, val_images.labels)}

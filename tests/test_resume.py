@@ -439,6 +439,27 @@ def test_resume_on_another_number_of_processes(tiny_data, tmp_path):
     assert rows[-1]["lr"] == lr_at(2 * 7 - 1, 7, 2, r["lr"], r["warmup_epochs"], r["warmup_lr"], r["min_lr"])
 
 
+def test_a_run_resumes_over_a_listing_with_a_file_taken_out(tiny_data, tmp_path):
+    """A run stopped by a broken file is told to remove or replace it. Removed, the listing holds an
+    image fewer, and the checkpoint's loader position fitted no loader ("the saved loader position
+    does not fit this loader (images 48 -> 47)", exit 2). Now its loaders start anew, as on another
+    number of processes: the same step and epoch, the epoch's remaining steps taken (5 an epoch
+    now: 2 pipelines' parts of 23 images, batches of 8), the note said, the run then resuming
+    exactly over its new listing."""
+    data = tmp_path / "data"
+    shutil.copytree(tiny_data, data)
+    run = ("train", "tiny", "--data", data, "--out", tmp_path / "run", "--device", "cpu", "--threads", "1")
+    run_cli(*run, "--stop-after-steps", "4")  # 6 steps an epoch over 48 images
+    sorted((data / "train" / "n01_vstripes").iterdir())[0].unlink()
+    proc = run_cli(*run, "--resume", "auto", "--stop-after-steps", "7")
+    assert "resumed over 47 train images where the checkpoint's loaders listed 48 (files added or removed since)" \
+        in proc.stdout and "stopped at step 7" in proc.stdout
+    proc = run_cli(*run, "--resume", "auto")
+    assert "train images where" not in proc.stdout
+    state = load_checkpoint(tmp_path / "run" / "last.pt")
+    assert state["step"] == 4 + 1 + 5 and [row["epoch"] for row in _epoch_rows(tmp_path / "run")] == [1, 2]
+
+
 @pytest.mark.parametrize("rank,world,accumulate,micro_done", [(0, 1, 2, 6), (0, 1, 4, 8), (1, 2, 2, 6)])
 def test_a_resharded_epoch_carries_its_loss_so_far_as_its_mean(rank, world, accumulate, micro_done):
     """The arithmetic behind the reshard above: a checkpoint of 2 processes, 3 steps of 2
