@@ -32,6 +32,8 @@ def describe(folder: Path) -> dict:
         starts = read_starts(folder)
     except (OSError, ValueError, UserError) as err:  # json's errors are ValueErrors
         return {"run": str(folder), "unreadable": str(err).splitlines()[0]}
+    if not isinstance(recipe, dict) or not {"name", "model", "epochs"} <= recipe.keys():
+        return {"run": str(folder), "unreadable": "its recipe.json is not a fastrsb recipe"}  # another tool's file
     validated = [r for r in rows if r.get("kind") == "epoch" and "top1" in r]
     first, last = (starts[0], starts[-1]) if starts else ({}, {})
     written = max((p.stat().st_mtime for p in (metrics, folder / "last.pt") if p.is_file()), default=None)

@@ -424,6 +424,10 @@ def test_runs_lists_every_run_folder_with_its_progress(run, tmp_path):
     (root / "c" / "recipe.json").write_text("{not json")  # listed as such, the others still listed
     text = run_cli("runs", root).stdout.splitlines()
     assert len(text) == 4 and text[3].startswith(f"{root / 'c'}  unreadable: Expecting property name")
+    for other in ("[1]", '{"name": "x"}'):  # another tool's recipe.json (a list stopped the table with a traceback)
+        (root / "c" / "recipe.json").write_text(other)
+        line = run_cli("runs", root).stdout.splitlines()[3]
+        assert line.startswith(f"{root / 'c'}  unreadable: its recipe.json is not a fastrsb recipe"), line
     assert "no run folders under" in run_cli("runs", root / "notes").stdout
     assert_user_error(run_cli("runs", tmp_path / "nowhere", check=False), "is not a folder")
 
