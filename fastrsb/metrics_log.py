@@ -27,6 +27,8 @@ def read_rows(path: Path) -> list[dict]:
             if number == len(lines):
                 break
             raise UserError(f"{path}:{number} is not a JSON line") from None
+        if not isinstance(rows[-1], dict):  # valid JSON, but no row: every reader takes rows by key
+            raise UserError(f"{path}:{number} is not a row (a JSON object): {line[:40]}")
     return rows
 
 

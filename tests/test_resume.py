@@ -205,6 +205,13 @@ def test_what_a_kill_leaves_does_not_stop_the_resume(tiny_data, uninterrupted, t
     (tmp_path / "metrics.jsonl").write_text("\n".join(["{oops"] + lines[1:]) + "\n")
     assert_user_error(run_cli("plot", tmp_path, check=False), "metrics.jsonl:1 is not a JSON line")
     assert_user_error(run_cli("compare", tmp_path, uninterrupted, check=False), "metrics.jsonl:1 is not a JSON line")
+    # Valid JSON but no row (a list, a number): named too (plot, runs and compare died on .get or ["kind"]).
+    (tmp_path / "metrics.jsonl").write_text("\n".join(["[1]"] + lines[1:]) + "\n")
+    assert_user_error(run_cli("plot", tmp_path, check=False), "metrics.jsonl:1 is not a row (a JSON object): [1]")
+    (tmp_path / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    with open(tmp_path / "starts.jsonl", "a") as f:
+        f.write("5\n")
+    assert "starts.jsonl:3 is not a row (a JSON object): 5" in run_cli("runs", tmp_path).stdout  # a start, a resume
 
 
 def test_a_save_that_fails_keeps_the_checkpoint_before_and_says_why(tiny_data, tmp_path):
