@@ -1,7 +1,8 @@
 """The recipe's `initial_checkpoint` (timm's --initial-checkpoint): a new run starts from trained
-weights instead of random ones, from a fastrsb checkpoint (its model's weights) or a timm model
-folder (`fastrsb export`'s, or a timm model's from the hub). Fine-tuning at a new resolution,
-on another data set, or a warm start.
+weights instead of random ones, from a fastrsb checkpoint (its model's weights), a timm model
+folder (`fastrsb export`'s, or a timm model's from the hub) or a file of weights alone (a state
+dict, as timm's flag takes). Fine-tuning at a new resolution, on another data set, or a warm
+start.
 
 The classifier is kept where it classifies the run's classes: the same names in the same order,
 or, for a folder that names none, the same number of them (a timm ImageNet model on ImageNet's
@@ -12,11 +13,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
 from torch import nn
 
 from fastrsb.checkpoint import load_checkpoint, load_weights
 from fastrsb.errors import UserError
-from fastrsb.model_folder import is_model_folder, read_config, read_weights
+from fastrsb.model_folder import is_model_folder, read_config, read_weights, read_weights_file
 
 
 def load_initial_weights(model: nn.Module, source: str, architecture: str, classes: list[str]) -> str:
@@ -28,12 +30,10 @@ def load_initial_weights(model: nn.Module, source: str, architecture: str, class
         theirs, their_classes, weights = config.get("architecture"), config.get("label_names"), read_weights(path)
         origin = f"model folder {path}"
     elif path.is_file():
-        state = load_checkpoint(path)
-        theirs, their_classes, weights = state["recipe"]["model"], state["classes"], state["model"]
-        origin = f"{path} (epoch {state.get('epoch')})"
+        theirs, their_classes, weights, origin = _from_file(path, architecture)
     else:
-        raise UserError(f"initial_checkpoint {path} does not exist: a fastrsb checkpoint, or a timm model folder "
-                        "(config.json and its weights)")
+        raise UserError(f"initial_checkpoint {path} does not exist: a fastrsb checkpoint, a timm model folder "
+                        "(config.json and its weights), or a file of weights alone")
     if theirs != architecture:
         raise UserError(f"initial_checkpoint {path} holds {theirs} weights and the recipe trains {architecture}: "
                         f"--set model={theirs}, or another initial_checkpoint")
@@ -48,6 +48,40 @@ def load_initial_weights(model: nn.Module, source: str, architecture: str, class
     load_weights(model, {**{k: v for k, v in weights.items() if k not in head}, **{k: own[k] for k in head}}, str(path))
     count = f"{len(their_classes)} classes" if their_classes is not None else "classes"
     return f"weights: from {origin}, with a new classifier (its {count} are not this run's {len(classes)})"
+
+
+def _from_file(path: Path, architecture: str) -> tuple[str, list[str] | None, dict, str]:
+    """(architecture, classes or None, weights, what the run card calls them) of a fastrsb
+    checkpoint, or of a file of weights alone, as timm's --initial-checkpoint takes one: a
+    .safetensors file, or torch.save's of a state dict (bare, or under "state_dict" or "model",
+    with timm's "arch" where it says one; "module." prefixes of a DDP model dropped). Weights alone
+    name no architecture but perhaps "arch": they are taken as the recipe's model's, which they
+    must fit key for key and shape for shape."""
+    if path.suffix != ".safetensors":
+        try:
+            state = load_checkpoint(path)
+            return state["recipe"]["model"], state["classes"], state["model"], f"{path} (epoch {state.get('epoch')})"
+        except UserError as err:
+            found = _weights_alone(path)
+            if found is None:
+                raise UserError(f"initial_checkpoint: {err}, nor a state dict of weights alone") from None
+            weights, arch = found
+            return arch or architecture, None, weights, f"{path} (weights alone)"
+    return architecture, None, read_weights_file(path), f"{path} (weights alone)"
+
+
+def _weights_alone(path: Path) -> tuple[dict, str | None] | None:
+    """(weights by name, timm's "arch" or None) of a torch.save'd state dict, or None where the
+    file holds none (never running code from it: weights_only)."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # noqa: BLE001 - load_checkpoint has said why it cannot be read
+        return None
+    arch = state.get("arch") if isinstance(state, dict) and isinstance(state.get("arch"), str) else None
+    for weights in (state, *(state.get(key) for key in ("state_dict", "model") if isinstance(state, dict))):
+        if isinstance(weights, dict) and weights and all(isinstance(v, torch.Tensor) for v in weights.values()):
+            return {k.removeprefix("module."): v for k, v in weights.items()}, arch
+    return None
 
 
 def _classifier_keys(model: nn.Module) -> set[str]:

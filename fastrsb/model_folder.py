@@ -95,6 +95,11 @@ def read_weights(folder: Path) -> dict:
     path = next((folder / name for name in WEIGHT_FILES if (folder / name).is_file()), None)
     if path is None:
         raise UserError(f"{folder} holds no weights: neither {' nor '.join(WEIGHT_FILES)}")
+    return read_weights_file(path)
+
+
+def read_weights_file(path: Path) -> dict:
+    """A model's weights by name from a .safetensors file or torch.save's of a state dict."""
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file

@@ -46,12 +46,23 @@ def timm_train_args(recipe: dict, gpus: int) -> list[str]:
     if r["amp"]:
         args += ["--amp", "--amp-dtype", "bfloat16"]  # fastrsb's on GPUs with bf16; timm's default is float16
     args.append("--channels-last")
-    if r["initial_checkpoint"]:  # timm reads a weights file: a model folder's, or `fastrsb export`'s of a checkpoint
-        folder = r["initial_checkpoint"] if not r["initial_checkpoint"].endswith(".pt") else "EXPORTED_FOLDER"
-        args += ["--initial-checkpoint", f"{folder.rstrip('/')}/model.safetensors"]
+    if r["initial_checkpoint"]:
+        args += ["--initial-checkpoint", _timm_weights_file(r["initial_checkpoint"])]
     if r["compile"]:
         args.append("--torchcompile")
     return args + ["--seed", str(r["seed"])]
+
+
+WEIGHTS_ALONE = (".safetensors", ".pth", ".pth.tar", ".bin")  # what a file of weights alone is named
+
+
+def _timm_weights_file(source: str) -> str:
+    """What timm's --initial-checkpoint reads for fastrsb's initial_checkpoint: a file of weights
+    alone as it is, a model folder's weights, or for a fastrsb checkpoint (.pt) `fastrsb export`'s."""
+    if source.endswith(WEIGHTS_ALONE):
+        return source
+    folder = "EXPORTED_FOLDER" if source.endswith(".pt") else source.rstrip("/")
+    return f"{folder}/model.safetensors"
 
 
 def timm_commands(recipe: dict, gpus: int, data: str = "/data/imagenet") -> str:

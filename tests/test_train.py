@@ -326,6 +326,43 @@ def test_initial_checkpoint_from_a_model_folder_on_other_classes_starts_the_clas
         assert f"weights: from model folder {folder}, {said}" in proc.stdout
 
 
+def test_initial_checkpoint_from_weights_alone(run, tiny_data, tmp_path):
+    """timm's --initial-checkpoint takes a file of weights alone, and so does fastrsb's (it took a
+    checkpoint or a model folder only): a bare state dict (torch.save), timm's layout ("state_dict"
+    and "arch", with a DDP model's "module." prefixes) and a .safetensors file. With the LR at 0
+    each run's weights end as they began; an "arch" other than the recipe's model, and weights
+    that do not fit it, are named; the timm command passes such a file as it is."""
+    from safetensors.torch import save_file
+    from fastrsb.model import make_model
+    out, _ = run
+    started = load_checkpoint(out / "last.pt")["model"]
+    files = {"bare.pth": started, "timm.pth.tar": {"state_dict": {f"module.{k}": v for k, v in started.items()},
+                                                   "arch": "resnet10t", "epoch": 7}}
+    for name, content in files.items():
+        torch.save(content, tmp_path / name)
+    save_file({k: v.contiguous() for k, v in started.items()}, tmp_path / "w.safetensors")
+    names = {name for name, _ in make_model("resnet10t", 4).named_parameters()}
+    for name in (*files, "w.safetensors"):
+        proc = run_cli("train", "tiny", "--data", tiny_data, "--out", tmp_path / f"ft-{name}", "--device", "cpu",
+                       "--set", f"initial_checkpoint={tmp_path / name}", *ZERO_LR, "--stop-after-steps", "2")
+        assert f"weights: from {tmp_path / name} (weights alone), its classifier included" in proc.stdout
+        trained = load_checkpoint(tmp_path / f"ft-{name}" / "last.pt")["model"]
+        assert _weights_equal(_parameters(trained, names), _parameters(started, names)), name
+    common = ["train", "tiny", "--data", tiny_data, "--device", "cpu"]
+    torch.save({"state_dict": started, "arch": "resnet18"}, tmp_path / "r18.pth")
+    assert_user_error(run_cli(*common, "--out", tmp_path / "a", "--set", f"initial_checkpoint={tmp_path / 'r18.pth'}",
+                              check=False), "holds resnet18 weights and the recipe trains resnet10t")
+    first = next(iter(started))  # a weight of the body (without the classifier's, it starts anew)
+    torch.save({k: v for k, v in started.items() if k != first}, tmp_path / "short.pth")
+    assert_user_error(run_cli(*common, "--out", tmp_path / "b", "--set", f"initial_checkpoint={tmp_path / 'short.pth'}",
+                              check=False), f"short.pth does not fit the model: 1 missing key(s), e.g. {first}")
+    torch.save([1, 2], tmp_path / "list.pth")
+    assert_user_error(run_cli(*common, "--out", tmp_path / "c", "--set", f"initial_checkpoint={tmp_path / 'list.pth'}",
+                              check=False), "nor a state dict of weights alone")
+    assert f"--initial-checkpoint {tmp_path / 'bare.pth'} " in run_cli(
+        "recipe", "tiny", "--timm", "--set", f"initial_checkpoint={tmp_path / 'bare.pth'}").stdout
+
+
 def test_initial_checkpoint_that_cannot_start_the_run(run, tiny_data, tmp_path):
     out, _ = run
     common = ["train", "tiny", "--data", tiny_data, "--device", "cpu"]
