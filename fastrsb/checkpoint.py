@@ -71,7 +71,10 @@ def load_checkpoint(path: str | Path) -> dict:
     if not isinstance(state, dict) or "model" not in state or "recipe" not in state:
         found = (f"its entries: {', '.join(map(str, list(state)[:6]))}" if isinstance(state, dict)
                  else f"a {type(state).__name__}")
-        raise UserError(f"{path} is not a fastrsb checkpoint (no 'model'/'recipe' entries; {found})")
+        alone = isinstance(state, dict) and state and all(isinstance(v, torch.Tensor) for v in state.values())
+        hint = ("; weights alone name no model or classes (eval also reads a timm model folder: them beside a "
+                "config.json); a run starts from them with --set initial_checkpoint" if alone else "")
+        raise UserError(f"{path} is not a fastrsb checkpoint (no 'model'/'recipe' entries; {found}){hint}")
     return state
 
 

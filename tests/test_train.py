@@ -126,6 +126,10 @@ def test_checkpoint_that_does_not_fit(run, tiny_data, tmp_path):
     assert_user_error(run_cli("eval", tmp_path / "junk.pt", "--data", tiny_data, check=False), "junk.pt")
     torch.save({"weights": 1}, tmp_path / "plain.pt")
     assert_user_error(run_cli("eval", tmp_path / "plain.pt", "--data", tiny_data, check=False), "not a fastrsb checkpoint")
+    assert "weights alone" not in run_cli("eval", tmp_path / "plain.pt", "--data", tiny_data, check=False).stderr
+    torch.save(state["model"], tmp_path / "alone.pth")  # a state dict: what eval cannot read, and what can
+    assert_user_error(run_cli("eval", tmp_path / "alone.pth", "--data", tiny_data, check=False),
+                      "weights alone name no model or classes", "--set initial_checkpoint")
     assert_user_error(run_cli("eval", out, "--data", tiny_data, check=False), "is a folder", "last.pt")
 
 
