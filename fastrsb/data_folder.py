@@ -257,7 +257,8 @@ def explain_loader_error(err: RuntimeError, images: ImageList) -> UserError:
         hint = ("; `fastrsb doctor` checks the driver against the CUDA that torch and DALI were built for"
                 if re.search(r"driver|insufficient|no cuda-capable|nvml", text, re.IGNORECASE) else "")
         return UserError(f"data pipeline failed: {lines[-1] if lines else type(err).__name__}{hint}")
-    bad = find_undecodable(images.files)
+    # An image over PIL's limit is no decode failure of DALI's: not the one to blame here.
+    bad = [(path, reason) for path, reason in find_undecodable(images.files) if OVER_PILS_LIMIT not in reason]
     if not bad:
         return UserError("the data pipeline could not decode an image, and a CPU re-check of every file found none "
                          f"broken; DALI said: {' '.join(text.split())[:300]}")

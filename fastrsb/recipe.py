@@ -182,9 +182,8 @@ def _check_values(r: dict[str, Any]) -> None:
     for key in ("crop_pct", "mixup_prob", "mixup_switch_prob"):
         if not 0 < r[key] <= 1 and not (key != "crop_pct" and r[key] == 0):
             raise UserError(f"recipe: '{key}' must lie in (0, 1], not {r[key]}")
-    # Shares of 1 that reach it only where the run would learn nothing: a drop path of 1 drops every
-    # block, label smoothing of 1 leaves uniform targets, a BCE threshold of 1 none, a beta of 1 a
-    # bias correction of 0; and an EMA decay of 1 never moves.
+    # Shares below 1: at 1 a drop path drops every block, label smoothing leaves uniform targets, a
+    # BCE threshold binarizes no target, a beta makes a bias correction of 0, an EMA never moves.
     for key, value in (("model_ema_decay", r["model_ema_decay"]), ("drop_path", r["drop_path"]),
                        ("smoothing", r["smoothing"]), ("bce_target_thresh", r["bce_target_thresh"]),
                        ("opt_betas", r["opt_betas"][0]), ("opt_betas", r["opt_betas"][1])):

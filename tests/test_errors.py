@@ -245,6 +245,24 @@ def test_a_loader_error_names_a_file_whose_name_has_spaces_and_quotes(tmp_path):
     assert said.startswith(f"cannot decode {odd} (DALI: Error in thread 0: Failed to decode sample #1): remove")
 
 
+def test_a_loader_error_naming_no_file_blames_no_image_dali_reads(tmp_path):
+    """Where DALI's message names no file, the files are decoded again on the CPU to find it; an
+    image over PIL's decompression-bomb limit, which DALI decodes, is not the one named (the
+    message said "cannot decode" of it)."""
+    from PIL import Image
+    from fastrsb.data_folder import explain_loader_error
+    from fastrsb.pipelines import ImageList
+    huge, broken = tmp_path / "huge.JPEG", tmp_path / "broken.JPEG"
+    Image.new("L", (13_400, 13_400), 90).save(huge, quality=10)
+    Image.new("RGB", (64, 64), (9, 9, 9)).save(broken)
+    broken.write_bytes(broken.read_bytes()[:200])
+    err = RuntimeError("Error in thread 0: Failed to decode sample #1\nCurrent pipeline object is no longer valid.")
+    said = str(explain_loader_error(err, ImageList([str(huge), str(broken)], [0, 0], ["c"])))
+    assert said.startswith(f"cannot decode {broken} (") and str(huge) not in said
+    said = str(explain_loader_error(err, ImageList([str(huge)], [0], ["c"])))
+    assert said.startswith("the data pipeline could not decode an image, and a CPU re-check of every file found none")
+
+
 def test_an_error_line_is_written_at_once(monkeypatch):
     """Text and newline in one write: a C++ warning that torch writes to stderr from another thread
     (a lost store's "sendBytes failed") can then not land on the error's line."""
