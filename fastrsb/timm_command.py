@@ -10,6 +10,7 @@ where there is no RandAugment, float16 AMP)."""
 from __future__ import annotations
 
 import shlex
+from pathlib import Path
 
 from fastrsb.errors import UserError
 
@@ -61,8 +62,12 @@ def _timm_weights_file(source: str) -> str:
     alone as it is, a model folder's weights, or for a fastrsb checkpoint (.pt) `fastrsb export`'s."""
     if source.endswith(WEIGHTS_ALONE):
         return source
-    folder = "EXPORTED_FOLDER" if source.endswith(".pt") else source.rstrip("/")
-    return f"{folder}/model.safetensors"
+    if source.endswith(".pt"):
+        return "EXPORTED_FOLDER/model.safetensors"
+    from fastrsb.model_folder import WEIGHT_FILES
+    folder = Path(source)  # the file the folder holds, read in the order fastrsb's eval reads them
+    held = next((name for name in WEIGHT_FILES if (folder / name).is_file()), WEIGHT_FILES[0])
+    return f"{source.rstrip('/')}/{held}"
 
 
 def timm_commands(recipe: dict, gpus: int, data: str = "/data/imagenet") -> str:

@@ -244,6 +244,9 @@ def test_eval_of_a_model_folder_equals_the_checkpoints(run, tiny_data, tmp_path)
         "(ImageNet's wnids in that order are timm's class indices)"]
     assert proc.stdout.splitlines()[2] == (f"top1 {at_32['top1']:.2f} top5 {at_32['top5']:.2f} over 20 images "
                                            "at 32 px, crop 0.875")  # timm's test size and crop for the weights
+    for source, named in ((hub, hub / "pytorch_model.bin"), (folder, folder / "model.safetensors")):
+        assert f"--initial-checkpoint {named} " in run_cli(  # the file the folder holds, for timm's train.py
+            "recipe", "tiny", "--timm", "--set", f"initial_checkpoint={source}").stdout
 
 
 def test_eval_refuses_a_model_folder_it_cannot_evaluate_as_its_config_says(run, tiny_data, tmp_path):
