@@ -11,7 +11,7 @@ from typing import Iterator, Sequence
 import torch
 
 from fastrsb.checkpoint import load_checkpoint, load_weights
-from fastrsb.data_folder import open_split
+from fastrsb.data_folder import no_folder, open_split
 from fastrsb.device import amp_dtype, resolve_device
 from fastrsb.errors import UserError
 from fastrsb.model import make_model
@@ -76,7 +76,7 @@ def _validation_images(data: Path, classes: list[str] | None):
     """DATA/val, or DATA itself where it is a class folder tree; its classes must be the weights'
     (by name; by number where the weights name none)."""
     if not data.is_dir():
-        raise UserError(f"data folder {data} does not exist")
+        raise UserError(no_folder(data))
     images = open_split(data, "val") if (data / "val").is_dir() else open_split(data.parent, data.name)
     if classes is None:
         return images

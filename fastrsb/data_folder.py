@@ -31,10 +31,17 @@ def open_split(root: Path, split: str) -> ImageList:
         raise UserError(f"{err}{hint(root)}") from None
 
 
+def no_folder(root: Path) -> str:
+    """Why `root`, which is no folder, cannot be read as one."""
+    if root.exists():
+        return f"data folder {root} is a file, not a folder"
+    return f"data folder {root} does not exist"
+
+
 def check_layout(root: Path) -> None:
     """The folder and its train/ and val/ exist: checked in microseconds, before torch is imported."""
     if not root.is_dir():
-        raise UserError(f"data folder {root} does not exist (expected {LAYOUT.replace('DIR', str(root))})")
+        raise UserError(f"{no_folder(root)} (expected {LAYOUT.replace('DIR', str(root))})")
     for split in ("train", "val"):
         if not (root / split).is_dir():
             raise UserError(f"{root} has no '{split}' folder (expected {root}/{split}/<class>/<image>.JPEG){hint(root)}")
@@ -294,7 +301,7 @@ def check(root: str | Path, workers: int | None = None, decode: bool = True) -> 
     loaders skip (files without an image extension, images outside class folders). Prints a summary."""
     root = Path(root)
     if not root.is_dir():
-        raise UserError(f"data folder {root} does not exist")
+        raise UserError(no_folder(root))
     problems, notes, splits, files = [], [], {}, []
     for split in ("train", "val"):
         if not (root / split).is_dir():

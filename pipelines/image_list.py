@@ -93,11 +93,16 @@ def walk_class(folder: Path) -> tuple[list[str], list[str]]:
 
 def _read_file_list(path: Path) -> ImageList:
     files, labels = [], []
-    for number, line in enumerate(path.read_text().splitlines(), 1):
+    try:
+        text = path.read_text()
+    except UnicodeDecodeError:
+        raise DatasetError(f"{path} is not a file list (text lines 'relative/path label'): a loader reads a folder "
+                           "of class folders or such a list") from None
+    for number, line in enumerate(text.splitlines(), 1):
         if not line.strip() or line.lstrip().startswith("#"):
             continue
         parts = line.rsplit(maxsplit=1)
-        if len(parts) != 2 or not parts[1].lstrip("-").isdigit() or int(parts[1]) < 0:
+        if len(parts) != 2 or not parts[1].isdecimal():  # not isdigit: "²" is a digit int() refuses
             raise DatasetError(f"{path}:{number}: expected 'relative/path label', got {line!r}")
         file = path.parent / parts[0]
         if not file.is_file():

@@ -45,6 +45,9 @@ def test_check_lists_every_problem_at_once(tiny_data, tmp_path):
     assert f"note: train/{classes[2]}: 1 file(s) without an image extension, skipped by the loaders" in out
     assert "notes.txt" in out
     assert_user_error(run_cli("data", "check", tmp_path / "nothing", check=False), "does not exist")
+    (tmp_path / "val.txt").write_text("val/a.JPEG 0\n")
+    assert_user_error(run_cli("data", "check", tmp_path / "val.txt", check=False), "val.txt is a file, not a folder")
+    assert_user_error(run_cli("train", "tiny", "--data", tmp_path / "val.txt", check=False), "is a file, not a folder")
 
 
 def copy_with_a_linked_folder(tiny_data, tmp_path):

@@ -461,9 +461,13 @@ def test_file_list(tmp_path, tiny_data):
     (tmp_path / "val.txt").write_text("# comment\n" + "\n".join(lines) + "\n")
     from_list = list_images(tmp_path / "val.txt")
     assert from_list.files == listing.files and from_list.labels == listing.labels
-    (tmp_path / "bad.txt").write_text("some/file.JPEG notalabel\n")
-    with pytest.raises(DatasetError, match="bad.txt:1"):
-        list_images(tmp_path / "bad.txt")
+    for label in ("notalabel", "-1", "\u00b2"):  # "²" passes str.isdigit, not int()
+        (tmp_path / "bad.txt").write_text(f"some/file.JPEG {label}\n")
+        with pytest.raises(DatasetError, match="bad.txt:1: expected 'relative/path label'"):
+            list_images(tmp_path / "bad.txt")
+    # An image where a list or folder belongs (a binary file read as a list): named, not a UnicodeDecodeError.
+    with pytest.raises(DatasetError, match="is not a file list"):
+        train_loader(listing.files[0], batch_size=2, img_size=32, device="cpu")
 
 
 @pytest.mark.gpu
