@@ -7,6 +7,7 @@ same device.
 from __future__ import annotations
 
 import collections
+import contextlib
 import numbers
 import os
 from typing import Callable, Iterator
@@ -88,8 +89,9 @@ class DaliLoader:
         policy = LastBatchPolicy.FILL if self.train else LastBatchPolicy.PARTIAL
         pipes = self._build(state["dali"] if state else None)
         outputs = ["images", "labels"] + (["draws"] if self._augment else [])
-        self._iterators = [DALIGenericIterator(pipe, outputs, reader_name=READER_NAME,
-                                               last_batch_policy=policy, auto_reset=True) for pipe in pipes]
+        with _undecodable_named():  # the iterators read their first batches
+            self._iterators = [DALIGenericIterator(pipe, outputs, reader_name=READER_NAME,
+                                                   last_batch_policy=policy, auto_reset=True) for pipe in pipes]
         if not self.train:
             self._steps = len(self._iterators[0])
             return
@@ -149,7 +151,9 @@ class DaliLoader:
         return self._steps
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        return self._train_batches() if self.train else self._val_batches()
+        batches = self._train_batches() if self.train else self._val_batches()
+        with _undecodable_named():
+            yield from batches
 
     def _val_batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         if self._val_pass_open:
@@ -298,6 +302,23 @@ class _OwnStream:
         consumer.wait_stream(self._stream)
         images.record_stream(consumer)
         return batch, images, labels
+
+
+@contextlib.contextmanager
+def _undecodable_named():
+    """A file the decoders cannot read fails the pipeline with a message that may not name it
+    (DALI 2.4 on a text file under an image name: "nvImageCodec failure: '#4'"): say how to find
+    it. Other errors pass as they are."""
+    try:
+        yield
+    except RuntimeError as err:
+        text = str(err)
+        if "decod" not in text.lower() and "nvimagecodec" not in text.lower():
+            raise
+        raise RuntimeError(f"{text}\nAn image could not be decoded (DALI's message may not name it): "
+                           "`fastrsb data check DIR` names every such file of a data folder, and "
+                           "fastrsb.data_folder.find_undecodable(list_images(root).files) those of any root a "
+                           "loader reads") from err
 
 
 def _next_batch(iterator: DALIGenericIterator) -> dict:

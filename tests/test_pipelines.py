@@ -470,6 +470,23 @@ def test_file_list(tmp_path, tiny_data):
         train_loader(listing.files[0], batch_size=2, img_size=32, device="cpu")
 
 
+def test_a_file_that_does_not_decode_is_said_how_to_find(tmp_path, tiny_data):
+    """DALI 2.4 fails on a text file under an image name without naming it: the loader's error says
+    how to find it, and the way it names works."""
+    from fastrsb.data_folder import find_undecodable
+    listing = list_images(tiny_data / "val")
+    (tmp_path / "notes.JPEG").write_text("not an image")
+    lines = [f"{path} {label}" for path, label in zip(listing.files, listing.labels)]
+    (tmp_path / "val.txt").write_text("\n".join(lines[:7] + [f"notes.JPEG {listing.labels[7]}"] + lines[8:]) + "\n")
+    for make in (lambda: train_loader(tmp_path / "val.txt", batch_size=4, img_size=32, device="cpu"),
+                 lambda: val_loader(tmp_path / "val.txt", batch_size=4, img_size=32, crop_pct=1.0, device="cpu")):
+        with pytest.raises(RuntimeError, match=r"could not be decoded.*find_undecodable\(list_images\(root\).files\)"):
+            for _ in make():
+                pass
+    found = find_undecodable(list_images(tmp_path / "val.txt").files)
+    assert [path for path, _ in found] == [str(tmp_path / "notes.JPEG")]
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU")
 def test_gpu_loaders(tiny_data):
