@@ -358,10 +358,10 @@ def test_gradient_accumulation(tiny_data, tmp_path):
     assert proc.returncode == 2 and "does not split" in proc.stderr
 
 
-def _torchrun(*args, check=True):
+def _torchrun(*args, check=True, env=None):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            "-m", "fastrsb", "train", "tiny", "--device", "cpu", "--threads", "1", *map(str, args)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
     if check and proc.returncode:
         raise AssertionError(f"torchrun failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
     return proc
@@ -369,8 +369,12 @@ def _torchrun(*args, check=True):
 
 @pytest.fixture(scope="module")
 def distributed_run(tiny_data, tmp_path_factory):
-    out = tmp_path_factory.mktemp("ddp")
-    return out, _torchrun("--data", tiny_data, "--out", out, "--log-every", "2")
+    out, temp = tmp_path_factory.mktemp("ddp"), tmp_path_factory.mktemp("ddp_temp")
+    proc = _torchrun("--data", tiny_data, "--out", out, "--log-every", "2", env={**os.environ, "TMPDIR": str(temp)})
+    # Each rank ends with os._exit (fastrsb/__main__.py), its atexit handlers run first: DALI's
+    # autograph removes the file it wrote for each pipeline with conditionals.
+    assert not list(temp.glob("__autograph_generated_file*")), "the ranks left DALI's autograph files behind"
+    return out, proc
 
 
 def test_two_processes_train_in_step_and_count_every_image_once(distributed_run):
