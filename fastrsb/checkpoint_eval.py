@@ -38,7 +38,11 @@ def evaluate_checkpoint_at(checkpoint: str | Path, data: str | Path, img_sizes: 
     for size, crop in pairs:
         loader = open_val_loader({"test_img_size": size, "crop_pct": crop}, images, batch_size, device,
                                  num_threads=num_threads)
-        figures = evaluate(model, loader, device, amp_dtype(device, weights.amp))
+        try:
+            figures = evaluate(model, loader, device, amp_dtype(device, weights.amp))
+        except torch.cuda.OutOfMemoryError:
+            raise UserError(f"a batch of {batch_size} images at {size} px takes more memory than the GPU has: "
+                            f"--batch-size {max(1, batch_size // 2)} or fewer") from None
         del loader  # its pipeline's memory goes before the next size's is taken
         yield {"checkpoint": str(checkpoint), "epoch": weights.epoch, "img_size": size, "crop_pct": crop,
                "ema": ema, **figures, **({"notes": weights.notes} if weights.notes else {})}

@@ -215,6 +215,19 @@ def test_export_replaces_nothing_unasked_and_takes_the_ema(run, tmp_path, monkey
     assert "label_descriptions" not in json.loads((folder / "config.json").read_text())  # not ImageNet's classes
 
 
+def test_eval_that_runs_out_of_gpu_memory_says_what_fits(run, tiny_data, monkeypatch):
+    """A GPU's out-of-memory error (raised by the forward, as torch raises it; no GPU here) becomes
+    the batch size to try."""
+    out, _ = run
+    import fastrsb.checkpoint_eval
+
+    def out_of_memory(*args):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+    monkeypatch.setattr(fastrsb.checkpoint_eval, "evaluate", out_of_memory)
+    assert_user_error(run_cli("eval", out / "last.pt", "--data", tiny_data, "--img-size", "2000", check=False),
+                      "a batch of 128 images at 2000 px takes more memory than the GPU has: --batch-size 64 or fewer")
+
+
 def test_eval_of_a_model_folder_equals_the_checkpoints(run, tiny_data, tmp_path):
     """`fastrsb eval FOLDER`: an exported folder gives the checkpoint's figures to the last digit,
     at the size and crop its config says; so does a folder as timm's hub models come (no class
