@@ -42,16 +42,17 @@ def choose_micro(per_process: int, even: bool, fits: Callable[[int], bool]) -> i
         else:
             low = middle + 1
     if best is None:
-        raise UserError(f"not even a micro-batch of {options[-1]} images fits on this GPU with {1 - HEADROOM:.0%} "
-                        "headroom: a smaller model or img_size, or more GPUs")
+        where, remedy = getattr(fits, "where", ("on this GPU", "more GPUs"))  # cpu_fits says its own
+        raise UserError(f"not even a micro-batch of {options[-1]} images fits {where} with {1 - HEADROOM:.0%} "
+                        f"headroom: a smaller model or img_size, or {remedy}")
     return best
 
 
 def plan(recipe: dict, world: int, grad_accum: str | int, micro_batch: int | None,
          fits: Callable[[int], bool] | None) -> tuple[int, int]:
     """(accumulation steps, micro-batch per process). grad_accum: an int, or "auto": from
-    micro_batch if given, else the largest micro-batch `fits` allows (GPU), else the whole
-    per-process batch in one step (CPU)."""
+    micro_batch if given, else the largest micro-batch `fits` allows (gpu_fits, cpu_fits), else
+    the whole per-process batch in one step."""
     per_process = per_process_batch(recipe["batch_size"], world)
     if micro_batch is not None and micro_batch < 1:
         raise UserError(f"--micro-batch {micro_batch}: a micro-batch holds one image or more")
@@ -103,3 +104,70 @@ def gpu_fits(model: torch.nn.Module, img_size: int, dtype: torch.dtype | None, n
             torch.cuda.empty_cache()
         return ok
     return fits
+
+
+def cpu_fits(model: torch.nn.Module, img_size: int, processes: int = 1,
+             available: int | None = None) -> Callable[[int], bool]:
+    """fits(micro) on the CPU, where a step that runs out of memory is killed by the kernel without
+    a word: does what a step adds to what the process holds now stay under HEADROOM of the memory
+    the machine (or its cgroup) has left, shared by this machine's `processes`? What it adds: the
+    tensors the forward keeps for the backward, measured (a fixed part and a part per image, from
+    forwards of 2 and 4 images), and the gradients and LAMB's two moments (3 x the weights). The
+    model's weights, BatchNorm statistics and the random stream are left as they were.
+    available: bytes (default: memory_available())."""
+    available = memory_available() if available is None else available
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    at_2, at_4 = saved_for_backward(model, 2, img_size), saved_for_backward(model, 4, img_size)
+    per_image = (at_4 - at_2) / 2
+    fixed = 3 * weights + at_2 - 2 * per_image
+
+    def fits(micro: int) -> bool:
+        return available is None or fixed + per_image * micro < HEADROOM * available / processes
+    shared = f" to {processes} processes" if processes > 1 else ""
+    fits.where = (f"in the {(available or 0) / 2**30:.1f} GiB of memory left{shared}",
+                  "fewer processes" if processes > 1 else "a machine with more memory")
+    return fits
+
+
+def saved_for_backward(model: torch.nn.Module, images: int, img_size: int) -> int:
+    """Bytes of the tensors a training forward of `images` images keeps for its backward (each
+    storage once; the weights, which are held anyway, left out). The model's state and the random
+    stream are restored."""
+    held = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
+    saved: dict[int, int] = {}
+
+    def keep(tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in held:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return tensor
+    state, rng = {k: v.clone() for k, v in model.state_dict().items()}, torch.get_rng_state()
+    try:
+        x = torch.randn(images, 3, img_size, img_size).contiguous(memory_format=torch.channels_last)
+        with torch.autograd.graph.saved_tensors_hooks(keep, lambda tensor: tensor):
+            model(x)
+    finally:
+        model.load_state_dict(state)
+        torch.set_rng_state(rng)
+    return sum(saved.values())
+
+
+def memory_available() -> int | None:
+    """Bytes this process can still take: /proc/meminfo's MemAvailable, or what the cgroup's limit
+    leaves where that is less (a container, a SLURM job). None where neither can be read."""
+    figures = []
+    try:
+        with open("/proc/meminfo") as f:
+            figures += [int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:")]
+    except OSError:
+        pass
+    for limit, usage in (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),  # cgroup v2, v1
+                         ("/sys/fs/cgroup/memory/memory.limit_in_bytes", "/sys/fs/cgroup/memory/memory.usage_in_bytes")):
+        try:
+            with open(limit) as f, open(usage) as g:
+                text = f.read().strip()
+                if text != "max" and int(text) < 2**60:  # v1 says "no limit" with a number near 2**63
+                    figures.append(max(int(text) - int(g.read()), 0))
+        except (OSError, ValueError):
+            pass
+    return min(figures) if figures else None

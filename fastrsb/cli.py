@@ -407,8 +407,9 @@ def _add_train_command(sub) -> None:
                    help="continue: 'auto' takes --out's last.pt (starts fresh if there is none); exactly on the "
                         "number of processes that wrote it, else with a fresh data order (said at start-up)")
     p.add_argument("--grad-accum-steps", type=_accumulation, default="auto", metavar="auto|K",
-                   help="micro-batches per optimizer step and process; auto (default): from --micro-batch, or on a "
-                        "GPU the largest micro-batch that fits, so the recipe's global batch holds on any GPU count")
+                   help="micro-batches per optimizer step and process; auto (default): from --micro-batch, or the "
+                        "largest micro-batch that fits the GPU (the CPU: its memory), so the recipe's global batch "
+                        "holds on any GPU count")
     p.add_argument("--micro-batch", type=count_option, default=None, metavar="N",
                    help="images per process and micro-batch (with --grad-accum-steps auto)")
     p.add_argument("--deterministic", action="store_true",

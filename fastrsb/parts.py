@@ -4,13 +4,14 @@ here, so what is measured is what is trained."""
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch import nn
 
-from fastrsb.accumulation import gpu_fits, per_process_batch, plan
+from fastrsb.accumulation import cpu_fits, gpu_fits, per_process_batch, plan
 from fastrsb.data_folder import explain_loader_error
 from fastrsb.device import amp_dtype, gib_outside_torch
 from fastrsb.distributed import Dist, smallest, stop_together
@@ -222,8 +223,10 @@ def build_run(recipe: dict, train_images: ImageList, val_images: ImageList, devi
     fits = None
     if device == "cuda" and grad_accum == "auto" and micro_batch is None:
         fits = gpu_fits(training.model, recipe["img_size"], training.dtype, len(train_images.classes))
+    elif grad_accum == "auto" and micro_batch is None:  # the CPU: a step too large is killed without a word
+        fits = cpu_fits(training.model, recipe["img_size"], int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
     steps, micro = plan(recipe, d.world, grad_accum, micro_batch, fits)
-    if fits is not None:  # each rank probed its own GPU: all take the smallest, or their collectives part ways
+    if fits is not None:  # each rank probed its own memory: all take the smallest, or their collectives part ways
         micro = smallest(micro, d)  # a divisor of the per-process batch too (every candidate is)
         steps = recipe["batch_size"] // d.world // micro
     check_micro_batch(recipe, d.world, steps, micro)

@@ -1,9 +1,11 @@
 """The recipe's global batch on any number of processes: --grad-accum-steps auto, --micro-batch,
-the GPU probe's search, and the run card."""
+the GPU probe's search, the CPU's memory estimate, and the run card."""
 import pytest
+import torch
 
 from conftest import assert_user_error, run_cli
-from fastrsb.accumulation import candidates, choose_micro, plan
+import fastrsb.accumulation
+from fastrsb.accumulation import HEADROOM, candidates, choose_micro, cpu_fits, plan, saved_for_backward
 from fastrsb.errors import UserError
 
 A3 = {"batch_size": 2048, "mixup": 0.1, "cutmix": 1.0}
@@ -77,3 +79,36 @@ def test_a_train_set_smaller_than_one_step_is_refused(tiny_data, tmp_path, split
     assert_user_error(proc, "the 48 train images (48 a process over 1) do not fill one optimizer step of "
                             "batch_size 64 (64 images a process)", "--set batch_size")
     assert not (tmp_path / "last.pt").exists()
+
+
+def test_the_cpu_estimate_is_linear_in_the_images_and_leaves_the_model_as_it_was():
+    from fastrsb.model import make_model
+    model = make_model("resnet10t", 4).to(memory_format=torch.channels_last)
+    before, rng = {k: v.clone() for k, v in model.state_dict().items()}, torch.get_rng_state()
+    at = {n: saved_for_backward(model, n, 32) for n in (2, 4, 8)}
+    assert at[8] - at[4] == 2 * (at[4] - at[2]) > 0  # a part per image and a fixed part
+    # Per image at least the input and the first convolution's output, 32 channels at 16 x 16 in float32.
+    assert at[4] - at[2] > 2 * 4 * (3 * 32 * 32 + 32 * 16 * 16)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())  # BatchNorm statistics too
+    assert torch.equal(torch.get_rng_state(), rng)
+    weights = sum(p.numel() * 4 for p in model.parameters())
+    need = 3 * weights + at[2] + 4 * (at[4] - at[2]) / 2  # 6 images, with gradients and LAMB's moments
+    fits = cpu_fits(model, 32, available=int(need / HEADROOM) + 1)
+    assert fits(6) and not fits(7)
+    assert not cpu_fits(model, 32, processes=2, available=int(need / HEADROOM) + 1)(6)  # two processes share it
+
+
+def test_a_batch_beyond_the_cpus_memory_is_split_not_killed(tiny_data, tmp_path, monkeypatch):
+    """On the CPU a step that runs out of memory is killed by the kernel without a word: with 6
+    images' worth of memory left, the tiny recipe's batch of 8 runs as 2 micro-batches of 4."""
+    from fastrsb.model import make_model
+    model = make_model("resnet10t", 4).to(memory_format=torch.channels_last)
+    at_2, at_4 = saved_for_backward(model, 2, 32), saved_for_backward(model, 4, 32)
+    need = 3 * sum(p.numel() * 4 for p in model.parameters()) + at_2 + 4 * (at_4 - at_2) / 2
+    monkeypatch.setattr(fastrsb.accumulation, "memory_available", lambda: int(need / HEADROOM))
+    common = ["train", "tiny", "--data", tiny_data, "--device", "cpu", "--stop-after-steps", "1"]
+    assert "batch 8 = 1 x 2 x 4" in run_cli(*common, "--out", tmp_path / "a").stdout
+    assert "batch 8 = 1 x 1 x 8" in run_cli(*common, "--out", tmp_path / "b", "--micro-batch", "8").stdout  # as asked
+    monkeypatch.setattr(fastrsb.accumulation, "memory_available", lambda: 2**20)
+    assert_user_error(run_cli(*common, "--out", tmp_path / "c", check=False),
+                      "not even a micro-batch of 2 images fits in the 0.0 GiB of memory left with 20% headroom")
