@@ -127,6 +127,11 @@ def record_start(out: Path, record: dict) -> None:
     if path.is_file() and not path.read_bytes().endswith(b"\n"):  # a line cut short by a kill: dropped
         rewrite_rows(path, earlier)
     append_rows(path, [record])
-    if record["resumed_at_step"] is not None and earlier and (changed := start_differences(earlier[-1], record, processes=False)):
+    if record["resumed_at_step"] is None or not earlier:
+        return
+    if changed := start_differences(earlier[-1], record, processes=False):
         print(f"note: resumed with another setup than its last start's ({'; '.join(changed)}): the run "
               "continues, but not necessarily bit for bit as it would have", flush=True)
+    elif earlier[-1]["data"]["path"] != record["data"]["path"]:
+        print(f"note: the data is read from {record['data']['path']} (the last start's: "
+              f"{earlier[-1]['data']['path']}): the same files as the same classes", flush=True)

@@ -10,6 +10,7 @@ stops the run, naming the rank.
 from __future__ import annotations
 
 import hashlib
+import os
 
 from fastrsb.distributed import Dist, agree, gather_to_main
 from fastrsb.errors import UserError
@@ -17,8 +18,12 @@ from fastrsb.errors import UserError
 
 def listing_fingerprint(files: list[str], labels: list[int]) -> str:
     """A short hash of a file listing and its labels, in order: equal on two machines exactly when
-    their loaders would read the same files as the same classes."""
-    return hashlib.sha1("\n".join(f"{f}\t{y}" for f, y in zip(files, labels)).encode()).hexdigest()[:16]
+    their loaders would read the same files as the same classes. The paths are taken below the
+    folder that holds them all: a copy of the data elsewhere (staged on a node's local disk, a job's
+    scratch folder) lists the same files, and its batches are the same."""
+    shared = os.path.commonprefix([min(files), max(files)]) if files else ""  # of them all: O(n), not commonpath's
+    cut = shared.rfind(os.sep) + 1  # the folder's name whole, its separator included
+    return hashlib.sha1("\n".join(f"{f[cut:]}\t{y}" for f, y in zip(files, labels)).encode()).hexdigest()[:16]
 
 
 def shard_report(listing: str, files: int, settings: dict, batches: int, micro: int, d: Dist) -> dict:

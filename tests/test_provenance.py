@@ -55,6 +55,26 @@ def test_every_start_is_recorded_with_its_command_software_and_data(tiny_data, t
     assert listings["train"] != listings["val"]
 
 
+def test_the_same_data_copied_elsewhere_is_the_same_setup(tiny_data, tmp_path):
+    """The data staged anew for a resumed job (a node's local disk, a job's scratch folder): the
+    same listing, and so the same batches; the resume says where the data is read from now, not
+    that the setup changed. A file taken out of the copy is another listing."""
+    out, copy = tmp_path / "run", tmp_path / "scratch" / "job2" / "tiny"
+    run_cli("train", "tiny", "--data", tiny_data, "--out", out, *TINY_RUN, "--stop-after-steps", "2")
+    shutil.copytree(tiny_data, copy)
+    resumed = run_cli("train", "tiny", "--data", copy, "--out", out, *TINY_RUN, "--stop-after-steps", "4",
+                      "--resume", "auto").stdout
+    assert "another setup" not in resumed
+    assert f"note: the data is read from {copy} (the last start's: {Path(tiny_data).resolve()}): the same" in resumed
+    first, second = read_starts(out)
+    assert first["data"]["listing"] == second["data"]["listing"] and first["data"]["path"] != second["data"]["path"]
+    train = open_dataset(copy)[0]
+    assert listing_fingerprint(train.files[1:], train.labels[1:]) != second["data"]["listing"]["train"]
+    moved = [f.replace(str(copy), str(tmp_path / "elsewhere")) for f in train.files]
+    assert listing_fingerprint(moved, train.labels) == second["data"]["listing"]["train"]
+    assert listing_fingerprint(train.files, [1 - y for y in train.labels]) != second["data"]["listing"]["train"]
+
+
 @pytest.mark.skipif(shutil.which("git") is None, reason="needs git")
 def test_the_commit_is_the_checkouts_and_none_elsewhere(tmp_path):
     """From this checkout: its HEAD (with "+changes" while code differs from it). A copy of the
