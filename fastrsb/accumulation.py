@@ -42,7 +42,7 @@ def choose_micro(per_process: int, even: bool, fits: Callable[[int], bool]) -> i
         else:
             low = middle + 1
     if best is None:
-        where, remedy = getattr(fits, "where", ("on this GPU", "more GPUs"))  # cpu_fits says its own
+        where, remedy = getattr(fits, "where", ("on this GPU", "more GPUs"))  # gpu_fits', cpu_fits' own
         raise UserError(f"not even a micro-batch of {options[-1]} images fits {where} with {1 - HEADROOM:.0%} "
                         f"headroom: a smaller model or img_size, or {remedy}")
     return best
@@ -103,6 +103,7 @@ def gpu_fits(model: torch.nn.Module, img_size: int, dtype: torch.dtype | None, n
             torch.cuda.set_rng_state(cuda_rng)
             torch.cuda.empty_cache()
         return ok
+    fits.where = ("on this GPU", "more GPUs")  # for the run card, and choose_micro's refusal
     return fits
 
 

@@ -208,6 +208,7 @@ class Run:
     micro: int  # images per process and micro-batch
     gib_outside_torch_before_loaders: float | None = None  # GPU: the CUDA context's and libraries' (device.py)
     loader_seed: int | None = None  # the train loaders' seed (run_state.loader_start), saved with checkpoints
+    split_for_memory: str | None = None  # where the batch did not fit whole: what the micro-batch fits ("on this GPU")
 
 
 def build_run(recipe: dict, train_images: ImageList, val_images: ImageList, device: str, d: Dist,
@@ -246,5 +247,6 @@ def build_run(recipe: dict, train_images: ImageList, val_images: ImageList, devi
     except UserError as err:
         error = err
     stop_together(error, d, "opening the data loaders")
+    split = getattr(fits, "where", ("on this GPU",))[0] if fits is not None and steps > 1 else None
     return Run(recipe, device, d, training, train_data, val_data, Schedule(len(train_data), steps, recipe),
-               train_images.classes, micro, before_loaders, loader_seed)
+               train_images.classes, micro, before_loaders, loader_seed, split)

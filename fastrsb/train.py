@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from fastrsb import __version__
+from fastrsb.accumulation import HEADROOM
 from fastrsb.data_folder import check_headers, describe_counts, loader_batches, open_dataset
 from fastrsb.determinism import batch_hash, deterministic_mode
 from fastrsb.device import autocast, gpu_memory_line, resolve_device, step_stream
@@ -361,6 +362,9 @@ def run_card(run: Run, pos: Position) -> list[str]:
     steps = run.schedule.grad_accum_steps
     card = [f"run card: global batch {r['batch_size']} = {run.d.world} process(es) x {steps} micro-batch(es) x "
             f"{run.micro} images, {run.schedule.steps_per_epoch} optimizer steps an epoch"]
+    if run.split_for_memory:
+        card.append(f"          micro-batches of {run.micro}: the largest that fits {run.split_for_memory} with "
+                    f"{1 - HEADROOM:.0%} headroom (--micro-batch to choose)")
     lr = f"LR {r['lr']:g} peak after {r['warmup_epochs']} warmup epoch(s) from {r['warmup_lr']:g}, cosine to {r['min_lr']:g}"
     if paper and paper["batch_size"] != r["batch_size"]:
         lr += (f": not rescaled for batch {r['batch_size']} (recipe {r['name']}: batch {paper['batch_size']}, "

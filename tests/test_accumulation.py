@@ -107,7 +107,10 @@ def test_a_batch_beyond_the_cpus_memory_is_split_not_killed(tiny_data, tmp_path,
     need = 3 * sum(p.numel() * 4 for p in model.parameters()) + at_2 + 4 * (at_4 - at_2) / 2
     monkeypatch.setattr(fastrsb.accumulation, "memory_available", lambda: int(need / HEADROOM))
     common = ["train", "tiny", "--data", tiny_data, "--device", "cpu", "--stop-after-steps", "1"]
-    assert "batch 8 = 1 x 2 x 4" in run_cli(*common, "--out", tmp_path / "a").stdout
+    split = run_cli(*common, "--out", tmp_path / "a").stdout
+    assert "batch 8 = 1 x 2 x 4" in split
+    assert (f"micro-batches of 4: the largest that fits in the {need / HEADROOM / 2**30:.1f} GiB of memory left with "
+            "20% headroom (--micro-batch to choose)") in split
     assert "batch 8 = 1 x 1 x 8" in run_cli(*common, "--out", tmp_path / "b", "--micro-batch", "8").stdout  # as asked
     monkeypatch.setattr(fastrsb.accumulation, "memory_available", lambda: 2**20)
     assert_user_error(run_cli(*common, "--out", tmp_path / "c", check=False),
