@@ -71,9 +71,10 @@ def plan(recipe: dict, world: int, grad_accum: str | int, micro_batch: int | Non
             raise UserError(f"--micro-batch {micro_batch} does not divide the {per_process} images per process "
                             f"(batch_size {recipe['batch_size']} / {world}): e.g. {options}")
         return per_process // micro_batch, micro_batch
-    if fits is None:
+    even = recipe["mixup"] > 0 or recipe["cutmix"] > 0  # mixing pairs the images of a micro-batch
+    if fits is None or not candidates(per_process, even):  # (an odd batch to mix: the run refuses it, saying why)
         return 1, per_process
-    micro = choose_micro(per_process, recipe["mixup"] > 0 or recipe["cutmix"] > 0, fits)
+    micro = choose_micro(per_process, even, fits)
     return per_process // micro, micro
 
 
