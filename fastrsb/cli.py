@@ -252,7 +252,7 @@ def cmd_data_check(args) -> None:
         print(f"  {problem}")
     if problems:
         raise UserError(f"{len(problems)} problem(s) in {args.dir} (listed above)")
-    print("ok: ready to train")
+    print("ok: the loaders read every image" if Path(args.dir).is_file() else "ok: ready to train")
 
 
 def cmd_data_prepare_val(args) -> None:
@@ -436,7 +436,7 @@ def _add_data_commands(sub) -> None:
     d.set_defaults(func=cmd_data_demo)
     d = data_sub.add_parser("check", help="list every problem of DIR/train and DIR/val: empty or differing "
                                           "classes, files that do not decode, files the loaders skip")
-    d.add_argument("dir")
+    d.add_argument("dir", help="the data folder, or a loader's file list (lines 'relative/path label')")
     d.add_argument("--workers", type=count_option, default=None, help="decoding processes (default: cores)")
     d.add_argument("--no-decode", action="store_true", help="only the folder structure (fast)")
     d.set_defaults(func=cmd_data_check)

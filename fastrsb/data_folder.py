@@ -298,8 +298,11 @@ def _split_listing(split: Path) -> dict[str, tuple[list[str], list[str]]]:
 
 def check(root: str | Path, workers: int | None = None, decode: bool = True) -> tuple[list[str], list[str]]:
     """Every problem of DIR/train and DIR/val that would stop or skew a run, and notes on what the
-    loaders skip (files without an image extension, images outside class folders). Prints a summary."""
+    loaders skip (files without an image extension, images outside class folders); or of the
+    images of a file list (`relative/path label` lines, as the loaders take one). Prints a summary."""
     root = Path(root)
+    if root.is_file():
+        return _check_file_list(root, workers, decode)
     if not root.is_dir():
         raise UserError(no_folder(root))
     problems, notes, splits, files = [], [], {}, []
@@ -333,6 +336,29 @@ def check(root: str | Path, workers: int | None = None, decode: bool = True) -> 
                         f"{len(only_val)} only in val {only_val[:5]}")
     if len(splits.get("train", {})) == 1:
         problems.append("train/ holds one class: a classifier needs two or more")
+    found, noted = _check_images(files, workers, decode)
+    counts = ", ".join(f"{sum(len(i) for i, _ in c.values()):,} {s} images in {len(c):,} classes"
+                       for s, c in splits.items())
+    print(f"{root}: {counts or 'no images'}; {len(problems) + len(found)} problem(s)")
+    return problems + found, notes + noted
+
+
+def _check_file_list(path: Path, workers: int | None, decode: bool) -> tuple[list[str], list[str]]:
+    """A loader's file list: its lines (the loaders' own reading of it), then its images."""
+    try:
+        images = list_images(path)
+    except DatasetError as err:
+        print(f"{path}: a file list that the loaders refuse; 1 problem(s)")
+        return [str(err)], []
+    problems, notes = _check_images(images.files, workers, decode)
+    print(f"{path}: a file list of {len(images):,} images in {len(images.classes):,} classes; {len(problems)} problem(s)")
+    return problems, notes
+
+
+def _check_images(files: list[str], workers: int | None, decode: bool) -> tuple[list[str], list[str]]:
+    """(problems, notes) of the image files themselves: what the start-up check refuses, and with
+    `decode` what does not decode, what is over PIL's limit, turned or 16-bit grey."""
+    problems, notes = [], []
     if decode and files:
         # First the start-up check's rule, so that a clean check means a run that starts: PIL (the
         # decode below) opens formats that DALI does not read (GIF, ICO, TGA, ...).
@@ -354,7 +380,4 @@ def check(root: str | Path, workers: int | None = None, decode: bool = True) -> 
                          "shrink`) scale them to 8 bits; timm's PIL clips them at 255, nearly white")
     elif files:
         problems += [f"{path}: {reason}" for path, reason in scan_headers(files)]
-    counts = ", ".join(f"{sum(len(i) for i, _ in c.values()):,} {s} images in {len(c):,} classes"
-                       for s, c in splits.items())
-    print(f"{root}: {counts or 'no images'}; {len(problems)} problem(s)")
     return problems, notes

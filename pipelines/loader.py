@@ -316,9 +316,9 @@ def _undecodable_named():
         if "decod" not in text.lower() and "nvimagecodec" not in text.lower():
             raise
         raise RuntimeError(f"{text}\nAn image could not be decoded (DALI's message may not name it): "
-                           "`fastrsb data check DIR` names every such file of a data folder, and "
-                           "fastrsb.data_folder.find_undecodable(list_images(root).files) those of any root a "
-                           "loader reads") from err
+                           "`fastrsb data check DIR` names every such file of a data folder or a file list, "
+                           "and fastrsb.data_folder.find_undecodable(list_images(root).files) those of any "
+                           "root a loader reads") from err
 
 
 def _next_batch(iterator: DALIGenericIterator) -> dict:

@@ -45,9 +45,28 @@ def test_check_lists_every_problem_at_once(tiny_data, tmp_path):
     assert f"note: train/{classes[2]}: 1 file(s) without an image extension, skipped by the loaders" in out
     assert "notes.txt" in out
     assert_user_error(run_cli("data", "check", tmp_path / "nothing", check=False), "does not exist")
-    (tmp_path / "val.txt").write_text("val/a.JPEG 0\n")
-    assert_user_error(run_cli("data", "check", tmp_path / "val.txt", check=False), "val.txt is a file, not a folder")
+    (tmp_path / "val.txt").write_text("val/a.JPEG 0\n")  # a file list to data check (below); no data folder to train
     assert_user_error(run_cli("train", "tiny", "--data", tmp_path / "val.txt", check=False), "is a file, not a folder")
+
+
+def test_check_reads_a_file_list_as_the_loaders_do(tiny_data, tmp_path):
+    """A loader's file list (the loaders' API takes one): its lines as the loaders read them, then
+    its images, as a data folder's."""
+    from fastrsb.pipelines import list_images
+    listing = list_images(tiny_data / "val")
+    (tmp_path / "notes.JPEG").write_text("not an image")
+    lines = [f"{path} {label}" for path, label in zip(listing.files, listing.labels)]
+    (tmp_path / "val.txt").write_text("\n".join(lines + [f"notes.JPEG {listing.labels[0]}"]) + "\n")
+    checked = run_cli("data", "check", tmp_path / "val.txt", check=False)
+    assert_user_error(checked, "1 problem(s) in")
+    assert "a file list of 21 images in 4 classes; 1 problem(s)" in checked.stdout
+    assert f"  {tmp_path / 'notes.JPEG'}: " in checked.stdout
+    (tmp_path / "val.txt").write_text("\n".join(lines) + "\n")
+    assert run_cli("data", "check", tmp_path / "val.txt").stdout.endswith("ok: the loaders read every image\n")
+    (tmp_path / "val.txt").write_text("some/file.JPEG 0\n")
+    refused = run_cli("data", "check", tmp_path / "val.txt", check=False)
+    assert_user_error(refused, "1 problem(s) in")
+    assert "a file list that the loaders refuse" in refused.stdout and "val.txt:1: no file" in refused.stdout
 
 
 def copy_with_a_linked_folder(tiny_data, tmp_path):
