@@ -84,11 +84,23 @@ def _validated_top1(state: dict, ema: bool) -> float | None:
     return state.get("metrics", {}).get("ema_top1" if ema else "top1")
 
 
+RUN_FILES = ("metrics.jsonl", "starts.jsonl", "recipe.json")  # a run folder's records (run_state.py)
+
+
 def _check_target(out: Path, force: bool) -> None:
+    """OUT is a new or empty folder, or with `force` one whose files it may replace: never a folder
+    of folders (a data set, a folder of runs) nor a run's (its checkpoints, the one exported
+    included, and its records), which --force would have removed whole."""
     if out.exists() and not out.is_dir():
         raise UserError(f"{out} is a file: export writes a folder (model.safetensors and config.json)")
-    if out.is_dir() and any(out.iterdir()) and not force:
+    held = sorted(out.iterdir()) if out.is_dir() else []
+    if held and not force:
         raise UserError(f"{out} already holds files: choose another folder, or --force to replace it")
+    kept = [p for p in held if p.is_dir() or p.suffix == ".pt" or p.name in RUN_FILES]
+    if kept:
+        what = "a folder" if kept[0].is_dir() else "a run's checkpoint" if kept[0].suffix == ".pt" else "a run's record"
+        raise UserError(f"{out} holds {what} ({kept[0].name}), which --force would remove with it: export replaces a "
+                        "model folder's files only; choose another folder")
 
 
 def _pretrained_cfg(model, recipe: dict, num_classes: int) -> dict:

@@ -192,6 +192,12 @@ def test_export_replaces_nothing_unasked_and_takes_the_ema(run, tmp_path, monkey
     (folder / "notes.txt").write_text("mine")
     assert_user_error(run_cli("export", out / "last.pt", folder, check=False), "already holds files", "--force")
     assert_user_error(run_cli("export", out / "last.pt", out / "last.pt", check=False), "is a file")
+    # --force replaces a model folder's files, never a run (its checkpoints) or a folder of folders.
+    run_files = sorted(p.name for p in out.iterdir())
+    assert_user_error(run_cli("export", out / "last.pt", out, "--force", check=False),
+                      f"{out} holds a run's checkpoint (best.pt), which --force would remove with it")
+    assert_user_error(run_cli("export", out / "last.pt", out.parent, "--force", check=False), "holds a folder")
+    assert sorted(p.name for p in out.iterdir()) == run_files
     assert_user_error(run_cli("export", out / "last.pt", tmp_path / "e", "--ema", check=False), "no EMA weights")
     assert_user_error(run_cli("export", tmp_path / "none.pt", tmp_path / "e", check=False), "no checkpoint")
 
