@@ -145,7 +145,7 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None, backend: str = 
     (matplotlib where it is installed)."""
     run_dir = Path(run_dir)
     logs, epochs = read_metrics(run_dir)
-    out = Path(out) if out else run_dir / "curves.png"
+    out = _output(out, run_dir / "curves.png")
     _draw(panels(logs, epochs), out, backend)
     return out
 
@@ -158,12 +158,30 @@ def plot_runs(run_dirs: list[str | Path], out: str | Path | None = None, backend
     if len(set(names)) < len(names):
         names = [str(run_dir) for run_dir in run_dirs]
     runs = [(name, *read_metrics(run_dir)) for name, run_dir in zip(names, run_dirs)]
-    out = Path(out) if out else Path(f"curves-{'-'.join(run_dir.name for run_dir in run_dirs)}.png")
+    out = _output(out, Path(f"curves-{'-'.join(run_dir.name for run_dir in run_dirs)}.png"))
     _draw(compared_panels(runs), out, backend)
+    return out
+
+
+def _output(out: str | Path | None, default: Path) -> Path:
+    """Where the PNG goes: `out` (a folder: the default name inside it; its folders made), or the
+    default. Any other name than a .png's is refused before anything is written: -o last.pt would
+    have met the drawing library's error, and a name without a suffix would have held a PNG."""
+    if out is None:
+        return default
+    out = Path(out)
+    if out.is_dir():
+        return out / default.name
+    if out.suffix.lower() != ".png":
+        raise UserError(f"-o {out}: the curves are written as a PNG: name a .png file (or a folder)")
     return out
 
 
 def _draw(specs, out: Path, backend: str) -> None:
     if backend == "auto":
         backend = "matplotlib" if importlib.util.find_spec("matplotlib") else "pillow"
-    (_draw_matplotlib if backend == "matplotlib" else _draw_pillow)(specs, out)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        (_draw_matplotlib if backend == "matplotlib" else _draw_pillow)(specs, out)
+    except OSError as err:  # a folder we may not write, a full disk: said in one line
+        raise UserError(f"could not write {out}: {err.strerror or err}") from None

@@ -427,6 +427,15 @@ def test_plot_writes_the_curves(run, tmp_path, backend):
     colours = {c for _, c in image.getcolors(maxcolors=1 << 20)}
     assert (31, 119, 180) in colours and (214, 39, 40) in colours  # curves were drawn, not just axes
     assert_user_error(run_cli("plot", tmp_path, check=False), "no metrics.jsonl")
+    # -o: a folder takes the default name, missing folders are made, and no other file is written over.
+    assert run_cli("plot", out, "-o", tmp_path, "--backend", backend).stdout == f"wrote {tmp_path / 'curves.png'}\n"
+    run_cli("plot", out, "-o", tmp_path / "new" / "a.png", "--backend", backend)
+    assert Image.open(tmp_path / "new" / "a.png").size == (1680, 600)
+    before = (out / "last.pt").read_bytes()
+    for name in ("last.pt", "metrics.jsonl", "curves"):
+        assert_user_error(run_cli("plot", out, "-o", out / name, "--backend", backend, check=False),
+                          "the curves are written as a PNG: name a .png file (or a folder)")
+    assert (out / "last.pt").read_bytes() == before and not (out / "curves").exists()
 
 
 @pytest.mark.parametrize("backend", ["auto", "pillow"])
