@@ -162,19 +162,26 @@ def _shrink_one(job: tuple[str, str, int, int, bool]) -> str:
 _SETTINGS_FILE = ".fastrsb-shrink.json"  # a dot-file: the loaders and data check skip it
 
 
-def _claim_target(target: Path, settings: dict) -> None:
-    """Record the settings a target is written with. A rerun with others would skip the files
-    already there and mix two sizes in one data set without a word, so it is refused."""
+def _claim_target(target: Path, source: Path, settings: dict) -> None:
+    """Record the source and settings a target is written with. A rerun with others would skip
+    the files already there and mix two sizes (or two data sets) in one without a word, so it is
+    refused; so is a target that holds files no shrink wrote (they would pass for shrunk ones)."""
     marker = target / _SETTINGS_FILE
     if marker.is_file():
         saved = json.loads(marker.read_text())
-        if saved != settings:
+        if saved.get("source", str(source)) != str(source):  # (a target written before the source was recorded)
+            raise UserError(f"{target} is a shrunk copy of {saved['source']}: write a copy of {source} to another "
+                            "target")
+        if {k: v for k, v in saved.items() if k != "source"} != settings:
             upright = " --upright" if saved.get("upright") else ""
             raise UserError(f"{target} was written with --max-side {saved['max_side']} --quality {saved['quality']}"
                             f"{upright}: rerun with those to finish it, or write the new settings to another target")
         return
+    if target.is_dir() and (held := sorted(p.name for p in target.iterdir())):
+        raise UserError(f"{target} holds files that no `fastrsb data shrink` wrote ({held[0]}, ...): a file there "
+                        "under an image's name would be taken for its shrunk copy; write to a new or empty folder")
     target.mkdir(parents=True, exist_ok=True)
-    marker.write_text(json.dumps(settings) + "\n")
+    marker.write_text(json.dumps({**settings, "source": str(source)}) + "\n")
 
 
 def shrink(source: str | Path, target: str | Path, max_side: int = 500, quality: int = 90,
@@ -191,7 +198,7 @@ def shrink(source: str | Path, target: str | Path, max_side: int = 500, quality:
     if not 16 <= max_side <= 100_000 or not 1 <= quality <= 100:
         raise UserError(f"--max-side must be >= 16 and --quality 1..100 (got {max_side}, {quality})")
     # "upright" recorded only when set: a target written before the option existed still matches.
-    _claim_target(target, {"max_side": max_side, "quality": quality, **({"upright": True} if upright else {})})
+    _claim_target(target, source, {"max_side": max_side, "quality": quality, **({"upright": True} if upright else {})})
     jobs = []
     for dirpath, names in walk_files(source):  # what the loaders would read there: symlinked folders too
         for name in sorted(names):

@@ -187,6 +187,14 @@ def test_shrink_makes_a_compact_rgb_copy_and_resumes(tiny_data, tmp_path):
     assert_user_error(run_cli("data", "shrink", tiny_data, out, "--max-side", "64", check=False),
                       "--max-side 40 --quality 80")
     assert_user_error(run_cli("data", "shrink", tiny_data, tiny_data / "inside", check=False), "outside the source")
+    # Another data set into it, or into a folder that holds files no shrink wrote (the same names:
+    # they were taken for shrunk copies, "68 already there"): refused.
+    other = tmp_path / "other"
+    shutil.copytree(tiny_data, other)
+    assert_user_error(run_cli("data", "shrink", other, out, "--max-side", "40", "--quality", "80", check=False),
+                      f"{out} is a shrunk copy of {tiny_data.resolve()}")
+    assert_user_error(run_cli("data", "shrink", tiny_data, other, "--max-side", "40", check=False),
+                      f"{other} holds files that no `fastrsb data shrink` wrote (train, ...)")
     run_cli("train", "tiny", "--data", out, "--out", tmp_path / "run", "--device", "cpu", "--set", "epochs=1",
             "--set", "warmup_epochs=0")  # the copy trains
 
