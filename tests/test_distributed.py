@@ -207,7 +207,7 @@ def test_the_store_is_gone_once_it_has_not_taken_a_beat_for_the_silence(monkeypa
 # `python -m fastrsb` with torch.distributed's destroy_process_group watched: how many DDP wrappers
 # are still alive as the process group goes.
 WATCHED_END = textwrap.dedent("""
-    import gc, os, sys
+    import atexit, gc, os, sys
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
     destroy = dist.destroy_process_group
@@ -219,8 +219,9 @@ WATCHED_END = textwrap.dedent("""
     dist.destroy_process_group = watched
     from fastrsb.cli import main
     code = main(sys.argv[1:])
+    atexit._run_exitfuncs()  # as fastrsb/__main__.py ends a process of several
     sys.stdout.flush()
-    os._exit(code)  # as fastrsb/__main__.py ends a process of several
+    os._exit(code)
 """)
 
 
