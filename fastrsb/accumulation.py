@@ -4,6 +4,7 @@ the largest micro-batch that fits with headroom. The global batch, and so the LR
 for it, stays the paper's."""
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -154,22 +155,44 @@ def saved_for_backward(model: torch.nn.Module, images: int, img_size: int) -> in
     return sum(saved.values())
 
 
-def memory_available() -> int | None:
-    """Bytes this process can still take: /proc/meminfo's MemAvailable, or what the cgroup's limit
-    leaves where that is less (a container, a SLURM job). None where neither can be read."""
+def memory_available(proc: Path = Path("/proc"), cgroups: Path = Path("/sys/fs/cgroup")) -> int | None:
+    """Bytes this process can still take: /proc/meminfo's MemAvailable, or less where one of its
+    memory cgroups (its own or one above it: a SLURM job's, a container's) leaves less under its
+    limit. None where none of them can be read."""
     figures = []
     try:
-        with open("/proc/meminfo") as f:
+        with open(proc / "meminfo") as f:
             figures += [int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:")]
     except OSError:
         pass
-    for limit, usage in (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),  # cgroup v2, v1
-                         ("/sys/fs/cgroup/memory/memory.limit_in_bytes", "/sys/fs/cgroup/memory/memory.usage_in_bytes")):
+    for folder, limit, usage in _memory_cgroups(proc, cgroups):
         try:
-            with open(limit) as f, open(usage) as g:
-                text = f.read().strip()
-                if text != "max" and int(text) < 2**60:  # v1 says "no limit" with a number near 2**63
-                    figures.append(max(int(text) - int(g.read()), 0))
-        except (OSError, ValueError):
+            text = (folder / limit).read_text().strip()
+            if text != "max" and int(text) < 2**60:  # v1 says "no limit" with a number near 2**63
+                figures.append(max(int(text) - int((folder / usage).read_text()), 0))
+        except (OSError, ValueError):  # a level with no limit file (the root's), or none mounted here
             pass
     return min(figures) if figures else None
+
+
+def _memory_cgroups(proc: Path, cgroups: Path) -> list[tuple[Path, str, str]]:
+    """(folder, limit file, usage file) of this process's memory cgroup and of each one above it,
+    as /proc/self/cgroup names them: cgroup v2's ("0::/path") or v1's memory controller
+    ("N:memory:/path"). Where a cgroup namespace shows the process's own as "/", the mount's top is
+    its own: the walk up ends there."""
+    try:
+        lines = (proc / "self" / "cgroup").read_text().splitlines()
+    except OSError:
+        return []
+    found = []
+    for line in lines:
+        _, controllers, path = line.split(":", 2)
+        if controllers == "":
+            base, files = cgroups, ("memory.max", "memory.current")
+        elif "memory" in controllers.split(","):
+            base, files = cgroups / "memory", ("memory.limit_in_bytes", "memory.usage_in_bytes")
+        else:
+            continue
+        parts = Path(path).parts[1:]
+        found += [(base.joinpath(*parts[:depth]), *files) for depth in range(len(parts), -1, -1)]
+    return found

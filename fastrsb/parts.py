@@ -247,6 +247,6 @@ def build_run(recipe: dict, train_images: ImageList, val_images: ImageList, devi
     except UserError as err:
         error = err
     stop_together(error, d, "opening the data loaders")
-    split = getattr(fits, "where", ("on this GPU",))[0] if fits is not None and steps > 1 else None
+    split = fits.where[0] if fits is not None and steps > 1 else None  # gpu_fits' and cpu_fits' own words
     return Run(recipe, device, d, training, train_data, val_data, Schedule(len(train_data), steps, recipe),
                train_images.classes, micro, before_loaders, loader_seed, split)

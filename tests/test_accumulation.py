@@ -115,3 +115,29 @@ def test_a_batch_beyond_the_cpus_memory_is_split_not_killed(tiny_data, tmp_path,
     monkeypatch.setattr(fastrsb.accumulation, "memory_available", lambda: 2**20)
     assert_user_error(run_cli(*common, "--out", tmp_path / "c", check=False),
                       "not even a micro-batch of 2 images fits in the 0.0 GiB of memory left with 20% headroom")
+
+
+def test_the_memory_left_is_the_least_of_the_machines_and_its_cgroups(tmp_path):
+    """A SLURM job's limit sits on a cgroup above the process's own (v2: job_1 above step_0), or on
+    v1's memory controller; /proc/meminfo's MemAvailable where no cgroup says less."""
+    from fastrsb.accumulation import memory_available
+    gib = 2**30
+    proc, cgroups = tmp_path / "proc", tmp_path / "cgroup"
+    (proc / "self").mkdir(parents=True)
+    (proc / "meminfo").write_text(f"MemTotal: {200 * gib // 1024} kB\nMemAvailable: {100 * gib // 1024} kB\n")
+    (proc / "self" / "cgroup").write_text("0::/job_1/step_0\n")
+    (cgroups / "job_1" / "step_0").mkdir(parents=True)
+    (cgroups / "job_1" / "step_0" / "memory.max").write_text("max\n")
+    (cgroups / "job_1" / "step_0" / "memory.current").write_text(f"{gib}\n")
+    (cgroups / "job_1" / "memory.max").write_text(f"{8 * gib}\n")
+    (cgroups / "job_1" / "memory.current").write_text(f"{3 * gib}\n")
+    assert memory_available(proc, cgroups) == 5 * gib
+    (cgroups / "job_1" / "memory.max").write_text("max\n")
+    assert memory_available(proc, cgroups) == 100 * gib  # no limit: the machine's
+    (proc / "self" / "cgroup").write_text("12:cpu,cpuacct:/job_2\n5:memory:/job_2\n0::/\n")  # v1 beside v2
+    (cgroups / "memory" / "job_2").mkdir(parents=True)
+    (cgroups / "memory" / "job_2" / "memory.limit_in_bytes").write_text(f"{4 * gib}\n")
+    (cgroups / "memory" / "job_2" / "memory.usage_in_bytes").write_text(f"{gib}\n")
+    (cgroups / "memory" / "memory.limit_in_bytes").write_text("9223372036854771712\n")  # v1's "no limit"
+    assert memory_available(proc, cgroups) == 3 * gib
+    assert memory_available(tmp_path / "none", tmp_path / "none") is None
