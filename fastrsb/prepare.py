@@ -102,6 +102,8 @@ def prepare_val(val_dir: str | Path, labels_file: str | Path, synsets: str | Pat
     if unknown:
         raise UserError(f"{len(unknown)} image(s) in {val_dir} have no label in {labels_file}, e.g. {unknown[0]}: "
                         "is it the label file of this folder?")
+    if copy_to:
+        _refuse_foreign_copies(target_dir, flat, labels)
     moved = 0
     for stem, path in sorted(flat.items()):
         target = target_dir / labels[stem] / path.name
@@ -122,6 +124,22 @@ def prepare_val(val_dir: str | Path, labels_file: str | Path, synsets: str | Pat
           f"class folder(s) of {target_dir}; {placed:,} of {len(labels):,} labelled images are in place"
           f"{f', {missing:,} missing' if missing else ''}")
     return {"moved": moved, "placed": placed, "missing": missing}
+
+
+def _refuse_foreign_copies(target_dir: Path, flat: dict[str, Path], labels: dict[str, str]) -> None:
+    """A resumed copy skips the images already in place; the files in COPY_TO's class folders must
+    then be this folder's own copies (same name, class and size), not another set's files that would
+    pass for them or join them."""
+    if not target_dir.is_dir():
+        return
+    for path in sorted(target_dir.glob("*/*")):
+        if path.name.startswith("."):
+            continue  # a copy's hidden temporary file: written again
+        source = flat.get(path.stem) if path.is_file() else None
+        if source is None or labels.get(path.stem) != path.parent.name or source.name != path.name \
+                or source.stat().st_size != path.stat().st_size:
+            raise UserError(f"{path} is not a copy of an image of this validation folder (another name, class or "
+                            f"size): {target_dir} holds other files; copy into an empty folder, or remove them")
 
 
 # --- shrink -----------------------------------------------------------------------------------------

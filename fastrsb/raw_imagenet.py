@@ -9,7 +9,8 @@ Recognised layouts (RAW is the folder the download landed in):
 - Kaggle's: RAW/ILSVRC/Data/CLS-LOC/{train/<wnid>/, val/} with RAW/LOC_val_solution.csv.
 OUT gets OUT/train/<wnid>/*.JPEG and OUT/val/<wnid>/*.JPEG. The input is only read. Each class is
 written to a hidden folder and renamed when complete, so an interrupted run is finished by
-running it again (what is done is skipped); classes are extracted in parallel processes.
+running it again (what is done is skipped, once checked to hold the download's images: names and
+sizes, read from the tar headers); classes are extracted in parallel processes.
 """
 from __future__ import annotations
 
@@ -77,12 +78,55 @@ def hint(root: Path) -> str:
 
 # --- train: one job per class -------------------------------------------------------------------
 
+def _source_images(kind: str, source: str, offset: int, size: int | None) -> dict[str, int]:
+    """{file name: bytes} of the images one class's source holds, as _write_class writes them; for
+    a tar, read from its headers alone (a class's 140 MB are not read to check it)."""
+    if kind == "dir":
+        return {p.name: p.stat().st_size for p in Path(source).iterdir() if p.is_file()}
+    images = {}
+    with open(source, "rb") as f:
+        f.seek(offset)  # tarfile reads from where the file stands: the inner tar's first header
+        with tarfile.open(fileobj=f, mode="r:") as inner:
+            for member in inner:
+                if size is not None and member.offset >= offset + size:
+                    break  # past the inner tar: the outer tar's next member
+                if member.isfile():
+                    images[Path(member.name).name] = member.size
+    return images
+
+
+def _not_from_source(job: tuple) -> list[str]:
+    """The entries of an existing OUT/train/<wnid>/ that are not its source's images (name and
+    size): another data set's files, which a resume must not take for this class. Fewer images than
+    the source is fine: a class folder appears whole (renamed), so the missing ones were removed
+    since, by hand."""
+    kind, source, offset, size, target = job
+    images = _source_images(kind, source, offset, size)
+    foreign = []
+    for entry in sorted(Path(target).iterdir()):
+        if not entry.is_file():
+            foreign.append(f"{entry.name}/ (a folder)")
+        elif entry.name not in images:
+            foreign.append(f"{entry.name} (not in the download)")
+        elif entry.stat().st_size != images[entry.name]:
+            foreign.append(f"{entry.name} ({entry.stat().st_size:,} bytes, the download's {images[entry.name]:,})")
+    return foreign
+
+
 def _write_class(job: tuple) -> str:
     """Extract (or link) one class into OUT/train/<wnid>/ through a hidden folder renamed at the
-    end. job: (kind, source, offset, size, target). Returns 'done', 'skipped' or 'failed: why'."""
+    end. job: (kind, source, offset, size, target). Returns 'done', 'skipped' (there already, with
+    the source's images), 'foreign: why' or 'failed: why'."""
     kind, source, offset, size, target = job
     target = Path(target)
     if target.is_dir():
+        try:
+            foreign = _not_from_source(job)
+        except (tarfile.TarError, EOFError, OSError) as err:
+            return f"failed: {source}{f' (member at byte {offset})' if offset else ''}: {type(err).__name__}: {err}"
+        if foreign:
+            return (f"foreign: {target} holds {len(foreign):,} file(s) that are not the download's images of "
+                    f"{target.name}, e.g. {foreign[0]}")
         return "skipped"
     partial = target.with_name(f".{target.name}.partial")
     shutil.rmtree(partial, ignore_errors=True)
@@ -208,16 +252,24 @@ def prepare(raw: str | Path, out: str | Path, synsets: str | Path | None = None,
     out.mkdir(parents=True, exist_ok=True)
     _check_disk(layout, out)
     jobs = _train_jobs(layout, out)
-    progress, counts, failures = Progress("train classes", len(jobs), unit="classes"), {"done": 0, "skipped": 0}, []
+    progress, counts = Progress("train classes", len(jobs), unit="classes"), {"done": 0, "skipped": 0}
+    failures, foreign = [], []
     with ProcessPoolExecutor(workers or max(1, min(16, len(os.sched_getaffinity(0))))) as pool:
         for done, result in enumerate(pool.map(_write_class, jobs), 1):
             if result.startswith("failed"):
                 failures.append(result.removeprefix("failed: "))
+            elif result.startswith("foreign"):
+                foreign.append(result.removeprefix("foreign: "))
             else:
                 counts[result] += 1
             progress.update(done, done / max(time.perf_counter() - progress.start, 1e-9))
     progress.close()
     print(f"train: {counts['done']:,} class(es) written, {counts['skipped']:,} already there")
+    if foreign:  # left as they are: they are somebody's files
+        raise UserError(f"{len(foreign)} class folder(s) of {out / 'train'} already hold other images than the "
+                        f"download's: {foreign[0]}{f'; and {len(foreign) - 1} more' if len(foreign) > 1 else ''}. "
+                        "Does OUT hold another data set (a shrunk copy, another download)? Prepare into an empty "
+                        "folder, or remove those class folders to have them written again")
     if failures:
         raise UserError(f"{len(failures)} class(es) could not be read: {failures[0]}"
                         f"{f' and {len(failures) - 1} more' if len(failures) > 1 else ''} (is the tar truncated? "

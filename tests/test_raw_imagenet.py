@@ -75,6 +75,41 @@ def test_ilsvrc_tars_prepare_resume_and_train(ilsvrc, tiny_data, tmp_path):
     run_cli("train", "tiny", "--data", out, "--out", tmp_path / "run", "--device", "cpu", "--stop-after-steps", "1")
 
 
+def _files(folder):
+    return {p: p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
+def test_a_resume_takes_only_the_downloads_own_classes(ilsvrc, tmp_path):
+    """A class folder already in OUT is skipped only if it holds the download's images (names and
+    sizes, from the tar headers): OUT holding another set (a shrunk copy, extra files) is refused,
+    and left as it was."""
+    out = tmp_path / "imagenet"
+    run_cli("data", "prepare", ilsvrc, out)
+    classes = sorted((out / "train").iterdir())
+    next(classes[0].iterdir()).unlink()  # removed by hand (a bad image, say): still the download's class
+    assert "train: 0 class(es) written, 4 already there" in run_cli("data", "prepare", ilsvrc, out).stdout
+    shrunk = sorted(classes[1].iterdir())[2]
+    shrunk.write_bytes(shrunk.read_bytes()[:-100])  # another copy's image under the same name
+    (classes[3] / "extra.JPEG").write_bytes(next(classes[2].iterdir()).read_bytes())
+    before = _files(out)
+    assert_user_error(run_cli("data", "prepare", ilsvrc, out, check=False),
+                      "2 class folder(s) of", "already hold other images than the download's",
+                      f"{classes[1]} holds 1 file(s) that are not the download's images of {classes[1].name}, "
+                      f"e.g. {shrunk.name} ({shrunk.stat().st_size:,} bytes, the download's "
+                      f"{shrunk.stat().st_size + 100:,})", "and 1 more", "Prepare into an empty folder")
+    assert _files(out) == before
+    shutil.rmtree(classes[1])
+    shutil.rmtree(classes[3])
+    assert "train: 2 class(es) written, 2 already there" in run_cli("data", "prepare", ilsvrc, out).stdout
+    # The validation copy too: a file in OUT/val/<wnid>/ that is not this download's is not taken for one.
+    other = sorted((out / "val").glob("*/*"))[0]
+    other.write_bytes(other.read_bytes() + b"\0")
+    before = _files(out / "val")
+    assert_user_error(run_cli("data", "prepare", ilsvrc, out, check=False),
+                      f"{other} is not a copy of an image of this validation folder", "copy into an empty folder")
+    assert _files(out / "val") == before
+
+
 def test_a_folder_of_class_tars_and_a_flat_val(tiny_data, tmp_path):
     raw = tmp_path / "download"
     (raw / "train").mkdir(parents=True)
@@ -88,6 +123,8 @@ def test_a_folder_of_class_tars_and_a_flat_val(tiny_data, tmp_path):
     run_cli("data", "prepare", raw, tmp_path / "out")
     _assert_prepared(tmp_path / "out", tiny_data)
     assert len(list((raw / "val").iterdir())) == 20  # the flat originals stay
+    # Run again: each class checked against its own tar's headers, and skipped.
+    assert "train: 0 class(es) written, 4 already there" in run_cli("data", "prepare", raw, tmp_path / "out").stdout
 
 
 def test_kaggle_layout(tiny_data, tmp_path):
@@ -106,6 +143,11 @@ def test_kaggle_layout(tiny_data, tmp_path):
     proc = run_cli("data", "prepare", raw, tmp_path / "out")
     assert "Kaggle" in proc.stdout
     _assert_prepared(tmp_path / "out", tiny_data)
+    assert "train: 0 class(es) written, 4 already there" in run_cli("data", "prepare", raw, tmp_path / "out").stdout
+    next((tmp_path / "out" / "train" / "n00_hstripes").iterdir()).rename(tmp_path / "out" / "train" / "n00_hstripes" /
+                                                                         "renamed.JPEG")
+    assert_user_error(run_cli("data", "prepare", raw, tmp_path / "out", check=False),
+                      "renamed.JPEG (not in the download)")
 
 
 def test_bad_downloads_are_named(ilsvrc, tmp_path, monkeypatch):
