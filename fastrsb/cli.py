@@ -477,6 +477,14 @@ def main(argv: list[str] | None = None) -> int:
     except (UserError, DatasetError) as err:
         say_error(str(err))
         return 2
+    except OSError as err:  # a disk that takes no more, wherever a command met it: one line, not a traceback
+        from fastrsb.file_jobs import free_gb, stops_writing
+        if not stops_writing(err):
+            raise
+        where = Path(err.filename) if err.filename else Path.cwd()
+        say_error(f"cannot write {where} ({err.strerror}; {free_gb(where.parent):,.1f} GB free on its disk): make "
+                  "room (or make it writable), then run the command again")
+        return 2
     except KeyboardInterrupt:
         print("fastrsb: interrupted", file=sys.stderr)
         return 130

@@ -7,13 +7,14 @@ import csv
 import json
 import os
 import time
-from concurrent.futures import ProcessPoolExecutor
+from contextlib import closing
 from pathlib import Path
 
 from PIL import Image, ImageOps
 
 from fastrsb.data_folder import as_the_loaders_read, is_16_bit_grey
 from fastrsb.errors import UserError
+from fastrsb.file_jobs import each_result, stops_writing, write_stopped
 from fastrsb.progress import Progress
 from fastrsb.pipelines import IMAGE_EXTENSIONS, walk_files
 
@@ -112,8 +113,14 @@ def prepare_val(val_dir: str | Path, labels_file: str | Path, synsets: str | Pat
             continue
         if copy_to:
             tmp = target.with_name(f".{target.name}.tmp")
-            tmp.write_bytes(path.read_bytes())
-            os.replace(tmp, target)
+            try:
+                tmp.write_bytes(path.read_bytes())
+                os.replace(tmp, target)
+            except OSError as err:
+                tmp.unlink(missing_ok=True)
+                if stops_writing(err):
+                    raise write_stopped(target_dir, err.strerror, "the images copied so far are") from None
+                raise
         else:
             os.replace(path, target)
         moved += 1
@@ -152,6 +159,7 @@ def _shrink_one(job: tuple[str, str, int, int, bool]) -> str:
     target = Path(target)
     if target.exists():
         return "skipped"
+    tmp = target.with_name(f".{target.name}.tmp")
     # Shrinking is the way `data check` gives for an image over PIL's decompression-bomb limit: read
     # it (a JPEG DCT-scaled by draft, at 1/64 of its pixels).
     limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
@@ -167,11 +175,13 @@ def _shrink_one(job: tuple[str, str, int, int, bool]) -> str:
                 image = image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))),
                                      Image.BICUBIC, reducing_gap=3.0)
             target.parent.mkdir(parents=True, exist_ok=True)
-            tmp = target.with_name(f".{target.name}.tmp")
             image.save(tmp, "JPEG", quality=quality)
         os.replace(tmp, target)  # never a half-written image under its real name
         return "written"
     except Exception as err:  # noqa: BLE001 - report the file, go on with the rest
+        tmp.unlink(missing_ok=True)
+        if stops_writing(err):  # the target's disk: every other image would fail alike
+            return f"unwritable: {err.strerror}"
         return f"failed: {type(err).__name__}: {err}"
     finally:
         Image.MAX_IMAGE_PIXELS = limit
@@ -226,9 +236,13 @@ def shrink(source: str | Path, target: str | Path, max_side: int = 500, quality:
     counts = {"written": 0, "skipped": 0, "failed": 0}
     failures = []
     progress = Progress("shrinking", len(jobs), unit="files")
-    with ProcessPoolExecutor(_workers(workers)) as pool:
-        for done, (job, result) in enumerate(zip(jobs, pool.map(_shrink_one, jobs, chunksize=64)), 1):
+    with closing(each_result(_shrink_one, jobs, _workers(workers), chunksize=64)) as results:
+        for done, (job, result) in enumerate(zip(jobs, results), 1):
             kind = result.split(":")[0]
+            if kind == "unwritable":
+                progress.close()
+                raise write_stopped(target, result.removeprefix("unwritable: "),
+                                    "the images written so far (skipped by the next run) are")
             counts[kind] += 1
             if kind == "failed":
                 failures.append(f"{job[0]} ({result.removeprefix('failed: ')})")

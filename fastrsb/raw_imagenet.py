@@ -19,11 +19,12 @@ import os
 import shutil
 import tarfile
 import time
-from concurrent.futures import ProcessPoolExecutor
+from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from fastrsb.errors import UserError
+from fastrsb.file_jobs import each_result, stops_writing, write_stopped
 from fastrsb.progress import Progress
 
 LABEL_FILES = ("LOC_val_solution.csv", "ILSVRC2012_validation_ground_truth.txt")
@@ -130,8 +131,8 @@ def _write_class(job: tuple) -> str:
         return "skipped"
     partial = target.with_name(f".{target.name}.partial")
     shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir(parents=True)
     try:
+        partial.mkdir(parents=True)
         if kind == "dir":  # Kaggle: hard links where OUT is on the same file system, else copies
             for image in sorted(Path(source).iterdir()):
                 try:
@@ -151,6 +152,8 @@ def _write_class(job: tuple) -> str:
         return "done"
     except (tarfile.TarError, EOFError, OSError) as err:
         shutil.rmtree(partial, ignore_errors=True)
+        if stops_writing(err):  # OUT's disk: every other class would fail alike
+            return f"unwritable: {err.strerror}"
         return f"failed: {source}{f' (member at byte {offset})' if offset else ''}: {type(err).__name__}: {err}"
 
 
@@ -194,6 +197,8 @@ def _val(layout: RawLayout, out: Path, synsets: Path | None) -> None:
                             with tar.extractfile(member) as image:
                                 (flat / Path(member.name).name).write_bytes(image.read())
             except (tarfile.TarError, EOFError, OSError) as err:
+                if stops_writing(err):
+                    raise write_stopped(flat, err.strerror, "the train classes are") from None
                 raise UserError(f"{layout.val_tar} cannot be read as a tar ({type(err).__name__}: {err}): is it "
                                 "truncated? Download it again") from None
             (flat / ".complete").write_text("")
@@ -218,6 +223,8 @@ def _from_devkit(devkit: Path, folder: Path, synsets: Path | None) -> tuple[Path
                     with tar.extractfile(member) as f:
                         (folder / Path(member.name).name).write_bytes(f.read())
     except (tarfile.TarError, EOFError, OSError) as err:
+        if stops_writing(err):
+            raise write_stopped(folder, err.strerror, "the train classes are") from None
         raise UserError(f"{devkit} cannot be read ({type(err).__name__}: {err}): download it again") from None
     missing = sorted(name for name in wanted if not (folder / name).is_file())
     if missing:
@@ -254,8 +261,12 @@ def prepare(raw: str | Path, out: str | Path, synsets: str | Path | None = None,
     jobs = _train_jobs(layout, out)
     progress, counts = Progress("train classes", len(jobs), unit="classes"), {"done": 0, "skipped": 0}
     failures, foreign = [], []
-    with ProcessPoolExecutor(workers or max(1, min(16, len(os.sched_getaffinity(0))))) as pool:
-        for done, result in enumerate(pool.map(_write_class, jobs), 1):
+    workers = workers or max(1, min(16, len(os.sched_getaffinity(0))))
+    with closing(each_result(_write_class, jobs, workers)) as results:
+        for done, result in enumerate(results, 1):
+            if result.startswith("unwritable"):
+                progress.close()
+                raise write_stopped(out / "train", result.removeprefix("unwritable: "), "the classes written so far are")
             if result.startswith("failed"):
                 failures.append(result.removeprefix("failed: "))
             elif result.startswith("foreign"):

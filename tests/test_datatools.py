@@ -199,6 +199,27 @@ def test_shrink_makes_a_compact_rgb_copy_and_resumes(tiny_data, tmp_path):
             "--set", "warmup_epochs=0")  # the copy trains
 
 
+def test_a_full_disk_stops_shrink_at_once_in_one_line(tiny_data, tmp_path):
+    """A target disk that takes no more stops the whole shrink with one line (not a 'cannot read'
+    for each of a million images), keeping what is written; the next run finishes. The full disk
+    is the kernel's: a half-written copy's temporary name linked to /dev/full (ENOSPC)."""
+    out = tmp_path / "small"
+    run_cli("data", "shrink", tiny_data, out, "--max-side", "40", "--workers", "2")
+    shrunk = sorted(out.rglob("*.JPEG"))
+    for victim in shrunk[5:9]:
+        victim.unlink()
+    full = shrunk[6].parent / f".{shrunk[6].name}.tmp"
+    full.symlink_to("/dev/full")
+    assert_user_error(run_cli("data", "shrink", tiny_data, out, "--max-side", "40", "--workers", "2", check=False),
+                      f"cannot write into {out} (No space left on device;", "GB free on its disk)",
+                      "the images written so far (skipped by the next run) are kept", "run the same command again")
+    assert not full.is_symlink()  # the temporary file goes
+    left = 68 - len(list(out.rglob("*.JPEG")))
+    assert 1 <= left <= 4
+    assert f"{left} written, {68 - left} already there, 0 failed" in \
+        run_cli("data", "shrink", tiny_data, out, "--max-side", "40").stdout
+
+
 def test_shrink_copies_the_images_the_loaders_read(tiny_data, tmp_path):
     """The shrunk copy lists as the original: images in a symlinked sub-folder copied (shrink walked
     without following links, and the copy trained on fewer images), dot-folders left out; a loop

@@ -285,3 +285,24 @@ def test_an_error_line_is_written_at_once(monkeypatch):
     assert main(["train", "no-such-recipe"]) == 2
     assert len(stderr.calls) == 1 and stderr.calls[0].startswith("fastrsb: error: ") and stderr.calls[0].endswith("\n")
     assert stderr.calls[0].count("\n") == 1
+
+
+def test_a_full_disk_anywhere_is_one_line_and_other_os_errors_stay_tracebacks(tmp_path, monkeypatch):
+    """A disk that takes no more (full, over quota, read-only), met by any command where it has no
+    message of its own: one line naming the file and the free space. Another OSError is a bug to
+    see whole."""
+    import errno
+    import fastrsb.demo_data
+
+    def full(root, *args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(Path(root) / "train" / "a.JPEG"))
+    monkeypatch.setattr(fastrsb.demo_data, "write_demo", full)
+    assert_user_error(run_cli("data", "demo", tmp_path / "demo", check=False),
+                      f"cannot write {tmp_path / 'demo' / 'train' / 'a.JPEG'} (No space left on device;",
+                      "GB free on its disk): make room (or make it writable), then run the command again")
+
+    def broken(root, *args, **kwargs):
+        raise OSError(errno.EIO, "Input/output error")
+    monkeypatch.setattr(fastrsb.demo_data, "write_demo", broken)
+    with pytest.raises(OSError, match="Input/output error"):
+        run_cli("data", "demo", tmp_path / "demo", check=False)

@@ -110,6 +110,36 @@ def test_a_resume_takes_only_the_downloads_own_classes(ilsvrc, tmp_path):
     assert _files(out / "val") == before
 
 
+def test_a_full_disk_stops_prepare_in_one_line(ilsvrc, tmp_path, monkeypatch):
+    """OUT's disk full while the classes are written (one worker: this process, where the write is
+    made to fail as a full disk fails), then while the validation images are copied (a kernel
+    ENOSPC: the copy's temporary name linked to /dev/full): one line saying so, not a tar 'to
+    download again' nor a traceback; what is written is kept, and the next run finishes."""
+    import errno
+    from pathlib import Path
+    out = tmp_path / "imagenet"
+    write_bytes = Path.write_bytes
+
+    def full_after_two_classes(path, data):
+        if path.parent.name.startswith(".") and len(list((out / "train").iterdir())) > 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return write_bytes(path, data)
+    monkeypatch.setattr(Path, "write_bytes", full_after_two_classes)
+    assert_user_error(run_cli("data", "prepare", ilsvrc, out, "--workers", "1", check=False),
+                      f"cannot write into {out / 'train'} (No space left on device;", "the classes written so far are "
+                      "kept", "then run the same command again to finish")
+    monkeypatch.undo()
+    assert sorted(p.name for p in (out / "train").iterdir()) == ["n00_hstripes", "n01_vstripes"]  # no partial left
+    (out / "val" / "n00_hstripes").mkdir(parents=True)
+    full = out / "val" / "n00_hstripes" / ".ILSVRC2012_val_00000001.JPEG.tmp"
+    full.symlink_to("/dev/full")
+    assert_user_error(run_cli("data", "prepare", ilsvrc, out, check=False),
+                      f"cannot write into {out / 'val'} (No space left on device;", "the images copied so far are kept")
+    full.unlink(missing_ok=True)
+    proc = run_cli("data", "prepare", ilsvrc, out)
+    assert "train: 0 class(es) written, 4 already there" in proc.stdout and "ready to train" in proc.stdout
+
+
 def test_a_folder_of_class_tars_and_a_flat_val(tiny_data, tmp_path):
     raw = tmp_path / "download"
     (raw / "train").mkdir(parents=True)

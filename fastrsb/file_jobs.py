@@ -1,0 +1,45 @@
+"""The data tools' per-file (per-class) jobs, run in parallel processes, and what stops them all: a
+target disk that takes no more (full, over quota, read-only), where every later job would fail the
+same way."""
+from __future__ import annotations
+
+import errno
+import shutil
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+from fastrsb.errors import UserError
+
+# The errors of a write that no other file would escape: the disk, not the file.
+_TARGET_WONT_TAKE = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS})
+
+
+def stops_writing(err: BaseException) -> bool:
+    """A write error that every later write to the same disk would meet."""
+    return isinstance(err, OSError) and err.errno in _TARGET_WONT_TAKE
+
+
+def free_gb(folder: Path) -> float:
+    existing = next((p for p in (folder, *folder.parents) if p.exists()), Path("/"))
+    return shutil.disk_usage(existing).free / 1e9
+
+
+def write_stopped(folder: Path, reason: str, done: str) -> UserError:
+    """The message for a data tool stopped by its target's disk: what is kept, and how to go on."""
+    return UserError(f"cannot write into {folder} ({reason}; {free_gb(folder):,.1f} GB free on its disk): {done} "
+                     "kept; make room (or make it writable), then run the same command again to finish")
+
+
+def each_result(func: Callable, jobs: Iterable, workers: int, chunksize: int = 1) -> Iterator:
+    """func(job) for each job, in order: in this process for one worker, else in a pool of
+    processes. Closing the iterator early (leaving its `closing` block by an error) cancels the
+    jobs not started, instead of waiting for all of them as the pool's own exit does."""
+    if workers <= 1:
+        yield from map(func, jobs)
+        return
+    pool = ProcessPoolExecutor(workers)
+    try:
+        yield from pool.map(func, jobs, chunksize=chunksize)
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
