@@ -114,9 +114,19 @@ def test_unreadable_file_named_by_the_loader(tiny_data):
     images = list_images(tiny_data / "train")
     missing = images.files[5] + ".gone"
     broken = type(images)([*images.files[:5], missing, *images.files[6:]], images.labels, images.classes)
-    with pytest.raises(UserError, match=f"cannot read {missing}"):
+    with pytest.raises(UserError, match=f"{missing} is gone since the data was listed .DALI: File mapping failed.: "
+                                        "put it back, or start again"):
         for _ in loader_batches(train_loader(broken, 8, 32, device="cpu"), broken):
             pass
+    # There, but not a file DALI can read (a folder under an image's name): named as unreadable.
+    unreadable = Path(missing)
+    unreadable.mkdir()
+    try:
+        with pytest.raises(UserError, match=f"cannot read {missing} .DALI: .*remove or replace it"):
+            for _ in loader_batches(train_loader(broken, 8, 32, device="cpu"), broken):
+                pass
+    finally:
+        unreadable.rmdir()
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is present")
