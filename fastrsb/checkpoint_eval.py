@@ -14,7 +14,7 @@ from fastrsb.checkpoint import load_checkpoint, load_weights
 from fastrsb.data_folder import no_folder, open_split
 from fastrsb.device import amp_dtype, resolve_device
 from fastrsb.errors import UserError
-from fastrsb.model import make_model
+from fastrsb.model import check_input_sizes, make_model
 from fastrsb.model_folder import is_model_folder, load_model_folder
 from fastrsb.parts import open_val_loader
 from fastrsb.train import evaluate
@@ -35,6 +35,7 @@ def evaluate_checkpoint_at(checkpoint: str | Path, data: str | Path, img_sizes: 
     images = _validation_images(Path(data), weights.classes)
     model = weights.model.to(device)
     pairs = dict.fromkeys((size or weights.img_size, crop or weights.crop_pct) for size in img_sizes for crop in crop_pcts)
+    check_input_sizes(model, {"--img-size": sorted({size for size, _ in pairs})})
     for size, crop in pairs:
         loader = open_val_loader({"test_img_size": size, "crop_pct": crop}, images, batch_size, device,
                                  num_threads=num_threads)

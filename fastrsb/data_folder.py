@@ -256,7 +256,7 @@ def explain_loader_error(err: RuntimeError, images: ImageList) -> UserError:
         line = next(line for line in text.splitlines() if named[0] in line)
         reason = line.replace(named[0], "").strip(" :")
         verb = "cannot decode" if "decod" in reason.lower() else "cannot read"
-        if not os.path.lexists(named[0]):  # deleted or moved while a run read the data
+        if verb == "cannot read" and not os.path.lexists(named[0]):  # deleted or moved while a run read the data
             return UserError(f"{named[0]} is gone since the data was listed (DALI: {reason}): put it back, or start "
                              "again to list the files there are (a run: --resume auto)")
         return UserError(f"{verb} {named[0]} (DALI: {reason}): remove or replace it "

@@ -16,3 +16,24 @@ def make_model(name: str, num_classes: int, drop_path: float = 0.0) -> nn.Module
         raise UserError(f"unknown timm model '{name}'" + (f" (e.g. {', '.join(close)})" if close else ""))
     model = timm.create_model(name, pretrained=False, num_classes=num_classes, drop_path_rate=drop_path or None)
     return model.to(memory_format=torch.channels_last)
+
+
+def fixed_input_size(model: nn.Module) -> tuple[int, int] | None:
+    """The one input size a model is built for (timm's vision transformers: a patch embedding over
+    a fixed grid of positions), or None for a model that takes any size (timm's ResNets)."""
+    embed = getattr(model, "patch_embed", None)
+    size = getattr(embed, "img_size", None)
+    return tuple(size) if size and getattr(embed, "strict_img_size", False) else None
+
+
+def check_input_sizes(model: nn.Module, sizes: dict[str, list[int]]) -> None:
+    """Refuse, before any image is read, sizes a model cannot take (its forward would assert)."""
+    fixed = fixed_input_size(model)
+    if fixed is None:
+        return
+    wrong = [f"{what} is {', '.join(map(str, bad))}" for what, values in sizes.items()
+             if (bad := [size for size in values if (size, size) != fixed])]
+    if wrong:
+        name = (getattr(model, "pretrained_cfg", None) or {}).get("architecture") or type(model).__name__
+        raise UserError(f"{name} takes {fixed[0]} x {fixed[1]} images only, and {' and '.join(wrong)}: use "
+                        f"{fixed[0]}, or a model that takes any size (timm's ResNets do)")

@@ -19,7 +19,7 @@ from fastrsb.ema import ModelEma
 from fastrsb.errors import UserError
 from fastrsb.loss import make_loss
 from fastrsb.mix import BatchMixer, check_pairable, mixing_enabled, soft_targets
-from fastrsb.model import make_model
+from fastrsb.model import check_input_sizes, make_model
 from fastrsb.optim import Lamb, lr_at, make_optimizer
 from fastrsb.pipelines import DatasetError, ImageList, train_loader, val_loader
 from fastrsb.step import TrainStep, wrap_model
@@ -79,6 +79,7 @@ def build_training(recipe: dict, num_classes: int, device: str, d: Dist = Dist()
     # (rank 0's reach every rank, below), stochastic depth, mixup/cutmix.
     torch.manual_seed(recipe["seed"] + d.rank)
     model = make_model(recipe["model"], num_classes, recipe["drop_path"])
+    check_input_sizes(model, {"img_size": [recipe["img_size"]], "test_img_size": [recipe["test_img_size"]]})
     origin = _initial_weights(model, recipe, classes, d) if classes is not None else None
     model = model.to(device)
     # The recipe's `compile` applies on the GPU: on a few CPU cores inductor takes minutes over a

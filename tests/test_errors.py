@@ -316,3 +316,19 @@ def test_a_full_disk_anywhere_is_one_line_and_other_os_errors_stay_tracebacks(tm
     monkeypatch.setattr(fastrsb.demo_data, "write_demo", broken)
     with pytest.raises(OSError, match="Input/output error"):
         run_cli("data", "demo", tmp_path / "demo", check=False)
+
+
+def test_a_model_built_for_one_input_size_is_refused_other_sizes(tiny_data, tmp_path):
+    """A timm model that takes one input size (a vision transformer's fixed grid of patches) at
+    another train or test size: one line before the first image, not an AssertionError from the
+    forward; at its size it trains, and eval refuses the other sizes alike."""
+    out = tmp_path / "vit"
+    vit = ("--set", "model=vit_tiny_patch16_224")
+    assert_user_error(train(tiny_data, *vit, "--out", out), "vit_tiny_patch16_224 takes 224 x 224 images only, and "
+                      "img_size is 32 and test_img_size is 40: use 224, or a model that takes any size")
+    assert not (out / "last.pt").exists()
+    run_cli("train", "tiny", "--data", tiny_data, "--out", out, "--device", "cpu", *vit, "--set", "img_size=224",
+            "--set", "test_img_size=224", "--stop-after-steps", "1", check=False)
+    assert (out / "last.pt").is_file()
+    assert_user_error(run_cli("eval", out / "last.pt", "--data", tiny_data, "--img-size", "160", "224", "288",
+                              check=False), "and --img-size is 160, 288: use 224")
