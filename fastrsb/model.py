@@ -21,9 +21,11 @@ def make_model(name: str, num_classes: int, drop_path: float = 0.0) -> nn.Module
 def fixed_input_size(model: nn.Module) -> tuple[int, int] | None:
     """The one input size a model is built for (timm's vision transformers: a patch embedding over
     a fixed grid of positions), or None for a model that takes any size (timm's ResNets)."""
-    embed = getattr(model, "patch_embed", None)
-    size = getattr(embed, "img_size", None)
-    return tuple(size) if size and getattr(embed, "strict_img_size", False) else None
+    for module in model.modules():  # timm's PatchEmbed, as `patch_embed` (ViT, Swin) or `stem` (MLP-Mixer)
+        size = getattr(module, "img_size", None)
+        if size and getattr(module, "strict_img_size", False):
+            return tuple(size)
+    return None
 
 
 def check_input_sizes(model: nn.Module, sizes: dict[str, list[int]]) -> None:
