@@ -129,6 +129,8 @@ def _write_class(job: tuple) -> str:
             return (f"foreign: {target} holds {len(foreign):,} file(s) that are not the download's images of "
                     f"{target.name}, e.g. {foreign[0]}")
         return "skipped"
+    if target.exists():
+        return f"foreign: {target} is a file, where the class folder goes"
     partial = target.with_name(f".{target.name}.partial")
     shutil.rmtree(partial, ignore_errors=True)
     try:

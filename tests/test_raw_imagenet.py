@@ -100,7 +100,12 @@ def test_a_resume_takes_only_the_downloads_own_classes(ilsvrc, tmp_path):
     assert _files(out) == before
     shutil.rmtree(classes[1])
     shutil.rmtree(classes[3])
-    assert "train: 2 class(es) written, 2 already there" in run_cli("data", "prepare", ilsvrc, out).stdout
+    classes[3].write_text("notes")
+    assert_user_error(run_cli("data", "prepare", ilsvrc, out, check=False),
+                      f"{classes[3]} is a file, where the class folder goes")
+    assert classes[3].read_text() == "notes"
+    classes[3].unlink()  # (the run refused made classes[1] meanwhile)
+    assert "train: 1 class(es) written, 3 already there" in run_cli("data", "prepare", ilsvrc, out).stdout
     # The validation copy too: a file in OUT/val/<wnid>/ that is not this download's is not taken for one.
     other = sorted((out / "val").glob("*/*"))[0]
     other.write_bytes(other.read_bytes() + b"\0")
