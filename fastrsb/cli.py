@@ -63,7 +63,7 @@ def cmd_train(args) -> int:
         from fastrsb.metrics_log import refuse_a_second_run
         check_layout(data)
         refuse_a_second_run(out, args.resume)
-    if (launched := _launch_processes(args, data, out)) is not None:
+    if (launched := _launch_processes(args, recipe, data, out)) is not None:
         return launched
     from fastrsb.provenance import command_line
     from fastrsb.stopping import StopRequest
@@ -90,7 +90,7 @@ def cmd_train(args) -> int:
     return 0
 
 
-def _launch_processes(args, data: Path, out: Path) -> int | None:
+def _launch_processes(args, recipe: dict, data: Path, out: Path) -> int | None:
     """--nproc N > 1: the run in N processes, and its exit code. None: this process trains."""
     under_launcher = int(os.environ.get("WORLD_SIZE", "1")) > 1
     if args.nproc == "1":
@@ -105,6 +105,9 @@ def _launch_processes(args, data: Path, out: Path) -> int | None:
     nproc = resolve_nproc(args.nproc, args.device)
     if nproc == 1:
         return None
+    if not args.resume:  # said once here, not by each process (a resumed run's batch is its checkpoint's)
+        from fastrsb.accumulation import per_process_batch
+        per_process_batch(recipe["batch_size"], nproc)
     # The processes check the data and the run folder again once they have met; the run folder's
     # name is chosen here, once, so that all of them write the same one.
     extra = (["--stop-after-steps", str(args.stop_after_steps)] if args.stop_after_steps else []) + \

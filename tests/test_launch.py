@@ -9,7 +9,7 @@ import time
 import pytest
 import torch
 
-from conftest import run_cli
+from conftest import assert_user_error, run_cli
 from fastrsb.errors import UserError
 from fastrsb.launch import resolve_nproc, run_together, unused_gpus_note
 
@@ -70,6 +70,8 @@ def test_nproc_refusals(monkeypatch, tiny_data, tmp_path):
     assert proc.returncode == 2 and "no GPU is visible" in proc.stderr
     proc = run_cli(*common, "--nproc", "0", check=False)
     assert proc.returncode == 2 and "must be 1 or more" in proc.stderr
+    # Said once, here, before any process starts (each of the 3 said it).
+    assert_user_error(run_cli(*common, "--nproc", "3", check=False), "batch_size 8 does not split over 3 processes")
     monkeypatch.setenv("WORLD_SIZE", "2")  # already one of torchrun's processes
     monkeypatch.setenv("RANK", "0")
     proc = run_cli(*common, "--nproc", "2", check=False)
