@@ -105,9 +105,10 @@ def _launch_processes(args, recipe: dict, data: Path, out: Path) -> int | None:
     nproc = resolve_nproc(args.nproc, args.device)
     if nproc == 1:
         return None
-    if not args.resume:  # said once here, not by each process (a resumed run's batch is its checkpoint's)
-        from fastrsb.accumulation import per_process_batch
-        per_process_batch(recipe["batch_size"], nproc)
+    if not args.resume:  # a batch that does not split: said once here, not by each process
+        from fastrsb.accumulation import plan
+        from fastrsb.parts import check_micro_batch
+        check_micro_batch(recipe, nproc, *plan(recipe, nproc, args.grad_accum_steps, args.micro_batch, fits=None))
     # The processes check the data and the run folder again once they have met; the run folder's
     # name is chosen here, once, so that all of them write the same one.
     extra = (["--stop-after-steps", str(args.stop_after_steps)] if args.stop_after_steps else []) + \

@@ -70,8 +70,12 @@ def test_nproc_refusals(monkeypatch, tiny_data, tmp_path):
     assert proc.returncode == 2 and "no GPU is visible" in proc.stderr
     proc = run_cli(*common, "--nproc", "0", check=False)
     assert proc.returncode == 2 and "must be 1 or more" in proc.stderr
-    # Said once, here, before any process starts (each of the 3 said it).
+    # A batch that does not split is said once, here, before any process starts (each said it).
     assert_user_error(run_cli(*common, "--nproc", "3", check=False), "batch_size 8 does not split over 3 processes")
+    assert_user_error(run_cli(*common, "--nproc", "2", "--micro-batch", "3", check=False),
+                      "--micro-batch 3 does not divide the 4 images per process")
+    assert_user_error(run_cli(*common, "--nproc", "2", "--set", "batch_size=6", "--set", "mixup=0.1", check=False),
+                      "batch_size 6 = 2 process(es) x 1 accumulation step(s) x 3", "must be even")
     monkeypatch.setenv("WORLD_SIZE", "2")  # already one of torchrun's processes
     monkeypatch.setenv("RANK", "0")
     proc = run_cli(*common, "--nproc", "2", check=False)
