@@ -59,9 +59,10 @@ def cmd_train(args) -> int:
         # Before importing torch (seconds), a wrong path is told at once. Under torchrun, train()
         # checks after the processes have met, so that all stop together: a process that stopped
         # here would leave the other machines' waiting for it.
-        from fastrsb.data_folder import check_layout
+        from fastrsb.data_folder import check_layout, refuse_a_run_inside_the_splits
         from fastrsb.metrics_log import refuse_a_second_run
         check_layout(data)
+        refuse_a_run_inside_the_splits(out, data)
         refuse_a_second_run(out, args.resume)
     if (launched := _launch_processes(args, recipe, data, out)) is not None:
         return launched

@@ -47,6 +47,16 @@ def check_layout(root: Path) -> None:
             raise UserError(f"{root} has no '{split}' folder (expected {root}/{split}/<class>/<image>.JPEG){hint(root)}")
 
 
+def refuse_a_run_inside_the_splits(out: Path, root: Path) -> None:
+    """A run folder in DATA/train or DATA/val would be listed as a class of images by the next run
+    (one without images: refused), or its checkpoints read as data."""
+    for split in ("train", "val"):
+        folder = (Path(root) / split).resolve()
+        if Path(out).resolve() == folder or folder in Path(out).resolve().parents:
+            raise UserError(f"the run folder {out} lies inside the data's {split}/ folder, where every folder is a "
+                            f"class of images: choose an --out outside {Path(root) / split}")
+
+
 def open_dataset(root: str | Path) -> tuple[ImageList, ImageList]:
     """(train, val) image lists of an ImageNet-style folder, with the same classes (two or more)
     in both."""

@@ -18,7 +18,8 @@ import torch.nn.functional as F
 
 from fastrsb import __version__
 from fastrsb.accumulation import HEADROOM
-from fastrsb.data_folder import check_headers, describe_counts, loader_batches, open_dataset
+from fastrsb.data_folder import (check_headers, describe_counts, loader_batches, open_dataset,
+                                  refuse_a_run_inside_the_splits)
 from fastrsb.determinism import batch_hash, deterministic_mode
 from fastrsb.device import autocast, gpu_memory_line, resolve_device, step_stream
 from fastrsb.distributed import (Dist, FailureNotice, agree, all_reduce_sum, average_bn_stats, check_in_step,
@@ -295,6 +296,7 @@ def _open_together(data: Path, out: Path, resume: str | None, d: Dist):
     error, found = None, (None, None)
     try:
         if d.main:
+            refuse_a_run_inside_the_splits(out, data)
             refuse_a_second_run(out, resume)
         found = open_dataset(data)
         if d.main:  # now, not after the model and loaders are built (minutes on a GPU)

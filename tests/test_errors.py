@@ -332,3 +332,16 @@ def test_a_model_built_for_one_input_size_is_refused_other_sizes(tiny_data, tmp_
     assert (out / "last.pt").is_file()
     assert_user_error(run_cli("eval", out / "last.pt", "--data", tiny_data, "--img-size", "160", "224", "288",
                               check=False), "and --img-size is 160, 288: use 224")
+
+
+def test_a_run_folder_inside_the_data_splits_is_refused(copy_of):
+    """A run folder in DATA/train would be the next run's class of no images (and its files read as
+    data): refused, by the command line and by train() itself (what runs under torchrun)."""
+    from fastrsb.errors import UserError
+    from fastrsb.recipe import load_recipe
+    from fastrsb.train import train as train_run
+    assert_user_error(train(copy_of, "--out", copy_of / "train" / "run"), "the run folder",
+                      "lies inside the data's train/ folder", f"choose an --out outside {copy_of / 'train'}")
+    with pytest.raises(UserError, match="lies inside the data's val/ folder"):
+        train_run(load_recipe("tiny"), copy_of, copy_of / "val" / "n00_hstripes" / "run", device="cpu")
+    assert sorted(p.name for p in (copy_of / "train").iterdir()) == sorted(p.name for p in (copy_of / "val").iterdir())
