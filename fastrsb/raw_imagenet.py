@@ -87,10 +87,10 @@ def _source_images(kind: str, source: str, offset: int, size: int | None) -> dic
     images = {}
     with open(source, "rb") as f:
         f.seek(offset)  # tarfile reads from where the file stands: the inner tar's first header
-        with tarfile.open(fileobj=f, mode="r:") as inner:
+        with tarfile.open(fileobj=f, mode="r:*") as inner:  # compressed too, as _write_class reads it
             for member in inner:
-                if size is not None and member.offset >= offset + size:
-                    break  # past the inner tar: the outer tar's next member
+                if size is not None and inner.fileobj is f and member.offset >= offset + size:
+                    break  # past a plain inner tar: the outer tar's next member
                 if member.isfile():
                     images[Path(member.name).name] = member.size
     return images
