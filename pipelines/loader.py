@@ -640,6 +640,9 @@ def val_loader(root: str | os.PathLike | ImageList, batch_size: int, img_size: i
                       settings=_decoder_settings(device_id, hw_decoder_load, threads, 2))
 
 
+MAX_THREADS = 1024  # above any machine's use; 100,000 made DALI abort the process (no Python error)
+
+
 def _check_sizes(batch_size: int, img_size: int, dtype: str | None, num_threads: int | None,
                  prefetch_queue_depth: int = 1) -> None:
     """What DALI would otherwise refuse deep in a pipeline's build or first run, in its own words."""
@@ -648,6 +651,9 @@ def _check_sizes(batch_size: int, img_size: int, dtype: str | None, num_threads:
                         ("prefetch_queue_depth", prefetch_queue_depth)):
         if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
             raise DatasetError(f"{name} must be a positive whole number, not {value!r}")
+    if num_threads is not None and num_threads > MAX_THREADS:  # DALI's failure to start them aborts the process
+        raise DatasetError(f"num_threads {num_threads!r}: more threads than a loader takes (at most {MAX_THREADS}; "
+                           f"this machine has {os.cpu_count()} cores)")
     if dtype is not None and dtype not in PIXEL_DTYPES:
         raise DatasetError(f"dtype must be one of {', '.join(PIXEL_DTYPES)} (or None: the device's default), "
                            f"not {dtype!r}")

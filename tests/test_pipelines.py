@@ -778,10 +778,12 @@ def test_a_shard_that_does_not_exist_is_refused(tiny_data, shard_id, num_shards)
 
 
 @pytest.mark.parametrize("argument,value", [("batch_size", 0), ("batch_size", 8.0), ("img_size", 0), ("img_size", -5),
-                                            ("num_threads", 0), ("dtype", "int8"), ("crop_pct", 0), ("crop_pct", 3)])
+                                            ("num_threads", 0), ("num_threads", 100_000), ("dtype", "int8"),
+                                            ("crop_pct", 0), ("crop_pct", 3)])
 def test_an_argument_dali_would_choke_on_is_named(tiny_data, argument, value):
-    """Each of these failed deep inside DALI (a pipeline error, a KeyError, a ZeroDivisionError)
-    or, for crop_pct 3, gave 10 x 10 validation images for img_size 32."""
+    """Each of these failed deep inside DALI (a pipeline error, a KeyError, a ZeroDivisionError;
+    100,000 threads aborted the process) or, for crop_pct 3, gave 10 x 10 validation images for
+    img_size 32."""
     given = {"batch_size": 4, "img_size": 32, argument: value}
     makers = [lambda: val_loader(tiny_data / "val", given["batch_size"], given["img_size"], given.get("crop_pct", 0.95),
                                  device="cpu", **{k: v for k, v in given.items() if k in ("num_threads", "dtype")})]
