@@ -176,6 +176,20 @@ def disk_check(out: Path, recipe_name: str) -> Check:
     return Check("disk", free > 2 * need, text + ("" if free > 2 * need else ": free some space or choose another --out"))
 
 
+def run_folder_check(out: Path, data: Path | None) -> Check | None:
+    """What `fastrsb train` would refuse of the run folder's place: a file there, or the data's
+    train/ or val/ around it. None where there is nothing to say."""
+    from fastrsb.data_folder import refuse_a_run_inside_the_splits
+    if out.exists() and not out.is_dir():
+        return Check("out", False, f"--out {out} is a file: the run folder cannot be made there")
+    try:
+        if data is not None:
+            refuse_a_run_inside_the_splits(out, data)
+    except UserError as err:
+        return Check("out", False, str(err))
+    return None
+
+
 def batch_check(train_images: int, recipe_name: str, processes: int) -> Check:
     """The train set against one optimizer step of the recipe's batch over the run's processes:
     where it does not fill one, `fastrsb train` refuses to start (fastrsb.parts.check_fills_a_step)."""
@@ -236,6 +250,8 @@ def run_doctor(data: str | None, out: str | None, recipe: str = "a3") -> list[Ch
     gpus = torch.cuda.device_count() if device == "cuda" else 0
     checks.append(cpu_check(gpus))
     checks.append(disk_check(Path(out or "runs"), recipe))
+    if (place := run_folder_check(Path(out or "runs"), Path(data) if data else None)) is not None:
+        checks.append(place)
     if data:  # the run's processes: torchrun's, else one per GPU (as cpu_check counts them)
         checks += data_checks(Path(data), device, recipe, int(os.environ.get("WORLD_SIZE", "0")) or max(1, gpus))
     return checks

@@ -36,6 +36,13 @@ def test_doctor_names_every_problem_and_exits_2(tiny_data, tmp_path):
     assert ("FAIL  recipe a3: the 48 train images (48 a process over 1) do not fill one optimizer step of "
             "batch_size 2048") in proc.stdout  # as `fastrsb train a3` would refuse to start
     assert_user_error(run_cli("doctor", "--data", tmp_path / "nowhere", check=False), "1 problem(s)")
+    # The run folder's place, as `fastrsb train` would refuse it: a file, or inside train/ or val/.
+    (tmp_path / "a-file").write_text("")
+    proc = run_cli("doctor", "--out", tmp_path / "a-file", check=False)
+    assert_user_error(proc, "1 problem(s)")
+    assert f"FAIL  --out {tmp_path / 'a-file'} is a file" in proc.stdout
+    proc = run_cli("doctor", "--data", data, "--out", data / "val" / "run", "--recipe", "tiny", check=False)
+    assert f"FAIL  the run folder {data / 'val' / 'run'} lies inside the data's val/ folder" in proc.stdout
     assert_user_error(run_cli("doctor", "--recipe", "a9", check=False), "no recipe 'a9'")
 
 
