@@ -300,6 +300,8 @@ def _open_together(data: Path, out: Path, resume: str | None, d: Dist):
             refuse_a_second_run(out, resume)
         found = open_dataset(data)
         if d.main:  # now, not after the model and loaders are built (minutes on a GPU)
+            if out.exists() and not out.is_dir():
+                raise UserError(f"--out {out} is a file: the run folder cannot be made there")
             try:
                 out.mkdir(parents=True, exist_ok=True)
             except OSError as err:
