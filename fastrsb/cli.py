@@ -210,9 +210,11 @@ def cmd_doctor(args) -> int | None:
 
 def cmd_compare(args) -> int:
     from fastrsb.determinism import compare
-    from fastrsb.provenance import differences
+    from fastrsb.provenance import differences, recipe_differences
     agree, line = compare(args.run_a, args.run_b)
     print(line)
+    if found := recipe_differences(args.run_a, args.run_b):  # runs of other recipes: no wonder they diverge
+        print(f"note: the runs' recipes differ in {'; '.join(found)}")
     if found := differences(args.run_a, args.run_b):  # what to suspect first where they diverge
         print(f"note: the runs' first starts differ in {'; '.join(found)}")
     return 0 if agree else 1

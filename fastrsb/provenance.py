@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime
 import functools
+import json
 import os
 import platform
 import shlex
@@ -106,6 +107,16 @@ def differences(run_a: str | Path, run_b: str | Path) -> list[str]:
     empty where they agree or a run folder has no starts.jsonl (a run from before it)."""
     a, b = read_starts(run_a), read_starts(run_b)
     return start_differences(a[0], b[0]) if a and b else []
+
+
+def recipe_differences(run_a: str | Path, run_b: str | Path) -> list[str]:
+    """The recipe keys two runs were trained with that differ ("model resnet18 / resnet50"), from
+    their recipe.json; empty where either has none or cannot be read."""
+    try:
+        a, b = (json.loads((Path(run) / "recipe.json").read_text()) for run in (run_a, run_b))
+    except (OSError, ValueError):
+        return []
+    return [f"{key} {a.get(key)} / {b.get(key)}" for key in sorted(set(a) | set(b)) if a.get(key) != b.get(key)]
 
 
 def start_differences(a: dict, b: dict, processes: bool = True) -> list[str]:

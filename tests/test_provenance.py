@@ -101,8 +101,9 @@ def test_the_commit_is_the_checkouts_and_none_elsewhere(tmp_path):
 
 
 def test_compare_names_what_the_runs_software_differs_in(tiny_data, tmp_path):
-    """Two runs that diverge, one of them (as if) on another torch: compare says where they
-    diverge and that torch differs; runs that differ in nothing but their losses name nothing."""
+    """Two runs that diverge, one of them (as if) on another torch, then with another recipe:
+    compare says where they diverge and that torch and the recipe differ; runs that differ in
+    nothing but their losses name nothing."""
     a, b = tmp_path / "a", tmp_path / "b"
     run_cli("train", "tiny", "--data", tiny_data, "--out", a, *TINY_RUN, "--stop-after-steps", "3")
     shutil.copytree(a, b)
@@ -117,3 +118,8 @@ def test_compare_names_what_the_runs_software_differs_in(tiny_data, tmp_path):
     other = run_cli("compare", a, b, check=False)
     assert "diverged at step 2" in other.stdout
     assert f"note: the runs' first starts differ in torch {torch.__version__} / {OTHER_TORCH}" in other.stdout
+    assert "recipes differ" not in other.stdout
+    recipe = json.loads((b / "recipe.json").read_text())
+    (b / "recipe.json").write_text(json.dumps({**recipe, "model": "resnet18", "lr": 0.5}))
+    assert "note: the runs' recipes differ in lr 0.008 / 0.5; model resnet10t / resnet18" in \
+        run_cli("compare", a, b, check=False).stdout
