@@ -32,9 +32,9 @@ def write_stopped(folder: Path, reason: str, done: str) -> UserError:
 
 
 def each_result(func: Callable, jobs: Iterable, workers: int, chunksize: int = 1) -> Iterator:
-    """func(job) for each job, in order: in this process for one worker, else in a pool of
-    processes. Closing the iterator early (leaving its `closing` block by an error) cancels the
-    jobs not started, instead of waiting for all of them as the pool's own exit does."""
+    """func(job) for each job, in order: in this process for one worker (no pool to start, and
+    what a test patches applies), else in a pool of processes. Closing the iterator early (leaving
+    its `closing` block by an error) cancels the jobs not started and waits for those running."""
     if workers <= 1:
         yield from map(func, jobs)
         return
