@@ -246,6 +246,8 @@ def cmd_data_demo(args) -> None:
         raise UserError(f"--classes {args.classes}: the demo data set has 2 to {len(CLASSES)} classes")
     if args.train_per_class < 1 or args.val_per_class < 1:
         raise UserError("--train-per-class and --val-per-class must be 1 or more")
+    from fastrsb.file_jobs import make_folder
+    make_folder(Path(args.dir), "the demo data folder")  # (an empty one is replaced whole by the staged set)
     write_demo(args.dir, args.train_per_class, args.val_per_class, args.seed, args.classes)
     print(f"wrote {args.dir}/train and {args.dir}/val")
 

@@ -31,11 +31,11 @@ def open_split(root: Path, split: str) -> ImageList:
         raise UserError(f"{err}{hint(root)}") from None
 
 
-def no_folder(root: Path) -> str:
+def no_folder(root: Path, what: str = "data folder") -> str:
     """Why `root`, which is no folder, cannot be read as one."""
     if root.exists():
-        return f"data folder {root} is a file, not a folder"
-    return f"data folder {root} does not exist"
+        return f"{what} {root} is a file, not a folder"
+    return f"{what} {root} does not exist"
 
 
 def check_layout(root: Path) -> None:

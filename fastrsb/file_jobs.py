@@ -31,6 +31,16 @@ def write_stopped(folder: Path, reason: str, done: str) -> UserError:
                      "kept; make room (or make it writable), then run the same command again to finish")
 
 
+def make_folder(path: Path, what: str) -> None:
+    """Make `path` (and its parents) to write into, or say in one line why it cannot be."""
+    if path.exists() and not path.is_dir():
+        raise UserError(f"{what} {path} is a file: a folder goes there")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise UserError(f"cannot make {what} {path}: {err.strerror or err}") from None
+
+
 def each_result(func: Callable, jobs: Iterable, workers: int, chunksize: int = 1) -> Iterator:
     """func(job) for each job, in order: in this process for one worker (no pool to start, and
     what a test patches applies), else in a pool of processes. Closing the iterator early (leaving

@@ -12,9 +12,9 @@ from pathlib import Path
 
 from PIL import Image, ImageOps
 
-from fastrsb.data_folder import as_the_loaders_read, is_16_bit_grey
+from fastrsb.data_folder import as_the_loaders_read, is_16_bit_grey, no_folder
 from fastrsb.errors import UserError
-from fastrsb.file_jobs import each_result, stops_writing, write_stopped
+from fastrsb.file_jobs import each_result, make_folder, stops_writing, write_stopped
 from fastrsb.progress import Progress
 from fastrsb.pipelines import IMAGE_EXTENSIONS, walk_files
 
@@ -89,7 +89,7 @@ def prepare_val(val_dir: str | Path, labels_file: str | Path, synsets: str | Pat
     alone, so a second run finishes an interrupted one."""
     val_dir, labels_file = Path(val_dir), Path(labels_file)
     if not val_dir.is_dir():
-        raise UserError(f"validation folder {val_dir} does not exist")
+        raise UserError(no_folder(val_dir, "validation folder"))
     if not labels_file.is_file():
         raise UserError(f"no label file {labels_file}")
     target_dir = Path(copy_to) if copy_to else val_dir
@@ -104,6 +104,7 @@ def prepare_val(val_dir: str | Path, labels_file: str | Path, synsets: str | Pat
         raise UserError(f"{len(unknown)} image(s) in {val_dir} have no label in {labels_file}, e.g. {unknown[0]}: "
                         "is it the label file of this folder?")
     if copy_to:
+        make_folder(target_dir, "the --copy-to folder")
         _refuse_foreign_copies(target_dir, flat, labels)
     moved = 0
     for stem, path in sorted(flat.items()):
@@ -208,7 +209,7 @@ def _claim_target(target: Path, source: Path, settings: dict) -> None:
     if target.is_dir() and (held := sorted(p.name for p in target.iterdir())):
         raise UserError(f"{target} holds files that no `fastrsb data shrink` wrote ({held[0]}, ...): a file there "
                         "under an image's name would be taken for its shrunk copy; write to a new or empty folder")
-    target.mkdir(parents=True, exist_ok=True)
+    make_folder(target, "the target")
     marker.write_text(json.dumps({**settings, "source": str(source)}) + "\n")
 
 
@@ -220,7 +221,7 @@ def shrink(source: str | Path, target: str | Path, max_side: int = 500, quality:
     loaders and timm read them). Resumable: images already in TARGET are skipped."""
     source, target = Path(source).resolve(), Path(target).resolve()
     if not source.is_dir():
-        raise UserError(f"source folder {source} does not exist")
+        raise UserError(no_folder(source, "source folder"))
     if target == source or source in target.parents:
         raise UserError(f"the target {target} must lie outside the source {source}")
     if not 16 <= max_side <= 100_000 or not 1 <= quality <= 100:

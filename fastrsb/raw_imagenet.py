@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from fastrsb.errors import UserError
-from fastrsb.file_jobs import each_result, stops_writing, write_stopped
+from fastrsb.file_jobs import each_result, make_folder, stops_writing, write_stopped
 from fastrsb.progress import Progress
 
 LABEL_FILES = ("LOC_val_solution.csv", "ILSVRC2012_validation_ground_truth.txt")
@@ -258,7 +258,7 @@ def prepare(raw: str | Path, out: str | Path, synsets: str | Path | None = None,
     if out.resolve() == raw.resolve() or raw.resolve() in out.resolve().parents:
         raise UserError(f"OUT {out} must lie outside the download {raw} (which is only read)")
     print(f"{raw}: {layout.describe()}")
-    out.mkdir(parents=True, exist_ok=True)
+    make_folder(out, "OUT")
     _check_disk(layout, out)
     jobs = _train_jobs(layout, out)
     progress, counts = Progress("train classes", len(jobs), unit="classes"), {"done": 0, "skipped": 0}

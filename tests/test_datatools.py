@@ -334,3 +334,27 @@ def test_check_refuses_what_training_refuses_and_passes_what_it_reads(tiny_data,
     picture.save(folder / "j2k.JPEG", format="JPEG2000", no_jp2=True)
     assert "0 problem(s)" in run_cli("data", "check", data, "--workers", "2").stdout
     check_headers(list_images(data / "train"), list_images(data / "val"))
+
+
+def test_a_file_or_an_unmakeable_folder_where_a_data_tool_writes_is_one_line(tiny_data, tmp_path):
+    """A file given where a data tool reads or writes a folder, or a folder that cannot be made:
+    one line each (shrink, prepare-val and prepare raised FileExistsError or FileNotFoundError;
+    demo said it wrote a data set into a file, and wrote nothing)."""
+    a_file = tmp_path / "a-file"
+    a_file.write_text("notes")
+    unmakeable = Path("/proc/no/such")
+    labels = tmp_path / "LOC_val_solution.csv"
+    labels.write_text("ImageId,PredictionString\n")
+    raw = tmp_path / "raw"
+    (raw / "ILSVRC" / "Data" / "CLS-LOC" / "train" / "n01").mkdir(parents=True)
+    for argv, said in [(("data", "shrink", tiny_data, a_file), f"the target {a_file} is a file: a folder goes there"),
+                       (("data", "shrink", tiny_data, unmakeable), f"cannot make the target {unmakeable}: "),
+                       (("data", "shrink", a_file, tmp_path / "out"), f"source folder {a_file} is a file, not a folder"),
+                       (("data", "prepare-val", a_file, labels), f"validation folder {a_file} is a file, not a folder"),
+                       (("data", "prepare-val", tiny_data / "val", labels, "--copy-to", a_file),
+                        f"the --copy-to folder {a_file} is a file"),
+                       (("data", "prepare", raw, a_file), f"OUT {a_file} is a file: a folder goes there"),
+                       (("data", "demo", a_file), f"the demo data folder {a_file} is a file"),
+                       (("data", "demo", unmakeable), f"cannot make the demo data folder {unmakeable}")]:
+        assert_user_error(run_cli(*argv, check=False), said)
+    assert a_file.read_text() == "notes"
