@@ -1,6 +1,7 @@
-"""The data tools' per-file (per-class) jobs, run in parallel processes, and what stops them all: a
-target disk that takes no more (full, over quota, read-only), where every later job would fail the
-same way."""
+"""What the data tools (prepare, prepare-val, shrink, demo) share in writing: the folder they write
+into, made or refused in one line; their per-file (per-class) jobs, run in parallel processes; and
+what stops those all, a target disk that takes no more (full, over quota, read-only), where every
+later job would fail the same way."""
 from __future__ import annotations
 
 import errno
