@@ -17,6 +17,7 @@ from fastrsb.errors import UserError
 from fastrsb.progress import Progress
 from fastrsb.raw_imagenet import hint
 from fastrsb.pipelines import IMAGE_EXTENSIONS, DatasetError, ImageList, class_folders, list_images, walk_class
+from fastrsb.pipelines.image_list import refuse_names_dali_cannot_take
 
 LAYOUT = "DIR/train/<class>/<image>.JPEG and DIR/val/<class>/<image>.JPEG"
 
@@ -349,6 +350,10 @@ def check(root: str | Path, workers: int | None = None, decode: bool = True) -> 
                         f"{len(only_val)} only in val {only_val[:5]}")
     if len(splits.get("train", {})) == 1:
         problems.append("train/ holds one class: a classifier needs two or more")
+    try:
+        refuse_names_dali_cannot_take(files)
+    except DatasetError as err:
+        problems.append(str(err))
     found, noted = _check_images(files, workers, decode)
     counts = ", ".join(f"{sum(len(i) for i, _ in c.values()):,} {s} images in {len(c):,} classes"
                        for s, c in splits.items())

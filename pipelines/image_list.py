@@ -50,7 +50,34 @@ def list_images(root: str | os.PathLike) -> ImageList:
             raise DatasetError(f"class folder {root / name} holds no images ({', '.join(IMAGE_EXTENSIONS[:3])}, ...)")
         files += found
         labels += [label] * len(found)
+    refuse_names_dali_cannot_take(files)
     return ImageList(files, labels, classes)
+
+
+def names_dali_cannot_take(paths: list[str]) -> list[str]:
+    """The paths that are not valid UTF-8 (an old archive's Latin-1 names: Python keeps their bytes
+    as surrogates), shown with those bytes escaped. DALI's reader takes UTF-8 only: such a name
+    failed it with "Unsupported argument type with name files". One encode of them all where none
+    is (0.1 s for ImageNet's names)."""
+    try:
+        "\n".join(paths).encode("utf-8")
+        return []
+    except UnicodeEncodeError:
+        pass
+    bad = []
+    for path in paths:
+        try:
+            path.encode("utf-8")
+        except UnicodeEncodeError:
+            bad.append(path.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace"))
+    return bad
+
+
+def refuse_names_dali_cannot_take(paths: list[str]) -> None:
+    if bad := names_dali_cannot_take(paths):
+        raise DatasetError(f"{len(bad)} file name(s) are not UTF-8, which DALI's reader needs: {bad[0]}"
+                           f"{f' and {len(bad) - 1} more' if len(bad) > 1 else ''} (rename them, e.g. "
+                           "convmv -f latin1 -t utf8 -r --notest DIR)")
 
 
 def class_folders(root: Path) -> list[str]:

@@ -358,3 +358,25 @@ def test_a_file_or_an_unmakeable_folder_where_a_data_tool_writes_is_one_line(tin
                        (("data", "demo", unmakeable), f"cannot make the demo data folder {unmakeable}")]:
         assert_user_error(run_cli(*argv, check=False), said)
     assert a_file.read_text() == "notes"
+
+
+def test_a_file_name_that_is_not_utf8_is_named_by_check_and_the_loaders(tiny_data, tmp_path):
+    """A Latin-1 file name (an old archive's): DALI's reader takes UTF-8 names only, and failed with
+    "Unsupported argument type with name files" while `data check` said "ready to train". Now both
+    name the file, its byte escaped; a UTF-8 name of any script trains."""
+    import os
+    data = tmp_path / "data"
+    shutil.copytree(tiny_data, data)
+    victim = sorted((data / "train" / "n00_hstripes").iterdir())[3]
+    os.rename(os.fsencode(victim), os.fsencode(victim.parent) + b"/caf\xe9.JPEG")
+    shown = f"{data}/train/n00_hstripes/caf\\xe9.JPEG"
+    with pytest.raises(DatasetError, match="1 file name.s. are not UTF-8, which DALI's reader needs: "
+                                           + shown.replace("\\", "\\\\")):
+        list_images(data / "train")
+    checked = run_cli("data", "check", data, check=False)
+    assert_user_error(checked, "1 problem(s)")
+    assert shown in checked.stdout
+    assert_user_error(run_cli("train", "tiny", "--data", data, "--device", "cpu", "--out", tmp_path / "run",
+                              check=False), shown, "rename them")
+    os.rename(os.fsencode(victim.parent) + b"/caf\xe9.JPEG", victim.parent / "café-ü 日本.JPEG")
+    run_cli("train", "tiny", "--data", data, "--device", "cpu", "--out", tmp_path / "run", "--stop-after-steps", "1")
