@@ -84,7 +84,8 @@ def cmd_train(args) -> int:
     if "top1" in metrics and main_rank:
         from fastrsb.metrics_log import read_rows
         from fastrsb.train import time_spent
-        spent = time_spent(read_rows(out / "metrics.jsonl"))
+        rows = out / "metrics.jsonl"  # none where --resume CKPT of a finished run gave a new --out nothing to do
+        spent = time_spent(read_rows(rows)) if rows.is_file() else ""
         ema = f" (EMA top1 {metrics['ema_top1']:.2f})" if "ema_top1" in metrics else ""
         print(f"done: top1 {metrics['top1']:.2f} top5 {metrics['top5']:.2f}{ema}; {spent + '; ' if spent else ''}"
               f"run folder {out}")

@@ -152,6 +152,16 @@ def test_resume_refuses_another_recipe(tiny_data, uninterrupted, tmp_path):
     assert proc.returncode == 2 and "another recipe" in proc.stderr and "lr" in proc.stderr
 
 
+def test_a_finished_runs_checkpoint_resumed_into_a_new_folder_has_nothing_to_do(tiny_data, uninterrupted, tmp_path):
+    """`--resume CKPT` of a finished run, with a new --out: it says so and ends (it raised
+    FileNotFoundError: the new folder has no metrics.jsonl to sum the time from)."""
+    sets = [word for part in PARTS for word in ("--set", part)]
+    proc = run_cli("train", "tiny", "--data", tiny_data, "--out", tmp_path / "new", "--device", "cpu", *sets,
+                   "--resume", uninterrupted / "last.pt")
+    assert "this run already finished all 2 epochs" in proc.stdout
+    assert "done: top1 " in proc.stdout and f"run folder {tmp_path / 'new'}" in proc.stdout
+
+
 def test_a_loss_gone_to_inf_names_the_last_checkpoint_and_where_it_stands(tiny_data, tmp_path):
     """A run stopped after its first step and resumed, whose LR (1e38 after the warmup's first step)
     sends the loss to inf two steps later: the stop names the checkpoint it resumed from and where
