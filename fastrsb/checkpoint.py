@@ -54,14 +54,20 @@ def remove_partial_saves(folder: Path, names: tuple[str, ...] = ("last.pt", "bes
     return len(partial), size
 
 
-def load_checkpoint(path: str | Path) -> dict:
-    """weights_only=True: only tensors and plain data are unpickled, so a checkpoint from
-    elsewhere cannot execute anything."""
+def checkpoint_file(path: str | Path) -> Path:
+    """`path`, a file, or one line saying it is a folder or nothing."""
     path = Path(path)
     if path.is_dir():
         raise UserError(f"{path} is a folder: give a checkpoint file ({path / 'last.pt'} or best.pt in a run folder)")
     if not path.is_file():
         raise UserError(f"no checkpoint at {path}")
+    return path
+
+
+def load_checkpoint(path: str | Path) -> dict:
+    """weights_only=True: only tensors and plain data are unpickled, so a checkpoint from
+    elsewhere cannot execute anything."""
+    path = checkpoint_file(path)
     try:
         with warnings.catch_warnings():  # a file of other bytes is refused below; no warning of torch's ahead of it
             warnings.filterwarnings("ignore", message="Detected pickle protocol")

@@ -64,6 +64,9 @@ def cmd_train(args) -> int:
         check_layout(data)
         refuse_a_run_inside_the_splits(out, data)
         refuse_a_second_run(out, args.resume)
+        if args.resume not in (None, "auto"):  # before the run folder is made
+            from fastrsb.checkpoint import checkpoint_file
+            checkpoint_file(args.resume)
     if (launched := _launch_processes(args, recipe, data, out)) is not None:
         return launched
     from fastrsb.provenance import command_line

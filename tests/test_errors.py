@@ -346,3 +346,12 @@ def test_a_run_folder_inside_the_data_splits_is_refused(copy_of):
     with pytest.raises(UserError, match="lies inside the data's val/ folder"):
         train_run(load_recipe("tiny"), copy_of, copy_of / "val" / "n00_hstripes" / "run", device="cpu")
     assert sorted(p.name for p in (copy_of / "train").iterdir()) == sorted(p.name for p in (copy_of / "val").iterdir())
+
+
+def test_resume_from_no_checkpoint_makes_no_run_folder(tiny_data, tmp_path):
+    """--resume CKPT that is nothing, or a folder: one line, before the run folder is made (an empty
+    one was left behind)."""
+    for given, said in [(tmp_path / "nowhere.pt", f"no checkpoint at {tmp_path / 'nowhere.pt'}"),
+                        (tiny_data, f"{tiny_data} is a folder: give a checkpoint file")]:
+        assert_user_error(train(tiny_data, "--out", tmp_path / "run", "--resume", given), said)
+        assert not (tmp_path / "run").exists()
