@@ -7,6 +7,7 @@ SIGINT or SIGUSR1 (fastrsb.stopping) with a checkpoint of everything it needs to
 (`--resume auto`)."""
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 import traceback
@@ -53,6 +54,7 @@ def train(recipe: dict, data: str | Path, out: str | Path, device: str | None = 
     Returns the last epoch's metrics, with "stopped": True when it ended early."""
     device, out = resolve_device(device), Path(out)
     d = init_distributed(device)
+    new_folder = not out.exists()
     try:
         return _train(recipe, data, out, device, d, num_threads, log_every, resume, grad_accum_steps, stop,
                       stop_after_steps, micro_batch, deterministic, command)
@@ -60,6 +62,9 @@ def train(recipe: dict, data: str | Path, out: str | Path, device: str | None = 
         # Its traceback holds _train's frame, and so the run (its DDP wrapper): let go of them now,
         # while the process group still stands (distributed.shutdown says why). The lines stay.
         traceback.clear_frames(error.__traceback__)
+        if new_folder and d.main:  # refused before it wrote anything: no empty run folder left behind
+            with contextlib.suppress(OSError):
+                out.rmdir()  # (only if empty)
         raise
     finally:
         shutdown(d)  # after _train's objects: see distributed.shutdown
