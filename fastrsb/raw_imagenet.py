@@ -159,6 +159,33 @@ def _write_class(job: tuple) -> str:
         return f"failed: {source}{f' (member at byte {offset})' if offset else ''}: {type(err).__name__}: {err}"
 
 
+def _write_classes(jobs: list[tuple], train: Path, workers: int | None) -> tuple[dict, list[str], list[str]]:
+    """Every class job, in parallel processes: ({'done': n, 'skipped': n}, failures, foreign). A
+    full disk stops them all; stopped (that, Ctrl-C), the classes half written go."""
+    progress, counts = Progress("train classes", len(jobs), unit="classes"), {"done": 0, "skipped": 0}
+    failures, foreign = [], []
+    try:
+        with closing(each_result(_write_class, jobs, workers or max(1, min(16, len(os.sched_getaffinity(0)))))) \
+                as results:
+            for done, result in enumerate(results, 1):
+                if result.startswith("unwritable"):
+                    raise write_stopped(train, result.removeprefix("unwritable: "), "the classes written so far are")
+                if result.startswith("failed"):
+                    failures.append(result.removeprefix("failed: "))
+                elif result.startswith("foreign"):
+                    foreign.append(result.removeprefix("foreign: "))
+                else:
+                    counts[result] += 1
+                progress.update(done, done / max(time.perf_counter() - progress.start, 1e-9))
+    except BaseException:  # the pool is down by now: no class is being written
+        for partial in train.glob(".*.partial"):
+            shutil.rmtree(partial, ignore_errors=True)
+        raise
+    finally:
+        progress.close()
+    return counts, failures, foreign
+
+
 def _train_jobs(layout: RawLayout, out: Path) -> list[tuple]:
     train = out / "train"
     if layout.class_dirs:
@@ -261,22 +288,7 @@ def prepare(raw: str | Path, out: str | Path, synsets: str | Path | None = None,
     make_folder(out, "OUT")
     _check_disk(layout, out)
     jobs = _train_jobs(layout, out)
-    progress, counts = Progress("train classes", len(jobs), unit="classes"), {"done": 0, "skipped": 0}
-    failures, foreign = [], []
-    workers = workers or max(1, min(16, len(os.sched_getaffinity(0))))
-    with closing(each_result(_write_class, jobs, workers)) as results:
-        for done, result in enumerate(results, 1):
-            if result.startswith("unwritable"):
-                progress.close()
-                raise write_stopped(out / "train", result.removeprefix("unwritable: "), "the classes written so far are")
-            if result.startswith("failed"):
-                failures.append(result.removeprefix("failed: "))
-            elif result.startswith("foreign"):
-                foreign.append(result.removeprefix("foreign: "))
-            else:
-                counts[result] += 1
-            progress.update(done, done / max(time.perf_counter() - progress.start, 1e-9))
-    progress.close()
+    counts, failures, foreign = _write_classes(jobs, out / "train", workers)
     print(f"train: {counts['done']:,} class(es) written, {counts['skipped']:,} already there")
     if foreign:  # left as they are: they are somebody's files
         raise UserError(f"{len(foreign)} class folder(s) of {out / 'train'} already hold other images than the "

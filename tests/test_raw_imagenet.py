@@ -119,7 +119,8 @@ def test_a_full_disk_stops_prepare_in_one_line(ilsvrc, tmp_path, monkeypatch):
     """OUT's disk full while the classes are written (one worker: this process, where the write is
     made to fail as a full disk fails), then while the validation images are copied (a kernel
     ENOSPC: the copy's temporary name linked to /dev/full): one line saying so, not a tar 'to
-    download again' nor a traceback; what is written is kept, and the next run finishes."""
+    download again' nor a traceback; what is written is kept, and the next run finishes. A Ctrl-C
+    leaves no half-written class behind either."""
     import errno
     from pathlib import Path
     out = tmp_path / "imagenet"
@@ -133,8 +134,16 @@ def test_a_full_disk_stops_prepare_in_one_line(ilsvrc, tmp_path, monkeypatch):
     assert_user_error(run_cli("data", "prepare", ilsvrc, out, "--workers", "1", check=False),
                       f"cannot write into {out / 'train'} (No space left on device;", "the classes written so far are "
                       "kept", "then run the same command again to finish")
-    monkeypatch.undo()
     assert sorted(p.name for p in (out / "train").iterdir()) == ["n00_hstripes", "n01_vstripes"]  # no partial left
+
+    def interrupted(path, data):  # Ctrl-C in the middle of a class
+        if path.parent.name.startswith("."):
+            raise KeyboardInterrupt
+        return write_bytes(path, data)
+    monkeypatch.setattr(Path, "write_bytes", interrupted)
+    assert run_cli("data", "prepare", ilsvrc, out, "--workers", "1", check=False).returncode == 130
+    monkeypatch.undo()
+    assert sorted(p.name for p in (out / "train").iterdir()) == ["n00_hstripes", "n01_vstripes"]  # its partial gone
     (out / "val" / "n00_hstripes").mkdir(parents=True)
     full = out / "val" / "n00_hstripes" / ".ILSVRC2012_val_00000001.JPEG.tmp"
     full.symlink_to("/dev/full")
