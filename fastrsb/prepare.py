@@ -184,6 +184,9 @@ def _shrink_one(job: tuple[str, str, int, int, bool]) -> str:
         if stops_writing(err):  # the target's disk: every other image would fail alike
             return f"unwritable: {err.strerror}"
         return f"failed: {type(err).__name__}: {err}"
+    except BaseException:  # Ctrl-C (it reaches the workers too): no half-written copy left
+        tmp.unlink(missing_ok=True)
+        raise
     finally:
         Image.MAX_IMAGE_PIXELS = limit
 

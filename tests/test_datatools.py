@@ -220,6 +220,20 @@ def test_a_full_disk_stops_shrink_at_once_in_one_line(tiny_data, tmp_path):
         run_cli("data", "shrink", tiny_data, out, "--max-side", "40").stdout
 
 
+def test_shrink_stopped_with_ctrl_c_leaves_no_half_written_copy(tiny_data, tmp_path, monkeypatch):
+    """Ctrl-C reaches the workers; each removes the copy it was writing (one worker: this process,
+    where the interrupt is raised mid-save)."""
+    out = tmp_path / "small"
+
+    def interrupted(image, fp, *args, **kwargs):
+        Path(fp).write_bytes(b"half")
+        raise KeyboardInterrupt
+    monkeypatch.setattr(Image.Image, "save", interrupted)
+    assert run_cli("data", "shrink", tiny_data, out, "--max-side", "40", "--workers", "1",
+                   check=False).returncode == 130
+    assert [p.name for p in out.rglob("*") if p.is_file()] == [".fastrsb-shrink.json"]
+
+
 def test_shrink_copies_the_images_the_loaders_read(tiny_data, tmp_path):
     """The shrunk copy lists as the original: images in a symlinked sub-folder copied (shrink walked
     without following links, and the copy trained on fewer images), dot-folders left out; a loop
