@@ -117,7 +117,7 @@ def prepare_val(val_dir: str | Path, labels_file: str | Path, synsets: str | Pat
             try:
                 tmp.write_bytes(path.read_bytes())
                 os.replace(tmp, target)
-            except OSError as err:
+            except BaseException as err:  # a full disk, Ctrl-C: no half-written copy left
                 tmp.unlink(missing_ok=True)
                 if stops_writing(err):
                     raise write_stopped(target_dir, err.strerror, "the images copied so far are") from None
