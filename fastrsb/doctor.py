@@ -181,7 +181,7 @@ def run_folder_check(out: Path, data: Path | None) -> Check | None:
     train/ or val/ around it. None where there is nothing to say."""
     from fastrsb.data_folder import refuse_a_run_inside_the_splits
     if out.exists() and not out.is_dir():
-        return Check("out", False, f"--out {out} is a file: the run folder cannot be made there")
+        return Check("out", False, f"the run folder {out} is a file: a folder goes there")
     try:
         if data is not None:
             refuse_a_run_inside_the_splits(out, data)

@@ -1,7 +1,7 @@
-"""What the data tools (prepare, prepare-val, shrink, demo) share in writing: the folder they write
-into, made or refused in one line; their per-file (per-class) jobs, run in parallel processes; and
-what stops those all, a target disk that takes no more (full, over quota, read-only), where every
-later job would fail the same way."""
+"""What the commands share in writing: the folder they write into (a run's; the data tools':
+prepare, prepare-val, shrink, demo), made or refused in one line; the data tools' per-file
+(per-class) jobs, run in parallel processes; and what stops those all, a target disk that takes no
+more (full, over quota, read-only), where every later job would fail the same way."""
 from __future__ import annotations
 
 import errno

@@ -26,6 +26,7 @@ from fastrsb.device import autocast, gpu_memory_line, resolve_device, step_strea
 from fastrsb.distributed import (Dist, FailureNotice, agree, all_reduce_sum, average_bn_stats, check_in_step,
                                  init_distributed, shutdown, stop_together)
 from fastrsb.errors import UserError
+from fastrsb.file_jobs import make_folder
 from fastrsb.metrics_log import refuse_a_second_run
 from fastrsb.parts import Run, build_run
 from fastrsb.pipelines import DatasetError
@@ -305,12 +306,7 @@ def _open_together(data: Path, out: Path, resume: str | None, d: Dist):
             refuse_a_second_run(out, resume)
         found = open_dataset(data)
         if d.main:  # now, not after the model and loaders are built (minutes on a GPU)
-            if out.exists() and not out.is_dir():
-                raise UserError(f"--out {out} is a file: the run folder cannot be made there")
-            try:
-                out.mkdir(parents=True, exist_ok=True)
-            except OSError as err:
-                raise UserError(f"cannot make the run folder {out}: {err.strerror or err}") from None
+            make_folder(out, "the run folder")
     except (UserError, DatasetError) as err:
         error = err
     stop_together(error, d, "the start-up checks (data folder, run folder)")

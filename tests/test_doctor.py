@@ -40,7 +40,7 @@ def test_doctor_names_every_problem_and_exits_2(tiny_data, tmp_path):
     (tmp_path / "a-file").write_text("")
     proc = run_cli("doctor", "--out", tmp_path / "a-file", check=False)
     assert_user_error(proc, "1 problem(s)")
-    assert f"FAIL  --out {tmp_path / 'a-file'} is a file" in proc.stdout
+    assert f"FAIL  the run folder {tmp_path / 'a-file'} is a file: a folder goes there" in proc.stdout
     proc = run_cli("doctor", "--data", data, "--out", data / "val" / "run", "--recipe", "tiny", check=False)
     assert f"FAIL  the run folder {data / 'val' / 'run'} lies inside the data's val/ folder" in proc.stdout
     assert_user_error(run_cli("doctor", "--recipe", "a9", check=False), "no recipe 'a9'")

@@ -32,7 +32,7 @@ def test_missing_data_folder(tmp_path):
 def test_run_folder_that_cannot_be_made(tiny_data, tmp_path):
     (tmp_path / "taken").write_text("a file, not a folder")
     assert_user_error(train(tiny_data, "--out", tmp_path / "taken"),
-                      f"--out {tmp_path / 'taken'} is a file: the run folder cannot be made there")
+                      f"the run folder {tmp_path / 'taken'} is a file: a folder goes there")
     assert_user_error(train(tiny_data, "--out", tmp_path / "taken" / "run"), "cannot make the run folder")
     assert (tmp_path / "taken").read_text() == "a file, not a folder"
 
