@@ -120,11 +120,16 @@ def walk_class(folder: Path) -> tuple[list[str], list[str]]:
 
 def _read_file_list(path: Path) -> ImageList:
     files, labels = [], []
+    data = path.read_bytes()
     try:
-        text = path.read_text()
-    except UnicodeDecodeError:
-        raise DatasetError(f"{path} is not a file list (text lines 'relative/path label'): a loader reads a folder "
-                           "of class folders or such a list") from None
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        if b"\0" in data[:4096]:  # a binary file (an image) where a list or folder belongs
+            raise DatasetError(f"{path} is not a file list (text lines 'relative/path label'): a loader reads a "
+                               "folder of class folders or such a list") from None
+        line = data[:err.start].count(b"\n") + 1  # a list in another encoding: DALI's reader takes UTF-8 names
+        raise DatasetError(f"{path}:{line}: not UTF-8 (a Latin-1 file name?), which DALI's reader needs: rename the "
+                           "file and write its line in UTF-8") from None
     for number, line in enumerate(text.splitlines(), 1):
         if not line.strip() or line.lstrip().startswith("#"):
             continue

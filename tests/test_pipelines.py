@@ -468,6 +468,10 @@ def test_file_list(tmp_path, tiny_data):
     # An image where a list or folder belongs (a binary file read as a list): named, not a UnicodeDecodeError.
     with pytest.raises(DatasetError, match="is not a file list"):
         train_loader(listing.files[0], batch_size=2, img_size=32, device="cpu")
+    # A list written in Latin-1 (a name with "é"): the line named.
+    (tmp_path / "latin1.txt").write_bytes(b"# comment\nsome/file.JPEG 0\nsome/caf\xe9.JPEG 1\n")
+    with pytest.raises(DatasetError, match="latin1.txt:3: not UTF-8"):
+        list_images(tmp_path / "latin1.txt")
 
 
 def test_a_file_that_does_not_decode_is_said_how_to_find(tmp_path, tiny_data):
