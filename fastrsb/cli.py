@@ -494,7 +494,7 @@ def main(argv: list[str] | None = None) -> int:
         from fastrsb.file_jobs import free_gb, stops_writing
         if not stops_writing(err):
             raise
-        where = Path(err.filename) if err.filename else Path.cwd()
+        where = Path(os.fsdecode(err.filename)) if err.filename else Path.cwd()
         say_error(f"cannot write {where} ({err.strerror}; {free_gb(where.parent):,.1f} GB free on its disk): make "
                   "room (or make it writable), then run the command again")
         return 2
