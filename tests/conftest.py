@@ -3,6 +3,7 @@ import io
 import os
 import subprocess
 import sys
+import tempfile
 
 import pytest
 
@@ -13,6 +14,22 @@ from fastrsb.demo_data import write_demo
 # 4 classes x 12 train / 5 val images: 20 val images do not divide into batches of 8, so the
 # partial last batch is exercised; each class holds the odd files (gray, CMYK, progressive, PNG).
 TINY = dict(train_per_class=12, val_per_class=5, num_classes=4)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def temporary_files_under_pytests_folder(tmp_path_factory):
+    """What the tests, and the processes they start, write to the temporary folder (torchrun's
+    torchelastic_* log folders, DALI's autograph files, run folders made with mkdtemp) goes under
+    pytest's own folder, which pytest prunes, not into /tmp: a CI run left ~80 folders there."""
+    folder = tmp_path_factory.mktemp("tmp")
+    saved = os.environ.get("TMPDIR"), tempfile.tempdir
+    os.environ["TMPDIR"], tempfile.tempdir = str(folder), None  # None: tempfile reads TMPDIR again
+    yield folder
+    if saved[0] is None:
+        os.environ.pop("TMPDIR", None)
+    else:
+        os.environ["TMPDIR"] = saved[0]
+    tempfile.tempdir = saved[1]
 
 
 @pytest.fixture(scope="session")
