@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from fastrsb.errors import UserError
+from fastrsb.file_jobs import nearest_existing
 
 
 @dataclass
@@ -170,7 +171,7 @@ def disk_check(out: Path, recipe_name: str) -> Check:
     params = model_parameters(recipe["model"])
     copies = 3 + (1 if recipe["model_ema"] else 0)
     need = 2 * copies * params * 4 / 2**30
-    folder = out if out.exists() else next((p for p in out.parents if p.exists()), Path("."))
+    folder = nearest_existing(out)
     free = shutil.disk_usage(folder).free / 2**30
     text = f"{free:,.1f} GiB free in {folder}; recipe {recipe_name}'s last.pt + best.pt need {need:.2f} GiB"
     return Check("disk", free > 2 * need, text + ("" if free > 2 * need else ": free some space or choose another --out"))

@@ -21,9 +21,14 @@ def stops_writing(err: BaseException) -> bool:
     return isinstance(err, OSError) and err.errno in _TARGET_WONT_TAKE
 
 
+def nearest_existing(path: Path) -> Path:
+    """`path`, or the nearest folder above it that exists: where a folder still to be made will
+    lie, for its disk's free space."""
+    return next((p for p in (path, *path.parents) if p.exists()), Path("."))
+
+
 def free_gb(folder: Path) -> float:
-    existing = next((p for p in (folder, *folder.parents) if p.exists()), Path("/"))
-    return shutil.disk_usage(existing).free / 1e9
+    return shutil.disk_usage(nearest_existing(folder)).free / 1e9
 
 
 def write_stopped(folder: Path, reason: str, done: str) -> UserError:

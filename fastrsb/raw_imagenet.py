@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from fastrsb.errors import UserError
-from fastrsb.file_jobs import each_result, make_folder, stops_writing, write_stopped
+from fastrsb.file_jobs import each_result, make_folder, nearest_existing, stops_writing, write_stopped
 from fastrsb.progress import Progress
 
 LABEL_FILES = ("LOC_val_solution.csv", "ILSVRC2012_validation_ground_truth.txt")
@@ -267,7 +267,7 @@ def _check_disk(layout: RawLayout, out: Path) -> None:
     if layout.class_dirs:  # hard links cost nothing on one file system; copies cost the images
         same = os.stat(layout.class_dirs).st_dev == os.stat(out if out.exists() else out.parent).st_dev
         need += 0 if same else sum(f.stat().st_size for f in layout.class_dirs.rglob("*") if f.is_file())
-    folder = out if out.exists() else next(p for p in out.parents if p.exists())
+    folder = nearest_existing(out)
     free = shutil.disk_usage(folder).free
     if free < need * 1.05:
         raise UserError(f"{folder} has {free / 2**30:,.1f} GiB free and the prepared data set needs about "
