@@ -61,8 +61,10 @@ def cmd_train(args) -> int:
         # here would leave the other machines' waiting for it.
         from fastrsb.data_folder import check_layout, refuse_a_run_inside_the_splits
         from fastrsb.metrics_log import refuse_a_second_run
+        from fastrsb.run_lock import refuse_if_in_use
         check_layout(data)
         refuse_a_run_inside_the_splits(out, data)
+        refuse_if_in_use(out)
         refuse_a_second_run(out, args.resume)
         if args.resume not in (None, "auto"):  # before the run folder is made
             from fastrsb.checkpoint import checkpoint_file

@@ -28,6 +28,7 @@ from fastrsb.distributed import (Dist, FailureNotice, agree, all_reduce_sum, ave
 from fastrsb.errors import UserError
 from fastrsb.file_jobs import make_folder
 from fastrsb.metrics_log import refuse_a_second_run
+from fastrsb.run_lock import RunLock
 from fastrsb.parts import Run, build_run
 from fastrsb.pipelines import DatasetError
 from fastrsb.progress import Progress, clock as _clock
@@ -55,28 +56,30 @@ def train(recipe: dict, data: str | Path, out: str | Path, device: str | None = 
     Returns the last epoch's metrics, with "stopped": True when it ended early."""
     device, out = resolve_device(device), Path(out)
     d = init_distributed(device)
-    new_folder = not out.exists()
+    new_folder, lock = not out.exists(), RunLock(out)
     try:
         return _train(recipe, data, out, device, d, num_threads, log_every, resume, grad_accum_steps, stop,
-                      stop_after_steps, micro_batch, deterministic, command)
+                      stop_after_steps, micro_batch, deterministic, command, lock)
     except BaseException as error:
         # Its traceback holds _train's frame, and so the run (its DDP wrapper): let go of them now,
         # while the process group still stands (distributed.shutdown says why). The lines stay.
         traceback.clear_frames(error.__traceback__)
+        lock.release()
         if new_folder and d.main:  # refused before it wrote anything: no empty run folder left behind
             with contextlib.suppress(OSError):
                 out.rmdir()  # (only if empty)
         raise
     finally:
+        lock.release()  # after the last checkpoint and row
         shutdown(d)  # after _train's objects: see distributed.shutdown
 
 
 def _train(recipe: dict, data: str | Path, out: Path, device: str, d: Dist, num_threads: int | None, log_every: int,
            resume: str | None, grad_accum_steps: str | int, stop: StopRequest | None, stop_after_steps: int | None,
-           micro_batch: int | None, deterministic: bool, command: str | None) -> dict:
+           micro_batch: int | None, deterministic: bool, command: str | None, lock: RunLock) -> dict:
     """train()'s work in a frame of its own, whose objects are gone when it returns."""
     with (stop or StopRequest()) as stop, deterministic_mode(deterministic):
-        train_images, val_images = _open_together(data, out, resume, d)
+        train_images, val_images = _open_together(data, out, resume, d, lock)
         resume_path, state = resume_state(resume, out, recipe, train_images.classes, d)
         if resume == "auto" and state is None and d.main:
             print(f"--resume auto: no checkpoint in {out}, starting from scratch"
@@ -296,17 +299,21 @@ def evaluate(model: torch.nn.Module, loader, device: str, dtype: torch.dtype | N
             "val_images": int(count)}
 
 
-def _open_together(data: Path, out: Path, resume: str | None, d: Dist):
+def _open_together(data: Path, out: Path, resume: str | None, d: Dist, lock: RunLock):
     """(train, val) image lists, the start-up checks made on every rank's own view (its copy of
-    the data) and on rank 0's (the run folder, which it alone writes), all stopping together."""
+    the data) and on rank 0's (the run folder, which it alone writes, and holds locked from here),
+    all stopping together."""
     error, found = None, (None, None)
     try:
         if d.main:
             refuse_a_run_inside_the_splits(out, data)
+            if out.is_dir():  # a run going on there is the first thing to say
+                lock.take()
             refuse_a_second_run(out, resume)
         found = open_dataset(data)
         if d.main:  # now, not after the model and loaders are built (minutes on a GPU)
             make_folder(out, "the run folder")
+            lock.take()
     except (UserError, DatasetError) as err:
         error = err
     stop_together(error, d, "the start-up checks (data folder, run folder)")
