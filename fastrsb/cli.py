@@ -69,6 +69,9 @@ def cmd_train(args) -> int:
         if args.resume not in (None, "auto"):  # before the run folder is made
             from fastrsb.checkpoint import checkpoint_file
             checkpoint_file(args.resume)
+        elif recipe["initial_checkpoint"] and not (args.resume and (out / "last.pt").exists()):  # a new run reads it
+            from fastrsb.initial_weights import initial_source
+            initial_source(recipe["initial_checkpoint"])
     if (launched := _launch_processes(args, recipe, data, out)) is not None:
         return launched
     from fastrsb.provenance import command_line

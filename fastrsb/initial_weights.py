@@ -21,19 +21,28 @@ from fastrsb.errors import UserError
 from fastrsb.model_folder import is_model_folder, read_config, read_weights, read_weights_file
 
 
+def initial_source(source: str) -> Path:
+    """SOURCE, a file or a model folder, or one line saying what it is not (the CLI checks before
+    it starts --nproc's processes, so that it is said once, not by each)."""
+    path = Path(source)
+    kinds = "a fastrsb checkpoint, a timm model folder (config.json and its weights), or a file of weights alone"
+    if path.is_dir() and not is_model_folder(path):
+        raise UserError(f"initial_checkpoint {path} is a folder without config.json: {kinds}")
+    if not path.exists():
+        raise UserError(f"initial_checkpoint {path} does not exist: {kinds}")
+    return path
+
+
 def load_initial_weights(model: nn.Module, source: str, architecture: str, classes: list[str]) -> str:
     """Copy SOURCE's weights into `model` (a freshly built `architecture` for `classes`); returns
     the run card's line saying what was taken."""
-    path = Path(source)
-    if is_model_folder(path):
+    path = initial_source(source)
+    if path.is_dir():
         config = read_config(path)
         theirs, their_classes, weights = config.get("architecture"), config.get("label_names"), read_weights(path)
         origin = f"model folder {path}"
-    elif path.is_file():
-        theirs, their_classes, weights, origin = _from_file(path, architecture)
     else:
-        raise UserError(f"initial_checkpoint {path} does not exist: a fastrsb checkpoint, a timm model folder "
-                        "(config.json and its weights), or a file of weights alone")
+        theirs, their_classes, weights, origin = _from_file(path, architecture)
     if theirs != architecture:
         raise UserError(f"initial_checkpoint {path} holds {theirs} weights and the recipe trains {architecture}: "
                         f"--set model={theirs}, or another initial_checkpoint")

@@ -399,6 +399,12 @@ def test_initial_checkpoint_that_cannot_start_the_run(run, tiny_data, tmp_path):
     common = ["train", "tiny", "--data", tiny_data, "--device", "cpu"]
     assert_user_error(run_cli(*common, "--out", tmp_path / "a", "--set", f"initial_checkpoint={tmp_path / 'none.pt'}",
                               check=False), "initial_checkpoint", "does not exist")
+    # Said once, before --nproc starts its processes (each would say it), and no run folder made.
+    assert_user_error(run_cli(*common, "--out", tmp_path / "a", "--nproc", "2", "--set",
+                              f"initial_checkpoint={tmp_path / 'none.pt'}", check=False), "does not exist")
+    assert_user_error(run_cli(*common, "--out", tmp_path / "a", "--set", f"initial_checkpoint={tmp_path}", check=False),
+                      f"initial_checkpoint {tmp_path} is a folder without config.json")
+    assert not (tmp_path / "a").exists()
     assert_user_error(run_cli(*common, "--out", tmp_path / "b", "--set", f"initial_checkpoint={out / 'last.pt'}",
                               "--set", "model=resnet18", check=False),
                       "holds resnet10t weights and the recipe trains resnet18", "--set model=resnet10t")
