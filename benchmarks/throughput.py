@@ -556,7 +556,8 @@ def parse_args(argv: list[str] | None = None, gpu: bool | None = None) -> argpar
     gpu = torch.cuda.is_available() if gpu is None else gpu
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--mode", choices=["loader", "step", "train"], default="loader")
-    p.add_argument("--data", type=Path, help="a class-folder tree of JPEGs (e.g. imagenet/train)")
+    p.add_argument("--data", type=Path, help="a class-folder tree of JPEGs (e.g. imagenet/train), or the data "
+                                             "folder `fastrsb train --data` takes (its train/ is read)")
     p.add_argument("--synthetic-jpegs", type=count_option, help="generate (and cache) this many ImageNet-like JPEGs")
     p.add_argument("--cache", type=Path, default=Path("data/bench"), help="where synthetic JPEGs are kept")
     p.add_argument("--loaders", default=None, help="loader mode: comma list (default: dali-gpu if a GPU, dali-cpu, torchvision, timm)")
@@ -640,6 +641,10 @@ def _refuse_mistakes(p: argparse.ArgumentParser, args: argparse.Namespace, gpu: 
             p.error("--loaders dali-gpu needs a GPU (none is visible here)")
     if args.mode != "step" and not args.data and not args.synthetic_jpegs:
         p.error(f"--mode {args.mode} needs --data DIR or --synthetic-jpegs N")
+    if args.data and (args.data / "train").is_dir() and (args.data / "val").is_dir():
+        # fastrsb's data folder, as `fastrsb train --data` takes it: its train/ is what the train
+        # loader reads (taken as it is, train/ and val/ would be measured as two classes).
+        args.data = args.data / "train"
     if args.mode != "loader":  # a wrong key or value stops here, not after the JPEGs are generated
         from fastrsb.errors import UserError
         from fastrsb.recipe import load_recipe
