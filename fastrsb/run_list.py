@@ -1,6 +1,6 @@
 """`fastrsb runs [DIR]`: every run folder under DIR in one table: its recipe and model, how far it
-got, its last and best top-1, when it started, on what (processes, device, fastrsb commit) and
-when it last wrote a row. Read from recipe.json, metrics.jsonl and starts.jsonl only (a checkpoint
+got and whether a train runs in it now (its lock: fastrsb.run_lock), its last and best top-1,
+when it started, on what (processes, device, fastrsb commit) and when it last wrote a row. Read from recipe.json, metrics.jsonl and starts.jsonl only (a checkpoint
 of ResNet-50 weighs ~300 MB: none is opened), so a folder of a hundred runs lists at once."""
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from pathlib import Path
 from fastrsb.errors import UserError
 from fastrsb.metrics_log import read_rows
 from fastrsb.provenance import read_starts
+from fastrsb.run_lock import in_use
 
 
 def run_folders(root: Path) -> list[Path]:
@@ -37,8 +38,11 @@ def describe(folder: Path) -> dict:
     validated = [r for r in rows if r.get("kind") == "epoch" and "top1" in r]
     first, last = (starts[0], starts[-1]) if starts else ({}, {})
     written = max((p.stat().st_mtime for p in (metrics, folder / "last.pt") if p.is_file()), default=None)
+    done, trainer = validated[-1]["epoch"] if validated else 0, in_use(folder)
     return {"run": str(folder), "recipe": recipe.get("name"), "model": recipe.get("model"),
-            "epochs": recipe.get("epochs"), "epochs_done": validated[-1]["epoch"] if validated else 0,
+            "epochs": recipe.get("epochs"), "epochs_done": done,
+            "state": "running" if trainer else "done" if done >= recipe["epochs"] else "stopped",
+            "trainer": trainer,  # who runs it now: "pid N on HOST, since ..."
             "top1": validated[-1]["top1"] if validated else None,
             "best_top1": max(r["top1"] for r in validated) if validated else None,
             "started": first.get("started"), "starts": len(starts), "processes": last.get("processes"),
@@ -50,17 +54,17 @@ def describe(folder: Path) -> dict:
 def table(runs: list[dict], now: datetime.datetime | None = None) -> str:
     """The runs as aligned text columns, a run a line."""
     now = now or datetime.datetime.now(datetime.timezone.utc)
-    header = ("run", "recipe", "epochs", "top-1", "best", "started", "on", "commit", "last written")
+    header = ("run", "recipe", "epochs", "state", "top-1", "best", "started", "on", "commit", "last written")
     lines = [header]
     for r in runs:
         if "unreadable" in r:
-            lines.append((r["run"], f"unreadable: {r['unreadable']}", *["-"] * 7))
+            lines.append((r["run"], f"unreadable: {r['unreadable']}", *["-"] * 8))
             continue
         top1 = f"{r['top1']:.2f}" if r["top1"] is not None else "-"
         best = f"{r['best_top1']:.2f}" if r["best_top1"] is not None else "-"
         on = f"{r['processes']} x {r['device']}" if r["processes"] else "-"
         resumed = f" (+{r['starts'] - 1} resume(s))" if r["starts"] > 1 else ""
-        lines.append((r["run"], f"{r['recipe']} ({r['model']})", f"{r['epochs_done']}/{r['epochs']}", top1, best,
+        lines.append((r["run"], f"{r['recipe']} ({r['model']})", f"{r['epochs_done']}/{r['epochs']}", r["state"], top1, best,
                       (r["started"] or "-")[:16].replace("T", " ") + resumed, on, r["commit"] or "-",
                       _ago(r["last_written"], now)))
     widths = [max(len(line[i]) for line in lines) for i in range(len(header))]

@@ -556,9 +556,19 @@ def test_runs_lists_every_run_folder_with_its_progress(run, tmp_path):
     assert (a["started"], a["starts"], a["processes"], a["device"], a["commit"]) == (
         start["started"], 1, 1, "cpu", start["commit"])
     assert (b["epochs_done"], b["top1"], b["started"], b["processes"]) == (1, epochs[0]["top1"], None, None)
+    assert (a["state"], b["state"], a["trainer"]) == ("done", "stopped", None)
     text = run_cli("runs", root).stdout.splitlines()
-    assert text[0].split()[:3] == ["run", "recipe", "epochs"] and len(text) == 3
-    assert f"tiny (resnet10t)  2/2     {epochs[-1]['top1']:.2f}" in text[1] and "1 x cpu" in text[1]
+    assert text[0].split()[:4] == ["run", "recipe", "epochs", "state"] and len(text) == 3
+    assert f"tiny (resnet10t)  2/2     done     {epochs[-1]['top1']:.2f}" in text[1] and "1 x cpu" in text[1]
+    holder = _hold_the_lock(root / "b")  # a train resumed in b, running now
+    try:
+        b = json.loads(run_cli("runs", root, "--json").stdout.splitlines()[1])
+        assert b["state"] == "running" and b["trainer"].startswith(f"pid {holder.pid} on ")
+        assert "1/2     running" in run_cli("runs", root).stdout.splitlines()[2]
+    finally:
+        holder.kill()
+        holder.wait()
+    assert json.loads(run_cli("runs", root, "--json").stdout.splitlines()[1])["state"] == "stopped"
     (root / "c").mkdir()
     (root / "c" / "recipe.json").write_text("{not json")  # listed as such, the others still listed
     text = run_cli("runs", root).stdout.splitlines()
