@@ -61,7 +61,7 @@ def cmd_train(args) -> int:
         # here would leave the other machines' waiting for it.
         from fastrsb.data_folder import check_layout, refuse_a_run_inside_the_splits
         from fastrsb.metrics_log import refuse_a_second_run
-        from fastrsb.run_lock import refuse_if_in_use
+        from fastrsb.folder_lock import refuse_if_in_use
         check_layout(data)
         refuse_a_run_inside_the_splits(out, data)
         refuse_if_in_use(out)

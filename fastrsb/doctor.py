@@ -181,7 +181,7 @@ def run_folder_check(out: Path, data: Path | None) -> Check | None:
     """What `fastrsb train` would refuse of the run folder's place: a file there, the data's
     train/ or val/ around it, or a train running in it now. None where there is nothing to say."""
     from fastrsb.data_folder import refuse_a_run_inside_the_splits
-    from fastrsb.run_lock import refuse_if_in_use
+    from fastrsb.folder_lock import refuse_if_in_use
     if out.exists() and not out.is_dir():
         return Check("out", False, f"the run folder {out} is a file: a folder goes there")
     try:

@@ -15,6 +15,7 @@ from PIL import Image, ImageOps
 from fastrsb.data_folder import as_the_loaders_read, is_16_bit_grey, no_folder
 from fastrsb.errors import UserError
 from fastrsb.file_jobs import each_result, make_folder, stops_writing, write_stopped
+from fastrsb.folder_lock import FolderLock
 from fastrsb.progress import Progress
 from fastrsb.pipelines import IMAGE_EXTENSIONS, walk_files
 
@@ -105,14 +106,28 @@ def prepare_val(val_dir: str | Path, labels_file: str | Path, synsets: str | Pat
                         "is it the label file of this folder?")
     if copy_to:
         make_folder(target_dir, "the --copy-to folder")
-        _refuse_foreign_copies(target_dir, flat, labels)
+    with FolderLock(target_dir, "fastrsb data prepare-val"):
+        if copy_to:
+            _refuse_foreign_copies(target_dir, flat, labels)
+        moved = _place(flat, labels, target_dir, bool(copy_to))
+    in_folders = {(p.parent.name, p.stem) for p in target_dir.glob("*/*") if p.is_file() and not p.name.startswith(".")}
+    placed = sum(1 for stem, wnid in labels.items() if (wnid, stem) in in_folders)
+    missing = len(labels) - placed
+    print(f"{'copied' if copy_to else 'moved'} {moved:,} image(s) into {len({labels[s] for s in flat}) if flat else 0} "
+          f"class folder(s) of {target_dir}; {placed:,} of {len(labels):,} labelled images are in place"
+          f"{f', {missing:,} missing' if missing else ''}")
+    return {"moved": moved, "placed": placed, "missing": missing}
+
+
+def _place(flat: dict[str, Path], labels: dict[str, str], target_dir: Path, copy: bool) -> int:
+    """Each image into its class folder, moved or copied; how many were."""
     moved = 0
     for stem, path in sorted(flat.items()):
         target = target_dir / labels[stem] / path.name
         target.parent.mkdir(parents=True, exist_ok=True)
-        if copy_to and target.exists():
+        if copy and target.exists():
             continue
-        if copy_to:
+        if copy:
             tmp = target.with_name(f".{target.name}.tmp")
             try:
                 tmp.write_bytes(path.read_bytes())
@@ -125,13 +140,7 @@ def prepare_val(val_dir: str | Path, labels_file: str | Path, synsets: str | Pat
         else:
             os.replace(path, target)
         moved += 1
-    in_folders = {(p.parent.name, p.stem) for p in target_dir.glob("*/*") if p.is_file() and not p.name.startswith(".")}
-    placed = sum(1 for stem, wnid in labels.items() if (wnid, stem) in in_folders)
-    missing = len(labels) - placed
-    print(f"{'copied' if copy_to else 'moved'} {moved:,} image(s) into {len({labels[s] for s in flat}) if flat else 0} "
-          f"class folder(s) of {target_dir}; {placed:,} of {len(labels):,} labelled images are in place"
-          f"{f', {missing:,} missing' if missing else ''}")
-    return {"moved": moved, "placed": placed, "missing": missing}
+    return moved
 
 
 def _refuse_foreign_copies(target_dir: Path, flat: dict[str, Path], labels: dict[str, str]) -> None:
@@ -231,6 +240,11 @@ def shrink(source: str | Path, target: str | Path, max_side: int = 500, quality:
         raise UserError(f"--max-side must be >= 16 and --quality 1..100 (got {max_side}, {quality})")
     # "upright" recorded only when set: a target written before the option existed still matches.
     _claim_target(target, source, {"max_side": max_side, "quality": quality, **({"upright": True} if upright else {})})
+    with FolderLock(target, "fastrsb data shrink"):
+        return _shrink_into(source, target, max_side, quality, workers, upright)
+
+
+def _shrink_into(source: Path, target: Path, max_side: int, quality: int, workers: int | None, upright: bool) -> dict:
     jobs = []
     for dirpath, names in walk_files(source):  # what the loaders would read there: symlinked folders too
         for name in sorted(names):

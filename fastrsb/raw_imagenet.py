@@ -25,6 +25,7 @@ from pathlib import Path
 
 from fastrsb.errors import UserError
 from fastrsb.file_jobs import each_result, make_folder, nearest_existing, stops_writing, write_stopped
+from fastrsb.folder_lock import FolderLock
 from fastrsb.progress import Progress
 
 LABEL_FILES = ("LOC_val_solution.csv", "ILSVRC2012_validation_ground_truth.txt")
@@ -276,7 +277,6 @@ def _check_disk(layout: RawLayout, out: Path) -> None:
 
 def prepare(raw: str | Path, out: str | Path, synsets: str | Path | None = None, workers: int | None = None) -> list[str]:
     """RAW (a download) -> OUT/train/<wnid>/, OUT/val/<wnid>/; returns `data check`'s problems of OUT."""
-    from fastrsb.data_folder import check
     raw, out = Path(raw), Path(out)
     layout = recognise(raw)
     if layout is None:
@@ -286,6 +286,12 @@ def prepare(raw: str | Path, out: str | Path, synsets: str | Path | None = None,
         raise UserError(f"OUT {out} must lie outside the download {raw} (which is only read)")
     print(f"{raw}: {layout.describe()}")
     make_folder(out, "OUT")
+    with FolderLock(out, "fastrsb data prepare"):
+        return _prepare_into(layout, out, Path(synsets) if synsets else None, workers)
+
+
+def _prepare_into(layout: RawLayout, out: Path, synsets: Path | None, workers: int | None) -> list[str]:
+    from fastrsb.data_folder import check
     _check_disk(layout, out)
     jobs = _train_jobs(layout, out)
     counts, failures, foreign = _write_classes(jobs, out / "train", workers)
@@ -299,6 +305,6 @@ def prepare(raw: str | Path, out: str | Path, synsets: str | Path | None = None,
         raise UserError(f"{len(failures)} class(es) could not be read: {failures[0]}"
                         f"{f' and {len(failures) - 1} more' if len(failures) > 1 else ''} (is the tar truncated? "
                         "Download it again; the classes written so far stay)")
-    _val(layout, out, Path(synsets) if synsets else None)
+    _val(layout, out, synsets)
     problems, _ = check(out, decode=False)
     return problems

@@ -1,5 +1,5 @@
 """`fastrsb runs [DIR]`: every run folder under DIR in one table: its recipe and model, how far it
-got and whether a train runs in it now (its lock: fastrsb.run_lock), its last and best top-1,
+got and whether a train runs in it now (its lock: fastrsb.folder_lock), its last and best top-1,
 when it started, on what (processes, device, fastrsb commit) and when it last wrote a row. Read from recipe.json, metrics.jsonl and starts.jsonl only (a checkpoint
 of ResNet-50 weighs ~300 MB: none is opened), so a folder of a hundred runs lists at once."""
 from __future__ import annotations
@@ -11,7 +11,7 @@ from pathlib import Path
 from fastrsb.errors import UserError
 from fastrsb.metrics_log import read_rows
 from fastrsb.provenance import read_starts
-from fastrsb.run_lock import in_use
+from fastrsb.folder_lock import in_use
 
 
 def run_folders(root: Path) -> list[Path]:
@@ -42,7 +42,7 @@ def describe(folder: Path) -> dict:
     return {"run": str(folder), "recipe": recipe.get("name"), "model": recipe.get("model"),
             "epochs": recipe.get("epochs"), "epochs_done": done,
             "state": "running" if trainer else "done" if done >= recipe["epochs"] else "stopped",
-            "trainer": trainer,  # who runs it now: "pid N on HOST, since ..."
+            "trainer": trainer,  # who runs it now: "fastrsb train (pid N on HOST, since ...)"
             "top1": validated[-1]["top1"] if validated else None,
             "best_top1": max(r["top1"] for r in validated) if validated else None,
             "started": first.get("started"), "starts": len(starts), "processes": last.get("processes"),

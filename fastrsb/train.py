@@ -28,7 +28,7 @@ from fastrsb.distributed import (Dist, FailureNotice, agree, all_reduce_sum, ave
 from fastrsb.errors import UserError
 from fastrsb.file_jobs import make_folder
 from fastrsb.metrics_log import refuse_a_second_run
-from fastrsb.run_lock import RunLock
+from fastrsb.folder_lock import FolderLock
 from fastrsb.parts import Run, build_run
 from fastrsb.pipelines import DatasetError
 from fastrsb.progress import Progress, clock as _clock
@@ -56,7 +56,7 @@ def train(recipe: dict, data: str | Path, out: str | Path, device: str | None = 
     Returns the last epoch's metrics, with "stopped": True when it ended early."""
     device, out = resolve_device(device), Path(out)
     d = init_distributed(device)
-    new_folder, lock = not out.exists(), RunLock(out)
+    new_folder, lock = not out.exists(), FolderLock(out)
     try:
         return _train(recipe, data, out, device, d, num_threads, log_every, resume, grad_accum_steps, stop,
                       stop_after_steps, micro_batch, deterministic, command, lock)
@@ -76,7 +76,7 @@ def train(recipe: dict, data: str | Path, out: str | Path, device: str | None = 
 
 def _train(recipe: dict, data: str | Path, out: Path, device: str, d: Dist, num_threads: int | None, log_every: int,
            resume: str | None, grad_accum_steps: str | int, stop: StopRequest | None, stop_after_steps: int | None,
-           micro_batch: int | None, deterministic: bool, command: str | None, lock: RunLock) -> dict:
+           micro_batch: int | None, deterministic: bool, command: str | None, lock: FolderLock) -> dict:
     """train()'s work in a frame of its own, whose objects are gone when it returns."""
     with (stop or StopRequest()) as stop, deterministic_mode(deterministic):
         train_images, val_images = _open_together(data, out, resume, d, lock)
@@ -299,7 +299,7 @@ def evaluate(model: torch.nn.Module, loader, device: str, dtype: torch.dtype | N
             "val_images": int(count)}
 
 
-def _open_together(data: Path, out: Path, resume: str | None, d: Dist, lock: RunLock):
+def _open_together(data: Path, out: Path, resume: str | None, d: Dist, lock: FolderLock):
     """(train, val) image lists, the start-up checks made on every rank's own view (its copy of
     the data) and on rank 0's (the run folder, which it alone writes, and holds locked from here),
     all stopping together."""

@@ -64,6 +64,22 @@ def run_cli_process(*args, check=True):
     return proc
 
 
+@contextlib.contextmanager
+def folder_held(folder, job="fastrsb train"):
+    """A process of its own holding FOLDER's lock (fastrsb.folder_lock), as a job writing there
+    does; it is killed (SIGKILL: the kernel lets go of its lock, its file stays) on leaving."""
+    code = ("import sys, time; from fastrsb.folder_lock import FolderLock; FolderLock(sys.argv[1], sys.argv[2]).take(); "
+            "print('held', flush=True); time.sleep(600)")
+    holder = subprocess.Popen([sys.executable, "-c", code, str(folder), job], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "held\n"
+        yield holder
+    finally:
+        holder.kill()
+        holder.wait()
+        holder.stdout.close()
+
+
 def said_errors(stderr: str) -> list[str]:
     """The 'fastrsb: error: ...' lines of a process's stderr, each from that text to its line's end.
     fastrsb writes each in one go, newline included, but another thread's C++ warning (torch's

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import assert_user_error, run_cli
+from conftest import assert_user_error, folder_held, run_cli
 from fastrsb.errors import UserError
 from fastrsb.pipelines import DatasetError, list_images
 
@@ -166,6 +166,38 @@ def test_prepare_val_from_devkit_ground_truth(tiny_data, tmp_path):
     assert_user_error(run_cli(*args[:-1], flat, check=False), "the validation folder itself")
     (tmp_path / "bad.csv").write_text("id,label\n")
     assert_user_error(run_cli("data", "prepare-val", flat, tmp_path / "bad.csv", check=False), "ImageId,PredictionString")
+
+
+def _tree(folder):
+    """Every file under FOLDER with its bytes, but for the lock a killed holder leaves."""
+    return {path.relative_to(folder): path.read_bytes() for path in folder.rglob("*")
+            if path.is_file() and path.name != ".fastrsb.lock"}
+
+
+def test_a_data_tool_refuses_a_folder_another_is_writing(tiny_data, tmp_path):
+    """Two shrinks, or two prepare-vals, writing one folder at once race for the same files (say,
+    the same command started again in another terminal): the second is refused naming the first,
+    and changes nothing; once the first has ended, however it ended, the command runs."""
+    small = tmp_path / "small"
+    shrink = ("data", "shrink", tiny_data, small, "--max-side", "40", "--workers", "1")
+    run_cli(*shrink)
+    (small / "train" / "n00_hstripes").rename(tmp_path / "taken-out")  # for the rerun to write again
+    flat, truth = _flat_val(tmp_path, tiny_data)
+    csv = tmp_path / "LOC_val_solution.csv"
+    csv.write_text("ImageId,PredictionString\n" + "".join(f"{k},{v} 1 2 30 40\n" for k, v in truth.items()))
+    copies = tmp_path / "sorted"
+    copies.mkdir()
+    for folder, job, argv, said in (
+            (small, "fastrsb data shrink", shrink, "12 written"),
+            (copies, "fastrsb data prepare-val", ("data", "prepare-val", flat, csv, "--copy-to", copies), "copied 20"),
+            (flat, "fastrsb data prepare-val", ("data", "prepare-val", flat, csv), "moved 20")):
+        before = _tree(folder)
+        with folder_held(folder, job) as holder:
+            assert_user_error(run_cli(*argv, check=False), f"{folder} is being written by {job} (pid {holder.pid} on ",
+                              "race for the same files", "a rerun then finishes what it left")
+            assert _tree(folder) == before
+        assert said in run_cli(*argv).stdout
+        assert not (folder / ".fastrsb.lock").exists()  # the one the killed holder left went with the run
 
 
 def test_shrink_makes_a_compact_rgb_copy_and_resumes(tiny_data, tmp_path):

@@ -6,7 +6,7 @@ import tarfile
 
 import pytest
 
-from conftest import assert_user_error, run_cli
+from conftest import assert_user_error, folder_held, run_cli
 from fastrsb.pipelines import list_images
 
 
@@ -69,6 +69,10 @@ def test_ilsvrc_tars_prepare_resume_and_train(ilsvrc, tiny_data, tmp_path):
     _assert_prepared(out, tiny_data)
     assert {p: p.stat().st_mtime_ns for p in ilsvrc.iterdir()} == before  # the download is only read
     shutil.rmtree(out / "train" / "n02_checks")  # as if interrupted: the rest is kept, the class redone
+    with folder_held(out, "fastrsb data prepare") as holder:  # and started again while it still runs
+        assert_user_error(run_cli("data", "prepare", ilsvrc, out, check=False),
+                          f"{out} is being written by fastrsb data prepare (pid {holder.pid} on ")
+        assert not (out / "train" / "n02_checks").exists()
     proc = run_cli("data", "prepare", ilsvrc, out)
     assert "train: 1 class(es) written, 3 already there" in proc.stdout
     _assert_prepared(out, tiny_data)

@@ -3,14 +3,12 @@ import json
 import os
 import re
 import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import assert_user_error, run_cli
+from conftest import assert_user_error, folder_held, run_cli
 import fastrsb
 from fastrsb.checkpoint import load_checkpoint
 from fastrsb.errors import UserError
@@ -41,7 +39,7 @@ def test_writes_metrics_and_checkpoints(run):
     assert json.loads((out / "recipe.json").read_text())["name"] == "tiny"
     assert (out / "last.pt").is_file() and (out / "best.pt").is_file()
     assert not list(out.glob(".*.tmp"))  # atomic writes leave nothing behind
-    assert not (out / ".train.lock").exists()  # the lock it held while it ran (fastrsb.run_lock) went with it
+    assert not (out / ".fastrsb.lock").exists()  # the lock it held while it ran (fastrsb.folder_lock) went with it
     assert "img/s" in proc.stderr and "eta" in proc.stderr and "data " in proc.stderr  # progress was shown
     assert re.search(r"done: top1 [\d.]+ top5 [\d.]+; 2 epoch\(s\) in 0:00:\d\d \(training 0:00:\d\d at [\d,]+ img/s, "
                      r"validation 0:00:\d\d\); run folder ", proc.stdout), proc.stdout
@@ -427,27 +425,18 @@ def test_run_folder_is_not_overwritten(run, tiny_data):
     assert (out / "metrics.jsonl").read_text() == before
 
 
-def _hold_the_lock(folder):
-    """A process of its own holding the run folder's lock, as a train running there does."""
-    code = "import sys, time; from fastrsb.run_lock import RunLock; RunLock(sys.argv[1]).take(); print('held', flush=True); time.sleep(600)"
-    holder = subprocess.Popen([sys.executable, "-c", code, str(folder)], stdout=subprocess.PIPE, text=True)
-    assert holder.stdout.readline() == "held\n"
-    return holder
-
-
 def test_one_train_at_a_time_in_a_run_folder(run, tiny_data):
     """A second train in a folder a train is writing (--resume auto from another terminal, two jobs
     given one --out) is refused, naming the first, and changes nothing; the lock is the kernel's,
     so a holder that was killed leaves none behind."""
     from fastrsb.doctor import run_folder_check
+    from fastrsb.folder_lock import FolderLock
     from fastrsb.recipe import load_recipe
-    from fastrsb.run_lock import RunLock
     from fastrsb.train import train
     out, _ = run
     before = {path.name: path.read_bytes() for path in out.iterdir() if path.is_file()}
-    holder = _hold_the_lock(out)
-    try:
-        said = f"{out} is in use by another fastrsb train (pid {holder.pid} on {socket.gethostname()}, since "
+    with folder_held(out) as holder:
+        said = f"{out} is being written by fastrsb train (pid {holder.pid} on {socket.gethostname()}, since "
         for resume in ("auto", None):  # the CLI's check, before it imports torch
             argv = ["train", "tiny", "--data", tiny_data, "--out", out, "--device", "cpu"] + (["--resume", resume] if resume else [])
             assert_user_error(run_cli(*argv, check=False), said)
@@ -455,12 +444,9 @@ def test_one_train_at_a_time_in_a_run_folder(run, tiny_data):
         with pytest.raises(UserError, match=re.escape(said)):
             train(load_recipe("tiny"), tiny_data, out, device="cpu", resume="auto")
         assert said in run_folder_check(out, None).text  # fastrsb doctor --out
-        assert f"pid {holder.pid}" in (out / ".train.lock").read_text()  # its lock file, left to it
-    finally:
-        holder.kill()
-        holder.wait()
+        assert f"pid {holder.pid}" in (out / ".fastrsb.lock").read_text()  # its lock file, left to it
     assert run_folder_check(out, None) is None
-    lock = RunLock(out)
+    lock = FolderLock(out)
     lock.take()  # its file is still there, its lock is not
     lock.release()
     assert {path.name: path.read_bytes() for path in out.iterdir() if path.is_file()} == before
@@ -468,18 +454,19 @@ def test_one_train_at_a_time_in_a_run_folder(run, tiny_data):
 
 def test_a_run_folder_that_takes_no_locks_trains_unguarded_and_says_so(tmp_path, monkeypatch, capsys):
     """Some NFS and Lustre mounts answer flock with ENOLCK or ENOSYS: the run goes on, and says
-    that nothing guards its folder, rather than not starting at all."""
+    that nothing guards its folder, rather than not starting at all (the data tools likewise)."""
     import errno
     import fcntl
-    from fastrsb.run_lock import RunLock
+    from fastrsb.folder_lock import FolderLock
 
     def no_locks(fd, operation):
         raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
     monkeypatch.setattr(fcntl, "flock", no_locks)
-    lock = RunLock(tmp_path)
+    lock = FolderLock(tmp_path)
     lock.take()
     lock.release()
-    assert "file system takes no file locks (No locks available): nothing stops a second train" in capsys.readouterr().out
+    assert ("file system takes no file locks (No locks available): nothing stops a second job from writing there "
+            "while this fastrsb train does") in capsys.readouterr().out
     assert list(tmp_path.iterdir()) == []
 
 
@@ -560,14 +547,10 @@ def test_runs_lists_every_run_folder_with_its_progress(run, tmp_path):
     text = run_cli("runs", root).stdout.splitlines()
     assert text[0].split()[:4] == ["run", "recipe", "epochs", "state"] and len(text) == 3
     assert f"tiny (resnet10t)  2/2     done     {epochs[-1]['top1']:.2f}" in text[1] and "1 x cpu" in text[1]
-    holder = _hold_the_lock(root / "b")  # a train resumed in b, running now
-    try:
+    with folder_held(root / "b") as holder:  # a train resumed in b, running now
         b = json.loads(run_cli("runs", root, "--json").stdout.splitlines()[1])
-        assert b["state"] == "running" and b["trainer"].startswith(f"pid {holder.pid} on ")
+        assert b["state"] == "running" and b["trainer"].startswith(f"fastrsb train (pid {holder.pid} on ")
         assert "1/2     running" in run_cli("runs", root).stdout.splitlines()[2]
-    finally:
-        holder.kill()
-        holder.wait()
     assert json.loads(run_cli("runs", root, "--json").stdout.splitlines()[1])["state"] == "stopped"
     (root / "c").mkdir()
     (root / "c" / "recipe.json").write_text("{not json")  # listed as such, the others still listed
