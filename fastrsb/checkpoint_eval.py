@@ -14,9 +14,11 @@ from fastrsb.checkpoint import load_checkpoint, load_weights
 from fastrsb.data_folder import no_folder, open_split
 from fastrsb.device import amp_dtype, resolve_device
 from fastrsb.errors import UserError
+from fastrsb.memory_floor import refuse_a_batch_that_cannot_fit
 from fastrsb.model import check_input_sizes, make_model
 from fastrsb.model_folder import is_model_folder, load_model_folder
 from fastrsb.parts import open_val_loader
+from fastrsb.pipelines import default_pixel_dtype
 from fastrsb.train import evaluate
 
 
@@ -36,11 +38,15 @@ def evaluate_checkpoint_at(checkpoint: str | Path, data: str | Path, img_sizes: 
     model = weights.model.to(device)
     pairs = dict.fromkeys((size or weights.img_size, crop or weights.crop_pct) for size in img_sizes for crop in crop_pcts)
     check_input_sizes(model, {"--img-size": sorted({size for size, _ in pairs})})
+    dtype = amp_dtype(device, weights.amp)
+    refuse_a_batch_that_cannot_fit(model, sorted({size for size, _ in pairs}), batch_size, device,
+                                   activation_bytes=2 if dtype else 4,
+                                   pixel_bytes=getattr(torch, default_pixel_dtype(device)).itemsize)
     for size, crop in pairs:
         loader = open_val_loader({"test_img_size": size, "crop_pct": crop}, images, batch_size, device,
                                  num_threads=num_threads)
         try:
-            figures = evaluate(model, loader, device, amp_dtype(device, weights.amp))
+            figures = evaluate(model, loader, device, dtype)
         except torch.cuda.OutOfMemoryError:
             raise UserError(f"a batch of {batch_size} images at {size} px takes more memory than the GPU has: "
                             f"--batch-size {max(1, batch_size // 2)} or fewer") from None

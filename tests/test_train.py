@@ -233,8 +233,34 @@ def test_eval_that_runs_out_of_gpu_memory_says_what_fits(run, tiny_data, monkeyp
     def out_of_memory(*args):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
     monkeypatch.setattr(fastrsb.checkpoint_eval, "evaluate", out_of_memory)
-    assert_user_error(run_cli("eval", out / "last.pt", "--data", tiny_data, "--img-size", "2000", check=False),
-                      "a batch of 128 images at 2000 px takes more memory than the GPU has: --batch-size 64 or fewer")
+    # (Not at 2000 px: the loader opened there before the patched forward took 22 GB of this machine's 24.)
+    assert_user_error(run_cli("eval", out / "last.pt", "--data", tiny_data, "--img-size", "320", check=False),
+                      "a batch of 128 images at 320 px takes more memory than the GPU has: --batch-size 64 or fewer")
+
+
+def test_eval_refuses_a_batch_below_its_memory_floor_before_it_allocates(run, tiny_data):
+    """`fastrsb eval --img-size 2000` on the CPU: the kernel's OOM killer ended it without a word
+    (and a pytest run with it). The floor, the loader's two batches and the model's largest layer
+    for one image (from a forward pass on the meta device), is checked against the memory free."""
+    from fastrsb.memory_floor import GiB, largest_activation, refuse_a_batch_that_cannot_fit
+    from fastrsb.model import make_model
+    out, _ = run
+    model = make_model("resnet10t", 4)
+    # The stem's normalization at 2000 px: 64 channels in and 64 out at 1000 x 1000, float32.
+    assert largest_activation(model, [2000, 224], 4) == {2000: (64 + 64) * 1000 * 1000 * 4, 224: 128 * 112 * 112 * 4}
+    assert largest_activation(model, [2000], 2) == {2000: (64 + 64) * 1000 * 1000 * 2}
+    floor = (64 + 64) * 10 ** 6 * 4 + 2 * 3 * 2000 * 2000 * 4  # an image: 608 MB, 96 MB of them pixels
+    with pytest.raises(UserError, match=re.escape(
+            f"a batch of 128 images at 2000 px needs at least {128 * floor / GiB:,.1f} GiB (the loader's batches and "
+            f"the model's largest layer) and this machine has 20.0 GiB free: --batch-size {20 * GiB // floor // 2} "
+            f"or fewer (the floor allows {20 * GiB // floor} with nothing else held)")):
+        refuse_a_batch_that_cannot_fit(model, [224, 2000], 128, "cpu", 4, 4, free=20 * GiB)
+    refuse_a_batch_that_cannot_fit(model, [224, 2000], 32, "cpu", 4, 4, free=20 * GiB)  # 18.1 GiB: passed
+    with pytest.raises(UserError, match="one image alone needs 0.6 GiB"):
+        refuse_a_batch_that_cannot_fit(model, [2000], 1, "cpu", 4, 4, free=GiB // 4)
+    # Through the command line, against this machine's memory: refused at once, nothing allocated.
+    assert_user_error(run_cli("eval", out / "last.pt", "--data", tiny_data, "--img-size", "224", "20000",
+                              check=False), "images at 20000 px needs at least", "GiB free")
 
 
 def test_eval_of_a_model_folder_equals_the_checkpoints(run, tiny_data, tmp_path):
