@@ -13,11 +13,11 @@ from a forward pass on torch's meta device: shapes only, no memory, no arithmeti
 from __future__ import annotations
 
 import copy
-from pathlib import Path
 
 import torch
 from torch import nn
 
+from fastrsb.accumulation import memory_available
 from fastrsb.errors import UserError
 
 GiB = 2 ** 30
@@ -63,16 +63,11 @@ def _numel(value) -> int:
 
 
 def free_memory(device: str) -> int | None:
-    """Bytes the process may still take: the GPU's free memory, or Linux's MemAvailable."""
+    """Bytes the process may still take: the GPU's free memory, or the machine's (less where its
+    memory cgroup, a SLURM job's or a container's, leaves less: fastrsb.accumulation)."""
     if device.startswith("cuda"):
         return torch.cuda.mem_get_info(torch.device(device))[0]
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
+    return memory_available()
 
 
 def refuse_a_batch_that_cannot_fit(model: nn.Module, sizes: list[int], batch: int, device: str,
