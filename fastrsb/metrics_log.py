@@ -67,9 +67,23 @@ def replace_text(path: Path, text: str) -> None:
         raise
 
 
+# What a new run writes over whole, and a fastrsb run writes only after its first metrics row: in a
+# folder without metrics.jsonl they are another tool's (timm's train.py writes summary.csv into its
+# output folder) or somebody's. (A recipe.json alone is a run stopped at start-up: started again.)
+WRITTEN_OVER = ("summary.csv", "last.pt", "best.pt")
+
+
 def refuse_a_second_run(out: Path, resume: str | None) -> None:
     """A run folder that holds a run (its metrics.jsonl) is continued with --resume, never started
-    over: a new run would write its rows among the old ones."""
-    if not resume and (Path(out) / "metrics.jsonl").exists():
+    over: a new run would write its rows among the old ones. Nor does a run that starts anew (new,
+    or --resume auto without a last.pt) write over files of the names it writes in a folder that
+    holds no fastrsb run. (A last.pt copied alone into a folder is continued by --resume auto.)"""
+    if (Path(out) / "metrics.jsonl").exists():
+        if resume:
+            return
         raise UserError(f"{out} already holds a run (metrics.jsonl): continue it with --resume auto, "
                         "or choose another --out")
+    starts_anew = not resume or (resume == "auto" and not (Path(out) / "last.pt").exists())
+    if starts_anew and (found := [name for name in WRITTEN_OVER if (Path(out) / name).exists()]):
+        raise UserError(f"{out} already holds {', '.join(found)} but no metrics.jsonl: not a fastrsb run's, and a "
+                        "new run would write over it; choose another --out")

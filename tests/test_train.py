@@ -451,6 +451,28 @@ def test_run_folder_is_not_overwritten(run, tiny_data):
     assert (out / "metrics.jsonl").read_text() == before
 
 
+def test_another_tools_files_are_not_written_over(tiny_data, tmp_path):
+    """A folder holding a file of a name a run writes whole, but no metrics.jsonl (timm's output
+    folder has a summary.csv; a hand-made one may hold a last.pt), is not a fastrsb run: a run
+    starting anew there (new, or --resume auto without a last.pt to continue) is refused and the
+    file kept. A fastrsb run stopped at start-up (its recipe.json, no rows) starts again."""
+    from fastrsb.metrics_log import WRITTEN_OVER
+    common = ["train", "tiny", "--data", tiny_data, "--device", "cpu"]
+    for name in WRITTEN_OVER:
+        folder = tmp_path / name.replace(".", "-")
+        folder.mkdir()
+        (folder / name).write_text("theirs")
+        for resume in ([], ["--resume", "auto"]) if name != "last.pt" else ([],):  # (auto resumes a last.pt)
+            assert_user_error(run_cli(*common, "--out", folder, *resume, check=False),
+                              f"{folder} already holds {name} but no metrics.jsonl")
+        assert [(p.name, p.read_text()) for p in folder.iterdir()] == [(name, "theirs")]
+    stopped = tmp_path / "stopped"
+    stopped.mkdir()
+    (stopped / "recipe.json").write_text("{}")
+    run_cli(*common, "--out", stopped, "--stop-after-steps", "1")
+    assert (stopped / "last.pt").is_file()
+
+
 def test_one_train_at_a_time_in_a_run_folder(run, tiny_data):
     """A second train in a folder a train is writing (--resume auto from another terminal, two jobs
     given one --out) is refused, naming the first, and changes nothing; the lock is the kernel's,
