@@ -11,7 +11,7 @@ from typing import Iterator, Sequence
 import torch
 
 from fastrsb.checkpoint import load_checkpoint, load_weights
-from fastrsb.data_folder import no_folder, open_split
+from fastrsb.data_folder import no_folder, open_split, refuse_data_being_written
 from fastrsb.device import amp_dtype, resolve_device
 from fastrsb.errors import UserError
 from fastrsb.memory_floor import refuse_a_batch_that_cannot_fit
@@ -88,6 +88,7 @@ def _validation_images(data: Path, classes: list[str] | None):
     (by name; by number where the weights name none)."""
     if not data.is_dir():
         raise UserError(no_folder(data))
+    refuse_data_being_written(data)
     images = open_split(data, "val") if (data / "val").is_dir() else open_split(data.parent, data.name)
     if classes is None:
         return images

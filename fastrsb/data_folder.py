@@ -14,6 +14,7 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 from fastrsb.errors import UserError
+from fastrsb.folder_lock import in_use
 from fastrsb.progress import Progress
 from fastrsb.raw_imagenet import hint
 from fastrsb.pipelines import IMAGE_EXTENSIONS, DatasetError, ImageList, class_folders, list_images, walk_class
@@ -40,12 +41,23 @@ def no_folder(root: Path, what: str = "data folder") -> str:
 
 
 def check_layout(root: Path) -> None:
-    """The folder and its train/ and val/ exist: checked in microseconds, before torch is imported."""
+    """The folder and its train/ and val/ exist, and no data tool is writing them: checked in
+    microseconds, before torch is imported."""
     if not root.is_dir():
         raise UserError(f"{no_folder(root)} (expected {LAYOUT.replace('DIR', str(root))})")
+    refuse_data_being_written(root)
     for split in ("train", "val"):
         if not (root / split).is_dir():
             raise UserError(f"{root} has no '{split}' folder (expected {root}/{split}/<class>/<image>.JPEG){hint(root)}")
+
+
+def refuse_data_being_written(root: Path) -> None:
+    """A data folder that `data prepare`, `shrink` or `prepare-val` is writing now (fastrsb.folder_lock)
+    holds only part of its classes or images: a run or a check of it would see a data set that is
+    not there yet (or stop on a file written halfway)."""
+    for folder in (root, root / "train", root / "val"):
+        if (who := in_use(folder)) is not None:
+            raise UserError(f"the data folder {root} is being written by {who}: use it once that has ended")
 
 
 def refuse_a_run_inside_the_splits(out: Path, root: Path) -> None:
@@ -319,6 +331,7 @@ def check(root: str | Path, workers: int | None = None, decode: bool = True) -> 
         return _check_file_list(root, workers, decode)
     if not root.is_dir():
         raise UserError(no_folder(root))
+    refuse_data_being_written(root)
     problems, notes, splits, files = [], [], {}, []
     for split in ("train", "val"):
         if not (root / split).is_dir():

@@ -287,11 +287,13 @@ def prepare(raw: str | Path, out: str | Path, synsets: str | Path | None = None,
     print(f"{raw}: {layout.describe()}")
     make_folder(out, "OUT")
     with FolderLock(out, "fastrsb data prepare"):
-        return _prepare_into(layout, out, Path(synsets) if synsets else None, workers)
-
-
-def _prepare_into(layout: RawLayout, out: Path, synsets: Path | None, workers: int | None) -> list[str]:
+        _prepare_into(layout, out, Path(synsets) if synsets else None, workers)
     from fastrsb.data_folder import check
+    problems, _ = check(out, decode=False)  # (once the lock is let go: check refuses a folder being written)
+    return problems
+
+
+def _prepare_into(layout: RawLayout, out: Path, synsets: Path | None, workers: int | None) -> None:
     _check_disk(layout, out)
     jobs = _train_jobs(layout, out)
     counts, failures, foreign = _write_classes(jobs, out / "train", workers)
@@ -306,5 +308,3 @@ def _prepare_into(layout: RawLayout, out: Path, synsets: Path | None, workers: i
                         f"{f' and {len(failures) - 1} more' if len(failures) > 1 else ''} (is the tar truncated? "
                         "Download it again; the classes written so far stay)")
     _val(layout, out, synsets)
-    problems, _ = check(out, decode=False)
-    return problems

@@ -1,4 +1,5 @@
 """fastrsb data check / prepare-val / shrink, through the command line."""
+import re
 import shutil
 from pathlib import Path
 
@@ -198,6 +199,27 @@ def test_a_data_tool_refuses_a_folder_another_is_writing(tiny_data, tmp_path):
             assert _tree(folder) == before
         assert said in run_cli(*argv).stdout
         assert not (folder / ".fastrsb.lock").exists()  # the one the killed holder left went with the run
+
+
+def test_a_data_folder_being_written_is_not_read(tiny_data, tmp_path):
+    """`train`, `data check`, `eval` and `doctor` on a data folder that `data prepare` is writing
+    now (or `prepare-val`, in its val/): it holds part of its classes or images, so each says so
+    and waits for nothing, rather than train on (or pass, or fail) a data set not there yet."""
+    from fastrsb.checkpoint_eval import _validation_images
+    from fastrsb.doctor import data_checks
+    data = tmp_path / "data"
+    shutil.copytree(tiny_data, data)
+    for folder, job in ((data, "fastrsb data prepare"), (data / "val", "fastrsb data prepare-val")):
+        with folder_held(folder, job) as holder:
+            said = f"the data folder {data} is being written by {job} (pid {holder.pid} on "
+            assert_user_error(run_cli("data", "check", data, check=False), said)
+            assert_user_error(run_cli("train", "tiny", "--data", data, "--out", tmp_path / "run", "--device", "cpu",
+                                      check=False), said)
+            with pytest.raises(UserError, match=re.escape(said)):
+                _validation_images(data, None)
+            assert said in data_checks(data, "cpu")[0].text
+    assert not (tmp_path / "run").exists()
+    run_cli("data", "check", data)  # their locks' files stay, their locks do not
 
 
 def test_shrink_makes_a_compact_rgb_copy_and_resumes(tiny_data, tmp_path):
