@@ -48,7 +48,7 @@ class FolderLock:
             except PermissionError as err:
                 raise UserError(f"cannot write in {self.path.parent}: {err.strerror}") from None
             try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                _lock_soon(fd)
             except BlockingIOError:
                 os.close(fd)
                 raise in_use_error(self.path.parent, holder(self.path), self.job) from None
@@ -82,6 +82,19 @@ class FolderLock:
         self.path.unlink(missing_ok=True)
         os.close(self.fd)
         self.fd = None
+
+
+def _lock_soon(fd: int, tries: int = 5) -> None:
+    """LOCK_EX, tried for half a second: in_use's look (a shared lock held for an instant, by
+    every torchrun process at once) must not pass for a job holding the folder."""
+    for attempt in range(tries):
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            if attempt == tries - 1:
+                raise
+            time.sleep(0.1)
 
 
 def _same_file(fd: int, path: Path) -> bool:
@@ -127,8 +140,8 @@ def in_use(folder: str | Path) -> str | None:
         fd = os.open(path, os.O_RDONLY)
     except OSError:
         return None
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    try:  # shared: many looking at once (every process of a run, at its start) do not exclude each other
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
     except BlockingIOError:
         return holder(path)
     except OSError:

@@ -500,6 +500,23 @@ def test_one_train_at_a_time_in_a_run_folder(run, tiny_data):
     assert {path.name: path.read_bytes() for path in out.iterdir() if path.is_file()} == before
 
 
+def test_looks_at_a_lock_do_not_pass_for_its_holder(tmp_path):
+    """Every torchrun process looks at the data folder's lock at once (a shared lock, an instant
+    each): the looks do not exclude each other, and a job taking the lock meanwhile waits them out."""
+    import fcntl
+    import threading
+    from fastrsb.folder_lock import LOCK_NAME, FolderLock, in_use
+    (tmp_path / LOCK_NAME).write_text("fastrsb data prepare (pid 1 on gone, since long ago)")  # a killed job's
+    look = os.open(tmp_path / LOCK_NAME, os.O_RDONLY)
+    fcntl.flock(look, fcntl.LOCK_SH)  # another process's look, under way
+    assert in_use(tmp_path) is None
+    threading.Timer(0.2, os.close, (look,)).start()  # over in 0.2 s
+    lock = FolderLock(tmp_path)
+    lock.take()
+    assert in_use(tmp_path).startswith(f"fastrsb train (pid {os.getpid()} on ")
+    lock.release()
+
+
 def test_a_run_folder_that_takes_no_locks_trains_unguarded_and_says_so(tmp_path, monkeypatch, capsys):
     """Some NFS and Lustre mounts answer flock with ENOLCK or ENOSYS: the run goes on, and says
     that nothing guards its folder, rather than not starting at all (the data tools likewise)."""
