@@ -393,8 +393,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_b")
     p.set_defaults(func=cmd_compare)
 
-    p = sub.add_parser("runs", help="every run folder under DIR (default runs): recipe, progress, top-1, when, "
-                                    "on what")
+    p = sub.add_parser("runs", help="every run folder under DIR (default runs): recipe, progress, running or not, "
+                                    "top-1, when, on what")
     p.add_argument("dir", nargs="?", default="runs")
     p.add_argument("--json", action="store_true", help="one JSON object a run")
     p.set_defaults(func=cmd_runs)
