@@ -2,7 +2,7 @@
 above what the model was trained at (`fastrsb eval --img-size 2000`) needs tens of GiB a batch.
 On a GPU that is an out-of-memory error; on the CPU the kernel's OOM killer ends the process
 without a word, after it has driven the machine into the ground. So the floor is checked against
-the memory free first, and a batch that cannot fit is refused with the batch size that can.
+the memory free first, and a batch that cannot fit is refused with a batch size to try.
 
 A floor, not an estimate: only what must exist at once is counted, so a batch it passes may still
 not fit (then the GPU's error, caught by the caller, says so), but one it refuses cannot. It adds
