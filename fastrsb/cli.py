@@ -60,8 +60,8 @@ def cmd_train(args) -> int:
         # checks after the processes have met, so that all stop together: a process that stopped
         # here would leave the other machines' waiting for it.
         from fastrsb.data_folder import check_layout, refuse_a_run_inside_the_splits
-        from fastrsb.metrics_log import refuse_a_second_run
         from fastrsb.folder_lock import refuse_if_in_use
+        from fastrsb.metrics_log import refuse_a_second_run
         check_layout(data)
         refuse_a_run_inside_the_splits(out, data)
         refuse_if_in_use(out)

@@ -52,9 +52,9 @@ def check_layout(root: Path) -> None:
 
 
 def refuse_data_being_written(root: Path) -> None:
-    """A data folder that `data prepare`, `shrink` or `prepare-val` is writing now (fastrsb.folder_lock)
-    holds only part of its classes or images: a run or a check of it would see a data set that is
-    not there yet (or stop on a file written halfway)."""
+    """A data folder that `data prepare`, `shrink` or `prepare-val` is writing now
+    (fastrsb.folder_lock) holds only part of its classes or images: a run or a check of it would
+    see a data set that is not there yet (or stop on a file written halfway)."""
     for folder in (root, root / "train", root / "val"):
         if (who := in_use(folder)) is not None:
             raise UserError(f"the data folder {root} is being written by {who}: use it once that has ended")

@@ -84,7 +84,7 @@ class FolderLock:
         self.fd = None
 
 
-def _lock_soon(fd: int, tries: int = 5) -> None:
+def _lock_soon(fd: int, tries: int = 6) -> None:
     """LOCK_EX, tried for half a second: in_use's look (a shared lock held for an instant, by
     every torchrun process at once) must not pass for a job holding the folder."""
     for attempt in range(tries):

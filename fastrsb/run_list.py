@@ -1,7 +1,8 @@
 """`fastrsb runs [DIR]`: every run folder under DIR in one table: its recipe and model, how far it
 got and whether a train runs in it now (its lock: fastrsb.folder_lock), its last and best top-1,
-when it started, on what (processes, device, fastrsb commit) and when it last wrote a row. Read from recipe.json, metrics.jsonl and starts.jsonl only (a checkpoint
-of ResNet-50 weighs ~300 MB: none is opened), so a folder of a hundred runs lists at once."""
+when it started, on what (processes, device, fastrsb commit) and when it last wrote a row. Read
+from recipe.json, metrics.jsonl and starts.jsonl only (a checkpoint of ResNet-50 weighs ~300 MB:
+none is opened), so a folder of a hundred runs lists at once."""
 from __future__ import annotations
 
 import datetime
@@ -9,9 +10,9 @@ import json
 from pathlib import Path
 
 from fastrsb.errors import UserError
+from fastrsb.folder_lock import in_use
 from fastrsb.metrics_log import read_rows
 from fastrsb.provenance import read_starts
-from fastrsb.folder_lock import in_use
 
 
 def run_folders(root: Path) -> list[Path]:

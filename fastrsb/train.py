@@ -27,8 +27,8 @@ from fastrsb.distributed import (Dist, FailureNotice, agree, all_reduce_sum, ave
                                  init_distributed, shutdown, stop_together)
 from fastrsb.errors import UserError
 from fastrsb.file_jobs import make_folder
-from fastrsb.metrics_log import refuse_a_second_run
 from fastrsb.folder_lock import FolderLock
+from fastrsb.metrics_log import refuse_a_second_run
 from fastrsb.parts import Run, build_run
 from fastrsb.pipelines import DatasetError
 from fastrsb.progress import Progress, clock as _clock

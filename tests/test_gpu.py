@@ -495,3 +495,17 @@ def test_gpu_decoders_read_other_formats_and_16_bit_pngs_as_the_cpu(tmp_path):
     levels = images[0].cpu() * torch.tensor(IMAGENET_STD).view(3, 1, 1) + torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
     # Scaled, not clipped (clipped: up to 255 levels off); v >> 8 instead of round(v / 257): 1 level.
     assert (levels - torch.from_numpy(np.round(values / 257))).abs().max() < 1.01
+
+
+def test_gpu_eval_memory_floor_reads_the_gpus_free_memory():
+    """`fastrsb eval`'s memory floor on the GPU, against torch.cuda.mem_get_info: a batch far past
+    any GPU's memory is refused naming the GPU and a batch size to try; a small one passes."""
+    from fastrsb.errors import UserError
+    from fastrsb.memory_floor import refuse_a_batch_that_cannot_fit
+    from fastrsb.model import make_model
+    model = make_model("resnet10t", 4).cuda()
+    refuse_a_batch_that_cannot_fit(model, [224], 8, "cuda", activation_bytes=2, pixel_bytes=2)
+    # 4000 px in 16 bits: the stem's normalization holds 2 x 64 x 2000 x 2000 x 2 bytes, ~1.2 GB an image.
+    with pytest.raises(UserError, match=r"a batch of 1024 images at 4000 px needs at least 1,\d{3}\.\d GiB .* and the "
+                                        r"GPU has [\d,.]+ GiB free: --batch-size \d+ or fewer"):
+        refuse_a_batch_that_cannot_fit(model, [4000], 1024, "cuda", activation_bytes=2, pixel_bytes=2)

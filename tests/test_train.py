@@ -510,7 +510,7 @@ def test_looks_at_a_lock_do_not_pass_for_its_holder(tmp_path):
     look = os.open(tmp_path / LOCK_NAME, os.O_RDONLY)
     fcntl.flock(look, fcntl.LOCK_SH)  # another process's look, under way
     assert in_use(tmp_path) is None
-    threading.Timer(0.2, os.close, (look,)).start()  # over in 0.2 s
+    threading.Timer(0.05, os.close, (look,)).start()  # over in 0.05 s, well within the 0.5 s a take waits
     lock = FolderLock(tmp_path)
     lock.take()
     assert in_use(tmp_path).startswith(f"fastrsb train (pid {os.getpid()} on ")
