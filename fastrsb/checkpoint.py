@@ -1,6 +1,8 @@
 """Checkpoints: written atomically, read without running any code from the file."""
 from __future__ import annotations
 
+import argparse
+import contextlib
 import os
 import pickle
 import shutil
@@ -64,24 +66,72 @@ def checkpoint_file(path: str | Path) -> Path:
     return path
 
 
-def load_checkpoint(path: str | Path) -> dict:
-    """weights_only=True: only tensors and plain data are unpickled, so a checkpoint from
-    elsewhere cannot execute anything."""
+def read_saved(path: str | Path) -> object:
+    """What torch.save wrote at PATH, read with weights_only=True: only tensors and plain data are
+    unpickled, so a file from elsewhere cannot execute anything. One class is let through besides:
+    argparse.Namespace, in which timm's train.py keeps its arguments in every checkpoint it writes
+    (its fields are read under the same rule)."""
     path = checkpoint_file(path)
     try:
         with warnings.catch_warnings():  # a file of other bytes is refused below; no warning of torch's ahead of it
             warnings.filterwarnings("ignore", message="Detected pickle protocol")
-            state = torch.load(path, map_location="cpu", weights_only=True)
+            with _timm_arguments_allowed():
+                return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - unpickling arbitrary bytes fails in many ways (KeyError, IndexError...)
         raise UserError(f"{path} is not a loadable fastrsb checkpoint: {_why_unloadable(path, err)}") from None
+
+
+def _timm_arguments_allowed():
+    """torch >= 2.5 allows a class for one load; 2.4, the oldest fastrsb takes, has only the list
+    every load of the process reads."""
+    if hasattr(torch.serialization, "safe_globals"):
+        return torch.serialization.safe_globals([argparse.Namespace])
+    torch.serialization.add_safe_globals([argparse.Namespace])
+    return contextlib.nullcontext()
+
+
+def load_checkpoint(path: str | Path) -> dict:
+    """A fastrsb checkpoint (read_saved), or one line saying what the file is instead."""
+    path = checkpoint_file(path)
+    return as_fastrsb_checkpoint(read_saved(path), path)
+
+
+def as_fastrsb_checkpoint(state: object, path: Path) -> dict:
+    """STATE, what read_saved read at PATH, if it is a fastrsb checkpoint; else one line saying what
+    it is: a checkpoint of timm's train.py, weights alone or something else."""
+    if is_timm_checkpoint(state):
+        done = timm_epochs_done(state)
+        raise UserError(f"{path} is a checkpoint of timm's train.py ({state['arch']}"
+                        f"{'' if done is None else f', {done} epoch(s) trained'}), not fastrsb's: fastrsb eval "
+                        f"evaluates it, and a new run starts from its weights with --set initial_checkpoint={path}")
     if not isinstance(state, dict) or "model" not in state or "recipe" not in state:
         found = (f"its entries: {', '.join(map(str, list(state)[:6]))}" if isinstance(state, dict)
                  else f"a {type(state).__name__}")
-        alone = isinstance(state, dict) and state and all(isinstance(v, torch.Tensor) for v in state.values())
         hint = ("; weights alone name no model or classes (eval also reads a timm model folder: them beside a "
-                "config.json); a run starts from them with --set initial_checkpoint" if alone else "")
+                "config.json); a run starts from them with --set initial_checkpoint" if is_weights(state) else "")
         raise UserError(f"{path} is not a fastrsb checkpoint (no 'model'/'recipe' entries; {found}){hint}")
     return state
+
+
+def is_timm_checkpoint(state: object) -> bool:
+    """What timm's train.py saves (its CheckpointSaver): the model's name under "arch" and its
+    weights under "state_dict", beside the optimizer's state, the epoch, the arguments and the EMA's
+    weights ("state_dict_ema") where it kept one."""
+    return (isinstance(state, dict) and isinstance(state.get("arch"), str) and is_weights(state.get("state_dict")))
+
+
+def timm_epochs_done(state: dict) -> int | None:
+    """The epochs a timm checkpoint was trained for: its saver writes the index of the epoch just
+    ended ("version" 2; before, one more)."""
+    epoch = state.get("epoch")
+    if not isinstance(epoch, int):
+        return None
+    return epoch + 1 if state.get("version", 1) >= 2 else epoch
+
+
+def is_weights(state: object) -> bool:
+    """A state dict: tensors by name, at least one."""
+    return isinstance(state, dict) and bool(state) and all(isinstance(v, torch.Tensor) for v in state.values())
 
 
 def _why_unloadable(path: Path, err: Exception) -> str:

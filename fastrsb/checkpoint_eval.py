@@ -10,7 +10,7 @@ from typing import Iterator, Sequence
 
 import torch
 
-from fastrsb.checkpoint import load_checkpoint, load_weights
+from fastrsb.checkpoint import as_fastrsb_checkpoint, is_timm_checkpoint, load_weights, read_saved
 from fastrsb.data_folder import no_folder, open_split, refuse_data_being_written
 from fastrsb.device import amp_dtype, resolve_device
 from fastrsb.errors import UserError
@@ -19,22 +19,23 @@ from fastrsb.model import check_input_sizes, make_model
 from fastrsb.model_folder import is_model_folder, load_model_folder
 from fastrsb.parts import open_val_loader
 from fastrsb.pipelines import default_pixel_dtype
+from fastrsb.timm_checkpoint import model_to_evaluate, read_timm_checkpoint
 from fastrsb.train import evaluate
 
 
 def evaluate_checkpoint_at(checkpoint: str | Path, data: str | Path, img_sizes: Sequence[int | None],
                            crop_pcts: Sequence[float | None], device: str | None = None, batch_size: int = 128,
                            num_threads: int | None = None, ema: bool = False) -> Iterator[dict]:
-    """Top-1/top-5 of a checkpoint, or of a timm model folder (fastrsb export's, or a timm model's
-    from the hub: model_folder.py), on DATA/val (or DATA itself if it is a class folder tree) at
-    every test size and crop fraction (each pair, sizes outermost; None: the recipe's test_img_size
-    or crop_pct, a folder's timm test size and crop; a pair given twice is evaluated once), the
-    weights read and the model built once. ema: the checkpoint's EMA weights instead of the
-    model's. Yields each pair's result as soon as it is measured, in that order; the checks (the
-    weights, the data, the classes) run at the first."""
+    """Top-1/top-5 of a checkpoint (fastrsb's, or timm's train.py's: timm_checkpoint.py), or of a
+    timm model folder (fastrsb export's, or a timm model's from the hub: model_folder.py), on
+    DATA/val (or DATA itself if it is a class folder tree) at every test size and crop fraction
+    (each pair, sizes outermost; None: the recipe's test_img_size or crop_pct, a folder's timm test
+    size and crop; a pair given twice is evaluated once), the weights read and the model built once.
+    ema: the checkpoint's EMA weights instead of the model's. Yields each pair's result as soon as
+    it is measured, in that order; the checks (the weights, the data, the classes) run at the first."""
     device = resolve_device(device)
     weights = _weights_to_evaluate(Path(checkpoint), ema)
-    images = _validation_images(Path(data), weights.classes)
+    images = _validation_images(Path(data), weights.classes, weights.model.num_classes)
     model = weights.model.to(device)
     pairs = dict.fromkeys((size or weights.img_size, crop or weights.crop_pct) for size in img_sizes for crop in crop_pcts)
     check_input_sizes(model, {"--img-size": sorted({size for size, _ in pairs})})
@@ -73,7 +74,13 @@ def _weights_to_evaluate(source: Path, ema: bool) -> _Weights:
         folder = load_model_folder(source)
         return _Weights(folder.model, folder.classes, folder.img_size, folder.crop_pct, True, folder.epoch,
                         folder.notes)
-    state = load_checkpoint(source)
+    state = read_saved(source)
+    if is_timm_checkpoint(state):
+        checkpoint = read_timm_checkpoint(state, source)
+        timm_eval = model_to_evaluate(checkpoint, ema)
+        return _Weights(timm_eval.model, None, timm_eval.img_size, timm_eval.crop_pct, True,
+                        checkpoint.epochs_done, timm_eval.notes)
+    state = as_fastrsb_checkpoint(state, source)
     recipe = state["recipe"]
     if ema and "ema" not in state:
         raise UserError(f"{source} holds no EMA weights (the run had model_ema = false)")
@@ -83,7 +90,7 @@ def _weights_to_evaluate(source: Path, ema: bool) -> _Weights:
                     state.get("epoch"), [])
 
 
-def _validation_images(data: Path, classes: list[str] | None):
+def _validation_images(data: Path, classes: list[str] | None, num_classes: int):
     """DATA/val, or DATA itself where it is a class folder tree; its classes must be the weights'
     (by name; by number where the weights name none)."""
     if not data.is_dir():
@@ -91,6 +98,10 @@ def _validation_images(data: Path, classes: list[str] | None):
     refuse_data_being_written(data)
     images = open_split(data, "val") if (data / "val").is_dir() else open_split(data.parent, data.name)
     if classes is None:
+        if len(images.classes) != num_classes:  # its labels would index other classes: figures without meaning
+            raise UserError(f"{data}: its {len(images.classes)} class folders are not the {num_classes} classes the "
+                            "weights classify, and the weights do not name theirs: evaluate them on a folder of "
+                            f"all {num_classes} (for an ImageNet model, ImageNet's wnid folders)")
         return images
     if images.classes != classes:
         first = next((a, b) for a, b in zip(images.classes + [None] * len(classes),

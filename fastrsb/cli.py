@@ -353,8 +353,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("eval", help="top-1/top-5 of a checkpoint, or of a timm model folder (fastrsb export's, "
                                     "or a timm model's from the hub)")
-    p.add_argument("checkpoint", help="a run's checkpoint (last.pt, best.pt), or a folder with config.json and "
-                                      "model.safetensors or pytorch_model.bin")
+    p.add_argument("checkpoint", help="a run's checkpoint (last.pt, best.pt), one of timm's train.py "
+                                      "(model_best.pth.tar: tested as its own validation was), or a folder with "
+                                      "config.json and model.safetensors or pytorch_model.bin")
     p.add_argument("--data", required=True, help="folder with val/<class>/ (or a class folder tree itself)")
     p.add_argument("--img-size", type=count_option, nargs="+", default=None, metavar="N",
                    help="test size(s) in px; several: each is evaluated (default: the recipe's test_img_size)")

@@ -13,12 +13,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
 from torch import nn
 
-from fastrsb.checkpoint import load_checkpoint, load_weights
+from fastrsb.checkpoint import is_timm_checkpoint, is_weights, load_weights, read_saved
 from fastrsb.errors import UserError
 from fastrsb.model_folder import is_model_folder, read_config, read_weights, read_weights_file
+from fastrsb.timm_checkpoint import architecture_of, read_timm_checkpoint, unwrapped
 
 
 def initial_source(source: str) -> Path:
@@ -61,36 +61,29 @@ def load_initial_weights(model: nn.Module, source: str, architecture: str, class
 
 def _from_file(path: Path, architecture: str) -> tuple[str, list[str] | None, dict, str]:
     """(architecture, classes or None, weights, what the run card calls them) of a fastrsb
-    checkpoint, or of a file of weights alone, as timm's --initial-checkpoint takes one: a
-    .safetensors file, or torch.save's of a state dict (bare, or under "state_dict" or "model",
-    with timm's "arch" where it says one; "module." prefixes of a DDP model dropped). Weights alone
-    name no architecture but perhaps "arch": they are taken as the recipe's model's, which they
-    must fit key for key and shape for shape."""
-    if path.suffix != ".safetensors":
-        try:
-            state = load_checkpoint(path)
-            return state["recipe"]["model"], state["classes"], state["model"], f"{path} (epoch {state.get('epoch')})"
-        except UserError as err:
-            found = _weights_alone(path)
-            if found is None:
-                raise UserError(f"initial_checkpoint: {err}, nor a state dict of weights alone") from None
-            weights, arch = found
-            return arch or architecture, None, weights, f"{path} (weights alone)"
-    return architecture, None, read_weights_file(path), f"{path} (weights alone)"
-
-
-def _weights_alone(path: Path) -> tuple[dict, str | None] | None:
-    """(weights by name, timm's "arch" or None) of a torch.save'd state dict, or None where the
-    file holds none (never running code from it: weights_only)."""
+    checkpoint, a checkpoint of timm's train.py (its model's weights, as timm's
+    --initial-checkpoint takes them, not its EMA's), or a file of weights alone, as timm's
+    --initial-checkpoint takes one: a .safetensors file, or torch.save's of a state dict (bare, or
+    under "state_dict" or "model"; "module." prefixes of a DDP model dropped). Weights alone name
+    no architecture: they are taken as the recipe's model's, which they must fit key for key and
+    shape for shape."""
+    if path.suffix == ".safetensors":
+        return architecture, None, read_weights_file(path), f"{path} (weights alone)"
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception:  # noqa: BLE001 - load_checkpoint has said why it cannot be read
-        return None
-    arch = state.get("arch") if isinstance(state, dict) and isinstance(state.get("arch"), str) else None
-    for weights in (state, *(state.get(key) for key in ("state_dict", "model") if isinstance(state, dict))):
-        if isinstance(weights, dict) and weights and all(isinstance(v, torch.Tensor) for v in weights.values()):
-            return {k.removeprefix("module."): v for k, v in weights.items()}, arch
-    return None
+        state = read_saved(path)
+    except UserError as err:
+        raise UserError(f"initial_checkpoint: {err}") from None
+    if is_timm_checkpoint(state):
+        timm = read_timm_checkpoint(state, path)
+        return architecture_of(timm), None, timm.weights, timm.describe()
+    if isinstance(state, dict) and "model" in state and "recipe" in state:  # fastrsb's
+        return state["recipe"]["model"], state["classes"], state["model"], f"{path} (epoch {state.get('epoch')})"
+    weights = next((w for w in (state, *(state.get(key) for key in ("state_dict", "model") if isinstance(state, dict)))
+                    if is_weights(w)), None)
+    if weights is None:
+        raise UserError(f"initial_checkpoint: {path} is neither a fastrsb checkpoint, nor timm's, nor a state dict "
+                        "of weights alone")
+    return architecture, None, unwrapped(weights), f"{path} (weights alone)"
 
 
 def _classifier_keys(model: nn.Module) -> set[str]:

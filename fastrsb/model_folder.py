@@ -42,7 +42,7 @@ def load_model_folder(folder: Path) -> FolderModel:
     """The folder's network (channels-last, its weights loaded) and its eval transform, checked
     against what fastrsb's validation pipeline computes."""
     import timm
-    from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, resolve_data_config
+    from timm.data import resolve_data_config
     config = read_config(folder)
     architecture, num_classes = config.get("architecture"), config.get("num_classes")
     if not isinstance(architecture, str) or not isinstance(num_classes, int):
@@ -53,20 +53,7 @@ def load_model_folder(folder: Path) -> FolderModel:
     # timm's defaults where the folder states nothing (its resolver wants a non-empty config)
     data = resolve_data_config(pretrained_cfg=config.get("pretrained_cfg") or {"architecture": architecture},
                                use_test_size=True)
-    _, height, width = data["input_size"]
-    problems = [f"{what} {tuple(ours)}, fastrsb's validation normalizes with ImageNet's {tuple(imagenet)}"
-                for what, ours, imagenet in (("mean", data["mean"], IMAGENET_DEFAULT_MEAN),
-                                             ("std", data["std"], IMAGENET_DEFAULT_STD))
-                if len(ours) != 3 or not all(math.isclose(a, b, abs_tol=1e-6) for a, b in zip(ours, imagenet))]
-    if data["crop_mode"] != "center":
-        problems.append(f"crop mode '{data['crop_mode']}', fastrsb's validation crops the centre")
-    if height != width:
-        problems.append(f"input size {height}x{width}, fastrsb's validation crops squares")
-    if problems:
-        raise UserError(f"{folder}: its eval transform is not fastrsb's: {'; '.join(problems)}")
-    notes = []
-    if data["interpolation"] != "bicubic":
-        notes.append(f"the folder's config resizes {data['interpolation']}; fastrsb's validation resizes bicubic")
+    notes = check_eval_transform(data, folder, "the folder's config")
     classes = config.get("label_names")
     if classes is not None and (not isinstance(classes, list) or len(classes) != num_classes):
         raise UserError(f"{folder / CONFIG}: label_names does not list {num_classes} classes")
@@ -77,8 +64,32 @@ def load_model_folder(folder: Path) -> FolderModel:
     model = timm.create_model(architecture, pretrained=False, **{**(config.get("model_args") or {}),
                                                                  "num_classes": num_classes})
     load_weights(model, read_weights(folder), str(folder))
-    return FolderModel(model.to(memory_format=torch.channels_last), classes, int(height), float(data["crop_pct"]),
-                       (config.get("fastrsb") or {}).get("epoch"), notes)
+    return FolderModel(model.to(memory_format=torch.channels_last), classes, int(data["input_size"][1]),
+                       float(data["crop_pct"]), (config.get("fastrsb") or {}).get("epoch"), notes)
+
+
+def check_eval_transform(data: dict, source: Path, whose: str) -> list[str]:
+    """DATA, an eval transform as timm's resolve_data_config gives it for SOURCE's weights, if
+    fastrsb's validation pipeline computes it (ImageNet's mean and std, a centre crop of a square,
+    3 channels); else one line saying what differs. Returns the notes to print: another resampling
+    filter than the pipeline's bicubic is evaluated, and said."""
+    from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+    channels, height, width = data["input_size"]
+    problems = [f"{what} {tuple(ours)}, fastrsb's validation normalizes with ImageNet's {tuple(imagenet)}"
+                for what, ours, imagenet in (("mean", data["mean"], IMAGENET_DEFAULT_MEAN),
+                                             ("std", data["std"], IMAGENET_DEFAULT_STD))
+                if len(ours) != 3 or not all(math.isclose(a, b, abs_tol=1e-6) for a, b in zip(ours, imagenet))]
+    if data["crop_mode"] != "center":
+        problems.append(f"crop mode '{data['crop_mode']}', fastrsb's validation crops the centre")
+    if height != width:
+        problems.append(f"input size {height}x{width}, fastrsb's validation crops squares")
+    if channels != 3:
+        problems.append(f"{channels} input channel(s), fastrsb's validation gives RGB images")
+    if problems:
+        raise UserError(f"{source}: its eval transform is not fastrsb's: {'; '.join(problems)}")
+    if data["interpolation"] != "bicubic":
+        return [f"{whose} resizes {data['interpolation']}; fastrsb's validation resizes bicubic"]
+    return []
 
 
 def read_config(folder: Path) -> dict:

@@ -325,6 +325,99 @@ def test_eval_refuses_a_model_folder_it_cannot_evaluate_as_its_config_says(run, 
     assert_user_error(run_cli("eval", folder, "--data", tiny_data, check=False), "holds no weights")
 
 
+def _timm_train_checkpoint(folder: Path, weights: dict, args, ema_weights: dict | None, metric: float) -> Path:
+    """What timm's train.py writes at the end of its first epoch: its own CheckpointSaver's file
+    (the model, the optimizer, the arguments as an argparse.Namespace, the EMA, the metric)."""
+    import timm
+    from timm.utils import CheckpointSaver, ModelEmaV3
+    model = timm.create_model(args.model, num_classes=args.num_classes)
+    model.load_state_dict(weights)
+    ema = None
+    if ema_weights is not None:
+        ema = ModelEmaV3(model)
+        ema.module.load_state_dict(ema_weights)
+    folder.mkdir()
+    saver = CheckpointSaver(model, torch.optim.SGD(model.parameters(), lr=0.1), args=args, model_ema=ema,
+                            checkpoint_dir=str(folder), recovery_dir=str(folder))
+    saver.save_checkpoint(0, metric=metric)
+    return folder / "model_best.pth.tar"
+
+
+def test_eval_of_a_timm_train_checkpoint_measures_what_timm_recorded(run, tiny_data, tmp_path):
+    """A checkpoint of timm's train.py (it holds an argparse.Namespace, which torch's weights_only
+    load refused: fastrsb took none) is evaluated as train.py's validation saw it: at its
+    arguments' size and crop (32 px, 0.875 here; the recipe tests at 40, 0.95), reaching the top-1
+    timm's own eval transform gives, and to the last digit what fastrsb gives the same weights.
+    --ema takes its EMA's weights. A run starts from its weights; it is not resumed."""
+    import argparse
+    import timm
+    from PIL import Image
+    from timm.data import create_transform, resolve_data_config
+    out, _ = run
+    state = load_checkpoint(out / "last.pt")
+    args = argparse.Namespace(model="resnet10t", num_classes=4, img_size=32, input_size=None, crop_pct=0.875,
+                              mean=None, std=None, interpolation="", gp=None, model_kwargs={}, eval_metric="top1")
+    model = timm.create_model("resnet10t", num_classes=4).eval()
+    model.load_state_dict(state["model"])
+    transform = create_transform(**resolve_data_config(vars(args), model=model))  # train.py's validation
+    images = sorted((tiny_data / "val").glob("*/*"))
+    with torch.no_grad():
+        logits = model(torch.stack([transform(Image.open(path).convert("RGB")) for path in images]))
+    labels = torch.tensor([state["classes"].index(path.parent.name) for path in images])
+    timm_top1 = 100 * float((logits.argmax(1) == labels).float().mean())
+    fresh = timm.create_model("resnet10t", num_classes=4).state_dict()
+    checkpoint = _timm_train_checkpoint(tmp_path / "timm", state["model"], args, fresh, timm_top1)
+
+    proc = run_cli("eval", checkpoint, "--data", tiny_data)
+    assert proc.stdout.splitlines()[0] == ("note: tested as timm's train.py validated it (32 px, crop 0.875, from "
+                                           f"its arguments), where it recorded top1 {timm_top1:.2f}")
+    result = json.loads(run_cli("eval", checkpoint, "--data", tiny_data, "--json").stdout)
+    same = json.loads(run_cli("eval", out / "last.pt", "--data", tiny_data, "--json", "--img-size", "32",
+                              "--crop-pct", "0.875").stdout)
+    keys = ("top1", "top5", "val_loss", "val_images", "img_size", "crop_pct")
+    assert [result[k] for k in keys] == [same[k] for k in keys] and result["epoch"] == 1
+    assert abs(result["top1"] - timm_top1) * len(images) / 100 <= 1  # DALI's resize and PIL's: one image may tip
+    ema = json.loads(run_cli("eval", checkpoint, "--data", tiny_data, "--json", "--ema").stdout)
+    assert ema["ema"] and ema["val_loss"] != result["val_loss"]
+
+    started = run_cli("train", "tiny", "--data", tiny_data, "--out", tmp_path / "ft", "--device", "cpu",
+                      "--set", f"initial_checkpoint={checkpoint}", *ZERO_LR, "--stop-after-steps", "1")
+    assert (f"weights: from {checkpoint} (timm's train.py: resnet10t, 1 epoch(s) trained), its classifier "
+            "included") in started.stdout
+    names = {name for name, _ in model.named_parameters()}
+    assert _weights_equal(_parameters(load_checkpoint(tmp_path / "ft" / "last.pt")["model"], names),
+                          _parameters(state["model"], names))
+    assert_user_error(run_cli("train", "tiny", "--data", tiny_data, "--out", tmp_path / "again", "--device", "cpu",
+                              "--resume", checkpoint, check=False),
+                      "is a checkpoint of timm's train.py (resnet10t, 1 epoch(s) trained), not fastrsb's",
+                      f"--set initial_checkpoint={checkpoint}")
+    assert_user_error(run_cli("export", checkpoint, tmp_path / "exported", check=False), "timm's train.py")
+
+
+def test_eval_of_timm_weights_without_train_arguments(run, tiny_data, tmp_path):
+    """timm's layout without train.py's arguments ("arch" and "state_dict" alone) is tested at the
+    size and crop timm's validate.py takes for the model; its classes counted from its classifier.
+    Weights that classify another number of classes than the data folder has are refused (their
+    labels would index other classes), as is a model name timm does not know, and --ema without
+    EMA weights."""
+    out, _ = run
+    weights = load_checkpoint(out / "last.pt")["model"]
+    torch.save({"arch": "resnet10t", "state_dict": weights, "epoch": 4, "version": 2}, tmp_path / "bare.pth.tar")
+    proc = run_cli("eval", tmp_path / "bare.pth.tar", "--data", tiny_data, "--json")
+    result = json.loads(proc.stdout)
+    assert (result["img_size"], result["crop_pct"], result["epoch"]) == (224, 0.95, 5)  # resnet10t's test size
+    assert result["notes"][0].startswith("tested at the size and crop timm's validate.py takes for resnet10t")
+    assert_user_error(run_cli("eval", tmp_path / "bare.pth.tar", "--data", tiny_data, "--ema", check=False),
+                      "holds no EMA weights")
+    wide = {**weights, "fc.weight": torch.zeros(1000, weights["fc.weight"].shape[1]), "fc.bias": torch.zeros(1000)}
+    torch.save({"arch": "resnet10t", "state_dict": wide}, tmp_path / "imagenet.pth.tar")
+    assert_user_error(run_cli("eval", tmp_path / "imagenet.pth.tar", "--data", tiny_data, check=False),
+                      "its 4 class folders are not the 1000 classes the weights classify")
+    torch.save({"arch": "resnet", "state_dict": weights}, tmp_path / "unnamed.pth.tar")
+    assert_user_error(run_cli("eval", tmp_path / "unnamed.pth.tar", "--data", tiny_data, check=False),
+                      "names its model 'resnet', which this timm")
+
+
 ZERO_LR = ["--set", "lr=0", "--set", "warmup_lr=0", "--set", "min_lr=0", "--set", "warmup_epochs=0"]
 
 
@@ -397,10 +490,11 @@ def test_initial_checkpoint_from_weights_alone(run, tiny_data, tmp_path):
         torch.save(content, tmp_path / name)
     save_file({k: v.contiguous() for k, v in started.items()}, tmp_path / "w.safetensors")
     names = {name for name, _ in make_model("resnet10t", 4).named_parameters()}
+    said = {"timm.pth.tar": "timm's train.py: resnet10t, 7 epoch(s) trained"}  # an older saver's epoch: those done
     for name in (*files, "w.safetensors"):
         proc = run_cli("train", "tiny", "--data", tiny_data, "--out", tmp_path / f"ft-{name}", "--device", "cpu",
                        "--set", f"initial_checkpoint={tmp_path / name}", *ZERO_LR, "--stop-after-steps", "2")
-        assert f"weights: from {tmp_path / name} (weights alone), its classifier included" in proc.stdout
+        assert f"weights: from {tmp_path / name} ({said.get(name, 'weights alone')}), its classifier included" in proc.stdout
         trained = load_checkpoint(tmp_path / f"ft-{name}" / "last.pt")["model"]
         assert _weights_equal(_parameters(trained, names), _parameters(started, names)), name
     common = ["train", "tiny", "--data", tiny_data, "--device", "cpu"]
