@@ -19,6 +19,7 @@ from fastrsb.model import check_input_sizes, make_model
 from fastrsb.model_folder import is_model_folder, load_model_folder
 from fastrsb.parts import open_val_loader
 from fastrsb.pipelines import default_pixel_dtype
+from fastrsb.pipelines.image_list import class_folders
 from fastrsb.timm_checkpoint import model_to_evaluate, read_timm_checkpoint
 from fastrsb.train import evaluate
 
@@ -96,6 +97,9 @@ def _validation_images(data: Path, classes: list[str] | None, num_classes: int):
     if not data.is_dir():
         raise UserError(no_folder(data))
     refuse_data_being_written(data)
+    if class_folders(data) == ["train"]:  # a data folder without its val/, not a tree of one class
+        raise UserError(f"{data} holds train/ but no val/: give a folder with val/<class>/, or {data / 'train'} "
+                        "to evaluate on the training images")
     images = open_split(data, "val") if (data / "val").is_dir() else open_split(data.parent, data.name)
     if classes is None:
         if len(images.classes) != num_classes:  # its labels would index other classes: figures without meaning

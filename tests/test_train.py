@@ -134,6 +134,10 @@ def test_checkpoint_that_does_not_fit(run, tiny_data, tmp_path):
     assert_user_error(run_cli("eval", tmp_path / "alone.pth", "--data", tiny_data, check=False),
                       "weights alone name no model or classes", "--set initial_checkpoint")
     assert_user_error(run_cli("eval", out, "--data", tiny_data, check=False), "is a folder", "last.pt")
+    (tmp_path / "no_val").mkdir()  # a data folder without val/ is not a tree of one class named "train"
+    (tmp_path / "no_val" / "train").symlink_to(tiny_data / "train")
+    assert_user_error(run_cli("eval", out / "last.pt", "--data", tmp_path / "no_val", check=False),
+                      "holds train/ but no val/", str(tmp_path / "no_val" / "train"))
 
 
 def _weights_equal(a: dict, b: dict) -> bool:
