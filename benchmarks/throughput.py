@@ -42,6 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from synthetic import synthetic_jpegs  # noqa: E402
 
 from fastrsb.cli import count_option  # noqa: E402  (a whole number of 1 or more, as the CLI takes it)
+from fastrsb.data_folder import split_folder  # noqa: E402  (train/, or timm's other names for it)
 
 
 LOADERS = ("dali-gpu", "dali-cpu", "torchvision", "timm")
@@ -641,10 +642,10 @@ def _refuse_mistakes(p: argparse.ArgumentParser, args: argparse.Namespace, gpu: 
             p.error("--loaders dali-gpu needs a GPU (none is visible here)")
     if args.mode != "step" and not args.data and not args.synthetic_jpegs:
         p.error(f"--mode {args.mode} needs --data DIR or --synthetic-jpegs N")
-    if args.data and (args.data / "train").is_dir() and (args.data / "val").is_dir():
+    if args.data and split_folder(args.data, "train").is_dir() and split_folder(args.data, "val").is_dir():
         # fastrsb's data folder, as `fastrsb train --data` takes it: its train/ is what the train
         # loader reads (taken as it is, train/ and val/ would be measured as two classes).
-        args.data = args.data / "train"
+        args.data = split_folder(args.data, "train")
     if args.mode != "loader":  # a wrong key or value stops here, not after the JPEGs are generated
         from fastrsb.errors import UserError
         from fastrsb.recipe import load_recipe

@@ -11,7 +11,7 @@ from typing import Iterator, Sequence
 import torch
 
 from fastrsb.checkpoint import as_fastrsb_checkpoint, is_timm_checkpoint, load_weights, read_saved
-from fastrsb.data_folder import no_folder, open_split, refuse_data_being_written
+from fastrsb.data_folder import SPLIT_NAMES, no_folder, open_split, refuse_data_being_written, split_folder
 from fastrsb.device import amp_dtype, resolve_device
 from fastrsb.errors import UserError
 from fastrsb.memory_floor import refuse_a_batch_that_cannot_fit
@@ -97,10 +97,11 @@ def _validation_images(data: Path, classes: list[str] | None, num_classes: int):
     if not data.is_dir():
         raise UserError(no_folder(data))
     refuse_data_being_written(data)
-    if class_folders(data) == ["train"]:  # a data folder without its val/, not a tree of one class
-        raise UserError(f"{data} holds train/ but no val/: give a folder with val/<class>/, or {data / 'train'} "
-                        "to evaluate on the training images")
-    images = open_split(data, "val") if (data / "val").is_dir() else open_split(data.parent, data.name)
+    folders = class_folders(data)
+    if len(folders) == 1 and folders[0] in SPLIT_NAMES["train"]:  # a data folder without its val/, not one class
+        raise UserError(f"{data} holds {folders[0]}/ but no val/: give a folder with val/<class>/, or "
+                        f"{data / folders[0]} to evaluate on the training images")
+    images = open_split(data, "val") if split_folder(data, "val").is_dir() else open_split(data.parent, data.name)
     if classes is None:
         if len(images.classes) != num_classes:  # its labels would index other classes: figures without meaning
             raise UserError(f"{data}: its {len(images.classes)} class folders are not the {num_classes} classes the "

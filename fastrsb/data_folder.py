@@ -22,11 +22,27 @@ from fastrsb.pipelines.image_list import refuse_names_dali_cannot_take
 
 LAYOUT = "DIR/train/<class>/<image>.JPEG and DIR/val/<class>/<image>.JPEG"
 
+# The names timm's folder data sets take for each split (timm.data.dataset_factory), in the order it
+# tries them: a copy of ImageNet whose val/ is validation/ runs in timm, and runs here.
+SPLIT_NAMES = {"train": ("train", "training"), "val": ("val", "valid", "validation", "eval", "evaluation")}
+
+
+def split_folder(root: Path, split: str) -> Path:
+    """ROOT's folder of SPLIT ("train" or "val"): the first of timm's names for it that is a
+    folder there, else ROOT/SPLIT (to name in a message)."""
+    return next((root / name for name in SPLIT_NAMES[split] if (root / name).is_dir()), root / split)
+
+
+def no_split(root: Path, split: str) -> str:
+    """What ROOT lacks, where it has no SPLIT to read."""
+    others = ", ".join(f"{name}/" for name in SPLIT_NAMES[split][1:])
+    return f"no '{split}' folder (nor {others}: expected {root}/{split}/<class>/<image>.JPEG)"
+
 
 def open_split(root: Path, split: str) -> ImageList:
-    folder = root / split
+    folder = split_folder(root, split)
     if not folder.is_dir():
-        raise UserError(f"{root} has no '{split}' folder (expected {root}/{split}/<class>/<image>.JPEG)")
+        raise UserError(f"{root} has {no_split(root, split)}")
     try:
         return list_images(folder)
     except DatasetError as err:
@@ -47,15 +63,15 @@ def check_layout(root: Path) -> None:
         raise UserError(f"{no_folder(root)} (expected {LAYOUT.replace('DIR', str(root))})")
     refuse_data_being_written(root)
     for split in ("train", "val"):
-        if not (root / split).is_dir():
-            raise UserError(f"{root} has no '{split}' folder (expected {root}/{split}/<class>/<image>.JPEG){hint(root)}")
+        if not split_folder(root, split).is_dir():
+            raise UserError(f"{root} has {no_split(root, split)}{hint(root)}")
 
 
 def refuse_data_being_written(root: Path) -> None:
     """A data folder that `data prepare`, `shrink` or `prepare-val` is writing now
     (fastrsb.folder_lock) holds only part of its classes or images: a run or a check of it would
     see a data set that is not there yet (or stop on a file written halfway)."""
-    for folder in (root, root / "train", root / "val"):
+    for folder in (root, split_folder(root, "train"), split_folder(root, "val")):
         if (who := in_use(folder)) is not None:
             raise UserError(f"the data folder {root} is being written by {who}: use it once that has ended")
 
@@ -64,10 +80,11 @@ def refuse_a_run_inside_the_splits(out: Path, root: Path) -> None:
     """A run folder in DATA/train or DATA/val would be listed as a class of images by the next run
     (one without images: refused), or its checkpoints read as data."""
     for split in ("train", "val"):
-        folder = (Path(root) / split).resolve()
+        named = split_folder(Path(root), split)
+        folder = named.resolve()
         if Path(out).resolve() == folder or folder in Path(out).resolve().parents:
-            raise UserError(f"the run folder {out} lies inside the data's {split}/ folder, where every folder is a "
-                            f"class of images: choose an --out outside {Path(root) / split}")
+            raise UserError(f"the run folder {out} lies inside the data's {named.name}/ folder, where every folder is "
+                            f"a class of images: choose an --out outside {named}")
 
 
 def open_dataset(root: str | Path) -> tuple[ImageList, ImageList]:
@@ -334,27 +351,28 @@ def check(root: str | Path, workers: int | None = None, decode: bool = True) -> 
     refuse_data_being_written(root)
     problems, notes, splits, files = [], [], {}, []
     for split in ("train", "val"):
-        if not (root / split).is_dir():
-            problems.append(f"no {split}/ folder (expected {root}/{split}/<class>/<image>.JPEG){hint(root)}")
+        folder = split_folder(root, split)
+        if not folder.is_dir():
+            problems.append(f"{no_split(root, split)}{hint(root)}")
             continue
         try:
-            splits[split] = _split_listing(root / split)
+            splits[split] = _split_listing(folder)
         except DatasetError as err:  # a loop of symbolic links: no listing to check
             problems.append(str(err))
             continue
-        loose = sorted(p.name for p in (root / split).iterdir() if p.is_file() and not p.name.startswith(".")
+        loose = sorted(p.name for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")
                        and p.name.lower().endswith(IMAGE_EXTENSIONS))
         if loose:
-            problems.append(f"{split}/: {len(loose)} image(s) outside any class folder, e.g. {loose[0]} (the loaders "
-                            "skip them: sort them into class folders, e.g. with fastrsb data prepare-val)")
+            problems.append(f"{folder.name}/: {len(loose)} image(s) outside any class folder, e.g. {loose[0]} (the "
+                            "loaders skip them: sort them into class folders, e.g. with fastrsb data prepare-val)")
         if not splits[split]:
-            problems.append(f"{split}/ holds no class folders{hint(root)}")
+            problems.append(f"{folder.name}/ holds no class folders{hint(root)}")
         for name, (images, others) in splits[split].items():
             if not images:
-                problems.append(f"{split}/{name}: empty class (no {'/'.join(IMAGE_EXTENSIONS[:2])} ... files)")
+                problems.append(f"{folder.name}/{name}: empty class (no {'/'.join(IMAGE_EXTENSIONS[:2])} ... files)")
             if others:
-                notes.append(f"{split}/{name}: {len(others)} file(s) without an image extension, skipped by the "
-                             f"loaders, e.g. {Path(others[0]).name}")
+                notes.append(f"{folder.name}/{name}: {len(others)} file(s) without an image extension, skipped by "
+                             f"the loaders, e.g. {Path(others[0]).name}")
             files += images
     if len(splits) == 2 and splits["train"].keys() != splits["val"].keys():
         only_train = sorted(set(splits["train"]) - set(splits["val"]))

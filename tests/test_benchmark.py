@@ -376,12 +376,15 @@ def test_the_benchmark_refuses_a_mistake_before_it_measures(tmp_path, capsys):
     assert not list(tmp_path.iterdir())  # nothing generated
 
 
-def test_the_benchmark_reads_the_train_split_of_a_data_folder(tiny_data):
-    """--data DATA as `fastrsb train` takes it reads DATA/train: the folder as it is would be two
-    classes, train and val."""
+def test_the_benchmark_reads_the_train_split_of_a_data_folder(tiny_data, tmp_path):
+    """--data DATA as `fastrsb train` takes it reads DATA/train (or timm's training/): the folder
+    as it is would be two classes, train and val."""
     sys.path.insert(0, str(BENCH))
     import throughput
-    for given, read in ((tiny_data, tiny_data / "train"), (tiny_data / "train", tiny_data / "train")):
+    (tmp_path / "training").symlink_to(tiny_data / "train")
+    (tmp_path / "validation").symlink_to(tiny_data / "val")
+    for given, read in ((tiny_data, tiny_data / "train"), (tiny_data / "train", tiny_data / "train"),
+                        (tmp_path, tmp_path / "training")):
         assert throughput.parse_args(["--mode", "loader", "--data", str(given)], gpu=False).data == read
 
 

@@ -18,6 +18,30 @@ def test_check_passes_a_good_folder(tiny_data):
     assert "ok: ready to train" in proc.stdout
 
 
+def test_timms_other_names_for_the_splits_are_taken(tiny_data, tmp_path):
+    """A copy of ImageNet with training/ and validation/ (names timm's folder data sets take, in its
+    order: val before validation) is checked, trained on and evaluated as train/ and val/ are (the
+    benchmark's --data: test_benchmark); it was refused as having no val/ folder."""
+    from fastrsb.data_folder import split_folder
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "training").symlink_to(tiny_data / "train")
+    (data / "validation").symlink_to(tiny_data / "val")
+    assert "48 train images in 4 classes, 20 val images in 4 classes; 0 problem(s)" in run_cli(
+        "data", "check", data).stdout
+    proc = run_cli("train", "tiny", "--data", data, "--out", tmp_path / "run", "--device", "cpu",
+                   "--stop-after-steps", "1")
+    assert "48 train / 20 val images" in proc.stdout
+    assert_user_error(run_cli("train", "tiny", "--data", data, "--out", data / "validation" / "run", "--device",
+                              "cpu", check=False), "lies inside the data's validation/ folder")
+    assert "over 20 images" in run_cli("eval", tmp_path / "run" / "last.pt", "--data", data).stdout
+    (data / "val").mkdir()  # timm's order: val/ before validation/
+    assert split_folder(data, "val") == data / "val" and split_folder(data, "train") == data / "training"
+    proc = run_cli("data", "check", data, check=False)
+    assert_user_error(proc, "2 problem(s)")
+    assert "val/ holds no class folders" in proc.stdout
+
+
 def test_check_lists_every_problem_at_once(tiny_data, tmp_path):
     data = tmp_path / "data"
     shutil.copytree(tiny_data, data)
@@ -216,7 +240,7 @@ def test_a_data_folder_being_written_is_not_read(tiny_data, tmp_path):
             assert_user_error(run_cli("train", "tiny", "--data", data, "--out", tmp_path / "run", "--device", "cpu",
                                       check=False), said)
             with pytest.raises(UserError, match=re.escape(said)):
-                _validation_images(data, None)
+                _validation_images(data, None, 4)
             assert said in data_checks(data, "cpu")[0].text
     assert not (tmp_path / "run").exists()
     run_cli("data", "check", data)  # their locks' files stay, their locks do not

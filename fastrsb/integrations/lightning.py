@@ -21,6 +21,7 @@ from pathlib import Path
 
 import lightning as L
 
+from fastrsb.data_folder import split_folder
 from fastrsb.pipelines import train_loader, val_loader
 
 
@@ -53,15 +54,17 @@ class DaliDataModule(L.LightningDataModule):
         device = "cuda" if trainer.strategy.root_device.type == "cuda" else "cpu"
         shard = dict(device=device, shard_id=rank, num_shards=world, num_threads=self.num_threads)
         if stage == "fit" and self.train_data is None:
-            self.train_data = train_loader(self.data / "train", self.batch_size, self.img_size, seed=self.seed,
-                                           aa=self.aa, repeats=self.repeats, spread_views=self.spread_views, **shard)
+            self.train_data = train_loader(split_folder(self.data, "train"), self.batch_size, self.img_size,
+                                           seed=self.seed, aa=self.aa, repeats=self.repeats,
+                                           spread_views=self.spread_views, **shard)
         if self.val_data is None:
-            self.val_data = val_loader(self.data / "val", self.batch_size, self.val_img_size, self.crop_pct, **shard)
+            self.val_data = val_loader(split_folder(self.data, "val"), self.batch_size, self.val_img_size,
+                                       self.crop_pct, **shard)
 
     @property
     def num_classes(self) -> int:
         from fastrsb.pipelines import class_folders
-        return len(class_folders(self.data / "train"))
+        return len(class_folders(split_folder(self.data, "train")))
 
     def train_dataloader(self):
         return self.train_data
