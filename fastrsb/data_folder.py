@@ -18,18 +18,14 @@ from fastrsb.folder_lock import in_use
 from fastrsb.progress import Progress
 from fastrsb.raw_imagenet import hint
 from fastrsb.pipelines import IMAGE_EXTENSIONS, DatasetError, ImageList, class_folders, list_images, walk_class
-from fastrsb.pipelines.image_list import refuse_names_dali_cannot_take
+from fastrsb.pipelines.image_list import SPLIT_NAMES, refuse_names_dali_cannot_take
 
 LAYOUT = "DIR/train/<class>/<image>.JPEG and DIR/val/<class>/<image>.JPEG"
 
-# The names timm's folder data sets take for each split (timm.data.dataset_factory), in the order it
-# tries them: a copy of ImageNet whose val/ is validation/ runs in timm, and runs here.
-SPLIT_NAMES = {"train": ("train", "training"), "val": ("val", "valid", "validation", "eval", "evaluation")}
-
-
 def split_folder(root: Path, split: str) -> Path:
     """ROOT's folder of SPLIT ("train" or "val"): the first of timm's names for it that is a
-    folder there, else ROOT/SPLIT (to name in a message)."""
+    folder there (a copy of ImageNet whose val/ is validation/ runs in timm, and runs here), else
+    ROOT/SPLIT (to name in a message)."""
     return next((root / name for name in SPLIT_NAMES[split] if (root / name).is_dir()), root / split)
 
 

@@ -16,6 +16,11 @@ from pathlib import Path
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".pnm", ".ppm", ".pgm", ".pbm")
 
 
+# The names timm's folder data sets take for each split (timm.data.dataset_factory), in the order it
+# tries them.
+SPLIT_NAMES = {"train": ("train", "training"), "val": ("val", "valid", "validation", "eval", "evaluation")}
+
+
 class DatasetError(ValueError):
     """The data folder or file list cannot be used as it is; the message says why."""
 
@@ -43,6 +48,7 @@ def list_images(root: str | os.PathLike) -> ImageList:
     classes = class_folders(root)
     if not classes:
         raise DatasetError(f"{root} has no class folders (expected {root}/<class>/<image>.JPEG)")
+    _refuse_splits_as_classes(root, classes)
     files, labels = [], []
     for label, name in enumerate(classes):
         found, _ = walk_class(root / name)
@@ -52,6 +58,15 @@ def list_images(root: str | os.PathLike) -> ImageList:
         labels += [label] * len(found)
     refuse_names_dali_cannot_take(files)
     return ImageList(files, labels, classes)
+
+
+def _refuse_splits_as_classes(root: Path, classes: list[str]) -> None:
+    """A data folder given where one split is wanted (imagenet/ for imagenet/train/): its train/
+    and val/ would be read as two classes of many images each, and a model trained on them."""
+    splits = [name for name in classes if name in SPLIT_NAMES["train"] + SPLIT_NAMES["val"]]
+    if len(splits) == len(classes) and any(class_folders(root / name) for name in splits):
+        raise DatasetError(f"{root} holds {' and '.join(f'{name}/' for name in splits)}, folders of class folders, "
+                           f"not classes: give the loader one of them ({root / splits[0]})")
 
 
 def names_dali_cannot_take(paths: list[str]) -> list[str]:

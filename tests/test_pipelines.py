@@ -455,6 +455,19 @@ def test_batch_larger_than_data(tiny_data):
         train_loader(tiny_data / "train", batch_size=64, img_size=32, device="cpu")
 
 
+def test_a_data_folder_given_for_a_split_is_refused(tiny_data, tmp_path):
+    """imagenet/ where imagenet/train/ belongs: its train/ and val/ are not two classes (as
+    torchvision's ImageFolder would take them, and the benchmark's --data once did). A two-class
+    set whose classes bear those names, holding images, is still one."""
+    with pytest.raises(DatasetError, match=f"{tiny_data} holds train/ and val/, folders of class folders"):
+        train_loader(tiny_data, batch_size=8, img_size=32, device="cpu")
+    with pytest.raises(DatasetError, match=f"give the loader one of them \\({tiny_data / 'train'}\\)"):
+        val_loader(tiny_data, batch_size=8, img_size=32, crop_pct=0.95, device="cpu")
+    for split, source in (("train", "n00_hstripes"), ("val", "n01_vstripes")):
+        (tmp_path / split).symlink_to(tiny_data / "train" / source)
+    assert list_images(tmp_path).classes == ["train", "val"]
+
+
 def test_file_list(tmp_path, tiny_data):
     listing = list_images(tiny_data / "val")
     lines = [f"{path} {label}" for path, label in zip(listing.files, listing.labels)]
