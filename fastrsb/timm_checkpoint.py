@@ -57,10 +57,24 @@ def unwrapped(weights: dict) -> dict:
     return weights
 
 
+def model_name(checkpoint: TimmCheckpoint) -> str:
+    """The timm model name the checkpoint's "arch" (train.py's --model) stands for: itself, or for a
+    model train.py fetched from the hub (hf-hub:timm/resnet50.a1_in1k, a fine-tune) the name timm's
+    own repositories bear; one line saying so where it is none this timm knows."""
+    import timm
+    name = checkpoint.arch
+    if name.startswith("hf-hub:timm/"):
+        name = name.removeprefix("hf-hub:timm/").split("@")[0]  # a revision after "@"
+    if not timm.is_model(name):
+        raise UserError(f"{checkpoint.path} names its model '{checkpoint.arch}', which is no model this timm "
+                        f"{timm.__version__} knows by name (fastrsb builds models from timm's names, offline)")
+    return name
+
+
 def architecture_of(checkpoint: TimmCheckpoint) -> str:
     """The model's name without a pretrained tag (resnet50.a1_in1k -> resnet50): the same network."""
     from timm.models import split_model_name_tag
-    return split_model_name_tag(checkpoint.arch)[0]
+    return split_model_name_tag(model_name(checkpoint))[0]
 
 
 @dataclass
@@ -77,10 +91,7 @@ def model_to_evaluate(checkpoint: TimmCheckpoint, ema: bool) -> TimmEval:
     are there, else the one timm's validate.py resolves for the model (its test size)."""
     import timm
     from timm.data import resolve_data_config
-    path = checkpoint.path
-    if not timm.is_model(checkpoint.arch):
-        raise UserError(f"{path} names its model '{checkpoint.arch}', which this timm {timm.__version__} does "
-                        "not know")
+    path, name = checkpoint.path, model_name(checkpoint)
     weights = checkpoint.ema_weights if ema else checkpoint.weights
     if weights is None:
         raise UserError(f"{path} holds no EMA weights (timm's train.py ran without --model-ema)")
@@ -88,10 +99,10 @@ def model_to_evaluate(checkpoint: TimmCheckpoint, ema: bool) -> TimmEval:
     built = dict(args.get("model_kwargs") or {})
     if args.get("gp"):
         built["global_pool"] = args["gp"]
-    model = timm.create_model(checkpoint.arch, pretrained=False, **built)
+    model = timm.create_model(name, pretrained=False, **built)
     classes = _classes_of(model, weights)
     if classes != model.num_classes:  # train.py's --num-classes, which is not kept where its arguments are not
-        model = timm.create_model(checkpoint.arch, pretrained=False, **{**built, "num_classes": classes})
+        model = timm.create_model(name, pretrained=False, **{**built, "num_classes": classes})
     load_weights(model, weights, str(path))
     if checkpoint.args is not None:
         data = resolve_data_config(args, model=model)  # as train.py's validation resolved it
@@ -100,7 +111,7 @@ def model_to_evaluate(checkpoint: TimmCheckpoint, ema: bool) -> TimmEval:
             said += f", where it recorded {args.get('eval_metric', 'top1')} {checkpoint.metric:.2f}"
     else:
         data = resolve_data_config({}, model=model, use_test_size=True)  # as timm's validate.py
-        said = (f"tested at the size and crop timm's validate.py takes for {checkpoint.arch} ({_transform(data)}): "
+        said = (f"tested at the size and crop timm's validate.py takes for {name} ({_transform(data)}): "
                 "the checkpoint holds no arguments of train.py")
     notes = [said, *check_eval_transform(data, path, "its transform"),
              "the checkpoint names no classes: they are taken as the data folder's class folders in sorted order "

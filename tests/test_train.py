@@ -403,7 +403,7 @@ def test_eval_of_timm_weights_without_train_arguments(run, tiny_data, tmp_path):
     size and crop timm's validate.py takes for the model; its classes counted from its classifier.
     Weights that classify another number of classes than the data folder has are refused (their
     labels would index other classes), as is a model name timm does not know, and --ema without
-    EMA weights."""
+    EMA weights; a model train.py fetched from timm's hub repositories is known by their name."""
     out, _ = run
     weights = load_checkpoint(out / "last.pt")["model"]
     torch.save({"arch": "resnet10t", "state_dict": weights, "epoch": 4, "version": 2}, tmp_path / "bare.pth.tar")
@@ -419,7 +419,14 @@ def test_eval_of_timm_weights_without_train_arguments(run, tiny_data, tmp_path):
                       "its 4 class folders are not the 1000 classes the weights classify")
     torch.save({"arch": "resnet", "state_dict": weights}, tmp_path / "unnamed.pth.tar")
     assert_user_error(run_cli("eval", tmp_path / "unnamed.pth.tar", "--data", tiny_data, check=False),
-                      "names its model 'resnet', which this timm")
+                      "names its model 'resnet', which is no model this timm")
+    # A fine-tune of a model train.py fetched from the hub: timm's repositories bear the model's name.
+    torch.save({"arch": "hf-hub:timm/resnet10t.c3_in1k", "state_dict": weights}, tmp_path / "hub.pth.tar")
+    assert json.loads(run_cli("eval", tmp_path / "hub.pth.tar", "--data", tiny_data, "--json").stdout)["top1"] == \
+        result["top1"]
+    assert "weights: from" in run_cli("train", "tiny", "--data", tiny_data, "--out", tmp_path / "ft", "--device", "cpu",
+                                      "--set", f"initial_checkpoint={tmp_path / 'hub.pth.tar'}",
+                                      "--stop-after-steps", "1").stdout
 
 
 ZERO_LR = ["--set", "lr=0", "--set", "warmup_lr=0", "--set", "min_lr=0", "--set", "warmup_epochs=0"]
