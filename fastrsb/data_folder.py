@@ -18,7 +18,7 @@ from fastrsb.folder_lock import in_use
 from fastrsb.progress import Progress
 from fastrsb.raw_imagenet import hint
 from fastrsb.pipelines import IMAGE_EXTENSIONS, DatasetError, ImageList, class_folders, list_images, walk_class
-from fastrsb.pipelines.image_list import SPLIT_NAMES, refuse_names_dali_cannot_take
+from fastrsb.pipelines.image_list import SPLIT_NAMES, dangling_links, refuse_names_dali_cannot_take
 
 LAYOUT = "DIR/train/<class>/<image>.JPEG and DIR/val/<class>/<image>.JPEG"
 
@@ -331,8 +331,9 @@ def loader_batches(loader, images: ImageList):
 # --- fastrsb data check ---------------------------------------------------------------------------
 
 def _split_listing(split: Path) -> dict[str, tuple[list[str], list[str]]]:
-    """class -> (images, other files), by the loaders' own rule."""
-    return {name: walk_class(split / name) for name in class_folders(split)}
+    """class -> (images, other files), by the loaders' own rule (class folders whose links lead
+    nowhere are left to dangling_links to name)."""
+    return {name: walk_class(split / name) for name in class_folders(split, refuse_dangling=False)}
 
 
 def check(root: str | Path, workers: int | None = None, decode: bool = True) -> tuple[list[str], list[str]]:
@@ -351,6 +352,7 @@ def check(root: str | Path, workers: int | None = None, decode: bool = True) -> 
         if not folder.is_dir():
             problems.append(f"{no_split(root, split)}{hint(root)}")
             continue
+        problems += dangling_links(folder)
         try:
             splits[split] = _split_listing(folder)
         except DatasetError as err:  # a loop of symbolic links: no listing to check

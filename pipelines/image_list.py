@@ -95,10 +95,23 @@ def refuse_names_dali_cannot_take(paths: list[str]) -> None:
                            "convmv -f latin1 -t utf8 -r --notest DIR)")
 
 
-def class_folders(root: Path) -> list[str]:
+def class_folders(root: Path, refuse_dangling: bool = True) -> list[str]:
     """The class names under `root`, sorted: its sub-folders (symlinks to folders too), dot-folders
-    skipped."""
+    skipped. A symbolic link whose target is gone (a data set linked together from a disk that is
+    not mounted) is refused (`refuse_dangling`; `data check` lists each): skipped as a folder that
+    is not there, its class would be left out of training and testing without a word."""
+    if refuse_dangling and (dangling := dangling_links(root)):
+        more = f" (and {len(dangling) - 1} more there)" if len(dangling) > 1 else ""
+        raise DatasetError(f"{dangling[0]}{more}")
     return sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
+
+
+def dangling_links(root: Path) -> list[str]:
+    """What is wrong with each symbolic link in `root` (dot-names skipped) whose target does not exist."""
+    gone = sorted(e.path for e in os.scandir(root)
+                  if not e.name.startswith(".") and e.is_symlink() and not os.path.exists(e.path))
+    return [f"{path} is a symbolic link to {os.readlink(path)}, which does not exist: its class would be left out; "
+            "mount or restore what it links to, or remove the link" for path in gone]
 
 
 def walk_files(folder: str | os.PathLike):

@@ -58,9 +58,18 @@ def test_check_lists_every_problem_at_once(tiny_data, tmp_path):
     hidden.write_bytes(b"\xff\xd8\xff" + b"\x00" * 50)
     (data / "train" / classes[3] / "more").symlink_to(linked, target_is_directory=True)
     shutil.copy(victim.with_name(sorted(p.name for p in victim.parent.iterdir())[1]), data / "val" / "loose.JPEG")
+    # A class linked in from a disk that is not mounted: a folder that is not there, which a listing
+    # of folders left out without a word (data check said 0 problems, and a run trained without it).
+    (data / "val" / "n99_gone").symlink_to(tmp_path / "unmounted" / "n99_gone")
     proc = run_cli("data", "check", data, check=False)
-    assert_user_error(proc, "6 problem(s)")
+    assert_user_error(proc, "7 problem(s)")
     out = proc.stdout
+    gone = f"{data / 'val' / 'n99_gone'} is a symbolic link to {tmp_path / 'unmounted' / 'n99_gone'}, which does not exist"
+    assert gone in out
+    (data / "train" / "empty_class").rmdir()  # what a run meets first
+    assert_user_error(run_cli("train", "tiny", "--data", data, "--out", tmp_path / "run", check=False), gone)
+    assert not (tmp_path / "run").exists()
+    (data / "train" / "empty_class").mkdir()
     assert f"cannot decode {victim}" in out and "garbage.JPEG" in out
     assert f"cannot decode {data / 'train' / classes[3] / 'more' / 'broken.JPEG'}" in out
     assert "train/empty_class: empty class" in out
