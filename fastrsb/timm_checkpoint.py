@@ -106,13 +106,14 @@ def model_to_evaluate(checkpoint: TimmCheckpoint, ema: bool) -> TimmEval:
     load_weights(model, weights, str(path))
     if checkpoint.args is not None:
         data = resolve_data_config(args, model=model)  # as train.py's validation resolved it
-        said = f"tested as timm's train.py validated it ({_transform(data)}, from its arguments)"
+        said = f"timm's train.py validated these weights at {_transform(data)}"
         if checkpoint.metric is not None:
-            said += f", where it recorded {args.get('eval_metric', 'top1')} {checkpoint.metric:.2f}"
+            said += f" and recorded {args.get('eval_metric', 'top1')} {checkpoint.metric:.2f}"
+        said += " (the size and crop tested here unless --img-size or --crop-pct say others)"
     else:
         data = resolve_data_config({}, model=model, use_test_size=True)  # as timm's validate.py
-        said = (f"tested at the size and crop timm's validate.py takes for {name} ({_transform(data)}): "
-                "the checkpoint holds no arguments of train.py")
+        said = (f"the checkpoint holds no arguments of timm's train.py: tested unless --img-size or --crop-pct say "
+                f"otherwise at the size and crop timm's validate.py takes for {name} ({_transform(data)})")
     notes = [said, *check_eval_transform(data, path, "its transform"),
              "the checkpoint names no classes: they are taken as the data folder's class folders in sorted order "
              "(timm's ImageFolder indexes them so)"]

@@ -373,8 +373,9 @@ def test_eval_of_a_timm_train_checkpoint_measures_what_timm_recorded(run, tiny_d
     checkpoint = _timm_train_checkpoint(tmp_path / "timm", state["model"], args, fresh, timm_top1)
 
     proc = run_cli("eval", checkpoint, "--data", tiny_data)
-    assert proc.stdout.splitlines()[0] == ("note: tested as timm's train.py validated it (32 px, crop 0.875, from "
-                                           f"its arguments), where it recorded top1 {timm_top1:.2f}")
+    assert proc.stdout.splitlines()[0] == (f"note: timm's train.py validated these weights at 32 px, crop 0.875 and "
+                                           f"recorded top1 {timm_top1:.2f} (the size and crop tested here unless "
+                                           "--img-size or --crop-pct say others)")
     result = json.loads(run_cli("eval", checkpoint, "--data", tiny_data, "--json").stdout)
     same = json.loads(run_cli("eval", out / "last.pt", "--data", tiny_data, "--json", "--img-size", "32",
                               "--crop-pct", "0.875").stdout)
@@ -410,7 +411,8 @@ def test_eval_of_timm_weights_without_train_arguments(run, tiny_data, tmp_path):
     proc = run_cli("eval", tmp_path / "bare.pth.tar", "--data", tiny_data, "--json")
     result = json.loads(proc.stdout)
     assert (result["img_size"], result["crop_pct"], result["epoch"]) == (224, 0.95, 5)  # resnet10t's test size
-    assert result["notes"][0].startswith("tested at the size and crop timm's validate.py takes for resnet10t")
+    assert result["notes"][0].startswith("the checkpoint holds no arguments of timm's train.py")
+    assert result["notes"][0].endswith("the size and crop timm's validate.py takes for resnet10t (224 px, crop 0.95)")
     assert_user_error(run_cli("eval", tmp_path / "bare.pth.tar", "--data", tiny_data, "--ema", check=False),
                       "holds no EMA weights")
     wide = {**weights, "fc.weight": torch.zeros(1000, weights["fc.weight"].shape[1]), "fc.bias": torch.zeros(1000)}
