@@ -106,9 +106,12 @@ def model_to_evaluate(checkpoint: TimmCheckpoint, ema: bool) -> TimmEval:
     load_weights(model, weights, str(path))
     if checkpoint.args is not None:
         data = resolve_data_config(args, model=model)  # as train.py's validation resolved it
-        said = f"timm's train.py validated these weights at {_transform(data)}"
+        said = f"timm's train.py validated this checkpoint at {_transform(data)}"
         if checkpoint.metric is not None:
-            said += f" and recorded {args.get('eval_metric', 'top1')} {checkpoint.metric:.2f}"
+            # train.py records its EMA's figures where it validates an EMA (one not kept on the CPU)
+            whose = ("its EMA weights (--ema)" if checkpoint.ema_weights is not None
+                     and not args.get("model_ema_force_cpu") else "its weights")
+            said += f" and recorded {args.get('eval_metric', 'top1')} {checkpoint.metric:.2f} for {whose}"
         said += " (the size and crop tested here unless --img-size or --crop-pct say others)"
     else:
         data = resolve_data_config({}, model=model, use_test_size=True)  # as timm's validate.py

@@ -352,7 +352,8 @@ def test_eval_of_a_timm_train_checkpoint_measures_what_timm_recorded(run, tiny_d
     load refused: fastrsb took none) is evaluated as train.py's validation saw it: at its
     arguments' size and crop (32 px, 0.875 here; the recipe tests at 40, 0.95), reaching the top-1
     timm's own eval transform gives, and to the last digit what fastrsb gives the same weights.
-    --ema takes its EMA's weights. A run starts from its weights; it is not resumed."""
+    --ema takes its EMA's weights, for which train.py records its figure where it keeps an EMA.
+    A run starts from its weights (the model's, as timm's --initial-checkpoint); it is not resumed."""
     import argparse
     import timm
     from PIL import Image
@@ -360,7 +361,8 @@ def test_eval_of_a_timm_train_checkpoint_measures_what_timm_recorded(run, tiny_d
     out, _ = run
     state = load_checkpoint(out / "last.pt")
     args = argparse.Namespace(model="resnet10t", num_classes=4, img_size=32, input_size=None, crop_pct=0.875,
-                              mean=None, std=None, interpolation="", gp=None, model_kwargs={}, eval_metric="top1")
+                              mean=None, std=None, interpolation="", gp=None, model_kwargs={}, eval_metric="top1",
+                              model_ema_force_cpu=False)
     model = timm.create_model("resnet10t", num_classes=4).eval()
     model.load_state_dict(state["model"])
     transform = create_transform(**resolve_data_config(vars(args), model=model))  # train.py's validation
@@ -369,21 +371,28 @@ def test_eval_of_a_timm_train_checkpoint_measures_what_timm_recorded(run, tiny_d
         logits = model(torch.stack([transform(Image.open(path).convert("RGB")) for path in images]))
     labels = torch.tensor([state["classes"].index(path.parent.name) for path in images])
     timm_top1 = 100 * float((logits.argmax(1) == labels).float().mean())
-    fresh = timm.create_model("resnet10t", num_classes=4).state_dict()
-    checkpoint = _timm_train_checkpoint(tmp_path / "timm", state["model"], args, fresh, timm_top1)
-
-    proc = run_cli("eval", checkpoint, "--data", tiny_data)
-    assert proc.stdout.splitlines()[0] == (f"note: timm's train.py validated these weights at 32 px, crop 0.875 and "
-                                           f"recorded top1 {timm_top1:.2f} (the size and crop tested here unless "
-                                           "--img-size or --crop-pct say others)")
-    result = json.loads(run_cli("eval", checkpoint, "--data", tiny_data, "--json").stdout)
     same = json.loads(run_cli("eval", out / "last.pt", "--data", tiny_data, "--json", "--img-size", "32",
-                              "--crop-pct", "0.875").stdout)
+                              "--crop-pct", "0.875").stdout)  # the trained weights, by fastrsb
     keys = ("top1", "top5", "val_loss", "val_images", "img_size", "crop_pct")
+    note = "note: timm's train.py validated this checkpoint at 32 px, crop 0.875 and recorded top1 {:.2f} for {}"
+
+    plain = _timm_train_checkpoint(tmp_path / "plain", state["model"], args, None, timm_top1)
+    proc = run_cli("eval", plain, "--data", tiny_data)
+    assert proc.stdout.splitlines()[0] == (note.format(timm_top1, "its weights") + " (the size and crop tested "
+                                           "here unless --img-size or --crop-pct say others)")
+    result = json.loads(run_cli("eval", plain, "--data", tiny_data, "--json").stdout)
     assert [result[k] for k in keys] == [same[k] for k in keys] and result["epoch"] == 1
     assert abs(result["top1"] - timm_top1) * len(images) / 100 <= 1  # DALI's resize and PIL's: one image may tip
+    assert_user_error(run_cli("eval", plain, "--data", tiny_data, "--ema", check=False), "holds no EMA weights")
+
+    fresh = timm.create_model("resnet10t", num_classes=4).state_dict()  # the model's; the trained are its EMA's
+    checkpoint = _timm_train_checkpoint(tmp_path / "timm", fresh, args, state["model"], timm_top1)
+    assert run_cli("eval", checkpoint, "--data", tiny_data).stdout.startswith(
+        note.format(timm_top1, "its EMA weights (--ema)"))
     ema = json.loads(run_cli("eval", checkpoint, "--data", tiny_data, "--json", "--ema").stdout)
-    assert ema["ema"] and ema["val_loss"] != result["val_loss"]
+    assert ema["ema"] and [ema[k] for k in keys] == [same[k] for k in keys]
+    model_weights = json.loads(run_cli("eval", checkpoint, "--data", tiny_data, "--json").stdout)
+    assert model_weights["val_loss"] != ema["val_loss"]
 
     started = run_cli("train", "tiny", "--data", tiny_data, "--out", tmp_path / "ft", "--device", "cpu",
                       "--set", f"initial_checkpoint={checkpoint}", *ZERO_LR, "--stop-after-steps", "1")
@@ -391,7 +400,7 @@ def test_eval_of_a_timm_train_checkpoint_measures_what_timm_recorded(run, tiny_d
             "included") in started.stdout
     names = {name for name, _ in model.named_parameters()}
     assert _weights_equal(_parameters(load_checkpoint(tmp_path / "ft" / "last.pt")["model"], names),
-                          _parameters(state["model"], names))
+                          _parameters(fresh, names))
     assert_user_error(run_cli("train", "tiny", "--data", tiny_data, "--out", tmp_path / "again", "--device", "cpu",
                               "--resume", checkpoint, check=False),
                       "is a checkpoint of timm's train.py (resnet10t, 1 epoch(s) trained), not fastrsb's",
@@ -403,8 +412,8 @@ def test_eval_of_timm_weights_without_train_arguments(run, tiny_data, tmp_path):
     """timm's layout without train.py's arguments ("arch" and "state_dict" alone) is tested at the
     size and crop timm's validate.py takes for the model; its classes counted from its classifier.
     Weights that classify another number of classes than the data folder has are refused (their
-    labels would index other classes), as is a model name timm does not know, and --ema without
-    EMA weights; a model train.py fetched from timm's hub repositories is known by their name."""
+    labels would index other classes), as is a model name timm does not know; a model train.py
+    fetched from timm's hub repositories is known by their name."""
     out, _ = run
     weights = load_checkpoint(out / "last.pt")["model"]
     torch.save({"arch": "resnet10t", "state_dict": weights, "epoch": 4, "version": 2}, tmp_path / "bare.pth.tar")
@@ -413,8 +422,6 @@ def test_eval_of_timm_weights_without_train_arguments(run, tiny_data, tmp_path):
     assert (result["img_size"], result["crop_pct"], result["epoch"]) == (224, 0.95, 5)  # resnet10t's test size
     assert result["notes"][0].startswith("the checkpoint holds no arguments of timm's train.py")
     assert result["notes"][0].endswith("the size and crop timm's validate.py takes for resnet10t (224 px, crop 0.95)")
-    assert_user_error(run_cli("eval", tmp_path / "bare.pth.tar", "--data", tiny_data, "--ema", check=False),
-                      "holds no EMA weights")
     wide = {**weights, "fc.weight": torch.zeros(1000, weights["fc.weight"].shape[1]), "fc.bias": torch.zeros(1000)}
     torch.save({"arch": "resnet10t", "state_dict": wide}, tmp_path / "imagenet.pth.tar")
     assert_user_error(run_cli("eval", tmp_path / "imagenet.pth.tar", "--data", tiny_data, check=False),
