@@ -18,7 +18,8 @@ from fastrsb.folder_lock import in_use
 from fastrsb.progress import Progress
 from fastrsb.raw_imagenet import hint
 from fastrsb.pipelines import IMAGE_EXTENSIONS, DatasetError, ImageList, class_folders, list_images, walk_class
-from fastrsb.pipelines.image_list import SPLIT_NAMES, dangling_links, refuse_names_dali_cannot_take
+from fastrsb.pipelines.image_list import (SPLIT_NAMES, dangling_links, folders_in_two_classes,
+                                         refuse_names_dali_cannot_take)
 
 LAYOUT = "DIR/train/<class>/<image>.JPEG and DIR/val/<class>/<image>.JPEG"
 
@@ -330,10 +331,13 @@ def loader_batches(loader, images: ImageList):
 
 # --- fastrsb data check ---------------------------------------------------------------------------
 
-def _split_listing(split: Path) -> dict[str, tuple[list[str], list[str]]]:
-    """class -> (images, other files), by the loaders' own rule (class folders whose links lead
-    nowhere are left to dangling_links to name)."""
-    return {name: walk_class(split / name) for name in class_folders(split, refuse_dangling=False)}
+def _split_listing(split: Path) -> tuple[dict[str, tuple[list[str], list[str]]], list[str]]:
+    """(class -> (images, other files), by the loaders' own rule; what is wrong where a folder is
+    walked under two classes). Class folders whose links lead nowhere are left to dangling_links."""
+    folders: dict[str, dict[str, str]] = {}
+    listing = {name: walk_class(split / name, folders.setdefault(name, {}))
+               for name in class_folders(split, refuse_dangling=False)}
+    return listing, folders_in_two_classes(folders)
 
 
 def check(root: str | Path, workers: int | None = None, decode: bool = True) -> tuple[list[str], list[str]]:
@@ -354,10 +358,11 @@ def check(root: str | Path, workers: int | None = None, decode: bool = True) -> 
             continue
         problems += dangling_links(folder)
         try:
-            splits[split] = _split_listing(folder)
+            splits[split], shared = _split_listing(folder)
         except DatasetError as err:  # a loop of symbolic links: no listing to check
             problems.append(str(err))
             continue
+        problems += shared
         loose = sorted(p.name for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")
                        and p.name.lower().endswith(IMAGE_EXTENSIONS))
         if loose:

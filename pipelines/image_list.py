@@ -49,13 +49,15 @@ def list_images(root: str | os.PathLike) -> ImageList:
     if not classes:
         raise DatasetError(f"{root} has no class folders (expected {root}/<class>/<image>.JPEG)")
     _refuse_splits_as_classes(root, classes)
-    files, labels = [], []
+    files, labels, folders = [], [], {}
     for label, name in enumerate(classes):
-        found, _ = walk_class(root / name)
+        found, _ = walk_class(root / name, folders.setdefault(name, {}))
         if not found:
             raise DatasetError(f"class folder {root / name} holds no images ({', '.join(IMAGE_EXTENSIONS[:3])}, ...)")
         files += found
         labels += [label] * len(found)
+    if shared := folders_in_two_classes(folders):
+        raise DatasetError(shared[0] + (f" (and {len(shared) - 1} more such)" if len(shared) > 1 else ""))
     refuse_names_dali_cannot_take(files)
     return ImageList(files, labels, classes)
 
@@ -114,15 +116,19 @@ def dangling_links(root: Path) -> list[str]:
             "mount or restore what it links to, or remove the link" for path in gone]
 
 
-def walk_files(folder: str | os.PathLike):
+def walk_files(folder: str | os.PathLike, real_folders: dict[str, str] | None = None):
     """(folder, file names) of every folder below `folder`, as the loaders list them: symlinked
-    sub-folders followed, a loop of them refused, dot-files and dot-folders skipped."""
+    sub-folders followed, a loop of them refused, dot-files and dot-folders skipped. real_folders:
+    where given, each folder's real path is added to it, with the path it was walked by."""
     # The real paths of each folder's own and its parents': a link to one of them is a loop, which
     # os.walk would follow ~40 links deep (until the kernel says ELOOP), listing every image below
     # the loop again at each turn, images of other classes under this class's label included.
     above: dict[str, set[str]] = {os.fspath(folder): set()}
     for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
-        chain = above.pop(dirpath) | {os.path.realpath(dirpath)}
+        real = os.path.realpath(dirpath)
+        chain = above.pop(dirpath) | {real}
+        if real_folders is not None:
+            real_folders.setdefault(real, dirpath)
         dirnames[:] = [d for d in dirnames if not d.startswith(".")]
         for name in dirnames:
             sub = os.path.join(dirpath, name)
@@ -135,15 +141,32 @@ def walk_files(folder: str | os.PathLike):
         yield dirpath, [name for name in filenames if not name.startswith(".")]
 
 
-def walk_class(folder: Path) -> tuple[list[str], list[str]]:
-    """(images, other files) of one class folder, each sorted: every file below it (walk_files).
-    Images by extension (IMAGE_EXTENSIONS, case-insensitive); the other files are what the
-    loaders skip."""
+def walk_class(folder: Path, real_folders: dict[str, str] | None = None) -> tuple[list[str], list[str]]:
+    """(images, other files) of one class folder, each sorted: every file below it (walk_files,
+    which adds the real path of each folder walked to real_folders, where given). Images by
+    extension (IMAGE_EXTENSIONS, case-insensitive); the other files are what the loaders skip."""
     images, others = [], []
-    for dirpath, names in walk_files(folder):
+    for dirpath, names in walk_files(folder, real_folders):
         for name in names:
             (images if name.lower().endswith(IMAGE_EXTENSIONS) else others).append(os.path.join(dirpath, name))
     return sorted(images), sorted(others)
+
+
+def folders_in_two_classes(real_folders: dict[str, dict[str, str]]) -> list[str]:
+    """What is wrong where one folder of images is walked under two classes (by class: the real
+    path of each folder walked for it, and the path it was walked by): a symbolic link from one
+    class's folder into another's, which would read each of its images with both labels. One line
+    a pair of classes."""
+    owner: dict[str, tuple[str, str]] = {}
+    found: dict[tuple[str, str], str] = {}
+    for name, folders in real_folders.items():
+        for real in sorted(folders):  # a folder before its sub-folders: the link's target is named
+            first, walked = owner.setdefault(real, (name, folders[real]))
+            if first != name and (first, name) not in found:
+                found[first, name] = (f"{walked} and {folders[real]} are one folder ({real}), walked under two "
+                                      f"classes, {first} and {name} (a symbolic link from one's folder into the "
+                                      "other's): each of its images would be read with both labels; remove the link")
+    return list(found.values())
 
 
 def _read_file_list(path: Path) -> ImageList:

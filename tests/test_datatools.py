@@ -83,6 +83,30 @@ def test_check_lists_every_problem_at_once(tiny_data, tmp_path):
     assert_user_error(run_cli("train", "tiny", "--data", tmp_path / "val.txt", check=False), "is a file, not a folder")
 
 
+def test_a_folder_walked_under_two_classes_is_refused(tiny_data, tmp_path):
+    """A symbolic link from one class's folder into another's lists the other's images under both
+    classes, each with two labels: data check said 0 problems and a run trained on them. Now data
+    check lists it, and train and the loaders refuse it, naming the link. A class whose images
+    come from a folder outside every class (a link, as a symlink farm builds them) is kept."""
+    data = tmp_path / "data"
+    shutil.copytree(tiny_data, data)
+    link = data / "train" / "n00_hstripes" / "more"
+    link.symlink_to(data / "train" / "n01_vstripes")
+    said = (f"{link} and {data / 'train' / 'n01_vstripes'} are one folder ({data / 'train' / 'n01_vstripes'}), "
+            "walked under two classes, n00_hstripes and n01_vstripes")
+    proc = run_cli("data", "check", data, check=False)
+    assert_user_error(proc, "1 problem(s)")
+    assert said in proc.stdout
+    assert_user_error(run_cli("train", "tiny", "--data", data, "--out", tmp_path / "run", check=False), said)
+    with pytest.raises(DatasetError, match="each of its images would be read with both labels"):
+        list_images(data / "train")
+    link.unlink()
+    shutil.copytree(tiny_data / "train" / "n01_vstripes", tmp_path / "extra")
+    link.symlink_to(tmp_path / "extra")
+    assert len(list_images(data / "train")) == 48 + 12  # the extra folder's images, in n00_hstripes
+    assert "0 problem(s)" in run_cli("data", "check", data, "--no-decode").stdout
+
+
 def test_check_reads_a_file_list_as_the_loaders_do(tiny_data, tmp_path):
     """A loader's file list (the loaders' API takes one): its lines as the loaders read them, then
     its images, as a data folder's."""
@@ -121,7 +145,7 @@ def test_check_agrees_with_the_loaders(tiny_data, tmp_path):
     from fastrsb.data_folder import _split_listing
     data = copy_with_a_linked_folder(tiny_data, tmp_path)
     (data / "train" / "n02_checks" / ".hidden.JPEG").write_bytes(b"junk")
-    checked = sorted(f for images, _ in _split_listing(data / "train").values() for f in images)
+    checked = sorted(f for images, _ in _split_listing(data / "train")[0].values() for f in images)
     assert checked == sorted(list_images(data / "train").files)
     assert str(data / "train" / "n01_vstripes" / "link" / "x.JPEG") in checked
 
