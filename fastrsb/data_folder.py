@@ -134,6 +134,19 @@ def describe_counts(train: ImageList, val: ImageList) -> str:
     return line
 
 
+def val_shares_train(train_files: list[str], val_files: list[str]) -> str | None:
+    """A note where val and train list images of the same folders (val/ linked to train/, or to
+    some of its classes, for a validation set at hand): the top-1 then measures images the model
+    trains on. Folders by their real paths: one per class of ImageNet, so ~2,000 resolved."""
+    def real_folders(files: list[str]) -> set[str]:
+        return {os.path.realpath(folder) for folder in {f.rpartition(os.sep)[0] for f in files}}
+    shared = sorted(real_folders(train_files) & real_folders(val_files))
+    if not shared:
+        return None
+    return (f"val and train share {len(shared):,} folder(s) of images (e.g. {shared[0]}): the validation top-1 "
+            "measures images the model trains on")
+
+
 # --- cheap checks at start-up -------------------------------------------------------------------
 
 # The first bytes of every format the decoders read (by content: ImageNet holds PNGs named .JPEG):
@@ -384,6 +397,9 @@ def check(root: str | Path, workers: int | None = None, decode: bool = True) -> 
                         f"{len(only_val)} only in val {only_val[:5]}")
     if len(splits.get("train", {})) == 1:
         problems.append("train/ holds one class: a classifier needs two or more")
+    if len(splits) == 2 and (shared := val_shares_train(*([f for images, _ in splits[split].values() for f in images]
+                                                          for split in ("train", "val")))):
+        notes.append(shared)
     try:
         refuse_names_dali_cannot_take(files)
     except DatasetError as err:

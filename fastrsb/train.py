@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from fastrsb import __version__
 from fastrsb.accumulation import HEADROOM
 from fastrsb.data_folder import (check_headers, describe_counts, loader_batches, open_dataset,
-                                  refuse_a_run_inside_the_splits)
+                                  refuse_a_run_inside_the_splits, val_shares_train)
 from fastrsb.determinism import batch_hash, deterministic_mode
 from fastrsb.device import autocast, gpu_memory_line, resolve_device, step_stream
 from fastrsb.distributed import (Dist, FailureNotice, agree, all_reduce_sum, average_bn_stats, check_in_step,
@@ -350,6 +350,8 @@ def _announce(run: Run, train_images, val_images, resumed_from: Path | None, pos
               f"{run.d.world} x {run.schedule.grad_accum_steps} x {run.micro} | {run.schedule.steps_per_epoch} steps x "
               f"{r['epochs']} epochs")
     _say(run, f"data: {describe_counts(train_images, val_images)}")
+    if shared := val_shares_train(train_images.files, val_images.files):
+        _say(run, f"note: {shared}")
     for line in run_card(run, pos):
         _say(run, line)
     if t.origin:

@@ -107,6 +107,21 @@ def test_a_folder_walked_under_two_classes_is_refused(tiny_data, tmp_path):
     assert "0 problem(s)" in run_cli("data", "check", data, "--no-decode").stdout
 
 
+def test_a_val_folder_that_is_the_train_folder_is_said(tiny_data, tmp_path):
+    """val/ linked to train/ (a validation set at hand) trains, but its top-1 measures the training
+    images: data check and the run card say so; a data folder of its own says nothing."""
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "train").symlink_to(tiny_data / "train")
+    (data / "val").symlink_to(tiny_data / "train")
+    said = (f"val and train share 4 folder(s) of images (e.g. {tiny_data / 'train' / 'n00_hstripes'}): the "
+            "validation top-1 measures images the model trains on")
+    assert f"note: {said}" in run_cli("data", "check", data, "--no-decode").stdout
+    assert f"note: {said}" in run_cli("train", "tiny", "--data", data, "--out", tmp_path / "run", "--device", "cpu",
+                                      "--stop-after-steps", "1").stdout
+    assert "share" not in run_cli("data", "check", tiny_data, "--no-decode").stdout
+
+
 def test_check_reads_a_file_list_as_the_loaders_do(tiny_data, tmp_path):
     """A loader's file list (the loaders' API takes one): its lines as the loaders read them, then
     its images, as a data folder's."""
