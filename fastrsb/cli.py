@@ -402,7 +402,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("plot", help="loss, accuracy, LR, throughput and data-wait curves of a run (or of several, "
                                     "compared), as a PNG")
-    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
+    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="a fastrsb run folder, or timm's train.py output "
+                                                                  "folder (its summary.csv)")
     p.add_argument("-o", "--output", default=None, help="a .png file, or a folder for the default name (default: "
                                                         "RUN_DIR/curves.png; for several runs, curves-A-B.png in the "
                                                         "current folder)")

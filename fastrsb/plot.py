@@ -1,10 +1,12 @@
 """`fastrsb plot RUN_DIR [RUN_DIR ...]`: loss, accuracy, learning rate and throughput curves from
 metrics.jsonl in one PNG; given several runs, each run's curves in a colour of its own, panel by
-panel, to compare them. Drawn with matplotlib where it is installed (pip install
+panel, to compare them; a run of timm's train.py among them (its summary.csv), to compare the two
+tools on one recipe. Drawn with matplotlib where it is installed (pip install
 "fastrsb[plot]": real axes, ticks and legends), else with a small Pillow fallback (Pillow comes
 with torchvision), so plotting never needs an extra package."""
 from __future__ import annotations
 
+import csv
 import importlib.util
 import math
 from pathlib import Path
@@ -19,15 +21,39 @@ PANEL_W, PANEL_H, MARGIN = 560, 300, 56
 
 
 def read_metrics(run_dir: Path) -> tuple[list[dict], list[dict]]:
-    """(log rows, epoch rows) of a run folder."""
+    """(log rows, epoch rows) of a run folder, or of timm's train.py's output folder (timm_rows)."""
     path = run_dir / "metrics.jsonl"
     if not path.is_file():
-        raise UserError(f"{run_dir} holds no metrics.jsonl (is it a fastrsb run folder?)")
+        if (run_dir / "summary.csv").is_file():
+            return timm_rows(run_dir / "summary.csv")
+        raise UserError(f"{run_dir} holds no metrics.jsonl (is it a fastrsb run folder?) nor summary.csv (timm's)")
     rows = read_rows(path)
     logs = [r for r in rows if r.get("kind") == "log"]
     epochs = [r for r in rows if r.get("kind") == "epoch"]
     if not logs and not epochs:
         raise UserError(f"{path} has no rows yet: the run has not reached its first log step")
+    return logs, epochs
+
+
+def timm_rows(path: Path) -> tuple[list[dict], list[dict]]:
+    """The rows of the summary.csv timm's train.py writes (an epoch a row: epoch, train_loss,
+    eval_loss, eval_top1, eval_top5, lr; its EMA's eval_ figures where it kept one), as fastrsb's:
+    a run of the same recipe by timm, drawn beside fastrsb's. Its epoch is the index of the epoch
+    ended, fastrsb's the epochs done. It logs no steps: its loss and LR, an epoch's, are drawn as
+    log rows at each epoch's end; it measures no images/s or data wait."""
+    try:
+        with open(path, newline="") as f:
+            table = list(csv.DictReader(f))
+        epochs = [{"kind": "epoch", "epoch": int(row["epoch"]) + 1, "train_loss": float(row["train_loss"]),
+                   "val_loss": float(row["eval_loss"]), "top1": float(row["eval_top1"]),
+                   "top5": float(row["eval_top5"]), "lr": float(row["lr"])} for row in table]
+    except (OSError, KeyError, TypeError, ValueError) as err:
+        raise UserError(f"{path} is not a summary.csv of timm's train.py (epoch, train_loss, eval_loss, eval_top1, "
+                        f"eval_top5, lr): {type(err).__name__} {err}") from None
+    if not epochs:
+        raise UserError(f"{path} has no rows yet: timm's run has not ended its first epoch")
+    logs = [{"kind": "log", "epoch": r["epoch"], "loss": r["train_loss"], "lr": r["lr"], "images_per_sec": None,
+             "data_wait": None} for r in epochs]
     return logs, epochs
 
 
@@ -79,6 +105,7 @@ def panels(logs: list[dict], epochs: list[dict]) -> list[tuple[str, Series, bool
     """What is drawn, whatever draws it: (title, [(name, x, y)], log scale)."""
     lx = [r["epoch"] for r in logs]
     ex = [r["epoch"] for r in epochs]
+    waits = [None if r["data_wait"] is None else 100 * r["data_wait"] for r in logs]  # timm's: not measured
     accuracy = [("top-1", ex, [r["top1"] for r in epochs]), ("top-5", ex, [r["top5"] for r in epochs])]
     if any("ema_top1" in r for r in epochs):
         accuracy.append(("EMA top-1", ex, [r.get("ema_top1") for r in epochs]))
@@ -88,7 +115,7 @@ def panels(logs: list[dict], epochs: list[dict]) -> list[tuple[str, Series, bool
             ("validation accuracy (%)", accuracy, False),
             ("learning rate", [("lr", lx, [r["lr"] for r in logs])], False),
             ("images/s per process", [("images/s", lx, [r["images_per_sec"] for r in logs])], False),
-            ("share of step time waiting for data (%)", [("data wait", lx, [100 * r["data_wait"] for r in logs])], False)]
+            ("share of step time waiting for data (%)", [("data wait", lx, waits)], False)]
 
 
 def compared_panels(runs: list[tuple[str, list[dict], list[dict]]]) -> list[tuple[str, Series, bool]]:
@@ -122,16 +149,18 @@ def _draw_matplotlib(specs, out: Path) -> None:
     import matplotlib.pyplot as plt
     figure, axes = plt.subplots(2, 3, figsize=(16.8, 6.0), dpi=100)
     for axis, (title, series, log_y) in zip(axes.flat, specs):
+        drawn = False
         for index, (name, xs, ys) in enumerate(series):
             points = [(x, y) for x, y in zip(xs, ys) if y is not None and math.isfinite(y) and (y > 0 or not log_y)]
             if points:
                 axis.plot(*zip(*points), label=name, color=COLOURS[index % len(COLOURS)],
                           marker="o" if len(points) < 40 else None, markersize=3)
+                drawn = True
         axis.set_title(title, fontsize=10)
         axis.set_xlabel("epoch")
         axis.set_yscale("log" if log_y else "linear")
         axis.grid(alpha=0.3)
-        if any(len(xs) for _, xs, _ in series):
+        if drawn:  # a panel of what a run did not measure (timm's images/s) stays empty
             axis.legend(fontsize=8)
     for axis in axes.flat[len(specs):]:  # one run: five panels
         axis.axis("off")

@@ -659,7 +659,7 @@ def test_plot_writes_the_curves(run, tmp_path, backend):
     assert image.size == (1680, 600)
     colours = {c for _, c in image.getcolors(maxcolors=1 << 20)}
     assert (31, 119, 180) in colours and (214, 39, 40) in colours  # curves were drawn, not just axes
-    assert_user_error(run_cli("plot", tmp_path, check=False), "no metrics.jsonl")
+    assert_user_error(run_cli("plot", tmp_path, check=False), "no metrics.jsonl", "nor summary.csv")
     # -o: a folder takes the default name, missing folders are made, and no other file is written over.
     assert run_cli("plot", out, "-o", tmp_path, "--backend", backend).stdout == f"wrote {tmp_path / 'curves.png'}\n"
     run_cli("plot", out, "-o", tmp_path / "new" / "a.png", "--backend", backend)
@@ -696,6 +696,32 @@ def test_plot_compares_runs_in_a_colour_each(run, tmp_path, backend, monkeypatch
     corner = {c for _, c in image.crop((1120, 300, 1680, 600)).getcolors(maxcolors=1 << 20)}
     assert (31, 119, 180) in corner and (214, 39, 40) in corner
     assert_user_error(run_cli("plot", out, tmp_path / "nothing", check=False), "no metrics.jsonl")
+
+
+def test_plot_draws_a_timm_run_beside_a_fastrsb_run(run, tmp_path):
+    """timm's train.py output folder (its summary.csv, written here by timm's own update_summary)
+    is drawn beside a fastrsb run: its epoch rows at the epochs done (timm counts from 0), its loss
+    and LR an epoch's; what it does not measure (images/s, data wait) stays empty."""
+    from collections import OrderedDict
+    from PIL import Image
+    from timm.utils import update_summary
+    from fastrsb.plot import read_metrics
+    out, _ = run
+    timm_run = tmp_path / "20261203-resnet10t-32"
+    timm_run.mkdir()
+    for epoch, (loss, top1) in enumerate([(0.9, 30.0), (0.8, 45.0)]):
+        update_summary(epoch, OrderedDict(loss=loss), OrderedDict(loss=loss + 0.5, top1=top1, top5=100.0),
+                       str(timm_run / "summary.csv"), lr=0.008 / (epoch + 1), write_header=epoch == 0)
+    logs, epochs = read_metrics(timm_run)
+    assert [(r["epoch"], r["top1"], r["train_loss"], r["lr"]) for r in epochs] == [(1, 30.0, 0.9, 0.008),
+                                                                                    (2, 45.0, 0.8, 0.004)]
+    assert [(r["epoch"], r["loss"], r["images_per_sec"]) for r in logs] == [(1, 0.9, None), (2, 0.8, None)]
+    run_cli("plot", out, timm_run, "-o", tmp_path / "both.png")
+    colours = {c for _, c in Image.open(tmp_path / "both.png").convert("RGB").getcolors(maxcolors=1 << 20)}
+    assert (31, 119, 180) in colours and (214, 39, 40) in colours  # both runs drawn
+    assert "wrote" in run_cli("plot", timm_run, "-o", tmp_path / "timm.png").stdout  # alone too
+    (timm_run / "summary.csv").write_text("epoch,loss\n0,1\n")
+    assert_user_error(run_cli("plot", timm_run, check=False), "is not a summary.csv of timm's train.py")
 
 
 def test_runs_lists_every_run_folder_with_its_progress(run, tmp_path):
