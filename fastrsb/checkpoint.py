@@ -78,7 +78,7 @@ def read_saved(path: str | Path) -> object:
             with _timm_arguments_allowed():
                 return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - unpickling arbitrary bytes fails in many ways (KeyError, IndexError...)
-        raise UserError(f"{path} is not a loadable fastrsb checkpoint: {_why_unloadable(path, err)}") from None
+        raise UserError(f"{path} is not a loadable checkpoint: {_why_unloadable(path, err)}") from None
 
 
 def _timm_arguments_allowed():

@@ -114,7 +114,7 @@ def test_checkpoint_cannot_run_code(run, tiny_data, tmp_path):
     state["evil"] = Payload()
     torch.save(state, tmp_path / "evil.pt")
     proc = run_cli("eval", tmp_path / "evil.pt", "--data", tiny_data, check=False)
-    assert_user_error(proc, "not a loadable fastrsb checkpoint")
+    assert_user_error(proc, "not a loadable checkpoint")
     assert "code ran" not in proc.stdout + proc.stderr
 
 
