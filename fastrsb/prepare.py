@@ -239,18 +239,43 @@ def shrink(source: str | Path, target: str | Path, max_side: int = 500, quality:
     if not 16 <= max_side <= 100_000 or not 1 <= quality <= 100:
         raise UserError(f"--max-side must be >= 16 and --quality 1..100 (got {max_side}, {quality})")
     # "upright" recorded only when set: a target written before the option existed still matches.
+    jobs = _shrink_jobs(source, target, max_side, quality, upright)  # refused before the target is touched
     _claim_target(target, source, {"max_side": max_side, "quality": quality, **({"upright": True} if upright else {})})
     with FolderLock(target, "fastrsb data shrink"):
-        return _shrink_into(source, target, max_side, quality, workers, upright)
+        return _shrink_into(jobs, target, workers)
 
 
-def _shrink_into(source: Path, target: Path, max_side: int, quality: int, workers: int | None, upright: bool) -> dict:
-    jobs = []
-    for dirpath, names in walk_files(source):  # what the loaders would read there: symlinked folders too
+def _refuse_what_a_copy_would_hide(dirpath: str, names: list[str], walked: dict[str, str]) -> None:
+    """What the loaders refuse in a data folder, and a copy of plain files would hide from them: a
+    folder reached twice (a link from one class's folder into another's: in the copy, its images
+    twice, under two labels) and a link to nothing (a class on a disk not mounted: left out of the
+    copy). walked: the real path of each folder walked so far, and the path it was walked by."""
+    real = os.path.realpath(dirpath)
+    first = walked.setdefault(real, dirpath)
+    if first != dirpath:
+        raise UserError(f"{first} and {dirpath} are one folder ({real}): the copy would hold its images twice (in a "
+                        "data folder, under two classes' labels); remove the link")
+    for name in names:  # os.walk lists a link to nothing with the files; an image's is named when it fails
+        path = os.path.join(dirpath, name)
+        if not name.lower().endswith(IMAGE_EXTENSIONS) and os.path.islink(path) and not os.path.exists(path):
+            raise UserError(f"{path} is a symbolic link to {os.readlink(path)}, which does not exist: the copy would "
+                            "leave out what it held; mount or restore what it links to, or remove the link")
+
+
+def _shrink_jobs(source: Path, target: Path, max_side: int, quality: int, upright: bool) -> list[tuple]:
+    """A job an image: what the loaders would read in SOURCE (symlinked folders too), and where its
+    copy goes."""
+    jobs, walked = [], {}
+    for dirpath, names in walk_files(source):
+        _refuse_what_a_copy_would_hide(dirpath, names, walked)
         for name in sorted(names):
             if name.lower().endswith(IMAGE_EXTENSIONS):
                 path = Path(dirpath) / name
                 jobs.append((str(path), str(target / path.relative_to(source)), max_side, quality, upright))
+    return jobs
+
+
+def _shrink_into(jobs: list[tuple], target: Path, workers: int | None) -> dict:
     counts = {"written": 0, "skipped": 0, "failed": 0}
     failures = []
     progress = Progress("shrinking", len(jobs), unit="files")

@@ -363,7 +363,8 @@ def test_shrink_stopped_with_ctrl_c_leaves_no_half_written_copy(tiny_data, tmp_p
 def test_shrink_copies_the_images_the_loaders_read(tiny_data, tmp_path):
     """The shrunk copy lists as the original: images in a symlinked sub-folder copied (shrink walked
     without following links, and the copy trained on fewer images), dot-folders left out; a loop
-    of links refused."""
+    of links refused, and so are a folder reached twice and a link to nothing, which the copy would
+    hide from the loaders' checks."""
     data = copy_with_a_linked_folder(tiny_data, tmp_path)
     (data / "train" / "n02_checks" / ".cache").mkdir()
     shutil.copy(tmp_path / "extra" / "x.JPEG", data / "train" / "n02_checks" / ".cache" / "y.JPEG")
@@ -373,6 +374,18 @@ def test_shrink_copies_the_images_the_loaders_read(tiny_data, tmp_path):
         assert [Path(f).relative_to(data) for f in ours.files] == [Path(f).relative_to(tmp_path / "small")
                                                                  for f in theirs.files]
     assert (tmp_path / "small" / "train" / "n01_vstripes" / "link" / "x.JPEG").is_file()
+    # What the loaders refuse, a copy of plain files would hide from them: refused here too.
+    (data / "train" / "n00_hstripes" / "other").symlink_to(data / "train" / "n02_checks")
+    assert_user_error(run_cli("data", "shrink", data, tmp_path / "again", "--max-side", "40", check=False),
+                      f"{data / 'train' / 'n00_hstripes' / 'other'} and {data / 'train' / 'n02_checks'} are one folder",
+                      "the copy would hold its images twice")
+    (data / "train" / "n00_hstripes" / "other").unlink()
+    (data / "val" / "n09_gone").symlink_to(tmp_path / "unmounted")
+    assert_user_error(run_cli("data", "shrink", data, tmp_path / "again", "--max-side", "40", check=False),
+                      f"{data / 'val' / 'n09_gone'} is a symbolic link to {tmp_path / 'unmounted'}, which does not "
+                      "exist: the copy would leave out what it held")
+    assert not (tmp_path / "again").exists()  # refused before the target was made
+    (data / "val" / "n09_gone").unlink()
     (data / "train" / "n01_vstripes" / "up").symlink_to("..", target_is_directory=True)
     assert_user_error(run_cli("data", "shrink", data, tmp_path / "small", "--max-side", "40", check=False),
                       "up links", "a loop of symbolic links")
