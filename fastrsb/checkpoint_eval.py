@@ -18,8 +18,7 @@ from fastrsb.memory_floor import refuse_a_batch_that_cannot_fit
 from fastrsb.model import check_input_sizes, make_model
 from fastrsb.model_folder import is_model_folder, load_model_folder
 from fastrsb.parts import open_val_loader
-from fastrsb.pipelines import default_pixel_dtype
-from fastrsb.pipelines.image_list import class_folders
+from fastrsb.pipelines import class_folders, default_pixel_dtype
 from fastrsb.timm_checkpoint import model_to_evaluate, read_timm_checkpoint
 from fastrsb.train import evaluate
 

@@ -350,7 +350,7 @@ def _announce(run: Run, train_images, val_images, resumed_from: Path | None, pos
               f"{run.d.world} x {run.schedule.grad_accum_steps} x {run.micro} | {run.schedule.steps_per_epoch} steps x "
               f"{r['epochs']} epochs")
     _say(run, f"data: {describe_counts(train_images, val_images)}")
-    if shared := val_shares_train(train_images.files, val_images.files):
+    if run.d.main and (shared := val_shares_train(train_images.files, val_images.files)):  # said by rank 0 alone
         _say(run, f"note: {shared}")
     for line in run_card(run, pos):
         _say(run, line)

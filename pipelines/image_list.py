@@ -102,16 +102,20 @@ def class_folders(root: Path, refuse_dangling: bool = True) -> list[str]:
     skipped. A symbolic link whose target is gone (a data set linked together from a disk that is
     not mounted) is refused (`refuse_dangling`; `data check` lists each): skipped as a folder that
     is not there, its class would be left out of training and testing without a word."""
-    if refuse_dangling and (dangling := dangling_links(root)):
+    entries = [e for e in os.scandir(root) if not e.name.startswith(".")]
+    if refuse_dangling and (dangling := _dangling(entries)):
         more = f" (and {len(dangling) - 1} more there)" if len(dangling) > 1 else ""
         raise DatasetError(f"{dangling[0]}{more}")
-    return sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
+    return sorted(e.name for e in entries if e.is_dir())
 
 
 def dangling_links(root: Path) -> list[str]:
     """What is wrong with each symbolic link in `root` (dot-names skipped) whose target does not exist."""
-    gone = sorted(e.path for e in os.scandir(root)
-                  if not e.name.startswith(".") and e.is_symlink() and not os.path.exists(e.path))
+    return _dangling([e for e in os.scandir(root) if not e.name.startswith(".")])
+
+
+def _dangling(entries: list[os.DirEntry]) -> list[str]:
+    gone = sorted(e.path for e in entries if e.is_symlink() and not os.path.exists(e.path))
     return [f"{path} is a symbolic link to {os.readlink(path)}, which does not exist: its class would be left out; "
             "mount or restore what it links to, or remove the link" for path in gone]
 
