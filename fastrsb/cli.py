@@ -231,14 +231,16 @@ def cmd_compare(args) -> int:
 
 def cmd_runs(args) -> None:
     from fastrsb.run_list import describe, run_folders, table
-    runs = [describe(folder) for folder in run_folders(Path(args.dir))]
+    folders = [folder for root in args.dirs for folder in run_folders(Path(root))]
+    runs = [describe(folder) for folder in dict.fromkeys(folders)]  # a folder under two DIRs: once
     if args.json:
         for run in runs:
             print(json.dumps(run))
     elif runs:
         print(table(runs))
     else:
-        print(f"no run folders under {args.dir} (a run folder holds recipe.json)")
+        print(f"no run folders under {' '.join(args.dirs)} (a run folder holds recipe.json, fastrsb's, or "
+              f"args.yaml, timm train.py's)")
 
 
 def cmd_plot(args) -> None:
@@ -394,9 +396,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_b")
     p.set_defaults(func=cmd_compare)
 
-    p = sub.add_parser("runs", help="every run folder under DIR (default runs): recipe, progress, running or not, "
-                                    "top-1, when, on what")
-    p.add_argument("dir", nargs="?", default="runs")
+    p = sub.add_parser("runs", help="every run folder under the DIRs (default runs), fastrsb's and timm train.py's "
+                                    "(output/train): recipe, progress, running or not, top-1, when, on what")
+    p.add_argument("dirs", nargs="*", default=["runs"], metavar="DIR")
     p.add_argument("--json", action="store_true", help="one JSON object a run")
     p.set_defaults(func=cmd_runs)
 

@@ -6,7 +6,6 @@ tools on one recipe. Drawn with matplotlib where it is installed (pip install
 with torchvision), so plotting never needs an extra package."""
 from __future__ import annotations
 
-import csv
 import importlib.util
 import math
 from pathlib import Path
@@ -15,45 +14,24 @@ from PIL import Image, ImageDraw, ImageFont
 
 from fastrsb.errors import UserError
 from fastrsb.metrics_log import read_rows
+from fastrsb.timm_run import summary_rows
 
 COLOURS = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd"]
 PANEL_W, PANEL_H, MARGIN = 560, 300, 56
 
 
 def read_metrics(run_dir: Path) -> tuple[list[dict], list[dict]]:
-    """(log rows, epoch rows) of a run folder, or of timm's train.py's output folder (timm_rows)."""
+    """(log rows, epoch rows) of a run folder, or of timm's train.py's output folder (fastrsb.timm_run)."""
     path = run_dir / "metrics.jsonl"
     if not path.is_file():
         if (run_dir / "summary.csv").is_file():
-            return timm_rows(run_dir / "summary.csv")
+            return summary_rows(run_dir / "summary.csv")
         raise UserError(f"{run_dir} holds no metrics.jsonl (is it a fastrsb run folder?) nor summary.csv (timm's)")
     rows = read_rows(path)
     logs = [r for r in rows if r.get("kind") == "log"]
     epochs = [r for r in rows if r.get("kind") == "epoch"]
     if not logs and not epochs:
         raise UserError(f"{path} has no rows yet: the run has not reached its first log step")
-    return logs, epochs
-
-
-def timm_rows(path: Path) -> tuple[list[dict], list[dict]]:
-    """The rows of the summary.csv timm's train.py writes (an epoch a row: epoch, train_loss,
-    eval_loss, eval_top1, eval_top5, lr; its EMA's eval_ figures where it kept one), as fastrsb's:
-    a run of the same recipe by timm, drawn beside fastrsb's. Its epoch is the index of the epoch
-    ended, fastrsb's the epochs done. It logs no steps: its loss and LR, an epoch's, are drawn as
-    log rows at each epoch's end; it measures no images/s or data wait."""
-    try:
-        with open(path, newline="") as f:
-            table = list(csv.DictReader(f))
-        epochs = [{"kind": "epoch", "epoch": int(row["epoch"]) + 1, "train_loss": float(row["train_loss"]),
-                   "val_loss": float(row["eval_loss"]), "top1": float(row["eval_top1"]),
-                   "top5": float(row["eval_top5"]), "lr": float(row["lr"])} for row in table]
-    except (OSError, KeyError, TypeError, ValueError) as err:
-        raise UserError(f"{path} is not a summary.csv of timm's train.py (epoch, train_loss, eval_loss, eval_top1, "
-                        f"eval_top5, lr): {type(err).__name__} {err}") from None
-    if not epochs:
-        raise UserError(f"{path} has no rows yet: timm's run has not ended its first epoch")
-    logs = [{"kind": "log", "epoch": r["epoch"], "loss": r["train_loss"], "lr": r["lr"], "images_per_sec": None,
-             "data_wait": None} for r in epochs]
     return logs, epochs
 
 

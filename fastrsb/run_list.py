@@ -1,8 +1,10 @@
-"""`fastrsb runs [DIR]`: every run folder under DIR in one table: its recipe and model, how far it
-got and whether a train runs in it now (its lock: fastrsb.folder_lock), its last and best top-1,
-when it started, on what (processes, device, fastrsb commit) and when it last wrote a row. Read
-from recipe.json, metrics.jsonl and starts.jsonl only (a checkpoint of ResNet-50 weighs ~300 MB:
-none is opened), so a folder of a hundred runs lists at once."""
+"""`fastrsb runs [DIR ...]`: every run folder under the DIRs in one table: its recipe and model,
+how far it got and whether a train runs in it now (its lock: fastrsb.folder_lock), its last and
+best top-1, when it started, on what (processes, device, fastrsb commit) and when it last wrote a
+row. Read from recipe.json, metrics.jsonl and starts.jsonl only (a checkpoint of ResNet-50 weighs
+~300 MB: none is opened), so a folder of a hundred runs lists at once. The output folders of
+timm's train.py among them (args.yaml, summary.csv: fastrsb.timm_run) are listed too, so that a
+recipe run by both tools is seen in one table."""
 from __future__ import annotations
 
 import datetime
@@ -13,20 +15,27 @@ from fastrsb.errors import UserError
 from fastrsb.folder_lock import in_use
 from fastrsb.metrics_log import read_rows
 from fastrsb.provenance import read_starts
+from fastrsb.timm_run import scheduled_epochs, summary_rows, train_arguments
 
 
 def run_folders(root: Path) -> list[Path]:
-    """The run folders at or under `root` (a folder with a recipe.json), sorted by path."""
+    """The run folders at or under `root`, sorted by path: fastrsb's (a folder with a recipe.json)
+    and timm train.py's (its args.yaml, where no recipe.json is beside it)."""
     if not root.is_dir():
         raise UserError(f"{root} is not a folder")
-    found = [root] if (root / "recipe.json").is_file() else []
-    return found + sorted(p.parent for p in root.rglob("*/recipe.json") if not p.parent.name.startswith("."))
+    below = {p.parent for name in ("recipe.json", "args.yaml") for p in root.rglob(f"*/{name}")
+             if not p.parent.name.startswith(".")}
+    return [folder for folder in [root, *sorted(below)]
+            if (folder / "recipe.json").is_file() or train_arguments(folder) is not None]
 
 
 def describe(folder: Path) -> dict:
     """One run's row: what its files say (None where a file is missing or has no such row yet).
     started: its first start; processes, device, commit: its last start's (what it runs on now).
-    A file that does not parse leaves the row empty but for its name and why."""
+    A file that does not parse leaves the row empty but for its name and why. A timm run's row is
+    describe_timm's."""
+    if not (folder / "recipe.json").exists() and (arguments := train_arguments(folder)):
+        return describe_timm(folder, arguments)
     metrics = folder / "metrics.jsonl"
     try:
         recipe = json.loads((folder / "recipe.json").read_text())
@@ -40,7 +49,7 @@ def describe(folder: Path) -> dict:
     first, last = (starts[0], starts[-1]) if starts else ({}, {})
     written = max((p.stat().st_mtime for p in (metrics, folder / "last.pt") if p.is_file()), default=None)
     done, trainer = validated[-1]["epoch"] if validated else 0, in_use(folder)
-    return {"run": str(folder), "recipe": recipe.get("name"), "model": recipe.get("model"),
+    return {"run": str(folder), "kind": "fastrsb", "recipe": recipe.get("name"), "model": recipe.get("model"),
             "epochs": recipe.get("epochs"), "epochs_done": done,
             "state": "running" if trainer else "done" if done >= recipe["epochs"] else "stopped",
             "trainer": trainer,  # who runs it now: "fastrsb train (pid N on HOST, since ...)"
@@ -48,8 +57,41 @@ def describe(folder: Path) -> dict:
             "best_top1": max(r["top1"] for r in validated) if validated else None,
             "started": first.get("started"), "starts": len(starts), "processes": last.get("processes"),
             "device": last.get("device"), "commit": last.get("commit"),
-            "last_written": datetime.datetime.fromtimestamp(written, datetime.timezone.utc).isoformat(
-                timespec="seconds") if written else None}
+            "last_written": _stamp(written) if written else None}
+
+
+def describe_timm(folder: Path, arguments: dict) -> dict:
+    """The row of a timm train.py output folder, with a fastrsb run's keys (None where timm keeps
+    no such thing: its commit, its number of processes). timm leaves no mark of a run in progress,
+    so a run short of its epochs is "unfinished" (its last written says whether it still writes)."""
+    summary = folder / "summary.csv"
+    try:
+        epochs = summary_rows(summary)[1] if summary.is_file() else []
+    except UserError as err:
+        if "no rows yet" not in str(err):
+            return {"run": str(folder), "kind": "timm", "unreadable": str(err).splitlines()[0]}
+        epochs = []
+    total, done = scheduled_epochs(arguments), epochs[-1]["epoch"] if epochs else 0
+    written = max((p.stat().st_mtime for p in (summary, folder / "last.pth.tar") if p.is_file()), default=None)
+    return {"run": str(folder), "kind": "timm", "recipe": "timm", "model": arguments["model"], "epochs": total,
+            "epochs_done": done, "state": "done" if done >= total else "unfinished", "trainer": None,
+            "top1": epochs[-1]["top1"] if epochs else None,
+            "best_top1": max(r["top1"] for r in epochs) if epochs else None,
+            "started": _timm_started(folder), "starts": 1, "processes": None, "device": arguments.get("device"),
+            "commit": None, "last_written": _stamp(written) if written else None}
+
+
+def _timm_started(folder: Path) -> str:
+    """When a timm run began: the local time train.py puts at the head of the folder's name
+    (20261203-101530-resnet50-160), else when it wrote args.yaml (at its last start)."""
+    try:
+        return _stamp(datetime.datetime.strptime(folder.name[:15], "%Y%m%d-%H%M%S").timestamp())
+    except ValueError:
+        return _stamp((folder / "args.yaml").stat().st_mtime)
+
+
+def _stamp(seconds: float) -> str:
+    return datetime.datetime.fromtimestamp(seconds, datetime.timezone.utc).isoformat(timespec="seconds")
 
 
 def table(runs: list[dict], now: datetime.datetime | None = None) -> str:

@@ -72,7 +72,7 @@ def _timm_weights_file(source: str) -> str:
 
 def timm_commands(recipe: dict, gpus: int, data: str = "/data/imagenet") -> str:
     """The train.py command (under torchrun for several GPUs), validate.py's at the test size (and
-    fastrsb's eval and plot of the run timm trains), and what still differs from a fastrsb run."""
+    fastrsb's eval, plot and list of the run timm trains), and what still differs from a fastrsb run."""
     launch = ["python", "train.py"] if gpus == 1 else ["torchrun", f"--nproc_per_node={gpus}", "train.py"]
     train = shlex.join(launch + [data] + timm_train_args(recipe, gpus))
     validate = shlex.join(["python", "validate.py", f"{data}/val", "--model", recipe["model"],
@@ -100,10 +100,11 @@ def timm_commands(recipe: dict, gpus: int, data: str = "/data/imagenet") -> str:
                      "PIL does; its DALI forms' bicubic warp is OpenCV's)")
     by_fastrsb = shlex.join(["fastrsb", "eval", "output/train/RUN/model_best.pth.tar", "--data", data, "--img-size",
                              str(recipe["test_img_size"]), "--crop-pct", _num(recipe["crop_pct"])])
-    beside = shlex.join(["fastrsb", "plot", "runs/RUN", "output/train/RUN"])
+    beside = [shlex.join(["fastrsb", "plot", "runs/RUN", "output/train/RUN"]), "fastrsb runs runs output/train"]
     return "\n".join([f"# {recipe['name']} in timm's train.py ({gpus} GPU(s)), from a timm source checkout:", train,
                       "# then the test size's top-1:", validate,
-                      "# or through fastrsb's validation, and its curves beside a fastrsb run's:", by_fastrsb, beside,
+                      "# or through fastrsb's validation; its curves beside a fastrsb run's; both runs listed:",
+                      by_fastrsb, *beside,
                       "# what still differs from `fastrsb train`:"]
                      + [f"#  - {note}" for note in notes])
 

@@ -158,8 +158,8 @@ def test_recipe_timm_prints_both_commands_and_the_differences():
     assert " -b 256 --epochs 595 --warmup-epochs 5 --warmup-prefix " in lines[1] and " --smoothing 0.1 " in lines[1]
     assert lines[3].startswith("python validate.py /data/imagenet/val --model resnet50 --checkpoint ")
     assert "--img-size 224 --crop-pct 0.95 --interpolation bicubic" in lines[3]
-    assert lines[5:7] == ["fastrsb eval output/train/RUN/model_best.pth.tar --data /data/imagenet --img-size 224 "
-                          "--crop-pct 0.95", "fastrsb plot runs/RUN output/train/RUN"]
+    assert lines[5:8] == ["fastrsb eval output/train/RUN/model_best.pth.tar --data /data/imagenet --img-size 224 "
+                          "--crop-pct 0.95", "fastrsb plot runs/RUN output/train/RUN", "fastrsb runs runs output/train"]
     assert "both place an image's 3 views on different ranks; timm's RepeatAugSampler decodes the image on each" in out
     kept = run_cli("recipe", "a1", "--timm", "--gpus", "8", "--set", "aug_repeats_across_ranks=false").stdout
     assert "RepeatAugSampler sends an image's 3 views to different ranks; fastrsb keeps them in one" in kept

@@ -1,4 +1,5 @@
 """A real, short training run through the command line, then its checkpoints."""
+import datetime
 import json
 import os
 import re
@@ -698,24 +699,47 @@ def test_plot_compares_runs_in_a_colour_each(run, tmp_path, backend, monkeypatch
     assert_user_error(run_cli("plot", out, tmp_path / "nothing", check=False), "no metrics.jsonl")
 
 
+# The arguments timm's train.py writes to args.yaml (yaml.safe_dump of its argparse namespace; here
+# those its scheduler factory and fastrsb read, as `fastrsb recipe a3 --timm` sets them).
+TIMM_A3_ARGUMENTS = dict(
+    model="resnet50", epochs=95, warmup_epochs=5, warmup_prefix=True, cooldown_epochs=0, sched="cosine",
+    sched_on_updates=True, lr=0.008, warmup_lr=1e-4, min_lr=1e-6, decay_epochs=90, decay_milestones=[90, 180, 270],
+    decay_rate=0.1, patience_epochs=10, lr_noise=None, lr_cycle_mul=1.0, lr_cycle_decay=0.5, lr_cycle_limit=1,
+    lr_k_decay=1.0, seed=0, eval_metric="top1", mixup=0.1, cutmix=1.0, smoothing=0.0, aa="rand-m6-mstd0.5-inc1",
+    device="cuda", experiment="")
+
+
+def _timm_output(folder: Path, rows: list[tuple[int, float, float, bool]], **arguments) -> Path:
+    """An output folder of timm's train.py: its args.yaml, and its summary.csv written by timm's
+    own update_summary, a row per (epoch, loss, top1, header written before it)."""
+    from collections import OrderedDict
+    import yaml
+    from timm.utils import update_summary
+    folder.mkdir(parents=True)
+    (folder / "args.yaml").write_text(yaml.safe_dump(dict(TIMM_A3_ARGUMENTS, **arguments), default_flow_style=False))
+    for epoch, loss, top1, header in rows:
+        update_summary(epoch, OrderedDict(loss=loss), OrderedDict(loss=loss + 0.5, top1=top1, top5=100.0),
+                       str(folder / "summary.csv"), lr=0.008 / (epoch + 1), write_header=header)
+    return folder
+
+
 def test_plot_draws_a_timm_run_beside_a_fastrsb_run(run, tmp_path):
     """timm's train.py output folder (its summary.csv, written here by timm's own update_summary)
     is drawn beside a fastrsb run: its epoch rows at the epochs done (timm counts from 0), its loss
-    and LR an epoch's; what it does not measure (images/s, data wait) stays empty."""
-    from collections import OrderedDict
+    and LR an epoch's; what it does not measure (images/s, data wait) stays empty. A run resumed in
+    its folder (train.py writes the header again) from an earlier checkpoint (an epoch written
+    twice) is read as the run went on: the header passed over, the later row of an epoch kept."""
     from PIL import Image
-    from timm.utils import update_summary
     from fastrsb.plot import read_metrics
     out, _ = run
-    timm_run = tmp_path / "20261203-resnet10t-32"
-    timm_run.mkdir()
-    for epoch, (loss, top1) in enumerate([(0.9, 30.0), (0.8, 45.0)]):
-        update_summary(epoch, OrderedDict(loss=loss), OrderedDict(loss=loss + 0.5, top1=top1, top5=100.0),
-                       str(timm_run / "summary.csv"), lr=0.008 / (epoch + 1), write_header=epoch == 0)
+    timm_run = _timm_output(tmp_path / "20261203-resnet10t-32", [(0, 0.9, 30.0, True), (1, 0.8, 45.0, False)])
     logs, epochs = read_metrics(timm_run)
     assert [(r["epoch"], r["top1"], r["train_loss"], r["lr"]) for r in epochs] == [(1, 30.0, 0.9, 0.008),
                                                                                     (2, 45.0, 0.8, 0.004)]
     assert [(r["epoch"], r["loss"], r["images_per_sec"]) for r in logs] == [(1, 0.9, None), (2, 0.8, None)]
+    resumed = _timm_output(tmp_path / "resumed", [(0, 0.9, 30.0, True), (1, 0.8, 45.0, False), (1, 0.85, 44.0, True),
+                                                   (2, 0.7, 50.0, False)])
+    assert [(r["epoch"], r["top1"]) for r in read_metrics(resumed)[1]] == [(1, 30.0), (2, 44.0), (3, 50.0)]
     run_cli("plot", out, timm_run, "-o", tmp_path / "both.png")
     colours = {c for _, c in Image.open(tmp_path / "both.png").convert("RGB").getcolors(maxcolors=1 << 20)}
     assert (31, 119, 180) in colours and (214, 39, 40) in colours  # both runs drawn
@@ -767,6 +791,35 @@ def test_runs_lists_every_run_folder_with_its_progress(run, tmp_path):
         assert line.startswith(f"{root / 'c'}  unreadable: its recipe.json is not a fastrsb recipe"), line
     assert "no run folders under" in run_cli("runs", root / "notes").stdout
     assert_user_error(run_cli("runs", tmp_path / "nowhere", check=False), "is not a folder")
+
+
+def test_runs_lists_timm_output_folders_beside_fastrsb_runs(run, tmp_path):
+    """`fastrsb runs runs output/train`: timm train.py's output folders are listed with fastrsb's,
+    their epochs those timm's scheduler runs (A3's 95 + 5 warm-up, then any cool-down), their
+    top-1 the summary's; a folder of another tool's args.yaml is passed over."""
+    import shutil
+    out, _ = run
+    shutil.copytree(out, tmp_path / "runs" / "tiny")
+    timm = tmp_path / "output" / "train"
+    _timm_output(timm / "20261203-101530-resnet50-160", [(0, 0.9, 30.0, True), (1, 0.8, 45.0, False),
+                                                         (2, 0.7, 40.0, False)])
+    _timm_output(timm / "short", [], epochs=10, warmup_prefix=False, cooldown_epochs=2)  # no epoch ended yet
+    (timm / "other").mkdir()
+    (timm / "other" / "args.yaml").write_text("lr: 0.1\nepochs: 3\n")  # another tool's
+    listed = [json.loads(line) for line in run_cli("runs", tmp_path / "runs", timm, "--json").stdout.splitlines()]
+    assert [(Path(r["run"]).name, r["kind"]) for r in listed] == [
+        ("tiny", "fastrsb"), ("20261203-101530-resnet50-160", "timm"), ("short", "timm")]
+    _, a3, short = listed
+    assert (a3["recipe"], a3["model"], a3["epochs"], a3["epochs_done"], a3["state"]) == (
+        "timm", "resnet50", 100, 3, "unfinished")
+    assert (a3["top1"], a3["best_top1"], a3["commit"]) == (40.0, 45.0, None)
+    assert a3["started"] == datetime.datetime(2026, 12, 3, 10, 15, 30).astimezone(datetime.timezone.utc).isoformat()
+    assert (short["epochs"], short["epochs_done"], short["top1"], short["last_written"]) == (12, 0, None, None)
+    text = run_cli("runs", timm).stdout.splitlines()
+    assert len(text) == 3 and "timm (resnet50)  3/100   unfinished  40.00  45.00  " in text[1], text
+    (timm / "short" / "summary.csv").write_text("epoch,loss\n0,1\n")
+    assert "unreadable: " in run_cli("runs", timm).stdout.splitlines()[2]
+    assert "args.yaml, timm train.py's" in run_cli("runs", timm / "other").stdout
 
 
 @pytest.mark.parametrize("recipe", ["a1", "a2"])
