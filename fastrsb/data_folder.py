@@ -296,8 +296,15 @@ def explain_loader_error(err: RuntimeError, images: ImageList) -> UserError:
     PATH' from the reader, 'Failed to decode sample #3 : PATH' from a decoder) under a last line
     that does not ('Current pipeline object is no longer valid'); where no listed file is named,
     a decoder error has the files decoded once more on the CPU to find it. Only for errors raised
-    by a loader: a model's error is not a data error."""
+    by a loader: a model's error is not a data error. Memory run out is said first: DALI's message
+    then names the decoder where its buffers outgrew the GPU, and no file is to blame."""
+    from fastrsb.pipelines.loader import out_of_memory
     text = str(err)
+    if line := out_of_memory(text):
+        where = "host" if re.search(r"on host|bad_alloc", line, re.IGNORECASE) else "GPU"
+        return UserError(f"the data pipeline ran out of {where} memory (DALI: {line}): its buffers grow with the batch "
+                         "and the largest image decoded; a smaller batch per process fits (fastrsb train "
+                         "--micro-batch N keeps the recipe's batch by accumulation; fastrsb eval --batch-size N)")
     listed = set(images.files)
     named = [path for path in _PATH.findall(text) if path in listed]
     if not named:  # a name the pattern cuts short (spaces, quotes): look for every listed name (0.13 s for 1.28 M)

@@ -10,6 +10,7 @@ import collections
 import contextlib
 import numbers
 import os
+import re
 from typing import Callable, Iterator
 
 import torch
@@ -304,16 +305,30 @@ class _OwnStream:
         return batch, images, labels
 
 
+# What DALI says where memory runs out: its CUDABadAlloc ("CUDA allocation failed", "Can't
+# allocate N bytes on device 0."), a CUDA error, or the C++ allocator's (host memory).
+_OUT_OF_MEMORY = re.compile(r"CUDA allocation failed|Can't allocate \d+ bytes|cudaErrorMemoryAllocation"
+                            r"|CUDA_ERROR_OUT_OF_MEMORY|out of memory|bad_alloc", re.IGNORECASE)
+
+
+def out_of_memory(text: str) -> str | None:
+    """DALI's line that says memory ran out, where an error says so (else None). Its buffers grow
+    with the batch and the largest image decoded, and where the decoder's outgrow the GPU the
+    message names the decoder ("Error when executing Mixed operator ImageDecoder"): no image is
+    broken, and none is to be looked for."""
+    return next((line.strip() for line in text.splitlines() if _OUT_OF_MEMORY.search(line)), None)
+
+
 @contextlib.contextmanager
 def _undecodable_named():
     """A file the decoders cannot read fails the pipeline with a message that may not name it
     (DALI 2.4 on a text file under an image name: "nvImageCodec failure: '#4'"): say how to find
-    it. Other errors pass as they are."""
+    it. Other errors pass as they are, memory run out in a decoder among them."""
     try:
         yield
     except RuntimeError as err:
         text = str(err)
-        if "decod" not in text.lower() and "nvimagecodec" not in text.lower():
+        if "decod" not in text.lower() and "nvimagecodec" not in text.lower() or out_of_memory(text):
             raise
         raise RuntimeError(f"{text}\nAn image could not be decoded (DALI's message may not name it): "
                            "`fastrsb data check DIR` names every such file of a data folder or a file list, "

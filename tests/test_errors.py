@@ -243,6 +243,46 @@ def test_a_loader_failing_on_the_driver_points_to_doctor():
     assert other == 'data pipeline failed: Assert on "x > 0" failed: bad crop window'
 
 
+# DALI's words where its memory runs out: in a decoder (DALI 1.x's form, then 2.x's, which quotes
+# the pipeline's source), on the host, and from CUDA itself.
+DALI_OUT_OF_MEMORY = {
+    "GPU": ["Critical error in pipeline:\nError when executing Mixed operator ImageDecoder encountered:\nCUDA "
+            "allocation failed\nCurrent pipeline object is no longer valid.",
+            "Critical error in pipeline:\nError in MIXED operator `nvidia.dali.fn.decoders.image`,\nwhich was used "
+            "in the pipeline definition with the following traceback:\n\n  File \"/opt/fastrsb/pipelines/graphs.py\""
+            ", line 44, in train_pipeline\n    images = fn.decoders.image_random_crop(jpegs, device=\"mixed\")\n\n"
+            "encountered:\n\nCan't allocate 402653184 bytes on device 0.\nCurrent pipeline object is no longer valid.",
+            "Critical error in pipeline:\nError in GPU operator `nvidia.dali.fn.resize`,\nencountered:\n\nCUDA "
+            "runtime API error cudaErrorMemoryAllocation (2):\nout of memory\nCurrent pipeline object is no longer "
+            "valid."],
+    "host": ["Critical error in pipeline:\nError in CPU operator `nvidia.dali.fn.decoders.image`,\nencountered:\n\n"
+             "Error in thread 3: std::bad_alloc\nCurrent pipeline object is no longer valid."]}
+
+
+def test_memory_run_out_in_the_loader_is_said_and_no_image_blamed(tiny_data, monkeypatch):
+    """DALI's buffers outgrowing the GPU in its decoder (the likeliest place: they grow to the
+    largest image decoded) is said as memory run out, with the batch option that helps. It was
+    taken for a broken image: the message named the decoder, so every file was decoded again on
+    the CPU (an hour for ImageNet) to say that none is broken, and the loader added the hint to
+    run `fastrsb data check`."""
+    import fastrsb.data_folder
+    from fastrsb.data_folder import explain_loader_error
+    from fastrsb.pipelines import list_images
+    from fastrsb.pipelines.loader import _undecodable_named
+    images = list_images(tiny_data / "train")
+    monkeypatch.setattr(fastrsb.data_folder, "find_undecodable", lambda files: pytest.fail("decoded the files again"))
+    for where, texts in DALI_OUT_OF_MEMORY.items():
+        for text in texts:
+            said = str(explain_loader_error(RuntimeError(text), images))
+            assert said.startswith(f"the data pipeline ran out of {where} memory (DALI: "), said
+            assert "--micro-batch N" in said and "--batch-size N" in said and "data check" not in said
+            with pytest.raises(RuntimeError) as raised, _undecodable_named():
+                raise RuntimeError(text)
+            assert str(raised.value) == text  # as DALI said it, no hint to look for a broken image
+    assert "Can't allocate 402653184 bytes on device 0." in str(explain_loader_error(
+        RuntimeError(DALI_OUT_OF_MEMORY["GPU"][1]), images))
+
+
 def test_a_loader_error_names_a_file_whose_name_has_spaces_and_quotes(tmp_path):
     """DALI's message names the file; a name with spaces or quotes is found in it as listed, not
     by decoding every file again on the CPU (which would find none broken here)."""
