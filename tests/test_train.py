@@ -129,7 +129,11 @@ def test_checkpoint_that_does_not_fit(run, tiny_data, tmp_path):
     (tmp_path / "junk.pt").write_bytes(b"\x80\x04not a checkpoint")
     assert_user_error(run_cli("eval", tmp_path / "junk.pt", "--data", tiny_data, check=False), "junk.pt")
     torch.save({"weights": 1}, tmp_path / "plain.pt")
-    assert_user_error(run_cli("eval", tmp_path / "plain.pt", "--data", tiny_data, check=False), "not a fastrsb checkpoint")
+    assert_user_error(run_cli("eval", tmp_path / "plain.pt", "--data", tiny_data, check=False),
+                      "not a fastrsb checkpoint (no 'model' and 'recipe' entries; its entries: weights)")
+    torch.save({"model": state["model"], "epoch": 3}, tmp_path / "other.pth")  # torchvision's references' layout
+    assert_user_error(run_cli("eval", tmp_path / "other.pth", "--data", tiny_data, check=False),
+                      "not a fastrsb checkpoint (no 'recipe' entry; its entries: model, epoch)")  # said 'model' lacked
     assert "weights alone" not in run_cli("eval", tmp_path / "plain.pt", "--data", tiny_data, check=False).stderr
     torch.save(state["model"], tmp_path / "alone.pth")  # a state dict: what eval cannot read, and what can
     assert_user_error(run_cli("eval", tmp_path / "alone.pth", "--data", tiny_data, check=False),
