@@ -285,7 +285,9 @@ class _OwnStream:
     the hand-over wait for DALI's "batch ready" event) and the form runs there, so the GPU can
     augment batch i beside step i - 1 (memory-bound kernels beside compute-bound ones). The
     consumer's stream then waits for the augmented batch: an event, no host sync. The images,
-    made on this stream and used on the consumer's, are recorded there for torch's allocator.
+    made on this stream and used on the consumer's, are recorded there for torch's allocator, and
+    so are the labels: DALI's own buffer (which the allocator passes over) but for a reshuffle's
+    last batches, which torch.cat joins here, on this stream.
     One stream, on the current device (the loader's: one process per GPU). Unlike
     cuda_graphs.on_side_stream, it does not first wait for the consumer's queued work: not
     waiting for it is the point."""
@@ -302,6 +304,7 @@ class _OwnStream:
             batch, images, labels = take()
         consumer.wait_stream(self._stream)
         images.record_stream(consumer)
+        labels.record_stream(consumer)
         return batch, images, labels
 
 
