@@ -72,11 +72,12 @@ def describe_timm(folder: Path, arguments: dict) -> dict:
             return {"run": str(folder), "kind": "timm", "unreadable": str(err).splitlines()[0]}
         epochs = []
     total, done = scheduled_epochs(arguments), epochs[-1]["epoch"] if epochs else 0
+    validated = [r for r in epochs if r["top1"] is not None]  # all but a run without validation
     written = max((p.stat().st_mtime for p in (summary, folder / "last.pth.tar") if p.is_file()), default=None)
     return {"run": str(folder), "kind": "timm", "recipe": "timm", "model": arguments["model"], "epochs": total,
             "epochs_done": done, "state": "done" if done >= total else "unfinished", "trainer": None,
-            "top1": epochs[-1]["top1"] if epochs else None,
-            "best_top1": max(r["top1"] for r in epochs) if epochs else None,
+            "top1": validated[-1]["top1"] if validated else None,
+            "best_top1": max(r["top1"] for r in validated) if validated else None,
             "started": _timm_started(folder), "starts": 1, "processes": None, "device": arguments.get("device"),
             "commit": None, "last_written": _stamp(written) if written else None}
 

@@ -744,6 +744,16 @@ def test_plot_draws_a_timm_run_beside_a_fastrsb_run(run, tmp_path):
     resumed = _timm_output(tmp_path / "resumed", [(0, 0.9, 30.0, True), (1, 0.8, 45.0, False), (1, 0.85, 44.0, True),
                                                    (2, 0.7, 50.0, False)])
     assert [(r["epoch"], r["top1"]) for r in read_metrics(resumed)[1]] == [(1, 30.0), (2, 44.0), (3, 50.0)]
+    # timm before 0.6 (the RSB paper's runs) wrote no lr; a run without validation no eval_ figures.
+    from collections import OrderedDict
+    from timm.utils import update_summary
+    for name, validation, lr in (("old", OrderedDict(loss=1.2, top1=31.0, top5=90.0), None), ("unvalidated", None, 0.1)):
+        (tmp_path / name).mkdir()
+        for epoch in range(2):
+            update_summary(epoch, OrderedDict(loss=0.9), validation, str(tmp_path / name / "summary.csv"), lr=lr)
+    assert [(r["top1"], r["lr"]) for r in read_metrics(tmp_path / "old")[1]] == [(31.0, None)] * 2
+    assert [(r["top1"], r["val_loss"], r["lr"]) for r in read_metrics(tmp_path / "unvalidated")[1]] == [(None, None, 0.1)] * 2
+    run_cli("plot", out, tmp_path / "old", tmp_path / "unvalidated", "-o", tmp_path / "three.png")
     run_cli("plot", out, timm_run, "-o", tmp_path / "both.png")
     colours = {c for _, c in Image.open(tmp_path / "both.png").convert("RGB").getcolors(maxcolors=1 << 20)}
     assert (31, 119, 180) in colours and (214, 39, 40) in colours  # both runs drawn
@@ -821,6 +831,8 @@ def test_runs_lists_timm_output_folders_beside_fastrsb_runs(run, tmp_path):
     assert (short["epochs"], short["epochs_done"], short["top1"], short["last_written"]) == (12, 0, None, None)
     text = run_cli("runs", timm).stdout.splitlines()
     assert len(text) == 3 and "timm (resnet50)  3/100   unfinished  40.00  45.00  " in text[1], text
+    (timm / "short" / "summary.csv").write_text("epoch,train_loss,lr\n0,0.9,0.1\n")  # not validated: no top-1
+    assert "timm (resnet50)  1/12    unfinished  -      -      " in run_cli("runs", timm).stdout.splitlines()[2]
     (timm / "short" / "summary.csv").write_text("epoch,loss\n0,1\n")
     assert "unreadable: " in run_cli("runs", timm).stdout.splitlines()[2]
     assert "args.yaml, timm train.py's" in run_cli("runs", timm / "other").stdout
