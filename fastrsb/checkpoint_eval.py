@@ -11,6 +11,7 @@ from typing import Iterator, Sequence
 import torch
 
 from fastrsb.checkpoint import as_fastrsb_checkpoint, is_timm_checkpoint, load_weights, read_saved
+from fastrsb.class_order import read_class_map, relabelled, timm_order
 from fastrsb.data_folder import SPLIT_NAMES, no_folder, open_split, refuse_data_being_written, split_folder
 from fastrsb.device import amp_dtype, resolve_device
 from fastrsb.errors import UserError
@@ -19,7 +20,7 @@ from fastrsb.model import check_input_sizes, make_model
 from fastrsb.model_folder import is_model_folder, load_model_folder
 from fastrsb.parts import open_val_loader
 from fastrsb.pipelines import class_folders, default_pixel_dtype
-from fastrsb.timm_checkpoint import model_to_evaluate, read_timm_checkpoint
+from fastrsb.timm_checkpoint import model_to_evaluate, read_timm_checkpoint, timm_data_folders
 from fastrsb.train import evaluate
 
 
@@ -35,7 +36,7 @@ def evaluate_checkpoint_at(checkpoint: str | Path, data: str | Path, img_sizes: 
     it is measured, in that order; the checks (the weights, the data, the classes) run at the first."""
     device = resolve_device(device)
     weights = _weights_to_evaluate(Path(checkpoint), ema)
-    images = _validation_images(Path(data), weights.classes, weights.model.num_classes)
+    images = _validation_images(Path(data), weights)
     model = weights.model.to(device)
     pairs = dict.fromkeys((size or weights.img_size, crop or weights.crop_pct) for size in img_sizes for crop in crop_pcts)
     check_input_sizes(model, {"--img-size": sorted({size for size, _ in pairs})})
@@ -59,12 +60,14 @@ def evaluate_checkpoint_at(checkpoint: str | Path, data: str | Path, img_sizes: 
 @dataclass
 class _Weights:
     model: torch.nn.Module
-    classes: list[str] | None  # None: the data folder's, in sorted order (a timm folder naming none)
+    classes: list[str] | None  # by index; None: the data folder's, in timm's order (timm's weights naming none)
     img_size: int
     crop_pct: float
     amp: bool
     epoch: int | None
     notes: list[str]
+    class_map: str | None = None  # with classes None: timm's --class-map, which sets the order
+    class_map_places: list[Path] | None = None  # where train.py would have found it
 
 
 def _weights_to_evaluate(source: Path, ema: bool) -> _Weights:
@@ -79,7 +82,7 @@ def _weights_to_evaluate(source: Path, ema: bool) -> _Weights:
         checkpoint = read_timm_checkpoint(state, source)
         timm_eval = model_to_evaluate(checkpoint, ema)
         return _Weights(timm_eval.model, None, timm_eval.img_size, timm_eval.crop_pct, True,
-                        checkpoint.epochs_done, timm_eval.notes)
+                        checkpoint.epochs_done, timm_eval.notes, timm_eval.class_map, timm_data_folders(checkpoint))
     state = as_fastrsb_checkpoint(state, source)
     recipe = state["recipe"]
     if ema and "ema" not in state:
@@ -90,9 +93,12 @@ def _weights_to_evaluate(source: Path, ema: bool) -> _Weights:
                     state.get("epoch"), [])
 
 
-def _validation_images(data: Path, classes: list[str] | None, num_classes: int):
-    """DATA/val, or DATA itself where it is a class folder tree; its classes must be the weights'
-    (by name; by number where the weights name none)."""
+def _validation_images(data: Path, weights: _Weights):
+    """DATA/val, or DATA itself where it is a class folder tree, each image labelled by the index
+    the weights give its class: its classes must be the weights' by name, in whatever order (an
+    export's is timm's), or where the weights name none (timm's), as many, indexed in timm's order
+    (fastrsb.class_order)."""
+    classes, num_classes = weights.classes, weights.model.num_classes
     if not data.is_dir():
         raise UserError(no_folder(data))
     refuse_data_being_written(data)
@@ -102,14 +108,20 @@ def _validation_images(data: Path, classes: list[str] | None, num_classes: int):
                         f"{data / folders[0]} to evaluate on the training images")
     images = open_split(data, "val") if split_folder(data, "val").is_dir() else open_split(data.parent, data.name)
     if classes is None:
-        if len(images.classes) != num_classes:  # its labels would index other classes: figures without meaning
+        class_map = weights.class_map and read_class_map(weights.class_map, [split_folder(data, "val"), data,
+                                                                           *weights.class_map_places])
+        order = timm_order(images.classes, class_map)
+        if len(order) != num_classes:  # its labels would index other classes: figures without meaning
             raise UserError(f"{data}: its {len(images.classes)} class folders are not the {num_classes} classes the "
                             "weights classify, and the weights do not name theirs: evaluate them on a folder of "
                             f"all {num_classes} (for an ImageNet model, ImageNet's wnid folders)")
-        return images
-    if images.classes != classes:
+        kept = relabelled(images, order)
+        if not kept.files:
+            raise UserError(f"{data}: none of its classes is in the class map {weights.class_map}")
+        return kept
+    if sorted(images.classes) != sorted(classes):
         first = next((a, b) for a, b in zip(images.classes + [None] * len(classes),
-                                            classes + [None] * len(images.classes)) if a != b)
+                                            sorted(classes) + [None] * len(images.classes)) if a != b)
         raise UserError(f"{data}: its {len(images.classes)} classes differ from the weights' {len(classes)} "
                         f"(first difference: {first})")
-    return images
+    return relabelled(images, classes)

@@ -3,7 +3,8 @@
 The folder is timm's own layout for a model (what timm's `save_for_hf` writes and the Hugging
 Face hub serves, its config written by timm's `save_config_for_hf`): `model.safetensors`, the
 weights alone (no optimizer moments, nothing pickled), and `config.json`: the architecture, the
-classes by name, and as its pretrained config the transform the run validated with (the
+classes by name (in the order timm's ImageFolder indexes them, which the classifier's rows take:
+fastrsb.class_order), and as its pretrained config the transform the run validated with (the
 recipe's test size and crop, bicubic, ImageNet's mean and
 std). So, with no fastrsb installed:
 
@@ -25,6 +26,7 @@ import torch
 
 from fastrsb import __version__
 from fastrsb.checkpoint import load_checkpoint, load_weights
+from fastrsb.class_order import classifier_keys, reordered, timm_order
 from fastrsb.errors import UserError
 from fastrsb.model import make_model
 from fastrsb.staging import staged_folder
@@ -47,7 +49,11 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, ema: bool = False
     out = Path(out)
     _check_target(out, force)
     model = make_model(recipe["model"], len(classes))
-    load_weights(model, state["ema" if ema else "model"], str(checkpoint))
+    # The classifier in timm's order of the classes (its ImageFolder's: natural, where fastrsb's is
+    # sorted), so that timm's own tools, which index a data folder so, read it right: class_order.py.
+    timm_classes = timm_order(classes)
+    load_weights(model, reordered(state["ema" if ema else "model"], classifier_keys(model), classes, timm_classes),
+                 str(checkpoint))
     # safetensors stores dense row-major tensors: the channels-last convolution weights are
     # written as their contiguous copies (the same values; any model loads them).
     model = model.to(memory_format=torch.contiguous_format)
@@ -57,7 +63,7 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, ema: bool = False
     provenance = {"version": state.get("version", __version__), "commit": state.get("commit"),
                   "checkpoint": str(checkpoint), "epoch": state.get("epoch"),
                   "top1": _validated_top1(state, ema), "weights": "ema" if ema else "model", "recipe": recipe}
-    model_config = {"label_names": list(classes), "fastrsb": provenance}
+    model_config = {"label_names": timm_classes, "fastrsb": provenance}
     descriptions = _imagenet_descriptions(classes)
     if descriptions:
         model_config["label_descriptions"] = descriptions

@@ -4,10 +4,12 @@ folder (`fastrsb export`'s, or a timm model's from the hub) or a file of weights
 dict, as timm's flag takes). Fine-tuning at a new resolution, on another data set, or a warm
 start.
 
-The classifier is kept where it classifies the run's classes: the same names in the same order,
-or, for a folder that names none, the same number of them (a timm ImageNet model on ImageNet's
-wnid folders). Otherwise it starts anew, as timm's does when num_classes changes. Everything else
-must fit the recipe's model exactly. Only a new run reads the file: a resumed run continues from
+The classifier is kept where it classifies the run's classes: the same names (its rows put in
+the run's order where theirs differs: fastrsb.class_order), or, for weights that name none, the
+same number of them (a timm ImageNet model on ImageNet's wnid folders), taken in timm's order
+where they are timm's (a checkpoint of its train.py, a model folder) and in the run's where they
+are a file of weights alone. Otherwise it starts anew, as timm's does when num_classes changes.
+Everything else must fit the recipe's model exactly. Only a new run reads the file: a resumed run continues from
 its own checkpoint, and the file may be gone by then."""
 from __future__ import annotations
 
@@ -16,9 +18,10 @@ from pathlib import Path
 from torch import nn
 
 from fastrsb.checkpoint import is_timm_checkpoint, is_weights, load_weights, read_saved
+from fastrsb.class_order import classifier_keys, read_class_map, reordered, timm_order
 from fastrsb.errors import UserError
 from fastrsb.model_folder import is_model_folder, read_config, read_weights, read_weights_file
-from fastrsb.timm_checkpoint import architecture_of, read_timm_checkpoint, unwrapped
+from fastrsb.timm_checkpoint import architecture_of, read_timm_checkpoint, timm_data_folders, unwrapped
 
 
 def initial_source(source: str) -> Path:
@@ -40,57 +43,56 @@ def load_initial_weights(model: nn.Module, source: str, architecture: str, class
     if path.is_dir():
         config = read_config(path)
         theirs, their_classes, weights = config.get("architecture"), config.get("label_names"), read_weights(path)
+        order = their_classes if their_classes is not None else timm_order(classes)  # a timm folder's
         origin = f"model folder {path}"
     else:
-        theirs, their_classes, weights, origin = _from_file(path, architecture)
+        theirs, their_classes, order, weights, origin = _from_file(path, architecture, classes)
     if theirs != architecture:
         raise UserError(f"initial_checkpoint {path} holds {theirs} weights and the recipe trains {architecture}: "
                         f"--set model={theirs}, or another initial_checkpoint")
-    head = _classifier_keys(model)
+    head = classifier_keys(model)
     own = model.state_dict()
-    fits = (their_classes == classes if their_classes is not None
-            else all(k in weights and weights[k].shape == own[k].shape for k in head))
+    fits = (all(k in weights and weights[k].shape == own[k].shape for k in head)
+            and (their_classes is None or sorted(their_classes) == sorted(classes)))
     if fits:
-        load_weights(model, weights, str(path))
-        return f"weights: from {origin}, its classifier included"
+        moved = order is not None and order != classes
+        load_weights(model, reordered(weights, head, order, classes) if moved else weights, str(path))
+        return f"weights: from {origin}, its classifier included" + (
+            " (its rows put in this run's class order)" if moved else "")
     # A new classifier: the freshly initialised one the model was built with.
     load_weights(model, {**{k: v for k, v in weights.items() if k not in head}, **{k: own[k] for k in head}}, str(path))
     count = f"{len(their_classes)} classes" if their_classes is not None else "classes"
     return f"weights: from {origin}, with a new classifier (its {count} are not this run's {len(classes)})"
 
 
-def _from_file(path: Path, architecture: str) -> tuple[str, list[str] | None, dict, str]:
-    """(architecture, classes or None, weights, what the run card calls them) of a fastrsb
-    checkpoint, a checkpoint of timm's train.py (its model's weights, as timm's
-    --initial-checkpoint takes them, not its EMA's), or a file of weights alone, as timm's
+def _from_file(path: Path, architecture: str,
+               classes: list[str]) -> tuple[str, list[str] | None, list[str] | None, dict, str]:
+    """(architecture, the classes it names by index or None, the order of its classifier's rows or
+    None, weights, what the run card calls them) of a fastrsb checkpoint, a checkpoint of timm's
+    train.py (its model's weights, as timm's --initial-checkpoint takes them, not its EMA's; its
+    rows are the run's CLASSES where they are as many, in the order timm's ImageFolder gives them,
+    or its --class-map's classes), or a file of weights alone (rows in the run's order), as timm's
     --initial-checkpoint takes one: a .safetensors file, or torch.save's of a state dict (bare, or
     under "state_dict" or "model"; "module." prefixes of a DDP model dropped). Weights alone name
     no architecture: they are taken as the recipe's model's, which they must fit key for key and
     shape for shape."""
     if path.suffix == ".safetensors":
-        return architecture, None, read_weights_file(path), f"{path} (weights alone)"
+        return architecture, None, None, read_weights_file(path), f"{path} (weights alone)"
     try:
         state = read_saved(path)
     except UserError as err:
         raise UserError(f"initial_checkpoint: {err}") from None
     if is_timm_checkpoint(state):
         timm = read_timm_checkpoint(state, path)
-        return architecture_of(timm), None, timm.weights, timm.describe()
+        class_map = timm.args and timm.args.get("class_map")
+        order = timm_order(classes, read_class_map(class_map, timm_data_folders(timm)) if class_map else None)
+        return architecture_of(timm), order if class_map else None, order, timm.weights, timm.describe()
     if isinstance(state, dict) and "model" in state and "recipe" in state:  # fastrsb's
-        return state["recipe"]["model"], state["classes"], state["model"], f"{path} (epoch {state.get('epoch')})"
+        return (state["recipe"]["model"], state["classes"], state["classes"], state["model"],
+                f"{path} (epoch {state.get('epoch')})")
     weights = next((w for w in (state, *(state.get(key) for key in ("state_dict", "model") if isinstance(state, dict)))
                     if is_weights(w)), None)
     if weights is None:
         raise UserError(f"initial_checkpoint: {path} is neither a fastrsb checkpoint, nor timm's, nor a state dict "
                         "of weights alone")
-    return architecture, None, unwrapped(weights), f"{path} (weights alone)"
-
-
-def _classifier_keys(model: nn.Module) -> set[str]:
-    """The state_dict keys of the model's final classifier (timm names its module in pretrained_cfg)."""
-    name = getattr(model, "pretrained_cfg", {}).get("classifier")
-    if not name:
-        raise UserError(f"{type(model).__name__} does not name its classifier: initial_checkpoint cannot tell "
-                        "which weights to start anew")
-    return {key for key in model.state_dict() if key.startswith(f"{name}.")}
-
+    return architecture, None, None, unwrapped(weights), f"{path} (weights alone)"

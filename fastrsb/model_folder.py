@@ -58,8 +58,9 @@ def load_model_folder(folder: Path) -> FolderModel:
     if classes is not None and (not isinstance(classes, list) or len(classes) != num_classes):
         raise UserError(f"{folder / CONFIG}: label_names does not list {num_classes} classes")
     if classes is None:
-        notes.append("config.json names no classes: they are taken as the data folder's class folders in sorted "
-                     "order (ImageNet's wnids in that order are timm's class indices)")
+        notes.append("config.json names no classes: they are taken as the data folder's class folders, in the "
+                     "order timm's ImageFolder indexes them (natural order: 'c2' before 'c10'; ImageNet's wnids "
+                     "sorted)")
     # model_args: what timm records of the model's construction (newer timm writes num_classes there too)
     model = timm.create_model(architecture, pretrained=False, **{**(config.get("model_args") or {}),
                                                                  "num_classes": num_classes})

@@ -49,6 +49,16 @@ def read_timm_checkpoint(state: dict, path: Path) -> TimmCheckpoint:
                           float(metric) if isinstance(metric, (int, float)) else None)
 
 
+def timm_data_folders(checkpoint: TimmCheckpoint) -> list[Path]:
+    """The data folder train.py was given (its data_dir, or data in older releases) and its splits:
+    where timm's readers look for a --class-map given by a relative name."""
+    from fastrsb.pipelines.image_list import SPLIT_NAMES
+    roots = [Path(value) for key in ("data_dir", "data") if isinstance(value := (checkpoint.args or {}).get(key), str)
+             and value]
+    return [place for root in roots for place in (root, *(root / name for names in SPLIT_NAMES.values()
+                                                          for name in names))]
+
+
 def unwrapped(weights: dict) -> dict:
     """Weights by the names the bare model gives them."""
     for prefix in WRAPPER_PREFIXES:
@@ -83,6 +93,7 @@ class TimmEval:
     img_size: int
     crop_pct: float
     notes: list[str]
+    class_map: str | None  # train.py's --class-map, which sets its classes' indices (else timm's natural order)
 
 
 def model_to_evaluate(checkpoint: TimmCheckpoint, ema: bool) -> TimmEval:
@@ -117,11 +128,13 @@ def model_to_evaluate(checkpoint: TimmCheckpoint, ema: bool) -> TimmEval:
         data = resolve_data_config({}, model=model, use_test_size=True)  # as timm's validate.py
         said = (f"the checkpoint holds no arguments of timm's train.py: tested unless --img-size or --crop-pct say "
                 f"otherwise at the size and crop timm's validate.py takes for {name} ({_transform(data)})")
+    class_map = args.get("class_map") or None
     notes = [said, *check_eval_transform(data, path, "its transform"),
-             "the checkpoint names no classes: they are taken as the data folder's class folders in sorted order "
-             "(timm's ImageFolder indexes them so)"]
+             f"the checkpoint names no classes: they are indexed as train.py's --class-map {class_map} indexes them"
+             if class_map else "the checkpoint names no classes: they are taken as the data folder's class folders, "
+             "in the order timm's ImageFolder indexes them (natural order: 'c2' before 'c10')"]
     return TimmEval(model.to(memory_format=torch.channels_last), int(data["input_size"][1]),
-                    float(data["crop_pct"]), notes)
+                    float(data["crop_pct"]), notes, class_map)
 
 
 def _transform(data: dict) -> str:

@@ -297,8 +297,8 @@ def test_eval_of_a_model_folder_equals_the_checkpoints(run, tiny_data, tmp_path)
     proc = run_cli("eval", hub, "--data", tiny_data)
     assert proc.stdout.splitlines()[:2] == [
         "note: the folder's config resizes bilinear; fastrsb's validation resizes bicubic",
-        "note: config.json names no classes: they are taken as the data folder's class folders in sorted order "
-        "(ImageNet's wnids in that order are timm's class indices)"]
+        "note: config.json names no classes: they are taken as the data folder's class folders, in the order timm's "
+        "ImageFolder indexes them (natural order: 'c2' before 'c10'; ImageNet's wnids sorted)"]
     assert proc.stdout.splitlines()[2] == (f"top1 {at_32['top1']:.2f} top5 {at_32['top5']:.2f} over 20 images "
                                            "at 32 px, crop 0.875")  # timm's test size and crop for the weights
     for source, named in ((hub, hub / "pytorch_model.bin"), (folder, folder / "model.safetensors")):
@@ -320,7 +320,7 @@ def test_eval_refuses_a_model_folder_it_cannot_evaluate_as_its_config_says(run, 
             says=("its eval transform is not fastrsb's", "mean (0.5, 0.5, 0.5)"))
     refused(edit=lambda c: {**c, "pretrained_cfg": {**c["pretrained_cfg"], "crop_mode": "squash"}},
             says=("crop mode 'squash'",))
-    refused(edit=lambda c: {**c, "label_names": c["label_names"][::-1]}, says=("classes differ",))
+    refused(edit=lambda c: {**c, "label_names": c["label_names"][:-1] + ["n99_other"]}, says=("classes differ",))
     refused(edit=lambda c: {**c, "architecture": "resnet_nonexistent"}, says=("resnet_nonexistent",))
     refused(edit=lambda c: {**c, "num_classes": 5, "label_names": c["label_names"] + ["x"]},
             says=("does not fit the model", "fc.weight"))
@@ -444,6 +444,75 @@ def test_eval_of_timm_weights_without_train_arguments(run, tiny_data, tmp_path):
 
 
 ZERO_LR = ["--set", "lr=0", "--set", "warmup_lr=0", "--set", "min_lr=0", "--set", "warmup_epochs=0"]
+
+
+def test_classes_cross_to_timm_and_back_by_name_where_the_orders_differ(run, tiny_data, tmp_path):
+    """fastrsb indexes a folder's classes sorted (as torchvision), timm's ImageFolder in natural
+    order; here 'c10' comes before 'c2' in one and after it in the other. Exported weights give
+    timm's output k the class timm's own ImageDataset indexes k (they gave it fastrsb's k: the
+    export classified every image of these classes under another's name in timm's tools). eval
+    reads an export, a checkpoint of timm's train.py (indexed as timm trained it: natural order,
+    or its --class-map) and fastrsb's own checkpoint to the same figures; a run started from the
+    timm checkpoint keeps its classifier, each row under its own class."""
+    import argparse
+    import shutil
+    import timm
+    from timm.data import ImageDataset
+    out, _ = run
+    state = load_checkpoint(out / "last.pt")
+    renamed = ["B", "c1", "c10", "c2"]  # sorted; natural (timm's): B, c1, c2, c10
+    assert len(state["classes"]) == len(renamed)
+    data = tmp_path / "data"
+    for split in ("train", "val"):
+        for old, new in zip(state["classes"], renamed):
+            shutil.copytree(tiny_data / split / old, data / split / new)
+    state["classes"] = renamed
+    torch.save(state, tmp_path / "renamed.pt")
+    keys = ("top1", "top5", "val_loss", "val_images")
+    ours = json.loads(run_cli("eval", tmp_path / "renamed.pt", "--data", data, "--json").stdout)
+
+    run_cli("export", tmp_path / "renamed.pt", tmp_path / "exported")
+    exported = timm.create_model(f"local-dir:{tmp_path / 'exported'}", pretrained=True).eval()
+    trained = timm.create_model("resnet10t", num_classes=4).eval()
+    trained.load_state_dict(state["model"])
+    timm_index = ImageDataset(str(data / "val")).reader.class_to_idx
+    assert list(timm_index) == ["B", "c1", "c2", "c10"]
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        theirs, mine = exported(x), trained(x)
+    for name, k in timm_index.items():  # timm's output k is the class timm's ImageDataset labels k
+        assert torch.allclose(theirs[:, k], mine[:, renamed.index(name)]), name
+    assert json.loads((tmp_path / "exported" / "config.json").read_text())["label_names"] == list(timm_index)
+    from_export = json.loads(run_cli("eval", tmp_path / "exported", "--data", data, "--json", "--img-size", "40",
+                                     "--crop-pct", "0.95").stdout)
+    assert [from_export[k] for k in keys] == [ours[k] for k in keys]
+
+    # timm's train.py trained these weights on this folder: its rows in natural order, or in its class map's.
+    args = argparse.Namespace(model="resnet10t", num_classes=4, img_size=40, input_size=None, crop_pct=0.95,
+                              mean=None, std=None, interpolation="", gp=None, model_kwargs={}, eval_metric="top1",
+                              model_ema_force_cpu=False, class_map="", data_dir=str(data))
+    natural = [renamed.index(name) for name in timm_index]
+    by_timm = {k: v[natural] if k.startswith("fc.") else v for k, v in state["model"].items()}
+    checkpoint = _timm_train_checkpoint(tmp_path / "timm", by_timm, args, None, 0.0)
+    timm_eval = json.loads(run_cli("eval", checkpoint, "--data", data, "--json").stdout)
+    assert [timm_eval[k] for k in keys] == [ours[k] for k in keys]
+    assert "natural order" in timm_eval["notes"][-1]
+    mapped = ["c2", "B", "c10", "c1"]
+    (data / "classes.txt").write_text("".join(f"{name}\n" for name in mapped))
+    by_map = {k: v[[renamed.index(name) for name in mapped]] if k.startswith("fc.") else v
+              for k, v in state["model"].items()}
+    mapped_checkpoint = _timm_train_checkpoint(tmp_path / "mapped", by_map,
+                                               argparse.Namespace(**{**vars(args), "class_map": "classes.txt"}), None, 0)
+    mapped_eval = json.loads(run_cli("eval", mapped_checkpoint, "--data", data, "--json").stdout)
+    assert [mapped_eval[k] for k in keys] == [ours[k] for k in keys]
+    (data / "classes.txt").unlink()
+    assert_user_error(run_cli("eval", mapped_checkpoint, "--data", data, check=False),
+                      "trained with --class-map classes.txt", str(data / "classes.txt"))
+
+    started = run_cli("train", "tiny", "--data", data, "--out", tmp_path / "ft", "--device", "cpu",
+                      "--set", f"initial_checkpoint={checkpoint}", *ZERO_LR, "--stop-after-steps", "1")
+    assert "its classifier included (its rows put in this run's class order" in started.stdout
+    assert torch.equal(load_checkpoint(tmp_path / "ft" / "last.pt")["model"]["fc.weight"], state["model"]["fc.weight"])
 
 
 def _parameters(model_state: dict, names) -> dict:
