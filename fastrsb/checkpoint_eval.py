@@ -36,7 +36,8 @@ def evaluate_checkpoint_at(checkpoint: str | Path, data: str | Path, img_sizes: 
     it is measured, in that order; the checks (the weights, the data, the classes) run at the first."""
     device = resolve_device(device)
     weights = _weights_to_evaluate(Path(checkpoint), ema)
-    images = _validation_images(Path(data), weights)
+    images = _validation_images(Path(data), weights.classes, weights.model.num_classes, weights.class_map,
+                                weights.class_map_places)
     model = weights.model.to(device)
     pairs = dict.fromkeys((size or weights.img_size, crop or weights.crop_pct) for size in img_sizes for crop in crop_pcts)
     check_input_sizes(model, {"--img-size": sorted({size for size, _ in pairs})})
@@ -93,12 +94,12 @@ def _weights_to_evaluate(source: Path, ema: bool) -> _Weights:
                     state.get("epoch"), [])
 
 
-def _validation_images(data: Path, weights: _Weights):
+def _validation_images(data: Path, classes: list[str] | None, num_classes: int, class_map: str | None = None,
+                       class_map_places: list[Path] | None = None):
     """DATA/val, or DATA itself where it is a class folder tree, each image labelled by the index
     the weights give its class: its classes must be the weights' by name, in whatever order (an
     export's is timm's), or where the weights name none (timm's), as many, indexed in timm's order
-    (fastrsb.class_order)."""
-    classes, num_classes = weights.classes, weights.model.num_classes
+    (fastrsb.class_order), or by CLASS_MAP (timm's --class-map) where train.py had one."""
     if not data.is_dir():
         raise UserError(no_folder(data))
     refuse_data_being_written(data)
@@ -108,16 +109,15 @@ def _validation_images(data: Path, weights: _Weights):
                         f"{data / folders[0]} to evaluate on the training images")
     images = open_split(data, "val") if split_folder(data, "val").is_dir() else open_split(data.parent, data.name)
     if classes is None:
-        class_map = weights.class_map and read_class_map(weights.class_map, [split_folder(data, "val"), data,
-                                                                           *weights.class_map_places])
-        order = timm_order(images.classes, class_map)
+        indices = class_map and read_class_map(class_map, [split_folder(data, "val"), data, *(class_map_places or [])])
+        order = timm_order(images.classes, indices or None)
         if len(order) != num_classes:  # its labels would index other classes: figures without meaning
             raise UserError(f"{data}: its {len(images.classes)} class folders are not the {num_classes} classes the "
                             "weights classify, and the weights do not name theirs: evaluate them on a folder of "
                             f"all {num_classes} (for an ImageNet model, ImageNet's wnid folders)")
         kept = relabelled(images, order)
         if not kept.files:
-            raise UserError(f"{data}: none of its classes is in the class map {weights.class_map}")
+            raise UserError(f"{data}: none of its classes is in the class map {class_map}")
         return kept
     if sorted(images.classes) != sorted(classes):
         first = next((a, b) for a, b in zip(images.classes + [None] * len(classes),
