@@ -109,7 +109,8 @@ def as_fastrsb_checkpoint(state: object, path: Path) -> dict:
                  else f"a {type(state).__name__}")
         hint = ("; weights alone name no model or classes (eval also reads a timm model folder: them beside a "
                 "config.json); a run starts from them with --set initial_checkpoint" if is_weights(state) else "")
-        missing = " and ".join(f"'{key}'" for key in ("model", "recipe") if not isinstance(state, dict) or key not in state)
+        entries = state if isinstance(state, dict) else {}
+        missing = " and ".join(f"'{key}'" for key in ("model", "recipe") if key not in entries)
         raise UserError(f"{path} is not a fastrsb checkpoint (no {missing} entr{'ies' if ' and ' in missing else 'y'}; "
                         f"{found}){hint}")
     return state

@@ -38,7 +38,7 @@ def read_class_map(name: str, places: list[Path]) -> dict[str, int]:
     if found is None:
         raise UserError(f"the checkpoint was trained with --class-map {name}, which sets which class each output is; "
                         f"it is not at {', '.join(str(p) for p in [Path(name), *(p / name for p in places)])}: "
-                        "put it there to evaluate the checkpoint")
+                        "put it there to read the checkpoint's classes")
     try:
         class_map = load_class_map(str(found))
     except (OSError, ValueError, AssertionError, UnicodeDecodeError) as err:

@@ -4,12 +4,12 @@ folder (`fastrsb export`'s, or a timm model's from the hub) or a file of weights
 dict, as timm's flag takes). Fine-tuning at a new resolution, on another data set, or a warm
 start.
 
-The classifier is kept where it classifies the run's classes: the same names (its rows put in
-the run's order where theirs differs: fastrsb.class_order), or, for weights that name none, the
-same number of them (a timm ImageNet model on ImageNet's wnid folders), taken in timm's order
-where they are timm's (a checkpoint of its train.py, a model folder) and in the run's where they
-are a file of weights alone. Otherwise it starts anew, as timm's does when num_classes changes.
-Everything else must fit the recipe's model exactly. Only a new run reads the file: a resumed run continues from
+The classifier is kept where it classifies the run's classes: the same names (its rows put in the
+run's order where theirs differs: fastrsb.class_order), or, for weights that name none, the same
+number of them (a timm ImageNet model on ImageNet's wnid folders), taken in timm's order where they
+are timm's (a checkpoint of its train.py, a model folder) and in the run's where they are a file of
+weights alone. Otherwise it starts anew, as timm's does when num_classes changes. Everything else
+must fit the recipe's model exactly. Only a new run reads the file: a resumed run continues from
 its own checkpoint, and the file may be gone by then."""
 from __future__ import annotations
 

@@ -59,10 +59,10 @@ def summary_rows(path: Path) -> tuple[list[dict], list[dict]]:
     try:
         with open(path, newline="") as f:
             table = [row for row in csv.DictReader(f) if row.get("epoch") != "epoch"]
-        by_epoch = {int(row["epoch"]) + 1: {"kind": "epoch", "epoch": int(row["epoch"]) + 1,
-                                            "train_loss": float(row["train_loss"]), "val_loss": _number(row, "eval_loss"),
-                                            "top1": _number(row, "eval_top1"), "top5": _number(row, "eval_top5"),
-                                            "lr": _number(row, "lr")} for row in table}
+        by_epoch = {int(row["epoch"]) + 1: {
+            "kind": "epoch", "epoch": int(row["epoch"]) + 1, "train_loss": float(row["train_loss"]),
+            "val_loss": _number(row, "eval_loss"), "top1": _number(row, "eval_top1"),
+            "top5": _number(row, "eval_top5"), "lr": _number(row, "lr")} for row in table}
     except (OSError, KeyError, TypeError, ValueError) as err:
         raise UserError(f"{path} is not a summary.csv of timm's train.py (epoch, train_loss, eval_loss, eval_top1, "
                         f"eval_top5, lr): {type(err).__name__} {err}") from None

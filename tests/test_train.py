@@ -501,8 +501,8 @@ def test_classes_cross_to_timm_and_back_by_name_where_the_orders_differ(run, tin
     (data / "classes.txt").write_text("".join(f"{name}\n" for name in mapped))
     by_map = {k: v[[renamed.index(name) for name in mapped]] if k.startswith("fc.") else v
               for k, v in state["model"].items()}
-    mapped_checkpoint = _timm_train_checkpoint(tmp_path / "mapped", by_map,
-                                               argparse.Namespace(**{**vars(args), "class_map": "classes.txt"}), None, 0)
+    mapped_args = argparse.Namespace(**{**vars(args), "class_map": "classes.txt"})
+    mapped_checkpoint = _timm_train_checkpoint(tmp_path / "mapped", by_map, mapped_args, None, 0)
     mapped_eval = json.loads(run_cli("eval", mapped_checkpoint, "--data", data, "--json").stdout)
     assert [mapped_eval[k] for k in keys] == [ours[k] for k in keys]
     (data / "classes.txt").unlink()
@@ -816,12 +816,14 @@ def test_plot_draws_a_timm_run_beside_a_fastrsb_run(run, tmp_path):
     # timm before 0.6 (the RSB paper's runs) wrote no lr; a run without validation no eval_ figures.
     from collections import OrderedDict
     from timm.utils import update_summary
-    for name, validation, lr in (("old", OrderedDict(loss=1.2, top1=31.0, top5=90.0), None), ("unvalidated", None, 0.1)):
+    validated = OrderedDict(loss=1.2, top1=31.0, top5=90.0)
+    for name, validation, lr in (("old", validated, None), ("unvalidated", None, 0.1)):
         (tmp_path / name).mkdir()
         for epoch in range(2):
             update_summary(epoch, OrderedDict(loss=0.9), validation, str(tmp_path / name / "summary.csv"), lr=lr)
     assert [(r["top1"], r["lr"]) for r in read_metrics(tmp_path / "old")[1]] == [(31.0, None)] * 2
-    assert [(r["top1"], r["val_loss"], r["lr"]) for r in read_metrics(tmp_path / "unvalidated")[1]] == [(None, None, 0.1)] * 2
+    unvalidated = read_metrics(tmp_path / "unvalidated")[1]
+    assert [(r["top1"], r["val_loss"], r["lr"]) for r in unvalidated] == [(None, None, 0.1)] * 2
     run_cli("plot", out, tmp_path / "old", tmp_path / "unvalidated", "-o", tmp_path / "three.png")
     run_cli("plot", out, timm_run, "-o", tmp_path / "both.png")
     colours = {c for _, c in Image.open(tmp_path / "both.png").convert("RGB").getcolors(maxcolors=1 << 20)}
