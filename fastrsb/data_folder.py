@@ -302,7 +302,8 @@ def explain_loader_error(err: RuntimeError, images: ImageList) -> UserError:
     text = str(err)
     if line := out_of_memory(text):
         where = "host" if re.search(r"on host|bad_alloc", line, re.IGNORECASE) else "GPU"
-        return UserError(f"the data pipeline ran out of {where} memory (DALI: {line}): its buffers grow with the batch "
+        # DALI's words, or torch's from the torch RandAugment form, which runs at the hand-over.
+        return UserError(f"the data pipeline ran out of {where} memory ({line}): its buffers grow with the batch "
                          "and the largest image decoded; a smaller batch per process fits (fastrsb train "
                          "--micro-batch N keeps the recipe's batch by accumulation; fastrsb eval --batch-size N)")
     listed = set(images.files)

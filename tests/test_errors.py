@@ -274,13 +274,17 @@ def test_memory_run_out_in_the_loader_is_said_and_no_image_blamed(tiny_data, mon
     for where, texts in DALI_OUT_OF_MEMORY.items():
         for text in texts:
             said = str(explain_loader_error(RuntimeError(text), images))
-            assert said.startswith(f"the data pipeline ran out of {where} memory (DALI: "), said
+            assert said.startswith(f"the data pipeline ran out of {where} memory ("), said
             assert "--micro-batch N" in said and "--batch-size N" in said and "data check" not in said
             with pytest.raises(RuntimeError) as raised, _undecodable_named():
                 raise RuntimeError(text)
             assert str(raised.value) == text  # as DALI said it, no hint to look for a broken image
-    assert "Can't allocate 402653184 bytes on device 0." in str(explain_loader_error(
+    assert "GPU memory (Can't allocate 402653184 bytes on device 0.)" in str(explain_loader_error(
         RuntimeError(DALI_OUT_OF_MEMORY["GPU"][1]), images))
+    # torch's own, from the torch RandAugment form at the hand-over, is the loader's too.
+    torch_said = "CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of 139.81 GiB"
+    assert str(explain_loader_error(RuntimeError(torch_said), images)).startswith(
+        f"the data pipeline ran out of GPU memory ({torch_said}): ")
 
 
 def test_a_loader_error_names_a_file_whose_name_has_spaces_and_quotes(tmp_path):
