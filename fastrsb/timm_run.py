@@ -51,24 +51,28 @@ def summary_rows(path: Path) -> tuple[list[dict], list[dict]]:
     train.py writes (an epoch a row: epoch, train_loss, eval_loss, eval_top1, eval_top5, lr; its
     EMA's eval_ figures where it kept one). Its epoch is the index of the epoch ended, fastrsb's the
     epochs done. A run resumed in the same folder (--experiment) wrote the header again under the
-    rows before it, and one resumed from an earlier checkpoint wrote some epochs twice: the later
-    row of an epoch is the run's. The columns after train_loss may be missing (None): timm before
+    rows before it; resumed from an earlier checkpoint, it writes epochs again: from the first
+    written again on, the rows are the resumed run's (those the first run wrote past it are not
+    the run's any more). The columns after train_loss may be missing (None): timm before
     0.6 (the RSB paper's runs) wrote no lr, and a run without validation no eval_ figures. It logs
     no steps: its loss and LR, an epoch's, are log rows at each epoch's end; it measures no
     images/s or data wait."""
     try:
         with open(path, newline="") as f:
             table = [row for row in csv.DictReader(f) if row.get("epoch") != "epoch"]
-        by_epoch = {int(row["epoch"]) + 1: {
-            "kind": "epoch", "epoch": int(row["epoch"]) + 1, "train_loss": float(row["train_loss"]),
-            "val_loss": _number(row, "eval_loss"), "top1": _number(row, "eval_top1"),
-            "top5": _number(row, "eval_top5"), "lr": _number(row, "lr")} for row in table}
+        epochs = []
+        for row in table:
+            epoch = int(row["epoch"]) + 1
+            while epochs and epochs[-1]["epoch"] >= epoch:  # a resume: the run goes on from here
+                epochs.pop()
+            epochs.append({"kind": "epoch", "epoch": epoch, "train_loss": float(row["train_loss"]),
+                           "val_loss": _number(row, "eval_loss"), "top1": _number(row, "eval_top1"),
+                           "top5": _number(row, "eval_top5"), "lr": _number(row, "lr")})
     except (OSError, KeyError, TypeError, ValueError) as err:
         raise UserError(f"{path} is not a summary.csv of timm's train.py (epoch, train_loss, eval_loss, eval_top1, "
                         f"eval_top5, lr): {type(err).__name__} {err}") from None
-    if not by_epoch:
+    if not epochs:
         raise UserError(f"{path} has no rows yet: timm's run has not ended its first epoch")
-    epochs = [by_epoch[epoch] for epoch in sorted(by_epoch)]
     logs = [{"kind": "log", "epoch": r["epoch"], "loss": r["train_loss"], "lr": r["lr"], "images_per_sec": None,
              "data_wait": None} for r in epochs]
     return logs, epochs

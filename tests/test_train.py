@@ -800,8 +800,9 @@ def test_plot_draws_a_timm_run_beside_a_fastrsb_run(run, tmp_path):
     """timm's train.py output folder (its summary.csv, written here by timm's own update_summary)
     is drawn beside a fastrsb run: its epoch rows at the epochs done (timm counts from 0), its loss
     and LR an epoch's; what it does not measure (images/s, data wait) stays empty. A run resumed in
-    its folder (train.py writes the header again) from an earlier checkpoint (an epoch written
-    twice) is read as the run went on: the header passed over, the later row of an epoch kept."""
+    its folder (train.py writes the header again) from an earlier checkpoint (epochs written
+    again) is read as the run went on: the header passed over, the resumed run's rows from the
+    first epoch it wrote again on, the first run's past that point dropped."""
     from PIL import Image
     from fastrsb.plot import read_metrics
     out, _ = run
@@ -813,6 +814,10 @@ def test_plot_draws_a_timm_run_beside_a_fastrsb_run(run, tmp_path):
     resumed = _timm_output(tmp_path / "resumed", [(0, 0.9, 30.0, True), (1, 0.8, 45.0, False), (1, 0.85, 44.0, True),
                                                    (2, 0.7, 50.0, False)])
     assert [(r["epoch"], r["top1"]) for r in read_metrics(resumed)[1]] == [(1, 30.0), (2, 44.0), (3, 50.0)]
+    # Resumed from epoch 1's checkpoint after epoch 3 was written: the run is now at epoch 2.
+    rewound = _timm_output(tmp_path / "rewound", [(0, 0.9, 30.0, True), (1, 0.8, 45.0, False), (2, 0.7, 48.0, False),
+                                                  (1, 0.85, 44.0, True)])
+    assert [(r["epoch"], r["top1"]) for r in read_metrics(rewound)[1]] == [(1, 30.0), (2, 44.0)]
     # timm before 0.6 (the RSB paper's runs) wrote no lr; a run without validation no eval_ figures.
     from collections import OrderedDict
     from timm.utils import update_summary
