@@ -905,6 +905,11 @@ def test_runs_lists_timm_output_folders_beside_fastrsb_runs(run, tmp_path):
     assert (a3["top1"], a3["best_top1"], a3["commit"]) == (40.0, 45.0, None)
     assert a3["started"] == datetime.datetime(2026, 12, 3, 10, 15, 30).astimezone(datetime.timezone.utc).isoformat()
     assert (short["epochs"], short["epochs_done"], short["top1"], short["last_written"]) == (12, 0, None, None)
+    written = datetime.datetime.fromtimestamp((timm / "short" / "args.yaml").stat().st_mtime, datetime.timezone.utc)
+    assert short["started"] == written.isoformat(timespec="seconds")  # no date in its name: when args.yaml was written
+    from fastrsb.timm_run import scheduled_epochs
+    assert scheduled_epochs({**TIMM_A3_ARGUMENTS, "lr_cycle_limit": 2}) == 195  # timm's count: 2 cycles + warm-up
+    assert scheduled_epochs({**TIMM_A3_ARGUMENTS, "warmup_epochs": "5 "}) == 95  # its factory refuses: --epochs
     text = run_cli("runs", timm).stdout.splitlines()
     assert len(text) == 3 and "timm (resnet50)  3/100   unfinished  40.00  45.00  " in text[1], text
     (timm / "short" / "summary.csv").write_text("epoch,train_loss,lr\n0,0.9,0.1\n")  # not validated: no top-1
