@@ -12,7 +12,7 @@ import torch
 
 from fastrsb.checkpoint import as_fastrsb_checkpoint, is_timm_checkpoint, load_weights, read_saved
 from fastrsb.class_order import read_class_map, relabelled, timm_order
-from fastrsb.data_folder import SPLIT_NAMES, no_folder, open_split, refuse_data_being_written, split_folder
+from fastrsb.data_folder import SPLIT_NAMES, no_folder, open_class_tree, open_split, refuse_data_being_written, split_folder
 from fastrsb.device import amp_dtype, resolve_device
 from fastrsb.errors import UserError
 from fastrsb.memory_floor import refuse_a_batch_that_cannot_fit
@@ -107,7 +107,8 @@ def _validation_images(data: Path, classes: list[str] | None, num_classes: int, 
     if len(folders) == 1 and folders[0] in SPLIT_NAMES["train"]:  # a data folder without its val/, not one class
         raise UserError(f"{data} holds {folders[0]}/ but no val/: give a folder with val/<class>/, or "
                         f"{data / folders[0]} to evaluate on the training images")
-    images = open_split(data, "val") if split_folder(data, "val").is_dir() else open_split(data.parent, data.name)
+    # A folder of classes by any name (val_subset/) is read as it is; a data folder, its val split.
+    images = open_split(data, "val") if split_folder(data, "val").is_dir() else open_class_tree(data, data)
     if classes is None:
         indices = class_map and read_class_map(class_map, [split_folder(data, "val"), data, *(class_map_places or [])])
         order = timm_order(images.classes, indices or None)

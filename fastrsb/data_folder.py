@@ -40,6 +40,12 @@ def open_split(root: Path, split: str) -> ImageList:
     folder = split_folder(root, split)
     if not folder.is_dir():
         raise UserError(f"{root} has {no_split(root, split)}")
+    return open_class_tree(folder, root)
+
+
+def open_class_tree(folder: Path, root: Path) -> ImageList:
+    """FOLDER's images, FOLDER/<class>/<image> (a split of the data folder ROOT, or a folder of
+    classes by any name: eval's), or one line saying what is wrong with it."""
     try:
         return list_images(folder)
     except DatasetError as err:

@@ -80,7 +80,7 @@ def test_checkpoint_contents(run):
     assert {"loader", "mixer", "torch_rng"} <= set(rank) and all(isinstance(part, bytes) for part in rank["loader"]["dali"])
 
 
-def test_eval_reproduces_the_runs_accuracy(run, tiny_data):
+def test_eval_reproduces_the_runs_accuracy(run, tiny_data, tmp_path):
     out, _ = run
     last = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
     assert last["kind"] == "epoch"
@@ -90,6 +90,12 @@ def test_eval_reproduces_the_runs_accuracy(run, tiny_data):
     other = json.loads(run_cli("eval", out / "last.pt", "--data", tiny_data / "val", "--json", "--img-size", "32",
                                "--crop-pct", "0.875").stdout)
     assert other["img_size"] == 32 and other["crop_pct"] == 0.875 and other["val_images"] == 20
+    (tmp_path / "val_subset").symlink_to(tiny_data / "val")  # a folder of classes named as the user likes
+    named = json.loads(run_cli("eval", out / "last.pt", "--data", tmp_path / "val_subset", "--json", "--img-size",
+                               "32", "--crop-pct", "0.875").stdout)
+    assert (named["val_images"], named["top1"], named["val_loss"]) == (20, other["top1"], other["val_loss"])
+    assert_user_error(run_cli("eval", out / "last.pt", "--data", tiny_data / "val" / "n00_hstripes", check=False),
+                      "has no class folders")  # a folder of images: one class, not a data set
     assert "top1" in run_cli("eval", out / "best.pt", "--data", tiny_data).stdout
     # A sweep: every size with every crop, the model loaded once; each line as a single eval gives it.
     sweep = [json.loads(line) for line in run_cli("eval", out / "last.pt", "--data", tiny_data, "--json",
