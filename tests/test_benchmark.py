@@ -373,6 +373,15 @@ def test_the_benchmark_refuses_a_mistake_before_it_measures(tmp_path, capsys):
         assert "needs a GPU" in capsys.readouterr().err
     assert throughput.parse_args(train + ["--set", "cuda_graphs=true"], gpu=True).overrides == ["cuda_graphs=true"]
     assert throughput.parse_args(["--mode", "loader", "--synthetic-jpegs", "8"], gpu=False).interpolation == "random"
+    # The size measured is the recipe's train size unless told (A1 at 224; it was 160 whatever the
+    # recipe, and a --set img_size ran while the rows said 160); two sizes given are refused.
+    step = ["--mode", "step", "--recipe"]
+    assert [throughput.parse_args(argv, gpu=False).img_size for argv in (
+        step + ["a1"], step + ["a3"], step + ["a1", "--img-size", "192"], step + ["a1", "--set", "img_size=128"],
+        ["--mode", "loader", "--synthetic-jpegs", "8"])] == [224, 160, 192, 128, 160]
+    with pytest.raises(SystemExit):
+        throughput.parse_args(step + ["a1", "--img-size", "192", "--set", "img_size=128"], gpu=False)
+    assert "--img-size 192 and --set img_size=128: give one" in capsys.readouterr().err
     assert not list(tmp_path.iterdir())  # nothing generated
 
 
