@@ -71,7 +71,10 @@ CHOICES = {"opt": {"lamb"}, "sched": {"cosine"}, "mixup_mode": {"batch"}, "aa_im
 ADDED_KEYS = {"cuda_graphs": False, "high_priority_stream": False, "aa_impl": "auto", "train_interpolation": "bilinear",
               "initial_checkpoint": None, "aug_repeats_across_ranks": False}
 # Keys that change how fast a run computes, not what it computes: a resumed run may change them.
-SPEED_ONLY = {"cuda_graphs", "high_priority_stream"}
+# compile also rounds the float arithmetic otherwise (inductor's fusions), as timm's --torchcompile
+# does, a flag of the run and not of the recipe; where compiling fails on a machine (a new node, a
+# torch upgrade), --set compile=false is what continues the run.
+SPEED_ONLY = {"cuda_graphs", "high_priority_stream", "compile"}
 BUILTIN = ("a1", "a2", "a3", "demo", "tiny")
 
 

@@ -668,17 +668,22 @@ def test_checkpoint_from_before_a_recipe_key_was_added_resumes(tiny_data, tmp_pa
 
 
 def test_a_speed_only_key_may_change_on_resume(tiny_data, tmp_path):
-    """cuda_graphs and high_priority_stream change how fast a run computes, not what: a run saved
-    with them on (a GPU) continues with them off (here, the CPU); any other key is refused."""
+    """cuda_graphs, high_priority_stream and compile change how fast a run computes, not what: a
+    run saved with the first two on (a GPU) continues with them off (here, the CPU), one saved with
+    compile off (where it failed) continues with it on, and the reverse; any other key is refused."""
     _train(tiny_data, tmp_path, stop_after_steps=2)
     state = load_checkpoint(tmp_path / "last.pt")
-    state["recipe"].update(cuda_graphs=True, high_priority_stream=True)
+    assert state["recipe"]["compile"]
+    state["recipe"].update(cuda_graphs=True, high_priority_stream=True, compile=False)
     torch.save(state, tmp_path / "last.pt")
     state["recipe"]["smoothing"] = 0.3
     torch.save(state, tmp_path / "other.pt")
     with pytest.raises(UserError, match="another recipe \\(smoothing 0.3 -> "):
         _train(tiny_data, tmp_path, resume=str(tmp_path / "other.pt"))
-    assert not _train(tiny_data, tmp_path, resume="auto").get("stopped")
+    assert _train(tiny_data, tmp_path, resume="auto", stop_after_steps=4)["stopped"]
+    assert not load_checkpoint(tmp_path / "last.pt")["recipe"]["cuda_graphs"]  # saved as it ran
+    assert not train(load_recipe("tiny", [*PARTS, "compile=false"]), tiny_data, tmp_path, device="cpu", num_threads=1,
+                     resume="auto").get("stopped")
 
 
 def test_randaugment_form_auto_resumes_with_the_form_it_was_saved_with(tiny_data, tmp_path, monkeypatch):
