@@ -11,7 +11,7 @@ from typing import Iterator, Sequence
 import torch
 
 from fastrsb.checkpoint import as_fastrsb_checkpoint, is_timm_checkpoint, load_weights, read_saved
-from fastrsb.class_order import read_class_map, relabelled, timm_order
+from fastrsb.class_order import by_index, named_by_index, read_class_map, relabelled, timm_order
 from fastrsb.data_folder import SPLIT_NAMES, no_folder, open_class_tree, open_split, refuse_data_being_written, split_folder
 from fastrsb.device import amp_dtype, resolve_device
 from fastrsb.errors import UserError
@@ -37,7 +37,7 @@ def evaluate_checkpoint_at(checkpoint: str | Path, data: str | Path, img_sizes: 
     device = resolve_device(device)
     weights = _weights_to_evaluate(Path(checkpoint), ema)
     images = _validation_images(Path(data), weights.classes, weights.model.num_classes, weights.class_map,
-                                weights.class_map_places)
+                                weights.class_map_places, weights.notes)
     model = weights.model.to(device)
     pairs = dict.fromkeys((size or weights.img_size, crop or weights.crop_pct) for size in img_sizes for crop in crop_pcts)
     check_input_sizes(model, {"--img-size": sorted({size for size, _ in pairs})})
@@ -95,11 +95,13 @@ def _weights_to_evaluate(source: Path, ema: bool) -> _Weights:
 
 
 def _validation_images(data: Path, classes: list[str] | None, num_classes: int, class_map: str | None = None,
-                       class_map_places: list[Path] | None = None):
+                       class_map_places: list[Path] | None = None, notes: list[str] | None = None):
     """DATA/val, or DATA itself where it is a class folder tree, each image labelled by the index
     the weights give its class: its classes must be the weights' by name, in whatever order (an
     export's is timm's), or where the weights name none (timm's), as many, indexed in timm's order
-    (fastrsb.class_order), or by CLASS_MAP (timm's --class-map) where train.py had one."""
+    (fastrsb.class_order), or by CLASS_MAP (timm's --class-map) where train.py had one. Folders
+    named by class index, 0 to N - 1 (ImageNet-V2's layout), are the classes of those indices in
+    timm's order (ImageNet's wnids sorted), said in NOTES."""
     if not data.is_dir():
         raise UserError(no_folder(data))
     refuse_data_being_written(data)
@@ -109,6 +111,14 @@ def _validation_images(data: Path, classes: list[str] | None, num_classes: int, 
                         f"{data / folders[0]} to evaluate on the training images")
     # A folder of classes by any name (val_subset/) is read as it is; a data folder, its val split.
     images = open_split(data, "val") if split_folder(data, "val").is_dir() else open_class_tree(data, data)
+    if (not class_map and named_by_index(images.classes, num_classes)
+            and not set(images.classes) & set(classes or [])):  # weights whose classes are "0", "1": by name
+        if notes is not None:
+            first = f" ({', '.join(f'{i}: {name}' for i, name in enumerate(timm_order(classes)[:2]))}, ...)" \
+                if classes else ""
+            notes.append(f"{data}'s class folders are named by index, as ImageNet-V2's: folder k is read as the "
+                         f"weights' class k in timm's order{first}")
+        return by_index(images, classes, num_classes)
     if classes is None:
         indices = class_map and read_class_map(class_map, [split_folder(data, "val"), data, *(class_map_places or [])])
         order = timm_order(images.classes, indices or None)

@@ -9,6 +9,7 @@ timm's checkpoints and folders that name no classes are read in it, and weights 
 are matched to a data folder's classes by name."""
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import torch
@@ -56,6 +57,24 @@ def relabelled(images: ImageList, classes: list[str]) -> ImageList:
     kept = [(path, index[images.classes[label]]) for path, label in zip(images.files, images.labels)
             if images.classes[label] in index]
     return ImageList([path for path, _ in kept], [label for _, label in kept], list(classes))
+
+
+def named_by_index(folders: list[str], count: int) -> bool:
+    """Whether class FOLDERS are named by class index, "0" to str(COUNT - 1), as ImageNet-V2's are
+    (its folder k holds class k's images: ImageNet's classes in the order timm's tools index them)."""
+    return bool(folders) and all(re.fullmatch("0|[1-9][0-9]*", name) and int(name) < count for name in folders)
+
+
+def by_index(images: ImageList, classes: list[str] | None, count: int) -> ImageList:
+    """IMAGES of folders named by index (named_by_index), each labelled by the output of weights
+    classifying CLASSES (by output; None: COUNT classes that name none, output k being class k)
+    that folder's index stands for: the class of that index in timm's order of them."""
+    if classes is None:
+        names = [str(index) for index in range(count)]
+        return ImageList(images.files, [int(images.classes[label]) for label in images.labels], names)
+    output = {name: i for i, name in enumerate(classes)}
+    by_timm_index = [output[name] for name in timm_order(classes)]
+    return ImageList(images.files, [by_timm_index[int(images.classes[label])] for label in images.labels], list(classes))
 
 
 def reordered(weights: dict, rows: set[str], theirs: list[str], ours: list[str]) -> dict:

@@ -452,19 +452,10 @@ def test_eval_of_timm_weights_without_train_arguments(run, tiny_data, tmp_path):
 ZERO_LR = ["--set", "lr=0", "--set", "warmup_lr=0", "--set", "min_lr=0", "--set", "warmup_epochs=0"]
 
 
-def test_classes_cross_to_timm_and_back_by_name_where_the_orders_differ(run, tiny_data, tmp_path):
-    """fastrsb indexes a folder's classes sorted (as torchvision), timm's ImageFolder in natural
-    order; here 'c10' comes before 'c2' in one and after it in the other. Exported weights give
-    timm's output k the class timm's own ImageDataset indexes k (they gave it fastrsb's k: the
-    export classified every image of these classes under another's name in timm's tools). eval
-    reads an export, a checkpoint of timm's train.py (indexed as timm trained it: natural order,
-    or its --class-map) and fastrsb's own checkpoint to the same figures; a run started from the
-    timm checkpoint keeps its classifier, each row under its own class."""
-    import argparse
+def _classes_renamed(out, tiny_data, tmp_path):
+    """The run's last checkpoint as tmp_path/renamed.pt, and a copy of its data as tmp_path/data,
+    with the classes renamed B c1 c10 c2: sorted (fastrsb's order) unlike timm's natural order."""
     import shutil
-    import timm
-    from timm.data import ImageDataset
-    out, _ = run
     state = load_checkpoint(out / "last.pt")
     renamed = ["B", "c1", "c10", "c2"]  # sorted; natural (timm's): B, c1, c2, c10
     assert len(state["classes"]) == len(renamed)
@@ -474,6 +465,22 @@ def test_classes_cross_to_timm_and_back_by_name_where_the_orders_differ(run, tin
             shutil.copytree(tiny_data / split / old, data / split / new)
     state["classes"] = renamed
     torch.save(state, tmp_path / "renamed.pt")
+    return data, state, renamed
+
+
+def test_classes_cross_to_timm_and_back_by_name_where_the_orders_differ(run, tiny_data, tmp_path):
+    """fastrsb indexes a folder's classes sorted (as torchvision), timm's ImageFolder in natural
+    order; here 'c10' comes before 'c2' in one and after it in the other. Exported weights give
+    timm's output k the class timm's own ImageDataset indexes k (they gave it fastrsb's k: the
+    export classified every image of these classes under another's name in timm's tools). eval
+    reads an export, a checkpoint of timm's train.py (indexed as timm trained it: natural order,
+    or its --class-map) and fastrsb's own checkpoint to the same figures; a run started from the
+    timm checkpoint keeps its classifier, each row under its own class."""
+    import argparse
+    import timm
+    from timm.data import ImageDataset
+    out, _ = run
+    data, state, renamed = _classes_renamed(out, tiny_data, tmp_path)
     keys = ("top1", "top5", "val_loss", "val_images")
     ours = json.loads(run_cli("eval", tmp_path / "renamed.pt", "--data", data, "--json").stdout)
 
@@ -519,6 +526,38 @@ def test_classes_cross_to_timm_and_back_by_name_where_the_orders_differ(run, tin
                       "--set", f"initial_checkpoint={checkpoint}", *ZERO_LR, "--stop-after-steps", "1")
     assert "its classifier included (its rows put in this run's class order" in started.stdout
     assert torch.equal(load_checkpoint(tmp_path / "ft" / "last.pt")["model"]["fc.weight"], state["model"]["fc.weight"])
+
+
+def test_class_folders_named_by_index_are_read_as_imagenet_v2s(run, tiny_data, tmp_path):
+    """ImageNet-V2 names its class folders 0 to 999, folder k holding the images of class k in
+    timm's order (ImageNet's wnids sorted). eval reads them so, with a note, for weights naming
+    their classes in any order (fastrsb's checkpoint, an export) and for timm's naming none: the
+    same figures as the folder by name (it was refused: "its classes differ from the weights'")."""
+    import argparse
+    import shutil
+    out, _ = run
+    data, state, renamed = _classes_renamed(out, tiny_data, tmp_path)
+    keys = ("top1", "top5", "val_loss", "val_images")
+    by_name = json.loads(run_cli("eval", tmp_path / "renamed.pt", "--data", data, "--json").stdout)
+    for index, name in enumerate(["B", "c1", "c2", "c10"]):  # timm's order
+        shutil.copytree(data / "val" / name, tmp_path / "v2" / str(index))
+    run_cli("export", tmp_path / "renamed.pt", tmp_path / "exported")
+    args = argparse.Namespace(model="resnet10t", num_classes=4, img_size=40, input_size=None, crop_pct=0.95,
+                              mean=None, std=None, interpolation="", gp=None, model_kwargs={}, eval_metric="top1",
+                              model_ema_force_cpu=False, class_map="", data_dir=str(data))
+    natural = {k: v[[0, 1, 3, 2]] if k.startswith("fc.") else v for k, v in state["model"].items()}
+    timm_checkpoint = _timm_train_checkpoint(tmp_path / "timm", natural, args, None, 0.0)
+    notes = []
+    for weights in (tmp_path / "renamed.pt", tmp_path / "exported", timm_checkpoint):
+        result = json.loads(run_cli("eval", weights, "--data", tmp_path / "v2", "--json", "--img-size", "40",
+                                    "--crop-pct", "0.95").stdout)
+        assert [result[k] for k in keys] == [by_name[k] for k in keys], weights
+        notes.append(result["notes"][-1])
+    assert all("named by index, as ImageNet-V2's" in note for note in notes)
+    assert "class k in timm's order (0: B, 1: c1, ...)" in notes[0]  # the weights' order is B c1 c10 c2
+    shutil.rmtree(tmp_path / "v2" / "3")  # a subset of the classes, by index
+    subset = json.loads(run_cli("eval", timm_checkpoint, "--data", tmp_path / "v2", "--json").stdout)
+    assert subset["val_images"] == by_name["val_images"] - len(list((data / "val" / "c10").iterdir()))
 
 
 def _parameters(model_state: dict, names) -> dict:
