@@ -19,6 +19,7 @@ from fastrsb.memory_floor import refuse_a_batch_that_cannot_fit
 from fastrsb.model import check_input_sizes, make_model
 from fastrsb.model_folder import is_model_folder, load_model_folder
 from fastrsb.parts import open_val_loader
+from fastrsb.real_labels import read_real_labels, real_targets
 from fastrsb.pipelines import class_folders, default_pixel_dtype
 from fastrsb.timm_checkpoint import model_to_evaluate, read_timm_checkpoint, timm_data_folders
 from fastrsb.train import evaluate
@@ -26,18 +27,26 @@ from fastrsb.train import evaluate
 
 def evaluate_checkpoint_at(checkpoint: str | Path, data: str | Path, img_sizes: Sequence[int | None],
                            crop_pcts: Sequence[float | None], device: str | None = None, batch_size: int = 128,
-                           num_threads: int | None = None, ema: bool = False) -> Iterator[dict]:
+                           num_threads: int | None = None, ema: bool = False,
+                           real_labels: bool | str = False) -> Iterator[dict]:
     """Top-1/top-5 of a checkpoint (fastrsb's, or timm's train.py's: timm_checkpoint.py), or of a
     timm model folder (fastrsb export's, or a timm model's from the hub: model_folder.py), on
     DATA/val (or DATA itself if it is a class folder tree) at every test size and crop fraction
     (each pair, sizes outermost; None: the recipe's test_img_size or crop_pct, a folder's timm test
     size and crop; a pair given twice is evaluated once), the weights read and the model built once.
-    ema: the checkpoint's EMA weights instead of the model's. Yields each pair's result as soon as
-    it is measured, in that order; the checks (the weights, the data, the classes) run at the first."""
+    ema: the checkpoint's EMA weights instead of the model's. real_labels: ImageNet-ReaL's top-1/
+    top-5 beside (fastrsb.real_labels), by timm's copy of its labels (True) or a real.json's (its
+    path). Yields each pair's result as soon as it is measured, in that order; the checks (the
+    weights, the data, the classes) run at the first."""
     device = resolve_device(device)
+    real = read_real_labels(real_labels if isinstance(real_labels, str) else None) if real_labels else None
     weights = _weights_to_evaluate(Path(checkpoint), ema)
     images = _validation_images(Path(data), weights.classes, weights.model.num_classes, weights.class_map,
                                 weights.class_map_places, weights.notes)
+    targets = None
+    if real:
+        images, targets = real_targets(images, *real)
+        targets = targets.to(device)
     model = weights.model.to(device)
     pairs = dict.fromkeys((size or weights.img_size, crop or weights.crop_pct) for size in img_sizes for crop in crop_pcts)
     check_input_sizes(model, {"--img-size": sorted({size for size, _ in pairs})})
@@ -49,7 +58,7 @@ def evaluate_checkpoint_at(checkpoint: str | Path, data: str | Path, img_sizes: 
         loader = open_val_loader({"test_img_size": size, "crop_pct": crop}, images, batch_size, device,
                                  num_threads=num_threads)
         try:
-            figures = evaluate(model, loader, device, dtype)
+            figures = evaluate(model, loader, device, dtype, real=targets)
         except torch.cuda.OutOfMemoryError:
             raise UserError(f"a batch of {batch_size} images at {size} px takes more memory than the GPU has: "
                             f"--batch-size {max(1, batch_size // 2)} or fewer") from None

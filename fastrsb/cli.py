@@ -162,7 +162,8 @@ def cmd_eval(args) -> None:
     from fastrsb.checkpoint_eval import evaluate_checkpoint_at
     results = []
     for result in evaluate_checkpoint_at(args.checkpoint, args.data, args.img_size or [None], args.crop_pct or [None],
-                                         args.device, args.batch_size, args.threads, ema=args.ema):
+                                         args.device, args.batch_size, args.threads, ema=args.ema,
+                                         real_labels=args.real_labels):
         results.append(result)  # said as soon as measured: a sweep over 50,000 images takes a while
         if len(results) == 1 and not args.json:
             for note in result.get("notes", []):
@@ -170,8 +171,10 @@ def cmd_eval(args) -> None:
         if args.json:
             print(json.dumps(result))
         else:
+            real = (f"; ReaL top1 {result['real_top1']:.2f} top5 {result['real_top5']:.2f} over "
+                    f"{result['real_images']} images" if "real_top1" in result else "")
             print(f"top1 {result['top1']:.2f} top5 {result['top5']:.2f} over {result['val_images']} images "
-                  f"at {result['img_size']} px, crop {result['crop_pct']}")
+                  f"at {result['img_size']} px, crop {result['crop_pct']}{real}")
     if len(results) > 1 and not args.json:
         best = max(results, key=lambda result: result["top1"])  # the first of equals: the order given
         print(f"best: top1 {best['top1']:.2f} at {best['img_size']} px, crop {best['crop_pct']}")
@@ -368,6 +371,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--threads", type=count_option, default=None)
     p.add_argument("--ema", action="store_true", help="evaluate the checkpoint's EMA weights")
+    p.add_argument("--real-labels", nargs="?", const=True, default=False, metavar="REAL_JSON",
+                   help="ImageNet-ReaL's top-1/top-5 beside, on ImageNet's val images (as timm's validate.py "
+                        "--real-labels); REAL_JSON: a real.json, default the copy timm ships")
     p.add_argument("--json", action="store_true", help="one JSON object a line, a line per size and crop")
     p.set_defaults(func=cmd_eval)
 

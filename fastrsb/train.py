@@ -276,27 +276,41 @@ def train_one_epoch(run: Run, pos: Position, folder: RunFolder, stops: Stops, lo
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, loader, device: str, dtype: torch.dtype | None, d: Dist = Dist()) -> dict:
+def evaluate(model: torch.nn.Module, loader, device: str, dtype: torch.dtype | None, d: Dist = Dist(),
+             real=None) -> dict:
     """Top-1/top-5 and cross-entropy over every image of the loader exactly once, summed over all
-    ranks. Runs the eager model: the test size and the short last batch would otherwise recompile."""
+    ranks. Runs the eager model: the test size and the short last batch would otherwise recompile.
+    real (fastrsb.real_labels.RealTargets, on the device): the loader's labels are the images'
+    positions, and ImageNet-ReaL's top-1/top-5 are counted beside."""
     model.eval()
-    sums = torch.zeros(3, dtype=torch.float64, device=device)  # top-1 hits, top-5 hits, summed loss
+    # top-1 hits, top-5 hits, summed loss; with real, ReaL's top-1 and top-5 hits and images rated
+    sums = torch.zeros(6 if real is not None else 3, dtype=torch.float64, device=device)
     count = 0  # counted on the host: the batch sizes are known there, no copy to the device per batch
     progress, start = Progress("validation", len(loader), enabled=d.main), time.perf_counter()
     for done, (images, labels) in enumerate(loader_batches(loader, loader.images), 1):
         with autocast(device, dtype):
             logits = model(images).float()
         top = logits.topk(min(5, logits.shape[1]), dim=1).indices
+        positions, labels = (labels, real.labels[labels]) if real is not None else (None, labels)
         hits = top.eq(labels.view(-1, 1))
-        sums += torch.stack([hits[:, 0].sum(), hits.any(dim=1).sum(),
-                             F.cross_entropy(logits, labels, reduction="sum")]).double()
+        parts = [hits[:, 0].sum(), hits.any(dim=1).sum(), F.cross_entropy(logits, labels, reduction="sum")]
+        if real is not None:  # (-1, a set's padding, matches no class)
+            sets = real.sets[positions]
+            found, rated = top.unsqueeze(2).eq(sets.unsqueeze(1)).any(dim=2), sets[:, 0] >= 0  # (B, 5), (B,)
+            parts += [(found[:, 0] & rated).sum(), (found.any(dim=1) & rated).sum(), rated.sum()]
+        sums += torch.stack(parts).double()
         count += labels.shape[0]
         progress.update(done, count / max(time.perf_counter() - start, 1e-9))  # host counts only, no sync
     progress.close()
     totals = torch.cat([sums, sums.new_tensor([count])])  # one copy, one all-reduce, one host sync
-    top1, top5, loss, count = all_reduce_sum(totals, d).tolist()
-    return {"top1": 100.0 * top1 / count, "top5": 100.0 * top5 / count, "val_loss": loss / count,
-            "val_images": int(count)}
+    top1, top5, loss, *rest, count = all_reduce_sum(totals, d).tolist()
+    figures = {"top1": 100.0 * top1 / count, "top5": 100.0 * top5 / count, "val_loss": loss / count,
+               "val_images": int(count)}
+    if real is not None:
+        real_top1, real_top5, rated = rest
+        figures.update(real_top1=100.0 * real_top1 / max(rated, 1), real_top5=100.0 * real_top5 / max(rated, 1),
+                       real_images=int(rated), real_labels=real.source)
+    return figures
 
 
 def _open_together(data: Path, out: Path, resume: str | None, d: Dist, lock: FolderLock):
