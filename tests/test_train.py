@@ -245,7 +245,7 @@ def test_eval_that_runs_out_of_gpu_memory_says_what_fits(run, tiny_data, monkeyp
     out, _ = run
     import fastrsb.checkpoint_eval
 
-    def out_of_memory(*args):
+    def out_of_memory(*args, **kwargs):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
     monkeypatch.setattr(fastrsb.checkpoint_eval, "evaluate", out_of_memory)
     # (Not at 2000 px: the loader opened there before the patched forward took 22 GB of this machine's 24.)
