@@ -397,14 +397,23 @@ def _check_state(state: dict, fingerprint: dict) -> None:
         raise DatasetError(f"the saved loader position does not fit this loader ({'; '.join(differ)})")
 
 
-def _check_device(device: str) -> int | None:
-    if device == "cpu":
-        return None
-    if device != "cuda":
-        raise ValueError(f"device must be 'cuda' or 'cpu', not {device!r}")
+def _resolve_device(device: str | torch.device) -> tuple[str, int | None]:
+    """("cpu", None) or ("cuda", the GPU's index), for "cpu", "cuda" (the current GPU), "cuda:N"
+    or a torch.device. Another GPU than the current one is refused: the loader's torch work (the
+    hand-over's events and streams, the torch RandAugment form) runs on the current device."""
+    name = str(device)
+    if name == "cpu":
+        return "cpu", None
+    if not re.fullmatch(r"cuda(:[0-9]+)?", name):
+        raise ValueError(f"device must be 'cuda', 'cuda:N' or 'cpu', not {device!r}")
     if not torch.cuda.is_available():
-        raise DatasetError("device='cuda' was asked for, but no CUDA GPU is visible (use device='cpu')")
-    return torch.cuda.current_device()
+        raise DatasetError(f"device={name!r} was asked for, but no CUDA GPU is visible (use device='cpu')")
+    current, asked = torch.cuda.current_device(), torch.device(name).index
+    if asked is not None and asked != current:
+        raise DatasetError(f"device={name!r}, but this process's current GPU is {current}, where the loader's torch "
+                           f"work runs: call torch.cuda.set_device({asked}) first (as a torchrun script does with "
+                           "LOCAL_RANK)")
+    return "cuda", current
 
 
 def _default_threads() -> int:
@@ -462,7 +471,7 @@ def default_pixel_dtype(device: str) -> str:
 
 
 def train_loader(root: str | os.PathLike | ImageList, batch_size: int, img_size: int, *,
-                 device: str = "cuda", shard_id: int = 0, num_shards: int = 1, seed: int = 0,
+                 device: str | torch.device = "cuda", shard_id: int = 0, num_shards: int = 1, seed: int = 0,
                  num_threads: int | None = None, dtype: str | None = None, repeats: int = 1, aa: str | None = None,
                  hw_decoder_load: float | None = None, prefetch_queue_depth: int = 2, pipelines: int | None = None,
                  aa_impl: str = "auto", stream_policy: str | None = None, concurrency: str | None = None,
@@ -517,6 +526,7 @@ def train_loader(root: str | os.PathLike | ImageList, batch_size: int, img_size:
     """
     _check_sizes(batch_size, img_size, dtype, num_threads, prefetch_queue_depth)
     _check_seed(seed)
+    device, device_id = _resolve_device(device)
     images = root if isinstance(root, ImageList) else list_images(root)
     _check_shard(shard_id, num_shards)
     _check_crops(repeats, batch_size, interpolation)
@@ -535,7 +545,6 @@ def train_loader(root: str | os.PathLike | ImageList, batch_size: int, img_size:
                        spread_views=spread_views)
     if state is not None:
         _check_state(state, fingerprint)
-    device_id = _check_device(device)
     _check_gpu_options(device, device_id, aa, aa_impl, cuda_graphs, augment_stream)
     hw_decoder_load = _hw_decoder_load(hw_decoder_load, device_id)
     executor = _executor_options(stream_policy, concurrency)
@@ -632,7 +641,7 @@ def _torch_augment(aa: str, img_size: int, dtype: str, compiled: bool, cuda_grap
 
 
 def val_loader(root: str | os.PathLike | ImageList, batch_size: int, img_size: int, crop_pct: float, *,
-               device: str = "cuda", shard_id: int = 0, num_shards: int = 1,
+               device: str | torch.device = "cuda", shard_id: int = 0, num_shards: int = 1,
                num_threads: int | None = None, dtype: str | None = None,
                hw_decoder_load: float | None = None) -> DaliLoader:
     """Centre-crop evaluation loader: each image of the shard exactly once per epoch.
@@ -642,7 +651,7 @@ def val_loader(root: str | os.PathLike | ImageList, batch_size: int, img_size: i
         raise DatasetError(f"crop_pct is the share of the resized image kept, in (0, 1], not {crop_pct}")
     images = root if isinstance(root, ImageList) else list_images(root)
     _check_shard(shard_id, num_shards)
-    device_id = _check_device(device)
+    device, device_id = _resolve_device(device)
     hw_decoder_load = _hw_decoder_load(hw_decoder_load, device_id)
     threads = num_threads or _default_threads()
 

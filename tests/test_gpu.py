@@ -34,6 +34,18 @@ def test_gpu_train_loader_with_randaugment_and_repeats(tiny_data):
         assert torch.equal(labels, want_labels) and torch.equal(images, want_images)
 
 
+def test_gpu_loader_takes_the_current_gpu_by_its_index(tiny_data):
+    """device="cuda:N" (or a torch.device) for the current GPU is "cuda"; another GPU is refused,
+    naming set_device, since the loader's torch work runs on the current one."""
+    from fastrsb.pipelines import DatasetError, train_loader, val_loader
+    current = torch.cuda.current_device()
+    for device in (f"cuda:{current}", torch.device("cuda", current)):
+        images, labels = next(iter(val_loader(tiny_data / "val", 4, 32, 0.95, device=device)))
+        assert images.device == labels.device == torch.device("cuda", current)
+    with pytest.raises(DatasetError, match=rf"call torch.cuda.set_device\({current + 1}\) first"):
+        train_loader(tiny_data / "train", 4, 32, device=f"cuda:{current + 1}")
+
+
 @pytest.mark.parametrize("name", ["AutoContrast", "ContrastIncreasing", "ColorIncreasing", "SolarizeAdd", "Rotate",
                                   "SharpnessIncreasing"])
 def test_gpu_ops_match_the_cpu_ops(name, tiny_data):

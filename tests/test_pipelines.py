@@ -794,6 +794,21 @@ def test_a_shard_that_does_not_exist_is_refused(tiny_data, shard_id, num_shards)
             make()
 
 
+def test_the_device_is_taken_as_torch_names_it(tiny_data):
+    """"cpu", "cuda", "cuda:N" or a torch.device ("cuda:N" and torch.device were refused as not
+    'cuda' or 'cpu'); without a GPU, any CUDA device is said to be missing."""
+    cpu = train_loader(tiny_data / "train", 4, 32, device=torch.device("cpu"), num_threads=1)
+    images, labels = next(iter(cpu))
+    assert images.device.type == "cpu" and images.dtype == torch.float32  # the CPU's default pixels
+    for make in (train_loader, lambda *args, **kwargs: val_loader(*args, 0.95, **kwargs)):
+        with pytest.raises(ValueError, match="device must be 'cuda', 'cuda:N' or 'cpu', not 'gpu'"):
+            make(tiny_data / "val", 4, 32, device="gpu")
+        if not torch.cuda.is_available():
+            for device in ("cuda", "cuda:0", torch.device("cuda", 1)):
+                with pytest.raises(DatasetError, match=f"device='{device}' was asked for, but no CUDA GPU is visible"):
+                    make(tiny_data / "val", 4, 32, device=device)
+
+
 @pytest.mark.parametrize("argument,value", [("batch_size", 0), ("batch_size", 8.0), ("img_size", 0), ("img_size", -5),
                                             ("num_threads", 0), ("num_threads", 100_000), ("dtype", "int8"),
                                             ("crop_pct", 0), ("crop_pct", 3)])
