@@ -58,11 +58,23 @@ def load_initial_weights(model: nn.Module, source: str, architecture: str, class
         moved = order is not None and order != classes
         load_weights(model, reordered(weights, head, order, classes) if moved else weights, str(path))
         return f"weights: from {origin}, its classifier included" + (
-            " (its rows put in this run's class order)" if moved else "")
+            " (its rows put in this run's class order)" if moved else _order_unknown(order, their_classes, classes))
     # A new classifier: the freshly initialised one the model was built with.
     load_weights(model, {**{k: v for k, v in weights.items() if k not in head}, **{k: own[k] for k in head}}, str(path))
     count = f"{len(their_classes)} classes" if their_classes is not None else "classes"
     return f"weights: from {origin}, with a new classifier (its {count} are not this run's {len(classes)})"
+
+
+def _order_unknown(order: list[str] | None, their_classes: list[str] | None, classes: list[str]) -> str:
+    """Where weights alone (naming no classes, nor a tool that would say their order) are taken in
+    the run's order, and timm would index these classes otherwise: said, since weights timm trained
+    on this folder then classify each image under another class's name."""
+    theirs = timm_order(classes)
+    if order is not None or their_classes is not None or theirs == classes:
+        return ""
+    return (f" (rows taken in this run's class order, sorted: {', '.join(classes[:4])}, ...; timm indexes these "
+            f"classes otherwise: {', '.join(theirs[:4])}, ...: for weights timm trained, give its train.py "
+            "checkpoint or a model folder, whose order is known)")
 
 
 def _from_file(path: Path, architecture: str,

@@ -649,6 +649,12 @@ def test_initial_checkpoint_from_weights_alone(run, tiny_data, tmp_path):
                               check=False), "nor a state dict of weights alone")
     assert f"--initial-checkpoint {tmp_path / 'bare.pth'} " in run_cli(
         "recipe", "tiny", "--timm", "--set", f"initial_checkpoint={tmp_path / 'bare.pth'}").stdout
+    assert "timm indexes these classes otherwise" not in proc.stdout  # n00_... n03_...: one order
+    data, _, _ = _classes_renamed(out, tiny_data, tmp_path)  # B c1 c10 c2: timm's order is another
+    proc = run_cli("train", "tiny", "--data", data, "--out", tmp_path / "renamed", "--device", "cpu",
+                   "--set", f"initial_checkpoint={tmp_path / 'bare.pth'}", *ZERO_LR, "--stop-after-steps", "1")
+    assert ("its classifier included (rows taken in this run's class order, sorted: B, c1, c10, c2, ...; timm "
+            "indexes these classes otherwise: B, c1, c2, c10, ...") in proc.stdout
 
 
 def test_initial_checkpoint_that_cannot_start_the_run(run, tiny_data, tmp_path):
