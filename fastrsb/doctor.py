@@ -173,7 +173,8 @@ def disk_check(out: Path, recipe_name: str) -> Check:
     need = 2 * copies * params * 4 / 2**30
     folder = nearest_existing(out)
     free = shutil.disk_usage(folder).free / 2**30
-    text = f"{free:,.1f} GiB free in {folder}; recipe {recipe_name}'s last.pt + best.pt need {need:.2f} GiB"
+    where = folder if folder == out else f"{folder} (where {out} will be made)"
+    text = f"{free:,.1f} GiB free in {where}; recipe {recipe_name}'s last.pt + best.pt need {need:.2f} GiB"
     return Check("disk", free > 2 * need, text + ("" if free > 2 * need else ": free some space or choose another --out"))
 
 

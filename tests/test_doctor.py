@@ -17,6 +17,7 @@ def test_doctor_passes_on_a_good_folder(tmp_path):
     out = proc.stdout
     assert "no CUDA GPU visible" in out and "DALI 2.4" in out and "decodes on the CPU" in out
     assert "CPU cores" in out and "last.pt + best.pt need" in out
+    assert f"GiB free in {tmp_path} (where {tmp_path / 'run'} will be made); recipe demo's" in out  # said ".": where?
     assert "140 train / 4 val images in 2 classes: not ImageNet-1k's" in out
     assert "ok    the train set fills recipe demo's batch_size 64 (64 images a process over 1 process(es))" in out
     assert "decode probe:" in out and "img/s" in out and out.rstrip().endswith("0 problem(s): a run can start")
