@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 from fastrsb import __version__
-from fastrsb.errors import UserError, say_error
+from fastrsb.errors import StoppedWithAnother, UserError, say_error
 
 DEMO_DATA = Path("data/demo")
 
@@ -503,7 +503,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args) or 0
     except (UserError, DatasetError) as err:
-        say_error(str(err))
+        if not (isinstance(err, StoppedWithAnother) and os.environ.get("FASTRSB_LAUNCHED_NPROC")):
+            say_error(str(err))
         return 2
     except OSError as err:  # a disk that takes no more, wherever a command met it: one line, not a traceback
         from fastrsb.file_jobs import free_gb, stops_writing

@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from fastrsb.errors import UserError, say_error
+from fastrsb.errors import StoppedWithAnother, UserError, say_error
 
 
 @dataclass(frozen=True)
@@ -109,7 +109,7 @@ def stop_together(error: Exception | None, d: Dist, what: str) -> None:
     if error is not None:
         raise error
     if ranks:
-        raise UserError(f"{what} failed on rank(s) {', '.join(map(str, ranks))} (their messages say why)")
+        raise StoppedWithAnother(f"{what} failed on rank(s) {', '.join(map(str, ranks))} (their messages say why)")
 
 
 class FailureNotice:

@@ -17,7 +17,7 @@ import torch
 from fastrsb import __version__
 from fastrsb.checkpoint import load_checkpoint, load_weights, remove_partial_saves, save_checkpoint
 from fastrsb.distributed import Dist, broadcast_from_main, gather_to_main, stop_together
-from fastrsb.errors import UserError
+from fastrsb.errors import StoppedWithAnother, UserError
 from fastrsb.metrics_log import append_rows, read_rows, replace_text, rewrite_rows
 from fastrsb.parts import Run
 from fastrsb.provenance import source_commit
@@ -117,7 +117,7 @@ def resume_state(resume: str | None, out: Path, recipe: dict, classes: list[str]
     if d.on:
         refused, *found = broadcast_from_main((error is not None, *found), d)
     if error is not None or (d.on and refused):
-        raise error or UserError("rank 0 cannot resume from the checkpoint (its message says why)")
+        raise error or StoppedWithAnother("rank 0 cannot resume from the checkpoint (its message says why)")
     return tuple(found)
 
 

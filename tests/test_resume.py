@@ -504,7 +504,7 @@ def test_a_resharded_epoch_carries_its_loss_so_far_as_its_mean(rank, world, accu
     assert pos.loss_sum == (pytest.approx(8 / 12 * micro_done * world) if rank == 0 else 0.0)
 
 
-def test_nproc_runs_as_torchrun_and_ctrl_c_stops_it_resumably(distributed_run, tiny_data, tmp_path):
+def test_nproc_runs_as_torchrun_and_ctrl_c_stops_it_resumably(distributed_run, tiny_data, tmp_path, capfd):
     """`fastrsb train --nproc 2` starts the processes itself. Ctrl-C, as a terminal sends it, reaches
     the launcher and both processes, and the launcher forwards it too: each process gets it twice,
     takes it as one stop, and the run saves, says how to continue, and continues to the same end
@@ -529,10 +529,15 @@ def test_nproc_runs_as_torchrun_and_ctrl_c_stops_it_resumably(distributed_run, t
     left, right = load_checkpoint(whole / "last.pt"), load_checkpoint(tmp_path / "last.pt")
     assert right["step"] == 12 and all(torch.equal(v, right["model"][k]) for k, v in left["model"].items())
     assert _epoch_rows(whole) == _epoch_rows(tmp_path)
-    # A run its processes refuse ends with their exit code (torchrun would say 1).
+    # A run its processes refuse ends with their exit code (torchrun would say 1), and the refusal
+    # is said once: rank 1's "rank 0 cannot resume (its message says why)" is left out, since
+    # rank 0's message is on the same terminal.
+    capfd.readouterr()
     other = run_cli("train", "tiny", "--data", tiny_data, "--out", tmp_path, "--device", "cpu", "--threads", "1",
                     "--set", "lr=0.1", "--nproc", "2", "--resume", "auto", check=False)
     assert other.returncode == 2
+    said = capfd.readouterr().err  # (the processes write to the terminal's stderr, not run_cli's)
+    assert said.count("fastrsb: error:") == 1 and "another recipe (lr " in said, said
 
 
 def _two_machines(tmp_path, *args, check=True):
