@@ -175,7 +175,7 @@ class FailureNotice:
         explained = isinstance(error, UserError)  # its own stop (some, as a non-finite loss, all ranks agree on)
         other = None if explained else self.failure()
         if other is not None:  # this rank's error is the broken collective another rank's failure left
-            raise UserError(f"{other}; rank {self.d.rank} stops with it") from None
+            raise StoppedWithAnother(f"{other}; rank {self.d.rank} stops with it") from None
         text = str(error) if explained else f"{type(error).__name__}: {error}"
         self._tell(f"rank {self.d.rank} ({socket.gethostname()}) stopped: {(text.strip().splitlines() or [''])[0]}")
         return False
@@ -228,11 +228,14 @@ class FailureNotice:
     def _watch(self) -> None:
         while not self._quiet.wait(self.POLL_SECONDS):
             self.beat()
-            message = self.failure()
+            message, told = self.failure(), True
             if message is None and (message := self.silent(time.monotonic())) is not None:
                 self._tell(message)
+                told = False
             if message is not None and not self._quiet.is_set():
-                self._stop(message)
+                # Under --nproc the rank that told it (the failed one, or the one that found it silent)
+                # says it on the same terminal: the others stop without repeating it.
+                self._stop(message, quiet=told and bool(os.environ.get("FASTRSB_LAUNCHED_NPROC")))
 
     def _watch_store(self) -> None:
         """Apart from _watch, which a store that hangs would hold: no store operation here."""
@@ -241,9 +244,10 @@ class FailureNotice:
             if message is not None and not self._quiet.is_set():
                 self._stop(message)
 
-    def _stop(self, message: str) -> None:
+    def _stop(self, message: str, quiet: bool = False) -> None:
         sys.stdout.flush()
-        say_error(f"{message}; rank {self.d.rank} stops with it")
+        if not quiet:
+            say_error(f"{message}; rank {self.d.rank} stops with it")
         os._exit(2)  # the main thread may be blocked in a collective for the timeout
 
     def _tell(self, message: str) -> None:

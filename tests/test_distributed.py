@@ -1,5 +1,6 @@
 """FailureNotice: a rank that fails mid-run, or dies without a word, stops the others, however
 they are blocked."""
+import os
 import re
 import signal
 import socket
@@ -30,11 +31,13 @@ BLOCKED_RANK = textwrap.dedent("""
 """)
 
 
-def test_a_blocked_rank_stops_when_another_rank_fails():
+@pytest.mark.parametrize("launcher", ["torchrun", "fastrsb --nproc"])
+def test_a_blocked_rank_stops_when_another_rank_fails(launcher):
     """The store is a real TCPStore, as torchrun's; the rank is a process of its own whose main
-    thread sleeps. Its notice thread finds rank 1's message and ends the process, exit 2."""
+    thread sleeps. Its notice thread finds rank 1's message and ends the process, exit 2, saying
+    it; under --nproc, where rank 1 says it on the same terminal, without a word."""
     store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False, timeout=timedelta(seconds=30))
-    rank0 = _rank_process(store, 0, silent_seconds=120)
+    rank0 = _rank_process(store, 0, silent_seconds=120, nproc=launcher == "fastrsb --nproc")
     try:
         assert rank0.stdout.readline().strip() == "training"
         store.set(FailureNotice.KEY, "rank 1 (node7) stopped: cannot decode val/x.JPEG")
@@ -42,7 +45,8 @@ def test_a_blocked_rank_stops_when_another_rank_fails():
     finally:
         rank0.kill()
     assert rank0.returncode == 2, err
-    assert "fastrsb: error: rank 1 (node7) stopped: cannot decode val/x.JPEG; rank 0 stops with it" in err
+    said = "fastrsb: error: rank 1 (node7) stopped: cannot decode val/x.JPEG; rank 0 stops with it"
+    assert (said in err) == (launcher == "torchrun") and "error" not in err.replace(said, ""), err
     assert "woke up" not in out
 
 
@@ -69,11 +73,13 @@ def test_a_failing_rank_leaves_its_message_and_a_clean_end_leaves_none():
             raise UserError("loss is not finite at step 8")
 
 
-def _rank_process(store, rank: int, silent_seconds: float, poll_seconds: float = 0.2) -> subprocess.Popen:
+def _rank_process(store, rank: int, silent_seconds: float, poll_seconds: float = 0.2,
+                  nproc: bool = False) -> subprocess.Popen:
     """A rank in a process of its own, its main thread asleep inside FailureNotice: it prints
-    "training" once inside."""
+    "training" once inside. nproc: as `fastrsb train --nproc` starts it."""
+    env = {**os.environ, "FASTRSB_LAUNCHED_NPROC": "2"} if nproc else None
     return subprocess.Popen([sys.executable, "-c", BLOCKED_RANK, str(store.port), str(rank), str(poll_seconds),
-                             str(silent_seconds)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                             str(silent_seconds)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
 
 
 def test_a_blocked_rank_stops_when_another_rank_dies_without_a_word():
