@@ -20,7 +20,7 @@ from fastrsb.model import check_input_sizes, make_model
 from fastrsb.model_folder import is_model_folder, load_model_folder
 from fastrsb.parts import open_val_loader
 from fastrsb.real_labels import read_real_labels, real_targets
-from fastrsb.pipelines import class_folders, default_pixel_dtype
+from fastrsb.pipelines import ImageList, class_folders, default_pixel_dtype
 from fastrsb.timm_checkpoint import model_to_evaluate, read_timm_checkpoint, timm_data_folders
 from fastrsb.train import evaluate
 
@@ -28,7 +28,7 @@ from fastrsb.train import evaluate
 def evaluate_checkpoint_at(checkpoint: str | Path, data: str | Path, img_sizes: Sequence[int | None],
                            crop_pcts: Sequence[float | None], device: str | None = None, batch_size: int = 128,
                            num_threads: int | None = None, ema: bool = False,
-                           real_labels: bool | str = False) -> Iterator[dict]:
+                           real_labels: bool | str = False, partial_classes: str | None = None) -> Iterator[dict]:
     """Top-1/top-5 of a checkpoint (fastrsb's, or timm's train.py's: timm_checkpoint.py), or of a
     timm model folder (fastrsb export's, or a timm model's from the hub: model_folder.py), on
     DATA/val (or DATA itself if it is a class folder tree) at every test size and crop fraction
@@ -36,13 +36,15 @@ def evaluate_checkpoint_at(checkpoint: str | Path, data: str | Path, img_sizes: 
     size and crop; a pair given twice is evaluated once), the weights read and the model built once.
     ema: the checkpoint's EMA weights instead of the model's. real_labels: ImageNet-ReaL's top-1/
     top-5 beside (fastrsb.real_labels), by timm's copy of its labels (True) or a real.json's (its
-    path). Yields each pair's result as soon as it is measured, in that order; the checks (the
-    weights, the data, the classes) run at the first."""
+    path). partial_classes: "only" or "all", where DATA holds some of the weights' classes
+    (_partial_classes). Yields each pair's result as soon as it is measured, in that order; the
+    checks (the weights, the data, the classes) run at the first."""
     device = resolve_device(device)
     real = read_real_labels(real_labels if isinstance(real_labels, str) else None) if real_labels else None
     weights = _weights_to_evaluate(Path(checkpoint), ema)
     images = _validation_images(Path(data), weights.classes, weights.model.num_classes, weights.class_map,
                                 weights.class_map_places, weights.notes)
+    images, kept = _partial_classes(images, weights.model.num_classes, partial_classes, Path(data), weights.notes)
     targets = None
     if real:
         images, targets = real_targets(images, *real)
@@ -54,6 +56,8 @@ def evaluate_checkpoint_at(checkpoint: str | Path, data: str | Path, img_sizes: 
     refuse_a_batch_that_cannot_fit(model, sorted({size for size, _ in pairs}), batch_size, device,
                                    activation_bytes=2 if dtype else 4,
                                    pixel_bytes=getattr(torch, default_pixel_dtype(device)).itemsize)
+    if kept is not None:
+        model = OutputsOf(model, kept).to(device)
     for size, crop in pairs:
         loader = open_val_loader({"test_img_size": size, "crop_pct": crop}, images, batch_size, device,
                                  num_threads=num_threads)
@@ -128,6 +132,11 @@ def _validation_images(data: Path, classes: list[str] | None, num_classes: int, 
             notes.append(f"{data}'s class folders are named by index, as ImageNet-V2's: folder k is read as the "
                          f"weights' class k in timm's order{first}")
         return by_index(images, classes, num_classes)
+    if classes is None and _imagenet_subset(images.classes, num_classes, class_map):
+        classes = imagenet_classes()  # timm's order of them: output k is the k-th wnid sorted
+        if notes is not None:
+            notes.append(f"the weights name no classes: their {num_classes} outputs are read as ImageNet-1k's "
+                         f"classes, {data}'s {len(images.classes)} being among them")
     if classes is None:
         indices = class_map and read_class_map(class_map, [split_folder(data, "val"), data, *(class_map_places or [])])
         order = timm_order(images.classes, indices or None)
@@ -139,9 +148,55 @@ def _validation_images(data: Path, classes: list[str] | None, num_classes: int, 
         if not kept.files:
             raise UserError(f"{data}: none of its classes is in the class map {class_map}")
         return kept
-    if sorted(images.classes) != sorted(classes):
-        first = next((a, b) for a, b in zip(images.classes + [None] * len(classes),
-                                            sorted(classes) + [None] * len(images.classes)) if a != b)
+    if not set(images.classes) <= set(classes):  # some of them (ImageNet-A's 200): --partial-classes says how
+        other = next(name for name in images.classes if name not in set(classes))
         raise UserError(f"{data}: its {len(images.classes)} classes differ from the weights' {len(classes)} "
-                        f"(first difference: {first})")
+                        f"({other!r} is not one of theirs: {', '.join(classes[:3])}, ...)")
     return relabelled(images, classes)
+
+
+def imagenet_classes() -> list[str]:
+    """ImageNet-1k's wnids, sorted: the order its classifiers index them in (timm's, torchvision's)."""
+    from timm.data import ImageNetInfo
+    return ImageNetInfo().label_names()
+
+
+def _imagenet_subset(folders: list[str], num_classes: int, class_map: str | None) -> bool:
+    """Whether FOLDERS are some of ImageNet-1k's classes (ImageNet-A's and -R's 200 wnids) and the
+    weights, naming none, have 1,000 outputs: theirs then."""
+    return (num_classes == 1000 and not class_map and len(folders) < 1000
+            and set(folders) <= set(imagenet_classes()))
+
+
+class OutputsOf(torch.nn.Module):
+    """A model's outputs for some of its classes alone, in the order given (--partial-classes only)."""
+
+    def __init__(self, model: torch.nn.Module, indices: list[int]):
+        super().__init__()
+        self.model = model
+        self.register_buffer("indices", torch.tensor(indices), persistent=False)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.model(images).index_select(1, self.indices)
+
+
+def _partial_classes(images: ImageList, num_classes: int, partial: str | None, data: Path,
+                     notes: list[str]) -> tuple[ImageList, list[int] | None]:
+    """IMAGES (labelled by the weights' outputs) where they hold some of the weights' classes
+    alone: as they are (PARTIAL "all": ranked among every class), or labelled by their place among
+    the outputs kept (the returned indices: "only", ImageNet-A's and -R's protocol, timm's
+    validate.py --valid-labels); refused where PARTIAL is None, the two giving other figures."""
+    present = sorted(set(images.labels))
+    if len(present) == num_classes:
+        return images, None
+    if partial is None:
+        raise UserError(f"{data} holds {len(present)} of the weights' {num_classes} classes: --partial-classes only "
+                        f"ranks each image among those {len(present)} alone (ImageNet-A's and -R's protocol; timm's "
+                        f"validate.py --valid-labels), --partial-classes all among all {num_classes}")
+    notes.append(f"{data} holds {len(present)} of the weights' {num_classes} classes: each image ranked among "
+                 + (f"those {len(present)} alone" if partial == "only" else f"all {num_classes}"))
+    if partial == "all":
+        return images, None
+    place = {output: i for i, output in enumerate(present)}
+    return ImageList(images.files, [place[label] for label in images.labels],
+                     [images.classes[output] for output in present]), present

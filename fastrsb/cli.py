@@ -163,7 +163,7 @@ def cmd_eval(args) -> None:
     results = []
     for result in evaluate_checkpoint_at(args.checkpoint, args.data, args.img_size or [None], args.crop_pct or [None],
                                          args.device, args.batch_size, args.threads, ema=args.ema,
-                                         real_labels=args.real_labels):
+                                         real_labels=args.real_labels, partial_classes=args.partial_classes):
         results.append(result)  # said as soon as measured: a sweep over 50,000 images takes a while
         if len(results) == 1 and not args.json:
             for note in result.get("notes", []):
@@ -374,6 +374,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--real-labels", nargs="?", const=True, default=False, metavar="REAL_JSON",
                    help="ImageNet-ReaL's top-1/top-5 beside, on ImageNet's val images (as timm's validate.py "
                         "--real-labels); REAL_JSON: a real.json, default the copy timm ships")
+    p.add_argument("--partial-classes", choices=["only", "all"], default=None,
+                   help="where the data holds some of the weights' classes (ImageNet-A's or -R's 200): rank each "
+                        "image among those alone (only: their protocol, timm's validate.py --valid-labels) or among "
+                        "all the weights' classes (all)")
     p.add_argument("--json", action="store_true", help="one JSON object a line, a line per size and crop")
     p.set_defaults(func=cmd_eval)
 

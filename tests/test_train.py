@@ -419,6 +419,40 @@ def test_eval_of_a_timm_train_checkpoint_measures_what_timm_recorded(run, tiny_d
     assert_user_error(run_cli("export", checkpoint, tmp_path / "exported", check=False), "timm's train.py")
 
 
+def test_eval_of_a_folder_holding_some_of_the_weights_classes(run, tiny_data, tmp_path):
+    """A folder holding some of the weights' classes (ImageNet-A's and -R's 200 of ImageNet's 1,000)
+    is refused without --partial-classes, the two ways giving other figures (it was refused as other
+    classes); "only" ranks each image among the folder's classes alone (timm's --valid-labels): the
+    same figures for the run's checkpoint (its classes by name) and for timm weights naming none,
+    whose 1,000 outputs are then read as ImageNet's; "all" ranks among every output."""
+    import shutil
+    from fastrsb.checkpoint_eval import imagenet_classes
+    out, _ = run
+    state = load_checkpoint(out / "last.pt")
+    imagenet = imagenet_classes()
+    state["classes"] = [*imagenet[:3], imagenet[500]]  # the run's 4 classes, under ImageNet's names
+    torch.save(state, tmp_path / "named.pt")
+    for old, new in zip(sorted((tiny_data / "val").iterdir())[:3], imagenet[:3]):
+        shutil.copytree(old, tmp_path / "some" / new)
+    size = ["--data", tmp_path / "some", "--img-size", "40", "--crop-pct", "0.95", "--json"]
+    assert_user_error(run_cli("eval", tmp_path / "named.pt", *size, check=False), "holds 3 of the weights' 4 classes",
+                      "--partial-classes only", "--partial-classes all")
+    only, every = (json.loads(run_cli("eval", tmp_path / "named.pt", *size, "--partial-classes", way).stdout)
+                   for way in ("only", "all"))
+    assert only["val_images"] == every["val_images"] == 15 and only["val_loss"] < every["val_loss"]
+    assert only["notes"][-1].endswith("each image ranked among those 3 alone")
+    rows = torch.tensor([0, 1, 2, 500])  # timm's weights: ImageNet's 1,000 outputs, these 4 trained
+    wide = {**state["model"], "fc.weight": torch.zeros(1000, state["model"]["fc.weight"].shape[1]).index_copy(
+        0, rows, state["model"]["fc.weight"]), "fc.bias": torch.zeros(1000).index_copy(0, rows, state["model"]["fc.bias"])}
+    torch.save({"arch": "resnet10t", "state_dict": wide}, tmp_path / "imagenet.pth.tar")
+    timm_only = json.loads(run_cli("eval", tmp_path / "imagenet.pth.tar", *size, "--partial-classes", "only").stdout)
+    assert (timm_only["top1"], timm_only["top5"]) == (only["top1"], only["top5"])  # (a 1,000-row matmul rounds
+    assert timm_only["val_loss"] == pytest.approx(only["val_loss"], rel=1e-5)     # otherwise than a 4-row one)
+    assert any("outputs are read as ImageNet-1k's classes" in note for note in timm_only["notes"])
+    assert_user_error(run_cli("eval", tmp_path / "imagenet.pth.tar", *size, check=False),
+                      "holds 3 of the weights' 1000 classes")
+
+
 def test_eval_of_timm_weights_without_train_arguments(run, tiny_data, tmp_path):
     """timm's layout without train.py's arguments ("arch" and "state_dict" alone) is tested at the
     size and crop timm's validate.py takes for the model; its classes counted from its classifier.
@@ -556,7 +590,8 @@ def test_class_folders_named_by_index_are_read_as_imagenet_v2s(run, tiny_data, t
     assert all("named by index, as ImageNet-V2's" in note for note in notes)
     assert "class k in timm's order (0: B, 1: c1, ...)" in notes[0]  # the weights' order is B c1 c10 c2
     shutil.rmtree(tmp_path / "v2" / "3")  # a subset of the classes, by index
-    subset = json.loads(run_cli("eval", timm_checkpoint, "--data", tmp_path / "v2", "--json").stdout)
+    subset = json.loads(run_cli("eval", timm_checkpoint, "--data", tmp_path / "v2", "--json", "--partial-classes",
+                                "all").stdout)
     assert subset["val_images"] == by_name["val_images"] - len(list((data / "val" / "c10").iterdir()))
 
 
