@@ -18,6 +18,7 @@ from pathlib import Path
 from torch import nn
 
 from fastrsb.checkpoint import is_timm_checkpoint, is_weights, load_weights, read_saved
+from fastrsb.data_folder import split_folder
 from fastrsb.class_order import classifier_keys, read_class_map, reordered, timm_order
 from fastrsb.errors import UserError
 from fastrsb.model_folder import is_model_folder, read_config, read_weights, read_weights_file
@@ -36,9 +37,11 @@ def initial_source(source: str) -> Path:
     return path
 
 
-def load_initial_weights(model: nn.Module, source: str, architecture: str, classes: list[str]) -> str:
-    """Copy SOURCE's weights into `model` (a freshly built `architecture` for `classes`); returns
-    the run card's line saying what was taken."""
+def load_initial_weights(model: nn.Module, source: str, architecture: str, classes: list[str],
+                         data: Path | None = None) -> str:
+    """Copy SOURCE's weights into `model` (a freshly built `architecture` for `classes`, of the
+    data folder DATA: where a timm checkpoint's --class-map is also looked for); returns the run
+    card's line saying what was taken."""
     path = initial_source(source)
     if path.is_dir():
         config = read_config(path)
@@ -46,7 +49,7 @@ def load_initial_weights(model: nn.Module, source: str, architecture: str, class
         order = their_classes if their_classes is not None else timm_order(classes)  # a timm folder's
         origin = f"model folder {path}"
     else:
-        theirs, their_classes, order, weights, origin = _from_file(path, architecture, classes)
+        theirs, their_classes, order, weights, origin = _from_file(path, architecture, classes, data)
     if theirs != architecture:
         raise UserError(f"initial_checkpoint {path} holds {theirs} weights and the recipe trains {architecture}: "
                         f"--set model={theirs}, or another initial_checkpoint")
@@ -77,8 +80,8 @@ def _order_unknown(order: list[str] | None, their_classes: list[str] | None, cla
             "checkpoint or a model folder, whose order is known)")
 
 
-def _from_file(path: Path, architecture: str,
-               classes: list[str]) -> tuple[str, list[str] | None, list[str] | None, dict, str]:
+def _from_file(path: Path, architecture: str, classes: list[str],
+               data: Path | None = None) -> tuple[str, list[str] | None, list[str] | None, dict, str]:
     """(architecture, the classes it names by index or None, the order of its classifier's rows or
     None, weights, what the run card calls them) of a fastrsb checkpoint, a checkpoint of timm's
     train.py (its model's weights, as timm's --initial-checkpoint takes them, not its EMA's; its
@@ -97,7 +100,9 @@ def _from_file(path: Path, architecture: str,
     if is_timm_checkpoint(state):
         timm = read_timm_checkpoint(state, path)
         class_map = timm.args and timm.args.get("class_map")
-        order = timm_order(classes, read_class_map(class_map, timm_data_folders(timm)) if class_map else None)
+        # Where train.py looked for it (under its data folder), and under this run's data folder.
+        places = [*timm_data_folders(timm), *([split_folder(data, "train"), data] if data else [])]
+        order = timm_order(classes, read_class_map(class_map, places) if class_map else None)
         return architecture_of(timm), order if class_map else None, order, timm.weights, timm.describe()
     if isinstance(state, dict) and "model" in state and "recipe" in state:  # fastrsb's
         return (state["recipe"]["model"], state["classes"], state["classes"], state["model"],

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import os
+from pathlib import Path
 from dataclasses import dataclass
 
 import numpy as np
@@ -72,15 +73,15 @@ class Training:
 
 
 def build_training(recipe: dict, num_classes: int, device: str, d: Dist = Dist(),
-                   classes: list[str] | None = None) -> Training:
+                   classes: list[str] | None = None, data: Path | None = None) -> Training:
     """classes: the run's by name; with them, the recipe's initial_checkpoint is read (a new run's:
-    a resumed one passes none, its checkpoint has the weights)."""
+    a resumed one passes none, its checkpoint has the weights). data: the run's data folder."""
     # Per-process random streams, as timm seeds them (seed + rank): the model's initial weights
     # (rank 0's reach every rank, below), stochastic depth, mixup/cutmix.
     torch.manual_seed(recipe["seed"] + d.rank)
     model = make_model(recipe["model"], num_classes, recipe["drop_path"])
     check_input_sizes(model, {"img_size": [recipe["img_size"]], "test_img_size": [recipe["test_img_size"]]})
-    origin = _initial_weights(model, recipe, classes, d) if classes is not None else None
+    origin = _initial_weights(model, recipe, classes, d, data) if classes is not None else None
     model = model.to(device)
     # The recipe's `compile` applies on the GPU: on a few CPU cores inductor takes minutes over a
     # ResNet-50 (and the CPU path serves tests and machines without a GPU).
@@ -110,7 +111,7 @@ def build_training(recipe: dict, num_classes: int, device: str, d: Dist = Dist()
     return Training(model, step, optimizer, scaler, ema, mixer, dtype, recipe["high_priority_stream"], origin)
 
 
-def _initial_weights(model: nn.Module, recipe: dict, classes: list[str], d: Dist) -> str | None:
+def _initial_weights(model: nn.Module, recipe: dict, classes: list[str], d: Dist, data: Path | None) -> str | None:
     """The recipe's initial_checkpoint into the model, read on every rank (a rank that cannot read
     it stops them all, rather than leaving them in DDP's first broadcast)."""
     if not recipe["initial_checkpoint"]:
@@ -118,7 +119,7 @@ def _initial_weights(model: nn.Module, recipe: dict, classes: list[str], d: Dist
     from fastrsb.initial_weights import load_initial_weights
     origin = error = None
     try:
-        origin = load_initial_weights(model, recipe["initial_checkpoint"], recipe["model"], classes)
+        origin = load_initial_weights(model, recipe["initial_checkpoint"], recipe["model"], classes, data)
     except UserError as err:
         error = err
     stop_together(error, d, "reading initial_checkpoint")
@@ -214,14 +215,15 @@ class Run:
 
 def build_run(recipe: dict, train_images: ImageList, val_images: ImageList, device: str, d: Dist,
               num_threads: int | None = None, grad_accum: str | int = "auto", micro_batch: int | None = None,
-              loader_state: dict | None = None, resumed: bool = False, loader_seed: int | None = None) -> Run:
+              loader_state: dict | None = None, resumed: bool = False, loader_seed: int | None = None,
+              data: Path | None = None) -> Run:
     """The parts of a run. grad_accum / micro_batch: how the global batch splits (fastrsb.accumulation;
     "auto" probes the GPU for the largest micro-batch that fits); loader_state: this rank's saved
     loader position when resuming; resumed: the weights come from a checkpoint, not initial_checkpoint;
-    loader_seed: the train loaders' seed (default: the recipe's)."""
+    loader_seed: the train loaders' seed (default: the recipe's); data: the data folder."""
     loader_seed = recipe["seed"] if loader_seed is None else loader_seed
     training = build_training(recipe, len(train_images.classes), device, d,
-                              classes=None if resumed else train_images.classes)
+                              classes=None if resumed else train_images.classes, data=data)
     fits = None
     if device == "cuda" and grad_accum == "auto" and micro_batch is None:
         fits = gpu_fits(training.model, recipe["img_size"], training.dtype, len(train_images.classes))

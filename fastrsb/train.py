@@ -90,7 +90,7 @@ def _train(recipe: dict, data: str | Path, out: Path, device: str, d: Dist, num_
         if loader_state and "micro_batch" in state and grad_accum_steps == "auto" and micro_batch is None:
             micro_batch = state["micro_batch"]  # the loader position is for this micro-batch
         run = build_run(recipe, train_images, val_images, device, d, num_threads, grad_accum_steps, micro_batch,
-                        loader_state=loader_state, resumed=bool(state), loader_seed=loader_seed)
+                        loader_state=loader_state, resumed=bool(state), loader_seed=loader_seed, data=Path(data))
         # The train listing's fingerprint (~1 s for ImageNet) serves the shard check and starts.jsonl.
         train_listing = listing_fingerprint(train_images.files, train_images.labels)
         shards = check_shards(train_listing, len(train_images), run.train_data, run.micro, d)

@@ -560,6 +560,15 @@ def test_classes_cross_to_timm_and_back_by_name_where_the_orders_differ(run, tin
                       "--set", f"initial_checkpoint={checkpoint}", *ZERO_LR, "--stop-after-steps", "1")
     assert "its classifier included (its rows put in this run's class order" in started.stdout
     assert torch.equal(load_checkpoint(tmp_path / "ft" / "last.pt")["model"]["fc.weight"], state["model"]["fc.weight"])
+    # Trained with a class map under a data folder that is gone: the map is found beside this run's data.
+    moved = argparse.Namespace(**{**vars(mapped_args), "data_dir": str(tmp_path / "gone")})
+    moved_checkpoint = _timm_train_checkpoint(tmp_path / "moved", by_map, moved, None, 0)
+    (data / "train" / "classes.txt").write_text("".join(f"{name}\n" for name in mapped))
+    started = run_cli("train", "tiny", "--data", data, "--out", tmp_path / "ft-map", "--device", "cpu",
+                      "--set", f"initial_checkpoint={moved_checkpoint}", *ZERO_LR, "--stop-after-steps", "1")
+    assert "its classifier included (its rows put in this run's class order" in started.stdout
+    fc = load_checkpoint(tmp_path / "ft-map" / "last.pt")["model"]["fc.weight"]
+    assert torch.equal(fc, state["model"]["fc.weight"])
 
 
 def test_class_folders_named_by_index_are_read_as_imagenet_v2s(run, tiny_data, tmp_path):
