@@ -1,7 +1,11 @@
 """`fastrsb eval`: a checkpoint's top-1/top-5 on a validation folder, at the recipe's test size and
 crop or at several (the model loaded once). A ResNet trained at low resolution tests best above
 it (A3: trained at 160, tested at 224; "FixRes", Touvron et al. 2019), and where the best test size
-lies depends on the run, so a sweep is the way to find it."""
+lies depends on the run, so a sweep is the way to find it.
+
+Beside ImageNet's val set, the test sets the RSB paper and robustness studies report: ImageNet-V2
+(class folders named by index), ImageNet-ReaL (--real-labels: fastrsb.real_labels) and folders of
+some of the classes, ImageNet-A's and -R's 200 (--partial-classes)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
