@@ -51,7 +51,10 @@ class DaliDataModule(L.LightningDataModule):
         if self.expected_world_size is not None and world != self.expected_world_size:
             raise ValueError(f"DaliDataModule(world_size={self.expected_world_size}) but the trainer runs {world} "
                              "process(es): each process reads 1/world of the data, so the two must agree")
-        device = "cuda" if trainer.strategy.root_device.type == "cuda" else "cpu"
+        # The GPU Lightning placed this process on (cuda:LOCAL_RANK, made current before setup):
+        # by its index, so that a mismatch is an error rather than every process's DALI on GPU 0.
+        root = trainer.strategy.root_device
+        device = root if root.type == "cuda" else "cpu"
         shard = dict(device=device, shard_id=rank, num_shards=world, num_threads=self.num_threads)
         if stage == "fit" and self.train_data is None:
             self.train_data = train_loader(split_folder(self.data, "train"), self.batch_size, self.img_size,
