@@ -20,7 +20,7 @@ import torch
 from fastrsb.errors import UserError
 from fastrsb.pipelines import ImageList
 
-VAL_FILE = re.compile(r"ILSVRC2012_val_(\d{8})\.JPEG")
+VAL_FILE = re.compile(r"ILSVRC2012_val_(\d{8})\.[A-Za-z]+")  # .JPEG as downloaded; a copy's .jpg or .png too
 TIMM_COPY = "timm's copy (timm/data/_info/imagenet_real_labels.json)"
 
 
