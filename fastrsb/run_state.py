@@ -56,8 +56,12 @@ def load_for_resume(path: Path, recipe: dict, classes: list[str], d: Dist) -> di
               if k != "name" and k not in SPEED_ONLY and saved.get(k) != recipe[k]
               and not (k == "aug_repeats_across_ranks" and spread_inert)]
     if differ:
+        # More epochs is another schedule (its cosine reaches min_lr later), not a continuation;
+        # training on from the weights is what initial_checkpoint is for.
+        longer = (f"; to train on from its weights with the new schedule: --set initial_checkpoint={path} and a new "
+                  "--out" if any(d.startswith("epochs ") for d in differ) else "")
         raise UserError(f"{path} was trained with another recipe ({'; '.join(differ[:4])}): resume with the "
-                        "same recipe and --set values, or start a new --out")
+                        f"same recipe and --set values, or start a new --out{longer}")
     if state["classes"] != classes:
         raise UserError(f"{path} was trained on {len(state['classes'])} classes, the data has {len(classes)}")
     if "ranks" not in state:

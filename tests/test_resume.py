@@ -150,6 +150,11 @@ def test_resume_refuses_another_recipe(tiny_data, uninterrupted, tmp_path):
     proc = run_cli("train", "tiny", "--data", tiny_data, "--out", tmp_path, "--device", "cpu", "--resume", "auto",
                    "--set", "lr=0.001", check=False)
     assert proc.returncode == 2 and "another recipe" in proc.stderr and "lr" in proc.stderr
+    assert "initial_checkpoint" not in proc.stderr
+    longer = run_cli("train", "tiny", "--data", tiny_data, "--out", tmp_path, "--device", "cpu", "--resume", "auto",
+                     "--set", "epochs=4", check=False)  # more epochs: another schedule, and a way on from the weights
+    assert_user_error(longer, "another recipe (epochs 2 -> 4",
+                      f"--set initial_checkpoint={tmp_path / 'last.pt'} and a new --out")
 
 
 def test_a_finished_runs_checkpoint_resumed_into_a_new_folder_has_nothing_to_do(tiny_data, uninterrupted, tmp_path):
