@@ -50,6 +50,9 @@ def evaluate_checkpoint_at(checkpoint: str | Path, data: str | Path, img_sizes: 
                                 weights.class_map_places, weights.notes)
     images, kept = _partial_classes(images, weights.model.num_classes, partial_classes, Path(data), weights.notes)
     targets = None
+    if real and kept is not None:
+        raise UserError("--real-labels ranks each image among ImageNet's 1,000 classes (its labels may name any): "
+                        "not with --partial-classes only")
     if real:
         images, targets = real_targets(images, *real)
         targets = targets.to(device)

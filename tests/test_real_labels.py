@@ -1,6 +1,7 @@
 """`fastrsb eval --real-labels`: ImageNet-ReaL's top-1/top-5 as timm's validate.py computes them
 (timm.data.RealLabelsImagenet, over the same logits), with the labels timm ships."""
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -71,6 +72,13 @@ def test_real_labels_are_counted_as_timms_validate_counts_them(tmp_path):
     assert 2 < expected[1] < expected[5] < 100  # hits at rank 1 and beyond, and misses
     assert len(set(logits.argmax(1).tolist())) > 1  # the images' own predictions, not one for all
     assert result["real_labels"] == source
+    for wnid in wnids[:3]:  # some classes, ranked among them alone: ReaL's labels may name any class
+        shutil.copytree(tmp_path / "val" / wnid, tmp_path / "some" / wnid)
+    assert_user_error(run_cli("eval", tmp_path / "ckpt.pt", "--data", tmp_path / "some", "--real-labels",
+                              "--partial-classes", "only", check=False), "not with --partial-classes only")
+    some = json.loads(run_cli("eval", tmp_path / "ckpt.pt", "--data", tmp_path / "some", "--real-labels",
+                              "--partial-classes", "all", "--json", "--batch-size", "64").stdout)
+    assert some["val_images"] == 3 and some["real_images"] <= 3
     labels = torch.tensor([wnids.index(p.split("/")[-2]) for p in files])  # the folder's class: plain top-1
     assert result["top1"] == pytest.approx(100 * (logits.argmax(1) == labels).double().mean().item())
 
