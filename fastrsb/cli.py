@@ -361,7 +361,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint", help="a run's checkpoint (last.pt, best.pt), one of timm's train.py "
                                       "(model_best.pth.tar: tested as its own validation was), or a folder with "
                                       "config.json and model.safetensors or pytorch_model.bin")
-    p.add_argument("--data", required=True, help="folder with val/<class>/ (or a class folder tree itself)")
+    p.add_argument("--data", required=True, help="folder with val/<class>/ (or a class folder tree itself; class "
+                                                 "folders named 0 to N-1, as ImageNet-V2's, are class indices)")
     p.add_argument("--img-size", type=count_option, nargs="+", default=None, metavar="N",
                    help="test size(s) in px; several: each is evaluated (default: the recipe's test_img_size)")
     p.add_argument("--crop-pct", type=_crop_fraction, nargs="+", default=None, metavar="F",
