@@ -61,8 +61,9 @@ RECIPE_SCHEMA: dict[str, tuple[type, bool, str]] = {
     "high_priority_stream": (bool, False, "on the GPU: the training step on a high-priority CUDA stream, ahead of the "
                                           "loader's kernels"),
     "seed": (int, False, "random seed"),
-    "initial_checkpoint": (str, True, "start from these weights instead of random ones: a fastrsb checkpoint or a timm "
-                                      "model folder (its classifier kept where its classes are the run's), or none"),
+    "initial_checkpoint": (str, True, "start from these weights instead of random ones: a fastrsb checkpoint, one of "
+                                      "timm's train.py, a timm model folder or a file of weights alone (its classifier "
+                                      "kept where its classes are the run's), or none"),
 }
 
 CHOICES = {"opt": {"lamb"}, "sched": {"cosine"}, "mixup_mode": {"batch"}, "aa_impl": {"auto", "tree", "batch", "torch"},
