@@ -18,8 +18,8 @@ from pathlib import Path
 from torch import nn
 
 from fastrsb.checkpoint import is_timm_checkpoint, is_weights, load_weights, read_saved
-from fastrsb.data_folder import split_folder
 from fastrsb.class_order import classifier_keys, read_class_map, reordered, timm_order
+from fastrsb.data_folder import split_folder
 from fastrsb.errors import UserError
 from fastrsb.model_folder import is_model_folder, read_config, read_weights, read_weights_file
 from fastrsb.timm_checkpoint import architecture_of, read_timm_checkpoint, timm_data_folders, unwrapped
