@@ -28,7 +28,7 @@ def main() -> None:
     args = p.parse_args()
     gpu = torch.cuda.is_available()
     accelerator = Accelerator(cpu=not gpu, mixed_precision="bf16" if gpu else "no")
-    shard = dict(device="cuda" if gpu else "cpu", shard_id=accelerator.process_index,
+    shard = dict(device=accelerator.device, shard_id=accelerator.process_index,  # cuda:LOCAL_RANK, or the CPU
                  num_shards=accelerator.num_processes)
     train = train_loader(f"{args.data}/train", args.batch_size, args.img_size, seed=0, **shard)
     val = val_loader(f"{args.data}/val", args.batch_size, args.img_size, crop_pct=0.875, **shard)

@@ -402,7 +402,7 @@ def _resolve_device(device: str | torch.device) -> tuple[str, int | None]:
     or a torch.device. Another GPU than the current one is refused: the loader's torch work (the
     hand-over's events and streams, the torch RandAugment form) runs on the current device."""
     name = str(device)
-    if name == "cpu":
+    if re.fullmatch(r"cpu(:[0-9]+)?", name):  # (Accelerate's CPU device is cpu:0)
         return "cpu", None
     if not re.fullmatch(r"cuda(:[0-9]+)?", name):
         raise ValueError(f"device must be 'cuda', 'cuda:N' or 'cpu', not {device!r}")

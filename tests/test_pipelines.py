@@ -797,7 +797,7 @@ def test_a_shard_that_does_not_exist_is_refused(tiny_data, shard_id, num_shards)
 def test_the_device_is_taken_as_torch_names_it(tiny_data):
     """"cpu", "cuda", "cuda:N" or a torch.device ("cuda:N" and torch.device were refused as not
     'cuda' or 'cpu'); without a GPU, any CUDA device is said to be missing."""
-    cpu = train_loader(tiny_data / "train", 4, 32, device=torch.device("cpu"), num_threads=1)
+    cpu = train_loader(tiny_data / "train", 4, 32, device=torch.device("cpu", 0), num_threads=1)  # Accelerate's
     images, labels = next(iter(cpu))
     assert images.device.type == "cpu" and images.dtype == torch.float32  # the CPU's default pixels
     for make in (train_loader, lambda *args, **kwargs: val_loader(*args, 0.95, **kwargs)):
