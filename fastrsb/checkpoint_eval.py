@@ -3,7 +3,7 @@ crop or at several (the model loaded once). A ResNet trained at low resolution t
 it (A3: trained at 160, tested at 224; "FixRes", Touvron et al. 2019), and where the best test size
 lies depends on the run, so a sweep is the way to find it.
 
-Beside ImageNet's val set, the test sets the RSB paper and robustness studies report: ImageNet-V2
+Beside ImageNet's val set, the test sets papers report beside it: ImageNet-V2
 (class folders named by index), ImageNet-ReaL (--real-labels: fastrsb.real_labels) and folders of
 some of the classes, ImageNet-A's and -R's 200 (--partial-classes)."""
 from __future__ import annotations
