@@ -1,8 +1,9 @@
 """ImageNet-ReaL: top-1/top-5 against the reassessed labels of ImageNet's validation images ("Are
 we done with ImageNet?", Beyer et al. 2020), computed as timm's validate.py computes it
 (`--real-labels`, timm.data.RealLabelsImagenet): an image's prediction is right where any of its
-top k classes is among its labels; an image with no labels is left out. The labels are a JSON list of 50,000 lists of ImageNet class indices, the list at i
-for ILSVRC2012_val_{i + 1:08d}.JPEG; timm ships a copy, which is the default.
+top k classes is among its labels; an image with no labels is left out. The labels are a JSON
+list of 50,000 lists of ImageNet class indices, the list at i for ILSVRC2012_val_{i + 1:08d}.JPEG;
+timm ships a copy, which is the default.
 
 The images go to the loader labelled by their position in the list, so that each batch finds its
 images' labels by a gather on the device, whatever order or shard the loader reads them in."""
