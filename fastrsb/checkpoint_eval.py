@@ -16,7 +16,8 @@ import torch
 
 from fastrsb.checkpoint import as_fastrsb_checkpoint, is_timm_checkpoint, load_weights, read_saved
 from fastrsb.class_order import by_index, named_by_index, read_class_map, relabelled, timm_order
-from fastrsb.data_folder import SPLIT_NAMES, no_folder, open_class_tree, open_split, refuse_data_being_written, split_folder
+from fastrsb.data_folder import (SPLIT_NAMES, no_folder, open_class_tree, open_split, refuse_data_being_written,
+                                 split_folder)
 from fastrsb.device import amp_dtype, resolve_device
 from fastrsb.errors import UserError
 from fastrsb.memory_floor import refuse_a_batch_that_cannot_fit

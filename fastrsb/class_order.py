@@ -74,7 +74,8 @@ def by_index(images: ImageList, classes: list[str] | None, count: int) -> ImageL
         return ImageList(images.files, [int(images.classes[label]) for label in images.labels], names)
     output = {name: i for i, name in enumerate(classes)}
     by_timm_index = [output[name] for name in timm_order(classes)]
-    return ImageList(images.files, [by_timm_index[int(images.classes[label])] for label in images.labels], list(classes))
+    labels = [by_timm_index[int(images.classes[label])] for label in images.labels]
+    return ImageList(images.files, labels, list(classes))
 
 
 def reordered(weights: dict, rows: set[str], theirs: list[str], ours: list[str]) -> dict:

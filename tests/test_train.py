@@ -442,8 +442,9 @@ def test_eval_of_a_folder_holding_some_of_the_weights_classes(run, tiny_data, tm
     assert only["val_images"] == every["val_images"] == 15 and only["val_loss"] < every["val_loss"]
     assert only["notes"][-1].endswith("each image ranked among those 3 alone")
     rows = torch.tensor([0, 1, 2, 500])  # timm's weights: ImageNet's 1,000 outputs, these 4 trained
-    wide = {**state["model"], "fc.weight": torch.zeros(1000, state["model"]["fc.weight"].shape[1]).index_copy(
-        0, rows, state["model"]["fc.weight"]), "fc.bias": torch.zeros(1000).index_copy(0, rows, state["model"]["fc.bias"])}
+    fc_weight, fc_bias = state["model"]["fc.weight"], state["model"]["fc.bias"]
+    wide = {**state["model"], "fc.weight": torch.zeros(1000, fc_weight.shape[1]).index_copy(0, rows, fc_weight),
+            "fc.bias": torch.zeros(1000).index_copy(0, rows, fc_bias)}
     torch.save({"arch": "resnet10t", "state_dict": wide}, tmp_path / "imagenet.pth.tar")
     timm_only = json.loads(run_cli("eval", tmp_path / "imagenet.pth.tar", *size, "--partial-classes", "only").stdout)
     assert (timm_only["top1"], timm_only["top5"]) == (only["top1"], only["top5"])  # (a 1,000-row matmul rounds
