@@ -159,25 +159,33 @@ def resume_command(args, data: Path, out: Path) -> str:
 
 
 def cmd_eval(args) -> None:
+    from fastrsb.checkpoint import checkpoint_file
     from fastrsb.checkpoint_eval import evaluate_checkpoint_at
+    from fastrsb.model_folder import is_model_folder
+    for checkpoint in args.checkpoints:  # a path mistyped is said now, not after the others' minutes
+        if not is_model_folder(Path(checkpoint)):
+            checkpoint_file(checkpoint)
+    several = len(args.checkpoints) > 1
     results = []
-    for result in evaluate_checkpoint_at(args.checkpoint, args.data, args.img_size or [None], args.crop_pct or [None],
-                                         args.device, args.batch_size, args.threads, ema=args.ema,
-                                         real_labels=args.real_labels, partial_classes=args.partial_classes):
-        results.append(result)  # said as soon as measured: a sweep over 50,000 images takes a while
-        if len(results) == 1 and not args.json:
-            for note in result.get("notes", []):
-                print(f"note: {note}")
-        if args.json:
-            print(json.dumps(result))
-        else:
+    for checkpoint in args.checkpoints:
+        named = f"{checkpoint}: " if several else ""
+        for done, result in enumerate(evaluate_checkpoint_at(
+                checkpoint, args.data, args.img_size or [None], args.crop_pct or [None], args.device, args.batch_size,
+                args.threads, ema=args.ema, real_labels=args.real_labels, partial_classes=args.partial_classes)):
+            results.append(result)  # said as soon as measured: a sweep over 50,000 images takes a while
+            if args.json:
+                print(json.dumps(result))
+                continue
+            for note in result.get("notes", []) if not done else []:
+                print(f"note: {named}{note}")
             real = (f"; ReaL top1 {result['real_top1']:.2f} top5 {result['real_top5']:.2f} over "
                     f"{result['real_images']} images" if "real_top1" in result else "")
-            print(f"top1 {result['top1']:.2f} top5 {result['top5']:.2f} over {result['val_images']} images "
+            print(f"{named}top1 {result['top1']:.2f} top5 {result['top5']:.2f} over {result['val_images']} images "
                   f"at {result['img_size']} px, crop {result['crop_pct']}{real}")
     if len(results) > 1 and not args.json:
         best = max(results, key=lambda result: result["top1"])  # the first of equals: the order given
-        print(f"best: top1 {best['top1']:.2f} at {best['img_size']} px, crop {best['crop_pct']}")
+        print(f"best: {best['checkpoint'] + ' ' if several else ''}top1 {best['top1']:.2f} at {best['img_size']} px, "
+              f"crop {best['crop_pct']}")
 
 
 def cmd_export(args) -> None:
@@ -358,9 +366,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("eval", help="top-1/top-5 of a checkpoint, or of a timm model folder (fastrsb export's, "
                                     "or a timm model's from the hub)")
-    p.add_argument("checkpoint", help="a run's checkpoint (last.pt, best.pt), one of timm's train.py "
-                                      "(model_best.pth.tar: tested as its own validation was), or a folder with "
-                                      "config.json and model.safetensors or pytorch_model.bin")
+    p.add_argument("checkpoints", nargs="+", metavar="checkpoint",
+                   help="a run's checkpoint (last.pt, best.pt), one of timm's train.py (model_best.pth.tar: tested as "
+                        "its own validation was), or a folder with config.json and model.safetensors or "
+                        "pytorch_model.bin; several: each in turn, a line each, the best last")
     p.add_argument("--data", required=True, help="folder with val/<class>/ (or a class folder tree itself; class "
                                                  "folders named 0 to N-1, as ImageNet-V2's, are class indices)")
     p.add_argument("--img-size", type=count_option, nargs="+", default=None, metavar="N",

@@ -108,6 +108,17 @@ def test_eval_reproduces_the_runs_accuracy(run, tiny_data, tmp_path):
     text = run_cli("eval", out / "last.pt", "--data", tiny_data, "--img-size", "32", "40").stdout.splitlines()
     best = max(sweep[1], sweep[3], key=lambda r: r["top1"])
     assert len(text) == 3 and text[2] == f"best: top1 {best['top1']:.2f} at {best['img_size']} px, crop 0.95"
+    # Several checkpoints: each in turn, as alone, named on its lines; a path mistyped among them
+    # is said before any is evaluated.
+    both = [json.loads(line) for line in run_cli("eval", out / "best.pt", out / "last.pt", "--data", tiny_data,
+                                                 "--json", "--batch-size", "8").stdout.splitlines()]
+    assert [r["checkpoint"] for r in both] == [str(out / "best.pt"), str(out / "last.pt")]
+    assert (both[1]["top1"], both[1]["val_loss"]) == pytest.approx((result["top1"], result["val_loss"]))
+    text = run_cli("eval", out / "best.pt", out / "last.pt", "--data", tiny_data).stdout.splitlines()
+    assert text[1].startswith(f"{out / 'last.pt'}: top1 {result['top1']:.2f}") and text[2].startswith("best: ")
+    mistyped = run_cli("eval", out / "last.pt", out / "lats.pt", "--data", tiny_data, check=False)
+    assert_user_error(mistyped, f"no checkpoint at {out / 'lats.pt'}")
+    assert mistyped.stdout == ""  # (last.pt not evaluated first)
 
 
 class Payload:
