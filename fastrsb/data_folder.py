@@ -404,6 +404,12 @@ def check(root: str | Path, workers: int | None = None, decode: bool = True) -> 
                 notes.append(f"{folder.name}/{name}: {len(others)} file(s) without an image extension, skipped by "
                              f"the loaders, e.g. {Path(others[0]).name}")
             files += images
+        nested = [name for name, (images, _) in splits[split].items()
+                  if any(os.path.dirname(image) != str(folder / name) for image in images)]
+        if nested:  # (ImageNet has none; data sets with sub-folders a class do)
+            notes.append(f"{folder.name}/: {len(nested)} class folder(s) hold images in sub-folders, e.g. {nested[0]}/: "
+                         "fastrsb labels them by the class folder, as torchvision does; timm's ImageFolder by the "
+                         "innermost folder's name, so timm's tools would see other classes here")
     if len(splits) == 2 and splits["train"].keys() != splits["val"].keys():
         only_train = sorted(set(splits["train"]) - set(splits["val"]))
         only_val = sorted(set(splits["val"]) - set(splits["train"]))

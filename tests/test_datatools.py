@@ -78,6 +78,9 @@ def test_check_lists_every_problem_at_once(tiny_data, tmp_path):
     # A file training skips is a note, not a problem: check and training agree.
     assert f"note: train/{classes[2]}: 1 file(s) without an image extension, skipped by the loaders" in out
     assert "notes.txt" in out
+    assert (f"note: train/: 1 class folder(s) hold images in sub-folders, e.g. {classes[3]}/: fastrsb labels them by "
+            "the class folder, as torchvision does; timm's ImageFolder by the innermost folder's name") in out
+    assert "note: val/: 1 class folder" not in out  # val's classes hold their images directly
     assert_user_error(run_cli("data", "check", tmp_path / "nothing", check=False), "does not exist")
     (tmp_path / "val.txt").write_text("val/a.JPEG 0\n")  # a file list to data check (below); no data folder to train
     assert_user_error(run_cli("train", "tiny", "--data", tmp_path / "val.txt", check=False), "is a file, not a folder")
