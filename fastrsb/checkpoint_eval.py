@@ -15,7 +15,8 @@ from typing import Iterator, Sequence
 import torch
 
 from fastrsb.checkpoint import as_fastrsb_checkpoint, is_timm_checkpoint, load_weights, read_saved
-from fastrsb.class_order import by_index, named_by_index, read_class_map, relabelled, timm_order
+from fastrsb.class_order import (by_index, imagenet_classes, named_by_index, read_class_map, relabelled,
+                                 timm_order)
 from fastrsb.data_folder import (SPLIT_NAMES, no_folder, open_class_tree, open_split, refuse_data_being_written,
                                  split_folder)
 from fastrsb.device import amp_dtype, resolve_device
@@ -24,8 +25,8 @@ from fastrsb.memory_floor import refuse_a_batch_that_cannot_fit
 from fastrsb.model import check_input_sizes, make_model
 from fastrsb.model_folder import is_model_folder, load_model_folder
 from fastrsb.parts import open_val_loader
-from fastrsb.real_labels import read_real_labels, real_targets
 from fastrsb.pipelines import ImageList, class_folders, default_pixel_dtype
+from fastrsb.real_labels import read_real_labels, real_targets
 from fastrsb.timm_checkpoint import model_to_evaluate, read_timm_checkpoint, timm_data_folders
 from fastrsb.train import evaluate
 
@@ -161,12 +162,6 @@ def _validation_images(data: Path, classes: list[str] | None, num_classes: int, 
         raise UserError(f"{data}: its {len(images.classes)} classes differ from the weights' {len(classes)} "
                         f"({other!r} is not one of theirs: {', '.join(classes[:3])}, ...)")
     return relabelled(images, classes)
-
-
-def imagenet_classes() -> list[str]:
-    """ImageNet-1k's wnids, sorted: the order its classifiers index them in (timm's, torchvision's)."""
-    from timm.data import ImageNetInfo
-    return ImageNetInfo().label_names()
 
 
 def _imagenet_subset(folders: list[str], num_classes: int, class_map: str | None) -> bool:

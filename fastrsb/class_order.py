@@ -59,6 +59,12 @@ def relabelled(images: ImageList, classes: list[str]) -> ImageList:
     return ImageList([path for path, _ in kept], [label for _, label in kept], list(classes))
 
 
+def imagenet_classes() -> list[str]:
+    """ImageNet-1k's wnids, sorted: the order its classifiers index them in (timm's, torchvision's)."""
+    from timm.data import ImageNetInfo
+    return ImageNetInfo().label_names()
+
+
 def named_by_index(folders: list[str], count: int) -> bool:
     """Whether class FOLDERS are named by class index, "0" to str(COUNT - 1), as ImageNet-V2's are
     (its folder k holds class k's images: ImageNet's classes in the order timm's tools index them)."""

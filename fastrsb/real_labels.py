@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from fastrsb.class_order import imagenet_classes
 from fastrsb.errors import UserError
 from fastrsb.pipelines import ImageList
 
@@ -56,13 +57,12 @@ def read_real_labels(path: str | None) -> tuple[list[list[int]], str]:
 def real_targets(images: ImageList, real: list[list[int]], source: str) -> tuple[ImageList, RealTargets]:
     """IMAGES (ImageNet's validation files, labelled by the weights' output index of their class;
     their `classes`, the weights' by output) relabelled by position, and their targets."""
-    from timm.data import ImageNetInfo
-    classes = images.classes
-    if sorted(classes) != ImageNetInfo().label_names():
+    classes, imagenet = images.classes, imagenet_classes()
+    if sorted(classes) != imagenet:
         raise UserError(f"ReaL labels are ImageNet-1k's: these weights classify {len(classes)} classes "
                         f"({', '.join(classes[:3])}, ...), not its 1,000 wnids")
     output = {name: i for i, name in enumerate(classes)}
-    by_imagenet_index = [output[name] for name in ImageNetInfo().label_names()]  # its wnids sorted
+    by_imagenet_index = [output[name] for name in imagenet]  # ReaL's index k: ImageNet's k-th wnid sorted
     rows = []
     for path in images.files:
         found = VAL_FILE.fullmatch(Path(path).name)

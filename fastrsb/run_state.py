@@ -59,7 +59,7 @@ def load_for_resume(path: Path, recipe: dict, classes: list[str], d: Dist) -> di
         # More epochs is another schedule (its cosine reaches min_lr later), not a continuation;
         # training on from the weights is what initial_checkpoint is for.
         longer = (f"; to train on from its weights with the new schedule: --set initial_checkpoint={path} and a new "
-                  "--out" if any(d.startswith("epochs ") for d in differ) else "")
+                  "--out" if any(item.startswith("epochs ") for item in differ) else "")
         raise UserError(f"{path} was trained with another recipe ({'; '.join(differ[:4])}): resume with the "
                         f"same recipe and --set values, or start a new --out{longer}")
     if state["classes"] != classes:

@@ -112,7 +112,9 @@ def test_eval_reproduces_the_runs_accuracy(run, tiny_data, tmp_path):
     # is said before any is evaluated.
     both = [json.loads(line) for line in run_cli("eval", out / "best.pt", out / "last.pt", "--data", tiny_data,
                                                  "--json", "--batch-size", "8").stdout.splitlines()]
+    best_alone = json.loads(run_cli("eval", out / "best.pt", "--data", tiny_data, "--json", "--batch-size", "8").stdout)
     assert [r["checkpoint"] for r in both] == [str(out / "best.pt"), str(out / "last.pt")]
+    assert (both[0]["top1"], both[0]["val_loss"]) == pytest.approx((best_alone["top1"], best_alone["val_loss"]))
     assert (both[1]["top1"], both[1]["val_loss"]) == pytest.approx((result["top1"], result["val_loss"]))
     text = run_cli("eval", out / "best.pt", out / "last.pt", "--data", tiny_data).stdout.splitlines()
     assert text[1].startswith(f"{out / 'last.pt'}: top1 {result['top1']:.2f}") and text[2].startswith("best: ")
@@ -437,7 +439,7 @@ def test_eval_of_a_folder_holding_some_of_the_weights_classes(run, tiny_data, tm
     same figures for the run's checkpoint (its classes by name) and for timm weights naming none,
     whose 1,000 outputs are then read as ImageNet's; "all" ranks among every output."""
     import shutil
-    from fastrsb.checkpoint_eval import imagenet_classes
+    from fastrsb.class_order import imagenet_classes
     out, _ = run
     state = load_checkpoint(out / "last.pt")
     imagenet = imagenet_classes()
