@@ -484,7 +484,8 @@ def _add_data_commands(sub) -> None:
     d.add_argument("--no-decode", action="store_true", help="only the folder structure (fast)")
     d.set_defaults(func=cmd_data_check)
     d = data_sub.add_parser("prepare", help="ImageNet as downloaded (ILSVRC2012 tars, per-class tars, Kaggle's "
-                                            "layout) -> OUT/train/<wnid>/ and OUT/val/<wnid>/; resumable; RAW is only read")
+                                            "layout, the Hugging Face hub's train_images_N.tar.gz) -> "
+                                            "OUT/train/<wnid>/ and OUT/val/<wnid>/; resumable; RAW is only read")
     d.add_argument("raw", help="the folder the download is in")
     d.add_argument("out")
     d.add_argument("--synsets", help="with the devkit's ground truth: its meta.mat, or the wnids in ILSVRC2012_ID "

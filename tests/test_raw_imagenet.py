@@ -240,3 +240,109 @@ def test_devkit_labels_in_its_own_class_order(ilsvrc, tiny_data, tmp_path):
         assert sorted(p.read_bytes() for p in (out / "val" / wnid).iterdir()) == \
             sorted(p.read_bytes() for p in (tiny_data / "val" / wnid).iterdir())
     assert not (out / ".devkit").exists()
+
+
+# --- the Hugging Face hub's ILSVRC/imagenet-1k (tar.gz archives) ------------------------------------
+
+def _wnid(k):
+    return f"n{k:08d}"
+
+
+@pytest.fixture
+def hub(tiny_data, tmp_path):
+    """The hub's download (`huggingface-cli download ILSVRC/imagenet-1k --repo-type dataset`): under
+    data/, train_images_0.tar.gz and _1 with every class spread over both (shuffled, as the hub's
+    are), val_images.tar.gz and test_images.tar.gz, flat, each member <image>_<wnid>.JPEG. Returns
+    (RAW, {(split, wnid, file name): bytes} as a prepared folder should hold them)."""
+    raw = tmp_path / "hub"
+    (raw / "data").mkdir(parents=True)
+    classes = sorted(p.name for p in (tiny_data / "train").iterdir())
+    expected, train = {}, []
+    for k, name in enumerate(classes):
+        for i, image in enumerate(sorted((tiny_data / "train" / name).iterdir())):
+            expected["train", _wnid(k), f"{_wnid(k)}_{i}.JPEG"] = image.read_bytes()
+            train.append((f"{_wnid(k)}_{i}_{_wnid(k)}.JPEG", image.read_bytes()))
+    train = train[1::2] + train[::2]  # a class's images in both archives
+    for n, part in enumerate((train[: len(train) // 2], train[len(train) // 2:])):
+        with tarfile.open(raw / "data" / f"train_images_{n}.tar.gz", "w:gz") as tar:
+            for name, data in part:
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    val = [(name, data, _wnid(classes.index(wnid))) for name, data, wnid in _val_files(tiny_data)]
+    with tarfile.open(raw / "data" / "val_images.tar.gz", "w:gz") as tar:
+        for name, data, wnid in val:
+            info = tarfile.TarInfo(f"{name[:-5]}_{wnid}.JPEG")
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+            expected["val", wnid, name] = data
+    _tar(raw / "data" / "test_images.tar.gz", [("ILSVRC2012_test_00000001.JPEG", val[0][1])])  # unlabelled
+    return raw, expected
+
+
+def _prepared(out):
+    return {(p.parent.parent.name, p.parent.name, p.name): p.read_bytes() for p in sorted(out.glob("*/*/*"))
+            if not p.parent.parent.name.startswith(".")}
+
+
+def test_the_hubs_archives_prepare_resume_and_train(hub, tmp_path):
+    """Every image in its class folder under ImageNet's own file name, byte for byte, the download
+    only read; run again, nothing extracted and every class checked; a class folder removed is
+    written again from the archives that hold it; then a run trains on it."""
+    raw, expected = hub
+    before = {p: p.stat().st_mtime_ns for p in (raw / "data").iterdir()}
+    out = tmp_path / "imagenet"
+    assert_user_error(run_cli("train", "tiny", "--data", raw, "--device", "cpu", check=False),
+                      "looks like ImageNet as downloaded (Hugging Face (ILSVRC/imagenet-1k))",
+                      f"fastrsb data prepare {raw}")
+    proc = run_cli("data", "prepare", raw, out, "--workers", "2")
+    assert "train: extracting 2 of 2 archive(s)" in proc.stdout and "ready to train" in proc.stdout
+    assert "train: 4 class(es) written, 0 already there" in proc.stdout
+    assert "val: 4 class(es) written, 0 already there" in proc.stdout
+    assert _prepared(out) == expected
+    assert {p: p.stat().st_mtime_ns for p in (raw / "data").iterdir()} == before
+    proc = run_cli("data", "prepare", raw, out)
+    assert "extracting" not in proc.stdout and "train: 0 class(es) written, 4 already there" in proc.stdout
+    shutil.rmtree(out / "train" / _wnid(2))  # to be written again: both archives hold some of it
+    proc = run_cli("data", "prepare", raw, out, "--workers", "1")
+    assert "train: extracting 2 of 2 archive(s)" in proc.stdout
+    assert "train: 1 class(es) written, 3 already there" in proc.stdout and "val: 0 class(es) written" in proc.stdout
+    assert _prepared(out) == expected
+    assert not (out / ".fastrsb-hf" / "train").exists()  # no staged copy left
+    run_cli("train", "tiny", "--data", out, "--out", tmp_path / "run", "--device", "cpu", "--stop-after-steps", "1")
+
+
+def test_an_interrupted_extraction_resumes_with_the_archives_left(hub, tmp_path):
+    """An archive cut short mid-download stops prepare naming it, the other archive's extraction
+    kept; once it is downloaded again, the next run extracts that one alone."""
+    raw, expected = hub
+    out = tmp_path / "imagenet"
+    second = raw / "data" / "train_images_1.tar.gz"
+    whole = second.read_bytes()
+    second.write_bytes(whole[: len(whole) // 2])
+    assert_user_error(run_cli("data", "prepare", raw, out, "--workers", "1", check=False),
+                      f"{second} cannot be read to its end", "Download it again",
+                      "the archives extracted so far are kept for the next run")
+    assert not (out / "train").exists()  # no class folder appears until every archive holding it is extracted
+    second.write_bytes(whole)
+    proc = run_cli("data", "prepare", raw, out, "--workers", "1")
+    assert "train: extracting 1 of 2 archive(s)" in proc.stdout
+    assert _prepared(out) == expected
+
+
+def test_the_hubs_archives_into_a_folder_holding_other_files(hub, tmp_path):
+    """A class folder already in OUT with other images (another data set) is refused and left as it
+    was; a member named otherwise than <image>_<wnid> (not the hub's archive) is named."""
+    raw, _ = hub
+    out = tmp_path / "imagenet"
+    (out / "train" / _wnid(1)).mkdir(parents=True)
+    (out / "train" / _wnid(1) / "other.JPEG").write_bytes(b"another set's image")
+    assert_user_error(run_cli("data", "prepare", raw, out, check=False),
+                      f"{out / 'train' / _wnid(1)}: other.JPEG (not in the download)",
+                      "Prepare into an empty folder, or remove those class folders")
+    assert [p.name for p in (out / "train" / _wnid(1)).iterdir()] == ["other.JPEG"]
+    _tar(tmp_path / "odd.tar", [])
+    with tarfile.open(raw / "data" / "train_images_1.tar.gz", "w:gz") as tar:
+        tar.add(tmp_path / "odd.tar", "n00000001_7.JPEG")  # no wnid after the last underscore
+    assert_user_error(run_cli("data", "prepare", raw, tmp_path / "other", check=False), "train_images_1.tar.gz",
+                      "member 'n00000001_7.JPEG' is not named <image>_<wnid>.JPEG")
