@@ -312,11 +312,26 @@ def test_the_hubs_archives_prepare_resume_and_train(hub, tmp_path):
     run_cli("train", "tiny", "--data", out, "--out", tmp_path / "run", "--device", "cpu", "--stop-after-steps", "1")
 
 
-def test_an_interrupted_extraction_resumes_with_the_archives_left(hub, tmp_path):
-    """An archive cut short mid-download stops prepare naming it, the other archive's extraction
-    kept; once it is downloaded again, the next run extracts that one alone."""
+def test_an_interrupted_extraction_resumes_with_the_archives_left(hub, tmp_path, monkeypatch):
+    """OUT's disk full mid-archive (one worker: this process, where the write is made to fail as a
+    full disk fails) stops prepare in one line; an archive cut short mid-download stops it naming
+    the archive, the other archive's extraction kept; once it is downloaded again, the next run
+    extracts that one alone."""
+    import errno
+    from pathlib import Path
     raw, expected = hub
     out = tmp_path / "imagenet"
+    write_bytes, written = Path.write_bytes, []
+
+    def full_after_three_images(path, data):
+        written.append(path)
+        if len(written) > 3:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return write_bytes(path, data)
+    monkeypatch.setattr(Path, "write_bytes", full_after_three_images)
+    assert_user_error(run_cli("data", "prepare", raw, out, "--workers", "1", check=False),
+                      f"cannot write into {out} (No space left on device;", "then run the same command again")
+    monkeypatch.undo()
     second = raw / "data" / "train_images_1.tar.gz"
     whole = second.read_bytes()
     second.write_bytes(whole[: len(whole) // 2])
