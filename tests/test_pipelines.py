@@ -576,6 +576,23 @@ def test_position_restores_exactly(tiny_data, repeats, batch_size, pipelines, in
     assert_same_batches(reference, _take(make(state), 3 * steps + 2, resumed_from))
 
 
+def test_an_epoch_left_early_goes_on_at_the_next_iter(tiny_data):
+    """A `break` at a step budget, then `for ... in loader` again: the rest of that epoch (not a new
+    shuffle, as a DataLoader would start), then the next epochs, as one loader that never broke."""
+    def make():
+        return train_loader(tiny_data / "train", batch_size=6, img_size=32, device="cpu", seed=5)
+    reference = _take(make(), 2 * len(make()), [])
+    broken, got = make(), []
+    for batch in broken:
+        got.append(tuple(x.clone() for x in batch))
+        if len(got) == 2:
+            break
+    got += [tuple(x.clone() for x in batch) for batch in broken]  # the rest of the first epoch
+    assert len(got) == len(broken)
+    got += [tuple(x.clone() for x in batch) for batch in broken]
+    assert_same_batches(reference, got)
+
+
 def test_position_of_another_loader_is_refused(tiny_data):
     loader = train_loader(tiny_data / "train", batch_size=6, img_size=32, device="cpu", seed=5)
     with pytest.raises(DatasetError, match="batch_size 6 -> 8"):
