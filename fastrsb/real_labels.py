@@ -21,7 +21,8 @@ from fastrsb.class_order import imagenet_classes
 from fastrsb.errors import UserError
 from fastrsb.pipelines import ImageList
 
-VAL_FILE = re.compile(r"ILSVRC2012_val_(\d{8})\.[A-Za-z]+")  # .JPEG as downloaded; a copy's .jpg or .png too
+# .JPEG as downloaded; a copy's .jpg or .png too; the Hugging Face hub's archives add _<wnid>.
+VAL_FILE = re.compile(r"ILSVRC2012_val_(\d{8})(?:_n\d{8})?\.[A-Za-z]+")
 TIMM_COPY = "timm's copy (timm/data/_info/imagenet_real_labels.json)"
 
 

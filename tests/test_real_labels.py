@@ -106,3 +106,9 @@ def test_real_labels_are_refused_where_they_do_not_apply(tmp_path, tiny_data):
     # A copy whose files were converted keeps their numbers: those are what the labels go by.
     _, targets = real_targets(ImageList(["/v/n01440764/ILSVRC2012_val_00000002.png"], [0], wnids), real, source)
     assert [k for k in targets.sets[0].tolist() if k >= 0] == real[1]  # wnids in ImageNet's order: the same indices
+    # So does one unpacked from the Hugging Face hub's archive under its names there (<image>_<wnid>.JPEG).
+    _, targets = real_targets(ImageList(["/v/n01440764/ILSVRC2012_val_00000002_n01440764.JPEG"], [0], wnids), real,
+                              source)
+    assert [k for k in targets.sets[0].tolist() if k >= 0] == real[1]
+    with pytest.raises(UserError, match="ILSVRC2012_val_00000002_x.JPEG is not one"):
+        real_targets(ImageList(["/v/n01440764/ILSVRC2012_val_00000002_x.JPEG"], [0], wnids), real, source)
