@@ -26,7 +26,7 @@ from pathlib import Path
 
 from fastrsb.errors import UserError
 from fastrsb.file_jobs import each_result, stops_writing, write_stopped
-from fastrsb.progress import Progress
+from fastrsb.progress import clock
 
 TRAIN_ARCHIVE = re.compile(r"train_images_\d+\.tar\.gz")
 VAL_ARCHIVE = "val_images.tar.gz"
@@ -81,7 +81,7 @@ def read_listing(archive: Path, out: Path) -> dict[str, dict[str, int]] | None:
 
 def _extract(job: tuple[str, str, str]) -> str:
     """Extract one archive into STAGING/<wnid>/<image>.JPEG and then write its listing. Returns
-    'done', 'failed: why' or 'unwritable: why'."""
+    'done: <images>', 'failed: why' or 'unwritable: why'."""
     archive, staging, out = Path(job[0]), Path(job[1]), Path(job[2])
     classes: dict[str, dict[str, int]] = {}
     try:
@@ -102,7 +102,7 @@ def _extract(job: tuple[str, str, str]) -> str:
         with gzip.open(tmp, "wt") as f:
             json.dump({"identity": _identity(archive), "classes": classes}, f)
         os.replace(tmp, listing)  # the archive counts as extracted only once its listing is whole
-        return "done"
+        return f"done: {sum(map(len, classes.values()))}"
     except ValueError as err:
         return f"failed: {archive}: {err}: is it an archive of the hub's ILSVRC/imagenet-1k?"
     except (tarfile.TarError, EOFError, OSError, zlib.error) as err:
@@ -140,19 +140,20 @@ def _stale(archives: list[Path], target: Path, staging: Path, out: Path) -> list
 
 
 def _extract_all(archives: list[Path], staging: Path, out: Path, workers: int) -> None:
-    progress = Progress("archives", len(archives), unit="archives")
-    failures = []
+    """Every archive, in parallel; a line as each ends (in order: a few, minutes each, so no bar)."""
+    start, failures = time.perf_counter(), []
     jobs = [(str(a), str(staging), str(out)) for a in archives]
     with closing(each_result(_extract, jobs, min(workers, len(jobs)))) as results:
-        for done, result in enumerate(results, 1):
+        for archive, result in zip(archives, results):
             if result.startswith("unwritable"):
-                progress.close()
                 raise write_stopped(out, result.removeprefix("unwritable: "),
                                     "the archives extracted so far (skipped by the next run) are")
             if result.startswith("failed"):
                 failures.append(result.removeprefix("failed: "))
-            progress.update(done, done / max(time.perf_counter() - progress.start, 1e-9))
-    progress.close()
+                continue
+            print(f"  {archive.name}: {int(result.removeprefix('done: ')):,} images "
+                  f"({archive.stat().st_size / 1e9:,.1f} GB) extracted by {clock(time.perf_counter() - start)}",
+                  flush=True)
     if failures:
         raise UserError(f"{failures[0]}{f' (and {len(failures) - 1} more archive(s))' if len(failures) > 1 else ''}; "
                         "the archives extracted so far are kept for the next run")
