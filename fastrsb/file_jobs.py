@@ -59,3 +59,19 @@ def each_result(func: Callable, jobs: Iterable, workers: int, chunksize: int = 1
         yield from pool.map(func, jobs, chunksize=chunksize)
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
+
+
+def not_these_files(folder: Path, images: dict[str, int]) -> list[str]:
+    """The entries of FOLDER that are not among IMAGES ({file name: bytes}) by name and size, each
+    said why: another data set's files, which a rerun of `data prepare` must not take for the
+    download's. Fewer files is fine: a class folder appears whole (renamed into place), so the
+    missing ones were removed since, by hand."""
+    foreign = []
+    for entry in sorted(folder.iterdir()):
+        if not entry.is_file():
+            foreign.append(f"{entry.name}/ (a folder)")
+        elif entry.name not in images:
+            foreign.append(f"{entry.name} (not in the download)")
+        elif entry.stat().st_size != images[entry.name]:
+            foreign.append(f"{entry.name} ({entry.stat().st_size:,} bytes, the download's {images[entry.name]:,})")
+    return foreign

@@ -25,7 +25,7 @@ from contextlib import closing
 from pathlib import Path
 
 from fastrsb.errors import UserError
-from fastrsb.file_jobs import each_result, stops_writing, write_stopped
+from fastrsb.file_jobs import each_result, not_these_files, stops_writing, write_stopped
 from fastrsb.progress import clock
 
 TRAIN_ARCHIVE = re.compile(r"train_images_\d+\.tar\.gz")
@@ -114,20 +114,6 @@ def _extract(job: tuple[str, str, str]) -> str:
 
 # --- a split ----------------------------------------------------------------------------------------
 
-def _foreign(folder: Path, images: dict[str, int]) -> str | None:
-    """Why an existing class folder is not the download's images of its class (name and size), or
-    None. Fewer images is fine: a class folder appears whole (renamed), so the missing ones were
-    removed since, by hand."""
-    for entry in sorted(folder.iterdir()):
-        if not entry.is_file():
-            return f"{entry.name}/ (a folder)"
-        if entry.name not in images:
-            return f"{entry.name} (not in the download)"
-        if entry.stat().st_size != images[entry.name]:
-            return f"{entry.name} ({entry.stat().st_size:,} bytes, the download's {images[entry.name]:,})"
-    return None
-
-
 def _stale(archives: list[Path], target: Path, staging: Path, out: Path) -> list[Path]:
     """The archives to extract: those without a complete listing, and those holding a class that is
     neither in place nor staged (a class folder removed by hand since, to have it written again)."""
@@ -169,9 +155,10 @@ def _place(archives: list[Path], target: Path, staging: Path, out: Path) -> tupl
     foreign, placed, there = [], 0, 0
     for wnid in sorted(images):
         if (target / wnid).exists():
-            why = _foreign(target / wnid, images[wnid]) if (target / wnid).is_dir() else "a file, where it goes"
+            folder = target / wnid
+            why = not_these_files(folder, images[wnid]) if folder.is_dir() else ["a file, where it goes"]
             if why:
-                foreign.append(f"{target / wnid}: {why}")
+                foreign.append(f"{target / wnid}: {why[0]}")
             else:
                 there += 1
             continue

@@ -27,7 +27,8 @@ from pathlib import Path
 
 from fastrsb import hf_imagenet
 from fastrsb.errors import UserError
-from fastrsb.file_jobs import each_result, make_folder, nearest_existing, stops_writing, write_stopped
+from fastrsb.file_jobs import each_result, make_folder, nearest_existing, not_these_files, stops_writing, \
+    write_stopped
 from fastrsb.folder_lock import FolderLock
 from fastrsb.progress import Progress
 
@@ -110,20 +111,9 @@ def _source_images(kind: str, source: str, offset: int, size: int | None) -> dic
 
 def _not_from_source(job: tuple) -> list[str]:
     """The entries of an existing OUT/train/<wnid>/ that are not its source's images (name and
-    size): another data set's files, which a resume must not take for this class. Fewer images than
-    the source is fine: a class folder appears whole (renamed), so the missing ones were removed
-    since, by hand."""
+    size): another data set's files, which a resume must not take for this class."""
     kind, source, offset, size, target = job
-    images = _source_images(kind, source, offset, size)
-    foreign = []
-    for entry in sorted(Path(target).iterdir()):
-        if not entry.is_file():
-            foreign.append(f"{entry.name}/ (a folder)")
-        elif entry.name not in images:
-            foreign.append(f"{entry.name} (not in the download)")
-        elif entry.stat().st_size != images[entry.name]:
-            foreign.append(f"{entry.name} ({entry.stat().st_size:,} bytes, the download's {images[entry.name]:,})")
-    return foreign
+    return not_these_files(Path(target), _source_images(kind, source, offset, size))
 
 
 def _write_class(job: tuple) -> str:
