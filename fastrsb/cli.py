@@ -484,7 +484,7 @@ def _add_data_commands(sub) -> None:
     d.add_argument("--no-decode", action="store_true", help="only the folder structure (fast)")
     d.set_defaults(func=cmd_data_check)
     d = data_sub.add_parser("prepare", help="ImageNet as downloaded (ILSVRC2012 tars, per-class tars, Kaggle's "
-                                            "layout, the Hugging Face hub's train_images_N.tar.gz) -> "
+                                            "layout, the Hugging Face hub's ILSVRC/imagenet-1k or timm/imagenet-1k-wds) -> "
                                             "OUT/train/<wnid>/ and OUT/val/<wnid>/; resumable; RAW is only read")
     d.add_argument("raw", help="the folder the download is in")
     d.add_argument("out")

@@ -7,8 +7,9 @@ Recognised layouts (RAW is the folder the download landed in):
   RAW/ILSVRC2012_devkit_t12.tar.gz (its ground truth, with the class order of its meta.mat: scipy),
   or by the devkit's ILSVRC2012_validation_ground_truth.txt with --synsets;
 - Kaggle's: RAW/ILSVRC/Data/CLS-LOC/{train/<wnid>/, val/} with RAW/LOC_val_solution.csv;
-- the Hugging Face hub's (ILSVRC/imagenet-1k's tar.gz archives): RAW/[data/]train_images_N.tar.gz and
-  val_images.tar.gz, labelled by their members' names (fastrsb.hf_imagenet).
+- the Hugging Face hub's: ILSVRC/imagenet-1k's tar.gz archives (RAW/[data/]train_images_N.tar.gz,
+  val_images.tar.gz) or timm/imagenet-1k-wds's shards (imagenet1k-train-NNNN.tar,
+  imagenet1k-validation-NN.tar), labelled inside (fastrsb.hub_imagenet).
 OUT gets OUT/train/<wnid>/*.JPEG and OUT/val/<wnid>/*.JPEG. The input is only read. Each class is
 written to a hidden folder and renamed when complete, so an interrupted run is finished by
 running it again (what is done is skipped, once checked to hold the download's images: names and
@@ -25,7 +26,7 @@ from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from fastrsb import hf_imagenet
+from fastrsb import hub_imagenet
 from fastrsb.errors import UserError
 from fastrsb.file_jobs import each_result, make_folder, nearest_existing, not_these_files, stops_writing, \
     write_stopped
@@ -46,13 +47,14 @@ class RawLayout:
     val_flat: Path | None = None
     labels: Path | None = None
     devkit: Path | None = None  # the devkit tar: the val labels and the synsets' ID order
-    hub_train: list[Path] = field(default_factory=list)  # the hub's train_images_N.tar.gz
-    hub_val: Path | None = None  # the hub's val_images.tar.gz
+    hub: hub_imagenet.HubCopy | None = None  # the Hugging Face hub's copy, and its archives:
+    hub_train: list[Path] = field(default_factory=list)
+    hub_val: list[Path] = field(default_factory=list)
 
     def describe(self) -> str:
-        if self.hub_train:
+        if self.hub:
             return (f"{self.kind}: train from {len(self.hub_train)} archive(s) in {self.hub_train[0].parent}, val from "
-                    f"{self.hub_val or 'no validation images'}, labels from the archives' file names")
+                    f"{len(self.hub_val) or 'no'} archive(s), labels from the archives themselves")
         train = self.train_tar or (f"{len(self.class_tars)} class tars" if self.class_tars else self.class_dirs)
         val = self.val_tar or self.val_flat or "no validation images"
         return f"{self.kind}: train from {train}, val from {val}, labels from {self.labels or self.devkit or 'no label file'}"
@@ -70,10 +72,11 @@ def recognise(raw: Path) -> RawLayout | None:
     train_tar = raw / "ILSVRC2012_img_train.tar"
     class_tars = sorted((raw / "train").glob("n*.tar")) if (raw / "train").is_dir() else sorted(raw.glob("n*.tar"))
     if not train_tar.is_file() and not class_tars:
-        hub_train, hub_val = hf_imagenet.find_archives(raw)
-        if not hub_train:
+        found = hub_imagenet.find_archives(raw)
+        if found is None:
             return None
-        return RawLayout("Hugging Face (ILSVRC/imagenet-1k)", hub_train=hub_train, hub_val=hub_val)
+        hub, train, val = found
+        return RawLayout(f"Hugging Face ({hub.name})", hub=hub, hub_train=train, hub_val=val)
     val_tar = raw / "ILSVRC2012_img_val.tar"
     flat = raw / "val" if (raw / "val").is_dir() and any(p.is_file() for p in (raw / "val").iterdir()) else None
     return RawLayout("ILSVRC2012 tars", train_tar=train_tar if train_tar.is_file() else None, class_tars=class_tars,
@@ -266,7 +269,7 @@ def _from_devkit(devkit: Path, folder: Path, synsets: Path | None) -> tuple[Path
 def _check_disk(layout: RawLayout, out: Path) -> None:
     sources = [layout.train_tar, layout.val_tar, *layout.class_tars]
     need = sum(p.stat().st_size for p in sources if p is not None)
-    need += hf_imagenet.need_bytes([*layout.hub_train, *([layout.hub_val] if layout.hub_val else [])], out)
+    need += hub_imagenet.need_bytes([*layout.hub_train, *layout.hub_val], out)
     if layout.class_dirs:  # hard links cost nothing on one file system; copies cost the images
         same = os.stat(layout.class_dirs).st_dev == os.stat(out if out.exists() else out.parent).st_dev
         need += 0 if same else sum(f.stat().st_size for f in layout.class_dirs.rglob("*") if f.is_file())
@@ -284,7 +287,7 @@ def prepare(raw: str | Path, out: str | Path, synsets: str | Path | None = None,
     if layout is None:
         raise UserError(f"{raw} is not an ImageNet download fastrsb knows (ILSVRC2012_img_train.tar, a folder of "
                         "per-class nXXXXXXXX.tar, Kaggle's ILSVRC/Data/CLS-LOC/, or the Hugging Face hub's "
-                        "train_images_N.tar.gz): see fastrsb data prepare --help")
+                        "train_images_N.tar.gz or imagenet1k-train-NNNN.tar): see fastrsb data prepare --help")
     if out.resolve() == raw.resolve() or raw.resolve() in out.resolve().parents:
         raise UserError(f"OUT {out} must lie outside the download {raw} (which is only read)")
     print(f"{raw}: {layout.describe()}")
@@ -298,8 +301,8 @@ def prepare(raw: str | Path, out: str | Path, synsets: str | Path | None = None,
 
 def _prepare_into(layout: RawLayout, out: Path, synsets: Path | None, workers: int | None) -> None:
     _check_disk(layout, out)
-    if layout.hub_train:
-        hf_imagenet.prepare(layout.hub_train, layout.hub_val, out, workers)
+    if layout.hub:
+        hub_imagenet.prepare(layout.hub, layout.hub_train, layout.hub_val, out, workers)
         return
     jobs = _train_jobs(layout, out)
     counts, failures, foreign = _write_classes(jobs, out / "train", workers)

@@ -361,3 +361,51 @@ def test_the_hubs_archives_into_a_folder_holding_other_files(hub, tmp_path):
         tar.add(tmp_path / "odd.tar", "n00000001_7.JPEG")  # no wnid after the last underscore
     assert_user_error(run_cli("data", "prepare", raw, tmp_path / "other", check=False), "train_images_1.tar.gz",
                       "member 'n00000001_7.JPEG' is not named <image>_<wnid>.JPEG")
+
+
+@pytest.fixture
+def timm_shards(tiny_data, tmp_path):
+    """timm/imagenet-1k-wds's download: webdataset shards imagenet1k-train-0000.tar and -0001.tar
+    (each class over both) and imagenet1k-validation-00.tar, each sample <key>.jpg, <key>.cls (its
+    class index in ImageNet-1k's sorted wnids) and <key>.json (the val samples' with the original
+    file name, the train samples' without). Returns (RAW, {(split, wnid, file name): bytes})."""
+    from fastrsb.class_order import imagenet_classes
+    raw, wnids, indices = tmp_path / "wds", imagenet_classes(), [0, 1, 10, 999]
+    raw.mkdir()
+    classes = sorted(p.name for p in (tiny_data / "train").iterdir())
+    expected, train = {}, []
+    for k, name in enumerate(classes):
+        wnid = wnids[indices[k]]
+        for i, image in enumerate(sorted((tiny_data / "train" / name).iterdir())):
+            key = f"{wnid}_{i}"
+            expected["train", wnid, f"{key}.jpg"] = image.read_bytes()
+            train.append([(f"{key}.cls", str(indices[k]).encode()), (f"{key}.jpg", image.read_bytes()),
+                          (f"{key}.json", b'{"label": %d}' % indices[k])])
+    train = train[1::2] + train[::2]
+    _tar(raw / "imagenet1k-train-0000.tar", [m for sample in train[: len(train) // 2] for m in sample])
+    _tar(raw / "imagenet1k-train-0001.tar", [m for sample in train[len(train) // 2:] for m in sample])
+    val = []
+    for n, (name, data, folder) in enumerate(_val_files(tiny_data)):
+        index = indices[classes.index(folder)]
+        expected["val", wnids[index], name] = data
+        val += [(f"{n:06d}.jpg", data), (f"{n:06d}.cls", str(index).encode()),
+                (f"{n:06d}.json", b'{"filename": "%s", "label": %d}' % (name.encode(), index))]
+    _tar(raw / "imagenet1k-validation-00.tar", val)
+    return raw, expected
+
+
+def test_timms_webdataset_shards(timm_shards, tmp_path):
+    """timm's copy: each sample in the class folder of its .cls index (ImageNet's wnids sorted),
+    named by its JSON's file name where it has one (val: ImageNet's, as ReaL's labels look up),
+    else by its key; run again, every class checked and skipped; a sample whose class index is not
+    ImageNet-1k's is named."""
+    raw, expected = timm_shards
+    out = tmp_path / "imagenet"
+    proc = run_cli("data", "prepare", raw, out, "--workers", "2")
+    assert "Hugging Face (timm/imagenet-1k-wds)" in proc.stdout and "ready to train" in proc.stdout
+    assert "train: 4 class(es) written, 0 already there" in proc.stdout
+    assert _prepared(out) == expected
+    assert "train: 0 class(es) written, 4 already there" in run_cli("data", "prepare", raw, out).stdout
+    _tar(raw / "imagenet1k-train-0001.tar", [("x.cls", b"1000"), ("x.jpg", b"\xff\xd8")])
+    assert_user_error(run_cli("data", "prepare", raw, tmp_path / "other", check=False), "imagenet1k-train-0001.tar",
+                      "sample 'x' has no class index 0..999 (.cls)", "timm/imagenet-1k-wds")
