@@ -494,7 +494,10 @@ def _add_data_commands(sub) -> None:
     d.set_defaults(func=cmd_data_prepare)
     d = data_sub.add_parser("prepare-val", help="sort ILSVRC2012's flat validation folder into class folders")
     d.add_argument("val_dir")
-    d.add_argument("labels", help="LOC_val_solution.csv, or the devkit's ILSVRC2012_validation_ground_truth.txt")
+    d.add_argument("labels", nargs="?", help="LOC_val_solution.csv, or the devkit's "
+                                             "ILSVRC2012_validation_ground_truth.txt (none: the images' names end in "
+                                             "their wnid, <image>_<wnid>.JPEG, as the Hugging Face hub's archives "
+                                             "name them)")
     d.add_argument("--synsets", help="with the devkit's ground truth: its meta.mat, or the wnids in ILSVRC2012_ID "
                                      "order, one per line")
     d.add_argument("--copy-to", metavar="DIR", help="copy into DIR/<wnid>/ and leave VAL_DIR as it is (default: move "

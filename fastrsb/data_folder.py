@@ -367,6 +367,18 @@ def _split_listing(split: Path) -> tuple[dict[str, tuple[list[str], list[str]]],
     return listing, folders_in_two_classes(folders)
 
 
+def _how_to_sort(folder: Path, loose: list[str]) -> str:
+    """How to sort images lying outside any class folder into class folders."""
+    from fastrsb.hub_imagenet import member_target
+    try:
+        for name in loose:
+            member_target(name)
+    except ValueError:
+        return "sort them into class folders, e.g. with fastrsb data prepare-val and ImageNet's label file"
+    return (f"their names end in their wnid, as the Hugging Face hub's archives name them: fastrsb data prepare-val "
+            f"{folder} sorts them by those")
+
+
 def check(root: str | Path, workers: int | None = None, decode: bool = True) -> tuple[list[str], list[str]]:
     """Every problem of DIR/train and DIR/val that would stop or skew a run, and notes on what the
     loaders skip (files without an image extension, images outside class folders); or of the
@@ -394,7 +406,7 @@ def check(root: str | Path, workers: int | None = None, decode: bool = True) -> 
                        and p.name.lower().endswith(IMAGE_EXTENSIONS))
         if loose:
             problems.append(f"{folder.name}/: {len(loose)} image(s) outside any class folder, e.g. {loose[0]} (the "
-                            "loaders skip them: sort them into class folders, e.g. with fastrsb data prepare-val)")
+                            f"loaders skip them: {_how_to_sort(folder, loose)})")
         if not splits[split]:
             problems.append(f"{folder.name}/ holds no class folders{hint(root)}")
         for name, (images, others) in splits[split].items():

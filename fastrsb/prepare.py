@@ -58,6 +58,20 @@ def read_meta_synsets(meta: Path) -> list[str]:
     return [wnid for _, wnid in leaves]
 
 
+def _labels_from_names(flat: dict[str, Path]) -> dict[str, str]:
+    """{image id: wnid} of images named <image>_<wnid>.JPEG (the Hugging Face hub's names)."""
+    from fastrsb.hub_imagenet import member_target
+    labels = {}
+    for stem, path in sorted(flat.items()):
+        try:
+            labels[stem] = member_target(path.name)[0]
+        except ValueError:
+            raise UserError(f"{path} is not named <image>_<wnid>.JPEG, as the Hugging Face hub's archives name "
+                            "ImageNet's images: give the label file (LOC_val_solution.csv, or the devkit's ground "
+                            "truth with --synsets)") from None
+    return labels
+
+
 def _read_ground_truth(path: Path, synsets: Path | None) -> dict[str, str]:
     """The devkit's ILSVRC2012_validation_ground_truth.txt (one ILSVRC2012_ID per line, image 1
     first) with the synsets in ILSVRC2012_ID order (a text file, one 'wnid ...' per line)."""
@@ -82,24 +96,30 @@ def _read_ground_truth(path: Path, synsets: Path | None) -> dict[str, str]:
     return labels
 
 
-def prepare_val(val_dir: str | Path, labels_file: str | Path, synsets: str | Path | None = None,
+def prepare_val(val_dir: str | Path, labels_file: str | Path | None, synsets: str | Path | None = None,
                 copy_to: str | Path | None = None) -> dict:
     """Move VAL_DIR/<image id>.JPEG into VAL_DIR/<wnid>/, or copy it into COPY_TO/<wnid>/ and leave
     VAL_DIR as it was (class folders next to the flat originals would leave images outside any
-    class folder, which the loaders skip). Resumable: images already in their class folder are left
-    alone, so a second run finishes an interrupted one."""
-    val_dir, labels_file = Path(val_dir), Path(labels_file)
+    class folder, which the loaders skip). Without a label file, each image's name must end in its
+    wnid, <image>_<wnid>.JPEG, as the Hugging Face hub's archives name them (unpacked by hand, a
+    train archive too). Resumable: images already in their class folder are left alone, so a
+    second run finishes an interrupted one."""
+    val_dir = Path(val_dir)
     if not val_dir.is_dir():
         raise UserError(no_folder(val_dir, "validation folder"))
-    if not labels_file.is_file():
+    if labels_file is not None and not Path(labels_file).is_file():
         raise UserError(f"no label file {labels_file}")
     target_dir = Path(copy_to) if copy_to else val_dir
     if copy_to and target_dir.resolve() == val_dir.resolve():
         raise UserError(f"--copy-to {copy_to} is the validation folder itself: copy into another folder, or move "
                         "(leave out --copy-to)")
-    labels = _read_solution_csv(labels_file) if labels_file.suffix.lower() == ".csv" else \
-        _read_ground_truth(labels_file, Path(synsets) if synsets else None)
     flat = {p.stem: p for p in val_dir.iterdir() if p.is_file() and p.name.lower().endswith(IMAGE_EXTENSIONS)}
+    if labels_file is None:
+        labels = _labels_from_names(flat)
+    elif Path(labels_file).suffix.lower() == ".csv":
+        labels = _read_solution_csv(Path(labels_file))
+    else:
+        labels = _read_ground_truth(Path(labels_file), Path(synsets) if synsets else None)
     unknown = sorted(set(flat) - set(labels))
     if unknown:
         raise UserError(f"{len(unknown)} image(s) in {val_dir} have no label in {labels_file}, e.g. {unknown[0]}: "

@@ -244,6 +244,30 @@ def test_prepare_val_from_devkit_ground_truth(tiny_data, tmp_path):
     assert_user_error(run_cli("data", "prepare-val", flat, tmp_path / "bad.csv", check=False), "ImageId,PredictionString")
 
 
+def test_prepare_val_by_the_names_of_the_hubs_archives(tiny_data, tmp_path):
+    """A flat folder unpacked by hand from the Hugging Face hub's val_images.tar.gz: each image's
+    name ends in its wnid, which sorts it without a label file; a name without one is refused."""
+    flat, truth = _flat_val(tmp_path, tiny_data)
+    wnid = {name: f"n{k:08d}" for k, name in enumerate(sorted(set(truth.values())))}
+    for image_id, name in truth.items():
+        (flat / f"{image_id}.JPEG").rename(flat / f"{image_id}_{wnid[name]}.JPEG")
+    shutil.copytree(tiny_data / "train", tmp_path / "train")
+    checked = run_cli("data", "check", tmp_path, "--no-decode", check=False).stdout  # data check says how to sort
+    assert (f"val/: {len(truth)} image(s) outside any class folder, e.g. ILSVRC2012_val_00000001_n00000000.JPEG (the "
+            f"loaders skip them: their names end in their wnid, as the Hugging Face hub's archives name them: fastrsb "
+            f"data prepare-val {flat} sorts them by those)") in checked
+    proc = run_cli("data", "prepare-val", flat)
+    assert f"moved {len(truth)} image(s) into 4 class folder(s)" in proc.stdout
+    listing = list_images(flat)
+    assert len(listing) == len(truth) and not list(flat.glob("*.JPEG"))
+    for path, label in zip(listing.files, listing.labels):
+        image_id, _, folder = path.rsplit("/", 1)[1].removesuffix(".JPEG").rpartition("_")
+        assert listing.classes[label] == folder == wnid[truth[image_id]]
+    shutil.copy(listing.files[0], flat / "ILSVRC2012_val_00000099.JPEG")
+    assert_user_error(run_cli("data", "prepare-val", flat, check=False), "ILSVRC2012_val_00000099.JPEG is not named "
+                      "<image>_<wnid>.JPEG", "give the label file")
+
+
 def _tree(folder):
     """Every file under FOLDER with its bytes, but for the lock a killed holder leaves."""
     return {path.relative_to(folder): path.read_bytes() for path in folder.rglob("*")
