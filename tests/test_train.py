@@ -934,7 +934,9 @@ def test_plot_draws_a_timm_run_beside_a_fastrsb_run(run, tmp_path):
     for name, validation, lr in (("old", validated, None), ("unvalidated", None, 0.1)):
         (tmp_path / name).mkdir()
         for epoch in range(2):
-            update_summary(epoch, OrderedDict(loss=0.9), validation, str(tmp_path / name / "summary.csv"), lr=lr)
+            # write_header as train.py passes it (timm 1.0.29, the GPU machine's, writes one only when told to)
+            update_summary(epoch, OrderedDict(loss=0.9), validation, str(tmp_path / name / "summary.csv"), lr=lr,
+                           write_header=epoch == 0)
     assert [(r["top1"], r["lr"]) for r in read_metrics(tmp_path / "old")[1]] == [(31.0, None)] * 2
     unvalidated = read_metrics(tmp_path / "unvalidated")[1]
     assert [(r["top1"], r["val_loss"], r["lr"]) for r in unvalidated] == [(None, None, 0.1)] * 2
