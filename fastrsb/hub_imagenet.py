@@ -109,6 +109,8 @@ def _webdataset_images(tar: tarfile.TarFile, wnids: list[str]):
 
 
 def _sample(key: str, parts: dict[str, bytes], wnids: list[str]) -> tuple[str, str, bytes]:
+    """One webdataset sample's (wnid, file name, image bytes); ValueError where it has no image or
+    no class index of ImageNet-1k."""
     image = next((extension for extension in _IMAGE_KEYS if extension in parts), None)
     try:
         index = int(parts["cls"])
@@ -116,7 +118,7 @@ def _sample(key: str, parts: dict[str, bytes], wnids: list[str]) -> tuple[str, s
         index = -1
     if image is None or not 0 <= index < len(wnids):
         raise ValueError(f"sample {key!r} has no {'image' if image is None else 'class index 0..999 (.cls)'}")
-    try:  # timm's shards keep the original file name (the image's number, for ImageNet-ReaL)
+    try:  # where its JSON names the original file, that name (a val image's number is what ReaL's labels go by)
         name = Path(str(json.loads(parts.get("json", b"{}")).get("filename", ""))).name
     except (ValueError, AttributeError):
         name = ""
