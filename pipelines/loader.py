@@ -90,7 +90,7 @@ class DaliLoader:
         policy = LastBatchPolicy.FILL if self.train else LastBatchPolicy.PARTIAL
         pipes = self._build(state["dali"] if state else None)
         outputs = ["images", "labels"] + (["draws"] if self._augment else [])
-        with _undecodable_named():  # the iterators read their first batches
+        with _undecodable_named(), _shut_down_on_failure(lambda: pipes):  # the iterators read their first batches
             self._iterators = [DALIGenericIterator(pipe, outputs, reader_name=READER_NAME,
                                                    last_batch_policy=policy, auto_reset=True) for pipe in pipes]
         if not self.train:
@@ -153,7 +153,7 @@ class DaliLoader:
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         batches = self._train_batches() if self.train else self._val_batches()
-        with _undecodable_named():
+        with _undecodable_named(), _shut_down_on_failure(lambda: [p for it in self._iterators for p in it._pipes]):
             yield from batches
 
     def _val_batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -337,6 +337,22 @@ def _undecodable_named():
                            "`fastrsb data check DIR` names every such file of a data folder or a file list, "
                            "and fastrsb.data_folder.find_undecodable(list_images(root).files) those of any "
                            "root a loader reads") from err
+
+
+@contextlib.contextmanager
+def _shut_down_on_failure(pipes: Callable[[], list]):
+    """A loader that failed (a file that does not decode) stops its DALI pipelines at once, in the
+    consumer's thread. Its error's traceback would otherwise keep them alive in a reference cycle
+    until the cyclic garbage collector runs, at whatever allocation it runs: inside another
+    loader's Python operator (the CPU graphs' resize, in a DALI thread), where shutting a pipeline
+    down deadlocks both (seen with Python 3.12: a test that goes on to build the next loader hung).
+    Leaving a pass early (a `break`: GeneratorExit) is no failure: the loader goes on."""
+    try:
+        yield
+    except Exception:
+        for pipe in pipes():  # (those of now: a validation pass may have built them anew)
+            pipe._shutdown()  # DALI 2.4's Pipeline.__del__ does the same, at a moment of the collector's choosing
+        raise
 
 
 def _next_batch(iterator: DALIGenericIterator) -> dict:

@@ -487,14 +487,20 @@ def test_file_list(tmp_path, tiny_data):
         list_images(tmp_path / "latin1.txt")
 
 
-def test_a_file_that_does_not_decode_is_said_how_to_find(tmp_path, tiny_data):
-    """DALI 2.4 fails on a text file under an image name without naming it: the loader's error says
-    how to find it, and the way it names works."""
-    from fastrsb.data_folder import find_undecodable
+def _list_with_a_text_file(tmp_path, tiny_data):
+    """A file list of the val images whose 8th is a text file under an image name."""
     listing = list_images(tiny_data / "val")
     (tmp_path / "notes.JPEG").write_text("not an image")
     lines = [f"{path} {label}" for path, label in zip(listing.files, listing.labels)]
     (tmp_path / "val.txt").write_text("\n".join(lines[:7] + [f"notes.JPEG {listing.labels[7]}"] + lines[8:]) + "\n")
+    return tmp_path / "val.txt"
+
+
+def test_a_file_that_does_not_decode_is_said_how_to_find(tmp_path, tiny_data):
+    """DALI 2.4 fails on a text file under an image name without naming it: the loader's error says
+    how to find it, and the way it names works."""
+    from fastrsb.data_folder import find_undecodable
+    _list_with_a_text_file(tmp_path, tiny_data)
     for make in (lambda: train_loader(tmp_path / "val.txt", batch_size=4, img_size=32, device="cpu"),
                  lambda: val_loader(tmp_path / "val.txt", batch_size=4, img_size=32, crop_pct=1.0, device="cpu")):
         with pytest.raises(RuntimeError, match=r"could not be decoded.*find_undecodable\(list_images\(root\).files\)"):
@@ -502,6 +508,29 @@ def test_a_file_that_does_not_decode_is_said_how_to_find(tmp_path, tiny_data):
                 pass
     found = find_undecodable(list_images(tmp_path / "val.txt").files)
     assert [path for path, _ in found] == [str(tmp_path / "notes.JPEG")]
+
+
+def test_a_loader_that_fails_stops_its_pipelines_at_once(tmp_path, tiny_data, monkeypatch):
+    """While its error is kept (as pytest.raises, or a caller's `except ... as err` kept elsewhere,
+    keeps it), a failed loader's DALI pipelines are already shut down: left to the cyclic garbage
+    collector, their shutdown ran inside the next loader's resize (a Python operator, in a DALI
+    thread) and hung both (Python 3.12, torch 2.11: the test above, building its second loader)."""
+    import fastrsb.pipelines.loader as loader_module
+    built = []
+    for name in ("train_pipeline", "val_pipeline"):
+        make = getattr(loader_module, name)
+        monkeypatch.setattr(loader_module, name, lambda *a, _make=make, **k: built.append(_make(*a, **k)) or built[-1])
+    files = _list_with_a_text_file(tmp_path, tiny_data)
+    kept = []
+    for make in (lambda: train_loader(files, batch_size=4, img_size=32, device="cpu"),  # fails iterating
+                 lambda: val_loader(files, batch_size=4, img_size=32, crop_pct=1.0, device="cpu")):  # building
+        try:
+            for _ in make():
+                pass
+        except RuntimeError as err:
+            kept.append(err)
+    assert len(kept) == 2 and len(built) == 3  # the train loader's 2 pipelines, the val loader's 1
+    assert all(pipe._pipe is None for pipe in built)  # shut down: nothing left for the collector to do
 
 
 @pytest.mark.gpu
