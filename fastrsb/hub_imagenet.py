@@ -42,15 +42,17 @@ _IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")  # a webdataset sample's image, by 
 
 @dataclass(frozen=True)
 class HubCopy:
-    """One of the hub's copies: its name, and its archives' names by split."""
+    """One of the hub's copies: its name, its archives' names by split, and the val ones' as said."""
     name: str
     train: re.Pattern
     val: re.Pattern
+    val_said: str
 
 
-ILSVRC = HubCopy("ILSVRC/imagenet-1k", re.compile(r"train_images_\d+\.tar\.gz"), re.compile(r"val_images\.tar\.gz"))
+ILSVRC = HubCopy("ILSVRC/imagenet-1k", re.compile(r"train_images_\d+\.tar\.gz"), re.compile(r"val_images\.tar\.gz"),
+                 "val_images.tar.gz")
 TIMM_WDS = HubCopy("timm/imagenet-1k-wds", re.compile(r"imagenet1k-train-\d+\.tar"),
-                   re.compile(r"imagenet1k-validation-\d+\.tar"))
+                   re.compile(r"imagenet1k-validation-\d+\.tar"), "imagenet1k-validation-NN.tar")
 
 
 def find_archives(raw: Path) -> tuple[HubCopy, list[Path], list[Path]] | None:
@@ -277,4 +279,4 @@ def prepare(copy: HubCopy, train: list[Path], val: list[Path], out: Path, worker
     if val:
         prepare_split(copy, "val", val, out, workers)
     else:
-        print(f"no validation archives ({copy.val.pattern}) in the download: OUT/val/ is left to you")
+        print(f"no {copy.val_said} in the download: OUT/val/ is left to you")
