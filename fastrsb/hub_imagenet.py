@@ -124,7 +124,10 @@ def _sample(key: str, parts: dict[str, bytes], wnids: list[str]) -> tuple[str, s
         name = Path(str(json.loads(parts.get("json", b"{}")).get("filename", ""))).name
     except (ValueError, AttributeError):
         name = ""
-    return wnids[index], name or f"{key.rsplit('/', 1)[-1]}.{image}", parts[image]
+    name = name if name and not name.startswith(".") else f"{key.rsplit('/', 1)[-1]}.{image}"
+    if name.startswith("."):  # a hidden file (the loaders skip those), or no name at all
+        raise ValueError(f"sample {key!r} gives no file name to write its image under")
+    return wnids[index], name, parts[image]
 
 
 # --- one archive, in a process of its own ------------------------------------------------------------
