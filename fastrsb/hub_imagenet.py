@@ -76,7 +76,7 @@ def member_target(name: str) -> tuple[str, str]:
     base = name.rsplit("/", 1)[-1]
     stem, dot, extension = base.rpartition(".")
     image, _, wnid = stem.rpartition("_")
-    if not dot or not image or not _WNID.fullmatch(wnid):
+    if not dot or not image or image.startswith(".") or not _WNID.fullmatch(wnid):
         raise ValueError(f"member {name!r} is not named <image>_<wnid>.JPEG")
     return wnid, f"{image}.{extension}"
 
