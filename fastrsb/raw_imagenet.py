@@ -39,7 +39,7 @@ DEVKIT = "ILSVRC2012_devkit_t12.tar.gz"  # holds data/ILSVRC2012_validation_grou
 
 @dataclass
 class RawLayout:
-    kind: str  # "ILSVRC2012 tars", "Kaggle" or "Hugging Face"
+    kind: str  # "ILSVRC2012 tars", "Kaggle" or "Hugging Face (<the copy>)"
     train_tar: Path | None = None  # the tar of per-class tars
     class_tars: list[Path] = field(default_factory=list)  # per-class tars in a folder
     class_dirs: Path | None = None  # Kaggle: train/<wnid>/
