@@ -506,8 +506,7 @@ def train_loader(root: str | os.PathLike | ImageList, batch_size: int, img_size:
     interpolation: how each random crop is resampled to img_size: "random" (bilinear or bicubic,
     drawn per image with equal odds: timm's default train interpolation, as in the RSB recipes),
     "bilinear" or "bicubic"; antialiased, as PIL resizes. RandAugment's geometric ops follow it as
-    timm's do ("random": drawn per op).
-    aa: timm's RandAugment string, e.g. "rand-m6-mstd0.5-inc1".
+    timm's do ("random": drawn per op). aa: timm's RandAugment string, e.g. "rand-m6-mstd0.5-inc1".
     aa_impl: how it runs: "tree" (DALI conditionals route each sample to its op; the fastest in
     training on the CPU and on the H200), "batch" (DALI, every op on the whole batch, neutral where
     a sample drew another: fewer, larger operators, yet the slowest on the H200) or "torch" (DALI
