@@ -129,13 +129,14 @@ synthetic_jpegs('data/bench/synthetic-$J', $J)"
 #    torch form, the loader's own stream, NVML's handle by UUID (the start-up memory line, doctor),
 #    the "mixed" decoders reading a JPEG's pixels as stored whatever its EXIF orientation (new at
 #    569cf77, as timm's PIL does) and reading BMP, TIFF, WebP, palette/alpha and 16-bit PNGs as the
-#    CPU's (new since 75928e1), and cutting random crops by timm's law (new since 2b8f856); the rest
-#    come in check 6).
+#    CPU's (new since 75928e1), cutting random crops by timm's law (new since 2b8f856), and a loader
+#    that fails on a broken file saying how to find it and shutting its pipelines down (new at
+#    38fdf0f); the rest come in check 6).
 step 60 120 loader-aa-torch-compiled-graphs $BENCH $DATA --mode loader --loaders dali-gpu --steps 80 \
     --aa-impl torch --compile-augment --cuda-graphs
 step 120 200 train-a3-cuda-graphs $BENCH $DATA --mode train --recipe a3 --steps 100 --set cuda_graphs=true \
     --variants step aa_impl=torch aa_impl=tree aa_impl=torch,augment_stream=true aa_impl=torch,high_priority_stream=true
-NEW_TESTS="gpu_two_pipelines or gpu_train_loader_with or batch_kept_across or graphed_step or captured_torch or rand_augment_on_the_gpu or resampling_on_the_gpu or (speed_key and cuda_graphs) or short_compiled or stream_of_its_own or nvml or startup_states or doctor_on_a_gpu or exif_orientation or other_formats or random_crops or by_its_index"
+NEW_TESTS="gpu_two_pipelines or gpu_train_loader_with or batch_kept_across or graphed_step or captured_torch or rand_augment_on_the_gpu or resampling_on_the_gpu or (speed_key and cuda_graphs) or short_compiled or stream_of_its_own or nvml or startup_states or doctor_on_a_gpu or exif_orientation or other_formats or random_crops or by_its_index or fails_stops"
 gpu_tests 100 200 pytest-gpu-new "$NEW_TESTS"
 # 3. The LAMB update alone on ResNet-50's parameters, eager and compiled, each also as a CUDA graph:
 #    is the compiled update why the step alone fell from 11,812 (915cdf8: eager LAMB, no mixing) to

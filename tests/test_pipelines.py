@@ -510,11 +510,15 @@ def test_a_file_that_does_not_decode_is_said_how_to_find(tmp_path, tiny_data):
     assert [path for path, _ in found] == [str(tmp_path / "notes.JPEG")]
 
 
-def test_a_loader_that_fails_stops_its_pipelines_at_once(tmp_path, tiny_data, monkeypatch):
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[
+    pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU")])])
+def test_a_loader_that_fails_stops_its_pipelines_at_once(tmp_path, tiny_data, monkeypatch, device):
     """While its error is kept (as pytest.raises, or a caller's `except ... as err` kept elsewhere,
     keeps it), a failed loader's DALI pipelines are already shut down: left to the cyclic garbage
     collector, their shutdown ran inside the next loader's resize (a Python operator, in a DALI
-    thread) and hung both (Python 3.12, torch 2.11: the test above, building its second loader)."""
+    thread) and hung both (Python 3.12, torch 2.11: the test above, building its second loader).
+    On the GPU (no Python operators there, one train pipeline): the "mixed" decoders' error says
+    how to find the file as the CPU's does, and the pipelines are shut down alike."""
     import fastrsb.pipelines.loader as loader_module
     built = []
     for name in ("train_pipeline", "val_pipeline"):
@@ -522,14 +526,15 @@ def test_a_loader_that_fails_stops_its_pipelines_at_once(tmp_path, tiny_data, mo
         monkeypatch.setattr(loader_module, name, lambda *a, _make=make, **k: built.append(_make(*a, **k)) or built[-1])
     files = _list_with_a_text_file(tmp_path, tiny_data)
     kept = []
-    for make in (lambda: train_loader(files, batch_size=4, img_size=32, device="cpu"),  # fails iterating
-                 lambda: val_loader(files, batch_size=4, img_size=32, crop_pct=1.0, device="cpu")):  # building
+    for make in (lambda: train_loader(files, batch_size=4, img_size=32, device=device),  # fails iterating
+                 lambda: val_loader(files, batch_size=4, img_size=32, crop_pct=1.0, device=device)):  # building
         try:
             for _ in make():
                 pass
         except RuntimeError as err:
             kept.append(err)
-    assert len(kept) == 2 and len(built) == 3  # the train loader's 2 pipelines, the val loader's 1
+    assert len(kept) == 2 and all("find_undecodable(list_images(root).files)" in str(err) for err in kept)
+    assert len(built) == (3 if device == "cpu" else 2)  # the train loader's 2 pipelines on the CPU, the val loader's 1
     assert all(pipe._pipe is None for pipe in built)  # shut down: nothing left for the collector to do
 
 
