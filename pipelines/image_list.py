@@ -47,7 +47,9 @@ def list_images(root: str | os.PathLike) -> ImageList:
         raise DatasetError(f"data folder {root} does not exist")
     classes = class_folders(root)
     if not classes:
-        raise DatasetError(f"{root} has no class folders (expected {root}/<class>/<image>.JPEG)")
+        loose = sum(1 for p in root.iterdir() if p.name.lower().endswith(IMAGE_EXTENSIONS) and p.is_file())
+        said = f"; it holds {loose:,} image(s) directly, outside any class folder (`fastrsb data check` says more)"
+        raise DatasetError(f"{root} has no class folders (expected {root}/<class>/<image>.JPEG){said if loose else ''}")
     _refuse_splits_as_classes(root, classes)
     files, labels, folders = [], [], {}
     for label, name in enumerate(classes):

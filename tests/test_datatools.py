@@ -251,6 +251,9 @@ def test_prepare_val_by_the_names_of_the_hubs_archives(tiny_data, tmp_path):
     wnid = {name: f"n{k:08d}" for k, name in enumerate(sorted(set(truth.values())))}
     for image_id, name in truth.items():
         (flat / f"{image_id}.JPEG").rename(flat / f"{image_id}_{wnid[name]}.JPEG")
+    with pytest.raises(DatasetError, match=rf"has no class folders .*; it holds {len(truth)} image\(s\) directly, "
+                                           r"outside any class folder \(`fastrsb data check` says more\)"):
+        list_images(flat)  # what a run or eval of such a folder says
     shutil.copytree(tiny_data / "train", tmp_path / "train")
     checked = run_cli("data", "check", tmp_path, "--no-decode", check=False).stdout  # data check says how to sort
     assert (f"val/: {len(truth)} image(s) outside any class folder, e.g. ILSVRC2012_val_00000001_n00000000.JPEG (the "
