@@ -365,10 +365,11 @@ def test_the_hubs_archives_into_a_folder_holding_other_files(hub, tmp_path):
 
 @pytest.fixture
 def timm_shards(tiny_data, tmp_path):
-    """timm/imagenet-1k-wds's download: webdataset shards imagenet1k-train-0000.tar and -0001.tar
-    (each class over both) and imagenet1k-validation-00.tar, each sample <key>.jpg, <key>.cls (its
-    class index in ImageNet-1k's sorted wnids) and <key>.json (the val samples' with the original
-    file name, the train samples' without). Returns (RAW, {(split, wnid, file name): bytes})."""
+    """timm/imagenet-1k-wds's download: webdataset shards imagenet1k-train-0000.tar to -0016.tar
+    (each class over several: 17, as many as make prepare draw a bar rather than a line a shard)
+    and imagenet1k-validation-00.tar, each sample <key>.jpg, <key>.cls (its class index in
+    ImageNet-1k's sorted wnids) and <key>.json (the val samples' with the original file name, the
+    train samples' without). Returns (RAW, {(split, wnid, file name): bytes})."""
     from fastrsb.class_order import imagenet_classes
     raw, wnids, indices = tmp_path / "wds", imagenet_classes(), [0, 1, 10, 999]
     raw.mkdir()
@@ -381,9 +382,8 @@ def timm_shards(tiny_data, tmp_path):
             expected["train", wnid, f"{key}.jpg"] = image.read_bytes()
             train.append([(f"{key}.cls", str(indices[k]).encode()), (f"{key}.jpg", image.read_bytes()),
                           (f"{key}.json", b'{"label": %d}' % indices[k])])
-    train = train[1::2] + train[::2]
-    _tar(raw / "imagenet1k-train-0000.tar", [m for sample in train[: len(train) // 2] for m in sample])
-    _tar(raw / "imagenet1k-train-0001.tar", [m for sample in train[len(train) // 2:] for m in sample])
+    for shard in range(17):
+        _tar(raw / f"imagenet1k-train-{shard:04d}.tar", [m for sample in train[shard::17] for m in sample])
     val = []
     for n, (name, data, folder) in enumerate(_val_files(tiny_data)):
         index = indices[classes.index(folder)]
@@ -403,9 +403,10 @@ def test_timms_webdataset_shards(timm_shards, tmp_path):
     out = tmp_path / "imagenet"
     proc = run_cli("data", "prepare", raw, out, "--workers", "2")
     assert "Hugging Face (timm/imagenet-1k-wds)" in proc.stdout and "ready to train" in proc.stdout
+    assert "archives 17/17" in proc.stderr and "imagenet1k-train-0000.tar:" not in proc.stdout  # a bar over many
     assert "train: 4 class(es) written, 0 already there" in proc.stdout
     assert _prepared(out) == expected
     assert "train: 0 class(es) written, 4 already there" in run_cli("data", "prepare", raw, out).stdout
-    _tar(raw / "imagenet1k-train-0001.tar", [("x.cls", b"1000"), ("x.jpg", b"\xff\xd8")])
-    assert_user_error(run_cli("data", "prepare", raw, tmp_path / "other", check=False), "imagenet1k-train-0001.tar",
+    _tar(raw / "imagenet1k-train-0016.tar", [("x.cls", b"1000"), ("x.jpg", b"\xff\xd8")])
+    assert_user_error(run_cli("data", "prepare", raw, tmp_path / "other", check=False), "imagenet1k-train-0016.tar",
                       "sample 'x' has no class index 0..999 (.cls)", "timm/imagenet-1k-wds")
