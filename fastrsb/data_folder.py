@@ -14,6 +14,7 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 from fastrsb.errors import UserError
+from fastrsb.file_jobs import default_workers
 from fastrsb.folder_lock import in_use
 from fastrsb.progress import Progress
 from fastrsb.raw_imagenet import hint
@@ -187,7 +188,7 @@ def scan_headers(files: list[str], workers: int | None = None) -> list[tuple[str
     100,000 files in 0.4 s on 2 cores from the page cache (a pool of 32 threads took 5 s: the GIL),
     so ImageNet's 1.33M in ~5 s plus what cold storage adds. It catches at start-up what would
     otherwise stop a run hours in."""
-    workers = workers or max(1, min(16, len(os.sched_getaffinity(0))))
+    workers = default_workers(workers)
     size = max(256, -(-len(files) // (workers * 8)))
     chunks = [files[i:i + size] for i in range(0, len(files), size)]
     if len(chunks) == 1:
@@ -276,7 +277,7 @@ def find_undecodable(files: list[str], workers: int | None = None, limit: int | 
     """(path, reason) for the files that do not decode (the first `limit`, or all), in file order.
     turned, deep: lists to which the files whose EXIF orientation turns them, and the 16-bit grey
     ones, are appended."""
-    workers = workers or max(1, min(16, len(os.sched_getaffinity(0))))
+    workers = default_workers(workers)
     bad = []
     with ProcessPoolExecutor(workers) as pool:
         for done, (path, (reason, is_turned, is_deep)) in enumerate(zip(files, pool.map(_decode, files,

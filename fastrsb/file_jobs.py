@@ -5,6 +5,7 @@ more (full, over quota, read-only), where every later job would fail the same wa
 from __future__ import annotations
 
 import errno
+import os
 import shutil
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor
@@ -75,3 +76,17 @@ def not_these_files(folder: Path, images: dict[str, int]) -> list[str]:
         elif entry.stat().st_size != images[entry.name]:
             foreign.append(f"{entry.name} ({entry.stat().st_size:,} bytes, the download's {images[entry.name]:,})")
     return foreign
+
+
+def default_workers(workers: int | None) -> int:
+    """WORKERS, or the cores this process may use, at most 16 (past that, a data tool waits on the disk)."""
+    return workers or max(1, min(16, len(os.sched_getaffinity(0))))
+
+
+def foreign_classes(folder: Path, foreign: list[str]) -> UserError:
+    """The error for class folders of FOLDER already holding another data set's files (FOREIGN: each
+    said why), which `data prepare` leaves as they are: they are somebody's files."""
+    more = f"; and {len(foreign) - 1} more" if len(foreign) > 1 else ""
+    return UserError(f"{len(foreign)} class folder(s) of {folder} already hold other files than the download's: "
+                     f"{foreign[0]}{more}. Does OUT hold another data set (a shrunk copy, another download)? Prepare "
+                     "into an empty folder, or remove those class folders to have them written again")

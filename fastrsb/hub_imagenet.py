@@ -32,7 +32,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fastrsb.errors import UserError
-from fastrsb.file_jobs import each_result, not_these_files, stops_writing, write_stopped
+from fastrsb.file_jobs import default_workers, each_result, foreign_classes, not_these_files, stops_writing, \
+    write_stopped
 from fastrsb.progress import Progress, clock
 
 _WNID = re.compile(r"n\d{8}")
@@ -247,10 +248,7 @@ def _place(archives: list[Path], target: Path, staging: Path, out: Path) -> tupl
         os.replace(staging / wnid, target / wnid)
         placed += 1
     if foreign:  # left as they are: they are somebody's files (the staged copies wait for the next run)
-        raise UserError(f"{len(foreign)} class folder(s) of {target} already hold other files than the download's: "
-                        f"{foreign[0]}{f'; and {len(foreign) - 1} more' if len(foreign) > 1 else ''}. Does OUT hold "
-                        "another data set (a shrunk copy, another download)? Prepare into an empty folder, or remove "
-                        "those class folders to have them written again")
+        raise foreign_classes(target, foreign)
     shutil.rmtree(staging, ignore_errors=True)  # the staged copies of classes that were there already
     return placed, there
 
@@ -263,7 +261,8 @@ def prepare_split(copy: HubCopy, split: str, archives: list[Path], out: Path, wo
         (out / STATE).mkdir(parents=True, exist_ok=True)
         for archive in stale:
             _listing_path(archive, out).unlink(missing_ok=True)  # extracted again: not complete until it is
-        print(f"{split}: extracting {len(stale)} of {len(archives)} archive(s), an archive a process")
+        print(f"{split}: extracting {len(stale)} of {len(archives)} archive(s), in "
+              f"{min(workers, len(stale))} process(es)")
         _extract_all(copy, stale, staging, out, workers)
     target.mkdir(exist_ok=True)
     placed, there = _place(archives, target, staging, out)
@@ -277,7 +276,7 @@ def need_bytes(archives: list[Path], out: Path) -> int:
 
 def prepare(copy: HubCopy, train: list[Path], val: list[Path], out: Path, workers: int | None) -> None:
     """OUT/train/ and OUT/val/ from the hub's archives."""
-    workers = workers or max(1, min(16, len(os.sched_getaffinity(0))))
+    workers = default_workers(workers)
     prepare_split(copy, "train", train, out, workers)
     if val:
         prepare_split(copy, "val", val, out, workers)

@@ -28,8 +28,8 @@ from pathlib import Path
 
 from fastrsb import hub_imagenet
 from fastrsb.errors import UserError
-from fastrsb.file_jobs import each_result, make_folder, nearest_existing, not_these_files, stops_writing, \
-    write_stopped
+from fastrsb.file_jobs import (default_workers, each_result, foreign_classes, make_folder, nearest_existing,
+                               not_these_files, stops_writing, write_stopped)
 from fastrsb.folder_lock import FolderLock
 from fastrsb.progress import Progress
 
@@ -170,7 +170,7 @@ def _write_classes(jobs: list[tuple], train: Path, workers: int | None) -> tuple
     progress, counts = Progress("train classes", len(jobs), unit="classes"), {"done": 0, "skipped": 0}
     failures, foreign = [], []
     try:
-        with closing(each_result(_write_class, jobs, workers or max(1, min(16, len(os.sched_getaffinity(0)))))) \
+        with closing(each_result(_write_class, jobs, default_workers(workers))) \
                 as results:
             for done, result in enumerate(results, 1):
                 if result.startswith("unwritable"):
@@ -308,10 +308,7 @@ def _prepare_into(layout: RawLayout, out: Path, synsets: Path | None, workers: i
     counts, failures, foreign = _write_classes(jobs, out / "train", workers)
     print(f"train: {counts['done']:,} class(es) written, {counts['skipped']:,} already there")
     if foreign:  # left as they are: they are somebody's files
-        raise UserError(f"{len(foreign)} class folder(s) of {out / 'train'} already hold other images than the "
-                        f"download's: {foreign[0]}{f'; and {len(foreign) - 1} more' if len(foreign) > 1 else ''}. "
-                        "Does OUT hold another data set (a shrunk copy, another download)? Prepare into an empty "
-                        "folder, or remove those class folders to have them written again")
+        raise foreign_classes(out / "train", foreign)
     if failures:
         raise UserError(f"{len(failures)} class(es) could not be read: {failures[0]}"
                         f"{f' and {len(failures) - 1} more' if len(failures) > 1 else ''} (is the tar truncated? "

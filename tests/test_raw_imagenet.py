@@ -1,6 +1,7 @@
 """fastrsb data prepare: miniature ImageNet downloads, packed as ImageNet packs them, into the
 folder a run reads; resumable, the input left as it was, bad input named."""
 import io
+import re
 import shutil
 import tarfile
 
@@ -97,7 +98,7 @@ def test_a_resume_takes_only_the_downloads_own_classes(ilsvrc, tmp_path):
     (classes[3] / "extra.JPEG").write_bytes(next(classes[2].iterdir()).read_bytes())
     before = _files(out)
     assert_user_error(run_cli("data", "prepare", ilsvrc, out, check=False),
-                      "2 class folder(s) of", "already hold other images than the download's",
+                      "2 class folder(s) of", "already hold other files than the download's",
                       f"{classes[1]} holds 1 file(s) that are not the download's images of {classes[1].name}, "
                       f"e.g. {shrunk.name} ({shrunk.stat().st_size:,} bytes, the download's "
                       f"{shrunk.stat().st_size + 100:,})", "and 1 more", "Prepare into an empty folder")
@@ -300,6 +301,9 @@ def test_the_hubs_archives_prepare_resume_and_train(hub, tmp_path):
     assert "train: 4 class(es) written, 0 already there" in proc.stdout
     assert "val: 4 class(es) written, 0 already there" in proc.stdout
     assert _prepared(out) == expected
+    said = re.findall(r"  (train_images_\d\.tar\.gz): ([\d,]+) images", proc.stdout)  # a line an archive
+    assert [name for name, _ in said] == ["train_images_0.tar.gz", "train_images_1.tar.gz"]
+    assert sum(int(count) for _, count in said) == sum(1 for split, _, _ in expected if split == "train")
     assert {p: p.stat().st_mtime_ns for p in (raw / "data").iterdir()} == before
     proc = run_cli("data", "prepare", raw, out)
     assert "extracting" not in proc.stdout and "train: 0 class(es) written, 4 already there" in proc.stdout
@@ -345,10 +349,16 @@ def test_an_interrupted_extraction_resumes_with_the_archives_left(hub, tmp_path,
     assert _prepared(out) == expected
 
 
-def test_the_hubs_archives_into_a_folder_holding_other_files(hub, tmp_path):
+def test_the_hubs_archives_into_a_folder_holding_other_files(hub, tmp_path, monkeypatch):
     """A class folder already in OUT with other images (another data set) is refused and left as it
-    was; a member named otherwise than <image>_<wnid> (not the hub's archive) is named."""
+    was; a member named otherwise than <image>_<wnid> (not the hub's archive) is named; a disk
+    without room for the archives is said before any is extracted."""
     raw, _ = hub
+    import fastrsb.raw_imagenet
+    with monkeypatch.context() as patched:
+        patched.setattr(fastrsb.raw_imagenet.shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10, 9, 1))
+        assert_user_error(run_cli("data", "prepare", raw, tmp_path / "full", check=False), "GiB free")
+    assert not (tmp_path / "full" / ".fastrsb-hf").exists()
     out = tmp_path / "imagenet"
     (out / "train" / _wnid(1)).mkdir(parents=True)
     (out / "train" / _wnid(1) / "other.JPEG").write_bytes(b"another set's image")
