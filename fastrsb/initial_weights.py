@@ -83,14 +83,16 @@ def _order_unknown(order: list[str] | None, their_classes: list[str] | None, cla
 def _from_file(path: Path, architecture: str, classes: list[str],
                data: Path | None = None) -> tuple[str, list[str] | None, list[str] | None, dict, str]:
     """(architecture, the classes it names by index or None, the order of its classifier's rows or
-    None, weights, what the run card calls them) of a fastrsb checkpoint, a checkpoint of timm's
-    train.py (its model's weights, as timm's --initial-checkpoint takes them, not its EMA's; its
-    rows are the run's CLASSES where they are as many, in the order timm's ImageFolder gives them,
-    or its --class-map's classes), or a file of weights alone (rows in the run's order), as timm's
-    --initial-checkpoint takes one: a .safetensors file, or torch.save's of a state dict (bare, or
-    under "state_dict" or "model"; "module." prefixes of a DDP model dropped). Weights alone name
-    no architecture: they are taken as the recipe's model's, which they must fit key for key and
-    shape for shape."""
+    None, weights, what the run card calls them) of a fastrsb checkpoint (its model's weights, as
+    timm's loader also takes them from that file), a checkpoint of timm's train.py (its EMA's
+    weights where it kept an EMA, else its model's: timm's --initial-checkpoint loads with
+    load_checkpoint's use_ema=True; its rows are the run's CLASSES where they are as many, in the
+    order timm's ImageFolder gives them, or its --class-map's classes), or a file of weights alone
+    (rows in the run's order), as timm's --initial-checkpoint takes one: a .safetensors file, or
+    torch.save's of a state dict, bare or under the first of timm's keys that holds one
+    ("state_dict_ema", "model_ema", "state_dict", "model"), a DDP model's "module." prefixes and
+    torch's AveragedModel's count (torchvision's EMA) dropped. Weights alone name no architecture:
+    they are taken as the recipe's model's, which they must fit key for key and shape for shape."""
     if path.suffix == ".safetensors":
         return architecture, None, None, read_weights_file(path), f"{path} (weights alone)"
     try:
@@ -103,13 +105,18 @@ def _from_file(path: Path, architecture: str, classes: list[str],
         # Where train.py looked for it (under its data folder), and under this run's data folder.
         places = [*timm_data_folders(timm), *([split_folder(data, "train"), data] if data else [])]
         order = timm_order(classes, read_class_map(class_map, places) if class_map else None)
-        return architecture_of(timm), order if class_map else None, order, timm.weights, timm.describe()
+        weights, said = ((timm.ema_weights, ", its EMA's weights, as timm's --initial-checkpoint takes them")
+                         if timm.ema_weights is not None else (timm.weights, ""))
+        return architecture_of(timm), order if class_map else None, order, weights, timm.describe() + said
     if isinstance(state, dict) and "model" in state and "recipe" in state:  # fastrsb's
         return (state["recipe"]["model"], state["classes"], state["classes"], state["model"],
                 f"{path} (epoch {state.get('epoch')})")
-    weights = next((w for w in (state, *(state.get(key) for key in ("state_dict", "model") if isinstance(state, dict)))
-                    if is_weights(w)), None)
+    keys = ("state_dict_ema", "model_ema", "state_dict", "model")  # timm's load_state_dict's, in its order
+    found = [(None, state), *((key, state.get(key)) for key in keys if isinstance(state, dict))]
+    key, weights = next(((key, w) for key, w in found if is_weights(w)), (None, None))
     if weights is None:
         raise UserError(f"initial_checkpoint: {path} is neither a fastrsb checkpoint, nor timm's, nor a state dict "
                         "of weights alone")
-    return architecture, None, None, unwrapped(weights), f"{path} (weights alone)"
+    weights = {name: value for name, value in weights.items() if name != "n_averaged"}  # AveragedModel's count
+    said = f", its EMA's under \"{key}\" as timm's --initial-checkpoint takes them" if key in keys[:2] else ""
+    return architecture, None, None, unwrapped(weights), f"{path} (weights alone{said})"

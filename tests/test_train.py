@@ -377,7 +377,8 @@ def test_eval_of_a_timm_train_checkpoint_measures_what_timm_recorded(run, tiny_d
     arguments' size and crop (32 px, 0.875 here; the recipe tests at 40, 0.95), reaching the top-1
     timm's own eval transform gives, and to the last digit what fastrsb gives the same weights.
     --ema takes its EMA's weights, for which train.py records its figure where it keeps an EMA.
-    A run starts from its weights (the model's, as timm's --initial-checkpoint); it is not resumed."""
+    A run starts from its EMA's weights where it kept an EMA, as timm's --initial-checkpoint does (it
+    took the model's); it is not resumed."""
     import argparse
     import timm
     from PIL import Image
@@ -418,13 +419,18 @@ def test_eval_of_a_timm_train_checkpoint_measures_what_timm_recorded(run, tiny_d
     model_weights = json.loads(run_cli("eval", checkpoint, "--data", tiny_data, "--json").stdout)
     assert model_weights["val_loss"] != ema["val_loss"]
 
-    started = run_cli("train", "tiny", "--data", tiny_data, "--out", tmp_path / "ft", "--device", "cpu",
-                      "--set", f"initial_checkpoint={checkpoint}", *ZERO_LR, "--stop-after-steps", "1")
-    assert (f"weights: from {checkpoint} (timm's train.py: resnet10t, 1 epoch(s) trained), its classifier "
-            "included") in started.stdout
     names = {name for name, _ in model.named_parameters()}
-    assert _weights_equal(_parameters(load_checkpoint(tmp_path / "ft" / "last.pt")["model"], names),
-                          _parameters(fresh, names))
+    for source, taken in ((checkpoint, state["model"]), (plain, state["model"])):
+        started = run_cli("train", "tiny", "--data", tiny_data, "--out", tmp_path / f"ft-{source.parent.name}",
+                          "--device", "cpu", "--set", f"initial_checkpoint={source}", *ZERO_LR, "--stop-after-steps", "1")
+        ema_said = ", its EMA's weights, as timm's --initial-checkpoint takes them" if source == checkpoint else ""
+        assert (f"weights: from {source} (timm's train.py: resnet10t, 1 epoch(s) trained){ema_said}, its classifier "
+                "included") in started.stdout
+        by_timm = timm.create_model("resnet10t", num_classes=4, checkpoint_path=str(source)).state_dict()
+        started_from = _parameters(load_checkpoint(tmp_path / f"ft-{source.parent.name}" / "last.pt")["model"], names)
+        assert _weights_equal(started_from, _parameters(by_timm, names))
+        assert _weights_equal(started_from, _parameters(taken, names))
+    assert not _weights_equal(_parameters(fresh, names), _parameters(state["model"], names))
     assert_user_error(run_cli("train", "tiny", "--data", tiny_data, "--out", tmp_path / "again", "--device", "cpu",
                               "--resume", checkpoint, check=False),
                       "is a checkpoint of timm's train.py (resnet10t, 1 epoch(s) trained), not fastrsb's",
@@ -674,26 +680,38 @@ def test_initial_checkpoint_from_a_model_folder_on_other_classes_starts_the_clas
 def test_initial_checkpoint_from_weights_alone(run, tiny_data, tmp_path):
     """timm's --initial-checkpoint takes a file of weights alone, and so does fastrsb's (it took a
     checkpoint or a model folder only): a bare state dict (torch.save), timm's layout ("state_dict"
-    and "arch", with a DDP model's "module." prefixes) and a .safetensors file. With the LR at 0
-    each run's weights end as they began; an "arch" other than the recipe's model, and weights
-    that do not fit it, are named; the timm command passes such a file as it is."""
+    and "arch", with a DDP model's "module." prefixes), a .safetensors file, and an EMA's weights
+    under the keys timm's loader prefers ("state_dict_ema", "model_ema": torchvision's reference
+    scripts', an AveragedModel's; the model's were taken): the weights timm starts from. With the
+    LR at 0 each run's weights end as they began; an "arch" other than the recipe's model, and
+    weights that do not fit it, are named; the timm command passes such a file as it is."""
+    import timm
     from safetensors.torch import save_file
     from fastrsb.model import make_model
     out, _ = run
     started = load_checkpoint(out / "last.pt")["model"]
+    fresh = make_model("resnet10t", 4).state_dict()
+    averaged = {"n_averaged": torch.tensor(9), **{f"module.{k}": v for k, v in started.items()}}
     files = {"bare.pth": started, "timm.pth.tar": {"state_dict": {f"module.{k}": v for k, v in started.items()},
-                                                   "arch": "resnet10t", "epoch": 7}}
+                                                   "arch": "resnet10t", "epoch": 7},
+             "ema.pth": {"state_dict": fresh, "state_dict_ema": started, "epoch": 3},
+             "torchvision.pth": {"model": fresh, "model_ema": averaged, "epoch": 3}}
     for name, content in files.items():
         torch.save(content, tmp_path / name)
     save_file({k: v.contiguous() for k, v in started.items()}, tmp_path / "w.safetensors")
     names = {name for name, _ in make_model("resnet10t", 4).named_parameters()}
-    said = {"timm.pth.tar": "timm's train.py: resnet10t, 7 epoch(s) trained"}  # an older saver's epoch: those done
+    said = {"timm.pth.tar": "timm's train.py: resnet10t, 7 epoch(s) trained",  # an older saver's epoch: those done
+            "ema.pth": "weights alone, its EMA's under \"state_dict_ema\" as timm's --initial-checkpoint takes them",
+            "torchvision.pth": "weights alone, its EMA's under \"model_ema\" as timm's --initial-checkpoint takes them"}
     for name in (*files, "w.safetensors"):
         proc = run_cli("train", "tiny", "--data", tiny_data, "--out", tmp_path / f"ft-{name}", "--device", "cpu",
                        "--set", f"initial_checkpoint={tmp_path / name}", *ZERO_LR, "--stop-after-steps", "2")
         assert f"weights: from {tmp_path / name} ({said.get(name, 'weights alone')}), its classifier included" in proc.stdout
         trained = load_checkpoint(tmp_path / f"ft-{name}" / "last.pt")["model"]
         assert _weights_equal(_parameters(trained, names), _parameters(started, names)), name
+        if name != "torchvision.pth":  # timm's strict load refuses the AveragedModel's n_averaged
+            by_timm = timm.create_model("resnet10t", num_classes=4, checkpoint_path=str(tmp_path / name))
+            assert _weights_equal(_parameters(by_timm.state_dict(), names), _parameters(started, names)), name
     common = ["train", "tiny", "--data", tiny_data, "--device", "cpu"]
     torch.save({"state_dict": started, "arch": "resnet18"}, tmp_path / "r18.pth")
     assert_user_error(run_cli(*common, "--out", tmp_path / "a", "--set", f"initial_checkpoint={tmp_path / 'r18.pth'}",
