@@ -21,12 +21,15 @@ def _add_common(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_recipe(args) -> None:
-    from fastrsb.recipe import describe, load_recipe
+    from fastrsb.recipe import describe, load_recipe, to_toml
     if args.keys:
         print(describe())
         return
     recipe = load_recipe(args.recipe, args.overrides)
-    if args.timm:
+    if args.toml:
+        sets = "".join(f" --set {shlex.quote(item)}" for item in args.overrides)
+        print(to_toml(recipe, f"fastrsb recipe {shlex.quote(args.recipe)} --toml{sets} (fastrsb {__version__})"), end="")
+    elif args.timm:
         from fastrsb.timm_command import timm_commands
         print(timm_commands(recipe, args.gpus))
     elif args.json:
@@ -356,6 +359,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("recipe", nargs="?", default="a3", help="a1, a2, a3, demo, tiny or a path to a .toml file")
     p.add_argument("--json", action="store_true", help="one JSON object")
     p.add_argument("--keys", action="store_true", help="list every recipe key with its type and meaning")
+    p.add_argument("--toml", action="store_true",
+                   help="the recipe as a whole recipe file (--set values in), to edit and train: fastrsb recipe a3 "
+                        "--toml > mine.toml; fastrsb train mine.toml")
     p.add_argument("--timm", action="store_true",
                    help="the same recipe as commands of timm's train.py and validate.py, and what still differs")
     p.add_argument("--gpus", type=count_option, default=1, help="with --timm: the GPUs timm's run splits the batch over")

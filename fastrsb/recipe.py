@@ -120,7 +120,8 @@ def _check_keys(raw: dict, where: str) -> None:
         raise UserError(f"recipe {where}: unknown key '{unknown[0]}'{_suggest(unknown[0])}")
     missing = [k for k in RECIPE_SCHEMA if k not in raw]
     if missing:
-        raise UserError(f"recipe {where}: missing key(s) {', '.join(missing)}")
+        raise UserError(f"recipe {where}: missing key(s) {', '.join(missing)} (a recipe file holds every key: "
+                        f"start from a whole one, `fastrsb recipe a3 --toml > {Path(where).name}`, and edit it)")
 
 
 def _suggest(key: str) -> str:
@@ -202,7 +203,8 @@ def _check_values(r: dict[str, Any]) -> None:
     if not 0 <= r["seed"] < 2**31:  # numpy takes seed + rank, below 2**32
         raise UserError(f"recipe: 'seed' must lie in [0, 2**31), not {r['seed']}")
     if r["warmup_epochs"] >= r["epochs"] and r["warmup_epochs"] > 0:
-        raise UserError(f"recipe: warmup_epochs ({r['warmup_epochs']}) must be fewer than epochs ({r['epochs']})")
+        raise UserError(f"recipe: warmup_epochs ({r['warmup_epochs']}) must be fewer than epochs ({r['epochs']}): "
+                        f"--set warmup_epochs={r['epochs'] - 1}" + (" or fewer" if r["epochs"] > 1 else " (no warmup)"))
     if r["aa"] is not None:
         from fastrsb.pipelines.augment_spec import parse_rand_augment
         try:
@@ -214,3 +216,32 @@ def _check_values(r: dict[str, Any]) -> None:
 def describe() -> str:
     """One line per key, for `fastrsb recipe --keys`."""
     return "\n".join(f"{k:<18} {t.__name__}{' or none' if o else ''}: {d}" for k, (t, o, d) in RECIPE_SCHEMA.items())
+
+
+def to_toml(recipe: dict[str, Any], origin: str) -> str:
+    """RECIPE as a whole recipe file, every key with its meaning above it, that load_recipe reads
+    back to the same values (`fastrsb recipe a3 --toml --set epochs=50 > mine.toml`: a file of
+    one's own, since a recipe file must hold every key). ORIGIN: the command that printed it."""
+    import textwrap
+    lines = [f"# {origin}", "# Every key must be present (`fastrsb recipe --keys`); values as `--set` takes them."]
+    for key, (_, optional, meaning) in RECIPE_SCHEMA.items():
+        lines += ["", *textwrap.wrap(meaning, 97, initial_indent="# ", subsequent_indent="# "),
+                  f"{key} = {_toml_value(recipe[key])}"]
+    return "\n".join(lines) + "\n"
+
+
+def _toml_value(value: Any) -> str:
+    """A TOML literal: JSON's string escapes are TOML's basic string's; floats by repr, which
+    reads back to the same float (TOML takes 1e-06, inf and nan); None as the recipes' "none"."""
+    import json
+    if value is None:
+        return '"none"'
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float):
+        return repr(value) if math.isfinite(value) else ("nan" if math.isnan(value) else ("inf" if value > 0 else "-inf"))
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    if isinstance(value, int):
+        return str(value)
+    return json.dumps(value)

@@ -85,7 +85,8 @@ def write_variant(tmp_path, drop=None, add=None, replace=None):
 
 
 @pytest.mark.parametrize("change,fragment", [
-    (dict(drop="lr"), "missing key(s) lr"),
+    (dict(drop="lr"), "missing key(s) lr (a recipe file holds every key: start from a whole one, `fastrsb recipe a3 "
+                      "--toml > variant.toml`"),
     (dict(add="learning_rate = 0.1"), "unknown key 'learning_rate'"),
     (dict(replace=("epochs", 'epochs = "ten"')), "'epochs' must be int"),
     (dict(add="this is not toml"), "does not parse"),
@@ -93,6 +94,32 @@ def write_variant(tmp_path, drop=None, add=None, replace=None):
 def test_bad_recipe_files(tmp_path, change, fragment):
     path = write_variant(tmp_path, **change)
     assert_user_error(run_cli("recipe", path, check=False), fragment)
+
+
+@pytest.mark.parametrize("name", BUILTIN)
+def test_recipe_toml_is_a_whole_recipe_file_that_trains_as_the_recipe(name, tmp_path):
+    """`fastrsb recipe NAME --toml` (--set values in) writes a recipe file of one's own that reads
+    back to the same values, every key there with its meaning: none values, a float to its last
+    bit, a path with quotes, backslashes and accents."""
+    sets = ["epochs=7", "lr=0.1234567891234567", "warmup_epochs=2", "aa=none", "bce_target_thresh=none",
+            'initial_checkpoint=w\\e "quoted" é.pth', "opt_betas=0.85,0.9999", "seed=2147483647"]
+    for overrides in ([], sets):
+        text = run_cli("recipe", name, "--toml", *(w for item in overrides for w in ("--set", item))).stdout
+        assert text.startswith(f"# fastrsb recipe {name} --toml")
+        (tmp_path / "mine.toml").write_text(text)
+        wanted = {**load_recipe(name, overrides), "name": "mine"}
+        assert load_recipe(str(tmp_path / "mine.toml")) == wanted
+        assert json.loads(run_cli("recipe", tmp_path / "mine.toml", "--json").stdout) == wanted
+        for key, (_, _, meaning) in RECIPE_SCHEMA.items():
+            assert f"# {meaning.split()[0]}" in text.split(f"\n{key} = ")[0].rsplit("\n\n", 1)[1]
+    assert 'initial_checkpoint = "w\\\\e \\"quoted\\" \\u00e9.pth"' in text
+
+
+def test_warmup_as_long_as_the_run_says_what_to_set():
+    assert_user_error(run_cli("recipe", "demo", "--set", "epochs=1", check=False),
+                      "warmup_epochs (1) must be fewer than epochs (1): --set warmup_epochs=0 (no warmup)")
+    assert_user_error(run_cli("recipe", "a3", "--set", "epochs=5", check=False),
+                      "warmup_epochs (5) must be fewer than epochs (5): --set warmup_epochs=4 or fewer")
 
 
 def test_unknown_recipe_name_or_path(tmp_path):
