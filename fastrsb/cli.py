@@ -28,7 +28,8 @@ def cmd_recipe(args) -> None:
     recipe = load_recipe(args.recipe, args.overrides)
     if args.toml:
         sets = "".join(f" --set {shlex.quote(item)}" for item in args.overrides)
-        print(to_toml(recipe, f"fastrsb recipe {shlex.quote(args.recipe)} --toml{sets} (fastrsb {__version__})"), end="")
+        origin = f"fastrsb recipe {shlex.quote(args.recipe)} --toml{sets} (fastrsb {__version__})"
+        print(to_toml(recipe, origin), end="")
     elif args.timm:
         from fastrsb.timm_command import timm_commands
         print(timm_commands(recipe, args.gpus))

@@ -232,14 +232,14 @@ def to_toml(recipe: dict[str, Any], origin: str) -> str:
 
 def _toml_value(value: Any) -> str:
     """A TOML literal: JSON's string escapes are TOML's basic string's; floats by repr, which
-    reads back to the same float (TOML takes 1e-06, inf and nan); None as the recipes' "none"."""
+    reads back to the same float (TOML takes 1e-06, inf and nan as Python writes them); None as the recipes' "none"."""
     import json
     if value is None:
         return '"none"'
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, float):
-        return repr(value) if math.isfinite(value) else ("nan" if math.isnan(value) else ("inf" if value > 0 else "-inf"))
+        return repr(value)
     if isinstance(value, list):
         return "[" + ", ".join(_toml_value(v) for v in value) + "]"
     if isinstance(value, int):
