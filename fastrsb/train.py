@@ -395,9 +395,10 @@ def run_card(run: Run, pos: Position) -> list[str]:
                     f"{1 - HEADROOM:.0%} headroom (--micro-batch to choose)")
     lr = f"LR {r['lr']:g} peak after {r['warmup_epochs']} warmup epoch(s) from {r['warmup_lr']:g}, cosine to {r['min_lr']:g}"
     if paper and paper["batch_size"] != r["batch_size"]:
+        ratio = r["batch_size"] / paper["batch_size"]  # timm's train.py scales LAMB's (and Ada*'s) by its root
         lr += (f": not rescaled for batch {r['batch_size']} (recipe {r['name']}: batch {paper['batch_size']}, "
-               f"LR {paper['lr']:g}; a linear rule would give {paper['lr'] * r['batch_size'] / paper['batch_size']:g}: "
-               "--set lr= to choose)")
+               f"LR {paper['lr']:g}; timm's rule for LAMB, the square root of the batch ratio, would give "
+               f"{paper['lr'] * ratio ** 0.5:.3g}, a linear one {paper['lr'] * ratio:.3g}: --set lr= to choose)")
     elif paper:
         lr += f" (recipe {r['name']}'s, for its batch {paper['batch_size']})"
     card.append(f"          {lr}")

@@ -55,7 +55,8 @@ def test_micro_batch_on_the_command_line_and_resume_keeps_it(tiny_data, tmp_path
 def test_run_card_names_the_lr_rule(tiny_data, tmp_path):
     proc = run_cli("train", "tiny", "--data", tiny_data, "--out", tmp_path, "--device", "cpu", "--set", "batch_size=16",
                    "--stop-after-steps", "1")
-    assert "not rescaled for batch 16 (recipe tiny: batch 8, LR 0.008; a linear rule would give 0.016" in proc.stdout
+    assert ("not rescaled for batch 16 (recipe tiny: batch 8, LR 0.008; timm's rule for LAMB, the square root of "
+            "the batch ratio, would give 0.0113, a linear one 0.016: --set lr= to choose)") in proc.stdout
     same = run_cli("train", "tiny", "--data", tiny_data, "--out", tmp_path / "b", "--device", "cpu",
                    "--stop-after-steps", "1")
     assert "(recipe tiny's, for its batch 8)" in same.stdout
