@@ -53,11 +53,18 @@ def describe(folder: Path) -> dict:
             "epochs": recipe.get("epochs"), "epochs_done": done,
             "state": "running" if trainer else "done" if done >= recipe["epochs"] else "stopped",
             "trainer": trainer,  # who runs it now: "fastrsb train (pid N on HOST, since ...)"
-            "top1": validated[-1]["top1"] if validated else None,
-            "best_top1": max(r["top1"] for r in validated) if validated else None,
+            # the EMA's where the run keeps one: what its best.pt was chosen by (and timm's summary.csv holds)
+            "top1": _score(validated[-1]) if validated else None,
+            "best_top1": max(map(_score, validated)) if validated else None,
+            "ema": bool(recipe.get("model_ema")),
             "started": first.get("started"), "starts": len(starts), "processes": last.get("processes"),
             "device": last.get("device"), "commit": last.get("commit"),
             "last_written": _stamp(written) if written else None}
+
+
+def _score(row: dict) -> float:
+    """An epoch row's top-1: the EMA's where the run keeps one."""
+    return row.get("ema_top1", row["top1"])
 
 
 def describe_timm(folder: Path, arguments: dict) -> dict:
@@ -78,6 +85,8 @@ def describe_timm(folder: Path, arguments: dict) -> dict:
             "epochs_done": done, "state": "done" if done >= total else "unfinished", "trainer": None,
             "top1": validated[-1]["top1"] if validated else None,
             "best_top1": max(r["top1"] for r in validated) if validated else None,
+            # train.py's summary.csv holds its EMA's figures where it validated one (not one kept on the CPU)
+            "ema": bool(arguments.get("model_ema") and not arguments.get("model_ema_force_cpu")),
             "started": _timm_started(folder), "starts": 1, "processes": None, "device": arguments.get("device"),
             "commit": None, "last_written": _stamp(written) if written else None}
 
@@ -104,7 +113,7 @@ def table(runs: list[dict], now: datetime.datetime | None = None) -> str:
         if "unreadable" in r:
             lines.append((r["run"], f"unreadable: {r['unreadable']}", *["-"] * 8))
             continue
-        top1 = f"{r['top1']:.2f}" if r["top1"] is not None else "-"
+        top1 = f"{r['top1']:.2f}{' (EMA)' if r.get('ema') else ''}" if r["top1"] is not None else "-"
         best = f"{r['best_top1']:.2f}" if r["best_top1"] is not None else "-"
         on = f"{r['processes']} x {r['device']}" if r["processes"] else "-"
         resumed = f" (+{r['starts'] - 1} resume(s))" if r["starts"] > 1 else ""

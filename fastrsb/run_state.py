@@ -301,12 +301,14 @@ class RunFolder:
 
     def _write_summary(self) -> None:
         """summary.csv from the epoch rows of metrics.jsonl: rewritten whole (replace_text: a kill
-        meanwhile leaves the last one), so it matches the metrics after a resume too."""
+        meanwhile leaves the last one), so it matches the metrics after a resume too. Its eval_
+        figures are the EMA's where the run keeps one, as timm's train.py writes them."""
         metrics = self.out / "metrics.jsonl"
         rows = read_rows(metrics) if metrics.is_file() else []
         lines = [",".join(SUMMARY_COLUMNS)]
         for r in rows:
             if r["kind"] == "epoch":
-                values = (r["epoch"], r["train_loss"], r["val_loss"], r["top1"], r["top5"], r["lr"])
+                ema = "ema_" if "ema_top1" in r else ""
+                values = (r["epoch"], r["train_loss"], r[f"{ema}val_loss"], r[f"{ema}top1"], r[f"{ema}top5"], r["lr"])
                 lines.append(",".join(str(v) for v in values))
         replace_text(self.out / "summary.csv", "\n".join(lines) + "\n")

@@ -158,8 +158,11 @@ def _validate_and_save(run: Run, pos: Position, folder: RunFolder) -> None:
               f"top5 {metrics['top5']:.2f}{' (ema %.2f)' % metrics['ema_top1'] if t.ema else ''} "
               f"({metrics['images_per_sec']:,.0f} img/s train, {metrics['data_wait']:.0%} waiting for data, "
               f"{metrics['train_seconds']:.1f}s + {metrics['val_seconds']:.1f}s validation{eta})")
-    improved = metrics["top1"] > pos.best_top1
-    pos.best_top1, pos.metrics, pos.validated = max(pos.best_top1, metrics["top1"]), metrics, True
+    # What the epoch is judged by: the EMA's top-1 where the run keeps an EMA, as timm's train.py
+    # validates it in the model's place (its summary.csv's figures, its best checkpoint).
+    score = metrics["ema_top1"] if t.ema else metrics["top1"]
+    improved = score > pos.best_top1
+    pos.best_top1, pos.metrics, pos.validated = max(pos.best_top1, score), metrics, True
     _save(run, pos, folder, best=improved)
 
 

@@ -59,6 +59,26 @@ def uninterrupted(tiny_data, tmp_path_factory):
     return out
 
 
+def test_a_run_keeping_an_ema_is_judged_by_the_ema_as_timm_judges_it(uninterrupted):
+    """With model_ema, timm's train.py validates the EMA in the model's place: its summary.csv holds
+    the EMA's eval_ figures and its best checkpoint is the epoch of the EMA's best top-1. So do
+    fastrsb's summary.csv and best.pt (they held the model's), and `fastrsb runs` says whose top-1
+    it shows; metrics.jsonl keeps both."""
+    import csv
+    rows = _epoch_rows(uninterrupted)
+    with open(uninterrupted / "summary.csv", newline="") as f:
+        summary = list(csv.DictReader(f))
+    assert len(summary) == len(rows) == 2
+    for row, line in zip(rows, summary):
+        assert [float(line[k]) for k in ("eval_loss", "eval_top1", "eval_top5")] == \
+            [row["ema_val_loss"], row["ema_top1"], row["ema_top5"]]
+    scores = [row["ema_top1"] for row in rows]
+    best = load_checkpoint(uninterrupted / "best.pt")
+    assert best["best_top1"] == max(scores) and best["epoch"] == 1 + scores.index(max(scores))
+    listed = run_cli("runs", uninterrupted).stdout.splitlines()[1].split()
+    assert f"{scores[-1]:.2f}" in listed and "(EMA)" in listed and f"{max(scores):.2f}" in listed
+
+
 @pytest.mark.parametrize("stop_at", [6, 8])  # the end of epoch 1; two steps into epoch 2
 def test_stopped_and_resumed_equals_uninterrupted(tiny_data, tmp_path, uninterrupted, stop_at):
     stopped = _train(tiny_data, tmp_path, stop_after_steps=stop_at)
