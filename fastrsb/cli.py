@@ -203,6 +203,9 @@ def cmd_export(args) -> None:
           f"{result['out']}: model.safetensors ({result['weights_bytes'] / 1e6:.1f} MB), config.json "
           f"({result['architecture']}, {result['num_classes']} classes, tested at {result['img_size']} px, "
           f"crop {result['crop_pct']})")
+    if result["ema_top1"] is not None:
+        print(f"note: the checkpoint also holds its EMA's weights (top-1 {result['ema_top1']:.2f}), by which the run "
+              "judged its epochs (best.pt, summary.csv): --ema exports them")
     print(f"in timm: timm.create_model(\"local-dir:{result['out']}\", pretrained=True)")
 
 

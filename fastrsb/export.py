@@ -79,6 +79,8 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, ema: bool = False
     return {"checkpoint": str(checkpoint), "out": str(out), "architecture": architecture,
             "num_classes": len(classes), "epoch": state.get("epoch"), "top1": provenance["top1"],
             "weights": provenance["weights"], "img_size": recipe["test_img_size"], "crop_pct": recipe["crop_pct"],
+            # the weights not exported, where the run kept an EMA: the ones it judged its epochs by
+            "ema_top1": _validated_top1(state, True) if "ema" in state and not ema else None,
             "weights_bytes": (out / WEIGHTS).stat().st_size}
 
 

@@ -59,11 +59,11 @@ def uninterrupted(tiny_data, tmp_path_factory):
     return out
 
 
-def test_a_run_keeping_an_ema_is_judged_by_the_ema_as_timm_judges_it(uninterrupted):
+def test_a_run_keeping_an_ema_is_judged_by_the_ema_as_timm_judges_it(uninterrupted, tmp_path):
     """With model_ema, timm's train.py validates the EMA in the model's place: its summary.csv holds
     the EMA's eval_ figures and its best checkpoint is the epoch of the EMA's best top-1. So do
     fastrsb's summary.csv and best.pt (they held the model's), and `fastrsb runs` says whose top-1
-    it shows; metrics.jsonl keeps both."""
+    it shows; metrics.jsonl keeps both. An export of the model's weights names the EMA's."""
     import csv
     rows = _epoch_rows(uninterrupted)
     with open(uninterrupted / "summary.csv", newline="") as f:
@@ -77,6 +77,10 @@ def test_a_run_keeping_an_ema_is_judged_by_the_ema_as_timm_judges_it(uninterrupt
     assert best["best_top1"] == max(scores) and best["epoch"] == 1 + scores.index(max(scores))
     listed = run_cli("runs", uninterrupted).stdout.splitlines()[1].split()
     assert f"{scores[-1]:.2f}" in listed and "(EMA)" in listed and f"{max(scores):.2f}" in listed
+    exported = run_cli("export", uninterrupted / "best.pt", tmp_path / "model").stdout  # the model's weights
+    assert (f"note: the checkpoint also holds its EMA's weights (top-1 {max(scores):.2f}), by which the run judged "
+            "its epochs (best.pt, summary.csv): --ema exports them") in exported
+    assert "note:" not in run_cli("export", uninterrupted / "best.pt", tmp_path / "ema", "--ema").stdout
 
 
 @pytest.mark.parametrize("stop_at", [6, 8])  # the end of epoch 1; two steps into epoch 2
