@@ -361,13 +361,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("recipe", help="print a resolved recipe")
     p.add_argument("recipe", nargs="?", default="a3", help="a1, a2, a3, demo, tiny or a path to a .toml file")
-    p.add_argument("--json", action="store_true", help="one JSON object")
-    p.add_argument("--keys", action="store_true", help="list every recipe key with its type and meaning")
-    p.add_argument("--toml", action="store_true",
-                   help="the recipe as a whole recipe file (--set values in), to edit and train: fastrsb recipe a3 "
-                        "--toml > mine.toml; fastrsb train mine.toml")
-    p.add_argument("--timm", action="store_true",
-                   help="the same recipe as commands of timm's train.py and validate.py, and what still differs")
+    shown = p.add_mutually_exclusive_group()  # one form of output
+    shown.add_argument("--json", action="store_true", help="one JSON object")
+    shown.add_argument("--keys", action="store_true", help="list every recipe key with its type and meaning")
+    shown.add_argument("--toml", action="store_true",
+                       help="the recipe as a whole recipe file (--set values in), to edit and train: fastrsb recipe "
+                            "a3 --toml > mine.toml; fastrsb train mine.toml")
+    shown.add_argument("--timm", action="store_true",
+                       help="the same recipe as commands of timm's train.py and validate.py, and what still differs")
     p.add_argument("--gpus", type=count_option, default=1, help="with --timm: the GPUs timm's run splits the batch over")
     _add_common(p)
     p.set_defaults(func=cmd_recipe)

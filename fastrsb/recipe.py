@@ -8,6 +8,7 @@ from __future__ import annotations
 import difflib
 import importlib.resources
 import math
+import shlex
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -120,8 +121,20 @@ def _check_keys(raw: dict, where: str) -> None:
         raise UserError(f"recipe {where}: unknown key '{unknown[0]}'{_suggest(unknown[0])}")
     missing = [k for k in RECIPE_SCHEMA if k not in raw]
     if missing:
+        # The file's own values carried over as --set, into a new file beside it: nothing it holds is lost.
+        sets = "".join(f" --set {shlex.quote(f'{key}={_set_text(value)}')}" for key, value in raw.items())
+        whole = Path(where).with_suffix(".whole.toml").name
         raise UserError(f"recipe {where}: missing key(s) {', '.join(missing)} (a recipe file holds every key: "
-                        f"start from a whole one, `fastrsb recipe a3 --toml > {Path(where).name}`, and edit it)")
+                        f"a whole one with this file's values in, to edit: `fastrsb recipe a3 --toml{sets} > {whole}`)")
+
+
+def _set_text(value: Any) -> str:
+    """A recipe file's value as `--set` takes it (parse_override)."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, list):
+        return ",".join(map(str, value))
+    return str(value)
 
 
 def _suggest(key: str) -> str:
@@ -224,7 +237,7 @@ def to_toml(recipe: dict[str, Any], origin: str) -> str:
     one's own, since a recipe file must hold every key). ORIGIN: the command that printed it."""
     import textwrap
     lines = [f"# {origin}", "# Every key must be present (`fastrsb recipe --keys`); values as `--set` takes them."]
-    for key, (_, optional, meaning) in RECIPE_SCHEMA.items():
+    for key, (_, _, meaning) in RECIPE_SCHEMA.items():
         lines += ["", *textwrap.wrap(meaning, 97, initial_indent="# ", subsequent_indent="# "),
                   f"{key} = {_toml_value(recipe[key])}"]
     return "\n".join(lines) + "\n"
@@ -232,7 +245,8 @@ def to_toml(recipe: dict[str, Any], origin: str) -> str:
 
 def _toml_value(value: Any) -> str:
     """A TOML literal: JSON's string escapes are TOML's basic string's; floats by repr, which
-    reads back to the same float (TOML takes 1e-06, inf and nan as Python writes them); None as the recipes' "none"."""
+    reads back to the same float (TOML takes 1e-06 as Python writes it); None as the recipes'
+    "none"."""
     import json
     if value is None:
         return '"none"'

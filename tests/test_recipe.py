@@ -85,8 +85,7 @@ def write_variant(tmp_path, drop=None, add=None, replace=None):
 
 
 @pytest.mark.parametrize("change,fragment", [
-    (dict(drop="lr"), "missing key(s) lr (a recipe file holds every key: start from a whole one, `fastrsb recipe a3 "
-                      "--toml > variant.toml`"),
+    (dict(drop="lr"), "missing key(s) lr (a recipe file holds every key: a whole one with this file's values in"),
     (dict(add="learning_rate = 0.1"), "unknown key 'learning_rate'"),
     (dict(replace=("epochs", 'epochs = "ten"')), "'epochs' must be int"),
     (dict(add="this is not toml"), "does not parse"),
@@ -113,6 +112,25 @@ def test_recipe_toml_is_a_whole_recipe_file_that_trains_as_the_recipe(name, tmp_
         for key, (_, _, meaning) in RECIPE_SCHEMA.items():
             assert f"# {meaning.split()[0]}" in text.split(f"\n{key} = ")[0].rsplit("\n\n", 1)[1]
     assert 'initial_checkpoint = "w\\\\e \\"quoted\\" \\u00e9.pth"' in text
+
+
+def test_a_recipe_file_missing_keys_is_told_the_command_that_completes_it(tmp_path):
+    """A partial recipe (what a user writes first) is refused with the command that writes a whole
+    one holding its values, into a new file beside it; that command, run, gives a recipe with them."""
+    import shlex
+    partial = tmp_path / "mine.toml"
+    partial.write_text('epochs = 7\nopt_betas = [0.8, 0.99]\namp = false\naa = "none"\nmodel = "resnet18"\n')
+    proc = run_cli("recipe", partial, check=False)
+    assert_user_error(proc, f"recipe {partial}: missing key(s) batch_size")
+    command = proc.stderr.split("`")[1]
+    assert command.endswith("> mine.whole.toml") and command.startswith("fastrsb recipe a3 --toml --set epochs=7")
+    words = shlex.split(command.split(" > ")[0])[1:]
+    (tmp_path / "mine.whole.toml").write_text(run_cli(*words).stdout)
+    assert load_recipe(str(tmp_path / "mine.whole.toml")) == {
+        **load_recipe("a3"), "epochs": 7, "opt_betas": [0.8, 0.99], "amp": False, "aa": None, "model": "resnet18",
+        "name": "mine.whole"}
+    assert partial.read_text().startswith("epochs = 7")  # left as it was
+    assert run_cli("recipe", "a3", "--toml", "--json", check=False).returncode == 2  # one form of output
 
 
 def test_warmup_as_long_as_the_run_says_what_to_set():

@@ -421,8 +421,8 @@ def test_eval_of_a_timm_train_checkpoint_measures_what_timm_recorded(run, tiny_d
 
     names = {name for name, _ in model.named_parameters()}
     for source, taken in ((checkpoint, state["model"]), (plain, state["model"])):
-        started = run_cli("train", "tiny", "--data", tiny_data, "--out", tmp_path / f"ft-{source.parent.name}",
-                          "--device", "cpu", "--set", f"initial_checkpoint={source}", *ZERO_LR, "--stop-after-steps", "1")
+        started = run_cli("train", "tiny", "--data", tiny_data, "--out", tmp_path / f"ft-{source.parent.name}", "--device",
+                          "cpu", "--set", f"initial_checkpoint={source}", *ZERO_LR, "--stop-after-steps", "1")
         ema_said = ", its EMA's weights, as timm's --initial-checkpoint takes them" if source == checkpoint else ""
         assert (f"weights: from {source} (timm's train.py: resnet10t, 1 epoch(s) trained){ema_said}, its classifier "
                 "included") in started.stdout
