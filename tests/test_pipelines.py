@@ -195,6 +195,60 @@ def test_gpu_graphs_eval_geometry_matches_timms(tmp_path):
     assert torch.quantile(diff.flatten(), 0.99) < 0.03
 
 
+def _gpu_graph_problems(make_pipeline) -> list[str]:
+    """What DALI refuses of a GPU pipeline's graph, found without a GPU: the graph is traced (by
+    `make_pipeline()`, a pipeline_def's call with device_id=None) and
+    each operator handed to DALI's backend (which checks its arguments' names and types, and that
+    named arguments computed in the graph are on the CPU, as DALI requires), and each GPU or
+    "mixed" operator looked up among the implementations DALI registers for that device (the
+    backend takes, say, peek_image_shape on the GPU here and would refuse it only when building
+    on a GPU). Private DALI entry points (pinned by constraints.txt): building the pipeline would
+    need CUDA."""
+    from nvidia.dali.ops import _registry
+    implemented = {"gpu": _registry.gpu_ops(), "mixed": _registry.mixed_ops()}
+    try:
+        pipe = make_pipeline()  # the graph traced: DALI refuses an argument it does not know here
+        pipe._build_graph()
+        problems = [f"{op._op.schema_name} has no {op._op.device} implementation" for op in pipe._ops
+                    if op._op.device in implemented and op._op.schema_name not in implemented[op._op.device]]
+        pipe._init_pipeline_backend()
+    except Exception as err:  # DALI's own message names the operator and argument
+        return [" ".join(str(err).split())]  # (under conditionals, after the traced user code)
+    return problems
+
+
+@pytest.mark.parametrize("aa_impl,repeats,interpolation", [
+    (None, 1, "random"), (None, 3, "bicubic"), ("tree", 1, "random"), ("tree", 3, "random"),
+    ("batch", 1, "random"), ("batch", 3, "bilinear"), ("torch", 1, "random"), ("torch", 3, "random")])
+def test_the_gpu_graphs_are_ones_dali_takes(tiny_data, aa_impl, repeats, interpolation):
+    """A GPU is lent for minutes, rarely: the graphs the GPU loaders build (train in every
+    RandAugment form, with and without repeated views, and validation) are checked here as DALI
+    will check them there, operator by operator (tested to fail on an argument DALI does not
+    know, a per-sample value for a fixed argument, and an operator DALI has only on the CPU)."""
+    listing = list_images(tiny_data / "train")
+    common = dict(files=listing.files, labels=listing.labels, device="cuda", shard_id=0, num_shards=1,
+                  hw_decoder_load=1.0, dtype="float16", batch_size=8, num_threads=1, device_id=None)
+    assert _gpu_graph_problems(lambda: graphs.train_pipeline(
+        img_size=32, shuffle_seed=1, repeats=repeats, aa=aa_impl and "rand-m6-mstd0.5-inc1", aa_impl=aa_impl or "tree",
+        interpolation=interpolation, **common)) == []
+    if aa_impl is not None or repeats > 1:
+        return
+    assert _gpu_graph_problems(lambda: graphs.val_pipeline(img_size=32, crop_pct=0.95, **common)) == []
+
+    @pipeline_def(batch_size=2, num_threads=1, device_id=None)
+    def broken(kind):
+        jpegs, _ = fn.readers.file(files=listing.files[:4])
+        images = fn.decoders.image(jpegs, device="mixed")
+        if kind == "argument":
+            return fn.resize(images, size=[8, 8], antialiasing=True)
+        if kind == "per-sample":
+            return fn.resize(images, size=[8, 8], antialias=fn.random.coin_flip())
+        return fn.peek_image_shape(jpegs.gpu())
+    for kind, said in [("argument", "antialiasing"), ("per-sample", "antialias"), ("cpu only", "PeekImageShape")]:
+        (problem,) = _gpu_graph_problems(lambda: broken(kind))
+        assert said in problem, problem
+
+
 def sideways_copies(root, exif_orientation):
     """root/c/0..3.JPEG: one smooth non-square photo, stored as it is (the same compressed data
     whatever the tag), with an EXIF orientation tag (6: "rotate 90 degrees to display") or none."""
