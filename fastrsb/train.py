@@ -379,7 +379,7 @@ def _announce(run: Run, train_images, val_images, resumed_from: Path | None, pos
     if memory:
         _say(run, memory)
     if resumed_from:
-        _say(run, f"resumed from {resumed_from}: epoch {pos.epoch + 1}, step {pos.step}")
+        _say(run, f"resumed from {resumed_from} at {_where(run, pos)}")
 
 
 def run_card(run: Run, pos: Position) -> list[str]:

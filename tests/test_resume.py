@@ -134,7 +134,8 @@ def test_sigterm_saves_and_resume_finishes_the_same_run(tiny_data, tmp_path, uni
     words = hint.removeprefix("continue with: ").split()
     assert words[:3] == ["fastrsb", "train", "tiny"] and words[-2:] == ["--resume", "auto"]
     assert all(f"--set {p}" in hint for p in PARTS) and "--threads 1" in hint
-    assert run_cli(*words[1:]).returncode == 0
+    resumed = run_cli(*words[1:])
+    assert f"resumed from {tmp_path / 'last.pt'} at step {state['step']} (epoch 1, {state['step']}/6)" in resumed.stdout
     _assert_same_run(uninterrupted, tmp_path)
 
 
@@ -187,6 +188,7 @@ def test_a_finished_runs_checkpoint_resumed_into_a_new_folder_has_nothing_to_do(
     sets = [word for part in PARTS for word in ("--set", part)]
     proc = run_cli("train", "tiny", "--data", tiny_data, "--out", tmp_path / "new", "--device", "cpu", *sets,
                    "--resume", uninterrupted / "last.pt")
+    assert f"resumed from {uninterrupted / 'last.pt'} at step 12 (epoch 2 done)" in proc.stdout  # not "epoch 3"
     assert "this run already finished all 2 epochs" in proc.stdout
     assert "done: top1 " in proc.stdout and f"run folder {tmp_path / 'new'}" in proc.stdout
 
