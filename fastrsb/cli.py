@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shlex
@@ -11,6 +12,7 @@ from pathlib import Path
 
 from fastrsb import __version__
 from fastrsb.errors import StoppedWithAnother, UserError, say_error
+from fastrsb.run_log import RunLog
 
 DEMO_DATA = Path("data/demo")
 
@@ -77,6 +79,8 @@ def cmd_train(args) -> int:
             from fastrsb.initial_weights import initial_source
             initial_source(recipe["initial_checkpoint"])
     if (launched := _launch_processes(args, recipe, data, out)) is not None:
+        from fastrsb import run_log
+        run_log.attach(out / run_log.LOG_NAME, None)  # what the launcher said of its ranks, after rank 0's lines
         return launched
     from fastrsb.provenance import command_line
     from fastrsb.stopping import StopRequest
@@ -127,6 +131,8 @@ def _launch_processes(args, recipe: dict, data: Path, out: Path) -> int | None:
     # name is chosen here, once, so that all of them write the same one.
     extra = (["--stop-after-steps", str(args.stop_after_steps)] if args.stop_after_steps else []) + \
             (["--resume", args.resume] if args.resume else [])
+    from fastrsb import run_log
+    run_log.hold_anew()
     return launch(nproc, train_words(args, data, out) + extra)
 
 
@@ -528,12 +534,23 @@ def _add_data_commands(sub) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     args.argv = list(argv) if argv is not None else sys.argv[1:]  # as given: RUN_DIR/starts.jsonl records it
+    # A run's log (RUN_DIR/train.log) takes what the command prints, its error included, once
+    # train() has made the run folder.
+    with RunLog() if args.func is cmd_train else contextlib.nullcontext():
+        return _run(args)
+
+
+def _run(args) -> int:
+    """The command, and its error said in one line where it is the user's to mend."""
     from fastrsb.pipelines import DatasetError
     try:
         return args.func(args) or 0
     except (UserError, DatasetError) as err:
         if not (isinstance(err, StoppedWithAnother) and os.environ.get("FASTRSB_LAUNCHED_NPROC")):
             say_error(str(err))
+        else:  # the failing rank says it on the same terminal; the run's log (rank 0's) keeps why
+            from fastrsb import run_log
+            run_log.log_only(f"fastrsb: error: {err}\n")
         return 2
     except OSError as err:  # a disk that takes no more, wherever a command met it: one line, not a traceback
         from fastrsb.file_jobs import free_gb, stops_writing

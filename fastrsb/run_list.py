@@ -15,6 +15,7 @@ from fastrsb.errors import UserError
 from fastrsb.folder_lock import in_use
 from fastrsb.metrics_log import read_rows
 from fastrsb.provenance import read_starts
+from fastrsb.run_log import stop_reason
 from fastrsb.timm_run import scheduled_epochs, summary_rows, train_arguments
 
 
@@ -59,7 +60,9 @@ def describe(folder: Path) -> dict:
             "ema": bool(recipe.get("model_ema")),
             "started": first.get("started"), "starts": len(starts), "processes": last.get("processes"),
             "device": last.get("device"), "commit": last.get("commit"),
-            "last_written": _stamp(written) if written else None}
+            "last_written": _stamp(written) if written else None,
+            # why its last start ended, where it stopped short (its train.log says)
+            "why": stop_reason(folder) if not trainer and done < recipe["epochs"] else None}
 
 
 def _score(row: dict) -> float:
@@ -121,7 +124,10 @@ def table(runs: list[dict], now: datetime.datetime | None = None) -> str:
                       (r["started"] or "-")[:16].replace("T", " ") + resumed, on, r["commit"] or "-",
                       _ago(r["last_written"], now)))
     widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
-    return "\n".join("  ".join(cell.ljust(width) for cell, width in zip(line, widths)).rstrip() for line in lines)
+    text = ["  ".join(cell.ljust(width) for cell, width in zip(line, widths)).rstrip() for line in lines]
+    # Why a stopped run stopped, on a line of its own under it (an error names a file: no room in a column).
+    whys = [None] + [r.get("why") for r in runs]
+    return "\n".join(line + (f"\n  why: {why}" if why else "") for line, why in zip(text, whys))
 
 
 def _ago(stamp: str | None, now: datetime.datetime) -> str:

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
+import socket
 import time
 import traceback
 from dataclasses import dataclass
@@ -17,7 +19,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from fastrsb import __version__
+from fastrsb import __version__, run_log
 from fastrsb.accumulation import HEADROOM
 from fastrsb.data_folder import (check_headers, describe_counts, loader_batches, open_dataset,
                                   refuse_a_run_inside_the_splits, val_shares_train)
@@ -98,6 +100,7 @@ def _train(recipe: dict, data: str | Path, out: Path, device: str, d: Dist, num_
         # --resume auto without a checkpoint restarts from step 0: rows logged there by a run that
         # stopped before its first checkpoint (a crash) are dropped as rows after a checkpoint are.
         folder = RunFolder(out, recipe, d, resumed=pos if state or resume else None)
+        _start_log(out, d, command)
         if state:
             folder.saved = (resume_path, _where(run, pos))
         _announce(run, train_images, val_images, resume_path if state else None, pos, shards)
@@ -111,6 +114,17 @@ def _train(recipe: dict, data: str | Path, out: Path, device: str, d: Dist, num_
         # From here a rank that fails stops the others at once, naming itself (FailureNotice).
         with step_stream(device, run.training.high_priority_stream), FailureNotice(d):
             return _epochs(run, pos, folder, stops, log_every, deterministic)
+
+
+def _start_log(out: Path, d: Dist, command: str | None) -> None:
+    """RUN_DIR/train.log from here (the run folder is made): rank 0's lines since the command
+    started, under a line naming this start."""
+    if not d.main:
+        run_log.detach()
+        return
+    started = time.strftime("%Y-%m-%d %H:%M:%S %Z")
+    run_log.attach(out / run_log.LOG_NAME, f"{command or 'fastrsb.train.train()'} | {started} | {socket.gethostname()} "
+                                           f"(process {os.getpid()})")
 
 
 def _epochs(run: Run, pos: Position, folder: RunFolder, stops: "Stops", log_every: int, hashed: bool = False) -> dict:

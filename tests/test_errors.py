@@ -98,9 +98,15 @@ def test_bad_val_image_keeps_the_trained_epoch(copy_of, tmp_path):
     assert_user_error(train(copy_of, "--out", out, "--set", "epochs=2"), "cannot decode", victim.name)
     state = torch.load(out / "last.pt", weights_only=True)
     assert state["epoch"] == 1 and state["step"] == 6 and not state["validated"]
+    listed = run_cli("runs", out).stdout.splitlines()  # why it stopped, from its train.log
+    assert listed[1].split()[3:5] == ["0/2", "stopped"]
+    assert listed[2].startswith("  why: error: cannot decode ") and victim.name in listed[2]
     victim.write_bytes(good)
     proc = train(copy_of, "--out", out, "--set", "epochs=2", "--resume", "auto")
     assert proc.returncode == 0, proc.stderr
+    assert len(run_cli("runs", out).stdout.splitlines()) == 2  # done: no why
+    log = (out / "train.log").read_text()
+    assert log.count("===== ") == 2 and log.index("fastrsb: error: cannot decode") < log.index("resumed from")
     assert "epoch 1: train_loss" in proc.stdout and "epoch 2: train_loss" in proc.stdout
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows if r["kind"] == "epoch"] == [1, 2]

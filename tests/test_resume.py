@@ -134,6 +134,8 @@ def test_sigterm_saves_and_resume_finishes_the_same_run(tiny_data, tmp_path, uni
     words = hint.removeprefix("continue with: ").split()
     assert words[:3] == ["fastrsb", "train", "tiny"] and words[-2:] == ["--resume", "auto"]
     assert all(f"--set {p}" in hint for p in PARTS) and "--threads 1" in hint
+    listed = run_cli("runs", tmp_path).stdout.splitlines()  # why it stopped, from its train.log
+    assert listed[2] == f"  why: stopped at step {state['step']} (epoch 1, {state['step']}/6) (SIGTERM)"
     resumed = run_cli(*words[1:])
     assert f"resumed from {tmp_path / 'last.pt'} at step {state['step']} (epoch 1, {state['step']}/6)" in resumed.stdout
     _assert_same_run(uninterrupted, tmp_path)
@@ -556,6 +558,7 @@ def test_nproc_runs_as_torchrun_and_ctrl_c_stops_it_resumably(distributed_run, t
     words = hint.removeprefix("continue with: ").split()
     assert words[:3] == ["fastrsb", "train", "tiny"] and words[-4:] == ["--nproc", "2", "--resume", "auto"]
     assert 1 <= load_checkpoint(tmp_path / "last.pt")["step"] < 12
+    assert run_cli("runs", tmp_path).stdout.splitlines()[2].endswith(") (SIGINT)")  # rank 0's train.log says why
     assert run_cli(*words[1:]).returncode == 0
     left, right = load_checkpoint(whole / "last.pt"), load_checkpoint(tmp_path / "last.pt")
     assert right["step"] == 12 and all(torch.equal(v, right["model"][k]) for k, v in left["model"].items())
@@ -569,6 +572,8 @@ def test_nproc_runs_as_torchrun_and_ctrl_c_stops_it_resumably(distributed_run, t
     assert other.returncode == 2
     said = capfd.readouterr().err  # (the processes write to the terminal's stderr, not run_cli's)
     assert said.count("fastrsb: error:") == 1 and "another recipe (lr " in said, said
+    log = (tmp_path / "train.log").read_text()  # a start each (rank 0's lines), none for the refused one
+    assert log.count("===== ") == 2 and log.count("fastrsb: SIGINT received") == 1 and "another recipe" not in log
 
 
 def _two_machines(tmp_path, *args, check=True):

@@ -1,9 +1,11 @@
 """A real, short training run through the command line, then its checkpoints."""
 import datetime
 import json
+import math
 import os
 import re
 import socket
+import sys
 from pathlib import Path
 
 import pytest
@@ -24,7 +26,7 @@ def run(tiny_data, tmp_path_factory):
     return out, proc
 
 
-def test_writes_metrics_and_checkpoints(run):
+def test_writes_metrics_and_checkpoints(run, tiny_data):
     out, proc = run
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     epochs = [m for m in rows if m["kind"] == "epoch"]
@@ -44,6 +46,13 @@ def test_writes_metrics_and_checkpoints(run):
     assert "img/s" in proc.stderr and "eta" in proc.stderr and "data " in proc.stderr  # progress was shown
     assert re.search(r"done: top1 [\d.]+ top5 [\d.]+; 2 epoch\(s\) in 0:00:\d\d \(training 0:00:\d\d at [\d,]+ img/s, "
                      r"validation 0:00:\d\d\); run folder ", proc.stdout), proc.stdout
+    # train.log: what it printed, both streams (the progress lines, a run card line, the last line), under its command
+    log = (out / "train.log").read_text().splitlines()
+    assert log[0].startswith(f"===== fastrsb train tiny --data {tiny_data} --out {out} --device cpu --log-every 2 | ")
+    said = proc.stdout.splitlines()
+    assert [line for line in log if line in said] == said and log[-1] == said[-1] and said[-1].startswith("done: ")
+    assert any(line.startswith("run card: ") for line in said)
+    assert any(line.startswith("epoch 2/2 6/6 ") for line in log)  # a progress line (stderr)
 
 
 def test_the_time_a_run_took_counts_every_epoch_row():
@@ -506,6 +515,14 @@ def test_eval_of_timm_weights_without_train_arguments(run, tiny_data, tmp_path):
 ZERO_LR = ["--set", "lr=0", "--set", "warmup_lr=0", "--set", "min_lr=0", "--set", "warmup_epochs=0"]
 
 
+def assert_same_figures(result: dict, want: dict) -> None:
+    """The same figures from weights whose classifier rows are in another order: the counts
+    exactly, the loss to float32's precision (a matrix product over permuted rows may round its
+    last bit otherwise, by the CPU: oneDNN picks its kernels by CPU)."""
+    assert [result[k] for k in ("top1", "top5", "val_images")] == [want[k] for k in ("top1", "top5", "val_images")]
+    assert math.isclose(result["val_loss"], want["val_loss"], rel_tol=1e-6), (result["val_loss"], want["val_loss"])
+
+
 def _classes_renamed(out, tiny_data, tmp_path):
     """The run's last checkpoint as tmp_path/renamed.pt, and a copy of its data as tmp_path/data,
     with the classes renamed B c1 c10 c2: sorted (fastrsb's order) unlike timm's natural order."""
@@ -535,7 +552,6 @@ def test_classes_cross_to_timm_and_back_by_name_where_the_orders_differ(run, tin
     from timm.data import ImageDataset
     out, _ = run
     data, state, renamed = _classes_renamed(out, tiny_data, tmp_path)
-    keys = ("top1", "top5", "val_loss", "val_images")
     ours = json.loads(run_cli("eval", tmp_path / "renamed.pt", "--data", data, "--json").stdout)
 
     run_cli("export", tmp_path / "renamed.pt", tmp_path / "exported")
@@ -552,7 +568,7 @@ def test_classes_cross_to_timm_and_back_by_name_where_the_orders_differ(run, tin
     assert json.loads((tmp_path / "exported" / "config.json").read_text())["label_names"] == list(timm_index)
     from_export = json.loads(run_cli("eval", tmp_path / "exported", "--data", data, "--json", "--img-size", "40",
                                      "--crop-pct", "0.95").stdout)
-    assert [from_export[k] for k in keys] == [ours[k] for k in keys]
+    assert_same_figures(from_export, ours)
 
     # timm's train.py trained these weights on this folder: its rows in natural order, or in its class map's.
     args = argparse.Namespace(model="resnet10t", num_classes=4, img_size=40, input_size=None, crop_pct=0.95,
@@ -562,7 +578,7 @@ def test_classes_cross_to_timm_and_back_by_name_where_the_orders_differ(run, tin
     by_timm = {k: v[natural] if k.startswith("fc.") else v for k, v in state["model"].items()}
     checkpoint = _timm_train_checkpoint(tmp_path / "timm", by_timm, args, None, 0.0)
     timm_eval = json.loads(run_cli("eval", checkpoint, "--data", data, "--json").stdout)
-    assert [timm_eval[k] for k in keys] == [ours[k] for k in keys]
+    assert_same_figures(timm_eval, ours)
     assert "natural order" in timm_eval["notes"][-1]
     mapped = ["c2", "B", "c10", "c1"]
     (data / "classes.txt").write_text("".join(f"{name}\n" for name in mapped))
@@ -571,7 +587,7 @@ def test_classes_cross_to_timm_and_back_by_name_where_the_orders_differ(run, tin
     mapped_args = argparse.Namespace(**{**vars(args), "class_map": "classes.txt"})
     mapped_checkpoint = _timm_train_checkpoint(tmp_path / "mapped", by_map, mapped_args, None, 0)
     mapped_eval = json.loads(run_cli("eval", mapped_checkpoint, "--data", data, "--json").stdout)
-    assert [mapped_eval[k] for k in keys] == [ours[k] for k in keys]
+    assert_same_figures(mapped_eval, ours)
     (data / "classes.txt").unlink()
     assert_user_error(run_cli("eval", mapped_checkpoint, "--data", data, check=False),
                       "trained with --class-map classes.txt", str(data / "classes.txt"))
@@ -600,7 +616,6 @@ def test_class_folders_named_by_index_are_read_as_imagenet_v2s(run, tiny_data, t
     import shutil
     out, _ = run
     data, state, renamed = _classes_renamed(out, tiny_data, tmp_path)
-    keys = ("top1", "top5", "val_loss", "val_images")
     by_name = json.loads(run_cli("eval", tmp_path / "renamed.pt", "--data", data, "--json").stdout)
     for index, name in enumerate(["B", "c1", "c2", "c10"]):  # timm's order
         shutil.copytree(data / "val" / name, tmp_path / "v2" / str(index))
@@ -614,7 +629,7 @@ def test_class_folders_named_by_index_are_read_as_imagenet_v2s(run, tiny_data, t
     for weights in (tmp_path / "renamed.pt", tmp_path / "exported", timm_checkpoint):
         result = json.loads(run_cli("eval", weights, "--data", tmp_path / "v2", "--json", "--img-size", "40",
                                     "--crop-pct", "0.95").stdout)
-        assert [result[k] for k in keys] == [by_name[k] for k in keys], weights
+        assert_same_figures(result, by_name)
         notes.append(result["notes"][-1])
     assert all("named by index, as ImageNet-V2's" in note for note in notes)
     assert "class k in timm's order (0: B, 1: c1, ...)" in notes[0]  # the weights' order is B c1 c10 c2
@@ -1010,6 +1025,63 @@ def test_runs_lists_every_run_folder_with_its_progress(run, tmp_path):
         assert line.startswith(f"{root / 'c'}  unreadable: its recipe.json is not a fastrsb recipe"), line
     assert "no run folders under" in run_cli("runs", root / "notes").stdout
     assert_user_error(run_cli("runs", tmp_path / "nowhere", check=False), "is not a folder")
+
+
+def test_the_log_keeps_what_a_run_said_and_why_it_ended(tmp_path, monkeypatch):
+    """RUN_DIR/train.log (fastrsb.run_log), what the runs above do not show: what was said before
+    the run folder existed is held and written under the start's line (and dropped where none is
+    made); a progress bar redrawn on a terminal goes in as its last state; a log that cannot be
+    written is said once and the output goes on; a log that just ends reads as a run that ended
+    without a word."""
+    import io
+    from fastrsb import run_log
+    from fastrsb.progress import Progress
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+    terminal = Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    with run_log.RunLog():
+        print("checked the headers", file=sys.stderr)
+        bar = Progress("epoch 1/1", 4)
+        for done in (1, 2, 4):
+            bar.update(done, 10.0, loss=0.5)
+        bar.close()
+        run_log.attach(tmp_path / "train.log", "fastrsb train x")
+        print("stopped at step 4 (epoch 1 done)", file=sys.stderr)
+    assert sys.stderr is terminal and terminal.getvalue().count("\r") == 3  # the terminal saw every redraw
+    assert (tmp_path / "train.log").read_text().splitlines() == [
+        "===== fastrsb train x", "checked the headers",
+        "epoch 1/1 [########################] 4/4 10 img/s loss 0.5 eta 0:00:00", "stopped at step 4 (epoch 1 done)"]
+    assert run_log.stop_reason(tmp_path) == "stopped at step 4 (epoch 1 done)"
+    with (tmp_path / "train.log").open("a") as log:
+        log.write("===== fastrsb train x --resume auto\nrun card: global batch 64\n")  # and then killed
+    assert run_log.stop_reason(tmp_path) == "ended without a word: killed (out of memory?), or its machine went down"
+    # An error fastrsb did not foresee (a traceback, which Python prints after the log is closed), and
+    # under --nproc the error of a rank that stopped with another, which that one says on the terminal.
+    with pytest.raises(RuntimeError), run_log.RunLog():
+        run_log.attach(tmp_path / "train.log", "fastrsb train x --resume auto")
+        raise RuntimeError("CUDA error: an illegal memory access")
+    assert run_log.stop_reason(tmp_path) == ("error: RuntimeError: CUDA error: an illegal memory access (train.log has "
+                                             "the traceback)")
+    with pytest.raises(SystemExit), run_log.RunLog():
+        run_log.attach(tmp_path / "train.log", "fastrsb train x --nproc 2 --resume auto")
+        run_log.log_only("fastrsb: error: rank 1 (node7) stopped: cannot decode x.JPEG; rank 0 stops with it\n")
+        raise SystemExit(2)
+    assert "rank 1 (node7)" not in terminal.getvalue()
+    assert run_log.stop_reason(tmp_path) == "error: rank 1 (node7) stopped: cannot decode x.JPEG; rank 0 stops with it"
+    with run_log.RunLog():
+        print("refused before the run folder was made", file=sys.stderr)
+    (tmp_path / "folder").mkdir()
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["folder", "train.log"]  # nothing else written
+    with run_log.RunLog():
+        run_log.attach(tmp_path / "folder", "fastrsb train y")  # a folder where the log would go: not writable
+        print("epoch 1: train_loss 0.5", file=sys.stderr)
+    assert terminal.getvalue().splitlines()[-2:] == [
+        f"could not write {tmp_path / 'folder'} (Is a directory): the run goes on without its log",
+        "epoch 1: train_loss 0.5"]
+    assert run_log.stop_reason(tmp_path / "folder") is None  # no log: nothing to say (a run of before train.log)
 
 
 def test_runs_lists_timm_output_folders_beside_fastrsb_runs(run, tmp_path):
