@@ -14,7 +14,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from fastrsb.errors import UserError
 from fastrsb.metrics_log import read_rows
-from fastrsb.timm_run import summary_rows
+from fastrsb.timm_run import summary_rows, train_arguments, validates_ema
 
 COLOURS = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd"]
 PANEL_W, PANEL_H, MARGIN = 560, 300, 56
@@ -25,7 +25,11 @@ def read_metrics(run_dir: Path) -> tuple[list[dict], list[dict]]:
     path = run_dir / "metrics.jsonl"
     if not path.is_file():
         if (run_dir / "summary.csv").is_file():
-            return summary_rows(run_dir / "summary.csv")
+            logs, epochs = summary_rows(run_dir / "summary.csv")
+            if validates_ema(train_arguments(run_dir) or {}):  # its figures are its EMA's: drawn as such
+                epochs = [{**r, "top1": None, "top5": None, "val_loss": None, "ema_top1": r["top1"],
+                           "ema_top5": r["top5"], "ema_val_loss": r["val_loss"]} for r in epochs]
+            return logs, epochs
         raise UserError(f"{run_dir} holds no metrics.jsonl (is it a fastrsb run folder?) nor summary.csv (timm's)")
     rows = read_rows(path)
     logs = [r for r in rows if r.get("kind") == "log"]
@@ -85,11 +89,13 @@ def panels(logs: list[dict], epochs: list[dict]) -> list[tuple[str, Series, bool
     ex = [r["epoch"] for r in epochs]
     waits = [None if r["data_wait"] is None else 100 * r["data_wait"] for r in logs]  # timm's: not measured
     accuracy = [("top-1", ex, [r["top1"] for r in epochs]), ("top-5", ex, [r["top5"] for r in epochs])]
+    losses = [("train (log steps)", lx, [r["loss"] for r in logs]),
+              ("train (epoch mean)", ex, [r["train_loss"] for r in epochs]),
+              ("val (cross-entropy)", ex, [r["val_loss"] for r in epochs])]
     if any("ema_top1" in r for r in epochs):
         accuracy.append(("EMA top-1", ex, [r.get("ema_top1") for r in epochs]))
-    return [("loss", [("train (log steps)", lx, [r["loss"] for r in logs]),
-                      ("train (epoch mean)", ex, [r["train_loss"] for r in epochs]),
-                      ("val (cross-entropy)", ex, [r["val_loss"] for r in epochs])], True),
+        losses.append(("EMA val", ex, [r.get("ema_val_loss") for r in epochs]))
+    return [("loss", losses, True),
             ("validation accuracy (%)", accuracy, False),
             ("learning rate", [("lr", lx, [r["lr"] for r in logs])], False),
             ("images/s per process", [("images/s", lx, [r["images_per_sec"] for r in logs])], False),
@@ -102,8 +108,11 @@ def compared_panels(runs: list[tuple[str, list[dict], list[dict]]]) -> list[tupl
         series = []
         for name, logs, epochs in runs:
             rows = logs if kind == "log" else epochs
-            series.append((name, [r["epoch"] for r in rows],
-                           [None if r.get(key) is None else scale * r[key] for r in rows]))
+            # A run that keeps an EMA is judged by it (its best.pt, timm's summary.csv): its validation is the EMA's.
+            ema = kind == "epoch" and any("ema_top1" in r for r in rows)
+            field = f"ema_{key}" if ema else key
+            series.append((f"{name} (EMA)" if ema else name, [r["epoch"] for r in rows],
+                           [None if r.get(field) is None else scale * r[field] for r in rows]))
         return series
     return [("train loss (log steps)", each("log", "loss"), True),
             ("validation loss (cross-entropy)", each("epoch", "val_loss"), True),

@@ -16,7 +16,7 @@ from fastrsb.folder_lock import in_use
 from fastrsb.metrics_log import read_rows
 from fastrsb.provenance import read_starts
 from fastrsb.run_log import stop_reason
-from fastrsb.timm_run import scheduled_epochs, summary_rows, train_arguments
+from fastrsb.timm_run import scheduled_epochs, summary_rows, train_arguments, validates_ema
 
 
 def run_folders(root: Path) -> list[Path]:
@@ -88,8 +88,7 @@ def describe_timm(folder: Path, arguments: dict) -> dict:
             "epochs_done": done, "state": "done" if done >= total else "unfinished", "trainer": None,
             "top1": validated[-1]["top1"] if validated else None,
             "best_top1": max(r["top1"] for r in validated) if validated else None,
-            # train.py's summary.csv holds its EMA's figures where it validated one (not one kept on the CPU)
-            "ema": bool(arguments.get("model_ema") and not arguments.get("model_ema_force_cpu")),
+            "ema": validates_ema(arguments),  # its summary.csv's figures are its EMA's
             "started": _timm_started(folder), "starts": 1, "processes": None, "device": arguments.get("device"),
             "commit": None, "last_written": _stamp(written) if written else None}
 

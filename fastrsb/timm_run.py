@@ -29,6 +29,12 @@ def train_arguments(folder: Path) -> dict | None:
     return arguments if isinstance(arguments, dict) and TRAIN_PY_KEYS <= arguments.keys() else None
 
 
+def validates_ema(arguments: dict) -> bool:
+    """Whether train.py's summary.csv and best checkpoint hold its EMA's figures: it validates an
+    EMA it keeps (not one kept on the CPU) after the model and puts its figures in their place."""
+    return bool(arguments.get("model_ema") and not arguments.get("model_ema_force_cpu"))
+
+
 def scheduled_epochs(arguments: dict) -> int:
     """The epochs train.py runs: as many as timm's own scheduler factory makes of these arguments
     (train.py loops over its num_epochs), which counts --warmup-prefix and --cooldown-epochs on top

@@ -978,6 +978,20 @@ def test_plot_draws_a_timm_run_beside_a_fastrsb_run(run, tmp_path):
     colours = {c for _, c in Image.open(tmp_path / "both.png").convert("RGB").getcolors(maxcolors=1 << 20)}
     assert (31, 119, 180) in colours and (214, 39, 40) in colours  # both runs drawn
     assert "wrote" in run_cli("plot", timm_run, "-o", tmp_path / "timm.png").stdout  # alone too
+    # A timm run that validated an EMA wrote the EMA's figures: drawn as the EMA's, as a fastrsb
+    # run's that keeps one (by which either judged its epochs); an EMA kept on the CPU was not validated.
+    from fastrsb.plot import compared_panels, panels
+    ema_run = _timm_output(tmp_path / "ema", [(0, 0.9, 30.0, True), (1, 0.8, 45.0, False)], model_ema=True)
+    cpu_ema = _timm_output(tmp_path / "cpu-ema", [(0, 0.9, 30.0, True)], model_ema=True, model_ema_force_cpu=True)
+    ema_epochs = read_metrics(ema_run)[1]
+    assert [(r["top1"], r["ema_top1"], r["ema_val_loss"]) for r in ema_epochs] == [(None, 30.0, 1.4), (None, 45.0, 1.3)]
+    assert ("EMA top-1", [1, 2], [30.0, 45.0]) in panels(*read_metrics(ema_run))[1][1]
+    assert "ema_top1" not in read_metrics(cpu_ema)[1][0]
+    fastrsb_ema = [{**r, "ema_top1": r["top1"] + 1, "ema_val_loss": r["val_loss"]} for r in epochs]
+    compared = dict((title, series) for title, series, _ in compared_panels(
+        [("timm", *read_metrics(ema_run)), ("fastrsb", logs, fastrsb_ema), ("plain", logs, epochs)]))
+    assert compared["validation top-1 (%)"] == [
+        ("timm (EMA)", [1, 2], [30.0, 45.0]), ("fastrsb (EMA)", [1, 2], [31.0, 46.0]), ("plain", [1, 2], [30.0, 45.0])]
     (timm_run / "summary.csv").write_text("epoch,loss\n0,1\n")
     assert_user_error(run_cli("plot", timm_run, check=False), "is not a summary.csv of timm's train.py")
 
