@@ -1085,8 +1085,17 @@ def test_the_log_keeps_what_a_run_said_and_why_it_ended(tmp_path, monkeypatch):
         raise SystemExit(2)
     assert "rank 1 (node7)" not in terminal.getvalue()
     assert run_log.stop_reason(tmp_path) == "error: rank 1 (node7) stopped: cannot decode x.JPEG; rank 0 stops with it"
+    # The --nproc launcher: what it says of its ranks goes after rank 0's lines, not what it said before.
+    with run_log.RunLog():
+        print("generating the demo data set in data/demo ...")
+        run_log.hold_anew()
+        print("fastrsb: rank 1 ended by SIGKILL, without a word", file=sys.stderr)
+        run_log.attach(tmp_path / "train.log", None)
+    assert (tmp_path / "train.log").read_text().endswith(
+        "rank 0 stops with it\nfastrsb: rank 1 ended by SIGKILL, without a word\n")
     with run_log.RunLog():
         print("refused before the run folder was made", file=sys.stderr)
+        run_log.attach(tmp_path / "nowhere.log", None)  # no log there (a run refused): none made
     (tmp_path / "folder").mkdir()
     assert sorted(path.name for path in tmp_path.iterdir()) == ["folder", "train.log"]  # nothing else written
     with run_log.RunLog():
