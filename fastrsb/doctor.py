@@ -1,11 +1,11 @@
 """`fastrsb doctor`: every check a long run depends on, at once, before it starts.
 
 The GPUs (name, memory, compute capability, the AMP type they get), the NVIDIA driver against the
-CUDA versions torch and DALI were built for, a DALI decode on the device a run would use, CPU
-cores against the loader threads, free disk in the run folder for a recipe's checkpoints, and for
---data: the layout, the counts against ImageNet-1k's, and a decode probe. Exit 0 only when a run
-can start. Without a GPU it says so and checks the CPU path; nothing here can wait on a GPU that is
-not there (torch.cuda.is_available() and NVML answer at once).
+CUDA versions torch and DALI were built for, a DALI decode and the recipe's augmentation on the
+device a run would use, CPU cores against the loader threads, free disk in the run folder for a
+recipe's checkpoints, and for --data: the layout, the counts against ImageNet-1k's, and a decode
+probe. Exit 0 only when a run can start. Without a GPU it says so and checks the CPU path; nothing
+here can wait on a GPU that is not there (torch.cuda.is_available() and NVML answer at once).
 """
 from __future__ import annotations
 
@@ -122,23 +122,36 @@ def software_check(device: str) -> Check:
                                    f"numpy {v['numpy']}")
 
 
-def dali_check(device: str) -> Check:
-    """A real decode through fastrsb's loader on `device` (generated JPEGs), timed."""
+def dali_check(device: str, recipe_name: str = "a3") -> Check:
+    """A real decode through fastrsb's loader on `device` (generated JPEGs), timed, with the
+    recipe's augmentation (its RandAugment in the form the run would take, its repeated views):
+    every DALI operator the run's train graph holds runs once, so that one the machine's DALI
+    cannot run (a library it lacks) fails here rather than at the run's start."""
     import tempfile
     from fastrsb.demo_data import write_demo
     from fastrsb.pipelines import train_loader
+    from fastrsb.recipe import load_recipe
+    recipe = load_recipe(recipe_name)
+    augment = dict(aa=recipe["aa"], aa_impl=recipe["aa_impl"], interpolation=recipe["train_interpolation"],
+                   repeats=max(1, recipe["aug_repeats"]))
     with tempfile.TemporaryDirectory() as folder:
         root = write_demo(Path(folder) / "probe", train_per_class=16, val_per_class=1, num_classes=2)
         try:
             start = time.perf_counter()
-            images, _ = next(iter(train_loader(root / "train", 16, 64, device=device)))
+            loader = train_loader(root / "train", 16, 64, device=device, pipelines=1, **augment)
+            images, _ = next(iter(loader))
             seconds = time.perf_counter() - start
         except Exception as err:  # noqa: BLE001 - any failure here is the finding
-            return Check("dali", False, f"DALI could not decode on the {device}: {type(err).__name__}: {err}")
+            return Check("dali", False, f"DALI could not decode and augment as recipe {recipe['name']} does on the "
+                                        f"{device}: {type(err).__name__}: {err}")
     import nvidia.dali
     where = "the GPU (nvJPEG and the hardware JPEG decoders where the GPU has them)" if device == "cuda" else "the CPU"
-    return Check("dali", True, f"DALI {nvidia.dali.__version__} decodes on {where}: a first batch "
-                               f"{tuple(images.shape)} {str(images.dtype).removeprefix('torch.')} in {seconds:.1f}s")
+    aa = f"RandAugment {recipe['aa']}, {loader.settings['aa_impl']} form" if augment["aa"] else "no RandAugment"
+    if augment["repeats"] > 1:
+        aa += f", {augment['repeats']} views an image"
+    return Check("dali", True, f"DALI {nvidia.dali.__version__} decodes on {where}, and augments as recipe "
+                               f"{recipe['name']} does ({aa}): a first batch {tuple(images.shape)} "
+                               f"{str(images.dtype).removeprefix('torch.')} in {seconds:.1f}s")
 
 
 def cpu_check(gpus: int) -> Check:
@@ -250,7 +263,7 @@ def _decode_probe(train, device: str, count: int = 320, batch: int = 64) -> Chec
 def run_doctor(data: str | None, out: str | None, recipe: str = "a3") -> list[Check]:
     import torch
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    checks = [software_check(device), *gpu_checks(), dali_check(device)]
+    checks = [software_check(device), *gpu_checks(), dali_check(device, recipe)]
     gpus = torch.cuda.device_count() if device == "cuda" else 0
     checks.append(cpu_check(gpus))
     checks.append(disk_check(Path(out or "runs"), recipe))

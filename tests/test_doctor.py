@@ -21,9 +21,30 @@ def test_doctor_passes_on_a_good_folder(tmp_path):
     assert "140 train / 4 val images in 2 classes: not ImageNet-1k's" in out
     assert "ok    the train set fills recipe demo's batch_size 64 (64 images a process over 1 process(es))" in out
     assert "decode probe:" in out and "img/s" in out and out.rstrip().endswith("0 problem(s): a run can start")
+    assert "and augments as recipe demo does (no RandAugment)" in out
     report = json.loads(run_cli("doctor", "--json").stdout)  # without --data: the machine's checks only
     assert report["ok"] and [c["name"] for c in report["checks"]] == ["software", "gpu", "dali", "cpu", "disk"]
+    # Recipe a3's (the default) train graph runs once, its RandAugment included, in the form a run takes.
+    assert "augments as recipe a3 does (RandAugment rand-m6-mstd0.5-inc1, tree form)" in report["checks"][2]["text"]
     assert f"fastrsb {fastrsb.__version__}" in out and f"torch {torch.__version__}, torchvision" in out
+
+
+def test_doctor_fails_where_dali_cannot_run_the_recipes_train_graph(monkeypatch):
+    """A DALI operator the machine cannot run (a library its DALI lacks: NPP, say) fails the
+    doctor, as it would fail the run's start; the recipe's augmentation reaches the loader."""
+    import fastrsb.pipelines
+    asked = {}
+
+    def failing_loader(root, batch_size, img_size, **options):
+        asked.update(options)
+        raise RuntimeError("Error in GPU operator `nvidia.dali.fn.equalize`: libnppc.so.13: cannot open shared object")
+    monkeypatch.setattr(fastrsb.pipelines, "train_loader", failing_loader)
+    proc = run_cli("doctor", "--recipe", "a1", check=False)
+    assert_user_error(proc, "1 problem(s)")
+    assert ("FAIL  DALI could not decode and augment as recipe a1 does on the cpu: RuntimeError: Error in GPU operator "
+            "`nvidia.dali.fn.equalize`: libnppc.so.13") in proc.stdout
+    assert (asked["aa"], asked["aa_impl"], asked["interpolation"], asked["repeats"]) == (
+        "rand-m7-mstd0.5-inc1", "auto", "random", 3)
 
 
 def test_doctor_names_every_problem_and_exits_2(tiny_data, tmp_path):
