@@ -6,9 +6,9 @@ does: the port is the store's own (no free-port guess that another program can t
 and the store outlives any one rank, so the others' FailureNotice names a rank that died.
 
 What torchrun does not do for a training run, this does:
-- every stop signal it receives (SIGINT, SIGTERM, SIGUSR1) goes to each process, and a process
-  that gets the same stop twice (Ctrl-C reaches the terminal's whole group) takes it as one
-  (fastrsb.stopping);
+- every stop signal it receives (SIGINT, SIGTERM, SIGUSR1, SIGHUP) goes to each process, and a
+  process that gets the same stop twice (Ctrl-C reaches the terminal's whole group) takes it as
+  one (fastrsb.stopping);
 - it waits for a stopping run as long as the run needs to save its checkpoint (torchrun kills
   its workers 30 s after a signal);
 - it exits with the run's own code (2 for a refused run, 128 + N after signal N) where torchrun
@@ -80,6 +80,9 @@ def run_together(commands: list[tuple[list[str], dict]], straggler_seconds: floa
     procs: list[subprocess.Popen] = []
 
     def forward(signum, frame):
+        if signum == signal.SIGHUP:  # the terminal is gone: what the launcher says goes to the run's log alone
+            from fastrsb.run_log import terminal_gone
+            terminal_gone()
         for proc in procs:
             if proc.poll() is None:
                 proc.send_signal(signum)

@@ -4,6 +4,7 @@ run card and notes, the epoch lines, and how each start ended. `fastrsb runs` re
 stopped run stopped (stop_reason)."""
 from __future__ import annotations
 
+import os
 import re
 import sys
 import threading
@@ -36,6 +37,29 @@ def log_only(text: str) -> None:
         RunLog.active.record(text)
 
 
+def terminal_gone() -> None:
+    """After SIGHUP (a terminal closed, an SSH session dropped): the standard output and error
+    that were a terminal write to /dev/null from now on (a write to a hung-up terminal fails, and
+    would stop the run before it saves), fastrsb's lines still going into the run's log. At the
+    level of the file descriptors, so that torch's and DALI's own writes are quiet too, and only
+    those that were a terminal when the command started (a job's output file is kept)."""
+    log = RunLog.active
+    fds = log.terminal_fds if log is not None else [fd for fd in (1, 2) if _is_terminal(fd)]
+    if not fds:
+        return
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    for fd in fds:
+        os.dup2(devnull, fd)
+    os.close(devnull)
+
+
+def _is_terminal(fd: int) -> bool:
+    try:
+        return os.isatty(fd)
+    except OSError:
+        return False
+
+
 def hold_anew() -> None:
     """Hold only what is printed from now on: the --nproc launcher's lines about its ranks go
     after theirs, not what it printed before it started them."""
@@ -62,6 +86,8 @@ class RunLog:
 
     def __enter__(self) -> "RunLog":
         self._streams = sys.stdout, sys.stderr
+        # Asked now: a hung-up terminal may no longer say it is one (terminal_gone).
+        self.terminal_fds = [fd for fd in (1, 2) if _is_terminal(fd)]
         sys.stdout, sys.stderr = _Tee(sys.stdout, self), _Tee(sys.stderr, self)
         RunLog.active = self
         return self

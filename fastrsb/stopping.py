@@ -1,6 +1,8 @@
-"""Graceful stop: SIGTERM (a preempted cluster job), SIGINT (Ctrl-C) or SIGUSR1 (SLURM's warning
-before the time limit, `sbatch --signal=USR1@120`) asks the trainer to save a checkpoint at the
-next step boundary and exit; a second signal exits at once.
+"""Graceful stop: SIGTERM (a preempted cluster job), SIGINT (Ctrl-C), SIGUSR1 (SLURM's warning
+before the time limit, `sbatch --signal=USR1@120`) or SIGHUP (the terminal closed, an SSH session
+dropped) asks the trainer to save a checkpoint at the next step boundary and exit; a second signal
+exits at once. After SIGHUP the terminal is gone: what the run says from then on goes to its
+train.log alone (fastrsb.run_log.terminal_gone), since a write to a hung-up terminal fails.
 
 One stop often reaches a process twice within milliseconds: Ctrl-C reaches every process of the
 terminal's group and a launcher forwards it too (fastrsb's --nproc); SLURM's scancel or preemption
@@ -16,7 +18,7 @@ import time
 
 
 class StopRequest:
-    SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+    SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGHUP)
     REPEAT_SECONDS = 1.0  # a forwarded copy arrives within milliseconds; a person presses again later
 
     def __init__(self):
@@ -39,6 +41,9 @@ class StopRequest:
             os.kill(os.getpid(), signum)
             return
         self.signum, self._first_at = signum, time.monotonic()
+        if signum == signal.SIGHUP:
+            from fastrsb.run_log import terminal_gone
+            terminal_gone()
         if os.environ.get("LOCAL_RANK", "0") == "0":  # one line per machine, not one per process
             print(f"\nfastrsb: {signal.Signals(signum).name} received: saving a checkpoint at the next step "
                   f"boundary, then exiting (send it again to exit at once)", file=sys.stderr, flush=True)

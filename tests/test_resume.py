@@ -5,6 +5,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -169,6 +170,34 @@ def test_slurms_time_limit_warning_stops_the_run_too():
               "    print(stop.signum == signal.SIGUSR1)\n")
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0 and proc.stdout.strip() == "True" and "SIGUSR1 received" in proc.stderr
+
+
+def test_a_terminal_that_hangs_up_stops_the_run_resumably_its_words_in_the_log(tiny_data, tmp_path):
+    """A run in a terminal that goes away (an SSH session dropped): its output is a pseudo-terminal
+    whose other end closes, then SIGHUP arrives, as the kernel sends it. The run saves a checkpoint
+    and stops (exit 129), saying so in train.log alone: a write to the hung-up terminal fails, and
+    the run would have died of it, or of SIGHUP itself, losing the epoch."""
+    import pty
+    import select
+    leader, follower = pty.openpty()
+    args = [sys.executable, "-m", "fastrsb", "train", "tiny", "--data", tiny_data, "--out", tmp_path, "--device", "cpu",
+            "--threads", "1", "--log-every", "1"] + [a for p in PARTS for a in ("--set", p)]
+    proc = subprocess.Popen(list(map(str, args)), stdin=subprocess.DEVNULL, stdout=follower, stderr=follower)
+    os.close(follower)
+    shown, deadline = b"", time.monotonic() + 120
+    while b"] 1/6 " not in shown and time.monotonic() < deadline:  # the first step's progress bar
+        if select.select([leader], [], [], 1.0)[0]:
+            shown += os.read(leader, 65536)
+    assert b"] 1/6 " in shown, shown.decode(errors="replace")
+    os.close(leader)  # the terminal is gone: writes to it now fail
+    proc.send_signal(signal.SIGHUP)
+    assert proc.wait(timeout=120) == 128 + signal.SIGHUP
+    assert 1 <= load_checkpoint(tmp_path / "last.pt")["step"] < 12
+    log = (tmp_path / "train.log").read_text()
+    assert "fastrsb: SIGHUP received: saving a checkpoint" in log and "Traceback" not in log
+    assert "continue with: fastrsb train tiny" in log.splitlines()[-1]
+    listed = run_cli("runs", tmp_path).stdout.splitlines()
+    assert listed[2].startswith("  why: stopped at step ") and listed[2].endswith(" (SIGHUP)")
 
 
 def test_resume_refuses_another_recipe(tiny_data, uninterrupted, tmp_path):
