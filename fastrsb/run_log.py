@@ -4,6 +4,7 @@ run card and notes, the epoch lines, and how each start ended. `fastrsb runs` re
 stopped run stopped (stop_reason)."""
 from __future__ import annotations
 
+import errno
 import os
 import re
 import sys
@@ -174,9 +175,12 @@ class _Tee:
         self._stream, self._log = stream, log
 
     def write(self, text: str) -> int:
-        written = self._stream.write(text)
+        written = _quiet_if_hung_up(lambda: self._stream.write(text), len(text))
         self._log.record(text)
         return written
+
+    def flush(self) -> None:
+        _quiet_if_hung_up(self._stream.flush, None)
 
     def writelines(self, lines) -> None:
         for line in lines:
@@ -187,6 +191,18 @@ class _Tee:
 
 
 _SIGNAL_SAID = re.compile(r"^fastrsb: (SIG[A-Z0-9]+) received")  # fastrsb.stopping's line
+
+
+def _quiet_if_hung_up(write, instead):
+    """write(), or where the terminal has hung up (EIO: its SIGHUP may arrive a moment after the
+    first write fails), the terminal's output sent to /dev/null and `instead`."""
+    try:
+        return write()
+    except OSError as err:
+        if err.errno != errno.EIO:
+            raise
+        terminal_gone()
+        return instead
 
 
 def stop_reason(folder: Path) -> str | None:

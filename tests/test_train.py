@@ -1085,6 +1085,21 @@ def test_the_log_keeps_what_a_run_said_and_why_it_ended(tmp_path, monkeypatch):
         raise SystemExit(2)
     assert "rank 1 (node7)" not in terminal.getvalue()
     assert run_log.stop_reason(tmp_path) == "error: rank 1 (node7) stopped: cannot decode x.JPEG; rank 0 stops with it"
+    # A terminal that hung up before its SIGHUP arrived: the write fails (EIO); the line is logged and
+    # the terminal's output sent to /dev/null (run_log.terminal_gone), not the run stopped by the error.
+    import errno
+
+    class HungUp(Terminal):
+        def write(self, text):
+            raise OSError(errno.EIO, "Input/output error")
+    gone = []
+    monkeypatch.setattr(run_log, "terminal_gone", lambda: gone.append(True))
+    monkeypatch.setattr(sys, "stderr", HungUp())
+    with run_log.RunLog():
+        run_log.attach(tmp_path / "train.log", "fastrsb train x --resume auto")
+        print("epoch 2: train_loss 0.4", file=sys.stderr, flush=True)
+    monkeypatch.setattr(sys, "stderr", terminal)
+    assert gone and (tmp_path / "train.log").read_text().endswith("auto\nepoch 2: train_loss 0.4\n")
     # The --nproc launcher: what it says of its ranks goes after rank 0's lines, not what it said before.
     with run_log.RunLog():
         print("generating the demo data set in data/demo ...")
@@ -1092,7 +1107,7 @@ def test_the_log_keeps_what_a_run_said_and_why_it_ended(tmp_path, monkeypatch):
         print("fastrsb: rank 1 ended by SIGKILL, without a word", file=sys.stderr)
         run_log.attach(tmp_path / "train.log", None)
     assert (tmp_path / "train.log").read_text().endswith(
-        "rank 0 stops with it\nfastrsb: rank 1 ended by SIGKILL, without a word\n")
+        "train_loss 0.4\nfastrsb: rank 1 ended by SIGKILL, without a word\n")
     with run_log.RunLog():
         print("refused before the run folder was made", file=sys.stderr)
         run_log.attach(tmp_path / "nowhere.log", None)  # no log there (a run refused): none made
