@@ -23,7 +23,7 @@ import sys
 import time
 
 from fastrsb.errors import UserError
-from fastrsb.stopping import StopRequest
+from fastrsb.stopping import StopRequest, handled
 
 STRAGGLER_SECONDS = 60.0  # after a process failed; FailureNotice stops the others within seconds
 # Exit codes of a run that stopped as asked (fastrsb.stopping): the others are stopping too, and
@@ -87,7 +87,7 @@ def run_together(commands: list[tuple[list[str], dict]], straggler_seconds: floa
             if proc.poll() is None:
                 proc.send_signal(signum)
 
-    previous = {sig: signal.signal(sig, forward) for sig in StopRequest.SIGNALS}
+    previous = {sig: signal.signal(sig, forward) for sig in handled(StopRequest.SIGNALS)}
     ended: list[int] = []  # exit codes in the order the processes ended: the first failure is the cause
     try:
         procs.extend(subprocess.Popen(argv, env=env) for argv, env in commands)

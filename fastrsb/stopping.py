@@ -17,6 +17,12 @@ import threading
 import time
 
 
+def handled(signals) -> list:
+    """The signals to take as a stop: all but SIGHUP where it is ignored, as `nohup` starts a
+    command so that it outlives its terminal (a handler would undo that)."""
+    return [sig for sig in signals if not (sig == signal.SIGHUP and signal.getsignal(sig) == signal.SIG_IGN)]
+
+
 class StopRequest:
     SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGHUP)
     REPEAT_SECONDS = 1.0  # a forwarded copy arrives within milliseconds; a person presses again later
@@ -50,7 +56,7 @@ class StopRequest:
 
     def __enter__(self) -> "StopRequest":
         if threading.current_thread() is threading.main_thread():  # handlers only install there
-            for sig in self.SIGNALS:
+            for sig in handled(self.SIGNALS):
                 self._previous[sig] = signal.signal(sig, self._handle)
         return self
 

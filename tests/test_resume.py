@@ -200,6 +200,19 @@ def test_a_terminal_that_hangs_up_stops_the_run_resumably_its_words_in_the_log(t
     assert listed[2].startswith("  why: stopped at step ") and listed[2].endswith(" (SIGHUP)")
 
 
+def test_a_run_started_by_nohup_outlives_its_terminal():
+    """nohup starts a command with SIGHUP ignored, so that it goes on when its terminal goes: a
+    run keeps it ignored (SIGHUP is a stop only where nothing said to ignore it)."""
+    script = ("import os, signal, time\n"
+              "from fastrsb.stopping import StopRequest\n"
+              "signal.signal(signal.SIGHUP, signal.SIG_IGN)  # as nohup starts it\n"
+              "with StopRequest() as stop:\n"
+              "    os.kill(os.getpid(), signal.SIGHUP); time.sleep(0.1)\n"
+              "    print(stop.requested)\n")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and proc.stdout.strip() == "False" and "received" not in proc.stderr
+
+
 def test_resume_refuses_another_recipe(tiny_data, uninterrupted, tmp_path):
     import shutil
     shutil.copy(uninterrupted / "last.pt", tmp_path / "last.pt")
