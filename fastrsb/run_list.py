@@ -1,10 +1,11 @@
 """`fastrsb runs [DIR ...]`: every run folder under the DIRs in one table: its recipe and model,
 how far it got and whether a train runs in it now (its lock: fastrsb.folder_lock), its last and
-best top-1, when it started, on what (processes, device, fastrsb commit) and when it last wrote a
-row. Read from recipe.json, metrics.jsonl and starts.jsonl only (a checkpoint of ResNet-50 weighs
-~300 MB: none is opened), so a folder of a hundred runs lists at once. The output folders of
-timm's train.py among them (args.yaml, summary.csv: fastrsb.timm_run) are listed too, so that a
-recipe run by both tools is seen in one table."""
+best top-1, when it started, on what (processes, device, fastrsb commit), when it last wrote a
+row, and why a stopped run stopped. Read from recipe.json, metrics.jsonl, starts.jsonl and
+train.log only (a checkpoint of ResNet-50 weighs ~300 MB: none is opened), so a folder of a
+hundred runs lists at once. The output folders of timm's train.py among them (args.yaml,
+summary.csv: fastrsb.timm_run) are listed too, so that a recipe run by both tools is seen in one
+table."""
 from __future__ import annotations
 
 import datetime

@@ -48,7 +48,8 @@ def train(recipe: dict, data: str | Path, out: str | Path, device: str | None = 
           stop_after_steps: int | None = None, micro_batch: int | None = None, deterministic: bool = False,
           command: str | None = None) -> dict:
     """Train as the recipe says; write RUN_DIR/{recipe.json, starts.jsonl, metrics.jsonl, last.pt,
-    best.pt} (rank 0 only). resume: "auto" (RUN_DIR/last.pt if present) or a checkpoint path.
+    best.pt} (rank 0 only), and train.log where the command keeps one (fastrsb.run_log).
+    resume: "auto" (RUN_DIR/last.pt if present) or a checkpoint path.
     grad_accum_steps ("auto" or a number) and micro_batch: how the recipe's global batch splits per
     process (fastrsb.accumulation); a resumed run keeps the split it was saved with (on another
     number of processes, it is split anew).
