@@ -62,3 +62,30 @@ def test_a_training_step_keeps_everything_on_the_gpu(monkeypatch):
         with pytest.raises(Exception, match="same device|different devices"):  # (torch 2.14 | 2.11)
             loss_fn(model(images), mixer(images, labels)[1])
     assert {t.device.type for t in (mixed, targets, loss, moments, *optimizer._scalars.values())} == {"cuda"}
+
+
+def test_validation_counts_on_the_gpu_and_reads_back_once_at_the_end():
+    """Validation's counting (top-1, top-5, the loss, and ImageNet-ReaL's sets) on the GPU's batches:
+    every sum stays on the device, and the one read back to the host is the totals' at the end
+    (where fake tensors, which hold no data, can give no values: the read this test stops at)."""
+    from torch._subclasses.fake_tensor import DataDependentOutputException
+    from fastrsb.real_labels import RealTargets
+    from fastrsb.train import evaluate
+
+    class Batches:  # what evaluate takes of a loader: its batches, their count, its images
+        images = None
+
+        def __len__(self):
+            return 3
+
+        def __iter__(self):
+            for _ in range(3):
+                yield torch.empty(4, 3, 32, 32, device="cuda"), torch.zeros(4, dtype=torch.int64, device="cuda")
+    with FakeTensorMode(), torch.device("cuda"):
+        model = timm.create_model("resnet10t", num_classes=10)
+        real = RealTargets(torch.zeros(12, dtype=torch.int64), torch.zeros(12, 3, dtype=torch.int64), "")  # on the GPU
+        for given in (None, real):
+            with pytest.raises(DataDependentOutputException) as caught:
+                evaluate(model, Batches(), "cuda", None, real=given)
+            assert caught.traceback[-1].name != "evaluate" and any(
+                entry.name == "evaluate" and ".tolist()" in str(entry.statement) for entry in caught.traceback)
