@@ -130,10 +130,10 @@ def dali_check(device: str, recipe_name: str = "a3") -> Check:
     import tempfile
     from fastrsb.demo_data import write_demo
     from fastrsb.pipelines import train_loader
+    from fastrsb.parts import train_augmentation
     from fastrsb.recipe import load_recipe
     recipe = load_recipe(recipe_name)
-    augment = dict(aa=recipe["aa"], aa_impl=recipe["aa_impl"], interpolation=recipe["train_interpolation"],
-                   repeats=max(1, recipe["aug_repeats"]))
+    augment = train_augmentation(recipe)
     with tempfile.TemporaryDirectory() as folder:
         root = write_demo(Path(folder) / "probe", train_per_class=16, val_per_class=1, num_classes=2)
         try:

@@ -156,13 +156,19 @@ def open_train_loader(recipe: dict, images: ImageList, micro: int, device: str, 
     the recipe's. seed: the loaders' (default: the recipe's).
     The recipe's `compile` compiles the torch RandAugment form too, on the GPU only (as the model:
     on a few CPU cores a compile costs more than it saves in a short run)."""
-    speed.setdefault("aa_impl", recipe["aa_impl"])
     speed.setdefault("cuda_graphs", recipe["cuda_graphs"] and device == "cuda")
     speed.setdefault("compile_augment", recipe["compile"] and device == "cuda")
     return _open_loader(train_loader, images, micro, recipe["img_size"], device=device, shard_id=d.rank,
                         num_shards=d.world, seed=recipe["seed"] if seed is None else seed, num_threads=num_threads,
-                        repeats=max(1, recipe["aug_repeats"]), spread_views=recipe["aug_repeats_across_ranks"],
-                        aa=recipe["aa"], interpolation=recipe["train_interpolation"], state=state, **speed)
+                        spread_views=recipe["aug_repeats_across_ranks"], state=state,
+                        **{**train_augmentation(recipe), **speed})
+
+
+def train_augmentation(recipe: dict) -> dict:
+    """The recipe's augmentation as train_loader's options (the run's loader, and the doctor's
+    probe of the same graph): RandAugment and its form, the crops' resampling, repeated views."""
+    return dict(aa=recipe["aa"], aa_impl=recipe["aa_impl"], interpolation=recipe["train_interpolation"],
+                repeats=max(1, recipe["aug_repeats"]))
 
 
 def open_val_loader(recipe: dict, images: ImageList, batch: int, device: str, d: Dist = Dist(),
