@@ -278,22 +278,28 @@ def _process_group_store(d: Dist) -> dist.Store | None:
 def agree(flags: list[bool], d: Dist) -> list[bool]:
     """Each flag True on every rank if it is True on any rank (a stop request that reached one
     process, a non-finite loss on one shard), so that all ranks take the same branch."""
-    if not d.on:
-        return flags
-    device = "cuda" if dist.get_backend() == "nccl" else "cpu"
-    values = torch.tensor([int(f) for f in flags], device=device)
-    dist.all_reduce(values, op=dist.ReduceOp.MAX)
-    return [bool(v) for v in values.tolist()]
+    return [bool(v) for v in _reduced([int(f) for f in flags], dist.ReduceOp.MAX, torch.int64, d)]
 
 
 def smallest(value: int, d: Dist) -> int:
     """The smallest of every rank's value (a choice each rank made alone, which all must share)."""
+    return int(_reduced([value], dist.ReduceOp.MIN, torch.int64, d)[0])
+
+
+def largest(values: list[float], d: Dist) -> list[float]:
+    """Each value the largest of every rank's (a figure each rank measured alone: its memory)."""
+    return _reduced(values, dist.ReduceOp.MAX, torch.float64, d)
+
+
+def _reduced(values: list, op, dtype: torch.dtype, d: Dist) -> list:
+    """`values` all-reduced with `op` over the ranks (on the device NCCL needs: one host sync, at
+    the points where ranks must agree anyway); as they are in a single process."""
     if not d.on:
-        return value
+        return list(values)
     device = "cuda" if dist.get_backend() == "nccl" else "cpu"
-    values = torch.tensor([value], device=device)
-    dist.all_reduce(values, op=dist.ReduceOp.MIN)
-    return int(values.item())
+    tensor = torch.tensor(values, dtype=dtype, device=device)
+    dist.all_reduce(tensor, op=op)
+    return tensor.tolist()
 
 
 @torch.no_grad()

@@ -61,6 +61,8 @@ def describe(folder: Path) -> dict:
             "ema": bool(recipe.get("model_ema")),
             "started": first.get("started"), "starts": len(starts), "processes": last.get("processes"),
             "device": last.get("device"), "commit": last.get("commit"),
+            # the most a process of it held over an epoch (a GPU's memory, or on the CPU the process's)
+            "peak_memory_gib": max((r["peak_memory_gib"] for r in validated if r.get("peak_memory_gib")), default=None),
             "last_written": _stamp(written) if written else None,
             # why its last start ended, where it stopped short (its train.log says)
             "why": stop_reason(folder) if not trainer and done < recipe["epochs"] else None}
@@ -91,7 +93,7 @@ def describe_timm(folder: Path, arguments: dict) -> dict:
             "best_top1": max(r["top1"] for r in validated) if validated else None,
             "ema": validates_ema(arguments),  # its summary.csv's figures are its EMA's
             "started": _timm_started(folder), "starts": 1, "processes": None, "device": arguments.get("device"),
-            "commit": None, "last_written": _stamp(written) if written else None}
+            "commit": None, "peak_memory_gib": None, "last_written": _stamp(written) if written else None}
 
 
 def _timm_started(folder: Path) -> str:
@@ -110,18 +112,20 @@ def _stamp(seconds: float) -> str:
 def table(runs: list[dict], now: datetime.datetime | None = None) -> str:
     """The runs as aligned text columns, a run a line."""
     now = now or datetime.datetime.now(datetime.timezone.utc)
-    header = ("run", "recipe", "epochs", "state", "top-1", "best", "started", "on", "commit", "last written")
+    header = ("run", "recipe", "epochs", "state", "top-1", "best", "started", "on", "peak mem", "commit",
+              "last written")
     lines = [header]
     for r in runs:
         if "unreadable" in r:
-            lines.append((r["run"], f"unreadable: {r['unreadable']}", *["-"] * 8))
+            lines.append((r["run"], f"unreadable: {r['unreadable']}", *["-"] * (len(header) - 2)))
             continue
         top1 = f"{r['top1']:.2f}{' (EMA)' if r.get('ema') else ''}" if r["top1"] is not None else "-"
         best = f"{r['best_top1']:.2f}" if r["best_top1"] is not None else "-"
         on = f"{r['processes']} x {r['device']}" if r["processes"] else "-"
+        memory = f"{r['peak_memory_gib']:.1f} GiB" if r.get("peak_memory_gib") else "-"
         resumed = f" (+{r['starts'] - 1} resume(s))" if r["starts"] > 1 else ""
         lines.append((r["run"], f"{r['recipe']} ({r['model']})", f"{r['epochs_done']}/{r['epochs']}", r["state"], top1, best,
-                      (r["started"] or "-")[:16].replace("T", " ") + resumed, on, r["commit"] or "-",
+                      (r["started"] or "-")[:16].replace("T", " ") + resumed, on, memory, r["commit"] or "-",
                       _ago(r["last_written"], now)))
     widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
     text = ["  ".join(cell.ljust(width) for cell, width in zip(line, widths)).rstrip() for line in lines]

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from fastrsb import __version__, run_log
+from fastrsb import __version__, peak_memory, run_log
 from fastrsb.accumulation import HEADROOM
 from fastrsb.data_folder import (check_headers, describe_counts, loader_batches, open_dataset,
                                   refuse_a_run_inside_the_splits, val_shares_train)
@@ -166,13 +166,15 @@ def _validate_and_save(run: Run, pos: Position, folder: RunFolder) -> None:
         metrics.update({f"ema_{k}": v for k, v in evaluate(t.ema.module, run.val_data, run.device, t.dtype,
                                                            run.d).items()})
     metrics["val_seconds"] = time.perf_counter() - started
+    metrics.update(peak_memory.epoch_peak(run.device, run.d))
     folder.log(metrics)
     left = run.recipe["epochs"] - pos.epoch
     eta = f"; {left} epoch(s) left, ~{_clock(left * (metrics['train_seconds'] + metrics['val_seconds']))}" if left else ""
     _say(run, f"epoch {pos.epoch}: train_loss {metrics['train_loss']:.4f} top1 {metrics['top1']:.2f} "
               f"top5 {metrics['top5']:.2f}{' (ema %.2f)' % metrics['ema_top1'] if t.ema else ''} "
               f"({metrics['images_per_sec']:,.0f} img/s train, {metrics['data_wait']:.0%} waiting for data, "
-              f"{metrics['train_seconds']:.1f}s + {metrics['val_seconds']:.1f}s validation{eta})")
+              f"{metrics['train_seconds']:.1f}s + {metrics['val_seconds']:.1f}s validation"
+              f"{peak_memory.describe(metrics, run.device)}{eta})")
     # What the epoch is judged by: the EMA's top-1 where the run keeps an EMA, as timm's train.py
     # validates it in the model's place (its summary.csv's figures, its best checkpoint).
     score = metrics["ema_top1"] if t.ema else metrics["top1"]
@@ -244,6 +246,7 @@ def train_one_epoch(run: Run, pos: Position, folder: RunFolder, stops: Stops, lo
     hashed: each log row gets the hash of the step's last micro-batch (--deterministic)."""
     t, schedule, micro = run.training, run.schedule, run.micro
     t.model.train()
+    peak_memory.reset(run.device)  # the epoch's peak: its training and validation
     progress = Progress(f"epoch {pos.epoch + 1}/{run.recipe['epochs']}", schedule.steps_per_epoch, enabled=run.d.main)
     loss_sum = torch.tensor(pos.loss_sum, device=run.device)  # summed on the device: no sync per step
     start, first_micro, waited = time.perf_counter(), pos.micro_done, 0.0

@@ -85,6 +85,10 @@ def test_short_compiled_gpu_run(tiny_data, tmp_path):
     assert "compiling: the first steps wait for torch.compile" in proc.stdout
     # Steady state: the fixed-shape train step and augment compile once (eval runs eager).
     assert proc.stderr.count("Recompiling") == 0, proc.stderr
+    # Each epoch's peak: torch's reserve and DALI's pools above torch's live tensors (NVML there).
+    for r in epochs:
+        assert 0 < r["peak_torch_gib"] < r["peak_memory_gib"] < torch.cuda.get_device_properties(0).total_memory / 2**30
+        assert f"peak memory {r['peak_memory_gib']:.2f} GiB a GPU" in proc.stdout
 
 
 def test_gpu_batch_kept_across_later_ones_is_not_overwritten(tiny_data):

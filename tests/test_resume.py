@@ -27,9 +27,13 @@ def _train(data, out, **kwargs):
     return train(load_recipe("tiny", PARTS), data, out, device="cpu", num_threads=1, log_every=2, **kwargs)
 
 
+# What an epoch row measures of the machine rather than of the training: left out where runs are compared.
+MEASURED = ("images_per_sec", "train_seconds", "val_seconds", "data_wait", "peak_memory_gib", "peak_torch_gib")
+
+
 def _epoch_rows(out):
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    return [{k: v for k, v in r.items() if k not in ("images_per_sec", "train_seconds", "val_seconds", "data_wait")}
+    return [{k: v for k, v in r.items() if k not in MEASURED}
             for r in rows if r["kind"] == "epoch"]
 
 

@@ -45,16 +45,18 @@ def test_a_wrong_shard_stops_the_run_naming_the_rank(change, fragment):
 def test_two_processes_stop_together_on_a_wrong_shard(tmp_path):
     """Under torchrun, rank 1 lists one file fewer (a node whose copy of the data differs): both
     ranks stop with a message (rank 0 names rank 1), neither waits for the other forever. Also the
-    agreement on a per-rank choice (the GPU probe's micro-batch): the smallest, on every rank."""
+    agreement on a per-rank choice (the GPU probe's micro-batch): the smallest, on every rank; and on
+    a per-rank figure (an epoch's peak memory): the largest."""
     import subprocess
     import sys
     script = tmp_path / "shards.py"
     script.write_text(
-        "from fastrsb.distributed import init_distributed, shutdown, smallest\n"
+        "from fastrsb.distributed import init_distributed, largest, shutdown, smallest\n"
         "from fastrsb.errors import UserError\n"
         "from fastrsb.shards import check_shards, listing_fingerprint\n"
         "d = init_distributed('cpu')\n"
         "print(f'rank {d.rank}: micro-batch {smallest(64 - 32 * d.rank, d)}')  # each rank probed its own GPU\n"
+        "print(f'rank {d.rank}: peaks {largest([1.5 * d.rank, -1.0 - d.rank], d)}')  # each rank's memory\n"
         f"files = {FILES!r}[: 50 - d.rank]\n"
         "class Loader:\n"
         "    settings = {'shard_id': d.rank, 'num_shards': 2, 'seed': 0, 'repeats': 1}\n"
@@ -72,3 +74,5 @@ def test_two_processes_stop_together_on_a_wrong_shard(tmp_path):
     assert "rank 1: stopped: rank 0 found the data shards inconsistent" in proc.stdout
     # The micro-batch each rank's probe chose alone: every rank takes the smallest.
     assert "rank 0: micro-batch 32" in proc.stdout and "rank 1: micro-batch 32" in proc.stdout
+    # A figure each rank measured alone (its peak memory): every rank takes the largest.
+    assert "rank 0: peaks [1.5, -1.0]" in proc.stdout and "rank 1: peaks [1.5, -1.0]" in proc.stdout

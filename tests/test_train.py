@@ -36,6 +36,9 @@ def test_writes_metrics_and_checkpoints(run, tiny_data):
         assert 0 <= m["top1"] <= m["top5"] <= 100 and m["images_per_sec"] > 0 and m["train_loss"] > 0
         assert 0 <= m["data_wait"] < 1
         assert m["val_images"] == 20  # every validation image, exactly once
+        # The process's peak resident memory over the epoch (fastrsb.peak_memory), said on its line.
+        assert 0.1 < m["peak_memory_gib"] < os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / 2**30
+        assert f"validation, peak memory {m['peak_memory_gib']:.2f} GiB a process" in proc.stdout
     logs = [m for m in rows if m["kind"] == "log"]  # every --log-every 2 steps: 6 steps per epoch
     assert [m["step"] for m in logs] == [2, 4, 6, 8, 10, 12]
     assert all(m["loss"] > 0 and m["images_per_sec"] > 0 and 0 <= m["data_wait"] < 1 for m in logs)
@@ -1024,6 +1027,10 @@ def test_runs_lists_every_run_folder_with_its_progress(run, tmp_path):
     text = run_cli("runs", root).stdout.splitlines()
     assert text[0].split()[:4] == ["run", "recipe", "epochs", "state"] and len(text) == 3
     assert f"tiny (resnet10t)  2/2     done     {epochs[-1]['top1']:.2f}" in text[1] and "1 x cpu" in text[1]
+    # The most a process held over an epoch (the runs' memory compared at a glance), of the epochs it has.
+    assert a["peak_memory_gib"] == max(r["peak_memory_gib"] for r in epochs) > 0
+    assert b["peak_memory_gib"] == epochs[0]["peak_memory_gib"]
+    assert f"1 x cpu  {a['peak_memory_gib']:.1f} GiB " in text[1] and text[0].split()[8:10] == ["peak", "mem"]
     with folder_held(root / "b") as holder:  # a train resumed in b, running now
         b = json.loads(run_cli("runs", root, "--json").stdout.splitlines()[1])
         assert b["state"] == "running" and b["trainer"].startswith(f"fastrsb train (pid {holder.pid} on ")
@@ -1141,7 +1148,7 @@ def test_runs_lists_timm_output_folders_beside_fastrsb_runs(run, tmp_path):
     _, a3, short = listed
     assert (a3["recipe"], a3["model"], a3["epochs"], a3["epochs_done"], a3["state"]) == (
         "timm", "resnet50", 100, 3, "unfinished")
-    assert (a3["top1"], a3["best_top1"], a3["commit"]) == (40.0, 45.0, None)
+    assert (a3["top1"], a3["best_top1"], a3["commit"], a3["peak_memory_gib"]) == (40.0, 45.0, None, None)
     assert a3["started"] == datetime.datetime(2026, 12, 3, 10, 15, 30).astimezone(datetime.timezone.utc).isoformat()
     assert (short["epochs"], short["epochs_done"], short["top1"], short["last_written"]) == (12, 0, None, None)
     written = datetime.datetime.fromtimestamp((timm / "short" / "args.yaml").stat().st_mtime, datetime.timezone.utc)
