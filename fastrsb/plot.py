@@ -1,5 +1,5 @@
-"""`fastrsb plot RUN_DIR [RUN_DIR ...]`: loss, accuracy, learning rate and throughput curves from
-metrics.jsonl in one PNG; given several runs, each run's curves in a colour of its own, panel by
+"""`fastrsb plot RUN_DIR [RUN_DIR ...]`: loss, accuracy, learning rate and throughput curves (and
+for one run each epoch's peak memory, where its rows hold it) from metrics.jsonl in one PNG; given several runs, each run's curves in a colour of its own, panel by
 panel, to compare them; a run of timm's train.py among them (its summary.csv), to compare the two
 tools on one recipe. Drawn with matplotlib where it is installed (pip install
 "fastrsb[plot]": real axes, ticks and legends), else with a small Pillow fallback (Pillow comes
@@ -95,11 +95,16 @@ def panels(logs: list[dict], epochs: list[dict]) -> list[tuple[str, Series, bool
     if any("ema_top1" in r for r in epochs):
         accuracy.append(("EMA top-1", ex, [r.get("ema_top1") for r in epochs]))
         losses.append(("EMA val", ex, [r.get("ema_val_loss") for r in epochs]))
-    return [("loss", losses, True),
-            ("validation accuracy (%)", accuracy, False),
-            ("learning rate", [("lr", lx, [r["lr"] for r in logs])], False),
-            ("images/s per process", [("images/s", lx, [r["images_per_sec"] for r in logs])], False),
-            ("share of step time waiting for data (%)", [("data wait", lx, waits)], False)]
+    drawn = [("loss", losses, True),
+             ("validation accuracy (%)", accuracy, False),
+             ("learning rate", [("lr", lx, [r["lr"] for r in logs])], False),
+             ("images/s per process", [("images/s", lx, [r["images_per_sec"] for r in logs])], False),
+             ("share of step time waiting for data (%)", [("data wait", lx, waits)], False)]
+    if any(r.get("peak_memory_gib") or r.get("peak_torch_gib") for r in epochs):  # fastrsb.peak_memory's
+        drawn.append(("peak memory per epoch (GiB)", [("process", ex, [r.get("peak_memory_gib") for r in epochs]),
+                                                      ("torch's tensors", ex, [r.get("peak_torch_gib") for r in epochs])],
+                      False))
+    return drawn
 
 
 def compared_panels(runs: list[tuple[str, list[dict], list[dict]]]) -> list[tuple[str, Series, bool]]:
@@ -149,7 +154,7 @@ def _draw_matplotlib(specs, out: Path) -> None:
         axis.grid(alpha=0.3)
         if drawn:  # a panel of what a run did not measure (timm's images/s) stays empty
             axis.legend(fontsize=8)
-    for axis in axes.flat[len(specs):]:  # one run: five panels
+    for axis in axes.flat[len(specs):]:  # a run without memory figures (timm's, older ones): five panels
         axis.axis("off")
     figure.tight_layout()
     figure.savefig(out)

@@ -878,6 +878,9 @@ def test_plot_writes_the_curves(run, tmp_path, backend):
     assert image.size == (1680, 600)
     colours = {c for _, c in image.getcolors(maxcolors=1 << 20)}
     assert (31, 119, 180) in colours and (214, 39, 40) in colours  # curves were drawn, not just axes
+    # The sixth panel: each epoch's peak memory (fastrsb.peak_memory), where the rows hold it.
+    corner = {c for _, c in image.crop((1120, 300, 1680, 600)).getcolors(maxcolors=1 << 20)}
+    assert (31, 119, 180) in corner
     assert_user_error(run_cli("plot", tmp_path, check=False), "no metrics.jsonl", "nor summary.csv")
     # -o: a folder takes the default name, missing folders are made, and no other file is written over.
     assert run_cli("plot", out, "-o", tmp_path, "--backend", backend).stdout == f"wrote {tmp_path / 'curves.png'}\n"
