@@ -18,6 +18,9 @@ from fastrsb.timm_run import summary_rows, train_arguments, validates_ema
 
 COLOURS = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd"]
 PANEL_W, PANEL_H, MARGIN = 560, 300, 56
+# A panel's y axis: logarithmic, linear over the values' range, or linear from 0 (a memory figure:
+# its range alone would blow a change of a few MB up to the panel's height).
+LOG, LINEAR, FROM_ZERO = "log", "linear", "linear from 0"
 
 
 def read_metrics(run_dir: Path) -> tuple[list[dict], list[dict]]:
@@ -44,7 +47,8 @@ def _ticks(low: float, high: float, count: int = 4) -> list[float]:
 
 
 def _panel(draw: ImageDraw.ImageDraw, left: int, top: int, title: str,
-           series: list[tuple[str, list[float], list[float]]], font, log_y: bool = False) -> None:
+           series: list[tuple[str, list[float], list[float]]], font, y_axis: str = LINEAR) -> None:
+    log_y = y_axis == LOG
     x0, y0, x1, y1 = left + MARGIN, top + 28, left + PANEL_W - 12, top + PANEL_H - 30
     draw.text((left + MARGIN, top + 6), title, fill="black", font=font)
     draw.rectangle((x0, y0, x1, y1), outline="#888888")
@@ -56,6 +60,7 @@ def _panel(draw: ImageDraw.ImageDraw, left: int, top: int, title: str,
     scale = (lambda v: math.log10(v)) if log_y else (lambda v: v)
     xmin, xmax = min(p[0] for p in points), max(p[0] for p in points)
     ymin, ymax = min(scale(p[1]) for p in points), max(scale(p[1]) for p in points)
+    ymin, ymax = (min(ymin, 0.0), 1.1 * ymax) if y_axis == FROM_ZERO else (ymin, ymax)
     xmax, ymax = (xmax if xmax > xmin else xmin + 1), (ymax if ymax > ymin else ymin + abs(ymin) * 0.1 + 1e-9)
 
     def to_pixel(x, y):
@@ -83,8 +88,8 @@ def _panel(draw: ImageDraw.ImageDraw, left: int, top: int, title: str,
 Series = list[tuple[str, list[float], list[float]]]
 
 
-def panels(logs: list[dict], epochs: list[dict]) -> list[tuple[str, Series, bool]]:
-    """What is drawn, whatever draws it: (title, [(name, x, y)], log scale)."""
+def panels(logs: list[dict], epochs: list[dict]) -> list[tuple[str, Series, str]]:
+    """What is drawn, whatever draws it: (title, [(name, x, y)], its y axis: LOG, LINEAR, FROM_ZERO)."""
     lx = [r["epoch"] for r in logs]
     ex = [r["epoch"] for r in epochs]
     waits = [None if r["data_wait"] is None else 100 * r["data_wait"] for r in logs]  # timm's: not measured
@@ -95,19 +100,20 @@ def panels(logs: list[dict], epochs: list[dict]) -> list[tuple[str, Series, bool
     if any("ema_top1" in r for r in epochs):
         accuracy.append(("EMA top-1", ex, [r.get("ema_top1") for r in epochs]))
         losses.append(("EMA val", ex, [r.get("ema_val_loss") for r in epochs]))
-    drawn = [("loss", losses, True),
-             ("validation accuracy (%)", accuracy, False),
-             ("learning rate", [("lr", lx, [r["lr"] for r in logs])], False),
-             ("images/s per process", [("images/s", lx, [r["images_per_sec"] for r in logs])], False),
-             ("share of step time waiting for data (%)", [("data wait", lx, waits)], False)]
-    if any(r.get("peak_memory_gib") or r.get("peak_torch_gib") for r in epochs):  # fastrsb.peak_memory's
-        drawn.append(("peak memory per epoch (GiB)", [("process", ex, [r.get("peak_memory_gib") for r in epochs]),
-                                                      ("torch's tensors", ex, [r.get("peak_torch_gib") for r in epochs])],
-                      False))
+    drawn = [("loss", losses, LOG),
+             ("validation accuracy (%)", accuracy, LINEAR),
+             ("learning rate", [("lr", lx, [r["lr"] for r in logs])], LINEAR),
+             ("images/s per process", [("images/s", lx, [r["images_per_sec"] for r in logs])], LINEAR),
+             ("share of step time waiting for data (%)", [("data wait", lx, waits)], LINEAR)]
+    memory = [(name, ex, [r.get(key) for r in epochs]) for name, key in
+              (("process", "peak_memory_gib"), ("torch's tensors", "peak_torch_gib"))  # fastrsb.peak_memory's
+              if any(r.get(key) for r in epochs)]  # the CPU's rows: the process's alone
+    if memory:
+        drawn.append(("peak memory per epoch (GiB)", memory, FROM_ZERO))
     return drawn
 
 
-def compared_panels(runs: list[tuple[str, list[dict], list[dict]]]) -> list[tuple[str, Series, bool]]:
+def compared_panels(runs: list[tuple[str, list[dict], list[dict]]]) -> list[tuple[str, Series, str]]:
     """Several runs' panels: one quantity a panel, one series (one colour) a run, in run order."""
     def each(kind: str, key: str, scale: float = 1.0) -> Series:
         series = []
@@ -119,19 +125,19 @@ def compared_panels(runs: list[tuple[str, list[dict], list[dict]]]) -> list[tupl
             series.append((f"{name} (EMA)" if ema else name, [r["epoch"] for r in rows],
                            [None if r.get(field) is None else scale * r[field] for r in rows]))
         return series
-    return [("train loss (log steps)", each("log", "loss"), True),
-            ("validation loss (cross-entropy)", each("epoch", "val_loss"), True),
-            ("validation top-1 (%)", each("epoch", "top1"), False),
-            ("learning rate", each("log", "lr"), False),
-            ("images/s per process", each("log", "images_per_sec"), False),
-            ("share of step time waiting for data (%)", each("log", "data_wait", 100.0), False)]
+    return [("train loss (log steps)", each("log", "loss"), LOG),
+            ("validation loss (cross-entropy)", each("epoch", "val_loss"), LOG),
+            ("validation top-1 (%)", each("epoch", "top1"), LINEAR),
+            ("learning rate", each("log", "lr"), LINEAR),
+            ("images/s per process", each("log", "images_per_sec"), LINEAR),
+            ("share of step time waiting for data (%)", each("log", "data_wait", 100.0), LINEAR)]
 
 
 def _draw_pillow(specs, out: Path) -> None:
     image = Image.new("RGB", (3 * PANEL_W, 2 * PANEL_H), "white")
     draw, font = ImageDraw.Draw(image), ImageFont.load_default()
-    for index, (title, series, log_y) in enumerate(specs):
-        _panel(draw, PANEL_W * (index % 3), PANEL_H * (index // 3), title, series, font, log_y=log_y)
+    for index, (title, series, y_axis) in enumerate(specs):
+        _panel(draw, PANEL_W * (index % 3), PANEL_H * (index // 3), title, series, font, y_axis=y_axis)
     image.save(out)
 
 
@@ -140,8 +146,8 @@ def _draw_matplotlib(specs, out: Path) -> None:
     matplotlib.use("Agg")  # files only: no display needed
     import matplotlib.pyplot as plt
     figure, axes = plt.subplots(2, 3, figsize=(16.8, 6.0), dpi=100)
-    for axis, (title, series, log_y) in zip(axes.flat, specs):
-        drawn = False
+    for axis, (title, series, y_axis) in zip(axes.flat, specs):
+        drawn, log_y = False, y_axis == LOG
         for index, (name, xs, ys) in enumerate(series):
             points = [(x, y) for x, y in zip(xs, ys) if y is not None and math.isfinite(y) and (y > 0 or not log_y)]
             if points:
@@ -151,6 +157,8 @@ def _draw_matplotlib(specs, out: Path) -> None:
         axis.set_title(title, fontsize=10)
         axis.set_xlabel("epoch")
         axis.set_yscale("log" if log_y else "linear")
+        if y_axis == FROM_ZERO and drawn:
+            axis.set_ylim(0, 1.1 * max(y for _, _, ys in series for y in ys if y is not None))
         axis.grid(alpha=0.3)
         if drawn:  # a panel of what a run did not measure (timm's images/s) stays empty
             axis.legend(fontsize=8)
