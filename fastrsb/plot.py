@@ -1,9 +1,10 @@
-"""`fastrsb plot RUN_DIR [RUN_DIR ...]`: loss, accuracy, learning rate and throughput curves (and
-for one run each epoch's peak memory, where its rows hold it) from metrics.jsonl in one PNG; given several runs, each run's curves in a colour of its own, panel by
-panel, to compare them; a run of timm's train.py among them (its summary.csv), to compare the two
-tools on one recipe. Drawn with matplotlib where it is installed (pip install
-"fastrsb[plot]": real axes, ticks and legends), else with a small Pillow fallback (Pillow comes
-with torchvision), so plotting never needs an extra package."""
+"""`fastrsb plot RUN_DIR [RUN_DIR ...]`: loss, accuracy, learning rate and throughput curves (and for
+one run each epoch's peak memory, where its rows hold it) from metrics.jsonl in one PNG; given
+several runs, each run's curves in a colour of its own, panel by panel, to compare them; a run of
+timm's train.py among them (its summary.csv), to compare the two tools on one recipe. Drawn with
+matplotlib where it is installed (pip install "fastrsb[plot]": real axes, ticks and legends), else
+with a small Pillow fallback (Pillow comes with torchvision), so plotting never needs an extra
+package."""
 from __future__ import annotations
 
 import importlib.util
