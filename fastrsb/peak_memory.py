@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from fastrsb.device import process_gpu_bytes
+from fastrsb.device import gib_outside_torch
 from fastrsb.distributed import Dist, largest
 
 GiB = 2 ** 30
@@ -54,13 +54,13 @@ def epoch_peak(device: str, d: Dist) -> dict:
     """{"peak_memory_gib": the process's peak (None where it cannot be known), and on a GPU
     "peak_torch_gib"}, the largest over the processes."""
     if device == "cuda":
-        outside = process_gpu_bytes()
-        outside = None if outside is None else max(outside - torch.cuda.memory_reserved(), 0)
-        total = None if outside is None else torch.cuda.max_memory_reserved() + outside
-        figures = [total, torch.cuda.max_memory_allocated()]
+        outside = gib_outside_torch(device)  # DALI's pools, the CUDA context (None without NVML)
+        figures = [None if outside is None else torch.cuda.max_memory_reserved() / GiB + outside,
+                   torch.cuda.max_memory_allocated() / GiB]
     else:
-        figures = [resident_peak_bytes()]
-    figures = largest([-1.0 if f is None else f / GiB for f in figures], d)
+        peak = resident_peak_bytes()
+        figures = [None if peak is None else peak / GiB]
+    figures = largest([-1.0 if f is None else f for f in figures], d)
     names = ["peak_memory_gib", "peak_torch_gib"][:len(figures)]
     return {name: None if value < 0 else value for name, value in zip(names, figures)}
 

@@ -13,7 +13,8 @@ def test_the_peak_is_the_processs_and_an_epoch_starts_it_anew():
     block = np.ones(300 * MiB // 8)  # 300 MiB, every page touched
     held = peak_memory.resident_peak_bytes()
     assert held >= before and held >= 300 * MiB
-    assert peak_memory.epoch_peak("cpu", Dist())["peak_memory_gib"] == held / 2**30
+    # The epoch's figure is that peak (a few pages more at most: reading it allocates a little).
+    assert held <= peak_memory.epoch_peak("cpu", Dist())["peak_memory_gib"] * 2**30 <= held + 16 * MiB
     del block
     peak_memory.reset("cpu")  # a new epoch: the 300 MiB held before it are not its peak
     assert peak_memory.resident_peak_bytes() <= held - 200 * MiB
