@@ -14,7 +14,12 @@ CPU pipelines and their threads count in), reset at the start of each epoch wher
 process reset its own (/proc/self/clear_refs, Linux 4.0 on); else the peak since the process
 started.
 
-Several processes: the largest of every process's figures (every rank calls it: a collective)."""
+Several processes: the largest of every process's figures (every rank calls it: a collective).
+
+An epoch split by a stop and a resume (a preempted job) has its figure from both processes: the
+part before the stop is saved in the checkpoint (`Position.peak`, or the trained epoch's row where
+its validation is left to the next start) and `merged` with the part after it; a checkpoint that
+holds none (written before 2026-12-04) leaves the epoch's figure unknown rather than understated."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -73,3 +78,14 @@ def describe(metrics: dict, device: str) -> str:
     if metrics.get("peak_torch_gib") is not None:  # a GPU without NVML: torch's own share alone
         return f", peak memory of torch's tensors {metrics['peak_torch_gib']:.2f} GiB {where}"
     return ""
+
+
+def merged(earlier: dict | None, now: dict) -> dict:
+    """The epoch's figures from `now` (this process's part) and `earlier` (the figures of the part
+    before a resume, or a row holding them; None where there was no such part): each the larger of
+    the two, None where either is unknown (a figure `earlier` lacks)."""
+    if earlier is None:
+        return dict(now)
+    return {name: None if value is None or earlier.get(name) is None else max(value, earlier[name])
+            for name, value in now.items()}
+

@@ -35,6 +35,9 @@ class Position:
     validated: bool = True  # False: epoch `epoch` is trained and saved but not yet validated
     best_top1: float = -1.0
     metrics: dict = field(default_factory=dict)  # the last epoch's row (training figures only if not validated)
+    # The peak memory figures of the epoch under way before this process's part of it (a stop
+    # mid-epoch, then a resume: fastrsb.peak_memory.merged); None where the epoch began in this process.
+    peak: dict | None = None
 
 
 def find_resume(resume: str | None, out: Path) -> Path | None:
@@ -149,7 +152,7 @@ def save_run(run: Run, pos: Position, out: Path, best: bool = False) -> None:
 
 def _write_snapshot(run: Run, pos: Position, out: Path, ranks: list, best: bool) -> None:
     t = run.training
-    partial = {"micro_done": pos.micro_done, "seconds": pos.seconds} if pos.micro_done else None
+    partial = {"micro_done": pos.micro_done, "seconds": pos.seconds, "peak": pos.peak} if pos.micro_done else None
     snapshot = {"model": t.model.state_dict(), "optimizer": t.optimizer.state_dict(), "scaler": t.scaler.state_dict(),
                 "epoch": pos.epoch, "step": pos.step, "partial": partial, "validated": pos.validated,
                 "grad_accum_steps": run.schedule.grad_accum_steps, "micro_batch": run.micro,
@@ -185,7 +188,8 @@ def restore_run(run: Run, state: dict, path: Path) -> Position:
     pos = Position(epoch=state["epoch"], step=state["step"], micro_done=partial.get("micro_done", 0),
                    loss_sum=rank["epoch_loss_sum"] if partial and rank is not None else 0.0,
                    seconds=partial.get("seconds", 0.0), validated=state.get("validated", True),
-                   best_top1=state.get("best_top1", -1.0), metrics=state.get("metrics", {}))
+                   best_top1=state.get("best_top1", -1.0), metrics=state.get("metrics", {}),
+                   peak=partial.get("peak", {}) if partial else None)  # {}: written before 2026-12-04, unknown
     anew = loaders_start_anew(state, run.d, len(run.train_data.images))
     return _resharded_position(run, state, pos) if anew else pos
 

@@ -132,6 +132,7 @@ def _epochs(run: Run, pos: Position, folder: RunFolder, stops: "Stops", log_ever
     """The epoch loop, from wherever `pos` stands."""
     epochs = run.recipe["epochs"]
     if not pos.validated:  # stopped after training an epoch, before its validation finished
+        peak_memory.reset(run.device)  # its training's peak is in its row (pos.metrics)
         _validate_and_save(run, pos, folder)
     elif pos.epoch >= epochs and pos.step and run.d.main:
         print(f"this run already finished all {epochs} epochs")
@@ -149,7 +150,7 @@ def _epochs(run: Run, pos: Position, folder: RunFolder, stops: "Stops", log_ever
         if run.training.ema:
             average_bn_stats(run.training.ema.module, run.d)
         check_in_step(run.training.model, run.d)
-        pos.epoch, pos.micro_done, pos.loss_sum, pos.seconds = pos.epoch + 1, 0, 0.0, 0.0
+        pos.epoch, pos.micro_done, pos.loss_sum, pos.seconds, pos.peak = pos.epoch + 1, 0, 0.0, 0.0, None
         pos.validated, pos.metrics = False, figures
         _save(run, pos, folder)  # the trained epoch is safe before validation reads one image
         _validate_and_save(run, pos, folder)
@@ -166,7 +167,8 @@ def _validate_and_save(run: Run, pos: Position, folder: RunFolder) -> None:
         metrics.update({f"ema_{k}": v for k, v in evaluate(t.ema.module, run.val_data, run.device, t.dtype,
                                                            run.d).items()})
     metrics["val_seconds"] = time.perf_counter() - started
-    metrics.update(peak_memory.epoch_peak(run.device, run.d))
+    # The training's peak is in the row (pos.metrics), from whichever process trained the epoch.
+    metrics.update(peak_memory.merged(pos.metrics, peak_memory.epoch_peak(run.device, run.d)))
     folder.log(metrics)
     left = run.recipe["epochs"] - pos.epoch
     eta = f"; {left} epoch(s) left, ~{_clock(left * (metrics['train_seconds'] + metrics['val_seconds']))}" if left else ""
@@ -287,13 +289,15 @@ def train_one_epoch(run: Run, pos: Position, folder: RunFolder, stops: Stops, lo
             if (stopping or stops.due(pos.step)) and not last:
                 progress.close()
                 pos.loss_sum, pos.seconds = loss_sum.item(), pos.seconds + time.perf_counter() - start
+                pos.peak = peak_memory.merged(pos.peak, peak_memory.epoch_peak(run.device, run.d))  # saved with it
                 return None
     progress.close()
     trained = time.perf_counter() - start
     train_loss = (all_reduce_sum(loss_sum, run.d) / (schedule.micro_per_epoch * run.d.world)).item()
     return {"kind": "epoch", "epoch": pos.epoch + 1, "step": pos.step, "train_loss": train_loss, "lr": lr,
             "images_per_sec": (schedule.micro_per_epoch - first_micro) * micro * run.d.world / trained,
-            "data_wait": waited / trained, "train_seconds": pos.seconds + trained}
+            "data_wait": waited / trained, "train_seconds": pos.seconds + trained,
+            **peak_memory.merged(pos.peak, peak_memory.epoch_peak(run.device, run.d))}  # the training's, so far
 
 
 @torch.no_grad()

@@ -98,6 +98,11 @@ def test_bad_val_image_keeps_the_trained_epoch(copy_of, tmp_path):
     assert_user_error(train(copy_of, "--out", out, "--set", "epochs=2"), "cannot decode", victim.name)
     state = torch.load(out / "last.pt", weights_only=True)
     assert state["epoch"] == 1 and state["step"] == 6 and not state["validated"]
+    # The epoch's training peak is saved with it and counts in the epoch's figure after the resume
+    # (made 1000 GiB here, which the validating process never reaches: the figure must be it).
+    assert state["metrics"]["peak_memory_gib"] > 0.1
+    state["metrics"]["peak_memory_gib"] = 1000.0
+    torch.save(state, out / "last.pt")
     listed = run_cli("runs", out).stdout.splitlines()  # why it stopped, from its train.log
     assert listed[1].split()[3:5] == ["0/2", "stopped"]
     assert listed[2].startswith("  why: error: cannot decode ") and victim.name in listed[2]
@@ -110,6 +115,8 @@ def test_bad_val_image_keeps_the_trained_epoch(copy_of, tmp_path):
     assert "epoch 1: train_loss" in proc.stdout and "epoch 2: train_loss" in proc.stdout
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows if r["kind"] == "epoch"] == [1, 2]
+    assert [r["peak_memory_gib"] for r in rows if r["kind"] == "epoch"][0] == 1000.0
+    assert "peak memory 1000.00 GiB a process" in proc.stdout
 
 
 def test_unreadable_file_named_by_the_loader(tiny_data):

@@ -1,9 +1,15 @@
 """An epoch's peak memory (fastrsb.peak_memory) on the CPU: the kernel's high-water mark of the
-process, reset at each epoch's start. (The GPU's figures: tests/test_gpu.py.)"""
+process, reset at each epoch's start, and an epoch split by a stop and a resume measured in both
+of its processes. (The GPU's figures: tests/test_gpu.py.)"""
+import json
+
 import numpy as np
+import torch
 
 from fastrsb import peak_memory
 from fastrsb.distributed import Dist
+from fastrsb.recipe import load_recipe
+from fastrsb.train import train
 
 MiB = 2 ** 20
 
@@ -33,3 +39,49 @@ def test_the_epoch_lines_words():
     # A GPU whose process NVML does not list (some containers): torch's own figure, named as such.
     assert (peak_memory.describe({"peak_memory_gib": None, "peak_torch_gib": 7.0}, "cuda")
             == ", peak memory of torch's tensors 7.00 GiB a GPU")
+
+
+def test_an_epochs_parts_are_merged():
+    part = {"peak_memory_gib": 2.0, "peak_torch_gib": 1.0}
+    assert peak_memory.merged(None, part) == part  # the epoch began in this process
+    assert peak_memory.merged({"peak_memory_gib": 3.0, "peak_torch_gib": 0.5}, part) == {
+        "peak_memory_gib": 3.0, "peak_torch_gib": 1.0}
+    # A part whose figure is not known (a checkpoint of before 2026-12-04) leaves the epoch's unknown.
+    assert peak_memory.merged({"train_loss": 0.7}, part) == {"peak_memory_gib": None, "peak_torch_gib": None}
+    assert peak_memory.merged({"peak_memory_gib": 3.0}, {"peak_memory_gib": None}) == {"peak_memory_gib": None}
+
+
+def _epoch_peaks(out):
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return [r["peak_memory_gib"] for r in rows if r["kind"] == "epoch"]
+
+
+def _edit_partial_peak(checkpoint, peak):
+    state = torch.load(checkpoint, weights_only=True)
+    assert state["partial"]["peak"]["peak_memory_gib"] > 0.1  # the part before the stop, measured and saved
+    if peak is None:  # as a checkpoint of before 2026-12-04 holds it: no figure
+        del state["partial"]["peak"]
+    else:
+        state["partial"]["peak"] = {"peak_memory_gib": peak}
+    torch.save(state, checkpoint)
+
+
+def test_an_epoch_stopped_and_resumed_has_the_peak_of_both_parts(tiny_data, tmp_path, capsys):
+    """A preempted job's epoch: the peak of its part before the stop is saved in the checkpoint and
+    counts in the epoch's figure after the resume (here a part before the stop made to have peaked
+    at 1000 GiB, which the resumed process never reaches: the figure is that part's). A checkpoint
+    that holds no such figure leaves the epoch's unknown rather than the resumed part's alone."""
+    def run(out, **kwargs):
+        return train(load_recipe("tiny"), tiny_data, out, device="cpu", num_threads=1, log_every=1, **kwargs)
+
+    for peak, expected in ((1000.0, 1000.0), (None, None)):
+        out = tmp_path / str(peak)
+        assert run(out, stop_after_steps=1)["stopped"]  # mid-way through epoch 1
+        _edit_partial_peak(out / "last.pt", peak)
+        capsys.readouterr()
+        run(out, resume="auto")
+        first, second = _epoch_peaks(out)
+        assert first == expected and 0.1 < second < 1000  # the next epoch is this process's alone
+        line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("epoch 1: "))
+        assert ("peak memory 1000.00 GiB a process" in line) == (peak is not None)
+        assert ("peak memory" in line) == (peak is not None)
