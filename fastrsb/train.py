@@ -171,7 +171,9 @@ def _validate_and_save(run: Run, pos: Position, folder: RunFolder) -> None:
     metrics.update(peak_memory.merged(pos.metrics, peak_memory.epoch_peak(run.device, run.d)))
     folder.log(metrics)
     left = run.recipe["epochs"] - pos.epoch
-    eta = f"; {left} epoch(s) left, ~{_clock(left * (metrics['train_seconds'] + metrics['val_seconds']))}" if left else ""
+    # At the epoch's steady pace where it is known: its first steps' compiling is not the next epochs'.
+    epoch_seconds = (metrics.get("train_seconds_steady") or metrics["train_seconds"]) + metrics["val_seconds"]
+    eta = f"; {left} epoch(s) left, ~{_clock(left * epoch_seconds)}" if left else ""
     _say(run, f"epoch {pos.epoch}: train_loss {metrics['train_loss']:.4f} top1 {metrics['top1']:.2f} "
               f"top5 {metrics['top5']:.2f}{' (ema %.2f)' % metrics['ema_top1'] if t.ema else ''} "
               f"({metrics['images_per_sec']:,.0f} img/s train, {metrics['data_wait']:.0%} waiting for data, "
@@ -252,6 +254,9 @@ def train_one_epoch(run: Run, pos: Position, folder: RunFolder, stops: Stops, lo
     progress = Progress(f"epoch {pos.epoch + 1}/{run.recipe['epochs']}", schedule.steps_per_epoch, enabled=run.d.main)
     loss_sum = torch.tensor(pos.loss_sum, device=run.device)  # summed on the device: no sync per step
     start, first_micro, waited = time.perf_counter(), pos.micro_done, 0.0
+    # (time, micro-batches done) at this process's first progress line of the epoch: torch.compile's
+    # compiling, a CUDA graph's capture and cuDNN's choices of algorithm are behind it.
+    settled = None
     interval, lr = Interval(), schedule.lr(pos.epoch, pos.micro_done)
     batches = loader_batches(run.train_data, run.train_data.images)
     while pos.micro_done < schedule.micro_per_epoch:
@@ -276,6 +281,7 @@ def train_one_epoch(run: Run, pos: Position, folder: RunFolder, stops: Stops, lo
         done, last = schedule.steps_done(pos.micro_done), pos.micro_done == schedule.micro_per_epoch
         if done % log_every == 0 or last or stops.check_now(pos.step):
             current = loss.item()  # host sync: log steps only
+            settled = settled or (time.perf_counter(), pos.micro_done)
             stopping, non_finite = agree([stops.signal.requested, not math.isfinite(current)], run.d)
             if non_finite:
                 raise UserError(f"loss is not finite at step {pos.step} (epoch {pos.epoch + 1}): stopping; "
@@ -292,11 +298,17 @@ def train_one_epoch(run: Run, pos: Position, folder: RunFolder, stops: Stops, lo
                 pos.peak = peak_memory.merged(pos.peak, peak_memory.epoch_peak(run.device, run.d))  # saved with it
                 return None
     progress.close()
-    trained = time.perf_counter() - start
+    end = time.perf_counter()
+    trained = end - start
+    # The epoch's training time at the pace after the first progress line (what the time left is
+    # estimated from): an epoch that compiled takes minutes more than the next ones (ResNet-50's
+    # first steps on a GPU: one to two minutes, where 8 GPUs train an A3 epoch in under one).
+    steady = ((end - settled[0]) / (pos.micro_done - settled[1]) * schedule.micro_per_epoch
+              if settled and pos.micro_done > settled[1] else None)
     train_loss = (all_reduce_sum(loss_sum, run.d) / (schedule.micro_per_epoch * run.d.world)).item()
     return {"kind": "epoch", "epoch": pos.epoch + 1, "step": pos.step, "train_loss": train_loss, "lr": lr,
             "images_per_sec": (schedule.micro_per_epoch - first_micro) * micro * run.d.world / trained,
-            "data_wait": waited / trained, "train_seconds": pos.seconds + trained,
+            "data_wait": waited / trained, "train_seconds": pos.seconds + trained, "train_seconds_steady": steady,
             **peak_memory.merged(pos.peak, peak_memory.epoch_peak(run.device, run.d))}  # the training's, so far
 
 

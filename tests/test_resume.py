@@ -28,7 +28,8 @@ def _train(data, out, **kwargs):
 
 
 # What an epoch row measures of the machine rather than of the training: left out where runs are compared.
-MEASURED = ("images_per_sec", "train_seconds", "val_seconds", "data_wait", "peak_memory_gib", "peak_torch_gib")
+MEASURED = ("images_per_sec", "train_seconds", "train_seconds_steady", "val_seconds", "data_wait", "peak_memory_gib",
+            "peak_torch_gib")
 
 
 def _epoch_rows(out):

@@ -58,6 +58,34 @@ def test_writes_metrics_and_checkpoints(run, tiny_data):
     assert any(line.startswith("epoch 2/2 6/6 ") for line in log)  # a progress line (stderr)
 
 
+def test_the_time_left_is_at_the_pace_after_the_first_steps_compiling(tiny_data, tmp_path, monkeypatch):
+    """On a GPU an epoch's first steps compile (torch.compile: a minute or two for ResNet-50, where
+    8 GPUs train an A3 epoch in less), which the next epochs do not: the time left after an epoch
+    is estimated at the pace after its first progress line. Here the first step is made 5 s slower,
+    as compiling makes it (a CPU run compiles nothing); the estimate had counted those 5 s again
+    for every epoch left (~0:00:10 for 2 epochs of well under a second each)."""
+    import time
+    from fastrsb.step import TrainStep
+    single, calls = TrainStep.single, []
+
+    def compiling_first(self, *args):
+        if not calls:
+            time.sleep(5)
+        calls.append(1)
+        return single(self, *args)
+
+    monkeypatch.setattr(TrainStep, "single", compiling_first)
+    proc = run_cli("train", "tiny", "--data", tiny_data, "--out", tmp_path / "run", "--device", "cpu",
+                   "--log-every", "1", "--set", "epochs=3")
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    first, *later = [r for r in rows if r["kind"] == "epoch"]
+    assert first["train_seconds"] - first["train_seconds_steady"] > 4  # the compiling is what it leaves out
+    assert all(r["train_seconds_steady"] > 0 for r in later)
+    (left,) = re.findall(r"^epoch 1: .*; 2 epoch\(s\) left, ~(\d+):(\d\d):(\d\d)\)$", proc.stdout, re.M)
+    hours, minutes, seconds = map(int, left)
+    assert hours == minutes == 0 and seconds < 5
+
+
 def test_the_time_a_run_took_counts_every_epoch_row():
     rows = [{"kind": "log", "step": 2},
             {"kind": "epoch", "train_seconds": 100.0, "images_per_sec": 50.0, "val_seconds": 10.0},
