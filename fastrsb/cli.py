@@ -434,7 +434,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("runs", help="every run folder under the DIRs (default runs), fastrsb's and timm train.py's "
-                                    "(output/train): recipe, progress, running or not, top-1, when, on what")
+                                    "(output/train): recipe, progress, running or not, time to go, top-1, when, on what")
     p.add_argument("dirs", nargs="*", default=["runs"], metavar="DIR")
     p.add_argument("--json", action="store_true", help="one JSON object a run")
     p.set_defaults(func=cmd_runs)

@@ -1,11 +1,11 @@
-"""`fastrsb runs [DIR ...]`: every run folder under the DIRs in one table: its recipe and model,
-how far it got and whether a train runs in it now (its lock: fastrsb.folder_lock), its last and
-best top-1, when it started, on what (processes, device, fastrsb commit), when it last wrote a
-row, and why a stopped run stopped. Read from recipe.json, metrics.jsonl, starts.jsonl and
-train.log only (a checkpoint of ResNet-50 weighs ~300 MB: none is opened), so a folder of a
-hundred runs lists at once. The output folders of timm's train.py among them (args.yaml,
-summary.csv: fastrsb.timm_run) are listed too, so that a recipe run by both tools is seen in one
-table."""
+"""`fastrsb runs [DIR ...]`: every run folder under the DIRs in one table: its recipe and model, how
+far it got and whether a train runs in it now (its lock: fastrsb.folder_lock), its last and best
+top-1, the time it still needs (at its last epoch's pace), when it started, on what (processes,
+device, fastrsb commit), when it last wrote a row, and why a stopped run stopped. Read from
+recipe.json, metrics.jsonl, starts.jsonl and train.log only (a checkpoint of ResNet-50 weighs ~300
+MB: none is opened), so a folder of a hundred runs lists at once. The output folders of timm's
+train.py among them (args.yaml, summary.csv: fastrsb.timm_run) are listed too, so that a recipe run
+by both tools is seen in one table."""
 from __future__ import annotations
 
 import datetime
@@ -15,6 +15,7 @@ from pathlib import Path
 from fastrsb.errors import UserError
 from fastrsb.folder_lock import in_use
 from fastrsb.metrics_log import read_rows
+from fastrsb.progress import clock
 from fastrsb.provenance import read_starts
 from fastrsb.run_log import stop_reason
 from fastrsb.timm_run import scheduled_epochs, summary_rows, train_arguments, validates_ema
@@ -64,8 +65,20 @@ def describe(folder: Path) -> dict:
             # the most a process of it held over an epoch (a GPU's memory, or on the CPU the process's)
             "peak_memory_gib": max((r["peak_memory_gib"] for r in validated if r.get("peak_memory_gib")), default=None),
             "last_written": _stamp(written) if written else None,
+            "time_left_seconds": _time_left(rows, validated, recipe["epochs"]),
             # why its last start ended, where it stopped short (its train.log says)
             "why": stop_reason(folder) if not trainer and done < recipe["epochs"] else None}
+
+
+def _time_left(rows: list[dict], validated: list[dict], epochs: int) -> float | None:
+    """The training and validation time a run not done still needs, from where its last row stands
+    (a progress row's epoch is fractional) at its last validated epoch's pace (its steady pace,
+    after the first steps' compiling: fastrsb.train); None before an epoch has been validated."""
+    last = validated[-1] if validated else {}
+    left = epochs - rows[-1].get("epoch", epochs) if rows else 0
+    if left <= 0 or "train_seconds" not in last or "val_seconds" not in last:
+        return None
+    return left * ((last.get("train_seconds_steady") or last["train_seconds"]) + last["val_seconds"])
 
 
 def _score(row: dict) -> float:
@@ -93,7 +106,8 @@ def describe_timm(folder: Path, arguments: dict) -> dict:
             "best_top1": max(r["top1"] for r in validated) if validated else None,
             "ema": validates_ema(arguments),  # its summary.csv's figures are its EMA's
             "started": _timm_started(folder), "starts": 1, "processes": None, "device": arguments.get("device"),
-            "commit": None, "peak_memory_gib": None, "last_written": _stamp(written) if written else None}
+            "commit": None, "peak_memory_gib": None, "last_written": _stamp(written) if written else None,
+            "time_left_seconds": None}  # timm's summary.csv keeps no times
 
 
 def _timm_started(folder: Path) -> str:
@@ -124,9 +138,10 @@ def table(runs: list[dict], now: datetime.datetime | None = None) -> str:
         on = f"{r['processes']} x {r['device']}" if r["processes"] else "-"
         memory = f"{r['peak_memory_gib']:.1f} GiB" if r.get("peak_memory_gib") else "-"
         resumed = f" (+{r['starts'] - 1} resume(s))" if r["starts"] > 1 else ""
-        lines.append((r["run"], f"{r['recipe']} ({r['model']})", f"{r['epochs_done']}/{r['epochs']}", r["state"], top1, best,
-                      (r["started"] or "-")[:16].replace("T", " ") + resumed, on, memory, r["commit"] or "-",
-                      _ago(r["last_written"], now)))
+        to_go = f" (~{clock(r['time_left_seconds'])} to go)" if r.get("time_left_seconds") is not None else ""
+        lines.append((r["run"], f"{r['recipe']} ({r['model']})", f"{r['epochs_done']}/{r['epochs']}",
+                      r["state"] + to_go, top1, best, (r["started"] or "-")[:16].replace("T", " ") + resumed, on,
+                      memory, r["commit"] or "-", _ago(r["last_written"], now)))
     widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
     text = ["  ".join(cell.ljust(width) for cell, width in zip(line, widths)).rstrip() for line in lines]
     # Why a stopped run stopped, on a line of its own under it (an error names a file: no room in a column).

@@ -1035,6 +1035,7 @@ def test_runs_lists_every_run_folder_with_its_progress(run, tmp_path):
     starts.jsonl), from their files, without opening a checkpoint; a folder that is no run is
     passed over; no run folders at all, or no folder, are said."""
     import shutil
+    from fastrsb.progress import clock
     from fastrsb.provenance import read_starts
     out, _ = run
     root = tmp_path / "runs"
@@ -1055,9 +1056,14 @@ def test_runs_lists_every_run_folder_with_its_progress(run, tmp_path):
         start["started"], 1, 1, "cpu", start["commit"])
     assert (b["epochs_done"], b["top1"], b["started"], b["processes"]) == (1, epochs[0]["top1"], None, None)
     assert (a["state"], b["state"], a["trainer"]) == ("done", "stopped", None)
+    # The time b still needs: its one epoch left at epoch 1's pace (training after its first progress
+    # line, and validation); a run done needs none.
+    assert a["time_left_seconds"] is None
+    assert b["time_left_seconds"] == epochs[0]["train_seconds_steady"] + epochs[0]["val_seconds"] > 0
     text = run_cli("runs", root).stdout.splitlines()
     assert text[0].split()[:4] == ["run", "recipe", "epochs", "state"] and len(text) == 3
-    assert f"tiny (resnet10t)  2/2     done     {epochs[-1]['top1']:.2f}" in text[1] and "1 x cpu" in text[1]
+    assert re.search(f"tiny \\(resnet10t\\)  2/2     done  +{epochs[-1]['top1']:.2f}", text[1]) and "1 x cpu" in text[1]
+    assert f"1/2     stopped (~{clock(b['time_left_seconds'])} to go)  " in text[2]
     # The most a process held over an epoch (the runs' memory compared at a glance), of the epochs it has.
     assert a["peak_memory_gib"] == max(r["peak_memory_gib"] for r in epochs) > 0
     assert b["peak_memory_gib"] == epochs[0]["peak_memory_gib"]
