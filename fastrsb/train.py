@@ -139,8 +139,9 @@ def _epochs(run: Run, pos: Position, folder: RunFolder, stops: "Stops", log_ever
     if run.device == "cuda" and run.recipe["compile"] and pos.epoch < epochs:  # no word for a minute looks hung
         _say(run, "compiling: the first steps wait for torch.compile (the model's forward and backward and LAMB's "
                   "update; a minute or two for a ResNet-50), and their pace counts in the first progress line")
+    first = True  # the first epoch this process trains: its first steps compile
     while pos.epoch < epochs:
-        figures = train_one_epoch(run, pos, folder, stops, log_every, hashed)
+        figures, first = train_one_epoch(run, pos, folder, stops, log_every, hashed, settling=first), False
         if figures is None:  # a stop mid-epoch: `pos` says where
             _save(run, pos, folder)
             _say(run, f"stopped at {_where(run, pos)}")
@@ -171,7 +172,7 @@ def _validate_and_save(run: Run, pos: Position, folder: RunFolder) -> None:
     metrics.update(peak_memory.merged(pos.metrics, peak_memory.epoch_peak(run.device, run.d)))
     folder.log(metrics)
     left = run.recipe["epochs"] - pos.epoch
-    # At the epoch's steady pace where it is known: its first steps' compiling is not the next epochs'.
+    # At the epoch's steady pace: the first steps' compiling of a process's first epoch is not the next ones'.
     epoch_seconds = (metrics.get("train_seconds_steady") or metrics["train_seconds"]) + metrics["val_seconds"]
     eta = f"; {left} epoch(s) left, ~{_clock(left * epoch_seconds)}" if left else ""
     _say(run, f"epoch {pos.epoch}: train_loss {metrics['train_loss']:.4f} top1 {metrics['top1']:.2f} "
@@ -244,18 +245,19 @@ class Interval:
 
 
 def train_one_epoch(run: Run, pos: Position, folder: RunFolder, stops: Stops, log_every: int,
-                    hashed: bool = False) -> dict | None:
+                    hashed: bool = False, settling: bool = False) -> dict | None:
     """Train from `pos` to the end of its epoch, advancing `pos` step by step. Returns the epoch's
     training figures, or None when a stop was asked for (`pos` then says where it stopped).
-    hashed: each log row gets the hash of the step's last micro-batch (--deterministic)."""
+    hashed: each log row gets the hash of the step's last micro-batch (--deterministic).
+    settling: the first epoch this process trains (its first steps compile: train_seconds_steady)."""
     t, schedule, micro = run.training, run.schedule, run.micro
     t.model.train()
     peak_memory.reset(run.device)  # the epoch's peak: its training and validation
     progress = Progress(f"epoch {pos.epoch + 1}/{run.recipe['epochs']}", schedule.steps_per_epoch, enabled=run.d.main)
     loss_sum = torch.tensor(pos.loss_sum, device=run.device)  # summed on the device: no sync per step
     start, first_micro, waited = time.perf_counter(), pos.micro_done, 0.0
-    # (time, micro-batches done) at this process's first progress line of the epoch: torch.compile's
-    # compiling, a CUDA graph's capture and cuDNN's choices of algorithm are behind it.
+    # (time, micro-batches done) at the epoch's first progress line: in the first epoch a process
+    # trains, torch.compile's compiling, a CUDA graph's capture and cuDNN's choices are behind it.
     settled = None
     interval, lr = Interval(), schedule.lr(pos.epoch, pos.micro_done)
     batches = loader_batches(run.train_data, run.train_data.images)
@@ -300,11 +302,12 @@ def train_one_epoch(run: Run, pos: Position, folder: RunFolder, stops: Stops, lo
     progress.close()
     end = time.perf_counter()
     trained = end - start
-    # The epoch's training time at the pace after the first progress line (what the time left is
-    # estimated from): an epoch that compiled takes minutes more than the next ones (ResNet-50's
-    # first steps on a GPU: one to two minutes, where 8 GPUs train an A3 epoch in under one).
+    # The first epoch a process trains, at its pace after its first progress line (what the time
+    # left is estimated from): it compiled, and takes minutes more than the next ones (ResNet-50's
+    # first steps on a GPU: one to two minutes, where 8 GPUs train an A3 epoch in under one). Later
+    # epochs' own times are their pace (their first steps' share of a new epoch's start included).
     steady = ((end - settled[0]) / (pos.micro_done - settled[1]) * schedule.micro_per_epoch
-              if settled and pos.micro_done > settled[1] else None)
+              if settling and settled and pos.micro_done > settled[1] else None)
     train_loss = (all_reduce_sum(loss_sum, run.d) / (schedule.micro_per_epoch * run.d.world)).item()
     return {"kind": "epoch", "epoch": pos.epoch + 1, "step": pos.step, "train_loss": train_loss, "lr": lr,
             "images_per_sec": (schedule.micro_per_epoch - first_micro) * micro * run.d.world / trained,

@@ -80,7 +80,7 @@ def test_the_time_left_is_at_the_pace_after_the_first_steps_compiling(tiny_data,
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     first, *later = [r for r in rows if r["kind"] == "epoch"]
     assert first["train_seconds"] - first["train_seconds_steady"] > 4  # the compiling is what it leaves out
-    assert all(r["train_seconds_steady"] > 0 for r in later)
+    assert [r["train_seconds_steady"] for r in later] == [None, None]  # their own times are their pace
     (left,) = re.findall(r"^epoch 1: .*; 2 epoch\(s\) left, ~(\d+):(\d\d):(\d\d)\)$", proc.stdout, re.M)
     hours, minutes, seconds = map(int, left)
     assert hours == minutes == 0 and seconds < 5
