@@ -15,8 +15,8 @@ from typing import Iterator, Sequence
 import torch
 
 from fastrsb.checkpoint import as_fastrsb_checkpoint, is_timm_checkpoint, load_weights, read_saved
-from fastrsb.class_order import (by_index, imagenet_classes, named_by_index, read_class_map, relabelled,
-                                 timm_order)
+from fastrsb.class_order import (by_index, imagenet_classes, imagenet_descriptions, named_by_index,
+                                 read_class_map, relabelled, timm_order)
 from fastrsb.data_folder import (SPLIT_NAMES, no_folder, open_class_tree, open_split, refuse_data_being_written,
                                  split_folder)
 from fastrsb.device import amp_dtype, resolve_device
@@ -34,7 +34,8 @@ from fastrsb.train import evaluate
 def evaluate_checkpoint_at(checkpoint: str | Path, data: str | Path, img_sizes: Sequence[int | None],
                            crop_pcts: Sequence[float | None], device: str | None = None, batch_size: int = 128,
                            num_threads: int | None = None, ema: bool = False,
-                           real_labels: bool | str = False, partial_classes: str | None = None) -> Iterator[dict]:
+                           real_labels: bool | str = False, partial_classes: str | None = None,
+                           per_class: bool = False) -> Iterator[dict]:
     """Top-1/top-5 of a checkpoint (fastrsb's, or timm's train.py's: timm_checkpoint.py), or of a
     timm model folder (fastrsb export's, or a timm model's from the hub: model_folder.py), on
     DATA/val (or DATA itself if it is a class folder tree) at every test size and crop fraction
@@ -43,8 +44,9 @@ def evaluate_checkpoint_at(checkpoint: str | Path, data: str | Path, img_sizes: 
     ema: the checkpoint's EMA weights instead of the model's. real_labels: ImageNet-ReaL's top-1/
     top-5 beside (fastrsb.real_labels), by timm's copy of its labels (True) or a real.json's (its
     path). partial_classes: "only" or "all", where DATA holds some of the weights' classes
-    (_partial_classes). Yields each pair's result as soon as it is measured, in that order; the
-    checks (the weights, the data, the classes) run at the first."""
+    (_partial_classes). per_class: each result's "per_class" lists every class of DATA with its
+    images, top-1 and top-5 (`per_class_rows`). Yields each pair's result as soon as it is measured,
+    in that order; the checks (the weights, the data, the classes) run at the first."""
     device = resolve_device(device)
     real = read_real_labels(real_labels if isinstance(real_labels, str) else None) if real_labels else None
     weights = _weights_to_evaluate(Path(checkpoint), ema)
@@ -71,13 +73,25 @@ def evaluate_checkpoint_at(checkpoint: str | Path, data: str | Path, img_sizes: 
         loader = open_val_loader({"test_img_size": size, "crop_pct": crop}, images, batch_size, device,
                                  num_threads=num_threads)
         try:
-            figures = evaluate(model, loader, device, dtype, real=targets)
+            figures = evaluate(model, loader, device, dtype, real=targets, per_class=per_class)
         except torch.cuda.OutOfMemoryError:
             raise UserError(f"a batch of {batch_size} images at {size} px takes more memory than the GPU has: "
                             f"--batch-size {max(1, batch_size // 2)} or fewer") from None
         del loader  # its pipeline's memory goes before the next size's is taken
+        if per_class:
+            figures["per_class"] = per_class_rows(figures["per_class"], images.classes)
         yield {"checkpoint": str(checkpoint), "epoch": weights.epoch, "img_size": size, "crop_pct": crop,
                "ema": ema, **figures, **({"notes": weights.notes} if weights.notes else {})}
+
+
+def per_class_rows(counts: list[list[int]], classes: list[str]) -> list[dict]:
+    """evaluate's per-class counts (by output index: images, top-1 hits, top-5 hits) as a row for
+    each class that has images: its index among the outputs, its name (the class folder's), ImageNet's
+    words for it where the classes are ImageNet's wnids, its images, top-1 and top-5 (%)."""
+    words = imagenet_descriptions(classes) or {}
+    return [{"index": index, "class": classes[index], "words": words.get(classes[index], ""), "images": images,
+             "top1": 100.0 * top1 / images, "top5": 100.0 * top5 / images}
+            for index, (images, top1, top5) in enumerate(counts) if images]
 
 
 @dataclass

@@ -99,3 +99,14 @@ def classifier_keys(model: nn.Module) -> set[str]:
         raise UserError(f"{type(model).__name__} does not name its classifier: its outputs cannot be matched to "
                         "classes")
     return {key for key in model.state_dict() if key.startswith(f"{name}.")}
+
+
+def imagenet_descriptions(classes: list[str]) -> dict | None:
+    """ImageNet's words for its synsets (n01440764 -> "tench, Tinca tinca"), from timm's own
+    tables, where every class is one of ImageNet-1k's wnids."""
+    from timm.data import ImageNetInfo
+    info = ImageNetInfo()
+    known = set(info.label_names())
+    if not classes or not all(name in known for name in classes):
+        return None
+    return {name: info.label_name_to_description(name) for name in classes}

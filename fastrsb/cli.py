@@ -169,19 +169,23 @@ def resume_command(args, data: Path, out: Path) -> str:
 
 
 def cmd_eval(args) -> None:
+    from fastrsb import per_class
     from fastrsb.checkpoint import checkpoint_file
     from fastrsb.checkpoint_eval import evaluate_checkpoint_at
     from fastrsb.model_folder import is_model_folder
     for checkpoint in args.checkpoints:  # a path mistyped is said now, not after the others' minutes
         if not is_model_folder(Path(checkpoint)):
             checkpoint_file(checkpoint)
+    if args.per_class:  # where it cannot be written, said before the minutes of evaluation
+        per_class.check_writable(Path(args.per_class))
     several = len(args.checkpoints) > 1
     results = []
     for checkpoint in args.checkpoints:
         named = f"{checkpoint}: " if several else ""
         for done, result in enumerate(evaluate_checkpoint_at(
                 checkpoint, args.data, args.img_size or [None], args.crop_pct or [None], args.device, args.batch_size,
-                args.threads, ema=args.ema, real_labels=args.real_labels, partial_classes=args.partial_classes)):
+                args.threads, ema=args.ema, real_labels=args.real_labels, partial_classes=args.partial_classes,
+                per_class=bool(args.per_class))):
             results.append(result)  # said as soon as measured: a sweep over 50,000 images takes a while
             if args.json:
                 print(json.dumps(result))
@@ -192,10 +196,16 @@ def cmd_eval(args) -> None:
                     f"{result['real_images']} images" if "real_top1" in result else "")
             print(f"{named}top1 {result['top1']:.2f} top5 {result['top5']:.2f} over {result['val_images']} images "
                   f"at {result['img_size']} px, crop {result['crop_pct']}{real}")
+            if args.per_class:
+                print(f"  lowest top-1: {per_class.lowest(result['per_class'])}")
+    if args.per_class:
+        per_class.write_csv(Path(args.per_class), results)
     if len(results) > 1 and not args.json:
         best = max(results, key=lambda result: result["top1"])  # the first of equals: the order given
         print(f"best: {best['checkpoint'] + ' ' if several else ''}top1 {best['top1']:.2f} at {best['img_size']} px, "
               f"crop {best['crop_pct']}")
+    if args.per_class and not args.json:
+        print(f"each class's figures: {args.per_class}")
 
 
 def cmd_export(args) -> None:
@@ -405,6 +415,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="where the data holds some of the weights' classes (ImageNet-A's or -R's 200): rank each "
                         "image among those alone (only: their protocol, timm's validate.py --valid-labels) or among "
                         "all the weights' classes (all)")
+    p.add_argument("--per-class", metavar="CSV", default=None,
+                   help="write each class's images, top-1 and top-5 to CSV (a row per class, size and crop), and "
+                        "name the classes of the lowest top-1")
     p.add_argument("--json", action="store_true", help="one JSON object a line, a line per size and crop")
     p.set_defaults(func=cmd_eval)
 

@@ -26,7 +26,7 @@ import torch
 
 from fastrsb import __version__
 from fastrsb.checkpoint import load_checkpoint, load_weights
-from fastrsb.class_order import classifier_keys, reordered, timm_order
+from fastrsb.class_order import classifier_keys, imagenet_descriptions, reordered, timm_order
 from fastrsb.errors import UserError
 from fastrsb.model import make_model
 from fastrsb.staging import staged_folder
@@ -64,7 +64,7 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, ema: bool = False
                   "checkpoint": str(checkpoint), "epoch": state.get("epoch"),
                   "top1": _validated_top1(state, ema), "weights": "ema" if ema else "model", "recipe": recipe}
     model_config = {"label_names": timm_classes, "fastrsb": provenance}
-    descriptions = _imagenet_descriptions(classes)
+    descriptions = imagenet_descriptions(classes)
     if descriptions:
         model_config["label_descriptions"] = descriptions
 
@@ -123,14 +123,3 @@ def _pretrained_cfg(model, recipe: dict, num_classes: int) -> dict:
             "interpolation": "bicubic", "crop_pct": recipe["crop_pct"], "crop_mode": "center",
             "mean": IMAGENET_DEFAULT_MEAN, "std": IMAGENET_DEFAULT_STD, "num_classes": num_classes,
             "pool_size": None, "first_conv": own.get("first_conv"), "classifier": own.get("classifier")}
-
-
-def _imagenet_descriptions(classes: list[str]) -> dict | None:
-    """ImageNet's words for its synsets (n01440764 -> "tench, Tinca tinca"), from timm's own
-    tables, where every class is one of ImageNet-1k's wnids."""
-    from timm.data import ImageNetInfo
-    info = ImageNetInfo()
-    known = set(info.label_names())
-    if not classes or not all(name in known for name in classes):
-        return None
-    return {name: info.label_name_to_description(name) for name in classes}

@@ -317,15 +317,17 @@ def train_one_epoch(run: Run, pos: Position, folder: RunFolder, stops: Stops, lo
 
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, loader, device: str, dtype: torch.dtype | None, d: Dist = Dist(),
-             real=None) -> dict:
+             real=None, per_class: bool = False) -> dict:
     """Top-1/top-5 and cross-entropy over every image of the loader exactly once, summed over all
     ranks. Runs the eager model: the test size and the short last batch would otherwise recompile.
     real (fastrsb.real_labels.RealTargets, on the device): the loader's labels are the images'
-    positions, and ImageNet-ReaL's top-1/top-5 are counted beside."""
+    positions, and ImageNet-ReaL's top-1/top-5 are counted beside. per_class: also "per_class",
+    for each output index (class) its [images, top-1 hits, top-5 hits], counted on the device."""
     model.eval()
     # top-1 hits, top-5 hits, summed loss; with real, ReaL's top-1 and top-5 hits and images rated
     sums = torch.zeros(6 if real is not None else 3, dtype=torch.float64, device=device)
     count = 0  # counted on the host: the batch sizes are known there, no copy to the device per batch
+    by_class = None  # (classes, 3): images, top-1 hits, top-5 hits, with per_class
     progress, start = Progress("validation", len(loader), enabled=d.main), time.perf_counter()
     for done, (images, labels) in enumerate(loader_batches(loader, loader.images), 1):
         with autocast(device, dtype):
@@ -339,6 +341,10 @@ def evaluate(model: torch.nn.Module, loader, device: str, dtype: torch.dtype | N
             found, rated = top.unsqueeze(2).eq(sets.unsqueeze(1)).any(dim=2), sets[:, 0] >= 0  # (B, 5), (B,)
             parts += [(found[:, 0] & rated).sum(), (found.any(dim=1) & rated).sum(), rated.sum()]
         sums += torch.stack(parts).double()
+        if per_class:
+            by_class = by_class if by_class is not None else sums.new_zeros(logits.shape[1], 3)
+            by_class.index_add_(0, labels, torch.stack([torch.ones_like(hits[:, 0]), hits[:, 0], hits.any(dim=1)],
+                                                       dim=1).double())
         count += labels.shape[0]
         progress.update(done, count / max(time.perf_counter() - start, 1e-9))  # host counts only, no sync
     progress.close()
@@ -346,6 +352,8 @@ def evaluate(model: torch.nn.Module, loader, device: str, dtype: torch.dtype | N
     top1, top5, loss, *rest, count = all_reduce_sum(totals, d).tolist()
     figures = {"top1": 100.0 * top1 / count, "top5": 100.0 * top5 / count, "val_loss": loss / count,
                "val_images": int(count)}
+    if per_class:
+        figures["per_class"] = all_reduce_sum(by_class, d).long().tolist() if by_class is not None else []
     if real is not None:
         real_top1, real_top5, rated = rest
         figures.update(real_top1=100.0 * real_top1 / max(rated, 1), real_top5=100.0 * real_top5 / max(rated, 1),

@@ -513,6 +513,53 @@ def test_eval_of_a_folder_holding_some_of_the_weights_classes(run, tiny_data, tm
                       "holds 3 of the weights' 1000 classes")
 
 
+def test_eval_per_class_figures_add_up_and_are_each_class_evaluated_alone(run, tiny_data, tmp_path):
+    """--per-class CSV: each class's images, top-1 and top-5 (a row per class, size and crop), the
+    classes of the lowest top-1 named on the line. The rows add up to the totals, and each class's
+    figures are what its folder evaluated alone measures (ranked among every output, as in the
+    whole folder: --partial-classes all); ImageNet's words beside its wnids; a path the CSV cannot
+    go to is refused before anything is evaluated."""
+    import csv
+    import shutil
+    from fastrsb.class_order import imagenet_classes
+    out, _ = run
+    table = tmp_path / "classes.csv"
+    result = json.loads(run_cli("eval", out / "last.pt", "--data", tiny_data, "--json", "--batch-size", "8",
+                                "--per-class", table).stdout)
+    rows, classes = result["per_class"], sorted(p.name for p in (tiny_data / "val").iterdir())
+    assert [(r["index"], r["class"], r["images"]) for r in rows] == [(k, name, 5) for k, name in enumerate(classes)]
+    for figure in ("top1", "top5"):
+        assert sum(r[figure] * r["images"] for r in rows) / 20 == pytest.approx(result[figure])
+    with open(table, newline="") as f:
+        written = list(csv.DictReader(f))
+    assert [(w["checkpoint"], w["img_size"], w["class"], int(w["images"]), float(w["top1"]), float(w["top5"]))
+            for w in written] == [(str(out / "last.pt"), "40", r["class"], 5, r["top1"], r["top5"]) for r in rows]
+    for r in rows:
+        shutil.copytree(tiny_data / "val" / r["class"], tmp_path / r["class"] / r["class"])
+        alone = json.loads(run_cli("eval", out / "last.pt", "--data", tmp_path / r["class"], "--json", "--batch-size",
+                                   "8", "--partial-classes", "all", "--per-class", tmp_path / "alone.csv").stdout)
+        assert [(a["class"], a["top1"], a["top5"]) for a in alone["per_class"]] == [(r["class"], r["top1"], r["top5"])]
+        assert (alone["top1"], alone["top5"]) == (r["top1"], r["top5"])
+    # Classes that are ImageNet's wnids: their words beside them, on the line and in the rows.
+    state = load_checkpoint(out / "last.pt")
+    state["classes"] = imagenet_classes()[:4]  # n01440764 (tench), n01443537 (goldfish), ...
+    torch.save(state, tmp_path / "named.pt")
+    for old, new in zip(classes, state["classes"]):
+        shutil.copytree(tiny_data / "val" / old, tmp_path / "wnids" / new)
+    text = run_cli("eval", tmp_path / "named.pt", "--data", tmp_path / "wnids", "--batch-size", "8", "--per-class",
+                   table).stdout.splitlines()
+    with open(table, newline="") as f:
+        written = list(csv.DictReader(f))
+    assert written[0]["class"] == "n01440764" and written[0]["words"] == "tench, Tinca tinca"
+    worst = min(range(4), key=lambda k: (rows[k]["top1"], k))
+    lowest = f"{state['classes'][worst]} ({written[worst]['words'].split(',')[0]}) {rows[worst]['top1']:.2f} of 5"
+    assert text[1].startswith(f"  lowest top-1: {lowest}") and text[-1] == f"each class's figures: {table}"
+    for where, why in ((tmp_path / "no" / "such.csv", f"its folder {tmp_path / 'no'} does not exist"),
+                       (tmp_path, "is a folder")):
+        assert_user_error(run_cli("eval", out / "last.pt", "--data", tiny_data, "--per-class", where, check=False),
+                          why)
+
+
 def test_eval_of_timm_weights_without_train_arguments(run, tiny_data, tmp_path):
     """timm's layout without train.py's arguments ("arch" and "state_dict" alone) is tested at the
     size and crop timm's validate.py takes for the model; its classes counted from its classifier.
@@ -798,10 +845,10 @@ def test_initial_checkpoint_that_cannot_start_the_run(run, tiny_data, tmp_path):
 
 
 def test_export_names_imagenet_classes_in_words():
-    from fastrsb.export import _imagenet_descriptions
-    assert _imagenet_descriptions(["n01440764", "n01443537"]) == {"n01440764": "tench, Tinca tinca",
+    from fastrsb.class_order import imagenet_descriptions
+    assert imagenet_descriptions(["n01440764", "n01443537"]) == {"n01440764": "tench, Tinca tinca",
                                                                   "n01443537": "goldfish, Carassius auratus"}
-    assert _imagenet_descriptions(["n01440764", "n00_hstripes"]) is None
+    assert imagenet_descriptions(["n01440764", "n00_hstripes"]) is None
 
 
 def test_run_folder_is_not_overwritten(run, tiny_data):
