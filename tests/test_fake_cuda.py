@@ -65,7 +65,7 @@ def test_a_training_step_keeps_everything_on_the_gpu(monkeypatch):
 
 
 def test_validation_counts_on_the_gpu_and_reads_back_once_at_the_end():
-    """Validation's counting (top-1, top-5, the loss, and ImageNet-ReaL's sets) on the GPU's batches:
+    """Validation's counting (top-1, top-5, the loss, ImageNet-ReaL's sets, each class's) on the GPU's batches:
     every sum stays on the device, and the one read back to the host is the totals' at the end
     (where fake tensors, which hold no data, can give no values: the read this test stops at)."""
     from torch._subclasses.fake_tensor import DataDependentOutputException
@@ -84,8 +84,8 @@ def test_validation_counts_on_the_gpu_and_reads_back_once_at_the_end():
     with FakeTensorMode(), torch.device("cuda"):
         model = timm.create_model("resnet10t", num_classes=10)
         real = RealTargets(torch.zeros(12, dtype=torch.int64), torch.zeros(12, 3, dtype=torch.int64), "")  # on the GPU
-        for given in (None, real):
+        for given, per_class in ((None, False), (real, False), (None, True)):  # --per-class: its counts too
             with pytest.raises(DataDependentOutputException) as caught:
-                evaluate(model, Batches(), "cuda", None, real=given)
+                evaluate(model, Batches(), "cuda", None, real=given, per_class=per_class)
             assert caught.traceback[-1].name != "evaluate" and any(
                 entry.name == "evaluate" and ".tolist()" in str(entry.statement) for entry in caught.traceback)
