@@ -88,4 +88,3 @@ def merged(earlier: dict | None, now: dict) -> dict:
         return dict(now)
     return {name: None if value is None or earlier.get(name) is None else max(value, earlier[name])
             for name, value in now.items()}
-

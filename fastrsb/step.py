@@ -174,4 +174,3 @@ class GraphedStep:
         self.graph, self.loss = graph, loss
         graph.replay()  # capturing runs nothing: this replay is the step
         return self.loss.clone()
-
