@@ -126,7 +126,8 @@ synthetic_jpegs('data/bench/synthetic-$J', $J)"
 #    compiled and the captured RandAugment, the geometric ops resampled bilinear or bicubic per
 #    sample (new at c2b8fcb: every figure from here on includes timm's bicubic half of the warps,
 #    ~2.8x a bilinear warp's cost on the CPU), the short runs with cuda_graphs and with the compiled
-#    torch form (each epoch's peak memory on its line, new since 0e0d8b0), the loader's own stream, NVML's handle by UUID (the start-up memory line, doctor),
+#    torch form (each epoch's peak memory on its line, new since 0e0d8b0), the loader's own
+#    stream, NVML's handle by UUID (the start-up memory line, doctor),
 #    the "mixed" decoders reading a JPEG's pixels as stored whatever its EXIF orientation (new at
 #    569cf77, as timm's PIL does) and reading BMP, TIFF, WebP, palette/alpha and 16-bit PNGs as the
 #    CPU's (new since 75928e1), cutting random crops by timm's law (new since 2b8f856), and a loader

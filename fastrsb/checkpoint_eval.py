@@ -15,8 +15,8 @@ from typing import Iterator, Sequence
 import torch
 
 from fastrsb.checkpoint import as_fastrsb_checkpoint, is_timm_checkpoint, load_weights, read_saved
-from fastrsb.class_order import (by_index, imagenet_classes, imagenet_descriptions, named_by_index,
-                                 read_class_map, relabelled, timm_order)
+from fastrsb.class_order import (by_index, imagenet_classes, named_by_index, read_class_map, relabelled,
+                                 timm_order)
 from fastrsb.data_folder import (SPLIT_NAMES, no_folder, open_class_tree, open_split, refuse_data_being_written,
                                  split_folder)
 from fastrsb.device import amp_dtype, resolve_device
@@ -25,6 +25,7 @@ from fastrsb.memory_floor import refuse_a_batch_that_cannot_fit
 from fastrsb.model import check_input_sizes, make_model
 from fastrsb.model_folder import is_model_folder, load_model_folder
 from fastrsb.parts import open_val_loader
+from fastrsb.per_class import class_rows
 from fastrsb.pipelines import ImageList, class_folders, default_pixel_dtype
 from fastrsb.real_labels import read_real_labels, real_targets
 from fastrsb.timm_checkpoint import model_to_evaluate, read_timm_checkpoint, timm_data_folders
@@ -45,7 +46,7 @@ def evaluate_checkpoint_at(checkpoint: str | Path, data: str | Path, img_sizes: 
     top-5 beside (fastrsb.real_labels), by timm's copy of its labels (True) or a real.json's (its
     path). partial_classes: "only" or "all", where DATA holds some of the weights' classes
     (_partial_classes). per_class: each result's "per_class" lists every class of DATA with its
-    images, top-1 and top-5 (`per_class_rows`). Yields each pair's result as soon as it is measured,
+    images, top-1 and top-5 (fastrsb.per_class.class_rows). Yields each pair's result as soon as it is measured,
     in that order; the checks (the weights, the data, the classes) run at the first."""
     device = resolve_device(device)
     real = read_real_labels(real_labels if isinstance(real_labels, str) else None) if real_labels else None
@@ -79,19 +80,9 @@ def evaluate_checkpoint_at(checkpoint: str | Path, data: str | Path, img_sizes: 
                             f"--batch-size {max(1, batch_size // 2)} or fewer") from None
         del loader  # its pipeline's memory goes before the next size's is taken
         if per_class:
-            figures["per_class"] = per_class_rows(figures["per_class"], images.classes)
+            figures["per_class"] = class_rows(figures["per_class"], images.classes)
         yield {"checkpoint": str(checkpoint), "epoch": weights.epoch, "img_size": size, "crop_pct": crop,
                "ema": ema, **figures, **({"notes": weights.notes} if weights.notes else {})}
-
-
-def per_class_rows(counts: list[list[int]], classes: list[str]) -> list[dict]:
-    """evaluate's per-class counts (by output index: images, top-1 hits, top-5 hits) as a row for
-    each class that has images: its index among the outputs, its name (the class folder's), ImageNet's
-    words for it where the classes are ImageNet's wnids, its images, top-1 and top-5 (%)."""
-    words = imagenet_descriptions(classes) or {}
-    return [{"index": index, "class": classes[index], "words": words.get(classes[index], ""), "images": images,
-             "top1": 100.0 * top1 / images, "top5": 100.0 * top5 / images}
-            for index, (images, top1, top5) in enumerate(counts) if images]
 
 
 @dataclass

@@ -1,17 +1,28 @@
 """`fastrsb eval --per-class CSV`: each class's images, top-1 and top-5, for finding the classes a
 model gets wrong (a mislabelled or broken class folder in one's own data set shows as a class near
-0%). The counts are evaluate's (fastrsb.train), summed on the device beside the totals; the rows are
-checkpoint_eval.per_class_rows'."""
+0%). The counts are evaluate's (fastrsb.train), summed on the device beside the totals."""
 from __future__ import annotations
 
 import csv
 import io
 from pathlib import Path
 
+from fastrsb.class_order import imagenet_descriptions
 from fastrsb.errors import UserError
 from fastrsb.metrics_log import replace_text
 
 COLUMNS = ("checkpoint", "ema", "img_size", "crop_pct", "index", "class", "words", "images", "top1", "top5")
+
+
+def class_rows(counts: list[list[int]], classes: list[str]) -> list[dict]:
+    """evaluate's per-class counts (by output index: images, top-1 hits, top-5 hits) as a row for
+    each class that has images: its index among the outputs evaluated (with --partial-classes only,
+    among the folder's classes), its name (the class folder's), ImageNet's words for it where the
+    classes are ImageNet's wnids, its images, top-1 and top-5 (%)."""
+    words = imagenet_descriptions(classes) or {}
+    return [{"index": index, "class": classes[index], "words": words.get(classes[index], ""), "images": images,
+             "top1": 100.0 * top1 / images, "top5": 100.0 * top5 / images}
+            for index, (images, top1, top5) in enumerate(counts) if images]
 
 
 def check_writable(path: Path) -> None:
