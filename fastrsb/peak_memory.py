@@ -6,8 +6,9 @@ plus what the process holds outside it at the epoch's end (DALI's pools, which g
 largest image decoded and are not given back, the CUDA context and libraries: NVML's figure for
 the process less torch's reserve). That is the process's peak as NVML would have seen it, to
 within DALI's growth during the epoch. Also torch's peak of live tensors (`peak_torch_gib`): the
-reserve above it is the allocator's slack. Host-side counters and one NVML query at the epoch's
-end: no device sync.
+reserve above it is the allocator's slack. Host-side counters and an NVML query, at the end of an
+epoch's training (for its row saved before validation), after its validation and at a stop: no
+device sync in one process (several: the all-reduce of two figures, read back there).
 
 On the CPU: the process's peak resident set (the kernel's high-water mark, VmHWM, which DALI's
 CPU pipelines and their threads count in), reset at the start of each epoch where Linux lets a
