@@ -50,7 +50,7 @@ def evaluate_checkpoint_at(checkpoint: str | Path, data: str | Path, img_sizes: 
     in that order; the checks (the weights, the data, the classes) run at the first."""
     device = resolve_device(device)
     real = read_real_labels(real_labels if isinstance(real_labels, str) else None) if real_labels else None
-    weights = _weights_to_evaluate(Path(checkpoint), ema)
+    weights = weights_to_evaluate(Path(checkpoint), ema)
     images = _validation_images(Path(data), weights.classes, weights.model.num_classes, weights.class_map,
                                 weights.class_map_places, weights.notes)
     images, kept = _partial_classes(images, weights.model.num_classes, partial_classes, Path(data), weights.notes)
@@ -86,7 +86,8 @@ def evaluate_checkpoint_at(checkpoint: str | Path, data: str | Path, img_sizes: 
 
 
 @dataclass
-class _Weights:
+class Weights:
+    """A checkpoint's or a model folder's network and what testing it takes (eval, predict)."""
     model: torch.nn.Module
     classes: list[str] | None  # by index; None: the data folder's, in timm's order (timm's weights naming none)
     img_size: int
@@ -98,18 +99,18 @@ class _Weights:
     class_map_places: list[Path] | None = None  # where train.py would have found it
 
 
-def _weights_to_evaluate(source: Path, ema: bool) -> _Weights:
+def weights_to_evaluate(source: Path, ema: bool) -> Weights:
     if is_model_folder(source):
         if ema:
             raise UserError(f"{source} is a model folder: it holds one set of weights (export --ema writes the EMA's)")
         folder = load_model_folder(source)
-        return _Weights(folder.model, folder.classes, folder.img_size, folder.crop_pct, True, folder.epoch,
+        return Weights(folder.model, folder.classes, folder.img_size, folder.crop_pct, True, folder.epoch,
                         folder.notes)
     state = read_saved(source)
     if is_timm_checkpoint(state):
         checkpoint = read_timm_checkpoint(state, source)
         timm_eval = model_to_evaluate(checkpoint, ema)
-        return _Weights(timm_eval.model, None, timm_eval.img_size, timm_eval.crop_pct, True,
+        return Weights(timm_eval.model, None, timm_eval.img_size, timm_eval.crop_pct, True,
                         checkpoint.epochs_done, timm_eval.notes, timm_eval.class_map, timm_data_folders(checkpoint))
     state = as_fastrsb_checkpoint(state, source)
     recipe = state["recipe"]
@@ -117,7 +118,7 @@ def _weights_to_evaluate(source: Path, ema: bool) -> _Weights:
         raise UserError(f"{source} holds no EMA weights (the run had model_ema = false)")
     model = make_model(recipe["model"], len(state["classes"]))
     load_weights(model, state["ema" if ema else "model"], str(source))
-    return _Weights(model, state["classes"], recipe["test_img_size"], recipe["crop_pct"], recipe["amp"],
+    return Weights(model, state["classes"], recipe["test_img_size"], recipe["crop_pct"], recipe["amp"],
                     state.get("epoch"), [])
 
 

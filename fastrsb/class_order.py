@@ -110,3 +110,9 @@ def imagenet_descriptions(classes: list[str]) -> dict | None:
     if not classes or not all(name in known for name in classes):
         return None
     return {name: info.label_name_to_description(name) for name in classes}
+
+
+def with_words(name: str, words: str) -> str:
+    """A class for a line: its name, and the first of ImageNet's words for it where it has them
+    ("n01440764 (tench)")."""
+    return f"{name} ({words.split(',')[0]})" if words else name

@@ -1,4 +1,4 @@
-"""`fastrsb` command line: recipe, train, eval, data."""
+"""`fastrsb` command line: recipe, train, eval, predict, export, doctor, compare, runs, plot, data."""
 from __future__ import annotations
 
 import argparse
@@ -172,12 +172,13 @@ def cmd_eval(args) -> None:
     from fastrsb import per_class
     from fastrsb.checkpoint import checkpoint_file
     from fastrsb.checkpoint_eval import evaluate_checkpoint_at
+    from fastrsb.metrics_log import check_table_path
     from fastrsb.model_folder import is_model_folder
     for checkpoint in args.checkpoints:  # a path mistyped is said now, not after the others' minutes
         if not is_model_folder(Path(checkpoint)):
             checkpoint_file(checkpoint)
     if args.per_class:  # where it cannot be written, said before the minutes of evaluation
-        per_class.check_writable(Path(args.per_class))
+        check_table_path(Path(args.per_class), "--per-class", "per_class.csv")
     several = len(args.checkpoints) > 1
     results = []
     for checkpoint in args.checkpoints:
@@ -206,6 +207,31 @@ def cmd_eval(args) -> None:
               f"crop {best['crop_pct']}")
     if args.per_class and not args.json:
         print(f"each class's figures: {args.per_class}")
+
+
+def cmd_predict(args) -> None:
+    from fastrsb import predict
+    from fastrsb.checkpoint import checkpoint_file
+    from fastrsb.metrics_log import check_table_path
+    from fastrsb.model_folder import is_model_folder
+    if not is_model_folder(Path(args.checkpoint)):
+        checkpoint_file(args.checkpoint)
+    if args.csv:  # where it cannot be written, said before any image is read
+        check_table_path(Path(args.csv), "--csv", "predictions.csv")
+    found = predict.predict(args.checkpoint, args.images, args.top, args.img_size, args.crop_pct, args.device,
+                            args.batch_size, args.threads, ema=args.ema)
+    if args.csv:
+        predict.write_csv(Path(args.csv), found)
+    if args.json:
+        for row in found.rows:
+            print(json.dumps(row))
+        return
+    for note in found.notes:
+        print(f"note: {note}")
+    for row in found.rows:
+        print(predict.line(row))
+    print(f"{len(found.rows)} image(s) at {found.img_size} px, crop {found.crop_pct}"
+          + (f"; each image's classes: {args.csv}" if args.csv else ""))
 
 
 def cmd_export(args) -> None:
@@ -421,6 +447,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="one JSON object a line, a line per size and crop")
     p.set_defaults(func=cmd_eval)
 
+    _add_predict_command(sub)
+
     p = sub.add_parser("export", help="a checkpoint's weights as a timm model folder (model.safetensors, config.json)")
     p.add_argument("checkpoint")
     p.add_argument("out", help="the folder to write (refused if it holds files, unless --force)")
@@ -465,6 +493,28 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_data_commands(sub)
     return parser
+
+
+def _add_predict_command(sub) -> None:
+    p = sub.add_parser("predict", help="each image's top classes and their probabilities by a checkpoint or a timm "
+                                       "model folder: image files, or every image under folders")
+    p.add_argument("checkpoint", help="what fastrsb eval takes: a run's last.pt or best.pt, timm train.py's "
+                                      "checkpoint, or a timm model folder")
+    p.add_argument("images", nargs="+", metavar="IMAGE", help="image files, or folders (every image below them)")
+    p.add_argument("--top", type=count_option, default=5, metavar="K", help="classes per image (default 5)")
+    p.add_argument("--img-size", type=count_option, default=None, metavar="N",
+                   help="test size in px (default: the recipe's test_img_size)")
+    p.add_argument("--crop-pct", type=_crop_fraction, default=None, metavar="F",
+                   help="the share of the resized image kept (default: the recipe's crop_pct)")
+    p.add_argument("--batch-size", type=count_option, default=64)
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument("--threads", type=count_option, default=None)
+    p.add_argument("--ema", action="store_true", help="the checkpoint's EMA weights")
+    p.add_argument("--csv", metavar="CSV", default=None,
+                   help="also write the classes to CSV: a row per image and rank (file, rank, index, class, words, "
+                        "probability)")
+    p.add_argument("--json", action="store_true", help="one JSON object a line, a line per image")
+    p.set_defaults(func=cmd_predict)
 
 
 def _add_train_command(sub) -> None:

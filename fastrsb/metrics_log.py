@@ -4,6 +4,8 @@ leaves half a row or loses the rows before, and the refusal to start a second ru
 (light: the CLI checks before it imports torch)."""
 from __future__ import annotations
 
+import csv
+import io
 import json
 import os
 from pathlib import Path
@@ -65,6 +67,24 @@ def replace_text(path: Path, text: str) -> None:
     except BaseException:  # a full disk, an interrupt: the copy beside goes, the file stays as it was
         partial.unlink(missing_ok=True)
         raise
+
+
+def check_table_path(path: Path, option: str, example: str) -> None:
+    """Refuse a path a table (a command's CSV, given by OPTION) cannot be written to, before the
+    minutes of work that fill it."""
+    if path.is_dir():
+        raise UserError(f"{option} {path} is a folder: give a file name ({example})")
+    if not path.parent.is_dir():
+        raise UserError(f"{option} {path}: its folder {path.parent} does not exist")
+
+
+def write_table(path: Path, columns: tuple[str, ...], rows) -> None:
+    """ROWS (dicts by COLUMNS) as a CSV with a header, written whole (replace_text)."""
+    text = io.StringIO()
+    writer = csv.DictWriter(text, columns, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    replace_text(path, text.getvalue())
 
 
 # What a new run writes over whole, and a fastrsb run writes only after its first metrics row: in a

@@ -89,3 +89,17 @@ def test_validation_counts_on_the_gpu_and_reads_back_once_at_the_end():
                 evaluate(model, Batches(), "cuda", None, real=given, per_class=per_class)
             assert caught.traceback[-1].name != "evaluate" and any(
                 entry.name == "evaluate" and ".tolist()" in str(entry.statement) for entry in caught.traceback)
+
+
+def test_predict_keeps_each_batchs_classes_on_the_gpu_until_the_end():
+    """fastrsb predict's loop on the GPU's batches: the softmax and top-k stay on the device, and
+    nothing is read back per batch (a read of fake tensors' data fails); the one copy to the host
+    comes after the last batch."""
+    from fastrsb.pipelines import ImageList
+    from fastrsb.predict import _top_outputs
+
+    with FakeTensorMode(), torch.device("cuda"):
+        model = timm.create_model("resnet10t", num_classes=10)
+        loader = [(torch.empty(4, 3, 32, 32, device="cuda"), torch.zeros(4, dtype=torch.int64, device="cuda"))] * 3
+        probabilities, indices = _top_outputs(model, loader, ImageList([], [], []), "cuda", None, 5)
+    assert [(t.device.type, tuple(t.shape)) for t in (probabilities, indices)] == [("cpu", (12, 5))] * 2

@@ -525,3 +525,17 @@ def test_gpu_eval_memory_floor_reads_the_gpus_free_memory():
     with pytest.raises(UserError, match=r"a batch of 1024 images at 4000 px needs at least 1,\d{3}\.\d GiB .* and the "
                                         r"GPU has [\d,.]+ GiB free: --batch-size \d+ or fewer"):
         refuse_a_batch_that_cannot_fit(model, [4000], 1024, "cuda", activation_bytes=2, pixel_bytes=2)
+
+
+def test_gpu_predict_gives_the_cpus_classes(tiny_data, tmp_path):
+    """fastrsb predict on the GPU (the "mixed" decoders, autocast) against the CPU's: the same files
+    in the same order, each class's probability within what bf16 and the decoders' resampling move."""
+    run_cli_process("train", "tiny", "--data", tiny_data, "--out", tmp_path, "--device", "cpu")
+    found = [[json.loads(line) for line in proc.stdout.splitlines()] for proc in (
+        run_cli_process("predict", tmp_path / "last.pt", tiny_data / "val", "--json", "--top", "4", "--device", "cpu"),
+        run_cli_process("predict", tmp_path / "last.pt", tiny_data / "val", "--json", "--top", "4", "--device", "cuda"))]
+    assert [r["file"] for r in found[1]] == [r["file"] for r in found[0]] and len(found[0]) == 20
+    for cpu, gpu in zip(*found):
+        by_class = {t["index"]: t["probability"] for t in gpu["top"]}
+        assert [by_class[t["index"]] for t in cpu["top"]] == pytest.approx([t["probability"] for t in cpu["top"]],
+                                                                           abs=0.03)

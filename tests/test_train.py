@@ -561,6 +561,77 @@ def test_eval_per_class_figures_add_up_and_are_each_class_evaluated_alone(run, t
                           why)
 
 
+def test_predict_names_each_images_classes_as_eval_ranks_them(run, tiny_data, tmp_path):
+    """fastrsb predict: each image's top classes, by the pipeline and weights eval tests with. Every
+    image below a folder once, in the walk's order; its top class is its folder's exactly as often,
+    class by class, as eval counts top-1 hits; its probabilities are the softmax's, in falling
+    order, summing to 1 over all the classes; an image given alone gets what it got among the
+    others; an exported model folder gives the same classes; the CSV holds the same rows; ImageNet's
+    words beside its wnids."""
+    import csv
+    from fastrsb.class_order import imagenet_classes
+    out, _ = run
+    val, table = tiny_data / "val", tmp_path / "predictions.csv"
+    classes = sorted(p.name for p in val.iterdir())
+    proc = run_cli("predict", out / "last.pt", val, "--json", "--top", "9", "--batch-size", "8", "--csv", table)
+    rows = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert [r["file"] for r in rows] == sorted(str(p) for p in val.rglob("*") if p.is_file())
+    for r in rows:
+        assert sorted(t["index"] for t in r["top"]) == [0, 1, 2, 3]  # --top 9 of 4 classes: all 4
+        assert [t["class"] for t in r["top"]] == [classes[t["index"]] for t in r["top"]]
+        probabilities = [t["probability"] for t in r["top"]]
+        assert probabilities == sorted(probabilities, reverse=True) and sum(probabilities) == pytest.approx(1)
+    evaluated = json.loads(run_cli("eval", out / "last.pt", "--data", tiny_data, "--json", "--batch-size", "8",
+                                   "--per-class", tmp_path / "classes.csv").stdout)
+    hits = [sum(r["top"][0]["class"] == name for r in rows if Path(r["file"]).parent.name == name) for name in classes]
+    assert hits == [round(c["top1"] * c["images"] / 100) for c in evaluated["per_class"]]
+    with open(table, newline="") as f:
+        written = list(csv.DictReader(f))
+    assert [(w["file"], int(w["rank"]), w["class"], float(w["probability"])) for w in written] == \
+        [(r["file"], rank, t["class"], t["probability"]) for r in rows for rank, t in enumerate(r["top"], 1)]
+    alone = json.loads(run_cli("predict", out / "last.pt", rows[7]["file"], "--json").stdout)
+    assert [t["index"] for t in alone["top"]] == [t["index"] for t in rows[7]["top"]]
+    assert [t["probability"] for t in alone["top"]] == pytest.approx([t["probability"] for t in rows[7]["top"]],
+                                                                    abs=1e-5)
+    run_cli("export", out / "last.pt", tmp_path / "exported")
+    exported = [json.loads(line) for line in run_cli("predict", tmp_path / "exported", val, "--json", "--top", "2",
+                                                      "--batch-size", "8").stdout.splitlines()]
+    assert [[t["class"] for t in r["top"]] for r in exported] == [[t["class"] for t in r["top"][:2]] for r in rows]
+    # The terminal's lines, and ImageNet's words beside classes that are its wnids.
+    state = load_checkpoint(out / "last.pt")
+    state["classes"] = imagenet_classes()[:4]  # n01440764 (tench), n01443537 (goldfish), ...
+    torch.save(state, tmp_path / "named.pt")
+    text = run_cli("predict", tmp_path / "named.pt", rows[0]["file"], "--top", "1").stdout.splitlines()
+    first = rows[0]["top"][0]
+    named = state["classes"][first["index"]]
+    words = {"n01440764": "tench", "n01443537": "goldfish", "n01484850": "great white shark",
+             "n01491361": "tiger shark"}[named]
+    assert text == [f"{rows[0]['file']}: {named} ({words}) {100 * first['probability']:.1f}%",
+                     "1 image(s) at 40 px, crop 0.95"]
+
+
+def test_predict_refuses_what_it_cannot_read_in_one_line(run, tiny_data, tmp_path):
+    """A path that is nothing, a file that is no image, a folder without images, an image that
+    does not decode (named), a CSV path that cannot be written: one line each, before any output."""
+    out, _ = run
+    image = next((tiny_data / "val").rglob("*.JPEG"))
+    (tmp_path / "notes.txt").write_text("not an image")
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "a.jpg").write_bytes(image.read_bytes())
+    (tmp_path / "broken" / "b.jpg").write_bytes(b"\xff\xd8\xff" + b"\0" * 200)  # a JPEG's start, then nothing
+    for args, why in (((tmp_path / "none.jpg",), f"no file or folder {tmp_path / 'none.jpg'}"),
+                      ((image, tmp_path / "notes.txt"), "is not an image the decoders read"),
+                      ((tmp_path / "empty",), f"{tmp_path / 'empty'} holds no images"),
+                      ((tmp_path / "broken",), f"cannot decode {tmp_path / 'broken' / 'b.jpg'}"),
+                      ((image, "--csv", tmp_path), "is a folder"),
+                      ((image, "--csv", tmp_path / "no" / "p.csv"), f"its folder {tmp_path / 'no'} does not exist")):
+        proc = run_cli("predict", out / "last.pt", *args, check=False)
+        assert_user_error(proc, why)
+        assert proc.stdout == ""
+    assert_user_error(run_cli("predict", tmp_path / "none.pt", image, check=False), "no checkpoint at")
+
+
 def test_eval_of_timm_weights_without_train_arguments(run, tiny_data, tmp_path):
     """timm's layout without train.py's arguments ("arch" and "state_dict" alone) is tested at the
     size and crop timm's validate.py takes for the model; its classes counted from its classifier.
