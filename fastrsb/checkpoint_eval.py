@@ -51,8 +51,7 @@ def evaluate_checkpoint_at(checkpoint: str | Path, data: str | Path, img_sizes: 
     device = resolve_device(device)
     real = read_real_labels(real_labels if isinstance(real_labels, str) else None) if real_labels else None
     weights = weights_to_evaluate(Path(checkpoint), ema)
-    images = _validation_images(Path(data), weights.classes, weights.model.num_classes, weights.class_map,
-                                weights.class_map_places, weights.notes)
+    images = _validation_images(Path(data), weights, weights.notes)
     images, kept = _partial_classes(images, weights.model.num_classes, partial_classes, Path(data), weights.notes)
     targets = None
     if real and kept is not None:
@@ -97,6 +96,7 @@ class Weights:
     notes: list[str]
     class_map: str | None = None  # with classes None: timm's --class-map, which sets the order
     class_map_places: list[Path] | None = None  # where train.py would have found it
+    classes_note: str | None = None  # with classes None: how eval reads them from the data folder
 
 
 def weights_to_evaluate(source: Path, ema: bool) -> Weights:
@@ -105,13 +105,14 @@ def weights_to_evaluate(source: Path, ema: bool) -> Weights:
             raise UserError(f"{source} is a model folder: it holds one set of weights (export --ema writes the EMA's)")
         folder = load_model_folder(source)
         return Weights(folder.model, folder.classes, folder.img_size, folder.crop_pct, True, folder.epoch,
-                        folder.notes)
+                       folder.notes, classes_note=folder.classes_note)
     state = read_saved(source)
     if is_timm_checkpoint(state):
         checkpoint = read_timm_checkpoint(state, source)
         timm_eval = model_to_evaluate(checkpoint, ema)
         return Weights(timm_eval.model, None, timm_eval.img_size, timm_eval.crop_pct, True,
-                        checkpoint.epochs_done, timm_eval.notes, timm_eval.class_map, timm_data_folders(checkpoint))
+                       checkpoint.epochs_done, timm_eval.notes, timm_eval.class_map, timm_data_folders(checkpoint),
+                       timm_eval.classes_note)
     state = as_fastrsb_checkpoint(state, source)
     recipe = state["recipe"]
     if ema and "ema" not in state:
@@ -119,17 +120,17 @@ def weights_to_evaluate(source: Path, ema: bool) -> Weights:
     model = make_model(recipe["model"], len(state["classes"]))
     load_weights(model, state["ema" if ema else "model"], str(source))
     return Weights(model, state["classes"], recipe["test_img_size"], recipe["crop_pct"], recipe["amp"],
-                    state.get("epoch"), [])
+                   state.get("epoch"), [])
 
 
-def _validation_images(data: Path, classes: list[str] | None, num_classes: int, class_map: str | None = None,
-                       class_map_places: list[Path] | None = None, notes: list[str] | None = None):
+def _validation_images(data: Path, weights: Weights, notes: list[str]):
     """DATA/val, or DATA itself where it is a class folder tree, each image labelled by the index
     the weights give its class: its classes must be the weights' by name, in whatever order (an
     export's is timm's), or where the weights name none (timm's), as many, indexed in timm's order
-    (fastrsb.class_order), or by CLASS_MAP (timm's --class-map) where train.py had one. Folders
-    named by class index, 0 to N - 1 (ImageNet-V2's layout), are the classes of those indices in
-    timm's order (ImageNet's wnids sorted), said in NOTES."""
+    (fastrsb.class_order), or by their class map (timm's --class-map) where train.py had one.
+    Folders named by class index, 0 to N - 1 (ImageNet-V2's layout), are the classes of those
+    indices in timm's order (ImageNet's wnids sorted). How the classes were read is said in NOTES."""
+    classes, num_classes, class_map = weights.classes, weights.model.num_classes, weights.class_map
     if not data.is_dir():
         raise UserError(no_folder(data))
     refuse_data_being_written(data)
@@ -141,19 +142,20 @@ def _validation_images(data: Path, classes: list[str] | None, num_classes: int, 
     images = open_split(data, "val") if split_folder(data, "val").is_dir() else open_class_tree(data, data)
     if (not class_map and named_by_index(images.classes, num_classes)
             and not set(images.classes) & set(classes or [])):  # weights whose classes are "0", "1": by name
-        if notes is not None:
-            first = f" ({', '.join(f'{i}: {name}' for i, name in enumerate(timm_order(classes)[:2]))}, ...)" \
-                if classes else ""
-            notes.append(f"{data}'s class folders are named by index, as ImageNet-V2's: folder k is read as the "
-                         f"weights' class k in timm's order{first}")
+        first = f" ({', '.join(f'{i}: {name}' for i, name in enumerate(timm_order(classes)[:2]))}, ...)" \
+            if classes else ""
+        notes.append(f"{data}'s class folders are named by index, as ImageNet-V2's: folder k is read as the "
+                     f"weights' class k in timm's order{first}")
         return by_index(images, classes, num_classes)
     if classes is None and _imagenet_subset(images.classes, num_classes, class_map):
         classes = imagenet_classes()  # timm's order of them: output k is the k-th wnid sorted
-        if notes is not None:
-            notes.append(f"the weights name no classes: their {num_classes} outputs are read as ImageNet-1k's "
-                         f"classes, {data}'s {len(images.classes)} being among them")
+        notes.append(f"the weights name no classes: their {num_classes} outputs are read as ImageNet-1k's "
+                     f"classes, {data}'s {len(images.classes)} being among them")
     if classes is None:
-        indices = class_map and read_class_map(class_map, [split_folder(data, "val"), data, *(class_map_places or [])])
+        if weights.classes_note:
+            notes.append(weights.classes_note)
+        places = [split_folder(data, "val"), data, *(weights.class_map_places or [])]
+        indices = class_map and read_class_map(class_map, places)
         order = timm_order(images.classes, indices or None)
         if len(order) != num_classes:  # its labels would index other classes: figures without meaning
             raise UserError(f"{data}: its {len(images.classes)} class folders are not the {num_classes} classes the "

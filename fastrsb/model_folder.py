@@ -32,6 +32,7 @@ class FolderModel:
     crop_pct: float
     epoch: int | None  # the run's epoch, for a folder fastrsb exported
     notes: list[str] = field(default_factory=list)
+    classes_note: str | None = None  # how eval reads classes config.json does not name
 
 
 def is_model_folder(path: Path) -> bool:
@@ -57,16 +58,15 @@ def load_model_folder(folder: Path) -> FolderModel:
     classes = config.get("label_names")
     if classes is not None and (not isinstance(classes, list) or len(classes) != num_classes):
         raise UserError(f"{folder / CONFIG}: label_names does not list {num_classes} classes")
-    if classes is None:
-        notes.append("config.json names no classes: they are taken as the data folder's class folders, in the "
-                     "order timm's ImageFolder indexes them (natural order: 'c2' before 'c10'; ImageNet's wnids "
-                     "sorted)")
+    classes_note = None if classes is not None else (
+        "config.json names no classes: they are taken as the data folder's class folders, in the order timm's "
+        "ImageFolder indexes them (natural order: 'c2' before 'c10'; ImageNet's wnids sorted)")
     # model_args: what timm records of the model's construction (newer timm writes num_classes there too)
     model = timm.create_model(architecture, pretrained=False, **{**(config.get("model_args") or {}),
                                                                  "num_classes": num_classes})
     load_weights(model, read_weights(folder), str(folder))
     return FolderModel(model.to(memory_format=torch.channels_last), classes, int(data["input_size"][1]),
-                       float(data["crop_pct"]), (config.get("fastrsb") or {}).get("epoch"), notes)
+                       float(data["crop_pct"]), (config.get("fastrsb") or {}).get("epoch"), notes, classes_note)
 
 
 def check_eval_transform(data: dict, source: Path, whose: str) -> list[str]:

@@ -94,6 +94,7 @@ class TimmEval:
     crop_pct: float
     notes: list[str]
     class_map: str | None  # train.py's --class-map, which sets its classes' indices (else timm's natural order)
+    classes_note: str  # how eval reads the classes the checkpoint does not name
 
 
 def model_to_evaluate(checkpoint: TimmCheckpoint, ema: bool) -> TimmEval:
@@ -129,12 +130,13 @@ def model_to_evaluate(checkpoint: TimmCheckpoint, ema: bool) -> TimmEval:
         said = (f"the checkpoint holds no arguments of timm's train.py: tested unless --img-size or --crop-pct say "
                 f"otherwise at the size and crop timm's validate.py takes for {name} ({_transform(data)})")
     class_map = args.get("class_map") or None
-    notes = [said, *check_eval_transform(data, path, "its transform"),
-             f"the checkpoint names no classes: they are indexed as train.py's --class-map {class_map} indexes them"
-             if class_map else "the checkpoint names no classes: they are taken as the data folder's class folders, "
-             "in the order timm's ImageFolder indexes them (natural order: 'c2' before 'c10')"]
+    classes_note = (f"the checkpoint names no classes: they are indexed as train.py's --class-map {class_map} "
+                    "indexes them" if class_map else "the checkpoint names no classes: they are taken as the data "
+                    "folder's class folders, in the order timm's ImageFolder indexes them (natural order: 'c2' before "
+                    "'c10')")
     return TimmEval(model.to(memory_format=torch.channels_last), int(data["input_size"][1]),
-                    float(data["crop_pct"]), notes, class_map)
+                    float(data["crop_pct"]), [said, *check_eval_transform(data, path, "its transform")], class_map,
+                    classes_note)
 
 
 def _transform(data: dict) -> str:

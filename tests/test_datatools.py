@@ -307,8 +307,9 @@ def test_a_data_folder_being_written_is_not_read(tiny_data, tmp_path):
     """`train`, `data check`, `eval` and `doctor` on a data folder that `data prepare` is writing
     now (or `prepare-val`, in its val/): it holds part of its classes or images, so each says so
     and waits for nothing, rather than train on (or pass, or fail) a data set not there yet."""
-    from fastrsb.checkpoint_eval import _validation_images
+    from fastrsb.checkpoint_eval import Weights, _validation_images
     from fastrsb.doctor import data_checks
+    from fastrsb.model import make_model
     data = tmp_path / "data"
     shutil.copytree(tiny_data, data)
     for folder, job in ((data, "fastrsb data prepare"), (data / "val", "fastrsb data prepare-val")):
@@ -318,7 +319,7 @@ def test_a_data_folder_being_written_is_not_read(tiny_data, tmp_path):
             assert_user_error(run_cli("train", "tiny", "--data", data, "--out", tmp_path / "run", "--device", "cpu",
                                       check=False), said)
             with pytest.raises(UserError, match=re.escape(said)):
-                _validation_images(data, None, 4)
+                _validation_images(data, Weights(make_model("resnet10t", 4), None, 40, 0.95, False, None, []), [])
             assert said in data_checks(data, "cpu")[0].text
     assert not (tmp_path / "run").exists()
     run_cli("data", "check", data)  # their locks' files stay, their locks do not

@@ -608,6 +608,18 @@ def test_predict_names_each_images_classes_as_eval_ranks_them(run, tiny_data, tm
              "n01491361": "tiger shark"}[named]
     assert text == [f"{rows[0]['file']}: {named} ({words}) {100 * first['probability']:.1f}%",
                      "1 image(s) at 40 px, crop 0.95"]
+    # timm's weights name no classes: 1,000 outputs are ImageNet's (here the 4 trained rows first,
+    # the others held out of the softmax by their bias), with a note saying so.
+    weights = state["model"]
+    wide = {**weights, "fc.weight": torch.zeros(1000, weights["fc.weight"].shape[1]).index_copy(
+        0, torch.arange(4), weights["fc.weight"]), "fc.bias": torch.full((1000,), -1e4).index_copy(
+        0, torch.arange(4), weights["fc.bias"])}
+    torch.save({"arch": "resnet10t", "state_dict": wide}, tmp_path / "imagenet.pth.tar")
+    proc = run_cli("predict", tmp_path / "imagenet.pth.tar", rows[0]["file"], "--top", "2", "--img-size", "40",
+                   "--crop-pct", "0.95")
+    assert "note: the weights name no classes: their 1,000 outputs are read as ImageNet-1k's" in proc.stdout
+    second = rows[0]["top"][1]
+    assert f"{named} ({words}) {100 * first['probability']:.1f}%; {state['classes'][second['index']]}" in proc.stdout
 
 
 def test_predict_refuses_what_it_cannot_read_in_one_line(run, tiny_data, tmp_path):
