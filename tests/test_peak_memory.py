@@ -1,6 +1,7 @@
 """An epoch's peak memory (fastrsb.peak_memory) on the CPU: the kernel's high-water mark of the
 process, reset at each epoch's start, and an epoch split by a stop and a resume measured in both
-of its processes. (The GPU's figures: tests/test_gpu.py.)"""
+of its processes; the GPU's branch on counters set as a GPU would give them. (The GPU's own
+figures: tests/test_gpu.py.)"""
 import json
 
 import numpy as np
@@ -39,6 +40,28 @@ def test_the_epoch_lines_words():
     # A GPU whose process NVML does not list (some containers): torch's own figure, named as such.
     assert (peak_memory.describe({"peak_memory_gib": None, "peak_torch_gib": 7.0}, "cuda")
             == ", peak memory of torch's tensors 7.00 GiB a GPU")
+
+
+def test_the_gpu_figures_are_torchs_peak_reserve_plus_what_lies_outside_it(monkeypatch):
+    """The GPU branch, on torch's and NVML's counters as a GPU would give them (a GPU is lent for
+    minutes, rarely: a slip here should cost a CPU test, not a GPU run): the peak reserve plus what
+    NVML counts outside torch's current reserve (DALI's pools, the CUDA context), torch's peak of
+    live tensors beside; NVML silent, the process's figure unknown and torch's still given; an
+    epoch's start resets torch's peaks."""
+    import fastrsb.device
+    counters = dict(memory_reserved=6 * 2**30, max_memory_reserved=8 * 2**30, max_memory_allocated=5 * 2**30)
+    for name, value in counters.items():
+        monkeypatch.setattr(torch.cuda, name, lambda value=value: value)
+    monkeypatch.setattr(fastrsb.device, "process_gpu_bytes", lambda: int(9.5 * 2**30))  # 3.5 GiB outside torch
+    assert peak_memory.epoch_peak("cuda", Dist()) == {"peak_memory_gib": 11.5, "peak_torch_gib": 5.0}
+    monkeypatch.setattr(fastrsb.device, "process_gpu_bytes", lambda: None)  # NVML missing or not permitted
+    figures = peak_memory.epoch_peak("cuda", Dist())
+    assert figures == {"peak_memory_gib": None, "peak_torch_gib": 5.0}
+    assert peak_memory.describe(figures, "cuda") == ", peak memory of torch's tensors 5.00 GiB a GPU"
+    resets = []
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda: resets.append(1))
+    peak_memory.reset("cuda")
+    assert resets == [1]
 
 
 def test_an_epochs_parts_are_merged():
