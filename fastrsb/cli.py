@@ -49,6 +49,9 @@ def cmd_train(args) -> int:
     if args.device == "cuda":  # asked for by name: refused before the demo data is generated or read
         from fastrsb.device import resolve_device
         resolve_device("cuda")
+    if args.wandb:
+        from fastrsb.wandb_log import check_installed
+        check_installed()
     data = Path(args.data) if args.data else None
     if data is None:
         if recipe["name"] != "demo":
@@ -89,7 +92,7 @@ def cmd_train(args) -> int:
     metrics = train(recipe, data, out, device=args.device, num_threads=args.threads, log_every=args.log_every,
                     resume=args.resume, grad_accum_steps=args.grad_accum_steps, stop=stop,
                     stop_after_steps=args.stop_after_steps, micro_batch=args.micro_batch,
-                    deterministic=args.deterministic, command=command_line(args.argv))
+                    deterministic=args.deterministic, command=command_line(args.argv), wandb_project=args.wandb)
     main_rank = os.environ.get("RANK", "0") == "0"
     if metrics.get("stopped"):
         if main_rank:
@@ -143,7 +146,7 @@ def train_words(args, data: Path, out: Path) -> list[str]:
         words.append("--deterministic")
     for flag, value, default in (("--device", args.device, "auto"), ("--threads", args.threads, None),
                                  ("--log-every", args.log_every, 50), ("--grad-accum-steps", args.grad_accum_steps, "auto"),
-                                 ("--micro-batch", args.micro_batch, None)):
+                                 ("--micro-batch", args.micro_batch, None), ("--wandb", args.wandb, None)):
         if value != default:
             words += [flag, str(value)]
     for item in args.overrides:
@@ -542,6 +545,9 @@ def _add_train_command(sub) -> None:
                         "together; with --device cpu, N CPU processes (gloo). Several machines: torchrun")
     p.add_argument("--stop-after-steps", type=count_option, default=None, metavar="N",
                    help="save a resumable checkpoint and stop once N optimizer steps are done in total")
+    p.add_argument("--wandb", metavar="PROJECT", default=None,
+                   help="also log the metrics to a Weights & Biases run in PROJECT (pip install wandb; "
+                        "WANDB_MODE=offline without a network); a resumed run continues its W&B run without it")
     _add_common(p)
     p.set_defaults(func=cmd_train)
 

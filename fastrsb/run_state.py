@@ -237,11 +237,13 @@ SUMMARY_COLUMNS = ("epoch", "train_loss", "eval_loss", "eval_top1", "eval_top5",
 class RunFolder:
     """RUN_DIR's recipe.json, metrics.jsonl (every row), summary.csv (an epoch a row, timm's
     columns) and, where the `tensorboard` package is installed, TensorBoard event files under
-    RUN_DIR/tensorboard (starts.jsonl is fastrsb.provenance's). Rank 0 writes; the other ranks'
+    RUN_DIR/tensorboard (starts.jsonl is fastrsb.provenance's); the rows also go to the run's W&B
+    run where it has one (wandb_project: fastrsb.wandb_log). Rank 0 writes; the other ranks'
     calls do nothing."""
 
-    def __init__(self, out: Path, recipe: dict, d: Dist, resumed: Position | None = None):
-        self.out, self.main, self.board = out, d.main, None
+    def __init__(self, out: Path, recipe: dict, d: Dist, resumed: Position | None = None,
+                 wandb_project: str | None = None):
+        self.out, self.main, self.board, self.wandb = out, d.main, None, None
         self.saved: tuple[Path, str] | None = None  # the run's newest checkpoint and where it stands (train.py)
         self._pending: list[dict] = []  # rows not yet written (the disk was full)
         self._failing = False
@@ -262,6 +264,10 @@ class RunFolder:
                                                        (resumed.validated or row["kind"] != "epoch"))
             rewrite_rows(metrics, [row for row in read_rows(metrics) if kept(row)])
         self._write_summary()
+        if wandb_project:
+            from fastrsb.wandb_log import WandbLog
+            # A run started again from step 0 (no checkpoint) starts a new W&B run, as its rows are new.
+            self.wandb = WandbLog(out, wandb_project, recipe, continued=resumed is not None and resumed.step > 0)
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError:  # tensorboard not installed (pip install "fastrsb[tensorboard]")
@@ -296,6 +302,13 @@ class RunFolder:
                     if key not in ("kind", "step", "epoch") and isinstance(value, (int, float)):
                         self.board.add_scalar(f"{prefix}/{key}", value, r["step"])
             self.board.flush()
+        if self.wandb is not None:
+            self.wandb.log(written)
+
+    def close(self, failed: bool) -> None:
+        """The end of this process's part of the run: its W&B run finished (a resume continues it)."""
+        if self.wandb is not None:
+            self.wandb.finish(failed)
 
     def _write_failed(self, err: OSError) -> None:
         if not self._failing:

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from fastrsb import __version__, peak_memory, run_log
+from fastrsb import __version__, peak_memory, run_log, wandb_log
 from fastrsb.accumulation import HEADROOM
 from fastrsb.data_folder import (check_headers, describe_counts, loader_batches, open_dataset,
                                   refuse_a_run_inside_the_splits, val_shares_train)
@@ -46,7 +46,7 @@ def train(recipe: dict, data: str | Path, out: str | Path, device: str | None = 
           num_threads: int | None = None, log_every: int = 50, resume: str | None = None,
           grad_accum_steps: str | int = "auto", stop: StopRequest | None = None,
           stop_after_steps: int | None = None, micro_batch: int | None = None, deterministic: bool = False,
-          command: str | None = None) -> dict:
+          command: str | None = None, wandb_project: str | None = None) -> dict:
     """Train as the recipe says; write RUN_DIR/{recipe.json, starts.jsonl, metrics.jsonl, last.pt,
     best.pt} (rank 0 only), and train.log where the command keeps one (fastrsb.run_log).
     resume: "auto" (RUN_DIR/last.pt if present) or a checkpoint path.
@@ -56,13 +56,15 @@ def train(recipe: dict, data: str | Path, out: str | Path, device: str | None = 
     deterministic: torch's deterministic algorithms and a hash of every logged batch (fastrsb.determinism).
     stop / stop_after_steps: end early at a step boundary with a resumable checkpoint.
     command: the command line that started this, for RUN_DIR/starts.jsonl (fastrsb.provenance).
+    wandb_project: also log to a W&B run in this project (fastrsb.wandb_log; a run folder that has
+    one continues it without).
     Returns the last epoch's metrics, with "stopped": True when it ended early."""
     device, out = resolve_device(device), Path(out)
     d = init_distributed(device)
     new_folder, lock = not out.exists(), FolderLock(out)
     try:
         return _train(recipe, data, out, device, d, num_threads, log_every, resume, grad_accum_steps, stop,
-                      stop_after_steps, micro_batch, deterministic, command, lock)
+                      stop_after_steps, micro_batch, deterministic, command, lock, wandb_project)
     except BaseException as error:
         # Its traceback holds _train's frame, and so the run (its DDP wrapper): let go of them now,
         # while the process group still stands (distributed.shutdown says why). The lines stay.
@@ -79,10 +81,11 @@ def train(recipe: dict, data: str | Path, out: str | Path, device: str | None = 
 
 def _train(recipe: dict, data: str | Path, out: Path, device: str, d: Dist, num_threads: int | None, log_every: int,
            resume: str | None, grad_accum_steps: str | int, stop: StopRequest | None, stop_after_steps: int | None,
-           micro_batch: int | None, deterministic: bool, command: str | None, lock: FolderLock) -> dict:
+           micro_batch: int | None, deterministic: bool, command: str | None, lock: FolderLock,
+           wandb_project: str | None) -> dict:
     """train()'s work in a frame of its own, whose objects are gone when it returns."""
     with (stop or StopRequest()) as stop, deterministic_mode(deterministic):
-        train_images, val_images = _open_together(data, out, resume, d, lock)
+        train_images, val_images, wandb_project = _open_together(data, out, resume, d, lock, wandb_project)
         resume_path, state = resume_state(resume, out, recipe, train_images.classes, d)
         if resume == "auto" and state is None and d.main:
             print(f"--resume auto: no checkpoint in {out}, starting from scratch"
@@ -100,7 +103,7 @@ def _train(recipe: dict, data: str | Path, out: Path, device: str, d: Dist, num_
         pos = restore_run(run, state, resume_path) if state else Position()
         # --resume auto without a checkpoint restarts from step 0: rows logged there by a run that
         # stopped before its first checkpoint (a crash) are dropped as rows after a checkpoint are.
-        folder = RunFolder(out, recipe, d, resumed=pos if state or resume else None)
+        folder = RunFolder(out, recipe, d, resumed=pos if state or resume else None, wandb_project=wandb_project)
         _start_log(out, d, command)
         if state:
             folder.saved = (resume_path, _where(run, pos))
@@ -113,8 +116,14 @@ def _train(recipe: dict, data: str | Path, out: Path, device: str, d: Dist, num_
                                            train_images, val_images, listings))
         stops = Stops(stop, stop_after_steps, d)
         # From here a rank that fails stops the others at once, naming itself (FailureNotice).
-        with step_stream(device, run.training.high_priority_stream), FailureNotice(d):
-            return _epochs(run, pos, folder, stops, log_every, deterministic)
+        failed = True
+        try:
+            with step_stream(device, run.training.high_priority_stream), FailureNotice(d):
+                metrics = _epochs(run, pos, folder, stops, log_every, deterministic)
+            failed = False
+            return metrics
+        finally:
+            folder.close(failed)
 
 
 def _start_log(out: Path, d: Dist, command: str | None) -> None:
@@ -361,17 +370,19 @@ def evaluate(model: torch.nn.Module, loader, device: str, dtype: torch.dtype | N
     return figures
 
 
-def _open_together(data: Path, out: Path, resume: str | None, d: Dist, lock: FolderLock):
-    """(train, val) image lists, the start-up checks made on every rank's own view (its copy of
-    the data) and on rank 0's (the run folder, which it alone writes, and holds locked from here),
-    all stopping together."""
-    error, found = None, (None, None)
+def _open_together(data: Path, out: Path, resume: str | None, d: Dist, lock: FolderLock,
+                   wandb_project: str | None):
+    """(train, val) image lists and the W&B project the run logs to (rank 0's; fastrsb.wandb_log),
+    the start-up checks made on every rank's own view (its copy of the data) and on rank 0's (the
+    run folder, which it alone writes, and holds locked from here), all stopping together."""
+    error, found, project = None, (None, None), None
     try:
         if d.main:
             refuse_a_run_inside_the_splits(out, data)
             if out.is_dir():  # a run going on there is the first thing to say
                 lock.take()
             refuse_a_second_run(out, resume)
+            project = wandb_log.project_of(out, wandb_project)
         found = open_dataset(data)
         if d.main:  # now, not after the model and loaders are built (minutes on a GPU)
             make_folder(out, "the run folder")
@@ -379,7 +390,7 @@ def _open_together(data: Path, out: Path, resume: str | None, d: Dist, lock: Fol
     except (UserError, DatasetError) as err:
         error = err
     stop_together(error, d, "the start-up checks (data folder, run folder)")
-    return found
+    return (*found, project)
 
 
 def _check_files(train_images, val_images, d: Dist) -> None:

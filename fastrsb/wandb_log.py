@@ -1,0 +1,121 @@
+"""Weights & Biases logging (`fastrsb train --wandb PROJECT`): every row of metrics.jsonl also
+sent to a W&B run, as TensorBoard gets them (a progress row's figures as train/KEY, an epoch's as
+epoch/KEY, at the row's optimizer step, and the epoch, fractional, to plot against), the recipe
+as its config. Rank 0 sends; W&B's own files go under RUN_DIR/wandb.
+
+The W&B run belongs to the run folder: its project and id are kept in RUN_DIR/wandb.json, so a
+resumed run (`--resume auto`, a requeued job; `--wandb` need not be given again) continues the same
+W&B run, and the rows a resumed run writes again (those after its checkpoint) are not sent twice,
+W&B's steps going forward only. Without a network (a cluster's compute nodes): WANDB_MODE=offline
+keeps the run in RUN_DIR/wandb for `wandb sync` later. W&B failing to start or to take a row does
+not stop the training: it is said once, and metrics.jsonl keeps every row."""
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+from fastrsb.errors import UserError
+from fastrsb.metrics_log import replace_text
+
+STATE_FILE = "wandb.json"  # {"project", "id", "step": the last step sent}
+
+
+def check_installed() -> None:
+    """Refuse --wandb where the package is missing, before the run starts."""
+    if importlib.util.find_spec("wandb") is None:
+        raise UserError("--wandb logs to Weights & Biases, whose package is not installed here: pip install "
+                        "'fastrsb[wandb]' (or pip install wandb)")
+
+
+def project_of(out: Path, asked: str | None) -> str | None:
+    """The W&B project this run logs to: the one its folder's W&B run has (a resumed run), else
+    ASKED. A resumed run asked to log to another project is refused: its W&B run is in one."""
+    state = _read_state(out)
+    if state is None:
+        return asked
+    if asked is not None and asked != state["project"]:
+        raise UserError(f"{out} logs to the W&B project {state['project']!r} (its run {state['id']}, "
+                        f"{out / STATE_FILE}): resume it without --wandb, or with --wandb {state['project']}")
+    return state["project"]
+
+
+def _read_state(out: Path) -> dict | None:
+    try:
+        state = json.loads((out / STATE_FILE).read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as err:
+        raise UserError(f"cannot read {out / STATE_FILE} (the run's W&B run): {err}") from None
+    if not isinstance(state, dict) or not all(isinstance(state.get(key), str) for key in ("project", "id")):
+        raise UserError(f"{out / STATE_FILE} does not hold a W&B project and run id: remove it to log to a new "
+                        "W&B run")
+    return state
+
+
+class WandbLog:
+    """The W&B run of a run folder (rank 0's), or nothing where it could not start."""
+
+    def __init__(self, out: Path, project: str, recipe: dict, continued: bool):
+        """continued: the run continues from a checkpoint, and so its W&B run (where it has one)."""
+        self.out, self.run, self._said = out, None, False
+        state = (continued and _read_state(out)) or {"project": project, "id": None, "step": -1}
+        try:
+            import wandb
+            mode = wandb.setup().settings.mode  # WANDB_MODE, or `wandb offline`'s setting
+            if mode == "disabled":
+                print("W&B: disabled (WANDB_MODE=disabled): nothing is sent", flush=True)
+                return
+            offline = mode in ("offline", "dryrun")
+            self.run = wandb.init(
+                # Offline, W&B cannot look its run up: the same id, and `wandb sync --id` joins the parts.
+                project=state["project"], name=out.name, id=state["id"],
+                resume="allow" if state["id"] and not offline else None, dir=str(out), config=recipe,
+                # fastrsb's own lines and train.log keep the console; W&B's banner would interleave them.
+                settings=wandb.Settings(console="off", silent=True))
+        except Exception as err:  # not logged in, no network without WANDB_MODE=offline, ...
+            print(f"W&B could not start ({type(err).__name__}: {err}): training goes on without it; "
+                  f"metrics.jsonl keeps every row (`wandb login`, or WANDB_MODE=offline and `wandb sync` later)",
+                  flush=True)
+            return
+        self.state = {"project": state["project"], "id": self.run.id, "step": state.get("step", -1)}
+        # A resumed W&B run takes steps after the last it has; this process adds to its own last step
+        # (an epoch's row comes at its last progress row's step).
+        self._floor = self.state["step"] + 1
+        replace_text(out / STATE_FILE, json.dumps(self.state) + "\n")
+        where = (f"offline, in {Path(self.run.settings.sync_dir)} (to upload every part of it: wandb sync --id "
+                 f"{self.run.id} -p {state['project']} {out / 'wandb'}/offline-run-*-{self.run.id})" if offline
+                 else self.run.url)
+        print(f"W&B: {'resumed ' if state['id'] else ''}run {self.run.id} of project {state['project']}: {where}",
+              flush=True)
+
+    def log(self, rows: list[dict]) -> None:
+        """Send ROWS (metrics.jsonl's), those of a step W&B has not passed."""
+        if self.run is None:
+            return
+        sent = [row for row in rows if row["step"] >= self._floor]
+        try:
+            for row in sent:
+                prefix = "train" if row["kind"] == "log" else "epoch"
+                figures = {f"{prefix}/{key}": value for key, value in row.items()
+                           if key not in ("kind", "step", "epoch") and isinstance(value, (int, float))}
+                self.run.log({**figures, "epoch": row["epoch"]}, step=row["step"])
+        except Exception as err:
+            if not self._said:
+                print(f"W&B did not take a row ({type(err).__name__}: {err}): training goes on; metrics.jsonl keeps "
+                      "every row", flush=True)
+            self._said = True
+            return
+        if sent:
+            self.state["step"] = self._floor = sent[-1]["step"]
+            replace_text(self.out / STATE_FILE, json.dumps(self.state) + "\n")
+
+    def finish(self, failed: bool) -> None:
+        """End the W&B run (a stopped run's too: a resume continues it)."""
+        if self.run is None:
+            return
+        try:
+            self.run.finish(exit_code=1 if failed else 0)
+        except Exception as err:
+            print(f"W&B did not finish its run ({type(err).__name__}: {err})", flush=True)
+        self.run = None

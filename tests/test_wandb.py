@@ -1,0 +1,100 @@
+"""fastrsb train --wandb: the metrics rows in a real W&B run, offline (WANDB_MODE=offline keeps
+it in the run folder: no network here), read back from the record files W&B writes for `wandb
+sync`, with W&B's own protobuf messages."""
+import json
+import shutil
+import struct
+import sys
+
+import pytest
+
+from conftest import assert_user_error, run_cli
+
+
+@pytest.fixture(autouse=True)
+def wandb_kept_here(monkeypatch, tmp_path):
+    """W&B offline, its settings and caches under the test's folder (not the home folder's)."""
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    for name in ("WANDB_CONFIG_DIR", "WANDB_CACHE_DIR", "WANDB_DATA_DIR"):
+        monkeypatch.setenv(name, str(tmp_path / "wandb-home"))
+    monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))  # no stored API key
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    import wandb
+    wandb.teardown()  # W&B reads its settings once a process: this test's, read anew
+    yield
+    wandb.teardown()
+
+
+def wandb_history(record_file) -> list[dict]:
+    """The history rows of a W&B record file (run-ID.wandb): W&B's header, then records in 32 KiB
+    blocks, each chunk headed by a CRC, its length and its kind (a whole record, or its first,
+    middle or last part), each record a wandb_internal Record message."""
+    from wandb.proto import wandb_internal_pb2
+    raw, block, at, records, part = record_file.read_bytes(), 32768, 7, [], b""
+    assert raw[:4] == b":W&B"
+    while at + 7 <= len(raw):
+        left = block - at % block
+        crc, length, kind = struct.unpack("<IHB", raw[at:at + 7]) if left >= 7 else (0, 0, 0)
+        if length == 0 and kind == 0:  # a block's zero padding
+            at += left
+            continue
+        part += raw[at + 7:at + 7 + length]
+        at += 7 + length
+        if kind in (1, 4):  # a whole record, or its last part
+            records.append(part)
+            part = b""
+    rows = []
+    for data in records:
+        record = wandb_internal_pb2.Record()
+        record.ParseFromString(data)
+        if record.WhichOneof("record_type") == "history":
+            rows.append({item.key or "/".join(item.nested_key): json.loads(item.value_json)
+                         for item in record.history.item})
+    return rows
+
+
+def test_the_metrics_rows_go_to_one_wandb_run_across_resumes(tiny_data, tmp_path):
+    """A run stopped and resumed twice, the last time from an older checkpoint (as after a crash:
+    the rows after it are written again): one W&B run (one id, its parts in RUN_DIR/wandb), every
+    metrics row in it once at its step (progress rows as train/, epoch rows as epoch/), no step
+    sent twice; the resumes need no --wandb; another project for the run is refused."""
+    out = tmp_path / "run"
+    train = ("train", "tiny", "--data", tiny_data, "--out", out, "--device", "cpu", "--log-every", "2")
+    said = run_cli(*train, "--wandb", "fastrsb-tests", "--stop-after-steps", "8").stdout
+    state = json.loads((out / "wandb.json").read_text())
+    assert state == {"project": "fastrsb-tests", "id": state["id"], "step": 8}
+    assert f"W&B: run {state['id']} of project fastrsb-tests: offline, in {out / 'wandb'}/offline-run-" in said
+    shutil.copy(out / "last.pt", tmp_path / "at-8.pt")
+    assert f"W&B: resumed run {state['id']}" in run_cli(*train, "--resume", "auto", "--stop-after-steps", "10").stdout
+    assert_user_error(run_cli(*train, "--resume", "auto", "--wandb", "other", check=False),
+                      f"{out} logs to the W&B project 'fastrsb-tests' (its run {state['id']}")
+    run_cli(*train, "--resume", tmp_path / "at-8.pt")  # rows from step 8 on written again
+    parts = sorted((out / "wandb").glob(f"offline-run-*-{state['id']}"))
+    histories = [wandb_history(part / f"run-{state['id']}.wandb") for part in parts]
+    assert [[row["_step"] for row in history] for history in histories] == [[2, 4, 6, 8], [10], [12]]
+    sent = {row["_step"]: row for history in histories for row in history}
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    for row in rows:
+        prefix = "train" if row["kind"] == "log" else "epoch"
+        figures = {f"{prefix}/{key}": value for key, value in row.items()
+                   if key not in ("kind", "step", "epoch") and isinstance(value, (int, float))}
+        if row["step"] == 10:  # W&B has the second part's row; the third's, written again, has other timings
+            figures = {key: figures[key] for key in ("train/loss", "train/lr")}  # and the same loss (exact resume)
+        assert figures and {key: sent[row["step"]][key] for key in figures} == pytest.approx(figures)
+        assert sent[row["step"]]["epoch"] == pytest.approx(row["epoch"])
+    assert {row["kind"] for row in rows} == {"log", "epoch"}
+
+
+def test_wandb_out_of_reach_leaves_the_training_going(tiny_data, tmp_path, monkeypatch):
+    """W&B that cannot start (online without an API key) is said once and the run trains on, its
+    rows in metrics.jsonl; without the package, --wandb is refused before anything runs."""
+    monkeypatch.setenv("WANDB_MODE", "online")
+    out = tmp_path / "run"
+    proc = run_cli("train", "tiny", "--data", tiny_data, "--out", out, "--device", "cpu", "--wandb", "fastrsb-tests")
+    assert proc.stdout.count("W&B could not start (") == 1 and "training goes on without it" in proc.stdout
+    assert "done: top1" in proc.stdout and not (out / "wandb.json").exists()
+    monkeypatch.setitem(sys.modules, "wandb", None)  # as where the package is not installed
+    proc = run_cli("train", "tiny", "--data", tiny_data, "--out", tmp_path / "other", "--device", "cpu", "--wandb", "x",
+                   check=False)
+    assert_user_error(proc, "whose package is not installed here: pip install 'fastrsb[wandb]'")
+    assert not (tmp_path / "other").exists()
