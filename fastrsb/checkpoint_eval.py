@@ -97,6 +97,7 @@ class Weights:
     class_map: str | None = None  # with classes None: timm's --class-map, which sets the order
     class_map_places: list[Path] | None = None  # where train.py would have found it
     classes_note: str | None = None  # with classes None: how eval reads them from the data folder
+    descriptions: dict | None = None  # words for the classes, a model folder's own (label_descriptions)
 
 
 def weights_to_evaluate(source: Path, ema: bool) -> Weights:
@@ -105,7 +106,7 @@ def weights_to_evaluate(source: Path, ema: bool) -> Weights:
             raise UserError(f"{source} is a model folder: it holds one set of weights (export --ema writes the EMA's)")
         folder = load_model_folder(source)
         return Weights(folder.model, folder.classes, folder.img_size, folder.crop_pct, True, folder.epoch,
-                       folder.notes, classes_note=folder.classes_note)
+                       folder.notes, classes_note=folder.classes_note, descriptions=folder.descriptions)
     state = read_saved(source)
     if is_timm_checkpoint(state):
         checkpoint = read_timm_checkpoint(state, source)

@@ -33,6 +33,7 @@ class FolderModel:
     epoch: int | None  # the run's epoch, for a folder fastrsb exported
     notes: list[str] = field(default_factory=list)
     classes_note: str | None = None  # how eval reads classes config.json does not name
+    descriptions: dict | None = None  # config.json's label_descriptions (class name -> words), where it has them
 
 
 def is_model_folder(path: Path) -> bool:
@@ -66,7 +67,17 @@ def load_model_folder(folder: Path) -> FolderModel:
                                                                  "num_classes": num_classes})
     load_weights(model, read_weights(folder), str(folder))
     return FolderModel(model.to(memory_format=torch.channels_last), classes, int(data["input_size"][1]),
-                       float(data["crop_pct"]), (config.get("fastrsb") or {}).get("epoch"), notes, classes_note)
+                       float(data["crop_pct"]), (config.get("fastrsb") or {}).get("epoch"), notes, classes_note,
+                       _descriptions(config, classes))
+
+
+def _descriptions(config: dict, classes: list[str] | None) -> dict | None:
+    """config.json's words for its classes (timm's label_descriptions), those of them that are text."""
+    found = config.get("label_descriptions")
+    if not isinstance(found, dict) or classes is None:
+        return None
+    named = set(classes)
+    return {name: words for name, words in found.items() if name in named and isinstance(words, str)} or None
 
 
 def check_eval_transform(data: dict, source: Path, whose: str) -> list[str]:

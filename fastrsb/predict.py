@@ -102,7 +102,7 @@ def predict(checkpoint: str | Path, paths: Sequence[str | os.PathLike], top: int
     except torch.cuda.OutOfMemoryError:
         raise UserError(f"a batch of {batch_size} images at {size} px takes more memory than the GPU has: "
                         f"--batch-size {max(1, batch_size // 2)} or fewer") from None
-    words = imagenet_descriptions(classes) or {}
+    words = weights.descriptions or imagenet_descriptions(classes) or {}
     rows = [{"file": file, "top": [{"index": k, "class": classes[k], "words": words.get(classes[k], ""),
                                     "probability": p} for k, p in zip(ks, ps)]}
             for file, ks, ps in zip(files, indices.tolist(), probabilities.tolist())]

@@ -566,8 +566,8 @@ def test_predict_names_each_images_classes_as_eval_ranks_them(run, tiny_data, tm
     image below a folder once, in the walk's order; its top class is its folder's exactly as often,
     class by class, as eval counts top-1 hits; its probabilities are the softmax's, in falling
     order, summing to 1 over all the classes; an image given alone gets what it got among the
-    others; an exported model folder gives the same classes; the CSV holds the same rows; ImageNet's
-    words beside its wnids."""
+    others; an exported model folder gives the same classes, and its config's words for them; the
+    CSV holds the same rows; ImageNet's words beside its wnids."""
     import csv
     from fastrsb.class_order import imagenet_classes
     out, _ = run
@@ -597,6 +597,12 @@ def test_predict_names_each_images_classes_as_eval_ranks_them(run, tiny_data, tm
     exported = [json.loads(line) for line in run_cli("predict", tmp_path / "exported", val, "--json", "--top", "2",
                                                       "--batch-size", "8").stdout.splitlines()]
     assert [[t["class"] for t in r["top"]] for r in exported] == [[t["class"] for t in r["top"][:2]] for r in rows]
+    config = json.loads((tmp_path / "exported" / "config.json").read_text())  # a folder's own words for its classes
+    config["label_descriptions"] = {name: f"{name.split('_')[1]}, pattern" for name in classes}
+    (tmp_path / "exported" / "config.json").write_text(json.dumps(config))
+    top = rows[0]["top"][0]
+    assert run_cli("predict", tmp_path / "exported", rows[0]["file"], "--top", "1").stdout.splitlines()[0] == \
+        f"{rows[0]['file']}: {top['class']} ({top['class'].split('_')[1]}) {100 * top['probability']:.1f}%"
     # The terminal's lines, and ImageNet's words beside classes that are its wnids.
     state = load_checkpoint(out / "last.pt")
     state["classes"] = imagenet_classes()[:4]  # n01440764 (tench), n01443537 (goldfish), ...
