@@ -239,7 +239,10 @@ def cmd_predict(args) -> None:
 
 def cmd_export(args) -> None:
     from fastrsb.export import export_checkpoint
-    result = export_checkpoint(args.checkpoint, args.out, ema=args.ema, force=args.force)
+    if args.onnx:
+        from fastrsb.onnx_export import check_available
+        check_available()
+    result = export_checkpoint(args.checkpoint, args.out, ema=args.ema, force=args.force, onnx=args.onnx)
     if args.json:
         print(json.dumps(result))
         return
@@ -251,6 +254,11 @@ def cmd_export(args) -> None:
     if result["ema_top1"] is not None:
         print(f"note: the checkpoint also holds its EMA's weights (top-1 {result['ema_top1']:.2f}), by which the run "
               "judged its epochs (best.pt, summary.csv): --ema exports them")
+    if args.onnx:
+        checked = (f"ONNX Runtime gives the network's logits to {result['onnx_checked']:.1g} of their scale"
+                   if result["onnx_checked"] is not None else "not checked: pip install onnxruntime to check it")
+        print(f"model.onnx ({result['onnx_bytes'] / 1e6:.1f} MB): input images (batch, 3, height, width) float32, "
+              f"transformed as config.json says; output logits (batch, {result['num_classes']}); {checked}")
     print(f"in timm: timm.create_model(\"local-dir:{result['out']}\", pretrained=True)")
 
 
@@ -457,6 +465,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out", help="the folder to write (refused if it holds files, unless --force)")
     p.add_argument("--ema", action="store_true", help="export the checkpoint's EMA weights")
     p.add_argument("--force", action="store_true", help="replace what OUT holds")
+    p.add_argument("--onnx", action="store_true",
+                   help="also model.onnx (batch and size dynamic), checked against the network with ONNX Runtime "
+                        "(pip install 'fastrsb[onnx]')")
     p.add_argument("--json", action="store_true", help="one JSON object")
     p.set_defaults(func=cmd_export)
 

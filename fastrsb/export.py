@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from fastrsb import __version__
+from fastrsb import __version__, onnx_export
 from fastrsb.checkpoint import load_checkpoint, load_weights
 from fastrsb.class_order import classifier_keys, imagenet_descriptions, reordered, timm_order
 from fastrsb.errors import UserError
@@ -35,10 +35,12 @@ WEIGHTS = "model.safetensors"  # timm's (and the hub's) file names
 CONFIG = "config.json"
 
 
-def export_checkpoint(checkpoint: str | Path, out: str | Path, ema: bool = False, force: bool = False) -> dict:
-    """Write CHECKPOINT's weights (ema: its EMA weights) and config to the folder OUT. An OUT that
-    holds anything is refused unless `force`; the folder is written beside OUT and renamed into
-    place, so an export that fails leaves OUT as it was. Returns what was written."""
+def export_checkpoint(checkpoint: str | Path, out: str | Path, ema: bool = False, force: bool = False,
+                      onnx: bool = False) -> dict:
+    """Write CHECKPOINT's weights (ema: its EMA weights) and config to the folder OUT, and with
+    `onnx` the network as model.onnx too (fastrsb.onnx_export). An OUT that holds anything is
+    refused unless `force`; the folder is written beside OUT and renamed into place, so an export
+    that fails leaves OUT as it was. Returns what was written."""
     from safetensors.torch import save_file
     from timm.models._hub import save_config_for_hf  # not re-exported by timm.models in every release
 
@@ -74,6 +76,8 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, ema: bool = False
             # timm releases fail to import beside a newer hub, though writing needs none of it).
             save_file(model.state_dict(), str(staging / WEIGHTS))
             save_config_for_hf(model, staging / CONFIG, model_config=model_config)
+            if onnx:
+                written = onnx_export.write_onnx(model, staging / onnx_export.ONNX, recipe["test_img_size"])
     except OSError as err:  # a folder we may not write, a full disk: said in one line
         raise UserError(f"could not write {out}: {err.strerror or err}") from None
     return {"checkpoint": str(checkpoint), "out": str(out), "architecture": architecture,
@@ -81,7 +85,7 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, ema: bool = False
             "weights": provenance["weights"], "img_size": recipe["test_img_size"], "crop_pct": recipe["crop_pct"],
             # the weights not exported, where the run kept an EMA: the ones it judged its epochs by
             "ema_top1": _validated_top1(state, True) if "ema" in state and not ema else None,
-            "weights_bytes": (out / WEIGHTS).stat().st_size}
+            "weights_bytes": (out / WEIGHTS).stat().st_size, **(written if onnx else {})}
 
 
 def _validated_top1(state: dict, ema: bool) -> float | None:

@@ -257,6 +257,41 @@ def test_export_is_a_timm_model_folder(run, tiny_data, tmp_path):
     assert abs(correct - reported * len(images) / 100) <= 1
 
 
+def test_export_onnx_gives_the_classes_predict_gives(run, tiny_data, tmp_path, monkeypatch):
+    """export --onnx: model.onnx beside the timm folder, one file, batch and size dynamic; run by
+    ONNX Runtime on the validation pipeline's batches, it gives each image the probabilities
+    `fastrsb predict` gives, its classes in config.json's order. An export whose check fails, or
+    without the exporter's packages, is refused and writes nothing."""
+    import onnxruntime
+    import fastrsb.onnx_export
+    from fastrsb.pipelines import val_loader
+    out, _ = run
+    folder = tmp_path / "exported"
+    result = json.loads(run_cli("export", out / "last.pt", folder, "--onnx", "--json").stdout)
+    assert sorted(p.name for p in folder.iterdir()) == ["config.json", "model.onnx", "model.safetensors"]
+    assert result["onnx_bytes"] == (folder / "model.onnx").stat().st_size and result["onnx_checked"] < 1e-5
+    session = onnxruntime.InferenceSession(str(folder / "model.onnx"), providers=["CPUExecutionProvider"])
+    assert [(i.name, i.shape) for i in session.get_inputs()] == [("images", ["batch", 3, "height", "width"])]
+    classes = json.loads((folder / "config.json").read_text())["label_names"]
+    loader = val_loader(tiny_data / "val", batch_size=8, img_size=40, crop_pct=0.95, device="cpu")
+    logits = torch.cat([torch.from_numpy(session.run(["logits"], {"images": images.contiguous().numpy()})[0])
+                        for images, _ in loader])
+    predicted = [json.loads(line) for line in run_cli("predict", out / "last.pt", tiny_data / "val", "--json",
+                                                      "--top", "4").stdout.splitlines()]
+    assert [r["file"] for r in predicted] == loader.images.files
+    for row, probabilities in zip(predicted, logits.softmax(dim=1)):
+        by_class = {classes[k]: p for k, p in enumerate(probabilities.tolist())}
+        assert [by_class[t["class"]] for t in row["top"]] == pytest.approx([t["probability"] for t in row["top"]],
+                                                                           abs=1e-5)
+    monkeypatch.setattr(fastrsb.onnx_export, "_TOLERANCE", 0.0)  # no runtime meets it: the check must refuse
+    assert_user_error(run_cli("export", out / "last.pt", tmp_path / "strict", "--onnx", check=False),
+                      "the ONNX model's logits differ from the network's by", "not exported")
+    monkeypatch.setitem(sys.modules, "onnxscript", None)  # as where the package is not installed
+    assert_user_error(run_cli("export", out / "last.pt", tmp_path / "bare", "--onnx", check=False),
+                      "--onnx needs the onnxscript package(s)", "pip install 'fastrsb[onnx]'")
+    assert not (tmp_path / "strict").exists() and not (tmp_path / "bare").exists()
+
+
 def test_export_replaces_nothing_unasked_and_takes_the_ema(run, tmp_path, monkeypatch):
     out, _ = run
     folder = tmp_path / "kept"
