@@ -382,11 +382,11 @@ def _open_together(data: Path, out: Path, resume: str | None, d: Dist, lock: Fol
             if out.is_dir():  # a run going on there is the first thing to say
                 lock.take()
             refuse_a_second_run(out, resume)
-            project = wandb_log.project_of(out, wandb_project)
         found = open_dataset(data)
         if d.main:  # now, not after the model and loaders are built (minutes on a GPU)
             make_folder(out, "the run folder")
             lock.take()
+            project = wandb_log.project_of(out, wandb_project)
     except (UserError, DatasetError) as err:
         error = err
     stop_together(error, d, "the start-up checks (data folder, run folder)")
