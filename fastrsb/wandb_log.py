@@ -18,7 +18,7 @@ from pathlib import Path
 from fastrsb.errors import UserError
 from fastrsb.metrics_log import replace_text
 
-STATE_FILE = "wandb.json"  # {"project", "id", "step": the last step sent}
+STATE_FILE = "wandb.json"  # {"project", "id", "step": the last step sent, "epoch_sent": its epoch row too}
 
 
 def check_installed() -> None:
@@ -59,7 +59,7 @@ class WandbLog:
     def __init__(self, out: Path, project: str, recipe: dict, continued: bool):
         """continued: the run continues from a checkpoint, and so its W&B run (where it has one)."""
         self.out, self.run, self._said = out, None, False
-        state = (continued and _read_state(out)) or {"project": project, "id": None, "step": -1}
+        state = (continued and _read_state(out)) or {"project": project, "id": None, "step": -1, "epoch_sent": False}
         try:
             import wandb
             mode = wandb.setup().settings.mode  # WANDB_MODE, or `wandb offline`'s setting
@@ -78,10 +78,10 @@ class WandbLog:
                   f"metrics.jsonl keeps every row (`wandb login`, or WANDB_MODE=offline and `wandb sync` later)",
                   flush=True)
             return
-        self.state = {"project": state["project"], "id": self.run.id, "step": state.get("step", -1)}
-        # A resumed W&B run takes steps after the last it has; this process adds to its own last step
-        # (an epoch's row comes at its last progress row's step).
-        self._floor = self.state["step"] + 1
+        self.state = {"project": state["project"], "id": self.run.id, "step": state.get("step", -1),
+                      "epoch_sent": state.get("epoch_sent", True)}
+        # A resumed W&B run takes steps after the last it has (online it drops the others).
+        self._past_last = state["id"] is not None
         replace_text(out / STATE_FILE, json.dumps(self.state) + "\n")
         where = (f"offline, in {Path(self.run.settings.sync_dir)} (to upload every part of it: wandb sync --id "
                  f"{self.run.id} -p {state['project']} {out / 'wandb'}/offline-run-*-{self.run.id})" if offline
@@ -90,25 +90,40 @@ class WandbLog:
               flush=True)
 
     def log(self, rows: list[dict]) -> None:
-        """Send ROWS (metrics.jsonl's), those of a step W&B has not passed."""
+        """Send ROWS (metrics.jsonl's), those W&B has not had."""
         if self.run is None:
             return
-        sent = [row for row in rows if row["step"] >= self._floor]
         try:
-            for row in sent:
+            for row in rows:
+                step = self._step_for(row)
+                if step is None:
+                    continue
                 prefix = "train" if row["kind"] == "log" else "epoch"
                 figures = {f"{prefix}/{key}": value for key, value in row.items()
                            if key not in ("kind", "step", "epoch") and isinstance(value, (int, float))}
-                self.run.log({**figures, "epoch": row["epoch"]}, step=row["step"])
+                self.run.log({**figures, "epoch": row["epoch"]}, step=step)
+                if row["step"] > self.state["step"]:
+                    self.state.update(step=row["step"], epoch_sent=False)
+                self.state["epoch_sent"] |= row["kind"] == "epoch"
+                self._past_last = False
         except Exception as err:
             if not self._said:
                 print(f"W&B did not take a row ({type(err).__name__}: {err}): training goes on; metrics.jsonl keeps "
                       "every row", flush=True)
             self._said = True
-            return
-        if sent:
-            self.state["step"] = self._floor = sent[-1]["step"]
-            replace_text(self.out / STATE_FILE, json.dumps(self.state) + "\n")
+        replace_text(self.out / STATE_FILE, json.dumps(self.state) + "\n")
+
+    def _step_for(self, row: dict) -> int | None:
+        """The W&B step to send ROW at; None where W&B has it already (a resumed run writes the
+        rows after its checkpoint again). An epoch's row comes at its last progress row's step;
+        where a resume validates an epoch whose progress row went before the stop (its validation
+        failed), W&B is past that step: the row goes at the next."""
+        step, last = row["step"], self.state["step"]
+        if step > last:
+            return step
+        if step == last and row["kind"] == "epoch" and not self.state["epoch_sent"]:
+            return step + 1 if self._past_last else step
+        return None
 
     def finish(self, failed: bool) -> None:
         """End the W&B run (a stopped run's too: a resume continues it)."""

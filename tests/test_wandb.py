@@ -62,7 +62,7 @@ def test_the_metrics_rows_go_to_one_wandb_run_across_resumes(tiny_data, tmp_path
     train = ("train", "tiny", "--data", tiny_data, "--out", out, "--device", "cpu", "--log-every", "2")
     said = run_cli(*train, "--wandb", "fastrsb-tests", "--stop-after-steps", "8").stdout
     state = json.loads((out / "wandb.json").read_text())
-    assert state == {"project": "fastrsb-tests", "id": state["id"], "step": 8}
+    assert state == {"project": "fastrsb-tests", "id": state["id"], "step": 8, "epoch_sent": False}
     assert f"W&B: run {state['id']} of project fastrsb-tests: offline, in {out / 'wandb'}/offline-run-" in said
     shutil.copy(out / "last.pt", tmp_path / "at-8.pt")
     assert f"W&B: resumed run {state['id']}" in run_cli(*train, "--resume", "auto", "--stop-after-steps", "10").stdout
@@ -83,6 +83,30 @@ def test_the_metrics_rows_go_to_one_wandb_run_across_resumes(tiny_data, tmp_path
         assert figures and {key: sent[row["step"]][key] for key in figures} == pytest.approx(figures)
         assert sent[row["step"]]["epoch"] == pytest.approx(row["epoch"])
     assert {row["kind"] for row in rows} == {"log", "epoch"}
+
+
+def test_an_epoch_validated_after_a_resume_reaches_wandb(tiny_data, tmp_path):
+    """An epoch trained whose validation failed (a truncated image, mended before the resume): its
+    progress rows went to W&B before the stop, its epoch row comes after the resume, where W&B
+    (online) is past its step: it is sent at the next step, not dropped."""
+    data = tmp_path / "data"
+    shutil.copytree(tiny_data, data)
+    victim = sorted((data / "val" / "n03_dots").glob("*.JPEG"))[2]  # in the last val batch (test_errors)
+    good = victim.read_bytes()
+    victim.write_bytes(good[: len(good) // 3])
+    out = tmp_path / "run"
+    train = ("train", "tiny", "--data", data, "--out", out, "--device", "cpu", "--log-every", "2")
+    assert_user_error(run_cli(*train, "--wandb", "fastrsb-tests", check=False), "cannot decode", victim.name)
+    victim.write_bytes(good)
+    run_cli(*train, "--resume", "auto")
+    run_id = json.loads((out / "wandb.json").read_text())["id"]
+    parts = sorted((out / "wandb").glob(f"offline-run-*-{run_id}"))
+    first, second = (wandb_history(part / f"run-{run_id}.wandb") for part in parts)
+    assert [row["_step"] for row in first] == [2, 4, 6] and not any("epoch/top1" in row for row in first)
+    assert [row["_step"] for row in second] == [7, 8, 10, 12]
+    epoch_1 = next(json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()
+                   if json.loads(line)["kind"] == "epoch")
+    assert (second[0]["epoch"], second[0]["epoch/top1"]) == (1, pytest.approx(epoch_1["top1"]))
 
 
 def test_wandb_out_of_reach_leaves_the_training_going(tiny_data, tmp_path, monkeypatch):
