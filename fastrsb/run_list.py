@@ -12,6 +12,7 @@ import datetime
 import json
 from pathlib import Path
 
+from fastrsb import wandb_log
 from fastrsb.errors import UserError
 from fastrsb.folder_lock import in_use
 from fastrsb.metrics_log import read_rows
@@ -66,6 +67,7 @@ def describe(folder: Path) -> dict:
             "peak_memory_gib": max((r["peak_memory_gib"] for r in validated if r.get("peak_memory_gib")), default=None),
             "last_written": _stamp(written) if written else None,
             "time_left_seconds": _time_left(rows, validated, recipe["epochs"]),
+            "wandb": wandb_log.run_of(folder),  # its W&B run, where it logs to one (train --wandb)
             # why its last start ended, where it stopped short (its train.log says)
             "why": stop_reason(folder) if not trainer and done < recipe["epochs"] else None}
 
@@ -107,7 +109,8 @@ def describe_timm(folder: Path, arguments: dict) -> dict:
             "ema": validates_ema(arguments),  # its summary.csv's figures are its EMA's
             "started": _timm_started(folder), "starts": 1, "processes": None, "device": arguments.get("device"),
             "commit": None, "peak_memory_gib": None, "last_written": _stamp(written) if written else None,
-            "time_left_seconds": None}  # timm's summary.csv keeps no times
+            "time_left_seconds": None,  # timm's summary.csv keeps no times
+            "wandb": None}  # (timm's --log-wandb keeps no record in its output folder)
 
 
 def _timm_started(folder: Path) -> str:

@@ -40,6 +40,16 @@ def project_of(out: Path, asked: str | None) -> str | None:
     return state["project"]
 
 
+def run_of(out: Path) -> dict | None:
+    """The run folder's W&B run, {"project", "id"}, for `fastrsb runs`; None where it has none (or
+    its wandb.json does not say: `fastrsb runs` lists runs, it does not judge them)."""
+    try:
+        state = _read_state(out)
+    except UserError:
+        return None
+    return {"project": state["project"], "id": state["id"]} if state else None
+
+
 def _read_state(out: Path) -> dict | None:
     try:
         state = json.loads((out / STATE_FILE).read_text())

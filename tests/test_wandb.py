@@ -69,6 +69,8 @@ def test_the_metrics_rows_go_to_one_wandb_run_across_resumes(tiny_data, tmp_path
     assert_user_error(run_cli(*train, "--resume", "auto", "--wandb", "other", check=False),
                       f"{out} logs to the W&B project 'fastrsb-tests' (its run {state['id']}")
     run_cli(*train, "--resume", tmp_path / "at-8.pt")  # rows from step 8 on written again
+    listed = json.loads(run_cli("runs", out, "--json").stdout.splitlines()[0])
+    assert listed["wandb"] == {"project": "fastrsb-tests", "id": state["id"]}  # fastrsb runs names it
     parts = sorted((out / "wandb").glob(f"offline-run-*-{state['id']}"))
     histories = [wandb_history(part / f"run-{state['id']}.wandb") for part in parts]
     assert [[row["_step"] for row in history] for history in histories] == [[2, 4, 6, 8], [10], [12]]
