@@ -459,17 +459,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_eval)
 
     _add_predict_command(sub)
-
-    p = sub.add_parser("export", help="a checkpoint's weights as a timm model folder (model.safetensors, config.json)")
-    p.add_argument("checkpoint")
-    p.add_argument("out", help="the folder to write (refused if it holds files, unless --force)")
-    p.add_argument("--ema", action="store_true", help="export the checkpoint's EMA weights")
-    p.add_argument("--force", action="store_true", help="replace what OUT holds")
-    p.add_argument("--onnx", action="store_true",
-                   help="also model.onnx (batch and size dynamic), checked against the network with ONNX Runtime "
-                        "(pip install 'fastrsb[onnx]')")
-    p.add_argument("--json", action="store_true", help="one JSON object")
-    p.set_defaults(func=cmd_export)
+    _add_export_command(sub)
 
     p = sub.add_parser("doctor", help="every check a run depends on, at once: GPUs, driver and CUDA builds, DALI, "
                                       "cores, disk, and the data folder")
@@ -509,7 +499,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _add_export_command(sub) -> None:
+    """`fastrsb export CHECKPOINT OUT ...`."""
+    p = sub.add_parser("export", help="a checkpoint's weights as a timm model folder (model.safetensors, config.json)")
+    p.add_argument("checkpoint")
+    p.add_argument("out", help="the folder to write (refused if it holds files, unless --force)")
+    p.add_argument("--ema", action="store_true", help="export the checkpoint's EMA weights")
+    p.add_argument("--force", action="store_true", help="replace what OUT holds")
+    p.add_argument("--onnx", action="store_true",
+                   help="also model.onnx (batch and size dynamic), checked against the network with ONNX Runtime "
+                        "(pip install 'fastrsb[onnx]')")
+    p.add_argument("--json", action="store_true", help="one JSON object")
+    p.set_defaults(func=cmd_export)
+
+
 def _add_predict_command(sub) -> None:
+    """`fastrsb predict CHECKPOINT IMAGE... ...`."""
     p = sub.add_parser("predict", help="each image's top classes and their probabilities by a checkpoint or a timm "
                                        "model folder: image files, or every image under folders")
     p.add_argument("checkpoint", help="what fastrsb eval takes: a run's last.pt or best.pt, timm train.py's "
