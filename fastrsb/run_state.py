@@ -238,11 +238,11 @@ class RunFolder:
     """RUN_DIR's recipe.json, metrics.jsonl (every row), summary.csv (an epoch a row, timm's
     columns) and, where the `tensorboard` package is installed, TensorBoard event files under
     RUN_DIR/tensorboard (starts.jsonl is fastrsb.provenance's); the rows also go to the run's W&B
-    run where it has one (wandb_project: fastrsb.wandb_log). Rank 0 writes; the other ranks'
-    calls do nothing."""
+    run where it has one (wandb_project: fastrsb.wandb_log; its config the recipe, and FACTS under
+    "run"). Rank 0 writes; the other ranks' calls do nothing."""
 
     def __init__(self, out: Path, recipe: dict, d: Dist, resumed: Position | None = None,
-                 wandb_project: str | None = None):
+                 wandb_project: str | None = None, facts: dict | None = None):
         self.out, self.main, self.board, self.wandb = out, d.main, None, None
         self.saved: tuple[Path, str] | None = None  # the run's newest checkpoint and where it stands (train.py)
         self._pending: list[dict] = []  # rows not yet written (the disk was full)
@@ -267,7 +267,8 @@ class RunFolder:
         if wandb_project:
             from fastrsb.wandb_log import WandbLog
             # A run started again from step 0 (no checkpoint) starts a new W&B run, as its rows are new.
-            self.wandb = WandbLog(out, wandb_project, recipe, continued=resumed is not None and resumed.step > 0)
+            self.wandb = WandbLog(out, wandb_project, {**recipe, "run": facts or {}},
+                                  continued=resumed is not None and resumed.step > 0)
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError:  # tensorboard not installed (pip install "fastrsb[tensorboard]")

@@ -35,7 +35,7 @@ from fastrsb.parts import Run, build_run
 from fastrsb.pipelines import DatasetError
 from fastrsb.progress import Progress, clock as _clock
 from fastrsb.recipe import BUILTIN, load_recipe
-from fastrsb.provenance import record_start, start_record
+from fastrsb.provenance import record_start, source_commit, start_record
 from fastrsb.run_state import (Position, RunFolder, loader_start, loaders_start_anew, resharded_note, restore_run,
                                resume_state, save_run)
 from fastrsb.shards import check_shards, listing_fingerprint
@@ -103,7 +103,8 @@ def _train(recipe: dict, data: str | Path, out: Path, device: str, d: Dist, num_
         pos = restore_run(run, state, resume_path) if state else Position()
         # --resume auto without a checkpoint restarts from step 0: rows logged there by a run that
         # stopped before its first checkpoint (a crash) are dropped as rows after a checkpoint are.
-        folder = RunFolder(out, recipe, d, resumed=pos if state or resume else None, wandb_project=wandb_project)
+        folder = RunFolder(out, recipe, d, resumed=pos if state or resume else None, wandb_project=wandb_project,
+                           facts=_run_facts(run, data, len(train_images)))
         _start_log(out, d, command)
         if state:
             folder.saved = (resume_path, _where(run, pos))
@@ -124,6 +125,15 @@ def _train(recipe: dict, data: str | Path, out: Path, device: str, d: Dist, num_
             return metrics
         finally:
             folder.close(failed)
+
+
+def _run_facts(run: Run, data: str | Path, train_images: int) -> dict:
+    """What a run's W&B config holds beside its recipe, to tell runs apart there: how the batch
+    was split, on what, on which data, by which fastrsb."""
+    return {"processes": run.d.world, "device": run.device, "micro_batch": run.micro,
+            "grad_accum_steps": run.schedule.grad_accum_steps, "classes": len(run.classes),
+            "train_images": train_images, "data": str(Path(data).resolve()), "fastrsb": __version__,
+            "commit": source_commit()}
 
 
 def _start_log(out: Path, d: Dist, command: str | None) -> None:

@@ -66,8 +66,9 @@ def _read_state(out: Path) -> dict | None:
 class WandbLog:
     """The W&B run of a run folder (rank 0's), or nothing where it could not start."""
 
-    def __init__(self, out: Path, project: str, recipe: dict, continued: bool):
-        """continued: the run continues from a checkpoint, and so its W&B run (where it has one)."""
+    def __init__(self, out: Path, project: str, config: dict, continued: bool):
+        """config: the W&B run's (the recipe, and how the run was set up); continued: the run
+        continues from a checkpoint, and so its W&B run (where it has one)."""
         self.out, self.run, self._said = out, None, False
         state = (continued and _read_state(out)) or {"project": project, "id": None, "step": -1, "epoch_sent": False}
         try:
@@ -80,7 +81,7 @@ class WandbLog:
             self.run = wandb.init(
                 # Offline, W&B cannot look its run up: the same id, and `wandb sync --id` joins the parts.
                 project=state["project"], name=out.name, id=state["id"],
-                resume="allow" if state["id"] and not offline else None, dir=str(out), config=recipe,
+                resume="allow" if state["id"] and not offline else None, dir=str(out), config=config,
                 # fastrsb's own lines and train.log keep the console; W&B's banner would interleave them.
                 settings=wandb.Settings(console="off", silent=True))
         except Exception as err:  # not logged in, no network without WANDB_MODE=offline, ...

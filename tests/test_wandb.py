@@ -25,10 +25,11 @@ def wandb_kept_here(monkeypatch, tmp_path):
     wandb.teardown()
 
 
-def wandb_history(record_file) -> list[dict]:
+def wandb_history(record_file, config: dict | None = None) -> list[dict]:
     """The history rows of a W&B record file (run-ID.wandb): W&B's header, then records in 32 KiB
     blocks, each chunk headed by a CRC, its length and its kind (a whole record, or its first,
-    middle or last part), each record a wandb_internal Record message."""
+    middle or last part), each record a wandb_internal Record message. CONFIG, where given, gets
+    the run's config."""
     from wandb.proto import wandb_internal_pb2
     raw, block, at, records, part = record_file.read_bytes(), 32768, 7, [], b""
     assert raw[:4] == b":W&B"
@@ -47,7 +48,11 @@ def wandb_history(record_file) -> list[dict]:
     for data in records:
         record = wandb_internal_pb2.Record()
         record.ParseFromString(data)
-        if record.WhichOneof("record_type") == "history":
+        kind = record.WhichOneof("record_type")
+        if config is not None and kind in ("run", "config"):
+            items = record.run.config.update if kind == "run" else record.config.update
+            config.update({item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in items})
+        if kind == "history":
             rows.append({item.key or "/".join(item.nested_key): json.loads(item.value_json)
                          for item in record.history.item})
     return rows
@@ -72,7 +77,14 @@ def test_the_metrics_rows_go_to_one_wandb_run_across_resumes(tiny_data, tmp_path
     listed = json.loads(run_cli("runs", out, "--json").stdout.splitlines()[0])
     assert listed["wandb"] == {"project": "fastrsb-tests", "id": state["id"]}  # fastrsb runs names it
     parts = sorted((out / "wandb").glob(f"offline-run-*-{state['id']}"))
-    histories = [wandb_history(part / f"run-{state['id']}.wandb") for part in parts]
+    config = {}
+    histories = [wandb_history(part / f"run-{state['id']}.wandb", config if not k else None)
+                 for k, part in enumerate(parts)]
+    # The recipe, and how the run was set up, as the W&B run's config.
+    recipe = json.loads((out / "recipe.json").read_text())
+    assert {key: config[key] for key in recipe} == recipe
+    assert {key: config["run"][key] for key in ("processes", "device", "micro_batch", "train_images")} == \
+        {"processes": 1, "device": "cpu", "micro_batch": 8, "train_images": 48}
     assert [[row["_step"] for row in history] for history in histories] == [[2, 4, 6, 8], [10], [12]]
     sent = {row["_step"]: row for history in histories for row in history}
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
