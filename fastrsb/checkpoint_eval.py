@@ -79,7 +79,7 @@ def evaluate_checkpoint_at(checkpoint: str | Path, data: str | Path, img_sizes: 
                             f"--batch-size {max(1, batch_size // 2)} or fewer") from None
         del loader  # its pipeline's memory goes before the next size's is taken
         if per_class:
-            figures["per_class"] = class_rows(figures["per_class"], images.classes)
+            figures["per_class"] = class_rows(figures["per_class"], images.classes, weights.descriptions)
         yield {"checkpoint": str(checkpoint), "epoch": weights.epoch, "img_size": size, "crop_pct": crop,
                "ema": ema, **figures, **({"notes": weights.notes} if weights.notes else {})}
 

@@ -113,6 +113,6 @@ def imagenet_descriptions(classes: list[str]) -> dict | None:
 
 
 def with_words(name: str, words: str) -> str:
-    """A class for a line: its name, and the first of ImageNet's words for it where it has them
-    ("n01440764 (tench)")."""
+    """A class for a line: its name, and the first of its words where it has them ("n01440764
+    (tench)")."""
     return f"{name} ({words.split(',')[0]})" if words else name

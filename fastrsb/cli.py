@@ -225,12 +225,12 @@ def cmd_predict(args) -> None:
                             args.batch_size, args.threads, ema=args.ema)
     if args.csv:
         predict.write_csv(Path(args.csv), found)
+    for note in found.notes:  # beside --json's lines, not among them
+        print(f"note: {note}", file=sys.stderr if args.json else sys.stdout)
     if args.json:
         for row in found.rows:
             print(json.dumps(row))
         return
-    for note in found.notes:
-        print(f"note: {note}")
     for row in found.rows:
         print(predict.line(row))
     print(f"{len(found.rows)} image(s) at {found.img_size} px, crop {found.crop_pct}"

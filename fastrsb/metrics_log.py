@@ -69,6 +69,14 @@ def replace_text(path: Path, text: str) -> None:
         raise
 
 
+def scalars(row: dict) -> dict[str, float]:
+    """A metrics row's figures as a dashboard's scalars (TensorBoard's, W&B's): a progress row's as
+    train/KEY, an epoch's as epoch/KEY; its kind, step and epoch are where they go, not figures."""
+    prefix = "train" if row["kind"] == "log" else "epoch"
+    return {f"{prefix}/{key}": value for key, value in row.items()
+            if key not in ("kind", "step", "epoch") and isinstance(value, (int, float))}
+
+
 def check_table_path(path: Path, option: str, example: str) -> None:
     """Refuse a path a table (a command's CSV, given by OPTION) cannot be written to, before the
     minutes of work that fill it."""

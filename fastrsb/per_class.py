@@ -11,12 +11,12 @@ from fastrsb.metrics_log import write_table
 COLUMNS = ("checkpoint", "ema", "img_size", "crop_pct", "index", "class", "words", "images", "top1", "top5")
 
 
-def class_rows(counts: list[list[int]], classes: list[str]) -> list[dict]:
+def class_rows(counts: list[list[int]], classes: list[str], descriptions: dict | None = None) -> list[dict]:
     """evaluate's per-class counts (by output index: images, top-1 hits, top-5 hits) as a row for
     each class that has images: its index among the outputs evaluated (with --partial-classes only,
-    among the folder's classes), its name (the class folder's), ImageNet's words for it where the
-    classes are ImageNet's wnids, its images, top-1 and top-5 (%)."""
-    words = imagenet_descriptions(classes) or {}
+    among the folder's classes), its name (the class folder's), its words (DESCRIPTIONS, a model
+    folder's; else ImageNet's where the classes are its wnids), its images, top-1 and top-5 (%)."""
+    words = descriptions or imagenet_descriptions(classes) or {}
     return [{"index": index, "class": classes[index], "words": words.get(classes[index], ""), "images": images,
              "top1": 100.0 * top1 / images, "top5": 100.0 * top5 / images}
             for index, (images, top1, top5) in enumerate(counts) if images]

@@ -33,7 +33,6 @@ CSV_COLUMNS = ("file", "rank", "index", "class", "words", "probability")
 
 @dataclass
 class Predictions:
-    checkpoint: str
     img_size: int
     crop_pct: float
     notes: list[str]
@@ -106,7 +105,7 @@ def predict(checkpoint: str | Path, paths: Sequence[str | os.PathLike], top: int
     rows = [{"file": file, "top": [{"index": k, "class": classes[k], "words": words.get(classes[k], ""),
                                     "probability": p} for k, p in zip(ks, ps)]}
             for file, ks, ps in zip(files, indices.tolist(), probabilities.tolist())]
-    return Predictions(str(checkpoint), size, crop, weights.notes, rows)
+    return Predictions(size, crop, weights.notes, rows)
 
 
 @torch.no_grad()

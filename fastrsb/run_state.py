@@ -18,7 +18,7 @@ from fastrsb import __version__
 from fastrsb.checkpoint import load_checkpoint, load_weights, remove_partial_saves, save_checkpoint
 from fastrsb.distributed import Dist, broadcast_from_main, gather_to_main, stop_together
 from fastrsb.errors import StoppedWithAnother, UserError
-from fastrsb.metrics_log import append_rows, read_rows, replace_text, rewrite_rows
+from fastrsb.metrics_log import append_rows, read_rows, replace_text, rewrite_rows, scalars
 from fastrsb.parts import Run
 from fastrsb.provenance import source_commit
 from fastrsb.recipe import ADDED_KEYS, SPEED_ONLY
@@ -298,10 +298,8 @@ class RunFolder:
                 self._write_failed(err)
         if self.board is not None:
             for r in written:
-                prefix = "train" if r["kind"] == "log" else "epoch"
-                for key, value in r.items():
-                    if key not in ("kind", "step", "epoch") and isinstance(value, (int, float)):
-                        self.board.add_scalar(f"{prefix}/{key}", value, r["step"])
+                for name, value in scalars(r).items():
+                    self.board.add_scalar(name, value, r["step"])
             self.board.flush()
         if self.wandb is not None:
             self.wandb.log(written)

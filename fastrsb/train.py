@@ -104,7 +104,7 @@ def _train(recipe: dict, data: str | Path, out: Path, device: str, d: Dist, num_
         # --resume auto without a checkpoint restarts from step 0: rows logged there by a run that
         # stopped before its first checkpoint (a crash) are dropped as rows after a checkpoint are.
         folder = RunFolder(out, recipe, d, resumed=pos if state or resume else None, wandb_project=wandb_project,
-                           facts=_run_facts(run, data, len(train_images)))
+                           facts=_run_facts(run, data, len(train_images)) if wandb_project else None)
         _start_log(out, d, command)
         if state:
             folder.saved = (resume_path, _where(run, pos))

@@ -16,7 +16,7 @@ import json
 from pathlib import Path
 
 from fastrsb.errors import UserError
-from fastrsb.metrics_log import replace_text
+from fastrsb.metrics_log import replace_text, scalars
 
 STATE_FILE = "wandb.json"  # {"project", "id", "step": the last step sent, "epoch_sent": its epoch row too}
 
@@ -109,10 +109,7 @@ class WandbLog:
                 step = self._step_for(row)
                 if step is None:
                     continue
-                prefix = "train" if row["kind"] == "log" else "epoch"
-                figures = {f"{prefix}/{key}": value for key, value in row.items()
-                           if key not in ("kind", "step", "epoch") and isinstance(value, (int, float))}
-                self.run.log({**figures, "epoch": row["epoch"]}, step=step)
+                self.run.log({**scalars(row), "epoch": row["epoch"]}, step=step)
                 if row["step"] > self.state["step"]:
                     self.state.update(step=row["step"], epoch_sent=False)
                 self.state["epoch_sent"] |= row["kind"] == "epoch"

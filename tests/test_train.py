@@ -638,6 +638,9 @@ def test_predict_names_each_images_classes_as_eval_ranks_them(run, tiny_data, tm
     top = rows[0]["top"][0]
     assert run_cli("predict", tmp_path / "exported", rows[0]["file"], "--top", "1").stdout.splitlines()[0] == \
         f"{rows[0]['file']}: {top['class']} ({top['class'].split('_')[1]}) {100 * top['probability']:.1f}%"
+    per_class = json.loads(run_cli("eval", tmp_path / "exported", "--data", tiny_data, "--json", "--per-class",
+                                   tmp_path / "classes.csv").stdout)["per_class"]  # eval's rows name them too
+    assert [r["words"] for r in per_class] == [config["label_descriptions"][name] for name in classes]
     # The terminal's lines, and ImageNet's words beside classes that are its wnids.
     state = load_checkpoint(out / "last.pt")
     state["classes"] = imagenet_classes()[:4]  # n01440764 (tench), n01443537 (goldfish), ...
@@ -659,6 +662,9 @@ def test_predict_names_each_images_classes_as_eval_ranks_them(run, tiny_data, tm
     proc = run_cli("predict", tmp_path / "imagenet.pth.tar", rows[0]["file"], "--top", "2", "--img-size", "40",
                    "--crop-pct", "0.95")
     assert "note: the weights name no classes: their 1,000 outputs are read as ImageNet-1k's" in proc.stdout
+    as_json = run_cli("predict", tmp_path / "imagenet.pth.tar", rows[0]["file"], "--img-size", "40", "--json")
+    assert "note: the weights name no classes" in as_json.stderr  # beside the JSON lines, which stay JSON
+    assert json.loads(as_json.stdout)["top"][0]["class"] == named
     second = rows[0]["top"][1]
     assert f"{named} ({words}) {100 * first['probability']:.1f}%; {state['classes'][second['index']]}" in proc.stdout
 
