@@ -370,6 +370,14 @@ def cmd_data_shrink(args) -> None:
         raise UserError(f"{result['failed']} image(s) could not be read (listed above); the rest are in {args.target}")
 
 
+def cmd_data_split(args) -> None:
+    from fastrsb.data_split import SplitRule, split, summary
+    share = args.val if args.val is not None or args.val_per_class is not None else 0.1
+    rule = SplitRule(share, args.val_per_class, args.seed)
+    for line in summary(Path(args.target), split(args.source, args.target, rule), rule):
+        print(line)
+
+
 def count_option(text: str) -> int:
     """A whole number of 1 or more (threads, steps, images, processes): 0 is refused, not taken
     for "the default" as a falsy value would be."""
@@ -569,7 +577,7 @@ def _add_train_command(sub) -> None:
 
 
 def _add_data_commands(sub) -> None:
-    """`fastrsb data demo | check | prepare | prepare-val | shrink`."""
+    """`fastrsb data demo | check | prepare | prepare-val | shrink | split`."""
     p = sub.add_parser("data", help="data tools")
     data_sub = p.add_subparsers(dest="data_command", required=True)
     d = data_sub.add_parser("demo", help="write the generated demo data set")
@@ -614,6 +622,18 @@ def _add_data_commands(sub) -> None:
     d.add_argument("--upright", action="store_true", help="turn images as their EXIF orientation says (default: "
                                                           "the pixels as stored, as the loaders and timm read them)")
     d.set_defaults(func=cmd_data_shrink)
+    d = data_sub.add_parser("split", help="a folder of class folders (one's own data set) -> TARGET/train/<class>/ "
+                                          "and TARGET/val/<class>/, each class split alike; hard links where the "
+                                          "disk allows")
+    d.add_argument("source", help="SOURCE/<class>/<image>: every image of each class, to split")
+    d.add_argument("target", help="a new (or empty) folder for train/ and val/")
+    how_many = d.add_mutually_exclusive_group()
+    how_many.add_argument("--val", type=float, metavar="SHARE", help="the share of each class's images that goes "
+                                                                     "to val (default 0.1)")
+    how_many.add_argument("--val-per-class", type=int, metavar="N", help="instead: N images of each class to val")
+    d.add_argument("--seed", type=int, default=0, help="which images go to val (default 0): the same seed, the "
+                                                       "same split")
+    d.set_defaults(func=cmd_data_split)
 
 
 def main(argv: list[str] | None = None) -> int:

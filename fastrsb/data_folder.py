@@ -68,7 +68,24 @@ def check_layout(root: Path) -> None:
     refuse_data_being_written(root)
     for split in ("train", "val"):
         if not split_folder(root, split).is_dir():
-            raise UserError(f"{root} has {no_split(root, split)}{hint(root)}")
+            raise UserError(f"{root} has {no_split(root, split)}{hint(root) or split_hint(root)}")
+
+
+def split_hint(root: Path) -> str:
+    """'; ... fastrsb data split ...' for a folder of class folders that lacks a val/ (one's own data
+    set, not split yet), else ''. Looks at folder names alone: microseconds."""
+    train = split_folder(root, "train")
+    whole = train if train.is_dir() else root
+    try:
+        classes = [name for name in class_folders(whole, refuse_dangling=False)
+                   if name not in SPLIT_NAMES["train"] + SPLIT_NAMES["val"]]
+    except OSError:
+        return ""
+    if len(classes) < 2:
+        return ""
+    what = f"its {train.name}/ holds" if whole == train else "it holds"
+    return (f"; {what} {len(classes):,} class folders: to hold some of each class's images out for validation, "
+            f"fastrsb data split {whole} {root.parent / (root.name + '-split')}")
 
 
 def refuse_data_being_written(root: Path) -> None:
@@ -394,7 +411,7 @@ def check(root: str | Path, workers: int | None = None, decode: bool = True) -> 
     for split in ("train", "val"):
         folder = split_folder(root, split)
         if not folder.is_dir():
-            problems.append(f"{no_split(root, split)}{hint(root)}")
+            problems.append(f"{no_split(root, split)}{hint(root) or split_hint(root)}")
             continue
         problems += dangling_links(folder)
         try:

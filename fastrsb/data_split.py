@@ -1,0 +1,245 @@
+"""`fastrsb data split SOURCE TARGET`: one's own data set, a folder of class folders, made into the
+layout a run reads (TARGET/train/<class>/..., TARGET/val/<class>/...). Each class is split on its
+own (stratified), so that val holds the same share of every class, as ImageNet's val does.
+
+Which images go to val depends on the seed, the class's name and that class's own files alone: the
+same command gives the same split on any machine and any file system (files sorted, a seeded
+shuffle), and a class added later, or images added to another class, leave a class's split as it
+was. The images are hard-linked where TARGET lies on SOURCE's disk (no space taken; SOURCE may be
+removed afterwards), else copied. TARGET is written beside and renamed into place whole, so a split
+stopped halfway (Ctrl-C, a full disk) leaves nothing that passes for one.
+"""
+from __future__ import annotations
+
+import errno
+import json
+import math
+import os
+import random
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from fastrsb.errors import UserError
+from fastrsb.file_jobs import free_gb, nearest_existing, stops_writing
+from fastrsb.folder_lock import in_use
+from fastrsb.pipelines import DatasetError, class_folders, list_images
+from fastrsb.pipelines.image_list import SPLIT_NAMES
+from fastrsb.progress import Progress
+from fastrsb.staging import staged_folder
+
+RECORD = "split.json"  # beside train/ and val/: outside both, so no loader reads it
+# Where os.link cannot link (another disk, a file system without hard links): the file is copied.
+_NO_LINK_HERE = frozenset({errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS})
+
+
+@dataclass(frozen=True)
+class SplitRule:
+    """How many of a class's images go to val: a share of each class (`share`, 0 < share < 1,
+    rounded, at least 1 and at most all but 1), or the same number of each (`per_class`)."""
+
+    share: float | None
+    per_class: int | None
+    seed: int
+
+    def __post_init__(self):
+        if (self.share is None) == (self.per_class is None):
+            raise UserError("give the validation images as a share of each class (--val 0.1) or as a number of each "
+                            "(--val-per-class 50), not both")
+        if self.share is not None and not 0 < self.share < 1:
+            raise UserError(f"--val {self.share}: a share of each class's images, between 0 and 1 (0.1 = 10%)")
+        if self.per_class is not None and self.per_class < 1:
+            raise UserError(f"--val-per-class {self.per_class}: one image or more")
+        if not 0 <= self.seed < 2**63:
+            raise UserError(f"--seed {self.seed}: 0 or more")
+
+    def val_count(self, images: int) -> int:
+        if self.per_class is not None:
+            return self.per_class
+        return min(max(math.floor(images * self.share + 0.5), 1), images - 1)
+
+    def rounded_off(self, images: int) -> bool:
+        """True where a class is too small for the share to give both splits an image: its
+        val_count is 1 or all but 1, not the share."""
+        return self.share is not None and self.val_count(images) != math.floor(images * self.share + 0.5)
+
+    def said(self) -> str:
+        if self.per_class is not None:
+            return f"{self.per_class} val image(s) a class, seed {self.seed}"
+        return f"val {self.share:.0%} of each class, seed {self.seed}"
+
+    def record(self) -> dict:
+        return {"val": self.share, "val_per_class": self.per_class, "seed": self.seed}
+
+
+def val_files(class_name: str, files: list[str], rule: SplitRule) -> set[str]:
+    """The files of one class (paths below its folder) that go to val: the first `val_count` of
+    them, sorted, then shuffled by a generator seeded by the seed and the class's name alone
+    (random.Random hashes a str seed with SHA-512: the same on every machine and Python)."""
+    order = sorted(files)
+    random.Random(f"fastrsb data split {rule.seed} {class_name}").shuffle(order)
+    return set(order[:rule.val_count(len(files))])
+
+
+def split(source: str | Path, target: str | Path, rule: SplitRule) -> dict:
+    """Write TARGET/train and TARGET/val from SOURCE's class folders; the record it wrote (or found:
+    the same split of the same images already there)."""
+    source, target = Path(source).absolute(), Path(target).absolute()
+    classes = _source_classes(source, target)
+    plan = _plan(classes, rule)
+    record = {"source": str(source), **rule.record(),
+              "classes": {name: [len(files) - len(chosen), len(chosen)] for name, (files, chosen) in plan.items()}}
+    if _already_split(target, record):
+        return {**record, "written": False}
+    _refuse_a_copy_that_will_not_fit(source, target, classes)
+    progress = Progress("splitting", sum(len(files) for files, _ in plan.values()), unit="files")
+    try:
+        # "keep": a TARGET another process filled meanwhile is not written over, ours dropped: checked below.
+        with staged_folder(target, existing="keep") as staging:
+            linked = _place(source, staging, plan, progress)
+            (staging / RECORD).write_text(json.dumps({**record, "linked": linked}, indent=1) + "\n")
+    except OSError as err:
+        if stops_writing(err):
+            raise UserError(f"cannot write into {target} ({err.strerror}; {free_gb(target):,.1f} GB free on its "
+                            "disk): nothing of it kept; make room, then run the same command again") from None
+        raise
+    finally:
+        progress.close()
+    if not _already_split(target, record):  # another process's split landed first (another rule or source)
+        raise UserError(f"{target} was written by another process meanwhile: split into a new folder")
+    return {**record, "linked": linked, "written": True}
+
+
+def _source_classes(source: Path, target: Path) -> dict[str, list[str]]:
+    """{class: its image paths below the class folder} of SOURCE, listed as the loaders list a
+    split (fastrsb.pipelines.list_images: its refusals too), or one line on why it cannot be split."""
+    if not source.is_dir():
+        raise UserError(f"source folder {source} {'is a file, not a folder' if source.exists() else 'does not exist'}")
+    if target == source or source in target.parents:
+        raise UserError(f"the target {target} must lie outside the source {source} (it would become one of its "
+                        "classes)")
+    if (who := in_use(source)) is not None:
+        raise UserError(f"{source} is being written by {who}: split it once that has ended")
+    _refuse_a_split_folder(source)
+    try:
+        images = list_images(source)
+    except DatasetError as err:
+        raise UserError(str(err)) from None
+    if len(images.classes) < 2:
+        raise UserError(f"{source} holds one class ({images.classes[0]}): a classifier needs two or more")
+    classes: dict[str, list[str]] = {name: [] for name in images.classes}
+    for file, label in zip(images.files, images.labels):
+        name = images.classes[label]
+        classes[name].append(os.path.relpath(file, source / name))
+    return classes
+
+
+def _refuse_a_split_folder(source: Path) -> None:
+    """SOURCE/train/<class>/... is split already; as a folder of classes it would be read as one
+    class "train" (and one "val") of every image."""
+    for name in class_folders(source, refuse_dangling=False):
+        if name in SPLIT_NAMES["train"] + SPLIT_NAMES["val"] and class_folders(source / name, refuse_dangling=False):
+            raise UserError(f"{source} is split already ({name}/ holds class folders): to split one of its folders "
+                            f"anew, give that folder ({source / name})")
+
+
+def _plan(classes: dict[str, list[str]], rule: SplitRule) -> dict[str, tuple[list[str], set[str]]]:
+    """{class: (its files, those that go to val)}; a class that cannot give both splits an image
+    (the validation set needs every class the training set has) is refused, the first five named."""
+    short = {name: len(files) for name, files in classes.items() if len(files) <= (rule.per_class or 1)}
+    if short:
+        named = ", ".join(f"{name} ({count})" for name, count in list(short.items())[:5])
+        more = f" and {len(short) - 5} more" if len(short) > 5 else ""
+        need = f"more than {rule.per_class} image(s) for --val-per-class {rule.per_class}" if rule.per_class \
+            else "two images or more, one for each split"
+        raise UserError(f"{len(short)} class(es) have too few images to split: {named}{more}; each needs {need}")
+    return {name: (files, val_files(name, files, rule)) for name, files in classes.items()}
+
+
+def _already_split(target: Path, record: dict) -> bool:
+    """True where TARGET holds this very split (the same source, rule and counts): a setup script
+    run again goes on. A TARGET holding anything else is refused: nothing is written over."""
+    if not target.exists():
+        return False
+    if not target.is_dir():
+        raise UserError(f"the target {target} is a file, not a folder")
+    held = sorted(p.name for p in target.iterdir())
+    if not held:
+        return False  # an empty folder: replaced by the split
+    try:
+        saved = json.loads((target / RECORD).read_text())
+        saved.pop("linked", None)
+    except (OSError, ValueError):
+        raise UserError(f"{target} holds files ({', '.join(held[:3])}{', ...' if len(held) > 3 else ''}): split into "
+                        "a new or empty folder") from None
+    if saved == record:
+        return True
+    if {k: v for k, v in saved.items() if k != "classes"} == {k: v for k, v in record.items() if k != "classes"}:
+        raise UserError(f"{target} is this split of {record['source']} as it was ({_images(saved)} images); it now "
+                        f"holds {_images(record)}: split it into a new folder (or remove {target})")
+    try:
+        theirs = f"of {saved['source']}, {SplitRule(saved['val'], saved['val_per_class'], saved['seed']).said()}"
+    except (KeyError, TypeError, UserError):
+        theirs = f"its {RECORD} unlike this one's"
+    raise UserError(f"{target} holds another split ({theirs}): split into a new folder, or remove {target}")
+
+
+def _images(record: dict) -> str:
+    return f"{sum(train + val for train, val in record['classes'].values()):,}"
+
+
+def _refuse_a_copy_that_will_not_fit(source: Path, target: Path, classes: dict[str, list[str]]) -> None:
+    """Across disks every image is copied: refused before the first where they would not fit."""
+    if os.stat(source).st_dev == os.stat(nearest_existing(target.parent)).st_dev:
+        return  # hard links: no room needed but the folders'
+    size = sum(os.path.getsize(source / name / file) for name, files in classes.items() for file in files)
+    if size / 1e9 > free_gb(target.parent):
+        raise UserError(f"{target} is on another disk than {source}, so its images would be copied ({size / 1e9:,.1f} "
+                        f"GB), and its disk has {free_gb(target.parent):,.1f} GB free: choose a target on "
+                        f"{source}'s disk (hard links, no room taken) or make room")
+
+
+def _place(source: Path, staging: Path, plan: dict[str, tuple[list[str], set[str]]], progress: Progress) -> bool:
+    """Every image into staging/train or staging/val under its class and its path below the class
+    folder; True where all were hard-linked, False where any was copied."""
+    linked, done, start = True, 0, time.perf_counter()
+    for name, (files, chosen) in plan.items():
+        for file in files:
+            where = staging / ("val" if file in chosen else "train") / name / file
+            where.parent.mkdir(parents=True, exist_ok=True)
+            linked &= _link_or_copy(source / name / file, where)
+            done += 1
+            if done % 2000 == 0 or done == progress.total:
+                progress.update(done, done / max(time.perf_counter() - start, 1e-9))
+    return linked
+
+
+def _link_or_copy(file: Path, where: Path) -> bool:
+    """A hard link to `file` (a symbolic link's target: the image itself) where the file system
+    makes one, else a copy; True if linked."""
+    try:
+        os.link(file, where)
+        return True
+    except OSError as err:
+        if err.errno not in _NO_LINK_HERE:
+            raise
+    shutil.copyfile(file, where)
+    return False
+
+
+def summary(target: Path, result: dict, rule: SplitRule) -> list[str]:
+    """What `fastrsb data split` says it did: counts, how, the classes the share could not be kept
+    in, and the command that trains on it."""
+    counts = result["classes"]
+    train, val = (sum(pair[i] for pair in counts.values()) for i in (0, 1))
+    how = "" if not result["written"] else "; hard links" if result["linked"] else "; copies"
+    lines = [f"{target}: {train:,} train / {val:,} val images in {len(counts):,} classes ({rule.said()}{how})"
+             + ("" if result["written"] else ": there already, as asked")]
+    small = [f"{name} ({t + v} images, {v} val)" for name, (t, v) in counts.items() if rule.rounded_off(t + v)]
+    if small:
+        more = f" and {len(small) - 3} more" if len(small) > 3 else ""
+        lines.append(f"note: {len(small)} class(es) too small for {rule.share:.0%} kept one image in each split: "
+                     f"{', '.join(small[:3])}{more}")
+    lines.append(f"train on it: fastrsb train RECIPE --data {target}")
+    return lines

@@ -1,0 +1,213 @@
+"""fastrsb data split: one's own folder of class folders -> train/ and val/, each class split alike."""
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from conftest import assert_user_error, folder_held, run_cli
+from fastrsb.pipelines import list_images
+
+
+@pytest.fixture
+def own_data(tiny_data, tmp_path):
+    """A data set as people have their own: class folders, no split. tiny_data's train classes (12
+    images each), one more of 31 (a few in a sub-folder, beside a file that is no image), and one of
+    3, too small for a 15% share."""
+    source = tmp_path / "own"
+    shutil.copytree(tiny_data / "train", source)
+    big, small = source / "z_big", source / "a_small"
+    (big / "more").mkdir(parents=True)
+    images = sorted(tiny_data.rglob("*.JPEG"))
+    for i, image in enumerate(images[:31]):
+        shutil.copy(image, big / ("more" if i < 4 else "") / f"{i:02d}.JPEG")
+    (big / "README.txt").write_text("not an image")
+    small.mkdir()
+    for i, image in enumerate(images[:3]):
+        shutil.copy(image, small / f"s{i}.jpg")
+    return source
+
+
+def held_out(target: Path) -> dict[str, dict[str, set[str]]]:
+    """{split: {class: its files, as paths below the class folder}} of a split folder."""
+    out = {}
+    for split in ("train", "val"):
+        listed = list_images(target / split)
+        out[split] = {name: set() for name in listed.classes}
+        for file, label in zip(listed.files, listed.labels):
+            name = listed.classes[label]
+            out[split][name].add(os.path.relpath(file, target / split / name))
+    return out
+
+
+def test_a_split_holds_out_each_classes_share_and_trains(own_data, tmp_path):
+    """Every image the loaders read in SOURCE is in exactly one split, under its class and its path
+    below the class folder (a sub-folder's too; the file that is no image left out), hard-linked; val
+    holds round(15%) of each class, at least one image in each split where a class is smaller; the
+    record says so; the folder checks and trains as a data folder; the same command again is a no-op."""
+    target = tmp_path / "own-split"
+    proc = run_cli("data", "split", own_data, target, "--val", "0.15")
+    sizes = {"a_small": 3, "z_big": 31, **{p.name: 12 for p in own_data.iterdir() if p.name.startswith("n0")}}
+    expected_val = {"a_small": 1, "z_big": 5, **{name: 2 for name in sizes if name.startswith("n0")}}  # .45, 4.65, 1.8
+    train_images, val_images = sum(sizes.values()) - sum(expected_val.values()), sum(expected_val.values())
+    assert f"{target}: {train_images} train / {val_images} val images in 6 classes (val 15% of each class, seed 0; " \
+           "hard links)" in proc.stdout
+    assert "note: 1 class(es) too small for 15% kept one image in each split: a_small (3 images, 1 val)" in proc.stdout
+    assert f"train on it: fastrsb train RECIPE --data {target}" in proc.stdout
+
+    split = held_out(target)
+    source = list_images(own_data)
+    for name in source.classes:
+        files = {os.path.relpath(f, own_data / name) for f, y in zip(source.files, source.labels)
+                 if source.classes[y] == name}
+        assert split["train"][name] | split["val"][name] == files and not split["train"][name] & split["val"][name]
+        assert len(split["val"][name]) == expected_val[name]
+        for file in files:
+            where = target / ("val" if file in split["val"][name] else "train") / name / file
+            assert os.path.samefile(where, own_data / name / file)  # a hard link: no room taken
+    assert {"more/00.JPEG", "more/03.JPEG"} <= split["train"]["z_big"] | split["val"]["z_big"]
+    assert not list(target.rglob("README.txt"))
+    record = json.loads((target / "split.json").read_text())
+    assert record == {"source": str(own_data), "val": 0.15, "val_per_class": None, "seed": 0, "linked": True,
+                      "classes": {name: [sizes[name] - expected_val[name], expected_val[name]] for name in sizes}}
+
+    assert "ok: ready to train" in run_cli("data", "check", target, "--no-decode").stdout
+    proc = run_cli("train", "tiny", "--data", target, "--out", tmp_path / "run", "--device", "cpu",
+                   "--stop-after-steps", "1")
+    assert f"{train_images} train / {val_images} val images" in proc.stdout
+    again = run_cli("data", "split", own_data, target, "--val", "0.15")
+    assert ": there already, as asked" in again.stdout and held_out(target) == split
+
+
+def test_the_same_seed_gives_the_same_split_and_another_class_changes_none(own_data, tmp_path):
+    """The val images depend on the seed, the class's name and its files alone: the same command
+    gives the same split (pinned for one class, so that a change of the rule, or of Python's seeded
+    shuffle, fails here); another seed another; a class added, or a class's images another count,
+    leaves every other class's split as it was. --val-per-class holds out N of each."""
+    first = held_out(Path(run_cli("data", "split", own_data, tmp_path / "a").stdout.split(":")[0]))
+    assert held_out(Path(run_cli("data", "split", own_data, tmp_path / "b").stdout.split(":")[0])) == first
+    assert first["val"]["z_big"] == {"11.JPEG", "24.JPEG", "28.JPEG"}  # 10% of 31
+    other = held_out(Path(run_cli("data", "split", own_data, tmp_path / "c", "--seed", "1").stdout.split(":")[0]))
+    assert other["val"] != first["val"]
+    shutil.copytree(own_data / "z_big", own_data / "m_new")
+    (own_data / "z_big" / "30.JPEG").unlink()
+    grown = held_out(Path(run_cli("data", "split", own_data, tmp_path / "d").stdout.split(":")[0]))
+    assert {k: v for k, v in grown["val"].items() if k not in ("m_new", "z_big")} == \
+        {k: v for k, v in first["val"].items() if k != "z_big"}
+    assert grown["val"]["m_new"] != grown["val"]["z_big"]  # another name, another draw
+    proc = run_cli("data", "split", own_data, tmp_path / "e", "--val-per-class", "2")
+    assert "(2 val image(s) a class, seed 0; hard links)" in proc.stdout
+    assert {len(files) for files in held_out(tmp_path / "e")["val"].values()} == {2}
+
+
+def test_what_cannot_be_split_is_refused_and_writes_nothing(own_data, tmp_path):
+    """One line each, nothing written (the target stays absent, or as it was) and nothing left
+    beside it."""
+    target = tmp_path / "t"
+    refused = [
+        (("--val-per-class", "3"), "1 class(es) have too few images to split: a_small (3); each needs more than 3 "
+                                   "image(s) for --val-per-class 3"),
+        (("--val", "1"), "--val 1.0: a share of each class's images, between 0 and 1"),
+        (("--val", "0"), "--val 0.0: a share"),
+        (("--val-per-class", "0"), "--val-per-class 0: one image or more"),
+    ]
+    for options, said in refused:
+        assert_user_error(run_cli("data", "split", own_data, target, *options, check=False), said)
+    assert_user_error(run_cli("data", "split", own_data, own_data / "x", check=False),
+                      f"the target {own_data / 'x'} must lie outside the source {own_data}")
+    assert_user_error(run_cli("data", "split", tmp_path / "nothing", target, check=False), "does not exist")
+    with folder_held(own_data, "fastrsb data shrink"):
+        assert_user_error(run_cli("data", "split", own_data, target, check=False),
+                          f"{own_data} is being written by fastrsb data shrink")
+    assert not target.exists() and [p.name for p in tmp_path.iterdir()] == ["own"]
+
+    for name in ("s0.jpg", "s1.jpg"):
+        (own_data / "a_small" / name).rename(tmp_path / name)
+    assert_user_error(run_cli("data", "split", own_data, target, check=False),
+                      "a_small (1); each needs two images or more, one for each split")
+    for name in ("s0.jpg", "s1.jpg"):
+        (tmp_path / name).rename(own_data / "a_small" / name)
+
+    run_cli("data", "split", own_data, target)
+    before = held_out(target)
+    assert_user_error(run_cli("data", "split", own_data, target, "--seed", "3", check=False),
+                      f"{target} holds another split (of {own_data}, val 10% of each class, seed 0): split into a "
+                      "new folder")
+    (own_data / "z_big" / "10.JPEG").unlink()
+    assert_user_error(run_cli("data", "split", own_data, target, check=False),
+                      f"{target} is this split of {own_data} as it was (82 images); it now holds 81")
+    assert_user_error(run_cli("data", "split", target, tmp_path / "u", check=False),
+                      f"{target} is split already (train/ holds class folders): to split one of its folders anew, "
+                      f"give that folder ({target / 'train'})")
+    assert held_out(target) == before
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "mine.txt").write_text("keep")
+    assert_user_error(run_cli("data", "split", own_data, other, check=False),
+                      f"{other} holds files (mine.txt): split into a new or empty folder")
+    assert [p.name for p in other.iterdir()] == ["mine.txt"]
+
+
+def other_disk(tmp_path) -> Path:
+    """A folder on another file system than tmp_path (/dev/shm's tmpfs), or a skip."""
+    if not os.path.isdir("/dev/shm") or os.stat("/dev/shm").st_dev == os.stat(tmp_path).st_dev:
+        pytest.skip("no second file system here")
+    return Path(os.environ.get("TMPDIR_SHM", "/dev/shm"))
+
+
+def test_across_disks_the_images_are_copied(own_data, tmp_path):
+    """A target on another disk than the source gets copies (a hard link cannot cross): the same
+    bytes, other files; the record and the line say copies."""
+    shm = other_disk(tmp_path)
+    target = Path(shm) / f"fastrsb-split-{os.getpid()}"
+    try:
+        assert "; copies)" in run_cli("data", "split", own_data, target).stdout
+        for split, classes in held_out(target).items():
+            for name, files in classes.items():
+                for file in files:
+                    copy, original = target / split / name / file, own_data / name / file
+                    assert copy.read_bytes() == original.read_bytes() and not os.path.samefile(copy, original)
+        assert json.loads((target / "split.json").read_text())["linked"] is False
+    finally:
+        shutil.rmtree(target, ignore_errors=True)
+
+
+def test_a_full_disk_or_ctrl_c_leaves_no_partial_split(own_data, tmp_path, monkeypatch):
+    """A split stopped halfway leaves neither the target nor its staging folder: a full disk (the
+    kernel's: copies across disks written into /dev/full) in one line saying so; Ctrl-C too."""
+    import fastrsb.data_split as data_split
+    shm = other_disk(tmp_path)
+    source = shm / f"fastrsb-own-{os.getpid()}"
+    shutil.copytree(own_data, source)
+    try:
+        copy = shutil.copyfile
+        monkeypatch.setattr(data_split.shutil, "copyfile", lambda src, dst: copy(src, "/dev/full"))
+        assert_user_error(run_cli("data", "split", source, tmp_path / "t", check=False),
+                          f"cannot write into {tmp_path / 't'} (No space left on device;", "GB free on its disk): "
+                          "nothing of it kept; make room, then run the same command again")
+    finally:
+        shutil.rmtree(source, ignore_errors=True)
+    links, link = [], os.link
+
+    def interrupted(src, dst):
+        if len(links) == 5:
+            raise KeyboardInterrupt
+        links.append(link(src, dst))
+    monkeypatch.setattr(data_split.os, "link", interrupted)
+    assert run_cli("data", "split", own_data, tmp_path / "t", check=False).returncode == 130
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["own"]
+
+
+def test_a_data_folder_without_val_points_to_split(own_data, tmp_path):
+    """`train` (and data check, doctor: the same check) on a folder of class folders, or on one
+    with train/ and no val/, says how to split it."""
+    proc = run_cli("train", "tiny", "--data", own_data, "--out", tmp_path / "run", "--device", "cpu", check=False)
+    assert_user_error(proc, f"{own_data} has no 'train' folder", "it holds 6 class folders: to hold some of each "
+                      f"class's images out for validation, fastrsb data split {own_data} {own_data}-split")
+    data = tmp_path / "data"
+    shutil.copytree(own_data, data / "train")
+    proc = run_cli("data", "check", data, check=False)
+    assert_user_error(proc, f"1 problem(s) in {data}")
+    assert "no 'val' folder" in proc.stdout and "its train/ holds 6 class folders: to hold some of each class's " \
+        f"images out for validation, fastrsb data split {data / 'train'} {data}-split" in proc.stdout
