@@ -461,8 +461,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "image among those alone (only: their protocol, timm's validate.py --valid-labels) or among "
                         "all the weights' classes (all)")
     p.add_argument("--per-class", metavar="CSV", default=None,
-                   help="write each class's images, top-1 and top-5 to CSV (a row per class, size and crop), and "
-                        "name the classes of the lowest top-1")
+                   help="write each class's images, top-1, top-5 and the class it is most often taken for to CSV "
+                        "(a row per class, size and crop), and name the classes of the lowest top-1")
     p.add_argument("--json", action="store_true", help="one JSON object a line, a line per size and crop")
     p.set_defaults(func=cmd_eval)
 

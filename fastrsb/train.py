@@ -341,12 +341,14 @@ def evaluate(model: torch.nn.Module, loader, device: str, dtype: torch.dtype | N
     ranks. Runs the eager model: the test size and the short last batch would otherwise recompile.
     real (fastrsb.real_labels.RealTargets, on the device): the loader's labels are the images'
     positions, and ImageNet-ReaL's top-1/top-5 are counted beside. per_class: also "per_class",
-    for each output index (class) its [images, top-1 hits, top-5 hits], counted on the device."""
+    for each output index (class) its [images, top-1 hits, top-5 hits, the class its images are
+    most often taken for (by top-1; the first of equals; -1 where none is wrong, or with more than
+    CONFUSION_LIMIT outputs), how many], counted on the device."""
     model.eval()
     # top-1 hits, top-5 hits, summed loss; with real, ReaL's top-1 and top-5 hits and images rated
     sums = torch.zeros(6 if real is not None else 3, dtype=torch.float64, device=device)
     count = 0  # counted on the host: the batch sizes are known there, no copy to the device per batch
-    by_class = None  # (classes, 3): images, top-1 hits, top-5 hits, with per_class
+    by_class = confusion = None  # with per_class: (classes, 3) images, top-1 hits, top-5 hits; (classes^2,)
     progress, start = Progress("validation", len(loader), enabled=d.main), time.perf_counter()
     for done, (images, labels) in enumerate(loader_batches(loader, loader.images), 1):
         with autocast(device, dtype):
@@ -361,9 +363,12 @@ def evaluate(model: torch.nn.Module, loader, device: str, dtype: torch.dtype | N
             parts += [(found[:, 0] & rated).sum(), (found.any(dim=1) & rated).sum(), rated.sum()]
         sums += torch.stack(parts).double()
         if per_class:
-            by_class = by_class if by_class is not None else sums.new_zeros(logits.shape[1], 3)
+            if by_class is None:
+                by_class, confusion = _class_counters(logits.shape[1], device)
             by_class.index_add_(0, labels, torch.stack([torch.ones_like(hits[:, 0]), hits[:, 0], hits.any(dim=1)],
                                                        dim=1).double())
+            if confusion.numel():  # (label, top-1) pairs counted: integers, exact in float32 to 2**24 a cell
+                confusion.index_add_(0, labels * logits.shape[1] + top[:, 0], hits.new_ones(len(labels), dtype=torch.float))
         count += labels.shape[0]
         progress.update(done, count / max(time.perf_counter() - start, 1e-9))  # host counts only, no sync
     progress.close()
@@ -372,12 +377,39 @@ def evaluate(model: torch.nn.Module, loader, device: str, dtype: torch.dtype | N
     figures = {"top1": 100.0 * top1 / count, "top5": 100.0 * top5 / count, "val_loss": loss / count,
                "val_images": int(count)}
     if per_class:
-        figures["per_class"] = all_reduce_sum(by_class, d).long().tolist() if by_class is not None else []
+        figures["per_class"] = _per_class_counts(by_class, confusion, d)
     if real is not None:
         real_top1, real_top5, rated = rest
         figures.update(real_top1=100.0 * real_top1 / max(rated, 1), real_top5=100.0 * real_top5 / max(rated, 1),
                        real_images=int(rated), real_labels=real.source)
     return figures
+
+
+# The most outputs whose confusions evaluate counts (classes x classes float32 on the device: 64 MiB
+# here; ImageNet-1k's 1,000 take 4 MB, ImageNet-21k's would take 1.7 TB).
+CONFUSION_LIMIT = 4096
+
+
+def _class_counters(classes: int, device: str) -> tuple[torch.Tensor, torch.Tensor]:
+    counts = torch.zeros(classes, 3, dtype=torch.float64, device=device)
+    confusion = torch.zeros(classes * classes if classes <= CONFUSION_LIMIT else 0, dtype=torch.float, device=device)
+    return counts, confusion
+
+
+def _per_class_counts(by_class: torch.Tensor | None, confusion: torch.Tensor | None, d: Dist) -> list[list[int]]:
+    """Every rank's per-class counts summed, with each class's most frequent wrong top-1 and its
+    count (argmax: the first of equals), read back once."""
+    if by_class is None:
+        return []
+    classes = by_class.shape[0]
+    counts = all_reduce_sum(by_class, d)
+    if confusion.numel():
+        confusion = all_reduce_sum(confusion, d).view(classes, classes).fill_diagonal_(0)
+        taken_count, taken_for = confusion.max(dim=1).values, confusion.argmax(dim=1)
+        taken_for = torch.where(taken_count > 0, taken_for, -1)
+    else:
+        taken_for = taken_count = counts.new_full((classes,), -1)
+    return torch.cat([counts, taken_for.view(-1, 1).double(), taken_count.view(-1, 1).double()], dim=1).long().tolist()
 
 
 def _open_together(data: Path, out: Path, resume: str | None, d: Dist, lock: FolderLock,

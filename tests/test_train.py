@@ -550,8 +550,8 @@ def test_eval_of_a_folder_holding_some_of_the_weights_classes(run, tiny_data, tm
 
 
 def test_eval_per_class_figures_add_up_and_are_each_class_evaluated_alone(run, tiny_data, tmp_path):
-    """--per-class CSV: each class's images, top-1 and top-5 (a row per class, size and crop), the
-    classes of the lowest top-1 named on the line. The rows add up to the totals, and each class's
+    """--per-class CSV: each class's images, top-1 and top-5 and the class it is most often taken
+    for (a row per class, size and crop), the classes of the lowest top-1 named on the line. The rows add up to the totals, and each class's
     figures are what its folder evaluated alone measures (ranked among every output, as in the
     whole folder: --partial-classes all); ImageNet's words beside its wnids; a path the CSV cannot
     go to is refused before anything is evaluated."""
@@ -568,13 +568,16 @@ def test_eval_per_class_figures_add_up_and_are_each_class_evaluated_alone(run, t
         assert sum(r[figure] * r["images"] for r in rows) / 20 == pytest.approx(result[figure])
     with open(table, newline="") as f:
         written = list(csv.DictReader(f))
-    assert [(w["checkpoint"], w["img_size"], w["class"], int(w["images"]), float(w["top1"]), float(w["top5"]))
-            for w in written] == [(str(out / "last.pt"), "40", r["class"], 5, r["top1"], r["top5"]) for r in rows]
+    assert [(w["checkpoint"], w["img_size"], w["class"], int(w["images"]), float(w["top1"]), float(w["top5"]),
+             w["taken_for"] or None, float(w["taken_for_share"])) for w in written] == \
+        [(str(out / "last.pt"), "40", r["class"], 5, r["top1"], r["top5"], r["taken_for"], r["taken_for_share"])
+         for r in rows]
     for r in rows:
         shutil.copytree(tiny_data / "val" / r["class"], tmp_path / r["class"] / r["class"])
         alone = json.loads(run_cli("eval", out / "last.pt", "--data", tmp_path / r["class"], "--json", "--batch-size",
                                    "8", "--partial-classes", "all", "--per-class", tmp_path / "alone.csv").stdout)
-        assert [(a["class"], a["top1"], a["top5"]) for a in alone["per_class"]] == [(r["class"], r["top1"], r["top5"])]
+        assert [(a["class"], a["top1"], a["top5"], a["taken_for"], a["taken_for_share"]) for a in alone["per_class"]] \
+            == [(r["class"], r["top1"], r["top5"], r["taken_for"], r["taken_for_share"])]
         assert (alone["top1"], alone["top5"]) == (r["top1"], r["top5"])
     # Classes that are ImageNet's wnids: their words beside them, on the line and in the rows.
     state = load_checkpoint(out / "last.pt")
@@ -589,6 +592,11 @@ def test_eval_per_class_figures_add_up_and_are_each_class_evaluated_alone(run, t
     assert written[0]["class"] == "n01440764" and written[0]["words"] == "tench, Tinca tinca"
     worst = min(range(4), key=lambda k: (rows[k]["top1"], k))
     lowest = f"{state['classes'][worst]} ({written[worst]['words'].split(',')[0]}) {rows[worst]['top1']:.2f} of 5"
+    if rows[worst]["taken_for"]:  # the class it is taken for most, by its wnid and words too
+        other = state["classes"][classes.index(rows[worst]["taken_for"])]
+        assert written[worst]["taken_for"] == other
+        lowest += f" (taken for {other} ({written[worst]['taken_for_words'].split(',')[0]}) " \
+                  f"{rows[worst]['taken_for_share']:.0f}%)"
     assert text[1].startswith(f"  lowest top-1: {lowest}") and text[-1] == f"each class's figures: {table}"
     for where, why in ((tmp_path / "no" / "such.csv", f"its folder {tmp_path / 'no'} does not exist"),
                        (tmp_path, "is a folder")):
@@ -620,6 +628,13 @@ def test_predict_names_each_images_classes_as_eval_ranks_them(run, tiny_data, tm
                                    "--per-class", tmp_path / "classes.csv").stdout)
     hits = [sum(r["top"][0]["class"] == name for r in rows if Path(r["file"]).parent.name == name) for name in classes]
     assert hits == [round(c["top1"] * c["images"] / 100) for c in evaluated["per_class"]]
+    # eval's "taken for": the class predict names first most often for a class's images but its own.
+    for name, c in zip(classes, evaluated["per_class"]):
+        wrong = [r["top"][0]["index"] for r in rows if Path(r["file"]).parent.name == name and r["top"][0]["class"] != name]
+        most = min(set(wrong), key=lambda k: (-wrong.count(k), k)) if wrong else None
+        assert (c["taken_for"], c["taken_for_share"]) == \
+            ((classes[most], 100 * wrong.count(most) / c["images"]) if wrong else (None, 0.0))
+    assert any(c["taken_for"] for c in evaluated["per_class"])  # (the tiny run errs: the check has work)
     with open(table, newline="") as f:
         written = list(csv.DictReader(f))
     assert [(w["file"], int(w["rank"]), w["class"], float(w["probability"])) for w in written] == \
