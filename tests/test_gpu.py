@@ -2,6 +2,7 @@
 import json
 import math
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -529,7 +530,8 @@ def test_gpu_eval_memory_floor_reads_the_gpus_free_memory():
 
 def test_gpu_predict_gives_the_cpus_classes(tiny_data, tmp_path):
     """fastrsb predict on the GPU (the "mixed" decoders, autocast) against the CPU's: the same files
-    in the same order, each class's probability within what bf16 and the decoders' resampling move."""
+    in the same order, each class's probability within what bf16 and the decoders' resampling move;
+    eval --per-class on the GPU counts what predict's first classes there say."""
     run_cli_process("train", "tiny", "--data", tiny_data, "--out", tmp_path, "--device", "cpu")
     found = [[json.loads(line) for line in proc.stdout.splitlines()] for proc in (
         run_cli_process("predict", tmp_path / "last.pt", tiny_data / "val", "--json", "--top", "4", "--device", "cpu"),
@@ -539,3 +541,16 @@ def test_gpu_predict_gives_the_cpus_classes(tiny_data, tmp_path):
         by_class = {t["index"]: t["probability"] for t in gpu["top"]}
         assert [by_class[t["index"]] for t in cpu["top"]] == pytest.approx([t["probability"] for t in cpu["top"]],
                                                                            abs=0.03)
+    # eval --per-class on the GPU (its (label, top-1) pairs counted by index_add_ there): each class's
+    # hits and most frequent mistake are those of predict's first classes on the GPU.
+    evaluated = json.loads(run_cli_process("eval", tmp_path / "last.pt", "--data", tiny_data, "--json", "--device",
+                                           "cuda", "--per-class", tmp_path / "classes.csv").stdout)["per_class"]
+    for c in evaluated:
+        firsts = [r["top"][0]["class"] for r in found[1] if Path(r["file"]).parent.name == c["class"]]
+        wrong = [name for name in firsts if name != c["class"]]
+        assert c["top1"] == pytest.approx(100 * (len(firsts) - len(wrong)) / len(firsts))
+        if wrong:
+            assert wrong.count(c["taken_for"]) == max(map(wrong.count, wrong))
+            assert c["taken_for_share"] == pytest.approx(100 * wrong.count(c["taken_for"]) / len(firsts))
+        else:
+            assert c["taken_for"] is None
