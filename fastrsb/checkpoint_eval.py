@@ -36,7 +36,7 @@ def evaluate_checkpoint_at(checkpoint: str | Path, data: str | Path, img_sizes: 
                            crop_pcts: Sequence[float | None], device: str | None = None, batch_size: int = 128,
                            num_threads: int | None = None, ema: bool = False,
                            real_labels: bool | str = False, partial_classes: str | None = None,
-                           per_class: bool = False) -> Iterator[dict]:
+                           per_class: bool = False, flip: bool = False) -> Iterator[dict]:
     """Top-1/top-5 of a checkpoint (fastrsb's, or timm's train.py's: timm_checkpoint.py), or of a
     timm model folder (fastrsb export's, or a timm model's from the hub: model_folder.py), on
     DATA/val (or DATA itself if it is a class folder tree) at every test size and crop fraction
@@ -46,8 +46,9 @@ def evaluate_checkpoint_at(checkpoint: str | Path, data: str | Path, img_sizes: 
     top-5 beside (fastrsb.real_labels), by timm's copy of its labels (True) or a real.json's (its
     path). partial_classes: "only" or "all", where DATA holds some of the weights' classes
     (_partial_classes). per_class: each result's "per_class" lists every class of DATA with its
-    images, top-1 and top-5 (fastrsb.per_class.class_rows). Yields each pair's result as soon as it is measured,
-    in that order; the checks (the weights, the data, the classes) run at the first."""
+    images, top-1 and top-5 (fastrsb.per_class.class_rows). flip: each image's outputs averaged
+    with its mirror's (WithMirror). Yields each pair's result as soon as it is measured, in that
+    order; the checks (the weights, the data, the classes) run at the first."""
     device = resolve_device(device)
     real = read_real_labels(real_labels if isinstance(real_labels, str) else None) if real_labels else None
     weights = weights_to_evaluate(Path(checkpoint), ema)
@@ -67,6 +68,8 @@ def evaluate_checkpoint_at(checkpoint: str | Path, data: str | Path, img_sizes: 
     refuse_a_batch_that_cannot_fit(model, sorted({size for size, _ in pairs}), batch_size, device,
                                    activation_bytes=2 if dtype else 4,
                                    pixel_bytes=getattr(torch, default_pixel_dtype(device)).itemsize)
+    if flip:
+        model = WithMirror(model)
     if kept is not None:
         model = OutputsOf(model, kept).to(device)
     for size, crop in pairs:
@@ -81,7 +84,7 @@ def evaluate_checkpoint_at(checkpoint: str | Path, data: str | Path, img_sizes: 
         if per_class:
             figures["per_class"] = class_rows(figures["per_class"], images.classes, weights.descriptions)
         yield {"checkpoint": str(checkpoint), "epoch": weights.epoch, "img_size": size, "crop_pct": crop,
-               "ema": ema, **figures, **({"notes": weights.notes} if weights.notes else {})}
+               "ema": ema, "flip": flip, **figures, **({"notes": weights.notes} if weights.notes else {})}
 
 
 @dataclass
@@ -178,6 +181,19 @@ def _imagenet_subset(folders: list[str], num_classes: int, class_map: str | None
     weights, naming none, have 1,000 outputs: theirs then."""
     return (num_classes == 1000 and not class_map and len(folders) < 1000
             and set(folders) <= set(imagenet_classes()))
+
+
+class WithMirror(torch.nn.Module):
+    """Test-time augmentation by mirroring (--flip): a model's outputs for each image averaged with
+    those for the image mirrored left to right, as FFCV's ResNet evaluation does (it sums them: the
+    same ranking). Two forward passes of the batch; the mirror is a copy on the device."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return (self.model(images) + self.model(images.flip(3))) / 2
 
 
 class OutputsOf(torch.nn.Module):

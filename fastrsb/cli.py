@@ -171,6 +171,9 @@ def resume_command(args, data: Path, out: Path) -> str:
     return f"{shlex.join(launch)}  (on each of the {world // local} machines, with the launch's rendezvous options)"
 
 
+MIRRORED = ", each image with its mirror image (--flip)"
+
+
 def cmd_eval(args) -> None:
     from fastrsb import per_class
     from fastrsb.checkpoint import checkpoint_file
@@ -189,7 +192,7 @@ def cmd_eval(args) -> None:
         for done, result in enumerate(evaluate_checkpoint_at(
                 checkpoint, args.data, args.img_size or [None], args.crop_pct or [None], args.device, args.batch_size,
                 args.threads, ema=args.ema, real_labels=args.real_labels, partial_classes=args.partial_classes,
-                per_class=bool(args.per_class))):
+                per_class=bool(args.per_class), flip=args.flip)):
             results.append(result)  # said as soon as measured: a sweep over 50,000 images takes a while
             if args.json:
                 print(json.dumps(result))
@@ -199,7 +202,7 @@ def cmd_eval(args) -> None:
             real = (f"; ReaL top1 {result['real_top1']:.2f} top5 {result['real_top5']:.2f} over "
                     f"{result['real_images']} images" if "real_top1" in result else "")
             print(f"{named}top1 {result['top1']:.2f} top5 {result['top5']:.2f} over {result['val_images']} images "
-                  f"at {result['img_size']} px, crop {result['crop_pct']}{real}")
+                  f"at {result['img_size']} px, crop {result['crop_pct']}{MIRRORED if args.flip else ''}{real}")
             if args.per_class:
                 print(f"  lowest top-1: {per_class.lowest(result['per_class'])}")
     if args.per_class:
@@ -222,7 +225,7 @@ def cmd_predict(args) -> None:
     if args.csv:  # where it cannot be written, said before any image is read
         check_table_path(Path(args.csv), "--csv", "predictions.csv")
     found = predict.predict(args.checkpoint, args.images, args.top, args.img_size, args.crop_pct, args.device,
-                            args.batch_size, args.threads, ema=args.ema)
+                            args.batch_size, args.threads, ema=args.ema, flip=args.flip)
     if args.csv:
         predict.write_csv(Path(args.csv), found)
     for note in found.notes:  # beside --json's lines, not among them
@@ -233,7 +236,7 @@ def cmd_predict(args) -> None:
         return
     for row in found.rows:
         print(predict.line(row))
-    print(f"{len(found.rows)} image(s) at {found.img_size} px, crop {found.crop_pct}"
+    print(f"{len(found.rows)} image(s) at {found.img_size} px, crop {found.crop_pct}{MIRRORED if args.flip else ''}"
           + (f"; each image's classes: {args.csv}" if args.csv else ""))
 
 
@@ -453,6 +456,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--threads", type=count_option, default=None)
     p.add_argument("--ema", action="store_true", help="evaluate the checkpoint's EMA weights")
+    p.add_argument("--flip", action="store_true", help="test-time augmentation: each image's outputs averaged with "
+                                                       "its mirror image's (two forward passes)")
     p.add_argument("--real-labels", nargs="?", const=True, default=False, metavar="REAL_JSON",
                    help="ImageNet-ReaL's top-1/top-5 beside, on ImageNet's val images (as timm's validate.py "
                         "--real-labels); REAL_JSON: a real.json, default the copy timm ships")
@@ -537,6 +542,7 @@ def _add_predict_command(sub) -> None:
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--threads", type=count_option, default=None)
     p.add_argument("--ema", action="store_true", help="the checkpoint's EMA weights")
+    p.add_argument("--flip", action="store_true", help="each image's outputs averaged with its mirror image's")
     p.add_argument("--csv", metavar="CSV", default=None,
                    help="also write the classes to CSV: a row per image and rank (file, rank, index, class, words, "
                         "probability)")

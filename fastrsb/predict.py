@@ -15,7 +15,7 @@ from typing import Sequence
 
 import torch
 
-from fastrsb.checkpoint_eval import weights_to_evaluate
+from fastrsb.checkpoint_eval import WithMirror, weights_to_evaluate
 from fastrsb.class_order import imagenet_classes, imagenet_descriptions, read_class_map, timm_order, with_words
 from fastrsb.data_folder import loader_batches
 from fastrsb.device import amp_dtype, autocast, resolve_device
@@ -76,11 +76,12 @@ def _walk(folder: Path):
 
 def predict(checkpoint: str | Path, paths: Sequence[str | os.PathLike], top: int = 5, img_size: int | None = None,
             crop_pct: float | None = None, device: str | None = None, batch_size: int = 64,
-            num_threads: int | None = None, ema: bool = False) -> Predictions:
+            num_threads: int | None = None, ema: bool = False, flip: bool = False) -> Predictions:
     """Each image's TOP classes (fewer where the model has fewer) by CHECKPOINT (fastrsb's, timm
     train.py's, or a model folder, as `fastrsb eval` reads them; ema: its EMA weights) at IMG_SIZE
-    and CROP_PCT (None: the weights' test size and crop). The outputs stay on the device until the
-    last batch: one copy back in all."""
+    and CROP_PCT (None: the weights' test size and crop); flip: the outputs averaged with the
+    mirrored image's (as eval --flip). The outputs stay on the device until the last batch: one copy
+    back in all."""
     device = resolve_device(device)
     files = image_files(paths)
     weights = weights_to_evaluate(Path(checkpoint), ema)
@@ -97,7 +98,8 @@ def predict(checkpoint: str | Path, paths: Sequence[str | os.PathLike], top: int
     loader = open_val_loader({"test_img_size": size, "crop_pct": crop}, images, batch_size, device,
                              num_threads=num_threads)
     try:
-        probabilities, indices = _top_outputs(model, loader, images, device, dtype, min(top, len(classes)))
+        probabilities, indices = _top_outputs(WithMirror(model) if flip else model, loader, images, device, dtype,
+                                              min(top, len(classes)))
     except torch.cuda.OutOfMemoryError:
         raise UserError(f"a batch of {batch_size} images at {size} px takes more memory than the GPU has: "
                         f"--batch-size {max(1, batch_size // 2)} or fewer") from None

@@ -684,6 +684,39 @@ def test_predict_names_each_images_classes_as_eval_ranks_them(run, tiny_data, tm
     assert f"{named} ({words}) {100 * first['probability']:.1f}%; {state['classes'][second['index']]}" in proc.stdout
 
 
+def test_flip_averages_each_images_outputs_with_its_mirror_images(run, tiny_data, tmp_path):
+    """--flip (predict and eval): an image's outputs are the mean of the model's for it and for its
+    mirror image, here read from a file of the mirror (square PNGs, whose resize and centre crop
+    mirror exactly): softmax of the mean of the two images' log-probabilities (the log-softmax
+    is the outputs less one constant an image). eval --flip counts its top-1 on those outputs."""
+    import numpy as np
+    from PIL import Image
+    out, _ = run
+    classes = sorted(p.name for p in (tiny_data / "val").iterdir())
+    for split in ("train", "val"):
+        for name in classes:
+            for k, jpeg in enumerate(sorted((tiny_data / "val" / name).iterdir())):
+                picture = Image.open(jpeg).convert("RGB").resize((84, 84), Image.BICUBIC)
+                for kind, image in (("as", picture), ("mirror", picture.transpose(Image.FLIP_LEFT_RIGHT))):
+                    (tmp_path / kind / split / name).mkdir(parents=True, exist_ok=True)
+                    image.save(tmp_path / kind / split / name / f"{k}.png")
+
+    def probabilities(folder, *flip):
+        rows = [json.loads(line) for line in run_cli("predict", out / "last.pt", folder, "--json", "--top", "4",
+                                                     *flip).stdout.splitlines()]
+        return np.array([[{t["index"]: t["probability"] for t in r["top"]}[k] for k in range(4)] for r in rows])
+    plain, mirrored = probabilities(tmp_path / "as" / "val"), probabilities(tmp_path / "mirror" / "val")
+    assert np.abs(plain - mirrored).max() > 1e-3  # the model tells an image from its mirror: the test has work
+    mean = (np.log(plain) + np.log(mirrored)) / 2
+    expected = np.exp(mean) / np.exp(mean).sum(axis=1, keepdims=True)
+    assert probabilities(tmp_path / "as" / "val", "--flip") == pytest.approx(expected, abs=2e-5)
+    result = json.loads(run_cli("eval", out / "last.pt", "--data", tmp_path / "as", "--json", "--flip").stdout)
+    labels = np.repeat(np.arange(4), 5)  # the walk's order: class by class
+    assert result["flip"] and result["top1"] == pytest.approx(100 * (expected.argmax(axis=1) == labels).mean())
+    assert "each image with its mirror image (--flip)" in run_cli("eval", out / "last.pt", "--data", tmp_path / "as",
+                                                                 "--flip").stdout
+
+
 def test_predict_refuses_what_it_cannot_read_in_one_line(run, tiny_data, tmp_path):
     """A path that is nothing, a file that is no image, a folder without images, an image that
     does not decode (named), a CSV path that cannot be written: one line each, before any output."""
