@@ -24,9 +24,10 @@ from pathlib import Path
 from fastrsb.errors import UserError
 from fastrsb.file_jobs import free_gb, nearest_existing, stops_writing
 from fastrsb.folder_lock import in_use
-from fastrsb.pipelines import DatasetError, class_folders, list_images
+from fastrsb.pipelines import IMAGE_EXTENSIONS, DatasetError, class_folders, list_images
 from fastrsb.pipelines.image_list import SPLIT_NAMES
 from fastrsb.progress import Progress
+from fastrsb.shards import listing_fingerprint
 from fastrsb.staging import staged_folder
 
 RECORD = "split.json"  # beside train/ and val/: outside both, so no loader reads it
@@ -88,10 +89,11 @@ def split(source: str | Path, target: str | Path, rule: SplitRule) -> dict:
     source, target = Path(source).absolute(), Path(target).absolute()
     classes = _source_classes(source, target)
     plan = _plan(classes, rule)
-    record = {"source": str(source), **rule.record(),
+    record = {"source": str(source), **rule.record(), "listing": _fingerprint(classes),
               "classes": {name: [len(files) - len(chosen), len(chosen)] for name, (files, chosen) in plan.items()}}
+    loose = _loose_images(source)
     if _already_split(target, record):
-        return {**record, "written": False}
+        return {**record, "written": False, "loose": loose}
     _refuse_a_copy_that_will_not_fit(source, target, classes)
     progress = Progress("splitting", sum(len(files) for files, _ in plan.values()), unit="files")
     try:
@@ -108,7 +110,7 @@ def split(source: str | Path, target: str | Path, rule: SplitRule) -> dict:
         progress.close()
     if not _already_split(target, record):  # another process's split landed first (another rule or source)
         raise UserError(f"{target} was written by another process meanwhile: split into a new folder")
-    return {**record, "linked": linked, "written": True}
+    return {**record, "linked": linked, "written": True, "loose": loose}
 
 
 def _source_classes(source: Path, target: Path) -> dict[str, list[str]]:
@@ -133,6 +135,12 @@ def _source_classes(source: Path, target: Path) -> dict[str, list[str]]:
         name = images.classes[label]
         classes[name].append(os.path.relpath(file, source / name))
     return classes
+
+
+def _loose_images(source: Path) -> int:
+    """The images directly in SOURCE, outside any class folder: no class's, so left out (said)."""
+    return sum(1 for entry in os.scandir(source) if not entry.name.startswith(".") and entry.is_file()
+               and entry.name.lower().endswith(IMAGE_EXTENSIONS))
 
 
 def _refuse_a_split_folder(source: Path) -> None:
@@ -175,14 +183,22 @@ def _already_split(target: Path, record: dict) -> bool:
                         "a new or empty folder") from None
     if saved == record:
         return True
-    if {k: v for k, v in saved.items() if k != "classes"} == {k: v for k, v in record.items() if k != "classes"}:
+    facts = ("classes", "listing")
+    if {k: v for k, v in saved.items() if k not in facts} == {k: v for k, v in record.items() if k not in facts}:
         raise UserError(f"{target} is this split of {record['source']} as it was ({_images(saved)} images); it now "
-                        f"holds {_images(record)}: split it into a new folder (or remove {target})")
+                        f"holds {_images(record)}, or other files: split it into a new folder (or remove {target})")
     try:
         theirs = f"of {saved['source']}, {SplitRule(saved['val'], saved['val_per_class'], saved['seed']).said()}"
     except (KeyError, TypeError, UserError):
         theirs = f"its {RECORD} unlike this one's"
     raise UserError(f"{target} holds another split ({theirs}): split into a new folder, or remove {target}")
+
+
+def _fingerprint(classes: dict[str, list[str]]) -> str:
+    """A short hash of the images split, by class and path below the class folder: a source whose
+    images changed (one replaced by another of its name aside) fingerprints otherwise."""
+    return listing_fingerprint([f"{name}/{file}" for name, files in classes.items() for file in files],
+                               [k for k, files in enumerate(classes.values()) for _ in files])
 
 
 def _images(record: dict) -> str:
@@ -203,11 +219,13 @@ def _refuse_a_copy_that_will_not_fit(source: Path, target: Path, classes: dict[s
 def _place(source: Path, staging: Path, plan: dict[str, tuple[list[str], set[str]]], progress: Progress) -> bool:
     """Every image into staging/train or staging/val under its class and its path below the class
     folder; True where all were hard-linked, False where any was copied."""
-    linked, done, start = True, 0, time.perf_counter()
+    linked, done, start, made = True, 0, time.perf_counter(), set()
     for name, (files, chosen) in plan.items():
         for file in files:
             where = staging / ("val" if file in chosen else "train") / name / file
-            where.parent.mkdir(parents=True, exist_ok=True)
+            if where.parent not in made:  # once a folder, not a stat an image
+                where.parent.mkdir(parents=True, exist_ok=True)
+                made.add(where.parent)
             linked &= _link_or_copy(source / name / file, where)
             done += 1
             if done % 2000 == 0 or done == progress.total:
@@ -241,5 +259,8 @@ def summary(target: Path, result: dict, rule: SplitRule) -> list[str]:
         more = f" and {len(small) - 3} more" if len(small) > 3 else ""
         lines.append(f"note: {len(small)} class(es) too small for {rule.share:.0%} kept one image in each split: "
                      f"{', '.join(small[:3])}{more}")
+    if result["loose"]:
+        lines.append(f"note: {result['loose']:,} image(s) directly in {result['source']}, outside any class folder, "
+                     "are in neither split (they have no class)")
     lines.append(f"train on it: fastrsb train RECIPE --data {target}")
     return lines

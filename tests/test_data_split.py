@@ -23,6 +23,7 @@ def own_data(tiny_data, tmp_path):
     for i, image in enumerate(images[:31]):
         shutil.copy(image, big / ("more" if i < 4 else "") / f"{i:02d}.JPEG")
     (big / "README.txt").write_text("not an image")
+    shutil.copy(images[0], source / "loose.JPEG")  # in no class folder: in neither split, said
     small.mkdir()
     for i, image in enumerate(images[:3]):
         shutil.copy(image, small / f"s{i}.jpg")
@@ -54,6 +55,7 @@ def test_a_split_holds_out_each_classes_share_and_trains(own_data, tmp_path):
     assert f"{target}: {train_images} train / {val_images} val images in 6 classes (val 15% of each class, seed 0; " \
            "hard links)" in proc.stdout
     assert "note: 1 class(es) too small for 15% kept one image in each split: a_small (3 images, 1 val)" in proc.stdout
+    assert f"note: 1 image(s) directly in {own_data}, outside any class folder, are in neither split" in proc.stdout
     assert f"train on it: fastrsb train RECIPE --data {target}" in proc.stdout
 
     split = held_out(target)
@@ -69,8 +71,9 @@ def test_a_split_holds_out_each_classes_share_and_trains(own_data, tmp_path):
     assert {"more/00.JPEG", "more/03.JPEG"} <= split["train"]["z_big"] | split["val"]["z_big"]
     assert not list(target.rglob("README.txt"))
     record = json.loads((target / "split.json").read_text())
-    assert record == {"source": str(own_data), "val": 0.15, "val_per_class": None, "seed": 0, "linked": True,
-                      "classes": {name: [sizes[name] - expected_val[name], expected_val[name]] for name in sizes}}
+    assert record.pop("listing") and record == {
+        "source": str(own_data), "val": 0.15, "val_per_class": None, "seed": 0, "linked": True,
+        "classes": {name: [sizes[name] - expected_val[name], expected_val[name]] for name in sizes}}
 
     assert "ok: ready to train" in run_cli("data", "check", target, "--no-decode").stdout
     proc = run_cli("train", "tiny", "--data", target, "--out", tmp_path / "run", "--device", "cpu",
@@ -134,9 +137,11 @@ def test_what_cannot_be_split_is_refused_and_writes_nothing(own_data, tmp_path):
     assert_user_error(run_cli("data", "split", own_data, target, "--seed", "3", check=False),
                       f"{target} holds another split (of {own_data}, val 10% of each class, seed 0): split into a "
                       "new folder")
-    (own_data / "z_big" / "10.JPEG").unlink()
+    (own_data / "z_big" / "10.JPEG").rename(own_data / "z_big" / "10b.JPEG")  # as many images, another
     assert_user_error(run_cli("data", "split", own_data, target, check=False),
-                      f"{target} is this split of {own_data} as it was (82 images); it now holds 81")
+                      f"{target} is this split of {own_data} as it was (82 images); it now holds 82, or other files")
+    (own_data / "z_big" / "10b.JPEG").unlink()
+    assert_user_error(run_cli("data", "split", own_data, target, check=False), "it now holds 81, or other files")
     assert_user_error(run_cli("data", "split", target, tmp_path / "u", check=False),
                       f"{target} is split already (train/ holds class folders): to split one of its folders anew, "
                       f"give that folder ({target / 'train'})")
@@ -207,6 +212,7 @@ def test_a_data_folder_without_val_points_to_split(own_data, tmp_path):
                       f"class's images out for validation, fastrsb data split {own_data} {own_data}-split")
     data = tmp_path / "data"
     shutil.copytree(own_data, data / "train")
+    (data / "train" / "loose.JPEG").unlink()  # (another problem data check would name)
     proc = run_cli("data", "check", data, check=False)
     assert_user_error(proc, f"1 problem(s) in {data}")
     assert "no 'val' folder" in proc.stdout and "its train/ holds 6 class folders: to hold some of each class's " \
