@@ -374,9 +374,11 @@ def cmd_data_shrink(args) -> None:
 
 
 def cmd_data_split(args) -> None:
-    from fastrsb.data_split import SplitRule, split, summary
+    from fastrsb.data_split import Portion, SplitRule, split, summary
     share = args.val if args.val is not None or args.val_per_class is not None else 0.1
-    rule = SplitRule(share, args.val_per_class, args.seed)
+    test = None if args.test is None and args.test_per_class is None else Portion("test", args.test,
+                                                                                    args.test_per_class)
+    rule = SplitRule(Portion("val", share, args.val_per_class), test, args.seed)
     for line in summary(Path(args.target), split(args.source, args.target, rule), rule):
         print(line)
 
@@ -629,14 +631,18 @@ def _add_data_commands(sub) -> None:
                                                           "the pixels as stored, as the loaders and timm read them)")
     d.set_defaults(func=cmd_data_shrink)
     d = data_sub.add_parser("split", help="a folder of class folders (one's own data set) -> TARGET/train/<class>/ "
-                                          "and TARGET/val/<class>/, each class split alike; hard links where the "
-                                          "disk allows")
+                                          "and TARGET/val/<class>/ (and test/), each class split alike; hard links "
+                                          "where the disk allows")
     d.add_argument("source", help="SOURCE/<class>/<image>: every image of each class, to split")
     d.add_argument("target", help="a new (or empty) folder for train/ and val/")
     how_many = d.add_mutually_exclusive_group()
     how_many.add_argument("--val", type=float, metavar="SHARE", help="the share of each class's images that goes "
                                                                      "to val (default 0.1)")
     how_many.add_argument("--val-per-class", type=int, metavar="N", help="instead: N images of each class to val")
+    how_many = d.add_mutually_exclusive_group()
+    how_many.add_argument("--test", type=float, metavar="SHARE", help="also a test/ split: this share of each class's "
+                                                                      "images (default: none)")
+    how_many.add_argument("--test-per-class", type=int, metavar="N", help="or N images of each class to test/")
     d.add_argument("--seed", type=int, default=0, help="which images go to val (default 0): the same seed, the "
                                                        "same split")
     d.set_defaults(func=cmd_data_split)

@@ -1,6 +1,7 @@
 """`fastrsb data split SOURCE TARGET`: one's own data set, a folder of class folders, made into the
-layout a run reads (TARGET/train/<class>/..., TARGET/val/<class>/...). Each class is split on its
-own (stratified), so that val holds the same share of every class, as ImageNet's val does.
+layout a run reads (TARGET/train/<class>/..., TARGET/val/<class>/...; where asked, a TARGET/test/
+too, for a figure of the model that val chose on images it was not chosen by). Each class is split
+on its own (stratified), so that val holds the same share of every class, as ImageNet's val does.
 
 Which images go to val depends on the seed, the class's name and that class's own files alone: the
 same command gives the same split on any machine and any file system (files sorted, a seeded
@@ -30,57 +31,87 @@ from fastrsb.progress import Progress
 from fastrsb.shards import listing_fingerprint
 from fastrsb.staging import staged_folder
 
-RECORD = "split.json"  # beside train/ and val/: outside both, so no loader reads it
+RECORD = "split.json"  # beside train/, val/ (and test/): outside them, so no loader reads it
 # Where os.link cannot link (another disk, a file system without hard links): the file is copied.
 _NO_LINK_HERE = frozenset({errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS})
 
 
 @dataclass(frozen=True)
-class SplitRule:
-    """How many of a class's images go to val: a share of each class (`share`, 0 < share < 1,
-    rounded, at least 1 and at most all but 1), or the same number of each (`per_class`)."""
+class Portion:
+    """How many of each class's images a held-out split ("val", "test") takes: a share of the
+    class (`share`, 0 < share < 1, rounded), or the same number of each (`per_class`)."""
 
+    split: str
     share: float | None
     per_class: int | None
-    seed: int
 
     def __post_init__(self):
-        if (self.share is None) == (self.per_class is None):
-            raise UserError("give the validation images as a share of each class (--val 0.1) or as a number of each "
-                            "(--val-per-class 50), not both")
         if self.share is not None and not 0 < self.share < 1:
-            raise UserError(f"--val {self.share}: a share of each class's images, between 0 and 1 (0.1 = 10%)")
+            raise UserError(f"--{self.split} {self.share}: a share of each class's images, between 0 and 1 (0.1 = 10%)")
         if self.per_class is not None and self.per_class < 1:
-            raise UserError(f"--val-per-class {self.per_class}: one image or more")
-        if not 0 <= self.seed < 2**63:
-            raise UserError(f"--seed {self.seed}: 0 or more")
+            raise UserError(f"--{self.split}-per-class {self.per_class}: one image or more")
 
-    def val_count(self, images: int) -> int:
-        if self.per_class is not None:
-            return self.per_class
-        return min(max(math.floor(images * self.share + 0.5), 1), images - 1)
-
-    def rounded_off(self, images: int) -> bool:
-        """True where a class is too small for the share to give both splits an image: its
-        val_count is 1 or all but 1, not the share."""
-        return self.share is not None and self.val_count(images) != math.floor(images * self.share + 0.5)
+    def wanted(self, images: int) -> int:
+        return self.per_class if self.per_class is not None else math.floor(images * self.share + 0.5)
 
     def said(self) -> str:
         if self.per_class is not None:
-            return f"{self.per_class} val image(s) a class, seed {self.seed}"
-        return f"val {self.share:.0%} of each class, seed {self.seed}"
+            return f"{self.per_class} {self.split} image(s) a class"
+        return f"{self.split} {self.share:.0%} of each class"
+
+
+@dataclass(frozen=True)
+class SplitRule:
+    """How each class's images are held out: `val`, and `test` where asked (a third split, for a
+    figure of the model chosen by its val top-1 on images it was not chosen by), and the seed."""
+
+    val: Portion
+    test: Portion | None
+    seed: int
+
+    def __post_init__(self):
+        shares = [p.share for p in (self.val, self.test) if p is not None and p.share is not None]
+        if len(shares) == 2 and sum(shares) >= 1:
+            raise UserError(f"--val {shares[0]} and --test {shares[1]} leave no training images: together they must be under 1")
+        if not 0 <= self.seed < 2**63:
+            raise UserError(f"--seed {self.seed}: 0 or more")
+
+    def counts(self, images: int) -> tuple[int, int]:
+        """(val, test) images of a class of IMAGES: as asked, but at least one in each split, the
+        training split included, where the class is small (a share of 3 images, say)."""
+        held = 1 if self.test else 0  # what test needs at least
+        val = min(max(self.val.wanted(images), 1), images - 1 - held)
+        test = min(max(self.test.wanted(images), 1), images - 1 - val) if self.test else 0
+        return val, test
+
+    def smallest(self) -> int:
+        """The fewest images a class may have: more than the per-class numbers asked, and one for each split."""
+        need = sum(p.per_class or 1 for p in (self.val, self.test) if p is not None)
+        return need + 1
+
+    def rounded_off(self, images: int) -> bool:
+        """True where a class is too small for the shares asked: its counts are not theirs."""
+        wanted = (self.val.wanted(images), self.test.wanted(images) if self.test else 0)
+        return self.counts(images) != wanted
+
+    def said(self) -> str:
+        return ", ".join([p.said() for p in (self.val, self.test) if p is not None] + [f"seed {self.seed}"])
 
     def record(self) -> dict:
-        return {"val": self.share, "val_per_class": self.per_class, "seed": self.seed}
+        test = self.test or Portion("test", None, None)
+        return {"val": self.val.share, "val_per_class": self.val.per_class, "test": test.share,
+                "test_per_class": test.per_class, "seed": self.seed}
 
 
-def val_files(class_name: str, files: list[str], rule: SplitRule) -> set[str]:
-    """The files of one class (paths below its folder) that go to val: the first `val_count` of
-    them, sorted, then shuffled by a generator seeded by the seed and the class's name alone
-    (random.Random hashes a str seed with SHA-512: the same on every machine and Python)."""
+def held_out(class_name: str, files: list[str], rule: SplitRule) -> tuple[set[str], set[str]]:
+    """The files of one class (paths below its folder) that go to val and to test: sorted, then
+    shuffled by a generator seeded by the seed and the class's name alone (random.Random hashes a str
+    seed with SHA-512: the same on every machine and Python); val the first of them, test the next.
+    So asking for a test split too leaves val as it was (but in a class too small for both)."""
     order = sorted(files)
     random.Random(f"fastrsb data split {rule.seed} {class_name}").shuffle(order)
-    return set(order[:rule.val_count(len(files))])
+    val, test = rule.counts(len(files))
+    return set(order[:val]), set(order[val:val + test])
 
 
 def split(source: str | Path, target: str | Path, rule: SplitRule) -> dict:
@@ -90,12 +121,13 @@ def split(source: str | Path, target: str | Path, rule: SplitRule) -> dict:
     classes = _source_classes(source, target)
     plan = _plan(classes, rule)
     record = {"source": str(source), **rule.record(), "listing": _fingerprint(classes),
-              "classes": {name: [len(files) - len(chosen), len(chosen)] for name, (files, chosen) in plan.items()}}
+              "classes": {name: [len(files) - len(val) - len(test), len(val), len(test)]
+                          for name, (files, val, test) in plan.items()}}
     loose = _loose_images(source)
     if _already_split(target, record):
         return {**record, "written": False, "loose": loose}
     _refuse_a_copy_that_will_not_fit(source, target, classes)
-    progress = Progress("splitting", sum(len(files) for files, _ in plan.values()), unit="files")
+    progress = Progress("splitting", sum(len(files) for files, _, _ in plan.values()), unit="files")
     try:
         # "keep": a TARGET another process filled meanwhile is not written over, ours dropped: checked below.
         with staged_folder(target, existing="keep") as staging:
@@ -152,17 +184,17 @@ def _refuse_a_split_folder(source: Path) -> None:
                             f"anew, give that folder ({source / name})")
 
 
-def _plan(classes: dict[str, list[str]], rule: SplitRule) -> dict[str, tuple[list[str], set[str]]]:
-    """{class: (its files, those that go to val)}; a class that cannot give both splits an image
-    (the validation set needs every class the training set has) is refused, the first five named."""
-    short = {name: len(files) for name, files in classes.items() if len(files) <= (rule.per_class or 1)}
+def _plan(classes: dict[str, list[str]], rule: SplitRule) -> dict[str, tuple[list[str], set[str], set[str]]]:
+    """{class: (its files, those that go to val, those that go to test)}; a class that cannot give
+    every split an image (the validation set needs every class the training set has) is refused, the
+    first five named."""
+    short = {name: len(files) for name, files in classes.items() if len(files) < rule.smallest()}
     if short:
         named = ", ".join(f"{name} ({count})" for name, count in list(short.items())[:5])
         more = f" and {len(short) - 5} more" if len(short) > 5 else ""
-        need = f"more than {rule.per_class} image(s) for --val-per-class {rule.per_class}" if rule.per_class \
-            else "two images or more, one for each split"
-        raise UserError(f"{len(short)} class(es) have too few images to split: {named}{more}; each needs {need}")
-    return {name: (files, val_files(name, files, rule)) for name, files in classes.items()}
+        raise UserError(f"{len(short)} class(es) have too few images to split: {named}{more}; each needs "
+                        f"{rule.smallest()} or more ({rule.said().rsplit(', seed', 1)[0]}, and one to train on)")
+    return {name: (files, *held_out(name, files, rule)) for name, files in classes.items()}
 
 
 def _already_split(target: Path, record: dict) -> bool:
@@ -188,7 +220,10 @@ def _already_split(target: Path, record: dict) -> bool:
         raise UserError(f"{target} is this split of {record['source']} as it was ({_images(saved)} images); it now "
                         f"holds {_images(record)}, or other files: split it into a new folder (or remove {target})")
     try:
-        theirs = f"of {saved['source']}, {SplitRule(saved['val'], saved['val_per_class'], saved['seed']).said()}"
+        test = Portion("test", saved["test"], saved["test_per_class"])
+        rule = SplitRule(Portion("val", saved["val"], saved["val_per_class"]),
+                         test if test.share or test.per_class else None, saved["seed"])
+        theirs = f"of {saved['source']}, {rule.said()}"
     except (KeyError, TypeError, UserError):
         theirs = f"its {RECORD} unlike this one's"
     raise UserError(f"{target} holds another split ({theirs}): split into a new folder, or remove {target}")
@@ -202,7 +237,7 @@ def _fingerprint(classes: dict[str, list[str]]) -> str:
 
 
 def _images(record: dict) -> str:
-    return f"{sum(train + val for train, val in record['classes'].values()):,}"
+    return f"{sum(map(sum, record['classes'].values())):,}"
 
 
 def _refuse_a_copy_that_will_not_fit(source: Path, target: Path, classes: dict[str, list[str]]) -> None:
@@ -216,13 +251,14 @@ def _refuse_a_copy_that_will_not_fit(source: Path, target: Path, classes: dict[s
                         f"{source}'s disk (hard links, no room taken) or make room")
 
 
-def _place(source: Path, staging: Path, plan: dict[str, tuple[list[str], set[str]]], progress: Progress) -> bool:
-    """Every image into staging/train or staging/val under its class and its path below the class
+def _place(source: Path, staging: Path, plan: dict[str, tuple[list[str], set[str], set[str]]],
+           progress: Progress) -> bool:
+    """Every image into staging/train, /val or /test under its class and its path below the class
     folder; True where all were hard-linked, False where any was copied."""
     linked, done, start, made = True, 0, time.perf_counter(), set()
-    for name, (files, chosen) in plan.items():
+    for name, (files, val, test) in plan.items():
         for file in files:
-            where = staging / ("val" if file in chosen else "train") / name / file
+            where = staging / ("val" if file in val else "test" if file in test else "train") / name / file
             if where.parent not in made:  # once a folder, not a stat an image
                 where.parent.mkdir(parents=True, exist_ok=True)
                 made.add(where.parent)
@@ -247,20 +283,24 @@ def _link_or_copy(file: Path, where: Path) -> bool:
 
 
 def summary(target: Path, result: dict, rule: SplitRule) -> list[str]:
-    """What `fastrsb data split` says it did: counts, how, the classes the share could not be kept
-    in, and the command that trains on it."""
+    """What `fastrsb data split` says it did: counts, how, the classes the shares could not be kept
+    in, and the commands that train and test on it."""
     counts = result["classes"]
-    train, val = (sum(pair[i] for pair in counts.values()) for i in (0, 1))
+    train, val, test = (sum(each[i] for each in counts.values()) for i in (0, 1, 2))
     how = "" if not result["written"] else "; hard links" if result["linked"] else "; copies"
-    lines = [f"{target}: {train:,} train / {val:,} val images in {len(counts):,} classes ({rule.said()}{how})"
+    tested = f" / {test:,} test" if rule.test else ""
+    lines = [f"{target}: {train:,} train / {val:,} val{tested} images in {len(counts):,} classes ({rule.said()}{how})"
              + ("" if result["written"] else ": there already, as asked")]
-    small = [f"{name} ({t + v} images, {v} val)" for name, (t, v) in counts.items() if rule.rounded_off(t + v)]
+    small = [f"{name} ({sum(each)} images: {each[1]} val{f', {each[2]} test' if rule.test else ''})"
+             for name, each in counts.items() if rule.rounded_off(sum(each))]
     if small:
         more = f" and {len(small) - 3} more" if len(small) > 3 else ""
-        lines.append(f"note: {len(small)} class(es) too small for {rule.share:.0%} kept one image in each split: "
+        lines.append(f"note: {len(small)} class(es) too small for the shares asked kept an image in each split: "
                      f"{', '.join(small[:3])}{more}")
     if result["loose"]:
         lines.append(f"note: {result['loose']:,} image(s) directly in {result['source']}, outside any class folder, "
                      "are in neither split (they have no class)")
     lines.append(f"train on it: fastrsb train RECIPE --data {target}")
+    if rule.test:
+        lines.append(f"test the model chosen: fastrsb eval RUN_DIR/best.pt --data {target / 'test'}")
     return lines

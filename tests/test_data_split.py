@@ -33,7 +33,7 @@ def own_data(tiny_data, tmp_path):
 def held_out(target: Path) -> dict[str, dict[str, set[str]]]:
     """{split: {class: its files, as paths below the class folder}} of a split folder."""
     out = {}
-    for split in ("train", "val"):
+    for split in ("train", "val", "test")[:3 if (target / "test").is_dir() else 2]:
         listed = list_images(target / split)
         out[split] = {name: set() for name in listed.classes}
         for file, label in zip(listed.files, listed.labels):
@@ -54,7 +54,8 @@ def test_a_split_holds_out_each_classes_share_and_trains(own_data, tmp_path):
     train_images, val_images = sum(sizes.values()) - sum(expected_val.values()), sum(expected_val.values())
     assert f"{target}: {train_images} train / {val_images} val images in 6 classes (val 15% of each class, seed 0; " \
            "hard links)" in proc.stdout
-    assert "note: 1 class(es) too small for 15% kept one image in each split: a_small (3 images, 1 val)" in proc.stdout
+    assert "note: 1 class(es) too small for the shares asked kept an image in each split: a_small (3 images: 1 val)" \
+        in proc.stdout
     assert f"note: 1 image(s) directly in {own_data}, outside any class folder, are in neither split" in proc.stdout
     assert f"train on it: fastrsb train RECIPE --data {target}" in proc.stdout
 
@@ -72,8 +73,8 @@ def test_a_split_holds_out_each_classes_share_and_trains(own_data, tmp_path):
     assert not list(target.rglob("README.txt"))
     record = json.loads((target / "split.json").read_text())
     assert record.pop("listing") and record == {
-        "source": str(own_data), "val": 0.15, "val_per_class": None, "seed": 0, "linked": True,
-        "classes": {name: [sizes[name] - expected_val[name], expected_val[name]] for name in sizes}}
+        "source": str(own_data), "val": 0.15, "val_per_class": None, "test": None, "test_per_class": None, "seed": 0,
+        "linked": True, "classes": {name: [sizes[name] - expected_val[name], expected_val[name], 0] for name in sizes}}
 
     assert "ok: ready to train" in run_cli("data", "check", target, "--no-decode").stdout
     proc = run_cli("train", "tiny", "--data", target, "--out", tmp_path / "run", "--device", "cpu",
@@ -87,12 +88,24 @@ def test_the_same_seed_gives_the_same_split_and_another_class_changes_none(own_d
     """The val images depend on the seed, the class's name and its files alone: the same command
     gives the same split (pinned for one class, so that a change of the rule, or of Python's seeded
     shuffle, fails here); another seed another; a class added, or a class's images another count,
-    leaves every other class's split as it was. --val-per-class holds out N of each."""
+    leaves every other class's split as it was. --test holds out a third split and leaves val as it
+    was; --val-per-class holds out N of each."""
     first = held_out(Path(run_cli("data", "split", own_data, tmp_path / "a").stdout.split(":")[0]))
     assert held_out(Path(run_cli("data", "split", own_data, tmp_path / "b").stdout.split(":")[0])) == first
     assert first["val"]["z_big"] == {"11.JPEG", "24.JPEG", "28.JPEG"}  # 10% of 31
     other = held_out(Path(run_cli("data", "split", own_data, tmp_path / "c", "--seed", "1").stdout.split(":")[0]))
     assert other["val"] != first["val"]
+    # A test split too: val as it was, test the next of each class's shuffled images, train the rest.
+    proc = run_cli("data", "split", own_data, tmp_path / "t", "--test", "0.1")
+    assert "/ 8 test images in 6 classes (val 10% of each class, test 10% of each class, seed 0; hard links)" \
+        in proc.stdout and f"test the model chosen: fastrsb eval RUN_DIR/best.pt --data {tmp_path / 't' / 'test'}" \
+        in proc.stdout  # 12 -> 1 (1.2), 31 -> 3 (3.1): 4 + 3 + 1 (a_small's 3 keep one for each split)
+    tested = held_out(tmp_path / "t")
+    assert tested["val"] == first["val"] and {k: len(v) for k, v in tested["test"].items()} == \
+        {"a_small": 1, "z_big": 3, **{k: 1 for k in first["val"] if k.startswith("n0")}}
+    for name, files in tested["train"].items():
+        assert files | tested["test"][name] == first["train"][name] and not files & tested["test"][name]
+    assert "ok: ready to train" in run_cli("data", "check", tmp_path / "t", "--no-decode").stdout
     shutil.copytree(own_data / "z_big", own_data / "m_new")
     (own_data / "z_big" / "30.JPEG").unlink()
     grown = held_out(Path(run_cli("data", "split", own_data, tmp_path / "d").stdout.split(":")[0]))
@@ -109,8 +122,12 @@ def test_what_cannot_be_split_is_refused_and_writes_nothing(own_data, tmp_path):
     beside it."""
     target = tmp_path / "t"
     refused = [
-        (("--val-per-class", "3"), "1 class(es) have too few images to split: a_small (3); each needs more than 3 "
-                                   "image(s) for --val-per-class 3"),
+        (("--val-per-class", "3"), "1 class(es) have too few images to split: a_small (3); each needs 4 or more (3 "
+                                   "val image(s) a class, and one to train on)"),
+        (("--val-per-class", "1", "--test-per-class", "2"), "a_small (3); each needs 4 or more (1 val image(s) a "
+                                                            "class, 2 test image(s) a class, and one to train on)"),
+        (("--val", "0.5", "--test", "0.5"), "--val 0.5 and --test 0.5 leave no training images"),
+        (("--test", "1.5"), "--test 1.5: a share of each class's images"),
         (("--val", "1"), "--val 1.0: a share of each class's images, between 0 and 1"),
         (("--val", "0"), "--val 0.0: a share"),
         (("--val-per-class", "0"), "--val-per-class 0: one image or more"),
@@ -128,7 +145,7 @@ def test_what_cannot_be_split_is_refused_and_writes_nothing(own_data, tmp_path):
     for name in ("s0.jpg", "s1.jpg"):
         (own_data / "a_small" / name).rename(tmp_path / name)
     assert_user_error(run_cli("data", "split", own_data, target, check=False),
-                      "a_small (1); each needs two images or more, one for each split")
+                      "a_small (1); each needs 2 or more (val 10% of each class, and one to train on)")
     for name in ("s0.jpg", "s1.jpg"):
         (tmp_path / name).rename(own_data / "a_small" / name)
 
