@@ -83,6 +83,9 @@ def evaluate_checkpoint_at(checkpoint: str | Path, data: str | Path, img_sizes: 
         del loader  # its pipeline's memory goes before the next size's is taken
         if per_class:
             figures["per_class"] = class_rows(figures["per_class"], images.classes, weights.descriptions)
+            # Balanced accuracy: on a val set whose classes differ in size (one's own), top-1 weighs
+            # the large classes; this weighs every class alike (on ImageNet's val, the same figure).
+            figures["mean_class_top1"] = sum(row["top1"] for row in figures["per_class"]) / len(figures["per_class"])
         yield {"checkpoint": str(checkpoint), "epoch": weights.epoch, "img_size": size, "crop_pct": crop,
                "ema": ema, "flip": flip, **figures, **({"notes": weights.notes} if weights.notes else {})}
 

@@ -204,7 +204,8 @@ def cmd_eval(args) -> None:
             print(f"{named}top1 {result['top1']:.2f} top5 {result['top5']:.2f} over {result['val_images']} images "
                   f"at {result['img_size']} px, crop {result['crop_pct']}{MIRRORED if args.flip else ''}{real}")
             if args.per_class:
-                print(f"  lowest top-1: {per_class.lowest(result['per_class'])}")
+                print(f"  the classes' mean top-1 {result['mean_class_top1']:.2f} (each class alike); lowest top-1: "
+                      f"{per_class.lowest(result['per_class'])}")
     if args.per_class:
         per_class.write_csv(Path(args.per_class), results)
     if len(results) > 1 and not args.json:

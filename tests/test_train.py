@@ -566,6 +566,7 @@ def test_eval_per_class_figures_add_up_and_are_each_class_evaluated_alone(run, t
     assert [(r["index"], r["class"], r["images"]) for r in rows] == [(k, name, 5) for k, name in enumerate(classes)]
     for figure in ("top1", "top5"):
         assert sum(r[figure] * r["images"] for r in rows) / 20 == pytest.approx(result[figure])
+    assert result["mean_class_top1"] == pytest.approx(sum(r["top1"] for r in rows) / 4)
     with open(table, newline="") as f:
         written = list(csv.DictReader(f))
     assert [(w["checkpoint"], w["img_size"], w["class"], int(w["images"]), float(w["top1"]), float(w["top5"]),
@@ -597,7 +598,8 @@ def test_eval_per_class_figures_add_up_and_are_each_class_evaluated_alone(run, t
         assert written[worst]["taken_for"] == other
         lowest += f" (taken for {other} ({written[worst]['taken_for_words'].split(',')[0]}) " \
                   f"{rows[worst]['taken_for_share']:.0f}%)"
-    assert text[1].startswith(f"  lowest top-1: {lowest}") and text[-1] == f"each class's figures: {table}"
+    assert text[1].startswith(f"  the classes' mean top-1 {sum(r['top1'] for r in rows) / 4:.2f} (each class alike); "
+                              f"lowest top-1: {lowest}") and text[-1] == f"each class's figures: {table}"
     for where, why in ((tmp_path / "no" / "such.csv", f"its folder {tmp_path / 'no'} does not exist"),
                        (tmp_path, "is a folder")):
         assert_user_error(run_cli("eval", out / "last.pt", "--data", tiny_data, "--per-class", where, check=False),
