@@ -380,7 +380,8 @@ def cmd_data_split(args) -> None:
     test = None if args.test is None and args.test_per_class is None else Portion("test", args.test,
                                                                                     args.test_per_class)
     rule = SplitRule(Portion("val", share, args.val_per_class), test, args.seed)
-    for line in summary(Path(args.target), split(args.source, args.target, rule), rule):
+    result = split(args.source, args.target, rule, args.labels, (args.file_column, args.label_column))
+    for line in summary(Path(args.target), result, rule):
         print(line)
 
 
@@ -634,7 +635,8 @@ def _add_data_commands(sub) -> None:
     d = data_sub.add_parser("split", help="a folder of class folders (one's own data set) -> TARGET/train/<class>/ "
                                           "and TARGET/val/<class>/ (and test/), each class split alike; hard links "
                                           "where the disk allows")
-    d.add_argument("source", help="SOURCE/<class>/<image>: every image of each class, to split")
+    d.add_argument("source", help="SOURCE/<class>/<image>: every image of each class, to split (or, with "
+                                  "--labels, the folder the table's images are below)")
     d.add_argument("target", help="a new (or empty) folder for train/ and val/")
     how_many = d.add_mutually_exclusive_group()
     how_many.add_argument("--val", type=float, metavar="SHARE", help="the share of each class's images that goes "
@@ -646,6 +648,13 @@ def _add_data_commands(sub) -> None:
     how_many.add_argument("--test-per-class", type=int, metavar="N", help="or N images of each class to test/")
     d.add_argument("--seed", type=int, default=0, help="which images go to val (default 0): the same seed, the "
                                                        "same split")
+    d.add_argument("--labels", metavar="TABLE", help="the classes from a CSV/TSV with a header: a column naming each "
+                                                     "image below SOURCE (with or without its extension), one its "
+                                                     "class")
+    d.add_argument("--file-column", metavar="NAME", help="with --labels: the column naming the images (default: the "
+                                                         "first that does)")
+    d.add_argument("--label-column", metavar="NAME", help="with --labels: the column of the classes (default: the "
+                                                          "other one, where there are two)")
     d.set_defaults(func=cmd_data_split)
 
 

@@ -25,6 +25,7 @@ from pathlib import Path
 from fastrsb.errors import UserError
 from fastrsb.file_jobs import free_gb, nearest_existing, stops_writing
 from fastrsb.folder_lock import in_use
+from fastrsb.label_table import classes_from_table
 from fastrsb.pipelines import IMAGE_EXTENSIONS, DatasetError, class_folders, list_images
 from fastrsb.pipelines.image_list import SPLIT_NAMES
 from fastrsb.progress import Progress
@@ -114,24 +115,34 @@ def held_out(class_name: str, files: list[str], rule: SplitRule) -> tuple[set[st
     return set(order[:val]), set(order[val:val + test])
 
 
-def split(source: str | Path, target: str | Path, rule: SplitRule) -> dict:
-    """Write TARGET/train and TARGET/val from SOURCE's class folders; the record it wrote (or found:
-    the same split of the same images already there)."""
+def split(source: str | Path, target: str | Path, rule: SplitRule, labels: str | Path | None = None,
+          columns: tuple[str | None, str | None] = (None, None)) -> dict:
+    """Write TARGET/train and TARGET/val (and test) from SOURCE's class folders, or from the images
+    below SOURCE as the table LABELS classes them (fastrsb.label_table; COLUMNS: its file and label
+    columns, None to find them); the record it wrote (or found: the same split of the same images
+    already there), with "left_out": the images below SOURCE in no class (no class folder, no row)."""
     source, target = Path(source).absolute(), Path(target).absolute()
-    classes = _source_classes(source, target)
+    _check_source(source, target)
+    if labels is None:
+        classes, left_out = _source_classes(source), _loose_images(source)
+        origins = {name: source / name for name in classes}  # a class's images are below its folder
+    else:
+        classes, left_out = classes_from_table(source, Path(labels), *columns)
+        origins = dict.fromkeys(classes, source)  # below SOURCE, as the table names them
+        if len(classes) < 2:
+            raise UserError(f"{labels} names one class ({next(iter(classes))}): a classifier needs two or more")
     plan = _plan(classes, rule)
-    record = {"source": str(source), **rule.record(), "listing": _fingerprint(classes),
-              "classes": {name: [len(files) - len(val) - len(test), len(val), len(test)]
-                          for name, (files, val, test) in plan.items()}}
-    loose = _loose_images(source)
+    record = {"source": str(source), **({"labels": str(Path(labels).absolute())} if labels else {}), **rule.record(),
+              "listing": _fingerprint(classes), "classes": {name: [len(files) - len(val) - len(test), len(val),
+                                                                  len(test)] for name, (files, val, test) in plan.items()}}
     if _already_split(target, record):
-        return {**record, "written": False, "loose": loose}
-    _refuse_a_copy_that_will_not_fit(source, target, classes)
+        return {**record, "written": False, "left_out": left_out}
+    _refuse_a_copy_that_will_not_fit(source, target, classes, origins)
     progress = Progress("splitting", sum(len(files) for files, _, _ in plan.values()), unit="files")
     try:
         # "keep": a TARGET another process filled meanwhile is not written over, ours dropped: checked below.
         with staged_folder(target, existing="keep") as staging:
-            linked = _place(source, staging, plan, progress)
+            linked = _place(origins, staging, plan, progress)
             (staging / RECORD).write_text(json.dumps({**record, "linked": linked}, indent=1) + "\n")
     except OSError as err:
         if stops_writing(err):
@@ -142,19 +153,22 @@ def split(source: str | Path, target: str | Path, rule: SplitRule) -> dict:
         progress.close()
     if not _already_split(target, record):  # another process's split landed first (another rule or source)
         raise UserError(f"{target} was written by another process meanwhile: split into a new folder")
-    return {**record, "linked": linked, "written": True, "loose": loose}
+    return {**record, "linked": linked, "written": True, "left_out": left_out}
 
 
-def _source_classes(source: Path, target: Path) -> dict[str, list[str]]:
-    """{class: its image paths below the class folder} of SOURCE, listed as the loaders list a
-    split (fastrsb.pipelines.list_images: its refusals too), or one line on why it cannot be split."""
+def _check_source(source: Path, target: Path) -> None:
     if not source.is_dir():
         raise UserError(f"source folder {source} {'is a file, not a folder' if source.exists() else 'does not exist'}")
     if target == source or source in target.parents:
-        raise UserError(f"the target {target} must lie outside the source {source} (it would become one of its "
-                        "classes)")
+        raise UserError(f"the target {target} must lie outside the source {source} (its images would be listed "
+                        "again)")
     if (who := in_use(source)) is not None:
         raise UserError(f"{source} is being written by {who}: split it once that has ended")
+
+
+def _source_classes(source: Path) -> dict[str, list[str]]:
+    """{class: its image paths below the class folder} of SOURCE, listed as the loaders list a
+    split (fastrsb.pipelines.list_images: its refusals too), or one line on why it cannot be split."""
     _refuse_a_split_folder(source)
     try:
         images = list_images(source)
@@ -240,29 +254,30 @@ def _images(record: dict) -> str:
     return f"{sum(map(sum, record['classes'].values())):,}"
 
 
-def _refuse_a_copy_that_will_not_fit(source: Path, target: Path, classes: dict[str, list[str]]) -> None:
+def _refuse_a_copy_that_will_not_fit(source: Path, target: Path, classes: dict[str, list[str]],
+                                     origins: dict[str, Path]) -> None:
     """Across disks every image is copied: refused before the first where they would not fit."""
     if os.stat(source).st_dev == os.stat(nearest_existing(target.parent)).st_dev:
         return  # hard links: no room needed but the folders'
-    size = sum(os.path.getsize(source / name / file) for name, files in classes.items() for file in files)
+    size = sum(os.path.getsize(origins[name] / file) for name, files in classes.items() for file in files)
     if size / 1e9 > free_gb(target.parent):
         raise UserError(f"{target} is on another disk than {source}, so its images would be copied ({size / 1e9:,.1f} "
                         f"GB), and its disk has {free_gb(target.parent):,.1f} GB free: choose a target on "
                         f"{source}'s disk (hard links, no room taken) or make room")
 
 
-def _place(source: Path, staging: Path, plan: dict[str, tuple[list[str], set[str], set[str]]],
+def _place(origins: dict[str, Path], staging: Path, plan: dict[str, tuple[list[str], set[str], set[str]]],
            progress: Progress) -> bool:
-    """Every image into staging/train, /val or /test under its class and its path below the class
-    folder; True where all were hard-linked, False where any was copied."""
+    """Every image (its path below its class's folder in ORIGINS) into staging/train, /val or /test
+    under its class and that path; True where all were hard-linked, False where any was copied."""
     linked, done, start, made = True, 0, time.perf_counter(), set()
     for name, (files, val, test) in plan.items():
         for file in files:
-            where = staging / ("val" if file in val else "test" if file in test else "train") / name / file
-            if where.parent not in made:  # once a folder, not a stat an image
-                where.parent.mkdir(parents=True, exist_ok=True)
-                made.add(where.parent)
-            linked &= _link_or_copy(source / name / file, where)
+            copy = staging / ("val" if file in val else "test" if file in test else "train") / name / file
+            if copy.parent not in made:  # once a folder, not a stat an image
+                copy.parent.mkdir(parents=True, exist_ok=True)
+                made.add(copy.parent)
+            linked &= _link_or_copy(origins[name] / file, copy)
             done += 1
             if done % 2000 == 0 or done == progress.total:
                 progress.update(done, done / max(time.perf_counter() - start, 1e-9))
@@ -297,9 +312,10 @@ def summary(target: Path, result: dict, rule: SplitRule) -> list[str]:
         more = f" and {len(small) - 3} more" if len(small) > 3 else ""
         lines.append(f"note: {len(small)} class(es) too small for the shares asked kept an image in each split: "
                      f"{', '.join(small[:3])}{more}")
-    if result["loose"]:
-        lines.append(f"note: {result['loose']:,} image(s) directly in {result['source']}, outside any class folder, "
-                     "are in neither split (they have no class)")
+    if result["left_out"]:
+        why = (f"no row of {result['labels']} names them" if "labels" in result else
+               f"directly in {result['source']}, outside any class folder")
+        lines.append(f"note: {result['left_out']:,} image(s) are in no split: {why} (they have no class)")
     lines.append(f"train on it: fastrsb train RECIPE --data {target}")
     if rule.test:
         lines.append(f"test the model chosen: fastrsb eval RUN_DIR/best.pt --data {target / 'test'}")

@@ -56,7 +56,7 @@ def test_a_split_holds_out_each_classes_share_and_trains(own_data, tmp_path):
            "hard links)" in proc.stdout
     assert "note: 1 class(es) too small for the shares asked kept an image in each split: a_small (3 images: 1 val)" \
         in proc.stdout
-    assert f"note: 1 image(s) directly in {own_data}, outside any class folder, are in neither split" in proc.stdout
+    assert f"note: 1 image(s) are in no split: directly in {own_data}, outside any class folder" in proc.stdout
     assert f"train on it: fastrsb train RECIPE --data {target}" in proc.stdout
 
     split = held_out(target)
@@ -234,3 +234,70 @@ def test_a_data_folder_without_val_points_to_split(own_data, tmp_path):
     assert_user_error(proc, f"1 problem(s) in {data}")
     assert "no 'val' folder" in proc.stdout and "its train/ holds 6 class folders: to hold some of each class's " \
         f"images out for validation, fastrsb data split {data / 'train'} {data}-split" in proc.stdout
+
+
+@pytest.fixture
+def labelled_flat(tiny_data, tmp_path):
+    """A flat folder of images and a table of their classes, as competition data come: each of
+    tiny_data's train images as <class>-<name>, named in the table without its extension (one with
+    it), with a column more; one image no row names."""
+    flat, rows = tmp_path / "flat", []
+    flat.mkdir()
+    for image in sorted((tiny_data / "train").rglob("*.JPEG")):
+        name = f"{image.parent.name}-{image.name}"
+        shutil.copy(image, flat / name)
+        rows.append((name if not rows else Path(name).stem, image.parent.name, len(rows) % 5))
+    shutil.copy(image, flat / "unlabelled.JPEG")
+    table = tmp_path / "labels.csv"
+    table.write_text("image,label,fold\n" + "".join(f"{n},{c},{f}\n" for n, c, f in rows))
+    return flat, table, rows
+
+
+def test_a_table_of_classes_splits_a_flat_folder_as_class_folders_would_be(labelled_flat, tmp_path):
+    """--labels: each image goes to its row's class, and the split is the one the same images in
+    class folders get (the same names, classes and seed: the same val images); an image no row names
+    is left out and said; a TSV saved with a byte-order mark, its columns named, reads the same."""
+    flat, table, rows = labelled_flat
+    assert_user_error(run_cli("data", "split", flat, tmp_path / "t", "--labels", table, check=False),
+                      f"{table} has the columns image, label, fold: say which holds the class with --label-column")
+    proc = run_cli("data", "split", flat, tmp_path / "t", "--labels", table, "--label-column", "label")
+    assert "44 train / 4 val images in 4 classes (val 10% of each class" in proc.stdout  # 12 a class: 1 (1.2)
+    assert f"note: 1 image(s) are in no split: no row of {table} names them" in proc.stdout
+    by_table = held_out(tmp_path / "t")
+    folders = tmp_path / "folders"
+    for name, label, _ in rows:
+        (folders / label).mkdir(parents=True, exist_ok=True)
+        shutil.copy(flat / (name if name.endswith(".JPEG") else f"{name}.JPEG"), folders / label)
+    assert held_out(Path(run_cli("data", "split", folders, tmp_path / "f").stdout.split(":")[0])) == by_table
+    for label, files in by_table["train"].items():
+        assert {f.split("-")[0] for f in files | by_table["val"][label]} == {label}
+    assert json.loads((tmp_path / "t" / "split.json").read_text())["labels"] == str(table)
+    tsv = tmp_path / "labels.tsv"
+    tsv.write_bytes("\ufeffclass\tfile\n".encode() + "".join(f"{c}\t{n}\n" for n, c, _ in rows).encode())
+    run_cli("data", "split", flat, tmp_path / "v", "--labels", tsv, "--file-column", "file", "--label-column", "class")
+    assert held_out(tmp_path / "v") == by_table
+
+
+def test_a_table_that_cannot_class_the_images_is_refused_naming_its_row(labelled_flat, tmp_path):
+    flat, table, rows = labelled_flat
+    lines = table.read_text().splitlines()
+
+    def refused(text, *said, options=("--label-column", "label")):
+        table.write_text("\n".join(text) + "\n")
+        assert_user_error(run_cli("data", "split", flat, tmp_path / "t", "--labels", table, *options, check=False),
+                          *said)
+    refused(lines + ["ghost,n00_hstripes,0"], f"1 row(s) of {table} name no image below {flat}: 'ghost' (column "
+                                              "'image': a path below")
+    refused(lines + [f"{rows[3][0]},{rows[40][1]},0"], f"{table}:{len(lines) + 1}: {rows[3][0]}.JPEG is of class "
+                                                       f"'{rows[40][1]}' here and of '{rows[3][1]}' on line 5: an "
+                                                       "image has one class")
+    for label, why in (("a/b", "cannot name a folder"), (".hidden", "its folder would be hidden"),
+                       ("", "no class given")):
+        refused([lines[0], f"{rows[0][0]},{label},0"] + lines[2:], f"{table}:2: ", why)
+    refused(lines[1:], f"{table}'s first line names an image", "the table needs a header row")
+    refused([lines[0]] + [f"{n},one,0" for n, _, _ in rows], f"{table} names one class (one)")
+    refused(lines, "--file-column 'name': ", "has the columns image, label, fold", options=("--file-column", "name"))
+    shutil.copy(flat / "unlabelled.JPEG", flat / f"{rows[5][0]}.png")  # a second image of that name
+    refused(lines, f"{table}:7: {rows[5][0]!r} names two images below {flat} (other extensions): name it with its "
+                   "extension")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["flat", "labels.csv"]
