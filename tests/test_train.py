@@ -260,8 +260,9 @@ def test_export_is_a_timm_model_folder(run, tiny_data, tmp_path):
 def test_export_onnx_gives_the_classes_predict_gives(run, tiny_data, tmp_path, monkeypatch):
     """export --onnx: model.onnx beside the timm folder, one file, batch and size dynamic; run by
     ONNX Runtime on the validation pipeline's batches, it gives each image the probabilities
-    `fastrsb predict` gives, its classes in config.json's order. An export whose check fails, or
-    without the exporter's packages, is refused and writes nothing."""
+    `fastrsb predict` gives, its classes in config.json's order; with --ema, the EMA's network, as
+    predict --ema. An export whose check fails, or without the exporter's packages, is refused and
+    writes nothing."""
     import onnxruntime
     import fastrsb.onnx_export
     from fastrsb.pipelines import val_loader
@@ -280,6 +281,21 @@ def test_export_onnx_gives_the_classes_predict_gives(run, tiny_data, tmp_path, m
                                                       "--top", "4").stdout.splitlines()]
     assert [r["file"] for r in predicted] == loader.images.files
     for row, probabilities in zip(predicted, logits.softmax(dim=1)):
+        by_class = {classes[k]: p for k, p in enumerate(probabilities.tolist())}
+        assert [by_class[t["class"]] for t in row["top"]] == pytest.approx([t["probability"] for t in row["top"]],
+                                                                           abs=1e-5)
+    # --ema --onnx: the EMA's network (its weights made to differ from the model's), as predict --ema sees it.
+    state = torch.load(out / "last.pt", weights_only=True)
+    state["ema"] = {k: v * 0.9 if v.is_floating_point() else v for k, v in state["model"].items()}
+    torch.save(state, tmp_path / "with_ema.pt")
+    run_cli("export", tmp_path / "with_ema.pt", tmp_path / "ema", "--ema", "--onnx")
+    session = onnxruntime.InferenceSession(str(tmp_path / "ema" / "model.onnx"), providers=["CPUExecutionProvider"])
+    ema_logits = torch.cat([torch.from_numpy(session.run(["logits"], {"images": images.contiguous().numpy()})[0])
+                            for images, _ in loader])
+    assert (ema_logits - logits).abs().max() > 1e-2  # another network: the test tells them apart
+    predicted = [json.loads(line) for line in run_cli("predict", tmp_path / "with_ema.pt", tiny_data / "val", "--ema",
+                                                      "--json", "--top", "4").stdout.splitlines()]
+    for row, probabilities in zip(predicted, ema_logits.softmax(dim=1)):
         by_class = {classes[k]: p for k, p in enumerate(probabilities.tolist())}
         assert [by_class[t["class"]] for t in row["top"]] == pytest.approx([t["probability"] for t in row["top"]],
                                                                            abs=1e-5)
