@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from fastrsb.errors import UserError
+from fastrsb.staging import current_umask
 
 _ZIP_MAGIC = b"PK\x03\x04"  # the first bytes of what torch.save writes
 
@@ -25,6 +26,9 @@ def save_checkpoint(state: dict, path: str | Path) -> None:
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        # mkstemp's file is private (0600): give it the mode torch.save's open would have (timm's
+        # checkpoints, 0644 under the usual umask), so that others on a shared machine can read it.
+        os.fchmod(fd, 0o666 & ~current_umask())
         with os.fdopen(fd, "wb") as f:
             torch.save(state, f)
             f.flush()
@@ -44,7 +48,21 @@ def _first_line(err: BaseException) -> str:
     return (str(err).strip().splitlines() or [type(err).__name__])[0]
 
 
-def remove_partial_saves(folder: Path, names: tuple[str, ...] = ("last.pt", "best.pt")) -> tuple[int, int]:
+KEPT = "epoch-{:03d}.pt"  # an epoch's checkpoint kept by train --keep-every (run_state.RunFolder.keep)
+
+
+def kept_checkpoints(folder: Path) -> dict[int, Path]:
+    """{epoch: its kept checkpoint} of a run folder."""
+    found = {}
+    for path in Path(folder).glob("epoch-*.pt"):
+        number = path.name.removeprefix("epoch-").removesuffix(".pt")
+        if number.isdecimal() and path.is_file():
+            found[int(number)] = path
+    return dict(sorted(found.items()))
+
+
+def remove_partial_saves(folder: Path, names: tuple[str, ...] = ("last.pt", "best.pt", "epoch-*.pt")
+                         ) -> tuple[int, int]:
     """Delete the temporary files of saves that never finished (SIGKILL, a lost node, a full disk
     mid-write: each as large as a checkpoint, ~300 MB for ResNet-50 with LAMB's moments, and
     never read). Returns (files, bytes) removed. Only for a folder no other process is saving

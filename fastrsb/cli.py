@@ -92,7 +92,8 @@ def cmd_train(args) -> int:
     metrics = train(recipe, data, out, device=args.device, num_threads=args.threads, log_every=args.log_every,
                     resume=args.resume, grad_accum_steps=args.grad_accum_steps, stop=stop,
                     stop_after_steps=args.stop_after_steps, micro_batch=args.micro_batch,
-                    deterministic=args.deterministic, command=command_line(args.argv), wandb_project=args.wandb)
+                    deterministic=args.deterministic, command=command_line(args.argv), wandb_project=args.wandb,
+                    keep_every=args.keep_every)
     main_rank = os.environ.get("RANK", "0") == "0"
     if metrics.get("stopped"):
         if main_rank:
@@ -146,7 +147,8 @@ def train_words(args, data: Path, out: Path) -> list[str]:
         words.append("--deterministic")
     for flag, value, default in (("--device", args.device, "auto"), ("--threads", args.threads, None),
                                  ("--log-every", args.log_every, 50), ("--grad-accum-steps", args.grad_accum_steps, "auto"),
-                                 ("--micro-batch", args.micro_batch, None), ("--wandb", args.wandb, None)):
+                                 ("--micro-batch", args.micro_batch, None), ("--wandb", args.wandb, None),
+                                 ("--keep-every", args.keep_every, None)):
         if value != default:
             words += [flag, str(value)]
     for item in args.overrides:
@@ -579,6 +581,9 @@ def _add_train_command(sub) -> None:
                         "together; with --device cpu, N CPU processes (gloo). Several machines: torchrun")
     p.add_argument("--stop-after-steps", type=count_option, default=None, metavar="N",
                    help="save a resumable checkpoint and stop once N optimizer steps are done in total")
+    p.add_argument("--keep-every", type=count_option, default=None, metavar="N",
+                   help="also keep every N-th epoch's checkpoint, and the last's, as RUN_DIR/epoch-NNN.pt (hard "
+                        "links to last.pt as it was: no room taken where the disk allows; timm's checkpoint-N)")
     p.add_argument("--wandb", metavar="PROJECT", default=None,
                    help="also log the metrics to a Weights & Biases run in PROJECT (pip install wandb; "
                         "WANDB_MODE=offline without a network); a resumed run continues its W&B run without it")

@@ -9,13 +9,16 @@ streams (_resharded_position), as it does from loader positions an earlier fastr
 from __future__ import annotations
 
 import json
+import os
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from fastrsb import __version__
-from fastrsb.checkpoint import load_checkpoint, load_weights, remove_partial_saves, save_checkpoint
+from fastrsb.checkpoint import (KEPT, kept_checkpoints, load_checkpoint, load_weights, remove_partial_saves,
+                                save_checkpoint)
 from fastrsb.distributed import Dist, broadcast_from_main, gather_to_main, stop_together
 from fastrsb.errors import StoppedWithAnother, UserError
 from fastrsb.metrics_log import append_rows, read_rows, replace_text, rewrite_rows, scalars
@@ -242,8 +245,8 @@ class RunFolder:
     "run"). Rank 0 writes; the other ranks' calls do nothing."""
 
     def __init__(self, out: Path, recipe: dict, d: Dist, resumed: Position | None = None,
-                 wandb_project: str | None = None, facts: dict | None = None):
-        self.out, self.main, self.board, self.wandb = out, d.main, None, None
+                 wandb_project: str | None = None, facts: dict | None = None, keep_every: int | None = None):
+        self.out, self.main, self.board, self.wandb, self.keep_every = out, d.main, None, None, keep_every
         self.saved: tuple[Path, str] | None = None  # the run's newest checkpoint and where it stands (train.py)
         self._pending: list[dict] = []  # rows not yet written (the disk was full)
         self._failing = False
@@ -263,6 +266,8 @@ class RunFolder:
                 return row["step"] < resumed.step or (row["step"] == resumed.step and
                                                        (resumed.validated or row["kind"] != "epoch"))
             rewrite_rows(metrics, [row for row in read_rows(metrics) if kept(row)])
+        if resumed is not None:
+            self._drop_kept_after(resumed)
         self._write_summary()
         if wandb_project:
             from fastrsb.wandb_log import WandbLog
@@ -275,6 +280,38 @@ class RunFolder:
             return
         # purge_step: on resume, events written after the checkpoint's step are dropped, as metrics rows are.
         self.board = SummaryWriter(str(out / "tensorboard"), purge_step=resumed.step + 1 if resumed else None)
+
+    def keep(self, epoch: int, epochs: int) -> None:
+        """With keep_every: RUN_DIR/last.pt, just saved at EPOCH's end, kept as epoch-NNN.pt where
+        EPOCH is a multiple of keep_every or the last, as timm's train.py keeps checkpoint-N.pth.tar
+        files: a hard link (no room taken: the next save writes last.pt as a new file), else a copy.
+        One that cannot be kept (a full disk) is said, and the run goes on."""
+        if not (self.main and self.keep_every) or (epoch % self.keep_every and epoch != epochs):
+            return
+        kept = self.out / KEPT.format(epoch)
+        partial = self.out / f".{kept.name}.{os.getpid()}.tmp"  # as remove_partial_saves finds them
+        try:
+            try:
+                os.link(self.out / "last.pt", partial)
+            except OSError:  # a file system without hard links
+                shutil.copyfile(self.out / "last.pt", partial)
+            os.replace(partial, kept)
+        except OSError as err:
+            partial.unlink(missing_ok=True)
+            print(f"note: could not keep epoch {epoch}'s checkpoint as {kept} ({err.strerror}): the run goes on",
+                  flush=True)
+
+    def _drop_kept_after(self, resumed: Position) -> None:
+        """A resumed run trains again from its checkpoint: the epochs kept after it belong to the run
+        it no longer is (one resumed from an earlier checkpoint, say) and go, as their metrics rows
+        do; each is kept again once the run gets there."""
+        after = [(epoch, path) for epoch, path in kept_checkpoints(self.out).items()
+                 if epoch > resumed.epoch or (epoch == resumed.epoch and not resumed.validated)]
+        for _, path in after:
+            path.unlink(missing_ok=True)
+        if after:
+            print(f"removed {len(after)} kept checkpoint(s) of epochs after the one resumed from "
+                  f"({', '.join(path.name for _, path in after)})", flush=True)
 
     def log(self, row: dict) -> None:
         """Append a row. A write that fails (a full disk) does not stop the run: the row is kept

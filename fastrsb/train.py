@@ -46,7 +46,7 @@ def train(recipe: dict, data: str | Path, out: str | Path, device: str | None = 
           num_threads: int | None = None, log_every: int = 50, resume: str | None = None,
           grad_accum_steps: str | int = "auto", stop: StopRequest | None = None,
           stop_after_steps: int | None = None, micro_batch: int | None = None, deterministic: bool = False,
-          command: str | None = None, wandb_project: str | None = None) -> dict:
+          command: str | None = None, wandb_project: str | None = None, keep_every: int | None = None) -> dict:
     """Train as the recipe says; write RUN_DIR/{recipe.json, starts.jsonl, metrics.jsonl, last.pt,
     best.pt} (rank 0 only), and train.log where the command keeps one (fastrsb.run_log).
     resume: "auto" (RUN_DIR/last.pt if present) or a checkpoint path.
@@ -58,13 +58,14 @@ def train(recipe: dict, data: str | Path, out: str | Path, device: str | None = 
     command: the command line that started this, for RUN_DIR/starts.jsonl (fastrsb.provenance).
     wandb_project: also log to a W&B run in this project (fastrsb.wandb_log; a run folder that has
     one continues it without).
+    keep_every: also keep every that many epochs' checkpoint, and the last's (RUN_DIR/epoch-NNN.pt).
     Returns the last epoch's metrics, with "stopped": True when it ended early."""
     device, out = resolve_device(device), Path(out)
     d = init_distributed(device)
     new_folder, lock = not out.exists(), FolderLock(out)
     try:
         return _train(recipe, data, out, device, d, num_threads, log_every, resume, grad_accum_steps, stop,
-                      stop_after_steps, micro_batch, deterministic, command, lock, wandb_project)
+                      stop_after_steps, micro_batch, deterministic, command, lock, wandb_project, keep_every)
     except BaseException as error:
         # Its traceback holds _train's frame, and so the run (its DDP wrapper): let go of them now,
         # while the process group still stands (distributed.shutdown says why). The lines stay.
@@ -82,7 +83,7 @@ def train(recipe: dict, data: str | Path, out: str | Path, device: str | None = 
 def _train(recipe: dict, data: str | Path, out: Path, device: str, d: Dist, num_threads: int | None, log_every: int,
            resume: str | None, grad_accum_steps: str | int, stop: StopRequest | None, stop_after_steps: int | None,
            micro_batch: int | None, deterministic: bool, command: str | None, lock: FolderLock,
-           wandb_project: str | None) -> dict:
+           wandb_project: str | None, keep_every: int | None) -> dict:
     """train()'s work in a frame of its own, whose objects are gone when it returns."""
     with (stop or StopRequest()) as stop, deterministic_mode(deterministic):
         train_images, val_images, wandb_project = _open_together(data, out, resume, d, lock, wandb_project)
@@ -104,7 +105,8 @@ def _train(recipe: dict, data: str | Path, out: Path, device: str, d: Dist, num_
         # --resume auto without a checkpoint restarts from step 0: rows logged there by a run that
         # stopped before its first checkpoint (a crash) are dropped as rows after a checkpoint are.
         folder = RunFolder(out, recipe, d, resumed=pos if state or resume else None, wandb_project=wandb_project,
-                           facts=_run_facts(run, data, len(train_images)) if wandb_project else None)
+                           facts=_run_facts(run, data, len(train_images)) if wandb_project else None,
+                           keep_every=keep_every)
         _start_log(out, d, command)
         if state:
             folder.saved = (resume_path, _where(run, pos))
@@ -205,6 +207,7 @@ def _validate_and_save(run: Run, pos: Position, folder: RunFolder) -> None:
     improved = score > pos.best_top1
     pos.best_top1, pos.metrics, pos.validated = max(pos.best_top1, score), metrics, True
     _save(run, pos, folder, best=improved)
+    folder.keep(pos.epoch, run.recipe["epochs"])
 
 
 def _save(run: Run, pos: Position, folder: RunFolder, best: bool = False) -> None:

@@ -809,3 +809,35 @@ def test_a_run_saved_before_the_random_interpolation_resumes_bilinear(tiny_data,
     with pytest.raises(UserError, match="another recipe \\(train_interpolation 'bilinear' -> 'random'\\)"):
         _train(tiny_data, tmp_path, resume="auto")
     assert not train(recipe, tiny_data, tmp_path, device="cpu", num_threads=1, resume="auto").get("stopped")
+
+
+def test_keep_every_keeps_epochs_and_a_resume_from_an_earlier_one_redoes_the_rest(tiny_data, tmp_path, capsys):
+    """--keep-every 2 of 3 epochs keeps epoch-002.pt and, the last, epoch-003.pt (hard links to
+    last.pt as it was then): checkpoints eval and resume take, readable by others as torch.save's
+    files are. A run resumed from epoch-002.pt drops the later ones (as it drops their metrics rows),
+    keeps them again when it gets there, and ends with the weights it had (exact resume); the
+    continue command it prints when stopped keeps --keep-every."""
+    import stat
+    from fastrsb.staging import current_umask
+    out = tmp_path / "run"
+    argv = ("train", "tiny", "--data", tiny_data, "--out", out, "--device", "cpu", "--threads", "1", "--set",
+            "epochs=3", "--keep-every", "2")
+    run_cli(*argv)
+    assert sorted(p.name for p in out.glob("*.pt")) == ["best.pt", "epoch-002.pt", "epoch-003.pt", "last.pt"]
+    assert os.path.samefile(out / "epoch-003.pt", out / "last.pt")
+    assert stat.S_IMODE(os.stat(out / "last.pt").st_mode) == 0o666 & ~current_umask()  # mkstemp's were 0600
+    kept, rows = load_checkpoint(out / "epoch-002.pt"), _epoch_rows(out)
+    assert (kept["epoch"], kept["step"], kept["validated"]) == (2, 12, True)
+    assert json.loads(run_cli("eval", out / "epoch-002.pt", "--data", tiny_data, "--json").stdout)["top1"] == \
+        rows[1]["top1"]
+    first = load_checkpoint(out / "epoch-003.pt")
+    capsys.readouterr()
+
+    stopped = run_cli(*argv, "--resume", out / "epoch-002.pt", "--stop-after-steps", "14", check=False)
+    assert "removed 1 kept checkpoint(s) of epochs after the one resumed from (epoch-003.pt)" in stopped.stdout
+    assert "--keep-every 2 --set epochs=3 --resume auto" in stopped.stdout.splitlines()[-1]  # the continue command
+    assert sorted(p.name for p in out.glob("epoch-*.pt")) == ["epoch-002.pt"] and len(_epoch_rows(out)) == 2
+    run_cli(*argv, "--resume", "auto")
+    again = load_checkpoint(out / "epoch-003.pt")
+    assert all(torch.equal(value, again["model"][key]) for key, value in first["model"].items())
+    assert _epoch_rows(out) == rows
