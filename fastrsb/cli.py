@@ -253,7 +253,9 @@ def cmd_export(args) -> None:
         print(json.dumps(result))
         return
     top1 = f", top-1 {result['top1']:.2f}" if result["top1"] is not None else ""
-    print(f"{result['checkpoint']} (epoch {result['epoch']}{top1}, the {'EMA' if args.ema else 'model'}'s weights) -> "
+    epoch = (f"the mean of epochs {', '.join(map(str, result['averaged_epochs']))}" if result["averaged_epochs"]
+             else f"epoch {result['epoch']}{top1}")
+    print(f"{result['checkpoint']} ({epoch}, the {'EMA' if args.ema else 'model'}'s weights) -> "
           f"{result['out']}: model.safetensors ({result['weights_bytes'] / 1e6:.1f} MB), config.json "
           f"({result['architecture']}, {result['num_classes']} classes, tested at {result['img_size']} px, "
           f"crop {result['crop_pct']})")
@@ -266,6 +268,14 @@ def cmd_export(args) -> None:
         print(f"model.onnx ({result['onnx_bytes'] / 1e6:.1f} MB): input images (batch, 3, height, width) float32, "
               f"transformed as config.json says; output logits (batch, {result['num_classes']}); {checked}")
     print(f"in timm: timm.create_model(\"local-dir:{result['out']}\", pretrained=True)")
+
+
+def cmd_average(args) -> None:
+    from fastrsb.average import average_checkpoints
+    result = average_checkpoints(args.checkpoints, args.out)
+    epochs = ", ".join(str(c["epoch"]) for c in result["checkpoints"])
+    print(f"{result['out']}: the mean of {len(result['checkpoints'])} checkpoints' weights (epochs {epochs})"
+          f"{' and of their EMAs' if result['ema'] else ''}; evaluate it with fastrsb eval {result['out']} --data DIR")
 
 
 def cmd_doctor(args) -> int | None:
@@ -479,6 +489,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_predict_command(sub)
     _add_export_command(sub)
+    p = sub.add_parser("average", help="the mean of several checkpoints' weights (a run's kept epochs, or runs "
+                                       "of one recipe), as timm's avg_checkpoints.py: a checkpoint eval, export and "
+                                       "predict take")
+    p.add_argument("checkpoints", nargs="+", help="fastrsb checkpoints of one model and classes (e.g. RUN_DIR/epoch-*.pt)")
+    p.add_argument("--out", required=True, help="the checkpoint file to write")
+    p.set_defaults(func=cmd_average)
 
     p = sub.add_parser("doctor", help="every check a run depends on, at once: GPUs, driver and CUDA builds, DALI, "
                                       "cores, disk, and the data folder")
@@ -664,6 +680,8 @@ def _add_data_commands(sub) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from fastrsb import quiet_imports
+    quiet_imports.install()  # timm without wandb (~3 s a command where wandb is installed)
     args = build_parser().parse_args(argv)
     args.argv = list(argv) if argv is not None else sys.argv[1:]  # as given: RUN_DIR/starts.jsonl records it
     # A run's log (RUN_DIR/train.log) takes what the command prints, its error included, once
@@ -684,6 +702,12 @@ def _run(args) -> int:
             from fastrsb import run_log
             run_log.log_only(f"fastrsb: error: {err}\n")
         return 2
+    except BrokenPipeError:
+        # What reads the output has gone (`fastrsb predict ... | head`): nothing is left to say, and
+        # Python's flush at exit would fail again, so stdout goes to /dev/null; exit as a command
+        # ended by SIGPIPE does (128 + 13), not with a traceback.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     except OSError as err:  # a disk that takes no more, wherever a command met it: one line, not a traceback
         from fastrsb.file_jobs import free_gb, stops_writing
         if not stops_writing(err):

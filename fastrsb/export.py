@@ -64,7 +64,8 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, ema: bool = False
     # version and commit: the fastrsb that trained the weights (an older checkpoint has no commit)
     provenance = {"version": state.get("version", __version__), "commit": state.get("commit"),
                   "checkpoint": str(checkpoint), "epoch": state.get("epoch"),
-                  "top1": _validated_top1(state, ema), "weights": "ema" if ema else "model", "recipe": recipe}
+                  "top1": _validated_top1(state, ema), "weights": "ema" if ema else "model", "recipe": recipe,
+                  **({"averaged_from": state["averaged_from"]} if "averaged_from" in state else {})}
     model_config = {"label_names": timm_classes, "fastrsb": provenance}
     descriptions = imagenet_descriptions(classes)
     if descriptions:
@@ -82,6 +83,7 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, ema: bool = False
         raise UserError(f"could not write {out}: {err.strerror or err}") from None
     return {"checkpoint": str(checkpoint), "out": str(out), "architecture": architecture,
             "num_classes": len(classes), "epoch": state.get("epoch"), "top1": provenance["top1"],
+            "averaged_epochs": [c["epoch"] for c in state.get("averaged_from", [])],
             "weights": provenance["weights"], "img_size": recipe["test_img_size"], "crop_pct": recipe["crop_pct"],
             # the weights not exported, where the run kept an EMA: the ones it judged its epochs by
             "ema_top1": _validated_top1(state, True) if "ema" in state and not ema else None,

@@ -71,7 +71,9 @@ def load_for_resume(path: Path, recipe: dict, classes: list[str], d: Dist) -> di
     if state["classes"] != classes:
         raise UserError(f"{path} was trained on {len(state['classes'])} classes, the data has {len(classes)}")
     if "ranks" not in state:
-        raise UserError(f"{path} holds weights only (no optimizer and loader state): it cannot be resumed")
+        what = " (a mean of checkpoints: fastrsb average)" if "averaged_from" in state else ""
+        raise UserError(f"{path} holds weights only{what}, no optimizer and loader state: it cannot be resumed; a new "
+                        f"run starts from its weights with --set initial_checkpoint={path}")
     return state
 
 

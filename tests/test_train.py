@@ -735,6 +735,54 @@ def test_flip_averages_each_images_outputs_with_its_mirror_images(run, tiny_data
                                                                  "--flip").stdout
 
 
+def test_average_is_the_mean_of_the_weights_and_a_checkpoint_eval_and_export_take(run, tiny_data, tmp_path):
+    """fastrsb average: each entry's mean (timm's avg_checkpoints.py: BatchNorm's statistics too; its
+    step counts rounded), the EMA's where all kept one; eval, export and predict take the result, a
+    resume does not (no optimizer state). Refused: one checkpoint, one given twice (a hard link
+    too), another model's classes, --out over an input."""
+    out, _ = run
+    a = load_checkpoint(out / "last.pt")
+    b = {**a, "model": {k: v + (1 if v.is_floating_point() else 2) for k, v in a["model"].items()}, "epoch": 7}
+    torch.save(b, tmp_path / "b.pt")
+    proc = run_cli("average", out / "last.pt", tmp_path / "b.pt", "--out", tmp_path / "avg.pt")
+    assert f"the mean of 2 checkpoints' weights (epochs {a['epoch']}, 7)" in proc.stdout
+    mean = load_checkpoint(tmp_path / "avg.pt")
+    for key, value in a["model"].items():  # (the sum in float64, as timm's: v + 0.5 in float32 rounds otherwise)
+        expected = ((value.double() + b["model"][key].double()) / 2).float() if value.is_floating_point() else value + 1
+        assert torch.equal(mean["model"][key], expected), key
+    assert "ema" not in mean and [c["epoch"] for c in mean["averaged_from"]] == [a["epoch"], 7]
+    assert "top1" in json.loads(run_cli("eval", tmp_path / "avg.pt", "--data", tiny_data, "--json").stdout)
+    assert f"(the mean of epochs {a['epoch']}, 7, the model's weights)" in run_cli(
+        "export", tmp_path / "avg.pt", tmp_path / "exported").stdout
+    config = json.loads((tmp_path / "exported" / "config.json").read_text())
+    assert [c["epoch"] for c in config["fastrsb"]["averaged_from"]] == [a["epoch"], 7]
+    assert_user_error(run_cli("train", "tiny", "--data", tiny_data, "--out", tmp_path / "again", "--device", "cpu",
+                              "--resume", tmp_path / "avg.pt", check=False),
+                      "holds weights only (a mean of checkpoints: fastrsb average)", "initial_checkpoint=")
+    (tmp_path / "same.pt").hardlink_to(tmp_path / "b.pt")
+    other = {**a, "classes": list(reversed(a["classes"]))}
+    torch.save(other, tmp_path / "other.pt")
+    for inputs, said in (([out / "last.pt"], "give two checkpoints or more"),
+                         ([tmp_path / "b.pt", tmp_path / "same.pt"], "is a checkpoint given before"),
+                         ([out / "last.pt", tmp_path / "other.pt"], "classify other classes")):
+        assert_user_error(run_cli("average", *inputs, "--out", tmp_path / "x.pt", check=False), said)
+    assert_user_error(run_cli("average", out / "last.pt", tmp_path / "b.pt", "--out", tmp_path / "same.pt",
+                              check=False), "is one of the checkpoints averaged")
+    assert not (tmp_path / "x.pt").exists()
+
+
+def test_predict_into_a_pipe_closed_early_ends_quietly(run, tiny_data):
+    """`fastrsb predict ... | head`: the reader goes before the lines end. The command ends as one
+    killed by SIGPIPE does (141), without a traceback (it printed one)."""
+    import subprocess
+    out, _ = run
+    proc = subprocess.Popen([sys.executable, "-m", "fastrsb", "predict", str(out / "last.pt"), str(tiny_data / "val"),
+                             "--batch-size", "4"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()  # as head does once it has its lines
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 141 and b"Traceback" not in err, err.decode()
+
+
 def test_predict_refuses_what_it_cannot_read_in_one_line(run, tiny_data, tmp_path):
     """A path that is nothing, a file that is no image, a folder without images, an image that
     does not decode (named), a CSV path that cannot be written: one line each, before any output."""

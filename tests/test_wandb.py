@@ -136,3 +136,16 @@ def test_wandb_out_of_reach_leaves_the_training_going(tiny_data, tmp_path, monke
                    check=False)
     assert_user_error(proc, "whose package is not installed here: pip install 'fastrsb[wandb]'")
     assert not (tmp_path / "other").exists()
+
+
+def test_the_command_line_imports_timm_without_wandb_and_wandb_where_asked():
+    """`import timm` imports wandb where it is installed (timm.utils.summary: ~3 s a command here,
+    and hooks on stdout): under the command line it does not (fastrsb.quiet_imports), and wandb
+    itself still imports for --wandb (and for anyone else). In a process of its own: this one has
+    imported both."""
+    import subprocess
+    code = ("import sys; from fastrsb.cli import main; main(['recipe', 'tiny', '--json']); import timm; "
+            "print('wandb' in sys.modules, 'timm.utils.summary' in sys.modules); "
+            "import fastrsb.wandb_log, wandb; print(wandb.__name__ in sys.modules)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert proc.stdout.splitlines()[-2:] == ["False True", "True"]
