@@ -599,7 +599,7 @@ def _add_train_command(sub) -> None:
                    help="save a resumable checkpoint and stop once N optimizer steps are done in total")
     p.add_argument("--keep-every", type=count_option, default=None, metavar="N",
                    help="also keep every N-th epoch's checkpoint, and the last's, as RUN_DIR/epoch-NNN.pt (hard "
-                        "links to last.pt as it was: no room taken where the disk allows; timm's checkpoint-N)")
+                        "links to last.pt as it was; each takes a checkpoint's room once last.pt moves on)")
     p.add_argument("--wandb", metavar="PROJECT", default=None,
                    help="also log the metrics to a Weights & Biases run in PROJECT (pip install wandb; "
                         "WANDB_MODE=offline without a network); a resumed run continues its W&B run without it")

@@ -285,9 +285,10 @@ class RunFolder:
 
     def keep(self, epoch: int, epochs: int) -> None:
         """With keep_every: RUN_DIR/last.pt, just saved at EPOCH's end, kept as epoch-NNN.pt where
-        EPOCH is a multiple of keep_every or the last, as timm's train.py keeps checkpoint-N.pth.tar
-        files: a hard link (no room taken: the next save writes last.pt as a new file), else a copy.
-        One that cannot be kept (a full disk) is said, and the run goes on."""
+        EPOCH is a multiple of keep_every or the last (timm's train.py keeps its --checkpoint-hist
+        best epochs instead, checkpoint-N.pth.tar): a hard link (no room taken until the next save
+        writes last.pt as a new file), else a copy. One that cannot be kept (a full disk) is said,
+        and the run goes on."""
         if not (self.main and self.keep_every) or (epoch % self.keep_every and epoch != epochs):
             return
         kept = self.out / KEPT.format(epoch)
