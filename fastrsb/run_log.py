@@ -175,12 +175,12 @@ class _Tee:
         self._stream, self._log = stream, log
 
     def write(self, text: str) -> int:
-        written = _quiet_if_hung_up(lambda: self._stream.write(text), len(text))
+        written = _quiet_if_hung_up(lambda: self._stream.write(text), len(text), self._stream)
         self._log.record(text)
         return written
 
     def flush(self) -> None:
-        _quiet_if_hung_up(self._stream.flush, None)
+        _quiet_if_hung_up(self._stream.flush, None, self._stream)
 
     def writelines(self, lines) -> None:
         for line in lines:
@@ -193,15 +193,22 @@ class _Tee:
 _SIGNAL_SAID = re.compile(r"^fastrsb: (SIG[A-Z0-9]+) received")  # fastrsb.stopping's line
 
 
-def _quiet_if_hung_up(write, instead):
+def _quiet_if_hung_up(write, instead, stream):
     """write(), or where the terminal has hung up (EIO: its SIGHUP may arrive a moment after the
-    first write fails), the terminal's output sent to /dev/null and `instead`."""
+    first write fails), the terminal's output sent to /dev/null and `instead`; the same where
+    STREAM is a pipe whose reader has gone (EPIPE: `fastrsb train ... | tee out.txt` and the tee
+    ended), that stream's output alone: the run goes on, its lines in its log."""
     try:
         return write()
     except OSError as err:
-        if err.errno != errno.EIO:
+        if err.errno == errno.EIO:
+            terminal_gone()
+        elif err.errno == errno.EPIPE:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, stream.fileno())
+            os.close(devnull)
+        else:
             raise
-        terminal_gone()
         return instead
 
 

@@ -205,6 +205,21 @@ def test_a_terminal_that_hangs_up_stops_the_run_resumably_its_words_in_the_log(t
     assert listed[2].startswith("  why: stopped at step ") and listed[2].endswith(" (SIGHUP)")
 
 
+def test_a_run_whose_output_pipe_closes_goes_on_its_words_in_the_log(tiny_data, tmp_path):
+    """`fastrsb train ... | tee out.txt`, and the tee ends (killed, its terminal gone): writes to the
+    pipe fail (EPIPE). The run goes on to its end, its output to /dev/null, its words in train.log
+    (it ended at its first write that failed)."""
+    args = [sys.executable, "-m", "fastrsb", "train", "tiny", "--data", tiny_data, "--out", tmp_path, "--device", "cpu",
+            "--threads", "1"]
+    proc = subprocess.Popen(list(map(str, args)), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL)
+    proc.stdout.close()  # the reader has gone before the first line
+    assert proc.wait(timeout=300) == 0
+    log = (tmp_path / "train.log").read_text()
+    assert "Traceback" not in log and log.splitlines()[-1].startswith("done: top1 ")
+    assert load_checkpoint(tmp_path / "last.pt")["epoch"] == 2
+
+
 def test_a_run_started_by_nohup_outlives_its_terminal():
     """nohup starts a command with SIGHUP ignored, so that it goes on when its terminal goes: a
     run keeps it ignored (SIGHUP is a stop only where nothing said to ignore it)."""
