@@ -489,12 +489,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_predict_command(sub)
     _add_export_command(sub)
-    p = sub.add_parser("average", help="the mean of several checkpoints' weights (a run's kept epochs, or runs "
-                                       "of one recipe), as timm's avg_checkpoints.py: a checkpoint eval, export and "
-                                       "predict take")
-    p.add_argument("checkpoints", nargs="+", help="fastrsb checkpoints of one model and classes (e.g. RUN_DIR/epoch-*.pt)")
-    p.add_argument("--out", required=True, help="the checkpoint file to write")
-    p.set_defaults(func=cmd_average)
+    _add_average_command(sub)
 
     p = sub.add_parser("doctor", help="every check a run depends on, at once: GPUs, driver and CUDA builds, DALI, "
                                       "cores, disk, and the data folder")
@@ -532,6 +527,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_data_commands(sub)
     return parser
+
+
+def _add_average_command(sub) -> None:
+    p = sub.add_parser("average", help="the mean of several checkpoints' weights (a run's kept epochs), as timm's "
+                                       "avg_checkpoints.py: a checkpoint eval, export and predict take")
+    p.add_argument("checkpoints", nargs="+", help="fastrsb checkpoints of one model and classes (e.g. "
+                                                  "RUN_DIR/epoch-*.pt)")
+    p.add_argument("--out", required=True, help="the checkpoint file to write")
+    p.set_defaults(func=cmd_average)
 
 
 def _add_export_command(sub) -> None:
