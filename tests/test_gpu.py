@@ -530,8 +530,8 @@ def test_gpu_eval_memory_floor_reads_the_gpus_free_memory():
 
 def test_gpu_predict_gives_the_cpus_classes(tiny_data, tmp_path):
     """fastrsb predict on the GPU (the "mixed" decoders, autocast) against the CPU's: the same files
-    in the same order, each class's probability within what bf16 and the decoders' resampling move;
-    eval --per-class on the GPU counts what predict's first classes there say."""
+    in the same order, each class's probability within what bf16 and the decoders' resampling move,
+    with --flip too; eval --per-class on the GPU counts what predict's first classes there say."""
     run_cli_process("train", "tiny", "--data", tiny_data, "--out", tmp_path, "--device", "cpu")
     found = [[json.loads(line) for line in proc.stdout.splitlines()] for proc in (
         run_cli_process("predict", tmp_path / "last.pt", tiny_data / "val", "--json", "--top", "4", "--device", "cpu"),
@@ -541,6 +541,16 @@ def test_gpu_predict_gives_the_cpus_classes(tiny_data, tmp_path):
         by_class = {t["index"]: t["probability"] for t in gpu["top"]}
         assert [by_class[t["index"]] for t in cpu["top"]] == pytest.approx([t["probability"] for t in cpu["top"]],
                                                                            abs=0.03)
+    # --flip on the GPU (the mirror of a channels-last batch in autocast) gives the CPU's --flip probabilities.
+    flipped = [[json.loads(line) for line in run_cli_process("predict", tmp_path / "last.pt", tiny_data / "val",
+                                                             "--json", "--top", "4", "--flip", "--device", device
+                                                             ).stdout.splitlines()] for device in ("cpu", "cuda")]
+    for cpu, gpu in zip(*flipped):
+        by_class = {t["index"]: t["probability"] for t in gpu["top"]}
+        assert [by_class[t["index"]] for t in cpu["top"]] == pytest.approx([t["probability"] for t in cpu["top"]],
+                                                                           abs=0.03)
+    assert any(abs(a["top"][0]["probability"] - b["top"][0]["probability"]) > 1e-3
+               for a, b in zip(found[0], flipped[0]))  # the mirror changed the figures: the check has work
     # eval --per-class on the GPU (its (label, top-1) pairs counted by index_add_ there): each class's
     # hits and most frequent mistake are those of predict's first classes on the GPU.
     evaluated = json.loads(run_cli_process("eval", tmp_path / "last.pt", "--data", tiny_data, "--json", "--device",
