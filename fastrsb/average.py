@@ -56,7 +56,8 @@ def average_checkpoints(paths: list[str | Path], out: str | Path) -> dict:
              "averaged_from": sources}
     out.parent.mkdir(parents=True, exist_ok=True)
     save_checkpoint(state, out)
-    return {"out": str(out), "checkpoints": sources, "ema": "ema" in averaged}
+    return {"out": str(out), "checkpoints": sources, "ema": "ema" in averaged,
+            "ema_left_out": "ema" in first and "ema" not in averaged}
 
 
 def _file_id(path: Path) -> tuple[int, int]:

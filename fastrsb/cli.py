@@ -276,6 +276,8 @@ def cmd_average(args) -> None:
     epochs = ", ".join(str(c["epoch"]) for c in result["checkpoints"])
     print(f"{result['out']}: the mean of {len(result['checkpoints'])} checkpoints' weights (epochs {epochs})"
           f"{' and of their EMAs' if result['ema'] else ''}; evaluate it with fastrsb eval {result['out']} --data DIR")
+    if result["ema_left_out"]:
+        print("note: not every checkpoint kept an EMA, so the EMAs' weights are not averaged (the models' are)")
 
 
 def cmd_doctor(args) -> int | None:

@@ -751,6 +751,10 @@ def test_average_is_the_mean_of_the_weights_and_a_checkpoint_eval_and_export_tak
         expected = ((value.double() + b["model"][key].double()) / 2).float() if value.is_floating_point() else value + 1
         assert torch.equal(mean["model"][key], expected), key
     assert "ema" not in mean and [c["epoch"] for c in mean["averaged_from"]] == [a["epoch"], 7]
+    torch.save({**a, "ema": a["model"]}, tmp_path / "with_ema.pt")  # an EMA in one of the two: not averaged, said
+    assert "note: not every checkpoint kept an EMA" in run_cli("average", tmp_path / "with_ema.pt", tmp_path / "b.pt",
+                                                               "--out", tmp_path / "avg2.pt").stdout
+    assert "ema" not in load_checkpoint(tmp_path / "avg2.pt")
     assert "top1" in json.loads(run_cli("eval", tmp_path / "avg.pt", "--data", tiny_data, "--json").stdout)
     assert f"(the mean of epochs {a['epoch']}, 7, the model's weights)" in run_cli(
         "export", tmp_path / "avg.pt", tmp_path / "exported").stdout
