@@ -244,8 +244,9 @@ def _already_split(target: Path, record: dict) -> bool:
 
 
 def _fingerprint(classes: dict[str, list[str]]) -> str:
-    """A short hash of the images split, by class and path below the class folder: a source whose
-    images changed (one replaced by another of its name aside) fingerprints otherwise."""
+    """A short hash of the images split, by class and path below the class folder: a source with
+    images renamed, added or taken out fingerprints otherwise (an image rewritten under its own
+    name does not)."""
     return listing_fingerprint([f"{name}/{file}" for name, files in classes.items() for file in files],
                                [k for k, files in enumerate(classes.values()) for _ in files])
 
