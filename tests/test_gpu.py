@@ -542,9 +542,11 @@ def test_gpu_predict_gives_the_cpus_classes(tiny_data, tmp_path):
         assert [by_class[t["index"]] for t in cpu["top"]] == pytest.approx([t["probability"] for t in cpu["top"]],
                                                                            abs=0.03)
     # --flip on the GPU (the mirror of a channels-last batch in autocast) gives the CPU's --flip probabilities.
-    flipped = [[json.loads(line) for line in run_cli_process("predict", tmp_path / "last.pt", tiny_data / "val",
-                                                             "--json", "--top", "4", "--flip", "--device", device
-                                                             ).stdout.splitlines()] for device in ("cpu", "cuda")]
+    flipped = [[json.loads(line) for line in proc.stdout.splitlines()] for proc in (
+        run_cli_process("predict", tmp_path / "last.pt", tiny_data / "val", "--json", "--top", "4", "--flip",
+                        "--device", "cpu"),
+        run_cli_process("predict", tmp_path / "last.pt", tiny_data / "val", "--json", "--top", "4", "--flip",
+                        "--device", "cuda"))]
     for cpu, gpu in zip(*flipped):
         by_class = {t["index"]: t["probability"] for t in gpu["top"]}
         assert [by_class[t["index"]] for t in cpu["top"]] == pytest.approx([t["probability"] for t in cpu["top"]],
