@@ -12,18 +12,16 @@ stopped halfway (Ctrl-C, a full disk) leaves nothing that passes for one.
 """
 from __future__ import annotations
 
-import errno
 import json
 import math
 import os
 import random
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from fastrsb.errors import UserError
-from fastrsb.file_jobs import free_gb, nearest_existing, stops_writing
+from fastrsb.file_jobs import free_gb, link_or_copy, nearest_existing, stops_writing
 from fastrsb.folder_lock import in_use
 from fastrsb.label_table import classes_from_table
 from fastrsb.pipelines import IMAGE_EXTENSIONS, DatasetError, class_folders, list_images
@@ -33,8 +31,6 @@ from fastrsb.shards import listing_fingerprint
 from fastrsb.staging import staged_folder
 
 RECORD = "split.json"  # beside train/, val/ (and test/): outside them, so no loader reads it
-# Where os.link cannot link (another disk, a file system without hard links): the file is copied.
-_NO_LINK_HERE = frozenset({errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS})
 
 
 @dataclass(frozen=True)
@@ -278,24 +274,11 @@ def _place(origins: dict[str, Path], staging: Path, plan: dict[str, tuple[list[s
             if copy.parent not in made:  # once a folder, not a stat an image
                 copy.parent.mkdir(parents=True, exist_ok=True)
                 made.add(copy.parent)
-            linked &= _link_or_copy(origins[name] / file, copy)
+            linked &= link_or_copy(origins[name] / file, copy)
             done += 1
             if done % 2000 == 0 or done == progress.total:
                 progress.update(done, done / max(time.perf_counter() - start, 1e-9))
     return linked
-
-
-def _link_or_copy(file: Path, where: Path) -> bool:
-    """A hard link to `file` (a symbolic link's target: the image itself) where the file system
-    makes one, else a copy; True if linked."""
-    try:
-        os.link(file, where)
-        return True
-    except OSError as err:
-        if err.errno not in _NO_LINK_HERE:
-            raise
-    shutil.copyfile(file, where)
-    return False
 
 
 def summary(target: Path, result: dict, rule: SplitRule) -> list[str]:

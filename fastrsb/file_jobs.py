@@ -17,6 +17,23 @@ from fastrsb.errors import UserError
 _TARGET_WONT_TAKE = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS})
 
 
+# Where os.link cannot link (another disk, a file system without hard links): the file is copied.
+_NO_LINK_HERE = frozenset({errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS})
+
+
+def link_or_copy(file: Path, where: Path) -> bool:
+    """A hard link to FILE at WHERE (a symbolic link's target: the file itself) where the file
+    system makes one, else a copy; True if linked. Other errors (a full disk) are raised."""
+    try:
+        os.link(file, where)
+        return True
+    except OSError as err:
+        if err.errno not in _NO_LINK_HERE:
+            raise
+    shutil.copyfile(file, where)
+    return False
+
+
 def stops_writing(err: BaseException) -> bool:
     """A write error that every later write to the same disk would meet."""
     return isinstance(err, OSError) and err.errno in _TARGET_WONT_TAKE

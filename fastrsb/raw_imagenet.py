@@ -28,8 +28,8 @@ from pathlib import Path
 
 from fastrsb import hub_imagenet
 from fastrsb.errors import UserError
-from fastrsb.file_jobs import (default_workers, each_result, foreign_classes, make_folder, nearest_existing,
-                               not_these_files, stops_writing, write_stopped)
+from fastrsb.file_jobs import (default_workers, each_result, foreign_classes, link_or_copy, make_folder,
+                               nearest_existing, not_these_files, stops_writing, write_stopped)
 from fastrsb.folder_lock import FolderLock
 from fastrsb.progress import Progress
 
@@ -142,10 +142,7 @@ def _write_class(job: tuple) -> str:
         partial.mkdir(parents=True)
         if kind == "dir":  # Kaggle: hard links where OUT is on the same file system, else copies
             for image in sorted(Path(source).iterdir()):
-                try:
-                    os.link(image, partial / image.name)
-                except OSError:
-                    shutil.copyfile(image, partial / image.name)
+                link_or_copy(image, partial / image.name)
         else:  # a per-class tar: a whole file, or a member of the outer tar at `offset`
             with open(source, "rb") as f:
                 f.seek(offset)

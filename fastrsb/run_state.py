@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,6 +20,7 @@ from fastrsb.checkpoint import (KEPT, kept_checkpoints, load_checkpoint, load_we
                                 save_checkpoint)
 from fastrsb.distributed import Dist, broadcast_from_main, gather_to_main, stop_together
 from fastrsb.errors import StoppedWithAnother, UserError
+from fastrsb.file_jobs import link_or_copy
 from fastrsb.metrics_log import append_rows, read_rows, replace_text, rewrite_rows, scalars
 from fastrsb.parts import Run
 from fastrsb.provenance import source_commit
@@ -294,10 +294,7 @@ class RunFolder:
         kept = self.out / KEPT.format(epoch)
         partial = self.out / f".{kept.name}.{os.getpid()}.tmp"  # as remove_partial_saves finds them
         try:
-            try:
-                os.link(self.out / "last.pt", partial)
-            except OSError:  # a file system without hard links
-                shutil.copyfile(self.out / "last.pt", partial)
+            link_or_copy(self.out / "last.pt", partial)
             os.replace(partial, kept)
         except OSError as err:
             partial.unlink(missing_ok=True)

@@ -198,13 +198,12 @@ def test_across_disks_the_images_are_copied(own_data, tmp_path):
 def test_a_full_disk_or_ctrl_c_leaves_no_partial_split(own_data, tmp_path, monkeypatch):
     """A split stopped halfway leaves neither the target nor its staging folder: a full disk (the
     kernel's: copies across disks written into /dev/full) in one line saying so; Ctrl-C too."""
-    import fastrsb.data_split as data_split
     shm = other_disk(tmp_path)
     source = shm / f"fastrsb-own-{os.getpid()}"
     shutil.copytree(own_data, source)
     try:
         copy = shutil.copyfile
-        monkeypatch.setattr(data_split.shutil, "copyfile", lambda src, dst: copy(src, "/dev/full"))
+        monkeypatch.setattr(shutil, "copyfile", lambda src, dst: copy(src, "/dev/full"))
         assert_user_error(run_cli("data", "split", source, tmp_path / "t", check=False),
                           f"cannot write into {tmp_path / 't'} (No space left on device;", "GB free on its disk): "
                           "nothing of it kept; make room, then run the same command again")
@@ -216,7 +215,7 @@ def test_a_full_disk_or_ctrl_c_leaves_no_partial_split(own_data, tmp_path, monke
         if len(links) == 5:
             raise KeyboardInterrupt
         links.append(link(src, dst))
-    monkeypatch.setattr(data_split.os, "link", interrupted)
+    monkeypatch.setattr(os, "link", interrupted)
     assert run_cli("data", "split", own_data, tmp_path / "t", check=False).returncode == 130
     assert sorted(p.name for p in tmp_path.iterdir()) == ["own"]
 

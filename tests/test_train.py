@@ -565,7 +565,7 @@ def test_eval_of_a_folder_holding_some_of_the_weights_classes(run, tiny_data, tm
                       "holds 3 of the weights' 1000 classes")
 
 
-def test_eval_per_class_figures_add_up_and_are_each_class_evaluated_alone(run, tiny_data, tmp_path):
+def test_eval_per_class_figures_add_up_and_are_each_class_evaluated_alone(run, tiny_data, tmp_path, monkeypatch):
     """--per-class CSV: each class's images, top-1 and top-5 and the class it is most often taken
     for (a row per class, size and crop), the classes of the lowest top-1 named on the line. The rows add up to the totals, and each class's
     figures are what its folder evaluated alone measures (ranked among every output, as in the
@@ -616,6 +616,12 @@ def test_eval_per_class_figures_add_up_and_are_each_class_evaluated_alone(run, t
                   f"{rows[worst]['taken_for_share']:.0f}%)"
     assert text[1].startswith(f"  the classes' mean top-1 {sum(r['top1'] for r in rows) / 4:.2f} (each class alike); "
                               f"lowest top-1: {lowest}") and text[-1] == f"each class's figures: {table}"
+    # Past CONFUSION_LIMIT outputs the (label, top-1) pairs are not counted: no class is named as taken for.
+    import fastrsb.train
+    monkeypatch.setattr(fastrsb.train, "CONFUSION_LIMIT", 3)
+    capped = json.loads(run_cli("eval", out / "last.pt", "--data", tiny_data, "--json", "--batch-size", "8",
+                                "--per-class", table).stdout)["per_class"]
+    assert [(r["top1"], r["taken_for"], r["taken_for_share"]) for r in capped] == [(r["top1"], None, 0.0) for r in rows]
     for where, why in ((tmp_path / "no" / "such.csv", f"its folder {tmp_path / 'no'} does not exist"),
                        (tmp_path, "is a folder")):
         assert_user_error(run_cli("eval", out / "last.pt", "--data", tiny_data, "--per-class", where, check=False),
