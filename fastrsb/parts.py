@@ -12,6 +12,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from fastrsb import progressive
 from fastrsb.accumulation import cpu_fits, gpu_fits, per_process_batch, plan
 from fastrsb.data_folder import explain_loader_error
 from fastrsb.device import amp_dtype, gib_outside_torch
@@ -148,20 +149,31 @@ def _open_loader(make, images: ImageList, *args, **kwargs):
 
 
 def open_train_loader(recipe: dict, images: ImageList, micro: int, device: str, d: Dist = Dist(),
-                      num_threads: int | None = None, state: dict | None = None, seed: int | None = None, **speed):
+                      num_threads: int | None = None, state: dict | None = None, seed: int | None = None,
+                      img_size: int | None = None, **speed):
     """The recipe's train loader for this rank's shard: its RandAugment and repeated augmentation,
     the shuffle seeded alike on every rank (disjoint shards), pixels in the loader's default dtype.
     speed: train_loader's options that change its speed only (hw_decoder_load, prefetch_queue_depth,
     stream_policy, concurrency, augment_stream), and aa_impl / cuda_graphs / compile_augment to override
     the recipe's. seed: the loaders' (default: the recipe's).
     The recipe's `compile` compiles the torch RandAugment form too, on the GPU only (as the model:
-    on a few CPU cores a compile costs more than it saves in a short run)."""
+    on a few CPU cores a compile costs more than it saves in a short run).
+    img_size: the crops' (default: the recipe's img_size; a run's with progressive resizing: its
+    first epoch's, fastrsb.progressive)."""
     speed.setdefault("cuda_graphs", recipe["cuda_graphs"] and device == "cuda")
     speed.setdefault("compile_augment", recipe["compile"] and device == "cuda")
-    return _open_loader(train_loader, images, micro, recipe["img_size"], device=device, shard_id=d.rank,
+    return _open_loader(train_loader, images, micro, img_size or recipe["img_size"], device=device, shard_id=d.rank,
                         num_shards=d.world, seed=recipe["seed"] if seed is None else seed, num_threads=num_threads,
                         spread_views=recipe["aug_repeats_across_ranks"], state=state,
                         **{**train_augmentation(recipe), **speed})
+
+
+def resize_train_loader(loader, img_size: int) -> None:
+    """loader.resize(img_size) (progressive resizing), a failure said as opening a loader's is."""
+    try:
+        loader.resize(img_size)
+    except RuntimeError as err:  # DALI reads the first batches at the new size as it builds the pipelines
+        raise explain_loader_error(err, loader.images) from None
 
 
 def train_augmentation(recipe: dict) -> dict:
@@ -222,11 +234,12 @@ class Run:
 def build_run(recipe: dict, train_images: ImageList, val_images: ImageList, device: str, d: Dist,
               num_threads: int | None = None, grad_accum: str | int = "auto", micro_batch: int | None = None,
               loader_state: dict | None = None, resumed: bool = False, loader_seed: int | None = None,
-              data: Path | None = None) -> Run:
+              data: Path | None = None, first_epoch: int = 1) -> Run:
     """The parts of a run. grad_accum / micro_batch: how the global batch splits (fastrsb.accumulation;
     "auto" probes the GPU for the largest micro-batch that fits); loader_state: this rank's saved
     loader position when resuming; resumed: the weights come from a checkpoint, not initial_checkpoint;
-    loader_seed: the train loaders' seed (default: the recipe's); data: the data folder."""
+    loader_seed: the train loaders' seed (default: the recipe's); data: the data folder;
+    first_epoch: the epoch (from 1) the run trains first: its crop size is the loader's."""
     loader_seed = recipe["seed"] if loader_seed is None else loader_seed
     training = build_training(recipe, len(train_images.classes), device, d,
                               classes=None if resumed else train_images.classes, data=data)
@@ -251,7 +264,7 @@ def build_run(recipe: dict, train_images: ImageList, val_images: ImageList, devi
     try:
         check_fills_a_step(recipe["batch_size"], len(train_images), d.world)
         train_data = open_train_loader(recipe, train_images, micro, device, d, num_threads, loader_state,
-                                       seed=loader_seed)
+                                       seed=loader_seed, img_size=progressive.size_at(recipe, first_epoch))
         val_data = open_val_loader(recipe, val_images, micro, device, d, num_threads)
     except UserError as err:
         error = err

@@ -23,6 +23,13 @@ RECIPE_SCHEMA: dict[str, tuple[type, bool, str]] = {
     "epochs": (int, False, "training epochs"),
     "batch_size": (int, False, "global batch size, split across all GPUs"),
     "img_size": (int, False, "training resolution (random-resized-crop output)"),
+    "ramp_img_size": (int, True, "progressive resizing (FFCV's): the crop size the first epochs train at, rising to "
+                                 "img_size; none: img_size from the first epoch to the last"),
+    "ramp_start_epoch": (int, False, "with ramp_img_size: the last epoch at ramp_img_size (epochs count from 1; 0: the "
+                                     "size rises from the first)"),
+    "ramp_end_epoch": (int, False, "with ramp_img_size: the first epoch at img_size; between the two the size rises "
+                                   "linearly, in steps of ramp_step"),
+    "ramp_step": (int, False, "with ramp_img_size: the sizes between are ramp_img_size plus a multiple of this (px)"),
     "test_img_size": (int, False, "evaluation resolution"),
     "crop_pct": (float, False, "evaluation centre-crop ratio: resize shorter side to floor(test_img_size / crop_pct)"),
     "opt": (str, False, "optimizer (lamb)"),
@@ -72,7 +79,8 @@ CHOICES = {"opt": {"lamb"}, "sched": {"cosine"}, "mixup_mode": {"batch"}, "aa_im
 # Keys added after a checkpoint may have been written, with the value such a run had: resuming it
 # compares them as if they had been saved.
 ADDED_KEYS = {"cuda_graphs": False, "high_priority_stream": False, "aa_impl": "auto", "train_interpolation": "bilinear",
-              "initial_checkpoint": None, "aug_repeats_across_ranks": False}
+              "initial_checkpoint": None, "aug_repeats_across_ranks": False,
+              "ramp_img_size": None, "ramp_start_epoch": 0, "ramp_end_epoch": 0, "ramp_step": 32}
 # Keys that change how fast a run computes, not what it computes: a resumed run may change them.
 # compile also rounds the float arithmetic otherwise (inductor's fusions), as timm's --torchcompile
 # does, a flag of the run and not of the recipe; where compiling fails on a machine (a new node, a
@@ -218,12 +226,30 @@ def _check_values(r: dict[str, Any]) -> None:
     if r["warmup_epochs"] >= r["epochs"] and r["warmup_epochs"] > 0:
         raise UserError(f"recipe: warmup_epochs ({r['warmup_epochs']}) must be fewer than epochs ({r['epochs']}): "
                         f"--set warmup_epochs={r['epochs'] - 1}" + (" or fewer" if r["epochs"] > 1 else " (no warmup)"))
+    _check_ramp(r)
     if r["aa"] is not None:
         from fastrsb.pipelines.augment_spec import parse_rand_augment
         try:
             parse_rand_augment(r["aa"])
         except ValueError as err:
             raise UserError(f"recipe: 'aa': {err}") from None
+
+
+def _check_ramp(r: dict[str, Any]) -> None:
+    """Progressive resizing's keys (fastrsb.progressive), where ramp_img_size is set."""
+    small, start, end, step = r["ramp_img_size"], r["ramp_start_epoch"], r["ramp_end_epoch"], r["ramp_step"]
+    if small is None:
+        return
+    if not 0 < small < r["img_size"]:
+        raise UserError(f"recipe: 'ramp_img_size' ({small}) must lie between 0 and img_size ({r['img_size']}): the "
+                        "size rises to img_size (none: no progressive resizing)")
+    if step <= 0 or (r["img_size"] - small) % step:
+        raise UserError(f"recipe: 'ramp_step' ({step}) must be a positive divisor of img_size - ramp_img_size "
+                        f"({r['img_size']} - {small} = {r['img_size'] - small}), so that the ramp ends at img_size")
+    if not 0 <= start < end <= r["epochs"]:
+        raise UserError(f"recipe: the ramp's epochs must satisfy 0 <= ramp_start_epoch < ramp_end_epoch <= epochs, "
+                        f"not {start}, {end} of {r['epochs']} (ramp_start_epoch: the last epoch at ramp_img_size; "
+                        "ramp_end_epoch: the first at img_size)")
 
 
 def describe() -> str:

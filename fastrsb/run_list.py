@@ -12,7 +12,7 @@ import datetime
 import json
 from pathlib import Path
 
-from fastrsb import wandb_log
+from fastrsb import progressive, wandb_log
 from fastrsb.errors import UserError
 from fastrsb.folder_lock import in_use
 from fastrsb.metrics_log import read_rows
@@ -66,21 +66,23 @@ def describe(folder: Path) -> dict:
             # the most a process of it held over an epoch (a GPU's memory, or on the CPU the process's)
             "peak_memory_gib": max((r["peak_memory_gib"] for r in validated if r.get("peak_memory_gib")), default=None),
             "last_written": _stamp(written) if written else None,
-            "time_left_seconds": _time_left(rows, validated, recipe["epochs"]),
+            "time_left_seconds": _time_left(rows, validated, recipe),
             "wandb": wandb_log.run_of(folder),  # its W&B run, where it logs to one (train --wandb)
             # why its last start ended, where it stopped short (its train.log says)
             "why": stop_reason(folder) if not trainer and done < recipe["epochs"] else None}
 
 
-def _time_left(rows: list[dict], validated: list[dict], epochs: int) -> float | None:
+def _time_left(rows: list[dict], validated: list[dict], recipe: dict) -> float | None:
     """The training and validation time a run not done still needs, from where its last row stands
     (a progress row's epoch is fractional) at its last validated epoch's pace (its steady pace,
     after the first steps' compiling: fastrsb.train); None before an epoch has been validated."""
-    last = validated[-1] if validated else {}
+    last, epochs = (validated[-1] if validated else {}), recipe["epochs"]
     left = epochs - rows[-1].get("epoch", epochs) if rows else 0
     if left <= 0 or "train_seconds" not in last or "val_seconds" not in last:
         return None
-    return left * ((last.get("train_seconds_steady") or last["train_seconds"]) + last["val_seconds"])
+    train_seconds = last.get("train_seconds_steady") or last["train_seconds"]  # its pixels' pace (progressive.py)
+    done = epochs - left
+    return train_seconds * progressive.epochs_ahead(recipe, done, last.get("img_size")) + left * last["val_seconds"]
 
 
 def _score(row: dict) -> float:

@@ -116,7 +116,8 @@ class GraphedStep:
     Where it applies (fastrsb.parts refuses the rest before the first step): one process, bf16 or
     float32 (fp16's GradScaler reads back to the host each step), one micro-batch a step. The
     capture rules are fastrsb.pipelines.cuda_graphs'. A capture that fails is said once and the
-    run continues with the eager step."""
+    run continues with the eager step. Batches of another shape (a run's crops resized between
+    epochs) are warmed up and captured anew."""
 
     WARMUP = 3
 
@@ -134,6 +135,8 @@ class GraphedStep:
             group["lr"] = lr
         if self.failed:
             return self._eager(images, targets)
+        if self.graph is not None and images.shape != self.images.shape:  # progressive resizing: a new size
+            self._forget()
         if self.graph is None and self.eager_steps < self.WARMUP:
             self.eager_steps += 1
             return on_side_stream(lambda: self._eager(images, targets))
@@ -144,6 +147,12 @@ class GraphedStep:
         step.optimizer.advance()
         self.graph.replay()
         return self.loss.clone()  # the next replay overwrites the graph's own
+
+    def _forget(self) -> None:
+        """Batches of another shape: the graph (and with it its memory, once _eager has let go of
+        the gradients it holds) is dropped, and the next steps warm up and capture anew."""
+        self.graph = self.images = self.targets = self.loss = None
+        self.eager_steps = 0
 
     def _eager(self, images: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         step = self.step

@@ -12,6 +12,7 @@ from __future__ import annotations
 import shlex
 from pathlib import Path
 
+from fastrsb import progressive
 from fastrsb.errors import UserError
 
 
@@ -95,6 +96,9 @@ def timm_commands(recipe: dict, gpus: int, data: str = "/data/imagenet") -> str:
                      "its shape refuses it); fastrsb starts the classifier anew where the classes differ"
                      + ("; a fastrsb checkpoint is read by timm once `fastrsb export`ed (EXPORTED_FOLDER)"
                         if recipe["initial_checkpoint"].endswith(".pt") else ""))
+    if recipe["ramp_img_size"] is not None:
+        notes.append(f"timm's train.py has no progressive resizing: it trains every epoch at {recipe['img_size']} px "
+                     f"(--img-size); fastrsb trains {progressive.describe(recipe)}")
     if recipe["aa"]:
         notes.append("timm's RandAugment runs in PIL; fastrsb's draws the same law (its torch form computes as "
                      "PIL does; its DALI forms' bicubic warp is OpenCV's)")

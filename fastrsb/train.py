@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from fastrsb import __version__, peak_memory, run_log, wandb_log
+from fastrsb import __version__, peak_memory, progressive, run_log, wandb_log
 from fastrsb.accumulation import HEADROOM
 from fastrsb.data_folder import (check_headers, describe_counts, loader_batches, open_dataset,
                                   refuse_a_run_inside_the_splits, val_shares_train)
@@ -31,7 +31,7 @@ from fastrsb.errors import UserError
 from fastrsb.file_jobs import make_folder
 from fastrsb.folder_lock import FolderLock
 from fastrsb.metrics_log import refuse_a_second_run
-from fastrsb.parts import Run, build_run
+from fastrsb.parts import Run, build_run, resize_train_loader
 from fastrsb.pipelines import DatasetError
 from fastrsb.progress import Progress, clock as _clock
 from fastrsb.recipe import BUILTIN, load_recipe
@@ -97,7 +97,8 @@ def _train(recipe: dict, data: str | Path, out: Path, device: str, d: Dist, num_
         if loader_state and "micro_batch" in state and grad_accum_steps == "auto" and micro_batch is None:
             micro_batch = state["micro_batch"]  # the loader position is for this micro-batch
         run = build_run(recipe, train_images, val_images, device, d, num_threads, grad_accum_steps, micro_batch,
-                        loader_state=loader_state, resumed=bool(state), loader_seed=loader_seed, data=Path(data))
+                        loader_state=loader_state, resumed=bool(state), loader_seed=loader_seed, data=Path(data),
+                        first_epoch=(state["epoch"] if state else 0) + 1)
         # The train listing's fingerprint (~1 s for ImageNet) serves the shard check and starts.jsonl.
         train_listing = listing_fingerprint(train_images.files, train_images.labels)
         shards = check_shards(train_listing, len(train_images), run.train_data, run.micro, d)
@@ -162,6 +163,7 @@ def _epochs(run: Run, pos: Position, folder: RunFolder, stops: "Stops", log_ever
                   "update; a minute or two for a ResNet-50), and their pace counts in the first progress line")
     first = True  # the first epoch this process trains: its first steps compile
     while pos.epoch < epochs:
+        _crop_size_for(run, pos.epoch + 1)
         figures, first = train_one_epoch(run, pos, folder, stops, log_every, hashed, settling=first), False
         if figures is None:  # a stop mid-epoch: `pos` says where
             _save(run, pos, folder)
@@ -182,6 +184,15 @@ def _epochs(run: Run, pos: Position, folder: RunFolder, stops: "Stops", log_ever
     return pos.metrics
 
 
+def _crop_size_for(run: Run, epoch: int) -> None:
+    """Progressive resizing: the train loader's crops at the size of `epoch` (fastrsb.progressive),
+    its pipelines built anew where it changes."""
+    size = progressive.size_at(run.recipe, epoch)
+    if size != run.train_data.settings["img_size"]:
+        resize_train_loader(run.train_data, size)
+        _say(run, f"epoch {epoch}: crops of {size} px from here (progressive resizing)")
+
+
 def _validate_and_save(run: Run, pos: Position, folder: RunFolder) -> None:
     t, started = run.training, time.perf_counter()
     metrics = {**pos.metrics, **evaluate(t.model, run.val_data, run.device, t.dtype, run.d)}
@@ -194,8 +205,11 @@ def _validate_and_save(run: Run, pos: Position, folder: RunFolder) -> None:
     folder.log(metrics)
     left = run.recipe["epochs"] - pos.epoch
     # At the epoch's steady pace: the first steps' compiling of a process's first epoch is not the next ones'.
-    epoch_seconds = (metrics.get("train_seconds_steady") or metrics["train_seconds"]) + metrics["val_seconds"]
-    eta = f"; {left} epoch(s) left, ~{_clock(left * epoch_seconds)}" if left else ""
+    # With progressive resizing the epochs ahead are weighed by their pixels against this one's.
+    train_seconds = metrics.get("train_seconds_steady") or metrics["train_seconds"]
+    seconds = (train_seconds * progressive.epochs_ahead(run.recipe, pos.epoch, metrics.get("img_size"))
+               + left * metrics["val_seconds"])
+    eta = f"; {left} epoch(s) left, ~{_clock(seconds)}" if left else ""
     _say(run, f"epoch {pos.epoch}: train_loss {metrics['train_loss']:.4f} top1 {metrics['top1']:.2f} "
               f"top5 {metrics['top5']:.2f}{' (ema %.2f)' % metrics['ema_top1'] if t.ema else ''} "
               f"({metrics['images_per_sec']:,.0f} img/s train, {metrics['data_wait']:.0%} waiting for data, "
@@ -332,6 +346,7 @@ def train_one_epoch(run: Run, pos: Position, folder: RunFolder, stops: Stops, lo
               if settling and settled and pos.micro_done > settled[1] else None)
     train_loss = (all_reduce_sum(loss_sum, run.d) / (schedule.micro_per_epoch * run.d.world)).item()
     return {"kind": "epoch", "epoch": pos.epoch + 1, "step": pos.step, "train_loss": train_loss, "lr": lr,
+            "img_size": run.train_data.settings["img_size"],
             "images_per_sec": (schedule.micro_per_epoch - first_micro) * micro * run.d.world / trained,
             "data_wait": waited / trained, "train_seconds": pos.seconds + trained, "train_seconds_steady": steady,
             **peak_memory.merged(pos.peak, peak_memory.epoch_peak(run.device, run.d))}  # the training's, so far
@@ -507,7 +522,7 @@ def run_card(run: Run, pos: Position) -> list[str]:
         lr += f" (recipe {r['name']}'s, for its batch {paper['batch_size']})"
     card.append(f"          {lr}")
     amp = str(t.dtype).removeprefix("torch.") if t.dtype else "float32"
-    card.append(f"          {r['epochs']} epochs at {r['img_size']} px, tested at {r['test_img_size']} px "
+    card.append(f"          {progressive.describe(r)}, tested at {r['test_img_size']} px "
                 f"(crop {r['crop_pct']}), {amp}; the time left is estimated after each epoch")
     card.append(f"          {_augmentation(r, run.train_data.settings)}")
     return card

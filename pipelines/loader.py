@@ -60,8 +60,10 @@ class DaliLoader:
     def __init__(self, build: Callable[[list | None], list], images: ImageList, batch_size: int, train: bool,
                  repeats: int = 1, fingerprint: dict | None = None, state: dict | None = None,
                  settings: dict | None = None, augment: Callable | None = None, augment_stream: bool = False,
-                 spread: tuple[int, int] | None = None):
+                 spread: tuple[int, int] | None = None,
+                 remake: Callable[[int], tuple[Callable, Callable | None]] | None = None):
         """build(checkpoints or None) -> the DALI pipelines, started from those DALI checkpoints.
+        remake(img_size) -> (build, augment) at another crop size (train loaders: resize()).
         fingerprint: what a saved position must match; settings: more to report, not to match.
         augment: (uint8 NHWC images, draws) -> the batch's images, for pipelines that hand over
         their views unaugmented with a third output, "draws" (torch_augment.TorchRandAugment).
@@ -79,6 +81,7 @@ class DaliLoader:
         self._augment = augment
         self._own_stream = _OwnStream() if augment_stream else None
         self._spread = spread
+        self._remake = remake
         self._in_use = _UntilRun()
         self._start(state)
 
@@ -231,6 +234,25 @@ class DaliLoader:
         if not self.train or not 0 <= done < self._steps:
             raise ValueError(f"a train loader's epoch has {self._steps} batches: cannot continue it at {done}")
         self._done = done
+
+    def resize(self, img_size: int) -> None:
+        """Crop to img_size from the next batch on (progressive resizing, between epochs): the
+        pipelines are built anew at that size from where the stream stands, as a resumed loader's
+        are, so the images and the draws go on as they would have at the old size (the batches the
+        old pipelines had queued are read again). Costs a loader's start; a no-op at its size."""
+        if self._remake is None:
+            raise ValueError("only a train loader's crops can be resized")
+        if img_size == self._fingerprint["img_size"]:
+            return
+        _check_sizes(self.batch_size, img_size, None, None, 1)
+        state = self.state_dict()
+        if torch.cuda.is_initialized():  # the old pipelines' last batch may still be read by queued kernels
+            torch.cuda.current_stream().synchronize()
+        self._iterators = []  # the old pipelines go before the new ones take their memory
+        self._build, self._augment = self._remake(img_size)
+        self._fingerprint = {**self._fingerprint, "img_size": img_size}
+        self._settings["img_size"] = img_size
+        self._start(state)
 
     def state_dict(self) -> dict:
         """A train loader's position: restore it with load_state_dict() or train_loader(..., state=this).
@@ -408,7 +430,9 @@ def _check_state(state: dict, fingerprint: dict) -> None:
     _check_format(state)
     saved = state.get("fingerprint", {})
     differ = [f"{key} {saved.get(key)} -> {value}" for key, value in fingerprint.items()
-              if saved.get(key) != value and key != "format"]  # (the format: _check_format)
+              if saved.get(key) != value and key not in ("format", "img_size")]
+    # (the format: _check_format; the crop size shapes the pixels, not the position: a run with
+    # progressive resizing resumes at the size of the epoch it continues)
     if differ:
         raise DatasetError(f"the saved loader position does not fit this loader ({'; '.join(differ)})")
 
@@ -564,7 +588,7 @@ def train_loader(root: str | os.PathLike | ImageList, batch_size: int, img_size:
     hw_decoder_load = _hw_decoder_load(hw_decoder_load, device_id)
     executor = _executor_options(stream_policy, concurrency)
 
-    def build(checkpoints: list | None) -> list:
+    def build(checkpoints: list | None, img_size: int = img_size) -> list:
         # Pipeline k reads part k of this shard, shard shard_id * pipelines + k of num_shards * pipelines (DALI's
         # bounds are floor(size * id / count): the parts tile the shard), and makes whole batches.
         return [train_pipeline(
@@ -576,15 +600,21 @@ def train_loader(root: str | os.PathLike | ImageList, batch_size: int, img_size:
             seed=seed * 1000 + shard_id * pipelines + part, prefetch_queue_depth=prefetch_queue_depth,
             enable_checkpointing=True, checkpoint=checkpoints[part] if checkpoints else None, **executor)
             for part in range(pipelines)]
-    augment = (_torch_augment(aa, img_size, dtype or default_pixel_dtype(device), compile_augment, cuda_graphs,
-                              aa_interpolation) if aa and aa_impl == "torch" else None)
+    def augment_at(img_size: int) -> Callable | None:
+        return (_torch_augment(aa, img_size, dtype or default_pixel_dtype(device), compile_augment, cuda_graphs,
+                               aa_interpolation) if aa and aa_impl == "torch" else None)
+
+    def remake(img_size: int) -> tuple[Callable, Callable | None]:
+        return (lambda checkpoints: build(checkpoints, img_size)), augment_at(img_size)
+
+    augment = augment_at(img_size)
     return DaliLoader(build, images, batch_size, train=True, repeats=repeats, fingerprint=fingerprint, state=state,
                       spread=(shard_id, num_shards) if spread_views else None,
                       settings={**_decoder_settings(device_id, hw_decoder_load, threads, prefetch_queue_depth),
                                 "stream_policy": stream_policy, "concurrency": concurrency,
                                 "cuda_graphs": cuda_graphs, "augment_stream": augment_stream,
                                 "compile_augment": compile_augment and augment is not None},
-                      augment=augment, augment_stream=augment_stream)
+                      augment=augment, augment_stream=augment_stream, remake=remake)
 
 
 def _pipeline_count(pipelines: int | None, state: dict | None, device: str, shard_images: int,

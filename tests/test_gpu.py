@@ -35,6 +35,24 @@ def test_gpu_train_loader_with_randaugment_and_repeats(tiny_data):
         assert torch.equal(labels, want_labels) and torch.equal(images, want_images)
 
 
+@pytest.mark.parametrize("aa_impl", ["tree", "torch"])
+def test_gpu_loader_resized_goes_on_as_one_restored_at_the_new_size(tiny_data, aa_impl):
+    """Progressive resizing on the GPU: resize() between epochs gives what a loader started at the
+    new size from the position gives, pixel for pixel (the torch form captured as a CUDA graph,
+    made anew at the new size)."""
+    from fastrsb.pipelines import train_loader
+    options = dict(batch_size=8, device="cuda", seed=3, aa="rand-m9-mstd0.5-inc1", aa_impl=aa_impl,
+                   cuda_graphs=aa_impl == "torch")
+    resized = train_loader(tiny_data / "train", img_size=32, **options)
+    for _ in resized:  # one epoch at 32 px
+        pass
+    restored = train_loader(tiny_data / "train", img_size=48, state=resized.state_dict(), **options)
+    resized.resize(48)
+    for (images, labels), (want_images, want_labels) in zip(resized, restored):
+        assert images.shape == (8, 3, 48, 48) and images.is_cuda
+        assert torch.equal(labels, want_labels) and torch.equal(images, want_images)
+
+
 def test_gpu_loader_takes_the_current_gpu_by_its_index(tiny_data):
     """device="cuda:N" (or a torch.device) for the current GPU is "cuda"; another GPU is refused,
     naming set_device, since the loader's torch work runs on the current one."""
@@ -213,7 +231,8 @@ def test_short_run_with_a_speed_key(tiny_data, tmp_path, speed_key):
 def test_graphed_step_trains_as_the_eager_step(compiled, monkeypatch):
     """cuda_graphs: the captured step (forward, loss, backward, clip, LAMB) moves the weights as
     the eager step does, step for step, with a new LR every step (the LR is read from device
-    memory at each replay, not baked into the graph at capture), mixup/cutmix drawn on the host."""
+    memory at each replay, not baked into the graph at capture), mixup/cutmix drawn on the host;
+    and batches of a new size (progressive resizing) warmed up and captured anew."""
     from fastrsb.parts import build_training
     from fastrsb.recipe import load_recipe
     # Deterministic cuDNN, so that the two steps' convolutions agree; restored after the test,
@@ -225,13 +244,16 @@ def test_graphed_step_trains_as_the_eager_step(compiled, monkeypatch):
     graphed.model.load_state_dict(eager.model.state_dict())
     start = [p.detach().clone() for p in eager.model.parameters()]
     generator = torch.Generator(device="cuda").manual_seed(0)
-    for k in range(8):
-        images = torch.randn(8, 3, 32, 32, device="cuda", generator=generator).contiguous(memory_format=torch.channels_last)
+    for k in range(12):
+        size = 32 if k < 5 else 48  # 3 warm-up steps, a capture, a replay; then the same at 48 px
+        images = torch.randn(8, 3, size, size, device="cuda", generator=generator).contiguous(
+            memory_format=torch.channels_last)
         labels = torch.randint(0, 4, (8,), device="cuda", generator=generator)
         lr = 1e-3 * (k + 1)
         losses = [t.step.single(images, labels, lr) for t in (eager, graphed)]
         torch.testing.assert_close(losses[1], losses[0], rtol=1e-3, atol=1e-4)
     assert graphed.step.graphed.graph is not None and not graphed.step.graphed.failed
+    assert graphed.step.graphed.images.shape[-1] == 48
     for before, a, b in zip(start, eager.model.parameters(), graphed.model.parameters()):
         torch.testing.assert_close(b, a, rtol=1e-3, atol=1e-4)
     assert any(not torch.equal(before, a) for before, a in zip(start, eager.model.parameters()))

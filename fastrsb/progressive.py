@@ -1,0 +1,61 @@
+"""Progressive resizing, as FFCV trains its ResNets: the first epochs at a smaller crop size, the
+size rising linearly over a ramp of epochs to the recipe's img_size, which the last epochs train
+at. A smaller crop costs less (a ResNet's work goes with the pixels: 128 px is 0.64 of 160 px's),
+and the train-test resolution discrepancy (FixRes) makes the low-resolution epochs count towards a
+test at a larger size. Off in the RSB recipes (ramp_img_size = "none"), which train at one size.
+
+The size of an epoch is a function of the epoch alone, so a resumed run, every process of a
+multi-process one, and a run of another micro-batch train each epoch at the same size. The
+sizes change between epochs: the train loader rebuilds its pipelines at the new size where its
+stream stands (DaliLoader.resize), and the compiled model meets the new shape once."""
+from __future__ import annotations
+
+
+def size_at(recipe: dict, epoch: int) -> int:
+    """The crop size epoch `epoch` (from 1) trains at: ramp_img_size up to ramp_start_epoch,
+    img_size from ramp_end_epoch on, linear between, rounded to ramp_img_size plus a multiple of
+    ramp_step (the nearest, halves to even, as FFCV's np.round)."""
+    small, big = recipe.get("ramp_img_size"), recipe["img_size"]
+    if small is None:
+        return big
+    start, end, step = recipe["ramp_start_epoch"], recipe["ramp_end_epoch"], recipe["ramp_step"]
+    share = min(1.0, max(0.0, (epoch - start) / (end - start)))
+    return small + step * round(share * (big - small) / step)
+
+
+def sizes(recipe: dict) -> list[tuple[int, int, int]]:
+    """(first epoch, last epoch, size) for each run of epochs at one size, in order."""
+    runs: list[tuple[int, int, int]] = []
+    for epoch in range(1, recipe["epochs"] + 1):
+        size = size_at(recipe, epoch)
+        if runs and runs[-1][2] == size:
+            runs[-1] = (runs[-1][0], epoch, size)
+        else:
+            runs.append((epoch, epoch, size))
+    return runs
+
+
+def describe(recipe: dict) -> str:
+    """'100 epochs at 160 px', or each size's epochs: '100 epochs: 1-60 at 128 px, 61-85 at 144
+    px, 86-100 at 160 px (progressive resizing)'."""
+    runs = sizes(recipe)
+    if len(runs) == 1:
+        return f"{recipe['epochs']} epochs at {runs[0][2]} px"
+    parts = [f"{first}{'-' + str(last) if last > first else ''} at {size} px" for first, last, size in runs]
+    return f"{recipe['epochs']} epochs: {', '.join(parts)} (progressive resizing)"
+
+
+def pixel_share(recipe: dict) -> float:
+    """The run's pixels (its crops' area summed over the epochs) as a share of img_size's for
+    every epoch: about the share of the model's work the ramp leaves."""
+    big = recipe["img_size"]
+    return sum(size_at(recipe, epoch) ** 2 for epoch in range(1, recipe["epochs"] + 1)) / (recipe["epochs"] * big**2)
+
+
+def epochs_ahead(recipe: dict, done: float, size_now: int | None = None) -> float:
+    """The training left after `done` epochs (fractional within an epoch), in epochs at size_now
+    (default img_size): each epoch left weighed by its pixels against size_now's, so that a time
+    left estimated at an epoch's pace counts the larger epochs ahead as larger."""
+    size_now = size_now or recipe["img_size"]
+    return sum(min(1.0, epoch - done) * (size_at(recipe, epoch) / size_now) ** 2
+               for epoch in range(1, recipe["epochs"] + 1) if epoch > done)
