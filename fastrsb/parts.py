@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -229,6 +229,8 @@ class Run:
     gib_outside_torch_before_loaders: float | None = None  # GPU: the CUDA context's and libraries' (device.py)
     loader_seed: int | None = None  # the train loaders' seed (run_state.loader_start), saved with checkpoints
     split_for_memory: str | None = None  # where the batch did not fit whole: what the micro-batch fits ("on this GPU")
+    # an epoch's training seconds at each crop size trained so far in this process: the time left
+    epoch_paces: dict[int, float] = field(default_factory=dict)
 
 
 def build_run(recipe: dict, train_images: ImageList, val_images: ImageList, device: str, d: Dist,

@@ -10,6 +10,8 @@ sizes change between epochs: the train loader rebuilds its pipelines at the new 
 stream stands (DaliLoader.resize), and the compiled model meets the new shape once."""
 from __future__ import annotations
 
+import math
+
 
 def size_at(recipe: dict, epoch: int) -> int:
     """The crop size epoch `epoch` (from 1) trains at: ramp_img_size up to ramp_start_epoch,
@@ -52,10 +54,16 @@ def pixel_share(recipe: dict) -> float:
     return sum(size_at(recipe, epoch) ** 2 for epoch in range(1, recipe["epochs"] + 1)) / (recipe["epochs"] * big**2)
 
 
-def epochs_ahead(recipe: dict, done: float, size_now: int | None = None) -> float:
-    """The training left after `done` epochs (fractional within an epoch), in epochs at size_now
-    (default img_size): each epoch left weighed by its pixels against size_now's, so that a time
-    left estimated at an epoch's pace counts the larger epochs ahead as larger."""
-    size_now = size_now or recipe["img_size"]
-    return sum(min(1.0, epoch - done) * (size_at(recipe, epoch) / size_now) ** 2
-               for epoch in range(1, recipe["epochs"] + 1) if epoch > done)
+
+def train_seconds_ahead(recipe: dict, done: float, paces: dict[int, float]) -> float:
+    """The training time left after `done` epochs (fractional within an epoch), from `paces`
+    ({crop size: an epoch's training seconds at it}, as measured so far): each epoch ahead at its
+    size's pace, or at a size not yet trained, at the nearest measured size's scaled by the pixels
+    (the model's work goes with them; a loader's and a step's fixed costs do not, so where they
+    weigh, as on small images, that overestimates, until the size has been trained)."""
+    total = 0.0
+    for epoch in range(math.floor(done) + 1, recipe["epochs"] + 1):
+        size = size_at(recipe, epoch)
+        near = min(paces, key=lambda measured: (abs(measured - size), measured))
+        total += min(1.0, epoch - done) * paces[near] * (size / near) ** 2
+    return total

@@ -80,9 +80,10 @@ def _time_left(rows: list[dict], validated: list[dict], recipe: dict) -> float |
     left = epochs - rows[-1].get("epoch", epochs) if rows else 0
     if left <= 0 or "train_seconds" not in last or "val_seconds" not in last:
         return None
-    train_seconds = last.get("train_seconds_steady") or last["train_seconds"]  # its pixels' pace (progressive.py)
-    done = epochs - left
-    return train_seconds * progressive.epochs_ahead(recipe, done, last.get("img_size")) + left * last["val_seconds"]
+    # Each size's latest pace: with progressive resizing the epochs ahead may train at other sizes.
+    paces = {row.get("img_size", recipe["img_size"]): row.get("train_seconds_steady") or row["train_seconds"]
+             for row in validated if "train_seconds" in row}
+    return progressive.train_seconds_ahead(recipe, epochs - left, paces) + left * last["val_seconds"]
 
 
 def _score(row: dict) -> float:

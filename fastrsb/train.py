@@ -205,10 +205,10 @@ def _validate_and_save(run: Run, pos: Position, folder: RunFolder) -> None:
     folder.log(metrics)
     left = run.recipe["epochs"] - pos.epoch
     # At the epoch's steady pace: the first steps' compiling of a process's first epoch is not the next ones'.
-    # With progressive resizing the epochs ahead are weighed by their pixels against this one's.
-    train_seconds = metrics.get("train_seconds_steady") or metrics["train_seconds"]
-    seconds = (train_seconds * progressive.epochs_ahead(run.recipe, pos.epoch, metrics.get("img_size"))
-               + left * metrics["val_seconds"])
+    # With progressive resizing each epoch ahead at its size's pace (fastrsb.progressive).
+    size = metrics.get("img_size", run.recipe["img_size"])
+    run.epoch_paces[size] = metrics.get("train_seconds_steady") or metrics["train_seconds"]
+    seconds = progressive.train_seconds_ahead(run.recipe, pos.epoch, run.epoch_paces) + left * metrics["val_seconds"]
     eta = f"; {left} epoch(s) left, ~{_clock(seconds)}" if left else ""
     _say(run, f"epoch {pos.epoch}: train_loss {metrics['train_loss']:.4f} top1 {metrics['top1']:.2f} "
               f"top5 {metrics['top5']:.2f}{' (ema %.2f)' % metrics['ema_top1'] if t.ema else ''} "

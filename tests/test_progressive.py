@@ -47,9 +47,13 @@ def test_off_in_the_rsb_recipes_and_said_on_the_card():
     timm = run_cli("recipe", "a3", "--timm", "--set", "ramp_img_size=96", "--set", "ramp_start_epoch=40",
                    "--set", "ramp_end_epoch=85").stdout
     assert "timm's train.py has no progressive resizing: it trains every epoch at 160 px" in timm
-    # The time left at an epoch's pace counts the larger epochs ahead as larger.
-    assert progressive.epochs_ahead(a3, 51, 96) == pytest.approx(22 * (128 / 96) ** 2 + 27 * (160 / 96) ** 2)
-    assert progressive.epochs_ahead(a3, 99.5) == 0.5 and progressive.epochs_ahead(load_recipe("a3"), 10) == 90
+    # The time left: each epoch ahead at its size's pace, a size not yet trained at the nearest
+    # measured size's scaled by the pixels.
+    ahead = progressive.train_seconds_ahead
+    assert ahead(a3, 51, {96: 10.0}) == pytest.approx(10 * (22 * (128 / 96) ** 2 + 27 * (160 / 96) ** 2))
+    assert ahead(a3, 73, {96: 10.0, 128: 15.0}) == pytest.approx(27 * 15 * (160 / 128) ** 2)
+    assert ahead(a3, 72.5, {96: 10.0, 128: 15.0, 160: 30.0}) == pytest.approx(0.5 * 15 + 27 * 30)
+    assert ahead(load_recipe("a3"), 10, {160: 8.0}) == 720
 
 
 @pytest.mark.parametrize("sets,words", [
@@ -125,6 +129,12 @@ def test_stopped_and_resumed_across_the_sizes_equals_uninterrupted(tiny_data, tm
     saved at another size, and ends with the weights of the run that did not stop."""
     stopped = _train(tiny_data, tmp_path, "--stop-after-steps", stop_at).stdout
     assert ("stopped after epoch 1" if stop_at == 6 else f"stopped at step {stop_at}") in stopped
+    if stop_at == 6:  # `fastrsb runs`' time to go: epochs 2 and 3 at epoch 1's pace, scaled by their pixels
+        first = _rows(tmp_path)[0]
+        pace = first.get("train_seconds_steady") or first["train_seconds"]
+        listed = json.loads(run_cli("runs", tmp_path, "--json").stdout)
+        assert listed["time_left_seconds"] == pytest.approx(pace * ((24 / 16) ** 2 + (32 / 16) ** 2)
+                                                            + 2 * first["val_seconds"])
     assert "epoch 3: crops of 32 px from here" in _train(tiny_data, tmp_path, "--resume", "auto").stdout
     left, right = load_checkpoint(ramped / "last.pt"), load_checkpoint(tmp_path / "last.pt")
     assert left["step"] == right["step"] == 18
