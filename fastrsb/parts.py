@@ -102,9 +102,9 @@ def build_training(recipe: dict, num_classes: int, device: str, d: Dist = Dist()
         mixer = BatchMixer(num_classes, recipe["mixup"], recipe["cutmix"], recipe["mixup_prob"],
                            recipe["mixup_switch_prob"], recipe["smoothing"], np.random.RandomState(recipe["seed"] + d.rank))
     if device == "cuda" and not torch.are_deterministic_algorithms_enabled():
-        torch.backends.cudnn.benchmark = True  # fixed shapes (train loaders drop the last batch)
+        torch.backends.cudnn.benchmark = True  # fixed shapes (train loaders drop the last batch; a size an epoch)
     # DDP's constructor broadcasts rank 0's weights and buffers to every rank ...
-    step_model = wrap_model(model, d, device, compiled)
+    step_model = wrap_model(model, d, device, compiled, shapes=len(progressive.sizes(recipe)))
     # ... so the EMA, a copy of the model, is taken after it: every rank's EMA starts from rank 0's weights.
     ema = ModelEma(model, recipe["model_ema_decay"]) if recipe["model_ema"] else None
     prepare = mixer or PlainTargets(num_classes, recipe["smoothing"])

@@ -24,12 +24,16 @@ from fastrsb.pipelines.cuda_graphs import capture, first_line, on_side_stream
 Prepare = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 
-def wrap_model(model: nn.Module, d: Dist, device: str, compile_model: bool) -> nn.Module:
+def wrap_model(model: nn.Module, d: Dist, device: str, compile_model: bool, shapes: int = 1) -> nn.Module:
     """DDP across ranks, then torch.compile if asked (DDPOptimizer splits the graph at bucket
     boundaries so gradient communication overlaps the backward pass). In inductor's default mode
     also with cuda_graphs: GraphedStep captures the whole step, the optimizer included, which
     "reduce-overhead" cannot (it skips the LAMB update, which mutates its inputs; and at a70b3c8
-    a run with it died of a segfault on the H200)."""
+    a run with it died of a segfault on the H200).
+    shapes: the batch shapes the step will meet (progressive resizing: one a crop size). Each is
+    compiled static (dynamic=False): by default dynamo compiles the second shape it meets with
+    symbolic sizes and runs every later one, the final size's epochs too, through kernels made for
+    any size; and the recompile limit is raised to let each have its own."""
     if d.on:
         # Buffers broadcast before every forward (DDP's default, stated because exact resume depends
         # on it): every forward starts from rank 0's BatchNorm statistics, so the rank-0 statistics a
@@ -38,8 +42,18 @@ def wrap_model(model: nn.Module, d: Dist, device: str, compile_model: bool) -> n
                                         **_sync_buffers_every_forward())
     if compile_model:
         torch._logging.set_logs(recompiles=True)  # a recompile in steady state costs seconds: show it
-        model = torch.compile(model)
+        _allow_recompiles(shapes)
+        model = torch.compile(model, dynamic=False)
     return model
+
+
+def _allow_recompiles(shapes: int) -> None:
+    """Dynamo's recompile limit a frame (8; `recompile_limit`, `cache_size_limit` before it was
+    renamed) raised to the shapes and a margin (train and eval modes), never lowered: past it a
+    frame runs uncompiled."""
+    config = torch._dynamo.config
+    name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
+    setattr(config, name, max(getattr(config, name), shapes + 2))
 
 
 def _sync_buffers_every_forward() -> dict:

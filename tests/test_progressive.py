@@ -144,3 +144,31 @@ def test_stopped_and_resumed_across_the_sizes_equals_uninterrupted(tiny_data, tm
                 "peak_memory_gib", "peak_torch_gib")
     assert [{k: v for k, v in r.items() if k not in measured} for r in _rows(ramped)] == \
         [{k: v for k, v in r.items() if k not in measured} for r in _rows(tmp_path)]
+
+
+
+def test_each_crop_size_compiles_a_static_graph_of_its_own(monkeypatch):
+    """Dynamo by default compiles the second shape it meets with symbolic sizes, so that the
+    graphs of the later sizes (the final size's epochs) are made for any size; wrap_model compiles
+    each size static, with the recompile limit raised for a ramp of more sizes than dynamo's 8.
+    (A backend that records what dynamo hands it, in place of inductor's compile.)"""
+    from fastrsb.distributed import Dist
+    from fastrsb.step import wrap_model
+    graphs = []
+
+    def recording(graph, example_inputs):
+        graphs.append([tuple(x.shape) for x in example_inputs if isinstance(x, torch.Tensor)])
+        return graph.forward
+    compile_ = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda model, **options: compile_(model, backend=recording, **options))
+    torch._dynamo.reset()
+    model = wrap_model(torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU()), Dist(), "cpu", True, shapes=12)
+    config = torch._dynamo.config
+    assert getattr(config, "recompile_limit", getattr(config, "cache_size_limit", 0)) >= 14
+    sizes = (8, 12, 16)
+    for size in sizes:
+        model(torch.randn(2, 3, size, size))
+    torch._dynamo.reset()
+    inputs = [shape for graph in graphs for shape in graph if len(shape) == 4 and shape[0] == 2]  # not the weight
+    assert sorted(inputs) == [(2, 3, size, size) for size in sizes]
+    assert all(isinstance(n, int) for shape in inputs for n in shape)  # no symbolic size
