@@ -290,15 +290,16 @@ def cmd_doctor(args) -> int | None:
         nproc = resolve_nproc(args.nproc, "auto")
         if nproc > 1:
             words = ["doctor", "--recipe", args.recipe] + (["--data", args.data] if args.data else []) + \
-                    (["--out", args.out] if args.out else []) + (["--json"] if args.json else [])
+                    (["--out", args.out] if args.out else []) + (["--json"] if args.json else []) + \
+                    (["--keep-every", str(args.keep_every)] if args.keep_every else [])
             return launch(nproc, words)
     if under_torchrun():  # one report for the job: every machine's checks and the all-reduce, on rank 0
-        ok, machines, job = run_cluster_doctor(args.data, args.out, args.recipe)
+        ok, machines, job = run_cluster_doctor(args.data, args.out, args.recipe, args.keep_every)
         if machines is None:  # not rank 0: it says nothing, and ends as rank 0 does
             return None if ok else 2
         text, data = report_cluster(ok, machines, job)
     else:
-        text, data = report(run_doctor(args.data, args.out, args.recipe))
+        text, data = report(run_doctor(args.data, args.out, args.recipe, args.keep_every))
         data["problems"] = sum(not c["ok"] and c["fatal"] for c in data["checks"])
     print(json.dumps(data) if args.json else text)
     if not data["ok"]:
@@ -498,6 +499,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", help="also check this data folder (layout, counts, file headers, a decode probe)")
     p.add_argument("--out", help="the run folder the checkpoints would go to (default: runs)")
     p.add_argument("--recipe", default="a3", help="the recipe whose checkpoints the disk check sizes (default a3)")
+    p.add_argument("--keep-every", type=count_option, default=None, metavar="N",
+                   help="the run will keep every N-th epoch's checkpoint too (train --keep-every): the disk check "
+                        "counts them")
     p.add_argument("--nproc", type=_process_count, default="1", metavar="N|all",
                    help="also as a run of N processes on this machine would: the gradient all-reduce between them "
                         "(NCCL on GPUs) timed and checked; all: one per GPU")

@@ -176,18 +176,21 @@ def model_parameters(model: str) -> int:
         return sum(p.numel() for p in timm.create_model(model).parameters())
 
 
-def disk_check(out: Path, recipe_name: str) -> Check:
+def disk_check(out: Path, recipe_name: str, keep_every: int | None = None) -> Check:
     """Free space in the run folder against what the recipe's checkpoints take: last.pt and best.pt,
-    each the weights, LAMB's two moments and the EMA if any (4 bytes a value)."""
+    each the weights, LAMB's two moments and the EMA if any (4 bytes a value), and with keep_every
+    the kept epochs' (train --keep-every: every N-th and the last, which is last.pt's file)."""
     from fastrsb.recipe import load_recipe
     recipe = load_recipe(recipe_name)
     params = model_parameters(recipe["model"])
     copies = 3 + (1 if recipe["model_ema"] else 0)
-    need = 2 * copies * params * 4 / 2**30
+    kept = kept_epochs(recipe["epochs"], keep_every) - 1 if keep_every else 0
+    need = (2 + kept) * copies * params * 4 / 2**30
     folder = nearest_existing(out)
     free = shutil.disk_usage(folder).free / 2**30
     where = folder if folder == out else f"{folder} (where {out} will be made)"
-    text = f"{free:,.1f} GiB free in {where}; recipe {recipe_name}'s last.pt + best.pt need {need:.2f} GiB"
+    files = f"last.pt + best.pt + {kept} kept epoch(s) (--keep-every {keep_every})" if keep_every else "last.pt + best.pt"
+    text = f"{free:,.1f} GiB free in {where}; recipe {recipe_name}'s {files} need {need:.2f} GiB"
     return Check("disk", free > 2 * need, text + ("" if free > 2 * need else ": free some space or choose another --out"))
 
 
@@ -260,13 +263,18 @@ def _decode_probe(train, device: str, count: int = 320, batch: int = 64) -> Chec
                                 f"{len(sample)} files, one pipeline)", fatal=False)
 
 
-def run_doctor(data: str | None, out: str | None, recipe: str = "a3") -> list[Check]:
+def kept_epochs(epochs: int, keep_every: int) -> int:
+    """How many epochs' checkpoints `train --keep-every` keeps: every keep_every-th, and the last."""
+    return epochs // keep_every + (1 if epochs % keep_every else 0)
+
+
+def run_doctor(data: str | None, out: str | None, recipe: str = "a3", keep_every: int | None = None) -> list[Check]:
     import torch
     device = "cuda" if torch.cuda.is_available() else "cpu"
     checks = [software_check(device), *gpu_checks(), dali_check(device, recipe)]
     gpus = torch.cuda.device_count() if device == "cuda" else 0
     checks.append(cpu_check(gpus))
-    checks.append(disk_check(Path(out or "runs"), recipe))
+    checks.append(disk_check(Path(out or "runs"), recipe, keep_every))
     if (place := run_folder_check(Path(out or "runs"), Path(data) if data else None)) is not None:
         checks.append(place)
     if data:  # the run's processes: torchrun's, else one per GPU (as cpu_check counts them)

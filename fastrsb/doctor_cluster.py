@@ -35,7 +35,8 @@ def under_torchrun() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
-def run_cluster_doctor(data: str | None, out: str | None, recipe: str) -> tuple[bool, list[dict] | None, list[Check]]:
+def run_cluster_doctor(data: str | None, out: str | None, recipe: str, keep_every: int | None = None
+                       ) -> tuple[bool, list[dict] | None, list[Check]]:
     """(ok on every machine, each machine's checks on rank 0 (None elsewhere), the job's checks:
     with `data`, the data alike on every machine (rank 0 only), and the all-reduce). The same `ok`
     on every rank."""
@@ -43,7 +44,7 @@ def run_cluster_doctor(data: str | None, out: str | None, recipe: str) -> tuple[
     d = init_distributed(device, timeout=TIMEOUT)
     try:
         collective = all_reduce_check(d, device, recipe)  # first: every process is there right after the start
-        local = _machine_checks(data, out, recipe) if d.local_rank == 0 else None
+        local = _machine_checks(data, out, recipe, keep_every) if d.local_rank == 0 else None
         listing = _listing(data) if data and d.local_rank == 0 else None
         node = int(os.environ.get("GROUP_RANK", "0"))  # torchrun's node rank
         found = gather_to_main({"node": node, "host": socket.gethostname(), "rank": d.rank, "listing": listing,
@@ -61,9 +62,9 @@ def run_cluster_doctor(data: str | None, out: str | None, recipe: str) -> tuple[
         shutdown(d)
 
 
-def _machine_checks(data: str | None, out: str | None, recipe: str) -> list[Check]:
+def _machine_checks(data: str | None, out: str | None, recipe: str, keep_every: int | None) -> list[Check]:
     try:
-        return run_doctor(data, out, recipe)
+        return run_doctor(data, out, recipe, keep_every)
     except Exception as err:  # noqa: BLE001 - said in the report; the other machines must not wait for this one
         return [Check("doctor", False, f"the checks stopped: {type(err).__name__}: {err}")]
 

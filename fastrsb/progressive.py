@@ -55,15 +55,29 @@ def pixel_share(recipe: dict) -> float:
 
 
 
+
 def train_seconds_ahead(recipe: dict, done: float, paces: dict[int, float]) -> float:
     """The training time left after `done` epochs (fractional within an epoch), from `paces`
     ({crop size: an epoch's training seconds at it}, as measured so far): each epoch ahead at its
-    size's pace, or at a size not yet trained, at the nearest measured size's scaled by the pixels
-    (the model's work goes with them; a loader's and a step's fixed costs do not, so where they
-    weigh, as on small images, that overestimates, until the size has been trained)."""
-    total = 0.0
-    for epoch in range(math.floor(done) + 1, recipe["epochs"] + 1):
-        size = size_at(recipe, epoch)
-        near = min(paces, key=lambda measured: (abs(measured - size), measured))
-        total += min(1.0, epoch - done) * paces[near] * (size / near) ** 2
-    return total
+    size's pace, or where the size has not been trained yet, at pace_at's estimate of it."""
+    return sum(min(1.0, epoch - done) * pace_at(size_at(recipe, epoch), paces)
+               for epoch in range(math.floor(done) + 1, recipe["epochs"] + 1))
+
+
+def pace_at(size: int, paces: dict[int, float]) -> float:
+    """An epoch's training seconds at `size`: measured, or from two or more measured sizes a line
+    in the pixels through them (least squares: a cost an image, the decode's, plus a cost a pixel,
+    the model's), or from one the nearest's scaled by the pixels, which overestimates where the
+    costs that do not go with the pixels weigh (the CPU's small demo images: 2x at the first
+    epoch; an A3 step on a GPU is the model's work)."""
+    if size in paces:
+        return paces[size]
+    if len(paces) > 1:
+        xs, ys = [measured**2 for measured in paces], list(paces.values())
+        mean_x, mean_y = sum(xs) / len(xs), sum(ys) / len(ys)
+        slope = (sum((x - mean_x) * (y - mean_y) for x, y in zip(xs, ys))
+                 / sum((x - mean_x) ** 2 for x in xs))
+        if slope > 0:
+            return mean_y + slope * (size**2 - mean_x)
+    near = min(paces, key=lambda measured: (abs(measured - size), measured))
+    return paces[near] * (size / near) ** 2

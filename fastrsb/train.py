@@ -163,8 +163,8 @@ def _epochs(run: Run, pos: Position, folder: RunFolder, stops: "Stops", log_ever
                   "update; a minute or two for a ResNet-50), and their pace counts in the first progress line")
     first = True  # the first epoch this process trains: its first steps compile
     while pos.epoch < epochs:
-        _crop_size_for(run, pos.epoch + 1)
-        figures, first = train_one_epoch(run, pos, folder, stops, log_every, hashed, settling=first), False
+        resized = _crop_size_for(run, pos.epoch + 1)  # a new size compiles anew too: its pace is after that
+        figures, first = train_one_epoch(run, pos, folder, stops, log_every, hashed, settling=first or resized), False
         if figures is None:  # a stop mid-epoch: `pos` says where
             _save(run, pos, folder)
             _say(run, f"stopped at {_where(run, pos)}")
@@ -184,13 +184,16 @@ def _epochs(run: Run, pos: Position, folder: RunFolder, stops: "Stops", log_ever
     return pos.metrics
 
 
-def _crop_size_for(run: Run, epoch: int) -> None:
+def _crop_size_for(run: Run, epoch: int) -> bool:
     """Progressive resizing: the train loader's crops at the size of `epoch` (fastrsb.progressive),
-    its pipelines built anew where it changes."""
+    its pipelines built anew where it changes. Returns whether it changed."""
     size = progressive.size_at(run.recipe, epoch)
-    if size != run.train_data.settings["img_size"]:
-        resize_train_loader(run.train_data, size)
-        _say(run, f"epoch {epoch}: crops of {size} px from here (progressive resizing)")
+    if size == run.train_data.settings["img_size"]:
+        return False
+    resize_train_loader(run.train_data, size)
+    compiling = "; the first steps compile for it" if run.device == "cuda" and run.recipe["compile"] else ""
+    _say(run, f"epoch {epoch}: crops of {size} px from here (progressive resizing{compiling})")
+    return True
 
 
 def _validate_and_save(run: Run, pos: Position, folder: RunFolder) -> None:
@@ -285,7 +288,8 @@ def train_one_epoch(run: Run, pos: Position, folder: RunFolder, stops: Stops, lo
     """Train from `pos` to the end of its epoch, advancing `pos` step by step. Returns the epoch's
     training figures, or None when a stop was asked for (`pos` then says where it stopped).
     hashed: each log row gets the hash of the step's last micro-batch (--deterministic).
-    settling: the first epoch this process trains (its first steps compile: train_seconds_steady)."""
+    settling: the first epoch this process trains, or the first at a new crop size (its first steps
+    compile: train_seconds_steady)."""
     t, schedule, micro = run.training, run.schedule, run.micro
     t.model.train()
     peak_memory.reset(run.device)  # the epoch's peak: its training and validation

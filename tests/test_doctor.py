@@ -161,3 +161,22 @@ def test_doctor_with_two_processes_on_one_machine_checks_it_once(tiny_data, tmp_
     assert report["ok"] and report["problems"] == 0 and same["ok"] and software["ok"] and collective["ok"]
     assert software["text"] == "every machine runs the same software (1 machine(s))"
     assert same["text"].startswith("every machine lists the same 48 train / 20 val files with the same labels")
+
+
+def test_the_disk_check_counts_the_kept_epochs():
+    """doctor --keep-every N sizes the kept epochs a run will leave (every N-th and the last, which
+    is last.pt's file) beside last.pt and best.pt: A3's 100 epochs with --keep-every 10 keep 10,
+    9 of them files of their own."""
+    import re
+    from fastrsb.doctor import kept_epochs
+    assert [kept_epochs(100, 10), kept_epochs(100, 30), kept_epochs(12, 1), kept_epochs(3, 5)] == [10, 4, 12, 1]
+
+    def disk(*more):
+        checks = json.loads(run_cli("doctor", "--json", *more).stdout)["checks"]
+        text = next(c["text"] for c in checks if c["name"] == "disk")
+        return text, float(re.search(r"need ([0-9.]+) GiB", text).group(1))
+    plain, need = disk()
+    kept, need_kept = disk("--keep-every", "10")
+    assert "recipe a3's last.pt + best.pt need" in plain
+    assert "recipe a3's last.pt + best.pt + 9 kept epoch(s) (--keep-every 10) need" in kept
+    assert need_kept == round(need * 11 / 2, 2) or abs(need_kept - need * 11 / 2) < 0.01

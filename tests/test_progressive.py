@@ -47,11 +47,14 @@ def test_off_in_the_rsb_recipes_and_said_on_the_card():
     timm = run_cli("recipe", "a3", "--timm", "--set", "ramp_img_size=96", "--set", "ramp_start_epoch=40",
                    "--set", "ramp_end_epoch=85").stdout
     assert "timm's train.py has no progressive resizing: it trains every epoch at 160 px" in timm
-    # The time left: each epoch ahead at its size's pace, a size not yet trained at the nearest
-    # measured size's scaled by the pixels.
+    # The time left: each epoch ahead at its size's pace; a size not yet trained, from one size
+    # measured, at its pace scaled by the pixels, from two or more on a line in the pixels.
     ahead = progressive.train_seconds_ahead
     assert ahead(a3, 51, {96: 10.0}) == pytest.approx(10 * (22 * (128 / 96) ** 2 + 27 * (160 / 96) ** 2))
-    assert ahead(a3, 73, {96: 10.0, 128: 15.0}) == pytest.approx(27 * 15 * (160 / 128) ** 2)
+    assert ahead(a3, 73, {96: 10.0, 128: 15.0}) == pytest.approx(27 * (15 + 5 * (160**2 - 128**2) / (128**2 - 96**2)))
+    assert progressive.pace_at(160, {96: 10.0, 128: 15.0, 144: 15.0 + 5 * (144**2 - 128**2) / (128**2 - 96**2)}) == \
+        pytest.approx(15 + 5 * (160**2 - 128**2) / (128**2 - 96**2))  # three on one line: that line
+    assert progressive.pace_at(160, {96: 10.0, 128: 9.0}) == pytest.approx(9 * (160 / 128) ** 2)  # no slope to trust
     assert ahead(a3, 72.5, {96: 10.0, 128: 15.0, 160: 30.0}) == pytest.approx(0.5 * 15 + 27 * 30)
     assert ahead(load_recipe("a3"), 10, {160: 8.0}) == 720
 
