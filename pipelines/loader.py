@@ -247,7 +247,7 @@ class DaliLoader:
         _check_sizes(self.batch_size, img_size, None, None, 1)
         state = self.state_dict()
         if torch.cuda.is_initialized():  # the old pipelines' last batch may still be read by queued kernels
-            torch.cuda.current_stream().synchronize()
+            torch.cuda.synchronize()  # (on any stream: the loader's own too, with augment_stream)
         self._iterators = []  # the old pipelines go before the new ones take their memory
         self._build, self._augment = self._remake(img_size)
         self._fingerprint = {**self._fingerprint, "img_size": img_size}
