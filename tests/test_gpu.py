@@ -227,6 +227,21 @@ def test_short_run_with_a_speed_key(tiny_data, tmp_path, speed_key):
         assert "+ CUDA graphs" in proc.stdout and "could not be captured" not in proc.stdout, proc.stdout
 
 
+def test_progressive_resizing_trains_each_size_compiled_and_captured(tiny_data, tmp_path):
+    """A run whose crops grow between epochs, on the GPU with the recipe's compile and cuda_graphs:
+    each size compiled static and its step captured anew, every epoch at its size."""
+    proc = run_cli_process("train", "tiny", "--data", tiny_data, "--out", tmp_path, "--device", "cuda",
+                           "--set", "epochs=3", "--set", "ramp_img_size=16", "--set", "ramp_start_epoch=1",
+                           "--set", "ramp_end_epoch=3", "--set", "ramp_step=8", "--set", "cuda_graphs=true",
+                           "--log-every", "2")
+    assert proc.returncode == 0, proc.stderr
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["epoch"], r["img_size"]) for r in rows if r["kind"] == "epoch"] == [(1, 16), (2, 24), (3, 32)]
+    assert all(math.isfinite(r["loss"]) for r in rows if r["kind"] == "log")
+    assert "epoch 3: crops of 32 px from here (progressive resizing; the first steps compile for it)" in proc.stdout
+    assert "could not be captured" not in proc.stdout, proc.stdout
+
+
 @pytest.mark.parametrize("compiled", [False, True])
 def test_graphed_step_trains_as_the_eager_step(compiled, monkeypatch):
     """cuda_graphs: the captured step (forward, loss, backward, clip, LAMB) moves the weights as
