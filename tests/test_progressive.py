@@ -175,3 +175,21 @@ def test_each_crop_size_compiles_a_static_graph_of_its_own(monkeypatch):
     inputs = [shape for graph in graphs for shape in graph if len(shape) == 4 and shape[0] == 2]  # not the weight
     assert sorted(inputs) == [(2, 3, size, size) for size in sizes]
     assert all(isinstance(n, int) for shape in inputs for n in shape)  # no symbolic size
+
+
+def test_two_processes_resize_together(tiny_data, tmp_path):
+    """Under torchrun each rank resizes its own shard's loader at the same epochs (the size is the
+    epoch's), and the ranks train in step: the trainer compares their weights after every epoch."""
+    import os
+    import subprocess
+    import sys
+    sets = [a for s in RAMP for a in ("--set", s)]
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           "-m", "fastrsb", "train", "tiny", "--device", "cpu", "--threads", "1", "--data",
+                           str(tiny_data), "--out", str(tmp_path / "run"), *sets],
+                          capture_output=True, text=True, timeout=600, env={**os.environ, "TMPDIR": str(temp)})
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert [(row["epoch"], row["img_size"]) for row in _rows(tmp_path / "run")] == [(1, 16), (2, 24), (3, 32)]
+    assert proc.stdout.count("crops of 24 px from here") == 1  # rank 0 says it
