@@ -43,7 +43,7 @@ def test_off_in_the_rsb_recipes_and_said_on_the_card():
         assert recipe["ramp_img_size"] is None and progressive.sizes(recipe) == [(1, recipe["epochs"], recipe["img_size"])]
     a3 = load_recipe("a3", ["ramp_img_size=96", "ramp_start_epoch=40", "ramp_end_epoch=85"])
     assert progressive.describe(a3) == ("100 epochs: 1-51 at 96 px, 52-73 at 128 px, 74-100 at 160 px "
-                                        "(progressive resizing)")
+                                        "(progressive resizing: 0.59 of the pixels)")
     timm = run_cli("recipe", "a3", "--timm", "--set", "ramp_img_size=96", "--set", "ramp_start_epoch=40",
                    "--set", "ramp_end_epoch=85").stdout
     assert "timm's train.py has no progressive resizing: it trains every epoch at 160 px" in timm
@@ -121,7 +121,7 @@ def ramped(tiny_data, tmp_path_factory):
 def test_a_run_trains_each_epoch_at_its_size(ramped):
     assert [(row["epoch"], row["img_size"]) for row in _rows(ramped)] == [(1, 16), (2, 24), (3, 32)]
     log = (ramped / "train.log").read_text()
-    assert "3 epochs: 1 at 16 px, 2 at 24 px, 3 at 32 px (progressive resizing), tested at 40 px" in log
+    assert "3 epochs: 1 at 16 px, 2 at 24 px, 3 at 32 px (progressive resizing: 0.60 of the pixels), tested at 40 px" in log
     assert "epoch 2: crops of 24 px from here (progressive resizing)" in log
     assert "epoch 3: crops of 32 px from here (progressive resizing)" in log
 
