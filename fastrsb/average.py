@@ -3,6 +3,8 @@ avg_checkpoints.py takes it (every entry of the state dict, BatchNorm's statisti
 in float64 and divided by their number), for the epochs a run kept (`train --keep-every`) or for
 runs of one recipe with other seeds. The result is a checkpoint of weights alone: `eval`, `export`,
 `predict` and `initial_checkpoint` take it; it cannot be resumed (it has no optimizer state).
+`--bn-data DIR` measures the mean's BatchNorm statistics anew over DIR's train images, as
+stochastic weight averaging does, instead of averaging them (fastrsb.bn_update).
 """
 from __future__ import annotations
 
@@ -16,10 +18,14 @@ from fastrsb.errors import UserError
 from fastrsb.provenance import source_commit
 
 
-def average_checkpoints(paths: list[str | Path], out: str | Path) -> dict:
+def average_checkpoints(paths: list[str | Path], out: str | Path, bn_data: str | Path | None = None,
+                        bn_images: int | None = None, device: str = "cpu", batch_size: int = 64,
+                        num_threads: int | None = None) -> dict:
     """Write OUT: the mean of the checkpoints' model weights (and of their EMA's, where all kept
     one), with the last one's recipe, classes and epoch; what it wrote. One checkpoint is read at a
-    time (ten of ResNet-50's with LAMB's moments are 3 GB), into float64 sums."""
+    time (ten of ResNet-50's with LAMB's moments are 3 GB), into float64 sums. With bn_data, the
+    mean's BatchNorm statistics are measured anew over bn_data's train images (at most bn_images;
+    fastrsb.bn_update) instead of averaged."""
     paths, out = [Path(p) for p in paths], Path(out)
     if len(paths) < 2:
         raise UserError("give two checkpoints or more to average")
@@ -34,6 +40,9 @@ def average_checkpoints(paths: list[str | Path], out: str | Path) -> dict:
         raise UserError(f"--out {out} is a folder: give the file to write (e.g. {out / 'average.pt'})")
     if out.exists() and _file_id(out) in files:
         raise UserError(f"--out {out} is one of the checkpoints averaged: write the mean to a new file")
+    if bn_data is not None:
+        from fastrsb.bn_update import recompute_for_checkpoint, train_images
+        train = train_images(bn_data)
     first, sums, sources = None, {}, []
     for path in paths:
         state = load_checkpoint(path)  # a checkpoint, or one line on what the file is
@@ -54,10 +63,15 @@ def average_checkpoints(paths: list[str | Path], out: str | Path) -> dict:
     state = {**averaged, "recipe": last["recipe"], "classes": last["classes"], "epoch": last["epoch"],
              "step": last["step"], "metrics": {}, "version": __version__, "commit": source_commit(),
              "averaged_from": sources}
+    measured = None
+    if bn_data is not None:
+        measured = recompute_for_checkpoint(state, bn_data, train, bn_images, device, batch_size, num_threads)
+        state.update(measured.pop("state"))
+        state["bn_recomputed"] = measured  # the data, images and crop size its statistics were measured on
     out.parent.mkdir(parents=True, exist_ok=True)
     save_checkpoint(state, out)
     return {"out": str(out), "checkpoints": sources, "ema": "ema" in averaged,
-            "ema_left_out": "ema" in first and "ema" not in averaged}
+            "ema_left_out": "ema" in first and "ema" not in averaged, "bn_recomputed": measured}
 
 
 def _file_id(path: Path) -> tuple[int, int]:

@@ -272,10 +272,17 @@ def cmd_export(args) -> None:
 
 def cmd_average(args) -> None:
     from fastrsb.average import average_checkpoints
-    result = average_checkpoints(args.checkpoints, args.out)
+    from fastrsb.device import resolve_device
+    device = resolve_device(args.device) if args.bn_data else "cpu"
+    batch = args.batch_size or (256 if device == "cuda" else 64)
+    result = average_checkpoints(args.checkpoints, args.out, args.bn_data, args.bn_images, device, batch)
     epochs = ", ".join(str(c["epoch"]) for c in result["checkpoints"])
+    measured = result["bn_recomputed"]
+    bn = (f"; BatchNorm's statistics measured anew over {measured['images']:,} train images of {measured['data']} "
+          f"at {measured['img_size']} px" if measured else "")
     print(f"{result['out']}: the mean of {len(result['checkpoints'])} checkpoints' weights (epochs {epochs})"
-          f"{' and of their EMAs' if result['ema'] else ''}; evaluate it with fastrsb eval {result['out']} --data DIR")
+          f"{' and of their EMAs' if result['ema'] else ''}{bn}; evaluate it with fastrsb eval {result['out']} "
+          "--data DIR")
     if result["ema_left_out"]:
         print("note: not every checkpoint kept an EMA, so the EMAs' weights are not averaged (the models' are)")
 
@@ -541,6 +548,13 @@ def _add_average_command(sub) -> None:
     p.add_argument("checkpoints", nargs="+", help="fastrsb checkpoints of one model and classes (e.g. "
                                                   "RUN_DIR/epoch-*.pt)")
     p.add_argument("--out", required=True, help="the checkpoint file to write")
+    p.add_argument("--bn-data", metavar="DIR", help="measure the mean's BatchNorm statistics anew over DIR/train "
+                                                    "(the recipe's train crops), as SWA does, instead of averaging them")
+    p.add_argument("--bn-images", type=count_option, metavar="N", help="with --bn-data: at most N images (default: "
+                                                                       "one pass over DIR/train)")
+    p.add_argument("--batch-size", type=count_option, help="with --bn-data: images a batch (default 256 on a GPU, "
+                                                           "64 on the CPU)")
+    p.add_argument("--device", help="with --bn-data: cuda or cpu (default: cuda where there is one)")
     p.set_defaults(func=cmd_average)
 
 

@@ -4,6 +4,7 @@ import json
 import math
 import os
 import re
+import shutil
 import socket
 import sys
 from pathlib import Path
@@ -778,6 +779,48 @@ def test_average_is_the_mean_of_the_weights_and_a_checkpoint_eval_and_export_tak
         assert_user_error(run_cli("average", *inputs, "--out", tmp_path / "x.pt", check=False), said)
     assert_user_error(run_cli("average", out / "last.pt", tmp_path / "b.pt", "--out", tmp_path / "same.pt",
                               check=False), "is one of the checkpoints averaged")
+    assert not (tmp_path / "x.pt").exists()
+
+
+def test_average_measures_batch_norm_anew_as_swa_does(run, tiny_data, tmp_path):
+    """average --bn-data: the mean's weights, with BatchNorm's running statistics measured anew
+    over the train images as torch's SWA update_bn measures them (the same batches: the recipe's
+    train loader from its seed), not averaged; --bn-images caps the images; a data set of other
+    classes is refused before anything is written."""
+    from torch.optim.swa_utils import update_bn
+    from fastrsb.data_folder import open_split
+    from fastrsb.model import make_model
+    from fastrsb.parts import open_train_loader
+    out, _ = run
+    a = load_checkpoint(out / "last.pt")
+    b = {**a, "model": {k: v * 1.5 if v.is_floating_point() else v for k, v in a["model"].items()}}
+    torch.save(b, tmp_path / "b.pt")
+    run_cli("average", out / "last.pt", tmp_path / "b.pt", "--out", tmp_path / "plain.pt")
+    proc = run_cli("average", out / "last.pt", tmp_path / "b.pt", "--out", tmp_path / "bn.pt", "--bn-data", tiny_data,
+                   "--device", "cpu")
+    assert f"BatchNorm's statistics measured anew over 48 train images of {tiny_data} at 32 px" in proc.stdout
+    plain, measured = load_checkpoint(tmp_path / "plain.pt"), load_checkpoint(tmp_path / "bn.pt")
+    model = make_model(a["recipe"]["model"], 4)
+    model.load_state_dict(plain["model"])
+    train = open_split(tiny_data, "train")
+    update_bn(open_train_loader(a["recipe"], train, 48, "cpu", seed=a["recipe"]["seed"]), model)
+    statistics = ("running_mean", "running_var", "num_batches_tracked")
+    reference = model.state_dict()
+    for key, value in plain["model"].items():
+        want = reference[key] if key.endswith(statistics) else value
+        assert torch.equal(measured["model"][key], want), key
+    assert any(not torch.equal(measured["model"][k], plain["model"][k]) for k in plain["model"] if k.endswith("running_var"))
+    assert measured["bn_recomputed"]["images"] == 48
+    capped = run_cli("average", out / "last.pt", tmp_path / "b.pt", "--out", tmp_path / "capped.pt", "--bn-data",
+                     tiny_data, "--device", "cpu", "--bn-images", "20", "--batch-size", "8").stdout
+    assert "measured anew over 20 train images" in capped
+    assert "top1" in json.loads(run_cli("eval", tmp_path / "bn.pt", "--data", tiny_data, "--json").stdout)
+    other = tmp_path / "other"
+    for split in ("train", "val"):
+        shutil.copytree(tiny_data / split, other / split)
+    (other / "train" / "n00_hstripes").rename(other / "train" / "zz_renamed")
+    assert_user_error(run_cli("average", out / "last.pt", tmp_path / "b.pt", "--out", tmp_path / "x.pt", "--bn-data",
+                              other, "--device", "cpu", check=False), "holds other classes than the checkpoints")
     assert not (tmp_path / "x.pt").exists()
 
 
