@@ -603,3 +603,23 @@ def test_gpu_predict_gives_the_cpus_classes(tiny_data, tmp_path):
             assert c["taken_for_share"] == pytest.approx(100 * wrong.count(c["taken_for"]) / len(firsts))
         else:
             assert c["taken_for"] is None
+
+
+def test_gpu_average_measures_batch_norm_anew(tiny_data, tmp_path):
+    """average --bn-data on the GPU (the GPU train loader, autocast): BatchNorm's statistics near
+    the CPU's measurement of the same weights over the same folder (other decoders and resampling,
+    bf16: near, not equal), and the checkpoint evaluates on the GPU."""
+    import shutil as files
+    from fastrsb.checkpoint import load_checkpoint
+    run_cli_process("train", "tiny", "--data", tiny_data, "--out", tmp_path / "run", "--device", "cpu")
+    files.copy(tmp_path / "run" / "last.pt", tmp_path / "copy.pt")
+    pair = (tmp_path / "run" / "last.pt", tmp_path / "copy.pt")
+    run_cli_process("average", *pair, "--out", tmp_path / "cpu.pt", "--bn-data", tiny_data, "--device", "cpu")
+    run_cli_process("average", *pair, "--out", tmp_path / "cuda.pt", "--bn-data", tiny_data, "--device", "cuda")
+    means = {device: load_checkpoint(tmp_path / f"{device}.pt")["model"] for device in ("cpu", "cuda")}
+    for key, value in means["cpu"].items():
+        if key.endswith("running_mean") or key.endswith("running_var"):
+            assert torch.isfinite(means["cuda"][key]).all(), key
+            assert means["cuda"][key] == pytest.approx(value, rel=0.15, abs=0.05), key
+    proc = run_cli_process("eval", tmp_path / "cuda.pt", "--data", tiny_data, "--device", "cuda", "--json")
+    assert 0 <= json.loads(proc.stdout)["top1"] <= 100
