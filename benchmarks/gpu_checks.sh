@@ -178,4 +178,9 @@ gpu_tests 60 150 pytest-gpu-rest "not ($NEW_TESTS)"
 #    5 seeds 90.42 +- 1.69 and 90.92 +- 1.99). No GPU run has trained to an accuracy yet.
 step 120 240 timm-parity-demo python3 benchmarks/timm_parity.py --recipe demo --seeds 0 --workers 8 \
     --json-out "$OUT/gpu.jsonl"
+# 8. Progressive resizing's saving on the GPU (new at 26a9101): A3 end to end, and its step alone,
+#    with 128 px crops (the README's example ramp trains epochs 1-62 at 128 px, 63-100 at 160),
+#    beside check 5's 160 px figures.
+step 90 150 train-a3-128px $BENCH $DATA --mode train --recipe a3 --img-size 128 --steps 100 --variants step \
+    aa_impl=tree
 say "done ($(left)s left)"

@@ -435,6 +435,13 @@ def test_gpu_report_reads_a_run_as_the_readme_shows_it():
     assert gpu_report.label({**loader, "aa_impl": "tree"}).endswith("tree form, cuda_graphs on (a DALI form: nothing "
                                                                      "to capture), batch 256")
     assert "torch form, cuda_graphs on, not captured," in gpu_report.label({**loader, "aa_impl": "torch"})
+    # A progressive-resizing ramp's 128 px rows are labelled so, and count towards no target (160 px).
+    fast = {"mode": "train", "recipe": "a3", "aa": "rand-m6-mstd0.5-inc1", "aa_impl": "tree", "batch_size": 256,
+            "img_size": 128, "images_per_sec": 12000.0, "vs_step": 0.95}
+    assert gpu_report.label(fast).endswith("tree form, 128 px, batch 256")
+    run = [json.loads(line) for line in (results / "gpu-h200-a70b3c8.jsonl").read_text().splitlines() if line.strip()]
+    assert "A3 end to end >= 10,000 img/s and >= 0.9x the step: NOT met (best 6,320" in "\n".join(
+        gpu_report.targets(run + [fast]))
     assert "torch form, CUDA graphs (RandAugment)," in gpu_report.label({**loader, "aa_impl": "torch",
                                                                          "augment_captured": True})
     rows = [json.loads(line) for line in (results / "augment-memory-cpu-2core.jsonl").read_text().splitlines()]
