@@ -104,7 +104,8 @@ def panels(logs: list[dict], epochs: list[dict]) -> list[tuple[str, Series, str]
     drawn = [("loss", losses, LOG),
              ("validation accuracy (%)", accuracy, LINEAR),
              ("learning rate", [("lr", lx, [r["lr"] for r in logs])], LINEAR),
-             ("images/s per process", [("images/s", lx, [r["images_per_sec"] for r in logs])], LINEAR),
+             (f"images/s per process{_crop_sizes(epochs)}", [("images/s", lx, [r["images_per_sec"] for r in logs])],
+              LINEAR),
              ("share of step time waiting for data (%)", [("data wait", lx, waits)], LINEAR)]
     memory = [(name, ex, [r.get(key) for r in epochs]) for name, key in
               (("process", "peak_memory_gib"), ("torch's tensors", "peak_torch_gib"))  # fastrsb.peak_memory's
@@ -112,6 +113,17 @@ def panels(logs: list[dict], epochs: list[dict]) -> list[tuple[str, Series, str]
     if memory:
         drawn.append(("peak memory per epoch (GiB)", memory, FROM_ZERO))
     return drawn
+
+
+def _crop_sizes(epochs: list[dict]) -> str:
+    """A progressive-resizing run's crop sizes and the epochs they start at, for the images/s
+    panel's title, whose figures move with them: ' (32/48/64 px from epochs 1/5/8)'; '' at one size."""
+    changes = [(r["epoch"], r["img_size"]) for k, r in enumerate(epochs)
+               if r.get("img_size") is not None and (k == 0 or epochs[k - 1].get("img_size") != r["img_size"])]
+    if len(changes) < 2:
+        return ""
+    return (f" ({'/'.join(str(size) for _, size in changes)} px from epochs "
+            f"{'/'.join(str(epoch) for epoch, _ in changes)})")
 
 
 def compared_panels(runs: list[tuple[str, list[dict], list[dict]]]) -> list[tuple[str, Series, str]]:

@@ -124,6 +124,10 @@ def test_a_run_trains_each_epoch_at_its_size(ramped):
     assert "3 epochs: 1 at 16 px, 2 at 24 px, 3 at 32 px (progressive resizing: 0.60 of the pixels), tested at 40 px" in log
     assert "epoch 2: crops of 24 px from here (progressive resizing)" in log
     assert "epoch 3: crops of 32 px from here (progressive resizing)" in log
+    from fastrsb.plot import panels, read_metrics
+    titles = [title for title, _, _ in panels(*read_metrics(ramped))]
+    assert "images/s per process (16/24/32 px from epochs 1/2/3)" in titles  # its figures move with the size
+    assert "wrote" in run_cli("plot", ramped).stdout
 
 
 @pytest.mark.parametrize("stop_at", [6, 8])  # the end of epoch 1 (16 px; the next at 24); two steps into epoch 2
