@@ -11,6 +11,7 @@ import contextlib
 import numbers
 import os
 import re
+from dataclasses import dataclass
 from typing import Callable, Iterator
 
 import torch
@@ -588,33 +589,67 @@ def train_loader(root: str | os.PathLike | ImageList, batch_size: int, img_size:
     hw_decoder_load = _hw_decoder_load(hw_decoder_load, device_id)
     executor = _executor_options(stream_policy, concurrency)
 
-    def build(checkpoints: list | None, img_size: int = img_size) -> list:
-        # Pipeline k reads part k of this shard, shard shard_id * pipelines + k of num_shards * pipelines (DALI's
-        # bounds are floor(size * id / count): the parts tile the shard), and makes whole batches.
-        return [train_pipeline(
-            files=images.files, labels=images.labels, img_size=img_size, device=device,
-            shard_id=shard_id * pipelines + part, num_shards=num_shards * pipelines, shuffle_seed=seed,
-            hw_decoder_load=hw_decoder_load, dtype=dtype or default_pixel_dtype(device), repeats=repeats, aa=aa,
-            aa_impl=aa_impl, interpolation=interpolation, aa_interpolation=aa_interpolation,
-            batch_size=batch_images, num_threads=max(1, threads // pipelines), device_id=device_id,
-            seed=seed * 1000 + shard_id * pipelines + part, prefetch_queue_depth=prefetch_queue_depth,
-            enable_checkpointing=True, checkpoint=checkpoints[part] if checkpoints else None, **executor)
-            for part in range(pipelines)]
-    def augment_at(img_size: int) -> Callable | None:
-        return (_torch_augment(aa, img_size, dtype or default_pixel_dtype(device), compile_augment, cuda_graphs,
-                               aa_interpolation) if aa and aa_impl == "torch" else None)
-
-    def remake(img_size: int) -> tuple[Callable, Callable | None]:
-        return (lambda checkpoints: build(checkpoints, img_size)), augment_at(img_size)
-
-    augment = augment_at(img_size)
+    made_of = _TrainPipelines(
+        images=images, device=device, device_id=device_id, shard_id=shard_id, num_shards=num_shards,
+        pipelines=pipelines, seed=seed, threads=threads, batch_images=batch_images,
+        pixels=dtype or default_pixel_dtype(device), hw_decoder_load=hw_decoder_load,
+        prefetch_queue_depth=prefetch_queue_depth, executor=executor, repeats=repeats, aa=aa, aa_impl=aa_impl,
+        interpolation=interpolation, aa_interpolation=aa_interpolation, compile_augment=compile_augment,
+        cuda_graphs=cuda_graphs)
+    build, augment = made_of.at_size(img_size)
     return DaliLoader(build, images, batch_size, train=True, repeats=repeats, fingerprint=fingerprint, state=state,
                       spread=(shard_id, num_shards) if spread_views else None,
                       settings={**_decoder_settings(device_id, hw_decoder_load, threads, prefetch_queue_depth),
                                 "stream_policy": stream_policy, "concurrency": concurrency,
                                 "cuda_graphs": cuda_graphs, "augment_stream": augment_stream,
                                 "compile_augment": compile_augment and augment is not None},
-                      augment=augment, augment_stream=augment_stream, remake=remake)
+                      augment=augment, augment_stream=augment_stream, remake=made_of.at_size)
+
+
+@dataclass(frozen=True)
+class _TrainPipelines:
+    """What a train loader's DALI pipelines are made of (train_loader's options, resolved), at any
+    crop size: the loader builds them at its size, and anew at another (DaliLoader.resize)."""
+    images: ImageList
+    device: str
+    device_id: int | None
+    shard_id: int
+    num_shards: int
+    pipelines: int
+    seed: int
+    threads: int
+    batch_images: int
+    pixels: str
+    hw_decoder_load: float
+    prefetch_queue_depth: int
+    executor: dict
+    repeats: int
+    aa: str | None
+    aa_impl: str
+    interpolation: str
+    aa_interpolation: str | None
+    compile_augment: bool
+    cuda_graphs: bool
+
+    def at_size(self, size: int) -> tuple[Callable, Callable | None]:
+        """(build, augment) cropping to `size`: build(DALI checkpoints or None) -> the pipelines;
+        augment: the torch RandAugment form, where it runs, else None."""
+        def build(checkpoints: list | None) -> list:
+            # Pipeline k reads part k of this shard, shard shard_id * pipelines + k of num_shards * pipelines (DALI's
+            # bounds are floor(size * id / count): the parts tile the shard), and makes whole batches.
+            count = self.pipelines
+            return [train_pipeline(
+                files=self.images.files, labels=self.images.labels, img_size=size, device=self.device,
+                shard_id=self.shard_id * count + part, num_shards=self.num_shards * count, shuffle_seed=self.seed,
+                hw_decoder_load=self.hw_decoder_load, dtype=self.pixels, repeats=self.repeats, aa=self.aa,
+                aa_impl=self.aa_impl, interpolation=self.interpolation, aa_interpolation=self.aa_interpolation,
+                batch_size=self.batch_images, num_threads=max(1, self.threads // count), device_id=self.device_id,
+                seed=self.seed * 1000 + self.shard_id * count + part, prefetch_queue_depth=self.prefetch_queue_depth,
+                enable_checkpointing=True, checkpoint=checkpoints[part] if checkpoints else None, **self.executor)
+                for part in range(count)]
+        torch_form = self.aa and self.aa_impl == "torch"
+        return build, (_torch_augment(self.aa, size, self.pixels, self.compile_augment, self.cuda_graphs,
+                                      self.aa_interpolation) if torch_form else None)
 
 
 def _pipeline_count(pipelines: int | None, state: dict | None, device: str, shard_images: int,
