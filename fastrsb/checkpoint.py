@@ -51,6 +51,12 @@ def _first_line(err: BaseException) -> str:
 KEPT = "epoch-{:03d}.pt"  # an epoch's checkpoint kept by train --keep-every (run_state.RunFolder.keep)
 
 
+def is_kept(epoch: int, epochs: int, keep_every: int) -> bool:
+    """Whether `train --keep-every` keeps EPOCH's checkpoint (of EPOCHS): every keep_every-th, and
+    the last."""
+    return epoch % keep_every == 0 or epoch == epochs
+
+
 def kept_checkpoints(folder: Path) -> dict[int, Path]:
     """{epoch: its kept checkpoint} of a run folder."""
     found = {}

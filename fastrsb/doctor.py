@@ -16,6 +16,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from fastrsb.checkpoint import is_kept
 from fastrsb.errors import UserError
 from fastrsb.file_jobs import nearest_existing
 
@@ -264,8 +265,8 @@ def _decode_probe(train, device: str, count: int = 320, batch: int = 64) -> Chec
 
 
 def kept_epochs(epochs: int, keep_every: int) -> int:
-    """How many epochs' checkpoints `train --keep-every` keeps: every keep_every-th, and the last."""
-    return epochs // keep_every + (1 if epochs % keep_every else 0)
+    """How many epochs' checkpoints `train --keep-every` keeps."""
+    return sum(is_kept(epoch, epochs, keep_every) for epoch in range(1, epochs + 1))
 
 
 def run_doctor(data: str | None, out: str | None, recipe: str = "a3", keep_every: int | None = None) -> list[Check]:

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from fastrsb import __version__
-from fastrsb.checkpoint import (KEPT, kept_checkpoints, load_checkpoint, load_weights, remove_partial_saves,
+from fastrsb.checkpoint import (KEPT, is_kept, kept_checkpoints, load_checkpoint, load_weights, remove_partial_saves,
                                 save_checkpoint)
 from fastrsb.distributed import Dist, broadcast_from_main, gather_to_main, stop_together
 from fastrsb.errors import StoppedWithAnother, UserError
@@ -289,7 +289,7 @@ class RunFolder:
         best epochs instead, checkpoint-N.pth.tar): a hard link (no room taken until the next save
         writes last.pt as a new file), else a copy. One that cannot be kept (a full disk) is said,
         and the run goes on."""
-        if not (self.main and self.keep_every) or (epoch % self.keep_every and epoch != epochs):
+        if not (self.main and self.keep_every and is_kept(epoch, epochs, self.keep_every)):
             return
         kept = self.out / KEPT.format(epoch)
         partial = self.out / f".{kept.name}.{os.getpid()}.tmp"  # as remove_partial_saves finds them
