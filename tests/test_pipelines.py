@@ -328,7 +328,7 @@ def test_other_formats_are_read_as_timm_reads_them(tmp_path):
 def test_a_16_bit_png_is_scaled_to_8_bits_where_pil_clips_it(tmp_path):
     """A 16-bit grey PNG (a scientific or medical image, say) is read as its values scaled to 8
     bits, round(v / 257); PIL's convert("RGB"), and so timm, clips them at 255, which leaves such
-    an image nearly white. A difference kept on purpose (the README says so)."""
+    an image nearly white. A difference kept on purpose (docs/loaders.md says so)."""
     values = np.random.default_rng(1).integers(0, 65536, (32, 32), dtype=np.uint16)
     (tmp_path / "c").mkdir()
     Image.fromarray(values).save(tmp_path / "c" / "x.png")
