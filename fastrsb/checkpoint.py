@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from fastrsb.errors import UserError
+from fastrsb.file_jobs import link_or_copy
 from fastrsb.staging import current_umask
 
 _ZIP_MAGIC = b"PK\x03\x04"  # the first bytes of what torch.save writes
@@ -36,12 +37,38 @@ def save_checkpoint(state: dict, path: str | Path) -> None:
         os.replace(tmp, path)
     except (OSError, RuntimeError) as err:  # torch.save says a failed write as a RuntimeError
         Path(tmp).unlink(missing_ok=True)
-        free = shutil.disk_usage(path.parent).free
-        raise UserError(f"could not write {path} ({_first_line(err)}; {free / 1e9:,.1f} GB free on its disk): "
-                        f"the checkpoint there before is kept; make room, then --resume auto") from None
+        raise _not_written(path, err) from None
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def link_checkpoint(source: Path, target: Path) -> None:
+    """TARGET as the same file as SOURCE: a hard link (no time, no room until SOURCE's next save,
+    which writes a new file), else a copy; put in place by a rename, as a save is, from a
+    temporary file named as remove_partial_saves finds it. OSError where neither can be made."""
+    partial = target.parent / f".{target.name}.{os.getpid()}.tmp"
+    try:
+        link_or_copy(source, partial)
+        os.replace(partial, target)
+    except OSError:
+        partial.unlink(missing_ok=True)
+        raise
+
+
+def link_best(last: Path, best: Path) -> None:
+    """best.pt as last.pt, just saved; a failure (a full disk, where a copy was needed) stops the
+    run as a failed save does."""
+    try:
+        link_checkpoint(last, best)
+    except OSError as err:
+        raise _not_written(best, err) from None
+
+
+def _not_written(path: Path, err: BaseException) -> UserError:
+    free = shutil.disk_usage(path.parent).free
+    return UserError(f"could not write {path} ({_first_line(err)}; {free / 1e9:,.1f} GB free on its disk): "
+                     f"the checkpoint there before is kept; make room, then --resume auto")
 
 
 def _first_line(err: BaseException) -> str:

@@ -9,18 +9,17 @@ streams (_resharded_position), as it does from loader positions an earlier fastr
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from fastrsb import __version__
-from fastrsb.checkpoint import (KEPT, is_kept, kept_checkpoints, load_checkpoint, load_weights, remove_partial_saves,
-                                save_checkpoint)
+from fastrsb.checkpoint import (KEPT, is_kept, kept_checkpoints, link_best, link_checkpoint, load_checkpoint, load_weights,
+                                remove_partial_saves, save_checkpoint)
+from fastrsb.checkpoint_writer import CheckpointWriter, host_copy
 from fastrsb.distributed import Dist, broadcast_from_main, gather_to_main, stop_together
 from fastrsb.errors import StoppedWithAnother, UserError
-from fastrsb.file_jobs import link_or_copy
 from fastrsb.metrics_log import append_rows, read_rows, replace_text, rewrite_rows, scalars
 from fastrsb.parts import Run
 from fastrsb.provenance import source_commit
@@ -141,32 +140,56 @@ def _rank_state(run: Run, pos: Position) -> dict:
             **({"cuda_rng": torch.cuda.get_rng_state()} if run.device == "cuda" else {})}
 
 
-def save_run(run: Run, pos: Position, out: Path, best: bool = False) -> None:
-    """Write RUN_DIR/last.pt (and best.pt). Collective: every rank calls it (each sends its own
-    part to rank 0), and a save that fails stops every rank. Checkpoints only, so its host syncs
-    do not matter."""
+def save_run(run: Run, pos: Position, folder: RunFolder, best: bool = False, keep: bool = False) -> None:
+    """Write RUN_DIR/last.pt (and best.pt; with keep, the epoch kept where --keep-every keeps it).
+    Collective: every rank calls it (each sends its own part to rank 0). Rank 0 copies the state
+    to host memory here and its folder's writer writes it beside the training
+    (fastrsb.checkpoint_writer), after the save before, whose failure (a full disk) stops every
+    rank here; finish_saves waits for the last one. Checkpoints only, so the copy's host syncs do
+    not matter."""
     ranks = gather_to_main(_rank_state(run, pos), run.d)
     error = None
     if run.d.main:
         try:
-            _write_snapshot(run, pos, out, ranks, best)
+            folder.writer.wait()
+            snapshot = host_copy(_snapshot(run, pos, ranks))
+            epoch, epochs = pos.epoch, run.recipe["epochs"]
+            folder.writer.submit(lambda: _write(snapshot, folder, best, epoch if keep else None, epochs))
         except UserError as err:
             error = err
     stop_together(error, run.d, "saving the checkpoint")
 
 
-def _write_snapshot(run: Run, pos: Position, out: Path, ranks: list, best: bool) -> None:
+def finish_saves(run: Run, folder: RunFolder) -> None:
+    """Collective: returns once rank 0's last checkpoint is on disk; its failure stops every rank."""
+    error = None
+    if run.d.main:
+        try:
+            folder.writer.wait()
+        except UserError as err:
+            error = err
+    stop_together(error, run.d, "saving the checkpoint")
+
+
+def _snapshot(run: Run, pos: Position, ranks: list) -> dict:
     t = run.training
     partial = {"micro_done": pos.micro_done, "seconds": pos.seconds, "peak": pos.peak} if pos.micro_done else None
-    snapshot = {"model": t.model.state_dict(), "optimizer": t.optimizer.state_dict(), "scaler": t.scaler.state_dict(),
-                "epoch": pos.epoch, "step": pos.step, "partial": partial, "validated": pos.validated,
-                "grad_accum_steps": run.schedule.grad_accum_steps, "micro_batch": run.micro,
-                "ranks": ranks, "best_top1": pos.best_top1, "recipe": run.recipe, "classes": run.classes,
-                "metrics": pos.metrics, "loader_seed": run.loader_seed, "version": __version__,
-                "commit": source_commit(), **({"ema": t.ema.state_dict()} if t.ema else {})}
-    save_checkpoint(snapshot, out / "last.pt")
+    return {"model": t.model.state_dict(), "optimizer": t.optimizer.state_dict(), "scaler": t.scaler.state_dict(),
+            "epoch": pos.epoch, "step": pos.step, "partial": partial, "validated": pos.validated,
+            "grad_accum_steps": run.schedule.grad_accum_steps, "micro_batch": run.micro,
+            "ranks": ranks, "best_top1": pos.best_top1, "recipe": run.recipe, "classes": run.classes,
+            "metrics": pos.metrics, "loader_seed": run.loader_seed, "version": __version__,
+            "commit": source_commit(), **({"ema": t.ema.state_dict()} if t.ema else {})}
+
+
+def _write(snapshot: dict, folder: RunFolder, best: bool, kept_epoch: int | None, epochs: int) -> None:
+    """On the writer's thread: last.pt, then best.pt as a hard link to it (the same bytes: no
+    second write; last.pt's next save is a new file, so best.pt keeps these), then the kept epoch."""
+    save_checkpoint(snapshot, folder.out / "last.pt")
     if best:
-        save_checkpoint(snapshot, out / "best.pt")
+        link_best(folder.out / "last.pt", folder.out / "best.pt")
+    if kept_epoch is not None:
+        folder.keep(kept_epoch, epochs)
 
 
 def restore_run(run: Run, state: dict, path: Path) -> Position:
@@ -250,6 +273,7 @@ class RunFolder:
                  wandb_project: str | None = None, facts: dict | None = None, keep_every: int | None = None):
         self.out, self.main, self.board, self.wandb, self.keep_every = out, d.main, None, None, keep_every
         self.saved: tuple[Path, str] | None = None  # the run's newest checkpoint and where it stands (train.py)
+        self.writer = CheckpointWriter()  # rank 0's checkpoints, written beside the training (save_run)
         self._pending: list[dict] = []  # rows not yet written (the disk was full)
         self._failing = False
         if not self.main:
@@ -292,12 +316,9 @@ class RunFolder:
         if not (self.main and self.keep_every and is_kept(epoch, epochs, self.keep_every)):
             return
         kept = self.out / KEPT.format(epoch)
-        partial = self.out / f".{kept.name}.{os.getpid()}.tmp"  # as remove_partial_saves finds them
         try:
-            link_or_copy(self.out / "last.pt", partial)
-            os.replace(partial, kept)
+            link_checkpoint(self.out / "last.pt", kept)
         except OSError as err:
-            partial.unlink(missing_ok=True)
             print(f"note: could not keep epoch {epoch}'s checkpoint as {kept} ({err.strerror}): the run goes on",
                   flush=True)
 
@@ -342,7 +363,13 @@ class RunFolder:
             self.wandb.log(written)
 
     def close(self, failed: bool) -> None:
-        """The end of this process's part of the run: its W&B run finished (a resume continues it)."""
+        """The end of this process's part of the run: its last checkpoint written (where the run
+        failed otherwise, a failed write is said beside that failure), its W&B run finished (a
+        resume continues it)."""
+        try:
+            self.writer.wait()
+        except Exception as err:  # beside the failure that ends the run, not in its place
+            print(f"fastrsb: error: {err}", flush=True)
         if self.wandb is not None:
             self.wandb.finish(failed)
 

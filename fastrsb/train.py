@@ -36,8 +36,8 @@ from fastrsb.pipelines import DatasetError
 from fastrsb.progress import Progress, clock as _clock
 from fastrsb.recipe import BUILTIN, load_recipe
 from fastrsb.provenance import record_start, source_commit, start_record
-from fastrsb.run_state import (Position, RunFolder, loader_start, loaders_start_anew, resharded_note, restore_run,
-                               resume_state, save_run)
+from fastrsb.run_state import (Position, RunFolder, finish_saves, loader_start, loaders_start_anew, resharded_note,
+                               restore_run, resume_state, save_run)
 from fastrsb.shards import check_shards, listing_fingerprint
 from fastrsb.stopping import StopRequest
 
@@ -124,6 +124,7 @@ def _train(recipe: dict, data: str | Path, out: Path, device: str, d: Dist, num_
         try:
             with step_stream(device, run.training.high_priority_stream), FailureNotice(d):
                 metrics = _epochs(run, pos, folder, stops, log_every, deterministic)
+                finish_saves(run, folder)  # the last checkpoint on disk before the run says it is done
             failed = False
             return metrics
         finally:
@@ -223,12 +224,11 @@ def _validate_and_save(run: Run, pos: Position, folder: RunFolder) -> None:
     score = metrics["ema_top1"] if t.ema else metrics["top1"]
     improved = score > pos.best_top1
     pos.best_top1, pos.metrics, pos.validated = max(pos.best_top1, score), metrics, True
-    _save(run, pos, folder, best=improved)
-    folder.keep(pos.epoch, run.recipe["epochs"])
+    _save(run, pos, folder, best=improved, keep=True)
 
 
-def _save(run: Run, pos: Position, folder: RunFolder, best: bool = False) -> None:
-    save_run(run, pos, folder.out, best)
+def _save(run: Run, pos: Position, folder: RunFolder, best: bool = False, keep: bool = False) -> None:
+    save_run(run, pos, folder, best, keep)
     folder.saved = (folder.out / "last.pt", _where(run, pos))
 
 

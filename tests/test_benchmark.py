@@ -236,6 +236,21 @@ def test_lamb_update_benchmark(tmp_path):
     assert [json.loads(line) for line in out.read_text().splitlines()] == results
 
 
+def test_checkpoint_save_benchmark(tmp_path):
+    """benchmarks/checkpoint_save.py on the CPU: a run's state (weights and LAMB's moments) saved
+    by the training thread and through the writer, one JSON line (also to --json-out); its files
+    go with it, written in a hidden folder under --dir."""
+    sys.path.insert(0, str(BENCH))
+    import checkpoint_save
+    out = tmp_path / "save.jsonl"
+    result = checkpoint_save.main(["--model", "resnet10t", "--saves", "1", "--dir", str(tmp_path), "--json-out", str(out)])
+    assert result["checkpoint_mb"] > 3 * 19  # resnet10t's ~4.9 M weights, and two moments as large, in float32
+    assert result["blocked_seconds_written_by_training_thread"] > 0 and result["write_seconds_beside"] > 0
+    assert result["host_ops_per_second_alone"] > 0 and result["host_ops_per_second_beside_a_write"] > 0
+    assert [json.loads(line) for line in out.read_text().splitlines()] == [result]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["save.jsonl"]
+
+
 def test_augment_memory_counts_what_a_call_holds_at_once():
     """benchmarks/augment_memory.py: the peak is what was held together (two 4 MB tensors alive at
     once, then freed: 8 MB), and the torch form's peak holds at least its output."""

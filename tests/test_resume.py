@@ -856,3 +856,79 @@ def test_keep_every_keeps_epochs_and_a_resume_from_an_earlier_one_redoes_the_res
     again = load_checkpoint(out / "epoch-003.pt")
     assert all(torch.equal(value, again["model"][key]) for key, value in first["model"].items())
     assert _epoch_rows(out) == rows
+
+
+def test_checkpoints_are_written_beside_the_training_from_a_copy_of_the_state(tiny_data, tmp_path, monkeypatch):
+    """Rank 0 writes each checkpoint on a thread of its own (fastrsb.checkpoint_writer), from a
+    copy of the state taken when the save was asked for, while the training goes on. Here every
+    write first waits a second, so the next epoch's steps change the weights and LAMB's moments in
+    place before it reads them: the kept epoch-001.pt still holds epoch 1's state, that of a run
+    stopped after epoch 1 (a write of the live tensors held later ones). best.pt is the best
+    epoch's own file (a hard link, no second write), and the run ends with its last write done."""
+    import threading
+    import fastrsb.run_state
+    written_by, write = [], fastrsb.run_state.save_checkpoint
+
+    def slow(state, path):
+        written_by.append(threading.current_thread().name)
+        time.sleep(1.0)
+        write(state, path)
+    monkeypatch.setattr(fastrsb.run_state, "save_checkpoint", slow)
+    _train(tiny_data, tmp_path / "run", keep_every=1)
+    monkeypatch.undo()
+    assert set(written_by) == {"fastrsb-checkpoint-writer"} and len(written_by) == 4  # 2 epochs x (trained, validated)
+    run = tmp_path / "run"
+    kept = load_checkpoint(run / "epoch-001.pt")
+    _train(tiny_data, tmp_path / "one", stop_after_steps=kept["step"])
+    one = load_checkpoint(tmp_path / "one" / "last.pt")
+    assert (kept["epoch"], kept["validated"]) == (one["epoch"], one["validated"]) == (1, True)
+    for part in ("model", "ema"):
+        assert all(torch.equal(value, one[part][key]) for key, value in kept[part].items()), part
+    for x, y in zip(kept["optimizer"]["state"].values(), one["optimizer"]["state"].values()):
+        assert all(torch.equal(x[k], y[k]) for k in x)
+    assert os.path.samefile(run / "epoch-002.pt", run / "last.pt")
+    rows = _epoch_rows(run)
+    best = max(range(2), key=lambda i: (rows[i]["ema_top1"], -i)) + 1  # the first of the best (the EMA's: PARTS)
+    assert os.path.samefile(run / "best.pt", run / f"epoch-00{best}.pt")
+    assert not list(run.glob(".*.tmp"))
+
+
+def test_the_checkpoint_writer_says_a_failed_write_in_the_training_thread():
+    """A write that fails comes out of the next wait() (or submit(), which waits first), in the
+    caller's thread, once; the writes run one at a time, in order."""
+    from fastrsb.checkpoint_writer import CheckpointWriter
+    writer, done = CheckpointWriter(), []
+
+    def failing():
+        raise UserError("could not write last.pt (No space left on device)")
+    writer.submit(lambda: (time.sleep(0.2), done.append(1)))
+    writer.submit(lambda: done.append(2))  # after the first
+    writer.wait()
+    assert done == [1, 2]
+    writer.submit(failing)
+    with pytest.raises(UserError, match="No space left"):
+        writer.submit(lambda: done.append(3))
+    assert done == [1, 2]  # not written after the failure
+    writer.wait()  # said once
+
+
+def test_host_copy_keeps_what_a_checkpoint_reads_as_it_was():
+    """The copy a write reads: tensors, numpy arrays, dicts and lists copied (the originals change
+    in place as training goes on); a state dict keeps its type and its _metadata (the modules'
+    versions, which load_state_dict reads)."""
+    import collections
+    import numpy as np
+    from fastrsb.checkpoint_writer import host_copy
+    model = torch.nn.BatchNorm2d(3)
+    state = {"model": model.state_dict(), "optimizer": {"state": {0: {"exp_avg": torch.ones(3)}}, "betas": (0.9, 0.99)},
+             "ranks": [{"rng": np.arange(3), "seed": 7, "name": "a"}]}
+    copied = host_copy(state)
+    model.running_mean.add_(1)
+    state["optimizer"]["state"][0]["exp_avg"].mul_(5)
+    state["optimizer"]["state"][0]["step"] = 3
+    state["ranks"][0]["rng"][0] = 99
+    assert torch.equal(copied["model"]["running_mean"], torch.zeros(3))
+    assert type(copied["model"]) is collections.OrderedDict and copied["model"]._metadata == state["model"]._metadata
+    assert torch.equal(copied["optimizer"]["state"][0]["exp_avg"], torch.ones(3))
+    assert "step" not in copied["optimizer"]["state"][0] and copied["optimizer"]["betas"] == (0.9, 0.99)
+    assert copied["ranks"][0]["rng"].tolist() == [0, 1, 2] and copied["ranks"][0]["seed"] == 7
