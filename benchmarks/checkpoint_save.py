@@ -53,6 +53,13 @@ def ops_per_second(seconds: float, device: str) -> float:
     return n / (time.perf_counter() - start)
 
 
+def timed_write(snapshot: dict, path: Path, seconds: list[float]) -> None:
+    """On the writer's thread: the write alone (the op thread's measurement beside it may end first)."""
+    start = time.perf_counter()
+    save_checkpoint(snapshot, path)
+    seconds.append(time.perf_counter() - start)
+
+
 def measure(state: dict, folder: Path, saves: int, device: str) -> dict:
     path = folder / "last.pt"
     written, copied, alone, beside, write_seconds = [], [], [], [], []
@@ -65,10 +72,9 @@ def measure(state: dict, folder: Path, saves: int, device: str) -> dict:
         start = time.perf_counter()
         snapshot = host_copy(state)  # the training thread copies; the writer writes
         copied.append(time.perf_counter() - start)
-        writer.submit(lambda: save_checkpoint(snapshot, path))
+        writer.submit(lambda: timed_write(snapshot, path, write_seconds))
         beside.append(ops_per_second(0.3, device))
         writer.wait()
-        write_seconds.append(time.perf_counter() - start)
     median = lambda xs: sorted(xs)[len(xs) // 2]  # noqa: E731
     return {"checkpoint_mb": round(path.stat().st_size / 1e6, 1),
             "blocked_seconds_written_by_training_thread": round(median(written), 3),

@@ -932,3 +932,25 @@ def test_host_copy_keeps_what_a_checkpoint_reads_as_it_was():
     assert torch.equal(copied["optimizer"]["state"][0]["exp_avg"], torch.ones(3))
     assert "step" not in copied["optimizer"]["state"][0] and copied["optimizer"]["betas"] == (0.9, 0.99)
     assert copied["ranks"][0]["rng"].tolist() == [0, 1, 2] and copied["ranks"][0]["seed"] == 7
+
+
+def test_a_failed_last_write_fails_the_run_rather_than_end_it_done(tiny_data, tmp_path, monkeypatch):
+    """The run's last checkpoint is written beside the training like the others: a failure of
+    that write (here the 4th and last save of 2 epochs fails as a full disk would) still stops the
+    run with the save's one-line error before it returns, not after a "done", and leaves the
+    checkpoint before it."""
+    import fastrsb.run_state
+    calls, write = [], fastrsb.run_state.save_checkpoint
+
+    def fourth_fails(state, path):
+        calls.append(state["epoch"])
+        if len(calls) == 4:
+            raise UserError(f"could not write {path} (No space left on device; 0.0 GB free on its disk): "
+                            "the checkpoint there before is kept; make room, then --resume auto")
+        write(state, path)
+    monkeypatch.setattr(fastrsb.run_state, "save_checkpoint", fourth_fails)
+    with pytest.raises(UserError, match="could not write .*last.pt \\(No space left"):
+        _train(tiny_data, tmp_path)
+    assert calls == [1, 1, 2, 2]
+    kept = load_checkpoint(tmp_path / "last.pt")
+    assert (kept["epoch"], kept["validated"]) == (2, False)  # the save before the failed one
