@@ -7,8 +7,8 @@ fsync, seconds on a network file system; on 8 GPUs, where an A3 epoch takes ~20 
 of the run. So the training thread only copies the state to host memory (the weights and moments
 it will go on changing in place; ~0.1 s) and a thread of the run's own writes the copy, while the
 training thread validates or trains on. The writing thread holds the GIL little (the write and
-fsync release it): a thread launching small torch ops beside it kept 53-92% of its pace here, save
-by save, on 2 cores it shares with the write's copies (benchmarks/checkpoint_save.py). The copy
+fsync release it): a thread launching small torch ops beside it kept 86-94% of its pace here (a
+median; on 2 cores it shares with the write's copies: benchmarks/checkpoint_save.py). The copy
 costs one checkpoint's worth of host memory while it is written.
 
 One write at a time, in order: a new one waits for the one before, whose error (a full disk)
