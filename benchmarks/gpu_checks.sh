@@ -137,7 +137,7 @@ step 60 120 loader-aa-torch-compiled-graphs $BENCH $DATA --mode loader --loaders
     --aa-impl torch --compile-augment --cuda-graphs
 step 120 200 train-a3-cuda-graphs $BENCH $DATA --mode train --recipe a3 --steps 100 --set cuda_graphs=true \
     --variants step aa_impl=torch aa_impl=tree aa_impl=torch,augment_stream=true aa_impl=torch,high_priority_stream=true
-NEW_TESTS="gpu_two_pipelines or gpu_train_loader_with or batch_kept_across or graphed_step or captured_torch or rand_augment_on_the_gpu or resampling_on_the_gpu or (speed_key and cuda_graphs) or short_compiled or stream_of_its_own or nvml or startup_states or doctor_on_a_gpu or exif_orientation or other_formats or random_crops or by_its_index or fails_stops"
+NEW_TESTS="gpu_two_pipelines or gpu_train_loader_with or batch_kept_across or graphed_step or captured_torch or rand_augment_on_the_gpu or resampling_on_the_gpu or bicubic_warp or (speed_key and cuda_graphs) or short_compiled or stream_of_its_own or nvml or startup_states or doctor_on_a_gpu or exif_orientation or other_formats or random_crops or by_its_index or fails_stops"
 gpu_tests 100 200 pytest-gpu-new "$NEW_TESTS"
 # 3. The LAMB update alone on ResNet-50's parameters, eager and compiled, each also as a CUDA graph:
 #    is the compiled update why the step alone fell from 11,812 (915cdf8: eager LAMB, no mixing) to

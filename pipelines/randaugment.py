@@ -11,9 +11,11 @@ follows timm 1.0.31's `timm/data/auto_augment.py` instead, per sample:
 - geometric ops fill with the ImageNet mean colour (124, 116, 104), work at the training size and
   resample as timm's hparams say: under its default train interpolation ("random", the recipes')
   bilinear or bicubic drawn per op call with equal odds, else the one interpolation named.
-Differences, measured or inherent: DALI's bicubic warp is OpenCV's cubic (a = -0.75) where PIL's
-affine transform takes a = -1 (0.7-1.7 levels from PIL's bicubic on average, against 1.1-3.6 for
-a bilinear warp: tests/test_randaugment.py), and it costs ~2.8x the bilinear warp on the CPU (~700
+Differences, measured or inherent: DALI's bicubic warp is OpenCV's cubic (a = -0.75) on the CPU
+and CV-CUDA's Catmull-Rom (a = -0.5) on the GPU where PIL's affine transform takes a = -1 (on the
+CPU 0.7-1.7 levels from PIL's bicubic on average, against 1.1-3.6 for a bilinear warp:
+tests/test_randaugment.py; on the GPU 0.9-2.4 by a numpy model of its kernel, held by
+tests/test_gpu.py), and it costs ~2.8x the bilinear warp on the CPU (~700
 against ~250 us an image at 160 px); Equalize follows OpenCV's lookup table (DALI's equalize),
 which maps the cumulative histogram differently from PIL's (mean difference 3.7 of 255 levels on
 photos, up to ~10 on narrow-histogram textures: tests/test_randaugment.py); the flip runs after

@@ -13,6 +13,7 @@ from PIL import Image
 from fastrsb.pipelines import DatasetError, RandAugmentSpec, parse_rand_augment, train_loader
 from fastrsb.pipelines.randaugment import (FILL, GEOMETRIC, OPS, _apply_drawn, _apply_drawn_batched, _magnitude, _policy,
                                           geometric, rand_augment, rand_augment_batched)
+from warp_reference import bicubic_warp, op_matrix
 
 SIZE = 48
 
@@ -120,6 +121,28 @@ def test_geometric_op_resamples_bicubic_as_timm(name, photos, monkeypatch):
         cubic_gap, linear_gap = (np.mean([np.abs(np.asarray(o).astype(int) - t).mean() for o, t in zip(out, theirs)])
                                  for out in (cubic, linear))
         assert cubic_gap <= 2.2 and cubic_gap < linear_gap, (level, sign, cubic_gap, linear_gap)
+
+
+@pytest.mark.parametrize("name", sorted(GEOMETRIC))
+def test_cpu_bicubic_warp_is_opencvs_kernel(name, photos):
+    """DALI's bicubic warp on the CPU is tests/warp_reference.py's with OpenCV's a = -0.75 (to a
+    level on a few pixels: float32 against float64), and not with CV-CUDA's a = -0.5 (the GPU's,
+    tests/test_gpu.py) or PIL's a = -1: the reference that says which kernel a device runs."""
+    level = 7.5
+
+    @pipeline_def(batch_size=len(photos), num_threads=1, device_id=None)
+    def cubic():
+        x = fn.external_source(source=[photos], layout="HWC")
+        signed = fn.external_source(source=[[np.float32(level)] * len(photos)])
+        return geometric(x, signed, SIZE, None, (name,), types.INTERP_CUBIC)
+    (out,) = cubic().run()
+    matrix = op_matrix(name, level, SIZE)
+    for a, near in ((-0.75, True), (-0.5, False), (-1.0, False)):
+        gaps = [np.abs(np.asarray(o).astype(int) - bicubic_warp(p, matrix, a, FILL)) for o, p in zip(out, photos)]
+        if near:
+            assert max(g.max() for g in gaps) <= 1 and np.mean([g.mean() for g in gaps]) <= 0.01, name
+        else:
+            assert np.mean([g.mean() for g in gaps]) > 0.05, (name, a)
 
 
 @pytest.mark.parametrize("apply", [_apply_drawn, _apply_drawn_batched], ids=["tree", "batch"])
