@@ -91,7 +91,7 @@ def build_training(recipe: dict, num_classes: int, device: str, d: Dist = Dist()
     if recipe["high_priority_stream"] and device != "cuda":
         raise UserError("high_priority_stream = true needs a GPU (this run is on the CPU): "
                         "--set high_priority_stream=false")
-    optimizer = make_optimizer(model, recipe, compiled=compiled)
+    optimizer = make_optimizer(model, recipe, compiled=compiled, captured=graphs)
     dtype = amp_dtype(device, recipe["amp"])
     if graphs and dtype == torch.float16:
         raise UserError("cuda_graphs = true needs bf16 or float32: this GPU trains in fp16, whose GradScaler "

@@ -62,8 +62,8 @@ RECIPE_SCHEMA: dict[str, tuple[type, bool, str]] = {
     "model_ema": (bool, False, "keep an EMA of the weights (evaluated and checkpointed alongside)"),
     "model_ema_decay": (float, False, "EMA decay per optimizer step (timm's default 0.9998)"),
     "amp": (bool, False, "mixed precision on the GPU (bf16, or fp16 with a GradScaler where bf16 is missing)"),
-    "compile": (bool, False, "torch.compile the model, LAMB's update and the torch RandAugment form on the GPU "
-                             "(a resumed run may change it)"),
+    "compile": (bool, False, "torch.compile the model, the torch RandAugment form and, where cuda_graphs captures the "
+                             "step, LAMB's update, on the GPU (a resumed run may change it)"),
     "cuda_graphs": (bool, False, "on the GPU: replay the whole step (forward, loss, backward, clip, LAMB) as one CUDA graph, and the torch "
                     "RandAugment form as another (one process, bf16 or float32, one micro-batch a step)"),
     "high_priority_stream": (bool, False, "on the GPU: the training step on a high-priority CUDA stream, ahead of the "

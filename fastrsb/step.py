@@ -193,6 +193,7 @@ class GraphedStep:
                   "training on with the step uncaptured", flush=True)
             for group in step.optimizer.param_groups:  # this step was counted by advance(): not taken
                 group["step"] -= 1
+            step.optimizer.use_eager_update()  # compiled, it pays off inside a graph only (make_optimizer)
             return self._eager(images, targets)
         self.graph, self.loss = graph, loss
         graph.replay()  # capturing runs nothing: this replay is the step

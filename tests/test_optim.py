@@ -120,3 +120,20 @@ def test_lamb_equals_timm_in_float64(compiled):
     if compiled:
         # Both groups (decay, no decay) in one graph, compiled once, with no graph break.
         assert counters["stats"]["unique_graphs"] == 1 and not counters["graph_break"], dict(counters)
+
+
+def test_the_recipes_update_is_compiled_only_inside_a_cuda_graph():
+    """Uncaptured, the compiled update costs the host twice the eager one (6.5 against 3.1 ms a
+    step for ResNet-50 on the H200): the recipe's `compile` compiles it only where the step is
+    replayed as a CUDA graph, and a capture that fails goes on with the eager update. Either way
+    the update is the same LAMB (test_lamb_equals_timm_in_float64)."""
+    from fastrsb.optim import lamb_step, make_optimizer
+    from fastrsb.recipe import load_recipe
+    recipe = load_recipe("a3", ["model=resnet10t"])
+    model = torch.nn.Linear(4, 2)
+    assert not make_optimizer(model, recipe, compiled=True, captured=False).compiled
+    assert not make_optimizer(model, recipe, compiled=False, captured=True).compiled
+    captured = make_optimizer(model, recipe, compiled=True, captured=True)
+    assert captured.compiled and captured._update_fn is not lamb_step
+    captured.use_eager_update()
+    assert not captured.compiled and captured._update_fn is lamb_step
