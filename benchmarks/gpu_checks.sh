@@ -2,12 +2,13 @@
 # Every GPU check, as one device call of at most 8 minutes (issue 13) and a second for what it did
 # not reach: the checks in priority order, each under its own timeout, skipping what no longer fits
 # the deadline; 6 files under $OUT (log.txt, steps.txt, gpu.jsonl, dmon.txt, profile/profile.txt
-# and .json). First what no GPU run has measured yet (the
-# torch RandAugment form compiled and replayed as a CUDA graph; the whole step as one CUDA graph;
-# their tests), then the figures of a70b3c8 again at this commit. Seen on the H200 at a70b3c8: ~20 s
-# setup and versions, ~15 s engines and JPEGs, ~15-20 s a loader process, ~60-80 s to compile A3 and
-# ~12 s a train variant after it, 171 s for the 20 GPU tests, ~40 s the profile (compiling the torch
-# RandAugment form: ~10 s on 2 CPU cores here, not yet timed on the GPU).
+# and .json). First why A3 end to end stays near 0.6x the step (c5b2a17's run), then A3 as the
+# recipe runs it by default, the GPU tests never passed on a GPU, the rest of them, each loader
+# alone, the demo's accuracy, and last what c5b2a17 measured, again. Seen on the H200 at c5b2a17:
+# ~17 s setup and versions, ~15 s engines and JPEGs, ~55 s the torch form's loader process with its
+# compile, ~90 s to compile A3 and ~10 s a train variant after it, the GPU tests 400 s for 20 of
+# them (two compile the torch form at their own shapes, 100-180 s each from a cold cache), ~45 s
+# the LAMB update, ~70 s the torch form's memory, ~45 s the profile.
 # The benchmark prints each JSON line as it is measured: a check cut by its timeout keeps what it
 # finished. Commit gpu.jsonl and the profile under benchmarks/results/ with the GPU's name;
 # `python benchmarks/gpu_report.py gpu.jsonl` prints them as the README's table and against issue 13.
@@ -23,8 +24,9 @@
 #   cp .stage/part-2 $HOME/stage/ && bash benchmarks/gpu_checks.sh 470
 # with timeout_s 490 (8 minutes with the copy), and at once (a machine idle for 30 s is given back)
 # a fourth,
-#   CONTINUE=1 bash benchmarks/gpu_checks.sh 310
-# with timeout_s 330: with the machine's start and the two transfers, ~14 of the 15 minutes. This
+#   CONTINUE=1 bash benchmarks/gpu_checks.sh N
+# with timeout_s N + 20, N the budget_left_s of the third call's reply less ~45 (at c5b2a17: 392
+# left, N = 345; the whole lease 851 s of the 900, the machine's start ~30 s of it). This
 # script unpacks the staged DALI itself (once per machine) and installs the project in place.
 # Elsewhere (DALI installed), it runs as it is; OUT defaults to gpu-checks/.
 #   DRY_RUN=FILE bash benchmarks/gpu_checks.sh          (no GPU needed: runs nothing, writes each
@@ -116,71 +118,72 @@ step 120 150 synthetic-jpegs python3 -c "
 import sys; sys.path.insert(0, 'benchmarks')
 from synthetic import synthetic_jpegs
 synthetic_jpegs('data/bench/synthetic-$J', $J)"
-# 2. New since a70b3c8: the torch RandAugment form compiled (its ~900 calls a batch fused) and
-#    replayed as a CUDA graph, in the loader alone (at a70b3c8, eager and uncaptured: 13,685
-#    img/s, the fastest form; issue 13: >= 20,000 at batch 256, <= 1.5 GiB); then A3 with the whole
-#    step as one CUDA graph (the recipe's compile compiles the torch form too; at a70b3c8 without
-#    graphs: the step alone 10,106 img/s, the tree form end to end 6,320, the torch form 5,560),
-#    and the torch form on a stream of the loader's own (augment_stream: its kernels beside the last
-#    step's instead of after them), then the GPU tests of what is new (the graphed step, the
-#    compiled and the captured RandAugment, the geometric ops resampled bilinear or bicubic per
-#    sample (new at c2b8fcb: every figure from here on includes timm's bicubic half of the warps,
-#    ~2.8x a bilinear warp's cost on the CPU), the short runs with cuda_graphs and with the compiled
-#    torch form (each epoch's peak memory on its line, new since 0e0d8b0), the loader's own
-#    stream, NVML's handle by UUID (the start-up memory line, doctor),
-#    the "mixed" decoders reading a JPEG's pixels as stored whatever its EXIF orientation (new at
-#    569cf77, as timm's PIL does) and reading BMP, TIFF, WebP, palette/alpha and 16-bit PNGs as the
-#    CPU's (new since 75928e1), cutting random crops by timm's law (new since 2b8f856), and a loader
-#    that fails on a broken file saying how to find it and shutting its pipelines down (new at
-#    38fdf0f); the rest come in check 6).
-step 60 120 loader-aa-torch-compiled-graphs $BENCH $DATA --mode loader --loaders dali-gpu --steps 80 \
-    --aa-impl torch --compile-augment --cuda-graphs
-step 120 200 train-a3-cuda-graphs $BENCH $DATA --mode train --recipe a3 --steps 100 --set cuda_graphs=true \
-    --variants step aa_impl=torch aa_impl=tree aa_impl=torch,augment_stream=true aa_impl=torch,high_priority_stream=true
-NEW_TESTS="gpu_two_pipelines or gpu_train_loader_with or batch_kept_across or graphed_step or captured_torch or rand_augment_on_the_gpu or resampling_on_the_gpu or bicubic_warp or (speed_key and cuda_graphs) or short_compiled or stream_of_its_own or nvml or startup_states or doctor_on_a_gpu or exif_orientation or other_formats or random_crops or by_its_index or fails_stops"
-gpu_tests 100 200 pytest-gpu-new "$NEW_TESTS"
-# 3. The LAMB update alone on ResNet-50's parameters, eager and compiled, each also as a CUDA graph:
-#    is the compiled update why the step alone fell from 11,812 (915cdf8: eager LAMB, no mixing) to
-#    10,106 img/s (a70b3c8)? (Check 5's `step,mixing=false` is 915cdf8's step, update compiled.)
-step 30 60 lamb-update python3 benchmarks/lamb_update.py --model resnet50 --steps 50 --json-out "$OUT/gpu.jsonl"
-#    The torch RandAugment form alone, compiled in chunks of 64 images (its default since adbe658)
-#    and on the whole batch, and eager (on a GPU: the whole batch, its warp in chunks): torch's
-#    peak memory in one call and its time (on 2 CPU cores at a524a95, with the bicubic filter
-#    where drawn, chunked: eager 585 MB, compiled 167; whole: 2,025 and 353; the loader's 1.5 GiB
-#    bound leaves ~0.5 GiB beside DALI's ~1). Compiled, does chunking cost the GPU time (4 calls a
-#    batch, uncaptured)?
-step 45 100 augment-memory python3 benchmarks/augment_memory.py --json-out "$OUT/gpu.jsonl"
-# 4. Where a step's time goes with the graphs: 15 steps under torch.profiler (inductor's cache from
-#    check 2 makes this compile short).
-step 60 100 train-a3-profile $BENCH $DATA --mode train --recipe a3 --steps 30 --set cuda_graphs=true \
-    --aa-impl torch --profile "$OUT/profile" --profile-steps 15
-# 5. The figures of a70b3c8 at this commit, without graphs: the step alone and each form end to end
-#    (one compile; the torch form compiled and not), then each loader alone in a process of its own
-#    (its own NVML memory).
-step 150 200 train-a3-variants $BENCH $DATA --mode train --recipe a3 --steps 100 --variants step step,mixing=false \
-    aa_impl=tree aa_impl=torch aa_impl=torch,compile_augment=false aa_impl=batch
+# 2. Why A3 end to end stays near 0.6x the step. At c5b2a17 (cuda_graphs on): the step alone
+#    12,453 img/s, the loader alone with the torch form compiled and captured 15,313, A3 with both
+#    7,085: about the sum of their times, as if the loader's GPU work (DALI's decoding ~10 ms a
+#    batch at a70b3c8's 24,796 img/s, the torch form ~5 ms) never overlapped the step's 20 ms; the
+#    tree form 7,329. One compile: the tree form again, then without RandAugment (if this stays
+#    near 1 / (1/24,796 + 1/12,453) = 8,290, DALI's decoding itself does not overlap the step),
+#    with DALI's queue 4 deep, and with 16 threads.
+step 120 200 train-a3-overlap $BENCH $DATA --mode train --recipe a3 --steps 100 --set cuda_graphs=true \
+    --variants aa_impl=tree aa=none aa=none,prefetch=4 aa_impl=tree,prefetch=4 aa_impl=tree,workers=16
+# 3. A3 as the recipe runs it by default (no CUDA graphs), at this commit: the step alone with LAMB's
+#    update eager now that it is compiled only inside a graph (2e93e03: 10,106 img/s at a70b3c8 with
+#    it compiled, 11,812 at 915cdf8 eager), and the tree and torch forms end to end (6,320 and 5,560
+#    at a70b3c8).
+step 120 200 train-a3-default $BENCH $DATA --mode train --recipe a3 --steps 100 --variants step step,mixing=false \
+    aa_impl=tree aa_impl=torch
+# 4. The GPU tests that have never passed on a GPU: the DALI forms' geometric ops per sample as
+#    drawn and the GPU's bicubic warp (CV-CUDA's Catmull-Rom, a = -0.5, against a numpy model of it
+#    and timm's: rewritten at 0ce1429 after the test that held it to the CPU's failed at c5b2a17),
+#    the "mixed" decoders reading a JPEG's pixels as stored whatever its EXIF orientation, and BMP,
+#    TIFF, WebP, palette/alpha and 16-bit PNGs as the CPU's, random crops by timm's law, a loader
+#    that fails on a broken file saying how to find it and shutting its pipelines down, progressive
+#    resizing compiled and captured, the high-priority stream's short run. Each prints its time and
+#    any traceback as it ends (FASTRSB_REPORT_AT_ONCE: tests/conftest.py).
+export FASTRSB_REPORT_AT_ONCE=1
+NEVER_PASSED="resampling_on_the_gpu or bicubic_warp or exif_orientation or other_formats or random_crops or fails_stops or progressive_resizing_trains or (speed_key and high_priority)"
+# The two that compile the torch form at their own shapes (~100-180 s each from a cold cache at
+# c5b2a17: one was cut there before it ended, the other passed on the second call): last.
+SLOW_TESTS="captured_torch_rand_augment or captured_torch_form"
+gpu_tests 100 200 pytest-gpu-never-passed "($NEVER_PASSED) and not ($SLOW_TESTS)"
+# 5. The rest of the GPU tests (all passed at c5b2a17 or a70b3c8), then the two slow ones.
+gpu_tests 60 200 pytest-gpu-rest "not ($NEVER_PASSED) and not ($SLOW_TESTS)"
+gpu_tests 60 200 pytest-gpu-slow "$SLOW_TESTS"
+# 6. Each loader alone in a process of its own (its own NVML memory) at this commit: without
+#    RandAugment and in each form (a70b3c8: 24,796 / tree 8,870 / torch eager 13,685 / batch 3,529),
+#    the torch form compiled, uncaptured.
+step 40 60 loader-noaa $BENCH $DATA --mode loader --loaders dali-gpu --steps 80 --aa none
+step 40 60 loader-aa-tree $BENCH $DATA --mode loader --loaders dali-gpu --steps 80 --aa-impl tree
 step 60 120 loader-aa-torch-compiled $BENCH $DATA --mode loader --loaders dali-gpu --steps 80 --aa-impl torch \
     --compile-augment
-#    A3 as `fastrsb train a3` likely runs it on one H200: the recipe's whole batch of 2,048 in one
-#    micro-batch, if the probe finds it fits (estimated from torch's 5.65 GiB peak at 256 at
-#    a70b3c8: ~45 GiB), so each launch serves 8x the images of the issue's batch of 256.
-step 100 180 train-a3-b2048 $BENCH $DATA --mode train --recipe a3 --batch-size 2048 --steps 15 \
-    --variants step aa_impl=tree aa_impl=torch
-step 40 60 loader-aa-torch-graphs $BENCH $DATA --mode loader --loaders dali-gpu --steps 80 --aa-impl torch --cuda-graphs
 step 40 60 loader-aa-torch $BENCH $DATA --mode loader --loaders dali-gpu --steps 80 --aa-impl torch
-step 40 60 loader-aa-tree $BENCH $DATA --mode loader --loaders dali-gpu --steps 80 --aa-impl tree
-step 40 60 loader-noaa $BENCH $DATA --mode loader --loaders dali-gpu --steps 80 --aa none
 step 40 60 loader-aa-batch $BENCH $DATA --mode loader --loaders dali-gpu --steps 80 --aa-impl batch
-# 6. The GPU tests of what had passed at a70b3c8 (20 in all then, 171 s).
-gpu_tests 60 150 pytest-gpu-rest "not ($NEW_TESTS)"
 # 7. The demo trained by fastrsb on the GPU (DALI's GPU loader, compiled, bf16) and by timm's parts,
 #    one seed: the GPU path's accuracy beside timm's (on 2 CPU cores, seed 0: 87.92 and 90.00; over
 #    5 seeds 90.42 +- 1.69 and 90.92 +- 1.99). No GPU run has trained to an accuracy yet.
 step 120 240 timm-parity-demo python3 benchmarks/timm_parity.py --recipe demo --seeds 0 --workers 8 \
     --json-out "$OUT/gpu.jsonl"
+#    A3 as `fastrsb train a3` likely runs it on one H200: the recipe's whole batch of 2,048 in one
+#    micro-batch, if the probe finds it fits (estimated from torch's 5.65 GiB peak at 256 at
+#    a70b3c8: ~45 GiB), so each launch serves 8x the images of the issue's batch of 256.
+step 100 180 train-a3-b2048 $BENCH $DATA --mode train --recipe a3 --batch-size 2048 --steps 15 \
+    --variants step aa_impl=tree aa_impl=torch
 # 8. Progressive resizing's saving on the GPU (new at 26a9101): A3 end to end, and its step alone,
 #    with 128 px crops (the README's example ramp trains epochs 1-62 at 128 px, 63-100 at 160),
-#    beside check 5's 160 px figures.
+#    beside check 3's 160 px figures.
 step 90 150 train-a3-128px $BENCH $DATA --mode train --recipe a3 --img-size 128 --steps 100 --variants step \
     aa_impl=tree
+# 9. Measured at c5b2a17 already (benchmarks/results/gpu-h200-c5b2a17*), again at this commit if
+#    time is left: the torch form compiled and captured in the loader alone (15,313), A3 with the
+#    whole step captured in each form (7,085-7,601), the LAMB update (eager 3.05 ms, compiled 6.51,
+#    captured 1.26 / 0.59), the torch form's memory, and 15 steps under torch.profiler.
+step 60 120 loader-aa-torch-compiled-graphs $BENCH $DATA --mode loader --loaders dali-gpu --steps 80 \
+    --aa-impl torch --compile-augment --cuda-graphs
+step 120 200 train-a3-cuda-graphs $BENCH $DATA --mode train --recipe a3 --steps 100 --set cuda_graphs=true \
+    --variants step aa_impl=torch aa_impl=tree aa_impl=torch,augment_stream=true aa_impl=torch,high_priority_stream=true
+step 30 60 lamb-update python3 benchmarks/lamb_update.py --model resnet50 --steps 50 --json-out "$OUT/gpu.jsonl"
+step 45 100 augment-memory python3 benchmarks/augment_memory.py --json-out "$OUT/gpu.jsonl"
+step 60 100 train-a3-profile $BENCH $DATA --mode train --recipe a3 --steps 30 --set cuda_graphs=true \
+    --aa-impl torch --profile "$OUT/profile" --profile-steps 15
 say "done ($(left)s left)"

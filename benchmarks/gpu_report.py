@@ -51,6 +51,8 @@ def label(row: dict) -> str:
                 if item and item not in ("step", "default") and not item.startswith("aa_impl=")]
     if settings:
         parts.append(", ".join(f"`{item}`" for item in settings))
+    if row.get("profile"):  # its pace is the timed steps' before the profiled ones (throughput._profile)
+        parts.append(f"{row['steps']} steps, then profiled")
     if row.get("img_size") not in (None, 160):  # A3's 160 px goes unsaid
         parts.append(f"{row['img_size']} px")
     parts.append(f"batch {row['batch_size']}")

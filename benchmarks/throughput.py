@@ -225,9 +225,9 @@ class GpuBusy:
 
 
 # --variants: what may differ between the measurements of one process (one compile for them all).
-VARIANT_KEYS = {"aa_impl": str, "hw_decoder_load": float, "workers": int, "prefetch": int, "high_priority_stream": bool,
-                "stream_policy": str, "concurrency": str, "compile_augment": bool, "augment_stream": bool,
-                "mixing": bool}
+VARIANT_KEYS = {"aa": str, "aa_impl": str, "hw_decoder_load": float, "workers": int, "prefetch": int,
+                "high_priority_stream": bool, "stream_policy": str, "concurrency": str, "compile_augment": bool,
+                "augment_stream": bool, "mixing": bool}
 # Of those, what the step alone can vary (it has no loader).
 STEP_VARIANT_KEYS = {"high_priority_stream", "mixing"}
 
@@ -327,7 +327,9 @@ def _measure_variant(variant: dict, recipe: dict, training, args, root: Path | N
                                    prefetch_queue_depth=variant.get("prefetch", 2),
                                    stream_policy=variant.get("stream_policy"), concurrency=variant.get("concurrency"),
                                    **{key: variant[key] for key in ("compile_augment", "augment_stream")
-                                      if key in variant})
+                                      if key in variant},
+                                   **({"aa": None if variant["aa"] == "none" else variant["aa"]} if "aa" in variant
+                                      else {}))
         next_batch, queued, threads = _forever(loader).__next__, loader.queued_batches, loader.settings["num_threads"]
     sampler = MemorySampler()
     waits = []  # seconds in next(loader) per step, as the trainer's data share counts them
@@ -600,7 +602,7 @@ def parse_args(argv: list[str] | None = None, gpu: bool | None = None) -> argpar
     p.add_argument("--variants", nargs="+", metavar="SPEC",
                    help="train mode: measure each in turn with the model built and compiled once: 'step' (the step "
                         "alone), 'default', or KEY=VALUE[,KEY=VALUE] over " + ", ".join(VARIANT_KEYS) +
-                        " (workers: DALI threads; prefetch: DALI's queue depth; stream_policy, concurrency: DALI's "
+                        " (aa: RandAugment's string, or none; workers: DALI threads; prefetch: DALI's queue depth; stream_policy, concurrency: DALI's "
                         "executor options; augment_stream: the torch RandAugment form on a stream of its own; "
                         "mixing=false: one-hot targets, no mixup/cutmix), or 'step,KEY=VALUE' over "
                         + ", ".join(sorted(STEP_VARIANT_KEYS)) + ", e.g. step step,mixing=false aa_impl=tree "

@@ -96,3 +96,19 @@ def assert_user_error(proc, *fragments):
     assert len(errors) == 1, proc.stderr
     for fragment in fragments:
         assert fragment in errors[0], errors[0]
+
+
+@pytest.hookimpl(trylast=True)  # after the terminal's own line for the test (`-v`: its outcome)
+def pytest_runtest_logreport(report):
+    """With FASTRSB_REPORT_AT_ONCE=1 (benchmarks/gpu_checks.sh's GPU tests), each test's time and,
+    if it fails, its traceback are printed as it ends, not in the session's summary: a device call
+    cut by its time limit keeps why a test failed and how long each took (at c5b2a17 two GPU
+    failures lost their tracebacks that way)."""
+    if not os.environ.get("FASTRSB_REPORT_AT_ONCE") or report.when == "teardown" and report.passed:
+        return
+    sys.stdout.flush()
+    if report.when == "call" or report.failed:
+        sys.stderr.write(f"\n[{report.duration:.1f} s {report.when} {report.outcome}] {report.nodeid}\n")
+    if report.failed:
+        sys.stderr.write(report.longreprtext + "\n")
+    sys.stderr.flush()

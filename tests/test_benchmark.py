@@ -118,13 +118,15 @@ def test_train_mode_variants_share_one_model(tmp_path, capsys):
     rows, table = _bench_here(capsys, "--mode", "train", *TRAINING, "--steps", "6", "--synthetic-jpegs", "16",
                               "--cache", tmp_path, "--workers", "1", "--set", "aa=rand-m9-mstd0.5-inc1",
                               "--variants", "step", "default", "aa_impl=batch,workers=2,prefetch=3,concurrency=full",
-                              "aa_impl=torch,compile_augment=true", "step,mixing=false", "mixing=false",
+                              "aa_impl=torch,compile_augment=true", "step,mixing=false", "mixing=false", "aa=none",
                               "--profile", tmp_path / "prof", "--profile-steps", "2")
     assert [(r["variant"], r["mode"]) for r in rows] == [("step", "step"), ("default", "train"),
                                                           ("aa_impl=batch,workers=2,prefetch=3,concurrency=full", "train"),
                                                           ("aa_impl=torch,compile_augment=true", "train"),
-                                                          ("step,mixing=false", "step"), ("mixing=false", "train")]
-    step, default, batch, compiled, unmixed, unmixed_train = rows
+                                                          ("step,mixing=false", "step"), ("mixing=false", "train"),
+                                                          ("aa=none", "train")]
+    step, default, batch, compiled, unmixed, unmixed_train, plain = rows
+    assert (default["aa"], plain["aa"]) == ("rand-m9-mstd0.5-inc1", None)  # aa=none: the loader without RandAugment
     assert step["mixing"] and default["mixing"] and not unmixed["mixing"] and not unmixed_train["mixing"]
     # each train row against the step alone that mixed as it did
     assert unmixed_train["vs_step"] == pytest.approx(unmixed_train["images_per_sec"] / unmixed["images_per_sec"], abs=1e-3)
@@ -140,7 +142,7 @@ def test_train_mode_variants_share_one_model(tmp_path, capsys):
     assert "x the step" in table and "aa_impl=batch,workers=2,prefetch=3,concurrency=full" in table
     # A profile per variant, in a folder named after it.
     assert sorted(p.parent.name for p in (tmp_path / "prof").glob("*/profile.json")) == [
-        "aa_impl-batch_workers-2_prefetch-3_concurrency-full", "aa_impl-torch_compile_augment-true", "default",
+        "aa-none", "aa_impl-batch_workers-2_prefetch-3_concurrency-full", "aa_impl-torch_compile_augment-true", "default",
         "mixing-false", "step", "step_mixing-false"]
     for bad, says in [("aa_impl=fast", "aa_impl is auto, tree, batch or torch"), ("threads=4", "is not KEY=VALUE"),
                       ("workers=many", "workers takes a int"), ("high_priority_stream=yes", "takes a bool"),
@@ -328,17 +330,21 @@ def test_every_gpu_check_asks_for_what_exists(tmp_path):
                 parse[argv[1]](argv[2:])  # a KeyError: a script this test does not know yet
             except SystemExit:
                 pytest.fail(f"check {name}: its command is refused (argparse's message: captured stderr)")
-    # The GPU tests in two calls, what is new first: "X" then "not (X)", all of them between the two.
-    first, rest = (argv[argv.index("-k") + 1] for argv in selections)
-    assert rest == f"not ({first})"
-    listing = [arg for arg in selections[0] if arg not in ("-q", "-v")] + ["--collect-only", "-q"]  # a test a line
-    collected = subprocess.run([sys.executable, "-m", "pytest", *listing],
-                               cwd=BENCH.parent, capture_output=True, text=True)
-    assert collected.returncode == 0, collected.stdout  # 5: nothing selected
-    selected = [line.lower() for line in collected.stdout.splitlines() if "::" in line]
-    for term in _or_terms(first):  # each alternative names at least one test (pytest -k: substrings)
-        words = [w for w in re.findall(r"\w+", term) if w not in ("and", "or", "not")]
-        assert "not" not in term.split() and any(all(w.lower() in test for w in words) for test in selected), term
+    # The GPU tests in three calls: those that have never passed on a GPU ("(N) and not (S)"), the
+    # rest ("not (N) and not (S)"), the slow ones ("S"): each test in one of them.
+    first, rest, slow = (argv[argv.index("-k") + 1] for argv in selections)
+    assert first.startswith("(") and first.endswith(f") and not ({slow})"), first
+    never = first[1:-len(f") and not ({slow})")]
+    assert rest == f"not ({never}) and not ({slow})"
+    for argv, expression in ((selections[0], never), (selections[2], slow)):
+        listing = [arg for arg in argv if arg not in ("-q", "-v")] + ["--collect-only", "-q"]  # a test a line
+        collected = subprocess.run([sys.executable, "-m", "pytest", *listing],
+                                   cwd=BENCH.parent, capture_output=True, text=True)
+        assert collected.returncode == 0, collected.stdout  # 5: nothing selected
+        selected = [line.lower() for line in collected.stdout.splitlines() if "::" in line]
+        for term in _or_terms(expression):  # each alternative names at least one test (pytest -k: substrings)
+            words = [w for w in re.findall(r"\w+", term) if w not in ("and", "or", "not")]
+            assert "not" not in term.split() and any(all(w.lower() in test for w in words) for test in selected), term
 
 
 def test_a_continued_gpu_check_call_resumes_the_gpu_tests_where_a_timeout_cut_them(tmp_path, monkeypatch):
@@ -348,7 +354,7 @@ def test_a_continued_gpu_check_call_resumes_the_gpu_tests_where_a_timeout_cut_th
                             text=True).stdout.strip() or "unknown"  # as the script names it outside a clone
     done = tmp_path / ".cache" / "fastrsb-gpu-checks" / commit
     done.parent.mkdir(parents=True)
-    done.write_text("hw-engines\nsynthetic-jpegs\n")  # pytest-gpu-new is not there: its timeout cut it
+    done.write_text("hw-engines\nsynthetic-jpegs\n")  # no pytest check is there: a timeout cut each
     ran = ["tests/test_gpu.py::test_short_compiled_gpu_run", "tests/test_gpu.py::test_graphed_step_trains_as_the_eager_step[True]"]
     Path(f"{done}.tests").write_text("\n".join(ran) + "\n")
     (tmp_path / "first").mkdir()
@@ -356,8 +362,8 @@ def test_a_continued_gpu_check_call_resumes_the_gpu_tests_where_a_timeout_cut_th
     monkeypatch.setenv("CONTINUE", "1")
     then = dict(_gpu_checks_dry_run(tmp_path))
     assert {"hw-engines", "synthetic-jpegs"} <= set(first) and not {"hw-engines", "synthetic-jpegs"} & set(then)
-    assert "--deselect" not in first["pytest-gpu-new"]
-    for name in ("pytest-gpu-new", "pytest-gpu-rest"):
+    assert "--deselect" not in first["pytest-gpu-never-passed"]
+    for name in ("pytest-gpu-never-passed", "pytest-gpu-rest", "pytest-gpu-slow"):
         argv = then[name]
         assert [argv[i + 1] for i, arg in enumerate(argv) if arg == "--deselect"] == ran, name
         assert argv[:argv.index("--deselect")] == first[name]
