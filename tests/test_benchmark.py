@@ -193,10 +193,10 @@ def test_profile_summary_of_gpu_kernels():
     from profile_summary import summarize
     from fastrsb.pipelines.loader import AUGMENT_RANGE
 
-    def event(name, start, end, gpu=True, annotation=False, id=0, linked=0, parent=None):
+    def event(name, start, end, gpu=True, annotation=False, id=0, linked=0, parent=None, thread=1):
         return SimpleNamespace(name=name, device_type="DeviceType.CUDA" if gpu else "DeviceType.CPU",
                                time_range=SimpleNamespace(start=start, end=end), is_user_annotation=annotation,
-                               id=id, linked_correlation_id=linked, cpu_parent=parent)
+                               id=id, linked_correlation_id=linked, cpu_parent=parent, thread=thread)
     augment_range = event(AUGMENT_RANGE, 50_000, 52_000, gpu=False, id=7)
     augment_op = event("aten::where", 50_500, 50_600, gpu=False, id=8, parent=augment_range)
     model_op = event("aten::add", 60_000, 60_100, gpu=False, id=9)
@@ -208,13 +208,16 @@ def test_profile_summary_of_gpu_kernels():
         event("sm90_xmma_gemm_bf16", 0, 10_000), event("void at::native::elementwise_kernel", 5_000, 15_000),
         event("void dali::kernels::resize::ResizeKernel", 20_000, 30_000), event("nvjpeg::decode_huffman", 40_000, 45_000),
         event("cudaStreamSynchronize", 45_000, 47_000, gpu=False), event("aten::_local_scalar_dense", 46_000, 47_000, gpu=False),
+        event("cudaDeviceSynchronize", 47_000, 51_000, gpu=False, thread=2),  # a loader's thread: no torch op there
         augment_range, augment_op, model_op,  # the same eager kernel, launched once in the range, once outside it
         event("void at::native::where_kernel", 53_000, 57_000, linked=8),
         event("void at::native::where_kernel", 60_000, 61_000, linked=9)])
     s = summarize(trace, steps=2, wall_seconds=0.1, host_seconds=0.05, data_wait_seconds=0.01, device="cuda")
     assert s["gpu_busy_share"] == pytest.approx(0.37)  # 15 + 10 + 2 + 5 + 4 + 1 ms of 100 ms
     assert s["gpu_ms_per_step"] == pytest.approx({"loader": 9.5, "model": 10.5, "copies": 1.0})
-    assert s["blocking_ms_per_step"] == pytest.approx({"aten::_local_scalar_dense": 0.5, "cudaStreamSynchronize": 1.0})
+    assert s["blocking_ms_per_step"] == pytest.approx({"aten::_local_scalar_dense": 0.5, "cudaDeviceSynchronize": 2.0,
+                                                       "cudaStreamSynchronize": 1.0})
+    assert s["blocking_elsewhere_ms_per_step"] == pytest.approx({"cudaDeviceSynchronize": 2.0})
     assert [(k["part"], k["name"]) for k in s["top_kernels"]] == [
         ("model", "sm90_xmma_gemm_bf16"), ("model", "void at::native::elementwise_kernel"),
         ("loader", "void dali::kernels::resize::ResizeKernel"), ("loader", "nvjpeg::decode_huffman"),
