@@ -122,11 +122,18 @@ synthetic_jpegs('data/bench/synthetic-$J', $J)"
 #    12,453 img/s, the loader alone with the torch form compiled and captured 15,313, A3 with both
 #    7,085: about the sum of their times, as if the loader's GPU work (DALI's decoding ~10 ms a
 #    batch at a70b3c8's 24,796 img/s, the torch form ~5 ms) never overlapped the step's 20 ms; the
-#    tree form 7,329. One compile: the tree form again, then without RandAugment (if this stays
-#    near 1 / (1/24,796 + 1/12,453) = 8,290, DALI's decoding itself does not overlap the step),
-#    with DALI's queue 4 deep, and with 16 threads.
-step 120 200 train-a3-overlap $BENCH $DATA --mode train --recipe a3 --steps 100 --set cuda_graphs=true \
-    --variants aa_impl=tree aa=none aa=none,prefetch=4 aa_impl=tree,prefetch=4 aa_impl=tree,workers=16
+#    tree form 7,329. The profile: the host blocked in ~234 event syncs a batch (about one an image;
+#    the trainer's thread, its step one graph, makes few such calls: the decoder's threads, likely)
+#    and ~1 device-wide sync, as if the decoder waited on the GPU image by image behind the step's
+#    kernels (the profile now says which threads: profile_summary.py). One compile, with cuda_graphs: the tree form again; no RandAugment (if this stays near
+#    1 / (1/24,796 + 1/12,453) = 8,290, DALI's decoding itself does not overlap the step); no
+#    RandAugment with DALI's queue 4 deep; then two pipelines taking turns (two decoders, each with
+#    its own streams and threads: if one decoder's latency under the step is the bound, two should
+#    come near twice as fast) without RandAugment, in the tree form, and in the torch form on the
+#    loader's own stream.
+step 150 240 train-a3-overlap $BENCH $DATA --mode train --recipe a3 --steps 100 --set cuda_graphs=true \
+    --variants aa_impl=tree aa=none aa=none,prefetch=4 aa=none,pipelines=2 aa_impl=tree,pipelines=2 \
+    aa_impl=torch,pipelines=2,augment_stream=true
 # 3. A3 as the recipe runs it by default (no CUDA graphs), at this commit: the step alone with LAMB's
 #    update eager now that it is compiled only inside a graph (2e93e03: 10,106 img/s at a70b3c8 with
 #    it compiled, 11,812 at 915cdf8 eager), and the tree and torch forms end to end (6,320 and 5,560

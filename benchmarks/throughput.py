@@ -225,7 +225,7 @@ class GpuBusy:
 
 
 # --variants: what may differ between the measurements of one process (one compile for them all).
-VARIANT_KEYS = {"aa": str, "aa_impl": str, "hw_decoder_load": float, "workers": int, "prefetch": int,
+VARIANT_KEYS = {"aa": str, "aa_impl": str, "hw_decoder_load": float, "workers": int, "prefetch": int, "pipelines": int,
                 "high_priority_stream": bool, "stream_policy": str, "concurrency": str, "compile_augment": bool,
                 "augment_stream": bool, "mixing": bool}
 # Of those, what the step alone can vary (it has no loader).
@@ -326,7 +326,7 @@ def _measure_variant(variant: dict, recipe: dict, training, args, root: Path | N
                                    aa_impl=variant.get("aa_impl", args.aa_impl or recipe["aa_impl"]),
                                    prefetch_queue_depth=variant.get("prefetch", 2),
                                    stream_policy=variant.get("stream_policy"), concurrency=variant.get("concurrency"),
-                                   **{key: variant[key] for key in ("compile_augment", "augment_stream")
+                                   **{key: variant[key] for key in ("compile_augment", "augment_stream", "pipelines")
                                       if key in variant},
                                    **({"aa": None if variant["aa"] == "none" else variant["aa"]} if "aa" in variant
                                       else {}))
@@ -602,7 +602,8 @@ def parse_args(argv: list[str] | None = None, gpu: bool | None = None) -> argpar
     p.add_argument("--variants", nargs="+", metavar="SPEC",
                    help="train mode: measure each in turn with the model built and compiled once: 'step' (the step "
                         "alone), 'default', or KEY=VALUE[,KEY=VALUE] over " + ", ".join(VARIANT_KEYS) +
-                        " (aa: RandAugment's string, or none; workers: DALI threads; prefetch: DALI's queue depth; stream_policy, concurrency: DALI's "
+                        " (aa: RandAugment's string, or none; workers: DALI threads; prefetch: DALI's queue depth; "
+                        "pipelines: DALI pipelines taking turns with whole batches; stream_policy, concurrency: DALI's "
                         "executor options; augment_stream: the torch RandAugment form on a stream of its own; "
                         "mixing=false: one-hot targets, no mixup/cutmix), or 'step,KEY=VALUE' over "
                         + ", ".join(sorted(STEP_VARIANT_KEYS)) + ", e.g. step step,mixing=false aa_impl=tree "

@@ -118,15 +118,16 @@ def test_train_mode_variants_share_one_model(tmp_path, capsys):
     rows, table = _bench_here(capsys, "--mode", "train", *TRAINING, "--steps", "6", "--synthetic-jpegs", "16",
                               "--cache", tmp_path, "--workers", "1", "--set", "aa=rand-m9-mstd0.5-inc1",
                               "--variants", "step", "default", "aa_impl=batch,workers=2,prefetch=3,concurrency=full",
-                              "aa_impl=torch,compile_augment=true", "step,mixing=false", "mixing=false", "aa=none",
+                              "aa_impl=torch,compile_augment=true", "step,mixing=false", "mixing=false", "aa=none,pipelines=1",
                               "--profile", tmp_path / "prof", "--profile-steps", "2")
     assert [(r["variant"], r["mode"]) for r in rows] == [("step", "step"), ("default", "train"),
                                                           ("aa_impl=batch,workers=2,prefetch=3,concurrency=full", "train"),
                                                           ("aa_impl=torch,compile_augment=true", "train"),
                                                           ("step,mixing=false", "step"), ("mixing=false", "train"),
-                                                          ("aa=none", "train")]
+                                                          ("aa=none,pipelines=1", "train")]
     step, default, batch, compiled, unmixed, unmixed_train, plain = rows
     assert (default["aa"], plain["aa"]) == ("rand-m9-mstd0.5-inc1", None)  # aa=none: the loader without RandAugment
+    assert (default["pipelines"], plain["pipelines"]) == (2, 1)  # the CPU's 2 by default; pipelines=1
     assert step["mixing"] and default["mixing"] and not unmixed["mixing"] and not unmixed_train["mixing"]
     # each train row against the step alone that mixed as it did
     assert unmixed_train["vs_step"] == pytest.approx(unmixed_train["images_per_sec"] / unmixed["images_per_sec"], abs=1e-3)
@@ -142,7 +143,7 @@ def test_train_mode_variants_share_one_model(tmp_path, capsys):
     assert "x the step" in table and "aa_impl=batch,workers=2,prefetch=3,concurrency=full" in table
     # A profile per variant, in a folder named after it.
     assert sorted(p.parent.name for p in (tmp_path / "prof").glob("*/profile.json")) == [
-        "aa-none", "aa_impl-batch_workers-2_prefetch-3_concurrency-full", "aa_impl-torch_compile_augment-true", "default",
+        "aa-none_pipelines-1", "aa_impl-batch_workers-2_prefetch-3_concurrency-full", "aa_impl-torch_compile_augment-true", "default",
         "mixing-false", "step", "step_mixing-false"]
     for bad, says in [("aa_impl=fast", "aa_impl is auto, tree, batch or torch"), ("threads=4", "is not KEY=VALUE"),
                       ("workers=many", "workers takes a int"), ("high_priority_stream=yes", "takes a bool"),
