@@ -475,9 +475,12 @@ def default_aa_impl(device: str) -> str:
     160 px, batch 256, at a70b3c8): in training, where it counts, tree 6,320 img/s, torch 5,560,
     batch-wide 4,296; the loader alone, torch 13,685, tree 8,870, batch-wide 3,529. The torch form
     feeds the loader alone fastest but launches its kernels from the trainer's thread, which the
-    step needs (benchmarks/results/gpu-h200-a70b3c8*). Since then it can run compiled, replayed as
-    one graph (cuda_graphs) and on a stream of its own (augment_stream), which no GPU run has
-    measured yet (benchmarks/gpu_checks.sh): the default follows that run."""
+    step needs (benchmarks/results/gpu-h200-a70b3c8*). Compiled and replayed as one graph, with the
+    step a graph too (cuda_graphs, at c5b2a17): tree 7,329 img/s, torch 7,085, 7,502 on a stream of
+    its own (augment_stream): within a few percent, both bound by the loader's work not overlapping
+    the step's (benchmarks/README.md); the tree stays the default, which needs no compile. (The
+    torch form alone has timm's exact pixels: the DALI forms' bicubic warp is OpenCV's or CV-CUDA's
+    cubic, not PIL's.)"""
     return "tree"
 
 
