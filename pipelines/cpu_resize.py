@@ -8,7 +8,8 @@ on one core of the 2-core machine, a third of the CPU loader's time; torch's uin
 (channels-last, AVX2: Pillow-SIMD's algorithm) resizes the same crops in ~60-70 us on one thread,
 and is closer to PIL's BILINEAR resize, which timm's RandomResizedCrop calls (on these crops:
 mean 0.03 levels from PIL, at most 2; DALI's: 0.17, at most 4). The A3 CPU loader at batch 64:
-~1,350 -> ~1,670 img/s in an A/B (README). The kernel releases the GIL and is single-threaded for
+~1,350 -> ~1,670 img/s in an A/B at 1ff2943 on the 2-core machine (benchmarks/README.md:
+"What changed at 1ff2943"). The kernel releases the GIL and is single-threaded for
 one image: a pipeline with several threads splits its batch between as many threads (2 threads:
 1.7x on 2 cores), so the call does not leave the pipeline's other threads idle. DALI's bicubic
 CPU resize is slower still (the validation graph's; ~800 us an image). The GPU graphs keep DALI's
