@@ -134,6 +134,11 @@ synthetic_jpegs('data/bench/synthetic-$J', $J)"
 step 150 240 train-a3-overlap $BENCH $DATA --mode train --recipe a3 --steps 100 --set cuda_graphs=true \
     --variants aa_impl=tree aa=none aa=none,prefetch=4 aa=none,pipelines=2 aa_impl=tree,pipelines=2 \
     aa_impl=torch,pipelines=2,augment_stream=true
+#    Then 15 steps under torch.profiler as at c5b2a17 (the torch form, graphs; inductor's cache from
+#    above makes the compile short), its summary now saying which threads blocked: the trainer's,
+#    or DALI's and its decoders'.
+step 60 100 train-a3-profile $BENCH $DATA --mode train --recipe a3 --steps 30 --set cuda_graphs=true \
+    --aa-impl torch --profile "$OUT/profile" --profile-steps 15
 # 3. A3 as the recipe runs it by default (no CUDA graphs), at this commit: the step alone with LAMB's
 #    update eager now that it is compiled only inside a graph (2e93e03: 10,106 img/s at a70b3c8 with
 #    it compiled, 11,812 at 915cdf8 eager), and the tree and torch forms end to end (6,320 and 5,560
@@ -184,13 +189,11 @@ step 90 150 train-a3-128px $BENCH $DATA --mode train --recipe a3 --img-size 128 
 # 9. Measured at c5b2a17 already (benchmarks/results/gpu-h200-c5b2a17*), again at this commit if
 #    time is left: the torch form compiled and captured in the loader alone (15,313), A3 with the
 #    whole step captured in each form (7,085-7,601), the LAMB update (eager 3.05 ms, compiled 6.51,
-#    captured 1.26 / 0.59), the torch form's memory, and 15 steps under torch.profiler.
+#    captured 1.26 / 0.59) and the torch form's memory.
 step 60 120 loader-aa-torch-compiled-graphs $BENCH $DATA --mode loader --loaders dali-gpu --steps 80 \
     --aa-impl torch --compile-augment --cuda-graphs
 step 120 200 train-a3-cuda-graphs $BENCH $DATA --mode train --recipe a3 --steps 100 --set cuda_graphs=true \
     --variants step aa_impl=torch aa_impl=tree aa_impl=torch,augment_stream=true aa_impl=torch,high_priority_stream=true
 step 30 60 lamb-update python3 benchmarks/lamb_update.py --model resnet50 --steps 50 --json-out "$OUT/gpu.jsonl"
 step 45 100 augment-memory python3 benchmarks/augment_memory.py --json-out "$OUT/gpu.jsonl"
-step 60 100 train-a3-profile $BENCH $DATA --mode train --recipe a3 --steps 30 --set cuda_graphs=true \
-    --aa-impl torch --profile "$OUT/profile" --profile-steps 15
 say "done ($(left)s left)"
