@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Every GPU check, as one device call of at most 8 minutes (issue 13) and a second for what it did
 # not reach: the checks in priority order, each under its own timeout, skipping what no longer fits
-# the deadline; 6 files under $OUT (log.txt, steps.txt, gpu.jsonl, dmon.txt, profile/profile.txt
-# and .json). First why A3 end to end stays near 0.6x the step (c5b2a17's run), then A3 as the
+# the deadline; 7 files under $OUT (log.txt, steps.txt, gpu.jsonl, dmon.txt, profile/profile.txt,
+# .json and trace.json.gz, the profiled steps' timeline). First why A3 end to end stays near 0.6x the step (c5b2a17's run), then A3 as the
 # recipe runs it by default, the GPU tests never passed on a GPU, the rest of them, each loader
 # alone, the demo's accuracy, and last what c5b2a17 measured, again. Seen on the H200 at c5b2a17:
 # ~17 s setup and versions, ~15 s engines and JPEGs, ~55 s the torch form's loader process with its
@@ -135,8 +135,9 @@ step 150 240 train-a3-overlap $BENCH $DATA --mode train --recipe a3 --steps 100 
     --variants aa_impl=tree aa=none aa=none,prefetch=4 aa=none,pipelines=2 aa_impl=tree,pipelines=2 \
     aa_impl=torch,pipelines=2,augment_stream=true
 #    Then 15 steps under torch.profiler as at c5b2a17 (the torch form, graphs; inductor's cache from
-#    above makes the compile short), its summary now saying which threads blocked: the trainer's,
-#    or DALI's and its decoders'.
+#    above makes the compile short), its summary now saying which threads blocked (the trainer's,
+#    or DALI's and its decoders'), and their whole timeline beside it (profile/trace.json.gz: every
+#    thread's calls and every stream's kernels, for Perfetto).
 step 60 100 train-a3-profile $BENCH $DATA --mode train --recipe a3 --steps 30 --set cuda_graphs=true \
     --aa-impl torch --profile "$OUT/profile" --profile-steps 15
 # 3. A3 as the recipe runs it by default (no CUDA graphs), at this commit: the step alone with LAMB's

@@ -153,3 +153,29 @@ def write(summary: dict, folder: Path) -> tuple[Path, Path]:
     text.write_text(render(summary) + "\n")
     data.write_text(json.dumps(summary, indent=1) + "\n")
     return text, data
+
+
+# A lent GPU machine hands back files of at most 16 MiB: a larger trace would be lost with it.
+TRACE_LIMIT_BYTES = 15 * 2**20
+
+
+def write_trace(prof, folder: Path) -> Path | None:
+    """The profiled steps' whole timeline (torch.profiler's Chrome trace: every thread's host calls
+    and every stream's kernels and copies, to open in Perfetto or chrome://tracing), gzipped, as
+    FOLDER/trace.json.gz: where the summary says how long the host blocked, the timeline says on
+    which thread, behind which kernels. None, and no file, if it would be over TRACE_LIMIT_BYTES."""
+    import gzip
+    import os
+    import tempfile
+    folder.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as scratch:
+        raw = Path(scratch) / "trace.json"
+        prof.export_chrome_trace(str(raw))
+        packed = folder / "trace.json.gz"
+        with open(raw, "rb") as source, gzip.open(packed, "wb", compresslevel=6) as target:
+            while chunk := source.read(1 << 20):
+                target.write(chunk)
+    if os.path.getsize(packed) > TRACE_LIMIT_BYTES:
+        packed.unlink()
+        return None
+    return packed

@@ -368,7 +368,7 @@ def _profile(one_step, steps: int, device: str, waits: list, folder: Path | None
     """Run `steps` more steps under torch.profiler and summarize them (profile_summary.py); write
     FOLDER/profile.txt and profile.json (rank 0) and print the text. Returns the headline figures."""
     from torch.profiler import ProfilerActivity, profile
-    from profile_summary import render, summarize, write
+    from profile_summary import render, summarize, write, write_trace
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
     if device == "cuda":
         torch.cuda.synchronize()
@@ -383,8 +383,10 @@ def _profile(one_step, steps: int, device: str, waits: list, folder: Path | None
     if folder is None:
         return {}
     text, data = write(summary, folder)
+    trace = write_trace(prof, folder)
     print(render(summary), file=sys.stderr)
-    print(f"profile: {text}, {data}", file=sys.stderr)
+    print(f"profile: {text}, {data}, " + (f"{trace} (the timeline)" if trace else "no trace (over the size limit)"),
+          file=sys.stderr)
     return {"profile": {key: summary[key] for key in ("gpu_busy_share", "data_wait_share", "host_cpu_ms_per_step",
                                                       "wall_ms_per_step", "gpu_ms_per_step")}}
 

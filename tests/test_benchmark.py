@@ -1,4 +1,5 @@
 """Smoke test of benchmarks/throughput.py: a few real batches per loader on tiny generated JPEGs."""
+import gzip
 import json
 import os
 import re
@@ -183,6 +184,10 @@ def test_train_mode_profile_explains_itself(tmp_path, capsys):
     assert any(op["name"].startswith("aten::conv") for op in summary["top_cpu_ops"])
     assert r["profile"]["wall_ms_per_step"] == summary["wall_ms_per_step"]
     assert "ms a step" in (tmp_path / "prof" / "profile.txt").read_text()
+    # the timeline beside it: a Chrome trace of the profiled steps, the trainer's ops on it
+    with gzip.open(tmp_path / "prof" / "trace.json.gz", "rt") as trace:
+        events = json.load(trace)["traceEvents"]
+    assert any(str(e.get("name", "")).startswith("aten::conv") for e in events)
 
 
 def test_profile_summary_of_gpu_kernels():
@@ -227,6 +232,20 @@ def test_profile_summary_of_gpu_kernels():
     assert s["data_wait_share"] == pytest.approx(0.1) and s["host_cpu_ms_per_step"] == pytest.approx(25.0)
     assert s["top_cpu_ops"] == [{"name": "cudaLaunchKernel", "ms_per_step": 2.5, "calls_per_step": 200.0},
                                 {"name": "aten::convolution", "ms_per_step": 1.5, "calls_per_step": 1.0}]
+
+
+def test_a_trace_too_large_to_come_back_is_not_written(tmp_path, monkeypatch):
+    """A lent GPU machine hands back files of at most 16 MiB: a trace over the limit is dropped
+    (the summary still says what it found) rather than written and lost."""
+    sys.path.insert(0, str(BENCH))
+    import profile_summary
+    from types import SimpleNamespace
+    trace = SimpleNamespace(export_chrome_trace=lambda path: Path(path).write_text(json.dumps(
+        {"traceEvents": [{"name": f"aten::op{i}", "ph": "X"} for i in range(2000)]})))
+    assert profile_summary.write_trace(trace, tmp_path / "small").name == "trace.json.gz"
+    monkeypatch.setattr(profile_summary, "TRACE_LIMIT_BYTES", 100)
+    assert profile_summary.write_trace(trace, tmp_path / "large") is None
+    assert not (tmp_path / "large" / "trace.json.gz").exists()
 
 
 def test_lamb_update_benchmark(tmp_path):
