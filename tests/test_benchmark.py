@@ -484,8 +484,12 @@ def test_gpu_report_reads_a_run_as_the_readme_shows_it():
             "img_size": 128, "images_per_sec": 12000.0, "vs_step": 0.95}
     assert gpu_report.label(fast).endswith("tree form, 128 px, batch 256")
     run = [json.loads(line) for line in (results / "gpu-h200-a70b3c8.jsonl").read_text().splitlines() if line.strip()]
+    # Nor does a run without RandAugment (a variant aa=none, the loader's decoding beside the step): it is not A3.
+    plain = {**fast, "img_size": 160, "aa": None, "variant": "aa=none"}
     assert "A3 end to end >= 10,000 img/s and >= 0.9x the step: NOT met (best 6,320" in "\n".join(
-        gpu_report.targets(run + [fast]))
+        gpu_report.targets(run + [fast, plain]))
+    assert "| A3 end to end | 6,320 |" in "\n".join(gpu_report.glance(run + [plain]))
+    assert "no RandAugment, `aa=none`, batch 256 | 12,000" in "\n".join(gpu_report.table([plain]))
     assert "torch form, CUDA graphs (RandAugment)," in gpu_report.label({**loader, "aa_impl": "torch",
                                                                          "augment_captured": True})
     rows = [json.loads(line) for line in (results / "augment-memory-cpu-2core.jsonl").read_text().splitlines()]
