@@ -20,6 +20,8 @@ from fastrsb.pipelines.loader import AUGMENT_RANGE as LOADER_RANGE
 # RandAugment form, whose kernels are torch's or inductor's: by name they would pass for the model's).
 LOADER_MARKERS = ("dali", "nvjpeg", "nvimgcodec", "jpeg", "npp")
 # Host calls that wait for the device, and the torch op that reads a value back.
+# Host calls that launch work on the GPU.
+LAUNCHES = ("cudaLaunchKernel", "cudaLaunchKernelExC", "cudaGraphLaunch", "cuLaunchKernel", "cuLaunchKernelEx")
 BLOCKING = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "cudaMemcpy",
             "aten::_local_scalar_dense")
 
@@ -90,13 +92,17 @@ def summarize(prof, *, steps: int, wall_seconds: float, host_seconds: float, dat
     # in cudaEventSynchronize (~234 calls), the trace's threads unsaid; a device-wide sync on a
     # loader thread each batch would keep the loader's work from overlapping the step's.
     trainer = {getattr(e, "thread", None) for e in events if not _is_device(e) and e.name.startswith("aten::")}
+    # The split holds only where the trace numbers the threads of torch's ops and of CUDA's runtime
+    # calls alike: the trainer launches kernels (or its graph), so one launch must be on its thread.
+    launches = [e for e in events if not _is_device(e) and e.name in LAUNCHES]
+    split = not launches or any(getattr(e, "thread", None) in trainer for e in launches)
     blocking: dict[str, float] = {}
     elsewhere: dict[str, float] = {}
     for e in events:
         if not _is_device(e) and e.name in BLOCKING:
             seconds = (e.time_range.end - e.time_range.start) / 1e6
             blocking[e.name] = blocking.get(e.name, 0.0) + seconds
-            if getattr(e, "thread", None) not in trainer:
+            if split and getattr(e, "thread", None) not in trainer:
                 elsewhere[e.name] = elsewhere.get(e.name, 0.0) + seconds
     per_step = 1000.0 / steps  # seconds over the run -> ms per step
     summary = {
@@ -107,8 +113,9 @@ def summarize(prof, *, steps: int, wall_seconds: float, host_seconds: float, dat
                            if kernels and wall_seconds else None),
         "gpu_ms_per_step": {part: seconds * per_step for part, seconds in by_part.items()} if kernels else None,
         "blocking_ms_per_step": {name: seconds * per_step for name, seconds in sorted(blocking.items())},
-        # of which on threads other than the trainer's (where the trace names threads)
-        "blocking_elsewhere_ms_per_step": {name: seconds * per_step for name, seconds in sorted(elsewhere.items())},
+        # of which on threads other than the trainer's; None where the trace's threads could not be told apart
+        "blocking_elsewhere_ms_per_step": ({name: seconds * per_step for name, seconds in sorted(elsewhere.items())}
+                                           if split else None),
     }
     if kernels:
         ranked = sorted(by_kernel.items(), key=lambda item: -item[1])[:top]
@@ -135,6 +142,8 @@ def render(summary: dict) -> str:
     if summary["blocking_ms_per_step"]:
         lines.append("the host blocked in: " + ", ".join(f"{name} {ms:.2f} ms" for name, ms in
                                                          summary["blocking_ms_per_step"].items()) + " a step")
+    if summary.get("blocking_ms_per_step") and summary.get("blocking_elsewhere_ms_per_step", {}) is None:
+        lines.append("  (on which threads: unknown, the trace numbers torch's threads and CUDA's calls apart)")
     if summary.get("blocking_elsewhere_ms_per_step"):
         lines.append("  of which on other threads than the trainer's (the loader's): " + ", ".join(
             f"{name} {ms:.2f} ms" for name, ms in summary["blocking_elsewhere_ms_per_step"].items()))

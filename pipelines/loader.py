@@ -477,8 +477,8 @@ def default_aa_impl(device: str) -> str:
     feeds the loader alone fastest but launches its kernels from the trainer's thread, which the
     step needs (benchmarks/results/gpu-h200-a70b3c8*). Compiled and replayed as one graph, with the
     step a graph too (cuda_graphs, at c5b2a17): tree 7,329 img/s, torch 7,085, 7,502 on a stream of
-    its own (augment_stream): within a few percent, both bound by the loader's work not overlapping
-    the step's (benchmarks/README.md); the tree stays the default, which needs no compile. (The
+    its own (augment_stream): within a few percent, both near the loader's pace and the step's taken
+    one after the other (benchmarks/README.md); the tree stays the default, which needs no compile. (The
     torch form alone has timm's exact pixels: the DALI forms' bicubic warp is OpenCV's or CV-CUDA's
     cubic, not PIL's.)"""
     return "tree"

@@ -215,6 +215,7 @@ def test_profile_summary_of_gpu_kernels():
         event("void dali::kernels::resize::ResizeKernel", 20_000, 30_000), event("nvjpeg::decode_huffman", 40_000, 45_000),
         event("cudaStreamSynchronize", 45_000, 47_000, gpu=False), event("aten::_local_scalar_dense", 46_000, 47_000, gpu=False),
         event("cudaDeviceSynchronize", 47_000, 51_000, gpu=False, thread=2),  # a loader's thread: no torch op there
+        event("cudaLaunchKernel", 60_000, 60_010, gpu=False),  # the trainer's launch, on its thread: the split holds
         augment_range, augment_op, model_op,  # the same eager kernel, launched once in the range, once outside it
         event("void at::native::where_kernel", 53_000, 57_000, linked=8),
         event("void at::native::where_kernel", 60_000, 61_000, linked=9)])
@@ -224,6 +225,11 @@ def test_profile_summary_of_gpu_kernels():
     assert s["blocking_ms_per_step"] == pytest.approx({"aten::_local_scalar_dense": 0.5, "cudaDeviceSynchronize": 2.0,
                                                        "cudaStreamSynchronize": 1.0})
     assert s["blocking_elsewhere_ms_per_step"] == pytest.approx({"cudaDeviceSynchronize": 2.0})
+    # A trace whose launches sit on no thread of torch's ops numbers threads apart: no split claimed.
+    renumbered = SimpleNamespace(key_averages=trace.key_averages, events=lambda: [
+        SimpleNamespace(**{**vars(e), "thread": 7}) if e.name == "cudaLaunchKernel" else e for e in trace.events()])
+    unsplit = summarize(renumbered, steps=2, wall_seconds=0.1, host_seconds=0.05, data_wait_seconds=0.01, device="cuda")
+    assert unsplit["blocking_elsewhere_ms_per_step"] is None and unsplit["blocking_ms_per_step"] == s["blocking_ms_per_step"]
     assert [(k["part"], k["name"]) for k in s["top_kernels"]] == [
         ("model", "sm90_xmma_gemm_bf16"), ("model", "void at::native::elementwise_kernel"),
         ("loader", "void dali::kernels::resize::ResizeKernel"), ("loader", "nvjpeg::decode_huffman"),
