@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
-# Every GPU check, as one device call of at most 8 minutes (issue 13) and a second for what it did
-# not reach: the checks in priority order, each under its own timeout, skipping what no longer fits
-# the deadline; 7 files under $OUT (log.txt, steps.txt, gpu.jsonl, dmon.txt, profile/profile.txt,
-# .json and trace.json.gz, the profiled steps' timeline). First why A3 end to end stays near 0.6x the step (c5b2a17's run), then A3 as the
-# recipe runs it by default, the GPU tests never passed on a GPU, the rest of them, each loader
+# Every GPU check, as one device call of at most 8 minutes (issue 13) and a second for what it
+# did not reach: the checks in priority order, each under its own timeout, skipping what no
+# longer fits the deadline; 7 files under $OUT (log.txt, steps.txt, gpu.jsonl, dmon.txt,
+# profile/profile.txt, .json and trace.json.gz, the profiled steps' timeline). First whether the
+# loader's work waits for the GPU's other work (each loader form alone and beside a GPU load),
+# then why A3 end to end stays near 0.6x the step (c5b2a17's run), then A3 as the recipe runs it
+# by default, the GPU tests never passed on a GPU, the rest of them, the other loader forms
 # alone, the demo's accuracy, and last what c5b2a17 measured, again. Seen on the H200 at c5b2a17:
 # ~17 s setup and versions, ~15 s engines and JPEGs, ~55 s the torch form's loader process with its
 # compile, ~90 s to compile A3 and ~10 s a train variant after it, the GPU tests 400 s for 20 of
@@ -98,6 +100,9 @@ commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=
 print("commit", commit, "| torch", torch.__version__, "CUDA", torch.version.cuda, "|", torch.cuda.get_device_name(),
       "| DALI", dali.__version__, "| timm", timm.__version__, "| cores", os.cpu_count())
 EOF
+    # Which native profilers the machine has (none has been looked for yet): nsys with CUDA
+    # backtraces, or gdb's stacks of every thread, would name the caller of the device-wide sync.
+    say "tools: $(for t in nsys ncu gdb py-spy perf; do command -v "$t" >/dev/null && printf '%s ' "$t"; done)"
 fi
 
 J=12000
@@ -118,7 +123,19 @@ step 120 150 synthetic-jpegs python3 -c "
 import sys; sys.path.insert(0, 'benchmarks')
 from synthetic import synthetic_jpegs
 synthetic_jpegs('data/bench/synthetic-$J', $J)"
-# 2. Why A3 end to end stays near 0.6x the step. At c5b2a17 (cuda_graphs on): the step alone
+# 2. Does the loader's own work wait for the GPU's other work? Each loader form alone, then beside
+#    products of large matrices that keep every SM busy from a thread and a stream of their own
+#    (--gpu-load: benchmarks/gpu_load.py) and depend on nothing the loader makes. If the loader
+#    keeps its pace beside them, its work runs beside the GPU's and A3's ~0.6x is made in the
+#    trainer's loop; if it falls to about the sum of its time and the load's, something in the
+#    loader waits for the whole GPU (the ~1 device-wide sync a step at c5b2a17, or its kernels
+#    queued behind the load's).
+step 40 60 loader-noaa $BENCH $DATA --mode loader --loaders dali-gpu --steps 80 --aa none
+step 40 60 loader-noaa-beside-load $BENCH $DATA --mode loader --loaders dali-gpu --steps 80 --aa none --gpu-load
+step 40 60 loader-aa-tree $BENCH $DATA --mode loader --loaders dali-gpu --steps 80 --aa-impl tree
+step 40 60 loader-aa-tree-beside-load $BENCH $DATA --mode loader --loaders dali-gpu --steps 80 --aa-impl tree \
+    --gpu-load
+# 3. Why A3 end to end stays near 0.6x the step. At c5b2a17 (cuda_graphs on): the step alone
 #    12,453 img/s, the loader alone with the torch form compiled and captured 15,313, A3 with both
 #    7,085: about the sum of their times, as if the loader's GPU work (DALI's decoding ~10 ms a
 #    batch at a70b3c8's 24,796 img/s, the torch form ~5 ms) never overlapped the step's 20 ms; the
@@ -127,26 +144,26 @@ synthetic_jpegs('data/bench/synthetic-$J', $J)"
 #    and ~1 device-wide sync, as if the decoder waited on the GPU image by image behind the step's
 #    kernels (the profile now says which threads: profile_summary.py). One compile, with cuda_graphs: the tree form again; no RandAugment (if this stays near
 #    1 / (1/24,796 + 1/12,453) = 8,290, DALI's decoding itself does not overlap the step); no
-#    RandAugment with DALI's queue 4 deep; then two pipelines taking turns (two decoders, each with
-#    its own streams and threads: if one decoder's latency under the step is the bound, two should
-#    come near twice as fast) without RandAugment, in the tree form, and in the torch form on the
-#    loader's own stream.
+#    RandAugment with DALI's queue 4 deep, and A3's tree form so; then two pipelines taking turns
+#    (two decoders, each with its own streams and threads: if one decoder's latency under the step
+#    is the bound, two should come near twice as fast) without RandAugment, in the tree form, and
+#    in the torch form on the loader's own stream.
 step 150 240 train-a3-overlap $BENCH $DATA --mode train --recipe a3 --steps 100 --set cuda_graphs=true \
-    --variants aa_impl=tree aa=none aa=none,prefetch=4 aa=none,pipelines=2 aa_impl=tree,pipelines=2 \
-    aa_impl=torch,pipelines=2,augment_stream=true
+    --variants aa_impl=tree aa=none aa=none,prefetch=4 aa_impl=tree,prefetch=4 aa=none,pipelines=2 \
+    aa_impl=tree,pipelines=2 aa_impl=torch,pipelines=2,augment_stream=true
 #    Then 15 steps under torch.profiler as at c5b2a17 (the torch form, graphs; inductor's cache from
 #    above makes the compile short), its summary now saying which threads blocked (the trainer's,
 #    or DALI's and its decoders'), and their whole timeline beside it (profile/trace.json.gz: every
 #    thread's calls and every stream's kernels, for Perfetto).
 step 60 100 train-a3-profile $BENCH $DATA --mode train --recipe a3 --steps 30 --set cuda_graphs=true \
     --aa-impl torch --profile "$OUT/profile" --profile-steps 15
-# 3. A3 as the recipe runs it by default (no CUDA graphs), at this commit: the step alone with LAMB's
+# 4. A3 as the recipe runs it by default (no CUDA graphs), at this commit: the step alone with LAMB's
 #    update eager now that it is compiled only inside a graph (2e93e03: 10,106 img/s at a70b3c8 with
 #    it compiled, 11,812 at 915cdf8 eager), and the tree and torch forms end to end (6,320 and 5,560
 #    at a70b3c8).
 step 120 200 train-a3-default $BENCH $DATA --mode train --recipe a3 --steps 100 --variants step step,mixing=false \
     aa_impl=tree aa_impl=torch
-# 4. The GPU tests that have never passed on a GPU: the DALI forms' geometric ops per sample as
+# 5. The GPU tests that have never passed on a GPU: the DALI forms' geometric ops per sample as
 #    drawn and the GPU's bicubic warp (CV-CUDA's Catmull-Rom, a = -0.5, against a numpy model of it
 #    and timm's: rewritten at 0ce1429 after the test that held it to the CPU's failed at c5b2a17),
 #    the "mixed" decoders reading a JPEG's pixels as stored whatever its EXIF orientation, and BMP,
@@ -155,24 +172,22 @@ step 120 200 train-a3-default $BENCH $DATA --mode train --recipe a3 --steps 100 
 #    resizing compiled and captured, the high-priority stream's short run. Each prints its time and
 #    any traceback as it ends (FASTRSB_REPORT_AT_ONCE: tests/conftest.py).
 export FASTRSB_REPORT_AT_ONCE=1
-NEVER_PASSED="resampling_on_the_gpu or bicubic_warp or exif_orientation or other_formats or random_crops or fails_stops or progressive_resizing_trains or (speed_key and high_priority)"
+NEVER_PASSED="gpu_load or resampling_on_the_gpu or bicubic_warp or exif_orientation or other_formats or random_crops or fails_stops or progressive_resizing_trains or (speed_key and high_priority)"
 # The two that compile the torch form at their own shapes (~100-180 s each from a cold cache at
 # c5b2a17: one was cut there before it ended, the other passed on the second call): last.
 SLOW_TESTS="captured_torch_rand_augment or captured_torch_form"
 gpu_tests 100 200 pytest-gpu-never-passed "($NEVER_PASSED) and not ($SLOW_TESTS)"
-# 5. The rest of the GPU tests (all passed at c5b2a17 or a70b3c8), then the two slow ones.
+# 6. The rest of the GPU tests (all passed at c5b2a17 or a70b3c8), then the two slow ones.
 gpu_tests 60 200 pytest-gpu-rest "not ($NEVER_PASSED) and not ($SLOW_TESTS)"
 gpu_tests 60 200 pytest-gpu-slow "$SLOW_TESTS"
-# 6. Each loader alone in a process of its own (its own NVML memory) at this commit: without
-#    RandAugment and in each form (a70b3c8: 24,796 / tree 8,870 / torch eager 13,685 / batch 3,529),
-#    the torch form compiled, uncaptured.
-step 40 60 loader-noaa $BENCH $DATA --mode loader --loaders dali-gpu --steps 80 --aa none
-step 40 60 loader-aa-tree $BENCH $DATA --mode loader --loaders dali-gpu --steps 80 --aa-impl tree
+# 7. The other loader forms alone in a process of their own (their own NVML memory) at this commit
+#    (no RandAugment and the tree form: check 2; a70b3c8: 24,796 / tree 8,870 / torch eager 13,685
+#    / batch 3,529): the torch form compiled, uncaptured, and eager; the batch form.
 step 60 120 loader-aa-torch-compiled $BENCH $DATA --mode loader --loaders dali-gpu --steps 80 --aa-impl torch \
     --compile-augment
 step 40 60 loader-aa-torch $BENCH $DATA --mode loader --loaders dali-gpu --steps 80 --aa-impl torch
 step 40 60 loader-aa-batch $BENCH $DATA --mode loader --loaders dali-gpu --steps 80 --aa-impl batch
-# 7. The demo trained by fastrsb on the GPU (DALI's GPU loader, compiled, bf16) and by timm's parts,
+# 8. The demo trained by fastrsb on the GPU (DALI's GPU loader, compiled, bf16) and by timm's parts,
 #    one seed: the GPU path's accuracy beside timm's (on 2 CPU cores, seed 0: 87.92 and 90.00; over
 #    5 seeds 90.42 +- 1.69 and 90.92 +- 1.99). No GPU run has trained to an accuracy yet.
 step 120 240 timm-parity-demo python3 benchmarks/timm_parity.py --recipe demo --seeds 0 --workers 8 \
@@ -182,12 +197,12 @@ step 120 240 timm-parity-demo python3 benchmarks/timm_parity.py --recipe demo --
 #    a70b3c8: ~45 GiB), so each launch serves 8x the images of the issue's batch of 256.
 step 100 180 train-a3-b2048 $BENCH $DATA --mode train --recipe a3 --batch-size 2048 --steps 15 \
     --variants step aa_impl=tree aa_impl=torch
-# 8. Progressive resizing's saving on the GPU (new at 26a9101): A3 end to end, and its step alone,
+# 9. Progressive resizing's saving on the GPU (new at 26a9101): A3 end to end, and its step alone,
 #    with 128 px crops (the README's example ramp trains epochs 1-62 at 128 px, 63-100 at 160),
-#    beside check 3's 160 px figures.
+#    beside check 4's 160 px figures.
 step 90 150 train-a3-128px $BENCH $DATA --mode train --recipe a3 --img-size 128 --steps 100 --variants step \
     aa_impl=tree
-# 9. Measured at c5b2a17 already (benchmarks/results/gpu-h200-c5b2a17*), again at this commit if
+# 10. Measured at c5b2a17 already (benchmarks/results/gpu-h200-c5b2a17*), again at this commit if
 #    time is left: the torch form compiled and captured in the loader alone (15,313), A3 with the
 #    whole step captured in each form (7,085-7,601), the LAMB update (eager 3.05 ms, compiled 6.51,
 #    captured 1.26 / 0.59) and the torch form's memory.

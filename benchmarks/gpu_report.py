@@ -46,6 +46,8 @@ def label(row: dict) -> str:
         parts.append(f"{row['interpolation']} crops")
     if row["mode"] == "loader" and row.get("hw_decoder_load", 1.0) != 1.0:
         parts.append(f"hw_decoder_load {row['hw_decoder_load']}")
+    if row.get("gpu_load_tflops") is not None:  # throughput.py --gpu-load
+        parts.append(f"beside a GPU load ({row['gpu_load_tflops']:,.0f} TFLOP/s of matrix products)")
     # The variant's other settings (its form is named above already).
     settings = [item for item in (row.get("variant") or "").split(",")
                 if item and item not in ("step", "default") and not item.startswith("aa_impl=")]
@@ -73,6 +75,13 @@ def at_issue_size(rows: list[dict]) -> list[dict]:
     return [r for r in rows if r.get("batch_size") == 256 and r.get("img_size") in (None, 160)]
 
 
+def gpu_loaders_alone(rows: list[dict]) -> list[dict]:
+    """The GPU loader's rows with nothing else on the GPU: issue 13's loader figures (a row timed
+    beside a GPU load, `--gpu-load`, is in the full table only)."""
+    return [r for r in rows if r.get("mode") == "loader" and r.get("loader") == "dali-gpu"
+            and r.get("gpu_load_tflops") is None]
+
+
 def a3_trains(rows: list[dict]) -> list[dict]:
     """The end-to-end rows that ran A3 as it is: with its RandAugment (an `aa=none` variant, which
     measures the loader's decoding beside the step, is in the full table only)."""
@@ -83,7 +92,7 @@ def glance(rows: list[dict]) -> list[str]:
     """The README's opening table: the best row of each kind at batch 256 (the step alone as the
     trainer runs it: no variant of it), then A3's 100 epochs at the best end-to-end pace."""
     at_256 = at_issue_size(rows)
-    loaders = [r for r in at_256 if r.get("mode") == "loader" and r.get("loader") == "dali-gpu"]
+    loaders = gpu_loaders_alone(at_256)
     kinds = [("A3 end to end", a3_trains(at_256)),
              ("the training step alone", [r for r in at_256 if r.get("mode") == "step"
                                           and r.get("variant") in (None, "step")]),
@@ -147,7 +156,7 @@ def targets(rows: list[dict]) -> list[str]:
 
     at_256 = at_issue_size(rows)
     lines = []
-    loaders = [r for r in at_256 if r.get("mode") == "loader" and r.get("loader") == "dali-gpu"]
+    loaders = gpu_loaders_alone(at_256)
     with_aa = [r for r in loaders if r.get("aa")]
     if with_aa:
         best = max(with_aa, key=lambda r: r["images_per_sec"])

@@ -9,7 +9,8 @@
 and on the CPU (dali-cpu), a torchvision ImageFolder + DataLoader with PIL transforms (workers =
 cores), and timm's own loader (timm.data.create_loader). All do the same work: decode,
 random-resized-crop to --img-size, flip, normalize, deliver to the device. One process per loader;
---rounds N measures each loader N times, round-robin, and reports its median (shared machines vary).
+--rounds N measures each loader N times, round-robin, and reports its median (shared machines vary);
+--gpu-load times them beside matrix products that keep the GPU busy (gpu_load.py).
 --mode step: mixup/cutmix, forward, loss, backward and LAMB on a device-resident synthetic batch,
 channels-last, AMP and compiled as the recipe says: the trainer's own step (fastrsb.parts).
 --mode train: the trainer's path end to end: DALI loader (the recipe's RandAugment and repeated
@@ -132,13 +133,26 @@ def measure_loader(name: str, args, root: Path) -> dict:
         if device == "cuda" and not images.is_cuda:  # the CPU loaders hand batches to the GPU too
             images.cuda(non_blocking=True), labels.cuda(non_blocking=True)
 
-    timing = _timed(one_batch, warmup, args.steps, device, sampler)
+    load = _gpu_load(args.gpu_load)
+    with load:  # the warm-up too: the loader is timed in the steady state the load makes
+        timing = _timed(one_batch, warmup, args.steps, device, sampler)
     return {"mode": "loader", "loader": name, "device": device, "img_size": args.img_size, "aa": aa,
+            **({"gpu_load_tflops": round(load.tflops, 1)} if args.gpu_load else {}),
             "batch_size": args.batch_size, "workers": threads, "steps": args.steps, "warmup": warmup,
             "queued_batches": queued, "pixels": pixels["dtype"], "interpolation": args.interpolation,
             **(_dali_settings(loader) if name.startswith("dali") else {}),
             "images_per_sec": args.steps * args.batch_size / timing.seconds, **timing.shares(),
             **_memory(device, sampler), **before}
+
+
+def _gpu_load(asked: bool):
+    """--gpu-load: the loader timed beside products of large matrices on a stream and a thread of
+    their own (gpu_load.py: whether the loader's work waits for the GPU's other work). The timing's
+    last device sync waits for at most two of them queued (~3 ms on an H200)."""
+    if not asked:
+        return contextlib.nullcontext()
+    from gpu_load import GpuLoad
+    return GpuLoad()
 
 
 def _dali_settings(loader) -> dict:
@@ -504,7 +518,7 @@ def run_loaders(args, root: Path, info: dict) -> None:
     spread = args.rounds > 1
     print(f"\n{'loader':<12} {'device':<6} {'img/s':>9} {'ratio':>6}{'  rounds (img/s)' if spread else ''}  "
           f"on {info['device_name']}, {args.img_size} px, batch {args.batch_size}, RandAugment {args.aa}"
-          f"{f', median of {args.rounds} rounds' if spread else ''}")
+          f"{f', median of {args.rounds} rounds' if spread else ''}{', beside a GPU load' if args.gpu_load else ''}")
     for r in results:
         extra = "  " + " ".join(f"{v:,.0f}" for v in r["images_per_sec_rounds"]) if spread else ""
         print(f"{r['loader']:<12} {r['device']:<6} {r['images_per_sec']:>9,.0f} {r['images_per_sec'] / base:>6.2f}{extra}")
@@ -600,6 +614,10 @@ def parse_args(argv: list[str] | None = None, gpu: bool | None = None) -> argpar
     p.add_argument("--compile-augment", action="store_true",
                    help="loader mode, DALI loaders: the torch RandAugment form through torch.compile (train mode: "
                         "the recipe's compile, on the GPU; variant compile_augment=false to compare)")
+    p.add_argument("--gpu-load", action="store_true",
+                   help="loader mode, on a GPU: time each loader beside a steady load of bf16 matrix products on a "
+                        "stream and a thread of their own (benchmarks/gpu_load.py): does the loader keep its pace "
+                        "while the GPU is busy with work it does not depend on? The row says the load's TFLOP/s")
     p.add_argument("--json-out", type=Path, help="also append the JSON lines to this file")
     p.add_argument("--variants", nargs="+", metavar="SPEC",
                    help="train mode: measure each in turn with the model built and compiled once: 'step' (the step "
@@ -628,6 +646,8 @@ def _refuse_mistakes(p: argparse.ArgumentParser, args: argparse.Namespace, gpu: 
     if args.hw_decoder_load is not None and not 0.0 <= args.hw_decoder_load <= 1.0:
         p.error("--hw-decoder-load must lie in [0, 1]")
     _refuse_options_of_another_mode(p, args)
+    if args.gpu_load and not gpu:
+        p.error("--gpu-load keeps a GPU busy beside the loader: it needs a GPU (none is visible here)")
     if args.cuda_graphs and not gpu:
         p.error("--cuda-graphs replays GPU work as CUDA graphs: it needs a GPU (none is visible here)")
     if args.variants:
@@ -676,7 +696,7 @@ def _refuse_options_of_another_mode(p: argparse.ArgumentParser, args: argparse.N
     training modes take the loader's settings from the recipe (--set)."""
     loader_only = {"--loaders": args.loaders is not None, "--rounds": args.rounds != 1,
                    "--interpolation": args.interpolation is not None, "--cuda-graphs": args.cuda_graphs,
-                   "--compile-augment": args.compile_augment}
+                   "--compile-augment": args.compile_augment, "--gpu-load": args.gpu_load}
     training_only = {"--set": bool(args.overrides), "--profile": args.profile is not None}
     stray = [flag for flag, given in (training_only if args.mode == "loader" else loader_only).items() if given]
     if stray:

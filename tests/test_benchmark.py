@@ -417,7 +417,11 @@ def test_the_benchmark_refuses_a_mistake_before_it_measures(tmp_path, capsys):
         with pytest.raises(SystemExit):
             throughput.parse_args(argv, gpu=True)
         assert message in capsys.readouterr().err
-    for argv in (train + ["--variants", "aa_impl=torch,augment_stream=true"], ["--mode", "loader", "--loaders", "dali-gpu"]):
+    with pytest.raises(SystemExit):  # the load is the loader mode's
+        throughput.parse_args(train + ["--gpu-load"], gpu=True)
+    assert "--gpu-load: not read in --mode train" in capsys.readouterr().err
+    for argv in (train + ["--variants", "aa_impl=torch,augment_stream=true"], ["--mode", "loader", "--loaders", "dali-gpu"],
+                 ["--mode", "loader", "--synthetic-jpegs", "8", "--loaders", "dali-cpu", "--gpu-load"]):
         with pytest.raises(SystemExit):
             throughput.parse_args(argv, gpu=False)
         assert "needs a GPU" in capsys.readouterr().err
@@ -455,6 +459,20 @@ def test_too_few_images_for_a_batch_is_one_line(tmp_path, capsys):
                          "--batch-size", "16"])
     assert stop.value.code == 2
     assert "throughput.py: error: 8 images over 1 shard(s) do not fill one batch of 16" in capsys.readouterr().err
+
+
+def test_a_gpu_load_without_a_gpu_says_so():
+    """gpu_load.GpuLoad (throughput.py --gpu-load) on a machine without a GPU: a clear error as the
+    block begins, nothing started."""
+    sys.path.insert(0, str(BENCH))
+    from gpu_load import GpuLoad
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is here: tests/test_gpu.py runs the load")
+    load = GpuLoad()
+    with pytest.raises(RuntimeError, match="a GPU load needs a GPU"):
+        with load:
+            pass
+    assert load.products == 0 and load.tflops is None
 
 
 def test_gpu_report_reads_a_run_as_the_readme_shows_it():
@@ -498,6 +516,15 @@ def test_gpu_report_reads_a_run_as_the_readme_shows_it():
     assert "no RandAugment, `aa=none`, batch 256 | 12,000" in "\n".join(gpu_report.table([plain]))
     assert "torch form, CUDA graphs (RandAugment)," in gpu_report.label({**loader, "aa_impl": "torch",
                                                                          "augment_captured": True})
+    # A loader timed beside a GPU load (--gpu-load) is labelled so and counts towards no loader
+    # figure: the issue's are for the loader alone.
+    loaded = {**loader, "aa_impl": "tree", "cuda_graphs": False, "images_per_sec": 30000.0, "img_size": 160,
+              "nvml_process_gib": 0.5, "gpu_load_tflops": 612.4}
+    assert gpu_report.label(loaded).endswith("tree form, beside a GPU load (612 TFLOP/s of matrix products), batch 256")
+    assert "13,685" in "\n".join(gpu_report.glance(run + [loaded]))
+    assert "NOT met (best 13,685" in "\n".join(gpu_report.targets(run + [loaded]))
+    assert "0.50 GiB" not in "\n".join(gpu_report.targets(run + [loaded]))
+    assert "30,000" in "\n".join(gpu_report.table([loaded]))
     rows = [json.loads(line) for line in (results / "augment-memory-cpu-2core.jsonl").read_text().splitlines()]
     eager_on_a_gpu = {"mode": "augment_memory", "variant": "eager", "batch_size": 256, "chunk_pixels": 1638400,
                       "chunk_images": None, "peak_mb": 300.0, "ms_per_batch": 20.0}  # the batch whole, its warp chunked

@@ -538,6 +538,27 @@ def test_gpu_busy_share_from_nvml_follows_the_work():
     assert GpuBusy("cpu").share is None
 
 
+def test_gpu_loader_timed_beside_a_gpu_load(tiny_data, tmp_path):
+    """throughput.py --mode loader --gpu-load: the GPU loader timed while gpu_load.GpuLoad keeps
+    the GPU busy from a thread and a stream of its own; the row says what the load ran at."""
+    import sys
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import throughput
+    from gpu_load import GpuLoad
+    out = tmp_path / "rows.jsonl"
+    throughput.main(["--mode", "loader", "--loaders", "dali-gpu", "--data", str(tiny_data / "train"), "--aa", "none",
+                     "--batch-size", "4", "--steps", "6", "--gpu-load", "--json-out", str(out)])
+    row = json.loads(out.read_text().splitlines()[-1])
+    assert row["loader"] == "dali-gpu" and row["images_per_sec"] > 0
+    assert row["gpu_load_tflops"] > 0
+    import time
+    with GpuLoad(size=2048) as load:
+        deadline = time.monotonic() + 60
+        while load.products < 8 and time.monotonic() < deadline:
+            time.sleep(0.01)
+    assert load.products >= 8 and load.tflops > 0
+
+
 @pytest.mark.parametrize("hw_decoder_load", [0.0, 1.0])  # nvJPEG's CUDA path; the hardware engines where there are
 def test_gpu_decoders_ignore_exif_orientation_as_timm(tmp_path, hw_decoder_load):
     """The "mixed" decoders as the CPU's (test_pipelines.py): JPEGs tagged "rotate 90 degrees"
