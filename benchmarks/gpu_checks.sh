@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
-# Every GPU check, as one device call of at most 8 minutes (issue 13) and a second for what it
-# did not reach: the checks in priority order, each under its own timeout, skipping what no
-# longer fits the deadline; 7 files under $OUT (log.txt, steps.txt, gpu.jsonl, dmon.txt,
-# profile/profile.txt, .json and trace.json.gz, the profiled steps' timeline). First whether the
-# loader's work waits for the GPU's other work (each loader form alone and beside a GPU load),
-# then why A3 end to end stays near 0.6x the step (c5b2a17's run), then A3 as the recipe runs it
-# by default, the GPU tests never passed on a GPU, the rest of them, the other loader forms
-# alone, the demo's accuracy, and last what c5b2a17 measured, again. Seen on the H200 at c5b2a17:
+# Every GPU check, as one device call of at most 8 minutes (issue 13) and a second for what it did
+# not reach: the checks in priority order, each under its own timeout, skipping what no longer fits
+# the deadline; 8 files under $OUT (log.txt, steps.txt, gpu.jsonl, dmon.txt, profile/profile.txt,
+# .json and trace.json.gz, the profiled steps' timeline; stacks.txt). First whether the loader's
+# work waits for the GPU's other work (each loader form alone and beside a GPU load), then why A3
+# end to end stays near 0.6x the step (c5b2a17's run), then A3 as the recipe runs it by default,
+# the GPU tests never passed on a GPU, the rest of them, the other loader forms alone, the demo's
+# accuracy, and last what c5b2a17 measured, again. Seen on the H200 at c5b2a17:
 # ~17 s setup and versions, ~15 s engines and JPEGs, ~55 s the torch form's loader process with its
 # compile, ~90 s to compile A3 and ~10 s a train variant after it, the GPU tests 400 s for 20 of
 # them (two compile the torch form at their own shapes, 100-180 s each from a cold cache), ~45 s
@@ -21,8 +21,10 @@
 #                                                        this commit did not reach, and the GPU tests
 #                                                        a timeout cut short, from the first not run)
 #
-# On the lent machine (no DALI, no network): run ../shared/gpu/stage-dali here first, then make its
-# three device calls one right after another; the third is
+# On the lent machine (no DALI, no network): run ../shared/gpu/stage-dali here first, then
+# benchmarks/stage_native_tools.sh (eu-stack for the native stacks), then make stage-dali's three
+# device calls one right after another; the third carries [".stage/part-2",
+# ".stage/native-tools.tar.gz"] and is
 #   cp .stage/part-2 $HOME/stage/ && bash benchmarks/gpu_checks.sh 470
 # with timeout_s 490 (8 minutes with the copy), and at once (a machine idle for 30 s is given back)
 # a fourth,
@@ -102,7 +104,23 @@ print("commit", commit, "| torch", torch.__version__, "CUDA", torch.version.cuda
 EOF
     # Which native profilers the machine has (none has been looked for yet): nsys with CUDA
     # backtraces, or gdb's stacks of every thread, would name the caller of the device-wide sync.
-    say "tools: $(for t in nsys ncu gdb py-spy perf; do command -v "$t" >/dev/null && printf '%s ' "$t"; done)"
+    found=$(for t in nsys ncu gdb py-spy perf eu-stack; do command -v "$t" >/dev/null && printf '%s ' "$t"; done)
+    say "tools: $found"
+fi
+# eu-stack for the native stacks (check 3): the machine's, else the staged one (stage_native_tools.sh).
+EU_STACK=$(command -v eu-stack || true)
+if [ -n "$DRY_RUN" ]; then
+    EU_STACK=eu-stack
+elif [ -z "$EU_STACK" ] && [ -f .stage/native-tools.tar.gz ]; then
+    tools=$HOME/native-tools
+    mkdir -p "$tools" && tar -xzf .stage/native-tools.tar.gz -C "$tools"
+    printf '#!/bin/sh\nLD_LIBRARY_PATH=%s/lib exec %s/bin/eu-stack "$@"\n' "$tools" "$tools" >"$tools/eu-stack"
+    chmod +x "$tools/eu-stack"
+    if "$tools/eu-stack" --version >/dev/null 2>&1; then
+        EU_STACK=$tools/eu-stack
+    else
+        say "the staged eu-stack does not run here: $("$tools/eu-stack" --version 2>&1 | head -1)"
+    fi
 fi
 
 J=12000
@@ -157,6 +175,17 @@ step 150 240 train-a3-overlap $BENCH $DATA --mode train --recipe a3 --steps 100 
 #    thread's calls and every stream's kernels, for Perfetto).
 step 60 100 train-a3-profile $BENCH $DATA --mode train --recipe a3 --steps 30 --set cuda_graphs=true \
     --aa-impl torch --profile "$OUT/profile" --profile-steps 15
+#    Then who waits: every thread's native stack, 8 snapshots a second apart while A3 trains as the
+#    recipe does (tree form) with graphs, once the GPU is busy (inductor's cache from above makes
+#    the start short): which function of DALI's, nvImageCodec's, nvJPEG's or torch's calls each
+#    CUDA wait, the device-wide one above all (native_stacks.py; the stacks in $OUT/stacks.txt).
+if [ -n "$EU_STACK" ]; then
+    step 80 150 native-stacks python3 benchmarks/native_stacks.py --eu-stack "$EU_STACK" --after 120 --gpu-busy 60 \
+        --samples 8 --out "$OUT/stacks.txt" -- $BENCH $DATA --mode train --recipe a3 --steps 5000 \
+        --set cuda_graphs=true
+else
+    say "SKIP native-stacks (no eu-stack here: run benchmarks/stage_native_tools.sh and carry its file)"
+fi
 # 4. A3 as the recipe runs it by default (no CUDA graphs), at this commit: the step alone with LAMB's
 #    update eager now that it is compiled only inside a graph (2e93e03: 10,106 img/s at a70b3c8 with
 #    it compiled, 11,812 at 915cdf8 eager), and the tree and torch forms end to end (6,320 and 5,560

@@ -3,6 +3,7 @@ import gzip
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -337,6 +338,7 @@ def test_every_gpu_check_asks_for_what_exists(tmp_path):
     sys.path.insert(0, str(BENCH))
     import augment_memory
     import lamb_update
+    import native_stacks
     import throughput
     import timm_parity
     checks = _gpu_checks_dry_run(tmp_path)
@@ -344,7 +346,12 @@ def test_every_gpu_check_asks_for_what_exists(tmp_path):
     assert len(set(names)) == len(names) >= 15  # CONTINUE=1 skips checks by name
     parse = {"benchmarks/throughput.py": lambda argv: throughput.parse_args(argv, gpu=True),
              "benchmarks/lamb_update.py": lamb_update.parse_args, "benchmarks/augment_memory.py": augment_memory.parse_args,
-             "benchmarks/timm_parity.py": timm_parity.parse_args}
+             "benchmarks/timm_parity.py": timm_parity.parse_args, "benchmarks/native_stacks.py": native_stacks.parse_args}
+    assert "native-stacks" in names
+    # native_stacks.py samples a command it runs: that command is checked as a check of its own.
+    for name, argv in list(checks):
+        if argv[1:2] == ["benchmarks/native_stacks.py"]:
+            checks.append((f"{name} (sampled)", native_stacks.parse_args(argv[2:]).command))
     selections = []
     for name, argv in checks:
         while argv[0] == "env" or "=" in argv[0]:  # env VAR=value ... python3
@@ -459,6 +466,64 @@ def test_too_few_images_for_a_batch_is_one_line(tmp_path, capsys):
                          "--batch-size", "16"])
     assert stop.value.code == 2
     assert "throughput.py: error: 8 images over 1 shard(s) do not fill one batch of 16" in capsys.readouterr().err
+
+
+# eu-stack -m's output as it prints it (the frames' addresses shortened): a DALI thread in the
+# CUDA driver (libcuda's inner functions have no names), and Python's main thread asleep.
+EU_STACK_OUTPUT = """PID 4464 - process
+TID 4470:
+#0  0x00007f00000001 - /usr/lib/x86_64-linux-gnu/libcuda.so.580.95.05
+#1  0x00007f00000002 - /usr/lib/x86_64-linux-gnu/libcuda.so.580.95.05
+#2  0x00007f00000003 cuCtxSynchronize - /usr/lib/x86_64-linux-gnu/libcuda.so.580.95.05
+#3  0x00007f00000004 dali::mm::pool_resource::release_pending() - /site/nvidia/dali/libdali_core.so
+#4  0x00007f00000005 dali::exec2::OpTask::Run() - /site/nvidia/dali/libdali.so
+TID 4471:
+#0  0x00007f00000011 - /usr/lib/x86_64-linux-gnu/libcuda.so.580.95.05
+#1  0x00007f00000012 nvjpegDecodeBatchedEx - /site/nvidia/nvjpeg/lib/libnvjpeg.so.13
+TID 4464:
+#0  0x00007fafa76ed545 clock_nanosleep@GLIBC_2.2.5 - /usr/lib/x86_64-linux-gnu/libc.so.6
+#1  0x00007fafa7b15ada time_sleep - /root/.pyenv/versions/3.11.7/lib/libpython3.11.so.1.0
+#2  0x00007fafa79a6ee2 - /root/.pyenv/versions/3.11.7/lib/libpython3.11.so.1.0
+"""
+
+
+def test_native_stacks_names_the_callers_of_cuda_waits(tmp_path, capsys):
+    """native_stacks.py: eu-stack's text parsed thread by thread (a frame's name and module, either
+    missing); the summary puts the threads in CUDA first, with their callers, and counts every
+    thread's innermost frames over the snapshots; a command that ends before them is said so."""
+    sys.path.insert(0, str(BENCH))
+    import native_stacks
+    threads = native_stacks.parse(EU_STACK_OUTPUT)
+    assert threads[4470][:3] == [("", "libcuda.so.580.95.05"), ("", "libcuda.so.580.95.05"),
+                                 ("cuCtxSynchronize", "libcuda.so.580.95.05")]
+    assert threads[4464][2] == ("", "libpython3.11.so.1.0")
+    names = {4470: "[DALI][Exec]3", 4471: "[DALI][Exec]12", 4464: "python3"}
+    summary = native_stacks.summarize([(threads, names), (threads, names)])
+    waits, every = summary.split("every thread by its innermost")
+    assert "2x  [[DALI][Exec]#]" in waits and "python3" not in waits
+    assert "nvjpegDecodeBatchedEx (libnvjpeg.so.13)" in waits  # in the driver, though no frame says Synchronize
+    assert waits.index("cuCtxSynchronize") < waits.index("dali::mm::pool_resource::release_pending()") \
+        < waits.index("dali::exec2::OpTask::Run()")
+    assert "2x  [python3]  clock_nanosleep@GLIBC_2.2.5 (libc.so.6) < time_sleep (libpython3.11.so.1.0)" in every
+    assert native_stacks.summarize([({4464: threads[4464]}, names)]).splitlines()[1] == "  none"
+    ended = native_stacks.main(["--after", "30", "--eu-stack", "eu-stack", "--out", str(tmp_path / "s.txt"), "--",
+                                sys.executable, "-c", "pass"])
+    assert ended == 1 and "the command ended (rc 0) before the snapshots" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(shutil.which("eu-stack") is None, reason="needs eu-stack (elfutils; stage_native_tools.sh)")
+def test_native_stacks_samples_a_running_command(tmp_path, capsys):
+    """native_stacks.py with a real eu-stack on a Python process whose main thread sleeps: every
+    snapshot written with its threads named, the sleep counted in each, the command stopped."""
+    sys.path.insert(0, str(BENCH))
+    import native_stacks
+    out = tmp_path / "stacks.txt"
+    code = "import time; print('up', flush=True); time.sleep(120)"
+    assert native_stacks.main(["--after", "3", "--samples", "3", "--interval", "0.2", "--out", str(out), "--",
+                               sys.executable, "-c", code]) == 0
+    text = out.read_text()
+    assert text.count("===== snapshot") == 3 and re.search(r"^TID \d+ \(python[\d.]*\):$", text, re.M)
+    assert re.search(r"3x  \[python[\d.]*\]  \S*nanosleep", capsys.readouterr().out)
 
 
 def test_a_gpu_load_without_a_gpu_says_so():
