@@ -169,6 +169,12 @@ step 40 60 loader-aa-tree-beside-load $BENCH $DATA --mode loader --loaders dali-
 step 150 240 train-a3-overlap $BENCH $DATA --mode train --recipe a3 --steps 100 --set cuda_graphs=true \
     --variants aa_impl=tree aa=none aa=none,prefetch=4 aa_impl=tree,prefetch=4 aa=none,pipelines=2 \
     aa_impl=tree,pipelines=2 aa_impl=torch,pipelines=2,augment_stream=true
+#    The same in a process whose DALI takes its GPU memory from CUDA's stream-ordered allocator
+#    (DALI_USE_CUDA_MALLOC_ASYNC=1) instead of its own pool, which may wait on the host for frees
+#    pending on other streams, torch's included (DALI's mm/async_pool.h): if the loader's next
+#    batch waits for memory the step still holds, this runs faster.
+step 80 150 train-a3-malloc-async env DALI_USE_CUDA_MALLOC_ASYNC=1 $BENCH $DATA --mode train --recipe a3 \
+    --steps 100 --set cuda_graphs=true --variants aa_impl=tree aa=none
 #    Then 15 steps under torch.profiler as at c5b2a17 (the torch form, graphs; inductor's cache from
 #    above makes the compile short), its summary now saying which threads blocked (the trainer's,
 #    or DALI's and its decoders'), and their whole timeline beside it (profile/trace.json.gz: every

@@ -46,6 +46,8 @@ def label(row: dict) -> str:
         parts.append(f"{row['interpolation']} crops")
     if row["mode"] == "loader" and row.get("hw_decoder_load", 1.0) != 1.0:
         parts.append(f"hw_decoder_load {row['hw_decoder_load']}")
+    if row.get("dali_env"):  # DALI's environment switches, e.g. DALI_USE_CUDA_MALLOC_ASYNC=1
+        parts.append(", ".join(f"`{key}={value}`" for key, value in sorted(row["dali_env"].items())))
     if row.get("gpu_load_tflops") is not None:  # throughput.py --gpu-load
         parts.append(f"beside a GPU load ({row['gpu_load_tflops']:,.0f} TFLOP/s of matrix products)")
     # The variant's other settings (its form is named above already).

@@ -463,9 +463,13 @@ def context() -> dict:
     import nvidia.dali
     import timm
     from fastrsb.provenance import source_commit  # "+changes": numbers from uncommitted code say so
+    # DALI's environment switches (its memory resources, executor threads: DALI_USE_CUDA_MALLOC_ASYNC
+    # and the like) change what a row measured: the row says those set.
+    dali_env = {key: value for key, value in sorted(os.environ.items()) if key.startswith("DALI_")}
     return {"commit": source_commit(), "torch": torch.__version__, "dali": nvidia.dali.__version__,
             "timm": timm.__version__, "cuda": torch.version.cuda, "device_name": torch.cuda.get_device_name()
-            if torch.cuda.is_available() else f"CPU ({platform.processor() or platform.machine()}, {_cores()} cores)"}
+            if torch.cuda.is_available() else f"CPU ({platform.processor() or platform.machine()}, {_cores()} cores)",
+            **({"dali_env": dali_env} if dali_env else {})}
 
 
 def _emit(result: dict, json_out: Path | None) -> None:

@@ -526,6 +526,18 @@ def test_native_stacks_samples_a_running_command(tmp_path, capsys):
     assert re.search(r"3x  \[python[\d.]*\]  \S*nanosleep", capsys.readouterr().out)
 
 
+def test_rows_say_dalis_environment_switches(monkeypatch):
+    """throughput.context() (every row's versions and machine) holds the DALI_* variables set, which
+    change what DALI does (its memory resources, its threads), and none where none is set."""
+    sys.path.insert(0, str(BENCH))
+    import throughput
+    for key in [key for key in os.environ if key.startswith("DALI_")]:
+        monkeypatch.delenv(key)
+    assert "dali_env" not in throughput.context()
+    monkeypatch.setenv("DALI_USE_CUDA_MALLOC_ASYNC", "1")
+    assert throughput.context()["dali_env"] == {"DALI_USE_CUDA_MALLOC_ASYNC": "1"}
+
+
 def test_a_gpu_load_without_a_gpu_says_so():
     """gpu_load.GpuLoad (throughput.py --gpu-load) on a machine without a GPU: a clear error as the
     block begins, nothing started."""
@@ -590,6 +602,9 @@ def test_gpu_report_reads_a_run_as_the_readme_shows_it():
     assert "NOT met (best 13,685" in "\n".join(gpu_report.targets(run + [loaded]))
     assert "0.50 GiB" not in "\n".join(gpu_report.targets(run + [loaded]))
     assert "30,000" in "\n".join(gpu_report.table([loaded]))
+    # DALI's environment switches a row ran with (throughput.context) are in its label.
+    malloc_async = {**loaded, "gpu_load_tflops": None, "dali_env": {"DALI_USE_CUDA_MALLOC_ASYNC": "1"}}
+    assert gpu_report.label(malloc_async).endswith("tree form, `DALI_USE_CUDA_MALLOC_ASYNC=1`, batch 256")
     rows = [json.loads(line) for line in (results / "augment-memory-cpu-2core.jsonl").read_text().splitlines()]
     eager_on_a_gpu = {"mode": "augment_memory", "variant": "eager", "batch_size": 256, "chunk_pixels": 1638400,
                       "chunk_images": None, "peak_mb": 300.0, "ms_per_batch": 20.0}  # the batch whole, its warp chunked
