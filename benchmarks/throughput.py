@@ -157,7 +157,7 @@ def _gpu_load(asked: bool):
 
 def _dali_settings(loader) -> dict:
     keys = ("pipelines", "aa_impl", "interpolation", "hw_decoder_load", "num_threads", "prefetch_queue_depth", "stream_policy",
-            "concurrency", "cuda_graphs", "augment_captured", "compile_augment", "augment_stream")
+            "concurrency", "exec_dynamic", "cuda_graphs", "augment_captured", "compile_augment", "augment_stream")
     return {key: loader.settings[key] for key in keys if key in loader.settings}
 
 
@@ -241,7 +241,7 @@ class GpuBusy:
 # --variants: what may differ between the measurements of one process (one compile for them all).
 VARIANT_KEYS = {"aa": str, "aa_impl": str, "hw_decoder_load": float, "workers": int, "prefetch": int, "pipelines": int,
                 "high_priority_stream": bool, "stream_policy": str, "concurrency": str, "compile_augment": bool,
-                "augment_stream": bool, "mixing": bool}
+                "augment_stream": bool, "exec_dynamic": bool, "mixing": bool}
 # Of those, what the step alone can vary (it has no loader).
 STEP_VARIANT_KEYS = {"high_priority_stream", "mixing"}
 
@@ -340,8 +340,8 @@ def _measure_variant(variant: dict, recipe: dict, training, args, root: Path | N
                                    aa_impl=variant.get("aa_impl", args.aa_impl or recipe["aa_impl"]),
                                    prefetch_queue_depth=variant.get("prefetch", 2),
                                    stream_policy=variant.get("stream_policy"), concurrency=variant.get("concurrency"),
-                                   **{key: variant[key] for key in ("compile_augment", "augment_stream", "pipelines")
-                                      if key in variant},
+                                   **{key: variant[key] for key in ("compile_augment", "augment_stream", "pipelines",
+                                                                    "exec_dynamic") if key in variant},
                                    **({"aa": None if variant["aa"] == "none" else variant["aa"]} if "aa" in variant
                                       else {}))
         next_batch, queued, threads = _forever(loader).__next__, loader.queued_batches, loader.settings["num_threads"]
@@ -628,7 +628,8 @@ def parse_args(argv: list[str] | None = None, gpu: bool | None = None) -> argpar
                         "alone), 'default', or KEY=VALUE[,KEY=VALUE] over " + ", ".join(VARIANT_KEYS) +
                         " (aa: RandAugment's string, or none; workers: DALI threads; prefetch: DALI's queue depth; "
                         "pipelines: DALI pipelines taking turns with whole batches; stream_policy, concurrency: DALI's "
-                        "executor options; augment_stream: the torch RandAugment form on a stream of its own; "
+                        "executor options; exec_dynamic=false: DALI's earlier executor, its batches copied into "
+                        "torch's memory; augment_stream: the torch RandAugment form on a stream of its own; "
                         "mixing=false: one-hot targets, no mixup/cutmix), or 'step,KEY=VALUE' over "
                         + ", ".join(sorted(STEP_VARIANT_KEYS)) + ", e.g. step step,mixing=false aa_impl=tree "
                         "aa_impl=batch,hw_decoder_load=1.0; loader rows after 'step' get their share of it. "

@@ -519,7 +519,7 @@ def train_loader(root: str | os.PathLike | ImageList, batch_size: int, img_size:
                  num_threads: int | None = None, dtype: str | None = None, repeats: int = 1, aa: str | None = None,
                  hw_decoder_load: float | None = None, prefetch_queue_depth: int = 2, pipelines: int | None = None,
                  aa_impl: str = "auto", stream_policy: str | None = None, concurrency: str | None = None,
-                 cuda_graphs: bool = False, compile_augment: bool = False, augment_stream: bool = False,
+                 exec_dynamic: bool = True, cuda_graphs: bool = False, compile_augment: bool = False, augment_stream: bool = False,
                  interpolation: str = "random", spread_views: bool = False, state: dict | None = None) -> DaliLoader:
     """Random-resized-crop + flip training loader over an ImageFolder tree or a file list.
 
@@ -552,6 +552,10 @@ def train_loader(root: str | os.PathLike | ImageList, batch_size: int, img_size:
     number shapes the augmentation stream; the number of threads does not.
     stream_policy, concurrency: DALI's executor options by name (SINGLE / PER_BACKEND / PER_OPERATOR;
     NONE / BACKEND / FULL); None keeps DALI's defaults (PER_BACKEND, BACKEND). Speed only.
+    exec_dynamic: DALI's dynamic executor (its default: the batches handed to torch without a copy,
+    DLPack); False: its earlier pipelined executor, whose batches DALI's iterator copies into
+    torch's memory on the consumer's stream, so that DALI frees its own buffers in its own stream
+    order (stream_policy and concurrency are the dynamic executor's). The same batches. Speed only.
     cuda_graphs: on the GPU, the torch form of RandAugment replays as one CUDA graph a batch
     instead of ~900 torch calls from the consumer's thread (counted for A3's policy: most launch
     a kernel on the GPU; cuda_graphs.CapturedCall; the same pixels). Nothing to capture in the
@@ -590,7 +594,7 @@ def train_loader(root: str | os.PathLike | ImageList, batch_size: int, img_size:
         _check_state(state, fingerprint)
     _check_gpu_options(device, device_id, aa, aa_impl, cuda_graphs, augment_stream)
     hw_decoder_load = _hw_decoder_load(hw_decoder_load, device_id)
-    executor = _executor_options(stream_policy, concurrency)
+    executor = _executor_options(stream_policy, concurrency, exec_dynamic)
 
     made_of = _TrainPipelines(
         images=images, device=device, device_id=device_id, shard_id=shard_id, num_shards=num_shards,
@@ -603,7 +607,7 @@ def train_loader(root: str | os.PathLike | ImageList, batch_size: int, img_size:
     return DaliLoader(build, images, batch_size, train=True, repeats=repeats, fingerprint=fingerprint, state=state,
                       spread=(shard_id, num_shards) if spread_views else None,
                       settings={**_decoder_settings(device_id, hw_decoder_load, threads, prefetch_queue_depth),
-                                "stream_policy": stream_policy, "concurrency": concurrency,
+                                "stream_policy": stream_policy, "concurrency": concurrency, "exec_dynamic": exec_dynamic,
                                 "cuda_graphs": cuda_graphs, "augment_stream": augment_stream,
                                 "compile_augment": compile_augment and augment is not None},
                       augment=augment, augment_stream=augment_stream, remake=made_of.at_size)
@@ -810,9 +814,17 @@ def _decoder_settings(device_id: int | None, hw_decoder_load: float, threads: in
     return {**gpu, "num_threads": threads, "prefetch_queue_depth": prefetch}
 
 
-def _executor_options(stream_policy: str | None, concurrency: str | None) -> dict:
-    """DALI's dynamic-executor options from their names (Pipeline's stream_policy, concurrency)."""
+def _executor_options(stream_policy: str | None, concurrency: str | None, exec_dynamic: bool = True) -> dict:
+    """DALI's executor options (Pipeline's exec_dynamic, and the dynamic executor's stream_policy and
+    concurrency from their names)."""
     from nvidia.dali import OperatorConcurrency, StreamPolicy
+    if not isinstance(exec_dynamic, bool):
+        raise DatasetError(f"exec_dynamic must be True or False, not {exec_dynamic!r}")
+    if not exec_dynamic:
+        if stream_policy is not None or concurrency is not None:
+            raise DatasetError("stream_policy and concurrency are options of DALI's dynamic executor: "
+                               "not with exec_dynamic=False")
+        return {"exec_dynamic": False}
     options = {}
     for key, value, kind in (("stream_policy", stream_policy, StreamPolicy), ("concurrency", concurrency, OperatorConcurrency)):
         if value is None:

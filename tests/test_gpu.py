@@ -492,6 +492,30 @@ def test_gpu_loader_on_a_stream_of_its_own_hands_over_the_same_batches(tiny_data
         assert torch.equal(early_mean, images.float().mean())  # the consumer's first read saw the final pixels
 
 
+def test_gpu_loader_with_dalis_earlier_executor_hands_over_the_same_batches(tiny_data):
+    """exec_dynamic=False on the GPU (DALI's pipelined executor, its batches copied into torch's
+    memory on the consumer's stream): the dynamic executor's batches, in torch's memory, while
+    the consumer's stream is kept busy ahead of each batch and every batch is kept to the end."""
+    from fastrsb.pipelines import train_loader
+
+    def batches(**speed):
+        loader = train_loader(tiny_data / "train", 8, 32, device="cuda", seed=4, aa="rand-m9-mstd0.5-inc1",
+                              aa_impl="tree", **speed)
+        busy, kept = torch.randn(2048, 2048, device="cuda"), []
+        for _ in range(2):  # two epochs
+            for images, labels in loader:
+                kept.append((images, labels))
+                for _ in range(20):  # a few ms of work queued ahead of the next batch
+                    busy = busy @ busy / 2048 ** 0.5
+        torch.cuda.synchronize()
+        return kept, loader.settings
+    plain, _ = batches()
+    earlier, settings = batches(exec_dynamic=False)
+    assert settings["exec_dynamic"] is False
+    for (want_images, want_labels), (images, labels) in zip(plain, earlier, strict=True):
+        assert images.is_cuda and torch.equal(images, want_images) and torch.equal(labels, want_labels)
+
+
 def test_gpu_loader_with_the_captured_torch_form_is_the_uncaptured_one(tiny_data):
     """cuda_graphs on the loader (the torch form compiled, then replayed as a CUDA graph): the
     batches of the same loader without either, and its settings say the graph replays."""

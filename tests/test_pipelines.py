@@ -63,6 +63,25 @@ def test_dali_executor_options_by_name(tiny_data):
         first(cuda_graphs=True)
 
 
+def test_dalis_earlier_executor_gives_the_same_batches_and_positions(tiny_data):
+    """exec_dynamic=False (DALI's pipelined executor, its batches copied into torch's memory) makes
+    the dynamic executor's batches, RandAugment's tree form included, and their positions: a loader
+    stopped under one resumes under the other where the first would have gone on; combined with
+    the dynamic executor's own options, it is refused."""
+    def make(state=None, **options):
+        return train_loader(tiny_data / "train", 6, 32, device="cpu", seed=4, aa="rand-m9-mstd0.5", aa_impl="tree",
+                            state=state, **options)
+    reference = _take(make(), 2 * len(make()) + 1, [])
+    earlier = make(exec_dynamic=False)
+    assert earlier.settings["exec_dynamic"] is False and make().settings["exec_dynamic"] is True
+    assert not any(iterator._pipes[0].exec_dynamic for iterator in earlier._iterators)  # what DALI was given
+    first = _take(earlier, 3, [])
+    assert_same_batches(reference[:3], first)
+    assert_same_batches(reference, _take(make(state=earlier.state_dict()), len(reference), first))
+    with pytest.raises(DatasetError, match="options of DALI's dynamic executor: not with exec_dynamic=False"):
+        make(exec_dynamic=False, stream_policy="single")
+
+
 @pytest.mark.parametrize("cores,local_processes,threads", [(16, None, 8), (16, "8", 2), (2, "4", 1), (64, "4", 8)])
 def test_default_threads_share_the_cores_between_local_processes(tiny_data, monkeypatch, cores, local_processes, threads):
     monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(cores)))
