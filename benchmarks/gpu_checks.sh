@@ -153,21 +153,22 @@ step 40 60 loader-noaa-beside-load $BENCH $DATA --mode loader --loaders dali-gpu
 step 40 60 loader-aa-tree $BENCH $DATA --mode loader --loaders dali-gpu --steps 80 --aa-impl tree
 step 40 60 loader-aa-tree-beside-load $BENCH $DATA --mode loader --loaders dali-gpu --steps 80 --aa-impl tree \
     --gpu-load
-# 3. Why A3 end to end stays near 0.6x the step. At c5b2a17 (cuda_graphs on): the step alone
-#    12,453 img/s, the loader alone with the torch form compiled and captured 15,313, A3 with both
-#    7,085: about the sum of their times, as if the loader's GPU work (DALI's decoding ~10 ms a
-#    batch at a70b3c8's 24,796 img/s, the torch form ~5 ms) never overlapped the step's 20 ms; the
-#    tree form 7,329. The profile: the host blocked in ~234 event syncs a batch (about one an image;
-#    the trainer's thread, its step one graph, makes few such calls: the decoder's threads, likely)
-#    and ~1 device-wide sync, as if the decoder waited on the GPU image by image behind the step's
-#    kernels (the profile now says which threads: profile_summary.py). One compile, with cuda_graphs: the tree form again; no RandAugment (if this stays near
-#    1 / (1/24,796 + 1/12,453) = 8,290, DALI's decoding itself does not overlap the step); no
-#    RandAugment with DALI's queue 4 deep, and A3's tree form so; then two pipelines taking turns
-#    (two decoders, each with its own streams and threads: if one decoder's latency under the step
-#    is the bound, two should come near twice as fast) without RandAugment, in the tree form, and
-#    in the torch form on the loader's own stream; and the tree form from DALI's earlier executor
-#    (exec_dynamic=false: its batches copied into torch's memory, DALI's buffers freed in its own
-#    stream order instead of when torch lets go of them).
+# 3. Why A3 end to end stays near 0.6x the step. At c5b2a17 (cuda_graphs on): the step alone 12,453
+#    img/s, the loader alone with the torch form compiled and captured 15,313, A3 with both 7,085:
+#    about the sum of their times, as if the loader's GPU work (DALI's decoding ~10 ms a batch at
+#    a70b3c8's 24,796 img/s, the torch form ~5 ms) never overlapped the step's 20 ms; the tree form
+#    7,329. The profile: the host blocked in ~234 event syncs a batch (about one an image; the
+#    trainer's thread, its step one graph, makes few such calls: the decoder's threads, likely) and
+#    ~1 device-wide sync, as if the decoder waited on the GPU image by image behind the step's
+#    kernels (the profile now says which threads: profile_summary.py). One compile, with
+#    cuda_graphs: the tree form again; no RandAugment (if this stays near 1 / (1/24,796 + 1/12,453)
+#    = 8,290, DALI's decoding itself does not overlap the step); no RandAugment with DALI's queue 4
+#    deep, and A3's tree form so; then two pipelines taking turns (two decoders, each with its own
+#    streams and threads: if one decoder's latency under the step is the bound, two should come
+#    near twice as fast) without RandAugment, in the tree form, and in the torch form on the
+#    loader's own stream; and the tree form from DALI's earlier executor (exec_dynamic=false: its
+#    batches copied into torch's memory, DALI's buffers freed in its own stream order instead of
+#    when torch lets go of them).
 step 150 240 train-a3-overlap $BENCH $DATA --mode train --recipe a3 --steps 100 --set cuda_graphs=true \
     --variants aa_impl=tree aa=none aa=none,prefetch=4 aa_impl=tree,prefetch=4 aa=none,pipelines=2 \
     aa_impl=tree,pipelines=2 aa_impl=torch,pipelines=2,augment_stream=true aa_impl=tree,exec_dynamic=false
