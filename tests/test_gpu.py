@@ -461,6 +461,20 @@ def test_doctor_on_a_gpu(tiny_data):
         assert f"sent {default_hw_decoder_load(0):.0%} of the JPEGs" in proc.stdout
 
 
+def _kept_behind_queued_work(loader, read=lambda images: None) -> list:
+    """(images, labels, read(images)) for every batch of two epochs, each kept uncloned to the end
+    and asked for while the consumer's stream still has a few ms of work queued, as a trainer's
+    step leaves it: a batch read before DALI wrote it, or overwritten after, would show."""
+    busy, kept = torch.randn(2048, 2048, device="cuda"), []
+    for _ in range(2):
+        for images, labels in loader:
+            kept.append((images, labels, read(images)))
+            for _ in range(20):
+                busy = busy @ busy / 2048 ** 0.5
+    torch.cuda.synchronize()
+    return kept
+
+
 def test_gpu_loader_on_a_stream_of_its_own_hands_over_the_same_batches(tiny_data):
     """augment_stream (the torch form on the loader's own CUDA stream, repeated views included):
     the batches of the loader without it, while the consumer keeps its own stream busy before
@@ -471,15 +485,8 @@ def test_gpu_loader_on_a_stream_of_its_own_hands_over_the_same_batches(tiny_data
     def batches(**speed):
         loader = train_loader(tiny_data / "train", 8, 32, device="cuda", seed=4, aa="rand-m9-mstd0.5-inc1",
                               aa_impl="torch", repeats=2, **speed)
-        busy = torch.randn(2048, 2048, device="cuda")
-        kept = []
-        for _ in range(2):  # two epochs
-            for images, labels in loader:
-                kept.append((images, labels, images.float().mean()))  # read on the consumer's stream at once
-                for _ in range(20):  # a few ms of work queued ahead of the next batch
-                    busy = busy @ busy / 2048 ** 0.5
-        torch.cuda.synchronize()
-        return kept, loader.settings
+        # each batch read on the consumer's stream at once
+        return _kept_behind_queued_work(loader, read=lambda images: images.float().mean()), loader.settings
     plain, _ = batches()
     own, settings = batches(augment_stream=True)
     assert settings["augment_stream"]
@@ -501,18 +508,11 @@ def test_gpu_loader_with_dalis_earlier_executor_hands_over_the_same_batches(tiny
     def batches(**speed):
         loader = train_loader(tiny_data / "train", 8, 32, device="cuda", seed=4, aa="rand-m9-mstd0.5-inc1",
                               aa_impl="tree", **speed)
-        busy, kept = torch.randn(2048, 2048, device="cuda"), []
-        for _ in range(2):  # two epochs
-            for images, labels in loader:
-                kept.append((images, labels))
-                for _ in range(20):  # a few ms of work queued ahead of the next batch
-                    busy = busy @ busy / 2048 ** 0.5
-        torch.cuda.synchronize()
-        return kept, loader.settings
+        return _kept_behind_queued_work(loader), loader.settings
     plain, _ = batches()
     earlier, settings = batches(exec_dynamic=False)
     assert settings["exec_dynamic"] is False
-    for (want_images, want_labels), (images, labels) in zip(plain, earlier, strict=True):
+    for (want_images, want_labels, _), (images, labels, _) in zip(plain, earlier, strict=True):
         assert images.is_cuda and torch.equal(images, want_images) and torch.equal(labels, want_labels)
 
 
