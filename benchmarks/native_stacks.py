@@ -135,7 +135,7 @@ def stop(process: subprocess.Popen) -> None:
     if process.poll() is None:
         os.killpg(process.pid, signal.SIGTERM)
         try:
-            process.wait(10)
+            process.wait(3)  # within gpu_checks.sh's `timeout -k 5`: the SIGKILL below comes first
         except subprocess.TimeoutExpired:
             os.killpg(process.pid, signal.SIGKILL)
             process.wait()
@@ -169,7 +169,9 @@ def main(argv: list[str] | None = None) -> int:
                  "and pass --eu-stack")
     # A timeout's SIGTERM (gpu_checks.sh) still stops the command and prints what was taken.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    process = subprocess.Popen(command, start_new_session=True)  # its own group: stopped whole, children too
+    # A process group of its own, stopped whole (children too), in this session: a machine that ends
+    # a session's processes when its command returns ends this one too, should this script be killed.
+    process = subprocess.Popen(command, process_group=0)
     snapshots = []
     try:
         waited = wait_for_work(process, args.after, args.gpu_busy)
