@@ -148,7 +148,8 @@ def measure_loader(name: str, args, root: Path) -> dict:
 def _gpu_load(asked: bool):
     """--gpu-load: the loader timed beside products of large matrices on a stream and a thread of
     their own (gpu_load.py: whether the loader's work waits for the GPU's other work). The timing's
-    last device sync waits for at most two of them queued (~3 ms on an H200)."""
+    last device sync waits for at most two of them queued (~3 ms on an H200); their matrices
+    (0.4 GiB) count in the row's memory, which is not the loader's alone then."""
     if not asked:
         return contextlib.nullcontext()
     from gpu_load import GpuLoad
