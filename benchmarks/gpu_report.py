@@ -84,6 +84,14 @@ def gpu_loaders_alone(rows: list[dict]) -> list[dict]:
             and r.get("gpu_load_tflops") is None]
 
 
+def alone_of(row: dict, rows: list[dict]) -> dict | None:
+    """For a loader row timed beside a GPU load: the row of the same loader, form, size and commit
+    timed alone (what check 2 of gpu_checks.sh compares), or None."""
+    same = ("loader", "aa", "batch_size", "img_size", "commit") + (("aa_impl",) if row.get("aa") else ())
+    return next((r for r in rows if r.get("mode") == "loader" and r.get("gpu_load_tflops") is None
+                 and all(r.get(key) == row.get(key) for key in same)), None)
+
+
 def a3_trains(rows: list[dict]) -> list[dict]:
     """The end-to-end rows that ran A3 as it is: with its RandAugment (an `aa=none` variant, which
     measures the loader's decoding beside the step, is in the full table only)."""
@@ -124,6 +132,8 @@ def table(rows: list[dict]) -> list[str]:
         notes = []
         if "vs_step" in row:
             notes += [f"{row['vs_step']:.2f}x the step", f"data wait {row.get('data_wait', 0):.0%}"]
+        if row.get("gpu_load_tflops") is not None and (alone := alone_of(row, rows)) is not None:
+            notes.append(f"{row['images_per_sec'] / alone['images_per_sec']:.2f}x its pace alone")
         if "host_busy" in row:  # since 2026-12-01: the host thread's and the GPU's busy shares, timed steps
             gpu = f", GPU {row['gpu_busy']:.0%}" if "gpu_busy" in row else ""
             notes.append(f"busy: host {row['host_busy']:.0%}{gpu}")

@@ -108,14 +108,21 @@ def summarize(snapshots: list[tuple[dict[int, list], dict[int, str]]]) -> str:
 
 
 def _gpu_busy_reader():
-    """A function giving the GPU's utilization in percent (NVML), or None without NVML."""
+    """A function giving GPU 0's utilization in percent (NVML's numbering: the machine's first GPU),
+    -1 where a reading fails; None without NVML."""
     try:
         import pynvml
         pynvml.nvmlInit()
         handle = pynvml.nvmlDeviceGetHandleByIndex(0)
-        return lambda: pynvml.nvmlDeviceGetUtilizationRates(handle).gpu
     except Exception:  # noqa: BLE001 - no NVML or no GPU: wait the full --after
         return None
+
+    def read() -> int:
+        try:
+            return pynvml.nvmlDeviceGetUtilizationRates(handle).gpu
+        except pynvml.NVMLError:  # one reading lost: not busy, the wait goes on
+            return -1
+    return read
 
 
 def wait_for_work(process: subprocess.Popen, after: float, gpu_busy: int | None) -> str:
@@ -147,7 +154,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--after", type=float, default=60.0, help="seconds to wait before the snapshots (at most, "
                                                              "with --gpu-busy)")
     p.add_argument("--gpu-busy", type=int, default=None, metavar="PERCENT",
-                   help="start as soon as NVML reads the GPU this busy three times in a row")
+                   help="start as soon as NVML reads GPU 0 this busy three times in a row")
     p.add_argument("--samples", type=int, default=8)
     p.add_argument("--interval", type=float, default=1.0)
     p.add_argument("--eu-stack", default=None, help="the eu-stack to run (default: the one on PATH)")

@@ -5,7 +5,8 @@ It answers: how busy the GPU was (the union of its kernels' and copies' interval
 wall time), which kernels took the GPU's time, the loader's (DALI, nvJPEG, and torch's for the
 torch RandAugment form) apart from the model's and the copies, how much CPU time the main
 thread spent per step, in which operators, and where the host blocked (device syncs, copies,
-waiting for the loader; on the trainer's thread or the loader's), and the share of the time the loop waited for data, as the trainer reports it.
+waiting for the loader; on the trainer's thread or the loader's), and the share of the time the
+loop waited for data, as the trainer reports it.
 On the CPU there are no kernels: the top operators are the whole story.
 """
 from __future__ import annotations
@@ -19,9 +20,9 @@ from fastrsb.pipelines.loader import AUGMENT_RANGE as LOADER_RANGE
 # the profiler range the loader's torch work runs in, in the trainer's thread (the torch
 # RandAugment form, whose kernels are torch's or inductor's: by name they would pass for the model's).
 LOADER_MARKERS = ("dali", "nvjpeg", "nvimgcodec", "jpeg", "npp")
-# Host calls that wait for the device, and the torch op that reads a value back.
 # Host calls that launch work on the GPU.
 LAUNCHES = ("cudaLaunchKernel", "cudaLaunchKernelExC", "cudaGraphLaunch", "cuLaunchKernel", "cuLaunchKernelEx")
+# Host calls that wait for the device, and the torch op that reads a value back.
 BLOCKING = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "cudaMemcpy",
             "aten::_local_scalar_dense")
 

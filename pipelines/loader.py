@@ -519,7 +519,8 @@ def train_loader(root: str | os.PathLike | ImageList, batch_size: int, img_size:
                  num_threads: int | None = None, dtype: str | None = None, repeats: int = 1, aa: str | None = None,
                  hw_decoder_load: float | None = None, prefetch_queue_depth: int = 2, pipelines: int | None = None,
                  aa_impl: str = "auto", stream_policy: str | None = None, concurrency: str | None = None,
-                 exec_dynamic: bool = True, cuda_graphs: bool = False, compile_augment: bool = False, augment_stream: bool = False,
+                 exec_dynamic: bool = True, cuda_graphs: bool = False, compile_augment: bool = False,
+                 augment_stream: bool = False,
                  interpolation: str = "random", spread_views: bool = False, state: dict | None = None) -> DaliLoader:
     """Random-resized-crop + flip training loader over an ImageFolder tree or a file list.
 
@@ -552,10 +553,9 @@ def train_loader(root: str | os.PathLike | ImageList, batch_size: int, img_size:
     number shapes the augmentation stream; the number of threads does not.
     stream_policy, concurrency: DALI's executor options by name (SINGLE / PER_BACKEND / PER_OPERATOR;
     NONE / BACKEND / FULL); None keeps DALI's defaults (PER_BACKEND, BACKEND). Speed only.
-    exec_dynamic: DALI's dynamic executor (its default: the batches handed to torch without a copy,
-    DLPack); False: its earlier pipelined executor, whose batches DALI's iterator copies into
-    torch's memory on the consumer's stream, so that DALI frees its own buffers in its own stream
-    order (stream_policy and concurrency are the dynamic executor's). The same batches. Speed only.
+    exec_dynamic=False: DALI's earlier pipelined executor (not with stream_policy or concurrency),
+    its batches copied into torch's memory on the consumer's stream, not handed over by DLPack, so
+    DALI frees its buffers in its own stream order. The same batches. Speed only.
     cuda_graphs: on the GPU, the torch form of RandAugment replays as one CUDA graph a batch
     instead of ~900 torch calls from the consumer's thread (counted for A3's policy: most launch
     a kernel on the GPU; cuda_graphs.CapturedCall; the same pixels). Nothing to capture in the
@@ -607,8 +607,9 @@ def train_loader(root: str | os.PathLike | ImageList, batch_size: int, img_size:
     return DaliLoader(build, images, batch_size, train=True, repeats=repeats, fingerprint=fingerprint, state=state,
                       spread=(shard_id, num_shards) if spread_views else None,
                       settings={**_decoder_settings(device_id, hw_decoder_load, threads, prefetch_queue_depth),
-                                "stream_policy": stream_policy, "concurrency": concurrency, "exec_dynamic": exec_dynamic,
-                                "cuda_graphs": cuda_graphs, "augment_stream": augment_stream,
+                                "stream_policy": stream_policy, "concurrency": concurrency,
+                                "exec_dynamic": exec_dynamic, "cuda_graphs": cuda_graphs,
+                                "augment_stream": augment_stream,
                                 "compile_augment": compile_augment and augment is not None},
                       augment=augment, augment_stream=augment_stream, remake=made_of.at_size)
 

@@ -383,6 +383,32 @@ def test_every_gpu_check_asks_for_what_exists(tmp_path):
             assert "not" not in term.split() and any(all(w.lower() in test for w in words) for test in selected), term
 
 
+def test_gpu_tests_report_each_outcome_as_it_ends(tmp_path):
+    """FASTRSB_REPORT_AT_ONCE=1 (gpu_checks.sh's GPU tests; tests/conftest.py): each test's time and
+    outcome, and a failure's traceback, print as the test ends, before pytest's summary (which a
+    device call cut by its limit never reaches), and the `-v` outcome lines the CONTINUE logic
+    reads stay whole."""
+    (tmp_path / "test_two.py").write_text("def test_fails():\n    assert 1 == 2, 'the reason'\n\n\n"
+                                          "def test_passes():\n    pass\n")
+    env = {**os.environ, "FASTRSB_REPORT_AT_ONCE": "1", "PYTHONPATH": str(BENCH.parent / "tests")}
+    run = subprocess.run([sys.executable, "-m", "pytest", "-v", "-p", "conftest", "-p", "no:cacheprovider",
+                          "test_two.py", "--rootdir", str(tmp_path)], cwd=tmp_path, env=env,
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    out = run.stdout
+    assert run.returncode == 1, out
+    summary = out.index("= FAILURES =")
+    assert re.search(r"^\[\d+\.\d s call failed\] test_two.py::test_fails$", out[:summary], re.M), out
+    assert out.index("AssertionError: the reason") < summary
+    assert re.search(r"^\[\d+\.\d s call passed\] test_two.py::test_passes$", out[:summary], re.M), out
+    assert re.search(r"^test_two.py::test_fails FAILED", out, re.M) and re.search(r"^test_two.py::test_passes PASSED",
+                                                                                   out, re.M)
+    quiet = subprocess.run([sys.executable, "-m", "pytest", "-v", "-p", "conftest", "-p", "no:cacheprovider",
+                            "test_two.py", "--rootdir", str(tmp_path)], cwd=tmp_path,
+                           env={**env, "FASTRSB_REPORT_AT_ONCE": ""}, stdout=subprocess.PIPE,
+                           stderr=subprocess.STDOUT, text=True).stdout
+    assert "s call" not in quiet and quiet.index("AssertionError: the reason") > quiet.index("= FAILURES =")
+
+
 def test_a_continued_gpu_check_call_resumes_the_gpu_tests_where_a_timeout_cut_them(tmp_path, monkeypatch):
     """CONTINUE=1 (the second device call on a machine): checks an earlier call ran are left out,
     and the GPU tests that ran to an outcome are deselected from a pytest check a timeout cut."""
@@ -601,7 +627,10 @@ def test_gpu_report_reads_a_run_as_the_readme_shows_it():
     assert "13,685" in "\n".join(gpu_report.glance(run + [loaded]))
     assert "NOT met (best 13,685" in "\n".join(gpu_report.targets(run + [loaded]))
     assert "0.50 GiB" not in "\n".join(gpu_report.targets(run + [loaded]))
-    assert "30,000" in "\n".join(gpu_report.table([loaded]))
+    assert "| 30,000 |" in "\n".join(gpu_report.table([loaded]))  # no row alone to compare it with
+    alone = {**loaded, "gpu_load_tflops": None, "images_per_sec": 40000.0}
+    assert "| 30,000 (0.75x its pace alone) |" in "\n".join(gpu_report.table([alone, loaded]))
+    assert "| 30,000 |" in "\n".join(gpu_report.table([{**alone, "aa_impl": "torch"}, loaded]))  # another form
     # DALI's environment switches a row ran with (throughput.context) are in its label.
     malloc_async = {**loaded, "gpu_load_tflops": None, "dali_env": {"DALI_USE_CUDA_MALLOC_ASYNC": "1"}}
     assert gpu_report.label(malloc_async).endswith("tree form, `DALI_USE_CUDA_MALLOC_ASYNC=1`, batch 256")

@@ -2,6 +2,7 @@
 import json
 import math
 import re
+import time
 from pathlib import Path
 
 import numpy as np
@@ -542,7 +543,6 @@ def test_gpu_busy_share_from_nvml_follows_the_work():
     """benchmarks/throughput.py's GpuBusy (every row's gpu_busy): NVML's utilization sampled while
     the GPU multiplies large matrices without pause reads high, while it sleeps reads low."""
     import sys
-    import time
     from pathlib import Path
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
     from throughput import GpuBusy
@@ -575,7 +575,6 @@ def test_gpu_loader_timed_beside_a_gpu_load(tiny_data, tmp_path):
     row = json.loads(out.read_text().splitlines()[-1])
     assert row["loader"] == "dali-gpu" and row["images_per_sec"] > 0
     assert row["gpu_load_tflops"] > 0
-    import time
     with GpuLoad(size=2048) as load:
         deadline = time.monotonic() + 60
         while load.products < 8 and time.monotonic() < deadline:

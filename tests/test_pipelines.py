@@ -63,13 +63,14 @@ def test_dali_executor_options_by_name(tiny_data):
         first(cuda_graphs=True)
 
 
-def test_dalis_earlier_executor_gives_the_same_batches_and_positions(tiny_data):
+@pytest.mark.parametrize("aa_impl", ["tree", "torch"])  # DALI's conditionals; the draws handed over to torch
+def test_dalis_earlier_executor_gives_the_same_batches_and_positions(tiny_data, aa_impl):
     """exec_dynamic=False (DALI's pipelined executor, its batches copied into torch's memory) makes
-    the dynamic executor's batches, RandAugment's tree form included, and their positions: a loader
+    the dynamic executor's batches, with RandAugment in either form, and their positions: a loader
     stopped under one resumes under the other where the first would have gone on; combined with
     the dynamic executor's own options, it is refused."""
     def make(state=None, **options):
-        return train_loader(tiny_data / "train", 6, 32, device="cpu", seed=4, aa="rand-m9-mstd0.5", aa_impl="tree",
+        return train_loader(tiny_data / "train", 6, 32, device="cpu", seed=4, aa="rand-m9-mstd0.5", aa_impl=aa_impl,
                             state=state, **options)
     reference = _take(make(), 2 * len(make()) + 1, [])
     earlier = make(exec_dynamic=False)
