@@ -3,8 +3,9 @@
 # not reach: the checks in priority order, each under its own timeout, skipping what no longer fits
 # the deadline; 8 files under $OUT (log.txt, steps.txt, gpu.jsonl, dmon.txt, profile/profile.txt,
 # .json and trace.json.gz, the profiled steps' timeline; stacks.txt). First whether the loader's
-# work waits for the GPU's other work (each loader form alone and beside a GPU load), then why A3
-# end to end stays near 0.6x the step (c5b2a17's run), then A3 as the recipe runs it by default,
+# work waits for the GPU's other work (each loader form alone and beside a GPU load, then the
+# loader and A3 with 32 hardware work queues instead of CUDA's 8), then why A3 end to end stays
+# near 0.6x the step (c5b2a17's run), then A3 as the recipe runs it by default,
 # the GPU tests never passed on a GPU, the rest of them, the other loader forms alone, the demo's
 # accuracy, and last what c5b2a17 measured, again. Seen on the H200 at c5b2a17:
 # ~17 s setup and versions, ~15 s engines and JPEGs, ~55 s the torch form's loader process with its
@@ -153,6 +154,23 @@ step 40 60 loader-noaa-beside-load $BENCH $DATA --mode loader --loaders dali-gpu
 step 40 60 loader-aa-tree $BENCH $DATA --mode loader --loaders dali-gpu --steps 80 --aa-impl tree
 step 40 60 loader-aa-tree-beside-load $BENCH $DATA --mode loader --loaders dali-gpu --steps 80 --aa-impl tree \
     --gpu-load
+#    Then the same with 32 hardware work queues instead of CUDA's 8. CUDA feeds each stream's work to
+#    the GPU through one of a context's queues ("connections": CUDA_DEVICE_MAX_CONNECTIONS, 8 unless
+#    set, at most 32); with more streams than queues, streams share one, and a stream's work waits
+#    behind whatever another stream queued there before it (a false dependency). nvImageCodec makes
+#    a stream for each of DALI's threads (its CUDA decoder's, 16 here, made even where the hardware
+#    takes every JPEG) and one for its hardware decoder; DALI's executor and torch have their own:
+#    the few busy ones likely share a queue. A3's graph queues a whole 20 ms step at once, and the
+#    hardware decoder waits on its stream every batch (its source) and nvJPEG within it (c5b2a17's
+#    ~234 event syncs a step): each such wait can sit behind the step's kernels, and the loader
+#    alone behind the torch form's. If the loader and A3 run faster with 32, the serialization is
+#    the queues' (the fix: the variable set before CUDA starts).
+step 40 60 loader-aa-tree-32-queues env CUDA_DEVICE_MAX_CONNECTIONS=32 $BENCH $DATA --mode loader \
+    --loaders dali-gpu --steps 80 --aa-impl tree
+step 40 60 loader-aa-tree-32-queues-beside-load env CUDA_DEVICE_MAX_CONNECTIONS=32 $BENCH $DATA --mode loader \
+    --loaders dali-gpu --steps 80 --aa-impl tree --gpu-load
+step 120 200 train-a3-32-queues env CUDA_DEVICE_MAX_CONNECTIONS=32 $BENCH $DATA --mode train --recipe a3 \
+    --steps 100 --set cuda_graphs=true --variants aa_impl=tree aa=none
 # 3. Why A3 end to end stays near 0.6x the step. At c5b2a17 (cuda_graphs on): the step alone 12,453
 #    img/s, the loader alone with the torch form compiled and captured 15,313, A3 with both 7,085:
 #    about the sum of their times, as if the loader's GPU work (DALI's decoding ~10 ms a batch at
@@ -178,6 +196,13 @@ step 150 240 train-a3-overlap $BENCH $DATA --mode train --recipe a3 --steps 100 
 #    batch waits for memory the step still holds, this runs faster.
 step 80 150 train-a3-malloc-async env DALI_USE_CUDA_MALLOC_ASYNC=1 $BENCH $DATA --mode train --recipe a3 \
     --steps 100 --set cuda_graphs=true --variants aa_impl=tree aa=none
+#    The loader alone in the torch form, compiled and captured (15,313 img/s at c5b2a17, the fastest
+#    form, short of the 20,000), then so with 32 queues: the form's kernels run on the trainer's
+#    stream, DALI's decoding on its own.
+step 60 120 loader-aa-torch-compiled-graphs $BENCH $DATA --mode loader --loaders dali-gpu --steps 80 \
+    --aa-impl torch --compile-augment --cuda-graphs
+step 60 120 loader-aa-torch-compiled-graphs-32-queues env CUDA_DEVICE_MAX_CONNECTIONS=32 $BENCH $DATA \
+    --mode loader --loaders dali-gpu --steps 80 --aa-impl torch --compile-augment --cuda-graphs
 #    Then 15 steps under torch.profiler as at c5b2a17 (the torch form, graphs; inductor's cache from
 #    above makes the compile short), its summary now saying which threads blocked (the trainer's,
 #    or DALI's and its decoders'), and their whole timeline beside it (profile/trace.json.gz: every
@@ -241,11 +266,9 @@ step 100 180 train-a3-b2048 $BENCH $DATA --mode train --recipe a3 --batch-size 2
 step 90 150 train-a3-128px $BENCH $DATA --mode train --recipe a3 --img-size 128 --steps 100 --variants step \
     aa_impl=tree
 # 10. Measured at c5b2a17 already (benchmarks/results/gpu-h200-c5b2a17*), again at this commit if
-#    time is left: the torch form compiled and captured in the loader alone (15,313), A3 with the
-#    whole step captured in each form (7,085-7,601), the LAMB update (eager 3.05 ms, compiled 6.51,
-#    captured 1.26 / 0.59) and the torch form's memory.
-step 60 120 loader-aa-torch-compiled-graphs $BENCH $DATA --mode loader --loaders dali-gpu --steps 80 \
-    --aa-impl torch --compile-augment --cuda-graphs
+#    time is left: A3 with the whole step captured in each form (7,085-7,601), the LAMB update (eager
+#    3.05 ms, compiled 6.51, captured 1.26 / 0.59) and the torch form's memory (its loader alone
+#    again: check 3).
 step 120 200 train-a3-cuda-graphs $BENCH $DATA --mode train --recipe a3 --steps 100 --set cuda_graphs=true \
     --variants step aa_impl=torch aa_impl=tree aa_impl=torch,augment_stream=true aa_impl=torch,high_priority_stream=true
 step 30 60 lamb-update python3 benchmarks/lamb_update.py --model resnet50 --steps 50 --json-out "$OUT/gpu.jsonl"

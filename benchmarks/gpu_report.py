@@ -46,8 +46,8 @@ def label(row: dict) -> str:
         parts.append(f"{row['interpolation']} crops")
     if row["mode"] == "loader" and row.get("hw_decoder_load", 1.0) != 1.0:
         parts.append(f"hw_decoder_load {row['hw_decoder_load']}")
-    if row.get("dali_env"):  # DALI's environment switches, e.g. DALI_USE_CUDA_MALLOC_ASYNC=1
-        parts.append(", ".join(f"`{key}={value}`" for key, value in sorted(row["dali_env"].items())))
+    if row.get("env"):  # environment switches (throughput.ENV_SWITCHES), e.g. CUDA_DEVICE_MAX_CONNECTIONS=32
+        parts.append(", ".join(f"`{key}={value}`" for key, value in sorted(row["env"].items())))
     if row.get("gpu_load_tflops") is not None:  # throughput.py --gpu-load
         parts.append(f"beside a GPU load ({row['gpu_load_tflops']:,.0f} TFLOP/s of matrix products)")
     # The variant's other settings (its form is named above already).
@@ -85,9 +85,9 @@ def gpu_loaders_alone(rows: list[dict]) -> list[dict]:
 
 
 def alone_of(row: dict, rows: list[dict]) -> dict | None:
-    """For a loader row timed beside a GPU load: the row of the same loader, form, size and commit
-    timed alone (what check 2 of gpu_checks.sh compares), or None."""
-    same = ("loader", "aa", "batch_size", "img_size", "commit") + (("aa_impl",) if row.get("aa") else ())
+    """For a loader row timed beside a GPU load: the row of the same loader, form, size, commit and
+    environment switches timed alone (what check 2 of gpu_checks.sh compares), or None."""
+    same = ("loader", "aa", "batch_size", "img_size", "commit", "env") + (("aa_impl",) if row.get("aa") else ())
     return next((r for r in rows if r.get("mode") == "loader" and r.get("gpu_load_tflops") is None
                  and all(r.get(key) == row.get(key) for key in same)), None)
 

@@ -82,9 +82,16 @@ def summarize(prof, *, steps: int, wall_seconds: float, host_seconds: float, dat
     launchers = {e.id: e for e in events
                  if not _is_device(e) and getattr(e, "id", 0) and not getattr(e, "linked_correlation_id", 0)}
     by_kernel: dict[tuple[str, str], float] = {}  # (name, part): one eager kernel may serve both sides
+    # {stream: {part: seconds}}: the trace's device_resource_id is the stream a GPU event ran on (-1
+    # where a trace does not say)
+    by_stream: dict[int, dict[str, float]] = {}
     for k in kernels:
-        key = (k.name, _part(k.name, _launched_in(k, launchers, LOADER_RANGE)))
-        by_kernel[key] = by_kernel.get(key, 0.0) + (k.time_range.end - k.time_range.start) / 1e6
+        part = _part(k.name, _launched_in(k, launchers, LOADER_RANGE))
+        seconds = (k.time_range.end - k.time_range.start) / 1e6
+        by_kernel[(k.name, part)] = by_kernel.get((k.name, part), 0.0) + seconds
+        stream = getattr(k, "device_resource_id", None)
+        on_stream = by_stream.setdefault(-1 if stream is None else int(stream), {})
+        on_stream[part] = on_stream.get(part, 0.0) + seconds
     by_part = {"loader": 0.0, "model": 0.0, "copies": 0.0}
     for (_, part), seconds in by_kernel.items():
         by_part[part] += seconds
@@ -119,6 +126,12 @@ def summarize(prof, *, steps: int, wall_seconds: float, host_seconds: float, dat
                                            if split else None),
     }
     if kernels:
+        # Which streams the GPU's work came from, busiest first: CUDA feeds streams to the GPU through
+        # a context's hardware queues, 8 unless CUDA_DEVICE_MAX_CONNECTIONS says otherwise, and more
+        # busy streams than queues share one (a stream's work then waits behind another's).
+        summary["streams"] = [
+            {"stream": stream, **{part: seconds * per_step for part, seconds in parts.items()}}
+            for stream, parts in sorted(by_stream.items(), key=lambda item: -sum(item[1].values()))]
         ranked = sorted(by_kernel.items(), key=lambda item: -item[1])[:top]
         summary["top_kernels"] = [
             {"name": name[:120], "ms_per_step": seconds * per_step, "part": part}
@@ -148,6 +161,12 @@ def render(summary: dict) -> str:
     if summary.get("blocking_elsewhere_ms_per_step"):
         lines.append("  of which on other threads than the trainer's (the loader's): " + ", ".join(
             f"{name} {ms:.2f} ms" for name, ms in summary["blocking_elsewhere_ms_per_step"].items()))
+    if summary.get("streams"):
+        lines.append(f"the GPU's work came from {len(summary['streams'])} streams (CUDA's hardware queues: 8 unless "
+                     "CUDA_DEVICE_MAX_CONNECTIONS; more busy streams share one): " + "; ".join(
+                         f"{row['stream']}: " + ", ".join(f"{part} {row[part]:.2f} ms" for part in
+                                                          ("model", "loader", "copies") if part in row)
+                         for row in summary["streams"]))
     for row in summary.get("top_kernels", []):
         lines.append(f"  {row['ms_per_step']:8.3f} ms  {row['part']:<6}  {row['name']}")
     if summary.get("top_cpu_ops"):

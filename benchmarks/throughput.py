@@ -460,17 +460,23 @@ def _memory(device: str, sampler: MemorySampler | None = None) -> dict:
     return out
 
 
+# The environment variables that change what a row measures: DALI's (its memory resources, its
+# executor's threads: DALI_USE_CUDA_MALLOC_ASYNC and the like), CUDA's hardware work queues a
+# context opens (CUDA_DEVICE_MAX_CONNECTIONS: 8 unless set; streams beyond share one) and torch's
+# allocator's settings.
+ENV_SWITCHES = ("DALI_", "CUDA_DEVICE_MAX_CONNECTIONS", "PYTORCH_CUDA_ALLOC_CONF")
+
+
 def context() -> dict:
     import nvidia.dali
     import timm
     from fastrsb.provenance import source_commit  # "+changes": numbers from uncommitted code say so
-    # DALI's environment switches (its memory resources, executor threads: DALI_USE_CUDA_MALLOC_ASYNC
-    # and the like) change what a row measured: the row says those set.
-    dali_env = {key: value for key, value in sorted(os.environ.items()) if key.startswith("DALI_")}
+    # Environment switches change what a row measured: the row says those set.
+    env = {key: value for key, value in sorted(os.environ.items()) if key.startswith(ENV_SWITCHES)}
     return {"commit": source_commit(), "torch": torch.__version__, "dali": nvidia.dali.__version__,
             "timm": timm.__version__, "cuda": torch.version.cuda, "device_name": torch.cuda.get_device_name()
             if torch.cuda.is_available() else f"CPU ({platform.processor() or platform.machine()}, {_cores()} cores)",
-            **({"dali_env": dali_env} if dali_env else {})}
+            **({"env": env} if env else {})}
 
 
 def _emit(result: dict, json_out: Path | None) -> None:

@@ -197,13 +197,14 @@ def test_profile_summary_of_gpu_kernels():
     launched by the torch RandAugment form (by ops inside the loader's profiler range), host syncs."""
     from types import SimpleNamespace
     sys.path.insert(0, str(BENCH))
-    from profile_summary import summarize
+    from profile_summary import render, summarize
     from fastrsb.pipelines.loader import AUGMENT_RANGE
 
-    def event(name, start, end, gpu=True, annotation=False, id=0, linked=0, parent=None, thread=1):
+    def event(name, start, end, gpu=True, annotation=False, id=0, linked=0, parent=None, thread=1, stream=7):
         return SimpleNamespace(name=name, device_type="DeviceType.CUDA" if gpu else "DeviceType.CPU",
                                time_range=SimpleNamespace(start=start, end=end), is_user_annotation=annotation,
-                               id=id, linked_correlation_id=linked, cpu_parent=parent, thread=thread)
+                               id=id, linked_correlation_id=linked, cpu_parent=parent, thread=thread,
+                               device_resource_id=stream)
     augment_range = event(AUGMENT_RANGE, 50_000, 52_000, gpu=False, id=7)
     augment_op = event("aten::where", 50_500, 50_600, gpu=False, id=8, parent=augment_range)
     model_op = event("aten::add", 60_000, 60_100, gpu=False, id=9)
@@ -211,9 +212,10 @@ def test_profile_summary_of_gpu_kernels():
                 SimpleNamespace(key="cudaLaunchKernel", self_cpu_time_total=5_000, count=400)]
     trace = SimpleNamespace(key_averages=lambda: host_ops, events=lambda: [
         event("Optimizer.step#Lamb.step", 0, 50_000, annotation=True),  # a range, not a kernel: not counted
-        event("Memcpy HtoD (Pinned -> Device)", 32_000, 34_000),
+        event("Memcpy HtoD (Pinned -> Device)", 32_000, 34_000, stream=13),
         event("sm90_xmma_gemm_bf16", 0, 10_000), event("void at::native::elementwise_kernel", 5_000, 15_000),
-        event("void dali::kernels::resize::ResizeKernel", 20_000, 30_000), event("nvjpeg::decode_huffman", 40_000, 45_000),
+        event("void dali::kernels::resize::ResizeKernel", 20_000, 30_000, stream=13),
+        event("nvjpeg::decode_huffman", 40_000, 45_000, stream=21),
         event("cudaStreamSynchronize", 45_000, 47_000, gpu=False), event("aten::_local_scalar_dense", 46_000, 47_000, gpu=False),
         event("cudaDeviceSynchronize", 47_000, 51_000, gpu=False, thread=2),  # a loader's thread: no torch op there
         event("cudaLaunchKernel", 60_000, 60_010, gpu=False),  # the trainer's launch, on its thread: the split holds
@@ -226,6 +228,12 @@ def test_profile_summary_of_gpu_kernels():
     assert s["blocking_ms_per_step"] == pytest.approx({"aten::_local_scalar_dense": 0.5, "cudaDeviceSynchronize": 2.0,
                                                        "cudaStreamSynchronize": 1.0})
     assert s["blocking_elsewhere_ms_per_step"] == pytest.approx({"cudaDeviceSynchronize": 2.0})
+    # Each stream's share, busiest first (the torch form's kernel, launched in the loader's range, is
+    # the loader's on the trainer's stream).
+    assert s["streams"] == [pytest.approx({"stream": 7, "model": 10.5, "loader": 2.0}),
+                            pytest.approx({"stream": 13, "loader": 5.0, "copies": 1.0}),
+                            pytest.approx({"stream": 21, "loader": 2.5})]
+    assert "the GPU's work came from 3 streams" in render(s) and "21: loader 2.50 ms" in render(s)
     # A trace whose launches sit on no thread of torch's ops numbers threads apart: no split claimed.
     renumbered = SimpleNamespace(key_averages=trace.key_averages, events=lambda: [
         SimpleNamespace(**{**vars(e), "thread": 7}) if e.name == "cudaLaunchKernel" else e for e in trace.events()])
@@ -552,16 +560,19 @@ def test_native_stacks_samples_a_running_command(tmp_path, capsys):
     assert re.search(r"3x  \[python[\d.]*\]  \S*nanosleep", capsys.readouterr().out)
 
 
-def test_rows_say_dalis_environment_switches(monkeypatch):
-    """throughput.context() (every row's versions and machine) holds the DALI_* variables set, which
-    change what DALI does (its memory resources, its threads), and none where none is set."""
+def test_rows_say_the_environment_switches_they_ran_with(monkeypatch):
+    """throughput.context() (every row's versions and machine) holds the variables set that change
+    what a row measures: DALI's (its memory resources, its threads), CUDA's hardware work queues,
+    torch's allocator's; none where none is set, and no other variable."""
     sys.path.insert(0, str(BENCH))
     import throughput
-    for key in [key for key in os.environ if key.startswith("DALI_")]:
+    for key in [key for key in os.environ if key.startswith(throughput.ENV_SWITCHES)]:
         monkeypatch.delenv(key)
-    assert "dali_env" not in throughput.context()
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")  # which GPU, not how it runs
+    assert "env" not in throughput.context()
     monkeypatch.setenv("DALI_USE_CUDA_MALLOC_ASYNC", "1")
-    assert throughput.context()["dali_env"] == {"DALI_USE_CUDA_MALLOC_ASYNC": "1"}
+    monkeypatch.setenv("CUDA_DEVICE_MAX_CONNECTIONS", "32")
+    assert throughput.context()["env"] == {"CUDA_DEVICE_MAX_CONNECTIONS": "32", "DALI_USE_CUDA_MALLOC_ASYNC": "1"}
 
 
 def test_a_gpu_load_without_a_gpu_says_so():
@@ -631,9 +642,13 @@ def test_gpu_report_reads_a_run_as_the_readme_shows_it():
     alone = {**loaded, "gpu_load_tflops": None, "images_per_sec": 40000.0}
     assert "| 30,000 (0.75x its pace alone) |" in "\n".join(gpu_report.table([alone, loaded]))
     assert "| 30,000 |" in "\n".join(gpu_report.table([{**alone, "aa_impl": "torch"}, loaded]))  # another form
-    # DALI's environment switches a row ran with (throughput.context) are in its label.
-    malloc_async = {**loaded, "gpu_load_tflops": None, "dali_env": {"DALI_USE_CUDA_MALLOC_ASYNC": "1"}}
+    # The environment switches a row ran with (throughput.context) are in its label, and a loaded
+    # row is put against the row alone with the same switches only.
+    malloc_async = {**loaded, "gpu_load_tflops": None, "env": {"DALI_USE_CUDA_MALLOC_ASYNC": "1"}}
     assert gpu_report.label(malloc_async).endswith("tree form, `DALI_USE_CUDA_MALLOC_ASYNC=1`, batch 256")
+    queues = {"CUDA_DEVICE_MAX_CONNECTIONS": "32"}
+    assert "| 30,000 (0.75x its pace alone) |" in "\n".join(gpu_report.table([
+        {**alone, "images_per_sec": 20000.0}, {**alone, "env": queues}, {**loaded, "env": queues}]))
     rows = [json.loads(line) for line in (results / "augment-memory-cpu-2core.jsonl").read_text().splitlines()]
     eager_on_a_gpu = {"mode": "augment_memory", "variant": "eager", "batch_size": 256, "chunk_pixels": 1638400,
                       "chunk_images": None, "peak_mb": 300.0, "ms_per_batch": 20.0}  # the batch whole, its warp chunked
