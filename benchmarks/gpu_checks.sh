@@ -197,12 +197,17 @@ step 150 240 train-a3-overlap $BENCH $DATA --mode train --recipe a3 --steps 100 
 step 80 150 train-a3-malloc-async env DALI_USE_CUDA_MALLOC_ASYNC=1 $BENCH $DATA --mode train --recipe a3 \
     --steps 100 --set cuda_graphs=true --variants aa_impl=tree aa=none
 #    The loader alone in the torch form, compiled and captured (15,313 img/s at c5b2a17, the fastest
-#    form, short of the 20,000), then so with 32 queues: the form's kernels run on the trainer's
-#    stream, DALI's decoding on its own.
+#    form, short of the 20,000; 1.59 GiB, over the 1.5), then so with 32 queues (the form's kernels
+#    run on the trainer's stream, DALI's decoding on its own), then with torch's expandable
+#    segments: at c5b2a17 torch reserved 0.63 GiB for a peak of 0.33 allocated; segments that grow
+#    in place, instead of new ones beside the old, may reserve less of the difference (inductor's
+#    cache makes the second and third compiles short).
 step 60 120 loader-aa-torch-compiled-graphs $BENCH $DATA --mode loader --loaders dali-gpu --steps 80 \
     --aa-impl torch --compile-augment --cuda-graphs
 step 60 120 loader-aa-torch-compiled-graphs-32-queues env CUDA_DEVICE_MAX_CONNECTIONS=32 $BENCH $DATA \
     --mode loader --loaders dali-gpu --steps 80 --aa-impl torch --compile-augment --cuda-graphs
+step 60 120 loader-aa-torch-compiled-graphs-expandable env PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True \
+    $BENCH $DATA --mode loader --loaders dali-gpu --steps 80 --aa-impl torch --compile-augment --cuda-graphs
 #    Then 15 steps under torch.profiler as at c5b2a17 (the torch form, graphs; inductor's cache from
 #    above makes the compile short), its summary now saying which threads blocked (the trainer's,
 #    or DALI's and its decoders'), and their whole timeline beside it (profile/trace.json.gz: every
