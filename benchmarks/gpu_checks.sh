@@ -102,6 +102,24 @@ import os, subprocess, torch, nvidia.dali as dali, timm
 commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
 print("commit", commit, "| torch", torch.__version__, "CUDA", torch.version.cuda, "|", torch.cuda.get_device_name(),
       "| DALI", dali.__version__, "| timm", timm.__version__, "| cores", os.cpu_count())
+# What this torch offers to keep SMs for the loader (a CUDA green context for the step: its API
+# changed from 2.10's create()/set_context() to 2.12's Stream(); some need the cuda.bindings package),
+# and the stream priorities the GPU has: facts for the next fix, printed, not used.
+try:
+    import inspect, importlib.util
+    green = getattr(torch.cuda, "green_contexts", None)
+    api = "none" if green is None else ", ".join(
+        f"{name}{inspect.signature(getattr(green.GreenContext, name))}" for name in ("create", "Stream", "set_context")
+        if hasattr(green.GreenContext, name))
+    try:
+        bindings = importlib.util.find_spec("cuda.bindings") is not None
+    except ImportError:
+        bindings = False
+    priorities = getattr(torch.cuda.Stream, "priority_range", lambda: "unknown")()
+    print("green contexts:", api, "| cuda.bindings:", bindings, "| SMs",
+          torch.cuda.get_device_properties(0).multi_processor_count, "| stream priorities (least, greatest):", priorities)
+except Exception as err:
+    print("green contexts: could not tell:", err)
 EOF
     # Which native profilers the machine has (none has been looked for yet): nsys with CUDA
     # backtraces, or gdb's stacks of every thread, would name the caller of the device-wide sync.
