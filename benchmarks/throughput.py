@@ -369,7 +369,7 @@ def _measure_variant(variant: dict, recipe: dict, training, args, root: Path | N
     return {"mode": mode, "loader": "synthetic batch" if mode == "step" else ("dali-gpu" if device == "cuda" else "dali-cpu"),
             "device": device, "model": recipe["model"], "recipe": recipe["name"], "img_size": size, "batch_size": batch,
             "amp": str(training.dtype).removeprefix("torch.") if training.dtype else "float32",
-            "compiled": device == "cuda" and recipe["compile"], "cuda_graphs": recipe["cuda_graphs"],
+            "compiled": device == "cuda" and recipe["compile"], "cuda_graphs": training.step.graphed is not None,
             "step_captured": training.step.captured,  # read after the steps, as what follows: what ran
             "high_priority_stream": high_priority, "workers": threads,
             # (a torch form whose compile failed ran eagerly; a capture that failed ran uncaptured)

@@ -87,15 +87,12 @@ def build_training(recipe: dict, num_classes: int, device: str, d: Dist = Dist()
     # The recipe's `compile` applies on the GPU: on a few CPU cores inductor takes minutes over a
     # ResNet-50 (and the CPU path serves tests and machines without a GPU).
     compiled = recipe["compile"] and device == "cuda"
-    graphs = _cuda_graphs(recipe, device, d)
+    dtype = amp_dtype(device, recipe["amp"])
+    graphs = _cuda_graphs(recipe, device, d, dtype)
     if recipe["high_priority_stream"] and device != "cuda":
         raise UserError("high_priority_stream = true needs a GPU (this run is on the CPU): "
                         "--set high_priority_stream=false")
     optimizer = make_optimizer(model, recipe, compiled=compiled, captured=graphs)
-    dtype = amp_dtype(device, recipe["amp"])
-    if graphs and dtype == torch.float16:
-        raise UserError("cuda_graphs = true needs bf16 or float32: this GPU trains in fp16, whose GradScaler "
-                        "reads its inf/NaN check back to the host every step (--set cuda_graphs=false)")
     scaler = torch.amp.GradScaler(device, enabled=dtype == torch.float16)
     mixer = None
     if mixing_enabled(recipe["mixup"], recipe["cutmix"]):
@@ -127,16 +124,36 @@ def _initial_weights(model: nn.Module, recipe: dict, classes: list[str], d: Dist
     return origin
 
 
-def _cuda_graphs(recipe: dict, device: str, d: Dist) -> bool:
-    """The recipe's cuda_graphs, refused where it cannot apply (rather than silently ignored)."""
+def graphs_unfit(device: str, d: Dist, dtype: torch.dtype | None, micro_batches: int = 1) -> str | None:
+    """Why a run's step cannot be one CUDA graph (fastrsb.step.GraphedStep), or None where it can."""
+    if device != "cuda":
+        return "this run is on the CPU"
+    if d.on:
+        return f"{d.world} processes: DDP's gradient all-reduce is not captured in the graphs"
+    if dtype == torch.float16:
+        return "this GPU trains in fp16, whose GradScaler reads its inf/NaN check back to the host every step"
+    if micro_batches > 1:
+        return f"each step is {micro_batches} micro-batches (gradient accumulation)"
+    return None
+
+
+def _cuda_graphs(recipe: dict, device: str, d: Dist, dtype: torch.dtype | None) -> bool:
+    """The recipe's cuda_graphs as far as the run's device, processes and precision tell: "auto"
+    where it can apply; true refused where it cannot (rather than silently ignored). Gradient
+    accumulation, known once the batch is split, is checked in build_run."""
     if not recipe["cuda_graphs"]:
         return False
+    unfit = graphs_unfit(device, d, dtype)
+    if unfit is None or recipe["cuda_graphs"] == "auto":
+        return unfit is None
     if device != "cuda":
-        raise UserError("cuda_graphs = true needs a GPU (this run is on the CPU): --set cuda_graphs=false")
+        raise UserError("cuda_graphs = true needs a GPU (this run is on the CPU): --set cuda_graphs=false "
+                        "(or auto: on where it applies)")
     if d.on:
         raise UserError("cuda_graphs = true runs in one process only for now (DDP's gradient all-reduce is not "
-                        "captured in the graphs): --set cuda_graphs=false under torchrun")
-    return True
+                        "captured in the graphs): --set cuda_graphs=false (or auto) under torchrun")
+    raise UserError("cuda_graphs = true needs bf16 or float32: this GPU trains in fp16, whose GradScaler "
+                    "reads its inf/NaN check back to the host every step (--set cuda_graphs=false, or auto)")
 
 
 def _open_loader(make, images: ImageList, *args, **kwargs):
@@ -160,7 +177,8 @@ def open_train_loader(recipe: dict, images: ImageList, micro: int, device: str, 
     on a few CPU cores a compile costs more than it saves in a short run).
     img_size: the crops' (default: the recipe's img_size; a run's with progressive resizing: its
     first epoch's, fastrsb.progressive)."""
-    speed.setdefault("cuda_graphs", recipe["cuda_graphs"] and device == "cuda")
+    # (the loader's torch form is captured in each process, DDP or not: "auto" is on wherever there is a GPU)
+    speed.setdefault("cuda_graphs", bool(recipe["cuda_graphs"]) and device == "cuda")
     speed.setdefault("compile_augment", recipe["compile"] and device == "cuda")
     return _open_loader(train_loader, images, micro, img_size or recipe["img_size"], device=device, shard_id=d.rank,
                         num_shards=d.world, seed=recipe["seed"] if seed is None else seed, num_threads=num_threads,
@@ -255,10 +273,12 @@ def build_run(recipe: dict, train_images: ImageList, val_images: ImageList, devi
         micro = smallest(micro, d)  # a divisor of the per-process batch too (every candidate is)
         steps = recipe["batch_size"] // d.world // micro
     check_micro_batch(recipe, d.world, steps, micro)
-    if recipe["cuda_graphs"] and steps > 1:
+    if recipe["cuda_graphs"] is True and steps > 1:
         raise UserError(f"cuda_graphs = true captures a step of one micro-batch; this run splits each step into "
-                        f"{steps} micro-batches of {micro} (gradient accumulation): --set cuda_graphs=false, or "
-                        f"--grad-accum-steps 1 where the whole batch fits the GPU")
+                        f"{steps} micro-batches of {micro} (gradient accumulation): --set cuda_graphs=false (or "
+                        f"auto), or --grad-accum-steps 1 where the whole batch fits the GPU")
+    if steps > 1:  # cuda_graphs = auto: a step of several micro-batches runs uncaptured
+        training.step.run_uncaptured()
     before_loaders = gib_outside_torch(device)  # so that the start-up line tells the loaders' memory apart
     # The loaders decode their first batches as they open: a file that fails there (a truncated
     # JPEG passes the header scan) stops every rank, not only the one that read it.

@@ -65,7 +65,8 @@ RECIPE_SCHEMA: dict[str, tuple[type, bool, str]] = {
     "compile": (bool, False, "torch.compile the model, the torch RandAugment form and, where cuda_graphs captures the "
                              "step, LAMB's update, on the GPU (a resumed run may change it)"),
     "cuda_graphs": (bool, False, "on the GPU: replay the whole step (forward, loss, backward, clip, LAMB) as one CUDA graph, and the torch "
-                    "RandAugment form as another (one process, bf16 or float32, one micro-batch a step)"),
+                    "RandAugment form as another (one process, bf16 or float32, one micro-batch a step); auto: "
+                    "where the step can be, and the start-up line says why not elsewhere"),
     "high_priority_stream": (bool, False, "on the GPU: the training step on a high-priority CUDA stream, ahead of the "
                                           "loader's kernels"),
     "seed": (int, False, "random seed"),
@@ -81,6 +82,8 @@ CHOICES = {"opt": {"lamb"}, "sched": {"cosine"}, "mixup_mode": {"batch"}, "aa_im
 ADDED_KEYS = {"cuda_graphs": False, "high_priority_stream": False, "aa_impl": "auto", "train_interpolation": "bilinear",
               "initial_checkpoint": None, "aug_repeats_across_ranks": False,
               "ramp_img_size": None, "ramp_start_epoch": 0, "ramp_end_epoch": 0, "ramp_step": 32}
+# Boolean keys that may also be "auto": on where they apply, off elsewhere (fastrsb.parts decides).
+AUTO_KEYS = {"cuda_graphs"}
 # Keys that change how fast a run computes, not what it computes: a resumed run may change them.
 # compile also rounds the float arithmetic otherwise (inductor's fusions), as timm's --torchcompile
 # does, a flag of the run and not of the recipe; where compiling fails on a machine (a new node, a
@@ -154,6 +157,8 @@ def _coerce(key: str, value: Any, where: str) -> Any:
     kind, optional, _ = RECIPE_SCHEMA[key]
     if optional and value == "none":
         return None
+    if key in AUTO_KEYS and value == "auto":
+        return value
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if kind is list:
@@ -161,7 +166,7 @@ def _coerce(key: str, value: Any, where: str) -> Any:
             return [float(v) for v in value]
         raise UserError(f"{where}: '{key}' must be two numbers, e.g. [0.9, 0.999], not {value!r}")
     if type(value) is not kind:
-        hint = ' or "none"' if optional else ""
+        hint = ' or "none"' if optional else ' or "auto"' if key in AUTO_KEYS else ""
         raise UserError(f"{where}: '{key}' must be {kind.__name__}{hint}, not {value!r}")
     return value
 
@@ -177,6 +182,8 @@ def parse_override(item: str) -> tuple[str, Any]:
     where = f"--set {key}"
     if optional and text.lower() in ("none", "null"):
         return key, None
+    if key in AUTO_KEYS and text.lower() == "auto":
+        return key, "auto"
     try:
         if kind is bool:
             lowered = text.lower()
@@ -191,7 +198,8 @@ def parse_override(item: str) -> tuple[str, Any]:
             parts = [float(p) for p in text.strip("[]()").split(",")]
             return key, _coerce(key, parts, where)
     except ValueError:
-        raise UserError(f"{where}: '{text}' is not a valid {kind.__name__}") from None
+        also = " (or auto)" if key in AUTO_KEYS else ""
+        raise UserError(f"{where}: '{text}' is not a valid {kind.__name__}{also}") from None
     return key, text
 
 
@@ -254,7 +262,8 @@ def _check_ramp(r: dict[str, Any]) -> None:
 
 def describe() -> str:
     """One line per key, for `fastrsb recipe --keys`."""
-    return "\n".join(f"{k:<18} {t.__name__}{' or none' if o else ''}: {d}" for k, (t, o, d) in RECIPE_SCHEMA.items())
+    return "\n".join(f"{k:<18} {t.__name__}{' or none' if o else ''}{' or auto' if k in AUTO_KEYS else ''}: {d}"
+                     for k, (t, o, d) in RECIPE_SCHEMA.items())
 
 
 def to_toml(recipe: dict[str, Any], origin: str) -> str:

@@ -74,6 +74,14 @@ class TrainStep:
         self.loss_fn, self.prepare, self.device, self.dtype = loss_fn, prepare, device, dtype
         self.graphed = GraphedStep(self) if cuda_graphs else None
 
+    def run_uncaptured(self) -> None:
+        """Steps run eagerly from here on, where cuda_graphs = auto meets a run the graph does not
+        fit (gradient accumulation, found once the batch is split): LAMB's update eager too, as
+        make_optimizer makes it for a step never captured."""
+        if self.graphed is not None:
+            self.graphed = None
+            self.optimizer.use_eager_update()
+
     @property
     def captured(self) -> bool | None:
         """With cuda_graphs: whether steps replay the graph (False during the warm-up steps and

@@ -31,7 +31,7 @@ from fastrsb.errors import UserError
 from fastrsb.file_jobs import make_folder
 from fastrsb.folder_lock import FolderLock
 from fastrsb.metrics_log import refuse_a_second_run
-from fastrsb.parts import Run, build_run, resize_train_loader
+from fastrsb.parts import Run, build_run, graphs_unfit, resize_train_loader
 from fastrsb.pipelines import DatasetError
 from fastrsb.progress import Progress, clock as _clock
 from fastrsb.recipe import BUILTIN, load_recipe
@@ -476,14 +476,24 @@ def _say(run: Run, text: str) -> None:
         print(text, flush=True)
 
 
+def _graphs_said(run: Run) -> str:
+    """The start-up line's word on CUDA graphs: on, or (cuda_graphs = auto on a GPU) why not."""
+    if run.training.step.graphed is not None:
+        return " + CUDA graphs"
+    if run.recipe["cuda_graphs"] == "auto" and run.device == "cuda":
+        why = graphs_unfit(run.device, run.d, run.training.dtype, run.schedule.grad_accum_steps)
+        return f" (no CUDA graphs: {why})" if why else ""
+    return ""
+
+
 def _announce(run: Run, train_images, val_images, resumed_from: Path | None, pos: Position,
               shards: str | None) -> None:
     r, t = run.recipe, run.training
     amp = str(t.dtype).removeprefix("torch.") if t.dtype else "float32"
     _say(run, f"fastrsb {__version__}: {r['name']} | {r['model']} | {len(train_images):,} train / "
               f"{len(val_images):,} val images, {len(run.classes)} classes | {run.d.world} x {run.device} {amp}"
-              f"{' compiled' if run.device == 'cuda' and r['compile'] else ''}"
-              f"{' + CUDA graphs' if r['cuda_graphs'] else ''} | batch {r['batch_size']} = "
+              f"{' compiled' if run.device == 'cuda' and r['compile'] else ''}{_graphs_said(run)} | "
+              f"batch {r['batch_size']} = "
               f"{run.d.world} x {run.schedule.grad_accum_steps} x {run.micro} | {run.schedule.steps_per_epoch} steps x "
               f"{r['epochs']} epochs")
     _say(run, f"data: {describe_counts(train_images, val_images)}")

@@ -215,6 +215,12 @@ def test_cuda_graphs_where_they_cannot_apply(tiny_data, tmp_path):
                       "cuda_graphs", "needs a GPU")
     assert_user_error(train(tiny_data, "--out", tmp_path / "c", "--set", "high_priority_stream=true"),
                       "high_priority_stream = true needs a GPU")
+    # auto: on where the step can be a graph, and on the CPU it cannot: the run trains, and its
+    # start-up line says nothing of graphs (they are GPU work).
+    proc = train(tiny_data, "--out", tmp_path / "d", "--set", "cuda_graphs=auto", "--set", "epochs=1",
+                 "--set", "warmup_epochs=0")
+    assert proc.returncode == 0, proc.stderr
+    assert "| 1 x cpu float32 | batch" in proc.stdout and "CUDA graphs" not in proc.stdout, proc.stdout
 
 
 def test_counts_are_stated_against_imagenet(tiny_data, tmp_path):

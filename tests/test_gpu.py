@@ -274,6 +274,21 @@ def test_short_run_with_a_speed_key(tiny_data, tmp_path, speed_key):
         assert "+ CUDA graphs" in proc.stdout and "could not be captured" not in proc.stdout, proc.stdout
 
 
+def test_cuda_graphs_auto_captures_where_the_step_fits_one_graph(tiny_data, tmp_path):
+    """cuda_graphs = auto on one GPU: the step captured; where each step is two micro-batches
+    (gradient accumulation) the run trains uncaptured and its start-up line says why."""
+    common = ("train", "tiny", "--data", tiny_data, "--device", "cuda", "--set", "cuda_graphs=auto", "--set", "epochs=2",
+              "--log-every", "2")
+    whole = run_cli_process(*common, "--out", tmp_path / "whole")
+    assert whole.returncode == 0, whole.stderr
+    assert "+ CUDA graphs" in whole.stdout and "could not be captured" not in whole.stdout, whole.stdout
+    split = run_cli_process(*common, "--out", tmp_path / "split", "--grad-accum-steps", "2")
+    assert split.returncode == 0, split.stderr
+    assert "(no CUDA graphs: each step is 2 micro-batches (gradient accumulation))" in split.stdout, split.stdout
+    rows = [json.loads(line) for line in (tmp_path / "split" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows if r["kind"] == "epoch"] == [1, 2]
+
+
 def test_progressive_resizing_trains_each_size_compiled_and_captured(tiny_data, tmp_path):
     """A run whose crops grow between epochs, on the GPU with the recipe's compile and cuda_graphs:
     each size compiled static and its step captured anew, every epoch at its size."""

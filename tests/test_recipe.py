@@ -4,7 +4,7 @@ import pytest
 
 from conftest import assert_user_error, run_cli
 from fastrsb.errors import UserError
-from fastrsb.recipe import BUILTIN, RECIPE_SCHEMA, builtin_path, load_recipe
+from fastrsb.recipe import BUILTIN, RECIPE_SCHEMA, builtin_path, load_recipe, to_toml
 
 TIMM_KEYS = ("model epochs batch_size img_size test_img_size crop_pct opt lr weight_decay sched warmup_epochs "
              "warmup_lr min_lr smoothing drop_path aug_repeats aa mixup cutmix mixup_prob mixup_switch_prob "
@@ -39,6 +39,19 @@ def test_every_builtin_is_complete(name):
     assert set(load_recipe(name)) == set(RECIPE_SCHEMA) | {"name"}
 
 
+def test_cuda_graphs_may_be_auto(tmp_path):
+    """cuda_graphs takes true, false or auto (on where the step can be a graph: fastrsb.parts), from
+    --set and from a file, and a whole file written with it reads back the same."""
+    assert load_recipe("a3", ["cuda_graphs=AUTO"])["cuda_graphs"] == "auto"
+    assert load_recipe("a3", ["cuda_graphs=on"])["cuda_graphs"] is True
+    mine = tmp_path / "mine.toml"
+    mine.write_text(to_toml(load_recipe("a3", ["cuda_graphs=auto"]), "test"))
+    assert 'cuda_graphs = "auto"' in mine.read_text() and load_recipe(str(mine))["cuda_graphs"] == "auto"
+    mine.write_text(mine.read_text().replace('cuda_graphs = "auto"', 'cuda_graphs = "yes"'))
+    with pytest.raises(UserError, match="'cuda_graphs' must be bool or \"auto\", not 'yes'"):
+        load_recipe(str(mine))
+
+
 def test_overrides_are_typed():
     r = load_recipe("a3", ["epochs=10", "lr=0.01", "aa=none", "compile=false", "bce_target_thresh=none", "opt_betas=0.8,0.99"])
     assert (r["epochs"], r["lr"], r["aa"], r["compile"], r["bce_target_thresh"], r["opt_betas"]) == (10, 0.01, None, False, None, [0.8, 0.99])
@@ -49,6 +62,8 @@ def test_overrides_are_typed():
     ("epochs=3.5", "not a valid int"),
     ("lr=fast", "not a valid float"),
     ("compile=maybe", "not a valid bool"),
+    ("compile=auto", "not a valid bool"),  # only cuda_graphs takes auto
+    ("cuda_graphs=sometimes", "'sometimes' is not a valid bool (or auto)"),
     ("epochs", "expected key=value"),
     ("opt=sgd", "'opt' must be one of lamb"),
     ("aa_impl=pil", "'aa_impl' must be one of auto, batch, torch, tree"),

@@ -8,6 +8,7 @@ from torch._dynamo.utils import counters
 
 from fastrsb.device import amp_dtype
 from fastrsb.distributed import Dist
+from fastrsb.errors import UserError
 from fastrsb.loss import make_loss
 from fastrsb.mix import BatchMixer
 from fastrsb.optim import make_optimizer
@@ -100,3 +101,59 @@ def test_graphed_steps_eager_path_is_the_plain_step():
         torch.testing.assert_close(step.optimizer.state[b]["exp_avg_sq"], plain.optimizer.state[a]["exp_avg_sq"],
                                    rtol=0, atol=0)
     assert [g["step"] for g in step.optimizer.param_groups] == [g["step"] for g in plain.optimizer.param_groups] == [5, 5]
+
+
+def test_cuda_graphs_auto_is_on_where_the_step_can_be_a_graph():
+    """cuda_graphs = auto: on for one GPU process in bf16 or float32 with one micro-batch a step,
+    off (with the reason, for the start-up line) on the CPU, under DDP, in fp16 and with gradient
+    accumulation; true refuses those instead, false is off everywhere. (The decision reads the
+    device's name and the run's figures: no GPU is touched.)"""
+    from fastrsb.parts import _cuda_graphs, graphs_unfit
+    one, four = Dist(), Dist(rank=0, world=4)
+    assert graphs_unfit("cuda", one, torch.bfloat16) is None and graphs_unfit("cuda", one, None) is None
+    assert graphs_unfit("cpu", one, None) == "this run is on the CPU"
+    assert "4 processes" in graphs_unfit("cuda", four, torch.bfloat16)
+    assert "fp16" in graphs_unfit("cuda", one, torch.float16)
+    assert graphs_unfit("cuda", one, torch.bfloat16, micro_batches=2).startswith("each step is 2 micro-batches")
+    auto, true, false = ({"cuda_graphs": value} for value in ("auto", True, False))
+    assert _cuda_graphs(auto, "cuda", one, torch.bfloat16) is True
+    assert not any(_cuda_graphs(auto, device, d, dtype) for device, d, dtype in
+                   (("cpu", one, None), ("cuda", four, torch.bfloat16), ("cuda", one, torch.float16)))
+    assert _cuda_graphs(true, "cuda", one, torch.bfloat16) is True and _cuda_graphs(false, "cuda", one, None) is False
+    for device, d, dtype, said in (("cpu", one, None, "needs a GPU"), ("cuda", four, torch.bfloat16, "one process"),
+                                   ("cuda", one, torch.float16, "bf16 or float32")):
+        with pytest.raises(UserError, match=said):
+            _cuda_graphs(true, device, d, dtype)
+
+
+def test_a_step_let_go_of_its_graph_updates_eagerly():
+    """TrainStep.run_uncaptured (cuda_graphs = auto on a run that turns out to accumulate): no
+    graph from then on, and LAMB's update the eager one, which an uncaptured step is built with."""
+    recipe = load_recipe("tiny")
+    model = nn.Linear(4, 2)
+    optimizer = make_optimizer(model, recipe, compiled=True, captured=True)
+    step = TrainStep(model, optimizer, torch.amp.GradScaler("cpu", enabled=False), make_loss(recipe), None, "cpu",
+                     None, cuda_graphs=True)
+    assert step.graphed is not None and optimizer.compiled
+    step.run_uncaptured()
+    assert step.graphed is None and step.captured is None and not optimizer.compiled
+    assert not make_optimizer(model, recipe, compiled=True, captured=False).compiled  # as built uncaptured
+
+
+def test_the_start_up_line_says_why_auto_left_the_graphs_off():
+    """The trainer's start-up line: "+ CUDA graphs" where the step is one, the reason where
+    cuda_graphs = auto left them off on a GPU, nothing on the CPU (graphs are GPU work) or where
+    the recipe says false."""
+    from types import SimpleNamespace
+
+    from fastrsb.train import _graphs_said
+
+    def run(value, device="cuda", graphed=None, world=1, accumulate=1):
+        return SimpleNamespace(recipe={"cuda_graphs": value}, device=device, d=Dist(rank=0, world=world),
+                               training=SimpleNamespace(step=SimpleNamespace(graphed=graphed), dtype=torch.bfloat16),
+                               schedule=SimpleNamespace(grad_accum_steps=accumulate))
+    assert _graphs_said(run("auto", graphed=object())) == _graphs_said(run(True, graphed=object())) == " + CUDA graphs"
+    assert _graphs_said(run("auto", accumulate=2)) == (" (no CUDA graphs: each step is 2 micro-batches "
+                                                       "(gradient accumulation))")
+    assert "2 processes" in _graphs_said(run("auto", world=2))
+    assert _graphs_said(run("auto", device="cpu")) == _graphs_said(run(False)) == ""
