@@ -182,7 +182,8 @@ step 40 60 loader-aa-tree-beside-load $BENCH $DATA --mode loader --loaders dali-
 #    hardware decoder waits on its stream every batch (its source) and nvJPEG within it (c5b2a17's
 #    ~234 event syncs a step): each such wait can sit behind the step's kernels, and the loader
 #    alone behind the torch form's. If the loader and A3 run faster with 32, the serialization is
-#    the queues' (the fix: the variable set before CUDA starts).
+#    the queues' (the fix: the variable set before CUDA starts). gpu_report.py puts each row run
+#    with switches against the same measurement without them.
 step 40 60 loader-aa-tree-32-queues env CUDA_DEVICE_MAX_CONNECTIONS=32 $BENCH $DATA --mode loader \
     --loaders dali-gpu --steps 80 --aa-impl tree
 step 40 60 loader-aa-tree-32-queues-beside-load env CUDA_DEVICE_MAX_CONNECTIONS=32 $BENCH $DATA --mode loader \

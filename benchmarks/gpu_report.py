@@ -92,6 +92,17 @@ def alone_of(row: dict, rows: list[dict]) -> dict | None:
                  and all(r.get(key) == row.get(key) for key in same)), None)
 
 
+def without_switches_of(row: dict, rows: list[dict]) -> dict | None:
+    """For a row run with environment switches (`env`: 32 work queues, expandable segments, ...):
+    the row of the same measurement, commit and process kind run without any (what checks 2-3 of
+    gpu_checks.sh compare), or None."""
+    same = ("mode", "loader", "recipe", "aa", "aa_impl", "batch_size", "img_size", "commit", "variant",
+            "compile_augment", "cuda_graphs")
+    return next((r for r in rows if not r.get("env") and r.get("mode") in ("loader", "train", "step")
+                 and (r.get("gpu_load_tflops") is None) == (row.get("gpu_load_tflops") is None)
+                 and all(r.get(key) == row.get(key) for key in same)), None)
+
+
 def a3_trains(rows: list[dict]) -> list[dict]:
     """The end-to-end rows that ran A3 as it is: with its RandAugment (an `aa=none` variant, which
     measures the loader's decoding beside the step, is in the full table only)."""
@@ -134,6 +145,11 @@ def table(rows: list[dict]) -> list[str]:
             notes += [f"{row['vs_step']:.2f}x the step", f"data wait {row.get('data_wait', 0):.0%}"]
         if row.get("gpu_load_tflops") is not None and (alone := alone_of(row, rows)) is not None:
             notes.append(f"{row['images_per_sec'] / alone['images_per_sec']:.2f}x its pace alone")
+        if row.get("env") and (base := without_switches_of(row, rows)) is not None:
+            ratios = f"{row['images_per_sec'] / base['images_per_sec']:.2f}x the pace"
+            if row.get("nvml_process_gib") and base.get("nvml_process_gib"):
+                ratios += f", {row['nvml_process_gib'] / base['nvml_process_gib']:.2f}x the memory"
+            notes.append(f"{ratios} of the same without the switches")
         if "host_busy" in row:  # since 2026-12-01: the host thread's and the GPU's busy shares, timed steps
             gpu = f", GPU {row['gpu_busy']:.0%}" if "gpu_busy" in row else ""
             notes.append(f"busy: host {row['host_busy']:.0%}{gpu}")

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Brings eu-stack (elfutils), which benchmarks/native_stacks.py runs, to the lent GPU machine, which
-# may not have it and cannot download it: writes .stage/native-tools.tar.gz (~0.5 MB: bin/eu-stack
+# may not have it and cannot download it: writes .stage/native-tools.tar.gz (~0.8 MB: bin/eu-stack
 # and lib/ with libdw, libelf and the compression libraries they open; glibc 2.34 or later). Run it
 # here, from the project root, after ../shared/gpu/stage-dali; carry the file in the third device
 # call beside .stage/part-2 (gpu_checks.sh's header says how); gpu_checks.sh unpacks it where no

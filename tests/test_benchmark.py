@@ -649,6 +649,17 @@ def test_gpu_report_reads_a_run_as_the_readme_shows_it():
     queues = {"CUDA_DEVICE_MAX_CONNECTIONS": "32"}
     assert "| 30,000 (0.75x its pace alone) |" in "\n".join(gpu_report.table([
         {**alone, "images_per_sec": 20000.0}, {**alone, "env": queues}, {**loaded, "env": queues}]))
+    # A row with switches is put against the same measurement without them (checks 2-3 ask how much
+    # 32 queues or expandable segments change), not against another form, nor a loaded row.
+    trains = [{"mode": "train", "recipe": "a3", "aa": "rand-m6-mstd0.5-inc1", "aa_impl": "tree", "batch_size": 256,
+               "img_size": 160, "variant": variant, "images_per_sec": rate, "vs_step": 0.6, "nvml_process_gib": 9.0,
+               **({"env": queues} if switched else {})}
+              for variant, rate, switched in (("aa=none", 8000.0, False), ("aa_impl=tree", 7000.0, False),
+                                              ("aa_impl=tree", 10500.0, True))]
+    assert "| 10,500 (0.60x the step; data wait 0%; 1.50x the pace, 1.00x the memory of the same without the " \
+        "switches) |" in "\n".join(gpu_report.table(trains))
+    assert "without the switches" not in "\n".join(gpu_report.table([trains[0], trains[2]]))
+    assert "without the switches" not in "\n".join(gpu_report.table([{**loaded, "env": None}, {**alone, "env": queues}]))
     rows = [json.loads(line) for line in (results / "augment-memory-cpu-2core.jsonl").read_text().splitlines()]
     eager_on_a_gpu = {"mode": "augment_memory", "variant": "eager", "batch_size": 256, "chunk_pixels": 1638400,
                       "chunk_images": None, "peak_mb": 300.0, "ms_per_batch": 20.0}  # the batch whole, its warp chunked
