@@ -42,8 +42,9 @@ def measure(optimizer: Lamb, graphed: bool, steps: int, device: str) -> dict:
         return torch.zeros((), device=device)  # something for the stream helpers to hand back
 
     if graphed:
-        for _ in range(3):  # warm-up (and compilation) on a side stream, as GraphedStep does
-            on_side_stream(lambda: update(optimizer.prepare()))
+        side = torch.cuda.Stream()
+        for _ in range(3):  # warm-up (and compilation) on one side stream, as GraphedStep does
+            on_side_stream(lambda: update(optimizer.prepare()), side)
         optimizer.advance()
         graph, _ = capture(lambda: update(optimizer.work()))
 

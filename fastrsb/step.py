@@ -149,6 +149,7 @@ class GraphedStep:
         self.eager_steps = 0
         self.failed = False
         self.images = self.targets = self.loss = None  # the graph's static input and output buffers
+        self.side: torch.cuda.Stream | None = None  # every warm-up step's (on_side_stream)
 
     def __call__(self, images: torch.Tensor, labels: torch.Tensor, lr: float) -> torch.Tensor:
         step = self.step
@@ -161,7 +162,8 @@ class GraphedStep:
             self._forget()
         if self.graph is None and self.eager_steps < self.WARMUP:
             self.eager_steps += 1
-            return on_side_stream(lambda: self._eager(images, targets))
+            self.side = self.side or torch.cuda.Stream()
+            return on_side_stream(lambda: self._eager(images, targets), self.side)
         if self.graph is None:
             return self._capture(images, targets)
         self.images.copy_(images)
