@@ -46,6 +46,8 @@ def label(row: dict) -> str:
         parts.append(f"{row['interpolation']} crops")
     if row["mode"] == "loader" and row.get("hw_decoder_load", 1.0) != 1.0:
         parts.append(f"hw_decoder_load {row['hw_decoder_load']}")
+    if row["mode"] == "loader" and row.get("stream_handover"):  # (train rows say it in their variant)
+        parts.append("batches handed over on the stream (`--stream-handover`)")
     if row.get("env"):  # environment switches (throughput.ENV_SWITCHES), e.g. CUDA_DEVICE_MAX_CONNECTIONS=32
         parts.append(", ".join(f"`{key}={value}`" for key, value in sorted(row["env"].items())))
     if row.get("gpu_load_tflops") is not None:  # throughput.py --gpu-load
@@ -89,7 +91,12 @@ def alone_of(row: dict, rows: list[dict]) -> dict | None:
     environment switches timed alone (what check 2 of gpu_checks.sh compares), or None."""
     same = ("loader", "aa", "batch_size", "img_size", "commit", "env") + (("aa_impl",) if row.get("aa") else ())
     return next((r for r in rows if r.get("mode") == "loader" and r.get("gpu_load_tflops") is None
-                 and all(r.get(key) == row.get(key) for key in same)), None)
+                 and all(r.get(key) == row.get(key) for key in same) and _same_handover(r, row)), None)
+
+
+def _same_handover(a: dict, b: dict) -> bool:
+    """Both rows' batches handed over alike (rows made before stream_handover existed lack the key)."""
+    return bool(a.get("stream_handover")) == bool(b.get("stream_handover"))
 
 
 def without_switches_of(row: dict, rows: list[dict]) -> dict | None:
@@ -100,7 +107,7 @@ def without_switches_of(row: dict, rows: list[dict]) -> dict | None:
             "compile_augment", "cuda_graphs")
     return next((r for r in rows if not r.get("env") and r.get("mode") in ("loader", "train", "step")
                  and (r.get("gpu_load_tflops") is None) == (row.get("gpu_load_tflops") is None)
-                 and all(r.get(key) == row.get(key) for key in same)), None)
+                 and all(r.get(key) == row.get(key) for key in same) and _same_handover(r, row)), None)
 
 
 def a3_trains(rows: list[dict]) -> list[dict]:

@@ -55,14 +55,15 @@ def _cores() -> int:
 
 def make_loader(name: str, root: Path, batch: int, size: int, device: str, threads: int, aa: str | None,
                 hw_decoder_load: float | None = None, aa_impl: str = "auto", cuda_graphs: bool = False,
-                compile_augment: bool = False, interpolation: str = "random"):
+                compile_augment: bool = False, interpolation: str = "random", stream_handover: bool = False):
     if name.startswith("dali"):
         from fastrsb.pipelines import train_loader
         # The loader's default pixels, as the trainer takes them: float16 on the GPU, float32 on the
         # CPU (what the PIL loaders' ToTensor + Normalize give too).
         return train_loader(root, batch, size, device="cuda" if name == "dali-gpu" else "cpu", num_threads=threads,
                             aa=aa, hw_decoder_load=hw_decoder_load, aa_impl=aa_impl, cuda_graphs=cuda_graphs,
-                            compile_augment=compile_augment, interpolation=interpolation)
+                            compile_augment=compile_augment, interpolation=interpolation,
+                            stream_handover=stream_handover)
     if name == "torchvision":
         import torchvision.transforms as T
         from torchvision.datasets import ImageFolder
@@ -118,7 +119,7 @@ def measure_loader(name: str, args, root: Path) -> dict:
     loader = make_loader(name, root, args.batch_size, args.img_size, device, threads, aa, args.hw_decoder_load,
                          args.aa_impl or "auto", cuda_graphs=args.cuda_graphs and name == "dali-gpu",
                          compile_augment=args.compile_augment and name.startswith("dali"),
-                         interpolation=args.interpolation)
+                         interpolation=args.interpolation, stream_handover=args.stream_handover and name == "dali-gpu")
     queued = queued_batches(name, loader, threads)
     warmup = args.warmup if args.warmup is not None else max(5, 2 * queued)
     check_warmup(warmup, args.steps, queued, name)
@@ -158,7 +159,8 @@ def _gpu_load(asked: bool):
 
 def _dali_settings(loader) -> dict:
     keys = ("pipelines", "aa_impl", "interpolation", "hw_decoder_load", "num_threads", "prefetch_queue_depth", "stream_policy",
-            "concurrency", "exec_dynamic", "cuda_graphs", "augment_captured", "compile_augment", "augment_stream")
+            "concurrency", "exec_dynamic", "cuda_graphs", "augment_captured", "compile_augment", "augment_stream",
+            "stream_handover")
     return {key: loader.settings[key] for key in keys if key in loader.settings}
 
 
@@ -242,7 +244,7 @@ class GpuBusy:
 # --variants: what may differ between the measurements of one process (one compile for them all).
 VARIANT_KEYS = {"aa": str, "aa_impl": str, "hw_decoder_load": float, "workers": int, "prefetch": int, "pipelines": int,
                 "high_priority_stream": bool, "stream_policy": str, "concurrency": str, "compile_augment": bool,
-                "augment_stream": bool, "exec_dynamic": bool, "mixing": bool}
+                "augment_stream": bool, "exec_dynamic": bool, "stream_handover": bool, "mixing": bool}
 # Of those, what the step alone can vary (it has no loader).
 STEP_VARIANT_KEYS = {"high_priority_stream", "mixing"}
 
@@ -342,7 +344,8 @@ def _measure_variant(variant: dict, recipe: dict, training, args, root: Path | N
                                    prefetch_queue_depth=variant.get("prefetch", 2),
                                    stream_policy=variant.get("stream_policy"), concurrency=variant.get("concurrency"),
                                    **{key: variant[key] for key in ("compile_augment", "augment_stream", "pipelines",
-                                                                    "exec_dynamic") if key in variant},
+                                                                    "exec_dynamic", "stream_handover")
+                                      if key in variant},
                                    **({"aa": None if variant["aa"] == "none" else variant["aa"]} if "aa" in variant
                                       else {}))
         next_batch, queued, threads = _forever(loader).__next__, loader.queued_batches, loader.settings["num_threads"]
@@ -625,6 +628,10 @@ def parse_args(argv: list[str] | None = None, gpu: bool | None = None) -> argpar
     p.add_argument("--compile-augment", action="store_true",
                    help="loader mode, DALI loaders: the torch RandAugment form through torch.compile (train mode: "
                         "the recipe's compile, on the GPU; variant compile_augment=false to compare)")
+    p.add_argument("--stream-handover", action="store_true",
+                   help="loader mode, dali-gpu: each batch handed over on the consumer's CUDA stream, which waits for "
+                        "DALI's work on the GPU, instead of after a host wait for it (train mode: variant "
+                        "stream_handover=true)")
     p.add_argument("--gpu-load", action="store_true",
                    help="loader mode, on a GPU: time each loader beside a steady load of bf16 matrix products on a "
                         "stream and a thread of their own (benchmarks/gpu_load.py): does the loader keep its pace "
@@ -637,6 +644,7 @@ def parse_args(argv: list[str] | None = None, gpu: bool | None = None) -> argpar
                         "pipelines: DALI pipelines taking turns with whole batches; stream_policy, concurrency: DALI's "
                         "executor options; exec_dynamic=false: DALI's earlier executor, its batches copied into "
                         "torch's memory; augment_stream: the torch RandAugment form on a stream of its own; "
+                        "stream_handover: batches handed over on the trainer's stream, no host wait; "
                         "mixing=false: one-hot targets, no mixup/cutmix), or 'step,KEY=VALUE' over "
                         + ", ".join(sorted(STEP_VARIANT_KEYS)) + ", e.g. step step,mixing=false aa_impl=tree "
                         "aa_impl=batch,hw_decoder_load=1.0; loader rows after 'step' get their share of it. "
@@ -662,6 +670,8 @@ def _refuse_mistakes(p: argparse.ArgumentParser, args: argparse.Namespace, gpu: 
         p.error("--gpu-load keeps a GPU busy beside the loader: it needs a GPU (none is visible here)")
     if args.cuda_graphs and not gpu:
         p.error("--cuda-graphs replays GPU work as CUDA graphs: it needs a GPU (none is visible here)")
+    if args.stream_handover and not gpu:
+        p.error("--stream-handover hands GPU batches over on a CUDA stream: it needs a GPU (none is visible here)")
     if args.variants:
         if args.mode != "train":
             p.error("--variants is for --mode train ('step' among them measures the step alone)")
@@ -670,7 +680,7 @@ def _refuse_mistakes(p: argparse.ArgumentParser, args: argparse.Namespace, gpu: 
                 variant = parse_variant(spec)
             except ValueError as err:
                 p.error(str(err))
-            for key in ("high_priority_stream", "augment_stream"):
+            for key in ("high_priority_stream", "augment_stream", "stream_handover"):
                 if variant.get(key) and not gpu:
                     p.error(f"variant {spec!r}: {key} needs a GPU")
     if args.loaders:
@@ -708,12 +718,14 @@ def _refuse_options_of_another_mode(p: argparse.ArgumentParser, args: argparse.N
     training modes take the loader's settings from the recipe (--set)."""
     loader_only = {"--loaders": args.loaders is not None, "--rounds": args.rounds != 1,
                    "--interpolation": args.interpolation is not None, "--cuda-graphs": args.cuda_graphs,
-                   "--compile-augment": args.compile_augment, "--gpu-load": args.gpu_load}
+                   "--compile-augment": args.compile_augment, "--gpu-load": args.gpu_load,
+                   "--stream-handover": args.stream_handover}
     training_only = {"--set": bool(args.overrides), "--profile": args.profile is not None}
     stray = [flag for flag, given in (training_only if args.mode == "loader" else loader_only).items() if given]
     if stray:
         instead = {"--interpolation": "--set train_interpolation=...", "--cuda-graphs": "--set cuda_graphs=true",
-                   "--compile-augment": "the recipe's compile, on the GPU"}
+                   "--compile-augment": "the recipe's compile, on the GPU",
+                   "--stream-handover": "--variants stream_handover=true"}
         hints = [f"{flag}: {instead[flag]}" for flag in stray if flag in instead]
         p.error(f"{', '.join(stray)}: not read in --mode {args.mode}" + (f" (there, {'; '.join(hints)})" if hints else ""))
 

@@ -171,8 +171,8 @@ def open_train_loader(recipe: dict, images: ImageList, micro: int, device: str, 
     """The recipe's train loader for this rank's shard: its RandAugment and repeated augmentation,
     the shuffle seeded alike on every rank (disjoint shards), pixels in the loader's default dtype.
     speed: train_loader's options that change its speed only (hw_decoder_load, prefetch_queue_depth,
-    stream_policy, concurrency, augment_stream), and aa_impl / cuda_graphs / compile_augment to override
-    the recipe's. seed: the loaders' (default: the recipe's).
+    stream_policy, concurrency, augment_stream, stream_handover), and aa_impl / cuda_graphs /
+    compile_augment to override the recipe's. seed: the loaders' (default: the recipe's).
     The recipe's `compile` compiles the torch RandAugment form too, on the GPU only (as the model:
     on a few CPU cores a compile costs more than it saves in a short run).
     img_size: the crops' (default: the recipe's img_size; a run's with progressive resizing: its

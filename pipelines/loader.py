@@ -61,7 +61,7 @@ class DaliLoader:
     def __init__(self, build: Callable[[list | None], list], images: ImageList, batch_size: int, train: bool,
                  repeats: int = 1, fingerprint: dict | None = None, state: dict | None = None,
                  settings: dict | None = None, augment: Callable | None = None, augment_stream: bool = False,
-                 spread: tuple[int, int] | None = None,
+                 stream_handover: bool = False, spread: tuple[int, int] | None = None,
                  remake: Callable[[int], tuple[Callable, Callable | None]] | None = None):
         """build(checkpoints or None) -> the DALI pipelines, started from those DALI checkpoints.
         remake(img_size) -> (build, augment) at another crop size (train loaders: resize()).
@@ -69,7 +69,9 @@ class DaliLoader:
         augment: (uint8 NHWC images, draws) -> the batch's images, for pipelines that hand over
         their views unaugmented with a third output, "draws" (torch_augment.TorchRandAugment).
         augment_stream: take each batch over and augment it on a CUDA stream of the loader's own
-        (_OwnStream). spread: (rank, world) to exchange repeated views with (spread_views.py)."""
+        (_OwnStream). stream_handover: each GPU batch bound to the CUDA stream current where it is
+        taken (_hand_over_on_current_stream). spread: (rank, world) to exchange repeated views with
+        (spread_views.py)."""
         self.images = images
         self.batch_size = batch_size
         self.train = train
@@ -81,6 +83,7 @@ class DaliLoader:
         self._val_pass_open = False  # a validation pass was started and not finished
         self._augment = augment
         self._own_stream = _OwnStream() if augment_stream else None
+        self._stream_handover = stream_handover
         self._spread = spread
         self._remake = remake
         self._in_use = _UntilRun()
@@ -94,9 +97,16 @@ class DaliLoader:
         policy = LastBatchPolicy.FILL if self.train else LastBatchPolicy.PARTIAL
         pipes = self._build(state["dali"] if state else None)
         outputs = ["images", "labels"] + (["draws"] if self._augment else [])
-        with _undecodable_named(), _shut_down_on_failure(lambda: pipes):  # the iterators read their first batches
+        # The iterators read their first batches as they are made, on the stream current now; with
+        # stream_handover each batch is bound to the stream current where it is taken, so the first
+        # waits until then.
+        with _undecodable_named(), _shut_down_on_failure(lambda: pipes):
             self._iterators = [DALIGenericIterator(pipe, outputs, reader_name=READER_NAME,
-                                                   last_batch_policy=policy, auto_reset=True) for pipe in pipes]
+                                                   last_batch_policy=policy, auto_reset=True,
+                                                   prepare_first_batch=not self._stream_handover) for pipe in pipes]
+        if self._stream_handover:
+            for pipe in pipes:
+                _hand_over_on_current_stream(pipe)
         if not self.train:
             self._steps = len(self._iterators[0])
             return
@@ -281,7 +291,11 @@ class _UntilRun:
     on it have yet to run. When the next batch is handed over, the consumer has queued its work on
     the previous one, so an event recorded then on its (current) stream marks the end of that
     work; the previous batch is let go once its event has completed. Events are polled, never
-    waited on: no host sync. CPU batches need none of this."""
+    waited on: no host sync, unless the consumer's thread runs more than AHEAD batches ahead of its
+    GPU: it then waits for the oldest, so that the batches held (DALI's memory) stay few. CPU
+    batches need none of this."""
+
+    AHEAD = 4
 
     def __init__(self):
         self._held: collections.deque = collections.deque()  # (event, batch), oldest first
@@ -295,6 +309,9 @@ class _UntilRun:
             event = torch.cuda.Event()
             event.record(torch.cuda.current_stream(labels.device))
             self._held.append((event, self._last))
+        while len(self._held) > self.AHEAD:
+            self._held[0][0].synchronize()
+            self._held.popleft()
         while self._held and self._held[0][0].query():
             self._held.popleft()
         self._last = batch
@@ -329,6 +346,18 @@ class _OwnStream:
         images.record_stream(consumer)
         labels.record_stream(consumer)
         return batch, images, labels
+
+
+def _hand_over_on_current_stream(pipe) -> None:
+    """DALI's iterator takes each batch with pipe.share_outputs(), which, given no stream, waits on
+    the host for the batch's GPU work (DALI's "synchronized with the host": a cudaEventSynchronize
+    in the consumer's thread, every batch). Given one, DALI makes that stream wait for the batch on
+    the GPU instead. Here each call passes the stream current at that moment (the trainer's, or the
+    loader's own with augment_stream), so the consumer's thread goes on to queue its work on the
+    batch (the next step) while DALI is still making it. Needs DALI's dynamic executor."""
+    share = pipe.share_outputs
+    device = torch.device("cuda", pipe.device_id)
+    pipe.share_outputs = lambda: share(cuda_stream=torch.cuda.current_stream(device))
 
 
 # What DALI says where memory runs out: its CUDABadAlloc ("CUDA allocation failed", "Can't
@@ -520,7 +549,7 @@ def train_loader(root: str | os.PathLike | ImageList, batch_size: int, img_size:
                  hw_decoder_load: float | None = None, prefetch_queue_depth: int = 2, pipelines: int | None = None,
                  aa_impl: str = "auto", stream_policy: str | None = None, concurrency: str | None = None,
                  exec_dynamic: bool = True, cuda_graphs: bool = False, compile_augment: bool = False,
-                 augment_stream: bool = False,
+                 augment_stream: bool = False, stream_handover: bool = False,
                  interpolation: str = "random", spread_views: bool = False, state: dict | None = None) -> DaliLoader:
     """Random-resized-crop + flip training loader over an ImageFolder tree or a file list.
 
@@ -543,8 +572,7 @@ def train_loader(root: str | os.PathLike | ImageList, batch_size: int, img_size:
     torch_augment.py). The same policy and law; pixels within one level of each other. "auto":
     the form a saved `state` was made with, else default_aa_impl(device).
     dtype: "float16" or "float32" pixels (default: float16 on the GPU, float32 on the CPU).
-    hw_decoder_load: the share of JPEGs sent to the GPU's hardware decoders (default: by GPU, see
-    default_hw_decoder_load).
+    hw_decoder_load: the JPEGs' share for the GPU's hardware decoders (default_hw_decoder_load).
     num_threads: DALI's threads for this shard, all pipelines together (default: this process's
     share of the cores under torchrun, at most 8).
     pipelines: DALI pipelines for this shard, each on its own part of it, making whole batches in
@@ -557,18 +585,19 @@ def train_loader(root: str | os.PathLike | ImageList, batch_size: int, img_size:
     its batches copied into torch's memory on the consumer's stream, not handed over by DLPack, so
     DALI frees its buffers in its own stream order. The same batches. Speed only.
     cuda_graphs: on the GPU, the torch form of RandAugment replays as one CUDA graph a batch
-    instead of ~900 torch calls from the consumer's thread (counted for A3's policy: most launch
-    a kernel on the GPU; cuda_graphs.CapturedCall; the same pixels). Nothing to capture in the
-    DALI forms. Off by default until a GPU run has measured it (benchmarks/gpu_checks.sh). Speed
-    only.
+    instead of ~900 torch calls from the consumer's thread (cuda_graphs.CapturedCall; the same
+    pixels; nothing to capture in the DALI forms). Speed only.
     compile_augment: the torch form of RandAugment through torch.compile: its ~900 calls a batch
     fused into a handful of loops (the first batch waits for the compile: ~10 s on 2 CPU cores).
     The same pixels on the CPU; with cuda_graphs, the compiled form is what is captured; a compile
     that fails is said once and the form runs eagerly. Speed only.
-    augment_stream: on the GPU, the torch form takes each batch over and runs on a CUDA stream of
-    the loader's own, so that its kernels can run beside those a trainer still has queued (the
-    last step's) rather than after them; the trainer's stream waits for the batch without a host
-    sync (_OwnStream). The same pixels. Off until a GPU run has measured it. Speed only.
+    augment_stream: on the GPU, the torch form runs on a CUDA stream of the loader's own, beside the
+    work a trainer still has queued (the last step's) rather than after it; the trainer's stream
+    waits for the batch without a host sync (_OwnStream). The same pixels. Speed only.
+    stream_handover: on the GPU, each batch handed over on the CUDA stream current where it is
+    taken, which waits for DALI's work on the GPU, instead of after a host wait for it (DALI's
+    default): the consumer's thread queues its next step without waiting. Needs exec_dynamic. The
+    same batches. Off until a GPU run has measured it. Speed only.
     state: a `loader.state_dict()` to continue from (its pipelines kept; an earlier fastrsb's refused).
     """
     _check_sizes(batch_size, img_size, dtype, num_threads, prefetch_queue_depth)
@@ -592,7 +621,7 @@ def train_loader(root: str | os.PathLike | ImageList, batch_size: int, img_size:
                        spread_views=spread_views)
     if state is not None:
         _check_state(state, fingerprint)
-    _check_gpu_options(device, device_id, aa, aa_impl, cuda_graphs, augment_stream)
+    _check_gpu_options(device, device_id, aa, aa_impl, cuda_graphs, augment_stream, stream_handover, exec_dynamic)
     hw_decoder_load = _hw_decoder_load(hw_decoder_load, device_id)
     executor = _executor_options(stream_policy, concurrency, exec_dynamic)
 
@@ -609,9 +638,10 @@ def train_loader(root: str | os.PathLike | ImageList, batch_size: int, img_size:
                       settings={**_decoder_settings(device_id, hw_decoder_load, threads, prefetch_queue_depth),
                                 "stream_policy": stream_policy, "concurrency": concurrency,
                                 "exec_dynamic": exec_dynamic, "cuda_graphs": cuda_graphs,
-                                "augment_stream": augment_stream,
+                                "augment_stream": augment_stream, "stream_handover": stream_handover,
                                 "compile_augment": compile_augment and augment is not None},
-                      augment=augment, augment_stream=augment_stream, remake=made_of.at_size)
+                      augment=augment, augment_stream=augment_stream, stream_handover=stream_handover,
+                      remake=made_of.at_size)
 
 
 @dataclass(frozen=True)
@@ -692,13 +722,20 @@ def _check_crops(repeats: int, batch_size: int, interpolation: str) -> None:
 
 
 def _check_gpu_options(device: str, device_id: int | None, aa: str | None, aa_impl: str, cuda_graphs: bool,
-                       augment_stream: bool) -> None:
+                       augment_stream: bool, stream_handover: bool, exec_dynamic: bool) -> None:
     """GPU-only speed options are refused where they cannot apply, rather than silently ignored."""
     if cuda_graphs and device_id is None:
         raise DatasetError("cuda_graphs=True replays GPU work as CUDA graphs: it needs device='cuda'")
     if augment_stream and (device_id is None or not aa or aa_impl != "torch"):
         raise DatasetError("augment_stream=True runs the torch RandAugment form on a CUDA stream of its own: it "
                            f"needs device='cuda', an aa and aa_impl='torch' (here {device!r}, {aa!r}, {aa_impl!r})")
+    if not isinstance(stream_handover, bool):
+        raise DatasetError(f"stream_handover must be True or False, not {stream_handover!r}")
+    if stream_handover and device_id is None:
+        raise DatasetError("stream_handover=True hands GPU batches over on a CUDA stream: it needs device='cuda'")
+    if stream_handover and not exec_dynamic:
+        raise DatasetError("stream_handover=True needs DALI's dynamic executor: not with exec_dynamic=False "
+                           "(whose batches are copied on the consumer's stream already)")
 
 
 def _resolve_aa(aa: str | None, aa_impl: str, state: dict | None, device: str) -> str:

@@ -152,7 +152,8 @@ def test_train_mode_variants_share_one_model(tmp_path, capsys):
                       ("compile_augment=1", "compile_augment takes a bool"),
                       ("step,aa_impl=tree", "the step alone has no loader (aa_impl)"),
                       *([("aa_impl=batch,high_priority_stream=true", "high_priority_stream needs a GPU"),
-                         ("aa_impl=torch,augment_stream=true", "augment_stream needs a GPU")]
+                         ("aa_impl=torch,augment_stream=true", "augment_stream needs a GPU"),
+                         ("aa_impl=tree,stream_handover=true", "stream_handover needs a GPU")]
                         if not torch.cuda.is_available() else [])]:
         with pytest.raises(SystemExit):
             _bench_here(capsys, "--mode", "train", *TRAINING, "--synthetic-jpegs", "16", "--variants", bad)
@@ -461,7 +462,14 @@ def test_the_benchmark_refuses_a_mistake_before_it_measures(tmp_path, capsys):
     with pytest.raises(SystemExit):  # the load is the loader mode's
         throughput.parse_args(train + ["--gpu-load"], gpu=True)
     assert "--gpu-load: not read in --mode train" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # in train mode, a variant: measured beside the same loader without it
+        throughput.parse_args(train + ["--stream-handover"], gpu=True)
+    assert "--stream-handover: not read in --mode train (there, --stream-handover: --variants " \
+           "stream_handover=true)" in capsys.readouterr().err
+    assert throughput.parse_args(["--mode", "loader", "--synthetic-jpegs", "8", "--stream-handover"],
+                                 gpu=True).stream_handover
     for argv in (train + ["--variants", "aa_impl=torch,augment_stream=true"], ["--mode", "loader", "--loaders", "dali-gpu"],
+                 ["--mode", "loader", "--synthetic-jpegs", "8", "--stream-handover"],
                  ["--mode", "loader", "--synthetic-jpegs", "8", "--loaders", "dali-cpu", "--gpu-load"]):
         with pytest.raises(SystemExit):
             throughput.parse_args(argv, gpu=False)
@@ -630,6 +638,15 @@ def test_gpu_report_reads_a_run_as_the_readme_shows_it():
     assert "no RandAugment, `aa=none`, batch 256 | 12,000" in "\n".join(gpu_report.table([plain]))
     assert "torch form, CUDA graphs (RandAugment)," in gpu_report.label({**loader, "aa_impl": "torch",
                                                                          "augment_captured": True})
+    # A loader row whose batches were handed over on the stream says so, and is not taken for the
+    # same loader without it (as its row alone, or as its row without the environment switches).
+    handed = {**loader, "aa_impl": "tree", "commit": "c", "env": {}, "stream_handover": True}
+    assert "batches handed over on the stream (`--stream-handover`)" in gpu_report.label(handed)
+    plain_loader = {**handed, "stream_handover": False}
+    assert gpu_report.alone_of({**handed, "gpu_load_tflops": 500.0}, [plain_loader]) is None
+    assert gpu_report.alone_of({**handed, "gpu_load_tflops": 500.0}, [plain_loader, handed]) is handed
+    assert gpu_report.without_switches_of({**handed, "env": {"CUDA_DEVICE_MAX_CONNECTIONS": "32"}},
+                                          [plain_loader]) is None
     # A loader timed beside a GPU load (--gpu-load) is labelled so and counts towards no loader
     # figure: the are for the loader alone.
     loaded = {**loader, "aa_impl": "tree", "cuda_graphs": False, "images_per_sec": 30000.0, "img_size": 160,

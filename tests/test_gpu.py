@@ -538,6 +538,45 @@ def test_gpu_loader_on_a_stream_of_its_own_hands_over_the_same_batches(tiny_data
         assert torch.equal(early_mean, images.float().mean())  # the consumer's first read saw the final pixels
 
 
+@pytest.mark.parametrize("form", [dict(aa_impl="tree"), dict(aa_impl="torch", repeats=2, augment_stream=True)])
+def test_gpu_loader_handing_over_on_the_consumers_stream_gives_the_same_batches(tiny_data, form):
+    """stream_handover (each batch bound to the stream current where it is taken, which waits for
+    DALI's work on the GPU, instead of DALI's host wait): the batches of the loader without it, in
+    the tree form and in the torch form on the loader's own stream (repeated views: the joined
+    reshuffle rests too), while the consumer's stream is kept busy ahead of each batch, each batch
+    read there at once and kept uncloned to the end: a read before DALI wrote it would show."""
+    from fastrsb.pipelines import train_loader
+
+    def batches(**speed):
+        loader = train_loader(tiny_data / "train", 8, 32, device="cuda", seed=4, aa="rand-m9-mstd0.5-inc1",
+                              **form, **speed)
+        return _kept_behind_queued_work(loader, read=lambda images: images.float().mean()), loader.settings
+    plain, _ = batches()
+    bound, settings = batches(stream_handover=True)
+    assert settings["stream_handover"]
+    for (want_images, want_labels, _), (images, labels, early_mean) in zip(plain, bound, strict=True):
+        assert torch.equal(labels, want_labels)
+        # the torch form: a level apart at most, should cuDNN pick another algorithm for Sharpness
+        difference = (images.float() - want_images.float()).abs()
+        assert difference.max() < 0.018 and (difference > 0).float().mean() < 1e-3
+        assert torch.equal(early_mean, images.float().mean())  # the consumer's first read saw the final pixels
+
+
+def test_gpu_loader_waits_when_its_consumer_runs_far_ahead():
+    """A consumer whose thread runs ahead of its GPU (its work on each batch still queued when it
+    takes the next, as with stream_handover) has the loader hold at most _UntilRun.AHEAD batches:
+    it then waits for the oldest one's work, so that DALI's memory does not grow with the lead.
+    Here ~40 ms of work is queued after each hand-over, which takes microseconds."""
+    from fastrsb.pipelines.loader import _UntilRun
+    in_use, square, held = _UntilRun(), torch.randn(4096, 4096, device="cuda"), []
+    for k in range(_UntilRun.AHEAD + 3):
+        in_use.hand_over([{"labels": torch.full((8,), k, device="cuda")}])
+        for _ in range(20):
+            square = (square @ square).tanh()
+        held.append(len(in_use._held))
+    assert held == [min(k, _UntilRun.AHEAD) for k in range(_UntilRun.AHEAD + 3)]
+
+
 def test_gpu_loader_with_dalis_earlier_executor_hands_over_the_same_batches(tiny_data):
     """exec_dynamic=False on the GPU (DALI's pipelined executor, its batches copied into torch's
     memory on the consumer's stream): the dynamic executor's batches, in torch's memory, while

@@ -13,6 +13,7 @@ from PIL import Image
 
 from fastrsb.pipelines import DatasetError, parse_rand_augment, train_loader
 from fastrsb.pipelines.graphs import _normalize
+from fastrsb.pipelines.loader import _check_gpu_options
 from fastrsb.pipelines.randaugment import FILL, GEOMETRIC, _policy, draws_per_layer, rand_augment_draws
 from fastrsb.pipelines.torch_augment import TorchRandAugment
 
@@ -264,6 +265,22 @@ def test_gpu_options_where_they_cannot_apply(tiny_data):
             train_loader(tiny_data / "train", 8, 32, augment_stream=True, **settings)
     assert not train_loader(tiny_data / "train", 8, 32, device="cpu", aa="rand-m9-mstd0.5-inc1",
                             aa_impl="torch").settings["augment_stream"]
+
+
+def test_stream_handover_where_it_cannot_apply(tiny_data):
+    """stream_handover (each GPU batch bound to the consumer's CUDA stream) is refused on the CPU,
+    with DALI's earlier executor (which copies its batches on the consumer's stream already) and as
+    anything but a bool; off, the CPU loader says so in its settings."""
+    with pytest.raises(DatasetError, match="stream_handover=True hands GPU batches over on a CUDA stream: it "
+                                           "needs device='cuda'"):
+        train_loader(tiny_data / "train", 8, 32, device="cpu", stream_handover=True)
+    with pytest.raises(DatasetError, match="stream_handover must be True or False, not 'yes'"):
+        train_loader(tiny_data / "train", 8, 32, device="cpu", stream_handover="yes")
+    with pytest.raises(DatasetError, match="stream_handover=True needs DALI's dynamic executor: not with "
+                                           "exec_dynamic=False"):
+        _check_gpu_options("cuda", 0, None, "tree", False, False, stream_handover=True, exec_dynamic=False)
+    _check_gpu_options("cuda", 0, None, "tree", False, False, stream_handover=True, exec_dynamic=True)
+    assert train_loader(tiny_data / "train", 8, 32, device="cpu").settings["stream_handover"] is False
 
 
 def test_a_form_that_does_not_compile_runs_eagerly_and_says_so(photos, capsys):
