@@ -70,7 +70,7 @@ class DaliLoader:
         their views unaugmented with a third output, "draws" (torch_augment.TorchRandAugment).
         augment_stream: take each batch over and augment it on a CUDA stream of the loader's own
         (_OwnStream). stream_handover: each GPU batch bound to the CUDA stream current where it is
-        taken (_hand_over_on_current_stream). spread: (rank, world) to exchange repeated views with
+        taken (_share_outputs_on). spread: (rank, world) to exchange repeated views with
         (spread_views.py)."""
         self.images = images
         self.batch_size = batch_size
@@ -106,7 +106,8 @@ class DaliLoader:
                                                    prepare_first_batch=not self._stream_handover) for pipe in pipes]
         if self._stream_handover:
             for pipe in pipes:
-                _hand_over_on_current_stream(pipe)
+                device = torch.device("cuda", pipe.device_id)
+                _share_outputs_on(pipe, lambda device=device: torch.cuda.current_stream(device))
         if not self.train:
             self._steps = len(self._iterators[0])
             return
@@ -348,16 +349,16 @@ class _OwnStream:
         return batch, images, labels
 
 
-def _hand_over_on_current_stream(pipe) -> None:
+def _share_outputs_on(pipe, stream: Callable[[], object]) -> None:
     """DALI's iterator takes each batch with pipe.share_outputs(), which, given no stream, waits on
     the host for the batch's GPU work (DALI's "synchronized with the host": a cudaEventSynchronize
     in the consumer's thread, every batch). Given one, DALI makes that stream wait for the batch on
-    the GPU instead. Here each call passes the stream current at that moment (the trainer's, or the
-    loader's own with augment_stream), so the consumer's thread goes on to queue its work on the
-    batch (the next step) while DALI is still making it. Needs DALI's dynamic executor."""
+    the GPU instead. Here each call passes stream(): for stream_handover, the CUDA stream current
+    at that moment (the trainer's, or the loader's own with augment_stream), so the consumer's
+    thread goes on to queue its work on the batch (the next step) while DALI is still making it.
+    Needs DALI's dynamic executor."""
     share = pipe.share_outputs
-    device = torch.device("cuda", pipe.device_id)
-    pipe.share_outputs = lambda: share(cuda_stream=torch.cuda.current_stream(device))
+    pipe.share_outputs = lambda: share(cuda_stream=stream())
 
 
 # What DALI says where memory runs out: its CUDABadAlloc ("CUDA allocation failed", "Can't

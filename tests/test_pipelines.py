@@ -94,6 +94,36 @@ def test_default_threads_share_the_cores_between_local_processes(tiny_data, monk
     assert val_loader(tiny_data / "val", 8, 40, 0.95, device="cpu").settings["num_threads"] == threads
 
 
+def test_dalis_iterator_takes_each_batch_through_the_bound_share_outputs(tiny_data):
+    """stream_handover binds each pipeline's share_outputs to a stream (loader._share_outputs_on),
+    and its iterators start without a first batch read ahead (which would be bound to the stream
+    current at their making): DALI's iterator must take every batch through that binding, the
+    first included, and the batches must be those of an iterator without either. On the CPU the
+    stream is None, DALI's own default; on the GPU (tests/test_gpu.py) the consumer's stream."""
+    from nvidia.dali.plugin.pytorch import DALIGenericIterator
+    from fastrsb.pipelines.loader import _share_outputs_on
+
+    @pipeline_def(batch_size=4, num_threads=1, device_id=None, seed=3)
+    def files():
+        jpegs, labels = fn.readers.file(file_root=str(tiny_data / "train"), random_shuffle=True, seed=3,
+                                        name="reader")
+        return fn.resize(fn.decoders.image(jpegs, device="cpu"), size=[16, 16]), labels
+
+    def batches(bind: bool) -> tuple[list, int]:
+        pipe, asked = files(), []
+        if bind:
+            _share_outputs_on(pipe, lambda: asked.append(1))  # None, as DALI's default
+        iterator = DALIGenericIterator(pipe, ["images", "labels"], reader_name="reader",
+                                       prepare_first_batch=not bind)
+        got = [(b[0]["images"].clone(), b[0]["labels"].clone()) for _, b in zip(range(5), iterator)]
+        return got, len(asked)
+    plain, _ = batches(bind=False)
+    bound, asked = batches(bind=True)
+    assert asked == 5
+    for (want_images, want_labels), (images, labels) in zip(plain, bound, strict=True):
+        assert torch.equal(images, want_images) and torch.equal(labels, want_labels)
+
+
 def test_train_labels_follow_sorted_folders(tiny_data):
     listing = list_images(tiny_data / "train")
     assert listing.classes == sorted(listing.classes)
