@@ -514,52 +514,42 @@ def _kept_behind_queued_work(loader, read=lambda images: None) -> list:
     return kept
 
 
-def test_gpu_loader_on_a_stream_of_its_own_hands_over_the_same_batches(tiny_data):
-    """augment_stream (the torch form on the loader's own CUDA stream, repeated views included):
-    the batches of the loader without it, while the consumer keeps its own stream busy before
-    asking for each batch (as a trainer's queued step does) and keeps every batch uncloned to the
-    end: nothing read before DALI and the form wrote it, nothing overwritten after."""
+def _same_batches_with(tiny_data, speed: dict, **form) -> None:
+    """The loader's batches with the `speed` options are those without them (labels exactly; pixels
+    a level apart at most, should a kernel's float rounding differ between the two loaders: a race
+    would differ wholesale), while the consumer keeps its own stream busy before asking for each
+    batch (as a trainer's queued step does), reads each there at once (that first read must see
+    the final pixels) and keeps every batch uncloned to the end: nothing read before DALI (and the
+    torch form) wrote it, nothing overwritten after."""
     from fastrsb.pipelines import train_loader
 
-    def batches(**speed):
+    def batches(**extra):
         loader = train_loader(tiny_data / "train", 8, 32, device="cuda", seed=4, aa="rand-m9-mstd0.5-inc1",
-                              aa_impl="torch", repeats=2, **speed)
-        # each batch read on the consumer's stream at once
+                              **form, **extra)
         return _kept_behind_queued_work(loader, read=lambda images: images.float().mean()), loader.settings
     plain, _ = batches()
-    own, settings = batches(augment_stream=True)
-    assert settings["augment_stream"]
-    for (want_images, want_labels, _), (images, labels, early_mean) in zip(plain, own, strict=True):
+    changed, settings = batches(**speed)
+    assert all(settings[key] == value for key, value in speed.items())
+    for (want_images, want_labels, _), (images, labels, early_mean) in zip(plain, changed, strict=True):
         assert torch.equal(labels, want_labels)
-        # The same kernels on the same pixels; a level apart at most, should cuDNN pick another
-        # algorithm for Sharpness's smoothing in the other loader (a race would differ wholesale).
         difference = (images.float() - want_images.float()).abs()
         assert difference.max() < 0.018 and (difference > 0).float().mean() < 1e-3
-        assert torch.equal(early_mean, images.float().mean())  # the consumer's first read saw the final pixels
+        assert torch.equal(early_mean, images.float().mean())
+
+
+def test_gpu_loader_on_a_stream_of_its_own_hands_over_the_same_batches(tiny_data):
+    """augment_stream (the torch form on the loader's own CUDA stream, repeated views included):
+    the batches of the loader without it (_same_batches_with)."""
+    _same_batches_with(tiny_data, dict(augment_stream=True), aa_impl="torch", repeats=2)
 
 
 @pytest.mark.parametrize("form", [dict(aa_impl="tree"), dict(aa_impl="torch", repeats=2, augment_stream=True)])
 def test_gpu_loader_handing_over_on_the_consumers_stream_gives_the_same_batches(tiny_data, form):
     """stream_handover (each batch bound to the stream current where it is taken, which waits for
-    DALI's work on the GPU, instead of DALI's host wait): the batches of the loader without it, in
-    the tree form and in the torch form on the loader's own stream (repeated views: the joined
-    reshuffle rests too), while the consumer's stream is kept busy ahead of each batch, each batch
-    read there at once and kept uncloned to the end: a read before DALI wrote it would show."""
-    from fastrsb.pipelines import train_loader
-
-    def batches(**speed):
-        loader = train_loader(tiny_data / "train", 8, 32, device="cuda", seed=4, aa="rand-m9-mstd0.5-inc1",
-                              **form, **speed)
-        return _kept_behind_queued_work(loader, read=lambda images: images.float().mean()), loader.settings
-    plain, _ = batches()
-    bound, settings = batches(stream_handover=True)
-    assert settings["stream_handover"]
-    for (want_images, want_labels, _), (images, labels, early_mean) in zip(plain, bound, strict=True):
-        assert torch.equal(labels, want_labels)
-        # the torch form: a level apart at most, should cuDNN pick another algorithm for Sharpness
-        difference = (images.float() - want_images.float()).abs()
-        assert difference.max() < 0.018 and (difference > 0).float().mean() < 1e-3
-        assert torch.equal(early_mean, images.float().mean())  # the consumer's first read saw the final pixels
+    DALI's work on the GPU, instead of DALI's host wait): the batches of the loader without it
+    (_same_batches_with), in the tree form and in the torch form on the loader's own stream
+    (repeated views: the joined reshuffle rests too)."""
+    _same_batches_with(tiny_data, dict(stream_handover=True), **form)
 
 
 def test_gpu_loader_waits_when_its_consumer_runs_far_ahead():
