@@ -319,16 +319,17 @@ class _UntilRun:
 
 
 class _OwnStream:
-    """The torch RandAugment form on a CUDA stream of the loader's own (augment_stream=True).
-    A trainer's host thread runs ahead of its GPU: when it asks for batch i, the kernels of step
+    """The torch RandAugment form on a CUDA stream of the loader's own (augment_stream=True). A
+    trainer's host thread runs ahead of its GPU: when it asks for batch i, the kernels of step
     i - 1 are still queued on its stream, and work queued behind them waits for them. Here DALI
-    hands the batch over to the loader's stream instead (the plugin makes the stream current at
-    the hand-over wait for DALI's "batch ready" event) and the form runs there, so the GPU can
-    augment batch i beside step i - 1 (memory-bound kernels beside compute-bound ones). The
-    consumer's stream then waits for the augmented batch: an event, no host sync. The images,
-    made on this stream and used on the consumer's, are recorded there for torch's allocator, and
-    so are the labels: DALI's own buffer (which the allocator passes over) but for a reshuffle's
-    last batches, which torch.cat joins here, on this stream.
+    hands the batch over to the loader's stream instead (the plugin makes the stream current at the
+    hand-over wait for DALI's "batch ready" event; DALI's iterator first waits for it on the host,
+    unless stream_handover) and the form runs there, so the GPU can augment batch i beside step
+    i - 1 (memory-bound kernels beside compute-bound ones). The consumer's stream then waits for
+    the augmented batch: an event, no host sync. The images, made on this stream and used on the
+    consumer's, are recorded there for torch's allocator, and so are the labels: DALI's own buffer
+    (which the allocator passes over) but for a reshuffle's last batches, which torch.cat joins
+    here, on this stream.
     One stream, on the current device (the loader's: one process per GPU). Unlike
     cuda_graphs.on_side_stream, it does not first wait for the consumer's queued work: not
     waiting for it is the point."""
