@@ -209,9 +209,9 @@ step 120 200 train-a3-32-queues env CUDA_DEVICE_MAX_CONNECTIONS=32 $BENCH $DATA 
 #    handed over on the trainer's stream (stream_handover): DALI's iterator takes every batch with
 #    share_outputs(), which without a stream waits on the host for the batch's GPU work (its
 #    docstring: "synchronized with the host"; exec2's PopOutputs: a cudaEventSynchronize), so the
-#    trainer's thread cannot queue the next step before the batch is done, and the GPU waits for
-#    the host's hand-over, mixing and graph launch (~2-5 ms) every step. Bound to the stream, the
-#    wait moves onto the GPU. Then no RandAugment, with and without it.
+#    trainer's thread cannot queue the next step before the batch is done (where the batch comes
+#    late, the GPU then waits for the host's hand-over, mixing and graph launch). Bound to the
+#    stream, the wait moves onto the GPU. Then no RandAugment, with and without it.
 step 150 280 train-a3-overlap $BENCH $DATA --mode train --recipe a3 --steps 100 --set cuda_graphs=true \
     --variants aa_impl=tree aa_impl=tree,stream_handover=true aa=none aa=none,stream_handover=true \
     aa=none,prefetch=4 aa_impl=tree,prefetch=4 aa=none,pipelines=2 aa_impl=tree,pipelines=2 \

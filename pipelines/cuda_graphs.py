@@ -21,9 +21,9 @@ def on_side_stream(work: Callable[[], torch.Tensor], side: torch.cuda.Stream) ->
     Every warm-up call of one graph passes the same side stream, as PyTorch's capture examples
     do: torch's allocator keeps a freed block for the stream it was allocated on, and
     torch.cuda.Stream() hands out its pool's streams in turn, so warm-ups on a fresh stream each
-    would each cache a set of memory of their own until the capture empties the cache (the A3
-    step alone at c5b2a17, 3 warm-ups on 3 streams: 13.9 GiB reserved at the peak for 5.9
-    allocated, where the uncaptured step had reserved 6.8)."""
+    would each cache a set of memory of their own until the capture empties the cache (likely
+    why the A3 step alone at c5b2a17, 3 warm-ups on 3 streams, reserved 13.9 GiB at the peak for
+    5.9 allocated, where the uncaptured step had reserved 6.8)."""
     outer = torch.cuda.current_stream()
     side.wait_stream(outer)
     with torch.cuda.stream(side):

@@ -109,17 +109,21 @@ def test_dalis_iterator_takes_each_batch_through_the_bound_share_outputs(tiny_da
                                         name="reader")
         return fn.resize(fn.decoders.image(jpegs, device="cpu"), size=[16, 16]), labels
 
-    def batches(bind: bool) -> tuple[list, int]:
+    def batches(bind: bool) -> tuple[list, list]:
         pipe, asked = files(), []
         if bind:
             _share_outputs_on(pipe, lambda: asked.append(1))  # None, as DALI's default
         iterator = DALIGenericIterator(pipe, ["images", "labels"], reader_name="reader",
                                        prepare_first_batch=not bind)
-        got = [(b[0]["images"].clone(), b[0]["labels"].clone()) for _, b in zip(range(5), iterator)]
-        return got, len(asked)
+        counts = [len(asked)]  # none taken while the iterator is made: the first waits for its consumer
+        got = []
+        for _, batch in zip(range(5), iterator):
+            got.append((batch[0]["images"].clone(), batch[0]["labels"].clone()))
+            counts.append(len(asked))
+        return got, counts
     plain, _ = batches(bind=False)
-    bound, asked = batches(bind=True)
-    assert asked == 5
+    bound, counts = batches(bind=True)
+    assert counts == [0, 1, 2, 3, 4, 5]
     for (want_images, want_labels), (images, labels) in zip(plain, bound, strict=True):
         assert torch.equal(images, want_images) and torch.equal(labels, want_labels)
 
