@@ -16,6 +16,7 @@ per layer and a magnitude as the loader's draws do; the pixels are random.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import sys
 import tempfile
@@ -28,21 +29,23 @@ from torch.profiler import ProfilerActivity, profile
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from fastrsb.pipelines import parse_rand_augment  # noqa: E402
 from fastrsb.pipelines.randaugment import INTERPOLATIONS, _policy  # noqa: E402
-from fastrsb.pipelines.torch_augment import CHUNK_PIXELS, TorchRandAugment  # noqa: E402
+from fastrsb.pipelines.torch_augment import CHUNK_PIXELS, WARP_TAIL, TorchRandAugment, warp_capacity  # noqa: E402
 from throughput import _emit, context  # noqa: E402  (benchmarks/ is this script's folder)
 
 
 def batch(batch_size: int, size: int, ops: int, layers: int, device: str,
-          interpolation: str = "random") -> tuple[torch.Tensor, torch.Tensor]:
+          interpolation: str = "random", prob: float = 0.5) -> tuple[torch.Tensor, torch.Tensor]:
     """(N, H, W, 3) uint8 pixels and (N, 1 + layers x draws_per_layer(interpolation)) draws: flip,
-    then each layer's op index (one past the last: no op), signed magnitude around 6 and, for
-    "random", bicubic or not."""
+    then each layer's op index by the policy's law (with probability `prob` one of the `ops`, each
+    as likely; else one past the last: no op), signed magnitude around 6 and, for "random",
+    bicubic or not."""
     generator = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (batch_size, size, size, 3), dtype=torch.uint8, generator=generator)
     columns = [torch.rand(batch_size, generator=generator)]
     for _ in range(layers):
-        columns += [torch.randint(0, ops + 1, (batch_size,), generator=generator).float(),
-                    torch.randn(batch_size, generator=generator) * 3 + 6]
+        index = torch.randint(0, ops, (batch_size,), generator=generator)
+        index[torch.rand(batch_size, generator=generator) >= prob] = ops
+        columns += [index.float(), torch.randn(batch_size, generator=generator) * 3 + 6]
         if interpolation == "random":
             columns.append(torch.rand(batch_size, generator=generator).round())
     return images.to(device), torch.stack(columns, 1).to(device)
@@ -97,10 +100,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--chunk-pixels", type=int, nargs="+", default=[CHUNK_PIXELS, 0],
                    help="augment in chunks of at most this many pixels; 0: the whole batch at once "
                         f"(default: {CHUNK_PIXELS:,}, the form's default, then 0)")
+    p.add_argument("--warp-tail", type=float, nargs="+", default=[WARP_TAIL],
+                   help="the warp takes as many samples of a chunk as more of them draw a geometric op with at "
+                        f"most this probability (default: {WARP_TAIL:g}, the form's); 0: every sample, whatever it "
+                        "drew (the form until 2026-12-04); several: each in turn")
     p.add_argument("--json-out", type=Path, help="also append the JSON lines to this file")
     args = p.parse_args(argv)
     if min(args.chunk_pixels) < 0:
         p.error("--chunk-pixels: a number of pixels, or 0 for the whole batch")
+    if not all(0 <= tail < 1 for tail in args.warp_tail):
+        p.error("--warp-tail: a probability, from 0 (every sample warped) to below 1")
     return args
 
 
@@ -109,22 +118,22 @@ def main(argv: list[str] | None = None) -> list[dict]:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     spec = parse_rand_augment(args.aa)
     images, draws = batch(args.batch_size, args.img_size, len(_policy(spec)[0]), spec.num_layers, device,
-                          args.interpolation)
+                          args.interpolation, spec.prob)
     dtype = torch.float16 if device == "cuda" else torch.float32
     results = []
-    for chunk_pixels in args.chunk_pixels:
-        for compiled in (False, True):
-            augment = TorchRandAugment(spec, args.img_size, dtype, compiled=compiled, chunk_pixels=chunk_pixels or None,
-                                       interpolation=args.interpolation)
-            chunk = augment.chunk_size(images)  # eager on a GPU: the whole batch, its warp in chunks
-            result = {**context(), "mode": "augment_memory", "device": device, "aa": args.aa,
-                      "interpolation": args.interpolation,
-                      "batch_size": args.batch_size, "img_size": args.img_size,
-                      "variant": "compiled" if compiled else "eager", "chunk_pixels": chunk_pixels or None,
-                      "chunk_images": chunk if chunk < args.batch_size else None,
-                      **measure(augment, images, draws, args.repeats)}
-            results.append(result)
-            _emit(result, args.json_out)
+    for chunk_pixels, tail, compiled in itertools.product(args.chunk_pixels, args.warp_tail, (False, True)):
+        augment = TorchRandAugment(spec, args.img_size, dtype, compiled=compiled, chunk_pixels=chunk_pixels or None,
+                                   interpolation=args.interpolation, warp_tail=tail)
+        chunk = augment.chunk_size(images)  # eager on a GPU: the whole batch, its warp in chunks
+        result = {**context(), "mode": "augment_memory", "device": device, "aa": args.aa,
+                  "interpolation": args.interpolation, "warp_tail": tail,
+                  "warp_capacity": warp_capacity(chunk, augment.geometric_share, tail),
+                  "batch_size": args.batch_size, "img_size": args.img_size,
+                  "variant": "compiled" if compiled else "eager", "chunk_pixels": chunk_pixels or None,
+                  "chunk_images": chunk if chunk < args.batch_size else None,
+                  **measure(augment, images, draws, args.repeats)}
+        results.append(result)
+        _emit(result, args.json_out)
     return results
 
 

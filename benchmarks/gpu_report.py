@@ -179,6 +179,10 @@ def extras(rows: list[dict]) -> list[str]:
         elif row.get("mode") == "augment_memory":
             chunks = (f"chunks of {row['chunk_images']} images" if row.get("chunk_images")
                       else "whole batch, its warp in chunks" if row.get("chunk_pixels") else "whole batch")
+            if row.get("warp_capacity") is not None:  # since the warp takes the samples that drew it (1e-15 tail)
+                of = f"each {row['chunk_images']}" if row.get("chunk_images") else f"the {row['batch_size']}"
+                taken = row["warp_capacity"] < (row.get("chunk_images") or row["batch_size"])
+                chunks += f", warping {row['warp_capacity']} of {of}" if taken else ", warping every image"
             lines.append(f"torch RandAugment form alone ({row['variant']}, {chunks}, batch {row['batch_size']}): "
                          f"peak {row['peak_mb']:,.0f} MB, {row['ms_per_batch']:.1f} ms a batch")
     return lines

@@ -367,7 +367,7 @@ def _measure_variant(variant: dict, recipe: dict, training, args, root: Path | N
         timing = _timed(one_step, warmup, args.steps, device, sampler)
         profiled = {}
         if args.profile:  # after the timed steps, so that the profiler's overhead does not touch them
-            profiled = _profile(one_step, args.profile_steps, device, waits, profile_folder)
+            profiled = _profile(one_step, args.profile_steps, device, waits, profile_folder, batch)
     mode = "step" if variant["step"] else "train"
     return {"mode": mode, "loader": "synthetic batch" if mode == "step" else ("dali-gpu" if device == "cuda" else "dali-cpu"),
             "device": device, "model": recipe["model"], "recipe": recipe["name"], "img_size": size, "batch_size": batch,
@@ -382,9 +382,10 @@ def _measure_variant(variant: dict, recipe: dict, training, args, root: Path | N
             **_memory(device, sampler)}
 
 
-def _profile(one_step, steps: int, device: str, waits: list, folder: Path | None) -> dict:
-    """Run `steps` more steps under torch.profiler and summarize them (profile_summary.py); write
-    FOLDER/profile.txt and profile.json (rank 0) and print the text. Returns the headline figures."""
+def _profile(one_step, steps: int, device: str, waits: list, folder: Path | None, batch: int) -> dict:
+    """Run `steps` more steps of `batch` images under torch.profiler and summarize them
+    (profile_summary.py); write FOLDER/profile.txt and profile.json (rank 0) and print the text.
+    Returns the headline figures."""
     from torch.profiler import ProfilerActivity, profile
     from profile_summary import render, summarize, write, write_trace
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
@@ -397,7 +398,8 @@ def _profile(one_step, steps: int, device: str, waits: list, folder: Path | None
         if device == "cuda":
             torch.cuda.synchronize()
     summary = summarize(prof, steps=steps, wall_seconds=time.perf_counter() - start,
-                        host_seconds=time.thread_time() - host, data_wait_seconds=sum(waits[first:]), device=device)
+                        host_seconds=time.thread_time() - host, data_wait_seconds=sum(waits[first:]), device=device,
+                        images_per_step=batch)
     if folder is None:
         return {}
     text, data = write(summary, folder)
@@ -405,8 +407,8 @@ def _profile(one_step, steps: int, device: str, waits: list, folder: Path | None
     print(render(summary), file=sys.stderr)
     print(f"profile: {text}, {data}, " + (f"{trace} (the timeline)" if trace else "no trace (over the size limit)"),
           file=sys.stderr)
-    return {"profile": {key: summary[key] for key in ("gpu_busy_share", "data_wait_share", "host_cpu_ms_per_step",
-                                                      "wall_ms_per_step", "gpu_ms_per_step")}}
+    return {"profile": {key: summary[key] for key in ("gpu_busy_share", "gpu_bound_images_per_sec", "data_wait_share",
+                                                      "host_cpu_ms_per_step", "wall_ms_per_step", "gpu_ms_per_step")}}
 
 
 def combine_ranks(results: list[dict]) -> dict:

@@ -4,11 +4,12 @@
 The pipeline decodes, crops and resizes, and draws every sample's ops, magnitudes and flip (so the
 draws are DALI's: saved and restored with its checkpoints, seeded per shard); this module applies
 them where the batch is, with the same kernels whatever was drawn: per layer one warp (the
-geometric ops; the identity matrix elsewhere), one lookup in a per-sample, per-channel table of
-256 values for every op that is a function of the value alone (AutoContrast, Equalize, Invert,
-Posterize, Solarize, SolarizeAdd, Brightness, Contrast), one blend with the grey image (Color) and
-one with the smoothed image (Sharpness), each leaving the samples that drew another op as they
-are. No host sync and no shape that depends on the draws, so the GPU never waits for the host.
+geometric ops, on a fixed number of samples, those that drew one first: warp_capacity), one lookup
+in a per-sample, per-channel table of 256 values for every op that is a function of the value alone
+(AutoContrast, Equalize, Invert, Posterize, Solarize, SolarizeAdd, Brightness, Contrast), one blend
+with the grey image (Color) and one with the smoothed image (Sharpness), each leaving the samples
+that drew another op as they are. No host sync and no shape that depends on the draws, so the GPU
+never waits for the host.
 
 Each op computes what PIL computes when timm calls it: the tables and the blends in PIL's integer
 and float32 arithmetic (the same values, tested), Equalize with PIL's own table (DALI's follows
@@ -44,6 +45,13 @@ from .randaugment import FILL, GEOMETRIC, INTERPOLATIONS, _policy, draws_per_lay
 # batch compiled in chunks, where the bilinear-only form took 2.7 s on the same (slow) day.
 CHUNK_PIXELS = 64 * 160 * 160
 
+# The warp takes a fixed number of samples a layer (TorchRandAugment._warp): enough that more
+# samples of a chunk draw a geometric op with a probability no higher than this. At 1e-15 a chunk
+# and layer, an A3 run (128M images: 2M chunks of 64, two layers each) meets such a chunk with a
+# probability below 4e-9. At A3's share (a sixth), a chunk of 64 warps 39 samples, a batch of 256
+# at once 96 (eager on a GPU), 2,048 482; 16 or fewer, all of them.
+WARP_TAIL = 1e-15
+
 
 class TorchRandAugment:
     """augment(images, draws) -> the batch as the DALI forms hand it over: images (N, H, W, 3)
@@ -53,7 +61,8 @@ class TorchRandAugment:
     channels-last, in `dtype`."""
 
     def __init__(self, spec: RandAugmentSpec, size: int, dtype: torch.dtype, compiled: bool = False,
-                 chunk_pixels: int | None = CHUNK_PIXELS, interpolation: str = "random"):
+                 chunk_pixels: int | None = CHUNK_PIXELS, interpolation: str = "random",
+                 warp_tail: float = WARP_TAIL):
         """compiled: run through torch.compile (inductor): the ~900 torch calls of A3's policy a batch
         fuse into a handful of loops (13 calls a batch on the CPU; Triton splits loops further on
         the GPU) that read and write the batch a few times in all instead of once per call. The
@@ -63,12 +72,19 @@ class TorchRandAugment:
         least one) where chunks are cheap (chunk_size); None: the whole batch at once. The same
         pixels either way.
         interpolation: how the geometric ops resample: "random" (bilinear or bicubic as each
-        sample's draw says), "bilinear" or "bicubic"; as rand_augment_draws was told."""
+        sample's draw says), "bilinear" or "bicubic"; as rand_augment_draws was told.
+        warp_tail: the warp takes as many samples a chunk as more of them draw a geometric op
+        with at most this probability (warp_capacity); 0: every sample, whatever it drew."""
         if interpolation not in INTERPOLATIONS:
             raise ValueError(f"interpolation must be one of {', '.join(INTERPOLATIONS)}, not {interpolation!r}")
+        if not 0 <= warp_tail < 1:
+            raise ValueError(f"warp_tail is a probability from 0 (every sample warped) to below 1, not {warp_tail}")
         self.spec, self.size, self.dtype, self.interpolation = spec, size, dtype, interpolation
         self.chunk_images = max(1, chunk_pixels // (size * size)) if chunk_pixels else None
         self.ordered = _policy(spec)[0]
+        # The chance that a sample draws a geometric op in a layer (each op: prob / len(ops)).
+        self.geometric_share = spec.prob * sum(name in GEOMETRIC for name in self.ordered) / len(self.ordered)
+        self.warp_tail = warp_tail
         self.compiled = compiled
         self._compiled_ran = False
         self._constants: dict = {}
@@ -178,15 +194,35 @@ class TorchRandAugment:
             drawn |= chosen
             matrix = torch.where(chosen.view(n, 1, 1), _pil_affine(name, signed, width, height), matrix)
         fill = self._constant("fill", x.device)
-        # A chunk at a time even where the rest takes the whole batch (eager on a GPU: chunk_size):
+        # Only the samples that drew a geometric op need the warp (A3: a sixth of them a layer),
+        # but how many did is known on the GPU alone, and no shape may depend on it (no host sync;
+        # compiled and captured code has one shape). So the warp takes a fixed number of samples,
+        # `capacity`, those that drew one first (a stable sort of the flags, on the device) and
+        # others after them, whose result is not used. More than capacity samples draw one with a
+        # probability of at most WARP_TAIL (warp_capacity); the samples past it would then keep
+        # their pixels for that layer's op.
+        capacity = warp_capacity(n, self.geometric_share, self.warp_tail)
+        if capacity == 0:  # no sample can draw a geometric op
+            return x
+        every = torch.arange(n, device=x.device)
+        taken = torch.argsort((~drawn).to(torch.uint8), stable=True)[:capacity] if capacity < n else every
+        matrix, cubic = matrix[taken], cubic if isinstance(cubic, bool) else cubic[taken]
+        # A piece at a time even where the rest takes the whole batch (eager on a GPU: chunk_size):
         # the warp's float64 temporaries, ~100 bytes a pixel, are most of what the form holds, and
-        # its ~30 calls a chunk little of its launches.
-        step = min(n, self.chunk_images or n)
-        pieces = [_resample(x[i:i + step], _sample_points(matrix[i:i + step], height, width), fill,
-                            cubic if isinstance(cubic, bool) else cubic[i:i + step])
-                  for i in range(0, n, step)]
+        # its ~30 calls a piece little of its launches. Each reads its samples where they are in x.
+        step = min(capacity, self.chunk_images or capacity)
+        pieces = [_resample(x, _sample_points(matrix[i:i + step], height, width), fill,
+                            cubic if isinstance(cubic, bool) else cubic[i:i + step], taken[i:i + step])
+                  for i in range(0, capacity, step)]
         warped = (pieces[0] if len(pieces) == 1 else torch.cat(pieces)).permute(0, 3, 1, 2)
-        return torch.where(drawn.view(n, 1, 1, 1), warped, x)
+        if capacity == n:
+            return torch.where(drawn.view(n, 1, 1, 1), warped, x)
+        # Into the batch at their places. A sample taken without a geometric draw has the identity
+        # matrix, whose warp gives back its pixels exactly (each sample point at a pixel's centre:
+        # fractions of 0), so nothing need choose between its two images here (compiled on the CPU,
+        # such a choice cost a copy of the chunk into another layout: the warp no faster than on
+        # every sample).
+        return x.index_copy(0, taken, warped)
 
     # --- the tables ------------------------------------------------------------------------------
 
@@ -261,6 +297,35 @@ _CONSTANTS = {
 }
 
 
+_CAPACITIES: dict[tuple[int, float, float], int] = {}
+
+
+@torch.compiler.assume_constant_result  # compiled, a number for the chunk's shape: not traced
+def warp_capacity(samples: int, share: float, tail: float = WARP_TAIL) -> int:
+    """The fewest of `samples` that hold, with a probability above 1 - tail, every sample that
+    draws a geometric op, each with probability `share` on its own: the smallest c with
+    P(Binomial(samples, share) > c) <= tail (its terms in log space, summed from the top)."""
+    key = (samples, share, tail)
+    if key not in _CAPACITIES:
+        _CAPACITIES[key] = _smallest_bound(samples, share, tail)
+    return _CAPACITIES[key]
+
+
+def _smallest_bound(samples: int, share: float, tail: float) -> int:
+    if share <= 0.0 or samples == 0:
+        return 0
+    if share >= 1.0 or tail <= 0.0:
+        return samples
+    log_share, log_rest = math.log(share), math.log1p(-share)
+    above = 0.0  # P(K > count), for count from samples down
+    for count in range(samples, 0, -1):
+        above += math.exp(math.lgamma(samples + 1) - math.lgamma(count + 1) - math.lgamma(samples - count + 1)
+                          + count * log_share + (samples - count) * log_rest)  # P(K = count)
+        if above > tail:
+            return count
+    return 0
+
+
 def _eager_numerics() -> dict:
     """Inductor's option to cast as eager does (and, in Triton, to keep a * b + c two roundings),
     where this torch has it. (Imported here: inductor takes ~0.8 s to import.)"""
@@ -308,8 +373,10 @@ def _sample_points(matrix: torch.Tensor, height: int, width: int) -> torch.Tenso
             + matrix[:, None, None, :, 2])
 
 
-def _resample(x: torch.Tensor, source: torch.Tensor, fill: torch.Tensor, cubic: bool | torch.Tensor) -> torch.Tensor:
-    """PIL's transform filters: each output pixel takes the input at `source` (N, H, W, 2), x then
+def _resample(x: torch.Tensor, source: torch.Tensor, fill: torch.Tensor, cubic: bool | torch.Tensor,
+              samples: torch.Tensor | None = None) -> torch.Tensor:
+    """PIL's transform filters, for the images of x that `samples` (N,) names (default: each in
+    turn): each output pixel takes its image at `source` (N, H, W, 2), x then
     y, in pixel units with centres at +0.5, in double: `fill` ((3,) uint8) where that point lies
     outside the image, else PIL's bilinear filter (a + (b - a) d across, then down) or, where
     `cubic` (one bool or (N,) bool), its bicubic one (a = -1 cubic convolution over 4 x 4 pixels,
@@ -319,16 +386,21 @@ def _resample(x: torch.Tensor, source: torch.Tensor, fill: torch.Tensor, cubic: 
     on the whole chunk and each sample takes its own. Compiled (as seen on the CPU), inductor keeps
     the filtered rows as float64 buffers (each is read more than once): for bilinear, 2 x 157 MB
     for A3's batch of 256 at 160 px; hence CHUNK_PIXELS."""
-    n, c, height, width = x.shape
-    pixels = x.permute(0, 2, 3, 1).reshape(n * height * width, c)  # gathered as uint8, filtered in double
+    images, c, height, width = x.shape
+    n = source.shape[0]
+    pixels = x.permute(0, 2, 3, 1).reshape(images * height * width, c)  # gathered as uint8, filtered in double
     across_image, down_image = source.unbind(-1)
     inside = ((across_image >= 0) & (across_image < width) & (down_image >= 0) & (down_image < height)).unsqueeze(-1)
     corner = (source - 0.5).floor()
     across, down = (fraction.unsqueeze(-1) for fraction in (source - 0.5 - corner).unbind(-1))
     # int32 indices where every pixel's fits (half the bytes of int64 wherever inductor keeps them)
-    index = torch.int32 if n * height * width < 2**31 else torch.int64
+    index = torch.int32 if images * height * width < 2**31 else torch.int64
     left, top = corner.to(index).unbind(-1)
-    first = (torch.arange(n, device=x.device, dtype=index) * (height * width)).view(n, 1, 1)
+    if samples is None:
+        samples = torch.arange(n, device=x.device)
+    # Each sample's first pixel: read from x where it is (a copy of the samples' images first would
+    # be fused into every read by inductor, a division and a lookup each: no faster than all of x)
+    first = (samples.to(index) * (height * width)).view(n, 1, 1)
 
     def at(row, column):  # (N, H, W, C) uint8
         return pixels[first + row.clamp(0, height - 1) * width + column.clamp(0, width - 1)]

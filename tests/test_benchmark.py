@@ -181,6 +181,7 @@ def test_train_mode_profile_explains_itself(tmp_path, capsys):
                           "--cache", tmp_path, "--workers", "1", "--profile", tmp_path / "prof", "--profile-steps", "3")
     summary = json.loads((tmp_path / "prof" / "profile.json").read_text())
     assert summary["steps"] == 3 and summary["device"] == "cpu" and summary["gpu_busy_share"] is None
+    assert summary["gpu_bound_images_per_sec"] is None and r["profile"]["gpu_bound_images_per_sec"] is None
     assert 0 < summary["host_cpu_ms_per_step"] and 0 < summary["wall_ms_per_step"]
     assert 0 <= summary["data_wait_share"] < 1 and 0 <= r["data_wait"] < 1
     assert any(op["name"].startswith("aten::conv") for op in summary["top_cpu_ops"])
@@ -223,8 +224,12 @@ def test_profile_summary_of_gpu_kernels():
         augment_range, augment_op, model_op,  # the same eager kernel, launched once in the range, once outside it
         event("void at::native::where_kernel", 53_000, 57_000, linked=8),
         event("void at::native::where_kernel", 60_000, 61_000, linked=9)])
-    s = summarize(trace, steps=2, wall_seconds=0.1, host_seconds=0.05, data_wait_seconds=0.01, device="cuda")
+    s = summarize(trace, steps=2, wall_seconds=0.1, host_seconds=0.05, data_wait_seconds=0.01, device="cuda",
+                  images_per_step=256)
     assert s["gpu_busy_share"] == pytest.approx(0.37)  # 15 + 10 + 2 + 5 + 4 + 1 ms of 100 ms
+    # 18.5 ms of GPU work a step for 256 images: the pace were the GPU never idle
+    assert s["gpu_bound_images_per_sec"] == pytest.approx(256 / 0.0185)
+    assert "the GPU's own work allows at most 13,838 img/s (18.50 ms a step busy), were it never idle" in render(s)
     assert s["gpu_ms_per_step"] == pytest.approx({"loader": 9.5, "model": 10.5, "copies": 1.0})
     assert s["blocking_ms_per_step"] == pytest.approx({"aten::_local_scalar_dense": 0.5, "cudaDeviceSynchronize": 2.0,
                                                        "cudaStreamSynchronize": 1.0})
@@ -682,6 +687,15 @@ def test_gpu_report_reads_a_run_as_the_readme_shows_it():
                       "chunk_images": None, "peak_mb": 300.0, "ms_per_batch": 20.0}  # the batch whole, its warp chunked
     assert gpu_report.extras([eager_on_a_gpu]) == ["torch RandAugment form alone (eager, whole batch, its warp in "
                                                    "chunks, batch 256): peak 300 MB, 20.0 ms a batch"]
+    compiled_in_chunks = {**eager_on_a_gpu, "variant": "compiled", "chunk_images": 64, "warp_capacity": 39}
+    assert gpu_report.extras([{**eager_on_a_gpu, "warp_capacity": 96}, compiled_in_chunks,
+                              {**compiled_in_chunks, "warp_capacity": 64}]) == [
+        "torch RandAugment form alone (eager, whole batch, its warp in chunks, warping 96 of the 256, batch 256): "
+        "peak 300 MB, 20.0 ms a batch",
+        "torch RandAugment form alone (compiled, chunks of 64 images, warping 39 of each 64, batch 256): peak 300 MB, "
+        "20.0 ms a batch",
+        "torch RandAugment form alone (compiled, chunks of 64 images, warping every image, batch 256): peak 300 MB, "
+        "20.0 ms a batch"]
     lamb = {"mode": "lamb_update", "model": "resnet50", "variant": "compiled+graph", "ms_per_update": 1.25,
             "host_ms_per_update": 0.05}
     lines = gpu_report.extras(rows + [lamb])

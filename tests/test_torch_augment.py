@@ -1,7 +1,9 @@
 """The torch form of RandAugment (aa_impl="torch"): DALI draws, torch applies, exactly as timm's
 PIL ops compute."""
 import glob
+import math
 import sys
+from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +17,7 @@ from fastrsb.pipelines import DatasetError, parse_rand_augment, train_loader
 from fastrsb.pipelines.graphs import _normalize
 from fastrsb.pipelines.loader import _check_gpu_options
 from fastrsb.pipelines.randaugment import FILL, GEOMETRIC, _policy, draws_per_layer, rand_augment_draws
-from fastrsb.pipelines.torch_augment import TorchRandAugment
+from fastrsb.pipelines.torch_augment import WARP_TAIL, TorchRandAugment, warp_capacity
 
 SIZE = 48
 
@@ -86,6 +88,57 @@ def test_samples_keep_their_own_op_and_the_rest_stay(photos):
         alone = augment.layer(batch, torch.full((count,), j), signed)
         assert torch.equal(mixed[j], alone[j]), j
     assert torch.equal(mixed[-1], batch[-1])
+
+
+def _binomial_above(samples, share, count):
+    """P(Binomial(samples, share) > count), in exact fractions (share as the float it is)."""
+    share = Fraction(share)
+    return sum(math.comb(samples, k) * share ** k * (1 - share) ** (samples - k) for k in range(count + 1, samples + 1))
+
+
+def test_warp_capacity_is_the_smallest_that_holds_the_geometric_draws_but_with_the_tail():
+    """warp_capacity(n, share, tail): the smallest c with P(more than c of n samples draw a
+    geometric op) <= tail, checked in exact fractions; A3's figures as the form's comments give
+    them; every sample where tail is 0, none where no op is geometric."""
+    for samples, share, tail in ((64, 1 / 6, WARP_TAIL), (256, 1 / 6, WARP_TAIL), (32, 1 / 6, 1e-3), (40, 0.3, 1e-6),
+                                 (6, 1 / 6, 1e-4), (16, 1 / 6, WARP_TAIL)):
+        capacity = warp_capacity(samples, share, tail)
+        assert _binomial_above(samples, share, capacity) <= tail, (samples, share, tail)
+        assert capacity == 0 or _binomial_above(samples, share, capacity - 1) > tail, (samples, share, tail)
+    a3 = parse_rand_augment("rand-m6-mstd0.5-inc1")
+    share = TorchRandAugment(a3, SIZE, torch.float32).geometric_share
+    assert share == a3.prob * len(GEOMETRIC) / len(_policy(a3)[0]) == pytest.approx(1 / 6)
+    assert [warp_capacity(n, share) for n in (16, 64, 256, 2048)] == [16, 39, 96, 482]
+    assert warp_capacity(64, share, 0.0) == 64 and warp_capacity(64, 0.0) == 0
+    for wrong in (-0.1, 1.0):  # 1 would warp no sample at all
+        with pytest.raises(ValueError, match="warp_tail is a probability"):
+            TorchRandAugment(a3, SIZE, torch.float32, warp_tail=wrong)
+
+
+def test_the_warp_takes_the_samples_that_drew_a_geometric_op_first(photos):
+    """With fewer samples warped than the batch holds (warp_capacity), the layer gives the pixels
+    it gives with every sample warped, whichever samples drew a geometric op; and in a batch where
+    more drew one than the warp takes (forced here; by the law, with a probability below the tail),
+    the first of them in the batch are warped and the rest keep their pixels for that op."""
+    spec = parse_rand_augment("rand-m9-mstd0.5-inc1")
+    every = TorchRandAugment(spec, SIZE, torch.float32, warp_tail=0.0)
+    fewer = TorchRandAugment(spec, SIZE, torch.float32, warp_tail=1e-3)
+    capacity = warp_capacity(32, fewer.geometric_share, 1e-3)
+    assert capacity < 32
+    batch = torch.from_numpy(photos[np.arange(32) % len(photos)]).permute(0, 3, 1, 2)
+    generator = torch.Generator().manual_seed(2)
+    geometric = [_policy(spec)[0].index(name) for name in GEOMETRIC]
+    for drawn in (capacity, capacity // 2):  # as many samples drew a geometric op as are warped, and fewer
+        index = torch.randint(0, len(_policy(spec)[0]) - len(GEOMETRIC), (32,), generator=generator)
+        where = torch.randperm(32, generator=generator)[:drawn]
+        index[where] = torch.tensor(geometric)[torch.randint(0, len(geometric), (drawn,), generator=generator)]
+        signed = torch.rand(32, generator=generator) * 20 - 10
+        cubic = torch.rand(32, generator=generator) > 0.5
+        assert torch.equal(fewer.layer(batch, index, signed, cubic), every.layer(batch, index, signed, cubic))
+    rotate = torch.full((32,), _policy(spec)[0].index("Rotate"))
+    signed = torch.full((32,), 9.0)
+    got, want = fewer.layer(batch, rotate, signed), every.layer(batch, rotate, signed)
+    assert torch.equal(got[:capacity], want[:capacity]) and torch.equal(got[capacity:], batch[capacity:])
 
 
 def _draws(config, count, seed=3, interpolation="random"):
@@ -171,10 +224,13 @@ def test_compiled_form_is_the_eager_one_and_compiles_once(photos):
     """compiled=True (torch.compile, one graph): the eager form's pixels with every op and "none"
     drawn in both layers, bilinear and bicubic, flips and normalization included, and a batch with other draws runs
     the code compiled for the first (a recompile would cost seconds a batch). Compiled in chunks
-    of 6 images (the last of 4), against the eager form on the whole batch."""
+    of 6 images (the last of 4), against the eager form on the whole batch; the compiled warp
+    takes 5 samples of a chunk of 6 (warp_tail 1e-4), as a GPU's chunks of 64 take 39, and
+    every chunk here has 5 or fewer that drew a geometric op."""
     spec = parse_rand_augment("rand-m9-mstd0.5-inc1")
     eager = TorchRandAugment(spec, SIZE, torch.float32, chunk_pixels=None)
-    compiled = TorchRandAugment(spec, SIZE, torch.float32, compiled=True, chunk_pixels=6 * SIZE * SIZE)
+    compiled = TorchRandAugment(spec, SIZE, torch.float32, compiled=True, chunk_pixels=6 * SIZE * SIZE, warp_tail=1e-4)
+    assert (warp_capacity(6, compiled.geometric_share, 1e-4), warp_capacity(16, eager.geometric_share)) == (5, 16)
     choices = len(_policy(spec)[0]) + 1
     batch = torch.from_numpy(photos[np.arange(choices) % len(photos)])
     generator = torch.Generator().manual_seed(0)
@@ -206,15 +262,16 @@ def test_chunks_change_no_pixel_and_bound_the_memory(photos):
                          index[:, 1], signed[:, 1], cubic[:, 1]], 1)
     assert TorchRandAugment(spec, 160, torch.float32).chunk_images == 64  # the default, at A3's size
     assert TorchRandAugment(spec, 224, torch.float32).chunk_images == 32
-    whole = TorchRandAugment(spec, SIZE, torch.float32, chunk_pixels=None)
-    chunked = TorchRandAugment(spec, SIZE, torch.float32, chunk_pixels=8 * SIZE * SIZE + 100)
+    # Every sample warped (warp_tail 0): the chunks' memory alone, not the warp's fewer samples.
+    whole = TorchRandAugment(spec, SIZE, torch.float32, chunk_pixels=None, warp_tail=0.0)
+    chunked = TorchRandAugment(spec, SIZE, torch.float32, chunk_pixels=8 * SIZE * SIZE + 100, warp_tail=0.0)
     assert (whole.chunk_images, chunked.chunk_images) == (None, 8)
     assert chunked.chunk_size(images) == 8 and chunked.chunk_size(images[:5]) == 5 and whole.chunk_size(images) == 40
     # Off the CPU ("meta" stands in for a GPU) only the compiled form chunks the batch.
     on_a_gpu = torch.empty((40, SIZE, SIZE, 3), dtype=torch.uint8, device="meta")
     compiled = TorchRandAugment(spec, SIZE, torch.float32, compiled=True, chunk_pixels=8 * SIZE * SIZE)
     assert (chunked.chunk_size(on_a_gpu), compiled.chunk_size(on_a_gpu)) == (40, 8)
-    warp_only = TorchRandAugment(spec, SIZE, torch.float32, chunk_pixels=8 * SIZE * SIZE)
+    warp_only = TorchRandAugment(spec, SIZE, torch.float32, chunk_pixels=8 * SIZE * SIZE, warp_tail=0.0)
     warp_only.chunk_size = lambda batch: batch.shape[0]  # that eager GPU path, taken here
     want = whole(images[:36], draws[:36])
     for form in (chunked, warp_only):  # chunks of 8, the last of 4
