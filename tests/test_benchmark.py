@@ -687,15 +687,6 @@ def test_gpu_report_reads_a_run_as_the_readme_shows_it():
                       "chunk_images": None, "peak_mb": 300.0, "ms_per_batch": 20.0}  # the batch whole, its warp chunked
     assert gpu_report.extras([eager_on_a_gpu]) == ["torch RandAugment form alone (eager, whole batch, its warp in "
                                                    "chunks, batch 256): peak 300 MB, 20.0 ms a batch"]
-    compiled_in_chunks = {**eager_on_a_gpu, "variant": "compiled", "chunk_images": 64, "warp_capacity": 39}
-    assert gpu_report.extras([{**eager_on_a_gpu, "warp_capacity": 96}, compiled_in_chunks,
-                              {**compiled_in_chunks, "warp_capacity": 64}]) == [
-        "torch RandAugment form alone (eager, whole batch, its warp in chunks, warping 96 of the 256, batch 256): "
-        "peak 300 MB, 20.0 ms a batch",
-        "torch RandAugment form alone (compiled, chunks of 64 images, warping 39 of each 64, batch 256): peak 300 MB, "
-        "20.0 ms a batch",
-        "torch RandAugment form alone (compiled, chunks of 64 images, warping every image, batch 256): peak 300 MB, "
-        "20.0 ms a batch"]
     lamb = {"mode": "lamb_update", "model": "resnet50", "variant": "compiled+graph", "ms_per_update": 1.25,
             "host_ms_per_update": 0.05}
     lines = gpu_report.extras(rows + [lamb])
@@ -704,6 +695,23 @@ def test_gpu_report_reads_a_run_as_the_readme_shows_it():
                for line in lines)  # the rows from before the chunks
     assert any(line.startswith("torch RandAugment form alone (compiled, chunks of 64 images, batch 256): peak 241 MB")
                for line in lines)
+
+
+def test_gpu_report_says_how_many_samples_the_torch_forms_warp_took():
+    """The torch form's rows since its warp takes the samples that drew a geometric op: how many
+    of a chunk (or of the batch, taken whole), or every one (warp_tail 0)."""
+    sys.path.insert(0, str(BENCH))
+    import gpu_report
+    eager_on_a_gpu = {"mode": "augment_memory", "variant": "eager", "batch_size": 256, "chunk_pixels": 1638400,
+                      "chunk_images": None, "peak_mb": 300.0, "ms_per_batch": 20.0, "warp_capacity": 96}
+    compiled_in_chunks = {**eager_on_a_gpu, "variant": "compiled", "chunk_images": 64, "warp_capacity": 39}
+    assert gpu_report.extras([eager_on_a_gpu, compiled_in_chunks, {**compiled_in_chunks, "warp_capacity": 64}]) == [
+        "torch RandAugment form alone (eager, whole batch, its warp in chunks, warping 96 of the 256, batch 256): "
+        "peak 300 MB, 20.0 ms a batch",
+        "torch RandAugment form alone (compiled, chunks of 64 images, warping 39 of each 64, batch 256): peak 300 MB, "
+        "20.0 ms a batch",
+        "torch RandAugment form alone (compiled, chunks of 64 images, warping every image, batch 256): peak 300 MB, "
+        "20.0 ms a batch"]
 
 
 def test_timm_parity_trains_the_recipe_both_ways(tiny_data, tmp_path, capsys):
