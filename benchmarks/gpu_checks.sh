@@ -289,10 +289,11 @@ step 60 120 loader-aa-torch-compiled $BENCH $DATA --mode loader --loaders dali-g
 step 40 60 loader-aa-torch $BENCH $DATA --mode loader --loaders dali-gpu --steps 80 --aa-impl torch
 step 40 60 loader-aa-batch $BENCH $DATA --mode loader --loaders dali-gpu --steps 80 --aa-impl batch
 #    The torch form alone on A3's batch, its warp on every sample of a chunk and on the 39 of 64 that
-#    hold the samples that drew a geometric op (warp_capacity, new here): the form's GPU time a
-#    batch, each way (at c5b2a17 its kernels took ~3.5 ms of A3's 26.8 ms of GPU work a step, which
-#    bounds A3 at ~9,560 img/s however well the loader and the step overlap; on 2 CPU cores the
-#    warp went 87 -> 53 ms a chunk compiled).
+#    hold the samples that drew a geometric op (warp_capacity, new at 33b7134): the form's GPU time a
+#    batch, each way. At c5b2a17 A3 with the torch form kept the GPU busy 26.8 ms a step, which
+#    bounds it at ~9,560 img/s however well the loader and the step overlap; the form's and the
+#    mixing's kernels likely ~4 ms of it (the profile did not split them from the model's). On 2 CPU
+#    cores the compiled warp went 87 -> 53 ms a chunk.
 step 80 160 augment-warp python3 benchmarks/augment_memory.py --chunk-pixels 1638400 --warp-tail 0 1e-15 \
     --json-out "$OUT/gpu.jsonl"
 # 8. The demo trained by fastrsb on the GPU (DALI's GPU loader, compiled, bf16) and by timm's parts,

@@ -121,8 +121,9 @@ def summarize(prof, *, steps: int, wall_seconds: float, host_seconds: float, dat
         "data_wait_share": data_wait_seconds / wall_seconds if wall_seconds else 0.0,
         "gpu_busy_share": busy / wall_seconds if busy is not None and wall_seconds else None,
         # The most images a second these steps' GPU work allows, were the GPU never idle (loader and
-        # step overlapping perfectly): at c5b2a17, A3 with the torch form, 26.8 ms of work a step
-        # for 256 images, ~9,560 img/s, under issue 13's 10,000 however well the two overlap.
+        # step overlapping perfectly; copies count as busy, though a copy engine could run them
+        # beside kernels): at c5b2a17, A3 with the torch form, 26.8 ms of work a step for 256
+        # images, ~9,560 img/s, under issue 13's 10,000 however well the two overlap.
         "gpu_bound_images_per_sec": images_per_step * steps / busy if busy and images_per_step else None,
         "gpu_ms_per_step": {part: seconds * per_step for part, seconds in by_part.items()} if kernels else None,
         "blocking_ms_per_step": {name: seconds * per_step for name, seconds in sorted(blocking.items())},
