@@ -18,22 +18,24 @@ from fastrsb.mix import BatchMixer
 from fastrsb.optim import make_optimizer
 from fastrsb.pipelines.augment_spec import parse_rand_augment
 from fastrsb.pipelines.randaugment import draws_per_layer
-from fastrsb.pipelines.torch_augment import TorchRandAugment
+from fastrsb.pipelines.torch_augment import TorchRandAugment, warp_capacity
 from fastrsb.recipe import load_recipe
 
 
 @pytest.mark.parametrize("interpolation", ["random", "bicubic"])
 def test_the_torch_randaugment_form_keeps_a_gpu_batch_on_the_gpu(interpolation):
     """Every op of A1's policy (the torch form computes each op for the whole batch and keeps each
-    sample's own), on the GPU's path: the whole batch at once, eager."""
+    sample's own), on the GPU's path: the whole batch at once, eager; its warp on 39 of 64 samples,
+    those that drew a geometric op sorted first on the device."""
     spec = parse_rand_augment("rand-m7-mstd0.5-inc1")
     augment = TorchRandAugment(spec, 32, torch.float16, interpolation=interpolation)
+    assert warp_capacity(64, augment.geometric_share) == 39
     with FakeTensorMode():
-        images = torch.empty(6, 32, 32, 3, dtype=torch.uint8, device="cuda")
-        draws = torch.zeros(6, 1 + spec.num_layers * draws_per_layer(interpolation), device="cuda")
-        assert augment.chunk_size(images) == 6  # the GPU's eager path: one call for the batch
+        images = torch.empty(64, 32, 32, 3, dtype=torch.uint8, device="cuda")
+        draws = torch.zeros(64, 1 + spec.num_layers * draws_per_layer(interpolation), device="cuda")
+        assert augment.chunk_size(images) == 64  # the GPU's eager path: one call for the batch
         out = augment(images, draws)
-    assert (out.device.type, out.dtype, tuple(out.shape)) == ("cuda", torch.float16, (6, 3, 32, 32))
+    assert (out.device.type, out.dtype, tuple(out.shape)) == ("cuda", torch.float16, (64, 3, 32, 32))
     assert out.is_contiguous(memory_format=torch.channels_last)
 
 
