@@ -213,6 +213,13 @@ def targets(rows: list[dict]) -> list[str]:
         ok = best["images_per_sec"] >= TRAIN_IMAGES and best["vs_step"] >= TRAIN_VS_STEP
         lines.append(f"A3 end to end >= {TRAIN_IMAGES:,} img/s and >= {TRAIN_VS_STEP}x the step: {verdict(ok)} "
                      f"(best {best['images_per_sec']:,.0f}, {best['vs_step']:.2f}x: {label(best)})")
+    for row in trains:  # a profiled run: could better overlap alone reach the target, with its GPU work?
+        bound = (row.get("profile") or {}).get("gpu_bound_images_per_sec")
+        if bound:
+            reach = ("within reach of better overlap alone" if bound >= TRAIN_IMAGES
+                     else "out of reach without less GPU work a step")
+            lines.append(f"  its GPU work, profiled, allows at most {bound:,.0f} img/s were the GPU never idle: "
+                         f"{TRAIN_IMAGES:,} {reach} ({label(row)})")
     return lines
 
 

@@ -204,8 +204,8 @@ class TorchRandAugment:
         capacity = warp_capacity(n, self.geometric_share, self.warp_tail)
         if capacity == 0:  # no sample can draw a geometric op
             return x
-        every = torch.arange(n, device=x.device)
-        taken = torch.argsort((~drawn).to(torch.uint8), stable=True)[:capacity] if capacity < n else every
+        taken = (torch.argsort((~drawn).to(torch.uint8), stable=True)[:capacity] if capacity < n
+                 else torch.arange(n, device=x.device))
         matrix, cubic = matrix[taken], cubic if isinstance(cubic, bool) else cubic[taken]
         # A piece at a time even where the rest takes the whole batch (eager on a GPU: chunk_size):
         # the warp's float64 temporaries, ~100 bytes a pixel, are most of what the form holds, and
@@ -374,9 +374,8 @@ def _sample_points(matrix: torch.Tensor, height: int, width: int) -> torch.Tenso
 
 
 def _resample(x: torch.Tensor, source: torch.Tensor, fill: torch.Tensor, cubic: bool | torch.Tensor,
-              samples: torch.Tensor | None = None) -> torch.Tensor:
-    """PIL's transform filters, for the images of x that `samples` (N,) names (default: each in
-    turn): each output pixel takes its image at `source` (N, H, W, 2), x then y, in pixel units
+              samples: torch.Tensor) -> torch.Tensor:
+    """PIL's transform filters, for the images of x that `samples` (N,) names: each output pixel takes its image at `source` (N, H, W, 2), x then y, in pixel units
     with centres at +0.5, in double: `fill` ((3,) uint8) where that point lies outside the
     image, else PIL's bilinear filter (a + (b - a) d across, then down) or, where `cubic` (one
     bool or (N,) bool), its bicubic one (a = -1 cubic convolution over 4 x 4 pixels, clipped to
@@ -396,8 +395,6 @@ def _resample(x: torch.Tensor, source: torch.Tensor, fill: torch.Tensor, cubic: 
     # int32 indices where every pixel's fits (half the bytes of int64 wherever inductor keeps them)
     index = torch.int32 if images * height * width < 2**31 else torch.int64
     left, top = corner.to(index).unbind(-1)
-    if samples is None:
-        samples = torch.arange(n, device=x.device)
     # Each sample's first pixel: read from x where it is (a copy of the samples' images first would
     # be fused into every read by inductor, a division and a lookup each: no faster than all of x)
     first = (samples.to(index) * (height * width)).view(n, 1, 1)

@@ -714,6 +714,20 @@ def test_gpu_report_says_how_many_samples_the_torch_forms_warp_took():
         "20.0 ms a batch"]
 
 
+def test_gpu_report_sets_a_profiled_a3_runs_gpu_work_against_the_target():
+    """A profiled A3 row (throughput.py --profile) says whether its GPU work alone keeps the
+    issue's 10,000 img/s out of reach; rows without a profile say nothing of it."""
+    sys.path.insert(0, str(BENCH))
+    import gpu_report
+    a3 = {"mode": "train", "recipe": "a3", "aa": "rand-m6-mstd0.5-inc1", "aa_impl": "torch", "batch_size": 256,
+          "img_size": 160, "variant": "aa_impl=torch", "steps": 30, "images_per_sec": 7085.0, "vs_step": 0.57}
+    lines = gpu_report.targets([{**a3, "profile": {"gpu_bound_images_per_sec": 9560.0}}])
+    assert "allows at most 9,560 img/s were the GPU never idle: 10,000 out of reach without less GPU work" in lines[-1]
+    lines = gpu_report.targets([{**a3, "profile": {"gpu_bound_images_per_sec": 10700.0}}])
+    assert "10,700 img/s were the GPU never idle: 10,000 within reach of better overlap alone" in lines[-1]
+    assert not any("never idle" in line for line in gpu_report.targets([a3, {**a3, "profile": {}}]))
+
+
 def test_timm_parity_trains_the_recipe_both_ways(tiny_data, tmp_path, capsys):
     """benchmarks/timm_parity.py: the tiny recipe by fastrsb and by timm's parts, one seed, both
     to the end (each validated on all 20 images: top-1 a multiple of 5%), a JSON line each."""
