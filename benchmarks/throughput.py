@@ -407,7 +407,8 @@ def _profile(one_step, steps: int, device: str, waits: list, folder: Path | None
     print(render(summary), file=sys.stderr)
     print(f"profile: {text}, {data}, " + (f"{trace} (the timeline)" if trace else "no trace (over the size limit)"),
           file=sys.stderr)
-    return {"profile": {key: summary[key] for key in ("gpu_busy_share", "gpu_bound_images_per_sec", "data_wait_share",
+    return {"profile": {key: summary[key] for key in ("gpu_busy_share", "gpu_bound_images_per_sec",
+                                                      "kernel_bound_images_per_sec", "data_wait_share",
                                                       "host_cpu_ms_per_step", "wall_ms_per_step", "gpu_ms_per_step")}}
 
 

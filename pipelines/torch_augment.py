@@ -375,16 +375,17 @@ def _sample_points(matrix: torch.Tensor, height: int, width: int) -> torch.Tenso
 
 def _resample(x: torch.Tensor, source: torch.Tensor, fill: torch.Tensor, cubic: bool | torch.Tensor,
               samples: torch.Tensor) -> torch.Tensor:
-    """PIL's transform filters, for the images of x that `samples` (N,) names: each output pixel takes its image at `source` (N, H, W, 2), x then y, in pixel units
-    with centres at +0.5, in double: `fill` ((3,) uint8) where that point lies outside the
-    image, else PIL's bilinear filter (a + (b - a) d across, then down) or, where `cubic` (one
-    bool or (N,) bool), its bicubic one (a = -1 cubic convolution over 4 x 4 pixels, clipped to
-    0..255), edge pixels repeated, truncated. The fractions come from the double coordinates as
-    PIL's do (exactly 0 where PIL's are), and the arithmetic is PIL's, in double, in its order:
-    the same pixels. (N, H, W, 3) uint8. Per sample (a (N,) bool), both filters run on every
-    sample and each takes its own. Compiled (as seen on the CPU), inductor keeps the filtered
-    rows as float64 buffers (each is read more than once): for bilinear, 2 x 157 MB for A3's
-    batch of 256 at 160 px; hence CHUNK_PIXELS."""
+    """PIL's transform filters, for the images of x that `samples` (N,) names: each output pixel
+    takes its image at `source` (N, H, W, 2), x then y, in pixel units with centres at +0.5, in
+    double: `fill` ((3,) uint8) where that point lies outside the image, else PIL's bilinear filter
+    (a + (b - a) d across, then down) or, where `cubic` (one bool or (N,) bool), its bicubic one (a
+    = -1 cubic convolution over 4 x 4 pixels, clipped to 0..255), edge pixels repeated, truncated.
+    The fractions come from the double coordinates as PIL's do (exactly 0 where PIL's are), and the
+    arithmetic is PIL's, in double, in its order: the same pixels. (N, H, W, 3) uint8. Per sample
+    (a (N,) bool), both filters run on every sample and each takes its own. Eager, each filter's
+    float64 temporaries are held at once (~100 bytes a pixel), hence the pieces and CHUNK_PIXELS;
+    compiled on the CPU (seen at 7d5ee20), the warp is one loop that keeps none of them (its output
+    alone, uint8)."""
     images, c, height, width = x.shape
     n = source.shape[0]
     pixels = x.permute(0, 2, 3, 1).reshape(images * height * width, c)  # gathered as uint8, filtered in double

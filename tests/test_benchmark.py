@@ -230,6 +230,9 @@ def test_profile_summary_of_gpu_kernels():
     # 18.5 ms of GPU work a step for 256 images: the pace were the GPU never idle
     assert s["gpu_bound_images_per_sec"] == pytest.approx(256 / 0.0185)
     assert "the GPU's own work allows at most 13,838 img/s (18.50 ms a step busy), were it never idle" in render(s)
+    # the kernels alone, the copy (on a copy engine, beside them) left out: 17.5 ms a step
+    assert s["kernel_bound_images_per_sec"] == pytest.approx(256 / 0.0175)
+    assert "; its kernels alone 14,629 (the copies beside them on the copy engines)" in render(s)
     assert s["gpu_ms_per_step"] == pytest.approx({"loader": 9.5, "model": 10.5, "copies": 1.0})
     assert s["blocking_ms_per_step"] == pytest.approx({"aten::_local_scalar_dense": 0.5, "cudaDeviceSynchronize": 2.0,
                                                        "cudaStreamSynchronize": 1.0})
@@ -723,8 +726,17 @@ def test_gpu_report_sets_a_profiled_a3_runs_gpu_work_against_the_target():
           "img_size": 160, "variant": "aa_impl=torch", "steps": 30, "images_per_sec": 7085.0, "vs_step": 0.57}
     lines = gpu_report.targets([{**a3, "profile": {"gpu_bound_images_per_sec": 9560.0}}])
     assert "allows at most 9,560 img/s were the GPU never idle: 10,000 out of reach without less GPU work" in lines[-1]
-    lines = gpu_report.targets([{**a3, "profile": {"gpu_bound_images_per_sec": 10700.0}}])
+    lines = gpu_report.targets([{**a3, "profile": {"gpu_bound_images_per_sec": 9560.0,
+                                                   "kernel_bound_images_per_sec": 9900.0}}])
+    assert "10,000 out of reach without less GPU work" in lines[-1]
+    lines = gpu_report.targets([{**a3, "profile": {"gpu_bound_images_per_sec": 10700.0,
+                                                   "kernel_bound_images_per_sec": 11000.0}}])
     assert "10,700 img/s were the GPU never idle: 10,000 within reach of better overlap alone" in lines[-1]
+    # the copies past the bound, the kernels alone within it: a copy engine's work on the SMs' timeline
+    lines = gpu_report.targets([{**a3, "profile": {"gpu_bound_images_per_sec": 9560.0,
+                                                   "kernel_bound_images_per_sec": 10100.0}}])
+    assert ("9,560 img/s were the GPU never idle: 10,000 within reach only with the copies beside the kernels too "
+            "(the kernels alone allow 10,100)") in lines[-1]
     assert not any("never idle" in line for line in gpu_report.targets([a3, {**a3, "profile": {}}]))
 
 
