@@ -14,6 +14,13 @@ from conftest import run_cli_process
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU")]
 
+# The compiled torch RandAugment form's tests run it at the shape the GPU loader compiles for A3 (a
+# chunk of 64 images at 160 px, uint8 in, float16 out; any rand-mN-mstd0.5-inc1: the magnitude is
+# drawn, not compiled): benchmarks/gpu_checks.sh compiles that first (check 3), and inductor's cache
+# then serves the tests' compiles in seconds. At shapes of their own each took 100-180 s of a GPU
+# session's 15 minutes from a cold cache at c5b2a17. (Ragged last chunks: the CPU tests'.)
+A3_CHUNK, A3_SIZE = 64, 160
+
 
 def test_gpu_train_loader_with_randaugment_and_repeats(tiny_data):
     from fastrsb.pipelines import train_loader
@@ -364,19 +371,21 @@ def test_captured_torch_rand_augment_is_the_eager_one(compiled):
     """The torch form replayed as a CUDA graph (the GPU loader's), compiled or not: the
     uncaptured form's pixels for every op, batch after batch, with each batch's own draws (read
     from memory at each replay, not baked into the graph), and each batch in memory of its own.
-    Compiled, in chunks of 20 images (the last of 8), as the default chunks a full-size batch."""
+    At the loader's A3 chunk (A3_CHUNK images at A3_SIZE px: inductor's cache serves the compile)."""
     from fastrsb.pipelines import parse_rand_augment
     from fastrsb.pipelines.cuda_graphs import CapturedCall
     from fastrsb.pipelines.randaugment import _policy
     from fastrsb.pipelines.torch_augment import TorchRandAugment
     spec = parse_rand_augment("rand-m9-mstd0.5-inc1")
-    augment = TorchRandAugment(spec, 48, torch.float16, compiled=compiled, chunk_pixels=20 * 48 * 48)
+    augment = TorchRandAugment(spec, A3_SIZE, torch.float16, compiled=compiled)
     captured = CapturedCall(augment, "test", warmup=1)
-    choices, count = len(_policy(spec)[0]) + 1, 48  # every op and "none", in both layers
+    choices, count = len(_policy(spec)[0]) + 1, A3_CHUNK  # every op and "none", in both layers
+    assert augment.chunk_images == A3_CHUNK  # CHUNK_PIXELS at A3's size: the loader's chunk
     generator = torch.Generator(device="cuda").manual_seed(0)
     outputs = []
     for k in range(4):
-        images = torch.randint(0, 256, (count, 48, 48, 3), dtype=torch.uint8, device="cuda", generator=generator)
+        images = torch.randint(0, 256, (count, A3_SIZE, A3_SIZE, 3), dtype=torch.uint8, device="cuda",
+                               generator=generator)
         index = (torch.arange(count, device="cuda") + k) % choices
         signed = (torch.rand(count, device="cuda", generator=generator) - 0.5) * 20
         flip = (torch.arange(count, device="cuda") + k) % 2
@@ -393,22 +402,22 @@ def test_captured_torch_rand_augment_is_the_eager_one(compiled):
 def test_torch_rand_augment_on_the_gpu_is_the_cpus_and_never_syncs(tiny_data, compiled):
     """The torch form on the GPU, compiled or not: the pixels of the CPU's eager form (which are
     timm's), and not one host sync while it runs (torch's sync debug mode turns a sync into an
-    error). Compiled, the GPU form works in chunks of 24 images (the last of 16); eager, and on the
-    CPU here, on the whole batch."""
+    error). At the loader's A3 chunk (A3_CHUNK images at A3_SIZE px: inductor's cache serves the
+    compile); the CPU's on the whole batch."""
     from fastrsb.pipelines import parse_rand_augment
     from fastrsb.pipelines.randaugment import _policy
     from fastrsb.pipelines.torch_augment import TorchRandAugment
     spec = parse_rand_augment("rand-m9-mstd0.5-inc1")
-    count = 64
-    images = torch.randint(40, 200, (count, 48, 48, 3), dtype=torch.uint8)
+    count = A3_CHUNK
+    images = torch.randint(40, 200, (count, A3_SIZE, A3_SIZE, 3), dtype=torch.uint8)
     generator = torch.Generator().manual_seed(0)
     index = torch.randint(0, len(_policy(spec)[0]) + 1, (count, 2), generator=generator).float()
     signed = torch.rand(count, 2, generator=generator) * 20 - 10
     cubic = torch.rand(count, 2, generator=generator).round()  # bilinear or bicubic geometric ops
     draws = torch.stack([torch.rand(count, generator=generator).round(), index[:, 0], signed[:, 0], cubic[:, 0],
                          index[:, 1], signed[:, 1], cubic[:, 1]], 1)
-    want = TorchRandAugment(spec, 48, torch.float16, chunk_pixels=None)(images, draws)
-    augment = TorchRandAugment(spec, 48, torch.float16, compiled=compiled, chunk_pixels=24 * 48 * 48)
+    want = TorchRandAugment(spec, A3_SIZE, torch.float16, chunk_pixels=None)(images, draws)
+    augment = TorchRandAugment(spec, A3_SIZE, torch.float16, compiled=compiled)
     gpu_images, gpu_draws = images.cuda(), draws.cuda()
     augment(gpu_images, gpu_draws)  # constants made on the device once (and the compile)
     torch.cuda.synchronize()
@@ -584,16 +593,25 @@ def test_gpu_loader_with_dalis_earlier_executor_hands_over_the_same_batches(tiny
         assert images.is_cuda and torch.equal(images, want_images) and torch.equal(labels, want_labels)
 
 
-def test_gpu_loader_with_the_captured_torch_form_is_the_uncaptured_one(tiny_data):
+@pytest.fixture(scope="module")
+def a3_chunk_data(tmp_path_factory):
+    """A data set of one A3_CHUNK batch an epoch (4 classes of 16 train images)."""
+    from fastrsb.demo_data import write_demo
+    return write_demo(tmp_path_factory.mktemp("data") / "chunk", seed=1, train_per_class=A3_CHUNK // 4,
+                      val_per_class=1, num_classes=4)
+
+
+def test_gpu_loader_with_the_captured_torch_form_is_the_uncaptured_one(a3_chunk_data):
     """cuda_graphs on the loader (the torch form compiled, then replayed as a CUDA graph): the
-    batches of the same loader without either, and its settings say the graph replays."""
+    batches of the same loader without either, and its settings say the graph replays. Batches of
+    A3_CHUNK images at A3_SIZE px: inductor's cache serves the compile."""
     from fastrsb.pipelines import train_loader
 
     def batches(**speed):
-        loader = train_loader(tiny_data / "train", 8, 32, device="cuda", seed=4, aa="rand-m9-mstd0.5-inc1",
-                              aa_impl="torch", **speed)
+        loader = train_loader(a3_chunk_data / "train", A3_CHUNK, A3_SIZE, device="cuda", seed=4,
+                              aa="rand-m9-mstd0.5-inc1", aa_impl="torch", **speed)
         got = []
-        while len(got) < 6:  # 2 warm-up batches, the capture, then replays (epochs of 6 batches here)
+        while len(got) < 6:  # 2 warm-up batches, the capture, then replays (epochs of 1 batch here)
             got += [(images.clone(), labels.clone()) for images, labels in loader]
         return got[:6], loader.settings
     plain, _ = batches()
