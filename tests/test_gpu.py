@@ -22,6 +22,14 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 A3_CHUNK, A3_SIZE = 64, 160
 
 
+@pytest.fixture(scope="module")
+def a3_chunk_data(tmp_path_factory):
+    """A data set of one A3_CHUNK batch an epoch (4 classes of 16 train images)."""
+    from fastrsb.demo_data import write_demo
+    return write_demo(tmp_path_factory.mktemp("data") / "chunk", seed=1, train_per_class=A3_CHUNK // 4,
+                      val_per_class=1, num_classes=4)
+
+
 def test_gpu_train_loader_with_randaugment_and_repeats(tiny_data):
     from fastrsb.pipelines import train_loader
     # batch 8 with 3 repeats: ceil(8 / 3) images a batch, the surplus view cut on the GPU too
@@ -97,16 +105,17 @@ def test_gpu_ops_match_the_cpu_ops(name, tiny_data):
     assert np.abs(run("gpu") - run("cpu")).mean() < 1.0
 
 
-def test_short_compiled_gpu_run(tiny_data, tmp_path):
+def test_short_compiled_gpu_run(a3_chunk_data, tmp_path):
     """The recipe's compile on the GPU: the model, LAMB and the torch RandAugment form, each
-    compiled once for the run."""
+    compiled once for the run. Batches of A3_CHUNK images at A3_SIZE px: inductor's cache serves
+    the torch form's compile."""
     from fastrsb.device import amp_dtype
-    proc = run_cli_process("train", "tiny", "--data", tiny_data, "--out", tmp_path, "--device", "cuda",
-                   "--set", "aa=rand-m6-mstd0.5-inc1", "--set", "aa_impl=torch", "--set", "epochs=3",
-                   "--log-every", "2")
+    proc = run_cli_process("train", "tiny", "--data", a3_chunk_data, "--out", tmp_path, "--device", "cuda",
+                           "--set", "aa=rand-m6-mstd0.5-inc1", "--set", "aa_impl=torch", "--set", "epochs=3",
+                           "--set", f"batch_size={A3_CHUNK}", "--set", f"img_size={A3_SIZE}", "--log-every", "2")
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     epochs = [r for r in rows if r["kind"] == "epoch"]
-    assert len(epochs) == 3 and all(r["val_images"] == 20 for r in epochs)
+    assert len(epochs) == 3 and all(r["val_images"] == 4 for r in epochs)
     amp = str(amp_dtype("cuda", True)).removeprefix("torch.")  # bfloat16, or float16 on GPUs without bf16
     assert f"1 x cuda {amp} compiled" in proc.stdout and "(torch form, compiled)" in proc.stdout
     assert "compiling: the first steps wait for torch.compile" in proc.stdout
@@ -591,14 +600,6 @@ def test_gpu_loader_with_dalis_earlier_executor_hands_over_the_same_batches(tiny
     assert settings["exec_dynamic"] is False
     for (want_images, want_labels, _), (images, labels, _) in zip(plain, earlier, strict=True):
         assert images.is_cuda and torch.equal(images, want_images) and torch.equal(labels, want_labels)
-
-
-@pytest.fixture(scope="module")
-def a3_chunk_data(tmp_path_factory):
-    """A data set of one A3_CHUNK batch an epoch (4 classes of 16 train images)."""
-    from fastrsb.demo_data import write_demo
-    return write_demo(tmp_path_factory.mktemp("data") / "chunk", seed=1, train_per_class=A3_CHUNK // 4,
-                      val_per_class=1, num_classes=4)
 
 
 def test_gpu_loader_with_the_captured_torch_form_is_the_uncaptured_one(a3_chunk_data):
