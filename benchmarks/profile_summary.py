@@ -59,6 +59,18 @@ def _launched_in(kernel, launchers: dict, range_name: str) -> bool:
     return False
 
 
+def _launched_during(kernel, launch_starts: dict, ranges: list[tuple[float, float]]) -> bool:
+    """Whether the runtime call that launched `kernel` (cudaLaunchKernel, cudaGraphLaunch: the
+    same CUPTI correlation id as the kernel's) started inside one of `ranges`. A CUDA graph's
+    replay is no torch op, so its kernels likely link to none, which _launched_in cannot place: at
+    c5b2a17 the captured torch form's kernels, launched inside the loader's range, were counted
+    as the model's (the top one, 2.0 ms a step). Any thread's launch counts: while the trainer's
+    thread is inside the loader's range it launches the loader's work, and DALI's kernels are
+    told by their names anyway."""
+    start = launch_starts.get(getattr(kernel, "id", 0))
+    return start is not None and any(low <= start <= high for low, high in ranges)
+
+
 def _union_seconds(intervals: list[tuple[float, float]]) -> float:
     """Total length of the union of (start, end) intervals in microseconds, in seconds."""
     total, end = 0.0, -float("inf")
@@ -86,8 +98,14 @@ def summarize(prof, *, steps: int, wall_seconds: float, host_seconds: float, dat
     # {stream: {part: seconds}}: the trace's device_resource_id is the stream a GPU event ran on (-1
     # where a trace does not say)
     by_stream: dict[int, dict[str, float]] = {}
+    # The loader's ranges, and where each runtime launch call started, by its CUPTI correlation id
+    loader_ranges = [(e.time_range.start, e.time_range.end) for e in events
+                     if not _is_device(e) and e.name == LOADER_RANGE]
+    launch_starts = {e.id: e.time_range.start for e in events
+                     if not _is_device(e) and e.name in LAUNCHES and getattr(e, "id", 0)}
     for k in kernels:
-        part = _part(k.name, _launched_in(k, launchers, LOADER_RANGE))
+        part = _part(k.name, _launched_in(k, launchers, LOADER_RANGE)
+                     or _launched_during(k, launch_starts, loader_ranges))
         seconds = (k.time_range.end - k.time_range.start) / 1e6
         by_kernel[(k.name, part)] = by_kernel.get((k.name, part), 0.0) + seconds
         stream = getattr(k, "device_resource_id", None)

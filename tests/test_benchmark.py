@@ -258,6 +258,32 @@ def test_profile_summary_of_gpu_kernels():
                                 {"name": "aten::convolution", "ms_per_step": 1.5, "calls_per_step": 1.0}]
 
 
+def test_profile_places_a_graph_replays_kernels_by_where_it_was_launched():
+    """Kernels of a CUDA graph replay link to no torch op: they are the loader's where the runtime
+    call that launched them (cudaGraphLaunch, the kernels' CUPTI correlation id) started inside
+    the loader's range (the captured torch RandAugment form), the model's elsewhere (the captured
+    step); at c5b2a17 the form's were all counted as the model's."""
+    from types import SimpleNamespace
+    sys.path.insert(0, str(BENCH))
+    from profile_summary import summarize
+    from fastrsb.pipelines.loader import AUGMENT_RANGE
+
+    def event(name, start, end, gpu=True, id=0, thread=1):
+        return SimpleNamespace(name=name, device_type="DeviceType.CUDA" if gpu else "DeviceType.CPU",
+                               time_range=SimpleNamespace(start=start, end=end), is_user_annotation=False,
+                               id=id, linked_correlation_id=0, cpu_parent=None, thread=thread, device_resource_id=7)
+    trace = SimpleNamespace(key_averages=lambda: [], events=lambda: [
+        event(AUGMENT_RANGE, 100, 200, gpu=False, id=3),
+        event("cudaGraphLaunch", 150, 151, gpu=False, id=500, thread=99),  # the form's graph, in the range
+        event("cudaGraphLaunch", 300, 301, gpu=False, id=501, thread=99),  # the step's, after it
+        event("triton_poi_fused_warp", 400, 1_400, id=500), event("triton_poi_fused_lookup", 1_400, 1_900, id=500),
+        event("triton_poi_fused_relu", 2_000, 6_000, id=501)])
+    s = summarize(trace, steps=1, wall_seconds=0.01, host_seconds=0.005, data_wait_seconds=0.0, device="cuda")
+    assert s["gpu_ms_per_step"] == pytest.approx({"loader": 1.5, "model": 4.0, "copies": 0.0})
+    assert {(k["name"], k["part"]) for k in s["top_kernels"]} == {
+        ("triton_poi_fused_warp", "loader"), ("triton_poi_fused_lookup", "loader"), ("triton_poi_fused_relu", "model")}
+
+
 def test_a_trace_too_large_to_come_back_is_not_written(tmp_path, monkeypatch):
     """A lent GPU machine hands back files of at most 16 MiB: a trace over the limit is dropped
     (the summary still says what it found) rather than written and lost."""
