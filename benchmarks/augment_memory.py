@@ -30,7 +30,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from fastrsb.pipelines import parse_rand_augment  # noqa: E402
 from fastrsb.pipelines.randaugment import INTERPOLATIONS, _policy  # noqa: E402
 from fastrsb.pipelines.torch_augment import CHUNK_PIXELS, WARP_TAIL, TorchRandAugment, warp_capacity  # noqa: E402
-from throughput import _emit, context  # noqa: E402  (benchmarks/ is this script's folder)
+from profile_summary import _is_kernel  # noqa: E402  (benchmarks/ is this script's folder)
+from throughput import _emit, context  # noqa: E402
 
 
 def batch(batch_size: int, size: int, ops: int, layers: int, device: str,
@@ -89,6 +90,27 @@ def measure(augment: TorchRandAugment, images: torch.Tensor, draws: torch.Tensor
             "ms_per_batch": round(1000 * best, 2), "compiled": augment.compiled}
 
 
+def top_kernels(augment: TorchRandAugment, images: torch.Tensor, draws: torch.Tensor, count: int) -> list[dict]:
+    """Where one call's time goes: its `count` costliest kernels on a GPU (each kernel's time
+    summed by name over the call: which of the form's ops to make cheaper), its operators' own
+    time on the CPU (ms). At c5b2a17 the compiled form alone took 5.1 ms a batch of 256 on the
+    H200, and the A3 profile showed only its two largest kernels (2.0 and 0.66 ms a step)."""
+    cuda = images.device.type == "cuda"
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+        augment(images, draws)
+        if cuda:
+            torch.cuda.synchronize()
+    if cuda:
+        totals: dict[str, float] = {}
+        for event in prof.events():
+            if _is_kernel(event):
+                totals[event.name] = totals.get(event.name, 0.0) + (event.time_range.end - event.time_range.start) / 1e3
+    else:
+        totals = {average.key: average.self_cpu_time_total / 1e3 for average in prof.key_averages()}
+    ranked = sorted(totals.items(), key=lambda item: -item[1])[:count]
+    return [{"name": name[:120], "ms": round(ms, 3)} for name, ms in ranked]
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--batch-size", type=int, default=256)
@@ -104,12 +126,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="the warp takes as many samples of a chunk as more of them draw a geometric op with at "
                         f"most this probability (default: {WARP_TAIL:g}, the form's); 0: every sample, whatever it "
                         "drew (the form until 2026-12-04); several: each in turn")
+    p.add_argument("--top-kernels", type=int, default=0, metavar="N",
+                   help="also profile one call and keep its N costliest kernels (on the CPU: operators)")
     p.add_argument("--json-out", type=Path, help="also append the JSON lines to this file")
     args = p.parse_args(argv)
     if min(args.chunk_pixels) < 0:
         p.error("--chunk-pixels: a number of pixels, or 0 for the whole batch")
     if not all(0 <= tail < 1 for tail in args.warp_tail):
         p.error("--warp-tail: a probability, from 0 (every sample warped) to below 1")
+    if args.top_kernels < 0:
+        p.error("--top-kernels: a number of kernels, 0 for none")
     return args
 
 
@@ -132,6 +158,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
                   "variant": "compiled" if compiled else "eager", "chunk_pixels": chunk_pixels or None,
                   "chunk_images": chunk if chunk < args.batch_size else None,
                   **measure(augment, images, draws, args.repeats)}
+        if args.top_kernels:
+            result["top_kernels"] = top_kernels(augment, images, draws, args.top_kernels)
         results.append(result)
         _emit(result, args.json_out)
     return results

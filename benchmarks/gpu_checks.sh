@@ -298,13 +298,17 @@ step 40 60 loader-aa-batch $BENCH $DATA --mode loader --loaders dali-gpu --steps
 #    bounds it at ~9,560 img/s however well the loader and the step overlap; the form's and the
 #    mixing's kernels likely ~4 ms of it (the profile did not split them from the model's). On 2 CPU
 #    cores the compiled warp went 87 -> 53 ms a chunk.
+#    Each row keeps the call's 8 costliest kernels (--top-kernels): at c5b2a17 the compiled form alone
+#    took 5.1 ms a batch of 256 here, and A3's profile named only its largest two (2.0, 0.66 ms a step).
 step 80 160 augment-warp python3 benchmarks/augment_memory.py --chunk-pixels 1638400 --warp-tail 0 1e-15 \
-    --json-out "$OUT/gpu.jsonl"
+    --top-kernels 8 --json-out "$OUT/gpu.jsonl"
 #    And on the whole batch at once (compiled, the warp takes 96 of 256, 37.5%, where chunks of 64
 #    take 39 of each, 61%): on 2 CPU cores as fast as in chunks (2.0 s a batch either way) for
-#    twice the memory (340 MB against 165, at 2ac0f30); on the GPU, where the warp's work may be
-#    what counts, the time against check 7's chunks says whether larger chunks pay for their memory.
-step 60 120 augment-whole-batch python3 benchmarks/augment_memory.py --chunk-pixels 0 --json-out "$OUT/gpu.jsonl"
+#    twice the memory (340 MB against 165, at 2ac0f30); here at c5b2a17, every sample warped either
+#    way, 5.3 ms a batch against 5.1 in chunks (810 MB against 246). With fewer samples warped whole,
+#    the time against check 7's chunks says whether larger chunks now pay for their memory.
+step 60 120 augment-whole-batch python3 benchmarks/augment_memory.py --chunk-pixels 0 --top-kernels 8 \
+    --json-out "$OUT/gpu.jsonl"
 # 8. The demo trained by fastrsb on the GPU (DALI's GPU loader, compiled, bf16) and by timm's parts,
 #    one seed: the GPU path's accuracy beside timm's (on 2 CPU cores, seed 0: 87.92 and 90.00; over
 #    5 seeds 90.42 +- 1.69 and 90.92 +- 1.99). No GPU run has trained to an accuracy yet.

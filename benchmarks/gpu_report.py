@@ -185,6 +185,9 @@ def extras(rows: list[dict]) -> list[str]:
                 chunks += f", warping {row['warp_capacity']} of {of}" if taken else ", warping every image"
             lines.append(f"torch RandAugment form alone ({row['variant']}, {chunks}, batch {row['batch_size']}): "
                          f"peak {row['peak_mb']:,.0f} MB, {row['ms_per_batch']:.1f} ms a batch")
+            if row.get("top_kernels"):  # augment_memory.py --top-kernels
+                lines.append("  its costliest kernels in a call: " + "; ".join(
+                    f"{kernel['name'][:60]} {kernel['ms']:.2f} ms" for kernel in row["top_kernels"][:5]))
     return lines
 
 
@@ -226,6 +229,11 @@ def targets(rows: list[dict]) -> list[str]:
                 reach = "out of reach without less GPU work a step"
             lines.append(f"  its GPU work, profiled, allows at most {bound:,.0f} img/s were the GPU never idle: "
                          f"{TRAIN_IMAGES:,} {reach} ({label(row)})")
+            parts = profile.get("gpu_ms_per_step")
+            if parts:  # whose work to cut: the model's, or the loader's (DALI's, and the torch form's)
+                lines.append(f"    of it a step: the model's kernels {parts.get('model', 0):.2f} ms, the loader's "
+                             f"{parts.get('loader', 0):.2f} ms (DALI's and the torch form's), copies "
+                             f"{parts.get('copies', 0):.2f} ms")
     return lines
 
 

@@ -349,6 +349,29 @@ def test_augment_memory_counts_what_a_call_holds_at_once():
     assert result["peak_mb"] >= 4 * 3 * 32 * 32 * 4 / 1e6 and result["compiled"] is False
 
 
+def test_augment_memory_names_where_a_calls_time_goes(capsys):
+    """--top-kernels N: the N costliest kernels of one call (on the CPU, here, its operators' own
+    time), costliest first, in each row, and gpu_report's line of them."""
+    sys.path.insert(0, str(BENCH))
+    import augment_memory
+    import gpu_report
+    from fastrsb.pipelines import parse_rand_augment
+    from fastrsb.pipelines.torch_augment import TorchRandAugment
+    spec = parse_rand_augment("rand-m9-mstd0.5-inc1")
+    images, draws = augment_memory.batch(4, 32, 15, spec.num_layers, "cpu")
+    top = augment_memory.top_kernels(TorchRandAugment(spec, 32, torch.float32), images, draws, 3)
+    assert len(top) == 3 and all(k["name"].startswith("aten::") and k["ms"] >= 0 for k in top)
+    assert [k["ms"] for k in top] == sorted((k["ms"] for k in top), reverse=True)
+    with pytest.raises(SystemExit):
+        augment_memory.parse_args(["--top-kernels", "-1"])
+    capsys.readouterr()
+    row = {"mode": "augment_memory", "variant": "compiled", "batch_size": 256, "chunk_pixels": 1638400,
+           "chunk_images": 64, "peak_mb": 246.0, "ms_per_batch": 5.1, "warp_capacity": 39,
+           "top_kernels": [{"name": "triton_poi_fused_warp", "ms": 2.0}, {"name": "triton_red_fused_amax", "ms": 0.5}]}
+    assert gpu_report.extras([row])[1] == ("  its costliest kernels in a call: triton_poi_fused_warp 2.00 ms; "
+                                           "triton_red_fused_amax 0.50 ms")
+
+
 def _gpu_checks_dry_run(tmp_path) -> list[tuple[str, list[str]]]:
     """benchmarks/gpu_checks.sh's checks as (name, command), each command as bash expanded it."""
     record = tmp_path / "checks"
@@ -763,6 +786,11 @@ def test_gpu_report_sets_a_profiled_a3_runs_gpu_work_against_the_target():
                                                    "kernel_bound_images_per_sec": 10100.0}}])
     assert ("9,560 img/s were the GPU never idle: 10,000 within reach only with the copies beside the kernels too "
             "(the kernels alone allow 10,100)") in lines[-1]
+    # and whose work it is, where the profile split it
+    split = {"model": 22.1, "loader": 2.71, "copies": 1.63}
+    lines = gpu_report.targets([{**a3, "profile": {"gpu_bound_images_per_sec": 9560.0, "gpu_ms_per_step": split}}])
+    assert lines[-1] == ("    of it a step: the model's kernels 22.10 ms, the loader's 2.71 ms (DALI's and the torch "
+                         "form's), copies 1.63 ms")
     assert not any("never idle" in line for line in gpu_report.targets([a3, {**a3, "profile": {}}]))
 
 
