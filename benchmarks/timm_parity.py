@@ -170,9 +170,13 @@ def _timm_process(rank: int, world: int, rendezvous: str, recipe: dict, data: Pa
                   steps_per_epoch: int | None, result: Path) -> None:
     import multiprocessing
     import torch.distributed as dist
-    # A process of torchrun's forks its loader workers; one spawned here would spawn them (each
-    # importing torch and timm anew: seconds of CPU a worker, every validation).
-    multiprocessing.set_start_method("fork", force=True)
+    # The loader workers start from a fork server, a process of one thread that has imported torch
+    # and timm once: forked from this process, whose threads (gloo's, the train loader's queue
+    # feeders) may hold an interpreter lock at that instant, a worker can hang in its first
+    # moment, and its loader waits for it for ever (seen on 2 cores: the first validation's worker
+    # stuck in PyOS_AfterFork_Child). Spawned, each would import torch and timm anew.
+    multiprocessing.set_start_method("forkserver", force=True)
+    multiprocessing.set_forkserver_preload(["torch", "timm", "torchvision"])
     if device == "cuda":
         torch.cuda.set_device(rank)
         device = f"cuda:{rank}"
