@@ -475,6 +475,26 @@ def test_gpu_tests_report_each_outcome_as_it_ends(tmp_path):
     assert "s call" not in quiet and quiet.index("AssertionError: the reason") > quiet.index("= FAILURES =")
 
 
+def test_a_test_that_hangs_ends_the_run_with_every_threads_stack(tmp_path):
+    """The suite's guard (pyproject.toml: pytest's faulthandler_timeout, with exit): a test past the
+    limit (here 2 s; the suite's is 900) prints every thread's stack, its own frame among them, and
+    ends the run, failed; a test within it runs as ever."""
+    import tomllib
+    options = tomllib.loads((BENCH.parent / "pyproject.toml").read_text())["tool"]["pytest"]["ini_options"]
+    assert options["faulthandler_timeout"] == 900 and options["faulthandler_exit_on_timeout"] is True
+    (tmp_path / "test_hang.py").write_text("import time\n\n\ndef test_quick():\n    time.sleep(0.5)\n\n\n"
+                                           "def test_hangs():\n    time.sleep(3600)\n")
+    # The project's settings, the limit lowered (without the exit, the hour's sleep would outlast
+    # this call's timeout: TimeoutExpired, a failure).
+    run = subprocess.run([sys.executable, "-m", "pytest", "-v", "-c", str(BENCH.parent / "pyproject.toml"),
+                          "-o", "faulthandler_timeout=2", "-p", "no:cacheprovider", "--rootdir", str(tmp_path),
+                          str(tmp_path / "test_hang.py")], cwd=tmp_path, stdout=subprocess.PIPE,
+                         stderr=subprocess.STDOUT, text=True, timeout=300)
+    assert run.returncode != 0, run.stdout
+    assert "test_hang.py::test_quick PASSED" in run.stdout and "Timeout" in run.stdout
+    assert re.search(r'File ".*test_hang.py", line 9 in test_hangs', run.stdout), run.stdout
+
+
 def test_a_continued_gpu_check_call_resumes_the_gpu_tests_where_a_timeout_cut_them(tmp_path, monkeypatch):
     """CONTINUE=1 (the second device call on a machine): checks an earlier call ran are left out,
     and the GPU tests that ran to an outcome are deselected from a pytest check a timeout cut."""
