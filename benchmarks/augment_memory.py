@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from fastrsb.pipelines import parse_rand_augment  # noqa: E402
 from fastrsb.pipelines.randaugment import INTERPOLATIONS, _policy  # noqa: E402
 from fastrsb.pipelines.torch_augment import CHUNK_PIXELS, WARP_TAIL, TorchRandAugment, warp_capacity  # noqa: E402
-from profile_summary import _is_kernel  # noqa: E402  (benchmarks/ is this script's folder)
+from profile_summary import summarize  # noqa: E402  (benchmarks/ is this script's folder)
 from throughput import _emit, context  # noqa: E402
 
 
@@ -92,23 +92,20 @@ def measure(augment: TorchRandAugment, images: torch.Tensor, draws: torch.Tensor
 
 def top_kernels(augment: TorchRandAugment, images: torch.Tensor, draws: torch.Tensor, count: int) -> list[dict]:
     """Where one call's time goes: its `count` costliest kernels on a GPU (each kernel's time
-    summed by name over the call: which of the form's ops to make cheaper), its operators' own
-    time on the CPU (ms). At c5b2a17 the compiled form alone took 5.1 ms a batch of 256 on the
-    H200, and the A3 profile showed only its two largest kernels (2.0 and 0.66 ms a step)."""
+    summed by name over the call, as profile_summary ranks a training step's: which of the form's
+    ops to make cheaper), its operators' own time on the CPU (ms). At c5b2a17 the compiled form
+    alone took 5.1 ms a batch of 256 on the H200, and the A3 profile showed only its two largest
+    kernels (2.0 and 0.66 ms a step)."""
     cuda = images.device.type == "cuda"
+    start = time.perf_counter()
     with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
         augment(images, draws)
         if cuda:
             torch.cuda.synchronize()
-    if cuda:
-        totals: dict[str, float] = {}
-        for event in prof.events():
-            if _is_kernel(event):
-                totals[event.name] = totals.get(event.name, 0.0) + (event.time_range.end - event.time_range.start) / 1e3
-    else:
-        totals = {average.key: average.self_cpu_time_total / 1e3 for average in prof.key_averages()}
-    ranked = sorted(totals.items(), key=lambda item: -item[1])[:count]
-    return [{"name": name[:120], "ms": round(ms, 3)} for name, ms in ranked]
+    summary = summarize(prof, steps=1, wall_seconds=time.perf_counter() - start, host_seconds=0.0,
+                        data_wait_seconds=0.0, device=images.device.type, top=count)
+    ranked = summary.get("top_kernels") or summary["top_cpu_ops"]  # (no kernels on the CPU)
+    return [{"name": row["name"], "ms": round(row["ms_per_step"], 3)} for row in ranked]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -145,7 +145,7 @@ def summarize(prof, *, steps: int, wall_seconds: float, host_seconds: float, dat
         # The most images a second these steps' GPU work allows, were the GPU never idle (loader and
         # step overlapping perfectly; copies count as busy, though a copy engine could run them
         # beside kernels): at c5b2a17, A3 with the torch form, 26.8 ms of work a step for 256
-        # images, ~9,560 img/s, under issue 13's 10,000 however well the two overlap.
+        # images, ~9,560 img/s, under issue 13's 10,000 with the copies counted as busy.
         "gpu_bound_images_per_sec": images_per_step * steps / busy if busy and images_per_step else None,
         # the same for the kernels alone, were every copy run beside them on a copy engine
         "kernel_bound_images_per_sec": (images_per_step * steps / computing_busy

@@ -408,7 +408,7 @@ def test_captured_torch_rand_augment_is_the_eager_one(compiled):
 
 
 @pytest.mark.parametrize("compiled", [False, True])
-def test_torch_rand_augment_on_the_gpu_is_the_cpus_and_never_syncs(tiny_data, compiled):
+def test_torch_rand_augment_on_the_gpu_is_the_cpus_and_never_syncs(compiled):
     """The torch form on the GPU, compiled or not: the pixels of the CPU's eager form (which are
     timm's), and not one host sync while it runs (torch's sync debug mode turns a sync into an
     error). At the loader's A3 chunk (A3_CHUNK images at A3_SIZE px: inductor's cache serves the
