@@ -300,6 +300,9 @@ step 40 60 loader-aa-batch $BENCH $DATA --mode loader --loaders dali-gpu --steps
 #    cores the compiled warp went 87 -> 53 ms a chunk.
 #    Each row keeps the call's 8 costliest kernels (--top-kernels): at c5b2a17 the compiled form alone
 #    took 5.1 ms a batch of 256 here, and A3's profile named only its largest two (2.0, 0.66 ms a step).
+#    Since 513a965 the warp computes a pixel's point and taps once for its three channels (on 2 CPU
+#    cores a chunk's warp 43-45 -> 36 ms, the form 1.90 -> 1.67 s a batch): the warp-tail 0 row
+#    against c5b2a17's 5.1 ms says what that is worth here.
 step 80 160 augment-warp python3 benchmarks/augment_memory.py --chunk-pixels 1638400 --warp-tail 0 1e-15 \
     --top-kernels 8 --json-out "$OUT/gpu.jsonl"
 #    And on the whole batch at once (compiled, the warp takes 96 of 256, 37.5%, where chunks of 64

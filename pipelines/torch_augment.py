@@ -387,11 +387,12 @@ def _resample(x: torch.Tensor, source: torch.Tensor, fill: torch.Tensor, cubic: 
     A pixel's sample point, fractions and 16 taps are computed once for its three channels, not
     once a channel: the taps are gathered as one int32 word a pixel (R | G << 8 | B << 16,
     _packed), a third of the gathers, and each channel is filtered from its byte. On 2 CPU cores
-    (a chunk of 64 at 160 px, 39 samples warped, then put back into the chunk) that took the warp
-    from 43-45 ms to 36 compiled, 308-415 to 268-289 eager. On a GPU, where the warp was the
-    form's costliest kernel at c5b2a17 (2.0 ms a step of A3's 256 images), not yet measured.
-    Eager, the taps are held once (16 int32 a pixel) and one channel's float64 temporaries at a
-    time."""
+    (513a965 against 4e2c093) a chunk's warp (64 at 160 px, 39 samples warped and put back) took
+    36 ms compiled against 43-45, 268-289 eager against 308-415; the whole form at A3's batch of
+    256 (benchmarks/augment_memory.py --repeats 3), compiled in chunks, 1.67 s against 1.90, eager
+    2.94 against 3.36 s and 315 MB against 400. On a GPU, where the warp was the form's costliest
+    kernel at c5b2a17 (2.0 ms a step of 256 images), not yet measured. Eager, the taps are held
+    once (16 int32 a pixel) and one channel's float64 temporaries at a time."""
     images, c, height, width = x.shape
     n = source.shape[0]
     words = _packed([x[:, k] for k in range(c)]).reshape(images * height * width)
