@@ -277,9 +277,10 @@ NEVER_PASSED="$NEVER_PASSED or progressive_resizing_trains or (speed_key and hig
 NEVER_PASSED="$NEVER_PASSED or runs_far_ahead"
 # The two that capture the compiled torch form took 100-180 s each at c5b2a17, compiling it at
 # shapes of their own from a cold cache (one was cut before it ended, the other passed on the
-# second call); they now run it at the loader's A3 chunk, which check 3 compiled (and
-# test_torch_rand_augment_on_the_gpu_is_the_cpus so), and inductor's cache serves them (on 2 CPU
-# cores: 27 s -> 3 s). Next after the never-passed ones: the captured one has never passed.
+# second call). They now run it at the loader's A3 chunk, which check 3 compiled, so inductor's
+# cache serves them (on 2 CPU cores: 27 s -> 3 s), as it serves the rest's two compiled ones
+# (test_torch_rand_augment_on_the_gpu_is_the_cpus..., test_short_compiled_gpu_run). Next after the
+# never-passed ones: the captured one has never passed.
 SLOW_TESTS="captured_torch_rand_augment or captured_torch_form"
 gpu_tests 100 200 pytest-gpu-never-passed "($NEVER_PASSED) and not ($SLOW_TESTS)"
 gpu_tests 60 200 pytest-gpu-slow "$SLOW_TESTS"
@@ -295,9 +296,10 @@ step 40 60 loader-aa-batch $BENCH $DATA --mode loader --loaders dali-gpu --steps
 #    The torch form alone on A3's batch, its warp on every sample of a chunk and on the 39 of 64 that
 #    hold the samples that drew a geometric op (warp_capacity, new at 33b7134): the form's GPU time a
 #    batch, each way. At c5b2a17 A3 with the torch form kept the GPU busy 26.8 ms a step, which
-#    bounds it at ~9,560 img/s however well the loader and the step overlap; the form's and the
-#    mixing's kernels likely ~4 ms of it (the profile did not split them from the model's). On 2 CPU
-#    cores the compiled warp went 87 -> 53 ms a chunk.
+#    bounds it at ~9,560 img/s with the copies counted as busy (the kernels alone: 9,940-10,170);
+#    the form's and the mixing's kernels likely ~4 ms of it (that profile counted the captured
+#    form's as the model's; d655f70's splits them). On 2 CPU cores the compiled warp went 87 -> 53
+#    ms a chunk.
 #    Each row keeps the call's 8 costliest kernels (--top-kernels): at c5b2a17 the compiled form alone
 #    took 5.1 ms a batch of 256 here, and A3's profile named only its largest two (2.0, 0.66 ms a step).
 #    Since 513a965 the warp computes a pixel's point and taps once for its three channels (on 2 CPU

@@ -33,9 +33,9 @@ from .randaugment import FILL, GEOMETRIC, INTERPOLATIONS, _policy, draws_per_lay
 
 
 # Compiled or on the CPU (TorchRandAugment.chunk_size), the batch is augmented in chunks of at most
-# this many pixels (64 images at 160 px, 32 at 224): every intermediate -- above all the warp's two
-# float64 rows, 48 bytes a pixel -- then takes a chunk's memory, not the batch's, whatever the
-# batch size. Measured with benchmarks/augment_memory.py on 2 CPU cores at 459a77c, A3's policy,
+# this many pixels (64 images at 160 px, 32 at 224): every intermediate -- above all the eager
+# warp's taps and float64 rows (_resample) -- then takes a chunk's memory, not the batch's, whatever
+# the batch size. Measured with benchmarks/augment_memory.py on 2 CPU cores at 459a77c, A3's policy,
 # torch's peak in one call (its float32 output included), whole batch -> chunks: at batch 256,
 # eager 1,180 -> 374 MB, compiled 648 -> 241 MB (1.75 -> 1.58 s a batch); at A3's batch of 2,048
 # (one GPU's share in `fastrsb train a3` on one GPU), eager 9,437 -> 924 MB, compiled 5,181 -> 791
