@@ -32,21 +32,29 @@ def test_lamb_equals_timm_over_steps(kwargs):
     float noise in the forward pass cannot hide or fake a difference in the update rule)."""
     torch.manual_seed(0)
     model = timm.create_model("resnet10t", num_classes=7)
-    twin = timm.create_model("resnet10t", num_classes=7)
-    twin.load_state_dict(model.state_dict())
+    with torch.no_grad():  # every other tensor's norm above its update's: trust ratios past 1 too
+        for p in list(model.parameters())[1::2]:
+            p.mul_(50)
+    twin, unclipped = copy.deepcopy(model), copy.deepcopy(model)
     ours = Lamb(param_groups(model, 0.02), lr=5e-3, weight_decay=0.02, **kwargs)
     theirs = TimmLamb(param_groups(twin, 0.02), lr=5e-3, weight_decay=0.02, **TIMM_LOOP, **kwargs)
+    nets = [(model, ours), (twin, theirs)]
+    if kwargs.get("trust_clip"):  # the same without the trust clip: the clip must change the update
+        nets.append((unclipped, Lamb(param_groups(unclipped, 0.02), lr=5e-3, weight_decay=0.02,
+                                     **{**kwargs, "trust_clip": False})))
     for step in range(6):
         # Scaled so the global gradient norm is well above 1: the clip is exercised.
         grads = [torch.randn_like(p) * (0.5 + step) for p in model.parameters()]
         if step == 2:
             grads[0].zero_()  # a zero update norm: trust ratio falls back to 1
-        for net, opt in ((model, ours), (twin, theirs)):
+        for net, opt in nets:
             for p, g in zip(net.parameters(), grads):
                 p.grad = g.clone()
             opt.step()
     for (name, a), b in zip(model.named_parameters(), twin.parameters()):
         assert torch.allclose(a, b, rtol=1e-5, atol=1e-7), name
+    if kwargs.get("trust_clip"):
+        assert not all(torch.allclose(a, b) for a, b in zip(model.parameters(), unclipped.parameters()))
 
 
 def test_lamb_trains_a_toy_problem():
@@ -71,6 +79,7 @@ def test_schedule_shape():
     assert math.isclose(lr_at(25, **kw), 1e-4 + (8e-3 - 1e-4) / 2)
     assert math.isclose(lr_at(50, **kw), 8e-3)  # the peak is reached exactly
     assert math.isclose(lr_at(1000, **kw), 1e-6)
+    assert lr_at(1500, **kw) == lr_at(1000, **kw)  # past the end (none of a run's steps): the floor
     after = [lr_at(s, **kw) for s in range(50, 1000)]
     assert all(a >= b for a, b in zip(after, after[1:]))
     assert math.isclose(lr_at(525, **kw), 1e-6 + 0.5 * (8e-3 - 1e-6))  # half way down the cosine
