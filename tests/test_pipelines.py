@@ -229,6 +229,19 @@ def test_validation_matches_timms_eval_transform(tmp_path):
     assert diff.max() < 0.018
 
 
+@pytest.mark.parametrize("recipe", ["a1", "a2", "a3", "demo"])
+def test_validation_resizes_to_timms_size(recipe):
+    """The shorter side before the centre crop is timm's eval Resize's, for each recipe's test size
+    and crop, and for sizes where floor and rounding part (224 / 0.95 = 235.8: timm takes 235). The
+    pixel tests above run at 40 / 0.95 = 42.1, where the two agree."""
+    from timm.data import create_transform
+    from fastrsb.recipe import load_recipe
+    r = load_recipe(recipe, [])
+    for img_size, crop_pct in [(r["test_img_size"], r["crop_pct"]), (160, 0.875), (288, 1.0)]:
+        resize = create_transform(img_size, is_training=False, crop_pct=crop_pct).transforms[0]
+        assert graphs.val_resize_size(img_size, crop_pct) == resize.size, (img_size, crop_pct)
+
+
 def test_gpu_graphs_eval_geometry_matches_timms(tmp_path):
     """The GPU graph's eval resize and crop (DALI's resize with timm's geometry), run by DALI on the
     CPU: the same sizes and anchors as timm's, the pixels within DALI's resampling."""
