@@ -1,12 +1,19 @@
 """The recipe's global batch on any number of processes: --grad-accum-steps auto, --micro-batch,
-the GPU probe's search, the CPU's memory estimate, and the run card."""
+the GPU probe's search, the CPU's memory estimate, the run card, and a group's gradient."""
 import pytest
 import torch
+from torch import nn
 
 from conftest import assert_user_error, run_cli
 import fastrsb.accumulation
 from fastrsb.accumulation import HEADROOM, candidates, choose_micro, cpu_fits, plan, saved_for_backward
+from fastrsb.distributed import Dist
 from fastrsb.errors import UserError
+from fastrsb.loss import make_loss
+from fastrsb.optim import make_optimizer
+from fastrsb.parts import PlainTargets
+from fastrsb.recipe import load_recipe
+from fastrsb.step import TrainStep, wrap_model
 
 A3 = {"batch_size": 2048, "mixup": 0.1, "cutmix": 1.0}
 
@@ -142,3 +149,25 @@ def test_the_memory_left_is_the_least_of_the_machines_and_its_cgroups(tmp_path):
     (cgroups / "memory" / "memory.limit_in_bytes").write_text("9223372036854771712\n")  # v1's "no limit"
     assert memory_available(proc, cgroups) == 3 * gib
     assert memory_available(tmp_path / "none", tmp_path / "none") is None
+
+
+def test_a_group_of_micro_batches_has_the_whole_batchs_gradient():
+    """Each micro-batch's loss divided by the group's size, as timm's train.py divides by its
+    accumulation steps: the gradients of 2 micro-batches of 4 are those of the batch of 8 in one.
+    (The gradients are compared: LAMB normalizes its update, so the weights alone would barely show
+    a missing division. A model without BatchNorm, whose statistics are a micro-batch's.)"""
+    recipe = load_recipe("tiny")
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                          nn.Linear(8, 4))
+    step = TrainStep(wrap_model(model, Dist(), "cpu", compile_model=False),
+                     make_optimizer(model, recipe), torch.amp.GradScaler("cpu", enabled=False), make_loss(recipe),
+                     PlainTargets(4, recipe["smoothing"]), "cpu", None)
+    images, labels = torch.randn(8, 3, 16, 16), torch.tensor([0, 1, 2, 3, 3, 2, 1, 0])
+    step.accumulate(images, labels, group=1, last=True)
+    whole = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad(set_to_none=True)
+    for k in range(2):
+        step.accumulate(images[4 * k:4 * k + 4], labels[4 * k:4 * k + 4], group=2, last=k == 1)
+    for (name, param), expected in zip(model.named_parameters(), whole):
+        assert torch.allclose(param.grad, expected, rtol=1e-5, atol=1e-7), name
