@@ -1,5 +1,5 @@
 """FailureNotice: a rank that fails mid-run, or dies without a word, stops the others, however
-they are blocked."""
+they are blocked; and BatchNorm's statistics averaged across ranks."""
 import os
 import re
 import signal
@@ -11,6 +11,7 @@ import time
 from datetime import timedelta
 
 import pytest
+import torch
 import torch.distributed as dist
 
 from conftest import said_errors
@@ -29,6 +30,45 @@ BLOCKED_RANK = textwrap.dedent("""
         time.sleep(120)  # as a main thread blocked in an NCCL collective, waiting for a rank that has gone
     print("woke up after two minutes", flush=True)
 """)
+
+
+BN_RANK = textwrap.dedent("""
+    import sys
+    import torch
+    import torch.distributed as dist
+    from fastrsb.distributed import Dist, average_bn_stats
+    rank, world, init, out = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
+    dist.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=world)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1), torch.nn.BatchNorm2d(4), torch.nn.BatchNorm1d(2))
+    with torch.no_grad():  # each rank's statistics and weights its own
+        for k, tensor in enumerate(model.state_dict().values()):
+            tensor.copy_(torch.arange(tensor.numel()).view_as(tensor) * (rank + 1) + 10 * k)
+    average_bn_stats(model, Dist(rank=rank, world=world))
+    torch.save(model.state_dict(), out)
+    dist.destroy_process_group()
+""")
+
+
+def test_batchnorm_statistics_are_the_ranks_mean_as_timms_dist_bn_reduce(tmp_path):
+    """After each epoch every rank holds the mean of the ranks' running means and variances (timm's
+    --dist-bn reduce), and nothing else changes: the weights (DDP keeps them equal) and the step
+    counts stay each rank's own."""
+    world = 3
+    procs = [subprocess.Popen([sys.executable, "-c", BN_RANK, str(rank), str(world), str(tmp_path / "init"),
+                               str(tmp_path / f"{rank}.pt")], stderr=subprocess.PIPE, text=True)
+             for rank in range(world)]
+    for proc in procs:
+        assert proc.wait(timeout=120) == 0, proc.stderr.read()
+    states = [torch.load(tmp_path / f"{rank}.pt") for rank in range(world)]
+    averaged = 0
+    for k, (name, tensor) in enumerate(states[0].items()):
+        base = torch.arange(tensor.numel()).view_as(tensor)  # rank r's before: base * (r + 1) + 10 k
+        for r, state in enumerate(states):
+            mean = name.endswith(("running_mean", "running_var"))
+            expected = base * (2 if mean else r + 1) + 10 * k  # the mean of 1, 2 and 3: 2
+            assert torch.equal(state[name], expected.to(tensor.dtype)), (name, r)
+            averaged += mean
+    assert averaged == 2 * 2 * world  # two BatchNorms' means and variances
 
 
 @pytest.mark.parametrize("launcher", ["torchrun", "fastrsb --nproc"])
