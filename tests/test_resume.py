@@ -452,10 +452,19 @@ def test_ema_equals_timms_model_ema_v3():
     assert not torch.equal(ours.state_dict()["fc.weight"], model.state_dict()["fc.weight"])
 
 
-def test_gradient_accumulation(tiny_data, tmp_path):
+def test_gradient_accumulation(tiny_data, tmp_path, monkeypatch):
+    from fastrsb.step import TrainStep
+    groups, forward_backward = [], TrainStep.forward_backward
+
+    def watched(self, images, targets, group=1, **kwargs):  # the real one, its group noted
+        groups.append(group)
+        return forward_backward(self, images, targets, group, **kwargs)
+    monkeypatch.setattr(TrainStep, "forward_backward", watched)
     proc = run_cli("train", "tiny", "--data", tiny_data, "--out", tmp_path, "--device", "cpu", "--set", "epochs=1",
                    "--set", "warmup_epochs=0", "--grad-accum-steps", "2")
     assert "batch 8 = 1 x 2 x 4" in proc.stdout
+    # each micro-batch's loss divided by its group's size (test_accumulation: the whole batch's gradient)
+    assert groups == [2] * 12
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert rows[-1]["kind"] == "epoch" and rows[-1]["step"] == 6  # 12 micro-batches of 4, one step per two
     proc = run_cli("train", "tiny", "--data", tiny_data, "--out", tmp_path / "x", "--device", "cpu",
