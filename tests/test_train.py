@@ -749,14 +749,16 @@ def test_average_is_the_mean_of_the_weights_and_a_checkpoint_eval_and_export_tak
     too), another model's classes, --out over an input."""
     out, _ = run
     a = load_checkpoint(out / "last.pt")
-    b = {**a, "model": {k: v + (1 if v.is_floating_point() else 2) for k, v in a["model"].items()}, "epoch": 7}
+    b = {**a, "model": {k: v + (1 if v.is_floating_point() else 3) for k, v in a["model"].items()}, "epoch": 7}
     torch.save(b, tmp_path / "b.pt")
     proc = run_cli("average", out / "last.pt", tmp_path / "b.pt", "--out", tmp_path / "avg.pt")
     assert f"the mean of 2 checkpoints' weights (epochs {a['epoch']}, 7)" in proc.stdout
     mean = load_checkpoint(tmp_path / "avg.pt")
     for key, value in a["model"].items():  # (the sum in float64, as timm's: v + 0.5 in float32 rounds otherwise)
-        expected = ((value.double() + b["model"][key].double()) / 2).float() if value.is_floating_point() else value + 1
+        expected = ((value.double() + b["model"][key].double()) / 2)  # a step count's: n + 1.5, rounded
+        expected = expected.float() if value.is_floating_point() else expected.round().to(value.dtype)
         assert torch.equal(mean["model"][key], expected), key
+        assert value.is_floating_point() or expected == value + 2 - value % 2  # half to even, not truncated
     assert "ema" not in mean and [c["epoch"] for c in mean["averaged_from"]] == [a["epoch"], 7]
     torch.save({**a, "ema": a["model"]}, tmp_path / "with_ema.pt")  # an EMA in one of the two: not averaged, said
     assert "note: not every checkpoint kept an EMA" in run_cli("average", tmp_path / "with_ema.pt", tmp_path / "b.pt",
