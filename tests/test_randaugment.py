@@ -188,10 +188,14 @@ def _policy_pipeline(spec_string, images, impl=rand_augment):
 
 def _each_index_drawn(photos, config, apply):
     """Sample j of one batch draws index j (the last: no op), magnitude 7.5 with alternating signs:
-    (op names, input images, apply's output, each op alone on the whole batch)."""
+    (op names, input images, apply's output, each op alone on the whole batch). Each photo's levels
+    are stretched over 30-225, so that every op changes its sample (SolarizeAdd needs pixels below
+    128, Solarize at 7.5 some from 192 on; one photo's least was 140, which left SolarizeAdd's
+    comparison with nothing to compare)."""
     spec = parse_rand_augment(config)
     names = [*_policy(spec)[0], "Identity"]
-    images = [photos[j % len(photos)] for j in range(len(names))]
+    images = [photos[j % len(photos)].astype(float) for j in range(len(names))]
+    images = [(30 + 195 * (x - x.min()) / np.ptp(x)).astype(np.uint8) for x in images]
     signs = [(-1.0) ** j for j in range(len(names))]
 
     @pipeline_def(batch_size=len(names), num_threads=1, device_id=None, enable_conditionals=True)
@@ -201,6 +205,8 @@ def _each_index_drawn(photos, config, apply):
         signed = fn.external_source(source=[[np.float32(7.5 * sign) for sign in signs]])
         return (apply(x, spec, index, signed, SIZE), *(OPS[name](x, signed, SIZE) for name in names))
     out, *alone = drawn().run()
+    changed = [name for j, name in enumerate(names) if not np.array_equal(np.asarray(alone[j][j]), images[j])]
+    assert changed == names[:-1]  # every op changes its sample: each comparison can fail
     return names, images, out, alone
 
 
