@@ -100,6 +100,9 @@ def test_op_matches_timm(name, photos, monkeypatch):
                     continue
                 assert mine.shape == theirs.shape and mine.dtype == np.uint8
                 assert np.abs(mine.astype(int) - theirs.astype(int)).mean() <= _bound(name), (level, sign)
+                if name.startswith("Sharpness"):  # inside the border: rounding alone (PIL's SMOOTH
+                    # kernel /13, then a truncating blend; measured: at most 1, a wrong kernel 4)
+                    assert np.abs(mine.astype(int) - theirs.astype(int))[1:-1, 1:-1].max() <= 1, (level, sign)
                 compared += 1
     assert compared >= 8 * 8
 
