@@ -51,6 +51,16 @@ def _on(node, images):
     return node.gpu() if images.device == "gpu" else node
 
 
+# AutoContrast, Contrast and Color compute on the GPU by other formulas than on the CPU (arithmetic
+# where the CPU has fused operators; DALI's saturation where the CPU blends in fixed point). Set,
+# the CPU computes the GPU's: the tests hold those to timm's without a GPU.
+GPU_FORMULAS_ON_CPU = False
+
+
+def _gpu_formulas(images) -> bool:
+    return images.device == "gpu" or GPU_FORMULAS_ON_CPU
+
+
 def _constant(values, shape):  # float32 constants of a given shape
     return types.Constant(np.asarray(values, dtype=np.float32).reshape(shape))
 
@@ -95,7 +105,7 @@ def auto_contrast(images, signed, size):
     low = fn.cast(fn.reductions.min(images, axis_names="HW", keep_dims=True), dtype=types.FLOAT)
     spread = fn.cast(fn.reductions.max(images, axis_names="HW", keep_dims=True), dtype=types.FLOAT) - low
     stretch = spread > 0.0
-    if images.device == "cpu":  # one fused pass; its per-channel arguments must live on the CPU
+    if not _gpu_formulas(images):  # one fused pass; its per-channel arguments must live on the CPU
         return fn.normalize(images, mean=low * stretch, stddev=spread + (spread <= 0.0) * 255.0,
                             scale=255.0, axis_names="HW", dtype=types.UINT8)
     images_f = _float(images)
@@ -221,7 +231,7 @@ def _enhance_increasing_factor(signed):
 
 def _color(images, factor):
     """ImageEnhance.Color: Image.blend(grey, image, factor), grey = PIL's L in every channel."""
-    if images.device == "gpu":  # DALI's saturation: I and Q scaled in YIQ (Y = PIL's luma), one kernel
+    if _gpu_formulas(images):  # DALI's saturation: I and Q scaled in YIQ (Y = PIL's luma), one kernel
         return fn.saturation(images, saturation=factor)
     # On the CPU every DALI conversion of floats to integers costs ~3 ns a value (saturation: ~500 us
     # an image at 160 px), integer arithmetic ~0.5 ns, so the blend runs in 16.16 fixed point:
@@ -243,7 +253,7 @@ def _contrast(images, factor):
     # ImageEnhance.Contrast: blend with the image's mean luma, rounded to an integer.
     means = fn.reductions.mean(images, axis_names="HW", dtype=types.FLOAT)
     centre = dmath.floor(fn.reductions.sum(means * _constant(LUMA, (3,)), axes=[0]) + 0.5)
-    if images.device == "cpu":  # contrast_center is a CPU argument: fused on the CPU only
+    if not _gpu_formulas(images):  # contrast_center is a CPU argument: fused on the CPU only
         return fn.contrast(images, contrast=factor, contrast_center=centre)
     return _blend(centre, _float(images), factor, images)
 
