@@ -187,6 +187,16 @@ def test_checkpoint_that_does_not_fit(run, tiny_data, tmp_path):
     torch.save(state, tmp_path / "wrong.pt")
     assert_user_error(run_cli("eval", tmp_path / "wrong.pt", "--data", tiny_data, check=False),
                       "does not fit the model", "fc.weight")
+    # a key the model lacks, and one it needs gone: each named in the same one line
+    state = torch.load(out / "last.pt", weights_only=True)
+    state["model"]["head.extra"] = torch.zeros(1)
+    torch.save(state, tmp_path / "more.pt")
+    assert_user_error(run_cli("eval", tmp_path / "more.pt", "--data", tiny_data, check=False),
+                      "more.pt does not fit the model: 1 unexpected key(s), e.g. head.extra")
+    del state["model"]["head.extra"], state["model"]["fc.bias"]
+    torch.save(state, tmp_path / "fewer.pt")
+    assert_user_error(run_cli("eval", tmp_path / "fewer.pt", "--data", tiny_data, check=False),
+                      "fewer.pt does not fit the model: 1 missing key(s), e.g. fc.bias")
     (tmp_path / "junk.pt").write_bytes(b"\x80\x04not a checkpoint")
     assert_user_error(run_cli("eval", tmp_path / "junk.pt", "--data", tiny_data, check=False), "junk.pt")
     torch.save({"weights": 1}, tmp_path / "plain.pt")
