@@ -98,26 +98,31 @@ def test_op_matches_timm(name, photos, monkeypatch):
     _compare_with_timm(name, photos, monkeypatch, _bound(name))
 
 
+LEVELS_AND_SIGNS = [(level, sign) for level in (0.0, 3.3, 6.0, 9.5, 10.0) for sign in (1.0, -1.0)]
+
+
+def _dali_outputs(name, photos):
+    """The op on the photos at each of LEVELS_AND_SIGNS: a list of outputs a case."""
+    return [_dali_op(name, photos, [level] * len(photos), [sign] * len(photos)) for level, sign in LEVELS_AND_SIGNS]
+
+
 def _compare_with_timm(name, photos, monkeypatch, bound):
     """The op on the photos at several levels, either sign, against timm's: the mean difference at
-    most `bound` levels. Returns DALI's outputs."""
-    compared, outputs = 0, []
-    for level in (0.0, 3.3, 6.0, 9.5, 10.0):
-        for sign in (1.0, -1.0):
-            ours = _dali_op(name, photos, [level] * len(photos), [sign] * len(photos))
-            outputs += ours
-            for image, mine in zip(photos, ours):
-                try:
-                    theirs = _timm_op(name, image, level, sign, monkeypatch)
-                except ValueError:  # Pillow >= 12 refuses posterize to 0 bits; ours gives black, as Pillow did
-                    assert name.startswith("Posterize") and mine.max() == 0
-                    continue
-                assert mine.shape == theirs.shape and mine.dtype == np.uint8
-                assert np.abs(mine.astype(int) - theirs.astype(int)).mean() <= bound, (level, sign)
-                if name.startswith("Sharpness"):  # inside the border: rounding alone (PIL's SMOOTH
-                    # kernel /13, then a truncating blend; measured: at most 1, a wrong kernel 4)
-                    assert np.abs(mine.astype(int) - theirs.astype(int))[1:-1, 1:-1].max() <= 1, (level, sign)
-                compared += 1
+    most `bound` levels. Returns DALI's outputs (_dali_outputs')."""
+    compared, outputs = 0, _dali_outputs(name, photos)
+    for (level, sign), ours in zip(LEVELS_AND_SIGNS, outputs):
+        for image, mine in zip(photos, ours):
+            try:
+                theirs = _timm_op(name, image, level, sign, monkeypatch)
+            except ValueError:  # Pillow >= 12 refuses posterize to 0 bits; ours gives black, as Pillow did
+                assert name.startswith("Posterize") and mine.max() == 0
+                continue
+            assert mine.shape == theirs.shape and mine.dtype == np.uint8
+            assert np.abs(mine.astype(int) - theirs.astype(int)).mean() <= bound, (level, sign)
+            if name.startswith("Sharpness"):  # inside the border: rounding alone (PIL's SMOOTH
+                # kernel /13, then a truncating blend; measured: at most 1, a wrong kernel 4)
+                assert np.abs(mine.astype(int) - theirs.astype(int))[1:-1, 1:-1].max() <= 1, (level, sign)
+            compared += 1
     assert compared >= 8 * 8
     return outputs
 
@@ -129,10 +134,10 @@ def test_the_gpus_formulas_match_timm(name, photos, monkeypatch):
     point), computed so on the CPU, against timm: what the GPU's pipeline computes, checked without
     a GPU (tests/test_gpu.py compares them with the CPU's on one). They differ from the CPU's
     formulas' outputs, so the GPU's did run."""
-    cpu = _compare_with_timm(name, photos, monkeypatch, _bound(name))
+    cpu = _dali_outputs(name, photos)  # held to timm by test_op_matches_timm
     monkeypatch.setattr(randaugment, "GPU_FORMULAS_ON_CPU", True)
     gpu = _compare_with_timm(name, photos, monkeypatch, GPU_FORMULA_BOUNDS[name.removesuffix("Increasing")])
-    assert any(not np.array_equal(a, b) for a, b in zip(cpu, gpu))
+    assert any(not np.array_equal(a, b) for case, other in zip(cpu, gpu) for a, b in zip(case, other))
 
 
 @pytest.mark.parametrize("name", sorted(GEOMETRIC))
