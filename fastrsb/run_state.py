@@ -68,12 +68,28 @@ def load_for_resume(path: Path, recipe: dict, classes: list[str], d: Dist) -> di
         raise UserError(f"{path} was trained with another recipe ({'; '.join(differ[:4])}): resume with the "
                         f"same recipe and --set values, or start a new --out{longer}")
     if state["classes"] != classes:
-        raise UserError(f"{path} was trained on {len(state['classes'])} classes, the data has {len(classes)}")
+        differ = _class_difference(state["classes"], classes)
+        raise UserError(f"{path} was trained on other classes than the data's ({differ}): its outputs are those "
+                        "classes, in that order; resume on the data it was trained on")
     if "ranks" not in state:
         what = " (a mean of checkpoints: fastrsb average)" if "averaged_from" in state else ""
         raise UserError(f"{path} holds weights only{what}, no optimizer and loader state: it cannot be resumed; a new "
                         f"run starts from its weights with --set initial_checkpoint={path}")
     return state
+
+
+def _class_difference(saved: list[str], classes: list[str]) -> str:
+    """How the classes a checkpoint was trained on differ from the data's, in a few words: as many
+    classes under other names is as wrong as a class missing (output i would train as another class)."""
+    saved_set, data_set = set(saved), set(classes)
+    only_saved = [name for name in saved if name not in data_set]
+    only_data = [name for name in classes if name not in saved_set]
+    counts = f"the checkpoint's {len(saved):,}, the data's {len(classes):,}"
+    if not only_saved and not only_data:
+        return f"{counts}, in another order"
+    named = [f"only in the checkpoint: {', '.join(only_saved[:3])}" if only_saved else "",
+             f"only in the data: {', '.join(only_data[:3])}" if only_data else ""]
+    return f"{counts}; {'; '.join(part for part in named if part)}"
 
 
 def resharded(state: dict, d: Dist) -> bool:

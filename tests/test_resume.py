@@ -47,6 +47,9 @@ def _assert_same_run(a, b):
     for (_, x), (_, y) in zip(left["optimizer"]["state"].items(), right["optimizer"]["state"].items()):
         assert all(torch.equal(x[k], y[k]) for k in x)
     assert _epoch_rows(a) == _epoch_rows(b)  # losses, accuracies, LR: identical
+    # The best epoch is judged across the resume (the tiny run's EMA scores best in epoch 1).
+    best = [load_checkpoint(run / "best.pt") for run in (a, b)]
+    assert left["best_top1"] == right["best_top1"] and best[0]["epoch"] == best[1]["epoch"]
     assert (a / "summary.csv").read_text() == (b / "summary.csv").read_text()  # rebuilt after the resume
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     boards = [EventAccumulator(str(run / "tensorboard")) for run in (a, b)]
@@ -244,6 +247,28 @@ def test_resume_refuses_another_recipe(tiny_data, uninterrupted, tmp_path):
                      "--set", "epochs=4", check=False)  # more epochs: another schedule, and a way on from the weights
     assert_user_error(longer, "another recipe (epochs 2 -> 4",
                       f"--set initial_checkpoint={tmp_path / 'last.pt'} and a new --out")
+
+
+def test_resume_refuses_data_of_other_classes(tiny_data, uninterrupted, tmp_path):
+    """A checkpoint's output i is class i of the classes it was trained on: a resume over data of
+    other classes, even as many (a class folder renamed, another data set), would train each output
+    as another class. Refused, naming the difference."""
+    sets = [word for part in PARTS for word in ("--set", part)]
+    renamed, fewer = tmp_path / "renamed", tmp_path / "fewer"
+    for copy in (renamed, fewer):
+        shutil.copytree(tiny_data, copy)
+    for split in ("train", "val"):
+        (renamed / split / "n01_vstripes").rename(renamed / split / "n01_wavy")
+        shutil.rmtree(fewer / split / "n03_dots")
+    (tmp_path / "run").mkdir()
+    shutil.copy(uninterrupted / "last.pt", tmp_path / "run" / "last.pt")
+    for data, difference in ((renamed, "(the checkpoint's 4, the data's 4; only in the checkpoint: n01_vstripes; "
+                                       "only in the data: n01_wavy)"),
+                             (fewer, "(the checkpoint's 4, the data's 3; only in the checkpoint: n03_dots)")):
+        proc = run_cli("train", "tiny", "--data", data, "--out", tmp_path / "run", "--device", "cpu", *sets,
+                       "--resume", "auto", check=False)
+        assert_user_error(proc, f"{tmp_path / 'run' / 'last.pt'} was trained on other classes than the data's "
+                                f"{difference}: its outputs are those classes")
 
 
 def test_a_finished_runs_checkpoint_resumed_into_a_new_folder_has_nothing_to_do(tiny_data, uninterrupted, tmp_path):
