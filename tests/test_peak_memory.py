@@ -79,9 +79,11 @@ def _epoch_peaks(out):
     return [r["peak_memory_gib"] for r in rows if r["kind"] == "epoch"]
 
 
-def _edit_partial_peak(checkpoint, peak):
+def _edit_partial_peak(checkpoint, peak, seconds):
     state = torch.load(checkpoint, weights_only=True)
     assert state["partial"]["peak"]["peak_memory_gib"] > 0.1  # the part before the stop, measured and saved
+    assert 0 < state["partial"]["seconds"] < 1000
+    state["partial"]["seconds"] = seconds
     if peak is None:  # as a checkpoint of before 2026-12-04 holds it: no figure
         del state["partial"]["peak"]
     else:
@@ -89,22 +91,26 @@ def _edit_partial_peak(checkpoint, peak):
     torch.save(state, checkpoint)
 
 
-def test_an_epoch_stopped_and_resumed_has_the_peak_of_both_parts(tiny_data, tmp_path, capsys):
+def test_an_epoch_stopped_and_resumed_has_the_peak_and_the_time_of_both_parts(tiny_data, tmp_path, capsys):
     """A preempted job's epoch: the peak of its part before the stop is saved in the checkpoint and
     counts in the epoch's figure after the resume (here a part before the stop made to have peaked
     at 1000 GiB, which the resumed process never reaches: the figure is that part's). A checkpoint
-    that holds no such figure leaves the epoch's unknown rather than the resumed part's alone."""
+    that holds no such figure leaves the epoch's unknown rather than the resumed part's alone. So
+    do its training seconds (made 1000 s here): the epoch's train_seconds are both parts'."""
     def run(out, **kwargs):
         return train(load_recipe("tiny"), tiny_data, out, device="cpu", num_threads=1, log_every=1, **kwargs)
 
     for peak, expected in ((1000.0, 1000.0), (None, None)):
         out = tmp_path / str(peak)
         assert run(out, stop_after_steps=1)["stopped"]  # mid-way through epoch 1
-        _edit_partial_peak(out / "last.pt", peak)
+        _edit_partial_peak(out / "last.pt", peak, seconds=1000.0)
         capsys.readouterr()
         run(out, resume="auto")
         first, second = _epoch_peaks(out)
         assert first == expected and 0.1 < second < 1000  # the next epoch is this process's alone
+        seconds = [r["train_seconds"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
+                   if r["kind"] == "epoch"]
+        assert seconds[0] > 1000 and seconds[1] < 1000
         line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("epoch 1: "))
         assert ("peak memory 1000.00 GiB a process" in line) == (peak is not None)
         assert ("peak memory" in line) == (peak is not None)
