@@ -313,6 +313,7 @@ def find_undecodable(files: list[str], workers: int | None = None, limit: int | 
 
 
 _PATH = re.compile(r"(/[^\s:'\"]+)")
+RECHECK_LIMIT = 10  # the broken files a CPU re-check after a loader's failure looks for
 
 
 def explain_loader_error(err: RuntimeError, images: ImageList) -> UserError:
@@ -349,13 +350,16 @@ def explain_loader_error(err: RuntimeError, images: ImageList) -> UserError:
         hint = ("; `fastrsb doctor` checks the driver against the CUDA that torch and DALI were built for"
                 if re.search(r"driver|insufficient|no cuda-capable|nvml", text, re.IGNORECASE) else "")
         return UserError(f"data pipeline failed: {lines[-1] if lines else type(err).__name__}{hint}")
-    # An image over PIL's limit is no decode failure of DALI's: not the one to blame here.
-    bad = [(path, reason) for path, reason in find_undecodable(images.files) if OVER_PILS_LIMIT not in reason]
+    # An image over PIL's limit is no decode failure of DALI's: not the one to blame here. The
+    # re-check stops at RECHECK_LIMIT broken files: `data check` lists them all.
+    found = find_undecodable(images.files, limit=RECHECK_LIMIT)
+    bad = [(path, reason) for path, reason in found if OVER_PILS_LIMIT not in reason]
     if not bad:
         return UserError("the data pipeline could not decode an image, and a CPU re-check of every file found none "
                          f"broken; DALI said: {' '.join(text.split())[:300]}")
     listed_bad = "; ".join(f"{path} ({reason})" for path, reason in bad[:3])
-    more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
+    at_least = "at least " if len(found) == RECHECK_LIMIT else ""  # the re-check stopped there
+    more = f" and {at_least}{len(bad) - 3} more" if len(bad) > 3 else ""
     return UserError(f"cannot decode {listed_bad}{more}: remove or replace the file(s) (fastrsb data check lists them all)")
 
 

@@ -66,6 +66,9 @@ def test_one_class_is_refused(copy_of):
         for folder in list((copy_of / split).iterdir())[1:]:
             shutil.rmtree(folder)
     assert_user_error(train(copy_of), "holds one class", "two or more")
+    checked = run_cli("data", "check", copy_of, "--workers", "1", check=False)  # and `data check` says so too
+    assert_user_error(checked, "1 problem(s)")
+    assert "  train/ holds one class: a classifier needs two or more" in checked.stdout
 
 
 @pytest.mark.parametrize("split", ["train", "val"])
@@ -85,6 +88,23 @@ def test_truncated_train_jpeg_is_named(copy_of):
     data = victim.read_bytes()
     victim.write_bytes(data[: len(data) // 3])
     assert_user_error(train(copy_of), "cannot decode", victim.name)
+
+
+def test_many_broken_files_are_counted_as_at_least_what_the_recheck_found(tmp_path):
+    """Where DALI's message names no file, the CPU re-check stops at data_folder.RECHECK_LIMIT
+    broken files: with more than that, the message does not state a count it did not make."""
+    from PIL import Image
+    from fastrsb.data_folder import RECHECK_LIMIT, explain_loader_error
+    from fastrsb.pipelines import ImageList
+    files = [str(tmp_path / f"{i:02d}.JPEG") for i in range(RECHECK_LIMIT + 2)]
+    for file in files:
+        Image.new("RGB", (64, 64), (9, 9, 9)).save(file)
+    err = RuntimeError("Error in thread 0: Failed to decode sample #1\nCurrent pipeline object is no longer valid.")
+    for broken, more in ((files[:5], "and 2 more: remove"), (files, f"and at least {RECHECK_LIMIT - 3} more: remove")):
+        for file in broken:
+            Path(file).write_bytes(Path(file).read_bytes()[:200])
+        said = str(explain_loader_error(err, ImageList(files, [0] * len(files), ["c"])))
+        assert said.startswith(f"cannot decode {files[0]} (") and more in said, said
 
 
 def test_bad_val_image_keeps_the_trained_epoch(copy_of, tmp_path):
