@@ -497,8 +497,8 @@ def test_16_bit_images_noted_by_check_and_shrunk_as_the_loaders_read_them(tiny_d
 def test_check_refuses_what_training_refuses_and_passes_what_it_reads(tiny_data, tmp_path):
     """PIL opens GIF, ICO and TGA; DALI does not decode them. Under .JPEG names, `data check` names
     them as the start-up check does (it decoded them with PIL and passed them before), so a clean
-    check means a run that starts; JPEG 2000 under a .JPEG name (its JP2 box, its bare codestream),
-    which DALI reads (test_pipelines.py), passes both."""
+    check means a run that starts, as it does a RIFF file that holds no WebP (a WAV); JPEG 2000 and
+    WebP under a .JPEG name, which DALI reads (test_pipelines.py), pass both."""
     from fastrsb.data_folder import check_headers
     data = tmp_path / "data"
     shutil.copytree(tiny_data, data)
@@ -506,16 +506,18 @@ def test_check_refuses_what_training_refuses_and_passes_what_it_reads(tiny_data,
     picture = Image.effect_noise((50, 40), 30).convert("RGB")
     for kind in ("GIF", "ICO", "TGA"):
         picture.save(folder / f"{kind.lower()}.JPEG", format=kind)
+    (folder / "wav.JPEG").write_bytes(b"RIFF\x24\x00\x00\x00WAVEfmt " + bytes(28))
     proc = run_cli("data", "check", data, "--workers", "2", check=False)
-    assert_user_error(proc, "3 problem(s)")
-    for kind in ("gif", "ico", "tga"):
+    assert_user_error(proc, "4 problem(s)")
+    for kind in ("gif", "ico", "tga", "wav"):
         assert f"{folder / kind}.JPEG: not an image: it starts with" in proc.stdout
-    with pytest.raises(UserError, match="3 bad file"):
+    with pytest.raises(UserError, match=r"^4 bad file\(s\): [^;]+; [^;]+; [^;]+ and 1 more: remove or replace"):
         check_headers(list_images(data / "train"), list_images(data / "val"))
-    for kind in ("gif", "ico", "tga"):
+    for kind in ("gif", "ico", "tga", "wav"):
         (folder / f"{kind}.JPEG").unlink()
     picture.save(folder / "jp2.JPEG", format="JPEG2000")
     picture.save(folder / "j2k.JPEG", format="JPEG2000", no_jp2=True)
+    picture.save(folder / "webp.JPEG", format="WEBP", quality=90)
     assert "0 problem(s)" in run_cli("data", "check", data, "--workers", "2").stdout
     check_headers(list_images(data / "train"), list_images(data / "val"))
 

@@ -395,7 +395,9 @@ def test_other_formats_are_read_as_timm_reads_them(tmp_path):
 def test_a_16_bit_png_is_scaled_to_8_bits_where_pil_clips_it(tmp_path):
     """A 16-bit grey PNG (a scientific or medical image, say) is read as its values scaled to 8
     bits, round(v / 257); PIL's convert("RGB"), and so timm, clips them at 255, which leaves such
-    an image nearly white. A difference kept on purpose (docs/loaders.md says so)."""
+    an image nearly white. A difference kept on purpose (docs/loaders.md says so). `data shrink`
+    writes what the loaders read (data_folder.as_the_loaders_read), level for level."""
+    from fastrsb.data_folder import as_the_loaders_read
     values = np.random.default_rng(1).integers(0, 65536, (32, 32), dtype=np.uint16)
     (tmp_path / "c").mkdir()
     Image.fromarray(values).save(tmp_path / "c" / "x.png")
@@ -403,6 +405,9 @@ def test_a_16_bit_png_is_scaled_to_8_bits_where_pil_clips_it(tmp_path):
     images, _ = next(iter(val_loader(tmp_path, 1, 32, 1.0, device="cpu", dtype="float32")))  # no resize
     levels = images[0] * torch.tensor(IMAGENET_STD).view(3, 1, 1) + torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
     assert (levels - torch.from_numpy(np.round(values / 257))).abs().max() < 0.01
+    with Image.open(tmp_path / "c" / "x.png") as png:
+        shrink_reads = torch.from_numpy(np.asarray(as_the_loaders_read(png), dtype=np.float32)).permute(2, 0, 1)
+    assert (levels - shrink_reads).abs().max() < 0.01
 
 
 @pytest.mark.parametrize("aa_impl", ["tree", "batch", "torch"])
