@@ -233,6 +233,10 @@ def test_a_data_folder_without_val_points_to_split(own_data, tmp_path):
     assert_user_error(proc, f"1 problem(s) in {data}")
     assert "no 'val' folder" in proc.stdout and "its train/ holds 6 class folders: to hold some of each class's " \
         f"images out for validation, fastrsb data split {data / 'train'} {data}-split" in proc.stdout
+    one = tmp_path / "one"  # one class folder: no split makes a classifier's data of it, and none is offered
+    shutil.copytree(next(p for p in sorted(own_data.iterdir()) if p.is_dir()), one / "train" / "only")
+    proc = run_cli("data", "check", one, check=False)
+    assert "no 'val' folder" in proc.stdout and "data split" not in proc.stdout
 
 
 @pytest.fixture
