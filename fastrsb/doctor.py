@@ -34,9 +34,21 @@ def _dali_cuda() -> str | None:
     for dist in importlib.metadata.distributions():
         name = (dist.metadata["Name"] or "").lower()
         if name.startswith("nvidia-dali-cuda"):
-            digits = name.removeprefix("nvidia-dali-cuda")
-            return f"{digits[:-1]}.{digits[-1]}" if digits.isdigit() and len(digits) >= 2 else digits
+            return dali_package_cuda(name)
     return None
+
+
+def dali_package_cuda(name: str) -> str:
+    """The CUDA a DALI package is built for, from its name: nvidia-dali-cuda130 -> 13.0,
+    nvidia-dali-cuda120 -> 12.0 (DALI's packages name the major and one digit of minor)."""
+    digits = name.lower().removeprefix("nvidia-dali-cuda")
+    return f"{digits[:-1]}.{digits[-1]}" if digits.isdigit() and len(digits) >= 2 else digits
+
+
+def cuda_version(number: int) -> str:
+    """CUDA's version number as NVML and cudaDriverGetVersion give it (1000 x major + 10 x minor:
+    13000, 12040) as major.minor."""
+    return f"{number // 1000}.{number % 1000 // 10}"
 
 
 def _driver_cuda() -> tuple[str | None, str | None]:
@@ -46,7 +58,7 @@ def _driver_cuda() -> tuple[str | None, str | None]:
         pynvml.nvmlInit()
         driver = pynvml.nvmlSystemGetDriverVersion()
         cuda = pynvml.nvmlSystemGetCudaDriverVersion()  # e.g. 13000
-        return (driver.decode() if isinstance(driver, bytes) else driver), f"{cuda // 1000}.{cuda % 1000 // 10}"
+        return (driver.decode() if isinstance(driver, bytes) else driver), cuda_version(cuda)
     except Exception:  # noqa: BLE001 - no driver, no NVML library: the GPU checks say so
         return None, None
 
@@ -157,11 +169,12 @@ def dali_check(device: str, recipe_name: str = "a3") -> Check:
 
 def cpu_check(gpus: int) -> Check:
     """Cores against the loader's threads, for a run of one process per GPU, or of as many
-    processes as torchrun starts here (LOCAL_WORLD_SIZE), as the loader counts them."""
+    processes as torchrun starts here (LOCAL_WORLD_SIZE), by the loader's own rule."""
+    from fastrsb.pipelines.loader import default_threads
     cores = len(os.sched_getaffinity(0))
     processes = int(os.environ.get("LOCAL_WORLD_SIZE", "0")) or max(1, gpus)
     per_process = cores // processes
-    threads = max(1, min(8, per_process))
+    threads = default_threads(processes)
     text = f"{cores} CPU cores; the loader takes {threads} thread(s) per process ({processes} process(es))"
     if gpus and per_process < 4:
         return Check("cpu", False, f"{text}: under 4 cores per GPU the loader's CPU stages may starve the GPUs",

@@ -488,13 +488,14 @@ def _resolve_device(device: str | torch.device) -> tuple[str, int | None]:
     return "cuda", current
 
 
-def _default_threads() -> int:
+def default_threads(local_processes: int | None = None) -> int:
     """This process's share of the cores, at most 8: under torchrun, the processes of one machine
-    (LOCAL_WORLD_SIZE) split its cores instead of each starting a thread per core (8 GPUs on 16
-    cores: 2 threads each, not 16). On the H200, 3, 6 and 10 threads fed A3 alike (6,003 / 5,952 /
-    5,519 img/s at 915cdf8): more threads buy nothing there."""
-    local_processes = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
-    return max(1, min(8, len(os.sched_getaffinity(0)) // local_processes))
+    (local_processes; default LOCAL_WORLD_SIZE, else 1) split its cores instead of each starting a
+    thread per core (8 GPUs on 16 cores: 2 threads each, not 16). On the H200, 3, 6 and 10 threads
+    fed A3 alike (6,003 / 5,952 / 5,519 img/s at 915cdf8): more threads buy nothing there."""
+    if local_processes is None:
+        local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    return max(1, min(8, len(os.sched_getaffinity(0)) // max(1, local_processes)))
 
 
 AA_IMPLS = ("tree", "batch", "torch")
@@ -613,7 +614,7 @@ def train_loader(root: str | os.PathLike | ImageList, batch_size: int, img_size:
     shard_images, batch_images = len(images) // num_shards, images_per_batch(batch_size, repeats)
     if shard_images < batch_size:
         raise DatasetError(f"{len(images)} images over {num_shards} shard(s) do not fill one batch of {batch_size}")
-    threads = num_threads or _default_threads()
+    threads = num_threads or default_threads()
     pipelines = _pipeline_count(pipelines, state, device, shard_images, batch_images)
     aa_interpolation = interpolation if aa else None  # RandAugment's geometric ops as the crops, as timm's
     spread_views = views_to_spread(spread_views, repeats, shard_id, num_shards)
@@ -780,7 +781,7 @@ def val_loader(root: str | os.PathLike | ImageList, batch_size: int, img_size: i
     _check_shard(shard_id, num_shards)
     device, device_id = _resolve_device(device)
     hw_decoder_load = _hw_decoder_load(hw_decoder_load, device_id)
-    threads = num_threads or _default_threads()
+    threads = num_threads or default_threads()
 
     def build(checkpoints: None) -> list:
         return [val_pipeline(

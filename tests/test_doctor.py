@@ -1,4 +1,5 @@
 """fastrsb doctor on this CPU machine: every check at once, exit 0 only when a run can start."""
+import importlib.metadata
 import json
 import shutil
 
@@ -86,6 +87,30 @@ def test_cuda_builds_newer_than_the_driver_are_named():
     assert builds_too_new("12.4", {"torch": "13.0", "DALI": "13.0"}) == ["torch (CUDA 13.0)", "DALI (CUDA 13.0)"]
     assert builds_too_new("13.0", {"torch": "12.8", "DALI": "13.0"}) == []
     assert builds_too_new("12.2", {"torch": "12.8", "DALI": None}) == []  # minor-version compatibility
+    # The versions compared, as NVML gives the driver's and DALI's package names its build's.
+    from fastrsb.doctor import _dali_cuda, cuda_version, dali_package_cuda
+    assert [cuda_version(n) for n in (13000, 12040, 12080, 11080)] == ["13.0", "12.4", "12.8", "11.8"]
+    assert [dali_package_cuda(f"nvidia-dali-cuda{n}") for n in (130, 120, 110)] == ["13.0", "12.0", "11.0"]
+    installed = [d.metadata["Name"].lower() for d in importlib.metadata.distributions()
+                 if (d.metadata["Name"] or "").lower().startswith("nvidia-dali-cuda")]
+    assert _dali_cuda() == dali_package_cuda(installed[0])
+
+
+def test_the_cpu_check_counts_the_loaders_threads_by_its_rule(monkeypatch):
+    """doctor's thread count is the loader's (at most 8 a process, the cores shared by the
+    processes on the machine: one a GPU, or torchrun's LOCAL_WORLD_SIZE), and under 4 cores a GPU
+    is a warning, not a failure. Here as on a 32-core machine."""
+    from fastrsb.doctor import cpu_check
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(32)))
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    said = {gpus: cpu_check(gpus) for gpus in (0, 8, 16)}
+    assert said[0].text == "32 CPU cores; the loader takes 8 thread(s) per process (1 process(es))" and said[0].ok
+    assert said[8].text == "32 CPU cores; the loader takes 4 thread(s) per process (8 process(es))" and said[8].ok
+    assert said[16].text.startswith("32 CPU cores; the loader takes 2 thread(s) per process (16 process(es)): under 4 "
+                                    "cores per GPU the loader's CPU stages may starve the GPUs")
+    assert not said[16].ok and not said[16].fatal
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "32")  # torchrun's count wins: here one core a process
+    assert cpu_check(8).text.startswith("32 CPU cores; the loader takes 1 thread(s) per process (32 process(es)):")
 
 
 def _doctor_as_two_machines(tmp_path, *args) -> tuple[list[str], list[int]]:
@@ -163,10 +188,12 @@ def test_doctor_with_two_processes_on_one_machine_checks_it_once(tiny_data, tmp_
     assert same["text"].startswith("every machine lists the same 48 train / 20 val files with the same labels")
 
 
-def test_the_disk_check_counts_the_kept_epochs():
+def test_the_disk_check_counts_the_kept_epochs(tmp_path):
     """doctor --keep-every N sizes the kept epochs a run will leave (every N-th and the last, which
     is last.pt's file) beside last.pt and best.pt: A3's 100 epochs with --keep-every 10 keep 10,
-    9 of them files of their own."""
+    9 of them files of their own. A recipe that keeps an EMA has a fourth copy of the weights in
+    each (beside the weights and LAMB's two moments)."""
+    from fastrsb.recipe import builtin_path
     import re
     from fastrsb.doctor import kept_epochs
     assert [kept_epochs(100, 10), kept_epochs(100, 30), kept_epochs(12, 1), kept_epochs(3, 5)] == [10, 4, 12, 1]
@@ -180,3 +207,6 @@ def test_the_disk_check_counts_the_kept_epochs():
     assert "recipe a3's last.pt + best.pt need" in plain
     assert "recipe a3's last.pt + best.pt + 9 kept epoch(s) (--keep-every 10) need" in kept
     assert need_kept == round(need * 11 / 2, 2) or abs(need_kept - need * 11 / 2) < 0.01
+    with_ema = tmp_path / "a3-ema.toml"
+    with_ema.write_text(builtin_path("a3").read_text().replace("model_ema = false", "model_ema = true"))
+    assert abs(disk("--recipe", str(with_ema))[1] - need * 4 / 3) < 0.01
