@@ -69,6 +69,19 @@ def test_doctor_names_every_problem_and_exits_2(tiny_data, tmp_path):
     assert_user_error(run_cli("doctor", "--recipe", "a9", check=False), "no recipe 'a9'")
 
 
+def test_a_file_that_does_not_decode_fails_the_decode_probe(tmp_path):
+    """A JPEG cut short passes the header scan; the decode probe (the train loader over the data)
+    fails on it, and a run could not start: a failure, not a warning."""
+    data = tmp_path / "data"
+    run_cli("data", "demo", data, "--classes", "2", "--train-per-class", "70", "--val-per-class", "2")
+    victim = sorted((data / "train").glob("*/*.JPEG"))[5]
+    victim.write_bytes(victim.read_bytes()[:300])
+    proc = run_cli("doctor", "--data", data, "--recipe", "demo", check=False)
+    assert_user_error(proc, "1 problem(s)")
+    assert "ok    every file of train/ and val/ starts as an image should" in proc.stdout
+    assert "FAIL  decode probe failed: " in proc.stdout
+
+
 def test_machines_on_other_software_are_named_as_a_warning():
     """A job whose machines run other versions (one node's environment upgraded): a warning naming
     the machine and its line, beside the first machine's."""
@@ -188,7 +201,7 @@ def test_doctor_with_two_processes_on_one_machine_checks_it_once(tiny_data, tmp_
     assert same["text"].startswith("every machine lists the same 48 train / 20 val files with the same labels")
 
 
-def test_the_disk_check_counts_the_kept_epochs(tmp_path):
+def test_the_disk_check_counts_the_kept_epochs(tmp_path, monkeypatch):
     """doctor --keep-every N sizes the kept epochs a run will leave (every N-th and the last, which
     is last.pt's file) beside last.pt and best.pt: A3's 100 epochs with --keep-every 10 keep 10,
     9 of them files of their own. A recipe that keeps an EMA has a fourth copy of the weights in
@@ -207,6 +220,15 @@ def test_the_disk_check_counts_the_kept_epochs(tmp_path):
     assert "recipe a3's last.pt + best.pt need" in plain
     assert "recipe a3's last.pt + best.pt + 9 kept epoch(s) (--keep-every 10) need" in kept
     assert need_kept == round(need * 11 / 2, 2) or abs(need_kept - need * 11 / 2) < 0.01
+    # doctor asks for twice what the checkpoints need: less fails.
+    from collections import namedtuple
+    from fastrsb.doctor import disk_check
+    usage = namedtuple("usage", "total used free")
+    for free, ok in ((1.5, False), (2.5, True)):
+        monkeypatch.setattr("shutil.disk_usage", lambda path, free=free: usage(0, 0, int(free * need * 2**30)))
+        check = disk_check(tmp_path, "a3")
+        assert check.ok == ok and check.text.endswith(": free some space or choose another --out") != ok
+    monkeypatch.undo()
     with_ema = tmp_path / "a3-ema.toml"
     with_ema.write_text(builtin_path("a3").read_text().replace("model_ema = false", "model_ema = true"))
     assert abs(disk("--recipe", str(with_ema))[1] - need * 4 / 3) < 0.01
