@@ -195,6 +195,8 @@ def test_doctor_with_two_processes_on_one_machine_checks_it_once(tiny_data, tmp_
     assert machine["ranks"] == [0, 1] and [c["name"] for c in machine["checks"]].count("dali") == 1
     (cpu,) = [c["text"] for c in machine["checks"] if c["name"] == "cpu"]
     assert cpu.endswith("per process (2 process(es))")  # the processes on this machine share its cores
+    (batch,) = [c["text"] for c in machine["checks"] if c["name"] == "batch"]  # the batch split as the run splits it
+    assert batch == "the train set fills recipe tiny's batch_size 8 (4 images a process over 2 process(es))"
     same, software, collective = report["job"]
     assert report["ok"] and report["problems"] == 0 and same["ok"] and software["ok"] and collective["ok"]
     assert software["text"] == "every machine runs the same software (1 machine(s))"
