@@ -82,6 +82,16 @@ def test_a_file_that_does_not_decode_fails_the_decode_probe(tmp_path):
     assert "FAIL  decode probe failed: " in proc.stdout
 
 
+def test_a_warning_is_said_and_does_not_stop_a_run():
+    """A check that fails but is not fatal (too few cores a GPU, a slow decode probe) is a warning:
+    said, and a run can still start (exit 0)."""
+    from fastrsb.doctor import Check, report
+    text, data = report([Check("disk", True, "room"), Check("cpu", False, "few cores", fatal=False)])
+    assert text.splitlines() == ["ok    room", "warn  few cores", "0 problem(s): a run can start"] and data["ok"]
+    text, data = report([Check("disk", False, "no room"), Check("cpu", False, "few cores", fatal=False)])
+    assert text.splitlines()[-1] == "1 problem(s): a run cannot start" and not data["ok"]
+
+
 def test_machines_on_other_software_are_named_as_a_warning():
     """A job whose machines run other versions (one node's environment upgraded): a warning naming
     the machine and its line, beside the first machine's."""
