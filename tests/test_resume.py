@@ -972,7 +972,7 @@ def test_a_failed_last_write_fails_the_run_rather_than_end_it_done(tiny_data, tm
     """The run's last checkpoint is written beside the training like the others: a failure of
     that write (here the 4th and last save of 2 epochs fails as a full disk would) still stops the
     run with the save's one-line error before it returns, not after a "done", and leaves the
-    checkpoint before it."""
+    checkpoint before it, from which a resume finishes the run."""
     import fastrsb.run_state
     calls, write = [], fastrsb.run_state.save_checkpoint
 
@@ -988,3 +988,7 @@ def test_a_failed_last_write_fails_the_run_rather_than_end_it_done(tiny_data, tm
     assert calls == [1, 1, 2, 2]
     kept = load_checkpoint(tmp_path / "last.pt")
     assert (kept["epoch"], kept["validated"]) == (2, False)  # the save before the failed one
+    # Room made, the resume validates epoch 2 again: its row, written before the failed save, once.
+    monkeypatch.undo()
+    assert _train(tiny_data, tmp_path, resume="auto")["epoch"] == 2
+    assert [row["epoch"] for row in _epoch_rows(tmp_path)] == [1, 2]
