@@ -242,6 +242,24 @@ def test_prepare_val_from_devkit_ground_truth(tiny_data, tmp_path):
     assert_user_error(run_cli(*args[:-1], flat, check=False), "the validation folder itself")
     (tmp_path / "bad.csv").write_text("id,label\n")
     assert_user_error(run_cli("data", "prepare-val", flat, tmp_path / "bad.csv", check=False), "ImageId,PredictionString")
+    # A class number out of 1..N (0: the devkit counts from 1), an image the file gives no label, a
+    # file in the copy's class folders that is not this folder's copy of it (another class): refused.
+    # Blank lines at the end of the file are no images.
+    gt, synsets = tmp_path / "gt.txt", ("--synsets", tmp_path / "synsets.txt")
+    numbers = gt.read_text()
+    gt.write_text("0\n" + numbers.split("\n", 1)[1])
+    assert_user_error(run_cli("data", "prepare-val", flat, gt, *synsets, check=False),
+                      f"{gt}:1: '0' is not a class number 1..4")
+    gt.write_text(numbers + "\n\n")
+    shutil.copy(next(flat.glob("*.JPEG")), flat / "ILSVRC2012_val_00099999.JPEG")
+    assert_user_error(run_cli("data", "prepare-val", flat, gt, *synsets, "--copy-to", tmp_path / "new", check=False),
+                      "1 image(s) in", "have no label in", "ILSVRC2012_val_00099999")
+    (flat / "ILSVRC2012_val_00099999.JPEG").unlink()
+    moved = next(sorted_val.glob("*/*.JPEG"))
+    other_class = next(folder for folder in sorted(sorted_val.iterdir()) if folder != moved.parent)
+    moved.rename(other_class / moved.name)
+    assert_user_error(run_cli(*args, check=False), f"{other_class / moved.name} is not a copy of an image of this "
+                      "validation folder (another name, class or size)")
 
 
 def test_prepare_val_by_the_names_of_the_hubs_archives(tiny_data, tmp_path):
@@ -344,6 +362,8 @@ def test_shrink_makes_a_compact_rgb_copy_and_resumes(tiny_data, tmp_path):
     assert_user_error(run_cli("data", "shrink", tiny_data, out, "--max-side", "64", check=False),
                       "--max-side 40 --quality 80")
     assert_user_error(run_cli("data", "shrink", tiny_data, tiny_data / "inside", check=False), "outside the source")
+    assert_user_error(run_cli("data", "shrink", tiny_data, tmp_path / "q", "--quality", "0", check=False),
+                      "--quality 1..100 (got 500, 0)")
     # Another data set into it, or into a folder that holds files no shrink wrote (the same names:
     # they were taken for shrunk copies, "68 already there"): refused.
     other = tmp_path / "other"
