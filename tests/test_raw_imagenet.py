@@ -8,6 +8,7 @@ import tarfile
 import pytest
 
 from conftest import assert_user_error, folder_held, run_cli
+from fastrsb.errors import UserError
 from fastrsb.pipelines import list_images
 
 
@@ -241,6 +242,26 @@ def test_devkit_labels_in_its_own_class_order(ilsvrc, tiny_data, tmp_path):
         assert sorted(p.read_bytes() for p in (out / "val" / wnid).iterdir()) == \
             sorted(p.read_bytes() for p in (tiny_data / "val" / wnid).iterdir())
     assert not (out / ".devkit").exists()
+
+
+def test_meta_mat_gives_its_leaf_synsets_in_id_order_or_is_refused(tmp_path):
+    """meta.mat's classes are its leaf synsets (no children), by ILSVRC2012_ID; the others (the
+    devkit's 860 parents) are no class a ground-truth number may name. Leaves whose IDs skip one
+    are not the devkit's file: refused."""
+    import numpy as np
+    import scipy.io
+    from fastrsb.prepare import read_meta_synsets
+
+    def meta(rows):
+        synsets = np.zeros((len(rows), 1), dtype=[("ILSVRC2012_ID", "O"), ("WNID", "O"), ("num_children", "O")])
+        for i, row in enumerate(rows):
+            synsets[i, 0] = row
+        scipy.io.savemat(tmp_path / "meta.mat", {"synsets": synsets})
+        return tmp_path / "meta.mat"
+    assert read_meta_synsets(meta([(4, "n00_parent", 3), (2, "n02", 0), (1, "n05", 0), (3, "n01", 0)])) == \
+        ["n05", "n02", "n01"]
+    with pytest.raises(UserError, match=r"the leaf synsets' ILSVRC2012_IDs do not run 1..3"):
+        read_meta_synsets(meta([(1, "n05", 0), (2, "n02", 0), (4, "n01", 0)]))
 
 
 # --- the Hugging Face hub's ILSVRC/imagenet-1k (tar.gz archives) ------------------------------------
