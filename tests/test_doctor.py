@@ -27,6 +27,9 @@ def test_doctor_passes_on_a_good_folder(tmp_path):
     assert report["ok"] and [c["name"] for c in report["checks"]] == ["software", "gpu", "dali", "cpu", "disk"]
     # Recipe a3's (the default) train graph runs once, its RandAugment included, in the form a run takes.
     assert "augments as recipe a3 does (RandAugment rand-m6-mstd0.5-inc1, tree form)" in report["checks"][2]["text"]
+    from fastrsb.doctor import dali_check  # A1's repeated views (3 an image) are in its graph too
+    assert "augments as recipe a1 does (RandAugment rand-m7-mstd0.5-inc1, tree form, 3 views an image)" in \
+        dali_check("cpu", "a1").text
     assert f"fastrsb {fastrsb.__version__}" in out and f"torch {torch.__version__}, torchvision" in out
 
 
