@@ -137,6 +137,21 @@ def test_an_epoch_validated_after_a_resume_reaches_wandb(tiny_data, tmp_path):
     assert (second[0]["epoch"], second[0]["epoch/top1"]) == (1, pytest.approx(epoch_1["top1"]))
 
 
+def test_a_run_started_again_from_scratch_logs_to_a_new_wandb_run(tiny_data, tmp_path):
+    """--resume auto where the run left no checkpoint (killed before its first) starts again from
+    step 0, and so does its W&B run: a new one, not the old one, whose steps it would repeat (W&B
+    online drops a step it has had)."""
+    out = tmp_path / "run"
+    train = ("train", "tiny", "--data", tiny_data, "--out", out, "--device", "cpu", "--log-every", "2")
+    run_cli(*train, "--wandb", "fastrsb-tests", "--stop-after-steps", "2")
+    first = json.loads((out / "wandb.json").read_text())["id"]
+    (out / "last.pt").unlink()  # as a run killed before its first checkpoint leaves its folder
+    _next_second()
+    said = run_cli(*train, "--resume", "auto", "--stop-after-steps", "2").stdout
+    second = json.loads((out / "wandb.json").read_text())["id"]
+    assert second != first and f"W&B: run {second} of project fastrsb-tests" in said and "resumed run" not in said
+
+
 def test_wandb_out_of_reach_leaves_the_training_going(tiny_data, tmp_path, monkeypatch):
     """W&B that cannot start (online without an API key) is said once and the run trains on, its
     rows in metrics.jsonl; without the package, --wandb is refused before anything runs."""
