@@ -221,9 +221,9 @@ def test_the_disk_check_counts_the_kept_epochs(tmp_path, monkeypatch):
     is last.pt's file) beside last.pt and best.pt: A3's 100 epochs with --keep-every 10 keep 10,
     9 of them files of their own. A recipe that keeps an EMA has a fourth copy of the weights in
     each (beside the weights and LAMB's two moments)."""
-    from fastrsb.recipe import builtin_path
     import re
     from fastrsb.doctor import kept_epochs
+    from fastrsb.recipe import builtin_path
     assert [kept_epochs(100, 10), kept_epochs(100, 30), kept_epochs(12, 1), kept_epochs(3, 5)] == [10, 4, 12, 1]
 
     def disk(*more):

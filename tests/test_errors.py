@@ -309,7 +309,8 @@ def test_memory_run_out_in_the_loader_is_said_and_no_image_blamed(tiny_data, mon
     from fastrsb.pipelines import list_images
     from fastrsb.pipelines.loader import _undecodable_named
     images = list_images(tiny_data / "train")
-    monkeypatch.setattr(fastrsb.data_folder, "find_undecodable", lambda files: pytest.fail("decoded the files again"))
+    monkeypatch.setattr(fastrsb.data_folder, "find_undecodable",
+                        lambda files, **options: pytest.fail("decoded the files again"))
     for where, texts in DALI_OUT_OF_MEMORY.items():
         for text in texts:
             said = str(explain_loader_error(RuntimeError(text), images))

@@ -95,8 +95,8 @@ def test_an_epoch_stopped_and_resumed_has_the_peak_and_the_time_of_both_parts(ti
     """A preempted job's epoch: the peak of its part before the stop is saved in the checkpoint and
     counts in the epoch's figure after the resume (here a part before the stop made to have peaked
     at 1000 GiB, which the resumed process never reaches: the figure is that part's). A checkpoint
-    that holds no such figure leaves the epoch's unknown rather than the resumed part's alone. So
-    do its training seconds (made 1000 s here): the epoch's train_seconds are both parts'."""
+    that holds no such figure leaves the epoch's unknown rather than the resumed part's alone. The
+    part's training seconds count too (made 1000 s here): the epoch's train_seconds are both parts'."""
     def run(out, **kwargs):
         return train(load_recipe("tiny"), tiny_data, out, device="cpu", num_threads=1, log_every=1, **kwargs)
 
