@@ -1442,6 +1442,76 @@ def test_runs_lists_every_run_folder_with_its_progress(run, tmp_path):
     assert_user_error(run_cli("runs", tmp_path / "nowhere", check=False), "is not a folder")
 
 
+def _written_run(folder: Path, rows: list[dict], starts: list[dict], **recipe) -> Path:
+    """A run folder's records as a run writes them (recipe.json, metrics.jsonl, starts.jsonl), for
+    what `fastrsb runs` reads from them without a run behind them."""
+    folder.mkdir(parents=True)
+    (folder / "recipe.json").write_text(json.dumps({"name": "a3", "model": "resnet50", "img_size": 160, **recipe}))
+    (folder / "metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    (folder / "starts.jsonl").write_text("".join(json.dumps(start) + "\n" for start in starts))
+    return folder
+
+
+def test_runs_reads_each_figure_from_the_row_it_belongs_to(tmp_path, monkeypatch):
+    """`fastrsb runs`, from written records (no run trained): the top-1 is the last epoch's EMA
+    score and the best the highest (neither the last nor the model's); where a run runs now its
+    last start's processes and device; the time left from the last progress row (epoch 3.25, not
+    the last validated 3); last written by its newest file (last.pt); a resumed run says so; a
+    folder named with a dot is passed over; a timm run that ran all its epochs is done, its
+    figures its EMA's, its header-only summary.csv a run with no epoch yet; a run stopped
+    says why, one running now does not; the ages in d, h, min and s (60 s is 1 min); the start in
+    a timm folder's name is the local time train.py wrote it in (here 2 h east of UTC)."""
+    from fastrsb import run_list
+    epoch = {"kind": "epoch", "img_size": 160, "train_seconds": 100.0, "train_seconds_steady": 90.0, "val_seconds": 10.0}
+    rows = [{"kind": "log", "epoch": 0.5}, {**epoch, "epoch": 1, "top1": 40.0, "ema_top1": 42.0},
+            {**epoch, "epoch": 2, "top1": 50.0, "ema_top1": 55.0}, {**epoch, "epoch": 3, "top1": 52.0, "ema_top1": 50.0},
+            {"kind": "log", "epoch": 3.25}]
+    starts = [{"started": "2026-12-01T10:00:00+00:00", "processes": 1, "device": "cpu", "commit": "aaaaaaa"},
+              {"started": "2026-12-02T10:00:00+00:00", "processes": 8, "device": "cuda", "commit": "bbbbbbb"}]
+    root = tmp_path / "runs"
+    run = _written_run(root / "a3", rows, starts, epochs=4, model_ema=True)
+    (run / "train.log").write_text("===== fastrsb train a3\nstopped at step 9 (epoch 3 done)\n")
+    (run / "last.pt").write_bytes(b"")
+    os.utime(run / "metrics.jsonl", (1_700_000_000, 1_700_000_000))
+    os.utime(run / "last.pt", (1_700_000_600, 1_700_000_600))
+    _written_run(root / ".trash" / "old", rows, starts, epochs=4)  # under a dot-folder: listed
+    _written_run(root / ".hidden", rows, starts, epochs=4)  # a dot-folder itself: not
+    timm = TIMM_A3_ARGUMENTS | {"epochs": 1, "warmup_epochs": 0, "warmup_prefix": False, "model_ema": True}
+    _timm_output(root / "20261203-101530-done", [(0, 0.9, 30.0, True)], **timm)
+    (_timm_output(root / "timm-new", [], **timm) / "summary.csv").write_text("epoch,train_loss,eval_loss,eval_top1\n")
+    import time
+    monkeypatch.setenv("TZ", "UTC-2")  # POSIX's sign: local time is UTC + 2 h
+    time.tzset()
+    try:
+        listed = {Path(r["run"]).name: r for r in map(run_list.describe, run_list.run_folders(root))}
+    finally:
+        monkeypatch.undo()
+        time.tzset()
+    assert sorted(listed) == ["20261203-101530-done", "a3", "old", "timm-new"]
+    a3 = listed["a3"]
+    assert (a3["top1"], a3["best_top1"], a3["ema"], a3["epochs_done"], a3["state"]) == (50.0, 55.0, True, 3, "stopped")
+    assert (a3["started"], a3["starts"], a3["processes"], a3["device"], a3["commit"]) == (
+        "2026-12-01T10:00:00+00:00", 2, 8, "cuda", "bbbbbbb")
+    assert a3["time_left_seconds"] == 0.75 * (90.0 + 10.0)
+    assert a3["last_written"] == "2023-11-14T22:23:20+00:00"  # last.pt's time, 600 s after metrics.jsonl's
+    assert a3["why"] == "stopped at step 9 (epoch 3 done)"
+    done, new = listed["20261203-101530-done"], listed["timm-new"]
+    assert (done["state"], done["epochs_done"], done["top1"], done["ema"]) == ("done", 1, 30.0, True)
+    assert done["started"] == "2026-12-03T08:15:30+00:00"
+    assert (new["state"], new["epochs_done"], new["top1"], "unreadable" in new) == ("unfinished", 0, None, False)
+    now = datetime.datetime(2023, 11, 14, 22, 23, 20, tzinfo=datetime.timezone.utc)
+    text = run_list.table([a3, done], now=now + datetime.timedelta(seconds=60)).splitlines()
+    assert "stopped (~0:01:15 to go)  50.00 (EMA)  55.00  2026-12-01 10:00 (+1 resume(s))  8 x cuda" in text[1]
+    assert text[1].endswith("  1 min ago") and text[2] == "  why: stopped at step 9 (epoch 3 done)"
+    assert "30.00 (EMA)" in text[3]
+    for later, said in ((59, "59 s"), (3 * 3600 + 5, "3 h"), (2 * 86400 + 7, "2 d"), (-30, "0 s")):
+        assert run_list.table([a3], now=now + datetime.timedelta(seconds=later)).splitlines()[1].endswith(f"  {said} ago")
+    with folder_held(run):
+        running = run_list.describe(run)
+    assert (running["state"], running["why"]) == ("running", None)
+    assert "why:" not in run_list.table([running], now=now)
+
+
 def test_the_log_keeps_what_a_run_said_and_why_it_ended(tmp_path, monkeypatch):
     """RUN_DIR/train.log (fastrsb.run_log), what the runs above do not show: what was said before
     the run folder existed is held and written under the start's line (and dropped where none is
