@@ -1333,6 +1333,53 @@ def _timm_output(folder: Path, rows: list[tuple[int, float, float, bool]], **arg
     return folder
 
 
+def test_plot_panels_are_what_the_rows_say(tmp_path, monkeypatch):
+    """What `fastrsb plot` draws, from written rows (no run trained): the loss on a log axis, the
+    data wait in percent, the crop sizes of a progressive run in the images/s title (where the size
+    changes), each epoch's peak memory on an axis from 0 where the rows hold it (a sixth panel; a
+    run without it has five, the spare axis hidden); two runs' folders of one name are named by
+    their paths; a metrics.jsonl without log or epoch rows, and a PNG that cannot be written, are
+    said in one line."""
+    import matplotlib.pyplot as plt
+    from fastrsb import plot
+    logs = [{"kind": "log", "epoch": e, "loss": 2.0 / e, "lr": 0.1, "images_per_sec": 100.0, "data_wait": w}
+            for e, w in ((0.5, 0.25), (1.5, 0.5))]
+    epochs = [{"kind": "epoch", "epoch": e, "top1": 10.0 * e, "top5": 30.0, "train_loss": 2.0, "val_loss": 2.5,
+               "img_size": size, "peak_memory_gib": 1.5 + e / 10} for e, size in ((1, 32), (2, 48), (3, 48))]
+    drawn = plot.panels(logs, epochs)
+    assert [(title, axis) for title, _, axis in drawn] == [
+        ("loss", plot.LOG), ("validation accuracy (%)", plot.LINEAR), ("learning rate", plot.LINEAR),
+        ("images/s per process (32/48 px from epochs 1/2)", plot.LINEAR),
+        ("share of step time waiting for data (%)", plot.LINEAR), ("peak memory per epoch (GiB)", plot.FROM_ZERO)]
+    assert drawn[4][1] == [("data wait", [0.5, 1.5], [25.0, 50.0])] and [name for name, _, _ in drawn[5][1]] == ["process"]
+    unsized = [{k: v for k, v in row.items() if k not in ("img_size", "peak_memory_gib")} for row in epochs]
+    assert [title for title, _, _ in plot.panels(logs, unsized)][3:] == [
+        "images/s per process", "share of step time waiting for data (%)"]
+    compared = plot.compared_panels([("a", logs, epochs), ("b", logs, epochs)])
+    assert compared[5][1][1] == ("b", [0.5, 1.5], [25.0, 50.0])
+    figures = []
+    monkeypatch.setattr(plt, "close", figures.append)  # the drawn figure kept, to read its axes
+    for name in ("x/run", "y/run", "z/run"):
+        (tmp_path / name).mkdir(parents=True)
+        rows = logs + (epochs if name != "z/run" else unsized)
+        (tmp_path / name / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    run_cli("plot", tmp_path / "x/run", "--backend", "matplotlib")
+    axes = figures[-1].axes
+    assert axes[0].get_yscale() == "log" and axes[5].get_ylim()[0] == 0 and axes[5].axison
+    run_cli("plot", tmp_path / "z/run", "--backend", "matplotlib")
+    assert not figures[-1].axes[5].axison
+    monkeypatch.chdir(tmp_path)
+    assert run_cli("plot", "x/run", "y/run", "--backend", "matplotlib").stdout == "wrote curves-run-run.png\n"
+    assert [t.get_text() for t in figures[-1].axes[0].get_legend().get_texts()] == ["x/run", "y/run"]
+    (tmp_path / "x/run/metrics.jsonl").write_text(json.dumps({"kind": "start"}) + "\n")
+    assert_user_error(run_cli("plot", "x/run", check=False), "metrics.jsonl has no rows yet")
+    (tmp_path / "notes.txt").write_text("")
+    assert_user_error(run_cli("plot", "y/run", "-o", "notes.txt/curves.png", check=False),
+                      "could not write notes.txt/curves.png")
+    monkeypatch.undo()
+    plt.close("all")
+
+
 def test_plot_draws_a_timm_run_beside_a_fastrsb_run(run, tmp_path):
     """timm's train.py output folder (its summary.csv, written here by timm's own update_summary)
     is drawn beside a fastrsb run: its epoch rows at the epochs done (timm counts from 0), its loss
@@ -1482,6 +1529,9 @@ def test_runs_reads_each_figure_from_the_row_it_belongs_to(tmp_path, monkeypatch
     _written_run(root / ".hidden", rows, starts, epochs=4)  # a dot-folder itself: not
     timm = TIMM_A3_ARGUMENTS | {"epochs": 1, "warmup_epochs": 0, "warmup_prefix": False, "model_ema": True}
     _timm_output(root / "20261203-101530-done", [(0, 0.9, 30.0, True)], **timm)
+    (root / "20261203-101530-done" / "last.pth.tar").write_bytes(b"")  # written after summary.csv
+    os.utime(root / "20261203-101530-done" / "summary.csv", (1_700_000_000, 1_700_000_000))
+    os.utime(root / "20261203-101530-done" / "last.pth.tar", (1_700_000_060, 1_700_000_060))
     (_timm_output(root / "timm-new", [], **timm) / "summary.csv").write_text("epoch,train_loss,eval_loss,eval_top1\n")
     import time
     monkeypatch.setenv("TZ", "UTC-2")  # POSIX's sign: local time is UTC + 2 h
@@ -1501,7 +1551,7 @@ def test_runs_reads_each_figure_from_the_row_it_belongs_to(tmp_path, monkeypatch
     assert a3["why"] == "stopped at step 9 (epoch 3 done)"
     done, new = listed["20261203-101530-done"], listed["timm-new"]
     assert (done["state"], done["epochs_done"], done["top1"], done["ema"]) == ("done", 1, 30.0, True)
-    assert done["started"] == "2026-12-03T08:15:30+00:00"
+    assert (done["started"], done["last_written"]) == ("2026-12-03T08:15:30+00:00", "2023-11-14T22:14:20+00:00")
     assert (new["state"], new["epochs_done"], new["top1"], "unreadable" in new) == ("unfinished", 0, None, False)
     now = datetime.datetime(2023, 11, 14, 22, 23, 20, tzinfo=datetime.timezone.utc)
     text = run_list.table([a3, done], now=now + datetime.timedelta(seconds=60)).splitlines()
