@@ -419,9 +419,10 @@ def combine_ranks(results: list[dict]) -> dict:
     total = sum(per_rank)
     first.update(world_size=len(results), images_per_sec=total / len(results), images_per_sec_total=total,
                  images_per_sec_per_rank=per_rank)
-    for key, value in first.items():
-        if key.endswith("_gib") and isinstance(value, (int, float)):
-            first[key] = max(r[key] for r in results if isinstance(r.get(key), (int, float)))
+    # Each memory figure the most a rank held, of the ranks that have it (rank 0 may lack one).
+    for key in {key for r in results for key in r if key.endswith("_gib")}:
+        held = [r[key] for r in results if isinstance(r.get(key), (int, float))]
+        first[key] = max(held) if held else first.get(key)
     return first
 
 

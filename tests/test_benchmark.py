@@ -174,6 +174,47 @@ def test_train_mode_under_torchrun_reports_per_process_and_total(tmp_path):
     assert "total over 2" in table
 
 
+def test_ranks_combine_to_the_mean_per_gpu_and_the_most_memory():
+    """A torchrun row: images/s per GPU is the ranks' mean (the total beside it), and each memory
+    figure the highest any rank held (a rank without the figure passed over: rank 0's None had
+    stood for the row)."""
+    sys.path.insert(0, str(BENCH))
+    import throughput
+    combined = throughput.combine_ranks([
+        {"images_per_sec": 100.0, "peak_rss_gib": 1.0, "nvml_process_gib": None, "steps": 4},
+        {"images_per_sec": 50.0, "peak_rss_gib": 2.5, "nvml_process_gib": 3.0, "steps": 4}])
+    assert combined == {"images_per_sec": 75.0, "images_per_sec_total": 150.0, "images_per_sec_per_rank": [100.0, 50.0],
+                        "world_size": 2, "peak_rss_gib": 2.5, "nvml_process_gib": 3.0, "steps": 4}
+
+
+def test_a_loader_that_fails_in_its_process_is_said_with_its_error(tmp_path):
+    """--rounds measures each loader in a process of its own: one that fails there stops the
+    benchmark with the loader's name and the process's own error."""
+    proc = subprocess.run([sys.executable, str(BENCH / "throughput.py"), "--mode", "loader", "--synthetic-jpegs", "8",
+                           "--cache", str(tmp_path), "--loaders", "dali-cpu", "--batch-size", "16", "--rounds", "2"],
+                          capture_output=True, text=True)
+    assert proc.returncode == 1 and "{" not in proc.stdout  # no row
+    said = "dali-cpu failed:\n.*8 images over 1 shard.* do not fill one batch of 16"
+    assert re.search(said, proc.stderr), proc.stderr
+
+
+def test_the_memory_of_a_loaders_processes_counts_their_children():
+    """The loader rows' peak_pss_with_workers_gib: this process's PSS and its children's (a
+    DataLoader's workers), here a child holding 256 MiB it wrote."""
+    sys.path.insert(0, str(BENCH))
+    import throughput
+    before = throughput._tree_pss_gib()
+    child = subprocess.Popen([sys.executable, "-c", "import time; held = b'x' * 2**28; print('held', flush=True); "
+                              "time.sleep(60)"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout.readline() == "held\n"
+        assert throughput._tree_pss_gib() - before > 0.2
+    finally:
+        child.kill()
+        child.wait()
+        child.stdout.close()
+
+
 def test_train_mode_profile_explains_itself(tmp_path, capsys):
     """--profile on the CPU: the summary files, the main thread's time per step, the data share, and
     the top operators (no kernels without a GPU)."""
@@ -532,7 +573,12 @@ def test_the_benchmark_refuses_a_mistake_before_it_measures(tmp_path, capsys):
                            "--set train_interpolation=...)"),
                           (["--mode", "loader", "--synthetic-jpegs", "8", "--set", "lr=1"], "--set: not read in --mode loader"),
                           (["--mode", "loader", "--synthetic-jpegs", "8", "--steps", "0"],
-                           "argument --steps: must be 1 or more, not 0")):
+                           "argument --steps: must be 1 or more, not 0"),
+                          (["--mode", "loader", "--synthetic-jpegs", "8", "--hw-decoder-load", "1.5"],
+                           "--hw-decoder-load must lie in [0, 1]"),
+                          (["--mode", "loader", "--synthetic-jpegs", "8", "--variants", "step"],
+                           "--variants is for --mode train"),
+                          (["--mode", "loader"], "--mode loader needs --data DIR or --synthetic-jpegs N")):
         with pytest.raises(SystemExit):
             throughput.parse_args(argv, gpu=True)
         assert message in capsys.readouterr().err
