@@ -359,6 +359,48 @@ def test_export_replaces_nothing_unasked_and_takes_the_ema(run, tmp_path, monkey
     assert "label_descriptions" not in json.loads((folder / "config.json").read_text())  # not ImageNet's classes
 
 
+def test_export_says_the_scores_of_the_weights_it_takes(run, tmp_path):
+    """What an export says of its weights: the validated top-1 of the weights taken (the EMA's
+    with --ema, the other beside it), none for an epoch saved before its validation; ImageNet's
+    words for classes that are its wnids in config.json; a folder holding a run's records alone
+    (metrics.jsonl, no checkpoint) is not replaced by --force."""
+    from fastrsb.class_order import imagenet_classes
+    out, _ = run
+    state = torch.load(out / "last.pt", weights_only=True)
+    state["ema"], state["metrics"] = dict(state["model"]), {**state["metrics"], "top1": 40.0, "ema_top1": 45.0}
+    state["classes"] = imagenet_classes()[:4]
+    torch.save(state, tmp_path / "scored.pt")
+
+    def exported(*args):
+        result = json.loads(run_cli("export", tmp_path / "scored.pt", tmp_path / "out", "--force", "--json",
+                                    *args).stdout)
+        return result, json.loads((tmp_path / "out" / "config.json").read_text())
+    (result, config), (ema_result, ema_config) = exported(), exported("--ema")
+    assert (result["top1"], result["ema_top1"], config["fastrsb"]["top1"]) == (40.0, 45.0, 40.0)
+    assert (ema_result["top1"], ema_result["ema_top1"], ema_config["fastrsb"]["top1"]) == (45.0, None, 45.0)
+    assert config["label_descriptions"]["n01440764"] == "tench, Tinca tinca"
+    state["validated"] = False  # saved at the epoch's end, before its validation ran
+    torch.save(state, tmp_path / "scored.pt")
+    assert exported()[0]["top1"] is None
+    records = tmp_path / "records"
+    records.mkdir()
+    (records / "metrics.jsonl").write_text("")
+    assert_user_error(run_cli("export", tmp_path / "scored.pt", records, "--force", check=False),
+                      "holds a run's record (metrics.jsonl), which --force would remove with it")
+
+
+def test_predict_that_runs_out_of_gpu_memory_says_what_fits(run, tiny_data, monkeypatch):
+    """As eval: a GPU's out-of-memory error in predict's forward becomes the batch size to try."""
+    out, _ = run
+    import fastrsb.predict
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+    monkeypatch.setattr(fastrsb.predict, "_top_outputs", out_of_memory)
+    assert_user_error(run_cli("predict", out / "last.pt", tiny_data / "val", "--batch-size", "16", check=False),
+                      "a batch of 16 images at 40 px takes more memory than the GPU has: --batch-size 8 or fewer")
+
+
 def test_eval_that_runs_out_of_gpu_memory_says_what_fits(run, tiny_data, monkeypatch):
     """A GPU's out-of-memory error (raised by the forward, as torch raises it; no GPU here) becomes
     the batch size to try."""
@@ -874,6 +916,34 @@ def test_predict_refuses_what_it_cannot_read_in_one_line(run, tiny_data, tmp_pat
     assert_user_error(run_cli("predict", tmp_path / "none.pt", image, check=False), "no checkpoint at")
 
 
+def test_predict_reads_each_image_once_at_the_crop_asked(run, tiny_data, tmp_path, monkeypatch):
+    """What predict reads: a folder's images alone (not the notes beside them), an image named
+    twice (itself and through its folder) once, at the --crop-pct asked (other outputs than the
+    recipe's 0.95); a file name that is not UTF-8, which DALI's reader cannot take, refused in one
+    line before anything is read."""
+    out, _ = run
+    image = next((tiny_data / "val").rglob("*.JPEG"))
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    shutil.copy(image, folder / "a.jpg")
+    (folder / "notes.txt").write_text("where the photo was taken")
+    rows = [json.loads(line) for line in run_cli("predict", out / "last.pt", folder / "a.jpg", folder, image, "--json",
+                                                 "--top", "1").stdout.splitlines()]
+    assert [r["file"] for r in rows] == [str(folder / "a.jpg"), str(image)]
+    assert rows[0]["top"] == rows[1]["top"]  # one image, as the two files hold
+    monkeypatch.chdir(folder)  # a path relative to the working folder, named as given
+    relative = json.loads(run_cli("predict", out / "last.pt", "a.jpg", "--json", "--top", "1").stdout)
+    assert relative == {**rows[0], "file": "a.jpg"}
+    text = run_cli("predict", out / "last.pt", image, "--top", "1", "--crop-pct", "0.5").stdout.splitlines()
+    assert text[-1] == "1 image(s) at 40 px, crop 0.5"
+    assert text[0] != f"{image}: {rows[1]['top'][0]['class']} {100 * rows[1]['top'][0]['probability']:.1f}%"
+    with open(os.path.join(os.fsencode(folder), b"caf\xe9.jpg"), "wb") as latin1:  # named in Latin-1
+        latin1.write(image.read_bytes())
+    proc = run_cli("predict", out / "last.pt", folder, check=False)
+    assert_user_error(proc, "1 file name(s) are not UTF-8, which DALI's reader needs")
+    assert proc.stdout == ""
+
+
 def test_eval_of_timm_weights_without_train_arguments(run, tiny_data, tmp_path):
     """timm's layout without train.py's arguments ("arch" and "state_dict" alone) is tested at the
     size and crop timm's validate.py takes for the model; its classes counted from its classifier.
@@ -980,6 +1050,15 @@ def test_classes_cross_to_timm_and_back_by_name_where_the_orders_differ(run, tin
     mapped_checkpoint = _timm_train_checkpoint(tmp_path / "mapped", by_map, mapped_args, None, 0)
     mapped_eval = json.loads(run_cli("eval", mapped_checkpoint, "--data", data, "--json").stdout)
     assert_same_figures(mapped_eval, ours)
+    # predict names the map's classes too (weights naming none: without the map, outputs by index).
+    image = next((data / "val" / "c10").iterdir())
+    predicted = [json.loads(run_cli("predict", weights, image, "--json", "--top", "4", "--img-size", "40",
+                                    "--crop-pct", "0.95").stdout)["top"] for weights in (tmp_path / "renamed.pt",
+                                                                                          mapped_checkpoint)]
+    assert [t["class"] for t in predicted[1]] == [t["class"] for t in predicted[0]]
+    unmapped = run_cli("predict", checkpoint, image, "--top", "4", "--img-size", "40").stdout
+    assert "note: the weights name no classes: each of their 4 outputs is named by its index" in unmapped
+    assert sorted(re.findall(r"; (\d) ", f"; {unmapped.splitlines()[-2].split(': ', 1)[1]}")) == ["0", "1", "2", "3"]
     (data / "classes.txt").unlink()
     assert_user_error(run_cli("eval", mapped_checkpoint, "--data", data, check=False),
                       "trained with --class-map classes.txt", str(data / "classes.txt"))
