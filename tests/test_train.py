@@ -167,6 +167,9 @@ def test_eval_reproduces_the_runs_accuracy(run, tiny_data, tmp_path):
     mistyped = run_cli("eval", out / "last.pt", out / "lats.pt", "--data", tiny_data, check=False)
     assert_user_error(mistyped, f"no checkpoint at {out / 'lats.pt'}")
     assert mistyped.stdout == ""  # (last.pt not evaluated first)
+    # --ema of a run that kept none (tiny: model_ema = false): said, for eval as for export.
+    assert_user_error(run_cli("eval", out / "last.pt", "--data", tiny_data, "--ema", check=False),
+                      f"{out / 'last.pt'} holds no EMA weights (the run had model_ema = false)")
 
 
 class Payload:
@@ -653,6 +656,17 @@ def test_eval_per_class_figures_add_up_and_are_each_class_evaluated_alone(run, t
         assert [(a["class"], a["top1"], a["top5"], a["taken_for"], a["taken_for_share"]) for a in alone["per_class"]] \
             == [(r["class"], r["top1"], r["top5"], r["taken_for"], r["taken_for_share"])]
         assert (alone["top1"], alone["top5"]) == (r["top1"], r["top5"])
+    # Classes of other sizes (2, 3, 4 and 5 images): the classes' mean top-1 weighs each class alike,
+    # where the top-1 weighs each image (on classes of one size the two are one figure).
+    for k, name in enumerate(classes):
+        for jpeg in sorted((tiny_data / "val" / name).iterdir())[:k + 2]:
+            (tmp_path / "unbalanced" / name).mkdir(parents=True, exist_ok=True)
+            shutil.copy(jpeg, tmp_path / "unbalanced" / name)
+    uneven = json.loads(run_cli("eval", out / "last.pt", "--data", tmp_path / "unbalanced", "--json", "--per-class",
+                                tmp_path / "uneven.csv").stdout)
+    assert [r["images"] for r in uneven["per_class"]] == [2, 3, 4, 5]
+    assert uneven["mean_class_top1"] == pytest.approx(sum(r["top1"] for r in uneven["per_class"]) / 4)
+    assert uneven["mean_class_top1"] != pytest.approx(uneven["top1"])
     # Classes that are ImageNet's wnids: their words beside them, on the line and in the rows.
     state = load_checkpoint(out / "last.pt")
     state["classes"] = imagenet_classes()[:4]  # n01440764 (tench), n01443537 (goldfish), ...
@@ -794,6 +808,8 @@ def test_flip_averages_each_images_outputs_with_its_mirror_images(run, tiny_data
     result = json.loads(run_cli("eval", out / "last.pt", "--data", tmp_path / "as", "--json", "--flip").stdout)
     labels = np.repeat(np.arange(4), 5)  # the walk's order: class by class
     assert result["flip"] and result["top1"] == pytest.approx(100 * (expected.argmax(axis=1) == labels).mean())
+    # Its loss is the cross-entropy of those outputs (the top-1 alone may not move with them).
+    assert result["val_loss"] == pytest.approx(-np.log(expected[np.arange(20), labels]).mean(), rel=1e-4)
     assert "each image with its mirror image (--flip)" in run_cli("eval", out / "last.pt", "--data", tmp_path / "as",
                                                                  "--flip").stdout
 
@@ -1059,6 +1075,11 @@ def test_classes_cross_to_timm_and_back_by_name_where_the_orders_differ(run, tin
     unmapped = run_cli("predict", checkpoint, image, "--top", "4", "--img-size", "40").stdout
     assert "note: the weights name no classes: each of their 4 outputs is named by its index" in unmapped
     assert sorted(re.findall(r"; (\d) ", f"; {unmapped.splitlines()[-2].split(': ', 1)[1]}")) == ["0", "1", "2", "3"]
+    for name in ("w", "x", "y", "z"):  # none of the map's classes
+        shutil.copytree(data / "val" / "B", tmp_path / "unmapped" / name)
+    shutil.copy(data / "classes.txt", tmp_path / "unmapped")
+    assert_user_error(run_cli("eval", mapped_checkpoint, "--data", tmp_path / "unmapped", check=False),
+                      f"{tmp_path / 'unmapped'}: none of its classes is in the class map classes.txt")
     (data / "classes.txt").unlink()
     assert_user_error(run_cli("eval", mapped_checkpoint, "--data", data, check=False),
                       "trained with --class-map classes.txt", str(data / "classes.txt"))
@@ -1108,6 +1129,17 @@ def test_class_folders_named_by_index_are_read_as_imagenet_v2s(run, tiny_data, t
     subset = json.loads(run_cli("eval", timm_checkpoint, "--data", tmp_path / "v2", "--json", "--partial-classes",
                                 "all").stdout)
     assert subset["val_images"] == by_name["val_images"] - len(list((data / "val" / "c10").iterdir()))
+    # Weights whose classes are named "0" to "3" read such folders by name, without the note.
+    state["classes"] = ["0", "1", "2", "3"]
+    torch.save(state, tmp_path / "digits.pt")
+    shutil.copytree(data / "val" / "c10", tmp_path / "v2" / "3")
+    assert "notes" not in json.loads(run_cli("eval", tmp_path / "digits.pt", "--data", tmp_path / "v2", "--json").stdout)
+    # A folder of another class than the weights' is refused, by its name.
+    shutil.copytree(data / "val" / "c10", tmp_path / "other" / "zebra")
+    for name in renamed:
+        shutil.copytree(data / "val" / name, tmp_path / "other" / name)
+    assert_user_error(run_cli("eval", tmp_path / "renamed.pt", "--data", tmp_path / "other", check=False),
+                      "its 5 classes differ from the weights' 4 ('zebra' is not one of theirs: B, c1, c10, ...)")
 
 
 def _parameters(model_state: dict, names) -> dict:
