@@ -856,6 +856,60 @@ def test_average_is_the_mean_of_the_weights_and_a_checkpoint_eval_and_export_tak
     assert not (tmp_path / "x.pt").exists()
 
 
+def test_average_of_three_keeps_the_last_ones_epoch_and_refuses_another_network(run, tiny_data, tmp_path):
+    """Three checkpoints: each entry divided by three, the EMAs' too where all kept one (said);
+    the mean has the last one's epoch and step, no top-1 of its own (export claims none; each
+    source's is kept), and is written into a folder made for it. Refused, nothing written:
+    another model's weights (its name), other tensors (one of another shape, one missing), --out
+    a folder."""
+    out, _ = run
+    a = load_checkpoint(out / "last.pt")
+    shifted = {k: v + (1 if v.is_floating_point() else 3) for k, v in a["model"].items()}
+    sources = [{**a, "ema": a["model"]},
+               {**a, "ema": shifted, "model": shifted, "epoch": 7, "step": 70, "metrics": {"top1": 30.0}},
+               {**a, "ema": a["model"], "model": {k: v * 2 for k, v in a["model"].items()}, "epoch": 9, "step": 90,
+                "metrics": {"top1": 45.0, "ema_top1": 50.0}}]
+    for k, state in enumerate(sources):
+        torch.save(state, tmp_path / f"{k}.pt")
+    paths = [tmp_path / f"{k}.pt" for k in range(3)]
+    proc = run_cli("average", *paths, "--out", tmp_path / "new" / "folder" / "avg.pt")
+    assert "the mean of 3 checkpoints' weights (epochs 2, 7, 9) and of their EMAs;" in proc.stdout
+    assert "note:" not in proc.stdout
+    mean = load_checkpoint(tmp_path / "new" / "folder" / "avg.pt")
+    for part in ("model", "ema"):
+        for key, value in a["model"].items():
+            total = sum(state[part][key].double() for state in sources) / 3
+            expected = total.float() if value.is_floating_point() else total.round().to(value.dtype)
+            assert torch.equal(mean[part][key], expected), (part, key)
+    assert (mean["epoch"], mean["step"], mean["metrics"]) == (9, 90, {})
+    assert [c["top1"] for c in mean["averaged_from"]] == [a["metrics"]["top1"], 30.0, 45.0]
+    run_cli("export", tmp_path / "new" / "folder" / "avg.pt", tmp_path / "exported")
+    config = json.loads((tmp_path / "exported" / "config.json").read_text())["fastrsb"]
+    assert config["top1"] is None and [c["top1"] for c in config["averaged_from"]] == [a["metrics"]["top1"], 30.0, 45.0]
+    assert "note:" not in run_cli("average", out / "last.pt", paths[1], "--out", tmp_path / "plain.pt").stdout
+
+    other_model = {**a, "recipe": {**a["recipe"], "model": "resnet14t"}}
+    fc = next(k for k in a["model"] if k.endswith("fc.weight"))
+    reshaped = {**a, "model": {**a["model"], fc: a["model"][fc][:-1]}}
+    missing = {**a, "model": {k: v for k, v in a["model"].items() if k != fc}}
+    for name, state in (("other_model", other_model), ("reshaped", reshaped), ("missing", missing)):
+        torch.save(state, tmp_path / f"{name}.pt")
+    for name, said in (("other_model", f"is a resnet14t, {out / 'last.pt'} a {a['recipe']['model']}: only one "
+                                       "model's weights average"),
+                       ("reshaped", f"holds other tensors than {out / 'last.pt'}: not one network's weights"),
+                       ("missing", "holds other tensors than")):
+        assert_user_error(run_cli("average", out / "last.pt", tmp_path / f"{name}.pt", "--out", tmp_path / "x.pt",
+                                  check=False), said)
+    assert_user_error(run_cli("average", out / "last.pt", paths[1], "--out", tmp_path, check=False),
+                      f"--out {tmp_path} is a folder: give the file to write (e.g. {tmp_path / 'average.pt'})")
+    # A path mistyped is said before any checkpoint is read (ten take minutes): here before the
+    # first, which is no checkpoint, would be.
+    (tmp_path / "cut.pt").write_bytes((out / "last.pt").read_bytes()[:1000])
+    assert_user_error(run_cli("average", tmp_path / "cut.pt", tmp_path / "typo.pt", "--out", tmp_path / "x.pt",
+                              check=False), f"no checkpoint at {tmp_path / 'typo.pt'}")
+    assert not (tmp_path / "x.pt").exists()
+
+
 def test_average_measures_batch_norm_anew_as_swa_does(run, tiny_data, tmp_path):
     """average --bn-data: the mean's weights, with BatchNorm's running statistics measured anew
     over the train images as torch's SWA update_bn measures them (the same batches: the recipe's
