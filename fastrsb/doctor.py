@@ -296,8 +296,13 @@ def run_doctor(data: str | None, out: str | None, recipe: str = "a3", keep_every
     return checks
 
 
+def verdict(ok: bool, fatal: bool) -> str:
+    """A check's first word in a report: a failed check that does not stop a run is a warning."""
+    return "ok  " if ok else "FAIL" if fatal else "warn"
+
+
 def report(checks: list[Check]) -> tuple[str, dict]:
-    lines = [f"{'ok  ' if c.ok else ('FAIL' if c.fatal else 'warn')}  {c.text}" for c in checks]
+    lines = [f"{verdict(c.ok, c.fatal)}  {c.text}" for c in checks]
     failed = [c for c in checks if not c.ok and c.fatal]
     lines.append(f"{len(failed)} problem(s): " + ("a run can start" if not failed else "a run cannot start"))
     return "\n".join(lines), {"ok": not failed, "checks": [asdict(c) for c in checks]}

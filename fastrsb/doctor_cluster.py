@@ -20,7 +20,7 @@ import torch.distributed as dist
 
 from fastrsb.distributed import Dist, broadcast_from_main, gather_to_main, init_distributed, shutdown
 from fastrsb.data_folder import open_dataset
-from fastrsb.doctor import Check, model_parameters, run_doctor
+from fastrsb.doctor import Check, model_parameters, run_doctor, verdict
 from fastrsb.errors import UserError
 from fastrsb.shards import listing_fingerprint
 
@@ -56,7 +56,7 @@ def run_cluster_doctor(data: str | None, out: str | None, recipe: str, keep_ever
             job.insert(0, same_software_check(machines))
             if data:
                 job.insert(0, same_data_check(machines))
-            ok = all(c.ok for c in job) and all(c["ok"] or not c["fatal"] for m in machines for c in m["checks"])
+            ok = problems(machines, job) == 0
         return broadcast_from_main(ok, d), machines, job
     finally:
         shutdown(d)
@@ -164,6 +164,13 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
+def problems(machines: list[dict], job: list[Check]) -> int:
+    """The failed checks that stop a run, each machine's and the job's: a warning (fatal=False:
+    machines on other software, too few cores a GPU) is said, not counted."""
+    return (sum(not c["ok"] and c["fatal"] for m in machines for c in m["checks"])
+            + sum(not c.ok and c.fatal for c in job))
+
+
 def report_cluster(ok: bool, machines: list[dict], job: list[Check]) -> tuple[str, dict]:
     """Rank 0's report: each machine's checks under its name, then the job's own (the data alike on
     every machine, the all-reduce)."""
@@ -172,10 +179,10 @@ def report_cluster(ok: bool, machines: list[dict], job: list[Check]) -> tuple[st
         ranks = m["ranks"]
         span = f"rank {ranks[0]}" if len(ranks) == 1 else f"ranks {ranks[0]}-{ranks[-1]}"
         lines.append(f"machine {m['node']} ({m['host']}, {span}):")
-        lines += [f"  {'ok  ' if c['ok'] else ('FAIL' if c['fatal'] else 'warn')}  {c['text']}" for c in m["checks"]]
-    lines += [f"{'ok  ' if c.ok else 'FAIL'}  {c.text}" for c in job]
-    problems = sum(not c["ok"] and c["fatal"] for m in machines for c in m["checks"]) + sum(not c.ok for c in job)
-    lines.append(f"{problems} problem(s) on {len(machines)} machine(s): "
+        lines += [f"  {verdict(c['ok'], c['fatal'])}  {c['text']}" for c in m["checks"]]
+    lines += [f"{verdict(c.ok, c.fatal)}  {c.text}" for c in job]
+    found = problems(machines, job)
+    lines.append(f"{found} problem(s) on {len(machines)} machine(s): "
                  + ("a run can start" if ok else "a run cannot start"))
-    return "\n".join(lines), {"ok": ok, "problems": problems, "machines": machines,
+    return "\n".join(lines), {"ok": ok, "problems": found, "machines": machines,
                               "job": [asdict(c) for c in job]}

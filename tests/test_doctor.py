@@ -109,6 +109,69 @@ def test_machines_on_other_software_are_named_as_a_warning():
                           "machine 2: fastrsb 0.1.0, torch 2.14.1")
 
 
+def test_the_jobs_report_counts_failures_and_says_warnings(monkeypatch, tmp_path):
+    """doctor under torchrun: a warning, a machine's (few cores) or the job's (machines on other
+    software), is said as one and lets a run start (the job's failed the doctor before); a machine's
+    failed check stops it; a machine whose checks raise, or which cannot list the data, is a failed
+    check in the report, not a hang of the others."""
+    from dataclasses import asdict
+    from fastrsb.doctor import Check
+    from fastrsb import doctor_cluster
+    from fastrsb.doctor_cluster import problems, report_cluster, same_data_check, same_software_check
+
+    def machine(node, host, ranks, *checks):
+        return {"node": node, "host": host, "ranks": ranks, "listing": None, "checks": [asdict(c) for c in checks]}
+    machines = [machine(0, "a", [0, 1], Check("software", True, "torch 2.11.0"),
+                        Check("cpu", False, "few cores", fatal=False)),
+                machine(1, "b", [2], Check("software", True, "torch 2.14.1"))]
+    job = [same_software_check(machines), Check("all-reduce", True, "summed")]
+    assert problems(machines, job) == 0
+    text, data = report_cluster(True, machines, job)
+    assert text.splitlines() == [
+        "machine 0 (a, ranks 0-1):", "  ok    torch 2.11.0", "  warn  few cores", "machine 1 (b, rank 2):",
+        "  ok    torch 2.14.1",
+        "warn  the machines run different software: machine 0: torch 2.11.0; machine 1: torch 2.14.1",
+        "ok    summed", "0 problem(s) on 2 machine(s): a run can start"]
+    assert data["problems"] == 0 and data["ok"]
+    machines[1]["checks"].append(asdict(Check("disk", False, "no room")))
+    assert problems(machines, job) == 1 and problems(machines, job + [Check("all-reduce", False, "wrong")]) == 2
+
+    def broken(*args):
+        raise OSError("the disk went away")
+    monkeypatch.setattr(doctor_cluster, "run_doctor", broken)
+    (stopped,) = doctor_cluster._machine_checks(None, None, "tiny", None)
+    assert not stopped.ok and stopped.fatal and stopped.text == "the checks stopped: OSError: the disk went away"
+    assert doctor_cluster._listing(str(tmp_path / "nothing")) is None  # its machine's own check says why
+    unlisted = same_data_check(machines)
+    assert not unlisted.ok and unlisted.text == "no machine could list the data folder (above)"
+
+
+def test_an_all_reduce_that_sums_wrong_fails_the_job(monkeypatch):
+    """The all-reduce check compares the sum with what every rank sent: a wrong one (here the first
+    all-reduce's, in a one-process gloo group) fails the check in words, not only its time."""
+    from types import SimpleNamespace
+    import torch.distributed as dist
+    from fastrsb.doctor_cluster import all_reduce_check
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        sums, real = [], dist.all_reduce
+
+        def first_one_wrong(tensor, *args, **kwargs):
+            work = real(tensor, *args, **kwargs)
+            if not sums:
+                tensor += 1
+            sums.append(1)
+            return work
+        monkeypatch.setattr(dist, "all_reduce", first_one_wrong)
+        check = all_reduce_check(SimpleNamespace(rank=0, world=1), "cpu", "tiny")
+        assert not check.ok and check.text.startswith("all-reduce across 1 processes (gloo): resnet10t's gradients")
+        assert check.text.endswith(": the sum came out wrong on at least one process")
+        monkeypatch.setattr(dist, "all_reduce", real)
+        assert all_reduce_check(SimpleNamespace(rank=0, world=1), "cpu", "tiny").ok
+    finally:
+        dist.destroy_process_group()
+
+
 def test_cuda_builds_newer_than_the_driver_are_named():
     assert builds_too_new("12.4", {"torch": "13.0", "DALI": "13.0"}) == ["torch (CUDA 13.0)", "DALI (CUDA 13.0)"]
     assert builds_too_new("13.0", {"torch": "12.8", "DALI": "13.0"}) == []
