@@ -147,8 +147,9 @@ def split(source: str | Path, target: str | Path, rule: SplitRule, labels: str |
         raise
     finally:
         progress.close()
-    if not _already_split(target, record):  # another process's split landed first (another rule or source)
-        raise UserError(f"{target} was written by another process meanwhile: split into a new folder")
+    # Where another process's split landed first (staged_folder kept it, ours dropped), the same
+    # split is taken as ours; another one is refused here, naming its rule and source.
+    _already_split(target, record)
     return {**record, "linked": linked, "written": True, "left_out": left_out}
 
 

@@ -100,6 +100,8 @@ def test_the_same_seed_gives_the_same_split_and_another_class_changes_none(own_d
     assert "/ 8 test images in 6 classes (val 10% of each class, test 10% of each class, seed 0; hard links)" \
         in proc.stdout and f"test the model chosen: fastrsb eval RUN_DIR/best.pt --data {tmp_path / 't' / 'test'}" \
         in proc.stdout  # 12 -> 1 (1.2), 31 -> 3 (3.1): 4 + 3 + 1 (a_small's 3 keep one for each split)
+    assert "note: 1 class(es) too small for the shares asked kept an image in each split: a_small (3 images: 1 " \
+        "val, 1 test)" in proc.stdout  # the others' val and test are their shares, rounded
     tested = held_out(tmp_path / "t")
     assert tested["val"] == first["val"] and {k: len(v) for k, v in tested["test"].items()} == \
         {"a_small": 1, "z_big": 3, **{k: 1 for k in first["val"] if k.startswith("n0")}}
@@ -115,6 +117,8 @@ def test_the_same_seed_gives_the_same_split_and_another_class_changes_none(own_d
     proc = run_cli("data", "split", own_data, tmp_path / "e", "--val-per-class", "2")
     assert "(2 val image(s) a class, seed 0; hard links)" in proc.stdout
     assert {len(files) for files in held_out(tmp_path / "e")["val"].values()} == {2}
+    record = json.loads((tmp_path / "e" / "split.json").read_text())
+    assert (record["val"], record["val_per_class"]) == (None, 2)  # no share besides: the record says the rule
 
 
 def test_what_cannot_be_split_is_refused_and_writes_nothing(own_data, tmp_path):
@@ -171,6 +175,62 @@ def test_what_cannot_be_split_is_refused_and_writes_nothing(own_data, tmp_path):
     assert [p.name for p in other.iterdir()] == ["mine.txt"]
 
 
+def test_a_split_refuses_odd_sources_and_targets_and_says_what_it_rounded(own_data, tmp_path, monkeypatch):
+    """More refusals, one line each and nothing written: a negative seed, more than five classes
+    too small (five named), a source that is a file, of one class, or holding val/ of class
+    folders; a target that is a file, or of four files (three named). An empty target folder is
+    filled; a hidden file or a note beside the class folders is no image left out; a class of 3
+    asked for half to val keeps one for test; more than three classes too small for the shares
+    are three named; a split another process landed meanwhile is kept, ours refused naming it."""
+    import fastrsb.data_split as data_split
+    target = tmp_path / "t"
+    for options, said in ((("--seed", "-1"), "--seed -1: 0 or more"),
+                          (("--val-per-class", "40"), "6 class(es) have too few images to split: a_small (3), "
+                                                      "n00_hstripes (12), n01_vstripes (12), n02_checks (12), "
+                                                      "n03_dots (12) and 1 more; each needs 41 or more")):
+        assert_user_error(run_cli("data", "split", own_data, target, *options, check=False), said)
+    one, valonly = tmp_path / "one", tmp_path / "valonly"
+    shutil.copytree(own_data / "z_big", one / "only")
+    shutil.copytree(own_data / "n00_hstripes", valonly / "val" / "n00_hstripes")
+    shutil.copytree(own_data / "n01_vstripes", valonly / "elsewhere")
+    for source, said in ((own_data / "loose.JPEG", "is a file, not a folder"),
+                         (one, f"{one} holds one class (only): a classifier needs two or more"),
+                         (valonly, f"{valonly} is split already (val/ holds class folders)")):
+        assert_user_error(run_cli("data", "split", source, target, check=False), said)
+    (tmp_path / "file").write_text("x")
+    assert_user_error(run_cli("data", "split", own_data, tmp_path / "file", check=False),
+                      f"the target {tmp_path / 'file'} is a file, not a folder")
+    full = tmp_path / "full"
+    full.mkdir()
+    for name in ("a.txt", "b.txt", "c.txt", "d.txt"):
+        (full / name).write_text(name)
+    assert_user_error(run_cli("data", "split", own_data, full, check=False),
+                      f"{full} holds files (a.txt, b.txt, c.txt, ...): split into a new or empty folder")
+    assert not target.exists() and sorted(p.name for p in full.iterdir()) == ["a.txt", "b.txt", "c.txt", "d.txt"]
+
+    (own_data / ".hidden.JPEG").write_bytes((own_data / "loose.JPEG").read_bytes())
+    (own_data / "notes.txt").write_text("where the images came from")
+    target.mkdir()
+    proc = run_cli("data", "split", own_data, target, "--val", "0.5", "--test", "0.1")
+    assert "note: 1 image(s) are in no split" in proc.stdout  # loose.JPEG alone
+    assert {name: len(files) for name, files in held_out(target)["test"].items()}["a_small"] == 1
+    proc = run_cli("data", "split", own_data, tmp_path / "u", "--val", "0.01", "--test", "0.01")
+    assert "note: 6 class(es) too small for the shares asked kept an image in each split: a_small (3 images: 1 " \
+           "val, 1 test), n00_hstripes (12 images: 1 val, 1 test), n01_vstripes (12 images: 1 val, 1 test) and 3 " \
+           "more" in proc.stdout
+
+    place = data_split._place
+
+    def another_landing_meanwhile(origins, staging, plan, progress):
+        shutil.copytree(tmp_path / "u", tmp_path / "w")  # another process's split (another rule) lands first
+        return place(origins, staging, plan, progress)
+    monkeypatch.setattr(data_split, "_place", another_landing_meanwhile)
+    assert_user_error(run_cli("data", "split", own_data, tmp_path / "w", check=False),
+                      f"{tmp_path / 'w'} holds another split (of {own_data}, val 1% of each class, test 1% of each "
+                      "class, seed 0): split into a new folder")
+    assert json.loads((tmp_path / "w" / "split.json").read_text())["val"] == 0.01  # theirs, kept
+
+
 def other_disk(tmp_path) -> Path:
     """A folder on another file system than tmp_path (/dev/shm's tmpfs), or a skip."""
     if not os.path.isdir("/dev/shm") or os.stat("/dev/shm").st_dev == os.stat(tmp_path).st_dev:
@@ -178,9 +238,9 @@ def other_disk(tmp_path) -> Path:
     return Path(os.environ.get("TMPDIR_SHM", "/dev/shm"))
 
 
-def test_across_disks_the_images_are_copied(own_data, tmp_path):
+def test_across_disks_the_images_are_copied(own_data, tmp_path, monkeypatch):
     """A target on another disk than the source gets copies (a hard link cannot cross): the same
-    bytes, other files; the record and the line say copies."""
+    bytes, other files; the record and the line say copies. Copies that would not fit are refused."""
     shm = other_disk(tmp_path)
     target = Path(shm) / f"fastrsb-split-{os.getpid()}"
     try:
@@ -193,6 +253,12 @@ def test_across_disks_the_images_are_copied(own_data, tmp_path):
         assert json.loads((target / "split.json").read_text())["linked"] is False
     finally:
         shutil.rmtree(target, ignore_errors=True)
+    import fastrsb.data_split as data_split  # copies that would not fit its disk: refused before the first
+    monkeypatch.setattr(data_split, "free_gb", lambda path: 0.0)
+    assert_user_error(run_cli("data", "split", own_data, target, check=False),
+                      f"{target} is on another disk than {own_data}, so its images would be copied (0.0 GB), and its "
+                      "disk has 0.0 GB free")
+    assert not target.exists()
 
 
 def test_a_full_disk_or_ctrl_c_leaves_no_partial_split(own_data, tmp_path, monkeypatch):
@@ -276,7 +342,8 @@ def test_a_table_of_classes_splits_a_flat_folder_as_class_folders_would_be(label
         assert {f.split("-")[0] for f in files | by_table["val"][label]} == {label}
     assert json.loads((tmp_path / "t" / "split.json").read_text())["labels"] == str(table)
     tsv = tmp_path / "labels.tsv"
-    tsv.write_bytes("\ufeffclass\tfile\n".encode() + "".join(f"{c}\t{n}\n" for n, c, _ in rows).encode())
+    # (its rows in the reverse order: a split depends on the images, not on the table's order)
+    tsv.write_bytes("\ufeffclass\tfile\n".encode() + "".join(f"{c}\t{n}\n" for n, c, _ in reversed(rows)).encode())
     run_cli("data", "split", flat, tmp_path / "v", "--labels", tsv, "--file-column", "file", "--label-column", "class")
     assert held_out(tmp_path / "v") == by_table
 
