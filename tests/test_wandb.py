@@ -178,3 +178,32 @@ def test_the_command_line_imports_timm_without_wandb_and_wandb_where_asked():
             "import fastrsb.wandb_log, wandb; print(wandb.__name__ in sys.modules)")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert proc.stdout.splitlines()[-2:] == ["False True", "True"]
+
+
+def test_a_run_folders_wandb_record_is_read_or_refused_in_words(tmp_path, monkeypatch, capsys):
+    """RUN_DIR/wandb.json: a resume refuses one that names no project and run id (it would log to
+    a run it cannot name), or does not parse; `fastrsb runs` lists such a folder without its W&B
+    run. WANDB_MODE=disabled: said, nothing sent and nothing kept."""
+    from fastrsb.errors import UserError
+    from fastrsb.wandb_log import WandbLog, project_of, run_of
+    out = tmp_path / "run"
+    out.mkdir()
+    assert project_of(out, "asked") == "asked" and run_of(out) is None  # no W&B run yet
+    (out / "wandb.json").write_text(json.dumps({"project": "p", "id": "abc123", "step": 4, "epoch_sent": True}))
+    assert project_of(out, None) == "p" and run_of(out) == {"project": "p", "id": "abc123"}
+    for text, said in ((json.dumps({"project": "p"}), "does not hold a W&B project and run id: remove it"),
+                       (json.dumps({"project": "p", "id": 7}), "does not hold a W&B project and run id"),
+                       ('{"project": "p", ', f"cannot read {out / 'wandb.json'} (the run's W&B run)")):
+        (out / "wandb.json").write_text(text)
+        with pytest.raises(UserError, match=said.replace("(", r"\(").replace(")", r"\)")):
+            project_of(out, None)
+        assert run_of(out) is None
+    (out / "wandb.json").unlink()
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    import wandb
+    wandb.teardown()
+    log = WandbLog(out, "fastrsb-tests", {"model": "resnet10t"}, continued=False)
+    log.log([{"kind": "log", "step": 2, "epoch": 0.1, "loss": 1.0}])
+    log.finish(failed=False)
+    assert "W&B: disabled (WANDB_MODE=disabled): nothing is sent" in capsys.readouterr().out
+    assert not (out / "wandb.json").exists() and not (out / "wandb").exists()
