@@ -260,15 +260,20 @@ def test_doctor_under_torchrun_reports_every_machine_and_the_all_reduce(tiny_dat
 
 def test_doctor_with_two_processes_on_one_machine_checks_it_once(tiny_data, tmp_path):
     """`fastrsb doctor --nproc 2`: the processes a run would start (fastrsb.launch, which torchrun's
-    are like), one machine checked once, and the all-reduce between them."""
+    are like), one machine checked once with the options given (the run folder, the kept epochs),
+    and the all-reduce between them."""
     import subprocess
     import sys
     proc = subprocess.run([sys.executable, "-m", "fastrsb", "doctor", "--data", tiny_data, "--recipe", "tiny",
-                           "--json", "--nproc", "2"], capture_output=True, text=True, timeout=300)
+                           "--json", "--nproc", "2", "--out", tmp_path / "runs" / "a", "--keep-every", "1"],
+                          capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(proc.stdout)  # rank 0's one object; rank 1 prints nothing
     (machine,) = report["machines"]
     assert machine["ranks"] == [0, 1] and [c["name"] for c in machine["checks"]].count("dali") == 1
+    (disk,) = [c["text"] for c in machine["checks"] if c["name"] == "disk"]
+    assert f"in {tmp_path} (where {tmp_path / 'runs' / 'a'} will be made)" in disk
+    assert "recipe tiny's last.pt + best.pt + 1 kept epoch(s) (--keep-every 1)" in disk
     (cpu,) = [c["text"] for c in machine["checks"] if c["name"] == "cpu"]
     assert cpu.endswith("per process (2 process(es))")  # the processes on this machine share its cores
     (batch,) = [c["text"] for c in machine["checks"] if c["name"] == "batch"]  # the batch split as the run splits it
