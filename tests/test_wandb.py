@@ -26,11 +26,10 @@ def wandb_kept_here(monkeypatch, tmp_path):
     wandb.teardown()
 
 
-def wandb_history(record_file, config: dict | None = None) -> list[dict]:
-    """The history rows of a W&B record file (run-ID.wandb): W&B's header, then records in 32 KiB
+def wandb_records(record_file) -> list:
+    """The records of a W&B record file (run-ID.wandb): W&B's header, then records in 32 KiB
     blocks, each chunk headed by a CRC, its length and its kind (a whole record, or its first,
-    middle or last part), each record a wandb_internal Record message. CONFIG, where given, gets
-    the run's config."""
+    middle or last part), each record a wandb_internal Record message."""
     from wandb.proto import wandb_internal_pb2
     raw, block, at, records, part = record_file.read_bytes(), 32768, 7, [], b""
     assert raw[:4] == b":W&B"
@@ -45,10 +44,17 @@ def wandb_history(record_file, config: dict | None = None) -> list[dict]:
         if kind in (1, 4):  # a whole record, or its last part
             records.append(part)
             part = b""
-    rows = []
+    parsed = []
     for data in records:
-        record = wandb_internal_pb2.Record()
-        record.ParseFromString(data)
+        parsed.append(wandb_internal_pb2.Record())
+        parsed[-1].ParseFromString(data)
+    return parsed
+
+
+def wandb_history(record_file, config: dict | None = None) -> list[dict]:
+    """The history rows of a W&B record file; CONFIG, where given, gets the run's config."""
+    rows = []
+    for record in wandb_records(record_file):
         kind = record.WhichOneof("record_type")
         if config is not None and kind in ("run", "config"):
             items = record.run.config.update if kind == "run" else record.config.update
@@ -207,3 +213,29 @@ def test_a_run_folders_wandb_record_is_read_or_refused_in_words(tmp_path, monkey
     log.finish(failed=False)
     assert "W&B: disabled (WANDB_MODE=disabled): nothing is sent" in capsys.readouterr().out
     assert not (out / "wandb.json").exists() and not (out / "wandb").exists()
+
+
+def test_a_row_wandb_does_not_take_is_said_once_and_a_failed_run_ends_so(tmp_path, capsys):
+    """W&B failing to take rows (its service gone, say) is said once, however many rows follow,
+    and wandb.json keeps the last step W&B took (none: a resume sends those rows again); a run that
+    failed ends its W&B run with exit code 1 (W&B's record of it), a run that finished with 0."""
+    from fastrsb.wandb_log import WandbLog
+    for failed in (True, False):
+        out = tmp_path / f"run-{failed}"
+        out.mkdir()
+        log = WandbLog(out, "fastrsb-tests", {"model": "resnet10t"}, continued=False)
+        if failed:
+            def refused(*args, **kwargs):
+                raise ConnectionError("the W&B service is gone")
+            log.run.log = refused
+        for step in (2, 4):
+            log.log([{"kind": "log", "step": step, "epoch": step / 6, "loss": 1.0}])
+        run_id = log.run.id
+        log.finish(failed=failed)
+        said = capsys.readouterr().out
+        assert said.count("W&B did not take a row (ConnectionError: the W&B service is gone)") == (1 if failed else 0)
+        assert json.loads((out / "wandb.json").read_text())["step"] == (-1 if failed else 4)  # the last step sent
+        (part,) = (out / "wandb").glob(f"offline-run-*-{run_id}")
+        exits = [record.exit.exit_code for record in wandb_records(part / f"run-{run_id}.wandb")
+                 if record.WhichOneof("record_type") == "exit"]
+        assert exits == [1 if failed else 0]
