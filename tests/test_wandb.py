@@ -239,3 +239,18 @@ def test_a_row_wandb_does_not_take_is_said_once_and_a_failed_run_ends_so(tmp_pat
         exits = [record.exit.exit_code for record in wandb_records(part / f"run-{run_id}.wandb")
                  if record.WhichOneof("record_type") == "exit"]
         assert exits == [1 if failed else 0]
+
+
+def test_a_wandb_record_of_before_epoch_sent_takes_its_last_step_as_sent_whole(tmp_path):
+    """A wandb.json written before it kept "epoch_sent": its last step's rows are taken as sent,
+    the epoch's too, so a resume sends the rows after it and not that epoch's row again."""
+    from fastrsb.wandb_log import WandbLog
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "wandb.json").write_text(json.dumps({"project": "fastrsb-tests", "id": "older1", "step": 6}))
+    log = WandbLog(out, "fastrsb-tests", {"model": "resnet10t"}, continued=True)
+    log.log([{"kind": "log", "step": 6, "epoch": 1.0, "loss": 1.0}, {"kind": "epoch", "step": 6, "epoch": 1, "top1": 50.0},
+             {"kind": "log", "step": 8, "epoch": 1.3, "loss": 0.5}])
+    log.finish(failed=False)
+    (part,) = (out / "wandb").glob("offline-run-*-older1")
+    assert [row["_step"] for row in wandb_history(part / "run-older1.wandb")] == [8]
