@@ -249,7 +249,8 @@ def test_a_wandb_record_of_before_epoch_sent_takes_its_last_step_as_sent_whole(t
     out.mkdir()
     (out / "wandb.json").write_text(json.dumps({"project": "fastrsb-tests", "id": "older1", "step": 6}))
     log = WandbLog(out, "fastrsb-tests", {"model": "resnet10t"}, continued=True)
-    log.log([{"kind": "log", "step": 6, "epoch": 1.0, "loss": 1.0}, {"kind": "epoch", "step": 6, "epoch": 1, "top1": 50.0},
+    log.log([{"kind": "log", "step": 6, "epoch": 1.0, "loss": 1.0},
+             {"kind": "epoch", "step": 6, "epoch": 1, "top1": 50.0},
              {"kind": "log", "step": 8, "epoch": 1.3, "loss": 0.5}])
     log.finish(failed=False)
     (part,) = (out / "wandb").glob("offline-run-*-older1")
