@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 TWO = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
@@ -80,3 +81,24 @@ def test_datamodule_refuses_another_world_size(tiny_data):
     without_trainer = DaliDataModule(tiny_data, batch_size=8, img_size=32)
     with pytest.raises(RuntimeError, match=r"trainer.fit\(model, datamodule=...\)"):
         without_trainer.setup("fit")  # an AttributeError on None before
+
+
+def test_datamodule_builds_its_loaders_once_and_as_asked(tiny_data):
+    """setup() again (a second trainer.fit, a validate after the fit) keeps the loaders it built,
+    and with them the train loader's place in its epoch and its pipelines (built anew they would
+    start the epoch again and hold a second set of buffers); the loaders are built with the seed
+    and the validation crop asked, on the trainer's device."""
+    import lightning as L
+    from fastrsb.integrations.lightning import DaliDataModule
+    data = DaliDataModule(tiny_data, batch_size=8, img_size=32, val_img_size=40, crop_pct=0.8, seed=5)
+    data.trainer = L.Trainer(accelerator="cpu", devices=1, logger=False)
+    data.setup("fit")
+    train, val = data.train_dataloader(), data.val_dataloader()
+    next(iter(train))
+    data.setup("fit")
+    data.setup("validate")
+    assert data.train_dataloader() is train and data.val_dataloader() is val
+    assert train.settings["seed"] == 5 and train.settings["img_size"] == 32 and val.settings["img_size"] == 40
+    from fastrsb.pipelines import val_loader
+    cropped = val_loader(tiny_data / "val", 8, 40, 0.8, device="cpu")
+    assert torch.equal(next(iter(val))[0], next(iter(cropped))[0])  # the crop asked, not the default's
