@@ -531,29 +531,39 @@ def test_two_processes_train_in_step_and_count_every_image_once(distributed_run)
     assert state["step"] == 12  # 48 images / (2 ranks x 4) per step, 2 epochs
 
 
-def test_two_processes_resume_exactly(distributed_run, tiny_data, tmp_path):
+@pytest.fixture(scope="module")
+def stopped_on_two(tiny_data, tmp_path_factory):
+    """A run of 2 processes stopped 2 steps into epoch 2 (6 steps an epoch): each test that resumes
+    it resumes its own copy (one torchrun start the fewer for the suite)."""
+    out = tmp_path_factory.mktemp("stopped-on-two") / "run"
+    proc = _torchrun("--data", tiny_data, "--out", out, "--stop-after-steps", "8")
+    assert "stopped at step 8" in proc.stdout
+    return out
+
+
+def test_two_processes_resume_exactly(distributed_run, stopped_on_two, tiny_data, tmp_path):
     whole, _ = distributed_run
-    stopped = _torchrun("--data", tiny_data, "--out", tmp_path, "--stop-after-steps", "8")
-    assert "stopped at step 8" in stopped.stdout
-    _torchrun("--data", tiny_data, "--out", tmp_path, "--resume", "auto")
-    left, right = load_checkpoint(whole / "last.pt"), load_checkpoint(tmp_path / "last.pt")
+    run = tmp_path / "run"
+    shutil.copytree(stopped_on_two, run)
+    _torchrun("--data", tiny_data, "--out", run, "--resume", "auto")
+    left, right = load_checkpoint(whole / "last.pt"), load_checkpoint(run / "last.pt")
     assert all(torch.equal(v, right["model"][k]) for k, v in left["model"].items())
-    assert _epoch_rows(whole) == _epoch_rows(tmp_path)  # the half-stopped epoch's train loss included
-    single = run_cli("train", "tiny", "--data", tiny_data, "--out", tmp_path, "--device", "cpu", "--resume", "auto")
+    assert _epoch_rows(whole) == _epoch_rows(run)  # the half-stopped epoch's train loss included
+    single = run_cli("train", "tiny", "--data", tiny_data, "--out", run, "--device", "cpu", "--resume", "auto")
     assert "this run already finished all 2 epochs" in single.stdout  # on 1 process too: nothing left to do
     # A checkpoint rank 0 refuses stops both processes (rank 1 is not left waiting for the state).
-    other = _torchrun("--data", tiny_data, "--out", tmp_path, "--set", "lr=0.1", "--resume", "auto", check=False)
+    other = _torchrun("--data", tiny_data, "--out", run, "--set", "lr=0.1", "--resume", "auto", check=False)
     assert other.returncode != 0 and "another recipe" in other.stderr and "rank 0 cannot resume" in other.stderr
 
 
-def test_resume_on_another_number_of_processes(tiny_data, tmp_path):
+def test_resume_on_another_number_of_processes(stopped_on_two, tiny_data, tmp_path):
     """A run stopped on 2 processes 2 steps into epoch 2 continues on 1, and one stopped on 1
     continues on 2: the same step and epoch, the rest of the epoch's steps taken (a fresh order of
     images), the note said, the LR schedule ending at the last step. A run so resumed then resumes
     exactly on its new number (its loaders' seed is in its checkpoints): stopped and resumed, it
     ends as it does uninterrupted."""
     two = tmp_path / "two"
-    _torchrun("--data", tiny_data, "--out", two, "--stop-after-steps", "8")  # 6 steps an epoch
+    shutil.copytree(stopped_on_two, two)
     assert len(load_checkpoint(two / "last.pt")["ranks"]) == 2
     on_one = ("train", "tiny", "--data", tiny_data, "--device", "cpu", "--threads", "1", "--resume", "auto")
     proc = run_cli(*on_one, "--out", two, "--stop-after-steps", "10")
