@@ -92,5 +92,33 @@ def test_nproc_counts_the_visible_gpus(monkeypatch):
     assert resolve_nproc("5", "cpu") == 5  # CPU processes: as many as asked
     assert unused_gpus_note("auto") == "note: 4 GPUs are visible and this run uses one: --nproc all trains on every one"
     assert unused_gpus_note("cpu") is None
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert unused_gpus_note("cuda").startswith("note: 2 GPUs are visible")
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     assert unused_gpus_note("cuda") is None
+
+
+def test_a_crashed_process_is_named_as_one(capsys):
+    crashed = _python("import os, signal; os.kill(os.getpid(), signal.SIGSEGV)")
+    assert run_together([crashed], straggler_seconds=1) == 128 + signal.SIGSEGV
+    assert "fastrsb: rank 0 ended by SIGSEGV, without a word (a crash)" in capsys.readouterr().err
+
+
+def test_the_launched_processes_get_torchruns_environment_and_a_share_of_the_cores(monkeypatch):
+    """Each process: its rank, the world, the launcher's store, and torch's threads as the cores
+    shared out (4 of 8 cores each for 2), unless OMP_NUM_THREADS is set already."""
+    import fastrsb.launch as launch
+    started = []
+    monkeypatch.setattr(launch, "run_together", lambda commands: started.extend(commands) or 0)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)))
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    assert launch.launch(2, ["train", "tiny"]) == 0
+    assert [argv[-3:] for argv, _ in started] == [["fastrsb", "train", "tiny"]] * 2
+    for rank, (_, env) in enumerate(started):
+        assert (env["RANK"], env["LOCAL_RANK"], env["WORLD_SIZE"], env["LOCAL_WORLD_SIZE"]) == (str(rank), str(rank),
+                                                                                               "2", "2")
+        assert env["OMP_NUM_THREADS"] == "4" and env["MASTER_ADDR"] == "127.0.0.1" and int(env["MASTER_PORT"]) > 0
+    started.clear()
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    launch.launch(2, ["train", "tiny"])
+    assert {env["OMP_NUM_THREADS"] for _, env in started} == {"3"}
