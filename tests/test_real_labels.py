@@ -106,10 +106,25 @@ def test_real_labels_are_refused_where_they_do_not_apply(tmp_path, tiny_data):
     (tmp_path / "short.json").write_text("[[1], [2]]")
     assert_user_error(run_cli("eval", tmp_path / "four.pt", "--data", tiny_data, "--real-labels",
                               tmp_path / "short.json", check=False), "is not ImageNet-ReaL's labels")
+    (tmp_path / "garbled.json").write_text("[[1], [2")
+    with pytest.raises(UserError, match=r"cannot read the ReaL labels .*garbled.json: "):
+        read_real_labels(str(tmp_path / "garbled.json"))
+    with pytest.raises(UserError, match=r"cannot read the ReaL labels .*nowhere.json: "):
+        read_real_labels(str(tmp_path / "nowhere.json"))
+    for wrong in (1000, -1):  # a class index outside ImageNet's 1,000
+        (tmp_path / "wrong.json").write_text(json.dumps([[0]] * 49_999 + [[wrong]]))
+        with pytest.raises(UserError, match="is not ImageNet-ReaL's labels"):
+            read_real_labels(str(tmp_path / "wrong.json"))
     from timm.data import ImageNetInfo
     wnids = ImageNetInfo().label_names()
-    with pytest.raises(UserError, match="other.JPEG is not one"):
-        real_targets(ImageList(["/v/n01440764/other.JPEG"], [0], wnids), real, source)
+    for name in ("other.JPEG", "ILSVRC2012_val_00000000.JPEG", "ILSVRC2012_val_00050001.JPEG"):  # none of the 50,000
+        with pytest.raises(UserError, match=f"{name} is not one"):
+            real_targets(ImageList([f"/v/n01440764/{name}"], [0], wnids), real, source)
+    # Images that have no ReaL label (ReaL's empty lists): a row of -1s each, left out of the count.
+    unlabelled = [k + 1 for k, row in enumerate(real) if not row][:2]
+    _, targets = real_targets(ImageList([f"/v/n01440764/ILSVRC2012_val_{n:08d}.JPEG" for n in unlabelled], [0, 0],
+                                        wnids), real, source)
+    assert targets.sets.tolist() == [[-1], [-1]]
     # A copy whose files were converted keeps their numbers: those are what the labels go by.
     _, targets = real_targets(ImageList(["/v/n01440764/ILSVRC2012_val_00000002.png"], [0], wnids), real, source)
     assert [k for k in targets.sets[0].tolist() if k >= 0] == real[1]  # wnids in ImageNet's order: the same indices
