@@ -1,6 +1,8 @@
 import hashlib
 import os
+from pathlib import Path
 
+import pytest
 from PIL import Image
 
 from fastrsb.demo_data import CLASSES, write_demo
@@ -99,3 +101,28 @@ def test_the_umask_is_read_without_being_changed():
         assert current_umask() == 0o027
     finally:
         os.umask(saved)
+
+
+def test_a_folder_replaced_whole_or_put_back_as_it_was(tmp_path, monkeypatch):
+    """staged_folder(existing="replace") (export --force): the new folder takes the old one's place
+    and the old one is removed; where the new one cannot take its place (a full disk, say), the old
+    one is put back as it was and the error goes on. Nothing is left beside them either way."""
+    from fastrsb.staging import staged_folder
+    target = tmp_path / "out"
+    target.mkdir()
+    (target / "old.txt").write_text("old")
+    with staged_folder(target, existing="replace") as staging:
+        (staging / "new.txt").write_text("new")
+    assert [p.name for p in target.iterdir()] == ["new.txt"] and [p.name for p in tmp_path.iterdir()] == ["out"]
+
+    rename = Path.rename
+
+    def no_room_the_second_time(self, destination):
+        if self.name.endswith(".tmp") and not Path(destination).exists():  # the new folder, after the old one left
+            raise OSError(28, "No space left on device")
+        return rename(self, destination)
+    monkeypatch.setattr(Path, "rename", no_room_the_second_time)
+    with pytest.raises(OSError, match="No space left"):
+        with staged_folder(target, existing="replace") as staging:
+            (staging / "newer.txt").write_text("newer")
+    assert [p.name for p in target.iterdir()] == ["new.txt"] and [p.name for p in tmp_path.iterdir()] == ["out"]
