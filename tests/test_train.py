@@ -625,6 +625,20 @@ def test_eval_of_a_folder_holding_some_of_the_weights_classes(run, tiny_data, tm
                       "holds 3 of the weights' 1000 classes")
 
 
+def test_the_lowest_classes_are_five_the_first_of_equals_first():
+    """eval's line of the lowest top-1: five classes, equals in the order of their outputs, each
+    with the class its images are most often taken for; a class without images has no row."""
+    from fastrsb.per_class import class_rows, lowest
+    # evaluate's counts by output: images, top-1 hits, top-5 hits, the output most often taken for, how often
+    counts = [[4, 4, 4, -1, 0], [4, 1, 2, 0, 3], [4, 1, 4, 4, 2], [0, 0, 0, -1, 0], [4, 2, 4, 1, 1],
+              [4, 3, 4, 4, 1], [4, 0, 1, 1, 4]]
+    rows = class_rows(counts, [f"c{k}" for k in range(7)], {"c1": "one, uno"})
+    assert [row["class"] for row in rows] == ["c0", "c1", "c2", "c4", "c5", "c6"]
+    assert lowest(rows) == ("c6 0.00 of 4 (taken for c1 (one) 100%); c1 (one) 25.00 of 4 (taken for c0 75%); "
+                            "c2 25.00 of 4 (taken for c4 50%); c4 50.00 of 4 (taken for c1 (one) 25%); "
+                            "c5 75.00 of 4 (taken for c4 25%)")
+
+
 def test_eval_per_class_figures_add_up_and_are_each_class_evaluated_alone(run, tiny_data, tmp_path, monkeypatch):
     """--per-class CSV: each class's images, top-1 and top-5 and the class it is most often taken
     for (a row per class, size and crop), the classes of the lowest top-1 named on the line. The rows add up to the totals, and each class's
@@ -1248,6 +1262,12 @@ def test_initial_checkpoint_from_a_model_folder_on_other_classes_starts_the_clas
         proc = run_cli("train", "tiny", "--data", data, "--out", tmp_path / f"nameless-{data.name}", "--device", "cpu",
                        "--set", f"initial_checkpoint={folder}", "--stop-after-steps", "1")
         assert f"weights: from model folder {folder}, {said}" in proc.stdout
+    # A checkpoint of as many classes named otherwise: not this run's classes, whatever their number.
+    renamed = {**load_checkpoint(out / "last.pt"), "classes": ["w", "x", "y", "z"]}
+    torch.save(renamed, tmp_path / "renamed.pt")
+    proc = run_cli("train", "tiny", "--data", tiny_data, "--out", tmp_path / "renamed", "--device", "cpu",
+                   "--set", f"initial_checkpoint={tmp_path / 'renamed.pt'}", "--stop-after-steps", "1")
+    assert "with a new classifier (its 4 classes are not this run's 4)" in proc.stdout
 
 
 def test_initial_checkpoint_from_weights_alone(run, tiny_data, tmp_path):
@@ -1394,7 +1414,8 @@ def test_looks_at_a_lock_do_not_pass_for_its_holder(tmp_path):
     import fcntl
     import threading
     from fastrsb.folder_lock import LOCK_NAME, FolderLock, in_use
-    (tmp_path / LOCK_NAME).write_text("fastrsb data prepare (pid 1 on gone, since long ago)")  # a killed job's
+    # A killed job's, longer than the next holder's line
+    (tmp_path / LOCK_NAME).write_text(f"fastrsb data prepare (pid 1 on {'a-long-host-name.' * 8}, since long ago)")
     look = os.open(tmp_path / LOCK_NAME, os.O_RDONLY)
     fcntl.flock(look, fcntl.LOCK_SH)  # another process's look, under way
     assert in_use(tmp_path) is None
@@ -1402,7 +1423,49 @@ def test_looks_at_a_lock_do_not_pass_for_its_holder(tmp_path):
     lock = FolderLock(tmp_path)
     lock.take()
     assert in_use(tmp_path).startswith(f"fastrsb train (pid {os.getpid()} on ")
+    assert "long ago" not in in_use(tmp_path)  # the killed job's words written over whole, not in part
     lock.release()
+
+
+def test_a_lock_taken_in_a_race_is_the_one_at_its_path_and_a_refusal_says_why(tmp_path, monkeypatch):
+    """A job that ends between another's open and flock unlinks the file the other then locks:
+    the other locks the file at the path instead (else a third could take that one too). A lock
+    whose holder has not yet written its name is "just started"; a data job's refusal says why two
+    must not write one folder; a folder it may not write is said in one line."""
+    import fcntl
+    import fastrsb.folder_lock as folder_lock
+    from fastrsb.folder_lock import LOCK_NAME, FolderLock, in_use
+    lock_soon, raced = folder_lock._lock_soon, []
+
+    def ended_meanwhile(fd, *args):
+        if not raced:  # the job holding it ends now: its release unlinks the file
+            (tmp_path / LOCK_NAME).unlink()
+            raced.append(fd)
+        return lock_soon(fd, *args)
+    monkeypatch.setattr(folder_lock, "_lock_soon", ended_meanwhile)
+    (tmp_path / LOCK_NAME).write_text("fastrsb train (pid 1 on gone, since long ago)")
+    lock = FolderLock(tmp_path, "fastrsb data shrink")
+    lock.take()
+    assert raced and in_use(tmp_path).startswith("fastrsb data shrink (pid ")  # the file at the path is held
+    lock.release()
+    monkeypatch.setattr(folder_lock, "_lock_soon", lock_soon)
+
+    (tmp_path / LOCK_NAME).write_text("")
+    held = os.open(tmp_path / LOCK_NAME, os.O_RDONLY)
+    fcntl.flock(held, fcntl.LOCK_EX)  # taken, its holder's name not written yet
+    try:
+        assert in_use(tmp_path) == "another fastrsb job, just started"
+        with pytest.raises(UserError, match="is being written by another fastrsb job, just started; two jobs writing "
+                                            "one folder race for the same files: wait for it to end or stop it"):
+            FolderLock(tmp_path, "fastrsb data prepare").take()
+    finally:
+        os.close(held)
+
+    def refused(path, *args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+    monkeypatch.setattr(os, "open", refused)  # (as root, chmod would not refuse)
+    with pytest.raises(UserError, match=f"cannot write in {re.escape(str(tmp_path))}: Permission denied"):
+        FolderLock(tmp_path).take()
 
 
 def test_a_run_folder_that_takes_no_locks_trains_unguarded_and_says_so(tmp_path, monkeypatch, capsys):
