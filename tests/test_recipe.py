@@ -229,3 +229,60 @@ def test_recipe_timm_prints_both_commands_and_the_differences():
                       "global batch of 2048 does not split evenly over 3 GPU(s)")
     assert_user_error(run_cli("recipe", "a2", "--timm", check=False),  # timm's create_loader asserts it
                       "timm runs repeated augmentation (aug_repeats 3) only across several processes")
+
+
+def _timm_flags(args: list[str]) -> dict[str, list[str]]:
+    """train.py's arguments as {flag: its values} (a switch: [])."""
+    flags, flag = {}, None
+    for arg in args:
+        if arg.startswith("--") or arg == "-b":
+            flag = arg
+            flags[flag] = []
+        else:
+            flags[flag].append(arg)
+    return flags
+
+
+@pytest.mark.parametrize("name,overrides", [
+    ("a1", []), ("a2", []), ("a3", []), ("demo", []),
+    ("a3", ["model_ema=true", "model_ema_decay=0.9998", "compile=false", "amp=false", "bce_target_thresh=none",
+            "train_interpolation=bicubic", "seed=7"])])
+def test_every_key_timm_reads_is_in_its_command_as_the_recipe_says(name, overrides):
+    """Each of the recipe's keys that timm's train.py has a flag for is in the command with the
+    recipe's value (a switch where the recipe turns it on, absent where off); the defaults of timm's
+    that the recipes do not share are set off."""
+    from fastrsb.timm_command import timm_train_args
+    recipe = load_recipe(name, overrides)
+    flags = _timm_flags(timm_train_args(recipe, gpus=4))
+    numbers = {"--crop-pct": "crop_pct", "--lr": "lr", "--warmup-lr": "warmup_lr", "--min-lr": "min_lr",
+               "--opt-eps": "opt_eps", "--weight-decay": "weight_decay", "--smoothing": "smoothing",
+               "--drop-path": "drop_path", "--mixup": "mixup", "--cutmix": "cutmix", "--mixup-prob": "mixup_prob",
+               "--mixup-switch-prob": "mixup_switch_prob", "--img-size": "img_size", "--seed": "seed"}
+    for flag, key in numbers.items():
+        assert [float(value) for value in flags[flag]] == [float(recipe[key])], flag
+    words = {"--model": "model", "--sched": "sched", "--opt": "opt", "--train-interpolation": "train_interpolation",
+             "--mixup-mode": "mixup_mode"}
+    for flag, key in words.items():
+        assert flags[flag] == [recipe[key]], flag
+    assert flags["--color-jitter"] == ["0"] and flags["--reprob"] == ["0"] and flags["--channels-last"] == []
+    assert flags.get("--bce-target-thresh") == ([repr(recipe["bce_target_thresh"])]
+                                                if recipe["bce_target_thresh"] is not None else None)
+    assert flags.get("--model-ema") == ([] if recipe["model_ema"] else None)
+    assert flags.get("--model-ema-decay") == ([repr(recipe["model_ema_decay"])] if recipe["model_ema"] else None)
+    assert flags.get("--amp-dtype") == (["bfloat16"] if recipe["amp"] else None) and \
+        ("--amp" in flags) == recipe["amp"] and ("--torchcompile" in flags) == recipe["compile"]
+
+
+def test_recipe_timm_validates_at_the_test_size_and_names_what_differs():
+    out = run_cli("recipe", "a3", "--timm", "--gpus", "4").stdout
+    lines = out.splitlines()
+    assert "--img-size 224 --crop-pct 0.95 --interpolation bicubic" in lines[3]  # trained at 160, tested at 224
+    assert "timm validates at --img-size (160 px) while it trains; fastrsb at the test size (224 px" in out
+    assert "timm's RandAugment runs in PIL; fastrsb's draws the same law" in out
+    assert "RandAugment runs in PIL" not in run_cli("recipe", "demo", "--timm").stdout  # no RandAugment in it
+    started = run_cli("recipe", "a3", "--timm", "--gpus", "4", "--set", "initial_checkpoint=runs/x/last.pt").stdout
+    assert "--initial-checkpoint EXPORTED_FOLDER/model.safetensors" in started and (
+        "timm's --initial-checkpoint loads every weight, the classifier too (with other classes, its shape refuses "
+        "it); fastrsb starts the classifier anew where the classes differ; a fastrsb checkpoint is read by timm "
+        "once `fastrsb export`ed (EXPORTED_FOLDER)") in started
+    assert "initial-checkpoint" not in out
