@@ -43,7 +43,7 @@ def average_checkpoints(paths: list[str | Path], out: str | Path, bn_data: str |
     if bn_data is not None:
         from fastrsb.bn_update import recompute_for_checkpoint, train_images
         train = train_images(bn_data)
-    first, sums, sources = None, {}, []
+    first, sums, sources, any_ema = None, {}, [], False
     for path in paths:
         state = load_checkpoint(path)  # a checkpoint, or one line on what the file is
         if first is None:  # kept as its tensors' shapes and dtypes alone (on torch's meta device)
@@ -57,6 +57,7 @@ def average_checkpoints(paths: list[str | Path], out: str | Path, bn_data: str |
             sums = {part: {k: v + state[part][k].to(torch.float64) for k, v in total.items()}
                     for part, total in sums.items() if part in state}  # the EMA's: where all kept one
         sources.append({"path": str(path), "epoch": state["epoch"], "top1": state.get("metrics", {}).get("top1")})
+        any_ema |= "ema" in state
         last = state
     averaged = {part: {k: _back(v / len(paths), first[part][k]) for k, v in total.items()}
                 for part, total in sums.items()}
@@ -71,7 +72,7 @@ def average_checkpoints(paths: list[str | Path], out: str | Path, bn_data: str |
     out.parent.mkdir(parents=True, exist_ok=True)
     save_checkpoint(state, out)
     return {"out": str(out), "checkpoints": sources, "ema": "ema" in averaged,
-            "ema_left_out": "ema" in first and "ema" not in averaged, "bn_recomputed": measured}
+            "ema_left_out": any_ema and "ema" not in averaged, "bn_recomputed": measured}
 
 
 def _file_id(path: Path) -> tuple[int, int]:
