@@ -1,4 +1,5 @@
 """Exact resume, graceful stop, EMA, gradient accumulation: the trainer's promises on the CPU."""
+import contextlib
 import json
 import os
 import shutil
@@ -234,6 +235,62 @@ def test_a_run_started_by_nohup_outlives_its_terminal():
               "    print(stop.requested)\n")
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0 and proc.stdout.strip() == "False" and "received" not in proc.stderr
+
+
+def test_after_a_hang_up_the_run_writes_to_its_log_alone(tmp_path):
+    """SIGHUP says the terminal has gone: from its handler on, nothing more is written to the
+    terminal (its own line included), everything to the run's log; and at once, not at the first
+    write that fails (the terminal may still take writes a moment longer, or not be one that fails)."""
+    import pty
+    leader, follower = pty.openpty()
+    log = tmp_path / "train.log"
+    script = ("import os, signal, time\n"
+              "from pathlib import Path\n"
+              "from fastrsb import run_log\n"
+              "from fastrsb.stopping import StopRequest\n"
+              "with run_log.RunLog(), StopRequest():\n"
+              f"    run_log.attach(Path({str(log)!r}), 'fastrsb train x')\n"
+              "    print('before the hang-up', flush=True)\n"
+              "    os.kill(os.getpid(), signal.SIGHUP); time.sleep(0.1)\n"
+              "    print('after the hang-up', flush=True)\n")
+    proc = subprocess.run([sys.executable, "-c", script], stdin=subprocess.DEVNULL, stdout=follower, stderr=follower,
+                          timeout=60)
+    os.close(follower)
+    shown = b""
+    with contextlib.suppress(OSError):  # EIO: the pseudo-terminal's other end is closed, all is read
+        while chunk := os.read(leader, 65536):
+            shown += chunk
+    os.close(leader)
+    assert proc.returncode == 0, shown.decode(errors="replace")
+    assert shown.decode().splitlines() == ["before the hang-up"]
+    assert log.read_text().splitlines()[1:] == [
+        "before the hang-up", "", "fastrsb: SIGHUP received: saving a checkpoint at the next step boundary, then "
+        "exiting (send it again to exit at once)", "after the hang-up"]
+
+
+def test_a_stop_request_puts_back_the_handlers_it_found_and_off_the_main_thread_installs_none():
+    """train() called as a function (a notebook, a script of the user's) leaves Ctrl-C as it was
+    once it returns; called on a thread other than the main one, where Python installs no
+    handler, it takes no signal rather than failing."""
+    import threading
+    from fastrsb.stopping import StopRequest
+    handlers = lambda: {sig: signal.getsignal(sig) for sig in StopRequest.SIGNALS}  # noqa: E731
+    before = handlers()
+    with StopRequest() as stop:
+        assert all(handler == stop._handle for handler in handlers().values())
+    assert handlers() == before
+    failed = []
+
+    def elsewhere():
+        try:
+            with StopRequest():
+                failed.append(handlers() != before)
+        except Exception as err:
+            failed.append(err)
+    thread = threading.Thread(target=elsewhere)
+    thread.start()
+    thread.join()
+    assert failed == [False] and handlers() == before
 
 
 def test_resume_refuses_another_recipe(tiny_data, uninterrupted, tmp_path):
@@ -956,26 +1013,41 @@ def test_the_checkpoint_writer_says_a_failed_write_in_the_training_thread():
     writer.wait()  # said once
 
 
+def test_a_process_that_ends_finishes_the_checkpoint_being_written(tmp_path):
+    """The writer's thread is not a daemon: a process that ends while a checkpoint is written (an
+    error elsewhere, the run's end) ends after the write, which leaves the checkpoint whole."""
+    written = tmp_path / "last.pt"
+    script = ("import time\n"
+              "from pathlib import Path\n"
+              "from fastrsb.checkpoint_writer import CheckpointWriter\n"
+              "CheckpointWriter().submit(lambda: (time.sleep(0.5), Path(%r).write_text('whole')))\n"
+              "raise SystemExit(3)\n" % str(written))
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 3 and written.read_text() == "whole", proc.stderr
+
+
 def test_host_copy_keeps_what_a_checkpoint_reads_as_it_was():
-    """The copy a write reads: tensors, numpy arrays, dicts and lists copied (the originals change
-    in place as training goes on); a state dict keeps its type and its _metadata (the modules'
-    versions, which load_state_dict reads)."""
+    """The copy a write reads: tensors, numpy arrays, dicts, lists and tuples copied (the originals
+    change in place as training goes on); a state dict keeps its type and its _metadata (the
+    modules' versions, which load_state_dict reads)."""
     import collections
     import numpy as np
     from fastrsb.checkpoint_writer import host_copy
     model = torch.nn.BatchNorm2d(3)
     state = {"model": model.state_dict(), "optimizer": {"state": {0: {"exp_avg": torch.ones(3)}}, "betas": (0.9, 0.99)},
-             "ranks": [{"rng": np.arange(3), "seed": 7, "name": "a"}]}
+             "ranks": [{"rng": np.arange(3), "seed": 7, "name": "a"}], "pair": (torch.zeros(2), "b")}
     copied = host_copy(state)
     model.running_mean.add_(1)
     state["optimizer"]["state"][0]["exp_avg"].mul_(5)
     state["optimizer"]["state"][0]["step"] = 3
     state["ranks"][0]["rng"][0] = 99
+    state["pair"][0].add_(1)
     assert torch.equal(copied["model"]["running_mean"], torch.zeros(3))
     assert type(copied["model"]) is collections.OrderedDict and copied["model"]._metadata == state["model"]._metadata
     assert torch.equal(copied["optimizer"]["state"][0]["exp_avg"], torch.ones(3))
     assert "step" not in copied["optimizer"]["state"][0] and copied["optimizer"]["betas"] == (0.9, 0.99)
     assert copied["ranks"][0]["rng"].tolist() == [0, 1, 2] and copied["ranks"][0]["seed"] == 7
+    assert type(copied["pair"]) is tuple and copied["pair"][0].tolist() == [0, 0] and copied["pair"][1] == "b"
 
 
 def test_a_failed_last_write_fails_the_run_rather_than_end_it_done(tiny_data, tmp_path, monkeypatch):
