@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import io
+import re
 from pathlib import Path
 
 import torch
@@ -21,6 +22,7 @@ import torch
 from fastrsb.errors import UserError
 
 ONNX = "model.onnx"
+_ANSI_COLOUR = re.compile(r"\x1b\[[0-9;]*m")  # torch's exporter colours words of its errors for a terminal
 _TOLERANCE = 1e-3  # of the logits' scale: float32 kernels of two runtimes round apart, ~1e-6 of it here
 
 
@@ -44,9 +46,10 @@ def write_onnx(model: torch.nn.Module, path: Path, size: int) -> dict:
             torch.onnx.export(model, (torch.randn(2, 3, size, size),), str(path), dynamo=True, verbose=False,
                               external_data=False, input_names=["images"], output_names=["logits"],
                               dynamic_shapes=({0: batch, 2: height, 3: width},))
-        except Exception as err:  # an architecture the exporter cannot take: its words
+        except Exception as err:  # an architecture the exporter cannot take: its words, without their colours
+            words = _ANSI_COLOUR.sub("", str(err)).splitlines()
             raise UserError(f"torch's ONNX exporter could not export the model: {type(err).__name__}: "
-                            f"{str(err).splitlines()[0] if str(err) else ''}") from None
+                            f"{words[0] if words else ''}") from None
     return {"onnx_bytes": path.stat().st_size, "onnx_checked": _check(model, path, size)}
 
 

@@ -1668,6 +1668,8 @@ def test_plot_draws_a_timm_run_beside_a_fastrsb_run(run, tmp_path):
         ("timm (EMA)", [1, 2], [30.0, 45.0]), ("fastrsb (EMA)", [1, 2], [31.0, 46.0]), ("plain", [1, 2], [30.0, 45.0])]
     (timm_run / "summary.csv").write_text("epoch,loss\n0,1\n")
     assert_user_error(run_cli("plot", timm_run, check=False), "is not a summary.csv of timm's train.py")
+    (timm_run / "summary.csv").write_text("epoch,train_loss,eval_loss,eval_top1,eval_top5,lr\n")  # its header alone
+    assert_user_error(run_cli("plot", timm_run, check=False), "has no rows yet: timm's run has not ended its first epoch")
 
 
 def test_runs_lists_every_run_folder_with_its_progress(run, tmp_path):
@@ -1882,7 +1884,8 @@ def test_the_log_keeps_what_a_run_said_and_why_it_ended(tmp_path, monkeypatch):
 def test_runs_lists_timm_output_folders_beside_fastrsb_runs(run, tmp_path):
     """`fastrsb runs runs output/train`: timm train.py's output folders are listed with fastrsb's,
     their epochs those timm's scheduler runs (A3's 95 + 5 warm-up, then any cool-down), their
-    top-1 the summary's; a folder of another tool's args.yaml is passed over."""
+    top-1 the summary's; a folder of another tool's args.yaml, or of one that is no YAML, is
+    passed over."""
     import shutil
     out, _ = run
     shutil.copytree(out, tmp_path / "runs" / "tiny")
@@ -1892,6 +1895,9 @@ def test_runs_lists_timm_output_folders_beside_fastrsb_runs(run, tmp_path):
     _timm_output(timm / "short", [], epochs=10, warmup_prefix=False, cooldown_epochs=2)  # no epoch ended yet
     (timm / "other").mkdir()
     (timm / "other" / "args.yaml").write_text("lr: 0.1\nepochs: 3\n")  # another tool's
+    for name, text in (("cut-short", b"model: [resnet50\n"), ("binary", b"\xff\xfe\x00model")):  # no YAML text
+        (timm / name).mkdir()
+        (timm / name / "args.yaml").write_bytes(text)
     listed = [json.loads(line) for line in run_cli("runs", tmp_path / "runs", timm, "--json").stdout.splitlines()]
     assert [(Path(r["run"]).name, r["kind"]) for r in listed] == [
         ("tiny", "fastrsb"), ("20261203-101530-resnet50-160", "timm"), ("short", "timm")]
@@ -1960,3 +1966,77 @@ def test_progress_rate_and_data_share_cover_the_same_interval(monkeypatch):
     assert interval.close() == (50.0, 0.25)  # closes at t=110: 500 images / 10 s, 2.5 s of 10 waiting
     interval.images, interval.waited = 64, 0.5
     assert interval.close() == (32.0, 0.25)  # the next interval alone: 64 images / 2 s
+
+
+def test_the_progress_line_on_a_terminal_and_in_a_log(monkeypatch):
+    """Elsewhere than on a terminal (a job's output file, CI), a plain line at each tenth of the
+    epoch and at its end, nothing at close; on a terminal one line redrawn, ended at close; the
+    time left at the pace so far; nothing from a process that does not print (ranks but the first)."""
+    import io
+    import fastrsb.progress
+    from fastrsb.progress import Progress, clock
+    now = [0.0]
+    monkeypatch.setattr(fastrsb.progress.time, "perf_counter", lambda: now[0])
+    assert (clock(3725), clock(59.9), clock(-3)) == ("1:02:05", "0:00:59", "0:00:00")
+    log = io.StringIO()
+    bar = Progress("epoch 2/9", 30, stream=log)
+    for done in range(1, 31):
+        now[0] = 2.0 * done
+        bar.update(done, 1234.5, data=0.25, loss=0.51234, lr=0.008)
+    bar.close()
+    lines = log.getvalue().splitlines()
+    assert [int(line.split()[2].split("/")[0]) for line in lines] == [1, 4, 7, 10, 13, 16, 19, 22, 25, 28, 30]
+    assert lines[3] == "epoch 2/9 10/30 1,234 img/s loss 0.5123 lr 0.008 data 25% eta 0:00:40"
+    assert log.getvalue().endswith("eta 0:00:00\n")
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+    terminal, now[0] = Terminal(), 0.0
+    bar = Progress("validation", 4, stream=terminal, unit="files")
+    for done in (1, 2):
+        now[0] = 60.0 * done
+        bar.update(done, 7.0)
+    bar.close()
+    assert terminal.getvalue() == ("\rvalidation [######..................] 1/4 7 files/s  eta 0:03:00\033[K"
+                                   "\rvalidation [############............] 2/4 7 files/s  eta 0:02:00\033[K\n")
+    quiet = Terminal()
+    bar = Progress("epoch 1/1", 4, stream=quiet, enabled=False)
+    bar.update(4, 10.0)
+    bar.close()
+    assert quiet.getvalue() == ""
+
+
+def test_the_onnx_check_is_relative_to_the_logits_scale_and_covers_another_size(tmp_path, monkeypatch):
+    """export --onnx (fastrsb.onnx_export): a float32 file of a network held in bfloat16; the check
+    takes two runtimes' float32 kernels rounding apart by a share of the logits' scale, whatever
+    that scale (a network of large logits), and refuses a file that gives the network's logits at
+    the size it was traced at but not at another; a network the exporter cannot take, and a
+    missing package, are refused in a line."""
+    from fastrsb.onnx_export import _check, check_available, write_onnx
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 16, 3), torch.nn.ReLU(), torch.nn.Conv2d(16, 16, 3),
+                              torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(16, 10))
+    with torch.no_grad():
+        net[-1].weight.mul_(1e6)  # logits of ~1e5: float32 rounds them ~1e-2 apart, ~1e-7 of their scale
+    path = tmp_path / "model.onnx"
+    assert write_onnx(net.to(torch.bfloat16), path, 32)["onnx_checked"] < 1e-5
+
+    class OffAtOtherSizes(torch.nn.Module):
+        def forward(self, images):
+            logits = net(images)
+            return logits if images.shape[-1] == 32 else logits + 1e-2 * logits.abs().max()
+    assert _check(net, path, 32) < 1e-5
+    with pytest.raises(UserError, match="the ONNX model's logits differ from the network's by 0.0099 of their scale"):
+        _check(OffAtOtherSizes(), path, 32)
+
+    class DataDependent(torch.nn.Module):
+        def forward(self, images):
+            return images.mean((2, 3)) if images.sum() > 0 else images.amax((2, 3))
+    with pytest.raises(UserError) as refused:
+        write_onnx(DataDependent(), tmp_path / "other.onnx", 32)
+    assert str(refused.value).startswith("torch's ONNX exporter could not export the model: TorchExportError: ")
+    assert "\x1b" not in str(refused.value) and "\n" not in str(refused.value)
+    monkeypatch.setitem(sys.modules, "onnx", None)  # as where it is not installed
+    with pytest.raises(UserError, match=r"--onnx needs the onnx package\(s\), which torch's ONNX exporter uses"):
+        check_available()
