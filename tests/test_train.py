@@ -561,6 +561,21 @@ def test_eval_of_a_timm_train_checkpoint_measures_what_timm_recorded(run, tiny_d
     assert [result[k] for k in keys] == [same[k] for k in keys] and result["epoch"] == 1
     assert abs(result["top1"] - timm_top1) * len(images) / 100 <= 1  # DALI's resize and PIL's: one image may tip
     assert_user_error(run_cli("eval", plain, "--data", tiny_data, "--ema", check=False), "holds no EMA weights")
+    # The network as train.py built it: its --gp, or the same pooling by --model-kwargs (at 64 px,
+    # where the last feature map is 2 x 2: max and mean pool apart).
+    pooled = {"avg": json.loads(run_cli("eval", plain, "--data", tiny_data, "--json", "--img-size", "64").stdout)}
+    for name, built in (("gp", {"gp": "max"}), ("kwargs", {"model_kwargs": {"global_pool": "max"}})):
+        saved = _timm_train_checkpoint(tmp_path / name, state["model"],
+                                       argparse.Namespace(**{**vars(args), "img_size": 64, **built}), None, 0.0)
+        pooled[name] = json.loads(run_cli("eval", saved, "--data", tiny_data, "--json").stdout)
+    assert pooled["gp"]["img_size"] == 64 and pooled["gp"]["val_loss"] == pooled["kwargs"]["val_loss"]
+    assert pooled["gp"]["val_loss"] != pooled["avg"]["val_loss"]
+    # An EMA kept on the CPU is not what train.py validated, and its metric is the one it was told.
+    cpu_ema = argparse.Namespace(**{**vars(args), "model_ema_force_cpu": True, "eval_metric": "top5"})
+    saved = _timm_train_checkpoint(tmp_path / "cpu-ema", state["model"], cpu_ema, state["model"], 87.5)
+    assert run_cli("eval", saved, "--data", tiny_data).stdout.startswith(
+        "note: timm's train.py validated this checkpoint at 32 px, crop 0.875 and recorded top5 87.50 for its weights "
+        "(the size")
 
     fresh = timm.create_model("resnet10t", num_classes=4).state_dict()  # the model's; the trained are its EMA's
     checkpoint = _timm_train_checkpoint(tmp_path / "timm", fresh, args, state["model"], timm_top1)
@@ -1037,7 +1052,9 @@ def test_eval_of_timm_weights_without_train_arguments(run, tiny_data, tmp_path):
     size and crop timm's validate.py takes for the model; its classes counted from its classifier.
     Weights that classify another number of classes than the data folder has are refused (their
     labels would index other classes), as is a model name timm does not know; a model train.py
-    fetched from timm's hub repositories is known by their name."""
+    fetched from timm's hub repositories (at a revision) is known by their name; weights saved from
+    a DDP-wrapped compiled model ("module._orig_mod." names) are the bare model's; the network is
+    built channels-last, as fastrsb trains and evaluates."""
     out, _ = run
     weights = load_checkpoint(out / "last.pt")["model"]
     torch.save({"arch": "resnet10t", "state_dict": weights, "epoch": 4, "version": 2}, tmp_path / "bare.pth.tar")
@@ -1046,6 +1063,15 @@ def test_eval_of_timm_weights_without_train_arguments(run, tiny_data, tmp_path):
     assert (result["img_size"], result["crop_pct"], result["epoch"]) == (224, 0.95, 5)  # resnet10t's test size
     assert result["notes"][0].startswith("the checkpoint holds no arguments of timm's train.py")
     assert result["notes"][0].endswith("the size and crop timm's validate.py takes for resnet10t (224 px, crop 0.95)")
+    from fastrsb.timm_checkpoint import model_to_evaluate, read_timm_checkpoint
+    built = model_to_evaluate(read_timm_checkpoint(torch.load(tmp_path / "bare.pth.tar"), tmp_path / "bare.pth.tar"),
+                              ema=False).model
+    assert all(m.weight.is_contiguous(memory_format=torch.channels_last) for m in built.modules()
+               if isinstance(m, torch.nn.Conv2d))
+    wrapped = {f"module._orig_mod.{name}": value for name, value in weights.items()}
+    torch.save({"arch": "resnet10t", "state_dict": wrapped}, tmp_path / "wrapped.pth.tar")
+    assert json.loads(run_cli("eval", tmp_path / "wrapped.pth.tar", "--data", tiny_data, "--json").stdout)["top1"] == \
+        result["top1"]
     wide = {**weights, "fc.weight": torch.zeros(1000, weights["fc.weight"].shape[1]), "fc.bias": torch.zeros(1000)}
     torch.save({"arch": "resnet10t", "state_dict": wide}, tmp_path / "imagenet.pth.tar")
     assert_user_error(run_cli("eval", tmp_path / "imagenet.pth.tar", "--data", tiny_data, check=False),
@@ -1054,7 +1080,7 @@ def test_eval_of_timm_weights_without_train_arguments(run, tiny_data, tmp_path):
     assert_user_error(run_cli("eval", tmp_path / "unnamed.pth.tar", "--data", tiny_data, check=False),
                       "names its model 'resnet', which is no model this timm")
     # A fine-tune of a model train.py fetched from the hub: timm's repositories bear the model's name.
-    torch.save({"arch": "hf-hub:timm/resnet10t.c3_in1k", "state_dict": weights}, tmp_path / "hub.pth.tar")
+    torch.save({"arch": "hf-hub:timm/resnet10t.c3_in1k@a1b2c3d", "state_dict": weights}, tmp_path / "hub.pth.tar")
     assert json.loads(run_cli("eval", tmp_path / "hub.pth.tar", "--data", tiny_data, "--json").stdout)["top1"] == \
         result["top1"]
     assert "weights: from" in run_cli("train", "tiny", "--data", tiny_data, "--out", tmp_path / "ft", "--device", "cpu",
@@ -1155,6 +1181,13 @@ def test_classes_cross_to_timm_and_back_by_name_where_the_orders_differ(run, tin
     (data / "classes.txt").unlink()
     assert_user_error(run_cli("eval", mapped_checkpoint, "--data", data, check=False),
                       "trained with --class-map classes.txt", str(data / "classes.txt"))
+    # Found where train.py found it: in a split of its data folder, named `data` by timm's older releases.
+    (tmp_path / "old" / "train").mkdir(parents=True)
+    (tmp_path / "old" / "train" / "classes.txt").write_text("".join(f"{name}\n" for name in mapped))
+    older = argparse.Namespace(**{k: v for k, v in vars(mapped_args).items() if k != "data_dir"},
+                               data=str(tmp_path / "old"))
+    older_checkpoint = _timm_train_checkpoint(tmp_path / "older", by_map, older, None, 0)
+    assert_same_figures(json.loads(run_cli("eval", older_checkpoint, "--data", data, "--json").stdout), ours)
 
     started = run_cli("train", "tiny", "--data", data, "--out", tmp_path / "ft", "--device", "cpu",
                       "--set", f"initial_checkpoint={checkpoint}", *ZERO_LR, "--stop-after-steps", "1")
