@@ -145,9 +145,14 @@ class RunLog:
     def _keep(self, text: str) -> None:
         if self._file is not None:
             self._to_file(text)
-        elif self._held is not None and self._held_size < HELD_AT_MOST:
-            self._held.append(text)
+        elif self._held is not None and self._held_size <= HELD_AT_MOST:
             self._held_size += len(text)
+            if self._held_size <= HELD_AT_MOST:
+                self._held.append(text)
+            else:  # whole writes are held, and after the first that does not fit, a line saying so alone
+                cut = "" if not self._held or self._held[-1].endswith("\n") else "\n"
+                self._held.append(f"{cut}[fastrsb: what was said after this, before the run folder was made, is "
+                                  f"not kept: over {HELD_AT_MOST >> 20} MiB]\n")
 
     def _to_file(self, text: str) -> None:
         try:
@@ -228,9 +233,11 @@ def stop_reason(folder: Path) -> str | None:
         line = lines[at]
         if line.startswith("fastrsb: error: "):
             return line.removeprefix("fastrsb: ")
-        if line.startswith("Traceback (most recent call last)"):  # an error fastrsb did not foresee: its last line
+        if line.startswith("Traceback (most recent call last)"):  # an error fastrsb did not foresee
+            # Its line (type: message) is the first under the frames; lines after it are the message's
+            # own (torch's CUDA errors add three of advice).
             raised = [line for line in lines[at + 1:] if line and not line.startswith(" ")]
-            return f"error: {raised[-1] if raised else 'a traceback'} (train.log has the traceback)"
+            return f"error: {raised[0] if raised else 'a traceback'} (train.log has the traceback)"
         if line.startswith(("stopped at ", "stopped after ")):  # by a signal, or by --stop-after-steps
             signals = [m.group(1) for m in map(_SIGNAL_SAID.match, lines) if m]
             return f"{line} ({signals[0]})" if signals else line

@@ -1835,10 +1835,11 @@ def test_runs_reads_each_figure_from_the_row_it_belongs_to(tmp_path, monkeypatch
 
 def test_the_log_keeps_what_a_run_said_and_why_it_ended(tmp_path, monkeypatch):
     """RUN_DIR/train.log (fastrsb.run_log), what the runs above do not show: what was said before
-    the run folder existed is held and written under the start's line (and dropped where none is
-    made); a progress bar redrawn on a terminal goes in as its last state; a log that cannot be
-    written is said once and the output goes on; a log that just ends reads as a run that ended
-    without a word."""
+    the run folder existed is held, up to a bound, and written under the start's line (and dropped
+    where none is made); each line is in the file once said; a progress bar redrawn on a terminal
+    goes in as its last state, also where the run ends before the bar; a log that cannot be
+    written (a folder, a full disk) is said once and the output goes on; a log that just ends
+    reads as a run that ended without a word, one whose last start is done as no stopped run."""
     import io
     from fastrsb import run_log
     from fastrsb.progress import Progress
@@ -1912,6 +1913,57 @@ def test_the_log_keeps_what_a_run_said_and_why_it_ended(tmp_path, monkeypatch):
         f"could not write {tmp_path / 'folder'} (Is a directory): the run goes on without its log",
         "epoch 1: train_loss 0.5"]
     assert run_log.stop_reason(tmp_path / "folder") is None  # no log: nothing to say (a run of before train.log)
+    (tmp_path / "done").mkdir()
+    (tmp_path / "done" / "train.log").write_text("===== fastrsb train x\nstopped at step 4 (epoch 1 done)\n"
+                                                 "===== fastrsb train x --resume auto\ndone: top1 80.00\n")
+    assert run_log.stop_reason(tmp_path / "done") is None  # its last start finished the run
+    for said, reason in (
+            (["stopped after epoch 1"], "stopped after epoch 1"),  # --stop-after-steps at an epoch's end
+            (["fastrsb: interrupted"], "interrupted (Ctrl-C)"),  # a KeyboardInterrupt outside the training loop
+            # A library's thread that printed a traceback and went on; then the run was stopped.
+            (["Traceback (most recent call last):", '  File "x.py", line 1, in <module>', "OSError: [Errno 5]",
+              "epoch 2/3 4/6", "stopped at step 10 (epoch 2, 4/6)"], "stopped at step 10 (epoch 2, 4/6)"),
+            # torch's CUDA errors say more lines after the error's own: the error's line is the reason.
+            (["Traceback (most recent call last):", '  File "x.py", line 1, in <module>',
+              "RuntimeError: CUDA error: an illegal memory access was encountered",
+              "CUDA kernel errors might be asynchronously reported at some other API call, so the stacktrace below "
+              "might be incorrect.", "For debugging consider passing CUDA_LAUNCH_BLOCKING=1",
+              "Compile with `TORCH_USE_CUDA_DSA` to enable device-side assertions.", ""],
+             "error: RuntimeError: CUDA error: an illegal memory access was encountered (train.log has the "
+             "traceback)")):
+        (tmp_path / "done" / "train.log").write_text("\n".join(["===== fastrsb train x", *said]) + "\n")
+        assert run_log.stop_reason(tmp_path / "done") == reason
+    # What is held before the run folder exists is bounded (HELD_AT_MOST: a few KB are held in a run).
+    with run_log.RunLog():
+        sys.stderr.write("x" * 600_000)  # a line not ended yet when the next write does not fit
+        for letter in "yz":
+            print(letter * 600_000, file=sys.stderr)
+        run_log.attach(tmp_path / "held.log", "fastrsb train z")
+        print("epoch 1: train_loss 0.5", file=sys.stderr)
+        # in the file as soon as it is said: a kill loses no line
+        assert (tmp_path / "held.log").read_text().endswith("\nepoch 1: train_loss 0.5\n")
+        Progress("epoch 2/3", 4).update(1, 5.0)  # an error ends the run before the bar does: its last state is kept
+    held = (tmp_path / "held.log").read_text().splitlines()
+    assert held[1] == "x" * 600_000 and held[2:4] == [
+        "[fastrsb: what was said after this, before the run folder was made, is not kept: over 1 MiB]",
+        "epoch 1: train_loss 0.5"]
+    assert held[-1].startswith("epoch 2/3 [######..................] 1/4 5 img/s")
+    with run_log.RunLog():
+        run_log.attach(tmp_path / "held.log", None)
+        sys.stderr.writelines(["a library's line\n", "and another\n"])  # a stream's other way in
+    assert (tmp_path / "held.log").read_text().endswith("\na library's line\nand another\n")
+    with run_log.RunLog():
+        run_log.detach()  # a rank but the first: it keeps no log
+        print("rank 1's line", file=sys.stderr)
+        run_log.attach(tmp_path / "rank1.log", "fastrsb train x")
+    assert not (tmp_path / "rank1.log").exists()
+    with run_log.RunLog():
+        run_log.attach(Path("/dev/full"), "fastrsb train x")  # a log on a full disk: its first write fails
+        print("epoch 1: train_loss 0.5", file=sys.stderr)
+        print("epoch 2: train_loss 0.4", file=sys.stderr)
+    assert terminal.getvalue().splitlines()[-3:] == [
+        "could not write /dev/full (No space left on device): the run goes on without its log",
+        "epoch 1: train_loss 0.5", "epoch 2: train_loss 0.4"]
 
 
 def test_runs_lists_timm_output_folders_beside_fastrsb_runs(run, tmp_path):
