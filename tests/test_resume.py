@@ -211,17 +211,19 @@ def test_a_terminal_that_hangs_up_stops_the_run_resumably_its_words_in_the_log(t
 
 def test_a_run_whose_output_pipe_closes_goes_on_its_words_in_the_log(tiny_data, tmp_path):
     """`fastrsb train ... | tee out.txt`, and the tee ends (killed, its terminal gone): writes to the
-    pipe fail (EPIPE). The run goes on to its end, its output to /dev/null, its words in train.log
-    (it ended at its first write that failed)."""
-    args = [sys.executable, "-m", "fastrsb", "train", "tiny", "--data", tiny_data, "--out", tmp_path, "--device", "cpu",
-            "--threads", "1"]
-    proc = subprocess.Popen(list(map(str, args)), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                            stderr=subprocess.DEVNULL)
-    proc.stdout.close()  # the reader has gone before the first line
-    assert proc.wait(timeout=300) == 0
-    log = (tmp_path / "train.log").read_text()
+    pipe fail (EPIPE). The run goes on to its end, that output to /dev/null, its words in train.log
+    (it ended at its first write that failed); its standard error, elsewhere, still takes its lines."""
+    args = [sys.executable, "-m", "fastrsb", "train", "tiny", "--data", tiny_data, "--out", tmp_path / "run",
+            "--device", "cpu", "--threads", "1"]
+    with open(tmp_path / "stderr.txt", "w") as stderr:
+        proc = subprocess.Popen(list(map(str, args)), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=stderr)
+        proc.stdout.close()  # the reader has gone before the first line
+        assert proc.wait(timeout=300) == 0
+    log = (tmp_path / "run" / "train.log").read_text()
     assert "Traceback" not in log and log.splitlines()[-1].startswith("done: top1 ")
-    assert load_checkpoint(tmp_path / "last.pt")["epoch"] == 2
+    progress = [line for line in log.splitlines() if line.startswith("epoch 2/2 ")]  # on standard error
+    assert progress and progress[-1] in (tmp_path / "stderr.txt").read_text().splitlines()
+    assert load_checkpoint(tmp_path / "run" / "last.pt")["epoch"] == 2
 
 
 def test_a_run_started_by_nohup_outlives_its_terminal():
@@ -549,6 +551,13 @@ def test_gradient_accumulation(tiny_data, tmp_path, monkeypatch):
     assert groups == [2] * 12
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert rows[-1]["kind"] == "epoch" and rows[-1]["step"] == 6  # 12 micro-batches of 4, one step per two
+    # As timm, an epoch whose micro-batches the group does not divide ends with a shorter group.
+    groups.clear()
+    proc = run_cli("train", "tiny", "--data", tiny_data, "--out", tmp_path / "short", "--device", "cpu", "--set",
+                   "epochs=1", "--set", "warmup_epochs=0", "--set", "batch_size=40", "--grad-accum-steps", "5")
+    assert "batch 40 = 1 x 5 x 8" in proc.stdout and groups == [5] * 5 + [1]
+    rows = [json.loads(line) for line in (tmp_path / "short" / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["kind"] == "epoch" and rows[-1]["step"] == 2  # 6 micro-batches of 8: a group of 5, one of 1
     proc = run_cli("train", "tiny", "--data", tiny_data, "--out", tmp_path / "x", "--device", "cpu",
                    "--grad-accum-steps", "3", check=False)
     assert proc.returncode == 2 and "does not split" in proc.stderr
