@@ -536,6 +536,21 @@ def test_ema_equals_timms_model_ema_v3():
     assert not torch.equal(ours.state_dict()["fc.weight"], model.state_dict()["fc.weight"])
 
 
+def test_the_ema_is_updated_with_timms_count_of_updates(tiny_data, tmp_path, monkeypatch):
+    """timm's train.py calls model_ema.update(model, step=num_updates) with the update just counted:
+    1 the first time (the EMA takes the weights), each later one decaying towards them."""
+    from fastrsb.ema import ModelEma
+    steps, update = [], ModelEma.update
+
+    def watched(self, model, step):  # the real one, its step noted
+        steps.append(step)
+        update(self, model, step)
+    monkeypatch.setattr(ModelEma, "update", watched)
+    run_cli("train", "tiny", "--data", tiny_data, "--out", tmp_path, "--device", "cpu", "--set", "model_ema=true",
+            "--stop-after-steps", "3")
+    assert steps == [1, 2, 3]
+
+
 def test_gradient_accumulation(tiny_data, tmp_path, monkeypatch):
     from fastrsb.step import TrainStep
     groups, forward_backward = [], TrainStep.forward_backward
@@ -551,6 +566,7 @@ def test_gradient_accumulation(tiny_data, tmp_path, monkeypatch):
     assert groups == [2] * 12
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert rows[-1]["kind"] == "epoch" and rows[-1]["step"] == 6  # 12 micro-batches of 4, one step per two
+    assert [r["step"] for r in rows if r["kind"] == "log"] == [6]  # --log-every 50: an epoch's last step is logged
     # As timm, an epoch whose micro-batches the group does not divide ends with a shorter group.
     groups.clear()
     proc = run_cli("train", "tiny", "--data", tiny_data, "--out", tmp_path / "short", "--device", "cpu", "--set",
