@@ -45,6 +45,18 @@ def test_folder_without_splits(tmp_path):
     assert_user_error(train(tmp_path), "no class folders")
 
 
+def test_a_refused_run_leaves_the_folder_it_was_given_and_removes_one_it_made(copy_of, tmp_path):
+    """A run refused at start-up (a class that holds no images) removes the run folder it made, and
+    leaves one that was there before, empty as it is (made by its user, a job script)."""
+    for image in (copy_of / "train" / "n01_vstripes").iterdir():
+        image.unlink()
+    runs = tmp_path / "runs"
+    (runs / "given").mkdir(parents=True)
+    for out in ("given", "made"):
+        assert_user_error(train(copy_of, "--out", runs / out), "n01_vstripes holds no images")
+    assert [path.name for path in runs.iterdir()] == ["given"] and not any((runs / "given").iterdir())
+
+
 def test_missing_val(copy_of):
     shutil.rmtree(copy_of / "val")
     assert_user_error(train(copy_of), "has no 'val' folder")

@@ -114,12 +114,15 @@ def _train(data, out, *more):
 @pytest.fixture(scope="module")
 def ramped(tiny_data, tmp_path_factory):
     out = tmp_path_factory.mktemp("ramped")
-    _train(tiny_data, out)
+    _train(tiny_data, out, "--log-every", "2")
     return out
 
 
 def test_a_run_trains_each_epoch_at_its_size(ramped):
     assert [(row["epoch"], row["img_size"]) for row in _rows(ramped)] == [(1, 16), (2, 24), (3, 32)]
+    # Each epoch at a new size compiles anew on a GPU: its pace (what the time left is estimated
+    # from) is taken after its first progress line, as the first epoch's.
+    assert all(row["train_seconds_steady"] is not None for row in _rows(ramped))
     log = (ramped / "train.log").read_text()
     assert "3 epochs: 1 at 16 px, 2 at 24 px, 3 at 32 px (progressive resizing: 0.60 of the pixels), tested at 40 px" in log
     assert "epoch 2: crops of 24 px from here (progressive resizing)" in log

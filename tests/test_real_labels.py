@@ -24,7 +24,9 @@ def _imagenet_val_sample(root, real):
     favoured = [i for i, labels in enumerate(real) if set(labels) & set(range(10))][:400]
     empty = [i for i, labels in enumerate(real) if not labels][:100]
     several = [i for i, labels in enumerate(real) if len(labels) > 2][:100]
-    chosen = list(dict.fromkeys(favoured + empty + several))
+    # and sets of the first class or the last alone: output 0 whichever way the checkpoint orders its classes
+    ends = [i for i, labels in enumerate(real) if labels in ([0], [999])][:20]
+    chosen = list(dict.fromkeys(ends + favoured + empty + several))
     chosen += [i for i in range(len(real)) if i not in set(chosen)][:1000 - len(chosen)]
     rng = np.random.default_rng(0)
     for wnid, number in zip(wnids, chosen):  # an image a class, each under its own folder

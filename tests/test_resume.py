@@ -102,6 +102,11 @@ def test_stopped_and_resumed_equals_uninterrupted(tiny_data, tmp_path, uninterru
     resumed = _train(tiny_data, tmp_path, resume="auto")
     assert not resumed.get("stopped") and resumed["epoch"] == 2
     _assert_same_run(uninterrupted, tmp_path)
+    if stop_at == 8:  # 2 of epoch 2's 6 steps before the stop: its seconds count them, its images/s the other 4
+        second = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()][-1]
+        assert second["kind"] == "epoch" and state["partial"]["seconds"] > 0
+        assert second["train_seconds"] == pytest.approx(state["partial"]["seconds"] + 4 * 8 / second["images_per_sec"],
+                                                        rel=1e-9)
 
 
 def test_loader_positions_of_an_earlier_fastrsb_continue_at_the_same_step(tiny_data, tmp_path, capsys):
@@ -536,6 +541,27 @@ def test_ema_equals_timms_model_ema_v3():
     assert not torch.equal(ours.state_dict()["fc.weight"], model.state_dict()["fc.weight"])
 
 
+def test_a_tie_keeps_the_first_best_and_a_stop_at_the_runs_last_step_ends_it_done(tiny_data, tmp_path, monkeypatch):
+    """best.pt is the first epoch of the best score, as timm's CheckpointSaver keeps it (a later one
+    must do better); --stop-after-steps at the run's last step ends it done, not stopped; an epoch's
+    line gives the time left with the validations left. Every validation here gives the same
+    figures and takes a second (the figures of a validation are test_train's)."""
+    import fastrsb.train
+    from fastrsb.progress import clock
+
+    def the_same_figures(*args, **kwargs):
+        time.sleep(1.0)
+        return {"top1": 50.0, "top5": 100.0, "val_loss": 1.0, "val_images": 20}
+    monkeypatch.setattr(fastrsb.train, "evaluate", the_same_figures)
+    proc = run_cli("train", "tiny", "--data", tiny_data, "--out", tmp_path, "--device", "cpu", "--keep-every", "1",
+                   "--stop-after-steps", "12", "--log-every", "2")
+    assert os.path.samefile(tmp_path / "best.pt", tmp_path / "epoch-001.pt")
+    assert proc.stdout.splitlines()[-1].startswith("done: ") and "stopped" not in proc.stdout
+    first = next(json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()
+                 if json.loads(line)["kind"] == "epoch")
+    assert f"1 epoch(s) left, ~{clock(first['train_seconds_steady'] + first['val_seconds'])})" in proc.stdout
+
+
 def test_the_ema_is_updated_with_timms_count_of_updates(tiny_data, tmp_path, monkeypatch):
     """timm's train.py calls model_ema.update(model, step=num_updates) with the update just counted:
     1 the first time (the EMA takes the weights), each later one decaying towards them."""
@@ -566,7 +592,10 @@ def test_gradient_accumulation(tiny_data, tmp_path, monkeypatch):
     assert groups == [2] * 12
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert rows[-1]["kind"] == "epoch" and rows[-1]["step"] == 6  # 12 micro-batches of 4, one step per two
-    assert [r["step"] for r in rows if r["kind"] == "log"] == [6]  # --log-every 50: an epoch's last step is logged
+    logged = [r for r in rows if r["kind"] == "log"]
+    assert [r["step"] for r in logged] == [6]  # --log-every 50: an epoch's last step is logged
+    # Its images/s is over the whole epoch here, as the epoch's: the same 48 images (2 x 4 a step).
+    assert 0.8 < logged[0]["images_per_sec"] / rows[-1]["images_per_sec"] < 1.25
     # As timm, an epoch whose micro-batches the group does not divide ends with a shorter group.
     groups.clear()
     proc = run_cli("train", "tiny", "--data", tiny_data, "--out", tmp_path / "short", "--device", "cpu", "--set",
@@ -608,9 +637,24 @@ def test_two_processes_train_in_step_and_count_every_image_once(distributed_run)
     epochs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     epochs = [m for m in epochs if m["kind"] == "epoch"]
     assert [m["epoch"] for m in epochs] == [1, 2] and all(m["val_images"] == 20 for m in epochs)
+    # An epoch's train_loss is the mean over both ranks' micro-batches: near rank 0's logged ones (not twice them).
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    for m in epochs:
+        logged = [r["loss"] for r in rows if r["kind"] == "log" and m["step"] - 6 < r["step"] <= m["step"]]
+        assert len(logged) == 3 and 0.75 < m["train_loss"] / (sum(logged) / 3) < 1.33
     state = load_checkpoint(out / "last.pt")
     assert [r["loader"]["fingerprint"]["shard_id"] for r in state["ranks"]] == [0, 1]
     assert state["step"] == 12  # 48 images / (2 ranks x 4) per step, 2 epochs
+
+
+def test_two_processes_validate_the_ema_they_save(tiny_data, tmp_path):
+    """Each rank keeps an EMA of its model, whose BatchNorm statistics follow its own batches: at an
+    epoch's end they are averaged as the model's are, so every rank validates the same EMA, the one
+    saved; evaluated alone it gives the run's EMA figures."""
+    _torchrun("--data", tiny_data, "--out", tmp_path / "run", "--set", "model_ema=true", "--set", "model_ema_decay=0.9")
+    last = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()][-1]
+    alone = json.loads(run_cli("eval", tmp_path / "run" / "last.pt", "--data", tiny_data, "--ema", "--json").stdout)
+    assert alone["top1"] == last["ema_top1"] and alone["val_loss"] == pytest.approx(last["ema_val_loss"], rel=1e-5)
 
 
 @pytest.fixture(scope="module")

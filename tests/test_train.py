@@ -35,7 +35,7 @@ def test_writes_metrics_and_checkpoints(run, tiny_data):
     for m in epochs:
         assert {"epoch", "step", "train_loss", "lr", "top1", "top5", "images_per_sec", "data_wait"} <= set(m)
         assert 0 <= m["top1"] <= m["top5"] <= 100 and m["images_per_sec"] > 0 and m["train_loss"] > 0
-        assert 0 <= m["data_wait"] < 1
+        assert 0 < m["data_wait"] < 1  # each step's wait for its batch, summed over the epoch
         assert m["val_images"] == 20  # every validation image, exactly once
         # The process's peak resident memory over the epoch (fastrsb.peak_memory), said on its line.
         assert 0.1 < m["peak_memory_gib"] < os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / 2**30
