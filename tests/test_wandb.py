@@ -251,7 +251,11 @@ def test_a_wandb_record_of_before_epoch_sent_takes_its_last_step_as_sent_whole(t
     log = WandbLog(out, "fastrsb-tests", {"model": "resnet10t"}, continued=True)
     log.log([{"kind": "log", "step": 6, "epoch": 1.0, "loss": 1.0},
              {"kind": "epoch", "step": 6, "epoch": 1, "top1": 50.0},
-             {"kind": "log", "step": 8, "epoch": 1.3, "loss": 0.5}])
+             {"kind": "log", "step": 8, "epoch": 1.3, "loss": 0.5},
+             {"kind": "log", "step": 10, "epoch": 1.7, "loss": 0.4}])
     log.finish(failed=False)
     (part,) = (out / "wandb").glob("offline-run-*-older1")
-    assert [row["_step"] for row in wandb_history(part / "run-older1.wandb")] == [8]
+    # W&B writes a step's row when a later step comes, and the last at finish: a finish under load
+    # once left that last row out of the record file (CI at a40e0d1, with a single row, step 8 here).
+    # The rows that tell what was sent come before it.
+    assert [row["_step"] for row in wandb_history(part / "run-older1.wandb")] in ([8, 10], [8])
