@@ -225,6 +225,9 @@ def test_prepare_val_from_loc_val_solution(tiny_data, tmp_path):
     assert f"moved {len(truth) - 1} image(s)" in proc.stdout and f"{len(truth)} of {len(truth)}" in proc.stdout
     _assert_sorted(flat, truth)
     assert "moved 0 image(s)" in run_cli("data", "prepare-val", flat, csv).stdout  # resumable: nothing left
+    csv.write_text("ImageId,PredictionString\nILSVRC2012_val_00000001,\n")  # a row without its boxes' wnid
+    assert_user_error(run_cli("data", "prepare-val", flat, csv, check=False),
+                      f"{csv}:2: expected 'ImageId,wnid ...', got 'ILSVRC2012_val_00000001,'")
 
 
 def test_prepare_val_from_devkit_ground_truth(tiny_data, tmp_path):
@@ -395,6 +398,44 @@ def test_a_full_disk_stops_shrink_at_once_in_one_line(tiny_data, tmp_path):
     assert 1 <= left <= 4
     assert f"{left} written, {68 - left} already there, 0 failed" in \
         run_cli("data", "shrink", tiny_data, out, "--max-side", "40").stdout
+
+
+def test_shrink_names_each_image_it_cannot_read_and_writes_the_rest(tiny_data, tmp_path):
+    source = tmp_path / "source"
+    shutil.copytree(tiny_data, source)
+    broken = sorted(source.rglob("*.JPEG"))[3]
+    broken.write_bytes(b"not an image")
+    proc = run_cli("data", "shrink", source, tmp_path / "small", "--max-side", "40", "--workers", "2", check=False)
+    assert_user_error(proc, "1 image(s) could not be read (listed above); the rest are in")
+    assert "67 written, 0 already there, 1 failed" in proc.stdout
+    assert f"  cannot read {broken} (UnidentifiedImageError: " in proc.stdout
+    assert len(list((tmp_path / "small").rglob("*.JPEG"))) == 67
+
+
+def test_what_stops_a_data_tool_and_how_it_copies_and_parallels(tmp_path, monkeypatch):
+    """A full disk, a quota and a read-only disk stop a data tool at once (every later write would
+    fail alike); one file's error does not. A hard link where the file system makes none (another
+    disk) is a copy. The default worker count is the cores, at most 16."""
+    import errno
+    import os
+    import fastrsb.file_jobs as file_jobs
+    for code in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
+        assert file_jobs.stops_writing(OSError(code, os.strerror(code)))
+    assert not file_jobs.stops_writing(OSError(errno.EACCES, "Permission denied")) and not file_jobs.stops_writing(
+        ValueError("not an OSError"))
+    (tmp_path / "image.JPEG").write_bytes(b"pixels")
+    assert file_jobs.link_or_copy(tmp_path / "image.JPEG", tmp_path / "linked.JPEG")
+    assert (tmp_path / "image.JPEG").stat().st_nlink == 2
+
+    def across_disks(source, target):
+        raise OSError(errno.EXDEV, "Invalid cross-device link")
+    monkeypatch.setattr(file_jobs.os, "link", across_disks)
+    assert not file_jobs.link_or_copy(tmp_path / "image.JPEG", tmp_path / "copied.JPEG")
+    assert (tmp_path / "copied.JPEG").read_bytes() == b"pixels" and (tmp_path / "image.JPEG").stat().st_nlink == 2
+    monkeypatch.setattr(file_jobs.os, "sched_getaffinity", lambda pid: set(range(64)))
+    assert file_jobs.default_workers(None) == 16 and file_jobs.default_workers(3) == 3
+    monkeypatch.setattr(file_jobs.os, "sched_getaffinity", lambda pid: {0, 1})
+    assert file_jobs.default_workers(None) == 2
 
 
 def test_shrink_stopped_with_ctrl_c_leaves_no_half_written_copy(tiny_data, tmp_path, monkeypatch):

@@ -70,7 +70,11 @@ def test_ilsvrc_tars_prepare_resume_and_train(ilsvrc, tiny_data, tmp_path):
     assert "train: 4 class(es) written, 0 already there" in proc.stdout and "ready to train" in proc.stdout
     _assert_prepared(out, tiny_data)
     assert {p: p.stat().st_mtime_ns for p in ilsvrc.iterdir()} == before  # the download is only read
+    assert not (out / ".val-flat").exists()  # the validation tar's unpacked copy: gone once sorted
     shutil.rmtree(out / "train" / "n02_checks")  # as if interrupted: the rest is kept, the class redone
+    # A run killed (SIGKILL) while it wrote that class left its hidden folder, half full: made afresh.
+    (out / "train" / ".n02_checks.partial").mkdir()
+    (out / "train" / ".n02_checks.partial" / "half.JPEG").write_bytes(b"\xff\xd8")
     with folder_held(out, "fastrsb data prepare") as holder:  # and started again while it still runs
         assert_user_error(run_cli("data", "prepare", ilsvrc, out, check=False),
                           f"{out} is being written by fastrsb data prepare (pid {holder.pid} on ")
@@ -78,6 +82,8 @@ def test_ilsvrc_tars_prepare_resume_and_train(ilsvrc, tiny_data, tmp_path):
     proc = run_cli("data", "prepare", ilsvrc, out)
     assert "train: 1 class(es) written, 3 already there" in proc.stdout
     _assert_prepared(out, tiny_data)
+    assert not (out / "train" / "n02_checks" / "half.JPEG").exists()
+    assert sorted(p.name for p in (out / "train").iterdir()) == sorted(p.name for p in (tiny_data / "train").iterdir())
     run_cli("train", "tiny", "--data", out, "--out", tmp_path / "run", "--device", "cpu", "--stop-after-steps", "1")
 
 
@@ -94,6 +100,10 @@ def test_a_resume_takes_only_the_downloads_own_classes(ilsvrc, tmp_path):
     classes = sorted((out / "train").iterdir())
     next(classes[0].iterdir()).unlink()  # removed by hand (a bad image, say): still the download's class
     assert "train: 0 class(es) written, 4 already there" in run_cli("data", "prepare", ilsvrc, out).stdout
+    (classes[0] / "crops").mkdir()  # a folder in a class folder: no image of the download
+    assert_user_error(run_cli("data", "prepare", ilsvrc, out, check=False), f"{classes[0]} holds 1 file(s)",
+                      "e.g. crops/ (a folder)")
+    (classes[0] / "crops").rmdir()
     shrunk = sorted(classes[1].iterdir())[2]
     shrunk.write_bytes(shrunk.read_bytes()[:-100])  # another copy's image under the same name
     (classes[3] / "extra.JPEG").write_bytes(next(classes[2].iterdir()).read_bytes())
@@ -175,12 +185,75 @@ def test_a_folder_of_class_tars_and_a_flat_val(tiny_data, tmp_path):
     assert len(list((raw / "val").iterdir())) == 20  # the flat originals stay
     # Run again: each class checked against its own tar's headers, and skipped.
     assert "train: 0 class(es) written, 4 already there" in run_cli("data", "prepare", raw, tmp_path / "out").stdout
+    # A class tar cut short (its download broken off): named, the classes written stay, and no
+    # half-written class is left behind.
+    broken = raw / "train" / "n02_checks.tar"
+    whole = broken.read_bytes()
+    broken.write_bytes(whole[: len(whole) * 2 // 3])
+    shutil.rmtree(tmp_path / "out" / "train" / "n02_checks")
+    assert_user_error(run_cli("data", "prepare", raw, tmp_path / "out", check=False),
+                      f"1 class(es) could not be read: {broken}", "Download it again; the classes written so far stay")
+    assert sorted(p.name for p in (tmp_path / "out" / "train").iterdir()) == ["n00_hstripes", "n01_vstripes",
+                                                                              "n03_dots"]
 
 
-def test_kaggle_layout(tiny_data, tmp_path):
+def test_class_tars_in_the_download_folder_itself_and_no_validation_images(tiny_data, tmp_path):
+    """Per-class tars straight in RAW (as some mirrors serve them), beside an empty val/: the train
+    classes are prepared, and OUT/val/ is left to the user, saying so; an OUT inside RAW (which is
+    only read) is refused."""
+    raw = tmp_path / "download"
+    (raw / "val").mkdir(parents=True)
+    for folder in sorted((tiny_data / "train").iterdir()):
+        _tar(raw / f"{folder.name}.tar", [(p.name, p.read_bytes()) for p in sorted(folder.iterdir())])
+    assert_user_error(run_cli("data", "prepare", raw, raw / "prepared", check=False),
+                      f"OUT {raw / 'prepared'} must lie outside the download {raw}")
+    assert not (raw / "prepared").exists()
+    proc = run_cli("data", "prepare", raw, tmp_path / "out", check=False)
+    assert_user_error(proc, f"1 problem(s) in {tmp_path / 'out'} (listed above)")  # no val/ yet: said
+    assert "4 class tars, val from no validation images" in proc.stdout
+    assert "train: 4 class(es) written" in proc.stdout
+    assert "no validation images in the download: OUT/val/ is left to you" in proc.stdout
+    assert list_images(tmp_path / "out" / "train").classes == list_images(tiny_data / "train").classes
+
+
+def test_what_a_download_holds_beside_its_class_tars_is_passed_over(tiny_data, tmp_path):
+    """ILSVRC2012_img_train.tar may hold other files than the class tars (a checksum list), and a
+    class tar folders as well as images; each class is read from its own member's bytes alone, even
+    where its tar lacks the end-of-archive blocks that would stop a reader at its end."""
+    raw = tmp_path / "download"
+    raw.mkdir()
+    members = [("MD5SUMS", b"0123 n00_hstripes.tar\n")]
+    for folder in sorted((tiny_data / "train").iterdir()):
+        buffer = io.BytesIO()
+        tar = tarfile.open(fileobj=buffer, mode="w")
+        folder_entry = tarfile.TarInfo(folder.name)
+        folder_entry.type = tarfile.DIRTYPE
+        tar.addfile(folder_entry)
+        for image in sorted(folder.iterdir()):
+            info = tarfile.TarInfo(f"{folder.name}/{image.name}")
+            info.size = image.stat().st_size
+            tar.addfile(info, io.BytesIO(image.read_bytes()))
+        members.append((f"{folder.name}.tar", buffer.getvalue()))  # taken before close() ends the archive
+    _tar(raw / "ILSVRC2012_img_train.tar", members)
+    val = _val_files(tiny_data)
+    _tar(raw / "ILSVRC2012_img_val.tar", [(name, data) for name, data, _ in val])
+    _loc_csv(raw / "LOC_val_solution.csv", val)
+    proc = run_cli("data", "prepare", raw, tmp_path / "out")
+    assert "train: 4 class(es) written" in proc.stdout
+    for folder in sorted((tiny_data / "train").iterdir()):
+        assert _files(tmp_path / "out" / "train" / folder.name) == {
+            tmp_path / "out" / "train" / folder.name / p.name: p.read_bytes() for p in folder.iterdir()}
+    assert "train: 0 class(es) written, 4 already there" in run_cli("data", "prepare", raw, tmp_path / "out").stdout
+
+
+def test_kaggle_layout(tiny_data, tmp_path, monkeypatch):
+    """Kaggle's folders: the train images hard-linked into OUT (on one file system: no room
+    needed for them, and none asked), the val images copied; a file beside the class folders
+    (a Finder's .DS_Store) is no class."""
     raw = tmp_path / "kaggle"
     cls_loc = raw / "ILSVRC" / "Data" / "CLS-LOC"
     shutil.copytree(tiny_data / "train", cls_loc / "train")
+    (cls_loc / "train" / ".DS_Store").write_bytes(b"\0\0\0\1Bud1")
     (cls_loc / "val").mkdir(parents=True)
     val = _val_files(tiny_data)
     for name, data, _ in val:
@@ -190,9 +263,15 @@ def test_kaggle_layout(tiny_data, tmp_path):
     assert_user_error(checked, "2 problem(s)")
     assert checked.stdout.count(f"looks like ImageNet as downloaded (Kaggle): make the folder a run reads with "
                                 f"fastrsb data prepare {raw}") == 2
-    proc = run_cli("data", "prepare", raw, tmp_path / "out")
+    import fastrsb.raw_imagenet
+    train_bytes = sum(p.stat().st_size for p in (cls_loc / "train").rglob("*.JPEG"))
+    with monkeypatch.context() as patched:  # room for the val copies, not for copies of the train images
+        patched.setattr(fastrsb.raw_imagenet.shutil, "disk_usage",
+                        lambda path: shutil._ntuple_diskusage(2**40, 2**40 - train_bytes // 2, train_bytes // 2))
+        proc = run_cli("data", "prepare", raw, tmp_path / "out")
     assert "Kaggle" in proc.stdout
     _assert_prepared(tmp_path / "out", tiny_data)
+    assert all(p.stat().st_nlink == 2 for p in (tmp_path / "out" / "train").rglob("*.JPEG"))  # linked, not copied
     assert "train: 0 class(es) written, 4 already there" in run_cli("data", "prepare", raw, tmp_path / "out").stdout
     next((tmp_path / "out" / "train" / "n00_hstripes").iterdir()).rename(tmp_path / "out" / "train" / "n00_hstripes" /
                                                                          "renamed.JPEG")
@@ -242,6 +321,29 @@ def test_devkit_labels_in_its_own_class_order(ilsvrc, tiny_data, tmp_path):
         assert sorted(p.read_bytes() for p in (out / "val" / wnid).iterdir()) == \
             sorted(p.read_bytes() for p in (tiny_data / "val" / wnid).iterdir())
     assert not (out / ".devkit").exists()
+    # --synsets (a text file of the wnids in ID order) stands for meta.mat, which is not read then
+    # (a machine without scipy): here the devkit's is no .mat at all.
+    gt = (tmp_path / "gt.txt").read_bytes()
+    (tmp_path / "meta.mat").write_bytes(b"not a MATLAB file")
+    with tarfile.open(ilsvrc / "ILSVRC2012_devkit_t12.tar.gz", "w:gz") as tar:
+        tar.add(tmp_path / "meta.mat", "ILSVRC2012_devkit_t12/data/meta.mat")
+        tar.add(tmp_path / "gt.txt", "ILSVRC2012_devkit_t12/data/ILSVRC2012_validation_ground_truth.txt")
+    (tmp_path / "wnids.txt").write_text("".join(f"{wnid}\n" for wnid in wnids))
+    run_cli("data", "prepare", ilsvrc, tmp_path / "out2", "--synsets", tmp_path / "wnids.txt")
+    assert _files(tmp_path / "out2" / "val") == {tmp_path / "out2" / p.relative_to(out): data
+                                                 for p, data in _files(out / "val").items()}
+    # LOC_val_solution.csv, where there is one, labels the images: the devkit beside it is not read.
+    _loc_csv(ilsvrc / "LOC_val_solution.csv", _val_files(tiny_data))
+    proc = run_cli("data", "prepare", ilsvrc, tmp_path / "out3")
+    assert f"labels from {ilsvrc / 'LOC_val_solution.csv'}" in proc.stdout
+    _assert_prepared(tmp_path / "out3", tiny_data)
+    # A devkit without meta.mat (another year's, or cut short) is named, not taken for ID order.
+    (ilsvrc / "LOC_val_solution.csv").unlink()
+    with tarfile.open(ilsvrc / "ILSVRC2012_devkit_t12.tar.gz", "w:gz") as tar:
+        (tmp_path / "gt.txt").write_bytes(gt)
+        tar.add(tmp_path / "gt.txt", "ILSVRC2012_devkit_t12/data/ILSVRC2012_validation_ground_truth.txt")
+    assert_user_error(run_cli("data", "prepare", ilsvrc, tmp_path / "out4", check=False),
+                      "ILSVRC2012_devkit_t12.tar.gz holds no meta.mat: is it ILSVRC2012's devkit (t12)?")
 
 
 def test_meta_mat_gives_its_leaf_synsets_in_id_order_or_is_refused(tmp_path):
@@ -307,10 +409,11 @@ def _prepared(out):
             if not p.parent.parent.name.startswith(".")}
 
 
-def test_the_hubs_archives_prepare_resume_and_train(hub, tmp_path):
+def test_the_hubs_archives_prepare_resume_and_train(hub, tmp_path, monkeypatch):
     """Every image in its class folder under ImageNet's own file name, byte for byte, the download
-    only read; run again, nothing extracted and every class checked; a class folder removed is
-    written again from the archives that hold it; then a run trains on it."""
+    only read; run again, nothing extracted (no room asked for) and every class checked; an
+    archive downloaded again is extracted again; a class folder removed is written again from the
+    archives that hold it, even after that rewrite is itself cut short; then a run trains on it."""
     raw, expected = hub
     before = {p: p.stat().st_mtime_ns for p in (raw / "data").iterdir()}
     out = tmp_path / "imagenet"
@@ -326,9 +429,34 @@ def test_the_hubs_archives_prepare_resume_and_train(hub, tmp_path):
     assert [name for name, _ in said] == ["train_images_0.tar.gz", "train_images_1.tar.gz"]
     assert sum(int(count) for _, count in said) == sum(1 for split, _, _ in expected if split == "train")
     assert {p: p.stat().st_mtime_ns for p in (raw / "data").iterdir()} == before
-    proc = run_cli("data", "prepare", raw, out)
+    import errno
+    import gzip
+    from pathlib import Path
+    import fastrsb.raw_imagenet
+    with monkeypatch.context() as patched:  # all extracted: the archives need no more room
+        patched.setattr(fastrsb.raw_imagenet.shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10, 9, 1))
+        proc = run_cli("data", "prepare", raw, out)
     assert "extracting" not in proc.stdout and "train: 0 class(es) written, 4 already there" in proc.stdout
+    # Downloaded again (here the same images, packed otherwise: another size): extracted again.
+    again = raw / "data" / "train_images_1.tar.gz"
+    again.write_bytes(gzip.compress(gzip.decompress(again.read_bytes()), compresslevel=1))
+    proc = run_cli("data", "prepare", raw, out)
+    assert "train: extracting 1 of 2 archive(s)" in proc.stdout and "4 already there" in proc.stdout
     shutil.rmtree(out / "train" / _wnid(2))  # to be written again: both archives hold some of it
+    # ... and that rewrite cut short by a full disk, one image of the class staged: the next run
+    # extracts the archives again rather than take the staged image for the class.
+    write_bytes, staged = Path.write_bytes, []
+
+    def full_at_the_classs_second_image(path, data):
+        if path.parent.name == _wnid(2):
+            staged.append(path)
+            if len(staged) == 2:
+                raise OSError(errno.ENOSPC, "No space left on device")
+        return write_bytes(path, data)
+    with monkeypatch.context() as patched:
+        patched.setattr(Path, "write_bytes", full_at_the_classs_second_image)
+        assert_user_error(run_cli("data", "prepare", raw, out, "--workers", "1", check=False), "No space left")
+    assert len(list((out / ".fastrsb-hf" / "train" / _wnid(2)).iterdir())) == 1
     proc = run_cli("data", "prepare", raw, out, "--workers", "1")
     assert "train: extracting 2 of 2 archive(s)" in proc.stdout
     assert "train: 1 class(es) written, 3 already there" in proc.stdout and "val: 0 class(es) written" in proc.stdout
@@ -387,11 +515,47 @@ def test_the_hubs_archives_into_a_folder_holding_other_files(hub, tmp_path, monk
                       f"{out / 'train' / _wnid(1)}: other.JPEG (not in the download)",
                       "Prepare into an empty folder, or remove those class folders")
     assert [p.name for p in (out / "train" / _wnid(1)).iterdir()] == ["other.JPEG"]
+    shutil.rmtree(out / "train" / _wnid(1))
+    (out / "train" / _wnid(1)).write_text("notes")  # a file under a class's name
+    assert_user_error(run_cli("data", "prepare", raw, out, check=False),
+                      f"{out / 'train' / _wnid(1)}: a file, where it goes")
+    assert (out / "train" / _wnid(1)).read_text() == "notes"
     _tar(tmp_path / "odd.tar", [])
     with tarfile.open(raw / "data" / "train_images_1.tar.gz", "w:gz") as tar:
         tar.add(tmp_path / "odd.tar", "n00000001_7.JPEG")  # no wnid after the last underscore
     assert_user_error(run_cli("data", "prepare", raw, tmp_path / "other", check=False), "train_images_1.tar.gz",
                       "member 'n00000001_7.JPEG' is not named <image>_<wnid>.JPEG")
+
+
+def test_the_hubs_member_names_give_class_and_file_name():
+    """<image>_<wnid>.JPEG gives the class and ImageNet's file name; a name without a wnid last,
+    without an image part, or hidden (a Mac's ._ companion file) is refused."""
+    from fastrsb.hub_imagenet import member_target
+    assert member_target("train/n01440764_10026_n01440764.JPEG") == ("n01440764", "n01440764_10026.JPEG")
+    assert member_target("ILSVRC2012_val_00000001_n01751748.JPEG") == ("n01751748", "ILSVRC2012_val_00000001.JPEG")
+    for name in ("n01440764_10026.JPEG", "_n01440764.JPEG", "._n01440764_1_n01440764.JPEG", "n01440764_1_n0144076.JPEG",
+                 "n01440764_1_n01440764"):
+        with pytest.raises(ValueError, match="is not named <image>_<wnid>.JPEG"):
+            member_target(name)
+
+
+def test_webdataset_samples_are_grouped_by_their_whole_key():
+    """A shard's members are grouped by key, the path up to the first dot of the file's name:
+    two samples of one name in two folders are two samples; extensions in capitals are read."""
+    from fastrsb.class_order import imagenet_classes
+    from fastrsb.hub_imagenet import _webdataset_images
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as tar:
+        for name, data in (("a/k.cls", b"0"), ("a/k.JPG", b"first"), ("b/k.cls", b"1"), ("b/k.jpg", b"second"),
+                           ("c.cls", b"2"), ("c.webp", b"third")):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    buffer.seek(0)
+    wnids = imagenet_classes()
+    with tarfile.open(fileobj=buffer, mode="r|") as tar:
+        assert list(_webdataset_images(tar, wnids)) == [(wnids[0], "k.jpg", b"first"), (wnids[1], "k.jpg", b"second"),
+                                                        (wnids[2], "c.webp", b"third")]
 
 
 @pytest.fixture
