@@ -36,15 +36,41 @@ def test_the_probe_search_takes_the_largest_that_fits_in_few_tries():
     assert candidates(12, even=True) == [12, 6, 4, 2] and candidates(12, even=False)[-1] == 1
     with pytest.raises(UserError, match="not even a micro-batch of 2 images fits"):
         choose_micro(8, even=True, fits=lambda m: False)
+    tried.clear()
+    assert choose_micro(2048, even=True, fits=lambda m: tried.append(m) or True) == 2048 and tried == [2048]
+
+
+@pytest.mark.parametrize("even", [True, False])
+def test_the_probe_search_finds_the_largest_that_fits_at_every_limit(even):
+    """Whatever the largest micro-batch that fits, the search lands on it (a divisor of 360: 24 of
+    them, 12 even)."""
+    options = candidates(360, even)
+    for limit in options:
+        assert choose_micro(360, even, fits=lambda m: m <= limit) == limit
+
+
+def test_mixing_pairs_images_so_its_micro_batches_are_even():
+    """Mixup or cutmix alone pair a micro-batch's images (timm's mixup flips the batch): its
+    micro-batches are even. A per-process batch with no even divisor is left whole, for the run
+    to refuse saying why."""
+    cutmix_only = {"batch_size": 12, "mixup": 0.0, "cutmix": 1.0}
+    plain = {**cutmix_only, "cutmix": 0.0}
+    assert plan(cutmix_only, 1, "auto", None, fits=lambda m: m <= 3) == (6, 2)
+    assert plan({**cutmix_only, "cutmix": 0.0, "mixup": 0.2}, 1, "auto", None, fits=lambda m: m <= 3) == (6, 2)
+    assert plan(plain, 1, "auto", None, fits=lambda m: m <= 3) == (4, 3)
+    assert plan({**cutmix_only, "batch_size": 9}, 3, "auto", None, fits=lambda m: False) == (1, 3)
 
 
 @pytest.mark.parametrize("accum,micro,fragment", [
     ("auto", 0, "--micro-batch 0"), ("auto", 3, "--micro-batch 3 does not divide the 2048 images per process"),
     (4, 128, "disagree"), (3, None, "does not split into 1 process(es) x 3"),
+    (0, None, "does not split into 1 process(es) x 0 accumulation step(s)"),
 ])
 def test_bad_splits_are_refused(accum, micro, fragment):
     with pytest.raises(UserError, match=fragment.replace("(", r"\(").replace(")", r"\)")):
         plan(A3, 1, accum, micro, fits=None)
+    with pytest.raises(UserError, match="batch_size 2048 does not split over 3 processes"):
+        plan(A3, 3, accum, micro, fits=None)
 
 
 def test_micro_batch_on_the_command_line_and_resume_keeps_it(tiny_data, tmp_path):
@@ -89,7 +115,7 @@ def test_a_train_set_smaller_than_one_step_is_refused(tiny_data, tmp_path, split
     assert not (tmp_path / "last.pt").exists()
 
 
-def test_the_cpu_estimate_is_linear_in_the_images_and_leaves_the_model_as_it_was():
+def test_the_cpu_estimate_is_linear_in_the_images_and_leaves_the_model_as_it_was(monkeypatch):
     from fastrsb.model import make_model
     model = make_model("resnet10t", 4).to(memory_format=torch.channels_last)
     before, rng = {k: v.clone() for k, v in model.state_dict().items()}, torch.get_rng_state()
@@ -99,11 +125,29 @@ def test_the_cpu_estimate_is_linear_in_the_images_and_leaves_the_model_as_it_was
     assert at[4] - at[2] > 2 * 4 * (3 * 32 * 32 + 32 * 16 * 16)
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())  # BatchNorm statistics too
     assert torch.equal(torch.get_rng_state(), rng)
+    # A convolution keeps its input and its weight for the backward: the weight, held anyway, is not counted.
+    assert saved_for_backward(nn.Conv2d(3, 8, 3, bias=False), 2, 32) == 2 * 3 * 32 * 32 * 4
+    # Two views of one tensor kept for the backward are one tensor's memory.
+
+    class TwoViews(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.scale = nn.Parameter(torch.ones(1))
+
+        def forward(self, x):
+            return x * self.scale + x.view(x.shape) * self.scale
+    assert saved_for_backward(TwoViews(), 2, 32) == 2 * 3 * 32 * 32 * 4
     weights = sum(p.numel() * 4 for p in model.parameters())
     need = 3 * weights + at[2] + 4 * (at[4] - at[2]) / 2  # 6 images, with gradients and LAMB's moments
     fits = cpu_fits(model, 32, available=int(need / HEADROOM) + 1)
     assert fits(6) and not fits(7)
     assert not cpu_fits(model, 32, processes=2, available=int(need / HEADROOM) + 1)(6)  # two processes share it
+    assert fits.where == (f"in the {(int(need / HEADROOM) + 1) / 2**30:.1f} GiB of memory left",
+                          "a machine with more memory")
+    assert cpu_fits(model, 32, processes=2, available=2**31).where == ("in the 2.0 GiB of memory left to 2 processes",
+                                                                       "fewer processes")
+    monkeypatch.setattr(fastrsb.accumulation, "memory_available", lambda: None)
+    assert cpu_fits(model, 32)(10**6)  # where no memory figure can be read, nothing is split
 
 
 def test_a_batch_beyond_the_cpus_memory_is_split_not_killed(tiny_data, tmp_path, monkeypatch):
@@ -147,6 +191,15 @@ def test_the_memory_left_is_the_least_of_the_machines_and_its_cgroups(tmp_path):
     (cgroups / "memory" / "job_2" / "memory.limit_in_bytes").write_text(f"{4 * gib}\n")
     (cgroups / "memory" / "job_2" / "memory.usage_in_bytes").write_text(f"{gib}\n")
     (cgroups / "memory" / "memory.limit_in_bytes").write_text("9223372036854771712\n")  # v1's "no limit"
+    assert memory_available(proc, cgroups) == 3 * gib
+    (proc / "self" / "cgroup").write_text("5:memory,hugetlb:/job_2\n")  # v1's memory mounted with another controller
+    assert memory_available(proc, cgroups) == 3 * gib
+    (cgroups / "memory" / "job_2" / "memory.usage_in_bytes").write_text(f"{5 * gib}\n")  # over its limit: none left
+    assert memory_available(proc, cgroups) == 0
+    # A container with a cgroup namespace of its own sees its cgroup as "/": its limit sits at the mount's top.
+    (proc / "self" / "cgroup").write_text("0::/\n")
+    (cgroups / "memory.max").write_text(f"{4 * gib}\n")
+    (cgroups / "memory.current").write_text(f"{gib}\n")
     assert memory_available(proc, cgroups) == 3 * gib
     assert memory_available(tmp_path / "none", tmp_path / "none") is None
 

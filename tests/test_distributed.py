@@ -71,6 +71,54 @@ def test_batchnorm_statistics_are_the_ranks_mean_as_timms_dist_bn_reduce(tmp_pat
     assert averaged == 2 * 2 * world  # two BatchNorms' means and variances
 
 
+AGREEING_RANK = textwrap.dedent("""
+    import json, sys
+    import torch
+    import torch.distributed as dist
+    from fastrsb.distributed import Dist, agree, check_in_step, largest, smallest, stop_together
+    rank, world, init, out = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
+    dist.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=world)
+    d = Dist(rank=rank, world=world)
+    said = {"agree": agree([rank == 0, True, False], d), "smallest": smallest(10 - rank, d),
+            "largest": largest([float(rank), -float(rank)], d)}
+    model = torch.nn.Linear(2, 2)
+    with torch.no_grad():
+        model.weight.fill_(1.0), model.bias.fill_(0.0)
+    check_in_step(model, d)  # the same weights everywhere: nothing said
+    with torch.no_grad():
+        model.bias[0] += 1e-6 * (rank == 2)
+    try:
+        check_in_step(model, d)
+    except RuntimeError as err:
+        said["out_of_step"] = str(err)
+    try:
+        stop_together(ValueError("no data folder") if rank == 1 else None, d, "reading the data")
+    except Exception as err:
+        said["stopped"] = f"{type(err).__name__}: {err}"
+    json.dump(said, open(out, "w"))
+    dist.destroy_process_group()
+""")
+
+
+def test_ranks_agree_on_flags_figures_weights_and_a_stop(tmp_path):
+    """What the ranks must share: a flag raised on any rank is raised on all (a stop request, a
+    loss not finite), the smallest and the largest of their figures; weights that differ on one
+    rank stop every rank, saying so; a check that failed on one rank stops all, the others naming it."""
+    import json
+    world = 3
+    procs = [subprocess.Popen([sys.executable, "-c", AGREEING_RANK, str(rank), str(world), str(tmp_path / "init"),
+                               str(tmp_path / f"{rank}.json")], stderr=subprocess.PIPE, text=True)
+             for rank in range(world)]
+    for proc in procs:
+        assert proc.wait(timeout=120) == 0, proc.stderr.read()
+    for rank in range(world):
+        said = json.loads((tmp_path / f"{rank}.json").read_text())
+        assert said["agree"] == [True, True, False] and said["smallest"] == 8 and said["largest"] == [2.0, 0.0]
+        assert said["out_of_step"].startswith(f"rank {rank}: the processes' weights differ after an epoch")
+        assert said["stopped"] == ("ValueError: no data folder" if rank == 1 else
+                                   "StoppedWithAnother: reading the data failed on rank(s) 1 (their messages say why)")
+
+
 @pytest.mark.parametrize("launcher", ["torchrun", "fastrsb --nproc"])
 def test_a_blocked_rank_stops_when_another_rank_fails(launcher):
     """The store is a real TCPStore, as torchrun's; the rank is a process of its own whose main
@@ -111,6 +159,13 @@ def test_a_failing_rank_leaves_its_message_and_a_clean_end_leaves_none():
     with pytest.raises(UserError, match="^loss is not finite at step 8"):
         with FailureNotice(Dist(rank=0, world=2), store):
             raise UserError("loss is not finite at step 8")
+    # A second Ctrl-C (KeyboardInterrupt) or an exit is no failure to tell: the others stop their own way.
+    quiet = dist.HashStore()
+    for ending in (KeyboardInterrupt, SystemExit):
+        with pytest.raises(ending):
+            with FailureNotice(Dist(rank=1, world=2), quiet):
+                raise ending()
+    assert not quiet.check([FailureNotice.KEY]) and quiet.check(["fastrsb/left/1"])
 
 
 def _rank_process(store, rank: int, silent_seconds: float, poll_seconds: float = 0.2,
@@ -122,12 +177,14 @@ def _rank_process(store, rank: int, silent_seconds: float, poll_seconds: float =
                              str(silent_seconds)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
 
 
-def test_a_blocked_rank_stops_when_another_rank_dies_without_a_word():
+@pytest.mark.parametrize("nproc", [False, True])
+def test_a_blocked_rank_stops_when_another_rank_dies_without_a_word(nproc):
     """Rank 1 is killed as the kernel's OOM killer kills (SIGKILL: no handler, no message). Rank 0,
     blocked as in a collective, finds its heartbeat silent and stops, naming it and its machine,
-    instead of waiting for NCCL's timeout."""
+    instead of waiting for NCCL's timeout. Under `fastrsb train --nproc` too, where the ranks that
+    learn of a failure from the store leave it to the rank that found it to say: here rank 0."""
     store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False, timeout=timedelta(seconds=30))
-    rank0, rank1 = (_rank_process(store, rank, silent_seconds=2) for rank in (0, 1))
+    rank0, rank1 = (_rank_process(store, rank, silent_seconds=2, nproc=nproc) for rank in (0, 1))
     try:
         assert rank1.stdout.readline().strip() == "training" and rank0.stdout.readline().strip() == "training"
         time.sleep(3)  # both beating: longer than the silence that counts as death
@@ -168,6 +225,52 @@ def test_heartbeat_silence_is_counted_from_the_last_beat_seen():
     store.set("fastrsb/left/1", "1")  # it left the training on purpose: no more watching
     assert watcher.silent(now=10 * limit) is None and watcher.silent(now=20 * limit) is None
     assert FailureNotice(Dist(rank=0, world=1), store).silent(now=10 * limit) is None  # nothing to watch alone
+
+
+def test_a_failure_found_once_the_rank_has_left_the_training_stops_nothing(monkeypatch):
+    """The watcher's look finds a failure just as its own rank leaves the training (its run done,
+    or stopping its own way): it does not end the process; a look while training does."""
+    monkeypatch.setattr(FailureNotice, "POLL_SECONDS", 0.01)
+    message = "rank 1 (node7) stopped: cannot decode x.JPEG"
+    for leaving in (True, False):
+        notice, stops = FailureNotice(Dist(rank=0, world=2), dist.HashStore()), []
+
+        def failure(notice=notice, leaving=leaving):
+            if leaving:
+                notice._quiet.set()  # between the look and its verdict
+            return message
+
+        def stop(text, quiet=False, notice=notice, stops=stops):  # in place of os._exit(2)
+            stops.append(text)
+            notice._quiet.set()
+        monkeypatch.setattr(notice, "failure", failure)
+        monkeypatch.setattr(notice, "_stop", stop)
+        notice._watch()
+        assert stops == ([] if leaving else [message])
+
+
+def test_more_processes_on_a_machine_than_gpus_is_said_before_any_gpu_is_touched(monkeypatch):
+    from fastrsb.distributed import init_distributed
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("RANK", "3")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: pytest.fail("a GPU was touched"))
+    with pytest.raises(UserError, match=r"^LOCAL_RANK 1 but only 1 GPU\(s\) visible: --nproc_per_node must not "
+                                        "exceed the GPUs per node$"):
+        init_distributed("cuda")
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert init_distributed("cuda") == Dist()  # one process: no process group, whatever the device
+
+
+def test_a_store_that_does_not_answer_is_no_news_of_the_watched_rank():
+    """Where the store fails to answer (its machine gone: the store's own watch says so), the
+    watched rank is not taken for dead for it, however long."""
+    class Unanswered:
+        def add(self, key, amount):
+            raise RuntimeError("Connection reset by peer")
+    watcher = FailureNotice(Dist(rank=0, world=2), Unanswered())
+    assert all(watcher.silent(now=k * FailureNotice.POLL_SECONDS) is None for k in range(200))
 
 
 def test_a_job_suspended_and_resumed_is_not_taken_for_dead():
