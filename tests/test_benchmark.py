@@ -289,6 +289,8 @@ def test_profile_summary_of_gpu_kernels():
         SimpleNamespace(**{**vars(e), "thread": 7}) if e.name == "cudaLaunchKernel" else e for e in trace.events()])
     unsplit = summarize(renumbered, steps=2, wall_seconds=0.1, host_seconds=0.05, data_wait_seconds=0.01, device="cuda")
     assert unsplit["blocking_elsewhere_ms_per_step"] is None and unsplit["blocking_ms_per_step"] == s["blocking_ms_per_step"]
+    assert "(on which threads: unknown, the trace numbers torch's threads and CUDA's calls apart)" in render(unsplit)
+    assert "(on which threads: unknown" not in render(s)
     assert [(k["part"], k["name"]) for k in s["top_kernels"]] == [
         ("model", "sm90_xmma_gemm_bf16"), ("model", "void at::native::elementwise_kernel"),
         ("loader", "void dali::kernels::resize::ResizeKernel"), ("loader", "nvjpeg::decode_huffman"),
@@ -297,6 +299,51 @@ def test_profile_summary_of_gpu_kernels():
     assert s["data_wait_share"] == pytest.approx(0.1) and s["host_cpu_ms_per_step"] == pytest.approx(25.0)
     assert s["top_cpu_ops"] == [{"name": "cudaLaunchKernel", "ms_per_step": 2.5, "calls_per_step": 200.0},
                                 {"name": "aten::convolution", "ms_per_step": 1.5, "calls_per_step": 1.0}]
+
+
+def test_profile_summary_counts_each_moment_and_kernel_once_and_says_the_top():
+    """The busy time counts a kernel inside another's span (another stream's) once; a memset is a
+    copy; a kernel launched at the very start of the loader's range is the loader's; a runtime
+    call, whose ids are CUPTI's numbering, is no op a kernel links to; a kernel whose trace names
+    no stream is counted under -1; the streams busiest first; the top kernels `top` of them, their
+    names cut at 120 characters; a trace without launches (the CPU's) splits its waits by thread;
+    no wall time is no share."""
+    from types import SimpleNamespace
+    sys.path.insert(0, str(BENCH))
+    from profile_summary import summarize
+    from fastrsb.pipelines.loader import AUGMENT_RANGE
+
+    def event(name, start, end, gpu=True, id=0, linked=0, parent=None, thread=1, stream=7):
+        return SimpleNamespace(name=name, device_type="DeviceType.CUDA" if gpu else "DeviceType.CPU",
+                               time_range=SimpleNamespace(start=start, end=end), is_user_annotation=False, id=id,
+                               linked_correlation_id=linked, cpu_parent=parent, thread=thread,
+                               device_resource_id=stream)
+    long_name = "void cutlass::Kernel<" + "cutlass_80_tensorop_s16816gemm_" * 8 + ">"
+    augment_range = event(AUGMENT_RANGE, 50_000, 52_000, gpu=False, id=7)
+    model_op = event("aten::add", 60_000, 60_100, gpu=False, id=9)
+    # a runtime call inside the loader's range whose (CUPTI) id is the model op's (torch's) number
+    runtime_call = event("cudaMemsetAsync", 51_000, 51_001, gpu=False, id=9, linked=900, parent=augment_range)
+    trace = SimpleNamespace(key_averages=lambda: [], events=lambda: [
+        event(long_name, 0, 10_000, stream=30), event("void at::native::reduce_kernel", 2_000, 3_000, stream=5),
+        event("Memset (Device)", 20_000, 20_500, stream=5),
+        event("cudaLaunchKernel", 50_000, 50_001, gpu=False, id=600),  # at the range's first moment
+        event("void at::native::index_kernel", 54_000, 55_000, id=600, stream=None),
+        model_op, augment_range, runtime_call, event("void at::native::add_kernel", 60_000, 62_000, linked=9)])
+    s = summarize(trace, steps=1, wall_seconds=0.1, host_seconds=0.01, data_wait_seconds=0.0, device="cuda", top=3)
+    assert s["gpu_busy_share"] == pytest.approx(0.135)  # 10 + 0.5 + 1 + 2 ms: the reduce inside the gemm's span
+    assert s["gpu_ms_per_step"] == pytest.approx({"model": 13.0, "loader": 1.0, "copies": 0.5})
+    assert [row["stream"] for row in s["streams"]] == [30, 7, 5, -1]  # 10, 2, 1.5 and 1 ms
+    assert s["streams"][3] == pytest.approx({"stream": -1, "loader": 1.0})
+    assert [(k["name"], k["part"]) for k in s["top_kernels"]] == [
+        (long_name[:120], "model"), ("void at::native::add_kernel", "model"),
+        ("void at::native::reduce_kernel", "model")]
+    # On the CPU: no kernels, no launches; a read back to the host on the trainer's thread is its own.
+    cpu = SimpleNamespace(key_averages=lambda: [], events=lambda: [
+        event("aten::conv2d", 0, 5_000, gpu=False, id=1), event("aten::_local_scalar_dense", 5_000, 6_000, gpu=False)])
+    on_cpu = summarize(cpu, steps=1, wall_seconds=0.0, host_seconds=0.0, data_wait_seconds=0.5, device="cpu")
+    assert on_cpu["blocking_ms_per_step"] == pytest.approx({"aten::_local_scalar_dense": 1.0})
+    assert on_cpu["blocking_elsewhere_ms_per_step"] == {} and on_cpu["gpu_busy_share"] is None
+    assert on_cpu["data_wait_share"] == 0.0
 
 
 def test_profile_places_a_graph_replays_kernels_by_where_it_was_launched():
@@ -674,6 +721,37 @@ def test_native_stacks_names_the_callers_of_cuda_waits(tmp_path, capsys):
     ended = native_stacks.main(["--after", "30", "--eu-stack", "eu-stack", "--out", str(tmp_path / "s.txt"), "--",
                                 sys.executable, "-c", "pass"])
     assert ended == 1 and "the command ended (rc 0) before the snapshots" in capsys.readouterr().err
+
+
+def test_native_stacks_reads_what_eu_stack_leaves_unsaid(tmp_path, monkeypatch):
+    """A name holding " - " with no module after it stays whole; the driver deep in a stack (a
+    callback's thread) is no wait in CUDA, only among its 8 innermost frames; a thread is counted
+    by its 6 innermost named frames, whatever lies beyond; an eu-stack that shows no thread is said;
+    no command, refused; the GPU counts as busy after three readings in a row over the mark."""
+    sys.path.insert(0, str(BENCH))
+    import native_stacks
+    assert native_stacks.parse("TID 7:\n#0  0x0000000000000001 operator - lambda\n")[7] == [("operator - lambda", "")]
+    libc = [(f"f{k}", "libc.so.6") for k in range(8)]
+    assert not native_stacks.in_cuda(libc + [("", "libcuda.so.1")])
+    assert native_stacks.in_cuda(libc[:7] + [("", "libcuda.so.1")])
+    inner = [(f"inner{k}", "libx.so") for k in range(6)]
+    snapshots = [({1: inner + [("outer_a", "libx.so")]}, {1: "worker"}), ({1: inner + [("outer_b", "libx.so")]},
+                                                                          {1: "worker"})]
+    assert "  2x  [worker]  inner0 (libx.so) < " in native_stacks.summarize(snapshots)
+    mute = tmp_path / "eu-stack"
+    mute.write_text("#!/bin/sh\necho 'eu-stack: cannot attach to process: Operation not permitted' >&2\nexit 1\n")
+    mute.chmod(0o755)
+    with pytest.raises(RuntimeError, match=f"eu-stack showed no thread of process {os.getpid()} \\(rc 1\\): "
+                                           "eu-stack: cannot attach"):
+        native_stacks.snapshot(str(mute), os.getpid())
+    with pytest.raises(SystemExit):
+        native_stacks.parse_args(["--out", str(tmp_path / "s.txt"), "--"])
+    readings = iter([60, 60, 10, 60, 60, 60, 60, 60])
+    read = []
+    monkeypatch.setattr(native_stacks, "_gpu_busy_reader", lambda: lambda: read.append(1) or next(readings))
+    monkeypatch.setattr(native_stacks.time, "sleep", lambda seconds: None)
+    running = type("Running", (), {"poll": lambda self: None})()
+    assert native_stacks.wait_for_work(running, after=60, gpu_busy=50) == "GPU busy >= 50%" and len(read) == 6
 
 
 @pytest.mark.skipif(shutil.which("eu-stack") is None, reason="needs eu-stack (elfutils; stage_native_tools.sh)")
