@@ -49,16 +49,22 @@ BN_RANK = textwrap.dedent("""
 """)
 
 
+def _gloo_ranks(script: str, world: int, folder, suffix: str) -> None:
+    """`script` in `world` processes, rank r writing FOLDER/r<suffix> (a gloo group met through
+    FOLDER/init); each must end well."""
+    procs = [subprocess.Popen([sys.executable, "-c", script, str(rank), str(world), str(folder / "init"),
+                               str(folder / f"{rank}{suffix}")], stderr=subprocess.PIPE, text=True)
+             for rank in range(world)]
+    for proc in procs:
+        assert proc.wait(timeout=120) == 0, proc.stderr.read()
+
+
 def test_batchnorm_statistics_are_the_ranks_mean_as_timms_dist_bn_reduce(tmp_path):
     """After each epoch every rank holds the mean of the ranks' running means and variances (timm's
     --dist-bn reduce), and nothing else changes: the weights (DDP keeps them equal) and the step
     counts stay each rank's own."""
     world = 3
-    procs = [subprocess.Popen([sys.executable, "-c", BN_RANK, str(rank), str(world), str(tmp_path / "init"),
-                               str(tmp_path / f"{rank}.pt")], stderr=subprocess.PIPE, text=True)
-             for rank in range(world)]
-    for proc in procs:
-        assert proc.wait(timeout=120) == 0, proc.stderr.read()
+    _gloo_ranks(BN_RANK, world, tmp_path, ".pt")
     states = [torch.load(tmp_path / f"{rank}.pt") for rank in range(world)]
     averaged = 0
     for k, (name, tensor) in enumerate(states[0].items()):
@@ -106,11 +112,7 @@ def test_ranks_agree_on_flags_figures_weights_and_a_stop(tmp_path):
     rank stop every rank, saying so; a check that failed on one rank stops all, the others naming it."""
     import json
     world = 3
-    procs = [subprocess.Popen([sys.executable, "-c", AGREEING_RANK, str(rank), str(world), str(tmp_path / "init"),
-                               str(tmp_path / f"{rank}.json")], stderr=subprocess.PIPE, text=True)
-             for rank in range(world)]
-    for proc in procs:
-        assert proc.wait(timeout=120) == 0, proc.stderr.read()
+    _gloo_ranks(AGREEING_RANK, world, tmp_path, ".json")
     for rank in range(world):
         said = json.loads((tmp_path / f"{rank}.json").read_text())
         assert said["agree"] == [True, True, False] and said["smallest"] == 8 and said["largest"] == [2.0, 0.0]
