@@ -127,9 +127,8 @@ def test_the_cpu_estimate_is_linear_in_the_images_and_leaves_the_model_as_it_was
     assert torch.equal(torch.get_rng_state(), rng)
     # A convolution keeps its input and its weight for the backward: the weight, held anyway, is not counted.
     assert saved_for_backward(nn.Conv2d(3, 8, 3, bias=False), 2, 32) == 2 * 3 * 32 * 32 * 4
-    # Two views of one tensor kept for the backward are one tensor's memory.
 
-    class TwoViews(nn.Module):
+    class TwoViews(nn.Module):  # two views of one tensor kept for the backward: one tensor's memory
         def __init__(self):
             super().__init__()
             self.scale = nn.Parameter(torch.ones(1))

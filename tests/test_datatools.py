@@ -401,6 +401,8 @@ def test_a_full_disk_stops_shrink_at_once_in_one_line(tiny_data, tmp_path):
 
 
 def test_shrink_names_each_image_it_cannot_read_and_writes_the_rest(tiny_data, tmp_path):
+    """An image that is none (a file the loaders would fail on) is named with PIL's reason, the
+    others are shrunk, and the command ends in an error that says how many could not be read."""
     source = tmp_path / "source"
     shutil.copytree(tiny_data, source)
     broken = sorted(source.rglob("*.JPEG"))[3]
@@ -412,7 +414,7 @@ def test_shrink_names_each_image_it_cannot_read_and_writes_the_rest(tiny_data, t
     assert len(list((tmp_path / "small").rglob("*.JPEG"))) == 67
 
 
-def test_what_stops_a_data_tool_and_how_it_copies_and_parallels(tmp_path, monkeypatch):
+def test_what_stops_a_data_tool_how_it_copies_and_how_many_workers_it_starts(tmp_path, monkeypatch):
     """A full disk, a quota and a read-only disk stop a data tool at once (every later write would
     fail alike); one file's error does not. A hard link where the file system makes none (another
     disk) is a copy. The default worker count is the cores, at most 16."""

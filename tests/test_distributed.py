@@ -89,7 +89,8 @@ AGREEING_RANK = textwrap.dedent("""
             "largest": largest([float(rank), -float(rank)], d)}
     model = torch.nn.Linear(2, 2)
     with torch.no_grad():
-        model.weight.fill_(1.0), model.bias.fill_(0.0)
+        model.weight.fill_(1.0)
+        model.bias.fill_(0.0)
     check_in_step(model, d)  # the same weights everywhere: nothing said
     with torch.no_grad():
         model.bias[0] += 1e-6 * (rank == 2)
